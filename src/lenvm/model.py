@@ -1,0 +1,336 @@
+"""LengthValueModel: a transformer backbone plus a value head, ``V = -sigmoid(z)``.
+
+Kinds:
+
+- ``standalone``: its own backbone (any AutoModel checkpoint), fully trainable; the paper's setup.
+  Saved whole: ``backbone/`` with the backbone and tokenizer, plus the head.
+- ``attached``: a head on the generator's own frozen final hidden states. Saves only the head
+  and a reference to the generator; decoding can get values and next-token logits from one
+  forward pass.
+- ``q``: attached too, with a *length Q-head*: from the current hidden state it predicts the
+  value of the state after every possible next token at once (one number per vocabulary entry,
+  like an LM head), besides the value of the current state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lenvm import __version__
+from lenvm.io import InputError, atomic_path
+from lenvm.prompts import Messages, Prompt, encode_prompt
+from lenvm.returns import _check_gamma, value_to_length
+
+Kind = Literal["attached", "standalone", "q"]
+KINDS: tuple[str, ...] = ("attached", "standalone", "q")
+FORMAT = "lenvm"
+CONFIG_NAME = "config.json"
+HEAD_NAME = "head.safetensors"
+BACKBONE_DIR = "backbone"
+
+
+class TokenizerMismatchError(InputError):
+    """The LenVM was trained for a generator with another tokenizer."""
+
+
+class NotALenVMError(InputError):
+    """A folder that holds no LenVM checkpoint."""
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary and the EOS token: equal for tokenizers that agree on ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps([vocab, tokenizer.eos_token], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class LengthValueConfig:
+    """Everything needed to rebuild a LenVM; round-trips through ``config.json``."""
+
+    kind: Kind
+    gamma: float
+    hidden_size: int
+    base_model: str  # the generator (attached, q) or where the backbone started (standalone)
+    tokenizer_fingerprint: str
+    head_hidden_size: int | None = None  # defaults to hidden_size: the paper's H -> H -> 1
+    vocab_size: int | None = None  # q kind only
+    eos_token_ids: list[int] = field(default_factory=list)
+    generator: str | None = None  # whose rollouts trained it
+    sampling: dict[str, Any] | None = None  # the decoding policy of those rollouts
+    training: dict[str, Any] | None = None  # summary of how it was trained
+    format: str = FORMAT
+    lenvm_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"unknown LenVM kind {self.kind!r}; expected one of {KINDS}")
+        _check_gamma(self.gamma)
+        if self.head_hidden_size is None:
+            self.head_hidden_size = self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LengthValueConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class ValueHead(nn.Module):
+    """``z = W2 · SiLU(W1 · h + b1) + b2``; the value is ``-sigmoid(z)``."""
+
+    def __init__(self, hidden_size: int, head_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, head_hidden_size)
+        self.fc2 = nn.Linear(head_hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.silu(self.fc1(hidden))).squeeze(-1)
+
+
+class QHead(nn.Module):
+    """Values of the current state and of every next state, from one hidden vector.
+
+    ``z(s, x) = z_state(h) + (U · h) · e_x + b_x`` where ``e_x`` is the generator's (frozen) input
+    embedding of token ``x``: the token term is a learned LM-head-like projection, so the values of
+    all candidates cost one matrix product, like the logits.
+    """
+
+    def __init__(self, hidden_size: int, head_hidden_size: int, vocab_size: int, embed_dim: int):
+        super().__init__()
+        self.state = ValueHead(hidden_size, head_hidden_size)
+        self.proj = nn.Linear(hidden_size, embed_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)  # start as a pure state-value head
+        self.token_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def next_logits(self, hidden: torch.Tensor, embeddings: torch.Tensor,
+                    token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``z(s, x)``: for all tokens (``[..., V]``) or the given ids (``[..., k]``)."""
+        base = self.state(hidden).unsqueeze(-1)
+        query = self.proj(hidden)
+        if token_ids is None:
+            return base + query @ embeddings.T + self.token_bias
+        cand = embeddings[token_ids]  # [..., k, E]
+        return base + (cand @ query.unsqueeze(-1)).squeeze(-1) + self.token_bias[token_ids]
+
+
+class LengthValueModel(nn.Module):
+    """A Length Value Model. Build one with :meth:`from_base`, load one with :meth:`from_pretrained`."""
+
+    def __init__(self, config: LengthValueConfig, backbone: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        if config.kind == "q":
+            embed_dim = backbone.get_input_embeddings().weight.shape[1]
+            self.head = QHead(config.hidden_size, config.head_hidden_size, config.vocab_size, embed_dim)
+        else:
+            self.head = ValueHead(config.hidden_size, config.head_hidden_size)
+        if self.attached:
+            self.backbone.requires_grad_(False)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_base(cls, base: str | os.PathLike, kind: Kind = "attached", gamma: float = 0.99,
+                  generator=None, head_hidden_size: int | None = None,
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  ) -> LengthValueModel:
+        """A fresh (untrained head) LenVM on ``base``.
+
+        ``generator`` may pass an already loaded ``(model, tokenizer)`` for ``base`` so that an
+        attached LenVM shares the generator's weights instead of loading them a second time.
+        """
+        from lenvm import models
+
+        if kind not in KINDS:
+            raise InputError(f"unknown LenVM kind {kind!r}; expected one of {KINDS}")
+        if kind == "standalone":
+            backbone, tokenizer = _load_backbone(models.resolve(base), dtype, device)
+        elif generator is not None:
+            backbone, tokenizer = generator
+        else:
+            backbone, tokenizer = models.load_generator(base, device=device, dtype=dtype)
+        hidden = backbone.config.get_text_config().hidden_size
+        config = LengthValueConfig(
+            kind=kind, gamma=gamma, hidden_size=hidden, base_model=str(base),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            head_hidden_size=head_hidden_size,
+            vocab_size=backbone.get_input_embeddings().weight.shape[0] if kind == "q" else None,
+            eos_token_ids=models.eos_token_ids(backbone, tokenizer),
+        )
+        model = cls(config, backbone, tokenizer)
+        return model.to(device=device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, generator=None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        ) -> LengthValueModel:
+        """Load a LenVM folder.
+
+        For an attached or q LenVM, ``generator`` (a loaded ``(model, tokenizer)``) is used as the
+        backbone; without it the generator named in the config is loaded. For a standalone LenVM,
+        ``generator``, when given, is only checked for a matching tokenizer. A mismatch raises
+        :class:`TokenizerMismatchError`.
+        """
+        from lenvm import models
+
+        path = Path(path)
+        config = read_config(path)
+        if config.kind == "standalone":
+            backbone, tokenizer = _load_backbone(path / BACKBONE_DIR, dtype, device)
+            if generator is not None:
+                check_tokenizer(config, generator[1], what="the generator")
+        else:
+            if generator is None:
+                generator = models.load_generator(config.base_model, device=device, dtype=dtype)
+            backbone, tokenizer = generator
+            check_tokenizer(config, tokenizer, what=f"the generator {config.base_model!r}")
+        model = cls(config, backbone, tokenizer)
+        state = load_file(str(path / HEAD_NAME))
+        model.head.load_state_dict(state)
+        return model.to(device=device).eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``head.safetensors`` (plus ``backbone/`` if standalone), atomically."""
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            head = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
+            save_file(head, str(tmp / HEAD_NAME), metadata={"format": "pt"})
+            if not self.attached:
+                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+                self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def gamma(self) -> float:
+        return self.config.gamma
+
+    @property
+    def attached(self) -> bool:
+        """True when the backbone is the generator itself (kinds ``attached`` and ``q``)."""
+        return self.config.kind != "standalone"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- forward --------------------------------------------------------------------------
+
+    @property
+    def body(self) -> nn.Module:
+        """The transformer without any LM head; returns final (normed) hidden states."""
+        return self.backbone.base_model
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **kwargs) -> torch.Tensor:
+        return self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``V(s) = -sigmoid(z)`` for each hidden vector (``[..., H] -> [...]``)."""
+        head = self.head.state if isinstance(self.head, QHead) else self.head
+        return -torch.sigmoid(head(hidden.to(head.fc1.weight.dtype)))
+
+    def next_values_from_hidden(self, hidden: torch.Tensor,
+                                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Q kind only: values of ``s + x`` for every token ``x`` (or the given candidate ids)."""
+        if not isinstance(self.head, QHead):
+            raise TypeError("next-token values from one state need a LenVM of kind 'q'")
+        embeddings = self.backbone.get_input_embeddings().weight
+        logits = self.head.next_logits(hidden.to(embeddings.dtype), embeddings, token_ids)
+        return -torch.sigmoid(logits)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Values ``V(s_t)`` at every position: ``[B, T]``."""
+        return self.values_from_hidden(self.hidden_states(input_ids, attention_mask))
+
+    # -- prediction -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_values(self, prompts: list[str | Messages | Prompt], batch_size: int = 16) -> list[float]:
+        """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied."""
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        out: list[float] = []
+        for start in range(0, len(encoded), batch_size):
+            ids, mask, last = right_pad(encoded[start : start + batch_size], self.device)
+            values = self(ids, mask)
+            out.extend(values[torch.arange(len(last)), last].float().tolist())
+        return out
+
+    def predict_length(self, prompts: str | Messages | Prompt | list, batch_size: int = 16):
+        """Expected total answer length (tokens, EOS included) from the prompt alone.
+
+        Returns a float for one prompt and a list for a list of prompts. The number is the
+        return-consistent length ``value_to_length(V(s_0))``.
+        """
+        single = isinstance(prompts, str | Prompt) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        )
+        batch = [prompts] if single else list(prompts)
+        lengths = [float(value_to_length(v, self.gamma)) for v in self.predict_values(batch, batch_size)]
+        return lengths[0] if single else lengths
+
+
+def right_pad(sequences: list[list[int]], device, pad_id: int = 0):
+    """Pad on the right; with causal attention real tokens never see the padding."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise InputError("cannot run the model on an empty token sequence")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    last = torch.tensor([len(s) - 1 for s in sequences])
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+def read_config(path: str | os.PathLike) -> LengthValueConfig:
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not path.is_dir() or not config_file.is_file():
+        raise NotALenVMError(f"{path}: not a LenVM folder (no {CONFIG_NAME})")
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise NotALenVMError(f"{config_file}: malformed JSON ({err.msg})") from None
+    if data.get("format") != FORMAT:
+        raise NotALenVMError(f"{path}: not a LenVM folder (config.json has no \"format\": \"{FORMAT}\")")
+    if not (path / HEAD_NAME).is_file():
+        raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
+    return LengthValueConfig.from_dict(data)
+
+
+def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this tokenizer") -> None:
+    found = tokenizer_fingerprint(tokenizer)
+    if found != config.tokenizer_fingerprint:
+        raise TokenizerMismatchError(
+            f"the LenVM was trained for a generator whose tokenizer differs from {what} "
+            f"(fingerprint {config.tokenizer_fingerprint} vs {found}); its values would be meaningless"
+        )
+
+
+def _load_backbone(location: str | os.PathLike, dtype: torch.dtype, device):
+    from transformers import AutoModel
+
+    from lenvm.models import load_tokenizer
+
+    backbone = AutoModel.from_pretrained(str(location), dtype=dtype).to(device)
+    return backbone, load_tokenizer(location)

