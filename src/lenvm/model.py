@@ -114,8 +114,9 @@ class QHead(nn.Module):
         nn.init.zeros_(self.proj.weight)  # start as a pure state-value head
         self.token_bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def next_logits(self, hidden: torch.Tensor, embeddings: torch.Tensor,
-                    token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def next_logits(
+        self, hidden: torch.Tensor, embeddings: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits ``z(s, x)``: for all tokens (``[..., V]``) or the given ids (``[..., k]``)."""
         base = self.state(hidden).unsqueeze(-1)
         query = self.proj(hidden)
@@ -144,10 +145,16 @@ class LengthValueModel(nn.Module):
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_base(cls, base: str | os.PathLike, kind: Kind = "attached", gamma: float = 0.99,
-                  generator=None, head_hidden_size: int | None = None,
-                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  ) -> LengthValueModel:
+    def from_base(
+        cls,
+        base: str | os.PathLike,
+        kind: Kind = "attached",
+        gamma: float = 0.99,
+        generator=None,
+        head_hidden_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LengthValueModel:
         """A fresh (untrained head) LenVM on ``base``.
 
         ``generator`` may pass an already loaded ``(model, tokenizer)`` for ``base`` so that an
@@ -165,7 +172,10 @@ class LengthValueModel(nn.Module):
             backbone, tokenizer = models.load_generator(base, device=device, dtype=dtype)
         hidden = backbone.config.get_text_config().hidden_size
         config = LengthValueConfig(
-            kind=kind, gamma=gamma, hidden_size=hidden, base_model=str(base),
+            kind=kind,
+            gamma=gamma,
+            hidden_size=hidden,
+            base_model=str(base),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             head_hidden_size=head_hidden_size,
             vocab_size=backbone.get_input_embeddings().weight.shape[0] if kind == "q" else None,
@@ -175,9 +185,13 @@ class LengthValueModel(nn.Module):
         return model.to(device=device)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, generator=None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        ) -> LengthValueModel:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        generator=None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LengthValueModel:
         """Load a LenVM folder.
 
         For an attached or q LenVM, ``generator`` (a loaded ``(model, tokenizer)``) is used as the
@@ -239,8 +253,9 @@ class LengthValueModel(nn.Module):
         """The transformer without any LM head; returns final (normed) hidden states."""
         return self.backbone.base_model
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      **kwargs) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         return self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -248,8 +263,9 @@ class LengthValueModel(nn.Module):
         head = self.head.state if isinstance(self.head, QHead) else self.head
         return -torch.sigmoid(head(hidden.to(head.fc1.weight.dtype)))
 
-    def next_values_from_hidden(self, hidden: torch.Tensor,
-                                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def next_values_from_hidden(
+        self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Q kind only: values of ``s + x`` for every token ``x`` (or the given candidate ids)."""
         if not isinstance(self.head, QHead):
             raise TypeError("next-token values from one state need a LenVM of kind 'q'")
@@ -312,7 +328,7 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
     except json.JSONDecodeError as err:
         raise NotALenVMError(f"{config_file}: malformed JSON ({err.msg})") from None
     if data.get("format") != FORMAT:
-        raise NotALenVMError(f"{path}: not a LenVM folder (config.json has no \"format\": \"{FORMAT}\")")
+        raise NotALenVMError(f'{path}: not a LenVM folder (config.json has no "format": "{FORMAT}")')
     if not (path / HEAD_NAME).is_file():
         raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
     return LengthValueConfig.from_dict(data)

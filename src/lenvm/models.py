@@ -44,7 +44,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def cache_dir() -> Path:
     """Where built-in models are prepared: ``$LENVM_CACHE`` or ``~/.cache/lenvm``."""
-    root = os.environ.get("LENVM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lenvm"
+    root = (
+        os.environ.get("LENVM_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lenvm"
+    )
     return Path(root)
 
 
@@ -58,8 +61,12 @@ def is_prepared(name: str) -> bool:
 
 def list_models() -> list[dict[str, str | bool]]:
     return [
-        {"name": m.name, "description": m.description, "prepared": is_prepared(m.name),
-         "path": str(builtin_path(m.name))}
+        {
+            "name": m.name,
+            "description": m.description,
+            "prepared": is_prepared(m.name),
+            "path": str(builtin_path(m.name)),
+        }
         for m in BUILTIN_MODELS.values()
     ]
 
@@ -145,8 +152,9 @@ def load_tokenizer(name: str | os.PathLike):
     return tokenizer
 
 
-def load_generator(name: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32):
+def load_generator(
+    name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
     """Load a causal LM and its tokenizer by folder, alias or hub id, in eval mode."""
     from transformers import AutoModelForCausalLM
 

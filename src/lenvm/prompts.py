@@ -34,9 +34,13 @@ def prompt_from_record(record: dict[str, Any], default_id: str, where: str = "")
     extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages")}
     if "messages" in record:
         messages = record["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         )
         if not ok:
             raise InputError(f"{where}'messages' must be a non-empty list of {{role, content}} strings")

@@ -54,7 +54,8 @@ def value_to_length(value: Array, gamma: float) -> Array:
     _check_gamma(gamma)
     x = _as_array(value)
     xp = _xp(x)
-    floor = -1.0 + 1e-7 if x.dtype in (np.float64, torch.float64) else -1.0 + 1e-6
+    eps = torch.finfo(x.dtype).eps if isinstance(x, torch.Tensor) else np.finfo(x.dtype).eps
+    floor = -1.0 + 2 * eps
     x = xp.clip(x, floor, 0.0)
     result = xp.log1p(x) / math.log(gamma)
     return _like_input(result, value)

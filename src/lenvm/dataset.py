@@ -1,0 +1,177 @@
+"""From rollout records to supervised value targets.
+
+A completion of ``L`` generated tokens supervises the states ``s_0 .. s_{L-1}``: from the last
+prompt token to the last non-EOS token. A finished one (ended by EOS) has Monte-Carlo targets
+``-(1 - gamma**(L - t))``. A cut one (``finish_reason == "length"``, ``T`` tokens, no EOS)
+either bootstraps from the model's value at the cut, ``V(s_T)``, or is dropped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lenvm.io import InputError
+from lenvm.returns import length_to_value
+
+TruncatedPolicy = Literal["bootstrap", "drop"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One completion, ready for the model.
+
+    ``input_ids`` is prompt + completion. State ``s_t`` ends at index ``start + t``; states
+    ``t = 0 .. num_states - 1`` are supervised. For a cut completion the bootstrap state
+    ``s_T`` ends at index ``start + num_states`` (its last token).
+    """
+
+    prompt_id: str
+    input_ids: list[int]
+    start: int
+    num_states: int
+    finished: bool
+
+    @property
+    def length(self) -> int:
+        """Generated tokens, EOS included for a finished completion."""
+        return self.num_states
+
+    @property
+    def bootstrap_index(self) -> int | None:
+        return None if self.finished else self.start + self.num_states
+
+
+@dataclass
+class DatasetReport:
+    completions: int
+    finished: int
+    truncated: int
+    dropped: int
+    prompts: int
+    supervised_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        return self.__dict__.copy()
+
+
+def examples_from_records(
+    records: Iterable[dict[str, Any]],
+    eos_token_ids: list[int],
+    truncated: TruncatedPolicy = "bootstrap",
+    max_length: int | None = None,
+) -> tuple[list[Example], DatasetReport]:
+    """Turn rollout records into :class:`Example` objects and count what was kept."""
+    if truncated not in ("bootstrap", "drop"):
+        raise InputError(f"truncated must be 'bootstrap' or 'drop', got {truncated!r}")
+    eos = set(eos_token_ids)
+    examples: list[Example] = []
+    n_finished = n_truncated = n_dropped = 0
+    for i, record in enumerate(records):
+        prompt_ids = record.get("prompt_token_ids")
+        completion = record.get("completion_token_ids")
+        if not prompt_ids or completion is None:
+            raise InputError(f"rollout record {i + 1} has no prompt_token_ids or completion_token_ids")
+        finished = record.get("finish_reason") == "stop"
+        completion = list(completion)
+        if finished:
+            n_finished += 1
+            if not completion or completion[-1] not in eos:
+                # Stopped by a stop string rather than EOS: the EOS is implied.
+                completion.append(eos_token_ids[0])
+            input_ids = list(prompt_ids) + completion[:-1]  # EOS is never an input state
+            num_states = len(completion)
+        else:
+            n_truncated += 1
+            if truncated == "drop" or not completion:
+                n_dropped += 1
+                continue
+            input_ids = list(prompt_ids) + completion
+            num_states = len(completion)
+        if max_length is not None and len(input_ids) > max_length:
+            n_dropped += 1
+            continue
+        examples.append(
+            Example(str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, num_states, finished)
+        )
+    report = DatasetReport(
+        completions=n_finished + n_truncated,
+        finished=n_finished,
+        truncated=n_truncated,
+        dropped=n_dropped,
+        prompts=len({e.prompt_id for e in examples}),
+        supervised_tokens=sum(e.num_states for e in examples),
+    )
+    if not examples:
+        raise InputError("no usable completions in the rollouts (all truncated and dropped, or empty)")
+    return examples, report
+
+
+def split_by_prompt(examples: list[Example], eval_fraction: float, seed: int = 0):
+    """Hold out whole prompts, so evaluation never sees a prompt trained on."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
+    prompt_ids = sorted({e.prompt_id for e in examples})
+    random.Random(seed).shuffle(prompt_ids)
+    n_eval = round(len(prompt_ids) * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0:
+        n_eval = 1
+    n_eval = min(n_eval, len(prompt_ids) - 1)  # keep at least one prompt to train on
+    held_out = set(prompt_ids[:n_eval])
+    train = [e for e in examples if e.prompt_id not in held_out]
+    evaluation = [e for e in examples if e.prompt_id in held_out]
+    return train, evaluation
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences with per-position targets.
+
+    ``mc`` holds the Monte-Carlo part of each target and ``discount`` the factor on the
+    bootstrap value ``gamma**(T - t)`` (0 for finished completions); ``boot_index`` is the
+    position of the bootstrap state in the same row (0 where unused).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    supervised: torch.Tensor
+    mc: torch.Tensor
+    discount: torch.Tensor
+    boot_index: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in self.__dict__.values()))
+
+
+def position_targets(example: Example, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo part and bootstrap discount of each supervised state's target."""
+    steps = np.arange(example.num_states, 0, -1, dtype=np.float64)
+    discount = np.zeros_like(steps) if example.finished else gamma**steps
+    return length_to_value(steps, gamma), discount
+
+
+def collate(examples: list[Example], gamma: float, pad_id: int = 0) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    shape = (len(examples), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    supervised = torch.zeros(shape, dtype=torch.bool)
+    mc = torch.zeros(shape)
+    discount = torch.zeros(shape)
+    boot = torch.zeros(len(examples), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        span = slice(e.start, e.start + e.num_states)
+        supervised[row, span] = True
+        row_mc, row_discount = position_targets(e, gamma)
+        mc[row, span] = torch.from_numpy(row_mc).float()
+        discount[row, span] = torch.from_numpy(row_discount).float()
+        boot[row] = e.bootstrap_index or 0
+    return Batch(ids, mask, supervised, mc, discount, boot)

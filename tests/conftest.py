@@ -1,0 +1,56 @@
+import os
+
+import pytest
+
+# Two cores: keep each test process from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    from lenvm.testing import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_path):
+    from lenvm.models import load_generator
+
+    return load_generator(tiny_path)
+
+
+def synthetic_records(tokenizer, n_per_prompt=3, truncate_long=False):
+    """Rollout records whose length depends on the prompt: 'short' prompts answer in 3 tokens,
+    'long' ones in 24, so a working trainer must tell them apart. Each completion token counts
+    down the tokens left (as a token id), so remaining length is learnable from hidden states
+    even of a random model."""
+    from lenvm.prompts import encode_prompt
+
+    eos = tokenizer.eos_token_id
+    records = []
+    for p in range(8):
+        kind = "short" if p % 2 == 0 else "long"
+        text = f"Prompt {p}: give a {kind} answer about the sea."
+        prompt_ids = encode_prompt(tokenizer, text)
+        length = 3 if kind == "short" else 24
+        for s in range(n_per_prompt):
+            body = [10 + length - k + (100 if kind == "short" else 0) for k in range(length - 1)]
+            finished = not (truncate_long and kind == "long" and s == 0)
+            ids = body + [eos] if finished else body[:12]
+            records.append(
+                {
+                    "prompt_id": str(p),
+                    "sample_index": s,
+                    "prompt": text,
+                    "prompt_token_ids": prompt_ids,
+                    "completion": tokenizer.decode(ids, skip_special_tokens=True),
+                    "completion_token_ids": ids,
+                    "finish_reason": "stop" if finished else "length",
+                    "num_tokens": len(ids),
+                    "generator": "tiny",
+                    "sampling": {"temperature": 1.0, "max_new_tokens": 12 if not finished else 64},
+                }
+            )
+    return records

@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_records
+
+from lenvm import LengthValueModel
+from lenvm.io import InputError
+from lenvm.model import NotALenVMError, TokenizerMismatchError
+from lenvm.returns import gamma_from_lengths
+from lenvm.testing import tiny_model
+from lenvm.train import HeadTrainer, TrainConfig, train
+
+SHORT, LONG = "Prompt 0: give a short answer about the sea.", "Prompt 1: give a long answer about the sea."
+
+
+def _config(**kw):
+    base = dict(epochs=100, lr=3e-3, batch_tokens=32, eval_fraction=0.25, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kind", ["attached", "q"])
+def test_head_training_learns_prompt_dependent_length(tmp_path, tiny_path, tiny_generator, kind):
+    records = synthetic_records(tiny_generator[1])
+    result = train(
+        records,
+        str(tiny_path),
+        tmp_path / "lenvm",
+        _config(kind=kind),
+        generator=tiny_generator,
+        progress=False,
+    )
+    assert result.losses[-1] < result.losses[0] / 5
+    lenvm = LengthValueModel.from_pretrained(tmp_path / "lenvm", generator=tiny_generator)
+    short, long = lenvm.predict_length([SHORT, LONG])
+    assert long - short > 2  # true lengths 24 and 3; a random backbone hides most of the prompt
+    m = result.metrics
+    assert m["prompt_mre"] < m["baseline_prompt_mre"]
+    assert m["token_mae"] < m["baseline_token_mae"]
+    assert {"rel_error_at_0", "rel_error_at_75", "value_mse"} <= set(m)
+    assert (tmp_path / "lenvm" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "lenvm.checkpoints").exists()
+
+
+def test_gamma_auto_is_p99_rule_and_stored(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    result = train(
+        records, str(tiny_path), tmp_path / "lv", _config(epochs=1), generator=tiny_generator, progress=False
+    )
+    expected = gamma_from_lengths([r["num_tokens"] for r in records])
+    assert result.gamma == pytest.approx(expected)
+    saved = json.loads((tmp_path / "lv" / "config.json").read_text())
+    assert saved["gamma"] == pytest.approx(expected)
+    assert saved["training"]["data"]["finished"] == len(records)
+
+
+def test_save_load_round_trip_and_errors(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    train(
+        records, str(tiny_path), tmp_path / "lv", _config(epochs=2), generator=tiny_generator, progress=False
+    )
+    a = LengthValueModel.from_pretrained(tmp_path / "lv", generator=tiny_generator)
+    b = LengthValueModel.from_pretrained(tmp_path / "lv")  # loads the generator named in the config
+    assert a.predict_length(LONG) == pytest.approx(b.predict_length(LONG), rel=1e-5)
+    # Same architecture, different tokenizer (vocab 300 instead of 256): refused.
+    from lenvm.models import load_generator
+    from lenvm.testing import tiny_tokenizer
+
+    other = tiny_model(tmp_path / "other", seed=1)
+    tiny_tokenizer(vocab_size=300).save_pretrained(other)
+    with pytest.raises(TokenizerMismatchError):
+        LengthValueModel.from_pretrained(tmp_path / "lv", generator=load_generator(other))
+    with pytest.raises(NotALenVMError):
+        LengthValueModel.from_pretrained(tiny_path)  # a model folder, not a LenVM
+    with pytest.raises(NotALenVMError):
+        LengthValueModel.from_pretrained(tmp_path / "missing")
+
+
+def test_interrupted_head_training_resumes(tmp_path, tiny_path, tiny_generator, monkeypatch):
+    records = synthetic_records(tiny_generator[1])
+    calls = {"n": 0}
+    original = HeadTrainer.loss
+
+    def crash_after_some_steps(self, data, rows):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return original(self, data, rows)
+
+    monkeypatch.setattr(HeadTrainer, "loss", crash_after_some_steps)
+    config = _config(epochs=6)
+    with pytest.raises(KeyboardInterrupt):
+        train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    assert (tmp_path / "lv.checkpoints" / "checkpoint.pt").exists()
+    assert not (tmp_path / "lv").exists()  # nothing half-written in place of the result
+    done_before = torch.load(tmp_path / "lv.checkpoints" / "checkpoint.pt", weights_only=False)["epoch"]
+    assert done_before >= 1
+    monkeypatch.setattr(HeadTrainer, "loss", original)
+    calls["n"] = 0
+    resumed = train(
+        records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False
+    )
+    uninterrupted = train(
+        records, str(tiny_path), tmp_path / "lv2", config, generator=tiny_generator, progress=False
+    )
+    assert len(resumed.losses) == len(uninterrupted.losses)
+    np.testing.assert_allclose(resumed.losses, uninterrupted.losses, rtol=1e-4)
+
+
+def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    with pytest.raises(InputError, match="gamma"):
+        TrainConfig(gamma=1.5)
+    with pytest.raises(InputError):
+        TrainConfig(kind="attached", freeze_backbone=False)
+    bad = [dict(records[0], completion_token_ids=[10**6])] + records[1:]
+    with pytest.raises(InputError, match="vocabulary"):
+        train(
+            bad, str(tiny_path), tmp_path / "x", _config(epochs=1), generator=tiny_generator, progress=False
+        )
+    cut = [dict(r, finish_reason="length") for r in records]
+    with pytest.raises(InputError, match="no usable"):
+        train(
+            cut,
+            str(tiny_path),
+            tmp_path / "x",
+            _config(epochs=1, truncated="drop"),
+            generator=tiny_generator,
+            progress=False,
+        )
+
+
+def test_full_finetune_standalone(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    config = TrainConfig(kind="standalone", epochs=3, lr=1e-3, batch_size=4, bf16=False, eval_fraction=0.25)
+    result = train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    lenvm = LengthValueModel.from_pretrained(tmp_path / "sa", generator=tiny_generator)
+    assert lenvm.config.kind == "standalone"
+    assert (tmp_path / "sa" / "backbone" / "config.json").exists()
+    assert "token_mae" in result.metrics
