@@ -1,0 +1,554 @@
+"""Rollouts: sample completions from a generator with its real decoding policy, as JSONL.
+
+One record per completion (see :func:`read_rollouts`), written append-only so that an
+interrupted run loses at most the batch in flight. Re-running with the same output file
+generates only the sample indices still missing.
+
+Two backends: ``hf`` runs a local Hugging Face causal LM; ``openai`` asks any
+OpenAI-compatible server (vLLM, SGLang) through its ``/completions`` endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lenvm import models
+from lenvm.io import InputError, JsonlAppender, repair_jsonl_tail
+from lenvm.prompts import Prompt, as_prompt, encode_prompt
+
+BACKENDS = ("hf", "openai")
+FINISH_REASONS = ("stop", "length")
+# Seconds one server request may take: n long completions on a busy server are slow.
+REQUEST_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class SamplingParams:
+    """The decoding policy. ``temperature == 0`` is greedy; ``top_k == 0`` and ``min_p == 0``
+    disable those filters."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = self
+        checks = [
+            (_is_real(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
+            (_is_real(s.top_p) and 0.0 < s.top_p <= 1.0, "top_p must lie in (0, 1]"),
+            (_is_int(s.top_k) and s.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (_is_real(s.min_p) and 0.0 <= s.min_p <= 1.0, "min_p must lie in [0, 1]"),
+            (_is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (_is_int(s.seed) and s.seed >= 0, "seed must be an integer >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"bad sampling parameters: {message} (got {self})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_record(self, backend: str) -> dict[str, Any]:
+        return {**asdict(self), "backend": backend}
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class RolloutSummary:
+    """What one :func:`rollout` call did. ``seconds`` counts generation only, not model loading."""
+
+    path: Path
+    prompts_total: int
+    prompts_skipped: int
+    completions_written: int
+    tokens_generated: int
+    finished: int
+    truncated: int
+    seconds: float
+    tokens_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@dataclass
+class _Job:
+    """One completion to generate."""
+
+    prompt: Prompt
+    prompt_ids: list[int]
+    sample_index: int
+    seed: int
+
+
+@dataclass
+class _Done:
+    """A generated completion, before it becomes a record."""
+
+    job: _Job
+    token_ids: list[int]
+    finish_reason: str
+    text: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def derive_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    """A 31-bit seed for one completion, stable across processes and platforms."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
+def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[str, Any]:
+    """The rollout record of one completion (the schema :func:`read_rollouts` checks)."""
+    prompt = done.job.prompt
+    record = {
+        "prompt_id": prompt.id,
+        "sample_index": done.job.sample_index,
+        "prompt": prompt.to_json(),
+        "prompt_token_ids": done.job.prompt_ids,
+        "completion": done.text,
+        "completion_token_ids": done.token_ids,
+        "finish_reason": done.finish_reason,
+        "num_tokens": len(done.token_ids),
+        "generator": generator,
+        "sampling": sampling,
+        **done.extra,
+    }
+    if prompt.extra:
+        record["meta"] = prompt.extra
+    return record
+
+
+def rollout(
+    generator: str | os.PathLike | tuple,
+    prompts: list[Prompt],
+    out: str | os.PathLike,
+    n: int = 4,
+    sampling: SamplingParams | None = None,
+    batch_size: int = 16,
+    backend: str = "hf",
+    base_url: str | None = None,
+    api_model: str | None = None,
+    api_key: str | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    device: str | None = None,
+) -> RolloutSummary:
+    """Sample ``n`` completions per prompt and append them to the JSONL file ``out``.
+
+    ``generator`` is a model name, folder or built-in alias, or a loaded ``(model, tokenizer)``.
+    For ``hf``, ``batch_size`` is completions per ``generate`` call and ``device`` defaults to
+    CUDA when available; for ``openai`` it is the number of requests in flight, and
+    ``tokenizer`` (default: the generator's) applies the chat template and re-tokenizes.
+    """
+    sampling = sampling if sampling is not None else SamplingParams()
+    if not isinstance(sampling, SamplingParams):
+        raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    if not _is_int(n) or n < 1:
+        raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "openai" and not base_url:
+        raise InputError("the openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
+    prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
+    if not prompts:
+        raise InputError("no prompts to roll out")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
+
+    name = _generator_name(generator)
+    record_sampling = sampling.to_record(backend)
+    out = Path(out)
+    # Cut a crash's partial last line before reading what is already there.
+    repair_jsonl_tail(out)
+    existing = read_rollouts(out) if out.exists() else []
+    present = _check_resume(existing, prompts, name, record_sampling, out)
+    missing = {p.id: [i for i in range(n) if i not in present.get(p.id, set())] for p in prompts}
+    todo = [p for p in prompts if missing[p.id]]
+    summary = RolloutSummary(out, len(prompts), len(prompts) - len(todo), 0, 0, 0, 0, 0.0, 0.0)
+    if not todo:
+        return summary
+
+    if backend == "hf":
+        model, tokenizer = _load(generator, device)
+        eos_ids = models.eos_token_ids(model, tokenizer)
+    else:
+        model = generator[0] if isinstance(generator, tuple) else None
+        tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
+        tokenizer = tokenizer or models.load_tokenizer(generator)
+        eos_ids = _eos_ids_without_model(generator, model, tokenizer)
+    jobs = [
+        _Job(p, encode_prompt(tokenizer, p), i, derive_seed(sampling.seed, p.id, i))
+        for p in todo
+        for i in missing[p.id]
+    ]
+
+    bar = tqdm(total=len(jobs), unit="completion", desc="rollouts", disable=not progress)
+    start = time.perf_counter()
+    with JsonlAppender(out) as appender, bar:
+        if backend == "hf":
+            batches = _hf_batches(model, tokenizer, jobs, sampling, eos_ids, batch_size)
+        else:
+            key = api_key or os.environ.get("OPENAI_API_KEY")
+            server = _Server(base_url, api_model or name, key)
+            batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
+        for batch in batches:
+            appender.write([_make_record(d, name, record_sampling) for d in batch])
+            for d in batch:
+                summary.completions_written += 1
+                summary.tokens_generated += len(d.token_ids)
+                if d.finish_reason == "stop":
+                    summary.finished += 1
+                else:
+                    summary.truncated += 1
+            summary.seconds = time.perf_counter() - start
+            summary.tokens_per_second = summary.tokens_generated / max(summary.seconds, 1e-9)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
+    return summary
+
+
+def _generator_name(generator) -> str:
+    if isinstance(generator, tuple):
+        if len(generator) != 2:
+            raise InputError("a loaded generator must be a (model, tokenizer) pair")
+        return str(getattr(generator[0], "name_or_path", "") or type(generator[0]).__name__)
+    return str(generator)
+
+
+def _load(generator, device: str | None):
+    if isinstance(generator, tuple):
+        return generator
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return models.load_generator(generator, device=device)
+
+
+def _eos_ids_without_model(generator, model, tokenizer) -> list[int]:
+    """EOS ids for the server backend: the model folder's generation config may add ids
+    (e.g. a chat model's end-of-turn token) that the tokenizer alone does not name."""
+    if model is None and not isinstance(generator, tuple):
+        from transformers import GenerationConfig
+
+        config = None
+        with contextlib.suppress(OSError, InputError, ValueError):
+            config = GenerationConfig.from_pretrained(models.resolve(generator))
+        model = SimpleNamespace(generation_config=config)
+    return models.eos_token_ids(model, tokenizer)
+
+
+def _check_resume(
+    existing: list[dict[str, Any]],
+    prompts: list[Prompt],
+    name: str,
+    sampling: dict[str, Any],
+    out: Path,
+) -> dict[str, set[int]]:
+    """Sample indices already in the file per prompt id; refuse to mix policies or prompts."""
+    by_id = {p.id: p for p in prompts}
+    present: dict[str, set[int]] = {}
+    for record in existing:
+        if record["sampling"] != sampling:
+            raise InputError(
+                f"{out} was written with sampling {record['sampling']}, not {sampling}: "
+                "resuming with different sampling parameters would mix two policies; "
+                "use another output file"
+            )
+        if record["generator"] != name:
+            raise InputError(
+                f"{out} was written by generator {record['generator']!r}, not {name!r}; "
+                "use another output file"
+            )
+        prompt = by_id.get(record["prompt_id"])
+        if prompt is None:
+            continue
+        if record["prompt"] != prompt.to_json():
+            raise InputError(
+                f"{out}: prompt id {prompt.id!r} names a different prompt in the file; "
+                "use another output file"
+            )
+        present.setdefault(prompt.id, set()).add(record["sample_index"])
+    return present
+
+
+# --- hf backend -----------------------------------------------------------------------------
+
+
+def _hf_batches(model, tokenizer, jobs, sampling, eos_ids, batch_size):
+    # Longest prompts first: similar lengths share a batch (less padding) and memory runs out
+    # on the first batch rather than late in a run.
+    jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        outputs = _sample_hf(model, tokenizer, batch, sampling, eos_ids)
+        yield [
+            _Done(job, ids, reason, tokenizer.decode(ids, skip_special_tokens=True))
+            for job, (ids, reason) in zip(batch, outputs, strict=True)
+        ]
+
+
+@torch.no_grad()
+def _sample_hf(
+    model, tokenizer, jobs: list[_Job], sampling: SamplingParams, eos_ids: list[int]
+) -> list[tuple[list[int], str]]:
+    """Generated ids (cut after the first EOS, which is kept) and finish reason, per job."""
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    width = max(len(j.prompt_ids) for j in jobs)
+    input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, job in enumerate(jobs):
+        input_ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+        attention_mask[row, width - len(job.prompt_ids) :] = 1
+    policy = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    if sampling.min_p > 0:
+        policy["min_p"] = sampling.min_p
+    config = GenerationConfig(
+        do_sample=not sampling.greedy,
+        **({} if sampling.greedy else policy),
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    # One seed per batch, from the seeds of its completions: a rerun over the same missing
+    # completions with the same batch size draws the same samples.
+    batch_seed = derive_seed(sampling.seed, ",".join(str(j.seed) for j in jobs), len(jobs))
+    torch.manual_seed(batch_seed)
+    with _bare_generation_config(model):
+        sequences = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            generation_config=config,
+        )
+    eos = set(eos_ids)
+    results = []
+    for row in sequences[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        results.append((row, "length") if cut is None else (row[: cut + 1], "stop"))
+    return results
+
+
+@contextlib.contextmanager
+def _bare_generation_config(model):
+    """Hide the model's own generation defaults (a repetition penalty, a top-k, ...) so that the
+    recorded sampling parameters are the whole policy."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+# --- openai backend -------------------------------------------------------------------------
+
+
+@dataclass
+class _Server:
+    base_url: str
+    model: str
+    api_key: str | None
+
+    def post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = self.base_url.rstrip("/") + route
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(url, json.dumps(payload).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+                body = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace").strip()[:500]
+            raise RuntimeError(f"{url} answered HTTP {err.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise RuntimeError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
+        try:
+            answer = json.loads(body)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"{url} answered with something not JSON: {body[:200]!r}") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+            raise RuntimeError(f"{url} answered without a 'choices' list: {str(answer)[:200]}")
+        return answer
+
+
+def _openai_batches(server: _Server, tokenizer, jobs, sampling, eos_ids, concurrency):
+    """One request per prompt (``n`` = its missing samples), ``concurrency`` in flight."""
+    groups: dict[str, list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.prompt.id, []).append(job)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        pending = {
+            pool.submit(_request_prompt, server, tokenizer, group, sampling, eos_ids)
+            for group in groups.values()
+        }
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _request_prompt(
+    server: _Server, tokenizer, group: list[_Job], sampling: SamplingParams, eos_ids: list[int]
+) -> list[_Done]:
+    prompt_text, templated = _prompt_text(tokenizer, group[0].prompt)
+    payload = {
+        "model": server.model,
+        "prompt": prompt_text,
+        "n": len(group),
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        # Sent even when off: servers otherwise fill them from the model's generation config.
+        # -1 is the "off" value every vLLM version accepts (older ones reject 0).
+        "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+        "min_p": sampling.min_p,
+        "repetition_penalty": 1.0,
+        "seed": group[0].seed,
+        "logprobs": 1,
+        "return_tokens_as_token_ids": True,
+    }
+    if templated:
+        # The chat template already holds any BOS; the server must not add a second one.
+        payload["add_special_tokens"] = False
+    answer = server.post("/completions", payload)
+    choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
+    if len(choices) != len(group):
+        raise RuntimeError(
+            f"{server.base_url}: asked for {len(group)} completions, got {len(choices)}"
+        )
+    done = []
+    eos = set(eos_ids)
+    for job, choice in zip(group, choices, strict=True):
+        reason = choice.get("finish_reason")
+        if reason not in FINISH_REASONS:
+            raise RuntimeError(f"{server.base_url}: unexpected finish_reason {reason!r}")
+        text = choice.get("text") or ""
+        ids = _token_ids_from_logprobs(choice.get("logprobs"))
+        extra = {}
+        if ids is None:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            extra["token_ids_source"] = "retokenized"
+        if reason == "stop" and (not ids or ids[-1] not in eos):
+            ids.append(eos_ids[0])
+        done.append(_Done(job, ids, reason, text, extra))
+    return done
+
+
+def _prompt_text(tokenizer, prompt: Prompt) -> tuple[str, bool]:
+    """The text whose tokenization is :func:`encode_prompt`'s ids; True if chat-templated."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            prompt.as_messages(), add_generation_prompt=True, tokenize=False
+        )
+        return text, True
+    if prompt.text is not None:
+        return prompt.text, False
+    return "\n".join(m["content"] for m in prompt.messages), False
+
+
+def _token_ids_from_logprobs(logprobs: Any) -> list[int] | None:
+    """Ids from vLLM's ``return_tokens_as_token_ids`` ("token_id:123"), or None if absent."""
+    tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    if not isinstance(tokens, list):
+        return None
+    ids = []
+    for token in tokens:
+        if not (isinstance(token, str) and token.startswith("token_id:")):
+            return None
+        try:
+            ids.append(int(token[len("token_id:") :]))
+        except ValueError:
+            return None
+    return ids
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_rollouts(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read and check a rollouts file; a bad record raises :class:`InputError` naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            problem = record_problem(record)
+            if problem:
+                raise InputError(f"{path}:{lineno}: bad rollout record: {problem}")
+            records.append(record)
+    return records
+
+
+def _int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(_is_int(i) for i in x)
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with one rollout record, or None if it fits the schema."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    checks = [
+        ("prompt_id", lambda v: isinstance(v, str), "a string"),
+        ("sample_index", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        ("prompt", lambda v: isinstance(v, str | list), "a string or a messages list"),
+        ("prompt_token_ids", lambda v: _int_list(v) and len(v) > 0, "a non-empty list of ints"),
+        ("completion", lambda v: isinstance(v, str), "a string"),
+        ("completion_token_ids", _int_list, "a list of ints"),
+        ("finish_reason", lambda v: v in FINISH_REASONS, "'stop' or 'length'"),
+        ("num_tokens", _is_int, "an integer"),
+        ("generator", lambda v: isinstance(v, str), "a string"),
+        ("sampling", lambda v: isinstance(v, dict), "an object"),
+    ]
+    for key, ok, expected in checks:
+        if key not in record:
+            return f"missing '{key}'"
+        if not ok(record[key]):
+            return f"'{key}' must be {expected}, got {json.dumps(record[key])[:80]}"
+    if record["num_tokens"] != len(record["completion_token_ids"]):
+        return "'num_tokens' differs from the length of 'completion_token_ids'"
+    if record["finish_reason"] == "stop" and not record["completion_token_ids"]:
+        return "a completion that stopped must end with its EOS id, but it has no tokens"
+    return None

@@ -1,0 +1,327 @@
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lenvm.io import InputError
+from lenvm.prompts import Prompt, encode_prompt
+from lenvm.rollouts import (
+    SamplingParams,
+    _token_ids_from_logprobs,
+    read_rollouts,
+    record_problem,
+    rollout,
+)
+
+PROMPTS = [
+    Prompt("a", text="List three colors."),
+    Prompt("b", messages=[{"role": "user", "content": "Write a short poem about the sea."}]),
+    Prompt("c", text="What is 12 plus 30?", extra={"source": "math"}),
+]
+
+
+@pytest.fixture(scope="module")
+def eos_generator(tiny_path):
+    """The tiny model with a bias toward EOS, so that some completions stop and some are cut."""
+    from lenvm.models import load_generator
+
+    model, tokenizer = load_generator(tiny_path)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 3.0
+    model.lm_head = head
+    return model, tokenizer
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keys(records):
+    return sorted((r["prompt_id"], r["sample_index"]) for r in records)
+
+
+def test_record_schema(tiny_generator, tmp_path):
+    model, tok = tiny_generator
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=8, top_k=20, seed=3)
+    summary = rollout(tiny_generator, PROMPTS, out, 2, sampling, batch_size=4, progress=False)
+    records = read_rollouts(out)
+    assert keys(records) == [(p, i) for p in "abc" for i in range(2)]
+    assert summary.completions_written == 6 and summary.prompts_skipped == 0
+    assert summary.tokens_generated == sum(r["num_tokens"] for r in records) > 0
+    for r in records:
+        prompt = next(p for p in PROMPTS if p.id == r["prompt_id"])
+        assert r["prompt"] == prompt.to_json()
+        assert r["prompt_token_ids"] == encode_prompt(tok, prompt)
+        assert r["completion"] == tok.decode(r["completion_token_ids"], skip_special_tokens=True)
+        assert r["generator"] == model.name_or_path
+        assert r["sampling"] == {
+            "temperature": 1.0, "top_p": 1.0, "top_k": 20, "min_p": 0.0,
+            "max_new_tokens": 8, "seed": 3, "backend": "hf",
+        }
+        assert r.get("meta") == ({"source": "math"} if r["prompt_id"] == "c" else None)
+        assert record_problem(r) is None
+
+
+def test_eos_ends_stopped_completions_only(eos_generator, tmp_path):
+    tok = eos_generator[1]
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=6, seed=1)
+    summary = rollout(eos_generator, PROMPTS, out, 4, sampling, batch_size=5, progress=False)
+    records = read_rollouts(out)
+    assert summary.finished > 0 and summary.truncated > 0
+    assert summary.finished + summary.truncated == len(records) == 12
+    for r in records:
+        ids = r["completion_token_ids"]
+        eos_at = [i for i, t in enumerate(ids) if t == tok.eos_token_id]
+        if r["finish_reason"] == "stop":
+            assert eos_at == [len(ids) - 1]  # cut at the first EOS, which is kept; no padding
+        else:
+            assert eos_at == [] and len(ids) == 6
+
+
+def test_left_padding_keeps_greedy_outputs(eos_generator, tmp_path):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    alone, batched = tmp_path / "alone.jsonl", tmp_path / "batched.jsonl"
+    rollout(eos_generator, PROMPTS, alone, n=1, sampling=greedy, batch_size=1, progress=False)
+    rollout(eos_generator, PROMPTS, batched, n=1, sampling=greedy, batch_size=3, progress=False)
+    by_key = {(r["prompt_id"]): r["completion_token_ids"] for r in read_rollouts(alone)}
+    assert by_key == {r["prompt_id"]: r["completion_token_ids"] for r in read_rollouts(batched)}
+
+
+def test_same_seed_same_samples(tiny_generator, tmp_path):
+    runs = []
+    for name, seed in [("x", 5), ("y", 5), ("z", 6)]:
+        out = tmp_path / f"{name}.jsonl"
+        sampling = SamplingParams(max_new_tokens=8, seed=seed)
+        rollout(tiny_generator, PROMPTS, out, n=2, sampling=sampling, batch_size=3, progress=False)
+        runs.append({(r["prompt_id"], r["sample_index"]): r["completion_token_ids"]
+                     for r in lines(out)})
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_resume_skips_done_and_completes_partial_prompts(tiny_generator, tmp_path):
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=5)
+    rollout(tiny_generator, PROMPTS[:2], out, n=3, sampling=sampling, progress=False)
+    # Drop sample 1 of prompt "b": that prompt is now partial.
+    kept = [r for r in lines(out) if (r["prompt_id"], r["sample_index"]) != ("b", 1)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    before = out.read_text()
+
+    summary = rollout(tiny_generator, PROMPTS, out, n=3, sampling=sampling, progress=False)
+    assert summary.prompts_total == 3 and summary.prompts_skipped == 1
+    assert summary.completions_written == 4  # b's sample 1 and c's three
+    assert out.read_text().startswith(before)  # append-only
+    assert keys(read_rollouts(out)) == [(p, i) for p in "abc" for i in range(3)]
+
+    again = rollout(tiny_generator, PROMPTS, out, n=3, sampling=sampling, progress=False)
+    assert again.prompts_skipped == 3 and again.completions_written == 0
+
+
+def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=5)
+    rollout(tiny_generator, PROMPTS[:1], out, n=2, sampling=sampling, progress=False)
+    records = lines(out)
+    # A crash mid-write: the second record's line is cut short.
+    out.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1])[:40])
+    summary = rollout(tiny_generator, PROMPTS[:1], out, n=2, sampling=sampling, progress=False)
+    assert summary.completions_written == 1
+    assert keys(read_rollouts(out)) == [("a", 0), ("a", 1)]
+
+
+def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):
+    out = tmp_path / "r.jsonl"
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5),
+            progress=False)
+    with pytest.raises(InputError, match="different sampling parameters"):
+        rollout(tiny_generator, PROMPTS[:1], out, n=2, sampling=SamplingParams(max_new_tokens=6),
+                progress=False)
+    with pytest.raises(InputError, match="different prompt"):
+        rollout(tiny_generator, [Prompt("a", text="Another question.")], out, n=2,
+                sampling=SamplingParams(max_new_tokens=5), progress=False)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5])
+def test_bad_n_rejected(tiny_generator, tmp_path, n):
+    with pytest.raises(InputError, match="n "):
+        rollout(tiny_generator, PROMPTS, tmp_path / "r.jsonl", n=n, progress=False)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5},
+        {"top_k": -1}, {"top_k": 2.5}, {"min_p": 1.5}, {"max_new_tokens": 0}, {"seed": -1},
+        {"seed": True},
+    ],
+)
+def test_bad_sampling_rejected(bad):
+    with pytest.raises(InputError, match="bad sampling parameters"):
+        SamplingParams(**bad)
+
+
+def test_malformed_rollouts_name_file_and_line(tmp_path):
+    good = {
+        "prompt_id": "0", "sample_index": 0, "prompt": "hi", "prompt_token_ids": [1, 2],
+        "completion": "x", "completion_token_ids": [5, 2], "finish_reason": "stop",
+        "num_tokens": 2, "generator": "tiny", "sampling": {},
+    }
+    path = tmp_path / "r.jsonl"
+    cases = [
+        ("{not json", "malformed JSON"),
+        (json.dumps({k: v for k, v in good.items() if k != "completion_token_ids"}),
+         "missing 'completion_token_ids'"),
+        (json.dumps({**good, "finish_reason": "eos"}), "'finish_reason' must be 'stop' or"),
+        (json.dumps({**good, "num_tokens": 3}), "num_tokens"),
+        (json.dumps({**good, "completion_token_ids": [], "num_tokens": 0}), "end with its EOS"),
+        ("[1, 2]", "expected a JSON object"),
+    ]
+    for bad_line, message in cases:
+        path.write_text(json.dumps(good) + "\n\n" + bad_line + "\n")
+        with pytest.raises(InputError, match=message) as err:
+            read_rollouts(path)
+        assert f"{path}:3:" in str(err.value)
+    path.write_text(json.dumps(good) + "\n")
+    assert read_rollouts(path) == [good]
+    with pytest.raises(InputError, match="no such file"):
+        read_rollouts(tmp_path / "absent.jsonl")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**31)))
+def test_token_ids_from_logprobs_round_trip(ids):
+    assert _token_ids_from_logprobs({"tokens": [f"token_id:{i}" for i in ids]}) == ids
+    assert _token_ids_from_logprobs({"tokens": [f"token_id:{i}" for i in ids] + ["hello"]}) is None
+
+
+# --- openai backend against a fake server on the loopback interface --------------------------
+
+
+class FakeServer:
+    """Answers POST /v1/completions with ``self.answer(payload) -> (status, body)``."""
+
+    def __init__(self):
+        self.requests = []
+        self.answer = None
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, dict(self.headers), payload))
+                status, body = fake.answer(payload)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeServer()
+    yield fake
+    fake.close()
+
+
+def choice(index, ids, finish, as_ids=True, text="red green"):
+    tokens = [f"token_id:{i}" for i in ids] if as_ids else ["red", " green"]
+    return {"index": index, "text": text, "finish_reason": finish,
+            "logprobs": {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens)}}
+
+
+def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_path, monkeypatch):
+    tok = tiny_generator[1]
+    eos = tok.eos_token_id
+    canned = [([40, 41], "stop"), ([42, eos], "stop"), ([43, 44, 45], "length")]
+    server.answer = lambda p: (200, {"choices": [
+        choice(i, *canned[i]) for i in reversed(range(p["n"]))  # order must not matter
+    ]})
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=3, seed=2)
+    summary = rollout(str(tiny_path), PROMPTS[:2], out, n=3, sampling=sampling, backend="openai",
+                      base_url=server.url, api_model="served", tokenizer=tok, progress=False)
+    assert summary.completions_written == 6 and summary.finished == 4 and summary.truncated == 2
+    path, headers, payload = server.requests[0]
+    assert path == "/v1/completions"
+    assert headers["Authorization"] == "Bearer sk-test"
+    assert payload["model"] == "served" and payload["n"] == 3 and payload["max_tokens"] == 3
+    assert payload["temperature"] == 0.7 and payload["top_p"] == 0.9 and payload["top_k"] == -1
+    assert payload["logprobs"] == 1 and payload["return_tokens_as_token_ids"] is True
+    assert payload["add_special_tokens"] is False
+    prompt_a = tok.apply_chat_template(PROMPTS[0].as_messages(), add_generation_prompt=True,
+                                       tokenize=False)
+    assert prompt_a in {p["prompt"] for _, _, p in server.requests}
+    records = {(r["prompt_id"], r["sample_index"]): r for r in read_rollouts(out)}
+    assert records[("a", 0)]["completion_token_ids"] == [40, 41, eos]  # EOS appended on stop
+    assert records[("a", 1)]["completion_token_ids"] == [42, eos]
+    assert records[("a", 2)]["completion_token_ids"] == [43, 44, 45]
+    assert records[("a", 2)]["finish_reason"] == "length"
+    assert records[("a", 0)]["prompt_token_ids"] == encode_prompt(tok, PROMPTS[0])
+    assert records[("a", 0)]["generator"] == str(tiny_path)
+    assert records[("a", 0)]["sampling"]["backend"] == "openai"
+    assert all("token_ids_source" not in r for r in records.values())
+
+    # Resuming with a larger n asks only for the missing sample.
+    server.requests.clear()
+    rollout(str(tiny_path), PROMPTS[:2], out, n=4, sampling=sampling, backend="openai",
+            base_url=server.url, api_model="served", tokenizer=tok, progress=False)
+    assert sorted(p["n"] for _, _, p in server.requests) == [1, 1]
+    assert keys(read_rollouts(out)) == [(p, i) for p in "ab" for i in range(4)]
+
+
+def test_openai_backend_retokenizes_without_ids(server, tiny_path, tiny_generator, tmp_path):
+    tok = tiny_generator[1]
+    server.answer = lambda p: (200, {"choices": [choice(0, [], "stop", as_ids=False)]})
+    out = tmp_path / "r.jsonl"
+    rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", base_url=server.url,
+            tokenizer=tok, progress=False)
+    [record] = read_rollouts(out)
+    expected = tok("red green", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert record["completion_token_ids"] == expected
+    assert record["completion"] == "red green"
+    assert record["token_ids_source"] == "retokenized"
+
+
+def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, tmp_path):
+    tok = tiny_generator[1]
+    out = tmp_path / "r.jsonl"
+    server.answer = lambda p: (500, {"error": "model not loaded"})
+    with pytest.raises(RuntimeError, match=r"/v1/completions answered HTTP 500: .*not loaded"):
+        rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", base_url=server.url,
+                tokenizer=tok, progress=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match=f"cannot reach http://127.0.0.1:{port}/v1/completions"):
+        rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai",
+                base_url=f"http://127.0.0.1:{port}/v1", tokenizer=tok, progress=False)
+    with pytest.raises(InputError, match="base_url"):
+        rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", tokenizer=tok)
+    assert not out.exists() or read_rollouts(out) == []
