@@ -1,0 +1,309 @@
+"""LIFEBench with token-level length constraints (the LenVM paper's Table 2).
+
+Each row's template ends in a requirement such as "... must be {word_count_type} {word_count}
+words long" (English) or "字数必须{word_count_type} {word_count}字" (Chinese). A token-level run
+fills in the constraint and the target and swaps the unit for tokens; output lengths are the
+generator's own token counts, EOS excluded. Methods: the prompt alone, and LenVM control whose
+kind is the row's constraint and whose target is the row's target, with either the paper's
+decision rules or ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lenvm.bench import scoring
+from lenvm.bench.common import Job, Models, Run, Sampling, load_models, pyplot, settings_of
+from lenvm.io import InputError, iter_jsonl
+from lenvm.models import DEFAULT_MODEL
+from lenvm.prompts import Prompt
+
+DEFAULT_DATA = "../shared/data/lifebench/data_lite.jsonl"
+DEFAULT_TARGETS = (32, 64, 128, 256, 512, 1024)
+# method -> (decision rule of the LenVM control, or None for the prompt alone; table label)
+METHODS: dict[str, tuple[str | None, str]] = {
+    "prompt": (None, "prompt only"),
+    "lenvm-paper": ("paper", "+ LenVM (paper rules)"),
+    "lenvm-ours": ("ours", "+ LenVM (our rules)"),
+}
+CONSTRAINT_WORDS = {
+    "en": {"equal_to": "equal to", "at_most": "at most", "at_least": "at least"},
+    "zh": {"equal_to": "等于", "at_most": "至多有", "at_least": "至少有"},
+}
+_CHINESE = {"cn", "zh", "zh-cn", "zh_cn", "chinese"}
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+# The unit right after the count: "{word_count} words", "{word_count}-word", "{word_count}个字".
+_EN_UNIT = re.compile(r"\{word_count\}(\s*|-)words?\b", re.IGNORECASE)
+_ZH_UNIT = re.compile(r"\{word_count\}\s*个?[字词]")
+_EN_PHRASES = [(re.compile(r"\bword count\b", re.IGNORECASE), "token count")]
+_ZH_PHRASES = [(re.compile("字数"), "token数")]
+
+
+@dataclass
+class Row:
+    """One LIFEBench row; fields the benchmark does not use are kept in ``extra``."""
+
+    id: str
+    task: str
+    lang: str  # "en" or "zh"
+    category: str = "unknown"
+    type: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_lifebench(path: str | os.PathLike = DEFAULT_DATA) -> list[Row]:
+    """Read LIFEBench rows (the lite file or the original public files; extra fields are kept)."""
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for index, record in enumerate(iter_jsonl(path)):
+        where = f"{path}: record {index + 1}"
+        task = record.get("task")
+        if not isinstance(task, str) or "{word_count}" not in task:
+            raise InputError(f"{where}: needs a 'task' string with a {{word_count}} placeholder")
+        row_id = str(record.get("id", index))
+        if row_id in seen:
+            raise InputError(f"{where}: duplicate id {row_id!r}")
+        seen.add(row_id)
+        known = ("id", "task", "lang", "category", "type")
+        rows.append(
+            Row(
+                id=row_id,
+                task=task,
+                lang=_language(record.get("lang"), task),
+                category=str(record.get("category", "unknown")),
+                type=str(record.get("type", "")),
+                extra={k: v for k, v in record.items() if k not in known},
+            )
+        )
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def _language(lang: Any, task: str) -> str:
+    if isinstance(lang, str) and lang.strip():
+        return "zh" if lang.strip().lower() in _CHINESE else "en"
+    return "zh" if _CJK.search(_requirement(task)[1]) else "en"
+
+
+def _requirement(task: str) -> tuple[str, str]:
+    """Split the template before the line that holds the length requirement."""
+    anchor = task.find("{word_count_type}")
+    if anchor < 0:
+        anchor = task.find("{word_count}")
+    start = task.rfind("\n", 0, anchor) + 1
+    return task[:start], task[start:]
+
+
+def token_task(row: Row, constraint: str, target: int) -> str:
+    """The row's prompt with a token-level constraint, e.g. "must be at most 64 tokens long".
+
+    Only the requirement line is rewritten, so words like "word count" inside the task's own
+    text stay as they are. A template whose unit is not recognized is an error rather than a
+    prompt that silently still asks for words.
+    """
+    if constraint not in scoring.CONSTRAINTS:
+        raise InputError(
+            f"unknown constraint {constraint!r}; expected one of {scoring.CONSTRAINTS}"
+        )
+    head, requirement = _requirement(row.task)
+    if row.lang == "zh":
+        unit, new_unit, phrases = _ZH_UNIT, lambda m: f"{target}个token", _ZH_PHRASES
+    else:
+        # "64 words" -> "64 tokens", "a 64-word essay" -> "a 64-token essay"
+        unit, phrases = _EN_UNIT, _EN_PHRASES
+        new_unit = lambda m: f"{target}-token" if m.group(1) == "-" else f"{target} tokens"  # noqa: E731
+    requirement, count = unit.subn(new_unit, requirement)
+    if count == 0:
+        raise InputError(
+            f"LIFEBench row {row.id}: no length unit after {{word_count}} to turn into tokens"
+        )
+    for pattern, replacement in phrases:
+        requirement = pattern.sub(replacement, requirement)
+    requirement = requirement.replace("{word_count_type}", CONSTRAINT_WORDS[row.lang][constraint])
+    return head + requirement.replace("{word_count}", str(target))
+
+
+def lifebench(
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    lenvm: str | os.PathLike | None = None,
+    data: str | os.PathLike = DEFAULT_DATA,
+    targets: Sequence[int] = DEFAULT_TARGETS,
+    constraints: Sequence[str] = scoring.CONSTRAINTS,
+    methods: Sequence[str] | None = None,
+    rows: int | None = None,
+    langs: Sequence[str] | None = None,
+    max_new_tokens: int = 2048,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    num_candidates: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 8,
+    progress: bool = True,
+    models: Models | None = None,
+) -> dict[str, Any]:
+    """Run token-level LIFEBench and write ``results.json``, ``table.md`` and plots to ``out``.
+
+    ``methods`` defaults to every method the models allow (the prompt alone without a LenVM).
+    ``rows`` keeps the first N rows (after the ``langs`` filter, "en"/"zh"). Targets above
+    ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
+    LenVM's training policy. ``models`` passes already loaded models (then ``model``, ``lenvm``,
+    ``device`` and ``dtype`` are not used).
+    """
+    started = time.perf_counter()
+    models = models or load_models(model, lenvm, device, dtype)
+    methods = list(methods or (METHODS if models.lenvm is not None else ["prompt"]))
+    unknown = [m for m in methods if m not in METHODS]
+    unknown += [c for c in constraints if c not in scoring.CONSTRAINTS]
+    if unknown:
+        raise InputError(f"unknown LIFEBench method or constraint: {', '.join(unknown)}")
+    if any(METHODS[m][0] is not None for m in methods):
+        models.require_lenvm("LenVM-controlled LIFEBench methods")
+    table = select_rows(read_lifebench(data), rows, langs)
+    kept = sorted({int(t) for t in targets if int(t) <= max_new_tokens})
+    skipped = sorted({int(t) for t in targets} - set(kept))
+    if not kept:
+        raise InputError(f"every target exceeds max_new_tokens={max_new_tokens}")
+    sampling = Sampling.for_models(
+        models,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        num_candidates=num_candidates,
+    )
+    jobs = [
+        _job(row, constraint, target, method, sampling)
+        for method in methods
+        for constraint in constraints
+        for target in kept
+        for row in table
+    ]
+    with Run(out, settings_of(models, sampling, data=str(data))) as run:
+        items = run.run_jobs(jobs, models, sampling, batch_size, "lifebench", progress)
+        summary = scoring.summarize(items)
+        labels = {m: METHODS[m][1] for m in methods}
+        results = {
+            "benchmark": "lifebench",
+            "summary": summary,
+            "methods": labels,
+            "targets": kept,
+            "skipped_targets": skipped,
+            "rows": len(table),
+            "languages": sorted({r.lang for r in table}),
+            "settings": settings_of(models, sampling, data=str(data)),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        run.write_json("results.json", results)
+        run.write_text("table.md", _markdown(summary, labels, kept, skipped, len(table)))
+        _plot(run, summary, items, labels)
+    return results
+
+
+def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None) -> list[Row]:
+    """Rows of the wanted languages; with a row limit, taken in turn from each (language,
+    category) group so that a small run still covers both languages and every category."""
+    if langs:
+        wanted = {_language(lang, "") for lang in langs}
+        table = [r for r in table if r.lang in wanted]
+    if rows is not None:
+        groups: dict[tuple[str, str], list[Row]] = {}
+        for row in table:
+            groups.setdefault((row.lang, row.category), []).append(row)
+        order = [row for tier in itertools.zip_longest(*groups.values()) for row in tier if row]
+        chosen = {id(row) for row in order[:rows]}
+        table = [row for row in table if id(row) in chosen]
+    if not table:
+        raise InputError("no LIFEBench rows left after the row and language selection")
+    return table
+
+
+def _job(row: Row, constraint: str, target: int, method: str, sampling: Sampling) -> Job:
+    from lenvm.decoding import Control
+
+    rule = METHODS[method][0]
+    control = None if rule is None else Control(kind=constraint, target=target, rule=rule)
+    prompt = Prompt(row.id, text=token_task(row, constraint, target))
+    # The seed ignores the method: every method meets the same random numbers on an item.
+    item = f"{row.id}/{constraint}/{target}"
+    fields = {
+        "row": row.id,
+        "constraint": constraint,
+        "target": target,
+        "method": method,
+        "category": row.category,
+        "lang": row.lang,
+    }
+    return Job(f"{item}/{method}", sampling.request(prompt, item, control), fields)
+
+
+def _markdown(summary, labels, targets, skipped, n_rows) -> str:
+    parts = [
+        f"Token-level LIFEBench: {n_rows} rows, targets {', '.join(map(str, targets))} tokens"
+        + (f" (skipped above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
+        + ". Length Score 0-100; deviation = mean |L_out - L_target| / L_target.\n",
+        scoring.table2(summary, labels),
+        "\nLength Score by target (Equal To: score and deviation):\n",
+        scoring.breakdown_table(summary, "by_target", labels),
+        "\nLength Score by category:\n",
+        scoring.breakdown_table(summary, "by_category", labels),
+        "\nLength Score by language:\n",
+        scoring.breakdown_table(summary, "by_lang", labels),
+    ]
+    return "\n".join(parts)
+
+
+def _plot(run: Run, summary, items, labels) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(scoring.CONSTRAINTS), figsize=(13, 3.8), sharey=True)
+    for ax, constraint in zip(axes, scoring.CONSTRAINTS, strict=True):
+        for method, by_constraint in summary.items():
+            if constraint in by_constraint:
+                by_target = by_constraint[constraint]["by_target"]
+                xs = [int(t) for t in by_target]
+                ax.plot(xs, [m["score"] for m in by_target.values()], "o-", label=labels[method])
+        ax.set_xscale("log", base=2)
+        ax.set_title(scoring.CONSTRAINT_LABELS[constraint])
+        ax.set_xlabel("target (tokens)")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Length Score")
+    axes[0].legend(fontsize=8)
+    run.save_figure(fig, "length_score.png")
+
+    equal = [i for i in items if i["constraint"] == "equal_to"]
+    if equal:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for method in summary:
+            mine = [i for i in equal if i["method"] == method]
+            ax.scatter(
+                [i["target"] for i in mine],
+                [max(i["num_tokens"], 1) for i in mine],
+                label=labels[method],
+                alpha=0.6,
+                s=18,
+            )
+        targets = sorted({i["target"] for i in equal})
+        ax.plot(targets, targets, "k--", lw=1, label="L_out = target")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("target (tokens)")
+        ax.set_ylabel("output length (tokens, EOS excluded)")
+        ax.set_title("Equal To: output length against target")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        run.save_figure(fig, "equal_to_lengths.png")

@@ -1,0 +1,162 @@
+"""LIFEBench length scoring: Length Deviation, Length Score and their aggregation.
+
+``LD = (L_out - L_target) / L_target``; ``LS = 100·exp(5·LD)`` below the target and
+``100·exp(-2·LD)`` above it. At Most scores 100 whenever ``LD <= 0``, At Least whenever
+``LD >= 0``. Aggregates follow LIFEBench: average within each target first, then over targets,
+so every target weighs the same whatever the number of rows that survived at it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from lenvm.bench.common import markdown_table
+
+CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
+CONSTRAINT_LABELS = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}
+UNDERSHOOT_RATE = 5.0  # LIFEBench punishes too-short answers harder than too-long ones
+OVERSHOOT_RATE = 2.0
+
+
+def length_deviation(length: float, target: float) -> float:
+    """``(L_out - L_target) / L_target``: signed, relative to the target."""
+    if target <= 0:
+        raise ValueError(f"target length must be positive, got {target!r}")
+    return (float(length) - float(target)) / float(target)
+
+
+def length_score(length: float, target: float, constraint: str) -> float:
+    """The LIFEBench Length Score (0-100) of one output under ``constraint``."""
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"unknown constraint {constraint!r}; expected one of {CONSTRAINTS}")
+    deviation = length_deviation(length, target)
+    if (constraint == "at_most" and deviation <= 0) or (
+        constraint == "at_least" and deviation >= 0
+    ):
+        return 100.0
+    if deviation < 0:
+        return 100.0 * math.exp(UNDERSHOOT_RATE * deviation)
+    return 100.0 * math.exp(-OVERSHOOT_RATE * deviation)
+
+
+def _target_averaged(items: list[Mapping[str, Any]], value: Callable[[Mapping], float]) -> float:
+    """Mean over targets of the per-target mean of ``value``."""
+    by_target: dict[int, list[float]] = defaultdict(list)
+    for item in items:
+        by_target[int(item["target"])].append(value(item))
+    return float(np.mean([np.mean(v) for v in by_target.values()]))
+
+
+def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
+    def deviation(item: Mapping) -> float:
+        return length_deviation(item["num_tokens"], item["target"])
+
+    return {
+        "n": len(items),
+        "deviation": _target_averaged(items, lambda i: abs(deviation(i))),
+        "signed_deviation": _target_averaged(items, deviation),
+        "score": _target_averaged(
+            items, lambda i: length_score(i["num_tokens"], i["target"], i["constraint"])
+        ),
+        "stopped": float(np.mean([i.get("finish_reason", "stop") == "stop" for i in items])),
+    }
+
+
+def _grouped(items: list[Mapping[str, Any]], field: str) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for item in items:
+        groups[str(item[field])].append(item)
+    return {key: _metrics(group) for key, group in sorted(groups.items(), key=_natural)}
+
+
+def _natural(kv: tuple[str, Any]) -> tuple[int, Any]:
+    key = kv[0]
+    return (0, int(key)) if key.isdigit() else (1, key)
+
+
+def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Aggregate scored outputs by method and constraint.
+
+    Each item needs ``method``, ``constraint``, ``target``, ``num_tokens`` (the output length,
+    EOS excluded) and may carry
+    ``category``, ``lang`` and ``finish_reason``. Returns, per method and constraint, the overall
+    metrics plus ``by_target``, ``by_category`` and ``by_lang`` breakdowns; every metrics dict holds
+    ``n``, ``deviation`` (mean ``|LD|``), ``signed_deviation``, ``score`` and ``stopped`` (the
+    share of outputs that ended with EOS).
+    """
+    grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for item in items:
+        grouped[item["method"]][item["constraint"]].append(item)
+    summary: dict[str, dict[str, Any]] = {}
+    for method, by_constraint in grouped.items():
+        summary[method] = {}
+        for constraint in CONSTRAINTS:
+            group = by_constraint.get(constraint)
+            if not group:
+                continue
+            summary[method][constraint] = {
+                **_metrics(group),
+                "by_target": _grouped(group, "target"),
+                "by_category": _grouped([i for i in group if "category" in i], "category"),
+                "by_lang": _grouped([i for i in group if "lang" in i], "lang"),
+            }
+    return summary
+
+
+def _cell(metrics: Mapping[str, Any] | None, key: str, percent: bool = False) -> str:
+    if metrics is None:
+        return "–"
+    value = metrics[key]
+    return f"{100 * value:.0f}%" if percent else f"{value:.1f}"
+
+
+def table2(
+    summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None
+) -> str:
+    """The paper's Table 2 layout: Equal To deviation and LS, At Most LS, At Least LS."""
+    labels = labels or {}
+    rows = []
+    for method, by_constraint in summary.items():
+        eq = by_constraint.get("equal_to")
+        rows.append(
+            [
+                labels.get(method, method),
+                _cell(eq, "deviation", percent=True),
+                _cell(eq, "score"),
+                _cell(by_constraint.get("at_most"), "score"),
+                _cell(by_constraint.get("at_least"), "score"),
+            ]
+        )
+    header = ["method", "Equal To deviation", "Equal To LS", "At Most LS", "At Least LS"]
+    return markdown_table(header, rows)
+
+
+def breakdown_table(
+    summary: Mapping[str, Mapping[str, Any]],
+    field: str,
+    labels: Mapping[str, str] | None = None,
+) -> str:
+    """Length Score per ``field`` (``by_target``, ``by_category`` or ``by_lang``), one row per
+    method and constraint; Equal To cells also show the mean deviation."""
+    labels = labels or {}
+    keys = sorted(
+        {k for by_constraint in summary.values() for m in by_constraint.values() for k in m[field]},
+        key=lambda k: _natural((k, None)),
+    )
+    rows = []
+    for method, by_constraint in summary.items():
+        for constraint, metrics in by_constraint.items():
+            cells = []
+            for key in keys:
+                m = metrics[field].get(key)
+                cell = _cell(m, "score")
+                if m is not None and constraint == "equal_to":
+                    cell += f" ({_cell(m, 'deviation', percent=True)})"
+                cells.append(cell)
+            rows.append([labels.get(method, method), CONSTRAINT_LABELS[constraint], *cells])
+    return markdown_table(["method", "constraint", *keys], rows)

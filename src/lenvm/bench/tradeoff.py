@@ -1,0 +1,246 @@
+"""Cost/quality trade-off: LenVM exponential tilting against a hard token budget.
+
+On the same sampled generator, each problem is answered once per tilt strength ``beta``
+(``beta = 0`` is plain sampling): ``p'(x) ∝ p(x)·exp(beta·v(x))``, where ``v`` is the LenVM value
+of the next state; values are negative and closer to 0 means fewer tokens left, so a positive
+``beta`` favours shorter answers. The hard budget ``B`` needs no extra generation: it cuts the
+plain answers at ``B`` tokens, a cut answer counts as wrong, and its cost is the mean of
+``min(length, B)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lenvm.bench import tasks
+from lenvm.bench.common import (
+    Job,
+    Models,
+    Run,
+    Sampling,
+    load_models,
+    markdown_table,
+    pyplot,
+    settings_of,
+)
+from lenvm.io import InputError
+from lenvm.models import DEFAULT_MODEL
+
+DEFAULT_BETAS = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+EVAL_SEED = 1  # the arithmetic problems scored here; training prompts use other seeds
+
+
+def load_datasets(
+    gsm8k: str | os.PathLike | None,
+    gsm8k_problems: int | None,
+    arithmetic_problems: int,
+    arithmetic_levels: Sequence[int],
+) -> dict[str, list[tasks.Problem]]:
+    datasets = {}
+    if gsm8k:
+        datasets["gsm8k"] = tasks.read_gsm8k(gsm8k, gsm8k_problems)
+    for level in arithmetic_levels if arithmetic_problems > 0 else ():
+        datasets[f"arithmetic-l{level}"] = tasks.arithmetic_problems(
+            arithmetic_problems, level, EVAL_SEED
+        )
+    if not datasets:
+        raise InputError("no trade-off dataset: give a GSM8K file or arithmetic problems")
+    return datasets
+
+
+def tradeoff(
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    lenvm: str | os.PathLike | None = None,
+    gsm8k: str | os.PathLike | None = tasks.DEFAULT_GSM8K,
+    gsm8k_problems: int | None = 200,
+    arithmetic_problems: int = 100,
+    arithmetic_levels: Sequence[int] = (1, 2, 3),
+    betas: Sequence[float] = DEFAULT_BETAS,
+    budgets: Sequence[int] | None = None,
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    num_candidates: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 8,
+    progress: bool = True,
+    models: Models | None = None,
+) -> dict[str, Any]:
+    """Pass@1 against mean generated length, tilting vs hard budget; writes ``results.json``,
+    ``table.md`` and ``pareto.png`` to ``out``.
+
+    ``gsm8k=None`` skips GSM8K; ``arithmetic_problems=0`` skips the generated problems.
+    ``budgets`` defaults to the deciles of the plain answers' lengths. ``beta = 0`` (plain
+    sampling) is always run, since the budget curve is cut from it. Sampling options left at
+    None follow the LenVM's training policy.
+    """
+    started = time.perf_counter()
+    models = models or load_models(model, lenvm, device, dtype)
+    betas = sorted({0.0, *(float(b) for b in betas)})
+    if any(b != 0 for b in betas):
+        models.require_lenvm("tilting")
+    datasets = load_datasets(gsm8k, gsm8k_problems, arithmetic_problems, arithmetic_levels)
+    sampling = Sampling.for_models(
+        models,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        num_candidates=num_candidates,
+    )
+    jobs = [
+        _job(name, problem, beta, sampling)
+        for beta in betas
+        for name, problems in datasets.items()
+        for problem in problems
+    ]
+    settings = settings_of(models, sampling, gsm8k=str(gsm8k) if gsm8k else None)
+    with Run(out, settings) as run:
+        items = run.run_jobs(jobs, models, sampling, batch_size, "trade-off", progress, _judge)
+        curves = {
+            name: curves_for([i for i in items if i["dataset"] == name], betas, budgets)
+            for name in datasets
+        }
+        results = {
+            "benchmark": "tradeoff",
+            "curves": curves,
+            "problems": {name: len(problems) for name, problems in datasets.items()},
+            "settings": settings,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        run.write_json("results.json", results)
+        run.write_text("table.md", _markdown(curves, sampling.max_new_tokens))
+        _plot(run, curves)
+    return results
+
+
+def _job(dataset: str, problem: tasks.Problem, beta: float, sampling: Sampling) -> Job:
+    from lenvm.decoding import Control
+
+    control = Control(kind="tilt", beta=beta) if beta else None
+    item = f"{dataset}/{problem.id}"
+    fields = {"dataset": dataset, "problem": problem.id, "beta": beta, "answer": problem.answer}
+    return Job(f"{item}/beta={beta:g}", sampling.request(problem.prompt(), item, control), fields)
+
+
+def _judge(job: Job, result) -> dict[str, Any]:
+    predicted = tasks.extract_answer(result.text)
+    correct = result.finish_reason == "stop" and tasks.is_correct(result.text, job.fields["answer"])
+    return {"predicted": predicted, "correct": bool(correct)}
+
+
+def _point(lengths: np.ndarray, correct: np.ndarray, **label: Any) -> dict[str, Any]:
+    p = float(correct.mean())
+    return {
+        **label,
+        "mean_length": float(lengths.mean()),
+        "pass_at_1": p,
+        "stderr": math.sqrt(p * (1 - p) / len(correct)),
+        "n": int(len(correct)),
+    }
+
+
+def curves_for(
+    items: list[dict[str, Any]], betas: Sequence[float], budgets: Sequence[int] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The tilt curve (one point per beta) and the hard-budget curve cut from the plain answers.
+
+    An answer cut at ``max_new_tokens`` is wrong on either curve; under budget ``B`` an answer
+    counts only if it ended (EOS) within ``B`` tokens, and costs ``min(length, B)``.
+    """
+    tilt = []
+    for beta in betas:
+        mine = [i for i in items if i["beta"] == beta]
+        if mine:
+            lengths = np.array([i["num_tokens"] for i in mine], dtype=np.float64)
+            tilt.append(_point(lengths, np.array([i["correct"] for i in mine]), beta=beta))
+    plain = [i for i in items if i["beta"] == 0]
+    lengths = np.array([i["num_tokens"] for i in plain], dtype=np.float64)
+    correct = np.array([i["correct"] for i in plain], dtype=bool)
+    if budgets is None:
+        budgets = np.ceil(np.quantile(lengths, np.linspace(0.1, 1.0, 10))).astype(int)
+    budget = [
+        _point(np.minimum(lengths, b), correct & (lengths <= b), budget=int(b))
+        for b in sorted({max(int(b), 1) for b in budgets})
+    ]
+    # Pass@1 the hard budget reaches at each tilt point's mean length (linear in between).
+    xs = [p["mean_length"] for p in budget]
+    ys = [p["pass_at_1"] for p in budget]
+    for point in tilt:
+        point["budget_pass_at_1_same_length"] = float(np.interp(point["mean_length"], xs, ys))
+    return {"tilt": tilt, "budget": budget}
+
+
+def _markdown(curves: dict[str, Any], max_new_tokens: int) -> str:
+    parts = [
+        "Pass@1 against mean generated tokens. Tilting: p'(x) ∝ p(x)·exp(beta·v(x)), beta > 0 "
+        f"shortens. Hard budget B: plain answers cut at B tokens count as wrong (cost "
+        f"min(length, B)). Answers still running at {max_new_tokens} tokens count as wrong.\n"
+    ]
+    for name, curve in curves.items():
+        rows = [
+            [
+                "plain" if p["beta"] == 0 else f"tilt beta={p['beta']:g}",
+                f"{p['mean_length']:.1f}",
+                f"{100 * p['pass_at_1']:.1f}%",
+                f"{100 * p['budget_pass_at_1_same_length']:.1f}%",
+                p["n"],
+            ]
+            for p in curve["tilt"]
+        ]
+        rows += [
+            [
+                f"hard budget B={p['budget']}",
+                f"{p['mean_length']:.1f}",
+                f"{100 * p['pass_at_1']:.1f}%",
+                "",
+                p["n"],
+            ]
+            for p in curve["budget"]
+        ]
+        header = ["method", "mean tokens", "pass@1", "hard budget at same length", "n"]
+        parts.append(f"\n**{name}**\n\n" + markdown_table(header, rows))
+    return "".join(parts)
+
+
+def _plot(run: Run, curves: dict[str, Any]) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
+        budget, tilt = curve["budget"], curve["tilt"]
+        ax.plot(
+            [p["mean_length"] for p in budget],
+            [100 * p["pass_at_1"] for p in budget],
+            "s--",
+            color="tab:gray",
+            label="hard token budget",
+        )
+        ax.plot(
+            [p["mean_length"] for p in tilt],
+            [100 * p["pass_at_1"] for p in tilt],
+            "o-",
+            color="tab:blue",
+            label="LenVM tilting",
+        )
+        for p in tilt:
+            ax.annotate(f"β={p['beta']:g}", (p["mean_length"], 100 * p["pass_at_1"]), fontsize=7)
+        ax.set_title(name)
+        ax.set_xlabel("mean generated tokens")
+        ax.set_ylabel("pass@1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    run.save_figure(fig, "pareto.png")

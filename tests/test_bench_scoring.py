@@ -1,0 +1,88 @@
+import math
+
+import pytest
+
+from lenvm.bench import scoring
+from lenvm.bench.scoring import length_deviation, length_score
+
+
+def test_equal_to_overshoot():
+    assert length_deviation(48, 32) == pytest.approx(0.5)
+    assert length_score(48, 32, "equal_to") == pytest.approx(100 * math.exp(-1))
+    assert length_score(48, 32, "equal_to") == pytest.approx(36.79, abs=0.01)
+
+
+def test_equal_to_undershoot_is_punished_harder():
+    assert length_deviation(16, 32) == pytest.approx(-0.5)
+    assert length_score(16, 32, "equal_to") == pytest.approx(100 * math.exp(-2.5))
+    assert length_score(32, 32, "equal_to") == 100.0
+
+
+@pytest.mark.parametrize("length", [0, 10, 31, 32])
+def test_at_most_within_limit_scores_100(length):
+    assert length_score(length, 32, "at_most") == 100.0
+
+
+def test_at_most_over_limit_decays():
+    assert length_score(64, 32, "at_most") == pytest.approx(100 * math.exp(-2))
+
+
+@pytest.mark.parametrize("length", [32, 33, 500])
+def test_at_least_above_limit_scores_100(length):
+    assert length_score(length, 32, "at_least") == 100.0
+
+
+def test_at_least_short_decays():
+    assert length_score(24, 32, "at_least") == pytest.approx(100 * math.exp(-1.25))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        length_score(10, 0, "equal_to")
+    with pytest.raises(ValueError):
+        length_score(10, 32, "about")
+
+
+def _item(method, constraint, target, n, category="qa", lang="en"):
+    return {
+        "method": method,
+        "constraint": constraint,
+        "target": target,
+        "num_tokens": n,
+        "category": category,
+        "lang": lang,
+        "finish_reason": "stop",
+    }
+
+
+def test_summary_averages_within_target_then_over_targets():
+    items = [
+        _item("prompt", "equal_to", 32, 48),  # LD 0.5
+        _item("prompt", "equal_to", 32, 32),  # LD 0
+        _item("prompt", "equal_to", 64, 32, category="create", lang="zh"),  # LD -0.5
+        _item("prompt", "at_most", 32, 16),
+        _item("lenvm-ours", "at_least", 32, 16),
+    ]
+    summary = scoring.summarize(items)
+    eq = summary["prompt"]["equal_to"]
+    # target 32: mean |LD| 0.25; target 64: 0.5 -> 0.375 (not the item mean 1/3)
+    assert eq["deviation"] == pytest.approx(0.375)
+    assert eq["signed_deviation"] == pytest.approx((0.25 - 0.5) / 2)
+    score_32 = (100 * math.exp(-1) + 100) / 2
+    assert eq["score"] == pytest.approx((score_32 + 100 * math.exp(-2.5)) / 2)
+    assert eq["by_target"]["32"]["n"] == 2
+    assert set(eq["by_category"]) == {"qa", "create"}
+    assert set(eq["by_lang"]) == {"en", "zh"}
+    assert summary["prompt"]["at_most"]["score"] == 100.0
+    assert "equal_to" not in summary["lenvm-ours"]
+    assert summary["lenvm-ours"]["at_least"]["score"] == pytest.approx(100 * math.exp(-2.5))
+
+
+def test_table2_layout():
+    items = [_item("prompt", c, 32, 48) for c in scoring.CONSTRAINTS]
+    table = scoring.table2(scoring.summarize(items), {"prompt": "prompt only"})
+    header, rule, row = table.strip().splitlines()
+    assert header == "| method | Equal To deviation | Equal To LS | At Most LS | At Least LS |"
+    assert row == "| prompt only | 50% | 36.8 | 36.8 | 100.0 |"
+    by_target = scoring.breakdown_table(scoring.summarize(items), "by_target")
+    assert "36.8 (50%)" in by_target

@@ -1,0 +1,303 @@
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenvm.bench import lifebench, tasks
+from lenvm.bench.common import Job, Run
+from lenvm.bench.predict import Ridge, asked_number
+from lenvm.bench.tradeoff import curves_for
+from lenvm.io import InputError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LITE = SHARED / "lifebench" / "data_lite.jsonl"
+needs_shared = pytest.mark.skipif(not LITE.is_file(), reason="shared data not present")
+
+
+# -- GSM8K answers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("solution", "expected"),
+    [
+        ("She makes 9 * 2 = $<<9*2=18>>18.\n#### 18", 18),
+        ("Total 80,000+50,000\n#### 70,000", 70000),
+        ("#### -3", -3),
+        ("so 7.5 hours\n#### 7.5", 7.5),
+        ("#### $1,080", 1080),
+    ],
+)
+def test_gold_answer(solution, expected):
+    assert tasks.gold_answer(solution) == expected
+
+
+def test_gold_answer_without_marker():
+    with pytest.raises(InputError):
+        tasks.gold_answer("the answer is 4")
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("First 1,000 + 234 = 1,234. The answer is 1,234.", 1234),
+        ("Adding up gives \\boxed{42} in total, not 41.", 42),
+        ("So she has 12 apples left.", 12),
+        ("5 - 8 = -3\nThe answer is -3.", -3),
+        ("It costs $3.50 each, so the answer is: 7.", 7),
+        ("The final answer is $12.75.", 12.75),
+        ("He walks 5-3=2 miles", 2),
+        ("Answer: 18\n\nHope this helps with your 3 questions!", 18),
+        ("#### 99", 99),
+        ("I do not know.", None),
+    ],
+)
+def test_extract_answer(completion, expected):
+    assert tasks.extract_answer(completion) == expected
+
+
+def test_is_correct_compares_numbers():
+    assert tasks.is_correct("The answer is 1,234.", 1234.0)
+    assert tasks.is_correct("The answer is 2.50", 2.5)
+    assert not tasks.is_correct("The answer is 12", 13.0)
+    assert not tasks.is_correct("no number", 1.0)
+
+
+@needs_shared
+def test_read_gsm8k():
+    problems = tasks.read_gsm8k(SHARED / "gsm8k" / "test.jsonl", limit=5)
+    assert len(problems) == 5
+    assert problems[0].answer == 18
+    assert problems[0].domain == "math"
+    prompt = problems[0].prompt()
+    assert prompt.text.startswith("Janet")
+    assert prompt.extra["domain"] == "math"
+
+
+def test_read_gsm8k_rejects_bad_rows(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(InputError, match="record 1"):
+        tasks.read_gsm8k(path)
+
+
+# -- arithmetic word problems ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_arithmetic_is_seeded_and_correct(level):
+    first = tasks.arithmetic_problems(40, level, seed=3)
+    again = tasks.arithmetic_problems(40, level, seed=3)
+    other = tasks.arithmetic_problems(40, level, seed=4)
+    assert first == again
+    assert [p.question for p in first] != [p.question for p in other]
+    assert len({p.id for p in first}) == 40
+    for problem in first:
+        numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
+        if level == 1:
+            assert problem.answer == sum(numbers)
+            assert problem.question.count(".") == 1  # a one-sentence story
+        elif level == 2:
+            assert problem.answer == numbers[0] + numbers[1] - numbers[2]
+        else:
+            assert problem.answer == numbers[0] * numbers[1] + numbers[2] - numbers[3]
+        assert problem.answer >= 0
+        assert problem.domain == "word_problem"
+
+
+def test_arithmetic_unknown_level():
+    with pytest.raises(InputError):
+        tasks.arithmetic_problems(3, level=4)
+
+
+# -- LIFEBench templates -----------------------------------------------------------------------
+
+
+@needs_shared
+@pytest.mark.parametrize("constraint", ["equal_to", "at_most", "at_least"])
+def test_token_task_english(constraint):
+    row = next(r for r in lifebench.read_lifebench(LITE) if r.id == "122")
+    words = {"equal_to": "equal to", "at_most": "at most", "at_least": "at least"}[constraint]
+    text = lifebench.token_task(row, constraint, 64)
+    assert text.endswith(f"[Requirement] Your response must be {words} 64 tokens long.")
+    assert text.startswith("[Instruction] Respond to this question: \n How to Use Git Effectively.")
+    assert "{" not in text
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("constraint", "word"), [("equal_to", "等于"), ("at_most", "至多有"), ("at_least", "至少有")]
+)
+def test_token_task_chinese(constraint, word):
+    rows = lifebench.read_lifebench(LITE)
+    row = next(r for r in rows if r.id == "123")
+    assert row.lang == "zh"
+    text = lifebench.token_task(row, constraint, 32)
+    assert text.endswith(f"[要求]你的回答token数必须{word} 32个token。")
+    assert "字" not in text.splitlines()[-1]
+
+
+@needs_shared
+def test_every_lite_row_converts():
+    rows = lifebench.read_lifebench(LITE)
+    assert {r.lang for r in rows} == {"en", "zh"}
+    for row in rows:
+        for constraint in ("equal_to", "at_most", "at_least"):
+            last = lifebench.token_task(row, constraint, 128).splitlines()[-1]
+            assert "128" in last and "token" in last
+            assert "word" not in last.lower() and "字" not in last and "{" not in last
+
+
+def test_reader_keeps_extra_fields_and_detects_language(tmp_path):
+    path = tmp_path / "life.jsonl"
+    rows = [
+        {"id": 7, "category": "qa", "type": "x", "lang": "en", "task": "Q?\nBe {word_count_type} "
+         "{word_count} words long.", "raw_data": "r", "source": "extra"},
+        {"task": "问题\n[要求]字数必须{word_count_type} {word_count}字。"},
+        {"id": "9", "task": "Write a {word_count}-word essay, {word_count_type} that."},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    first, second, third = lifebench.read_lifebench(path)
+    assert first.id == "7" and first.extra == {"raw_data": "r", "source": "extra"}
+    assert second.lang == "zh" and second.id == "1" and second.category == "unknown"
+    assert lifebench.token_task(second, "at_least", 16).endswith("token数必须至少有 16个token。")
+    assert lifebench.token_task(third, "at_most", 16) == "Write a 16-token essay, at most that."
+
+
+def test_template_without_unit_is_rejected(tmp_path):
+    path = tmp_path / "life.jsonl"
+    path.write_text(json.dumps({"task": "Write {word_count_type} {word_count} lines."}) + "\n")
+    (row,) = lifebench.read_lifebench(path)
+    with pytest.raises(InputError, match="unit"):
+        lifebench.token_task(row, "equal_to", 8)
+
+
+def test_reader_rejects_rows_without_placeholder(tmp_path):
+    path = tmp_path / "life.jsonl"
+    path.write_text(json.dumps({"task": "Write something."}) + "\n")
+    with pytest.raises(InputError, match="record 1"):
+        lifebench.read_lifebench(path)
+
+
+def test_row_selection_spreads_over_groups():
+    rows = [
+        lifebench.Row(str(i), "{word_count} words", lang, category)
+        for i, (lang, category) in enumerate(
+            [("en", "create")] * 3 + [("zh", "create")] * 2 + [("en", "qa")] * 2
+        )
+    ]
+    picked = lifebench.select_rows(rows, 3, None)
+    assert {(r.lang, r.category) for r in picked} == {
+        ("en", "create"),
+        ("zh", "create"),
+        ("en", "qa"),
+    }
+    assert [r.id for r in lifebench.select_rows(rows, None, ["zh"])] == ["3", "4"]
+
+
+# -- prediction baselines ----------------------------------------------------------------------
+
+
+def test_ridge_recovers_a_linear_function():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) * [1.0, 10.0, 0.1]
+    y = 2.0 + x @ np.array([3.0, -0.5, 7.0])
+    ridge = Ridge.fit(x, y, alpha=0.0)
+    np.testing.assert_allclose(ridge.coef, [3.0, -0.5, 7.0], atol=1e-8)
+    assert ridge.intercept == pytest.approx(2.0)
+    np.testing.assert_allclose(ridge.predict(x[:5]), y[:5])
+    shrunk = Ridge.fit(x, y, alpha=1e4)
+    assert np.all(np.abs(shrunk.coef) < np.abs(ridge.coef))
+
+
+def test_ridge_tolerates_a_constant_feature():
+    x = np.column_stack([np.arange(10.0), np.ones(10)])
+    ridge = Ridge.fit(x, 1.0 + 2.0 * np.arange(10.0), alpha=0.0)
+    assert ridge.predict(np.array([[20.0, 1.0]]))[0] == pytest.approx(41.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("List 7 fruits, one per line.", 7),
+        ("Write a story of about 4 sentences about a cat.", 4),
+        ("The reply must be at most 64 tokens long.", 64),
+        ("你的回答token数必须等于 32个token。", 32),
+        ("Tom has 3 apples and buys 4 more.", None),
+    ],
+)
+def test_asked_number(text, number):
+    assert asked_number(text) == number
+
+
+# -- trade-off curves --------------------------------------------------------------------------
+
+
+def test_budget_curve_cuts_plain_answers():
+    items = [
+        {"beta": 0.0, "num_tokens": n, "correct": c}
+        for n, c in [(10, True), (20, True), (40, False), (80, True)]
+    ] + [{"beta": 5.0, "num_tokens": n, "correct": c} for n, c in [(8, True), (12, False)]]
+    curves = curves_for(items, [0.0, 5.0], budgets=[15, 1000])
+    b15, b1000 = curves["budget"]
+    assert b15["mean_length"] == pytest.approx((10 + 15 + 15 + 15) / 4)
+    assert b15["pass_at_1"] == pytest.approx(0.25)  # only the 10-token answer fits
+    assert b1000["mean_length"] == pytest.approx(37.5)
+    assert b1000["pass_at_1"] == pytest.approx(0.75)
+    plain, tilted = curves["tilt"]
+    assert plain["pass_at_1"] == pytest.approx(0.75) and plain["mean_length"] == 37.5
+    assert tilted["mean_length"] == 10 and tilted["pass_at_1"] == 0.5
+    # at 10 tokens the budget curve is below its first point: clamped to it
+    assert tilted["budget_pass_at_1_same_length"] == pytest.approx(0.25)
+    default = curves_for(items, [0.0])["budget"]
+    assert default[-1]["budget"] == 80 and default[-1]["pass_at_1"] == pytest.approx(0.75)
+
+
+# -- resumable results folders -----------------------------------------------------------------
+
+
+class _FakeEngine:
+    def __init__(self):
+        self.seen = []
+
+    def generate(self, requests, batch_size=8, progress=False):
+        from types import SimpleNamespace
+
+        self.seen.extend(requests)
+        return [
+            SimpleNamespace(
+                num_tokens=len(r), finish_reason="stop", mean_logprob=-1.0, text=r, token_ids=[]
+            )
+            for r in requests
+        ]
+
+
+def _jobs(names):
+    return [Job(f"k/{n}", n, {"name": n}) for n in names]
+
+
+def test_run_resumes_and_checks_settings(tmp_path, monkeypatch):
+    from lenvm.bench import common
+
+    engine = _FakeEngine()
+    monkeypatch.setattr(common, "_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(common, "_controlled", lambda job: False)
+    settings = {"model": "m", "targets": (1, 2)}
+    with Run(tmp_path / "r", settings) as run:
+        records = run.run_jobs(_jobs(["a", "bb"]), None, None, 1, "t", progress=False)
+    assert [r["num_tokens"] for r in records] == [1, 2]
+    # a crash mid-line must not break the resume
+    with (tmp_path / "r" / "items.jsonl").open("a") as fh:
+        fh.write('{"key": "k/cc", "num_tok')
+    engine.seen.clear()
+    with Run(tmp_path / "r", settings) as run:
+        judge = lambda job, result: {"judged": True}  # noqa: E731
+        records = run.run_jobs(_jobs(["a", "bb", "ccc"]), None, None, 2, "t", False, judge)
+    assert engine.seen == ["ccc"]  # only the new item ran
+    assert [r["name"] for r in records] == ["a", "bb", "ccc"]
+    assert records[2]["judged"] and "judged" not in records[0]
+    lines = (tmp_path / "r" / "items.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    with pytest.raises(InputError, match="other settings"):
+        Run(tmp_path / "r", {"model": "other", "targets": [1, 2]})
