@@ -5,6 +5,7 @@ import pytest
 # Two cores: keep each test process from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,267 @@
+"""The ``lenvm`` command line: one thin command per library entry point."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+from pathlib import Path
+
+from lenvm.io import InputError
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _gamma(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gamma must be 'auto' or a number, got {text!r}") from None
+
+
+def _prompts_from_args(args) -> list:
+    from lenvm.prompts import as_prompt, read_prompts
+
+    if getattr(args, "prompts", None):
+        return read_prompts(args.prompts)
+    if getattr(args, "prompt", None) is not None:
+        return [as_prompt(args.prompt)]
+    raise InputError("give --prompt TEXT or --prompts FILE.jsonl")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_rollout(args) -> None:
+    from lenvm.rollouts import SamplingParams, rollout
+
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    summary = rollout(
+        args.model,
+        _prompts_from_args(args),
+        args.out,
+        n=args.n,
+        sampling=sampling,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        base_url=args.base_url,
+        api_model=args.api_model,
+        device=args.device,
+    )
+    print(json.dumps(summary.to_dict(), indent=2, default=str))
+
+
+def cmd_train(args) -> None:
+    from lenvm.train import TrainConfig, train
+
+    config = TrainConfig(
+        kind=args.kind,
+        gamma=args.gamma,
+        truncated=args.truncated,
+        eval_fraction=args.eval_fraction,
+        freeze_backbone=True if args.freeze_backbone else None,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_tokens=args.batch_tokens,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        bf16=not args.no_bf16,
+        head_hidden_size=args.head_hidden_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    result = train(args.rollouts, args.base, args.out, config)
+    if result.metrics:
+        print(
+            json.dumps(
+                {
+                    "out": str(result.path),
+                    "gamma": result.gamma,
+                    "metrics": result.metrics,
+                    "data": result.data.to_dict(),
+                    "seconds": round(result.seconds, 1),
+                },
+                indent=2,
+            )
+        )
+
+
+def cmd_predict(args) -> None:
+    from lenvm.model import LengthValueModel
+
+    lenvm = LengthValueModel.from_pretrained(args.lenvm)
+    prompts = _prompts_from_args(args)
+    lengths = lenvm.predict_length(prompts, batch_size=args.batch_size)
+    for prompt, length in zip(prompts, lengths, strict=True):
+        if args.json:
+            print(json.dumps({"id": prompt.id, "predicted_length": round(length, 2)}))
+        else:
+            print(f"{prompt.id}\t{length:.1f}")
+
+
+def cmd_values(args) -> None:
+    from lenvm.inspect import render_html, token_values
+    from lenvm.io import write_text
+    from lenvm.model import LengthValueModel
+
+    lenvm = LengthValueModel.from_pretrained(args.lenvm)
+    trace = token_values(lenvm, args.prompt, args.completion, finished=not args.unfinished)
+    if args.html:
+        write_text(args.html, render_html(trace))
+        print(f"wrote {args.html}", file=sys.stderr)
+    print(json.dumps(trace.to_dict(), indent=None if args.html else 2, ensure_ascii=False))
+
+
+def cmd_models(args) -> None:
+    from lenvm import models
+
+    if args.action == "list":
+        for m in models.list_models():
+            state = "prepared" if m["prepared"] else "not prepared"
+            print(f"{m['name']}\t{state}\t{m['description']}\t{m['path']}")
+    else:
+        print(models.prepare(args.name))
+
+
+def cmd_demo(args) -> None:
+    from lenvm.demo import DemoConfig, run_demo
+
+    run_demo(
+        DemoConfig(
+            out=Path(args.out),
+            prompts=args.num_prompts,
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            model=args.model,
+            seed=args.seed,
+        )
+    )
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lenvm import __version__
+    from lenvm.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="lenvm",
+        description="Length Value Models: predict and control how long a language model will talk.",
+    )
+    parser.add_argument("--version", action="version", version=f"lenvm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("rollout", help="sample n completions per prompt from a generator")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="folder, hub id or built-in alias")
+    p.add_argument("--prompts", required=True, help="JSONL: {'prompt': ...} or {'messages': [...]}")
+    p.add_argument("--out", required=True, help="rollouts JSONL (appended; a rerun resumes)")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", choices=["hf", "openai"], default="hf")
+    p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", help="model name on the server (default: --model)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("train", help="train a LenVM on rollouts")
+    p.add_argument("--rollouts", required=True)
+    p.add_argument("--base", default=DEFAULT_MODEL, help="generator (attached, q) or backbone (standalone)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kind", choices=["attached", "standalone", "q"], default="attached")
+    p.add_argument("--gamma", type=_gamma, default=None, help="'auto' (p99 rule, default) or a number")
+    p.add_argument("--truncated", choices=["bootstrap", "drop"], default="bootstrap")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out")
+    p.add_argument("--freeze-backbone", action="store_true", help="standalone: train the head only")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="head training: positions per step")
+    p.add_argument("--batch-size", type=int, default=8, help="fine-tuning: sequences per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--head-hidden-size", type=int)
+    p.add_argument("--max-length", type=int, help="drop sequences longer than this")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict total answer length from the prompt alone")
+    p.add_argument("--lenvm", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompts")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
+    p.add_argument("--lenvm", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--completion", required=True)
+    p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
+    p.add_argument("--html", help="also write a self-contained HTML view here")
+    p.set_defaults(func=cmd_values)
+
+    p = sub.add_parser("models", help="list or prepare built-in models")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    prep = msub.add_parser("prepare")
+    prep.add_argument("name")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
+    p.add_argument("--out", default="lenvm-demo")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--num-prompts", type=int, default=96)
+    p.add_argument("--n", type=int, default=4, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        args.func(args)
+    except InputError as err:
+        print(f"lenvm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            print(
+                "lenvm: error: no space left on the device; finished files are intact and the "
+                "same command resumes once space is freed",
+                file=sys.stderr,
+            )
+            return 28
+        raise
+    except KeyboardInterrupt:
+        print("lenvm: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The main job, end to end on one model: rollouts, training, held-out evaluation, a value view.
+
+Every step writes under one folder and is skipped or resumed when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lenvm import models
+from lenvm.io import write_json, write_text
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("lenvm-demo")
+    model: str = models.DEFAULT_MODEL
+    prompts: int = 96
+    n: int = 4
+    max_new_tokens: int = 192
+    eval_fraction: float = 0.2
+    batch_size: int = 16
+    seed: int = 0
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run the whole pipeline; returns (and writes) the summary."""
+    from lenvm.dataset import examples_from_records, split_by_prompt
+    from lenvm.inspect import render_html, token_values
+    from lenvm.model import LengthValueModel
+    from lenvm.prompt_sets import builtin_prompts
+    from lenvm.returns import return_consistent_mean_length
+    from lenvm.rollouts import SamplingParams, read_rollouts, rollout
+    from lenvm.train import TrainConfig, train
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    _step(f"1/4 generator: {config.model}")
+    generator = models.load_generator(config.model)
+    prompts = builtin_prompts(config.prompts, seed=config.seed)
+    write_text(
+        out / "prompts.jsonl",
+        "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts),
+    )
+
+    _step(f"2/4 rollouts: {len(prompts)} prompts x {config.n} completions")
+    rollout_started = time.perf_counter()
+    summary = rollout(
+        generator,
+        prompts,
+        out / "rollouts.jsonl",
+        n=config.n,
+        sampling=SamplingParams(max_new_tokens=config.max_new_tokens, seed=config.seed),
+        batch_size=config.batch_size,
+    )
+    rollout_seconds = time.perf_counter() - rollout_started
+    records = read_rollouts(out / "rollouts.jsonl")
+
+    _step("3/4 training an attached LenVM (head on the generator's frozen hidden states)")
+    lenvm_dir = out / "lenvm"
+    train_config = TrainConfig(kind="attached", eval_fraction=config.eval_fraction, seed=config.seed)
+    result = train(records, config.model, lenvm_dir, train_config, generator=generator)
+    lenvm = LengthValueModel.from_pretrained(lenvm_dir, generator=generator)
+
+    _step("4/4 held-out evaluation")
+    examples, _ = examples_from_records(records, lenvm.config.eos_token_ids)
+    _, held_out = split_by_prompt(examples, config.eval_fraction, config.seed)
+    held_ids = sorted({e.prompt_id for e in held_out})
+    by_id = {p.id: p for p in prompts}
+    predicted = dict(zip(held_ids, lenvm.predict_length([by_id[i] for i in held_ids]), strict=True))
+    per_domain: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for pid in held_ids:
+        lengths = [e.length for e in held_out if e.prompt_id == pid and e.finished]
+        if lengths:
+            truth = return_consistent_mean_length(lengths, lenvm.gamma)
+            per_domain[by_id[pid].extra["domain"]].append((predicted[pid], truth))
+    baseline = result.metrics["baseline_length"]
+    domains = {
+        d: {
+            "prompts": len(pairs),
+            "lenvm_mre": float(np.mean([abs(p - t) / t for p, t in pairs])),
+            "baseline_mre": float(np.mean([abs(baseline - t) / t for _, t in pairs])),
+        }
+        for d, pairs in sorted(per_domain.items())
+    }
+    example = max(
+        (r for r in records if r["prompt_id"] in set(held_ids) and r["finish_reason"] == "stop"),
+        key=lambda r: r["num_tokens"],
+    )
+    trace = token_values(lenvm, by_id[example["prompt_id"]], example["completion_token_ids"])
+    write_text(out / "values.html", render_html(trace, title=f"LenVM values: {example['prompt_id']}"))
+
+    m = result.metrics
+    report = {
+        "config": {k: str(v) for k, v in asdict(config).items()},
+        "gamma": result.gamma,
+        "rollouts": {
+            "completions": len(records),
+            "finished": sum(r["finish_reason"] == "stop" for r in records),
+            "seconds_this_run": round(rollout_seconds, 1),
+            "tokens_per_second_this_run": round(summary.tokens_per_second, 1),
+        },
+        "training": {"seconds": round(result.seconds, 1), "data": result.data.to_dict()},
+        "held_out": m,
+        "held_out_by_domain": domains,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "files": {
+            "lenvm": str(lenvm_dir),
+            "values_html": str(out / "values.html"),
+            "loss_curve": str(lenvm_dir / "loss.png"),
+            "rollouts": str(out / "rollouts.jsonl"),
+        },
+    }
+    write_json(out / "summary.json", report)
+    write_text(out / "summary.md", _markdown(report))
+    print("\n" + _markdown(report))
+    return report
+
+
+def _markdown(report: dict) -> str:
+    m = report["held_out"]
+    lines = [
+        "# lenvm demo summary",
+        "",
+        f"gamma {report['gamma']:.4f} (p99 rule); {report['rollouts']['completions']} completions, "
+        f"{report['rollouts']['finished']} ended with EOS; wall time {report['wall_seconds']:.0f} s.",
+        "",
+        f"Held-out prompts: {m.get('eval_prompts', 0)} ({m.get('eval_completions', 0)} completions).",
+        "",
+        "| metric | LenVM | mean-length baseline |",
+        "|---|---|---|",
+        f"| prompt-boundary mean relative error | {m['prompt_mre']:.1%} | {m['baseline_prompt_mre']:.1%} |",
+        f"| per-token MAE of remaining length (tokens) | {m['token_mae']:.1f} | {m['baseline_token_mae']:.1f} |",
+        "",
+        "| domain | prompts | LenVM MRE | baseline MRE |",
+        "|---|---|---|---|",
+    ]
+    for domain, d in report["held_out_by_domain"].items():
+        lines.append(f"| {domain} | {d['prompts']} | {d['lenvm_mre']:.1%} | {d['baseline_mre']:.1%} |")
+    lines += ["", "Files: " + ", ".join(f"{k}: {v}" for k, v in report["files"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""The command line as a user drives it: tiny model, real files, exit codes and messages."""
+
+import json
+
+import pytest
+
+from lenvm.cli import main
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": "a", "prompt": "List three colors."},
+        {"messages": [{"role": "user", "content": "Explain why the sky is blue."}]},
+        {"prompt": "What is 12 plus 30?"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, capsys):
+    rollouts = tmp_path / "r.jsonl"
+    args = [
+        "rollout",
+        "--model",
+        str(tiny_path),
+        "--prompts",
+        str(prompts_file),
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        str(rollouts),
+    ]
+    assert main(args) == 0
+    records = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert len(records) == 6 and {r["prompt_id"] for r in records} == {"a", "1", "2"}
+    assert main(args) == 0  # resumes: nothing left to do, nothing duplicated
+    assert len(rollouts.read_text().splitlines()) == 6
+
+    out = tmp_path / "lenvm"
+    assert (
+        main(
+            [
+                "train",
+                "--rollouts",
+                str(rollouts),
+                "--base",
+                str(tiny_path),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--eval-fraction",
+                "0.34",
+            ]
+        )
+        == 0
+    )
+    assert (out / "config.json").exists() and (out / "head.safetensors").exists()
+    capsys.readouterr()
+    assert main(["predict", "--lenvm", str(out), "--prompts", str(prompts_file), "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["id"] for x in lines] == ["a", "1", "2"] and all(x["predicted_length"] > 0 for x in lines)
+    assert main(["predict", "--lenvm", str(out), "--prompt", "Hello"]) == 0
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": "broken\n')
+    code, err = _error(
+        capsys,
+        ["rollout", "--model", str(tiny_path), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")],
+    )
+    assert code == 2 and f"{bad}:2" in err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "   "}\n')
+    code, err = _error(
+        capsys,
+        ["rollout", "--model", str(tiny_path), "--prompts", str(empty), "--out", str(tmp_path / "o.jsonl")],
+    )
+    assert code == 2 and "empty" in err
+
+    code, err = _error(
+        capsys,
+        [
+            "rollout",
+            "--model",
+            "no-such-model",
+            "--prompts",
+            str(prompts_file),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+    )
+    assert code == 2 and "unknown model" in err
+
+    code, err = _error(
+        capsys,
+        [
+            "rollout",
+            "--model",
+            str(tiny_path),
+            "--prompts",
+            str(prompts_file),
+            "--n",
+            "0",
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+    )
+    assert code == 2 and "n" in err
+
+    rollouts = tmp_path / "r.jsonl"
+    record = {
+        "prompt_id": "x",
+        "sample_index": 0,
+        "prompt": "hi",
+        "prompt_token_ids": [1, 2],
+        "completion": "a",
+        "finish_reason": "stop",
+        "num_tokens": 1,
+        "generator": "g",
+        "sampling": {},
+    }
+    rollouts.write_text(json.dumps(record) + "\n")
+    code, err = _error(
+        capsys,
+        ["train", "--rollouts", str(rollouts), "--base", str(tiny_path), "--out", str(tmp_path / "lv")],
+    )
+    assert code == 2 and "completion_token_ids" in err and f"{rollouts}:1" in err
+
+    code, err = _error(
+        capsys,
+        [
+            "train",
+            "--rollouts",
+            str(rollouts),
+            "--base",
+            str(tiny_path),
+            "--out",
+            str(tmp_path / "lv"),
+            "--gamma",
+            "1.5",
+        ],
+    )
+    assert code == 2 and "gamma" in err
+
+    code, err = _error(capsys, ["predict", "--lenvm", str(tiny_path), "--prompt", "hi"])
+    assert code == 2 and "not a LenVM" in err
+
+
+def test_models_list(capsys):
+    assert main(["models", "list"]) == 0
+    assert "smollm2-135m-instruct" in capsys.readouterr().out
+    code = main(["models", "prepare", "nope"])
+    assert code == 2 and "unknown built-in model" in capsys.readouterr().err
