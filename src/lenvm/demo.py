@@ -142,7 +142,8 @@ def _markdown(report: dict) -> str:
         "| metric | LenVM | mean-length baseline |",
         "|---|---|---|",
         f"| prompt-boundary mean relative error | {m['prompt_mre']:.1%} | {m['baseline_prompt_mre']:.1%} |",
-        f"| per-token MAE of remaining length (tokens) | {m['token_mae']:.1f} | {m['baseline_token_mae']:.1f} |",
+        f"| per-token MAE of remaining length (tokens) | {m['token_mae']:.1f} "
+        f"| {m['baseline_token_mae']:.1f} |",
         "",
         "| domain | prompts | LenVM MRE | baseline MRE |",
         "|---|---|---|---|",
