@@ -1,0 +1,364 @@
+"""Per-token values of one completion, and a self-contained HTML view of them.
+
+For a completion of ``L`` tokens, state ``s_t`` is the prompt plus the first ``t`` tokens;
+token ``t`` (0-based) moves ``s_t`` to ``s_{t+1}``. Its TD residual
+``delta_t = -(1 - gamma) + gamma * V(s_{t+1}) - V(s_t)`` says how much the token changed the
+expected rest: with values negative, ``delta < 0`` means the rest got longer than the model
+expected, ``delta > 0`` shorter.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lenvm.dataset import Example
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel, right_pad
+from lenvm.prompts import Messages, Prompt, encode_prompt
+from lenvm.returns import td_residual, value_to_length
+
+
+@dataclass
+class TokenValue:
+    """One completion token and the values around it.
+
+    ``predicted_remaining`` and ``true_remaining`` belong to the state *before* the token
+    (tokens still to come, this one included), so token 0 carries the prompt-boundary prediction.
+    """
+
+    index: int
+    token_id: int
+    text: str
+    value_before: float
+    value_after: float
+    predicted_remaining: float
+    true_remaining: int | None
+    residual: float
+    predicted_total: float
+
+
+@dataclass
+class ValueTrace:
+    gamma: float
+    prompt_token_ids: list[int]
+    prompt_text: str
+    tokens: list[TokenValue]
+    finished: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def summary(self) -> dict[str, Any]:
+        """Prompt-boundary prediction vs the true length, and the mean error over all states."""
+        predicted = self.tokens[0].predicted_total
+        out: dict[str, Any] = {
+            "num_tokens": self.num_tokens,
+            "finished": self.finished,
+            "predicted_length": predicted,
+            "true_length": None,
+            "prompt_relative_error": None,
+            "remaining_mae": None,
+        }
+        if self.finished:
+            errors = [abs(t.predicted_remaining - t.true_remaining) for t in self.tokens]
+            out.update(
+                true_length=self.num_tokens,
+                prompt_relative_error=abs(predicted - self.num_tokens) / self.num_tokens,
+                remaining_mae=float(np.mean(errors)),
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gamma": self.gamma,
+            "prompt_tokens": len(self.prompt_token_ids),
+            "finished": self.finished,
+            "tokens": [asdict(t) for t in self.tokens],
+            "summary": self.summary(),
+        }
+
+
+@torch.no_grad()
+def state_values(
+    lenvm: LengthValueModel, examples: list[Example], batch_size: int = 8, progress: bool = False
+) -> list[np.ndarray]:
+    """``V(s_0) .. V(s_L)`` of each example (float64), ``V(s_L) = 0`` after EOS.
+
+    Batches are formed from examples of similar length, so right padding stays small.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out: list[np.ndarray | None] = [None] * len(examples)
+    bar = tqdm(total=len(examples), unit="completion", desc="values", disable=not progress)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        ids, mask, _ = right_pad([examples[i].input_ids for i in chunk], lenvm.device)
+        values = lenvm(ids, mask).double().cpu().numpy()
+        for row, i in enumerate(chunk):
+            e = examples[i]
+            # A cut completion's last state s_T is an input; a finished one's follows EOS.
+            stop = e.start + e.num_states + (0 if e.finished else 1)
+            v = values[row, e.start : stop]
+            out[i] = np.append(v, 0.0) if e.finished else v
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def token_values(
+    lenvm: LengthValueModel,
+    prompt: str | Messages | Prompt,
+    completion: str | list[int],
+    finished: bool = True,
+) -> ValueTrace:
+    """Values, predicted lengths and TD residuals along one completion.
+
+    ``completion`` is text (tokenized on its own, without special tokens) or the generator's
+    token ids; prefer ids, since text re-tokenized out of context may split differently. When
+    ``finished``, an EOS is appended unless the ids already end with one.
+    """
+    tok = lenvm.tokenizer
+    eos = lenvm.config.eos_token_ids
+    prompt_ids = encode_prompt(tok, prompt)
+    if isinstance(completion, str):
+        ids = list(tok(completion, add_special_tokens=False)["input_ids"])
+    else:
+        ids = [int(i) for i in completion]
+    ends_with_eos = bool(ids) and ids[-1] in eos
+    if finished and not ends_with_eos:
+        if not eos:
+            raise InputError("the LenVM config names no EOS token to end a finished completion")
+        ids.append(eos[0])
+    elif not finished and ends_with_eos:
+        raise InputError("the completion ends with EOS but was marked unfinished")
+    if not ids:
+        raise InputError("the completion is empty")
+    input_ids = prompt_ids + (ids[:-1] if finished else ids)
+    example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished)
+    values = state_values(lenvm, [example])[0]
+    gamma = lenvm.gamma
+    residuals = td_residual(values, gamma)
+    remaining = value_to_length(values, gamma)
+    length = len(ids)
+    tokens = [
+        TokenValue(
+            index=t,
+            token_id=token_id,
+            text=tok.decode([token_id]),
+            value_before=float(values[t]),
+            value_after=float(values[t + 1]),
+            predicted_remaining=float(remaining[t]),
+            true_remaining=length - t if finished else None,
+            residual=float(residuals[t]),
+            predicted_total=t + float(remaining[t]),
+        )
+        for t, token_id in enumerate(ids)
+    ]
+    return ValueTrace(gamma, prompt_ids, tok.decode(prompt_ids), tokens, finished)
+
+
+# -- HTML -----------------------------------------------------------------------------------
+
+LONGER_RGB = (230, 97, 1)  # orange: the token made the rest longer (residual < 0)
+SHORTER_RGB = (33, 102, 172)  # blue: the token made the rest shorter (residual > 0)
+
+_CSS = """
+body { font: 14px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
+h1 { font-size: 1.3em; }
+.summary { font-weight: 600; }
+.note { color: #555; font-size: 0.92em; }
+.swatch { display: inline-block; width: 1em; height: 1em; vertical-align: -0.15em; }
+.prompt { white-space: pre-wrap; color: #666; background: #f4f4f4; padding: 0.5em; }
+.completion { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.9;
+  border: 1px solid #ddd; padding: 0.6em; }
+.tok { box-shadow: inset 0 0 0 1px rgba(0,0,0,0.10); border-radius: 2px; cursor: default; }
+.tok:hover { outline: 2px solid #000; }
+.ws { color: #999; }
+#tip { position: fixed; pointer-events: none; background: #fff; border: 1px solid #888;
+  padding: 0.3em 0.6em; font-size: 12px; box-shadow: 2px 2px 6px rgba(0,0,0,0.2); }
+#tip td:first-child { color: #666; padding-right: 1em; }
+svg text { font-size: 11px; fill: #444; }
+"""
+
+_JS = """
+const rows = JSON.parse(document.getElementById('lenvm-data').textContent);
+const tip = document.getElementById('tip');
+const marker = document.getElementById('marker');
+const fmt = (x, d) => x === null ? 'n/a' : Number(x).toFixed(d);
+function show(ev) {
+  const r = rows[Number(ev.currentTarget.dataset.i)];
+  const table = document.createElement('table');
+  for (const [k, v] of [['index', r.index], ['token', r.repr], ['token id', r.token_id],
+      ['value before', fmt(r.value_before, 4)], ['value after', fmt(r.value_after, 4)],
+      ['predicted remaining', fmt(r.predicted_remaining, 1)],
+      ['true remaining', fmt(r.true_remaining, 0)], ['TD residual', fmt(r.residual, 4)],
+      ['predicted total', fmt(r.predicted_total, 1)]]) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = k;
+    tr.insertCell().textContent = String(v);
+  }
+  tip.replaceChildren(table);
+  tip.hidden = false;
+  marker.setAttribute('x1', r.x);
+  marker.setAttribute('x2', r.x);
+  marker.style.display = '';
+}
+function move(ev) {
+  tip.style.left = (ev.clientX + 14) + 'px';
+  tip.style.top = (ev.clientY + 14) + 'px';
+}
+for (const el of document.querySelectorAll('.tok')) {
+  el.addEventListener('mouseenter', show);
+  el.addEventListener('mousemove', move);
+  el.addEventListener('mouseleave', () => { tip.hidden = true; marker.style.display = 'none'; });
+}
+"""
+
+_W, _H = 720, 220  # chart size
+_LEFT, _RIGHT, _TOP, _BOTTOM = 48, 12, 24, 30
+
+
+def _x(index: int, count: int) -> float:
+    return _LEFT + (_W - _LEFT - _RIGHT) * (index / max(count - 1, 1))
+
+
+def _y(length: float, top: float) -> float:
+    return _TOP + (_H - _TOP - _BOTTOM) * (1.0 - min(length, top) / top)
+
+
+def _polyline(points: list[float], top: float, attrs: str) -> str:
+    coords = " ".join(f"{_x(i, len(points)):.1f},{_y(p, top):.1f}" for i, p in enumerate(points))
+    return f'<polyline fill="none" points="{coords}" {attrs}/>'
+
+
+def _chart(trace: ValueTrace) -> str:
+    """Predicted (and, if finished, true) remaining length at each state ``s_0 .. s_{L-1}``."""
+    predicted = [t.predicted_remaining for t in trace.tokens]
+    n = len(predicted)
+    # An untrained head can predict absurd lengths; cap the axis so the truth stays readable.
+    top = min(max(predicted), 2.0 * n) if trace.finished else max(predicted)
+    top = max(top, float(n) if trace.finished else 1.0, 1.0)
+    clipped = max(predicted) > top
+    parts = [f'<svg width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img">']
+    bottom = _H - _BOTTOM
+    parts.append(
+        f'<line x1="{_LEFT}" y1="{bottom}" x2="{_W - _RIGHT}" y2="{bottom}" stroke="#999"/>'
+        f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{bottom}" stroke="#999"/>'
+    )
+    for frac in (0.0, 0.5, 1.0):
+        y = _y(top * frac, top)
+        parts.append(
+            f'<text x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{top * frac:.0f}</text>'
+            f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#eee"/>'
+        )
+    parts.append(
+        f'<text x="{_LEFT}" y="{_H - 8}">token 0</text>'
+        f'<text x="{_W - _RIGHT}" y="{_H - 8}" text-anchor="end">token {n - 1}</text>'
+        f'<text x="{(_W + _LEFT) / 2:.0f}" y="{_H - 8}" text-anchor="middle">position</text>'
+        f'<text x="{_LEFT}" y="14">remaining tokens</text>'
+    )
+    if trace.finished:
+        truth = [float(t.true_remaining) for t in trace.tokens]
+        dashed = 'stroke="#888" stroke-width="1.5" stroke-dasharray="4 3"'
+        parts.append(_polyline(truth, top, dashed))
+    parts.append(_polyline(predicted, top, 'stroke="#1f77b4" stroke-width="1.8"'))
+    legend = "predicted" + (" (clipped at the top)" if clipped else "")
+    parts.append(
+        f'<line x1="{_W - 250}" y1="10" x2="{_W - 230}" y2="10" stroke="#1f77b4" stroke-width="2"/>'
+        f'<text x="{_W - 226}" y="14">{html.escape(legend)}</text>'
+    )
+    if trace.finished:
+        parts.append(
+            f'<line x1="{_W - 80}" y1="10" x2="{_W - 60}" y2="10" stroke="#888" '
+            f'stroke-dasharray="4 3" stroke-width="1.5"/><text x="{_W - 56}" y="14">true</text>'
+        )
+    parts.append(
+        f'<line id="marker" x1="0" y1="{_TOP}" x2="0" y2="{bottom}" stroke="#000" '
+        'style="display:none"/></svg>'
+    )
+    return "".join(parts)
+
+
+def _visible(text: str) -> str:
+    """Escaped token text with newlines and tabs drawn as glyphs (and still breaking lines)."""
+    out = html.escape(text)
+    out = out.replace("\r", '<span class="ws">\u240d</span>')
+    out = out.replace("\t", '<span class="ws">\u2192</span>\t')
+    return out.replace("\n", '<span class="ws">\u21b5</span>\n')
+
+
+def _colour(residual: float, scale: float) -> str:
+    strength = min(abs(residual) / scale, 1.0)
+    r, g, b = LONGER_RGB if residual < 0 else SHORTER_RGB
+    return f"rgba({r},{g},{b},{0.85 * strength:.3f})"
+
+
+def _script_json(data: Any) -> str:
+    """JSON that is safe inside a <script> element (no '</script>' or '<!--' can appear)."""
+    text = json.dumps(data)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
+    """One self-contained HTML page: summary, remaining-length chart and coloured tokens."""
+    residuals = np.abs([t.residual for t in trace.tokens])
+    # Scale colours to the 95th percentile so one outlier does not wash out everything else.
+    scale = max(float(np.quantile(residuals, 0.95)), 1e-9)
+    s = trace.summary()
+    line = f"{s['num_tokens']} tokens"
+    line += f" ({'ended with EOS' if trace.finished else 'cut, no EOS'})"
+    line += f" · predicted at the prompt: {s['predicted_length']:.1f} tokens"
+    if trace.finished:
+        error = 100 * s["prompt_relative_error"]
+        line += f" (true {s['true_length']}, relative error {error:.0f}%)"
+        line += f" · mean |predicted − true remaining|: {s['remaining_mae']:.1f} tokens"
+    line += f" · gamma = {trace.gamma:g}"
+    rows = []
+    spans = []
+    for t in trace.tokens:
+        shown = json.dumps(t.text, ensure_ascii=False)
+        rows.append({**asdict(t), "repr": shown, "x": round(_x(t.index, trace.num_tokens), 1)})
+        spans.append(
+            f'<span class="tok" data-i="{t.index}" style="background:{_colour(t.residual, scale)}">'
+            f"{_visible(t.text)}</span>"
+        )
+    longer = "rgb({},{},{})".format(*LONGER_RGB)
+    shorter = "rgb({},{},{})".format(*SHORTER_RGB)
+    esc_title = html.escape(title)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{esc_title}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{esc_title}</h1>
+<p class="summary">{html.escape(line)}</p>
+{_chart(trace)}
+<p class="note">Token colour = TD residual
+&delta;<sub>t</sub> = &minus;(1&minus;&gamma;) + &gamma;&middot;V(s<sub>t+1</sub>)
+&minus; V(s<sub>t</sub>):
+<span class="swatch" style="background:{longer}"></span> orange: the token made the rest
+<b>longer</b> than expected (&delta; &lt; 0);
+<span class="swatch" style="background:{shorter}"></span> blue: <b>shorter</b> (&delta; &gt; 0).
+Values are negative here, V = &minus;(1 &minus; &gamma;<sup>remaining</sup>), so a negative
+residual means more tokens ahead; the paper, which uses the positive mirror 1 &minus;
+&gamma;<sup>remaining</sup>, reports the opposite sign. Full colour at |&delta;| &ge; {scale:.3g}.
+Hover a token for its numbers.</p>
+<details><summary>Prompt ({len(trace.prompt_token_ids)} tokens)</summary>
+<div class="prompt">{html.escape(trace.prompt_text)}</div></details>
+<div class="completion">{"".join(spans)}</div>
+<div id="tip" hidden></div>
+<script type="application/json" id="lenvm-data">{_script_json(rows)}</script>
+<script>{_JS}</script>
+</body>
+</html>
+"""

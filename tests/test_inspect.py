@@ -1,0 +1,180 @@
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from lenvm import LengthValueModel
+from lenvm.inspect import ValueTrace, render_html, token_values
+from lenvm.io import InputError, write_text
+from lenvm.prompts import encode_prompt
+from lenvm.returns import length_to_value, td_residual
+
+PROMPT = "Explain why the sky is blue in one sentence."
+TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def lenvm(tiny_path, tiny_generator):
+    torch.manual_seed(0)
+    return LengthValueModel.from_base(
+        tiny_path, kind="attached", gamma=0.9, generator=tiny_generator
+    )
+
+
+def completion_ids(lenvm, text=TEXT):
+    return lenvm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def fake_forward(monkeypatch, lenvm, fn):
+    """Replace the model's values by ``fn(position)`` at each input position."""
+
+    def forward(input_ids, attention_mask=None):
+        positions = torch.arange(input_ids.shape[1], dtype=torch.float64)
+        return fn(positions).float().expand(input_ids.shape[0], -1)
+
+    monkeypatch.setattr(lenvm, "forward", forward)
+
+
+def test_alignment_of_states_and_tokens(lenvm, monkeypatch):
+    prompt_len = len(encode_prompt(lenvm.tokenizer, PROMPT))
+    ids = completion_ids(lenvm)
+    # Value = -position / 1000 shows which input position each state was read from.
+    fake_forward(monkeypatch, lenvm, lambda p: -p / 1000)
+    trace = token_values(lenvm, PROMPT, TEXT)
+    eos = lenvm.config.eos_token_ids[0]
+    assert trace.num_tokens == len(ids) + 1
+    assert [t.token_id for t in trace.tokens] == ids + [eos]
+    assert [t.index for t in trace.tokens] == list(range(len(ids) + 1))
+    assert trace.tokens[0].value_before == pytest.approx(-(prompt_len - 1) / 1000)
+    assert trace.tokens[-1].value_before == pytest.approx(-(prompt_len + len(ids) - 1) / 1000)
+    assert trace.tokens[-1].value_after == 0.0
+    for a, b in zip(trace.tokens, trace.tokens[1:], strict=False):
+        assert a.value_after == b.value_before
+    assert [t.true_remaining for t in trace.tokens] == list(range(len(ids) + 1, 0, -1))
+
+
+def test_unfinished_keeps_the_model_value_at_the_cut(lenvm, monkeypatch):
+    prompt_len = len(encode_prompt(lenvm.tokenizer, PROMPT))
+    ids = completion_ids(lenvm)
+    fake_forward(monkeypatch, lenvm, lambda p: -p / 1000)
+    trace = token_values(lenvm, PROMPT, ids, finished=False)
+    assert trace.num_tokens == len(ids)
+    assert trace.tokens[-1].token_id == ids[-1]
+    assert trace.tokens[-1].value_after == pytest.approx(-(prompt_len + len(ids) - 1) / 1000)
+    assert all(t.true_remaining is None for t in trace.tokens)
+    summary = trace.to_dict()["summary"]
+    assert summary["remaining_mae"] is None and summary["true_length"] is None
+
+
+def test_residuals_and_lengths_follow_from_the_values(lenvm):
+    trace = token_values(lenvm, PROMPT, TEXT)
+    values = np.array([t.value_before for t in trace.tokens] + [trace.tokens[-1].value_after])
+    assert values[-1] == 0.0 and np.all(values[:-1] < 0)
+    np.testing.assert_allclose([t.residual for t in trace.tokens], td_residual(values, trace.gamma))
+    for t in trace.tokens:
+        assert t.predicted_total == pytest.approx(t.index + t.predicted_remaining)
+    assert trace.summary()["predicted_length"] == trace.tokens[0].predicted_remaining
+    # An untrained head is far from the truth: the error metric is not trivially zero.
+    assert trace.summary()["remaining_mae"] > 0.5
+
+
+def test_exact_values_give_zero_error_and_zero_residual(lenvm, monkeypatch):
+    prompt_len = len(encode_prompt(lenvm.tokenizer, PROMPT))
+    length = len(completion_ids(lenvm)) + 1  # EOS included
+    gamma = lenvm.gamma
+
+    def exact(p):
+        remaining = torch.clamp(length - (p - (prompt_len - 1)), max=length)
+        return length_to_value(remaining, gamma)
+
+    fake_forward(monkeypatch, lenvm, exact)
+    trace = token_values(lenvm, PROMPT, TEXT)
+    summary = trace.summary()
+    assert summary["remaining_mae"] == pytest.approx(0.0, abs=1e-3)
+    assert summary["predicted_length"] == pytest.approx(length, abs=1e-3)
+    assert summary["prompt_relative_error"] == pytest.approx(0.0, abs=1e-4)
+    assert np.abs([t.residual for t in trace.tokens]).max() < 1e-6
+
+
+def test_text_and_ids_agree(lenvm):
+    ids = completion_ids(lenvm)
+    eos = lenvm.config.eos_token_ids[0]
+    from_text = token_values(lenvm, PROMPT, TEXT).to_dict()
+    assert token_values(lenvm, PROMPT, ids).to_dict() == from_text
+    assert token_values(lenvm, PROMPT, ids + [eos]).to_dict() == from_text
+    messages = [{"role": "user", "content": PROMPT}]
+    assert token_values(lenvm, messages, ids).to_dict() == from_text
+    assert "".join(t["text"] for t in from_text["tokens"][:-1]) == TEXT
+
+
+def test_to_dict_is_json(lenvm):
+    data = json.loads(json.dumps(token_values(lenvm, PROMPT, TEXT).to_dict()))
+    assert data["gamma"] == 0.9
+    assert data["prompt_tokens"] == len(encode_prompt(lenvm.tokenizer, PROMPT))
+    assert set(data["tokens"][0]) >= {
+        "index",
+        "text",
+        "value_before",
+        "value_after",
+        "predicted_remaining",
+        "true_remaining",
+        "residual",
+        "predicted_total",
+    }
+    assert data["summary"]["true_length"] == len(data["tokens"])
+
+
+def test_bad_completions_are_input_errors(lenvm):
+    eos = lenvm.config.eos_token_ids[0]
+    with pytest.raises(InputError):
+        token_values(lenvm, PROMPT, "", finished=False)
+    with pytest.raises(InputError):
+        token_values(lenvm, PROMPT, completion_ids(lenvm) + [eos], finished=False)
+    # An empty finished completion is just its EOS: one state, the prompt boundary.
+    assert token_values(lenvm, PROMPT, "").num_tokens == 1
+
+
+def test_html_escapes_tokens_and_is_self_contained(lenvm, tmp_path):
+    nasty = "a <script>alert(\"x\")</script> & 'q'\n\tb"
+    trace = token_values(lenvm, PROMPT, nasty)
+    page = render_html(trace, title="<b>title</b> & more")
+    assert "<script>alert" not in page
+    assert "&lt;b&gt;title&lt;/b&gt; &amp; more" in page
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # only our own two
+    assert not re.search(r"https?://", page)
+    assert not re.search(r"""(src|href)\s*=\s*["']?[^"'#>\s]""", page)  # nothing to fetch
+    assert page.count('class="tok"') == trace.num_tokens
+    assert "\u21b5" in page  # newlines made visible
+    assert "<svg" in page and "<polyline" in page
+    data = re.search(r'id="lenvm-data">(.*?)</script>', page, re.S).group(1)
+    rows = json.loads(data)
+    assert "".join(r["text"] for r in rows[:-1]) == nasty
+    assert "longer" in page and "shorter" in page
+    path = tmp_path / "trace.html"
+    write_text(path, page)
+    assert path.read_text(encoding="utf-8") == page
+
+
+def test_html_colours_follow_the_residual_sign(lenvm):
+    def trace_with(residuals):
+        trace = token_values(lenvm, PROMPT, "one two")
+        for t, r in zip(trace.tokens, residuals, strict=True):
+            t.residual = r
+        return trace
+
+    n = token_values(lenvm, PROMPT, "one two").num_tokens
+    page = render_html(trace_with([-0.5] * n))
+    assert page.count("rgba(230,97,1,0.850)") == n  # orange: longer
+    page = render_html(trace_with([0.5] * n))
+    assert page.count("rgba(33,102,172,0.850)") == n  # blue: shorter
+
+
+def test_html_of_an_unfinished_trace(lenvm):
+    trace = token_values(lenvm, PROMPT, TEXT, finished=False)
+    assert isinstance(trace, ValueTrace)
+    page = render_html(trace)
+    assert "cut, no EOS" in page
+    rows = json.loads(re.search(r'id="lenvm-data">(.*?)</script>', page, re.S).group(1))
+    assert all(r["true_remaining"] is None for r in rows)
