@@ -23,7 +23,8 @@ class DemoConfig:
     model: str = models.DEFAULT_MODEL
     prompts: int = 96
     n: int = 4
-    max_new_tokens: int = 192
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # a 135M model rambles at 1.0; the LenVM models whatever policy is used
     eval_fraction: float = 0.2
     batch_size: int = 16
     seed: int = 0
@@ -62,7 +63,9 @@ def run_demo(config: DemoConfig) -> dict:
         prompts,
         out / "rollouts.jsonl",
         n=config.n,
-        sampling=SamplingParams(max_new_tokens=config.max_new_tokens, seed=config.seed),
+        sampling=SamplingParams(
+            temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=config.seed
+        ),
         batch_size=config.batch_size,
     )
     rollout_seconds = time.perf_counter() - rollout_started
