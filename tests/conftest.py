@@ -22,6 +22,23 @@ def tiny_generator(tiny_path):
     return load_generator(tiny_path)
 
 
+@pytest.fixture(scope="session")
+def eos_generator(tiny_path):
+    """The tiny model with a bias toward EOS, so that some completions stop and some are cut."""
+    import torch
+
+    from lenvm.models import load_generator
+
+    model, tokenizer = load_generator(tiny_path)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 3.0
+    model.lm_head = head
+    return model, tokenizer
+
+
 def synthetic_records(tokenizer, n_per_prompt=3, truncate_long=False):
     """Rollout records whose length depends on the prompt: 'short' prompts answer in 3 tokens,
     'long' ones in 24, so a working trainer must tell them apart. Each completion token counts

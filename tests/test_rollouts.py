@@ -4,7 +4,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,21 +22,6 @@ PROMPTS = [
     Prompt("b", messages=[{"role": "user", "content": "Write a short poem about the sea."}]),
     Prompt("c", text="What is 12 plus 30?", extra={"source": "math"}),
 ]
-
-
-@pytest.fixture(scope="module")
-def eos_generator(tiny_path):
-    """The tiny model with a bias toward EOS, so that some completions stop and some are cut."""
-    from lenvm.models import load_generator
-
-    model, tokenizer = load_generator(tiny_path)
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tokenizer.eos_token_id] = 3.0
-    model.lm_head = head
-    return model, tokenizer
 
 
 def lines(path):
@@ -64,8 +48,13 @@ def test_record_schema(tiny_generator, tmp_path):
         assert r["completion"] == tok.decode(r["completion_token_ids"], skip_special_tokens=True)
         assert r["generator"] == model.name_or_path
         assert r["sampling"] == {
-            "temperature": 1.0, "top_p": 1.0, "top_k": 20, "min_p": 0.0,
-            "max_new_tokens": 8, "seed": 3, "backend": "hf",
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 20,
+            "min_p": 0.0,
+            "max_new_tokens": 8,
+            "seed": 3,
+            "backend": "hf",
         }
         assert r.get("meta") == ({"source": "math"} if r["prompt_id"] == "c" else None)
         assert record_problem(r) is None
@@ -103,8 +92,7 @@ def test_same_seed_same_samples(tiny_generator, tmp_path):
         out = tmp_path / f"{name}.jsonl"
         sampling = SamplingParams(max_new_tokens=8, seed=seed)
         rollout(tiny_generator, PROMPTS, out, n=2, sampling=sampling, batch_size=3, progress=False)
-        runs.append({(r["prompt_id"], r["sample_index"]): r["completion_token_ids"]
-                     for r in lines(out)})
+        runs.append({(r["prompt_id"], r["sample_index"]): r["completion_token_ids"] for r in lines(out)})
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -142,14 +130,20 @@ def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):
 
 def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):
     out = tmp_path / "r.jsonl"
-    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5),
-            progress=False)
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5), progress=False)
     with pytest.raises(InputError, match="different sampling parameters"):
-        rollout(tiny_generator, PROMPTS[:1], out, n=2, sampling=SamplingParams(max_new_tokens=6),
-                progress=False)
+        rollout(
+            tiny_generator, PROMPTS[:1], out, n=2, sampling=SamplingParams(max_new_tokens=6), progress=False
+        )
     with pytest.raises(InputError, match="different prompt"):
-        rollout(tiny_generator, [Prompt("a", text="Another question.")], out, n=2,
-                sampling=SamplingParams(max_new_tokens=5), progress=False)
+        rollout(
+            tiny_generator,
+            [Prompt("a", text="Another question.")],
+            out,
+            n=2,
+            sampling=SamplingParams(max_new_tokens=5),
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("n", [0, -1, 1.5])
@@ -161,8 +155,15 @@ def test_bad_n_rejected(tiny_generator, tmp_path, n):
 @pytest.mark.parametrize(
     "bad",
     [
-        {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5},
-        {"top_k": -1}, {"top_k": 2.5}, {"min_p": 1.5}, {"max_new_tokens": 0}, {"seed": -1},
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"top_k": 2.5},
+        {"min_p": 1.5},
+        {"max_new_tokens": 0},
+        {"seed": -1},
         {"seed": True},
     ],
 )
@@ -173,15 +174,24 @@ def test_bad_sampling_rejected(bad):
 
 def test_malformed_rollouts_name_file_and_line(tmp_path):
     good = {
-        "prompt_id": "0", "sample_index": 0, "prompt": "hi", "prompt_token_ids": [1, 2],
-        "completion": "x", "completion_token_ids": [5, 2], "finish_reason": "stop",
-        "num_tokens": 2, "generator": "tiny", "sampling": {},
+        "prompt_id": "0",
+        "sample_index": 0,
+        "prompt": "hi",
+        "prompt_token_ids": [1, 2],
+        "completion": "x",
+        "completion_token_ids": [5, 2],
+        "finish_reason": "stop",
+        "num_tokens": 2,
+        "generator": "tiny",
+        "sampling": {},
     }
     path = tmp_path / "r.jsonl"
     cases = [
         ("{not json", "malformed JSON"),
-        (json.dumps({k: v for k, v in good.items() if k != "completion_token_ids"}),
-         "missing 'completion_token_ids'"),
+        (
+            json.dumps({k: v for k, v in good.items() if k != "completion_token_ids"}),
+            "missing 'completion_token_ids'",
+        ),
         (json.dumps({**good, "finish_reason": "eos"}), "'finish_reason' must be 'stop' or"),
         (json.dumps({**good, "num_tokens": 3}), "num_tokens"),
         (json.dumps({**good, "completion_token_ids": [], "num_tokens": 0}), "end with its EOS"),
@@ -251,22 +261,42 @@ def server(monkeypatch):
 
 def choice(index, ids, finish, as_ids=True, text="red green"):
     tokens = [f"token_id:{i}" for i in ids] if as_ids else ["red", " green"]
-    return {"index": index, "text": text, "finish_reason": finish,
-            "logprobs": {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens)}}
+    return {
+        "index": index,
+        "text": text,
+        "finish_reason": finish,
+        "logprobs": {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens)},
+    }
 
 
 def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_path, monkeypatch):
     tok = tiny_generator[1]
     eos = tok.eos_token_id
     canned = [([40, 41], "stop"), ([42, eos], "stop"), ([43, 44, 45], "length")]
-    server.answer = lambda p: (200, {"choices": [
-        choice(i, *canned[i]) for i in reversed(range(p["n"]))  # order must not matter
-    ]})
+    server.answer = lambda p: (
+        200,
+        {
+            "choices": [
+                choice(i, *canned[i])
+                for i in reversed(range(p["n"]))  # order must not matter
+            ]
+        },
+    )
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     out = tmp_path / "r.jsonl"
     sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=3, seed=2)
-    summary = rollout(str(tiny_path), PROMPTS[:2], out, n=3, sampling=sampling, backend="openai",
-                      base_url=server.url, api_model="served", tokenizer=tok, progress=False)
+    summary = rollout(
+        str(tiny_path),
+        PROMPTS[:2],
+        out,
+        n=3,
+        sampling=sampling,
+        backend="openai",
+        base_url=server.url,
+        api_model="served",
+        tokenizer=tok,
+        progress=False,
+    )
     assert summary.completions_written == 6 and summary.finished == 4 and summary.truncated == 2
     path, headers, payload = server.requests[0]
     assert path == "/v1/completions"
@@ -275,8 +305,7 @@ def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_p
     assert payload["temperature"] == 0.7 and payload["top_p"] == 0.9 and payload["top_k"] == -1
     assert payload["logprobs"] == 1 and payload["return_tokens_as_token_ids"] is True
     assert payload["add_special_tokens"] is False
-    prompt_a = tok.apply_chat_template(PROMPTS[0].as_messages(), add_generation_prompt=True,
-                                       tokenize=False)
+    prompt_a = tok.apply_chat_template(PROMPTS[0].as_messages(), add_generation_prompt=True, tokenize=False)
     assert prompt_a in {p["prompt"] for _, _, p in server.requests}
     records = {(r["prompt_id"], r["sample_index"]): r for r in read_rollouts(out)}
     assert records[("a", 0)]["completion_token_ids"] == [40, 41, eos]  # EOS appended on stop
@@ -290,8 +319,18 @@ def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_p
 
     # Resuming with a larger n asks only for the missing sample.
     server.requests.clear()
-    rollout(str(tiny_path), PROMPTS[:2], out, n=4, sampling=sampling, backend="openai",
-            base_url=server.url, api_model="served", tokenizer=tok, progress=False)
+    rollout(
+        str(tiny_path),
+        PROMPTS[:2],
+        out,
+        n=4,
+        sampling=sampling,
+        backend="openai",
+        base_url=server.url,
+        api_model="served",
+        tokenizer=tok,
+        progress=False,
+    )
     assert sorted(p["n"] for _, _, p in server.requests) == [1, 1]
     assert keys(read_rollouts(out)) == [(p, i) for p in "ab" for i in range(4)]
 
@@ -300,8 +339,16 @@ def test_openai_backend_retokenizes_without_ids(server, tiny_path, tiny_generato
     tok = tiny_generator[1]
     server.answer = lambda p: (200, {"choices": [choice(0, [], "stop", as_ids=False)]})
     out = tmp_path / "r.jsonl"
-    rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", base_url=server.url,
-            tokenizer=tok, progress=False)
+    rollout(
+        str(tiny_path),
+        PROMPTS[:1],
+        out,
+        n=1,
+        backend="openai",
+        base_url=server.url,
+        tokenizer=tok,
+        progress=False,
+    )
     [record] = read_rollouts(out)
     expected = tok("red green", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert record["completion_token_ids"] == expected
@@ -314,14 +361,30 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
     out = tmp_path / "r.jsonl"
     server.answer = lambda p: (500, {"error": "model not loaded"})
     with pytest.raises(RuntimeError, match=r"/v1/completions answered HTTP 500: .*not loaded"):
-        rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", base_url=server.url,
-                tokenizer=tok, progress=False)
+        rollout(
+            str(tiny_path),
+            PROMPTS[:1],
+            out,
+            n=1,
+            backend="openai",
+            base_url=server.url,
+            tokenizer=tok,
+            progress=False,
+        )
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(RuntimeError, match=f"cannot reach http://127.0.0.1:{port}/v1/completions"):
-        rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai",
-                base_url=f"http://127.0.0.1:{port}/v1", tokenizer=tok, progress=False)
+        rollout(
+            str(tiny_path),
+            PROMPTS[:1],
+            out,
+            n=1,
+            backend="openai",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            tokenizer=tok,
+            progress=False,
+        )
     with pytest.raises(InputError, match="base_url"):
         rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", tokenizer=tok)
     assert not out.exists() or read_rollouts(out) == []

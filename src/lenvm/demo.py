@@ -34,8 +34,12 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def run_demo(config: DemoConfig) -> dict:
-    """Run the whole pipeline; returns (and writes) the summary."""
+def run_demo(config: DemoConfig, generator=None) -> dict:
+    """Run the whole pipeline; returns (and writes) the summary.
+
+    ``generator`` may pass the model named in ``config.model`` already loaded as
+    ``(model, tokenizer)``.
+    """
     from lenvm.dataset import examples_from_records, split_by_prompt
     from lenvm.inspect import render_html, token_values
     from lenvm.model import LengthValueModel
@@ -49,7 +53,7 @@ def run_demo(config: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     _step(f"1/4 generator: {config.model}")
-    generator = models.load_generator(config.model)
+    generator = generator or models.load_generator(config.model)
     prompts = builtin_prompts(config.prompts, seed=config.seed)
     write_text(
         out / "prompts.jsonl",
@@ -98,11 +102,17 @@ def run_demo(config: DemoConfig) -> dict:
         }
         for d, pairs in sorted(per_domain.items())
     }
+    # Show the longest held-out completion that ended by itself (or the longest at all).
     example = max(
-        (r for r in records if r["prompt_id"] in set(held_ids) and r["finish_reason"] == "stop"),
-        key=lambda r: r["num_tokens"],
+        (r for r in records if r["prompt_id"] in set(held_ids)),
+        key=lambda r: (r["finish_reason"] == "stop", r["num_tokens"]),
     )
-    trace = token_values(lenvm, by_id[example["prompt_id"]], example["completion_token_ids"])
+    trace = token_values(
+        lenvm,
+        by_id[example["prompt_id"]],
+        example["completion_token_ids"],
+        finished=example["finish_reason"] == "stop",
+    )
     write_text(out / "values.html", render_html(trace, title=f"LenVM values: {example['prompt_id']}"))
 
     m = result.metrics
@@ -142,6 +152,11 @@ def _markdown(report: dict) -> str:
         "",
         f"Held-out prompts: {m.get('eval_prompts', 0)} ({m.get('eval_completions', 0)} completions).",
         "",
+    ]
+    if "prompt_mre" not in m:
+        lines += ["No held-out completion ended with EOS: raise --max-new-tokens.", ""]
+        return "\n".join(lines)
+    lines += [
         "| metric | LenVM | mean-length baseline |",
         "|---|---|---|",
         f"| prompt-boundary mean relative error | {m['prompt_mre']:.1%} | {m['baseline_prompt_mre']:.1%} |",

@@ -1,0 +1,42 @@
+import json
+
+from lenvm.demo import DemoConfig, run_demo
+from lenvm.prompt_sets import builtin_prompts
+
+
+def test_builtin_prompts_are_varied_and_deterministic():
+    prompts = builtin_prompts(60, seed=3)
+    assert [p.text for p in prompts] == [p.text for p in builtin_prompts(60, seed=3)]
+    assert len({p.id for p in prompts}) == 60
+    assert {p.extra["domain"] for p in prompts} == {
+        "one_word",
+        "list",
+        "short_explanation",
+        "long_explanation",
+        "story",
+        "arithmetic",
+    }
+
+
+def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys):
+    config = DemoConfig(out=tmp_path / "demo", model=str(tiny_path), prompts=12, n=2, max_new_tokens=16)
+    report = run_demo(config, generator=eos_generator)
+    out = tmp_path / "demo"
+    for name in [
+        "prompts.jsonl",
+        "rollouts.jsonl",
+        "summary.json",
+        "summary.md",
+        "values.html",
+        "lenvm/config.json",
+        "lenvm/loss.png",
+    ]:
+        assert (out / name).exists(), name
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 24
+    held = report["held_out"]
+    assert {"prompt_mre", "baseline_prompt_mre", "token_mae", "baseline_token_mae"} <= set(held)
+    assert json.loads((out / "summary.json").read_text())["gamma"] == report["gamma"]
+    assert "prompt-boundary mean relative error" in capsys.readouterr().out
+    # A second run resumes: no new rollouts.
+    run_demo(config, generator=eos_generator)
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 24
