@@ -18,9 +18,7 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 @pytest.fixture(scope="module")
 def lenvm(tiny_path, tiny_generator):
     torch.manual_seed(0)
-    return LengthValueModel.from_base(
-        tiny_path, kind="attached", gamma=0.9, generator=tiny_generator
-    )
+    return LengthValueModel.from_base(tiny_path, kind="attached", gamma=0.9, generator=tiny_generator)
 
 
 def completion_ids(lenvm, text=TEXT):

@@ -13,9 +13,7 @@ from lenvm.length_tokens import LengthTokenStats, length_token_stats
 @pytest.fixture(scope="module")
 def lenvm(tiny_path, tiny_generator):
     torch.manual_seed(0)
-    return LengthValueModel.from_base(
-        tiny_path, kind="attached", gamma=0.9, generator=tiny_generator
-    )
+    return LengthValueModel.from_base(tiny_path, kind="attached", gamma=0.9, generator=tiny_generator)
 
 
 def constructed() -> LengthTokenStats:
@@ -80,9 +78,7 @@ def test_plot_writes_png(tmp_path):
 
 def test_stats_over_rollouts_match_token_values(lenvm, tiny_generator):
     records = synthetic_records(tiny_generator[1], n_per_prompt=1, truncate_long=True)
-    stats = length_token_stats(
-        lenvm, records, threshold=0.0, min_count=1, batch_size=3, progress=False
-    )
+    stats = length_token_stats(lenvm, records, threshold=0.0, min_count=1, batch_size=3, progress=False)
     assert stats.completions == len(records)
     assert stats.total_tokens == sum(len(r["completion_token_ids"]) for r in records)
     # Same residuals as one completion at a time (batching and padding change nothing).
