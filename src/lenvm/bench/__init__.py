@@ -5,8 +5,8 @@ Each entry function writes ``results.json``, ``table.md`` and PNG plots into its
 folder and resumes an interrupted run from the per-item log in that folder.
 """
 
-from lenvm.bench.lifebench import lifebench
-from lenvm.bench.predict import predict
-from lenvm.bench.tradeoff import tradeoff
+from lenvm.bench.lifebench import run_lifebench
+from lenvm.bench.predict import run_prediction
+from lenvm.bench.tradeoff import run_tradeoff
 
-__all__ = ["lifebench", "predict", "tradeoff"]
+__all__ = ["run_lifebench", "run_prediction", "run_tradeoff"]

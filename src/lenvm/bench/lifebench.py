@@ -130,7 +130,7 @@ def token_task(row: Row, constraint: str, target: int) -> str:
     return head + requirement.replace("{word_count}", str(target))
 
 
-def lifebench(
+def run_lifebench(
     out: str | os.PathLike,
     *,
     model: str | os.PathLike = DEFAULT_MODEL,

@@ -113,7 +113,7 @@ def _train_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[list[int
     return list(prompts.values()), [lengths[pid] for pid in prompts]
 
 
-def predict(
+def run_prediction(
     out: str | os.PathLike,
     *,
     prompts: str | os.PathLike,

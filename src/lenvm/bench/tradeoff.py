@@ -54,7 +54,7 @@ def load_datasets(
     return datasets
 
 
-def tradeoff(
+def run_tradeoff(
     out: str | os.PathLike,
     *,
     model: str | os.PathLike = DEFAULT_MODEL,
