@@ -266,9 +266,7 @@ class _FakeEngine:
 
         self.seen.extend(requests)
         return [
-            SimpleNamespace(
-                num_tokens=len(r), finish_reason="stop", mean_logprob=-1.0, text=r, token_ids=[]
-            )
+            SimpleNamespace(num_tokens=len(r), finish_reason="stop", mean_logprob=-1.0, text=r, token_ids=[])
             for r in requests
         ]
 

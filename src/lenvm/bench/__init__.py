@@ -5,8 +5,20 @@ Each entry function writes ``results.json``, ``table.md`` and PNG plots into its
 folder and resumes an interrupted run from the per-item log in that folder.
 """
 
+from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench import run_lifebench
 from lenvm.bench.predict import run_prediction
+from lenvm.bench.report import FULL, QUICK, Preset, run_all, write_report
 from lenvm.bench.tradeoff import run_tradeoff
 
-__all__ = ["run_lifebench", "run_prediction", "run_tradeoff"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Preset",
+    "run_all",
+    "run_length_tokens",
+    "run_lifebench",
+    "run_prediction",
+    "run_tradeoff",
+    "write_report",
+]

@@ -18,10 +18,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.io import InputError, JsonlAppender, atomic_path, iter_jsonl, write_json, write_text
+from lenvm.io import (
+    InputError,
+    JsonlAppender,
+    atomic_path,
+    iter_jsonl,
+    repair_jsonl_tail,
+    write_json,
+    write_text,
+)
 from lenvm.model import LengthValueModel
 from lenvm.models import DEFAULT_MODEL, load_generator
 
+CHUNK_BATCHES = 2  # engine batches per saved chunk: throughput vs. work lost to an interruption
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,9 +143,7 @@ class Run:
         settings_path = self.out / "settings.json"
         if settings_path.is_file():
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
-            changed = sorted(
-                k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k)
-            )
+            changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
             if changed:
                 raise InputError(
                     f"{self.out} holds results made with other settings ({', '.join(changed)}); "
@@ -145,15 +152,21 @@ class Run:
         else:
             write_json(settings_path, settings)
         self.items_path = self.out / "items.jsonl"
-        self._log = JsonlAppender(self.items_path)  # opening repairs a crash-cut last line
-        self.done: dict[str, dict[str, Any]] = {r["key"]: r for r in iter_jsonl(self.items_path)}
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.items_path.is_file():
+            repair_jsonl_tail(self.items_path)  # a crash may have cut the last line
+            self.done = {r["key"]: r for r in iter_jsonl(self.items_path)}
+        self._log: JsonlAppender | None = None
 
     def add(self, records: list[dict[str, Any]]) -> None:
+        if self._log is None:
+            self._log = JsonlAppender(self.items_path)
         self._log.write(records)
         self.done.update((r["key"], r) for r in records)
 
     def close(self) -> None:
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
     def __enter__(self) -> Run:
         return self
@@ -195,17 +208,15 @@ class Run:
         todo = [job for job in jobs if job.key not in self.done]
         if todo:
             engine = _engine(models, sampling, needs_lenvm=any(_controlled(j) for j in todo))
-            with tqdm(
-                total=len(jobs), initial=len(jobs) - len(todo), desc=desc, disable=not progress
-            ) as bar:
-                for start in range(0, len(todo), batch_size):
-                    chunk = todo[start : start + batch_size]
+            with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, disable=not progress) as bar:
+                # A chunk of a few batches lets the engine refill finished rows; each chunk's
+                # records are saved as soon as it is done.
+                chunk_size = CHUNK_BATCHES * batch_size
+                for start in range(0, len(todo), chunk_size):
+                    chunk = todo[start : start + chunk_size]
                     results = engine.generate([j.request for j in chunk], batch_size=batch_size)
                     self.add(
-                        [
-                            _record(job, result, judge)
-                            for job, result in zip(chunk, results, strict=True)
-                        ]
+                        [_record(job, result, judge) for job, result in zip(chunk, results, strict=True)]
                     )
                     bar.update(len(chunk))
         return [self.done[key] for key in keys]
@@ -220,9 +231,7 @@ def _engine(models: Models, sampling: Sampling, needs_lenvm: bool):
     from lenvm.decoding import Engine
 
     lenvm = models.require_lenvm("a LenVM-guided method") if needs_lenvm else None
-    return Engine(
-        models.generator, models.tokenizer, lenvm=lenvm, num_candidates=sampling.num_candidates
-    )
+    return Engine(models.generator, models.tokenizer, lenvm=lenvm, num_candidates=sampling.num_candidates)
 
 
 def _record(job: Job, result, judge) -> dict[str, Any]:

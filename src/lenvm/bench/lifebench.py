@@ -109,9 +109,7 @@ def token_task(row: Row, constraint: str, target: int) -> str:
     prompt that silently still asks for words.
     """
     if constraint not in scoring.CONSTRAINTS:
-        raise InputError(
-            f"unknown constraint {constraint!r}; expected one of {scoring.CONSTRAINTS}"
-        )
+        raise InputError(f"unknown constraint {constraint!r}; expected one of {scoring.CONSTRAINTS}")
     head, requirement = _requirement(row.task)
     if row.lang == "zh":
         unit, new_unit, phrases = _ZH_UNIT, lambda m: f"{target}个token", _ZH_PHRASES
@@ -121,9 +119,7 @@ def token_task(row: Row, constraint: str, target: int) -> str:
         new_unit = lambda m: f"{target}-token" if m.group(1) == "-" else f"{target} tokens"  # noqa: E731
     requirement, count = unit.subn(new_unit, requirement)
     if count == 0:
-        raise InputError(
-            f"LIFEBench row {row.id}: no length unit after {{word_count}} to turn into tokens"
-        )
+        raise InputError(f"LIFEBench row {row.id}: no length unit after {{word_count}} to turn into tokens")
     for pattern, replacement in phrases:
         requirement = pattern.sub(replacement, requirement)
     requirement = requirement.replace("{word_count_type}", CONSTRAINT_WORDS[row.lang][constraint])

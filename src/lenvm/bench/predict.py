@@ -40,9 +40,7 @@ PREDICTORS = {"lenvm": "LenVM V(s_0)", "mean": "training mean", "ridge": "ridge 
 # "List 7 ...", "write 3 ...", "64 tokens", "64个token", "300字": the count a prompt asks for.
 _ASKED = [
     re.compile(r"\b(?:list|name|give|write|suggest)\s+(?:me\s+)?(\d+)\b", re.IGNORECASE),
-    re.compile(
-        r"(\d+)\s*(?:个)?\s*(?:tokens?|words?|sentences?|items?|paragraphs?|字)", re.IGNORECASE
-    ),
+    re.compile(r"(\d+)\s*(?:个)?\s*(?:tokens?|words?|sentences?|items?|paragraphs?|字)", re.IGNORECASE),
 ]
 
 
@@ -57,9 +55,7 @@ def asked_number(text: str) -> int | None:
 
 def prompt_features(tokenizer, prompt: Prompt) -> list[float]:
     """``[log(1 + prompt tokens), log(1 + asked number), asks for a number]``."""
-    text = (
-        prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages)
-    )
+    text = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages)
     asked = asked_number(text)
     return [
         math.log1p(len(encode_prompt(tokenizer, prompt))),
@@ -97,7 +93,7 @@ class Ridge:
 
 def sample_length(record: dict[str, Any]) -> int:
     """Generated tokens with the EOS counted when the answer ended, as in rollout records."""
-    return record["num_tokens"] + (record["finish_reason"] == "stop")
+    return record["num_tokens"] + (record["finish_reason"] != "length")
 
 
 def _train_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[list[int]]]:
@@ -180,14 +176,10 @@ def run_prediction(
                 for p in held_out
             ]
         )
-        predictions = {
-            "lenvm": np.array(value_model.predict_length(held_out, batch_size=batch_size))
-        }
+        predictions = {"lenvm": np.array(value_model.predict_length(held_out, batch_size=batch_size))}
         baselines = {}
         if train_rollouts is not None:
-            predictions.update(
-                _baselines(models.tokenizer, held_out, train_rollouts, gamma, ridge_alpha)
-            )
+            predictions.update(_baselines(models.tokenizer, held_out, train_rollouts, gamma, ridge_alpha))
             baselines = {"train_rollouts": str(train_rollouts), "ridge_alpha": ridge_alpha}
         domains = [str(p.extra.get(domain_field, "all")) for p in held_out]
         metrics = _metrics(truth, predictions, domains)
@@ -196,7 +188,7 @@ def run_prediction(
                 "prompt_id": p.id,
                 "domain": d,
                 "truth": float(t),
-                "cut_samples": sum(i["finish_reason"] != "stop" for i in by_prompt[p.id]),
+                "cut_samples": sum(i["finish_reason"] == "length" for i in by_prompt[p.id]),
                 **{name: float(pred[k]) for name, pred in predictions.items()},
             }
             for k, (p, d, t) in enumerate(zip(held_out, domains, truth, strict=True))
@@ -207,7 +199,7 @@ def run_prediction(
             "gamma": gamma,
             "prompts": len(held_out),
             "samples": samples,
-            "cut_samples": sum(i["finish_reason"] != "stop" for i in items),
+            "cut_samples": sum(i["finish_reason"] == "length" for i in items),
             "per_prompt": per_prompt,
             "baselines": baselines,
             "settings": settings,
@@ -219,9 +211,7 @@ def run_prediction(
     return results
 
 
-def _baselines(
-    tokenizer, held_out, train_rollouts, gamma: float, alpha: float
-) -> dict[str, np.ndarray]:
+def _baselines(tokenizer, held_out, train_rollouts, gamma: float, alpha: float) -> dict[str, np.ndarray]:
     train, lengths = _train_prompts(train_rollouts)
     mean_length = float(np.mean([n for group in lengths for n in group]))
     x_train = np.array([prompt_features(tokenizer, p) for p in train])

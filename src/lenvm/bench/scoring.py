@@ -35,9 +35,7 @@ def length_score(length: float, target: float, constraint: str) -> float:
     if constraint not in CONSTRAINTS:
         raise ValueError(f"unknown constraint {constraint!r}; expected one of {CONSTRAINTS}")
     deviation = length_deviation(length, target)
-    if (constraint == "at_most" and deviation <= 0) or (
-        constraint == "at_least" and deviation >= 0
-    ):
+    if (constraint == "at_most" and deviation <= 0) or (constraint == "at_least" and deviation >= 0):
         return 100.0
     if deviation < 0:
         return 100.0 * math.exp(UNDERSHOOT_RATE * deviation)
@@ -63,7 +61,7 @@ def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
         "score": _target_averaged(
             items, lambda i: length_score(i["num_tokens"], i["target"], i["constraint"])
         ),
-        "stopped": float(np.mean([i.get("finish_reason", "stop") == "stop" for i in items])),
+        "ended": float(np.mean([i.get("finish_reason") != "length" for i in items])),
     }
 
 
@@ -86,8 +84,8 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     EOS excluded) and may carry
     ``category``, ``lang`` and ``finish_reason``. Returns, per method and constraint, the overall
     metrics plus ``by_target``, ``by_category`` and ``by_lang`` breakdowns; every metrics dict holds
-    ``n``, ``deviation`` (mean ``|LD|``), ``signed_deviation``, ``score`` and ``stopped`` (the
-    share of outputs that ended with EOS).
+    ``n``, ``deviation`` (mean ``|LD|``), ``signed_deviation``, ``score`` and ``ended`` (the
+    share of outputs that ended with EOS rather than at ``max_new_tokens``).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
@@ -115,9 +113,7 @@ def _cell(metrics: Mapping[str, Any] | None, key: str, percent: bool = False) ->
     return f"{100 * value:.0f}%" if percent else f"{value:.1f}"
 
 
-def table2(
-    summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None
-) -> str:
+def table2(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
     """The paper's Table 2 layout: Equal To deviation and LS, At Most LS, At Least LS."""
     labels = labels or {}
     rows = []

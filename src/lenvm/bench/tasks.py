@@ -17,7 +17,7 @@ from lenvm.io import InputError, iter_jsonl
 from lenvm.prompts import Prompt
 
 DEFAULT_GSM8K = "../shared/data/gsm8k/test.jsonl"
-MATH_INSTRUCTION = "\nThink step by step, then end with \"The answer is\" followed by the number."
+MATH_INSTRUCTION = '\nThink step by step, then end with "The answer is" followed by the number.'
 
 # A number: digits with optional thousands commas and decimals; a leading minus only when it
 # does not follow a word character or another number ("5-3" is not "-3").
@@ -111,8 +111,7 @@ def _level1(rng: random.Random) -> tuple[str, int]:
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     story = rng.choice(
         [
-            f"{name} has {a} {item} and {friend} has {b} {item}. "
-            f"How many {item} do they have together?",
+            f"{name} has {a} {item} and {friend} has {b} {item}. How many {item} do they have together?",
             f"There are {a} {item} on the table and {b} {item} in the box. "
             f"How many {item} are there in total?",
             f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",

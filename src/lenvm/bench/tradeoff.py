@@ -46,9 +46,7 @@ def load_datasets(
     if gsm8k:
         datasets["gsm8k"] = tasks.read_gsm8k(gsm8k, gsm8k_problems)
     for level in arithmetic_levels if arithmetic_problems > 0 else ():
-        datasets[f"arithmetic-l{level}"] = tasks.arithmetic_problems(
-            arithmetic_problems, level, EVAL_SEED
-        )
+        datasets[f"arithmetic-l{level}"] = tasks.arithmetic_problems(arithmetic_problems, level, EVAL_SEED)
     if not datasets:
         raise InputError("no trade-off dataset: give a GSM8K file or arithmetic problems")
     return datasets
@@ -112,8 +110,7 @@ def run_tradeoff(
     with Run(out, settings) as run:
         items = run.run_jobs(jobs, models, sampling, batch_size, "trade-off", progress, _judge)
         curves = {
-            name: curves_for([i for i in items if i["dataset"] == name], betas, budgets)
-            for name in datasets
+            name: curves_for([i for i in items if i["dataset"] == name], betas, budgets) for name in datasets
         }
         results = {
             "benchmark": "tradeoff",

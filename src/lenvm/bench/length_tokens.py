@@ -1,0 +1,96 @@
+"""Length tokens: which tokens push a completion longer or shorter, as a table and a plot.
+
+A thin wrapper of :func:`lenvm.length_tokens.length_token_stats` that writes the benchmark
+layout (``results.json``, ``table.md``, ``length_tokens.png``). The statistics are one pass of
+the LenVM over the rollouts; a rerun with the same settings reuses ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from lenvm.bench.common import Models, Run, load_models, markdown_table
+from lenvm.length_tokens import length_token_stats
+from lenvm.models import DEFAULT_MODEL
+from lenvm.rollouts import read_rollouts
+
+
+def run_length_tokens(
+    out: str | os.PathLike,
+    *,
+    rollouts: str | os.PathLike,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    lenvm: str | os.PathLike | None = None,
+    threshold: float = 0.01,
+    min_count: int = 3,
+    top: int = 20,
+    limit: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 8,
+    progress: bool = True,
+    models: Models | None = None,
+) -> dict[str, Any]:
+    """TD-residual token statistics over ``rollouts`` (the first ``limit`` records), with the
+    ``top`` tokens per direction in ``table.md`` and a bar chart in ``length_tokens.png``."""
+    started = time.perf_counter()
+    models = models or load_models(model, lenvm, device, dtype)
+    value_model = models.require_lenvm("length-token statistics")
+    settings = {
+        **models.identity(),
+        "rollouts": str(rollouts),
+        "threshold": threshold,
+        "min_count": min_count,
+        "limit": limit,
+    }
+    with Run(out, settings) as run:
+        done = run.path("results.json")
+        if done.is_file():
+            previous = json.loads(done.read_text(encoding="utf-8"))
+            if previous.get("top") == top:
+                return previous
+        records = read_rollouts(rollouts)[:limit]
+        stats = length_token_stats(
+            value_model,
+            records,
+            threshold=threshold,
+            min_count=min_count,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        results = {
+            "benchmark": "length_tokens",
+            "top": top,
+            **stats.to_dict(top),
+            "settings": settings,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        stats.plot(run.path("length_tokens.png"), n=min(top, 15))
+        run.write_text("table.md", _markdown(results))
+        run.write_json("results.json", results)
+    return results
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    parts = [
+        f"TD residual per token over {results['completions']} completions "
+        f"({results['tokens']} tokens, gamma {results['gamma']:.4g}); a token pushes longer when "
+        f"its residual is below -{results['threshold']:g}, shorter when above "
+        f"+{results['threshold']:g}. Tokens seen at least {results['min_count']} times.\n"
+    ]
+    for direction in ("longer", "shorter"):
+        rows = [
+            [
+                f"`{s['token']!r}`".replace("|", "\\|"),
+                s["count"],
+                f"{100 * s[f'{direction}_fraction']:.0f}%",
+                f"{s['mean_residual']:+.4f}",
+            ]
+            for s in results[direction]
+        ]
+        header = ["token", "count", f"pushes {direction}", "mean residual"]
+        parts.append(f"\n**Pushes {direction}**\n\n" + markdown_table(header, rows))
+    return "".join(parts)

@@ -1,0 +1,214 @@
+"""Each benchmark end to end on the tiny random model with an untrained attached LenVM."""
+
+import json
+
+import pytest
+
+from lenvm.bench import (
+    Preset,
+    run_all,
+    run_length_tokens,
+    run_lifebench,
+    run_prediction,
+    run_tradeoff,
+)
+from lenvm.bench.common import load_models
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel
+
+LIFEBENCH_ROWS = [
+    {"id": 1, "category": "qa", "type": "Knowledge", "lang": "en", "raw_data": "x",
+     "task": "[Instruction] Answer: \n What is the sea? \n\n[Requirement] Your answer must be "
+             "{word_count_type} {word_count} words long."},
+    {"id": 2, "category": "create", "type": "Story", "lang": "cn",
+     "task": "[指令]回答下面的问题：\n 如何搭配衣服 \n\n"
+             "[要求]你的回答字数必须{word_count_type} {word_count}字。"},
+]  # fmt: skip
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=7\n#### 7"},
+    {"question": "A box holds 1,000 pens; 1 is lost. How many?", "answer": "#### 999"},
+]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    prompts = [
+        {"id": "a", "prompt": "List 3 colors.", "domain": "list"},
+        {"id": "b", "prompt": "Explain why the sky is blue.", "domain": "explain"},
+        {"id": "c", "prompt": "What is 12 plus 30?", "domain": "explain"},
+    ]
+    return {
+        "lifebench": _jsonl(root / "life.jsonl", LIFEBENCH_ROWS),
+        "gsm8k": _jsonl(root / "gsm8k.jsonl", GSM8K_ROWS),
+        "prompts": _jsonl(root / "prompts.jsonl", prompts),
+    }
+
+
+@pytest.fixture(scope="module")
+def lenvm_dir(tiny_path, tiny_generator, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lenvm") / "lenvm"
+    LengthValueModel.from_base(
+        tiny_path, kind="attached", gamma=0.9, generator=tiny_generator
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tiny_path, lenvm_dir):
+    return load_models(tiny_path, lenvm_dir)
+
+
+@pytest.fixture(scope="module")
+def train_rollouts(models, data, tmp_path_factory):
+    from lenvm.prompts import read_prompts
+    from lenvm.rollouts import SamplingParams, rollout
+
+    path = tmp_path_factory.mktemp("rollouts") / "rollouts.jsonl"
+    rollout((models.generator, models.tokenizer), read_prompts(data["prompts"]), path, n=2,
+            sampling=SamplingParams(max_new_tokens=6), batch_size=4, progress=False)  # fmt: skip
+    return path
+
+
+def _outputs(folder, *pngs):
+    for name in ("results.json", "table.md", "settings.json", *pngs):
+        assert (folder / name).is_file(), name
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_lifebench_smoke_and_resume(tmp_path, tiny_path, lenvm_dir, data, models):
+    out = tmp_path / "life"
+    kwargs = {
+        "data": data["lifebench"],
+        "targets": (4, 8, 64),
+        "max_new_tokens": 12,
+        "batch_size": 4,
+    }
+    results = run_lifebench(out, model=tiny_path, lenvm=lenvm_dir, progress=False, **kwargs)
+    assert _outputs(out, "length_score.png", "equal_to_lengths.png") == results
+    assert results["targets"] == [4, 8] and results["skipped_targets"] == [64]
+    assert results["languages"] == ["en", "zh"]
+    summary = results["summary"]
+    assert set(summary) == {"prompt", "lenvm-paper", "lenvm-ours"}
+    for by_constraint in summary.values():
+        assert set(by_constraint) == {"equal_to", "at_most", "at_least"}
+        assert set(by_constraint["equal_to"]["by_target"]) == {"4", "8"}
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 2 * 3 * 2 * 3
+    assert all(
+        i["num_tokens"] <= i["target"]
+        for i in items
+        if i["method"] != "prompt" and i["constraint"] == "at_most"
+    )
+    zh = next(i for i in items if i["lang"] == "zh")
+    assert zh["row"] == "2"
+    table = (out / "table.md").read_text()
+    assert "| method | Equal To deviation | Equal To LS | At Most LS | At Least LS |" in table
+    # A rerun with the same settings generates nothing and gives the same numbers.
+    again = run_lifebench(out, models=models, progress=False, **kwargs)
+    assert again["summary"] == summary
+    assert len((out / "items.jsonl").read_text().splitlines()) == len(items)
+    with pytest.raises(InputError, match="other settings"):
+        run_lifebench(out, models=models, progress=False, **{**kwargs, "max_new_tokens": 10})
+
+
+def test_lifebench_without_lenvm_runs_the_prompt_only(tmp_path, data, models):
+    from lenvm.bench.common import Models
+
+    plain = Models(models.generator, models.tokenizer, None, models.name)
+    results = run_lifebench(
+        tmp_path / "p", models=plain, data=data["lifebench"], targets=(4,), rows=1,
+        constraints=("equal_to",), max_new_tokens=6, progress=False,
+    )  # fmt: skip
+    assert list(results["summary"]) == ["prompt"]
+    with pytest.raises(InputError, match="LenVM"):
+        run_lifebench(tmp_path / "q", models=plain, data=data["lifebench"], methods=["lenvm-ours"])
+
+
+def test_tradeoff_smoke(tmp_path, data, models):
+    out = tmp_path / "trade"
+    results = run_tradeoff(
+        out, models=models, gsm8k=data["gsm8k"], arithmetic_problems=2, arithmetic_levels=(1,),
+        betas=(5.0,), max_new_tokens=8, batch_size=4, progress=False,
+    )  # fmt: skip
+    assert _outputs(out, "pareto.png") == results
+    assert set(results["curves"]) == {"gsm8k", "arithmetic-l1"}
+    gsm = results["curves"]["gsm8k"]
+    assert [p["beta"] for p in gsm["tilt"]] == [0.0, 5.0]
+    assert all(p["n"] == 2 for p in gsm["tilt"] + gsm["budget"])
+    assert all(0 <= p["pass_at_1"] <= 1 for p in gsm["budget"])
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 2 * 4 and {"predicted", "correct", "answer"} <= set(items[0])
+
+
+def test_prediction_smoke(tmp_path, data, models, train_rollouts):
+    out = tmp_path / "pred"
+    results = run_prediction(
+        out, models=models, prompts=data["prompts"], train_rollouts=train_rollouts, samples=3,
+        max_new_tokens=6, batch_size=4, progress=False,
+    )  # fmt: skip
+    assert _outputs(out, "prediction.png") == results
+    assert set(results["metrics"]) == {"list", "explain", "all"}
+    for name in ("lenvm", "mean", "ridge"):
+        assert results["metrics"]["all"][name]["mre"] >= 0
+    assert results["metrics"]["explain"]["prompts"] == 2
+    assert len(results["per_prompt"]) == 3
+    assert "ridge on prompt features MRE" in (out / "table.md").read_text()
+    # Without training rollouts only the LenVM is scored.
+    alone = run_prediction(tmp_path / "alone", models=models, prompts=data["prompts"], samples=2,
+                           max_new_tokens=4, limit=1, progress=False)  # fmt: skip
+    assert set(alone["metrics"]["list"]) == {"prompts", "mean_truth", "lenvm"}
+
+
+def test_length_tokens_smoke(tmp_path, models, train_rollouts):
+    out = tmp_path / "tokens"
+    results = run_length_tokens(
+        out, models=models, rollouts=train_rollouts, min_count=1, top=5, progress=False
+    )
+    assert _outputs(out, "length_tokens.png") == results
+    assert results["completions"] == 6
+    assert "Pushes longer" in (out / "table.md").read_text()
+    assert run_length_tokens(out, models=models, rollouts=train_rollouts, min_count=1, top=5) == results
+
+
+def test_run_all_smoke(tmp_path, tiny_path, data):
+    preset = Preset(
+        temperature=1.0,
+        train_pool={"builtin": 3, "math": 1, "word_problem": 2, "instruction": 1},
+        train_samples=2,
+        train_max_new_tokens=6,
+        lifebench_rows=1,
+        lifebench_targets=(4,),
+        lifebench_max_new_tokens=6,
+        tradeoff_gsm8k=1,
+        tradeoff_arithmetic=1,
+        tradeoff_levels=(1,),
+        tradeoff_betas=(0.0, 5.0),
+        tradeoff_max_new_tokens=6,
+        predict_pool={"builtin": 2, "math": 1, "word_problem": 1, "instruction": 1},
+        predict_samples=2,
+        predict_max_new_tokens=6,
+    )
+    out = tmp_path / "all"
+    results = run_all(
+        out, model=tiny_path, lifebench_data=data["lifebench"], gsm8k=data["gsm8k"],
+        gsm8k_train=data["gsm8k"], batch_size=4, progress=False, preset=preset,
+    )  # fmt: skip
+    assert {"lifebench", "tradeoff", "predict", "length_tokens"} <= set(results)
+    assert (out / "lenvm" / "model" / "head.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    for title in (
+        "Token-level LIFEBench",
+        "Cost/quality trade-off",
+        "Prompt-boundary",
+        "Length tokens",
+    ):
+        assert f"## {title}" in report
+    assert "![pareto](tradeoff/pareto.png)" in report
+    domains = set(results["predict"]["metrics"])
+    assert {"math", "word_problem", "instruction"} <= domains
