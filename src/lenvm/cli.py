@@ -127,6 +127,71 @@ def cmd_values(args) -> None:
     print(json.dumps(trace.to_dict(), indent=None if args.html else 2, ensure_ascii=False))
 
 
+def cmd_generate(args) -> None:
+    from lenvm.decoding import Control, Engine, Request
+    from lenvm.model import LengthValueModel
+    from lenvm.models import load_generator
+
+    model, tokenizer = load_generator(args.model, device=args.device or "cpu")
+    lenvm = None
+    if args.lenvm:
+        lenvm = LengthValueModel.from_pretrained(
+            args.lenvm, generator=(model, tokenizer), device=args.device or "cpu"
+        )
+    if args.equal_to is not None:
+        control = Control(
+            "equal_to", target=args.equal_to, rule=args.rule, hard_cap_slack=args.hard_cap_slack
+        )
+    elif args.at_most is not None:
+        control = Control("at_most", target=args.at_most, rule=args.rule, hard_cap_slack=args.hard_cap_slack)
+    elif args.at_least is not None:
+        control = Control("at_least", target=args.at_least, rule=args.rule)
+    elif args.tilt is not None:
+        control = Control("tilt", beta=args.tilt)
+    else:
+        control = None
+    if control is not None and lenvm is None:
+        raise InputError("a length control needs a LenVM (--lenvm)")
+    prompts = _prompts_from_args(args)
+    requests = [
+        Request(
+            p,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            control=control,
+            return_values=args.values,
+        )
+        for p in prompts
+    ]
+    engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
+    results = engine.generate(requests, batch_size=args.batch_size, progress=len(requests) > 1)
+    for prompt, result in zip(prompts, results, strict=True):
+        if args.json or len(prompts) > 1:
+            record = {
+                "id": prompt.id,
+                "text": result.text,
+                "num_tokens": result.num_tokens,
+                "finish_reason": result.finish_reason,
+                "mean_logprob": round(result.mean_logprob, 4),
+            }
+            if args.values:
+                record["values"] = result.values
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        print(result.text)
+        print(
+            f"\n[{result.num_tokens} tokens, finish: {result.finish_reason}, "
+            f"mean log-prob {result.mean_logprob:.3f}]",
+            file=sys.stderr,
+        )
+        if args.values:
+            print(json.dumps({"values": result.values}), file=sys.stderr)
+
+
 def cmd_models(args) -> None:
     from lenvm import models
 
@@ -221,6 +286,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
     p.add_argument("--html", help="also write a self-contained HTML view here")
     p.set_defaults(func=cmd_values)
+
+    p = sub.add_parser("generate", help="generate text, optionally steered to a length by a LenVM")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--lenvm", help="LenVM folder (needed for a length control)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompts", help="JSONL file; prints one JSON line per prompt")
+    control = p.add_mutually_exclusive_group()
+    control.add_argument("--equal-to", type=int, metavar="N", help="aim at exactly N tokens")
+    control.add_argument("--at-most", type=int, metavar="N", help="stay within N tokens")
+    control.add_argument("--at-least", type=int, metavar="N", help="write at least N tokens")
+    control.add_argument(
+        "--tilt",
+        type=float,
+        metavar="BETA",
+        help="p'(x) ~ p(x) exp(BETA v(x)); positive BETA favours shorter outputs",
+    )
+    p.add_argument("--rule", choices=["ours", "paper"], default="ours")
+    p.add_argument("--hard-cap-slack", type=int, help="force EOS at N + slack tokens (off by default)")
+    p.add_argument("--num-candidates", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--values", action="store_true", help="also print the value after each token")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("models", help="list or prepare built-in models")
     msub = p.add_subparsers(dest="action", required=True)
