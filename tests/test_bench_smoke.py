@@ -137,7 +137,7 @@ def test_tradeoff_smoke(tmp_path, data, models):
         betas=(5.0,), max_new_tokens=8, batch_size=4, progress=False,
     )  # fmt: skip
     assert _outputs(out, "pareto.png") == results
-    assert set(results["curves"]) == {"gsm8k", "arithmetic-l1"}
+    assert set(results["curves"]) == {"gsm8k", "word_problem_l1"}
     gsm = results["curves"]["gsm8k"]
     assert [p["beta"] for p in gsm["tilt"]] == [0.0, 5.0]
     assert all(p["n"] == 2 for p in gsm["tilt"] + gsm["budget"])

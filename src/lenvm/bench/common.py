@@ -29,6 +29,7 @@ from lenvm.io import (
 )
 from lenvm.model import LengthValueModel
 from lenvm.models import DEFAULT_MODEL, load_generator
+from lenvm.prompts import encode_prompt
 
 CHUNK_BATCHES = 2  # engine batches per saved chunk: throughput vs. work lost to an interruption
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +52,12 @@ class Models:
             "lenvm": self.lenvm_name,
             "gamma": self.lenvm.gamma if self.lenvm is not None else None,
         }
+
+    def fits(self, prompt, max_new_tokens: int) -> bool:
+        """Whether ``prompt`` plus ``max_new_tokens`` fits the generator's context window."""
+        config = self.generator.config.get_text_config()
+        context = getattr(config, "max_position_embeddings", None)
+        return context is None or len(encode_prompt(self.tokenizer, prompt)) + max_new_tokens <= context
 
     def require_lenvm(self, what: str) -> LengthValueModel:
         if self.lenvm is None:

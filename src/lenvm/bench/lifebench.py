@@ -167,11 +167,12 @@ def run_lifebench(
         raise InputError(f"unknown LIFEBench method or constraint: {', '.join(unknown)}")
     if any(METHODS[m][0] is not None for m in methods):
         models.require_lenvm("LenVM-controlled LIFEBench methods")
-    table = select_rows(read_lifebench(data), rows, langs)
     kept = sorted({int(t) for t in targets if int(t) <= max_new_tokens})
     skipped = sorted({int(t) for t in targets} - set(kept))
     if not kept:
         raise InputError(f"every target exceeds max_new_tokens={max_new_tokens}")
+    table, too_long = fitting_rows(read_lifebench(data), models, max_new_tokens)
+    table = select_rows(table, rows, langs)
     sampling = Sampling.for_models(
         models,
         max_new_tokens,
@@ -200,14 +201,23 @@ def run_lifebench(
             "targets": kept,
             "skipped_targets": skipped,
             "rows": len(table),
+            "rows_too_long": too_long,
             "languages": sorted({r.lang for r in table}),
             "settings": settings_of(models, sampling, data=str(data)),
             "seconds": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
-        run.write_text("table.md", _markdown(summary, labels, kept, skipped, len(table)))
+        run.write_text("table.md", _markdown(summary, labels, kept, skipped, len(table), too_long))
         _plot(run, summary, items, labels)
     return results
+
+
+def fitting_rows(table: list[Row], models: Models, max_new_tokens: int) -> tuple[list[Row], list[str]]:
+    """Rows whose prompt leaves room for ``max_new_tokens`` in the generator's context, and the
+    ids of the others (long summarization sources can exceed a small model's window)."""
+    fit = [r for r in table if models.fits(token_task(r, "equal_to", max_new_tokens), max_new_tokens)]
+    kept = {id(r) for r in fit}
+    return fit, [r.id for r in table if id(r) not in kept]
 
 
 def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None) -> list[Row]:
@@ -247,10 +257,11 @@ def _job(row: Row, constraint: str, target: int, method: str, sampling: Sampling
     return Job(f"{item}/{method}", sampling.request(prompt, item, control), fields)
 
 
-def _markdown(summary, labels, targets, skipped, n_rows) -> str:
+def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
     parts = [
         f"Token-level LIFEBench: {n_rows} rows, targets {', '.join(map(str, targets))} tokens"
         + (f" (skipped above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
+        + (f"; {len(too_long)} rows left out as longer than the context" if too_long else "")
         + ". Length Score 0-100; deviation = mean |L_out - L_target| / L_target.\n",
         scoring.table2(summary, labels),
         "\nLength Score by target (Equal To: score and deviation):\n",

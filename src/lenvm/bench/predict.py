@@ -287,7 +287,9 @@ def _plot(run: Run, truth: np.ndarray, predictions: dict[str, np.ndarray], metri
             width,
             label=PREDICTORS[name],
         )
-    right.set_xticks(np.arange(len(domains)) + width * (len(predictions) - 1) / 2, domains)
+    right.set_xticks(
+        np.arange(len(domains)) + width * (len(predictions) - 1) / 2, domains, rotation=35, ha="right"
+    )
     right.set_ylabel("mean relative error (%)")
     right.legend(fontsize=8)
     right.grid(alpha=0.3, axis="y")

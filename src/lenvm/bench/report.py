@@ -138,7 +138,9 @@ def run_all(
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     models = load_models(model, lenvm, device, dtype)
-    rows = lifebench.read_lifebench(lifebench_data)
+    rows, _ = lifebench.fitting_rows(
+        lifebench.read_lifebench(lifebench_data), models, preset.lifebench_max_new_tokens
+    )
     eval_rows = preset.lifebench_rows
     if lenvm is None and eval_rows is None:
         eval_rows = len(rows) // 2  # the other half trains the LenVM
@@ -148,6 +150,8 @@ def run_all(
         rows=[r for r in rows if r.id in evaluated],
         gsm8k=gsm8k,
         seed=EVAL_SEED,
+        models=models,
+        max_new_tokens=preset.predict_max_new_tokens,
     )
     if lenvm is None:
         train = _pool(
@@ -155,6 +159,8 @@ def run_all(
             rows=[r for r in rows if r.id not in evaluated],
             gsm8k=gsm8k_train,
             seed=TRAIN_SEED,
+            models=models,
+            max_new_tokens=preset.train_max_new_tokens,
             exclude={p.text for p in held_out},
         )
         train_rollouts = _train_lenvm(out / "lenvm", models, train, preset, seed, batch_size, progress)
@@ -208,10 +214,10 @@ def run_all(
     summary = {
         "model": str(model),
         "lenvm": str(lenvm) if lenvm else str(out / "lenvm" / "model"),
-        "quick": quick,
+        "preset": "quick" if preset == QUICK else "full" if preset == FULL else "custom",
         "gamma": models.lenvm.gamma if models.lenvm is not None else None,
         "lenvm_training": (models.lenvm.config.training or {}) if models.lenvm is not None else {},
-        "preset": asdict(preset),
+        "sizes": asdict(preset),
         "seconds_this_run": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(out / "summary.json", summary)
@@ -224,9 +230,12 @@ def _pool(
     rows: list[lifebench.Row],
     gsm8k: str | os.PathLike,
     seed: int,
+    models: Models,
+    max_new_tokens: int,
     exclude: set[str] = frozenset(),
 ) -> list[Prompt]:
-    """A prompt pool with a ``domain`` on every prompt; ``exclude`` drops texts seen elsewhere."""
+    """A prompt pool with a ``domain`` on every prompt, keeping prompts that fit the context with
+    ``max_new_tokens``; ``exclude`` drops texts used elsewhere."""
     prompts: list[Prompt] = []
     if sizes.get("builtin"):
         for p in builtin_prompts(sizes["builtin"], seed=seed):
@@ -247,7 +256,7 @@ def _pool(
             text = lifebench.token_task(row, constraint, target)
             extra = {"domain": "instruction", "constraint": constraint, "target": target}
             prompts.append(Prompt(f"life-{row.id}-{constraint}-{target}", text=text, extra=extra))
-    return [p for p in prompts if p.text not in exclude]
+    return [p for p in prompts if p.text not in exclude and models.fits(p, max_new_tokens)]
 
 
 def _write_prompts(path: Path, prompts: list[Prompt]) -> None:
@@ -308,7 +317,7 @@ def write_report(out: str | os.PathLike, summary: dict[str, Any] | None = None) 
             f"- generator: `{summary['model']}`",
             f"- LenVM: `{summary['lenvm']}` (gamma {summary['gamma']:.4g}, "
             f"{summary['lenvm_training'].get('train_completions', '?')} training completions)",
-            f"- settings: {'quick' if summary['quick'] else 'full'}",
+            f"- settings: {summary['preset']}",
             "- seconds this run: "
             + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds_this_run"].items()),
             "",

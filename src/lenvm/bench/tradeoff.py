@@ -46,7 +46,7 @@ def load_datasets(
     if gsm8k:
         datasets["gsm8k"] = tasks.read_gsm8k(gsm8k, gsm8k_problems)
     for level in arithmetic_levels if arithmetic_problems > 0 else ():
-        datasets[f"arithmetic-l{level}"] = tasks.arithmetic_problems(arithmetic_problems, level, EVAL_SEED)
+        datasets[f"word_problem_l{level}"] = tasks.arithmetic_problems(arithmetic_problems, level, EVAL_SEED)
     if not datasets:
         raise InputError("no trade-off dataset: give a GSM8K file or arithmetic problems")
     return datasets
@@ -235,6 +235,8 @@ def _plot(run: Run, curves: dict[str, Any]) -> None:
         )
         for p in tilt:
             ax.annotate(f"β={p['beta']:g}", (p["mean_length"], 100 * p["pass_at_1"]), fontsize=7)
+        top = max(p["pass_at_1"] for p in budget + tilt)
+        ax.set_ylim(0, max(5.0, 115 * top))
         ax.set_title(name)
         ax.set_xlabel("mean generated tokens")
         ax.set_ylabel("pass@1 (%)")
