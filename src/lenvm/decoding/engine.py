@@ -1,0 +1,558 @@
+"""The decoding engine: batched generation with KV caches, optionally guided by a LenVM.
+
+    engine = Engine(model, tokenizer, lenvm=None, num_candidates=8)
+    results = engine.generate([Request("Hi", control=Control("equal_to", target=64))])
+
+Requests run in a batch of at most ``batch_size`` rows; a finished row leaves the batch and a
+waiting request takes its place (each request's state lives in the engine). Every step:
+
+1. the generator's next-token distribution is truncated per request (temperature, top-k,
+   top-p, min-p);
+2. a row under a control takes its ``num_candidates`` most probable tokens as candidates (plus
+   EOS for equal_to and at_most, so that they can always end); a plain row samples its token,
+   its only candidate;
+3. the LenVM scores the next state of every candidate of every row at once (scoring.py):
+   ``attached``: the generator's own forward over the candidate block gives the values (head) and,
+   for the chosen candidate, the next logits (LM head): one forward per step in total;
+   ``q``: values of all candidates come from the hidden state that gave the logits, and one
+   single-token forward follows; ``standalone``: the LenVM's candidate-block forward plus the
+   generator's single-token forward. EOS has value 0;
+4. the row's policy (policies.py) turns candidate probabilities and values into a distribution,
+   and the row draws from it with its own random stream (argmax when greedy);
+5. the caches keep the chosen token only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lenvm.decoding import policies
+from lenvm.decoding.scoring import Stream
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel, check_tokenizer
+from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt
+
+ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
+CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
+TARGET_KINDS = ("equal_to", "at_most", "at_least")
+RULES = ("ours", "paper")
+NO_CAP = 2**62
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class Control:
+    """A length control for one request.
+
+    ``equal_to``/``at_most``/``at_least`` take a ``target`` in output tokens (EOS not counted) and a
+    ``rule``: ``"ours"`` (the generator conditioned on the constraint, the default) or ``"paper"``
+    (the paper's one-hot rules over the usual candidates). ``tilt`` takes ``beta``:
+    ``p'(x) ∝ p(x)·exp(beta·v(x))``, a positive beta favours shorter continuations.
+    ``hard_cap_slack``: force EOS once ``target + slack`` tokens are out (the result then says
+    ``"cap"``); off by default, except that at_most with our rule treats its target as a hard
+    bound (slack 0).
+    """
+
+    kind: ControlKind = "none"
+    target: int | None = None
+    beta: float | None = None
+    rule: Literal["ours", "paper"] = "ours"
+    hard_cap_slack: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTROL_KINDS:
+            raise InputError(f"unknown control {self.kind!r}; expected one of {CONTROL_KINDS}")
+        if self.rule not in RULES:
+            raise InputError(f"unknown control rule {self.rule!r}; expected one of {RULES}")
+        if self.kind in TARGET_KINDS:
+            if not _is_int(self.target) or self.target < 1:
+                raise InputError(
+                    f"control {self.kind} needs a target of at least 1 token, got {self.target!r}"
+                )
+        elif self.target is not None:
+            raise InputError(f"control {self.kind!r} takes no target")
+        if self.kind == "tilt":
+            if (
+                isinstance(self.beta, bool)
+                or not isinstance(self.beta, int | float)
+                or not math.isfinite(self.beta)
+            ):
+                raise InputError(f"control tilt needs a finite beta, got {self.beta!r}")
+        elif self.beta is not None:
+            raise InputError(f"control {self.kind!r} takes no beta")
+        if self.hard_cap_slack is not None:
+            if self.kind not in ("equal_to", "at_most"):
+                raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
+            if not _is_int(self.hard_cap_slack) or self.hard_cap_slack < 0:
+                raise InputError(
+                    f"hard_cap_slack must be a non-negative integer, got {self.hard_cap_slack!r}"
+                )
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def wants_eos(self) -> bool:
+        """Whether EOS always joins the candidates, so the row can end at its target (our rules
+        for equal_to and at_most; the paper's rules keep the usual candidates)."""
+        return self.kind in ("equal_to", "at_most") and self.rule == "ours"
+
+    @property
+    def cap(self) -> int | None:
+        """Output tokens after which EOS is forced, if any."""
+        if self.hard_cap_slack is not None:
+            return self.target + self.hard_cap_slack
+        if self.kind == "at_most" and self.rule == "ours":
+            return self.target
+        return None
+
+
+@dataclass
+class Request:
+    """One generation. ``temperature == 0`` is greedy (guided too, under a control);
+    ``top_k == 0`` and ``min_p == 0`` are off. ``ignore_eos`` never ends before
+    ``max_new_tokens`` (for speed measurements)."""
+
+    prompt: str | Messages | Prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    control: Control | None = None
+    return_values: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            problems.append(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p < 1:
+            problems.append(f"min_p must lie in [0, 1), got {self.min_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if self.control is not None and not isinstance(self.control, Control):
+            problems.append(f"control must be a Control, got {type(self.control).__name__}")
+        if problems:
+            raise InputError("bad request: " + "; ".join(problems))
+
+
+@dataclass
+class Result:
+    """A generated completion.
+
+    ``token_ids`` end with the EOS token iff ``finish_reason`` is ``"stop"`` (the model or policy
+    ended) or ``"cap"`` (a hard cap forced EOS); ``num_tokens`` excludes it. ``values[i]`` is the
+    LenVM value after ``token_ids[i]`` (0 after EOS). ``mean_logprob`` is the mean log-probability
+    of ``token_ids`` under the generator's own distribution (softmax of its logits at temperature 1,
+    before truncation and control): a quality proxy that is comparable across controls.
+    """
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    num_tokens: int
+    finish_reason: Literal["stop", "length", "cap"]
+    values: list[float] | None
+    mean_logprob: float
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class _Sequence:
+    """The engine's state for one request."""
+
+    index: int
+    request: Request
+    control: Control
+    prompt_ids: list[int]
+    uniforms: torch.Tensor  # [max_new_tokens]: this request's random stream, one draw per step
+    tokens: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    logprob: float = 0.0
+    finish_reason: str | None = None
+
+    def append(self, token: int, forced: bool, logprob: float, value: float, eos: set[int]) -> bool:
+        """Record one generated token; True when the request is finished."""
+        self.tokens.append(token)
+        self.values.append(value)
+        self.logprob += logprob
+        if token in eos:
+            self.finish_reason = "cap" if forced else "stop"
+        elif len(self.tokens) == self.request.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def result(self, tokenizer) -> Result:
+        ended = self.finish_reason in ("stop", "cap")
+        return Result(
+            prompt_token_ids=self.prompt_ids,
+            token_ids=self.tokens,
+            text=tokenizer.decode(self.tokens, skip_special_tokens=True),
+            num_tokens=len(self.tokens) - ended,
+            finish_reason=self.finish_reason,
+            values=self.values if self.request.return_values else None,
+            mean_logprob=self.logprob / len(self.tokens),
+        )
+
+
+@dataclass
+class _Rows:
+    """Per-row tensors of a batch, rebuilt from the sequences whenever rows join or leave."""
+
+    temperature: torch.Tensor  # [B] float; 1 for greedy rows (their candidates use p at T = 1)
+    top_k: torch.Tensor  # [B] long, 0 = off
+    top_p: torch.Tensor  # [B] float
+    min_p: torch.Tensor  # [B] float
+    greedy: torch.Tensor  # [B] bool
+    ignore_eos: torch.Tensor  # [B] bool
+    step: torch.Tensor  # [B] long: tokens generated so far
+    uniforms: torch.Tensor  # [B, W] float64
+    target: torch.Tensor  # [B] long (0 when no target)
+    beta: torch.Tensor  # [B] float64
+    cap: torch.Tensor  # [B] long: EOS is forced once step reaches it
+    wants_eos: torch.Tensor  # [B] bool: EOS always joins the candidates (Control.wants_eos)
+    plain: torch.Tensor  # [B] bool: no control
+    groups: list[tuple[str, str, torch.Tensor]]  # (control kind, rule, rows)
+    any_guided: bool
+    any_plain: bool
+    any_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_ignore_eos: bool
+    any_cap: bool
+    any_wants_eos: bool
+
+    @classmethod
+    def build(cls, seqs: list[_Sequence], device) -> _Rows:
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        reqs = [s.request for s in seqs]
+        controls = [s.control for s in seqs]
+        width = max(len(s.uniforms) for s in seqs)
+        uniforms = torch.stack(
+            [torch.nn.functional.pad(s.uniforms, (0, width - len(s.uniforms)), value=0.5) for s in seqs]
+        )
+        keys: dict[tuple[str, str], list[int]] = {}
+        for row, c in enumerate(controls):
+            keys.setdefault((c.kind, c.rule), []).append(row)
+        wants_eos = [c.wants_eos and not r.ignore_eos for c, r in zip(controls, reqs, strict=True)]
+        caps = [
+            NO_CAP if c.cap is None or r.ignore_eos else c.cap for c, r in zip(controls, reqs, strict=True)
+        ]
+        return cls(
+            temperature=col([r.temperature or 1.0 for r in reqs], torch.float32),
+            top_k=col([r.top_k for r in reqs], torch.long),
+            top_p=col([r.top_p for r in reqs], torch.float32),
+            min_p=col([r.min_p for r in reqs], torch.float32),
+            greedy=col([r.temperature == 0 for r in reqs], torch.bool),
+            ignore_eos=col([r.ignore_eos for r in reqs], torch.bool),
+            step=col([len(s.tokens) for s in seqs], torch.long),
+            uniforms=uniforms,
+            target=col([c.target or 0 for c in controls], torch.long),
+            beta=col([c.beta or 0.0 for c in controls], torch.float64),
+            cap=col(caps, torch.long),
+            wants_eos=col(wants_eos, torch.bool),
+            plain=col([not c.active for c in controls], torch.bool),
+            groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
+            any_guided=any(c.active for c in controls),
+            any_plain=not all(c.active for c in controls),
+            any_greedy=any(r.temperature == 0 for r in reqs),
+            any_top_k=any(r.top_k > 0 for r in reqs),
+            any_top_p=any(r.top_p < 1 for r in reqs),
+            any_min_p=any(r.min_p > 0 for r in reqs),
+            any_ignore_eos=any(r.ignore_eos for r in reqs),
+            any_cap=any(cap < NO_CAP for cap in caps),
+            any_wants_eos=any(wants_eos),
+        )
+
+
+@dataclass
+class _Batch:
+    seqs: list[_Sequence]
+    gen: Stream  # the generator
+    lvm: Stream | None  # a standalone LenVM's own stream
+    hidden: torch.Tensor  # [B, H] generator hidden state of the last fed token
+    rows: _Rows
+
+
+class Engine:
+    """Batched generation with a generator, optionally guided by a LenVM (see the module doc)."""
+
+    def __init__(self, model, tokenizer, lenvm: LengthValueModel | None = None, num_candidates: int = 8):
+        if not _is_int(num_candidates) or num_candidates < 1:
+            raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+        _check_supported(model, "the generator")
+        if lenvm is not None:
+            check_tokenizer(lenvm.config, tokenizer, what="the generator's tokenizer")
+            if lenvm.attached and lenvm.backbone is not model:
+                raise InputError(
+                    f"a LenVM of kind {lenvm.config.kind!r} reads the generator's own hidden states: "
+                    "load it with generator=(model, tokenizer) of this engine's model"
+                )
+            if not lenvm.attached:
+                _check_supported(lenvm.backbone, "the LenVM")
+        from lenvm.models import eos_token_ids
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.lenvm = lenvm.eval() if lenvm is not None else None
+        self.kind = lenvm.config.kind if lenvm is not None else None
+        self.num_candidates = num_candidates
+        self.body = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.device = self.lm_head.weight.device
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self._eos = torch.tensor(self.eos_ids, device=self.device)
+        self._eos_set = set(self.eos_ids)
+        self.context = _context(model)
+        if lenvm is not None and not lenvm.attached:
+            self.context = min(self.context, _context(lenvm.backbone))
+
+    # -- public ---------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request], batch_size: int = 8, progress: bool = False) -> list[Result]:
+        """Generate for every request; results come back in request order."""
+        if not _is_int(batch_size) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        seqs = [self._prepare(i, r) for i, r in enumerate(requests)]
+        # The LenVM runs only when some request needs it; its cache must then cover every row.
+        scored = self.lenvm is not None and any(s.control.active or s.request.return_values for s in seqs)
+        waiting = deque(seqs)
+        batch: _Batch | None = None
+        bar = _progress(len(seqs), progress)
+        with torch.inference_mode():
+            while waiting or batch is not None:
+                free = batch_size - (0 if batch is None else len(batch.seqs))
+                if waiting and free > 0:
+                    joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                    batch = self._admit(batch, joining, scored)
+                finished = self._step(batch, scored)
+                if finished:
+                    batch = self._retire(batch, finished)
+                    bar.update(len(finished))
+        bar.close()
+        return [s.result(self.tokenizer) for s in seqs]
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _prepare(self, index: int, request: Request) -> _Sequence:
+        if not isinstance(request, Request):
+            raise InputError(f"request {index}: expected a Request, got {type(request).__name__}")
+        where = f"request {index}"
+        prompt_ids = encode_prompt(self.tokenizer, as_prompt(request.prompt, default_id=str(index)))
+        if not prompt_ids:
+            raise InputError(f"{where}: the prompt encodes to no tokens")
+        if len(prompt_ids) + request.max_new_tokens > self.context:
+            raise InputError(
+                f"{where}: prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) "
+                f"exceeds the model's context of {self.context} tokens"
+            )
+        control = request.control or Control()
+        if (control.active or request.return_values) and self.lenvm is None:
+            raise InputError(f"{where}: a length control or return_values needs an engine with a LenVM")
+        if control.target is not None and control.target > self.context:
+            raise InputError(
+                f"{where}: target {control.target} exceeds the model's context of {self.context}"
+            )
+        seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()))
+        rng = torch.Generator().manual_seed(seed)
+        uniforms = torch.rand(request.max_new_tokens, generator=rng, dtype=torch.float64)
+        return _Sequence(index, request, control, prompt_ids, uniforms.to(self.device))
+
+    def _admit(self, batch: _Batch | None, joining: list[_Sequence], scored: bool) -> _Batch:
+        """Prefill each joining prompt alone, then merge it into the running batch."""
+        gens, hiddens, lvms = [], [], []
+        for seq in joining:
+            stream, hidden = Stream.prefill(self.body, seq.prompt_ids)
+            gens.append(stream)
+            hiddens.append(hidden)
+            if scored and self.kind == "standalone":
+                lvms.append(Stream.prefill(self.lenvm.body, seq.prompt_ids)[0])
+        if batch is not None:
+            gens.insert(0, batch.gen)
+            hiddens.insert(0, batch.hidden)
+            if batch.lvm is not None:
+                lvms.insert(0, batch.lvm)
+        seqs = (batch.seqs if batch is not None else []) + joining
+        return _Batch(
+            seqs=seqs,
+            gen=Stream.cat(gens),
+            lvm=Stream.cat(lvms) if lvms else None,
+            hidden=torch.cat(hiddens),
+            rows=_Rows.build(seqs, self.device),
+        )
+
+    def _retire(self, batch: _Batch, finished: list[int]) -> _Batch | None:
+        done = set(finished)
+        keep = [i for i in range(len(batch.seqs)) if i not in done]
+        if not keep:
+            return None
+        rows = torch.tensor(keep, device=self.device)
+        batch.gen.select(rows)
+        if batch.lvm is not None:
+            batch.lvm.select(rows)
+        seqs = [batch.seqs[i] for i in keep]
+        return _Batch(seqs, batch.gen, batch.lvm, batch.hidden[rows], _Rows.build(seqs, self.device))
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _step(self, batch: _Batch, scored: bool) -> list[int]:
+        """Generate one token for every row; returns the rows that finished."""
+        r = batch.rows
+        logits = self.lm_head(batch.hidden).float()
+        uniform = r.uniforms.gather(1, r.step[:, None])[:, 0]
+        allowed = logits
+        if r.any_ignore_eos:
+            allowed = logits.clone()
+            allowed[:, self._eos] = logits[:, self._eos].masked_fill(r.ignore_eos[:, None], -float("inf"))
+        probs = policies.truncate(
+            allowed,
+            r.temperature,
+            r.top_k if r.any_top_k else None,
+            r.top_p if r.any_top_p else None,
+            r.min_p if r.any_min_p else None,
+        )
+        sampled = policies.choose(probs, uniform, r.greedy if r.any_greedy else None) if r.any_plain else None
+        if r.any_guided:
+            ids, cand_probs = self._candidates(logits, probs, sampled, r)
+        else:
+            ids, cand_probs = sampled[:, None], probs.gather(1, sampled[:, None])
+        eos = torch.isin(ids, self._eos)
+
+        hidden = values = None
+        if self.kind == "attached" and scored:
+            hidden = batch.gen.forward(ids)  # the generator's own forward over the candidates
+            values = self.lenvm.values_from_hidden(hidden)
+        elif self.kind == "standalone" and scored:
+            values = self.lenvm.values_from_hidden(batch.lvm.forward(ids))
+        elif self.kind == "q" and scored:
+            values = self.lenvm.next_values_from_hidden(batch.hidden, ids)
+        if values is not None:
+            values = values.float().masked_fill(eos, 0.0)
+
+        if r.any_guided:
+            cands = policies.Candidates(ids, cand_probs, values, eos)
+            choice = policies.choose(self._policy(cands, r), uniform, r.greedy)
+        else:
+            choice = torch.zeros_like(ids[:, 0])
+        token = ids.gather(1, choice[:, None])[:, 0]
+        forced = torch.zeros_like(token, dtype=torch.bool)
+        if r.any_cap:
+            forced = (r.step >= r.cap) & ~torch.isin(token, self._eos)
+            token = torch.where(forced, self._primary_eos(logits), token)
+        value = (
+            values.gather(1, choice[:, None])[:, 0].masked_fill(forced, 0.0) if values is not None else None
+        )
+
+        # Advance: the caches keep the chosen token only.
+        if hidden is not None:
+            batch.gen.keep(choice)
+            batch.hidden = hidden[torch.arange(len(choice), device=self.device), choice]
+        else:
+            batch.hidden = batch.gen.forward(token[:, None])[:, 0]
+            batch.gen.keep()
+        if batch.lvm is not None:
+            batch.lvm.keep(choice)
+        r.step += 1
+
+        # One host transfer per step.
+        # Under the generator's own distribution (temperature 1, untruncated), for mean_logprob.
+        logprob = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
+        columns = [token, forced, logprob] + ([value] if value is not None else [])
+        host = torch.stack([c.double() for c in columns]).tolist()
+        finished = []
+        for row, seq in enumerate(batch.seqs):
+            v = host[3][row] if value is not None else 0.0
+            if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, self._eos_set):
+                finished.append(row)
+        return finished
+
+    def _candidates(self, logits, probs, sampled, r: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, k]`` candidate ids and probabilities: the top k for guided rows, the sampled
+        token alone (other slots unusable) for plain rows."""
+        ids, cand_probs = policies.top_candidates(
+            logits,
+            probs,
+            self.num_candidates,
+            self._eos,
+            r.wants_eos if r.any_wants_eos else None,
+            r.temperature,
+        )
+        if sampled is not None:
+            plain = r.plain[:, None]
+            only = torch.zeros_like(cand_probs)
+            only[:, 0] = probs.gather(1, sampled[:, None])[:, 0]
+            ids = torch.where(plain, sampled[:, None], ids)
+            cand_probs = torch.where(plain, only, cand_probs)
+        return ids, cand_probs
+
+    def _policy(self, c: policies.Candidates, r: _Rows) -> torch.Tensor:
+        """Each row's control policy, applied to the rows of each (kind, rule) group."""
+        dist = torch.zeros(c.ids.shape, dtype=torch.float64, device=self.device)
+        for kind, rule, rows in r.groups:
+            if len(rows) == len(r.plain):  # one group: no gather and scatter
+                return policies.apply(kind, rule, c, r.step, r.target, r.beta, self.lenvm.gamma)
+            sub = policies.Candidates(c.ids[rows], c.probs[rows], c.values[rows], c.eos[rows])
+            dist[rows] = policies.apply(
+                kind, rule, sub, r.step[rows], r.target[rows], r.beta[rows], self.lenvm.gamma
+            )
+        return dist
+
+    def _primary_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per row, the EOS id the generator finds most likely."""
+        if len(self.eos_ids) == 1:
+            return self._eos.expand(logits.shape[0])
+        return self._eos[logits[:, self._eos].argmax(-1)]
+
+
+def _context(model) -> int:
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 2**31)
+
+
+def _check_supported(model, what: str) -> None:
+    """The engine's padding and candidate masks assume full attention in every layer."""
+    config = model.config.get_text_config()
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise InputError(
+            f"{what} uses attention kinds {sorted(kinds)}; the decoding engine supports full attention only"
+        )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", desc="generate")

@@ -1,0 +1,136 @@
+"""KV-cached forwards over a batch of left-padded rows, and exact scoring of candidate tokens.
+
+A :class:`Stream` is one transformer body (no LM head) with its KV cache, the padding mask of
+the cached columns and the next position id of every row. Rows start at different lengths:
+each prompt is prefilled alone (no padding inside a prefill) and rows are left-padded with
+zeros when they join a batch; padded columns are masked out of attention, and position ids
+count real tokens only, so a row computes exactly what it would compute alone.
+
+Candidate block: to score ``k`` candidate next tokens of every row in ONE forward, they are fed
+as a length-``k`` block at the same position id, with a 4D additive mask in which each candidate
+sees its row's cached prefix and its own column only, never the other candidates. Each
+candidate's hidden state then equals that of appending it alone. :meth:`Stream.keep` afterwards
+keeps the chosen candidate's cache entry and drops the others, so the prefix is never recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Stream:
+    """A body with its KV cache over ``B`` rows: ``mask`` is ``[B, T]`` (True = real column)."""
+
+    def __init__(self, body: nn.Module, cache, mask: torch.Tensor, positions: torch.Tensor):
+        self.body = body
+        self.cache = cache
+        self.mask = mask
+        self.positions = positions
+        self.padded = not bool(mask.all())  # kept on the host: a forward must not sync to learn it
+        self._block = 0  # width of the block fed by the last forward, not yet resolved by keep()
+
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, body: nn.Module, token_ids: list[int]) -> tuple[Stream, torch.Tensor]:
+        """A one-row stream over ``token_ids``, and the hidden state of its last token (``[1, H]``)."""
+        from transformers import DynamicCache
+
+        device = next(body.parameters()).device
+        ids = torch.tensor([token_ids], device=device)
+        cache = DynamicCache()
+        out = body(input_ids=ids, past_key_values=cache, use_cache=True)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        positions = torch.tensor([len(token_ids)], device=device)
+        return cls(body, cache, mask, positions), out.last_hidden_state[:, -1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def _tensors(self) -> list[tuple[object, str]]:
+        return [(layer, name) for layer in self.cache.layers for name in ("keys", "values")]
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (``[B, k]``) as candidates for the next position; returns ``[B, k, H]``.
+
+        With ``k == 1`` this is an ordinary decoding step. Call :meth:`keep` before the next forward.
+        """
+        batch, k = tokens.shape
+        dtype = self.body.get_input_embeddings().weight.dtype
+        if k == 1 and not self.padded:
+            mask = None  # nothing to hide: the attention kernel's fast path
+        else:
+            low = torch.finfo(dtype).min
+            prefix = torch.zeros(self.mask.shape, dtype=dtype, device=tokens.device)
+            prefix.masked_fill_(~self.mask, low)
+            block = torch.full((k, k), low, dtype=dtype, device=tokens.device)
+            block.fill_diagonal_(0.0)
+            mask = torch.cat(
+                [prefix[:, None, None, :].expand(batch, 1, k, -1), block.expand(batch, 1, k, k)], dim=-1
+            )
+        positions = self.positions[:, None].expand(batch, k)
+        out = self.body(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self._block = k
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def keep(self, choice: torch.Tensor | None = None) -> None:
+        """Keep the cache entry of candidate ``choice[b]`` of every row (the only one when ``k == 1``)."""
+        k, self._block = self._block, 0
+        if k > 1:
+            start = self.mask.shape[1]
+            rows = torch.arange(self.batch_size, device=self.mask.device)
+            for layer, name in self._tensors():
+                kv = getattr(layer, name)
+                kv[:, :, start] = kv[rows, :, start + choice]
+                setattr(layer, name, kv[:, :, : start + 1])
+        real = torch.ones((self.batch_size, 1), dtype=torch.bool, device=self.mask.device)
+        self.mask = torch.cat([self.mask, real], dim=1)
+        self.positions = self.positions + 1
+
+    @torch.no_grad()
+    def discard(self) -> None:
+        """Drop the block fed by the last forward without keeping any of it."""
+        k, self._block = self._block, 0
+        if k:
+            start = self.mask.shape[1]
+            for layer, name in self._tensors():
+                setattr(layer, name, getattr(layer, name)[:, :, :start])
+
+    @torch.no_grad()
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows``, and drop leading columns that are padding in every remaining row."""
+        self.mask = self.mask[rows]
+        self.positions = self.positions[rows]
+        start = int(self.mask.any(0).to(torch.int8).argmax())
+        for layer, name in self._tensors():
+            setattr(layer, name, getattr(layer, name)[rows, :, start:])
+        self.mask = self.mask[:, start:]
+        self.padded = not bool(self.mask.all())
+
+    @classmethod
+    @torch.no_grad()
+    def cat(cls, streams: list[Stream]) -> Stream:
+        """One stream with the rows of ``streams`` (same body), left-padded to a common length.
+
+        The streams are consumed: the result reuses the first one's cache object."""
+        width = max(s.mask.shape[1] for s in streams)
+        first = streams[0]
+        mask = torch.cat([F.pad(s.mask, (width - s.mask.shape[1], 0)) for s in streams])
+        positions = torch.cat([s.positions for s in streams])
+        for index, (layer, name) in enumerate(first._tensors()):
+            parts = []
+            for s in streams:
+                kv = getattr(*s._tensors()[index])
+                parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
+            setattr(layer, name, torch.cat(parts))
+        return cls(first.body, first.cache, mask, positions)

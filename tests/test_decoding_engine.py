@@ -1,0 +1,274 @@
+"""The decoding engine end to end on the tiny model: every kind, every control, mixed batches."""
+
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from lenvm.decoding import Control, Engine, Request
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel, TokenizerMismatchError
+from lenvm.prompts import encode_prompt
+from lenvm.returns import length_to_value
+
+PROMPTS = ["Tell me about the sea.", "Hi", "List three colors: red, green and blue, then explain why."]
+CONTROLS = [
+    Control("equal_to", target=6),
+    Control("equal_to", target=6, rule="paper"),
+    Control("at_most", target=5),
+    Control("at_most", target=5, rule="paper", hard_cap_slack=0),
+    Control("at_least", target=9),
+    Control("at_least", target=9, rule="paper"),
+    Control("tilt", beta=3.0),
+    Control("tilt", beta=-3.0),
+    Control(),
+]
+
+
+@pytest.fixture(scope="module")
+def lenvms(tiny_path, tiny_generator):
+    return {
+        kind: LengthValueModel.from_base(tiny_path, kind=kind, generator=tiny_generator).eval()
+        for kind in ("attached", "q", "standalone")
+    }
+
+
+@contextmanager
+def ends_after_every_token(lenvm):
+    """Make the LenVM predict, for every non-EOS candidate, that exactly one token (the EOS) is
+    left after it: then equal_to N must end at exactly N tokens."""
+    one_left = length_to_value(1.0, lenvm.gamma)
+    saved = lenvm.values_from_hidden, lenvm.next_values_from_hidden
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], one_left)
+    lenvm.next_values_from_hidden = lambda h, ids: torch.full(ids.shape, one_left)
+    try:
+        yield
+    finally:
+        lenvm.values_from_hidden, lenvm.next_values_from_hidden = saved
+
+
+def check(result, request, eos_ids):
+    assert 1 <= len(result.token_ids) <= request.max_new_tokens
+    ended = result.token_ids[-1] in eos_ids
+    assert ended == (result.finish_reason in ("stop", "cap"))
+    assert result.num_tokens == len(result.token_ids) - ended
+    assert not any(t in eos_ids for t in result.token_ids[:-1])
+    assert math.isfinite(result.mean_logprob) and result.mean_logprob < 0
+    if request.return_values:
+        assert len(result.values) == len(result.token_ids)
+        assert all(-1 <= v <= 0 for v in result.values)
+
+
+def test_plain_greedy_matches_transformers_generate(tiny_generator):
+    from transformers import GenerationConfig
+
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    requests = [Request(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, [12, 3, 9], strict=True)]
+    results = engine.generate(requests, batch_size=2)  # the third request joins when the second ends
+    for request, result in zip(requests, results, strict=True):
+        ids = torch.tensor([encode_prompt(tok, request.prompt)])
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=request.max_new_tokens, eos_token_id=engine.eos_ids
+        )
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), generation_config=config, pad_token_id=0
+        )
+        assert result.token_ids == out[0, ids.shape[1] :].tolist()
+        check(result, request, engine.eos_ids)
+
+
+def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_generator):
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    requests = [Request(p, max_new_tokens=15, seed=i, top_p=0.9, top_k=50) for i, p in enumerate(PROMPTS)]
+    together = engine.generate(requests, batch_size=3)
+    apart = [engine.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in apart]
+    assert len({tuple(r.token_ids) for r in together}) == 3
+
+
+def test_mean_logprob_is_the_generators_own(tiny_generator):
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    request = Request(PROMPTS[0], max_new_tokens=10, seed=3, temperature=0.7)
+    result = engine.generate([request])[0]
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    n = len(result.prompt_token_ids)
+    expected = logprobs[n - 1 :].gather(1, ids[0, n:, None]).mean()
+    assert result.mean_logprob == pytest.approx(float(expected), abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_every_control_runs_for_every_kind_in_one_mixed_batch(tiny_generator, lenvms, kind):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    requests = [
+        Request(PROMPTS[i % 3], max_new_tokens=12, seed=i, control=c, return_values=True, temperature=i % 2)
+        for i, c in enumerate(CONTROLS)
+    ]
+    results = engine.generate(requests, batch_size=4)
+    for request, result in zip(requests, results, strict=True):
+        check(result, request, engine.eos_ids)
+    # Mixed controls in one batch: each request gets what it would get alone.
+    alone = [engine.generate([r])[0].token_ids for r in requests]
+    assert [r.token_ids for r in results] == alone
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_returned_values_are_the_lenvm_values_of_the_output(tiny_generator, lenvms, kind):
+    model, tok = tiny_generator
+    lenvm = lenvms[kind]
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
+    request = Request(
+        PROMPTS[2], max_new_tokens=8, seed=1, control=Control("tilt", beta=1.0), return_values=True
+    )
+    result = engine.generate([request])[0]
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+    n = len(result.prompt_token_ids)
+    with torch.no_grad():
+        hidden = lenvm.hidden_states(ids)[0]
+        if kind == "q":
+            steps = torch.arange(n - 1, ids.shape[1] - 1)
+            expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
+        else:
+            expected = lenvm.values_from_hidden(hidden[n:])
+    expected = expected.masked_fill(torch.isin(ids[0, n:], torch.tensor(engine.eos_ids)), 0.0)
+    torch.testing.assert_close(torch.tensor(result.values), expected.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_equal_to_hits_the_target_with_an_exact_lenvm(tiny_generator, lenvms, kind, temperature):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    targets = [1, 4, 9]
+    requests = [
+        Request(
+            PROMPTS[i],
+            max_new_tokens=20,
+            seed=i,
+            temperature=temperature,
+            control=Control("equal_to", target=n),
+        )
+        for i, n in enumerate(targets)
+    ]
+    with ends_after_every_token(lenvms[kind]):
+        results = engine.generate(requests)
+    assert [r.num_tokens for r in results] == targets
+    assert [r.finish_reason for r in results] == ["stop"] * 3  # the policy ended, nothing forced
+
+
+def test_greedy_requests_are_guided(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    lenvm = lenvms["q"]
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
+    plain = engine.generate([Request(PROMPTS[0], max_new_tokens=6, temperature=0)])[0]
+    # Values that make the generator's 2nd..4th choices look far shorter than its first.
+    chosen = set(plain.token_ids)
+    lenvm.next_values_from_hidden = lambda h, ids: torch.where(
+        torch.isin(ids, torch.tensor(sorted(chosen))), -0.99, -0.01
+    )
+    try:
+        guided = engine.generate(
+            [Request(PROMPTS[0], max_new_tokens=6, temperature=0, control=Control("tilt", beta=50.0))]
+        )[0]
+    finally:
+        del lenvm.next_values_from_hidden
+    assert not set(guided.token_ids) & chosen
+
+
+def test_at_least_and_at_most_hold_with_an_exact_lenvm(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    lenvm = lenvms["attached"]
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
+    requests = [
+        Request(p, max_new_tokens=25, seed=i, control=Control("at_least", target=12))
+        for i, p in enumerate(PROMPTS)
+    ]
+    requests += [
+        Request(p, max_new_tokens=25, seed=i, control=Control("at_most", target=7))
+        for i, p in enumerate(PROMPTS)
+    ]
+    with ends_after_every_token(lenvm):
+        results = engine.generate(requests)
+    assert all(r.num_tokens >= 12 for r in results[:3])
+    assert all(r.num_tokens <= 7 and r.finish_reason in ("stop", "cap") for r in results[3:])
+
+
+def test_hard_cap_reports_cap(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    lenvm = lenvms["standalone"]
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=3)
+    control = Control("equal_to", target=4, rule="paper", hard_cap_slack=2)
+    # Every candidate looks very long: the paper's rule never picks EOS, so the cap has to fire.
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999)
+    try:
+        result = engine.generate([Request(PROMPTS[0], max_new_tokens=30, seed=0, control=control)])[0]
+    finally:
+        del lenvm.values_from_hidden
+    assert result.finish_reason == "cap"
+    assert result.num_tokens == 6
+    assert result.token_ids[-1] in engine.eos_ids
+
+
+def test_ignore_eos_runs_the_full_length(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
+    requests = [
+        Request(p, max_new_tokens=10, seed=0, ignore_eos=True, control=c)
+        for p, c in zip(PROMPTS, CONTROLS, strict=False)
+    ]
+    assert all(r.num_tokens == 10 and r.finish_reason == "length" for r in engine.generate(requests))
+
+
+def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"])
+    bad_controls = [
+        dict(kind="equal_to", target=0),
+        dict(kind="at_most"),
+        dict(kind="tilt", beta=float("inf")),
+        dict(kind="tilt", beta=float("nan")),
+        dict(kind="tilt"),
+        dict(kind="shortest"),
+        dict(kind="equal_to", target=5, rule="magic"),
+        dict(kind="at_least", target=5, hard_cap_slack=1),
+        dict(kind="equal_to", target=5, hard_cap_slack=-1),
+    ]
+    for kwargs in bad_controls:
+        with pytest.raises(InputError):
+            Control(**kwargs)
+    with pytest.raises(InputError, match="context"):
+        engine.generate([Request("hi", control=Control("equal_to", target=10**6))])
+    with pytest.raises(InputError, match="empty"):
+        engine.generate([Request("")])
+    with pytest.raises(InputError, match="empty"):
+        engine.generate([Request([{"role": "user", "content": "  "}])])
+    for kwargs in [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_k=-2),
+        dict(max_new_tokens=0),
+        dict(min_p=1),
+    ]:
+        with pytest.raises(InputError):
+            Request("hi", **kwargs)
+    for k in (0, -3, 1.5):
+        with pytest.raises(InputError, match="num_candidates"):
+            Engine(model, tok, lenvm=lenvms["q"], num_candidates=k)
+    with pytest.raises(InputError, match="needs an engine with a LenVM"):
+        Engine(model, tok).generate([Request("hi", control=Control("tilt", beta=1.0))])
+
+    other = LengthValueModel.from_base(tiny_path, kind="standalone")
+    other.config.tokenizer_fingerprint = "0" * 16
+    with pytest.raises(TokenizerMismatchError):
+        Engine(model, tok, lenvm=other)
+    from lenvm.models import load_generator
+
+    second = load_generator(tiny_path)
+    with pytest.raises(InputError, match="generator=\\(model, tokenizer\\)"):
+        Engine(second[0], second[1], lenvm=lenvms["attached"])

@@ -1,0 +1,110 @@
+"""LenVM guidance inside transformers' generate(): the logits processor and the length criterion."""
+
+import pytest
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+from lenvm.decoding import Control, Engine, LengthStoppingCriteria, LenVMLogitsProcessor, Request
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel
+from lenvm.prompts import encode_prompt
+
+PROMPTS = ["Tell me about the sea.", "List three colors: red, green and blue, then explain why."]
+
+
+@pytest.fixture(scope="module")
+def lenvms(tiny_path, tiny_generator):
+    return {
+        kind: LengthValueModel.from_base(tiny_path, kind=kind, generator=tiny_generator).eval()
+        for kind in ("q", "standalone")
+    }
+
+
+def left_padded(tok, prompts):
+    rows = [encode_prompt(tok, p) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    return ids, (ids != tok.pad_token_id).long()
+
+
+def generate(model, tok, processors=(), criteria=(), max_new_tokens=12, sample=False):
+    ids, mask = left_padded(tok, PROMPTS)
+    config = GenerationConfig(
+        do_sample=sample,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}),
+    )
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        generation_config=config,
+        logits_processor=LogitsProcessorList(processors),
+        stopping_criteria=StoppingCriteriaList(criteria),
+    )
+    return ids.shape[1], [row[ids.shape[1] :].tolist() for row in out]
+
+
+def new_tokens(row, eos):
+    """Generated tokens up to and including the first EOS."""
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+@pytest.mark.parametrize("kind", ["q", "standalone"])
+def test_greedy_generate_with_the_processor_matches_the_engine(tiny_generator, lenvms, kind):
+    model, tok = tiny_generator
+    control = Control("tilt", beta=2.0)
+    processor = LenVMLogitsProcessor(lenvms[kind], control, num_candidates=4)
+    _, rows = generate(model, tok, [processor])
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    results = engine.generate(
+        [Request(p, max_new_tokens=12, temperature=0, control=control) for p in PROMPTS]
+    )
+    for row, result in zip(rows, results, strict=True):
+        assert new_tokens(row, tok.eos_token_id) == result.token_ids
+
+
+def test_processor_leaves_only_candidates_and_one_hot_rules_leave_one(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    ids, _ = left_padded(tok, PROMPTS)
+    scores = torch.randn(2, len(tok))
+    soft = LenVMLogitsProcessor(lenvms["standalone"], Control("at_least", target=5), num_candidates=3)
+    out = soft(ids, scores)
+    assert ((out > -float("inf")).sum(-1) <= 3).all()
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2))
+    paper = LenVMLogitsProcessor(lenvms["standalone"], Control("at_least", target=5, rule="paper"))
+    assert ((paper(ids, scores) > -float("inf")).sum(-1) == 1).all()
+
+
+def test_sampled_generate_respects_the_hard_cap(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    control = Control("equal_to", target=3, rule="paper", hard_cap_slack=2)
+    lenvm = lenvms["standalone"]
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999)  # never ends by itself
+    try:
+        processor = LenVMLogitsProcessor(lenvm, control, num_candidates=4)
+        _, rows = generate(model, tok, [processor], max_new_tokens=20, sample=True)
+    finally:
+        del lenvm.values_from_hidden
+    for row in rows:
+        assert row.index(tok.eos_token_id) == 5  # 3 + 2 tokens, then the forced EOS
+
+
+def test_length_stopping_criteria_cuts_generation(tiny_generator):
+    model, tok = tiny_generator
+    ids, _ = left_padded(tok, PROMPTS)
+    criterion = LengthStoppingCriteria(prompt_length=ids.shape[1], max_new_tokens=4)
+    _, rows = generate(model, tok, criteria=[criterion], max_new_tokens=20)
+    assert all(len(row) <= 4 for row in rows)
+    with pytest.raises(InputError):
+        LengthStoppingCriteria(prompt_length=3, max_new_tokens=0)
+
+
+def test_processor_rejects_bad_settings(lenvms):
+    with pytest.raises(InputError):
+        LenVMLogitsProcessor(lenvms["q"], Control())
+    with pytest.raises(InputError):
+        LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), num_candidates=0)
+    with pytest.raises(InputError):
+        LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), top_p=0.0)

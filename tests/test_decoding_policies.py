@@ -1,0 +1,193 @@
+"""Control policies on constructed candidates: pure functions, no model."""
+
+import random
+
+import pytest
+import torch
+
+from lenvm.decoding import policies
+from lenvm.decoding.policies import Candidates
+from lenvm.returns import length_to_value
+
+GAMMA = 0.99
+EOS = 2
+
+
+def cands(probs, lengths, eos_slot=None):
+    """One row of candidates with exact remaining lengths (EOS: length 0)."""
+    probs = torch.tensor([probs], dtype=torch.float64)
+    lengths = torch.tensor([lengths], dtype=torch.float64)
+    eos = torch.zeros_like(probs, dtype=torch.bool)
+    if eos_slot is not None:
+        eos[0, eos_slot] = True
+        lengths[0, eos_slot] = 0
+    ids = torch.arange(10, 10 + probs.shape[1])[None].masked_fill(eos, EOS)
+    return Candidates(ids, probs, length_to_value(lengths, GAMMA).float(), eos)
+
+
+def t(x):
+    return torch.tensor([x])
+
+
+def expected_length(dist, lengths):
+    return float((dist[0] * torch.tensor(lengths, dtype=torch.float64)).sum())
+
+
+def test_tilt_larger_beta_shifts_mass_to_shorter_candidates():
+    lengths = [5, 20, 50, 100]
+    c = cands([0.25, 0.25, 0.25, 0.25], lengths)
+    means = [expected_length(policies.tilt(c, t(beta)), lengths) for beta in (-5.0, 0.0, 1.0, 5.0, 20.0)]
+    assert means == sorted(means, reverse=True)
+    assert means[1] == pytest.approx(sum(lengths) / 4)  # beta 0 is the generator itself
+    assert means[-1] < 10
+
+
+def test_tilt_keeps_the_generator_probabilities_among_equal_values():
+    dist = policies.tilt(cands([0.6, 0.3, 0.1], [20, 20, 90]), t(3.0))[0]
+    assert float(dist[0] / dist[1]) == pytest.approx(2.0)
+
+
+def test_equal_to_paper_picks_the_closest_value_one_hot():
+    c = cands([0.7, 0.1, 0.1, 0.1], [3, 20, 60, 0], eos_slot=3)
+    dist = policies.equal_to(c, t(10), t(30), GAMMA, rule="paper")  # 20 tokens to go
+    assert dist[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    at_target = policies.equal_to(c, t(30), t(30), GAMMA, rule="paper")
+    assert at_target[0].tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_equal_to_ours_prefers_the_candidate_that_lands_on_the_target():
+    c = cands([0.4, 0.2, 0.3, 0.1], [3, 20, 80, 0], eos_slot=3)
+    dist = policies.equal_to(c, t(10), t(30), GAMMA)[0]
+    assert int(dist.argmax()) == 1
+    assert float(dist[3]) < 1e-6  # ending 20 tokens early is ruled out
+
+
+def test_equal_to_ours_keeps_generator_probabilities_between_equally_good_candidates():
+    dist = policies.equal_to(cands([0.5, 0.1, 0.4], [20, 20, 0], eos_slot=2), t(10), t(30), GAMMA)[0]
+    assert float(dist[0] / dist[1]) == pytest.approx(5.0)
+
+
+def test_equal_to_ours_ends_at_the_target_even_when_eos_is_unlikely():
+    c = cands([0.6, 0.399, 0.001], [1, 30, 0], eos_slot=2)
+    assert float(policies.equal_to(c, t(30), t(30), GAMMA)[0, 2]) == pytest.approx(1.0)
+    # One step before, the token predicted to end right after it wins.
+    assert int(policies.equal_to(c, t(29), t(30), GAMMA)[0].argmax()) == 0
+
+
+def test_at_most_ours_follows_the_generator_inside_the_bound():
+    c = cands([0.5, 0.3, 0.2], [10, 12, 200])
+    dist = policies.at_most(c, t(5), t(100), GAMMA)[0]
+    assert float(dist[0] / dist[1]) == pytest.approx(5 / 3, rel=1e-3)
+    assert float(dist[2]) < 0.1 * 0.2  # predicted to end far beyond the bound: pushed down
+
+
+def test_at_most_ours_takes_eos_once_nothing_else_fits():
+    c = cands([0.9, 0.09, 0.01], [3, 5, 0], eos_slot=2)
+    assert float(policies.at_most(c, t(50), t(50), GAMMA)[0, 2]) == pytest.approx(1.0)
+
+
+def test_at_most_paper_picks_the_shortest():
+    c = cands([0.9, 0.05, 0.05], [30, 4, 12])
+    assert policies.at_most(c, t(0), t(100), GAMMA, rule="paper")[0].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_at_least_never_ends_early_unless_nothing_else_is_possible():
+    c = cands([0.05, 0.05, 0.9], [40, 2, 0], eos_slot=2)
+    for rule in ("ours", "paper"):
+        assert float(policies.at_least(c, t(10), t(30), GAMMA, rule)[0, 2]) == 0.0
+    only_eos = cands([0.0, 0.0, 1.0], [40, 2, 0], eos_slot=2)
+    assert float(policies.at_least(only_eos, t(10), t(30), GAMMA)[0, 2]) == 1.0
+
+
+def test_at_least_ours_pushes_up_candidates_that_fall_short_and_follows_after_the_target():
+    c = cands([0.45, 0.45, 0.1], [40, 2, 0], eos_slot=2)
+    before = policies.at_least(c, t(10), t(30), GAMMA)[0]
+    assert float(before[0]) > 0.99
+    after = policies.at_least(c, t(30), t(30), GAMMA)[0]
+    torch.testing.assert_close(after, torch.tensor([0.45, 0.45, 0.1], dtype=torch.float64))
+
+
+def test_at_least_paper_picks_the_longest():
+    c = cands([0.9, 0.05, 0.05], [30, 4, 120])
+    assert policies.at_least(c, t(0), t(10), GAMMA, rule="paper")[0].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_choose_inverse_cdf_never_draws_zero_probability_and_greedy_takes_argmax():
+    dist = torch.tensor([[0.0, 0.3, 0.0, 0.7]] * 1000)
+    u = torch.linspace(0, 1 - 1e-9, 1000, dtype=torch.float64)
+    drawn = policies.choose(dist, u)
+    assert set(drawn.tolist()) == {1, 3}
+    assert abs(float((drawn == 1).double().mean()) - 0.3) < 0.01
+    greedy = policies.choose(dist[:2], u[:2], torch.tensor([True, False]))
+    assert greedy.tolist() == [3, 1]
+
+
+def test_truncate_applies_top_k_top_p_and_min_p_per_row():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]] * 4))
+    probs = policies.truncate(
+        logits,
+        torch.ones(4),
+        top_k=torch.tensor([2, 0, 0, 0]),
+        top_p=torch.tensor([1.0, 0.7, 1.0, 1.0]),
+        min_p=torch.tensor([0.0, 0.0, 0.4, 0.0]),
+    )
+    assert (probs > 0).sum(-1).tolist() == [2, 2, 2, 4]
+    torch.testing.assert_close(probs[3], torch.tensor([0.5, 0.25, 0.15, 0.1]))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    hot = policies.truncate(logits[:1], torch.tensor([0.5]))
+    assert float(hot[0, 0]) == pytest.approx(0.25 / (0.25 + 0.0625 + 0.0225 + 0.01))
+
+
+def test_top_candidates_adds_eos_when_a_target_needs_a_way_to_end():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1 - 1e-3, 1e-3]] * 2))
+    probs = policies.truncate(logits, torch.ones(2), top_p=torch.tensor([0.8, 0.8]))
+    eos_ids = torch.tensor([4])
+    ids, p = policies.top_candidates(logits, probs, 3, eos_ids, torch.tensor([True, False]), torch.ones(2))
+    assert ids.tolist() == [[0, 1, 4], [0, 1, 2]]
+    assert float(p[0, 2]) == pytest.approx(1e-3)  # its probability before top-p cut it
+
+
+def simulate(policy, target, seed, start=15):
+    """A small world with an exact LenVM: the generator plans to end in ``r`` tokens; token 'a'
+    follows the plan, token 'b' starts one more sentence (10 tokens), EOS ends. Returns the
+    output length under ``policy``."""
+    rng = random.Random(seed)
+    r, step = start, 0
+    while step < 500:
+        p = [0.05, 0.05, 0.9] if r <= 1 else [0.8, 0.15, 0.05]
+        lengths = [max(r - 1, 1), r - 1 + 10, 0]
+        c = cands(p, lengths, eos_slot=2)
+        choice = int(policies.choose(policy(c, t(step), t(target)), torch.tensor([rng.random()])))
+        if choice == 2:
+            return step
+        r = lengths[choice]
+        step += 1
+    return step
+
+
+@pytest.mark.parametrize("target", [8, 15, 40])
+def test_equal_to_ours_hits_targets_in_a_world_with_an_exact_lenvm(target):
+    def ours(c, step, n):
+        return policies.equal_to(c, step, n, GAMMA)
+
+    def plain(c, step, n):
+        return policies.follow(c)
+
+    errors = [abs(simulate(ours, target, seed) - target) for seed in range(40)]
+    plain_errors = [abs(simulate(plain, target, seed) - target) for seed in range(40)]
+    assert sum(errors) / len(errors) <= 1.0
+    assert max(errors) <= 3
+    if target != 15:  # the generator's own length
+        assert sum(plain_errors) / len(plain_errors) > 5
+
+
+@pytest.mark.parametrize("rule", ["ours", "paper"])
+def test_bounds_hold_in_a_world_with_an_exact_lenvm(rule):
+    lengths_most = [
+        simulate(lambda c, s, n: policies.at_most(c, s, n, GAMMA, rule), 10, seed) for seed in range(20)
+    ]
+    lengths_least = [
+        simulate(lambda c, s, n: policies.at_least(c, s, n, GAMMA, rule), 40, seed) for seed in range(20)
+    ]
+    assert max(lengths_most) <= 10
+    assert min(lengths_least) >= 40

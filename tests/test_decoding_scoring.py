@@ -1,0 +1,79 @@
+"""The candidate block: one forward that scores k next tokens per row exactly."""
+
+import pytest
+import torch
+
+from lenvm.decoding.scoring import Stream
+from lenvm.model import LengthValueModel
+
+PROMPTS = [[5, 17, 30, 41, 52, 60, 7], [9, 12], [100, 101, 102, 103]]  # different lengths: padding
+CANDIDATES = torch.tensor([[3, 4, 5, 6], [70, 71, 72, 73], [200, 201, 202, 5]])
+
+
+@pytest.fixture(scope="module")
+def body(tiny_generator):
+    return tiny_generator[0].base_model
+
+
+def alone(body, ids):
+    """Hidden state of the last token of ``ids`` from a fresh forward without any cache."""
+    with torch.no_grad():
+        return body(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+
+
+def batch(body):
+    return Stream.cat([Stream.prefill(body, p)[0] for p in PROMPTS])
+
+
+def test_candidate_block_matches_appending_each_candidate_alone(body):
+    hidden = batch(body).forward(CANDIDATES)
+    assert hidden.shape == (3, 4, body.config.hidden_size)
+    for row, prompt in enumerate(PROMPTS):
+        for j in range(CANDIDATES.shape[1]):
+            expected = alone(body, prompt + [int(CANDIDATES[row, j])])
+            torch.testing.assert_close(hidden[row, j], expected, atol=1e-4, rtol=0)
+
+
+def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator):
+    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=tiny_generator)
+    with torch.no_grad():
+        values = lenvm.values_from_hidden(batch(lenvm.body).forward(CANDIDATES))
+        for row, prompt in enumerate(PROMPTS):
+            for j in range(CANDIDATES.shape[1]):
+                full = lenvm(torch.tensor([prompt + [int(CANDIDATES[row, j])]]))[0, -1]
+                assert abs(float(values[row, j]) - float(full)) < 1e-4
+
+
+def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):
+    stream = batch(body)
+    stream.forward(CANDIDATES)
+    choice = torch.tensor([2, 0, 3])
+    stream.keep(choice)
+    assert stream.mask.shape[1] == max(map(len, PROMPTS)) + 1
+    nxt = torch.tensor([[11], [12], [13]])
+    hidden = stream.forward(nxt)
+    stream.keep()
+    for row, prompt in enumerate(PROMPTS):
+        ids = prompt + [int(CANDIDATES[row, choice[row]]), int(nxt[row, 0])]
+        torch.testing.assert_close(hidden[row, 0], alone(body, ids), atol=1e-4, rtol=0)
+
+
+def test_discard_drops_the_block(body):
+    stream = batch(body)
+    stream.forward(CANDIDATES)
+    stream.discard()
+    hidden = stream.forward(torch.tensor([[8], [8], [8]]))
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(hidden[row, 0], alone(body, prompt + [8]), atol=1e-4, rtol=0)
+
+
+def test_select_and_cat_keep_rows_exact(body):
+    stream = batch(body)
+    stream.select(torch.tensor([2, 1]))  # the longest prompt leaves: common padding is trimmed
+    assert stream.mask.shape[1] == 4
+    joined = Stream.cat([stream, Stream.prefill(body, PROMPTS[0])[0]])
+    hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]]))
+    for row, prompt in enumerate([PROMPTS[2], PROMPTS[1], PROMPTS[0]]):
+        for j in range(2):
+            expected = alone(body, prompt + [40 + 2 * row + j])
+            torch.testing.assert_close(hidden[row, j], expected, atol=1e-4, rtol=0)
