@@ -7,6 +7,7 @@ files. A rerun with the same settings skips the items already in ``items.jsonl``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zlib
@@ -46,11 +47,19 @@ class Models:
     lenvm_name: str | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What a results folder depends on: the models (by name) and the LenVM's gamma."""
+        """What a results folder depends on: the models by name, and the LenVM's gamma and head
+        weights (a LenVM retrained into the same folder must not reuse old results)."""
+        head = None
+        if self.lenvm is not None:
+            weights = b"".join(
+                t.detach().float().cpu().numpy().tobytes() for t in self.lenvm.head.state_dict().values()
+            )
+            head = hashlib.sha256(weights).hexdigest()[:16]
         return {
             "model": self.name,
             "lenvm": self.lenvm_name,
             "gamma": self.lenvm.gamma if self.lenvm is not None else None,
+            "lenvm_head": head,
         }
 
     def fits(self, prompt, max_new_tokens: int) -> bool:
