@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lenvm.decoding import Engine, Request
 from lenvm.io import (
     InputError,
     JsonlAppender,
@@ -107,8 +108,6 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
-        if self.temperature <= 0:
-            raise InputError("benchmarks sample: temperature must be positive")
 
     @classmethod
     def for_models(cls, models: Models, max_new_tokens: int, **options: Any) -> Sampling:
@@ -126,8 +125,6 @@ class Sampling:
     def request(self, prompt, seed_key: str, control=None):
         """A decoding request whose seed depends only on ``seed`` and ``seed_key``, so an item
         draws the same randomness whatever the batch it lands in, before and after a resume."""
-        from lenvm.decoding import Request
-
         return Request(
             prompt,
             max_new_tokens=self.max_new_tokens,
@@ -243,9 +240,7 @@ def _controlled(job: Job) -> bool:
     return control is not None and control.kind != "none"
 
 
-def _engine(models: Models, sampling: Sampling, needs_lenvm: bool):
-    from lenvm.decoding import Engine
-
+def _engine(models: Models, sampling: Sampling, needs_lenvm: bool) -> Engine:
     lenvm = models.require_lenvm("a LenVM-guided method") if needs_lenvm else None
     return Engine(models.generator, models.tokenizer, lenvm=lenvm, num_candidates=sampling.num_candidates)
 

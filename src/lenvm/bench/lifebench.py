@@ -20,6 +20,7 @@ from typing import Any
 
 from lenvm.bench import scoring
 from lenvm.bench.common import Job, Models, Run, Sampling, load_models, pyplot, settings_of
+from lenvm.decoding import Control
 from lenvm.io import InputError, iter_jsonl
 from lenvm.models import DEFAULT_MODEL
 from lenvm.prompts import Prompt
@@ -153,8 +154,9 @@ def run_lifebench(
     """Run token-level LIFEBench and write ``results.json``, ``table.md`` and plots to ``out``.
 
     ``methods`` defaults to every method the models allow (the prompt alone without a LenVM).
-    ``rows`` keeps the first N rows (after the ``langs`` filter, "en"/"zh"). Targets above
-    ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
+    ``rows`` keeps N rows, taken in turn from each (language, category) group, after the
+    ``langs`` filter ("en"/"zh") and after leaving out rows too long for the generator's context.
+    Targets above ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
     LenVM's training policy. ``models`` passes already loaded models (then ``model``, ``lenvm``,
     ``device`` and ``dtype`` are not used).
     """
@@ -190,7 +192,8 @@ def run_lifebench(
         for target in kept
         for row in table
     ]
-    with Run(out, settings_of(models, sampling, data=str(data))) as run:
+    settings = settings_of(models, sampling, data=str(data))
+    with Run(out, settings) as run:
         items = run.run_jobs(jobs, models, sampling, batch_size, "lifebench", progress)
         summary = scoring.summarize(items)
         labels = {m: METHODS[m][1] for m in methods}
@@ -203,7 +206,7 @@ def run_lifebench(
             "rows": len(table),
             "rows_too_long": too_long,
             "languages": sorted({r.lang for r in table}),
-            "settings": settings_of(models, sampling, data=str(data)),
+            "settings": settings,
             "seconds": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
@@ -239,8 +242,6 @@ def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None)
 
 
 def _job(row: Row, constraint: str, target: int, method: str, sampling: Sampling) -> Job:
-    from lenvm.decoding import Control
-
     rule = METHODS[method][0]
     control = None if rule is None else Control(kind=constraint, target=target, rule=rule)
     prompt = Prompt(row.id, text=token_task(row, constraint, target))

@@ -29,6 +29,7 @@ from lenvm.bench.common import (
     pyplot,
     settings_of,
 )
+from lenvm.decoding import Control
 from lenvm.io import InputError
 from lenvm.models import DEFAULT_MODEL
 
@@ -126,8 +127,6 @@ def run_tradeoff(
 
 
 def _job(dataset: str, problem: tasks.Problem, beta: float, sampling: Sampling) -> Job:
-    from lenvm.decoding import Control
-
     control = Control(kind="tilt", beta=beta) if beta else None
     item = f"{dataset}/{problem.id}"
     fields = {"dataset": dataset, "problem": problem.id, "beta": beta, "answer": problem.answer}
