@@ -21,12 +21,22 @@ def alone(body, ids):
         return body(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
 
 
-def batch(body):
-    return Stream.cat([Stream.prefill(body, p)[0] for p in PROMPTS])
+def batch(body, together):
+    """The prompts prefilled in one padded forward, or one by one and then merged."""
+    if together:
+        return Stream.prefill(body, PROMPTS)[0]
+    return Stream.cat([Stream.prefill(body, [p])[0] for p in PROMPTS])
 
 
-def test_candidate_block_matches_appending_each_candidate_alone(body):
-    hidden = batch(body).forward(CANDIDATES)
+def test_prefill_gives_each_rows_last_hidden_state(body):
+    _, last = Stream.prefill(body, PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(last[row], alone(body, prompt), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_candidate_block_matches_appending_each_candidate_alone(body, together):
+    hidden = batch(body, together).forward(CANDIDATES)
     assert hidden.shape == (3, 4, body.config.hidden_size)
     for row, prompt in enumerate(PROMPTS):
         for j in range(CANDIDATES.shape[1]):
@@ -37,7 +47,7 @@ def test_candidate_block_matches_appending_each_candidate_alone(body):
 def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator):
     lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=tiny_generator)
     with torch.no_grad():
-        values = lenvm.values_from_hidden(batch(lenvm.body).forward(CANDIDATES))
+        values = lenvm.values_from_hidden(batch(lenvm.body, True).forward(CANDIDATES))
         for row, prompt in enumerate(PROMPTS):
             for j in range(CANDIDATES.shape[1]):
                 full = lenvm(torch.tensor([prompt + [int(CANDIDATES[row, j])]]))[0, -1]
@@ -45,7 +55,7 @@ def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator):
 
 
 def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):
-    stream = batch(body)
+    stream = batch(body, True)
     stream.forward(CANDIDATES)
     choice = torch.tensor([2, 0, 3])
     stream.keep(choice)
@@ -59,7 +69,7 @@ def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):
 
 
 def test_discard_drops_the_block(body):
-    stream = batch(body)
+    stream = batch(body, False)
     stream.forward(CANDIDATES)
     stream.discard()
     hidden = stream.forward(torch.tensor([[8], [8], [8]]))
@@ -68,10 +78,10 @@ def test_discard_drops_the_block(body):
 
 
 def test_select_and_cat_keep_rows_exact(body):
-    stream = batch(body)
+    stream = batch(body, True)
     stream.select(torch.tensor([2, 1]))  # the longest prompt leaves: common padding is trimmed
     assert stream.mask.shape[1] == 4
-    joined = Stream.cat([stream, Stream.prefill(body, PROMPTS[0])[0]])
+    joined = Stream.cat([stream, Stream.prefill(body, [PROMPTS[0]])[0]])
     hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]]))
     for row, prompt in enumerate([PROMPTS[2], PROMPTS[1], PROMPTS[0]]):
         for j in range(2):

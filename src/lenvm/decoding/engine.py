@@ -382,14 +382,12 @@ class Engine:
         return _Sequence(index, request, control, prompt_ids, uniforms.to(self.device))
 
     def _admit(self, batch: _Batch | None, joining: list[_Sequence], scored: bool) -> _Batch:
-        """Prefill each joining prompt alone, then merge it into the running batch."""
-        gens, hiddens, lvms = [], [], []
-        for seq in joining:
-            stream, hidden = Stream.prefill(self.body, seq.prompt_ids)
-            gens.append(stream)
-            hiddens.append(hidden)
-            if scored and self.kind == "standalone":
-                lvms.append(Stream.prefill(self.lenvm.body, seq.prompt_ids)[0])
+        """Prefill the joining prompts, then merge them into the running batch."""
+        prompts = [seq.prompt_ids for seq in joining]
+        gen, hidden = Stream.prefill(self.body, prompts)
+        gens, hiddens, lvms = [gen], [hidden], []
+        if scored and self.kind == "standalone":
+            lvms.append(Stream.prefill(self.lenvm.body, prompts)[0])
         if batch is not None:
             gens.insert(0, batch.gen)
             hiddens.insert(0, batch.hidden)

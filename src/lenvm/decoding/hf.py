@@ -125,15 +125,12 @@ class LenVMLogitsProcessor(LogitsProcessor):
     def _start(self, input_ids: torch.Tensor) -> None:
         """Prefill every row's prompt (leading padding stripped)."""
         self.reset()
-        streams, hiddens = [], []
+        rows = []
         for row in input_ids.tolist():
             start = next((i for i, t in enumerate(row) if t != self.pad_token_id), len(row) - 1)
-            stream, hidden = Stream.prefill(self.lenvm.body, row[start:])
-            streams.append(stream)
-            hiddens.append(hidden)
-        self._stream = Stream.cat(streams)
-        self._hidden = torch.cat(hiddens)
-        self._done = torch.zeros(len(streams), dtype=torch.bool, device=self.eos.device)
+            rows.append(row[start:])
+        self._stream, self._hidden = Stream.prefill(self.lenvm.body, rows)
+        self._done = torch.zeros(len(rows), dtype=torch.bool, device=self.eos.device)
         self._prompt_width = input_ids.shape[1]
 
     def _advance(self, new: torch.Tensor) -> None:

@@ -1,10 +1,10 @@
 """KV-cached forwards over a batch of left-padded rows, and exact scoring of candidate tokens.
 
 A :class:`Stream` is one transformer body (no LM head) with its KV cache, the padding mask of
-the cached columns and the next position id of every row. Rows start at different lengths:
-each prompt is prefilled alone (no padding inside a prefill) and rows are left-padded with
-zeros when they join a batch; padded columns are masked out of attention, and position ids
-count real tokens only, so a row computes exactly what it would compute alone.
+the cached columns and the next position id of every row. Rows have different lengths: they
+are left-padded (in a prefill, and when rows join a running batch); padded columns are masked
+out of attention and position ids count real tokens only, so a row computes what it would
+compute alone.
 
 Candidate block: to score ``k`` candidate next tokens of every row in ONE forward, they are fed
 as a length-``k`` block at the same position id, with a 4D additive mask in which each candidate
@@ -33,17 +33,34 @@ class Stream:
 
     @classmethod
     @torch.no_grad()
-    def prefill(cls, body: nn.Module, token_ids: list[int]) -> tuple[Stream, torch.Tensor]:
-        """A one-row stream over ``token_ids``, and the hidden state of its last token (``[1, H]``)."""
+    def prefill(cls, body: nn.Module, rows: list[list[int]]) -> tuple[Stream, torch.Tensor]:
+        """A stream over the token ids ``rows``, left-padded into one forward, and the hidden state
+        of each row's last token (``[B, H]``)."""
         from transformers import DynamicCache
 
         device = next(body.parameters()).device
-        ids = torch.tensor([token_ids], device=device)
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = True
+        ids, mask = ids.to(device), mask.to(device)
+        attention = None  # no padding: the kernel's causal fast path
+        if not bool(mask.all()):
+            # Causal over real tokens; a padding position sees itself only, which keeps it finite.
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(width, dtype=torch.bool, device=device)
+            attention = _additive(causal & mask[:, None, :] | eye, _dtype(body))
         cache = DynamicCache()
-        out = body(input_ids=ids, past_key_values=cache, use_cache=True)
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        positions = torch.tensor([len(token_ids)], device=device)
-        return cls(body, cache, mask, positions), out.last_hidden_state[:, -1]
+        out = body(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return cls(body, cache, mask, mask.sum(1)), out.last_hidden_state[:, -1]
 
     @property
     def batch_size(self) -> int:
@@ -59,18 +76,12 @@ class Stream:
         With ``k == 1`` this is an ordinary decoding step. Call :meth:`keep` before the next forward.
         """
         batch, k = tokens.shape
-        dtype = self.body.get_input_embeddings().weight.dtype
-        if k == 1 and not self.padded:
-            mask = None  # nothing to hide: the attention kernel's fast path
-        else:
-            low = torch.finfo(dtype).min
-            prefix = torch.zeros(self.mask.shape, dtype=dtype, device=tokens.device)
-            prefix.masked_fill_(~self.mask, low)
-            block = torch.full((k, k), low, dtype=dtype, device=tokens.device)
-            block.fill_diagonal_(0.0)
-            mask = torch.cat(
-                [prefix[:, None, None, :].expand(batch, 1, k, -1), block.expand(batch, 1, k, k)], dim=-1
-            )
+        mask = None  # one token and nothing to hide: the attention kernel's fast path
+        if k > 1 or self.padded:
+            # Each candidate sees its row's real prefix and itself, not the other candidates.
+            eye = torch.eye(k, dtype=torch.bool, device=tokens.device).expand(batch, k, k)
+            allowed = torch.cat([self.mask[:, None, :].expand(batch, k, -1), eye], dim=-1)
+            mask = _additive(allowed, _dtype(self.body))
         positions = self.positions[:, None].expand(batch, k)
         out = self.body(
             input_ids=tokens,
@@ -134,3 +145,13 @@ class Stream:
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
         return cls(first.body, first.cache, mask, positions)
+
+
+def _dtype(body: nn.Module) -> torch.dtype:
+    return body.get_input_embeddings().weight.dtype
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``[B, q, kv]`` visibility mask as the ``[B, 1, q, kv]`` mask attention adds."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
