@@ -179,6 +179,7 @@ def test_length_tokens_smoke(tmp_path, models, train_rollouts):
 def test_run_all_smoke(tmp_path, tiny_path, data):
     preset = Preset(
         temperature=1.0,
+        max_prompt_tokens=None,
         train_pool={"builtin": 3, "math": 1, "word_problem": 2, "instruction": 1},
         train_samples=2,
         train_max_new_tokens=6,

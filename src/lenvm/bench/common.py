@@ -63,11 +63,13 @@ class Models:
             "lenvm_head": head,
         }
 
-    def fits(self, prompt, max_new_tokens: int) -> bool:
-        """Whether ``prompt`` plus ``max_new_tokens`` fits the generator's context window."""
+    def fits(self, prompt, max_new_tokens: int, max_prompt_tokens: int | None = None) -> bool:
+        """Whether ``prompt`` plus ``max_new_tokens`` fits the generator's context window, and
+        the prompt is at most ``max_prompt_tokens`` long (when given)."""
         config = self.generator.config.get_text_config()
-        context = getattr(config, "max_position_embeddings", None)
-        return context is None or len(encode_prompt(self.tokenizer, prompt)) + max_new_tokens <= context
+        context = getattr(config, "max_position_embeddings", None) or float("inf")
+        length = len(encode_prompt(self.tokenizer, prompt))
+        return length + max_new_tokens <= context and length <= (max_prompt_tokens or float("inf"))
 
     def require_lenvm(self, what: str) -> LengthValueModel:
         if self.lenvm is None:

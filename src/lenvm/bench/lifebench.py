@@ -139,6 +139,7 @@ def run_lifebench(
     rows: int | None = None,
     langs: Sequence[str] | None = None,
     max_new_tokens: int = 2048,
+    max_prompt_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -155,7 +156,8 @@ def run_lifebench(
 
     ``methods`` defaults to every method the models allow (the prompt alone without a LenVM).
     ``rows`` keeps N rows, taken in turn from each (language, category) group, after the
-    ``langs`` filter ("en"/"zh") and after leaving out rows too long for the generator's context.
+    ``langs`` filter ("en"/"zh") and after leaving out rows too long for the generator's context
+    or longer than ``max_prompt_tokens`` (a small CPU run can skip the long source texts).
     Targets above ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
     LenVM's training policy. ``models`` passes already loaded models (then ``model``, ``lenvm``,
     ``device`` and ``dtype`` are not used).
@@ -173,7 +175,7 @@ def run_lifebench(
     skipped = sorted({int(t) for t in targets} - set(kept))
     if not kept:
         raise InputError(f"every target exceeds max_new_tokens={max_new_tokens}")
-    table, too_long = fitting_rows(read_lifebench(data), models, max_new_tokens)
+    table, too_long = fitting_rows(read_lifebench(data), models, max_new_tokens, max_prompt_tokens)
     table = select_rows(table, rows, langs)
     sampling = Sampling.for_models(
         models,
@@ -192,7 +194,7 @@ def run_lifebench(
         for target in kept
         for row in table
     ]
-    settings = settings_of(models, sampling, data=str(data))
+    settings = settings_of(models, sampling, data=str(data), max_prompt_tokens=max_prompt_tokens)
     with Run(out, settings) as run:
         items = run.run_jobs(jobs, models, sampling, batch_size, "lifebench", progress)
         summary = scoring.summarize(items)
@@ -215,10 +217,17 @@ def run_lifebench(
     return results
 
 
-def fitting_rows(table: list[Row], models: Models, max_new_tokens: int) -> tuple[list[Row], list[str]]:
-    """Rows whose prompt leaves room for ``max_new_tokens`` in the generator's context, and the
-    ids of the others (long summarization sources can exceed a small model's window)."""
-    fit = [r for r in table if models.fits(token_task(r, "equal_to", max_new_tokens), max_new_tokens)]
+def fitting_rows(
+    table: list[Row], models: Models, max_new_tokens: int, max_prompt_tokens: int | None = None
+) -> tuple[list[Row], list[str]]:
+    """Rows whose prompt leaves room for ``max_new_tokens`` in the generator's context (long
+    summarization sources can exceed a small model's window) and is at most ``max_prompt_tokens``
+    long, and the ids of the others."""
+    fit = [
+        r
+        for r in table
+        if models.fits(token_task(r, "equal_to", max_new_tokens), max_new_tokens, max_prompt_tokens)
+    ]
     kept = {id(r) for r in fit}
     return fit, [r.id for r in table if id(r) not in kept]
 
@@ -262,7 +271,7 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
     parts = [
         f"Token-level LIFEBench: {n_rows} rows, targets {', '.join(map(str, targets))} tokens"
         + (f" (skipped above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
-        + (f"; {len(too_long)} rows left out as longer than the context" if too_long else "")
+        + (f"; {len(too_long)} rows left out as too long" if too_long else "")
         + ". Length Score 0-100; deviation = mean |L_out - L_target| / L_target.\n",
         scoring.table2(summary, labels),
         "\nLength Score by target (Equal To: score and deviation):\n",

@@ -54,6 +54,7 @@ class Preset:
     (the built-in prompt set), ``math`` (GSM8K), ``word_problem``, ``instruction`` (LIFEBench)."""
 
     temperature: float
+    max_prompt_tokens: int | None  # leave out longer prompts (LIFEBench sources) everywhere
     train_pool: dict[str, int]
     train_samples: int
     train_max_new_tokens: int
@@ -73,6 +74,7 @@ class Preset:
 # Sized from about 35 tokens/s for plain sampling at batch 8 on two cores, half that guided.
 QUICK = Preset(
     temperature=0.7,  # the 135M model rambles at 1.0; every step shares the policy anyway
+    max_prompt_tokens=384,  # long source texts slow every CPU decoding step down several times
     train_pool={"builtin": 8, "math": 4, "word_problem": 4, "instruction": 8},
     train_samples=4,
     train_max_new_tokens=192,
@@ -90,6 +92,7 @@ QUICK = Preset(
 )
 FULL = Preset(
     temperature=1.0,  # the paper's policy
+    max_prompt_tokens=None,
     train_pool={"builtin": 400, "math": 800, "word_problem": 300, "instruction": 300},
     train_samples=8,
     train_max_new_tokens=2048,
@@ -139,7 +142,10 @@ def run_all(
     clock = time.perf_counter()
     models = load_models(model, lenvm, device, dtype)
     rows, _ = lifebench.fitting_rows(
-        lifebench.read_lifebench(lifebench_data), models, preset.lifebench_max_new_tokens
+        lifebench.read_lifebench(lifebench_data),
+        models,
+        preset.lifebench_max_new_tokens,
+        preset.max_prompt_tokens,
     )
     eval_rows = preset.lifebench_rows
     if lenvm is None and eval_rows is None:
@@ -152,6 +158,7 @@ def run_all(
         seed=EVAL_SEED,
         models=models,
         max_new_tokens=preset.predict_max_new_tokens,
+        max_prompt_tokens=preset.max_prompt_tokens,
     )
     if lenvm is None:
         train = _pool(
@@ -161,6 +168,7 @@ def run_all(
             seed=TRAIN_SEED,
             models=models,
             max_new_tokens=preset.train_max_new_tokens,
+            max_prompt_tokens=preset.max_prompt_tokens,
             exclude={p.text for p in held_out},
         )
         train_rollouts = _train_lenvm(out / "lenvm", models, train, preset, seed, batch_size, progress)
@@ -177,6 +185,7 @@ def run_all(
             rows=eval_rows,
             targets=preset.lifebench_targets,
             max_new_tokens=preset.lifebench_max_new_tokens,
+            max_prompt_tokens=preset.max_prompt_tokens,
             **common,
         ),
         "tradeoff": lambda: run_tradeoff(
@@ -232,6 +241,7 @@ def _pool(
     seed: int,
     models: Models,
     max_new_tokens: int,
+    max_prompt_tokens: int | None,
     exclude: set[str] = frozenset(),
 ) -> list[Prompt]:
     """A prompt pool with a ``domain`` on every prompt, keeping prompts that fit the context with
@@ -256,7 +266,7 @@ def _pool(
             text = lifebench.token_task(row, constraint, target)
             extra = {"domain": "instruction", "constraint": constraint, "target": target}
             prompts.append(Prompt(f"life-{row.id}-{constraint}-{target}", text=text, extra=extra))
-    return [p for p in prompts if p.text not in exclude and models.fits(p, max_new_tokens)]
+    return [p for p in prompts if p.text not in exclude and models.fits(p, max_new_tokens, max_prompt_tokens)]
 
 
 def _write_prompts(path: Path, prompts: list[Prompt]) -> None:
