@@ -16,7 +16,7 @@ PROMPTS = ["Tell me about the sea.", "List three colors: red, green and blue, th
 def lenvms(tiny_path, tiny_generator):
     return {
         kind: LengthValueModel.from_base(tiny_path, kind=kind, generator=tiny_generator).eval()
-        for kind in ("q", "standalone")
+        for kind in ("attached", "q", "standalone")
     }
 
 
@@ -51,18 +51,17 @@ def new_tokens(row, eos):
     return row[: row.index(eos) + 1] if eos in row else row
 
 
-@pytest.mark.parametrize("kind", ["q", "standalone"])
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
 def test_greedy_generate_with_the_processor_matches_the_engine(tiny_generator, lenvms, kind):
     model, tok = tiny_generator
     control = Control("tilt", beta=2.0)
     processor = LenVMLogitsProcessor(lenvms[kind], control, num_candidates=4)
-    _, rows = generate(model, tok, [processor])
     engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
-    results = engine.generate(
-        [Request(p, max_new_tokens=12, temperature=0, control=control) for p in PROMPTS]
-    )
-    for row, result in zip(rows, results, strict=True):
-        assert new_tokens(row, tok.eos_token_id) == result.token_ids
+    requests = [Request(p, max_new_tokens=12, temperature=0, control=control) for p in PROMPTS]
+    expected = [r.token_ids for r in engine.generate(requests)]
+    for _ in range(2):  # the same processor serves a second generate() call
+        _, rows = generate(model, tok, [processor])
+        assert [new_tokens(row, tok.eos_token_id) for row in rows] == expected
 
 
 def test_processor_leaves_only_candidates_and_one_hot_rules_leave_one(tiny_generator, lenvms):

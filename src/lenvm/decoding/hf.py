@@ -14,7 +14,8 @@ chosen candidate's cache entry from the previous call is kept, so a step costs o
 candidate-block forward (a standalone LenVM, or an attached one running its own pass over the
 generator's body) or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
-Use a fresh processor, or call :meth:`LenVMLogitsProcessor.reset`, for each ``generate`` call.
+A call whose ids do not extend the previous call's starts over, so one processor can serve
+several ``generate`` calls in turn.
 """
 
 from __future__ import annotations
@@ -66,18 +67,24 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._hidden: torch.Tensor | None = None  # [B, H] at the last token (q kind)
         self._block: torch.Tensor | None = None  # [B, k] candidates fed and pending in the cache
         self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
-        self._width = 0  # columns of input_ids already in the cache
+        self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
         self._prompt_width = 0
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch, width = input_ids.shape
         input_ids = input_ids.to(self.eos.device)
-        if self._stream is None or batch != self._stream.batch_size or width <= self._width:
-            self._start(input_ids)
+        seen = self._seen
+        if (
+            seen is None
+            or seen.shape[0] != batch
+            or width <= seen.shape[1]
+            or not torch.equal(input_ids[:, : seen.shape[1]], seen)
+        ):
+            self._start(input_ids)  # a new generate() call
         else:
-            self._advance(input_ids[:, self._width :])
-        self._width = width
+            self._advance(input_ids[:, seen.shape[1] :])
+        self._seen = input_ids
         step = width - self._prompt_width
 
         logits = scores.float().to(self.eos.device)
