@@ -439,17 +439,7 @@ class Engine:
             ids, cand_probs = sampled[:, None], probs.gather(1, sampled[:, None])
         eos = torch.isin(ids, self._eos)
 
-        hidden = values = None
-        if self.kind == "attached" and scored:
-            hidden = batch.gen.forward(ids)  # the generator's own forward over the candidates
-            values = self.lenvm.values_from_hidden(hidden)
-        elif self.kind == "standalone" and scored:
-            values = self.lenvm.values_from_hidden(batch.lvm.forward(ids))
-        elif self.kind == "q" and scored:
-            values = self.lenvm.next_values_from_hidden(batch.hidden, ids)
-        if values is not None:
-            values = values.float().masked_fill(eos, 0.0)
-
+        hidden, values = self._score(batch, ids, eos) if scored else (None, None)
         if r.any_guided:
             cands = policies.Candidates(ids, cand_probs, values, eos)
             choice = policies.choose(self._policy(cands, r), uniform, r.greedy)
@@ -475,9 +465,9 @@ class Engine:
             batch.lvm.keep(choice)
         r.step += 1
 
-        # One host transfer per step.
-        # Under the generator's own distribution (temperature 1, untruncated), for mean_logprob.
+        # For mean_logprob: the generator's own distribution (temperature 1, untruncated).
         logprob = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
+        # One host transfer per step.
         columns = [token, forced, logprob] + ([value] if value is not None else [])
         host = torch.stack([c.double() for c in columns]).tolist()
         finished = []
@@ -486,6 +476,19 @@ class Engine:
             if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, self._eos_set):
                 finished.append(row)
         return finished
+
+    def _score(self, batch: _Batch, ids: torch.Tensor, eos: torch.Tensor):
+        """LenVM values ``V(s_t + x)`` of the candidates ``ids`` (``[B, k]``; 0 for EOS), and for the
+        attached kind the generator's hidden states of the candidates (its forward is the scoring)."""
+        hidden = None
+        if self.kind == "attached":
+            hidden = batch.gen.forward(ids)
+            values = self.lenvm.values_from_hidden(hidden)
+        elif self.kind == "standalone":
+            values = self.lenvm.values_from_hidden(batch.lvm.forward(ids))
+        else:
+            values = self.lenvm.next_values_from_hidden(batch.hidden, ids)
+        return hidden, values.float().masked_fill(eos, 0.0)
 
     def _candidates(self, logits, probs, sampled, r: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, k]`` candidate ids and probabilities: the top k for guided rows, the sampled
