@@ -31,7 +31,8 @@ with how far it looks ahead, and the prediction for EOS is exact up to ``FLOOR``
 - at_least: ``p(x) · P(L >= N)``: the mirror image; EOS before ``N`` has probability 0 unless no
   other candidate is usable.
 
-When no candidate can satisfy the constraint, the row keeps the Laplace weights without that cut. The paper's rules (``rule="paper"``) are one-hot:
+When no candidate can satisfy the constraint, the row keeps the Laplace weights without that
+cut. The paper's rules (``rule="paper"``) are one-hot:
 ``argmin |v(x) - v*|`` with ``v* = -(1 - gamma**(N - t))`` (equal_to), ``argmax v`` (at_most,
 the shortest) and ``argmin v`` (at_least, the longest).
 """
