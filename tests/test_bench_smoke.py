@@ -109,6 +109,7 @@ def test_lifebench_smoke_and_resume(tmp_path, tiny_path, lenvm_dir, data, models
     assert zh["row"] == "2"
     table = (out / "table.md").read_text()
     assert "| method | Equal To deviation | Equal To LS | At Most LS | At Least LS |" in table
+    assert "| method | constraint | ended with EOS | mean log-prob / token |" in table
     # A rerun with the same settings generates nothing and gives the same numbers.
     again = run_lifebench(out, models=models, progress=False, **kwargs)
     assert again["summary"] == summary

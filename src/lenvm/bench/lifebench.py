@@ -280,6 +280,9 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         scoring.breakdown_table(summary, "by_category", labels),
         "\nLength Score by language:\n",
         scoring.breakdown_table(summary, "by_lang", labels),
+        "\nOutputs that ended with EOS (not at max_new_tokens), and the generator's mean "
+        "log-probability per token under its own distribution:\n",
+        scoring.quality_table(summary, labels),
     ]
     return "\n".join(parts)
 
@@ -305,10 +308,11 @@ def _plot(run: Run, summary, items, labels) -> None:
     equal = [i for i in items if i["constraint"] == "equal_to"]
     if equal:
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        for method in summary:
+        for k, method in enumerate(summary):
             mine = [i for i in equal if i["method"] == method]
+            shift = 1 + 0.05 * (k - (len(summary) - 1) / 2)  # side by side, not on top
             ax.scatter(
-                [i["target"] for i in mine],
+                [i["target"] * shift for i in mine],
                 [max(i["num_tokens"], 1) for i in mine],
                 label=labels[method],
                 alpha=0.6,

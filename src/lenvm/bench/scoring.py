@@ -62,6 +62,7 @@ def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
             items, lambda i: length_score(i["num_tokens"], i["target"], i["constraint"])
         ),
         "ended": float(np.mean([i.get("finish_reason") != "length" for i in items])),
+        "mean_logprob": float(np.mean([i.get("mean_logprob", np.nan) for i in items])),
     }
 
 
@@ -84,8 +85,9 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     EOS excluded) and may carry
     ``category``, ``lang`` and ``finish_reason``. Returns, per method and constraint, the overall
     metrics plus ``by_target``, ``by_category`` and ``by_lang`` breakdowns; every metrics dict holds
-    ``n``, ``deviation`` (mean ``|LD|``), ``signed_deviation``, ``score`` and ``ended`` (the
-    share of outputs that ended with EOS rather than at ``max_new_tokens``).
+    ``n``, ``deviation`` (mean ``|LD|``), ``signed_deviation``, ``score``, ``ended`` (the
+    share of outputs that ended with EOS rather than at ``max_new_tokens``) and ``mean_logprob``
+    (the generator's mean log-probability per output token: a fluency proxy across methods).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
@@ -156,3 +158,20 @@ def breakdown_table(
                 cells.append(cell)
             rows.append([labels.get(method, method), CONSTRAINT_LABELS[constraint], *cells])
     return markdown_table(["method", "constraint", *keys], rows)
+
+
+def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
+    """Per method and constraint: how many outputs ended with EOS, and the generator's mean
+    log-probability per token (control that hits lengths by garbling text shows up here)."""
+    labels = labels or {}
+    rows = [
+        [
+            labels.get(method, method),
+            CONSTRAINT_LABELS[constraint],
+            f"{100 * metrics['ended']:.0f}%",
+            f"{metrics['mean_logprob']:.2f}",
+        ]
+        for method, by_constraint in summary.items()
+        for constraint, metrics in by_constraint.items()
+    ]
+    return markdown_table(["method", "constraint", "ended with EOS", "mean log-prob / token"], rows)
