@@ -11,6 +11,7 @@ from lenvm.bench import (
     run_lifebench,
     run_prediction,
     run_tradeoff,
+    write_report,
 )
 from lenvm.bench.common import load_models
 from lenvm.io import InputError
@@ -212,5 +213,9 @@ def test_run_all_smoke(tmp_path, tiny_path, data):
     ):
         assert f"## {title}" in report
     assert "![pareto](tradeoff/pareto.png)" in report
+    (out / "speed").mkdir()
+    (out / "speed" / "table.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
+    report = write_report(out).read_text()
+    assert "## Decoding speed" in report and "- settings: custom" in report
     domains = set(results["predict"]["metrics"])
     assert {"math", "word_problem", "instruction"} <= domains

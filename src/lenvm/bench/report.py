@@ -319,8 +319,13 @@ def _train_lenvm(
 
 
 def write_report(out: str | os.PathLike, summary: dict[str, Any] | None = None) -> Path:
-    """``out/report.md`` from every section folder that holds a ``table.md``, with its plots."""
+    """``out/report.md`` from every section folder that holds a ``table.md``, with its plots.
+
+    ``summary`` defaults to ``out/summary.json`` (written by :func:`run_all`), so a section added
+    afterwards (e.g. ``out/speed``) joins the report by calling this again."""
     out = Path(out)
+    if summary is None and (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     lines = ["# lenvm benchmark report", ""]
     if summary:
         lines += [
