@@ -89,9 +89,7 @@ class LengthTokenStats:
         frequent = [s for s in self.tokens.values() if s.count >= self.min_count]
         fraction = attrgetter(f"{direction}_fraction")
         sign = -1.0 if direction == "longer" else 1.0  # ties: the stronger mean push first
-        ranked = sorted(
-            frequent, key=lambda s: (fraction(s), s.count, sign * s.mean_residual), reverse=True
-        )
+        ranked = sorted(frequent, key=lambda s: (fraction(s), s.count, sign * s.mean_residual), reverse=True)
         return [s for s in ranked if getattr(s, direction) > 0][:n]
 
     def to_dict(self, n: int = 20) -> dict[str, Any]:

@@ -449,9 +449,7 @@ def _request_prompt(
     answer = server.post("/completions", payload)
     choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
     if len(choices) != len(group):
-        raise RuntimeError(
-            f"{server.base_url}: asked for {len(group)} completions, got {len(choices)}"
-        )
+        raise RuntimeError(f"{server.base_url}: asked for {len(group)} completions, got {len(choices)}")
     done = []
     eos = set(eos_ids)
     for job, choice in zip(group, choices, strict=True):
@@ -473,9 +471,7 @@ def _request_prompt(
 def _prompt_text(tokenizer, prompt: Prompt) -> tuple[str, bool]:
     """The text whose tokenization is :func:`encode_prompt`'s ids; True if chat-templated."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            prompt.as_messages(), add_generation_prompt=True, tokenize=False
-        )
+        text = tokenizer.apply_chat_template(prompt.as_messages(), add_generation_prompt=True, tokenize=False)
         return text, True
     if prompt.text is not None:
         return prompt.text, False
