@@ -97,6 +97,18 @@ def test_same_seed_same_samples(tiny_generator, tmp_path):
     assert runs[0] != runs[2]
 
 
+def test_sample_does_not_depend_on_batch_size(eos_generator, tmp_path):
+    # each completion draws from its own seeded stream, so batching changes speed, not samples
+    runs = []
+    for batch_size in (1, 4):
+        out = tmp_path / f"b{batch_size}.jsonl"
+        sampling = SamplingParams(max_new_tokens=12, seed=3)
+        rollout(eos_generator, PROMPTS, out, n=2, sampling=sampling, batch_size=batch_size, progress=False)
+        runs.append({(r["prompt_id"], r["sample_index"]): r["completion_token_ids"] for r in lines(out)})
+    assert runs[0] == runs[1]
+    assert len({tuple(ids) for ids in runs[0].values()}) > 1
+
+
 def test_resume_skips_done_and_completes_partial_prompts(tiny_generator, tmp_path):
     out = tmp_path / "r.jsonl"
     sampling = SamplingParams(max_new_tokens=5)

@@ -31,6 +31,8 @@ from lenvm import models
 from lenvm.io import InputError, JsonlAppender, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
+CHUNK_BATCHES = 4  # engine batches per chunk written to the file: speed vs. work lost to a crash
+
 BACKENDS = ("hf", "openai")
 FINISH_REASONS = ("stop", "length")
 # Seconds one server request may take: n long completions on a busy server are slow.
@@ -55,7 +57,7 @@ class SamplingParams:
             (_is_real(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
             (_is_real(s.top_p) and 0.0 < s.top_p <= 1.0, "top_p must lie in (0, 1]"),
             (_is_int(s.top_k) and s.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (_is_real(s.min_p) and 0.0 <= s.min_p <= 1.0, "min_p must lie in [0, 1]"),
+            (_is_real(s.min_p) and 0.0 <= s.min_p < 1.0, "min_p must lie in [0, 1)"),
             (_is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (_is_int(s.seed) and s.seed >= 0, "seed must be an integer >= 0"),
         ]
@@ -163,7 +165,7 @@ def rollout(
     """Sample ``n`` completions per prompt and append them to the JSONL file ``out``.
 
     ``generator`` is a model name, folder or built-in alias, or a loaded ``(model, tokenizer)``.
-    For ``hf``, ``batch_size`` is completions per ``generate`` call and ``device`` defaults to
+    For ``hf``, ``batch_size`` is the number of completions decoded at once and ``device`` defaults to
     CUDA when available; for ``openai`` it is the number of requests in flight, and
     ``tokenizer`` (default: the generator's) applies the chat template and re-tokenizes.
     """
@@ -200,7 +202,6 @@ def rollout(
 
     if backend == "hf":
         model, tokenizer = _load(generator, device)
-        eos_ids = models.eos_token_ids(model, tokenizer)
     else:
         model = generator[0] if isinstance(generator, tuple) else None
         tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
@@ -216,7 +217,7 @@ def rollout(
     start = time.perf_counter()
     with JsonlAppender(out) as appender, bar:
         if backend == "hf":
-            batches = _hf_batches(model, tokenizer, jobs, sampling, eos_ids, batch_size)
+            batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
         else:
             key = api_key or os.environ.get("OPENAI_API_KEY")
             server = _Server(base_url, api_model or name, key)
@@ -302,73 +303,37 @@ def _check_resume(
 # --- hf backend -----------------------------------------------------------------------------
 
 
-def _hf_batches(model, tokenizer, jobs, sampling, eos_ids, batch_size):
+def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
+    """Completions from the decoding engine (plain sampling), a chunk of a few batches at a time
+    so that finished work reaches the file early. The engine refills a row as soon as its
+    completion ends (``generate`` waits for the longest of a batch), and each completion draws
+    from its own seeded random stream, so its sample does not depend on the batch it lands in."""
+    from lenvm.decoding import Engine, Request
+
+    engine = Engine(model, tokenizer)
     # Longest prompts first: similar lengths share a batch (less padding) and memory runs out
     # on the first batch rather than late in a run.
     jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        outputs = _sample_hf(model, tokenizer, batch, sampling, eos_ids)
-        yield [
-            _Done(job, ids, reason, tokenizer.decode(ids, skip_special_tokens=True))
-            for job, (ids, reason) in zip(batch, outputs, strict=True)
+    chunk = CHUNK_BATCHES * batch_size
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start : start + chunk]
+        requests = [
+            Request(
+                job.prompt,
+                max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                seed=job.seed,
+            )
+            for job in part
         ]
-
-
-@torch.no_grad()
-def _sample_hf(
-    model, tokenizer, jobs: list[_Job], sampling: SamplingParams, eos_ids: list[int]
-) -> list[tuple[list[int], str]]:
-    """Generated ids (cut after the first EOS, which is kept) and finish reason, per job."""
-    from transformers import GenerationConfig
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    width = max(len(j.prompt_ids) for j in jobs)
-    input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, job in enumerate(jobs):
-        input_ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-        attention_mask[row, width - len(job.prompt_ids) :] = 1
-    policy = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    if sampling.min_p > 0:
-        policy["min_p"] = sampling.min_p
-    config = GenerationConfig(
-        do_sample=not sampling.greedy,
-        **({} if sampling.greedy else policy),
-        max_new_tokens=sampling.max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
-    # One seed per batch, from the seeds of its completions: a rerun over the same missing
-    # completions with the same batch size draws the same samples.
-    batch_seed = derive_seed(sampling.seed, ",".join(str(j.seed) for j in jobs), len(jobs))
-    torch.manual_seed(batch_seed)
-    with _bare_generation_config(model):
-        sequences = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            generation_config=config,
-        )
-    eos = set(eos_ids)
-    results = []
-    for row in sequences[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), None)
-        results.append((row, "length") if cut is None else (row[: cut + 1], "stop"))
-    return results
-
-
-@contextlib.contextmanager
-def _bare_generation_config(model):
-    """Hide the model's own generation defaults (a repetition penalty, a top-k, ...) so that the
-    recorded sampling parameters are the whole policy."""
-    from transformers import GenerationConfig
-
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
+        results = engine.generate(requests, batch_size=batch_size)
+        yield [
+            _Done(job, result.token_ids, result.finish_reason, result.text)
+            for job, result in zip(part, results, strict=True)
+        ]
 
 
 # --- openai backend -------------------------------------------------------------------------
