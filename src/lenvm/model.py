@@ -120,9 +120,10 @@ class QHead(nn.Module):
         """Logits ``z(s, x)``: for all tokens (``[..., V]``) or the given ids (``[..., k]``)."""
         base = self.state(hidden).unsqueeze(-1)
         query = self.proj(hidden)
+        # The head may be kept in float32 beside a half-precision generator's embeddings.
         if token_ids is None:
-            return base + query @ embeddings.T + self.token_bias
-        cand = embeddings[token_ids]  # [..., k, E]
+            return base + query @ embeddings.T.to(query.dtype) + self.token_bias
+        cand = embeddings[token_ids].to(query.dtype)  # [..., k, E]
         return base + (cand @ query.unsqueeze(-1)).squeeze(-1) + self.token_bias[token_ids]
 
 
@@ -270,7 +271,7 @@ class LengthValueModel(nn.Module):
         if not isinstance(self.head, QHead):
             raise TypeError("next-token values from one state need a LenVM of kind 'q'")
         embeddings = self.backbone.get_input_embeddings().weight
-        logits = self.head.next_logits(hidden.to(embeddings.dtype), embeddings, token_ids)
+        logits = self.head.next_logits(hidden.to(self.head.proj.weight.dtype), embeddings, token_ids)
         return -torch.sigmoid(logits)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

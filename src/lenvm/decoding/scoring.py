@@ -15,6 +15,9 @@ keeps the chosen candidate's cache entry and drops the others, so the prefix is 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,8 +60,8 @@ class Stream:
             input_ids=ids,
             attention_mask=attention,
             position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_argument(type(body)): cache},
         )
         return cls(body, cache, mask, mask.sum(1)), out.last_hidden_state[:, -1]
 
@@ -87,8 +90,8 @@ class Stream:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
+            **{_cache_argument(type(self.body)): self.cache},
         )
         self._block = k
         return out.last_hidden_state
@@ -145,6 +148,14 @@ class Stream:
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
         return cls(first.body, first.cache, mask, positions)
+
+
+@functools.cache
+def _cache_argument(body_type: type) -> str:
+    """The name under which a body's ``forward`` takes its KV cache: ``cache`` in recent
+    ``transformers`` releases (which deprecate ``past_key_values``), else ``past_key_values``."""
+    parameters = inspect.signature(body_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _dtype(body: nn.Module) -> torch.dtype:
