@@ -272,3 +272,39 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     second = load_generator(tiny_path)
     with pytest.raises(InputError, match="generator=\\(model, tokenizer\\)"):
         Engine(second[0], second[1], lenvm=lenvms["attached"])
+
+
+@pytest.mark.parametrize("kind", ["attached", "standalone"])
+def test_naive_candidate_scoring_matches_the_block(tiny_generator, lenvms, kind):
+    model, tok = tiny_generator
+    requests = [
+        Request(p, max_new_tokens=10, seed=i, control=c, return_values=True)
+        for i, (p, c) in enumerate(
+            zip(PROMPTS, [Control("tilt", beta=3.0), Control(), CONTROLS[0]], strict=True)
+        )
+    ]
+    block, naive = (
+        Engine(model, tok, lenvm=lenvms[kind], num_candidates=4, candidate_scoring=scoring).generate(
+            requests, batch_size=2
+        )
+        for scoring in ("block", "naive")
+    )
+    assert [r.token_ids for r in naive] == [r.token_ids for r in block]
+    for a, b in zip(naive, block, strict=True):
+        torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="naive"):
+        Engine(model, tok, lenvm=lenvms["q"], candidate_scoring="naive")
+    with pytest.raises(InputError, match="candidate_scoring"):
+        Engine(model, tok, lenvm=lenvms[kind], candidate_scoring="fast")
+
+
+@pytest.mark.parametrize("kind", ["attached", "q"])
+def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
+    from lenvm.models import load_generator
+
+    model, tokenizer = load_generator(tiny_path, dtype=torch.bfloat16)
+    lenvm = LengthValueModel.from_base(tiny_path, kind=kind, generator=(model, tokenizer)).eval()
+    assert next(lenvm.head.parameters()).dtype == torch.float32
+    request = Request("Hi", max_new_tokens=4, seed=0, control=Control("tilt", beta=1.0), return_values=True)
+    [result] = Engine(model, tokenizer, lenvm=lenvm, num_candidates=3).generate([request])
+    assert len(result.values) == len(result.token_ids) and all(-1 <= v <= 0 for v in result.values)

@@ -31,8 +31,6 @@ from lenvm import models
 from lenvm.io import InputError, JsonlAppender, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
-CHUNK_BATCHES = 4  # engine batches per chunk written to the file: speed vs. work lost to a crash
-
 BACKENDS = ("hf", "openai")
 FINISH_REASONS = ("stop", "length")
 # Seconds one server request may take: n long completions on a busy server are slow.
@@ -304,36 +302,28 @@ def _check_resume(
 
 
 def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
-    """Completions from the decoding engine (plain sampling), a chunk of a few batches at a time
-    so that finished work reaches the file early. The engine refills a row as soon as its
-    completion ends (``generate`` waits for the longest of a batch), and each completion draws
-    from its own seeded random stream, so its sample does not depend on the batch it lands in."""
+    """Completions from the decoding engine (plain sampling), each yielded as soon as it ends.
+    The engine refills a row as soon as its completion ends (``generate`` waits for the longest
+    of a batch), and each completion draws from its own seeded random stream, so its sample does
+    not depend on the batch it lands in."""
     from lenvm.decoding import Engine, Request
 
-    engine = Engine(model, tokenizer)
-    # Longest prompts first: similar lengths share a batch (less padding) and memory runs out
-    # on the first batch rather than late in a run.
+    # Longest prompts first: memory runs out on the first batch rather than late in a run.
     jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
-    chunk = CHUNK_BATCHES * batch_size
-    for start in range(0, len(jobs), chunk):
-        part = jobs[start : start + chunk]
-        requests = [
-            Request(
-                job.prompt,
-                max_new_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=sampling.min_p,
-                seed=job.seed,
-            )
-            for job in part
-        ]
-        results = engine.generate(requests, batch_size=batch_size)
-        yield [
-            _Done(job, result.token_ids, result.finish_reason, result.text)
-            for job, result in zip(part, results, strict=True)
-        ]
+    requests = [
+        Request(
+            job.prompt,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            seed=job.seed,
+        )
+        for job in jobs
+    ]
+    for index, result in Engine(model, tokenizer).stream(requests, batch_size=batch_size):
+        yield [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)]
 
 
 # --- openai backend -------------------------------------------------------------------------

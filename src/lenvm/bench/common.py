@@ -33,7 +33,6 @@ from lenvm.model import LengthValueModel
 from lenvm.models import DEFAULT_MODEL, load_generator
 from lenvm.prompts import encode_prompt
 
-CHUNK_BATCHES = 2  # engine batches per saved chunk: throughput vs. work lost to an interruption
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -224,16 +223,10 @@ class Run:
         if todo:
             engine = _engine(models, sampling, needs_lenvm=any(_controlled(j) for j in todo))
             with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, disable=not progress) as bar:
-                # A chunk of a few batches lets the engine refill finished rows; each chunk's
-                # records are saved as soon as it is done.
-                chunk_size = CHUNK_BATCHES * batch_size
-                for start in range(0, len(todo), chunk_size):
-                    chunk = todo[start : start + chunk_size]
-                    results = engine.generate([j.request for j in chunk], batch_size=batch_size)
-                    self.add(
-                        [_record(job, result, judge) for job, result in zip(chunk, results, strict=True)]
-                    )
-                    bar.update(len(chunk))
+                # Each record is saved as soon as its generation ends.
+                for index, result in engine.stream([j.request for j in todo], batch_size=batch_size):
+                    self.add([_record(todo[index], result, judge)])
+                    bar.update(1)
         return [self.done[key] for key in keys]
 
 

@@ -16,7 +16,9 @@ waiting request takes its place (each request's state lives in the engine). Ever
    for the chosen candidate, the next logits (LM head): one forward per step in total;
    ``q``: values of all candidates come from the hidden state that gave the logits, and one
    single-token forward follows; ``standalone``: the LenVM's candidate-block forward plus the
-   generator's single-token forward. EOS has value 0;
+   generator's single-token forward. EOS has value 0. ``candidate_scoring="naive"`` (attached and
+   standalone kinds, for speed comparisons) scores each candidate with its own single-token
+   forward instead of the block, then feeds the chosen token once more: k + 1 forwards a step;
 4. the row's policy (policies.py) turns candidate probabilities and values into a distribution,
    and the row draws from it with its own random stream (argmax when greedy);
 5. the caches keep the chosen token only.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -300,9 +303,20 @@ class _Batch:
 class Engine:
     """Batched generation with a generator, optionally guided by a LenVM (see the module doc)."""
 
-    def __init__(self, model, tokenizer, lenvm: LengthValueModel | None = None, num_candidates: int = 8):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        lenvm: LengthValueModel | None = None,
+        num_candidates: int = 8,
+        candidate_scoring: Literal["block", "naive"] = "block",
+    ):
         if not _is_int(num_candidates) or num_candidates < 1:
             raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+        if candidate_scoring not in ("block", "naive"):
+            raise InputError(f"candidate_scoring must be 'block' or 'naive', got {candidate_scoring!r}")
+        if candidate_scoring == "naive" and (lenvm is None or lenvm.config.kind == "q"):
+            raise InputError("naive candidate scoring needs a LenVM of kind attached or standalone")
         _check_supported(model, "the generator")
         if lenvm is not None:
             check_tokenizer(lenvm.config, tokenizer, what="the generator's tokenizer")
@@ -320,6 +334,7 @@ class Engine:
         self.lenvm = lenvm.eval() if lenvm is not None else None
         self.kind = lenvm.config.kind if lenvm is not None else None
         self.num_candidates = num_candidates
+        self.naive = candidate_scoring == "naive"
         self.body = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.device = self.lm_head.weight.device
@@ -334,6 +349,17 @@ class Engine:
 
     def generate(self, requests: list[Request], batch_size: int = 8, progress: bool = False) -> list[Result]:
         """Generate for every request; results come back in request order."""
+        results: list[Result | None] = [None] * len(requests)
+        bar = _progress(len(requests), progress)
+        for index, result in self.stream(requests, batch_size):
+            results[index] = result
+            bar.update(1)
+        bar.close()
+        return results
+
+    def stream(self, requests: list[Request], batch_size: int = 8) -> Iterator[tuple[int, Result]]:
+        """Generate for every request, yielding ``(request index, result)`` as each one finishes,
+        so that a caller can save finished work while the rest is still decoding."""
         if not _is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         seqs = [self._prepare(i, r) for i, r in enumerate(requests)]
@@ -341,19 +367,20 @@ class Engine:
         scored = self.lenvm is not None and any(s.control.active or s.request.return_values for s in seqs)
         waiting = deque(seqs)
         batch: _Batch | None = None
-        bar = _progress(len(seqs), progress)
-        with torch.inference_mode():
-            while waiting or batch is not None:
+        while waiting or batch is not None:
+            # Inference mode per step, not around the loop: the caller's code between yields
+            # must not run inside it.
+            with torch.inference_mode():
                 free = batch_size - (0 if batch is None else len(batch.seqs))
                 if waiting and free > 0:
                     joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
                     batch = self._admit(batch, joining, scored)
                 finished = self._step(batch, scored)
+                done = [batch.seqs[row] for row in finished]
                 if finished:
                     batch = self._retire(batch, finished)
-                    bar.update(len(finished))
-        bar.close()
-        return [s.result(self.tokenizer) for s in seqs]
+            for seq in done:
+                yield seq.index, seq.result(self.tokenizer)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -462,6 +489,8 @@ class Engine:
             batch.hidden = batch.gen.forward(token[:, None])[:, 0]
             batch.gen.keep()
         if batch.lvm is not None:
+            if self.naive:
+                batch.lvm.forward(token[:, None])
             batch.lvm.keep(choice)
         r.step += 1
 
@@ -479,9 +508,13 @@ class Engine:
 
     def _score(self, batch: _Batch, ids: torch.Tensor, eos: torch.Tensor):
         """LenVM values ``V(s_t + x)`` of the candidates ``ids`` (``[B, k]``; 0 for EOS), and for the
-        attached kind the generator's hidden states of the candidates (its forward is the scoring)."""
+        attached kind the generator's hidden states of the candidates (its forward is the scoring;
+        None for naive scoring, whose caches keep no candidate and take the chosen token anew)."""
         hidden = None
-        if self.kind == "attached":
+        if self.naive:
+            stream = batch.gen if self.kind == "attached" else batch.lvm
+            values = self.lenvm.values_from_hidden(_one_by_one(stream, ids))
+        elif self.kind == "attached":
             hidden = batch.gen.forward(ids)
             values = self.lenvm.values_from_hidden(hidden)
         elif self.kind == "standalone":
@@ -526,6 +559,16 @@ class Engine:
         if len(self.eos_ids) == 1:
             return self._eos.expand(logits.shape[0])
         return self._eos[logits[:, self._eos].argmax(-1)]
+
+
+def _one_by_one(stream: Stream, ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states of the candidates ``ids`` (``[B, k]``), each from its own single-token forward
+    that the cache then drops: ``[B, k, H]``."""
+    hidden = []
+    for j in range(ids.shape[1]):
+        hidden.append(stream.forward(ids[:, j : j + 1])[:, 0])
+        stream.discard()
+    return torch.stack(hidden, dim=1)
 
 
 def _context(model) -> int:

@@ -1,0 +1,83 @@
+"""Writes that fail half-way (a full disk) leave no half-written file behind."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from lenvm.io import JsonlAppender, read_jsonl, repair_jsonl_tail, write_json
+
+
+def _disk_full_after(monkeypatch, nbytes):
+    """Make text writes store ``nbytes`` characters and then fail as a full disk would."""
+    real = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        real(self, data[:nbytes], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temporaries(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    write_json(target, {"old": True})
+    _disk_full_after(monkeypatch, 5)
+    with pytest.raises(OSError) as err:
+        write_json(target, {"new": list(range(100))})
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    _disk_full_after(monkeypatch, 3)
+    with pytest.raises(OSError):
+        write_json(tmp_path / "new.json", {"a": 1})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_appender_cut_mid_line_keeps_earlier_lines(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    with JsonlAppender(path) as log:
+        log.write([{"i": 0}, {"i": 1}])
+    with path.open("a") as fh:  # what a crash or a full disk leaves: part of a line
+        fh.write('{"i": 2, "te')
+    repair_jsonl_tail(path)
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}]
+    with JsonlAppender(path) as log:  # appending resumes on a clean line
+        log.write([{"i": 2}])
+    assert [r["i"] for r in read_jsonl(path)] == [0, 1, 2]
+
+
+def test_cli_reports_a_full_disk_and_keeps_finished_work(tmp_path, tiny_path, monkeypatch, capsys):
+    from lenvm import io
+    from lenvm.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"Say {i}."}) + "\n" for i in range(4)))
+    out = tmp_path / "rollouts.jsonl"
+    args = ["rollout", "--model", str(tiny_path), "--prompts", str(prompts), "--out", str(out)]
+    args += ["--n", "1", "--max-new-tokens", "3", "--batch-size", "2"]
+    real_write = io.JsonlAppender.write
+    calls = []
+
+    def write(self, records):
+        calls.append(len(records))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, records)
+
+    monkeypatch.setattr(io.JsonlAppender, "write", write)
+    assert main(args) == 28
+    assert "no space left" in capsys.readouterr().err
+    kept = read_jsonl(out)
+    assert 0 < len(kept) < 4
+    monkeypatch.undo()
+    assert main(args) == 0  # the same command resumes and completes
+    records = read_jsonl(out)
+    assert sorted(r["prompt_id"] for r in records) == ["0", "1", "2", "3"]
+    assert records[: len(kept)] == kept
