@@ -219,3 +219,36 @@ def test_run_all_smoke(tmp_path, tiny_path, data):
     assert "## Decoding speed" in report and "- settings: custom" in report
     domains = set(results["predict"]["metrics"])
     assert {"math", "word_problem", "instruction"} <= domains
+
+
+def test_bench_cli_runs_each_benchmark(tmp_path, tiny_path, lenvm_dir, data, train_rollouts, capsys):
+    from lenvm.cli import main
+
+    common = ["--model", str(tiny_path), "--no-progress"]
+    guided = [*common, "--lenvm", str(lenvm_dir), "--batch-size", "4"]
+    runs = {
+        "lifebench": [*guided, "--data", str(data["lifebench"]), "--targets", "4", "--rows", "1",
+                      "--constraints", "equal_to", "--max-new-tokens", "8"],
+        "tradeoff": [*guided, "--gsm8k", str(data["gsm8k"]), "--gsm8k-problems", "1",
+                     "--arithmetic-problems", "1", "--levels", "1", "--betas", "5", "--max-new-tokens", "6"],
+        "predict": [*guided, "--prompts", str(data["prompts"]), "--samples", "2", "--limit", "1",
+                    "--max-new-tokens", "4"],
+        "length-tokens": [*common, "--lenvm", str(lenvm_dir), "--rollouts", str(train_rollouts),
+                          "--min-count", "1"],
+    }  # fmt: skip
+    for name, args in runs.items():
+        out = tmp_path / name
+        assert main(["bench", name, "--out", str(out), *args]) == 0, name
+        assert (out / "results.json").is_file(), name
+        assert (out / "table.md").read_text() in capsys.readouterr().out, name
+
+
+def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, data, capsys):
+    from lenvm.cli import main
+
+    args = ["bench", "lifebench", "--out", str(tmp_path / "x"), "--model", str(tiny_path)]
+    assert main([*args, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    # LenVM methods without a LenVM
+    assert main([*args, "--data", str(data["lifebench"]), "--methods", "lenvm-ours"]) == 2
+    assert "LenVM" in capsys.readouterr().err

@@ -95,6 +95,7 @@ def cmd_train(args) -> None:
                     "metrics": result.metrics,
                     "data": result.data.to_dict(),
                     "seconds": round(result.seconds, 1),
+                    "train_tokens_per_second": round(result.tokens_per_second),
                 },
                 indent=2,
             )
@@ -218,6 +219,123 @@ def cmd_demo(args) -> None:
     )
 
 
+def cmd_bench(args) -> None:
+    """Each ``lenvm bench`` subcommand calls one entry function of :mod:`lenvm.bench`."""
+    from lenvm import bench
+
+    common = {"device": args.device, "dtype": args.dtype, "progress": not args.no_progress}
+    sampling = {
+        name: getattr(args, name)
+        for name in ("temperature", "top_p", "top_k", "min_p")
+        if getattr(args, name, None) is not None
+    }
+    models = {"model": args.model, "lenvm": args.lenvm}
+    what = args.bench
+    if what == "lifebench":
+        bench.run_lifebench(
+            args.out,
+            **models,
+            data=args.data,
+            targets=args.targets,
+            constraints=args.constraints,
+            methods=args.methods,
+            rows=args.rows,
+            langs=args.langs,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+            num_candidates=args.num_candidates,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            **sampling,
+            **common,
+        )
+    elif what == "tradeoff":
+        bench.run_tradeoff(
+            args.out,
+            **models,
+            gsm8k=None if args.no_gsm8k else args.gsm8k,
+            gsm8k_problems=args.gsm8k_problems,
+            arithmetic_problems=args.arithmetic_problems,
+            arithmetic_levels=args.levels,
+            betas=args.betas,
+            budgets=args.budgets,
+            max_new_tokens=args.max_new_tokens,
+            num_candidates=args.num_candidates,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            **sampling,
+            **common,
+        )
+    elif what == "predict":
+        bench.run_prediction(
+            args.out,
+            **models,
+            prompts=args.prompts,
+            train_rollouts=args.train_rollouts,
+            samples=args.samples,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            **sampling,
+            **common,
+        )
+    elif what == "length-tokens":
+        bench.run_length_tokens(
+            args.out,
+            **models,
+            rollouts=args.rollouts,
+            threshold=args.threshold,
+            min_count=args.min_count,
+            top=args.top,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            **common,
+        )
+    elif what == "speed":
+        bench.run_speed(
+            args.out,
+            model=args.model,
+            lenvm=args.lenvm,
+            batch_sizes=args.batch_sizes,
+            candidates=args.candidates,
+            new_tokens=args.new_tokens,
+            generate_batch_sizes=args.generate_batch_sizes,
+            **common,
+        )
+        if (Path(args.out).parent / "summary.json").is_file():
+            bench.write_report(Path(args.out).parent)  # a speed section joins a bench-all report
+    elif what == "q-agreement":
+        bench.run_q_agreement(
+            args.out,
+            model=args.model,
+            exact=args.exact,
+            q=args.q,
+            rollouts=args.rollouts,
+            num_candidates=args.num_candidates,
+            positions_per_completion=args.positions,
+            max_completions=args.limit,
+            seed=args.seed,
+            **common,
+        )
+    else:
+        bench.run_all(
+            args.out,
+            **models,
+            train_rollouts=args.train_rollouts,
+            quick=args.quick,
+            lifebench_data=args.data,
+            gsm8k=args.gsm8k,
+            gsm8k_train=args.gsm8k_train,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            **common,
+        )
+    table = Path(args.out) / ("report.md" if what == "all" else "table.md")
+    if table.is_file():
+        print(table.read_text(encoding="utf-8"))
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -334,7 +452,110 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from lenvm.bench import lifebench, tasks
+    from lenvm.bench.report import DEFAULT_GSM8K_TRAIN
+    from lenvm.bench.scoring import CONSTRAINTS
+    from lenvm.bench.tradeoff import DEFAULT_BETAS
+    from lenvm.models import DEFAULT_MODEL
+
+    bench = sub.add_parser("bench", help="the paper's experiments, speed and Q-head agreement")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+
+    def command(name: str, help: str, out: str, lenvm: bool = True, sampling: bool = True):
+        p = bsub.add_parser(name, help=help)
+        p.add_argument("--out", default=f"results/{out}", help="results folder (a rerun resumes)")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="generator: folder, hub id or alias")
+        if lenvm:
+            p.add_argument("--lenvm", help="LenVM folder")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--no-progress", action="store_true")
+        if sampling:
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=int, default=1024)
+            p.add_argument("--num-candidates", type=int, default=8)
+            for flag, kind in (
+                ("--temperature", float),
+                ("--top-p", float),
+                ("--top-k", int),
+                ("--min-p", float),
+            ):
+                p.add_argument(flag, type=kind, help="default: the LenVM's training policy")
+        p.set_defaults(func=cmd_bench)
+        return p
+
+    p = command("lifebench", "token-level LIFEBench: Equal To / At Most / At Least", "lifebench")
+    p.add_argument("--data", default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
+    p.add_argument("--targets", type=int, nargs="+", default=list(lifebench.DEFAULT_TARGETS))
+    p.add_argument("--constraints", nargs="+", choices=list(CONSTRAINTS), default=list(CONSTRAINTS))
+    p.add_argument("--methods", nargs="+", choices=list(lifebench.METHODS), help="default: all")
+    p.add_argument("--rows", type=int, help="evaluate the first N rows")
+    p.add_argument("--langs", nargs="+", help="e.g. en zh")
+    p.add_argument("--max-prompt-tokens", type=int, help="leave out longer prompts")
+
+    p = command("tradeoff", "pass@1 vs mean length: tilting against a hard token budget", "tradeoff")
+    p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
+    p.add_argument("--no-gsm8k", action="store_true", help="built-in word problems only")
+    p.add_argument("--gsm8k-problems", type=int, default=200)
+    p.add_argument("--arithmetic-problems", type=int, default=100, help="per level")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
+    p.add_argument("--budgets", type=int, nargs="+", help="hard budgets (default: from the lengths)")
+
+    p = command("predict", "prompt-boundary length prediction against two baselines", "predict")
+    p.add_argument("--prompts", required=True, help="held-out prompts JSONL (with a 'domain' field)")
+    p.add_argument("--train-rollouts", help="rollouts the baselines are fitted on")
+    p.add_argument("--samples", type=int, default=64, help="completions per prompt")
+    p.add_argument("--limit", type=int, help="first N prompts")
+
+    p = command(
+        "length-tokens", "tokens that push the length horizon (TD residuals)", "length_tokens", sampling=False
+    )
+    p.add_argument("--rollouts", required=True)
+    p.add_argument("--threshold", type=float, default=0.01)
+    p.add_argument("--min-count", type=int, default=3)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--limit", type=int, help="first N completions")
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = command(
+        "speed", "tokens/s: plain, generate, and guided decoding by LenVM kind", "speed", sampling=False
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--candidates", type=int, nargs="+", default=[8, 16], help="k values")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--generate-batch-sizes", type=int, nargs="+", default=[8, 16])
+
+    p = command(
+        "q-agreement",
+        "Q-head candidate values against exact scoring",
+        "q_agreement",
+        lenvm=False,
+        sampling=False,
+    )
+    p.add_argument("--exact", required=True, help="attached or standalone LenVM folder")
+    p.add_argument("--q", required=True, help="q LenVM folder")
+    p.add_argument("--rollouts", required=True, help="held-out rollouts JSONL")
+    p.add_argument("--num-candidates", type=int, default=8)
+    p.add_argument("--positions", type=int, default=16, help="positions per completion")
+    p.add_argument("--limit", type=int, help="first N completions")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("all", "every benchmark into one folder, with report.md", "all", sampling=False)
+    p.add_argument("--quick", action="store_true", help="small settings: under 30 minutes on 2 CPU cores")
+    p.add_argument("--train-rollouts", help="the --lenvm's training rollouts (baselines, length tokens)")
+    p.add_argument("--data", default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
+    p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
+    p.add_argument("--gsm8k-train", default=DEFAULT_GSM8K_TRAIN, help="GSM8K train JSONL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,432 @@
+"""Decoding speed: tokens per second of plain and LenVM-guided decoding, against ``generate``.
+
+Every row runs in one process on the same prompts and generator, and every request generates
+exactly ``new_tokens`` tokens (EOS disabled), so all methods do the same amount of work:
+
+- ``generate``: transformers ``model.generate``, plain sampling (temperature 1, no truncation)
+  on left-padded chat prompts;
+- ``plain``: the lenvm engine without a LenVM;
+- guided, under a tilt control (beta 1; with EOS disabled every control runs the full length)
+  with ``k`` candidates a step: ``attached`` (the candidate block is the generator's own forward:
+  one forward a step), ``standalone`` (a LenVM with its own copy of the generator's backbone:
+  its block forward plus the generator's single-token forward), ``q`` (a Q-head scores the
+  candidates from the current hidden state: one single-token forward) and ``naive`` (the attached
+  LenVM scoring each candidate with its own single-token forward, then the chosen token once
+  more: k + 1 forwards, the floor that exact block scoring has to beat).
+
+Timing does not depend on head weights: unless a trained LenVM is given (it serves its own
+kind), the LenVMs are fresh, untrained heads on the generator. Each row is timed after an
+untimed warm-up call of the same shape. Peak memory is CUDA's peak allocated memory on a GPU,
+and on CPU the peak resident set size of the whole process (every loaded model included),
+sampled during the timed calls.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lenvm.bench.common import DTYPES, Models, Run, load_models, markdown_table, pyplot
+from lenvm.decoding import Control, Engine, Request
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel, read_config
+from lenvm.models import DEFAULT_MODEL, eos_token_ids
+from lenvm.prompts import encode_prompt
+
+DEFAULT_PROMPTS = (
+    "Write a short poem about the sea.",
+    "Explain why the sky is blue.",
+    "Give me three tips for learning a new language.",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I make a cup of green tea?",
+    "Describe a busy train station at rush hour.",
+    "What are the main causes of inflation?",
+)
+# method -> (LenVM kind, candidate scoring)
+GUIDED = {
+    "attached": ("attached", "block"),
+    "standalone": ("standalone", "block"),
+    "q": ("q", "block"),
+    "naive": ("attached", "naive"),
+}
+CONTROL = Control("tilt", beta=1.0)
+FRESH = "fresh head"
+STATM = "/proc/self/statm"
+RSS_INTERVAL_S = 0.005
+
+
+@dataclass(frozen=True)
+class _Row:
+    method: str
+    batch: int
+    k: int | None = None
+
+    @property
+    def key(self) -> str:
+        k = "" if self.k is None else f"-k{self.k}"
+        return f"{self.method}{k}-b{self.batch}"
+
+
+def run_speed(
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    batch_sizes: Sequence[int] = (1, 8),
+    candidates: Sequence[int] = (8, 16),
+    new_tokens: int = 128,
+    generate_batch_sizes: Sequence[int] = (8, 16),
+    prompts: Sequence[str] | None = None,
+    repeats: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+    lenvm: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokens/s, speed relative to plain sampling and peak memory of every decoding method;
+    writes ``results.json``, ``table.md`` and ``speed.png`` to ``out`` (see the module doc).
+
+    ``generate`` and ``plain`` run at every size in ``batch_sizes`` and ``generate_batch_sizes``;
+    the guided methods at every size in ``batch_sizes`` with every candidate count in
+    ``candidates``. A batch of size ``b`` is ``b`` requests of ``new_tokens`` tokens each, on
+    ``prompts`` (default: a built-in list) cycled to fill it; ``repeats`` timed calls follow one
+    warm-up call. ``lenvm``: a trained LenVM folder used for its own kind (the other kinds get
+    fresh heads). Rows already measured in ``out`` are not measured again.
+    """
+    started = time.perf_counter()
+    batch_sizes = _positive_ints(batch_sizes, "batch sizes")
+    generate_batch_sizes = _positive_ints(generate_batch_sizes, "generate batch sizes")
+    candidates = _positive_ints(candidates, "candidate counts")
+    if not batch_sizes and not generate_batch_sizes:
+        raise InputError("no batch size to measure")
+    for value, what in ((new_tokens, "new_tokens"), (repeats, "repeats")):
+        if not _is_int(value) or value < 1:
+            raise InputError(f"{what} must be a positive integer, got {value!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    prompts = _check_prompts(prompts)
+    heads = {kind: FRESH for kind, _ in GUIDED.values()}
+    if lenvm is not None:
+        heads[read_config(lenvm).kind] = str(lenvm)
+
+    rows = _plan(batch_sizes, candidates, generate_batch_sizes)
+    # What every row depends on; the sizes and candidate counts are in the row keys, so a rerun
+    # with more of them measures only the new rows.
+    settings = {
+        "benchmark": "speed",
+        "model": str(model),
+        "lenvm": str(lenvm) if lenvm is not None else None,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "prompts": prompts,
+        "device": device,
+        "dtype": dtype,
+        "control": f"tilt beta={CONTROL.beta:g}",
+    }
+    with Run(out, settings) as run:
+        todo = [row for row in rows if row.key not in run.done]
+        with tqdm(
+            total=len(rows), initial=len(rows) - len(todo), desc="speed", unit="row", disable=not progress
+        ) as bar:
+            if todo:
+                bench = _Bench(load_models(model, lenvm, device, dtype), prompts, new_tokens, repeats, dtype)
+                for row in todo:
+                    bar.set_postfix_str(row.key)
+                    run.add([{**bench.measure(row), "lenvm": _head(row, heads)}])
+                    bar.update()
+        measured = _summarize([run.done[row.key] for row in rows])
+        results = {
+            "benchmark": "speed",
+            "settings": settings,
+            "machines": sorted({r["machine"] for r in measured["rows"]}),
+            "lenvm_heads": heads,
+            **measured,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        run.write_json("results.json", results)
+        run.write_text("table.md", _markdown(results))
+        _plot(run, measured["rows"])
+    return results
+
+
+def _summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows with tokens/s and the ratio to plain at the same batch size, and plain/generate per
+    batch size."""
+    speed = {(r["method"], r["k"], r["batch"]): r["tokens"] / r["seconds"] for r in records}
+    rows = [
+        {
+            **r,
+            "tokens_per_s": speed[r["method"], r["k"], r["batch"]],
+            "x_plain": speed[r["method"], r["k"], r["batch"]] / speed["plain", None, r["batch"]],
+        }
+        for r in records
+    ]
+    batches = sorted({b for method, _, b in speed if method == "generate"})
+    ratios = {str(b): speed["plain", None, b] / speed["generate", None, b] for b in batches}
+    return {"rows": rows, "plain_vs_generate": ratios}
+
+
+def _plan(batch_sizes: Sequence[int], candidates: Sequence[int], generate_sizes: Sequence[int]) -> list[_Row]:
+    rows = []
+    for b in sorted({*batch_sizes, *generate_sizes}):
+        rows += [_Row("generate", b), _Row("plain", b)]
+        if b in batch_sizes:
+            rows += [_Row(method, b, k) for k in candidates for method in GUIDED]
+    return rows
+
+
+def _head(row: _Row, heads: dict[str, str]) -> str | None:
+    return heads[GUIDED[row.method][0]] if row.method in GUIDED else None
+
+
+class _Bench:
+    """Times rows on loaded models; builds each LenVM kind when a row first needs it."""
+
+    def __init__(self, models: Models, prompts: list[str], new_tokens: int, repeats: int, dtype: str):
+        if not all(models.fits(p, new_tokens) for p in prompts):
+            raise InputError(f"a prompt plus {new_tokens} new tokens exceeds the generator's context")
+        self.models = models
+        self.prompts = prompts
+        self.new_tokens = new_tokens
+        self.repeats = repeats
+        self.dtype = DTYPES[dtype]
+        self.device = models.generator.device
+        self.lenvms: dict[str, LengthValueModel] = {}
+        if models.lenvm is not None:
+            self.lenvms[models.lenvm.config.kind] = self._ready(models.lenvm)
+
+    def measure(self, row: _Row) -> dict[str, Any]:
+        call = self._generate(row.batch) if row.method == "generate" else self._engine(row)
+        call()  # warm-up, untimed
+        tokens, seconds, peak = _timed(call, self.repeats, self.device)
+        return {
+            "key": row.key,
+            "method": row.method,
+            "k": row.k,
+            "batch": row.batch,
+            "tokens": tokens,
+            "seconds": seconds,
+            "peak_mib": peak,
+            "machine": _machine(self.device),
+        }
+
+    def _lenvm(self, kind: str) -> LengthValueModel:
+        if kind not in self.lenvms:
+            generator = (self.models.generator, self.models.tokenizer)
+            fresh = LengthValueModel.from_base(
+                self.models.name, kind=kind, generator=generator, dtype=self.dtype, device=self.device
+            )
+            self.lenvms[kind] = self._ready(fresh)
+        return self.lenvms[kind]
+
+    def _ready(self, lenvm: LengthValueModel) -> LengthValueModel:
+        # The head runs in the generator's dtype, as in a half-precision deployment.
+        lenvm.head.to(self.dtype)
+        return lenvm.eval()
+
+    def _batch_prompts(self, batch: int) -> list[str]:
+        return [self.prompts[i % len(self.prompts)] for i in range(batch)]
+
+    def _engine(self, row: _Row) -> Callable[[], int]:
+        lenvm, scoring, control = None, "block", None
+        if row.method in GUIDED:
+            kind, scoring = GUIDED[row.method]
+            lenvm, control = self._lenvm(kind), CONTROL
+        m = self.models
+        engine = Engine(m.generator, m.tokenizer, lenvm, num_candidates=row.k or 1, candidate_scoring=scoring)
+        requests = [
+            Request(p, max_new_tokens=self.new_tokens, seed=i, control=control, ignore_eos=True)
+            for i, p in enumerate(self._batch_prompts(row.batch))
+        ]
+
+        def call() -> int:
+            return sum(len(r.token_ids) for r in engine.generate(requests, batch_size=row.batch))
+
+        return call
+
+    def _generate(self, batch: int) -> Callable[[], int]:
+        from transformers import GenerationConfig
+
+        model, tokenizer = self.models.generator, self.models.tokenizer
+        encoded = [encode_prompt(tokenizer, p) for p in self._batch_prompts(batch)]
+        width = max(len(e) for e in encoded)
+        pad = tokenizer.pad_token_id
+        eos = eos_token_ids(model, tokenizer)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+        # Plain sampling, set explicitly so that no default of the model's own config applies;
+        # min_new_tokens keeps EOS out, as ignore_eos does in the engine.
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            max_new_tokens=self.new_tokens,
+            min_new_tokens=self.new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+
+        def call() -> int:
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # Tokens up to each row's first EOS: generate pads a row that has ended.
+            ended = torch.isin(out[:, width:], torch.tensor(eos, device=out.device)).int()
+            return int((ended.cumsum(1) - ended == 0).sum())
+
+        return call
+
+
+def _timed(call: Callable[[], int], repeats: int, device: torch.device) -> tuple[int, float, float]:
+    """Tokens, wall seconds and peak memory (MiB) of ``repeats`` calls."""
+    cuda = device.type == "cuda"
+    with _PeakMemory(device) as peak:
+        if cuda:
+            torch.cuda.synchronize(device)  # time our kernels only, not queued earlier work
+        start = time.perf_counter()
+        tokens = sum(call() for _ in range(repeats))
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return tokens, seconds, peak.mib
+
+
+class _PeakMemory:
+    """Peak memory during a ``with`` block: CUDA's peak allocated memory, or on CPU the peak
+    resident set size of this process, read from /proc by a background thread (without /proc,
+    the process's lifetime peak from getrusage)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists(STATM):
+            self._sample()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        else:
+            import resource
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, else KiB
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+    def _sample(self) -> None:
+        with open(STATM) as f:
+            pages = int(f.read().split()[1])
+        self.peak = max(self.peak, pages * os.sysconf("SC_PAGE_SIZE"))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(RSS_INTERVAL_S):
+            self._sample()
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} torch threads"
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    heads = results["lenvm_heads"]
+    trained = [f"{kind} from `{source}`" for kind, source in heads.items() if source != FRESH]
+    lenvms = "fresh, untrained heads (timing does not depend on head weights)"
+    if trained:
+        lenvms = ", ".join(trained) + "; the other kinds fresh heads"
+    memory = "peak CUDA memory allocated" if "cuda" in s["device"] else "peak resident memory of the process"
+    intro = (
+        f"Decoding speed on {', '.join(results['machines'])} ({s['dtype']}): each request generates "
+        f"{s['new_tokens']} tokens (EOS disabled); {s['repeats']} timed call(s) after a warm-up. "
+        f"Guided rows: {s['control']} with k candidates; LenVMs: {lenvms}. "
+        f"naive scores each candidate with its own forward. Memory: {memory}.\n\n"
+    )
+    rows = [
+        [
+            r["method"],
+            r["k"] if r["k"] is not None else "",
+            r["batch"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['x_plain']:.2f}x",
+            f"{r['peak_mib']:.0f}",
+        ]
+        for r in results["rows"]
+    ]
+    header = ["method", "k", "batch", "tokens/s", "x plain", "peak memory (MiB)"]
+    ratios = ", ".join(f"batch {b}: {x:.2f}x" for b, x in results["plain_vs_generate"].items())
+    return intro + markdown_table(header, rows) + f"\nPlain engine vs transformers generate: {ratios}.\n"
+
+
+def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
+    plt = pyplot()
+    series = list(dict.fromkeys(_label(r) for r in rows))
+    color = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(series)}
+    batches = sorted({r["batch"] for r in rows})
+    groups = {b: [r for r in rows if r["batch"] == b] for b in batches}
+    width = 0.8 / max(len(g) for g in groups.values())
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4))
+    labelled = set()
+    for j, b in enumerate(batches):
+        # Bars centred on their batch size: the guided methods do not run at every size.
+        for i, r in enumerate(groups[b]):
+            name = _label(r)
+            x = j + (i - (len(groups[b]) - 1) / 2) * width
+            ax.bar(x, r["tokens_per_s"], width, color=color[name], label=None if name in labelled else name)
+            labelled.add(name)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Decoding speed")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    run.save_figure(fig, "speed.png")
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] if row["k"] is None else f"{row['method']} k={row['k']}"
+
+
+def _positive_ints(values: int | Iterable[int], what: str) -> tuple[int, ...]:
+    values = (values,) if _is_int(values) else tuple(values)
+    bad = [v for v in values if not _is_int(v) or v < 1]
+    if bad:
+        raise InputError(f"{what} must be positive integers, got {bad}")
+    return tuple(sorted(set(values)))
+
+
+def _check_prompts(prompts: str | Sequence[str] | None) -> list[str]:
+    if prompts is None:
+        return list(DEFAULT_PROMPTS)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise InputError("prompts must be a non-empty list of non-empty strings")
+    return prompts
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
