@@ -221,8 +221,15 @@ def test_run_all_smoke(tmp_path, tiny_path, data):
     assert {"math", "word_problem", "instruction"} <= domains
 
 
-def test_bench_cli_runs_each_benchmark(tmp_path, tiny_path, lenvm_dir, data, train_rollouts, capsys):
+def test_bench_cli_runs_each_benchmark(
+    tmp_path, tiny_path, tiny_generator, lenvm_dir, data, train_rollouts, capsys
+):
     from lenvm.cli import main
+
+    q_dir = tmp_path / "q"
+    LengthValueModel.from_base(tiny_path, kind="q", gamma=0.9, generator=tiny_generator).save_pretrained(
+        q_dir
+    )
 
     common = ["--model", str(tiny_path), "--no-progress"]
     guided = [*common, "--lenvm", str(lenvm_dir), "--batch-size", "4"]
@@ -235,6 +242,10 @@ def test_bench_cli_runs_each_benchmark(tmp_path, tiny_path, lenvm_dir, data, tra
                     "--max-new-tokens", "4"],
         "length-tokens": [*common, "--lenvm", str(lenvm_dir), "--rollouts", str(train_rollouts),
                           "--min-count", "1"],
+        "speed": [*common, "--batch-sizes", "1", "--candidates", "2", "--new-tokens", "3",
+                  "--generate-batch-sizes", "2"],
+        "q-agreement": [*common, "--exact", str(lenvm_dir), "--q", str(q_dir), "--rollouts",
+                        str(train_rollouts), "--positions", "2"],
     }  # fmt: skip
     for name, args in runs.items():
         out = tmp_path / name

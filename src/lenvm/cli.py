@@ -229,7 +229,7 @@ def cmd_bench(args) -> None:
         for name in ("temperature", "top_p", "top_k", "min_p")
         if getattr(args, name, None) is not None
     }
-    models = {"model": args.model, "lenvm": args.lenvm}
+    models = {"model": args.model, "lenvm": getattr(args, "lenvm", None)}
     what = args.bench
     if what == "lifebench":
         bench.run_lifebench(

@@ -11,6 +11,7 @@ from lenvm.bench.lifebench import run_lifebench
 from lenvm.bench.predict import run_prediction
 from lenvm.bench.q_agreement import run_q_agreement
 from lenvm.bench.report import FULL, QUICK, Preset, run_all, write_report
+from lenvm.bench.speed import run_speed
 from lenvm.bench.tradeoff import run_tradeoff
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "run_lifebench",
     "run_prediction",
     "run_q_agreement",
+    "run_speed",
     "run_tradeoff",
     "write_report",
 ]

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from lenvm.bench.common import DTYPES, Models, Run, markdown_table, pyplot
 from lenvm.decoding.policies import top_candidates, truncate
-from lenvm.decoding.scoring import Stream
+from lenvm.decoding.scoring import Stream, cache_argument
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, read_config
 from lenvm.models import DEFAULT_MODEL, eos_token_ids, load_generator
@@ -101,11 +101,12 @@ def score_completion(
     width = ids.shape[1]
     shared = exact.attached  # an attached exact head reads the generator's own hidden states
     cache = DynamicCache()
-    hidden = generator.base_model(
-        input_ids=ids, past_key_values=cache if shared else None, use_cache=shared
+    body = generator.base_model
+    hidden = body(
+        input_ids=ids, use_cache=shared, **{cache_argument(type(body)): cache if shared else None}
     ).last_hidden_state[0]
     if not shared:
-        exact.body(input_ids=ids, past_key_values=cache, use_cache=True)
+        exact.body(input_ids=ids, use_cache=True, **{cache_argument(type(exact.body)): cache})
     states = hidden[torch.tensor(positions, device=device) + prompt_len - 1]  # each state's last token
     logits = generator.get_output_embeddings()(states).float()
     temperatures = torch.full((len(positions),), float(temperature), device=device)

@@ -61,7 +61,7 @@ class Stream:
             attention_mask=attention,
             position_ids=(mask.cumsum(1) - 1).clamp(min=0),
             use_cache=True,
-            **{_cache_argument(type(body)): cache},
+            **{cache_argument(type(body)): cache},
         )
         return cls(body, cache, mask, mask.sum(1)), out.last_hidden_state[:, -1]
 
@@ -91,7 +91,7 @@ class Stream:
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            **{_cache_argument(type(self.body)): self.cache},
+            **{cache_argument(type(self.body)): self.cache},
         )
         self._block = k
         return out.last_hidden_state
@@ -151,7 +151,7 @@ class Stream:
 
 
 @functools.cache
-def _cache_argument(body_type: type) -> str:
+def cache_argument(body_type: type) -> str:
     """The name under which a body's ``forward`` takes its KV cache: ``cache`` in recent
     ``transformers`` releases (which deprecate ``past_key_values``), else ``past_key_values``."""
     parameters = inspect.signature(body_type.forward).parameters
