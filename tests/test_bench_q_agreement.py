@@ -15,6 +15,7 @@ from lenvm.bench.q_agreement import (
     score_completion,
     spearman,
 )
+from lenvm.dataset import held_out_prompts
 from lenvm.io import InputError, read_jsonl
 from lenvm.model import LengthValueModel
 from lenvm.train import TrainConfig, train
@@ -126,6 +127,12 @@ def test_run_writes_results_with_consistent_counts(tmp_path, tiny_path, lenvms, 
         run_q_agreement(out, **{**kwargs, "num_candidates": 3})
     subset = run_q_agreement(tmp_path / "subset", **{**kwargs, "max_completions": 3})
     assert subset["completions"] == 3
+
+    # held_out: only the prompts the training split held out (2 of 8 at eval_fraction 0.25)
+    held = run_q_agreement(tmp_path / "held", **{**kwargs, "held_out": True})
+    held_ids = held_out_prompts([r["prompt_id"] for r in records], 0.25, 0)
+    assert len(held_ids) == 2
+    assert held["completions"] == sum(r["prompt_id"] in held_ids for r in records) == 4
 
 
 @pytest.mark.parametrize("exact_kind", ["attached", "standalone"])

@@ -315,6 +315,7 @@ def cmd_bench(args) -> None:
             num_candidates=args.num_candidates,
             positions_per_completion=args.positions,
             max_completions=args.limit,
+            held_out=args.held_out,
             seed=args.seed,
             **common,
         )
@@ -545,6 +546,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--rollouts", required=True, help="held-out rollouts JSONL")
     p.add_argument("--num-candidates", type=int, default=8)
     p.add_argument("--positions", type=int, default=16, help="positions per completion")
+    p.add_argument("--held-out", action="store_true", help="only the prompts the q LenVM's training held out")
     p.add_argument("--limit", type=int, help="first N completions")
     p.add_argument("--seed", type=int, default=0)
 

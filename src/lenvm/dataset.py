@@ -112,17 +112,22 @@ def examples_from_records(
     return examples, report
 
 
+def held_out_prompts(prompt_ids: list[str], eval_fraction: float, seed: int = 0) -> set[str]:
+    """The prompt ids that :func:`split_by_prompt` holds out of training."""
+    unique = sorted(set(prompt_ids))
+    random.Random(seed).shuffle(unique)
+    n_eval = round(len(unique) * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0:
+        n_eval = 1
+    n_eval = min(n_eval, len(unique) - 1)  # keep at least one prompt to train on
+    return set(unique[:n_eval])
+
+
 def split_by_prompt(examples: list[Example], eval_fraction: float, seed: int = 0):
     """Hold out whole prompts, so evaluation never sees a prompt trained on."""
     if not 0.0 <= eval_fraction < 1.0:
         raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
-    prompt_ids = sorted({e.prompt_id for e in examples})
-    random.Random(seed).shuffle(prompt_ids)
-    n_eval = round(len(prompt_ids) * eval_fraction)
-    if eval_fraction > 0 and n_eval == 0:
-        n_eval = 1
-    n_eval = min(n_eval, len(prompt_ids) - 1)  # keep at least one prompt to train on
-    held_out = set(prompt_ids[:n_eval])
+    held_out = held_out_prompts([e.prompt_id for e in examples], eval_fraction, seed)
     train = [e for e in examples if e.prompt_id not in held_out]
     evaluation = [e for e in examples if e.prompt_id in held_out]
     return train, evaluation

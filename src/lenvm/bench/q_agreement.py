@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import DTYPES, Models, Run, markdown_table, pyplot
+from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.scoring import Stream, cache_argument
 from lenvm.io import InputError
@@ -144,6 +145,7 @@ def run_q_agreement(
     num_candidates: int = 8,
     positions_per_completion: int = 16,
     max_completions: int | None = None,
+    held_out: bool = False,
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
@@ -153,7 +155,8 @@ def run_q_agreement(
     the completions of ``rollouts`` (both LenVMs for the generator ``model``); writes
     ``results.json``, ``table.md``, ``q_vs_exact.png`` and a per-completion ``items.jsonl``.
 
-    ``max_completions`` takes a seeded random subset of the completions.
+    ``max_completions`` takes a seeded random subset of the completions. ``held_out`` keeps only
+    the prompts that the q LenVM's training held out, when ``rollouts`` is its training file.
     """
     started = time.perf_counter()
     for name, value, low in [
@@ -174,9 +177,19 @@ def run_q_agreement(
     if not records:
         raise InputError(f"{rollouts}: no rollouts")
     chosen = range(len(records))
-    if max_completions is not None and max_completions < len(records):
-        picked = np.random.default_rng(seed).choice(len(records), max_completions, replace=False)
-        chosen = sorted(picked.tolist())
+    if held_out:
+        training = read_config(q).training or {}
+        if "eval_fraction" not in training:
+            raise InputError(f"{q}: its config records no training split to hold prompts out by")
+        prompts = held_out_prompts(
+            [r["prompt_id"] for r in records], training["eval_fraction"], training.get("seed", 0)
+        )
+        chosen = [i for i in chosen if records[i]["prompt_id"] in prompts]
+        if not chosen:
+            raise InputError(f"{rollouts}: none of its prompts was held out of {q}'s training")
+    if max_completions is not None and max_completions < len(chosen):
+        picked = np.random.default_rng(seed).choice(len(chosen), max_completions, replace=False)
+        chosen = sorted(chosen[j] for j in picked.tolist())
 
     generator, tokenizer = load_generator(model, device=device, dtype=DTYPES[dtype])
     loaded = {}
@@ -205,6 +218,7 @@ def run_q_agreement(
         "num_candidates": num_candidates,
         "positions_per_completion": positions_per_completion,
         "max_completions": max_completions,
+        "held_out": held_out,
         "seed": seed,
         "temperature": temperature,
         "dtype": dtype,
