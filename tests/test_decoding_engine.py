@@ -246,6 +246,11 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
         engine.generate([Request("hi", control=Control("equal_to", target=10**6))])
     with pytest.raises(InputError, match="empty"):
         engine.generate([Request("")])
+    short_sighted = LengthValueModel.from_base(tiny_path, kind="q", gamma=0.5, generator=tiny_generator)
+    with pytest.raises(InputError, match="horizon"):  # 0.5**64: every value rounds to -1
+        Engine(model, tok, lenvm=short_sighted).generate(
+            [Request("hi", control=Control("at_least", target=64))]
+        )
     with pytest.raises(InputError, match="empty"):
         engine.generate([Request([{"role": "user", "content": "  "}])])
     for kwargs in [

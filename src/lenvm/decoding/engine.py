@@ -45,6 +45,8 @@ CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
 TARGET_KINDS = ("equal_to", "at_most", "at_least")
 RULES = ("ours", "paper")
 NO_CAP = 2**62
+# gamma**N below this: values N tokens from the end sit within float32 rounding of -1
+MIN_DISCOUNT = 1e-6
 
 
 def _is_int(x) -> bool:
@@ -402,6 +404,12 @@ class Engine:
         if control.target is not None and control.target > self.context:
             raise InputError(
                 f"{where}: target {control.target} exceeds the model's context of {self.context}"
+            )
+        if control.target is not None and self.lenvm.gamma**control.target < MIN_DISCOUNT:
+            raise InputError(
+                f"{where}: target {control.target} lies beyond the LenVM's horizon (gamma "
+                f"{self.lenvm.gamma:g}: values that far from the end all round to -1); use a LenVM "
+                "trained with a larger gamma (the p99 rule over longer rollouts)"
             )
         seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()))
         rng = torch.Generator().manual_seed(seed)
