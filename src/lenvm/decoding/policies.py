@@ -158,6 +158,8 @@ def truncate(
     ``transformers`` (``[B]`` tensors; ``None`` skips a filter that is off in every row; top_k 0
     and top_p 1 are off). Returns normalized probabilities, zero outside each row's truncation."""
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    if top_k is None and top_p is None and min_p is None:
+        return probs
     if top_k is not None:
         top = probs.topk(int(top_k.max()), dim=-1).values
         kth = top.gather(1, (top_k.clamp(min=1) - 1)[:, None])
@@ -207,7 +209,9 @@ def choose(dist: torch.Tensor, uniform: torch.Tensor, greedy: torch.Tensor | Non
     The uniforms come from each request's own random stream, so a draw does not depend on which
     other requests share the batch. Zero-probability entries are never drawn."""
     cdf = dist.double().cumsum(-1)
-    drawn = (cdf <= uniform.double()[:, None] * cdf[:, -1:]).sum(-1).clamp(max=dist.shape[-1] - 1)
+    # The number of CDF entries at or below the draw (a binary search: the CDF is sorted).
+    drawn = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True)[:, 0]
+    drawn = drawn.clamp(max=dist.shape[-1] - 1)
     if greedy is None:
         return drawn
     return torch.where(greedy, dist.argmax(-1), drawn)
