@@ -86,3 +86,20 @@ def test_table2_layout():
     assert row == "| prompt only | 50% | 36.8 | 36.8 | 100.0 |"
     by_target = scoring.breakdown_table(scoring.summarize(items), "by_target")
     assert "36.8 (50%)" in by_target
+
+
+def test_endings_count_chosen_eos_and_natural_ones():
+    items = [
+        {
+            "method": "m",
+            "constraint": "equal_to",
+            "target": 10,
+            "num_tokens": 10,
+            "finish_reason": r,
+            "eos_prob": p,
+        }
+        for r, p in [("stop", 0.5), ("stop", 0.001), ("cap", 0.2), ("length", None)]
+    ]
+    metrics = scoring.summarize(items)["m"]["equal_to"]
+    assert metrics["ended"] == 0.5  # a hard cap is not an ending the model or policy chose
+    assert metrics["natural_end"] == 0.25  # of those, only p(EOS) 0.5 passes 0.05

@@ -67,11 +67,20 @@ def test_equal_to_ours_keeps_generator_probabilities_between_equally_good_candid
     assert float(dist[0] / dist[1]) == pytest.approx(5.0)
 
 
-def test_equal_to_ours_ends_at_the_target_even_when_eos_is_unlikely():
+def test_equal_to_ours_wraps_up_at_the_target_with_the_generators_own_eos():
     c = cands([0.6, 0.399, 0.001], [1, 30, 0], eos_slot=2)
-    assert float(policies.equal_to(c, t(30), t(30), GAMMA)[0, 2]) == pytest.approx(1.0)
     # One step before, the token predicted to end right after it wins.
     assert int(policies.equal_to(c, t(29), t(30), GAMMA)[0].argmax()) == 0
+    # At the target an unlikely EOS is not forced: the sentence is finished first ...
+    at_target = policies.equal_to(c, t(30), t(30), GAMMA)[0]
+    assert int(at_target.argmax()) == 0 and float(at_target[2]) < 0.01
+    assert float(at_target[1]) < 1e-4  # ... and a long continuation is ruled out
+    # A plausible EOS beats a likelier token that would take 4 more tokens to end.
+    plausible = cands([0.6, 0.1, 0.3], [4, 30, 0], eos_slot=2)
+    assert float(policies.equal_to(plausible, t(30), t(30), GAMMA)[0, 2]) > 0.75
+    # The pressure to end grows with every token past the target.
+    eos_share = [float(policies.equal_to(c, t(30 + over), t(30), GAMMA)[0, 2]) for over in (0, 3, 6, 9)]
+    assert eos_share == sorted(eos_share) and eos_share[-1] > 50 * eos_share[0]
 
 
 def test_at_most_ours_follows_the_generator_inside_the_bound():

@@ -247,6 +247,7 @@ def _record(job: Job, result, judge) -> dict[str, Any]:
         "num_tokens": result.num_tokens,
         "finish_reason": result.finish_reason,
         "mean_logprob": result.mean_logprob,
+        "eos_prob": result.eos_prob,
         "text": result.text,
     }
     if judge is not None:

@@ -21,6 +21,8 @@ CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
 CONSTRAINT_LABELS = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}
 UNDERSHOOT_RATE = 5.0  # LIFEBench punishes too-short answers harder than too-long ones
 OVERSHOOT_RATE = 2.0
+# An ending counts as natural when the generator itself gave its EOS at least this probability.
+NATURAL_EOS = 0.05
 
 
 def length_deviation(length: float, target: float) -> float:
@@ -61,9 +63,14 @@ def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
         "score": _target_averaged(
             items, lambda i: length_score(i["num_tokens"], i["target"], i["constraint"])
         ),
-        "ended": float(np.mean([i.get("finish_reason") != "length" for i in items])),
+        "ended": float(np.mean([i.get("finish_reason") == "stop" for i in items])),
+        "natural_end": float(np.mean([_natural_end(i) for i in items])),
         "mean_logprob": float(np.mean([i.get("mean_logprob", np.nan) for i in items])),
     }
+
+
+def _natural_end(item: Mapping[str, Any]) -> bool:
+    return item.get("finish_reason") == "stop" and (item.get("eos_prob") or 0.0) >= NATURAL_EOS
 
 
 def _grouped(items: list[Mapping[str, Any]], field: str) -> dict[str, dict[str, float]]:
@@ -82,12 +89,13 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Aggregate scored outputs by method and constraint.
 
     Each item needs ``method``, ``constraint``, ``target``, ``num_tokens`` (the output length,
-    EOS excluded) and may carry
-    ``category``, ``lang`` and ``finish_reason``. Returns, per method and constraint, the overall
-    metrics plus ``by_target``, ``by_category`` and ``by_lang`` breakdowns; every metrics dict holds
-    ``n``, ``deviation`` (mean ``|LD|``), ``signed_deviation``, ``score``, ``ended`` (the
-    share of outputs that ended with EOS rather than at ``max_new_tokens``) and ``mean_logprob``
-    (the generator's mean log-probability per output token: a fluency proxy across methods).
+    EOS excluded) and may carry ``category``, ``lang``, ``finish_reason`` and ``eos_prob``.
+    Returns, per method and constraint, the overall metrics plus ``by_target``, ``by_category``
+    and ``by_lang`` breakdowns; every metrics dict holds ``n``, ``deviation`` (mean ``|LD|``),
+    ``signed_deviation``, ``score``, ``ended`` (the share of outputs ended by an EOS that the
+    model or policy chose, not cut at ``max_new_tokens`` or by a hard cap), ``natural_end`` (the
+    share of those whose EOS the generator itself gave at least ``NATURAL_EOS``) and
+    ``mean_logprob`` (the generator's mean log-probability per output token: a fluency proxy).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
@@ -169,9 +177,17 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
             labels.get(method, method),
             CONSTRAINT_LABELS[constraint],
             f"{100 * metrics['ended']:.0f}%",
+            f"{100 * metrics['natural_end']:.0f}%",
             f"{metrics['mean_logprob']:.2f}",
         ]
         for method, by_constraint in summary.items()
         for constraint, metrics in by_constraint.items()
     ]
-    return markdown_table(["method", "constraint", "ended with EOS", "mean log-prob / token"], rows)
+    header = [
+        "method",
+        "constraint",
+        "ended with EOS",
+        f"natural end (generator p(EOS) >= {NATURAL_EOS:g})",
+        "mean log-prob / token",
+    ]
+    return markdown_table(header, rows)

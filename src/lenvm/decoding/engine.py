@@ -167,6 +167,9 @@ class Result:
     LenVM value after ``token_ids[i]`` (0 after EOS). ``mean_logprob`` is the mean log-probability
     of ``token_ids`` under the generator's own distribution (softmax of its logits at temperature 1,
     before truncation and control): a quality proxy that is comparable across controls.
+    ``eos_prob`` is the generator's own probability (same distribution) of the EOS that ended the
+    output, None when it did not end with EOS: a policy that ends answers where the generator
+    would not shows up as a low value.
     """
 
     prompt_token_ids: list[int]
@@ -176,6 +179,7 @@ class Result:
     finish_reason: Literal["stop", "length", "cap"]
     values: list[float] | None
     mean_logprob: float
+    eos_prob: float | None = None
 
 
 def _finite(x) -> bool:
@@ -195,6 +199,7 @@ class _Sequence:
     values: list[float] = field(default_factory=list)
     logprob: float = 0.0
     finish_reason: str | None = None
+    eos_logprob: float | None = None  # the generator's log-probability of the final EOS
 
     def append(self, token: int, forced: bool, logprob: float, value: float, eos: set[int]) -> bool:
         """Record one generated token; True when the request is finished."""
@@ -203,6 +208,7 @@ class _Sequence:
         self.logprob += logprob
         if token in eos:
             self.finish_reason = "cap" if forced else "stop"
+            self.eos_logprob = logprob
         elif len(self.tokens) == self.request.max_new_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
@@ -217,6 +223,7 @@ class _Sequence:
             finish_reason=self.finish_reason,
             values=self.values if self.request.return_values else None,
             mean_logprob=self.logprob / len(self.tokens),
+            eos_prob=None if self.eos_logprob is None else math.exp(self.eos_logprob),
         )
 
 

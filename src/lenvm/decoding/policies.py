@@ -22,10 +22,13 @@ generator). The LenVM gives a point prediction ``T(x)``; around it the final len
 as Laplace with scale ``b(x) = SPREAD · l(x) + FLOOR``: the error of a length prediction grows
 with how far it looks ahead, and the prediction for EOS is exact up to ``FLOOR``. Hence:
 
-- equal_to: ``p(x) · Laplace(N; T(x), b(x))``, and 0 for a non-EOS token once ``t >= N`` (the
-  output would overshoot for sure). Far from the target only large prediction errors matter,
-  so the generator leads; near it the prediction decides, and the policy itself picks EOS when
-  ``N`` tokens are out (no forcing; EOS always being a candidate makes this possible).
+- equal_to: ``p(x) · Laplace(N; T(x), b(x))`` while ``t < N``. Far from the target only large
+  prediction errors matter, so the generator leads; near it the prediction steers toward
+  candidates that let the answer end around ``N``. Once ``t >= N`` the policy wraps up:
+  ``p(x) · exp(-(t - N + 1)² · l(x) / WRAP_UP)`` (``l = 0`` for EOS) favours candidates
+  predicted to end soon, more strongly with every token of overshoot, so the answer finishes
+  its sentence and ends with the generator's own EOS instead of being cut at ``N`` (EOS is
+  always a candidate; a hard cut is the explicit ``hard_cap_slack`` option).
 - at_most: ``p(x) · P(L <= N)``: candidates well inside the bound keep their generator
   probabilities; those predicted to cross it are pushed down by the Laplace tail; EOS is exact.
 - at_least: ``p(x) · P(L >= N)``: the mirror image; EOS before ``N`` has probability 0 unless no
@@ -46,6 +49,7 @@ import torch
 
 from lenvm.returns import length_to_value, value_to_length
 
+WRAP_UP = 2.0  # equal_to at its target: tokens of predicted remaining length per factor e
 SPREAD = 0.25  # Laplace scale per predicted remaining token
 FLOOR = 0.25  # Laplace scale of an exact prediction: ending one token off costs a factor e^-4
 
@@ -97,8 +101,14 @@ def equal_to(
     total = predicted_total(c, step, gamma)
     b = spread(total, step)
     log_likelihood = -(total - target[:, None]).abs() / b - (2 * b).log()
-    reachable = c.eos | (step < target)[:, None]
-    return _conditioned(c, log_likelihood, reachable)
+    # Once the target is reached, wrap up: prefer candidates predicted to end soon, but leave
+    # the ending to the generator's own EOS. The pressure grows with the square of the
+    # overshoot: a few tokens to finish a sentence, then an EOS of any plausibility wins.
+    left = (total - step[:, None].double()).clamp(min=0)
+    past = (step - target + 1).clamp(min=0)[:, None].double()
+    wrap_up = -(past**2) * left / WRAP_UP
+    over = (step >= target)[:, None]
+    return _conditioned(c, torch.where(over, wrap_up, log_likelihood), torch.ones_like(c.eos))
 
 
 def at_most(
