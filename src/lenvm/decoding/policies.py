@@ -24,11 +24,12 @@ with how far it looks ahead, and the prediction for EOS is exact up to ``FLOOR``
 
 - equal_to: ``p(x) · Laplace(N; T(x), b(x))`` while ``t < N``. Far from the target only large
   prediction errors matter, so the generator leads; near it the prediction steers toward
-  candidates that let the answer end around ``N``. Once ``t >= N`` the policy wraps up:
-  ``p(x) · exp(-(t - N + 1)² · l(x) / WRAP_UP)`` (``l = 0`` for EOS) favours candidates
-  predicted to end soon, more strongly with every token of overshoot, so the answer finishes
-  its sentence and ends with the generator's own EOS instead of being cut at ``N`` (EOS is
-  always a candidate; a hard cut is the explicit ``hard_cap_slack`` option).
+  candidates that let the answer end around ``N``. Once ``t >= N`` the policy wraps up: with
+  ``o = t - N + 1``, EOS gets ``p(EOS) · exp(o² / WRAP_UP)`` and another candidate
+  ``p(x) · exp(-o² · (l(x) - l_min) / (WRAP_UP · l_min))``, ``l_min`` the soonest predicted end
+  among them. The answer finishes its sentence and ends with the generator's own EOS instead
+  of being cut at ``N``; an EOS the generator finds unlikely wins only after several tokens of
+  overshoot (EOS is always a candidate; a hard cut is the explicit ``hard_cap_slack`` option).
 - at_most: ``p(x) · P(L <= N)``: candidates well inside the bound keep their generator
   probabilities; those predicted to cross it are pushed down by the Laplace tail; EOS is exact.
 - at_least: ``p(x) · P(L >= N)``: the mirror image; EOS before ``N`` has probability 0 unless no
@@ -101,14 +102,20 @@ def equal_to(
     total = predicted_total(c, step, gamma)
     b = spread(total, step)
     log_likelihood = -(total - target[:, None]).abs() / b - (2 * b).log()
-    # Once the target is reached, wrap up: prefer candidates predicted to end soon, but leave
-    # the ending to the generator's own EOS. The pressure grows with the square of the
-    # overshoot: a few tokens to finish a sentence, then an EOS of any plausibility wins.
-    left = (total - step[:, None].double()).clamp(min=0)
-    past = (step - target + 1).clamp(min=0)[:, None].double()
-    wrap_up = -(past**2) * left / WRAP_UP
     over = (step >= target)[:, None]
-    return _conditioned(c, torch.where(over, wrap_up, log_likelihood), torch.ones_like(c.eos))
+    return _conditioned(c, torch.where(over, _wrap_up(c, total, step, target), log_likelihood), c.valid)
+
+
+def _wrap_up(c: Candidates, total: torch.Tensor, step: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """equal_to once its target is reached: log weights that favour EOS by ``o² / WRAP_UP`` and
+    other candidates by how much sooner than the soonest one they are predicted to end
+    (``o`` = tokens out beyond the target, plus one). A sentence gets a few tokens to finish
+    where the generator gives EOS a fair chance; a mid-sentence EOS wins only after several."""
+    pressure = (step - target + 1).clamp(min=0)[:, None].double() ** 2 / WRAP_UP
+    left = (total - step[:, None].double()).clamp(min=1.0).masked_fill(c.eos | ~c.valid, float("inf"))
+    soonest = left.min(-1, keepdim=True).values.clamp(max=1e9)
+    later = torch.where(c.eos, 0.0, (left - soonest) / soonest)
+    return torch.where(c.eos, pressure, -pressure * later)
 
 
 def at_most(
