@@ -280,8 +280,10 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         scoring.breakdown_table(summary, "by_category", labels),
         "\nLength Score by language:\n",
         scoring.breakdown_table(summary, "by_lang", labels),
-        "\nOutputs that ended with EOS (not at max_new_tokens), and the generator's mean "
-        "log-probability per token under its own distribution:\n",
+        "\nOutputs ended by an EOS that the model or policy chose (not cut at max_new_tokens or "
+        f"by a hard cap); natural ends: those whose EOS the generator itself gave at least "
+        f"{scoring.NATURAL_EOS:g}; and the generator's mean log-probability per token under its "
+        "own distribution:\n",
         scoring.quality_table(summary, labels),
     ]
     return "\n".join(parts)
