@@ -261,14 +261,22 @@ class _FakeEngine:
     def __init__(self):
         self.seen = []
 
-    def generate(self, requests, batch_size=8, progress=False):
+    def stream(self, requests, batch_size=8):
         from types import SimpleNamespace
 
         self.seen.extend(requests)
-        return [
-            SimpleNamespace(num_tokens=len(r), finish_reason="stop", mean_logprob=-1.0, text=r, token_ids=[])
-            for r in requests
-        ]
+        for i, r in enumerate(requests):
+            yield (
+                i,
+                SimpleNamespace(
+                    num_tokens=len(r),
+                    finish_reason="stop",
+                    mean_logprob=-1.0,
+                    text=r,
+                    token_ids=[],
+                    eos_prob=0.5,
+                ),
+            )
 
 
 def _jobs(names):
