@@ -83,9 +83,21 @@ def test_a_trained_lenvm_serves_its_kind(tiny_path, tiny_generator, tmp_path):
     assert f"q from `{folder}`" in (tmp_path / "speed" / "table.md").read_text()
 
 
+def test_methods_pick_rows_and_plain_is_always_the_reference(tiny_path, tmp_path):
+    options = dict(SMALL, batch_sizes=(1,), generate_batch_sizes=(2,))
+    results = run_speed(tmp_path / "speed", model=tiny_path, methods=["generate"], **options)
+    assert [r["key"] for r in results["rows"]] == ["generate-b1", "plain-b1", "generate-b2", "plain-b2"]
+    q_only = run_speed(
+        tmp_path / "q", model=tiny_path, methods=["q"], **dict(options, generate_batch_sizes=())
+    )
+    assert [r["key"] for r in q_only["rows"]] == ["plain-b1", "q-k2-b1"]
+    assert "transformers generate" not in (tmp_path / "q" / "table.md").read_text()
+
+
 @pytest.mark.parametrize(
     "options",
     [
+        dict(methods=["fast"]),
         dict(batch_sizes=(0, 1)),
         dict(batch_sizes=(True,)),
         dict(generate_batch_sizes=(-2,)),

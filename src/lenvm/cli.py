@@ -301,6 +301,7 @@ def cmd_bench(args) -> None:
             candidates=args.candidates,
             new_tokens=args.new_tokens,
             generate_batch_sizes=args.generate_batch_sizes,
+            methods=args.methods,
             **common,
         )
         if (Path(args.out).parent / "summary.json").is_file():
@@ -533,6 +534,12 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--candidates", type=int, nargs="+", default=[8, 16], help="k values")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--generate-batch-sizes", type=int, nargs="+", default=[8, 16])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["generate", "plain", "attached", "standalone", "q", "naive"],
+        help="default: all (plain always runs: the reference)",
+    )
 
     p = command(
         "q-agreement",

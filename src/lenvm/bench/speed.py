@@ -90,6 +90,7 @@ def run_speed(
     device: str = "cpu",
     dtype: str = "float32",
     lenvm: str | os.PathLike | None = None,
+    methods: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokens/s, speed relative to plain sampling and peak memory of every decoding method;
@@ -100,7 +101,9 @@ def run_speed(
     ``candidates``. A batch of size ``b`` is ``b`` requests of ``new_tokens`` tokens each, on
     ``prompts`` (default: a built-in list) cycled to fill it; ``repeats`` timed calls follow one
     warm-up call. ``lenvm``: a trained LenVM folder used for its own kind (the other kinds get
-    fresh heads). Rows already measured in ``out`` are not measured again.
+    fresh heads). ``methods`` picks among ``generate``, ``plain`` (always measured: the
+    reference) and the guided ones (default: all). Rows already measured in ``out`` are not
+    measured again.
     """
     started = time.perf_counter()
     batch_sizes = _positive_ints(batch_sizes, "batch sizes")
@@ -118,7 +121,11 @@ def run_speed(
     if lenvm is not None:
         heads[read_config(lenvm).kind] = str(lenvm)
 
-    rows = _plan(batch_sizes, candidates, generate_batch_sizes)
+    known = ("generate", "plain", *GUIDED)
+    chosen = set(known if methods is None else (*methods, "plain"))
+    if chosen - set(known):
+        raise InputError(f"unknown methods {sorted(chosen - set(known))}; known: {', '.join(known)}")
+    rows = [row for row in _plan(batch_sizes, candidates, generate_batch_sizes) if row.method in chosen]
     # What every row depends on; the sizes and candidate counts are in the row keys, so a rerun
     # with more of them measures only the new rows.
     settings = {
@@ -384,8 +391,9 @@ def _markdown(results: dict[str, Any]) -> str:
         for r in results["rows"]
     ]
     header = ["method", "k", "batch", "tokens/s", "x plain", "peak memory (MiB)"]
+    table = intro + markdown_table(header, rows)
     ratios = ", ".join(f"batch {b}: {x:.2f}x" for b, x in results["plain_vs_generate"].items())
-    return intro + markdown_table(header, rows) + f"\nPlain engine vs transformers generate: {ratios}.\n"
+    return table + (f"\nPlain engine vs transformers generate: {ratios}.\n" if ratios else "")
 
 
 def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
