@@ -163,3 +163,29 @@ def test_models_list(capsys):
     assert "smollm2-135m-instruct" in capsys.readouterr().out
     code = main(["models", "prepare", "nope"])
     assert code == 2 and "unknown built-in model" in capsys.readouterr().err
+
+
+def test_generate_with_and_without_a_length_control(
+    tmp_path, tiny_path, tiny_generator, prompts_file, capsys
+):
+    from lenvm.model import LengthValueModel
+
+    lenvm = tmp_path / "lenvm"
+    LengthValueModel.from_base(
+        tiny_path, kind="attached", gamma=0.9, generator=tiny_generator
+    ).save_pretrained(lenvm)
+    base = ["generate", "--model", str(tiny_path), "--max-new-tokens", "6", "--seed", "0"]
+    assert main([*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-most", "3", "--json", "--values"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["num_tokens"] <= 3 and len(record["values"]) == record["num_tokens"] + 1
+    assert record["finish_reason"] == "stop" and 0 < record["eos_prob"] <= 1
+
+    # A batch from a file, mixing nothing but plain sampling: one JSON line per prompt, in order.
+    assert main([*base, "--prompts", str(prompts_file)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in lines] == ["a", "1", "2"]
+
+    code, err = _error(capsys, [*base, "--prompt", "Hi", "--equal-to", "5"])
+    assert code == 2 and "needs a LenVM" in err
+    code, err = _error(capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--tilt", "nan"])
+    assert code == 2 and "finite beta" in err

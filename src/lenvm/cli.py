@@ -178,6 +178,7 @@ def cmd_generate(args) -> None:
                 "num_tokens": result.num_tokens,
                 "finish_reason": result.finish_reason,
                 "mean_logprob": round(result.mean_logprob, 4),
+                "eos_prob": result.eos_prob,
             }
             if args.values:
                 record["values"] = result.values
@@ -186,7 +187,9 @@ def cmd_generate(args) -> None:
         print(result.text)
         print(
             f"\n[{result.num_tokens} tokens, finish: {result.finish_reason}, "
-            f"mean log-prob {result.mean_logprob:.3f}]",
+            f"mean log-prob {result.mean_logprob:.3f}"
+            + ("" if result.eos_prob is None else f", generator p(EOS) at the end {result.eos_prob:.3f}")
+            + "]",
             file=sys.stderr,
         )
         if args.values:
