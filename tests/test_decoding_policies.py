@@ -84,6 +84,20 @@ def test_equal_to_ours_wraps_up_at_the_target_with_the_generators_own_eos():
     assert eos_share == sorted(eos_share) and eos_share[-1] > 50 * eos_share[0]
 
 
+def test_equal_to_ours_past_the_target_prefers_a_token_after_which_the_generator_ends():
+    # 'a' and '.' equally likely and predicted equally long; after '.' the generator's EOS is
+    # likely (lookahead), so '.' wins once past the target, and a mid-sentence EOS loses to it.
+    c = cands([0.45, 0.45, 0.1 * 1e-3], [20, 20, 0], eos_slot=2)
+    c.next_eos = torch.tensor([[0.0, 0.5, 0.0]])
+    before = policies.equal_to(c, t(10), t(30), GAMMA)[0]
+    assert float(before[1]) == pytest.approx(float(before[0]), rel=1e-6)  # no lookahead before
+    for over in (1, 3, 5):
+        dist = policies.equal_to(c, t(30 + over), t(30), GAMMA)[0]
+        assert float(dist[1]) > 0.75
+    without = cands([0.45, 0.45, 0.1 * 1e-3], [20, 20, 0], eos_slot=2)
+    assert float(policies.equal_to(without, t(35), t(30), GAMMA)[0, 2]) > 0.5  # no lookahead: EOS
+
+
 def test_at_most_ours_follows_the_generator_inside_the_bound():
     c = cands([0.5, 0.3, 0.2], [10, 12, 200])
     dist = policies.at_most(c, t(5), t(100), GAMMA)[0]

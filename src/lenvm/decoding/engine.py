@@ -243,6 +243,7 @@ class _Rows:
     beta: torch.Tensor  # [B] float64
     cap: torch.Tensor  # [B] long: EOS is forced once step reaches it
     wants_eos: torch.Tensor  # [B] bool: EOS always joins the candidates (Control.wants_eos)
+    equal_ours: torch.Tensor  # [B] bool: equal_to under our rule (it wraps up at its target)
     plain: torch.Tensor  # [B] bool: no control
     groups: list[tuple[str, str, torch.Tensor]]  # (control kind, rule, rows)
     any_guided: bool
@@ -254,6 +255,7 @@ class _Rows:
     any_ignore_eos: bool
     any_cap: bool
     any_wants_eos: bool
+    any_equal_ours: bool
 
     @classmethod
     def build(cls, seqs: list[_Sequence], device) -> _Rows:
@@ -270,6 +272,7 @@ class _Rows:
         for row, c in enumerate(controls):
             keys.setdefault((c.kind, c.rule), []).append(row)
         wants_eos = [c.wants_eos and not r.ignore_eos for c, r in zip(controls, reqs, strict=True)]
+        equal_ours = [c.kind == "equal_to" and c.rule == "ours" for c in controls]
         caps = [
             NO_CAP if c.cap is None or r.ignore_eos else c.cap for c, r in zip(controls, reqs, strict=True)
         ]
@@ -286,6 +289,7 @@ class _Rows:
             beta=col([c.beta or 0.0 for c in controls], torch.float64),
             cap=col(caps, torch.long),
             wants_eos=col(wants_eos, torch.bool),
+            equal_ours=col(equal_ours, torch.bool),
             plain=col([not c.active for c in controls], torch.bool),
             groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
             any_guided=any(c.active for c in controls),
@@ -297,6 +301,7 @@ class _Rows:
             any_ignore_eos=any(r.ignore_eos for r in reqs),
             any_cap=any(cap < NO_CAP for cap in caps),
             any_wants_eos=any(wants_eos),
+            any_equal_ours=any(equal_ours),
         )
 
 
@@ -483,7 +488,7 @@ class Engine:
 
         hidden, values = self._score(batch, ids, eos) if scored else (None, None)
         if r.any_guided:
-            cands = policies.Candidates(ids, cand_probs, values, eos)
+            cands = policies.Candidates(ids, cand_probs, values, eos, self._next_eos(hidden, r))
             choice = policies.choose(self._policy(cands, r), uniform, r.greedy)
         else:
             choice = torch.zeros_like(ids[:, 0])
@@ -557,13 +562,23 @@ class Engine:
             cand_probs = torch.where(plain, only, cand_probs)
         return ids, cand_probs
 
+    def _next_eos(self, hidden: torch.Tensor | None, r: _Rows) -> torch.Tensor | None:
+        """The generator's EOS probability after each candidate, for Equal To rows (our rule) that
+        reached their target: the attached kind has the candidates' hidden states anyway, and
+        one LM-head product turns them into this lookahead (None otherwise)."""
+        if hidden is None or not r.any_equal_ours:
+            return None
+        if not bool((r.equal_ours & (r.step >= r.target)).any()):
+            return None
+        return torch.softmax(self.lm_head(hidden).float(), dim=-1)[..., self._eos].sum(-1)
+
     def _policy(self, c: policies.Candidates, r: _Rows) -> torch.Tensor:
         """Each row's control policy, applied to the rows of each (kind, rule) group."""
         dist = torch.zeros(c.ids.shape, dtype=torch.float64, device=self.device)
         for kind, rule, rows in r.groups:
             if len(rows) == len(r.plain):  # one group: no gather and scatter
                 return policies.apply(kind, rule, c, r.step, r.target, r.beta, self.lenvm.gamma)
-            sub = policies.Candidates(c.ids[rows], c.probs[rows], c.values[rows], c.eos[rows])
+            sub = c.rows(rows)
             dist[rows] = policies.apply(
                 kind, rule, sub, r.step[rows], r.target[rows], r.beta[rows], self.lenvm.gamma
             )

@@ -30,6 +30,10 @@ with how far it looks ahead, and the prediction for EOS is exact up to ``FLOOR``
   among them. The answer finishes its sentence and ends with the generator's own EOS instead
   of being cut at ``N``; an EOS the generator finds unlikely wins only after several tokens of
   overshoot (EOS is always a candidate; a hard cut is the explicit ``hard_cap_slack`` option).
+  When the scorer knows the generator's EOS probability ``q(x)`` right after each candidate
+  (``Candidates.next_eos``; the attached kind computes it from the candidates' hidden states),
+  a candidate's weight looks one step ahead: ``q(x)`` of it counts as ending there, so a token
+  that closes the sentence beats both rambling on and an EOS in mid-sentence.
 - at_most: ``p(x) · P(L <= N)``: candidates well inside the bound keep their generator
   probabilities; those predicted to cross it are pushed down by the Laplace tail; EOS is exact.
 - at_least: ``p(x) · P(L >= N)``: the mirror image; EOS before ``N`` has probability 0 unless no
@@ -63,6 +67,13 @@ class Candidates:
     probs: torch.Tensor  # [B, k] generator probabilities after truncation; 0 marks an unusable slot
     values: torch.Tensor  # [B, k] V(s_t + x), 0 for EOS
     eos: torch.Tensor  # [B, k] True where the candidate is an EOS token
+    # [B, k] the generator's probability of EOS right after x (when the scorer computed it)
+    next_eos: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> Candidates:
+        """The candidates of the rows ``index``."""
+        nxt = None if self.next_eos is None else self.next_eos[index]
+        return Candidates(self.ids[index], self.probs[index], self.values[index], self.eos[index], nxt)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -115,7 +126,14 @@ def _wrap_up(c: Candidates, total: torch.Tensor, step: torch.Tensor, target: tor
     left = (total - step[:, None].double()).clamp(min=1.0).masked_fill(c.eos | ~c.valid, float("inf"))
     soonest = left.min(-1, keepdim=True).values.clamp(max=1e9)
     later = torch.where(c.eos, 0.0, (left - soonest) / soonest)
-    return torch.where(c.eos, pressure, -pressure * later)
+    weights = torch.where(c.eos, pressure, -pressure * later)
+    if c.next_eos is not None:
+        # One step of lookahead: after x the generator ends with probability q(x), an ending
+        # worth what EOS is worth now; so "." before a likely EOS beats a mid-sentence EOS.
+        q = c.next_eos.double().clamp(0.0, 1.0)
+        ahead = torch.logaddexp(q.log() + pressure, (1 - q).log() + weights)
+        weights = torch.where(c.eos, weights, ahead)
+    return weights
 
 
 def at_most(
