@@ -54,7 +54,7 @@ import torch
 
 from lenvm.returns import length_to_value, value_to_length
 
-WRAP_UP = 2.0  # equal_to at its target: tokens of predicted remaining length per factor e
+WRAP_UP = 2.0  # equal_to past its target: EOS is boosted by exp(o² / WRAP_UP), o = overshoot + 1
 SPREAD = 0.25  # Laplace scale per predicted remaining token
 FLOOR = 0.25  # Laplace scale of an exact prediction: ending one token off costs a factor e^-4
 
