@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_parser(sub) -> None:
-    from lenvm.bench import lifebench, tasks
+    from lenvm.bench import lifebench, speed, tasks
     from lenvm.bench.report import DEFAULT_GSM8K_TRAIN
     from lenvm.bench.scoring import CONSTRAINTS
     from lenvm.bench.tradeoff import DEFAULT_BETAS
@@ -540,7 +540,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=["generate", "plain", "attached", "standalone", "q", "naive"],
+        choices=speed.METHODS,
         help="default: all (plain always runs: the reference)",
     )
 

@@ -76,6 +76,13 @@ class Models:
         return self.lenvm
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a benchmark's ``dtype`` option."""
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_models(
     model: str | os.PathLike = DEFAULT_MODEL,
     lenvm: str | os.PathLike | None = None,
@@ -83,13 +90,11 @@ def load_models(
     dtype: str = "float32",
 ) -> Models:
     """Load the generator and, if given, a LenVM folder on top of it."""
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    generator, tokenizer = load_generator(model, device=device, dtype=DTYPES[dtype])
+    generator, tokenizer = load_generator(model, device=device, dtype=torch_dtype(dtype))
     value_model = None
     if lenvm is not None:
         value_model = LengthValueModel.from_pretrained(
-            lenvm, generator=(generator, tokenizer), device=device, dtype=DTYPES[dtype]
+            lenvm, generator=(generator, tokenizer), device=device, dtype=torch_dtype(dtype)
         )
     return Models(generator, tokenizer, value_model, str(model), str(lenvm) if lenvm else None)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import DTYPES, Models, Run, markdown_table, pyplot
+from lenvm.bench.common import Models, Run, markdown_table, pyplot, torch_dtype
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.scoring import Stream, cache_argument
@@ -166,8 +166,7 @@ def run_q_agreement(
     ]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    torch_dtype(dtype)  # an unknown name fails here, before anything is read
     if read_config(exact).kind == "q":
         raise InputError(f"{exact}: the exact scorer must be an attached or standalone LenVM, not kind 'q'")
     q_kind = read_config(q).kind
@@ -191,11 +190,11 @@ def run_q_agreement(
         picked = np.random.default_rng(seed).choice(len(chosen), max_completions, replace=False)
         chosen = sorted(chosen[j] for j in picked.tolist())
 
-    generator, tokenizer = load_generator(model, device=device, dtype=DTYPES[dtype])
+    generator, tokenizer = load_generator(model, device=device, dtype=torch_dtype(dtype))
     loaded = {}
     for name, path in (("exact", exact), ("q", q)):
         loaded[name] = LengthValueModel.from_pretrained(
-            path, generator=(generator, tokenizer), device=device, dtype=DTYPES[dtype]
+            path, generator=(generator, tokenizer), device=device, dtype=torch_dtype(dtype)
         )
     exact_vm, q_vm = loaded["exact"], loaded["q"]
     eos = eos_token_ids(generator, tokenizer)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import DTYPES, Models, Run, load_models, markdown_table, pyplot
+from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot, torch_dtype
 from lenvm.decoding import Control, Engine, Request
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, read_config
@@ -58,6 +58,7 @@ GUIDED = {
     "q": ("q", "block"),
     "naive": ("attached", "naive"),
 }
+METHODS = ("generate", "plain", *GUIDED)
 CONTROL = Control("tilt", beta=1.0)
 FRESH = "fresh head"
 STATM = "/proc/self/statm"
@@ -114,17 +115,15 @@ def run_speed(
     for value, what in ((new_tokens, "new_tokens"), (repeats, "repeats")):
         if not _is_int(value) or value < 1:
             raise InputError(f"{what} must be a positive integer, got {value!r}")
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    torch_dtype(dtype)  # an unknown name fails here, before anything runs
     prompts = _check_prompts(prompts)
     heads = {kind: FRESH for kind, _ in GUIDED.values()}
     if lenvm is not None:
         heads[read_config(lenvm).kind] = str(lenvm)
 
-    known = ("generate", "plain", *GUIDED)
-    chosen = set(known if methods is None else (*methods, "plain"))
-    if chosen - set(known):
-        raise InputError(f"unknown methods {sorted(chosen - set(known))}; known: {', '.join(known)}")
+    chosen = set(METHODS if methods is None else (*methods, "plain"))
+    if chosen - set(METHODS):
+        raise InputError(f"unknown methods {sorted(chosen - set(METHODS))}; known: {', '.join(METHODS)}")
     rows = [row for row in _plan(batch_sizes, candidates, generate_batch_sizes) if row.method in chosen]
     # What every row depends on; the sizes and candidate counts are in the row keys, so a rerun
     # with more of them measures only the new rows.
@@ -205,7 +204,7 @@ class _Bench:
         self.prompts = prompts
         self.new_tokens = new_tokens
         self.repeats = repeats
-        self.dtype = DTYPES[dtype]
+        self.dtype = torch_dtype(dtype)
         self.device = models.generator.device
         self.lenvms: dict[str, LengthValueModel] = {}
         if models.lenvm is not None:
