@@ -16,6 +16,11 @@ class InputError(ValueError):
     """Bad user input: a malformed file, a missing field, an out-of-range option."""
 
 
+def is_int(x: Any) -> bool:
+    """An integer that is not a bool (``True`` must not pass as a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL file of objects; blank lines are skipped, bad lines name file and line."""
     return list(iter_jsonl(path))

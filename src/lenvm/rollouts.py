@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenvm import models
-from lenvm.io import InputError, JsonlAppender, repair_jsonl_tail
+from lenvm.io import InputError, JsonlAppender, is_int, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
 BACKENDS = ("hf", "openai")
@@ -54,10 +54,10 @@ class SamplingParams:
         checks = [
             (_is_real(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
             (_is_real(s.top_p) and 0.0 < s.top_p <= 1.0, "top_p must lie in (0, 1]"),
-            (_is_int(s.top_k) and s.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (is_int(s.top_k) and s.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (_is_real(s.min_p) and 0.0 <= s.min_p < 1.0, "min_p must lie in [0, 1)"),
-            (_is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (_is_int(s.seed) and s.seed >= 0, "seed must be an integer >= 0"),
+            (is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (is_int(s.seed) and s.seed >= 0, "seed must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -73,10 +73,6 @@ class SamplingParams:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -170,9 +166,9 @@ def rollout(
     sampling = sampling if sampling is not None else SamplingParams()
     if not isinstance(sampling, SamplingParams):
         raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -474,7 +470,7 @@ def read_rollouts(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _int_list(x: Any) -> bool:
-    return isinstance(x, list) and all(_is_int(i) for i in x)
+    return isinstance(x, list) and all(is_int(i) for i in x)
 
 
 def record_problem(record: Any) -> str | None:
@@ -483,13 +479,13 @@ def record_problem(record: Any) -> str | None:
         return f"expected a JSON object, got {type(record).__name__}"
     checks = [
         ("prompt_id", lambda v: isinstance(v, str), "a string"),
-        ("sample_index", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        ("sample_index", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         ("prompt", lambda v: isinstance(v, str | list), "a string or a messages list"),
         ("prompt_token_ids", lambda v: _int_list(v) and len(v) > 0, "a non-empty list of ints"),
         ("completion", lambda v: isinstance(v, str), "a string"),
         ("completion_token_ids", _int_list, "a list of ints"),
         ("finish_reason", lambda v: v in FINISH_REASONS, "'stop' or 'length'"),
-        ("num_tokens", _is_int, "an integer"),
+        ("num_tokens", is_int, "an integer"),
         ("generator", lambda v: isinstance(v, str), "a string"),
         ("sampling", lambda v: isinstance(v, dict), "an object"),
     ]

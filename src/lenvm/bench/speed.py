@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot, torch_dtype
 from lenvm.decoding import Control, Engine, Request
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, read_config
 from lenvm.models import DEFAULT_MODEL, eos_token_ids
 from lenvm.prompts import encode_prompt
@@ -113,7 +113,7 @@ def run_speed(
     if not batch_sizes and not generate_batch_sizes:
         raise InputError("no batch size to measure")
     for value, what in ((new_tokens, "new_tokens"), (repeats, "repeats")):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise InputError(f"{what} must be a positive integer, got {value!r}")
     torch_dtype(dtype)  # an unknown name fails here, before anything runs
     prompts = _check_prompts(prompts)
@@ -424,8 +424,8 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def _positive_ints(values: int | Iterable[int], what: str) -> tuple[int, ...]:
-    values = (values,) if _is_int(values) else tuple(values)
-    bad = [v for v in values if not _is_int(v) or v < 1]
+    values = (values,) if is_int(values) else tuple(values)
+    bad = [v for v in values if not is_int(v) or v < 1]
     if bad:
         raise InputError(f"{what} must be positive integers, got {bad}")
     return tuple(sorted(set(values)))
@@ -438,7 +438,3 @@ def _check_prompts(prompts: str | Sequence[str] | None) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise InputError("prompts must be a non-empty list of non-empty strings")
     return prompts
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -36,7 +36,7 @@ import torch
 
 from lenvm.decoding import policies
 from lenvm.decoding.scoring import Stream
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_tokenizer
 from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt
 
@@ -47,10 +47,6 @@ RULES = ("ours", "paper")
 NO_CAP = 2**62
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ class Control:
         if self.rule not in RULES:
             raise InputError(f"unknown control rule {self.rule!r}; expected one of {RULES}")
         if self.kind in TARGET_KINDS:
-            if not _is_int(self.target) or self.target < 1:
+            if not is_int(self.target) or self.target < 1:
                 raise InputError(
                     f"control {self.kind} needs a target of at least 1 token, got {self.target!r}"
                 )
@@ -96,7 +92,7 @@ class Control:
         if self.hard_cap_slack is not None:
             if self.kind not in ("equal_to", "at_most"):
                 raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
-            if not _is_int(self.hard_cap_slack) or self.hard_cap_slack < 0:
+            if not is_int(self.hard_cap_slack) or self.hard_cap_slack < 0:
                 raise InputError(
                     f"hard_cap_slack must be a non-negative integer, got {self.hard_cap_slack!r}"
                 )
@@ -140,17 +136,17 @@ class Request:
 
     def __post_init__(self) -> None:
         problems = []
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             problems.append(f"temperature must be >= 0, got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             problems.append(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if not _finite(self.min_p) or not 0 <= self.min_p < 1:
             problems.append(f"min_p must lie in [0, 1), got {self.min_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             problems.append(f"seed must be an integer or None, got {self.seed!r}")
         if self.control is not None and not isinstance(self.control, Control):
             problems.append(f"control must be a Control, got {type(self.control).__name__}")
@@ -325,7 +321,7 @@ class Engine:
         num_candidates: int = 8,
         candidate_scoring: Literal["block", "naive"] = "block",
     ):
-        if not _is_int(num_candidates) or num_candidates < 1:
+        if not is_int(num_candidates) or num_candidates < 1:
             raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
         if candidate_scoring not in ("block", "naive"):
             raise InputError(f"candidate_scoring must be 'block' or 'naive', got {candidate_scoring!r}")
@@ -374,7 +370,7 @@ class Engine:
     def stream(self, requests: list[Request], batch_size: int = 8) -> Iterator[tuple[int, Result]]:
         """Generate for every request, yielding ``(request index, result)`` as each one finishes,
         so that a caller can save finished work while the rest is still decoding."""
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         seqs = [self._prepare(i, r) for i, r in enumerate(requests)]
         # The LenVM runs only when some request needs it; its cache must then cover every row.
