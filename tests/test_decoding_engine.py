@@ -130,7 +130,7 @@ def test_returned_values_are_the_lenvm_values_of_the_output(tiny_generator, lenv
     ids = torch.tensor([result.prompt_token_ids + result.token_ids])
     n = len(result.prompt_token_ids)
     with torch.no_grad():
-        hidden = lenvm.hidden_states(ids)[0]
+        hidden = lenvm.features(ids)[0]
         if kind == "q":
             steps = torch.arange(n - 1, ids.shape[1] - 1)
             expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]

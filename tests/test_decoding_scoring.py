@@ -21,22 +21,23 @@ def alone(body, ids):
         return body(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
 
 
-def batch(body, together):
+def batch(body, together, feature_layer=-1):
     """The prompts prefilled in one padded forward, or one by one and then merged."""
     if together:
-        return Stream.prefill(body, PROMPTS)[0]
-    return Stream.cat([Stream.prefill(body, [p])[0] for p in PROMPTS])
+        return Stream.prefill(body, PROMPTS, feature_layer)[0]
+    return Stream.cat([Stream.prefill(body, [p], feature_layer)[0] for p in PROMPTS])
 
 
 def test_prefill_gives_each_rows_last_hidden_state(body):
-    _, last = Stream.prefill(body, PROMPTS)
+    _, hidden = Stream.prefill(body, PROMPTS)
+    assert hidden.features is hidden.last  # the final layer: no second tensor
     for row, prompt in enumerate(PROMPTS):
-        torch.testing.assert_close(last[row], alone(body, prompt), atol=1e-4, rtol=0)
+        torch.testing.assert_close(hidden.last[row], alone(body, prompt), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("together", [True, False])
 def test_candidate_block_matches_appending_each_candidate_alone(body, together):
-    hidden = batch(body, together).forward(CANDIDATES)
+    hidden = batch(body, together).forward(CANDIDATES).last
     assert hidden.shape == (3, 4, body.config.hidden_size)
     for row, prompt in enumerate(PROMPTS):
         for j in range(CANDIDATES.shape[1]):
@@ -44,10 +45,14 @@ def test_candidate_block_matches_appending_each_candidate_alone(body, together):
             torch.testing.assert_close(hidden[row, j], expected, atol=1e-4, rtol=0)
 
 
-def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator):
-    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=tiny_generator)
+@pytest.mark.parametrize("feature_layer", [None, 0, -1])
+def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator, feature_layer):
+    lenvm = LengthValueModel.from_base(
+        tiny_path, kind="attached", generator=tiny_generator, feature_layer=feature_layer
+    )
     with torch.no_grad():
-        values = lenvm.values_from_hidden(batch(lenvm.body, True).forward(CANDIDATES))
+        stream = batch(lenvm.body, True, lenvm.feature_layer)
+        values = lenvm.values_from_hidden(stream.forward(CANDIDATES).features)
         for row, prompt in enumerate(PROMPTS):
             for j in range(CANDIDATES.shape[1]):
                 full = lenvm(torch.tensor([prompt + [int(CANDIDATES[row, j])]]))[0, -1]
@@ -61,7 +66,7 @@ def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):
     stream.keep(choice)
     assert stream.mask.shape[1] == max(map(len, PROMPTS)) + 1
     nxt = torch.tensor([[11], [12], [13]])
-    hidden = stream.forward(nxt)
+    hidden = stream.forward(nxt).last
     stream.keep()
     for row, prompt in enumerate(PROMPTS):
         ids = prompt + [int(CANDIDATES[row, choice[row]]), int(nxt[row, 0])]
@@ -72,7 +77,7 @@ def test_discard_drops_the_block(body):
     stream = batch(body, False)
     stream.forward(CANDIDATES)
     stream.discard()
-    hidden = stream.forward(torch.tensor([[8], [8], [8]]))
+    hidden = stream.forward(torch.tensor([[8], [8], [8]])).last
     for row, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(hidden[row, 0], alone(body, prompt + [8]), atol=1e-4, rtol=0)
 
@@ -82,7 +87,7 @@ def test_select_and_cat_keep_rows_exact(body):
     stream.select(torch.tensor([2, 1]))  # the longest prompt leaves: common padding is trimmed
     assert stream.mask.shape[1] == 4
     joined = Stream.cat([stream, Stream.prefill(body, [PROMPTS[0]])[0]])
-    hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]]))
+    hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]])).last
     for row, prompt in enumerate([PROMPTS[2], PROMPTS[1], PROMPTS[0]]):
         for j in range(2):
             expected = alone(body, prompt + [40 + 2 * row + j])

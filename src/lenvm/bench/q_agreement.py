@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lenvm.bench.common import Models, Run, markdown_table, pyplot, torch_dtype
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
-from lenvm.decoding.scoring import Stream, cache_argument
+from lenvm.decoding.scoring import Hidden, Stream, cache_argument
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, read_config
 from lenvm.models import DEFAULT_MODEL, eos_token_ids, load_generator
@@ -103,28 +103,36 @@ def score_completion(
     shared = exact.attached  # an attached exact head reads the generator's own hidden states
     cache = DynamicCache()
     body = generator.base_model
-    hidden = body(
-        input_ids=ids, use_cache=shared, **{cache_argument(type(body)): cache if shared else None}
-    ).last_hidden_state[0]
+    out = body(
+        input_ids=ids,
+        use_cache=shared,
+        output_hidden_states=True,
+        **{cache_argument(type(body)): cache if shared else None},
+    )
+    hidden = Hidden.of(out, q.feature_layer)[0]
     if not shared:
         exact.body(input_ids=ids, use_cache=True, **{cache_argument(type(exact.body)): cache})
     states = hidden[torch.tensor(positions, device=device) + prompt_len - 1]  # each state's last token
-    logits = generator.get_output_embeddings()(states).float()
+    logits = generator.get_output_embeddings()(states.last).float()
     temperatures = torch.full((len(positions),), float(temperature), device=device)
     eos = torch.tensor(eos_ids, device=device)
     probs = truncate(logits, temperatures)
     probs[:, eos] = 0.0
     cand, cand_probs = top_candidates(logits, probs, num_candidates, eos, None, temperatures)
     logprobs = (logits / temperatures[:, None]).log_softmax(-1).gather(1, cand)
-    q_values = q.next_values_from_hidden(states, cand).float()
+    q_values = q.next_values_from_hidden(states.features, cand).float()
     exact_values = torch.empty_like(q_values)
     columns = torch.arange(width, device=device)
     for i, t in enumerate(positions):
         # The candidate block sees the cached columns of s_t only, at the position after them.
         view = Stream(
-            exact.body, cache, (columns < prompt_len + t)[None], torch.tensor([prompt_len + t], device=device)
+            exact.body,
+            cache,
+            (columns < prompt_len + t)[None],
+            torch.tensor([prompt_len + t], device=device),
+            exact.feature_layer,
         )
-        exact_values[i] = exact.values_from_hidden(view.forward(cand[i][None])[0]).float()
+        exact_values[i] = exact.values_from_hidden(view.forward(cand[i][None]).features[0]).float()
         view.discard()
     return {
         "candidates": cand.tolist(),

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from lenvm.decoding import policies
-from lenvm.decoding.scoring import Stream
+from lenvm.decoding.scoring import Hidden, Stream
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_tokenizer
 from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt
@@ -306,7 +306,7 @@ class _Batch:
     seqs: list[_Sequence]
     gen: Stream  # the generator
     lvm: Stream | None  # a standalone LenVM's own stream
-    hidden: torch.Tensor  # [B, H] generator hidden state of the last fed token
+    hidden: Hidden  # [B, H] the generator's hidden states at the last fed token
     rows: _Rows
 
 
@@ -351,6 +351,8 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._eos = torch.tensor(self.eos_ids, device=self.device)
         self._eos_set = set(self.eos_ids)
+        # The generator's stream also yields the head's features when the head reads the generator.
+        self._gen_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
         self.context = _context(model)
         if lenvm is not None and not lenvm.attached:
             self.context = min(self.context, _context(lenvm.backbone))
@@ -427,10 +429,10 @@ class Engine:
     def _admit(self, batch: _Batch | None, joining: list[_Sequence], scored: bool) -> _Batch:
         """Prefill the joining prompts, then merge them into the running batch."""
         prompts = [seq.prompt_ids for seq in joining]
-        gen, hidden = Stream.prefill(self.body, prompts)
+        gen, hidden = Stream.prefill(self.body, prompts, self._gen_features)
         gens, hiddens, lvms = [gen], [hidden], []
         if scored and self.kind == "standalone":
-            lvms.append(Stream.prefill(self.lenvm.body, prompts)[0])
+            lvms.append(Stream.prefill(self.lenvm.body, prompts, self.lenvm.feature_layer)[0])
         if batch is not None:
             gens.insert(0, batch.gen)
             hiddens.insert(0, batch.hidden)
@@ -441,7 +443,7 @@ class Engine:
             seqs=seqs,
             gen=Stream.cat(gens),
             lvm=Stream.cat(lvms) if lvms else None,
-            hidden=torch.cat(hiddens),
+            hidden=Hidden.cat(hiddens),
             rows=_Rows.build(seqs, self.device),
         )
 
@@ -462,7 +464,7 @@ class Engine:
     def _step(self, batch: _Batch, scored: bool) -> list[int]:
         """Generate one token for every row; returns the rows that finished."""
         r = batch.rows
-        logits = self.lm_head(batch.hidden).float()
+        logits = self.lm_head(batch.hidden.last).float()
         uniform = r.uniforms.gather(1, r.step[:, None])[:, 0]
         allowed = logits
         if r.any_ignore_eos:
@@ -532,11 +534,11 @@ class Engine:
             values = self.lenvm.values_from_hidden(_one_by_one(stream, ids))
         elif self.kind == "attached":
             hidden = batch.gen.forward(ids)
-            values = self.lenvm.values_from_hidden(hidden)
+            values = self.lenvm.values_from_hidden(hidden.features)
         elif self.kind == "standalone":
-            values = self.lenvm.values_from_hidden(batch.lvm.forward(ids))
+            values = self.lenvm.values_from_hidden(batch.lvm.forward(ids).features)
         else:
-            values = self.lenvm.next_values_from_hidden(batch.hidden, ids)
+            values = self.lenvm.next_values_from_hidden(batch.hidden.features, ids)
         return hidden, values.float().masked_fill(eos, 0.0)
 
     def _candidates(self, logits, probs, sampled, r: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,7 +560,7 @@ class Engine:
             cand_probs = torch.where(plain, only, cand_probs)
         return ids, cand_probs
 
-    def _next_eos(self, hidden: torch.Tensor | None, r: _Rows) -> torch.Tensor | None:
+    def _next_eos(self, hidden: Hidden | None, r: _Rows) -> torch.Tensor | None:
         """The generator's EOS probability after each candidate, for Equal To rows (our rule) that
         reached their target: the attached kind has the candidates' hidden states anyway, and
         one LM-head product turns them into this lookahead (None otherwise)."""
@@ -566,7 +568,7 @@ class Engine:
             return None
         if not bool((r.equal_ours & (r.step >= r.target)).any()):
             return None
-        return torch.softmax(self.lm_head(hidden).float(), dim=-1)[..., self._eos].sum(-1)
+        return torch.softmax(self.lm_head(hidden.last).float(), dim=-1)[..., self._eos].sum(-1)
 
     def _policy(self, c: policies.Candidates, r: _Rows) -> torch.Tensor:
         """Each row's control policy, applied to the rows of each (kind, rule) group."""
@@ -588,11 +590,11 @@ class Engine:
 
 
 def _one_by_one(stream: Stream, ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states of the candidates ``ids`` (``[B, k]``), each from its own single-token forward
+    """LenVM features of the candidates ``ids`` (``[B, k]``), each from its own single-token forward
     that the cache then drops: ``[B, k, H]``."""
     hidden = []
     for j in range(ids.shape[1]):
-        hidden.append(stream.forward(ids[:, j : j + 1])[:, 0])
+        hidden.append(stream.forward(ids[:, j : j + 1]).features[:, 0])
         stream.discard()
     return torch.stack(hidden, dim=1)
 

@@ -64,7 +64,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
     def reset(self) -> None:
         """Forget the sequences seen so far."""
         self._stream: Stream | None = None  # the LenVM over every column of input_ids seen so far
-        self._hidden: torch.Tensor | None = None  # [B, H] at the last token (q kind)
+        self._hidden: torch.Tensor | None = None  # [B, H] head features at the last token (q kind)
         self._block: torch.Tensor | None = None  # [B, k] candidates fed and pending in the cache
         self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
         self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
@@ -109,7 +109,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         if self.lenvm.config.kind == "q":
             values = self.lenvm.next_values_from_hidden(self._hidden, ids)
         else:
-            values = self.lenvm.values_from_hidden(self._stream.forward(ids))
+            values = self.lenvm.values_from_hidden(self._stream.forward(ids).features)
             self._block = ids
         cands = policies.Candidates(ids, cand_probs, values.float().masked_fill(eos, 0.0), eos)
         c = self.control
@@ -136,7 +136,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
         for row in input_ids.tolist():
             start = next((i for i, t in enumerate(row) if t != self.pad_token_id), len(row) - 1)
             rows.append(row[start:])
-        self._stream, self._hidden = Stream.prefill(self.lenvm.body, rows)
+        self._stream, hidden = Stream.prefill(self.lenvm.body, rows, self.lenvm.feature_layer)
+        self._hidden = hidden.features
         self._done = torch.zeros(len(rows), dtype=torch.bool, device=self.eos.device)
         self._prompt_width = input_ids.shape[1]
 
@@ -153,7 +154,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 self._stream.discard()
             self._block = None
         for j in range(new.shape[1]):
-            self._hidden = self._stream.forward(new[:, j : j + 1])[:, 0]
+            self._hidden = self._stream.forward(new[:, j : j + 1]).features[:, 0]
             self._stream.keep()
         self._done |= torch.isin(last, self.eos)
 

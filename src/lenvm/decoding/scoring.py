@@ -11,23 +11,61 @@ as a length-``k`` block at the same position id, with a 4D additive mask in whic
 sees its row's cached prefix and its own column only, never the other candidates. Each
 candidate's hidden state then equals that of appending it alone. :meth:`Stream.keep` afterwards
 keeps the chosen candidate's cache entry and drops the others, so the prefix is never recomputed.
+
+A forward returns :class:`Hidden`: the final hidden states (for an LM head) and the features a
+LenVM head reads (another layer's, when the LenVM's ``feature_layer`` says so), from the same pass.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lenvm.model import select_features
+
+
+@dataclass
+class Hidden:
+    """Hidden states of one forward: ``last`` (final, normed) and ``features`` (the LenVM head's
+    input; the same tensor when the head reads the final layer). Indexing applies to both."""
+
+    last: torch.Tensor
+    features: torch.Tensor
+
+    def __getitem__(self, index) -> Hidden:
+        last = self.last[index]
+        return Hidden(last, last if self.features is self.last else self.features[index])
+
+    @classmethod
+    def cat(cls, parts: list[Hidden]) -> Hidden:
+        last = torch.cat([p.last for p in parts])
+        shared = all(p.features is p.last for p in parts)
+        return cls(last, last if shared else torch.cat([p.features for p in parts]))
+
+    @classmethod
+    def of(cls, output, feature_layer: int) -> Hidden:
+        return cls(output.last_hidden_state, select_features(output, feature_layer))
+
 
 class Stream:
-    """A body with its KV cache over ``B`` rows: ``mask`` is ``[B, T]`` (True = real column)."""
+    """A body with its KV cache over ``B`` rows: ``mask`` is ``[B, T]`` (True = real column).
+    ``feature_layer`` is the ``hidden_states`` entry returned as :attr:`Hidden.features`."""
 
-    def __init__(self, body: nn.Module, cache, mask: torch.Tensor, positions: torch.Tensor):
+    def __init__(
+        self,
+        body: nn.Module,
+        cache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        feature_layer: int = -1,
+    ):
         self.body = body
+        self.feature_layer = feature_layer
         self.cache = cache
         self.mask = mask
         self.positions = positions
@@ -36,8 +74,10 @@ class Stream:
 
     @classmethod
     @torch.no_grad()
-    def prefill(cls, body: nn.Module, rows: list[list[int]]) -> tuple[Stream, torch.Tensor]:
-        """A stream over the token ids ``rows``, left-padded into one forward, and the hidden state
+    def prefill(
+        cls, body: nn.Module, rows: list[list[int]], feature_layer: int = -1
+    ) -> tuple[Stream, Hidden]:
+        """A stream over the token ids ``rows``, left-padded into one forward, and the hidden states
         of each row's last token (``[B, H]``)."""
         from transformers import DynamicCache
 
@@ -61,9 +101,11 @@ class Stream:
             attention_mask=attention,
             position_ids=(mask.cumsum(1) - 1).clamp(min=0),
             use_cache=True,
+            output_hidden_states=feature_layer != -1,
             **{cache_argument(type(body)): cache},
         )
-        return cls(body, cache, mask, mask.sum(1)), out.last_hidden_state[:, -1]
+        stream = cls(body, cache, mask, mask.sum(1), feature_layer)
+        return stream, Hidden.of(out, feature_layer)[:, -1]
 
     @property
     def batch_size(self) -> int:
@@ -73,7 +115,7 @@ class Stream:
         return [(layer, name) for layer in self.cache.layers for name in ("keys", "values")]
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> Hidden:
         """Feed ``tokens`` (``[B, k]``) as candidates for the next position; returns ``[B, k, H]``.
 
         With ``k == 1`` this is an ordinary decoding step. Call :meth:`keep` before the next forward.
@@ -91,10 +133,11 @@ class Stream:
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
+            output_hidden_states=self.feature_layer != -1,
             **{cache_argument(type(self.body)): self.cache},
         )
         self._block = k
-        return out.last_hidden_state
+        return Hidden.of(out, self.feature_layer)
 
     @torch.no_grad()
     def keep(self, choice: torch.Tensor | None = None) -> None:
@@ -147,7 +190,7 @@ class Stream:
                 kv = getattr(*s._tensors()[index])
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
-        return cls(first.body, first.cache, mask, positions)
+        return cls(first.body, first.cache, mask, positions, first.feature_layer)
 
 
 @functools.cache
