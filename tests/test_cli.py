@@ -66,6 +66,20 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert [x["id"] for x in lines] == ["a", "1", "2"] and all(x["predicted_length"] > 0 for x in lines)
     assert main(["predict", "--lenvm", str(out), "--prompt", "Hello"]) == 0
 
+    # Held-out prompts in a file of their own, and the layer the head reads.
+    held = tmp_path / "held.jsonl"
+    lines = rollouts.read_text().splitlines()
+    held.write_text("\n".join(x for x in lines if json.loads(x)["prompt_id"] == "a") + "\n")
+    rest = tmp_path / "rest.jsonl"
+    rest.write_text("\n".join(x for x in lines if json.loads(x)["prompt_id"] != "a") + "\n")
+    out2 = tmp_path / "lenvm2"
+    argv = ["train", "--rollouts", str(rest), "--eval-rollouts", str(held), "--base", str(tiny_path)]
+    argv += ["--out", str(out2), "--epochs", "2", "--feature-layer", "-1"]
+    assert main(argv) == 0
+    config = json.loads((out2 / "config.json").read_text())
+    assert config["feature_layer"] == -1 and config["training"]["eval_completions"] == 2
+    assert json.loads((out / "config.json").read_text())["feature_layer"] == 1  # the default
+
 
 def _error(capsys, argv):
     code = main(argv)

@@ -28,7 +28,9 @@ def test_head_training_learns_prompt_dependent_length(tmp_path, tiny_path, tiny_
         records,
         str(tiny_path),
         tmp_path / "lenvm",
-        _config(kind=kind),
+        # The last layer: in a random 2-layer model the prompt's one telling word reaches the last
+        # prompt token's state mostly through both attention layers.
+        _config(kind=kind, feature_layer=-1),
         generator=tiny_generator,
         progress=False,
     )
@@ -141,3 +143,49 @@ def test_full_finetune_standalone(tmp_path, tiny_path, tiny_generator):
     assert lenvm.config.kind == "standalone"
     assert (tmp_path / "sa" / "backbone" / "config.json").exists()
     assert "token_mae" in result.metrics
+
+
+@pytest.mark.parametrize("feature_layer", [None, -1, 2])
+def test_feature_layer_is_stored_and_used(tmp_path, tiny_path, tiny_generator, feature_layer):
+    records = synthetic_records(tiny_generator[1])
+    config = _config(epochs=2, feature_layer=feature_layer)
+    train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    lenvm = LengthValueModel.from_pretrained(tmp_path / "lv", generator=tiny_generator)
+    expected = 1 if feature_layer is None else feature_layer  # default: 60% of the tiny model's 2 layers
+    assert lenvm.feature_layer == expected
+    ids = torch.tensor([records[1]["prompt_token_ids"]])
+    with torch.no_grad():
+        out = lenvm.body(input_ids=ids, output_hidden_states=True)
+    hidden = out.hidden_states[expected]
+    if expected != -1:  # a middle layer is RMS-normalized; the last one is the model's own output
+        hidden = hidden / hidden.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    torch.testing.assert_close(lenvm.features(ids), hidden, atol=1e-5, rtol=0)
+
+
+def test_bad_feature_layer(tiny_path, tiny_generator):
+    with pytest.raises(InputError, match="feature_layer"):
+        LengthValueModel.from_base(tiny_path, generator=tiny_generator, feature_layer=-2)
+    with pytest.raises(InputError, match="exceeds"):
+        LengthValueModel.from_base(tiny_path, generator=tiny_generator, feature_layer=3)
+
+
+def test_separate_evaluation_rollouts(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    held = [r for r in records if r["prompt_id"] in ("0", "1")]
+    rest = [r for r in records if r["prompt_id"] not in ("0", "1")]
+    result = train(
+        rest,
+        str(tiny_path),
+        tmp_path / "lv",
+        _config(),
+        generator=tiny_generator,
+        progress=False,
+        eval_rollouts=held,
+    )
+    saved = json.loads((tmp_path / "lv" / "config.json").read_text())["training"]
+    assert saved["train_completions"] == len(rest) and saved["eval_completions"] == len(held)
+    assert result.metrics["eval_prompts"] == 2
+    with pytest.raises(InputError, match="both the training and the evaluation"):
+        train(
+            records, str(tiny_path), tmp_path / "x", _config(), generator=tiny_generator, eval_rollouts=held
+        )

@@ -82,10 +82,11 @@ def cmd_train(args) -> None:
         grad_accum=args.grad_accum,
         bf16=not args.no_bf16,
         head_hidden_size=args.head_hidden_size,
+        feature_layer=args.feature_layer,
         max_length=args.max_length,
         seed=args.seed,
     )
-    result = train(args.rollouts, args.base, args.out, config)
+    result = train(args.rollouts, args.base, args.out, config, eval_rollouts=args.eval_rollouts)
     if result.metrics:
         print(
             json.dumps(
@@ -215,7 +216,9 @@ def cmd_demo(args) -> None:
             out=Path(args.out),
             prompts=args.num_prompts,
             n=args.n,
+            eval_samples=args.eval_samples,
             max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
             model=args.model,
             seed=args.seed,
         )
@@ -346,6 +349,7 @@ def cmd_bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lenvm import __version__
+    from lenvm.demo import DemoConfig
     from lenvm.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
@@ -375,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a LenVM on rollouts")
     p.add_argument("--rollouts", required=True)
+    p.add_argument(
+        "--eval-rollouts",
+        help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
+    )
     p.add_argument("--base", default=DEFAULT_MODEL, help="generator (attached, q) or backbone (standalone)")
     p.add_argument("--out", required=True)
     p.add_argument("--kind", choices=["attached", "standalone", "q"], default="attached")
@@ -389,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--head-hidden-size", type=int)
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        help="the backbone layer the head reads (-1: the last; default: 60%% depth for attached "
+        "and q heads, the last for standalone)",
+    )
     p.add_argument("--max-length", type=int, help="drop sequences longer than this")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
@@ -451,10 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
     p.add_argument("--out", default="lenvm-demo")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--num-prompts", type=int, default=96)
-    p.add_argument("--n", type=int, default=4, help="completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--num-prompts", type=int, default=DemoConfig.prompts)
+    p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per training prompt")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=DemoConfig.eval_samples,
+        help="completions per held-out prompt (their mean is the ground truth)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=DemoConfig.temperature)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 

@@ -23,18 +23,22 @@ def length_metrics(
 
     - ``token_mae`` / ``baseline_token_mae``: mean absolute error in tokens over all states;
     - ``rel_error_at_{0,25,50,75}``: mean relative error at that share of the completion;
-    - ``prompt_mre`` / ``baseline_prompt_mre``: prompt-boundary mean relative error against the
-      return-consistent mean length of each prompt's samples (METHOD.md section 5);
+    - ``prompt_mre`` / ``baseline_prompt_mre``: prompt-boundary mean relative error against
+      :func:`prompt_length_truth` of each prompt's samples, over the ``eval_prompts`` prompts that
+      have one (``eval_prompts_cut``: prompts left out because most samples were cut);
     - ``value_mse``: mean squared error in value space.
+
+    Per-token figures use finished completions only: a cut one's remaining length is unknown.
     """
-    finished = [
-        (e, np.asarray(v, dtype=np.float64)) for e, v in zip(examples, values, strict=True) if e.finished
-    ]
+    pairs = [(e, np.asarray(v, dtype=np.float64)) for e, v in zip(examples, values, strict=True)]
+    finished = [(e, v) for e, v in pairs if e.finished]
     if not finished:
         return {}
     abs_err, base_err, sq_err = [], [], []
     rel_at = {f: [] for f in FRACTIONS}
-    by_prompt: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    samples_of: dict[str, list[tuple[Example, float]]] = defaultdict(list)
+    for e, v in pairs:
+        samples_of[e.prompt_id].append((e, float(v[0])))
     for e, v in finished:
         true_rem = np.arange(e.length, 0, -1, dtype=np.float64)
         pred_rem = value_to_length(v, gamma)
@@ -44,22 +48,38 @@ def length_metrics(
         for f in FRACTIONS:
             t = int(f * e.length)
             rel_at[f].append(abs(pred_rem[t] - true_rem[t]) / true_rem[t])
-        by_prompt[e.prompt_id].append((e.length, float(v[0])))
     prompt_err, prompt_base_err = [], []
-    for samples in by_prompt.values():
-        truth = return_consistent_mean_length([n for n, _ in samples], gamma)
+    for samples in samples_of.values():
+        truth = prompt_length_truth([e.length for e, _ in samples], [e.finished for e, _ in samples], gamma)
+        if truth is None:
+            continue
         predicted = value_to_length(float(np.mean([v0 for _, v0 in samples])), gamma)
         prompt_err.append(abs(predicted - truth) / truth)
         prompt_base_err.append(abs(baseline_length - truth) / truth)
     metrics = {
         "token_mae": float(np.mean(np.concatenate(abs_err))),
         "baseline_token_mae": float(np.mean(np.concatenate(base_err))),
-        "prompt_mre": float(np.mean(prompt_err)),
-        "baseline_prompt_mre": float(np.mean(prompt_base_err)),
+        "prompt_mre": float(np.mean(prompt_err)) if prompt_err else float("nan"),
+        "baseline_prompt_mre": float(np.mean(prompt_base_err)) if prompt_err else float("nan"),
         "value_mse": float(np.mean(np.concatenate(sq_err))),
-        "eval_prompts": len(by_prompt),
+        "eval_prompts": len(prompt_err),
+        "eval_prompts_cut": len(samples_of) - len(prompt_err),
         "eval_completions": len(finished),
     }
     for f in FRACTIONS:
         metrics[f"rel_error_at_{int(f * 100)}"] = float(np.mean(rel_at[f]))
     return metrics
+
+
+def prompt_length_truth(lengths: list[int], finished: list[bool], gamma: float) -> float | None:
+    """The ground-truth length of one prompt: ``ln(1 - mean_i(1 - gamma**L_i)) / ln(gamma)`` over
+    its samples (METHOD.md section 5), a sample cut at ``max_new_tokens`` counted at its cut.
+
+    A cut sample's return lies between ``-(1 - gamma**L)`` and ``-1``, so counting it at ``L``
+    misplaces it by under ``gamma**L`` in value space (under 0.01 at the p99 rule's gamma), where
+    dropping it would bias the truth toward the short samples. With most samples cut the truth
+    is only a lower bound: ``None`` then.
+    """
+    if not lengths or 2 * sum(finished) < len(lengths):
+        return None
+    return return_consistent_mean_length(lengths, gamma)

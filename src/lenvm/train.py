@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     bf16: bool = True  # head path: bf16 autocast; full path: accelerate mixed precision
     head_hidden_size: int | None = None
+    feature_layer: int | None = None  # None: the kind's default (model.default_feature_layer)
     max_length: int | None = None
     seed: int = 0
     checkpoint_every: int = 200  # full path: optimizer steps between checkpoints
@@ -106,20 +107,28 @@ def train(
     config: TrainConfig | None = None,
     generator=None,
     progress: bool = True,
+    eval_rollouts: str | os.PathLike | list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train a LenVM on ``rollouts`` (a JSONL path or loaded records) and save it to ``out``.
 
     ``base`` is the generator for an attached/q LenVM and the starting backbone for a
     standalone one; ``generator`` may pass it already loaded as ``(model, tokenizer)``.
+    ``eval_rollouts`` are held-out completions of other prompts (for example many samples of
+    each, for a steady ground truth); when given, every record of ``rollouts`` trains and
+    ``config.eval_fraction`` is not used.
     """
     config = config or TrainConfig()
-    if isinstance(rollouts, str | os.PathLike):
-        from lenvm.rollouts import read_rollouts
-
-        rollouts = read_rollouts(rollouts)
-    records = rollouts
+    records = _records(rollouts)
     if not records:
         raise InputError("no rollout records to train on")
+    held_records = _records(eval_rollouts) if eval_rollouts is not None else None
+    if held_records is not None:
+        shared = {str(r.get("prompt_id")) for r in records} & {str(r.get("prompt_id")) for r in held_records}
+        if shared:
+            raise InputError(
+                f"{len(shared)} prompt(s) are in both the training and the evaluation rollouts, "
+                f"for example {sorted(shared)[0]!r}: held-out prompts must not be trained on"
+            )
     gamma = config.gamma or gamma_from_lengths([r["num_tokens"] for r in records])
     torch.manual_seed(config.seed)  # the head's initialization, so that a resumed run matches
     lenvm = LengthValueModel.from_base(
@@ -128,17 +137,22 @@ def train(
         gamma=gamma,
         generator=generator,
         head_hidden_size=config.head_hidden_size,
+        feature_layer=config.feature_layer,
     )
-    _check_token_ids(records, lenvm)
+    _check_token_ids(records + (held_records or []), lenvm)
     examples, report = examples_from_records(
         records, lenvm.config.eos_token_ids, config.truncated, config.max_length
     )
-    train_set, eval_set = split_by_prompt(examples, config.eval_fraction, config.seed)
+    if held_records is None:
+        train_set, eval_set = split_by_prompt(examples, config.eval_fraction, config.seed)
+    else:
+        train_set = examples
+        eval_set, _ = examples_from_records(held_records, lenvm.config.eos_token_ids, config.truncated)
     lenvm.config.generator = records[0].get("generator")
     lenvm.config.sampling = records[0].get("sampling")
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
-    fingerprint = _run_fingerprint(records, base, config, gamma)
+    fingerprint = _run_fingerprint(records + (held_records or []), base, config, gamma)
 
     started = time.perf_counter()
     trainer = HeadTrainer if config.freeze_backbone else FullTrainer
@@ -169,6 +183,14 @@ def train(
     plot_losses(losses, out / "loss.png")
     shutil.rmtree(work, ignore_errors=True)
     return TrainResult(out, gamma, metrics, report, losses, seconds, tokens_per_second)
+
+
+def _records(rollouts: str | os.PathLike | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(rollouts, str | os.PathLike):
+        from lenvm.rollouts import read_rollouts
+
+        return read_rollouts(rollouts)
+    return rollouts
 
 
 def _check_token_ids(records: list[dict[str, Any]], lenvm: LengthValueModel) -> None:
@@ -257,7 +279,7 @@ class _Checkpoint:
 
 
 class HeadTrainer:
-    """Frozen backbone: cache final hidden states once, then train the head on shuffled positions."""
+    """Frozen backbone: cache the head's features once, then train the head on shuffled positions."""
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
@@ -290,7 +312,7 @@ class HeadTrainer:
             nonlocal rows
             seqs = [examples[i].input_ids for i in chunk]
             ids, mask, _ = right_pad(seqs, self.lenvm.device)
-            hidden = self.lenvm.hidden_states(ids, mask)
+            hidden = self.lenvm.features(ids, mask)
             for b, i in enumerate(chunk):
                 e = examples[i]
                 last = e.start + e.num_states + (0 if e.finished else 1)

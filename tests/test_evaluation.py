@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from lenvm.dataset import Example
+from lenvm.evaluation import length_metrics, prompt_length_truth
+from lenvm.returns import length_to_value, return_consistent_mean_length
+
+GAMMA = 0.98
+
+
+def test_prompt_truth_counts_cut_samples_at_their_cut():
+    assert prompt_length_truth([10, 20], [True, True], GAMMA) == pytest.approx(
+        return_consistent_mean_length([10, 20], GAMMA)
+    )
+    with_cut = prompt_length_truth([10, 20, 256], [True, True, False], GAMMA)
+    assert with_cut == pytest.approx(return_consistent_mean_length([10, 20, 256], GAMMA))
+    assert with_cut > prompt_length_truth([10, 20], [True, True], GAMMA)  # dropping it biases short
+    assert prompt_length_truth([10, 256, 256], [True, False, False], GAMMA) is None
+    assert prompt_length_truth([], [], GAMMA) is None
+
+
+def _example(pid, length, finished):
+    return Example(pid, list(range(3 + length)), 2, length, finished)
+
+
+def test_length_metrics_skips_prompts_whose_samples_were_mostly_cut():
+    examples = [
+        _example("a", 5, True),
+        _example("a", 7, True),
+        _example("b", 30, False),
+        _example("b", 30, False),
+        _example("b", 9, True),
+    ]
+    # Exact values for finished completions: predicted remaining length equals the truth.
+    values = [length_to_value(np.arange(e.length, 0, -1, dtype=float), GAMMA) for e in examples]
+    m = length_metrics(examples, values, GAMMA, baseline_length=10.0)
+    assert m["eval_prompts"] == 1 and m["eval_prompts_cut"] == 1
+    assert m["token_mae"] == pytest.approx(0.0, abs=1e-9)
+    assert m["eval_completions"] == 3
