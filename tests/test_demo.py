@@ -8,6 +8,7 @@ def test_builtin_prompts_are_varied_and_deterministic():
     prompts = builtin_prompts(60, seed=3)
     assert [p.text for p in prompts] == [p.text for p in builtin_prompts(60, seed=3)]
     assert len({p.id for p in prompts}) == 60
+    assert len({p.text for p in prompts}) == 60  # no prompt twice: none is both trained and held out
     assert {p.extra["domain"] for p in prompts} == {
         "one_word",
         "list",
@@ -19,12 +20,21 @@ def test_builtin_prompts_are_varied_and_deterministic():
 
 
 def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys):
-    config = DemoConfig(out=tmp_path / "demo", model=str(tiny_path), prompts=12, n=2, max_new_tokens=16)
+    config = DemoConfig(
+        out=tmp_path / "demo",
+        model=str(tiny_path),
+        prompts=12,
+        n=2,
+        eval_samples=3,
+        eval_fraction=0.2,
+        max_new_tokens=16,
+    )
     report = run_demo(config, generator=eos_generator)
     out = tmp_path / "demo"
     for name in [
         "prompts.jsonl",
         "rollouts.jsonl",
+        "eval_rollouts.jsonl",
         "summary.json",
         "summary.md",
         "values.html",
@@ -32,11 +42,17 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
         "lenvm/loss.png",
     ]:
         assert (out / name).exists(), name
-    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 24
+    # 10 training prompts x 2 completions; 2 held-out prompts x 3, never trained on.
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 20
+    assert len((out / "eval_rollouts.jsonl").read_text().splitlines()) == 6
+    train_ids = {json.loads(line)["prompt_id"] for line in (out / "rollouts.jsonl").open()}
+    eval_ids = {json.loads(line)["prompt_id"] for line in (out / "eval_rollouts.jsonl").open()}
+    assert len(eval_ids) == 2 and not train_ids & eval_ids
     held = report["held_out"]
     assert {"prompt_mre", "baseline_prompt_mre", "token_mae", "baseline_token_mae"} <= set(held)
     assert json.loads((out / "summary.json").read_text())["gamma"] == report["gamma"]
     assert "prompt-boundary mean relative error" in capsys.readouterr().out
     # A second run resumes: no new rollouts.
     run_demo(config, generator=eos_generator)
-    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 24
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 20
+    assert len((out / "eval_rollouts.jsonl").read_text().splitlines()) == 6

@@ -32,6 +32,28 @@ _ONE_WORD = [
     "What do you call a shape with three sides?",
     "Which direction does the sun rise from?",
     "What is the main language spoken in Brazil?",
+    "What is the tallest animal in the world?",
+    "What do caterpillars turn into?",
+    "Which instrument has black and white keys?",
+    "What is the boiling point of water in Celsius?",
+    "Which star is at the center of our solar system?",
+    "What is the capital of Italy?",
+    "What do cows drink?",
+    "Which animal is known as the king of the jungle?",
+    "What is the plural of 'mouse'?",
+    "Which month has the fewest days?",
+    "What is the capital of Spain?",
+    "What do you call a baby dog?",
+    "Which planet is known as the red planet?",
+    "What is the hardest natural substance?",
+    "What color do you get by mixing blue and yellow?",
+    "What is the largest mammal?",
+    "Which bird is a symbol of peace?",
+    "What is the chemical symbol for gold?",
+    "How many days are in a week?",
+    "What is the opposite of up?",
+    "Which fruit keeps the doctor away?",
+    "What do spiders spin?",
 ]
 _LIST_THINGS = [
     "fruits",
@@ -70,6 +92,28 @@ _TOPICS = [
     "how computers store information",
     "why exercise is healthy",
     "how bread rises",
+    "why the moon has phases",
+    "how a refrigerator keeps food cold",
+    "what a volcano is",
+    "how fish breathe underwater",
+    "why we have seasons",
+    "how a compass works",
+    "what DNA is",
+    "how a camera takes a picture",
+    "why ice floats on water",
+    "how bees make honey",
+    "what a black hole is",
+    "how a battery stores energy",
+    "why the sea has tides",
+    "how soap cleans dirt",
+    "what an earthquake is",
+    "how plants grow from seeds",
+    "why we dream",
+    "how a microwave heats food",
+    "what recycling is",
+    "how sound travels",
+    "why stars twinkle",
+    "how a thermometer works",
 ]
 _STORY_SUBJECTS = [
     "a lost robot",
@@ -79,16 +123,29 @@ _STORY_SUBJECTS = [
     "two friends on a boat",
     "a cat who becomes a chef",
     "a rainy day in the city",
+    "a girl who finds a secret door",
+    "an old lighthouse keeper",
+    "a penguin who wants to fly",
+    "a boy and his kite",
+    "a clock that runs backwards",
+    "a fox who learns to share",
+    "a lonely cloud",
+    "a robot who learns to paint",
 ]
 
 
 def builtin_prompts(count: int = 96, seed: int = 0) -> list[Prompt]:
-    """``count`` prompts drawn evenly from the domains, shuffled with ``seed``."""
+    """``count`` prompts drawn evenly from the domains, shuffled with ``seed``; no text twice while
+    a domain has unused ones (each has at least 40), so that no held-out prompt is trained on."""
     rng = random.Random(seed)
     makers = [_one_word, _list, _one_sentence, _detailed, _story, _arithmetic]
-    prompts = []
+    prompts, seen = [], set()
     for i in range(count):
-        domain, text, extra = makers[i % len(makers)](rng)
+        for _ in range(1000):
+            domain, text, extra = makers[i % len(makers)](rng)
+            if text not in seen:
+                break
+        seen.add(text)
         prompts.append(Prompt(id=f"{domain}-{i}", text=text, extra={"domain": domain, **extra}))
     rng.shuffle(prompts)
     return prompts
