@@ -166,7 +166,7 @@ def test_exact_values_match_appending_the_candidate(
                 logits = model(ids).logits[0, -1]
                 logits[tokenizer.eos_token_id] = -float("inf")
                 assert item["candidates"][i] == logits.topk(5).indices.tolist()
-                hidden = model.base_model(ids).last_hidden_state[0, -1]
+                hidden = q.features(ids)[0, -1]
                 expected_q = q.next_values_from_hidden(hidden, torch.tensor(item["candidates"][i]))
                 np.testing.assert_allclose(item["q"][i], expected_q.numpy(), atol=1e-5)
                 for j, x in enumerate(item["candidates"][i]):
