@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from lenvm.demo import DemoConfig, run_demo
+from lenvm.io import InputError
 from lenvm.prompt_sets import builtin_prompts
 
 
@@ -9,6 +12,7 @@ def test_builtin_prompts_are_varied_and_deterministic():
     assert [p.text for p in prompts] == [p.text for p in builtin_prompts(60, seed=3)]
     assert len({p.id for p in prompts}) == 60
     assert len({p.text for p in prompts}) == 60  # no prompt twice: none is both trained and held out
+    assert len({p.text for p in builtin_prompts(240, seed=5)}) == 240
     assert {p.extra["domain"] for p in prompts} == {
         "one_word",
         "list",
@@ -17,6 +21,13 @@ def test_builtin_prompts_are_varied_and_deterministic():
         "story",
         "arithmetic",
     }
+
+
+def test_builtin_prompts_refuse_more_than_they_have():
+    with pytest.raises(InputError, match="240"):
+        builtin_prompts(241)
+    with pytest.raises(InputError):
+        builtin_prompts(0)
 
 
 def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from lenvm.io import InputError, is_int
 from lenvm.prompts import Prompt
 
 _ONE_WORD = [
@@ -134,17 +135,23 @@ _STORY_SUBJECTS = [
 ]
 
 
+MAX_PROMPTS = 240  # six domains, the smallest with 40 distinct texts
+
+
 def builtin_prompts(count: int = 96, seed: int = 0) -> list[Prompt]:
-    """``count`` prompts drawn evenly from the domains, shuffled with ``seed``; no text twice while
-    a domain has unused ones (each has at least 40), so that no held-out prompt is trained on."""
+    """``count`` prompts drawn evenly from the domains, shuffled with ``seed``; never the same text
+    twice, so that no held-out prompt is trained on (up to ``MAX_PROMPTS``)."""
+    if not is_int(count) or not 1 <= count <= MAX_PROMPTS:
+        raise InputError(
+            f"the built-in prompt set has 1 to {MAX_PROMPTS} distinct prompts, asked for {count}"
+        )
     rng = random.Random(seed)
     makers = [_one_word, _list, _one_sentence, _detailed, _story, _arithmetic]
     prompts, seen = [], set()
     for i in range(count):
-        for _ in range(1000):
+        domain, text, extra = makers[i % len(makers)](rng)
+        while text in seen:  # every domain has at least MAX_PROMPTS / 6 distinct texts
             domain, text, extra = makers[i % len(makers)](rng)
-            if text not in seen:
-                break
         seen.add(text)
         prompts.append(Prompt(id=f"{domain}-{i}", text=text, extra={"domain": domain, **extra}))
     rng.shuffle(prompts)
