@@ -203,3 +203,12 @@ def test_generate_with_and_without_a_length_control(
     assert code == 2 and "needs a LenVM" in err
     code, err = _error(capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--tilt", "nan"])
     assert code == 2 and "finite beta" in err
+
+    # Equal To, best of three attempts: one answer comes back.
+    argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--equal-to", "3", "--best-of", "3", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["finish_reason"] in ("stop", "length")
+    code, err = _error(
+        capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-most", "3", "--best-of", "2"]
+    )
+    assert code == 2 and "equal_to" in err

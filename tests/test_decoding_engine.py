@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from lenvm.decoding import Control, Engine, Request
+from lenvm.decoding import Control, Engine, Request, Result
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, TokenizerMismatchError
 from lenvm.prompts import encode_prompt
@@ -315,3 +315,45 @@ def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
     request = Request("Hi", max_new_tokens=4, seed=0, control=Control("tilt", beta=1.0), return_values=True)
     [result] = Engine(model, tokenizer, lenvm=lenvm, num_candidates=3).generate([request])
     assert len(result.values) == len(result.token_ids) and all(-1 <= v <= 0 for v in result.values)
+
+
+def test_best_of_returns_the_best_of_its_attempts(tiny_generator, lenvms):
+    """best_of=3 runs three attempts with their own random streams (the request's seed stepped
+    by ATTEMPT_SEED_STEP) and keeps the best; run alone, each attempt gives the same answer."""
+    from lenvm.decoding.engine import ATTEMPT_SEED_STEP, best_of
+
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    control = Control("equal_to", target=6)
+    chosen = engine.generate(
+        [Request(PROMPTS[0], max_new_tokens=20, seed=7, control=Control("equal_to", target=6, best_of=3))]
+    )[0]
+    alone = engine.generate(
+        [
+            Request(PROMPTS[0], max_new_tokens=20, seed=(7 + a * ATTEMPT_SEED_STEP) % 2**63, control=control)
+            for a in range(3)
+        ]
+    )
+    assert len({tuple(r.token_ids) for r in alone}) > 1  # the attempts differ
+    assert chosen.token_ids == best_of(alone, 6).token_ids
+
+
+def _result(num_tokens, eos_prob, finish_reason="stop"):
+    ids = list(range(num_tokens)) + ([2] if finish_reason == "stop" else [])
+    return Result([1], ids, "", num_tokens, finish_reason, None, -1.0, eos_prob)
+
+
+def test_best_of_prefers_a_natural_ending_then_the_closest():
+    from lenvm.decoding.engine import best_of
+
+    natural_far, unnatural_exact, natural_near = _result(40, 0.3), _result(32, 0.001), _result(35, 0.06)
+    assert best_of([natural_far, unnatural_exact, natural_near], 32) is natural_near
+    assert best_of([unnatural_exact, _result(31, 0.01)], 32) is unnatural_exact  # none natural
+    assert best_of([_result(32, None, "length"), natural_far], 32) is natural_far
+
+
+def test_best_of_is_checked():
+    with pytest.raises(InputError, match="best_of"):
+        Control("equal_to", target=5, best_of=0)
+    with pytest.raises(InputError, match="equal_to"):
+        Control("at_most", target=5, best_of=2)

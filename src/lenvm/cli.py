@@ -142,7 +142,11 @@ def cmd_generate(args) -> None:
         )
     if args.equal_to is not None:
         control = Control(
-            "equal_to", target=args.equal_to, rule=args.rule, hard_cap_slack=args.hard_cap_slack
+            "equal_to",
+            target=args.equal_to,
+            rule=args.rule,
+            hard_cap_slack=args.hard_cap_slack,
+            best_of=args.best_of,
         )
     elif args.at_most is not None:
         control = Control("at_most", target=args.at_most, rule=args.rule, hard_cap_slack=args.hard_cap_slack)
@@ -154,6 +158,8 @@ def cmd_generate(args) -> None:
         control = None
     if control is not None and lenvm is None:
         raise InputError("a length control needs a LenVM (--lenvm)")
+    if args.best_of != 1 and args.equal_to is None:
+        raise InputError("--best-of applies to equal_to controls (--equal-to) only")
     prompts = _prompts_from_args(args)
     requests = [
         Request(
@@ -250,6 +256,7 @@ def cmd_bench(args) -> None:
             max_new_tokens=args.max_new_tokens,
             max_prompt_tokens=args.max_prompt_tokens,
             num_candidates=args.num_candidates,
+            best_of=args.best_of,
             seed=args.seed,
             batch_size=args.batch_size,
             **sampling,
@@ -442,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rule", choices=["ours", "paper"], default="ours")
     p.add_argument("--hard-cap-slack", type=int, help="force EOS at N + slack tokens (off by default)")
+    p.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        help="--equal-to: sample K answers, keep the natural ending closest to N (K times the cost)",
+    )
     p.add_argument("--num-candidates", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -524,6 +537,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--rows", type=int, help="evaluate the first N rows")
     p.add_argument("--langs", nargs="+", help="e.g. en zh")
     p.add_argument("--max-prompt-tokens", type=int, help="leave out longer prompts")
+    p.add_argument("--best-of", type=int, default=1, help="Equal To with a LenVM: keep the best of K answers")
 
     p = command("tradeoff", "pass@1 vs mean length: tilting against a hard token budget", "tradeoff")
     p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")

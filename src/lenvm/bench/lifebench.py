@@ -145,6 +145,7 @@ def run_lifebench(
     top_k: int | None = None,
     min_p: float | None = None,
     num_candidates: int = 8,
+    best_of: int = 1,
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
@@ -159,8 +160,9 @@ def run_lifebench(
     ``langs`` filter ("en"/"zh") and after leaving out rows too long for the generator's context
     or longer than ``max_prompt_tokens`` (a small CPU run can skip the long source texts).
     Targets above ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
-    LenVM's training policy. ``models`` passes already loaded models (then ``model``, ``lenvm``,
-    ``device`` and ``dtype`` are not used).
+    LenVM's training policy. ``best_of`` > 1 gives the LenVM methods' Equal To requests that
+    many attempts (see :class:`lenvm.decoding.Control`). ``models`` passes already loaded models
+    (then ``model``, ``lenvm``, ``device`` and ``dtype`` are not used).
     """
     started = time.perf_counter()
     models = models or load_models(model, lenvm, device, dtype)
@@ -188,13 +190,15 @@ def run_lifebench(
         num_candidates=num_candidates,
     )
     jobs = [
-        _job(row, constraint, target, method, sampling)
+        _job(row, constraint, target, method, sampling, best_of)
         for method in methods
         for constraint in constraints
         for target in kept
         for row in table
     ]
-    settings = settings_of(models, sampling, data=str(data), max_prompt_tokens=max_prompt_tokens)
+    settings = settings_of(
+        models, sampling, data=str(data), max_prompt_tokens=max_prompt_tokens, best_of=best_of
+    )
     with Run(out, settings) as run:
         items = run.run_jobs(jobs, models, sampling, batch_size, "lifebench", progress)
         summary = scoring.summarize(items)
@@ -250,9 +254,10 @@ def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None)
     return table
 
 
-def _job(row: Row, constraint: str, target: int, method: str, sampling: Sampling) -> Job:
+def _job(row: Row, constraint: str, target: int, method: str, sampling: Sampling, best_of: int) -> Job:
     rule = METHODS[method][0]
-    control = None if rule is None else Control(kind=constraint, target=target, rule=rule)
+    tries = best_of if constraint == "equal_to" else 1
+    control = None if rule is None else Control(kind=constraint, target=target, rule=rule, best_of=tries)
     prompt = Prompt(row.id, text=token_task(row, constraint, target))
     # The seed ignores the method: every method meets the same random numbers on an item.
     item = f"{row.id}/{constraint}/{target}"

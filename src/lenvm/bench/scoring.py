@@ -16,13 +16,12 @@ from typing import Any
 import numpy as np
 
 from lenvm.bench.common import markdown_table
+from lenvm.decoding.engine import NATURAL_EOS
 
 CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
 CONSTRAINT_LABELS = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}
 UNDERSHOOT_RATE = 5.0  # LIFEBench punishes too-short answers harder than too-long ones
 OVERSHOOT_RATE = 2.0
-# An ending counts as natural when the generator itself gave its EOS at least this probability.
-NATURAL_EOS = 0.05
 
 
 def length_deviation(length: float, target: float) -> float:

@@ -47,6 +47,10 @@ RULES = ("ours", "paper")
 NO_CAP = 2**62
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
+# An ending counts as natural when the generator itself gave its EOS at least this probability.
+NATURAL_EOS = 0.05
+# Seed step between the attempts of a best_of request (a large odd number: distinct streams).
+ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ class Control:
     ``hard_cap_slack``: force EOS once ``target + slack`` tokens are out (the result then says
     ``"cap"``); off by default, except that at_most with our rule treats its target as a hard
     bound (slack 0).
+    ``best_of`` (equal_to only): sample that many answers (each with its own random stream) and
+    return the one that ends naturally (the generator gave its final EOS at least
+    ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
+    the decoding.
     """
 
     kind: ControlKind = "none"
@@ -67,6 +75,7 @@ class Control:
     beta: float | None = None
     rule: Literal["ours", "paper"] = "ours"
     hard_cap_slack: int | None = None
+    best_of: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in CONTROL_KINDS:
@@ -89,6 +98,10 @@ class Control:
                 raise InputError(f"control tilt needs a finite beta, got {self.beta!r}")
         elif self.beta is not None:
             raise InputError(f"control {self.kind!r} takes no beta")
+        if not is_int(self.best_of) or self.best_of < 1:
+            raise InputError(f"best_of must be a positive integer, got {self.best_of!r}")
+        if self.best_of > 1 and self.kind != "equal_to":
+            raise InputError("best_of applies to equal_to controls only")
         if self.hard_cap_slack is not None:
             if self.kind not in ("equal_to", "at_most"):
                 raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
@@ -374,9 +387,13 @@ class Engine:
         so that a caller can save finished work while the rest is still decoding."""
         if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        seqs = [self._prepare(i, r) for i, r in enumerate(requests)]
+        seqs = []
+        for i, request in enumerate(requests):
+            first = self._prepare(i, request)
+            seqs += [first] + [self._prepare(i, request, a) for a in range(1, first.control.best_of)]
         # The LenVM runs only when some request needs it; its cache must then cover every row.
         scored = self.lenvm is not None and any(s.control.active or s.request.return_values for s in seqs)
+        tried: dict[int, list[Result]] = {}  # best_of requests: the attempts finished so far
         waiting = deque(seqs)
         batch: _Batch | None = None
         while waiting or batch is not None:
@@ -392,11 +409,17 @@ class Engine:
                 if finished:
                     batch = self._retire(batch, finished)
             for seq in done:
-                yield seq.index, seq.result(self.tokenizer)
+                result, attempts = seq.result(self.tokenizer), seq.control.best_of
+                if attempts == 1:
+                    yield seq.index, result
+                    continue
+                tried.setdefault(seq.index, []).append(result)
+                if len(tried[seq.index]) == attempts:
+                    yield seq.index, best_of(tried.pop(seq.index), seq.control.target)
 
     # -- requests -------------------------------------------------------------------------
 
-    def _prepare(self, index: int, request: Request) -> _Sequence:
+    def _prepare(self, index: int, request: Request, attempt: int = 0) -> _Sequence:
         if not isinstance(request, Request):
             raise InputError(f"request {index}: expected a Request, got {type(request).__name__}")
         where = f"request {index}"
@@ -422,7 +445,7 @@ class Engine:
                 "trained with a larger gamma (the p99 rule over longer rollouts)"
             )
         seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()))
-        rng = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed((seed + attempt * ATTEMPT_SEED_STEP) % 2**63)
         uniforms = torch.rand(request.max_new_tokens, generator=rng, dtype=torch.float64)
         return _Sequence(index, request, control, prompt_ids, uniforms.to(self.device))
 
@@ -587,6 +610,17 @@ class Engine:
         if len(self.eos_ids) == 1:
             return self._eos.expand(logits.shape[0])
         return self._eos[logits[:, self._eos].argmax(-1)]
+
+
+def best_of(results: list[Result], target: int) -> Result:
+    """The result that ended naturally (see :data:`NATURAL_EOS`) closest to ``target``; failing
+    that, the closest; ties go to the first."""
+
+    def rank(r: Result) -> tuple[bool, int]:
+        natural = r.finish_reason == "stop" and (r.eos_prob or 0.0) >= NATURAL_EOS
+        return (not natural, abs(r.num_tokens - target))
+
+    return min(results, key=rank)
 
 
 def _one_by_one(stream: Stream, ids: torch.Tensor) -> torch.Tensor:
