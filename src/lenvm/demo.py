@@ -53,9 +53,9 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    prompts = builtin_prompts(config.prompts, seed=config.seed)  # bad counts fail before loading
     _step(f"1/4 generator: {config.model}")
     generator = generator or models.load_generator(config.model)
-    prompts = builtin_prompts(config.prompts, seed=config.seed)
     write_text(
         out / "prompts.jsonl",
         "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts),
