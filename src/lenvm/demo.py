@@ -42,7 +42,6 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     ``(model, tokenizer)``.
     """
     from lenvm.dataset import held_out_prompts
-    from lenvm.evaluation import prompt_length_truth
     from lenvm.inspect import render_html, token_values
     from lenvm.model import LengthValueModel
     from lenvm.prompt_sets import builtin_prompts
@@ -92,28 +91,9 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     lenvm = LengthValueModel.from_pretrained(lenvm_dir, generator=generator)
 
     _step("4/4 held-out evaluation")
-    ordered = sorted(held_ids)
     by_id = {p.id: p for p in prompts}
-    predicted = dict(zip(ordered, lenvm.predict_length([by_id[i] for i in ordered]), strict=True))
-    samples: dict[str, list[dict]] = defaultdict(list)
-    for r in eval_records:
-        samples[r["prompt_id"]].append(r)
-    per_domain: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for pid in ordered:
-        ended = [r["finish_reason"] == "stop" for r in samples[pid]]
-        lengths = [r["num_tokens"] + end for r, end in zip(samples[pid], ended, strict=True)]
-        truth = prompt_length_truth(lengths, ended, lenvm.gamma)
-        if truth is not None:
-            per_domain[by_id[pid].extra["domain"]].append((predicted[pid], truth))
-    baseline = result.metrics["baseline_length"]
-    domains = {
-        d: {
-            "prompts": len(pairs),
-            "lenvm_mre": float(np.mean([abs(p - t) / t for p, t in pairs])),
-            "baseline_mre": float(np.mean([abs(baseline - t) / t for _, t in pairs])),
-        }
-        for d, pairs in sorted(per_domain.items())
-    }
+    held = [by_id[i] for i in sorted(held_ids)]
+    domains = by_domain(lenvm, held, eval_records, result.metrics["baseline_length"])
     # Show the longest held-out completion that ended by itself (or the longest at all).
     example = max(eval_records, key=lambda r: (r["finish_reason"] == "stop", r["num_tokens"]))
     trace = token_values(
@@ -154,6 +134,29 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     write_text(out / "summary.md", _markdown(report))
     print("\n" + _markdown(report))
     return report
+
+
+def by_domain(lenvm, prompts: list, eval_records: list[dict], baseline: float) -> dict[str, dict]:
+    """Prompt-boundary MRE of the LenVM and of the ``baseline`` length per prompt domain, over the
+    held-out ``prompts`` whose samples in ``eval_records`` give a ground truth."""
+    from lenvm.dataset import examples_from_records
+    from lenvm.evaluation import prompt_truths
+
+    predicted = lenvm.predict_length(prompts)
+    truths = prompt_truths(examples_from_records(eval_records, lenvm.config.eos_token_ids)[0], lenvm.gamma)
+    pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for prompt, guess in zip(prompts, predicted, strict=True):
+        truth = truths.get(prompt.id)
+        if truth is not None:
+            pairs[prompt.extra["domain"]].append((guess, truth))
+    return {
+        d: {
+            "prompts": len(group),
+            "lenvm_mre": float(np.mean([abs(p - t) / t for p, t in group])),
+            "baseline_mre": float(np.mean([abs(baseline - t) / t for _, t in group])),
+        }
+        for d, group in sorted(pairs.items())
+    }
 
 
 def _markdown(report: dict) -> str:

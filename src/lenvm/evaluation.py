@@ -36,9 +36,9 @@ def length_metrics(
         return {}
     abs_err, base_err, sq_err = [], [], []
     rel_at = {f: [] for f in FRACTIONS}
-    samples_of: dict[str, list[tuple[Example, float]]] = defaultdict(list)
+    first_values: dict[str, list[float]] = defaultdict(list)
     for e, v in pairs:
-        samples_of[e.prompt_id].append((e, float(v[0])))
+        first_values[e.prompt_id].append(float(v[0]))
     for e, v in finished:
         true_rem = np.arange(e.length, 0, -1, dtype=np.float64)
         pred_rem = value_to_length(v, gamma)
@@ -49,11 +49,12 @@ def length_metrics(
             t = int(f * e.length)
             rel_at[f].append(abs(pred_rem[t] - true_rem[t]) / true_rem[t])
     prompt_err, prompt_base_err = [], []
-    for samples in samples_of.values():
-        truth = prompt_length_truth([e.length for e, _ in samples], [e.finished for e, _ in samples], gamma)
+    truths = prompt_truths(examples, gamma)
+    for prompt_id, v0 in first_values.items():
+        truth = truths[prompt_id]
         if truth is None:
             continue
-        predicted = value_to_length(float(np.mean([v0 for _, v0 in samples])), gamma)
+        predicted = value_to_length(float(np.mean(v0)), gamma)
         prompt_err.append(abs(predicted - truth) / truth)
         prompt_base_err.append(abs(baseline_length - truth) / truth)
     metrics = {
@@ -63,12 +64,23 @@ def length_metrics(
         "baseline_prompt_mre": float(np.mean(prompt_base_err)) if prompt_err else float("nan"),
         "value_mse": float(np.mean(np.concatenate(sq_err))),
         "eval_prompts": len(prompt_err),
-        "eval_prompts_cut": len(samples_of) - len(prompt_err),
+        "eval_prompts_cut": len(truths) - len(prompt_err),
         "eval_completions": len(finished),
     }
     for f in FRACTIONS:
         metrics[f"rel_error_at_{int(f * 100)}"] = float(np.mean(rel_at[f]))
     return metrics
+
+
+def prompt_truths(examples: list[Example], gamma: float) -> dict[str, float | None]:
+    """:func:`prompt_length_truth` of each prompt's samples among ``examples``."""
+    samples: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        samples[e.prompt_id].append(e)
+    return {
+        prompt_id: prompt_length_truth([e.length for e in group], [e.finished for e in group], gamma)
+        for prompt_id, group in samples.items()
+    }
 
 
 def prompt_length_truth(lengths: list[int], finished: list[bool], gamma: float) -> float | None:

@@ -39,8 +39,8 @@ BACKBONE_DIR = "backbone"
 
 
 # A frozen generator's middle layers say more about how long its answer will be than its last
-# one, which is tuned to the next token: on the built-in model's rollouts, layer 18 of 30 cut the
-# held-out prompt-boundary error by about a quarter against the last layer (docs/benchmarks.md).
+# one, which is tuned to the next token: on the demo's rollouts, layer 18 of 30 roughly halved
+# the held-out prompt-boundary error of the last layer (docs/benchmarks.md).
 FEATURE_DEPTH = 0.6
 
 
