@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,11 @@ class InputError(ValueError):
 def is_int(x: Any) -> bool:
     """An integer that is not a bool (``True`` must not pass as a count)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 import urllib.error
@@ -28,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenvm import models
-from lenvm.io import InputError, JsonlAppender, is_int, repair_jsonl_tail
+from lenvm.io import InputError, JsonlAppender, is_int, is_real, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
 BACKENDS = ("hf", "openai")
@@ -52,10 +51,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         s = self
         checks = [
-            (_is_real(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
-            (_is_real(s.top_p) and 0.0 < s.top_p <= 1.0, "top_p must lie in (0, 1]"),
+            (is_real(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
+            (is_real(s.top_p) and 0.0 < s.top_p <= 1.0, "top_p must lie in (0, 1]"),
             (is_int(s.top_k) and s.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (_is_real(s.min_p) and 0.0 <= s.min_p < 1.0, "min_p must lie in [0, 1)"),
+            (is_real(s.min_p) and 0.0 <= s.min_p < 1.0, "min_p must lie in [0, 1)"),
             (is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (is_int(s.seed) and s.seed >= 0, "seed must be an integer >= 0"),
         ]
@@ -69,10 +68,6 @@ class SamplingParams:
 
     def to_record(self, backend: str) -> dict[str, Any]:
         return {**asdict(self), "backend": backend}
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass

@@ -36,7 +36,7 @@ import torch
 
 from lenvm.decoding import policies
 from lenvm.decoding.scoring import Hidden, Stream
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, is_int, is_real
 from lenvm.model import LengthValueModel, check_tokenizer
 from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt
 
@@ -90,11 +90,7 @@ class Control:
         elif self.target is not None:
             raise InputError(f"control {self.kind!r} takes no target")
         if self.kind == "tilt":
-            if (
-                isinstance(self.beta, bool)
-                or not isinstance(self.beta, int | float)
-                or not math.isfinite(self.beta)
-            ):
+            if not is_real(self.beta):
                 raise InputError(f"control tilt needs a finite beta, got {self.beta!r}")
         elif self.beta is not None:
             raise InputError(f"control {self.kind!r} takes no beta")
@@ -151,13 +147,13 @@ class Request:
         problems = []
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not _finite(self.temperature) or self.temperature < 0:
+        if not is_real(self.temperature) or self.temperature < 0:
             problems.append(f"temperature must be >= 0, got {self.temperature!r}")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must lie in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < 0:
             problems.append(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if not _finite(self.min_p) or not 0 <= self.min_p < 1:
+        if not is_real(self.min_p) or not 0 <= self.min_p < 1:
             problems.append(f"min_p must lie in [0, 1), got {self.min_p!r}")
         if self.seed is not None and not is_int(self.seed):
             problems.append(f"seed must be an integer or None, got {self.seed!r}")
@@ -189,10 +185,6 @@ class Result:
     values: list[float] | None
     mean_logprob: float
     eos_prob: float | None = None
-
-
-def _finite(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
