@@ -140,26 +140,19 @@ def cmd_generate(args) -> None:
         lenvm = LengthValueModel.from_pretrained(
             args.lenvm, generator=(model, tokenizer), device=args.device or "cpu"
         )
+    options = {"rule": args.rule, "best_of": args.best_of}  # Control says which kinds take them
     if args.equal_to is not None:
-        control = Control(
-            "equal_to",
-            target=args.equal_to,
-            rule=args.rule,
-            hard_cap_slack=args.hard_cap_slack,
-            best_of=args.best_of,
-        )
+        control = Control("equal_to", target=args.equal_to, hard_cap_slack=args.hard_cap_slack, **options)
     elif args.at_most is not None:
-        control = Control("at_most", target=args.at_most, rule=args.rule, hard_cap_slack=args.hard_cap_slack)
+        control = Control("at_most", target=args.at_most, hard_cap_slack=args.hard_cap_slack, **options)
     elif args.at_least is not None:
-        control = Control("at_least", target=args.at_least, rule=args.rule)
+        control = Control("at_least", target=args.at_least, **options)
     elif args.tilt is not None:
-        control = Control("tilt", beta=args.tilt)
+        control = Control("tilt", beta=args.tilt, **options)
     else:
-        control = None
-    if control is not None and lenvm is None:
+        control = Control(**options)
+    if control.active and lenvm is None:
         raise InputError("a length control needs a LenVM (--lenvm)")
-    if args.best_of != 1 and args.equal_to is None:
-        raise InputError("--best-of applies to equal_to controls (--equal-to) only")
     prompts = _prompts_from_args(args)
     requests = [
         Request(
