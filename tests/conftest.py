@@ -23,20 +23,18 @@ def tiny_generator(tiny_path):
 
 
 @pytest.fixture(scope="session")
-def eos_generator(tiny_path):
-    """The tiny model with a bias toward EOS, so that some completions stop and some are cut."""
-    import torch
+def ending_path(tmp_path_factory):
+    """The tiny model with EOS made likely, so that some completions stop and some are cut."""
+    from lenvm.testing import tiny_model
 
+    return tiny_model(tmp_path_factory.mktemp("ending") / "model", eos_logit=4.0)
+
+
+@pytest.fixture(scope="session")
+def eos_generator(ending_path):
     from lenvm.models import load_generator
 
-    model, tokenizer = load_generator(tiny_path)
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tokenizer.eos_token_id] = 3.0
-    model.lm_head = head
-    return model, tokenizer
+    return load_generator(ending_path)
 
 
 def synthetic_records(tokenizer, n_per_prompt=3, truncate_long=False):

@@ -13,7 +13,7 @@ from lenvm.bench import (
     run_tradeoff,
     write_report,
 )
-from lenvm.bench.common import load_models
+from lenvm.bench.common import Models, load_models
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 
@@ -149,23 +149,38 @@ def test_tradeoff_smoke(tmp_path, data, models):
     assert len(items) == 2 * 4 and {"predicted", "correct", "answer"} <= set(items[0])
 
 
-def test_prediction_smoke(tmp_path, data, models, train_rollouts):
+@pytest.fixture(scope="module")
+def ending_models(tiny_path, eos_generator):
+    """A generator that ends most answers within a few tokens, with a LenVM on it (predictions
+    need answers that end)."""
+    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", gamma=0.9, generator=eos_generator)
+    return Models(*eos_generator, lenvm.eval(), name="tiny-eos", lenvm_name="tiny-eos-lenvm")
+
+
+def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
     out = tmp_path / "pred"
     results = run_prediction(
-        out, models=models, prompts=data["prompts"], train_rollouts=train_rollouts, samples=3,
-        max_new_tokens=6, batch_size=4, progress=False,
+        out, models=ending_models, prompts=data["prompts"], train_rollouts=train_rollouts, samples=5,
+        max_new_tokens=24, batch_size=4, progress=False,
     )  # fmt: skip
     assert _outputs(out, "prediction.png") == results
     assert set(results["metrics"]) == {"list", "explain", "all"}
     for name in ("lenvm", "mean", "ridge"):
         assert results["metrics"]["all"][name]["mre"] >= 0
-    assert results["metrics"]["explain"]["prompts"] == 2
+    assert results["metrics"]["explain"]["prompts"] == 2 and results["prompts_mostly_cut"] == []
     assert len(results["per_prompt"]) == 3
     assert "ridge on prompt features MRE" in (out / "table.md").read_text()
     # Without training rollouts only the LenVM is scored.
-    alone = run_prediction(tmp_path / "alone", models=models, prompts=data["prompts"], samples=2,
-                           max_new_tokens=4, limit=1, progress=False)  # fmt: skip
+    alone = run_prediction(tmp_path / "alone", models=ending_models, prompts=data["prompts"], samples=2,
+                           max_new_tokens=24, limit=1, progress=False)  # fmt: skip
     assert set(alone["metrics"]["list"]) == {"prompts", "mean_truth", "lenvm"}
+
+
+def test_prediction_needs_answers_that_end(tmp_path, data, models):
+    """The random generator's answers are all cut at 6 tokens: no prompt has a ground truth."""
+    with pytest.raises(InputError, match="most of its samples cut"):
+        run_prediction(tmp_path / "cut", models=models, prompts=data["prompts"], samples=2,
+                       max_new_tokens=6, progress=False)  # fmt: skip
 
 
 def test_length_tokens_smoke(tmp_path, models, train_rollouts):
@@ -218,12 +233,14 @@ def test_run_all_smoke(tmp_path, tiny_path, data):
     (out / "speed" / "table.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
     report = write_report(out).read_text()
     assert "## Decoding speed" in report and "- settings: custom" in report
-    domains = set(results["predict"]["metrics"])
-    assert {"math", "word_problem", "instruction"} <= domains
+    held_out = [json.loads(line) for line in (out / "prompts" / "held_out.jsonl").read_text().splitlines()]
+    assert {"math", "word_problem", "instruction"} <= {p["domain"] for p in held_out}
+    predicted = results["predict"]
+    assert predicted["prompts"] + len(predicted["prompts_mostly_cut"]) == len(held_out)
 
 
 def test_bench_cli_runs_each_benchmark(
-    tmp_path, tiny_path, tiny_generator, lenvm_dir, data, train_rollouts, capsys
+    tmp_path, tiny_path, ending_path, tiny_generator, lenvm_dir, data, train_rollouts, capsys
 ):
     from lenvm.cli import main
 
@@ -239,8 +256,9 @@ def test_bench_cli_runs_each_benchmark(
                       "--constraints", "equal_to", "--max-new-tokens", "8"],
         "tradeoff": [*guided, "--gsm8k", str(data["gsm8k"]), "--gsm8k-problems", "1",
                      "--arithmetic-problems", "1", "--levels", "1", "--betas", "5", "--max-new-tokens", "6"],
-        "predict": [*guided, "--prompts", str(data["prompts"]), "--samples", "2", "--limit", "1",
-                    "--max-new-tokens", "4"],
+        "predict": ["--model", str(ending_path), "--no-progress", "--lenvm", str(lenvm_dir),
+                    "--prompts", str(data["prompts"]), "--samples", "2", "--limit", "1",
+                    "--max-new-tokens", "24"],
         "length-tokens": [*common, "--lenvm", str(lenvm_dir), "--rollouts", str(train_rollouts),
                           "--min-count", "1"],
         "speed": [*common, "--batch-sizes", "1", "--candidates", "2", "--new-tokens", "3",

@@ -56,8 +56,15 @@ def tiny_tokenizer(vocab_size: int = 256):
     return fast
 
 
-def tiny_model(path: str | os.PathLike, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Write a tiny random Llama causal LM with a ChatML BPE tokenizer to ``path``."""
+def tiny_model(
+    path: str | os.PathLike, seed: int = 0, hidden_size: int = 64, layers: int = 2, eos_logit: float = 0.0
+) -> Path:
+    """Write a tiny random Llama causal LM with a ChatML BPE tokenizer to ``path``.
+
+    ``eos_logit`` > 0 makes EOS about that much more likely than a random token (in logits), so
+    that answers end: every embedding gets the same large first coordinate, which the final norm
+    turns into a near-constant feature of every hidden state, and EOS's output embedding
+    (tied to its input one) weighs that feature more."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
@@ -77,6 +84,11 @@ def tiny_model(path: str | os.PathLike, seed: int = 0, hidden_size: int = 64, la
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if eos_logit:
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight
+            embeddings[:, 0] = 1.0  # dominates the residual stream: about sqrt(hidden) after the norm
+            embeddings[tokenizer.eos_token_id, 0] += eos_logit / hidden_size**0.5
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -2,7 +2,9 @@
 
 For each held-out prompt, ``samples`` answers are drawn from the generator; the ground truth
 is the return-consistent mean length ``L_GT = ln(1 - mean_i(1 - gamma**L_i)) / ln(gamma)``
-(lengths count the EOS token, as the LenVM's do). The LenVM predicts from ``V(s_0)`` alone.
+(lengths count the EOS token, as the LenVM's do), by the rule training's evaluation uses
+(:func:`lenvm.evaluation.prompt_length_truth`): a cut answer counts at its cut, and a prompt
+with most answers cut has no truth and is reported apart. The LenVM predicts from ``V(s_0)`` alone.
 Baselines, fitted on the LenVM's training rollouts: the training-set mean length, and a ridge
 regression of ``log L_GT`` on prompt features (token count, the number the prompt asks for).
 """
@@ -30,6 +32,7 @@ from lenvm.bench.common import (
     pyplot,
     settings_of,
 )
+from lenvm.evaluation import prompt_length_truth
 from lenvm.io import InputError
 from lenvm.models import DEFAULT_MODEL
 from lenvm.prompts import Prompt, as_prompt, encode_prompt, read_prompts
@@ -170,12 +173,21 @@ def run_prediction(
         by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for item in items:
             by_prompt[item["prompt_id"]].append(item)
-        truth = np.array(
-            [
-                return_consistent_mean_length([sample_length(i) for i in by_prompt[p.id]], gamma)
-                for p in held_out
-            ]
-        )
+        truths = {
+            p.id: prompt_length_truth(
+                [sample_length(i) for i in by_prompt[p.id]],
+                [i["finish_reason"] != "length" for i in by_prompt[p.id]],
+                gamma,
+            )
+            for p in held_out
+        }
+        mostly_cut = [pid for pid, t in truths.items() if t is None]
+        held_out = [p for p in held_out if truths[p.id] is not None]
+        if not held_out:
+            raise InputError(
+                f"every prompt had most of its samples cut at max_new_tokens={max_new_tokens}: raise it"
+            )
+        truth = np.array([truths[p.id] for p in held_out])
         predictions = {"lenvm": np.array(value_model.predict_length(held_out, batch_size=batch_size))}
         baselines = {}
         if train_rollouts is not None:
@@ -198,6 +210,7 @@ def run_prediction(
             "metrics": metrics,
             "gamma": gamma,
             "prompts": len(held_out),
+            "prompts_mostly_cut": mostly_cut,
             "samples": samples,
             "cut_samples": sum(i["finish_reason"] == "length" for i in items),
             "per_prompt": per_prompt,
@@ -206,7 +219,9 @@ def run_prediction(
             "seconds": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
-        run.write_text("table.md", _markdown(metrics, samples, results["cut_samples"], len(items)))
+        run.write_text(
+            "table.md", _markdown(metrics, samples, results["cut_samples"], len(items), len(mostly_cut))
+        )
         _plot(run, truth, predictions, metrics)
     return results
 
@@ -244,7 +259,7 @@ def _metrics(truth: np.ndarray, predictions: dict[str, np.ndarray], domains: Seq
     }
 
 
-def _markdown(metrics: dict, samples: int, cut: int, total: int) -> str:
+def _markdown(metrics: dict, samples: int, cut: int, total: int, mostly_cut: int) -> str:
     names = [n for n in PREDICTORS if n in next(iter(metrics.values()))]
     header = ["domain", "prompts", "mean L_GT"]
     for name in names:
@@ -258,8 +273,8 @@ def _markdown(metrics: dict, samples: int, cut: int, total: int) -> str:
     note = (
         f"Prompt-boundary length prediction: ground truth from {samples} samples per prompt "
         f"(return-consistent mean length, EOS counted); MRE = mean |pred - L_GT| / L_GT, "
-        f"MAE in tokens. {cut} of {total} samples hit max_new_tokens "
-        "(for those the length is a lower bound).\n\n"
+        f"MAE in tokens. {cut} of {total} samples hit max_new_tokens (counted at their cut); "
+        f"{mostly_cut} prompts with most samples cut have no ground truth and are left out.\n\n"
     )
     return note + markdown_table(header, rows)
 
