@@ -275,6 +275,8 @@ class _FakeEngine:
                     text=r,
                     token_ids=[],
                     eos_prob=0.5,
+                    retries=0,
+                    decoded_tokens=len(r) + 1,
                 ),
             )
 

@@ -212,3 +212,13 @@ def test_generate_with_and_without_a_length_control(
         capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-most", "3", "--best-of", "2"]
     )
     assert code == 2 and "equal_to" in err
+
+    # Retries: the JSON line says how many ends were resampled and what was decoded in all.
+    argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--equal-to", "3", "--retries", "2", "--json"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert 0 <= record["retries"] <= 2 and record["decoded_tokens"] >= record["num_tokens"]
+    code, err = _error(
+        capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-least", "3", "--retries", "1"]
+    )
+    assert code == 2 and "retries" in err

@@ -357,3 +357,90 @@ def test_best_of_is_checked():
         Control("equal_to", target=5, best_of=0)
     with pytest.raises(InputError, match="equal_to"):
         Control("at_most", target=5, best_of=2)
+
+
+def _equal_to(seed, retries, target=8):
+    control = Control("equal_to", target=target, retries=retries)
+    return Request(PROMPTS[seed % 3], max_new_tokens=30, seed=seed, control=control, return_values=True)
+
+
+def test_an_end_that_is_not_natural_is_resampled_from_further_back(tiny_generator, lenvms):
+    """The random generator never gives EOS a fair chance, so no end is natural: each retry keeps
+    the answer up to ``a * RETRY_SPAN * target`` tokens before the target and samples the rest
+    anew; the result is the attempt closest to the target, and its cost counts every attempt."""
+    from lenvm.decoding.engine import RETRY_SPAN
+
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    first = engine.generate([_equal_to(seed, 0) for seed in range(4)])
+    again = engine.generate([_equal_to(seed, 1) for seed in range(4)])
+    for a, b in zip(first, again, strict=True):
+        assert not a.natural and a.retries == 0 and a.decoded_tokens == len(a.token_ids)
+        assert b.retries == 1 and b.decoded_tokens > len(a.token_ids)
+        cut = min(a.num_tokens, 8) - math.ceil(RETRY_SPAN * 8)
+        assert b.token_ids[:cut] == a.token_ids[:cut] and b.values[:cut] == a.values[:cut]
+        assert abs(b.num_tokens - 8) <= abs(a.num_tokens - 8)  # the closer of the two ends
+
+
+def test_retries_find_a_natural_end(tiny_path, eos_generator, monkeypatch):
+    """With EOS made likely and the bar for a natural end set at the median of the first ends'
+    EOS probabilities, half of them miss it; a retry that clears it is what comes back."""
+    import statistics
+
+    from lenvm.decoding import engine as engine_module
+
+    model, tok = eos_generator
+    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=eos_generator).eval()
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
+    first = engine.generate([_equal_to(seed, 0) for seed in range(8)])
+    bar = statistics.median(r.eos_prob or 0.0 for r in first)
+    monkeypatch.setattr(engine_module, "NATURAL_EOS", bar)
+    again = engine.generate([_equal_to(seed, 3) for seed in range(8)])
+    assert all(b.natural or b.retries == 3 for b in again)
+    rescued = [b for a, b in zip(first, again, strict=True) if not a.natural and b.natural]
+    assert rescued and all(b.retries >= 1 for b in rescued)
+
+
+def test_natural_ends_are_kept_as_they_are(tiny_generator, lenvms, monkeypatch):
+    from lenvm.decoding import engine as engine_module
+
+    model, tok = tiny_generator
+    lenvm = lenvms["attached"]
+    monkeypatch.setattr(engine_module, "NATURAL_EOS", 0.0)  # every EOS counts as natural
+    with ends_after_every_token(lenvm):
+        results = Engine(model, tok, lenvm=lenvm, num_candidates=4).generate(
+            [_equal_to(s, 3) for s in range(3)]
+        )
+    assert all(r.natural and r.retries == 0 and r.decoded_tokens == len(r.token_ids) for r in results)
+
+
+def test_retries_do_not_depend_on_the_batch(tiny_generator, lenvms):
+    """A retried request rejoins whatever batch is running; its answer is the one it gets alone."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
+    requests = [_equal_to(seed, 3, target=5 + seed) for seed in range(5)]
+    together = engine.generate(requests, batch_size=2)
+    for request, result in zip(requests, together, strict=True):
+        alone = engine.generate([request])[0]
+        assert alone.token_ids == result.token_ids and alone.retries == result.retries == 3
+        assert alone.decoded_tokens == result.decoded_tokens
+
+
+def test_best_of_counts_the_cost_of_every_attempt(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
+    control = Control("equal_to", target=6, best_of=3, retries=0)
+    result = engine.generate([Request(PROMPTS[0], max_new_tokens=20, seed=7, control=control)])[0]
+    assert result.decoded_tokens > len(result.token_ids)
+
+
+def test_retries_are_checked():
+    assert Control("equal_to", target=5).max_retries == 3
+    assert Control("equal_to", target=5, rule="paper").max_retries == 0
+    assert Control("at_most", target=5).max_retries == 0
+    with pytest.raises(InputError, match="retries"):
+        Control("equal_to", target=5, retries=-1)
+    with pytest.raises(InputError, match="retries"):
+        Control("equal_to", target=5, retries=1.5)
+    with pytest.raises(InputError, match="equal_to"):
+        Control("at_least", target=5, retries=2)

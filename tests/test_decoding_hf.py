@@ -107,3 +107,7 @@ def test_processor_rejects_bad_settings(lenvms):
         LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), num_candidates=0)
     with pytest.raises(InputError):
         LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), top_p=0.0)
+    for control in (Control("equal_to", target=5, best_of=2), Control("equal_to", target=5, retries=1)):
+        with pytest.raises(InputError, match="engine"):
+            LenVMLogitsProcessor(lenvms["q"], control)
+    LenVMLogitsProcessor(lenvms["q"], Control("equal_to", target=5, retries=0))

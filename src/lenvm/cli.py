@@ -140,7 +140,8 @@ def cmd_generate(args) -> None:
         lenvm = LengthValueModel.from_pretrained(
             args.lenvm, generator=(model, tokenizer), device=args.device or "cpu"
         )
-    options = {"rule": args.rule, "best_of": args.best_of}  # Control says which kinds take them
+    # Control says which kinds take them
+    options = {"rule": args.rule, "best_of": args.best_of, "retries": args.retries}
     if args.equal_to is not None:
         control = Control("equal_to", target=args.equal_to, hard_cap_slack=args.hard_cap_slack, **options)
     elif args.at_most is not None:
@@ -179,6 +180,8 @@ def cmd_generate(args) -> None:
                 "finish_reason": result.finish_reason,
                 "mean_logprob": round(result.mean_logprob, 4),
                 "eos_prob": result.eos_prob,
+                "retries": result.retries,
+                "decoded_tokens": result.decoded_tokens,
             }
             if args.values:
                 record["values"] = result.values
@@ -189,6 +192,7 @@ def cmd_generate(args) -> None:
             f"\n[{result.num_tokens} tokens, finish: {result.finish_reason}, "
             f"mean log-prob {result.mean_logprob:.3f}"
             + ("" if result.eos_prob is None else f", generator p(EOS) at the end {result.eos_prob:.3f}")
+            + (f", end resampled {result.retries}x" if result.retries else "")
             + "]",
             file=sys.stderr,
         )
@@ -250,6 +254,7 @@ def cmd_bench(args) -> None:
             max_prompt_tokens=args.max_prompt_tokens,
             num_candidates=args.num_candidates,
             best_of=args.best_of,
+            retries=args.retries,
             seed=args.seed,
             batch_size=args.batch_size,
             **sampling,
@@ -448,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="--equal-to: sample K answers, keep the natural ending closest to N (K times the cost)",
     )
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="--equal-to: resample the end of an answer that does not end naturally up to R times "
+        "(default: Control's default for the rule, 0 for paper)",
+    )
     p.add_argument("--num-candidates", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -531,6 +542,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--langs", nargs="+", help="e.g. en zh")
     p.add_argument("--max-prompt-tokens", type=int, help="leave out longer prompts")
     p.add_argument("--best-of", type=int, default=1, help="Equal To with a LenVM: keep the best of K answers")
+    p.add_argument(
+        "--retries", type=int, help="Equal To with a LenVM: resample an end that is not natural up to R times"
+    )
 
     p = command("tradeoff", "pass@1 vs mean length: tilting against a hard token budget", "tradeoff")
     p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")

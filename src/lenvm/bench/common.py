@@ -253,6 +253,8 @@ def _record(job: Job, result, judge) -> dict[str, Any]:
         "finish_reason": result.finish_reason,
         "mean_logprob": result.mean_logprob,
         "eos_prob": result.eos_prob,
+        "retries": result.retries,
+        "decoded_tokens": result.decoded_tokens,
         "text": result.text,
     }
     if judge is not None:

@@ -146,6 +146,7 @@ def run_lifebench(
     min_p: float | None = None,
     num_candidates: int = 8,
     best_of: int = 1,
+    retries: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
@@ -161,7 +162,8 @@ def run_lifebench(
     or longer than ``max_prompt_tokens`` (a small CPU run can skip the long source texts).
     Targets above ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
     LenVM's training policy. ``best_of`` > 1 gives the LenVM methods' Equal To requests that
-    many attempts (see :class:`lenvm.decoding.Control`). ``models`` passes already loaded models
+    many attempts and ``retries`` sets how often they resample an end that is not natural (None:
+    the control's default; see :class:`lenvm.decoding.Control`). ``models`` passes already loaded models
     (then ``model``, ``lenvm``, ``device`` and ``dtype`` are not used).
     """
     started = time.perf_counter()
@@ -190,14 +192,19 @@ def run_lifebench(
         num_candidates=num_candidates,
     )
     jobs = [
-        _job(row, constraint, target, method, sampling, best_of)
+        _job(row, constraint, target, method, sampling, best_of, retries)
         for method in methods
         for constraint in constraints
         for target in kept
         for row in table
     ]
     settings = settings_of(
-        models, sampling, data=str(data), max_prompt_tokens=max_prompt_tokens, best_of=best_of
+        models,
+        sampling,
+        data=str(data),
+        max_prompt_tokens=max_prompt_tokens,
+        best_of=best_of,
+        retries=retries,
     )
     with Run(out, settings) as run:
         items = run.run_jobs(jobs, models, sampling, batch_size, "lifebench", progress)
@@ -254,10 +261,20 @@ def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None)
     return table
 
 
-def _job(row: Row, constraint: str, target: int, method: str, sampling: Sampling, best_of: int) -> Job:
+def _job(
+    row: Row, constraint: str, target: int, method: str, sampling: Sampling, best_of: int, retries: int | None
+) -> Job:
     rule = METHODS[method][0]
-    tries = best_of if constraint == "equal_to" else 1
-    control = None if rule is None else Control(kind=constraint, target=target, rule=rule, best_of=tries)
+    control = None
+    if rule is not None:
+        equal = constraint == "equal_to"
+        control = Control(
+            kind=constraint,
+            target=target,
+            rule=rule,
+            best_of=best_of if equal else 1,
+            retries=retries if equal else None,
+        )
     prompt = Prompt(row.id, text=token_task(row, constraint, target))
     # The seed ignores the method: every method meets the same random numbers on an item.
     item = f"{row.id}/{constraint}/{target}"
@@ -287,8 +304,9 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         scoring.breakdown_table(summary, "by_lang", labels),
         "\nOutputs ended by an EOS that the model or policy chose (not cut at max_new_tokens or "
         f"by a hard cap); natural ends: those whose EOS the generator itself gave at least "
-        f"{scoring.NATURAL_EOS:g}; and the generator's mean log-probability per token under its "
-        "own distribution:\n",
+        f"{scoring.NATURAL_EOS:g}; the generator's mean log-probability per token under its "
+        "own distribution; and the tokens decoded per token returned (above 1 where ends were "
+        "resampled or several attempts made):\n",
         scoring.quality_table(summary, labels),
     ]
     return "\n".join(parts)

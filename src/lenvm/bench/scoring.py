@@ -65,11 +65,21 @@ def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
         "ended": float(np.mean([i.get("finish_reason") == "stop" for i in items])),
         "natural_end": float(np.mean([_natural_end(i) for i in items])),
         "mean_logprob": float(np.mean([i.get("mean_logprob", np.nan) for i in items])),
+        "decoding_cost": _decoding_cost(items),
     }
 
 
 def _natural_end(item: Mapping[str, Any]) -> bool:
     return item.get("finish_reason") == "stop" and (item.get("eos_prob") or 0.0) >= NATURAL_EOS
+
+
+def _decoding_cost(items: list[Mapping[str, Any]]) -> float:
+    """Tokens decoded per token returned (EOS counted in both): 1 unless ends were resampled or
+    several attempts made; NaN when the items do not say (older runs)."""
+    if not all("decoded_tokens" in i for i in items):
+        return float("nan")
+    kept = sum(i["num_tokens"] + (i.get("finish_reason") in ("stop", "cap")) for i in items)
+    return sum(i["decoded_tokens"] for i in items) / max(kept, 1)
 
 
 def _grouped(items: list[Mapping[str, Any]], field: str) -> dict[str, dict[str, float]]:
@@ -93,8 +103,9 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     and ``by_lang`` breakdowns; every metrics dict holds ``n``, ``deviation`` (mean ``|LD|``),
     ``signed_deviation``, ``score``, ``ended`` (the share of outputs ended by an EOS that the
     model or policy chose, not cut at ``max_new_tokens`` or by a hard cap), ``natural_end`` (the
-    share of those whose EOS the generator itself gave at least ``NATURAL_EOS``) and
-    ``mean_logprob`` (the generator's mean log-probability per output token: a fluency proxy).
+    share of those whose EOS the generator itself gave at least ``NATURAL_EOS``),
+    ``mean_logprob`` (the generator's mean log-probability per output token: a fluency proxy) and
+    ``decoding_cost`` (tokens decoded per token returned, from ``decoded_tokens``).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
@@ -178,6 +189,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
             f"{100 * metrics['ended']:.0f}%",
             f"{100 * metrics['natural_end']:.0f}%",
             f"{metrics['mean_logprob']:.2f}",
+            f"{metrics['decoding_cost']:.2f}x",
         ]
         for method, by_constraint in summary.items()
         for constraint, metrics in by_constraint.items()
@@ -188,5 +200,6 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
         "ended with EOS",
         f"natural end (generator p(EOS) >= {NATURAL_EOS:g})",
         "mean log-prob / token",
+        "tokens decoded / returned",
     ]
     return markdown_table(header, rows)

@@ -22,6 +22,11 @@ waiting request takes its place (each request's state lives in the engine). Ever
 4. the row's policy (policies.py) turns candidate probabilities and values into a distribution,
    and the row draws from it with its own random stream (argmax when greedy);
 5. the caches keep the chosen token only.
+
+A finished Equal To answer that did not end naturally (the generator itself gave its final EOS
+under ``NATURAL_EOS``) goes back to decoding from an earlier point, further back on each retry
+(:attr:`Control.retries`): the row is prefilled with its prompt and the tokens it keeps and
+rejoins the batch, so only the answers that miss pay for a second try.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -51,6 +56,10 @@ MIN_DISCOUNT = 1e-6
 NATURAL_EOS = 0.05
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
 ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
+# Equal To (our rule) by default resamples the tail of an answer that did not end naturally this
+# many times; retry a restarts a * RETRY_SPAN * target tokens before the target.
+DEFAULT_RETRIES = 3
+RETRY_SPAN = 0.25
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,12 @@ class Control:
     return the one that ends naturally (the generator gave its final EOS at least
     ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
     the decoding.
+    ``retries`` (equal_to only): when an answer does not end naturally, go back and resample its
+    end, at most this many times; retry ``a`` restarts ``a * RETRY_SPAN * target`` tokens before
+    the target (further back each time, where the text can still turn toward a conclusion), and
+    the result is the first natural ending, or the attempt closest to the target if none is.
+    Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rule, 0 for the
+    paper's.
     """
 
     kind: ControlKind = "none"
@@ -76,6 +91,7 @@ class Control:
     rule: Literal["ours", "paper"] = "ours"
     hard_cap_slack: int | None = None
     best_of: int = 1
+    retries: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CONTROL_KINDS:
@@ -98,6 +114,11 @@ class Control:
             raise InputError(f"best_of must be a positive integer, got {self.best_of!r}")
         if self.best_of > 1 and self.kind != "equal_to":
             raise InputError("best_of applies to equal_to controls only")
+        if self.retries is not None:
+            if not is_int(self.retries) or self.retries < 0:
+                raise InputError(f"retries must be a non-negative integer, got {self.retries!r}")
+            if self.retries > 0 and self.kind != "equal_to":
+                raise InputError("retries applies to equal_to controls only")
         if self.hard_cap_slack is not None:
             if self.kind not in ("equal_to", "at_most"):
                 raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
@@ -109,6 +130,13 @@ class Control:
     @property
     def active(self) -> bool:
         return self.kind != "none"
+
+    @property
+    def max_retries(self) -> int:
+        """How many times an answer that did not end naturally has its end resampled."""
+        if self.retries is not None:
+            return self.retries
+        return DEFAULT_RETRIES if self.kind == "equal_to" and self.rule == "ours" else 0
 
     @property
     def wants_eos(self) -> bool:
@@ -174,7 +202,9 @@ class Result:
     before truncation and control): a quality proxy that is comparable across controls.
     ``eos_prob`` is the generator's own probability (same distribution) of the EOS that ended the
     output, None when it did not end with EOS: a policy that ends answers where the generator
-    would not shows up as a low value.
+    would not shows up as a low value. ``retries``: how many times the end was resampled
+    (:attr:`Control.retries`); ``decoded_tokens``: every token decoded for this result, the
+    discarded ends and the other ``best_of`` attempts included (its cost).
     """
 
     prompt_token_ids: list[int]
@@ -185,6 +215,13 @@ class Result:
     values: list[float] | None
     mean_logprob: float
     eos_prob: float | None = None
+    retries: int = 0
+    decoded_tokens: int = 0
+
+    @property
+    def natural(self) -> bool:
+        """Ended with an EOS the generator itself gave at least :data:`NATURAL_EOS`."""
+        return self.finish_reason == "stop" and (self.eos_prob or 0.0) >= NATURAL_EOS
 
 
 @dataclass
@@ -192,21 +229,31 @@ class _Sequence:
     """The engine's state for one request."""
 
     index: int
+    attempt: int  # of a best_of request
     request: Request
     control: Control
     prompt_ids: list[int]
-    uniforms: torch.Tensor  # [max_new_tokens]: this request's random stream, one draw per step
+    rng: torch.Generator  # this attempt's random stream
+    uniforms: torch.Tensor  # [max_new_tokens]: one draw per step, from rng
     tokens: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
-    logprob: float = 0.0
+    logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     eos_logprob: float | None = None  # the generator's log-probability of the final EOS
+    missed: list[Result] = field(default_factory=list)  # earlier ends that were not natural
+    decoded: int = 0
+
+    @property
+    def context(self) -> list[int]:
+        """Every token fed to the models so far: what a (re)admitted row prefills."""
+        return self.prompt_ids + self.tokens
 
     def append(self, token: int, forced: bool, logprob: float, value: float, eos: set[int]) -> bool:
         """Record one generated token; True when the request is finished."""
         self.tokens.append(token)
         self.values.append(value)
-        self.logprob += logprob
+        self.logprobs.append(logprob)
+        self.decoded += 1
         if token in eos:
             self.finish_reason = "cap" if forced else "stop"
             self.eos_logprob = logprob
@@ -218,14 +265,37 @@ class _Sequence:
         ended = self.finish_reason in ("stop", "cap")
         return Result(
             prompt_token_ids=self.prompt_ids,
-            token_ids=self.tokens,
+            token_ids=list(self.tokens),
             text=tokenizer.decode(self.tokens, skip_special_tokens=True),
             num_tokens=len(self.tokens) - ended,
             finish_reason=self.finish_reason,
-            values=self.values if self.request.return_values else None,
-            mean_logprob=self.logprob / len(self.tokens),
+            values=list(self.values) if self.request.return_values else None,
+            mean_logprob=sum(self.logprobs) / len(self.tokens),
             eos_prob=None if self.eos_logprob is None else math.exp(self.eos_logprob),
+            retries=len(self.missed),
+            decoded_tokens=self.decoded,
         )
+
+    def retry(self, result: Result) -> bool:
+        """After an end that was not natural, go back to resample the end (see
+        :attr:`Control.retries`): True when the sequence must decode again."""
+        if result.natural or self.request.ignore_eos or len(self.missed) >= self.control.max_retries:
+            return False
+        self.missed.append(result)
+        back = math.ceil(len(self.missed) * RETRY_SPAN * self.control.target)
+        cut = max(0, min(result.num_tokens, self.control.target) - back)
+        del self.tokens[cut:], self.values[cut:], self.logprobs[cut:]
+        self.finish_reason = self.eos_logprob = None
+        self.uniforms = _uniforms(self.rng, self.request.max_new_tokens, self.uniforms.device)
+        return True
+
+    def final(self, result: Result) -> Result:
+        """The result to return: this end if natural, else the best of every end tried (with the
+        cost of them all)."""
+        if not self.missed:
+            return result
+        chosen = best_of([*self.missed, result], self.control.target)
+        return replace(chosen, retries=len(self.missed), decoded_tokens=self.decoded)
 
 
 @dataclass
@@ -385,7 +455,7 @@ class Engine:
             seqs += [first] + [self._prepare(i, request, a) for a in range(1, first.control.best_of)]
         # The LenVM runs only when some request needs it; its cache must then cover every row.
         scored = self.lenvm is not None and any(s.control.active or s.request.return_values for s in seqs)
-        tried: dict[int, list[Result]] = {}  # best_of requests: the attempts finished so far
+        tried: dict[int, dict[int, Result]] = {}  # best_of requests: finished attempts by number
         waiting = deque(seqs)
         batch: _Batch | None = None
         while waiting or batch is not None:
@@ -401,13 +471,19 @@ class Engine:
                 if finished:
                     batch = self._retire(batch, finished)
             for seq in done:
-                result, attempts = seq.result(self.tokenizer), seq.control.best_of
+                result = seq.result(self.tokenizer)
+                if seq.retry(result):
+                    waiting.appendleft(seq)  # first in line: its request is nearly done
+                    continue
+                result, attempts = seq.final(result), seq.control.best_of
                 if attempts == 1:
                     yield seq.index, result
                     continue
-                tried.setdefault(seq.index, []).append(result)
+                tried.setdefault(seq.index, {})[seq.attempt] = result
                 if len(tried[seq.index]) == attempts:
-                    yield seq.index, best_of(tried.pop(seq.index), seq.control.target)
+                    results = [r for _, r in sorted(tried.pop(seq.index).items())]  # ties: first attempt
+                    chosen = best_of(results, seq.control.target)
+                    yield seq.index, replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
 
     # -- requests -------------------------------------------------------------------------
 
@@ -438,12 +514,13 @@ class Engine:
             )
         seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()))
         rng = torch.Generator().manual_seed((seed + attempt * ATTEMPT_SEED_STEP) % 2**63)
-        uniforms = torch.rand(request.max_new_tokens, generator=rng, dtype=torch.float64)
-        return _Sequence(index, request, control, prompt_ids, uniforms.to(self.device))
+        uniforms = _uniforms(rng, request.max_new_tokens, self.device)
+        return _Sequence(index, attempt, request, control, prompt_ids, rng, uniforms)
 
     def _admit(self, batch: _Batch | None, joining: list[_Sequence], scored: bool) -> _Batch:
-        """Prefill the joining prompts, then merge them into the running batch."""
-        prompts = [seq.prompt_ids for seq in joining]
+        """Prefill the joining rows (prompts, and the kept tokens of a retry), then merge them into
+        the running batch."""
+        prompts = [seq.context for seq in joining]
         gen, hidden = Stream.prefill(self.body, prompts, self._gen_features)
         gens, hiddens, lvms = [gen], [hidden], []
         if scored and self.kind == "standalone":
@@ -608,11 +685,11 @@ def best_of(results: list[Result], target: int) -> Result:
     """The result that ended naturally (see :data:`NATURAL_EOS`) closest to ``target``; failing
     that, the closest; ties go to the first."""
 
-    def rank(r: Result) -> tuple[bool, int]:
-        natural = r.finish_reason == "stop" and (r.eos_prob or 0.0) >= NATURAL_EOS
-        return (not natural, abs(r.num_tokens - target))
+    return min(results, key=lambda r: (not r.natural, abs(r.num_tokens - target)))
 
-    return min(results, key=rank)
+
+def _uniforms(rng: torch.Generator, n: int, device) -> torch.Tensor:
+    return torch.rand(n, generator=rng, dtype=torch.float64).to(device)
 
 
 def _one_by_one(stream: Stream, ids: torch.Tensor) -> torch.Tensor:

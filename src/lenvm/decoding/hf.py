@@ -15,7 +15,8 @@ candidate-block forward (a standalone LenVM, or an attached one running its own 
 generator's body) or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
 A call whose ids do not extend the previous call's starts over, so one processor can serve
-several ``generate`` calls in turn.
+several ``generate`` calls in turn. Equal To answers that do not end naturally are kept as they
+are: resampling their end (``Control.retries``) and ``best_of`` are the engine's.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class LenVMLogitsProcessor(LogitsProcessor):
     ):
         if not isinstance(control, Control) or not control.active:
             raise InputError("LenVMLogitsProcessor needs an active Control (not kind 'none')")
+        if control.best_of > 1 or control.retries:
+            raise InputError(
+                "best_of and retries need the decoding engine (lenvm.decoding.Engine): a logits "
+                "processor sees one step of one answer at a time"
+            )
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
         # Validated like an engine request's sampling settings.
