@@ -364,12 +364,10 @@ def _equal_to(seed, retries, target=8):
     return Request(PROMPTS[seed % 3], max_new_tokens=30, seed=seed, control=control, return_values=True)
 
 
-def test_an_end_that_is_not_natural_is_resampled_from_further_back(tiny_generator, lenvms):
-    """The random generator never gives EOS a fair chance, so no end is natural: each retry keeps
-    the answer up to ``a * RETRY_SPAN * target`` tokens before the target and samples the rest
-    anew; the result is the attempt closest to the target, and its cost counts every attempt."""
-    from lenvm.decoding.engine import RETRY_SPAN
-
+def test_an_end_that_is_not_natural_is_resampled(tiny_generator, lenvms):
+    """The random generator never gives EOS a fair chance, so no end is natural: one retry
+    samples the answer anew (the last retry starts from the beginning); the result is the
+    attempt closest to the target, and its cost counts both."""
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
     first = engine.generate([_equal_to(seed, 0) for seed in range(4)])
@@ -377,9 +375,34 @@ def test_an_end_that_is_not_natural_is_resampled_from_further_back(tiny_generato
     for a, b in zip(first, again, strict=True):
         assert not a.natural and a.retries == 0 and a.decoded_tokens == len(a.token_ids)
         assert b.retries == 1 and b.decoded_tokens > len(a.token_ids)
-        cut = min(a.num_tokens, 8) - math.ceil(RETRY_SPAN * 8)
-        assert b.token_ids[:cut] == a.token_ids[:cut] and b.values[:cut] == a.values[:cut]
         assert abs(b.num_tokens - 8) <= abs(a.num_tokens - 8)  # the closer of the two ends
+
+
+def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator, lenvms):
+    """Retry a of R keeps the answer up to a / R of the target before the target, cut back to
+    just after the last sentence end before that point."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"])
+    control = Control("equal_to", target=20, retries=4)
+    seq = engine._prepare(0, Request("Hi", max_new_tokens=40, seed=0, control=control))
+    dot = tok.convert_tokens_to_ids(".")
+    word = tok.encode("sea", add_special_tokens=False)[0]
+    assert dot in engine.sentence_ends and word not in engine.sentence_ends
+    answer = [word] * 10 + [dot] + [word] * 11 + [engine.eos_ids[0]]
+    missed = Result([1], answer, "", 22, "stop", None, -1.0, eos_prob=0.001)
+    kept = []
+    for _ in range(4):
+        seq.tokens = list(answer)
+        seq.values, seq.logprobs = [-0.5] * len(answer), [-1.0] * len(answer)
+        assert seq.retry(missed, engine.sentence_ends)
+        assert seq.finish_reason is None and len(seq.values) == len(seq.logprobs) == len(seq.tokens)
+        kept.append(len(seq.tokens))
+    # back 5, 10, 15, 20 tokens from the target (20): the first cut moves back to the "."
+    assert kept == [11, 10, 5, 0]
+    assert not seq.retry(missed, engine.sentence_ends)  # all four spent
+    natural = Result([1], answer, "", 22, "stop", None, -1.0, eos_prob=0.5)
+    fresh = engine._prepare(0, Request("Hi", max_new_tokens=40, seed=0, control=control))
+    assert not fresh.retry(natural, engine.sentence_ends)
 
 
 def test_retries_find_a_natural_end(tiny_path, eos_generator, monkeypatch):
@@ -435,7 +458,7 @@ def test_best_of_counts_the_cost_of_every_attempt(tiny_generator, lenvms):
 
 
 def test_retries_are_checked():
-    assert Control("equal_to", target=5).max_retries == 3
+    assert Control("equal_to", target=5).max_retries == 4
     assert Control("equal_to", target=5, rule="paper").max_retries == 0
     assert Control("at_most", target=5).max_retries == 0
     with pytest.raises(InputError, match="retries"):

@@ -31,6 +31,7 @@ rejoins the batch, so only the answers that miss pay for a second try.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Iterator
@@ -56,10 +57,9 @@ MIN_DISCOUNT = 1e-6
 NATURAL_EOS = 0.05
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
 ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
-# Equal To (our rule) by default resamples the tail of an answer that did not end naturally this
-# many times; retry a restarts a * RETRY_SPAN * target tokens before the target.
-DEFAULT_RETRIES = 3
-RETRY_SPAN = 0.25
+# Equal To (our rule) by default resamples the end of an answer that did not end naturally this
+# many times (see Control).
+DEFAULT_RETRIES = 4
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,10 @@ class Control:
     ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
     the decoding.
     ``retries`` (equal_to only): when an answer does not end naturally, go back and resample its
-    end, at most this many times; retry ``a`` restarts ``a * RETRY_SPAN * target`` tokens before
-    the target (further back each time, where the text can still turn toward a conclusion), and
-    the result is the first natural ending, or the attempt closest to the target if none is.
+    end, at most this many times; retry ``a`` of ``R`` restarts at the start of the sentence
+    ``a / R`` of the target before the target (further back each time, where the text can still
+    turn toward a conclusion; the last retry from the beginning), and the result is the first
+    natural ending, or the attempt closest to the target if none is.
     Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rule, 0 for the
     paper's.
     """
@@ -276,14 +277,19 @@ class _Sequence:
             decoded_tokens=self.decoded,
         )
 
-    def retry(self, result: Result) -> bool:
+    def retry(self, result: Result, sentence_ends: frozenset[int]) -> bool:
         """After an end that was not natural, go back to resample the end (see
-        :attr:`Control.retries`): True when the sequence must decode again."""
-        if result.natural or self.request.ignore_eos or len(self.missed) >= self.control.max_retries:
+        :attr:`Control.retries`): True when the sequence must decode again. Retry ``a`` of ``R``
+        goes back ``a / R`` of the target, then on to the start of that sentence (just after a
+        token in ``sentence_ends``): where an answer decides what to say next, and so whether
+        to conclude."""
+        retries = self.control.max_retries
+        if result.natural or self.request.ignore_eos or len(self.missed) >= retries:
             return False
         self.missed.append(result)
-        back = math.ceil(len(self.missed) * RETRY_SPAN * self.control.target)
+        back = math.ceil(len(self.missed) / retries * self.control.target)
         cut = max(0, min(result.num_tokens, self.control.target) - back)
+        cut = next((i + 1 for i in range(cut - 1, -1, -1) if self.tokens[i] in sentence_ends), cut)
         del self.tokens[cut:], self.values[cut:], self.logprobs[cut:]
         self.finish_reason = self.eos_logprob = None
         self.uniforms = _uniforms(self.rng, self.request.max_new_tokens, self.uniforms.device)
@@ -472,7 +478,7 @@ class Engine:
                     batch = self._retire(batch, finished)
             for seq in done:
                 result = seq.result(self.tokenizer)
-                if seq.retry(result):
+                if seq.retry(result, self.sentence_ends):
                     waiting.appendleft(seq)  # first in line: its request is nearly done
                     continue
                 result, attempts = seq.final(result), seq.control.best_of
@@ -484,6 +490,14 @@ class Engine:
                     results = [r for _, r in sorted(tried.pop(seq.index).items())]  # ties: first attempt
                     chosen = best_of(results, seq.control.target)
                     yield seq.index, replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
+
+    @functools.cached_property
+    def sentence_ends(self) -> frozenset[int]:
+        """Ids of the tokens that end a sentence or a line (where a retry restarts)."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return frozenset(
+            i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith((".", "!", "?"))
+        )
 
     # -- requests -------------------------------------------------------------------------
 
