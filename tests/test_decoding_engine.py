@@ -394,15 +394,16 @@ def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator, lenvms):
     for _ in range(4):
         seq.tokens = list(answer)
         seq.values, seq.logprobs = [-0.5] * len(answer), [-1.0] * len(answer)
-        assert seq.retry(missed, engine.sentence_ends)
+        assert seq.may_retry(missed)
+        seq.retry(missed, engine.sentence_ends)
         assert seq.finish_reason is None and len(seq.values) == len(seq.logprobs) == len(seq.tokens)
         kept.append(len(seq.tokens))
     # back 5, 10, 15, 20 tokens from the target (20): the first cut moves back to the "."
     assert kept == [11, 10, 5, 0]
-    assert not seq.retry(missed, engine.sentence_ends)  # all four spent
+    assert not seq.may_retry(missed)  # all four spent
     natural = Result([1], answer, "", 22, "stop", None, -1.0, eos_prob=0.5)
     fresh = engine._prepare(0, Request("Hi", max_new_tokens=40, seed=0, control=control))
-    assert not fresh.retry(natural, engine.sentence_ends)
+    assert not fresh.may_retry(natural)
 
 
 def test_retries_find_a_natural_end(tiny_path, eos_generator, monkeypatch):

@@ -277,23 +277,21 @@ class _Sequence:
             decoded_tokens=self.decoded,
         )
 
-    def retry(self, result: Result, sentence_ends: frozenset[int]) -> bool:
-        """After an end that was not natural, go back to resample the end (see
-        :attr:`Control.retries`): True when the sequence must decode again. Retry ``a`` of ``R``
-        goes back ``a / R`` of the target, then on to the start of that sentence (just after a
-        token in ``sentence_ends``): where an answer decides what to say next, and so whether
-        to conclude."""
-        retries = self.control.max_retries
-        if result.natural or self.request.ignore_eos or len(self.missed) >= retries:
-            return False
+    def may_retry(self, result: Result) -> bool:
+        """Whether this end is not natural and a retry is left (see :attr:`Control.retries`)."""
+        return not (result.natural or self.request.ignore_eos or len(self.missed) >= self.control.max_retries)
+
+    def retry(self, result: Result, sentence_ends: frozenset[int]) -> None:
+        """Go back to resample the end of ``result``. Retry ``a`` of ``R`` goes back ``a / R`` of
+        the target, then on to the start of that sentence (just after a token in
+        ``sentence_ends``): where an answer decides what to say next, and so whether to conclude."""
         self.missed.append(result)
-        back = math.ceil(len(self.missed) / retries * self.control.target)
+        back = math.ceil(len(self.missed) / self.control.max_retries * self.control.target)
         cut = max(0, min(result.num_tokens, self.control.target) - back)
         cut = next((i + 1 for i in range(cut - 1, -1, -1) if self.tokens[i] in sentence_ends), cut)
         del self.tokens[cut:], self.values[cut:], self.logprobs[cut:]
         self.finish_reason = self.eos_logprob = None
         self.uniforms = _uniforms(self.rng, self.request.max_new_tokens, self.uniforms.device)
-        return True
 
     def final(self, result: Result) -> Result:
         """The result to return: this end if natural, else the best of every end tried (with the
@@ -478,7 +476,8 @@ class Engine:
                     batch = self._retire(batch, finished)
             for seq in done:
                 result = seq.result(self.tokenizer)
-                if seq.retry(result, self.sentence_ends):
+                if seq.may_retry(result):
+                    seq.retry(result, self.sentence_ends)
                     waiting.appendleft(seq)  # first in line: its request is nearly done
                     continue
                 result, attempts = seq.final(result), seq.control.best_of
