@@ -37,7 +37,7 @@ from lenvm.bench.common import Models, Run, markdown_table, pyplot, torch_dtype
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.scoring import Hidden, Stream, cache_argument
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, read_config
 from lenvm.models import DEFAULT_MODEL, eos_token_ids, load_generator
 from lenvm.returns import length_to_value, value_to_length
@@ -106,7 +106,7 @@ def score_completion(
     out = body(
         input_ids=ids,
         use_cache=shared,
-        output_hidden_states=True,
+        output_hidden_states=q.feature_layer != -1,
         **{cache_argument(type(body)): cache if shared else None},
     )
     hidden = Hidden.of(out, q.feature_layer)[0]
@@ -172,7 +172,7 @@ def run_q_agreement(
         ("positions_per_completion", positions_per_completion, 1),
         ("max_completions", 1 if max_completions is None else max_completions, 1),
     ]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     torch_dtype(dtype)  # an unknown name fails here, before anything is read
     if read_config(exact).kind == "q":

@@ -27,7 +27,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from lenvm.decoding import policies
 from lenvm.decoding.engine import Control, Request
 from lenvm.decoding.scoring import Stream
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel
 
 
@@ -54,7 +54,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "best_of and retries need the decoding engine (lenvm.decoding.Engine): a logits "
                 "processor sees one step of one answer at a time"
             )
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+        if not is_int(num_candidates) or num_candidates < 1:
             raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
         # Validated like an engine request's sampling settings.
         Request("-", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
