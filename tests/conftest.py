@@ -17,7 +17,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_path):
-    from lenvm.models import load_generator
+    from lenvm.hub import load_generator
 
     return load_generator(tiny_path)
 
@@ -32,7 +32,7 @@ def ending_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eos_generator(ending_path):
-    from lenvm.models import load_generator
+    from lenvm.hub import load_generator
 
     return load_generator(ending_path)
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from lenvm.bench import lifebench, tasks
-from lenvm.bench.common import Job, Run
+from lenvm.bench.common import Job, Run, load_models
 from lenvm.bench.predict import Ridge, asked_number
 from lenvm.bench.tradeoff import curves_for
+from lenvm.decoding import Request, SamplingParams
 from lenvm.io import InputError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -257,52 +258,30 @@ def test_budget_curve_cuts_plain_answers():
 # -- resumable results folders -----------------------------------------------------------------
 
 
-class _FakeEngine:
-    def __init__(self):
-        self.seen = []
-
-    def stream(self, requests, batch_size=8):
-        from types import SimpleNamespace
-
-        self.seen.extend(requests)
-        for i, r in enumerate(requests):
-            yield (
-                i,
-                SimpleNamespace(
-                    num_tokens=len(r),
-                    finish_reason="stop",
-                    mean_logprob=-1.0,
-                    text=r,
-                    token_ids=[],
-                    eos_prob=0.5,
-                    retries=0,
-                    decoded_tokens=len(r) + 1,
-                ),
-            )
-
-
 def _jobs(names):
-    return [Job(f"k/{n}", n, {"name": n}) for n in names]
+    return [
+        Job(f"k/{n}", Request(n, SamplingParams(max_new_tokens=len(n), seed=0)), {"name": n}) for n in names
+    ]
 
 
-def test_run_resumes_and_checks_settings(tmp_path, monkeypatch):
-    from lenvm.bench import common
+def test_run_resumes_and_checks_settings(tmp_path, tiny_path):
+    models = load_models(tiny_path)
+    judged = []
 
-    engine = _FakeEngine()
-    monkeypatch.setattr(common, "_engine", lambda *a, **k: engine)
-    monkeypatch.setattr(common, "_controlled", lambda job: False)
+    def judge(job, result):
+        judged.append(job.key)
+        return {"judged": True}
+
     settings = {"model": "m", "targets": (1, 2)}
     with Run(tmp_path / "r", settings) as run:
-        records = run.run_jobs(_jobs(["a", "bb"]), None, None, 1, "t", progress=False)
-    assert [r["num_tokens"] for r in records] == [1, 2]
+        records = run.run_jobs(_jobs(["a", "bb"]), models, 1, "t", progress=False)
+    assert [1 <= r["num_tokens"] <= len(r["name"]) for r in records] == [True, True]
     # a crash mid-line must not break the resume
     with (tmp_path / "r" / "items.jsonl").open("a") as fh:
         fh.write('{"key": "k/cc", "num_tok')
-    engine.seen.clear()
     with Run(tmp_path / "r", settings) as run:
-        judge = lambda job, result: {"judged": True}  # noqa: E731
-        records = run.run_jobs(_jobs(["a", "bb", "ccc"]), None, None, 2, "t", False, judge)
-    assert engine.seen == ["ccc"]  # only the new item ran
+        records = run.run_jobs(_jobs(["a", "bb", "ccc"]), models, 2, "t", False, judge)
+    assert judged == ["k/ccc"]  # only the new item ran
     assert [r["name"] for r in records] == ["a", "bb", "ccc"]
     assert records[2]["judged"] and "judged" not in records[0]
     lines = (tmp_path / "r" / "items.jsonl").read_text().splitlines()

@@ -5,8 +5,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from lenvm.decoding import Control, Engine, Request, Result
+from lenvm.decoding import Control, Engine, Request, Result, SamplingParams
+from lenvm.decoding.params import NATURAL_EOS
+from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, best_of, retry_start
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, TokenizerMismatchError
 from lenvm.prompts import encode_prompt
@@ -49,7 +53,7 @@ def ends_after_every_token(lenvm):
 
 
 def check(result, request, eos_ids):
-    assert 1 <= len(result.token_ids) <= request.max_new_tokens
+    assert 1 <= len(result.token_ids) <= request.sampling.max_new_tokens
     ended = result.token_ids[-1] in eos_ids
     assert ended == (result.finish_reason in ("stop", "cap"))
     assert result.num_tokens == len(result.token_ids) - ended
@@ -65,12 +69,15 @@ def test_plain_greedy_matches_transformers_generate(tiny_generator):
 
     model, tok = tiny_generator
     engine = Engine(model, tok)
-    requests = [Request(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, [12, 3, 9], strict=True)]
+    requests = [
+        Request(p, SamplingParams(max_new_tokens=n, temperature=0))
+        for p, n in zip(PROMPTS, [12, 3, 9], strict=True)
+    ]
     results = engine.generate(requests, batch_size=2)  # the third request joins when the second ends
     for request, result in zip(requests, results, strict=True):
         ids = torch.tensor([encode_prompt(tok, request.prompt)])
         config = GenerationConfig(
-            do_sample=False, max_new_tokens=request.max_new_tokens, eos_token_id=engine.eos_ids
+            do_sample=False, max_new_tokens=request.sampling.max_new_tokens, eos_token_id=engine.eos_ids
         )
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), generation_config=config, pad_token_id=0
@@ -82,7 +89,10 @@ def test_plain_greedy_matches_transformers_generate(tiny_generator):
 def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_generator):
     model, tok = tiny_generator
     engine = Engine(model, tok)
-    requests = [Request(p, max_new_tokens=15, seed=i, top_p=0.9, top_k=50) for i, p in enumerate(PROMPTS)]
+    requests = [
+        Request(p, SamplingParams(max_new_tokens=15, seed=i, top_p=0.9, top_k=50))
+        for i, p in enumerate(PROMPTS)
+    ]
     together = engine.generate(requests, batch_size=3)
     apart = [engine.generate([r])[0] for r in requests]
     assert [r.token_ids for r in together] == [r.token_ids for r in apart]
@@ -92,7 +102,7 @@ def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_generator)
 def test_mean_logprob_is_the_generators_own(tiny_generator):
     model, tok = tiny_generator
     engine = Engine(model, tok)
-    request = Request(PROMPTS[0], max_new_tokens=10, seed=3, temperature=0.7)
+    request = Request(PROMPTS[0], SamplingParams(max_new_tokens=10, seed=3, temperature=0.7))
     result = engine.generate([request])[0]
     ids = torch.tensor([result.prompt_token_ids + result.token_ids])
     with torch.no_grad():
@@ -107,7 +117,12 @@ def test_every_control_runs_for_every_kind_in_one_mixed_batch(tiny_generator, le
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
     requests = [
-        Request(PROMPTS[i % 3], max_new_tokens=12, seed=i, control=c, return_values=True, temperature=i % 2)
+        Request(
+            PROMPTS[i % 3],
+            SamplingParams(max_new_tokens=12, seed=i, temperature=i % 2),
+            control=c,
+            return_values=True,
+        )
         for i, c in enumerate(CONTROLS)
     ]
     results = engine.generate(requests, batch_size=4)
@@ -124,7 +139,10 @@ def test_returned_values_are_the_lenvm_values_of_the_output(tiny_generator, lenv
     lenvm = lenvms[kind]
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
     request = Request(
-        PROMPTS[2], max_new_tokens=8, seed=1, control=Control("tilt", beta=1.0), return_values=True
+        PROMPTS[2],
+        SamplingParams(max_new_tokens=8, seed=1),
+        control=Control("tilt", beta=1.0),
+        return_values=True,
     )
     result = engine.generate([request])[0]
     ids = torch.tensor([result.prompt_token_ids + result.token_ids])
@@ -149,9 +167,7 @@ def test_equal_to_hits_the_target_with_an_exact_lenvm(tiny_generator, lenvms, ki
     requests = [
         Request(
             PROMPTS[i],
-            max_new_tokens=20,
-            seed=i,
-            temperature=temperature,
+            SamplingParams(max_new_tokens=20, seed=i, temperature=temperature),
             control=Control("equal_to", target=n),
         )
         for i, n in enumerate(targets)
@@ -168,7 +184,7 @@ def test_greedy_requests_are_guided(tiny_generator, lenvms):
     model, tok = tiny_generator
     lenvm = lenvms["q"]
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
-    plain = engine.generate([Request(PROMPTS[0], max_new_tokens=6, temperature=0)])[0]
+    plain = engine.generate([Request(PROMPTS[0], SamplingParams(max_new_tokens=6, temperature=0))])[0]
     # Values that make the generator's 2nd..4th choices look far shorter than its first.
     chosen = set(plain.token_ids)
     lenvm.next_values_from_hidden = lambda h, ids: torch.where(
@@ -176,7 +192,13 @@ def test_greedy_requests_are_guided(tiny_generator, lenvms):
     )
     try:
         guided = engine.generate(
-            [Request(PROMPTS[0], max_new_tokens=6, temperature=0, control=Control("tilt", beta=50.0))]
+            [
+                Request(
+                    PROMPTS[0],
+                    SamplingParams(max_new_tokens=6, temperature=0),
+                    control=Control("tilt", beta=50.0),
+                )
+            ]
         )[0]
     finally:
         del lenvm.next_values_from_hidden
@@ -188,11 +210,11 @@ def test_at_least_and_at_most_hold_with_an_exact_lenvm(tiny_generator, lenvms):
     lenvm = lenvms["attached"]
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
     requests = [
-        Request(p, max_new_tokens=25, seed=i, control=Control("at_least", target=12))
+        Request(p, SamplingParams(max_new_tokens=25, seed=i), control=Control("at_least", target=12))
         for i, p in enumerate(PROMPTS)
     ]
     requests += [
-        Request(p, max_new_tokens=25, seed=i, control=Control("at_most", target=7))
+        Request(p, SamplingParams(max_new_tokens=25, seed=i), control=Control("at_most", target=7))
         for i, p in enumerate(PROMPTS)
     ]
     with ends_after_every_token(lenvm):
@@ -209,7 +231,9 @@ def test_hard_cap_reports_cap(tiny_generator, lenvms):
     # Every candidate looks very long: the paper's rule never picks EOS, so the cap has to fire.
     lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999)
     try:
-        result = engine.generate([Request(PROMPTS[0], max_new_tokens=30, seed=0, control=control)])[0]
+        result = engine.generate(
+            [Request(PROMPTS[0], SamplingParams(max_new_tokens=30, seed=0), control=control)]
+        )[0]
     finally:
         del lenvm.values_from_hidden
     assert result.finish_reason == "cap"
@@ -221,7 +245,7 @@ def test_ignore_eos_runs_the_full_length(tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
     requests = [
-        Request(p, max_new_tokens=10, seed=0, ignore_eos=True, control=c)
+        Request(p, SamplingParams(max_new_tokens=10, seed=0, ignore_eos=True), control=c)
         for p, c in zip(PROMPTS, CONTROLS, strict=False)
     ]
     assert all(r.num_tokens == 10 and r.finish_reason == "length" for r in engine.generate(requests))
@@ -246,12 +270,16 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
             Control(**kwargs)
     with pytest.raises(InputError, match="context"):
         engine.generate([Request("hi", control=Control("equal_to", target=10**6))])
+    with pytest.raises(InputError, match="max_new_tokens"):  # can never be met
+        engine.generate(
+            [Request("hi", SamplingParams(max_new_tokens=10), control=Control("at_least", target=11))]
+        )
     with pytest.raises(InputError, match="empty"):
         engine.generate([Request("")])
     short_sighted = LengthValueModel.from_base(tiny_path, kind="q", gamma=0.5, generator=tiny_generator)
     with pytest.raises(InputError, match="horizon"):  # 0.5**64: every value rounds to -1
         Engine(model, tok, lenvm=short_sighted).generate(
-            [Request("hi", control=Control("at_least", target=64))]
+            [Request("hi", SamplingParams(max_new_tokens=100), control=Control("at_least", target=64))]
         )
     with pytest.raises(InputError, match="empty"):
         engine.generate([Request([{"role": "user", "content": "  "}])])
@@ -263,18 +291,20 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
         dict(min_p=1),
     ]:
         with pytest.raises(InputError):
-            Request("hi", **kwargs)
+            SamplingParams(**kwargs)
     for k in (0, -3, 1.5):
         with pytest.raises(InputError, match="num_candidates"):
             Engine(model, tok, lenvm=lenvms["q"], num_candidates=k)
     with pytest.raises(InputError, match="needs an engine with a LenVM"):
-        Engine(model, tok).generate([Request("hi", control=Control("tilt", beta=1.0))])
+        Engine(model, tok).generate(
+            [Request("hi", SamplingParams(max_new_tokens=8), control=Control("tilt", beta=1.0))]
+        )
 
     other = LengthValueModel.from_base(tiny_path, kind="standalone")
     other.config.tokenizer_fingerprint = "0" * 16
     with pytest.raises(TokenizerMismatchError):
         Engine(model, tok, lenvm=other)
-    from lenvm.models import load_generator
+    from lenvm.hub import load_generator
 
     second = load_generator(tiny_path)
     with pytest.raises(InputError, match="generator=\\(model, tokenizer\\)"):
@@ -285,7 +315,7 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
 def test_naive_candidate_scoring_matches_the_block(tiny_generator, lenvms, kind):
     model, tok = tiny_generator
     requests = [
-        Request(p, max_new_tokens=10, seed=i, control=c, return_values=True)
+        Request(p, SamplingParams(max_new_tokens=10, seed=i), control=c, return_values=True)
         for i, (p, c) in enumerate(
             zip(PROMPTS, [Control("tilt", beta=3.0), Control(), CONTROLS[0]], strict=True)
         )
@@ -307,12 +337,14 @@ def test_naive_candidate_scoring_matches_the_block(tiny_generator, lenvms, kind)
 
 @pytest.mark.parametrize("kind", ["attached", "q"])
 def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
-    from lenvm.models import load_generator
+    from lenvm.hub import load_generator
 
     model, tokenizer = load_generator(tiny_path, dtype=torch.bfloat16)
     lenvm = LengthValueModel.from_base(tiny_path, kind=kind, generator=(model, tokenizer)).eval()
     assert next(lenvm.head.parameters()).dtype == torch.float32
-    request = Request("Hi", max_new_tokens=4, seed=0, control=Control("tilt", beta=1.0), return_values=True)
+    request = Request(
+        "Hi", SamplingParams(max_new_tokens=4, seed=0), control=Control("tilt", beta=1.0), return_values=True
+    )
     [result] = Engine(model, tokenizer, lenvm=lenvm, num_candidates=3).generate([request])
     assert len(result.values) == len(result.token_ids) and all(-1 <= v <= 0 for v in result.values)
 
@@ -320,22 +352,30 @@ def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
 def test_best_of_returns_the_best_of_its_attempts(tiny_generator, lenvms):
     """best_of=3 runs three attempts with their own random streams (the request's seed stepped
     by ATTEMPT_SEED_STEP) and keeps the best; run alone, each attempt gives the same answer."""
-    from lenvm.decoding.engine import ATTEMPT_SEED_STEP, best_of
-
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
     control = Control("equal_to", target=6)
     chosen = engine.generate(
-        [Request(PROMPTS[0], max_new_tokens=20, seed=7, control=Control("equal_to", target=6, best_of=3))]
+        [
+            Request(
+                PROMPTS[0],
+                SamplingParams(max_new_tokens=20, seed=7),
+                control=Control("equal_to", target=6, best_of=3),
+            )
+        ]
     )[0]
     alone = engine.generate(
         [
-            Request(PROMPTS[0], max_new_tokens=20, seed=(7 + a * ATTEMPT_SEED_STEP) % 2**63, control=control)
+            Request(
+                PROMPTS[0],
+                SamplingParams(max_new_tokens=20, seed=(7 + a * ATTEMPT_SEED_STEP) % 2**63),
+                control=control,
+            )
             for a in range(3)
         ]
     )
     assert len({tuple(r.token_ids) for r in alone}) > 1  # the attempts differ
-    assert chosen.token_ids == best_of(alone, 6).token_ids
+    assert chosen.token_ids == best_of(alone, 6, NATURAL_EOS).token_ids
 
 
 def _result(num_tokens, eos_prob, finish_reason="stop"):
@@ -344,12 +384,10 @@ def _result(num_tokens, eos_prob, finish_reason="stop"):
 
 
 def test_best_of_prefers_a_natural_ending_then_the_closest():
-    from lenvm.decoding.engine import best_of
-
     natural_far, unnatural_exact, natural_near = _result(40, 0.3), _result(32, 0.001), _result(35, 0.06)
-    assert best_of([natural_far, unnatural_exact, natural_near], 32) is natural_near
-    assert best_of([unnatural_exact, _result(31, 0.01)], 32) is unnatural_exact  # none natural
-    assert best_of([_result(32, None, "length"), natural_far], 32) is natural_far
+    assert best_of([natural_far, unnatural_exact, natural_near], 32, NATURAL_EOS) is natural_near
+    assert best_of([unnatural_exact, _result(31, 0.01)], 32, NATURAL_EOS) is unnatural_exact  # none natural
+    assert best_of([_result(32, None, "length"), natural_far], 32, NATURAL_EOS) is natural_far
 
 
 def test_best_of_is_checked():
@@ -359,9 +397,11 @@ def test_best_of_is_checked():
         Control("at_most", target=5, best_of=2)
 
 
-def _equal_to(seed, retries, target=8):
-    control = Control("equal_to", target=target, retries=retries)
-    return Request(PROMPTS[seed % 3], max_new_tokens=30, seed=seed, control=control, return_values=True)
+def _equal_to(seed, retries, target=8, natural_eos=NATURAL_EOS):
+    control = Control("equal_to", target=target, retries=retries, natural_eos=natural_eos)
+    return Request(
+        PROMPTS[seed % 3], SamplingParams(max_new_tokens=30, seed=seed), control=control, return_values=True
+    )
 
 
 def test_an_end_that_is_not_natural_is_resampled(tiny_generator, lenvms):
@@ -378,64 +418,66 @@ def test_an_end_that_is_not_natural_is_resampled(tiny_generator, lenvms):
         assert abs(b.num_tokens - 8) <= abs(a.num_tokens - 8)  # the closer of the two ends
 
 
-def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator, lenvms):
+def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator):
     """Retry a of R keeps the answer up to a / R of the target before the target, cut back to
     just after the last sentence end before that point."""
     model, tok = tiny_generator
-    engine = Engine(model, tok, lenvm=lenvms["q"])
-    control = Control("equal_to", target=20, retries=4)
-    seq = engine._prepare(0, Request("Hi", max_new_tokens=40, seed=0, control=control))
+    engine = Engine(model, tok)
     dot = tok.convert_tokens_to_ids(".")
     word = tok.encode("sea", add_special_tokens=False)[0]
     assert dot in engine.sentence_ends and word not in engine.sentence_ends
     answer = [word] * 10 + [dot] + [word] * 11 + [engine.eos_ids[0]]
-    missed = Result([1], answer, "", 22, "stop", None, -1.0, eos_prob=0.001)
-    kept = []
-    for _ in range(4):
-        seq.tokens = list(answer)
-        seq.values, seq.logprobs = [-0.5] * len(answer), [-1.0] * len(answer)
-        assert seq.may_retry(missed)
-        seq.retry(missed, engine.sentence_ends)
-        assert seq.finish_reason is None and len(seq.values) == len(seq.logprobs) == len(seq.tokens)
-        kept.append(len(seq.tokens))
+    kept = [retry_start(answer, 22, 20, a, 4, engine.sentence_ends) for a in range(1, 5)]
     # back 5, 10, 15, 20 tokens from the target (20): the first cut moves back to the "."
     assert kept == [11, 10, 5, 0]
-    assert not seq.may_retry(missed)  # all four spent
-    natural = Result([1], answer, "", 22, "stop", None, -1.0, eos_prob=0.5)
-    fresh = engine._prepare(0, Request("Hi", max_new_tokens=40, seed=0, control=control))
-    assert not fresh.may_retry(natural)
+    assert retry_start(answer[:8], 7, 20, 1, 4, engine.sentence_ends) == 2  # a short answer: from its end
 
 
-def test_retries_find_a_natural_end(tiny_path, eos_generator, monkeypatch):
+@given(
+    tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40),
+    target=st.integers(1, 50),
+    retries=st.integers(1, 6),
+    data=st.data(),
+)
+def test_retry_start_moves_back_with_each_attempt(tokens, target, retries, data):
+    """Each retry keeps no more than the one before, never more than the answer or the target,
+    and the last keeps nothing; a cut lands on the start of a sentence or where the ratio said."""
+    ends = frozenset({0})
+    num_tokens = data.draw(st.integers(0, len(tokens)))
+    kept = [retry_start(tokens, num_tokens, target, a, retries, ends) for a in range(1, retries + 1)]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 0
+    assert all(0 <= k <= min(num_tokens, target) for k in kept)
+    assert all(
+        k == 0 or tokens[k - 1] in ends or k == min(num_tokens, target) - -(-a * target // retries)
+        for a, k in zip(range(1, retries + 1), kept, strict=True)
+    )
+
+
+def test_retries_find_a_natural_end(tiny_path, eos_generator):
     """With EOS made likely and the bar for a natural end set at the median of the first ends'
     EOS probabilities, half of them miss it; a retry that clears it is what comes back."""
     import statistics
-
-    from lenvm.decoding import engine as engine_module
 
     model, tok = eos_generator
     lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=eos_generator).eval()
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
     first = engine.generate([_equal_to(seed, 0) for seed in range(8)])
     bar = statistics.median(r.eos_prob or 0.0 for r in first)
-    monkeypatch.setattr(engine_module, "NATURAL_EOS", bar)
-    again = engine.generate([_equal_to(seed, 3) for seed in range(8)])
-    assert all(b.natural or b.retries == 3 for b in again)
-    rescued = [b for a, b in zip(first, again, strict=True) if not a.natural and b.natural]
+    again = engine.generate([_equal_to(seed, 3, natural_eos=bar) for seed in range(8)])
+    assert all(b.ended_above(bar) or b.retries == 3 for b in again)
+    rescued = [b for a, b in zip(first, again, strict=True) if not a.ended_above(bar) and b.ended_above(bar)]
     assert rescued and all(b.retries >= 1 for b in rescued)
 
 
-def test_natural_ends_are_kept_as_they_are(tiny_generator, lenvms, monkeypatch):
-    from lenvm.decoding import engine as engine_module
-
+def test_natural_ends_are_kept_as_they_are(tiny_generator, lenvms):
     model, tok = tiny_generator
     lenvm = lenvms["attached"]
-    monkeypatch.setattr(engine_module, "NATURAL_EOS", 0.0)  # every EOS counts as natural
-    with ends_after_every_token(lenvm):
+    with ends_after_every_token(lenvm):  # every EOS counts as natural at a bar of 0
         results = Engine(model, tok, lenvm=lenvm, num_candidates=4).generate(
-            [_equal_to(s, 3) for s in range(3)]
+            [_equal_to(s, 3, natural_eos=0.0) for s in range(3)]
         )
-    assert all(r.natural and r.retries == 0 and r.decoded_tokens == len(r.token_ids) for r in results)
+    assert all(r.retries == 0 and r.decoded_tokens == len(r.token_ids) for r in results)
+    assert all(r.finish_reason == "stop" for r in results)
 
 
 def test_retries_do_not_depend_on_the_batch(tiny_generator, lenvms):
@@ -454,7 +496,9 @@ def test_best_of_counts_the_cost_of_every_attempt(tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
     control = Control("equal_to", target=6, best_of=3, retries=0)
-    result = engine.generate([Request(PROMPTS[0], max_new_tokens=20, seed=7, control=control)])[0]
+    result = engine.generate(
+        [Request(PROMPTS[0], SamplingParams(max_new_tokens=20, seed=7), control=control)]
+    )[0]
     assert result.decoded_tokens > len(result.token_ids)
 
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from lenvm.decoding import Control, Engine, LengthStoppingCriteria, LenVMLogitsProcessor, Request
+from lenvm.decoding import (
+    Control,
+    Engine,
+    LengthStoppingCriteria,
+    LenVMLogitsProcessor,
+    Request,
+    SamplingParams,
+)
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 from lenvm.prompts import encode_prompt
@@ -57,7 +64,9 @@ def test_greedy_generate_with_the_processor_matches_the_engine(tiny_generator, l
     control = Control("tilt", beta=2.0)
     processor = LenVMLogitsProcessor(lenvms[kind], control, num_candidates=4)
     engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
-    requests = [Request(p, max_new_tokens=12, temperature=0, control=control) for p in PROMPTS]
+    requests = [
+        Request(p, SamplingParams(max_new_tokens=12, temperature=0), control=control) for p in PROMPTS
+    ]
     expected = [r.token_ids for r in engine.generate(requests)]
     for _ in range(2):  # the same processor serves a second generate() call
         _, rows = generate(model, tok, [processor])
@@ -106,7 +115,9 @@ def test_processor_rejects_bad_settings(lenvms):
     with pytest.raises(InputError):
         LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), num_candidates=0)
     with pytest.raises(InputError):
-        LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), top_p=0.0)
+        LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), sampling=SamplingParams(top_p=0.0))
+    with pytest.raises(InputError, match="SamplingParams"):
+        LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), sampling={"top_p": 0.5})
     for control in (Control("equal_to", target=5, best_of=2), Control("equal_to", target=5, retries=1)):
         with pytest.raises(InputError, match="engine"):
             LenVMLogitsProcessor(lenvms["q"], control)

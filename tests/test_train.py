@@ -67,7 +67,7 @@ def test_save_load_round_trip_and_errors(tmp_path, tiny_path, tiny_generator):
     b = LengthValueModel.from_pretrained(tmp_path / "lv")  # loads the generator named in the config
     assert a.predict_length(LONG) == pytest.approx(b.predict_length(LONG), rel=1e-5)
     # Same architecture, different tokenizer (vocab 300 instead of 256): refused.
-    from lenvm.models import load_generator
+    from lenvm.hub import load_generator
     from lenvm.testing import tiny_tokenizer
 
     other = tiny_model(tmp_path / "other", seed=1)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lenvm import models
+from lenvm import hub
 from lenvm.io import write_json, write_text
 
 
 @dataclass
 class DemoConfig:
     out: Path = Path("lenvm-demo")
-    model: str = models.DEFAULT_MODEL
+    model: str = hub.DEFAULT_MODEL
     prompts: int = 240
     n: int = 4  # completions per training prompt
     eval_samples: int = 12  # completions per held-out prompt: the ground truth is their mean
@@ -29,6 +29,8 @@ class DemoConfig:
     eval_fraction: float = 0.1
     batch_size: int = 32  # on 2 CPU cores, 32 rows decode about 30% more tokens/s than 16
     seed: int = 0
+    device: str | None = None  # default: the first accelerator, else the CPU
+    dtype: str = "float32"
 
 
 def _step(title: str) -> None:
@@ -42,11 +44,12 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     ``(model, tokenizer)``.
     """
     from lenvm.dataset import held_out_prompts
-    from lenvm.inspect import render_html, token_values
+    from lenvm.decoding import SamplingParams
     from lenvm.model import LengthValueModel
     from lenvm.prompt_sets import builtin_prompts
-    from lenvm.rollouts import SamplingParams, read_rollouts, rollout
+    from lenvm.rollouts import read_rollouts, rollout
     from lenvm.train import TrainConfig, train
+    from lenvm.values_view import render_html, token_values
 
     started = time.perf_counter()
     out = Path(config.out)
@@ -54,7 +57,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
 
     prompts = builtin_prompts(config.prompts, seed=config.seed)  # bad counts fail before loading
     _step(f"1/4 generator: {config.model}")
-    generator = generator or models.load_generator(config.model)
+    generator = generator or hub.load_generator(config.model, device=config.device, dtype=config.dtype)
     write_text(
         out / "prompts.jsonl",
         "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts),

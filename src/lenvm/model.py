@@ -4,9 +4,9 @@ Kinds:
 
 - ``standalone``: its own backbone (any AutoModel checkpoint), fully trainable; the paper's setup.
   Saved whole: ``backbone/`` with the backbone and tokenizer, plus the head.
-- ``attached``: a head on the generator's own frozen final hidden states. Saves only the head
-  and a reference to the generator; decoding can get values and next-token logits from one
-  forward pass.
+- ``attached``: a head on the generator's own frozen hidden states (by default a middle layer's,
+  see :data:`FEATURE_DEPTH`). Saves only the head and a reference to the generator; decoding
+  gets values and next-token logits from one forward pass.
 - ``q``: attached too, with a *length Q-head*: from the current hidden state it predicts the
   value of the state after every possible next token at once (one number per vocabulary entry,
   like an LM head), besides the value of the current state.
@@ -156,6 +156,8 @@ class LengthValueModel(nn.Module):
         layers = backbone.config.get_text_config().num_hidden_layers
         if config.feature_layer > layers:
             raise InputError(f"feature_layer {config.feature_layer} exceeds the backbone's {layers} layers")
+        # The head goes where the backbone is; the backbone is never moved.
+        self.head.to(backbone.get_input_embeddings().weight.device)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -168,8 +170,8 @@ class LengthValueModel(nn.Module):
         generator=None,
         head_hidden_size: int | None = None,
         feature_layer: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
     ) -> LengthValueModel:
         """A fresh (untrained head) LenVM on ``base``.
 
@@ -177,18 +179,22 @@ class LengthValueModel(nn.Module):
         (``-1``: the final, normed output); ``None`` takes :func:`default_feature_layer`.
 
         ``generator`` may pass an already loaded ``(model, tokenizer)`` for ``base`` so that an
-        attached LenVM shares the generator's weights instead of loading them a second time.
+        attached LenVM shares the generator's weights instead of loading them a second time; it
+        stays where it is, in its dtype. ``dtype`` and ``device`` apply to what this call loads
+        (default device: the generator's, else :func:`lenvm.hub.default_device`). The head sits
+        on its backbone's device, in float32.
         """
-        from lenvm import models
+        from lenvm import hub
 
         if kind not in KINDS:
             raise InputError(f"unknown LenVM kind {kind!r}; expected one of {KINDS}")
+        device = _device_for(device, generator)
         if kind == "standalone":
-            backbone, tokenizer = _load_backbone(models.resolve(base), dtype, device)
+            backbone, tokenizer = _load_backbone(hub.resolve(base), dtype, device)
         elif generator is not None:
             backbone, tokenizer = generator
         else:
-            backbone, tokenizer = models.load_generator(base, device=device, dtype=dtype)
+            backbone, tokenizer = hub.load_generator(base, device=device, dtype=dtype)
         text_config = backbone.config.get_text_config()
         if feature_layer is None:
             feature_layer = default_feature_layer(kind, text_config.num_hidden_layers)
@@ -202,43 +208,44 @@ class LengthValueModel(nn.Module):
             head_hidden_size=head_hidden_size,
             feature_layer=feature_layer,
             vocab_size=backbone.get_input_embeddings().weight.shape[0] if kind == "q" else None,
-            eos_token_ids=models.eos_token_ids(backbone, tokenizer),
+            eos_token_ids=hub.eos_token_ids(backbone, tokenizer),
         )
-        model = cls(config, backbone, tokenizer)
-        return model.to(device=device)
+        return cls(config, backbone, tokenizer)
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike,
         generator=None,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
     ) -> LengthValueModel:
         """Load a LenVM folder.
 
         For an attached or q LenVM, ``generator`` (a loaded ``(model, tokenizer)``) is used as the
-        backbone; without it the generator named in the config is loaded. For a standalone LenVM,
-        ``generator``, when given, is only checked for a matching tokenizer. A mismatch raises
-        :class:`TokenizerMismatchError`.
+        backbone, where it is; without it the generator named in the config is loaded. For a
+        standalone LenVM, ``generator``, when given, is only checked for a matching tokenizer. A
+        mismatch raises :class:`TokenizerMismatchError`. ``dtype`` and ``device`` apply to what
+        this call loads (default device: the generator's, else
+        :func:`lenvm.hub.default_device`).
         """
-        from lenvm import models
+        from lenvm import hub
 
         path = Path(path)
         config = read_config(path)
+        device = _device_for(device, generator)
         if config.kind == "standalone":
             backbone, tokenizer = _load_backbone(path / BACKBONE_DIR, dtype, device)
             if generator is not None:
                 check_tokenizer(config, generator[1], what="the generator")
         else:
             if generator is None:
-                generator = models.load_generator(config.base_model, device=device, dtype=dtype)
+                generator = hub.load_generator(config.base_model, device=device, dtype=dtype)
             backbone, tokenizer = generator
             check_tokenizer(config, tokenizer, what=f"the generator {config.base_model!r}")
         model = cls(config, backbone, tokenizer)
-        state = load_file(str(path / HEAD_NAME))
-        model.head.load_state_dict(state)
-        return model.to(device=device).eval()
+        model.head.load_state_dict(load_file(str(path / HEAD_NAME)))
+        return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``head.safetensors`` (plus ``backbone/`` if standalone), atomically."""
@@ -391,10 +398,20 @@ def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this toke
         )
 
 
-def _load_backbone(location: str | os.PathLike, dtype: torch.dtype, device):
+def _device_for(device, generator) -> torch.device:
+    """Where models loaded beside ``generator`` go: ``device``, else the generator's, else the
+    default device."""
+    from lenvm.hub import default_device
+
+    if device is None and generator is not None:
+        return generator[0].get_input_embeddings().weight.device
+    return default_device(device)
+
+
+def _load_backbone(location: str | os.PathLike, dtype, device):
     from transformers import AutoModel
 
-    from lenvm.models import load_tokenizer
+    from lenvm.hub import load_tokenizer, torch_dtype
 
-    backbone = AutoModel.from_pretrained(str(location), dtype=dtype).to(device)
+    backbone = AutoModel.from_pretrained(str(location), dtype=torch_dtype(dtype)).to(device)
     return backbone, load_tokenizer(location)

@@ -18,56 +18,22 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from lenvm import models
-from lenvm.io import InputError, JsonlAppender, is_int, is_real, repair_jsonl_tail
+from lenvm import hub
+from lenvm.decoding.params import SamplingParams
+from lenvm.io import InputError, JsonlAppender, is_int, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
 BACKENDS = ("hf", "openai")
 FINISH_REASONS = ("stop", "length")
 # Seconds one server request may take: n long completions on a busy server are slow.
 REQUEST_TIMEOUT_S = 3600.0
-
-
-@dataclass
-class SamplingParams:
-    """The decoding policy. ``temperature == 0`` is greedy; ``top_k == 0`` and ``min_p == 0``
-    disable those filters."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    max_new_tokens: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        s = self
-        checks = [
-            (is_real(s.temperature) and s.temperature >= 0, "temperature must be >= 0"),
-            (is_real(s.top_p) and 0.0 < s.top_p <= 1.0, "top_p must lie in (0, 1]"),
-            (is_int(s.top_k) and s.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (is_real(s.min_p) and 0.0 <= s.min_p < 1.0, "min_p must lie in [0, 1)"),
-            (is_int(s.max_new_tokens) and s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (is_int(s.seed) and s.seed >= 0, "seed must be an integer >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(f"bad sampling parameters: {message} (got {self})")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def to_record(self, backend: str) -> dict[str, Any]:
-        return {**asdict(self), "backend": backend}
 
 
 @dataclass
@@ -150,17 +116,23 @@ def rollout(
     tokenizer=None,
     progress: bool = True,
     device: str | None = None,
+    dtype: str = "float32",
 ) -> RolloutSummary:
     """Sample ``n`` completions per prompt and append them to the JSONL file ``out``.
 
     ``generator`` is a model name, folder or built-in alias, or a loaded ``(model, tokenizer)``.
-    For ``hf``, ``batch_size`` is the number of completions decoded at once and ``device`` defaults to
-    CUDA when available; for ``openai`` it is the number of requests in flight, and
+    For ``hf``, ``batch_size`` is the number of completions decoded at once, and a generator
+    named here loads on ``device`` (default: the first accelerator, else the CPU) in ``dtype``;
+    for ``openai`` it is the number of requests in flight, and
     ``tokenizer`` (default: the generator's) applies the chat template and re-tokenizes.
     """
     sampling = sampling if sampling is not None else SamplingParams()
     if not isinstance(sampling, SamplingParams):
         raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    if sampling.ignore_eos:
+        raise InputError("rollouts sample the generator's own lengths: ignore_eos must be off")
+    if sampling.seed is None:
+        sampling = replace(sampling, seed=0)  # resumable: every completion's seed derives from it
     if not is_int(n) or n < 1:
         raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:
@@ -177,7 +149,7 @@ def rollout(
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
 
     name = _generator_name(generator)
-    record_sampling = sampling.to_record(backend)
+    record_sampling = {**sampling.policy(), "backend": backend}
     out = Path(out)
     # Cut a crash's partial last line before reading what is already there.
     repair_jsonl_tail(out)
@@ -190,11 +162,11 @@ def rollout(
         return summary
 
     if backend == "hf":
-        model, tokenizer = _load(generator, device)
+        model, tokenizer = _load(generator, device, dtype)
     else:
         model = generator[0] if isinstance(generator, tuple) else None
         tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
-        tokenizer = tokenizer or models.load_tokenizer(generator)
+        tokenizer = tokenizer or hub.load_tokenizer(generator)
         eos_ids = _eos_ids_without_model(generator, model, tokenizer)
     jobs = [
         _Job(p, encode_prompt(tokenizer, p), i, derive_seed(sampling.seed, p.id, i))
@@ -235,11 +207,10 @@ def _generator_name(generator) -> str:
     return str(generator)
 
 
-def _load(generator, device: str | None):
+def _load(generator, device: str | None, dtype: str):
     if isinstance(generator, tuple):
         return generator
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return models.load_generator(generator, device=device)
+    return hub.load_generator(generator, device=device, dtype=dtype)
 
 
 def _eos_ids_without_model(generator, model, tokenizer) -> list[int]:
@@ -250,9 +221,9 @@ def _eos_ids_without_model(generator, model, tokenizer) -> list[int]:
 
         config = None
         with contextlib.suppress(OSError, InputError, ValueError):
-            config = GenerationConfig.from_pretrained(models.resolve(generator))
+            config = GenerationConfig.from_pretrained(hub.resolve(generator))
         model = SimpleNamespace(generation_config=config)
-    return models.eos_token_ids(model, tokenizer)
+    return hub.eos_token_ids(model, tokenizer)
 
 
 def _check_resume(
@@ -301,18 +272,7 @@ def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
 
     # Longest prompts first: memory runs out on the first batch rather than late in a run.
     jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
-    requests = [
-        Request(
-            job.prompt,
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            min_p=sampling.min_p,
-            seed=job.seed,
-        )
-        for job in jobs
-    ]
+    requests = [Request(job.prompt, replace(sampling, seed=job.seed)) for job in jobs]
     for index, result in Engine(model, tokenizer).stream(requests, batch_size=batch_size):
         yield [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)]
 

@@ -108,11 +108,15 @@ def train(
     generator=None,
     progress: bool = True,
     eval_rollouts: str | os.PathLike | list[dict[str, Any]] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float32,
 ) -> TrainResult:
     """Train a LenVM on ``rollouts`` (a JSONL path or loaded records) and save it to ``out``.
 
     ``base`` is the generator for an attached/q LenVM and the starting backbone for a
-    standalone one; ``generator`` may pass it already loaded as ``(model, tokenizer)``.
+    standalone one; ``generator`` may pass it already loaded as ``(model, tokenizer)`` (it stays
+    where it is). ``device`` and ``dtype`` apply to the models this call loads (default device:
+    the generator's, else the first accelerator, else the CPU).
     ``eval_rollouts`` are held-out completions of other prompts (for example many samples of
     each, for a steady ground truth); when given, every record of ``rollouts`` trains and
     ``config.eval_fraction`` is not used.
@@ -138,6 +142,8 @@ def train(
         generator=generator,
         head_hidden_size=config.head_hidden_size,
         feature_layer=config.feature_layer,
+        dtype=dtype,
+        device=device,
     )
     _check_token_ids(records + (held_records or []), lenvm)
     examples, report = examples_from_records(
@@ -359,29 +365,30 @@ class HeadTrainer:
         }
 
     def loss(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        lenvm, feats = self.lenvm, data["features"]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16)
+        """The loss of the positions ``rows``; the cached features stay on the host and each
+        batch goes to the head's device."""
+        lenvm, feats, device = self.lenvm, data["features"], self.lenvm.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
         with autocast:
-            hidden = feats[rows].float()
+            hidden = feats[rows].to(device).float()
             values = lenvm.values_from_hidden(hidden).float()
             with torch.no_grad():
-                boot_values = lenvm.values_from_hidden(feats[data["boot"][rows]].float()).float()
-        targets = data["mc"][rows] + data["discount"][rows] * boot_values
+                boot = feats[data["boot"][rows]].to(device).float()
+                boot_values = lenvm.values_from_hidden(boot).float()
+        targets = data["mc"][rows].to(device) + data["discount"][rows].to(device) * boot_values
         loss = torch.nn.functional.mse_loss(values, targets)
         if lenvm.config.kind == "q":
             nxt = data["next_row"][rows]
             has_next = nxt >= 0
             if has_next.any():
-                rows_n = nxt[has_next]
-                q_targets = data["mc"][rows_n] + data["discount"][rows_n] * boot_values[has_next]
+                rows_n, on_device = nxt[has_next], has_next.to(device)
+                q_targets = (
+                    data["mc"][rows_n].to(device)
+                    + data["discount"][rows_n].to(device) * boot_values[on_device]
+                )
+                taken = data["next_token"][rows][has_next].to(device).unsqueeze(-1)
                 with autocast:
-                    q_values = (
-                        lenvm.next_values_from_hidden(
-                            hidden[has_next], data["next_token"][rows][has_next].unsqueeze(-1)
-                        )
-                        .squeeze(-1)
-                        .float()
-                    )
+                    q_values = lenvm.next_values_from_hidden(hidden[on_device], taken).squeeze(-1).float()
                 loss = loss + torch.nn.functional.mse_loss(q_values, q_targets)
         return loss
 
@@ -439,7 +446,10 @@ class HeadTrainer:
         lenvm.head.eval()
         with torch.no_grad():
             eval_values = [
-                lenvm.values_from_hidden(data["features"][span].float()).float().numpy()
+                lenvm.values_from_hidden(data["features"][span].to(lenvm.device).float())
+                .float()
+                .cpu()
+                .numpy()
                 for span in data["spans"][len(train_set) :]
             ]
         return losses, eval_values, tokens, seconds

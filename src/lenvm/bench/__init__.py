@@ -3,9 +3,12 @@ prediction, length tokens, decoding speed, Q-head agreement with exact candidate
 report that runs them all.
 
 Each entry function writes ``results.json``, ``table.md`` and PNG plots into its own results
-folder and resumes an interrupted run from the per-item log in that folder.
+folder and resumes an interrupted run from the per-item log in that folder. Each module also
+declares its ``lenvm bench`` subcommand: ``COMMAND``, ``HELP``, ``TABLE`` (the file printed at the
+end), ``add_arguments(parser)`` and ``main(args)``.
 """
 
+from lenvm.bench import length_tokens, lifebench, predict, q_agreement, report, speed, tradeoff
 from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench import run_lifebench
 from lenvm.bench.predict import run_prediction
@@ -14,7 +17,11 @@ from lenvm.bench.report import FULL, QUICK, Preset, run_all, write_report
 from lenvm.bench.speed import run_speed
 from lenvm.bench.tradeoff import run_tradeoff
 
+# The ``lenvm bench`` subcommands, in the order ``--help`` lists them.
+COMMANDS = (report, lifebench, tradeoff, predict, length_tokens, speed, q_agreement)
+
 __all__ = [
+    "COMMANDS",
     "FULL",
     "QUICK",
     "Preset",

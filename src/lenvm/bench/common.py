@@ -12,14 +12,14 @@ import json
 import os
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from lenvm.decoding import Engine, Request
+from lenvm.decoding import Engine, Request, SamplingParams
+from lenvm.hub import DEFAULT_MODEL, load_generator
 from lenvm.io import (
     InputError,
     JsonlAppender,
@@ -30,10 +30,7 @@ from lenvm.io import (
     write_text,
 )
 from lenvm.model import LengthValueModel
-from lenvm.models import DEFAULT_MODEL, load_generator
 from lenvm.prompts import encode_prompt
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -76,71 +73,47 @@ class Models:
         return self.lenvm
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a benchmark's ``dtype`` option."""
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
 def load_models(
     model: str | os.PathLike = DEFAULT_MODEL,
     lenvm: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
 ) -> Models:
     """Load the generator and, if given, a LenVM folder on top of it."""
-    generator, tokenizer = load_generator(model, device=device, dtype=torch_dtype(dtype))
+    generator, tokenizer = load_generator(model, device=device, dtype=dtype)
     value_model = None
     if lenvm is not None:
-        value_model = LengthValueModel.from_pretrained(
-            lenvm, generator=(generator, tokenizer), device=device, dtype=torch_dtype(dtype)
-        )
+        value_model = LengthValueModel.from_pretrained(lenvm, generator=(generator, tokenizer), dtype=dtype)
     return Models(generator, tokenizer, value_model, str(model), str(lenvm) if lenvm else None)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """The decoding policy of a benchmark run; every item's seed derives from ``seed``."""
+def bench_sampling(
+    models: Models,
+    max_new_tokens: int,
+    seed: int | None = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+) -> SamplingParams:
+    """A benchmark's decoding policy; every item's seed derives from ``seed`` (None: 0).
+    Options left at None take the LenVM's training policy (a value function is only right for
+    the policy that produced its rollouts), else the plain-sampling defaults."""
+    trained = (models.lenvm.config.sampling or {}) if models.lenvm is not None else {}
+    chosen = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+    chosen = {k: v if v is not None else trained.get(k) for k, v in chosen.items()}
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        seed=seed or 0,
+        **{k: v for k, v in chosen.items() if v is not None},
+    )
 
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    num_candidates: int = 8
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError("max_new_tokens must be at least 1")
-
-    @classmethod
-    def for_models(cls, models: Models, max_new_tokens: int, **options: Any) -> Sampling:
-        """Options left at None take the LenVM's training policy (a value function is only right
-        for the policy that produced its rollouts), else the plain-sampling defaults."""
-        trained = (models.lenvm.config.sampling or {}) if models.lenvm is not None else {}
-        chosen = {}
-        for name, value in options.items():
-            if value is None:
-                value = trained.get(name)
-            if value is not None:
-                chosen[name] = value
-        return cls(max_new_tokens=max_new_tokens, **chosen)
-
-    def request(self, prompt, seed_key: str, control=None):
-        """A decoding request whose seed depends only on ``seed`` and ``seed_key``, so an item
-        draws the same randomness whatever the batch it lands in, before and after a resume."""
-        return Request(
-            prompt,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            seed=zlib.crc32(f"{self.seed}:{seed_key}".encode()),
-            control=control,
-        )
+def item_request(sampling: SamplingParams, prompt, seed_key: str, control=None) -> Request:
+    """A decoding request whose seed depends only on ``sampling.seed`` and ``seed_key``, so an
+    item draws the same randomness whatever the batch it lands in, before and after a resume."""
+    seed = zlib.crc32(f"{sampling.seed}:{seed_key}".encode())
+    return Request(prompt, replace(sampling, seed=seed), control=control)
 
 
 @dataclass
@@ -211,14 +184,15 @@ class Run:
         self,
         jobs: Sequence[Job],
         models: Models,
-        sampling: Sampling,
         batch_size: int,
         desc: str,
         progress: bool = True,
         judge: Callable[[Job, Any], dict[str, Any]] | None = None,
+        num_candidates: int = 8,
     ) -> list[dict[str, Any]]:
-        """Generate every job not yet done, appending a record per job as its batch finishes;
-        return the records of all ``jobs`` in order. ``judge(job, result)`` adds fields."""
+        """Generate every job not yet done, appending a record per job as it finishes; return
+        the records of all ``jobs`` in order. ``judge(job, result)`` adds fields;
+        ``num_candidates`` is the candidate count of controlled jobs."""
         if batch_size < 1:
             raise InputError("batch size must be at least 1")
         keys = [job.key for job in jobs]
@@ -226,7 +200,7 @@ class Run:
             raise ValueError("benchmark item keys must be unique")
         todo = [job for job in jobs if job.key not in self.done]
         if todo:
-            engine = _engine(models, sampling, needs_lenvm=any(_controlled(j) for j in todo))
+            engine = _engine(models, num_candidates, needs_lenvm=any(_controlled(j) for j in todo))
             with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, disable=not progress) as bar:
                 # Each record is saved as soon as its generation ends.
                 for index, result in engine.stream([j.request for j in todo], batch_size=batch_size):
@@ -240,9 +214,9 @@ def _controlled(job: Job) -> bool:
     return control is not None and control.kind != "none"
 
 
-def _engine(models: Models, sampling: Sampling, needs_lenvm: bool) -> Engine:
+def _engine(models: Models, num_candidates: int, needs_lenvm: bool) -> Engine:
     lenvm = models.require_lenvm("a LenVM-guided method") if needs_lenvm else None
-    return Engine(models.generator, models.tokenizer, lenvm=lenvm, num_candidates=sampling.num_candidates)
+    return Engine(models.generator, models.tokenizer, lenvm=lenvm, num_candidates=num_candidates)
 
 
 def _record(job: Job, result, judge) -> dict[str, Any]:
@@ -262,9 +236,9 @@ def _record(job: Job, result, judge) -> dict[str, Any]:
     return record
 
 
-def settings_of(models: Models, sampling: Sampling, **extra: Any) -> dict[str, Any]:
+def settings_of(models: Models, sampling: SamplingParams, **extra: Any) -> dict[str, Any]:
     """The settings every item of a run depends on."""
-    return {**models.identity(), **asdict(sampling), **extra}
+    return {**models.identity(), **sampling.policy(), **extra}
 
 
 def pyplot():

@@ -1,6 +1,6 @@
 """Length tokens: which tokens push a completion longer or shorter, as a table and a plot.
 
-A thin wrapper of :func:`lenvm.length_tokens.length_token_stats` that writes the benchmark
+A thin wrapper of :func:`lenvm.horizon_tokens.length_token_stats` that writes the benchmark
 layout (``results.json``, ``table.md``, ``length_tokens.png``). The statistics are one pass of
 the LenVM over the rollouts; a rerun with the same settings reuses ``results.json``.
 """
@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from lenvm.bench.common import Models, Run, load_models, markdown_table
-from lenvm.length_tokens import length_token_stats
-from lenvm.models import DEFAULT_MODEL
+from lenvm.horizon_tokens import length_token_stats
+from lenvm.hub import DEFAULT_MODEL
 from lenvm.rollouts import read_rollouts
 
 
@@ -28,7 +28,7 @@ def run_length_tokens(
     min_count: int = 3,
     top: int = 20,
     limit: int | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     batch_size: int = 8,
     progress: bool = True,
@@ -94,3 +94,37 @@ def _markdown(results: dict[str, Any]) -> str:
         header = ["token", "count", f"pushes {direction}", "mean residual"]
         parts.append(f"\n**Pushes {direction}**\n\n" + markdown_table(header, rows))
     return "".join(parts)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "length-tokens"
+HELP = "tokens that push the length horizon (TD residuals)"
+TABLE = "table.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lenvm", help="LenVM folder")
+    p.add_argument("--rollouts", required=True)
+    p.add_argument("--threshold", type=float, default=0.01)
+    p.add_argument("--min-count", type=int, default=3)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--limit", type=int, help="first N completions")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def main(args) -> None:
+    run_length_tokens(
+        args.out,
+        model=args.model,
+        lenvm=args.lenvm,
+        rollouts=args.rollouts,
+        threshold=args.threshold,
+        min_count=args.min_count,
+        top=args.top,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+    )

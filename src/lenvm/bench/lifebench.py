@@ -18,11 +18,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lenvm.bench import scoring
-from lenvm.bench.common import Job, Models, Run, Sampling, load_models, pyplot, settings_of
-from lenvm.decoding import Control
+from lenvm.bench import lifebench_score
+from lenvm.bench.common import (
+    Job,
+    Models,
+    Run,
+    bench_sampling,
+    item_request,
+    load_models,
+    pyplot,
+    settings_of,
+)
+from lenvm.cli import options
+from lenvm.decoding import Control, SamplingParams
+from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError, iter_jsonl
-from lenvm.models import DEFAULT_MODEL
 from lenvm.prompts import Prompt
 
 DEFAULT_DATA = "../shared/data/lifebench/data_lite.jsonl"
@@ -109,8 +119,8 @@ def token_task(row: Row, constraint: str, target: int) -> str:
     text stay as they are. A template whose unit is not recognized is an error rather than a
     prompt that silently still asks for words.
     """
-    if constraint not in scoring.CONSTRAINTS:
-        raise InputError(f"unknown constraint {constraint!r}; expected one of {scoring.CONSTRAINTS}")
+    if constraint not in lifebench_score.CONSTRAINTS:
+        raise InputError(f"unknown constraint {constraint!r}; expected one of {lifebench_score.CONSTRAINTS}")
     head, requirement = _requirement(row.task)
     if row.lang == "zh":
         unit, new_unit, phrases = _ZH_UNIT, lambda m: f"{target}个token", _ZH_PHRASES
@@ -134,7 +144,7 @@ def run_lifebench(
     lenvm: str | os.PathLike | None = None,
     data: str | os.PathLike = DEFAULT_DATA,
     targets: Sequence[int] = DEFAULT_TARGETS,
-    constraints: Sequence[str] = scoring.CONSTRAINTS,
+    constraints: Sequence[str] = lifebench_score.CONSTRAINTS,
     methods: Sequence[str] | None = None,
     rows: int | None = None,
     langs: Sequence[str] | None = None,
@@ -148,7 +158,7 @@ def run_lifebench(
     best_of: int = 1,
     retries: int | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     batch_size: int = 8,
     progress: bool = True,
@@ -170,7 +180,7 @@ def run_lifebench(
     models = models or load_models(model, lenvm, device, dtype)
     methods = list(methods or (METHODS if models.lenvm is not None else ["prompt"]))
     unknown = [m for m in methods if m not in METHODS]
-    unknown += [c for c in constraints if c not in scoring.CONSTRAINTS]
+    unknown += [c for c in constraints if c not in lifebench_score.CONSTRAINTS]
     if unknown:
         raise InputError(f"unknown LIFEBench method or constraint: {', '.join(unknown)}")
     if any(METHODS[m][0] is not None for m in methods):
@@ -181,7 +191,7 @@ def run_lifebench(
         raise InputError(f"every target exceeds max_new_tokens={max_new_tokens}")
     table, too_long = fitting_rows(read_lifebench(data), models, max_new_tokens, max_prompt_tokens)
     table = select_rows(table, rows, langs)
-    sampling = Sampling.for_models(
+    sampling = bench_sampling(
         models,
         max_new_tokens,
         temperature=temperature,
@@ -189,7 +199,6 @@ def run_lifebench(
         top_k=top_k,
         min_p=min_p,
         seed=seed,
-        num_candidates=num_candidates,
     )
     jobs = [
         _job(row, constraint, target, method, sampling, best_of, retries)
@@ -201,14 +210,15 @@ def run_lifebench(
     settings = settings_of(
         models,
         sampling,
+        num_candidates=num_candidates,
         data=str(data),
         max_prompt_tokens=max_prompt_tokens,
         best_of=best_of,
         retries=retries,
     )
     with Run(out, settings) as run:
-        items = run.run_jobs(jobs, models, sampling, batch_size, "lifebench", progress)
-        summary = scoring.summarize(items)
+        items = run.run_jobs(jobs, models, batch_size, "lifebench", progress, num_candidates=num_candidates)
+        summary = lifebench_score.summarize(items)
         labels = {m: METHODS[m][1] for m in methods}
         results = {
             "benchmark": "lifebench",
@@ -262,7 +272,13 @@ def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None)
 
 
 def _job(
-    row: Row, constraint: str, target: int, method: str, sampling: Sampling, best_of: int, retries: int | None
+    row: Row,
+    constraint: str,
+    target: int,
+    method: str,
+    sampling: SamplingParams,
+    best_of: int,
+    retries: int | None,
 ) -> Job:
     rule = METHODS[method][0]
     control = None
@@ -286,7 +302,7 @@ def _job(
         "category": row.category,
         "lang": row.lang,
     }
-    return Job(f"{item}/{method}", sampling.request(prompt, item, control), fields)
+    return Job(f"{item}/{method}", item_request(sampling, prompt, item, control), fields)
 
 
 def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
@@ -295,34 +311,34 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         + (f" (skipped above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
         + (f"; {len(too_long)} rows left out as too long" if too_long else "")
         + ". Length Score 0-100; deviation = mean |L_out - L_target| / L_target.\n",
-        scoring.table2(summary, labels),
+        lifebench_score.table2(summary, labels),
         "\nLength Score by target (Equal To: score and deviation):\n",
-        scoring.breakdown_table(summary, "by_target", labels),
+        lifebench_score.breakdown_table(summary, "by_target", labels),
         "\nLength Score by category:\n",
-        scoring.breakdown_table(summary, "by_category", labels),
+        lifebench_score.breakdown_table(summary, "by_category", labels),
         "\nLength Score by language:\n",
-        scoring.breakdown_table(summary, "by_lang", labels),
+        lifebench_score.breakdown_table(summary, "by_lang", labels),
         "\nOutputs ended by an EOS that the model or policy chose (not cut at max_new_tokens or "
         f"by a hard cap); natural ends: those whose EOS the generator itself gave at least "
-        f"{scoring.NATURAL_EOS:g}; the generator's mean log-probability per token under its "
+        f"{lifebench_score.NATURAL_EOS:g}; the generator's mean log-probability per token under its "
         "own distribution; and the tokens decoded per token returned (above 1 where ends were "
         "resampled or several attempts made):\n",
-        scoring.quality_table(summary, labels),
+        lifebench_score.quality_table(summary, labels),
     ]
     return "\n".join(parts)
 
 
 def _plot(run: Run, summary, items, labels) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(scoring.CONSTRAINTS), figsize=(13, 3.8), sharey=True)
-    for ax, constraint in zip(axes, scoring.CONSTRAINTS, strict=True):
+    fig, axes = plt.subplots(1, len(lifebench_score.CONSTRAINTS), figsize=(13, 3.8), sharey=True)
+    for ax, constraint in zip(axes, lifebench_score.CONSTRAINTS, strict=True):
         for method, by_constraint in summary.items():
             if constraint in by_constraint:
                 by_target = by_constraint[constraint]["by_target"]
                 xs = [int(t) for t in by_target]
                 ax.plot(xs, [m["score"] for m in by_target.values()], "o-", label=labels[method])
         ax.set_xscale("log", base=2)
-        ax.set_title(scoring.CONSTRAINT_LABELS[constraint])
+        ax.set_title(lifebench_score.CONSTRAINT_LABELS[constraint])
         ax.set_xlabel("target (tokens)")
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3)
@@ -353,3 +369,57 @@ def _plot(run: Run, summary, items, labels) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         run.save_figure(fig, "equal_to_lengths.png")
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "lifebench"
+HELP = "token-level LIFEBench: Equal To / At Most / At Least"
+TABLE = "table.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lenvm", help="LenVM folder")
+    p.add_argument("--data", default=DEFAULT_DATA, help="LIFEBench JSONL")
+    p.add_argument("--targets", type=int, nargs="+", default=list(DEFAULT_TARGETS))
+    p.add_argument(
+        "--constraints",
+        nargs="+",
+        choices=list(lifebench_score.CONSTRAINTS),
+        default=list(lifebench_score.CONSTRAINTS),
+    )
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
+    p.add_argument("--rows", type=int, help="evaluate the first N rows")
+    p.add_argument("--langs", nargs="+", help="e.g. en zh")
+    p.add_argument("--max-prompt-tokens", type=int, help="leave out longer prompts")
+    p.add_argument("--best-of", type=int, default=1, help="Equal To with a LenVM: keep the best of K answers")
+    p.add_argument(
+        "--retries", type=int, help="Equal To with a LenVM: resample an end that is not natural up to R times"
+    )
+    options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
+    options.add_decoding(p, batch_size=8)
+
+
+def main(args) -> None:
+    run_lifebench(
+        args.out,
+        model=args.model,
+        lenvm=args.lenvm,
+        data=args.data,
+        targets=args.targets,
+        constraints=args.constraints,
+        methods=args.methods,
+        rows=args.rows,
+        langs=args.langs,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        num_candidates=args.num_candidates,
+        best_of=args.best_of,
+        retries=args.retries,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+        **options.sampling_overrides(args),
+    )

@@ -26,15 +26,17 @@ from lenvm.bench.common import (
     Job,
     Models,
     Run,
-    Sampling,
+    bench_sampling,
+    item_request,
     load_models,
     markdown_table,
     pyplot,
     settings_of,
 )
+from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth
+from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError
-from lenvm.models import DEFAULT_MODEL
 from lenvm.prompts import Prompt, as_prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
 from lenvm.rollouts import read_rollouts
@@ -129,7 +131,7 @@ def run_prediction(
     top_k: int | None = None,
     min_p: float | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     batch_size: int = 8,
     progress: bool = True,
@@ -148,7 +150,7 @@ def run_prediction(
     models = models or load_models(model, lenvm, device, dtype)
     value_model = models.require_lenvm("length prediction")
     held_out = read_prompts(prompts)[:limit]
-    sampling = Sampling.for_models(
+    sampling = bench_sampling(
         models,
         max_new_tokens,
         temperature=temperature,
@@ -160,7 +162,7 @@ def run_prediction(
     jobs = [
         Job(
             f"{p.id}/{i}",
-            sampling.request(p, f"{p.id}/{i}"),
+            item_request(sampling, p, f"{p.id}/{i}"),
             {"prompt_id": p.id, "sample": i, "domain": str(p.extra.get(domain_field, "all"))},
         )
         for p in held_out
@@ -168,7 +170,7 @@ def run_prediction(
     ]
     settings = settings_of(models, sampling, prompts=str(prompts), samples=samples)
     with Run(out, settings) as run:
-        items = run.run_jobs(jobs, models, sampling, batch_size, "prediction samples", progress)
+        items = run.run_jobs(jobs, models, batch_size, "prediction samples", progress)
         gamma = value_model.gamma
         by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for item in items:
@@ -309,3 +311,39 @@ def _plot(run: Run, truth: np.ndarray, predictions: dict[str, np.ndarray], metri
     right.legend(fontsize=8)
     right.grid(alpha=0.3, axis="y")
     run.save_figure(fig, "prediction.png")
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "predict"
+HELP = "prompt-boundary length prediction against two baselines"
+TABLE = "table.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lenvm", help="LenVM folder")
+    p.add_argument("--prompts", required=True, help="held-out prompts JSONL (with a 'domain' field)")
+    p.add_argument("--train-rollouts", help="rollouts the baselines are fitted on")
+    p.add_argument("--samples", type=int, default=64, help="completions per prompt")
+    p.add_argument("--limit", type=int, help="first N prompts")
+    options.add_sampling(p, seed_help="every sample's seed derives from it (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests decoded at once")
+
+
+def main(args) -> None:
+    run_prediction(
+        args.out,
+        model=args.model,
+        lenvm=args.lenvm,
+        prompts=args.prompts,
+        train_rollouts=args.train_rollouts,
+        samples=args.samples,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+        **options.sampling_overrides(args),
+    )

@@ -11,7 +11,7 @@ the last state before EOS), the candidates are the generator's ``num_candidates`
 next tokens (the engine's rule, at the q LenVM's training temperature). EOS tokens are left out:
 the engine gives EOS the value 0 without asking either head, so an EOS candidate would be a free
 agreement. The exact values come from one KV-cached forward over the completion and a candidate
-block per state (:class:`~lenvm.decoding.scoring.Stream`), the Q-head values from the same
+block per state (:class:`~lenvm.decoding.streams.Stream`), the Q-head values from the same
 forward's hidden states.
 
 Reported per scorer against the exact values: Spearman rank correlation over the candidates of
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Models, Run, markdown_table, pyplot, torch_dtype
+from lenvm.bench.common import Models, Run, markdown_table, pyplot
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
-from lenvm.decoding.scoring import Hidden, Stream, cache_argument
+from lenvm.decoding.streams import Hidden, Stream, cache_argument
+from lenvm.hub import DEFAULT_MODEL, eos_token_ids, load_generator, torch_dtype
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, read_config
-from lenvm.models import DEFAULT_MODEL, eos_token_ids, load_generator
 from lenvm.returns import length_to_value, value_to_length
 from lenvm.rollouts import read_rollouts
 
@@ -155,7 +155,7 @@ def run_q_agreement(
     max_completions: int | None = None,
     held_out: bool = False,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -404,3 +404,39 @@ def _plot(run: Run, items: list[dict[str, Any]], results: dict[str, Any]) -> Non
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     run.save_figure(fig, "q_vs_exact.png")
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "q-agreement"
+HELP = "Q-head candidate values against exact scoring"
+TABLE = "table.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--exact", required=True, help="attached or standalone LenVM folder")
+    p.add_argument("--q", required=True, help="q LenVM folder")
+    p.add_argument("--rollouts", required=True, help="held-out rollouts JSONL")
+    p.add_argument("--num-candidates", type=int, default=8)
+    p.add_argument("--positions", type=int, default=16, help="positions per completion")
+    p.add_argument("--held-out", action="store_true", help="only the prompts the q LenVM's training held out")
+    p.add_argument("--limit", type=int, help="first N completions")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> None:
+    run_q_agreement(
+        args.out,
+        model=args.model,
+        exact=args.exact,
+        q=args.q,
+        rollouts=args.rollouts,
+        num_candidates=args.num_candidates,
+        positions_per_completion=args.positions,
+        max_completions=args.limit,
+        held_out=args.held_out,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+    )

@@ -20,15 +20,16 @@ from typing import Any
 from lenvm.bench import lifebench, tasks
 from lenvm.bench.common import Models, load_models
 from lenvm.bench.length_tokens import run_length_tokens
+from lenvm.bench.lifebench_score import CONSTRAINTS
 from lenvm.bench.predict import run_prediction
-from lenvm.bench.scoring import CONSTRAINTS
 from lenvm.bench.tradeoff import DEFAULT_BETAS, EVAL_SEED, run_tradeoff
+from lenvm.decoding import SamplingParams
+from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import write_json, write_text
 from lenvm.model import LengthValueModel
-from lenvm.models import DEFAULT_MODEL
 from lenvm.prompt_sets import builtin_prompts
 from lenvm.prompts import Prompt
-from lenvm.rollouts import SamplingParams, read_rollouts, rollout
+from lenvm.rollouts import read_rollouts, rollout
 from lenvm.train import TrainConfig, train
 
 DEFAULT_GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
@@ -121,7 +122,7 @@ def run_all(
     gsm8k: str | os.PathLike = tasks.DEFAULT_GSM8K,
     gsm8k_train: str | os.PathLike = DEFAULT_GSM8K_TRAIN,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     batch_size: int = 8,
     progress: bool = True,
@@ -349,3 +350,39 @@ def write_report(out: str | os.PathLike, summary: dict[str, Any] | None = None) 
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     return path
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "all"
+HELP = "every benchmark into one folder, with report.md"
+TABLE = "report.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lenvm", help="LenVM folder (default: train one first)")
+    p.add_argument("--quick", action="store_true", help="small settings: under 30 minutes on 2 CPU cores")
+    p.add_argument("--train-rollouts", help="the --lenvm's training rollouts (baselines, length tokens)")
+    p.add_argument("--data", default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
+    p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
+    p.add_argument("--gsm8k-train", default=DEFAULT_GSM8K_TRAIN, help="GSM8K train JSONL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> None:
+    run_all(
+        args.out,
+        model=args.model,
+        lenvm=args.lenvm,
+        train_rollouts=args.train_rollouts,
+        quick=args.quick,
+        lifebench_data=args.data,
+        gsm8k=args.gsm8k,
+        gsm8k_train=args.gsm8k_train,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+    )

@@ -29,16 +29,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot, torch_dtype
-from lenvm.decoding import Control, Engine, Request
+from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot
+from lenvm.decoding import Control, Engine, Request, SamplingParams
+from lenvm.hub import DEFAULT_MODEL, default_device, eos_token_ids, torch_dtype
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, read_config
-from lenvm.models import DEFAULT_MODEL, eos_token_ids
 from lenvm.prompts import encode_prompt
 
 DEFAULT_PROMPTS = (
@@ -88,7 +89,7 @@ def run_speed(
     generate_batch_sizes: Sequence[int] = (8, 16),
     prompts: Sequence[str] | None = None,
     repeats: int = 1,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     lenvm: str | os.PathLike | None = None,
     methods: Sequence[str] | None = None,
@@ -134,7 +135,7 @@ def run_speed(
         "new_tokens": new_tokens,
         "repeats": repeats,
         "prompts": prompts,
-        "device": device,
+        "device": str(default_device(device)),
         "dtype": dtype,
         "control": f"tilt beta={CONTROL.beta:g}",
     }
@@ -253,7 +254,7 @@ class _Bench:
         m = self.models
         engine = Engine(m.generator, m.tokenizer, lenvm, num_candidates=row.k or 1, candidate_scoring=scoring)
         requests = [
-            Request(p, max_new_tokens=new_tokens, seed=i, control=control, ignore_eos=True)
+            Request(p, SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True), control=control)
             for i, p in enumerate(self._batch_prompts(row.batch))
         ]
 
@@ -438,3 +439,42 @@ def _check_prompts(prompts: str | Sequence[str] | None) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise InputError("prompts must be a non-empty list of non-empty strings")
     return prompts
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "speed"
+HELP = "tokens/s: plain, generate, and guided decoding by LenVM kind"
+TABLE = "table.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lenvm", help="a trained LenVM folder, used for its own kind")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--candidates", type=int, nargs="+", default=[8, 16], help="k values")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--generate-batch-sizes", type=int, nargs="+", default=[8, 16])
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="default: all (plain always runs: the reference)"
+    )
+
+
+def main(args) -> None:
+    run_speed(
+        args.out,
+        model=args.model,
+        lenvm=args.lenvm,
+        batch_sizes=args.batch_sizes,
+        candidates=args.candidates,
+        new_tokens=args.new_tokens,
+        generate_batch_sizes=args.generate_batch_sizes,
+        methods=args.methods,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+    )
+    parent = Path(args.out).parent
+    if (parent / "summary.json").is_file():
+        from lenvm.bench.report import write_report
+
+        write_report(parent)  # a speed section joins a bench-all report

@@ -23,15 +23,17 @@ from lenvm.bench.common import (
     Job,
     Models,
     Run,
-    Sampling,
+    bench_sampling,
+    item_request,
     load_models,
     markdown_table,
     pyplot,
     settings_of,
 )
-from lenvm.decoding import Control
+from lenvm.cli import options
+from lenvm.decoding import Control, SamplingParams
+from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError
-from lenvm.models import DEFAULT_MODEL
 
 DEFAULT_BETAS = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 EVAL_SEED = 1  # the arithmetic problems scored here; training prompts use other seeds
@@ -71,7 +73,7 @@ def run_tradeoff(
     min_p: float | None = None,
     num_candidates: int = 8,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "float32",
     batch_size: int = 8,
     progress: bool = True,
@@ -91,7 +93,7 @@ def run_tradeoff(
     if any(b != 0 for b in betas):
         models.require_lenvm("tilting")
     datasets = load_datasets(gsm8k, gsm8k_problems, arithmetic_problems, arithmetic_levels)
-    sampling = Sampling.for_models(
+    sampling = bench_sampling(
         models,
         max_new_tokens,
         temperature=temperature,
@@ -99,7 +101,6 @@ def run_tradeoff(
         top_k=top_k,
         min_p=min_p,
         seed=seed,
-        num_candidates=num_candidates,
     )
     jobs = [
         _job(name, problem, beta, sampling)
@@ -107,9 +108,11 @@ def run_tradeoff(
         for name, problems in datasets.items()
         for problem in problems
     ]
-    settings = settings_of(models, sampling, gsm8k=str(gsm8k) if gsm8k else None)
+    settings = settings_of(
+        models, sampling, num_candidates=num_candidates, gsm8k=str(gsm8k) if gsm8k else None
+    )
     with Run(out, settings) as run:
-        items = run.run_jobs(jobs, models, sampling, batch_size, "trade-off", progress, _judge)
+        items = run.run_jobs(jobs, models, batch_size, "trade-off", progress, _judge, num_candidates)
         curves = {
             name: curves_for([i for i in items if i["dataset"] == name], betas, budgets) for name in datasets
         }
@@ -126,11 +129,11 @@ def run_tradeoff(
     return results
 
 
-def _job(dataset: str, problem: tasks.Problem, beta: float, sampling: Sampling) -> Job:
+def _job(dataset: str, problem: tasks.Problem, beta: float, sampling: SamplingParams) -> Job:
     control = Control(kind="tilt", beta=beta) if beta else None
     item = f"{dataset}/{problem.id}"
     fields = {"dataset": dataset, "problem": problem.id, "beta": beta, "answer": problem.answer}
-    return Job(f"{item}/beta={beta:g}", sampling.request(problem.prompt(), item, control), fields)
+    return Job(f"{item}/beta={beta:g}", item_request(sampling, problem.prompt(), item, control), fields)
 
 
 def _judge(job: Job, result) -> dict[str, Any]:
@@ -242,3 +245,45 @@ def _plot(run: Run, curves: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     run.save_figure(fig, "pareto.png")
+
+
+# -- command line ---------------------------------------------------------------------------
+
+COMMAND = "tradeoff"
+HELP = "pass@1 vs mean length: tilting against a hard token budget"
+TABLE = "table.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--lenvm", help="LenVM folder")
+    p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
+    p.add_argument("--no-gsm8k", action="store_true", help="built-in word problems only")
+    p.add_argument("--gsm8k-problems", type=int, default=200)
+    p.add_argument("--arithmetic-problems", type=int, default=100, help="per level")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
+    p.add_argument("--budgets", type=int, nargs="+", help="hard budgets (default: from the lengths)")
+    options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
+    options.add_decoding(p, batch_size=8)
+
+
+def main(args) -> None:
+    run_tradeoff(
+        args.out,
+        model=args.model,
+        lenvm=args.lenvm,
+        gsm8k=None if args.no_gsm8k else args.gsm8k,
+        gsm8k_problems=args.gsm8k_problems,
+        arithmetic_problems=args.arithmetic_problems,
+        arithmetic_levels=args.levels,
+        betas=args.betas,
+        budgets=args.budgets,
+        max_new_tokens=args.max_new_tokens,
+        num_candidates=args.num_candidates,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+        **options.sampling_overrides(args),
+    )

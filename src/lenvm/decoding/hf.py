@@ -1,6 +1,7 @@
 """``transformers`` integration: LenVM guidance inside ``model.generate``.
 
-    processor = LenVMLogitsProcessor(lenvm, Control("equal_to", target=64), num_candidates=8)
+    processor = LenVMLogitsProcessor(lenvm, Control("equal_to", target=64), num_candidates=8,
+                                     sampling=SamplingParams(temperature=0.7, top_p=0.9))
     model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                    logits_processor=[processor])
 
@@ -9,10 +10,11 @@ would distort the policy's distribution: give the sampling settings to the proce
 truncates before picking candidates) and leave ``generate``'s warpers neutral, as above. With
 ``do_sample=False``, ``generate`` takes the argmax of the policy's distribution (guided greedy).
 
-The processor keeps its own LenVM KV cache between calls and feeds only the new token: the
-chosen candidate's cache entry from the previous call is kept, so a step costs one
-candidate-block forward (a standalone LenVM, or an attached one running its own pass over the
-generator's body) or one single-token forward (q kind). Prompts must be left-padded, as
+Each call is one step of :func:`lenvm.decoding.step.decide`, the engine's own, with the LenVM's
+scorer (:mod:`lenvm.decoding.scorers`) running its own KV cache between calls: the chosen
+candidate's cache entry from the previous call is kept, so a step costs one candidate-block
+forward (a standalone LenVM, or an attached one running its own pass over the generator's body)
+or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
 A call whose ids do not extend the previous call's starts over, so one processor can serve
 several ``generate`` calls in turn. Equal To answers that do not end naturally are kept as they
@@ -24,9 +26,9 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from lenvm.decoding import policies
-from lenvm.decoding.engine import Control, Request
-from lenvm.decoding.scoring import Stream
+from lenvm.decoding.params import Control, SamplingParams
+from lenvm.decoding.scorers import Scorer, scorer_for
+from lenvm.decoding.step import Rows, decide, forced_eos
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel
 
@@ -34,17 +36,16 @@ from lenvm.model import LengthValueModel
 class LenVMLogitsProcessor(LogitsProcessor):
     """Re-weights ``generate``'s scores by a length control: non-candidates get ``-inf`` and each
     candidate the log of its policy probability (one-hot rules leave only the chosen token).
-    A hard cap of the control (``Control.cap``) leaves only EOS once reached."""
+    A hard cap of the control (``Control.cap``) leaves only EOS once reached. ``sampling`` holds
+    the temperature and truncation to apply (its ``max_new_tokens`` and ``seed`` are
+    ``generate``'s business)."""
 
     def __init__(
         self,
         lenvm: LengthValueModel,
         control: Control,
         num_candidates: int = 8,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
+        sampling: SamplingParams | None = None,
         pad_token_id: int | None = None,
     ):
         if not isinstance(control, Control) or not control.active:
@@ -56,22 +57,23 @@ class LenVMLogitsProcessor(LogitsProcessor):
             )
         if not is_int(num_candidates) or num_candidates < 1:
             raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
-        # Validated like an engine request's sampling settings.
-        Request("-", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.lenvm = lenvm.eval()
         self.control = control
         self.num_candidates = num_candidates
-        self.sampling = (temperature or 1.0, top_k, top_p, min_p)
-        eos = lenvm.config.eos_token_ids or [lenvm.tokenizer.eos_token_id]
-        self.eos = torch.tensor(eos, device=lenvm.device)
+        self.sampling = sampling or SamplingParams()
+        self.eos = torch.tensor(
+            lenvm.config.eos_token_ids or [lenvm.tokenizer.eos_token_id], device=lenvm.device
+        )
         self.pad_token_id = lenvm.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         self.reset()
 
     def reset(self) -> None:
         """Forget the sequences seen so far."""
-        self._stream: Stream | None = None  # the LenVM over every column of input_ids seen so far
-        self._hidden: torch.Tensor | None = None  # [B, H] head features at the last token (q kind)
-        self._block: torch.Tensor | None = None  # [B, k] candidates fed and pending in the cache
+        self._scorer: Scorer | None = None  # the LenVM over every column of input_ids seen so far
+        self._rows: Rows | None = None
+        self._ids: torch.Tensor | None = None  # [B, k] the candidates of the last call
         self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
         self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
         self._prompt_width = 0
@@ -91,48 +93,16 @@ class LenVMLogitsProcessor(LogitsProcessor):
         else:
             self._advance(input_ids[:, seen.shape[1] :])
         self._seen = input_ids
-        step = width - self._prompt_width
+        self._rows.step.fill_(width - self._prompt_width)
 
         logits = scores.float().to(self.eos.device)
-        temperature, top_k, top_p, min_p = self.sampling
-
-        def per_row(x, dtype):
-            return torch.full((batch,), x, dtype=dtype, device=logits.device)
-
-        temp = per_row(temperature, torch.float32)
-        probs = policies.truncate(
-            logits,
-            temp,
-            per_row(top_k, torch.long) if top_k > 0 else None,
-            per_row(top_p, torch.float32) if top_p < 1 else None,
-            per_row(min_p, torch.float32) if min_p > 0 else None,
-        )
-        wants_eos = per_row(True, torch.bool) if self.control.wants_eos else None
-        ids, cand_probs = policies.top_candidates(
-            logits, probs, self.num_candidates, self.eos, wants_eos, temp
-        )
-        eos = torch.isin(ids, self.eos)
-        if self.lenvm.config.kind == "q":
-            values = self.lenvm.next_values_from_hidden(self._hidden, ids)
-        else:
-            values = self.lenvm.values_from_hidden(self._stream.forward(ids).features)
-            self._block = ids
-        cands = policies.Candidates(ids, cand_probs, values.float().masked_fill(eos, 0.0), eos)
-        c = self.control
-        dist = policies.apply(
-            c.kind,
-            c.rule,
-            cands,
-            per_row(step, torch.long),
-            per_row(c.target or 0, torch.long),
-            per_row(c.beta or 0.0, torch.float64),
-            self.lenvm.gamma,
-        )
+        d = decide(logits, self._rows, self._scorer, self.num_candidates, self.eos, self.lenvm.gamma)
+        self._ids = d.ids
         out = torch.full_like(logits, -float("inf"))
-        if c.cap is not None and step >= c.cap:
-            out.scatter_(1, self.eos[logits[:, self.eos].argmax(-1)][:, None], 0.0)
-        else:
-            out.scatter_(1, ids, dist.log().float())
+        out.scatter_(1, d.ids, d.dist.log().float())
+        at_cap, eos = forced_eos(logits, self._rows, self.eos)
+        only_eos = torch.full_like(logits, -float("inf")).scatter_(1, eos[:, None], 0.0)
+        out = torch.where(at_cap[:, None], only_eos, out)
         return out.to(scores.dtype).to(scores.device)
 
     def _start(self, input_ids: torch.Tensor) -> None:
@@ -142,27 +112,22 @@ class LenVMLogitsProcessor(LogitsProcessor):
         for row in input_ids.tolist():
             start = next((i for i, t in enumerate(row) if t != self.pad_token_id), len(row) - 1)
             rows.append(row[start:])
-        self._stream, hidden = Stream.prefill(self.lenvm.body, rows, self.lenvm.feature_layer)
-        self._hidden = hidden.features
-        self._done = torch.zeros(len(rows), dtype=torch.bool, device=self.eos.device)
+        self._scorer = scorer_for(self.lenvm).prefill(self.lenvm, rows)
+        n = len(rows)
+        self._rows = Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device)
+        self._done = torch.zeros(n, dtype=torch.bool, device=self.eos.device)
         self._prompt_width = input_ids.shape[1]
 
     def _advance(self, new: torch.Tensor) -> None:
-        """Bring the cache up to date with the tokens ``generate`` appended since the last call."""
-        last = new[:, -1]
-        if self._block is not None:
-            match = self._block == new[:, :1]
-            # Rows that ended earlier get padding appended; their cache no longer matters.
-            if new.shape[1] == 1 and bool((match.any(-1) | self._done).all()):
-                self._stream.keep(match.to(torch.int8).argmax(-1))
-                new = new[:, 1:]
-            else:
-                self._stream.discard()
-            self._block = None
-        for j in range(new.shape[1]):
-            self._hidden = self._stream.forward(new[:, j : j + 1]).features[:, 0]
-            self._stream.keep()
-        self._done |= torch.isin(last, self.eos)
+        """Bring the cache up to date with the tokens ``generate`` appended since the last call:
+        keep the chosen candidate where every row took one (rows that ended earlier get padding
+        appended; their cache no longer matters), else feed the new tokens."""
+        match = self._ids == new[:, :1]
+        if new.shape[1] == 1 and bool((match.any(-1) | self._done).all()):
+            self._scorer.advance(match.to(torch.int8).argmax(-1), new[:, 0])
+        else:
+            self._scorer.feed(new)
+        self._done |= torch.isin(new[:, -1], self.eos)
 
 
 class LengthStoppingCriteria(StoppingCriteria):

@@ -226,7 +226,7 @@ def top_candidates(
     k = min(k, probs.shape[-1])
     cand_probs, ids = probs.topk(k, dim=-1)
     if k > 1 and wants_eos is not None:
-        eos_id = eos_ids[logits[:, eos_ids].argmax(-1)]
+        eos_id = primary_eos(logits, eos_ids)
         scaled = logits / temperature[:, None]
         untruncated = (scaled.gather(1, eos_id[:, None])[:, 0] - scaled.logsumexp(-1)).exp()
         truncated = probs.gather(1, eos_id[:, None])[:, 0]
@@ -235,6 +235,13 @@ def top_candidates(
         eos_p = torch.where(truncated > 0, truncated, untruncated)
         cand_probs[:, -1] = torch.where(swap, eos_p, cand_probs[:, -1])
     return ids, cand_probs
+
+
+def primary_eos(logits: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """Per row, the EOS id the generator finds most likely (``[B]``)."""
+    if len(eos_ids) == 1:
+        return eos_ids.expand(logits.shape[0])
+    return eos_ids[logits[:, eos_ids].argmax(-1)]
 
 
 def choose(dist: torch.Tensor, uniform: torch.Tensor, greedy: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,8 @@ as a length-``k`` block at the same position id, with a 4D additive mask in whic
 sees its row's cached prefix and its own column only, never the other candidates. Each
 candidate's hidden state then equals that of appending it alone. :meth:`Stream.keep` afterwards
 keeps the chosen candidate's cache entry and drops the others, so the prefix is never recomputed.
+:meth:`Stream.advance` moves a stream one token on either way: it keeps the chosen candidate
+when a block was fed, and feeds the chosen token otherwise.
 
 A forward returns :class:`Hidden`: the final hidden states (for an LM head) and the features a
 LenVM head reads (another layer's, when the LenVM's ``feature_layer`` says so), from the same pass.
@@ -54,7 +56,8 @@ class Hidden:
 
 class Stream:
     """A body with its KV cache over ``B`` rows: ``mask`` is ``[B, T]`` (True = real column).
-    ``feature_layer`` is the ``hidden_states`` entry returned as :attr:`Hidden.features`."""
+    ``feature_layer`` is the ``hidden_states`` entry returned as :attr:`Hidden.features`;
+    ``last`` holds the hidden states at each row's last kept token (``[B, H]``)."""
 
     def __init__(
         self,
@@ -63,22 +66,21 @@ class Stream:
         mask: torch.Tensor,
         positions: torch.Tensor,
         feature_layer: int = -1,
+        last: Hidden | None = None,
     ):
         self.body = body
         self.feature_layer = feature_layer
         self.cache = cache
         self.mask = mask
         self.positions = positions
+        self.last = last
         self.padded = not bool(mask.all())  # kept on the host: a forward must not sync to learn it
-        self._block = 0  # width of the block fed by the last forward, not yet resolved by keep()
+        self.pending: Hidden | None = None  # the block fed by the last forward, until keep() or discard()
 
     @classmethod
     @torch.no_grad()
-    def prefill(
-        cls, body: nn.Module, rows: list[list[int]], feature_layer: int = -1
-    ) -> tuple[Stream, Hidden]:
-        """A stream over the token ids ``rows``, left-padded into one forward, and the hidden states
-        of each row's last token (``[B, H]``)."""
+    def prefill(cls, body: nn.Module, rows: list[list[int]], feature_layer: int = -1) -> Stream:
+        """A stream over the token ids ``rows``, left-padded into one forward."""
         from transformers import DynamicCache
 
         device = next(body.parameters()).device
@@ -104,8 +106,7 @@ class Stream:
             output_hidden_states=feature_layer != -1,
             **{cache_argument(type(body)): cache},
         )
-        stream = cls(body, cache, mask, mask.sum(1), feature_layer)
-        return stream, Hidden.of(out, feature_layer)[:, -1]
+        return cls(body, cache, mask, mask.sum(1), feature_layer, Hidden.of(out, feature_layer)[:, -1])
 
     @property
     def batch_size(self) -> int:
@@ -118,7 +119,8 @@ class Stream:
     def forward(self, tokens: torch.Tensor) -> Hidden:
         """Feed ``tokens`` (``[B, k]``) as candidates for the next position; returns ``[B, k, H]``.
 
-        With ``k == 1`` this is an ordinary decoding step. Call :meth:`keep` before the next forward.
+        With ``k == 1`` this is an ordinary decoding step. Call :meth:`keep` or :meth:`discard`
+        before the next forward.
         """
         batch, k = tokens.shape
         mask = None  # one token and nothing to hide: the attention kernel's fast path
@@ -136,20 +138,24 @@ class Stream:
             output_hidden_states=self.feature_layer != -1,
             **{cache_argument(type(self.body)): self.cache},
         )
-        self._block = k
-        return Hidden.of(out, self.feature_layer)
+        self.pending = Hidden.of(out, self.feature_layer)
+        return self.pending
 
     @torch.no_grad()
     def keep(self, choice: torch.Tensor | None = None) -> None:
         """Keep the cache entry of candidate ``choice[b]`` of every row (the only one when ``k == 1``)."""
-        k, self._block = self._block, 0
+        block, self.pending = self.pending, None
+        k = block.last.shape[1]
+        rows = torch.arange(self.batch_size, device=self.mask.device)
         if k > 1:
             start = self.mask.shape[1]
-            rows = torch.arange(self.batch_size, device=self.mask.device)
             for layer, name in self._tensors():
                 kv = getattr(layer, name)
                 kv[:, :, start] = kv[rows, :, start + choice]
                 setattr(layer, name, kv[:, :, : start + 1])
+            self.last = block[rows, choice]
+        else:
+            self.last = block[:, 0]
         real = torch.ones((self.batch_size, 1), dtype=torch.bool, device=self.mask.device)
         self.mask = torch.cat([self.mask, real], dim=1)
         self.positions = self.positions + 1
@@ -157,17 +163,36 @@ class Stream:
     @torch.no_grad()
     def discard(self) -> None:
         """Drop the block fed by the last forward without keeping any of it."""
-        k, self._block = self._block, 0
-        if k:
+        if self.pending is not None:
+            self.pending = None
             start = self.mask.shape[1]
             for layer, name in self._tensors():
                 setattr(layer, name, getattr(layer, name)[:, :, :start])
+
+    @torch.no_grad()
+    def advance(self, choice: torch.Tensor, token: torch.Tensor) -> None:
+        """Move every row one token on: keep candidate ``choice`` of a block fed for scoring, or
+        feed ``token`` (``[B]``) when none was."""
+        if self.pending is not None:
+            self.keep(choice)
+        else:
+            self.forward(token[:, None])
+            self.keep()
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Drop any pending block and feed ``tokens`` (``[B, n]``), one position at a time."""
+        self.discard()
+        for j in range(tokens.shape[1]):
+            self.forward(tokens[:, j : j + 1])
+            self.keep()
 
     @torch.no_grad()
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows``, and drop leading columns that are padding in every remaining row."""
         self.mask = self.mask[rows]
         self.positions = self.positions[rows]
+        self.last = self.last[rows]
         start = int(self.mask.any(0).to(torch.int8).argmax())
         for layer, name in self._tensors():
             setattr(layer, name, getattr(layer, name)[rows, :, start:])
@@ -190,7 +215,8 @@ class Stream:
                 kv = getattr(*s._tensors()[index])
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
-        return cls(first.body, first.cache, mask, positions, first.feature_layer)
+        last = Hidden.cat([s.last for s in streams])
+        return cls(first.body, first.cache, mask, positions, first.feature_layer, last)
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lenvm.decoding.scoring import Stream
+from lenvm.decoding.streams import Stream
 from lenvm.model import LengthValueModel
 
 PROMPTS = [[5, 17, 30, 41, 52, 60, 7], [9, 12], [100, 101, 102, 103]]  # different lengths: padding
@@ -24,12 +24,12 @@ def alone(body, ids):
 def batch(body, together, feature_layer=-1):
     """The prompts prefilled in one padded forward, or one by one and then merged."""
     if together:
-        return Stream.prefill(body, PROMPTS, feature_layer)[0]
-    return Stream.cat([Stream.prefill(body, [p], feature_layer)[0] for p in PROMPTS])
+        return Stream.prefill(body, PROMPTS, feature_layer)
+    return Stream.cat([Stream.prefill(body, [p], feature_layer) for p in PROMPTS])
 
 
 def test_prefill_gives_each_rows_last_hidden_state(body):
-    _, hidden = Stream.prefill(body, PROMPTS)
+    hidden = Stream.prefill(body, PROMPTS).last
     assert hidden.features is hidden.last  # the final layer: no second tensor
     for row, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(hidden.last[row], alone(body, prompt), atol=1e-4, rtol=0)
@@ -65,6 +65,9 @@ def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):
     choice = torch.tensor([2, 0, 3])
     stream.keep(choice)
     assert stream.mask.shape[1] == max(map(len, PROMPTS)) + 1
+    for row, prompt in enumerate(PROMPTS):  # the kept candidate's state is the stream's last
+        expected = alone(body, prompt + [int(CANDIDATES[row, choice[row]])])
+        torch.testing.assert_close(stream.last.last[row], expected, atol=1e-4, rtol=0)
     nxt = torch.tensor([[11], [12], [13]])
     hidden = stream.forward(nxt).last
     stream.keep()
@@ -86,9 +89,27 @@ def test_select_and_cat_keep_rows_exact(body):
     stream = batch(body, True)
     stream.select(torch.tensor([2, 1]))  # the longest prompt leaves: common padding is trimmed
     assert stream.mask.shape[1] == 4
-    joined = Stream.cat([stream, Stream.prefill(body, [PROMPTS[0]])[0]])
+    joined = Stream.cat([stream, Stream.prefill(body, [PROMPTS[0]])])
     hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]])).last
     for row, prompt in enumerate([PROMPTS[2], PROMPTS[1], PROMPTS[0]]):
         for j in range(2):
             expected = alone(body, prompt + [40 + 2 * row + j])
             torch.testing.assert_close(hidden[row, j], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_advance_keeps_a_scored_candidate_or_feeds_the_token(body, scored):
+    """advance() moves a stream one token on whether or not a candidate block was fed; feed()
+    appends tokens that were never candidates, dropping a pending block."""
+    stream = batch(body, True)
+    choice = torch.tensor([1, 3, 0])
+    token = CANDIDATES.gather(1, choice[:, None])[:, 0]
+    if scored:
+        stream.forward(CANDIDATES)
+    stream.advance(choice, token)
+    assert stream.pending is None
+    stream.forward(CANDIDATES)
+    stream.feed(torch.tensor([[7, 8], [7, 8], [7, 8]]))
+    for row, prompt in enumerate(PROMPTS):
+        expected = alone(body, prompt + [int(token[row]), 7, 8])
+        torch.testing.assert_close(stream.last.last[row], expected, atol=1e-4, rtol=0)

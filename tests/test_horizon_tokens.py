@@ -5,9 +5,9 @@ import torch
 from conftest import synthetic_records
 
 from lenvm import LengthValueModel
-from lenvm.inspect import token_values
+from lenvm.horizon_tokens import LengthTokenStats, length_token_stats
 from lenvm.io import InputError
-from lenvm.length_tokens import LengthTokenStats, length_token_stats
+from lenvm.values_view import token_values
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import numpy as np
 
 from lenvm.dataset import examples_from_records
-from lenvm.inspect import state_values
 from lenvm.io import InputError, atomic_path
 from lenvm.model import LengthValueModel
 from lenvm.returns import td_residual
+from lenvm.values_view import state_values
 
 Direction = Literal["longer", "shorter"]
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from lenvm.bench import scoring
-from lenvm.bench.scoring import length_deviation, length_score
+from lenvm.bench import lifebench_score
+from lenvm.bench.lifebench_score import length_deviation, length_score
 
 
 def test_equal_to_overshoot():
@@ -63,7 +63,7 @@ def test_summary_averages_within_target_then_over_targets():
         _item("prompt", "at_most", 32, 16),
         _item("lenvm-ours", "at_least", 32, 16),
     ]
-    summary = scoring.summarize(items)
+    summary = lifebench_score.summarize(items)
     eq = summary["prompt"]["equal_to"]
     # target 32: mean |LD| 0.25; target 64: 0.5 -> 0.375 (not the item mean 1/3)
     assert eq["deviation"] == pytest.approx(0.375)
@@ -79,12 +79,12 @@ def test_summary_averages_within_target_then_over_targets():
 
 
 def test_table2_layout():
-    items = [_item("prompt", c, 32, 48) for c in scoring.CONSTRAINTS]
-    table = scoring.table2(scoring.summarize(items), {"prompt": "prompt only"})
+    items = [_item("prompt", c, 32, 48) for c in lifebench_score.CONSTRAINTS]
+    table = lifebench_score.table2(lifebench_score.summarize(items), {"prompt": "prompt only"})
     header, rule, row = table.strip().splitlines()
     assert header == "| method | Equal To deviation | Equal To LS | At Most LS | At Least LS |"
     assert row == "| prompt only | 50% | 36.8 | 36.8 | 100.0 |"
-    by_target = scoring.breakdown_table(scoring.summarize(items), "by_target")
+    by_target = lifebench_score.breakdown_table(lifebench_score.summarize(items), "by_target")
     assert "36.8 (50%)" in by_target
 
 
@@ -100,6 +100,6 @@ def test_endings_count_chosen_eos_and_natural_ones():
         }
         for r, p in [("stop", 0.5), ("stop", 0.001), ("cap", 0.2), ("length", None)]
     ]
-    metrics = scoring.summarize(items)["m"]["equal_to"]
+    metrics = lifebench_score.summarize(items)["m"]["equal_to"]
     assert metrics["ended"] == 0.5  # a hard cap is not an ending the model or policy chose
     assert metrics["natural_end"] == 0.25  # of those, only p(EOS) 0.5 passes 0.05

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lenvm import LengthValueModel
-from lenvm.inspect import ValueTrace, render_html, token_values
 from lenvm.io import InputError, write_text
 from lenvm.prompts import encode_prompt
 from lenvm.returns import length_to_value, td_residual
+from lenvm.values_view import ValueTrace, render_html, token_values
 
 PROMPT = "Explain why the sky is blue in one sentence."
 TEXT = "The quick brown fox jumps over the lazy dog."

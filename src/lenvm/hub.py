@@ -40,6 +40,25 @@ BUILTIN_MODELS = {
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (``float32``, ``bfloat16``, ``float16``) or itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or the first accelerator when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return (
+        torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    )
 
 
 def cache_dir() -> Path:
@@ -153,13 +172,17 @@ def load_tokenizer(name: str | os.PathLike):
 
 
 def load_generator(
-    name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    name: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float32,
 ):
-    """Load a causal LM and its tokenizer by folder, alias or hub id, in eval mode."""
+    """Load a causal LM and its tokenizer by folder, alias or hub id, in eval mode, on ``device``
+    (default: :func:`default_device`)."""
     from transformers import AutoModelForCausalLM
 
     location = resolve(name)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype))
+    model = model.to(default_device(device)).eval()
     model.name_or_path = str(name)
     return model, load_tokenizer(location)
 

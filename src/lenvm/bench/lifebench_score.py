@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lenvm.bench.common import markdown_table
-from lenvm.decoding.engine import NATURAL_EOS
+from lenvm.decoding.params import NATURAL_EOS
 
 CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
 CONSTRAINT_LABELS = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}

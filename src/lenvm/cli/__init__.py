@@ -1,0 +1,410 @@
+"""The ``lenvm`` command line: one thin command per library entry point.
+
+Benchmarks declare their own subcommands (``lenvm.bench``); the flags that several commands share
+are declared once (:mod:`lenvm.cli.options`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+from pathlib import Path
+
+from lenvm.cli import options
+from lenvm.io import InputError
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _gamma(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gamma must be 'auto' or a number, got {text!r}") from None
+
+
+def _prompts_from_args(args) -> list:
+    from lenvm.prompts import as_prompt, read_prompts
+
+    if getattr(args, "prompts", None):
+        return read_prompts(args.prompts)
+    if getattr(args, "prompt", None) is not None:
+        return [as_prompt(args.prompt)]
+    raise InputError("give --prompt TEXT or --prompts FILE.jsonl")
+
+
+def _load_lenvm(args, generator=None):
+    from lenvm.model import LengthValueModel
+
+    return LengthValueModel.from_pretrained(
+        args.lenvm, generator=generator, device=args.device, dtype=args.dtype
+    )
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_rollout(args) -> None:
+    from lenvm.rollouts import rollout
+
+    summary = rollout(
+        args.model,
+        _prompts_from_args(args),
+        args.out,
+        n=args.n,
+        sampling=options.sampling_from_args(args),
+        batch_size=args.batch_size,
+        backend=args.backend,
+        base_url=args.base_url,
+        api_model=args.api_model,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(json.dumps(summary.to_dict(), indent=2, default=str))
+
+
+def cmd_train(args) -> None:
+    from lenvm.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    config = TrainConfig(
+        **{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    )
+    result = train(
+        args.rollouts,
+        args.base,
+        args.out,
+        config,
+        eval_rollouts=args.eval_rollouts,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if result.metrics:
+        summary = {
+            "out": str(result.path),
+            "gamma": result.gamma,
+            "metrics": result.metrics,
+            "data": result.data.to_dict(),
+            "seconds": round(result.seconds, 1),
+            "train_tokens_per_second": round(result.tokens_per_second),
+        }
+        print(json.dumps(summary, indent=2))
+
+
+def cmd_predict(args) -> None:
+    lenvm = _load_lenvm(args)
+    prompts = _prompts_from_args(args)
+    lengths = lenvm.predict_length(prompts, batch_size=args.batch_size)
+    for prompt, length in zip(prompts, lengths, strict=True):
+        if args.json:
+            print(json.dumps({"id": prompt.id, "predicted_length": round(length, 2)}))
+        else:
+            print(f"{prompt.id}\t{length:.1f}")
+
+
+def cmd_values(args) -> None:
+    from lenvm.io import write_text
+    from lenvm.values_view import render_html, token_values
+
+    trace = token_values(_load_lenvm(args), args.prompt, args.completion, finished=not args.unfinished)
+    if args.html:
+        write_text(args.html, render_html(trace))
+        print(f"wrote {args.html}", file=sys.stderr)
+    print(json.dumps(trace.to_dict(), indent=None if args.html else 2, ensure_ascii=False))
+
+
+def _control(args):
+    from lenvm.decoding import Control
+
+    # Control says which kinds take these
+    extra = {"rule": args.rule, "best_of": args.best_of, "retries": args.retries}
+    if args.equal_to is not None:
+        return Control("equal_to", target=args.equal_to, hard_cap_slack=args.hard_cap_slack, **extra)
+    if args.at_most is not None:
+        return Control("at_most", target=args.at_most, hard_cap_slack=args.hard_cap_slack, **extra)
+    if args.at_least is not None:
+        return Control("at_least", target=args.at_least, **extra)
+    if args.tilt is not None:
+        return Control("tilt", beta=args.tilt, **extra)
+    return Control(**extra)
+
+
+def cmd_generate(args) -> None:
+    from lenvm.decoding import Engine, Request
+    from lenvm.hub import load_generator
+
+    control = _control(args)
+    if control.active and not args.lenvm:
+        raise InputError("a length control needs a LenVM (--lenvm)")
+    prompts = _prompts_from_args(args)
+    model, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
+    lenvm = _load_lenvm(args, generator=(model, tokenizer)) if args.lenvm else None
+    sampling = options.sampling_from_args(args, lenvm.config.sampling if lenvm is not None else None)
+    requests = [Request(p, sampling, control=control, return_values=args.values) for p in prompts]
+    engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
+    results = engine.generate(requests, batch_size=args.batch_size, progress=len(requests) > 1)
+    for prompt, result in zip(prompts, results, strict=True):
+        if args.json or len(prompts) > 1:
+            record = {
+                "id": prompt.id,
+                "text": result.text,
+                "num_tokens": result.num_tokens,
+                "finish_reason": result.finish_reason,
+                "mean_logprob": round(result.mean_logprob, 4),
+                "eos_prob": result.eos_prob,
+                "retries": result.retries,
+                "decoded_tokens": result.decoded_tokens,
+            }
+            if args.values:
+                record["values"] = result.values
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        print(result.text)
+        print(
+            f"\n[{result.num_tokens} tokens, finish: {result.finish_reason}, "
+            f"mean log-prob {result.mean_logprob:.3f}"
+            + ("" if result.eos_prob is None else f", generator p(EOS) at the end {result.eos_prob:.3f}")
+            + (f", end resampled {result.retries}x" if result.retries else "")
+            + "]",
+            file=sys.stderr,
+        )
+        if args.values:
+            print(json.dumps({"values": result.values}), file=sys.stderr)
+
+
+def cmd_models(args) -> None:
+    from lenvm import hub
+
+    if args.action == "list":
+        for m in hub.list_models():
+            state = "prepared" if m["prepared"] else "not prepared"
+            print(f"{m['name']}\t{state}\t{m['description']}\t{m['path']}")
+    else:
+        print(hub.prepare(args.name))
+
+
+def cmd_demo(args) -> None:
+    from lenvm.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=Path(args.out),
+        prompts=args.num_prompts,
+        n=args.n,
+        eval_samples=args.eval_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        model=args.model,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    run_demo(config)
+
+
+def cmd_bench(args) -> None:
+    """Each ``lenvm bench`` subcommand runs its module's ``main``; then its table is shown."""
+    args.bench_module.main(args)
+    table = Path(args.out) / args.bench_module.TABLE
+    if table.is_file():
+        print(table.read_text(encoding="utf-8"))
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lenvm import __version__
+    from lenvm.demo import DemoConfig
+    from lenvm.model import KINDS
+    from lenvm.train import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lenvm",
+        description="Length Value Models: predict and control how long a language model will talk.",
+    )
+    parser.add_argument("--version", action="version", version=f"lenvm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("rollout", help="sample n completions per prompt from a generator")
+    options.add_model(p)
+    p.add_argument("--prompts", required=True, help="JSONL: {'prompt': ...} or {'messages': [...]}")
+    p.add_argument("--out", required=True, help="rollouts JSONL (appended; a rerun resumes)")
+    p.add_argument("--n", type=int, default=4, help="completions per prompt")
+    options.add_sampling(p, seed_help="every completion's seed derives from it (default 0)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="completions decoded at once (requests in flight)"
+    )
+    p.add_argument("--backend", choices=["hf", "openai"], default="hf")
+    p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", help="model name on the server (default: --model)")
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("train", help="train a LenVM on rollouts")
+    p.add_argument("--rollouts", required=True)
+    p.add_argument(
+        "--eval-rollouts",
+        help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
+    )
+    options.add_model(p, "--base", help="generator (attached, q) or backbone (standalone)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kind", choices=KINDS, default=TrainConfig.kind)
+    p.add_argument("--gamma", type=_gamma, help="'auto' (p99 rule, default) or a number")
+    p.add_argument("--truncated", choices=["bootstrap", "drop"], default=TrainConfig.truncated)
+    p.add_argument(
+        "--eval-fraction", type=float, default=TrainConfig.eval_fraction, help="share of prompts held out"
+    )
+    p.add_argument(
+        "--freeze-backbone", action="store_const", const=True, help="standalone: train the head only"
+    )
+    p.add_argument("--epochs", type=int, help="default: 30 for a head, 2 for fine-tuning")
+    p.add_argument("--lr", type=float, help="default: 1e-3 for a head, 2e-5 for fine-tuning")
+    p.add_argument(
+        "--batch-tokens", type=int, default=TrainConfig.batch_tokens, help="head training: positions per step"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=TrainConfig.batch_size, help="fine-tuning: sequences per process"
+    )
+    p.add_argument("--grad-accum", type=int, default=TrainConfig.grad_accum)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
+    p.add_argument("--head-hidden-size", type=int)
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        help="the backbone layer the head reads (-1: the last; default: 60%% depth for attached "
+        "and q heads, the last for standalone)",
+    )
+    p.add_argument("--max-length", type=int, help="drop sequences longer than this")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict total answer length from the prompt alone")
+    p.add_argument("--lenvm", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompts")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    options.add_device(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
+    p.add_argument("--lenvm", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--completion", required=True)
+    p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
+    p.add_argument("--html", help="also write a self-contained HTML view here")
+    options.add_device(p)
+    p.set_defaults(func=cmd_values)
+
+    p = sub.add_parser("generate", help="generate text, optionally steered to a length by a LenVM")
+    options.add_model(p)
+    p.add_argument("--lenvm", help="LenVM folder (needed for a length control)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompts", help="JSONL file; prints one JSON line per prompt")
+    control = p.add_mutually_exclusive_group()
+    control.add_argument("--equal-to", type=int, metavar="N", help="aim at exactly N tokens")
+    control.add_argument("--at-most", type=int, metavar="N", help="stay within N tokens")
+    control.add_argument("--at-least", type=int, metavar="N", help="write at least N tokens")
+    control.add_argument(
+        "--tilt",
+        type=float,
+        metavar="BETA",
+        help="p'(x) ~ p(x) exp(BETA v(x)); positive BETA favours shorter outputs",
+    )
+    p.add_argument("--rule", choices=["ours", "paper"], default="ours")
+    p.add_argument("--hard-cap-slack", type=int, help="force EOS at N + slack tokens (off by default)")
+    p.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        help="--equal-to: sample K answers, keep the natural ending closest to N (K times the cost)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="--equal-to: resample the end of an answer that does not end naturally up to R times "
+        "(default: Control's default for the rule, 0 for paper)",
+    )
+    options.add_sampling(p, seed_help="default: a fresh random stream per request")
+    options.add_decoding(p, batch_size=8)
+    p.add_argument("--values", action="store_true", help="also print the value after each token")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list or prepare built-in models")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    prep = msub.add_parser("prepare")
+    prep.add_argument("name")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
+    p.add_argument("--out", default=str(DemoConfig.out))
+    options.add_model(p)
+    p.add_argument("--num-prompts", type=int, default=DemoConfig.prompts)
+    p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per training prompt")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=DemoConfig.eval_samples,
+        help="completions per held-out prompt (their mean is the ground truth)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=DemoConfig.temperature)
+    p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    p.set_defaults(func=cmd_demo)
+
+    _add_bench_parser(sub)
+    return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from lenvm.bench import COMMANDS
+
+    bench = sub.add_parser("bench", help="the paper's experiments, speed and Q-head agreement")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for module in COMMANDS:
+        p = bsub.add_parser(module.COMMAND, help=module.HELP)
+        default_out = "results/" + module.COMMAND.replace("-", "_")
+        p.add_argument("--out", default=default_out, help="results folder (a rerun resumes)")
+        options.add_model(p)
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        module.add_arguments(p)
+        p.set_defaults(func=cmd_bench, bench_module=module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        args.func(args)
+    except InputError as err:
+        print(f"lenvm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            print(
+                "lenvm: error: no space left on the device; finished files are intact and the "
+                "same command resumes once space is freed",
+                file=sys.stderr,
+            )
+            return 28
+        raise
+    except KeyboardInterrupt:
+        print("lenvm: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

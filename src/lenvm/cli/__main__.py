@@ -1,0 +1,5 @@
+import sys
+
+from lenvm.cli import main
+
+sys.exit(main())

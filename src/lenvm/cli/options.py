@@ -1,0 +1,64 @@
+"""Flags that several commands share, declared once with one set of defaults.
+
+The sampling flags default to None, so that a command can tell a flag the user gave from one
+left out: left out, a flag takes the policy a LenVM was trained on where a LenVM is involved
+(its values describe that policy only), else :class:`~lenvm.decoding.SamplingParams`' default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lenvm.decoding.params import SamplingParams
+from lenvm.hub import DEFAULT_MODEL, DTYPES
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p")
+_DEFAULTS = SamplingParams()
+
+
+def add_model(parser: argparse.ArgumentParser, flag: str = "--model", help: str | None = None) -> None:
+    """The generator to load, and where and how to load every model of the command."""
+    parser.add_argument(
+        flag, default=DEFAULT_MODEL, help=help or "generator: folder, hub id or built-in alias"
+    )
+    add_device(parser)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="torch device for the models (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+
+
+def add_sampling(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """The decoding policy: temperature, truncation, length and seed."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float, help=f"0 is greedy (default {_DEFAULTS.temperature:g}*)")
+    group.add_argument("--top-p", type=float, help=f"nucleus mass, 1 is off (default {_DEFAULTS.top_p:g}*)")
+    group.add_argument("--top-k", type=int, help=f"0 is off (default {_DEFAULTS.top_k}*)")
+    group.add_argument("--min-p", type=float, help=f"0 is off (default {_DEFAULTS.min_p:g}*)")
+    group.add_argument(
+        "--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, help="most tokens an answer may take"
+    )
+    group.add_argument("--seed", type=int, help=seed_help)
+    group.description = "* left out: the LenVM's training policy where a LenVM is used, else this default"
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags the user gave (temperature, top_p, top_k, min_p), by name."""
+    return {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
+
+
+def sampling_from_args(args: argparse.Namespace, policy: dict[str, Any] | None = None) -> SamplingParams:
+    """The :class:`SamplingParams` of the flags; flags left out take ``policy`` (a LenVM's training
+    policy), then the defaults."""
+    trained = {k: v for k, v in (policy or {}).items() if k in SAMPLING_FLAGS}
+    return SamplingParams(
+        **{**trained, **sampling_overrides(args)}, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+
+
+def add_decoding(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """How guided decoding runs: candidates per step and rows per batch."""
+    parser.add_argument("--num-candidates", type=int, default=8, help="candidates a control weighs per step")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="requests decoded at once")

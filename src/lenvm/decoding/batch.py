@@ -1,0 +1,116 @@
+"""The running batch: the rows being decoded, their KV caches, and one step for all of them.
+
+Rows are left-padded into one batch; a finished row leaves at once and a waiting one takes its
+place (the engine decides which). The generator's stream always covers every row; the LenVM's
+scorer joins when some row needs values (a control, or ``return_values``) and covers every row
+from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lenvm.decoding import policies
+from lenvm.decoding.scorers import Scorer
+from lenvm.decoding.sequence import Sequence
+from lenvm.decoding.step import Rows, decide, forced_eos
+from lenvm.decoding.streams import Stream
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]
+    gen: Stream  # the generator's body over every row
+    scorer: Scorer | None  # the LenVM's values, while some row needs them
+    rows: Rows
+    uniforms: torch.Tensor  # [B, W] float64: each row's random draws, one per step
+
+    @classmethod
+    def join(cls, engine, batch: Batch | None, joining: list[Sequence]) -> Batch:
+        """Prefill the joining rows (prompts, and the kept tokens of a retry), then merge them into
+        the running ``batch`` (None: start one)."""
+        contexts = [seq.context for seq in joining]
+        gen = Stream.prefill(engine.body, contexts, engine.generator_features)
+        seqs = joining if batch is None else batch.seqs + joining
+        scorer = None
+        if engine.lenvm is not None and any(_needs_values(s) for s in seqs):
+            scorer = engine.scorer_type.prefill(engine.lenvm, contexts, gen, naive=engine.naive)
+            if batch is not None and batch.scorer is None:  # the first row that needs values
+                batch.scorer = engine.scorer_type.prefill(
+                    engine.lenvm, [s.context for s in batch.seqs], batch.gen, naive=engine.naive
+                )
+        if batch is not None:
+            gen = Stream.cat([batch.gen, gen])
+            if scorer is not None:
+                scorer = Scorer.cat([batch.scorer, scorer], source=gen)
+        return cls(seqs, gen, scorer, Rows.build(*_settings(seqs), engine.device), _uniforms(seqs))
+
+    def leave(self, engine, finished: list[int]) -> Batch | None:
+        """The batch without the ``finished`` rows (None when none is left)."""
+        done = set(finished)
+        keep = [i for i in range(len(self.seqs)) if i not in done]
+        if not keep:
+            return None
+        index = torch.tensor(keep, device=engine.device)
+        seqs = [self.seqs[i] for i in keep]
+        self.gen.select(index)
+        scorer = self.scorer
+        if scorer is not None:
+            scorer.select(index)
+            if not any(_needs_values(s) for s in seqs):
+                scorer = None
+        return Batch(seqs, self.gen, scorer, Rows.build(*_settings(seqs), engine.device), _uniforms(seqs))
+
+    def step(self, engine) -> list[int]:
+        """Generate one token for every row; returns the rows that finished."""
+        r = self.rows
+        logits = engine.lm_head(self.gen.last.last).float()
+        uniform = self.uniforms.gather(1, r.step[:, None])[:, 0]
+        gamma = engine.lenvm.gamma if engine.lenvm is not None else None
+        d = decide(logits, r, self.scorer, engine.num_candidates, engine.eos, gamma, uniform)
+        # A batch of plain rows has its tokens in slot 0 already.
+        choice = policies.choose(d.dist, uniform, r.greedy) if r.any_guided else torch.zeros_like(d.ids[:, 0])
+        token = d.ids.gather(1, choice[:, None])[:, 0]
+        forced = torch.zeros_like(token, dtype=torch.bool)
+        if r.any_cap:
+            at_cap, eos = forced_eos(logits, r, engine.eos)
+            forced = at_cap & ~torch.isin(token, engine.eos)
+            token = torch.where(forced, eos, token)
+        value = None
+        if d.values is not None:
+            value = d.values.gather(1, choice[:, None])[:, 0].masked_fill(forced, 0.0)
+
+        # Advance: the caches keep the chosen token only.
+        self.gen.advance(choice, token)
+        if self.scorer is not None:
+            self.scorer.advance(choice, token)
+        r.step += 1
+
+        # For mean_logprob: the generator's own distribution (temperature 1, untruncated).
+        logprob = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
+        # One host transfer per step.
+        columns = [token, forced, logprob] + ([value] if value is not None else [])
+        host = torch.stack([c.double() for c in columns]).tolist()
+        finished = []
+        for row, seq in enumerate(self.seqs):
+            v = host[3][row] if value is not None else 0.0
+            if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, engine.eos_set):
+                finished.append(row)
+        return finished
+
+
+def _needs_values(seq: Sequence) -> bool:
+    return seq.control.active or seq.request.return_values
+
+
+def _settings(seqs: list[Sequence]):
+    return [s.request.sampling for s in seqs], [s.control for s in seqs], [len(s.tokens) for s in seqs]
+
+
+def _uniforms(seqs: list[Sequence]) -> torch.Tensor:
+    width = max(len(s.uniforms) for s in seqs)
+    return torch.stack(
+        [torch.nn.functional.pad(s.uniforms, (0, width - len(s.uniforms)), value=0.5) for s in seqs]
+    )

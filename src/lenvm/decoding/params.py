@@ -1,0 +1,230 @@
+"""What a caller asks of decoding and what it gets back: sampling settings, length controls,
+requests and results. One set of types for the engine, rollouts, benchmarks and processors.
+
+    SamplingParams(temperature=0.7, max_new_tokens=256, seed=0)
+    Control("equal_to", target=64)
+    Request("Describe the sea.", SamplingParams(seed=1), control=Control("at_most", target=40))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from lenvm.io import InputError, is_int, is_real
+from lenvm.prompts import Messages, Prompt
+
+ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
+CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
+TARGET_KINDS = ("equal_to", "at_most", "at_least")
+RULES = ("ours", "paper")
+# An ending counts as natural when the generator itself gave its EOS at least this probability.
+NATURAL_EOS = 0.05
+# Equal To (our rule) by default resamples the end of an answer that did not end naturally this
+# many times (see Control).
+DEFAULT_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The decoding policy of a request, validated here once for every caller.
+
+    ``temperature == 0`` is greedy; ``top_k == 0`` and ``min_p == 0`` are off; ``top_p == 1`` is
+    off. Filters apply in the order temperature, top-k, top-p, min-p (as in ``transformers``).
+    ``seed`` fixes the request's own random stream (None: a fresh one); a rollout derives each
+    completion's seed from it. ``ignore_eos`` never ends before ``max_new_tokens`` (for speed
+    measurements).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 1024
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (is_real(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must lie in (0, 1]"),
+            (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must lie in [0, 1)"),
+            (
+                is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                "max_new_tokens must be an integer >= 1",
+            ),
+            (
+                self.seed is None or (is_int(self.seed) and self.seed >= 0),
+                "seed must be an integer >= 0 or None",
+            ),
+            (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            got = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+            raise InputError(f"bad sampling parameters: {'; '.join(problems)} (got {got})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def policy(self) -> dict[str, Any]:
+        """The settings that define the decoding policy (what a LenVM trained on its samples
+        models), as stored with rollouts and LenVMs."""
+        policy = asdict(self)
+        del policy["ignore_eos"]
+        return policy
+
+
+@dataclass(frozen=True)
+class Control:
+    """A length control for one request.
+
+    ``equal_to``/``at_most``/``at_least`` take a ``target`` in output tokens (EOS not counted) and a
+    ``rule``: ``"ours"`` (the generator conditioned on the constraint, the default) or ``"paper"``
+    (the paper's one-hot rules over the usual candidates). ``tilt`` takes ``beta``:
+    ``p'(x) ∝ p(x)·exp(beta·v(x))``, a positive beta favours shorter continuations.
+    ``hard_cap_slack``: force EOS once ``target + slack`` tokens are out (the result then says
+    ``"cap"``); off by default, except that at_most with our rule treats its target as a hard
+    bound (slack 0).
+    ``best_of`` (equal_to only): sample that many answers (each with its own random stream) and
+    return the one that ends naturally (the generator gave its final EOS at least
+    ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
+    the decoding.
+    ``retries`` (equal_to only): when an answer does not end naturally, go back and resample its
+    end, at most this many times; retry ``a`` of ``R`` restarts at the start of the sentence
+    ``a / R`` of the target before the target (further back each time, where the text can still
+    turn toward a conclusion; the last retry from the beginning), and the result is the first
+    natural ending, or the attempt closest to the target if none is.
+    Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rule, 0 for the
+    paper's. ``natural_eos``: the generator's EOS probability from which an ending counts as
+    natural for retries and ``best_of``.
+    """
+
+    kind: ControlKind = "none"
+    target: int | None = None
+    beta: float | None = None
+    rule: Literal["ours", "paper"] = "ours"
+    hard_cap_slack: int | None = None
+    best_of: int = 1
+    retries: int | None = None
+    natural_eos: float = NATURAL_EOS
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTROL_KINDS:
+            raise InputError(f"unknown control {self.kind!r}; expected one of {CONTROL_KINDS}")
+        if self.rule not in RULES:
+            raise InputError(f"unknown control rule {self.rule!r}; expected one of {RULES}")
+        if self.kind in TARGET_KINDS:
+            if not is_int(self.target) or self.target < 1:
+                raise InputError(
+                    f"control {self.kind} needs a target of at least 1 token, got {self.target!r}"
+                )
+        elif self.target is not None:
+            raise InputError(f"control {self.kind!r} takes no target")
+        if self.kind == "tilt":
+            if not is_real(self.beta):
+                raise InputError(f"control tilt needs a finite beta, got {self.beta!r}")
+        elif self.beta is not None:
+            raise InputError(f"control {self.kind!r} takes no beta")
+        if not is_int(self.best_of) or self.best_of < 1:
+            raise InputError(f"best_of must be a positive integer, got {self.best_of!r}")
+        if self.best_of > 1 and self.kind != "equal_to":
+            raise InputError("best_of applies to equal_to controls only")
+        if self.retries is not None:
+            if not is_int(self.retries) or self.retries < 0:
+                raise InputError(f"retries must be a non-negative integer, got {self.retries!r}")
+            if self.retries > 0 and self.kind != "equal_to":
+                raise InputError("retries applies to equal_to controls only")
+        if self.hard_cap_slack is not None:
+            if self.kind not in ("equal_to", "at_most"):
+                raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
+            if not is_int(self.hard_cap_slack) or self.hard_cap_slack < 0:
+                raise InputError(
+                    f"hard_cap_slack must be a non-negative integer, got {self.hard_cap_slack!r}"
+                )
+        if not is_real(self.natural_eos) or not 0 <= self.natural_eos <= 1:
+            raise InputError(f"natural_eos must lie in [0, 1], got {self.natural_eos!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def max_retries(self) -> int:
+        """How many times an answer that did not end naturally has its end resampled."""
+        if self.retries is not None:
+            return self.retries
+        return DEFAULT_RETRIES if self.kind == "equal_to" and self.rule == "ours" else 0
+
+    @property
+    def wants_eos(self) -> bool:
+        """Whether EOS always joins the candidates, so the row can end at its target (our rules
+        for equal_to and at_most; the paper's rules keep the usual candidates)."""
+        return self.kind in ("equal_to", "at_most") and self.rule == "ours"
+
+    @property
+    def cap(self) -> int | None:
+        """Output tokens after which EOS is forced, if any."""
+        if self.hard_cap_slack is not None:
+            return self.target + self.hard_cap_slack
+        if self.kind == "at_most" and self.rule == "ours":
+            return self.target
+        return None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: a prompt, its sampling settings and an optional length control.
+    ``return_values`` asks for the LenVM value after every generated token."""
+
+    prompt: str | Messages | Prompt
+    sampling: SamplingParams = SamplingParams()
+    control: Control | None = None
+    return_values: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, SamplingParams):
+            raise InputError(
+                f"bad request: sampling must be a SamplingParams, got {type(self.sampling).__name__}"
+            )
+        if self.control is not None and not isinstance(self.control, Control):
+            raise InputError(f"bad request: control must be a Control, got {type(self.control).__name__}")
+
+
+@dataclass
+class Result:
+    """A generated completion.
+
+    ``token_ids`` end with the EOS token iff ``finish_reason`` is ``"stop"`` (the model or policy
+    ended) or ``"cap"`` (a hard cap forced EOS); ``num_tokens`` excludes it. ``values[i]`` is the
+    LenVM value after ``token_ids[i]`` (0 after EOS). ``mean_logprob`` is the mean log-probability
+    of ``token_ids`` under the generator's own distribution (softmax of its logits at temperature 1,
+    before truncation and control): a quality proxy that is comparable across controls.
+    ``eos_prob`` is the generator's own probability (same distribution) of the EOS that ended the
+    output, None when it did not end with EOS: a policy that ends answers where the generator
+    would not shows up as a low value. ``retries``: how many times the end was resampled
+    (:attr:`Control.retries`); ``decoded_tokens``: every token decoded for this result, the
+    discarded ends and the other ``best_of`` attempts included (its cost).
+    """
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    num_tokens: int
+    finish_reason: Literal["stop", "length", "cap"]
+    values: list[float] | None
+    mean_logprob: float
+    eos_prob: float | None = None
+    retries: int = 0
+    decoded_tokens: int = 0
+
+    @property
+    def natural(self) -> bool:
+        """Ended with an EOS the generator itself gave at least :data:`NATURAL_EOS`."""
+        return self.ended_above(NATURAL_EOS)
+
+    def ended_above(self, threshold: float) -> bool:
+        """Ended with an EOS the generator itself gave at least ``threshold``."""
+        return self.finish_reason == "stop" and (self.eos_prob or 0.0) >= threshold

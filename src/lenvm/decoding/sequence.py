@@ -1,0 +1,136 @@
+"""The engine's state for one request: its tokens so far, its random stream, and the attempts it
+made (Equal To's retries and ``best_of``).
+
+Each attempt draws from its own seeded random stream, one uniform number per step, so an answer
+does not depend on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lenvm.decoding.params import Control, Request, Result
+
+# Seed step between the attempts of a best_of request (a large odd number: distinct streams).
+ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class Sequence:
+    """One attempt at one request, as the engine decodes it."""
+
+    index: int  # of the request
+    attempt: int  # of a best_of request
+    request: Request
+    control: Control
+    prompt_ids: list[int]
+    rng: torch.Generator  # this attempt's random stream
+    uniforms: torch.Tensor  # [max_new_tokens]: one draw per step, from rng
+    tokens: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    eos_logprob: float | None = None  # the generator's log-probability of the final EOS
+    missed: list[Result] = field(default_factory=list)  # earlier ends that were not natural
+    decoded: int = 0
+
+    @classmethod
+    def start(cls, index: int, request: Request, prompt_ids: list[int], attempt: int, device) -> Sequence:
+        """Attempt ``attempt`` of request ``index``; a request without a seed gets a random one."""
+        seed = request.sampling.seed
+        seed = seed if seed is not None else int(torch.randint(2**62, ()))
+        rng = torch.Generator().manual_seed((seed + attempt * ATTEMPT_SEED_STEP) % 2**63)
+        control = request.control or Control()
+        uniforms = _uniforms(rng, request.sampling.max_new_tokens, device)
+        return cls(index, attempt, request, control, prompt_ids, rng, uniforms)
+
+    @property
+    def context(self) -> list[int]:
+        """Every token fed to the models so far: what a (re)admitted row prefills."""
+        return self.prompt_ids + self.tokens
+
+    def append(self, token: int, forced: bool, logprob: float, value: float, eos: set[int]) -> bool:
+        """Record one generated token; True when the request is finished."""
+        self.tokens.append(token)
+        self.values.append(value)
+        self.logprobs.append(logprob)
+        self.decoded += 1
+        if token in eos:
+            self.finish_reason = "cap" if forced else "stop"
+            self.eos_logprob = logprob
+        elif len(self.tokens) == self.request.sampling.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def result(self, tokenizer) -> Result:
+        ended = self.finish_reason in ("stop", "cap")
+        return Result(
+            prompt_token_ids=self.prompt_ids,
+            token_ids=list(self.tokens),
+            text=tokenizer.decode(self.tokens, skip_special_tokens=True),
+            num_tokens=len(self.tokens) - ended,
+            finish_reason=self.finish_reason,
+            values=list(self.values) if self.request.return_values else None,
+            mean_logprob=sum(self.logprobs) / len(self.tokens),
+            eos_prob=None if self.eos_logprob is None else math.exp(self.eos_logprob),
+            retries=len(self.missed),
+            decoded_tokens=self.decoded,
+        )
+
+    def may_retry(self, result: Result) -> bool:
+        """Whether this end is not natural and a retry is left (see :attr:`Control.retries`)."""
+        return not (
+            result.ended_above(self.control.natural_eos)
+            or self.request.sampling.ignore_eos
+            or len(self.missed) >= self.control.max_retries
+        )
+
+    def retry(self, result: Result, sentence_ends: frozenset[int]) -> None:
+        """Go back to resample the end of ``result`` (see :func:`retry_start`), with a fresh
+        stretch of this attempt's random stream."""
+        self.missed.append(result)
+        cut = retry_start(
+            self.tokens,
+            result.num_tokens,
+            self.control.target,
+            len(self.missed),
+            self.control.max_retries,
+            sentence_ends,
+        )
+        del self.tokens[cut:], self.values[cut:], self.logprobs[cut:]
+        self.finish_reason = self.eos_logprob = None
+        self.uniforms = _uniforms(self.rng, self.request.sampling.max_new_tokens, self.uniforms.device)
+
+    def final(self, result: Result) -> Result:
+        """The result to return: this end if natural, else the best of every end tried (with the
+        cost of them all)."""
+        if not self.missed:
+            return result
+        chosen = best_of([*self.missed, result], self.control.target, self.control.natural_eos)
+        return replace(chosen, retries=len(self.missed), decoded_tokens=self.decoded)
+
+
+def retry_start(
+    tokens: list[int], num_tokens: int, target: int, attempt: int, retries: int, sentence_ends: frozenset[int]
+) -> int:
+    """How many tokens of an answer retry ``attempt`` of ``retries`` keeps: it goes back
+    ``attempt / retries`` of the ``target`` from the target (or from the end of a shorter answer of
+    ``num_tokens``), then on back to the start of that sentence (just after a token in
+    ``sentence_ends``): where an answer decides what to say next, and so whether to conclude.
+    The last retry keeps nothing."""
+    back = math.ceil(attempt / retries * target)
+    cut = max(0, min(num_tokens, target) - back)
+    return next((i + 1 for i in range(cut - 1, -1, -1) if tokens[i] in sentence_ends), cut)
+
+
+def best_of(results: list[Result], target: int, natural_eos: float) -> Result:
+    """The result that ended naturally (the generator gave its EOS at least ``natural_eos``)
+    closest to ``target``; failing that, the closest; ties go to the first."""
+    return min(results, key=lambda r: (not r.ended_above(natural_eos), abs(r.num_tokens - target)))
+
+
+def _uniforms(rng: torch.Generator, n: int, device) -> torch.Tensor:
+    return torch.rand(n, generator=rng, dtype=torch.float64).to(device)

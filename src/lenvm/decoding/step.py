@@ -1,0 +1,191 @@
+"""One decoding step for a batch of rows, shared by every backend.
+
+    rows = Rows.build(samplings, controls, steps, device)
+    decision = decide(logits, rows, scorer, num_candidates, eos_ids, gamma, uniform)
+
+From the generator's next-token logits (``[B, V]``) to a distribution over candidate tokens:
+
+1. each row's sampling distribution (temperature, top-k, top-p, min-p; EOS masked for
+   ``ignore_eos`` rows);
+2. candidates: a controlled row takes its ``num_candidates`` most probable tokens (plus EOS where
+   the control must be able to end); a plain row draws its token with ``uniform`` (its only
+   candidate);
+3. the scorer gives the LenVM value of the state after each candidate (EOS: 0);
+4. each row's control policy turns the candidates' probabilities and values into a
+   distribution (:mod:`lenvm.decoding.policies`).
+
+The engine then draws from that distribution with each row's own random stream; a logits
+processor writes it into the logits its framework samples from. Either way a row whose control
+has a hard cap is sent its EOS at the cap (:func:`forced_eos`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lenvm.decoding import policies
+from lenvm.decoding.params import Control, SamplingParams
+from lenvm.decoding.scorers import Scorer
+
+NO_CAP = 2**62
+
+
+@dataclass
+class Rows:
+    """Per-row settings of a batch as tensors, built once whenever rows join or leave; ``step``
+    (tokens generated so far) moves on every step."""
+
+    temperature: torch.Tensor  # [B] float; 1 for greedy rows (their candidates use p at T = 1)
+    top_k: torch.Tensor  # [B] long, 0 = off
+    top_p: torch.Tensor  # [B] float
+    min_p: torch.Tensor  # [B] float
+    greedy: torch.Tensor  # [B] bool
+    ignore_eos: torch.Tensor  # [B] bool
+    step: torch.Tensor  # [B] long: tokens generated so far
+    target: torch.Tensor  # [B] long (0 when no target)
+    beta: torch.Tensor  # [B] float64
+    cap: torch.Tensor  # [B] long: EOS is forced once step reaches it
+    wants_eos: torch.Tensor  # [B] bool: EOS always joins the candidates (Control.wants_eos)
+    equal_ours: torch.Tensor  # [B] bool: equal_to under our rule (it wraps up at its target)
+    plain: torch.Tensor  # [B] bool: no control
+    groups: list[tuple[str, str, torch.Tensor]]  # (control kind, rule, rows)
+    # Which of the above are in use at all: a filter that no row needs costs nothing.
+    any_guided: bool
+    any_plain: bool
+    any_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_ignore_eos: bool
+    any_cap: bool
+    any_wants_eos: bool
+    any_equal_ours: bool
+
+    @classmethod
+    def build(
+        cls, samplings: list[SamplingParams], controls: list[Control | None], steps: list[int], device
+    ) -> Rows:
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        controls = [c or Control() for c in controls]
+        keys: dict[tuple[str, str], list[int]] = {}
+        for row, c in enumerate(controls):
+            keys.setdefault((c.kind, c.rule), []).append(row)
+        pairs = list(zip(controls, samplings, strict=True))
+        wants_eos = [c.wants_eos and not s.ignore_eos for c, s in pairs]
+        equal_ours = [c.kind == "equal_to" and c.rule == "ours" for c in controls]
+        caps = [NO_CAP if c.cap is None or s.ignore_eos else c.cap for c, s in pairs]
+        return cls(
+            temperature=col([s.temperature or 1.0 for s in samplings], torch.float32),
+            top_k=col([s.top_k for s in samplings], torch.long),
+            top_p=col([s.top_p for s in samplings], torch.float32),
+            min_p=col([s.min_p for s in samplings], torch.float32),
+            greedy=col([s.greedy for s in samplings], torch.bool),
+            ignore_eos=col([s.ignore_eos for s in samplings], torch.bool),
+            step=col(steps, torch.long),
+            target=col([c.target or 0 for c in controls], torch.long),
+            beta=col([c.beta or 0.0 for c in controls], torch.float64),
+            cap=col(caps, torch.long),
+            wants_eos=col(wants_eos, torch.bool),
+            equal_ours=col(equal_ours, torch.bool),
+            plain=col([not c.active for c in controls], torch.bool),
+            groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
+            any_guided=any(c.active for c in controls),
+            any_plain=not all(c.active for c in controls),
+            any_greedy=any(s.greedy for s in samplings),
+            any_top_k=any(s.top_k > 0 for s in samplings),
+            any_top_p=any(s.top_p < 1 for s in samplings),
+            any_min_p=any(s.min_p > 0 for s in samplings),
+            any_ignore_eos=any(s.ignore_eos for s in samplings),
+            any_cap=any(cap < NO_CAP for cap in caps),
+            any_wants_eos=any(wants_eos),
+            any_equal_ours=any(equal_ours),
+        )
+
+    def wrapping_up(self) -> bool:
+        """Whether some Equal To row (our rule) has reached its target: its policy then looks one
+        step ahead when the scorer can tell the generator's EOS probability after a candidate."""
+        return self.any_equal_ours and bool((self.equal_ours & (self.step >= self.target)).any())
+
+
+@dataclass
+class Decision:
+    """The outcome of :func:`decide` for ``B`` rows."""
+
+    ids: torch.Tensor  # [B, k] candidate ids (a plain row: its sampled token in slot 0)
+    dist: torch.Tensor  # [B, k] float64: the policy's distribution over them
+    values: torch.Tensor | None  # [B, k] the LenVM values of the candidates (None without a scorer)
+
+
+def decide(
+    logits: torch.Tensor,
+    rows: Rows,
+    scorer: Scorer | None,
+    num_candidates: int,
+    eos_ids: torch.Tensor,
+    gamma: float | None,
+    uniform: torch.Tensor | None = None,
+) -> Decision:
+    """One step for every row (see the module doc). ``logits``: ``[B, V]`` float; ``uniform``:
+    ``[B]`` draws in [0, 1), needed where some row is plain (it samples here); ``scorer``: None
+    when no row needs the LenVM."""
+    allowed = logits
+    if rows.any_ignore_eos:
+        allowed = logits.clone()
+        allowed[:, eos_ids] = logits[:, eos_ids].masked_fill(rows.ignore_eos[:, None], -float("inf"))
+    probs = policies.truncate(
+        allowed,
+        rows.temperature,
+        rows.top_k if rows.any_top_k else None,
+        rows.top_p if rows.any_top_p else None,
+        rows.min_p if rows.any_min_p else None,
+    )
+    sampled = None
+    if rows.any_plain:
+        sampled = policies.choose(probs, uniform, rows.greedy if rows.any_greedy else None)
+    if rows.any_guided:
+        ids, cand_probs = policies.top_candidates(
+            logits,
+            probs,
+            num_candidates,
+            eos_ids,
+            rows.wants_eos if rows.any_wants_eos else None,
+            rows.temperature,
+        )
+        if sampled is not None:  # plain rows: the sampled token alone, other slots unusable
+            plain = rows.plain[:, None]
+            only = torch.zeros_like(cand_probs)
+            only[:, 0] = probs.gather(1, sampled[:, None])[:, 0]
+            ids = torch.where(plain, sampled[:, None], ids)
+            cand_probs = torch.where(plain, only, cand_probs)
+    else:
+        ids, cand_probs = sampled[:, None], probs.gather(1, sampled[:, None])
+    eos = torch.isin(ids, eos_ids)
+    values = scorer.score(ids, eos) if scorer is not None else None
+    if not rows.any_guided:
+        return Decision(ids, torch.ones_like(cand_probs, dtype=torch.float64), values)
+    next_eos = scorer.next_eos() if rows.wrapping_up() else None
+    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos)
+    return Decision(ids, policy(candidates, rows, gamma), values)
+
+
+def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
+    """Each row's control policy, applied to the rows of each (kind, rule) group."""
+    if len(rows.groups) == 1:  # one group: no gather and scatter
+        kind, rule, _ = rows.groups[0]
+        return policies.apply(kind, rule, c, rows.step, rows.target, rows.beta, gamma)
+    dist = torch.zeros(c.ids.shape, dtype=torch.float64, device=c.ids.device)
+    for kind, rule, index in rows.groups:
+        dist[index] = policies.apply(
+            kind, rule, c.rows(index), rows.step[index], rows.target[index], rows.beta[index], gamma
+        )
+    return dist
+
+
+def forced_eos(logits: torch.Tensor, rows: Rows, eos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows whose hard cap is reached (``[B]`` bool) and the EOS each would be sent (the one
+    the generator finds most likely)."""
+    return rows.step >= rows.cap, policies.primary_eos(logits, eos_ids)
