@@ -512,3 +512,55 @@ def test_retries_are_checked():
         Control("equal_to", target=5, retries=1.5)
     with pytest.raises(InputError, match="equal_to"):
         Control("at_least", target=5, retries=2)
+
+
+def test_requests_join_a_running_scheduler_and_leave_when_aborted(tiny_generator, lenvms):
+    """A request added while others decode joins the batch at the next step and gets the answer
+    it gets alone; an aborted request frees its row and never reports a result."""
+    from lenvm.decoding import Scheduler
+
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    requests = [
+        Request(p, SamplingParams(max_new_tokens=12, seed=i), control=c)
+        for i, (p, c) in enumerate(zip(PROMPTS, [Control("tilt", beta=2.0), None, CONTROLS[0]], strict=True))
+    ]
+    scheduler = Scheduler(engine, batch_size=3)
+    scheduler.add(requests[0], "a")
+    scheduler.add(requests[2], "gone")
+    streamed: dict[str, list[int]] = {}
+    results = {}
+    for step in range(40):
+        if step == 3:
+            scheduler.add(requests[1], "b")  # joins at the next step
+            scheduler.abort("gone")
+            assert scheduler.running == 1
+        for update in scheduler.step():
+            tokens = streamed.setdefault(update.key, [])
+            del tokens[update.start :]
+            tokens.extend(update.tokens)
+            if update.result is not None:
+                results[update.key] = update.result
+        if not scheduler.busy:
+            break
+    assert set(results) == {"a", "b"} and not scheduler.busy
+    for key, request in (("a", requests[0]), ("b", requests[1])):
+        alone = engine.generate([request])[0]
+        assert results[key].token_ids == alone.token_ids == streamed[key]
+
+
+def test_updates_show_where_a_retry_resampled_the_end(tiny_generator, lenvms):
+    from lenvm.decoding import Scheduler
+
+    model, tok = tiny_generator
+    scheduler = Scheduler(Engine(model, tok, lenvm=lenvms["q"], num_candidates=4))
+    scheduler.add(_equal_to(0, 2), 0)
+    seen, rewinds, result = [], 0, None
+    while scheduler.busy:
+        for update in scheduler.step():
+            rewinds += update.start < len(seen)
+            del seen[update.start :]
+            seen.extend(update.tokens)
+            result = update.result or result
+    assert result.retries == 2 and rewinds == 2  # the random generator never ends naturally
+    assert result.decoded_tokens > len(seen)  # every attempt's tokens count, not only the last one's

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Hashable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -120,7 +120,9 @@ class Engine:
         for index, request in enumerate(requests):  # every request is checked before any decoding
             scheduler.add(request, index)
         while scheduler.busy:
-            yield from scheduler.step()
+            for update in scheduler.step():
+                if update.result is not None:
+                    yield update.key, update.result
 
     @functools.cached_property
     def sentence_ends(self) -> frozenset[int]:
@@ -165,10 +167,26 @@ class Engine:
         return [Sequence.start(key, request, prompt_ids, a, self.device) for a in range(control.best_of)]
 
 
+@dataclass
+class Update:
+    """What one step did to one request: ``tokens`` now stand from position ``start`` of attempt
+    ``attempt``'s answer (a ``start`` below the length seen so far means the end was resampled
+    from there: Equal To's retries), and ``result`` is set once the request is finished. The
+    result is the answer returned, which is an earlier attempt's where retries or ``best_of``
+    found nothing better than it."""
+
+    key: Hashable
+    attempt: int
+    start: int
+    tokens: list[int]
+    result: Result | None = None
+
+
 class Scheduler:
     """The decoding loop of one engine: requests wait in a queue, run in one batch of at most
-    ``batch_size`` rows, and come back as they finish. :meth:`add` and :meth:`step` may be
-    interleaved: a request added while others run joins the batch at the next step."""
+    ``batch_size`` rows, and come back as they finish. :meth:`add`, :meth:`abort` and
+    :meth:`step` may be interleaved: a request added while others run joins the batch at the
+    next step, and an aborted one leaves it at once."""
 
     def __init__(self, engine: Engine, batch_size: int = 8):
         if not is_int(batch_size) or batch_size < 1:
@@ -183,27 +201,44 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting) or self.batch is not None
 
+    @property
+    def running(self) -> int:
+        """Rows in the batch."""
+        return 0 if self.batch is None else len(self.batch.seqs)
+
     def add(self, request: Request, key: Hashable) -> None:
-        """Queue ``request``; its result comes back from :meth:`step` under ``key``."""
+        """Queue ``request``; its updates come back from :meth:`step` under ``key``."""
         self.waiting.extend(self.engine.sequences(key, request))
 
-    def step(self) -> list[tuple[Hashable, Result]]:
-        """Admit waiting rows, generate one token for every row, and return the requests that
-        finished (``(key, result)``)."""
+    def abort(self, key: Hashable) -> None:
+        """Drop request ``key``, waiting or running; its row is free for the next step."""
+        self.waiting = deque(s for s in self.waiting if s.index != key)
+        self.tried.pop(key, None)
+        if self.batch is not None:
+            rows = [i for i, s in enumerate(self.batch.seqs) if s.index == key]
+            if rows:
+                with torch.inference_mode():
+                    self.batch = self.batch.leave(self.engine, rows)
+
+    def step(self) -> list[Update]:
+        """Admit waiting rows, generate one token for every row, and report what changed."""
         engine = self.engine
         # Inference mode per step, not around a loop: a caller's code between steps must not
         # run inside it.
         with torch.inference_mode():
-            free = self.batch_size - (0 if self.batch is None else len(self.batch.seqs))
+            free = self.batch_size - self.running
             if self.waiting and free > 0:
                 joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
                 self.batch = Batch.join(engine, self.batch, joining)
+            seqs = self.batch.seqs
             finished = self.batch.step(engine)
-            done = [self.batch.seqs[row] for row in finished]
             if finished:
                 self.batch = self.batch.leave(engine, finished)
-        out = []
-        for seq in done:
+        updates = {
+            id(seq): Update(seq.index, seq.attempt, len(seq.tokens) - 1, seq.tokens[-1:]) for seq in seqs
+        }
+        for seq in (seqs[row] for row in finished):
+            update = updates[id(seq)]
             result = seq.result(engine.tokenizer)
             if seq.may_retry(result):
                 seq.retry(result, engine.sentence_ends)
@@ -211,17 +246,15 @@ class Scheduler:
                 continue
             result, attempts = seq.final(result), seq.control.best_of
             if attempts == 1:
-                out.append((seq.index, result))
+                update.result = result
                 continue
             tried = self.tried.setdefault(seq.index, {})
             tried[seq.attempt] = result
             if len(tried) == attempts:
                 results = [r for _, r in sorted(self.tried.pop(seq.index).items())]  # ties: first attempt
                 chosen = best_of(results, seq.control.target, seq.control.natural_eos)
-                out.append(
-                    (seq.index, replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results)))
-                )
-        return out
+                update.result = replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
+        return list(updates.values())
 
 
 def _context(model) -> int:
