@@ -228,3 +228,52 @@ class Result:
     def ended_above(self, threshold: float) -> bool:
         """Ended with an EOS the generator itself gave at least ``threshold``."""
         return self.finish_reason == "stop" and (self.eos_prob or 0.0) >= threshold
+
+
+# Per-request length control as flat keys, the form every backend accepts: vLLM's
+# ``SamplingParams.extra_args`` and ``extra_body={"vllm_xargs": {...}}``, and our server's fields.
+LENGTH_TARGETS = {"length_equal_to": "equal_to", "length_at_most": "at_most", "length_at_least": "at_least"}
+LENGTH_KEYS = (*LENGTH_TARGETS, "length_tilt", "length_rule", "length_retries", "length_best_of")
+
+
+def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KEYS) -> Control | None:
+    """The :class:`Control` that a request's flat ``length_*`` keys ask for (other keys are left
+    alone); None when they ask for none. An unknown or unsupported ``length_*`` key, two controls
+    at once, or a bad value raises :class:`InputError` naming the key."""
+    given = {k: v for k, v in keys.items() if isinstance(k, str) and k.startswith("length_")}
+    unknown = sorted(set(given) - set(LENGTH_KEYS))
+    if unknown:
+        raise InputError(
+            f"unknown length control key {unknown[0]!r}; expected one of {', '.join(LENGTH_KEYS)}"
+        )
+    unsupported = sorted(set(given) - set(allowed))
+    if unsupported:
+        raise InputError(f"{unsupported[0]!r} is not supported here (supported: {', '.join(allowed)})")
+    kinds = [k for k in (*LENGTH_TARGETS, "length_tilt") if given.get(k) is not None]
+    if len(kinds) > 1:
+        raise InputError(f"one length control at a time, got {' and '.join(kinds)}")
+    options: dict[str, Any] = {}
+    for key, name, check in (
+        ("length_rule", "rule", lambda v: isinstance(v, str)),
+        ("length_retries", "retries", is_int),
+        ("length_best_of", "best_of", is_int),
+    ):
+        if given.get(key) is not None:
+            if not check(given[key]):
+                raise InputError(
+                    f"{key} must be {'a string' if name == 'rule' else 'an integer'}, got {given[key]!r}"
+                )
+            options[name] = given[key]
+    if not kinds:
+        if options:
+            raise InputError(f"{', '.join(k for k in given if given[k] is not None)} needs a length control")
+        return None
+    key = kinds[0]
+    value = given[key]
+    if key == "length_tilt":
+        if not is_real(value):
+            raise InputError(f"length_tilt must be a finite number, got {value!r}")
+        return Control("tilt", beta=float(value), **options)
+    if not is_int(value) or value < 1:
+        raise InputError(f"{key} must be an integer of at least 1 (tokens), got {value!r}")
+    return Control(LENGTH_TARGETS[key], target=value, **options)

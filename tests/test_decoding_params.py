@@ -1,0 +1,88 @@
+"""Request settings: SamplingParams checks and the flat length_* keys every backend accepts."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lenvm.decoding import Control, SamplingParams
+from lenvm.decoding.params import LENGTH_KEYS, control_from_keys
+from lenvm.io import InputError
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(temperature=float("nan")),
+        dict(top_p=0),
+        dict(top_k=-2),
+        dict(top_k=2.5),
+        dict(max_new_tokens=0),
+        dict(min_p=1),
+        dict(seed=-1),
+        dict(seed=True),
+        dict(ignore_eos="yes"),
+    ],
+)
+def test_bad_sampling_params_name_the_problem(bad):
+    with pytest.raises(InputError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_policy_leaves_out_what_is_not_the_policy():
+    params = SamplingParams(temperature=0.7, seed=3, ignore_eos=True)
+    assert params.policy() == dict(
+        temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=1024, seed=3
+    )
+
+
+def test_length_keys_make_the_control_they_name():
+    assert control_from_keys({"length_equal_to": 64}) == Control("equal_to", target=64)
+    assert control_from_keys({"length_at_most": 5, "length_rule": "paper"}) == Control(
+        "at_most", target=5, rule="paper"
+    )
+    assert control_from_keys({"length_tilt": 2}) == Control("tilt", beta=2.0)
+    assert control_from_keys({"length_equal_to": 8, "length_retries": 0, "length_best_of": 2}) == Control(
+        "equal_to", target=8, retries=0, best_of=2
+    )
+    assert control_from_keys({"other": 1, "length_at_least": None}) is None  # other keys are not ours
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"length_equal_to": 5, "length_at_most": 9}, "one length control"),
+        ({"length_equal_to": -3}, "at least 1"),
+        ({"length_equal_to": 2.5}, "integer"),
+        ({"length_equal_to": "64"}, "integer"),
+        ({"length_tilt": "fast"}, "finite number"),
+        ({"length_tilt": float("inf")}, "finite number"),
+        ({"length_equal_too": 5}, "unknown length control key"),
+        ({"length_rule": "paper"}, "needs a length control"),
+        ({"length_at_most": 5, "length_retries": 2}, "equal_to"),
+        ({"length_equal_to": 5, "length_rule": "magic"}, "rule"),
+        ({"length_equal_to": 5, "length_retries": "2"}, "integer"),
+    ],
+)
+def test_bad_length_keys_are_refused(keys, message):
+    with pytest.raises(InputError, match=message):
+        control_from_keys(keys)
+
+
+def test_a_backend_can_refuse_what_it_cannot_do():
+    allowed = tuple(k for k in LENGTH_KEYS if k not in ("length_retries", "length_best_of"))
+    with pytest.raises(InputError, match="not supported"):
+        control_from_keys({"length_equal_to": 5, "length_best_of": 2}, allowed)
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=20), st.one_of(st.integers(), st.floats(), st.text(max_size=5), st.none())
+    )
+)
+def test_any_flat_keys_give_a_control_or_a_clear_error(keys):
+    try:
+        control = control_from_keys(keys)
+    except InputError:
+        return
+    assert control is None or isinstance(control, Control)
