@@ -18,7 +18,7 @@ from lenvm.bench.q_agreement import (
 from lenvm.dataset import held_out_prompts
 from lenvm.io import InputError, read_jsonl
 from lenvm.model import LengthValueModel
-from lenvm.train import TrainConfig, train
+from lenvm.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

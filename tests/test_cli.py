@@ -63,8 +63,14 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     capsys.readouterr()
     assert main(["predict", "--lenvm", str(out), "--prompts", str(prompts_file), "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["id"] for x in lines] == ["a", "1", "2"] and all(x["predicted_length"] > 0 for x in lines)
+    assert [x["id"] for x in lines] == ["a", "1", "2"]
+    from lenvm import LengthValueModel, read_prompts
+
+    expected = LengthValueModel.from_pretrained(out).predict_length(read_prompts(prompts_file))
+    assert [x["predicted_length"] for x in lines] == [round(x, 2) for x in expected]
     assert main(["predict", "--lenvm", str(out), "--prompt", "Hello"]) == 0
+    hello = LengthValueModel.from_pretrained(out).predict_length("Hello")
+    assert capsys.readouterr().out == f"0\t{hello:.1f}\n"
 
     # Held-out prompts in a file of their own, and the layer the head reads.
     held = tmp_path / "held.jsonl"

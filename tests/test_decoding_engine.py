@@ -337,16 +337,33 @@ def test_naive_candidate_scoring_matches_the_block(tiny_generator, lenvms, kind)
 
 @pytest.mark.parametrize("kind", ["attached", "q"])
 def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
+    """A bfloat16 generator keeps its dtype, the head stays in float32, and the values the engine
+    returns are the LenVM's values of the output, as a full forward in the same precision gives
+    them."""
     from lenvm.hub import load_generator
 
     model, tokenizer = load_generator(tiny_path, dtype=torch.bfloat16)
     lenvm = LengthValueModel.from_base(tiny_path, kind=kind, generator=(model, tokenizer)).eval()
     assert next(lenvm.head.parameters()).dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.bfloat16
     request = Request(
-        "Hi", SamplingParams(max_new_tokens=4, seed=0), control=Control("tilt", beta=1.0), return_values=True
+        "Hi", SamplingParams(max_new_tokens=6, seed=0), control=Control("tilt", beta=1.0), return_values=True
     )
     [result] = Engine(model, tokenizer, lenvm=lenvm, num_candidates=3).generate([request])
-    assert len(result.values) == len(result.token_ids) and all(-1 <= v <= 0 for v in result.values)
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+    n = len(result.prompt_token_ids)
+    with torch.no_grad():
+        hidden = lenvm.features(ids)[0]
+        if kind == "q":
+            steps = torch.arange(n - 1, ids.shape[1] - 1)
+            expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
+        else:
+            expected = lenvm.values_from_hidden(hidden[n:])
+    expected = expected.float().masked_fill(
+        torch.isin(ids[0, n:], torch.tensor(lenvm.config.eos_token_ids)), 0.0
+    )
+    # bfloat16 keeps about 3 significant digits: the cached and the full forward differ that much
+    torch.testing.assert_close(torch.tensor(result.values), expected, atol=2e-2, rtol=0)
 
 
 def test_best_of_returns_the_best_of_its_attempts(tiny_generator, lenvms):
@@ -493,13 +510,27 @@ def test_retries_do_not_depend_on_the_batch(tiny_generator, lenvms):
 
 
 def test_best_of_counts_the_cost_of_every_attempt(tiny_generator, lenvms):
+    """The tokens decoded for a best_of request are those of its attempts, each of which decodes
+    what it decodes alone."""
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
     control = Control("equal_to", target=6, best_of=3, retries=0)
     result = engine.generate(
         [Request(PROMPTS[0], SamplingParams(max_new_tokens=20, seed=7), control=control)]
     )[0]
-    assert result.decoded_tokens > len(result.token_ids)
+    single = Control("equal_to", target=6, retries=0)
+    attempts = engine.generate(
+        [
+            Request(
+                PROMPTS[0],
+                SamplingParams(max_new_tokens=20, seed=(7 + a * ATTEMPT_SEED_STEP) % 2**63),
+                control=single,
+            )
+            for a in range(3)
+        ]
+    )
+    assert result.decoded_tokens == sum(len(r.token_ids) for r in attempts)
+    assert result.token_ids in [r.token_ids for r in attempts]
 
 
 def test_retries_are_checked():

@@ -13,7 +13,7 @@ from conftest import synthetic_records
 SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from lenvm.train import TrainConfig, train
+    from lenvm.training import TrainConfig, train
     records, base, out, batch_size = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], int(sys.argv[4])
     config = TrainConfig(kind="standalone", epochs=2, lr=1e-3, batch_size=batch_size, bf16=False,
                          eval_fraction=0.25, checkpoint_every=3)

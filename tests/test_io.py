@@ -81,3 +81,18 @@ def test_cli_reports_a_full_disk_and_keeps_finished_work(tmp_path, tiny_path, mo
     records = read_jsonl(out)
     assert sorted(r["prompt_id"] for r in records) == ["0", "1", "2", "3"]
     assert records[: len(kept)] == kept
+
+
+def test_the_top_level_api_imports_lazily_and_completely():
+    """Everything in ``lenvm.__all__`` is importable from ``lenvm``, and importing ``lenvm`` alone
+    loads neither torch-heavy modules nor optional dependencies."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lenvm;"
+        "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'vllm') if m in sys.modules];"
+        "assert not heavy, heavy;"
+        "missing = [n for n in lenvm.__all__ if getattr(lenvm, n, None) is None]; assert not missing, missing"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

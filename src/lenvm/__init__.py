@@ -1,19 +1,89 @@
-"""lenvm: Length Value Models for token-level length prediction and control."""
+"""lenvm: Length Value Models for token-level length prediction and control.
+
+Everything a user needs is importable from here::
+
+    from lenvm import (Control, Engine, LengthValueModel, Request, SamplingParams, TrainConfig,
+                       load_generator, read_prompts, rollout, train)
+
+Names load on first use, so ``import lenvm`` stays quick and imports no optional dependency.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from lenvm.model import LengthValueConfig, LengthValueModel  # noqa: E402
-from lenvm.returns import (  # noqa: E402
-    gamma_for_horizon,
-    length_to_value,
-    value_to_length,
-)
+# name -> module that defines it
+_EXPORTS = {
+    "LengthValueModel": "lenvm.model",
+    "LengthValueConfig": "lenvm.model",
+    "load_generator": "lenvm.hub",
+    "Prompt": "lenvm.prompts",
+    "read_prompts": "lenvm.prompts",
+    "rollout": "lenvm.rollouts",
+    "read_rollouts": "lenvm.rollouts",
+    "TrainConfig": "lenvm.training",
+    "train": "lenvm.training",
+    "SamplingParams": "lenvm.decoding.params",
+    "Control": "lenvm.decoding.params",
+    "Request": "lenvm.decoding.params",
+    "Result": "lenvm.decoding.params",
+    "Engine": "lenvm.decoding.engine",
+    "LenVMLogitsProcessor": "lenvm.decoding.hf",
+    "token_values": "lenvm.values_view",
+    "render_html": "lenvm.values_view",
+    "gamma_for_horizon": "lenvm.returns",
+    "length_to_value": "lenvm.returns",
+    "value_to_length": "lenvm.returns",
+}
 
 __all__ = [
+    "Control",
+    "Engine",
+    "LenVMLogitsProcessor",
     "LengthValueConfig",
     "LengthValueModel",
+    "Prompt",
+    "Request",
+    "Result",
+    "SamplingParams",
+    "TrainConfig",
+    "__version__",
     "gamma_for_horizon",
     "length_to_value",
+    "load_generator",
+    "read_prompts",
+    "read_rollouts",
+    "render_html",
+    "rollout",
+    "token_values",
+    "train",
     "value_to_length",
-    "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lenvm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from lenvm.decoding.engine import Engine
+    from lenvm.decoding.hf import LenVMLogitsProcessor
+    from lenvm.decoding.params import Control, Request, Result, SamplingParams
+    from lenvm.hub import load_generator
+    from lenvm.model import LengthValueConfig, LengthValueModel
+    from lenvm.prompts import Prompt, read_prompts
+    from lenvm.returns import gamma_for_horizon, length_to_value, value_to_length
+    from lenvm.rollouts import read_rollouts, rollout
+    from lenvm.training import TrainConfig, train
+    from lenvm.values_view import render_html, token_values

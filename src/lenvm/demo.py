@@ -48,7 +48,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     from lenvm.model import LengthValueModel
     from lenvm.prompt_sets import builtin_prompts
     from lenvm.rollouts import read_rollouts, rollout
-    from lenvm.train import TrainConfig, train
+    from lenvm.training import TrainConfig, train
     from lenvm.values_view import render_html, token_values
 
     started = time.perf_counter()

@@ -85,7 +85,7 @@ def prompt_truths(examples: list[Example], gamma: float) -> dict[str, float | No
 
 def prompt_length_truth(lengths: list[int], finished: list[bool], gamma: float) -> float | None:
     """The ground-truth length of one prompt: ``ln(1 - mean_i(1 - gamma**L_i)) / ln(gamma)`` over
-    its samples (METHOD.md section 5), a sample cut at ``max_new_tokens`` counted at its cut.
+    its samples (docs/method.md, section 5), a sample cut at ``max_new_tokens`` counted at its cut.
 
     A cut sample's return lies between ``-(1 - gamma**L)`` and ``-1``, so counting it at ``L``
     misplaces it by under ``gamma**L`` in value space (under 0.01 at the p99 rule's gamma), where

@@ -30,7 +30,7 @@ from lenvm.model import LengthValueModel
 from lenvm.prompt_sets import builtin_prompts
 from lenvm.prompts import Prompt
 from lenvm.rollouts import read_rollouts, rollout
-from lenvm.train import TrainConfig, train
+from lenvm.training import TrainConfig, train
 
 DEFAULT_GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 TRAIN_SEED = 0

@@ -73,7 +73,7 @@ def cmd_rollout(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from lenvm.train import TrainConfig, train
+    from lenvm.training import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
     config = TrainConfig(
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lenvm import __version__
     from lenvm.demo import DemoConfig
     from lenvm.model import KINDS
-    from lenvm.train import TrainConfig
+    from lenvm.training import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="lenvm",

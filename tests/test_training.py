@@ -10,7 +10,7 @@ from lenvm.io import InputError
 from lenvm.model import NotALenVMError, TokenizerMismatchError
 from lenvm.returns import gamma_from_lengths
 from lenvm.testing import tiny_model
-from lenvm.train import HeadTrainer, TrainConfig, train
+from lenvm.training import HeadTrainer, TrainConfig, train
 
 SHORT, LONG = "Prompt 0: give a short answer about the sea.", "Prompt 1: give a long answer about the sea."
 
