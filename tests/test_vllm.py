@@ -306,3 +306,64 @@ def test_vllm_serve_takes_length_control_from_an_openai_client(vllm_server):
         json.loads(urllib.request.urlopen(vllm_server + "/models", timeout=5).read())["data"][0]["id"]
         == "tiny"
     )
+
+
+def test_speed_benchmark_measures_vllm_plain_and_guided(tiny128, tmp_path):
+    from lenvm.bench.speed import run_speed
+
+    results = run_speed(
+        tmp_path / "speed",
+        model=tiny128,
+        batch_sizes=(1, 2),
+        candidates=(2,),
+        new_tokens=4,
+        generate_batch_sizes=(),
+        methods=["vllm-guided"],
+        progress=False,
+    )
+    rows = {r["key"]: r for r in results["rows"]}
+    assert set(rows) == {
+        "plain-b1",
+        "plain-b2",
+        "vllm-b1",
+        "vllm-b2",
+        "vllm-guided-k2-b1",
+        "vllm-guided-k2-b2",
+    }
+    for key, r in rows.items():
+        assert r["tokens"] == 4 * r["batch"], key
+    guided = rows["vllm-guided-k2-b2"]
+    assert guided["x_own_plain"] == pytest.approx(guided["tokens_per_s"] / rows["vllm-b2"]["tokens_per_s"])
+
+
+def test_lifebench_runs_on_the_vllm_backend(tiny128, lenvms, tmp_path):
+    """The benchmarks can generate with vLLM and the processor; an At Most answer keeps its bound."""
+    from lenvm.bench.lifebench import run_lifebench
+
+    rows = tmp_path / "life.jsonl"
+    task = (
+        "[Instruction] Answer: \n What is the sea? \n\n"
+        "[Requirement] Your answer must be {word_count_type} {word_count} words long."
+    )
+    rows.write_text(json.dumps({"id": 1, "category": "qa", "lang": "en", "task": task}) + "\n")
+    results = run_lifebench(
+        tmp_path / "out",
+        model=tiny128,
+        lenvm=lenvms["attached"][1],
+        data=rows,
+        targets=(4, 8),
+        methods=["prompt", "lenvm-ours"],
+        max_new_tokens=16,
+        backend="vllm",
+        progress=False,
+    )
+    assert results["settings"]["backend"] == "vllm"
+    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 2 * 3 * 2
+    assert all(
+        i["num_tokens"] <= i["target"]
+        for i in items
+        if i["method"] == "lenvm-ours" and i["constraint"] == "at_most"
+    )
+    assert all(i["retries"] == 0 and i["decoded_tokens"] >= i["num_tokens"] for i in items)
+    assert all(i["eos_prob"] is None or 0 < i["eos_prob"] <= 1 for i in items)
