@@ -10,7 +10,7 @@ from lenvm.bench.speed import run_speed
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 
-GUIDED = ("attached", "standalone", "q", "naive")
+GUIDED = ("attached", "standalone", "q", "naive", "processor")
 SMALL = dict(batch_sizes=(1, 2), candidates=(2,), new_tokens=4, generate_batch_sizes=(2,), progress=False)
 
 
@@ -33,6 +33,10 @@ def test_speed_measures_every_row_and_resumes(tiny_path, tmp_path, monkeypatch, 
         assert all(_positive(r[name]) for name in ("seconds", "tokens_per_s", "x_plain", "peak_mib")), key
         assert r["lenvm"] == (speed.FRESH if r["method"] in GUIDED else None)
         assert r["x_plain"] == pytest.approx(r["tokens_per_s"] / rows[f"plain-b{r['batch']}"]["tokens_per_s"])
+        own = "generate" if r["method"] == "processor" else "plain"
+        assert r["x_own_plain"] == pytest.approx(
+            r["tokens_per_s"] / rows[f"{own}-b{r['batch']}"]["tokens_per_s"]
+        )
     assert rows["plain-b2"]["x_plain"] == 1.0
     assert set(results["plain_vs_generate"]) == {"1", "2"}
     assert all(_positive(x) for x in results["plain_vs_generate"].values())

@@ -86,3 +86,21 @@ def test_any_flat_keys_give_a_control_or_a_clear_error(keys):
     except InputError:
         return
     assert control is None or isinstance(control, Control)
+
+
+@given(
+    st.one_of(
+        st.builds(
+            Control,
+            kind=st.sampled_from(["equal_to", "at_most", "at_least"]),
+            target=st.integers(1, 10_000),
+            rule=st.sampled_from(["ours", "paper"]),
+        ),
+        st.builds(Control, kind=st.just("tilt"), beta=st.floats(-50, 50)),
+        st.builds(Control, kind=st.just("equal_to"), target=st.integers(1, 99), retries=st.integers(0, 5)),
+    )
+)
+def test_keys_of_a_control_give_it_back(control):
+    from lenvm.decoding.params import keys_of
+
+    assert control_from_keys(keys_of(control)) == control

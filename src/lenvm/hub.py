@@ -7,6 +7,7 @@ a plain safetensors folder, after which it loads in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -200,3 +201,16 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise InputError("the generator defines no EOS token")
     return ids
+
+
+def eos_token_ids_of(name: str | os.PathLike, tokenizer) -> list[int]:
+    """:func:`eos_token_ids` of a model by name, without loading its weights: its generation
+    config may add ids (a chat model's end-of-turn token) that the tokenizer alone does not name."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    config = None
+    with contextlib.suppress(OSError, InputError, ValueError):
+        config = GenerationConfig.from_pretrained(resolve(name))
+    return eos_token_ids(SimpleNamespace(generation_config=config), tokenizer)

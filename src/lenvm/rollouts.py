@@ -4,13 +4,13 @@ One record per completion (see :func:`read_rollouts`), written append-only so th
 interrupted run loses at most the batch in flight. Re-running with the same output file
 generates only the sample indices still missing.
 
-Two backends: ``hf`` runs a local Hugging Face causal LM; ``openai`` asks any
+Three backends: ``hf`` runs a local Hugging Face causal LM in our decoding engine; ``vllm`` runs
+it in vLLM, in this process (``pip install -e ".[vllm]"``); ``openai`` asks any
 OpenAI-compatible server (vLLM, SGLang) through its ``/completions`` endpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +20,6 @@ import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -30,7 +29,7 @@ from lenvm.decoding.params import SamplingParams
 from lenvm.io import InputError, JsonlAppender, is_int, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
-BACKENDS = ("hf", "openai")
+BACKENDS = ("hf", "vllm", "openai")
 FINISH_REASONS = ("stop", "length")
 # Seconds one server request may take: n long completions on a busy server are slow.
 REQUEST_TIMEOUT_S = 3600.0
@@ -117,13 +116,15 @@ def rollout(
     progress: bool = True,
     device: str | None = None,
     dtype: str = "float32",
+    vllm_args: dict[str, Any] | None = None,
 ) -> RolloutSummary:
     """Sample ``n`` completions per prompt and append them to the JSONL file ``out``.
 
     ``generator`` is a model name, folder or built-in alias, or a loaded ``(model, tokenizer)``.
     For ``hf``, ``batch_size`` is the number of completions decoded at once, and a generator
     named here loads on ``device`` (default: the first accelerator, else the CPU) in ``dtype``;
-    for ``openai`` it is the number of requests in flight, and
+    for ``vllm`` the most sequences vLLM runs at once (``vllm_args`` go to ``vllm.LLM``, e.g.
+    ``{"enforce_eager": True}``); for ``openai`` the number of requests in flight, and
     ``tokenizer`` (default: the generator's) applies the chat template and re-tokenizes.
     """
     sampling = sampling if sampling is not None else SamplingParams()
@@ -141,6 +142,8 @@ def rollout(
         raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "openai" and not base_url:
         raise InputError("the openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
+    if backend == "vllm" and isinstance(generator, tuple):
+        raise InputError("the vllm backend loads the generator itself: pass its name or folder")
     prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
     if not prompts:
         raise InputError("no prompts to roll out")
@@ -167,7 +170,11 @@ def rollout(
         model = generator[0] if isinstance(generator, tuple) else None
         tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
         tokenizer = tokenizer or hub.load_tokenizer(generator)
-        eos_ids = _eos_ids_without_model(generator, model, tokenizer)
+        eos_ids = (
+            hub.eos_token_ids(model, tokenizer)
+            if model is not None
+            else hub.eos_token_ids_of(generator, tokenizer)
+        )
     jobs = [
         _Job(p, encode_prompt(tokenizer, p), i, derive_seed(sampling.seed, p.id, i))
         for p in todo
@@ -179,6 +186,9 @@ def rollout(
     with JsonlAppender(out) as appender, bar:
         if backend == "hf":
             batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
+        elif backend == "vllm":
+            engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
+            batches = _vllm_batches(str(generator), jobs, sampling, engine_args)
         else:
             key = api_key or os.environ.get("OPENAI_API_KEY")
             server = _Server(base_url, api_model or name, key)
@@ -211,19 +221,6 @@ def _load(generator, device: str | None, dtype: str):
     if isinstance(generator, tuple):
         return generator
     return hub.load_generator(generator, device=device, dtype=dtype)
-
-
-def _eos_ids_without_model(generator, model, tokenizer) -> list[int]:
-    """EOS ids for the server backend: the model folder's generation config may add ids
-    (e.g. a chat model's end-of-turn token) that the tokenizer alone does not name."""
-    if model is None and not isinstance(generator, tuple):
-        from transformers import GenerationConfig
-
-        config = None
-        with contextlib.suppress(OSError, InputError, ValueError):
-            config = GenerationConfig.from_pretrained(hub.resolve(generator))
-        model = SimpleNamespace(generation_config=config)
-    return hub.eos_token_ids(model, tokenizer)
 
 
 def _check_resume(
@@ -260,7 +257,7 @@ def _check_resume(
     return present
 
 
-# --- hf backend -----------------------------------------------------------------------------
+# --- hf and vllm backends -----------------------------------------------------------------------------
 
 
 def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
@@ -268,12 +265,25 @@ def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
     The engine refills a row as soon as its completion ends (``generate`` waits for the longest
     of a batch), and each completion draws from its own seeded random stream, so its sample does
     not depend on the batch it lands in."""
-    from lenvm.decoding import Engine, Request
+    from lenvm.decoding import Engine
+
+    yield from _engine_batches(Engine(model, tokenizer), jobs, sampling, batch_size)
+
+
+def _vllm_batches(generator: str, jobs, sampling, engine_args):
+    """Completions from vLLM in this process, each seeded on its own like the engine's."""
+    from lenvm.integrations.vllm import VLLMEngine
+
+    yield from _engine_batches(VLLMEngine(generator, logprobs=False, **engine_args), jobs, sampling, None)
+
+
+def _engine_batches(engine, jobs, sampling, batch_size):
+    from lenvm.decoding import Request
 
     # Longest prompts first: memory runs out on the first batch rather than late in a run.
     jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
     requests = [Request(job.prompt, replace(sampling, seed=job.seed)) for job in jobs]
-    for index, result in Engine(model, tokenizer).stream(requests, batch_size=batch_size):
+    for index, result in engine.stream(requests, batch_size=batch_size):
         yield [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)]
 
 

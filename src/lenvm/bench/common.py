@@ -32,6 +32,8 @@ from lenvm.io import (
 from lenvm.model import LengthValueModel
 from lenvm.prompts import encode_prompt
 
+BACKENDS = ("engine", "vllm")
+
 
 @dataclass
 class Models:
@@ -42,6 +44,7 @@ class Models:
     lenvm: LengthValueModel | None = None
     name: str = DEFAULT_MODEL
     lenvm_name: str | None = None
+    backend: str = "engine"  # what generates: our engine, or vLLM with the LenVM's processor
 
     def identity(self) -> dict[str, Any]:
         """What a results folder depends on: the models by name, and the LenVM's gamma and head
@@ -57,6 +60,7 @@ class Models:
             "lenvm": self.lenvm_name,
             "gamma": self.lenvm.gamma if self.lenvm is not None else None,
             "lenvm_head": head,
+            "backend": self.backend,
         }
 
     def fits(self, prompt, max_new_tokens: int, max_prompt_tokens: int | None = None) -> bool:
@@ -78,13 +82,18 @@ def load_models(
     lenvm: str | os.PathLike | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    backend: str = "engine",
 ) -> Models:
-    """Load the generator and, if given, a LenVM folder on top of it."""
+    """Load the generator and, if given, a LenVM folder on top of it. ``backend="vllm"``
+    generates with vLLM and the LenVM's logits processor instead of our engine (one pass: no
+    retries, no best_of; the models loaded here still check prompts and read the LenVM)."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     generator, tokenizer = load_generator(model, device=device, dtype=dtype)
     value_model = None
     if lenvm is not None:
         value_model = LengthValueModel.from_pretrained(lenvm, generator=(generator, tokenizer), dtype=dtype)
-    return Models(generator, tokenizer, value_model, str(model), str(lenvm) if lenvm else None)
+    return Models(generator, tokenizer, value_model, str(model), str(lenvm) if lenvm else None, backend)
 
 
 def bench_sampling(
@@ -214,8 +223,17 @@ def _controlled(job: Job) -> bool:
     return control is not None and control.kind != "none"
 
 
-def _engine(models: Models, num_candidates: int, needs_lenvm: bool) -> Engine:
+def _engine(models: Models, num_candidates: int, needs_lenvm: bool):
     lenvm = models.require_lenvm("a LenVM-guided method") if needs_lenvm else None
+    if models.backend == "vllm":
+        from lenvm.integrations.vllm import VLLMEngine
+
+        dtype = str(next(models.generator.parameters()).dtype).removeprefix("torch.")
+        path = models.lenvm_name if lenvm is not None else None
+        eager = models.generator.device.type == "cpu"  # compiling the graphs costs minutes on a CPU
+        return VLLMEngine(
+            models.name, lenvm=path, num_candidates=num_candidates, dtype=dtype, enforce_eager=eager
+        )
     return Engine(models.generator, models.tokenizer, lenvm=lenvm, num_candidates=num_candidates)
 
 

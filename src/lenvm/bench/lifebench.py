@@ -163,6 +163,7 @@ def run_lifebench(
     batch_size: int = 8,
     progress: bool = True,
     models: Models | None = None,
+    backend: str = "engine",
 ) -> dict[str, Any]:
     """Run token-level LIFEBench and write ``results.json``, ``table.md`` and plots to ``out``.
 
@@ -177,7 +178,7 @@ def run_lifebench(
     (then ``model``, ``lenvm``, ``device`` and ``dtype`` are not used).
     """
     started = time.perf_counter()
-    models = models or load_models(model, lenvm, device, dtype)
+    models = models or load_models(model, lenvm, device, dtype, backend)
     methods = list(methods or (METHODS if models.lenvm is not None else ["prompt"]))
     unknown = [m for m in methods if m not in METHODS]
     unknown += [c for c in constraints if c not in lifebench_score.CONSTRAINTS]
@@ -396,6 +397,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--retries", type=int, help="Equal To with a LenVM: resample an end that is not natural up to R times"
     )
+    options.add_backend(p)
     options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
     options.add_decoding(p, batch_size=8)
 
@@ -421,5 +423,6 @@ def main(args) -> None:
         device=args.device,
         dtype=args.dtype,
         progress=args.progress,
+        backend=args.backend,
         **options.sampling_overrides(args),
     )

@@ -136,6 +136,7 @@ def run_prediction(
     batch_size: int = 8,
     progress: bool = True,
     models: Models | None = None,
+    backend: str = "engine",
 ) -> dict[str, Any]:
     """Prompt-boundary length prediction on held-out ``prompts`` (a prompts JSONL whose records
     carry ``domain_field``); writes ``results.json``, ``table.md`` and ``prediction.png``.
@@ -147,7 +148,7 @@ def run_prediction(
     started = time.perf_counter()
     if samples < 1:
         raise InputError("samples must be at least 1")
-    models = models or load_models(model, lenvm, device, dtype)
+    models = models or load_models(model, lenvm, device, dtype, backend)
     value_model = models.require_lenvm("length prediction")
     held_out = read_prompts(prompts)[:limit]
     sampling = bench_sampling(
@@ -326,6 +327,7 @@ def add_arguments(p) -> None:
     p.add_argument("--train-rollouts", help="rollouts the baselines are fitted on")
     p.add_argument("--samples", type=int, default=64, help="completions per prompt")
     p.add_argument("--limit", type=int, help="first N prompts")
+    options.add_backend(p)
     options.add_sampling(p, seed_help="every sample's seed derives from it (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded at once")
 
@@ -345,5 +347,6 @@ def main(args) -> None:
         device=args.device,
         dtype=args.dtype,
         progress=args.progress,
+        backend=args.backend,
         **options.sampling_overrides(args),
     )

@@ -12,7 +12,13 @@ exactly ``new_tokens`` tokens (EOS disabled), so all methods do the same amount 
   its block forward plus the generator's single-token forward), ``q`` (a Q-head scores the
   candidates from the current hidden state: one single-token forward) and ``naive`` (the attached
   LenVM scoring each candidate with its own single-token forward, then the chosen token once
-  more: k + 1 forwards, the floor that exact block scoring has to beat).
+  more: k + 1 forwards, the floor that exact block scoring has to beat);
+- ``processor``: ``generate`` with :class:`lenvm.decoding.LenVMLogitsProcessor` and an attached
+  LenVM, which runs its own candidate-block forward over the generator's body beside
+  ``generate``'s step (compared with ``generate``);
+- ``vllm`` and ``vllm-guided``: vLLM plain, and with the LenVM's vLLM logits processor (an
+  attached LenVM, run like the processor above), in this process (measured on request only:
+  they need the ``[vllm]`` extra; ``vllm-guided`` is compared with ``vllm``).
 
 Timing does not depend on head weights: unless a trained LenVM is given (it serves its own
 kind), the LenVMs are fresh, untrained heads on the generator. Each row is timed after a short
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot
-from lenvm.decoding import Control, Engine, Request, SamplingParams
+from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
 from lenvm.hub import DEFAULT_MODEL, default_device, eos_token_ids, torch_dtype
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, read_config
@@ -59,7 +66,10 @@ GUIDED = {
     "q": ("q", "block"),
     "naive": ("attached", "naive"),
 }
-METHODS = ("generate", "plain", *GUIDED)
+# Methods that run in another framework's loop, and the plain method of that loop.
+REFERENCE = {"processor": "generate", "vllm-guided": "vllm"}
+METHODS = ("generate", "plain", *GUIDED, "processor", "vllm", "vllm-guided")
+VLLM_METHODS = ("vllm", "vllm-guided")
 CONTROL = Control("tilt", beta=1.0)
 FRESH = "fresh head"
 STATM = "/proc/self/statm"
@@ -104,8 +114,9 @@ def run_speed(
     ``prompts`` (default: a built-in list) cycled to fill it; ``repeats`` timed calls follow one
     warm-up call. ``lenvm``: a trained LenVM folder used for its own kind (the other kinds get
     fresh heads). ``methods`` picks among ``generate``, ``plain`` (always measured: the
-    reference) and the guided ones (default: all). Rows already measured in ``out`` are not
-    measured again.
+    reference), the guided ones, ``processor``, ``vllm`` and ``vllm-guided`` (default: all but
+    the vLLM ones; a method in another framework's loop brings that loop's plain method along).
+    Rows already measured in ``out`` are not measured again.
     """
     started = time.perf_counter()
     batch_sizes = _positive_ints(batch_sizes, "batch sizes")
@@ -122,9 +133,11 @@ def run_speed(
     if lenvm is not None:
         heads[read_config(lenvm).kind] = str(lenvm)
 
-    chosen = set(METHODS if methods is None else (*methods, "plain"))
+    default = [m for m in METHODS if m not in VLLM_METHODS]
+    chosen = set(default if methods is None else (*methods, "plain"))
     if chosen - set(METHODS):
         raise InputError(f"unknown methods {sorted(chosen - set(METHODS))}; known: {', '.join(METHODS)}")
+    chosen |= {REFERENCE[m] for m in chosen if m in REFERENCE}
     rows = [row for row in _plan(batch_sizes, candidates, generate_batch_sizes) if row.method in chosen]
     # What every row depends on; the sizes and candidate counts are in the row keys, so a rerun
     # with more of them measures only the new rows.
@@ -145,7 +158,8 @@ def run_speed(
             total=len(rows), initial=len(rows) - len(todo), desc="speed", unit="row", disable=not progress
         ) as bar:
             if todo:
-                bench = _Bench(load_models(model, lenvm, device, dtype), prompts, new_tokens, repeats, dtype)
+                models = load_models(model, lenvm, device, dtype)
+                bench = _Bench(models, prompts, new_tokens, repeats, dtype, max(r.batch for r in rows))
                 for row in todo:
                     bar.set_postfix_str(row.key)
                     run.add([{**bench.measure(row), "lenvm": _head(row, heads)}])
@@ -169,11 +183,16 @@ def _summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows with tokens/s and the ratio to plain at the same batch size, and plain/generate per
     batch size."""
     speed = {(r["method"], r["k"], r["batch"]): r["tokens"] / r["seconds"] for r in records}
+
+    def ratio(r, reference):
+        return speed[r["method"], r["k"], r["batch"]] / speed[reference, None, r["batch"]]
+
     rows = [
         {
             **r,
             "tokens_per_s": speed[r["method"], r["k"], r["batch"]],
-            "x_plain": speed[r["method"], r["k"], r["batch"]] / speed["plain", None, r["batch"]],
+            "x_plain": ratio(r, "plain"),
+            "x_own_plain": ratio(r, REFERENCE.get(r["method"], "plain")),
         }
         for r in records
     ]
@@ -187,21 +206,28 @@ def _plan(batch_sizes: Sequence[int], candidates: Sequence[int], generate_sizes:
     for b in sorted({*batch_sizes, *generate_sizes}):
         rows += [_Row("generate", b), _Row("plain", b)]
         if b in batch_sizes:
-            rows += [_Row(method, b, k) for k in candidates for method in GUIDED]
+            rows += [_Row(method, b, k) for k in candidates for method in (*GUIDED, "processor")]
+            rows += [_Row("vllm", b)] + [_Row("vllm-guided", b, k) for k in candidates]
     return rows
 
 
 def _head(row: _Row, heads: dict[str, str]) -> str | None:
+    if row.method in ("processor", "vllm-guided"):
+        return heads["attached"]
     return heads[GUIDED[row.method][0]] if row.method in GUIDED else None
 
 
 class _Bench:
     """Times rows on loaded models; builds each LenVM kind when a row first needs it."""
 
-    def __init__(self, models: Models, prompts: list[str], new_tokens: int, repeats: int, dtype: str):
+    def __init__(
+        self, models: Models, prompts: list[str], new_tokens: int, repeats: int, dtype: str, max_batch: int
+    ):
         if not all(models.fits(p, new_tokens) for p in prompts):
             raise InputError(f"a prompt plus {new_tokens} new tokens exceeds the generator's context")
         self.models = models
+        self.max_batch = max_batch
+        self.vllm_engines: dict[int | None, Any] = {}
         self.prompts = prompts
         self.new_tokens = new_tokens
         self.repeats = repeats
@@ -212,7 +238,8 @@ class _Bench:
             self.lenvms[models.lenvm.config.kind] = self._ready(models.lenvm)
 
     def measure(self, row: _Row) -> dict[str, Any]:
-        build = self._generate if row.method == "generate" else self._engine
+        build = {"generate": self._generate, "processor": self._generate}.get(row.method, self._engine)
+        build = self._vllm if row.method in VLLM_METHODS else build
         # A short untimed call of the same shape first: one-off costs (allocations, kernel
         # selection, lazy imports) stay out of the timing without doubling the run.
         build(row, min(WARMUP_TOKENS, self.new_tokens))()
@@ -288,14 +315,63 @@ class _Bench:
             eos_token_id=eos,
         )
 
+        processors = []
+        if row.method == "processor":
+            processor = LenVMLogitsProcessor(self._lenvm("attached"), CONTROL, num_candidates=row.k)
+            processors = [processor]
+
         def call() -> int:
             with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors
+                )
             # Tokens up to each row's first EOS: generate pads a row that has ended.
             ended = torch.isin(out[:, width:], torch.tensor(eos, device=out.device)).int()
             return int((ended.cumsum(1) - ended == 0).sum())
 
         return call
+
+    def _vllm(self, row: _Row, new_tokens: int) -> Callable[[], int]:
+        guided = row.method == "vllm-guided"
+        engine = self._vllm_engine(row.k if guided else None)
+        requests = [
+            Request(
+                p,
+                SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True),
+                control=CONTROL if guided else None,
+            )
+            for i, p in enumerate(self._batch_prompts(row.batch))
+        ]
+        return lambda: sum(len(r.token_ids) for r in engine.generate(requests))
+
+    def _vllm_engine(self, k: int | None):
+        """vLLM in this process, with the LenVM's processor for ``k`` candidates (None: plain);
+        one engine per ``k``, kept for the rows after."""
+        if k not in self.vllm_engines:
+            from lenvm.integrations.vllm import VLLMEngine
+
+            lenvm = None
+            if k is not None:
+                lenvm = self._lenvm_folder()
+            self.vllm_engines[k] = VLLMEngine(
+                self.models.name,
+                lenvm=lenvm,
+                num_candidates=k or 1,
+                dtype=str(self.dtype).removeprefix("torch."),
+                logprobs=False,
+                enforce_eager=self.device.type == "cpu",  # compiling the graphs costs minutes on a CPU
+                max_num_seqs=self.max_batch,
+            )
+        return self.vllm_engines[k]
+
+    def _lenvm_folder(self) -> str:
+        """A folder of the attached LenVM that vLLM's processor loads."""
+        if self.models.lenvm is not None and self.models.lenvm.config.kind == "attached":
+            return str(self.models.lenvm_name)
+        if not hasattr(self, "_fresh"):
+            self._fresh = tempfile.TemporaryDirectory(prefix="lenvm-speed-")
+            self._lenvm("attached").save_pretrained(Path(self._fresh.name) / "attached")
+        return str(Path(self._fresh.name) / "attached")
 
 
 def _timed(call: Callable[[], int], repeats: int, device: torch.device) -> tuple[int, float, float]:
@@ -386,11 +462,13 @@ def _markdown(results: dict[str, Any]) -> str:
             r["batch"],
             f"{r['tokens_per_s']:.1f}",
             f"{r['x_plain']:.2f}x",
+            f"{r['x_own_plain']:.2f}x" if r["method"] in REFERENCE else "",
             f"{r['peak_mib']:.0f}",
         ]
         for r in results["rows"]
     ]
-    header = ["method", "k", "batch", "tokens/s", "x plain", "peak memory (MiB)"]
+    own = "x own loop's plain (processor: generate; vllm-guided: vllm)"
+    header = ["method", "k", "batch", "tokens/s", "x plain", own, "peak memory (MiB)"]
     table = intro + markdown_table(header, rows)
     ratios = ", ".join(f"batch {b}: {x:.2f}x" for b, x in results["plain_vs_generate"].items())
     return table + (f"\nPlain engine vs transformers generate: {ratios}.\n" if ratios else "")

@@ -78,6 +78,7 @@ def run_tradeoff(
     batch_size: int = 8,
     progress: bool = True,
     models: Models | None = None,
+    backend: str = "engine",
 ) -> dict[str, Any]:
     """Pass@1 against mean generated length, tilting vs hard budget; writes ``results.json``,
     ``table.md`` and ``pareto.png`` to ``out``.
@@ -88,7 +89,7 @@ def run_tradeoff(
     None follow the LenVM's training policy.
     """
     started = time.perf_counter()
-    models = models or load_models(model, lenvm, device, dtype)
+    models = models or load_models(model, lenvm, device, dtype, backend)
     betas = sorted({0.0, *(float(b) for b in betas)})
     if any(b != 0 for b in betas):
         models.require_lenvm("tilting")
@@ -263,6 +264,7 @@ def add_arguments(p) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
     p.add_argument("--budgets", type=int, nargs="+", help="hard budgets (default: from the lengths)")
+    options.add_backend(p)
     options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
     options.add_decoding(p, batch_size=8)
 
@@ -285,5 +287,6 @@ def main(args) -> None:
         device=args.device,
         dtype=args.dtype,
         progress=args.progress,
+        backend=args.backend,
         **options.sampling_overrides(args),
     )

@@ -68,6 +68,7 @@ def cmd_rollout(args) -> None:
         api_model=args.api_model,
         device=args.device,
         dtype=args.dtype,
+        vllm_args=args.vllm_args,
     )
     print(json.dumps(summary.to_dict(), indent=2, default=str))
 
@@ -243,7 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=16, help="completions decoded at once (requests in flight)"
     )
-    p.add_argument("--backend", choices=["hf", "openai"], default="hf")
+    p.add_argument(
+        "--backend",
+        choices=["hf", "vllm", "openai"],
+        default="hf",
+        help="hf: our engine; vllm: vLLM in this process (the [vllm] extra); openai: a server at --base-url",
+    )
+    p.add_argument(
+        "--vllm-args",
+        type=json.loads,
+        help="--backend vllm: vllm.LLM arguments as JSON, e.g. '{\"enforce_eager\": true}'",
+    )
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name on the server (default: --model)")
     p.set_defaults(func=cmd_rollout)

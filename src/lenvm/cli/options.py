@@ -62,3 +62,13 @@ def add_decoding(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """How guided decoding runs: candidates per step and rows per batch."""
     parser.add_argument("--num-candidates", type=int, default=8, help="candidates a control weighs per step")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="requests decoded at once")
+
+
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["engine", "vllm"],
+        default="engine",
+        help="what generates: our engine, or vLLM with the LenVM's logits processor (one pass: no "
+        "retries or best_of; needs the [vllm] extra)",
+    )

@@ -277,3 +277,21 @@ def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KE
     if not is_int(value) or value < 1:
         raise InputError(f"{key} must be an integer of at least 1 (tokens), got {value!r}")
     return Control(LENGTH_TARGETS[key], target=value, **options)
+
+
+def keys_of(control: Control | None) -> dict[str, Any]:
+    """The flat ``length_*`` keys of ``control`` (the inverse of :func:`control_from_keys`), with
+    ``retries`` and ``best_of`` only where they are set."""
+    if control is None or not control.active:
+        return {}
+    if control.kind == "tilt":
+        keys: dict[str, Any] = {"length_tilt": control.beta}
+    else:
+        keys = {f"length_{control.kind}": control.target}
+    if control.rule != "ours":
+        keys["length_rule"] = control.rule
+    if control.retries is not None:
+        keys["length_retries"] = control.retries
+    if control.best_of != 1:
+        keys["length_best_of"] = control.best_of
+    return keys

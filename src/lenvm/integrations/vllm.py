@@ -1,0 +1,388 @@
+"""vLLM integration: LenVM length control inside vLLM (a logits processor, no fork), and vLLM as a
+generation backend for rollouts and benchmarks.
+
+Serving, with any OpenAI client::
+
+    LENVM_PATH=my-lenvm python -m vllm.entrypoints.openai.api_server --model M \\
+        --logits-processors lenvm.integrations.vllm:LenVMLogitsProcessor
+    client.chat.completions.create(..., extra_body={"vllm_xargs": {"length_equal_to": 64}})
+
+Offline::
+
+    llm = LLM(model=M, logits_processors=[LenVMLogitsProcessor], additional_config={"lenvm_path": L})
+    llm.generate(prompts, SamplingParams(extra_args={"length_at_most": 40}))
+
+A request asks for a length control with the flat keys every lenvm backend accepts
+(:func:`lenvm.decoding.params.control_from_keys`): ``length_equal_to``, ``length_at_most``,
+``length_at_least``, ``length_tilt`` and ``length_rule``. Bad values are refused when vLLM admits
+the request (HTTP 400 from the server). Equal To's retries and ``best_of`` need our own engine.
+
+Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
+control, all of them in one candidate-block forward of the LenVM, which keeps its own KV cache per
+request in the worker; rows without a control cost nothing. Around a custom processor, vLLM's V1
+sampler then applies temperature, min-p and top-k/top-p. So that it samples exactly the policy's
+distribution ``q``, the processor writes ``T · log q`` (vLLM divides by ``T`` again), and a
+controlled request's top-k, top-p and min-p are taken over by the processor when vLLM admits it:
+they shape the candidates, as in our engine, and vLLM's own are set to off for that request, since
+applying them again to ``q`` would cut its tail. Greedy requests take the argmax of ``q``.
+vLLM applies repetition, frequency and presence penalties after the processor, so a request that
+sets them no longer samples ``q`` exactly.
+
+Configuration: the LenVM folder comes from ``additional_config={"lenvm_path": ...}``
+(``--additional-config``) or the environment variable ``LENVM_PATH``; set the variable where vLLM
+is started so that requests are also checked against the LenVM's horizon when they are admitted.
+``lenvm_num_candidates`` (``LENVM_NUM_CANDIDATES``, default 8) and ``lenvm_dtype``
+(``LENVM_DTYPE``, default float32) likewise. An attached or q LenVM loads its generator (named in
+its config) as its own backbone beside vLLM's copy. This is the V1 model runner's interface (vLLM's
+default without Triton, and with ``VLLM_USE_V2_MODEL_RUNNER=0`` on GPUs).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from lenvm.decoding.engine import MIN_DISCOUNT
+from lenvm.decoding.params import (
+    LENGTH_KEYS,
+    Control,
+    Request,
+    Result,
+    SamplingParams,
+    control_from_keys,
+    keys_of,
+)
+from lenvm.decoding.scorers import Scorer, scorer_for
+from lenvm.decoding.step import Rows, decide, forced_eos
+from lenvm.io import InputError
+
+# What a vLLM request may ask for: one pass of decoding, so no retries and no best_of.
+KEYS = tuple(k for k in LENGTH_KEYS if k not in ("length_retries", "length_best_of"))
+# Where admission keeps a controlled request's own top-k, top-p and min-p (see the module doc).
+TRUNCATION = "lenvm_truncation"
+GREEDY = 1e-5  # vLLM's threshold: a lower temperature is greedy
+logger = logging.getLogger(__name__)
+
+
+def _setting(vllm_config, name: str, default: Any = None) -> Any:
+    extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    if name in extra:
+        return extra[name]
+    return os.environ.get(name.upper(), default)
+
+
+@functools.cache
+def _gamma(path: str) -> float:
+    from lenvm.model import read_config
+
+    return read_config(path).gamma
+
+
+@dataclass(eq=False)
+class _Row:
+    """A controlled request in vLLM's batch."""
+
+    control: Control
+    sampling: SamplingParams  # the temperature and truncation the candidates come from
+    temperature: float  # what vLLM divides the processor's logits by
+    prompt: list[int]
+    output: list[int]  # vLLM's live list of this request's output ids
+    fed: int = -1  # output ids in the LenVM's cache (-1: the request is not in it)
+
+    @classmethod
+    def of(cls, params, prompt: list[int] | None, output: list[int]) -> _Row | None:
+        control = control_from_keys(params.extra_args or {}, KEYS)
+        if control is None:
+            return None
+        if prompt is None:
+            raise InputError("a length control needs the prompt's token ids, not prompt embeddings")
+        top_k, top_p, min_p = (params.extra_args or {}).get(TRUNCATION) or (
+            params.top_k,
+            params.top_p,
+            params.min_p,
+        )
+        greedy = params.temperature < GREEDY
+        sampling = SamplingParams(
+            temperature=0.0 if greedy else float(params.temperature),
+            top_k=max(int(top_k), 0),
+            top_p=float(top_p),
+            min_p=float(min_p),
+            max_new_tokens=max(int(params.max_tokens or 1), 1),
+        )
+        return cls(control, sampling, 1.0 if greedy else float(params.temperature), list(prompt), output)
+
+
+class LenVMLogitsProcessor(LogitsProcessor):
+    """Length control for vLLM's V1 model runner (see the module doc)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        """Refuse bad ``length_*`` keys when vLLM admits a request (a 400 from the server), and take
+        over a controlled request's truncation (see the module doc)."""
+        args = sampling_params.extra_args or {}
+        control = control_from_keys(args, KEYS)
+        if control is None:
+            return
+        max_tokens = sampling_params.max_tokens
+        if control.kind == "at_least" and max_tokens is not None and control.target > max_tokens:
+            raise InputError(
+                f"length_at_least {control.target} can never be met within max_tokens ({max_tokens})"
+            )
+        path = os.environ.get("LENVM_PATH")
+        if path and control.target is not None and _gamma(path) ** control.target < MIN_DISCOUNT:
+            raise InputError(
+                f"length target {control.target} lies beyond the LenVM's horizon (gamma {_gamma(path):g}); "
+                "use a LenVM trained with a larger gamma"
+            )
+        if TRUNCATION not in args:
+            p = sampling_params
+            p.extra_args = {**args, TRUNCATION: [p.top_k, p.top_p, p.min_p]}
+            p.top_k, p.top_p, p.min_p = 0, 1.0, 0.0
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        from lenvm.hub import load_tokenizer
+        from lenvm.model import LengthValueModel, check_tokenizer
+
+        path = _setting(vllm_config, "lenvm_path")
+        if not path:
+            raise ValueError(
+                "LenVMLogitsProcessor needs a LenVM: set the environment variable LENVM_PATH or "
+                '--additional-config \'{"lenvm_path": "..."}\''
+            )
+        dtype = _setting(vllm_config, "lenvm_dtype", "float32")
+        self.lenvm = LengthValueModel.from_pretrained(path, device=device, dtype=dtype).eval()
+        check_tokenizer(self.lenvm.config, load_tokenizer(vllm_config.model_config.tokenizer), "vLLM's model")
+        self.num_candidates = int(_setting(vllm_config, "lenvm_num_candidates", 8))
+        self.device = device
+        self.eos = torch.tensor(self.lenvm.config.eos_token_ids, device=device)
+        self.slots: dict[int, _Row] = {}  # vLLM's batch slot -> controlled request
+        self.order: list[_Row] = []  # the scorer's rows
+        self.scorer: Scorer | None = None
+        self.ids: torch.Tensor | None = None  # [B, k] candidates fed last step (pending in the cache)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes the argmax: vLLM must apply it to greedy requests too
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        # An added or moved-into slot overwrites what was there (vLLM reuses slots without
+        # listing them as removed); the order is removed, added, moved.
+        if batch_update is None:
+            return
+        for slot in batch_update.removed:
+            self.slots.pop(slot, None)
+        for slot, params, prompt, output in batch_update.added:
+            self.slots.pop(slot, None)
+            try:
+                row = _Row.of(params, prompt, output)
+            except Exception as err:  # admission checked it; never take vLLM's engine down
+                logger.warning("lenvm: request in slot %d is decoded without length control: %s", slot, err)
+                row = None
+            if row is not None:
+                self.slots[slot] = row
+        for a, b, direction in batch_update.moved:
+            moving, there = self.slots.pop(a, None), self.slots.pop(b, None)
+            if moving is not None:
+                self.slots[b] = moving
+            if there is not None and direction == MoveDirectionality.SWAP:
+                self.slots[a] = there
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.slots:
+            self._drop()
+            return logits
+        try:
+            return self._apply(logits)
+        except Exception:  # an error here would kill vLLM's engine: this step goes unguided
+            logger.exception("lenvm: length control failed for this step; the LenVM's cache is rebuilt")
+            self._drop()
+            return logits
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
+        slots = sorted(self.slots)
+        live = [self.slots[s] for s in slots]
+        self._sync(live)
+        position = {id(r): i for i, r in enumerate(self.order)}
+        order = [position[id(r)] for r in live]
+        if order != list(range(len(order))):  # vLLM moved rows: follow its order
+            self.scorer.select(torch.tensor(order, device=self.device))
+            self.order = live
+        rows = Rows.build(
+            [r.sampling for r in live], [r.control for r in live], [len(r.output) for r in live], self.device
+        )
+        index = torch.tensor(slots, device=logits.device)
+        scores = logits[index].float().to(self.device)
+        d = decide(scores, rows, self.scorer, self.num_candidates, self.eos, self.lenvm.gamma)
+        self.ids = d.ids
+        # vLLM divides by the temperature afterwards: T·log q samples q.
+        temperature = torch.tensor([r.temperature for r in live], device=self.device, dtype=torch.float64)
+        out = torch.full_like(scores, -float("inf"))
+        out.scatter_(1, d.ids, (d.dist.log() * temperature[:, None]).float())
+        at_cap, eos = forced_eos(scores, rows, self.eos)
+        only_eos = torch.full_like(scores, -float("inf")).scatter_(1, eos[:, None], 0.0)
+        out = torch.where(at_cap[:, None], only_eos, out)
+        logits[index] = out.to(logits.device, logits.dtype)
+        return logits
+
+    def _sync(self, live: list[_Row]) -> None:
+        """Bring the LenVM's cache in line with vLLM's batch: keep the candidate each row took,
+        drop rows that left, and prefill rows that joined or whose tokens the cache cannot follow
+        (several tokens at once, a token that was not a candidate, a resumed request)."""
+        alive = {id(r) for r in live}
+        if self.scorer is not None:
+            kept = self._advance(alive)
+            if len(kept) < len(self.order):
+                for i in set(range(len(self.order))) - set(kept):
+                    self.order[i].fed = -1
+                if kept:
+                    self.scorer.select(torch.tensor(kept, device=self.device))
+                    self.order = [self.order[i] for i in kept]
+                else:
+                    self._drop()
+        joining = [r for r in live if r.fed < 0]
+        if joining:
+            part = scorer_for(self.lenvm).prefill(self.lenvm, [r.prompt + list(r.output) for r in joining])
+            self.scorer = part if self.scorer is None else Scorer.cat([self.scorer, part])
+            self.order = self.order + joining
+            for r in joining:
+                r.fed = len(r.output)
+
+    def _advance(self, alive: set[int]) -> list[int]:
+        """Move every row of the cache one token on; returns the rows that followed their request."""
+        ids, self.ids = self.ids, None
+        if ids is None:  # nothing pending: rows whose request did not move on stay as they are
+            return [i for i, r in enumerate(self.order) if id(r) in alive and r.fed == len(r.output)]
+        choice, token, kept = [], [], []
+        for i, r in enumerate(self.order):
+            new = r.output[r.fed :]
+            hit = (ids[i] == new[0]).nonzero() if id(r) in alive and len(new) == 1 else []
+            if len(hit):
+                kept.append(i)
+                r.fed += 1
+            choice.append(int(hit[0]) if len(hit) else 0)
+            token.append(new[0] if len(hit) else int(ids[i, 0]))
+        # Rows that did not follow advance too (the cache moves as one) and are dropped next.
+        self.scorer.advance(torch.tensor(choice, device=self.device), torch.tensor(token, device=self.device))
+        return kept
+
+    def _drop(self) -> None:
+        for r in self.order:
+            r.fed = -1
+        self.order, self.scorer, self.ids = [], None, None
+
+
+class VLLMEngine:
+    """vLLM as a generation backend behind our request types: ``stream`` and ``generate`` take
+    :class:`~lenvm.decoding.Request` objects and give :class:`~lenvm.decoding.Result` objects, like
+    :class:`lenvm.decoding.Engine` (one pass: no retries, no ``best_of``, no values).
+
+    ``lenvm``: a LenVM folder for requests with a control (the processor above). ``logprobs``:
+    report each result's mean log-probability and final EOS probability under the generator
+    (vLLM's raw log-probabilities; the first request that asks for them compiles a kernel).
+    ``engine_args`` go to ``vllm.LLM`` (e.g. ``max_num_seqs``, ``max_model_len``)."""
+
+    def __init__(
+        self,
+        model: str,
+        lenvm: str | os.PathLike | None = None,
+        num_candidates: int = 8,
+        dtype: str = "float32",
+        logprobs: bool = True,
+        **engine_args: Any,
+    ):
+        from vllm import LLM
+
+        from lenvm.hub import eos_token_ids_of, load_tokenizer, resolve
+
+        location = resolve(model)
+        args: dict[str, Any] = {"model": location, "dtype": dtype, "seed": 0, **engine_args}
+        if lenvm is not None:
+            args["logits_processors"] = [LenVMLogitsProcessor]
+            extra = {"lenvm_path": str(lenvm), "lenvm_num_candidates": num_candidates, "lenvm_dtype": dtype}
+            args["additional_config"] = {**extra, **args.get("additional_config", {})}
+        self.llm = LLM(**args)
+        self.tokenizer = load_tokenizer(location)
+        self.eos_ids = eos_token_ids_of(location, self.tokenizer)
+        self.lenvm = lenvm
+        self.logprobs = logprobs
+
+    def generate(
+        self, requests: list[Request], batch_size: int | None = None, progress: bool = False
+    ) -> list[Result]:
+        results: list[Result | None] = [None] * len(requests)
+        for index, result in self.stream(requests, batch_size):
+            results[index] = result
+        return results
+
+    def stream(self, requests: list[Request], batch_size: int | None = None) -> Iterator[tuple[int, Result]]:
+        """Results as they finish, ``(request index, result)``. vLLM sizes its own batches:
+        ``batch_size`` is accepted for a drop-in swap with our engine and not used."""
+        from vllm.inputs import TokensPrompt
+
+        from lenvm.prompts import as_prompt, encode_prompt
+
+        engine = self.llm.llm_engine
+        prompts = []
+        for i, request in enumerate(requests):
+            params = self._params(i, request)
+            ids = encode_prompt(self.tokenizer, as_prompt(request.prompt, default_id=str(i)))
+            prompts.append(ids)
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    i = int(out.request_id)
+                    yield i, self._result(prompts[i], out.outputs[0])
+
+    def _params(self, index: int, request: Request):
+        from vllm import SamplingParams as VllmParams
+
+        if not isinstance(request, Request):
+            raise InputError(f"request {index}: expected a Request, got {type(request).__name__}")
+        control = request.control
+        if control is not None and control.active:
+            if self.lenvm is None:
+                raise InputError(f"request {index}: a length control needs a LenVM")
+            if control.best_of > 1 or control.retries:
+                raise InputError(f"request {index}: retries and best_of need lenvm's own engine")
+        if request.return_values:
+            raise InputError(f"request {index}: return_values needs lenvm's own engine")
+        s = request.sampling
+        return VllmParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            seed=s.seed,
+            max_tokens=s.max_new_tokens,
+            ignore_eos=s.ignore_eos,
+            logprobs=0 if self.logprobs else None,
+            extra_args={k: v for k, v in keys_of(control).items() if k in KEYS} or None,
+        )
+
+    def _result(self, prompt_ids: list[int], out) -> Result:
+        ids = list(out.token_ids)
+        if out.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a request with {out.finish_reason!r}")
+        ended = out.finish_reason == "stop" and bool(ids) and ids[-1] in self.eos_ids
+        logprobs = [step[t].logprob for step, t in zip(out.logprobs or [], ids, strict=False)]
+        return Result(
+            prompt_token_ids=prompt_ids,
+            token_ids=ids,
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            num_tokens=len(ids) - ended,
+            finish_reason="stop" if out.finish_reason == "stop" else "length",
+            values=None,
+            mean_logprob=sum(logprobs) / len(logprobs) if logprobs else math.nan,
+            eos_prob=math.exp(logprobs[-1]) if ended and logprobs else None,
+            decoded_tokens=len(ids),
+        )

@@ -1,0 +1,369 @@
+"""Length control inside vLLM, rollouts through vLLM, and `vllm serve` with the processor, on a
+tiny model (vLLM's CPU attention needs a head size of at least 32: hidden 128, 4 heads)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+
+import pytest
+import torch
+
+from lenvm import Control, Engine, LengthValueModel, Request, SamplingParams, load_generator
+from lenvm.io import InputError
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["Tell me about the sea.", "Hi", "List three colors: red, green and blue, then explain why."]
+CONTROLS = [
+    Control("tilt", beta=20.0),
+    Control("tilt", beta=-20.0),
+    Control("equal_to", target=6, retries=0),
+    Control("equal_to", target=6, rule="paper"),
+    Control("at_most", target=5),
+    Control("at_least", target=9),
+    Control("at_least", target=9, rule="paper"),
+    None,
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_env():
+    saved = dict(os.environ)
+    os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory):
+    from lenvm.testing import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("vllm") / "model", hidden_size=128, eos_logit=3.0)
+
+
+@pytest.fixture(scope="module")
+def generator128(tiny128):
+    return load_generator(tiny128)
+
+
+def _lenvm(tiny128, generator, kind, folder):
+    """A LenVM whose head tells candidates apart (a fresh head's values barely differ)."""
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny128, kind=kind, generator=generator, gamma=0.9)
+    with torch.no_grad():
+        torch.nn.init.normal_(lenvm.head.state.fc2.weight if kind == "q" else lenvm.head.fc2.weight, std=3.0)
+        if kind == "q":
+            torch.nn.init.normal_(lenvm.head.proj.weight, std=0.3)
+    lenvm.save_pretrained(folder)
+    return LengthValueModel.from_pretrained(folder, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def lenvms(tiny128, generator128, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lenvms")
+    kinds = ("attached", "q", "standalone")
+    return {kind: (_lenvm(tiny128, generator128, kind, root / kind), root / kind) for kind in kinds}
+
+
+def _engine(tiny128, lenvm_path=None, **kwargs):
+    from lenvm.integrations.vllm import VLLMEngine
+
+    return VLLMEngine(
+        str(tiny128),
+        lenvm=lenvm_path,
+        num_candidates=4,
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=8,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms, kind):
+    """Same LenVM, same controls, greedy: vLLM with the processor picks the tokens our engine
+    picks (the generator's logits come from vLLM's kernels, equal to float32 rounding)."""
+    lenvm, path = lenvms[kind]
+    requests = [
+        Request(PROMPTS[i % 3], SamplingParams(max_new_tokens=12, temperature=0.0), control=c)
+        for i, c in enumerate(CONTROLS)
+    ]
+    ours = Engine(*generator128, lenvm=lenvm, num_candidates=4).generate(requests)
+    theirs = _engine(tiny128, path).generate(requests)
+    assert [r.token_ids for r in theirs] == [r.token_ids for r in ours]
+    assert len({tuple(r.token_ids) for r in ours}) > 3  # the controls change the answers
+    for ours_r, theirs_r in zip(ours, theirs, strict=True):
+        assert theirs_r.num_tokens == ours_r.num_tokens
+        assert theirs_r.mean_logprob == pytest.approx(ours_r.mean_logprob, abs=1e-4)
+    at_most, at_least = theirs[4], theirs[5]
+    assert at_most.num_tokens <= 5 and at_least.num_tokens >= 9
+
+
+def test_vllm_samples_the_policys_distribution(tiny128, generator128, lenvms):
+    """Many one-token samples of a controlled request at temperature 0.7 and top-p 0.9: vLLM's
+    draws follow the distribution the shared decoding step gives, not the generator's own."""
+    from lenvm.decoding.scorers import scorer_for
+    from lenvm.decoding.step import Rows, decide
+    from lenvm.prompts import encode_prompt
+
+    lenvm, path = lenvms["attached"]
+    model, tok = generator128
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1)
+    control = Control("tilt", beta=8.0)
+    prompt = encode_prompt(tok, PROMPTS[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[:, -1].float()
+        scorer = scorer_for(lenvm).prefill(lenvm, [prompt])
+        eos = torch.tensor(lenvm.config.eos_token_ids)
+        d = decide(logits, Rows.build([sampling], [control], [0], "cpu"), scorer, 4, eos, lenvm.gamma)
+    policy = {int(t): float(p) for t, p in zip(d.ids[0], d.dist[0], strict=True) if p > 0}
+    plain = torch.softmax(logits[0] / 0.7, -1)
+    assert sum(abs(policy.get(t, 0.0) - float(plain[t])) for t in range(len(plain))) / 2 > 0.1
+
+    n = 3000
+    requests = [
+        Request(
+            PROMPTS[0], SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1, seed=i), control=control
+        )
+        for i in range(n)
+    ]
+    drawn = Counter(r.token_ids[0] for r in _engine(tiny128, path, logprobs=False).generate(requests))
+    assert set(drawn) <= set(policy)
+    distance = sum(abs(drawn[t] / n - p) for t, p in policy.items()) / 2
+    assert distance < 0.04  # sampling noise over a handful of candidates is about 0.01-0.02
+
+
+def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvms):
+    from vllm import SamplingParams as VllmParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+
+    engine = _engine(tiny128, lenvms["attached"][1])
+    for bad in (
+        {"length_equal_to": -3},
+        {"length_at_most": 5, "length_at_least": 6},
+        {"length_tilt": "x"},
+        {"length_equal_to": 5, "length_retries": 2},
+        {"length_at_least": 50},
+    ):
+        with pytest.raises(VLLMValidationError, match="length_"):
+            engine.llm.generate(
+                [TokensPrompt(prompt_token_ids=[5, 6, 7])], VllmParams(max_tokens=8, extra_args=bad)
+            )
+    [ok] = engine.generate(
+        [Request("Hi", SamplingParams(max_new_tokens=4), control=Control("at_most", target=3))]
+    )
+    assert ok.num_tokens <= 3  # the engine is still serving
+    with pytest.raises(InputError, match="lenvm's own engine"):
+        engine.generate([Request("Hi", control=Control("equal_to", target=5, best_of=2))])
+
+
+def test_requests_without_a_control_are_left_alone(tiny128, lenvms):
+    requests = [Request(p, SamplingParams(max_new_tokens=10, seed=i)) for i, p in enumerate(PROMPTS)]
+    plain = _engine(tiny128).generate(requests)
+    beside = _engine(tiny128, lenvms["q"][1]).generate(
+        requests
+        + [Request(PROMPTS[0], SamplingParams(max_new_tokens=10, seed=9), control=Control("tilt", beta=5.0))]
+    )
+    assert [r.token_ids for r in beside[:3]] == [r.token_ids for r in plain]
+
+
+def test_rollouts_through_vllm_resume_and_train(tiny128, generator128, tmp_path):
+    from lenvm import TrainConfig, read_rollouts, rollout, train
+    from lenvm.prompts import as_prompt
+
+    prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(PROMPTS)]
+    out = tmp_path / "rollouts.jsonl"
+    sampling = SamplingParams(max_new_tokens=24, seed=3)
+    summary = rollout(str(tiny128), prompts[:2], out, n=3, sampling=sampling, backend="vllm", progress=False)
+    assert summary.completions_written == 6
+    summary = rollout(str(tiny128), prompts, out, n=3, sampling=sampling, backend="vllm", progress=False)
+    assert summary.completions_written == 3 and summary.prompts_skipped == 2  # resumed
+    records = read_rollouts(out)
+    assert len(records) == 9 and {r["sampling"]["backend"] for r in records} == {"vllm"}
+    eos = set(generator128[1].convert_tokens_to_ids(["<|im_end|>"]))
+    for r in records:
+        ended = r["finish_reason"] == "stop"
+        assert ended == (r["completion_token_ids"][-1] in eos) and (ended or r["num_tokens"] == 24)
+    again = tmp_path / "again.jsonl"
+    rollout(str(tiny128), prompts, again, n=3, sampling=sampling, backend="vllm", progress=False)
+
+    def samples(rows):
+        return {(r["prompt_id"], r["sample_index"]): r["completion_token_ids"] for r in rows}
+
+    assert samples(read_rollouts(again)) == samples(records)  # seeded per completion, whatever the batch
+    result = train(
+        records,
+        str(tiny128),
+        tmp_path / "lenvm",
+        TrainConfig(epochs=2),
+        generator=generator128,
+        progress=False,
+    )
+    assert (result.path / "head.safetensors").is_file()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny128, lenvms, tmp_path_factory):
+    """`vllm serve` (its OpenAI server module) on 127.0.0.1 with the processor; yields the base URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "LENVM_PATH": str(lenvms["attached"][1]), "LENVM_NUM_CANDIDATES": "4"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny128)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    command += ["--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "tiny"]
+    command += ["--logits-processors", "lenvm.integrations.vllm:LenVMLogitsProcessor"]
+    with log.open("w") as fh:
+        server = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"vLLM's server exited: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM's server did not start: {log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base + "/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_vllm_serve_takes_length_control_from_an_openai_client(vllm_server):
+    import openai
+
+    client = openai.OpenAI(base_url=vllm_server, api_key="none", max_retries=0)
+    bound = {"vllm_xargs": {"length_at_most": 4}}
+    text = client.completions.create(model="tiny", prompt="Tell me", max_tokens=30, seed=1, extra_body=bound)
+    assert text.usage.completion_tokens <= 5  # 4 tokens and the EOS
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=30, extra_body=bound
+    )
+    assert chat.usage.completion_tokens <= 5
+    at_least = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=30,
+        extra_body={"vllm_xargs": {"length_at_least": 12}},
+    )
+    assert at_least.usage.completion_tokens >= 12
+    plain = client.completions.create(model="tiny", prompt="Tell me", max_tokens=8, seed=1)
+    assert plain.usage.completion_tokens <= 8
+    pieces = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"vllm_xargs": {"length_equal_to": 6, "length_rule": "paper"}},
+        )
+    )
+    assert pieces[-1].usage.completion_tokens >= 1 and any(
+        p.choices and p.choices[0].finish_reason for p in pieces
+    )
+
+    with pytest.raises(openai.BadRequestError, match="length_equal_to"):
+        client.completions.create(
+            model="tiny", prompt="Hi", max_tokens=8, extra_body={"vllm_xargs": {"length_equal_to": -1}}
+        )
+    with pytest.raises(openai.APIError, match="one length control"):  # streaming: an error event
+        list(
+            client.completions.create(
+                model="tiny",
+                prompt="Hi",
+                max_tokens=8,
+                stream=True,
+                extra_body={"vllm_xargs": {"length_equal_to": 5, "length_at_most": 4}},
+            )
+        )
+    with urllib.request.urlopen(vllm_server.removesuffix("/v1") + "/health", timeout=5) as response:
+        assert response.status == 200  # still serving
+    assert (
+        json.loads(urllib.request.urlopen(vllm_server + "/models", timeout=5).read())["data"][0]["id"]
+        == "tiny"
+    )
+
+
+def test_speed_benchmark_measures_vllm_plain_and_guided(tiny128, tmp_path):
+    from lenvm.bench.speed import run_speed
+
+    results = run_speed(
+        tmp_path / "speed",
+        model=tiny128,
+        batch_sizes=(1, 2),
+        candidates=(2,),
+        new_tokens=4,
+        generate_batch_sizes=(),
+        methods=["vllm-guided"],
+        progress=False,
+    )
+    rows = {r["key"]: r for r in results["rows"]}
+    assert set(rows) == {
+        "plain-b1",
+        "plain-b2",
+        "vllm-b1",
+        "vllm-b2",
+        "vllm-guided-k2-b1",
+        "vllm-guided-k2-b2",
+    }
+    for key, r in rows.items():
+        assert r["tokens"] == 4 * r["batch"], key
+    guided = rows["vllm-guided-k2-b2"]
+    assert guided["x_own_plain"] == pytest.approx(guided["tokens_per_s"] / rows["vllm-b2"]["tokens_per_s"])
+
+
+def test_lifebench_runs_on_the_vllm_backend(tiny128, lenvms, tmp_path):
+    """The benchmarks can generate with vLLM and the processor; an At Most answer keeps its bound."""
+    from lenvm.bench.lifebench import run_lifebench
+
+    rows = tmp_path / "life.jsonl"
+    task = (
+        "[Instruction] Answer: \n What is the sea? \n\n"
+        "[Requirement] Your answer must be {word_count_type} {word_count} words long."
+    )
+    rows.write_text(json.dumps({"id": 1, "category": "qa", "lang": "en", "task": task}) + "\n")
+    results = run_lifebench(
+        tmp_path / "out",
+        model=tiny128,
+        lenvm=lenvms["attached"][1],
+        data=rows,
+        targets=(4, 8),
+        methods=["prompt", "lenvm-ours"],
+        max_new_tokens=16,
+        backend="vllm",
+        progress=False,
+    )
+    assert results["settings"]["backend"] == "vllm"
+    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 2 * 3 * 2
+    assert all(
+        i["num_tokens"] <= i["target"]
+        for i in items
+        if i["method"] == "lenvm-ours" and i["constraint"] == "at_most"
+    )
+    assert all(i["retries"] == 0 and i["decoded_tokens"] >= i["num_tokens"] for i in items)
+    assert all(i["eos_prob"] is None or 0 < i["eos_prob"] <= 1 for i in items)
