@@ -285,6 +285,33 @@ def test_n_choices_have_their_own_seeds(url):
         assert "".join(ch.choices[0].text for ch in streamed if ch.choices[0].index == index) == text
 
 
+def test_rollouts_through_the_server_match_local_rollouts(url, tiny_path, tiny_generator, tmp_path):
+    """lenvm's own OpenAI rollout backend (vLLM's fields: token ids as logprobs, top_k -1, min_p,
+    add_special_tokens) gets from the server what the local backend samples."""
+    from lenvm.rollouts import read_rollouts, rollout
+
+    prompts = ["Tell me about the sea.", "Hi"]
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5)
+    common = dict(n=1, sampling=sampling, progress=False)
+    rollout(tiny_generator, prompts, tmp_path / "local.jsonl", **common)
+    rollout(
+        tiny_path,
+        prompts,
+        tmp_path / "served.jsonl",
+        backend="openai",
+        base_url=url + "/v1",
+        api_model=MODEL,
+        **common,
+    )
+    local, served = (
+        sorted(read_rollouts(tmp_path / name), key=lambda r: r["prompt_id"])
+        for name in ("local.jsonl", "served.jsonl")
+    )
+    assert [r["completion_token_ids"] for r in served] == [r["completion_token_ids"] for r in local]
+    assert [r["prompt_token_ids"] for r in served] == [r["prompt_token_ids"] for r in local]
+    assert "token_ids_source" not in served[0]  # the ids came from the server, not re-tokenized
+
+
 # -- the length endpoints ------------------------------------------------------------------------
 
 
