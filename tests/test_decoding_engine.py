@@ -620,3 +620,12 @@ def test_top_logprobs_is_checked():
     with pytest.raises(InputError, match="top_logprobs"):
         SamplingParams(top_logprobs=21)
     assert "top_logprobs" not in SamplingParams(top_logprobs=2).policy()
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_generator):
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    results = engine.generate(
+        [Request("Hi", SamplingParams(max_new_tokens=5, seed=2, top_k=k)) for k in (0, len(tok), 10**12)]
+    )
+    assert results[0].token_ids == results[1].token_ids == results[2].token_ids

@@ -272,6 +272,15 @@ def test_stop_strings_end_the_answer_before_them(url):
     assert " " not in held.choices[0].text and held.usage.completion_tokens <= 21
 
 
+def test_extreme_sampling_settings_are_served(url):
+    c = client(url)
+    for settings in ({"top_k": 10**6}, {"temperature": 1e-30}, {"top_p": 1e-30}, {"min_p": 0.999999}):
+        answer = c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=3, extra_body={**settings, "length_tilt": 1e30}
+        )
+        assert answer.usage.completion_tokens >= 1
+
+
 def test_n_choices_have_their_own_seeds(url):
     c = client(url)
     answer = c.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=3, n=3)
@@ -373,6 +382,7 @@ BAD = [
     ({"model": MODEL, "prompt": "Hi", "max_tokens": True}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "Hi", "n": 0}, 400, "n must be"),
+    ({"model": MODEL, "prompt": "Hi", "n": 10**9}, 400, "exceed"),
     ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "Hi", "seed": -3}, 400, "seed"),
     ({"model": MODEL, "prompt": ""}, 400, "empty"),
@@ -513,13 +523,13 @@ def test_full_queue_and_too_many_streams_get_429(engine):
             c.completions.create(**long)
         with pytest.raises(openai.RateLimitError, match="full"):
             c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-        with pytest.raises(openai.RateLimitError):  # more choices than the server ever holds
+        with pytest.raises(openai.BadRequestError, match="exceed"):  # more than it ever holds
             c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=3)
         first.close(), second.close()
         wait_until(lambda: app.state.lenvm.runner.outstanding == 0)
         healthy(url)
         metrics = httpx.get(url + "/metrics").text
-        assert 'lenvm_requests_total{endpoint="completions",outcome="rejected"} 3.0' in metrics
+        assert 'lenvm_requests_total{endpoint="completions",outcome="rejected"} 2.0' in metrics
         assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
 
 

@@ -167,6 +167,8 @@ class Engine:
                 f"{self.lenvm.gamma:g}: values that far from the end all round to -1); use a LenVM "
                 "trained with a larger gamma (the p99 rule over longer rollouts)"
             )
+        if request.sampling.top_k >= vocab:  # keeps every token: the filter is off
+            request = replace(request, sampling=replace(request.sampling, top_k=0))
         return [Sequence.start(key, request, prompt_ids, a, self.device) for a in range(control.best_of)]
 
 

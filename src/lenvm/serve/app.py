@@ -111,6 +111,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         tokenizer=engine.tokenizer,
         context=engine.context,
         has_lenvm=lenvm is not None,
+        max_choices=runner.capacity,
         # Left out of a request, the sampling settings are the policy the LenVM was trained on
         # (its values describe that policy only), as on the command line.
         defaults=(lenvm.config.sampling or {}) if lenvm is not None else {},

@@ -191,6 +191,7 @@ class Context:
     tokenizer: Any
     context: int  # the model's context, in tokens
     has_lenvm: bool
+    max_choices: int  # choices the server holds at once (running and waiting)
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling when a request leaves it out
 
 
@@ -247,6 +248,13 @@ def _plan(
         raise ApiError(400, "n must be at least 1", "n")
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
+    if body.n * len(prompts) > ctx.max_choices:
+        raise ApiError(
+            400,
+            f"{body.n * len(prompts)} choices (n times the prompts) exceed what this server holds at once "
+            f"({ctx.max_choices})",
+            "n",
+        )
     for ids in prompts:
         if len(ids) >= ctx.context:
             raise ApiError(

@@ -180,8 +180,6 @@ class EngineRunner:
         """Queue ``choices`` (from a coroutine); their chunks come back on the submission."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
-        if len(choices) > self.capacity:
-            raise QueueFull(f"{len(choices)} choices exceed what this server holds at once ({self.capacity})")
         with self._lock:
             if self._outstanding + len(choices) > self.capacity:
                 raise QueueFull(
