@@ -229,8 +229,11 @@ class EngineRunner:
                     self._step()
             except Exception as err:  # a failed step must not take the server down
                 log.exception("decoding step failed; answering the requests in the batch with an error")
-                self._fail(EngineFailure(f"the decoding engine failed: {type(err).__name__}: {err}"))
+                # The failed batch is dropped whole (its state may be broken: no abort on it).
                 self.scheduler = Scheduler(self.engine, self.batch_size)
+                self._fail(
+                    EngineFailure(f"the decoding engine failed: {type(err).__name__}: {err}"), abort=False
+                )
             self._gauges()
 
     def _commands(self, block: bool) -> list[tuple]:
@@ -304,9 +307,9 @@ class EngineRunner:
                     self.metrics.generated_tokens.inc(chunk.finish.completion_tokens)
                     self.metrics.discarded_tokens.inc(chunk.finish.discarded_tokens)
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, abort: bool = True) -> None:
         submissions = {id(s): s for s, _ in self._live.values()}
-        for key in list(self._live):
+        for key in list(self._live) if abort else ():
             self.scheduler.abort(key)
         self._release(len(self._live))
         self._live.clear()
