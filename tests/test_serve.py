@@ -709,7 +709,7 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path):
             "--served-model-name",
             MODEL,
             "--shutdown-timeout",
-            "0.5",
+            "1",
             "--log-level",
             "warning",
         ],
