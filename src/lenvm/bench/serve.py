@@ -346,8 +346,10 @@ def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
         latency.plot(
             clients, [r["latency_p99"] for r in mine], marker="x", linestyle="--", label=f"{mode} p99"
         )
+    ticks = sorted({r["clients"] for r in rows})
     for ax, label in ((speed, "tokens/s"), (latency, "request latency (s)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(c) for c in ticks])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
