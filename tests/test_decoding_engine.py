@@ -595,3 +595,68 @@ def test_updates_show_where_a_retry_resampled_the_end(tiny_generator, lenvms):
             result = update.result or result
     assert result.retries == 2 and rewinds == 2  # the random generator never ends naturally
     assert result.decoded_tokens > len(seen)  # every attempt's tokens count, not only the last one's
+
+
+def test_token_id_prompts_are_taken_as_they_are(tiny_generator):
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    sampling = SamplingParams(max_new_tokens=6, seed=3)
+    templated = engine.generate([Request("Hi", sampling)])[0]
+    as_ids = engine.generate([Request(encode_prompt(tok, "Hi"), sampling)])[0]
+    assert as_ids.prompt_token_ids == templated.prompt_token_ids
+    assert as_ids.token_ids == templated.token_ids
+    raw = tok("Hi")["input_ids"]  # no template: another prompt
+    assert engine.generate([Request(raw, sampling)])[0].prompt_token_ids == raw
+    with pytest.raises(InputError, match="token ids"):
+        engine.generate([Request([1, len(tok) + 5], sampling)])
+
+
+def test_logprobs_and_top_alternatives(tiny_generator, lenvms):
+    from lenvm.decoding import Scheduler
+
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    plain = Request("Hi", SamplingParams(max_new_tokens=8, seed=1, top_logprobs=3))
+    guided = Request("Hi", SamplingParams(max_new_tokens=8, seed=1), control=Control("tilt", beta=2.0))
+    results = engine.generate([plain, guided])
+    for result in results:
+        assert len(result.logprobs) == len(result.token_ids)
+        assert result.mean_logprob == pytest.approx(sum(result.logprobs) / len(result.logprobs))
+    assert results[1].top_logprobs is None
+    # The alternatives are the generator's own most likely tokens, best first; the chosen token's
+    # log-probability is among them whenever it is one of them.
+    prompt_ids = results[0].prompt_token_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + results[0].token_ids])).logits[0, len(prompt_ids) - 1 :]
+    expected = logits.log_softmax(-1)
+    for t, (token, top) in enumerate(zip(results[0].token_ids, results[0].top_logprobs, strict=True)):
+        assert [i for i, _ in top] == expected[t].topk(3).indices.tolist()
+        assert [lp for _, lp in top] == pytest.approx(expected[t].topk(3).values.tolist(), abs=1e-4)
+        assert results[0].logprobs[t] == pytest.approx(expected[t, token].item(), abs=1e-4)
+    # Updates carry each token's log-probability and alternatives as it is chosen.
+    scheduler = Scheduler(engine)
+    scheduler.add(plain, "p")
+    seen = []
+    while scheduler.busy:
+        for update in scheduler.step():
+            seen.append((update.tokens, update.logprobs, update.top_logprobs))
+    assert [t[0] for t, _, _ in seen] == results[0].token_ids
+    assert [lp[0] for _, lp, _ in seen] == pytest.approx(results[0].logprobs)
+    for (_, _, top), alone in zip(seen, results[0].top_logprobs, strict=True):
+        assert [i for i, _ in top[0]] == [i for i, _ in alone]
+        assert [lp for _, lp in top[0]] == pytest.approx([lp for _, lp in alone], abs=1e-5)
+
+
+def test_top_logprobs_is_checked():
+    with pytest.raises(InputError, match="top_logprobs"):
+        SamplingParams(top_logprobs=21)
+    assert "top_logprobs" not in SamplingParams(top_logprobs=2).policy()
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_generator):
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    results = engine.generate(
+        [Request("Hi", SamplingParams(max_new_tokens=5, seed=2, top_k=k)) for k in (0, len(tok), 10**12)]
+    )
+    assert results[0].token_ids == results[1].token_ids == results[2].token_ids

@@ -27,7 +27,7 @@ from torch import nn
 
 from lenvm import __version__
 from lenvm.io import InputError, atomic_path, is_int
-from lenvm.prompts import Messages, Prompt, encode_prompt
+from lenvm.prompts import Messages, Prompt, TokenIds, encode_prompt
 from lenvm.returns import _check_gamma, value_to_length
 
 Kind = Literal["attached", "standalone", "q"]
@@ -318,8 +318,11 @@ class LengthValueModel(nn.Module):
     # -- prediction -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict_values(self, prompts: list[str | Messages | Prompt], batch_size: int = 16) -> list[float]:
-        """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied."""
+    def predict_values(
+        self, prompts: list[str | Messages | Prompt | TokenIds], batch_size: int = 16
+    ) -> list[float]:
+        """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied
+        (token ids are taken as they are)."""
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         out: list[float] = []
         for start in range(0, len(encoded), batch_size):

@@ -9,6 +9,7 @@ from typing import Any
 from lenvm.io import InputError, iter_jsonl
 
 Messages = list[dict[str, str]]
+TokenIds = list[int]
 
 
 @dataclass
@@ -79,12 +80,24 @@ def as_prompt(prompt: str | Messages | Prompt, default_id: str = "0") -> Prompt:
     return prompt_from_record({"messages": prompt}, default_id)
 
 
-def encode_prompt(tokenizer, prompt: str | Messages | Prompt) -> list[int]:
+def is_token_ids(prompt: object) -> bool:
+    """A prompt given as the generator's token ids (a non-empty list of ints)."""
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+    )
+
+
+def encode_prompt(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> list[int]:
     """Token ids the generator sees before its first generated token.
 
     The chat template is applied (with the generation prompt) when the tokenizer has one;
-    otherwise the text is tokenized as is.
+    otherwise the text is tokenized as is. Token ids are taken as they are (a prompt that was
+    tokenized without the template, as an OpenAI-style text completion is).
     """
+    if is_token_ids(prompt):
+        return list(prompt)
     prompt = as_prompt(prompt)
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(

@@ -182,6 +182,31 @@ def cmd_generate(args) -> None:
             print(json.dumps({"values": result.values}), file=sys.stderr)
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    try:
+        from lenvm.serve import ServerSettings, serve
+    except ImportError as err:
+        raise InputError(f'lenvm serve needs the serving extra: pip install "lenvm[serve]" ({err})') from None
+    from lenvm.decoding import Engine
+    from lenvm.hub import load_generator
+
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key or os.environ.get("LENVM_API_KEY") or None,
+        batch_size=args.batch_size,
+        max_waiting=args.max_queue,
+        max_streams=args.max_streams,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    model, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
+    lenvm = _load_lenvm(args, generator=(model, tokenizer)) if args.lenvm else None
+    engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
+    serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def cmd_models(args) -> None:
     from lenvm import hub
 
@@ -351,6 +376,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", action="store_true", help="also print the value after each token")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with length control, prediction and values")
+    options.add_model(p)
+    p.add_argument("--lenvm", help="LenVM folder (needed for length controls and the length endpoints)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LENVM_API_KEY if set)"
+    )
+    options.add_decoding(p, batch_size=16)
+    p.add_argument("--max-queue", type=int, default=256, help="answers that may wait for a row (then 429)")
+    p.add_argument("--max-streams", type=int, default=64, help="streaming responses open at once (then 429)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (then 413)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds that requests in flight get to finish before an error answers them",
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list or prepare built-in models")
     msub = p.add_subparsers(dest="action", required=True)

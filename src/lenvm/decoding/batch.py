@@ -89,16 +89,30 @@ class Batch:
         r.step += 1
 
         # For mean_logprob: the generator's own distribution (temperature 1, untruncated).
-        logprob = logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
+        log_norm = logits.logsumexp(-1)
+        logprob = logits.gather(1, token[:, None])[:, 0] - log_norm
         # One host transfer per step.
         columns = [token, forced, logprob] + ([value] if value is not None else [])
         host = torch.stack([c.double() for c in columns]).tolist()
+        tops = _top_logprobs(logits, log_norm, self.seqs)
         finished = []
         for row, seq in enumerate(self.seqs):
             v = host[3][row] if value is not None else 0.0
-            if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, engine.eos_set):
+            top = tops[row] if tops is not None and seq.request.sampling.top_logprobs else None
+            if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, engine.eos_set, top):
                 finished.append(row)
         return finished
+
+
+def _top_logprobs(logits: torch.Tensor, log_norm: torch.Tensor, seqs: list[Sequence]):
+    """Each row's most likely tokens and their log-probabilities (same distribution as the
+    logprobs), as many as the row asks for; None when no row asks."""
+    wanted = [s.request.sampling.top_logprobs for s in seqs]
+    if not any(wanted):
+        return None
+    values, ids = logits.topk(max(wanted), dim=-1)
+    values, ids = (values - log_norm[:, None]).tolist(), ids.tolist()
+    return [list(zip(i[:k], v[:k], strict=True)) for i, v, k in zip(ids, values, wanted, strict=True)]
 
 
 def _needs_values(seq: Sequence) -> bool:

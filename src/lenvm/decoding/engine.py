@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -44,7 +44,7 @@ from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_tokenizer
-from lenvm.prompts import as_prompt, encode_prompt
+from lenvm.prompts import encode_prompt
 
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
@@ -137,9 +137,12 @@ class Engine:
         if not isinstance(request, Request):
             raise InputError(f"request {key}: expected a Request, got {type(request).__name__}")
         where = f"request {key}"
-        prompt_ids = encode_prompt(self.tokenizer, as_prompt(request.prompt, default_id=str(key)))
+        prompt_ids = encode_prompt(self.tokenizer, request.prompt)
         if not prompt_ids:
             raise InputError(f"{where}: the prompt encodes to no tokens")
+        vocab = self.lm_head.weight.shape[0]
+        if not all(0 <= i < vocab for i in prompt_ids):
+            raise InputError(f"{where}: prompt token ids must lie in [0, {vocab})")
         max_new_tokens = request.sampling.max_new_tokens
         if len(prompt_ids) + max_new_tokens > self.context:
             raise InputError(
@@ -164,6 +167,8 @@ class Engine:
                 f"{self.lenvm.gamma:g}: values that far from the end all round to -1); use a LenVM "
                 "trained with a larger gamma (the p99 rule over longer rollouts)"
             )
+        if request.sampling.top_k >= vocab:  # keeps every token: the filter is off
+            request = replace(request, sampling=replace(request.sampling, top_k=0))
         return [Sequence.start(key, request, prompt_ids, a, self.device) for a in range(control.best_of)]
 
 
@@ -173,13 +178,17 @@ class Update:
     ``attempt``'s answer (a ``start`` below the length seen so far means the end was resampled
     from there: Equal To's retries), and ``result`` is set once the request is finished. The
     result is the answer returned, which is an earlier attempt's where retries or ``best_of``
-    found nothing better than it."""
+    found nothing better than it. ``logprobs``, ``top_logprobs`` and ``values`` go with ``tokens``
+    as in :class:`Result` (``values`` are 0 for a row without a LenVM)."""
 
     key: Hashable
     attempt: int
     start: int
     tokens: list[int]
     result: Result | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
 
 
 class Scheduler:
@@ -234,9 +243,7 @@ class Scheduler:
             finished = self.batch.step(engine)
             if finished:
                 self.batch = self.batch.leave(engine, finished)
-        updates = {
-            id(seq): Update(seq.index, seq.attempt, len(seq.tokens) - 1, seq.tokens[-1:]) for seq in seqs
-        }
+        updates = {id(seq): _last_token(seq) for seq in seqs}
         for seq in (seqs[row] for row in finished):
             update = updates[id(seq)]
             result = seq.result(engine.tokenizer)
@@ -255,6 +262,19 @@ class Scheduler:
                 chosen = best_of(results, seq.control.target, seq.control.natural_eos)
                 update.result = replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
         return list(updates.values())
+
+
+def _last_token(seq: Sequence) -> Update:
+    """The update of a row that has just generated a token."""
+    return Update(
+        seq.index,
+        seq.attempt,
+        len(seq.tokens) - 1,
+        seq.tokens[-1:],
+        logprobs=seq.logprobs[-1:],
+        top_logprobs=seq.top_logprobs[-1:],
+        values=seq.values[-1:],
+    )
 
 
 def _context(model) -> int:

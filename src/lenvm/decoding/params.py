@@ -8,11 +8,11 @@ requests and results. One set of types for the engine, rollouts, benchmarks and 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from lenvm.io import InputError, is_int, is_real
-from lenvm.prompts import Messages, Prompt
+from lenvm.prompts import Messages, Prompt, TokenIds
 
 ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
 CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
@@ -23,6 +23,8 @@ NATURAL_EOS = 0.05
 # Equal To (our rule) by default resamples the end of an answer that did not end naturally this
 # many times (see Control).
 DEFAULT_RETRIES = 4
+# Most alternatives a request may ask to see at each step (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class SamplingParams:
     off. Filters apply in the order temperature, top-k, top-p, min-p (as in ``transformers``).
     ``seed`` fixes the request's own random stream (None: a fresh one); a rollout derives each
     completion's seed from it. ``ignore_eos`` never ends before ``max_new_tokens`` (for speed
-    measurements).
+    measurements). ``top_logprobs``: how many of the most likely tokens to report at each step
+    (:attr:`Result.top_logprobs`), at most :data:`MAX_TOP_LOGPROBS`.
     """
 
     temperature: float = 1.0
@@ -43,6 +46,7 @@ class SamplingParams:
     max_new_tokens: int = 1024
     seed: int | None = None
     ignore_eos: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +63,10 @@ class SamplingParams:
                 "seed must be an integer >= 0 or None",
             ),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+            (
+                is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -73,7 +81,7 @@ class SamplingParams:
         """The settings that define the decoding policy (what a LenVM trained on its samples
         models), as stored with rollouts and LenVMs."""
         policy = asdict(self)
-        del policy["ignore_eos"]
+        del policy["ignore_eos"], policy["top_logprobs"]
         return policy
 
 
@@ -177,9 +185,10 @@ class Control:
 @dataclass(frozen=True)
 class Request:
     """One generation: a prompt, its sampling settings and an optional length control.
-    ``return_values`` asks for the LenVM value after every generated token."""
+    The prompt is text or chat messages (the chat template is applied) or token ids (taken as
+    they are). ``return_values`` asks for the LenVM value after every generated token."""
 
-    prompt: str | Messages | Prompt
+    prompt: str | Messages | Prompt | TokenIds
     sampling: SamplingParams = SamplingParams()
     control: Control | None = None
     return_values: bool = False
@@ -206,7 +215,10 @@ class Result:
     output, None when it did not end with EOS: a policy that ends answers where the generator
     would not shows up as a low value. ``retries``: how many times the end was resampled
     (:attr:`Control.retries`); ``decoded_tokens``: every token decoded for this result, the
-    discarded ends and the other ``best_of`` attempts included (its cost).
+    discarded ends and the other ``best_of`` attempts included (its cost). ``logprobs[i]`` is
+    the log-probability of ``token_ids[i]`` under the same distribution as ``mean_logprob``, and
+    ``top_logprobs[i]`` the ``(token id, log-probability)`` pairs of the most likely tokens there
+    (as many as :attr:`SamplingParams.top_logprobs`; None when it is 0).
     """
 
     prompt_token_ids: list[int]
@@ -219,6 +231,8 @@ class Result:
     eos_prob: float | None = None
     retries: int = 0
     decoded_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def natural(self) -> bool:

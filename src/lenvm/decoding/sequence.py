@@ -32,6 +32,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when the request asks
     finish_reason: str | None = None
     eos_logprob: float | None = None  # the generator's log-probability of the final EOS
     missed: list[Result] = field(default_factory=list)  # earlier ends that were not natural
@@ -52,11 +53,22 @@ class Sequence:
         """Every token fed to the models so far: what a (re)admitted row prefills."""
         return self.prompt_ids + self.tokens
 
-    def append(self, token: int, forced: bool, logprob: float, value: float, eos: set[int]) -> bool:
-        """Record one generated token; True when the request is finished."""
+    def append(
+        self,
+        token: int,
+        forced: bool,
+        logprob: float,
+        value: float,
+        eos: set[int],
+        top: list[tuple[int, float]] | None = None,
+    ) -> bool:
+        """Record one generated token (``top``: the most likely tokens there, when the request asks
+        for them); True when the request is finished."""
         self.tokens.append(token)
         self.values.append(value)
         self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
         self.decoded += 1
         if token in eos:
             self.finish_reason = "cap" if forced else "stop"
@@ -78,6 +90,8 @@ class Sequence:
             eos_prob=None if self.eos_logprob is None else math.exp(self.eos_logprob),
             retries=len(self.missed),
             decoded_tokens=self.decoded,
+            logprobs=list(self.logprobs),
+            top_logprobs=list(self.top_logprobs) if self.request.sampling.top_logprobs else None,
         )
 
     def may_retry(self, result: Result) -> bool:
@@ -100,7 +114,7 @@ class Sequence:
             self.control.max_retries,
             sentence_ends,
         )
-        del self.tokens[cut:], self.values[cut:], self.logprobs[cut:]
+        del self.tokens[cut:], self.values[cut:], self.logprobs[cut:], self.top_logprobs[cut:]
         self.finish_reason = self.eos_logprob = None
         self.uniforms = _uniforms(self.rng, self.request.sampling.max_new_tokens, self.uniforms.device)
 

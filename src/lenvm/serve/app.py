@@ -1,0 +1,489 @@
+"""The HTTP server: an OpenAI-compatible API over the decoding engine, plus the length endpoints.
+
+    app = create_app(engine, ServerSettings(served_model_name="smollm2-135m-instruct"))
+    serve(engine, settings, host="127.0.0.1", port=8000)      # uvicorn, until SIGTERM
+
+Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (streaming or not),
+``POST /v1/length/predict`` and ``/v1/length/values``, ``GET /v1/models``, ``/health`` and
+``/metrics`` (Prometheus). Generation runs on the engine's thread (:mod:`lenvm.serve.runner`);
+handlers only parse, wait and write. Every failure is answered with an OpenAI-style error body
+and its status (:class:`~lenvm.serve.protocol.ApiError`), never by a dead engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lenvm.decoding.engine import Engine
+from lenvm.io import InputError
+from lenvm.returns import value_to_length
+from lenvm.serve.metrics import Metrics
+from lenvm.serve.protocol import (
+    MAX_PROMPTS,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Context,
+    Plan,
+    PredictRequest,
+    ValuesRequest,
+    Writer,
+    chat_prompt_ids,
+    parse,
+    plan_chat,
+    plan_completion,
+    text_prompt_ids,
+)
+from lenvm.serve.runner import EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
+
+
+@dataclass
+class ServerSettings:
+    """How the server is named, guarded and bounded.
+
+    ``batch_size`` rows decode at once and ``max_waiting`` more choices may wait for one (a request
+    beyond that is answered 429); at most ``max_streams`` streaming responses are open at once
+    (429); a body over ``max_body_bytes`` is answered 413. On SIGTERM the server takes no new
+    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds;
+    then it answers what is left with an error."""
+
+    served_model_name: str
+    api_key: str | None = None
+    batch_size: int = 16
+    max_waiting: int = 256
+    max_streams: int = 64
+    max_body_bytes: int = 1 << 20
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_streams", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1")
+        if self.max_waiting < 0 or self.shutdown_timeout < 0:
+            raise InputError("max_waiting and shutdown_timeout must not be negative")
+
+
+class _State:
+    """What the handlers share besides the runner: open streams and the shutdown."""
+
+    def __init__(self, settings: ServerSettings, runner: EngineRunner):
+        self.settings = settings
+        self.runner = runner
+        self.streams = 0
+        self.draining = False
+        self.started = int(time.time())
+
+    def begin_shutdown(self) -> None:
+        """From the SIGTERM handler: refuse new work; cut what is left after the timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        self.runner.accepting = False
+        timer = threading.Timer(
+            self.settings.shutdown_timeout,
+            self.runner.abort_all,
+            [ShuttingDown("the server shut down before this request finished")],
+        )
+        timer.daemon = True
+        timer.start()
+
+
+def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+    """The ASGI app serving ``engine``; its engine thread runs while the app's lifespan does."""
+    metrics = Metrics()
+    runner = EngineRunner(engine, settings.batch_size, settings.max_waiting, metrics)
+    state = _State(settings, runner)
+    lenvm = engine.lenvm
+    ctx = Context(
+        tokenizer=engine.tokenizer,
+        context=engine.context,
+        has_lenvm=lenvm is not None,
+        max_choices=runner.capacity,
+        # Left out of a request, the sampling settings are the policy the LenVM was trained on
+        # (its values describe that policy only), as on the command line.
+        defaults=(lenvm.config.sampling or {}) if lenvm is not None else {},
+    )
+    name = settings.served_model_name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        yield
+        await asyncio.to_thread(runner.stop)
+
+    app = FastAPI(title="lenvm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.lenvm = state
+    app.state.metrics = metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = runner.alive and not state.draining
+        body = {"status": "ok" if ok else ("shutting down" if state.draining else "engine stopped")}
+        return JSONResponse({**body, "running": runner.scheduler.running}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _authorize(request, settings)
+        card: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "lenvm",
+            "root": name,
+            "parent": None,
+            "max_model_len": engine.context,
+        }
+        if lenvm is not None:
+            card["lenvm"] = {
+                "kind": lenvm.config.kind,
+                "gamma": lenvm.gamma,
+                "feature_layer": lenvm.feature_layer,
+                "sampling": lenvm.config.sampling,
+            }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def generate(request: Request, endpoint: str, schema, planner: Callable[..., Plan]) -> Response:
+        arrived = time.perf_counter()
+        try:
+            _authorize(request, settings)
+            body = parse(schema, await _read_body(request, settings.max_body_bytes))
+            _check_model(body.model, name)
+            if state.draining:
+                raise ShuttingDown("the server is shutting down")
+            plan = planner(body, ctx)
+            if plan.stream and state.streams >= settings.max_streams:
+                raise ApiError(429, f"too many open streams ({settings.max_streams}); try again later")
+            submission = runner.submit(plan.choices)
+            try:
+                await submission.accepted()
+            except BaseException:
+                runner.cancel(submission)
+                raise
+        except Exception as err:
+            error = _as_api_error(err)
+            metrics.requests.labels(endpoint, _outcome(error.status)).inc()
+            return JSONResponse(error.body(), status_code=error.status)
+        metrics.prompt_tokens.inc(plan.prompt_tokens)
+        writer = Writer(plan, name, engine.tokenizer)
+        call = _Call(endpoint, submission, arrived, metrics, runner)
+        if plan.stream:
+            state.streams += 1
+            metrics.open_streams.inc()
+
+            def closed() -> None:
+                state.streams -= 1
+                metrics.open_streams.dec()
+                call.close()
+
+            return _EventStream(_events(call, writer, plan), closed)
+        return await _whole(call, writer, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completions", CompletionRequest, plan_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await generate(request, "chat", ChatCompletionRequest, plan_chat)
+
+    async def length_endpoint(request: Request, endpoint: str, work: Callable) -> JSONResponse:
+        try:
+            _authorize(request, settings)
+            body = await _read_body(request, settings.max_body_bytes)
+            if lenvm is None:
+                raise ApiError(400, "this server has no LenVM: start it with --lenvm")
+            answer = await work(body)
+        except Exception as err:
+            error = _as_api_error(err)
+            metrics.requests.labels(endpoint, _outcome(error.status)).inc()
+            return JSONResponse(error.body(), status_code=error.status)
+        metrics.requests.labels(endpoint, "ok").inc()
+        return JSONResponse(answer)
+
+    @app.post("/v1/length/predict")
+    async def predict(request: Request) -> JSONResponse:
+        async def work(raw: bytes) -> dict[str, Any]:
+            body = parse(PredictRequest, raw)
+            _check_model(body.model, name)
+            prompts = _predict_prompts(body, ctx)
+            values = await runner.call(lambda: lenvm.predict_values(prompts))
+            data = [
+                {
+                    "index": i,
+                    "prompt_tokens": len(ids),
+                    "value": value,
+                    "predicted_tokens": float(value_to_length(value, lenvm.gamma)),
+                }
+                for i, (ids, value) in enumerate(zip(prompts, values, strict=True))
+            ]
+            return {"object": "list", "model": name, "gamma": lenvm.gamma, "data": data}
+
+        return await length_endpoint(request, "length_predict", work)
+
+    @app.post("/v1/length/values")
+    async def values(request: Request) -> JSONResponse:
+        from lenvm.values_view import token_values
+
+        async def work(raw: bytes) -> dict[str, Any]:
+            body = parse(ValuesRequest, raw)
+            _check_model(body.model, name)
+            prompt = _one_prompt(body.prompt, body.messages, ctx)
+            completion = body.completion
+            if isinstance(completion, str):  # tokenized on its own, as token_values does
+                completion = list(engine.tokenizer(completion, add_special_tokens=False)["input_ids"])
+            completion = text_prompt_ids(completion, engine.tokenizer, what="completion")
+            if len(prompt) + len(completion) + 1 > ctx.context:
+                raise ApiError(
+                    400, f"prompt and completion exceed the model's context of {ctx.context} tokens"
+                )
+            trace = await runner.call(lambda: token_values(lenvm, prompt, completion, finished=body.finished))
+            return {"object": "length.values", "model": name, **trace.to_dict()}
+
+        return await length_endpoint(request, "length_values", work)
+
+    return app
+
+
+# -- generation ------------------------------------------------------------------------------
+
+
+class _Call:
+    """One generation request in flight: its timing and its one outcome."""
+
+    def __init__(self, endpoint: str, submission: Submission, arrived: float, metrics: Metrics, runner):
+        self.endpoint = endpoint
+        self.submission = submission
+        self.arrived = arrived
+        self.metrics = metrics
+        self.runner = runner
+        self.first_token = False
+        self.outcome: str | None = None
+
+    def token(self) -> None:
+        if not self.first_token:
+            self.first_token = True
+            self.metrics.first_token_seconds.observe(time.perf_counter() - self.arrived)
+
+    def finish(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.metrics.requests.labels(self.endpoint, outcome).inc()
+            if outcome == "ok":
+                self.metrics.request_seconds.observe(time.perf_counter() - self.arrived)
+
+    def close(self) -> None:
+        """The response is over: whatever did not finish was cancelled by the client."""
+        self.runner.cancel(self.submission)  # frees the rows of unfinished choices, if any
+        self.finish("cancelled")
+
+
+async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
+    async def collect() -> list:
+        chunks = []
+        async for chunk in call.submission.chunks():
+            call.token()
+            chunks.append(chunk)
+        return chunks
+
+    collecting = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collecting.done():  # the client went away: free its rows now
+            collecting.cancel()
+            call.close()
+    if collecting.cancelled():
+        return Response(status_code=499)
+    try:
+        chunks = collecting.result()
+    except Exception as err:
+        error = _as_api_error(err)
+        call.finish("aborted" if isinstance(err, ShuttingDown) else _outcome(error.status))
+        return JSONResponse(error.body(), status_code=error.status)
+    call.finish("ok")
+    return JSONResponse(writer.answer(chunks))
+
+
+async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]:
+    for opening in writer.opening():
+        yield _sse(opening)
+    finishes = [None] * len(plan.choices)
+    try:
+        async for chunk in call.submission.chunks():
+            call.token()
+            if chunk.finish is not None:
+                finishes[chunk.index] = chunk.finish
+            yield _sse(writer.chunk(chunk))
+        if plan.include_usage:
+            yield _sse(writer.usage_chunk(finishes))
+        call.finish("ok")
+    except Exception as err:  # shutdown or engine failure mid-stream: say so, then end the stream
+        error = _as_api_error(err)
+        call.finish("aborted" if isinstance(err, ShuttingDown) else "error")
+        yield _sse(error.body())
+    yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events; ``closed`` runs however the response ends, a client that went away
+    before the first byte included."""
+
+    def __init__(self, content: AsyncIterator[str], closed: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.closed = closed
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.closed()
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def _authorize(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), settings.api_key.encode()
+    ):
+        raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body exceeds {limit} bytes")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"the body exceeds {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _check_model(model: str | None, name: str) -> None:
+    if model is not None and model != name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {name!r}", "model")
+
+
+def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give a prompt or messages (one or a list)")
+    if body.prompt is not None:
+        prompt = body.prompt
+        batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        ids = [text_prompt_ids(p, ctx.tokenizer) for p in batch]
+    else:
+        messages = body.messages
+        batch = [messages] if messages and not isinstance(messages[0], list) else messages
+        ids = [chat_prompt_ids(m, ctx.tokenizer) for m in batch]
+    if not ids:
+        raise ApiError(400, "no prompts given", "prompt")
+    if len(ids) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
+    for p in ids:
+        if len(p) > ctx.context:
+            raise ApiError(400, f"a prompt has {len(p)} tokens; this model's context is {ctx.context} tokens")
+    return ids
+
+
+def _one_prompt(prompt, messages, ctx: Context) -> list[int]:
+    if (prompt is None) == (messages is None):
+        raise ApiError(400, "give a prompt or messages")
+    if prompt is not None:
+        return text_prompt_ids(prompt, ctx.tokenizer)
+    return chat_prompt_ids(messages, ctx.tokenizer)
+
+
+def _as_api_error(err: BaseException) -> ApiError:
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, InputError):
+        return ApiError(400, str(err))
+    if isinstance(err, QueueFull):
+        return ApiError(429, str(err))
+    if isinstance(err, ShuttingDown):
+        return ApiError(503, str(err))
+    if isinstance(err, EngineFailure):
+        return ApiError(500, str(err))
+    return ApiError(500, f"internal error: {type(err).__name__}: {err}")
+
+
+def _outcome(status: int) -> str:
+    if status == 401:
+        return "unauthorized"
+    if status in (429, 503):
+        return "rejected"
+    return "invalid" if status < 500 else "error"
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def serve(
+    engine: Engine,
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+) -> None:
+    """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    _Server(config, app.state.lenvm.begin_shutdown).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells the app when a signal asks it to stop."""
+
+    def __init__(self, config, on_exit: Callable[[], None]):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)

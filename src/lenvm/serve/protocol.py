@@ -1,0 +1,564 @@
+"""The OpenAI wire format: request bodies (checked here, with OpenAI-style errors), what they ask
+of the engine, and the JSON of answers and stream chunks.
+
+Shapes follow vLLM's OpenAI-compatible server, so that a client moves between the two by its base
+URL alone: the same fields (``vllm_xargs``, ``top_k``, ``min_p``, ``ignore_eos``,
+``return_tokens_as_token_ids``, ``add_special_tokens``), ``finish_reason`` ``"stop"`` or
+``"length"`` with vLLM's ``stop_reason``, and ``usage`` with prompt, completion and total tokens.
+What lenvm adds: the flat ``length_*`` keys (top-level or in ``vllm_xargs``), ``return_values``
+(each choice's ``values``), each controlled choice's ``length`` summary, and
+``usage.discarded_tokens`` (tokens decoded and thrown away by Equal To's retries and ``best_of``).
+
+Unlike vLLM, which ignores fields it does not know, an unknown or mistyped field is an error here,
+and so is a known one this server cannot honour (``echo``, penalties, ``logit_bias``...).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lenvm.cli.options import SAMPLING_FLAGS
+from lenvm.decoding.params import LENGTH_KEYS, MAX_TOP_LOGPROBS, Request, SamplingParams, control_from_keys
+from lenvm.io import InputError
+from lenvm.prompts import prompt_from_record
+from lenvm.rollouts import derive_seed
+from lenvm.serve.runner import Choice, Chunk, Finish
+
+# OpenAI's default max_tokens for text completions (vLLM's too); chat answers may fill the context.
+COMPLETIONS_MAX_TOKENS = 16
+MAX_PROMPTS = 1024  # prompts in one predict or completions request
+
+ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """An error answer: ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    @property
+    def type(self) -> str:
+        if self.status >= 500:
+            return "server_error"
+        return ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        }
+
+
+# -- request bodies --------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # Strict: "5" is not a number and true is not 1; unknown fields are errors.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+XargValue = str | int | float | bool | None
+
+
+class _Generation(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False
+    vllm_xargs: dict[str, XargValue] | None = None
+    return_values: bool = False
+    # The flat length keys; control_from_keys checks their values.
+    length_equal_to: Any = None
+    length_at_most: Any = None
+    length_at_least: Any = None
+    length_tilt: Any = None
+    length_rule: Any = None
+    length_retries: Any = None
+    length_best_of: Any = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    add_special_tokens: bool = True
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class PredictRequest(_Body):
+    """``prompt``: text tokenized as is (what /v1/completions takes) or token ids, one or a list;
+    ``messages``: chat messages (the chat template is applied), one conversation or a list."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | list[list[ChatMessage]] | None = None
+
+
+class ValuesRequest(_Body):
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    completion: str | list[int]
+    finished: bool = True
+
+
+def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    """Validate a JSON body; :class:`ApiError` 400 naming the first problem."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        raise ApiError(400, *_describe(err.errors())) from None
+
+
+def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    error = errors[0]
+    if error["type"] == "json_invalid":
+        return f"malformed JSON: {error['msg'].removeprefix('Invalid JSON: ')}", None
+    if error["type"] == "model_type" and not error["loc"]:
+        return "the body must be a JSON object", None
+    # Union members show up in the location as type names ("list[int]"): leave them out, and
+    # name them all when none fitted.
+    path = [str(p) for p in error["loc"] if not _is_type_name(p)]
+    name = ".".join(path)
+    param = path[0] if path else None
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {name!r}", param
+    if error["type"] == "missing":
+        return f"missing field {name!r}", param
+    loc = error["loc"]
+    if len(loc) > 1 and _is_type_name(loc[1]):
+        members = dict.fromkeys(e["loc"][1] for e in errors if e["loc"][:1] == loc[:1] and len(e["loc"]) > 1)
+        return f"{param}: expected one of {', '.join(map(str, members))}", param
+    return f"{name}: {error['msg']}", param
+
+
+def _is_type_name(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
+
+
+# -- what a generation request asks of the engine -------------------------------------------
+
+
+@dataclass
+class Context:
+    """What the server knows when it turns a request into engine work."""
+
+    tokenizer: Any
+    context: int  # the model's context, in tokens
+    has_lenvm: bool
+    max_choices: int  # choices the server holds at once (running and waiting)
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling when a request leaves it out
+
+
+@dataclass
+class Plan:
+    """A generation request as engine choices, and how its answer is written back."""
+
+    endpoint: Literal["completions", "chat"]
+    choices: list[Choice]
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None: no log-probabilities; else how many alternatives per token
+    token_ids_as_text: bool
+    controlled: bool
+
+
+def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
+    if body.echo:
+        raise ApiError(400, "echo is not supported", "echo")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", "suffix")
+    if body.best_of not in (None, 1):
+        raise ApiError(400, "best_of is not supported; for Equal To, use length_best_of", "best_of")
+    prompts = _completion_prompts(body, ctx.tokenizer)
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs must lie in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+    return _plan("completions", body, prompts, ctx, body.max_tokens, body.logprobs)
+
+
+def plan_chat(body: ChatCompletionRequest, ctx: Context) -> Plan:
+    prompt = chat_prompt_ids(body.messages, ctx.tokenizer)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    top = body.top_logprobs or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must lie in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
+    max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+    return _plan("chat", body, [prompt], ctx, max_tokens, top if body.logprobs else None)
+
+
+def _plan(
+    endpoint: Literal["completions", "chat"],
+    body: _Generation,
+    prompts: list[list[int]],
+    ctx: Context,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> Plan:
+    _refuse_unsupported(body)
+    if body.n < 1:
+        raise ApiError(400, "n must be at least 1", "n")
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
+    if body.n * len(prompts) > ctx.max_choices:
+        raise ApiError(
+            400,
+            f"{body.n * len(prompts)} choices (n times the prompts) exceed what this server holds at once "
+            f"({ctx.max_choices})",
+            "n",
+        )
+    for ids in prompts:
+        if len(ids) >= ctx.context:
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context is {ctx.context} tokens",
+                "messages" if endpoint == "chat" else "prompt",
+            )
+    keys, return_values = _length_keys(body)
+    try:
+        control = control_from_keys(keys)
+    except InputError as err:
+        raise ApiError(400, str(err), "vllm_xargs") from None
+    if (control is not None or return_values) and not ctx.has_lenvm:
+        raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
+    if control is not None and body.stream and control.kind == "equal_to" and "length_retries" not in keys:
+        # A stream cannot take tokens back: no retries unless asked for (then it is held back).
+        control = replace(control, retries=0)
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(not s for s in stops):
+        raise ApiError(400, "stop strings must not be empty", "stop")
+    if len(stops) > 16:
+        raise ApiError(400, "at most 16 stop strings", "stop")
+    top_k = body.top_k
+    if top_k is not None and top_k < -1:
+        raise ApiError(400, "top_k must be -1 or 0 (off) or a positive integer", "top_k")
+    given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": top_k, "min_p": body.min_p}
+    policy = {k: v for k, v in ctx.defaults.items() if k in SAMPLING_FLAGS}
+    policy.update({k: v for k, v in given.items() if v is not None})
+    if policy.get("top_k") == -1:
+        policy["top_k"] = 0
+    choices = []
+    for ids in prompts:
+        limit = max_tokens
+        if limit is None:
+            plain = endpoint == "completions" and control is None
+            limit = COMPLETIONS_MAX_TOKENS if plain else ctx.context - len(ids)
+        if control is not None and control.kind in ("equal_to", "at_least") and control.target > limit:
+            raise ApiError(
+                400,
+                f"the length target {control.target} exceeds max_tokens ({limit})",
+                "max_tokens",
+            )
+        for j in range(body.n):
+            seed = body.seed if body.seed is None or j == 0 else derive_seed(body.seed, "choice", j)
+            try:
+                sampling = SamplingParams(
+                    **policy,
+                    max_new_tokens=limit,
+                    seed=seed,
+                    ignore_eos=body.ignore_eos,
+                    top_logprobs=logprobs or 0,
+                )
+            except InputError as err:
+                raise ApiError(400, str(err)) from None
+            request = Request(ids, sampling, control=control, return_values=return_values)
+            choices.append(Choice(request, stops))
+    return Plan(
+        endpoint=endpoint,
+        choices=choices,
+        prompt_tokens=sum(len(ids) for ids in prompts),
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        logprobs=logprobs,
+        token_ids_as_text=body.return_tokens_as_token_ids,
+        controlled=control is not None,
+    )
+
+
+def _refuse_unsupported(body: _Generation) -> None:
+    if body.presence_penalty != 0 or body.frequency_penalty != 0:
+        raise ApiError(400, "presence and frequency penalties are not supported", "presence_penalty")
+    if body.repetition_penalty != 1:
+        raise ApiError(400, "repetition_penalty is not supported", "repetition_penalty")
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options needs stream: true", "stream_options")
+
+
+def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
+    """The flat length keys, top-level and in ``vllm_xargs`` (a key in both is an error), and
+    whether values are asked for."""
+    top = {k: getattr(body, k) for k in LENGTH_KEYS if getattr(body, k) is not None}
+    xargs = dict(body.vllm_xargs or {})
+    return_values = body.return_values
+    if "return_values" in xargs:
+        value = xargs.pop("return_values")
+        if not isinstance(value, bool):
+            raise ApiError(400, "vllm_xargs.return_values must be true or false", "vllm_xargs")
+        return_values = return_values or value
+    unknown = sorted(k for k in xargs if not k.startswith("length_"))
+    if unknown:
+        raise ApiError(
+            400,
+            f"unknown vllm_xargs key {unknown[0]!r}; expected {', '.join(LENGTH_KEYS)} or return_values",
+            "vllm_xargs",
+        )
+    both = sorted(set(top) & {k for k, v in xargs.items() if v is not None})
+    if both:
+        raise ApiError(400, f"{both[0]} is given both as a field and in vllm_xargs", both[0])
+    return {**xargs, **top}, return_values
+
+
+def _completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", "prompt")
+    return [text_prompt_ids(p, tokenizer, body.add_special_tokens) for p in prompt]
+
+
+def text_prompt_ids(
+    prompt: str | list[int], tokenizer, add_special_tokens: bool = True, what: str = "prompt"
+) -> list[int]:
+    """A text completion's prompt: text tokenized as is (no chat template), or token ids."""
+    if not prompt:
+        raise ApiError(400, f"the {what} is empty", what)
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+    vocab = len(tokenizer)
+    if not all(0 <= i < vocab for i in prompt):
+        raise ApiError(400, f"{what} token ids must lie in [0, {vocab})", what)
+    return list(prompt)
+
+
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
+    """Chat messages through the chat template, with the generation prompt."""
+    from lenvm.prompts import encode_prompt
+
+    records = [{"role": m.role, "content": _content(m.content)} for m in messages]
+    try:
+        prompt = prompt_from_record({"messages": records}, "0")
+        return encode_prompt(tokenizer, prompt)
+    except InputError as err:
+        raise ApiError(400, str(err), "messages") from None
+    except Exception as err:  # the chat template refused the conversation (roles, order)
+        raise ApiError(400, f"the chat template refused these messages: {err}", "messages") from None
+
+
+def _content(content: str | list[TextPart] | None) -> str:
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Answer:
+    """One choice's chunks put together (a non-streaming answer)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    finish: Finish | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.token_ids += chunk.token_ids
+        self.text += chunk.text
+        self.logprobs += chunk.logprobs
+        self.top += chunk.top_logprobs or []
+        self.values += chunk.values or []
+        self.finish = chunk.finish or self.finish
+
+
+class Writer:
+    """Writes one generation request's answer, whole or as stream chunks."""
+
+    def __init__(self, plan: Plan, model: str, tokenizer):
+        self.plan = plan
+        self.model = model
+        self.tokenizer = tokenizer
+        chat = plan.endpoint == "chat"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+        self.offsets = [0] * len(plan.choices)  # text completions' logprobs: each choice's text offset
+
+    # -- whole ---------------------------------------------------------------------------
+
+    def answer(self, chunks: list[Chunk]) -> dict[str, Any]:
+        answers = [_Answer() for _ in self.plan.choices]
+        for chunk in chunks:
+            answers[chunk.index].add(chunk)
+        choices = [self._choice(i, a.text, a, a.finish, whole=True) for i, a in enumerate(answers)]
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage([a.finish for a in answers]),
+        }
+
+    def usage(self, finishes: list[Finish | None]) -> dict[str, int]:
+        completion = sum(f.completion_tokens for f in finishes if f is not None)
+        return {
+            "prompt_tokens": self.plan.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.plan.prompt_tokens + completion,
+            "discarded_tokens": sum(f.discarded_tokens for f in finishes if f is not None),
+        }
+
+    # -- streamed ------------------------------------------------------------------------
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Chat streams open each choice with the assistant's role (as OpenAI and vLLM do)."""
+        if self.plan.endpoint != "chat":
+            return []
+        return [
+            self._envelope(
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            )
+            for i in range(len(self.plan.choices))
+        ]
+
+    def chunk(self, chunk: Chunk) -> dict[str, Any]:
+        answer = _Answer()
+        answer.add(chunk)
+        return self._envelope(self._choice(chunk.index, chunk.text, answer, chunk.finish, whole=False))
+
+    def usage_chunk(self, finishes: list[Finish | None]) -> dict[str, Any]:
+        return {**self._envelope(None), "choices": [], "usage": self.usage(finishes)}
+
+    def _envelope(self, choice: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.plan.endpoint == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice] if choice is not None else [],
+        }
+
+    # -- one choice ----------------------------------------------------------------------
+
+    def _choice(
+        self, index: int, text: str, answer: _Answer, finish: Finish | None, whole: bool
+    ) -> dict[str, Any]:
+        chat = self.plan.endpoint == "chat"
+        out: dict[str, Any] = {"index": index}
+        if chat:
+            out["message" if whole else "delta"] = (
+                {"role": "assistant", "content": text} if whole else {"content": text}
+            )
+        else:
+            out["text"] = text
+        out["logprobs"] = self._logprobs(index, answer) if self.plan.logprobs is not None else None
+        out["finish_reason"] = finish.reason if finish is not None else None
+        out["stop_reason"] = finish.stop_string if finish is not None else None
+        if self.plan.choices[index].request.return_values:
+            out["values"] = answer.values
+        if self.plan.controlled and finish is not None:
+            out["length"] = {
+                "num_tokens": finish.num_tokens,
+                "retries": finish.retries,
+                "eos_prob": finish.eos_prob,
+                "capped": finish.capped,
+            }
+        return out
+
+    def _token(self, token_id: int) -> str:
+        if self.plan.token_ids_as_text:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def _logprobs(self, index: int, answer: _Answer) -> dict[str, Any]:
+        tokens = [self._token(t) for t in answer.token_ids]
+        tops = answer.top or [[] for _ in tokens]
+        if self.plan.endpoint == "chat":
+            return {
+                "content": [
+                    {
+                        **_chat_logprob(token, logprob),
+                        "top_logprobs": [_chat_logprob(self._token(i), lp) for i, lp in top],
+                    }
+                    for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
+                ]
+            }
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": answer.logprobs,
+            # vLLM's shape: the alternatives and the chosen token, by token text
+            "top_logprobs": [
+                {**{self._token(i): lp for i, lp in top}, token: logprob}
+                for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
+            ],
+            "text_offset": offsets,
+        }
+
+
+def _chat_logprob(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}

@@ -1,0 +1,421 @@
+"""The decoding engine's loop on one background thread, shared by every request of the server.
+
+The server's handlers run on an asyncio event loop; the engine's torch work must not. One thread
+owns the engine's :class:`~lenvm.decoding.Scheduler` and steps it while there is work. Handlers
+hand it commands through a thread-safe queue (add a request's choices, abort them, run a function
+between two steps: the length endpoints) and get each choice's new tokens back through an asyncio
+queue per request, as the engine chooses them. A request that arrives joins the running batch at
+the next step (continuous batching); an aborted one leaves it at once.
+
+Each choice is followed by a tracker that turns the engine's updates into text: it decodes the
+tokens so far, ends the choice at the first stop string (and aborts its row), and holds back the
+characters that could still become a stop string or that are an incomplete UTF-8 character. A
+choice whose end the engine may go back on (Equal To's retries, ``best_of``) is *held*: it
+reports nothing until its answer is final, then all of it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lenvm.decoding import Request, Result, Scheduler
+from lenvm.decoding.engine import Engine, Update
+
+log = logging.getLogger("lenvm.serve")
+
+IDLE_POLL_S = 0.5  # how often an idle engine thread looks up from its queue to check for a stop
+
+
+class QueueFull(Exception):
+    """The server holds as many requests as it may; try again later (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is shutting down and takes no more work, or cut this request short (HTTP 503)."""
+
+
+class EngineFailure(Exception):
+    """A decoding step failed; the requests in the batch were answered with this error and the
+    engine goes on with a fresh batch (HTTP 500)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One answer to generate: the engine's request and the server's own settings for it."""
+
+    request: Request
+    stops: tuple[str, ...] = ()  # the answer ends before the first of these strings
+
+    @property
+    def held(self) -> bool:
+        """The engine may go back on this answer's end (retries, best_of): report it only whole."""
+        control = self.request.control
+        return control is not None and (control.max_retries > 0 or control.best_of > 1)
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a choice ended. ``reason`` is OpenAI's ``finish_reason``: ``"stop"`` (an EOS, the
+    policy's or a hard cap's, or a stop string) or ``"length"`` (``max_tokens``)."""
+
+    reason: str
+    stop_string: str | None  # the stop string that ended the answer
+    completion_tokens: int  # tokens of the answer returned, EOS included
+    discarded_tokens: int  # tokens decoded for it and thrown away (retries, other best_of attempts)
+    num_tokens: int  # EOS excluded
+    retries: int
+    eos_prob: float | None
+    capped: bool  # a hard cap forced the EOS
+
+    @classmethod
+    def of(cls, result: Result) -> Finish:
+        returned = len(result.token_ids)
+        return cls(
+            reason="length" if result.finish_reason == "length" else "stop",
+            stop_string=None,
+            completion_tokens=returned,
+            discarded_tokens=result.decoded_tokens - returned,
+            num_tokens=result.num_tokens,
+            retries=result.retries,
+            eos_prob=result.eos_prob,
+            capped=result.finish_reason == "cap",
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one choice got since its last chunk; ``finish`` is set on its last one."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    values: list[float] | None
+    finish: Finish | None = None
+
+
+_ACCEPTED = object()
+
+
+class Submission:
+    """One HTTP request's choices in the engine, and the queue their chunks arrive on."""
+
+    def __init__(self, choices: list[Choice], keys: list[int], loop: asyncio.AbstractEventLoop):
+        self.choices = choices
+        self.keys = keys
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        """From the engine thread."""
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def accepted(self) -> None:
+        """Wait until the engine took every choice; raise what it found wrong with them."""
+        item = await self.queue.get()
+        if item is not _ACCEPTED:
+            raise item
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """Every choice's chunks as they come, until each choice has finished."""
+        finished = 0
+        while finished < len(self.keys):
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished += item.finish is not None
+            yield item
+
+
+class EngineRunner:
+    """Drives one engine's scheduler from a background thread (see the module doc).
+
+    At most ``batch_size`` choices decode at once and ``max_waiting`` more wait for a row; a
+    submission beyond that raises :class:`QueueFull`."""
+
+    def __init__(self, engine: Engine, batch_size: int = 16, max_waiting: int = 256, metrics=None):
+        self.engine = engine
+        self.batch_size = batch_size
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self.scheduler = Scheduler(engine, batch_size)
+        self.accepting = True
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0  # choices submitted and not finished (running or waiting)
+        self._keys = itertools.count()
+        self._live: dict[int, tuple[Submission, _Tracker]] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+
+    # -- from the event loop --------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.batch_size + self.max_waiting
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lenvm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, choices: list[Choice]) -> Submission:
+        """Queue ``choices`` (from a coroutine); their chunks come back on the submission."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down")
+        with self._lock:
+            if self._outstanding + len(choices) > self.capacity:
+                raise QueueFull(
+                    f"the server is full ({self._outstanding} choices running or waiting); try again later"
+                )
+            self._outstanding += len(choices)
+        submission = Submission(choices, [next(self._keys) for _ in choices], asyncio.get_running_loop())
+        self._inbox.put(("add", submission))
+        return submission
+
+    def cancel(self, submission: Submission) -> None:
+        """Drop a submission's unfinished choices (the client went away); their rows free at once."""
+        self._inbox.put(("abort", submission))
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread between two steps (torch work off the event loop, and
+        never beside a step) and return its result."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", fn, future, loop))
+        return await future
+
+    def abort_all(self, error: BaseException) -> None:
+        """Answer every unfinished choice with ``error`` (a shutdown that cannot wait longer)."""
+        self._inbox.put(("fail", error))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; what is still unfinished is answered with :class:`ShuttingDown`."""
+        self.accepting = False
+        if self._thread is not None:
+            self._inbox.put(("stop",))
+            self._thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for command in self._commands(block=not self.scheduler.busy):
+                    if command[0] == "stop":
+                        self._fail(ShuttingDown("the server shut down before this request finished"))
+                        return
+                    self._apply(command)
+                if self.scheduler.busy:
+                    self._step()
+            except Exception as err:  # a failed step must not take the server down
+                log.exception("decoding step failed; answering the requests in the batch with an error")
+                # The failed batch is dropped whole (its state may be broken: no abort on it).
+                self.scheduler = Scheduler(self.engine, self.batch_size)
+                self._fail(
+                    EngineFailure(f"the decoding engine failed: {type(err).__name__}: {err}"), abort=False
+                )
+            self._gauges()
+
+    def _commands(self, block: bool) -> list[tuple]:
+        commands = []
+        if block:
+            try:
+                commands.append(self._inbox.get(timeout=IDLE_POLL_S))
+            except queue.Empty:
+                return commands
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            self._add(command[1])
+        elif kind == "abort":
+            for key in command[1].keys:
+                if self._live.pop(key, None) is not None:
+                    self.scheduler.abort(key)
+                    self._release(1)
+        elif kind == "call":
+            _, fn, future, loop = command
+            try:
+                outcome, value = "result", fn()
+            except Exception as err:
+                outcome, value = "exception", err
+            loop.call_soon_threadsafe(_settle, future, outcome, value)
+        elif kind == "fail":
+            self._fail(command[1])
+
+    def _add(self, submission: Submission) -> None:
+        added = []
+        try:
+            for key, choice in zip(submission.keys, submission.choices, strict=True):
+                self.scheduler.add(choice.request, key)
+                added.append(key)
+        except Exception as err:  # InputError for a request the engine cannot take
+            for key in added:
+                self.scheduler.abort(key)
+            self._release(len(submission.keys))
+            submission.put(err)
+            return
+        for index, (key, choice) in enumerate(zip(submission.keys, submission.choices, strict=True)):
+            self._live[key] = (submission, _Tracker(index, choice, self.engine.tokenizer))
+        submission.put(_ACCEPTED)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        updates = self.scheduler.step()
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.perf_counter() - start)
+        for update in updates:
+            entry = self._live.get(update.key)
+            if entry is None:
+                continue
+            submission, tracker = entry
+            chunk = tracker.update(update)
+            if chunk is None:
+                continue
+            submission.put(chunk)
+            if chunk.finish is not None:
+                del self._live[update.key]
+                self._release(1)
+                if update.result is None:  # a stop string ended it before the engine did
+                    self.scheduler.abort(update.key)
+                if self.metrics is not None:
+                    self.metrics.generated_tokens.inc(chunk.finish.completion_tokens)
+                    self.metrics.discarded_tokens.inc(chunk.finish.discarded_tokens)
+
+    def _fail(self, error: BaseException, abort: bool = True) -> None:
+        submissions = {id(s): s for s, _ in self._live.values()}
+        for key in list(self._live) if abort else ():
+            self.scheduler.abort(key)
+        self._release(len(self._live))
+        self._live.clear()
+        for submission in submissions.values():
+            submission.put(error)
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._outstanding -= count
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self.scheduler.waiting))
+            self.metrics.running.set(self.scheduler.running)
+
+
+def _settle(future: asyncio.Future, outcome: str, value: Any) -> None:
+    if future.done():  # the caller gave up waiting
+        return
+    if outcome == "result":
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class _Tracker:
+    """One choice's answer so far, as text: see the module doc."""
+
+    def __init__(self, index: int, choice: Choice, tokenizer):
+        self.index = index
+        self.choice = choice
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []
+        self.values: list[float] = []
+        self.sent_tokens = 0
+        self.sent_chars = 0
+        # Characters that could be the start of a stop string stay back until they cannot.
+        self.hold_back = max((len(s) for s in choice.stops), default=1) - 1
+
+    def update(self, update: Update) -> Chunk | None:
+        if self.choice.held:
+            return None if update.result is None else self._whole(update.result)
+        start = update.start
+        self.tokens[start:] = update.tokens
+        self.logprobs[start:] = update.logprobs
+        self.top[start:] = update.top_logprobs
+        self.values[start:] = update.values
+        text = self._decode(self.tokens)
+        stop = first_stop(text, self.choice.stops)
+        if stop is not None:
+            at, string = stop
+            n = len(self.tokens)
+            return self._chunk(text[:at], Finish("stop", string, n, 0, n, 0, None, False))
+        if update.result is not None:
+            return self._chunk(text, Finish.of(update.result))
+        safe = len(text) - self.hold_back
+        while safe > self.sent_chars and text[safe - 1] == "\ufffd":  # an incomplete character
+            safe -= 1
+        return self._chunk(text[: max(safe, self.sent_chars)], None)
+
+    def _whole(self, result: Result) -> Chunk:
+        """A held choice's final answer, cut at its first stop string."""
+        self.tokens, self.logprobs, self.values = result.token_ids, result.logprobs, result.values or []
+        self.top = result.top_logprobs or []
+        finish = Finish.of(result)
+        text = result.text
+        stop = first_stop(text, self.choice.stops)
+        if stop is not None:
+            at, string = stop
+            # the fewest tokens whose text holds the stop string (text only grows with tokens)
+            low, high = 1, len(self.tokens)
+            while low < high:
+                mid = (low + high) // 2
+                if first_stop(self._decode(self.tokens[:mid]), (string,)) is not None:
+                    high = mid
+                else:
+                    low = mid + 1
+            del self.tokens[low:], self.logprobs[low:], self.values[low:], self.top[low:]
+            text = text[:at]
+            finish = Finish(
+                "stop", string, low, result.decoded_tokens - low, low, result.retries, None, False
+            )
+        return self._chunk(text, finish)
+
+    def _chunk(self, text: str, finish: Finish | None) -> Chunk:
+        request = self.choice.request
+        sent, self.sent_tokens = self.sent_tokens, len(self.tokens)
+        chunk = Chunk(
+            self.index,
+            self.tokens[sent:],
+            text[self.sent_chars :],
+            self.logprobs[sent:],
+            self.top[sent:] if request.sampling.top_logprobs else None,
+            self.values[sent:] if request.return_values else None,
+            finish,
+        )
+        self.sent_chars = max(self.sent_chars, len(text))
+        return chunk
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Where the first of ``stops`` starts in ``text``, and which one; None if none occurs."""
+    found = [(at, s) for s in stops if (at := text.find(s)) >= 0]
+    return min(found) if found else None

@@ -1,0 +1,39 @@
+"""`lenvm bench serve` against a `lenvm serve` process on the tiny model."""
+
+import json
+
+import pytest
+
+from lenvm.bench.serve import run_serve_bench
+from lenvm.io import InputError
+
+
+def test_serve_bench_measures_every_row_and_resumes(tiny_path, tmp_path):
+    out = tmp_path / "serve"
+    settings = dict(model=str(tiny_path), concurrency=[1, 2], new_tokens=3, requests_per_client=1,
+                    batch_size=4, num_candidates=2, progress=False)  # fmt: skip
+    results = run_serve_bench(out, **settings)
+    rows = {(r["mode"], r["clients"]): r for r in results["rows"]}
+    assert set(rows) == {("plain", 1), ("plain", 2), ("guided", 1), ("guided", 2)}
+    for (_, clients), row in rows.items():
+        assert row["requests"] == clients
+        assert row["tokens"] == 3 * row["requests"]  # every request generated exactly new_tokens
+        assert 0 < row["ttft_p50"] <= row["ttft_p99"] <= row["latency_p99"]
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+    assert (out / "fresh-head" / "config.json").is_file()
+    table = (out / "table.md").read_text()
+    assert "| guided | 2 | 2 |" in table and (out / "serve.png").is_file()
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 4
+    # a rerun finds every row measured
+    again = run_serve_bench(out, **settings)
+    assert again["rows"] == results["rows"]
+
+
+def test_serve_bench_checks_its_settings(tmp_path):
+    with pytest.raises(InputError, match="concurrency"):
+        run_serve_bench(tmp_path, concurrency=[0])
+    with pytest.raises(InputError, match="modes"):
+        run_serve_bench(tmp_path, modes=["fast"])
+    with pytest.raises(InputError, match="new_tokens"):
+        run_serve_bench(tmp_path, new_tokens=0)

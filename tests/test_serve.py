@@ -1,0 +1,820 @@
+"""`lenvm serve` driven over a real socket on 127.0.0.1 with the official `openai` client (and raw
+HTTP where a client would not send such a request), against the tiny model."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lenvm.decoding import Control, Engine, Request, SamplingParams
+from lenvm.model import LengthValueModel
+from lenvm.prompts import encode_prompt
+from lenvm.returns import value_to_length
+from lenvm.serve import ServerSettings, create_app
+from lenvm.values_view import token_values
+
+MODEL = "tiny"
+HI = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+@contextmanager
+def running(engine, **settings):
+    """The app on a free port of 127.0.0.1, in a thread; yields (base URL, app)."""
+    app = create_app(engine, ServerSettings(served_model_name=MODEL, **settings))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def lenvm(tiny_path, tiny_generator):
+    return LengthValueModel.from_base(tiny_path, kind="attached", generator=tiny_generator)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_generator, lenvm):
+    return Engine(*tiny_generator, lenvm=lenvm, num_candidates=4)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running(engine, batch_size=8) as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def url(server):
+    return server[0]
+
+
+def client(url, **kwargs):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60, **kwargs)
+
+
+def healthy(url):
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    answer = client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+
+
+def alone(engine, prompt_ids, **sampling):
+    """The engine's own answer, for comparison."""
+    return engine.generate([Request(prompt_ids, SamplingParams(**sampling))])[0]
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def test_text_completion_is_the_engines_answer_to_the_raw_prompt(url, engine, tiny_generator):
+    tok = tiny_generator[1]
+    answer = client(url).completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, seed=3)
+    raw = tok("Once upon a time")["input_ids"]  # tokenized as is: no chat template
+    expected = alone(engine, raw, max_new_tokens=6, seed=3)
+    assert answer.object == "text_completion" and answer.model == MODEL
+    [choice] = answer.choices
+    assert choice.text == expected.text and choice.finish_reason == "length"
+    assert answer.usage.prompt_tokens == len(raw)
+    assert answer.usage.completion_tokens == 6 and answer.usage.total_tokens == len(raw) + 6
+    # token ids are a prompt too, and a batch of prompts gives one choice per prompt
+    batch = client(url).completions.create(
+        model=MODEL, prompt=[raw, tok("Hi")["input_ids"]], max_tokens=6, seed=3
+    )
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == expected.text
+
+
+def test_chat_completion_applies_the_chat_template(url, engine, tiny_generator):
+    tok = tiny_generator[1]
+    answer = client(url).chat.completions.create(model=MODEL, messages=HI, max_tokens=7, seed=5)
+    ids = encode_prompt(tok, HI)
+    expected = alone(engine, ids, max_new_tokens=7, seed=5)
+    assert answer.object == "chat.completion"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(ids)
+    # max_tokens left out: a chat answer may run to the end of the context (here until EOS)
+    long = client(url).chat.completions.create(
+        model=MODEL, messages=HI, seed=1, extra_body={"vllm_xargs": {"length_at_most": 12}}
+    )
+    assert long.usage.completion_tokens <= 13
+
+
+def test_streams_give_the_same_answer_token_by_token(url):
+    c = client(url)
+    whole = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, seed=7)
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=HI,
+            max_tokens=12,
+            seed=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
+    assert "".join(content) == whole.choices[0].message.content
+    assert len(content) == 1 + 12  # the opening, then one chunk per token
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    text = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(model=MODEL, prompt="Hi", max_tokens=5, seed=2, stream=True)
+    )
+    assert text == c.completions.create(model=MODEL, prompt="Hi", max_tokens=5, seed=2).choices[0].text
+
+
+def test_length_controls_in_vllm_xargs_and_as_fields(url, engine, tiny_generator):
+    tok = tiny_generator[1]
+    c = client(url)
+    ids = encode_prompt(tok, HI)
+    answer = c.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=30, seed=4, extra_body={"vllm_xargs": {"length_at_most": 5}}
+    )
+    expected = engine.generate(
+        [Request(ids, SamplingParams(max_new_tokens=30, seed=4), control=Control("at_most", target=5))]
+    )[0]
+    choice = answer.choices[0]
+    assert choice.message.content == expected.text
+    assert choice.length["num_tokens"] == expected.num_tokens <= 5
+    assert choice.finish_reason == "stop"  # the control ended it with an EOS
+    as_field = c.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=30, seed=4, extra_body={"length_at_most": 5}
+    )
+    assert as_field.choices[0].message.content == expected.text
+    # Equal To with its retries: what was thrown away is reported apart from the answer
+    equal = c.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=20, seed=1, extra_body={"vllm_xargs": {"length_equal_to": 6}}
+    )
+    retried = equal.choices[0].length["retries"]
+    assert retried > 0  # the random model never ends naturally
+    ended = equal.choices[0].finish_reason == "stop"
+    assert equal.usage.completion_tokens == equal.choices[0].length["num_tokens"] + ended  # EOS counted
+    assert equal.usage.discarded_tokens > 0
+
+
+def test_streaming_equal_to_streams_live_unless_retries_are_asked_for(url):
+    c = client(url)
+    body = {"vllm_xargs": {"length_equal_to": 6}}
+    live = list(
+        c.completions.create(model=MODEL, prompt="Hi", max_tokens=20, seed=1, stream=True, extra_body=body)
+    )
+    assert len(live) > 3 and live[-1].choices[0].length["retries"] == 0
+    held = list(
+        c.completions.create(
+            model=MODEL,
+            prompt="Hi",
+            max_tokens=20,
+            seed=1,
+            stream=True,
+            extra_body={**body, "length_retries": 2},
+        )
+    )
+    assert len(held) == 1  # the final answer, once no retry can take it back
+    assert held[0].choices[0].length["retries"] == 2 and held[0].choices[0].finish_reason == "stop"
+    best = list(
+        c.completions.create(
+            model=MODEL,
+            prompt="Hi",
+            max_tokens=20,
+            seed=1,
+            stream=True,
+            extra_body={"vllm_xargs": {"length_equal_to": 6, "length_best_of": 2, "length_retries": 0}},
+        )
+    )
+    assert len(best) == 1
+
+
+def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
+    tok = tiny_generator[1]
+    c = client(url)
+    answer = c.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=6, seed=9, logprobs=2, extra_body={"return_values": True}
+    )
+    choice = answer.choices[0]
+    raw = tok("Hi")["input_ids"]
+    expected = engine.generate([Request(raw, SamplingParams(max_new_tokens=6, seed=9), return_values=True)])[
+        0
+    ]
+    assert choice.values == pytest.approx(expected.values, abs=1e-5)
+    assert choice.logprobs.token_logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    assert choice.logprobs.tokens == [tok.decode([t]) for t in expected.token_ids]
+    assert all(
+        len(top) <= 3 and top[t] == lp
+        for top, t, lp in zip(
+            choice.logprobs.top_logprobs, choice.logprobs.tokens, choice.logprobs.token_logprobs, strict=True
+        )
+    )
+    ids = c.completions.create(
+        model=MODEL,
+        prompt="Hi",
+        max_tokens=6,
+        seed=9,
+        logprobs=0,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    assert ids.choices[0].logprobs.tokens == [f"token_id:{t}" for t in expected.token_ids]
+    chat = c.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=4, seed=1, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    streamed = list(
+        c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=6, seed=9, stream=True, extra_body={"return_values": True}
+        )
+    )
+    assert [v for ch in streamed for v in ch.choices[0].values] == pytest.approx(expected.values, abs=1e-5)
+
+
+def test_stop_strings_end_the_answer_before_them(url):
+    c = client(url)
+    full = c.completions.create(model=MODEL, prompt="Hi", max_tokens=30, seed=11).choices[0].text
+    stop = full[10:12]
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        answer = c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=30, seed=11, stop=[stop, "never"], stream=stream
+        )
+        chunks = list(answer) if stream else [answer]
+        assert "".join(ch.choices[0].text for ch in chunks) == cut
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices[0].stop_reason == stop
+    # a held answer (Equal To with retries) is cut the same way, once final
+    held = c.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=30, seed=11, stop=" ", extra_body={"length_equal_to": 20}
+    )
+    assert " " not in held.choices[0].text and held.usage.completion_tokens <= 21
+
+
+def test_extreme_sampling_settings_are_served(url):
+    c = client(url)
+    for settings in ({"top_k": 10**6}, {"temperature": 1e-30}, {"top_p": 1e-30}, {"min_p": 0.999999}):
+        answer = c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=3, extra_body={**settings, "length_tilt": 1e30}
+        )
+        assert answer.usage.completion_tokens >= 1
+
+
+def test_n_choices_have_their_own_seeds(url):
+    c = client(url)
+    answer = c.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=3, n=3)
+    assert [ch.index for ch in answer.choices] == [0, 1, 2]
+    texts = [ch.text for ch in answer.choices]
+    assert len(set(texts)) == 3
+    assert texts[0] == c.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=3).choices[0].text
+    assert answer.usage.completion_tokens == 24
+    streamed = list(c.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=3, n=3, stream=True))
+    for index, text in enumerate(texts):
+        assert "".join(ch.choices[0].text for ch in streamed if ch.choices[0].index == index) == text
+
+
+def test_rollouts_through_the_server_match_local_rollouts(url, tiny_path, tiny_generator, tmp_path):
+    """lenvm's own OpenAI rollout backend (vLLM's fields: token ids as logprobs, top_k -1, min_p,
+    add_special_tokens) gets from the server what the local backend samples."""
+    from lenvm.rollouts import read_rollouts, rollout
+
+    prompts = ["Tell me about the sea.", "Hi"]
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5)
+    common = dict(n=1, sampling=sampling, progress=False)
+    rollout(tiny_generator, prompts, tmp_path / "local.jsonl", **common)
+    rollout(
+        tiny_path,
+        prompts,
+        tmp_path / "served.jsonl",
+        backend="openai",
+        base_url=url + "/v1",
+        api_model=MODEL,
+        **common,
+    )
+    local, served = (
+        sorted(read_rollouts(tmp_path / name), key=lambda r: r["prompt_id"])
+        for name in ("local.jsonl", "served.jsonl")
+    )
+    assert [r["completion_token_ids"] for r in served] == [r["completion_token_ids"] for r in local]
+    assert [r["prompt_token_ids"] for r in served] == [r["prompt_token_ids"] for r in local]
+    assert "token_ids_source" not in served[0]  # the ids came from the server, not re-tokenized
+
+
+# -- the length endpoints ------------------------------------------------------------------------
+
+
+def test_predict_gives_the_value_at_the_prompt_boundary(url, lenvm, tiny_generator):
+    tok = tiny_generator[1]
+    answer = httpx.post(
+        url + "/v1/length/predict", json={"model": MODEL, "prompt": ["Hi", "Tell me more"]}
+    ).json()
+    raw = [tok(p)["input_ids"] for p in ("Hi", "Tell me more")]
+    expected = lenvm.predict_values(raw)
+    assert [d["value"] for d in answer["data"]] == pytest.approx(expected, abs=1e-5)
+    assert [d["predicted_tokens"] for d in answer["data"]] == pytest.approx(
+        [value_to_length(v, lenvm.gamma) for v in expected], rel=1e-4
+    )
+    assert [d["prompt_tokens"] for d in answer["data"]] == [len(r) for r in raw]
+    chat = httpx.post(url + "/v1/length/predict", json={"messages": [HI, HI]}).json()
+    assert len(chat["data"]) == 2
+    assert chat["data"][0]["value"] == pytest.approx(lenvm.predict_values([HI])[0], abs=1e-5)
+
+
+def test_values_endpoint_gives_the_curve_and_td_residuals(url, lenvm):
+    answer = httpx.post(
+        url + "/v1/length/values", json={"messages": HI, "completion": "The sea is blue."}
+    ).json()
+    expected = token_values(lenvm, HI, "The sea is blue.")
+    assert [t["value_before"] for t in answer["tokens"]] == pytest.approx(
+        [t.value_before for t in expected.tokens], abs=1e-5
+    )
+    assert [t["residual"] for t in answer["tokens"]] == pytest.approx(
+        [t.residual for t in expected.tokens], abs=1e-5
+    )
+    assert answer["gamma"] == lenvm.gamma and answer["summary"]["true_length"] == expected.num_tokens
+
+
+def test_models_health_and_metrics(url):
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].max_model_len == 1024 and models.data[0].lenvm["kind"] == "attached"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    text = httpx.get(url + "/metrics").text
+    for name in (
+        "lenvm_requests_total",
+        "lenvm_generated_tokens_total",
+        "lenvm_queue_depth",
+        "lenvm_step_seconds_bucket",
+        "lenvm_time_to_first_token_seconds_bucket",
+    ):
+        assert name in text
+
+
+# -- bad input and limits ----------------------------------------------------------------------------
+
+
+BAD = [
+    (b"{bad json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": MODEL, "prompt": "Hi", "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
+    ({"model": MODEL, "prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": True}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "Hi", "n": 0}, 400, "n must be"),
+    ({"model": MODEL, "prompt": "Hi", "n": 10**9}, 400, "exceed"),
+    ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "Hi", "seed": -3}, 400, "seed"),
+    ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ({"model": MODEL, "prompt": [5, 10**9]}, 400, "token ids"),
+    ({"model": MODEL}, 400, "missing field 'prompt'"),
+    ({"model": MODEL, "prompt": ["Hi", 5]}, 400, "prompt: expected one of str, list[str], list[int]"),
+    ({"model": "gpt-4", "prompt": "Hi"}, 404, "does not exist"),
+    ({"model": MODEL, "prompt": "Hi", "length_equal_to": 5, "length_at_most": 9}, 400, "one length control"),
+    (
+        {"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": 5, "length_tilt": 1.0}},
+        400,
+        "one length",
+    ),
+    (
+        {"model": MODEL, "prompt": "Hi", "length_equal_to": 5, "vllm_xargs": {"length_equal_to": 5}},
+        400,
+        "both",
+    ),
+    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": -5}}, 400, "at least 1"),
+    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": "5"}}, 400, "integer"),
+    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": 10**12}}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 5000, "length_equal_to": 5000}, 400, "context"),
+    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_lenght": 5}}, 400, "unknown length control key"),
+    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"temperature": 0.5}}, 400, "unknown vllm_xargs key"),
+    ({"model": MODEL, "prompt": "Hi", "length_rule": "ours"}, 400, "needs a length control"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 2000}, 400, "context"),
+    ({"model": MODEL, "prompt": "Hi " * 1200}, 400, "context"),
+    ({"model": MODEL, "prompt": "Hi", "presence_penalty": 0.5}, 400, "penalties"),
+    ({"model": MODEL, "prompt": "Hi", "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": "Hi", "logprobs": 50}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "Hi", "stop": [""]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD)
+def test_bad_completion_requests_get_a_4xx_and_leave_the_server_healthy(url, body, status, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        url + "/v1/completions", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["code"] == status and error["type"]
+
+
+BAD_CHAT = [
+    ({"model": MODEL, "messages": "Hi"}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "empty"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
+    ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_CHAT)
+def test_bad_chat_requests_get_a_400(url, body, message):
+    response = httpx.post(url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_bad_length_endpoint_requests(url):
+    for route, body, message in [
+        ("predict", {"prompt": "Hi", "messages": HI}, "prompt or messages"),
+        ("predict", {}, "prompt or messages"),
+        ("predict", {"prompt": []}, "no prompts"),
+        ("predict", {"prompt": "Hi " * 1100}, "context"),
+        ("values", {"prompt": "Hi"}, "missing field 'completion'"),
+        ("values", {"prompt": "Hi", "completion": ""}, "empty"),
+        ("values", {"prompt": "Hi", "completion": [10**8]}, "token ids"),
+    ]:
+        response = httpx.post(f"{url}/v1/length/{route}", json=body)
+        assert response.status_code == 400, (route, body, response.text)
+        assert message in response.json()["error"]["message"], (route, body)
+
+
+def test_oversized_bodies_and_unknown_routes(engine):
+    with running(engine, max_body_bytes=2000) as (url, _):
+        big = json.dumps({"model": MODEL, "prompt": "x" * 5000})
+        response = httpx.post(
+            url + "/v1/completions", content=big, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413 and "exceeds" in response.json()["error"]["message"]
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b"x" * 500
+
+        response = httpx.post(url + "/v1/completions", content=chunked())
+        assert response.status_code == 413
+        assert httpx.get(url + "/v1/nothing").json()["error"]["code"] == 404
+        assert httpx.get(url + "/v1/completions").status_code == 405
+        healthy(url)
+
+
+def test_a_server_without_lenvm_refuses_controls(tiny_generator):
+    with running(Engine(*tiny_generator)) as (url, _):
+        with pytest.raises(openai.BadRequestError, match="no LenVM"):
+            client(url).completions.create(
+                model=MODEL, prompt="Hi", max_tokens=4, extra_body={"length_at_most": 3}
+            )
+        response = httpx.post(url + "/v1/length/predict", json={"prompt": "Hi"})
+        assert response.status_code == 400 and "no LenVM" in response.text
+        healthy(url)
+
+
+def test_api_key(engine, monkeypatch):
+    with running(engine, api_key="s3cret") as (url, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        response = httpx.post(
+            url + "/v1/length/predict", json={"prompt": "Hi"}, headers={"Authorization": "Bearer no"}
+        )
+        assert response.status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+        answer = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).completions.create(
+            model=MODEL, prompt="Hi", max_tokens=2
+        )
+        assert answer.usage.completion_tokens == 2
+
+
+def test_full_queue_and_too_many_streams_get_429(engine):
+    with running(engine, batch_size=1, max_waiting=1, max_streams=2) as (url, app):
+        c = client(url)
+        long = {
+            "model": MODEL,
+            "prompt": "Hi",
+            "max_tokens": 900,
+            "stream": True,
+            "extra_body": {"ignore_eos": True},
+        }
+        # answered with headers at once: one running, one waiting for the row
+        first, second = c.completions.create(**long), c.completions.create(**long)
+        with pytest.raises(openai.RateLimitError, match="streams"):
+            c.completions.create(**long)
+        with pytest.raises(openai.RateLimitError, match="full"):
+            c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="exceed"):  # more than it ever holds
+            c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=3)
+        first.close(), second.close()
+        wait_until(lambda: app.state.lenvm.runner.outstanding == 0)
+        healthy(url)
+        metrics = httpx.get(url + "/metrics").text
+        assert 'lenvm_requests_total{endpoint="completions",outcome="rejected"} 2.0' in metrics
+        assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
+
+
+def wait_until(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_client_that_goes_away_frees_its_row(engine):
+    with running(engine) as (url, app):
+        runner = app.state.lenvm.runner
+        long = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "extra_body": {"ignore_eos": True}}
+        stream = client(url).completions.create(**long, stream=True)
+        next(iter(stream))
+        assert runner.scheduler.running == 1
+        stream.close()
+        wait_until(lambda: runner.scheduler.running == 0 and runner.outstanding == 0)
+        # a non-streaming request whose client times out is dropped too
+        with pytest.raises(openai.APITimeoutError):
+            client(url).with_options(timeout=0.3).completions.create(**long)
+        wait_until(lambda: runner.scheduler.running == 0 and runner.outstanding == 0)
+        healthy(url)
+
+
+def test_a_failed_step_answers_500_and_the_engine_goes_on(engine, monkeypatch):
+    with running(engine) as (url, app):
+        runner = app.state.lenvm.runner
+        step = type(runner.scheduler).step
+        calls = []
+
+        def failing_once(self):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return step(self)
+
+        monkeypatch.setattr(type(runner.scheduler), "step", failing_once)
+        with pytest.raises(openai.InternalServerError, match="boom"):
+            client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+        healthy(url)
+
+
+# -- concurrency ------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_the_batch(engine):
+    """Requests sent together decode in one batch, and each gets the answer it gets alone."""
+    with running(engine, batch_size=8) as (url, app):
+        runner = app.state.lenvm.runner
+        seen = []
+        step = runner.scheduler.step
+
+        def watched():
+            seen.append(runner.scheduler.running + len(runner.scheduler.waiting))
+            return step()
+
+        runner.scheduler.step = watched
+
+        async def main():
+            c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            return await asyncio.gather(
+                *[c.completions.create(model=MODEL, prompt="Hi", max_tokens=40, seed=s) for s in range(6)]
+            )
+
+        answers = asyncio.run(main())
+        assert max(seen) >= 4  # several requests were in the batch at once
+        for s, answer in enumerate(answers):
+            assert (
+                answer.choices[0].text
+                == client(url)
+                .completions.create(model=MODEL, prompt="Hi", max_tokens=40, seed=s)
+                .choices[0]
+                .text
+            )
+
+
+def test_load_every_request_is_answered_exactly_once(engine):
+    """200 requests, 16 at a time, mixed controls and endpoints, a tenth cancelled mid-stream: each
+    is answered once (or cancelled by its client), the server's counters agree, and it is healthy
+    and idle afterwards."""
+    total, concurrency = 200, 16
+    controls = [
+        {},
+        {"vllm_xargs": {"length_equal_to": 6}},
+        {"vllm_xargs": {"length_at_most": 5}},
+        {"length_at_least": 4},
+        {"length_tilt": 2.0, "return_values": True},
+    ]
+    with running(engine, batch_size=8, max_waiting=64) as (url, app):
+        outcomes: dict[int, list[str]] = {}
+
+        async def one(c, i):
+            kind = ["completions", "chat"][i % 2]
+            stream = i % 3 == 0
+            cancel = i % 10 == 3
+            extra = controls[i % len(controls)]
+            args = {"model": MODEL, "max_tokens": 12, "seed": i, "extra_body": extra}
+            if cancel:  # long enough that the server cannot have finished when the client leaves
+                args.update(max_tokens=500, extra_body={"ignore_eos": True})
+            if kind == "chat":
+                call = c.chat.completions.create(messages=HI, stream=stream or cancel, **args)
+            else:
+                call = c.completions.create(prompt="Hi there", stream=stream or cancel, **args)
+            response = await call
+            if stream or cancel:
+                chunks = 0
+                async for chunk in response:
+                    chunks += 1
+                    if cancel and chunks == 2:
+                        await response.close()
+                        outcomes.setdefault(i, []).append("cancelled")
+                        return
+                    if chunk.choices and chunk.choices[0].finish_reason is not None:
+                        outcomes.setdefault(i, []).append(kind)
+            else:
+                assert response.choices[0].finish_reason in ("stop", "length")
+                outcomes.setdefault(i, []).append(kind)
+
+        async def main():
+            c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            gate = asyncio.Semaphore(concurrency)
+
+            async def bounded(i):
+                async with gate:
+                    await one(c, i)
+
+            await asyncio.wait_for(asyncio.gather(*[bounded(i) for i in range(total)]), timeout=300)
+
+        asyncio.run(main())
+        assert sorted(outcomes) == list(range(total))
+        assert all(len(v) == 1 for v in outcomes.values())
+        runner = app.state.lenvm.runner
+        wait_until(lambda: runner.outstanding == 0 and not runner.scheduler.busy)
+        metrics = httpx.get(url + "/metrics").text
+        counted = {}
+        for line in metrics.splitlines():
+            if line.startswith("lenvm_requests_total{"):
+                counted[line.split("{")[1].split("}")[0]] = float(line.rsplit(" ", 1)[1])
+        expected = {
+            kind: sum(v == [kind] for v in outcomes.values()) for kind in ("completions", "chat", "cancelled")
+        }
+        assert counted['endpoint="completions",outcome="ok"'] == expected["completions"]
+        assert counted['endpoint="chat",outcome="ok"'] == expected["chat"]
+        assert (
+            sum(v for k, v in counted.items() if k.endswith('outcome="cancelled"')) == expected["cancelled"]
+        )
+        assert sum(counted.values()) == total
+        healthy(url)
+
+
+# -- the command line and shutdown -------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path):
+    """`lenvm serve` in its own process: on SIGTERM a short stream in flight finishes, a long one is
+    answered with an error once the shutdown timeout has passed; none is dropped silently."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lenvm.cli",
+            "serve",
+            "--model",
+            str(tiny_path),
+            "--port",
+            str(port),
+            "--served-model-name",
+            MODEL,
+            "--shutdown-timeout",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        events: dict[str, list[str]] = {"short": [], "long": []}
+
+        def read(name, max_tokens):
+            body = {
+                "model": MODEL,
+                "prompt": "Hi",
+                "max_tokens": max_tokens,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events[name].append(line[6:])
+
+        threads = [threading.Thread(target=read, args=a) for a in (("short", 30), ("long", 1000 - 10))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: all(events.values()))
+        process.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        short, long = events["short"], events["long"]
+        assert short[-1] == "[DONE]" and json.loads(short[-2])["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for e in short if e != "[DONE]") == 30
+        assert long[-1] == "[DONE]" and "shut down" in json.loads(long[-2])["error"]["message"]
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def test_importing_lenvm_does_not_import_the_server_stack():
+    code = (
+        "import sys, lenvm, lenvm.decoding, lenvm.cli; print(bool({'fastapi', 'uvicorn'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- the same client code against vLLM -----------------------------------------------------------------
+
+
+def _vllm_url():
+    """A running `vllm serve` with lenvm's processor, named by LENVM_TEST_VLLM_URL (its model must be
+    served as 'tiny'); the case is skipped otherwise."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    url = os.environ.get("LENVM_TEST_VLLM_URL")
+    if not url:
+        pytest.skip("set LENVM_TEST_VLLM_URL to a `vllm serve` of the tiny model with lenvm's processor")
+    return url.rstrip("/").removesuffix("/v1")
+
+
+@pytest.mark.parametrize("backend", ["lenvm", "vllm"])
+def test_one_client_code_for_lenvm_and_vllm(backend, request):
+    url = request.getfixturevalue("url") if backend == "lenvm" else _vllm_url()
+    c = client(url)
+    answer = c.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=20, seed=1, extra_body={"vllm_xargs": {"length_at_most": 5}}
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
+    assert answer.usage.prompt_tokens > 0
+    assert answer.usage.completion_tokens <= 6
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=HI,
+            max_tokens=8,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"vllm_xargs": {"length_equal_to": 6}},
+        )
+    )
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finish and finish[-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 8
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=5, extra_body={"vllm_xargs": {"length_equal_to": -1}}
+        )
