@@ -85,3 +85,73 @@ def synthetic_records(tokenizer, n_per_prompt=3, truncate_long=False):
                 }
             )
     return records
+
+
+@pytest.fixture(scope="session")
+def tiny128(tmp_path_factory):
+    """A tiny model that vLLM's CPU attention runs (it needs a head size of at least 32)."""
+    from lenvm.testing import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("tiny128") / "model", hidden_size=128, eos_logit=3.0)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny128, tmp_path_factory):
+    """`vllm serve` (vLLM's OpenAI server module) of ``tiny128`` as model "tiny" on 127.0.0.1, with
+    lenvm's logits processor and an attached LenVM; yields the base URL (without /v1)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import torch
+
+    from lenvm import LengthValueModel
+
+    root = tmp_path_factory.mktemp("vllm-server")
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny128, kind="attached", gamma=0.9)
+    with torch.no_grad():
+        torch.nn.init.normal_(lenvm.head.fc2.weight, std=3.0)  # candidates get values apart
+    lenvm.save_pretrained(root / "lenvm")
+    port = _free_port()
+    env = {**os.environ, "LENVM_PATH": str(root / "lenvm"), "LENVM_NUM_CANDIDATES": "4"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny128)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    command += ["--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "tiny"]
+    command += ["--logits-processors", "lenvm.integrations.vllm:LenVMLogitsProcessor"]
+    log = root / "server.log"
+    with log.open("w") as fh:
+        server = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"vLLM's server exited: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM's server did not start: {log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

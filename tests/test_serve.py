@@ -775,22 +775,11 @@ def test_importing_lenvm_does_not_import_the_server_stack():
 # -- the same client code against vLLM -----------------------------------------------------------------
 
 
-def _vllm_url():
-    """A running `vllm serve` with lenvm's processor, named by LENVM_TEST_VLLM_URL (its model must be
-    served as 'tiny'); the case is skipped otherwise."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed")
-    url = os.environ.get("LENVM_TEST_VLLM_URL")
-    if not url:
-        pytest.skip("set LENVM_TEST_VLLM_URL to a `vllm serve` of the tiny model with lenvm's processor")
-    return url.rstrip("/").removesuffix("/v1")
-
-
-@pytest.mark.parametrize("backend", ["lenvm", "vllm"])
+@pytest.mark.parametrize("backend", ["lenvm", pytest.param("vllm", marks=pytest.mark.vllm)])
 def test_one_client_code_for_lenvm_and_vllm(backend, request):
-    url = request.getfixturevalue("url") if backend == "lenvm" else _vllm_url()
+    """The same client code, only the base URL changed: our server, and `vllm serve` with lenvm's
+    processor (where vLLM is installed)."""
+    url = request.getfixturevalue("url" if backend == "lenvm" else "vllm_server")
     c = client(url)
     answer = c.completions.create(
         model=MODEL, prompt="Hi", max_tokens=20, seed=1, extra_body={"vllm_xargs": {"length_at_most": 5}}

@@ -3,10 +3,6 @@ tiny model (vLLM's CPU attention needs a head size of at least 32: hidden 128, 4
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections import Counter
 
@@ -38,13 +34,6 @@ def vllm_env():
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def tiny128(tmp_path_factory):
-    from lenvm.testing import tiny_model
-
-    return tiny_model(tmp_path_factory.mktemp("vllm") / "model", hidden_size=128, eos_logit=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -209,53 +198,10 @@ def test_rollouts_through_vllm_resume_and_train(tiny128, generator128, tmp_path)
     assert (result.path / "head.safetensors").is_file()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tiny128, lenvms, tmp_path_factory):
-    """`vllm serve` (its OpenAI server module) on 127.0.0.1 with the processor; yields the base URL."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "LENVM_PATH": str(lenvms["attached"][1]), "LENVM_NUM_CANDIDATES": "4"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny128)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
-    command += ["--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "tiny"]
-    command += ["--logits-processors", "lenvm.integrations.vllm:LenVMLogitsProcessor"]
-    with log.open("w") as fh:
-        server = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vLLM's server exited: {log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM's server did not start: {log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield base + "/v1"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
 def test_vllm_serve_takes_length_control_from_an_openai_client(vllm_server):
     import openai
 
-    client = openai.OpenAI(base_url=vllm_server, api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=vllm_server + "/v1", api_key="none", max_retries=0)
     bound = {"vllm_xargs": {"length_at_most": 4}}
     text = client.completions.create(model="tiny", prompt="Tell me", max_tokens=30, seed=1, extra_body=bound)
     assert text.usage.completion_tokens <= 5  # 4 tokens and the EOS
@@ -300,10 +246,10 @@ def test_vllm_serve_takes_length_control_from_an_openai_client(vllm_server):
                 extra_body={"vllm_xargs": {"length_equal_to": 5, "length_at_most": 4}},
             )
         )
-    with urllib.request.urlopen(vllm_server.removesuffix("/v1") + "/health", timeout=5) as response:
+    with urllib.request.urlopen(vllm_server + "/health", timeout=5) as response:
         assert response.status == 200  # still serving
     assert (
-        json.loads(urllib.request.urlopen(vllm_server + "/models", timeout=5).read())["data"][0]["id"]
+        json.loads(urllib.request.urlopen(vllm_server + "/v1/models", timeout=5).read())["data"][0]["id"]
         == "tiny"
     )
 
