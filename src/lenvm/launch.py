@@ -63,7 +63,7 @@ def launch_command(name_or_path: str, argv: list[str], num_processes: int | None
     """
     path = config_path(name_or_path)
     config = read_config(path)
-    if config["distributed_type"] == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+    if config["distributed_type"] == "DEEPSPEED" and not deepspeed_installed():
         raise InputError(
             f"{path.name} runs DeepSpeed, which is not installed: pip install 'lenvm[deepspeed]'"
         )
@@ -83,6 +83,10 @@ def launch_command(name_or_path: str, argv: list[str], num_processes: int | None
         "lenvm.cli",
         *argv,
     ]
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def torch_device_count() -> int:

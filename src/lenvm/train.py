@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -641,7 +642,7 @@ class HeadTrainer:
                 )
                 evaluations.append(record)
                 if self.progress:
-                    tqdm.write(_progress_line(record))
+                    tqdm.write(_progress_line(record), file=sys.stderr)
             self.checkpoint.save(
                 head=lenvm.head.state_dict(),
                 optimizer=optimizer.state_dict(),
@@ -745,9 +746,11 @@ class FullTrainer:
             )
         total = steps_per_epoch * config.epochs
         if config.gradient_checkpointing:
-            lenvm.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            backbone = lenvm.backbone
+            if hasattr(backbone, "activation_checkpointing_enable"):  # its name from transformers 5.x
+                backbone.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(
             lenvm.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -781,7 +784,7 @@ class FullTrainer:
                 recent = float(np.mean(losses[-steps_per_epoch:]))
                 evaluations.append(_progress_record(step, round(epoch, 3), recent, evaluate(values)))
                 if self.progress:
-                    tqdm.write(_progress_line(evaluations[-1]))
+                    tqdm.write(_progress_line(evaluations[-1]), file=sys.stderr)
             return values
 
         for epoch in range(step // steps_per_epoch, config.epochs):
