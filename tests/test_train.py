@@ -337,3 +337,34 @@ def test_bf16_where_the_hardware_has_it():
 def test_bad_training_options(bad, match):
     with pytest.raises(InputError, match=match):
         TrainConfig(**bad)
+
+
+def test_features_cache_is_reused_across_training_options(tmp_path, tiny_path, tiny_generator, monkeypatch):
+    records = synthetic_records(tiny_generator[1])
+    cache = str(tmp_path / "features")
+    first = train(
+        records,
+        str(tiny_path),
+        tmp_path / "a",
+        _config(epochs=2, features_cache=cache),
+        generator=tiny_generator,
+    )
+    assert (tmp_path / "features" / "store.json").is_file()  # kept after the run
+    plain = train(
+        records, str(tiny_path), tmp_path / "b", _config(epochs=2, loss="huber"), generator=tiny_generator
+    )
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("the hidden states should have come from the cache")
+
+    monkeypatch.setattr(LengthValueModel, "features", no_backbone_pass)
+    cached = train(
+        records,
+        str(tiny_path),
+        tmp_path / "c",
+        _config(epochs=2, loss="huber", features_cache=cache),
+        generator=tiny_generator,
+    )
+    assert cached.losses == plain.losses and first.losses != plain.losses
+    with pytest.raises(InputError, match="features cache"):
+        TrainConfig(kind="standalone", features_cache=cache)

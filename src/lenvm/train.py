@@ -83,6 +83,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # full path: optimizer steps between checkpoints (and evaluations)
     # None: stream rollout files over 256 MiB and datasets folders (lenvm.training_data).
     stream: bool | None = None
+    # Head training: keep the cached hidden states here and reuse them in any later run on the same
+    # data, model and feature layer, whatever its training options (None: a temporary folder).
+    features_cache: str | None = None
     shuffle_buffer: int = 10_000  # full path, streamed: completions in the shuffle buffer
 
     def __post_init__(self) -> None:
@@ -113,6 +116,8 @@ class TrainConfig:
             raise InputError("huber_delta must be positive")
         if not self.relative_loss_weight >= 0:
             raise InputError("relative_loss_weight must be at least 0")
+        if self.features_cache and not self.freeze_backbone:
+            raise InputError("a features cache applies to head training, not to fine-tuning a backbone")
         if self.gradient_checkpointing and self.freeze_backbone:
             raise InputError("gradient checkpointing applies to fine-tuning a backbone, not to head training")
 
@@ -199,13 +204,17 @@ def train(
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
     fingerprint = _run_fingerprint(data.fingerprint_data, base, config, gamma)
+    # What the cached hidden states depend on: the data, the held-out split, the model and layer.
+    held = [len(data.eval), *(e.input_ids for e in data.eval[:1] + data.eval[-1:])]
+    features = [config.kind, config.feature_layer, config.truncated, config.max_length, str(dtype)]
+    features_fingerprint = _run_fingerprint([*data.fingerprint_data, *held, *features], base, None, 0.0)
 
     def evaluate(values: list[np.ndarray]) -> dict[str, float]:
         return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
 
     started = time.perf_counter()
     trainer = HeadTrainer if config.freeze_backbone else FullTrainer
-    fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate)
+    fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
     seconds = time.perf_counter() - started
     # Optimisation throughput (supervised positions per second of this run's training loop),
     # without the one-off hidden-state pass of head training.
@@ -266,10 +275,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _run_fingerprint(data: list[Any], base, config: TrainConfig, gamma: float) -> str:
+def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: float) -> str:
     """Identifies a run so that a checkpoint is only resumed by the same run."""
     blob = json.dumps(
-        [*data, str(base), dataclasses.asdict(config), gamma],
+        [*data, str(base), dataclasses.asdict(config) if config else None, gamma],
         sort_keys=True,
         default=str,
     )
@@ -583,10 +592,11 @@ class HeadTrainer:
             out.append(self._state_values(span).cpu().numpy())
         return out
 
-    def fit(self, data: TrainingData, evaluate) -> _Fit:
+    def fit(self, data: TrainingData, evaluate, features_fingerprint: str) -> _Fit:
         config, lenvm = self.config, self.lenvm
+        folder = Path(config.features_cache) if config.features_cache else self.work / "features"
         self.store = FeatureStore.open_or_build(
-            self.work / "features", self.fingerprint, lenvm, data.train, data.eval, self.progress
+            folder, features_fingerprint, lenvm, data.train, data.eval, self.progress
         )
         self.train_states, self.train_completions = data.train_states, data.train_completions
         train_rows = torch.from_numpy(self.store.train_rows())
@@ -734,7 +744,7 @@ class FullTrainer:
         model.train()
         return out
 
-    def fit(self, data: TrainingData, evaluate) -> _Fit:
+    def fit(self, data: TrainingData, evaluate, features_fingerprint: str | None = None) -> _Fit:
         acc, config, lenvm = self.accelerator, self.config, self.lenvm
         gamma = lenvm.gamma
         per_step = config.batch_size * config.grad_accum * acc.num_processes

@@ -351,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning: optimizer steps between checkpoints and held-out evaluations",
     )
     scale.add_argument(
+        "--features-cache",
+        metavar="DIR",
+        help="head training: keep the hidden states here and reuse them in later runs on the same data",
+    )
+    scale.add_argument(
         "--accelerate-config",
         metavar="NAME_OR_PATH",
         help=f"run under accelerate launch with this configuration ({', '.join(CONFIGS)}, or a YAML file)",
