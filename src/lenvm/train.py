@@ -519,7 +519,10 @@ class HeadTrainer:
         with self._autocast():
             hidden = store.hidden(rows, device)
             values = lenvm.values_from_hidden(hidden).float()
-        boot_values = self._state_values(np.where(cut.numpy(), rows + cols["remaining"], rows))
+        boot_values = torch.zeros(len(rows), device=device)  # unused where a completion finished
+        if cut.any():
+            at_cut = cut.numpy()
+            boot_values[cut.to(device)] = self._state_values(rows[at_cut] + cols["remaining"][at_cut])
 
         def targets_at(steps: torch.Tensor) -> torch.Tensor:
             mc = length_to_value(steps, gamma).float().to(device)
