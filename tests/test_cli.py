@@ -81,9 +81,19 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     out2 = tmp_path / "lenvm2"
     argv = ["train", "--rollouts", str(rest), "--eval-rollouts", str(held), "--base", str(tiny_path)]
     argv += ["--out", str(out2), "--epochs", "2", "--feature-layer", "-1"]
+    # The training options map onto TrainConfig's fields.
+    argv += ["--lam", "0.7", "--loss", "huber", "--huber-delta", "0.1", "--relative-loss-weight", "0.05"]
+    argv += ["--aggregation", "seq-mean-token-sum", "--stream", "--no-bf16"]
+    capsys.readouterr()
     assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
     config = json.loads((out2 / "config.json").read_text())
     assert config["feature_layer"] == -1 and config["training"]["eval_completions"] == 2
+    training = config["training"]
+    assert (training["lam"], training["loss"], training["huber_delta"]) == (0.7, "huber", 0.1)
+    assert (training["aggregation"], training["relative_loss_weight"]) == ("seq-mean-token-sum", 0.05)
+    assert training["streamed"] and training["bf16"] is False
+    assert training["metrics"] == printed["metrics"]  # (this random model's answers never end)
     assert json.loads((out / "config.json").read_text())["feature_layer"] == 1  # the default
 
 

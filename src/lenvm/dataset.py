@@ -9,7 +9,7 @@ either bootstraps from the model's value at the cut, ``V(s_T)``, or is dropped.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,11 +67,27 @@ def examples_from_records(
     max_length: int | None = None,
 ) -> tuple[list[Example], DatasetReport]:
     """Turn rollout records into :class:`Example` objects and count what was kept."""
+    report = DatasetReport(0, 0, 0, 0, 0, 0)
+    examples = list(iter_examples(records, eos_token_ids, truncated, max_length, report))
+    if not examples:
+        raise InputError("no usable completions in the rollouts (all truncated and dropped, or empty)")
+    return examples, report
+
+
+def iter_examples(
+    records: Iterable[dict[str, Any]],
+    eos_token_ids: list[int],
+    truncated: TruncatedPolicy = "bootstrap",
+    max_length: int | None = None,
+    report: DatasetReport | None = None,
+) -> Iterator[Example]:
+    """:func:`examples_from_records` one at a time; counts into ``report`` as it goes (its
+    ``prompts`` field is complete once the iterator is exhausted)."""
     if truncated not in ("bootstrap", "drop"):
         raise InputError(f"truncated must be 'bootstrap' or 'drop', got {truncated!r}")
+    report = report if report is not None else DatasetReport(0, 0, 0, 0, 0, 0)
     eos = set(eos_token_ids)
-    examples: list[Example] = []
-    n_finished = n_truncated = n_dropped = 0
+    prompts: set[str] = set()
     for i, record in enumerate(records):
         prompt_ids = record.get("prompt_token_ids")
         completion = record.get("completion_token_ids")
@@ -79,37 +95,29 @@ def examples_from_records(
             raise InputError(f"rollout record {i + 1} has no prompt_token_ids or completion_token_ids")
         finished = record.get("finish_reason") == "stop"
         completion = list(completion)
+        report.completions += 1
         if finished:
-            n_finished += 1
+            report.finished += 1
             if not completion or completion[-1] not in eos:
                 # Stopped by a stop string rather than EOS: the EOS is implied.
                 completion.append(eos_token_ids[0])
             input_ids = list(prompt_ids) + completion[:-1]  # EOS is never an input state
-            num_states = len(completion)
         else:
-            n_truncated += 1
+            report.truncated += 1
             if truncated == "drop" or not completion:
-                n_dropped += 1
+                report.dropped += 1
                 continue
             input_ids = list(prompt_ids) + completion
-            num_states = len(completion)
         if max_length is not None and len(input_ids) > max_length:
-            n_dropped += 1
+            report.dropped += 1
             continue
-        examples.append(
-            Example(str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, num_states, finished)
+        example = Example(
+            str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, len(completion), finished
         )
-    report = DatasetReport(
-        completions=n_finished + n_truncated,
-        finished=n_finished,
-        truncated=n_truncated,
-        dropped=n_dropped,
-        prompts=len({e.prompt_id for e in examples}),
-        supervised_tokens=sum(e.num_states for e in examples),
-    )
-    if not examples:
-        raise InputError("no usable completions in the rollouts (all truncated and dropped, or empty)")
-    return examples, report
+        prompts.add(example.prompt_id)
+        report.prompts = len(prompts)
+        report.supervised_tokens += example.num_states
+        yield example
 
 
 def held_out_prompts(prompt_ids: list[str], eval_fraction: float, seed: int = 0) -> set[str]:
@@ -139,7 +147,8 @@ class Batch:
 
     ``mc`` holds the Monte-Carlo part of each target and ``discount`` the factor on the
     bootstrap value ``gamma**(T - t)`` (0 for finished completions); ``boot_index`` is the
-    position of the bootstrap state in the same row (0 where unused).
+    position of the bootstrap state in the same row (0 where unused); ``states`` the number of
+    supervised states of each row's completion.
     """
 
     input_ids: torch.Tensor
@@ -148,6 +157,7 @@ class Batch:
     mc: torch.Tensor
     discount: torch.Tensor
     boot_index: torch.Tensor
+    states: torch.Tensor
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in self.__dict__.values()))
@@ -179,4 +189,5 @@ def collate(examples: list[Example], gamma: float, pad_id: int = 0) -> Batch:
         mc[row, span] = torch.from_numpy(row_mc).float()
         discount[row, span] = torch.from_numpy(row_discount).float()
         boot[row] = e.bootstrap_index or 0
-    return Batch(ids, mask, supervised, mc, discount, boot)
+    states = torch.tensor([e.num_states for e in examples])
+    return Batch(ids, mask, supervised, mc, discount, boot, states)

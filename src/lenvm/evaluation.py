@@ -9,7 +9,11 @@ import numpy as np
 from lenvm.dataset import Example
 from lenvm.returns import length_to_value, return_consistent_mean_length, value_to_length
 
-FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+# Relative positions in a completion where the remaining-length error is reported, as the
+# released training recipes track them.
+FRACTIONS = (0.0, 0.3, 0.6, 0.9)
+# The figures logged during training: prompt-boundary and positional errors.
+PROGRESS_KEYS = ("prompt_mre", *(f"rel_error_at_{round(f * 100)}" for f in FRACTIONS), "value_mse")
 
 
 def length_metrics(
@@ -22,7 +26,8 @@ def length_metrics(
     ``max(baseline - t, 1)``. Keys:
 
     - ``token_mae`` / ``baseline_token_mae``: mean absolute error in tokens over all states;
-    - ``rel_error_at_{0,25,50,75}``: mean relative error at that share of the completion;
+    - ``rel_error_at_{0,30,60,90}``: mean relative error of the predicted remaining length at
+      state ``int(f * L)`` of each finished completion of ``L`` tokens, ``f`` in :data:`FRACTIONS`;
     - ``prompt_mre`` / ``baseline_prompt_mre``: prompt-boundary mean relative error against
       :func:`prompt_length_truth` of each prompt's samples, over the ``eval_prompts`` prompts that
       have one (``eval_prompts_cut``: prompts left out because most samples were cut);
@@ -46,7 +51,7 @@ def length_metrics(
         base_err.append(np.abs(np.maximum(baseline_length - np.arange(e.length), 1.0) - true_rem))
         sq_err.append((v - length_to_value(true_rem, gamma)) ** 2)
         for f in FRACTIONS:
-            t = int(f * e.length)
+            t = int(f * e.length + 1e-9)  # 0.3 * 10 must give state 3, not 2
             rel_at[f].append(abs(pred_rem[t] - true_rem[t]) / true_rem[t])
     prompt_err, prompt_base_err = [], []
     truths = prompt_truths(examples, gamma)
@@ -68,7 +73,7 @@ def length_metrics(
         "eval_completions": len(finished),
     }
     for f in FRACTIONS:
-        metrics[f"rel_error_at_{int(f * 100)}"] = float(np.mean(rel_at[f]))
+        metrics[f"rel_error_at_{round(f * 100)}"] = float(np.mean(rel_at[f]))
     return metrics
 
 

@@ -247,15 +247,30 @@ class LengthValueModel(nn.Module):
         model.head.load_state_dict(load_file(str(path / HEAD_NAME)))
         return model.eval()
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``head.safetensors`` (plus ``backbone/`` if standalone), atomically."""
+    def save_pretrained(
+        self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write ``config.json`` and ``head.safetensors`` (plus ``backbone/`` if standalone), atomically.
+
+        ``state_dict`` (this module's keys) replaces the weights held by the module: a model
+        sharded by FSDP or DeepSpeed ZeRO-3 holds only a shard, and its full weights come from
+        ``accelerator.get_state_dict``.
+        """
+        state_dict = state_dict if state_dict is not None else self.state_dict()
         with atomic_path(path) as tmp:
             tmp.mkdir()
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-            head = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
+            head = {
+                k.removeprefix("head."): v.detach().float().contiguous().cpu()
+                for k, v in state_dict.items()
+                if k.startswith("head.")
+            }
             save_file(head, str(tmp / HEAD_NAME), metadata={"format": "pt"})
             if not self.attached:
-                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+                backbone = {
+                    k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")
+                }
+                self.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=backbone)
                 self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
 
     # -- properties -----------------------------------------------------------------------
@@ -272,6 +287,11 @@ class LengthValueModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The backbone's layer classes: what FSDP's transformer auto-wrap policy wraps."""
+        return getattr(self.backbone, "_no_split_modules", None)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

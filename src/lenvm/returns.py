@@ -146,3 +146,48 @@ def td_residual(values: Array, gamma: float) -> Array:
     _check_gamma(gamma)
     x = _as_array(values)
     return -(1.0 - gamma) + gamma * x[..., 1:] - x[..., :-1]
+
+
+def lambda_returns(
+    mc: torch.Tensor,
+    discount: torch.Tensor,
+    boot_values: torch.Tensor,
+    values: torch.Tensor,
+    supervised: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> torch.Tensor:
+    """TD(lambda) targets of a batch of completions laid out one per row (``[B, T]``).
+
+    Row ``b`` supervises a contiguous run of positions (``supervised``); ``mc + discount *
+    boot_values[:, None]`` is their lambda = 1 target (Monte-Carlo, plus the bootstrap at the
+    cut for a cut completion; see :func:`lenvm.dataset.position_targets`) and ``values`` holds
+    the current model's ``V`` at every position (no gradient is taken through it). The state
+    after the last supervised one is terminal (value 0 after EOS) or the cut, whose value is
+    ``boot_values``; there the lambda-return equals the lambda = 1 target, so the result is that
+    target plus a correction ``D`` with
+
+        D_t = gamma * (1 - lam) * (V_{t+1} - G1_{t+1}) + gamma * lam * D_{t+1}
+
+    over supervised ``t + 1`` (``G1``: the lambda = 1 target), which is
+    :func:`td_lambda_targets` rearranged. ``lam = 1`` returns the lambda = 1 target bit for bit,
+    ``lam = 0`` one-step TD: ``-(1 - gamma) + gamma * V(s_{t+1})``. Unsupervised positions of
+    the result are meaningless.
+    """
+    _check_gamma(gamma)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must lie in [0, 1], got {lam!r}")
+    full = mc + discount * boot_values.unsqueeze(-1)
+    if lam == 1.0:
+        return full
+    values = values.detach().to(full.dtype)
+    # A[:, t] = gamma (1 - lam) (V_{t+1} - G1_{t+1}) where t + 1 is supervised, else 0.
+    step = torch.zeros_like(full)
+    step[:, :-1] = gamma * (1.0 - lam) * (values[:, 1:] - full[:, 1:]) * supervised[:, 1:]
+    correction = torch.zeros_like(full)
+    carry = torch.zeros_like(full[:, 0])
+    for t in range(full.shape[1] - 1, -1, -1):
+        # Reset at the end of each run: past it every A is 0, so the carry is 0 there already.
+        carry = step[:, t] + gamma * lam * carry
+        correction[:, t] = carry
+    return full + correction

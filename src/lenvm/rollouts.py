@@ -17,6 +17,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -415,10 +416,22 @@ def _token_ids_from_logprobs(logprobs: Any) -> list[int] | None:
 
 def read_rollouts(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read and check a rollouts file; a bad record raises :class:`InputError` naming its line."""
+    return list(iter_rollouts(path))
+
+
+def iter_rollouts(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of a rollouts JSONL file, or of a Hugging Face ``datasets`` folder (written by
+    ``Dataset.save_to_disk``, needs the ``datasets`` extra), one at a time and checked.
+
+    Nothing is kept: each call reads the file afresh, so a training run can stream a rollout set
+    larger than memory.
+    """
     path = Path(path)
+    if path.is_dir():
+        yield from _iter_dataset_folder(path)
+        return
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    records = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -430,8 +443,29 @@ def read_rollouts(path: str | os.PathLike) -> list[dict[str, Any]]:
             problem = record_problem(record)
             if problem:
                 raise InputError(f"{path}:{lineno}: bad rollout record: {problem}")
-            records.append(record)
-    return records
+            yield record
+
+
+def _iter_dataset_folder(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"{path} is a folder: reading a Hugging Face datasets folder needs the 'datasets' package "
+            "(pip install 'lenvm[datasets]'); or give a rollouts JSONL file"
+        ) from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: not a datasets folder written by save_to_disk ({err})") from None
+    if isinstance(data, datasets.DatasetDict):
+        raise InputError(f"{path} holds several splits ({', '.join(data)}); give the folder of one")
+    for index, record in enumerate(data):  # Arrow-backed: rows are read from disk as iterated
+        record = {k: v for k, v in record.items() if v is not None}  # absent optional fields
+        problem = record_problem(record)
+        if problem:
+            raise InputError(f"{path}: row {index}: bad rollout record: {problem}")
+        yield record
 
 
 def _int_list(x: Any) -> bool:

@@ -1,26 +1,29 @@
 """Training a LenVM from rollouts.
 
-Two paths share the data, the loss and the evaluation:
+Two paths share the data (:mod:`lenvm.training_data`), the targets
+(:func:`lenvm.returns.lambda_returns`), the loss (:mod:`lenvm.losses`) and the evaluation:
 
 - **frozen backbone** (kinds ``attached`` and ``q``, or ``standalone`` with ``freeze_backbone``):
-  hidden states are computed once, then only the head trains, on shuffled token positions.
+  hidden states are computed once into a memory-mapped file, then only the head trains, on
+  shuffled token positions.
 - **full fine-tuning** (``standalone``): an ``accelerate`` loop, so the same code runs on one CPU,
-  several GPUs or hosts under ``accelerate launch`` (DDP, FSDP, DeepSpeed).
+  several GPUs or hosts under ``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO; the package ships
+  configurations for each, see :mod:`lenvm.launch`).
 
-Loss: squared error averaged over every supervised position of the effective batch (token
-mean; per-sequence averaging would re-weight by 1/L and change the regression target).
+Default loss: squared error averaged over every supervised position of the effective batch
+(token mean; per-sequence averaging would re-weight by 1/L and change the regression target).
 Checkpoints are written atomically beside the output folder and an interrupted run resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +33,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.dataset import (
-    Batch,
-    DatasetReport,
-    Example,
-    TruncatedPolicy,
-    collate,
-    examples_from_records,
-    position_targets,
-    split_by_prompt,
-)
-from lenvm.evaluation import length_metrics
+from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
+from lenvm.evaluation import PROGRESS_KEYS, length_metrics
 from lenvm.io import InputError, atomic_path, write_json
+from lenvm.losses import (
+    AGGREGATIONS,
+    LOSSES,
+    Aggregation,
+    Loss,
+    aggregation_count,
+    sampled_states_count,
+    state_losses,
+    state_weights,
+)
 from lenvm.model import KINDS, Kind, LengthValueModel, right_pad
-from lenvm.returns import gamma_from_lengths
+from lenvm.returns import gamma_from_lengths, lambda_returns, length_to_value
+from lenvm.training_data import RolloutSource, TrainingData, shuffled, training_data
 
 
 @dataclass
@@ -62,12 +67,26 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
-    bf16: bool = True  # head path: bf16 autocast; full path: accelerate mixed precision
+    # Targets: TD(lambda) returns from the LenVM being trained; 1 is Monte-Carlo (the paper's).
+    lam: float = 1.0
+    loss: Loss = "mse"
+    huber_delta: float = 1.0
+    relative_loss_weight: float = 0.0  # see lenvm.losses: relative error of the remaining length
+    aggregation: Aggregation = "token-mean"
+    # None: bf16 where the hardware computes it natively (see resolve_bf16), else float32.
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False  # full path: recompute activations in the backward pass
     head_hidden_size: int | None = None
     feature_layer: int | None = None  # None: the kind's default (model.default_feature_layer)
     max_length: int | None = None
     seed: int = 0
-    checkpoint_every: int = 200  # full path: optimizer steps between checkpoints
+    checkpoint_every: int = 200  # full path: optimizer steps between checkpoints (and evaluations)
+    # None: stream rollout files over 256 MiB and datasets folders (lenvm.training_data).
+    stream: bool | None = None
+    # Head training: keep the cached hidden states here and reuse them in any later run on the same
+    # data, model and feature layer, whatever its training options (None: a temporary folder).
+    features_cache: str | None = None
+    shuffle_buffer: int = 10_000  # full path, streamed: completions in the shuffle buffer
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,11 +101,25 @@ class TrainConfig:
             self.epochs = 30 if self.freeze_backbone else 2
         if self.lr is None:
             self.lr = 1e-3 if self.freeze_backbone else 2e-5
-        for name in ("epochs", "batch_tokens", "batch_size", "grad_accum"):
+        for name in ("epochs", "batch_tokens", "batch_size", "grad_accum", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1")
         if not self.lr > 0:
             raise InputError("learning rate must be positive")
+        if not 0.0 <= self.lam <= 1.0:
+            raise InputError(f"lambda must lie in [0, 1], got {self.lam}")
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if self.aggregation not in AGGREGATIONS:
+            raise InputError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
+        if not self.huber_delta > 0:
+            raise InputError("huber_delta must be positive")
+        if not self.relative_loss_weight >= 0:
+            raise InputError("relative_loss_weight must be at least 0")
+        if self.features_cache and not self.freeze_backbone:
+            raise InputError("a features cache applies to head training, not to fine-tuning a backbone")
+        if self.gradient_checkpointing and self.freeze_backbone:
+            raise InputError("gradient checkpointing applies to fine-tuning a backbone, not to head training")
 
 
 @dataclass
@@ -98,6 +131,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens_per_second: float = 0.0  # supervised positions per second of the training loop
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # held-out figures while training
+
+
+@dataclass
+class _Fit:
+    """What a trainer hands back."""
+
+    losses: list[float]
+    eval_values: list[np.ndarray]
+    tokens: int
+    seconds: float
+    evaluations: list[dict[str, float]]
+    state_dict: dict[str, torch.Tensor] | None = None  # full weights of a sharded model
 
 
 def train(
@@ -111,123 +157,136 @@ def train(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
 ) -> TrainResult:
-    """Train a LenVM on ``rollouts`` (a JSONL path or loaded records) and save it to ``out``.
+    """Train a LenVM on ``rollouts`` and save it to ``out``.
 
-    ``base`` is the generator for an attached/q LenVM and the starting backbone for a
-    standalone one; ``generator`` may pass it already loaded as ``(model, tokenizer)`` (it stays
-    where it is). ``device`` and ``dtype`` apply to the models this call loads (default device:
-    the generator's, else the first accelerator, else the CPU).
+    ``rollouts`` is a list of records, a rollouts JSONL file or a ``datasets`` folder; a file is
+    streamed when ``config.stream`` says so (by default when it is large, see
+    :mod:`lenvm.training_data`). ``base`` is the generator for an attached/q LenVM and the
+    starting backbone for a standalone one; ``generator`` may pass it already loaded as
+    ``(model, tokenizer)`` (it stays where it is). ``device`` and ``dtype`` apply to the models
+    this call loads (default device: the generator's, else the first accelerator, else the CPU).
     ``eval_rollouts`` are held-out completions of other prompts (for example many samples of
-    each, for a steady ground truth); when given, every record of ``rollouts`` trains and
-    ``config.eval_fraction`` is not used.
+    each, for a steady ground truth; they are held in memory); when given, every record of
+    ``rollouts`` trains and ``config.eval_fraction`` is not used.
     """
     config = config or TrainConfig()
-    records = _records(rollouts)
-    if not records:
+    source = RolloutSource(rollouts, config.stream)
+    if not source.streamed and not source.records:
         raise InputError("no rollout records to train on")
-    held_records = _records(eval_rollouts) if eval_rollouts is not None else None
-    if held_records is not None:
-        shared = {str(r.get("prompt_id")) for r in records} & {str(r.get("prompt_id")) for r in held_records}
-        if shared:
-            raise InputError(
-                f"{len(shared)} prompt(s) are in both the training and the evaluation rollouts, "
-                f"for example {sorted(shared)[0]!r}: held-out prompts must not be trained on"
-            )
-    gamma = config.gamma or gamma_from_lengths([r["num_tokens"] for r in records])
+    eval_source = RolloutSource(eval_rollouts, stream=False) if eval_rollouts is not None else None
     torch.manual_seed(config.seed)  # the head's initialization, so that a resumed run matches
     lenvm = LengthValueModel.from_base(
         base,
         kind=config.kind,
-        gamma=gamma,
+        gamma=config.gamma or 0.5,  # set below, once the rollouts have been scanned
         generator=generator,
         head_hidden_size=config.head_hidden_size,
         feature_layer=config.feature_layer,
         dtype=dtype,
         device=device,
     )
-    _check_token_ids(records + (held_records or []), lenvm)
-    examples, report = examples_from_records(
-        records, lenvm.config.eos_token_ids, config.truncated, config.max_length
+    data = training_data(
+        source,
+        eval_source,
+        lenvm.config.eos_token_ids,
+        config.truncated,
+        config.max_length,
+        config.eval_fraction,
+        config.seed,
+        vocab_size=lenvm.backbone.get_input_embeddings().weight.shape[0],
+        vocab_name=lenvm.config.base_model,
     )
-    if held_records is None:
-        train_set, eval_set = split_by_prompt(examples, config.eval_fraction, config.seed)
-    else:
-        train_set = examples
-        eval_set, _ = examples_from_records(held_records, lenvm.config.eos_token_ids, config.truncated)
-    lenvm.config.generator = records[0].get("generator")
-    lenvm.config.sampling = records[0].get("sampling")
+    gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
+    lenvm.config.gamma = gamma
+    lenvm.config.generator = data.policy.get("generator")
+    lenvm.config.sampling = data.policy.get("sampling")
+    config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
-    fingerprint = _run_fingerprint(records + (held_records or []), base, config, gamma)
+    fingerprint = _run_fingerprint(data.fingerprint_data, base, config, gamma)
+    # What the cached hidden states depend on: the data, the held-out split, the model and layer.
+    held = [len(data.eval), *(e.input_ids for e in data.eval[:1] + data.eval[-1:])]
+    features = [config.kind, config.feature_layer, config.truncated, config.max_length, str(dtype)]
+    features_fingerprint = _run_fingerprint([*data.fingerprint_data, *held, *features], base, None, 0.0)
+
+    def evaluate(values: list[np.ndarray]) -> dict[str, float]:
+        return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
 
     started = time.perf_counter()
     trainer = HeadTrainer if config.freeze_backbone else FullTrainer
-    losses, eval_values, tokens_seen, loop_seconds = trainer(lenvm, config, work, fingerprint, progress).fit(
-        train_set, eval_set
-    )
+    fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
     seconds = time.perf_counter() - started
     # Optimisation throughput (supervised positions per second of this run's training loop),
     # without the one-off hidden-state pass of head training.
-    tokens_per_second = tokens_seen / loop_seconds if loop_seconds > 0 else 0.0
-    baseline = float(np.mean([e.length for e in train_set if e.finished] or [e.length for e in train_set]))
-    metrics = length_metrics(eval_set, eval_values, gamma, baseline) if eval_set else {}
-    metrics["baseline_length"] = baseline
-    if not _is_main_process():
-        return TrainResult(out, gamma, metrics, report, losses, seconds, tokens_per_second)
+    tokens_per_second = fit.tokens / fit.seconds if fit.seconds > 0 else 0.0
+    metrics = evaluate(fit.eval_values)
+    metrics["baseline_length"] = data.baseline_length
+    result = TrainResult(
+        out, gamma, metrics, data.report, fit.losses, seconds, tokens_per_second, fit.evaluations
+    )
+    if not is_main_process():
+        return result
     lenvm.config.training = {
         **{k: v for k, v in dataclasses.asdict(config).items() if v is not None},
         "gamma": gamma,
-        "data": report.to_dict(),
-        "train_completions": len(train_set),
-        "eval_completions": len(eval_set),
+        "data": data.report.to_dict(),
+        "streamed": source.streamed,
+        "train_completions": data.train_completions,
+        "eval_completions": len(data.eval),
         "metrics": metrics,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens_per_second, 1),
     }
-    lenvm.save_pretrained(out)
-    write_json(out / "training_log.json", {"losses": losses, "metrics": metrics})
-    plot_losses(losses, out / "loss.png")
+    lenvm.save_pretrained(out, state_dict=fit.state_dict)
+    write_json(
+        out / "training_log.json",
+        {"losses": fit.losses, "metrics": metrics, "evaluations": fit.evaluations},
+    )
+    plot_losses(fit.losses, out / "loss.png", config.loss)
     shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(out, gamma, metrics, report, losses, seconds, tokens_per_second)
+    return result
 
 
-def _records(rollouts: str | os.PathLike | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if isinstance(rollouts, str | os.PathLike):
-        from lenvm.rollouts import read_rollouts
+def resolve_bf16(requested: bool | None, device: torch.device) -> bool:
+    """Whether to train in bf16: ``requested`` when given, else where the hardware has it.
 
-        return read_rollouts(rollouts)
-    return rollouts
+    A CUDA device that reports bf16 support, any other accelerator, and a CPU with native bf16
+    instructions (AVX-512 BF16 or AMX) train in bf16; other CPUs emulate bf16 and run slower
+    than float32, so they train in float32. Asking for bf16 on a CUDA device without it is an
+    error.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        if requested and not supported:
+            raise InputError(f"bf16 was asked for, but {torch.cuda.get_device_name(device)} lacks it")
+    elif device.type == "cpu":
+        supported = cpu_has_native_bf16()
+    else:
+        supported = True
+    return supported if requested is None else requested
 
 
-def _check_token_ids(records: list[dict[str, Any]], lenvm: LengthValueModel) -> None:
-    vocab = lenvm.backbone.get_input_embeddings().weight.shape[0]
-    for i, r in enumerate(records):
-        top = max(r["prompt_token_ids"] + r["completion_token_ids"], default=0)
-        if top >= vocab:
-            raise InputError(
-                f"rollout record {i + 1} holds token id {top}, beyond the vocabulary ({vocab}) of "
-                f"{lenvm.config.base_model!r}: were the rollouts made with another tokenizer?"
-            )
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _run_fingerprint(records, base, config: TrainConfig, gamma: float) -> str:
+def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: float) -> str:
     """Identifies a run so that a checkpoint is only resumed by the same run."""
     blob = json.dumps(
-        [
-            len(records),
-            records[0].get("completion_token_ids"),
-            records[-1].get("completion_token_ids"),
-            str(base),
-            dataclasses.asdict(config),
-            gamma,
-        ],
+        [*data, str(base), dataclasses.asdict(config) if config else None, gamma],
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """False in the other processes of a launched run (accelerate, torchrun)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -243,7 +302,7 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def plot_losses(losses: list[float], path: Path) -> None:
+def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +311,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(losses) + 1), losses, lw=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MSE (value space)")
+    ax.set_ylabel(f"training loss ({loss}, value space)")
     ax.set_yscale("log")
     ax.set_title("LenVM training loss")
     ax.grid(alpha=0.3)
@@ -260,6 +319,21 @@ def plot_losses(losses: list[float], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _progress_record(step: int, epoch: float, loss: float, metrics: dict[str, float]) -> dict[str, float]:
+    """One entry of the training log's ``evaluations``: held-out figures at a point of training."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "train_loss": loss,
+        **{k: metrics[k] for k in PROGRESS_KEYS if k in metrics},
+    }
+
+
+def _progress_line(record: dict[str, float]) -> str:
+    shown = [f"{k} {100 * v:.1f}%" for k, v in record.items() if k.startswith(("prompt_mre", "rel_error"))]
+    return f"step {record['step']} (epoch {record['epoch']:g}): held-out " + ", ".join(shown)
 
 
 class _Checkpoint:
@@ -284,132 +358,265 @@ class _Checkpoint:
             torch.save({"fingerprint": self.fingerprint, **state}, tmp)
 
 
+_ROW = np.dtype([("remaining", "<i4"), ("next_token", "<i4"), ("completion", "<i4")])
+
+
+class FeatureStore:
+    """The head's inputs for head training, on disk in the run's checkpoint folder.
+
+    A row per supervised state, plus one for the state at the cut of each cut completion (its
+    bootstrap state, never supervised); a completion's rows are contiguous. Per row, memory-mapped
+    from files: the hidden vector (bf16), the tokens remaining (0 on a cut state's row), the token
+    taken next (the q kind's target) and the completion's index. Per completion, in memory: its
+    first row, number of states and whether it finished. So the store's memory is a few bytes per
+    completion; rows stay on disk and the page cache keeps what fits. A complete store is reused
+    when an interrupted run resumes.
+    """
+
+    def __init__(self, folder: Path):
+        meta = json.loads((folder / "store.json").read_text())
+        self.meta = meta
+        self.hidden_size = meta["hidden_size"]
+        self.features = np.memmap(folder / "features.bin", dtype=np.int16, mode="r").reshape(
+            -1, self.hidden_size
+        )
+        self.rows = np.memmap(folder / "rows.bin", dtype=_ROW, mode="r")
+        table = np.load(folder / "completions.npz")
+        self.first_row, self.states, self.finished = table["first_row"], table["states"], table["finished"]
+        self.train_completions = meta["train_completions"]
+
+    @classmethod
+    def open_or_build(
+        cls, folder: Path, fingerprint: str, lenvm: LengthValueModel, train, evaluation, progress: bool
+    ) -> FeatureStore:
+        marker = folder / "store.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            return cls(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        first_row: list[int] = []
+        states: list[int] = []
+        finished: list[bool] = []
+        rows = 0
+        bar = tqdm(desc="hidden states", unit="tok", disable=not progress)
+        with (folder / "features.bin").open("wb") as feats, (folder / "rows.bin").open("wb") as cols:
+
+            def flush(chunk: list[tuple[int, Example]]) -> None:
+                nonlocal rows
+                ids, mask, _ = right_pad([e.input_ids for _, e in chunk], lenvm.device)
+                with torch.no_grad():
+                    hidden = lenvm.features(ids, mask)
+                for b, (index, e) in enumerate(chunk):
+                    n = e.num_states
+                    last = e.start + n + (0 if e.finished else 1)
+                    block = hidden[b, e.start : last].to(torch.bfloat16).cpu()
+                    feats.write(block.view(torch.int16).numpy().tobytes())
+                    col = np.zeros(last - e.start, dtype=_ROW)
+                    col["remaining"][:n] = np.arange(n, 0, -1)
+                    col["next_token"][: n - 1] = e.input_ids[e.start + 1 : e.start + n]
+                    col["completion"] = index
+                    cols.write(col.tobytes())
+                    first_row[index] = rows
+                    rows += len(col)
+                bar.update(int(mask.sum()))
+
+            def numbered(examples):
+                for e in examples:
+                    first_row.append(-1)
+                    states.append(e.num_states)
+                    finished.append(e.finished)
+                    yield len(first_row) - 1, e
+
+            train_rows_end = 0
+            for part in (train, evaluation):
+                # Sorted by length within bounded windows: little padding, bounded memory.
+                for window in _windows(numbered(part), 1024):
+                    chunk, tokens = [], 0
+                    for index, e in sorted(window, key=lambda item: len(item[1].input_ids)):
+                        chunk.append((index, e))
+                        tokens += len(e.input_ids)
+                        if tokens >= 8192:
+                            flush(chunk)
+                            chunk, tokens = [], 0
+                    if chunk:
+                        flush(chunk)
+                if part is train:
+                    train_rows_end, train_completions = rows, len(first_row)
+        bar.close()
+        np.savez(
+            folder / "completions.npz",
+            first_row=np.asarray(first_row, dtype=np.int64),
+            states=np.asarray(states, dtype=np.int64),
+            finished=np.asarray(finished, dtype=bool),
+        )
+        meta = {
+            "fingerprint": fingerprint,
+            "hidden_size": lenvm.config.hidden_size,
+            "rows": rows,
+            "train_rows_end": train_rows_end,
+            "train_completions": train_completions,
+        }
+        (folder / "store.json").write_text(json.dumps(meta))
+        return cls(folder)
+
+    def hidden(self, rows: np.ndarray, device) -> torch.Tensor:
+        block = torch.from_numpy(np.ascontiguousarray(self.features[rows]))
+        return block.view(torch.bfloat16).to(device).float()
+
+    def train_rows(self) -> np.ndarray:
+        """The supervised rows of the training completions (written before the held-out ones)."""
+        return np.flatnonzero(self.rows["remaining"][: self.meta["train_rows_end"]] > 0)
+
+    def spans(self, completions: range) -> list[np.ndarray]:
+        """The supervised rows of each of ``completions``."""
+        return [np.arange(self.first_row[c], self.first_row[c] + self.states[c]) for c in completions]
+
+
+def _windows(items, size: int):
+    window = []
+    for item in items:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 class HeadTrainer:
-    """Frozen backbone: cache the head's features once, then train the head on shuffled positions."""
+    """Frozen backbone: cache the head's features once, then train the head on shuffled positions.
+
+    TD(lambda) targets (``lam < 1``) are refreshed at the start of every epoch: one pass of the
+    head over every training state's cached features gives ``V`` of every state, from which the
+    lambda-correction of each state's target is computed (:func:`lenvm.returns.lambda_returns`)
+    and held for the epoch. The bootstrap value at a cut, as with ``lam = 1``, comes from the
+    current head at every step.
+    """
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
     ):
         self.lenvm, self.config, self.progress = lenvm, config, progress
+        self.work, self.fingerprint = work, fingerprint
         self.checkpoint = _Checkpoint(work, fingerprint)
+        self.correction: torch.Tensor | None = None
 
-    @torch.no_grad()
-    def features(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Hidden states of every supervised and bootstrap state, with their targets.
+    def _autocast(self):
+        return torch.autocast(self.lenvm.device.type, dtype=torch.bfloat16, enabled=bool(self.config.bf16))
 
-        Row ``i`` is one supervised state; ``boot[i]`` is the row of its completion's bootstrap
-        state (a row of its own, never supervised) and ``next_row[i]`` the row of the next state
-        (-1 after the last one), which the q kind uses for the value of the token taken.
-        """
-        gamma = self.lenvm.gamma
-        feats, mc, discount, boot, next_row, next_token, spans = [], [], [], [], [], [], []
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        bar = tqdm(
-            total=sum(len(e.input_ids) for e in examples),
-            unit="tok",
-            desc="hidden states",
-            disable=not self.progress,
-        )
-        rows = 0
-        chunk: list[int] = []
-        chunk_tokens = 0
+    def _state_values(self, rows: np.ndarray) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return self.lenvm.values_from_hidden(self.store.hidden(rows, self.lenvm.device)).float()
 
-        def flush():
-            nonlocal rows
-            seqs = [examples[i].input_ids for i in chunk]
-            ids, mask, _ = right_pad(seqs, self.lenvm.device)
-            hidden = self.lenvm.features(ids, mask)
-            for b, i in enumerate(chunk):
-                e = examples[i]
-                last = e.start + e.num_states + (0 if e.finished else 1)
-                feats.append(hidden[b, e.start : last].to(torch.bfloat16).cpu())
-                row_mc, row_disc = position_targets(e, gamma)
-                mc.append(torch.from_numpy(row_mc).float())
-                discount.append(torch.from_numpy(row_disc).float())
-                n = e.num_states
-                boot.append(torch.full((n,), rows + n if not e.finished else rows))
-                nxt = torch.arange(rows + 1, rows + n + 1)
-                nxt[-1] = -1
-                next_row.append(nxt)
-                token_ids = torch.tensor(e.input_ids[e.start + 1 : e.start + n] + [0])
-                next_token.append(token_ids)
-                spans.append(torch.arange(rows, rows + n))
-                if not e.finished:  # the bootstrap state's row carries no target of its own
-                    mc.append(torch.zeros(1))
-                    discount.append(torch.zeros(1))
-                    boot.append(torch.zeros(1, dtype=torch.long))
-                    next_row.append(torch.full((1,), -1))
-                    next_token.append(torch.zeros(1, dtype=torch.long))
-                rows = rows + n + (0 if e.finished else 1)
-            bar.update(sum(len(s) for s in seqs))
-
-        for i in order:
-            chunk.append(i)
-            chunk_tokens += len(examples[i].input_ids)
-            if chunk_tokens >= 8192:
-                flush()
-                chunk, chunk_tokens = [], 0
-        if chunk:
-            flush()
-        bar.close()
-        inverse = torch.empty(len(examples), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(examples))
-        return {
-            "features": torch.cat(feats),
-            "mc": torch.cat(mc),
-            "discount": torch.cat(discount),
-            "boot": torch.cat(boot).long(),
-            "next_row": torch.cat(next_row).long(),
-            "next_token": torch.cat(next_token).long(),
-            "spans": [spans[j] for j in inverse.tolist()],
-        }
-
-    def loss(self, data: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """The loss of the positions ``rows``; the cached features stay on the host and each
-        batch goes to the head's device."""
-        lenvm, feats, device = self.lenvm, data["features"], self.lenvm.device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
-        with autocast:
-            hidden = feats[rows].to(device).float()
+    def loss(self, rows: np.ndarray) -> torch.Tensor:
+        """The loss of the positions ``rows`` (sorted); each batch goes to the head's device."""
+        lenvm, store, config, device = self.lenvm, self.store, self.config, self.lenvm.device
+        gamma = lenvm.gamma
+        cols = store.rows[rows]
+        completion = cols["completion"]
+        remaining = torch.from_numpy(cols["remaining"].astype(np.float64))
+        cut = torch.from_numpy(~store.finished[completion])
+        with self._autocast():
+            hidden = store.hidden(rows, device)
             values = lenvm.values_from_hidden(hidden).float()
-            with torch.no_grad():
-                boot = feats[data["boot"][rows]].to(device).float()
-                boot_values = lenvm.values_from_hidden(boot).float()
-        targets = data["mc"][rows].to(device) + data["discount"][rows].to(device) * boot_values
-        loss = torch.nn.functional.mse_loss(values, targets)
+        boot_values = torch.zeros(len(rows), device=device)  # unused where a completion finished
+        if cut.any():
+            at_cut = cut.numpy()
+            boot_values[cut.to(device)] = self._state_values(rows[at_cut] + cols["remaining"][at_cut])
+
+        def targets_at(steps: torch.Tensor) -> torch.Tensor:
+            mc = length_to_value(steps, gamma).float().to(device)
+            discount = torch.where(cut, gamma**steps, 0.0).float().to(device)
+            return mc + discount * boot_values
+
+        targets = targets_at(remaining)
+        if self.correction is not None:
+            targets = targets + self.correction[torch.from_numpy(rows)].to(device)
+        weights = state_weights(torch.from_numpy(store.states[completion]), config.aggregation).to(device)
+        count = sampled_states_count(len(rows), self.train_states, self.train_completions, config.aggregation)
+        loss = (self._state_losses(values, targets) * weights).sum() / count
         if lenvm.config.kind == "q":
-            nxt = data["next_row"][rows]
-            has_next = nxt >= 0
+            has_next = remaining > 1
             if has_next.any():
-                rows_n, on_device = nxt[has_next], has_next.to(device)
-                q_targets = (
-                    data["mc"][rows_n].to(device)
-                    + data["discount"][rows_n].to(device) * boot_values[on_device]
+                on_device = has_next.to(device)
+                q_targets = targets_at(remaining - 1)[on_device]
+                if self.correction is not None:
+                    nxt = torch.from_numpy(rows[has_next.numpy()] + 1)
+                    q_targets = q_targets + self.correction[nxt].to(device)
+                taken = torch.from_numpy(cols["next_token"][has_next.numpy()].astype(np.int64))
+                with self._autocast():
+                    q_values = (
+                        lenvm.next_values_from_hidden(hidden[on_device], taken.to(device).unsqueeze(-1))
+                        .squeeze(-1)
+                        .float()
+                    )
+                q_count = sampled_states_count(
+                    int(has_next.sum()), self.train_states, self.train_completions, config.aggregation
                 )
-                taken = data["next_token"][rows][has_next].to(device).unsqueeze(-1)
-                with autocast:
-                    q_values = lenvm.next_values_from_hidden(hidden[on_device], taken).squeeze(-1).float()
-                loss = loss + torch.nn.functional.mse_loss(q_values, q_targets)
+                loss = loss + (self._state_losses(q_values, q_targets) * weights[on_device]).sum() / q_count
         return loss
 
-    def fit(self, train_set: list[Example], eval_set: list[Example]):
+    def _state_losses(self, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return state_losses(values, targets, self.lenvm.gamma, c.loss, c.huber_delta, c.relative_loss_weight)
+
+    def refresh_targets(self) -> None:
+        """The lambda-correction of every training state's target, from the current head."""
+        store, gamma = self.store, self.lenvm.gamma
+        end = int(store.meta["train_rows_end"])
+        values = torch.cat(
+            [self._state_values(np.arange(a, min(a + 65_536, end))).cpu() for a in range(0, end, 65_536)]
+        )
+        correction = torch.zeros(end)
+        width = int(store.states[: store.train_completions].max()) + 1  # states and the one after
+        per_chunk = max(1, 2**20 // width)
+        offsets = np.arange(width)
+        for start in range(0, store.train_completions, per_chunk):
+            chunk = np.arange(start, min(start + per_chunk, store.train_completions))
+            first, n, finished = store.first_row[chunk], store.states[chunk], store.finished[chunk]
+            within = offsets[None, :] < (n + ~finished)[:, None]  # a cut one's last row: its cut
+            index = torch.from_numpy(np.where(within, first[:, None] + offsets[None, :], first[:, None]))
+            supervised = torch.from_numpy(offsets[None, :] < n[:, None])
+            steps = torch.from_numpy((n[:, None] - offsets[None, :]).clip(min=0).astype(np.float64))
+            cut = torch.from_numpy(~finished)
+            mc = torch.where(supervised, length_to_value(steps, gamma), 0.0).float()
+            discount = torch.where(supervised & cut[:, None], gamma**steps, 0.0).float()
+            chunk_values = values[index]
+            boot = torch.where(cut, chunk_values[torch.arange(len(chunk)), torch.from_numpy(n)], 0.0)
+            full = mc + discount * boot[:, None]
+            lam = lambda_returns(mc, discount, boot, chunk_values, supervised, gamma, self.config.lam)
+            correction[index[supervised]] = (lam - full)[supervised]
+        self.correction = correction
+
+    def eval_values(self, count: int) -> list[np.ndarray]:
+        store = self.store
+        out = []
+        for span in store.spans(range(store.train_completions, store.train_completions + count)):
+            out.append(self._state_values(span).cpu().numpy())
+        return out
+
+    def fit(self, data: TrainingData, evaluate, features_fingerprint: str) -> _Fit:
         config, lenvm = self.config, self.lenvm
-        data = self.features(train_set + eval_set)
-        train_rows = torch.cat(data["spans"][: len(train_set)])
+        folder = Path(config.features_cache) if config.features_cache else self.work / "features"
+        self.store = FeatureStore.open_or_build(
+            folder, features_fingerprint, lenvm, data.train, data.eval, self.progress
+        )
+        self.train_states, self.train_completions = data.train_states, data.train_completions
+        train_rows = torch.from_numpy(self.store.train_rows())
         steps_per_epoch = max(1, math.ceil(len(train_rows) / config.batch_tokens))
         total = steps_per_epoch * config.epochs
         params = lenvm.head.parameters()
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = cosine_schedule(optimizer, total, config.warmup_ratio)
         losses: list[float] = []
+        evaluations: list[dict[str, float]] = []
         start_epoch = 0
         state = self.checkpoint.load()
         if state is not None:
             lenvm.head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            losses, start_epoch = state["losses"], state["epoch"]
-        lenvm.head.train()
+            losses, start_epoch, evaluations = state["losses"], state["epoch"], state.get("evaluations", [])
         bar = tqdm(
             total=total,
             initial=start_epoch * steps_per_epoch,
@@ -420,10 +627,14 @@ class HeadTrainer:
         tokens = 0
         started = time.perf_counter()
         for epoch in range(start_epoch, config.epochs):
+            if config.lam < 1.0:
+                lenvm.head.eval()
+                self.refresh_targets()
+            lenvm.head.train()
             shuffle = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
             order = train_rows[torch.randperm(len(train_rows), generator=shuffle)]
             for batch_rows in order.split(config.batch_tokens):
-                loss = self.loss(data, batch_rows)
+                loss = self.loss(np.sort(batch_rows.numpy()))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -434,29 +645,36 @@ class HeadTrainer:
                 bar.set_postfix(
                     loss=f"{losses[-1]:.2e}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}"
                 )
+            lenvm.head.eval()
+            if data.eval:
+                record = _progress_record(
+                    len(losses),
+                    epoch + 1,
+                    float(np.mean(losses[-steps_per_epoch:])),
+                    evaluate(self.eval_values(len(data.eval))),
+                )
+                evaluations.append(record)
+                if self.progress:
+                    tqdm.write(_progress_line(record), file=sys.stderr)
             self.checkpoint.save(
                 head=lenvm.head.state_dict(),
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
                 losses=losses,
                 epoch=epoch + 1,
+                evaluations=evaluations,
             )
         bar.close()
         seconds = time.perf_counter() - started
         lenvm.head.eval()
-        with torch.no_grad():
-            eval_values = [
-                lenvm.values_from_hidden(data["features"][span].to(lenvm.device).float())
-                .float()
-                .cpu()
-                .numpy()
-                for span in data["spans"][len(train_set) :]
-            ]
-        return losses, eval_values, tokens, seconds
+        return _Fit(losses, self.eval_values(len(data.eval)), tokens, seconds, evaluations)
 
 
 class FullTrainer:
-    """Full fine-tuning of a standalone LenVM with ``accelerate``."""
+    """Full fine-tuning of a standalone LenVM with ``accelerate``.
+
+    TD(lambda) targets come from the model's own values, detached, in the same forward pass.
+    """
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
@@ -464,55 +682,102 @@ class FullTrainer:
         from accelerate import Accelerator
 
         self.lenvm, self.config, self.work, self.fingerprint = lenvm, config, work, fingerprint
+        accelerated = torch.accelerator.is_available()
+        sharded = [
+            name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"
+        ]
+        if sharded and not accelerated:
+            raise InputError(
+                f"{sharded[0]} was asked for, but there is no GPU: accelerate runs CPU processes as plain "
+                "data-parallel (gloo) only. On CPUs use the ddp configuration."
+            )
         # Without an accelerator, say cpu=True so that several launched processes still form
         # a (gloo) process group instead of each training alone.
         self.accelerator = Accelerator(
-            mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.accelerator.is_available()
+            mixed_precision="bf16" if config.bf16 else "no",
+            cpu=not accelerated,
+            gradient_accumulation_steps=config.grad_accum,
         )
         self.progress = progress and self.accelerator.is_main_process
 
-    def windows(self, examples: list[Example], epoch: int) -> list[list[list[Example]]]:
+    def windows(self, train, epoch: int):
         """This process's micro-batches for each optimizer step of ``epoch``.
 
-        Completions are shuffled across prompts with a seed shared by all processes, then dealt
-        out so that every process sees the same number of steps.
+        Completions are shuffled across prompts with a seed shared by all processes (each reads
+        the whole stream), then dealt out so that every process gets ``grad_accum`` micro-batches
+        of ``batch_size`` per step; completions left over after the last full step wait for
+        another epoch's shuffle.
         """
         acc, config = self.accelerator, self.config
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))
         per_step = config.batch_size * config.grad_accum * acc.num_processes
-        steps = max(1, len(order) // per_step)
-        windows = []
-        for s in range(steps):
-            chunk = order[s * per_step : (s + 1) * per_step]
+        steps = len(train) // per_step
+        chunk: list[Example] = []
+        for e in shuffled(train, [config.seed, epoch], config.shuffle_buffer):
+            chunk.append(e)
+            if len(chunk) < per_step:
+                continue
             mine = chunk[acc.process_index :: acc.num_processes]
-            micro = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
-            windows.append([[examples[j] for j in m] for m in micro if len(m)])
-        return windows
+            yield [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+            chunk = []
+            steps -= 1
+            if steps == 0:
+                return
 
-    def micro_loss(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Sum of squared errors over the supervised positions, and their count."""
+    def micro_loss(self, model, batch: Batch) -> torch.Tensor:
+        """The weighted sum of the per-state losses of one micro-batch."""
+        config = self.config
+        gamma = self.lenvm.gamma
         values = model(batch.input_ids, batch.attention_mask).float()
-        boot = values.gather(1, batch.boot_index[:, None]).detach()
-        targets = batch.mc + batch.discount * boot
-        errors = (values - targets)[batch.supervised]
-        return (errors**2).sum(), int(batch.supervised.sum())
+        boot = values.gather(1, batch.boot_index[:, None]).squeeze(1).detach()
+        targets = lambda_returns(batch.mc, batch.discount, boot, values, batch.supervised, gamma, config.lam)
+        losses = state_losses(
+            values, targets, gamma, config.loss, config.huber_delta, config.relative_loss_weight
+        )
+        weights = state_weights(batch.states, config.aggregation)[:, None]
+        return (losses * weights)[batch.supervised].sum()
 
-    def fit(self, train_set: list[Example], eval_set: list[Example]):
+    @torch.no_grad()
+    def eval_values(self, model, eval_set: list[Example]) -> list[np.ndarray]:
+        """Every process runs the same forwards (a sharded model needs all of them)."""
+        model.eval()
+        out = []
+        for e in eval_set:
+            ids = torch.tensor([e.input_ids], device=self.accelerator.device)
+            out.append(model(ids)[0, e.start : e.start + e.num_states].float().cpu().numpy())
+        model.train()
+        return out
+
+    def fit(self, data: TrainingData, evaluate, features_fingerprint: str | None = None) -> _Fit:
         acc, config, lenvm = self.accelerator, self.config, self.lenvm
         gamma = lenvm.gamma
-        steps_per_epoch = len(self.windows(train_set, 0))
+        per_step = config.batch_size * config.grad_accum * acc.num_processes
+        steps_per_epoch = data.train_completions // per_step
+        if steps_per_epoch == 0:
+            raise InputError(
+                f"one optimizer step takes batch_size x grad_accum x processes = {per_step} completions, "
+                f"but there are {data.train_completions} to train on; lower the batch size"
+            )
         total = steps_per_epoch * config.epochs
+        if config.gradient_checkpointing:
+            backbone = lenvm.backbone
+            if hasattr(backbone, "activation_checkpointing_enable"):  # its name from transformers 5.x
+                backbone.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(
             lenvm.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         scheduler = cosine_schedule(optimizer, total, config.warmup_ratio)
+        if acc.state.deepspeed_plugin is not None:
+            # Without a prepared data loader, DeepSpeed's micro-batch size must be given.
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         model, optimizer = acc.prepare(lenvm, optimizer)
         acc.register_for_checkpointing(scheduler)
         staging = self.work.with_name(self.work.name + ".staging")
         if not self.work.exists() and (staging / "state.json").is_file():
             os.replace(staging, self.work)  # interrupted between the two renames of save()
         state_file = self.work / "state.json"
-        step, losses = 0, []
+        step, losses, evaluations = 0, [], []
         if state_file.is_file():
             saved = json.loads(state_file.read_text())
             if saved["fingerprint"] != self.fingerprint:
@@ -520,56 +785,67 @@ class FullTrainer:
                     f"{self.work} holds a checkpoint of a different training run; remove it to start over"
                 )
             acc.load_state(str(self.work / "accelerate"))
-            step, losses = saved["step"], saved["losses"]
+            step, losses, evaluations = saved["step"], saved["losses"], saved.get("evaluations", [])
         bar = tqdm(total=total, initial=step, desc="fine-tuning", unit="step", disable=not self.progress)
         tokens = 0
         started = time.perf_counter()
         model.train()
+
+        def log_evaluation(epoch: float) -> list[np.ndarray]:
+            values = self.eval_values(model, data.eval)
+            if data.eval:
+                recent = float(np.mean(losses[-steps_per_epoch:]))
+                evaluations.append(_progress_record(step, round(epoch, 3), recent, evaluate(values)))
+                if self.progress:
+                    tqdm.write(_progress_line(evaluations[-1]), file=sys.stderr)
+            return values
+
         for epoch in range(step // steps_per_epoch, config.epochs):
-            for index, window in enumerate(self.windows(train_set, epoch)):
+            for index, window in enumerate(self.windows(data.train, epoch)):
                 if epoch * steps_per_epoch + index < step:
                     continue  # done before the interruption
                 batches = [
                     collate(m, gamma, lenvm.tokenizer.pad_token_id or 0).to(acc.device) for m in window
                 ]
-                # Token mean over the effective batch: divide by the count over all processes
-                # and micro-batches; DDP averages gradients, so scale by the process count.
-                local = sum(int(b.supervised.sum()) for b in batches)
-                total_tokens = int(acc.reduce(torch.tensor(local, device=acc.device), "sum"))
-                scale = acc.num_processes / max(total_tokens, 1)
+                # The aggregated loss of the effective batch: each micro-batch's weighted sum over
+                # the count across all processes and micro-batches (lenvm.losses). DDP averages
+                # gradients over processes and accelerate divides by grad_accum: undo both.
+                local = sum(
+                    aggregation_count(int(b.supervised.sum()), len(b.states), config.aggregation)
+                    for b in batches
+                )
+                count = float(acc.reduce(torch.tensor(float(local), device=acc.device), "sum"))
+                scale = acc.num_processes * config.grad_accum / max(count, 1e-12)
                 step_loss = 0.0
-                for i, batch in enumerate(batches):
-                    sync = i == len(batches) - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(model):
-                        sse, _ = self.micro_loss(model, batch)
-                        acc.backward(sse * scale)
-                    step_loss += sse.item() / max(total_tokens, 1)
+                for batch in batches:
+                    with acc.accumulate(model):
+                        weighted = self.micro_loss(model, batch)
+                        acc.backward(weighted * scale)
+                    step_loss += weighted.item() / max(count, 1e-12)
                 acc.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens += total_tokens
+                tokens += int(sum(int(b.supervised.sum()) for b in batches))
                 losses.append(float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum")))
                 bar.update()
                 bar.set_postfix(
                     loss=f"{losses[-1]:.2e}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}"
                 )
                 if step % config.checkpoint_every == 0 and step < total:
-                    self.save(step, losses)
+                    log_evaluation(step / steps_per_epoch)
+                    self.save(step, losses, evaluations)
+            if step < total:
+                log_evaluation(epoch + 1)
         bar.close()
         seconds = time.perf_counter() - started
-        model.eval()
-        eval_values = []
-        with torch.no_grad():
-            for e in eval_set:
-                ids = torch.tensor([e.input_ids], device=acc.device)
-                values = model(ids)[0, e.start : e.start + e.num_states].float().cpu().numpy()
-                eval_values.append(values)
+        eval_values = log_evaluation(config.epochs)
+        state_dict = acc.get_state_dict(model)
         acc.wait_for_everyone()
-        return losses, eval_values, tokens, seconds
+        return _Fit(losses, eval_values, tokens, seconds, evaluations, state_dict)
 
-    def save(self, step: int, losses: list[float]) -> None:
+    def save(self, step: int, losses: list[float], evaluations: list[dict[str, float]]) -> None:
         """Accelerate state plus our step counter; the pair is replaced atomically."""
         acc = self.accelerator
         staging = self.work.with_name(self.work.name + ".staging")
@@ -580,7 +856,14 @@ class FullTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             (staging / "state.json").write_text(
-                json.dumps({"fingerprint": self.fingerprint, "step": step, "losses": losses})
+                json.dumps(
+                    {
+                        "fingerprint": self.fingerprint,
+                        "step": step,
+                        "losses": losses,
+                        "evaluations": evaluations,
+                    }
+                )
             )
             shutil.rmtree(self.work, ignore_errors=True)
             os.replace(staging, self.work)

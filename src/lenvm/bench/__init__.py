@@ -1,6 +1,6 @@
 """Benchmarks: token-level LIFEBench, the cost/quality trade-off, prompt-boundary length
 prediction, length tokens, decoding speed, Q-head agreement with exact candidate scoring, the
-server under load, and a report that runs them all.
+server under load, peak memory of training, and a report that runs them all.
 
 Each entry function writes ``results.json``, ``table.md`` and PNG plots into its own results
 folder and resumes an interrupted run from the per-item log in that folder. Each module also
@@ -8,7 +8,17 @@ declares its ``lenvm bench`` subcommand: ``COMMAND``, ``HELP``, ``TABLE`` (the f
 end), ``add_arguments(parser)`` and ``main(args)``.
 """
 
-from lenvm.bench import length_tokens, lifebench, predict, q_agreement, report, serve, speed, tradeoff
+from lenvm.bench import (
+    length_tokens,
+    lifebench,
+    predict,
+    q_agreement,
+    report,
+    serve,
+    speed,
+    tradeoff,
+    train_memory,
+)
 from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench import run_lifebench
 from lenvm.bench.predict import run_prediction
@@ -17,9 +27,10 @@ from lenvm.bench.report import FULL, QUICK, Preset, run_all, write_report
 from lenvm.bench.serve import run_serve_bench
 from lenvm.bench.speed import run_speed
 from lenvm.bench.tradeoff import run_tradeoff
+from lenvm.bench.train_memory import run_train_memory
 
 # The ``lenvm bench`` subcommands, in the order ``--help`` lists them.
-COMMANDS = (report, lifebench, tradeoff, predict, length_tokens, speed, q_agreement, serve)
+COMMANDS = (report, lifebench, tradeoff, predict, length_tokens, speed, q_agreement, serve, train_memory)
 
 __all__ = [
     "COMMANDS",
@@ -34,5 +45,6 @@ __all__ = [
     "run_serve_bench",
     "run_speed",
     "run_tradeoff",
+    "run_train_memory",
     "write_report",
 ]

@@ -73,9 +73,26 @@ def cmd_rollout(args) -> None:
     print(json.dumps(summary.to_dict(), indent=2, default=str))
 
 
-def cmd_train(args) -> None:
-    from lenvm.training import TrainConfig, train
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` less the given flags and their values (``--flag V`` or ``--flag=V``)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in flags:
+            skip = True
+        elif not token.startswith(tuple(f + "=" for f in flags)):
+            out.append(token)
+    return out
 
+
+def cmd_train(args) -> int | None:
+    from lenvm import launch
+    from lenvm.training import TrainConfig, is_main_process, train
+
+    if args.accelerate_config and not launch.launched():
+        argv = _without(args.argv, ("--accelerate-config", "--num-processes"))
+        return launch.relaunch(args.accelerate_config, argv, args.num_processes)
     fields = TrainConfig.__dataclass_fields__
     config = TrainConfig(
         **{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
@@ -89,7 +106,7 @@ def cmd_train(args) -> None:
         device=args.device,
         dtype=args.dtype,
     )
-    if result.metrics:
+    if result.metrics and is_main_process():
         summary = {
             "out": str(result.path),
             "gamma": result.gamma,
@@ -250,6 +267,8 @@ def cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lenvm import __version__
     from lenvm.demo import DemoConfig
+    from lenvm.launch import CONFIGS
+    from lenvm.losses import AGGREGATIONS, LOSSES
     from lenvm.model import KINDS
     from lenvm.training import TrainConfig
 
@@ -310,7 +329,78 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=TrainConfig.batch_size, help="fine-tuning: sequences per process"
     )
     p.add_argument("--grad-accum", type=int, default=TrainConfig.grad_accum)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 mixed precision (default: where the hardware computes bf16 natively: GPUs that have "
+        "it, CPUs with AVX-512 BF16 or AMX; float32 elsewhere)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_const",
+        const=True,
+        help="fine-tuning: recompute activations in the backward pass (less memory, ~30%% more compute)",
+    )
+    targets = p.add_argument_group("targets and loss")
+    targets.add_argument(
+        "--lam",
+        type=float,
+        default=TrainConfig.lam,
+        help="TD(lambda) targets bootstrapping from the LenVM being trained; 1 = Monte-Carlo (default)",
+    )
+    targets.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
+    targets.add_argument(
+        "--huber-delta",
+        type=float,
+        default=TrainConfig.huber_delta,
+        help="--loss huber: where the loss turns linear, in value space (errors never reach 1)",
+    )
+    targets.add_argument(
+        "--relative-loss-weight",
+        type=float,
+        default=TrainConfig.relative_loss_weight,
+        help="add this times |predicted - target| / target remaining length, in tokens (default 0: off)",
+    )
+    targets.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=TrainConfig.aggregation,
+        help="how per-token losses make a batch's loss (default: token-mean, the paper's)",
+    )
+    scale = p.add_argument_group("scale")
+    scale.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="read the rollouts afresh on each pass instead of loading them (default: for files over "
+        "256 MiB and datasets folders)",
+    )
+    scale.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=TrainConfig.shuffle_buffer,
+        help="fine-tuning a stream: completions held for shuffling",
+    )
+    scale.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=TrainConfig.checkpoint_every,
+        help="fine-tuning: optimizer steps between checkpoints and held-out evaluations",
+    )
+    scale.add_argument(
+        "--features-cache",
+        metavar="DIR",
+        help="head training: keep the hidden states here and reuse them in later runs on the same data",
+    )
+    scale.add_argument(
+        "--accelerate-config",
+        metavar="NAME_OR_PATH",
+        help=f"run under accelerate launch with this configuration ({', '.join(CONFIGS)}, or a YAML file)",
+    )
+    scale.add_argument(
+        "--num-processes",
+        type=int,
+        help="--accelerate-config: processes to start (default: one per visible GPU, else 1)",
+    )
     p.add_argument("--head-hidden-size", type=int)
     p.add_argument(
         "--feature-layer",
@@ -442,10 +532,12 @@ def _add_bench_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     _quiet_transformers()
     try:
-        args.func(args)
+        status = args.func(args)
     except InputError as err:
         print(f"lenvm: error: {err}", file=sys.stderr)
         return 2
@@ -461,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lenvm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""What a training run reads: rollout records, scanned once, then streamed as examples.
+
+Records come from memory (a list), a rollouts JSONL file or a Hugging Face ``datasets`` folder.
+A file is either loaded once (small sets) or **streamed**: read afresh on every pass, so
+that memory does not grow with the number of records. One scanning pass collects what training
+needs to know in advance, in memory proportional to the number of records (8 bytes each, for
+the gamma rule) and of prompts, never of tokens: every completion's length (for the p99 gamma
+rule), per-prompt counts (for the held-out split and the step counts), the largest token id
+(for the vocabulary check) and a fingerprint of the run's data (for resuming).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lenvm.dataset import DatasetReport, Example, TruncatedPolicy, held_out_prompts, iter_examples
+from lenvm.io import InputError
+
+# A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
+# several times their size in Python objects.
+STREAM_ABOVE_BYTES = 256 * 2**20
+
+
+class RolloutSource:
+    """Rollout records to iterate, possibly several times.
+
+    ``stream=None`` streams a ``datasets`` folder and a JSONL file over
+    :data:`STREAM_ABOVE_BYTES`, and loads a smaller file; a list is always in memory.
+    """
+
+    def __init__(self, rollouts: str | os.PathLike | Iterable[dict[str, Any]], stream: bool | None = None):
+        from lenvm.rollouts import read_rollouts
+
+        self.path: Path | None = None
+        self.records: list[dict[str, Any]] | None = None
+        if isinstance(rollouts, str | os.PathLike):
+            self.path = Path(rollouts)
+            if stream is None:
+                stream = self.path.is_dir() or (
+                    self.path.is_file() and self.path.stat().st_size > STREAM_ABOVE_BYTES
+                )
+            if not stream:
+                self.records = read_rollouts(self.path)
+        else:
+            self.records = list(rollouts)
+
+    @property
+    def streamed(self) -> bool:
+        return self.records is None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from lenvm.rollouts import iter_rollouts
+
+        return iter(self.records) if self.records is not None else iter_rollouts(self.path)
+
+
+@dataclass
+class _PromptCounts:
+    completions: int = 0  # usable ones (examples)
+    states: int = 0
+    finished: int = 0
+    finished_tokens: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Scan:
+    """What one pass over the records found."""
+
+    records: int
+    lengths: np.ndarray  # num_tokens of every record (the gamma rule)
+    record_prompts: set[str]  # prompt ids of every record, usable or not
+    prompts: dict[str, _PromptCounts]  # of the usable examples
+    report: DatasetReport
+    ends: list[Any] = field(default_factory=list)  # first and last completions (the fingerprint)
+    policy: dict[str, Any] = field(default_factory=dict)  # the first record's generator and sampling
+
+    def counts(self, prompt_ids: Iterable[str]) -> _PromptCounts:
+        total = _PromptCounts()
+        for pid in prompt_ids:
+            c = self.prompts[pid]
+            total.completions += c.completions
+            total.states += c.states
+            total.finished += c.finished
+            total.finished_tokens += c.finished_tokens
+            total.tokens += c.tokens
+        return total
+
+
+def scan(
+    source: Iterable[dict[str, Any]],
+    eos_token_ids: list[int],
+    truncated: TruncatedPolicy,
+    max_length: int | None,
+    vocab_size: int,
+    vocab_name: str,
+) -> Scan:
+    """One pass: lengths, prompt counts, the vocabulary check and the run's fingerprint data."""
+    lengths: list[int] = []
+    record_prompts: set[str] = set()
+    ends: list[Any] = [None, None]
+    policy: dict[str, Any] = {}
+
+    def checked() -> Iterator[dict[str, Any]]:
+        for i, record in enumerate(source):
+            top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
+            if top >= vocab_size:
+                raise InputError(
+                    f"rollout record {i + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
+                    f"of {vocab_name!r}: were the rollouts made with another tokenizer?"
+                )
+            lengths.append(record["num_tokens"])
+            record_prompts.add(str(record.get("prompt_id", i)))
+            if i == 0:
+                ends[0] = record.get("completion_token_ids")
+                policy.update(generator=record.get("generator"), sampling=record.get("sampling"))
+            ends[1] = record.get("completion_token_ids")
+            yield record
+
+    report = DatasetReport(0, 0, 0, 0, 0, 0)
+    prompts: dict[str, _PromptCounts] = {}
+    for e in iter_examples(checked(), eos_token_ids, truncated, max_length, report):
+        c = prompts.setdefault(e.prompt_id, _PromptCounts())
+        c.completions += 1
+        c.states += e.num_states
+        c.tokens += e.length
+        if e.finished:
+            c.finished += 1
+            c.finished_tokens += e.length
+    if not lengths:
+        raise InputError("no rollout records to train on")
+    if not prompts:
+        raise InputError("no usable completions in the rollouts (all truncated and dropped, or empty)")
+    return Scan(
+        len(lengths), np.asarray(lengths, dtype=np.int64), record_prompts, prompts, report, ends, policy
+    )
+
+
+class ExampleStream:
+    """The examples of some prompts of a source, re-read on each iteration (or held, when the
+    source is in memory). ``len()`` is known from the scan."""
+
+    def __init__(
+        self,
+        source: RolloutSource,
+        eos_token_ids: list[int],
+        truncated: TruncatedPolicy,
+        max_length: int | None,
+        keep: set[str] | None = None,
+        drop: set[str] | None = None,
+        size: int | None = None,
+    ):
+        self.source, self.eos, self.truncated, self.max_length = source, eos_token_ids, truncated, max_length
+        self.keep, self.drop = keep, drop
+        self._held = None if source.streamed else list(self._read())
+        self.size = len(self._held) if self._held is not None else size
+
+    def _read(self) -> Iterator[Example]:
+        for e in iter_examples(self.source, self.eos, self.truncated, self.max_length):
+            if (self.keep is None or e.prompt_id in self.keep) and (
+                self.drop is None or e.prompt_id not in self.drop
+            ):
+                yield e
+
+    @property
+    def held(self) -> list[Example] | None:
+        """The examples, when the source is in memory; None when they are streamed."""
+        return self._held
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self._held) if self._held is not None else self._read()
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class TrainingData:
+    """Training examples (streamed or held), held-out examples (always held), and their counts."""
+
+    train: ExampleStream | list[Example]
+    eval: list[Example]
+    report: DatasetReport
+    gamma_lengths: np.ndarray
+    train_states: int
+    train_completions: int
+    baseline_length: float  # the mean length of the finished training completions
+    fingerprint_data: list[Any]
+    policy: dict[str, Any]
+
+
+def training_data(
+    source: RolloutSource,
+    eval_source: RolloutSource | None,
+    eos_token_ids: list[int],
+    truncated: TruncatedPolicy,
+    max_length: int | None,
+    eval_fraction: float,
+    seed: int,
+    vocab_size: int,
+    vocab_name: str,
+) -> TrainingData:
+    """Scan the sources, hold out prompts, and set up the training stream."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
+    found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name)
+    if eval_source is not None:
+        held_scan = scan(eval_source, eos_token_ids, truncated, None, vocab_size, vocab_name)
+        shared = found.record_prompts & held_scan.record_prompts
+        if shared:
+            raise InputError(
+                f"{len(shared)} prompt(s) are in both the training and the evaluation rollouts, "
+                f"for example {sorted(shared)[0]!r}: held-out prompts must not be trained on"
+            )
+        held: set[str] = set()
+        evaluation = list(iter_examples(eval_source, eos_token_ids, truncated))
+    else:
+        held = held_out_prompts(list(found.prompts), eval_fraction, seed)
+        evaluation = list(ExampleStream(source, eos_token_ids, truncated, max_length, keep=held))
+    train_ids = [p for p in found.prompts if p not in held]
+    counts = found.counts(train_ids)
+    train = ExampleStream(source, eos_token_ids, truncated, max_length, drop=held, size=counts.completions)
+    baseline = (
+        counts.finished_tokens / counts.finished if counts.finished else counts.tokens / counts.completions
+    )
+    return TrainingData(
+        train=train,
+        eval=evaluation,
+        report=found.report,
+        gamma_lengths=found.lengths,
+        train_states=counts.states,
+        train_completions=counts.completions,
+        baseline_length=float(baseline),
+        fingerprint_data=[found.records, *found.ends],
+        policy=found.policy,
+    )
+
+
+def shuffled(examples: Iterable[Example], seed: list[int], buffer: int) -> Iterator[Example]:
+    """``examples`` in random order: a full permutation of a list, a bounded-buffer shuffle of a
+    stream.
+
+    The buffer shuffle holds ``buffer`` examples and emits a random one of them as each new one
+    arrives, so an example moves at most about ``buffer`` places earlier and a few buffer
+    lengths later: rollout files group a prompt's samples together, and a buffer much larger
+    than the samples per prompt spreads them over many batches, but it cannot mix the start
+    of a file with its end the way a full permutation does.
+    """
+    rng = np.random.default_rng(seed)
+    held = examples.held if isinstance(examples, ExampleStream) else examples
+    if isinstance(held, list):
+        for i in rng.permutation(len(held)):
+            yield held[i]
+        return
+    pool: list[Example] = []
+    for e in examples:
+        if len(pool) < buffer:
+            pool.append(e)
+            continue
+        j = int(rng.integers(len(pool)))
+        yield pool[j]
+        pool[j] = e
+    for j in rng.permutation(len(pool)):
+        yield pool[j]
