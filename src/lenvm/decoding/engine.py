@@ -86,7 +86,9 @@ class Engine:
         _check_supported(model, "the generator")
         check_queue(queue, queue_aging)
         if queue == "shortest" and lenvm is None:
-            raise InputError("queue='shortest' ranks waiting requests by a LenVM's predicted length: give lenvm")
+            raise InputError(
+                "queue='shortest' ranks waiting requests by a LenVM's predicted length: give lenvm"
+            )
         if lenvm is not None:
             check_tokenizer(lenvm.config, tokenizer, what="the generator's tokenizer")
             if lenvm.attached and lenvm.backbone is not model:
@@ -251,7 +253,9 @@ class Scheduler:
         """Take ``count`` sequences off the queue, in the engine's queue order."""
         if self.engine.queue == "fcfs":
             return [self.waiting.popleft() for _ in range(count)]
-        unranked = {s.index: s.prompt_ids for s in self.waiting if not s.missed and s.index not in self.predicted}
+        unranked = {
+            s.index: s.prompt_ids for s in self.waiting if not s.missed and s.index not in self.predicted
+        }
         if unranked:
             lenvm = self.engine.lenvm
             values = lenvm.values_of_prompt_ids(list(unranked.values()), batch_size=len(unranked))
