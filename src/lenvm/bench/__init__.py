@@ -1,6 +1,6 @@
 """Benchmarks: token-level LIFEBench, the cost/quality trade-off, prompt-boundary length
-prediction, length tokens, decoding speed, Q-head agreement with exact candidate scoring, and a
-report that runs them all.
+prediction, shortest-predicted-first scheduling, length tokens, decoding speed, Q-head agreement
+with exact candidate scoring, and a report that runs them all.
 
 Each entry function writes ``results.json``, ``table.md`` and PNG plots into its own results
 folder and resumes an interrupted run from the per-item log in that folder. Each module also
@@ -8,17 +8,18 @@ declares its ``lenvm bench`` subcommand: ``COMMAND``, ``HELP``, ``TABLE`` (the f
 end), ``add_arguments(parser)`` and ``main(args)``.
 """
 
-from lenvm.bench import length_tokens, lifebench, predict, q_agreement, report, speed, tradeoff
+from lenvm.bench import length_tokens, lifebench, predict, q_agreement, report, schedule, speed, tradeoff
 from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench import run_lifebench
 from lenvm.bench.predict import run_prediction
 from lenvm.bench.q_agreement import run_q_agreement
 from lenvm.bench.report import FULL, QUICK, Preset, run_all, write_report
+from lenvm.bench.schedule import run_schedule
 from lenvm.bench.speed import run_speed
 from lenvm.bench.tradeoff import run_tradeoff
 
 # The ``lenvm bench`` subcommands, in the order ``--help`` lists them.
-COMMANDS = (report, lifebench, tradeoff, predict, length_tokens, speed, q_agreement)
+COMMANDS = (report, lifebench, tradeoff, predict, schedule, length_tokens, speed, q_agreement)
 
 __all__ = [
     "COMMANDS",
@@ -30,6 +31,7 @@ __all__ = [
     "run_lifebench",
     "run_prediction",
     "run_q_agreement",
+    "run_schedule",
     "run_speed",
     "run_tradeoff",
     "write_report",
