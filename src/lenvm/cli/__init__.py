@@ -225,6 +225,10 @@ def cmd_demo(args) -> None:
         out=Path(args.out),
         prompts=args.num_prompts,
         n=args.n,
+        gsm8k=args.gsm8k_problems,
+        gsm8k_path=args.gsm8k,
+        generated=args.generated,
+        mix_n=args.mix_n,
         eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -386,8 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
     p.add_argument("--out", default=str(DemoConfig.out))
     options.add_model(p)
-    p.add_argument("--num-prompts", type=int, default=DemoConfig.prompts)
-    p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per training prompt")
+    p.add_argument(
+        "--num-prompts", type=int, default=DemoConfig.prompts, help="built-in prompts (10%% held out)"
+    )
+    p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per built-in training prompt")
+    p.add_argument("--gsm8k", default=DemoConfig.gsm8k_path, help="GSM8K train JSONL for the training mix")
+    p.add_argument(
+        "--gsm8k-problems", type=int, default=DemoConfig.gsm8k, help="GSM8K training problems (0: none)"
+    )
+    p.add_argument(
+        "--generated", type=int, default=DemoConfig.generated,
+        help="generated writing / QA / reasoning prompts (0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mix-n", type=int, default=DemoConfig.mix_n, help="completions per GSM8K or generated prompt"
+    )
     p.add_argument(
         "--eval-samples",
         type=int,
