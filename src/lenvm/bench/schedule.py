@@ -13,7 +13,8 @@ row per step). Admission orders, all but FCFS with the same ageing (:mod:`lenvm.
 The load is the offered work as a share of the server's rows (``load · batch_size / mean length``
 requests arrive per step); the measured utilization is reported beside it. Mean, p50 and p99
 latency and time to first token per policy, in steps, at the chosen load and over a sweep of
-loads (``schedule.png``), plus the ageing trade-off of the LenVM order.
+loads (``schedule.png``), plus the ageing trade-off of the LenVM order; each figure is the mean
+over ``replicates`` workloads drawn with successive seeds.
 
 Live (``live > 0``): the same comparison in the real engine. Prompts drawn from the same pool
 arrive at the same load (in engine steps) at a :class:`lenvm.decoding.Scheduler` whose engine
@@ -38,7 +39,7 @@ from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_m
 from lenvm.bench.predict import sample_length
 from lenvm.decoding.queue import DEFAULT_AGING, priority
 from lenvm.hub import DEFAULT_MODEL
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int
 from lenvm.prompts import as_prompt
 from lenvm.rollouts import read_rollouts
 from lenvm.scheduling import Timeline, poisson_arrivals, rate_for_load, simulate
@@ -119,6 +120,17 @@ def replay(
     }
 
 
+def replay_stats(pool: Pool, predicted: dict[str, float], replicates: int, seed: int, **kwargs) -> dict:
+    """:func:`replay`'s statistics per policy, each the mean over ``replicates`` workloads (seeds
+    ``seed``, ``seed + 1``, ...): one heavy-tailed workload alone moves a mean latency by tens of
+    percent."""
+    runs = [replay(pool, predicted, seed=seed + r, **kwargs) for r in range(replicates)]
+    return {
+        policy: {k: float(np.mean([run[policy].stats()[k] for run in runs])) for k in runs[0][policy].stats()}
+        for policy in runs[0]
+    }
+
+
 def run_schedule(
     out: str | os.PathLike,
     *,
@@ -129,6 +141,7 @@ def run_schedule(
     load: float = 0.9,
     loads: Sequence[float] = DEFAULT_LOADS,
     requests: int = 4000,
+    replicates: int = 5,
     aging: float = DEFAULT_AGING,
     prefill_per_token: float = 0.0,
     live: int = 0,
@@ -155,19 +168,17 @@ def run_schedule(
     predict_seconds = time.perf_counter() - clock
     predicted = dict(zip(ids, lengths, strict=True))
 
-    def stats(timelines: dict[str, Timeline]) -> dict[str, dict[str, float]]:
-        return {policy: t.stats() for policy, t in timelines.items()}
-
-    common = {
-        "batch_size": batch_size,
-        "requests": requests,
-        "seed": seed,
-        "prefill_per_token": prefill_per_token,
+    if not is_int(replicates) or replicates < 1:
+        raise InputError(f"replicates must be a positive integer, got {replicates!r}")
+    common = {"batch_size": batch_size, "requests": requests, "prefill_per_token": prefill_per_token}
+    at_load = replay_stats(pool, predicted, replicates, seed, load=load, aging=aging, **common)
+    sweep = {
+        str(x): replay_stats(pool, predicted, replicates, seed, load=x, aging=aging, **common) for x in loads
     }
-    at_load = stats(replay(pool, predicted, load=load, aging=aging, **common))
-    sweep = {str(x): stats(replay(pool, predicted, load=x, aging=aging, **common)) for x in loads}
     agings = {
-        str(a): stats(replay(pool, predicted, load=load, aging=a, policies=("lenvm",), **common))["lenvm"]
+        str(a): replay_stats(
+            pool, predicted, replicates, seed, load=load, aging=a, policies=("lenvm",), **common
+        )["lenvm"]
         for a in AGINGS
     }
     settings = {
@@ -188,7 +199,14 @@ def run_schedule(
             "max_new_tokens": pool.max_new_tokens,
         },
         "prediction_seconds": round(predict_seconds, 2),
-        "simulated": {"load": load, "aging": aging, **common, "policies": at_load},
+        "simulated": {
+            "load": load,
+            "aging": aging,
+            "replicates": replicates,
+            "seed": seed,
+            **common,
+            "policies": at_load,
+        },
         "load_sweep": sweep,
         "aging_sweep": agings,
         "settings": settings,
@@ -306,7 +324,8 @@ def _markdown(results: dict) -> str:
     ]  # fmt: skip
     text = (
         f"Replay of {pool['completions']} sampled answers ({pool['prompts']} prompts, mean length "
-        f"{pool['mean_length']:.0f} tokens) as {sim['requests']} requests, Poisson arrivals at load "
+        f"{pool['mean_length']:.0f} tokens) as {sim['requests']} requests (mean of {sim['replicates']} "
+        f"workloads), Poisson arrivals at load "
         f"{sim['load']} on a batch of {sim['batch_size']} rows (FCFS utilization "
         f"{sim['policies']['fcfs']['utilization']:.0%}); ageing {sim['aging']} predicted tokens per step "
         f"waited. Times in decoding steps.\n\n" + markdown_table(header, rows)
@@ -384,7 +403,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows of the server's batch")
     p.add_argument("--load", type=float, default=0.9, help="offered work as a share of the rows")
     p.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS), help="loads of the sweep")
-    p.add_argument("--requests", type=int, default=4000, help="simulated requests per run")
+    p.add_argument("--requests", type=int, default=4000, help="simulated requests per workload")
+    p.add_argument("--replicates", type=int, default=5, help="workloads (seeds) each figure is the mean of")
     p.add_argument("--aging", type=float, default=DEFAULT_AGING, help="predicted tokens per step waited")
     p.add_argument("--prefill-per-token", type=float, default=0.0, help="steps of prefill per prompt token")
     p.add_argument(
@@ -403,6 +423,7 @@ def main(args) -> None:
         load=args.load,
         loads=args.loads,
         requests=args.requests,
+        replicates=args.replicates,
         aging=args.aging,
         prefill_per_token=args.prefill_per_token,
         live=args.live,
