@@ -44,10 +44,16 @@ def data(tmp_path_factory):
         {"id": "b", "prompt": "Explain why the sky is blue.", "domain": "explain"},
         {"id": "c", "prompt": "What is 12 plus 30?", "domain": "explain"},
     ]
+    trained = [
+        {"id": "t1", "prompt": "List 5 animals.", "domain": "list"},
+        {"id": "t2", "prompt": "Explain how rain forms.", "domain": "explain"},
+        {"id": "t3", "prompt": "Explain what a volcano is, in detail.", "domain": "explain"},
+    ]
     return {
         "lifebench": _jsonl(root / "life.jsonl", LIFEBENCH_ROWS),
         "gsm8k": _jsonl(root / "gsm8k.jsonl", GSM8K_ROWS),
         "prompts": _jsonl(root / "prompts.jsonl", prompts),
+        "train_prompts": _jsonl(root / "train_prompts.jsonl", trained),
     }
 
 
@@ -71,7 +77,7 @@ def train_rollouts(models, data, tmp_path_factory):
     from lenvm.rollouts import SamplingParams, rollout
 
     path = tmp_path_factory.mktemp("rollouts") / "rollouts.jsonl"
-    rollout((models.generator, models.tokenizer), read_prompts(data["prompts"]), path, n=2,
+    rollout((models.generator, models.tokenizer), read_prompts(data["train_prompts"]), path, n=2,
             sampling=SamplingParams(max_new_tokens=6), batch_size=4, progress=False)  # fmt: skip
     return path
 
@@ -163,17 +169,51 @@ def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
         out, models=ending_models, prompts=data["prompts"], train_rollouts=train_rollouts, samples=5,
         max_new_tokens=24, batch_size=4, progress=False,
     )  # fmt: skip
-    assert _outputs(out, "prediction.png") == results
+    for name in ("results.json", "table.md", "samples.jsonl", "calibration.png", "prediction.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text()) == results
     assert set(results["metrics"]) == {"list", "explain", "all"}
-    for name in ("lenvm", "mean", "ridge"):
+    for name in ("lenvm", "mean", "ridge", "prompt_length"):
         assert results["metrics"]["all"][name]["mre"] >= 0
+        rho = results["metrics"]["all"][name]["spearman"]
+        assert rho is None or -1 <= rho <= 1
+    assert results["metrics"]["all"]["mean"]["spearman"] is None  # a constant ranks nothing
     assert results["metrics"]["explain"]["prompts"] == 2 and results["prompts_mostly_cut"] == []
-    assert len(results["per_prompt"]) == 3
-    assert "ridge on prompt features MRE" in (out / "table.md").read_text()
-    # Without training rollouts only the LenVM is scored.
-    alone = run_prediction(tmp_path / "alone", models=ending_models, prompts=data["prompts"], samples=2,
+    assert len(results["per_prompt"]) == 3 and results["prediction"]["prompts_per_second"] > 0
+    table = (out / "table.md").read_text()
+    assert "| list | 1 |" in table and "ridge on prompt features" in table and "Spearman" in table
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 15
+    # Another LenVM scored on the same folder reuses the samples; without training rollouts
+    # only the LenVM is scored.
+    alone = run_prediction(out, models=ending_models, prompts=data["prompts"], samples=5,
                            max_new_tokens=24, limit=1, progress=False)  # fmt: skip
     assert set(alone["metrics"]["list"]) == {"prompts", "mean_truth", "lenvm"}
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 15
+
+
+def test_prediction_across_domains(tmp_path, data, ending_models, train_rollouts):
+    out = tmp_path / "cross"
+    results = run_prediction(
+        out, models=ending_models, prompts=data["prompts"], train_rollouts=train_rollouts, samples=3,
+        max_new_tokens=24, batch_size=4, progress=False, cross_domain=["list"],
+    )  # fmt: skip
+    assert set(results["cross_domain"]) == {"list"}
+    assert set(results["cross_domain"]["list"]) >= {"prompts", "lenvm", "ridge", "mean"}
+    assert (out / "cross" / "list" / "lenvm" / "head.safetensors").is_file()
+    assert "trained without it" in (out / "table.md").read_text()
+    with pytest.raises(InputError, match="no held-out prompt"):
+        run_prediction(out, models=ending_models, prompts=data["prompts"], train_rollouts=train_rollouts,
+                       samples=3, max_new_tokens=24, progress=False, cross_domain=["poetry"])  # fmt: skip
+
+
+def test_prediction_refuses_prompts_it_was_trained_on(tmp_path, data, ending_models, train_rollouts):
+    from lenvm.rollouts import read_rollouts
+
+    trained = read_rollouts(train_rollouts)[0]
+    held = _jsonl(tmp_path / "held.jsonl", [{"id": "x", "prompt": trained["prompt"], "domain": "d"}])
+    with pytest.raises(InputError, match="trained on"):
+        run_prediction(tmp_path / "o", models=ending_models, prompts=held, train_rollouts=train_rollouts,
+                       samples=2, max_new_tokens=8, progress=False)  # fmt: skip
 
 
 def test_prediction_needs_answers_that_end(tmp_path, data, models):
@@ -194,7 +234,7 @@ def test_length_tokens_smoke(tmp_path, models, train_rollouts):
     assert run_length_tokens(out, models=models, rollouts=train_rollouts, min_count=1, top=5) == results
 
 
-def test_run_all_smoke(tmp_path, tiny_path, data):
+def test_run_all_smoke(tmp_path, ending_path, data):
     preset = Preset(
         temperature=1.0,
         max_prompt_tokens=None,
@@ -215,7 +255,7 @@ def test_run_all_smoke(tmp_path, tiny_path, data):
     )
     out = tmp_path / "all"
     results = run_all(
-        out, model=tiny_path, lifebench_data=data["lifebench"], gsm8k=data["gsm8k"],
+        out, model=ending_path, lifebench_data=data["lifebench"], gsm8k=data["gsm8k"],
         gsm8k_train=data["gsm8k"], batch_size=4, progress=False, preset=preset,
     )  # fmt: skip
     assert {"lifebench", "tradeoff", "predict", "length_tokens"} <= set(results)
@@ -282,3 +322,35 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, data, capsys)
     # LenVM methods without a LenVM
     assert main([*args, "--data", str(data["lifebench"]), "--methods", "lenvm-ours"]) == 2
     assert "LenVM" in capsys.readouterr().err
+
+
+def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
+    from lenvm.bench import run_schedule
+    from lenvm.prompts import read_prompts
+    from lenvm.rollouts import SamplingParams, rollout
+
+    replayed = tmp_path / "held_out_rollouts.jsonl"
+    rollout((ending_models.generator, ending_models.tokenizer), read_prompts(data["prompts"]), replayed, n=4,
+            sampling=SamplingParams(max_new_tokens=16), batch_size=4, progress=False)  # fmt: skip
+    out = tmp_path / "sched"
+    kwargs = {"rollouts": [replayed], "models": ending_models, "batch_size": 2, "requests": 300,
+              "loads": (0.5, 0.9), "live": 6, "progress": False}  # fmt: skip
+    results = run_schedule(out, **kwargs)
+    for name in ("results.json", "table.md", "schedule.png", "settings.json"):
+        assert (out / name).is_file(), name
+    policies = results["simulated"]["policies"]
+    assert set(policies) == {"fcfs", "lenvm", "prompt_length", "oracle"}
+    assert policies["oracle"]["mean_latency"] <= policies["fcfs"]["mean_latency"]
+    assert set(results["load_sweep"]) == {"0.5", "0.9"} and "0.05" in results["aging_sweep"]
+    for live in results["live"].values():
+        assert live["requests"] == 6 and live["tokens"] > 0
+        assert (
+            live["latency_steps"]["mean"] >= 1 and live["ttft_steps"]["p99"] <= live["latency_steps"]["p99"]
+        )
+    assert "Live, in the engine" in (out / "table.md").read_text()
+    # A rerun serves nothing again: the live figures come from the results folder's log.
+    assert len((out / "items.jsonl").read_text().splitlines()) == 2
+    again = run_schedule(out, **kwargs)
+    assert again["live"] == results["live"]
+    with pytest.raises(InputError, match="other settings"):
+        run_schedule(out, **{**kwargs, "load": 0.5})

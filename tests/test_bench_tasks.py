@@ -288,3 +288,40 @@ def test_run_resumes_and_checks_settings(tmp_path, tiny_path):
     assert len(lines) == 3
     with pytest.raises(InputError, match="other settings"):
         Run(tmp_path / "r", {"model": "other", "targets": [1, 2]})
+
+
+def test_clipped_ridge_stays_inside_its_training_range():
+    from lenvm.bench.predict import ClippedRidge
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(1, 3, size=(50, 2))
+    y = 5.0 - 2.0 * x[:, 0] + 0.1 * rng.normal(size=50)  # longer prompts, shorter answers
+    model = ClippedRidge.fit(x, y, alpha=0.0)
+    inside = model.predict(x)
+    np.testing.assert_allclose(inside, np.clip(model.ridge.predict(x), y.min(), y.max()))
+    # Far outside the training prompts (a prompt 10x longer) the plain ridge extrapolates to
+    # nonsense; the clipped one predicts what the longest training prompts got.
+    far = np.array([[30.0, 2.0]])
+    assert model.ridge.predict(far)[0] < y.min() - 40
+    assert model.predict(far)[0] == pytest.approx(model.predict(np.array([[x[:, 0].max(), 2.0]]))[0])
+    assert y.min() <= model.predict(far)[0] <= y.max()
+
+
+def test_held_out_prompts_from_files_and_gsm8k_rows(tmp_path):
+    from lenvm.bench.predict import held_out_prompts
+
+    gsm8k = tmp_path / "g.jsonl"
+    gsm8k.write_text(
+        "".join(json.dumps({"question": f"Q{i}?", "answer": f"#### {i}"}) + "\n" for i in range(6))
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "x", "prompt": "Hi", "domain": "chat"}) + "\n")
+    chosen = held_out_prompts(prompts, gsm8k, (2, 5))
+    assert [p.id for p in chosen] == ["x", "gsm8k-2", "gsm8k-3", "gsm8k-4"]
+    assert chosen[1].extra["domain"] == "math"
+    with pytest.raises(InputError, match="no held-out prompts"):
+        held_out_prompts()
+    with pytest.raises(InputError, match="no problems"):
+        held_out_prompts(gsm8k=gsm8k, gsm8k_rows=(6, 9))
+    with pytest.raises(InputError, match="unique"):
+        held_out_prompts([prompts, prompts])

@@ -238,3 +238,46 @@ def test_generate_with_and_without_a_length_control(
         capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-least", "3", "--retries", "1"]
     )
     assert code == 2 and "retries" in err
+
+
+def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_path, tiny_generator, capsys):
+    from lenvm.model import LengthValueModel
+    from lenvm.testing import tiny_model, tiny_tokenizer
+
+    lenvm = tmp_path / "lenvm"
+    LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator).save_pretrained(lenvm)
+    prompts = tmp_path / "many.jsonl"
+    rows = [{"id": f"p{i}", "prompt": "word " * (1 + i % 7)} for i in range(20)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "predictions.jsonl"
+    base = ["predict", "--lenvm", str(lenvm), "--prompts", str(prompts), "--batch-size", "4", "--no-progress"]
+    assert main([*base, "--out", str(out)]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in first) == sorted(r["id"] for r in rows)
+    err = capsys.readouterr().err
+    assert "20 prompts predicted" in err and "prompts/s at batch 4" in err
+    # The same lengths as one prompt at a time (padding and batching change nothing).
+    alone = LengthValueModel.from_pretrained(lenvm, generator=tiny_generator)
+    by_id = {r["id"]: r["predicted_length"] for r in first}
+    assert by_id["p3"] == pytest.approx(alone.predict_length("word " * 4), abs=0.01)
+    # Interrupted after 5 lines: a rerun predicts only the rest.
+    out.write_text("".join(json.dumps(r) + "\n" for r in first[:5]) + '{"id": "p')
+    assert main([*base, "--out", str(out)]) == 0
+    assert "15 prompts predicted" in capsys.readouterr().err
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
+
+    def error(argv):
+        code = main(argv)
+        return code, capsys.readouterr().err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, err = error(["predict", "--lenvm", str(lenvm), "--prompts", str(empty)])
+    assert code == 2 and "no prompts" in err
+    code, err = error(["predict", "--lenvm", str(lenvm), "--prompt", "word " * 1100])
+    assert code == 2 and "context of 1024" in err
+    other = tiny_model(tmp_path / "other", seed=1)
+    tiny_tokenizer(vocab_size=300).save_pretrained(other)
+    code, err = error(["predict", "--lenvm", str(lenvm), "--model", str(other), "--prompt", "hi"])
+    assert code == 2 and "tokenizer differs" in err

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lenvm.decoding import Control, Engine, Request, Result, SamplingParams
+from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
 from lenvm.decoding.params import NATURAL_EOS
 from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, best_of, retry_start
 from lenvm.io import InputError
@@ -660,3 +660,67 @@ def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_generator):
         [Request("Hi", SamplingParams(max_new_tokens=5, seed=2, top_k=k)) for k in (0, len(tok), 10**12)]
     )
     assert results[0].token_ids == results[1].token_ids == results[2].token_ids
+
+
+@contextmanager
+def predicted_lengths(lenvm, lengths_by_prompt_size):
+    """Make the LenVM predict a chosen length per prompt (by its token count), counting calls."""
+    calls = []
+    saved = lenvm.values_of_prompt_ids
+
+    def fake(encoded, batch_size=16, progress=False):
+        calls.append(len(encoded))
+        return [float(length_to_value(lengths_by_prompt_size[len(ids)], lenvm.gamma)) for ids in encoded]
+
+    lenvm.values_of_prompt_ids = fake
+    try:
+        yield calls
+    finally:
+        lenvm.values_of_prompt_ids = saved
+
+
+def admission_order(scheduler, arrivals):
+    """Run ``scheduler``, adding ``arrivals[step]`` (key -> request) before each step; returns the
+    keys in the order their first token came out."""
+    order, step = [], 0
+    while scheduler.busy or step in arrivals:
+        for key, request in arrivals.get(step, {}).items():
+            scheduler.add(request, key)
+        order += [u.key for u in scheduler.step() if u.start == 0 and u.key not in order]
+        step += 1
+    return order
+
+
+def test_shortest_queue_admits_the_shortest_prediction_first_and_ages(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    lenvm = lenvms["attached"]
+    prompts = {name: "word " * size for name, size in [("x", 1), ("a", 2), ("c", 3), ("d", 4)]}
+    sizes = {name: len(encode_prompt(tok, text)) for name, text in prompts.items()}
+    predicted = dict(zip(sizes.values(), [1.0, 50.0, 10.0, 30.0], strict=True))
+    plain = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)  # 3 steps each
+
+    def request(name):
+        return Request(prompts[name], plain)
+
+    # x and a wait at step 0, c comes at step 1; when x is done (step 3), c has the shorter prediction.
+    arrivals = {0: {"x": request("x"), "a": request("a"), "d": request("d")}, 1: {"c": request("c")}}
+    with predicted_lengths(lenvm, predicted) as calls:
+        engine = Engine(model, tok, lenvm=lenvm, queue="shortest", queue_aging=0.0)
+        assert admission_order(Scheduler(engine, batch_size=1), arrivals) == ["x", "c", "d", "a"]
+        assert calls == [3, 1]  # one forward for the requests of step 0, one for c
+        # With fast ageing, a and d's head start outweighs their longer predictions.
+        engine = Engine(model, tok, lenvm=lenvm, queue="shortest", queue_aging=100.0)
+        assert admission_order(Scheduler(engine, batch_size=1), arrivals) == ["x", "d", "a", "c"]
+    # First come, first served (the default) ignores predictions.
+    engine = Engine(model, tok, lenvm=lenvm)
+    assert admission_order(Scheduler(engine, batch_size=1), arrivals) == ["x", "a", "d", "c"]
+
+
+def test_queue_options_are_checked(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    with pytest.raises(InputError, match="give lenvm"):
+        Engine(model, tok, queue="shortest")
+    with pytest.raises(InputError, match="queue must be"):
+        Engine(model, tok, lenvm=lenvms["attached"], queue="random")
+    with pytest.raises(InputError, match="ageing"):
+        Engine(model, tok, lenvm=lenvms["attached"], queue="shortest", queue_aging=-1.0)

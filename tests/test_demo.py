@@ -31,11 +31,21 @@ def test_builtin_prompts_refuse_more_than_they_have():
 
 
 def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys):
+    gsm8k = tmp_path / "gsm8k_train.jsonl"
+    rows = [
+        {"question": f"Tom has {i} apples and buys 2 more. How many?", "answer": f"#### {i + 2}"}
+        for i in range(5)
+    ]
+    gsm8k.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = DemoConfig(
         out=tmp_path / "demo",
         model=str(tiny_path),
         prompts=12,
         n=2,
+        gsm8k=2,
+        gsm8k_path=str(gsm8k),
+        generated=3,
+        mix_n=1,
         eval_samples=3,
         eval_fraction=0.2,
         max_new_tokens=16,
@@ -53,12 +63,15 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
         "lenvm/loss.png",
     ]:
         assert (out / name).exists(), name
-    # 10 training prompts x 2 completions; 2 held-out prompts x 3, never trained on.
-    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 20
+    # 10 built-in training prompts x 2 completions, 2 GSM8K and 3 generated prompts x 1; 2 held-out
+    # built-in prompts x 3, never trained on.
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 25
     assert len((out / "eval_rollouts.jsonl").read_text().splitlines()) == 6
     train_ids = {json.loads(line)["prompt_id"] for line in (out / "rollouts.jsonl").open()}
     eval_ids = {json.loads(line)["prompt_id"] for line in (out / "eval_rollouts.jsonl").open()}
     assert len(eval_ids) == 2 and not train_ids & eval_ids
+    mix = report["training"]["by_domain"]
+    assert mix["math"]["prompts"] == 2 and {"writing", "qa", "reasoning"} <= set(mix)
     held = report["held_out"]
     assert {"prompt_mre", "baseline_prompt_mre", "token_mae", "baseline_token_mae"} <= set(held)
     # The per-domain table uses the same truths as the headline figure (its predictions come from
@@ -72,5 +85,31 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     assert "prompt-boundary mean relative error" in capsys.readouterr().out
     # A second run resumes: no new rollouts.
     run_demo(config, generator=eos_generator)
-    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 20
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 25
     assert len((out / "eval_rollouts.jsonl").read_text().splitlines()) == 6
+
+
+def test_generated_prompts_are_varied_deterministic_and_carry_their_instruction():
+    from lenvm.prompt_sets import GENERATED_DOMAINS, generated_prompts
+
+    prompts = generated_prompts(300, seed=2)
+    assert [p.text for p in prompts] == [p.text for p in generated_prompts(300, seed=2)]
+    assert len({p.text for p in prompts}) == 300 and len({p.id for p in prompts}) == 300
+    assert {p.extra["domain"] for p in prompts} == set(GENERATED_DOMAINS)
+    kinds = {p.extra["instruction"] for p in prompts}
+    assert {"none", "words", "sentences", "bullets", "brief", "detailed"} == kinds
+    for p in prompts:
+        if p.extra["instruction"] in ("words", "bullets"):
+            assert str(p.extra["asked"]) in p.text
+    assert {p.text for p in generated_prompts(300, seed=3)} != {p.text for p in prompts}
+    with pytest.raises(InputError):
+        generated_prompts(0)
+    with pytest.raises(InputError, match="domains"):
+        generated_prompts(5, domains=("poetry",))
+
+
+def test_demo_trains_without_gsm8k_when_the_file_is_missing(tmp_path, capsys):
+    from lenvm.demo import mix_prompts
+
+    mix = mix_prompts(DemoConfig(gsm8k=5, gsm8k_path=str(tmp_path / "missing.jsonl"), generated=4))
+    assert len(mix) == 4 and "training without GSM8K" in capsys.readouterr().out

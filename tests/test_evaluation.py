@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lenvm.dataset import Example
-from lenvm.evaluation import length_metrics, prompt_length_truth
+from lenvm.evaluation import length_metrics, prompt_length_truth, ranks, spearman
 from lenvm.returns import length_to_value, return_consistent_mean_length
 
 GAMMA = 0.98
@@ -37,3 +39,27 @@ def test_length_metrics_skips_prompts_whose_samples_were_mostly_cut():
     assert m["eval_prompts"] == 1 and m["eval_prompts_cut"] == 1
     assert m["token_mae"] == pytest.approx(0.0, abs=1e-9)
     assert m["eval_completions"] == 3
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(-5, 5), min_size=2, max_size=30), st.integers(0, 10**6))
+def test_spearman_is_rank_based_and_bounded(xs, seed):
+    rng = np.random.default_rng(seed)
+    ys = rng.normal(size=len(xs))
+    rho = spearman(xs, ys)
+    if len(set(xs)) == 1:
+        assert np.isnan(rho)
+        return
+    assert -1 - 1e-12 <= rho <= 1 + 1e-12
+    # Any increasing transform of either side leaves it unchanged; reversing one side flips it.
+    assert spearman(np.exp(np.asarray(xs, float)), ys**3) == pytest.approx(rho)
+    assert spearman(xs, -ys) == pytest.approx(-rho)
+    assert spearman(xs, xs) == pytest.approx(1.0)
+
+
+def test_ranks_share_ties():
+    np.testing.assert_allclose(ranks([10, 20, 20, 5]), [2, 3.5, 3.5, 1])
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1])

@@ -160,6 +160,8 @@ def test_feature_layer_is_stored_and_used(tmp_path, tiny_path, tiny_generator, f
     if expected != -1:  # a middle layer is RMS-normalized; the last one is the model's own output
         hidden = hidden / hidden.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
     torch.testing.assert_close(lenvm.features(ids), hidden, atol=1e-5, rtol=0)
+    with torch.no_grad():  # inference stops the forward at the feature layer: same features
+        torch.testing.assert_close(lenvm.features(ids), hidden, atol=1e-5, rtol=0)
 
 
 def test_bad_feature_layer(tiny_path, tiny_generator):

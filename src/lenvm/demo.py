@@ -1,11 +1,15 @@
 """The main job, end to end on one model: rollouts, training, held-out evaluation, a value view.
 
-Every step writes under one folder and is skipped or resumed when run again.
+The LenVM trains on a broad prompt mix, so that it predicts lengths beyond the prompts it saw:
+the built-in prompts (10% of them held out for the evaluation), GSM8K training problems, and
+generated writing, question-answering and reasoning prompts with and without length
+instructions. Every step writes under one folder and is skipped or resumed when run again.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -15,14 +19,21 @@ import numpy as np
 
 from lenvm import hub
 from lenvm.io import write_json, write_text
+from lenvm.prompts import Prompt
+
+DEFAULT_GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 
 
 @dataclass
 class DemoConfig:
     out: Path = Path("lenvm-demo")
     model: str = hub.DEFAULT_MODEL
-    prompts: int = 240
-    n: int = 4  # completions per training prompt
+    prompts: int = 240  # built-in prompts; eval_fraction of them are held out
+    n: int = 3  # completions per built-in training prompt
+    gsm8k: int = 120  # GSM8K training problems in the mix (0: none)
+    gsm8k_path: str = DEFAULT_GSM8K_TRAIN  # the GSM8K *train* file: test problems stay unseen
+    generated: int = 120  # generated writing / QA / reasoning prompts in the mix (0: none)
+    mix_n: int = 2  # completions per GSM8K or generated prompt
     eval_samples: int = 12  # completions per held-out prompt: the ground truth is their mean
     max_new_tokens: int = 256
     temperature: float = 0.7  # a 135M model rambles at 1.0; the LenVM models whatever policy is used
@@ -56,19 +67,21 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     prompts = builtin_prompts(config.prompts, seed=config.seed)  # bad counts fail before loading
+    mix = mix_prompts(config)
     _step(f"1/4 generator: {config.model}")
     generator = generator or hub.load_generator(config.model, device=config.device, dtype=config.dtype)
     write_text(
         out / "prompts.jsonl",
-        "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts),
+        "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts + mix),
     )
     held_ids = held_out_prompts([p.id for p in prompts], config.eval_fraction, config.seed)
     train_prompts = [p for p in prompts if p.id not in held_ids]
     eval_prompts = [p for p in prompts if p.id in held_ids]
 
     _step(
-        f"2/4 rollouts: {len(train_prompts)} training prompts x {config.n}, "
-        f"{len(eval_prompts)} held-out prompts x {config.eval_samples}"
+        f"2/4 rollouts: {len(train_prompts)} built-in prompts x {config.n} and {len(mix)} GSM8K and "
+        f"generated prompts x {config.mix_n} to train on, {len(eval_prompts)} held-out prompts x "
+        f"{config.eval_samples}"
     )
     sampling = SamplingParams(
         temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=config.seed
@@ -78,8 +91,10 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
         rollout(generator, chosen, out / name, n=n, sampling=sampling, batch_size=config.batch_size)
         for chosen, name, n in [
             (train_prompts, "rollouts.jsonl", config.n),
+            (mix, "rollouts.jsonl", config.mix_n),
             (eval_prompts, "eval_rollouts.jsonl", config.eval_samples),
         ]
+        if chosen
     ]
     rollout_seconds = time.perf_counter() - rollout_started
     records = read_rollouts(out / "rollouts.jsonl")
@@ -121,7 +136,11 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
                 sum(s.tokens_generated for s in summaries) / max(sum(s.seconds for s in summaries), 1e-9), 1
             ),
         },
-        "training": {"seconds": round(result.seconds, 1), "data": result.data.to_dict()},
+        "training": {
+            "seconds": round(result.seconds, 1),
+            "data": result.data.to_dict(),
+            "by_domain": training_mix(records),
+        },
         "held_out": m,
         "held_out_by_domain": domains,
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -137,6 +156,44 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     write_text(out / "summary.md", _markdown(report))
     print("\n" + _markdown(report))
     return report
+
+
+def mix_prompts(config: DemoConfig) -> list[Prompt]:
+    """The training mix besides the built-in prompts: ``config.gsm8k`` GSM8K training problems
+    (drawn with the seed; none, with a note, when the file is missing) and ``config.generated``
+    generated prompts, each with a ``domain``."""
+    from lenvm.bench.tasks import read_gsm8k
+    from lenvm.prompt_sets import generated_prompts
+
+    mix = []
+    if config.gsm8k:
+        if Path(config.gsm8k_path).is_file():
+            problems = read_gsm8k(config.gsm8k_path, id_prefix="gsm8k-train")
+            chosen = random.Random(f"lenvm-demo-gsm8k-{config.seed}").sample(
+                problems, min(config.gsm8k, len(problems))
+            )
+            mix += [p.prompt() for p in chosen]
+        else:
+            print(f"note: no GSM8K training file at {config.gsm8k_path}; training without GSM8K", flush=True)
+    if config.generated:
+        mix += generated_prompts(config.generated, seed=config.seed)
+    return mix
+
+
+def training_mix(records: list[dict]) -> dict[str, dict]:
+    """Prompts, completions, mean length and cut completions of the training rollouts per domain."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[str((r.get("meta") or {}).get("domain", "all"))].append(r)
+    return {
+        d: {
+            "prompts": len({r["prompt_id"] for r in group}),
+            "completions": len(group),
+            "mean_tokens": float(np.mean([r["num_tokens"] for r in group])),
+            "cut": sum(r["finish_reason"] == "length" for r in group),
+        }
+        for d, group in sorted(groups.items())
+    }
 
 
 def by_domain(lenvm, prompts: list, eval_records: list[dict], baseline: float) -> dict[str, dict]:
@@ -190,5 +247,25 @@ def _markdown(report: dict) -> str:
     ]
     for domain, d in report["held_out_by_domain"].items():
         lines.append(f"| {domain} | {d['prompts']} | {d['lenvm_mre']:.1%} | {d['baseline_mre']:.1%} |")
-    lines += ["", "Files: " + ", ".join(f"{k}: {v}" for k, v in report["files"].items()), ""]
+    lines += [
+        "",
+        "Training mix:",
+        "",
+        "| domain | prompts | completions | mean tokens | cut at max_new_tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for domain, d in report["training"]["by_domain"].items():
+        lines.append(
+            f"| {domain} | {d['prompts']} | {d['completions']} | {d['mean_tokens']:.0f} | {d['cut']} |"
+        )
+    lines += [
+        "",
+        "To score it on unseen prompts (GSM8K test problems, other domains) and against baselines: "
+        "`lenvm bench predict --lenvm "
+        f"{report['files']['lenvm']} --train-rollouts {report['files']['rollouts']} --gsm8k "
+        "../shared/data/gsm8k/test.jsonl --gsm8k-rows 0:40`.",
+        "",
+        "Files: " + ", ".join(f"{k}: {v}" for k, v in report["files"].items()),
+        "",
+    ]
     return "\n".join(lines)

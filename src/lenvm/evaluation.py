@@ -100,3 +100,28 @@ def prompt_length_truth(lengths: list[int], finished: list[bool], gamma: float) 
     if not lengths or 2 * sum(finished) < len(lengths):
         return None
     return return_consistent_mean_length(lengths, gamma)
+
+
+def ranks(x) -> np.ndarray:
+    """Ranks from 1, tied values sharing the mean of their ranks."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # each run of equal values gets the mean of the positions it spans
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    out = np.empty(len(x))
+    for s, e in zip(starts, ends, strict=True):
+        out[order[s:e]] = (s + e + 1) / 2
+    return out
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties take mean ranks); NaN when
+    there are fewer than two values or either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError("spearman needs two sequences of the same length")
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])

@@ -308,13 +308,16 @@ class LengthValueModel(nn.Module):
         return self.config.feature_layer
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The head's input at every position: ``[B, T, H]`` (see :func:`select_features`)."""
-        out = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=self.feature_layer != -1,
-        )
-        return select_features(out, self.feature_layer)
+        """The head's input at every position: ``[B, T, H]`` (see :func:`select_features`).
+
+        Without gradients, a head that reads a middle layer stops the forward there: the layers
+        above it cannot change its features (a 60%-depth head saves 40% of the forward)."""
+        layer = self.feature_layer
+        blocks = getattr(self.body, "layers", None)
+        if not torch.is_grad_enabled() and blocks is not None and 0 < layer < len(blocks):
+            return _normalized(_run_until(self.body, blocks[layer - 1], input_ids, attention_mask))
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1)
+        return select_features(out, layer)
 
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """``V(s) = -sigmoid(z)`` for each hidden vector (``[..., H] -> [...]``)."""
@@ -337,31 +340,71 @@ class LengthValueModel(nn.Module):
 
     # -- prediction -----------------------------------------------------------------------
 
+    def encode_prompts(self, prompts: list[str | Messages | Prompt | TokenIds]) -> list[list[int]]:
+        """Token ids of each prompt (chat template applied), checked against the context window."""
+        if not prompts:
+            raise InputError("no prompts to predict for")
+        context = context_length(self.backbone)
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            ids = encode_prompt(self.tokenizer, prompt)
+            if not ids:
+                raise InputError(f"prompt {i + 1} encodes to no tokens")
+            if len(ids) > context:
+                raise InputError(
+                    f"prompt {i + 1} has {len(ids)} tokens, more than the model's context of {context}"
+                )
+            encoded.append(ids)
+        return encoded
+
     @torch.no_grad()
     def predict_values(
-        self, prompts: list[str | Messages | Prompt | TokenIds], batch_size: int = 16
+        self, prompts: list[str | Messages | Prompt | TokenIds], batch_size: int = 16, progress: bool = False
     ) -> list[float]:
         """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied
         (token ids are taken as they are)."""
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        out: list[float] = []
-        for start in range(0, len(encoded), batch_size):
-            ids, mask, last = right_pad(encoded[start : start + batch_size], self.device)
-            values = self(ids, mask)
-            out.extend(values[torch.arange(len(last)), last].float().tolist())
-        return out
+        return self.values_of_prompt_ids(self.encode_prompts(prompts), batch_size, progress)
 
-    def predict_length(self, prompts: str | Messages | Prompt | list, batch_size: int = 16):
+    @torch.no_grad()
+    def values_of_prompt_ids(
+        self, encoded: list[list[int]], batch_size: int = 16, progress: bool = False
+    ) -> list[float]:
+        """``V(s_0)`` of already encoded prompts, in order: one forward per batch of
+        ``batch_size`` prompts, batched by length so that little of a forward is padding."""
+        if not is_int(batch_size) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        from tqdm.auto import tqdm
+
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        values = [0.0] * len(encoded)
+        with tqdm(total=len(encoded), unit="prompt", desc="predicting", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                ids, mask, last = right_pad([encoded[i] for i in chunk], self.device)
+                hidden = self.features(ids, mask)[torch.arange(len(chunk), device=ids.device), last]
+                for i, v in zip(chunk, self.values_from_hidden(hidden).float().tolist(), strict=True):
+                    values[i] = v
+                bar.update(len(chunk))
+        return values
+
+    def lengths_from_values(self, values) -> list[float]:
+        """Predicted total lengths (tokens, EOS included) from prompt-boundary values."""
+        return [float(value_to_length(v, self.gamma)) for v in values]
+
+    def predict_length(
+        self, prompts: str | Messages | Prompt | list, batch_size: int = 16, progress: bool = False
+    ):
         """Expected total answer length (tokens, EOS included) from the prompt alone.
 
-        Returns a float for one prompt and a list for a list of prompts. The number is the
-        return-consistent length ``value_to_length(V(s_0))``.
+        Returns a float for one prompt and a list for a list of prompts (an empty list is an
+        error). The number is the return-consistent length ``value_to_length(V(s_0))``. Prompts
+        run in batches of ``batch_size``, one forward each; ``progress`` shows a bar.
         """
         single = isinstance(prompts, str | Prompt) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
         )
         batch = [prompts] if single else list(prompts)
-        lengths = [float(value_to_length(v, self.gamma)) for v in self.predict_values(batch, batch_size)]
+        lengths = self.lengths_from_values(self.predict_values(batch, batch_size, progress))
         return lengths[0] if single else lengths
 
 
@@ -377,9 +420,40 @@ def select_features(output, layer: int) -> torch.Tensor:
     with depth, and the head must not depend on it)."""
     if layer == -1:
         return output.last_hidden_state
-    hidden = output.hidden_states[layer]
+    return _normalized(output.hidden_states[layer])
+
+
+def _normalized(hidden: torch.Tensor) -> torch.Tensor:
     scale = torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + 1e-6)
     return hidden * scale.to(hidden.dtype)
+
+
+class _FeaturesReady(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def _run_until(body: nn.Module, block: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """The output of ``block`` (one of ``body``'s layers), with the layers after it skipped: a
+    hook stops the forward as soon as the block has run."""
+
+    def stop(module, args, output):
+        raise _FeaturesReady(output[0] if isinstance(output, tuple) else output)
+
+    handle = block.register_forward_hook(stop)
+    try:
+        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _FeaturesReady as ready:
+        return ready.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("the feature layer never ran")
+
+
+def context_length(model) -> int:
+    """The longest sequence (prompt plus answer) the model takes."""
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 2**31)
 
 
 def right_pad(sequences: list[list[int]], device, pad_id: int = 0):

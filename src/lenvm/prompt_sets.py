@@ -189,3 +189,196 @@ def _arithmetic(rng):
     a, b = rng.randint(2, 60), rng.randint(2, 40)
     op = rng.choice(["+", "-", "*"])
     return "arithmetic", f"What is {a} {op} {b}? Reply with just the number.", {}
+
+
+# -- generated prompts: writing, question answering, reasoning --------------------------------
+#
+# Templates filled from word lists with a seeded generator, with and without a length
+# instruction, so that a LenVM sees how the same kind of request changes length with what it
+# asks for. Written for this project (short requests, unlike LIFEBench's long source texts).
+
+_WRITING_TASKS = [
+    "Write a poem about {subject}.",
+    "Write a thank-you note to {person} for {gift}.",
+    "Write an email to {person} about {event}.",
+    "Write a product description for {product}.",
+    "Write a diary entry about {event}.",
+    "Write a short speech for {event}.",
+    "Describe {place} to someone who has never been there.",
+    "Write a letter to {person} about {subject}.",
+    "Write a review of {product}.",
+    "Write an advertisement for {product}.",
+]
+_SUBJECTS = [
+    "the first snow of winter",
+    "an old bridge",
+    "a busy train station",
+    "a quiet library",
+    "the smell of coffee",
+    "a summer thunderstorm",
+    "a garden in spring",
+    "the night sky",
+    "a city at dawn",
+    "a forgotten toy",
+    "the sound of waves",
+    "a long road trip",
+]
+_PEOPLE = ["a neighbor", "a teacher", "a grandmother", "a coworker", "a friend", "a coach", "a doctor"]
+_GIFTS = ["a handmade scarf", "a birthday cake", "a book", "help with moving", "a concert ticket", "a plant"]
+_EVENTS = [
+    "a team picnic",
+    "a school reunion",
+    "a charity run",
+    "the opening of a bakery",
+    "a science fair",
+    "a wedding anniversary",
+    "a farewell party",
+    "a new library",
+]
+_PRODUCTS = [
+    "a reusable water bottle",
+    "a folding bicycle",
+    "a solar lamp",
+    "a pair of hiking boots",
+    "a wooden chess set",
+    "a noise-cancelling headset",
+    "a kitchen timer",
+    "a travel backpack",
+]
+_PLACES = ["a mountain village", "a desert at noon", "a fish market", "a rainforest", "an island harbor"]
+
+_QA_TASKS = [
+    "What is {concept}?",
+    "How does {concept} work?",
+    "Why is {concept} important?",
+    "What are the advantages and disadvantages of {concept}?",
+    "Who uses {concept}, and for what?",
+    "What is the difference between {concept} and {other}?",
+]
+_CONCEPTS = [
+    "a credit score",
+    "compound interest",
+    "a solar panel",
+    "the immune system",
+    "a democracy",
+    "machine translation",
+    "a savings account",
+    "a wind turbine",
+    "public transport",
+    "a library card",
+    "a time zone",
+    "a passport",
+    "composting",
+    "a spreadsheet",
+    "a password manager",
+    "a thermostat",
+    "a lighthouse",
+    "a satellite",
+    "a museum",
+    "a weather forecast",
+]
+
+_REASONING_TASKS = [
+    "A train leaves at {h}:00 and the trip takes {d} hours and {m} minutes. At what time does it "
+    "arrive? Explain your reasoning.",
+    "Which is larger, {a}/{b} or {c}/{e}? Explain why.",
+    "Sort these numbers from smallest to largest and explain how you did it: {numbers}.",
+    "{name} is older than {other}, and {other} is older than {third}. Who is the youngest? "
+    "Explain your answer.",
+    "A shop sells pens at {a} for {b} dollars. How much do {c} pens cost? Show your steps.",
+    "If today is {day}, what day of the week will it be in {d} days? Explain.",
+    "A rectangle is {a} cm long and {b} cm wide. What are its area and perimeter? Show your work.",
+    "Is {a} a prime number? Explain how you know.",
+]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_NAMES = ["Ava", "Ben", "Chloe", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jack"]
+
+# How a prompt may ask for a length; None asks for nothing.
+_INSTRUCTIONS = [
+    None,
+    None,
+    ("words", "Respond in about {n} words.", (20, 40, 80, 150)),
+    ("sentences", "Respond in {n} sentences.", (1, 2, 3, 5)),
+    ("bullets", "Respond in {n} bullet points.", (3, 5, 7)),
+    ("brief", "Keep it brief.", (None,)),
+    ("detailed", "Give a detailed answer.", (None,)),
+]
+GENERATED_DOMAINS = ("writing", "qa", "reasoning")
+
+
+def generated_prompts(
+    count: int, seed: int = 0, domains: tuple[str, ...] = GENERATED_DOMAINS
+) -> list[Prompt]:
+    """``count`` prompts drawn evenly from the generated ``domains`` (writing, question answering,
+    reasoning), about five in seven with a length instruction ("in about 40 words", "in one
+    sentence", "in 5 bullet points", ...); deterministic in ``seed``, never the same text twice.
+
+    Each prompt's ``extra`` holds its ``domain`` and ``instruction`` (``none``, ``words``,
+    ``sentences``, ``bullets``, ``brief``, ``detailed``) with the number asked for, if any.
+    """
+    if not is_int(count) or count < 1:
+        raise InputError(f"asked for {count} generated prompts: give a positive number")
+    unknown = set(domains) - set(GENERATED_DOMAINS)
+    if not domains or unknown:
+        raise InputError(f"generated prompt domains are {GENERATED_DOMAINS}, got {tuple(domains)}")
+    rng = random.Random(f"lenvm-generated-{seed}")
+    makers = {"writing": _writing, "qa": _question, "reasoning": _reasoning}
+    prompts, seen = [], set()
+    for i in range(count):
+        domain = domains[i % len(domains)]
+        for _ in range(1000):  # the templates hold thousands of distinct texts per domain
+            task = makers[domain](rng)
+            text, extra = _with_instruction(rng, task)
+            if text not in seen:
+                break
+        else:
+            raise InputError(f"cannot draw {count} distinct generated prompts")
+        seen.add(text)
+        prompts.append(Prompt(id=f"{domain}-s{seed}-{i}", text=text, extra={"domain": domain, **extra}))
+    return prompts
+
+
+def _with_instruction(rng, task: str) -> tuple[str, dict]:
+    choice = rng.choice(_INSTRUCTIONS)
+    if choice is None:
+        return task, {"instruction": "none"}
+    kind, template, numbers = choice
+    n = rng.choice(numbers)
+    if kind == "sentences" and n == 1:
+        template = "Respond in one sentence."
+    extra = {"instruction": kind} | ({"asked": n} if n is not None else {})
+    return f"{task} {template.format(n=n)}", extra
+
+
+def _writing(rng) -> str:
+    return rng.choice(_WRITING_TASKS).format(
+        subject=rng.choice(_SUBJECTS),
+        person=rng.choice(_PEOPLE),
+        gift=rng.choice(_GIFTS),
+        event=rng.choice(_EVENTS),
+        product=rng.choice(_PRODUCTS),
+        place=rng.choice(_PLACES),
+    )
+
+
+def _question(rng) -> str:
+    concept, other = rng.sample(_CONCEPTS, 2)
+    return rng.choice(_QA_TASKS).format(concept=concept, other=other)
+
+
+def _reasoning(rng) -> str:
+    name, other, third = rng.sample(_NAMES, 3)
+    return rng.choice(_REASONING_TASKS).format(
+        h=rng.randint(1, 11),
+        d=rng.randint(2, 30),
+        m=rng.choice([10, 15, 20, 30, 45]),
+        a=rng.randint(2, 97),
+        b=rng.randint(2, 30),
+        c=rng.randint(2, 40),
+        e=rng.randint(2, 30),
+        numbers=", ".join(str(rng.randint(1, 999)) for _ in range(rng.randint(4, 8))),
+        name=name,
+        other=other,
+        third=third,
+        day=rng.choice(_DAYS),
+    )

@@ -1,51 +1,62 @@
-"""Prompt-boundary length prediction against sampled ground truth, with two baselines.
+"""Prompt-boundary length prediction against sampled ground truth, in and across domains.
 
-For each held-out prompt, ``samples`` answers are drawn from the generator; the ground truth
-is the return-consistent mean length ``L_GT = ln(1 - mean_i(1 - gamma**L_i)) / ln(gamma)``
-(lengths count the EOS token, as the LenVM's do), by the rule training's evaluation uses
-(:func:`lenvm.evaluation.prompt_length_truth`): a cut answer counts at its cut, and a prompt
-with most answers cut has no truth and is reported apart. The LenVM predicts from ``V(s_0)`` alone.
-Baselines, fitted on the LenVM's training rollouts: the training-set mean length, and a ridge
-regression of ``log L_GT`` on prompt features (token count, the number the prompt asks for).
+What a scheduler needs from a length predictor: for each held-out prompt (prompt files with a
+``domain`` per prompt, and GSM8K problems), ``samples`` answers are drawn from the generator
+(stored as a rollouts file, ``samples.jsonl``, which resumes and which ``lenvm bench schedule``
+replays). The ground truth of a prompt is the return-consistent mean length of its samples
+(:func:`lenvm.evaluation.prompt_length_truth`, the rule training's evaluation uses): a cut answer
+counts at its cut, and a prompt with most answers cut has no truth and is reported apart.
+
+Predictors: the LenVM (``V(s_0)`` alone), and baselines fitted on the LenVM's training rollouts
+that stay inside what they saw: the training mean length; ``log L`` linear in the log prompt
+length; and a ridge regression of ``log L`` on prompt features (prompt length, the number the
+prompt asks for). Features are clipped to their training range and predictions to the training
+lengths' range, so a prompt unlike any training prompt gets a length a training prompt had, not
+an extrapolation. Scores per domain and overall: mean relative error, mean absolute error
+(tokens) and Spearman's rank correlation (what a shortest-first queue depends on).
+
+In domain: every predictor as trained. Across domains (``cross_domain``): for each named domain a
+LenVM is trained, like the given one, on its training rollouts without that domain, and scored on
+that domain's prompts, beside baselines fitted without it too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lenvm.bench.common import (
-    Job,
-    Models,
-    Run,
-    bench_sampling,
-    item_request,
-    load_models,
-    markdown_table,
-    pyplot,
-    settings_of,
-)
+from lenvm.bench import tasks
+from lenvm.bench.common import Models, bench_sampling, load_models, markdown_table, pyplot
 from lenvm.cli import options
-from lenvm.evaluation import prompt_length_truth
+from lenvm.evaluation import prompt_length_truth, spearman
 from lenvm.hub import DEFAULT_MODEL
-from lenvm.io import InputError
-from lenvm.prompts import Prompt, as_prompt, encode_prompt, read_prompts
+from lenvm.io import InputError, atomic_path, write_json, write_text
+from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
-from lenvm.rollouts import read_rollouts
+from lenvm.rollouts import read_rollouts, rollout
 
-PREDICTORS = {"lenvm": "LenVM V(s_0)", "mean": "training mean", "ridge": "ridge on prompt features"}
+PREDICTORS = {
+    "lenvm": "LenVM V(s_0)",
+    "ridge": "ridge on prompt features",
+    "prompt_length": "prompt length",
+    "mean": "training mean",
+}
 # "List 7 ...", "write 3 ...", "64 tokens", "64个token", "300字": the count a prompt asks for.
 _ASKED = [
     re.compile(r"\b(?:list|name|give|write|suggest)\s+(?:me\s+)?(\d+)\b", re.IGNORECASE),
-    re.compile(r"(\d+)\s*(?:个)?\s*(?:tokens?|words?|sentences?|items?|paragraphs?|字)", re.IGNORECASE),
+    re.compile(
+        r"(\d+)\s*(?:个)?\s*(?:tokens?|words?|sentences?|items?|paragraphs?|bullet points?|字)", re.IGNORECASE
+    ),
 ]
 
 
@@ -96,36 +107,131 @@ class Ridge:
         return np.asarray(x, dtype=np.float64) @ self.coef + self.intercept
 
 
+@dataclass
+class ClippedRidge:
+    """A ridge regression that never leaves its training data's range: inputs are clipped to the
+    training features' range and outputs to the training targets' range."""
+
+    ridge: Ridge
+    x_low: np.ndarray
+    x_high: np.ndarray
+    y_low: float
+    y_high: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> ClippedRidge:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        return cls(Ridge.fit(x, y, alpha), x.min(axis=0), x.max(axis=0), float(y.min()), float(y.max()))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        inside = np.clip(np.asarray(x, dtype=np.float64), self.x_low, self.x_high)
+        return np.clip(self.ridge.predict(inside), self.y_low, self.y_high)
+
+
 def sample_length(record: dict[str, Any]) -> int:
     """Generated tokens with the EOS counted when the answer ended, as in rollout records."""
     return record["num_tokens"] + (record["finish_reason"] != "length")
 
 
-def _train_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[list[int]]]:
-    """Prompts and completion lengths (EOS included) of a rollouts file, grouped by prompt."""
+def record_domain(record: dict[str, Any], field: str = "domain") -> str:
+    """The domain a rollout record's prompt carried (``all`` when none)."""
+    return str((record.get("meta") or {}).get(field, "all"))
+
+
+def truths_of(records: list[dict[str, Any]], gamma: float) -> dict[str, float | None]:
+    """The ground-truth length of each prompt id of a rollouts file (None: most samples cut)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r["prompt_id"]].append(r)
+    return {
+        pid: prompt_length_truth(
+            [sample_length(r) for r in group], [r["finish_reason"] != "length" for r in group], gamma
+        )
+        for pid, group in groups.items()
+    }
+
+
+@dataclass
+class Baselines:
+    """Length predictors from the prompt alone, fitted on training rollouts (see the module doc)."""
+
+    mean_length: float
+    prompt_length: ClippedRidge
+    ridge: ClippedRidge
+
+    @classmethod
+    def fit(cls, tokenizer, records: list[dict[str, Any]], gamma: float, alpha: float = 1.0) -> Baselines:
+        """Fit on each training prompt's return-consistent mean length (cut answers at their cut:
+        the baselines learn what the rollouts show)."""
+        lengths: dict[str, list[int]] = defaultdict(list)
+        for r in records:
+            lengths[r["prompt_id"]].append(sample_length(r))
+        prompts = _prompts_of(records)
+        x = np.array([prompt_features(tokenizer, p) for p in prompts])
+        y = np.log([return_consistent_mean_length(lengths[p.id], gamma) for p in prompts])
+        return cls(
+            mean_length=float(np.mean([sample_length(r) for r in records])),
+            prompt_length=ClippedRidge.fit(x[:, :1], y, alpha),
+            ridge=ClippedRidge.fit(x, y, alpha),
+        )
+
+    def predict(self, tokenizer, prompts: list[Prompt]) -> dict[str, np.ndarray]:
+        x = np.array([prompt_features(tokenizer, p) for p in prompts])
+        return {
+            "ridge": np.exp(self.ridge.predict(x)),
+            "prompt_length": np.exp(self.prompt_length.predict(x[:, :1])),
+            "mean": np.full(len(prompts), self.mean_length),
+        }
+
+
+def _prompts_of(records: list[dict[str, Any]]) -> list[Prompt]:
+    from lenvm.prompts import as_prompt
+
     prompts: dict[str, Prompt] = {}
-    lengths: dict[str, list[int]] = defaultdict(list)
-    for record in read_rollouts(path):
-        pid = record["prompt_id"]
-        prompts.setdefault(pid, as_prompt(record["prompt"], pid))
-        lengths[pid].append(record["num_tokens"])
-    if not prompts:
-        raise InputError(f"{path}: no rollouts")
-    return list(prompts.values()), [lengths[pid] for pid in prompts]
+    for r in records:
+        prompts.setdefault(r["prompt_id"], as_prompt(r["prompt"], r["prompt_id"]))
+    return list(prompts.values())
+
+
+def held_out_prompts(
+    prompts: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    gsm8k: str | os.PathLike | None = None,
+    gsm8k_rows: tuple[int, int] | None = None,
+    limit: int | None = None,
+) -> list[Prompt]:
+    """Prompts from prompt files (the first ``limit`` of each) and GSM8K problems (rows
+    ``gsm8k_rows[0]`` up to ``gsm8k_rows[1]`` of the file, domain ``math``)."""
+    paths = [prompts] if isinstance(prompts, str | os.PathLike) else list(prompts or [])
+    chosen = [p for path in paths for p in read_prompts(path)[:limit]]
+    if gsm8k is not None:
+        start, stop = gsm8k_rows or (0, None)
+        problems = tasks.read_gsm8k(gsm8k, stop)[start:]
+        if not problems:
+            raise InputError(f"{gsm8k}: no problems in rows {start}:{stop}")
+        chosen += [p.prompt() for p in problems]
+    if not chosen:
+        raise InputError("no held-out prompts: give prompt files or GSM8K problems")
+    ids = [p.id for p in chosen]
+    if len(set(ids)) != len(ids):
+        raise InputError("held-out prompt ids must be unique across the prompt sources")
+    return chosen
 
 
 def run_prediction(
     out: str | os.PathLike,
     *,
-    prompts: str | os.PathLike,
+    prompts: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    gsm8k: str | os.PathLike | None = None,
+    gsm8k_rows: tuple[int, int] | None = None,
     model: str | os.PathLike = DEFAULT_MODEL,
     lenvm: str | os.PathLike | None = None,
     train_rollouts: str | os.PathLike | None = None,
-    samples: int = 64,
+    cross_domain: Sequence[str] = (),
+    samples: int = 8,
     limit: int | None = None,
     domain_field: str = "domain",
     ridge_alpha: float = 1.0,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int = 512,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -133,122 +239,181 @@ def run_prediction(
     seed: int = 0,
     device: str | None = None,
     dtype: str = "float32",
-    batch_size: int = 8,
+    batch_size: int = 16,
     progress: bool = True,
     models: Models | None = None,
     backend: str = "engine",
 ) -> dict[str, Any]:
-    """Prompt-boundary length prediction on held-out ``prompts`` (a prompts JSONL whose records
-    carry ``domain_field``); writes ``results.json``, ``table.md`` and ``prediction.png``.
+    """Prompt-boundary length prediction on held-out prompts (see the module doc); writes
+    ``samples.jsonl``, ``results.json``, ``table.md``, ``calibration.png`` and ``prediction.png``.
 
-    ``train_rollouts`` (the LenVM's training rollouts) fits the two baselines; without it only
-    the LenVM is scored. Sampling options left at None follow the LenVM's training policy, which
-    is the policy its values describe.
+    ``train_rollouts`` (the LenVM's training rollouts) fits the baselines, guards against
+    held-out prompts that were trained on, and trains the ``cross_domain`` LenVMs (under
+    ``out/cross/<domain>``); without it only the LenVM is scored. Sampling options left at None
+    follow the LenVM's training policy, the policy its values describe. The samples depend on
+    the generator and the policy only, so other LenVMs can be scored on the same folder.
     """
     started = time.perf_counter()
     if samples < 1:
         raise InputError("samples must be at least 1")
+    held_out = held_out_prompts(prompts, gsm8k, gsm8k_rows, limit)
+    if cross_domain and train_rollouts is None:
+        raise InputError("cross-domain tables train LenVMs without a domain: give the training rollouts")
     models = models or load_models(model, lenvm, device, dtype, backend)
     value_model = models.require_lenvm("length prediction")
-    held_out = read_prompts(prompts)[:limit]
+    train_records = read_rollouts(train_rollouts) if train_rollouts is not None else None
+    if train_records is not None:
+        _check_not_trained_on(held_out, train_records)
+    domain_of = {p.id: str(p.extra.get(domain_field, "all")) for p in held_out}
+    missing = sorted(set(cross_domain) - set(domain_of.values()))
+    if missing:
+        raise InputError(f"no held-out prompt has the cross-domain domain(s) {missing}")
+
+    out = Path(out)
     sampling = bench_sampling(
-        models,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
+        models, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
     )
-    jobs = [
-        Job(
-            f"{p.id}/{i}",
-            item_request(sampling, p, f"{p.id}/{i}"),
-            {"prompt_id": p.id, "sample": i, "domain": str(p.extra.get(domain_field, "all"))},
-        )
-        for p in held_out
-        for i in range(samples)
+    generator = (models.generator, models.tokenizer)
+    samples_path = out / "samples.jsonl"
+    rollout(generator, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
+            progress=progress)  # fmt: skip
+    wanted = {p.id for p in held_out}
+    records = [
+        r for r in read_rollouts(samples_path) if r["prompt_id"] in wanted and r["sample_index"] < samples
     ]
-    settings = settings_of(models, sampling, prompts=str(prompts), samples=samples)
-    with Run(out, settings) as run:
-        items = run.run_jobs(jobs, models, batch_size, "prediction samples", progress)
-        gamma = value_model.gamma
-        by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for item in items:
-            by_prompt[item["prompt_id"]].append(item)
-        truths = {
-            p.id: prompt_length_truth(
-                [sample_length(i) for i in by_prompt[p.id]],
-                [i["finish_reason"] != "length" for i in by_prompt[p.id]],
-                gamma,
-            )
-            for p in held_out
-        }
-        mostly_cut = [pid for pid, t in truths.items() if t is None]
-        held_out = [p for p in held_out if truths[p.id] is not None]
-        if not held_out:
-            raise InputError(
-                f"every prompt had most of its samples cut at max_new_tokens={max_new_tokens}: raise it"
-            )
-        truth = np.array([truths[p.id] for p in held_out])
-        predictions = {"lenvm": np.array(value_model.predict_length(held_out, batch_size=batch_size))}
-        baselines = {}
-        if train_rollouts is not None:
-            predictions.update(_baselines(models.tokenizer, held_out, train_rollouts, gamma, ridge_alpha))
-            baselines = {"train_rollouts": str(train_rollouts), "ridge_alpha": ridge_alpha}
-        domains = [str(p.extra.get(domain_field, "all")) for p in held_out]
-        metrics = _metrics(truth, predictions, domains)
-        per_prompt = [
-            {
-                "prompt_id": p.id,
-                "domain": d,
-                "truth": float(t),
-                "cut_samples": sum(i["finish_reason"] == "length" for i in by_prompt[p.id]),
-                **{name: float(pred[k]) for name, pred in predictions.items()},
-            }
-            for k, (p, d, t) in enumerate(zip(held_out, domains, truth, strict=True))
-        ]
-        results = {
-            "benchmark": "predict",
-            "metrics": metrics,
-            "gamma": gamma,
-            "prompts": len(held_out),
-            "prompts_mostly_cut": mostly_cut,
-            "samples": samples,
-            "cut_samples": sum(i["finish_reason"] == "length" for i in items),
-            "per_prompt": per_prompt,
-            "baselines": baselines,
-            "settings": settings,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        run.write_json("results.json", results)
-        run.write_text(
-            "table.md", _markdown(metrics, samples, results["cut_samples"], len(items), len(mostly_cut))
+
+    clock = time.perf_counter()
+    lenvm_lengths = np.array(value_model.predict_length(held_out, batch_size=batch_size))
+    prediction_seconds = time.perf_counter() - clock
+    in_domain = _score(
+        held_out, records, value_model.gamma, lenvm_lengths, models, train_records, domain_of, ridge_alpha
+    )
+    cross = {}
+    for domain in cross_domain:
+        subset = [p for p in held_out if domain_of[p.id] == domain]
+        reduced = [r for r in train_records if record_domain(r, domain_field) != domain]
+        if len(reduced) == len(train_records):
+            raise InputError(f"the training rollouts hold no prompt of domain {domain!r}")
+        without = _lenvm_without(out / "cross" / domain, reduced, value_model, models, progress)
+        lengths = np.array(without.predict_length(subset, batch_size=batch_size))
+        cross[domain] = _score(
+            subset, records, without.gamma, lengths, models, reduced, domain_of, ridge_alpha
         )
-        _plot(run, truth, predictions, metrics)
+        cross[domain]["lenvm_path"] = str(out / "cross" / domain / "lenvm")
+        cross[domain]["gamma"] = without.gamma
+
+    results = {
+        "benchmark": "predict",
+        "metrics": in_domain["metrics"],
+        "cross_domain": {d: c["metrics"][d] for d, c in cross.items()},
+        "gamma": value_model.gamma,
+        "prompts": len(in_domain["per_prompt"]),
+        "prompts_mostly_cut": in_domain["mostly_cut"],
+        "samples": samples,
+        "cut_samples": sum(r["finish_reason"] == "length" for r in records),
+        "per_prompt": in_domain["per_prompt"],
+        "cross_per_prompt": {d: c["per_prompt"] for d, c in cross.items()},
+        "prediction": {
+            "prompts": len(held_out),
+            "seconds": round(prediction_seconds, 3),
+            "prompts_per_second": round(len(held_out) / max(prediction_seconds, 1e-9), 1),
+            "batch_size": batch_size,
+        },
+        "baselines": {"train_rollouts": str(train_rollouts), "ridge_alpha": ridge_alpha}
+        if train_records is not None
+        else {},
+        "settings": {
+            **models.identity(),
+            **sampling.policy(),
+            "samples": samples,
+            "held_out": [p.id for p in held_out],
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out / "results.json", results)
+    write_text(out / "table.md", _markdown(results, len(records)))
+    _plot(out, results)
     return results
 
 
-def _baselines(tokenizer, held_out, train_rollouts, gamma: float, alpha: float) -> dict[str, np.ndarray]:
-    train, lengths = _train_prompts(train_rollouts)
-    mean_length = float(np.mean([n for group in lengths for n in group]))
-    x_train = np.array([prompt_features(tokenizer, p) for p in train])
-    y_train = np.log([return_consistent_mean_length(group, gamma) for group in lengths])
-    ridge = Ridge.fit(x_train, y_train, alpha)
-    x_test = np.array([prompt_features(tokenizer, p) for p in held_out])
+def _check_not_trained_on(held_out: list[Prompt], train_records: list[dict[str, Any]]) -> None:
+    trained = {_text_key(r["prompt"]) for r in train_records}
+    overlap = [p.id for p in held_out if _text_key(p.to_json()) in trained]
+    if overlap:
+        raise InputError(
+            f"{len(overlap)} held-out prompt(s) were trained on, for example {overlap[0]!r}: "
+            "a held-out prompt must not be in the training rollouts"
+        )
+
+
+def _text_key(prompt) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
+
+
+def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domain_of, alpha) -> dict:
+    """Truths, every predictor's predictions and the metrics over ``held_out``."""
+    truths = truths_of([r for r in records if r["prompt_id"] in {p.id for p in held_out}], gamma)
+    keep = [k for k, p in enumerate(held_out) if truths.get(p.id) is not None]
+    if not keep:
+        raise InputError("every prompt had most of its samples cut at max_new_tokens: raise it")
+    kept = [held_out[k] for k in keep]
+    predictions = {"lenvm": lenvm_lengths[keep]}
+    if train_records is not None:
+        baselines = Baselines.fit(models.tokenizer, train_records, gamma, alpha)
+        predictions.update(baselines.predict(models.tokenizer, kept))
+    truth = np.array([truths[p.id] for p in kept])
+    domains = [domain_of[p.id] for p in kept]
+    cut = defaultdict(int)
+    for r in records:
+        cut[r["prompt_id"]] += r["finish_reason"] == "length"
+    per_prompt = [
+        {
+            "prompt_id": p.id,
+            "domain": d,
+            "truth": float(t),
+            "cut_samples": cut[p.id],
+            **{name: float(pred[k]) for name, pred in predictions.items()},
+        }
+        for k, (p, d, t) in enumerate(zip(kept, domains, truth, strict=True))
+    ]
     return {
-        "mean": np.full(len(held_out), mean_length),
-        "ridge": np.exp(ridge.predict(x_test)),
+        "metrics": prediction_metrics(truth, predictions, domains),
+        "per_prompt": per_prompt,
+        "mostly_cut": [p.id for p in held_out if truths.get(p.id) is None],
     }
+
+
+def _lenvm_without(folder: Path, records, like, models: Models, progress: bool):
+    """A LenVM trained as ``like`` was, on ``records`` (trained once, then loaded)."""
+    from lenvm.model import LengthValueModel
+    from lenvm.training import TrainConfig, train
+
+    target = folder / "lenvm"
+    generator = (models.generator, models.tokenizer)
+    if not (target / "head.safetensors").is_file():
+        known = {f.name for f in fields(TrainConfig)}
+        stored = {k: v for k, v in (like.config.training or {}).items() if k in known}
+        stored["gamma"] = None if stored.get("gamma_rule", "p99") == "p99" else like.gamma
+        config = TrainConfig(**{**stored, "kind": like.config.kind, "feature_layer": like.feature_layer})
+        train(records, models.name, target, config, generator=generator, progress=progress)
+    return LengthValueModel.from_pretrained(target, generator=generator)
 
 
 def _scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     error = np.abs(predicted - truth)
-    return {"mre": float(np.mean(error / truth)), "mae": float(np.mean(error))}
+    rho = spearman(predicted, truth)
+    return {
+        "mre": float(np.mean(error / truth)),
+        "mae": float(np.mean(error)),
+        "spearman": None if math.isnan(rho) else rho,  # None: a constant prediction ranks nothing
+    }
 
 
-def _metrics(truth: np.ndarray, predictions: dict[str, np.ndarray], domains: Sequence[str]) -> dict:
-    """Per domain (and ``all``): prompt count, mean ground truth and each predictor's MRE/MAE."""
+def prediction_metrics(truth: np.ndarray, predictions: dict[str, np.ndarray], domains: Sequence[str]) -> dict:
+    """Per domain (and ``all`` over every prompt when there are several domains): prompt count,
+    mean ground truth, and each predictor's MRE, MAE and Spearman correlation with the truth."""
     groups = {d: np.array([x == d for x in domains]) for d in sorted(set(domains))}
     if len(groups) > 1:
         groups["all"] = np.ones(len(domains), dtype=bool)
@@ -262,83 +427,139 @@ def _metrics(truth: np.ndarray, predictions: dict[str, np.ndarray], domains: Seq
     }
 
 
-def _markdown(metrics: dict, samples: int, cut: int, total: int, mostly_cut: int) -> str:
-    names = [n for n in PREDICTORS if n in next(iter(metrics.values()))]
-    header = ["domain", "prompts", "mean L_GT"]
-    for name in names:
-        header += [f"{PREDICTORS[name]} MRE", f"{PREDICTORS[name]} MAE"]
+def _rows(metrics: dict) -> list[list]:
     rows = []
     for domain, m in metrics.items():
-        row = [domain, m["prompts"], f"{m['mean_truth']:.1f}"]
-        for name in names:
-            row += [f"{100 * m[name]['mre']:.1f}%", f"{m[name]['mae']:.1f}"]
-        rows.append(row)
-    note = (
-        f"Prompt-boundary length prediction: ground truth from {samples} samples per prompt "
-        f"(return-consistent mean length, EOS counted); MRE = mean |pred - L_GT| / L_GT, "
-        f"MAE in tokens. {cut} of {total} samples hit max_new_tokens (counted at their cut); "
-        f"{mostly_cut} prompts with most samples cut have no ground truth and are left out.\n\n"
+        for name in (n for n in PREDICTORS if n in m):
+            rho = m[name]["spearman"]
+            rows.append(
+                [domain, m["prompts"], f"{m['mean_truth']:.1f}", PREDICTORS[name],
+                 f"{100 * m[name]['mre']:.1f}%", f"{m[name]['mae']:.1f}",
+                 "n/a" if rho is None else f"{rho:.2f}"]
+            )  # fmt: skip
+    return rows
+
+
+def _markdown(results: dict, total: int) -> str:
+    header = ["domain", "prompts", "mean L_GT", "predictor", "MRE", "MAE (tokens)", "Spearman"]
+    speed = results["prediction"]
+    text = (
+        f"Prompt-boundary length prediction: ground truth from {results['samples']} samples per "
+        f"prompt (return-consistent mean length, EOS counted); MRE = mean |pred - L_GT| / L_GT, MAE "
+        f"in tokens, Spearman = rank correlation of predicted and true lengths. "
+        f"{results['cut_samples']} of {total} samples hit max_new_tokens (counted at their cut); "
+        f"{len(results['prompts_mostly_cut'])} prompts with most samples cut have no ground truth and "
+        f"are left out. LenVM predictions: {speed['prompts']} prompts in {speed['seconds']:.2f} s "
+        f"({speed['prompts_per_second']:.0f} prompts/s, batch {speed['batch_size']}).\n\n"
+        "In domain (every predictor trained on its full training data):\n\n"
+        + markdown_table(header, _rows(results["metrics"]))
     )
-    return note + markdown_table(header, rows)
-
-
-def _plot(run: Run, truth: np.ndarray, predictions: dict[str, np.ndarray], metrics: dict) -> None:
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, pred in predictions.items():
-        left.scatter(truth, pred, s=14, alpha=0.7, label=PREDICTORS[name])
-    edge = [max(1.0, min(truth.min(), *(p.min() for p in predictions.values()))),
-            max(truth.max(), *(p.max() for p in predictions.values()))]  # fmt: skip
-    left.plot(edge, edge, "k--", lw=1)
-    left.set_xscale("log")
-    left.set_yscale("log")
-    left.set_xlabel("ground truth L_GT (tokens)")
-    left.set_ylabel("predicted length (tokens)")
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
-    domains = list(metrics)
-    width = 0.8 / len(predictions)
-    for k, name in enumerate(predictions):
-        right.bar(
-            np.arange(len(domains)) + k * width,
-            [100 * metrics[d][name]["mre"] for d in domains],
-            width,
-            label=PREDICTORS[name],
+    if results["cross_domain"]:
+        text += (
+            "\nAcross domains (each domain scored by a LenVM and baselines trained without it):\n\n"
+            + markdown_table(header, _rows(results["cross_domain"]))
         )
-    right.set_xticks(
-        np.arange(len(domains)) + width * (len(predictions) - 1) / 2, domains, rotation=35, ha="right"
+    return text
+
+
+def _plot(out: Path, results: dict) -> None:
+    plt = pyplot()
+    tables = {"in domain": results["per_prompt"]}
+    tables.update({f"{d}, trained without it": rows for d, rows in results["cross_per_prompt"].items()})
+    names = [n for n in PREDICTORS if n in results["per_prompt"][0]]
+    fig, axes = plt.subplots(
+        len(tables), len(names), figsize=(3.6 * len(names), 3.4 * len(tables)), squeeze=False
     )
-    right.set_ylabel("mean relative error (%)")
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3, axis="y")
-    run.save_figure(fig, "prediction.png")
+    for row, (title, per_prompt) in zip(axes, tables.items(), strict=True):
+        truth = np.array([p["truth"] for p in per_prompt])
+        domains = sorted({p["domain"] for p in per_prompt})
+        for ax, name in zip(row, names, strict=True):
+            pred = np.array([p[name] for p in per_prompt])
+            for domain in domains:
+                mask = np.array([p["domain"] == domain for p in per_prompt])
+                ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, label=domain)
+            edge = [max(1.0, min(truth.min(), pred.min())) * 0.8, max(truth.max(), pred.max()) * 1.25]
+            ax.plot(edge, edge, "k--", lw=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(edge)
+            ax.set_ylim(edge)
+            ax.set_title(f"{PREDICTORS[name]} ({title})", fontsize=9)
+            ax.set_xlabel("true length L_GT (tokens)")
+            ax.set_ylabel("predicted (tokens)")
+            ax.grid(alpha=0.3, which="both")
+        row[0].legend(fontsize=7)
+    _save(fig, out / "calibration.png")
+
+    metrics = results["metrics"]
+    domains = list(metrics)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(domains) * len(names) / 2), 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ax.bar(np.arange(len(domains)) + k * width, [100 * metrics[d][name]["mre"] for d in domains],
+               width, label=PREDICTORS[name])  # fmt: skip
+    ax.set_xticks(np.arange(len(domains)) + width * (len(names) - 1) / 2, domains, rotation=35, ha="right")
+    ax.set_ylabel("mean relative error (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, out / "prediction.png")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
 
 
 # -- command line ---------------------------------------------------------------------------
 
 COMMAND = "predict"
-HELP = "prompt-boundary length prediction against two baselines"
+HELP = "prompt-boundary length prediction in and across domains, against three baselines"
 TABLE = "table.md"
+
+
+def _rows_arg(text: str) -> tuple[int, int]:
+    import argparse
+
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if not match or int(match.group(1)) >= int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"rows must be START:STOP with START < STOP, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
-    p.add_argument("--prompts", required=True, help="held-out prompts JSONL (with a 'domain' field)")
-    p.add_argument("--train-rollouts", help="rollouts the baselines are fitted on")
-    p.add_argument("--samples", type=int, default=64, help="completions per prompt")
-    p.add_argument("--limit", type=int, help="first N prompts")
+    p.add_argument("--prompts", nargs="+", help="held-out prompts JSONL file(s), with a 'domain' field")
+    p.add_argument("--gsm8k", help="GSM8K JSONL to take held-out problems from (domain 'math')")
+    p.add_argument(
+        "--gsm8k-rows", type=_rows_arg, metavar="START:STOP", help="rows of --gsm8k (default: all)"
+    )
+    p.add_argument("--train-rollouts", help="the LenVM's training rollouts (baselines, cross-domain LenVMs)")
+    p.add_argument(
+        "--cross-domain", nargs="+", default=[], metavar="DOMAIN",
+        help="also train a LenVM without each DOMAIN and score it on that domain",
+    )  # fmt: skip
+    p.add_argument("--samples", type=int, default=8, help="completions per prompt (the truth is their mean)")
+    p.add_argument("--limit", type=int, help="first N prompts of each prompts file")
     options.add_backend(p)
-    options.add_sampling(p, seed_help="every sample's seed derives from it (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests decoded at once")
+    options.add_sampling(p, seed_help="every sample's seed derives from it (default 0)", max_new_tokens=512)
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="requests decoded (and prompts predicted) at once"
+    )
 
 
 def main(args) -> None:
+    if not args.prompts and not args.gsm8k:
+        raise InputError("give --prompts FILE ... and/or --gsm8k FILE")
     run_prediction(
         args.out,
         model=args.model,
         lenvm=args.lenvm,
         prompts=args.prompts,
+        gsm8k=args.gsm8k,
+        gsm8k_rows=args.gsm8k_rows,
         train_rollouts=args.train_rollouts,
+        cross_domain=args.cross_domain,
         samples=args.samples,
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,

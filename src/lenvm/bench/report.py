@@ -171,6 +171,7 @@ def run_all(
             max_new_tokens=preset.train_max_new_tokens,
             max_prompt_tokens=preset.max_prompt_tokens,
             exclude={p.text for p in held_out},
+            gsm8k_prefix="gsm8k-train",  # ids apart from the test file's
         )
         train_rollouts = _train_lenvm(out / "lenvm", models, train, preset, seed, batch_size, progress)
     trained = _rollout_texts(train_rollouts)
@@ -244,6 +245,7 @@ def _pool(
     max_new_tokens: int,
     max_prompt_tokens: int | None,
     exclude: set[str] = frozenset(),
+    gsm8k_prefix: str = "gsm8k",
 ) -> list[Prompt]:
     """A prompt pool with a ``domain`` on every prompt, keeping prompts that fit the context with
     ``max_new_tokens``; ``exclude`` drops texts used elsewhere."""
@@ -253,7 +255,7 @@ def _pool(
             prompts.append(Prompt(f"s{seed}-{p.id}", text=p.text, extra=p.extra))
     if sizes.get("math"):
         # held-out math prompts come from the test file, training ones from the train file
-        prompts += [p.prompt() for p in tasks.read_gsm8k(gsm8k, sizes["math"])]
+        prompts += [p.prompt() for p in tasks.read_gsm8k(gsm8k, sizes["math"], id_prefix=gsm8k_prefix)]
     if sizes.get("word_problem"):
         count = sizes["word_problem"]
         for level in (1, 2, 3):

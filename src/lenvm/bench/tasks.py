@@ -83,8 +83,11 @@ def is_correct(completion: str, answer: float) -> bool:
     return predicted is not None and math.isclose(predicted, answer, rel_tol=1e-6, abs_tol=1e-6)
 
 
-def read_gsm8k(path: str | os.PathLike = DEFAULT_GSM8K, limit: int | None = None) -> list[Problem]:
-    """GSM8K problems (``question``, ``answer`` ending in ``#### N``); ids are line positions."""
+def read_gsm8k(
+    path: str | os.PathLike = DEFAULT_GSM8K, limit: int | None = None, id_prefix: str = "gsm8k"
+) -> list[Problem]:
+    """GSM8K problems (``question``, ``answer`` ending in ``#### N``); ids are ``id_prefix``-line
+    position (give the train file another prefix than the test file: ids must not collide)."""
     problems = []
     for index, record in enumerate(iter_jsonl(path)):
         if limit is not None and len(problems) >= limit:
@@ -95,7 +98,7 @@ def read_gsm8k(path: str | os.PathLike = DEFAULT_GSM8K, limit: int | None = None
             answer = gold_answer(record["answer"])
         except InputError as err:
             raise InputError(f"{path}: record {index + 1}: {err}") from None
-        problems.append(Problem(f"gsm8k-{index}", record["question"], answer, "math"))
+        problems.append(Problem(f"{id_prefix}-{index}", record["question"], answer, "math"))
     if not problems:
         raise InputError(f"{path}: no problems")
     return problems

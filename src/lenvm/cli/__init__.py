@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import sys
+import time
 from pathlib import Path
 
 from lenvm.cli import options
@@ -119,14 +120,39 @@ def cmd_train(args) -> int | None:
 
 
 def cmd_predict(args) -> None:
-    lenvm = _load_lenvm(args)
+    generator = None
+    if args.model is not None:
+        from lenvm.hub import load_generator
+
+        generator = load_generator(args.model, device=args.device, dtype=args.dtype)
+    lenvm = _load_lenvm(args, generator=generator)
     prompts = _prompts_from_args(args)
-    lengths = lenvm.predict_length(prompts, batch_size=args.batch_size)
+    if args.out:
+        from lenvm.batch_predict import predict_file
+
+        stats = predict_file(lenvm, prompts, args.out, batch_size=args.batch_size, progress=args.progress)
+        print(
+            f"{stats.predicted} prompts predicted in {stats.seconds:.2f} s "
+            f"({stats.prompts_per_second:.1f} prompts/s at batch {stats.batch_size}), "
+            f"{stats.skipped} already in {args.out}",
+            file=sys.stderr,
+        )
+        return
+    clock = time.perf_counter()
+    lengths = lenvm.predict_length(
+        prompts, batch_size=args.batch_size, progress=args.progress and len(prompts) > 1
+    )
+    seconds = time.perf_counter() - clock
     for prompt, length in zip(prompts, lengths, strict=True):
         if args.json:
             print(json.dumps({"id": prompt.id, "predicted_length": round(length, 2)}))
         else:
             print(f"{prompt.id}\t{length:.1f}")
+    if len(prompts) > 1:
+        print(
+            f"{len(prompts)} prompts in {seconds:.2f} s ({len(prompts) / seconds:.1f} prompts/s)",
+            file=sys.stderr,
+        )
 
 
 def cmd_values(args) -> None:
@@ -242,6 +268,10 @@ def cmd_demo(args) -> None:
         out=Path(args.out),
         prompts=args.num_prompts,
         n=args.n,
+        gsm8k=args.gsm8k_problems,
+        gsm8k_path=args.gsm8k,
+        generated=args.generated,
+        mix_n=args.mix_n,
         eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -416,9 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lenvm", required=True)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")
-    group.add_argument("--prompts")
-    p.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--prompts", help="JSONL file of prompts")
+    p.add_argument(
+        "--out",
+        help="write one JSON line per prompt here, as it goes (a rerun predicts only what is missing)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--model", help="the generator whose answers to predict (checked against the LenVM's tokenizer; "
+        "default: the one the LenVM names)"
+    )  # fmt: skip
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
     p.set_defaults(func=cmd_predict)
 
@@ -499,8 +538,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
     p.add_argument("--out", default=str(DemoConfig.out))
     options.add_model(p)
-    p.add_argument("--num-prompts", type=int, default=DemoConfig.prompts)
-    p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per training prompt")
+    p.add_argument(
+        "--num-prompts", type=int, default=DemoConfig.prompts, help="built-in prompts (10%% held out)"
+    )
+    p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per built-in training prompt")
+    p.add_argument("--gsm8k", default=DemoConfig.gsm8k_path, help="GSM8K train JSONL for the training mix")
+    p.add_argument(
+        "--gsm8k-problems", type=int, default=DemoConfig.gsm8k, help="GSM8K training problems (0: none)"
+    )
+    p.add_argument(
+        "--generated", type=int, default=DemoConfig.generated,
+        help="generated writing / QA / reasoning prompts (0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mix-n", type=int, default=DemoConfig.mix_n, help="completions per GSM8K or generated prompt"
+    )
     p.add_argument(
         "--eval-samples",
         type=int,

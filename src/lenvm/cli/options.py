@@ -30,15 +30,19 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
 
 
-def add_sampling(parser: argparse.ArgumentParser, seed_help: str) -> None:
-    """The decoding policy: temperature, truncation, length and seed."""
+def add_sampling(parser: argparse.ArgumentParser, seed_help: str, max_new_tokens: int | None = None) -> None:
+    """The decoding policy: temperature, truncation, length (default ``max_new_tokens``, else
+    SamplingParams') and seed."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=float, help=f"0 is greedy (default {_DEFAULTS.temperature:g}*)")
     group.add_argument("--top-p", type=float, help=f"nucleus mass, 1 is off (default {_DEFAULTS.top_p:g}*)")
     group.add_argument("--top-k", type=int, help=f"0 is off (default {_DEFAULTS.top_k}*)")
     group.add_argument("--min-p", type=float, help=f"0 is off (default {_DEFAULTS.min_p:g}*)")
     group.add_argument(
-        "--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, help="most tokens an answer may take"
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens or _DEFAULTS.max_new_tokens,
+        help="most tokens an answer may take",
     )
     group.add_argument("--seed", type=int, help=seed_help)
     group.description = "* left out: the LenVM's training policy where a LenVM is used, else this default"

@@ -22,6 +22,12 @@ engine, :mod:`lenvm.decoding.sequence`). One step of the batch (:mod:`lenvm.deco
    forward); ``standalone`` runs its own block forward beside the generator's single-token one.
    ``candidate_scoring="naive"`` feeds the candidates one by one instead (for speed comparisons).
 
+Waiting requests join the batch first come, first served; ``Engine(queue="shortest")`` admits
+the one with the shortest answer the LenVM predicts from its prompt instead, with ageing so that
+no request waits forever (:mod:`lenvm.decoding.queue`): a server's mean latency drops when short
+answers no longer wait behind long ones. Predictions cost one forward over each prompt, batched
+over the requests that arrived since the last step.
+
 A finished Equal To answer that did not end naturally (the generator itself gave its final EOS
 under ``Control.natural_eos``) goes back to decoding from an earlier point, further back on
 each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the tokens it
@@ -31,6 +37,8 @@ keeps and rejoins the batch, so only the answers that miss pay for a second try.
 from __future__ import annotations
 
 import functools
+import heapq
+import math
 from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field, replace
@@ -40,10 +48,11 @@ import torch
 
 from lenvm.decoding.batch import Batch
 from lenvm.decoding.params import Control, Request, Result
+from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.io import InputError, is_int
-from lenvm.model import LengthValueModel, check_tokenizer
+from lenvm.model import LengthValueModel, check_tokenizer, context_length
 from lenvm.prompts import encode_prompt
 
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
@@ -60,6 +69,8 @@ class Engine:
         lenvm: LengthValueModel | None = None,
         num_candidates: int = 8,
         candidate_scoring: Literal["block", "naive"] = "block",
+        queue: Literal["fcfs", "shortest"] = "fcfs",
+        queue_aging: float = DEFAULT_AGING,
     ):
         if not is_int(num_candidates) or num_candidates < 1:
             raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
@@ -73,6 +84,11 @@ class Engine:
                 "naive candidate scoring needs a LenVM that scores candidates with a forward pass"
             )
         _check_supported(model, "the generator")
+        check_queue(queue, queue_aging)
+        if queue == "shortest" and lenvm is None:
+            raise InputError(
+                "queue='shortest' ranks waiting requests by a LenVM's predicted length: give lenvm"
+            )
         if lenvm is not None:
             check_tokenizer(lenvm.config, tokenizer, what="the generator's tokenizer")
             if lenvm.attached and lenvm.backbone is not model:
@@ -89,6 +105,8 @@ class Engine:
         self.lenvm = lenvm.eval() if lenvm is not None else None
         self.num_candidates = num_candidates
         self.naive = candidate_scoring == "naive"
+        self.queue = queue
+        self.queue_aging = float(queue_aging)
         self.body = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.device = self.lm_head.weight.device
@@ -97,9 +115,9 @@ class Engine:
         self.eos_set = set(self.eos_ids)
         # The generator's stream also yields the head's features when the head reads the generator.
         self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
-        self.context = _context(model)
+        self.context = context_length(model)
         if lenvm is not None and not lenvm.attached:
-            self.context = min(self.context, _context(lenvm.backbone))
+            self.context = min(self.context, context_length(lenvm.backbone))
 
     # -- public ---------------------------------------------------------------------------
 
@@ -195,7 +213,8 @@ class Scheduler:
     """The decoding loop of one engine: requests wait in a queue, run in one batch of at most
     ``batch_size`` rows, and come back as they finish. :meth:`add`, :meth:`abort` and
     :meth:`step` may be interleaved: a request added while others run joins the batch at the
-    next step, and an aborted one leaves it at once."""
+    next step, and an aborted one leaves it at once. Which waiting request joins first is the
+    engine's ``queue`` order; :attr:`steps` (steps run so far) is the clock its ageing counts."""
 
     def __init__(self, engine: Engine, batch_size: int = 8):
         if not is_int(batch_size) or batch_size < 1:
@@ -205,6 +224,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.batch: Batch | None = None
         self.tried: dict[Hashable, dict[int, Result]] = {}  # best_of requests: finished attempts
+        self.steps = 0
+        self.arrived: dict[Hashable, int] = {}  # shortest queue: the step each waiting request came
+        self.predicted: dict[Hashable, float] = {}  # shortest queue: predicted length per request
 
     @property
     def busy(self) -> bool:
@@ -218,16 +240,48 @@ class Scheduler:
     def add(self, request: Request, key: Hashable) -> None:
         """Queue ``request``; its updates come back from :meth:`step` under ``key``."""
         self.waiting.extend(self.engine.sequences(key, request))
+        if self.engine.queue == "shortest":
+            self.arrived[key] = self.steps
 
     def abort(self, key: Hashable) -> None:
         """Drop request ``key``, waiting or running; its row is free for the next step."""
         self.waiting = deque(s for s in self.waiting if s.index != key)
         self.tried.pop(key, None)
+        self._forget(key)
         if self.batch is not None:
             rows = [i for i, s in enumerate(self.batch.seqs) if s.index == key]
             if rows:
                 with torch.inference_mode():
                     self.batch = self.batch.leave(self.engine, rows)
+
+    def _forget(self, key: Hashable) -> None:
+        self.arrived.pop(key, None)
+        self.predicted.pop(key, None)
+
+    def _admit(self, count: int) -> list[Sequence]:
+        """Take ``count`` sequences off the queue, in the engine's queue order."""
+        if self.engine.queue == "fcfs":
+            return [self.waiting.popleft() for _ in range(count)]
+        unranked = {
+            s.index: s.prompt_ids for s in self.waiting if not s.missed and s.index not in self.predicted
+        }
+        if unranked:
+            lenvm = self.engine.lenvm
+            values = lenvm.values_of_prompt_ids(list(unranked.values()), batch_size=len(unranked))
+            self.predicted.update(zip(unranked, lenvm.lengths_from_values(values), strict=True))
+
+        def key(seq: Sequence) -> float:
+            if seq.missed:  # a retry: first in line, as its request is nearly done
+                return -math.inf
+            return priority(self.predicted[seq.index], self.arrived[seq.index], self.engine.queue_aging)
+
+        chosen = heapq.nsmallest(count, self.waiting, key=key)  # stable: ties go by arrival
+        taken = {id(s) for s in chosen}
+        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        for seq in chosen:
+            if not any(s.index == seq.index for s in self.waiting):  # best_of: every attempt admitted
+                self._forget(seq.index)
+        return chosen
 
     def step(self) -> list[Update]:
         """Admit waiting rows, generate one token for every row, and report what changed."""
@@ -237,10 +291,11 @@ class Scheduler:
         with torch.inference_mode():
             free = self.batch_size - self.running
             if self.waiting and free > 0:
-                joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+                joining = self._admit(min(free, len(self.waiting)))
                 self.batch = Batch.join(engine, self.batch, joining)
             seqs = self.batch.seqs
             finished = self.batch.step(engine)
+            self.steps += 1
             if finished:
                 self.batch = self.batch.leave(engine, finished)
         updates = {id(seq): _last_token(seq) for seq in seqs}
@@ -275,11 +330,6 @@ def _last_token(seq: Sequence) -> Update:
         top_logprobs=seq.top_logprobs[-1:],
         values=seq.values[-1:],
     )
-
-
-def _context(model) -> int:
-    config = model.config.get_text_config()
-    return int(getattr(config, "max_position_embeddings", None) or 2**31)
 
 
 def _check_supported(model, what: str) -> None:

@@ -1,0 +1,89 @@
+"""Length predictions for a file of prompts, written as they come and resumed after a stop.
+
+    stats = predict_file(lenvm, read_prompts("requests.jsonl"), "predictions.jsonl", batch_size=32)
+
+One JSON line per prompt, ``{"id", "predicted_length", "prompt_tokens"}``, appended a chunk of
+batches at a time (an interruption loses at most the chunk in flight); run again on the same
+output file, only the prompts not yet in it are predicted. Prompts run sorted by length, one
+forward per batch, so that little of a forward is padding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lenvm.io import InputError, JsonlAppender, iter_jsonl, repair_jsonl_tail
+from lenvm.model import LengthValueModel
+from lenvm.prompts import Prompt
+
+BATCHES_PER_CHUNK = 8
+
+
+@dataclass
+class PredictionStats:
+    """What one :func:`predict_file` call did; ``seconds`` counts the forwards, not the loading."""
+
+    prompts: int  # in the file
+    predicted: int  # by this call
+    skipped: int  # already in the output file
+    seconds: float
+    batch_size: int
+
+    @property
+    def prompts_per_second(self) -> float:
+        return self.predicted / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prompts_per_second": round(self.prompts_per_second, 1)}
+
+
+def predict_file(
+    lenvm: LengthValueModel,
+    prompts: list[Prompt],
+    out: str | os.PathLike,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> PredictionStats:
+    """Predict the answer length of every prompt into the JSONL file ``out`` (see the module doc).
+    Every prompt is encoded and checked (context length) before any forward runs."""
+    if not prompts:
+        raise InputError("no prompts to predict for")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise InputError("prompt ids must be unique: resuming matches predictions by prompt id")
+    out = Path(out)
+    done = set()
+    if out.exists():
+        repair_jsonl_tail(out)  # a crash may have cut the last line
+        done = {str(r.get("id")) for r in iter_jsonl(out)}
+    todo = [p for p in prompts if p.id not in done]
+    encoded = lenvm.encode_prompts(todo) if todo else []
+    # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    chunk = batch_size * BATCHES_PER_CHUNK
+    seconds = 0.0
+    with (
+        JsonlAppender(out) as appender,
+        tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt", desc="predicting",
+             disable=not progress) as bar,
+    ):  # fmt: skip
+        for start in range(0, len(order), chunk):
+            part = order[start : start + chunk]
+            clock = time.perf_counter()
+            values = lenvm.values_of_prompt_ids([encoded[i] for i in part], batch_size)
+            seconds += time.perf_counter() - clock
+            lengths = lenvm.lengths_from_values(values)
+            appender.write(
+                [
+                    {"id": todo[i].id, "predicted_length": round(n, 2), "prompt_tokens": len(encoded[i])}
+                    for i, n in zip(part, lengths, strict=True)
+                ]
+            )
+            bar.update(len(part))
+    return PredictionStats(len(prompts), len(todo), len(prompts) - len(todo), seconds, batch_size)
