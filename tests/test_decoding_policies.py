@@ -89,8 +89,9 @@ def test_equal_to_ours_past_the_target_prefers_a_token_after_which_the_generator
     # likely (lookahead), so '.' wins once past the target, and a mid-sentence EOS loses to it.
     c = cands([0.45, 0.45, 0.1 * 1e-3], [20, 20, 0], eos_slot=2)
     c.next_eos = torch.tensor([[0.0, 0.5, 0.0]])
+    # Far before the target, ending right after '.' would end 20 tokens early: half of '.' is lost.
     before = policies.equal_to(c, t(10), t(30), GAMMA)[0]
-    assert float(before[1]) == pytest.approx(float(before[0]), rel=1e-6)  # no lookahead before
+    assert float(before[1] / before[0]) == pytest.approx(0.5, rel=1e-3)
     for over in (1, 3, 5):
         dist = policies.equal_to(c, t(30 + over), t(30), GAMMA)[0]
         assert float(dist[1]) > 0.75
@@ -123,12 +124,17 @@ def test_at_least_never_ends_early_unless_nothing_else_is_possible():
     assert float(policies.at_least(only_eos, t(10), t(30), GAMMA)[0, 2]) == 1.0
 
 
-def test_at_least_ours_pushes_up_candidates_that_fall_short_and_follows_after_the_target():
+def test_at_least_ours_pushes_up_candidates_that_fall_short_then_aims_at_ending_soon_after():
     c = cands([0.45, 0.45, 0.1], [40, 2, 0], eos_slot=2)
     before = policies.at_least(c, t(10), t(30), GAMMA)[0]
     assert float(before[0]) > 0.99
+    # From the target on, ending within [30, 30 + 9] is what it aims at: EOS and the candidate
+    # predicted to end 2 tokens later keep their generator odds; running on 40 more is pushed down.
     after = policies.at_least(c, t(30), t(30), GAMMA)[0]
-    torch.testing.assert_close(after, torch.tensor([0.45, 0.45, 0.1], dtype=torch.float64))
+    assert float(after[1] / after[2]) == pytest.approx(4.5, rel=0.05)
+    assert float(after[0]) < 0.1 * float(after[1])
+    # Past the window it wraps up: EOS wins.
+    assert float(policies.at_least(c, t(45), t(30), GAMMA)[0, 2]) > 0.9
 
 
 def test_at_least_paper_picks_the_longest():

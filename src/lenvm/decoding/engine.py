@@ -22,10 +22,10 @@ engine, :mod:`lenvm.decoding.sequence`). One step of the batch (:mod:`lenvm.deco
    forward); ``standalone`` runs its own block forward beside the generator's single-token one.
    ``candidate_scoring="naive"`` feeds the candidates one by one instead (for speed comparisons).
 
-A finished Equal To answer that did not end naturally (the generator itself gave its final EOS
-under ``Control.natural_eos``) goes back to decoding from an earlier point, further back on
-each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the tokens it
-keeps and rejoins the batch, so only the answers that miss pay for a second try.
+A finished answer to a target control that did not end naturally (the generator itself gave
+its final EOS under ``Control.natural_eos``) goes back to decoding from an earlier point, further
+back on each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the
+tokens it keeps and rejoins the batch, so only the answers that miss pay for a second try.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ class Scheduler:
             tried[seq.attempt] = result
             if len(tried) == attempts:
                 results = [r for _, r in sorted(self.tried.pop(seq.index).items())]  # ties: first attempt
-                chosen = best_of(results, seq.control.target, seq.control.natural_eos)
+                chosen = best_of(results, seq.control.target, seq.control.natural_eos, seq.control.kind)
                 update.result = replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
         return list(updates.values())
 
