@@ -173,12 +173,12 @@ def run_lifebench(
     ``row_ids`` and ``langs`` filters ("en"/"zh"), after leaving out the first ``skip_rows`` of
     that order and rows too long for the generator's context or longer than
     ``max_prompt_tokens`` (a small CPU run can skip the long source texts); see
-    :func:`select_rows`.
-    Targets above ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
-    LenVM's training policy. ``best_of`` > 1 gives the LenVM methods' Equal To requests that
-    many attempts and ``retries`` sets how often LenVM-controlled requests resample an end that is not natural (None:
-    the control's default; see :class:`lenvm.decoding.Control`). ``models`` passes already loaded models
-    (then ``model``, ``lenvm``, ``device`` and ``dtype`` are not used).
+    :func:`select_rows`. Targets above ``max_new_tokens`` are skipped, as LIFEBench does.
+    Sampling options left at None follow the LenVM's training policy. ``best_of`` > 1 gives the
+    LenVM methods' Equal To requests that many attempts and ``retries`` sets how often the LenVM
+    methods' requests resample an end that is not natural (None: the control's default; see
+    :class:`lenvm.decoding.Control`). ``models`` passes already loaded models (then ``model``,
+    ``lenvm``, ``device`` and ``dtype`` are not used).
     """
     started = time.perf_counter()
     models = models or load_models(model, lenvm, device, dtype)
