@@ -162,9 +162,9 @@ class Control:
 
     @property
     def wants_eos(self) -> bool:
-        """Whether EOS always joins the candidates, so the row can end at its target (our rules
-        for equal_to and at_most; the paper's rules keep the usual candidates)."""
-        return self.kind in ("equal_to", "at_most") and self.rule == "ours"
+        """Whether EOS always joins the candidates, so the row can end where its target wants
+        (our rules; the paper's rules keep the usual candidates)."""
+        return self.kind in TARGET_KINDS and self.rule == "ours"
 
     @property
     def cap(self) -> int | None:

@@ -242,14 +242,16 @@ def at_least(
     total = predicted_total(c, step, gamma)
     end = window_end("at_least", target)
     b = spread(total, step)
-    within = _log_laplace_interval((target[:, None] - 0.5 - total) / b, (end[:, None] + 0.5 - total) / b)
+    within = log_laplace_interval((target[:, None] - 0.5 - total) / b, (end[:, None] + 0.5 - total) / b)
     q = _natural_next(c, natural_eos)
     ends_within = torch.where((step + 1 >= target) & (step + 1 <= end), 0.0, -float("inf")).double()
     log_p = torch.where(c.eos, 0.0, _with_lookahead(q, within, ends_within))
     over = (step > end)[:, None]
     weights = torch.where(over, _wrap_up(c, total, step, end + 1, q), log_p)
-    allowed = _eos_allowed(c, step, give_up("at_least", target, horizon), natural_eos)
-    return _conditioned(c, weights, ~early & allowed)
+    allowed = ~early & _eos_allowed(c, step, give_up("at_least", target, horizon), natural_eos)
+    if horizon is not None:  # the last step before max_new_tokens ends the answer
+        allowed = allowed & (c.eos | (step < horizon - 1)[:, None])
+    return _conditioned(c, weights, allowed)
 
 
 def apply(
@@ -358,7 +360,7 @@ def _log_laplace_cdf(z: torch.Tensor) -> torch.Tensor:
     return torch.where(z >= 0, torch.log1p(-0.5 * torch.exp(-z.clamp(min=0))), z.clamp(max=0) - math.log(2))
 
 
-def _log_laplace_interval(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def log_laplace_interval(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """``log P(lo <= X <= hi)`` for a standard Laplace variable (``lo <= hi``), without the
     cancellation of a difference of CDFs far in either tail."""
     # Both in the right tail: P = 0.5·(exp(-lo) - exp(-hi)); mirrored in the left tail.
