@@ -48,6 +48,7 @@ from lenvm.prompts import as_prompt, encode_prompt
 
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
+SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
 
 
 class Engine:
@@ -126,10 +127,11 @@ class Engine:
 
     @functools.cached_property
     def sentence_ends(self) -> frozenset[int]:
-        """Ids of the tokens that end a sentence or a line (where a retry restarts)."""
+        """Ids of the tokens that end a sentence or a line (where a retry restarts), in Latin and
+        CJK punctuation."""
         texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
         return frozenset(
-            i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith((".", "!", "?"))
+            i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith(SENTENCE_ENDS)
         )
 
     def sequences(self, key: Hashable, request: Request) -> list[Sequence]:
