@@ -103,3 +103,55 @@ def test_endings_count_chosen_eos_and_natural_ones():
     metrics = lifebench_score.summarize(items)["m"]["equal_to"]
     assert metrics["ended"] == 0.5  # a hard cap is not an ending the model or policy chose
     assert metrics["natural_end"] == 0.25  # of those, only p(EOS) 0.5 passes 0.05
+
+
+def _ended(method, constraint, target, n, finish="stop", eos_prob=0.3, text="", row="r"):
+    return {
+        "method": method,
+        "constraint": constraint,
+        "target": target,
+        "num_tokens": n,
+        "finish_reason": finish,
+        "eos_prob": eos_prob,
+        "text": text,
+        "row": row,
+        "decoded_tokens": n + 1,
+    }
+
+
+def test_summary_says_how_answers_ended():
+    items = [
+        _ended("lenvm-ours", "at_most", 32, 32, eos_prob=0.01),  # stopped at the bound by the policy
+        _ended("lenvm-ours", "at_most", 32, 32, eos_prob=0.2),  # natural, on the bound: not stopped
+        _ended("lenvm-ours", "at_most", 32, 20, finish="cap", eos_prob=None),  # forced
+        _ended("lenvm-ours", "at_most", 32, 12),
+    ]
+    m = lifebench_score.summarize(items)["lenvm-ours"]["at_most"]
+    assert m["bound_stop"] == pytest.approx(0.5)
+    assert m["natural_end"] == pytest.approx(0.5)
+    assert m["cut"] == 0.0
+    assert m["median_ratio"] == pytest.approx((20 / 32 + 1) / 2)
+    least = [
+        _ended("p", "at_least", 10, 512, finish="length", eos_prob=None),
+        _ended("p", "at_least", 10, 12),
+    ]
+    m = lifebench_score.summarize(least)["p"]["at_least"]
+    assert m["cut"] == pytest.approx(0.5) and m["bound_stop"] == 0.0
+
+
+def test_summary_counts_guided_changes_to_answers_that_fit_unguided():
+    items = [
+        _ended("prompt", "at_most", 32, 20, text="fits", row="a"),
+        _ended("prompt", "at_most", 32, 40, text="too long", row="b"),
+        _ended("prompt", "at_most", 64, 30, text="fits too", row="a"),
+        _ended("prompt", "at_most", 16, 10, finish="length", text="cut", row="c"),
+        _ended("lenvm-ours", "at_most", 32, 20, text="fits", row="a"),  # left alone
+        _ended("lenvm-ours", "at_most", 32, 30, text="shorter", row="b"),  # needed changing
+        _ended("lenvm-ours", "at_most", 64, 25, text="changed", row="a"),  # changed a fitting answer
+        _ended("lenvm-ours", "at_most", 16, 10, text="other", row="c"),
+    ]
+    summary = lifebench_score.summarize(items)
+    m = summary["lenvm-ours"]["at_most"]
+    assert m["unguided_fit"] == 2 and m["changed_fit"] == pytest.approx(0.5)
+    assert "changed_fit" not in summary["prompt"]["at_most"]
+    assert "1 of 2" in lifebench_score.quality_table(summary)

@@ -197,6 +197,24 @@ def test_row_selection_spreads_over_groups():
     assert [r.id for r in lifebench.select_rows(rows, None, ["zh"])] == ["3", "4"]
 
 
+def test_skipped_rows_and_chosen_ids_split_tuning_from_reporting():
+    rows = [
+        lifebench.Row(str(i), "{word_count} words", "en", category)
+        for i, category in enumerate(["create"] * 4 + ["qa"] * 3 + ["reasoning"] * 2)
+    ]
+    # in turn from each category: 0 4 7 | 1 5 8 | 2 6 | 3
+    tune = lifebench.select_rows(rows, 3, ["en"])
+    report = lifebench.select_rows(rows, None, ["en"], skip=3)
+    assert [r.id for r in tune] == ["0", "4", "7"]
+    assert [r.id for r in report] == ["1", "2", "3", "5", "6", "8"]
+    assert [r.id for r in lifebench.select_rows(rows, 2, None, skip=3)] == ["1", "5"]
+    assert [r.id for r in lifebench.select_rows(rows, None, None, ids=["8", "2"])] == ["2", "8"]
+    with pytest.raises(InputError, match="not found"):
+        lifebench.select_rows(rows, None, None, ids=["2", "99"])
+    with pytest.raises(InputError, match="no LIFEBench rows"):
+        lifebench.select_rows(rows, 2, None, skip=9)
+
+
 # -- prediction baselines ----------------------------------------------------------------------
 
 

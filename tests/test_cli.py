@@ -234,8 +234,11 @@ def test_generate_with_and_without_a_length_control(
     assert main(argv) == 0
     record = json.loads(capsys.readouterr().out)
     assert 0 <= record["retries"] <= 2 and record["decoded_tokens"] >= record["num_tokens"]
+    argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-least", "3", "--retries", "1", "--json"]
+    assert main(argv) == 0  # every target control resamples ends that are not natural
+    assert 0 <= json.loads(capsys.readouterr().out)["retries"] <= 1
     code, err = _error(
-        capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-least", "3", "--retries", "1"]
+        capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--tilt", "1", "--retries", "1"]
     )
     assert code == 2 and "retries" in err
 

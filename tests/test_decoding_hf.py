@@ -122,3 +122,20 @@ def test_processor_rejects_bad_settings(lenvms):
         with pytest.raises(InputError, match="engine"):
             LenVMLogitsProcessor(lenvms["q"], control)
     LenVMLogitsProcessor(lenvms["q"], Control("equal_to", target=5, retries=0))
+
+
+@pytest.mark.parametrize("control_kind", ["equal_to", "at_most", "at_least"])
+def test_sampled_generate_runs_our_target_rules_with_the_lookahead(tiny_generator, lenvms, control_kind):
+    """Near its target a rule looks one step ahead (the attached LenVM's candidate block gives the
+    generator's EOS probability after each candidate): generate() still gets a distribution
+    over the candidates at every step, and an At Most answer stays within its bound."""
+    model, tok = tiny_generator
+    processor = LenVMLogitsProcessor(lenvms["attached"], Control(control_kind, target=3), num_candidates=4)
+    torch.manual_seed(0)
+    _, rows = generate(model, tok, [processor], max_new_tokens=10, sample=True)
+    for row in rows:
+        answer = new_tokens(row, tok.eos_token_id)
+        if control_kind == "at_most":
+            assert len(answer) <= 4 and answer[-1] == tok.eos_token_id
+        if control_kind == "at_least":
+            assert tok.eos_token_id not in answer[:3]

@@ -59,7 +59,7 @@ def test_length_keys_make_the_control_they_name():
         ({"length_tilt": float("inf")}, "finite number"),
         ({"length_equal_too": 5}, "unknown length control key"),
         ({"length_rule": "paper"}, "needs a length control"),
-        ({"length_at_most": 5, "length_retries": 2}, "equal_to"),
+        ({"length_tilt": 1.0, "length_retries": 2}, "target controls"),
         ({"length_equal_to": 5, "length_rule": "magic"}, "rule"),
         ({"length_equal_to": 5, "length_retries": "2"}, "integer"),
     ],

@@ -1,9 +1,12 @@
 """Control policies on constructed candidates: pure functions, no model."""
 
+import math
 import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lenvm.decoding import policies
 from lenvm.decoding.policies import Candidates
@@ -89,8 +92,9 @@ def test_equal_to_ours_past_the_target_prefers_a_token_after_which_the_generator
     # likely (lookahead), so '.' wins once past the target, and a mid-sentence EOS loses to it.
     c = cands([0.45, 0.45, 0.1 * 1e-3], [20, 20, 0], eos_slot=2)
     c.next_eos = torch.tensor([[0.0, 0.5, 0.0]])
+    # Far before the target, ending right after '.' would end 20 tokens early: half of '.' is lost.
     before = policies.equal_to(c, t(10), t(30), GAMMA)[0]
-    assert float(before[1]) == pytest.approx(float(before[0]), rel=1e-6)  # no lookahead before
+    assert float(before[1] / before[0]) == pytest.approx(0.5, rel=1e-3)
     for over in (1, 3, 5):
         dist = policies.equal_to(c, t(30 + over), t(30), GAMMA)[0]
         assert float(dist[1]) > 0.75
@@ -123,12 +127,17 @@ def test_at_least_never_ends_early_unless_nothing_else_is_possible():
     assert float(policies.at_least(only_eos, t(10), t(30), GAMMA)[0, 2]) == 1.0
 
 
-def test_at_least_ours_pushes_up_candidates_that_fall_short_and_follows_after_the_target():
+def test_at_least_ours_pushes_up_candidates_that_fall_short_then_aims_at_ending_soon_after():
     c = cands([0.45, 0.45, 0.1], [40, 2, 0], eos_slot=2)
     before = policies.at_least(c, t(10), t(30), GAMMA)[0]
     assert float(before[0]) > 0.99
+    # From the target on, ending within [30, 30 + 9] is what it aims at: EOS and the candidate
+    # predicted to end 2 tokens later keep their generator odds; running on 40 more is pushed down.
     after = policies.at_least(c, t(30), t(30), GAMMA)[0]
-    torch.testing.assert_close(after, torch.tensor([0.45, 0.45, 0.1], dtype=torch.float64))
+    assert float(after[1] / after[2]) == pytest.approx(4.5, rel=0.05)
+    assert float(after[0]) < 0.1 * float(after[1])
+    # Past the window it wraps up: EOS wins.
+    assert float(policies.at_least(c, t(45), t(30), GAMMA)[0, 2]) > 0.9
 
 
 def test_at_least_paper_picks_the_longest():
@@ -216,3 +225,153 @@ def test_bounds_hold_in_a_world_with_an_exact_lenvm(rule):
     ]
     assert max(lengths_most) <= 10
     assert min(lengths_least) >= 40
+
+
+# -- natural endings --------------------------------------------------------------------------
+
+BAR = torch.tensor([0.05], dtype=torch.float64)
+OURS = {"equal_to": policies.equal_to, "at_most": policies.at_most, "at_least": policies.at_least}
+
+
+def with_eos_now(c, p):
+    c.eos_now = torch.tensor([p], dtype=torch.float64)
+    return c
+
+
+def test_window_give_up_and_lookahead_points():
+    n = torch.tensor([30, 8, 256])
+    assert policies.window_end("equal_to", n).tolist() == [30, 8, 256]
+    assert policies.window_end("at_least", n).tolist() == [39, 11, 333]
+    assert policies.give_up("equal_to", n).tolist() == [33, 10, 277]  # 8%, at least 2 tokens
+    assert policies.give_up("at_most", n).tolist() == [30, 8, 256]  # the bound itself
+    assert policies.give_up("at_least", n).tolist() == [43, 13, 360]
+    # at_least ends before max_new_tokens rather than being cut there
+    assert policies.give_up("at_least", n, horizon=torch.tensor([40, 512, 300])).tolist() == [39, 13, 299]
+    assert policies.lookahead_from(n).tolist() == [22, 4, 192]
+
+
+@pytest.mark.parametrize("kind", ["equal_to", "at_most", "at_least"])
+def test_an_eos_the_generator_finds_unlikely_waits_for_the_give_up_point(kind):
+    """Our rules choose EOS only where the generator itself gives it at least the row's bar; from
+    the give-up step on, any EOS may end the answer."""
+    target = t(30)
+    limit = int(policies.give_up(kind, target))
+    for step in (30, limit - 1, limit):
+        if kind == "at_most" and step > 30:
+            continue
+        c = with_eos_now(cands([0.5, 0.3, 0.2], [3, 40, 0], eos_slot=2), 0.01)
+        dist = OURS[kind](c, t(step), target, GAMMA, natural_eos=BAR)[0]
+        assert (float(dist[2]) > 0) == (step >= limit), step
+        natural = with_eos_now(cands([0.5, 0.3, 0.2], [3, 40, 0], eos_slot=2), 0.2)
+        assert float(OURS[kind](natural, t(step), target, GAMMA, natural_eos=BAR)[0, 2]) > 0
+
+
+def test_lookahead_counts_only_natural_endings_and_prefers_ending_on_time():
+    # Three tokens before the target: '.' (after which the generator ends with q = 0.3) and 'a'
+    # are equally likely and predicted equally long.
+    c = cands([0.45, 0.45, 1e-3], [4, 4, 0], eos_slot=2)
+    c.next_eos = torch.tensor([[0.0, 0.3, 0.0]])
+    one_before = policies.equal_to(c, t(29), t(30), GAMMA, natural_eos=BAR)[0]
+    assert float(one_before[1]) > 0.85  # ending right after '.' lands on 30
+    c.next_eos = torch.tensor([[0.0, 0.03, 0.0]])  # under the bar: that ending would not count
+    ignored = policies.equal_to(c, t(29), t(30), GAMMA, natural_eos=BAR)[0]
+    assert float(ignored[1]) == pytest.approx(float(ignored[0]), rel=1e-6)
+    # at_most: near the bound the candidate after which the answer can end is preferred
+    c.next_eos = torch.tensor([[0.0, 0.3, 0.0]])
+    assert float(policies.at_most(c, t(28), t(30), GAMMA, natural_eos=BAR)[0, 1]) > 0.6
+
+
+def test_fits_is_confident_only_well_inside_the_bound():
+    values = length_to_value(torch.tensor([10.0, 10.0, 25.0, 40.0], dtype=torch.float64), GAMMA)
+    step, target = torch.tensor([0, 15, 0, 0]), torch.tensor([30, 30, 30, 30])
+    assert policies.fits(values, step, target, GAMMA).tolist() == [True, True, False, False]
+
+
+@given(
+    lo=st.floats(-30, 30, allow_nan=False),
+    width=st.floats(1e-3, 40, allow_nan=False),
+)
+def test_log_laplace_interval_is_the_cdf_difference(lo, width):
+    lo_t, hi_t = torch.tensor([lo], dtype=torch.float64), torch.tensor([lo + width], dtype=torch.float64)
+
+    def cdf(z):
+        return 0.5 * math.exp(z) if z < 0 else 1 - 0.5 * math.exp(-z)
+
+    got = float(policies.log_laplace_interval(lo_t, hi_t))
+    expected = cdf(lo + width) - cdf(lo)
+    assert got <= 1e-12
+    if expected > 1e-9:  # where the plain difference is itself accurate
+        assert math.exp(got) == pytest.approx(expected, rel=1e-6)
+    assert math.isfinite(got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(["equal_to", "at_most", "at_least"]),
+    probs=st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1)), min_size=2, max_size=6),
+    lengths=st.lists(st.floats(1, 300), min_size=6, max_size=6),
+    eos_slot=st.integers(0, 5),
+    eos_now=st.floats(0, 1),
+    next_eos=st.lists(st.floats(0, 1), min_size=6, max_size=6),
+    step=st.integers(0, 80),
+    target=st.integers(1, 60),
+)
+def test_our_rules_give_a_distribution_and_no_unnatural_eos_before_giving_up(
+    kind, probs, lengths, eos_slot, eos_now, next_eos, step, target
+):
+    k = len(probs)
+    if sum(probs) == 0:
+        probs[0] = 1.0
+    eos_slot %= k
+    c = cands(probs, lengths[:k], eos_slot=eos_slot)
+    c.eos_now = torch.tensor([eos_now], dtype=torch.float64)
+    c.next_eos = torch.tensor([next_eos[:k]])
+    dist = OURS[kind](c, t(step), t(target), GAMMA, natural_eos=BAR, horizon=t(100))[0]
+    assert torch.isfinite(dist).all() and (dist >= 0).all()
+    assert float(dist.sum()) == pytest.approx(1.0)
+    assert float(dist[torch.tensor(probs, dtype=torch.float64) == 0].sum()) == 0.0
+    others = [j for j in range(k) if j != eos_slot and probs[j] > 0]
+    can_go_on = others and (kind != "at_most" or step < target)
+    limit = int(policies.give_up(kind, t(target), t(100)))
+    if can_go_on and eos_now < 0.05 and step < limit:
+        assert float(dist[eos_slot]) == 0.0
+    if kind == "at_least" and can_go_on and step < target:
+        assert float(dist[eos_slot]) == 0.0
+
+
+def simulate_natural(policy, target, seed, start=15):
+    """A world with an exact LenVM and a generator that ends only where it planned to: it plans
+    to end in ``r`` tokens; 'a' follows the plan, 'b' starts one more sentence (10 tokens), 'c'
+    concludes (the end comes right after it). The generator gives EOS 0.9 once its plan is
+    done and 0.01 anywhere else (an ending that is not natural). Returns (length, natural)."""
+    rng = random.Random(seed)
+    r, step = start, 0
+    while step < 500:
+        done = r <= 1
+        p = [0.05, 0.03, 0.02, 0.9] if done else [0.75, 0.15, 0.09, 0.01]
+        lengths = [max(r - 1, 1), r - 1 + 10, 1, 0]
+        c = cands(p, lengths, eos_slot=3)
+        c.eos_now = torch.tensor([p[3]], dtype=torch.float64)
+        c.next_eos = torch.tensor([[0.9 if r - 1 <= 1 else 0.01, 0.01, 0.9, 0.0]])
+        choice = int(policies.choose(policy(c, t(step), t(target)), torch.tensor([rng.random()])))
+        if choice == 3:
+            return step, p[3] >= 0.05
+        r = lengths[choice]
+        step += 1
+    return step, False
+
+
+@pytest.mark.parametrize("target", [8, 40])
+def test_targets_end_naturally_in_a_world_with_an_exact_lenvm(target):
+    def run(kind):
+        return [
+            simulate_natural(lambda c, s, n: OURS[kind](c, s, n, GAMMA, natural_eos=BAR), target, seed)
+            for seed in range(30)
+        ]
+
+    equal, most, least = run("equal_to"), run("at_most"), run("at_least")
+    end = int(policies.window_end("at_least", t(target)))
+    assert all(natural for _, natural in equal + most + least)
+    assert sum(abs(n - target) for n, _ in equal) / 30 <= 1.0
+    assert all(n <= target for n, _ in most)
+    assert all(target <= n <= end for n, _ in least)

@@ -148,6 +148,8 @@ def run_lifebench(
     methods: Sequence[str] | None = None,
     rows: int | None = None,
     langs: Sequence[str] | None = None,
+    skip_rows: int = 0,
+    row_ids: Sequence[str] | None = None,
     max_new_tokens: int = 2048,
     max_prompt_tokens: int | None = None,
     temperature: float | None = None,
@@ -169,13 +171,15 @@ def run_lifebench(
 
     ``methods`` defaults to every method the models allow (the prompt alone without a LenVM).
     ``rows`` keeps N rows, taken in turn from each (language, category) group, after the
-    ``langs`` filter ("en"/"zh") and after leaving out rows too long for the generator's context
-    or longer than ``max_prompt_tokens`` (a small CPU run can skip the long source texts).
-    Targets above ``max_new_tokens`` are skipped, as LIFEBench does. Sampling options left at None follow the
-    LenVM's training policy. ``best_of`` > 1 gives the LenVM methods' Equal To requests that
-    many attempts and ``retries`` sets how often they resample an end that is not natural (None:
-    the control's default; see :class:`lenvm.decoding.Control`). ``models`` passes already loaded models
-    (then ``model``, ``lenvm``, ``device`` and ``dtype`` are not used).
+    ``row_ids`` and ``langs`` filters ("en"/"zh"), after leaving out the first ``skip_rows`` of
+    that order and rows too long for the generator's context or longer than
+    ``max_prompt_tokens`` (a small CPU run can skip the long source texts); see
+    :func:`select_rows`. Targets above ``max_new_tokens`` are skipped, as LIFEBench does.
+    Sampling options left at None follow the LenVM's training policy. ``best_of`` > 1 gives the
+    LenVM methods' Equal To requests that many attempts and ``retries`` sets how often the LenVM
+    methods' requests resample an end that is not natural (None: the control's default; see
+    :class:`lenvm.decoding.Control`). ``models`` passes already loaded models (then ``model``,
+    ``lenvm``, ``device`` and ``dtype`` are not used).
     """
     started = time.perf_counter()
     models = models or load_models(model, lenvm, device, dtype, backend)
@@ -191,7 +195,7 @@ def run_lifebench(
     if not kept:
         raise InputError(f"every target exceeds max_new_tokens={max_new_tokens}")
     table, too_long = fitting_rows(read_lifebench(data), models, max_new_tokens, max_prompt_tokens)
-    table = select_rows(table, rows, langs)
+    table = select_rows(table, rows, langs, skip_rows, row_ids)
     sampling = bench_sampling(
         models,
         max_new_tokens,
@@ -228,6 +232,7 @@ def run_lifebench(
             "targets": kept,
             "skipped_targets": skipped,
             "rows": len(table),
+            "row_ids": [r.id for r in table],
             "rows_too_long": too_long,
             "languages": sorted({r.lang for r in table}),
             "settings": settings,
@@ -254,18 +259,38 @@ def fitting_rows(
     return fit, [r.id for r in table if id(r) not in kept]
 
 
-def select_rows(table: list[Row], rows: int | None, langs: Sequence[str] | None) -> list[Row]:
-    """Rows of the wanted languages; with a row limit, taken in turn from each (language,
-    category) group so that a small run still covers both languages and every category."""
+def select_rows(
+    table: list[Row],
+    rows: int | None,
+    langs: Sequence[str] | None,
+    skip: int = 0,
+    ids: Sequence[str] | None = None,
+) -> list[Row]:
+    """Rows of the wanted languages (and, given ``ids``, those rows only); then, with ``skip`` or a
+    row limit, rows taken in turn from each (language, category) group so that a small run still
+    covers both languages and every category: the first ``skip`` of that order are left out and
+    the next ``rows`` kept. Tuning and reporting rows are thus disjoint by construction, e.g.
+    ``rows=6`` to tune and ``skip=6`` to report."""
+    if ids is not None:
+        present = {r.id for r in table}
+        missing = [i for i in ids if i not in present]
+        if missing:
+            raise InputError(
+                f"LIFEBench rows not found (or left out as too long): {', '.join(map(str, missing))}"
+            )
+        wanted_ids = set(ids)
+        table = [r for r in table if r.id in wanted_ids]
     if langs:
         wanted = {_language(lang, "") for lang in langs}
         table = [r for r in table if r.lang in wanted]
-    if rows is not None:
+    if skip < 0 or (rows is not None and rows < 1):
+        raise InputError("--skip-rows must be at least 0 and --rows at least 1")
+    if rows is not None or skip:
         groups: dict[tuple[str, str], list[Row]] = {}
         for row in table:
             groups.setdefault((row.lang, row.category), []).append(row)
         order = [row for tier in itertools.zip_longest(*groups.values()) for row in tier if row]
-        chosen = {id(row) for row in order[:rows]}
+        chosen = {id(row) for row in order[skip : None if rows is None else skip + rows]}
         table = [row for row in table if id(row) in chosen]
     if not table:
         raise InputError("no LIFEBench rows left after the row and language selection")
@@ -284,13 +309,12 @@ def _job(
     rule = METHODS[method][0]
     control = None
     if rule is not None:
-        equal = constraint == "equal_to"
         control = Control(
             kind=constraint,
             target=target,
             rule=rule,
-            best_of=best_of if equal else 1,
-            retries=retries if equal else None,
+            best_of=best_of if constraint == "equal_to" else 1,
+            retries=retries,
         )
     prompt = Prompt(row.id, text=token_task(row, constraint, target))
     # The seed ignores the method: every method meets the same random numbers on an item.
@@ -319,11 +343,15 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         lifebench_score.breakdown_table(summary, "by_category", labels),
         "\nLength Score by language:\n",
         lifebench_score.breakdown_table(summary, "by_lang", labels),
-        "\nOutputs ended by an EOS that the model or policy chose (not cut at max_new_tokens or "
-        f"by a hard cap); natural ends: those whose EOS the generator itself gave at least "
-        f"{lifebench_score.NATURAL_EOS:g}; the generator's mean log-probability per token under its "
-        "own distribution; and the tokens decoded per token returned (above 1 where ends were "
-        "resampled or several attempts made):\n",
+        "\nHow outputs ended: by an EOS that the model or policy chose (not cut at max_new_tokens "
+        f"or by a hard cap); naturally (an EOS the generator itself gave at least "
+        f"{lifebench_score.NATURAL_EOS:g}); stopped by a bound (EOS forced by a hard cap, or an At "
+        "Most answer ending exactly at its bound with an EOS that is not natural); cut at "
+        "max_new_tokens. Then the median output length over the target, the generator's mean "
+        "log-probability per token under its own distribution, the tokens decoded per token "
+        "returned (above 1 where ends were resampled or several attempts made), and how many "
+        "answers that met their bound without guidance (the prompt-only answer of the same item, "
+        "drawn with the same random stream) guidance changed:\n",
         lifebench_score.quality_table(summary, labels),
     ]
     return "\n".join(parts)
@@ -390,12 +418,14 @@ def add_arguments(p) -> None:
         default=list(lifebench_score.CONSTRAINTS),
     )
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
-    p.add_argument("--rows", type=int, help="evaluate the first N rows")
+    p.add_argument("--rows", type=int, help="evaluate N rows, taken in turn from each (language, category)")
+    p.add_argument("--skip-rows", type=int, default=0, help="leave out the first N rows of that order")
+    p.add_argument("--row-ids", nargs="+", help="evaluate these LIFEBench row ids only")
     p.add_argument("--langs", nargs="+", help="e.g. en zh")
     p.add_argument("--max-prompt-tokens", type=int, help="leave out longer prompts")
     p.add_argument("--best-of", type=int, default=1, help="Equal To with a LenVM: keep the best of K answers")
     p.add_argument(
-        "--retries", type=int, help="Equal To with a LenVM: resample an end that is not natural up to R times"
+        "--retries", type=int, help="with a LenVM: resample an end that is not natural up to R times"
     )
     options.add_backend(p)
     options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
@@ -413,6 +443,8 @@ def main(args) -> None:
         methods=args.methods,
         rows=args.rows,
         langs=args.langs,
+        skip_rows=args.skip_rows,
+        row_ids=args.row_ids,
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         num_candidates=args.num_candidates,

@@ -19,6 +19,8 @@ from lenvm.bench.common import markdown_table
 from lenvm.decoding.params import NATURAL_EOS
 
 CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
+BOUNDS = ("at_most", "at_least")
+UNGUIDED = "prompt"  # the method whose answers are the generator's own (no LenVM)
 CONSTRAINT_LABELS = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}
 UNDERSHOOT_RATE = 5.0  # LIFEBench punishes too-short answers harder than too-long ones
 OVERSHOOT_RATE = 2.0
@@ -62,15 +64,43 @@ def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
         "score": _target_averaged(
             items, lambda i: length_score(i["num_tokens"], i["target"], i["constraint"])
         ),
-        "ended": float(np.mean([i.get("finish_reason") == "stop" for i in items])),
-        "natural_end": float(np.mean([_natural_end(i) for i in items])),
+        "ended": _share(items, lambda i: i.get("finish_reason") == "stop"),
+        "natural_end": _share(items, natural_end),
+        "bound_stop": _share(items, stopped_by_bound),
+        "cut": _share(items, lambda i: i.get("finish_reason") == "length"),
+        "median_ratio": float(np.median([i["num_tokens"] / i["target"] for i in items])),
         "mean_logprob": float(np.mean([i.get("mean_logprob", np.nan) for i in items])),
         "decoding_cost": _decoding_cost(items),
     }
 
 
-def _natural_end(item: Mapping[str, Any]) -> bool:
+def _share(items: list[Mapping[str, Any]], test: Callable[[Mapping], bool]) -> float:
+    return float(np.mean([test(i) for i in items]))
+
+
+def natural_end(item: Mapping[str, Any]) -> bool:
+    """Ended with an EOS that the generator itself gave at least ``NATURAL_EOS``."""
     return item.get("finish_reason") == "stop" and (item.get("eos_prob") or 0.0) >= NATURAL_EOS
+
+
+def stopped_by_bound(item: Mapping[str, Any]) -> bool:
+    """Ended by a bound rather than by the text: EOS forced by a hard cap (``finish_reason``
+    ``"cap"``), or an At Most answer that ends exactly at its bound with an EOS the generator
+    gave under ``NATURAL_EOS`` (the policy's only choice there). A natural end that happens to
+    land on the bound does not count."""
+    if item.get("finish_reason") == "cap":
+        return True
+    at_bound = item["constraint"] == "at_most" and item["num_tokens"] == item["target"]
+    return at_bound and item.get("finish_reason") == "stop" and not natural_end(item)
+
+
+def fits(item: Mapping[str, Any]) -> bool:
+    """An answer that ended with EOS and meets its bound (At Most: at most the target; At Least:
+    at least the target)."""
+    if item.get("finish_reason") not in ("stop", "cap"):
+        return False
+    n, target = item["num_tokens"], item["target"]
+    return n <= target if item["constraint"] == "at_most" else n >= target
 
 
 def _decoding_cost(items: list[Mapping[str, Any]]) -> float:
@@ -98,18 +128,25 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Aggregate scored outputs by method and constraint.
 
     Each item needs ``method``, ``constraint``, ``target``, ``num_tokens`` (the output length,
-    EOS excluded) and may carry ``category``, ``lang``, ``finish_reason`` and ``eos_prob``.
-    Returns, per method and constraint, the overall metrics plus ``by_target``, ``by_category``
-    and ``by_lang`` breakdowns; every metrics dict holds ``n``, ``deviation`` (mean ``|LD|``),
-    ``signed_deviation``, ``score``, ``ended`` (the share of outputs ended by an EOS that the
-    model or policy chose, not cut at ``max_new_tokens`` or by a hard cap), ``natural_end`` (the
-    share of those whose EOS the generator itself gave at least ``NATURAL_EOS``),
-    ``mean_logprob`` (the generator's mean log-probability per output token: a fluency proxy) and
-    ``decoding_cost`` (tokens decoded per token returned, from ``decoded_tokens``).
+    EOS excluded) and may carry ``row``, ``category``, ``lang``, ``finish_reason``, ``eos_prob``
+    and ``text``. Returns, per method and constraint, the overall metrics plus ``by_target``,
+    ``by_category`` and ``by_lang`` breakdowns; every metrics dict holds ``n``, ``deviation``
+    (mean ``|LD|``), ``signed_deviation``, ``score``, ``ended`` (the share of outputs ended by an
+    EOS that the model or policy chose, not cut at ``max_new_tokens`` or by a hard cap),
+    ``natural_end`` (the share of outputs ended by an EOS the generator itself gave at least
+    ``NATURAL_EOS``), ``bound_stop`` (the share stopped by a bound: :func:`stopped_by_bound`),
+    ``cut`` (the share cut at ``max_new_tokens``), ``median_ratio`` (the median of output length
+    over target), ``mean_logprob`` (the generator's mean log-probability per output token: a
+    fluency proxy) and ``decoding_cost`` (tokens decoded per token returned, from
+    ``decoded_tokens``). For At Most and At Least, when the prompt-only method ran on the same
+    items, a guided method also gets ``unguided_fit`` (how many of its items' unguided answers
+    met the bound) and ``changed_fit`` (the share of those whose guided answer differs; None when
+    none did).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
         grouped[item["method"]][item["constraint"]].append(item)
+    unguided = {_item_key(i): i for group in grouped.get(UNGUIDED, {}).values() for i in group if "text" in i}
     summary: dict[str, dict[str, Any]] = {}
     for method, by_constraint in grouped.items():
         summary[method] = {}
@@ -123,7 +160,23 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
                 "by_category": _grouped([i for i in group if "category" in i], "category"),
                 "by_lang": _grouped([i for i in group if "lang" in i], "lang"),
             }
+            if method != UNGUIDED and constraint in BOUNDS and unguided:
+                summary[method][constraint].update(_changed_fits(group, unguided))
     return summary
+
+
+def _item_key(item: Mapping[str, Any]) -> tuple:
+    return item.get("row"), item["constraint"], int(item["target"])
+
+
+def _changed_fits(group: list[Mapping[str, Any]], unguided: Mapping[tuple, Mapping[str, Any]]) -> dict:
+    """How often guidance changed an answer that met its bound without it: the unguided answer
+    of an item is the prompt-only method's, drawn with the same seed (the same random stream),
+    so a guided answer that leaves it alone is the same text."""
+    pairs = [(i, unguided[_item_key(i)]) for i in group if _item_key(i) in unguided and "text" in i]
+    pairs = [(i, u) for i, u in pairs if fits(u)]
+    changed = sum(i["text"] != u["text"] for i, u in pairs)
+    return {"unguided_fit": len(pairs), "changed_fit": changed / len(pairs) if pairs else None}
 
 
 def _cell(metrics: Mapping[str, Any] | None, key: str, percent: bool = False) -> str:
@@ -179,27 +232,41 @@ def breakdown_table(
 
 
 def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
-    """Per method and constraint: how many outputs ended with EOS, and the generator's mean
-    log-probability per token (control that hits lengths by garbling text shows up here)."""
+    """Per method and constraint: how the outputs ended (with EOS, naturally, stopped by a bound,
+    cut at ``max_new_tokens``), their median length over the target, the generator's mean
+    log-probability per token (control that hits lengths by garbling text shows up here), the
+    decoding cost, and how often guidance changed an answer that met its bound unguided."""
     labels = labels or {}
-    rows = [
-        [
-            labels.get(method, method),
-            CONSTRAINT_LABELS[constraint],
-            f"{100 * metrics['ended']:.0f}%",
-            f"{100 * metrics['natural_end']:.0f}%",
-            f"{metrics['mean_logprob']:.2f}",
-            f"{metrics['decoding_cost']:.2f}x",
-        ]
-        for method, by_constraint in summary.items()
-        for constraint, metrics in by_constraint.items()
-    ]
+    rows = []
+    for method, by_constraint in summary.items():
+        for constraint, m in by_constraint.items():
+            changed = "–"
+            if m.get("unguided_fit"):
+                changed = f"{round(m['changed_fit'] * m['unguided_fit'])} of {m['unguided_fit']}"
+            rows.append(
+                [
+                    labels.get(method, method),
+                    CONSTRAINT_LABELS[constraint],
+                    f"{100 * m['ended']:.0f}%",
+                    f"{100 * m['natural_end']:.0f}%",
+                    f"{100 * m['bound_stop']:.0f}%",
+                    f"{100 * m['cut']:.0f}%",
+                    f"{m['median_ratio']:.2f}",
+                    f"{m['mean_logprob']:.2f}",
+                    f"{m['decoding_cost']:.2f}x",
+                    changed,
+                ]
+            )
     header = [
         "method",
         "constraint",
         "ended with EOS",
         f"natural end (generator p(EOS) >= {NATURAL_EOS:g})",
+        "stopped by a bound",
+        "cut at max_new_tokens",
+        "median length / target",
         "mean log-prob / token",
         "tokens decoded / returned",
+        "fitting unguided answers changed",
     ]
     return markdown_table(header, rows)

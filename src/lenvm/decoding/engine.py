@@ -28,10 +28,10 @@ no request waits forever (:mod:`lenvm.decoding.queue`): a server's mean latency 
 answers no longer wait behind long ones. Predictions cost one forward over each prompt, batched
 over the requests that arrived since the last step.
 
-A finished Equal To answer that did not end naturally (the generator itself gave its final EOS
-under ``Control.natural_eos``) goes back to decoding from an earlier point, further back on
-each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the tokens it
-keeps and rejoins the batch, so only the answers that miss pay for a second try.
+A finished answer to a target control that did not end naturally (the generator itself gave
+its final EOS under ``Control.natural_eos``) goes back to decoding from an earlier point, further
+back on each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the
+tokens it keeps and rejoins the batch, so only the answers that miss pay for a second try.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from lenvm.prompts import encode_prompt
 
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
+SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
 
 
 class Engine:
@@ -144,10 +145,11 @@ class Engine:
 
     @functools.cached_property
     def sentence_ends(self) -> frozenset[int]:
-        """Ids of the tokens that end a sentence or a line (where a retry restarts)."""
+        """Ids of the tokens that end a sentence or a line (where a retry restarts), in Latin and
+        CJK punctuation."""
         texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
         return frozenset(
-            i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith((".", "!", "?"))
+            i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith(SENTENCE_ENDS)
         )
 
     def sequences(self, key: Hashable, request: Request) -> list[Sequence]:
@@ -314,7 +316,7 @@ class Scheduler:
             tried[seq.attempt] = result
             if len(tried) == attempts:
                 results = [r for _, r in sorted(self.tried.pop(seq.index).items())]  # ties: first attempt
-                chosen = best_of(results, seq.control.target, seq.control.natural_eos)
+                chosen = best_of(results, seq.control.target, seq.control.natural_eos, seq.control.kind)
                 update.result = replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
         return list(updates.values())
 

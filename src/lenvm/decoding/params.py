@@ -20,8 +20,8 @@ TARGET_KINDS = ("equal_to", "at_most", "at_least")
 RULES = ("ours", "paper")
 # An ending counts as natural when the generator itself gave its EOS at least this probability.
 NATURAL_EOS = 0.05
-# Equal To (our rule) by default resamples the end of an answer that did not end naturally this
-# many times (see Control).
+# A target control under our rule by default resamples the end of an answer that did not end
+# naturally this many times (see Control).
 DEFAULT_RETRIES = 4
 # Most alternatives a request may ask to see at each step (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
@@ -100,14 +100,16 @@ class Control:
     return the one that ends naturally (the generator gave its final EOS at least
     ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
     the decoding.
-    ``retries`` (equal_to only): when an answer does not end naturally, go back and resample its
+    ``retries`` (target controls): when an answer does not end naturally (our rules choose an
+    EOS only where the generator itself would end, so such an answer reached the bound of
+    at_most, or ran well past the target of equal_to or at_least), go back and resample its
     end, at most this many times; retry ``a`` of ``R`` restarts at the start of the sentence
     ``a / R`` of the target before the target (further back each time, where the text can still
     turn toward a conclusion; the last retry from the beginning), and the result is the first
-    natural ending, or the attempt closest to the target if none is.
-    Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rule, 0 for the
+    natural ending, or the best attempt if none is (see :func:`lenvm.decoding.sequence.best_of`).
+    Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rules, 0 for the
     paper's. ``natural_eos``: the generator's EOS probability from which an ending counts as
-    natural for retries and ``best_of``.
+    natural, for our rules' choice of EOS, retries and ``best_of``.
     """
 
     kind: ControlKind = "none"
@@ -143,8 +145,8 @@ class Control:
         if self.retries is not None:
             if not is_int(self.retries) or self.retries < 0:
                 raise InputError(f"retries must be a non-negative integer, got {self.retries!r}")
-            if self.retries > 0 and self.kind != "equal_to":
-                raise InputError("retries applies to equal_to controls only")
+            if self.retries > 0 and self.kind not in TARGET_KINDS:
+                raise InputError(f"retries applies to target controls only ({', '.join(TARGET_KINDS)})")
         if self.hard_cap_slack is not None:
             if self.kind not in ("equal_to", "at_most"):
                 raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
@@ -164,13 +166,13 @@ class Control:
         """How many times an answer that did not end naturally has its end resampled."""
         if self.retries is not None:
             return self.retries
-        return DEFAULT_RETRIES if self.kind == "equal_to" and self.rule == "ours" else 0
+        return DEFAULT_RETRIES if self.kind in TARGET_KINDS and self.rule == "ours" else 0
 
     @property
     def wants_eos(self) -> bool:
-        """Whether EOS always joins the candidates, so the row can end at its target (our rules
-        for equal_to and at_most; the paper's rules keep the usual candidates)."""
-        return self.kind in ("equal_to", "at_most") and self.rule == "ours"
+        """Whether EOS always joins the candidates, so the row can end where its target wants
+        (our rules; the paper's rules keep the usual candidates)."""
+        return self.kind in TARGET_KINDS and self.rule == "ours"
 
     @property
     def cap(self) -> int | None:

@@ -20,24 +20,35 @@ Our rules (``rule="ours"``) condition the generator on the constraint instead of
 final length satisfies the constraint (Bayes' rule, as in sampling from the constrained
 generator). The LenVM gives a point prediction ``T(x)``; around it the final length is modelled
 as Laplace with scale ``b(x) = SPREAD · l(x) + FLOOR``: the error of a length prediction grows
-with how far it looks ahead, and the prediction for EOS is exact up to ``FLOOR``. Hence:
+with how far it looks ahead, and the prediction for EOS is exact up to ``FLOOR``.
+
+Every target rule plans for an ending the generator itself would write. An answer ends
+*naturally* where the generator gives EOS at least a row's ``natural_eos`` (``Candidates.eos_now``
+is the generator's own EOS probability at this step); our rules choose EOS only there, until a
+``give_up`` step past which any EOS may end the answer (the engine then resamples the end: an
+answer that ends there did not end naturally). Near the end of a window
+(:func:`lookahead_from`), when the scorer knows the generator's EOS probability ``q(x)`` right
+after each candidate (``Candidates.next_eos``; the attached kind computes it from the
+candidates' hidden states), a candidate's weight looks one step ahead: with probability ``q(x)``
+(counted only where that ending would be natural) the answer ends right after ``x``, otherwise
+the LenVM's prediction holds. So a token that closes the answer on time beats both rambling on
+and an EOS in mid-sentence.
 
 - equal_to: ``p(x) · Laplace(N; T(x), b(x))`` while ``t < N``. Far from the target only large
   prediction errors matter, so the generator leads; near it the prediction steers toward
   candidates that let the answer end around ``N``. Once ``t >= N`` the policy wraps up: with
   ``o = t - N + 1``, EOS gets ``p(EOS) · exp(o² / WRAP_UP)`` and another candidate
   ``p(x) · exp(-o² · (l(x) - l_min) / (WRAP_UP · l_min))``, ``l_min`` the soonest predicted end
-  among them. The answer finishes its sentence and ends with the generator's own EOS instead
-  of being cut at ``N``; an EOS the generator finds unlikely wins only after several tokens of
-  overshoot (EOS is always a candidate; a hard cut is the explicit ``hard_cap_slack`` option).
-  When the scorer knows the generator's EOS probability ``q(x)`` right after each candidate
-  (``Candidates.next_eos``; the attached kind computes it from the candidates' hidden states),
-  a candidate's weight looks one step ahead: ``q(x)`` of it counts as ending there, so a token
-  that closes the sentence beats both rambling on and an EOS in mid-sentence.
+  among them. The answer finishes its sentence and ends with the generator's own EOS; an EOS the
+  generator finds unlikely is allowed from ``N + slack(N)`` on.
 - at_most: ``p(x) · P(L <= N)``: candidates well inside the bound keep their generator
   probabilities; those predicted to cross it are pushed down by the Laplace tail; EOS is exact.
-- at_least: ``p(x) · P(L >= N)``: the mirror image; EOS before ``N`` has probability 0 unless no
-  other candidate is usable.
+  While the LenVM is confident that the answer fits (:func:`fits`), the engine leaves the row
+  to the generator altogether (the same draw as without guidance).
+- at_least: ``p(x) · P(N <= L <= H)`` with ``H = N + ceil(AT_LEAST_AIM · N)``: the answer is
+  steered to end naturally soon after ``N``, not merely after it; EOS before ``N`` has
+  probability 0 unless no other candidate is usable; past ``H`` it wraps up as equal_to does
+  past its target.
 
 When no candidate can satisfy the constraint, the row keeps the Laplace weights without that
 cut. The paper's rules (``rule="paper"``) are one-hot:
@@ -54,9 +65,15 @@ import torch
 
 from lenvm.returns import length_to_value, value_to_length
 
-WRAP_UP = 2.0  # equal_to past its target: EOS is boosted by exp(o² / WRAP_UP), o = overshoot + 1
+WRAP_UP = 2.0  # past the end of its window: EOS is boosted by exp(o² / WRAP_UP), o = overshoot + 1
 SPREAD = 0.25  # Laplace scale per predicted remaining token
 FLOOR = 0.25  # Laplace scale of an exact prediction: ending one token off costs a factor e^-4
+SLACK = 0.08  # an EOS that is not natural waits this share of the window's end beyond it ...
+MIN_SLACK = 2  # ... and at least this many tokens
+AT_LEAST_AIM = 0.3  # at_least N aims at a natural end in [N, N + ceil(AT_LEAST_AIM * N)]
+LOOKAHEAD = 0.25  # look one step ahead from this share of the target before it ...
+MIN_LOOKAHEAD = 4  # ... and at least this many tokens before it
+FIT_CONFIDENCE = 0.9  # at_most leaves a row to the generator while P(L <= N | s_t) is at least this
 
 
 @dataclass
@@ -69,11 +86,14 @@ class Candidates:
     eos: torch.Tensor  # [B, k] True where the candidate is an EOS token
     # [B, k] the generator's probability of EOS right after x (when the scorer computed it)
     next_eos: torch.Tensor | None = None
+    # [B] the generator's own probability (temperature 1, untruncated) of its EOS now
+    eos_now: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> Candidates:
         """The candidates of the rows ``index``."""
         nxt = None if self.next_eos is None else self.next_eos[index]
-        return Candidates(self.ids[index], self.probs[index], self.values[index], self.eos[index], nxt)
+        now = None if self.eos_now is None else self.eos_now[index]
+        return Candidates(self.ids[index], self.probs[index], self.values[index], self.eos[index], nxt, now)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -92,6 +112,46 @@ def spread(total: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return SPREAD * (total - step[:, None].double()) + FLOOR
 
 
+def window_end(kind: str, target: torch.Tensor) -> torch.Tensor:
+    """The last output length a target rule aims at: ``N`` (equal_to, at_most) or
+    ``N + ceil(AT_LEAST_AIM · N)`` (at_least)."""
+    if kind == "at_least":
+        return target + torch.ceil(AT_LEAST_AIM * target.double()).long()
+    return target
+
+
+def give_up(kind: str, target: torch.Tensor, horizon: torch.Tensor | None = None) -> torch.Tensor:
+    """The step from which a target rule lets any EOS end the answer, natural or not: the bound
+    itself for at_most, else ``slack`` tokens past the window's end (``SLACK`` of it, at least
+    ``MIN_SLACK``), and for at_least never later than the last step before ``horizon``
+    (``max_new_tokens``), so that it ends rather than being cut."""
+    end = window_end(kind, target)
+    if kind == "at_most":
+        return end
+    limit = end + torch.ceil(SLACK * end.double()).long().clamp(min=MIN_SLACK)
+    if kind == "at_least" and horizon is not None:
+        limit = torch.minimum(limit, (horizon - 1).clamp(min=0))
+    return limit
+
+
+def lookahead_from(target: torch.Tensor) -> torch.Tensor:
+    """The step from which a target rule looks one step ahead (the generator's EOS probability
+    after each candidate): ``LOOKAHEAD`` of the target before it, at least ``MIN_LOOKAHEAD``
+    tokens (the target is where equal_to and at_least start to accept an end, and at_most's
+    last chance to end)."""
+    ahead = torch.ceil(LOOKAHEAD * target.double()).long().clamp(min=MIN_LOOKAHEAD)
+    return (target - ahead).clamp(min=0)
+
+
+def fits(value: torch.Tensor, step: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Whether the LenVM is confident (``P(L <= N) >= FIT_CONFIDENCE`` under the Laplace model)
+    that an answer in state value ``value`` (``[B]``, at ``step``) ends within ``target``."""
+    left = value_to_length(value.double(), gamma).clamp(min=1.0)
+    total = step.double() + left
+    z = (target.double() + 0.5 - total) / (SPREAD * left + FLOOR)
+    return _log_laplace_cdf(z) >= math.log(FIT_CONFIDENCE)
+
+
 def follow(c: Candidates) -> torch.Tensor:
     """No control: the generator's own distribution over the candidates."""
     return _normalize(c.probs.double().log(), c.valid)
@@ -103,7 +163,13 @@ def tilt(c: Candidates, beta: torch.Tensor) -> torch.Tensor:
 
 
 def equal_to(
-    c: Candidates, step: torch.Tensor, target: torch.Tensor, gamma: float, rule: str = "ours"
+    c: Candidates,
+    step: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    rule: str = "ours",
+    natural_eos: torch.Tensor | None = None,
+    horizon: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Aim at exactly ``target`` output tokens."""
     if rule == "paper":
@@ -111,46 +177,61 @@ def equal_to(
         distance = (c.values.double() - goal[:, None]).abs().masked_fill(~c.valid, float("inf"))
         return _one_hot(distance.argmin(-1), c)
     total = predicted_total(c, step, gamma)
-    b = spread(total, step)
-    log_likelihood = -(total - target[:, None]).abs() / b - (2 * b).log()
+    q = _natural_next(c, natural_eos)
+    density = _log_laplace_density(target[:, None].double(), total, spread(total, step))
+    density = _with_lookahead(q, density, _ending_next(step, target))
     over = (step >= target)[:, None]
-    return _conditioned(c, torch.where(over, _wrap_up(c, total, step, target), log_likelihood), c.valid)
+    weights = torch.where(over, _wrap_up(c, total, step, target, q), density)
+    return _conditioned(c, weights, _eos_allowed(c, step, give_up("equal_to", target), natural_eos))
 
 
-def _wrap_up(c: Candidates, total: torch.Tensor, step: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """equal_to once its target is reached: log weights that favour EOS by ``o² / WRAP_UP`` and
-    other candidates by how much sooner than the soonest one they are predicted to end
-    (``o`` = tokens out beyond the target, plus one). A sentence gets a few tokens to finish
-    where the generator gives EOS a fair chance; a mid-sentence EOS wins only after several."""
+def _wrap_up(
+    c: Candidates, total: torch.Tensor, step: torch.Tensor, target: torch.Tensor, q: torch.Tensor | None
+) -> torch.Tensor:
+    """Log weights once ``target`` (a window's end) is reached: EOS is favoured by
+    ``o² / WRAP_UP`` and other candidates by how much sooner than the soonest one they are
+    predicted to end (``o`` = tokens out beyond the target, plus one). A sentence gets a few
+    tokens to finish where the generator gives EOS a fair chance; a mid-sentence EOS wins only
+    after several. With the lookahead, after ``x`` the generator ends with probability ``q(x)``,
+    an ending worth what EOS is worth now; so "." before a likely EOS beats a mid-sentence EOS."""
     pressure = (step - target + 1).clamp(min=0)[:, None].double() ** 2 / WRAP_UP
     left = (total - step[:, None].double()).clamp(min=1.0).masked_fill(c.eos | ~c.valid, float("inf"))
     soonest = left.min(-1, keepdim=True).values.clamp(max=1e9)
     later = torch.where(c.eos, 0.0, (left - soonest) / soonest)
     weights = torch.where(c.eos, pressure, -pressure * later)
-    if c.next_eos is not None:
-        # One step of lookahead: after x the generator ends with probability q(x), an ending
-        # worth what EOS is worth now; so "." before a likely EOS beats a mid-sentence EOS.
-        q = c.next_eos.double().clamp(0.0, 1.0)
-        ahead = torch.logaddexp(q.log() + pressure, (1 - q).log() + weights)
-        weights = torch.where(c.eos, weights, ahead)
+    if q is not None:
+        weights = torch.where(c.eos, weights, torch.logaddexp(q.log() + pressure, torch.log1p(-q) + weights))
     return weights
 
 
 def at_most(
-    c: Candidates, step: torch.Tensor, target: torch.Tensor, gamma: float, rule: str = "ours"
+    c: Candidates,
+    step: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    rule: str = "ours",
+    natural_eos: torch.Tensor | None = None,
+    horizon: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stay at or below ``target``; the engine adds a hard EOS at the bound for our rule."""
     if rule == "paper":
         return _one_hot(c.values.double().masked_fill(~c.valid, -float("inf")).argmax(-1), c)
     total = predicted_total(c, step, gamma)
     inside = _log_laplace_cdf((target[:, None] + 0.5 - total) / spread(total, step))
-    log_p = torch.where(c.eos, 0.0, inside)
+    fits_next = torch.where(step + 1 <= target, 0.0, -float("inf")).double()
+    log_p = torch.where(c.eos, 0.0, _with_lookahead(_natural_next(c, natural_eos), inside, fits_next))
     feasible = torch.where(c.eos, total <= target[:, None], (step < target)[:, None])
-    return _conditioned(c, log_p, feasible)
+    return _conditioned(c, log_p, feasible & _eos_allowed(c, step, target, natural_eos))
 
 
 def at_least(
-    c: Candidates, step: torch.Tensor, target: torch.Tensor, gamma: float, rule: str = "ours"
+    c: Candidates,
+    step: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    rule: str = "ours",
+    natural_eos: torch.Tensor | None = None,
+    horizon: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reach at least ``target``: EOS is never allowed before it unless nothing else is usable."""
     early = c.eos & (step < target)[:, None]
@@ -159,10 +240,18 @@ def at_least(
         allowed = torch.where(allowed.any(-1, keepdim=True), allowed, c.valid)
         return _one_hot(c.values.double().masked_fill(~allowed, float("inf")).argmin(-1), c)
     total = predicted_total(c, step, gamma)
-    beyond = _log_laplace_cdf((total - target[:, None] + 0.5) / spread(total, step))
-    done = (step + 1 >= target)[:, None]  # the next token reaches the target whatever it is
-    log_p = torch.where(c.eos | done, 0.0, beyond)
-    return _conditioned(c, log_p, ~early)
+    end = window_end("at_least", target)
+    b = spread(total, step)
+    within = log_laplace_interval((target[:, None] - 0.5 - total) / b, (end[:, None] + 0.5 - total) / b)
+    q = _natural_next(c, natural_eos)
+    ends_within = torch.where((step + 1 >= target) & (step + 1 <= end), 0.0, -float("inf")).double()
+    log_p = torch.where(c.eos, 0.0, _with_lookahead(q, within, ends_within))
+    over = (step > end)[:, None]
+    weights = torch.where(over, _wrap_up(c, total, step, end + 1, q), log_p)
+    allowed = ~early & _eos_allowed(c, step, give_up("at_least", target, horizon), natural_eos)
+    if horizon is not None:  # the last step before max_new_tokens ends the answer
+        allowed = allowed & (c.eos | (step < horizon - 1)[:, None])
+    return _conditioned(c, weights, allowed)
 
 
 def apply(
@@ -173,13 +262,17 @@ def apply(
     target: torch.Tensor,
     beta: torch.Tensor,
     gamma: float,
+    natural_eos: torch.Tensor | None = None,
+    horizon: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The policy of control ``kind`` (``none``, ``tilt`` or a target kind) for rows sharing it."""
+    """The policy of control ``kind`` (``none``, ``tilt`` or a target kind) for rows sharing it;
+    ``natural_eos`` (``[B]``): each row's bar for a natural end (None: every EOS is natural);
+    ``horizon``: each row's ``max_new_tokens``."""
     if kind == "none":
         return follow(c)
     if kind == "tilt":
         return tilt(c, beta)
-    return TARGET_RULES[kind](c, step, target, gamma, rule)
+    return TARGET_RULES[kind](c, step, target, gamma, rule, natural_eos=natural_eos, horizon=horizon)
 
 
 def truncate(
@@ -265,6 +358,60 @@ TARGET_RULES = {"equal_to": equal_to, "at_most": at_most, "at_least": at_least}
 def _log_laplace_cdf(z: torch.Tensor) -> torch.Tensor:
     """``log P(X <= z)`` for a standard Laplace variable."""
     return torch.where(z >= 0, torch.log1p(-0.5 * torch.exp(-z.clamp(min=0))), z.clamp(max=0) - math.log(2))
+
+
+def log_laplace_interval(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``log P(lo <= X <= hi)`` for a standard Laplace variable (``lo <= hi``), without the
+    cancellation of a difference of CDFs far in either tail."""
+    # Both in the right tail: P = 0.5·(exp(-lo) - exp(-hi)); mirrored in the left tail.
+    right = -lo.clamp(min=0) + torch.log1p(-torch.exp(-(hi - lo).clamp(min=1e-12))) - math.log(2)
+    left = hi.clamp(max=0) + torch.log1p(-torch.exp(-(hi - lo).clamp(min=1e-12))) - math.log(2)
+    # Straddling 0: P = 1 - 0.5·exp(lo) - 0.5·exp(-hi).
+    middle = torch.log1p(-0.5 * torch.exp(lo.clamp(max=0)) - 0.5 * torch.exp(-hi.clamp(min=0)))
+    return torch.where(lo >= 0, right, torch.where(hi <= 0, left, middle))
+
+
+def _log_laplace_density(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return -(x - center).abs() / scale - (2 * scale).log()
+
+
+def _natural_next(c: Candidates, natural_eos: torch.Tensor | None) -> torch.Tensor | None:
+    """``q(x)``: the probability that the generator ends right after ``x`` with an EOS that would
+    count as natural (0 below the row's bar, and for EOS itself); None when unknown."""
+    if c.next_eos is None:
+        return None
+    q = c.next_eos.double().clamp(0.0, 1.0 - 1e-9)
+    if natural_eos is not None:
+        q = torch.where(q >= natural_eos[:, None].double(), q, 0.0)
+    return q.masked_fill(c.eos, 0.0)
+
+
+def _ending_next(step: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """How well ending right after a candidate (length ``t + 1``, an exact prediction) meets
+    equal_to ``target``: the log Laplace density, ``[B, 1]``."""
+    length = (step + 1)[:, None].double()
+    return _log_laplace_density(target[:, None].double(), length, torch.full_like(length, SPREAD + FLOOR))
+
+
+def _with_lookahead(q: torch.Tensor | None, continuing: torch.Tensor, ending: torch.Tensor) -> torch.Tensor:
+    """``log(q · exp(ending) + (1 - q) · exp(continuing))``: with probability ``q(x)`` the answer
+    ends right after ``x`` (log weight ``ending``, ``[B, 1]`` or ``[B]``), else the LenVM's
+    prediction holds (``continuing``, ``[B, k]``); without a lookahead, ``continuing``."""
+    if q is None:
+        return continuing
+    ending = ending if ending.dim() == 2 else ending[:, None]
+    return torch.logaddexp(q.log() + ending, torch.log1p(-q) + continuing)
+
+
+def _eos_allowed(
+    c: Candidates, step: torch.Tensor, limit: torch.Tensor, natural_eos: torch.Tensor | None
+) -> torch.Tensor:
+    """Where EOS may be chosen (``[B, k]``, True for every other candidate): where the generator
+    itself gives it at least the row's ``natural_eos``, or from step ``limit`` on."""
+    if natural_eos is None or c.eos_now is None:
+        return torch.ones_like(c.eos)
+    ok = (c.eos_now.double() >= natural_eos.double()) | (step >= limit)
+    return ~c.eos | ok[:, None]
 
 
 def _conditioned(c: Candidates, log_likelihood: torch.Tensor, feasible: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,11 @@ class Scorer(ABC):
         (``[B, k]``), when scoring computed the states it needs; else None."""
         return None
 
+    def state_values(self) -> torch.Tensor:
+        """``V(s_t)`` of every row's current state (``[B]``): the head on the hidden state of its
+        last token."""
+        return self.lenvm.values_from_hidden(self.stream.last.features).float()
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (after some finished)."""
         if self.owns_stream:

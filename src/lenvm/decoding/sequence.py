@@ -1,5 +1,5 @@
 """The engine's state for one request: its tokens so far, its random stream, and the attempts it
-made (Equal To's retries and ``best_of``).
+made (retries of a target control and ``best_of``).
 
 Each attempt draws from its own seeded random stream, one uniform number per step, so an answer
 does not depend on which other requests share its batch.
@@ -123,7 +123,8 @@ class Sequence:
         cost of them all)."""
         if not self.missed:
             return result
-        chosen = best_of([*self.missed, result], self.control.target, self.control.natural_eos)
+        control = self.control
+        chosen = best_of([*self.missed, result], control.target, control.natural_eos, control.kind)
         return replace(chosen, retries=len(self.missed), decoded_tokens=self.decoded)
 
 
@@ -140,10 +141,20 @@ def retry_start(
     return next((i + 1 for i in range(cut - 1, -1, -1) if tokens[i] in sentence_ends), cut)
 
 
-def best_of(results: list[Result], target: int, natural_eos: float) -> Result:
-    """The result that ended naturally (the generator gave its EOS at least ``natural_eos``)
-    closest to ``target``; failing that, the closest; ties go to the first."""
-    return min(results, key=lambda r: (not r.ended_above(natural_eos), abs(r.num_tokens - target)))
+def best_of(results: list[Result], target: int, natural_eos: float, kind: str = "equal_to") -> Result:
+    """The result that ended naturally (the generator gave its EOS at least ``natural_eos``);
+    among several, or failing that, one that ended with EOS rather than being cut at
+    ``max_new_tokens``; then for equal_to the closest to ``target``, for a bound (at_most,
+    at_least) one that meets it, with the most likely final EOS. Ties go to the first."""
+
+    def key(r: Result) -> tuple:
+        ended = r.finish_reason != "length"
+        if kind == "equal_to":
+            return (not r.ended_above(natural_eos), not ended, abs(r.num_tokens - target))
+        meets = r.num_tokens <= target if kind == "at_most" else r.num_tokens >= target
+        return (not r.ended_above(natural_eos), not ended, not meets, -(r.eos_prob or 0.0))
+
+    return min(results, key=key)
 
 
 def _uniforms(rng: torch.Generator, n: int, device) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lenvm.decoding import policies
-from lenvm.decoding.params import Control, SamplingParams
+from lenvm.decoding.params import TARGET_KINDS, Control, SamplingParams
 from lenvm.decoding.scorers import Scorer
 
 NO_CAP = 2**62
@@ -48,7 +48,10 @@ class Rows:
     beta: torch.Tensor  # [B] float64
     cap: torch.Tensor  # [B] long: EOS is forced once step reaches it
     wants_eos: torch.Tensor  # [B] bool: EOS always joins the candidates (Control.wants_eos)
-    equal_ours: torch.Tensor  # [B] bool: equal_to under our rule (it wraps up at its target)
+    natural_eos: torch.Tensor  # [B] float64: the generator's EOS probability of a natural end
+    horizon: torch.Tensor  # [B] long: max_new_tokens
+    look_from: torch.Tensor  # [B] long: our target rules look one step ahead from this step on
+    gated: torch.Tensor  # [B] bool: at_most under our rule (left to the generator while it fits)
     plain: torch.Tensor  # [B] bool: no control
     groups: list[tuple[str, str, torch.Tensor]]  # (control kind, rule, rows)
     # Which of the above are in use at all: a filter that no row needs costs nothing.
@@ -61,7 +64,8 @@ class Rows:
     any_ignore_eos: bool
     any_cap: bool
     any_wants_eos: bool
-    any_equal_ours: bool
+    any_look: bool
+    any_gated: bool
 
     @classmethod
     def build(
@@ -76,8 +80,13 @@ class Rows:
             keys.setdefault((c.kind, c.rule), []).append(row)
         pairs = list(zip(controls, samplings, strict=True))
         wants_eos = [c.wants_eos and not s.ignore_eos for c, s in pairs]
-        equal_ours = [c.kind == "equal_to" and c.rule == "ours" for c in controls]
         caps = [NO_CAP if c.cap is None or s.ignore_eos else c.cap for c, s in pairs]
+        ours = [c.kind in TARGET_KINDS and c.rule == "ours" and not s.ignore_eos for c, s in pairs]
+        look_from = [
+            int(policies.lookahead_from(torch.tensor(c.target))) if mine else NO_CAP
+            for c, mine in zip(controls, ours, strict=True)
+        ]
+        gated = [mine and c.kind == "at_most" for c, mine in zip(controls, ours, strict=True)]
         return cls(
             temperature=col([s.temperature or 1.0 for s in samplings], torch.float32),
             top_k=col([s.top_k for s in samplings], torch.long),
@@ -90,7 +99,10 @@ class Rows:
             beta=col([c.beta or 0.0 for c in controls], torch.float64),
             cap=col(caps, torch.long),
             wants_eos=col(wants_eos, torch.bool),
-            equal_ours=col(equal_ours, torch.bool),
+            natural_eos=col([c.natural_eos for c in controls], torch.float64),
+            horizon=col([s.max_new_tokens for s in samplings], torch.long),
+            look_from=col(look_from, torch.long),
+            gated=col(gated, torch.bool),
             plain=col([not c.active for c in controls], torch.bool),
             groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
             any_guided=any(c.active for c in controls),
@@ -102,13 +114,15 @@ class Rows:
             any_ignore_eos=any(s.ignore_eos for s in samplings),
             any_cap=any(cap < NO_CAP for cap in caps),
             any_wants_eos=any(wants_eos),
-            any_equal_ours=any(equal_ours),
+            any_look=any(n < NO_CAP for n in look_from),
+            any_gated=any(gated),
         )
 
-    def wrapping_up(self) -> bool:
-        """Whether some Equal To row (our rule) has reached its target: its policy then looks one
-        step ahead when the scorer can tell the generator's EOS probability after a candidate."""
-        return self.any_equal_ours and bool((self.equal_ours & (self.step >= self.target)).any())
+    def looking_ahead(self) -> bool:
+        """Whether some row's target rule is near the end of its window: its policy then looks
+        one step ahead when the scorer can tell the generator's EOS probability after a
+        candidate."""
+        return self.any_look and bool((self.step >= self.look_from).any())
 
 
 @dataclass
@@ -131,7 +145,12 @@ def decide(
 ) -> Decision:
     """One step for every row (see the module doc). ``logits``: ``[B, V]`` float; ``uniform``:
     ``[B]`` draws in [0, 1), needed where some row is plain (it samples here); ``scorer``: None
-    when no row needs the LenVM."""
+    when no row needs the LenVM.
+
+    An At Most row (our rule) whose LenVM is confident the answer fits (:func:`policies.fits`,
+    from the value of the current state) is left to the generator: given ``uniform`` it draws its
+    token as a plain row does, the same draw as without guidance; without (a logits processor,
+    which samples elsewhere) its policy is the generator's distribution over the candidates."""
     allowed = logits
     if rows.any_ignore_eos:
         allowed = logits.clone()
@@ -143,8 +162,16 @@ def decide(
         rows.top_p if rows.any_top_p else None,
         rows.min_p if rows.any_min_p else None,
     )
+    free = None
+    if rows.any_gated and scorer is not None:
+        free = rows.gated & policies.fits(scorer.state_values(), rows.step, rows.target, gamma)
+    own = rows.plain  # rows that draw their token here, from the whole distribution
+    any_own = rows.any_plain
+    if free is not None and uniform is not None:
+        own = own | free
+        any_own = any_own or bool(free.any())
     sampled = None
-    if rows.any_plain:
+    if any_own:
         sampled = policies.choose(probs, uniform, rows.greedy if rows.any_greedy else None)
     if rows.any_guided:
         ids, cand_probs = policies.top_candidates(
@@ -155,32 +182,48 @@ def decide(
             rows.wants_eos if rows.any_wants_eos else None,
             rows.temperature,
         )
-        if sampled is not None:  # plain rows: the sampled token alone, other slots unusable
-            plain = rows.plain[:, None]
+        if sampled is not None:  # rows that drew their own token: it alone, other slots unusable
+            mine = own[:, None]
             only = torch.zeros_like(cand_probs)
             only[:, 0] = probs.gather(1, sampled[:, None])[:, 0]
-            ids = torch.where(plain, sampled[:, None], ids)
-            cand_probs = torch.where(plain, only, cand_probs)
+            ids = torch.where(mine, sampled[:, None], ids)
+            cand_probs = torch.where(mine, only, cand_probs)
     else:
         ids, cand_probs = sampled[:, None], probs.gather(1, sampled[:, None])
     eos = torch.isin(ids, eos_ids)
     values = scorer.score(ids, eos) if scorer is not None else None
     if not rows.any_guided:
         return Decision(ids, torch.ones_like(cand_probs, dtype=torch.float64), values)
-    next_eos = scorer.next_eos() if rows.wrapping_up() else None
-    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos)
-    return Decision(ids, policy(candidates, rows, gamma), values)
+    next_eos = scorer.next_eos() if rows.looking_ahead() else None
+    # The generator's own EOS probability now (temperature 1, untruncated), as Result.eos_prob
+    # reports it for the EOS that ends an answer.
+    eos_now = (logits[:, eos_ids].max(-1).values - logits.logsumexp(-1)).exp()
+    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_now)
+    dist = policy(candidates, rows, gamma)
+    if free is not None:
+        dist = torch.where(free[:, None], policies.follow(candidates), dist)
+    return Decision(ids, dist, values)
 
 
 def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
     """Each row's control policy, applied to the rows of each (kind, rule) group."""
     if len(rows.groups) == 1:  # one group: no gather and scatter
         kind, rule, _ = rows.groups[0]
-        return policies.apply(kind, rule, c, rows.step, rows.target, rows.beta, gamma)
+        return policies.apply(
+            kind, rule, c, rows.step, rows.target, rows.beta, gamma, rows.natural_eos, rows.horizon
+        )
     dist = torch.zeros(c.ids.shape, dtype=torch.float64, device=c.ids.device)
     for kind, rule, index in rows.groups:
         dist[index] = policies.apply(
-            kind, rule, c.rows(index), rows.step[index], rows.target[index], rows.beta[index], gamma
+            kind,
+            rule,
+            c.rows(index),
+            rows.step[index],
+            rows.target[index],
+            rows.beta[index],
+            gamma,
+            rows.natural_eos[index],
+            rows.horizon[index],
         )
     return dist
 
