@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lenvm.io import InputError
+from lenvm.prompts import image_references
 from lenvm.returns import length_to_value
 
 TruncatedPolicy = Literal["bootstrap", "drop"]
@@ -28,7 +29,8 @@ class Example:
 
     ``input_ids`` is prompt + completion. State ``s_t`` ends at index ``start + t``; states
     ``t = 0 .. num_states - 1`` are supervised. For a cut completion the bootstrap state
-    ``s_T`` ends at index ``start + num_states`` (its last token).
+    ``s_T`` ends at index ``start + num_states`` (its last token). ``images``: the references of
+    the prompt's images, whose tokens lie inside the prompt (never states).
     """
 
     prompt_id: str
@@ -36,6 +38,7 @@ class Example:
     start: int
     num_states: int
     finished: bool
+    images: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -96,8 +99,12 @@ def examples_from_records(
         if max_length is not None and len(input_ids) > max_length:
             n_dropped += 1
             continue
+        prompt = record.get("prompt")
+        images = tuple(image_references(prompt)) if isinstance(prompt, list) else ()
         examples.append(
-            Example(str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, num_states, finished)
+            Example(
+                str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, num_states, finished, images
+            )
         )
     report = DatasetReport(
         completions=n_finished + n_truncated,

@@ -3,7 +3,9 @@
 Kinds:
 
 - ``standalone``: its own backbone (any AutoModel checkpoint), fully trainable; the paper's setup.
-  Saved whole: ``backbone/`` with the backbone and tokenizer, plus the head.
+  Saved whole: ``backbone/`` with the backbone and tokenizer, plus the head. A vision-language
+  backbone (the Qwen2-VL family) keeps its vision tower and projector frozen, as the paper's
+  Qwen2.5-VL recipe does, and saves its image processor beside the tokenizer.
 - ``attached``: a head on the generator's own frozen hidden states (by default a middle layer's,
   see :data:`FEATURE_DEPTH`). Saves only the head and a reference to the generator; decoding
   gets values and next-token logits from one forward pass.
@@ -25,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lenvm import __version__
+from lenvm import __version__, vision
 from lenvm.io import InputError, atomic_path, is_int
-from lenvm.prompts import Messages, Prompt, encode_prompt
+from lenvm.prompts import Messages, Prompt
 from lenvm.returns import _check_gamma, value_to_length
 
 Kind = Literal["attached", "standalone", "q"]
@@ -153,6 +155,9 @@ class LengthValueModel(nn.Module):
             self.head = ValueHead(config.hidden_size, config.head_hidden_size)
         if self.attached:
             self.backbone.requires_grad_(False)
+        elif self.sees_images:
+            vision.check_supported(backbone.config, "the LenVM's backbone")
+            vision.freeze_vision(backbone)
         layers = backbone.config.get_text_config().num_hidden_layers
         if config.feature_layer > layers:
             raise InputError(f"feature_layer {config.feature_layer} exceeds the backbone's {layers} layers")
@@ -188,6 +193,7 @@ class LengthValueModel(nn.Module):
 
         if kind not in KINDS:
             raise InputError(f"unknown LenVM kind {kind!r}; expected one of {KINDS}")
+        generator = _as_generator(generator)
         device = _device_for(device, generator)
         if kind == "standalone":
             backbone, tokenizer = _load_backbone(hub.resolve(base), dtype, device)
@@ -233,6 +239,7 @@ class LengthValueModel(nn.Module):
 
         path = Path(path)
         config = read_config(path)
+        generator = _as_generator(generator)
         device = _device_for(device, generator)
         if config.kind == "standalone":
             backbone, tokenizer = _load_backbone(path / BACKBONE_DIR, dtype, device)
@@ -256,7 +263,7 @@ class LengthValueModel(nn.Module):
             save_file(head, str(tmp / HEAD_NAME), metadata={"format": "pt"})
             if not self.attached:
                 self.backbone.save_pretrained(tmp / BACKBONE_DIR)
-                self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+                (vision.processor_of(self.tokenizer) or self.tokenizer).save_pretrained(tmp / BACKBONE_DIR)
 
     # -- properties -----------------------------------------------------------------------
 
@@ -273,6 +280,11 @@ class LengthValueModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
 
+    @property
+    def sees_images(self) -> bool:
+        """Whether the backbone is a vision-language model (it reads the images of a prompt)."""
+        return vision.is_vision_language(self.backbone.config)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -287,12 +299,28 @@ class LengthValueModel(nn.Module):
     def feature_layer(self) -> int:
         return self.config.feature_layer
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The head's input at every position: ``[B, T, H]`` (see :func:`select_features`)."""
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head's input at every position: ``[B, T, H]`` (see :func:`select_features`).
+
+        ``pixel_values`` and ``image_grid_thw``: the images of the rows (in row order), for a
+        vision-language backbone; the positions are then the model's multimodal ones."""
+        extra = {}
+        if pixel_values is not None:
+            images = vision.ImageInputs(pixel_values, image_grid_thw)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            extra = {"position_ids": vision.rope_positions(self.body, input_ids, mask, images)}
+            extra.update(vision.model_kwargs(images))
         out = self.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=self.feature_layer != -1,
+            **extra,
         )
         return select_features(out, self.feature_layer)
 
@@ -311,20 +339,29 @@ class LengthValueModel(nn.Module):
         logits = self.head.next_logits(hidden.to(self.head.proj.weight.dtype), embeddings, token_ids)
         return -torch.sigmoid(logits)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Values ``V(s_t)`` at every position: ``[B, T]``."""
-        return self.values_from_hidden(self.features(input_ids, attention_mask))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Values ``V(s_t)`` at every position: ``[B, T]`` (images as in :meth:`features`)."""
+        return self.values_from_hidden(self.features(input_ids, attention_mask, pixel_values, image_grid_thw))
 
     # -- prediction -----------------------------------------------------------------------
 
     @torch.no_grad()
     def predict_values(self, prompts: list[str | Messages | Prompt], batch_size: int = 16) -> list[float]:
-        """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied."""
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied
+        (and its images read, for a LenVM on a vision-language backbone)."""
+        encoded = [vision.encode(self.tokenizer, p) for p in prompts]
         out: list[float] = []
         for start in range(0, len(encoded), batch_size):
-            ids, mask, last = right_pad(encoded[start : start + batch_size], self.device)
-            values = self(ids, mask)
+            chunk = encoded[start : start + batch_size]
+            ids, mask, last = right_pad([e.ids for e in chunk], self.device)
+            images = vision.ImageInputs.cat([e.images for e in chunk])
+            values = self(ids, mask, **vision.model_kwargs(images.to(self.device) if images else None))
             out.extend(values[torch.arange(len(last)), last].float().tolist())
         return out
 
@@ -398,6 +435,14 @@ def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this toke
         )
 
 
+def _as_generator(generator):
+    """A ``(model, tokenizer)`` pair whose second part may also be a ``transformers`` processor."""
+    if generator is None:
+        return None
+    model, tokenizer = generator
+    return model, vision.as_tokenizer(tokenizer)
+
+
 def _device_for(device, generator) -> torch.device:
     """Where models loaded beside ``generator`` go: ``device``, else the generator's, else the
     default device."""
@@ -409,9 +454,15 @@ def _device_for(device, generator) -> torch.device:
 
 
 def _load_backbone(location: str | os.PathLike, dtype, device):
+    """A standalone LenVM's backbone (``AutoModel``: no LM head) and tokenizer; a vision-language
+    one's tokenizer carries its image processor."""
     from transformers import AutoModel
 
     from lenvm.hub import load_tokenizer, torch_dtype
 
+    tokenizer = load_tokenizer(location)
     backbone = AutoModel.from_pretrained(str(location), dtype=torch_dtype(dtype)).to(device)
-    return backbone, load_tokenizer(location)
+    if vision.is_vision_language(backbone.config):
+        vision.check_supported(backbone.config, f"the backbone {str(location)!r}")
+        vision.Processor.load(location, tokenizer)
+    return backbone, tokenizer

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lenvm import vision
 from lenvm.dataset import (
     Batch,
     DatasetReport,
@@ -43,6 +44,7 @@ from lenvm.dataset import (
 from lenvm.evaluation import length_metrics
 from lenvm.io import InputError, atomic_path, write_json
 from lenvm.model import KINDS, Kind, LengthValueModel, right_pad
+from lenvm.prompts import image_references
 from lenvm.returns import gamma_from_lengths
 
 
@@ -145,6 +147,8 @@ def train(
         dtype=dtype,
         device=device,
     )
+    if not lenvm.sees_images and any(map(_has_images, records + (held_records or []))):
+        raise InputError(f"the rollouts' prompts have images, which {str(base)!r} (text-only) cannot read")
     _check_token_ids(records + (held_records or []), lenvm)
     examples, report = examples_from_records(
         records, lenvm.config.eos_token_ids, config.truncated, config.max_length
@@ -225,6 +229,17 @@ def _run_fingerprint(records, base, config: TrainConfig, gamma: float) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _has_images(record: dict[str, Any]) -> bool:
+    prompt = record.get("prompt")
+    return isinstance(prompt, list) and bool(image_references(prompt))
+
+
+def _images(lenvm: LengthValueModel, examples: list[Example], device=None) -> dict[str, torch.Tensor]:
+    """The forward keyword arguments with the pixel inputs of ``examples``' prompt images."""
+    rows = [(e.input_ids, e.images) for e in examples]
+    return vision.forward_images(lenvm.tokenizer, rows, device or lenvm.device)
 
 
 def _is_main_process() -> bool:
@@ -318,7 +333,8 @@ class HeadTrainer:
             nonlocal rows
             seqs = [examples[i].input_ids for i in chunk]
             ids, mask, _ = right_pad(seqs, self.lenvm.device)
-            hidden = self.lenvm.features(ids, mask)
+            images = _images(self.lenvm, [examples[i] for i in chunk])
+            hidden = self.lenvm.features(ids, mask, **images)
             for b, i in enumerate(chunk):
                 e = examples[i]
                 last = e.start + e.num_states + (0 if e.finished else 1)
@@ -489,9 +505,10 @@ class FullTrainer:
             windows.append([[examples[j] for j in m] for m in micro if len(m)])
         return windows
 
-    def micro_loss(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Sum of squared errors over the supervised positions, and their count."""
-        values = model(batch.input_ids, batch.attention_mask).float()
+    def micro_loss(self, model, batch: Batch, images: dict | None = None) -> tuple[torch.Tensor, int]:
+        """Sum of squared errors over the supervised positions, and their count; ``images``: the
+        rows' pixel inputs as forward keyword arguments."""
+        values = model(batch.input_ids, batch.attention_mask, **(images or {})).float()
         boot = values.gather(1, batch.boot_index[:, None]).detach()
         targets = batch.mc + batch.discount * boot
         errors = (values - targets)[batch.supervised]
@@ -532,6 +549,7 @@ class FullTrainer:
                 batches = [
                     collate(m, gamma, lenvm.tokenizer.pad_token_id or 0).to(acc.device) for m in window
                 ]
+                images = [_images(lenvm, m, acc.device) for m in window]
                 # Token mean over the effective batch: divide by the count over all processes
                 # and micro-batches; DDP averages gradients, so scale by the process count.
                 local = sum(int(b.supervised.sum()) for b in batches)
@@ -541,7 +559,7 @@ class FullTrainer:
                 for i, batch in enumerate(batches):
                     sync = i == len(batches) - 1
                     with contextlib.nullcontext() if sync else acc.no_sync(model):
-                        sse, _ = self.micro_loss(model, batch)
+                        sse, _ = self.micro_loss(model, batch, images[i])
                         acc.backward(sse * scale)
                     step_loss += sse.item() / max(total_tokens, 1)
                 acc.clip_grad_norm_(model.parameters(), 1.0)
@@ -564,7 +582,8 @@ class FullTrainer:
         with torch.no_grad():
             for e in eval_set:
                 ids = torch.tensor([e.input_ids], device=acc.device)
-                values = model(ids)[0, e.start : e.start + e.num_states].float().cpu().numpy()
+                values = model(ids, **_images(lenvm, [e], acc.device))
+                values = values[0, e.start : e.start + e.num_states].float().cpu().numpy()
                 eval_values.append(values)
         acc.wait_for_everyone()
         return losses, eval_values, tokens, seconds
