@@ -17,7 +17,7 @@ from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt, as_prompt, read_prompts
 from lenvm.rollouts import rollout
-from lenvm.testing import tiny_vlm
+from lenvm.testing import VLM_FAMILIES, tiny_vlm
 
 QUESTION = "How many red circles are in the picture?"
 
@@ -111,7 +111,7 @@ def test_processor_matches_the_transformers_processor(vlm_path, vlm_generator, s
     assert torch.equal(ours.images.image_grid_thw, expected["image_grid_thw"])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_tiny_vlm_round_trip(tmp_path, family):
     """The folder loads with the Auto classes, and its tokenizer keeps its ids exactly."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -141,7 +141,7 @@ def test_unsupported_vision_language_models_are_named():
 # -- the stream -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="module", params=VLM_FAMILIES)
 def family_generator(request, tmp_path_factory, vlm_generator):
     if request.param == "qwen2_5_vl":
         return vlm_generator
@@ -197,8 +197,8 @@ def _requests(shapes, control=None, values=False):
     ]
 
 
-def test_mixed_batch_equals_each_request_alone(vlm_generator, shapes):
-    engine = Engine(*vlm_generator)
+def test_mixed_batch_equals_each_request_alone(family_generator, shapes):
+    engine = Engine(*family_generator)
     requests = _requests(shapes)
     batched = engine.generate(requests, batch_size=4)
     assert [r.token_ids for r in batched] == [engine.generate([q], 1)[0].token_ids for q in requests]

@@ -127,7 +127,7 @@ VISION_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def tiny_vlm(
@@ -140,16 +140,15 @@ def tiny_vlm(
     max_pixels: int = 112 * 112,
     max_position_embeddings: int = 1024,
 ) -> Path:
-    """Write a tiny random vision-language model of the Qwen2-VL ``family`` (``qwen2_vl`` or
-    ``qwen2_5_vl``) to ``path``: a 2-layer language model with multimodal rotary positions, a
-    one-block vision tower with its patch merger, the ChatML BPE tokenizer with the vision
+    """Write a tiny random vision-language model of the Qwen2-VL ``family`` (``qwen2_vl``,
+    ``qwen2_5_vl`` or ``qwen3_vl``) to ``path``: a 2-layer language model with multimodal rotary
+    positions, a small vision tower with its patch merger, the ChatML BPE tokenizer with the vision
     special tokens, and an image processor that scales images to at most ``max_pixels`` (112 x 112:
-    at most 16 image tokens). It loads with ``AutoModelForImageTextToText``, ``AutoTokenizer`` and
-    ``AutoImageProcessor`` (and ``AutoProcessor`` where torchvision is installed, which
-    ``transformers`` needs for this family's video processor). ``eos_logit``: as in
-    :func:`tiny_model`."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
-    from transformers import Qwen2VLForConditionalGeneration as Qwen2VL
+    at most 16 image tokens with 14-pixel patches). It loads with ``AutoModelForImageTextToText``,
+    ``AutoTokenizer`` and ``AutoImageProcessor`` (and ``AutoProcessor`` where torchvision is
+    installed, which ``transformers`` needs for this family's video processor). ``eos_logit``: as
+    in :func:`tiny_model`."""
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family not in VLM_FAMILIES:
@@ -159,6 +158,12 @@ def tiny_vlm(
     tokenizer.chat_template = VISION_CHAT_TEMPLATE
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden_size // 4
+    # M-RoPE: the rotary frequencies split between time, height and width.
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+    }
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -166,25 +171,31 @@ def tiny_vlm(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=head_dim,
         max_position_embeddings=max_position_embeddings,
-        # M-RoPE: the rotary frequencies split between time, height and width (half a head each).
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
-        },
+        rope_parameters=rope,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(depth=1, hidden_size=hidden_size, num_heads=2, patch_size=14, spatial_merge_size=2)
+    patch = 14
+    vision = dict(depth=1, num_heads=2, patch_size=patch, spatial_merge_size=2)
     if family == "qwen2_vl":
-        config_type, model_type = Qwen2VLConfig, Qwen2VL
-        vision.update(embed_dim=32, mlp_ratio=2)
-    else:
-        config_type, model_type = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")
+    elif family == "qwen2_5_vl":
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size, window_size=56)
         vision.update(fullatt_block_indexes=[0])
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")
+    else:  # Qwen3-VL: 16-pixel patches, interleaved frequencies, vision features fed to early layers
+        patch = 16
+        rope["mrope_interleaved"] = True
+        vision.update(
+            depth=2, patch_size=patch, hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size
+        )
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+        names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")
+    config_type, model_type = (getattr(transformers, name) for name in names)
     config = config_type(
         text_config=text,
         vision_config=vision,
@@ -198,7 +209,11 @@ def tiny_vlm(
     model = model_type(config)
     _finish(model, tokenizer, hidden_size, eos_logit)
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2
+        min_pixels=(2 * patch) ** 2,
+        max_pixels=max_pixels,
+        patch_size=patch,
+        temporal_patch_size=2,
+        merge_size=2,
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

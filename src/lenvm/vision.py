@@ -1,10 +1,10 @@
 """Images for vision-language generators: loading image references, turning a prompt with images
 into token ids and pixel inputs, and the multimodal positions of such a prompt.
 
-Supported generators: the Qwen2-VL family (``qwen2_vl``, ``qwen2_5_vl``), loaded with
+Supported generators: the Qwen2-VL family (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``), loaded with
 ``AutoModelForImageTextToText``. Their chat template puts a placeholder run
 (``<|vision_start|><|image_pad|><|vision_end|>``) where an image goes; the image processor cuts
-the image into 14x14 patches, and the image pad is repeated once per group of
+the image into square patches (14 or 16 pixels a side), and the image pad is repeated once per group of
 ``merge_size**2`` patches, the number of image features the language model reads there. The
 value of a state is read from the language model's hidden state, as for text; image tokens are
 never states (a completion starts after the whole prompt).
@@ -40,7 +40,7 @@ import torch
 from lenvm.io import InputError
 from lenvm.prompts import Messages, Prompt, as_prompt, template_ids
 
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_TOKEN = "<|image_pad|>"
 _ATTRIBUTE = "lenvm_processor"  # where a tokenizer carries its Processor
 

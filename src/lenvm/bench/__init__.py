@@ -1,6 +1,6 @@
 """Benchmarks: token-level LIFEBench, the cost/quality trade-off, prompt-boundary length
-prediction, length tokens, decoding speed, Q-head agreement with exact candidate scoring, and a
-report that runs them all.
+prediction, length tokens, decoding speed, Q-head agreement with exact candidate scoring, the
+vision-language path timed on generated images, and a report that runs them all.
 
 Each entry function writes ``results.json``, ``table.md`` and PNG plots into its own results
 folder and resumes an interrupted run from the per-item log in that folder. Each module also
@@ -8,7 +8,7 @@ declares its ``lenvm bench`` subcommand: ``COMMAND``, ``HELP``, ``TABLE`` (the f
 end), ``add_arguments(parser)`` and ``main(args)``.
 """
 
-from lenvm.bench import length_tokens, lifebench, predict, q_agreement, report, speed, tradeoff
+from lenvm.bench import length_tokens, lifebench, predict, q_agreement, report, speed, tradeoff, vision
 from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench import run_lifebench
 from lenvm.bench.predict import run_prediction
@@ -16,9 +16,10 @@ from lenvm.bench.q_agreement import run_q_agreement
 from lenvm.bench.report import FULL, QUICK, Preset, run_all, write_report
 from lenvm.bench.speed import run_speed
 from lenvm.bench.tradeoff import run_tradeoff
+from lenvm.bench.vision import run_vision
 
 # The ``lenvm bench`` subcommands, in the order ``--help`` lists them.
-COMMANDS = (report, lifebench, tradeoff, predict, length_tokens, speed, q_agreement)
+COMMANDS = (report, lifebench, tradeoff, predict, length_tokens, speed, q_agreement, vision)
 
 __all__ = [
     "COMMANDS",
@@ -32,5 +33,6 @@ __all__ = [
     "run_q_agreement",
     "run_speed",
     "run_tradeoff",
+    "run_vision",
     "write_report",
 ]
