@@ -322,6 +322,9 @@ def test_too_many_image_tokens_for_the_context(tmp_path):
     with pytest.raises(InputError, match="context"):
         rollout(generator, [prompt], out, 1, SamplingParams(max_new_tokens=4), progress=False)
     assert not out.exists()
+    lenvm = LengthValueModel.from_base(path, gamma=0.9, generator=generator)
+    with pytest.raises(InputError, match="64 of them for its images"):
+        lenvm.predict_length(prompt)
 
 
 def test_image_references_stay_references(shapes):

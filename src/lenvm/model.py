@@ -285,6 +285,20 @@ class LengthValueModel(nn.Module):
         """Whether the backbone is a vision-language model (it reads the images of a prompt)."""
         return vision.is_vision_language(self.backbone.config)
 
+    @property
+    def context(self) -> int:
+        """The most tokens the backbone reads at once."""
+        return context_length(self.backbone)
+
+    def check_length(self, ids: list[int], image_tokens: int = 0) -> None:
+        """Refuse a sequence longer than :attr:`context`, saying how much of it is images."""
+        if len(ids) > self.context:
+            of_images = f", {image_tokens} of them for its images" if image_tokens else ""
+            raise InputError(
+                f"a sequence of {len(ids)} tokens{of_images} exceeds the LenVM's context of "
+                f"{self.context} tokens"
+            )
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -356,6 +370,8 @@ class LengthValueModel(nn.Module):
         """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied
         (and its images read, for a LenVM on a vision-language backbone)."""
         encoded = [vision.encode(self.tokenizer, p) for p in prompts]
+        for e in encoded:
+            self.check_length(e.ids, e.image_tokens)
         out: list[float] = []
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
@@ -377,6 +393,12 @@ class LengthValueModel(nn.Module):
         batch = [prompts] if single else list(prompts)
         lengths = [float(value_to_length(v, self.gamma)) for v in self.predict_values(batch, batch_size)]
         return lengths[0] if single else lengths
+
+
+def context_length(model) -> int:
+    """The most tokens ``model`` reads at once: its text config's ``max_position_embeddings``."""
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 2**31)
 
 
 def default_feature_layer(kind: Kind, num_layers: int) -> int:

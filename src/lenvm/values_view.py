@@ -136,7 +136,8 @@ def token_values(
     tok = lenvm.tokenizer
     eos = lenvm.config.eos_token_ids
     prompt = as_prompt(prompt)
-    prompt_ids = vision.encode(tok, prompt).ids
+    encoded = vision.encode(tok, prompt)
+    prompt_ids = encoded.ids
     if isinstance(completion, str):
         ids = list(tok(completion, add_special_tokens=False)["input_ids"])
     else:
@@ -151,6 +152,7 @@ def token_values(
     if not ids:
         raise InputError("the completion is empty")
     input_ids = prompt_ids + (ids[:-1] if finished else ids)
+    lenvm.check_length(input_ids, encoded.image_tokens)
     example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished, tuple(prompt.images))
     values = state_values(lenvm, [example])[0]
     gamma = lenvm.gamma

@@ -45,7 +45,7 @@ from lenvm.decoding.params import Control, Request, Result
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.io import InputError, is_int
-from lenvm.model import LengthValueModel, check_tokenizer
+from lenvm.model import LengthValueModel, check_tokenizer, context_length
 from lenvm.prompts import as_prompt
 
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
@@ -103,9 +103,9 @@ class Engine:
         self.placeholders = torch.tensor(placeholders, device=self.device) if placeholders else None
         # The generator's stream also yields the head's features when the head reads the generator.
         self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
-        self.context = _context(model)
+        self.context = context_length(model)
         if lenvm is not None and not lenvm.attached:
-            self.context = min(self.context, _context(lenvm.backbone))
+            self.context = min(self.context, lenvm.context)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -275,11 +275,6 @@ def _finished(scheduler: Scheduler) -> Iterator[tuple[Hashable, Result]]:
         for update in scheduler.step():
             if update.result is not None:
                 yield update.key, update.result
-
-
-def _context(model) -> int:
-    config = model.config.get_text_config()
-    return int(getattr(config, "max_position_embeddings", None) or 2**31)
 
 
 def _check_supported(model, what: str) -> None:
