@@ -15,7 +15,7 @@ from lenvm.decoding.streams import Stream
 from lenvm.hub import load_generator
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
-from lenvm.prompts import Prompt, as_prompt, read_prompts
+from lenvm.prompts import Prompt, as_prompt, encode_prompt, read_prompts
 from lenvm.rollouts import rollout
 from lenvm.testing import VLM_FAMILIES, tiny_vlm
 
@@ -105,10 +105,27 @@ def test_processor_matches_the_transformers_processor(vlm_path, vlm_generator, s
     ]
     text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     expected = theirs(text=[text], images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
-    ours = vision.encode(tokenizer, image_prompt(*map(str, paths), text="Compare."))
+    prompt = image_prompt(*map(str, paths), text="Compare.")
+    ours = vision.encode(tokenizer, prompt)
     assert ours.ids == expected["input_ids"][0].tolist()
     assert torch.equal(ours.images.pixel_values, expected["pixel_values"])
     assert torch.equal(ours.images.image_grid_thw, expected["image_grid_thw"])
+    # A transformers processor passed where a tokenizer goes is read the same way.
+    assert Engine(vlm_generator[0], theirs).tokenizer is theirs.tokenizer
+    assert vision.encode(theirs.tokenizer, prompt).ids == ours.ids
+
+
+def test_a_processor_chat_template_kept_apart_from_the_tokenizer(tmp_path, vlm_generator, image):
+    """Some vision-language folders keep the image-aware template in chat_template.json only."""
+    from lenvm.testing import VISION_CHAT_TEMPLATE
+
+    path = tiny_vlm(tmp_path / "m")
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": VISION_CHAT_TEMPLATE}))
+    tokenizer = load_generator(path)[1]
+    assert not tokenizer.chat_template
+    for prompt in (image_prompt(str(image)), as_prompt("Hello there")):
+        assert encode_prompt(tokenizer, prompt) == encode_prompt(vlm_generator[1], prompt)
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)

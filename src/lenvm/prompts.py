@@ -227,12 +227,9 @@ def encode_prompt(tokenizer, prompt: str | Messages | Prompt) -> list[int]:
     generator's tokenizer; its ids hold the image placeholders as the model reads them (see
     :func:`lenvm.vision.encode`, which also gives the pixel inputs).
     """
-    prompt = as_prompt(prompt)
-    if prompt.images:
-        from lenvm.vision import encode
+    from lenvm.vision import encode  # a vision-language generator's tokenizer carries its processor
 
-        return encode(tokenizer, prompt).ids
-    return template_ids(tokenizer, prompt)
+    return encode(tokenizer, prompt).ids
 
 
 def template_ids(tokenizer, prompt: Prompt, chat_template: str | None = None) -> list[int]:
