@@ -1,13 +1,13 @@
 """Images for vision-language generators: loading image references, turning a prompt with images
 into token ids and pixel inputs, and the multimodal positions of such a prompt.
 
-Supported generators: the Qwen2-VL family (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``), loaded with
-``AutoModelForImageTextToText``. Their chat template puts a placeholder run
+Supported generators: the Qwen2-VL family (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``), loaded
+with ``AutoModelForImageTextToText``. Their chat template puts a placeholder run
 (``<|vision_start|><|image_pad|><|vision_end|>``) where an image goes; the image processor cuts
-the image into square patches (14 or 16 pixels a side), and the image pad is repeated once per group of
-``merge_size**2`` patches, the number of image features the language model reads there. The
-value of a state is read from the language model's hidden state, as for text; image tokens are
-never states (a completion starts after the whole prompt).
+the image into square patches (14 or 16 pixels a side), and the image pad is repeated once per
+group of ``merge_size**2`` patches, the number of image features the language model reads there.
+The value of a state is read from the language model's hidden state, as for text; image tokens
+are never states (a completion starts after the whole prompt).
 
 Positions: these models rotate queries and keys by three position components (time, height,
 width; "M-RoPE"). Text tokens have all three equal; an image's tokens get its grid's coordinates;
@@ -103,10 +103,6 @@ class ImageInputs:
 
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
-
-    @property
-    def num_images(self) -> int:
-        return self.image_grid_thw.shape[0]
 
     def to(self, device) -> ImageInputs:
         return ImageInputs(self.pixel_values.to(device), self.image_grid_thw.to(device))
