@@ -99,8 +99,7 @@ def examples_from_records(
         if max_length is not None and len(input_ids) > max_length:
             n_dropped += 1
             continue
-        prompt = record.get("prompt")
-        images = tuple(image_references(prompt)) if isinstance(prompt, list) else ()
+        images = tuple(image_references(record.get("prompt")))
         examples.append(
             Example(
                 str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, num_states, finished, images

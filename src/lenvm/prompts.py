@@ -45,10 +45,13 @@ class Prompt:
         return image_references(self.messages or [])
 
 
-def image_references(messages: Messages) -> list[str]:
-    """The image references in ``messages`` (a prompt's, or a rollout record's ``prompt``), in order."""
+def image_references(prompt: str | Messages | None) -> list[str]:
+    """The image references of a prompt as records store it (text, or messages: a rollout
+    record's ``prompt``), in order."""
+    if not isinstance(prompt, list):
+        return []
     refs = []
-    for message in messages:
+    for message in prompt:
         content = message.get("content")
         if isinstance(content, list):
             refs.extend(ref for ref in map(_part_image, content) if ref is not None)

@@ -147,7 +147,9 @@ def train(
         dtype=dtype,
         device=device,
     )
-    if not lenvm.sees_images and any(map(_has_images, records + (held_records or []))):
+    if not lenvm.sees_images and any(
+        image_references(r.get("prompt")) for r in records + (held_records or [])
+    ):
         raise InputError(f"the rollouts' prompts have images, which {str(base)!r} (text-only) cannot read")
     _check_token_ids(records + (held_records or []), lenvm)
     examples, report = examples_from_records(
@@ -229,11 +231,6 @@ def _run_fingerprint(records, base, config: TrainConfig, gamma: float) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _has_images(record: dict[str, Any]) -> bool:
-    prompt = record.get("prompt")
-    return isinstance(prompt, list) and bool(image_references(prompt))
 
 
 def _images(lenvm: LengthValueModel, examples: list[Example], device=None) -> dict[str, torch.Tensor]:
