@@ -42,7 +42,7 @@ class Prompt:
     @property
     def images(self) -> list[str]:
         """The image references of the prompt, in order (made absolute where they were paths)."""
-        return image_references(self.messages or [])
+        return image_references(self.messages)
 
 
 def image_references(prompt: str | Messages | None) -> list[str]:
