@@ -57,8 +57,6 @@ def run_vision(
         prompts_file = shape_images(root / "shapes", n=images)
         generator = load_generator(location, device=device, dtype=dtype)
         prompts = read_prompts(prompts_file)
-        tokenizer = generator[1]
-        image_tokens = [vision.encode(tokenizer, p).image_tokens for p in prompts]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, seed=0)
 
         def stage(key: str, work) -> dict[str, Any]:
@@ -78,7 +76,11 @@ def run_vision(
                 "finished": s.finished,
             }
 
-        rows = [stage("rollouts", rollouts)]
+        def encode() -> dict[str, Any]:
+            encoded = [vision.encode(generator[1], p) for p in prompts]
+            return {"prompts": len(encoded), "image_tokens": sum(e.image_tokens for e in encoded)}
+
+        rows = [stage("encode prompts (load and process images)", encode), stage("rollouts", rollouts)]
 
         def training(kind: str):
             def work() -> dict[str, Any]:
@@ -115,7 +117,7 @@ def run_vision(
         results = {
             "benchmark": "vision",
             "settings": settings,
-            "image_tokens_per_prompt": sum(image_tokens) / len(image_tokens),
+            "image_tokens_per_prompt": rows[0]["image_tokens"] / rows[0]["prompts"],
             "stages": rows,
         }
         run.write_json("results.json", results)
