@@ -155,3 +155,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vlm_path(tmp_path_factory):
+    """A tiny Qwen2.5-VL whose answers end (EOS made likely), with a small image processor."""
+    from lenvm.testing import tiny_vlm
+
+    return tiny_vlm(tmp_path_factory.mktemp("vlm") / "model", eos_logit=3.0)
+
+
+@pytest.fixture(scope="session")
+def vlm_generator(vlm_path):
+    from lenvm.hub import load_generator
+
+    return load_generator(vlm_path)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """The prompts file of six generated shape images with questions."""
+    from lenvm.testing import shape_images
+
+    return shape_images(tmp_path_factory.mktemp("shapes"), n=6)

@@ -308,6 +308,8 @@ def test_bench_cli_runs_each_benchmark(
                   "--generate-batch-sizes", "2"],
         "q-agreement": [*common, "--exact", str(lenvm_dir), "--q", str(q_dir), "--rollouts",
                         str(train_rollouts), "--positions", "2"],
+        "vision": ["--no-progress", "--images", "3", "--n", "1", "--max-new-tokens", "6",
+                   "--batch-size", "2", "--target", "3", "--epochs", "1"],
     }  # fmt: skip
     for name, args in runs.items():
         out = tmp_path / name

@@ -669,17 +669,17 @@ def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_generator):
 def predicted_lengths(lenvm, lengths_by_prompt_size):
     """Make the LenVM predict a chosen length per prompt (by its token count), counting calls."""
     calls = []
-    saved = lenvm.values_of_prompt_ids
+    saved = lenvm.values_of_prompts
 
     def fake(encoded, batch_size=16, progress=False):
         calls.append(len(encoded))
-        return [float(length_to_value(lengths_by_prompt_size[len(ids)], lenvm.gamma)) for ids in encoded]
+        return [float(length_to_value(lengths_by_prompt_size[len(e.ids)], lenvm.gamma)) for e in encoded]
 
-    lenvm.values_of_prompt_ids = fake
+    lenvm.values_of_prompts = fake
     try:
         yield calls
     finally:
-        lenvm.values_of_prompt_ids = saved
+        lenvm.values_of_prompts = saved
 
 
 def admission_order(scheduler, arrivals):

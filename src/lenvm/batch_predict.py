@@ -65,7 +65,7 @@ def predict_file(
     todo = [p for p in prompts if p.id not in done]
     encoded = lenvm.encode_prompts(todo) if todo else []
     # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))
     chunk = batch_size * BATCHES_PER_CHUNK
     seconds = 0.0
     with (
@@ -76,12 +76,12 @@ def predict_file(
         for start in range(0, len(order), chunk):
             part = order[start : start + chunk]
             clock = time.perf_counter()
-            values = lenvm.values_of_prompt_ids([encoded[i] for i in part], batch_size)
+            values = lenvm.values_of_prompts([encoded[i] for i in part], batch_size)
             seconds += time.perf_counter() - clock
             lengths = lenvm.lengths_from_values(values)
             appender.write(
                 [
-                    {"id": todo[i].id, "predicted_length": round(n, 2), "prompt_tokens": len(encoded[i])}
+                    {"id": todo[i].id, "predicted_length": round(n, 2), "prompt_tokens": len(encoded[i].ids)}
                     for i, n in zip(part, lengths, strict=True)
                 ]
             )

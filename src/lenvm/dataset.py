@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lenvm.io import InputError
+from lenvm.prompts import image_references
 from lenvm.returns import length_to_value
 
 TruncatedPolicy = Literal["bootstrap", "drop"]
@@ -28,7 +29,8 @@ class Example:
 
     ``input_ids`` is prompt + completion. State ``s_t`` ends at index ``start + t``; states
     ``t = 0 .. num_states - 1`` are supervised. For a cut completion the bootstrap state
-    ``s_T`` ends at index ``start + num_states`` (its last token).
+    ``s_T`` ends at index ``start + num_states`` (its last token). ``images``: the references of
+    the prompt's images, whose tokens lie inside the prompt (never states).
     """
 
     prompt_id: str
@@ -36,6 +38,7 @@ class Example:
     start: int
     num_states: int
     finished: bool
+    images: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -111,8 +114,9 @@ def iter_examples(
         if max_length is not None and len(input_ids) > max_length:
             report.dropped += 1
             continue
+        images = tuple(image_references(record.get("prompt")))
         example = Example(
-            str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, len(completion), finished
+            str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, len(completion), finished, images
         )
         prompts.add(example.prompt_id)
         report.prompts = len(prompts)

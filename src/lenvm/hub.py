@@ -177,15 +177,30 @@ def load_generator(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
 ):
-    """Load a causal LM and its tokenizer by folder, alias or hub id, in eval mode, on ``device``
-    (default: :func:`default_device`)."""
-    from transformers import AutoModelForCausalLM
+    """Load a generator and its tokenizer by folder, alias or hub id, in eval mode, on ``device``
+    (default: :func:`default_device`).
+
+    A causal LM loads with ``AutoModelForCausalLM``; a vision-language model (its config has a
+    vision part; the Qwen2-VL family, see :mod:`lenvm.vision`) with
+    ``AutoModelForImageTextToText``, and its tokenizer then carries the image processor
+    (:func:`lenvm.vision.processor_of`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from lenvm import vision
 
     location = resolve(name)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype))
+    config = AutoConfig.from_pretrained(location)
+    vision.check_supported(config, f"the generator {str(name)!r}")
+    tokenizer = load_tokenizer(location)
+    if vision.is_vision_language(config):
+        auto = AutoModelForImageTextToText
+        vision.Processor.load(location, tokenizer)
+    else:
+        auto = AutoModelForCausalLM
+    model = auto.from_pretrained(location, dtype=torch_dtype(dtype))
     model = model.to(default_device(device)).eval()
     model.name_or_path = str(name)
-    return model, load_tokenizer(location)
+    return model, tokenizer
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -3,7 +3,9 @@
 Kinds:
 
 - ``standalone``: its own backbone (any AutoModel checkpoint), fully trainable; the paper's setup.
-  Saved whole: ``backbone/`` with the backbone and tokenizer, plus the head.
+  Saved whole: ``backbone/`` with the backbone and tokenizer, plus the head. A vision-language
+  backbone (the Qwen2-VL family) keeps its vision tower and projector frozen, as the paper's
+  Qwen2.5-VL recipe does, and saves its image processor beside the tokenizer.
 - ``attached``: a head on the generator's own frozen hidden states (by default a middle layer's,
   see :data:`FEATURE_DEPTH`). Saves only the head and a reference to the generator; decoding
   gets values and next-token logits from one forward pass.
@@ -25,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lenvm import __version__
+from lenvm import __version__, vision
 from lenvm.io import InputError, atomic_path, is_int
-from lenvm.prompts import Messages, Prompt, TokenIds, encode_prompt
+from lenvm.prompts import Messages, Prompt, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
 Kind = Literal["attached", "standalone", "q"]
@@ -153,6 +155,9 @@ class LengthValueModel(nn.Module):
             self.head = ValueHead(config.hidden_size, config.head_hidden_size)
         if self.attached:
             self.backbone.requires_grad_(False)
+        elif self.sees_images:
+            vision.check_supported(backbone.config, "the LenVM's backbone")
+            vision.freeze_vision(backbone)
         layers = backbone.config.get_text_config().num_hidden_layers
         if config.feature_layer > layers:
             raise InputError(f"feature_layer {config.feature_layer} exceeds the backbone's {layers} layers")
@@ -188,6 +193,7 @@ class LengthValueModel(nn.Module):
 
         if kind not in KINDS:
             raise InputError(f"unknown LenVM kind {kind!r}; expected one of {KINDS}")
+        generator = _as_generator(generator)
         device = _device_for(device, generator)
         if kind == "standalone":
             backbone, tokenizer = _load_backbone(hub.resolve(base), dtype, device)
@@ -233,6 +239,7 @@ class LengthValueModel(nn.Module):
 
         path = Path(path)
         config = read_config(path)
+        generator = _as_generator(generator)
         device = _device_for(device, generator)
         if config.kind == "standalone":
             backbone, tokenizer = _load_backbone(path / BACKBONE_DIR, dtype, device)
@@ -271,7 +278,7 @@ class LengthValueModel(nn.Module):
                     k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")
                 }
                 self.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=backbone)
-                self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+                (vision.processor_of(self.tokenizer) or self.tokenizer).save_pretrained(tmp / BACKBONE_DIR)
 
     # -- properties -----------------------------------------------------------------------
 
@@ -293,6 +300,25 @@ class LengthValueModel(nn.Module):
         """The backbone's layer classes: what FSDP's transformer auto-wrap policy wraps."""
         return getattr(self.backbone, "_no_split_modules", None)
 
+    @property
+    def sees_images(self) -> bool:
+        """Whether the backbone is a vision-language model (it reads the images of a prompt)."""
+        return vision.is_vision_language(self.backbone.config)
+
+    @property
+    def context(self) -> int:
+        """The most tokens the backbone reads at once."""
+        return context_length(self.backbone)
+
+    def check_length(self, ids: list[int], image_tokens: int = 0) -> None:
+        """Refuse a sequence longer than :attr:`context`, saying how much of it is images."""
+        if len(ids) > self.context:
+            of_images = f", {image_tokens} of them for its images" if image_tokens else ""
+            raise InputError(
+                f"a sequence of {len(ids)} tokens{of_images} exceeds the LenVM's context of "
+                f"{self.context} tokens"
+            )
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -307,16 +333,37 @@ class LengthValueModel(nn.Module):
     def feature_layer(self) -> int:
         return self.config.feature_layer
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The head's input at every position: ``[B, T, H]`` (see :func:`select_features`).
 
-        Without gradients, a head that reads a middle layer stops the forward there: the layers
-        above it cannot change its features (a 60%-depth head saves 40% of the forward)."""
+        ``pixel_values`` and ``image_grid_thw``: the images of the rows (in row order), for a
+        vision-language backbone; the positions are then the model's multimodal ones. Without
+        gradients, a head that reads a middle layer of a text model stops the forward there: the
+        layers above it cannot change its features (a 60%-depth head saves 40% of the forward)."""
         layer = self.feature_layer
-        blocks = getattr(self.body, "layers", None)
-        if not torch.is_grad_enabled() and blocks is not None and 0 < layer < len(blocks):
-            return _normalized(_run_until(self.body, blocks[layer - 1], input_ids, attention_mask))
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1)
+        if pixel_values is None:
+            blocks = getattr(self.body, "layers", None)
+            if not torch.is_grad_enabled() and blocks is not None and 0 < layer < len(blocks):
+                return _normalized(_run_until(self.body, blocks[layer - 1], input_ids, attention_mask))
+            out = self.body(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1
+            )
+            return select_features(out, layer)
+        images = vision.ImageInputs(pixel_values, image_grid_thw)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=layer != -1,
+            position_ids=vision.rope_positions(self.body, input_ids, mask, images),
+            **vision.model_kwargs(images),
+        )
         return select_features(out, layer)
 
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -334,27 +381,39 @@ class LengthValueModel(nn.Module):
         logits = self.head.next_logits(hidden.to(self.head.proj.weight.dtype), embeddings, token_ids)
         return -torch.sigmoid(logits)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Values ``V(s_t)`` at every position: ``[B, T]``."""
-        return self.values_from_hidden(self.features(input_ids, attention_mask))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Values ``V(s_t)`` at every position: ``[B, T]`` (images as in :meth:`features`)."""
+        return self.values_from_hidden(self.features(input_ids, attention_mask, pixel_values, image_grid_thw))
 
     # -- prediction -----------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str | Messages | Prompt | TokenIds]) -> list[list[int]]:
-        """Token ids of each prompt (chat template applied), checked against the context window."""
+    def encode_prompts(self, prompts: list[str | Messages | Prompt | TokenIds]) -> list[vision.Encoded]:
+        """Each prompt as the LenVM reads it (chat template applied, images read, token ids taken
+        as they are), checked against the context window."""
         if not prompts:
             raise InputError("no prompts to predict for")
-        context = context_length(self.backbone)
         encoded = []
         for i, prompt in enumerate(prompts):
-            ids = encode_prompt(self.tokenizer, prompt)
-            if not ids:
+            e = (
+                vision.Encoded(list(prompt))
+                if is_token_ids(prompt)
+                else vision.encode(self.tokenizer, prompt)
+            )
+            if not e.ids:
                 raise InputError(f"prompt {i + 1} encodes to no tokens")
-            if len(ids) > context:
+            if len(e.ids) > self.context:
+                of_images = f", {e.image_tokens} of them for its images" if e.image_tokens else ""
                 raise InputError(
-                    f"prompt {i + 1} has {len(ids)} tokens, more than the model's context of {context}"
+                    f"prompt {i + 1} has {len(e.ids)} tokens{of_images}, more than the model's context "
+                    f"of {self.context}"
                 )
-            encoded.append(ids)
+            encoded.append(e)
         return encoded
 
     @torch.no_grad()
@@ -363,25 +422,28 @@ class LengthValueModel(nn.Module):
     ) -> list[float]:
         """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied
         (token ids are taken as they are)."""
-        return self.values_of_prompt_ids(self.encode_prompts(prompts), batch_size, progress)
+        return self.values_of_prompts(self.encode_prompts(prompts), batch_size, progress)
 
     @torch.no_grad()
-    def values_of_prompt_ids(
-        self, encoded: list[list[int]], batch_size: int = 16, progress: bool = False
+    def values_of_prompts(
+        self, encoded: list[vision.Encoded], batch_size: int = 16, progress: bool = False
     ) -> list[float]:
-        """``V(s_0)`` of already encoded prompts, in order: one forward per batch of
-        ``batch_size`` prompts, batched by length so that little of a forward is padding."""
+        """``V(s_0)`` of already encoded prompts (:meth:`encode_prompts`), in order: one forward
+        per batch of ``batch_size`` prompts, batched by length so that little of a forward is
+        padding."""
         if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         from tqdm.auto import tqdm
 
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
         values = [0.0] * len(encoded)
         with tqdm(total=len(encoded), unit="prompt", desc="predicting", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                ids, mask, last = right_pad([encoded[i] for i in chunk], self.device)
-                hidden = self.features(ids, mask)[torch.arange(len(chunk), device=ids.device), last]
+                ids, mask, last = right_pad([encoded[i].ids for i in chunk], self.device)
+                images = vision.ImageInputs.cat([encoded[i].images for i in chunk])
+                pixels = vision.model_kwargs(images.to(self.device) if images is not None else None)
+                hidden = self.features(ids, mask, **pixels)[torch.arange(len(chunk), device=ids.device), last]
                 for i, v in zip(chunk, self.values_from_hidden(hidden).float().tolist(), strict=True):
                     values[i] = v
                 bar.update(len(chunk))
@@ -406,6 +468,12 @@ class LengthValueModel(nn.Module):
         batch = [prompts] if single else list(prompts)
         lengths = self.lengths_from_values(self.predict_values(batch, batch_size, progress))
         return lengths[0] if single else lengths
+
+
+def context_length(model) -> int:
+    """The most tokens ``model`` reads at once: its text config's ``max_position_embeddings``."""
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 2**31)
 
 
 def default_feature_layer(kind: Kind, num_layers: int) -> int:
@@ -450,12 +518,6 @@ def _run_until(body: nn.Module, block: nn.Module, input_ids, attention_mask) -> 
     raise RuntimeError("the feature layer never ran")
 
 
-def context_length(model) -> int:
-    """The longest sequence (prompt plus answer) the model takes."""
-    config = model.config.get_text_config()
-    return int(getattr(config, "max_position_embeddings", None) or 2**31)
-
-
 def right_pad(sequences: list[list[int]], device, pad_id: int = 0):
     """Pad on the right; with causal attention real tokens never see the padding."""
     if not sequences or any(len(s) == 0 for s in sequences):
@@ -495,6 +557,14 @@ def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this toke
         )
 
 
+def _as_generator(generator):
+    """A ``(model, tokenizer)`` pair whose second part may also be a ``transformers`` processor."""
+    if generator is None:
+        return None
+    model, tokenizer = generator
+    return model, vision.as_tokenizer(tokenizer)
+
+
 def _device_for(device, generator) -> torch.device:
     """Where models loaded beside ``generator`` go: ``device``, else the generator's, else the
     default device."""
@@ -506,9 +576,15 @@ def _device_for(device, generator) -> torch.device:
 
 
 def _load_backbone(location: str | os.PathLike, dtype, device):
+    """A standalone LenVM's backbone (``AutoModel``: no LM head) and tokenizer; a vision-language
+    one's tokenizer carries its image processor."""
     from transformers import AutoModel
 
     from lenvm.hub import load_tokenizer, torch_dtype
 
+    tokenizer = load_tokenizer(location)
     backbone = AutoModel.from_pretrained(str(location), dtype=torch_dtype(dtype)).to(device)
-    return backbone, load_tokenizer(location)
+    if vision.is_vision_language(backbone.config):
+        vision.check_supported(backbone.config, f"the backbone {str(location)!r}")
+        vision.Processor.load(location, tokenizer)
+    return backbone, tokenizer

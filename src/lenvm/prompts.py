@@ -1,14 +1,27 @@
-"""Prompts: reading prompt files and turning a prompt into the generator's token ids."""
+"""Prompts: reading prompt files and turning a prompt into the generator's token ids.
+
+A prompt is plain text or chat messages. A message's content is a string or a list of parts
+(OpenAI's form): ``{"type": "text", "text": ...}`` and images, as
+``{"type": "image_url", "image_url": {"url": REF}}`` or ``{"type": "image", "image": REF}``. A
+record may also give plain text with ``"images": [REF, ...]`` (the images come before the text).
+An image reference ``REF`` is a local path, a ``file://`` URL or a ``data:image/...;base64,`` URL.
+A relative path is relative to the prompts file it comes from (to the working directory for
+prompts given in Python or on the command line) and is made absolute when the prompt is read, so
+that rollouts written anywhere point at the same files. Images are kept as these references, never
+as pixels; :mod:`lenvm.vision` loads them.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from lenvm.io import InputError, iter_jsonl
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 TokenIds = list[int]
 
 
@@ -27,41 +40,147 @@ class Prompt:
     def to_json(self) -> str | Messages:
         return self.messages if self.messages is not None else self.text
 
+    @property
+    def images(self) -> list[str]:
+        """The image references of the prompt, in order (made absolute where they were paths)."""
+        return image_references(self.messages)
 
-def prompt_from_record(record: dict[str, Any], default_id: str, where: str = "") -> Prompt:
-    """Build a :class:`Prompt` from ``{"prompt": ...}`` or ``{"messages": [...]}``."""
+
+def image_references(prompt: str | Messages | None) -> list[str]:
+    """The image references of a prompt as records store it (text, or messages: a rollout
+    record's ``prompt``), in order."""
+    if not isinstance(prompt, list):
+        return []
+    refs = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, list):
+            refs.extend(ref for ref in map(_part_image, content) if ref is not None)
+    return refs
+
+
+def _part_image(part: dict[str, Any]) -> str | None:
+    """The reference of an image part, None for a text part."""
+    if part.get("type") == "image":
+        return part.get("image")
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    return None
+
+
+def resolve_image(ref: Any, base: Path | None, where: str = "") -> str:
+    """An image reference checked and made unambiguous: a relative path becomes absolute (against
+    ``base``, else the working directory); URLs stay as they are. Remote URLs are refused: lenvm
+    never downloads."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError(f"{where}an image reference must be a non-empty string, got {ref!r}")
+    if ref.startswith("data:"):
+        if not ref.startswith("data:image/") or ";base64," not in ref:
+            raise InputError(f"{where}a data URL image must read 'data:image/<type>;base64,<data>'")
+        return ref
+    scheme = urlparse(ref).scheme
+    if scheme == "file":
+        if urlparse(ref).netloc not in ("", "localhost"):
+            raise InputError(f"{where}{ref!r}: a file:// URL must name a local absolute path (file:///...)")
+        return ref
+    if scheme in ("http", "https"):
+        raise InputError(
+            f"{where}{ref!r}: remote images are not downloaded; save the image and give its path"
+        )
+    if len(scheme) > 1:  # one letter is a Windows drive
+        raise InputError(
+            f"{where}{ref!r}: unknown image URL scheme {scheme!r} (use a path, file:// or data:)"
+        )
+    path = Path(ref).expanduser()
+    return str(path if path.is_absolute() else Path(os.path.abspath((base or Path.cwd()) / path)))
+
+
+def _check_content(content: Any, base: Path | None, where: str) -> Any:
+    """A message's content, checked: a string, or a non-empty list of text and image parts (with
+    their image references resolved)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise InputError(f"{where}message content must be a string or a non-empty list of parts")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part)
+        elif kind == "image" and "image" in part:
+            parts.append({**part, "image": resolve_image(part["image"], base, where)})
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict | str):
+            url = part["image_url"]
+            resolved = resolve_image(_part_image(part), base, where)
+            parts.append(
+                {**part, "image_url": {**url, "url": resolved} if isinstance(url, dict) else resolved}
+            )
+        else:
+            raise InputError(
+                f"{where}a content part must be {{'type': 'text', 'text': ...}}, "
+                "{'type': 'image_url', 'image_url': {'url': ...}} or {'type': 'image', 'image': ...}, "
+                f"got {str(part)[:80]}"
+            )
+    return parts
+
+
+def _has_content(content: str | list[dict[str, Any]]) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(p["type"] != "text" or p["text"].strip() for p in content)
+
+
+def prompt_from_record(
+    record: dict[str, Any], default_id: str, where: str = "", base: str | os.PathLike | None = None
+) -> Prompt:
+    """Build a :class:`Prompt` from ``{"prompt": ...}`` (optionally with ``"images"``) or
+    ``{"messages": [...]}``; relative image paths are resolved against ``base`` (default: the
+    working directory)."""
     where = f"{where}: " if where else ""
+    base = Path(base) if base is not None else None
     pid = str(record.get("id", default_id))
-    extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages")}
+    extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages", "images")}
     if "messages" in record:
+        if "images" in record:
+            raise InputError(f"{where}'images' goes with a 'prompt' string; in messages, use content parts")
         messages = record["messages"]
         ok = (
             isinstance(messages, list)
             and messages
             and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
+                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
             )
         )
         if not ok:
-            raise InputError(f"{where}'messages' must be a non-empty list of {{role, content}} strings")
-        if not any(m["content"].strip() for m in messages):
+            raise InputError(f"{where}'messages' must be a non-empty list of {{role, content}} objects")
+        messages = [{**m, "content": _check_content(m["content"], base, where)} for m in messages]
+        if not any(_has_content(m["content"]) for m in messages):
             raise InputError(f"{where}the prompt is empty")
         return Prompt(pid, messages=messages, extra=extra)
     text = record.get("prompt")
     if not isinstance(text, str):
         raise InputError(f"{where}expected a 'prompt' string or a 'messages' list")
+    images = record.get("images")
+    if images is not None:
+        if not isinstance(images, list) or not images:
+            raise InputError(f"{where}'images' must be a non-empty list of image references")
+        parts = [{"type": "image_url", "image_url": {"url": resolve_image(r, base, where)}} for r in images]
+        content = [*parts, {"type": "text", "text": text}] if text.strip() else parts
+        return Prompt(pid, messages=[{"role": "user", "content": content}], extra=extra)
     if not text.strip():
         raise InputError(f"{where}the prompt is empty")
     return Prompt(pid, text=text, extra=extra)
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read a prompts JSONL file; ids default to the line's position; duplicate ids are an error."""
+    """Read a prompts JSONL file; ids default to the line's position; duplicate ids are an error.
+    Relative image paths are relative to the file's folder."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
+    base = Path(path).parent
     for index, record in enumerate(iter_jsonl(path)):
-        prompt = prompt_from_record(record, default_id=str(index), where=f"{path}: record {index + 1}")
+        prompt = prompt_from_record(record, str(index), where=f"{path}: record {index + 1}", base=base)
         if prompt.id in seen:
             raise InputError(f"{path}: duplicate prompt id {prompt.id!r}")
         seen.add(prompt.id)
@@ -71,12 +190,20 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     return prompts
 
 
-def as_prompt(prompt: str | Messages | Prompt, default_id: str = "0") -> Prompt:
-    """Accept a string, a message list or a :class:`Prompt`."""
+def as_prompt(
+    prompt: str | Messages | Prompt, default_id: str = "0", images: list[str] | None = None
+) -> Prompt:
+    """Accept a string, a message list or a :class:`Prompt`; ``images`` (references) go with a
+    string prompt, before its text."""
     if isinstance(prompt, Prompt):
         return prompt
     if isinstance(prompt, str):
-        return prompt_from_record({"prompt": prompt}, default_id)
+        record: dict[str, Any] = {"prompt": prompt}
+        if images:
+            record["images"] = list(images)
+        return prompt_from_record(record, default_id)
+    if images:
+        raise InputError("images go with a string prompt; in messages, put them in the content parts")
     return prompt_from_record({"messages": prompt}, default_id)
 
 
@@ -89,22 +216,52 @@ def is_token_ids(prompt: object) -> bool:
     )
 
 
+def template_messages(prompt: Prompt) -> Messages:
+    """The prompt's messages as a chat template takes them: content that is only text becomes one
+    string (what text-only templates expect), and an image part becomes ``{"type": "image"}``
+    (what vision-language templates turn into their image placeholder)."""
+    out = []
+    for message in prompt.as_messages():
+        content = message["content"]
+        if isinstance(content, list):
+            if all(p["type"] == "text" for p in content):
+                content = "".join(p["text"] for p in content)
+            else:
+                content = [p if p["type"] == "text" else {"type": "image"} for p in content]
+        out.append({**message, "content": content})
+    return out
+
+
 def encode_prompt(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> list[int]:
     """Token ids the generator sees before its first generated token.
 
     The chat template is applied (with the generation prompt) when the tokenizer has one;
-    otherwise the text is tokenized as is. Token ids are taken as they are (a prompt that was
-    tokenized without the template, as an OpenAI-style text completion is).
+    otherwise the text is tokenized as is. A prompt with images needs a vision-language
+    generator's tokenizer; its ids hold the image placeholders as the model reads them (see
+    :func:`lenvm.vision.encode`, which also gives the pixel inputs). Token ids are taken as they
+    are (a prompt that was tokenized without the template, as an OpenAI-style text completion is).
     """
     if is_token_ids(prompt):
         return list(prompt)
-    prompt = as_prompt(prompt)
-    if getattr(tokenizer, "chat_template", None):
+    from lenvm.vision import encode  # a vision-language generator's tokenizer carries its processor
+
+    return encode(tokenizer, prompt).ids
+
+
+def template_ids(tokenizer, prompt: Prompt, chat_template: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` through the tokenizer's chat template (or ``chat_template``)."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
         ids = tokenizer.apply_chat_template(
-            prompt.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
+            template_messages(prompt),
+            chat_template=template,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
         # Some tokenizer versions return a BatchEncoding even with return_dict=False.
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids
         return list(ids)
-    text = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages)
-    return list(tokenizer(text)["input_ids"])
+    if prompt.text is not None:
+        return list(tokenizer(prompt.text)["input_ids"])
+    return list(tokenizer("\n".join(m["content"] for m in template_messages(prompt)))["input_ids"])

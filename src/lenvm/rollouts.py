@@ -4,9 +4,11 @@ One record per completion (see :func:`read_rollouts`), written append-only so th
 interrupted run loses at most the batch in flight. Re-running with the same output file
 generates only the sample indices still missing.
 
-Three backends: ``hf`` runs a local Hugging Face causal LM in our decoding engine; ``vllm`` runs
-it in vLLM, in this process (``pip install -e ".[vllm]"``); ``openai`` asks any
-OpenAI-compatible server (vLLM, SGLang) through its ``/completions`` endpoint.
+Three backends: ``hf`` runs a local Hugging Face causal LM (or a vision-language model of the
+Qwen2-VL family) in our decoding engine; ``vllm`` runs it in vLLM, in this process
+(``pip install -e ".[vllm]"``); ``openai`` asks any OpenAI-compatible server (vLLM, SGLang)
+through its ``/completions`` endpoint. Prompts with images need ``hf``; their records keep the
+image references (absolute paths or URLs, see :mod:`lenvm.prompts`), never the pixels.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ def rollout(
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
+    with_images = next((p.id for p in prompts if p.images), None)
+    if with_images is not None and backend != "hf":
+        raise InputError(
+            f"prompt {with_images!r} has images: rollouts with images run in lenvm's engine (backend "
+            f"'hf'); the {backend} backend here is text-only"
+        )
 
     name = _generator_name(generator)
     record_sampling = {**sampling.policy(), "backend": backend}
@@ -176,24 +184,25 @@ def rollout(
             if model is not None
             else hub.eos_token_ids_of(generator, tokenizer)
         )
+    # Every prompt is encoded (its images loaded) and every request checked before the output
+    # file is touched, so bad input leaves nothing behind.
+    encoded = {p.id: encode_prompt(tokenizer, p) for p in todo}
     jobs = [
-        _Job(p, encode_prompt(tokenizer, p), i, derive_seed(sampling.seed, p.id, i))
-        for p in todo
-        for i in missing[p.id]
+        _Job(p, encoded[p.id], i, derive_seed(sampling.seed, p.id, i)) for p in todo for i in missing[p.id]
     ]
+    start = time.perf_counter()
+    if backend == "hf":
+        batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
+    elif backend == "vllm":
+        engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
+        batches = _vllm_batches(str(generator), jobs, sampling, engine_args)
+    else:
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        server = _Server(base_url, api_model or name, key)
+        batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
 
     bar = tqdm(total=len(jobs), unit="completion", desc="rollouts", disable=not progress)
-    start = time.perf_counter()
     with JsonlAppender(out) as appender, bar:
-        if backend == "hf":
-            batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
-        elif backend == "vllm":
-            engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
-            batches = _vllm_batches(str(generator), jobs, sampling, engine_args)
-        else:
-            key = api_key or os.environ.get("OPENAI_API_KEY")
-            server = _Server(base_url, api_model or name, key)
-            batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
         for batch in batches:
             appender.write([_make_record(d, name, record_sampling) for d in batch])
             for d in batch:
@@ -220,7 +229,9 @@ def _generator_name(generator) -> str:
 
 def _load(generator, device: str | None, dtype: str):
     if isinstance(generator, tuple):
-        return generator
+        from lenvm.vision import as_tokenizer
+
+        return generator[0], as_tokenizer(generator[1])
     return hub.load_generator(generator, device=device, dtype=dtype)
 
 
@@ -268,24 +279,27 @@ def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
     not depend on the batch it lands in."""
     from lenvm.decoding import Engine
 
-    yield from _engine_batches(Engine(model, tokenizer), jobs, sampling, batch_size)
+    return _engine_batches(Engine(model, tokenizer), jobs, sampling, batch_size)
 
 
 def _vllm_batches(generator: str, jobs, sampling, engine_args):
     """Completions from vLLM in this process, each seeded on its own like the engine's."""
     from lenvm.integrations.vllm import VLLMEngine
 
-    yield from _engine_batches(VLLMEngine(generator, logprobs=False, **engine_args), jobs, sampling, None)
+    return _engine_batches(VLLMEngine(generator, logprobs=False, **engine_args), jobs, sampling, None)
 
 
 def _engine_batches(engine, jobs, sampling, batch_size):
+    """One-completion batches from ``engine.stream``, which checks every request when called."""
     from lenvm.decoding import Request
 
     # Longest prompts first: memory runs out on the first batch rather than late in a run.
     jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
     requests = [Request(job.prompt, replace(sampling, seed=job.seed)) for job in jobs]
-    for index, result in engine.stream(requests, batch_size=batch_size):
-        yield [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)]
+    results = engine.stream(requests, batch_size=batch_size)
+    return (
+        [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)] for index, result in results
+    )
 
 
 # --- openai backend -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lenvm import vision
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
 from lenvm.io import InputError, atomic_path, write_json
@@ -195,6 +196,7 @@ def train(
         config.seed,
         vocab_size=lenvm.backbone.get_input_embeddings().weight.shape[0],
         vocab_name=lenvm.config.base_model,
+        sees_images=lenvm.sees_images,
     )
     gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
     lenvm.config.gamma = gamma
@@ -283,6 +285,12 @@ def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: f
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _images(lenvm: LengthValueModel, examples: list[Example], device=None) -> dict[str, torch.Tensor]:
+    """The forward keyword arguments with the pixel inputs of ``examples``' prompt images."""
+    rows = [(e.input_ids, e.images) for e in examples]
+    return vision.forward_images(lenvm.tokenizer, rows, device or lenvm.device)
 
 
 def is_main_process() -> bool:
@@ -405,7 +413,7 @@ class FeatureStore:
                 nonlocal rows
                 ids, mask, _ = right_pad([e.input_ids for _, e in chunk], lenvm.device)
                 with torch.no_grad():
-                    hidden = lenvm.features(ids, mask)
+                    hidden = lenvm.features(ids, mask, **_images(lenvm, [e for _, e in chunk]))
                 for b, (index, e) in enumerate(chunk):
                     n = e.num_states
                     last = e.start + n + (0 if e.finished else 1)
@@ -723,11 +731,12 @@ class FullTrainer:
             if steps == 0:
                 return
 
-    def micro_loss(self, model, batch: Batch) -> torch.Tensor:
-        """The weighted sum of the per-state losses of one micro-batch."""
+    def micro_loss(self, model, batch: Batch, images: dict | None = None) -> torch.Tensor:
+        """The weighted sum of the per-state losses of one micro-batch; ``images``: the rows'
+        pixel inputs as forward keyword arguments."""
         config = self.config
         gamma = self.lenvm.gamma
-        values = model(batch.input_ids, batch.attention_mask).float()
+        values = model(batch.input_ids, batch.attention_mask, **(images or {})).float()
         boot = values.gather(1, batch.boot_index[:, None]).squeeze(1).detach()
         targets = lambda_returns(batch.mc, batch.discount, boot, values, batch.supervised, gamma, config.lam)
         losses = state_losses(
@@ -742,8 +751,9 @@ class FullTrainer:
         model.eval()
         out = []
         for e in eval_set:
-            ids = torch.tensor([e.input_ids], device=self.accelerator.device)
-            out.append(model(ids)[0, e.start : e.start + e.num_states].float().cpu().numpy())
+            device = self.accelerator.device
+            values = model(torch.tensor([e.input_ids], device=device), **_images(self.lenvm, [e], device))
+            out.append(values[0, e.start : e.start + e.num_states].float().cpu().numpy())
         model.train()
         return out
 
@@ -807,6 +817,7 @@ class FullTrainer:
                 batches = [
                     collate(m, gamma, lenvm.tokenizer.pad_token_id or 0).to(acc.device) for m in window
                 ]
+                images = [_images(lenvm, m, acc.device) for m in window]
                 # The aggregated loss of the effective batch: each micro-batch's weighted sum over
                 # the count across all processes and micro-batches (lenvm.losses). DDP averages
                 # gradients over processes and accelerate divides by grad_accum: undo both.
@@ -817,9 +828,9 @@ class FullTrainer:
                 count = float(acc.reduce(torch.tensor(float(local), device=acc.device), "sum"))
                 scale = acc.num_processes * config.grad_accum / max(count, 1e-12)
                 step_loss = 0.0
-                for batch in batches:
+                for batch, pixels in zip(batches, images, strict=True):
                     with acc.accumulate(model):
-                        weighted = self.micro_loss(model, batch)
+                        weighted = self.micro_loss(model, batch, pixels)
                         acc.backward(weighted * scale)
                     step_loss += weighted.item() / max(count, 1e-12)
                 acc.clip_grad_norm_(model.parameters(), 1.0)

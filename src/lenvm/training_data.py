@@ -21,6 +21,7 @@ import numpy as np
 
 from lenvm.dataset import DatasetReport, Example, TruncatedPolicy, held_out_prompts, iter_examples
 from lenvm.io import InputError
+from lenvm.prompts import image_references
 
 # A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
 # several times their size in Python objects.
@@ -100,8 +101,10 @@ def scan(
     max_length: int | None,
     vocab_size: int,
     vocab_name: str,
+    sees_images: bool = True,
 ) -> Scan:
-    """One pass: lengths, prompt counts, the vocabulary check and the run's fingerprint data."""
+    """One pass: lengths, prompt counts, the vocabulary check (and, for a text-only model
+    ``sees_images=False``, that no prompt has images) and the run's fingerprint data."""
     lengths: list[int] = []
     record_prompts: set[str] = set()
     ends: list[Any] = [None, None]
@@ -114,6 +117,11 @@ def scan(
                 raise InputError(
                     f"rollout record {i + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
                     f"of {vocab_name!r}: were the rollouts made with another tokenizer?"
+                )
+            if not sees_images and image_references(record.get("prompt")):
+                raise InputError(
+                    f"rollout record {i + 1}'s prompt has images, which {vocab_name!r} (text-only) "
+                    "cannot read"
                 )
             lengths.append(record["num_tokens"])
             record_prompts.add(str(record.get("prompt_id", i)))
@@ -205,13 +213,14 @@ def training_data(
     seed: int,
     vocab_size: int,
     vocab_name: str,
+    sees_images: bool = True,
 ) -> TrainingData:
     """Scan the sources, hold out prompts, and set up the training stream."""
     if not 0.0 <= eval_fraction < 1.0:
         raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
-    found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name)
+    found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name, sees_images)
     if eval_source is not None:
-        held_scan = scan(eval_source, eos_token_ids, truncated, None, vocab_size, vocab_name)
+        held_scan = scan(eval_source, eos_token_ids, truncated, None, vocab_size, vocab_name, sees_images)
         shared = found.record_prompts & held_scan.record_prompts
         if shared:
             raise InputError(

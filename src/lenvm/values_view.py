@@ -4,24 +4,29 @@ For a completion of ``L`` tokens, state ``s_t`` is the prompt plus the first ``t
 token ``t`` (0-based) moves ``s_t`` to ``s_{t+1}``. Its TD residual
 ``delta_t = -(1 - gamma) + gamma * V(s_{t+1}) - V(s_t)`` says how much the token changed the
 expected rest: with values negative, ``delta < 0`` means the rest got longer than the model
-expected, ``delta > 0`` shorter.
+expected, ``delta > 0`` shorter. A prompt's images (vision-language LenVMs) are read with it, and
+the HTML view shows them beside the text.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
+import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lenvm import vision
 from lenvm.dataset import Example
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, right_pad
-from lenvm.prompts import Messages, Prompt, encode_prompt
+from lenvm.prompts import Messages, Prompt, TokenIds, as_prompt, is_token_ids
 from lenvm.returns import td_residual, value_to_length
 
 
@@ -51,6 +56,7 @@ class ValueTrace:
     prompt_text: str
     tokens: list[TokenValue]
     finished: bool
+    images: list[str] = field(default_factory=list)  # references of the prompt's images
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +86,7 @@ class ValueTrace:
         return {
             "gamma": self.gamma,
             "prompt_tokens": len(self.prompt_token_ids),
+            "images": self.images,
             "finished": self.finished,
             "tokens": [asdict(t) for t in self.tokens],
             "summary": self.summary(),
@@ -100,7 +107,9 @@ def state_values(
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
         ids, mask, _ = right_pad([examples[i].input_ids for i in chunk], lenvm.device)
-        values = lenvm(ids, mask).double().cpu().numpy()
+        rows = [(examples[i].input_ids, examples[i].images) for i in chunk]
+        images = vision.forward_images(lenvm.tokenizer, rows, lenvm.device)
+        values = lenvm(ids, mask, **images).double().cpu().numpy()
         for row, i in enumerate(chunk):
             e = examples[i]
             # A cut completion's last state s_T is an input; a finished one's follows EOS.
@@ -114,7 +123,7 @@ def state_values(
 
 def token_values(
     lenvm: LengthValueModel,
-    prompt: str | Messages | Prompt,
+    prompt: str | Messages | Prompt | TokenIds,
     completion: str | list[int],
     finished: bool = True,
 ) -> ValueTrace:
@@ -126,7 +135,12 @@ def token_values(
     """
     tok = lenvm.tokenizer
     eos = lenvm.config.eos_token_ids
-    prompt_ids = encode_prompt(tok, prompt)
+    if is_token_ids(prompt):  # as the generator saw it, no template applied
+        encoded, images = vision.Encoded(list(prompt)), []
+    else:
+        prompt = as_prompt(prompt)
+        encoded, images = vision.encode(tok, prompt), prompt.images
+    prompt_ids = encoded.ids
     if isinstance(completion, str):
         ids = list(tok(completion, add_special_tokens=False)["input_ids"])
     else:
@@ -141,7 +155,8 @@ def token_values(
     if not ids:
         raise InputError("the completion is empty")
     input_ids = prompt_ids + (ids[:-1] if finished else ids)
-    example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished)
+    lenvm.check_length(input_ids, encoded.image_tokens)
+    example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished, tuple(images))
     values = state_values(lenvm, [example])[0]
     gamma = lenvm.gamma
     residuals = td_residual(values, gamma)
@@ -161,7 +176,19 @@ def token_values(
         )
         for t, token_id in enumerate(ids)
     ]
-    return ValueTrace(gamma, prompt_ids, tok.decode(prompt_ids), tokens, finished)
+    return ValueTrace(gamma, prompt_ids, _prompt_text(tok, prompt_ids), tokens, finished, images)
+
+
+def _prompt_text(tokenizer, ids: list[int]) -> str:
+    """The prompt as text, each image's run of image tokens shown as one ``[image: N tokens]``."""
+    processor = vision.processor_of(tokenizer)
+    if processor is None:
+        return tokenizer.decode(ids)
+    parts = []
+    for is_image, run in itertools.groupby(ids, lambda t: t == processor.image_token_id):
+        run = list(run)
+        parts.append(f"[image: {len(run)} tokens]" if is_image else tokenizer.decode(run))
+    return "".join(parts)
 
 
 # -- HTML -----------------------------------------------------------------------------------
@@ -176,6 +203,10 @@ h1 { font-size: 1.3em; }
 .note { color: #555; font-size: 0.92em; }
 .swatch { display: inline-block; width: 1em; height: 1em; vertical-align: -0.15em; }
 .prompt { white-space: pre-wrap; color: #666; background: #f4f4f4; padding: 0.5em; }
+.view { display: flex; gap: 1em; align-items: flex-start; }
+.images { flex: none; display: flex; flex-direction: column; gap: 0.5em; }
+.images img { max-width: 240px; max-height: 240px; border: 1px solid #ddd; }
+.text { flex: 1; min-width: 0; }
 .completion { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.9;
   border: 1px solid #ddd; padding: 0.6em; }
 .tok { box-shadow: inset 0 0 0 1px rgba(0,0,0,0.10); border-radius: 2px; cursor: default; }
@@ -306,8 +337,23 @@ def _script_json(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def _image_tags(trace: ValueTrace) -> str:
+    """The prompt's images as ``<img>`` tags with the pictures inside (PNG, at most 480 pixels a
+    side), so that the page stays one self-contained file."""
+    tags = []
+    for i, ref in enumerate(trace.images):
+        image = vision.load_image(ref)
+        image.thumbnail((480, 480))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        tags.append(f'<img src="data:image/png;base64,{data}" alt="prompt image {i + 1}">')
+    return f'<div class="images">{"".join(tags)}</div>' if tags else ""
+
+
 def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
-    """One self-contained HTML page: summary, remaining-length chart and coloured tokens."""
+    """One self-contained HTML page: summary, remaining-length chart, the prompt (its images beside
+    the text) and the coloured tokens."""
     residuals = np.abs([t.residual for t in trace.tokens])
     # Scale colours to the 95th percentile so one outlier does not wash out everything else.
     scale = max(float(np.quantile(residuals, 0.95)), 1e-9)
@@ -353,9 +399,10 @@ Values are negative here, V = &minus;(1 &minus; &gamma;<sup>remaining</sup>), so
 residual means more tokens ahead; the paper, which uses the positive mirror 1 &minus;
 &gamma;<sup>remaining</sup>, reports the opposite sign. Full colour at |&delta;| &ge; {scale:.3g}.
 Hover a token for its numbers.</p>
+<div class="view">{_image_tags(trace)}<div class="text">
 <details><summary>Prompt ({len(trace.prompt_token_ids)} tokens)</summary>
 <div class="prompt">{html.escape(trace.prompt_text)}</div></details>
-<div class="completion">{"".join(spans)}</div>
+<div class="completion">{"".join(spans)}</div></div></div>
 <div id="tip" hidden></div>
 <script type="application/json" id="lenvm-data">{_script_json(rows)}</script>
 <script>{_JS}</script>

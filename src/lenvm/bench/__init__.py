@@ -1,7 +1,7 @@
 """Benchmarks: token-level LIFEBench, the cost/quality trade-off, prompt-boundary length
 prediction, shortest-predicted-first scheduling, length tokens, decoding speed, Q-head agreement
-with exact candidate scoring, the server under load, peak memory of training, and a report that
-runs them all.
+with exact candidate scoring, the server under load, peak memory of training, the
+vision-language path timed on generated images, and a report that runs them all.
 
 Each entry function writes ``results.json``, ``table.md`` and PNG plots into its own results
 folder and resumes an interrupted run from the per-item log in that folder. Each module also
@@ -20,6 +20,7 @@ from lenvm.bench import (
     speed,
     tradeoff,
     train_memory,
+    vision,
 )
 from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench import run_lifebench
@@ -31,6 +32,7 @@ from lenvm.bench.serve import run_serve_bench
 from lenvm.bench.speed import run_speed
 from lenvm.bench.tradeoff import run_tradeoff
 from lenvm.bench.train_memory import run_train_memory
+from lenvm.bench.vision import run_vision
 
 # The ``lenvm bench`` subcommands, in the order ``--help`` lists them.
 COMMANDS = (
@@ -44,6 +46,7 @@ COMMANDS = (
     q_agreement,
     serve,
     train_memory,
+    vision,
 )
 
 __all__ = [
@@ -61,5 +64,6 @@ __all__ = [
     "run_speed",
     "run_tradeoff",
     "run_train_memory",
+    "run_vision",
     "write_report",
 ]

@@ -37,9 +37,11 @@ def _prompts_from_args(args) -> list:
     from lenvm.prompts import as_prompt, read_prompts
 
     if getattr(args, "prompts", None):
+        if getattr(args, "image", None):
+            raise InputError("--image goes with --prompt; a prompts file names its images itself")
         return read_prompts(args.prompts)
     if getattr(args, "prompt", None) is not None:
-        return [as_prompt(args.prompt)]
+        return [as_prompt(args.prompt, images=getattr(args, "image", None))]
     raise InputError("give --prompt TEXT or --prompts FILE.jsonl")
 
 
@@ -159,7 +161,9 @@ def cmd_values(args) -> None:
     from lenvm.io import write_text
     from lenvm.values_view import render_html, token_values
 
-    trace = token_values(_load_lenvm(args), args.prompt, args.completion, finished=not args.unfinished)
+    lenvm = _load_lenvm(args)
+    [prompt] = _prompts_from_args(args)
+    trace = token_values(lenvm, prompt, args.completion, finished=not args.unfinished)
     if args.html:
         write_text(args.html, render_html(trace))
         print(f"wrote {args.html}", file=sys.stderr)
@@ -311,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rollout", help="sample n completions per prompt from a generator")
     options.add_model(p)
-    p.add_argument("--prompts", required=True, help="JSONL: {'prompt': ...} or {'messages': [...]}")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="JSONL: {'prompt': ...} (optionally with 'images': [paths]) or {'messages': [...]}",
+    )
     p.add_argument("--out", required=True, help="rollouts JSONL (appended; a rerun resumes)")
     p.add_argument("--n", type=int, default=4, help="completions per prompt")
     options.add_sampling(p, seed_help="every completion's seed derives from it (default 0)")
@@ -447,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")
     group.add_argument("--prompts", help="JSONL file of prompts")
+    options.add_image(p)
     p.add_argument(
         "--out",
         help="write one JSON line per prompt here, as it goes (a rerun predicts only what is missing)",
@@ -464,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
     p.add_argument("--lenvm", required=True)
     p.add_argument("--prompt", required=True)
+    options.add_image(p)
     p.add_argument("--completion", required=True)
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
     p.add_argument("--html", help="also write a self-contained HTML view here")
@@ -476,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")
     group.add_argument("--prompts", help="JSONL file; prints one JSON line per prompt")
+    options.add_image(p)
     control = p.add_mutually_exclusive_group()
     control.add_argument("--equal-to", type=int, metavar="N", help="aim at exactly N tokens")
     control.add_argument("--at-most", type=int, metavar="N", help="stay within N tokens")

@@ -76,3 +76,13 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
         help="what generates: our engine, or vLLM with the LenVM's logits processor (one pass: no "
         "retries or best_of; needs the [vllm] extra)",
     )
+
+
+def add_image(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an image for --prompt (a path, file:// or data: URL; repeat for several); needs a "
+        "vision-language generator",
+    )

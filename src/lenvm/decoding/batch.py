@@ -29,17 +29,22 @@ class Batch:
 
     @classmethod
     def join(cls, engine, batch: Batch | None, joining: list[Sequence]) -> Batch:
-        """Prefill the joining rows (prompts, and the kept tokens of a retry), then merge them into
-        the running ``batch`` (None: start one)."""
+        """Prefill the joining rows (prompts with their images, and the kept tokens of a retry),
+        then merge them into the running ``batch`` (None: start one)."""
         contexts = [seq.context for seq in joining]
-        gen = Stream.prefill(engine.body, contexts, engine.generator_features)
+        images = [seq.images for seq in joining]
+        gen = Stream.prefill(engine.body, contexts, engine.generator_features, images)
         seqs = joining if batch is None else batch.seqs + joining
         scorer = None
         if engine.lenvm is not None and any(_needs_values(s) for s in seqs):
-            scorer = engine.scorer_type.prefill(engine.lenvm, contexts, gen, naive=engine.naive)
+            scorer = engine.scorer_type.prefill(engine.lenvm, contexts, gen, engine.naive, images)
             if batch is not None and batch.scorer is None:  # the first row that needs values
                 batch.scorer = engine.scorer_type.prefill(
-                    engine.lenvm, [s.context for s in batch.seqs], batch.gen, naive=engine.naive
+                    engine.lenvm,
+                    [s.context for s in batch.seqs],
+                    batch.gen,
+                    engine.naive,
+                    [s.images for s in batch.seqs],
                 )
         if batch is not None:
             gen = Stream.cat([batch.gen, gen])
@@ -67,6 +72,8 @@ class Batch:
         """Generate one token for every row; returns the rows that finished."""
         r = self.rows
         logits = engine.lm_head(self.gen.last.last).float()
+        if engine.placeholders is not None:  # an image placeholder in an answer stands for no image
+            logits.index_fill_(1, engine.placeholders, -float("inf"))
         uniform = self.uniforms.gather(1, r.step[:, None])[:, 0]
         gamma = engine.lenvm.gamma if engine.lenvm is not None else None
         d = decide(logits, r, self.scorer, engine.num_candidates, engine.eos, gamma, uniform)

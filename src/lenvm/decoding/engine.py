@@ -7,7 +7,8 @@ Requests run in a batch of at most ``batch_size`` rows; a finished row leaves th
 waiting request takes its place (continuous batching; each request's state lives in the
 engine, :mod:`lenvm.decoding.sequence`). One step of the batch (:mod:`lenvm.decoding.batch`):
 
-1. the generator's next-token logits come from the hidden state of each row's last token;
+1. the generator's next-token logits come from the hidden state of each row's last token (a
+   vision-language generator's image placeholder tokens are never generated);
 2. :func:`lenvm.decoding.step.decide` truncates each row's distribution (temperature, top-k,
    top-p, min-p), takes the candidates (a controlled row's ``num_candidates`` most probable
    tokens, plus EOS where the control must be able to end; a plain row samples its token, its
@@ -46,6 +47,7 @@ from typing import Literal
 
 import torch
 
+from lenvm import vision
 from lenvm.decoding.batch import Batch
 from lenvm.decoding.params import Control, Request, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
@@ -53,7 +55,7 @@ from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_tokenizer, context_length
-from lenvm.prompts import encode_prompt
+from lenvm.prompts import as_prompt, is_token_ids
 
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
@@ -84,6 +86,8 @@ class Engine:
             raise InputError(
                 "naive candidate scoring needs a LenVM that scores candidates with a forward pass"
             )
+        tokenizer = vision.as_tokenizer(tokenizer)
+        vision.check_supported(model.config, "the generator")
         _check_supported(model, "the generator")
         check_queue(queue, queue_aging)
         if queue == "shortest" and lenvm is None:
@@ -114,11 +118,13 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
         self.eos_set = set(self.eos_ids)
+        placeholders = vision.placeholder_ids(model.config)
+        self.placeholders = torch.tensor(placeholders, device=self.device) if placeholders else None
         # The generator's stream also yields the head's features when the head reads the generator.
         self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
         self.context = context_length(model)
         if lenvm is not None and not lenvm.attached:
-            self.context = min(self.context, context_length(lenvm.backbone))
+            self.context = min(self.context, lenvm.context)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -134,14 +140,12 @@ class Engine:
 
     def stream(self, requests: list[Request], batch_size: int = 8) -> Iterator[tuple[int, Result]]:
         """Generate for every request, yielding ``(request index, result)`` as each one finishes,
-        so that a caller can save finished work while the rest is still decoding."""
+        so that a caller can save finished work while the rest is still decoding. Every request is
+        checked (and its images loaded) in this call, before anything is decoded or yielded."""
         scheduler = Scheduler(self, batch_size)
-        for index, request in enumerate(requests):  # every request is checked before any decoding
+        for index, request in enumerate(requests):
             scheduler.add(request, index)
-        while scheduler.busy:
-            for update in scheduler.step():
-                if update.result is not None:
-                    yield update.key, update.result
+        return _finished(scheduler)
 
     @functools.cached_property
     def sentence_ends(self) -> frozenset[int]:
@@ -157,17 +161,26 @@ class Engine:
         if not isinstance(request, Request):
             raise InputError(f"request {key}: expected a Request, got {type(request).__name__}")
         where = f"request {key}"
-        prompt_ids = encode_prompt(self.tokenizer, request.prompt)
+        prompt = request.prompt
+        if is_token_ids(prompt):
+            encoded = vision.Encoded(list(prompt))
+        else:
+            encoded = vision.encode(self.tokenizer, as_prompt(prompt, default_id=str(key)))
+        prompt_ids = encoded.ids
         if not prompt_ids:
             raise InputError(f"{where}: the prompt encodes to no tokens")
         vocab = self.lm_head.weight.shape[0]
         if not all(0 <= i < vocab for i in prompt_ids):
             raise InputError(f"{where}: prompt token ids must lie in [0, {vocab})")
+        lenvm = self.lenvm
+        if encoded.images is not None and lenvm is not None and not lenvm.sees_images:
+            raise InputError(f"{where}: the prompt has images, which the text-only LenVM cannot read")
         max_new_tokens = request.sampling.max_new_tokens
         if len(prompt_ids) + max_new_tokens > self.context:
+            of_images = f", {encoded.image_tokens} of them for its images" if encoded.image_tokens else ""
             raise InputError(
-                f"{where}: prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
-                f"exceeds the model's context of {self.context} tokens"
+                f"{where}: prompt ({len(prompt_ids)} tokens{of_images}) plus max_new_tokens "
+                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens"
             )
         control = request.control or Control()
         if (control.active or request.return_values) and self.lenvm is None:
@@ -189,7 +202,10 @@ class Engine:
             )
         if request.sampling.top_k >= vocab:  # keeps every token: the filter is off
             request = replace(request, sampling=replace(request.sampling, top_k=0))
-        return [Sequence.start(key, request, prompt_ids, a, self.device) for a in range(control.best_of)]
+        images = encoded.images.to(self.device) if encoded.images is not None else None
+        return [
+            Sequence.start(key, request, prompt_ids, a, self.device, images) for a in range(control.best_of)
+        ]
 
 
 @dataclass
@@ -265,11 +281,13 @@ class Scheduler:
         if self.engine.queue == "fcfs":
             return [self.waiting.popleft() for _ in range(count)]
         unranked = {
-            s.index: s.prompt_ids for s in self.waiting if not s.missed and s.index not in self.predicted
+            s.index: vision.Encoded(s.prompt_ids, s.images)
+            for s in self.waiting
+            if not s.missed and s.index not in self.predicted
         }
         if unranked:
             lenvm = self.engine.lenvm
-            values = lenvm.values_of_prompt_ids(list(unranked.values()), batch_size=len(unranked))
+            values = lenvm.values_of_prompts(list(unranked.values()), batch_size=len(unranked))
             self.predicted.update(zip(unranked, lenvm.lengths_from_values(values), strict=True))
 
         def key(seq: Sequence) -> float:
@@ -332,6 +350,14 @@ def _last_token(seq: Sequence) -> Update:
         top_logprobs=seq.top_logprobs[-1:],
         values=seq.values[-1:],
     )
+
+
+def _finished(scheduler: Scheduler) -> Iterator[tuple[Hashable, Result]]:
+    """Step ``scheduler`` until it is idle, yielding ``(key, result)`` as each request finishes."""
+    while scheduler.busy:
+        for update in scheduler.step():
+            if update.result is not None:
+                yield update.key, update.result
 
 
 def _check_supported(model, what: str) -> None:

@@ -18,7 +18,8 @@ or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
 A call whose ids do not extend the previous call's starts over, so one processor can serve
 several ``generate`` calls in turn. Equal To answers that do not end naturally are kept as they
-are: resampling their end (``Control.retries``) and ``best_of`` are the engine's.
+are: resampling their end (``Control.retries``) and ``best_of`` are the engine's. Prompts with
+images are the engine's too: the processor sees token ids only, not the pixels.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from lenvm import vision
 from lenvm.decoding.params import Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, decide, forced_eos
@@ -112,6 +114,12 @@ class LenVMLogitsProcessor(LogitsProcessor):
         for row in input_ids.tolist():
             start = next((i for i, t in enumerate(row) if t != self.pad_token_id), len(row) - 1)
             rows.append(row[start:])
+        processor = vision.processor_of(self.lenvm.tokenizer)
+        if processor is not None and any(processor.image_token_id in row for row in rows):
+            raise InputError(
+                "a prompt has images, which the transformers logits processor cannot pass to the "
+                "LenVM: guide image prompts with lenvm's engine (lenvm.decoding.Engine)"
+            )
         self._scorer = scorer_for(self.lenvm).prefill(self.lenvm, rows)
         n = len(rows)
         self._rows = Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device)

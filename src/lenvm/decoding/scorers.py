@@ -25,6 +25,7 @@ import torch
 
 from lenvm.decoding.streams import Stream
 from lenvm.model import LengthValueModel
+from lenvm.vision import ImageInputs
 
 
 class Scorer(ABC):
@@ -44,15 +45,20 @@ class Scorer(ABC):
 
     @classmethod
     def prefill(
-        cls, lenvm: LengthValueModel, rows: list[list[int]], source: Stream | None = None, naive: bool = False
+        cls,
+        lenvm: LengthValueModel,
+        rows: list[list[int]],
+        source: Stream | None = None,
+        naive: bool = False,
+        images: list[ImageInputs | None] | None = None,
     ) -> Scorer:
         """A scorer for ``rows`` (prompt and kept tokens of each); ``source``: the caller's stream
-        over the same rows of the generator's body, if it runs one."""
+        over the same rows of the generator's body, if it runs one; ``images``: the pixel inputs
+        of each row's prompt images (see :meth:`Stream.prefill`)."""
         if source is not None and cls.reads_generator:
             return cls(lenvm, source, owns_stream=False, naive=naive)
-        return cls(
-            lenvm, Stream.prefill(lenvm.body, rows, lenvm.feature_layer), owns_stream=True, naive=naive
-        )
+        stream = Stream.prefill(lenvm.body, rows, lenvm.feature_layer, images)
+        return cls(lenvm, stream, owns_stream=True, naive=naive)
 
     @abstractmethod
     def score(self, ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

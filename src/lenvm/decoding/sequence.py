@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from lenvm.decoding.params import Control, Request, Result
+from lenvm.vision import ImageInputs
 
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
 ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
@@ -29,6 +30,7 @@ class Sequence:
     prompt_ids: list[int]
     rng: torch.Generator  # this attempt's random stream
     uniforms: torch.Tensor  # [max_new_tokens]: one draw per step, from rng
+    images: ImageInputs | None = None  # the pixel inputs of the prompt's images: every prefill needs them
     tokens: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -39,14 +41,23 @@ class Sequence:
     decoded: int = 0
 
     @classmethod
-    def start(cls, index: int, request: Request, prompt_ids: list[int], attempt: int, device) -> Sequence:
-        """Attempt ``attempt`` of request ``index``; a request without a seed gets a random one."""
+    def start(
+        cls,
+        index: int,
+        request: Request,
+        prompt_ids: list[int],
+        attempt: int,
+        device,
+        images: ImageInputs | None = None,
+    ) -> Sequence:
+        """Attempt ``attempt`` of request ``index``; a request without a seed gets a random one.
+        ``images``: the pixel inputs of the prompt's images (``prompt_ids`` hold their tokens)."""
         seed = request.sampling.seed
         seed = seed if seed is not None else int(torch.randint(2**62, ()))
         rng = torch.Generator().manual_seed((seed + attempt * ATTEMPT_SEED_STEP) % 2**63)
         control = request.control or Control()
         uniforms = _uniforms(rng, request.sampling.max_new_tokens, device)
-        return cls(index, attempt, request, control, prompt_ids, rng, uniforms)
+        return cls(index, attempt, request, control, prompt_ids, rng, uniforms, images)
 
     @property
     def context(self) -> list[int]:

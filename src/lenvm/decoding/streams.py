@@ -16,6 +16,13 @@ when a block was fed, and feeds the chosen token otherwise.
 
 A forward returns :class:`Hidden`: the final hidden states (for an LM head) and the features a
 LenVM head reads (another layer's, when the LenVM's ``feature_layer`` says so), from the same pass.
+
+Images (vision-language bodies of the Qwen2-VL family): a row's prefill may carry the pixel
+inputs of its prompt's images. The prefill then passes them, with the 3-D multimodal positions of
+every row from the model's own rope-index function (:func:`lenvm.vision.rope_positions`), and
+each row's next position is its largest position + 1. Every later token (a step, a candidate
+block) has three equal position components, so the 1-D position ids of the text path serve
+unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lenvm.model import select_features
+from lenvm.vision import ImageInputs, model_kwargs, rope_positions
 
 
 @dataclass
@@ -79,8 +87,15 @@ class Stream:
 
     @classmethod
     @torch.no_grad()
-    def prefill(cls, body: nn.Module, rows: list[list[int]], feature_layer: int = -1) -> Stream:
-        """A stream over the token ids ``rows``, left-padded into one forward."""
+    def prefill(
+        cls,
+        body: nn.Module,
+        rows: list[list[int]],
+        feature_layer: int = -1,
+        images: list[ImageInputs | None] | None = None,
+    ) -> Stream:
+        """A stream over the token ids ``rows``, left-padded into one forward; ``images``: the pixel
+        inputs of each row's images (None for a row without), for a vision-language body."""
         from transformers import DynamicCache
 
         device = next(body.parameters()).device
@@ -97,16 +112,24 @@ class Stream:
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             eye = torch.eye(width, dtype=torch.bool, device=device)
             attention = _additive(causal & mask[:, None, :] | eye, _dtype(body))
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        following = mask.sum(1)
+        pixels = ImageInputs.cat(images or [])
+        if pixels is not None:
+            pixels = pixels.to(device)
+            positions = rope_positions(body, ids, mask, pixels)
+            following = positions.amax(dim=(0, 2)) + 1
         cache = DynamicCache()
         out = body(
             input_ids=ids,
             attention_mask=attention,
-            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            position_ids=positions,
             use_cache=True,
             output_hidden_states=feature_layer != -1,
+            **model_kwargs(pixels),
             **{cache_argument(type(body)): cache},
         )
-        return cls(body, cache, mask, mask.sum(1), feature_layer, Hidden.of(out, feature_layer)[:, -1])
+        return cls(body, cache, mask, following, feature_layer, Hidden.of(out, feature_layer)[:, -1])
 
     @property
     def batch_size(self) -> int:
