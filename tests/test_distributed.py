@@ -1,4 +1,8 @@
-"""Full fine-tuning with two CPU processes (gloo) under the shipped DDP configuration."""
+"""Full fine-tuning with two CPU processes (gloo) under the shipped DDP and FSDP configurations.
+
+DeepSpeed is not among them: accelerate starts it only on accelerators (and it is an optional
+extra); tests/test_launch.py checks its configurations load and what the launcher makes of them.
+"""
 
 import json
 import os
@@ -40,10 +44,13 @@ def _flags(options: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_effective_batch(tmp_path, tiny_path, tiny_generator):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_effective_batch(
+    engine, tmp_path, tiny_path, tiny_generator
+):
     rollouts = tmp_path / "rollouts.jsonl"
     rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
-    cmd = [sys.executable, "-m", "lenvm.cli", "train", "--accelerate-config", "ddp", "--num-processes", "2"]
+    cmd = [sys.executable, "-m", "lenvm.cli", "train", "--accelerate-config", engine, "--num-processes", "2"]
     cmd += ["--rollouts", str(rollouts), "--base", str(tiny_path), "--out", str(tmp_path / "two")]
     cmd += ["--batch-size", "2", *_flags(OPTIONS)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -54,6 +61,13 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(tmp_path,
     two = json.loads((tmp_path / "two" / "training_log.json").read_text())
     saved = json.loads((tmp_path / "two" / "config.json").read_text())["training"]
     assert saved["streamed"] and saved["lam"] == 0.8
+    # The engine really ran: under FSDP (full shard) each process holds half of every
+    # parameter, so the run cannot have fallen back to DDP, where each holds all of them.
+    layout = saved["distributed"]
+    assert layout["processes"] == 2
+    assert layout["type"] == {"ddp": "MULTI_CPU", "fsdp": "FSDP"}[engine]
+    share = layout["parameters_on_main_process"] / layout["parameters"]
+    assert share == (pytest.approx(0.5, abs=0.01) if engine == "fsdp" else 1.0)
 
     one = train(
         str(rollouts), str(tiny_path), tmp_path / "one", TrainConfig(batch_size=4, **OPTIONS), progress=False

@@ -1,12 +1,14 @@
 """The shipped accelerate configurations and the relaunch of ``lenvm train`` under them.
 
-FSDP and DeepSpeed cannot run on a host without GPUs (accelerate runs CPU processes as plain
-DDP), so for them these tests check what a GPU run starts from: that each file loads, that the
+DeepSpeed is not run here (accelerate starts it only on accelerators; it is an optional extra),
+so for it these tests check what a GPU run starts from: that each file loads and that the
 launcher accepts the command lenvm builds and turns it into the environment the training
-processes read, and that the FSDP plugin built from it wraps the backbone's layers.
+processes read. For FSDP they also check that the plugin built from that environment wraps the
+backbone's layers; tests/test_distributed.py trains under it on two CPU processes.
 """
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,18 +80,28 @@ def test_deepspeed_launch(stage, monkeypatch):
     assert args.gradient_clipping == 1.0 and args.zero3_save_16bit_model is (stage == 3)
 
 
-def test_sharded_engines_are_refused_without_a_gpu(tiny_path, monkeypatch):
+def test_deepspeed_is_refused_without_a_gpu(tiny_path, monkeypatch):
     if torch.accelerator.is_available():
         pytest.skip("this host has an accelerator")
     from lenvm.model import LengthValueModel
     from lenvm.training import FullTrainer, TrainConfig
 
     lenvm = LengthValueModel.from_base(tiny_path, kind="standalone")
-    for engine in ("FSDP", "DEEPSPEED"):
-        with monkeypatch.context() as m:
-            m.setenv(f"ACCELERATE_USE_{engine}", "true")
-            with pytest.raises(InputError, match=f"{engine} was asked for, but there is no GPU"):
-                FullTrainer(lenvm, TrainConfig(kind="standalone"), tiny_path, "fp", progress=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(InputError, match="DEEPSPEED was asked for, but there is no GPU"):
+        FullTrainer(lenvm, TrainConfig(kind="standalone"), tiny_path, "fp", progress=False)
+
+
+def test_fsdp1_is_refused_on_cpu_processes(monkeypatch):
+    """FSDP on CPU processes goes through FSDP2 only (tests/test_distributed.py runs it)."""
+    from accelerate.utils import DistributedType
+
+    from lenvm.training import _fsdp_on_cpu
+
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    accelerator = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    with pytest.raises(InputError, match="FSDP2 only"):
+        _fsdp_on_cpu(accelerator)
 
 
 def test_config_names_paths_and_errors(tmp_path):

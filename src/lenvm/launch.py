@@ -5,10 +5,11 @@
 eight GPUs, the way ``torchrun``-wrapping trainers behave. The command it runs is printed first,
 so it can be copied to run ``accelerate launch`` directly (for several hosts, for example).
 
-Shipped configurations (``lenvm/train_configs/NAME.yaml``): ``ddp`` (data-parallel; on a host
-without GPUs its processes form a CPU group), ``fsdp`` (FSDP2, full shard), ``deepspeed_zero2``
-and ``deepspeed_zero3``. FSDP and DeepSpeed need GPUs: ``accelerate`` runs CPU processes as
-plain data-parallel only.
+Shipped configurations (``lenvm/train_configs/NAME.yaml``): ``ddp`` (data-parallel), ``fsdp``
+(FSDP2, full shard), ``deepspeed_zero2`` and ``deepspeed_zero3``. On a host without GPUs the
+processes form a CPU (gloo) group: ``ddp`` and ``fsdp`` run there (``accelerate`` would run
+FSDP's CPU processes as plain DDP, so :class:`lenvm.training.FullTrainer` turns its FSDP2 path
+on for them); DeepSpeed needs GPUs.
 """
 
 from __future__ import annotations

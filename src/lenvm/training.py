@@ -145,6 +145,7 @@ class _Fit:
     seconds: float
     evaluations: list[dict[str, float]]
     state_dict: dict[str, torch.Tensor] | None = None  # full weights of a sharded model
+    distributed: dict[str, Any] | None = None  # how the full path ran (see FullTrainer.layout)
 
 
 def train(
@@ -238,6 +239,7 @@ def train(
         "metrics": metrics,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens_per_second, 1),
+        **({"distributed": fit.distributed} if fit.distributed else {}),
     }
     lenvm.save_pretrained(out, state_dict=fit.state_dict)
     write_json(
@@ -678,6 +680,33 @@ class HeadTrainer:
         return _Fit(losses, self.eval_values(len(data.eval)), tokens, seconds, evaluations)
 
 
+def _fsdp_on_cpu(accelerator) -> None:
+    """Turn a CPU (gloo) process group into an FSDP2 one, as the launch configuration asked.
+
+    ``accelerate`` (1.x) enables its FSDP plugin only for accelerator process groups: on CPU
+    processes (``DistributedType.MULTI_CPU``) it drops the plugin and ``prepare`` wraps the
+    model in DDP. torch's FSDP2 (``fully_shard``) itself runs on CPU tensors over gloo, so
+    the state is switched to FSDP with the plugin the launcher's environment describes, and
+    every later step (``prepare``, ``accumulate``, ``clip_grad_norm_``, ``save_state``,
+    ``get_state_dict``) takes accelerate's own FSDP2 path.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return  # an accelerator group (FSDP already) or a single process (nothing to shard)
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise InputError(
+            "on CPUs lenvm runs FSDP2 only (fsdp_version: 2, as in the shipped fsdp configuration)"
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
 class FullTrainer:
     """Full fine-tuning of a standalone LenVM with ``accelerate``.
 
@@ -691,13 +720,10 @@ class FullTrainer:
 
         self.lenvm, self.config, self.work, self.fingerprint = lenvm, config, work, fingerprint
         accelerated = torch.accelerator.is_available()
-        sharded = [
-            name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"
-        ]
-        if sharded and not accelerated:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not accelerated:
             raise InputError(
-                f"{sharded[0]} was asked for, but there is no GPU: accelerate runs CPU processes as plain "
-                "data-parallel (gloo) only. On CPUs use the ddp configuration."
+                "DEEPSPEED was asked for, but there is no GPU: accelerate starts DeepSpeed only on "
+                "accelerators. On CPUs use the ddp or fsdp configuration."
             )
         # Without an accelerator, say cpu=True so that several launched processes still form
         # a (gloo) process group instead of each training alone.
@@ -706,6 +732,8 @@ class FullTrainer:
             cpu=not accelerated,
             gradient_accumulation_steps=config.grad_accum,
         )
+        if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            _fsdp_on_cpu(self.accelerator)
         self.progress = progress and self.accelerator.is_main_process
 
     def windows(self, train, epoch: int):
@@ -782,6 +810,7 @@ class FullTrainer:
             # Without a prepared data loader, DeepSpeed's micro-batch size must be given.
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         model, optimizer = acc.prepare(lenvm, optimizer)
+        distributed = self.layout(model)
         acc.register_for_checkpointing(scheduler)
         staging = self.work.with_name(self.work.name + ".staging")
         if not self.work.exists() and (staging / "state.json").is_file():
@@ -854,7 +883,25 @@ class FullTrainer:
         eval_values = log_evaluation(config.epochs)
         state_dict = acc.get_state_dict(model)
         acc.wait_for_everyone()
-        return _Fit(losses, eval_values, tokens, seconds, evaluations, state_dict)
+        return _Fit(losses, eval_values, tokens, seconds, evaluations, state_dict, distributed)
+
+    def layout(self, model) -> dict[str, Any]:
+        """How the prepared model is spread: the engine, the process count and the parameters
+        this process holds (a shard of each under FSDP and ZeRO-3, all of them otherwise)."""
+        from torch.distributed.tensor import DTensor
+
+        def held(p) -> int:
+            if isinstance(p, DTensor):  # FSDP2
+                return p.to_local().numel()
+            return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()  # ZeRO-3
+
+        acc = self.accelerator
+        return {
+            "type": acc.distributed_type.value,
+            "processes": acc.num_processes,
+            "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "parameters_on_main_process": sum(held(p) for p in model.parameters()),
+        }
 
     def save(self, step: int, losses: list[float], evaluations: list[dict[str, float]]) -> None:
         """Accelerate state plus our step counter; the pair is replaced atomically."""
