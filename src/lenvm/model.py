@@ -29,7 +29,7 @@ from torch import nn
 
 from lenvm import __version__, vision
 from lenvm.io import InputError, atomic_path, is_int
-from lenvm.prompts import Messages, Prompt, TokenIds, is_token_ids
+from lenvm.prompts import Messages, Prompt, TokenIds
 from lenvm.returns import _check_gamma, value_to_length
 
 Kind = Literal["attached", "standalone", "q"]
@@ -400,11 +400,7 @@ class LengthValueModel(nn.Module):
             raise InputError("no prompts to predict for")
         encoded = []
         for i, prompt in enumerate(prompts):
-            e = (
-                vision.Encoded(list(prompt))
-                if is_token_ids(prompt)
-                else vision.encode(self.tokenizer, prompt)
-            )
+            e = vision.encode(self.tokenizer, prompt)
             if not e.ids:
                 raise InputError(f"prompt {i + 1} encodes to no tokens")
             if len(e.ids) > self.context:

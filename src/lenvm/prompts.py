@@ -241,8 +241,6 @@ def encode_prompt(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> list
     :func:`lenvm.vision.encode`, which also gives the pixel inputs). Token ids are taken as they
     are (a prompt that was tokenized without the template, as an OpenAI-style text completion is).
     """
-    if is_token_ids(prompt):
-        return list(prompt)
     from lenvm.vision import encode  # a vision-language generator's tokenizer carries its processor
 
     return encode(tokenizer, prompt).ids

@@ -135,11 +135,8 @@ def token_values(
     """
     tok = lenvm.tokenizer
     eos = lenvm.config.eos_token_ids
-    if is_token_ids(prompt):  # as the generator saw it, no template applied
-        encoded, images = vision.Encoded(list(prompt)), []
-    else:
-        prompt = as_prompt(prompt)
-        encoded, images = vision.encode(tok, prompt), prompt.images
+    encoded = vision.encode(tok, prompt)  # token ids are taken as they are, no template applied
+    images = [] if is_token_ids(prompt) else as_prompt(prompt).images
     prompt_ids = encoded.ids
     if isinstance(completion, str):
         ids = list(tok(completion, add_special_tokens=False)["input_ids"])

@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from lenvm.io import InputError
-from lenvm.prompts import Messages, Prompt, as_prompt, template_ids
+from lenvm.prompts import Messages, Prompt, TokenIds, as_prompt, is_token_ids, template_ids
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_TOKEN = "<|image_pad|>"
@@ -274,9 +274,13 @@ def as_tokenizer(tokenizer_or_processor):
     return tokenizer_or_processor
 
 
-def encode(tokenizer, prompt: str | Messages | Prompt) -> Encoded:
+def encode(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> Encoded:
     """Token ids and pixel inputs of ``prompt`` for the generator of ``tokenizer``. A prompt with
-    images needs a vision-language generator's tokenizer (see :func:`processor_of`)."""
+    images needs a vision-language generator's tokenizer (see :func:`processor_of`). Token ids
+    are taken as they are (a prompt tokenized without the template, as an OpenAI-style text
+    completion is)."""
+    if is_token_ids(prompt):
+        return Encoded(list(prompt))
     prompt = as_prompt(prompt)
     processor = processor_of(tokenizer)
     if processor is not None:

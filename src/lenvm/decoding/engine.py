@@ -162,10 +162,9 @@ class Engine:
             raise InputError(f"request {key}: expected a Request, got {type(request).__name__}")
         where = f"request {key}"
         prompt = request.prompt
-        if is_token_ids(prompt):
-            encoded = vision.Encoded(list(prompt))
-        else:
-            encoded = vision.encode(self.tokenizer, as_prompt(prompt, default_id=str(key)))
+        if not is_token_ids(prompt):
+            prompt = as_prompt(prompt, default_id=str(key))  # its id names it in errors
+        encoded = vision.encode(self.tokenizer, prompt)
         prompt_ids = encoded.ids
         if not prompt_ids:
             raise InputError(f"{where}: the prompt encodes to no tokens")
