@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import lenvm.rollouts as rollouts_module
 from lenvm.io import InputError
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.rollouts import (
@@ -400,3 +401,41 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
     with pytest.raises(InputError, match="base_url"):
         rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", tokenizer=tok)
     assert not out.exists() or read_rollouts(out) == []
+
+
+def test_auto_backend_uses_our_engine_without_vllm(tiny_path, tiny_generator, tmp_path, monkeypatch):
+    monkeypatch.setattr(rollouts_module, "vllm_installed", lambda: False)
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=4)
+    summary = rollout(
+        str(tiny_path), PROMPTS[:1], out, n=1, sampling=sampling, backend="auto", loaded=tiny_generator,
+        progress=False,
+    )  # fmt: skip
+    assert summary.backend == "hf" and read_rollouts(out)[0]["sampling"]["backend"] == "hf"
+    # The same file again, as a plain hf run: nothing left to do.
+    again = rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    assert again.completions_written == 0
+
+
+def test_auto_backend_takes_vllm_only_for_a_named_text_generator(tiny_path, tiny_generator, tmp_path):
+    from lenvm.rollouts import _auto_backend, vllm_installed
+
+    installed = vllm_installed()
+    assert _auto_backend(str(tiny_path), [], True, tmp_path) == ("vllm" if installed else "hf")
+    assert _auto_backend(tiny_generator, [], True, tmp_path) == "hf"  # loaded: vLLM cannot take it
+    assert _auto_backend(str(tiny_path), [], False, tmp_path) == "hf"  # images: our engine only
+
+
+def test_auto_backend_resumes_with_the_files_backend(tiny_path, tiny_generator, tmp_path, monkeypatch):
+    monkeypatch.setattr(rollouts_module, "vllm_installed", lambda: False)
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=4)
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    record = lines(out)[0]
+    for backend, message in [("vllm", "install lenvm\\[vllm\\] to resume"), ("openai", "OpenAI-compatible")]:
+        other = tmp_path / f"{backend}.jsonl"
+        started = {**record, "sampling": {**record["sampling"], "backend": backend}}
+        other.write_text(json.dumps(started) + "\n")
+        with pytest.raises(InputError, match=message):
+            rollout(str(tiny_path), PROMPTS[:2], other, n=1, sampling=sampling, backend="auto")
+        assert len(lines(other)) == 1  # nothing written

@@ -7,13 +7,17 @@ generates only the sample indices still missing.
 Three backends: ``hf`` runs a local Hugging Face causal LM (or a vision-language model of the
 Qwen2-VL family) in our decoding engine; ``vllm`` runs it in vLLM, in this process
 (``pip install -e ".[vllm]"``); ``openai`` asks any OpenAI-compatible server (vLLM, SGLang)
-through its ``/completions`` endpoint. Prompts with images need ``hf``; their records keep the
-image references (absolute paths or URLs, see :mod:`lenvm.prompts`), never the pixels.
+through its ``/completions`` endpoint. ``auto`` (what the demo and the benchmarks use) takes vLLM
+where it is installed, since it samples faster than our engine (docs/benchmarks.md), and our
+engine otherwise; a file being resumed keeps the backend it was started with. Prompts with images
+need ``hf``; their records keep the image references (absolute paths or URLs, see
+:mod:`lenvm.prompts`), never the pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -33,6 +37,7 @@ from lenvm.io import InputError, JsonlAppender, is_int, repair_jsonl_tail
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
 BACKENDS = ("hf", "vllm", "openai")
+AUTO = "auto"
 FINISH_REASONS = ("stop", "length")
 # Seconds one server request may take: n long completions on a busy server are slow.
 REQUEST_TIMEOUT_S = 3600.0
@@ -51,6 +56,7 @@ class RolloutSummary:
     truncated: int
     seconds: float
     tokens_per_second: float
+    backend: str = "hf"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -120,15 +126,18 @@ def rollout(
     device: str | None = None,
     dtype: str = "float32",
     vllm_args: dict[str, Any] | None = None,
+    loaded: tuple | None = None,
 ) -> RolloutSummary:
     """Sample ``n`` completions per prompt and append them to the JSONL file ``out``.
 
     ``generator`` is a model name, folder or built-in alias, or a loaded ``(model, tokenizer)``.
     For ``hf``, ``batch_size`` is the number of completions decoded at once, and a generator
-    named here loads on ``device`` (default: the first accelerator, else the CPU) in ``dtype``;
-    for ``vllm`` the most sequences vLLM runs at once (``vllm_args`` go to ``vllm.LLM``, e.g.
-    ``{"enforce_eager": True}``); for ``openai`` the number of requests in flight, and
-    ``tokenizer`` (default: the generator's) applies the chat template and re-tokenizes.
+    named here loads on ``device`` (default: the first accelerator, else the CPU) in ``dtype``,
+    unless ``loaded`` gives it as ``(model, tokenizer)`` already; for ``vllm`` the most sequences
+    vLLM runs at once (``vllm_args`` go to ``vllm.LLM``, e.g. ``{"max_model_len": 4096}``); for
+    ``openai`` the number of requests in flight, and ``tokenizer`` (default: the generator's)
+    applies the chat template and re-tokenizes. ``auto``: see the module doc (a generator passed
+    loaded, or prompts with images, stay in our engine).
     """
     sampling = sampling if sampling is not None else SamplingParams()
     if not isinstance(sampling, SamplingParams):
@@ -141,12 +150,10 @@ def rollout(
         raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend not in (*BACKENDS, AUTO):
+        raise InputError(f"unknown backend {backend!r}; known: {', '.join((*BACKENDS, AUTO))}")
     if backend == "openai" and not base_url:
         raise InputError("the openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
-    if backend == "vllm" and isinstance(generator, tuple):
-        raise InputError("the vllm backend loads the generator itself: pass its name or folder")
     prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
     if not prompts:
         raise InputError("no prompts to roll out")
@@ -154,6 +161,14 @@ def rollout(
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
     with_images = next((p.id for p in prompts if p.images), None)
+    out = Path(out)
+    # Cut a crash's partial last line before reading what is already there.
+    repair_jsonl_tail(out)
+    existing = read_rollouts(out) if out.exists() else []
+    if backend == AUTO:
+        backend = _auto_backend(generator, existing, with_images is None, out)
+    if backend == "vllm" and isinstance(generator, tuple):
+        raise InputError("the vllm backend loads the generator itself: pass its name or folder")
     if with_images is not None and backend != "hf":
         raise InputError(
             f"prompt {with_images!r} has images: rollouts with images run in lenvm's engine (backend "
@@ -162,19 +177,15 @@ def rollout(
 
     name = _generator_name(generator)
     record_sampling = {**sampling.policy(), "backend": backend}
-    out = Path(out)
-    # Cut a crash's partial last line before reading what is already there.
-    repair_jsonl_tail(out)
-    existing = read_rollouts(out) if out.exists() else []
     present = _check_resume(existing, prompts, name, record_sampling, out)
     missing = {p.id: [i for i in range(n) if i not in present.get(p.id, set())] for p in prompts}
     todo = [p for p in prompts if missing[p.id]]
-    summary = RolloutSummary(out, len(prompts), len(prompts) - len(todo), 0, 0, 0, 0, 0.0, 0.0)
+    summary = RolloutSummary(out, len(prompts), len(prompts) - len(todo), 0, 0, 0, 0, 0.0, 0.0, backend)
     if not todo:
         return summary
 
     if backend == "hf":
-        model, tokenizer = _load(generator, device, dtype)
+        model, tokenizer = _load(loaded or generator, device, dtype)
     else:
         model = generator[0] if isinstance(generator, tuple) else None
         tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
@@ -190,12 +201,16 @@ def rollout(
     jobs = [
         _Job(p, encoded[p.id], i, derive_seed(sampling.seed, p.id, i)) for p in todo for i in missing[p.id]
     ]
+    if backend == "vllm":  # started before the clock: loading is not generation
+        from lenvm.integrations.vllm import VLLMEngine
+
+        engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
+        vllm_engine = VLLMEngine(str(generator), logprobs=False, **engine_args)
     start = time.perf_counter()
     if backend == "hf":
         batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
     elif backend == "vllm":
-        engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
-        batches = _vllm_batches(str(generator), jobs, sampling, engine_args)
+        batches = _vllm_batches(vllm_engine, jobs, sampling)
     else:
         key = api_key or os.environ.get("OPENAI_API_KEY")
         server = _Server(base_url, api_model or name, key)
@@ -217,6 +232,27 @@ def rollout(
             bar.update(len(batch))
             bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
     return summary
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _auto_backend(generator, existing: list[dict[str, Any]], text_only: bool, out: Path) -> str:
+    """The backend ``auto`` stands for (see the module doc)."""
+    if existing:
+        chosen = existing[0]["sampling"].get("backend", "hf")
+        if chosen == "openai":
+            raise InputError(f"{out} was written through an OpenAI-compatible server: resume it with that")
+        if chosen == "vllm" and not vllm_installed():
+            raise InputError(
+                f"{out} was started with the vllm backend, which is not installed here: install "
+                "lenvm[vllm] to resume it, or use another output file"
+            )
+        return chosen
+    named = not isinstance(generator, tuple)
+    return "vllm" if named and text_only and vllm_installed() else "hf"
 
 
 def _generator_name(generator) -> str:
@@ -282,11 +318,13 @@ def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
     return _engine_batches(Engine(model, tokenizer), jobs, sampling, batch_size)
 
 
-def _vllm_batches(generator: str, jobs, sampling, engine_args):
-    """Completions from vLLM in this process, each seeded on its own like the engine's."""
-    from lenvm.integrations.vllm import VLLMEngine
-
-    return _engine_batches(VLLMEngine(generator, logprobs=False, **engine_args), jobs, sampling, None)
+def _vllm_batches(engine, jobs, sampling):
+    """Completions from vLLM in this process, each seeded on its own like the engine's; vLLM
+    shuts down (its KV cache is freed) when the last one is out."""
+    try:
+        yield from _engine_batches(engine, jobs, sampling, None)
+    finally:
+        engine.close()
 
 
 def _engine_batches(engine, jobs, sampling, batch_size):

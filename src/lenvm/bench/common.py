@@ -46,6 +46,11 @@ class Models:
     lenvm_name: str | None = None
     backend: str = "engine"  # what generates: our engine, or vLLM with the LenVM's processor
 
+    @property
+    def dtype(self) -> str:
+        """The generator's dtype by name (``float32``), for a backend that loads it again."""
+        return str(next(self.generator.parameters()).dtype).removeprefix("torch.")
+
     def identity(self) -> dict[str, Any]:
         """What a results folder depends on: the models by name, and the LenVM's gamma and head
         weights (a LenVM retrained into the same folder must not reuse old results)."""
@@ -228,12 +233,8 @@ def _engine(models: Models, num_candidates: int, needs_lenvm: bool):
     if models.backend == "vllm":
         from lenvm.integrations.vllm import VLLMEngine
 
-        dtype = str(next(models.generator.parameters()).dtype).removeprefix("torch.")
         path = models.lenvm_name if lenvm is not None else None
-        eager = models.generator.device.type == "cpu"  # compiling the graphs costs minutes on a CPU
-        return VLLMEngine(
-            models.name, lenvm=path, num_candidates=num_candidates, dtype=dtype, enforce_eager=eager
-        )
+        return VLLMEngine(models.name, lenvm=path, num_candidates=num_candidates, dtype=models.dtype)
     return Engine(models.generator, models.tokenizer, lenvm=lenvm, num_candidates=num_candidates)
 
 

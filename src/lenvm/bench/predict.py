@@ -275,8 +275,9 @@ def run_prediction(
     )
     generator = (models.generator, models.tokenizer)
     samples_path = out / "samples.jsonl"
-    rollout(generator, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
-            progress=progress)  # fmt: skip
+    # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto").
+    rollout(models.name, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
+            backend="auto", loaded=generator, dtype=models.dtype, progress=progress)  # fmt: skip
     wanted = {p.id for p in held_out}
     records = [
         r for r in read_rollouts(samples_path) if r["prompt_id"] in wanted and r["sample_index"] < samples

@@ -302,12 +302,15 @@ def _train_lenvm(
         temperature=preset.temperature, max_new_tokens=preset.train_max_new_tokens, seed=seed
     )
     rollout(
-        generator,
+        models.name,
         prompts,
         rollouts,
         n=preset.train_samples,
         sampling=sampling,
         batch_size=batch_size,
+        backend="auto",  # vLLM where installed
+        loaded=generator,
+        dtype=models.dtype,
         progress=progress,
     )
     target = folder / "model"

@@ -359,7 +359,6 @@ class _Bench:
                 num_candidates=k or 1,
                 dtype=str(self.dtype).removeprefix("torch."),
                 logprobs=False,
-                enforce_eager=self.device.type == "cpu",  # compiling the graphs costs minutes on a CPU
                 max_num_seqs=self.max_batch,
             )
         return self.vllm_engines[k]

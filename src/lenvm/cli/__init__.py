@@ -283,6 +283,7 @@ def cmd_demo(args) -> None:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        backend=args.backend,
     )
     run_demo(config)
 
@@ -328,14 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["hf", "vllm", "openai"],
+        choices=["hf", "vllm", "openai", "auto"],
         default="hf",
-        help="hf: our engine; vllm: vLLM in this process (the [vllm] extra); openai: a server at --base-url",
+        help="hf: our engine; vllm: vLLM in this process (the [vllm] extra); openai: a server at "
+        "--base-url; auto: vllm where installed, else hf (a resumed file keeps its backend)",
     )
     p.add_argument(
         "--vllm-args",
         type=json.loads,
-        help="--backend vllm: vllm.LLM arguments as JSON, e.g. '{\"enforce_eager\": true}'",
+        help="--backend vllm: vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'",
     )
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name on the server (default: --model)")
@@ -573,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
     p.add_argument("--temperature", type=float, default=DemoConfig.temperature)
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    p.add_argument(
+        "--backend",
+        choices=["auto", "hf", "vllm"],
+        default=DemoConfig.backend,
+        help="what samples the rollouts: auto (default) takes vLLM where it is installed (it is "
+        "faster), else our engine (hf)",
+    )
     p.set_defaults(func=cmd_demo)
 
     _add_bench_parser(sub)

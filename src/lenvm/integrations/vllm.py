@@ -280,6 +280,21 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.order, self.scorer, self.ids = [], None, None
 
 
+def _cpu_defaults() -> dict[str, Any]:
+    """vLLM settings for a machine without a GPU. Eager mode: compiling the graphs takes minutes
+    on a CPU. A 2 GiB KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise: by default vLLM
+    reserves most of the machine's memory for it. And vLLM in this process: its multiprocess mode
+    keeps a core for its scheduler (half the cores of a 2-core machine) unless
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set."""
+    if torch.cuda.is_available():
+        return {}
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    defaults: dict[str, Any] = {"enforce_eager": True}
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        defaults["kv_cache_memory_bytes"] = 2 * 2**30
+    return defaults
+
+
 class VLLMEngine:
     """vLLM as a generation backend behind our request types: ``stream`` and ``generate`` take
     :class:`~lenvm.decoding.Request` objects and give :class:`~lenvm.decoding.Result` objects, like
@@ -288,7 +303,9 @@ class VLLMEngine:
     ``lenvm``: a LenVM folder for requests with a control (the processor above). ``logprobs``:
     report each result's mean log-probability and final EOS probability under the generator
     (vLLM's raw log-probabilities; the first request that asks for them compiles a kernel).
-    ``engine_args`` go to ``vllm.LLM`` (e.g. ``max_num_seqs``, ``max_model_len``)."""
+    ``engine_args`` go to ``vllm.LLM`` (e.g. ``max_num_seqs``, ``max_model_len``); on a machine
+    without a GPU, vLLM runs in this process, in eager mode, with a 2 GiB KV cache unless they or
+    vLLM's environment variables say otherwise."""
 
     def __init__(
         self,
@@ -304,7 +321,8 @@ class VLLMEngine:
         from lenvm.hub import eos_token_ids_of, load_tokenizer, resolve
 
         location = resolve(model)
-        args: dict[str, Any] = {"model": location, "dtype": dtype, "seed": 0, **engine_args}
+        args: dict[str, Any] = {"model": location, "dtype": dtype, "seed": 0, **_cpu_defaults()}
+        args.update(engine_args)
         if lenvm is not None:
             args["logits_processors"] = [LenVMLogitsProcessor]
             extra = {"lenvm_path": str(lenvm), "lenvm_num_candidates": num_candidates, "lenvm_dtype": dtype}
@@ -314,6 +332,13 @@ class VLLMEngine:
         self.eos_ids = eos_token_ids_of(location, self.tokenizer)
         self.lenvm = lenvm
         self.logprobs = logprobs
+
+    def close(self) -> None:
+        """Shut vLLM down now (its worker processes and KV cache), not whenever the engine is
+        garbage-collected."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def generate(
         self, requests: list[Request], batch_size: int | None = None, progress: bool = False
