@@ -139,3 +139,18 @@ def test_sampled_generate_runs_our_target_rules_with_the_lookahead(tiny_generato
             assert len(answer) <= 4 and answer[-1] == tok.eos_token_id
         if control_kind == "at_least":
             assert tok.eos_token_id not in answer[:3]
+
+
+def test_the_processors_own_cache_runs_the_final_layer_only_for_rules_that_look_ahead(lenvms):
+    """A tilt needs the head's features only (a shallow cache); our target rules look one step
+    ahead, which needs the generator's final states after each candidate."""
+    from lenvm.decoding.scorers import scorer_for
+
+    lenvm = lenvms["attached"]
+    for control, lookahead in [(Control("tilt", beta=1.0), False), (Control("equal_to", target=5), True)]:
+        processor = LenVMLogitsProcessor(lenvm, control, num_candidates=4)
+        processor(torch.tensor([[5, 6, 7]]), torch.zeros(1, lenvm.backbone.config.vocab_size))
+        assert processor._scorer.stream.shallow is not lookahead
+        scorer = scorer_for(lenvm).prefill(lenvm, [[5, 6, 7]], lookahead=lookahead)
+        scorer.score(torch.tensor([[8, 9]]), torch.zeros(1, 2, dtype=torch.bool))
+        assert (scorer.next_eos() is not None) is lookahead

@@ -113,3 +113,27 @@ def test_advance_keeps_a_scored_candidate_or_feeds_the_token(body, scored):
     for row, prompt in enumerate(PROMPTS):
         expected = alone(body, prompt + [int(token[row]), 7, 8])
         torch.testing.assert_close(stream.last.last[row], expected, atol=1e-4, rtol=0)
+
+
+def test_a_shallow_stream_gives_the_full_streams_features_from_fewer_layers(tiny_path, tiny_generator):
+    """A stream that stops at the head's middle feature layer caches that many layers and gives
+    the features of a full stream through prefill, candidate blocks, keep, feed, select and cat."""
+    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=tiny_generator, feature_layer=1)
+    full = Stream.prefill(lenvm.body, PROMPTS, 1)
+    shallow = Stream.prefill(lenvm.body, PROMPTS[:2], 1, shallow=True)
+    shallow = Stream.cat([shallow, Stream.prefill(lenvm.body, PROMPTS[2:], 1, shallow=True)])
+    assert shallow.shallow and len(shallow.cache.layers) == 1 < len(full.cache.layers)
+    torch.testing.assert_close(shallow.last.features, full.last.features, atol=1e-5, rtol=0)
+    for stream in (full, shallow):
+        stream.forward(CANDIDATES)
+    torch.testing.assert_close(shallow.pending.features, full.pending.features, atol=1e-5, rtol=0)
+    for stream in (full, shallow):
+        stream.keep(torch.tensor([2, 0, 3]))
+        stream.feed(torch.tensor([[7, 8], [9, 10], [11, 12]]))
+        stream.select(torch.tensor([2, 0]))
+    torch.testing.assert_close(shallow.last.features, full.last.features, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="shallow"):
+        Stream.cat([shallow, Stream.prefill(lenvm.body, PROMPTS[:1], 1)])
+    # A last layer that is the feature layer, or the final normed output: nothing to skip.
+    assert not Stream.prefill(lenvm.body, PROMPTS, -1, shallow=True).shallow
+    assert not Stream.prefill(lenvm.body, PROMPTS, 2, shallow=True).shallow

@@ -63,15 +63,8 @@ def lenvms(tiny128, generator128, tmp_path_factory):
 def _engine(tiny128, lenvm_path=None, **kwargs):
     from lenvm.integrations.vllm import VLLMEngine
 
-    return VLLMEngine(
-        str(tiny128),
-        lenvm=lenvm_path,
-        num_candidates=4,
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=8,
-        **kwargs,
-    )
+    settings = {"num_candidates": 4, "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 8}
+    return VLLMEngine(str(tiny128), lenvm=lenvm_path, **{**settings, **kwargs})
 
 
 @pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
@@ -92,6 +85,46 @@ def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms
         assert theirs_r.mean_logprob == pytest.approx(ours_r.mean_logprob, abs=1e-4)
     at_most, at_least = theirs[4], theirs[5]
     assert at_most.num_tokens <= 5 and at_least.num_tokens >= 9
+
+
+def test_rows_that_look_ahead_joining_a_shallow_cache_rebuild_it(tiny128, generator128, lenvms, monkeypatch):
+    """Two rows at a time: the tilt rows start a cache that runs below the final layer only; an
+    Equal To row (its rule looks one step ahead) joins while a tilt row still runs, and the cache
+    is rebuilt at full depth. The tokens stay those of our engine."""
+    from lenvm.integrations import vllm as integration
+
+    built = []
+    scorer_for = integration.scorer_for
+
+    def recording(lenvm):
+        kind = scorer_for(lenvm)
+
+        class Recorded(kind):
+            @classmethod
+            def prefill(cls, lenvm, rows, *args, lookahead=True, **kwargs):
+                built.append((len(rows), lookahead))
+                return kind.prefill(lenvm, rows, *args, lookahead=lookahead, **kwargs)
+
+        return Recorded
+
+    monkeypatch.setattr(integration, "scorer_for", recording)
+    lenvm, path = lenvms["attached"]
+    tilt = Control("tilt", beta=20.0)
+    requests = [  # the first runs 16 tokens, the second 2: the third joins beside the first
+        Request(
+            PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True), control=tilt
+        ),
+        Request(PROMPTS[1], SamplingParams(max_new_tokens=2, temperature=0.0), control=tilt),
+        Request(
+            PROMPTS[2],
+            SamplingParams(max_new_tokens=12, temperature=0.0),
+            control=Control("equal_to", target=6),
+        ),
+    ]
+    ours = Engine(*generator128, lenvm=lenvm, num_candidates=4).generate(requests)
+    theirs = _engine(tiny128, path, max_num_seqs=2).generate(requests)
+    assert [r.token_ids for r in theirs] == [r.token_ids for r in ours]
+    assert built[0] == (2, False) and (2, True) in built, built  # shallow first, then rebuilt with both rows
 
 
 def test_vllm_samples_the_policys_distribution(tiny128, generator128, lenvms):

@@ -348,9 +348,11 @@ class LengthValueModel(nn.Module):
         layers above it cannot change its features (a 60%-depth head saves 40% of the forward)."""
         layer = self.feature_layer
         if pixel_values is None:
-            blocks = getattr(self.body, "layers", None)
-            if not torch.is_grad_enabled() and blocks is not None and 0 < layer < len(blocks):
-                return _normalized(_run_until(self.body, blocks[layer - 1], input_ids, attention_mask))
+            if not torch.is_grad_enabled() and can_stop_at(self.body, layer):
+                hidden = run_until(
+                    self.body, layer, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
+                return normalized(hidden)
             out = self.body(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1
             )
@@ -484,10 +486,10 @@ def select_features(output, layer: int) -> torch.Tensor:
     with depth, and the head must not depend on it)."""
     if layer == -1:
         return output.last_hidden_state
-    return _normalized(output.hidden_states[layer])
+    return normalized(output.hidden_states[layer])
 
 
-def _normalized(hidden: torch.Tensor) -> torch.Tensor:
+def normalized(hidden: torch.Tensor) -> torch.Tensor:
     scale = torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + 1e-6)
     return hidden * scale.to(hidden.dtype)
 
@@ -497,16 +499,24 @@ class _FeaturesReady(Exception):
         self.hidden = hidden
 
 
-def _run_until(body: nn.Module, block: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """The output of ``block`` (one of ``body``'s layers), with the layers after it skipped: a
-    hook stops the forward as soon as the block has run."""
+def can_stop_at(body: nn.Module, layer: int) -> bool:
+    """Whether a forward of ``body`` can stop after its first ``layer`` layers (:func:`run_until`):
+    a text body whose layers are listed, and a layer strictly inside it."""
+    layers = getattr(body, "layers", None)
+    return layers is not None and 0 < layer < len(layers)
+
+
+def run_until(body: nn.Module, layer: int, **inputs) -> torch.Tensor:
+    """The residual stream after ``body``'s first ``layer`` layers (``hidden_states[layer]``), with
+    the layers after them skipped: a hook stops the forward as soon as that layer has run. A KV
+    cache passed in ``inputs`` then holds those layers only."""
 
     def stop(module, args, output):
         raise _FeaturesReady(output[0] if isinstance(output, tuple) else output)
 
-    handle = block.register_forward_hook(stop)
+    handle = body.layers[layer - 1].register_forward_hook(stop)
     try:
-        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        body(**inputs)
     except _FeaturesReady as ready:
         return ready.hidden
     finally:

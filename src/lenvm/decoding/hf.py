@@ -30,7 +30,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from lenvm import vision
 from lenvm.decoding.params import Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, decide, forced_eos
+from lenvm.decoding.step import Rows, decide, forced_eos, looks_ahead
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel
 
@@ -120,7 +120,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "a prompt has images, which the transformers logits processor cannot pass to the "
                 "LenVM: guide image prompts with lenvm's engine (lenvm.decoding.Engine)"
             )
-        self._scorer = scorer_for(self.lenvm).prefill(self.lenvm, rows)
+        lookahead = looks_ahead(self.control, self.sampling)
+        self._scorer = scorer_for(self.lenvm).prefill(self.lenvm, rows, lookahead=lookahead)
         n = len(rows)
         self._rows = Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device)
         self._done = torch.zeros(n, dtype=torch.bool, device=self.eos.device)

@@ -13,8 +13,11 @@ processor and the vLLM processor all drive a scorer the same way::
 ``source`` is the stream over the generator's body that the caller runs (the engine's own,
 which it advances itself). A scorer that reads the generator's hidden states (attached, q) uses
 it; called without one (inside another framework's decoding loop) it runs its own stream over
-the generator's body and advances that. A standalone LenVM always runs its own stream. A new
-kind of LenVM is one class here and one entry in :data:`SCORERS`.
+the generator's body and advances that. A standalone LenVM always runs its own stream. A stream
+of its own runs only the layers below the head's feature layer (a shallow stream: 18 of 30
+layers for the default attached head) unless the caller asks for ``lookahead``, the generator's
+EOS probability after each candidate, which needs the final layer. A new kind of LenVM is one
+class here and one entry in :data:`SCORERS`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Scorer(ABC):
     with its own single-token forward instead of one block (the floor block scoring beats)."""
 
     reads_generator = True  # reads the generator's hidden states: a caller's source stream will do
+    gives_next_eos = False  # next_eos() can answer (from the final states of a candidate block)
 
     def __init__(self, lenvm: LengthValueModel, stream: Stream, owns_stream: bool, naive: bool = False):
         self.lenvm = lenvm
@@ -51,13 +55,16 @@ class Scorer(ABC):
         source: Stream | None = None,
         naive: bool = False,
         images: list[ImageInputs | None] | None = None,
+        lookahead: bool = True,
     ) -> Scorer:
         """A scorer for ``rows`` (prompt and kept tokens of each); ``source``: the caller's stream
         over the same rows of the generator's body, if it runs one; ``images``: the pixel inputs
-        of each row's prompt images (see :meth:`Stream.prefill`)."""
+        of each row's prompt images (see :meth:`Stream.prefill`); ``lookahead``: whether
+        :meth:`next_eos` will be wanted (else a stream of its own can stay shallow)."""
         if source is not None and cls.reads_generator:
             return cls(lenvm, source, owns_stream=False, naive=naive)
-        stream = Stream.prefill(lenvm.body, rows, lenvm.feature_layer, images)
+        shallow = not (lookahead and cls.gives_next_eos)
+        stream = Stream.prefill(lenvm.body, rows, lenvm.feature_layer, images, shallow=shallow)
         return cls(lenvm, stream, owns_stream=True, naive=naive)
 
     @abstractmethod
@@ -78,6 +85,11 @@ class Scorer(ABC):
         """The generator's EOS probability right after each candidate of the last :meth:`score`
         (``[B, k]``), when scoring computed the states it needs; else None."""
         return None
+
+    @property
+    def looks_ahead(self) -> bool:
+        """Whether :meth:`next_eos` can answer (a shallow stream has no final states)."""
+        return self.gives_next_eos and not self.stream.shallow
 
     def state_values(self) -> torch.Tensor:
         """``V(s_t)`` of every row's current state (``[B]``): the head on the hidden state of its
@@ -113,9 +125,11 @@ class AttachedScorer(BlockScorer):
     the chosen candidate instead of a second forward), and one LM-head product over it gives the
     generator's EOS probability after each candidate."""
 
+    gives_next_eos = True
+
     def next_eos(self) -> torch.Tensor | None:
         block = self.stream.pending
-        if block is None:
+        if block is None or self.stream.shallow:
             return None
         lm_head = self.lenvm.backbone.get_output_embeddings()
         probs = torch.softmax(lm_head(block.last).float(), dim=-1)

@@ -81,7 +81,7 @@ class Rows:
         pairs = list(zip(controls, samplings, strict=True))
         wants_eos = [c.wants_eos and not s.ignore_eos for c, s in pairs]
         caps = [NO_CAP if c.cap is None or s.ignore_eos else c.cap for c, s in pairs]
-        ours = [c.kind in TARGET_KINDS and c.rule == "ours" and not s.ignore_eos for c, s in pairs]
+        ours = [looks_ahead(c, s) for c, s in pairs]
         look_from = [
             int(policies.lookahead_from(torch.tensor(c.target))) if mine else NO_CAP
             for c, mine in zip(controls, ours, strict=True)
@@ -123,6 +123,17 @@ class Rows:
         one step ahead when the scorer can tell the generator's EOS probability after a
         candidate."""
         return self.any_look and bool((self.step >= self.look_from).any())
+
+
+def looks_ahead(control: Control | None, sampling: SamplingParams) -> bool:
+    """Whether a row's policy looks one step ahead near the end of its window (our target rules),
+    so that its scorer must be able to give the generator's EOS probability after a candidate."""
+    return (
+        control is not None
+        and control.kind in TARGET_KINDS
+        and control.rule == "ours"
+        and not sampling.ignore_eos
+    )
 
 
 @dataclass

@@ -16,6 +16,9 @@ when a block was fed, and feeds the chosen token otherwise.
 
 A forward returns :class:`Hidden`: the final hidden states (for an LM head) and the features a
 LenVM head reads (another layer's, when the LenVM's ``feature_layer`` says so), from the same pass.
+A *shallow* stream (``depth``) runs and caches only the layers below a middle feature layer: a
+LenVM's own stream needs no more unless something reads the final states (an LM head); its
+:class:`Hidden` then holds the features only.
 
 Images (vision-language bodies of the Qwen2-VL family): a row's prefill may carry the pixel
 inputs of its prompt's images. The prefill then passes them, with the 3-D multimodal positions of
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lenvm.model import select_features
+from lenvm.model import can_stop_at, normalized, run_until, select_features
 from lenvm.vision import ImageInputs, model_kwargs, rope_positions
 
 
@@ -61,11 +64,18 @@ class Hidden:
     def of(cls, output, feature_layer: int) -> Hidden:
         return cls(output.last_hidden_state, select_features(output, feature_layer))
 
+    @classmethod
+    def shallow(cls, residual: torch.Tensor) -> Hidden:
+        """The features alone (from the residual stream at the feature layer): no final states."""
+        features = normalized(residual)
+        return cls(features, features)
+
 
 class Stream:
     """A body with its KV cache over ``B`` rows: ``mask`` is ``[B, T]`` (True = real column).
     ``feature_layer`` is the ``hidden_states`` entry returned as :attr:`Hidden.features`;
-    ``last`` holds the hidden states at each row's last kept token (``[B, H]``)."""
+    ``last`` holds the hidden states at each row's last kept token (``[B, H]``); ``shallow``:
+    only the layers below the feature layer run (see the module doc)."""
 
     def __init__(
         self,
@@ -75,9 +85,11 @@ class Stream:
         positions: torch.Tensor,
         feature_layer: int = -1,
         last: Hidden | None = None,
+        shallow: bool = False,
     ):
         self.body = body
         self.feature_layer = feature_layer
+        self.shallow = shallow
         self.cache = cache
         self.mask = mask
         self.positions = positions
@@ -93,9 +105,12 @@ class Stream:
         rows: list[list[int]],
         feature_layer: int = -1,
         images: list[ImageInputs | None] | None = None,
+        shallow: bool = False,
     ) -> Stream:
         """A stream over the token ids ``rows``, left-padded into one forward; ``images``: the pixel
-        inputs of each row's images (None for a row without), for a vision-language body."""
+        inputs of each row's images (None for a row without), for a vision-language body.
+        ``shallow``: run only the layers below the feature layer, where the body allows it (a text
+        body, a middle feature layer)."""
         from transformers import DynamicCache
 
         device = next(body.parameters()).device
@@ -119,17 +134,10 @@ class Stream:
             pixels = pixels.to(device)
             positions = rope_positions(body, ids, mask, pixels)
             following = positions.amax(dim=(0, 2)) + 1
-        cache = DynamicCache()
-        out = body(
-            input_ids=ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            output_hidden_states=feature_layer != -1,
-            **model_kwargs(pixels),
-            **{cache_argument(type(body)): cache},
-        )
-        return cls(body, cache, mask, following, feature_layer, Hidden.of(out, feature_layer)[:, -1])
+        shallow = shallow and pixels is None and can_stop_at(body, feature_layer)
+        stream = cls(body, DynamicCache(), mask, following, feature_layer, shallow=shallow)
+        stream.last = stream._run(ids, attention, positions, **model_kwargs(pixels))[:, -1]
+        return stream
 
     @property
     def batch_size(self) -> int:
@@ -152,17 +160,24 @@ class Stream:
             eye = torch.eye(k, dtype=torch.bool, device=tokens.device).expand(batch, k, k)
             allowed = torch.cat([self.mask[:, None, :].expand(batch, k, -1), eye], dim=-1)
             mask = _additive(allowed, _dtype(self.body))
-        positions = self.positions[:, None].expand(batch, k)
-        out = self.body(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            output_hidden_states=self.feature_layer != -1,
-            **{cache_argument(type(self.body)): self.cache},
-        )
-        self.pending = Hidden.of(out, self.feature_layer)
+        self.pending = self._run(tokens, mask, self.positions[:, None].expand(batch, k))
         return self.pending
+
+    def _run(self, ids: torch.Tensor, attention, positions: torch.Tensor, **extra) -> Hidden:
+        """One forward of the body over ``ids``, appended to the cache."""
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "position_ids": positions,
+            "use_cache": True,
+            cache_argument(type(self.body)): self.cache,
+            **extra,
+        }
+        if self.shallow:
+            return Hidden.shallow(run_until(self.body, self.feature_layer, **inputs))
+        return Hidden.of(
+            self.body(**inputs, output_hidden_states=self.feature_layer != -1), self.feature_layer
+        )
 
     @torch.no_grad()
     def keep(self, choice: torch.Tensor | None = None) -> None:
@@ -238,8 +253,10 @@ class Stream:
                 kv = getattr(*s._tensors()[index])
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
+        if len({s.shallow for s in streams}) > 1:
+            raise ValueError("cannot join a shallow stream and a full one: their caches hold other layers")
         last = Hidden.cat([s.last for s in streams])
-        return cls(first.body, first.cache, mask, positions, first.feature_layer, last)
+        return cls(first.body, first.cache, mask, positions, first.feature_layer, last, first.shallow)
 
 
 @functools.cache

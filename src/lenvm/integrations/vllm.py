@@ -61,7 +61,7 @@ from lenvm.decoding.params import (
     keys_of,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, decide, forced_eos
+from lenvm.decoding.step import Rows, decide, forced_eos, looks_ahead
 from lenvm.io import InputError
 
 # What a vLLM request may ask for: one pass of decoding, so no retries and no best_of.
@@ -95,6 +95,7 @@ class _Row:
     temperature: float  # what vLLM divides the processor's logits by
     prompt: list[int]
     output: list[int]  # vLLM's live list of this request's output ids
+    lookahead: bool  # its policy looks one step ahead (the cache must run the final layer)
     fed: int = -1  # output ids in the LenVM's cache (-1: the request is not in it)
 
     @classmethod
@@ -116,8 +117,10 @@ class _Row:
             top_p=float(top_p),
             min_p=float(min_p),
             max_new_tokens=max(int(params.max_tokens or 1), 1),
+            ignore_eos=bool(params.ignore_eos),
         )
-        return cls(control, sampling, 1.0 if greedy else float(params.temperature), list(prompt), output)
+        temperature = 1.0 if greedy else float(params.temperature)
+        return cls(control, sampling, temperature, list(prompt), output, looks_ahead(control, sampling))
 
 
 class LenVMLogitsProcessor(LogitsProcessor):
@@ -166,6 +169,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.slots: dict[int, _Row] = {}  # vLLM's batch slot -> controlled request
         self.order: list[_Row] = []  # the scorer's rows
         self.scorer: Scorer | None = None
+        self.lookahead = False  # whether the scorer was built for rows that look ahead
         self.ids: torch.Tensor | None = None  # [B, k] candidates fed last step (pending in the cache)
 
     def is_argmax_invariant(self) -> bool:
@@ -249,8 +253,14 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 else:
                     self._drop()
         joining = [r for r in live if r.fed < 0]
+        if joining and self.scorer is not None and not self.lookahead and any(r.lookahead for r in joining):
+            self._drop()  # the cache runs below the final layer only: rebuild it whole
+            joining = live
         if joining:
-            part = scorer_for(self.lenvm).prefill(self.lenvm, [r.prompt + list(r.output) for r in joining])
+            if self.scorer is None:  # a cache of its own stays shallow unless a row looks ahead
+                self.lookahead = any(r.lookahead for r in joining)
+            rows = [r.prompt + list(r.output) for r in joining]
+            part = scorer_for(self.lenvm).prefill(self.lenvm, rows, lookahead=self.lookahead)
             self.scorer = part if self.scorer is None else Scorer.cat([self.scorer, part])
             self.order = self.order + joining
             for r in joining:
