@@ -1,10 +1,10 @@
 """The main job, end to end on one model: rollouts, training, held-out evaluation, a value view.
 
-By default the LenVM trains on the built-in prompts (10% of them held out for the evaluation).
-A broader mix, for a LenVM that predicts lengths beyond the prompts it saw, adds GSM8K training
-problems (``gsm8k``) and generated writing, question-answering and reasoning prompts with and
-without length instructions (``generated``). Every step writes under one folder and is skipped
-or resumed when run again.
+The LenVM trains on a broad prompt mix, so that it predicts lengths beyond the prompts it saw:
+the built-in prompts (10% of them held out for the evaluation), GSM8K training problems
+(``gsm8k``) and generated writing, question-answering and reasoning prompts with and without
+length instructions (``generated``). Every step writes under one folder and is skipped or
+resumed when run again.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ class DemoConfig:
     out: Path = Path("lenvm-demo")
     model: str = hub.DEFAULT_MODEL
     prompts: int = 240  # built-in prompts; eval_fraction of them are held out
-    n: int = 4  # completions per built-in training prompt
-    # A broader training mix, off by default (README: "A broader training mix")
-    gsm8k: int = 0  # GSM8K training problems in the mix (0: none)
+    n: int = 3  # completions per built-in training prompt (4 before the mix: the mix took the time)
+    gsm8k: int = 120  # GSM8K training problems in the mix (0: none)
     gsm8k_path: str = DEFAULT_GSM8K_TRAIN  # the GSM8K *train* file: test problems stay unseen
-    generated: int = 0  # generated writing / QA / reasoning prompts in the mix (0: none)
+    generated: int = 120  # generated writing / QA / reasoning prompts in the mix (0: none)
     mix_n: int = 2  # completions per GSM8K or generated prompt
     eval_samples: int = 12  # completions per held-out prompt: the ground truth is their mean
     max_new_tokens: int = 256
