@@ -86,11 +86,6 @@ class Scorer(ABC):
         (``[B, k]``), when scoring computed the states it needs; else None."""
         return None
 
-    @property
-    def looks_ahead(self) -> bool:
-        """Whether :meth:`next_eos` can answer (a shallow stream has no final states)."""
-        return self.gives_next_eos and not self.stream.shallow
-
     def state_values(self) -> torch.Tensor:
         """``V(s_t)`` of every row's current state (``[B]``): the head on the hidden state of its
         last token."""

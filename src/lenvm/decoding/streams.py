@@ -16,7 +16,7 @@ when a block was fed, and feeds the chosen token otherwise.
 
 A forward returns :class:`Hidden`: the final hidden states (for an LM head) and the features a
 LenVM head reads (another layer's, when the LenVM's ``feature_layer`` says so), from the same pass.
-A *shallow* stream (``depth``) runs and caches only the layers below a middle feature layer: a
+A *shallow* stream (``shallow``) runs and caches only the layers below a middle feature layer: a
 LenVM's own stream needs no more unless something reads the final states (an LM head); its
 :class:`Hidden` then holds the features only.
 
@@ -243,6 +243,8 @@ class Stream:
         """One stream with the rows of ``streams`` (same body), left-padded to a common length.
 
         The streams are consumed: the result reuses the first one's cache object."""
+        if len({s.shallow for s in streams}) > 1:
+            raise ValueError("cannot join a shallow stream and a full one: their caches hold other layers")
         width = max(s.mask.shape[1] for s in streams)
         first = streams[0]
         mask = torch.cat([F.pad(s.mask, (width - s.mask.shape[1], 0)) for s in streams])
@@ -253,8 +255,6 @@ class Stream:
                 kv = getattr(*s._tensors()[index])
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
-        if len({s.shallow for s in streams}) > 1:
-            raise ValueError("cannot join a shallow stream and a full one: their caches hold other layers")
         last = Hidden.cat([s.last for s in streams])
         return cls(first.body, first.cache, mask, positions, first.feature_layer, last, first.shallow)
 
