@@ -127,6 +127,31 @@ def test_rows_that_look_ahead_joining_a_shallow_cache_rebuild_it(tiny128, genera
     assert built[0] == (2, False) and (2, True) in built, built  # shallow first, then rebuilt with both rows
 
 
+def test_the_lenvm_runs_on_vllms_cpu_kernels_with_the_same_values(lenvms):
+    """In vLLM's worker the LenVM body's linear layers take vLLM's packed CPU GEMM kernels: the
+    weights move into the kernels and a candidate block scores as before."""
+    from lenvm.decoding.scorers import scorer_for
+    from lenvm.integrations.vllm import _use_vllm_cpu_gemm
+
+    _, path = lenvms["standalone"]
+    rows = [[5, 6, 7, 8, 9], [10, 11]]
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    eos = torch.zeros(ids.shape, dtype=torch.bool)
+
+    def values(lenvm):
+        scorer = scorer_for(lenvm).prefill(lenvm, rows)
+        first = scorer.score(ids, eos)
+        scorer.advance(torch.tensor([1, 2]), ids[:, 0])
+        return torch.stack([first, scorer.score(ids, eos)])
+
+    lenvm = LengthValueModel.from_pretrained(path).eval()
+    before = values(lenvm)
+    _use_vllm_cpu_gemm(lenvm.body)
+    linears = [m for m in lenvm.body.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.numel() == 0 for m in linears)
+    torch.testing.assert_close(values(lenvm), before, atol=1e-5, rtol=1e-4)
+
+
 def test_vllm_samples_the_policys_distribution(tiny128, generator128, lenvms):
     """Many one-token samples of a controlled request at temperature 0.7 and top-p 0.9: vLLM's
     draws follow the distribution the shared decoding step gives, not the generator's own."""

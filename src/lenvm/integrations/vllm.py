@@ -19,7 +19,8 @@ the request (HTTP 400 from the server). Equal To's retries and ``best_of`` need 
 
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
 control, all of them in one candidate-block forward of the LenVM, which keeps its own KV cache per
-request in the worker; rows without a control cost nothing. Around a custom processor, vLLM's V1
+request in the worker (on a CPU its linear layers run on vLLM's own GEMM kernels); rows without a
+control cost nothing. Around a custom processor, vLLM's V1
 sampler then applies temperature, min-p and top-k/top-p. So that it samples exactly the policy's
 distribution ``q``, the processor writes ``T · log q`` (vLLM divides by ``T`` again), and a
 controlled request's top-k, top-p and min-p are taken over by the processor when vLLM admits it:
@@ -162,6 +163,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
             )
         dtype = _setting(vllm_config, "lenvm_dtype", "float32")
         self.lenvm = LengthValueModel.from_pretrained(path, device=device, dtype=dtype).eval()
+        _use_vllm_cpu_gemm(self.lenvm.body)
         check_tokenizer(self.lenvm.config, load_tokenizer(vllm_config.model_config.tokenizer), "vLLM's model")
         self.num_candidates = int(_setting(vllm_config, "lenvm_num_candidates", 8))
         self.device = device
@@ -288,6 +290,28 @@ class LenVMLogitsProcessor(LogitsProcessor):
         for r in self.order:
             r.fed = -1
         self.order, self.scorer, self.ids = [], None, None
+
+
+def _use_vllm_cpu_gemm(body: torch.nn.Module) -> None:
+    """On a CPU, run the linear layers of the LenVM's body with the GEMM kernels vLLM picks for its
+    own (oneDNN with prepacked weights where available): at the few rows of a candidate block they
+    are about 1.1-1.9x faster than PyTorch's, and the candidate block is most of a guided step's
+    cost. Each layer's weight moves into the kernel's packed copy (the layer keeps an empty one)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for layer in body.modules():
+        if isinstance(layer, torch.nn.Linear) and layer.weight.device.type == "cpu":
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+            layer.forward = functools.partial(_packed_linear, layer, layer.out_features)
+
+
+def _packed_linear(layer: torch.nn.Module, out_features: int, x: torch.Tensor) -> torch.Tensor:
+    # The kernels take 2-D inputs; a candidate block is [B, k, H].
+    out = layer.cpu_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    return out.view(*x.shape[:-1], out_features)
 
 
 def _cpu_defaults() -> dict[str, Any]:
