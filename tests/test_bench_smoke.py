@@ -182,6 +182,10 @@ def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
         assert rho is None or -1 <= rho <= 1
     assert results["metrics"]["all"]["mean"]["spearman"] is None  # a constant ranks nothing
     assert results["metrics"]["explain"]["prompts"] == 2 and results["prompts_mostly_cut"] == []
+    every = results["metrics"]["all"]
+    if every["truth_reliability"] is not None:  # the split halves of 5 samples may rank nothing
+        assert every["spearman_ceiling"] == pytest.approx(max(every["truth_reliability"], 0) ** 0.5)
+    assert "Spearman ceiling" in (out / "table.md").read_text()
     assert len(results["per_prompt"]) == 3 and results["prediction"]["prompts_per_second"] > 0
     table = (out / "table.md").read_text()
     assert "| list | 1 |" in table and "ridge on prompt features" in table and "Spearman" in table
@@ -190,7 +194,14 @@ def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
     # only the LenVM is scored.
     alone = run_prediction(out, models=ending_models, prompts=data["prompts"], samples=5,
                            max_new_tokens=24, limit=1, progress=False)  # fmt: skip
-    assert set(alone["metrics"]["list"]) == {"prompts", "mean_truth", "lenvm"}
+    assert set(alone["metrics"]["list"]) == {
+        "prompts",
+        "mean_truth",
+        "lenvm",
+        "truth_reliability",
+        "spearman_ceiling",
+    }
+    assert alone["metrics"]["list"]["spearman_ceiling"] is None  # one prompt: nothing to rank
     assert len((out / "samples.jsonl").read_text().splitlines()) == 15
 
 

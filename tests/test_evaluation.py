@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lenvm.dataset import Example
-from lenvm.evaluation import length_metrics, prompt_length_truth, ranks, spearman
+from lenvm.evaluation import length_metrics, prompt_length_truth, ranks, spearman, truth_reliability
 from lenvm.returns import length_to_value, return_consistent_mean_length
 
 GAMMA = 0.98
@@ -63,3 +63,21 @@ def test_ranks_share_ties():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     with pytest.raises(ValueError):
         spearman([1, 2], [1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=2, max_size=12, unique=True), st.integers(2, 8))
+def test_a_truth_without_sampling_noise_is_perfectly_reliable(lengths, samples):
+    # Every sample of a prompt has the same length: any two halves rank the prompts alike.
+    assert truth_reliability([[n] * samples for n in lengths], GAMMA, splits=5) == pytest.approx(1.0)
+
+
+def test_truth_reliability_of_noisy_samples_lies_between():
+    rng = np.random.default_rng(0)
+    means = np.linspace(50, 250, 40)
+    noisy = [list(np.maximum(1, rng.normal(m, 60, size=8)).round().astype(int)) for m in means]
+    pure_noise = [list(rng.integers(10, 250, size=8)) for _ in means]
+    r_noisy, r_none = truth_reliability(noisy, GAMMA), truth_reliability(pure_noise, GAMMA)
+    assert 0.5 < r_noisy < 0.98
+    assert abs(r_none) < 0.3
+    assert np.isnan(truth_reliability([[5, 6]], GAMMA)) and np.isnan(truth_reliability([[5], [6]], GAMMA))

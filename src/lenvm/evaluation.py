@@ -125,3 +125,33 @@ def spearman(x, y) -> float:
     if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
     return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def truth_reliability(samples: list[list[int]], gamma: float, splits: int = 200, seed: int = 0) -> float:
+    """How well the sampled truth of a set of prompts ranks them, before any predictor: the
+    split-half rank reliability of :func:`prompt_length_truth` over ``samples`` (each prompt's
+    sample lengths), stepped up to the full sample count (Spearman-Brown).
+
+    Each split halves every prompt's samples at random and correlates (Spearman) the truths of
+    the two halves; the mean over ``splits`` splits, ``r``, becomes ``2r / (1 + r)``. A predictor
+    that knew each prompt's expected length exactly would reach a Spearman correlation of about
+    ``sqrt(reliability)`` with the sampled truth: the ceiling of the measured one. NaN with fewer
+    than two prompts or a prompt with fewer than two samples."""
+    if len(samples) < 2 or any(len(s) < 2 for s in samples):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for _ in range(splits):
+        halves = ([], [])
+        for lengths in samples:
+            order = rng.permutation(len(lengths))
+            half = len(lengths) // 2
+            for side, index in zip(halves, (order[:half], order[half:]), strict=True):
+                side.append(return_consistent_mean_length([lengths[i] for i in index], gamma))
+        rho = spearman(*halves)
+        if not np.isnan(rho):
+            rhos.append(rho)
+    if not rhos:
+        return float("nan")
+    r = float(np.mean(rhos))
+    return 2 * r / (1 + r) if r > -1 else float("nan")

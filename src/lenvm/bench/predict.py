@@ -38,7 +38,7 @@ import numpy as np
 from lenvm.bench import tasks
 from lenvm.bench.common import Models, bench_sampling, load_models, markdown_table, pyplot
 from lenvm.cli import options
-from lenvm.evaluation import prompt_length_truth, spearman
+from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
 from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError, atomic_path, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
@@ -366,9 +366,10 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
         predictions.update(baselines.predict(models.tokenizer, kept))
     truth = np.array([truths[p.id] for p in kept])
     domains = [domain_of[p.id] for p in kept]
-    cut = defaultdict(int)
+    cut, samples = defaultdict(int), defaultdict(list)
     for r in records:
         cut[r["prompt_id"]] += r["finish_reason"] == "length"
+        samples[r["prompt_id"]].append(sample_length(r))
     per_prompt = [
         {
             "prompt_id": p.id,
@@ -380,7 +381,7 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
         for k, (p, d, t) in enumerate(zip(kept, domains, truth, strict=True))
     ]
     return {
-        "metrics": prediction_metrics(truth, predictions, domains),
+        "metrics": prediction_metrics(truth, predictions, domains, [samples[p.id] for p in kept], gamma),
         "per_prompt": per_prompt,
         "mostly_cut": [p.id for p in held_out if truths.get(p.id) is None],
     }
@@ -412,42 +413,69 @@ def _scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     }
 
 
-def prediction_metrics(truth: np.ndarray, predictions: dict[str, np.ndarray], domains: Sequence[str]) -> dict:
+def prediction_metrics(
+    truth: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    domains: Sequence[str],
+    samples: Sequence[list[int]] | None = None,
+    gamma: float | None = None,
+) -> dict:
     """Per domain (and ``all`` over every prompt when there are several domains): prompt count,
-    mean ground truth, and each predictor's MRE, MAE and Spearman correlation with the truth."""
+    mean ground truth, and each predictor's MRE, MAE and Spearman correlation with the truth.
+    With each prompt's sample lengths (``samples``, and ``gamma``), also the truth's own split-half
+    reliability and the Spearman correlation a perfect predictor would reach against it
+    (:func:`lenvm.evaluation.truth_reliability`)."""
     groups = {d: np.array([x == d for x in domains]) for d in sorted(set(domains))}
     if len(groups) > 1:
         groups["all"] = np.ones(len(domains), dtype=bool)
-    return {
-        domain: {
+    metrics = {}
+    for domain, mask in groups.items():
+        metrics[domain] = {
             "prompts": int(mask.sum()),
             "mean_truth": float(truth[mask].mean()),
             **{name: _scores(truth[mask], pred[mask]) for name, pred in predictions.items()},
         }
-        for domain, mask in groups.items()
-    }
+        if samples is not None:
+            reliability = truth_reliability([s for s, m in zip(samples, mask, strict=True) if m], gamma)
+            ceiling = math.sqrt(reliability) if reliability > 0 else 0.0
+            metrics[domain]["truth_reliability"] = None if math.isnan(reliability) else reliability
+            metrics[domain]["spearman_ceiling"] = None if math.isnan(reliability) else ceiling
+    return metrics
 
 
 def _rows(metrics: dict) -> list[list]:
     rows = []
     for domain, m in metrics.items():
-        for name in (n for n in PREDICTORS if n in m):
+        ceiling = m.get("spearman_ceiling")
+        for i, name in enumerate(n for n in PREDICTORS if n in m):
             rho = m[name]["spearman"]
             rows.append(
                 [domain, m["prompts"], f"{m['mean_truth']:.1f}", PREDICTORS[name],
                  f"{100 * m[name]['mre']:.1f}%", f"{m[name]['mae']:.1f}",
-                 "n/a" if rho is None else f"{rho:.2f}"]
+                 "n/a" if rho is None else f"{rho:.2f}",
+                 "" if i or ceiling is None else f"{ceiling:.2f}"]
             )  # fmt: skip
     return rows
 
 
 def _markdown(results: dict, total: int) -> str:
-    header = ["domain", "prompts", "mean L_GT", "predictor", "MRE", "MAE (tokens)", "Spearman"]
+    header = [
+        "domain",
+        "prompts",
+        "mean L_GT",
+        "predictor",
+        "MRE",
+        "MAE (tokens)",
+        "Spearman",
+        "Spearman ceiling",
+    ]
     speed = results["prediction"]
     text = (
         f"Prompt-boundary length prediction: ground truth from {results['samples']} samples per "
         f"prompt (return-consistent mean length, EOS counted); MRE = mean |pred - L_GT| / L_GT, MAE "
-        f"in tokens, Spearman = rank correlation of predicted and true lengths. "
+        f"in tokens, Spearman = rank correlation of predicted and true lengths; Spearman ceiling = "
+        f"what a predictor of each prompt's expected length would reach against this sampled truth "
+        f"(the square root of the truth's split-half reliability): sampling noise caps the rest. "
         f"{results['cut_samples']} of {total} samples hit max_new_tokens (counted at their cut); "
         f"{len(results['prompts_mostly_cut'])} prompts with most samples cut have no ground truth and "
         f"are left out. LenVM predictions: {speed['prompts']} prompts in {speed['seconds']:.2f} s "
