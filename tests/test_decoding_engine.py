@@ -2,6 +2,7 @@
 
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
 from lenvm.decoding.params import NATURAL_EOS
-from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, best_of, retry_start
+from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, Sequence, best_of, retry_start
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, TokenizerMismatchError
 from lenvm.prompts import encode_prompt
@@ -450,6 +451,33 @@ def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator):
     assert retry_start(answer[:8], 7, 20, 1, 4, engine.sentence_ends) == 2  # a short answer: from its end
 
 
+def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidance(tiny_generator):
+    """An At Most answer's first attempt is the generator's alone; one that reached the bound
+    starts over (nothing of it kept), guided; later retries go back from the target as usual.
+    Without retries, or for another control, no attempt is left to the generator."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    word = tok.encode("sea", add_special_tokens=False)[0]
+
+    def sequence(control):
+        seq = Sequence.start(
+            0, Request("Hi", SamplingParams(max_new_tokens=40, seed=0), control=control), [1], 0, "cpu"
+        )
+        seq.tokens = [word] * 20
+        return seq
+
+    seq = sequence(Control("at_most", target=20))
+    assert seq.free
+    seq.retry(seq.result(tok), engine.sentence_ends)
+    assert not seq.free and seq.tokens == [] and len(seq.missed) == 1
+    seq.tokens = [word] * 20
+    seq.retry(seq.result(tok), engine.sentence_ends)
+    assert len(seq.tokens) == 20 - 10  # retry 2 of 4: back 2/4 of the target
+    assert not sequence(Control("at_most", target=20, retries=0)).free
+    assert not sequence(Control("at_most", target=20, rule="paper")).free
+    assert not sequence(Control("equal_to", target=20)).free
+
+
 @given(
     tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40),
     target=st.integers(1, 50),
@@ -734,9 +762,10 @@ def test_queue_options_are_checked(tiny_generator, lenvms):
 
 @pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
 def test_at_most_leaves_an_answer_that_fits_as_the_generator_gives_it(ending_path, eos_generator, kind):
-    """While the LenVM is confident that an answer fits its bound, At Most draws the token the
-    generator itself would (the same random stream): the answer is the unguided one. A LenVM that
-    expects a long answer steers, and then the answer changes."""
+    """At Most's first attempt is the generator's own (the same random stream): an answer that
+    fits is the unguided one, whatever the LenVM expects. In one pass (no retries) the row is
+    left to the generator while the LenVM is confident that the answer fits; a LenVM that expects
+    a long answer steers, and then the answer changes."""
     model, tok = eos_generator
     lenvm = LengthValueModel.from_base(ending_path, kind=kind, generator=eos_generator).eval()
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
@@ -748,14 +777,18 @@ def test_at_most_leaves_an_answer_that_fits_as_the_generator_gives_it(ending_pat
     ]
     with ends_after_every_token(lenvm):
         assert [r.token_ids for r in engine.generate(guided)] == [r.token_ids for r in plain]
+    one_pass = [replace(r, control=Control("at_most", target=30, retries=0)) for r in guided]
+    with ends_after_every_token(lenvm):
+        assert [r.token_ids for r in engine.generate(one_pass)] == [r.token_ids for r in plain]
     long_answer = length_to_value(200.0, lenvm.gamma)
     saved = lenvm.values_from_hidden, lenvm.next_values_from_hidden
     lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], long_answer)
     lenvm.next_values_from_hidden = lambda h, ids: torch.full(ids.shape, long_answer)
     try:
-        steered = engine.generate(guided)
+        first_free, steered = engine.generate(guided), engine.generate(one_pass)
     finally:
         lenvm.values_from_hidden, lenvm.next_values_from_hidden = saved
+    assert [r.token_ids for r in first_free] == [r.token_ids for r in plain]
     assert [r.token_ids for r in steered] != [r.token_ids for r in plain]
 
 

@@ -109,6 +109,22 @@ def test_at_most_ours_follows_the_generator_inside_the_bound():
     assert float(dist[2]) < 0.1 * 0.2  # predicted to end far beyond the bound: pushed down
 
 
+def test_at_most_ours_wraps_up_before_its_bound():
+    # A plausible EOS and a long continuation, 20 tokens from a bound of 100: far enough that the
+    # Laplace tail alone leaves the generator's odds (the continuation fits); from a quarter of
+    # the bound before it the rule wraps up, and the pressure to end grows every step.
+    c = cands([0.7, 0.2, 0.1], [15, 15, 0], eos_slot=2)
+    early = policies.at_most(c, t(60), t(100), GAMMA)[0]
+    assert float(early[2]) == pytest.approx(0.1, rel=0.05)
+    start = int(policies.lookahead_from(t(100)))
+    eos_share = [float(policies.at_most(c, t(start + d), t(100), GAMMA)[0, 2]) for d in (0, 2, 4, 6)]
+    assert eos_share == sorted(eos_share) and eos_share[-1] > 0.9
+    # Inside the wrap-up the continuation predicted to end sooner gains on the likelier one.
+    c = cands([0.7, 0.3], [15, 3])
+    wrapped = policies.at_most(c, t(start + 4), t(100), GAMMA)[0]
+    assert float(wrapped[1]) > 0.9
+
+
 def test_at_most_ours_takes_eos_once_nothing_else_fits():
     c = cands([0.9, 0.09, 0.01], [3, 5, 0], eos_slot=2)
     assert float(policies.at_most(c, t(50), t(50), GAMMA)[0, 2]) == pytest.approx(1.0)

@@ -20,7 +20,7 @@ CONTROLS = [
     Control("tilt", beta=-20.0),
     Control("equal_to", target=6, retries=0),
     Control("equal_to", target=6, rule="paper"),
-    Control("at_most", target=5),
+    Control("at_most", target=5, retries=0),
     Control("at_least", target=9),
     Control("at_least", target=9, rule="paper"),
     None,

@@ -50,7 +50,7 @@ class Batch:
             gen = Stream.cat([batch.gen, gen])
             if scorer is not None:
                 scorer = Scorer.cat([batch.scorer, scorer], source=gen)
-        return cls(seqs, gen, scorer, Rows.build(*_settings(seqs), engine.device), _uniforms(seqs))
+        return cls(seqs, gen, scorer, _rows(seqs, engine.device), _uniforms(seqs))
 
     def leave(self, engine, finished: list[int]) -> Batch | None:
         """The batch without the ``finished`` rows (None when none is left)."""
@@ -66,7 +66,7 @@ class Batch:
             scorer.select(index)
             if not any(_needs_values(s) for s in seqs):
                 scorer = None
-        return Batch(seqs, self.gen, scorer, Rows.build(*_settings(seqs), engine.device), _uniforms(seqs))
+        return Batch(seqs, self.gen, scorer, _rows(seqs, engine.device), _uniforms(seqs))
 
     def step(self, engine) -> list[int]:
         """Generate one token for every row; returns the rows that finished."""
@@ -126,8 +126,9 @@ def _needs_values(seq: Sequence) -> bool:
     return seq.control.active or seq.request.return_values
 
 
-def _settings(seqs: list[Sequence]):
-    return [s.request.sampling for s in seqs], [s.control for s in seqs], [len(s.tokens) for s in seqs]
+def _rows(seqs: list[Sequence], device) -> Rows:
+    samplings, controls = [s.request.sampling for s in seqs], [s.control for s in seqs]
+    return Rows.build(samplings, controls, [len(s.tokens) for s in seqs], device, free=[s.free for s in seqs])
 
 
 def _uniforms(seqs: list[Sequence]) -> torch.Tensor:

@@ -43,8 +43,11 @@ and an EOS in mid-sentence.
   generator finds unlikely is allowed from ``N + slack(N)`` on.
 - at_most: ``p(x) · P(L <= N)``: candidates well inside the bound keep their generator
   probabilities; those predicted to cross it are pushed down by the Laplace tail; EOS is exact.
-  While the LenVM is confident that the answer fits (:func:`fits`), the engine leaves the row
-  to the generator altogether (the same draw as without guidance).
+  From :func:`lookahead_from` on (a quarter of the bound before it) it wraps up as equal_to does
+  past its target, so the answer is brought to a natural end before the bound, not stopped at it.
+  While the LenVM is confident that the answer fits (:func:`fits`), and for the whole of the
+  engine's first attempt (``Sequence.free``), the row is left to the generator altogether (the
+  same draw as without guidance): the policy steers only answers that went back from the bound.
 - at_least: ``p(x) · P(N <= L <= H)`` with ``H = N + ceil(AT_LEAST_AIM · N)``: the answer is
   steered to end naturally soon after ``N``, not merely after it; EOS before ``N`` has
   probability 0 unless no other candidate is usable; past ``H`` it wraps up as equal_to does
@@ -219,9 +222,12 @@ def at_most(
     total = predicted_total(c, step, gamma)
     inside = _log_laplace_cdf((target[:, None] + 0.5 - total) / spread(total, step))
     fits_next = torch.where(step + 1 <= target, 0.0, -float("inf")).double()
-    log_p = torch.where(c.eos, 0.0, _with_lookahead(_natural_next(c, natural_eos), inside, fits_next))
+    q = _natural_next(c, natural_eos)
+    log_p = torch.where(c.eos, 0.0, _with_lookahead(q, inside, fits_next))
+    wrap_from = lookahead_from(target)
+    weights = torch.where((step >= wrap_from)[:, None], _wrap_up(c, total, step, wrap_from, q), log_p)
     feasible = torch.where(c.eos, total <= target[:, None], (step < target)[:, None])
-    return _conditioned(c, log_p, feasible & _eos_allowed(c, step, target, natural_eos))
+    return _conditioned(c, weights, feasible & _eos_allowed(c, step, target, natural_eos))
 
 
 def at_least(

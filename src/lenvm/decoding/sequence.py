@@ -105,6 +105,20 @@ class Sequence:
             top_logprobs=list(self.top_logprobs) if self.request.sampling.top_logprobs else None,
         )
 
+    @property
+    def free(self) -> bool:
+        """Whether the generator writes this attempt alone: an At Most answer under our rule is
+        first written unguided, so one that ends naturally within the bound is the generator's own
+        answer; one that reaches the bound goes back (a retry) and is steered to an end from there."""
+        c = self.control
+        return (
+            c is not None
+            and c.kind == "at_most"
+            and c.rule == "ours"
+            and c.max_retries > 0
+            and not self.missed
+        )
+
     def may_retry(self, result: Result) -> bool:
         """Whether this end is not natural and a retry is left (see :attr:`Control.retries`)."""
         return not (
@@ -116,15 +130,19 @@ class Sequence:
     def retry(self, result: Result, sentence_ends: frozenset[int]) -> None:
         """Go back to resample the end of ``result`` (see :func:`retry_start`), with a fresh
         stretch of this attempt's random stream."""
+        # An answer the generator wrote alone (see free) starts over under guidance: its text was
+        # never steered toward an end, so none of it is kept.
+        cut = 0
+        if not self.free:
+            cut = retry_start(
+                self.tokens,
+                result.num_tokens,
+                self.control.target,
+                len(self.missed) + 1,
+                self.control.max_retries,
+                sentence_ends,
+            )
         self.missed.append(result)
-        cut = retry_start(
-            self.tokens,
-            result.num_tokens,
-            self.control.target,
-            len(self.missed),
-            self.control.max_retries,
-            sentence_ends,
-        )
         del self.tokens[cut:], self.values[cut:], self.logprobs[cut:], self.top_logprobs[cut:]
         self.finish_reason = self.eos_logprob = None
         self.uniforms = _uniforms(self.rng, self.request.sampling.max_new_tokens, self.uniforms.device)

@@ -52,6 +52,7 @@ class Rows:
     horizon: torch.Tensor  # [B] long: max_new_tokens
     look_from: torch.Tensor  # [B] long: our target rules look one step ahead from this step on
     gated: torch.Tensor  # [B] bool: at_most under our rule (left to the generator while it fits)
+    free: torch.Tensor  # [B] bool: gated rows the generator writes alone this attempt
     plain: torch.Tensor  # [B] bool: no control
     groups: list[tuple[str, str, torch.Tensor]]  # (control kind, rule, rows)
     # Which of the above are in use at all: a filter that no row needs costs nothing.
@@ -69,7 +70,12 @@ class Rows:
 
     @classmethod
     def build(
-        cls, samplings: list[SamplingParams], controls: list[Control | None], steps: list[int], device
+        cls,
+        samplings: list[SamplingParams],
+        controls: list[Control | None],
+        steps: list[int],
+        device,
+        free: list[bool] | None = None,
     ) -> Rows:
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -103,6 +109,7 @@ class Rows:
             horizon=col([s.max_new_tokens for s in samplings], torch.long),
             look_from=col(look_from, torch.long),
             gated=col(gated, torch.bool),
+            free=col(free or [False] * len(controls), torch.bool),
             plain=col([not c.active for c in controls], torch.bool),
             groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
             any_guided=any(c.active for c in controls),
@@ -159,7 +166,8 @@ def decide(
     when no row needs the LenVM.
 
     An At Most row (our rule) whose LenVM is confident the answer fits (:func:`policies.fits`,
-    from the value of the current state) is left to the generator: given ``uniform`` it draws its
+    from the value of the current state), or that the generator writes alone this attempt
+    (``Rows.free``: the engine's first attempt), is left to the generator: given ``uniform`` it draws its
     token as a plain row does, the same draw as without guidance; without (a logits processor,
     which samples elsewhere) its policy is the generator's distribution over the candidates."""
     allowed = logits
@@ -175,7 +183,8 @@ def decide(
     )
     free = None
     if rows.any_gated and scorer is not None:
-        free = rows.gated & policies.fits(scorer.state_values(), rows.step, rows.target, gamma)
+        fitting = policies.fits(scorer.state_values(), rows.step, rows.target, gamma)
+        free = rows.gated & (rows.free | fitting)
     own = rows.plain  # rows that draw their token here, from the whole distribution
     any_own = rows.any_plain
     if free is not None and uniform is not None:
