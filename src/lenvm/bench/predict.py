@@ -437,9 +437,9 @@ def prediction_metrics(
         }
         if samples is not None:
             reliability = truth_reliability([s for s, m in zip(samples, mask, strict=True) if m], gamma)
-            ceiling = math.sqrt(reliability) if reliability > 0 else 0.0
-            metrics[domain]["truth_reliability"] = None if math.isnan(reliability) else reliability
-            metrics[domain]["spearman_ceiling"] = None if math.isnan(reliability) else ceiling
+            known = not math.isnan(reliability)
+            metrics[domain]["truth_reliability"] = reliability if known else None
+            metrics[domain]["spearman_ceiling"] = math.sqrt(max(reliability, 0.0)) if known else None
     return metrics
 
 

@@ -306,13 +306,13 @@ def _use_vllm_cpu_gemm(body: torch.nn.Module) -> None:
     for layer in body.modules():
         if isinstance(layer, torch.nn.Linear) and layer.weight.device.type == "cpu":
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-            layer.forward = functools.partial(_packed_linear, layer, layer.out_features)
+            layer.forward = functools.partial(_packed_linear, layer)
 
 
-def _packed_linear(layer: torch.nn.Module, out_features: int, x: torch.Tensor) -> torch.Tensor:
+def _packed_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The kernels take 2-D inputs; a candidate block is [B, k, H].
     out = layer.cpu_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
-    return out.view(*x.shape[:-1], out_features)
+    return out.view(*x.shape[:-1], layer.out_features)
 
 
 def _cpu_defaults() -> dict[str, Any]:
