@@ -83,7 +83,7 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     argv += ["--out", str(out2), "--epochs", "2", "--feature-layer", "-1"]
     # The training options map onto TrainConfig's fields.
     argv += ["--lam", "0.7", "--loss", "huber", "--huber-delta", "0.1", "--relative-loss-weight", "0.05"]
-    argv += ["--aggregation", "seq-mean-token-sum", "--stream", "--no-bf16"]
+    argv += ["--aggregation", "seq-mean-token-sum", "--prompt-weight", "4", "--stream", "--no-bf16"]
     capsys.readouterr()
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -92,6 +92,7 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     training = config["training"]
     assert (training["lam"], training["loss"], training["huber_delta"]) == (0.7, "huber", 0.1)
     assert (training["aggregation"], training["relative_loss_weight"]) == ("seq-mean-token-sum", 0.05)
+    assert training["prompt_weight"] == 4
     assert training["streamed"] and training["bf16"] is False
     assert training["metrics"] == printed["metrics"]  # (this random model's answers never end)
     assert json.loads((out / "config.json").read_text())["feature_layer"] == 1  # the default

@@ -108,6 +108,20 @@ def test_sampled_positions_estimate_the_whole_set(per_completion):
     assert L.sampled_states_count(64, states, len(per_completion), "token-mean") == 64
 
 
+@settings(deadline=None)
+@given(completions, st.floats(0.1, 50.0))
+def test_prompt_weight_counts_each_completions_first_state_that_many_times(per_completion, weight):
+    states = torch.tensor([len(c) for c in per_completion for _ in c])
+    first = torch.tensor([j == 0 for c in per_completion for j in range(len(c))])
+    loss = torch.tensor([x for c in per_completion for x in c], dtype=torch.float64)
+    for aggregation in L.AGGREGATIONS:
+        base = L.state_weights(states, aggregation).double()
+        weighted = L.state_weights(states, aggregation, first, weight).double()
+        extra = (weight - 1) * float((loss * base)[first].sum())
+        assert float((loss * weighted).sum()) == pytest.approx(float((loss * base).sum()) + extra, rel=1e-6)
+        torch.testing.assert_close(weighted[~first], base[~first])
+
+
 def test_unknown_loss_and_aggregation():
     with pytest.raises(ValueError, match="loss"):
         L.pointwise_loss(torch.zeros(1), torch.zeros(1), "l1")

@@ -239,6 +239,47 @@ def test_head_lambda_targets_match_the_recursion_and_lambda_one_adds_nothing(
     assert torch.count_nonzero(trainer.correction) == 0  # lambda = 1: the Monte-Carlo targets exactly
 
 
+def test_prompt_weight_weighs_the_first_state_of_each_completion_in_both_trainers(
+    tmp_path, tiny_path, tiny_generator
+):
+    from types import SimpleNamespace
+
+    from lenvm.dataset import collate
+    from lenvm.training import FullTrainer
+    from lenvm.training_data import RolloutSource, training_data
+
+    records = synthetic_records(tiny_generator[1])
+    lenvm = LengthValueModel.from_base(str(tiny_path), kind="attached", gamma=0.9, generator=tiny_generator)
+    data = training_data(
+        RolloutSource(records), None, lenvm.config.eos_token_ids, "bootstrap", None, 0.25, 0, 256, "tiny"
+    )
+    # Head path: the s_0 rows of the feature store count 3 times, every other row once.
+    trainer = HeadTrainer(lenvm, _config(prompt_weight=1.0), tmp_path / "work", "fp", progress=False)
+    trainer.store = store = FeatureStore.open_or_build(
+        tmp_path / "work" / "features", "fp", lenvm, data.train, data.eval, False
+    )
+    trainer.train_states, trainer.train_completions = int(store.states.sum()), store.train_completions
+    first = store.first_row[: store.train_completions]
+    later = first + 1
+    with torch.no_grad():
+        plain = [float(trainer.loss(np.sort(rows))) for rows in (first, later)]
+        trainer.config = _config(prompt_weight=3.0)
+        weighted = [float(trainer.loss(np.sort(rows))) for rows in (first, later)]
+    assert weighted == pytest.approx([3 * plain[0], plain[1]], rel=1e-5)
+    # Fine-tuning path: the first supervised position of each row.
+    batch = collate(list(data.train)[:4], lenvm.gamma)
+    losses = []
+    for weight in (1.0, 3.0):
+        holder = SimpleNamespace(config=TrainConfig(kind="standalone", prompt_weight=weight), lenvm=lenvm)
+        with torch.no_grad():
+            losses.append(float(FullTrainer.micro_loss(holder, lenvm, batch)))
+    with torch.no_grad():
+        values = lenvm(batch.input_ids, batch.attention_mask).float()
+    start = batch.supervised.float().argmax(1)
+    at_start = values[torch.arange(4), start] - batch.mc[torch.arange(4), start]
+    assert losses[1] - losses[0] == pytest.approx(2 * float((at_start**2).sum()), rel=1e-4)
+
+
 def test_streamed_rollouts_train_exactly_like_loaded_ones(tmp_path, tiny_path, tiny_generator):
     records = synthetic_records(tiny_generator[1], truncate_long=True)
     path = tmp_path / "rollouts.jsonl"
@@ -332,6 +373,7 @@ def test_bf16_where_the_hardware_has_it():
         (dict(aggregation="seq-mean-token-mean-max"), "aggregation"),
         (dict(huber_delta=0), "huber_delta"),
         (dict(relative_loss_weight=-1), "relative_loss_weight"),
+        (dict(prompt_weight=0), "prompt_weight"),
         (dict(gradient_checkpointing=True), "gradient checkpointing"),
         (dict(shuffle_buffer=0), "shuffle_buffer"),
     ],

@@ -18,6 +18,10 @@ remaining length relative to the target's, both read in tokens through
 like one of 50 on 100, where the value-space losses weigh errors near the end of a completion
 much more.
 
+Prompt weight (our option, off at 1): the state ``s_0`` at the end of each prompt counts
+``w`` times. It is one state among a completion's hundreds, yet it is the one a length prediction
+from the prompt reads; weighing it more asks the head to fit what tells prompts apart.
+
 Aggregation over the supervised states of a batch, as the sum of per-state losses times a
 per-state weight, divided by a count. ``token-mean`` (the paper's; weight 1, divided by the
 number of states) gives every supervised state the same weight; ``seq-mean-token-mean``
@@ -82,13 +86,23 @@ def state_losses(
     return out
 
 
-def state_weights(completion_states: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
-    """Each state's weight, given the number of supervised states of its completion."""
+def state_weights(
+    completion_states: torch.Tensor,
+    aggregation: Aggregation,
+    at_prompt: torch.Tensor | None = None,
+    prompt_weight: float = 1.0,
+) -> torch.Tensor:
+    """Each state's weight, given the number of supervised states of its completion; a state
+    ``at_prompt`` (its completion's ``s_0``) counts ``prompt_weight`` times."""
     if aggregation == "seq-mean-token-mean":
-        return 1.0 / completion_states.float()
-    if aggregation in ("token-mean", "seq-mean-token-sum"):
-        return torch.ones_like(completion_states, dtype=torch.float32)
-    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+        weights = 1.0 / completion_states.float()
+    elif aggregation in ("token-mean", "seq-mean-token-sum"):
+        weights = torch.ones_like(completion_states, dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    if at_prompt is None or prompt_weight == 1.0:
+        return weights
+    return torch.where(at_prompt, weights * prompt_weight, weights)
 
 
 def aggregation_count(states: float, completions: float, aggregation: Aggregation) -> float:

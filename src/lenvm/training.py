@@ -73,6 +73,7 @@ class TrainConfig:
     loss: Loss = "mse"
     huber_delta: float = 1.0
     relative_loss_weight: float = 0.0  # see lenvm.losses: relative error of the remaining length
+    prompt_weight: float = 1.0  # see lenvm.losses: loss weight of each completion's s_0 state
     aggregation: Aggregation = "token-mean"
     # None: bf16 where the hardware computes it natively (see resolve_bf16), else float32.
     bf16: bool | None = None
@@ -117,6 +118,8 @@ class TrainConfig:
             raise InputError("huber_delta must be positive")
         if not self.relative_loss_weight >= 0:
             raise InputError("relative_loss_weight must be at least 0")
+        if not self.prompt_weight > 0:
+            raise InputError("prompt_weight must be positive")
         if self.features_cache and not self.freeze_backbone:
             raise InputError("a features cache applies to head training, not to fine-tuning a backbone")
         if self.gradient_checkpointing and self.freeze_backbone:
@@ -542,7 +545,9 @@ class HeadTrainer:
         targets = targets_at(remaining)
         if self.correction is not None:
             targets = targets + self.correction[torch.from_numpy(rows)].to(device)
-        weights = state_weights(torch.from_numpy(store.states[completion]), config.aggregation).to(device)
+        states = torch.from_numpy(store.states[completion])
+        at_prompt = torch.from_numpy(cols["remaining"]) == states
+        weights = state_weights(states, config.aggregation, at_prompt, config.prompt_weight).to(device)
         count = sampled_states_count(len(rows), self.train_states, self.train_completions, config.aggregation)
         loss = (self._state_losses(values, targets) * weights).sum() / count
         if lenvm.config.kind == "q":
@@ -770,7 +775,8 @@ class FullTrainer:
         losses = state_losses(
             values, targets, gamma, config.loss, config.huber_delta, config.relative_loss_weight
         )
-        weights = state_weights(batch.states, config.aggregation)[:, None]
+        at_prompt = batch.supervised & (batch.supervised.cumsum(1) == 1)
+        weights = state_weights(batch.states[:, None], config.aggregation, at_prompt, config.prompt_weight)
         return (losses * weights)[batch.supervised].sum()
 
     @torch.no_grad()

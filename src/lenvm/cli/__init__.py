@@ -402,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="add this times |predicted - target| / target remaining length, in tokens (default 0: off)",
     )
     targets.add_argument(
+        "--prompt-weight",
+        type=float,
+        default=TrainConfig.prompt_weight,
+        help="loss weight of each completion's first state, the one a prediction from the prompt "
+        "reads (default 1: one state like any other)",
+    )
+    targets.add_argument(
         "--aggregation",
         choices=AGGREGATIONS,
         default=TrainConfig.aggregation,
