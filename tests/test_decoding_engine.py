@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
+from lenvm.decoding.batch import Batch
 from lenvm.decoding.params import NATURAL_EOS
 from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, Sequence, best_of, retry_start
 from lenvm.io import InputError
@@ -476,6 +477,20 @@ def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidan
     assert not sequence(Control("at_most", target=20, retries=0)).free
     assert not sequence(Control("at_most", target=20, rule="paper")).free
     assert not sequence(Control("equal_to", target=20)).free
+
+
+def test_each_row_carries_its_resampled_ends_to_the_policy(tiny_generator):
+    """At Least widens its window with every end already resampled, so the batch's rows carry
+    each answer's retries (a retried answer rejoins the batch)."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    word = tok.encode("sea", add_special_tokens=False)[0]
+    request = Request("Hi", SamplingParams(max_new_tokens=40, seed=0), control=Control("at_least", target=10))
+    seqs = [Sequence.start(i, request, [1], 0, "cpu") for i in range(2)]
+    for _ in range(2):
+        seqs[0].tokens = [word] * 14
+        seqs[0].retry(seqs[0].result(tok), engine.sentence_ends)
+    assert Batch.join(engine, None, seqs).rows.retries.tolist() == [2, 0]
 
 
 @given(

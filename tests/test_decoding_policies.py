@@ -154,6 +154,9 @@ def test_at_least_ours_pushes_up_candidates_that_fall_short_then_aims_at_ending_
     assert float(after[0]) < 0.1 * float(after[1])
     # Past the window it wraps up: EOS wins.
     assert float(policies.at_least(c, t(45), t(30), GAMMA)[0, 2]) > 0.9
+    # After two resampled ends the window reaches 30 + 27: at 45 the odds are the generator's again.
+    widened = policies.at_least(c, t(45), t(30), GAMMA, retries=t(2))[0]
+    assert float(widened[1] / widened[2]) == pytest.approx(4.5, rel=0.05)
 
 
 def test_at_least_paper_picks_the_longest():
@@ -264,6 +267,11 @@ def test_window_give_up_and_lookahead_points():
     # at_least ends before max_new_tokens rather than being cut there
     assert policies.give_up("at_least", n, horizon=torch.tensor([40, 512, 300])).tolist() == [39, 13, 299]
     assert policies.lookahead_from(n).tolist() == [22, 4, 192]
+    # each resampled end widens at_least's window by another AT_LEAST_AIM of the target
+    retries = torch.tensor([1, 2, 4])
+    assert policies.window_end("at_least", n, retries).tolist() == [48, 16, 640]
+    assert policies.window_end("equal_to", n, retries).tolist() == [30, 8, 256]
+    assert policies.give_up("at_least", n, retries=retries).tolist() == [52, 18, 692]
 
 
 @pytest.mark.parametrize("kind", ["equal_to", "at_most", "at_least"])

@@ -128,7 +128,14 @@ def _needs_values(seq: Sequence) -> bool:
 
 def _rows(seqs: list[Sequence], device) -> Rows:
     samplings, controls = [s.request.sampling for s in seqs], [s.control for s in seqs]
-    return Rows.build(samplings, controls, [len(s.tokens) for s in seqs], device, free=[s.free for s in seqs])
+    return Rows.build(
+        samplings,
+        controls,
+        [len(s.tokens) for s in seqs],
+        device,
+        free=[s.free for s in seqs],
+        retries=[len(s.missed) for s in seqs],
+    )
 
 
 def _uniforms(seqs: list[Sequence]) -> torch.Tensor:

@@ -48,10 +48,11 @@ and an EOS in mid-sentence.
   While the LenVM is confident that the answer fits (:func:`fits`), and for the whole of the
   engine's first attempt (``Sequence.free``), the row is left to the generator altogether (the
   same draw as without guidance): the policy steers only answers that went back from the bound.
-- at_least: ``p(x) · P(N <= L <= H)`` with ``H = N + ceil(AT_LEAST_AIM · N)``: the answer is
-  steered to end naturally soon after ``N``, not merely after it; EOS before ``N`` has
+- at_least: ``p(x) · P(N <= L <= H)`` with ``H = N + ceil(AT_LEAST_AIM · (1 + r) · N)``: the
+  answer is steered to end naturally soon after ``N``, not merely after it; EOS before ``N`` has
   probability 0 unless no other candidate is usable; past ``H`` it wraps up as equal_to does
-  past its target.
+  past its target. ``r`` counts the ends of this answer already resampled (the engine's
+  retries): an answer that found no natural end in its window gets a wider one each time.
 
 When no candidate can satisfy the constraint, the row keeps the Laplace weights without that
 cut. The paper's rules (``rule="paper"``) are one-hot:
@@ -73,7 +74,7 @@ SPREAD = 0.25  # Laplace scale per predicted remaining token
 FLOOR = 0.25  # Laplace scale of an exact prediction: ending one token off costs a factor e^-4
 SLACK = 0.08  # an EOS that is not natural waits this share of the window's end beyond it ...
 MIN_SLACK = 2  # ... and at least this many tokens
-AT_LEAST_AIM = 0.3  # at_least N aims at a natural end in [N, N + ceil(AT_LEAST_AIM * N)]
+AT_LEAST_AIM = 0.3  # at_least N aims at a natural end in [N, N + ceil(AT_LEAST_AIM * (1 + retries) * N)]
 LOOKAHEAD = 0.25  # look one step ahead from this share of the target before it ...
 MIN_LOOKAHEAD = 4  # ... and at least this many tokens before it
 FIT_CONFIDENCE = 0.9  # at_most leaves a row to the generator while P(L <= N | s_t) is at least this
@@ -115,20 +116,25 @@ def spread(total: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return SPREAD * (total - step[:, None].double()) + FLOOR
 
 
-def window_end(kind: str, target: torch.Tensor) -> torch.Tensor:
+def window_end(kind: str, target: torch.Tensor, retries: torch.Tensor | None = None) -> torch.Tensor:
     """The last output length a target rule aims at: ``N`` (equal_to, at_most) or
-    ``N + ceil(AT_LEAST_AIM · N)`` (at_least)."""
+    ``N + ceil(AT_LEAST_AIM · (1 + r) · N)`` (at_least, ``r`` = ``retries``: ends of the answer
+    already resampled, 0 when None)."""
     if kind == "at_least":
-        return target + torch.ceil(AT_LEAST_AIM * target.double()).long()
+        aim = AT_LEAST_AIM * (1 if retries is None else 1 + retries.double())
+        return target + torch.ceil(aim * target.double()).long()
     return target
 
 
-def give_up(kind: str, target: torch.Tensor, horizon: torch.Tensor | None = None) -> torch.Tensor:
+def give_up(
+    kind: str, target: torch.Tensor, horizon: torch.Tensor | None = None, retries: torch.Tensor | None = None
+) -> torch.Tensor:
     """The step from which a target rule lets any EOS end the answer, natural or not: the bound
     itself for at_most, else ``slack`` tokens past the window's end (``SLACK`` of it, at least
     ``MIN_SLACK``), and for at_least never later than the last step before ``horizon``
-    (``max_new_tokens``), so that it ends rather than being cut."""
-    end = window_end(kind, target)
+    (``max_new_tokens``), so that it ends rather than being cut; ``retries``: see
+    :func:`window_end`."""
+    end = window_end(kind, target, retries)
     if kind == "at_most":
         return end
     limit = end + torch.ceil(SLACK * end.double()).long().clamp(min=MIN_SLACK)
@@ -238,15 +244,17 @@ def at_least(
     rule: str = "ours",
     natural_eos: torch.Tensor | None = None,
     horizon: torch.Tensor | None = None,
+    retries: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reach at least ``target``: EOS is never allowed before it unless nothing else is usable."""
+    """Reach at least ``target``: EOS is never allowed before it unless nothing else is usable.
+    ``retries`` (``[B]``): ends of each answer already resampled, which widen its window."""
     early = c.eos & (step < target)[:, None]
     if rule == "paper":
         allowed = c.valid & ~early
         allowed = torch.where(allowed.any(-1, keepdim=True), allowed, c.valid)
         return _one_hot(c.values.double().masked_fill(~allowed, float("inf")).argmin(-1), c)
     total = predicted_total(c, step, gamma)
-    end = window_end("at_least", target)
+    end = window_end("at_least", target, retries)
     b = spread(total, step)
     within = log_laplace_interval((target[:, None] - 0.5 - total) / b, (end[:, None] + 0.5 - total) / b)
     q = _natural_next(c, natural_eos)
@@ -254,7 +262,7 @@ def at_least(
     log_p = torch.where(c.eos, 0.0, _with_lookahead(q, within, ends_within))
     over = (step > end)[:, None]
     weights = torch.where(over, _wrap_up(c, total, step, end + 1, q), log_p)
-    allowed = ~early & _eos_allowed(c, step, give_up("at_least", target, horizon), natural_eos)
+    allowed = ~early & _eos_allowed(c, step, give_up("at_least", target, horizon, retries), natural_eos)
     if horizon is not None:  # the last step before max_new_tokens ends the answer
         allowed = allowed & (c.eos | (step < horizon - 1)[:, None])
     return _conditioned(c, weights, allowed)
@@ -270,15 +278,19 @@ def apply(
     gamma: float,
     natural_eos: torch.Tensor | None = None,
     horizon: torch.Tensor | None = None,
+    retries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The policy of control ``kind`` (``none``, ``tilt`` or a target kind) for rows sharing it;
     ``natural_eos`` (``[B]``): each row's bar for a natural end (None: every EOS is natural);
-    ``horizon``: each row's ``max_new_tokens``."""
+    ``horizon``: each row's ``max_new_tokens``; ``retries``: each row's ends already resampled
+    (at_least widens its window with them)."""
     if kind == "none":
         return follow(c)
     if kind == "tilt":
         return tilt(c, beta)
-    return TARGET_RULES[kind](c, step, target, gamma, rule, natural_eos=natural_eos, horizon=horizon)
+    widens = {"retries": retries} if kind == "at_least" else {}
+    rule_of = TARGET_RULES[kind]
+    return rule_of(c, step, target, gamma, rule, natural_eos=natural_eos, horizon=horizon, **widens)
 
 
 def truncate(

@@ -53,6 +53,7 @@ class Rows:
     look_from: torch.Tensor  # [B] long: our target rules look one step ahead from this step on
     gated: torch.Tensor  # [B] bool: at_most under our rule (left to the generator while it fits)
     free: torch.Tensor  # [B] bool: gated rows the generator writes alone this attempt
+    retries: torch.Tensor  # [B] long: ends of each answer already resampled (the engine's retries)
     plain: torch.Tensor  # [B] bool: no control
     groups: list[tuple[str, str, torch.Tensor]]  # (control kind, rule, rows)
     # Which of the above are in use at all: a filter that no row needs costs nothing.
@@ -76,6 +77,7 @@ class Rows:
         steps: list[int],
         device,
         free: list[bool] | None = None,
+        retries: list[int] | None = None,
     ) -> Rows:
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -110,6 +112,7 @@ class Rows:
             look_from=col(look_from, torch.long),
             gated=col(gated, torch.bool),
             free=col(free or [False] * len(controls), torch.bool),
+            retries=col(retries or [0] * len(controls), torch.long),
             plain=col([not c.active for c in controls], torch.bool),
             groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
             any_guided=any(c.active for c in controls),
@@ -230,7 +233,16 @@ def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
     if len(rows.groups) == 1:  # one group: no gather and scatter
         kind, rule, _ = rows.groups[0]
         return policies.apply(
-            kind, rule, c, rows.step, rows.target, rows.beta, gamma, rows.natural_eos, rows.horizon
+            kind,
+            rule,
+            c,
+            rows.step,
+            rows.target,
+            rows.beta,
+            gamma,
+            rows.natural_eos,
+            rows.horizon,
+            rows.retries,
         )
     dist = torch.zeros(c.ids.shape, dtype=torch.float64, device=c.ids.device)
     for kind, rule, index in rows.groups:
@@ -244,6 +256,7 @@ def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
             gamma,
             rows.natural_eos[index],
             rows.horizon[index],
+            rows.retries[index],
         )
     return dist
 
