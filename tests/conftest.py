@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 def pytest_collection_modifyitems(config, items):
     """vLLM tests run where vLLM is installed and skip elsewhere with the reason; with
     LENVM_REQUIRE_VLLM=1 (CI's vLLM stage) a missing vLLM is an error, not a skip."""
-    import importlib.util
+    from lenvm.rollouts import vllm_installed
 
-    if importlib.util.find_spec("vllm") is not None:
+    if vllm_installed():
         return
     if os.environ.get("LENVM_REQUIRE_VLLM") == "1":
         raise pytest.UsageError("LENVM_REQUIRE_VLLM=1 but vLLM is not installed")
