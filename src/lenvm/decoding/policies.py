@@ -288,9 +288,9 @@ def apply(
         return follow(c)
     if kind == "tilt":
         return tilt(c, beta)
-    widens = {"retries": retries} if kind == "at_least" else {}
-    rule_of = TARGET_RULES[kind]
-    return rule_of(c, step, target, gamma, rule, natural_eos=natural_eos, horizon=horizon, **widens)
+    if kind == "at_least":  # the one rule whose window widens with retries
+        return at_least(c, step, target, gamma, rule, natural_eos, horizon, retries)
+    return TARGET_RULES[kind](c, step, target, gamma, rule, natural_eos=natural_eos, horizon=horizon)
 
 
 def truncate(
