@@ -230,34 +230,30 @@ def decide(
 
 def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
     """Each row's control policy, applied to the rows of each (kind, rule) group."""
-    if len(rows.groups) == 1:  # one group: no gather and scatter
-        kind, rule, _ = rows.groups[0]
+
+    def apply(kind: str, rule: str, index: torch.Tensor | None) -> torch.Tensor:
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if index is None else t[index]
+
         return policies.apply(
             kind,
             rule,
-            c,
-            rows.step,
-            rows.target,
-            rows.beta,
+            c if index is None else c.rows(index),
+            pick(rows.step),
+            pick(rows.target),
+            pick(rows.beta),
             gamma,
-            rows.natural_eos,
-            rows.horizon,
-            rows.retries,
+            pick(rows.natural_eos),
+            pick(rows.horizon),
+            pick(rows.retries),
         )
+
+    if len(rows.groups) == 1:  # one group: no gather and scatter
+        kind, rule, _ = rows.groups[0]
+        return apply(kind, rule, None)
     dist = torch.zeros(c.ids.shape, dtype=torch.float64, device=c.ids.device)
     for kind, rule, index in rows.groups:
-        dist[index] = policies.apply(
-            kind,
-            rule,
-            c.rows(index),
-            rows.step[index],
-            rows.target[index],
-            rows.beta[index],
-            gamma,
-            rows.natural_eos[index],
-            rows.horizon[index],
-            rows.retries[index],
-        )
+        dist[index] = apply(kind, rule, index)
     return dist
 
 
