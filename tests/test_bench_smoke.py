@@ -205,6 +205,45 @@ def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
     assert len((out / "samples.jsonl").read_text().splitlines()) == 15
 
 
+def test_prediction_on_given_rollouts_matches_sampling_them(tmp_path, data, ending_models, train_rollouts):
+    """Scoring on rollouts already drawn gives what sampling those answers gave; bad truth sets
+    are refused."""
+    sampled = tmp_path / "sampled"
+    first = run_prediction(sampled, models=ending_models, prompts=data["prompts"],
+                           train_rollouts=train_rollouts, samples=4, max_new_tokens=24,
+                           progress=False)  # fmt: skip
+    answers = sampled / "samples.jsonl"
+    given = run_prediction(tmp_path / "given", models=ending_models, truth_rollouts=[answers],
+                           train_rollouts=train_rollouts, progress=False)  # fmt: skip
+
+    def by_prompt(results):
+        return sorted(results["per_prompt"], key=lambda row: row["prompt_id"])
+
+    # The same truths; the same predictions up to batching (the prompts come in the file's order).
+    for mine, theirs in zip(by_prompt(given), by_prompt(first), strict=True):
+        fields = ("prompt_id", "domain", "truth")
+        assert [mine[f] for f in fields] == [theirs[f] for f in fields]
+        assert mine["lenvm"] == pytest.approx(theirs["lenvm"], rel=1e-4)
+    assert given["metrics"]["all"]["lenvm"] == pytest.approx(first["metrics"]["all"]["lenvm"], rel=1e-3)
+    assert given["samples"] == 4 and given["settings"]["truth_rollouts"] == [str(answers)]
+    assert not (tmp_path / "given" / "samples.jsonl").exists()  # nothing was drawn
+
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    hotter = [{**r, "sampling": {**r["sampling"], "temperature": 1.3}} for r in records[:2]]
+    other = [{**records[0], "generator": "another-model"}]
+    for name, bad, match in [
+        ("mixed", records + hotter, "mix sampling policies"),
+        ("other", other, "not of tiny-eos"),
+        ("twice", records + records[:1], "twice"),
+    ]:
+        path = _jsonl(tmp_path / f"{name}.jsonl", bad)
+        with pytest.raises(InputError, match=match):
+            run_prediction(tmp_path / name, models=ending_models, truth_rollouts=[path], progress=False)
+    with pytest.raises(InputError, match="not both"):
+        run_prediction(tmp_path / "both", models=ending_models, truth_rollouts=[answers],
+                       prompts=data["prompts"], progress=False)  # fmt: skip
+
+
 def test_prediction_across_domains(tmp_path, data, ending_models, train_rollouts):
     out = tmp_path / "cross"
     results = run_prediction(

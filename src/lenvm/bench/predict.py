@@ -15,6 +15,10 @@ lengths' range, so a prompt unlike any training prompt gets a length a training 
 an extrapolation. Scores per domain and overall: mean relative error, mean absolute error
 (tokens) and Spearman's rank correlation (what a shortest-first queue depends on).
 
+Existing rollouts can serve as the ground truth instead (``truth_rollouts``: say the held-out
+answers a demo or a training run sampled): their prompts are the held-out prompts, their answers
+the samples, nothing is drawn; they must come from the generator under one sampling policy.
+
 In domain: every predictor as trained. Across domains (``cross_domain``): for each named domain a
 LenVM is trained, like the given one, on its training rollouts without that domain, and scored on
 that domain's prompts, beside baselines fitted without it too.
@@ -27,7 +31,7 @@ import math
 import os
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -217,6 +221,38 @@ def held_out_prompts(
     return chosen
 
 
+POLICY_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")
+
+
+def truth_records(paths: Sequence[str | os.PathLike], generator: str) -> tuple[list[dict[str, Any]], dict]:
+    """The records of rollout files whose answers are the ground truth, and the sampling policy
+    they share. Refused: no records, answers of another generator, several policies (a mean
+    length of a mix describes none of them), and one sample listed twice (the same prompt, sample
+    index, seed and backend)."""
+    records = [r for path in paths for r in read_rollouts(path)]
+    if not records:
+        raise InputError(f"no rollout records in {', '.join(map(str, paths))}")
+    others = sorted({str(r["generator"]) for r in records if r.get("generator") not in (None, generator)})
+    if others:
+        raise InputError(f"the truth rollouts hold answers of {', '.join(others)}, not of {generator}")
+    policies = {tuple((r.get("sampling") or {}).get(k) for k in POLICY_KEYS) for r in records}
+    if len(policies) > 1:
+        shown = "; ".join(
+            ", ".join(f"{k}={v}" for k, v in zip(POLICY_KEYS, p, strict=True)) for p in policies
+        )
+        raise InputError(f"the truth rollouts mix sampling policies ({shown}): give answers of one")
+    seen = set()
+    for r in records:
+        drawn = r.get("sampling") or {}
+        key = (r["prompt_id"], r.get("sample_index"), drawn.get("seed"), drawn.get("backend"))
+        if key in seen:
+            raise InputError(
+                f"the truth rollouts hold sample {key[1]} of {key[0]!r} twice (same seed and backend)"
+            )
+        seen.add(key)
+    return records, dict(zip(POLICY_KEYS, policies.pop(), strict=True))
+
+
 def run_prediction(
     out: str | os.PathLike,
     *,
@@ -243,6 +279,7 @@ def run_prediction(
     progress: bool = True,
     models: Models | None = None,
     backend: str = "engine",
+    truth_rollouts: Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Prompt-boundary length prediction on held-out prompts (see the module doc); writes
     ``samples.jsonl``, ``results.json``, ``table.md``, ``calibration.png`` and ``prediction.png``.
@@ -252,36 +289,48 @@ def run_prediction(
     ``out/cross/<domain>``); without it only the LenVM is scored. Sampling options left at None
     follow the LenVM's training policy, the policy its values describe. The samples depend on
     the generator and the policy only, so other LenVMs can be scored on the same folder.
+    ``truth_rollouts``: score on these rollouts' prompts and answers instead of prompts to sample
+    (see :func:`truth_records`; ``samples`` and the sampling options then do not apply).
     """
     started = time.perf_counter()
     if samples < 1:
         raise InputError("samples must be at least 1")
-    held_out = held_out_prompts(prompts, gsm8k, gsm8k_rows, limit)
+    if truth_rollouts and (prompts or gsm8k is not None):
+        raise InputError("score on given rollouts or on prompts to sample, not both")
+    held_out = None if truth_rollouts else held_out_prompts(prompts, gsm8k, gsm8k_rows, limit)
     if cross_domain and train_rollouts is None:
         raise InputError("cross-domain tables train LenVMs without a domain: give the training rollouts")
     models = models or load_models(model, lenvm, device, dtype, backend)
     value_model = models.require_lenvm("length prediction")
+    if truth_rollouts:
+        records, policy = truth_records(truth_rollouts, models.name)
+        held_out = _prompts_of(records)
+        domain_of = {r["prompt_id"]: record_domain(r, domain_field) for r in records}
+        samples = max(Counter(r["prompt_id"] for r in records).values())
+    else:
+        domain_of = {p.id: str(p.extra.get(domain_field, "all")) for p in held_out}
     train_records = read_rollouts(train_rollouts) if train_rollouts is not None else None
     if train_records is not None:
         _check_not_trained_on(held_out, train_records)
-    domain_of = {p.id: str(p.extra.get(domain_field, "all")) for p in held_out}
     missing = sorted(set(cross_domain) - set(domain_of.values()))
     if missing:
         raise InputError(f"no held-out prompt has the cross-domain domain(s) {missing}")
 
     out = Path(out)
-    sampling = bench_sampling(
-        models, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
-    )
-    generator = (models.generator, models.tokenizer)
-    samples_path = out / "samples.jsonl"
-    # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto").
-    rollout(models.name, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
-            backend="auto", loaded=generator, dtype=models.dtype, progress=progress)  # fmt: skip
-    wanted = {p.id for p in held_out}
-    records = [
-        r for r in read_rollouts(samples_path) if r["prompt_id"] in wanted and r["sample_index"] < samples
-    ]
+    if not truth_rollouts:
+        sampling = bench_sampling(
+            models, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
+        )
+        policy = sampling.policy()
+        samples_path = out / "samples.jsonl"
+        # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto").
+        rollout(models.name, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
+                backend="auto", loaded=(models.generator, models.tokenizer), dtype=models.dtype,
+                progress=progress)  # fmt: skip
+        wanted = {p.id for p in held_out}
+        records = [
+            r for r in read_rollouts(samples_path) if r["prompt_id"] in wanted and r["sample_index"] < samples
+        ]
 
     clock = time.perf_counter()
     lenvm_lengths = np.array(value_model.predict_length(held_out, batch_size=batch_size))
@@ -325,8 +374,9 @@ def run_prediction(
         else {},
         "settings": {
             **models.identity(),
-            **sampling.policy(),
+            **policy,
             "samples": samples,
+            "truth_rollouts": [str(path) for path in truth_rollouts or []],
             "held_out": [p.id for p in held_out],
         },
         "seconds": round(time.perf_counter() - started, 1),
@@ -563,6 +613,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--gsm8k-rows", type=_rows_arg, metavar="START:STOP", help="rows of --gsm8k (default: all)"
     )
+    p.add_argument(
+        "--truth-rollouts", nargs="+", metavar="ROLLOUTS",
+        help="score on these rollouts' prompts and answers instead of sampling (one generator and policy)",
+    )  # fmt: skip
     p.add_argument("--train-rollouts", help="the LenVM's training rollouts (baselines, cross-domain LenVMs)")
     p.add_argument(
         "--cross-domain", nargs="+", default=[], metavar="DOMAIN",
@@ -578,8 +632,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> None:
-    if not args.prompts and not args.gsm8k:
-        raise InputError("give --prompts FILE ... and/or --gsm8k FILE")
+    if not args.prompts and not args.gsm8k and not args.truth_rollouts:
+        raise InputError("give --prompts FILE ... and/or --gsm8k FILE, or --truth-rollouts FILE ...")
     run_prediction(
         args.out,
         model=args.model,
@@ -587,6 +641,7 @@ def main(args) -> None:
         prompts=args.prompts,
         gsm8k=args.gsm8k,
         gsm8k_rows=args.gsm8k_rows,
+        truth_rollouts=args.truth_rollouts,
         train_rollouts=args.train_rollouts,
         cross_domain=args.cross_domain,
         samples=args.samples,
