@@ -594,10 +594,12 @@ def test_concurrent_requests_share_the_batch(engine):
         runner.scheduler.step = watched
 
         async def main():
-            c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-            return await asyncio.gather(
-                *[c.completions.create(model=MODEL, prompt="Hi", max_tokens=40, seed=s) for s in range(6)]
-            )
+            # Closed inside the loop: a client left to the garbage collector closes its
+            # connections after the loop is gone (an unraisable exception in a later test).
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
+                return await asyncio.gather(
+                    *[c.completions.create(model=MODEL, prompt="Hi", max_tokens=40, seed=s) for s in range(6)]
+                )
 
         answers = asyncio.run(main())
         assert max(seen) >= 4  # several requests were in the batch at once
@@ -654,14 +656,16 @@ def test_load_every_request_is_answered_exactly_once(engine):
                 outcomes.setdefault(i, []).append(kind)
 
         async def main():
-            c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
             gate = asyncio.Semaphore(concurrency)
+            async with openai.AsyncOpenAI(
+                base_url=url + "/v1", api_key="none", max_retries=0, timeout=120
+            ) as c:
 
-            async def bounded(i):
-                async with gate:
-                    await one(c, i)
+                async def bounded(i):
+                    async with gate:
+                        await one(c, i)
 
-            await asyncio.wait_for(asyncio.gather(*[bounded(i) for i in range(total)]), timeout=300)
+                await asyncio.wait_for(asyncio.gather(*[bounded(i) for i in range(total)]), timeout=300)
 
         asyncio.run(main())
         assert sorted(outcomes) == list(range(total))
