@@ -70,6 +70,8 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     train_ids = {json.loads(line)["prompt_id"] for line in (out / "rollouts.jsonl").open()}
     eval_ids = {json.loads(line)["prompt_id"] for line in (out / "eval_rollouts.jsonl").open()}
     assert len(eval_ids) == 2 and not train_ids & eval_ids
+    trained = json.loads((out / "lenvm" / "config.json").read_text())["training"]
+    assert trained["loss"] == "bce"  # the demo's own default, not lenvm train's (the paper's mse)
     mix = report["training"]["by_domain"]
     assert mix["math"]["prompts"] == 2 and {"writing", "qa", "reasoning"} <= set(mix)
     held = report["held_out"]

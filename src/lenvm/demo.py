@@ -39,6 +39,10 @@ class DemoConfig:
     max_new_tokens: int = 256
     temperature: float = 0.7  # a 135M model rambles at 1.0; the LenVM models whatever policy is used
     eval_fraction: float = 0.1
+    # Cross-entropy rather than the paper's squared error: the same fixed point (the mean return),
+    # but errors on long remainders, where returns crowd near -1, weigh more; predictions from the
+    # prompt generalize better across domains (docs/benchmarks.md, "the demo's loss").
+    loss: str = "bce"
     batch_size: int = 32  # on 2 CPU cores, 32 rows decode about 30% more tokens/s than 16
     backend: str = "auto"  # rollouts: vLLM where installed (faster), else our engine (lenvm.rollouts)
     seed: int = 0
@@ -115,7 +119,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
 
     _step("3/4 training an attached LenVM (head on the generator's frozen hidden states)")
     lenvm_dir = out / "lenvm"
-    train_config = TrainConfig(kind="attached", seed=config.seed)
+    train_config = TrainConfig(kind="attached", loss=config.loss, seed=config.seed)
     result = train(
         records, config.model, lenvm_dir, train_config, generator=generator, eval_rollouts=eval_records
     )

@@ -279,6 +279,7 @@ def cmd_demo(args) -> None:
         eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        loss=args.loss,
         model=args.model,
         seed=args.seed,
         device=args.device,
@@ -581,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
     p.add_argument("--temperature", type=float, default=DemoConfig.temperature)
+    p.add_argument(
+        "--loss", choices=LOSSES, default=DemoConfig.loss,
+        help="the head's training loss (default bce; mse is the paper's)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
     p.add_argument(
         "--backend",
