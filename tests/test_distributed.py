@@ -53,7 +53,7 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(
     cmd = [sys.executable, "-m", "lenvm.cli", "train", "--accelerate-config", engine, "--num-processes", "2"]
     cmd += ["--rollouts", str(rollouts), "--base", str(tiny_path), "--out", str(tmp_path / "two")]
     cmd += ["--batch-size", "2", *_flags(OPTIONS)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU processes, on any host
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerate.commands.launch --config_file" in proc.stderr  # the command is shown

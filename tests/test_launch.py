@@ -51,6 +51,7 @@ def test_fsdp_launch_builds_a_full_shard_plugin_that_wraps_the_backbone_layers(t
 
     from lenvm.model import LengthValueModel
 
+    monkeypatch.setattr(launch, "torch_device_count", lambda: 4)
     command = launch.launch_command("fsdp", ["train", "--rollouts", "r.jsonl"], num_processes=4)
     assert command[-5:] == ["-m", "lenvm.cli", "train", "--rollouts", "r.jsonl"]
     args = _accelerate_args(command)
@@ -75,6 +76,7 @@ def test_deepspeed_launch(stage, monkeypatch):
     with pytest.raises(InputError, match="lenvm\\[deepspeed\\]"):
         launch.launch_command(name, ["train"])
     monkeypatch.setattr(launch, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(launch, "torch_device_count", lambda: 8)
     args = _accelerate_args(launch.launch_command(name, ["train"], num_processes=8))
     assert args.use_deepspeed and args.zero_stage == stage and args.num_processes == 8
     assert args.gradient_clipping == 1.0 and args.zero3_save_16bit_model is (stage == 3)
@@ -117,6 +119,16 @@ def test_config_names_paths_and_errors(tmp_path):
         launch.launch_command(str(tmp_path / "bad.yaml"), ["train"])
     with pytest.raises(InputError, match="at least 1"):
         launch.launch_command("ddp", ["train"], num_processes=0)
+
+
+def test_more_processes_than_accelerators_are_refused(monkeypatch):
+    """Two processes on one GPU would fail inside NCCL; on a host without any, CPU processes."""
+    monkeypatch.setattr(launch, "torch_device_count", lambda: 1)
+    assert launch.launch_command("ddp", ["train"])[6] == "1"
+    with pytest.raises(InputError, match="2 processes asked for, but 1 accelerator"):
+        launch.launch_command("ddp", ["train"], num_processes=2)
+    monkeypatch.setattr(launch, "torch_device_count", lambda: 0)
+    assert launch.launch_command("ddp", ["train"], num_processes=2)[6] == "2"
 
 
 def test_relaunch_drops_only_the_launch_flags():

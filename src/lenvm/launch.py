@@ -68,10 +68,17 @@ def launch_command(name_or_path: str, argv: list[str], num_processes: int | None
         raise InputError(
             f"{path.name} runs DeepSpeed, which is not installed: pip install 'lenvm[deepspeed]'"
         )
+    devices = torch_device_count()
     if num_processes is None:
-        num_processes = torch_device_count() or 1
+        num_processes = devices or 1
     if num_processes < 1:
         raise InputError("the number of processes must be at least 1")
+    if devices and num_processes > devices:
+        # Two processes on one GPU fail deep inside NCCL ("Duplicate GPU detected").
+        raise InputError(
+            f"{num_processes} processes asked for, but {devices} accelerator(s) visible: one process "
+            "per accelerator (to train in CPU processes instead, hide them: CUDA_VISIBLE_DEVICES=)"
+        )
     return [
         sys.executable,
         "-m",
