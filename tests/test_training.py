@@ -153,7 +153,7 @@ def test_feature_layer_is_stored_and_used(tmp_path, tiny_path, tiny_generator, f
     lenvm = LengthValueModel.from_pretrained(tmp_path / "lv", generator=tiny_generator)
     expected = 1 if feature_layer is None else feature_layer  # default: 60% of the tiny model's 2 layers
     assert lenvm.feature_layer == expected
-    ids = torch.tensor([records[1]["prompt_token_ids"]])
+    ids = torch.tensor([records[1]["prompt_token_ids"]], device=lenvm.device)
     with torch.no_grad():
         out = lenvm.body(input_ids=ids, output_hidden_states=True)
     hidden = out.hidden_states[expected]
@@ -225,7 +225,7 @@ def test_head_lambda_targets_match_the_recursion_and_lambda_one_adds_nothing(
     for c in range(store.train_completions):
         first, n, finished = int(store.first_row[c]), int(store.states[c]), bool(store.finished[c])
         rows = np.arange(first, first + n + (0 if finished else 1))
-        v = trainer._state_values(rows).double().numpy()
+        v = trainer._state_values(rows).double().cpu().numpy()
         v = np.append(v, 0.0) if finished else v
         expected = td_lambda_targets(v, gamma, 0.5, finished=finished)
         steps = np.arange(n, 0, -1, dtype=np.float64)
@@ -267,7 +267,7 @@ def test_prompt_weight_weighs_the_first_state_of_each_completion_in_both_trainer
         weighted = [float(trainer.loss(np.sort(rows))) for rows in (first, later)]
     assert weighted == pytest.approx([3 * plain[0], plain[1]], rel=1e-5)
     # Fine-tuning path: the first supervised position of each row.
-    batch = collate(list(data.train)[:4], lenvm.gamma)
+    batch = collate(list(data.train)[:4], lenvm.gamma).to(lenvm.device)
     losses = []
     for weight in (1.0, 3.0):
         holder = SimpleNamespace(config=TrainConfig(kind="standalone", prompt_weight=weight), lenvm=lenvm)
@@ -276,7 +276,8 @@ def test_prompt_weight_weighs_the_first_state_of_each_completion_in_both_trainer
     with torch.no_grad():
         values = lenvm(batch.input_ids, batch.attention_mask).float()
     start = batch.supervised.float().argmax(1)
-    at_start = values[torch.arange(4), start] - batch.mc[torch.arange(4), start]
+    rows = torch.arange(4, device=values.device)
+    at_start = values[rows, start] - batch.mc[rows, start]
     assert losses[1] - losses[0] == pytest.approx(2 * float((at_start**2).sum()), rel=1e-4)
 
 
@@ -320,6 +321,18 @@ def test_datasets_folder_trains_like_the_jsonl_file(tmp_path, tiny_path, tiny_ge
     )
     assert a.losses == b.losses
     assert json.loads((tmp_path / "b" / "config.json").read_text())["training"]["streamed"]
+
+
+def test_full_finetuning_runs_again_in_the_same_session_with_another_precision(
+    tmp_path, tiny_path, tiny_generator
+):
+    """accelerate keeps one state per process: a second run (a notebook) must not be refused
+    because the first one trained in another precision."""
+    records = synthetic_records(tiny_generator[1], n_per_prompt=1)
+    for bf16 in (True, False):
+        config = TrainConfig(kind="standalone", epochs=1, batch_size=4, bf16=bf16, eval_fraction=0.25)
+        result = train(records, str(tiny_path), tmp_path / f"sa-{bf16}", config, progress=False)
+        assert np.isfinite(result.losses).all()
 
 
 def test_full_finetune_gradient_checkpointing_matches(tmp_path, tiny_path, tiny_generator, monkeypatch):

@@ -722,8 +722,13 @@ class FullTrainer:
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
     ):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, PartialState
 
         self.lenvm, self.config, self.work, self.fingerprint = lenvm, config, work, fingerprint
+        if PartialState._shared_state and PartialState().num_processes == 1:
+            # accelerate keeps one state per process and refuses another precision for a second
+            # run in the same session (a notebook); one process has no group to keep: start afresh.
+            AcceleratorState._reset_state()
         accelerated = torch.accelerator.is_available()
         if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not accelerated:
             raise InputError(
