@@ -162,15 +162,17 @@ def test_exact_values_match_appending_the_candidate(
             record = records[int(item["key"])]
             for i, t in enumerate(item["positions"]):
                 state = record["prompt_token_ids"] + record["completion_token_ids"][:t]
-                ids = torch.tensor([state])
+                ids = torch.tensor([state], device=model.device)
                 logits = model(ids).logits[0, -1]
                 logits[tokenizer.eos_token_id] = -float("inf")
                 assert item["candidates"][i] == logits.topk(5).indices.tolist()
                 hidden = q.features(ids)[0, -1]
-                expected_q = q.next_values_from_hidden(hidden, torch.tensor(item["candidates"][i]))
-                np.testing.assert_allclose(item["q"][i], expected_q.numpy(), atol=1e-5)
+                expected_q = q.next_values_from_hidden(
+                    hidden, torch.tensor(item["candidates"][i], device=ids.device)
+                )
+                np.testing.assert_allclose(item["q"][i], expected_q.cpu().numpy(), atol=1e-5)
                 for j, x in enumerate(item["candidates"][i]):
-                    value = exact(torch.tensor([state + [x]]))[0, -1].item()
+                    value = exact(torch.tensor([state + [x]], device=ids.device))[0, -1].item()
                     assert item["exact"][i][j] == pytest.approx(value, abs=1e-4)
                     checked += 1
     assert checked == 5 * sum(len(item["positions"]) for item in items)
@@ -185,7 +187,9 @@ def test_eos_is_never_a_candidate(eos_generator, lenvms, rollouts):
     record = read_jsonl(rollouts)[3]  # a long completion (24 tokens)
     positions = [0, 3, 7]
     with torch.no_grad():
-        state = torch.tensor([record["prompt_token_ids"] + record["completion_token_ids"][:3]])
+        state = torch.tensor(
+            [record["prompt_token_ids"] + record["completion_token_ids"][:3]], device=model.device
+        )
         assert model(state).logits[0, -1].argmax().item() == tokenizer.eos_token_id
     scores = score_completion(
         model,

@@ -46,8 +46,8 @@ def ends_after_every_token(lenvm):
     left after it: then equal_to N must end at exactly N tokens."""
     one_left = length_to_value(1.0, lenvm.gamma)
     saved = lenvm.values_from_hidden, lenvm.next_values_from_hidden
-    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], one_left)
-    lenvm.next_values_from_hidden = lambda h, ids: torch.full(ids.shape, one_left)
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], one_left, device=h.device)
+    lenvm.next_values_from_hidden = lambda h, ids: torch.full(ids.shape, one_left, device=ids.device)
     try:
         yield
     finally:
@@ -77,7 +77,7 @@ def test_plain_greedy_matches_transformers_generate(tiny_generator):
     ]
     results = engine.generate(requests, batch_size=2)  # the third request joins when the second ends
     for request, result in zip(requests, results, strict=True):
-        ids = torch.tensor([encode_prompt(tok, request.prompt)])
+        ids = torch.tensor([encode_prompt(tok, request.prompt)], device=model.device)
         config = GenerationConfig(
             do_sample=False, max_new_tokens=request.sampling.max_new_tokens, eos_token_id=engine.eos_ids
         )
@@ -106,7 +106,7 @@ def test_mean_logprob_is_the_generators_own(tiny_generator):
     engine = Engine(model, tok)
     request = Request(PROMPTS[0], SamplingParams(max_new_tokens=10, seed=3, temperature=0.7))
     result = engine.generate([request])[0]
-    ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=model.device)
     with torch.no_grad():
         logprobs = model(ids).logits[0, :-1].log_softmax(-1)
     n = len(result.prompt_token_ids)
@@ -147,17 +147,19 @@ def test_returned_values_are_the_lenvm_values_of_the_output(tiny_generator, lenv
         return_values=True,
     )
     result = engine.generate([request])[0]
-    ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=lenvm.device)
     n = len(result.prompt_token_ids)
     with torch.no_grad():
         hidden = lenvm.features(ids)[0]
         if kind == "q":
-            steps = torch.arange(n - 1, ids.shape[1] - 1)
+            steps = torch.arange(n - 1, ids.shape[1] - 1, device=ids.device)
             expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
         else:
             expected = lenvm.values_from_hidden(hidden[n:])
-    expected = expected.masked_fill(torch.isin(ids[0, n:], torch.tensor(engine.eos_ids)), 0.0)
-    torch.testing.assert_close(torch.tensor(result.values), expected.float(), atol=1e-4, rtol=0)
+    expected = expected.masked_fill(
+        torch.isin(ids[0, n:], torch.tensor(engine.eos_ids, device=ids.device)), 0.0
+    )
+    torch.testing.assert_close(torch.tensor(result.values), expected.float().cpu(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
@@ -190,7 +192,7 @@ def test_greedy_requests_are_guided(tiny_generator, lenvms):
     # Values that make the generator's 2nd..4th choices look far shorter than its first.
     chosen = set(plain.token_ids)
     lenvm.next_values_from_hidden = lambda h, ids: torch.where(
-        torch.isin(ids, torch.tensor(sorted(chosen))), -0.99, -0.01
+        torch.isin(ids, torch.tensor(sorted(chosen), device=ids.device)), -0.99, -0.01
     )
     try:
         guided = engine.generate(
@@ -231,7 +233,7 @@ def test_hard_cap_reports_cap(tiny_generator, lenvms):
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=3)
     control = Control("equal_to", target=4, rule="paper", hard_cap_slack=2)
     # Every candidate looks very long: the paper's rule never picks EOS, so the cap has to fire.
-    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999)
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999, device=h.device)
     try:
         result = engine.generate(
             [Request(PROMPTS[0], SamplingParams(max_new_tokens=30, seed=0), control=control)]
@@ -352,20 +354,20 @@ def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
         "Hi", SamplingParams(max_new_tokens=6, seed=0), control=Control("tilt", beta=1.0), return_values=True
     )
     [result] = Engine(model, tokenizer, lenvm=lenvm, num_candidates=3).generate([request])
-    ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=lenvm.device)
     n = len(result.prompt_token_ids)
     with torch.no_grad():
         hidden = lenvm.features(ids)[0]
         if kind == "q":
-            steps = torch.arange(n - 1, ids.shape[1] - 1)
+            steps = torch.arange(n - 1, ids.shape[1] - 1, device=ids.device)
             expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
         else:
             expected = lenvm.values_from_hidden(hidden[n:])
     expected = expected.float().masked_fill(
-        torch.isin(ids[0, n:], torch.tensor(lenvm.config.eos_token_ids)), 0.0
+        torch.isin(ids[0, n:], torch.tensor(lenvm.config.eos_token_ids, device=ids.device)), 0.0
     )
     # bfloat16 keeps about 3 significant digits: the cached and the full forward differ that much
-    torch.testing.assert_close(torch.tensor(result.values), expected, atol=2e-2, rtol=0)
+    torch.testing.assert_close(torch.tensor(result.values), expected.cpu(), atol=2e-2, rtol=0)
 
 
 def test_best_of_returns_the_best_of_its_attempts(tiny_generator, lenvms):
@@ -673,7 +675,9 @@ def test_logprobs_and_top_alternatives(tiny_generator, lenvms):
     # log-probability is among them whenever it is one of them.
     prompt_ids = results[0].prompt_token_ids
     with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + results[0].token_ids])).logits[0, len(prompt_ids) - 1 :]
+        logits = model(torch.tensor([prompt_ids + results[0].token_ids], device=model.device)).logits[
+            0, len(prompt_ids) - 1 :
+        ]
     expected = logits.log_softmax(-1)
     for t, (token, top) in enumerate(zip(results[0].token_ids, results[0].top_logprobs, strict=True)):
         assert [i for i, _ in top] == expected[t].topk(3).indices.tolist()
@@ -797,8 +801,8 @@ def test_at_most_leaves_an_answer_that_fits_as_the_generator_gives_it(ending_pat
         assert [r.token_ids for r in engine.generate(one_pass)] == [r.token_ids for r in plain]
     long_answer = length_to_value(200.0, lenvm.gamma)
     saved = lenvm.values_from_hidden, lenvm.next_values_from_hidden
-    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], long_answer)
-    lenvm.next_values_from_hidden = lambda h, ids: torch.full(ids.shape, long_answer)
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], long_answer, device=h.device)
+    lenvm.next_values_from_hidden = lambda h, ids: torch.full(ids.shape, long_answer, device=ids.device)
     try:
         first_free, steered = engine.generate(guided), engine.generate(one_pass)
     finally:

@@ -35,7 +35,7 @@ def left_padded(tok, prompts):
 
 
 def generate(model, tok, processors=(), criteria=(), max_new_tokens=12, sample=False):
-    ids, mask = left_padded(tok, PROMPTS)
+    ids, mask = (t.to(model.device) for t in left_padded(tok, PROMPTS))
     config = GenerationConfig(
         do_sample=sample,
         max_new_tokens=max_new_tokens,
@@ -89,7 +89,9 @@ def test_sampled_generate_respects_the_hard_cap(tiny_generator, lenvms):
     model, tok = tiny_generator
     control = Control("equal_to", target=3, rule="paper", hard_cap_slack=2)
     lenvm = lenvms["standalone"]
-    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999)  # never ends by itself
+    lenvm.values_from_hidden = lambda h: torch.full(
+        h.shape[:-1], -0.999, device=h.device
+    )  # never ends by itself
     try:
         processor = LenVMLogitsProcessor(lenvm, control, num_candidates=4)
         _, rows = generate(model, tok, [processor], max_new_tokens=20, sample=True)
@@ -152,5 +154,8 @@ def test_the_processors_own_cache_runs_the_final_layer_only_for_rules_that_look_
         processor(torch.tensor([[5, 6, 7]]), torch.zeros(1, lenvm.backbone.config.vocab_size))
         assert processor._scorer.stream.shallow is not lookahead
         scorer = scorer_for(lenvm).prefill(lenvm, [[5, 6, 7]], lookahead=lookahead)
-        scorer.score(torch.tensor([[8, 9]]), torch.zeros(1, 2, dtype=torch.bool))
+        scorer.score(
+            torch.tensor([[8, 9]], device=lenvm.device),
+            torch.zeros(1, 2, dtype=torch.bool, device=lenvm.device),
+        )
         assert (scorer.next_eos() is not None) is lookahead

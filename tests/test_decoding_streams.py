@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from lenvm.decoding.streams import Stream
+from lenvm.hub import default_device
 from lenvm.model import LengthValueModel
 
+DEVICE = default_device()  # where the tiny generator loads: an accelerator when there is one
 PROMPTS = [[5, 17, 30, 41, 52, 60, 7], [9, 12], [100, 101, 102, 103]]  # different lengths: padding
-CANDIDATES = torch.tensor([[3, 4, 5, 6], [70, 71, 72, 73], [200, 201, 202, 5]])
+CANDIDATES = torch.tensor([[3, 4, 5, 6], [70, 71, 72, 73], [200, 201, 202, 5]], device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def body(tiny_generator):
 def alone(body, ids):
     """Hidden state of the last token of ``ids`` from a fresh forward without any cache."""
     with torch.no_grad():
-        return body(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        return body(input_ids=torch.tensor([ids], device=DEVICE)).last_hidden_state[0, -1]
 
 
 def batch(body, together, feature_layer=-1):
@@ -55,20 +57,20 @@ def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator, 
         values = lenvm.values_from_hidden(stream.forward(CANDIDATES).features)
         for row, prompt in enumerate(PROMPTS):
             for j in range(CANDIDATES.shape[1]):
-                full = lenvm(torch.tensor([prompt + [int(CANDIDATES[row, j])]]))[0, -1]
+                full = lenvm(torch.tensor([prompt + [int(CANDIDATES[row, j])]], device=DEVICE))[0, -1]
                 assert abs(float(values[row, j]) - float(full)) < 1e-4
 
 
 def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):
     stream = batch(body, True)
     stream.forward(CANDIDATES)
-    choice = torch.tensor([2, 0, 3])
+    choice = torch.tensor([2, 0, 3], device=DEVICE)
     stream.keep(choice)
     assert stream.mask.shape[1] == max(map(len, PROMPTS)) + 1
     for row, prompt in enumerate(PROMPTS):  # the kept candidate's state is the stream's last
         expected = alone(body, prompt + [int(CANDIDATES[row, choice[row]])])
         torch.testing.assert_close(stream.last.last[row], expected, atol=1e-4, rtol=0)
-    nxt = torch.tensor([[11], [12], [13]])
+    nxt = torch.tensor([[11], [12], [13]], device=DEVICE)
     hidden = stream.forward(nxt).last
     stream.keep()
     for row, prompt in enumerate(PROMPTS):
@@ -80,17 +82,17 @@ def test_discard_drops_the_block(body):
     stream = batch(body, False)
     stream.forward(CANDIDATES)
     stream.discard()
-    hidden = stream.forward(torch.tensor([[8], [8], [8]])).last
+    hidden = stream.forward(torch.tensor([[8], [8], [8]], device=DEVICE)).last
     for row, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(hidden[row, 0], alone(body, prompt + [8]), atol=1e-4, rtol=0)
 
 
 def test_select_and_cat_keep_rows_exact(body):
     stream = batch(body, True)
-    stream.select(torch.tensor([2, 1]))  # the longest prompt leaves: common padding is trimmed
+    stream.select(torch.tensor([2, 1], device=DEVICE))  # the longest prompt leaves: common padding is trimmed
     assert stream.mask.shape[1] == 4
     joined = Stream.cat([stream, Stream.prefill(body, [PROMPTS[0]])])
-    hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]])).last
+    hidden = joined.forward(torch.tensor([[40, 41], [42, 43], [44, 45]], device=DEVICE)).last
     for row, prompt in enumerate([PROMPTS[2], PROMPTS[1], PROMPTS[0]]):
         for j in range(2):
             expected = alone(body, prompt + [40 + 2 * row + j])
@@ -102,14 +104,14 @@ def test_advance_keeps_a_scored_candidate_or_feeds_the_token(body, scored):
     """advance() moves a stream one token on whether or not a candidate block was fed; feed()
     appends tokens that were never candidates, dropping a pending block."""
     stream = batch(body, True)
-    choice = torch.tensor([1, 3, 0])
+    choice = torch.tensor([1, 3, 0], device=DEVICE)
     token = CANDIDATES.gather(1, choice[:, None])[:, 0]
     if scored:
         stream.forward(CANDIDATES)
     stream.advance(choice, token)
     assert stream.pending is None
     stream.forward(CANDIDATES)
-    stream.feed(torch.tensor([[7, 8], [7, 8], [7, 8]]))
+    stream.feed(torch.tensor([[7, 8], [7, 8], [7, 8]], device=DEVICE))
     for row, prompt in enumerate(PROMPTS):
         expected = alone(body, prompt + [int(token[row]), 7, 8])
         torch.testing.assert_close(stream.last.last[row], expected, atol=1e-4, rtol=0)
@@ -128,9 +130,9 @@ def test_a_shallow_stream_gives_the_full_streams_features_from_fewer_layers(tiny
         stream.forward(CANDIDATES)
     torch.testing.assert_close(shallow.pending.features, full.pending.features, atol=1e-5, rtol=0)
     for stream in (full, shallow):
-        stream.keep(torch.tensor([2, 0, 3]))
-        stream.feed(torch.tensor([[7, 8], [9, 10], [11, 12]]))
-        stream.select(torch.tensor([2, 0]))
+        stream.keep(torch.tensor([2, 0, 3], device=DEVICE))
+        stream.feed(torch.tensor([[7, 8], [9, 10], [11, 12]], device=DEVICE))
+        stream.select(torch.tensor([2, 0], device=DEVICE))
     torch.testing.assert_close(shallow.last.features, full.last.features, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="shallow"):
         Stream.cat([shallow, Stream.prefill(lenvm.body, PROMPTS[:1], 1)])

@@ -174,10 +174,13 @@ def _rows(tokenizer, shapes):
 
 def _alone(body, ids, images):
     """The last hidden state of ``ids`` from the model's own forward (its own positions)."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=body.device)
     extra = {}
     if images is not None:
-        extra = {**vision.model_kwargs(images), "mm_token_type_ids": (x == body.config.image_token_id).int()}
+        extra = {
+            **vision.model_kwargs(images.to(body.device)),
+            "mm_token_type_ids": (x == body.config.image_token_id).int(),
+        }
     with torch.no_grad():
         return body(input_ids=x, **extra).last_hidden_state[0, -1]
 
@@ -189,15 +192,15 @@ def test_candidate_block_with_images_matches_appending_each_candidate_alone(fami
     stream = Stream.prefill(body, [r.ids for r in rows], -1, [r.images for r in rows])
     for i, r in enumerate(rows):
         torch.testing.assert_close(stream.last.last[i], _alone(body, r.ids, r.images), atol=1e-4, rtol=0)
-    candidates = torch.tensor([[40, 41, 42], [50, 51, 52], [60, 61, 62]])
+    candidates = torch.tensor([[40, 41, 42], [50, 51, 52], [60, 61, 62]], device=body.device)
     block = stream.forward(candidates).last
     for i, r in enumerate(rows):
         for j in range(3):
             expected = _alone(body, r.ids + [int(candidates[i, j])], r.images)
             torch.testing.assert_close(block[i, j], expected, atol=1e-4, rtol=0)
-    choice = torch.tensor([2, 0, 1])
+    choice = torch.tensor([2, 0, 1], device=body.device)
     stream.keep(choice)
-    hidden = stream.forward(torch.tensor([[7], [8], [9]])).last
+    hidden = stream.forward(torch.tensor([[7], [8], [9]], device=body.device)).last
     for i, r in enumerate(rows):
         expected = _alone(body, r.ids + [int(candidates[i, choice[i]]), 7 + i], r.images)
         torch.testing.assert_close(hidden[i, 0], expected, atol=1e-4, rtol=0)
@@ -240,9 +243,10 @@ def test_guided_decoding_with_images(vlm_path, vlm_generator, shapes, kind):
     eos = set(lenvm.config.eos_token_ids)
     for request, result in zip(requests, batched, strict=True):
         encoded = vision.encode(lenvm.tokenizer, request.prompt)
-        ids = torch.tensor([result.prompt_token_ids + result.token_ids])
+        ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=lenvm.device)
+        images = None if encoded.images is None else encoded.images.to(lenvm.device)
         with torch.no_grad():
-            full = lenvm(ids, **vision.model_kwargs(encoded.images))[0]
+            full = lenvm(ids, **vision.model_kwargs(images))[0]
         n = len(result.prompt_token_ids)
         for i, token in enumerate(result.token_ids):
             expected = 0.0 if token in eos else float(full[n + i])
