@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lenvm.decoding.streams import Stream
 from lenvm.hub import default_device
@@ -139,3 +141,32 @@ def test_a_shallow_stream_gives_the_full_streams_features_from_fewer_layers(tiny
     # A last layer that is the feature layer, or the final normed output: nothing to skip.
     assert not Stream.prefill(lenvm.body, PROMPTS, -1, shallow=True).shallow
     assert not Stream.prefill(lenvm.body, PROMPTS, 2, shallow=True).shallow
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 3)), min_size=1, max_size=12))
+def test_appending_in_place_equals_concatenating(steps):
+    """The cache grows in a buffer with room behind it: appending blocks and dropping trailing
+    columns (as keep and discard do, through views) gives what concatenating copies gives."""
+    from lenvm.decoding.streams import _appended
+
+    generator = torch.Generator().manual_seed(len(steps))
+    cached = expected = torch.randn(2, 3, 4, 8, generator=generator)
+    for width, dropped in steps:
+        new = torch.randn(2, 3, width, 8, generator=generator)
+        cached, expected = _appended(cached, new), torch.cat([expected, new], dim=2)
+        torch.testing.assert_close(cached, expected, atol=0, rtol=0)
+        keep = max(cached.shape[2] - dropped, 1)
+        cached, expected = cached[:, :, :keep], expected[:, :, :keep]
+    torch.testing.assert_close(cached, expected, atol=0, rtol=0)
+
+
+def test_a_step_writes_into_the_room_of_the_cache_it_extends(body):
+    """After the first steps, a step reuses the cache's buffer instead of copying it."""
+    stream = batch(body, True)
+    for _ in range(2):
+        stream.forward(CANDIDATES)
+        stream.keep(torch.tensor([0, 1, 2], device=DEVICE))
+    keys = stream.cache.layers[0].keys
+    stream.forward(CANDIDATES)
+    assert stream.cache.layers[0].keys.data_ptr() == keys.data_ptr()

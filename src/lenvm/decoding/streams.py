@@ -14,6 +14,10 @@ keeps the chosen candidate's cache entry and drops the others, so the prefix is 
 :meth:`Stream.advance` moves a stream one token on either way: it keeps the chosen candidate
 when a block was fed, and feeds the chosen token otherwise.
 
+The cache grows in place: each layer's keys and values are views of a buffer with room behind
+them, so a step writes its own columns instead of copying the whole cache (which
+``transformers``' own cache does at every step, a cost that grows with the answer).
+
 A forward returns :class:`Hidden`: the final hidden states (for an LM head) and the features a
 LenVM head reads (another layer's, when the LenVM's ``feature_layer`` says so), from the same pass.
 A *shallow* stream (``shallow``) runs and caches only the layers below a middle feature layer: a
@@ -137,6 +141,8 @@ class Stream:
         shallow = shallow and pixels is None and can_stop_at(body, feature_layer)
         stream = cls(body, DynamicCache(), mask, following, feature_layer, shallow=shallow)
         stream.last = stream._run(ids, attention, positions, **model_kwargs(pixels))[:, -1]
+        for layer in stream.cache.layers:
+            layer.update = functools.partial(_append_in_place, layer)
         return stream
 
     @property
@@ -265,6 +271,32 @@ def cache_argument(body_type: type) -> str:
     ``transformers`` releases (which deprecate ``past_key_values``), else ``past_key_values``."""
     parameters = inspect.signature(body_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _append_in_place(layer, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
+    """A cache layer's ``update``: append ``keys`` and ``values`` (``[B, heads, q, d]``) along the
+    sequence axis. ``transformers`` concatenates, copying the whole cache at every step; here the
+    cache is a view of a buffer with room behind it, and a step writes its q columns only."""
+    layer.keys = _appended(layer.keys, keys)
+    layer.values = _appended(layer.values, values)
+    return layer.keys, layer.values
+
+
+def _appended(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``cached`` followed by ``new`` on axis 2: in place, in the room its buffer has behind it (its
+    heads' stride says how many columns that buffer holds), else in a new buffer with room for
+    half as many columns again."""
+    batch, heads, n, dim = cached.shape
+    total = n + new.shape[2]
+    stride = cached.stride()
+    if stride[3] == 1 and stride[2] == dim and stride[0] == heads * stride[1] and stride[1] >= total * dim:
+        grown = cached.as_strided((batch, heads, total, dim), stride)
+    else:
+        room = total + max(total // 2, 16)
+        grown = cached.new_empty((batch, heads, room, dim))[:, :, :total]
+        grown[:, :, :n] = cached
+    grown[:, :, n:] = new
+    return grown
 
 
 def _dtype(body: nn.Module) -> torch.dtype:
