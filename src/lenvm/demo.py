@@ -20,6 +20,7 @@ import numpy as np
 
 from lenvm import hub
 from lenvm.io import write_json, write_text
+from lenvm.losses import Loss
 from lenvm.prompts import Prompt
 
 DEFAULT_GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
@@ -42,7 +43,7 @@ class DemoConfig:
     # Cross-entropy rather than the paper's squared error: the same fixed point (the mean return),
     # but errors on long remainders, where returns crowd near -1, weigh more; predictions from the
     # prompt generalize better across domains (docs/benchmarks.md, "the demo's loss").
-    loss: str = "bce"
+    loss: Loss = "bce"
     batch_size: int = 32  # on 2 CPU cores, 32 rows decode about 30% more tokens/s than 16
     backend: str = "auto"  # rollouts: vLLM where installed (faster), else our engine (lenvm.rollouts)
     seed: int = 0
