@@ -89,9 +89,8 @@ def test_sampled_generate_respects_the_hard_cap(tiny_generator, lenvms):
     model, tok = tiny_generator
     control = Control("equal_to", target=3, rule="paper", hard_cap_slack=2)
     lenvm = lenvms["standalone"]
-    lenvm.values_from_hidden = lambda h: torch.full(
-        h.shape[:-1], -0.999, device=h.device
-    )  # never ends by itself
+    # Every candidate looks very long: the policy never ends by itself.
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -0.999, device=h.device)
     try:
         processor = LenVMLogitsProcessor(lenvm, control, num_candidates=4)
         _, rows = generate(model, tok, [processor], max_new_tokens=20, sample=True)
