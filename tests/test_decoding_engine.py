@@ -54,6 +54,22 @@ def ends_after_every_token(lenvm):
         lenvm.values_from_hidden, lenvm.next_values_from_hidden = saved
 
 
+def full_forward_values(lenvm, result, eos_ids) -> torch.Tensor:
+    """The LenVM's values of ``result``'s output tokens from one full forward over prompt and
+    output (the q kind: its Q-head's predictions for them), 0 at EOS; float32, on the CPU."""
+    ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=lenvm.device)
+    n = len(result.prompt_token_ids)
+    with torch.no_grad():
+        hidden = lenvm.features(ids)[0]
+        if lenvm.config.kind == "q":
+            steps = torch.arange(n - 1, ids.shape[1] - 1, device=ids.device)
+            values = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
+        else:
+            values = lenvm.values_from_hidden(hidden[n:])
+    eos = torch.isin(ids[0, n:], torch.tensor(eos_ids, device=ids.device))
+    return values.float().masked_fill(eos, 0.0).cpu()
+
+
 def check(result, request, eos_ids):
     assert 1 <= len(result.token_ids) <= request.sampling.max_new_tokens
     ended = result.token_ids[-1] in eos_ids
@@ -147,19 +163,8 @@ def test_returned_values_are_the_lenvm_values_of_the_output(tiny_generator, lenv
         return_values=True,
     )
     result = engine.generate([request])[0]
-    ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=lenvm.device)
-    n = len(result.prompt_token_ids)
-    with torch.no_grad():
-        hidden = lenvm.features(ids)[0]
-        if kind == "q":
-            steps = torch.arange(n - 1, ids.shape[1] - 1, device=ids.device)
-            expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
-        else:
-            expected = lenvm.values_from_hidden(hidden[n:])
-    expected = expected.masked_fill(
-        torch.isin(ids[0, n:], torch.tensor(engine.eos_ids, device=ids.device)), 0.0
-    )
-    torch.testing.assert_close(torch.tensor(result.values), expected.float().cpu(), atol=1e-4, rtol=0)
+    expected = full_forward_values(lenvm, result, engine.eos_ids)
+    torch.testing.assert_close(torch.tensor(result.values), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
@@ -354,20 +359,9 @@ def test_half_precision_generator_with_a_float32_head(tiny_path, kind):
         "Hi", SamplingParams(max_new_tokens=6, seed=0), control=Control("tilt", beta=1.0), return_values=True
     )
     [result] = Engine(model, tokenizer, lenvm=lenvm, num_candidates=3).generate([request])
-    ids = torch.tensor([result.prompt_token_ids + result.token_ids], device=lenvm.device)
-    n = len(result.prompt_token_ids)
-    with torch.no_grad():
-        hidden = lenvm.features(ids)[0]
-        if kind == "q":
-            steps = torch.arange(n - 1, ids.shape[1] - 1, device=ids.device)
-            expected = lenvm.next_values_from_hidden(hidden[steps], ids[0, n:, None])[:, 0]
-        else:
-            expected = lenvm.values_from_hidden(hidden[n:])
-    expected = expected.float().masked_fill(
-        torch.isin(ids[0, n:], torch.tensor(lenvm.config.eos_token_ids, device=ids.device)), 0.0
-    )
+    expected = full_forward_values(lenvm, result, lenvm.config.eos_token_ids)
     # bfloat16 keeps about 3 significant digits: the cached and the full forward differ that much
-    torch.testing.assert_close(torch.tensor(result.values), expected.cpu(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(torch.tensor(result.values), expected, atol=2e-2, rtol=0)
 
 
 def test_best_of_returns_the_best_of_its_attempts(tiny_generator, lenvms):
