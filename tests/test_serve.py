@@ -4,6 +4,7 @@ HTTP where a client would not send such a request), against the tiny model."""
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -699,9 +700,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path):
+def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_path):
     """`lenvm serve` in its own process: on SIGTERM a short stream in flight finishes, a long one is
     answered with an error once the shutdown timeout has passed; none is dropped silently."""
+    # The tiny model with a long context: a fast machine decodes a whole 1,024-token context within
+    # the shutdown timeout, and the long stream must still be running when it ends.
+    model = tmp_path / "long-context"
+    shutil.copytree(tiny_path, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2**17}))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(
@@ -711,7 +718,7 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path):
             "lenvm.cli",
             "serve",
             "--model",
-            str(tiny_path),
+            str(model),
             "--port",
             str(port),
             "--served-model-name",
@@ -752,7 +759,7 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path):
                     if line.startswith("data: "):
                         events[name].append(line[6:])
 
-        threads = [threading.Thread(target=read, args=a) for a in (("short", 30), ("long", 1000 - 10))]
+        threads = [threading.Thread(target=read, args=a) for a in (("short", 30), ("long", 2**17 - 10))]
         for t in threads:
             t.start()
         wait_until(lambda: all(events.values()))
