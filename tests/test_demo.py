@@ -110,8 +110,42 @@ def test_generated_prompts_are_varied_deterministic_and_carry_their_instruction(
         generated_prompts(5, domains=("poetry",))
 
 
+def test_generated_chinese_prompts_are_the_same_kinds_of_request_in_chinese():
+    from lenvm.prompt_sets import GENERATED_DOMAINS, generated_prompts
+
+    english = generated_prompts(300, seed=2)
+    prompts = generated_prompts(300, seed=2, lang="zh")
+    assert [p.text for p in prompts] == [p.text for p in generated_prompts(300, seed=2, lang="zh")]
+    assert len({p.text for p in prompts}) == 300
+    assert not {p.id for p in prompts} & {p.id for p in english}  # one rollout file can hold both
+    assert {p.extra["domain"] for p in prompts} == set(GENERATED_DOMAINS)
+    assert {p.extra["lang"] for p in prompts} == {"zh"}
+    assert {p.extra["instruction"] for p in prompts} == {p.extra["instruction"] for p in english}
+    for p in prompts:
+        assert not any("a" <= ch.lower() <= "z" for ch in p.text), p.text  # no English left in
+        if p.extra["instruction"] in ("words", "bullets"):
+            assert str(p.extra["asked"]) in p.text
+    with pytest.raises(InputError, match="'fr'"):
+        generated_prompts(5, lang="fr")
+
+
 def test_demo_trains_without_gsm8k_when_the_file_is_missing(tmp_path, capsys):
     from lenvm.demo import mix_prompts
 
     mix = mix_prompts(DemoConfig(gsm8k=5, gsm8k_path=str(tmp_path / "missing.jsonl"), generated=4))
     assert len(mix) == 4 and "training without GSM8K" in capsys.readouterr().out
+
+
+def test_demo_mix_takes_generated_chinese_prompts_and_reports_them_apart():
+    from lenvm.demo import mix_prompts, training_mix
+
+    mix = mix_prompts(DemoConfig(gsm8k=0, generated=3, generated_zh=3))
+    assert [p.extra.get("lang", "en") for p in mix] == ["en"] * 3 + ["zh"] * 3
+    assert len({p.id for p in mix}) == 6
+    records = [
+        {"prompt_id": p.id, "meta": p.extra, "num_tokens": 10 * (i + 1), "finish_reason": "stop"}
+        for i, p in enumerate(mix)
+    ]
+    by_domain = training_mix(records)
+    assert by_domain["writing"]["mean_tokens"] == 10 and by_domain["writing (zh)"]["mean_tokens"] == 40
+    assert sum(d["prompts"] for d in by_domain.values()) == 6

@@ -8,6 +8,7 @@ results can be broken down, and list prompts carry the number of items they ask 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from lenvm.io import InputError, is_int
 from lenvm.prompts import Prompt
@@ -293,27 +294,165 @@ _REASONING_TASKS = [
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _NAMES = ["Ava", "Ben", "Chloe", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jack"]
 
-# How a prompt may ask for a length; None asks for nothing.
+# How a prompt may ask for a length; None asks for nothing. (kind, template, numbers asked for,
+# the template for one where the language says it otherwise)
 _INSTRUCTIONS = [
     None,
     None,
-    ("words", "Respond in about {n} words.", (20, 40, 80, 150)),
-    ("sentences", "Respond in {n} sentences.", (1, 2, 3, 5)),
-    ("bullets", "Respond in {n} bullet points.", (3, 5, 7)),
-    ("brief", "Keep it brief.", (None,)),
-    ("detailed", "Give a detailed answer.", (None,)),
+    ("words", "Respond in about {n} words.", (20, 40, 80, 150), None),
+    ("sentences", "Respond in {n} sentences.", (1, 2, 3, 5), "Respond in one sentence."),
+    ("bullets", "Respond in {n} bullet points.", (3, 5, 7), None),
+    ("brief", "Keep it brief.", (None,), None),
+    ("detailed", "Give a detailed answer.", (None,), None),
 ]
+
+# The same kinds of request in Chinese (written for this project, not translated line by line).
+# "words" asks for characters (字), as Chinese length instructions do.
+_ZH_WRITING_TASKS = [
+    "写一首关于{subject}的诗。",
+    "给{person}写一封感谢信，感谢{gift}。",
+    "给{person}写一封关于{event}的邮件。",
+    "为{product}写一段产品介绍。",
+    "写一篇关于{event}的日记。",
+    "为{event}写一篇简短的致辞。",
+    "向从没去过的人描述{place}。",
+    "给{person}写一封关于{subject}的信。",
+    "写一篇{product}的使用评价。",
+    "为{product}写一则广告。",
+]
+_ZH_SUBJECTS = [
+    "冬天的第一场雪",
+    "一座老桥",
+    "繁忙的火车站",
+    "安静的图书馆",
+    "咖啡的香味",
+    "夏天的雷雨",
+    "春天的花园",
+    "夜空",
+    "黎明时的城市",
+    "一件被遗忘的玩具",
+    "海浪的声音",
+    "一次长途旅行",
+]
+_ZH_PEOPLE = ["邻居", "老师", "奶奶", "同事", "朋友", "教练", "医生"]
+_ZH_GIFTS = ["亲手织的围巾", "生日蛋糕", "一本书", "帮忙搬家", "一张音乐会门票", "一盆植物"]
+_ZH_EVENTS = [
+    "团队野餐",
+    "同学聚会",
+    "慈善跑步",
+    "面包店开业",
+    "科技展览",
+    "结婚纪念日",
+    "欢送会",
+    "新图书馆落成",
+]
+_ZH_PRODUCTS = [
+    "保温水杯",
+    "折叠自行车",
+    "太阳能台灯",
+    "登山鞋",
+    "木制象棋",
+    "降噪耳机",
+    "厨房定时器",
+    "旅行背包",
+]
+_ZH_PLACES = ["一个山村", "正午的沙漠", "鱼市", "热带雨林", "海岛上的港口"]
+_ZH_QA_TASKS = [
+    "什么是{concept}？",
+    "{concept}是怎样运作的？",
+    "{concept}为什么重要？",
+    "{concept}有哪些优点和缺点？",
+    "谁会用到{concept}，用来做什么？",
+    "{concept}和{other}有什么区别？",
+]
+_ZH_CONCEPTS = [
+    "信用评分",
+    "复利",
+    "太阳能电池板",
+    "免疫系统",
+    "民主制度",
+    "机器翻译",
+    "储蓄账户",
+    "风力发电机",
+    "公共交通",
+    "借书证",
+    "时区",
+    "护照",
+    "堆肥",
+    "电子表格",
+    "密码管理器",
+    "恒温器",
+    "灯塔",
+    "人造卫星",
+    "博物馆",
+    "天气预报",
+]
+_ZH_REASONING_TASKS = [
+    "一列火车{h}点出发，行程需要{d}小时{m}分钟。它几点到达？请解释你的推理。",
+    "{a}/{b}和{c}/{e}哪个更大？请说明理由。",
+    "把这些数从小到大排序，并说明你是怎么做的：{numbers}。",
+    "{name}比{other}年龄大，{other}比{third}年龄大。谁最小？请解释你的答案。",
+    "商店里{a}支笔卖{b}元。{c}支笔要多少钱？请写出步骤。",
+    "如果今天是{day}，{d}天后是星期几？请解释。",
+    "一个长方形长{a}厘米、宽{b}厘米。它的面积和周长是多少？请写出计算过程。",
+    "{a}是质数吗？请说明你是怎么知道的。",
+]
+_ZH_DAYS = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
+_ZH_NAMES = ["小明", "小红", "小华", "小丽", "小强", "小美", "小刚", "小芳", "小军", "小雪"]
+_ZH_INSTRUCTIONS = [
+    None,
+    None,
+    ("words", "请用大约{n}字回答。", (40, 80, 150, 300), None),
+    ("sentences", "请用{n}句话回答。", (1, 2, 3, 5), "请用一句话回答。"),
+    ("bullets", "请分{n}点回答。", (3, 5, 7), None),
+    ("brief", "请简要回答。", (None,), None),
+    ("detailed", "请详细回答。", (None,), None),
+]
+
+
+@dataclass(frozen=True)
+class _Vocabulary:
+    """The templates and word lists of one language."""
+
+    writing: list[str]
+    subjects: list[str]
+    people: list[str]
+    gifts: list[str]
+    events: list[str]
+    products: list[str]
+    places: list[str]
+    questions: list[str]
+    concepts: list[str]
+    reasoning: list[str]
+    days: list[str]
+    names: list[str]
+    instructions: list
+    separator: str  # between the task and its length instruction
+
+
+_VOCABULARIES = {
+    "en": _Vocabulary(
+        _WRITING_TASKS, _SUBJECTS, _PEOPLE, _GIFTS, _EVENTS, _PRODUCTS, _PLACES,
+        _QA_TASKS, _CONCEPTS, _REASONING_TASKS, _DAYS, _NAMES, _INSTRUCTIONS, " ",
+    ),
+    "zh": _Vocabulary(
+        _ZH_WRITING_TASKS, _ZH_SUBJECTS, _ZH_PEOPLE, _ZH_GIFTS, _ZH_EVENTS, _ZH_PRODUCTS, _ZH_PLACES,
+        _ZH_QA_TASKS, _ZH_CONCEPTS, _ZH_REASONING_TASKS, _ZH_DAYS, _ZH_NAMES, _ZH_INSTRUCTIONS, "",
+    ),
+}  # fmt: skip
 GENERATED_DOMAINS = ("writing", "qa", "reasoning")
+GENERATED_LANGUAGES = tuple(_VOCABULARIES)
 
 
 def generated_prompts(
-    count: int, seed: int = 0, domains: tuple[str, ...] = GENERATED_DOMAINS
+    count: int, seed: int = 0, domains: tuple[str, ...] = GENERATED_DOMAINS, lang: str = "en"
 ) -> list[Prompt]:
     """``count`` prompts drawn evenly from the generated ``domains`` (writing, question answering,
     reasoning), about five in seven with a length instruction ("in about 40 words", "in one
     sentence", "in 5 bullet points", ...); deterministic in ``seed``, never the same text twice.
+    ``lang``: ``en`` or ``zh`` (the same kinds of request in Chinese; ids carry the language).
 
-    Each prompt's ``extra`` holds its ``domain`` and ``instruction`` (``none``, ``words``,
+    Each prompt's ``extra`` holds its ``domain``, ``lang`` and ``instruction`` (``none``, ``words``,
     ``sentences``, ``bullets``, ``brief``, ``detailed``) with the number asked for, if any.
     """
     if not is_int(count) or count < 1:
@@ -321,54 +460,60 @@ def generated_prompts(
     unknown = set(domains) - set(GENERATED_DOMAINS)
     if not domains or unknown:
         raise InputError(f"generated prompt domains are {GENERATED_DOMAINS}, got {tuple(domains)}")
-    rng = random.Random(f"lenvm-generated-{seed}")
+    if lang not in _VOCABULARIES:
+        raise InputError(f"generated prompts come in {GENERATED_LANGUAGES}, got {lang!r}")
+    words = _VOCABULARIES[lang]
+    # English keeps the seed string and ids it always had, so that earlier runs resume.
+    tag = "" if lang == "en" else f"-{lang}"
+    rng = random.Random(f"lenvm-generated{tag}-{seed}")
     makers = {"writing": _writing, "qa": _question, "reasoning": _reasoning}
     prompts, seen = [], set()
     for i in range(count):
         domain = domains[i % len(domains)]
         for _ in range(1000):  # the templates hold thousands of distinct texts per domain
-            task = makers[domain](rng)
-            text, extra = _with_instruction(rng, task)
+            task = makers[domain](rng, words)
+            text, extra = _with_instruction(rng, task, words)
             if text not in seen:
                 break
         else:
             raise InputError(f"cannot draw {count} distinct generated prompts")
         seen.add(text)
-        prompts.append(Prompt(id=f"{domain}-s{seed}-{i}", text=text, extra={"domain": domain, **extra}))
+        extra = {"domain": domain, **({"lang": lang} if tag else {}), **extra}
+        prompts.append(Prompt(id=f"{domain}{tag}-s{seed}-{i}", text=text, extra=extra))
     return prompts
 
 
-def _with_instruction(rng, task: str) -> tuple[str, dict]:
-    choice = rng.choice(_INSTRUCTIONS)
+def _with_instruction(rng, task: str, words: _Vocabulary) -> tuple[str, dict]:
+    choice = rng.choice(words.instructions)
     if choice is None:
         return task, {"instruction": "none"}
-    kind, template, numbers = choice
+    kind, template, numbers, one = choice
     n = rng.choice(numbers)
-    if kind == "sentences" and n == 1:
-        template = "Respond in one sentence."
+    if one is not None and n == 1:
+        template = one
     extra = {"instruction": kind} | ({"asked": n} if n is not None else {})
-    return f"{task} {template.format(n=n)}", extra
+    return f"{task}{words.separator}{template.format(n=n)}", extra
 
 
-def _writing(rng) -> str:
-    return rng.choice(_WRITING_TASKS).format(
-        subject=rng.choice(_SUBJECTS),
-        person=rng.choice(_PEOPLE),
-        gift=rng.choice(_GIFTS),
-        event=rng.choice(_EVENTS),
-        product=rng.choice(_PRODUCTS),
-        place=rng.choice(_PLACES),
+def _writing(rng, words: _Vocabulary) -> str:
+    return rng.choice(words.writing).format(
+        subject=rng.choice(words.subjects),
+        person=rng.choice(words.people),
+        gift=rng.choice(words.gifts),
+        event=rng.choice(words.events),
+        product=rng.choice(words.products),
+        place=rng.choice(words.places),
     )
 
 
-def _question(rng) -> str:
-    concept, other = rng.sample(_CONCEPTS, 2)
-    return rng.choice(_QA_TASKS).format(concept=concept, other=other)
+def _question(rng, words: _Vocabulary) -> str:
+    concept, other = rng.sample(words.concepts, 2)
+    return rng.choice(words.questions).format(concept=concept, other=other)
 
 
-def _reasoning(rng) -> str:
-    name, other, third = rng.sample(_NAMES, 3)
-    return rng.choice(_REASONING_TASKS).format(
+def _reasoning(rng, words: _Vocabulary) -> str:
+    name, other, third = rng.sample(words.names, 3)
+    return rng.choice(words.reasoning).format(
         h=rng.randint(1, 11),
         d=rng.randint(2, 30),
         m=rng.choice([10, 15, 20, 30, 45]),
@@ -380,5 +525,5 @@ def _reasoning(rng) -> str:
         name=name,
         other=other,
         third=third,
-        day=rng.choice(_DAYS),
+        day=rng.choice(words.days),
     )
