@@ -35,6 +35,9 @@ class DemoConfig:
     gsm8k: int = 120  # GSM8K training problems in the mix (0: none)
     gsm8k_path: str = DEFAULT_GSM8K_TRAIN  # the GSM8K *train* file: test problems stay unseen
     generated: int = 120  # generated writing / QA / reasoning prompts in the mix (0: none)
+    # The same kinds of prompt in Chinese (0: none): a LenVM that has seen the generator answer in
+    # Chinese steers Chinese requests to more natural endings (docs/benchmarks.md).
+    generated_zh: int = 0
     mix_n: int = 2  # completions per GSM8K or generated prompt
     eval_samples: int = 12  # completions per held-out prompt: the ground truth is their mean
     max_new_tokens: int = 256
@@ -180,7 +183,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
 def mix_prompts(config: DemoConfig) -> list[Prompt]:
     """The training mix besides the built-in prompts: ``config.gsm8k`` GSM8K training problems
     (drawn with the seed; none, with a note, when the file is missing) and ``config.generated``
-    generated prompts, each with a ``domain``."""
+    generated prompts and ``config.generated_zh`` generated Chinese ones, each with a ``domain``."""
     from lenvm.bench.tasks import read_gsm8k
     from lenvm.prompt_sets import generated_prompts
 
@@ -196,14 +199,19 @@ def mix_prompts(config: DemoConfig) -> list[Prompt]:
             print(f"note: no GSM8K training file at {config.gsm8k_path}; training without GSM8K", flush=True)
     if config.generated:
         mix += generated_prompts(config.generated, seed=config.seed)
+    if config.generated_zh:
+        mix += generated_prompts(config.generated_zh, seed=config.seed, lang="zh")
     return mix
 
 
 def training_mix(records: list[dict]) -> dict[str, dict]:
-    """Prompts, completions, mean length and cut completions of the training rollouts per domain."""
+    """Prompts, completions, mean length and cut completions of the training rollouts per domain
+    (and language, for prompts not in English)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        groups[str((r.get("meta") or {}).get("domain", "all"))].append(r)
+        meta = r.get("meta") or {}
+        domain = str(meta.get("domain", "all"))
+        groups[f"{domain} ({meta['lang']})" if "lang" in meta else domain].append(r)
     return {
         d: {
             "prompts": len({r["prompt_id"] for r in group}),

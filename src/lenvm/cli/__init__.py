@@ -275,6 +275,7 @@ def cmd_demo(args) -> None:
         gsm8k=args.gsm8k_problems,
         gsm8k_path=args.gsm8k,
         generated=args.generated,
+        generated_zh=args.generated_zh,
         mix_n=args.mix_n,
         eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens,
@@ -570,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generated", type=int, default=DemoConfig.generated,
         help="generated writing / QA / reasoning prompts (0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--generated-zh", type=int, default=DemoConfig.generated_zh,
+        help="generated prompts of the same kinds in Chinese (default 0: none)",
     )  # fmt: skip
     p.add_argument(
         "--mix-n", type=int, default=DemoConfig.mix_n, help="completions per GSM8K or generated prompt"
