@@ -36,7 +36,7 @@ class DemoConfig:
     gsm8k_path: str = DEFAULT_GSM8K_TRAIN  # the GSM8K *train* file: test problems stay unseen
     generated: int = 120  # generated writing / QA / reasoning prompts in the mix (0: none)
     # The same kinds of prompt in Chinese (0: none): a LenVM that has seen the generator answer in
-    # Chinese steers Chinese requests to more natural endings (docs/benchmarks.md).
+    # Chinese ends more Chinese Equal To and At Least answers naturally (docs/benchmarks.md).
     generated_zh: int = 0
     mix_n: int = 2  # completions per GSM8K or generated prompt
     eval_samples: int = 12  # completions per held-out prompt: the ground truth is their mean
