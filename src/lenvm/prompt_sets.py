@@ -426,18 +426,21 @@ class _Vocabulary:
     reasoning: list[str]
     days: list[str]
     names: list[str]
-    instructions: list
+    instructions: list[tuple[str, str, tuple[int | None, ...], str | None] | None]
     separator: str  # between the task and its length instruction
 
 
 _VOCABULARIES = {
     "en": _Vocabulary(
-        _WRITING_TASKS, _SUBJECTS, _PEOPLE, _GIFTS, _EVENTS, _PRODUCTS, _PLACES,
-        _QA_TASKS, _CONCEPTS, _REASONING_TASKS, _DAYS, _NAMES, _INSTRUCTIONS, " ",
+        writing=_WRITING_TASKS, subjects=_SUBJECTS, people=_PEOPLE, gifts=_GIFTS, events=_EVENTS,
+        products=_PRODUCTS, places=_PLACES, questions=_QA_TASKS, concepts=_CONCEPTS,
+        reasoning=_REASONING_TASKS, days=_DAYS, names=_NAMES, instructions=_INSTRUCTIONS, separator=" ",
     ),
     "zh": _Vocabulary(
-        _ZH_WRITING_TASKS, _ZH_SUBJECTS, _ZH_PEOPLE, _ZH_GIFTS, _ZH_EVENTS, _ZH_PRODUCTS, _ZH_PLACES,
-        _ZH_QA_TASKS, _ZH_CONCEPTS, _ZH_REASONING_TASKS, _ZH_DAYS, _ZH_NAMES, _ZH_INSTRUCTIONS, "",
+        writing=_ZH_WRITING_TASKS, subjects=_ZH_SUBJECTS, people=_ZH_PEOPLE, gifts=_ZH_GIFTS,
+        events=_ZH_EVENTS, products=_ZH_PRODUCTS, places=_ZH_PLACES, questions=_ZH_QA_TASKS,
+        concepts=_ZH_CONCEPTS, reasoning=_ZH_REASONING_TASKS, days=_ZH_DAYS, names=_ZH_NAMES,
+        instructions=_ZH_INSTRUCTIONS, separator="",
     ),
 }  # fmt: skip
 GENERATED_DOMAINS = ("writing", "qa", "reasoning")
