@@ -152,6 +152,23 @@ def test_the_lenvm_runs_on_vllms_cpu_kernels_with_the_same_values(lenvms):
     torch.testing.assert_close(values(lenvm), before, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("variable", "expected"), [(None, "float32"), ("bfloat16", "bfloat16")])
+def test_the_lenvm_dtype_is_the_generators_unless_lenvm_dtype_names_one(
+    tiny128, lenvms, monkeypatch, variable, expected
+):
+    import vllm
+
+    seen = {}
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+    if variable is None:
+        monkeypatch.delenv("LENVM_DTYPE", raising=False)
+    else:
+        monkeypatch.setenv("LENVM_DTYPE", variable)
+    _engine(tiny128, lenvms["attached"][1], dtype="float32")
+    assert seen["dtype"] == "float32"
+    assert seen["additional_config"]["lenvm_dtype"] == expected
+
+
 def test_vllm_samples_the_policys_distribution(tiny128, generator128, lenvms):
     """Many one-token samples of a controlled request at temperature 0.7 and top-p 0.9: vLLM's
     draws follow the distribution the shared decoding step gives, not the generator's own."""

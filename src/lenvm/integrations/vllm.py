@@ -338,6 +338,8 @@ class VLLMEngine:
     ``lenvm``: a LenVM folder for requests with a control (the processor above). ``logprobs``:
     report each result's mean log-probability and final EOS probability under the generator
     (vLLM's raw log-probabilities; the first request that asks for them compiles a kernel).
+    The LenVM runs in ``dtype``, the generator's, unless the environment variable ``LENVM_DTYPE``
+    names another (``bfloat16`` halves the cost of its matrix products on CPUs that run them natively).
     ``engine_args`` go to ``vllm.LLM`` (e.g. ``max_num_seqs``, ``max_model_len``); on a machine
     without a GPU, vLLM runs in this process, in eager mode, with a 2 GiB KV cache unless they or
     vLLM's environment variables say otherwise."""
@@ -360,7 +362,11 @@ class VLLMEngine:
         args.update(engine_args)
         if lenvm is not None:
             args["logits_processors"] = [LenVMLogitsProcessor]
-            extra = {"lenvm_path": str(lenvm), "lenvm_num_candidates": num_candidates, "lenvm_dtype": dtype}
+            extra = {
+                "lenvm_path": str(lenvm),
+                "lenvm_num_candidates": num_candidates,
+                "lenvm_dtype": os.environ.get("LENVM_DTYPE", dtype),  # the generator's unless set
+            }
             args["additional_config"] = {**extra, **args.get("additional_config", {})}
         self.llm = LLM(**args)
         self.tokenizer = load_tokenizer(location)
