@@ -475,6 +475,82 @@ def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidan
     assert not sequence(Control("equal_to", target=20)).free
 
 
+def _written(control, length, natural_at, max_new_tokens=40, ended=True):
+    """An attempt of ``length`` tokens (then, if ``ended``, an EOS forced at the cap) whose
+    generator gave EOS 20% at the positions ``natural_at`` and 1% elsewhere."""
+    request = Request("Hi", SamplingParams(max_new_tokens=max_new_tokens, seed=0), control=control)
+    seq = Sequence.start(0, request, [1], 0, "cpu")
+    for i in range(length + ended):
+        end = (2, math.log(0.2 if i in natural_at else 0.01))
+        eos = ended and i == length
+        seq.append(2 if eos else 7 + i, eos, end[1] if eos else -1.0, 0.5, {2}, end)
+    return seq
+
+
+@pytest.mark.parametrize(
+    ("control", "length", "ended", "cut"),
+    [
+        (Control("at_most", target=20), 20, True, 12),  # the last natural position within the bound
+        (Control("at_least", target=8), 40, False, 10),  # the first at or past the target
+        (Control("at_least", target=30), 40, False, None),  # none past the target
+    ],
+)
+def test_an_answer_that_did_not_end_naturally_ends_where_its_own_text_could_have(
+    tiny_generator, control, length, ended, cut
+):
+    """An At Most answer stopped at its bound, or an At Least answer cut at max_new_tokens, ends
+    instead at a position of its own text where the generator gave EOS at least 5% and the bound
+    holds: the text before it is kept as written, an EOS added; nowhere such, it stays as it was."""
+    _, tok = tiny_generator
+    seq = _written(control, length, natural_at={3, 10, 12, 25}, ended=ended)
+    before = seq.result(tok)
+    assert not before.natural
+    assert seq.end_earlier(before) == (cut is not None)
+    after = seq.result(tok)
+    if cut is None:
+        assert after == before
+        return
+    assert after.natural and after.finish_reason == "stop" and after.num_tokens == cut
+    assert after.token_ids == before.token_ids[:cut] + [2]
+    assert after.eos_prob == pytest.approx(0.2) and after.decoded_tokens == before.decoded_tokens
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        Control("at_most", target=20, retries=0),  # one pass: a stream may have sent the tokens already
+        Control("at_most", target=20, rule="paper"),
+        Control("equal_to", target=20),
+    ],
+)
+def test_only_our_bound_rules_with_retries_end_an_answer_earlier(tiny_generator, control):
+    _, tok = tiny_generator
+    seq = _written(control, 20, natural_at={12})
+    assert not seq.end_earlier(seq.result(tok)) and len(seq.tokens) == 21
+
+
+def test_the_engine_takes_an_earlier_natural_end_before_it_spends_a_retry(
+    tiny_generator, lenvms, monkeypatch
+):
+    """The engine asks an answer that did not end naturally for an earlier end of its own text
+    first, and returns that end, with no retry, where there is one."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    asked = []
+
+    def end_after_two(seq, result):  # as if the generator had given EOS 100% after two tokens
+        asked.append(result.num_tokens)
+        seq.tokens[2:], seq.logprobs[2:], seq.values[2:] = [engine.eos_ids[0]], [0.0], [0.0]
+        seq.finish_reason, seq.eos_logprob = "stop", 0.0
+        return True
+
+    monkeypatch.setattr(Sequence, "end_earlier", end_after_two)
+    control = Control("at_most", target=6, natural_eos=1.0)  # no EOS the generator gives is natural
+    result = engine.generate([Request("Hi", SamplingParams(max_new_tokens=20, seed=0), control=control)])[0]
+    assert asked == [6]  # the unguided first attempt, stopped at the bound
+    assert result.num_tokens == 2 and result.retries == 0 and result.eos_prob == 1.0
+
+
 def test_each_row_carries_its_resampled_ends_to_the_policy(tiny_generator):
     """At Least widens its window with every end already resampled, so the batch's rows carry
     each answer's retries (a retried answer rejoins the batch)."""

@@ -98,15 +98,19 @@ class Batch:
         # For mean_logprob: the generator's own distribution (temperature 1, untruncated).
         log_norm = logits.logsumexp(-1)
         logprob = logits.gather(1, token[:, None])[:, 0] - log_norm
+        # Where the answer could have ended instead: the most likely EOS and its log-probability.
+        eos_logit, eos_slot = logits[:, engine.eos].max(-1)
         # One host transfer per step.
-        columns = [token, forced, logprob] + ([value] if value is not None else [])
+        columns = [token, forced, logprob, engine.eos[eos_slot], eos_logit - log_norm]
+        columns += [value] if value is not None else []
         host = torch.stack([c.double() for c in columns]).tolist()
         tops = _top_logprobs(logits, log_norm, self.seqs)
         finished = []
         for row, seq in enumerate(self.seqs):
-            v = host[3][row] if value is not None else 0.0
+            v = host[5][row] if value is not None else 0.0
             top = tops[row] if tops is not None and seq.request.sampling.top_logprobs else None
-            if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, engine.eos_set, top):
+            end = (int(host[3][row]), host[4][row])
+            if seq.append(int(host[0][row]), bool(host[1][row]), host[2][row], v, engine.eos_set, end, top):
                 finished.append(row)
         return finished
 

@@ -30,7 +30,9 @@ answers no longer wait behind long ones. Predictions cost one forward over each 
 over the requests that arrived since the last step.
 
 A finished answer to a target control that did not end naturally (the generator itself gave
-its final EOS under ``Control.natural_eos``) goes back to decoding from an earlier point, further
+its final EOS under ``Control.natural_eos``) first ends, for At Most and At Least, where its own
+text let the generator end naturally within the bound (:meth:`Sequence.end_earlier`); failing
+that, it goes back to decoding from an earlier point, further
 back on each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the
 tokens it keeps and rejoins the batch, so only the answers that miss pay for a second try.
 """
@@ -321,6 +323,8 @@ class Scheduler:
         for seq in (seqs[row] for row in finished):
             update = updates[id(seq)]
             result = seq.result(engine.tokenizer)
+            if seq.end_earlier(result):
+                result = seq.result(engine.tokenizer)
             if seq.may_retry(result):
                 seq.retry(result, engine.sentence_ends)
                 self.waiting.appendleft(seq)  # first in line: its request is nearly done

@@ -3,6 +3,11 @@ made (retries of a target control and ``best_of``).
 
 Each attempt draws from its own seeded random stream, one uniform number per step, so an answer
 does not depend on which other requests share its batch.
+
+An attempt also keeps, at every position, the generator's most likely EOS and its
+log-probability there: an At Most or At Least answer that did not end naturally may end instead
+where its own text let the generator end naturally and the bound holds
+(:meth:`Sequence.end_earlier`), before any retry is spent on it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Sequence:
     values: list[float] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when the request asks
+    ends: list[tuple[int, float]] = field(default_factory=list)  # (EOS id, its log-prob) at each position
     finish_reason: str | None = None
     eos_logprob: float | None = None  # the generator's log-probability of the final EOS
     missed: list[Result] = field(default_factory=list)  # earlier ends that were not natural
@@ -71,13 +77,16 @@ class Sequence:
         logprob: float,
         value: float,
         eos: set[int],
+        end: tuple[int, float],
         top: list[tuple[int, float]] | None = None,
     ) -> bool:
-        """Record one generated token (``top``: the most likely tokens there, when the request asks
-        for them); True when the request is finished."""
+        """Record one generated token (``end``: the generator's most likely EOS at this position and
+        its log-probability; ``top``: the most likely tokens there, when the request asks for
+        them); True when the request is finished."""
         self.tokens.append(token)
         self.values.append(value)
         self.logprobs.append(logprob)
+        self.ends.append(end)
         if top is not None:
             self.top_logprobs.append(top)
         self.decoded += 1
@@ -119,6 +128,39 @@ class Sequence:
             and not self.missed
         )
 
+    def end_earlier(self, result: Result) -> bool:
+        """Where ``result`` (this attempt's answer) did not end naturally, end it instead at a
+        position of its own text where the generator gave EOS at least ``natural_eos`` and the
+        bound holds: the last such position within an At Most bound (the most of the answer), the
+        first at or past an At Least target (the nearest to it). The text before it is what the
+        generator wrote. Only for our rules, and only where the engine may go back on an answer's
+        end (retries allowed: a stream is then held back whole). True when the answer was cut."""
+        c = self.control
+        if (
+            c.kind not in ("at_most", "at_least")
+            or c.rule != "ours"
+            or c.max_retries == 0
+            or self.request.sampling.ignore_eos
+            or result.ended_above(c.natural_eos)
+        ):
+            return False
+        bar = math.log(c.natural_eos) if c.natural_eos > 0 else -math.inf
+        before_end = result.num_tokens  # positions after the last token kept: never the answer's own end
+        natural = [j for j in range(1, before_end) if self.ends[j][1] >= bar]
+        if c.kind == "at_most":
+            cut = max((j for j in natural if j <= c.target), default=None)
+        else:
+            cut = min((j for j in natural if j >= c.target), default=None)
+        if cut is None:
+            return False
+        eos, logprob = self.ends[cut]
+        self.tokens[cut:] = [eos]
+        self.values[cut:] = [0.0]
+        self.logprobs[cut:] = [logprob]
+        del self.ends[cut + 1 :], self.top_logprobs[cut + 1 :]
+        self.finish_reason, self.eos_logprob = "stop", logprob
+        return True
+
     def may_retry(self, result: Result) -> bool:
         """Whether this end is not natural and a retry is left (see :attr:`Control.retries`)."""
         return not (
@@ -143,7 +185,8 @@ class Sequence:
                 sentence_ends,
             )
         self.missed.append(result)
-        del self.tokens[cut:], self.values[cut:], self.logprobs[cut:], self.top_logprobs[cut:]
+        for kept in (self.tokens, self.values, self.logprobs, self.top_logprobs, self.ends):
+            del kept[cut:]
         self.finish_reason = self.eos_logprob = None
         self.uniforms = _uniforms(self.rng, self.request.sampling.max_new_tokens, self.uniforms.device)
 
