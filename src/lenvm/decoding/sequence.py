@@ -145,8 +145,8 @@ class Sequence:
         ):
             return False
         bar = math.log(c.natural_eos) if c.natural_eos > 0 else -math.inf
-        before_end = result.num_tokens  # positions after the last token kept: never the answer's own end
-        natural = [j for j in range(1, before_end) if self.ends[j][1] >= bar]
+        # An EOS at position j replaces token j: positions inside the answer, before its own end.
+        natural = [j for j in range(1, result.num_tokens) if self.ends[j][1] >= bar]
         if c.kind == "at_most":
             cut = max((j for j in natural if j <= c.target), default=None)
         else:
