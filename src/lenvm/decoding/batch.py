@@ -99,9 +99,10 @@ class Batch:
         log_norm = logits.logsumexp(-1)
         logprob = logits.gather(1, token[:, None])[:, 0] - log_norm
         # Where the answer could have ended instead: the most likely EOS and its log-probability.
-        eos_logit, eos_slot = logits[:, engine.eos].max(-1)
+        end_eos = policies.primary_eos(logits, engine.eos)
+        end_logprob = logits.gather(1, end_eos[:, None])[:, 0] - log_norm
         # One host transfer per step.
-        columns = [token, forced, logprob, engine.eos[eos_slot], eos_logit - log_norm]
+        columns = [token, forced, logprob, end_eos, end_logprob]
         columns += [value] if value is not None else []
         host = torch.stack([c.double() for c in columns]).tolist()
         tops = _top_logprobs(logits, log_norm, self.seqs)

@@ -144,9 +144,9 @@ class Sequence:
             or result.ended_above(c.natural_eos)
         ):
             return False
-        bar = math.log(c.natural_eos) if c.natural_eos > 0 else -math.inf
         # An EOS at position j replaces token j: positions inside the answer, before its own end.
-        natural = [j for j in range(1, result.num_tokens) if self.ends[j][1] >= bar]
+        # Natural as Result.ended_above has it: the EOS's probability at least natural_eos.
+        natural = [j for j in range(1, result.num_tokens) if math.exp(self.ends[j][1]) >= c.natural_eos]
         if c.kind == "at_most":
             cut = max((j for j in natural if j <= c.target), default=None)
         else:
