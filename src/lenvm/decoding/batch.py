@@ -15,7 +15,7 @@ import torch
 from lenvm.decoding import policies
 from lenvm.decoding.scorers import Scorer
 from lenvm.decoding.sequence import Sequence
-from lenvm.decoding.step import Rows, decide, forced_eos
+from lenvm.decoding.step import Rows, decide
 from lenvm.decoding.streams import Stream
 
 
@@ -82,9 +82,8 @@ class Batch:
         token = d.ids.gather(1, choice[:, None])[:, 0]
         forced = torch.zeros_like(token, dtype=torch.bool)
         if r.any_cap:
-            at_cap, eos = forced_eos(logits, r, engine.eos)
-            forced = at_cap & ~torch.isin(token, engine.eos)
-            token = torch.where(forced, eos, token)
+            forced = r.at_cap & ~torch.isin(token, engine.eos)
+            token = torch.where(forced, d.eos, token)
         value = None
         if d.values is not None:
             value = d.values.gather(1, choice[:, None])[:, 0].masked_fill(forced, 0.0)
@@ -95,17 +94,14 @@ class Batch:
             self.scorer.advance(choice, token)
         r.step += 1
 
-        # For mean_logprob: the generator's own distribution (temperature 1, untruncated).
-        log_norm = logits.logsumexp(-1)
-        logprob = logits.gather(1, token[:, None])[:, 0] - log_norm
-        # Where the answer could have ended instead: the most likely EOS and its log-probability.
-        end_eos = policies.primary_eos(logits, engine.eos)
-        end_logprob = logits.gather(1, end_eos[:, None])[:, 0] - log_norm
+        # For mean_logprob: the generator's own distribution (temperature 1, untruncated); and
+        # where the answer could have ended instead: the most likely EOS and its log-probability.
+        logprob = logits.gather(1, token[:, None])[:, 0] - d.log_norm
         # One host transfer per step.
-        columns = [token, forced, logprob, end_eos, end_logprob]
+        columns = [token, forced, logprob, d.eos, d.eos_logprob]
         columns += [value] if value is not None else []
         host = torch.stack([c.double() for c in columns]).tolist()
-        tops = _top_logprobs(logits, log_norm, self.seqs)
+        tops = _top_logprobs(logits, d.log_norm, self.seqs)
         finished = []
         for row, seq in enumerate(self.seqs):
             v = host[5][row] if value is not None else 0.0

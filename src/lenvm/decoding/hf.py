@@ -30,7 +30,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from lenvm import vision
 from lenvm.decoding.params import Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, decide, forced_eos, looks_ahead
+from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel
 
@@ -100,12 +100,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         logits = scores.float().to(self.eos.device)
         d = decide(logits, self._rows, self._scorer, self.num_candidates, self.eos, self.lenvm.gamma)
         self._ids = d.ids
-        out = torch.full_like(logits, -float("inf"))
-        out.scatter_(1, d.ids, d.dist.log().float())
-        at_cap, eos = forced_eos(logits, self._rows, self.eos)
-        only_eos = torch.full_like(logits, -float("inf")).scatter_(1, eos[:, None], 0.0)
-        out = torch.where(at_cap[:, None], only_eos, out)
-        return out.to(scores.dtype).to(scores.device)
+        return as_logits(d, self._rows, logits.shape[-1]).to(scores.dtype).to(scores.device)
 
     def _start(self, input_ids: torch.Tensor) -> None:
         """Prefill every row's prompt (leading padding stripped)."""

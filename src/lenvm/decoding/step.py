@@ -15,8 +15,9 @@ From the generator's next-token logits (``[B, V]``) to a distribution over candi
    distribution (:mod:`lenvm.decoding.policies`).
 
 The engine then draws from that distribution with each row's own random stream; a logits
-processor writes it into the logits its framework samples from. Either way a row whose control
-has a hard cap is sent its EOS at the cap (:func:`forced_eos`).
+processor writes it into the logits its framework samples from (:func:`as_logits`). Either way
+a row whose control has a hard cap is sent its EOS at the cap (:attr:`Rows.at_cap`,
+:attr:`Decision.eos`).
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ class Rows:
             any_gated=any(gated),
         )
 
+    @property
+    def at_cap(self) -> torch.Tensor:
+        """The rows whose hard cap is reached (``[B]`` bool): they are sent their EOS."""
+        return self.step >= self.cap
+
     def looking_ahead(self) -> bool:
         """Whether some row's target rule is near the end of its window: its policy then looks
         one step ahead when the scorer can tell the generator's EOS probability after a
@@ -153,6 +159,12 @@ class Decision:
     ids: torch.Tensor  # [B, k] candidate ids (a plain row: its sampled token in slot 0)
     dist: torch.Tensor  # [B, k] float64: the policy's distribution over them
     values: torch.Tensor | None  # [B, k] the LenVM values of the candidates (None without a scorer)
+    # The generator's own distribution (temperature 1, untruncated): its log-probabilities are
+    # logits - log_norm; eos is the EOS id it finds most likely (what a hard cap sends, and where
+    # an answer could have ended), eos_logprob that EOS's log-probability. All [B].
+    log_norm: torch.Tensor
+    eos: torch.Tensor
+    eos_logprob: torch.Tensor
 
 
 def decide(
@@ -215,17 +227,20 @@ def decide(
         ids, cand_probs = sampled[:, None], probs.gather(1, sampled[:, None])
     eos = torch.isin(ids, eos_ids)
     values = scorer.score(ids, eos) if scorer is not None else None
+    log_norm = logits.logsumexp(-1)
+    eos_now = policies.primary_eos(logits, eos_ids)
+    eos_logprob = logits.gather(1, eos_now[:, None])[:, 0] - log_norm
     if not rows.any_guided:
-        return Decision(ids, torch.ones_like(cand_probs, dtype=torch.float64), values)
+        dist = torch.ones_like(cand_probs, dtype=torch.float64)
+        return Decision(ids, dist, values, log_norm, eos_now, eos_logprob)
     next_eos = scorer.next_eos() if rows.looking_ahead() else None
-    # The generator's own EOS probability now (temperature 1, untruncated), as Result.eos_prob
-    # reports it for the EOS that ends an answer.
-    eos_now = (logits[:, eos_ids].max(-1).values - logits.logsumexp(-1)).exp()
-    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_now)
+    # The policies weigh the generator's own EOS probability now, as Result.eos_prob reports it
+    # for the EOS that ends an answer.
+    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_logprob.exp())
     dist = policy(candidates, rows, gamma)
     if free is not None:
         dist = torch.where(free[:, None], policies.follow(candidates), dist)
-    return Decision(ids, dist, values)
+    return Decision(ids, dist, values, log_norm, eos_now, eos_logprob)
 
 
 def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
@@ -257,7 +272,14 @@ def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
     return dist
 
 
-def forced_eos(logits: torch.Tensor, rows: Rows, eos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows whose hard cap is reached (``[B]`` bool) and the EOS each would be sent (the one
-    the generator finds most likely)."""
-    return rows.step >= rows.cap, policies.primary_eos(logits, eos_ids)
+def as_logits(d: Decision, rows: Rows, vocab_size: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The decision as the logits a framework samples from (``[B, vocab_size]``, float32): the log
+    of the policy's distribution on the candidates, times each row's ``scale`` (``[B]``; vLLM
+    divides by the temperature afterwards), -inf elsewhere; a row at its hard cap, its EOS alone."""
+    logits = d.dist.log() if scale is None else d.dist.log() * scale[:, None]
+    out = torch.full((d.ids.shape[0], vocab_size), -float("inf"), device=d.ids.device)
+    out.scatter_(1, d.ids, logits.float())
+    if rows.any_cap:
+        only_eos = torch.full_like(out, -float("inf")).scatter_(1, d.eos[:, None], 0.0)
+        out = torch.where(rows.at_cap[:, None], only_eos, out)
+    return out

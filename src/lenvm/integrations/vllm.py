@@ -63,7 +63,7 @@ from lenvm.decoding.params import (
     keys_of,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, decide, forced_eos, looks_ahead
+from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
 from lenvm.io import InputError
 
 # What a vLLM request may ask for: one pass of decoding, so no retries and no best_of.
@@ -232,11 +232,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.ids = d.ids
         # vLLM divides by the temperature afterwards: T·log q samples q.
         temperature = torch.tensor([r.temperature for r in live], device=self.device, dtype=torch.float64)
-        out = torch.full_like(scores, -float("inf"))
-        out.scatter_(1, d.ids, (d.dist.log() * temperature[:, None]).float())
-        at_cap, eos = forced_eos(scores, rows, self.eos)
-        only_eos = torch.full_like(scores, -float("inf")).scatter_(1, eos[:, None], 0.0)
-        out = torch.where(at_cap[:, None], only_eos, out)
+        out = as_logits(d, rows, scores.shape[-1], scale=temperature)
         logits[index] = out.to(logits.device, logits.dtype)
         return logits
 
