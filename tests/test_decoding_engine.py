@@ -403,6 +403,8 @@ def test_best_of_prefers_a_natural_ending_then_the_closest():
     assert best_of([natural_far, unnatural_exact, natural_near], 32, NATURAL_EOS) is natural_near
     assert best_of([unnatural_exact, _result(31, 0.01)], 32, NATURAL_EOS) is unnatural_exact  # none natural
     assert best_of([_result(32, None, "length"), natural_far], 32, NATURAL_EOS) is natural_far
+    short, long = _result(30, 0.3), _result(36, 0.3)  # 2 short weighs 5, more than 4 past
+    assert best_of([short, long], 32, NATURAL_EOS) is long
 
 
 def test_best_of_is_checked():
@@ -476,14 +478,15 @@ def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidan
 
 
 def _written(control, length, natural_at, max_new_tokens=40, ended=True):
-    """An attempt of ``length`` tokens (then, if ``ended``, an EOS forced at the cap) whose
-    generator gave EOS 20% at the positions ``natural_at`` and 1% elsewhere."""
+    """An attempt of ``length`` tokens (then, if ``ended``, an EOS: chosen where ``length`` is in
+    ``natural_at``, else forced at the cap) whose generator gave EOS 20% at the positions
+    ``natural_at`` and 1% elsewhere."""
     request = Request("Hi", SamplingParams(max_new_tokens=max_new_tokens, seed=0), control=control)
     seq = Sequence.start(0, request, [1], 0, "cpu")
     for i in range(length + ended):
         end = (2, math.log(0.2 if i in natural_at else 0.01))
         eos = ended and i == length
-        seq.append(2 if eos else 7 + i, eos, end[1] if eos else -1.0, 0.5, {2}, end)
+        seq.append(2 if eos else 7 + i, eos and i not in natural_at, end[1] if eos else -1.0, 0.5, {2}, end)
     return seq
 
 
@@ -516,14 +519,55 @@ def test_an_answer_that_did_not_end_naturally_ends_where_its_own_text_could_have
 
 
 @pytest.mark.parametrize(
+    ("target", "length", "cut"),
+    [
+        (11, 20, 12),  # an end that is not natural: the natural position nearest the target
+        (11, 25, 12),  # a natural end too far past the target
+        (14, 20, 12),  # two tokens short (5: a shortfall weighs 2.5 times) is nearer than six past
+        (14, 16, None),  # two past is nearer than two short
+        (12, 25, 12),  # exactly on target
+        (30, 25, None),  # a natural end nearer than any earlier position
+        (25, 25, None),  # and on target
+    ],
+)
+def test_an_equal_to_answer_ends_where_its_own_text_ends_nearer_its_target(
+    tiny_generator, target, length, cut
+):
+    """An Equal To answer ends at the position of its own text where the generator gave EOS at
+    least 5% nearest its target, where that is nearer than its own end (natural or not)."""
+    _, tok = tiny_generator
+    seq = _written(Control("equal_to", target=target), length, natural_at={3, 10, 12, 25})
+    before = seq.result(tok)
+    assert seq.end_earlier(before) == (cut is not None)
+    after = seq.result(tok)
+    assert (
+        after.num_tokens == (cut or length) and after.token_ids[:-1] == before.token_ids[: after.num_tokens]
+    )
+    assert after.natural or cut is None
+
+
+def test_an_equal_to_tie_goes_to_a_natural_end(tiny_generator):
+    """A natural position as near as an end that is not natural replaces it; one as near as a
+    natural end does not."""
+    _, tok = tiny_generator
+    unnatural = _written(Control("equal_to", target=11), 13, natural_at={10})  # 2.5 against 2 past
+    assert not unnatural.end_earlier(unnatural.result(tok))
+    unnatural = _written(Control("equal_to", target=8), 13, natural_at={6})  # 2 short (5), 5 past
+    assert unnatural.end_earlier(unnatural.result(tok)) and unnatural.result(tok).num_tokens == 6
+    natural = _written(Control("equal_to", target=8), 13, natural_at={6, 13})
+    assert not natural.end_earlier(natural.result(tok))
+
+
+@pytest.mark.parametrize(
     "control",
     [
         Control("at_most", target=20, retries=0),  # one pass: a stream may have sent the tokens already
         Control("at_most", target=20, rule="paper"),
-        Control("equal_to", target=20),
+        Control("equal_to", target=12, retries=0),
+        Control("equal_to", target=12, rule="paper"),
     ],
 )
-def test_only_our_bound_rules_with_retries_end_an_answer_earlier(tiny_generator, control):
+def test_only_our_rules_with_retries_end_an_answer_earlier(tiny_generator, control):
     _, tok = tiny_generator
     seq = _written(control, 20, natural_at={12})
     assert not seq.end_earlier(seq.result(tok)) and len(seq.tokens) == 21
@@ -609,8 +653,10 @@ def test_natural_ends_are_kept_as_they_are(tiny_generator, lenvms):
         results = Engine(model, tok, lenvm=lenvm, num_candidates=4).generate(
             [_equal_to(s, 3, natural_eos=0.0) for s in range(3)]
         )
-    assert all(r.retries == 0 and r.decoded_tokens == len(r.token_ids) for r in results)
-    assert all(r.finish_reason == "stop" for r in results)
+    assert all(r.retries == 0 and r.finish_reason == "stop" for r in results)
+    # Every position is natural: an answer that ran past its target ends at it instead (its own
+    # text up to there), with the cost of the tokens it decoded.
+    assert all(r.num_tokens <= 8 and r.decoded_tokens >= len(r.token_ids) for r in results)
 
 
 def test_retries_do_not_depend_on_the_batch(tiny_generator, lenvms):

@@ -29,12 +29,13 @@ no request waits forever (:mod:`lenvm.decoding.queue`): a server's mean latency 
 answers no longer wait behind long ones. Predictions cost one forward over each prompt, batched
 over the requests that arrived since the last step.
 
-A finished answer to a target control that did not end naturally (the generator itself gave
-its final EOS under ``Control.natural_eos``) first ends, for At Most and At Least, where its own
-text let the generator end naturally within the bound (:meth:`Sequence.end_earlier`); failing
-that, it goes back to decoding from an earlier point, further
-back on each retry (:attr:`Control.retries`): the row is prefilled with its prompt and the
-tokens it keeps and rejoins the batch, so only the answers that miss pay for a second try.
+A finished answer to a target control first ends, if it can, where its own text let the
+generator end naturally (its EOS at least ``Control.natural_eos``; :meth:`Sequence.end_earlier`):
+At Most and At Least where the answer did not end naturally and the bound holds, Equal To where
+that is nearer the target than the answer's own end. One that still did not end naturally goes
+back to decoding from an earlier point, further back on each retry (:attr:`Control.retries`):
+the row is prefilled with its prompt and the tokens it keeps and rejoins the batch, so only the
+answers that miss pay for a second try.
 """
 
 from __future__ import annotations

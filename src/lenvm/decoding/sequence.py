@@ -5,9 +5,10 @@ Each attempt draws from its own seeded random stream, one uniform number per ste
 does not depend on which other requests share its batch.
 
 An attempt also keeps, at every position, the generator's most likely EOS and its
-log-probability there: an At Most or At Least answer that did not end naturally may end instead
-where its own text let the generator end naturally and the bound holds
-(:meth:`Sequence.end_earlier`), before any retry is spent on it.
+log-probability there: an answer may end instead where its own text let the generator end
+naturally (:meth:`Sequence.end_earlier`), before any retry is spent on it: an At Most or At Least
+answer that did not end naturally, where the bound holds; an Equal To answer, where that is
+nearer its target than its own end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from lenvm.vision import ImageInputs
 
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
 ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
+# An Equal To answer d tokens short of its target is as far off as one SHORT_MISS * d tokens past
+# it: a text cut short misses more than one that runs on a little (LIFEBench's Length Score has
+# the same ratio, 5 against 2 per unit of relative deviation).
+SHORT_MISS = 2.5
 
 
 @dataclass
@@ -129,25 +134,35 @@ class Sequence:
         )
 
     def end_earlier(self, result: Result) -> bool:
-        """Where ``result`` (this attempt's answer) did not end naturally, end it instead at a
-        position of its own text where the generator gave EOS at least ``natural_eos`` and the
-        bound holds: the last such position within an At Most bound (the most of the answer), the
-        first at or past an At Least target (the nearest to it). The text before it is what the
-        generator wrote. Only for our rules, and only where the engine may go back on an answer's
-        end (retries allowed: a stream is then held back whole). True when the answer was cut."""
+        """End ``result`` (this attempt's answer) instead at a position of its own text where the
+        generator gave EOS at least ``natural_eos``: for At Most and At Least, where the answer did
+        not end naturally and the bound holds there (the last such position within an At Most
+        bound, the most of the answer; the first at or past an At Least target, the nearest to
+        it); for Equal To, the position nearest the target (:func:`miss`) where that is nearer
+        than the answer's own end, or as near and that end was not natural. The text before it is
+        what the generator wrote. Only for our rules, and only where the engine may go back on an
+        answer's end (retries allowed: a stream is then held back whole). True when the answer
+        was cut."""
         c = self.control
         if (
-            c.kind not in ("at_most", "at_least")
+            c.kind not in ("equal_to", "at_most", "at_least")
             or c.rule != "ours"
             or c.max_retries == 0
             or self.request.sampling.ignore_eos
-            or result.ended_above(c.natural_eos)
         ):
+            return False
+        natural_end = result.ended_above(c.natural_eos)
+        if natural_end and c.kind != "equal_to":
             return False
         # An EOS at position j replaces token j: positions inside the answer, before its own end.
         # Natural as Result.ended_above has it: the EOS's probability at least natural_eos.
         natural = [j for j in range(1, result.num_tokens) if math.exp(self.ends[j][1]) >= c.natural_eos]
-        if c.kind == "at_most":
+        if c.kind == "equal_to":
+            cut = min(natural, key=lambda j: miss(j, c.target), default=None)
+            if cut is not None:
+                nearer, own = miss(cut, c.target), miss(result.num_tokens, c.target)
+                cut = cut if nearer < own or (nearer == own and not natural_end) else None
+        elif c.kind == "at_most":
             cut = max((j for j in natural if j <= c.target), default=None)
         else:
             cut = min((j for j in natural if j >= c.target), default=None)
@@ -217,16 +232,23 @@ def best_of(results: list[Result], target: int, natural_eos: float, kind: str = 
     """The result that ended naturally (the generator gave its EOS at least ``natural_eos``);
     among several, or failing that, one that ended with EOS rather than being cut at
     ``max_new_tokens``; then for equal_to the closest to ``target``, for a bound (at_most,
-    at_least) one that meets it, with the most likely final EOS. Ties go to the first."""
+    at_least) one that meets it, with the most likely final EOS. Ties go to the first.
+    Closest for equal_to: see :func:`miss`."""
 
     def key(r: Result) -> tuple:
         ended = r.finish_reason != "length"
         if kind == "equal_to":
-            return (not r.ended_above(natural_eos), not ended, abs(r.num_tokens - target))
+            return (not r.ended_above(natural_eos), not ended, miss(r.num_tokens, target))
         meets = r.num_tokens <= target if kind == "at_most" else r.num_tokens >= target
         return (not r.ended_above(natural_eos), not ended, not meets, -(r.eos_prob or 0.0))
 
     return min(results, key=key)
+
+
+def miss(length: int, target: int) -> float:
+    """How far an Equal To answer of ``length`` tokens is off its ``target``: tokens past it, or
+    ``SHORT_MISS`` times the tokens short of it."""
+    return SHORT_MISS * (target - length) if length < target else float(length - target)
 
 
 def _uniforms(rng: torch.Generator, n: int, device) -> torch.Tensor:
