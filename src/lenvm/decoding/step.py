@@ -228,11 +228,11 @@ def decide(
     eos = torch.isin(ids, eos_ids)
     values = scorer.score(ids, eos) if scorer is not None else None
     log_norm = logits.logsumexp(-1)
-    eos_now = policies.primary_eos(logits, eos_ids)
-    eos_logprob = logits.gather(1, eos_now[:, None])[:, 0] - log_norm
+    eos_id = policies.primary_eos(logits, eos_ids)
+    eos_logprob = logits.gather(1, eos_id[:, None])[:, 0] - log_norm
     if not rows.any_guided:
         dist = torch.ones_like(cand_probs, dtype=torch.float64)
-        return Decision(ids, dist, values, log_norm, eos_now, eos_logprob)
+        return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
     next_eos = scorer.next_eos() if rows.looking_ahead() else None
     # The policies weigh the generator's own EOS probability now, as Result.eos_prob reports it
     # for the EOS that ends an answer.
@@ -240,7 +240,7 @@ def decide(
     dist = policy(candidates, rows, gamma)
     if free is not None:
         dist = torch.where(free[:, None], policies.follow(candidates), dist)
-    return Decision(ids, dist, values, log_norm, eos_now, eos_logprob)
+    return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
 
 
 def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
