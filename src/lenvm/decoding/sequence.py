@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lenvm.decoding.params import Control, Request, Result
+from lenvm.decoding.params import TARGET_KINDS, Control, Request, Result
 from lenvm.vision import ImageInputs
 
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
@@ -145,7 +145,7 @@ class Sequence:
         was cut."""
         c = self.control
         if (
-            c.kind not in ("equal_to", "at_most", "at_least")
+            c.kind not in TARGET_KINDS
             or c.rule != "ours"
             or c.max_retries == 0
             or self.request.sampling.ignore_eos
