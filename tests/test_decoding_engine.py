@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
 from lenvm.decoding.batch import Batch
 from lenvm.decoding.params import NATURAL_EOS
-from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, Sequence, best_of, retry_start
+from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, CLOSER_RETRIES, Sequence, best_of, retry_start
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, TokenizerMismatchError
 from lenvm.prompts import encode_prompt
@@ -556,6 +556,55 @@ def test_an_equal_to_tie_goes_to_a_natural_end(tiny_generator):
     assert unnatural.end_earlier(unnatural.result(tok)) and unnatural.result(tok).num_tokens == 6
     natural = _written(Control("equal_to", target=8), 13, natural_at={6, 13})
     assert not natural.end_earlier(natural.result(tok))
+
+
+@pytest.mark.parametrize(
+    ("control", "length", "retry"),
+    [
+        (Control("equal_to", target=20), 21, False),  # within 5% of the target: kept
+        (Control("equal_to", target=20), 22, True),  # two past: resampled
+        (Control("equal_to", target=20), 19, True),  # one short weighs 2.5
+        (Control("equal_to", target=20, retries=0), 22, False),
+        (Control("equal_to", target=20, rule="paper", retries=4), 22, False),
+        (Control("at_most", target=20), 12, False),  # a bound met: nothing to get closer to
+        (Control("at_least", target=8), 22, False),
+    ],
+)
+def test_a_natural_equal_to_end_far_from_its_target_is_resampled(tiny_generator, control, length, retry):
+    """Our Equal To rule resamples a natural end more than CLOSE_ENOUGH of the target away (by
+    miss), at most CLOSER_RETRIES times; any other natural end is final."""
+    _, tok = tiny_generator
+    seq = _written(control, length, natural_at={length})
+    result = seq.result(tok)
+    assert result.natural and seq.may_retry(result) == retry
+    if retry:
+        for _ in range(CLOSER_RETRIES):
+            seq.retry(result, frozenset())
+        assert not seq.may_retry(result) and control.max_retries > CLOSER_RETRIES
+
+
+def test_once_an_end_was_natural_the_closest_natural_end_is_returned(tiny_generator):
+    """After a natural end was resampled, an attempt that ends otherwise is not retried, and the
+    result is the natural end closest to the target (by miss), with the cost of every attempt."""
+    _, tok = tiny_generator
+    control = Control("equal_to", target=20)
+    seq = _written(control, 25, natural_at={25})
+    far = seq.result(tok)
+    seq.retry(far, frozenset())
+    kept = len(seq.tokens)
+    for i in range(kept, 22):  # the second attempt ends at 21 tokens, where the generator gave EOS 20%
+        end = (2, math.log(0.2 if i == 21 else 0.01))
+        seq.append(2 if i == 21 else 7 + i, False, end[1] if i == 21 else -1.0, 0.5, {2}, end)
+    nearer = seq.result(tok)
+    assert nearer.natural and nearer.num_tokens == 21 and not seq.may_retry(nearer)
+    final = seq.final(nearer)
+    assert final.token_ids == nearer.token_ids and final.decoded_tokens == 26 + 22 - kept
+    seq = _written(control, 25, natural_at={25})
+    seq.retry(seq.result(tok), frozenset())
+    cut = _written(control, 30, natural_at=set(), ended=False)
+    seq.tokens, seq.ends, seq.finish_reason = cut.tokens, cut.ends, "length"
+    assert not seq.may_retry(seq.result(tok))  # not natural, but a natural end is in hand
+    assert seq.final(seq.result(tok)).num_tokens == 25
 
 
 @pytest.mark.parametrize(

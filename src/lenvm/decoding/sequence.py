@@ -1,8 +1,9 @@
 """The engine's state for one request: its tokens so far, its random stream, and the attempts it
 made (retries of a target control and ``best_of``).
 
-Each attempt draws from its own seeded random stream, one uniform number per step, so an answer
-does not depend on which other requests share its batch.
+Each attempt draws from its own seeded random stream, one uniform number per step, so the numbers
+an answer draws do not depend on which other requests share its batch (its text still may where a
+batch's arithmetic rounds a near tie between two tokens differently).
 
 An attempt also keeps, at every position, the generator's most likely EOS and its
 log-probability there: an answer may end instead where its own text let the generator end
@@ -27,6 +28,12 @@ ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
 # it: a text cut short misses more than one that runs on a little (LIFEBench's Length Score has
 # the same ratio, 5 against 2 per unit of relative deviation).
 SHORT_MISS = 2.5
+# An Equal To answer of our rule that ends naturally but misses its target by more than this share
+# of it (by miss) has its end resampled too, at most CLOSER_RETRIES times, and the closest natural
+# end is kept: where a sentence ends is chance, and a few tokens are cheap at short targets, where
+# the same miss costs the most.
+CLOSE_ENOUGH = 0.05
+CLOSER_RETRIES = 1
 
 
 @dataclass
@@ -48,7 +55,7 @@ class Sequence:
     ends: list[tuple[int, float]] = field(default_factory=list)  # (EOS id, its log-prob) at each position
     finish_reason: str | None = None
     eos_logprob: float | None = None  # the generator's log-probability of the final EOS
-    missed: list[Result] = field(default_factory=list)  # earlier ends that were not natural
+    missed: list[Result] = field(default_factory=list)  # earlier ends, resampled (see may_retry)
     decoded: int = 0
 
     @classmethod
@@ -177,11 +184,20 @@ class Sequence:
         return True
 
     def may_retry(self, result: Result) -> bool:
-        """Whether this end is not natural and a retry is left (see :attr:`Control.retries`)."""
-        return not (
-            result.ended_above(self.control.natural_eos)
-            or self.request.sampling.ignore_eos
-            or len(self.missed) >= self.control.max_retries
+        """Whether a retry is left and this end is worth one (see :attr:`Control.retries`): it is
+        not natural, and no earlier attempt ended naturally; or, for Equal To under our rule, it
+        is natural but further from the target than ``CLOSE_ENOUGH`` of it, and fewer than
+        ``CLOSER_RETRIES`` were spent."""
+        c = self.control
+        if self.request.sampling.ignore_eos or len(self.missed) >= c.max_retries:
+            return False
+        if not result.ended_above(c.natural_eos):
+            return not any(r.ended_above(c.natural_eos) for r in self.missed)
+        return (
+            c.kind == "equal_to"
+            and c.rule == "ours"
+            and len(self.missed) < CLOSER_RETRIES
+            and miss(result.num_tokens, c.target) > CLOSE_ENOUGH * c.target
         )
 
     def retry(self, result: Result, sentence_ends: frozenset[int]) -> None:
@@ -206,8 +222,8 @@ class Sequence:
         self.uniforms = _uniforms(self.rng, self.request.sampling.max_new_tokens, self.uniforms.device)
 
     def final(self, result: Result) -> Result:
-        """The result to return: this end if natural, else the best of every end tried (with the
-        cost of them all)."""
+        """The result to return: this end if it is the first, else the best of every end tried
+        (with the cost of them all)."""
         if not self.missed:
             return result
         control = self.control
