@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lenvm.decoding.streams import Stream
+from lenvm.decoding import streams
+from lenvm.decoding.streams import Stream, packed_sdpa
 from lenvm.hub import default_device
 from lenvm.model import LengthValueModel
 
@@ -61,6 +62,49 @@ def test_candidate_block_values_match_a_full_forward(tiny_path, tiny_generator, 
             for j in range(CANDIDATES.shape[1]):
                 full = lenvm(torch.tensor([prompt + [int(CANDIDATES[row, j])]], device=DEVICE))[0, -1]
                 assert abs(float(values[row, j]) - float(full)) < 1e-4
+
+
+class _GroupedAttention(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+@given(length=st.integers(1, 6), cached=st.integers(1, 9), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_packed_sdpa_is_transformers_sdpa_without_the_copies(length, cached, seed):
+    """Several queries of a grouped-query layer under a per-query mask: the heads of a group
+    attend together, with the result of transformers' SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(2, 6, length, 8, generator=g)
+    key, value = (torch.randn(2, 2, cached + length, 8, generator=g) for _ in range(2))
+    allowed = torch.rand(2, 1, length, cached + length, generator=g) < 0.7
+    allowed[..., -1] = True  # every query sees something
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    module = _GroupedAttention().eval()
+    got, _ = packed_sdpa(module, query, key, value, mask, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_candidate_block_runs_packed_attention_and_restores_sdpa(body, monkeypatch):
+    """The tiny body is grouped-query (4 heads, 2 key/value heads) under SDPA: a candidate
+    block's layers run packed_sdpa, and the body's attention is SDPA again afterwards."""
+    config = body.config
+    assert config._attn_implementation == "sdpa" and config.num_key_value_heads < config.num_attention_heads
+    calls = []
+    original = streams.packed_sdpa
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(streams.AttentionInterface._global_mapping, streams.PACKED_SDPA, spy)
+    stream = batch(body, True)  # a padded prefill runs it too (its mask hides the padding)
+    calls.clear()
+    stream.forward(CANDIDATES)
+    assert calls == [CANDIDATES.shape[1]] * body.config.num_hidden_layers
+    assert body.config._attn_implementation == "sdpa"
 
 
 def test_keep_leaves_only_the_chosen_candidate_in_the_cache(body):

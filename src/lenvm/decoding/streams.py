@@ -14,6 +14,12 @@ keeps the chosen candidate's cache entry and drops the others, so the prefix is 
 :meth:`Stream.advance` moves a stream one token on either way: it keeps the chosen candidate
 when a block was fed, and feeds the chosen token otherwise.
 
+In a grouped-query model several query heads share one key/value head. ``transformers``' SDPA
+path copies every cached key and value once per query head when a mask is given, as a candidate
+block's is; :func:`packed_sdpa` lets the heads of a group ride together instead (the block's
+queries stacked per key/value head, the mask repeated per head), the same attention without
+the copies. A stream runs its body so while the body's attention is ``"sdpa"``.
+
 The cache grows in place: each layer's keys and values are views of a buffer with room behind
 them, so a step writes its own columns instead of copying the whole cache (which
 ``transformers``' own cache does at every step, a cost that grows with the answer).
@@ -36,11 +42,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lenvm.model import can_stop_at, normalized, run_until, select_features
 from lenvm.vision import ImageInputs, model_kwargs, rope_positions
@@ -179,11 +189,12 @@ class Stream:
             cache_argument(type(self.body)): self.cache,
             **extra,
         }
-        if self.shallow:
-            return Hidden.shallow(run_until(self.body, self.feature_layer, **inputs))
-        return Hidden.of(
-            self.body(**inputs, output_hidden_states=self.feature_layer != -1), self.feature_layer
-        )
+        with packed_attention(self.body):
+            if self.shallow:
+                return Hidden.shallow(run_until(self.body, self.feature_layer, **inputs))
+            return Hidden.of(
+                self.body(**inputs, output_hidden_states=self.feature_layer != -1), self.feature_layer
+            )
 
     @torch.no_grad()
     def keep(self, choice: torch.Tensor | None = None) -> None:
@@ -307,3 +318,65 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean ``[B, q, kv]`` visibility mask as the ``[B, 1, q, kv]`` mask attention adds."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+PACKED_SDPA = "lenvm_packed_sdpa"
+
+
+def packed_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention (``transformers``' signature) that, for several queries of a grouped-query
+    model under a mask shared by all heads (``[B, 1, q, kv]``), runs each key/value head once
+    for the queries of all the heads that share it, instead of copying the keys and values per
+    head. Anything else goes to ``transformers``' own SDPA function."""
+    batch, heads, length, dim = query.shape
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        groups == 1
+        or length == 1
+        or attention_mask is None
+        or attention_mask.dim() != 4
+        or attention_mask.shape[1] != 1
+        or kwargs.get("position_bias") is not None
+        or module.training
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # Head h reads key/value head h // groups: its queries go to that head's block of rows.
+    query = query.reshape(batch, heads // groups, groups * length, dim)
+    mask = attention_mask.expand(batch, groups, length, -1).reshape(batch, 1, groups * length, -1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=kwargs.get("scaling"))
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+
+
+@contextmanager
+def packed_attention(body: nn.Module) -> Iterator[None]:
+    """Run ``body``'s grouped-query attention layers with :func:`packed_sdpa` while their
+    implementation is ``"sdpa"`` (the same attention: others, such as eager or flash attention,
+    are left as they are), and restore it afterwards."""
+    configs = [c for c in _attention_configs(body) if c._attn_implementation == "sdpa"]
+    for config in configs:
+        config._attn_implementation = PACKED_SDPA
+    try:
+        yield
+    finally:
+        for config in configs:
+            config._attn_implementation = "sdpa"
+
+
+def _attention_configs(body: nn.Module) -> list:
+    """The configs the attention layers of ``body`` read their implementation from (one for a
+    text model; a vision-language model's vision tower has its own)."""
+    configs = {}
+    for module in body.modules():
+        if getattr(module, "num_key_value_groups", 1) > 1 and hasattr(module, "config"):
+            configs[id(module.config)] = module.config
+    return list(configs.values())
