@@ -29,9 +29,9 @@ ATTEMPT_SEED_STEP = 0x9E3779B97F4A7C15
 # the same ratio, 5 against 2 per unit of relative deviation).
 SHORT_MISS = 2.5
 # An Equal To answer of our rule that ends naturally but misses its target by more than this share
-# of it (by miss) has its end resampled too, at most CLOSER_RETRIES times, and the closest natural
-# end is kept: where a sentence ends is chance, and a few tokens are cheap at short targets, where
-# the same miss costs the most.
+# of it (by miss) has its end resampled too, while fewer than CLOSER_RETRIES retries were spent, and
+# the closest natural end is kept: where the last sentence ends is partly chance, so another draw
+# may land nearer (one draw takes most of the gain of two at less cost: docs/benchmarks.md).
 CLOSE_ENOUGH = 0.05
 CLOSER_RETRIES = 1
 
