@@ -105,8 +105,9 @@ def test_endings_count_chosen_eos_and_natural_ones():
     assert metrics["natural_end"] == 0.25  # of those, only p(EOS) 0.5 passes 0.05
 
 
-def _ended(method, constraint, target, n, finish="stop", eos_prob=0.3, text="", row="r"):
+def _ended(method, constraint, target, n, finish="stop", eos_prob=0.3, text="", row="r", logprob=-1.0):
     return {
+        "mean_logprob": logprob,
         "method": method,
         "constraint": constraint,
         "target": target,
@@ -137,6 +138,29 @@ def test_summary_says_how_answers_ended():
     ]
     m = lifebench_score.summarize(least)["p"]["at_least"]
     assert m["cut"] == pytest.approx(0.5) and m["bound_stop"] == 0.0
+
+
+def test_summary_compares_log_probabilities_where_unguided_sampling_ended():
+    """Only items whose unguided answer ended with EOS are compared, each method's own answers
+    to them against the unguided ones; an unguided answer cut at max_new_tokens is left out."""
+    items = [
+        _ended("prompt", "equal_to", 32, 20, row="a", logprob=-1.0),
+        _ended("prompt", "equal_to", 32, 40, row="b", logprob=-2.0),
+        _ended("prompt", "equal_to", 32, 512, finish="length", row="c", logprob=-0.2),  # a loop
+        _ended("lenvm-ours", "equal_to", 32, 31, row="a", logprob=-1.2),
+        _ended("lenvm-ours", "equal_to", 32, 33, row="b", logprob=-1.4),
+        _ended("lenvm-ours", "equal_to", 32, 32, row="c", logprob=-3.0),
+    ]
+    summary = lifebench_score.summarize(items)
+    m = summary["lenvm-ours"]["equal_to"]
+    assert m["unguided_ended"] == 2
+    assert m["logprob_where_unguided_ended"] == pytest.approx(-1.3)
+    assert m["unguided_logprob_where_ended"] == pytest.approx(-1.5)
+    assert m["mean_logprob"] == pytest.approx(-5.6 / 3)  # all items, the loop's included
+    assert "unguided_ended" not in summary["prompt"]["equal_to"]
+    assert "-1.30 against -1.50 (2 items)" in lifebench_score.quality_table(summary)
+    cut = lifebench_score.summarize([items[2], items[5]])["lenvm-ours"]["equal_to"]
+    assert cut["unguided_ended"] == 0 and cut["logprob_where_unguided_ended"] is None
 
 
 def test_summary_counts_guided_changes_to_answers_that_fit_unguided():

@@ -141,7 +141,10 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     ``decoded_tokens``). For At Most and At Least, when the prompt-only method ran on the same
     items, a guided method also gets ``unguided_fit`` (how many of its items' unguided answers
     met the bound) and ``changed_fit`` (the share of those whose guided answer differs; None when
-    none did).
+    none did); and for every constraint ``unguided_ended`` (how many of its items' unguided
+    answers ended with EOS), ``logprob_where_unguided_ended`` and
+    ``unguided_logprob_where_ended`` (the mean log-probability per token of the method's and of
+    the unguided answers on those items; None when there are none).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
@@ -160,8 +163,10 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
                 "by_category": _grouped([i for i in group if "category" in i], "category"),
                 "by_lang": _grouped([i for i in group if "lang" in i], "lang"),
             }
-            if method != UNGUIDED and constraint in BOUNDS and unguided:
-                summary[method][constraint].update(_changed_fits(group, unguided))
+            if method != UNGUIDED and unguided:
+                summary[method][constraint].update(_logprob_where_unguided_ended(group, unguided))
+                if constraint in BOUNDS:
+                    summary[method][constraint].update(_changed_fits(group, unguided))
     return summary
 
 
@@ -177,6 +182,28 @@ def _changed_fits(group: list[Mapping[str, Any]], unguided: Mapping[tuple, Mappi
     pairs = [(i, u) for i, u in pairs if fits(u)]
     changed = sum(i["text"] != u["text"] for i, u in pairs)
     return {"unguided_fit": len(pairs), "changed_fit": changed / len(pairs) if pairs else None}
+
+
+def _logprob_where_unguided_ended(
+    group: list[Mapping[str, Any]], unguided: Mapping[tuple, Mapping[str, Any]]
+) -> dict:
+    """The mean log-probability per token of a guided method and of unguided sampling on the
+    items whose unguided answer ended with EOS (``unguided_ended`` of them). An unguided answer
+    cut at ``max_new_tokens`` has often fallen into a loop, text the generator finds very likely,
+    which an answer brought to an end cannot match: this compares like with like."""
+    pairs = [(i, unguided[_item_key(i)]) for i in group if _item_key(i) in unguided]
+    pairs = [(i, u) for i, u in pairs if u.get("finish_reason") == "stop"]
+    if not pairs:
+        return {
+            "unguided_ended": 0,
+            "logprob_where_unguided_ended": None,
+            "unguided_logprob_where_ended": None,
+        }
+    return {
+        "unguided_ended": len(pairs),
+        "logprob_where_unguided_ended": float(np.mean([i.get("mean_logprob", np.nan) for i, _ in pairs])),
+        "unguided_logprob_where_ended": float(np.mean([u.get("mean_logprob", np.nan) for _, u in pairs])),
+    }
 
 
 def _cell(metrics: Mapping[str, Any] | None, key: str, percent: bool = False) -> str:
@@ -235,14 +262,20 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
     """Per method and constraint: how the outputs ended (with EOS, naturally, stopped by a bound,
     cut at ``max_new_tokens``), their median length over the target, the generator's mean
     log-probability per token (control that hits lengths by garbling text shows up here), the
-    decoding cost, and how often guidance changed an answer that met its bound unguided."""
+    the same beside unguided sampling's on the items where that ended with EOS, the decoding cost,
+    and how often guidance changed an answer that met its bound unguided."""
     labels = labels or {}
     rows = []
     for method, by_constraint in summary.items():
         for constraint, m in by_constraint.items():
-            changed = "–"
+            changed = likely = "–"
             if m.get("unguided_fit"):
                 changed = f"{round(m['changed_fit'] * m['unguided_fit'])} of {m['unguided_fit']}"
+            if m.get("unguided_ended"):
+                likely = (
+                    f"{m['logprob_where_unguided_ended']:.2f} against {m['unguided_logprob_where_ended']:.2f}"
+                    f" ({m['unguided_ended']} items)"
+                )
             rows.append(
                 [
                     labels.get(method, method),
@@ -253,6 +286,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
                     f"{100 * m['cut']:.0f}%",
                     f"{m['median_ratio']:.2f}",
                     f"{m['mean_logprob']:.2f}",
+                    likely,
                     f"{m['decoding_cost']:.2f}x",
                     changed,
                 ]
@@ -266,6 +300,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
         "cut at max_new_tokens",
         "median length / target",
         "mean log-prob / token",
+        "the same where unguided sampling ended (against unguided)",
         "tokens decoded / returned",
         "fitting unguided answers changed",
     ]
