@@ -87,6 +87,19 @@ def test_packed_sdpa_is_transformers_sdpa_without_the_copies(length, cached, see
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_long_block_is_left_to_transformers_sdpa(monkeypatch):
+    """A padded prefill's many queries go to transformers' function: repeating its mask per head
+    would cost more than the copies packing saves."""
+    calls = []
+    monkeypatch.setattr(streams, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(1))
+    module = _GroupedAttention().eval()
+    for length, delegated in ((8, False), (2 * 6 * 8 // 3 + 1, True)):  # 2 * heads * dim / groups
+        calls.clear()
+        key = value = torch.randn(1, 2, length, 8)
+        packed_sdpa(module, torch.randn(1, 6, length, 8), key, value, torch.zeros(1, 1, length, length))
+        assert bool(calls) == delegated
+
+
 def test_a_candidate_block_runs_packed_attention_and_restores_sdpa(body, monkeypatch):
     """The tiny body is grouped-query (4 heads, 2 key/value heads) under SDPA: a candidate
     block's layers run packed_sdpa, and the body's attention is SDPA again afterwards."""

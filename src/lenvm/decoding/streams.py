@@ -334,12 +334,14 @@ def packed_sdpa(
     """SDPA attention (``transformers``' signature) that, for several queries of a grouped-query
     model under a mask shared by all heads (``[B, 1, q, kv]``), runs each key/value head once
     for the queries of all the heads that share it, instead of copying the keys and values per
-    head. Anything else goes to ``transformers``' own SDPA function."""
+    head. Anything else goes to ``transformers``' own SDPA function, and so does a long block
+    (a padded prefill), where the mask repeated per head would outgrow the copies it saves."""
     batch, heads, length, dim = query.shape
     groups = getattr(module, "num_key_value_groups", 1)
     if (
         groups == 1
         or length == 1
+        or groups * length > 2 * heads * dim  # mask rows added against key and value rows copied
         or attention_mask is None
         or attention_mask.dim() != 4
         or attention_mask.shape[1] != 1
