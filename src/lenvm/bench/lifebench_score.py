@@ -174,12 +174,19 @@ def _item_key(item: Mapping[str, Any]) -> tuple:
     return item.get("row"), item["constraint"], int(item["target"])
 
 
+def _with_unguided(
+    group: list[Mapping[str, Any]], unguided: Mapping[tuple, Mapping[str, Any]]
+) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """Each item of ``group`` with the prompt-only item of the same row, constraint and target,
+    where there is one."""
+    return [(i, unguided[_item_key(i)]) for i in group if _item_key(i) in unguided]
+
+
 def _changed_fits(group: list[Mapping[str, Any]], unguided: Mapping[tuple, Mapping[str, Any]]) -> dict:
     """How often guidance changed an answer that met its bound without it: the unguided answer
     of an item is the prompt-only method's, drawn with the same seed (the same random stream),
     so a guided answer that leaves it alone is the same text."""
-    pairs = [(i, unguided[_item_key(i)]) for i in group if _item_key(i) in unguided and "text" in i]
-    pairs = [(i, u) for i, u in pairs if fits(u)]
+    pairs = [(i, u) for i, u in _with_unguided(group, unguided) if "text" in i and fits(u)]
     changed = sum(i["text"] != u["text"] for i, u in pairs)
     return {"unguided_fit": len(pairs), "changed_fit": changed / len(pairs) if pairs else None}
 
@@ -191,8 +198,7 @@ def _logprob_where_unguided_ended(
     items whose unguided answer ended with EOS (``unguided_ended`` of them). An unguided answer
     cut at ``max_new_tokens`` has often fallen into a loop, text the generator finds very likely,
     which an answer brought to an end cannot match: this compares like with like."""
-    pairs = [(i, unguided[_item_key(i)]) for i in group if _item_key(i) in unguided]
-    pairs = [(i, u) for i, u in pairs if u.get("finish_reason") == "stop"]
+    pairs = [(i, u) for i, u in _with_unguided(group, unguided) if u.get("finish_reason") == "stop"]
     if not pairs:
         return {
             "unguided_ended": 0,
