@@ -83,7 +83,7 @@ def test_table2_layout():
     table = lifebench_score.table2(lifebench_score.summarize(items), {"prompt": "prompt only"})
     header, rule, row = table.strip().splitlines()
     assert header == "| method | Equal To deviation | Equal To LS | At Most LS | At Least LS |"
-    assert row == "| prompt only | 50% | 36.8 | 36.8 | 100.0 |"
+    assert row == "| prompt only | 50% | 36.8 (36.8-36.8) | 36.8 (36.8-36.8) | 100.0 (100.0-100.0) |"
     by_target = lifebench_score.breakdown_table(lifebench_score.summarize(items), "by_target")
     assert "36.8 (50%)" in by_target
 

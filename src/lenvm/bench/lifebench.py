@@ -335,7 +335,8 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         f"Token-level LIFEBench: {n_rows} rows, targets {', '.join(map(str, targets))} tokens"
         + (f" (skipped above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
         + (f"; {len(too_long)} rows left out as too long" if too_long else "")
-        + ". Length Score 0-100; deviation = mean |L_out - L_target| / L_target.\n",
+        + ". Length Score 0-100, its 95% interval in brackets (a bootstrap over the answers of "
+        "each target); deviation = mean |L_out - L_target| / L_target.\n",
         lifebench_score.table2(summary, labels),
         "\nLength Score by target (Equal To: score and deviation):\n",
         lifebench_score.breakdown_table(summary, "by_target", labels),

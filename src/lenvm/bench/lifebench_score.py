@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from lenvm.bench.common import markdown_table
+from lenvm.bench.intervals import bootstrap_interval, wilson_interval
 from lenvm.decoding.params import NATURAL_EOS
 
 CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
@@ -45,27 +46,35 @@ def length_score(length: float, target: float, constraint: str) -> float:
     return 100.0 * math.exp(-OVERSHOOT_RATE * deviation)
 
 
+def _by_target(items: list[Mapping[str, Any]], value: Callable[[Mapping], float]) -> list[list[float]]:
+    """``value`` of every item, grouped by target."""
+    groups: dict[int, list[float]] = defaultdict(list)
+    for item in items:
+        groups[int(item["target"])].append(value(item))
+    return list(groups.values())
+
+
 def _target_averaged(items: list[Mapping[str, Any]], value: Callable[[Mapping], float]) -> float:
     """Mean over targets of the per-target mean of ``value``."""
-    by_target: dict[int, list[float]] = defaultdict(list)
-    for item in items:
-        by_target[int(item["target"])].append(value(item))
-    return float(np.mean([np.mean(v) for v in by_target.values()]))
+    return float(np.mean([np.mean(v) for v in _by_target(items, value)]))
 
 
 def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
     def deviation(item: Mapping) -> float:
         return length_deviation(item["num_tokens"], item["target"])
 
+    def score(item: Mapping) -> float:
+        return length_score(item["num_tokens"], item["target"], item["constraint"])
+
     return {
         "n": len(items),
         "deviation": _target_averaged(items, lambda i: abs(deviation(i))),
         "signed_deviation": _target_averaged(items, deviation),
-        "score": _target_averaged(
-            items, lambda i: length_score(i["num_tokens"], i["target"], i["constraint"])
-        ),
+        "score": _target_averaged(items, score),
+        "score_interval": bootstrap_interval(_by_target(items, score)),
         "ended": _share(items, lambda i: i.get("finish_reason") == "stop"),
         "natural_end": _share(items, natural_end),
+        "natural_end_interval": wilson_interval(sum(map(natural_end, items)), len(items)),
         "bound_stop": _share(items, stopped_by_bound),
         "cut": _share(items, lambda i: i.get("finish_reason") == "length"),
         "median_ratio": float(np.median([i["num_tokens"] / i["target"] for i in items])),
@@ -138,7 +147,9 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     ``cut`` (the share cut at ``max_new_tokens``), ``median_ratio`` (the median of output length
     over target), ``mean_logprob`` (the generator's mean log-probability per output token: a
     fluency proxy) and ``decoding_cost`` (tokens decoded per token returned, from
-    ``decoded_tokens``). For At Most and At Least, when the prompt-only method ran on the same
+    ``decoded_tokens``); ``score_interval`` and ``natural_end_interval`` are 95% intervals of
+    ``score`` (a bootstrap over the answers of each target) and ``natural_end`` (Wilson's), see
+    :mod:`lenvm.bench.intervals`. For At Most and At Least, when the prompt-only method ran on the same
     items, a guided method also gets ``unguided_fit`` (how many of its items' unguided answers
     met the bound) and ``changed_fit`` (the share of those whose guided answer differs; None when
     none did); and for every constraint ``unguided_ended`` (how many of its items' unguided
@@ -219,6 +230,15 @@ def _cell(metrics: Mapping[str, Any] | None, key: str, percent: bool = False) ->
     return f"{100 * value:.0f}%" if percent else f"{value:.1f}"
 
 
+def _cell_with_interval(metrics: Mapping[str, Any] | None, key: str, percent: bool = False) -> str:
+    """``_cell`` followed by the figure's 95% interval, where the metrics hold one."""
+    cell = _cell(metrics, key, percent)
+    if metrics is None or f"{key}_interval" not in metrics:
+        return cell
+    lo, hi = metrics[f"{key}_interval"]
+    return f"{cell} ({100 * lo:.0f}-{100 * hi:.0f}%)" if percent else f"{cell} ({lo:.1f}-{hi:.1f})"
+
+
 def table2(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
     """The paper's Table 2 layout: Equal To deviation and LS, At Most LS, At Least LS."""
     labels = labels or {}
@@ -229,9 +249,9 @@ def table2(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] |
             [
                 labels.get(method, method),
                 _cell(eq, "deviation", percent=True),
-                _cell(eq, "score"),
-                _cell(by_constraint.get("at_most"), "score"),
-                _cell(by_constraint.get("at_least"), "score"),
+                _cell_with_interval(eq, "score"),
+                _cell_with_interval(by_constraint.get("at_most"), "score"),
+                _cell_with_interval(by_constraint.get("at_least"), "score"),
             ]
         )
     header = ["method", "Equal To deviation", "Equal To LS", "At Most LS", "At Least LS"]
@@ -287,7 +307,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
                     labels.get(method, method),
                     CONSTRAINT_LABELS[constraint],
                     f"{100 * m['ended']:.0f}%",
-                    f"{100 * m['natural_end']:.0f}%",
+                    _cell_with_interval(m, "natural_end", percent=True),
                     f"{100 * m['bound_stop']:.0f}%",
                     f"{100 * m['cut']:.0f}%",
                     f"{m['median_ratio']:.2f}",
@@ -301,7 +321,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
         "method",
         "constraint",
         "ended with EOS",
-        f"natural end (generator p(EOS) >= {NATURAL_EOS:g})",
+        f"natural end (generator p(EOS) >= {NATURAL_EOS:g}; 95% interval)",
         "stopped by a bound",
         "cut at max_new_tokens",
         "median length / target",
