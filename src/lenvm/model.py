@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lenvm import __version__, vision
-from lenvm.io import InputError, atomic_path, is_int
+from lenvm.calibration import Calibration
+from lenvm.io import InputError, atomic_path, is_int, write_text
 from lenvm.prompts import Messages, Prompt, TokenIds
 from lenvm.returns import _check_gamma, value_to_length
 
@@ -77,6 +79,7 @@ class LengthValueConfig:
     generator: str | None = None  # whose rollouts trained it
     sampling: dict[str, Any] | None = None  # the decoding policy of those rollouts
     training: dict[str, Any] | None = None  # summary of how it was trained
+    calibration: dict[str, Any] | None = None  # knots of lenvm.calibration.Calibration, when fitted
     format: str = FORMAT
     lenvm_version: str = __version__
 
@@ -90,6 +93,8 @@ class LengthValueConfig:
             raise InputError(
                 f"feature_layer must be -1 (the final layer) or a layer index, got {self.feature_layer!r}"
             )
+        if self.calibration is not None:
+            Calibration.from_dict(self.calibration)  # a bad map fails on load, not mid-decoding
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -368,20 +373,35 @@ class LengthValueModel(nn.Module):
         )
         return select_features(out, layer)
 
-    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``V(s) = -sigmoid(z)`` for each hidden vector (``[..., H] -> [...]``)."""
+    @property
+    def calibration(self) -> Calibration | None:
+        """The monotone map applied to every value (:mod:`lenvm.calibration`), when fitted."""
+        data = self.config.calibration
+        if data is None:
+            return None
+        if getattr(self, "_calibration_of", None) is not data:  # built once per config entry
+            self._calibration, self._calibration_of = Calibration.from_dict(data), data
+        return self._calibration
+
+    def _calibrated(self, values: torch.Tensor, calibrated: bool) -> torch.Tensor:
+        calibration = self.calibration if calibrated else None
+        return values if calibration is None else calibration(values)
+
+    def values_from_hidden(self, hidden: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """``V(s) = -sigmoid(z)`` for each hidden vector (``[..., H] -> [...]``), through the
+        calibration unless ``calibrated`` is False (the head's own values, which training fits)."""
         head = self.head.state if isinstance(self.head, QHead) else self.head
-        return -torch.sigmoid(head(hidden.to(head.fc1.weight.dtype)))
+        return self._calibrated(-torch.sigmoid(head(hidden.to(head.fc1.weight.dtype))), calibrated)
 
     def next_values_from_hidden(
-        self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None
+        self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None, calibrated: bool = True
     ) -> torch.Tensor:
         """Q kind only: values of ``s + x`` for every token ``x`` (or the given candidate ids)."""
         if not isinstance(self.head, QHead):
             raise TypeError("next-token values from one state need a LenVM of kind 'q'")
         embeddings = self.backbone.get_input_embeddings().weight
         logits = self.head.next_logits(hidden.to(self.head.proj.weight.dtype), embeddings, token_ids)
-        return -torch.sigmoid(logits)
+        return self._calibrated(-torch.sigmoid(logits), calibrated)
 
     def forward(
         self,
@@ -389,9 +409,12 @@ class LengthValueModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        calibrated: bool = True,
     ) -> torch.Tensor:
-        """Values ``V(s_t)`` at every position: ``[B, T]`` (images as in :meth:`features`)."""
-        return self.values_from_hidden(self.features(input_ids, attention_mask, pixel_values, image_grid_thw))
+        """Values ``V(s_t)`` at every position: ``[B, T]`` (images as in :meth:`features`;
+        ``calibrated`` as in :meth:`values_from_hidden`)."""
+        features = self.features(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return self.values_from_hidden(features, calibrated)
 
     # -- prediction -----------------------------------------------------------------------
 
@@ -536,6 +559,23 @@ def right_pad(sequences: list[list[int]], device, pad_id: int = 0):
         mask[i, : len(seq)] = 1
     last = torch.tensor([len(s) - 1 for s in sequences])
     return ids.to(device), mask.to(device), last.to(device)
+
+
+def save_config(
+    path: str | os.PathLike, config: LengthValueConfig, out: str | os.PathLike | None = None
+) -> Path:
+    """Write ``config`` into the LenVM folder ``path`` (its weights and any other file kept), or
+    into a copy of the folder at ``out``; atomically either way. Returns the folder written."""
+    path = Path(path)
+    read_config(path)  # a LenVM folder, not any folder
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    if out is None or Path(out).resolve() == path.resolve():
+        write_text(path / CONFIG_NAME, text)
+        return path
+    with atomic_path(out) as tmp:
+        shutil.copytree(path, tmp)
+        (tmp / CONFIG_NAME).write_text(text)
+    return Path(out)
 
 
 def read_config(path: str | os.PathLike) -> LengthValueConfig:

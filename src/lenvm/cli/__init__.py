@@ -157,6 +157,21 @@ def cmd_predict(args) -> None:
         )
 
 
+def cmd_calibrate(args) -> None:
+    from lenvm.calibration import calibrate, length_map
+    from lenvm.model import save_config
+    from lenvm.rollouts import read_rollouts
+
+    lenvm = _load_lenvm(args)
+    records = read_rollouts(args.rollouts)
+    calibration = calibrate(lenvm, records, batch_size=args.batch_size, progress=args.progress)
+    out = save_config(args.lenvm, lenvm.config, args.out)
+    print(f"calibrated on {len(records)} rollouts; wrote {out}", file=sys.stderr)
+    print("tokens left, as the head says -> as its answers went on")
+    for said, went in length_map(calibration, lenvm.gamma, (2, 4, 8, 16, 32, 64, 128, 256)):
+        print(f"{said:8.0f} -> {went:6.1f}")
+
+
 def cmd_values(args) -> None:
     from lenvm.io import write_text
     from lenvm.values_view import render_html, token_values
@@ -480,6 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a monotone map from a LenVM's values to the lengths realized on held-out rollouts",
+    )
+    p.add_argument("--lenvm", required=True)
+    p.add_argument(
+        "--rollouts",
+        required=True,
+        help="rollouts JSONL of the LenVM's generator on prompts the LenVM was not trained on "
+        "(its training's --eval-rollouts, or new ones)",
+    )
+    p.add_argument("--out", help="write the calibrated LenVM here (default: in place)")
+    p.add_argument("--batch-size", type=int, default=8, help="rollouts per forward")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    options.add_device(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
     p.add_argument("--lenvm", required=True)

@@ -1,0 +1,156 @@
+"""Calibration: a monotone map from a LenVM's values to the returns its states go on to realize.
+
+A head trained on some prompts fits them closely and can be biased on others. A LenVM trained
+on the built-in prompts, on rollouts of prompts it never saw, said 8 tokens were left where about
+13 were, and 32 where about 44 were (docs/benchmarks.md): a rule steering an answer toward its
+target then plans the ending too late and overshoots. Calibrating fits, on rollouts of held-out
+prompts, the non-decreasing function of the predicted value that best predicts the realized
+return (isotonic regression, by pooling adjacent violators) and applies it to every value the
+LenVM gives. Being monotone it never reorders states: the shortest and longest candidates stay
+so; only the number of tokens a value stands for moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lenvm.io import InputError
+
+KNOTS = 64  # interpolation points over the range of the values seen
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A piecewise-linear, non-decreasing map from value to value, given by its knots: the
+    ``returns`` at strictly increasing ``values``, both within ``[-1, 0]``. Outside the knots the
+    end returns hold."""
+
+    values: tuple[float, ...]
+    returns: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        v, r = np.asarray(self.values, dtype=float), np.asarray(self.returns, dtype=float)
+        if len(v) < 2 or len(v) != len(r):
+            raise InputError("a calibration needs at least two knots, as many values as returns")
+        if not (np.all(np.diff(v) > 0) and np.all(np.diff(r) >= 0)):
+            raise InputError("calibration knots must have increasing values and non-decreasing returns")
+        if v.min() < -1 or v.max() > 0 or r.min() < -1 or r.max() > 0:
+            raise InputError("calibration knots must lie in [-1, 0]")
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """The calibrated values, same shape, dtype and device."""
+        xs = torch.tensor(self.values, dtype=torch.float64, device=values.device)
+        ys = torch.tensor(self.returns, dtype=torch.float64, device=values.device)
+        v = values.detach().double().clamp(xs[0], xs[-1])
+        right = torch.searchsorted(xs, v.contiguous()).clamp(1, len(xs) - 1)
+        x0, x1, y0, y1 = xs[right - 1], xs[right], ys[right - 1], ys[right]
+        out = y0 + (v - x0) / (x1 - x0) * (y1 - y0)
+        return out.to(values.dtype)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"values": list(self.values), "returns": list(self.returns)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        return cls(tuple(map(float, data["values"])), tuple(map(float, data["returns"])))
+
+
+def isotonic(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares non-decreasing fit of ``y`` on ``x``: the distinct ``x`` in increasing
+    order and the fitted value at each (pool adjacent violators; tied ``x`` share one value)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError("need as many x as y, at least one")
+    xs, inverse = np.unique(x, return_inverse=True)
+    weight = np.bincount(inverse).astype(float)
+    mean = np.bincount(inverse, weights=y) / weight
+    # Blocks of (mean, weight, count); merge a block into the one before while it is lower.
+    means, weights, counts = [], [], []
+    for m, w in zip(mean, weight, strict=True):
+        means.append(m)
+        weights.append(w)
+        counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            w2 = weights[-2] + weights[-1]
+            means[-2:] = [(means[-2] * weights[-2] + means[-1] * weights[-1]) / w2]
+            weights[-2:] = [w2]
+            counts[-2:] = [counts[-2] + counts[-1]]
+    return xs, np.repeat(means, counts)
+
+
+def fit_calibration(values: Iterable[float], returns: Iterable[float], knots: int = KNOTS) -> Calibration:
+    """Fit a :class:`Calibration` to predicted ``values`` and the ``returns`` realized after them:
+    the isotonic fit, read at ``knots`` evenly spaced values across the range seen, with the
+    ends of the value range (-1 and 0) mapped to themselves where they lie outside it."""
+    v, r = np.asarray(list(values), dtype=float), np.asarray(list(returns), dtype=float)
+    if len(v) < 2 or len(v) != len(r):
+        raise InputError("calibrating needs at least two states, each with its realized return")
+    xs, fit = isotonic(v, np.clip(r, -1.0, 0.0))
+    if len(xs) < 2:
+        raise InputError("calibrating needs states of at least two different values")
+    at = np.linspace(xs[0], xs[-1], knots)
+    knot_values, knot_returns = list(at), list(np.interp(at, xs, fit))
+    if knot_values[0] > -1.0:
+        knot_values.insert(0, -1.0)
+        knot_returns.insert(0, -1.0)
+    if knot_values[-1] < 0.0:
+        knot_values.append(0.0)
+        knot_returns.append(0.0)
+    return Calibration(tuple(knot_values), tuple(np.maximum.accumulate(knot_returns)))
+
+
+@torch.no_grad()
+def realized_returns(
+    lenvm, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The LenVM's own (uncalibrated) value of every state of the rollouts ``records`` and the
+    return realized after it: Monte-Carlo for an answer that ended, bootstrapped from the value at
+    the cut for one cut at ``max_new_tokens``, as in training."""
+    from tqdm.auto import tqdm
+
+    from lenvm import vision
+    from lenvm.dataset import collate, iter_examples
+
+    examples = sorted(iter_examples(records, lenvm.config.eos_token_ids), key=lambda e: len(e.input_ids))
+    if not examples:
+        raise InputError("no rollouts to calibrate on")
+    pad = lenvm.tokenizer.pad_token_id or 0
+    values, returns = [], []
+    for start in tqdm(
+        range(0, len(examples), batch_size), desc="calibrating", unit="batch", disable=not progress
+    ):
+        chunk = examples[start : start + batch_size]
+        batch = collate(chunk, lenvm.gamma, pad).to(lenvm.device)
+        images = vision.forward_images(
+            lenvm.tokenizer, [(e.input_ids, e.images) for e in chunk], lenvm.device
+        )
+        v = lenvm(batch.input_ids, batch.attention_mask, calibrated=False, **images).double()
+        boot = v.gather(1, batch.boot_index[:, None])
+        target = batch.mc.double() + batch.discount.double() * boot
+        values.append(v[batch.supervised].cpu().numpy())
+        returns.append(target[batch.supervised].cpu().numpy())
+    return np.concatenate(values), np.concatenate(returns)
+
+
+def calibrate(
+    lenvm, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+) -> Calibration:
+    """Fit ``lenvm``'s calibration on rollouts of prompts it was not trained on, and set it (the
+    map also goes into its config, so :meth:`save_pretrained` keeps it). Returns the map."""
+    calibration = fit_calibration(*realized_returns(lenvm, records, batch_size, progress))
+    lenvm.config.calibration = calibration.to_dict()
+    return calibration
+
+
+def length_map(calibration: Calibration, gamma: float, lengths: Sequence[float]) -> list[tuple[float, float]]:
+    """For each predicted remaining length, the length its calibrated value stands for."""
+    from lenvm.returns import length_to_value, value_to_length
+
+    values = torch.tensor(np.asarray(length_to_value(np.asarray(lengths, dtype=float), gamma)))
+    out = value_to_length(calibration(values).numpy(), gamma)
+    return [(float(a), float(b)) for a, b in zip(lengths, out, strict=True)]

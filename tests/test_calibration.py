@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_records
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lenvm.calibration import Calibration, calibrate, fit_calibration, isotonic, length_map
+from lenvm.cli import main
+from lenvm.io import InputError
+from lenvm.model import LengthValueModel, read_config
+from lenvm.returns import length_to_value
+
+floats = st.floats(-1, 0, allow_nan=False)
+pairs = st.lists(st.tuples(floats, floats), min_size=1, max_size=40)
+
+
+@given(pairs)
+def test_isotonic_fit_is_non_decreasing_and_keeps_the_mean(data):
+    x, y = zip(*data, strict=True)
+    xs, fit = isotonic(x, y)
+    assert np.all(np.diff(xs) > 0) and np.all(np.diff(fit) >= -1e-12)
+    # Pooling replaces values by weighted block means: the total is unchanged.
+    weight = np.array([sum(1 for v in x if v == u) for u in xs])
+    assert float((fit * weight).sum()) == pytest.approx(sum(y), abs=1e-9)
+    assert isotonic(xs, fit)[1] == pytest.approx(fit)  # a monotone fit is its own fit
+
+
+@settings(max_examples=50)
+@given(pairs, st.lists(floats, min_size=1, max_size=40))
+def test_isotonic_fit_beats_any_other_monotone_fit(data, other):
+    x, y = zip(*data, strict=True)
+    xs, fit = isotonic(x, y)
+    at = {u: i for i, u in enumerate(xs)}
+    # Any non-decreasing assignment to the distinct x: here, sorted draws.
+    rival = np.sort(np.resize(np.asarray(other), len(xs)))
+
+    def error(f):
+        return sum((f[at[a]] - b) ** 2 for a, b in zip(x, y, strict=True))
+
+    assert error(fit) <= error(rival) + 1e-9
+
+
+def test_isotonic_fit_of_a_falling_sequence_is_its_mean():
+    assert isotonic([1, 2, 3, 4], [4, 3, 2, 1])[1] == pytest.approx([2.5] * 4)
+
+
+@given(st.lists(floats, min_size=1, max_size=30))
+def test_calibration_is_monotone_and_stays_in_range(values):
+    c = Calibration((-1.0, -0.6, -0.2, 0.0), (-1.0, -0.7, -0.5, 0.0))
+    v = torch.tensor(sorted(values), dtype=torch.float64)
+    out = c(v)
+    assert torch.all(out[1:] >= out[:-1] - 1e-12) and out.min() >= -1 and out.max() <= 0
+    assert out.shape == v.shape and out.dtype == v.dtype
+
+
+def test_calibration_passes_through_its_knots_and_round_trips():
+    c = Calibration((-1.0, -0.5, 0.0), (-1.0, -0.6, 0.0))
+    assert c(torch.tensor([-1.0, -0.5, -0.25, 0.0])).tolist() == pytest.approx([-1.0, -0.6, -0.3, 0.0])
+    assert Calibration.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert c(torch.zeros(2, 3, dtype=torch.float32)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "values, returns",
+    [
+        ((-0.5,), (-0.5,)),
+        ((-0.5, -0.6), (-0.5, -0.6)),
+        ((-0.6, -0.5), (-0.5, -0.6)),
+        ((-2.0, 0.0), (-1.0, 0.0)),
+    ],
+)
+def test_bad_calibrations_are_refused(values, returns):
+    with pytest.raises(InputError):
+        Calibration(values, returns)
+
+
+def test_fit_calibration_undoes_a_monotone_bias():
+    gamma = 0.95
+    rng = np.random.default_rng(0)
+    said = rng.uniform(1, 60, 4000)  # the head's remaining lengths
+    went = said + 8  # answers ran 8 tokens longer
+    c = fit_calibration(length_to_value(said, gamma), length_to_value(went, gamma))
+    assert c.values[0] == -1.0 and c.values[-1] == 0.0  # the ends map to themselves
+    for a, b in length_map(c, gamma, [4, 16, 32]):
+        assert b == pytest.approx(a + 8, abs=0.5)
+
+
+def test_fit_calibration_needs_data():
+    with pytest.raises(InputError):
+        fit_calibration([-0.5], [-0.4])
+    with pytest.raises(InputError):
+        fit_calibration([-0.5, -0.5], [-0.4, -0.6])
+
+
+def test_a_calibrated_lenvm_maps_every_value_and_keeps_the_map(tmp_path, tiny_path, tiny_generator):
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    raw = lenvm(ids)
+    calibration = calibrate(lenvm, synthetic_records(tiny_generator[1]))
+    assert lenvm.calibration == calibration
+    assert torch.allclose(lenvm(ids), calibration(raw)) and not torch.allclose(lenvm(ids), raw)
+    assert torch.equal(lenvm(ids, calibrated=False), raw)  # what training fits
+    lenvm.save_pretrained(tmp_path / "cal")
+    again = LengthValueModel.from_pretrained(tmp_path / "cal", generator=tiny_generator)
+    assert again.calibration == calibration and torch.allclose(again(ids), lenvm(ids))
+
+
+def test_calibrating_moves_the_heads_predictions_toward_what_happened(tiny_path, tiny_generator):
+    """An untrained head says about the same for every state; the synthetic answers run 3 or 24
+    tokens: calibrated on them, its values come nearer their realized returns."""
+    from lenvm.calibration import realized_returns
+
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    records = synthetic_records(tiny_generator[1], truncate_long=True)
+    values, returns = realized_returns(lenvm, records)
+    calibration = calibrate(lenvm, records)
+    after = calibration(torch.from_numpy(values)).numpy()
+    assert np.mean((after - returns) ** 2) < np.mean((values - returns) ** 2)
+
+
+def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_generator, capsys):
+    torch.manual_seed(0)
+    LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9).save_pretrained(tmp_path / "l")
+    (tmp_path / "l" / "notes.txt").write_text("kept")
+    rollouts = tmp_path / "r.jsonl"
+    rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
+    args = ["calibrate", "--lenvm", str(tmp_path / "l"), "--rollouts", str(rollouts), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "copy")]) == 0
+    assert read_config(tmp_path / "l").calibration is None  # the original is left alone
+    assert read_config(tmp_path / "copy").calibration is not None
+    assert (tmp_path / "copy" / "notes.txt").read_text() == "kept"
+    assert "tokens left, as the head says" in capsys.readouterr().out
+    assert main(args) == 0
+    assert read_config(tmp_path / "l").calibration == read_config(tmp_path / "copy").calibration
+    assert (tmp_path / "l" / "notes.txt").read_text() == "kept"  # in place: only the config changes
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["calibrate", "--lenvm", str(tmp_path / "l"), "--rollouts", str(empty)]) != 0
+    assert "no rollouts" in capsys.readouterr().err
