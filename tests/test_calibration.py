@@ -142,3 +142,17 @@ def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_genera
     empty.write_text("")
     assert main(["calibrate", "--lenvm", str(tmp_path / "l"), "--rollouts", str(empty)]) != 0
     assert "no rollouts" in capsys.readouterr().err
+
+
+def test_decoding_scores_candidates_with_the_calibrated_values(tiny_path, tiny_generator):
+    from lenvm.decoding.scorers import scorer_for
+
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    rows = [[5, 6, 7, 8], [9, 10, 11]]
+    ids, eos = torch.tensor([[20, 21, 22], [23, 24, 25]]), torch.zeros(2, 3, dtype=torch.bool)
+    raw = scorer_for(lenvm).prefill(lenvm, rows, lookahead=False).score(ids, eos)
+    lenvm.config.calibration = Calibration((-1.0, -0.5, 0.0), (-1.0, -0.9, 0.0)).to_dict()
+    calibrated = scorer_for(lenvm).prefill(lenvm, rows, lookahead=False).score(ids, eos)
+    assert torch.allclose(calibrated, lenvm.calibration(raw), atol=1e-6)
+    assert not torch.allclose(calibrated, raw)
