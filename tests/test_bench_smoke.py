@@ -117,7 +117,7 @@ def test_lifebench_smoke_and_resume(tmp_path, tiny_path, lenvm_dir, data, models
     table = (out / "table.md").read_text()
     assert "| method | Equal To deviation | Equal To LS | At Most LS | At Least LS |" in table
     assert (
-        "| ended with EOS | natural end (generator p(EOS) >= 0.05) | stopped by a bound "
+        "| ended with EOS | natural end (generator p(EOS) >= 0.05; 95% interval) | stopped by a bound "
         "| cut at max_new_tokens | median length / target | mean log-prob / token |"
     ) in table
     assert all(i["eos_prob"] is None or 0 < i["eos_prob"] <= 1 for i in items)
