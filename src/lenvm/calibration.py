@@ -12,6 +12,7 @@ so; only the number of tokens a value stands for moves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +43,14 @@ class Calibration:
         if v.min() < -1 or v.max() > 0 or r.min() < -1 or r.max() > 0:
             raise InputError("calibration knots must lie in [-1, 0]")
 
+    @functools.cached_property
+    def _knots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Built once: the map runs at every decoding step.
+        return torch.tensor(self.values, dtype=torch.float64), torch.tensor(self.returns, dtype=torch.float64)
+
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         """The calibrated values, same shape, dtype and device."""
-        xs = torch.tensor(self.values, dtype=torch.float64, device=values.device)
-        ys = torch.tensor(self.returns, dtype=torch.float64, device=values.device)
+        xs, ys = (t.to(values.device) for t in self._knots)
         v = values.detach().double().clamp(xs[0], xs[-1])
         right = torch.searchsorted(xs, v.contiguous()).clamp(1, len(xs) - 1)
         x0, x1, y0, y1 = xs[right - 1], xs[right], ys[right - 1], ys[right]
@@ -115,6 +120,7 @@ def realized_returns(
 
     from lenvm import vision
     from lenvm.dataset import collate, iter_examples
+    from lenvm.returns import lambda_returns
 
     examples = sorted(iter_examples(records, lenvm.config.eos_token_ids), key=lambda e: len(e.input_ids))
     if not examples:
@@ -130,8 +136,11 @@ def realized_returns(
             lenvm.tokenizer, [(e.input_ids, e.images) for e in chunk], lenvm.device
         )
         v = lenvm(batch.input_ids, batch.attention_mask, calibrated=False, **images).double()
-        boot = v.gather(1, batch.boot_index[:, None])
-        target = batch.mc.double() + batch.discount.double() * boot
+        boot = v.gather(1, batch.boot_index[:, None]).squeeze(1)
+        # Realized returns: training's lambda = 1 targets (Monte-Carlo, bootstrapped at a cut).
+        target = lambda_returns(
+            batch.mc.double(), batch.discount.double(), boot, v, batch.supervised, lenvm.gamma, 1.0
+        )
         values.append(v[batch.supervised].cpu().numpy())
         returns.append(target[batch.supervised].cpu().numpy())
     return np.concatenate(values), np.concatenate(returns)
