@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from lenvm import Control, Engine, LengthValueModel, Request, SamplingParams, load_generator
+from lenvm.calibration import Calibration
 from lenvm.io import InputError
+from lenvm.model import save_config
 
 pytestmark = pytest.mark.vllm
 
@@ -53,11 +55,22 @@ def _lenvm(tiny128, generator, kind, folder):
     return LengthValueModel.from_pretrained(folder, generator=generator)
 
 
+def _calibrated(tiny128, generator, folder):
+    """The attached LenVM with a map that reads every state as further from its end (its values
+    lie within 0.01 of 0, so the map spreads that stretch)."""
+    lenvm = _lenvm(tiny128, generator, "attached", folder)
+    lenvm.config.calibration = Calibration((-1.0, -0.005, 0.0), (-1.0, -0.6, 0.0)).to_dict()
+    save_config(folder, lenvm.config)
+    return LengthValueModel.from_pretrained(folder, generator=generator)
+
+
 @pytest.fixture(scope="module")
 def lenvms(tiny128, generator128, tmp_path_factory):
     root = tmp_path_factory.mktemp("lenvms")
     kinds = ("attached", "q", "standalone")
-    return {kind: (_lenvm(tiny128, generator128, kind, root / kind), root / kind) for kind in kinds}
+    found = {kind: (_lenvm(tiny128, generator128, kind, root / kind), root / kind) for kind in kinds}
+    found["calibrated"] = (_calibrated(tiny128, generator128, root / "calibrated"), root / "calibrated")
+    return found
 
 
 def _engine(tiny128, lenvm_path=None, **kwargs):
@@ -67,10 +80,11 @@ def _engine(tiny128, lenvm_path=None, **kwargs):
     return VLLMEngine(str(tiny128), lenvm=lenvm_path, **{**settings, **kwargs})
 
 
-@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone", "calibrated"])
 def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms, kind):
     """Same LenVM, same controls, greedy: vLLM with the processor picks the tokens our engine
-    picks (the generator's logits come from vLLM's kernels, equal to float32 rounding)."""
+    picks (the generator's logits come from vLLM's kernels, equal to float32 rounding); a
+    calibrated LenVM's map applies in vLLM's worker as in our engine."""
     lenvm, path = lenvms[kind]
     requests = [
         Request(PROMPTS[i % 3], SamplingParams(max_new_tokens=12, temperature=0.0), control=c)
@@ -85,6 +99,9 @@ def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms
         assert theirs_r.mean_logprob == pytest.approx(ours_r.mean_logprob, abs=1e-4)
     at_most, at_least = theirs[4], theirs[5]
     assert at_most.num_tokens <= 5 and at_least.num_tokens >= 9
+    if kind == "calibrated":  # the map changes choices, so matching above is not by accident
+        raw = Engine(*generator128, lenvm=lenvms["attached"][0], num_candidates=4).generate(requests)
+        assert [r.token_ids for r in raw] != [r.token_ids for r in ours]
 
 
 def test_rows_that_look_ahead_joining_a_shallow_cache_rebuild_it(tiny128, generator128, lenvms, monkeypatch):
