@@ -140,3 +140,13 @@ def test_relaunch_drops_only_the_launch_flags():
         "--lam",
         "0.9",
     ]
+
+
+def test_a_launched_process_leaves_its_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    launch.leave_process_group()
+    assert not dist.is_initialized()
+    launch.leave_process_group()  # no group: nothing to do

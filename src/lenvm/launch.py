@@ -56,6 +56,17 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def leave_process_group() -> None:
+    """In a launched process, wait for the others, then leave the process group. A gloo group
+    still alive when the interpreter shuts down can abort its process (SIGABRT), and the launcher
+    then kills the others, the main one perhaps while it writes the model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def launch_command(name_or_path: str, argv: list[str], num_processes: int | None = None) -> list[str]:
     """The ``accelerate launch`` command that runs ``lenvm`` with ``argv`` under a configuration.
 

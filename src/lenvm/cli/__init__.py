@@ -119,6 +119,7 @@ def cmd_train(args) -> int | None:
             "train_tokens_per_second": round(result.tokens_per_second),
         }
         print(json.dumps(summary, indent=2))
+    launch.leave_process_group()  # after the main process has written the LenVM
 
 
 def cmd_predict(args) -> None:
