@@ -39,6 +39,7 @@ KINDS: tuple[str, ...] = ("attached", "standalone", "q")
 FORMAT = "lenvm"
 CONFIG_NAME = "config.json"
 HEAD_NAME = "head.safetensors"
+END_HEAD_NAME = "end_head.safetensors"
 BACKBONE_DIR = "backbone"
 
 
@@ -80,6 +81,9 @@ class LengthValueConfig:
     sampling: dict[str, Any] | None = None  # the decoding policy of those rollouts
     training: dict[str, Any] | None = None  # summary of how it was trained
     calibration: dict[str, Any] | None = None  # knots of lenvm.calibration.Calibration, when fitted
+    # The end head, when there is one (tokens until the generator's next natural-end opportunity,
+    # lenvm.end_head): its gamma, the EOS probability it counts as natural, what it was trained on.
+    end_head: dict[str, Any] | None = None
     format: str = FORMAT
     lenvm_version: str = __version__
 
@@ -95,6 +99,12 @@ class LengthValueConfig:
             )
         if self.calibration is not None:
             Calibration.from_dict(self.calibration)  # a bad map fails on load, not mid-decoding
+        if self.end_head is not None:
+            if self.kind != "attached":
+                raise InputError("an end head reads the generator's own states: a LenVM of kind 'attached'")
+            if not isinstance(self.end_head, dict) or "gamma" not in self.end_head:
+                raise InputError('the config\'s end_head must be a mapping with a "gamma"')
+            _check_gamma(self.end_head["gamma"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +168,9 @@ class LengthValueModel(nn.Module):
             self.head = QHead(config.hidden_size, config.head_hidden_size, config.vocab_size, embed_dim)
         else:
             self.head = ValueHead(config.hidden_size, config.head_hidden_size)
+        self.end_head = None
+        if config.end_head is not None:
+            self.end_head = ValueHead(config.hidden_size, config.head_hidden_size)
         if self.attached:
             self.backbone.requires_grad_(False)
         elif self.sees_images:
@@ -168,6 +181,8 @@ class LengthValueModel(nn.Module):
             raise InputError(f"feature_layer {config.feature_layer} exceeds the backbone's {layers} layers")
         # The head goes where the backbone is; the backbone is never moved.
         self.head.to(backbone.get_input_embeddings().weight.device)
+        if self.end_head is not None:
+            self.end_head.to(backbone.get_input_embeddings().weight.device)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -257,6 +272,8 @@ class LengthValueModel(nn.Module):
             check_tokenizer(config, tokenizer, what=f"the generator {config.base_model!r}")
         model = cls(config, backbone, tokenizer)
         model.head.load_state_dict(load_file(str(path / HEAD_NAME)))
+        if model.end_head is not None:
+            model.end_head.load_state_dict(load_file(str(path / END_HEAD_NAME)))
         return model.eval()
 
     def save_pretrained(
@@ -278,6 +295,13 @@ class LengthValueModel(nn.Module):
                 if k.startswith("head.")
             }
             save_file(head, str(tmp / HEAD_NAME), metadata={"format": "pt"})
+            end_head = {
+                k.removeprefix("end_head."): v.detach().float().contiguous().cpu()
+                for k, v in state_dict.items()
+                if k.startswith("end_head.")
+            }
+            if end_head:
+                save_file(end_head, str(tmp / END_HEAD_NAME), metadata={"format": "pt"})
             if not self.attached:
                 backbone = {
                     k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")
@@ -392,6 +416,16 @@ class LengthValueModel(nn.Module):
         calibration unless ``calibrated`` is False (the head's own values, which training fits)."""
         head = self.head.state if isinstance(self.head, QHead) else self.head
         return self._calibrated(-torch.sigmoid(head(hidden.to(head.fc1.weight.dtype))), calibrated)
+
+    def end_lengths_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The end head's prediction for each hidden vector (``[..., H] -> [...]``, float64): the
+        tokens left, EOS included, until the generator's next natural-end opportunity (a position
+        where it gives EOS at least the natural bar); None without an end head."""
+        if self.end_head is None:
+            return None
+        head = self.end_head
+        value = -torch.sigmoid(head(hidden.to(head.fc1.weight.dtype))).double()
+        return value_to_length(value, self.config.end_head["gamma"]).clamp(min=1.0)
 
     def next_values_from_hidden(
         self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None, calibrated: bool = True
@@ -562,20 +596,29 @@ def right_pad(sequences: list[list[int]], device, pad_id: int = 0):
 
 
 def save_config(
-    path: str | os.PathLike, config: LengthValueConfig, out: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    config: LengthValueConfig,
+    out: str | os.PathLike | None = None,
+    weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``config`` into the LenVM folder ``path`` (its weights and any other file kept), or
-    into a copy of the folder at ``out``; atomically either way. Returns the folder written."""
+    into a copy of the folder at ``out``; atomically either way. ``weights`` adds or replaces
+    safetensors files of the folder (by file name: their tensors). Returns the folder written."""
     path = Path(path)
     read_config(path)  # a LenVM folder, not any folder
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    if out is None or Path(out).resolve() == path.resolve():
+    in_place = out is None or Path(out).resolve() == path.resolve()
+    if in_place and not weights:
         write_text(path / CONFIG_NAME, text)
         return path
-    with atomic_path(out) as tmp:
+    target = path if in_place else Path(out)
+    with atomic_path(target) as tmp:
         shutil.copytree(path, tmp)
         (tmp / CONFIG_NAME).write_text(text)
-    return Path(out)
+        for name, tensors in (weights or {}).items():
+            tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    return target
 
 
 def read_config(path: str | os.PathLike) -> LengthValueConfig:

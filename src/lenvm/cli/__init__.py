@@ -173,6 +173,27 @@ def cmd_calibrate(args) -> None:
         print(f"{said:8.0f} -> {went:6.1f}")
 
 
+def cmd_train_end_head(args) -> None:
+    from lenvm.end_head import train_end_head
+    from lenvm.model import END_HEAD_NAME, save_config
+    from lenvm.rollouts import read_rollouts
+
+    lenvm = _load_lenvm(args)
+    records = read_rollouts(args.rollouts)
+    held = read_rollouts(args.eval_rollouts) if args.eval_rollouts else None
+    figures = train_end_head(
+        lenvm, records, held, bar=args.natural_eos, epochs=args.epochs, lr=args.lr, progress=args.progress
+    )
+    out = save_config(args.lenvm, lenvm.config, args.out, {END_HEAD_NAME: lenvm.end_head.state_dict()})
+    print(f"trained the end head on {int(figures['states'])} states; wrote {out}", file=sys.stderr)
+    if "eval_mae" in figures:
+        print(
+            f"held-out tokens to the next natural end: mean abs error {figures['eval_mae']:.1f} "
+            f"(the training median alone: {figures['eval_mae_constant']:.1f}) over "
+            f"{int(figures['eval_states'])} states"
+        )
+
+
 def cmd_values(args) -> None:
     from lenvm.io import write_text
     from lenvm.values_view import render_html, token_values
@@ -513,6 +534,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "train-end-head",
+        help="train an attached LenVM's end head: tokens until the generator could next end naturally",
+    )
+    p.add_argument("--lenvm", required=True)
+    p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
+    p.add_argument("--eval-rollouts", help="rollouts of other prompts, to report the held-out error on")
+    p.add_argument("--out", help="write the LenVM with its end head here (default: in place)")
+    p.add_argument(
+        "--natural-eos", type=float, default=None,
+        help="the generator's EOS probability that counts as a natural end (default: the controls' 0.05)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    options.add_device(p)
+    p.set_defaults(func=cmd_train_end_head)
 
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
     p.add_argument("--lenvm", required=True)

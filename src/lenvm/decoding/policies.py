@@ -40,7 +40,9 @@ and an EOS in mid-sentence.
   ``o = t - N + 1``, EOS gets ``p(EOS) · exp(o² / WRAP_UP)`` and another candidate
   ``p(x) · exp(-o² · (l(x) - l_min) / (WRAP_UP · l_min))``, ``l_min`` the soonest predicted end
   among them. The answer finishes its sentence and ends with the generator's own EOS; an EOS the
-  generator finds unlikely is allowed from ``N + slack(N)`` on.
+  generator finds unlikely is allowed from ``N + slack(N)`` on. With an end head
+  (:mod:`lenvm.end_head`; ``Candidates.next_end``), "soonest" is where the generator could next end
+  naturally, ``t + e(x)``, instead of where it would end left alone, in every rule's wrap-up.
 - at_most: ``p(x) · P(L <= N)``: candidates well inside the bound keep their generator
   probabilities; those predicted to cross it are pushed down by the Laplace tail; EOS is exact.
   From :func:`lookahead_from` on (a quarter of the bound before it) it wraps up as equal_to does
@@ -92,12 +94,25 @@ class Candidates:
     next_eos: torch.Tensor | None = None
     # [B] the generator's own probability (temperature 1, untruncated) of its EOS now
     eos_now: torch.Tensor | None = None
+    # [B, k] tokens until the generator's next natural-end opportunity after x, EOS included (the
+    # LenVM's end head, when it has one)
+    next_end: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> Candidates:
         """The candidates of the rows ``index``."""
-        nxt = None if self.next_eos is None else self.next_eos[index]
-        now = None if self.eos_now is None else self.eos_now[index]
-        return Candidates(self.ids[index], self.probs[index], self.values[index], self.eos[index], nxt, now)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        return Candidates(
+            self.ids[index],
+            self.probs[index],
+            self.values[index],
+            self.eos[index],
+            pick(self.next_eos),
+            pick(self.eos_now),
+            pick(self.next_end),
+        )
 
     @property
     def valid(self) -> torch.Tensor:
@@ -109,6 +124,15 @@ def predicted_total(c: Candidates, step: torch.Tensor, gamma: float) -> torch.Te
     A non-EOS token is followed by at least the EOS, so its ``l`` is at least 1."""
     lengths = value_to_length(c.values.double(), gamma).clamp(min=1.0)
     return step[:, None].double() + torch.where(c.eos, 0.0, lengths)
+
+
+def _soonest_by(c: Candidates, step: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """What a wrap-up ranks candidates by (``[B, k]``, float64): ``t + e(x)``, the length at the
+    generator's next natural-end opportunity after ``x`` (``e`` from the LenVM's end head; ``t``
+    for EOS), when the end head tells it; else the predicted end ``total``."""
+    if c.next_end is None:
+        return total
+    return step[:, None].double() + torch.where(c.eos, 0.0, c.next_end.double().clamp(min=1.0))
 
 
 def spread(total: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -190,7 +214,7 @@ def equal_to(
     density = _log_laplace_density(target[:, None].double(), total, spread(total, step))
     density = _with_lookahead(q, density, _ending_next(step, target))
     over = (step >= target)[:, None]
-    weights = torch.where(over, _wrap_up(c, total, step, target, q), density)
+    weights = torch.where(over, _wrap_up(c, _soonest_by(c, step, total), step, target, q), density)
     return _conditioned(c, weights, _eos_allowed(c, step, give_up("equal_to", target), natural_eos))
 
 
@@ -231,7 +255,8 @@ def at_most(
     q = _natural_next(c, natural_eos)
     log_p = torch.where(c.eos, 0.0, _with_lookahead(q, inside, fits_next))
     wrap_from = lookahead_from(target)
-    weights = torch.where((step >= wrap_from)[:, None], _wrap_up(c, total, step, wrap_from, q), log_p)
+    soon = _soonest_by(c, step, total)
+    weights = torch.where((step >= wrap_from)[:, None], _wrap_up(c, soon, step, wrap_from, q), log_p)
     feasible = torch.where(c.eos, total <= target[:, None], (step < target)[:, None])
     return _conditioned(c, weights, feasible & _eos_allowed(c, step, target, natural_eos))
 
@@ -261,7 +286,7 @@ def at_least(
     ends_within = torch.where((step + 1 >= target) & (step + 1 <= end), 0.0, -float("inf")).double()
     log_p = torch.where(c.eos, 0.0, _with_lookahead(q, within, ends_within))
     over = (step > end)[:, None]
-    weights = torch.where(over, _wrap_up(c, total, step, end + 1, q), log_p)
+    weights = torch.where(over, _wrap_up(c, _soonest_by(c, step, total), step, end + 1, q), log_p)
     allowed = ~early & _eos_allowed(c, step, give_up("at_least", target, horizon, retries), natural_eos)
     if horizon is not None:  # the last step before max_new_tokens ends the answer
         allowed = allowed & (c.eos | (step < horizon - 1)[:, None])

@@ -46,6 +46,7 @@ class Scorer(ABC):
         self.stream = stream
         self.owns_stream = owns_stream
         self.naive = naive
+        self._features: torch.Tensor | None = None  # the last candidate block's, for an end head
 
     @classmethod
     def prefill(
@@ -86,6 +87,12 @@ class Scorer(ABC):
         (``[B, k]``), when scoring computed the states it needs; else None."""
         return None
 
+    def next_end(self) -> torch.Tensor | None:
+        """The end head's tokens until the generator's next natural-end opportunity after each
+        candidate of the last :meth:`score` (``[B, k]``, EOS included), when the LenVM has an end
+        head and scoring computed the candidates' states; else None."""
+        return None
+
     def state_values(self) -> torch.Tensor:
         """``V(s_t)`` of every row's current state (``[B]``): the head on the hidden state of its
         last token."""
@@ -111,7 +118,12 @@ class BlockScorer(Scorer):
     candidate's cache entry."""
 
     def score(self, ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-        return _values(self.lenvm, _candidate_features(self.stream, ids, self.naive), eos)
+        features = _candidate_features(self.stream, ids, self.naive)
+        self._features = features if self.lenvm.end_head is not None else None
+        return _values(self.lenvm, features, eos)
+
+    def next_end(self) -> torch.Tensor | None:
+        return None if self._features is None else self.lenvm.end_lengths_from_hidden(self._features)
 
 
 class AttachedScorer(BlockScorer):

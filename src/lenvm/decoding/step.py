@@ -233,10 +233,12 @@ def decide(
     if not rows.any_guided:
         dist = torch.ones_like(cand_probs, dtype=torch.float64)
         return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
-    next_eos = scorer.next_eos() if rows.looking_ahead() else None
+    looking = rows.looking_ahead()
+    next_eos = scorer.next_eos() if looking else None
+    next_end = scorer.next_end() if looking else None
     # The policies weigh the generator's own EOS probability now, as Result.eos_prob reports it
     # for the EOS that ends an answer.
-    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_logprob.exp())
+    candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_logprob.exp(), next_end)
     dist = policy(candidates, rows, gamma)
     if free is not None:
         dist = torch.where(free[:, None], policies.follow(candidates), dist)

@@ -1,0 +1,156 @@
+"""The end head: where the generator could end next, a second head on an attached LenVM.
+
+The value head predicts how long the generator's answer runs if it is left alone. A target rule
+that brings an answer to its end wants something else once it wraps up: how soon the answer
+*could* end naturally, at the next position where the generator gives EOS at least the natural
+bar (:data:`lenvm.decoding.params.NATURAL_EOS`). The end head predicts that, as a discounted
+value like the LenVM's own: ``-(1 - gamma**d)``, ``d`` the tokens left until that position, the
+EOS included. Its targets are as free as the LenVM's: one forward of the generator over its own
+rollouts gives its EOS probability at every position, and the same forward gives the features
+both heads read (an attached LenVM reads the generator's hidden states). It adds nothing to a
+decoding step but one small product over states already computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lenvm.io import InputError
+
+
+def natural_end_distances(eos_probs: Sequence[float], ended: bool, bar: float) -> np.ndarray:
+    """For each state ``t`` of a completion (``eos_probs[t]``: the generator's probability of EOS
+    as token ``t``), the tokens left until the next state ``j >= t`` whose EOS probability is at
+    least ``bar``, EOS included (``j - t + 1``; 1 at such a state itself). The last state counts
+    as one where the completion ``ended`` there; after the last such state of a completion cut
+    short, NaN (unknown)."""
+    p = np.asarray(eos_probs, dtype=np.float64)
+    out = np.full(len(p), np.nan)
+    upcoming = len(p) - 1 if ended and len(p) else None
+    for t in range(len(p) - 1, -1, -1):
+        if p[t] >= bar:
+            upcoming = t
+        if upcoming is not None:
+            out[t] = upcoming - t + 1
+    return out
+
+
+@dataclass
+class EndData:
+    """The end head's training states: their features (``[N, H]``) and tokens left until the
+    next natural-end opportunity (``[N]``)."""
+
+    features: torch.Tensor
+    distances: torch.Tensor
+
+
+@torch.no_grad()
+def end_data(
+    lenvm, records: Iterable[dict[str, Any]], bar: float, batch_size: int = 8, progress: bool = False
+) -> EndData:
+    """One forward of the generator over each rollout (an attached ``lenvm``'s backbone): the
+    features of every completion state and, from the logits, the tokens left until the next
+    natural-end opportunity after it (states with none known are left out)."""
+    from tqdm.auto import tqdm
+
+    from lenvm.dataset import iter_examples
+    from lenvm.model import select_features
+
+    if lenvm.config.kind != "attached":
+        raise InputError("an end head is trained on a LenVM of kind 'attached' (it reads the generator)")
+    eos_ids = lenvm.config.eos_token_ids
+    examples = sorted(iter_examples(records, eos_ids), key=lambda e: len(e.input_ids))
+    if not examples:
+        raise InputError("no rollouts to train the end head on")
+    pad = lenvm.tokenizer.pad_token_id or 0
+    features, distances = [], []
+    for start in tqdm(
+        range(0, len(examples), batch_size), desc="end head: states", unit="batch", disable=not progress
+    ):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(chunk):
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[row, : len(e.input_ids)] = 1
+        out = lenvm.backbone(
+            input_ids=ids.to(lenvm.device), attention_mask=mask.to(lenvm.device), output_hidden_states=True
+        )
+        layer = lenvm.feature_layer
+        feats = out.hidden_states[-1] if layer == -1 else select_features(out, layer)
+        # The EOS the generator finds most likely, at temperature 1, as a natural end is judged.
+        eos = torch.log_softmax(out.logits.float(), dim=-1)[..., eos_ids].amax(-1).exp()
+        for row, e in enumerate(chunk):
+            span = slice(e.start, e.start + e.num_states)
+            d = torch.from_numpy(natural_end_distances(eos[row, span].cpu().numpy(), e.finished, bar))
+            known = ~d.isnan()
+            features.append(feats[row, span][known.to(feats.device)].float().cpu())
+            distances.append(d[known])
+    return EndData(torch.cat(features), torch.cat(distances))
+
+
+def train_end_head(
+    lenvm,
+    records: Iterable[dict[str, Any]],
+    eval_records: Iterable[dict[str, Any]] | None = None,
+    bar: float | None = None,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_states: int = 4096,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train ``lenvm``'s end head on rollouts of its generator and set it (its settings go into
+    the config, so :meth:`~lenvm.model.LengthValueModel.save_pretrained` keeps it). Gamma follows
+    the p99 rule over the training states' distances. Returns the training figures, and with
+    ``eval_records`` (rollouts of other prompts) the held-out mean absolute error in tokens beside
+    that of the training states' median."""
+    from tqdm.auto import tqdm
+
+    from lenvm.decoding.params import NATURAL_EOS
+    from lenvm.model import ValueHead
+    from lenvm.returns import gamma_from_lengths, length_to_value, value_to_length
+    from lenvm.training import cosine_schedule
+
+    bar = NATURAL_EOS if bar is None else float(bar)
+    if not 0.0 < bar < 1.0:
+        raise InputError(f"the natural-end bar must lie in (0, 1), got {bar!r}")
+    data = end_data(lenvm, records, bar, batch_size, progress)
+    if len(data.distances) == 0:
+        raise InputError("the rollouts have no state with a known next natural end")
+    gamma = gamma_from_lengths(data.distances.numpy())
+    head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
+    targets = length_to_value(data.distances, gamma).float()
+    steps_per_epoch = math.ceil(len(targets) / batch_states)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = cosine_schedule(optimizer, steps_per_epoch * epochs, 0.05)
+    shuffle = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(0.0)
+    for _ in tqdm(range(epochs), desc="end head: training", unit="epoch", disable=not progress):
+        for rows in torch.randperm(len(targets), generator=shuffle).split(batch_states):
+            loss = (-torch.sigmoid(head(data.features[rows])) - targets[rows]).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    head.eval()
+    figures = {"states": float(len(targets)), "gamma": gamma, "final_loss": loss.item()}
+    if eval_records is not None:
+        held = end_data(lenvm, eval_records, bar, batch_size, progress)
+        with torch.no_grad():
+            predicted = value_to_length(-torch.sigmoid(head(held.features)).double(), gamma).clamp(min=1.0)
+        truth = held.distances
+        figures["eval_states"] = float(len(truth))
+        figures["eval_mae"] = float((predicted - truth).abs().mean())
+        figures["eval_mae_constant"] = float((data.distances.median() - truth).abs().mean())
+    lenvm.end_head = head.to(lenvm.device)
+    lenvm.config.end_head = {"gamma": gamma, "natural_eos": bar, "training": figures}
+    return figures
