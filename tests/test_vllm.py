@@ -12,7 +12,7 @@ import torch
 from lenvm import Control, Engine, LengthValueModel, Request, SamplingParams, load_generator
 from lenvm.calibration import Calibration
 from lenvm.io import InputError
-from lenvm.model import save_config
+from lenvm.model import END_HEAD_NAME, ValueHead, save_config
 
 pytestmark = pytest.mark.vllm
 
@@ -64,12 +64,26 @@ def _calibrated(tiny128, generator, folder):
     return LengthValueModel.from_pretrained(folder, generator=generator)
 
 
+def _with_end_head(tiny128, generator, folder):
+    """The attached LenVM with an end head whose predictions spread widely, so that the wrap-ups,
+    which rank candidates by it, choose otherwise than by the value head."""
+    lenvm = _lenvm(tiny128, generator, "attached", folder)
+    torch.manual_seed(1)
+    head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
+    with torch.no_grad():
+        torch.nn.init.normal_(head.fc2.weight, std=3.0)
+    lenvm.config.end_head = {"gamma": 0.9, "natural_eos": 0.05}
+    save_config(folder, lenvm.config, weights={END_HEAD_NAME: head.state_dict()})
+    return LengthValueModel.from_pretrained(folder, generator=generator)
+
+
 @pytest.fixture(scope="module")
 def lenvms(tiny128, generator128, tmp_path_factory):
     root = tmp_path_factory.mktemp("lenvms")
     kinds = ("attached", "q", "standalone")
     found = {kind: (_lenvm(tiny128, generator128, kind, root / kind), root / kind) for kind in kinds}
     found["calibrated"] = (_calibrated(tiny128, generator128, root / "calibrated"), root / "calibrated")
+    found["end head"] = (_with_end_head(tiny128, generator128, root / "end"), root / "end")
     return found
 
 
@@ -80,11 +94,11 @@ def _engine(tiny128, lenvm_path=None, **kwargs):
     return VLLMEngine(str(tiny128), lenvm=lenvm_path, **{**settings, **kwargs})
 
 
-@pytest.mark.parametrize("kind", ["attached", "q", "standalone", "calibrated"])
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone", "calibrated", "end head"])
 def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms, kind):
     """Same LenVM, same controls, greedy: vLLM with the processor picks the tokens our engine
     picks (the generator's logits come from vLLM's kernels, equal to float32 rounding); a
-    calibrated LenVM's map applies in vLLM's worker as in our engine."""
+    calibrated LenVM's map and an end head apply in vLLM's worker as in our engine."""
     lenvm, path = lenvms[kind]
     requests = [
         Request(PROMPTS[i % 3], SamplingParams(max_new_tokens=12, temperature=0.0), control=c)
@@ -99,7 +113,7 @@ def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms
         assert theirs_r.mean_logprob == pytest.approx(ours_r.mean_logprob, abs=1e-4)
     at_most, at_least = theirs[4], theirs[5]
     assert at_most.num_tokens <= 5 and at_least.num_tokens >= 9
-    if kind == "calibrated":  # the map changes choices, so matching above is not by accident
+    if kind in ("calibrated", "end head"):  # they change choices: matching is not by accident
         raw = Engine(*generator128, lenvm=lenvms["attached"][0], num_candidates=4).generate(requests)
         assert [r.token_ids for r in raw] != [r.token_ids for r in ours]
 
