@@ -65,6 +65,9 @@ def test_the_end_head_round_trips_and_a_lenvm_without_one_has_none(tmp_path, tra
     again = LengthValueModel.from_pretrained(tmp_path / "l", generator=tiny_generator)
     h = torch.randn(4, lenvm.config.hidden_size)
     assert torch.allclose(again.end_lengths_from_hidden(h), lenvm.end_lengths_from_hidden(h))
+    (tmp_path / "l" / END_HEAD_NAME).unlink()
+    with pytest.raises(InputError, match="end head"):
+        LengthValueModel.from_pretrained(tmp_path / "l", generator=tiny_generator)
     plain = LengthValueModel.from_base(lenvm.config.base_model, generator=tiny_generator, gamma=0.9)
     assert plain.end_head is None and plain.end_lengths_from_hidden(h) is None
 

@@ -127,7 +127,9 @@ def train_end_head(
     if len(data.distances) == 0:
         raise InputError("the rollouts have no state with a known next natural end")
     gamma = gamma_from_lengths(data.distances.numpy())
-    head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
+    with torch.random.fork_rng():  # the same seed, the same head, whatever ran before
+        torch.manual_seed(seed)
+        head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
     targets = length_to_value(data.distances, gamma).float()
     steps_per_epoch = math.ceil(len(targets) / batch_states)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)

@@ -634,6 +634,8 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         raise NotALenVMError(f'{path}: not a LenVM folder (config.json has no "format": "{FORMAT}")')
     if not (path / HEAD_NAME).is_file():
         raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
+    if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
+        raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
     return LengthValueConfig.from_dict(data)
 
 
