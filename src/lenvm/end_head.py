@@ -59,7 +59,7 @@ def end_data(
     natural-end opportunity after it (states with none known are left out)."""
     from tqdm.auto import tqdm
 
-    from lenvm.dataset import iter_examples
+    from lenvm.dataset import collate, iter_examples
     from lenvm.model import select_features
 
     if lenvm.config.kind != "attached":
@@ -74,14 +74,9 @@ def end_data(
         range(0, len(examples), batch_size), desc="end head: states", unit="batch", disable=not progress
     ):
         chunk = examples[start : start + batch_size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(chunk):
-            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[row, : len(e.input_ids)] = 1
+        batch = collate(chunk, lenvm.gamma, pad).to(lenvm.device)
         out = lenvm.backbone(
-            input_ids=ids.to(lenvm.device), attention_mask=mask.to(lenvm.device), output_hidden_states=True
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
         )
         layer = lenvm.feature_layer
         feats = out.hidden_states[-1] if layer == -1 else select_features(out, layer)
