@@ -1,9 +1,11 @@
 import json
+from dataclasses import replace
 
 import pytest
 
 from lenvm.demo import DemoConfig, run_demo
 from lenvm.io import InputError
+from lenvm.model import LengthValueModel
 from lenvm.prompt_sets import builtin_prompts
 
 
@@ -30,7 +32,7 @@ def test_builtin_prompts_refuse_more_than_they_have():
         builtin_prompts(0)
 
 
-def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys):
+def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys, monkeypatch):
     gsm8k = tmp_path / "gsm8k_train.jsonl"
     rows = [
         {"question": f"Tom has {i} apples and buys 2 more. How many?", "answer": f"#### {i + 2}"}
@@ -61,6 +63,7 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
         "values.html",
         "lenvm/config.json",
         "lenvm/loss.png",
+        "lenvm/end_head.safetensors",
     ]:
         assert (out / name).exists(), name
     # 10 built-in training prompts x 2 completions, 2 GSM8K and 3 generated prompts x 1; 2 held-out
@@ -85,10 +88,28 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     assert weighted == pytest.approx(held["prompt_mre"], rel=1e-2)
     assert json.loads((out / "summary.json").read_text())["gamma"] == report["gamma"]
     assert "prompt-boundary mean relative error" in capsys.readouterr().out
-    # A second run resumes: no new rollouts.
-    run_demo(config, generator=eos_generator)
+    # The end head is trained on the same rollouts and saved with the LenVM.
+    end = report["end_head"]
+    assert end["states"] > 0 and end["eval_mae"] >= 0
+    lenvm = LengthValueModel.from_pretrained(out / "lenvm", generator=eos_generator)
+    assert lenvm.end_head is not None and lenvm.config.end_head["training"] == end
+    assert "End head: tokens until the generator could next end naturally" in (out / "summary.md").read_text()
+
+    # A second run resumes: no new rollouts, the same LenVM and the end head trained beside it.
+    def train_end_head(*args, **kwargs):
+        raise AssertionError("the resumed run trained its end head again")
+
+    monkeypatch.setattr("lenvm.end_head.train_end_head", train_end_head)
+    again = run_demo(config, generator=eos_generator)
     assert len((out / "rollouts.jsonl").read_text().splitlines()) == 25
     assert len((out / "eval_rollouts.jsonl").read_text().splitlines()) == 6
+    assert again["end_head"] == end
+    assert LengthValueModel.from_pretrained(out / "lenvm", generator=eos_generator).end_head is not None
+    monkeypatch.undo()
+    # Without it, the LenVM has none.
+    bare = run_demo(replace(config, out=tmp_path / "bare", end_head=False), generator=eos_generator)
+    assert bare["end_head"] is None and not (tmp_path / "bare/lenvm/end_head.safetensors").exists()
+    assert json.loads((tmp_path / "bare/lenvm/config.json").read_text()).get("end_head") is None
 
 
 def test_generated_prompts_are_varied_deterministic_and_carry_their_instruction():
@@ -149,3 +170,10 @@ def test_demo_mix_takes_generated_chinese_prompts_and_reports_them_apart():
     by_domain = training_mix(records)
     assert by_domain["writing"]["mean_tokens"] == 10 and by_domain["writing (zh)"]["mean_tokens"] == 40
     assert sum(d["prompts"] for d in by_domain.values()) == 6
+
+
+def test_demo_command_trains_an_end_head_unless_told_not_to():
+    from lenvm.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).end_head is True
+    assert build_parser().parse_args(["demo", "--no-end-head"]).end_head is False

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lenvm import hub
-from lenvm.io import write_json, write_text
+from lenvm.io import InputError, write_json, write_text
 from lenvm.losses import Loss
 from lenvm.prompts import Prompt
 
@@ -47,6 +48,10 @@ class DemoConfig:
     # but errors on long remainders, where returns crowd near -1, weigh more; predictions from the
     # prompt generalize better across domains (docs/benchmarks.md, "the demo's loss").
     loss: Loss = "bce"
+    # An end head (lenvm.end_head) from the same rollouts: target rules wrap up toward where the
+    # generator could next end; on unseen English rows At Least ended more answers naturally at
+    # less decoding, Equal To scored the same at less (docs/benchmarks.md, "An end head").
+    end_head: bool = True
     batch_size: int = 32  # on 2 CPU cores, 32 rows decode about 30% more tokens/s than 16
     backend: str = "auto"  # rollouts: vLLM where installed (faster), else our engine (lenvm.rollouts)
     seed: int = 0
@@ -123,11 +128,15 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
 
     _step("3/4 training an attached LenVM (head on the generator's frozen hidden states)")
     lenvm_dir = out / "lenvm"
+    earlier = saved_end_head(lenvm_dir)  # training replaces the folder
     train_config = TrainConfig(kind="attached", loss=config.loss, seed=config.seed)
     result = train(
         records, config.model, lenvm_dir, train_config, generator=generator, eval_rollouts=eval_records
     )
     lenvm = LengthValueModel.from_pretrained(lenvm_dir, generator=generator)
+    end_head = None
+    if config.end_head:
+        end_head = add_end_head(lenvm, lenvm_dir, records, eval_records, config.seed, earlier)
 
     _step("4/4 held-out evaluation")
     by_id = {p.id: p for p in prompts}
@@ -165,6 +174,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
         },
         "held_out": m,
         "held_out_by_domain": domains,
+        "end_head": end_head,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "files": {
             "lenvm": str(lenvm_dir),
@@ -178,6 +188,62 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     write_text(out / "summary.md", _markdown(report))
     print("\n" + _markdown(report))
     return report
+
+
+@dataclass
+class SavedEndHead:
+    """An end head saved in a LenVM folder, and the value head file it was trained beside."""
+
+    settings: dict
+    weights: dict[str, torch.Tensor]
+    value_head: bytes
+
+
+def saved_end_head(lenvm_dir: Path) -> SavedEndHead | None:
+    """The end head of the LenVM folder ``lenvm_dir``, if it has one."""
+    from safetensors.torch import load_file
+
+    from lenvm.model import CONFIG_NAME, END_HEAD_NAME, HEAD_NAME
+
+    files = [lenvm_dir / name for name in (CONFIG_NAME, HEAD_NAME, END_HEAD_NAME)]
+    if not all(f.is_file() for f in files):
+        return None
+    settings = json.loads(files[0].read_text(encoding="utf-8")).get("end_head")
+    if settings is None:
+        return None
+    return SavedEndHead(settings, load_file(str(files[2])), files[1].read_bytes())
+
+
+def add_end_head(
+    lenvm,
+    lenvm_dir: Path,
+    records: list[dict],
+    eval_records: list[dict],
+    seed: int,
+    earlier: SavedEndHead | None,
+) -> dict | None:
+    """Give the demo's LenVM (saved at ``lenvm_dir``) an end head trained on its rollouts, and save
+    it there. A resumed run whose value head came out the same as before (the same rollouts and
+    settings) keeps the end head ``earlier`` trained beside it instead of spending another
+    forward over every rollout. Returns the end head's training figures, or None with a note when
+    no rollout ever reached a natural end."""
+    from lenvm.end_head import train_end_head
+    from lenvm.model import END_HEAD_NAME, HEAD_NAME, ValueHead, save_config
+
+    if earlier is not None and earlier.value_head == (lenvm_dir / HEAD_NAME).read_bytes():
+        head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
+        head.load_state_dict(earlier.weights)
+        lenvm.end_head, lenvm.config.end_head = head.to(lenvm.device).eval(), earlier.settings
+        print("kept the end head trained beside the same value head before", flush=True)
+    else:
+        print("training its end head: tokens until the generator could next end naturally", flush=True)
+        try:
+            train_end_head(lenvm, records, eval_records, seed=seed, progress=True)
+        except InputError as e:  # nothing to learn from
+            print(f"note: no end head ({e})", flush=True)
+            return None
+    save_config(lenvm_dir, lenvm.config, weights={END_HEAD_NAME: lenvm.end_head.state_dict()})
+    return lenvm.config.end_head["training"]
 
 
 def mix_prompts(config: DemoConfig) -> list[Prompt]:
@@ -275,6 +341,14 @@ def _markdown(report: dict) -> str:
     ]
     for domain, d in report["held_out_by_domain"].items():
         lines.append(f"| {domain} | {d['prompts']} | {d['lenvm_mre']:.1%} | {d['baseline_mre']:.1%} |")
+    end = report.get("end_head") or {}
+    if "eval_mae" in end:
+        lines += [
+            "",
+            f"End head: tokens until the generator could next end naturally, mean absolute error "
+            f"{end['eval_mae']:.1f} on held-out states (the training median alone: "
+            f"{end['eval_mae_constant']:.1f}).",
+        ]
     lines += [
         "",
         "Training mix:",

@@ -318,6 +318,7 @@ def cmd_demo(args) -> None:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         loss=args.loss,
+        end_head=args.end_head,
         model=args.model,
         seed=args.seed,
         device=args.device,
@@ -662,6 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loss", choices=LOSSES, default=DemoConfig.loss,
         help="the head's training loss (default bce; mse is the paper's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-end-head", dest="end_head", action="store_false",
+        help="skip the end head (where the generator could next end) that target rules wrap up with",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
     p.add_argument(
