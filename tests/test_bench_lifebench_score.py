@@ -179,3 +179,27 @@ def test_summary_counts_guided_changes_to_answers_that_fit_unguided():
     assert m["unguided_fit"] == 2 and m["changed_fit"] == pytest.approx(0.5)
     assert "changed_fit" not in summary["prompt"]["at_most"]
     assert "1 of 2" in lifebench_score.quality_table(summary)
+
+
+def test_summary_sets_log_probabilities_beside_unguided_answers_of_the_same_length(monkeypatch):
+    """Each guided answer is compared with the unguided answers of its language that ended
+    naturally and are nearest in length, whatever their item: shorter answers score lower per
+    token, so this separates length from fluency."""
+    monkeypatch.setattr(lifebench_score, "LENGTH_NEIGHBOURS", 2)
+    items = [
+        _ended("prompt", "at_most", 32, 10, row="a", logprob=-2.0),
+        _ended("prompt", "at_most", 32, 12, row="b", logprob=-1.8),
+        _ended("prompt", "equal_to", 64, 100, row="a", logprob=-1.0),
+        _ended("prompt", "equal_to", 64, 120, row="b", logprob=-0.8),
+        _ended("prompt", "at_most", 64, 11, row="c", eos_prob=0.01, logprob=-9.0),  # not natural
+        _ended("prompt", "at_most", 16, 512, finish="length", row="d", logprob=-0.1),  # a loop, cut
+        _ended("lenvm-ours", "at_most", 32, 11, row="a", logprob=-1.9),
+        _ended("lenvm-ours", "at_most", 64, 110, row="c", logprob=-0.7),
+    ]
+    m = lifebench_score.summarize(items)["lenvm-ours"]["at_most"]
+    assert m["same_length_pool"] == 4
+    assert m["logprob_same_length"] == pytest.approx((-1.9 + -0.9) / 2)
+    assert "-1.40" in lifebench_score.quality_table(lifebench_score.summarize(items))
+    zh = [{**i, "lang": "zh"} if i["method"] == "lenvm-ours" else {**i, "lang": "en"} for i in items]
+    m = lifebench_score.summarize(zh)["lenvm-ours"]["at_most"]
+    assert m["logprob_same_length"] is None and m["same_length_pool"] == 0

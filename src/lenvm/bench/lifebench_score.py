@@ -23,6 +23,9 @@ CONSTRAINTS: tuple[str, ...] = ("equal_to", "at_most", "at_least")
 BOUNDS = ("at_most", "at_least")
 UNGUIDED = "prompt"  # the method whose answers are the generator's own (no LenVM)
 CONSTRAINT_LABELS = {"equal_to": "Equal To", "at_most": "At Most", "at_least": "At Least"}
+# A guided answer's log-probability is set beside that of this many unguided natural answers
+# closest to it in length (log scale), of the same language.
+LENGTH_NEIGHBOURS = 8
 UNDERSHOOT_RATE = 5.0  # LIFEBench punishes too-short answers harder than too-long ones
 OVERSHOOT_RATE = 2.0
 
@@ -155,7 +158,12 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     none did); and for every constraint ``unguided_ended`` (how many of its items' unguided
     answers ended with EOS), ``logprob_where_unguided_ended`` and
     ``unguided_logprob_where_ended`` (the mean log-probability per token of the method's and of
-    the unguided answers on those items; None when there are none).
+    the unguided answers on those items; None when there are none); ``logprob_same_length``
+    (the mean, over the method's answers, of the mean log-probability per token of the
+    ``LENGTH_NEIGHBOURS`` unguided answers of any item of the run, in the same language, that
+    ended naturally and are closest in length: what the generator's own answers of those lengths
+    score) and ``same_length_pool`` (how many such unguided answers there were; None and 0
+    when there are none).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
@@ -176,6 +184,7 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             }
             if method != UNGUIDED and unguided:
                 summary[method][constraint].update(_logprob_where_unguided_ended(group, unguided))
+                summary[method][constraint].update(_logprob_at_same_lengths(group, unguided.values()))
                 if constraint in BOUNDS:
                     summary[method][constraint].update(_changed_fits(group, unguided))
     return summary
@@ -220,6 +229,31 @@ def _logprob_where_unguided_ended(
         "unguided_ended": len(pairs),
         "logprob_where_unguided_ended": float(np.mean([i.get("mean_logprob", np.nan) for i, _ in pairs])),
         "unguided_logprob_where_ended": float(np.mean([u.get("mean_logprob", np.nan) for _, u in pairs])),
+    }
+
+
+def _logprob_at_same_lengths(group: list[Mapping[str, Any]], unguided: Iterable[Mapping[str, Any]]) -> dict:
+    """What the generator's own natural answers of the same lengths score: per-token
+    log-probability rises with an answer's length (later tokens have more context, and loops
+    cut at ``max_new_tokens`` score highest of all), so a control that shortens answers scores
+    below unguided sampling on the same items even when its text reads as the generator's own.
+    Each answer of ``group`` is set beside the ``LENGTH_NEIGHBOURS`` unguided answers of its
+    language that ended naturally and are nearest in log length."""
+    pools: dict[Any, list[tuple[float, float]]] = defaultdict(list)
+    for u in unguided:
+        if natural_end(u) and "mean_logprob" in u:
+            pools[u.get("lang")].append((math.log(u["num_tokens"] + 1), u["mean_logprob"]))
+    references = []
+    for item in group:
+        pool = pools.get(item.get("lang"))
+        if pool:
+            length = math.log(item["num_tokens"] + 1)
+            nearest = sorted(pool, key=lambda p: abs(p[0] - length))[:LENGTH_NEIGHBOURS]
+            references.append(np.mean([lp for _, lp in nearest]))
+    size = sum(len(pools.get(lang, ())) for lang in {i.get("lang") for i in group})
+    return {
+        "logprob_same_length": float(np.mean(references)) if references else None,
+        "same_length_pool": size,
     }
 
 
@@ -288,13 +322,14 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
     """Per method and constraint: how the outputs ended (with EOS, naturally, stopped by a bound,
     cut at ``max_new_tokens``), their median length over the target, the generator's mean
     log-probability per token (control that hits lengths by garbling text shows up here), the
-    the same beside unguided sampling's on the items where that ended with EOS, the decoding cost,
-    and how often guidance changed an answer that met its bound unguided."""
+    same beside unguided sampling's on the items where that ended with EOS, what the generator's
+    own natural answers of the same lengths score, the decoding cost, and how often guidance
+    changed an answer that met its bound unguided."""
     labels = labels or {}
     rows = []
     for method, by_constraint in summary.items():
         for constraint, m in by_constraint.items():
-            changed = likely = "–"
+            changed = likely = same_length = "–"
             if m.get("unguided_fit"):
                 changed = f"{round(m['changed_fit'] * m['unguided_fit'])} of {m['unguided_fit']}"
             if m.get("unguided_ended"):
@@ -302,6 +337,8 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
                     f"{m['logprob_where_unguided_ended']:.2f} against {m['unguided_logprob_where_ended']:.2f}"
                     f" ({m['unguided_ended']} items)"
                 )
+            if m.get("logprob_same_length") is not None:
+                same_length = f"{m['logprob_same_length']:.2f}"
             rows.append(
                 [
                     labels.get(method, method),
@@ -313,6 +350,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
                     f"{m['median_ratio']:.2f}",
                     f"{m['mean_logprob']:.2f}",
                     likely,
+                    same_length,
                     f"{m['decoding_cost']:.2f}x",
                     changed,
                 ]
@@ -327,6 +365,7 @@ def quality_table(summary: Mapping[str, Mapping[str, Any]], labels: Mapping[str,
         "median length / target",
         "mean log-prob / token",
         "the same where unguided sampling ended (against unguided)",
+        "unguided natural answers of the same lengths",
         "tokens decoded / returned",
         "fitting unguided answers changed",
     ]
