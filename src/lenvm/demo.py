@@ -203,15 +203,15 @@ def saved_end_head(lenvm_dir: Path) -> SavedEndHead | None:
     """The end head of the LenVM folder ``lenvm_dir``, if it has one."""
     from safetensors.torch import load_file
 
-    from lenvm.model import CONFIG_NAME, END_HEAD_NAME, HEAD_NAME
+    from lenvm.model import END_HEAD_NAME, HEAD_NAME, read_config
 
-    files = [lenvm_dir / name for name in (CONFIG_NAME, HEAD_NAME, END_HEAD_NAME)]
-    if not all(f.is_file() for f in files):
+    if not (lenvm_dir / END_HEAD_NAME).is_file():
         return None
-    settings = json.loads(files[0].read_text(encoding="utf-8")).get("end_head")
+    settings = read_config(lenvm_dir).end_head
     if settings is None:
         return None
-    return SavedEndHead(settings, load_file(str(files[2])), files[1].read_bytes())
+    weights = load_file(str(lenvm_dir / END_HEAD_NAME))
+    return SavedEndHead(settings, weights, (lenvm_dir / HEAD_NAME).read_bytes())
 
 
 def add_end_head(
