@@ -107,8 +107,8 @@ class Control:
     ``a / R`` of the target before the target (further back each time, where the text can still
     turn toward a conclusion; the last retry from the beginning), and the result is the first
     natural ending, or the best attempt if none is (see :func:`lenvm.decoding.sequence.best_of`);
-    an equal_to answer of our rule that ends naturally but far from its target is resampled once
-    too, keeping the nearer natural end (:meth:`lenvm.decoding.sequence.Sequence.may_retry`).
+    an equal_to answer of our rule that ends naturally but far from its target is resampled up to
+    twice too, keeping the nearest natural end (:meth:`lenvm.decoding.sequence.Sequence.may_retry`).
     Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rules, 0 for the
     paper's. ``natural_eos``: the generator's EOS probability from which an ending counts as
     natural, for our rules' choice of EOS, retries and ``best_of``.
