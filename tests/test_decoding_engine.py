@@ -518,6 +518,43 @@ def test_an_answer_that_did_not_end_naturally_ends_where_its_own_text_could_have
     assert after.eos_prob == pytest.approx(0.2) and after.decoded_tokens == before.decoded_tokens
 
 
+def test_an_at_most_answer_with_no_natural_end_in_any_attempt_ends_where_its_text_came_closest(
+    tiny_generator,
+):
+    """With no natural position within the bound and no retry left, an At Most answer stopped at
+    its bound ends instead where its own text gave EOS the highest probability (4% after token 9
+    here), if higher than at the bound; while retries remain it is left for them. At Least keeps
+    its answer (tried: it changed nothing measurable)."""
+    _, tok = tiny_generator
+    at_most, cut = Control("at_most", target=20, retries=2), 9
+    chances = {5: 0.03, 9: 0.04, 15: 0.035}  # 15: past At Least's target below
+
+    def ended_unnaturally(own_eos: float, control: Control = at_most) -> Sequence:
+        request = Request("Hi", SamplingParams(max_new_tokens=40, seed=0), control=control)
+        seq = Sequence.start(0, request, [1], 0, "cpu")
+        for i in range(21):
+            p = chances.get(i, 0.001) if i < 20 else own_eos
+            seq.append(
+                2 if i == 20 else 7 + i, False, math.log(p) if i == 20 else -1.0, 0.5, {2}, (2, math.log(p))
+            )
+        return seq
+
+    seq = ended_unnaturally(1e-6)
+    before = seq.result(tok)
+    assert not seq.end_earlier(before)  # two retries left
+    seq.missed = [before, before]
+    assert seq.end_earlier(before)
+    after = seq.result(tok)
+    assert after.num_tokens == cut and after.token_ids == before.token_ids[:cut] + [2]
+    assert after.eos_prob == pytest.approx(chances[cut]) and not after.natural
+    likelier_own_end = ended_unnaturally(0.045)
+    likelier_own_end.missed = [before, before]
+    assert not likelier_own_end.end_earlier(likelier_own_end.result(tok))
+    seq = ended_unnaturally(1e-6, Control("at_least", target=12, retries=2))
+    seq.missed = [before, before]
+    assert not seq.end_earlier(seq.result(tok))
+
+
 @pytest.mark.parametrize(
     ("target", "length", "cut"),
     [

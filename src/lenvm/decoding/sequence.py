@@ -147,7 +147,9 @@ class Sequence:
         not end naturally and the bound holds there (the last such position within an At Most
         bound, the most of the answer; the first at or past an At Least target, the nearest to
         it); for Equal To, the position nearest the target (:func:`miss`) where that is nearer
-        than the answer's own end, or as near and that end was not natural. The text before it is
+        than the answer's own end, or as near and that end was not natural. An At Most answer
+        with no such position and no retry left ends where its own text within the bound gave EOS
+        the highest probability (:meth:`_likeliest_end`). The text before it is
         what the generator wrote. Only for our rules, and only where the engine may go back on an
         answer's end (retries allowed: a stream is then held back whole). True when the answer
         was cut."""
@@ -172,6 +174,8 @@ class Sequence:
                 cut = cut if nearer < own or (nearer == own and not natural_end) else None
         elif c.kind == "at_most":
             cut = max((j for j in natural if j <= c.target), default=None)
+            if cut is None and len(self.missed) >= c.max_retries:
+                cut = self._likeliest_end(result, c.target)
         else:
             cut = min((j for j in natural if j >= c.target), default=None)
         if cut is None:
@@ -183,6 +187,15 @@ class Sequence:
         del self.ends[cut + 1 :], self.top_logprobs[cut + 1 :]
         self.finish_reason, self.eos_logprob = "stop", logprob
         return True
+
+    def _likeliest_end(self, result: Result, bound: int) -> int | None:
+        """The position within ``bound`` (before the answer's own end) where the generator gave EOS
+        its highest probability, if higher than at the answer's own end: where an At Most answer
+        that found no natural end in any attempt ends, at the close its own text came nearest
+        to, rather than mid-thought at the bound."""
+        best = max(range(1, min(bound + 1, result.num_tokens)), key=lambda j: self.ends[j][1], default=None)
+        own = self.eos_logprob if self.eos_logprob is not None else -math.inf
+        return best if best is not None and self.ends[best][1] > own else None
 
     def may_retry(self, result: Result) -> bool:
         """Whether a retry is left and this end is worth one (see :attr:`Control.retries`): it is
