@@ -162,8 +162,8 @@ def summarize(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     (the mean, over the method's answers, of the mean log-probability per token of the
     ``LENGTH_NEIGHBOURS`` unguided answers of any item of the run, in the same language, that
     ended naturally and are closest in length: what the generator's own answers of those lengths
-    score) and ``same_length_pool`` (how many such unguided answers there were; None and 0
-    when there are none).
+    score; None when there are none) and ``same_length_pool`` (how many such unguided answers
+    there were).
     """
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
