@@ -351,7 +351,10 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
         "max_new_tokens. Then the median output length over the target, the generator's mean "
         "log-probability per token under its own distribution, the same on the items whose "
         "prompt-only answer ended with EOS beside that answer's (one cut at max_new_tokens has "
-        "often fallen into a loop, text the generator finds very likely), the tokens decoded per "
+        "often fallen into a loop, text the generator finds very likely), what the "
+        f"{lifebench_score.LENGTH_NEIGHBOURS} prompt-only answers of the run that ended naturally "
+        "nearest each answer in length score, averaged over the answers (shorter answers score "
+        "lower per token), the tokens decoded per "
         "token returned (above 1 where ends were resampled or several attempts made), and how many "
         "answers that met their bound without guidance (the prompt-only answer of the same item, "
         "drawn with the same random stream) guidance changed:\n",
