@@ -116,22 +116,12 @@ def realized_returns(
     """The LenVM's own (uncalibrated) value of every state of the rollouts ``records`` and the
     return realized after it: Monte-Carlo for an answer that ended, bootstrapped from the value at
     the cut for one cut at ``max_new_tokens``, as in training."""
-    from tqdm.auto import tqdm
-
     from lenvm import vision
-    from lenvm.dataset import collate, iter_examples
+    from lenvm.dataset import padded_batches
     from lenvm.returns import lambda_returns
 
-    examples = sorted(iter_examples(records, lenvm.config.eos_token_ids), key=lambda e: len(e.input_ids))
-    if not examples:
-        raise InputError("no rollouts to calibrate on")
-    pad = lenvm.tokenizer.pad_token_id or 0
     values, returns = [], []
-    for start in tqdm(
-        range(0, len(examples), batch_size), desc="calibrating", unit="batch", disable=not progress
-    ):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, lenvm.gamma, pad).to(lenvm.device)
+    for chunk, batch in padded_batches(lenvm, records, "calibrate on", batch_size, progress, "calibrating"):
         images = vision.forward_images(
             lenvm.tokenizer, [(e.input_ids, e.images) for e in chunk], lenvm.device
         )

@@ -195,3 +195,25 @@ def collate(examples: list[Example], gamma: float, pad_id: int = 0) -> Batch:
         boot[row] = e.bootstrap_index or 0
     states = torch.tensor([e.num_states for e in examples])
     return Batch(ids, mask, supervised, mc, discount, boot, states)
+
+
+def padded_batches(
+    lenvm,
+    records: Iterable[dict[str, Any]],
+    purpose: str,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "rollouts",
+) -> Iterator[tuple[list[Example], Batch]]:
+    """The completions of ``records`` as examples in padded batches for one forward of ``lenvm``
+    each (collated with its gamma and pad token, on its device), shortest first so that a batch
+    pads little. Raises a clear error, naming ``purpose``, when there are none."""
+    from tqdm.auto import tqdm
+
+    examples = sorted(iter_examples(records, lenvm.config.eos_token_ids), key=lambda e: len(e.input_ids))
+    if not examples:
+        raise InputError(f"no rollouts to {purpose}")
+    pad = lenvm.tokenizer.pad_token_id or 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", disable=not progress):
+        chunk = examples[start : start + batch_size]
+        yield chunk, collate(chunk, lenvm.gamma, pad).to(lenvm.device)

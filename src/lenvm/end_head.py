@@ -57,24 +57,15 @@ def end_data(
     """One forward of the generator over each rollout (an attached ``lenvm``'s backbone): the
     features of every completion state and, from the logits, the tokens left until the next
     natural-end opportunity after it (states with none known are left out)."""
-    from tqdm.auto import tqdm
-
-    from lenvm.dataset import collate, iter_examples
+    from lenvm.dataset import padded_batches
     from lenvm.model import select_features
 
     if lenvm.config.kind != "attached":
         raise InputError("an end head is trained on a LenVM of kind 'attached' (it reads the generator)")
     eos_ids = lenvm.config.eos_token_ids
-    examples = sorted(iter_examples(records, eos_ids), key=lambda e: len(e.input_ids))
-    if not examples:
-        raise InputError("no rollouts to train the end head on")
-    pad = lenvm.tokenizer.pad_token_id or 0
     features, distances = [], []
-    for start in tqdm(
-        range(0, len(examples), batch_size), desc="end head: states", unit="batch", disable=not progress
-    ):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, lenvm.gamma, pad).to(lenvm.device)
+    purpose, desc = "train the end head on", "end head: states"
+    for chunk, batch in padded_batches(lenvm, records, purpose, batch_size, progress, desc):
         out = lenvm.backbone(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
         )
