@@ -87,6 +87,24 @@ def synthetic_records(tokenizer, n_per_prompt=3, truncate_long=False):
     return records
 
 
+def lenvm_folder_with_rollouts(tmp_path, tiny_path, tiny_generator):
+    """A fresh attached LenVM saved at ``tmp_path / "l"`` (with a stray ``notes.txt`` that a
+    command writing into the folder or a copy must keep) and a rollouts file of
+    :func:`synthetic_records` beside it; returns both paths."""
+    import json
+
+    import torch
+
+    from lenvm.model import LengthValueModel
+
+    torch.manual_seed(0)
+    LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9).save_pretrained(tmp_path / "l")
+    (tmp_path / "l" / "notes.txt").write_text("kept")
+    rollouts = tmp_path / "r.jsonl"
+    rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
+    return tmp_path / "l", rollouts
+
+
 @pytest.fixture(scope="session")
 def tiny128(tmp_path_factory):
     """A tiny model that vLLM's CPU attention runs (it needs a head size of at least 32)."""

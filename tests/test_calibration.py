@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_records
+from conftest import lenvm_folder_with_rollouts, synthetic_records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,11 +124,7 @@ def test_calibrating_moves_the_heads_predictions_toward_what_happened(tiny_path,
 
 
 def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_generator, capsys):
-    torch.manual_seed(0)
-    LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9).save_pretrained(tmp_path / "l")
-    (tmp_path / "l" / "notes.txt").write_text("kept")
-    rollouts = tmp_path / "r.jsonl"
-    rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
+    _, rollouts = lenvm_folder_with_rollouts(tmp_path, tiny_path, tiny_generator)
     args = ["calibrate", "--lenvm", str(tmp_path / "l"), "--rollouts", str(rollouts), "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "copy")]) == 0
     assert read_config(tmp_path / "l").calibration is None  # the original is left alone

@@ -1,12 +1,11 @@
 """The end head: its targets (pure), its training, saving and loading, and its use in decoding."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_records
+from conftest import lenvm_folder_with_rollouts, synthetic_records
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -119,11 +118,7 @@ def test_a_wrap_up_heads_for_the_soonest_natural_end_the_end_head_sees():
 
 
 def test_cli_trains_the_end_head_into_a_copy(tmp_path, tiny_path, tiny_generator, capsys):
-    torch.manual_seed(0)
-    LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9).save_pretrained(tmp_path / "l")
-    (tmp_path / "l" / "notes.txt").write_text("kept")
-    rollouts = tmp_path / "r.jsonl"
-    rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
+    _, rollouts = lenvm_folder_with_rollouts(tmp_path, tiny_path, tiny_generator)
     args = ["train-end-head", "--lenvm", str(tmp_path / "l"), "--rollouts", str(rollouts), "--no-progress"]
     assert main([*args, "--eval-rollouts", str(rollouts), "--epochs", "2", "--out", str(tmp_path / "e")]) == 0
     assert read_config(tmp_path / "l").end_head is None  # the original is left alone
