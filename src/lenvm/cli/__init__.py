@@ -592,8 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retries",
         type=int,
-        help="--equal-to: resample the end of an answer that does not end naturally up to R times "
-        "(default: Control's default for the rule, 0 for paper)",
+        help="--equal-to, --at-most, --at-least: resample the end of an answer that does not end "
+        "naturally up to R times (default: Control's default for the rule, 0 for paper)",
     )
     options.add_sampling(p, seed_help="default: a fresh random stream per request")
     options.add_decoding(p, batch_size=8)
