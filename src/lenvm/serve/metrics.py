@@ -40,7 +40,7 @@ class Metrics:
         )
         self.discarded_tokens = Counter(
             "lenvm_discarded_tokens",
-            "Tokens decoded and then discarded: Equal To retries' resampled ends, best_of's other attempts",
+            "Tokens decoded and then discarded: retries' resampled ends, best_of's other attempts",
             registry=r,
         )
         self.queue_depth = Gauge("lenvm_queue_depth", "Requests waiting for a row of the batch", registry=r)

@@ -7,7 +7,7 @@ URL alone: the same fields (``vllm_xargs``, ``top_k``, ``min_p``, ``ignore_eos``
 ``"length"`` with vLLM's ``stop_reason``, and ``usage`` with prompt, completion and total tokens.
 What lenvm adds: the flat ``length_*`` keys (top-level or in ``vllm_xargs``), ``return_values``
 (each choice's ``values``), each controlled choice's ``length`` summary, and
-``usage.discarded_tokens`` (tokens decoded and thrown away by Equal To's retries and ``best_of``).
+``usage.discarded_tokens`` (tokens decoded and thrown away by retries and ``best_of``).
 
 Unlike vLLM, which ignores fields it does not know, an unknown or mistyped field is an error here,
 and so is a known one this server cannot honour (``echo``, penalties, ``logit_bias``...).
@@ -23,7 +23,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lenvm.cli.options import SAMPLING_FLAGS
-from lenvm.decoding.params import LENGTH_KEYS, MAX_TOP_LOGPROBS, Request, SamplingParams, control_from_keys
+from lenvm.decoding.params import (
+    LENGTH_KEYS,
+    MAX_TOP_LOGPROBS,
+    TARGET_KINDS,
+    Request,
+    SamplingParams,
+    control_from_keys,
+)
 from lenvm.io import InputError
 from lenvm.prompts import prompt_from_record
 from lenvm.rollouts import derive_seed
@@ -269,7 +276,7 @@ def _plan(
         raise ApiError(400, str(err), "vllm_xargs") from None
     if (control is not None or return_values) and not ctx.has_lenvm:
         raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
-    if control is not None and body.stream and control.kind == "equal_to" and "length_retries" not in keys:
+    if control is not None and body.stream and control.kind in TARGET_KINDS and "length_retries" not in keys:
         # A stream cannot take tokens back: no retries unless asked for (then it is held back).
         control = replace(control, retries=0)
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())

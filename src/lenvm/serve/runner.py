@@ -10,7 +10,7 @@ the next step (continuous batching); an aborted one leaves it at once.
 Each choice is followed by a tracker that turns the engine's updates into text: it decodes the
 tokens so far, ends the choice at the first stop string (and aborts its row), and holds back the
 characters that could still become a stop string or that are an incomplete UTF-8 character. A
-choice whose end the engine may go back on (Equal To's retries, ``best_of``) is *held*: it
+choice whose end the engine may go back on (retries, ``best_of``) is *held*: it
 reports nothing until its answer is final, then all of it at once.
 """
 
