@@ -215,11 +215,18 @@ def test_generate_with_and_without_a_length_control(
     assert main([*base, "--prompts", str(prompts_file)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in lines] == ["a", "1", "2"]
+    one = tmp_path / "one.jsonl"
+    one.write_text(prompts_file.read_text().splitlines()[0] + "\n")
+    assert main([*base, "--prompts", str(one)]) == 0  # a file of one prompt: still a JSON line
+    assert json.loads(capsys.readouterr().out)["id"] == "a"
 
     code, err = _error(capsys, [*base, "--prompt", "Hi", "--equal-to", "5"])
     assert code == 2 and "needs a LenVM" in err
     code, err = _error(capsys, [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--tilt", "nan"])
     assert code == 2 and "finite beta" in err
+    argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-least", "3", "--hard-cap-slack", "2"]
+    code, err = _error(capsys, argv)  # not silently dropped
+    assert code == 2 and "hard_cap_slack" in err
 
     # Equal To, best of three attempts: one answer comes back.
     argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--equal-to", "3", "--best-of", "3", "--json"]

@@ -211,11 +211,16 @@ def _control(args):
     from lenvm.decoding import Control
 
     # Control says which kinds take these
-    extra = {"rule": args.rule, "best_of": args.best_of, "retries": args.retries}
+    extra = {
+        "rule": args.rule,
+        "best_of": args.best_of,
+        "retries": args.retries,
+        "hard_cap_slack": args.hard_cap_slack,
+    }
     if args.equal_to is not None:
-        return Control("equal_to", target=args.equal_to, hard_cap_slack=args.hard_cap_slack, **extra)
+        return Control("equal_to", target=args.equal_to, **extra)
     if args.at_most is not None:
-        return Control("at_most", target=args.at_most, hard_cap_slack=args.hard_cap_slack, **extra)
+        return Control("at_most", target=args.at_most, **extra)
     if args.at_least is not None:
         return Control("at_least", target=args.at_least, **extra)
     if args.tilt is not None:
@@ -238,7 +243,7 @@ def cmd_generate(args) -> None:
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
     results = engine.generate(requests, batch_size=args.batch_size, progress=len(requests) > 1)
     for prompt, result in zip(prompts, results, strict=True):
-        if args.json or len(prompts) > 1:
+        if args.json or args.prompts:
             record = {
                 "id": prompt.id,
                 "text": result.text,
@@ -582,7 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="p'(x) ~ p(x) exp(BETA v(x)); positive BETA favours shorter outputs",
     )
     p.add_argument("--rule", choices=["ours", "paper"], default="ours")
-    p.add_argument("--hard-cap-slack", type=int, help="force EOS at N + slack tokens (off by default)")
+    p.add_argument(
+        "--hard-cap-slack",
+        type=int,
+        help="--equal-to, --at-most: force EOS at N + slack tokens (default: none for --equal-to; "
+        "--at-most with rule ours stops at N)",
+    )
     p.add_argument(
         "--best-of",
         type=int,

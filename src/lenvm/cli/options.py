@@ -26,7 +26,9 @@ def add_model(parser: argparse.ArgumentParser, flag: str = "--model", help: str 
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", help="torch device for the models (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", help="torch device for the models (default: the first accelerator, else cpu)"
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
 
 
