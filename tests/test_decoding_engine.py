@@ -279,10 +279,11 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
             Control(**kwargs)
     with pytest.raises(InputError, match="context"):
         engine.generate([Request("hi", control=Control("equal_to", target=10**6))])
-    with pytest.raises(InputError, match="max_new_tokens"):  # can never be met
-        engine.generate(
-            [Request("hi", SamplingParams(max_new_tokens=10), control=Control("at_least", target=11))]
-        )
+    for kind in ("at_least", "equal_to"):  # the target's tokens and the EOS take 11
+        with pytest.raises(InputError, match="never be met within max_new_tokens"):
+            engine.generate(
+                [Request("hi", SamplingParams(max_new_tokens=10), control=Control(kind, target=10))]
+            )
     with pytest.raises(InputError, match="empty"):
         engine.generate([Request("")])
     short_sighted = LengthValueModel.from_base(tiny_path, kind="q", gamma=0.5, generator=tiny_generator)

@@ -413,6 +413,8 @@ BAD = [
     ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": "5"}}, 400, "integer"),
     ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": 10**12}}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 5000, "length_equal_to": 5000}, 400, "context"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 10, "length_equal_to": 10}, 400, "never be met"),
+    ({"model": MODEL, "prompt": "Hi", "max_tokens": 10, "length_at_least": 10}, 400, "never be met"),
     ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_lenght": 5}}, 400, "unknown length control key"),
     ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"temperature": 0.5}}, 400, "unknown vllm_xargs key"),
     ({"model": MODEL, "prompt": "Hi", "length_rule": "ours"}, 400, "needs a length control"),
@@ -435,6 +437,7 @@ def test_bad_completion_requests_get_a_4xx_and_leave_the_server_healthy(url, bod
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert message in error["message"] and error["code"] == status and error["type"]
+    assert not error["message"].startswith("request ")  # no engine-internal request key
 
 
 BAD_CHAT = [

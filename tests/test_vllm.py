@@ -246,6 +246,7 @@ def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvm
         {"length_tilt": "x"},
         {"length_equal_to": 5, "length_retries": 2},
         {"length_at_least": 50},
+        {"length_equal_to": 8},  # 8 tokens and the EOS do not fit in max_tokens 8
     ):
         with pytest.raises(VLLMValidationError, match="length_"):
             engine.llm.generate(

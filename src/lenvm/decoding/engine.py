@@ -191,11 +191,8 @@ class Engine:
             raise InputError(
                 f"{where}: target {control.target} exceeds the model's context of {self.context}"
             )
-        if control.kind == "at_least" and control.target > max_new_tokens:
-            raise InputError(
-                f"{where}: at_least {control.target} can never be met within "
-                f"max_new_tokens ({max_new_tokens})"
-            )
+        if (why := control.unreachable(max_new_tokens)) is not None:
+            raise InputError(f"{where}: {why}")
         if control.target is not None and self.lenvm.gamma**control.target < MIN_DISCOUNT:
             raise InputError(
                 f"{where}: target {control.target} lies beyond the LenVM's horizon (gamma "

@@ -176,6 +176,17 @@ class Control:
         (our rules; the paper's rules keep the usual candidates)."""
         return self.kind in TARGET_KINDS and self.rule == "ours"
 
+    def unreachable(self, max_new_tokens: int, limit: str = "max_new_tokens") -> str | None:
+        """Why this control can never be met within ``max_new_tokens`` (named ``limit`` in the
+        message), or None: Equal To and At Least need their target's tokens and the EOS that ends
+        them, which ``max_new_tokens`` counts too."""
+        if self.kind not in ("equal_to", "at_least") or self.target < max_new_tokens:
+            return None
+        return (
+            f"{self.kind} {self.target} can never be met within {limit} ({max_new_tokens}): "
+            f"{self.target} tokens and the EOS that ends them take {self.target + 1}"
+        )
+
     @property
     def cap(self) -> int | None:
         """Output tokens after which EOS is forced, if any."""

@@ -137,10 +137,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
         if control is None:
             return
         max_tokens = sampling_params.max_tokens
-        if control.kind == "at_least" and max_tokens is not None and control.target > max_tokens:
-            raise InputError(
-                f"length_at_least {control.target} can never be met within max_tokens ({max_tokens})"
-            )
+        if max_tokens is not None and (why := control.unreachable(max_tokens, "max_tokens")) is not None:
+            raise InputError(f"length_{why}")  # named as the request's key
         path = os.environ.get("LENVM_PATH")
         if path and control.target is not None and _gamma(path) ** control.target < MIN_DISCOUNT:
             raise InputError(

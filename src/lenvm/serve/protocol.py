@@ -298,12 +298,15 @@ def _plan(
         if limit is None:
             plain = endpoint == "completions" and control is None
             limit = COMPLETIONS_MAX_TOKENS if plain else ctx.context - len(ids)
-        if control is not None and control.kind in ("equal_to", "at_least") and control.target > limit:
+        if max_tokens is not None and len(ids) + max_tokens > ctx.context:
             raise ApiError(
                 400,
-                f"the length target {control.target} exceeds max_tokens ({limit})",
+                f"the prompt has {len(ids)} tokens: with max_tokens {max_tokens} it exceeds this model's "
+                f"context of {ctx.context} tokens",
                 "max_tokens",
             )
+        if control is not None and (why := control.unreachable(limit, "max_tokens")) is not None:
+            raise ApiError(400, f"length_{why}", "max_tokens")  # named as the request's key
         for j in range(body.n):
             seed = body.seed if body.seed is None or j == 0 else derive_seed(body.seed, "choice", j)
             try:

@@ -29,6 +29,7 @@ from typing import Any
 
 from lenvm.decoding import Request, Result, Scheduler
 from lenvm.decoding.engine import Engine, Update
+from lenvm.io import InputError
 
 log = logging.getLogger("lenvm.serve")
 
@@ -275,9 +276,11 @@ class EngineRunner:
                 self.scheduler.add(choice.request, key)
                 added.append(key)
         except Exception as err:  # InputError for a request the engine cannot take
-            for key in added:
-                self.scheduler.abort(key)
+            for done in added:
+                self.scheduler.abort(done)
             self._release(len(submission.keys))
+            if isinstance(err, InputError):  # the engine names the request by a key the client never saw
+                err = InputError(str(err).removeprefix(f"request {key}: "))
             submission.put(err)
             return
         for index, (key, choice) in enumerate(zip(submission.keys, submission.choices, strict=True)):
