@@ -1042,6 +1042,28 @@ def test_bounds_resample_ends_that_are_not_natural_and_still_meet_the_bound(tiny
             assert 6 <= result.num_tokens <= 11
 
 
+def test_greedy_decoding_makes_no_retry_or_attempt_that_would_repeat_itself(tiny_generator, lenvms):
+    """Greedy decoding from a state it decoded before, under the same policy, writes the same
+    tokens: Equal To's retries and best_of's other attempts are not made; At Most's first retry
+    (from its unguided attempt to guidance) and At Least's (a wider window) still are."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+
+    def run(control: Control, temperature: float) -> Result:
+        sampling = SamplingParams(max_new_tokens=14, seed=0, temperature=temperature)
+        return engine.generate([Request(PROMPTS[0], sampling, control=control)])[0]
+
+    sampled = run(Control("equal_to", target=5, retries=2), 1.0)
+    assert not sampled.natural and sampled.retries == 2  # the random generator never ends naturally
+    greedy = run(Control("equal_to", target=5, retries=2), 0.0)
+    assert greedy.retries == 0 and greedy.decoded_tokens == len(greedy.token_ids)
+    best = run(Control("equal_to", target=5, retries=0, best_of=3), 0.0)
+    assert best.token_ids == run(Control("equal_to", target=5, retries=0), 0.0).token_ids
+    assert best.decoded_tokens == len(best.token_ids)
+    assert run(Control("at_most", target=5, retries=3), 0.0).retries == 1
+    assert run(Control("at_least", target=6, retries=2), 0.0).retries == 2
+
+
 @pytest.mark.parametrize("kind", ["attached", "q"])
 def test_retries_of_every_control_do_not_depend_on_the_batch(tiny_generator, lenvms, kind):
     model, tok = tiny_generator

@@ -203,7 +203,7 @@ class Engine:
             request = replace(request, sampling=replace(request.sampling, top_k=0))
         images = encoded.images.to(self.device) if encoded.images is not None else None
         return [
-            Sequence.start(key, request, prompt_ids, a, self.device, images) for a in range(control.best_of)
+            Sequence.start(key, request, prompt_ids, a, self.device, images) for a in range(request.attempts)
         ]
 
 
@@ -327,7 +327,7 @@ class Scheduler:
                 seq.retry(result, engine.sentence_ends)
                 self.waiting.appendleft(seq)  # first in line: its request is nearly done
                 continue
-            result, attempts = seq.final(result), seq.control.best_of
+            result, attempts = seq.final(result), seq.request.attempts
             if attempts == 1:
                 update.result = result
                 continue

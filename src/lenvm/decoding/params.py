@@ -99,7 +99,7 @@ class Control:
     ``best_of`` (equal_to only): sample that many answers (each with its own random stream) and
     return the one that ends naturally (the generator gave its final EOS at least
     ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
-    the decoding.
+    the decoding; under greedy decoding every attempt would be the same, so one is made.
     ``retries`` (target controls): when an answer does not end naturally (our rules choose an
     EOS only where the generator itself would end, so such an answer reached the bound of
     at_most, or ran well past the target of equal_to or at_least), go back and resample its
@@ -109,8 +109,9 @@ class Control:
     natural ending, or the best attempt if none is (see :func:`lenvm.decoding.sequence.best_of`);
     an equal_to answer of our rule that ends naturally but far from its target is resampled up to
     twice too, keeping the nearest natural end (:meth:`lenvm.decoding.sequence.Sequence.may_retry`).
-    Only answers that miss pay for it. None means ``DEFAULT_RETRIES`` for our rules, 0 for the
-    paper's. ``natural_eos``: the generator's EOS probability from which an ending counts as
+    Only answers that miss pay for it; under greedy decoding, only the retries that change the
+    policy (At Most's first, every one of At Least's). None means ``DEFAULT_RETRIES`` for our
+    rules, 0 for the paper's. ``natural_eos``: the generator's EOS probability from which an ending counts as
     natural, for our rules' choice of EOS, retries and ``best_of``.
     """
 
@@ -215,6 +216,12 @@ class Request:
             )
         if self.control is not None and not isinstance(self.control, Control):
             raise InputError(f"bad request: control must be a Control, got {type(self.control).__name__}")
+
+    @property
+    def attempts(self) -> int:
+        """Whole answers decoded for this request: the control's ``best_of``, but one under greedy
+        decoding, where they would all be the same."""
+        return 1 if self.control is None or self.sampling.greedy else self.control.best_of
 
 
 @dataclass

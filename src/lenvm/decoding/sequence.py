@@ -201,9 +201,9 @@ class Sequence:
         """Whether a retry is left and this end is worth one (see :attr:`Control.retries`): it is
         not natural, and no earlier attempt ended naturally; or, for Equal To under our rule, it
         is natural but further from the target than ``CLOSE_ENOUGH`` of it, and fewer than
-        ``CLOSER_RETRIES`` were spent."""
+        ``CLOSER_RETRIES`` were spent. Never where greedy decoding would replay it (:meth:`_replays`)."""
         c = self.control
-        if self.request.sampling.ignore_eos or len(self.missed) >= c.max_retries:
+        if self.request.sampling.ignore_eos or len(self.missed) >= c.max_retries or self._replays():
             return False
         if not result.ended_above(c.natural_eos):
             return not any(r.ended_above(c.natural_eos) for r in self.missed)
@@ -213,6 +213,13 @@ class Sequence:
             and len(self.missed) < CLOSER_RETRIES
             and miss(result.num_tokens, c.target) > CLOSE_ENOUGH * c.target
         )
+
+    def _replays(self) -> bool:
+        """Whether a retry would only write this attempt's tokens again: under greedy decoding it
+        goes back to a state already decoded from, under the same policy, unless it leaves At
+        Most's unguided first attempt for guidance or widens At Least's window."""
+        kind = self.control.kind
+        return self.request.sampling.greedy and (kind == "equal_to" or (kind == "at_most" and not self.free))
 
     def retry(self, result: Result, sentence_ends: frozenset[int]) -> None:
         """Go back to resample the end of ``result`` (see :func:`retry_start`), with a fresh
