@@ -60,6 +60,18 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
         == 0
     )
     assert (out / "config.json").exists() and (out / "head.safetensors").exists()
+    # Training again into a LenVM, or into a folder of something else, replaces nothing unasked.
+    again = ["train", "--rollouts", str(rollouts), "--base", str(tiny_path), "--epochs", "1", "--out"]
+    before = (out / "head.safetensors").read_bytes()
+    code, err = _error(capsys, [*again, str(out)])
+    assert code == 2 and "--overwrite" in err and (out / "head.safetensors").read_bytes() == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    code, err = _error(capsys, [*again, str(other), "--overwrite"])
+    assert code == 2 and "not a LenVM" in err and (other / "todo.txt").read_text() == "keep me"
+    assert main([*again, str(tmp_path / "replaced"), "--eval-fraction", "0.34"]) == 0
+    assert main([*again, str(tmp_path / "replaced"), "--eval-fraction", "0.34", "--overwrite"]) == 0
     capsys.readouterr()
     assert main(["predict", "--lenvm", str(out), "--prompts", str(prompts_file), "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -277,6 +289,16 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     assert "15 prompts predicted" in capsys.readouterr().err
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
+    # Resuming with another LenVM, or another prompt under a predicted id, mixes nothing in.
+    retrained = tmp_path / "lenvm-b"
+    LengthValueModel.from_base(tiny_path, gamma=0.8, generator=tiny_generator).save_pretrained(retrained)
+    code, err = _error(capsys, [*base, "--out", str(out), "--lenvm", str(retrained)])
+    assert code == 2 and "another LenVM" in err
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + "more"}) + "\n" for r in rows))
+    code, err = _error(capsys, [*base[:4], str(changed), *base[5:], "--out", str(out)])
+    assert code == 2 and "'p0'" in err and "not the prompt" in err
+    assert out.read_text().splitlines() == [json.dumps(r) for r in again]  # untouched
 
     def error(argv):
         code = main(argv)

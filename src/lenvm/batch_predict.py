@@ -2,14 +2,18 @@
 
     stats = predict_file(lenvm, read_prompts("requests.jsonl"), "predictions.jsonl", batch_size=32)
 
-One JSON line per prompt, ``{"id", "predicted_length", "prompt_tokens"}``, appended a chunk of
-batches at a time (an interruption loses at most the chunk in flight); run again on the same
-output file, only the prompts not yet in it are predicted. Prompts run sorted by length, one
-forward per batch, so that little of a forward is padding.
+One JSON line per prompt, ``{"id", "predicted_length", "prompt_tokens", "prompt_sha",
+"lenvm"}``, appended a chunk of batches at a time (an interruption loses at most the chunk in
+flight); run again on the same output file, only the prompts not yet in it are predicted. The
+last two fingerprint the prompt's tokens and the LenVM's config, so that a rerun with another
+LenVM, or with a prompt changed under the same id, is refused rather than mixed in. Prompts run
+sorted by length, one forward per batch, so that little of a forward is padding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -58,12 +62,17 @@ def predict_file(
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches predictions by prompt id")
     out = Path(out)
+    every = lenvm.encode_prompts(prompts)
+    shas = {p.id: fingerprint(e.ids) for p, e in zip(prompts, every, strict=True)}
+    model = fingerprint(lenvm.config.to_dict())
     done = set()
     if out.exists():
         repair_jsonl_tail(out)  # a crash may have cut the last line
-        done = {str(r.get("id")) for r in iter_jsonl(out)}
+        for record in iter_jsonl(out):
+            _check_resumable(record, out, model, shas)
+            done.add(str(record.get("id")))
     todo = [p for p in prompts if p.id not in done]
-    encoded = lenvm.encode_prompts(todo) if todo else []
+    encoded = [e for p, e in zip(prompts, every, strict=True) if p.id not in done]
     # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))
     chunk = batch_size * BATCHES_PER_CHUNK
@@ -81,9 +90,35 @@ def predict_file(
             lengths = lenvm.lengths_from_values(values)
             appender.write(
                 [
-                    {"id": todo[i].id, "predicted_length": round(n, 2), "prompt_tokens": len(encoded[i].ids)}
+                    {
+                        "id": todo[i].id,
+                        "predicted_length": round(n, 2),
+                        "prompt_tokens": len(encoded[i].ids),
+                        "prompt_sha": shas[todo[i].id],
+                        "lenvm": model,
+                    }
                     for i, n in zip(part, lengths, strict=True)
                 ]
             )
             bar.update(len(part))
     return PredictionStats(len(prompts), len(todo), len(prompts) - len(todo), seconds, batch_size)
+
+
+def fingerprint(data: Any) -> str:
+    """A short stable hash of JSON-able ``data``."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_resumable(record: dict[str, Any], out: Path, model: str, shas: dict[str, str]) -> None:
+    """Refuse to resume into ``out`` when ``record`` came from another LenVM or another prompt
+    under its id (a record without fingerprints, from an older lenvm, is taken as it is)."""
+    if record.get("lenvm", model) != model:
+        raise InputError(
+            f"{out} holds predictions of another LenVM: predict into a new file, or delete it to start over"
+        )
+    pid = str(record.get("id"))
+    if pid in shas and record.get("prompt_sha", shas[pid]) != shas[pid]:
+        raise InputError(
+            f"{out}: prompt {pid!r} is not the prompt predicted under that id before: predict into a new "
+            "file, or delete it to start over"
+        )

@@ -93,6 +93,8 @@ def cmd_train(args) -> int | None:
     from lenvm import launch
     from lenvm.training import TrainConfig, is_main_process, train
 
+    if not launch.launched():  # the processes it starts find --out as it was checked here
+        _check_train_out(args.out, args.overwrite)
     if args.accelerate_config and not launch.launched():
         argv = _without(args.argv, ("--accelerate-config", "--num-processes"))
         return launch.relaunch(args.accelerate_config, argv, args.num_processes)
@@ -120,6 +122,27 @@ def cmd_train(args) -> int | None:
         }
         print(json.dumps(summary, indent=2))
     launch.leave_process_group()  # after the main process has written the LenVM
+
+
+def _check_train_out(out: str, overwrite: bool) -> None:
+    """Training writes a whole new folder at ``out``: refuse to replace anything but a LenVM, and
+    a LenVM (with any end head and calibration trained for it) only when asked to."""
+    from lenvm.model import NotALenVMError, read_config
+
+    path = Path(out)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    try:
+        read_config(path)
+    except NotALenVMError:
+        raise InputError(
+            f"{out} exists and is not a LenVM folder; training would replace it: choose another --out"
+        ) from None
+    if not overwrite:
+        raise InputError(
+            f"{out} already holds a LenVM (with its end head and calibration, if any): pass --overwrite "
+            "to replace it, or choose another --out"
+        )
 
 
 def cmd_predict(args) -> None:
@@ -396,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     options.add_model(p, "--base", help="generator (attached, q) or backbone (standalone)")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument("--kind", choices=KINDS, default=TrainConfig.kind)
     p.add_argument("--gamma", type=_gamma, help="'auto' (p99 rule, default) or a number")
     p.add_argument("--truncated", choices=["bootstrap", "drop"], default=TrainConfig.truncated)
