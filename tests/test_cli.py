@@ -125,12 +125,12 @@ def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
     assert code == 2 and f"{bad}:2" in err
 
     empty = tmp_path / "empty.jsonl"
-    empty.write_text('{"prompt": "   "}\n')
+    empty.write_text('{"prompt": "ok"}\n\n{"prompt": "   "}\n')
     code, err = _error(
         capsys,
         ["rollout", "--model", str(tiny_path), "--prompts", str(empty), "--out", str(tmp_path / "o.jsonl")],
     )
-    assert code == 2 and "empty" in err
+    assert code == 2 and "empty" in err and f"{empty}:3" in err  # the line, blank lines counted
 
     code, err = _error(
         capsys,

@@ -33,6 +33,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    for _, record in numbered_jsonl(path):
+        yield record
+
+
+def numbered_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -46,7 +52,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield record
+            yield lineno, record
 
 
 @contextlib.contextmanager

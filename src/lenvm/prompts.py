@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lenvm.io import InputError, iter_jsonl
+from lenvm.io import InputError, numbered_jsonl
 
 Messages = list[dict[str, Any]]
 TokenIds = list[int]
@@ -174,15 +174,16 @@ def prompt_from_record(
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read a prompts JSONL file; ids default to the line's position; duplicate ids are an error.
-    Relative image paths are relative to the file's folder."""
+    """Read a prompts JSONL file; ids default to the record's position (0, 1, ...; blank lines
+    skipped); duplicate ids are an error, and errors name the file and line. Relative image paths
+    are relative to the file's folder."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
     base = Path(path).parent
-    for index, record in enumerate(iter_jsonl(path)):
-        prompt = prompt_from_record(record, str(index), where=f"{path}: record {index + 1}", base=base)
+    for index, (lineno, record) in enumerate(numbered_jsonl(path)):
+        prompt = prompt_from_record(record, str(index), where=f"{path}:{lineno}", base=base)
         if prompt.id in seen:
-            raise InputError(f"{path}: duplicate prompt id {prompt.id!r}")
+            raise InputError(f"{path}:{lineno}: duplicate prompt id {prompt.id!r}")
         seen.add(prompt.id)
         prompts.append(prompt)
     if not prompts:
