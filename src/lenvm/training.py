@@ -411,7 +411,8 @@ class FeatureStore:
         states: list[int] = []
         finished: list[bool] = []
         rows = 0
-        bar = tqdm(desc="hidden states", unit="tok", disable=not progress)
+        total = len(train) + len(evaluation)  # answers: known from the scan, so the bar has an ETA
+        bar = tqdm(total=total, desc="hidden states", unit="answer", disable=not progress)
         with (folder / "features.bin").open("wb") as feats, (folder / "rows.bin").open("wb") as cols:
 
             def flush(chunk: list[tuple[int, Example]]) -> None:
@@ -431,7 +432,7 @@ class FeatureStore:
                     cols.write(col.tobytes())
                     first_row[index] = rows
                     rows += len(col)
-                bar.update(int(mask.sum()))
+                bar.update(len(chunk))
 
             def numbered(examples):
                 for e in examples:
