@@ -36,6 +36,18 @@ def test_policy_leaves_out_what_is_not_the_policy():
     )
 
 
+def test_sampling_from_a_lenvms_policy_takes_its_truncation_and_nothing_else(tiny_path, tiny_generator):
+    from lenvm.model import LengthValueModel
+
+    trained = SamplingParams(temperature=0.7, top_k=20, max_new_tokens=256, seed=0).policy()
+    params = SamplingParams.from_policy(trained, max_new_tokens=64, top_k=5)
+    assert (params.temperature, params.top_k, params.max_new_tokens, params.seed) == (0.7, 5, 64, None)
+    assert SamplingParams.from_policy(None) == SamplingParams()
+    lenvm = LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator)
+    lenvm.config.sampling = trained
+    assert lenvm.sampling_params(seed=3) == SamplingParams(temperature=0.7, top_k=20, seed=3)
+
+
 def test_length_keys_make_the_control_they_name():
     assert control_from_keys({"length_equal_to": 64}) == Control("equal_to", target=64)
     assert control_from_keys({"length_at_most": 5, "length_rule": "paper"}) == Control(

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +33,9 @@ from lenvm.calibration import Calibration
 from lenvm.io import InputError, atomic_path, is_int, write_text
 from lenvm.prompts import Messages, Prompt, TokenIds
 from lenvm.returns import _check_gamma, value_to_length
+
+if TYPE_CHECKING:  # the decoding package imports this module
+    from lenvm.decoding.params import SamplingParams
 
 Kind = Literal["attached", "standalone", "q"]
 KINDS: tuple[str, ...] = ("attached", "standalone", "q")
@@ -451,6 +454,14 @@ class LengthValueModel(nn.Module):
         return self.values_from_hidden(features, calibrated)
 
     # -- prediction -----------------------------------------------------------------------
+
+    def sampling_params(self, **settings: Any) -> SamplingParams:
+        """A :class:`~lenvm.decoding.SamplingParams` under the decoding policy this LenVM was
+        trained on (its temperature, top-p, top-k and min-p: its values describe answers sampled
+        so), with ``settings`` (``max_new_tokens``, ``seed``, ...) added or taking precedence."""
+        from lenvm.decoding.params import SamplingParams
+
+        return SamplingParams.from_policy(self.config.sampling, **settings)
 
     def encode_prompts(self, prompts: list[str | Messages | Prompt | TokenIds]) -> list[vision.Encoded]:
         """Each prompt as the LenVM reads it (chat template applied, images read, token ids taken

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lenvm.decoding.params import SamplingParams
+from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
 from lenvm.hub import DEFAULT_MODEL, DTYPES
 
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p")
 _DEFAULTS = SamplingParams()
 
 
@@ -52,15 +51,14 @@ def add_sampling(parser: argparse.ArgumentParser, seed_help: str, max_new_tokens
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags the user gave (temperature, top_p, top_k, min_p), by name."""
-    return {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in POLICY_SETTINGS if getattr(args, name, None) is not None}
 
 
 def sampling_from_args(args: argparse.Namespace, policy: dict[str, Any] | None = None) -> SamplingParams:
     """The :class:`SamplingParams` of the flags; flags left out take ``policy`` (a LenVM's training
     policy), then the defaults."""
-    trained = {k: v for k, v in (policy or {}).items() if k in SAMPLING_FLAGS}
-    return SamplingParams(
-        **{**trained, **sampling_overrides(args)}, max_new_tokens=args.max_new_tokens, seed=args.seed
+    return SamplingParams.from_policy(
+        policy, **sampling_overrides(args), max_new_tokens=args.max_new_tokens, seed=args.seed
     )
 
 

@@ -26,6 +26,10 @@ DEFAULT_RETRIES = 4
 # Most alternatives a request may ask to see at each step (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
 
+# The settings of a decoding policy that a LenVM's values depend on besides the length limit: a
+# LenVM predicts the lengths of answers sampled so, and steers well only under them.
+POLICY_SETTINGS = ("temperature", "top_p", "top_k", "min_p")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -76,6 +80,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_policy(cls, policy: dict[str, Any] | None, **settings: Any) -> SamplingParams:
+        """Sampling under a LenVM's training ``policy`` (its :data:`POLICY_SETTINGS`, e.g.
+        ``lenvm.config.sampling``), with ``settings`` (``max_new_tokens``, ``seed``, or any of
+        those) given here taking precedence."""
+        trained = {k: v for k, v in (policy or {}).items() if k in POLICY_SETTINGS}
+        return cls(**{**trained, **settings})
 
     def policy(self) -> dict[str, Any]:
         """The settings that define the decoding policy (what a LenVM trained on its samples

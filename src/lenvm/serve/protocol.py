@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from lenvm.cli.options import SAMPLING_FLAGS
 from lenvm.decoding.params import (
     LENGTH_KEYS,
     MAX_TOP_LOGPROBS,
+    POLICY_SETTINGS,
     TARGET_KINDS,
     Request,
     SamplingParams,
@@ -288,7 +288,7 @@ def _plan(
     if top_k is not None and top_k < -1:
         raise ApiError(400, "top_k must be -1 or 0 (off) or a positive integer", "top_k")
     given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": top_k, "min_p": body.min_p}
-    policy = {k: v for k, v in ctx.defaults.items() if k in SAMPLING_FLAGS}
+    policy = {k: v for k, v in ctx.defaults.items() if k in POLICY_SETTINGS}
     policy.update({k: v for k, v in given.items() if v is not None})
     if policy.get("top_k") == -1:
         policy["top_k"] = 0
