@@ -31,6 +31,8 @@ def test_truncated_bootstrap_or_drop(tiny_generator):
     np.testing.assert_allclose(mc + disc * -0.3, bootstrap_targets(e.num_states, 0.9, -0.3))
     dropped, report = examples_from_records(records, [tok.eos_token_id], "drop")
     assert report.dropped == 4 and all(e.finished for e in dropped)
+    with pytest.raises(InputError, match=r"dropped \(prompt and completion longer than max_length 2\)"):
+        examples_from_records(records, [tok.eos_token_id], max_length=2)  # nothing left: say why
 
 
 def test_collate_targets_match_returns(tiny_generator):

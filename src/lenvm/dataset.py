@@ -73,8 +73,19 @@ def examples_from_records(
     report = DatasetReport(0, 0, 0, 0, 0, 0)
     examples = list(iter_examples(records, eos_token_ids, truncated, max_length, report))
     if not examples:
-        raise InputError("no usable completions in the rollouts (all truncated and dropped, or empty)")
+        raise nothing_usable(report, truncated, max_length)
     return examples, report
+
+
+def nothing_usable(report: DatasetReport, truncated: TruncatedPolicy, max_length: int | None) -> InputError:
+    """The error for rollouts of which no completion trains, with what became of them."""
+    limit = f"prompt and completion longer than max_length {max_length}" if max_length else None
+    causes = [c for c in ("truncated with truncated='drop'" if truncated == "drop" else None, limit) if c]
+    return InputError(
+        f"no usable completions in the rollouts: of {report.completions}, {report.finished} finished, "
+        f"{report.truncated} truncated, {report.dropped} dropped"
+        + (f" ({' or '.join(causes)})" if causes else "")
+    )
 
 
 def iter_examples(

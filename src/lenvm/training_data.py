@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from lenvm.dataset import DatasetReport, Example, TruncatedPolicy, held_out_prompts, iter_examples
+from lenvm.dataset import (
+    DatasetReport,
+    Example,
+    TruncatedPolicy,
+    held_out_prompts,
+    iter_examples,
+    nothing_usable,
+)
 from lenvm.io import InputError
 from lenvm.prompts import image_references
 
@@ -144,7 +151,7 @@ def scan(
     if not lengths:
         raise InputError("no rollout records to train on")
     if not prompts:
-        raise InputError("no usable completions in the rollouts (all truncated and dropped, or empty)")
+        raise nothing_usable(report, truncated, max_length)
     return Scan(
         len(lengths), np.asarray(lengths, dtype=np.int64), record_prompts, prompts, report, ends, policy
     )

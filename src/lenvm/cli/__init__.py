@@ -610,7 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BETA",
         help="p'(x) ~ p(x) exp(BETA v(x)); positive BETA favours shorter outputs",
     )
-    p.add_argument("--rule", choices=["ours", "paper"], default="ours")
+    p.add_argument(
+        "--rule",
+        choices=["ours", "paper"],
+        default="ours",
+        help="ours (default): the generator conditioned on the control; paper: the paper's one-hot "
+        "rules (--at-most/--at-least then take the shortest/longest candidate, their N ignored)",
+    )
     p.add_argument(
         "--hard-cap-slack",
         type=int,
