@@ -18,8 +18,8 @@ or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
 A call whose ids do not extend the previous call's starts over, so one processor can serve
 several ``generate`` calls in turn. Answers to a target control that do not end naturally are
-kept as they are: resampling their end (``Control.retries``) and ``best_of`` are the engine's. Prompts with
-images are the engine's too: the processor sees token ids only, not the pixels.
+kept as they are: resampling their end (``Control.retries``) and ``best_of`` are the engine's.
+Prompts with images are the engine's too: the processor sees token ids only, not the pixels.
 """
 
 from __future__ import annotations

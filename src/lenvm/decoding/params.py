@@ -123,8 +123,8 @@ class Control:
     twice too, keeping the nearest natural end (:meth:`lenvm.decoding.sequence.Sequence.may_retry`).
     Only answers that miss pay for it; under greedy decoding, only the retries that change the
     policy (At Most's first, every one of At Least's). None means ``DEFAULT_RETRIES`` for our
-    rules, 0 for the paper's. ``natural_eos``: the generator's EOS probability from which an ending counts as
-    natural, for our rules' choice of EOS, retries and ``best_of``.
+    rules, 0 for the paper's. ``natural_eos``: the generator's EOS probability from which an
+    ending counts as natural, for our rules' choice of EOS, retries and ``best_of``.
     """
 
     kind: ControlKind = "none"

@@ -201,7 +201,8 @@ class Sequence:
         """Whether a retry is left and this end is worth one (see :attr:`Control.retries`): it is
         not natural, and no earlier attempt ended naturally; or, for Equal To under our rule, it
         is natural but further from the target than ``CLOSE_ENOUGH`` of it, and fewer than
-        ``CLOSER_RETRIES`` were spent. Never where greedy decoding would replay it (:meth:`_replays`)."""
+        ``CLOSER_RETRIES`` were spent. Never where greedy decoding would replay it
+        (:meth:`_replays`)."""
         c = self.control
         if self.request.sampling.ignore_eos or len(self.missed) >= c.max_retries or self._replays():
             return False
