@@ -308,6 +308,18 @@ def test_run_resumes_and_checks_settings(tmp_path, tiny_path):
         Run(tmp_path / "r", {"model": "other", "targets": [1, 2]})
 
 
+def test_run_settings_bind_only_once_something_was_made_and_compare_paths_by_file(tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    Run(tmp_path / "r", {"data": str(data), "n": 1}).close()  # a run refused before any item
+    with Run(tmp_path / "r", {"data": str(data), "n": 2}) as run:  # the corrected command
+        run.write_json("results.json", {})
+    monkeypatch.chdir(tmp_path)
+    Run(tmp_path / "r", {"data": "./data.jsonl", "n": 2}).close()  # the same file, spelled otherwise
+    with pytest.raises(InputError, match=r"other settings \(n\)"):
+        Run(tmp_path / "r", {"data": "data.jsonl", "n": 3})
+
+
 def test_clipped_ridge_stays_inside_its_training_range():
     from lenvm.bench.predict import ClippedRidge
 

@@ -147,15 +147,17 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
         settings_path = self.out / "settings.json"
-        if settings_path.is_file():
+        if settings_path.is_file() and _holds_results(self.out):
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
-            changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+            changed = sorted(
+                k for k in stored.keys() | settings.keys() if not _same(stored.get(k), settings.get(k))
+            )
             if changed:
                 raise InputError(
                     f"{self.out} holds results made with other settings ({', '.join(changed)}); "
                     "use another output folder or delete this one"
                 )
-        else:
+        else:  # new, or nothing made under the settings stored (a run refused before it began)
             write_json(settings_path, settings)
         self.items_path = self.out / "items.jsonl"
         self.done: dict[str, dict[str, Any]] = {}
@@ -221,6 +223,28 @@ class Run:
                     self.add([_record(todo[index], result, judge)])
                     bar.update(1)
         return [self.done[key] for key in keys]
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` holds anything besides its settings (an empty item log is nothing)."""
+    return any(
+        p.name != "settings.json" and not (p.name == "items.jsonl" and p.stat().st_size == 0)
+        for p in out.iterdir()
+    )
+
+
+def _same(stored: Any, given: Any) -> bool:
+    """One setting's stored and given values agree: equal, or two spellings of one existing path."""
+    if stored == given:
+        return True
+    if (
+        isinstance(stored, str)
+        and isinstance(given, str)
+        and os.path.exists(stored)
+        and os.path.exists(given)
+    ):
+        return os.path.samefile(stored, given)
+    return False
 
 
 def _controlled(job: Job) -> bool:
