@@ -1,6 +1,7 @@
 """Each benchmark end to end on the tiny random model with an untrained attached LenVM."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -252,8 +253,21 @@ def test_prediction_across_domains(tmp_path, data, ending_models, train_rollouts
     )  # fmt: skip
     assert set(results["cross_domain"]) == {"list"}
     assert set(results["cross_domain"]["list"]) >= {"prompts", "lenvm", "ridge", "mean"}
-    assert (out / "cross" / "list" / "lenvm" / "head.safetensors").is_file()
+    head = out / "cross" / "list" / "lenvm" / "head.safetensors"
+    assert head.is_file() and results["cross_domain_gamma"]["list"] > 0
     assert "trained without it" in (out / "table.md").read_text()
+
+    # Run again: the LenVM without the domain is reused; with other training rollouts, retrained.
+    def rerun(rollouts):
+        run_prediction(out, models=ending_models, prompts=data["prompts"], train_rollouts=rollouts, samples=3,
+                       max_new_tokens=24, batch_size=4, progress=False, cross_domain=["list"])  # fmt: skip
+        return head.read_bytes()
+
+    first = head.read_bytes()
+    assert rerun(train_rollouts) == first
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(Path(train_rollouts).read_text().splitlines(keepends=True)[1:]))
+    assert rerun(fewer) != first
     with pytest.raises(InputError, match="no held-out prompt"):
         run_prediction(out, models=ending_models, prompts=data["prompts"], train_rollouts=train_rollouts,
                        samples=3, max_new_tokens=24, progress=False, cross_domain=["poetry"])  # fmt: skip

@@ -12,8 +12,6 @@ sorted by length, one forward per batch, so that little of a forward is padding.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lenvm.io import InputError, JsonlAppender, iter_jsonl, repair_jsonl_tail
+from lenvm.io import InputError, JsonlAppender, fingerprint, iter_jsonl, repair_jsonl_tail
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt
 
@@ -102,11 +100,6 @@ def predict_file(
             )
             bar.update(len(part))
     return PredictionStats(len(prompts), len(todo), len(prompts) - len(todo), seconds, batch_size)
-
-
-def fingerprint(data: Any) -> str:
-    """A short stable hash of JSON-able ``data``."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _check_resumable(record: dict[str, Any], out: Path, model: str, shas: dict[str, str]) -> None:

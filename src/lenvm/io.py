@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,11 @@ def _fsync_tree(path: Path) -> None:
     for file in files:
         with file.open("rb") as fh:
             os.fsync(fh.fileno())
+
+
+def fingerprint(data: Any) -> str:
+    """A short stable hash of JSON-able ``data``."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -33,7 +33,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from lenvm.bench.common import Models, bench_sampling, load_models, markdown_tab
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
 from lenvm.hub import DEFAULT_MODEL
-from lenvm.io import InputError, atomic_path, write_json, write_text
+from lenvm.io import InputError, atomic_path, fingerprint, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
 from lenvm.rollouts import read_rollouts, rollout
@@ -356,6 +356,7 @@ def run_prediction(
         "benchmark": "predict",
         "metrics": in_domain["metrics"],
         "cross_domain": {d: c["metrics"][d] for d, c in cross.items()},
+        "cross_domain_gamma": {d: c["gamma"] for d, c in cross.items()},  # their truths' gamma
         "gamma": value_model.gamma,
         "prompts": len(in_domain["per_prompt"]),
         "prompts_mostly_cut": in_domain["mostly_cut"],
@@ -438,18 +439,23 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
 
 
 def _lenvm_without(folder: Path, records, like, models: Models, progress: bool):
-    """A LenVM trained as ``like`` was, on ``records`` (trained once, then loaded)."""
+    """A LenVM trained as ``like`` was, on ``records``: trained once, then loaded while the
+    records and the settings stay the same (``trained_on`` in ``folder`` says what it was
+    trained on), trained again when they change."""
     from lenvm.model import LengthValueModel
     from lenvm.training import TrainConfig, train
 
-    target = folder / "lenvm"
+    target, marker = folder / "lenvm", folder / "trained_on"
     generator = (models.generator, models.tokenizer)
-    if not (target / "head.safetensors").is_file():
-        known = {f.name for f in fields(TrainConfig)}
-        stored = {k: v for k, v in (like.config.training or {}).items() if k in known}
-        stored["gamma"] = None if stored.get("gamma_rule", "p99") == "p99" else like.gamma
-        config = TrainConfig(**{**stored, "kind": like.config.kind, "feature_layer": like.feature_layer})
+    known = {f.name for f in fields(TrainConfig)}
+    stored = {k: v for k, v in (like.config.training or {}).items() if k in known}
+    stored["gamma"] = None if stored.get("gamma_rule", "p99") == "p99" else like.gamma
+    config = TrainConfig(**{**stored, "kind": like.config.kind, "feature_layer": like.feature_layer})
+    made_from = fingerprint([models.name, asdict(config), records])
+    fresh = (target / "head.safetensors").is_file() and marker.is_file() and marker.read_text() == made_from
+    if not fresh:
         train(records, models.name, target, config, generator=generator, progress=progress)
+        write_text(marker, made_from)
     return LengthValueModel.from_pretrained(target, generator=generator)
 
 
