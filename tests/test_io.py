@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lenvm.io import JsonlAppender, read_jsonl, repair_jsonl_tail, write_json
+from lenvm.io import JsonlAppender, atomic_path, read_jsonl, repair_jsonl_tail, write_json
 
 
 def _disk_full_after(monkeypatch, nbytes):
@@ -96,3 +96,21 @@ def test_the_top_level_api_imports_lazily_and_completely():
         "missing = [n for n in lenvm.__all__ if getattr(lenvm, n, None) is None]; assert not missing, missing"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_atomic_writes_leave_files_readable_as_new_files_are(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "lenvm"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "head.safetensors"))  # created owner-only
+        (tmp / "config.json").write_text("{}")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {
+        "head.safetensors": plain.stat().st_mode & 0o777,
+        "config.json": plain.stat().st_mode & 0o777,
+    }

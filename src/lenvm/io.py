@@ -69,7 +69,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
-        _fsync_tree(target)
+        _settle(target)
         if path.is_dir() and target.is_dir():
             # Directories cannot be replaced in one rename: swap through a backup name.
             backup = tmp / (path.name + ".old")
@@ -81,11 +81,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync_tree(path: Path) -> None:
+def _settle(path: Path) -> None:
+    """Flush every file under ``path`` to disk, readable as any new file of this process is
+    (some writers, safetensors among them, create files that only their owner may read)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for file in files:
+        os.chmod(file, _FILE_MODE)
         with file.open("rb") as fh:
             os.fsync(fh.fileno())
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # what open() gives a new file under this process's umask
 
 
 def fingerprint(data: Any) -> str:
