@@ -355,3 +355,11 @@ def test_held_out_prompts_from_files_and_gsm8k_rows(tmp_path):
         held_out_prompts(gsm8k=gsm8k, gsm8k_rows=(6, 9))
     with pytest.raises(InputError, match="unique"):
         held_out_prompts([prompts, prompts])
+
+
+@needs_shared
+def test_row_selection_refuses_a_language_lifebench_does_not_have():
+    rows = lifebench.read_lifebench(LITE)
+    assert {r.lang for r in lifebench.select_rows(rows, None, ["Chinese"], 0, None)} == {"zh"}
+    with pytest.raises(InputError, match="unknown language"):
+        lifebench.select_rows(rows, None, ["fr"], 0, None)

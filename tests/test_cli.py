@@ -200,6 +200,28 @@ def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
     code, err = _error(capsys, ["predict", "--lenvm", str(tiny_path), "--prompt", "hi"])
     assert code == 2 and "not a LenVM" in err
 
+    code, err = _error(
+        capsys, ["generate", "--model", str(tiny_path), "--prompt", "hi", "--device", "banana"]
+    )
+    assert code == 2 and "unknown device 'banana'" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "schedule", "--live", "-1"],
+        ["bench", "length-tokens", "--batch-size", "0"],
+        ["bench", "lifebench", "--targets", "0"],
+        ["bench", "lifebench", "--max-prompt-tokens", "0"],
+        ["bench", "lifebench", "--langs", "fr"],
+        ["bench", "predict", "--limit", "-2"],
+    ],
+)
+def test_bench_flags_out_of_range_are_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
+
 
 def test_models_list(capsys):
     assert main(["models", "list"]) == 0

@@ -56,7 +56,16 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or the first accelerator when there is one, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise InputError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+        available = chosen.type in ("cpu", "meta") or (
+            torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == chosen.type
+        )
+        if not available:
+            raise InputError(f"device {device!r}: this machine's torch has no {chosen.type} device")
+        return chosen
     return (
         torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
     )

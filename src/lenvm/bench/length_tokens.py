@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from lenvm.bench.common import Models, Run, load_models, markdown_table
+from lenvm.cli import options
 from lenvm.horizon_tokens import length_token_stats
 from lenvm.hub import DEFAULT_MODEL
 from lenvm.rollouts import read_rollouts
@@ -107,10 +108,10 @@ def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
     p.add_argument("--rollouts", required=True)
     p.add_argument("--threshold", type=float, default=0.01)
-    p.add_argument("--min-count", type=int, default=3)
-    p.add_argument("--top", type=int, default=20)
-    p.add_argument("--limit", type=int, help="first N completions")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--min-count", type=options.positive_int, default=3)
+    p.add_argument("--top", type=options.positive_int, default=20)
+    p.add_argument("--limit", type=options.positive_int, help="first N completions")
+    p.add_argument("--batch-size", type=options.positive_int, default=8)
 
 
 def main(args) -> None:

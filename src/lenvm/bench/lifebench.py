@@ -190,6 +190,8 @@ def run_lifebench(
         raise InputError(f"unknown LIFEBench method or constraint: {', '.join(unknown)}")
     if any(METHODS[m][0] is not None for m in methods):
         models.require_lenvm("LenVM-controlled LIFEBench methods")
+    if any(int(t) < 1 for t in targets):
+        raise InputError(f"targets must be at least 1 token, got {sorted(set(targets))}")
     kept = sorted({int(t) for t in targets if int(t) <= max_new_tokens})
     skipped = sorted({int(t) for t in targets} - set(kept))
     if not kept:
@@ -281,6 +283,11 @@ def select_rows(
         wanted_ids = set(ids)
         table = [r for r in table if r.id in wanted_ids]
     if langs:
+        unknown = [lang for lang in langs if str(lang).strip().lower() not in {"en", "english", *_CHINESE}]
+        if unknown:
+            raise InputError(
+                f"unknown language(s) {unknown}: LIFEBench rows are English (en) or Chinese (zh)"
+            )
         wanted = {_language(lang, "") for lang in langs}
         table = [r for r in table if r.lang in wanted]
     if skip < 0 or (rows is not None and rows < 1):
@@ -416,7 +423,7 @@ TABLE = "table.md"
 def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
     p.add_argument("--data", default=DEFAULT_DATA, help="LIFEBench JSONL")
-    p.add_argument("--targets", type=int, nargs="+", default=list(DEFAULT_TARGETS))
+    p.add_argument("--targets", type=options.positive_int, nargs="+", default=list(DEFAULT_TARGETS))
     p.add_argument(
         "--constraints",
         nargs="+",
@@ -424,14 +431,30 @@ def add_arguments(p) -> None:
         default=list(lifebench_score.CONSTRAINTS),
     )
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
-    p.add_argument("--rows", type=int, help="evaluate N rows, taken in turn from each (language, category)")
-    p.add_argument("--skip-rows", type=int, default=0, help="leave out the first N rows of that order")
-    p.add_argument("--row-ids", nargs="+", help="evaluate these LIFEBench row ids only")
-    p.add_argument("--langs", nargs="+", help="e.g. en zh")
-    p.add_argument("--max-prompt-tokens", type=int, help="leave out longer prompts")
-    p.add_argument("--best-of", type=int, default=1, help="Equal To with a LenVM: keep the best of K answers")
     p.add_argument(
-        "--retries", type=int, help="with a LenVM: resample an end that is not natural up to R times"
+        "--rows",
+        type=options.positive_int,
+        help="evaluate N rows, taken in turn from each (language, category)",
+    )
+    p.add_argument(
+        "--skip-rows",
+        type=options.non_negative_int,
+        default=0,
+        help="leave out the first N rows of that order",
+    )
+    p.add_argument("--row-ids", nargs="+", help="evaluate these LIFEBench row ids only")
+    p.add_argument("--langs", nargs="+", choices=["en", "zh"], help="languages of the rows (default: both)")
+    p.add_argument("--max-prompt-tokens", type=options.positive_int, help="leave out longer prompts")
+    p.add_argument(
+        "--best-of",
+        type=options.positive_int,
+        default=1,
+        help="Equal To with a LenVM: keep the best of K answers",
+    )
+    p.add_argument(
+        "--retries",
+        type=options.non_negative_int,
+        help="with a LenVM: resample an end that is not natural up to R times",
     )
     options.add_backend(p)
     options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")

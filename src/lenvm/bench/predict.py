@@ -628,12 +628,20 @@ def add_arguments(p) -> None:
         "--cross-domain", nargs="+", default=[], metavar="DOMAIN",
         help="also train a LenVM without each DOMAIN and score it on that domain",
     )  # fmt: skip
-    p.add_argument("--samples", type=int, default=8, help="completions per prompt (the truth is their mean)")
-    p.add_argument("--limit", type=int, help="first N prompts of each prompts file")
+    p.add_argument(
+        "--samples",
+        type=options.positive_int,
+        default=8,
+        help="completions per prompt (the truth is their mean)",
+    )
+    p.add_argument("--limit", type=options.positive_int, help="first N prompts of each prompts file")
     options.add_backend(p)
     options.add_sampling(p, seed_help="every sample's seed derives from it (default 0)", max_new_tokens=512)
     p.add_argument(
-        "--batch-size", type=int, default=16, help="requests decoded (and prompts predicted) at once"
+        "--batch-size",
+        type=options.positive_int,
+        default=16,
+        help="requests decoded (and prompts predicted) at once",
     )
 
 

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import Models, Run, markdown_table, pyplot
+from lenvm.cli import options
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.streams import Hidden, Stream, cache_argument
@@ -417,10 +418,10 @@ def add_arguments(p) -> None:
     p.add_argument("--exact", required=True, help="attached or standalone LenVM folder")
     p.add_argument("--q", required=True, help="q LenVM folder")
     p.add_argument("--rollouts", required=True, help="held-out rollouts JSONL")
-    p.add_argument("--num-candidates", type=int, default=8)
-    p.add_argument("--positions", type=int, default=16, help="positions per completion")
+    p.add_argument("--num-candidates", type=options.positive_int, default=8)
+    p.add_argument("--positions", type=options.positive_int, default=16, help="positions per completion")
     p.add_argument("--held-out", action="store_true", help="only the prompts the q LenVM's training held out")
-    p.add_argument("--limit", type=int, help="first N completions")
+    p.add_argument("--limit", type=options.positive_int, help="first N completions")
     p.add_argument("--seed", type=int, default=0)
 
 

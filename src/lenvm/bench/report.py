@@ -23,6 +23,7 @@ from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench_score import CONSTRAINTS
 from lenvm.bench.predict import run_prediction
 from lenvm.bench.tradeoff import DEFAULT_BETAS, EVAL_SEED, run_tradeoff
+from lenvm.cli import options
 from lenvm.decoding import SamplingParams
 from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import write_json, write_text
@@ -371,7 +372,7 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
     p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
     p.add_argument("--gsm8k-train", default=DEFAULT_GSM8K_TRAIN, help="GSM8K train JSONL")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=options.positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
 
 

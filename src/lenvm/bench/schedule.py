@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_models, markdown_table, pyplot
 from lenvm.bench.predict import sample_length
+from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, priority
 from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError, is_int
@@ -400,15 +401,21 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--rollouts", nargs="+", required=True, help="rollouts JSONL file(s) whose answers to replay"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="rows of the server's batch")
+    p.add_argument("--batch-size", type=options.positive_int, default=8, help="rows of the server's batch")
     p.add_argument("--load", type=float, default=0.9, help="offered work as a share of the rows")
     p.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS), help="loads of the sweep")
-    p.add_argument("--requests", type=int, default=4000, help="simulated requests per workload")
+    p.add_argument(
+        "--requests", type=options.positive_int, default=4000, help="simulated requests per workload"
+    )
     p.add_argument("--replicates", type=int, default=5, help="workloads (seeds) each figure is the mean of")
     p.add_argument("--aging", type=float, default=DEFAULT_AGING, help="predicted tokens per step waited")
     p.add_argument("--prefill-per-token", type=float, default=0.0, help="steps of prefill per prompt token")
     p.add_argument(
-        "--live", type=int, default=0, metavar="N", help="also serve N requests live in the engine"
+        "--live",
+        type=options.non_negative_int,
+        default=0,
+        metavar="N",
+        help="also serve N requests live in the engine",
     )
     p.add_argument("--seed", type=int, default=0)
 

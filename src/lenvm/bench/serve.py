@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from lenvm.bench.common import Run, markdown_table, pyplot
 from lenvm.bench.speed import DEFAULT_PROMPTS
+from lenvm.cli import options
 from lenvm.hub import DEFAULT_MODEL, load_tokenizer
 from lenvm.io import InputError, is_int, is_real
 
@@ -370,13 +371,26 @@ def add_arguments(p) -> None:
     p.add_argument("--base-url", help="load a running server instead of starting one")
     p.add_argument("--api-key", help="bearer key of that server")
     p.add_argument(
-        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per row"
+        "--concurrency",
+        type=options.positive_int,
+        nargs="+",
+        default=[1, 4, 16],
+        help="concurrent clients per row",
     )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
-    p.add_argument("--requests-per-client", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16, help="the started server's batch size")
-    p.add_argument("--num-candidates", type=int, default=8, help="the started server's candidates per step")
+    p.add_argument(
+        "--new-tokens", type=options.positive_int, default=64, help="tokens per request (EOS ignored)"
+    )
+    p.add_argument("--requests-per-client", type=options.positive_int, default=4)
+    p.add_argument(
+        "--batch-size", type=options.positive_int, default=16, help="the started server's batch size"
+    )
+    p.add_argument(
+        "--num-candidates",
+        type=options.positive_int,
+        default=8,
+        help="the started server's candidates per step",
+    )
     p.add_argument("--tilt", type=float, default=1.0, help="guided requests' length_tilt")
 
 

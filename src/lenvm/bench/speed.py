@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot
+from lenvm.cli import options
 from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
 from lenvm.hub import DEFAULT_MODEL, default_device, eos_token_ids, torch_dtype
 from lenvm.io import InputError, is_int
@@ -527,10 +528,10 @@ TABLE = "table.md"
 
 def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="a trained LenVM folder, used for its own kind")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--candidates", type=int, nargs="+", default=[8, 16], help="k values")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--generate-batch-sizes", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--batch-sizes", type=options.positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--candidates", type=options.positive_int, nargs="+", default=[8, 16], help="k values")
+    p.add_argument("--new-tokens", type=options.positive_int, default=128)
+    p.add_argument("--generate-batch-sizes", type=options.positive_int, nargs="+", default=[8, 16])
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, help="default: all (plain always runs: the reference)"
     )

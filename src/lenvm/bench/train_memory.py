@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import Run, markdown_table
+from lenvm.cli import options
 from lenvm.io import InputError
 
 COMMAND = "train-memory"
@@ -36,8 +37,10 @@ MODES = ("stream", "load")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--records", type=int, default=100_000, help="synthetic rollout records")
-    p.add_argument("--max-completion", type=int, default=64, help="longest completion, in tokens")
+    p.add_argument("--records", type=options.positive_int, default=100_000, help="synthetic rollout records")
+    p.add_argument(
+        "--max-completion", type=options.positive_int, default=64, help="longest completion, in tokens"
+    )
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lenvm.bench.common import Run, markdown_table
+from lenvm.cli import options
 
 COMMAND = "vision"
 HELP = "the vision-language path on generated images: rollouts, training, prediction, guided decoding"
@@ -153,12 +154,18 @@ def _markdown(results: dict[str, Any]) -> str:
 
 def add_arguments(p) -> None:
     p.set_defaults(model=TINY)
-    p.add_argument("--images", type=int, default=32, help="generated shape images (one prompt each)")
-    p.add_argument("--n", type=int, default=4, help="completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--target", type=int, default=16, help="Equal To target of guided decoding")
-    p.add_argument("--epochs", type=int, default=2, help="head training epochs (fine-tuning: 1)")
+    p.add_argument(
+        "--images", type=options.positive_int, default=32, help="generated shape images (one prompt each)"
+    )
+    p.add_argument("--n", type=options.positive_int, default=4, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=options.positive_int, default=32)
+    p.add_argument("--batch-size", type=options.positive_int, default=8)
+    p.add_argument(
+        "--target", type=options.positive_int, default=16, help="Equal To target of guided decoding"
+    )
+    p.add_argument(
+        "--epochs", type=options.positive_int, default=2, help="head training epochs (fine-tuning: 1)"
+    )
 
 
 def main(args) -> None:

@@ -16,6 +16,26 @@ from lenvm.hub import DEFAULT_MODEL, DTYPES
 _DEFAULTS = SamplingParams()
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def add_model(parser: argparse.ArgumentParser, flag: str = "--model", help: str | None = None) -> None:
     """The generator to load, and where and how to load every model of the command."""
     parser.add_argument(
