@@ -421,7 +421,9 @@ def add_arguments(p) -> None:
     p.add_argument("--num-candidates", type=options.positive_int, default=8)
     p.add_argument("--positions", type=options.positive_int, default=16, help="positions per completion")
     p.add_argument("--held-out", action="store_true", help="only the prompts the q LenVM's training held out")
-    p.add_argument("--limit", type=options.positive_int, help="first N completions")
+    p.add_argument(
+        "--limit", type=options.positive_int, help="a seeded random subset of N completions (default: all)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
