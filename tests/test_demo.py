@@ -32,6 +32,13 @@ def test_builtin_prompts_refuse_more_than_they_have():
         builtin_prompts(0)
 
 
+def test_demo_with_too_few_prompts_to_hold_any_out_says_so_before_sampling(tmp_path):
+    config = DemoConfig(out=str(tmp_path / "demo"), prompts=1, gsm8k=0, generated=0)
+    with pytest.raises(InputError, match="--num-prompts"):
+        run_demo(config, generator=object())  # never used: the check comes first
+    assert not (tmp_path / "demo" / "rollouts.jsonl").exists()
+
+
 def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys, monkeypatch):
     gsm8k = tmp_path / "gsm8k_train.jsonl"
     rows = [

@@ -83,15 +83,20 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
 
     prompts = builtin_prompts(config.prompts, seed=config.seed)  # bad counts fail before loading
     mix = mix_prompts(config)
+    held_ids = held_out_prompts([p.id for p in prompts], config.eval_fraction, config.seed)
+    train_prompts = [p for p in prompts if p.id not in held_ids]
+    eval_prompts = [p for p in prompts if p.id in held_ids]
+    if not eval_prompts or not (train_prompts or mix):
+        raise InputError(
+            f"{len(prompts)} built-in prompts leave {len(eval_prompts)} held out and {len(train_prompts)} "
+            "to train on: use more of them (--num-prompts)"
+        )
     _step(f"1/4 generator: {config.model}")
     generator = generator or hub.load_generator(config.model, device=config.device, dtype=config.dtype)
     write_text(
         out / "prompts.jsonl",
         "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts + mix),
     )
-    held_ids = held_out_prompts([p.id for p in prompts], config.eval_fraction, config.seed)
-    train_prompts = [p for p in prompts if p.id not in held_ids]
-    eval_prompts = [p for p in prompts if p.id in held_ids]
 
     extra = f" and {len(mix)} GSM8K and generated prompts x {config.mix_n}" if mix else ""
     _step(
