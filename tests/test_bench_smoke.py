@@ -139,6 +139,12 @@ def test_lifebench_without_lenvm_runs_the_prompt_only(tmp_path, data, models):
         constraints=("equal_to",), max_new_tokens=6, progress=False,
     )  # fmt: skip
     assert list(results["summary"]) == ["prompt"]
+    assert (tmp_path / "p" / "equal_to_lengths.png").is_file()
+    run_lifebench(
+        tmp_path / "p", models=plain, data=data["lifebench"], targets=(4,), rows=1,
+        constraints=("at_most",), max_new_tokens=6, progress=False,
+    )  # fmt: skip
+    assert not (tmp_path / "p" / "equal_to_lengths.png").exists()  # no earlier run's plot left as this one's
     with pytest.raises(InputError, match="LenVM"):
         run_lifebench(tmp_path / "q", models=plain, data=data["lifebench"], methods=["lenvm-ours"])
 

@@ -385,11 +385,15 @@ def _plot(run: Run, summary, items, labels) -> None:
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Length Score")
-    axes[0].legend(fontsize=8)
+    plotted = [ax for ax in axes if ax.lines]
+    if plotted:
+        plotted[0].legend(fontsize=8)
     run.save_figure(fig, "length_score.png")
 
     equal = [i for i in items if i["constraint"] == "equal_to"]
-    if equal:
+    if not equal:  # a plot of an earlier run's Equal To would pass for this one's
+        run.path("equal_to_lengths.png").unlink(missing_ok=True)
+    else:
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         for k, method in enumerate(summary):
             mine = [i for i in equal if i["method"] == method]
