@@ -429,3 +429,5 @@ def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
     assert again["live"] == results["live"]
     with pytest.raises(InputError, match="other settings"):
         run_schedule(out, **{**kwargs, "load": 0.5})
+    with pytest.raises(InputError, match=r"other settings \(requests\)"):  # every setting counts
+        run_schedule(out, **{**kwargs, "requests": 200})

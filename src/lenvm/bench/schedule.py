@@ -160,17 +160,33 @@ def run_schedule(
         raise InputError("give rollouts to replay")
     if not load > 0 or not all(x > 0 for x in loads):
         raise InputError("loads must be positive")
+    if not is_int(replicates) or replicates < 1:
+        raise InputError(f"replicates must be a positive integer, got {replicates!r}")
+    if aging < 0:
+        raise InputError(f"aging must not be negative, got {aging!r}")
     pool = Pool.read(rollouts)
     models = models or load_models(model, lenvm, device, dtype)
     value_model = models.require_lenvm("shortest-predicted-first scheduling")
+    settings = {
+        **models.identity(),
+        "rollouts": [str(r) for r in rollouts],
+        "batch_size": batch_size,
+        "load": load,
+        "loads": list(loads),
+        "requests": requests,
+        "replicates": replicates,
+        "aging": aging,
+        "prefill_per_token": prefill_per_token,
+        "seed": seed,
+        "live": live,
+    }
+    Run(out, settings).close()  # other settings in this folder are refused before any work
     ids = list(pool.prompts)
     clock = time.perf_counter()
     lengths = value_model.predict_length([as_prompt(pool.prompts[i], i) for i in ids], batch_size=32)
     predict_seconds = time.perf_counter() - clock
     predicted = dict(zip(ids, lengths, strict=True))
 
-    if not is_int(replicates) or replicates < 1:
-        raise InputError(f"replicates must be a positive integer, got {replicates!r}")
     common = {"batch_size": batch_size, "requests": requests, "prefill_per_token": prefill_per_token}
     at_load = replay_stats(pool, predicted, replicates, seed, load=load, aging=aging, **common)
     sweep = {
@@ -181,15 +197,6 @@ def run_schedule(
             pool, predicted, replicates, seed, load=load, aging=a, policies=("lenvm",), **common
         )["lenvm"]
         for a in AGINGS
-    }
-    settings = {
-        **models.identity(),
-        "rollouts": [str(r) for r in rollouts],
-        "batch_size": batch_size,
-        "load": load,
-        "aging": aging,
-        "seed": seed,
-        "live": live,
     }
     results = {
         "benchmark": "schedule",
