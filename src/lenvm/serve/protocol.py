@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from lenvm.decoding.params import (
     LENGTH_KEYS,
     MAX_TOP_LOGPROBS,
-    POLICY_SETTINGS,
     TARGET_KINDS,
     Request,
     SamplingParams,
@@ -287,11 +286,9 @@ def _plan(
     top_k = body.top_k
     if top_k is not None and top_k < -1:
         raise ApiError(400, "top_k must be -1 or 0 (off) or a positive integer", "top_k")
+    top_k = 0 if top_k == -1 else top_k  # vLLM's "off"
     given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": top_k, "min_p": body.min_p}
-    policy = {k: v for k, v in ctx.defaults.items() if k in POLICY_SETTINGS}
-    policy.update({k: v for k, v in given.items() if v is not None})
-    if policy.get("top_k") == -1:
-        policy["top_k"] = 0
+    given = {k: v for k, v in given.items() if v is not None}  # the rest: the server's policy
     choices = []
     for ids in prompts:
         limit = max_tokens
@@ -310,8 +307,9 @@ def _plan(
         for j in range(body.n):
             seed = body.seed if body.seed is None or j == 0 else derive_seed(body.seed, "choice", j)
             try:
-                sampling = SamplingParams(
-                    **policy,
+                sampling = SamplingParams.from_policy(
+                    ctx.defaults,
+                    **given,
                     max_new_tokens=limit,
                     seed=seed,
                     ignore_eos=body.ignore_eos,
