@@ -1060,7 +1060,10 @@ def test_greedy_decoding_makes_no_retry_or_attempt_that_would_repeat_itself(tiny
     best = run(Control("equal_to", target=5, retries=0, best_of=3), 0.0)
     assert best.token_ids == run(Control("equal_to", target=5, retries=0), 0.0).token_ids
     assert best.decoded_tokens == len(best.token_ids)
-    assert run(Control("at_most", target=5, retries=3), 0.0).retries == 1
+    at_most = run(Control("at_most", target=5, retries=3), 0.0)
+    assert at_most.retries == 1
+    # No retry is left once the rest would replay: the answer ends as with exactly that many.
+    assert at_most.token_ids == run(Control("at_most", target=5, retries=1), 0.0).token_ids
     assert run(Control("at_least", target=6, retries=2), 0.0).retries == 2
 
 

@@ -174,7 +174,7 @@ class Sequence:
                 cut = cut if nearer < own or (nearer == own and not natural_end) else None
         elif c.kind == "at_most":
             cut = max((j for j in natural if j <= c.target), default=None)
-            if cut is None and len(self.missed) >= c.max_retries:
+            if cut is None and not self._retry_left():
                 cut = self._likeliest_end(result, c.target)
         else:
             cut = min((j for j in natural if j >= c.target), default=None)
@@ -204,7 +204,7 @@ class Sequence:
         ``CLOSER_RETRIES`` were spent. Never where greedy decoding would replay it
         (:meth:`_replays`)."""
         c = self.control
-        if self.request.sampling.ignore_eos or len(self.missed) >= c.max_retries or self._replays():
+        if self.request.sampling.ignore_eos or not self._retry_left():
             return False
         if not result.ended_above(c.natural_eos):
             return not any(r.ended_above(c.natural_eos) for r in self.missed)
@@ -214,6 +214,11 @@ class Sequence:
             and len(self.missed) < CLOSER_RETRIES
             and miss(result.num_tokens, c.target) > CLOSE_ENOUGH * c.target
         )
+
+    def _retry_left(self) -> bool:
+        """Whether another retry may be made: fewer than the control's were spent, and greedy
+        decoding would not just replay this attempt (:meth:`_replays`)."""
+        return len(self.missed) < self.control.max_retries and not self._replays()
 
     def _replays(self) -> bool:
         """Whether a retry would only write this attempt's tokens again: under greedy decoding it
