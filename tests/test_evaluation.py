@@ -81,3 +81,10 @@ def test_truth_reliability_of_noisy_samples_lies_between():
     assert 0.5 < r_noisy < 0.98
     assert abs(r_none) < 0.3
     assert np.isnan(truth_reliability([[5, 6]], GAMMA)) and np.isnan(truth_reliability([[5], [6]], GAMMA))
+
+
+def test_length_metrics_without_finished_completions_still_counts_the_prompts():
+    examples = [_example("a", 30, False), _example("b", 30, False), _example("b", 30, False)]
+    values = [np.zeros(e.length) for e in examples]
+    m = length_metrics(examples, values, GAMMA, baseline_length=10.0)
+    assert m == {"eval_prompts": 0, "eval_prompts_cut": 2, "eval_completions": 0}

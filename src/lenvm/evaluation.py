@@ -34,11 +34,14 @@ def length_metrics(
     - ``value_mse``: mean squared error in value space.
 
     Per-token figures use finished completions only: a cut one's remaining length is unknown.
+    Without any, only the counts ``eval_prompts``, ``eval_prompts_cut`` and ``eval_completions``
+    are given.
     """
     pairs = [(e, np.asarray(v, dtype=np.float64)) for e, v in zip(examples, values, strict=True)]
     finished = [(e, v) for e, v in pairs if e.finished]
     if not finished:
-        return {}
+        prompts = len({e.prompt_id for e in examples})
+        return {"eval_prompts": 0, "eval_prompts_cut": prompts, "eval_completions": 0}
     abs_err, base_err, sq_err = [], [], []
     rel_at = {f: [] for f in FRACTIONS}
     first_values: dict[str, list[float]] = defaultdict(list)
