@@ -113,6 +113,12 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     assert again["end_head"] == end
     assert LengthValueModel.from_pretrained(out / "lenvm", generator=eos_generator).end_head is not None
     monkeypatch.undo()
+    # A rerun that the rollouts refuse (another sampling temperature, more prompts) leaves the
+    # record of the prompts they were drawn for as it was.
+    prompts_before = (out / "prompts.jsonl").read_text()
+    with pytest.raises(InputError, match="sampling"):
+        run_demo(replace(config, prompts=14, temperature=0.5), generator=eos_generator)
+    assert (out / "prompts.jsonl").read_text() == prompts_before
     # Without it, the LenVM has none.
     bare = run_demo(replace(config, out=tmp_path / "bare", end_head=False), generator=eos_generator)
     assert bare["end_head"] is None and not (tmp_path / "bare/lenvm/end_head.safetensors").exists()

@@ -93,10 +93,6 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
         )
     _step(f"1/4 generator: {config.model}")
     generator = generator or hub.load_generator(config.model, device=config.device, dtype=config.dtype)
-    write_text(
-        out / "prompts.jsonl",
-        "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts + mix),
-    )
 
     extra = f" and {len(mix)} GSM8K and generated prompts x {config.mix_n}" if mix else ""
     _step(
@@ -128,6 +124,12 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
         if chosen
     ]
     rollout_seconds = time.perf_counter() - rollout_started
+    # Written once the rollouts are there: a rerun that they refuse (other sampling settings) keeps
+    # the record of the prompts they were drawn for.
+    write_text(
+        out / "prompts.jsonl",
+        "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts + mix),
+    )
     records = read_rollouts(out / "rollouts.jsonl")
     eval_records = read_rollouts(out / "eval_rollouts.jsonl")
 
