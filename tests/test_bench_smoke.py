@@ -149,6 +149,27 @@ def test_lifebench_without_lenvm_runs_the_prompt_only(tmp_path, data, models):
         run_lifebench(tmp_path / "q", models=plain, data=data["lifebench"], methods=["lenvm-ours"])
 
 
+def test_lifebench_skips_targets_without_room_and_counts_too_long_rows_among_those_asked_for(
+    tmp_path, data, models
+):
+    from lenvm.bench.common import Models
+
+    plain = Models(models.generator, models.tokenizer, None, models.name)
+    long_row = dict(LIFEBENCH_ROWS[0], id=3, task=LIFEBENCH_ROWS[0]["task"].replace("sea", "sea " * 2000))
+    rows = _jsonl(tmp_path / "life.jsonl", [*LIFEBENCH_ROWS, long_row])
+    common = dict(models=plain, data=rows, constraints=("equal_to",), max_prompt_tokens=400, progress=False)
+    # An Equal To target of max_new_tokens leaves no room for its EOS: skipped, not a failed run.
+    results = run_lifebench(tmp_path / "all", targets=(4, 6), max_new_tokens=6, **common)
+    assert results["targets"] == [4] and results["skipped_targets"] == [6]
+    assert results["rows_too_long"] == ["3"]
+    assert "skipped at or above max_new_tokens: 6" in (tmp_path / "all" / "table.md").read_text()
+    # Chinese rows only, or named rows: the English row too long is none of theirs.
+    zh = run_lifebench(tmp_path / "zh", targets=(4,), max_new_tokens=6, langs=["zh"], **common)
+    named = run_lifebench(tmp_path / "named", targets=(4,), max_new_tokens=6, row_ids=["1"], **common)
+    assert zh["rows_too_long"] == named["rows_too_long"] == []
+    assert "too long" not in (tmp_path / "zh" / "table.md").read_text()
+
+
 def test_tradeoff_smoke(tmp_path, data, models):
     out = tmp_path / "trade"
     results = run_tradeoff(

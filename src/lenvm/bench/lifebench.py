@@ -174,7 +174,8 @@ def run_lifebench(
     ``row_ids`` and ``langs`` filters ("en"/"zh"), after leaving out the first ``skip_rows`` of
     that order and rows too long for the generator's context or longer than
     ``max_prompt_tokens`` (a small CPU run can skip the long source texts); see
-    :func:`select_rows`. Targets above ``max_new_tokens`` are skipped, as LIFEBench does.
+    :func:`select_rows`. Targets at or above ``max_new_tokens`` are skipped (LIFEBench skips
+    those above; one equal to it leaves no room for the EOS).
     Sampling options left at None follow the LenVM's training policy. ``best_of`` > 1 gives the
     LenVM methods' Equal To requests that many attempts and ``retries`` sets how often the LenVM
     methods' requests resample an end that is not natural (None: the control's default; see
@@ -192,12 +193,18 @@ def run_lifebench(
         models.require_lenvm("LenVM-controlled LIFEBench methods")
     if any(int(t) < 1 for t in targets):
         raise InputError(f"targets must be at least 1 token, got {sorted(set(targets))}")
-    kept = sorted({int(t) for t in targets if int(t) <= max_new_tokens})
+    # A target of max_new_tokens or more leaves no room for the EOS that ends an Equal To or
+    # At Least answer (Control.unreachable), so every control skips it alike.
+    kept = sorted({int(t) for t in targets if int(t) < max_new_tokens})
     skipped = sorted({int(t) for t in targets} - set(kept))
     if not kept:
-        raise InputError(f"every target exceeds max_new_tokens={max_new_tokens}")
-    table, too_long = fitting_rows(read_lifebench(data), models, max_new_tokens, max_prompt_tokens)
+        raise InputError(f"every target is at or above max_new_tokens={max_new_tokens}")
+    every = read_lifebench(data)
+    table, too_long = fitting_rows(every, models, max_new_tokens, max_prompt_tokens)
     table = select_rows(table, rows, langs, skip_rows, row_ids)
+    # Too long among the rows asked for (named rows that are too long were refused above).
+    asked = [] if row_ids is not None else select_rows(every, None, langs)
+    too_long = [r.id for r in asked if r.id in set(too_long)]
     sampling = bench_sampling(
         models,
         max_new_tokens,
@@ -340,7 +347,7 @@ def _job(
 def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
     parts = [
         f"Token-level LIFEBench: {n_rows} rows, targets {', '.join(map(str, targets))} tokens"
-        + (f" (skipped above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
+        + (f" (skipped at or above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
         + (f"; {len(too_long)} rows left out as too long" if too_long else "")
         + ". Length Score 0-100, its 95% interval in brackets (a bootstrap over the answers of "
         "each target); deviation = mean |L_out - L_target| / L_target.\n",
@@ -427,12 +434,19 @@ TABLE = "table.md"
 def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
     p.add_argument("--data", default=DEFAULT_DATA, help="LIFEBench JSONL")
-    p.add_argument("--targets", type=options.positive_int, nargs="+", default=list(DEFAULT_TARGETS))
+    p.add_argument(
+        "--targets",
+        type=options.positive_int,
+        nargs="+",
+        default=list(DEFAULT_TARGETS),
+        help="target lengths in tokens",
+    )
     p.add_argument(
         "--constraints",
         nargs="+",
         choices=list(lifebench_score.CONSTRAINTS),
         default=list(lifebench_score.CONSTRAINTS),
+        help="length controls to run (default: all three)",
     )
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
     p.add_argument(
@@ -461,7 +475,7 @@ def add_arguments(p) -> None:
         help="with a LenVM: resample an end that is not natural up to R times",
     )
     options.add_backend(p)
-    options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
+    options.add_sampling(p, seed_help="every item's seed derives from it (default 0)", max_new_tokens=2048)
     options.add_decoding(p, batch_size=8)
 
 

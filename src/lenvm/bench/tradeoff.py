@@ -259,15 +259,29 @@ def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
     p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
     p.add_argument("--no-gsm8k", action="store_true", help="built-in word problems only")
-    p.add_argument("--gsm8k-problems", type=options.non_negative_int, default=200)
+    p.add_argument(
+        "--gsm8k-problems", type=options.non_negative_int, default=200, help="GSM8K test problems (0: none)"
+    )
     p.add_argument("--arithmetic-problems", type=options.non_negative_int, default=100, help="per level")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
+    p.add_argument(
+        "--levels",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="difficulty levels of the arithmetic problems",
+    )
+    p.add_argument(
+        "--betas",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_BETAS),
+        help="tilt strengths to sweep (0: unguided)",
+    )
     p.add_argument(
         "--budgets", type=options.positive_int, nargs="+", help="hard budgets (default: from the lengths)"
     )
     options.add_backend(p)
-    options.add_sampling(p, seed_help="every item's seed derives from it (default 0)")
+    options.add_sampling(p, seed_help="every item's seed derives from it (default 0)", max_new_tokens=512)
     options.add_decoding(p, batch_size=8)
 
 

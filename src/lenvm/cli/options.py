@@ -63,7 +63,7 @@ def add_sampling(parser: argparse.ArgumentParser, seed_help: str, max_new_tokens
         "--max-new-tokens",
         type=int,
         default=max_new_tokens or _DEFAULTS.max_new_tokens,
-        help="most tokens an answer may take",
+        help="most tokens an answer may take (default %(default)s)",
     )
     group.add_argument("--seed", type=int, help=seed_help)
     group.description = "* left out: the LenVM's training policy where a LenVM is used, else this default"
