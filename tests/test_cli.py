@@ -336,3 +336,27 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     tiny_tokenizer(vocab_size=300).save_pretrained(other)
     code, err = error(["predict", "--lenvm", str(lenvm), "--model", str(other), "--prompt", "hi"])
     assert code == 2 and "tokenizer differs" in err
+
+
+def test_every_option_has_help_and_bench_defaults_match_the_python_api():
+    import argparse
+    import inspect
+
+    from lenvm.bench.lifebench import run_lifebench
+    from lenvm.bench.tradeoff import run_tradeoff
+    from lenvm.cli import build_parser
+
+    parser = build_parser()
+
+    def undocumented(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from undocumented(sub, f"{name} {sub_name}")
+            elif not action.help:
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(parser, "lenvm")) == []
+    for command, run in (("lifebench", run_lifebench), ("tradeoff", run_tradeoff)):
+        args = parser.parse_args(["bench", command])
+        assert args.max_new_tokens == inspect.signature(run).parameters["max_new_tokens"].default

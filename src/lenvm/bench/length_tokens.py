@@ -106,12 +106,16 @@ TABLE = "table.md"
 
 def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
-    p.add_argument("--rollouts", required=True)
-    p.add_argument("--threshold", type=float, default=0.01)
-    p.add_argument("--min-count", type=options.positive_int, default=3)
-    p.add_argument("--top", type=options.positive_int, default=20)
+    p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
+    p.add_argument(
+        "--threshold", type=float, default=0.01, help="a TD residual beyond +-this pushes the horizon"
+    )
+    p.add_argument(
+        "--min-count", type=options.positive_int, default=3, help="tokens seen fewer times are left out"
+    )
+    p.add_argument("--top", type=options.positive_int, default=20, help="tokens listed each way")
     p.add_argument("--limit", type=options.positive_int, help="first N completions")
-    p.add_argument("--batch-size", type=options.positive_int, default=8)
+    p.add_argument("--batch-size", type=options.positive_int, default=8, help="completions per forward")
 
 
 def main(args) -> None:

@@ -418,13 +418,17 @@ def add_arguments(p) -> None:
     p.add_argument("--exact", required=True, help="attached or standalone LenVM folder")
     p.add_argument("--q", required=True, help="q LenVM folder")
     p.add_argument("--rollouts", required=True, help="held-out rollouts JSONL")
-    p.add_argument("--num-candidates", type=options.positive_int, default=8)
+    p.add_argument(
+        "--num-candidates", type=options.positive_int, default=8, help="candidates scored per position"
+    )
     p.add_argument("--positions", type=options.positive_int, default=16, help="positions per completion")
     p.add_argument("--held-out", action="store_true", help="only the prompts the q LenVM's training held out")
     p.add_argument(
         "--limit", type=options.positive_int, help="a seeded random subset of N completions (default: all)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="which positions (and completions, with a limit) are drawn"
+    )
 
 
 def main(args) -> None:

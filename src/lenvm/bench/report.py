@@ -372,8 +372,10 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
     p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
     p.add_argument("--gsm8k-train", default=DEFAULT_GSM8K_TRAIN, help="GSM8K train JSONL")
-    p.add_argument("--batch-size", type=options.positive_int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=options.positive_int, default=8, help="answers decoded together")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the prompts drawn, the LenVM's training and the tasks' sampling"
+    )
 
 
 def main(args) -> None:

@@ -424,7 +424,9 @@ def add_arguments(p) -> None:
         metavar="N",
         help="also serve N requests live in the engine",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="the workloads (requests, arrival times) and live sampling"
+    )
 
 
 def main(args) -> None:

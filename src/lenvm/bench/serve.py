@@ -377,11 +377,18 @@ def add_arguments(p) -> None:
         default=[1, 4, 16],
         help="concurrent clients per row",
     )
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="plain and/or guided requests"
+    )
     p.add_argument(
         "--new-tokens", type=options.positive_int, default=64, help="tokens per request (EOS ignored)"
     )
-    p.add_argument("--requests-per-client", type=options.positive_int, default=4)
+    p.add_argument(
+        "--requests-per-client",
+        type=options.positive_int,
+        default=4,
+        help="requests each client sends in turn",
+    )
     p.add_argument(
         "--batch-size", type=options.positive_int, default=16, help="the started server's batch size"
     )

@@ -528,10 +528,24 @@ TABLE = "table.md"
 
 def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="a trained LenVM folder, used for its own kind")
-    p.add_argument("--batch-sizes", type=options.positive_int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--batch-sizes",
+        type=options.positive_int,
+        nargs="+",
+        default=[1, 8],
+        help="batch sizes of every method",
+    )
     p.add_argument("--candidates", type=options.positive_int, nargs="+", default=[8, 16], help="k values")
-    p.add_argument("--new-tokens", type=options.positive_int, default=128)
-    p.add_argument("--generate-batch-sizes", type=options.positive_int, nargs="+", default=[8, 16])
+    p.add_argument(
+        "--new-tokens", type=options.positive_int, default=128, help="tokens per request (EOS disabled)"
+    )
+    p.add_argument(
+        "--generate-batch-sizes",
+        type=options.positive_int,
+        nargs="+",
+        default=[8, 16],
+        help="more batch sizes at which only generate and plain run",
+    )
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, help="default: all (plain always runs: the reference)"
     )

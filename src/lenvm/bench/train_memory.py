@@ -41,8 +41,16 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--max-completion", type=options.positive_int, default=64, help="longest completion, in tokens"
     )
-    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument(
+        "--paths", nargs="+", choices=PATHS, default=list(PATHS), help="head training and/or full fine-tuning"
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="streaming the rollouts and/or loading them",
+    )
     p.add_argument(
         "--source",
         help="train with the lenvm package in this source folder (its src/), to compare another version",

@@ -412,17 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train a LenVM on rollouts")
-    p.add_argument("--rollouts", required=True)
+    p.add_argument("--rollouts", required=True, help="rollouts JSONL (lenvm rollout) or a datasets folder")
     p.add_argument(
         "--eval-rollouts",
         help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
     )
     options.add_model(p, "--base", help="generator (attached, q) or backbone (standalone)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the LenVM to")
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
-    p.add_argument("--kind", choices=KINDS, default=TrainConfig.kind)
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=TrainConfig.kind,
+        help="attached: a head on the generator's frozen hidden states (default); standalone: a "
+        "backbone of its own; q: a length Q-head over every next token",
+    )
     p.add_argument("--gamma", type=_gamma, help="'auto' (p99 rule, default) or a number")
-    p.add_argument("--truncated", choices=["bootstrap", "drop"], default=TrainConfig.truncated)
+    p.add_argument(
+        "--truncated",
+        choices=["bootstrap", "drop"],
+        default=TrainConfig.truncated,
+        help="completions cut at max_new_tokens: bootstrap their tail from the LenVM (default) or drop them",
+    )
     p.add_argument(
         "--eval-fraction", type=float, default=TrainConfig.eval_fraction, help="share of prompts held out"
     )
@@ -437,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=TrainConfig.batch_size, help="fine-tuning: sequences per process"
     )
-    p.add_argument("--grad-accum", type=int, default=TrainConfig.grad_accum)
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=TrainConfig.grad_accum,
+        help="fine-tuning: batches per optimizer step",
+    )
     p.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -457,7 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig.lam,
         help="TD(lambda) targets bootstrapping from the LenVM being trained; 1 = Monte-Carlo (default)",
     )
-    targets.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
+    targets.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=TrainConfig.loss,
+        help="value regression loss (default: mse, the paper's)",
+    )
     targets.add_argument(
         "--huber-delta",
         type=float,
@@ -517,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="--accelerate-config: processes to start (default: one per visible GPU, else 1)",
     )
-    p.add_argument("--head-hidden-size", type=int)
+    p.add_argument(
+        "--head-hidden-size", type=int, help="the value head's hidden width (default: the backbone's)"
+    )
     p.add_argument(
         "--feature-layer",
         type=int,
@@ -525,13 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and q heads, the last for standalone)",
     )
     p.add_argument("--max-length", type=int, help="drop sequences longer than this")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument(
+        "--seed", type=int, default=TrainConfig.seed, help="held-out split, initialisation and order"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict total answer length from the prompt alone")
-    p.add_argument("--lenvm", required=True)
+    p.add_argument("--lenvm", required=True, help="LenVM folder")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt")
+    group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
     group.add_argument("--prompts", help="JSONL file of prompts")
     options.add_image(p)
     p.add_argument(
@@ -552,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit a monotone map from a LenVM's values to the lengths realized on held-out rollouts",
     )
-    p.add_argument("--lenvm", required=True)
+    p.add_argument("--lenvm", required=True, help="LenVM folder")
     p.add_argument(
         "--rollouts",
         required=True,
@@ -569,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-end-head",
         help="train an attached LenVM's end head: tokens until the generator could next end naturally",
     )
-    p.add_argument("--lenvm", required=True)
+    p.add_argument("--lenvm", required=True, help="attached LenVM folder")
     p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
     p.add_argument("--eval-rollouts", help="rollouts of other prompts, to report the held-out error on")
     p.add_argument("--out", help="write the LenVM with its end head here (default: in place)")
@@ -577,17 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--natural-eos", type=float, default=None,
         help="the generator's EOS probability that counts as a natural end (default: the controls' 0.05)",
     )  # fmt: skip
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training states")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
     p.set_defaults(func=cmd_train_end_head)
 
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
-    p.add_argument("--lenvm", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--lenvm", required=True, help="LenVM folder")
+    p.add_argument("--prompt", required=True, help="the prompt (a user message)")
     options.add_image(p)
-    p.add_argument("--completion", required=True)
+    p.add_argument("--completion", required=True, help="the answer to value, token by token")
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
     p.add_argument("--html", help="also write a self-contained HTML view here")
     options.add_device(p)
@@ -597,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_model(p)
     p.add_argument("--lenvm", help="LenVM folder (needed for a length control)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt")
+    group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
     group.add_argument("--prompts", help="JSONL file; prints one JSON line per prompt")
     options.add_image(p)
     control = p.add_mutually_exclusive_group()
@@ -638,14 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_sampling(p, seed_help="default: a fresh random stream per request")
     options.add_decoding(p, batch_size=8)
     p.add_argument("--values", action="store_true", help="also print the value after each token")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON (text, tokens, finish reason)"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server with length control, prediction and values")
     options.add_model(p)
     p.add_argument("--lenvm", help="LenVM folder (needed for length controls and the length endpoints)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     p.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LENVM_API_KEY if set)"
@@ -660,18 +687,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds that requests in flight get to finish before an error answers them",
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list or prepare built-in models")
     msub = p.add_subparsers(dest="action", required=True)
-    msub.add_parser("list")
-    prep = msub.add_parser("prepare")
-    prep.add_argument("name")
+    msub.add_parser("list", help="the built-in models and whether each is prepared")
+    prep = msub.add_parser("prepare", help="convert a built-in model once into the local cache")
+    prep.add_argument("name", help="a built-in model's name (see lenvm models list)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
-    p.add_argument("--out", default=str(DemoConfig.out))
+    p.add_argument("--out", default=str(DemoConfig.out), help="folder for everything the demo writes")
     options.add_model(p)
     p.add_argument(
         "--num-prompts", type=int, default=DemoConfig.prompts, help="built-in prompts (10%% held out)"
@@ -698,8 +730,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DemoConfig.eval_samples,
         help="completions per held-out prompt (their mean is the ground truth)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=DemoConfig.temperature)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DemoConfig.max_new_tokens,
+        help="longest rollout (longer ones are cut)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DemoConfig.temperature,
+        help="the generator's sampling temperature",
+    )
     p.add_argument(
         "--loss", choices=LOSSES, default=DemoConfig.loss,
         help="the head's training loss (default bce; mse is the paper's)",
@@ -708,7 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-end-head", dest="end_head", action="store_false",
         help="skip the end head (where the generator could next end) that target rules wrap up with",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    p.add_argument(
+        "--seed", type=int, default=DemoConfig.seed, help="prompts, held-out split, sampling and training"
+    )
     p.add_argument(
         "--backend",
         choices=["auto", "hf", "vllm"],
