@@ -298,7 +298,7 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     base = ["predict", "--lenvm", str(lenvm), "--prompts", str(prompts), "--batch-size", "4", "--no-progress"]
     assert main([*base, "--out", str(out)]) == 0
     first = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["id"] for r in first) == sorted(r["id"] for r in rows)
+    assert [r["id"] for r in first] == [r["id"] for r in rows]  # run by length, written in order
     err = capsys.readouterr().err
     assert "20 prompts predicted" in err and "prompts/s at batch 4" in err
     # The same lengths as one prompt at a time (padding and batching change nothing).
@@ -310,7 +310,11 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     assert main([*base, "--out", str(out)]) == 0
     assert "15 prompts predicted" in capsys.readouterr().err
     again = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+    # --json without --out prints the same fields as a line of the file, in the same order.
+    assert main([*base, "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [{k: r[k] for k in ("id", "predicted_length", "prompt_tokens")} for r in again]
     # Resuming with another LenVM, or another prompt under a predicted id, mixes nothing in.
     retrained = tmp_path / "lenvm-b"
     LengthValueModel.from_base(tiny_path, gamma=0.8, generator=tiny_generator).save_pretrained(retrained)

@@ -7,11 +7,13 @@ One JSON line per prompt, ``{"id", "predicted_length", "prompt_tokens", "prompt_
 flight); run again on the same output file, only the prompts not yet in it are predicted. The
 last two fingerprint the prompt's tokens and the LenVM's config, so that a rerun with another
 LenVM, or with a prompt changed under the same id, is refused rather than mixed in. Prompts run
-sorted by length, one forward per batch, so that little of a forward is padding.
+sorted by length, one forward per batch, so that little of a forward is padding; once every
+prompt is in the file, its lines are put back in the order of the prompts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +22,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lenvm.io import InputError, JsonlAppender, fingerprint, iter_jsonl, repair_jsonl_tail
+from lenvm.io import (
+    InputError,
+    JsonlAppender,
+    fingerprint,
+    iter_jsonl,
+    read_jsonl,
+    repair_jsonl_tail,
+    write_text,
+)
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt
 
@@ -99,7 +109,18 @@ def predict_file(
                 ]
             )
             bar.update(len(part))
+    _in_prompt_order(out, ids)
     return PredictionStats(len(prompts), len(todo), len(prompts) - len(todo), seconds, batch_size)
+
+
+def _in_prompt_order(out: Path, ids: list[str]) -> None:
+    """Rewrite ``out`` (atomically) with its lines in the order of ``ids``; lines of prompts that
+    are not among them (an earlier run's) go last, in their order."""
+    records = read_jsonl(out)
+    rank = {pid: i for i, pid in enumerate(ids)}
+    ordered = sorted(records, key=lambda r: rank.get(str(r.get("id")), len(ids)))
+    if ordered != records:
+        write_text(out, "".join(json.dumps(r) + "\n" for r in ordered))
 
 
 def _check_resumable(record: dict[str, Any], out: Path, model: str, shas: dict[str, str]) -> None:

@@ -164,14 +164,18 @@ def cmd_predict(args) -> None:
             file=sys.stderr,
         )
         return
+    encoded = lenvm.encode_prompts(prompts)
     clock = time.perf_counter()
-    lengths = lenvm.predict_length(
-        prompts, batch_size=args.batch_size, progress=args.progress and len(prompts) > 1
-    )
+    values = lenvm.values_of_prompts(encoded, args.batch_size, progress=args.progress and len(prompts) > 1)
     seconds = time.perf_counter() - clock
-    for prompt, length in zip(prompts, lengths, strict=True):
-        if args.json:
-            print(json.dumps({"id": prompt.id, "predicted_length": round(length, 2)}))
+    lengths = lenvm.lengths_from_values(values)
+    for prompt, e, length in zip(prompts, encoded, lengths, strict=True):
+        if args.json:  # the fields of a --out line that describe the prediction
+            print(
+                json.dumps(
+                    {"id": prompt.id, "predicted_length": round(length, 2), "prompt_tokens": len(e.ids)}
+                )
+            )
         else:
             print(f"{prompt.id}\t{length:.1f}")
     if len(prompts) > 1:
