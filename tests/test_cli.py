@@ -83,6 +83,12 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert main(["predict", "--lenvm", str(out), "--prompt", "Hello"]) == 0
     hello = LengthValueModel.from_pretrained(out).predict_length("Hello")
     assert capsys.readouterr().out == f"0\t{hello:.1f}\n"
+    # values prints one JSON line, whether or not it also writes the HTML view.
+    values = ["values", "--lenvm", str(out), "--prompt", "Hello", "--completion", "Hi there"]
+    for extra in ([], ["--html", str(tmp_path / "v.html")]):
+        assert main([*values, *extra]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == 1 and len(json.loads(printed[0])["tokens"]) >= 2
 
     # Held-out prompts in a file of their own, and the layer the head reads.
     held = tmp_path / "held.jsonl"

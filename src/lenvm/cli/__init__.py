@@ -231,7 +231,7 @@ def cmd_values(args) -> None:
     if args.html:
         write_text(args.html, render_html(trace))
         print(f"wrote {args.html}", file=sys.stderr)
-    print(json.dumps(trace.to_dict(), indent=None if args.html else 2, ensure_ascii=False))
+    print(json.dumps(trace.to_dict(), ensure_ascii=False))  # one line, like generate --json
 
 
 def _control(args):
