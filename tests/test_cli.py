@@ -116,6 +116,10 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert json.loads((out / "config.json").read_text())["feature_layer"] == 1  # the default
 
 
+def rows_text(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def _error(capsys, argv):
     code = main(argv)
     return code, capsys.readouterr().err
@@ -331,6 +335,23 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     code, err = _error(capsys, [*base[:4], str(changed), *base[5:], "--out", str(out)])
     assert code == 2 and "'p0'" in err and "not the prompt" in err
     assert out.read_text().splitlines() == [json.dumps(r) for r in again]  # untouched
+    # An --out that is not a predictions file (the prompts file itself, given by mistake; its last
+    # line without a newline) is left exactly as it was.
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text(prompts.read_text().rstrip("\n"))
+    before = typo.read_bytes()
+    code, err = _error(capsys, [*base[:4], str(typo), *base[5:], "--out", str(typo)])
+    assert code == 2 and f"{typo}:1 is not a line of predictions (no predicted_length)" in err
+    assert typo.read_bytes() == before
+    # Prompts files: not UTF-8 is an error naming the line; a byte-order mark is fine.
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    code, err = _error(capsys, [*base[:4], str(latin)])
+    assert code == 2 and f"{latin}:2: not UTF-8 text" in err
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + rows_text(rows[:2]).encode())
+    assert main([*base[:4], str(bom), "--json"]) == 0
+    assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == ["p0", "p1"]
 
     def error(argv):
         code = main(argv)

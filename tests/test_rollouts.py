@@ -141,6 +141,19 @@ def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):
     assert keys(read_rollouts(out)) == [("a", 0), ("a", 1)]
 
 
+def test_an_out_file_that_is_not_rollouts_is_left_as_it_was(tiny_generator, tmp_path):
+    out = tmp_path / "prompts.jsonl"  # the prompts file given as --out by mistake, no final newline
+    out.write_text('{"id": "a", "prompt": "One."}\n{"id": "b", "prompt": "Two."}')
+    before = out.read_bytes()
+    with pytest.raises(
+        InputError, match=r"prompts.jsonl:1 is not a line of rollouts \(missing 'prompt_id'\)"
+    ):
+        rollout(
+            tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5), progress=False
+        )
+    assert out.read_bytes() == before
+
+
 def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):
     out = tmp_path / "r.jsonl"
     rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5), progress=False)

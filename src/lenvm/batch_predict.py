@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from lenvm.io import (
     InputError,
     JsonlAppender,
+    check_jsonl_to_append,
     fingerprint,
     iter_jsonl,
     read_jsonl,
-    repair_jsonl_tail,
     write_text,
 )
 from lenvm.model import LengthValueModel
@@ -75,7 +75,7 @@ def predict_file(
     model = fingerprint(lenvm.config.to_dict())
     done = set()
     if out.exists():
-        repair_jsonl_tail(out)  # a crash may have cut the last line
+        check_jsonl_to_append(out, _prediction_problem, "predictions")
         for record in iter_jsonl(out):
             _check_resumable(record, out, model, shas)
             done.add(str(record.get("id")))
@@ -111,6 +111,11 @@ def predict_file(
             bar.update(len(part))
     _in_prompt_order(out, ids)
     return PredictionStats(len(prompts), len(todo), len(prompts) - len(todo), seconds, batch_size)
+
+
+def _prediction_problem(record: dict[str, Any]) -> str | None:
+    missing = [k for k in ("id", "predicted_length") if k not in record]
+    return f"no {' or '.join(missing)}" if missing else None
 
 
 def _in_prompt_order(out: Path, ids: list[str]) -> None:

@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,25 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         yield record
 
 
-def numbered_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for each non-blank line of a JSONL file."""
+def numbered_jsonl(
+    path: str | os.PathLike, complete_only: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-blank line of a UTF-8 JSONL file (a byte-order mark
+    is allowed); ``complete_only`` leaves out a last line without its newline (a crash's partial
+    write)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if complete_only and not raw.endswith(b"\n"):
+                return
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -143,6 +155,18 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_jsonl_to_append(path: Path, problem: Callable[[dict[str, Any]], str | None], what: str) -> None:
+    """Before resuming into ``path``: refuse a file whose complete lines are not all ``what``
+    records (``problem`` says what is wrong with one, or None), so that another file given by
+    mistake is left as it was; then cut a partial last line that a crash left."""
+    if not path.exists():
+        return
+    for lineno, record in numbered_jsonl(path, complete_only=True):
+        if (why := problem(record)) is not None:
+            raise InputError(f"{path}:{lineno} is not a line of {what} ({why}): write them to another file")
+    repair_jsonl_tail(path)
 
 
 def repair_jsonl_tail(path: Path) -> None:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lenvm import hub
 from lenvm.decoding.params import SamplingParams
-from lenvm.io import InputError, JsonlAppender, is_int, repair_jsonl_tail
+from lenvm.io import InputError, JsonlAppender, check_jsonl_to_append, is_int, numbered_jsonl
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
 BACKENDS = ("hf", "vllm", "openai")
@@ -162,8 +162,7 @@ def rollout(
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
     with_images = next((p.id for p in prompts if p.images), None)
     out = Path(out)
-    # Cut a crash's partial last line before reading what is already there.
-    repair_jsonl_tail(out)
+    check_jsonl_to_append(out, record_problem, "rollouts")
     existing = read_rollouts(out) if out.exists() else []
     if backend == AUTO:
         backend = _auto_backend(generator, existing, with_images is None, out)
@@ -482,20 +481,11 @@ def iter_rollouts(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     if path.is_dir():
         yield from _iter_dataset_folder(path)
         return
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-            problem = record_problem(record)
-            if problem:
-                raise InputError(f"{path}:{lineno}: bad rollout record: {problem}")
-            yield record
+    for lineno, record in numbered_jsonl(path):
+        problem = record_problem(record)
+        if problem:
+            raise InputError(f"{path}:{lineno}: bad rollout record: {problem}")
+        yield record
 
 
 def _iter_dataset_folder(path: Path) -> Iterator[dict[str, Any]]:
