@@ -134,6 +134,15 @@ def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_genera
     assert main(args) == 0
     assert read_config(tmp_path / "l").calibration == read_config(tmp_path / "copy").calibration
     assert (tmp_path / "l" / "notes.txt").read_text() == "kept"  # in place: only the config changes
+    # Another folder at --out is never replaced, a LenVM there only with --overwrite.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    assert main([*args, "--out", str(tmp_path / "precious")]) == 2
+    assert "not a LenVM folder" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+    assert main([*args, "--out", str(tmp_path / "copy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "copy"), "--overwrite"]) == 0
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["calibrate", "--lenvm", str(tmp_path / "l"), "--rollouts", str(empty)]) != 0

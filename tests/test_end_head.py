@@ -127,6 +127,12 @@ def test_cli_trains_the_end_head_into_a_copy(tmp_path, tiny_path, tiny_generator
     assert "held-out tokens to the next natural end" in capsys.readouterr().out
     loaded = LengthValueModel.from_pretrained(tmp_path / "e", generator=tiny_generator)
     assert loaded.end_head is not None
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    assert main([*args, "--out", str(tmp_path / "precious")]) == 2
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+    assert main([*args, "--out", str(tmp_path / "e"), "--epochs", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--natural-eos", "1.5"]) != 0
     assert "natural-end bar" in capsys.readouterr().err
 

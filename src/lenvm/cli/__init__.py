@@ -94,7 +94,7 @@ def cmd_train(args) -> int | None:
     from lenvm.training import TrainConfig, is_main_process, train
 
     if not launch.launched():  # the processes it starts find --out as it was checked here
-        _check_train_out(args.out, args.overwrite)
+        _check_out(args.out, args.overwrite, "training")
     if args.accelerate_config and not launch.launched():
         argv = _without(args.argv, ("--accelerate-config", "--num-processes"))
         return launch.relaunch(args.accelerate_config, argv, args.num_processes)
@@ -124,19 +124,24 @@ def cmd_train(args) -> int | None:
     launch.leave_process_group()  # after the main process has written the LenVM
 
 
-def _check_train_out(out: str, overwrite: bool) -> None:
-    """Training writes a whole new folder at ``out``: refuse to replace anything but a LenVM, and
-    a LenVM (with any end head and calibration trained for it) only when asked to."""
+def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None = None) -> None:
+    """A command that ``writes`` a whole new LenVM folder at ``out``: refuse to replace anything but
+    a LenVM, and a LenVM (with any end head and calibration trained for it) only when asked to.
+    Writing over ``source``, the LenVM the command reads, is its documented in-place update."""
     from lenvm.model import NotALenVMError, read_config
 
+    if out is None:
+        return
     path = Path(out)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if source is not None and Path(source).exists() and path.resolve() == Path(source).resolve():
         return
     try:
         read_config(path)
     except NotALenVMError:
         raise InputError(
-            f"{out} exists and is not a LenVM folder; training would replace it: choose another --out"
+            f"{out} exists and is not a LenVM folder; {writes} would replace it: choose another --out"
         ) from None
     if not overwrite:
         raise InputError(
@@ -190,6 +195,7 @@ def cmd_calibrate(args) -> None:
     from lenvm.model import save_config
     from lenvm.rollouts import read_rollouts
 
+    _check_out(args.out, args.overwrite, "calibrating", source=args.lenvm)
     lenvm = _load_lenvm(args)
     records = read_rollouts(args.rollouts)
     calibration = calibrate(lenvm, records, batch_size=args.batch_size, progress=args.progress)
@@ -205,6 +211,7 @@ def cmd_train_end_head(args) -> None:
     from lenvm.model import END_HEAD_NAME, save_config
     from lenvm.rollouts import read_rollouts
 
+    _check_out(args.out, args.overwrite, "training the end head", source=args.lenvm)
     lenvm = _load_lenvm(args)
     records = read_rollouts(args.rollouts)
     held = read_rollouts(args.eval_rollouts) if args.eval_rollouts else None
@@ -589,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(its training's --eval-rollouts, or new ones)",
     )
     p.add_argument("--out", help="write the calibrated LenVM here (default: in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument("--batch-size", type=int, default=8, help="rollouts per forward")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
@@ -602,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
     p.add_argument("--eval-rollouts", help="rollouts of other prompts, to report the held-out error on")
     p.add_argument("--out", help="write the LenVM with its end head here (default: in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument(
         "--natural-eos", type=float, default=None,
         help="the generator's EOS probability that counts as a natural end (default: the controls' 0.05)",
