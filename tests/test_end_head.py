@@ -133,6 +133,9 @@ def test_cli_trains_the_end_head_into_a_copy(tmp_path, tiny_path, tiny_generator
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
     assert main([*args, "--out", str(tmp_path / "e"), "--epochs", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    for bad in (["--lr", "inf"], ["--lr", "0"], ["--epochs", "0"]):
+        assert main([*args, *bad]) == 2
+        assert "must be" in capsys.readouterr().err
     assert main([*args, "--natural-eos", "1.5"]) != 0
     assert "natural-end bar" in capsys.readouterr().err
 

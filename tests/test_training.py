@@ -122,6 +122,13 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         train(
             bad, str(tiny_path), tmp_path / "x", _config(epochs=1), generator=tiny_generator, progress=False
         )
+    # A learning rate that blows the head up saves nothing (no LenVM that predicts nan).
+    with pytest.raises(InputError, match="training diverged.*lower --lr"):
+        train(
+            records, str(tiny_path), tmp_path / "nan", _config(epochs=2, lr=1e20), generator=tiny_generator,
+            progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "nan").exists()
     cut = [dict(r, finish_reason="length") for r in records]
     with pytest.raises(InputError, match="no usable"):
         train(
@@ -389,6 +396,10 @@ def test_bf16_where_the_hardware_has_it():
         (dict(prompt_weight=0), "prompt_weight"),
         (dict(gradient_checkpointing=True), "gradient checkpointing"),
         (dict(shuffle_buffer=0), "shuffle_buffer"),
+        (dict(lr=float("inf")), "learning rate"),
+        (dict(huber_delta=float("nan")), "huber_delta"),
+        (dict(prompt_weight=float("inf")), "prompt_weight"),
+        (dict(head_hidden_size=0), "head_hidden_size"),
     ],
 )
 def test_bad_training_options(bad, match):

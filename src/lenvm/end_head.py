@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int, is_real
 
 
 def natural_end_distances(eos_probs: Sequence[float], ended: bool, bar: float) -> np.ndarray:
@@ -109,6 +109,10 @@ def train_end_head(
     bar = NATURAL_EOS if bar is None else float(bar)
     if not 0.0 < bar < 1.0:
         raise InputError(f"the natural-end bar must lie in (0, 1), got {bar!r}")
+    if not (is_int(epochs) and epochs >= 1):
+        raise InputError(f"epochs must be at least 1, got {epochs!r}")
+    if not (is_real(lr) and lr > 0):
+        raise InputError(f"the learning rate must be a positive finite number, got {lr!r}")
     data = end_data(lenvm, records, bar, batch_size, progress)
     if len(data.distances) == 0:
         raise InputError("the rollouts have no state with a known next natural end")
@@ -130,6 +134,10 @@ def train_end_head(
             optimizer.step()
             scheduler.step()
     head.eval()
+    if not math.isfinite(loss.item()):
+        raise InputError(
+            f"the end head's training diverged (loss {loss.item()}): train it with a lower lr than {lr:g}"
+        )
     figures = {"states": float(len(targets)), "gamma": gamma, "final_loss": loss.item()}
     if eval_records is not None:
         held = end_data(lenvm, eval_records, bar, batch_size, progress)

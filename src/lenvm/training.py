@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lenvm import vision
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
-from lenvm.io import InputError, atomic_path, write_json
+from lenvm.io import InputError, atomic_path, is_int, is_real, write_json
 from lenvm.losses import (
     AGGREGATIONS,
     LOSSES,
@@ -106,20 +106,26 @@ class TrainConfig:
         for name in ("epochs", "batch_tokens", "batch_size", "grad_accum", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1")
-        if not self.lr > 0:
-            raise InputError("learning rate must be positive")
+        if not (is_real(self.lr) and self.lr > 0):
+            raise InputError(f"learning rate must be a positive finite number, got {self.lr!r}")
         if not 0.0 <= self.lam <= 1.0:
             raise InputError(f"lambda must lie in [0, 1], got {self.lam}")
         if self.loss not in LOSSES:
             raise InputError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
         if self.aggregation not in AGGREGATIONS:
             raise InputError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
-        if not self.huber_delta > 0:
-            raise InputError("huber_delta must be positive")
-        if not self.relative_loss_weight >= 0:
-            raise InputError("relative_loss_weight must be at least 0")
-        if not self.prompt_weight > 0:
-            raise InputError("prompt_weight must be positive")
+        if not (is_real(self.huber_delta) and self.huber_delta > 0):
+            raise InputError(f"huber_delta must be a positive finite number, got {self.huber_delta!r}")
+        if not (is_real(self.relative_loss_weight) and self.relative_loss_weight >= 0):
+            raise InputError(
+                f"relative_loss_weight must be a finite number >= 0, got {self.relative_loss_weight!r}"
+            )
+        if not (is_real(self.prompt_weight) and self.prompt_weight > 0):
+            raise InputError(f"prompt_weight must be a positive finite number, got {self.prompt_weight!r}")
+        if self.head_hidden_size is not None and not (
+            is_int(self.head_hidden_size) and self.head_hidden_size >= 1
+        ):
+            raise InputError(f"head_hidden_size must be at least 1, got {self.head_hidden_size!r}")
         if self.features_cache and not self.freeze_backbone:
             raise InputError("a features cache applies to head training, not to fine-tuning a backbone")
         if self.gradient_checkpointing and self.freeze_backbone:
@@ -222,6 +228,12 @@ def train(
     trainer = HeadTrainer if config.freeze_backbone else FullTrainer
     fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
     seconds = time.perf_counter() - started
+    diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
+    if diverged is not None:
+        raise InputError(
+            f"training diverged: the loss was {fit.losses[diverged]} at step {diverged + 1} (learning "
+            f"rate {config.lr:g}); nothing was saved to {out}: remove {work} and train with a lower --lr"
+        )
     # Optimisation throughput (supervised positions per second of this run's training loop),
     # without the one-off hidden-state pass of head training.
     tokens_per_second = fit.tokens / fit.seconds if fit.seconds > 0 else 0.0
