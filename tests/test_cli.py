@@ -41,14 +41,14 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert len(rollouts.read_text().splitlines()) == 6
 
     out = tmp_path / "lenvm"
+    capsys.readouterr()
+    # Without --base, the LenVM is trained on the generator the rollouts name.
     assert (
         main(
             [
                 "train",
                 "--rollouts",
                 str(rollouts),
-                "--base",
-                str(tiny_path),
                 "--out",
                 str(out),
                 "--epochs",
@@ -59,6 +59,8 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
         )
         == 0
     )
+    assert f"base: {tiny_path} (the generator the rollouts name" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["base_model"] == str(tiny_path)
     assert (out / "config.json").exists() and (out / "head.safetensors").exists()
     # Training again into a LenVM, or into a folder of something else, replaces nothing unasked.
     again = ["train", "--rollouts", str(rollouts), "--base", str(tiny_path), "--epochs", "1", "--out"]

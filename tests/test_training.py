@@ -122,6 +122,19 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         train(
             bad, str(tiny_path), tmp_path / "x", _config(epochs=1), generator=tiny_generator, progress=False
         )
+    # Rollouts of another tokenizer, of two decoding policies, or held out from another policy.
+    shifted = [dict(r, prompt_token_ids=[t + 1 for t in r["prompt_token_ids"]]) for r in records]
+    mixed = records[:6] + [dict(r, sampling={"temperature": 0.5}) for r in records[6:]]
+    for rollouts, held, match in [
+        (shifted, None, "do not read back as its prompt"),
+        (mixed, None, "record 7 was sampled with .*temperature': 0.5"),
+        (records[:12], mixed[12:], "evaluation rollouts were sampled with"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            train(
+                rollouts, str(tiny_path), tmp_path / "x", _config(epochs=1), generator=tiny_generator,
+                eval_rollouts=held, progress=False,
+            )  # fmt: skip
     # A learning rate that blows the head up saves nothing (no LenVM that predicts nan).
     with pytest.raises(InputError, match="training diverged.*lower --lr"):
         train(

@@ -207,6 +207,7 @@ def train(
         vocab_size=lenvm.backbone.get_input_embeddings().weight.shape[0],
         vocab_name=lenvm.config.base_model,
         sees_images=lenvm.sees_images,
+        tokenizer=lenvm.tokenizer,
     )
     gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
     lenvm.config.gamma = gamma

@@ -27,6 +27,7 @@ from lenvm.dataset import (
     iter_examples,
     nothing_usable,
 )
+from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
 from lenvm.io import InputError
 from lenvm.prompts import image_references
 
@@ -109,21 +110,35 @@ def scan(
     vocab_size: int,
     vocab_name: str,
     sees_images: bool = True,
+    tokenizer=None,
 ) -> Scan:
     """One pass: lengths, prompt counts, the vocabulary check (and, for a text-only model
-    ``sees_images=False``, that no prompt has images) and the run's fingerprint data."""
+    ``sees_images=False``, that no prompt has images), that every record was sampled under one
+    decoding policy, and the run's fingerprint data. Given the model's ``tokenizer``, the first
+    records' prompt tokens must read back as their prompt text (else the rollouts came from a
+    generator with another tokenizer)."""
     lengths: list[int] = []
     record_prompts: set[str] = set()
     ends: list[Any] = [None, None]
     policy: dict[str, Any] = {}
 
     def checked() -> Iterator[dict[str, Any]]:
+        first_policy = None
         for i, record in enumerate(source):
             top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
             if top >= vocab_size:
                 raise InputError(
                     f"rollout record {i + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
                     f"of {vocab_name!r}: were the rollouts made with another tokenizer?"
+                )
+            if tokenizer is not None and i < TOKENIZER_CHECKS:
+                _check_prompt_tokens(record, i, tokenizer, vocab_name)
+            settings = decoding_policy(record.get("sampling"))
+            first_policy = first_policy or settings
+            if settings != first_policy:
+                raise InputError(
+                    f"rollout record {i + 1} was sampled with {settings}, the first with {first_policy}: "
+                    "a LenVM models one decoding policy; train it on rollouts of one"
                 )
             if not sees_images and image_references(record.get("prompt")):
                 raise InputError(
@@ -210,6 +225,31 @@ class TrainingData:
     policy: dict[str, Any]
 
 
+_DEFAULT_SAMPLING = SamplingParams()  # what a record that leaves a setting out sampled with
+TOKENIZER_CHECKS = 4  # records whose prompt tokens are read back (the first of the file)
+
+
+def decoding_policy(sampling: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings of a record's ``sampling`` that make its decoding policy (not its length
+    limit or backend): rollouts that share them sample the same distribution."""
+    return {k: (sampling or {}).get(k, getattr(_DEFAULT_SAMPLING, k)) for k in POLICY_SETTINGS}
+
+
+def _check_prompt_tokens(record: dict[str, Any], index: int, tokenizer, name: str) -> None:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        prompt = prompt[-1].get("content")  # the last message, when its content is plain text
+    if not isinstance(prompt, str) or not prompt.strip():
+        return
+    decoded = tokenizer.decode(record["prompt_token_ids"])
+    if "".join(prompt.split()) not in "".join(decoded.split()):
+        raise InputError(
+            f"rollout record {index + 1}'s prompt tokens do not read back as its prompt with the tokenizer "
+            f"of {name!r}: the rollouts came from {record.get('generator')!r}, whose tokenizer differs; "
+            "train on the generator that sampled them (--base)"
+        )
+
+
 def training_data(
     source: RolloutSource,
     eval_source: RolloutSource | None,
@@ -221,13 +261,22 @@ def training_data(
     vocab_size: int,
     vocab_name: str,
     sees_images: bool = True,
+    tokenizer=None,
 ) -> TrainingData:
-    """Scan the sources, hold out prompts, and set up the training stream."""
+    """Scan the sources (see :func:`scan`), hold out prompts, and set up the training stream."""
     if not 0.0 <= eval_fraction < 1.0:
         raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
-    found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name, sees_images)
+    found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name, sees_images, tokenizer)
     if eval_source is not None:
-        held_scan = scan(eval_source, eos_token_ids, truncated, None, vocab_size, vocab_name, sees_images)
+        held_scan = scan(
+            eval_source, eos_token_ids, truncated, None, vocab_size, vocab_name, sees_images, tokenizer
+        )
+        ours, theirs = (decoding_policy(s.policy.get("sampling")) for s in (found, held_scan))
+        if ours != theirs:
+            raise InputError(
+                f"the evaluation rollouts were sampled with {theirs}, the training rollouts with {ours}: "
+                "held-out figures must come from the same decoding policy"
+            )
         shared = found.record_prompts & held_scan.record_prompts
         if shared:
             raise InputError(

@@ -98,6 +98,8 @@ def cmd_train(args) -> int | None:
     if args.accelerate_config and not launch.launched():
         argv = _without(args.argv, ("--accelerate-config", "--num-processes"))
         return launch.relaunch(args.accelerate_config, argv, args.num_processes)
+    if args.base is None:
+        args.base = _rollouts_generator(args.rollouts)
     fields = TrainConfig.__dataclass_fields__
     config = TrainConfig(
         **{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
@@ -122,6 +124,21 @@ def cmd_train(args) -> int | None:
         }
         print(json.dumps(summary, indent=2))
     launch.leave_process_group()  # after the main process has written the LenVM
+
+
+def _rollouts_generator(rollouts: str) -> str:
+    """The generator that the first record of ``rollouts`` names: what they were sampled from."""
+    from lenvm.rollouts import iter_rollouts
+    from lenvm.training import is_main_process
+
+    first = next(iter(iter_rollouts(rollouts)), None)
+    if first is None:
+        raise InputError(f"{rollouts}: no rollout records to train on")
+    if is_main_process():
+        print(
+            f"base: {first['generator']} (the generator the rollouts name; --base to choose)", file=sys.stderr
+        )
+    return first["generator"]
 
 
 def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None = None) -> None:
@@ -428,7 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-rollouts",
         help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
     )
-    options.add_model(p, "--base", help="generator (attached, q) or backbone (standalone)")
+    options.add_model(
+        p,
+        "--base",
+        help="generator (attached, q) or backbone (standalone); default: the generator the rollouts name",
+        default=None,
+    )
     p.add_argument("--out", required=True, help="folder to write the LenVM to")
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument(

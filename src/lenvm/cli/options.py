@@ -36,11 +36,14 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
-def add_model(parser: argparse.ArgumentParser, flag: str = "--model", help: str | None = None) -> None:
+def add_model(
+    parser: argparse.ArgumentParser,
+    flag: str = "--model",
+    help: str | None = None,
+    default: str | None = DEFAULT_MODEL,
+) -> None:
     """The generator to load, and where and how to load every model of the command."""
-    parser.add_argument(
-        flag, default=DEFAULT_MODEL, help=help or "generator: folder, hub id or built-in alias"
-    )
+    parser.add_argument(flag, default=default, help=help or "generator: folder, hub id or built-in alias")
     add_device(parser)
 
 
