@@ -161,3 +161,18 @@ def test_decoding_scores_candidates_with_the_calibrated_values(tiny_path, tiny_g
     calibrated = scorer_for(lenvm).prefill(lenvm, rows, lookahead=False).score(ids, eos)
     assert torch.allclose(calibrated, lenvm.calibration(raw), atol=1e-6)
     assert not torch.allclose(calibrated, raw)
+
+
+def test_calibration_refuses_rollouts_the_lenvm_cannot_read(tiny_path, tiny_generator):
+    """Rollouts of another decoding policy or another tokenizer would fit a map to nothing the
+    LenVM models: refused with a reason, not a wrong map or an index error."""
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    lenvm.config.sampling = {"temperature": 1.0}  # what its training rollouts were sampled with
+    records = synthetic_records(tiny_generator[1])
+    with pytest.raises(InputError, match=r"sampled with \{'temperature': 0.2.*the LenVM's training rollouts"):
+        calibrate(lenvm, [dict(r, sampling={"temperature": 0.2}) for r in records])
+    with pytest.raises(InputError, match="beyond the vocabulary"):
+        calibrate(lenvm, [dict(records[0], completion_token_ids=[10**6], num_tokens=1), *records[1:]])
+    with pytest.raises(InputError, match="do not read back as its prompt"):
+        calibrate(lenvm, [dict(r, prompt_token_ids=[t + 1 for t in r["prompt_token_ids"]]) for r in records])
+    assert lenvm.config.calibration is None

@@ -218,9 +218,14 @@ def padded_batches(
 ) -> Iterator[tuple[list[Example], Batch]]:
     """The completions of ``records`` as examples in padded batches for one forward of ``lenvm``
     each (collated with its gamma and pad token, on its device), shortest first so that a batch
-    pads little. Raises a clear error, naming ``purpose``, when there are none."""
+    pads little. Raises a clear error, naming ``purpose``, when there are none or they do not fit
+    the LenVM (:func:`lenvm.training_data.check_rollouts_for`)."""
     from tqdm.auto import tqdm
 
+    from lenvm.training_data import check_rollouts_for
+
+    records = list(records)
+    check_rollouts_for(lenvm, records, purpose)
     examples = sorted(iter_examples(records, lenvm.config.eos_token_ids), key=lambda e: len(e.input_ids))
     if not examples:
         raise InputError(f"no rollouts to {purpose}")

@@ -125,12 +125,7 @@ def scan(
     def checked() -> Iterator[dict[str, Any]]:
         first_policy = None
         for i, record in enumerate(source):
-            top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
-            if top >= vocab_size:
-                raise InputError(
-                    f"rollout record {i + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
-                    f"of {vocab_name!r}: were the rollouts made with another tokenizer?"
-                )
+            _check_vocabulary(record, i, vocab_size, vocab_name)
             if tokenizer is not None and i < TOKENIZER_CHECKS:
                 _check_prompt_tokens(record, i, tokenizer, vocab_name)
             settings = decoding_policy(record.get("sampling"))
@@ -233,6 +228,34 @@ def decoding_policy(sampling: dict[str, Any] | None) -> dict[str, Any]:
     """The settings of a record's ``sampling`` that make its decoding policy (not its length
     limit or backend): rollouts that share them sample the same distribution."""
     return {k: (sampling or {}).get(k, getattr(_DEFAULT_SAMPLING, k)) for k in POLICY_SETTINGS}
+
+
+def check_rollouts_for(lenvm, records: list[dict[str, Any]], purpose: str) -> None:
+    """Rollouts that ``lenvm`` reads after training (to ``purpose`` them): token ids within its
+    vocabulary, prompt tokens that its tokenizer reads back, and sampled under the decoding policy
+    that its training rollouts were."""
+    vocab_size = lenvm.backbone.get_input_embeddings().weight.shape[0]
+    name = lenvm.config.base_model
+    trained = decoding_policy(lenvm.config.sampling) if lenvm.config.sampling is not None else None
+    for i, record in enumerate(records):
+        _check_vocabulary(record, i, vocab_size, name)
+        if i < TOKENIZER_CHECKS:
+            _check_prompt_tokens(record, i, lenvm.tokenizer, name)
+        settings = decoding_policy(record.get("sampling"))
+        if trained is not None and settings != trained:
+            raise InputError(
+                f"rollout record {i + 1} was sampled with {settings}, the LenVM's training rollouts with "
+                f"{trained}: {purpose} rollouts of the policy it models"
+            )
+
+
+def _check_vocabulary(record: dict[str, Any], index: int, vocab_size: int, name: str) -> None:
+    top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
+    if top >= vocab_size:
+        raise InputError(
+            f"rollout record {index + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
+            f"of {name!r}: were the rollouts made with another tokenizer?"
+        )
 
 
 def _check_prompt_tokens(record: dict[str, Any], index: int, tokenizer, name: str) -> None:
