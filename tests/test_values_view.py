@@ -131,7 +131,21 @@ def test_bad_completions_are_input_errors(lenvm):
     with pytest.raises(InputError):
         token_values(lenvm, PROMPT, completion_ids(lenvm) + [eos], finished=False)
     # An empty finished completion is just its EOS: one state, the prompt boundary.
-    assert token_values(lenvm, PROMPT, "").num_tokens == 1
+    only_eos = token_values(lenvm, PROMPT, "")
+    assert only_eos.num_tokens == 1
+    assert render_html(only_eos).count("<circle") == 2  # its predicted and true length, as dots
+    # Nothing follows an EOS (here written out as text, which the tokenizer makes the EOS token).
+    with pytest.raises(InputError, match="holds the EOS token at token 2"):
+        token_values(lenvm, PROMPT, "a<|im_end|>b c")
+
+
+def test_characters_split_over_tokens_are_shown_whole(lenvm):
+    text = "用中文 🎉 done"
+    trace = token_values(lenvm, PROMPT, text)
+    shown = [t.text for t in trace.tokens[:-1]]  # the EOS last
+    assert len(shown) > len(text)  # byte-level pieces: several tokens per character
+    assert "".join(shown) == text and "\ufffd" not in "".join(shown)
+    assert "中" in shown and "🎉" in shown
 
 
 def test_html_escapes_tokens_and_is_self_contained(lenvm, tmp_path):

@@ -151,6 +151,12 @@ def token_values(
         raise InputError("the completion ends with EOS but was marked unfinished")
     if not ids:
         raise InputError("the completion is empty")
+    early = next((t for t, i in enumerate(ids[:-1]) if i in eos), None)
+    if early is not None:
+        raise InputError(
+            f"the completion holds the EOS token at token {early + 1} of {len(ids)}: an answer ends at its "
+            "EOS, so nothing can follow it"
+        )
     input_ids = prompt_ids + (ids[:-1] if finished else ids)
     lenvm.check_length(input_ids, encoded.image_tokens)
     example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished, tuple(images))
@@ -159,11 +165,12 @@ def token_values(
     residuals = td_residual(values, gamma)
     remaining = value_to_length(values, gamma)
     length = len(ids)
+    texts = token_texts(tok, ids)
     tokens = [
         TokenValue(
             index=t,
             token_id=token_id,
-            text=tok.decode([token_id]),
+            text=texts[t],
             value_before=float(values[t]),
             value_after=float(values[t + 1]),
             predicted_remaining=float(remaining[t]),
@@ -174,6 +181,24 @@ def token_values(
         for t, token_id in enumerate(ids)
     ]
     return ValueTrace(gamma, prompt_ids, _prompt_text(tok, prompt_ids), tokens, finished, images)
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token, such that they join into the decoded text: a character whose bytes
+    are split over several tokens (byte-level BPE: most Chinese characters, emoji) is given to the
+    token that completes it, the ones before it get ``""``, instead of each showing a
+    replacement character."""
+    texts: list[str] = []
+    start = 0
+    for i in range(len(ids)):
+        piece = tokenizer.decode(ids[start : i + 1])
+        # A UTF-8 character has at most 4 bytes: wait no longer than that for the rest of it.
+        if piece.endswith("\ufffd") and i + 1 < len(ids) and i - start < 3:
+            texts.append("")
+            continue
+        texts.append(piece)
+        start = i + 1
+    return texts
 
 
 def _prompt_text(tokenizer, ids: list[int]) -> str:
@@ -262,6 +287,8 @@ def _y(length: float, top: float) -> float:
 
 
 def _polyline(points: list[float], top: float, attrs: str) -> str:
+    if len(points) == 1:  # one state (an answer that is only its EOS): a line of one point draws nothing
+        return f'<circle cx="{_x(0, 1):.1f}" cy="{_y(points[0], top):.1f}" r="3" fill="none" {attrs}/>'
     coords = " ".join(f"{_x(i, len(points)):.1f},{_y(p, top):.1f}" for i, p in enumerate(points))
     return f'<polyline fill="none" points="{coords}" {attrs}/>'
 
