@@ -13,6 +13,7 @@ as pixels; :mod:`lenvm.vision` loads them.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,10 @@ def prompt_from_record(
     working directory)."""
     where = f"{where}: " if where else ""
     base = Path(base) if base is not None else None
-    pid = str(record.get("id", default_id))
+    pid = record.get("id", default_id)
+    if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():
+        raise InputError(f"{where}'id' must be a non-empty string or an integer, got {json.dumps(pid)}")
+    pid = str(pid)
     extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages", "images")}
     if "messages" in record:
         if "images" in record:

@@ -168,13 +168,13 @@ def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None
 
 
 def cmd_predict(args) -> None:
+    prompts = _prompts_from_args(args)  # a bad prompts file fails before any model loads
     generator = None
     if args.model is not None:
         from lenvm.hub import load_generator
 
         generator = load_generator(args.model, device=args.device, dtype=args.dtype)
     lenvm = _load_lenvm(args, generator=generator)
-    prompts = _prompts_from_args(args)
     if args.out:
         from lenvm.batch_predict import predict_file
 
