@@ -146,7 +146,7 @@ def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
 
     for bad_id in ("null", '""', "true", "[1]"):
         ids = tmp_path / "ids.jsonl"
-        ids.write_text('{"id": 7, "prompt": "ok"}\n{"id": %s, "prompt": "ok"}\n' % bad_id)
+        ids.write_text('{"id": 7, "prompt": "ok"}\n{"id": ' + bad_id + ', "prompt": "ok"}\n')
         code, err = _error(capsys, ["predict", "--lenvm", str(tmp_path / "none"), "--prompts", str(ids)])
         assert code == 2 and f"{ids}:2: 'id' must be a non-empty string or an integer, got {bad_id}" in err
 
