@@ -258,6 +258,49 @@ def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvm
     assert ok.num_tokens <= 3  # the engine is still serving
     with pytest.raises(InputError, match="lenvm's own engine"):
         engine.generate([Request("Hi", control=Control("equal_to", target=5, best_of=2))])
+    with pytest.raises(InputError, match="exceeds the model's context of 512"):
+        engine.generate([Request("Hi", SamplingParams(max_new_tokens=600))])
+
+
+def test_admission_refuses_what_a_control_cannot_honour_and_gives_reused_params_back(lenvms, monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams as VllmParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from lenvm.integrations.vllm import TRUNCATION, LenVMLogitsProcessor
+
+    validate = LenVMLogitsProcessor.validate_params
+    with pytest.raises(InputError, match="structured output"):
+        validate(VllmParams(max_tokens=16, extra_args={"length_at_most": 8},
+                            structured_outputs=StructuredOutputsParams(regex="[a-z]+")))  # fmt: skip
+    with pytest.raises(InputError, match="min_tokens 12 contradicts length_at_most 8"):
+        validate(VllmParams(max_tokens=16, min_tokens=12, extra_args={"length_at_most": 8}))
+    validate(VllmParams(max_tokens=16, min_tokens=12, extra_args={"length_at_least": 8}))  # no contradiction
+    # Params used for a second request: their own truncation is kept, set anew, or given back.
+    params = VllmParams(max_tokens=16, top_k=5, top_p=0.9, extra_args={"length_at_most": 8})
+    validate(params)
+    assert (params.top_k, params.top_p) == (0, 1.0) and params.extra_args[TRUNCATION] == [5, 0.9, 0.0]
+    validate(params)
+    assert params.extra_args[TRUNCATION] == [5, 0.9, 0.0]
+    params.top_k = 3
+    validate(params)
+    assert params.extra_args[TRUNCATION] == [3, 1.0, 0.0]
+    params.extra_args = {k: v for k, v in params.extra_args.items() if k != "length_at_most"}
+    validate(params)
+    assert (params.top_k, params.top_p, params.extra_args) == (3, 1.0, None)
+    # Settings that cannot work fail when vLLM starts, not on every step.
+    path = str(lenvms["attached"][1])
+    for extra, env, match in [
+        ({"lenvm_path": path, "lenvm_num_candidates": 0}, {}, "lenvm_num_candidates .* positive integer"),
+        ({"lenvm_path": path}, {"LENVM_NUM_CANDIDATES": "abc"}, "LENVM_NUM_CANDIDATES.* got 'abc'"),
+        ({"lenvm_path": path}, {"LENVM_PATH": str(lenvms["q"][1])}, "name the LenVM once"),
+    ]:
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            with pytest.raises(ValueError, match=match):
+                LenVMLogitsProcessor(SimpleNamespace(additional_config=extra), torch.device("cpu"), False)
 
 
 def test_requests_without_a_control_are_left_alone(tiny128, lenvms):

@@ -10,12 +10,13 @@ Serving, with any OpenAI client::
 Offline::
 
     llm = LLM(model=M, logits_processors=[LenVMLogitsProcessor], additional_config={"lenvm_path": L})
-    llm.generate(prompts, SamplingParams(extra_args={"length_at_most": 40}))
+    llm.chat(messages, SamplingParams(extra_args={"length_at_most": 40}))  # chat-templated, as trained
 
 A request asks for a length control with the flat keys every lenvm backend accepts
 (:func:`lenvm.decoding.params.control_from_keys`): ``length_equal_to``, ``length_at_most``,
 ``length_at_least``, ``length_tilt`` and ``length_rule``. Bad values are refused when vLLM admits
-the request (HTTP 400 from the server). Retries (of every target control, and with them At Most's
+the request (HTTP 400 from the server), as is a control with structured output or with a
+``min_tokens`` it contradicts. Retries (of every target control, and with them At Most's
 unguided first attempt) and ``best_of`` need our own engine.
 
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
@@ -26,7 +27,8 @@ sampler then applies temperature, min-p and top-k/top-p. So that it samples exac
 distribution ``q``, the processor writes ``T · log q`` (vLLM divides by ``T`` again), and a
 controlled request's top-k, top-p and min-p are taken over by the processor when vLLM admits it:
 they shape the candidates, as in our engine, and vLLM's own are set to off for that request, since
-applying them again to ``q`` would cut its tail. Greedy requests take the argmax of ``q``.
+applying them again to ``q`` would cut its tail (they wait in ``extra_args`` and come back if the
+same ``SamplingParams`` is admitted again without a control). Greedy requests take the argmax of ``q``.
 vLLM applies repetition, frequency and presence penalties after the processor, so a request that
 sets them no longer samples ``q`` exactly.
 
@@ -70,6 +72,7 @@ from lenvm.io import InputError
 KEYS = tuple(k for k in LENGTH_KEYS if k not in ("length_retries", "length_best_of"))
 # Where admission keeps a controlled request's own top-k, top-p and min-p (see the module doc).
 TRUNCATION = "lenvm_truncation"
+OFF = (0, 1.0, 0.0)  # top-k, top-p and min-p that truncate nothing
 GREEDY = 1e-5  # vLLM's threshold: a lower temperature is greedy
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,29 @@ def _setting(vllm_config, name: str, default: Any = None) -> Any:
     if name in extra:
         return extra[name]
     return os.environ.get(name.upper(), default)
+
+
+def _positive_setting(vllm_config, name: str, default: int) -> int:
+    value = _setting(vllm_config, name, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ValueError(f"{name} ({name.upper()}) must be a positive integer, got {value!r}")
+    return number
+
+
+def _give_back_truncation(params) -> None:
+    """Undo an earlier admission's takeover of these params' top-k, top-p and min-p (a
+    ``SamplingParams`` used for another request): their own values come back unless they were set
+    anew since, and the stash goes."""
+    args = params.extra_args or {}
+    if TRUNCATION not in args:
+        return
+    if (params.top_k, params.top_p, params.min_p) == OFF:
+        params.top_k, params.top_p, params.min_p = args[TRUNCATION]
+    params.extra_args = {k: v for k, v in args.items() if k != TRUNCATION} or None
 
 
 @functools.cache
@@ -132,6 +158,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
     def validate_params(cls, sampling_params) -> None:
         """Refuse bad ``length_*`` keys when vLLM admits a request (a 400 from the server), and take
         over a controlled request's truncation (see the module doc)."""
+        _give_back_truncation(sampling_params)  # params admitted before and used again
         args = sampling_params.extra_args or {}
         control = control_from_keys(args, KEYS)
         if control is None:
@@ -139,16 +166,23 @@ class LenVMLogitsProcessor(LogitsProcessor):
         max_tokens = sampling_params.max_tokens
         if max_tokens is not None and (why := control.unreachable(max_tokens, "max_tokens")) is not None:
             raise InputError(f"length_{why}")  # named as the request's key
+        if getattr(sampling_params, "structured_outputs", None) is not None:
+            raise InputError(
+                "a length control cannot be combined with structured output: the grammar may forbid the "
+                "EOS where the control ends the answer"
+            )
+        min_tokens = getattr(sampling_params, "min_tokens", 0) or 0
+        if control.kind in ("equal_to", "at_most") and min_tokens > control.target:
+            raise InputError(f"min_tokens {min_tokens} contradicts length_{control.kind} {control.target}")
         path = os.environ.get("LENVM_PATH")
         if path and control.target is not None and _gamma(path) ** control.target < MIN_DISCOUNT:
             raise InputError(
                 f"length target {control.target} lies beyond the LenVM's horizon (gamma {_gamma(path):g}); "
                 "use a LenVM trained with a larger gamma"
             )
-        if TRUNCATION not in args:
-            p = sampling_params
-            p.extra_args = {**args, TRUNCATION: [p.top_k, p.top_p, p.min_p]}
-            p.top_k, p.top_p, p.min_p = 0, 1.0, 0.0
+        p = sampling_params
+        p.extra_args = {**args, TRUNCATION: [p.top_k, p.top_p, p.min_p]}
+        p.top_k, p.top_p, p.min_p = OFF
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from lenvm.hub import load_tokenizer
@@ -160,11 +194,17 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "LenVMLogitsProcessor needs a LenVM: set the environment variable LENVM_PATH or "
                 '--additional-config \'{"lenvm_path": "..."}\''
             )
+        named = os.environ.get("LENVM_PATH")
+        if named and os.path.realpath(named) != os.path.realpath(path):
+            # Admission reads the variable alone: it would check requests against another LenVM.
+            raise ValueError(
+                f"LENVM_PATH names {named} and --additional-config names {path}: name the LenVM once"
+            )
+        self.num_candidates = _positive_setting(vllm_config, "lenvm_num_candidates", 8)
         dtype = _setting(vllm_config, "lenvm_dtype", "float32")
         self.lenvm = LengthValueModel.from_pretrained(path, device=device, dtype=dtype).eval()
         _use_vllm_cpu_gemm(self.lenvm.body)
         check_tokenizer(self.lenvm.config, load_tokenizer(vllm_config.model_config.tokenizer), "vLLM's model")
-        self.num_candidates = int(_setting(vllm_config, "lenvm_num_candidates", 8))
         self.device = device
         self.eos = torch.tensor(self.lenvm.config.eos_token_ids, device=device)
         self.slots: dict[int, _Row] = {}  # vLLM's batch slot -> controlled request
@@ -391,10 +431,16 @@ class VLLMEngine:
         from lenvm.prompts import as_prompt, encode_prompt
 
         engine = self.llm.llm_engine
+        context = engine.model_config.max_model_len
         prompts = []
         for i, request in enumerate(requests):
             params = self._params(i, request)
             ids = encode_prompt(self.tokenizer, as_prompt(request.prompt, default_id=str(i)))
+            if len(ids) + params.max_tokens > context:  # as our engine: refused, not cut short by vLLM
+                raise InputError(
+                    f"request {i}: prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_tokens}) "
+                    f"exceeds the model's context of {context} tokens"
+                )
             prompts.append(ids)
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
         while engine.has_unfinished_requests():
