@@ -59,7 +59,12 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
         )
         == 0
     )
-    assert f"base: {tiny_path} (the generator the rollouts name" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"base: {tiny_path} (the generator the rollouts name" in err and "held-out" in err
+    quiet = ["train", "--rollouts", str(rollouts), "--out", str(tmp_path / "quiet"), "--epochs", "2"]
+    assert main([*quiet, "--eval-fraction", "0.34", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "held-out" not in err and "training head" not in err
     assert json.loads((out / "config.json").read_text())["base_model"] == str(tiny_path)
     assert (out / "config.json").exists() and (out / "head.safetensors").exists()
     # Training again into a LenVM, or into a folder of something else, replaces nothing unasked.

@@ -449,3 +449,10 @@ def test_features_cache_is_reused_across_training_options(tmp_path, tiny_path, t
     assert cached.losses == plain.losses and first.losses != plain.losses
     with pytest.raises(InputError, match="features cache"):
         TrainConfig(kind="standalone", features_cache=cache)
+
+
+def test_a_predicted_length_is_never_below_one_token(tiny_path, tiny_generator):
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    # A value nearer 0 than one step's reward reads as less than one token: every answer has its EOS.
+    assert lenvm.lengths_from_values([0.0, -0.05, -0.1]) == pytest.approx([1.0, 1.0, 1.0])
+    assert lenvm.lengths_from_values([-0.19])[0] == pytest.approx(2.0, abs=0.01)

@@ -516,8 +516,9 @@ class LengthValueModel(nn.Module):
         return values
 
     def lengths_from_values(self, values) -> list[float]:
-        """Predicted total lengths (tokens, EOS included) from prompt-boundary values."""
-        return [float(value_to_length(v, self.gamma)) for v in values]
+        """Predicted total lengths (tokens, EOS included) from prompt-boundary values: at least 1,
+        since every answer has its EOS (a value within ``1 - gamma`` of 0 reads as less)."""
+        return [max(float(value_to_length(v, self.gamma)), 1.0) for v in values]
 
     def predict_length(
         self, prompts: str | Messages | Prompt | list, batch_size: int = 16, progress: bool = False

@@ -109,6 +109,7 @@ def cmd_train(args) -> int | None:
         args.base,
         args.out,
         config,
+        progress=args.progress,
         eval_rollouts=args.eval_rollouts,
         device=args.device,
         dtype=args.dtype,
@@ -583,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="drop sequences longer than this")
     p.add_argument(
         "--seed", type=int, default=TrainConfig.seed, help="held-out split, initialisation and order"
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars or held-out lines"
     )
     p.set_defaults(func=cmd_train)
 
