@@ -96,6 +96,21 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
         assert main([*values, *extra]) == 0
         printed = capsys.readouterr().out.splitlines()
         assert len(printed) == 1 and len(json.loads(printed[0])["tokens"]) >= 2
+    # A rollout record, valued on the generator's own token ids; a completion read from a file.
+    second = json.loads(rollouts.read_text().splitlines()[1])
+    by_record = ["values", "--lenvm", str(out), "--rollouts", str(rollouts), "--record", "2"]
+    assert main(by_record) == 0
+    trace = json.loads(capsys.readouterr().out)
+    ids = second["completion_token_ids"]
+    assert [t["token_id"] for t in trace["tokens"]][: len(ids)] == ids
+    assert trace["finished"] == (second["finish_reason"] == "stop")
+    (tmp_path / "answer.txt").write_text("Hi there")
+    assert main([*values[:-1], "@" + str(tmp_path / "answer.txt")]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == json.loads(printed[0])["tokens"]
+    code, err = _error(capsys, [*by_record[:-1], "99"])
+    assert code == 2 and "fewer than 99 records" in err
+    code, err = _error(capsys, [*by_record, "--prompt", "Hello"])
+    assert code == 2 and "drop --prompt" in err
 
     # Held-out prompts in a file of their own, and the layer the head reads.
     held = tmp_path / "held.jsonl"

@@ -250,13 +250,45 @@ def cmd_values(args) -> None:
     from lenvm.io import write_text
     from lenvm.values_view import render_html, token_values
 
+    prompt, completion, finished = _answer_to_value(args)
     lenvm = _load_lenvm(args)
-    [prompt] = _prompts_from_args(args)
-    trace = token_values(lenvm, prompt, args.completion, finished=not args.unfinished)
+    trace = token_values(lenvm, prompt, completion, finished=finished)
     if args.html:
         write_text(args.html, render_html(trace))
         print(f"wrote {args.html}", file=sys.stderr)
     print(json.dumps(trace.to_dict(), ensure_ascii=False))  # one line, like generate --json
+
+
+def _answer_to_value(args) -> tuple:
+    """``(prompt, completion, finished)`` for ``lenvm values``: a rollout record (its own token ids
+    and ending), or a prompt with the completion's text."""
+    from lenvm.io import numbered_jsonl
+    from lenvm.prompts import as_prompt
+    from lenvm.rollouts import record_problem
+
+    if args.rollouts is not None:
+        if args.prompt is not None or args.completion is not None or args.unfinished or args.image:
+            raise InputError(
+                "--rollouts takes the prompt, completion and ending from its record: drop --prompt, --image, "
+                "--completion and --unfinished"
+            )
+        for number, (lineno, record) in enumerate(numbered_jsonl(args.rollouts), start=1):
+            if number == args.record:
+                if (problem := record_problem(record)) is not None:
+                    raise InputError(f"{args.rollouts}:{lineno}: bad rollout record: {problem}")
+                prompt = as_prompt(record["prompt"], default_id=record["prompt_id"])
+                return prompt, record["completion_token_ids"], record["finish_reason"] == "stop"
+        raise InputError(f"{args.rollouts} has fewer than {args.record} records")
+    if args.prompt is None or args.completion is None:
+        raise InputError("give --prompt and --completion (text, or @FILE), or --rollouts FILE [--record N]")
+    completion = args.completion
+    if completion.startswith("@"):
+        path = Path(completion[1:])
+        if not path.is_file():
+            raise InputError(f"--completion {completion}: no such file")
+        completion = path.read_text(encoding="utf-8")
+    [prompt] = _prompts_from_args(args)
+    return prompt, completion, not args.unfinished
 
 
 def _control(args):
@@ -649,10 +681,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
     p.add_argument("--lenvm", required=True, help="LenVM folder")
-    p.add_argument("--prompt", required=True, help="the prompt (a user message)")
+    p.add_argument("--prompt", help="the prompt (a user message)")
     options.add_image(p)
-    p.add_argument("--completion", required=True, help="the answer to value, token by token")
+    p.add_argument("--completion", help="the answer to value, token by token (@FILE: read it from FILE)")
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
+    p.add_argument(
+        "--rollouts",
+        help="a rollouts JSONL file: value one of its records, with the generator's own token ids "
+        "(instead of --prompt and --completion)",
+    )
+    p.add_argument(
+        "--record", type=options.positive_int, default=1, help="with --rollouts: which record (1: the first)"
+    )
     p.add_argument("--html", help="also write a self-contained HTML view here")
     options.add_device(p)
     p.set_defaults(func=cmd_values)
