@@ -38,7 +38,7 @@ def test_length_metrics_skips_prompts_whose_samples_were_mostly_cut():
     m = length_metrics(examples, values, GAMMA, baseline_length=10.0)
     assert m["eval_prompts"] == 1 and m["eval_prompts_cut"] == 1
     assert m["token_mae"] == pytest.approx(0.0, abs=1e-9)
-    assert m["eval_completions"] == 3
+    assert m["eval_finished"] == 3
 
 
 @settings(max_examples=80, deadline=None)
@@ -87,4 +87,4 @@ def test_length_metrics_without_finished_completions_still_counts_the_prompts():
     examples = [_example("a", 30, False), _example("b", 30, False), _example("b", 30, False)]
     values = [np.zeros(e.length) for e in examples]
     m = length_metrics(examples, values, GAMMA, baseline_length=10.0)
-    assert m == {"eval_prompts": 0, "eval_prompts_cut": 2, "eval_completions": 0}
+    assert m == {"eval_prompts": 0, "eval_prompts_cut": 2, "eval_finished": 0}

@@ -330,7 +330,7 @@ def _markdown(report: dict) -> str:
         "",
         f"Held-out prompts: {m.get('eval_prompts', 0)} with a ground truth (the mean of their samples), "
         f"{m.get('eval_prompts_cut', 0)} more where most samples hit max_new_tokens; "
-        f"{m.get('eval_completions', 0)} held-out completions ended with EOS.",
+        f"{m.get('eval_finished', 0)} held-out completions ended with EOS.",
         "",
     ]
     if "prompt_mre" not in m:

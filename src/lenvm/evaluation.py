@@ -31,17 +31,18 @@ def length_metrics(
     - ``prompt_mre`` / ``baseline_prompt_mre``: prompt-boundary mean relative error against
       :func:`prompt_length_truth` of each prompt's samples, over the ``eval_prompts`` prompts that
       have one (``eval_prompts_cut``: prompts left out because most samples were cut);
-    - ``value_mse``: mean squared error in value space.
+    - ``value_mse``: mean squared error in value space;
+    - ``eval_finished``: the held-out completions that ended with EOS (the per-token figures' base).
 
     Per-token figures use finished completions only: a cut one's remaining length is unknown.
-    Without any, only the counts ``eval_prompts``, ``eval_prompts_cut`` and ``eval_completions``
+    Without any, only the counts ``eval_prompts``, ``eval_prompts_cut`` and ``eval_finished``
     are given.
     """
     pairs = [(e, np.asarray(v, dtype=np.float64)) for e, v in zip(examples, values, strict=True)]
     finished = [(e, v) for e, v in pairs if e.finished]
     if not finished:
         prompts = len({e.prompt_id for e in examples})
-        return {"eval_prompts": 0, "eval_prompts_cut": prompts, "eval_completions": 0}
+        return {"eval_prompts": 0, "eval_prompts_cut": prompts, "eval_finished": 0}
     abs_err, base_err, sq_err = [], [], []
     rel_at = {f: [] for f in FRACTIONS}
     first_values: dict[str, list[float]] = defaultdict(list)
@@ -73,7 +74,7 @@ def length_metrics(
         "value_mse": float(np.mean(np.concatenate(sq_err))),
         "eval_prompts": len(prompt_err),
         "eval_prompts_cut": len(truths) - len(prompt_err),
-        "eval_completions": len(finished),
+        "eval_finished": len(finished),
     }
     for f in FRACTIONS:
         metrics[f"rel_error_at_{round(f * 100)}"] = float(np.mean(rel_at[f]))
