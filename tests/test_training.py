@@ -456,3 +456,17 @@ def test_a_predicted_length_is_never_below_one_token(tiny_path, tiny_generator):
     # A value nearer 0 than one step's reward reads as less than one token: every answer has its EOS.
     assert lenvm.lengths_from_values([0.0, -0.05, -0.1]) == pytest.approx([1.0, 1.0, 1.0])
     assert lenvm.lengths_from_values([-0.19])[0] == pytest.approx(2.0, abs=0.01)
+
+
+def test_a_saturated_head_keeps_its_gradient_under_bf16_autocast(tiny_path, tiny_generator):
+    """Training runs the head under bf16 autocast where the hardware has it: a value near -1 must
+    not round to exactly -1, where the sigmoid's gradient (and so every loss's) is 0."""
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    with torch.no_grad():
+        lenvm.head.fc2.bias.fill_(7.0)  # z about 7: the value is -0.999
+    hidden = torch.randn(4, lenvm.config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = lenvm.values_from_hidden(hidden)
+    assert values.dtype == torch.float32 and (values > -1.0).all()
+    (values + 0.5).pow(2).mean().backward()
+    assert lenvm.head.fc2.bias.grad.abs().item() > 1e-4  # 0 when the value rounds to -1

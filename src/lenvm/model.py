@@ -418,7 +418,7 @@ class LengthValueModel(nn.Module):
         """``V(s) = -sigmoid(z)`` for each hidden vector (``[..., H] -> [...]``), through the
         calibration unless ``calibrated`` is False (the head's own values, which training fits)."""
         head = self.head.state if isinstance(self.head, QHead) else self.head
-        return self._calibrated(-torch.sigmoid(head(hidden.to(head.fc1.weight.dtype))), calibrated)
+        return self._calibrated(_value(head(hidden.to(head.fc1.weight.dtype))), calibrated)
 
     def end_lengths_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The end head's prediction for each hidden vector (``[..., H] -> [...]``, float64): the
@@ -427,7 +427,7 @@ class LengthValueModel(nn.Module):
         if self.end_head is None:
             return None
         head = self.end_head
-        value = -torch.sigmoid(head(hidden.to(head.fc1.weight.dtype))).double()
+        value = _value(head(hidden.to(head.fc1.weight.dtype))).double()
         return value_to_length(value, self.config.end_head["gamma"]).clamp(min=1.0)
 
     def next_values_from_hidden(
@@ -438,7 +438,7 @@ class LengthValueModel(nn.Module):
             raise TypeError("next-token values from one state need a LenVM of kind 'q'")
         embeddings = self.backbone.get_input_embeddings().weight
         logits = self.head.next_logits(hidden.to(self.head.proj.weight.dtype), embeddings, token_ids)
-        return self._calibrated(-torch.sigmoid(logits), calibrated)
+        return self._calibrated(_value(logits), calibrated)
 
     def forward(
         self,
@@ -535,6 +535,13 @@ class LengthValueModel(nn.Module):
         batch = [prompts] if single else list(prompts)
         lengths = self.lengths_from_values(self.predict_values(batch, batch_size, progress))
         return lengths[0] if single else lengths
+
+
+def _value(logits: torch.Tensor) -> torch.Tensor:
+    """``-sigmoid(z)`` in float32 whatever the head's dtype: in bfloat16 (training under
+    autocast) a value near -1 rounds to exactly -1, where the sigmoid's gradient is 0, and the
+    head could never come back from it."""
+    return -torch.sigmoid(logits.float())
 
 
 def context_length(model) -> int:
