@@ -1087,3 +1087,27 @@ def test_retries_of_every_control_do_not_depend_on_the_batch(tiny_generator, len
         alone = engine.generate([request])[0]
         assert alone.token_ids == result.token_ids and alone.retries == result.retries
         assert alone.decoded_tokens == result.decoded_tokens
+
+
+def test_truncation_that_leaves_only_eos_does_not_end_a_target_short(tmp_path):
+    """A short answer's EOS can hold more than top-p: truncation then keeps EOS alone. Equal To and
+    At Least must still go on to their target (from the distribution before truncation); an
+    unguided answer under the same truncation ends at once."""
+    from lenvm.hub import load_generator
+    from lenvm.testing import tiny_model
+
+    model, tok = load_generator(tiny_model(tmp_path / "m", eos_logit=12.0))
+    lenvm = LengthValueModel.from_base(tmp_path / "m", generator=(model, tok), gamma=0.9)
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
+    sampling = SamplingParams(max_new_tokens=40, top_p=0.9, seed=0)
+    plain, at_least, equal_to, paper = engine.generate(
+        [
+            Request("Hi", sampling),
+            Request("Hi", sampling, control=Control("at_least", target=20)),
+            Request("Hi", sampling, control=Control("equal_to", target=20)),
+            Request("Hi", sampling, control=Control("at_least", target=20, rule="paper")),
+        ]
+    )
+    assert plain.num_tokens == 0
+    assert at_least.num_tokens >= 20 and paper.num_tokens >= 20
+    assert equal_to.num_tokens >= 10

@@ -8,8 +8,9 @@ From the generator's next-token logits (``[B, V]``) to a distribution over candi
 1. each row's sampling distribution (temperature, top-k, top-p, min-p; EOS masked for
    ``ignore_eos`` rows);
 2. candidates: a controlled row takes its ``num_candidates`` most probable tokens (plus EOS where
-   the control must be able to end); a plain row draws its token with ``uniform`` (its only
-   candidate);
+   the control must be able to end; from before truncation where an Equal To or At Least row
+   short of its target was left nothing but EOS); a plain row draws its token with ``uniform``
+   (its only candidate);
 3. the scorer gives the LenVM value of the state after each candidate (EOS: 0);
 4. each row's control policy turns the candidates' probabilities and values into a
    distribution (:mod:`lenvm.decoding.policies`).
@@ -49,6 +50,7 @@ class Rows:
     beta: torch.Tensor  # [B] float64
     cap: torch.Tensor  # [B] long: EOS is forced once step reaches it
     wants_eos: torch.Tensor  # [B] bool: EOS always joins the candidates (Control.wants_eos)
+    must_reach: torch.Tensor  # [B] bool: Equal To and At Least, which must not end short of the target
     natural_eos: torch.Tensor  # [B] float64: the generator's EOS probability of a natural end
     horizon: torch.Tensor  # [B] long: max_new_tokens
     look_from: torch.Tensor  # [B] long: our target rules look one step ahead from this step on
@@ -67,6 +69,7 @@ class Rows:
     any_ignore_eos: bool
     any_cap: bool
     any_wants_eos: bool
+    any_must_reach: bool
     any_look: bool
     any_gated: bool
 
@@ -89,6 +92,7 @@ class Rows:
             keys.setdefault((c.kind, c.rule), []).append(row)
         pairs = list(zip(controls, samplings, strict=True))
         wants_eos = [c.wants_eos and not s.ignore_eos for c, s in pairs]
+        must_reach = [c.kind in ("equal_to", "at_least") and not s.ignore_eos for c, s in pairs]
         caps = [NO_CAP if c.cap is None or s.ignore_eos else c.cap for c, s in pairs]
         ours = [looks_ahead(c, s) for c, s in pairs]
         look_from = [
@@ -108,6 +112,7 @@ class Rows:
             beta=col([c.beta or 0.0 for c in controls], torch.float64),
             cap=col(caps, torch.long),
             wants_eos=col(wants_eos, torch.bool),
+            must_reach=col(must_reach, torch.bool),
             natural_eos=col([c.natural_eos for c in controls], torch.float64),
             horizon=col([s.max_new_tokens for s in samplings], torch.long),
             look_from=col(look_from, torch.long),
@@ -125,6 +130,7 @@ class Rows:
             any_ignore_eos=any(s.ignore_eos for s in samplings),
             any_cap=any(cap < NO_CAP for cap in caps),
             any_wants_eos=any(wants_eos),
+            any_must_reach=any(must_reach),
             any_look=any(n < NO_CAP for n in look_from),
             any_gated=any(gated),
         )
@@ -209,6 +215,8 @@ def decide(
     if any_own:
         sampled = policies.choose(probs, uniform, rows.greedy if rows.any_greedy else None)
     if rows.any_guided:
+        truncated = rows.any_top_k or rows.any_top_p or rows.any_min_p
+        short = rows.must_reach & (rows.step < rows.target) if truncated and rows.any_must_reach else None
         ids, cand_probs = policies.top_candidates(
             logits,
             probs,
@@ -216,6 +224,7 @@ def decide(
             eos_ids,
             rows.wants_eos if rows.any_wants_eos else None,
             rows.temperature,
+            short,
         )
         if sampled is not None:  # rows that drew their own token: it alone, other slots unusable
             mine = own[:, None]
