@@ -470,3 +470,26 @@ def test_a_saturated_head_keeps_its_gradient_under_bf16_autocast(tiny_path, tiny
     assert values.dtype == torch.float32 and (values > -1.0).all()
     (values + 0.5).pow(2).mean().backward()
     assert lenvm.head.fc2.bias.grad.abs().item() > 1e-4  # 0 when the value rounds to -1
+
+
+def test_gamma_comes_from_the_training_prompts_alone(tiny_generator):
+    """The p99 rule reads the lengths of the prompts trained on: a held-out prompt's long answers
+    must not stretch the horizon (and through it every held-out figure)."""
+    from lenvm.dataset import held_out_prompts
+    from lenvm.training_data import RolloutSource, training_data
+
+    records = synthetic_records(tiny_generator[1])
+    held = held_out_prompts([r["prompt_id"] for r in records], 0.25, 0)
+    long_ids = list(range(10, 210))
+    records = [
+        dict(r, completion_token_ids=long_ids, num_tokens=len(long_ids), finish_reason="length")
+        if r["prompt_id"] in held
+        else r
+        for r in records
+    ]
+    data = training_data(RolloutSource(records), None, [tiny_generator[1].eos_token_id], "bootstrap", None,
+                         0.25, 0, 256, "tiny")  # fmt: skip
+    trained = [r["num_tokens"] for r in records if r["prompt_id"] not in held]
+    assert sorted(data.gamma_lengths.tolist()) == sorted(trained)
+    assert gamma_from_lengths(data.gamma_lengths) == pytest.approx(gamma_from_lengths(np.array(trained)))
+    assert max(trained) < 200

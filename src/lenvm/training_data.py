@@ -84,6 +84,7 @@ class Scan:
 
     records: int
     lengths: np.ndarray  # num_tokens of every record (the gamma rule)
+    length_prompts: list[str]  # the prompt id of each of them
     record_prompts: set[str]  # prompt ids of every record, usable or not
     prompts: dict[str, _PromptCounts]  # of the usable examples
     report: DatasetReport
@@ -118,6 +119,7 @@ def scan(
     records' prompt tokens must read back as their prompt text (else the rollouts came from a
     generator with another tokenizer)."""
     lengths: list[int] = []
+    length_prompts: list[str] = []
     record_prompts: set[str] = set()
     ends: list[Any] = [None, None]
     policy: dict[str, Any] = {}
@@ -141,6 +143,7 @@ def scan(
                     "cannot read"
                 )
             lengths.append(record["num_tokens"])
+            length_prompts.append(str(record.get("prompt_id", i)))
             record_prompts.add(str(record.get("prompt_id", i)))
             if i == 0:
                 ends[0] = record.get("completion_token_ids")
@@ -163,7 +166,14 @@ def scan(
     if not prompts:
         raise nothing_usable(report, truncated, max_length)
     return Scan(
-        len(lengths), np.asarray(lengths, dtype=np.int64), record_prompts, prompts, report, ends, policy
+        len(lengths),
+        np.asarray(lengths, dtype=np.int64),
+        length_prompts,
+        record_prompts,
+        prompts,
+        report,
+        ends,
+        policy,
     )
 
 
@@ -321,7 +331,8 @@ def training_data(
         train=train,
         eval=evaluation,
         report=found.report,
-        gamma_lengths=found.lengths,
+        # The p99 rule over the training prompts' completions: none of the held-out lengths leak in.
+        gamma_lengths=found.lengths[[p not in held for p in found.length_prompts]],
         train_states=counts.states,
         train_completions=counts.completions,
         baseline_length=float(baseline),
