@@ -1111,3 +1111,19 @@ def test_truncation_that_leaves_only_eos_does_not_end_a_target_short(tmp_path):
     assert plain.num_tokens == 0
     assert at_least.num_tokens >= 20 and paper.num_tokens >= 20
     assert equal_to.num_tokens >= 10
+
+
+def test_equal_to_just_under_max_new_tokens_ends_rather_than_being_cut(tmp_path):
+    """A target that fits (N tokens and the EOS) must end by max_new_tokens, like At Least, even
+    where the generator rarely gives EOS: its give-up point is never past the last step."""
+    from lenvm.hub import load_generator
+    from lenvm.testing import tiny_model
+
+    model, tok = load_generator(tiny_model(tmp_path / "m", eos_logit=-4.0))
+    lenvm = LengthValueModel.from_base(tmp_path / "m", generator=(model, tok), gamma=0.9)
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
+    results = engine.generate(
+        [Request("Hi", SamplingParams(max_new_tokens=30, seed=s), control=Control("equal_to", target=29))
+         for s in range(3)]
+    )  # fmt: skip
+    assert all(r.finish_reason == "stop" and r.num_tokens <= 29 for r in results)

@@ -264,8 +264,9 @@ def test_window_give_up_and_lookahead_points():
     assert policies.give_up("equal_to", n).tolist() == [33, 10, 277]  # 8%, at least 2 tokens
     assert policies.give_up("at_most", n).tolist() == [30, 8, 256]  # the bound itself
     assert policies.give_up("at_least", n).tolist() == [43, 13, 360]
-    # at_least ends before max_new_tokens rather than being cut there
+    # at_least and equal_to end before max_new_tokens rather than being cut there
     assert policies.give_up("at_least", n, horizon=torch.tensor([40, 512, 300])).tolist() == [39, 13, 299]
+    assert policies.give_up("equal_to", n, horizon=torch.tensor([31, 512, 300])).tolist() == [30, 10, 277]
     assert policies.lookahead_from(n).tolist() == [22, 4, 192]
     # each resampled end widens at_least's window by another AT_LEAST_AIM of the target
     retries = torch.tensor([1, 2, 4])

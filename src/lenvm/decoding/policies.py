@@ -155,14 +155,13 @@ def give_up(
 ) -> torch.Tensor:
     """The step from which a target rule lets any EOS end the answer, natural or not: the bound
     itself for at_most, else ``slack`` tokens past the window's end (``SLACK`` of it, at least
-    ``MIN_SLACK``), and for at_least never later than the last step before ``horizon``
-    (``max_new_tokens``), so that it ends rather than being cut; ``retries``: see
-    :func:`window_end`."""
+    ``MIN_SLACK``), and never later than the last step before ``horizon`` (``max_new_tokens``),
+    so that the answer ends rather than being cut; ``retries``: see :func:`window_end`."""
     end = window_end(kind, target, retries)
     if kind == "at_most":
         return end
     limit = end + torch.ceil(SLACK * end.double()).long().clamp(min=MIN_SLACK)
-    if kind == "at_least" and horizon is not None:
+    if horizon is not None:
         limit = torch.minimum(limit, (horizon - 1).clamp(min=0))
     return limit
 
@@ -215,7 +214,8 @@ def equal_to(
     density = _with_lookahead(q, density, _ending_next(step, target))
     over = (step >= target)[:, None]
     weights = torch.where(over, _wrap_up(c, _soonest_by(c, step, total), step, target, q), density)
-    return _conditioned(c, weights, _eos_allowed(c, step, give_up("equal_to", target), natural_eos))
+    allowed = _eos_allowed(c, step, give_up("equal_to", target, horizon), natural_eos)
+    return _conditioned(c, weights, _ends_by_horizon(c, step, horizon, allowed))
 
 
 def _wrap_up(
@@ -288,9 +288,7 @@ def at_least(
     over = (step > end)[:, None]
     weights = torch.where(over, _wrap_up(c, _soonest_by(c, step, total), step, end + 1, q), log_p)
     allowed = ~early & _eos_allowed(c, step, give_up("at_least", target, horizon, retries), natural_eos)
-    if horizon is not None:  # the last step before max_new_tokens ends the answer
-        allowed = allowed & (c.eos | (step < horizon - 1)[:, None])
-    return _conditioned(c, weights, allowed)
+    return _conditioned(c, weights, _ends_by_horizon(c, step, horizon, allowed))
 
 
 def apply(
@@ -464,6 +462,16 @@ def _eos_allowed(
         return torch.ones_like(c.eos)
     ok = (c.eos_now.double() >= natural_eos.double()) | (step >= limit)
     return ~c.eos | ok[:, None]
+
+
+def _ends_by_horizon(
+    c: Candidates, step: torch.Tensor, horizon: torch.Tensor | None, allowed: torch.Tensor
+) -> torch.Tensor:
+    """``allowed`` less every candidate but EOS at the last step before ``horizon``
+    (``max_new_tokens``): the answer ends there rather than being cut."""
+    if horizon is None:
+        return allowed
+    return allowed & (c.eos | (step < horizon - 1)[:, None])
 
 
 def _conditioned(c: Candidates, log_likelihood: torch.Tensor, feasible: torch.Tensor) -> torch.Tensor:
