@@ -263,6 +263,8 @@ def test_ignore_eos_runs_the_full_length(tiny_generator, lenvms):
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"])
+    with pytest.raises(InputError, match="at least 2"):  # one candidate: a control has no choice
+        Engine(model, tok, lenvm=lenvms["q"], num_candidates=1)
     bad_controls = [
         dict(kind="equal_to", target=0),
         dict(kind="at_most"),

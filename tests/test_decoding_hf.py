@@ -115,6 +115,8 @@ def test_processor_rejects_bad_settings(lenvms):
         LenVMLogitsProcessor(lenvms["q"], Control())
     with pytest.raises(InputError):
         LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), num_candidates=0)
+    with pytest.raises(InputError, match="at least 2"):  # one candidate: nothing to choose from
+        LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), num_candidates=1)
     with pytest.raises(InputError):
         LenVMLogitsProcessor(lenvms["q"], Control("tilt", beta=1.0), sampling=SamplingParams(top_p=0.0))
     with pytest.raises(InputError, match="SamplingParams"):

@@ -292,7 +292,7 @@ def test_admission_refuses_what_a_control_cannot_honour_and_gives_reused_params_
     # Settings that cannot work fail when vLLM starts, not on every step.
     path = str(lenvms["attached"][1])
     for extra, env, match in [
-        ({"lenvm_path": path, "lenvm_num_candidates": 0}, {}, "lenvm_num_candidates .* positive integer"),
+        ({"lenvm_path": path, "lenvm_num_candidates": 1}, {}, "lenvm_num_candidates .* at least 2"),
         ({"lenvm_path": path}, {"LENVM_NUM_CANDIDATES": "abc"}, "LENVM_NUM_CANDIDATES.* got 'abc'"),
         ({"lenvm_path": path}, {"LENVM_PATH": str(lenvms["q"][1])}, "name the LenVM once"),
     ]:

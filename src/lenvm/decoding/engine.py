@@ -78,8 +78,11 @@ class Engine:
         queue: Literal["fcfs", "shortest"] = "fcfs",
         queue_aging: float = DEFAULT_AGING,
     ):
-        if not is_int(num_candidates) or num_candidates < 1:
-            raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+        if not is_int(num_candidates) or num_candidates < 2:
+            raise InputError(
+                f"num_candidates must be an integer of at least 2 (with one, a control has nothing to choose "
+                f"from), got {num_candidates!r}"
+            )
         if candidate_scoring not in ("block", "naive"):
             raise InputError(f"candidate_scoring must be 'block' or 'naive', got {candidate_scoring!r}")
         self.scorer_type = scorer_for(lenvm) if lenvm is not None else None

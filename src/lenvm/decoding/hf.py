@@ -57,8 +57,11 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "best_of and retries need the decoding engine (lenvm.decoding.Engine): a logits "
                 "processor sees one step of one answer at a time"
             )
-        if not is_int(num_candidates) or num_candidates < 1:
-            raise InputError(f"num_candidates must be a positive integer, got {num_candidates!r}")
+        if not is_int(num_candidates) or num_candidates < 2:
+            raise InputError(
+                f"num_candidates must be an integer of at least 2 (with one, a control has nothing to choose "
+                f"from), got {num_candidates!r}"
+            )
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.lenvm = lenvm.eval()

@@ -84,14 +84,14 @@ def _setting(vllm_config, name: str, default: Any = None) -> Any:
     return os.environ.get(name.upper(), default)
 
 
-def _positive_setting(vllm_config, name: str, default: int) -> int:
+def _int_setting(vllm_config, name: str, default: int, least: int) -> int:
     value = _setting(vllm_config, name, default)
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number < 1 or str(number) != str(value).strip():
-        raise ValueError(f"{name} ({name.upper()}) must be a positive integer, got {value!r}")
+        number = least - 1
+    if number < least or str(number) != str(value).strip():
+        raise ValueError(f"{name} ({name.upper()}) must be an integer of at least {least}, got {value!r}")
     return number
 
 
@@ -200,7 +200,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
             raise ValueError(
                 f"LENVM_PATH names {named} and --additional-config names {path}: name the LenVM once"
             )
-        self.num_candidates = _positive_setting(vllm_config, "lenvm_num_candidates", 8)
+        self.num_candidates = _int_setting(vllm_config, "lenvm_num_candidates", 8, least=2)
         dtype = _setting(vllm_config, "lenvm_dtype", "float32")
         self.lenvm = LengthValueModel.from_pretrained(path, device=device, dtype=dtype).eval()
         _use_vllm_cpu_gemm(self.lenvm.body)
