@@ -160,3 +160,13 @@ def test_the_processors_own_cache_runs_the_final_layer_only_for_rules_that_look_
             torch.zeros(1, 2, dtype=torch.bool, device=lenvm.device),
         )
         assert (scorer.next_eos() is not None) is lookahead
+
+
+def test_processor_refuses_targets_it_cannot_meet(lenvms):
+    """As the engine: a target that max_new_tokens cannot hold, or beyond the LenVM's horizon."""
+    with pytest.raises(InputError, match="can never be met within max_new_tokens"):
+        LenVMLogitsProcessor(
+            lenvms["q"], Control("equal_to", target=500), sampling=SamplingParams(max_new_tokens=10)
+        )
+    with pytest.raises(InputError, match="beyond the LenVM's horizon"):
+        LenVMLogitsProcessor(lenvms["q"], Control("at_most", target=100_000))

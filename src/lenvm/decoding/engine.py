@@ -60,8 +60,6 @@ from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
 
-# gamma**N below this: values N tokens from the end sit within float32 rounding of -1
-MIN_DISCOUNT = 1e-6
 SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
 
 
@@ -196,12 +194,8 @@ class Engine:
             )
         if (why := control.unreachable(max_new_tokens)) is not None:
             raise InputError(f"{where}: {why}")
-        if control.target is not None and self.lenvm.gamma**control.target < MIN_DISCOUNT:
-            raise InputError(
-                f"{where}: target {control.target} lies beyond the LenVM's horizon (gamma "
-                f"{self.lenvm.gamma:g}: values that far from the end all round to -1); use a LenVM "
-                "trained with a larger gamma (the p99 rule over longer rollouts)"
-            )
+        if control.active and (why := control.beyond_horizon(self.lenvm.gamma)) is not None:
+            raise InputError(f"{where}: {why}")
         if request.sampling.top_k >= vocab:  # keeps every token: the filter is off
             request = replace(request, sampling=replace(request.sampling, top_k=0))
         images = encoded.images.to(self.device) if encoded.images is not None else None

@@ -1,13 +1,14 @@
 """``transformers`` integration: LenVM guidance inside ``model.generate``.
 
     processor = LenVMLogitsProcessor(lenvm, Control("equal_to", target=64), num_candidates=8,
-                                     sampling=SamplingParams(temperature=0.7, top_p=0.9))
-    model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                     sampling=SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=256))
+    model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256,
                    logits_processor=[processor])
 
 ``generate`` applies its own temperature/top-k/top-p warpers AFTER user processors, where they
 would distort the policy's distribution: give the sampling settings to the processor (it
-truncates before picking candidates) and leave ``generate``'s warpers neutral, as above. With
+truncates before picking candidates) and leave ``generate``'s warpers neutral, as above; give it
+``generate``'s ``max_new_tokens`` too, which Equal To and At Least end before. With
 ``do_sample=False``, ``generate`` takes the argmax of the policy's distribution (guided greedy).
 
 Each call is one step of :func:`lenvm.decoding.step.decide`, the engine's own, with the LenVM's
@@ -39,8 +40,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
     """Re-weights ``generate``'s scores by a length control: non-candidates get ``-inf`` and each
     candidate the log of its policy probability (one-hot rules leave only the chosen token).
     A hard cap of the control (``Control.cap``) leaves only EOS once reached. ``sampling`` holds
-    the temperature and truncation to apply (its ``max_new_tokens`` and ``seed`` are
-    ``generate``'s business)."""
+    the temperature and truncation to apply, and ``generate``'s ``max_new_tokens`` (the target
+    rules end an answer before it; its ``seed`` is ``generate``'s business)."""
 
     def __init__(
         self,
@@ -64,10 +65,14 @@ class LenVMLogitsProcessor(LogitsProcessor):
             )
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        sampling = sampling or SamplingParams()
+        for why in (control.unreachable(sampling.max_new_tokens), control.beyond_horizon(lenvm.gamma)):
+            if why is not None:
+                raise InputError(why)
         self.lenvm = lenvm.eval()
         self.control = control
         self.num_candidates = num_candidates
-        self.sampling = sampling or SamplingParams()
+        self.sampling = sampling
         self.eos = torch.tensor(
             lenvm.config.eos_token_ids or [lenvm.tokenizer.eos_token_id], device=lenvm.device
         )

@@ -29,6 +29,8 @@ MAX_TOP_LOGPROBS = 20
 # The settings of a decoding policy that a LenVM's values depend on besides the length limit: a
 # LenVM predicts the lengths of answers sampled so, and steers well only under them.
 POLICY_SETTINGS = ("temperature", "top_p", "top_k", "min_p")
+# gamma**N below this: values N tokens from the end sit within float32 rounding of -1
+MIN_DISCOUNT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,18 @@ class Control:
         """Whether EOS always joins the candidates, so the row can end where its target wants
         (our rules; the paper's rules keep the usual candidates)."""
         return self.kind in TARGET_KINDS and self.rule == "ours"
+
+    def beyond_horizon(self, gamma: float) -> str | None:
+        """Why a LenVM of discount ``gamma`` cannot steer to this control's target, or None: values
+        that far from the end all round to -1 (``gamma**target`` below :data:`MIN_DISCOUNT`; under
+        the p99 rule, beyond about three times the 99th-percentile training length)."""
+        if self.target is None or gamma**self.target >= MIN_DISCOUNT:
+            return None
+        return (
+            f"target {self.target} lies beyond the LenVM's horizon (gamma {gamma:g}: values that far from "
+            "the end all round to -1); use a LenVM trained with a larger gamma (the p99 rule over longer "
+            "rollouts)"
+        )
 
     def unreachable(self, max_new_tokens: int, limit: str = "max_new_tokens") -> str | None:
         """Why this control can never be met within ``max_new_tokens`` (named ``limit`` in the

@@ -54,7 +54,6 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from lenvm.decoding.engine import MIN_DISCOUNT
 from lenvm.decoding.params import (
     LENGTH_KEYS,
     Control,
@@ -175,11 +174,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
         if control.kind in ("equal_to", "at_most") and min_tokens > control.target:
             raise InputError(f"min_tokens {min_tokens} contradicts length_{control.kind} {control.target}")
         path = os.environ.get("LENVM_PATH")
-        if path and control.target is not None and _gamma(path) ** control.target < MIN_DISCOUNT:
-            raise InputError(
-                f"length target {control.target} lies beyond the LenVM's horizon (gamma {_gamma(path):g}); "
-                "use a LenVM trained with a larger gamma"
-            )
+        if path and (why := control.beyond_horizon(_gamma(path))) is not None:
+            raise InputError(f"length {why}")
         p = sampling_params
         p.extra_args = {**args, TRUNCATION: [p.top_k, p.top_p, p.min_p]}
         p.top_k, p.top_p, p.min_p = OFF
