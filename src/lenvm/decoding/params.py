@@ -29,6 +29,9 @@ MAX_TOP_LOGPROBS = 20
 # The settings of a decoding policy that a LenVM's values depend on besides the length limit: a
 # LenVM predicts the lengths of answers sampled so, and steers well only under them.
 POLICY_SETTINGS = ("temperature", "top_p", "top_k", "min_p")
+# A temperature above 0 and below this is greedy in all but name (vLLM takes it as greedy), and
+# far below it logits / temperature overflows float32 into nan.
+MIN_TEMPERATURE = 1e-5
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
 
@@ -56,7 +59,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (is_real(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (
+                is_real(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}",
+            ),
             (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must lie in (0, 1]"),
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must lie in [0, 1)"),

@@ -56,6 +56,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from lenvm.decoding.params import (
     LENGTH_KEYS,
+    MIN_TEMPERATURE,
     Control,
     Request,
     Result,
@@ -72,7 +73,7 @@ KEYS = tuple(k for k in LENGTH_KEYS if k not in ("length_retries", "length_best_
 # Where admission keeps a controlled request's own top-k, top-p and min-p (see the module doc).
 TRUNCATION = "lenvm_truncation"
 OFF = (0, 1.0, 0.0)  # top-k, top-p and min-p that truncate nothing
-GREEDY = 1e-5  # vLLM's threshold: a lower temperature is greedy
+GREEDY = MIN_TEMPERATURE  # vLLM's threshold: a lower temperature is greedy
 logger = logging.getLogger(__name__)
 
 
