@@ -299,6 +299,8 @@ def test_generate_with_and_without_a_length_control(
     argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-least", "3", "--hard-cap-slack", "2"]
     code, err = _error(capsys, argv)  # not silently dropped
     assert code == 2 and "hard_cap_slack" in err
+    code, err = _error(capsys, [*base, "--prompt", "Hi", "--rule", "paper", "--retries", "0"])
+    assert code == 2 and "--rule, --retries shape a length control" in err
 
     # Equal To, best of three attempts: one answer comes back.
     argv = [*base, "--lenvm", str(lenvm), "--prompt", "Hi", "--equal-to", "3", "--best-of", "3", "--json"]

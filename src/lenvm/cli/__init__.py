@@ -309,7 +309,18 @@ def _control(args):
         return Control("at_least", target=args.at_least, **extra)
     if args.tilt is not None:
         return Control("tilt", beta=args.tilt, **extra)
-    return Control(**extra)
+    shaping = {
+        "--rule": args.rule != "ours",
+        "--best-of": args.best_of != 1,
+        "--retries": args.retries is not None,
+        "--hard-cap-slack": args.hard_cap_slack is not None,
+    }
+    given = [flag for flag, set_ in shaping.items() if set_]
+    if given:
+        raise InputError(
+            f"{', '.join(given)} shape a length control: add --equal-to, --at-most, --at-least or --tilt"
+        )
+    return Control()
 
 
 def cmd_generate(args) -> None:
