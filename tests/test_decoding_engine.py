@@ -812,8 +812,11 @@ def test_requests_join_a_running_scheduler_and_leave_when_aborted(tiny_generator
         for i, (p, c) in enumerate(zip(PROMPTS, [Control("tilt", beta=2.0), None, CONTROLS[0]], strict=True))
     ]
     scheduler = Scheduler(engine, batch_size=3)
+    assert scheduler.step() == []  # idle: nothing to report
     scheduler.add(requests[0], "a")
     scheduler.add(requests[2], "gone")
+    with pytest.raises(InputError, match="'a' is already queued or running"):
+        scheduler.add(requests[1], "a")
     streamed: dict[str, list[int]] = {}
     results = {}
     for step in range(40):
@@ -1129,3 +1132,18 @@ def test_equal_to_just_under_max_new_tokens_ends_rather_than_being_cut(tmp_path)
          for s in range(3)]
     )  # fmt: skip
     assert all(r.finish_reason == "stop" and r.num_tokens <= 29 for r in results)
+
+
+def test_a_temperature_below_the_greedy_threshold_decodes_greedily(tiny_generator, lenvms):
+    """As in vLLM, a temperature under 1e-5 is greedy: 1e-40 would overflow logits / temperature."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=4)
+    assert SamplingParams(temperature=1e-40).greedy and not SamplingParams(temperature=1e-5).greedy
+    for control in (None, Control("equal_to", target=5, retries=0)):
+        tiny, zero = (
+            engine.generate(
+                [Request("Hi", SamplingParams(max_new_tokens=8, temperature=t), control=control)]
+            )[0]
+            for t in (1e-40, 0.0)
+        )
+        assert tiny.token_ids == zero.token_ids

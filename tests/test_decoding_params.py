@@ -14,7 +14,6 @@ from lenvm.io import InputError
     [
         dict(temperature=-1),
         dict(temperature=float("nan")),
-        dict(temperature=1e-40),  # logits / temperature would overflow float32
         dict(top_p=0),
         dict(top_k=-2),
         dict(top_k=2.5),

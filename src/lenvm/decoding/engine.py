@@ -252,7 +252,13 @@ class Scheduler:
         return 0 if self.batch is None else len(self.batch.seqs)
 
     def add(self, request: Request, key: Hashable) -> None:
-        """Queue ``request``; its updates come back from :meth:`step` under ``key``."""
+        """Queue ``request``; its updates come back from :meth:`step` under ``key``, which no
+        request waiting or running may hold already."""
+        taken = any(s.index == key for s in self.waiting) or (
+            self.batch is not None and any(s.index == key for s in self.batch.seqs)
+        )
+        if taken or key in self.tried:
+            raise InputError(f"request {key!r} is already queued or running: give each request its own key")
         self.waiting.extend(self.engine.sequences(key, request))
         if self.engine.queue == "shortest":
             self.arrived[key] = self.steps
@@ -300,7 +306,10 @@ class Scheduler:
         return chosen
 
     def step(self) -> list[Update]:
-        """Admit waiting rows, generate one token for every row, and report what changed."""
+        """Admit waiting rows, generate one token for every row, and report what changed (nothing,
+        when no request is waiting or running)."""
+        if not self.busy:
+            return []
         engine = self.engine
         # Inference mode per step, not around a loop: a caller's code between steps must not
         # run inside it.

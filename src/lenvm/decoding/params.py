@@ -29,8 +29,8 @@ MAX_TOP_LOGPROBS = 20
 # The settings of a decoding policy that a LenVM's values depend on besides the length limit: a
 # LenVM predicts the lengths of answers sampled so, and steers well only under them.
 POLICY_SETTINGS = ("temperature", "top_p", "top_k", "min_p")
-# A temperature above 0 and below this is greedy in all but name (vLLM takes it as greedy), and
-# far below it logits / temperature overflows float32 into nan.
+# A temperature below this is greedy (as vLLM takes it): far below it, logits / temperature
+# would overflow float32 into nan.
 MIN_TEMPERATURE = 1e-5
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
@@ -40,8 +40,8 @@ MIN_DISCOUNT = 1e-6
 class SamplingParams:
     """The decoding policy of a request, validated here once for every caller.
 
-    ``temperature == 0`` is greedy; ``top_k == 0`` and ``min_p == 0`` are off; ``top_p == 1`` is
-    off. Filters apply in the order temperature, top-k, top-p, min-p (as in ``transformers``).
+    ``temperature == 0`` (or below ``MIN_TEMPERATURE``, as in vLLM) is greedy; ``top_k == 0`` and
+    ``min_p == 0`` are off; ``top_p == 1`` is off. Filters apply in the order temperature, top-k, top-p, min-p (as in ``transformers``).
     ``seed`` fixes the request's own random stream (None: a fresh one); a rollout derives each
     completion's seed from it. ``ignore_eos`` never ends before ``max_new_tokens`` (for speed
     measurements). ``top_logprobs``: how many of the most likely tokens to report at each step
@@ -59,10 +59,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (
-                is_real(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
-                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}",
-            ),
+            (is_real(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
             (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must lie in (0, 1]"),
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must lie in [0, 1)"),
@@ -87,7 +84,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @classmethod
     def from_policy(cls, policy: dict[str, Any] | None, **settings: Any) -> SamplingParams:

@@ -101,7 +101,7 @@ class Rows:
         ]
         gated = [mine and c.kind == "at_most" for c, mine in zip(controls, ours, strict=True)]
         return cls(
-            temperature=col([s.temperature or 1.0 for s in samplings], torch.float32),
+            temperature=col([1.0 if s.greedy else s.temperature for s in samplings], torch.float32),
             top_k=col([s.top_k for s in samplings], torch.long),
             top_p=col([s.top_p for s in samplings], torch.float32),
             min_p=col([s.min_p for s in samplings], torch.float32),
