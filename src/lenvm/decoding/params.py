@@ -41,7 +41,8 @@ class SamplingParams:
     """The decoding policy of a request, validated here once for every caller.
 
     ``temperature == 0`` (or below ``MIN_TEMPERATURE``, as in vLLM) is greedy; ``top_k == 0`` and
-    ``min_p == 0`` are off; ``top_p == 1`` is off. Filters apply in the order temperature, top-k, top-p, min-p (as in ``transformers``).
+    ``min_p == 0`` are off; ``top_p == 1`` is off. Filters apply in the order temperature, top-k,
+    top-p, min-p (as in ``transformers``).
     ``seed`` fixes the request's own random stream (None: a fresh one); a rollout derives each
     completion's seed from it. ``ignore_eos`` never ends before ``max_new_tokens`` (for speed
     measurements). ``top_logprobs``: how many of the most likely tokens to report at each step
