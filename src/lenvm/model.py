@@ -523,11 +523,12 @@ class LengthValueModel(nn.Module):
     def predict_length(
         self, prompts: str | Messages | Prompt | list, batch_size: int = 16, progress: bool = False
     ):
-        """Expected total answer length (tokens, EOS included) from the prompt alone.
+        """Total answer length (tokens, EOS included) predicted from the prompt alone.
 
         Returns a float for one prompt and a list for a list of prompts (an empty list is an
-        error). The number is the return-consistent length ``value_to_length(V(s_0))``. Prompts
-        run in batches of ``batch_size``, one forward each; ``progress`` shows a bar.
+        error). The number is the return-consistent length ``value_to_length(V(s_0))``, at least 1:
+        below the mean length when lengths vary (docs/method.md, section 1). Prompts run in batches
+        of ``batch_size``, one forward each; ``progress`` shows a bar.
         """
         single = isinstance(prompts, str | Prompt) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
