@@ -107,6 +107,7 @@ def test_methods_pick_rows_and_plain_is_always_the_reference(tiny_path, tmp_path
         dict(generate_batch_sizes=(-2,)),
         dict(batch_sizes=(), generate_batch_sizes=()),
         dict(candidates=(0,)),
+        dict(candidates=(1,)),
         dict(candidates=(2.5,)),
         dict(new_tokens=0),
         dict(repeats=0),

@@ -123,6 +123,10 @@ def run_speed(
     batch_sizes = _positive_ints(batch_sizes, "batch sizes")
     generate_batch_sizes = _positive_ints(generate_batch_sizes, "generate batch sizes")
     candidates = _positive_ints(candidates, "candidate counts")
+    if any(k < 2 for k in candidates):
+        raise InputError(
+            f"candidate counts must be at least 2 (a control chooses among them), got {candidates}"
+        )
     if not batch_sizes and not generate_batch_sizes:
         raise InputError("no batch size to measure")
     for value, what in ((new_tokens, "new_tokens"), (repeats, "repeats")):
@@ -280,7 +284,8 @@ class _Bench:
             kind, scoring = GUIDED[row.method]
             lenvm, control = self._lenvm(kind), CONTROL
         m = self.models
-        engine = Engine(m.generator, m.tokenizer, lenvm, num_candidates=row.k or 1, candidate_scoring=scoring)
+        k = {"num_candidates": row.k} if row.k else {}  # a plain row has no candidates
+        engine = Engine(m.generator, m.tokenizer, lenvm, candidate_scoring=scoring, **k)
         requests = [
             Request(p, SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True), control=control)
             for i, p in enumerate(self._batch_prompts(row.batch))
@@ -357,7 +362,7 @@ class _Bench:
             self.vllm_engines[k] = VLLMEngine(
                 self.models.name,
                 lenvm=lenvm,
-                num_candidates=k or 1,
+                **({"num_candidates": k} if k else {}),
                 dtype=str(self.dtype).removeprefix("torch."),
                 logprobs=False,
                 max_num_seqs=self.max_batch,
