@@ -493,3 +493,33 @@ def test_gamma_comes_from_the_training_prompts_alone(tiny_generator):
     assert sorted(data.gamma_lengths.tolist()) == sorted(trained)
     assert gamma_from_lengths(data.gamma_lengths) == pytest.approx(gamma_from_lengths(np.array(trained)))
     assert max(trained) < 200
+
+
+def test_nothing_but_a_lenvm_is_replaced_by_training_or_saving(tmp_path, tiny_path, tiny_generator):
+    """The CLI's rule holds for Python callers too: a LenVM is written as a new folder, and a
+    folder holding anything else (a generator, notes) is refused before any work."""
+    import shutil
+
+    records = synthetic_records(tiny_generator[1])
+    generator_copy = tmp_path / "generator"
+    shutil.copytree(tiny_path, generator_copy)
+    before = sorted(p.name for p in generator_copy.iterdir())
+    with pytest.raises(InputError, match="is not a LenVM folder; training would replace it"):
+        train(
+            records,
+            str(tiny_path),
+            generator_copy,
+            _config(epochs=1),
+            generator=tiny_generator,
+            progress=False,
+        )
+    assert sorted(p.name for p in generator_copy.iterdir()) == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "important.txt").write_text("mine")
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    with pytest.raises(InputError, match="not a LenVM folder"):
+        lenvm.save_pretrained(notes)
+    assert (notes / "important.txt").read_text() == "mine"
+    lenvm.save_pretrained(tmp_path / "lv")
+    lenvm.save_pretrained(tmp_path / "lv")  # a LenVM may be saved over a LenVM

@@ -289,6 +289,7 @@ class LengthValueModel(nn.Module):
         ``accelerator.get_state_dict``.
         """
         state_dict = state_dict if state_dict is not None else self.state_dict()
+        refuse_to_replace(path, "saving a LenVM there")
         with atomic_path(path) as tmp:
             tmp.mkdir()
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -632,6 +633,7 @@ def save_config(
         write_text(path / CONFIG_NAME, text)
         return path
     target = path if in_place else Path(out)
+    refuse_to_replace(target, "writing the LenVM there")
     with atomic_path(target) as tmp:
         shutil.copytree(path, tmp)
         (tmp / CONFIG_NAME).write_text(text)
@@ -657,6 +659,21 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
     if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
         raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
     return LengthValueConfig.from_dict(data)
+
+
+def refuse_to_replace(path: str | os.PathLike, writes: str) -> None:
+    """A LenVM is written as a whole new folder, which replaces what stood at ``path``: refuse when
+    that is anything but a LenVM or an empty folder (a generator's folder, say), naming what
+    ``writes``."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    try:
+        read_config(path)
+    except NotALenVMError:
+        raise InputError(
+            f"{path} exists and is not a LenVM folder; {writes} would replace it: choose another folder"
+        ) from None
 
 
 def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this tokenizer") -> None:

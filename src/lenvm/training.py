@@ -47,7 +47,7 @@ from lenvm.losses import (
     state_losses,
     state_weights,
 )
-from lenvm.model import KINDS, Kind, LengthValueModel, right_pad
+from lenvm.model import KINDS, Kind, LengthValueModel, refuse_to_replace, right_pad
 from lenvm.returns import gamma_from_lengths, lambda_returns, length_to_value
 from lenvm.training_data import RolloutSource, TrainingData, shuffled, training_data
 
@@ -181,6 +181,7 @@ def train(
     ``rollouts`` trains and ``config.eval_fraction`` is not used.
     """
     config = config or TrainConfig()
+    refuse_to_replace(out, "training")  # before any work: a generator's folder, say, is never replaced
     source = RolloutSource(rollouts, config.stream)
     if not source.streamed and not source.records:
         raise InputError("no rollout records to train on")

@@ -146,7 +146,7 @@ def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None
     """A command that ``writes`` a whole new LenVM folder at ``out``: refuse to replace anything but
     a LenVM, and a LenVM (with any end head and calibration trained for it) only when asked to.
     Writing over ``source``, the LenVM the command reads, is its documented in-place update."""
-    from lenvm.model import NotALenVMError, read_config
+    from lenvm.model import refuse_to_replace
 
     if out is None:
         return
@@ -155,12 +155,7 @@ def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None
         return
     if source is not None and Path(source).exists() and path.resolve() == Path(source).resolve():
         return
-    try:
-        read_config(path)
-    except NotALenVMError:
-        raise InputError(
-            f"{out} exists and is not a LenVM folder; {writes} would replace it: choose another --out"
-        ) from None
+    refuse_to_replace(path, writes)
     if not overwrite:
         raise InputError(
             f"{out} already holds a LenVM (with its end head and calibration, if any): pass --overwrite "
