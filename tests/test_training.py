@@ -523,3 +523,23 @@ def test_nothing_but_a_lenvm_is_replaced_by_training_or_saving(tmp_path, tiny_pa
     assert (notes / "important.txt").read_text() == "mine"
     lenvm.save_pretrained(tmp_path / "lv")
     lenvm.save_pretrained(tmp_path / "lv")  # a LenVM may be saved over a LenVM
+
+
+def test_a_run_is_identified_by_every_record_not_only_its_ends(tiny_generator):
+    """A features cache or a checkpoint is reused only on the same data: changing a record in the
+    middle (same count, same first and last) changes the run's fingerprint."""
+    from lenvm.training_data import RolloutSource, training_data
+
+    records = synthetic_records(tiny_generator[1])
+    middle = len(records) // 2
+    changed = [*records[:middle], dict(records[middle], completion_token_ids=[11, 12, tiny_generator[1].eos_token_id],
+                                       num_tokens=3), *records[middle + 1 :]]  # fmt: skip
+
+    def fingerprint(rs):
+        eos = [tiny_generator[1].eos_token_id]
+        return training_data(
+            RolloutSource(rs), None, eos, "bootstrap", None, 0.25, 0, 256, "tiny"
+        ).fingerprint_data
+
+    assert fingerprint(records) == fingerprint([dict(r) for r in records])
+    assert fingerprint(changed) != fingerprint(records)

@@ -11,6 +11,7 @@ rule), per-prompt counts (for the held-out split and the step counts), the large
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class Scan:
     record_prompts: set[str]  # prompt ids of every record, usable or not
     prompts: dict[str, _PromptCounts]  # of the usable examples
     report: DatasetReport
-    ends: list[Any] = field(default_factory=list)  # first and last completions (the fingerprint)
+    digest: str = ""  # of every record's prompt id, tokens and ending (the run's fingerprint)
     policy: dict[str, Any] = field(default_factory=dict)  # the first record's generator and sampling
 
     def counts(self, prompt_ids: Iterable[str]) -> _PromptCounts:
@@ -121,7 +122,7 @@ def scan(
     lengths: list[int] = []
     length_prompts: list[str] = []
     record_prompts: set[str] = set()
-    ends: list[Any] = [None, None]
+    digest = hashlib.sha256()
     policy: dict[str, Any] = {}
 
     def checked() -> Iterator[dict[str, Any]]:
@@ -146,9 +147,11 @@ def scan(
             length_prompts.append(str(record.get("prompt_id", i)))
             record_prompts.add(str(record.get("prompt_id", i)))
             if i == 0:
-                ends[0] = record.get("completion_token_ids")
                 policy.update(generator=record.get("generator"), sampling=record.get("sampling"))
-            ends[1] = record.get("completion_token_ids")
+            # Every record counts: a features cache or checkpoint is reused only on the same data.
+            digest.update(f"{record.get('prompt_id', i)}\0{record['finish_reason']}\0".encode())
+            for key in ("prompt_token_ids", "completion_token_ids"):
+                digest.update(np.asarray(record[key], dtype=np.int64).tobytes() + b"\0")
             yield record
 
     report = DatasetReport(0, 0, 0, 0, 0, 0)
@@ -172,7 +175,7 @@ def scan(
         record_prompts,
         prompts,
         report,
-        ends,
+        digest.hexdigest(),
         policy,
     )
 
@@ -336,7 +339,7 @@ def training_data(
         train_states=counts.states,
         train_completions=counts.completions,
         baseline_length=float(baseline),
-        fingerprint_data=[found.records, *found.ends],
+        fingerprint_data=[found.records, found.digest],
         policy=found.policy,
     )
 
