@@ -532,8 +532,8 @@ def test_a_run_is_identified_by_every_record_not_only_its_ends(tiny_generator):
 
     records = synthetic_records(tiny_generator[1])
     middle = len(records) // 2
-    changed = [*records[:middle], dict(records[middle], completion_token_ids=[11, 12, tiny_generator[1].eos_token_id],
-                                       num_tokens=3), *records[middle + 1 :]]  # fmt: skip
+    other = dict(records[middle], completion_token_ids=[11, 12, tiny_generator[1].eos_token_id], num_tokens=3)
+    changed = [*records[:middle], other, *records[middle + 1 :]]
 
     def fingerprint(rs):
         eos = [tiny_generator[1].eos_token_id]
