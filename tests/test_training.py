@@ -543,3 +543,23 @@ def test_a_run_is_identified_by_every_record_not_only_its_ends(tiny_generator):
 
     assert fingerprint(records) == fingerprint([dict(r) for r in records])
     assert fingerprint(changed) != fingerprint(records)
+
+
+def test_held_out_rollouts_are_told_apart_by_their_prompts_not_their_ids(tiny_generator):
+    """Two prompt files read with default ids (0, 1, ...) share ids, not prompts: training on one
+    and evaluating on the other is fine; the same prompt under another id is refused."""
+    from lenvm.training_data import RolloutSource, training_data
+
+    records = synthetic_records(tiny_generator[1])
+    train_part = [r for r in records if int(r["prompt_id"]) < 6]
+    held = [dict(r, prompt_id=str(int(r["prompt_id"]) - 6)) for r in records if int(r["prompt_id"]) >= 6]
+    eos = [tiny_generator[1].eos_token_id]
+
+    def data(evaluation):
+        return training_data(RolloutSource(train_part), RolloutSource(evaluation), eos, "bootstrap", None,
+                             0.1, 0, 256, "tiny")  # fmt: skip
+
+    assert len(data(held).eval) == len(held)  # ids 0 and 1 in both files, other prompts
+    again = [dict(r, prompt_id="renamed") for r in train_part[:1]]
+    with pytest.raises(InputError, match="1 prompt.s. are in both the training and the evaluation"):
+        data(again)

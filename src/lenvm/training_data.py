@@ -12,6 +12,7 @@ rule), per-prompt counts (for the held-out split and the step counts), the large
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class Scan:
     records: int
     lengths: np.ndarray  # num_tokens of every record (the gamma rule)
     length_prompts: list[str]  # the prompt id of each of them
-    record_prompts: set[str]  # prompt ids of every record, usable or not
+    record_prompts: set[str]  # the prompt of every record, usable or not (as JSON text)
     prompts: dict[str, _PromptCounts]  # of the usable examples
     report: DatasetReport
     digest: str = ""  # of every record's prompt id, tokens and ending (the run's fingerprint)
@@ -145,7 +146,7 @@ def scan(
                 )
             lengths.append(record["num_tokens"])
             length_prompts.append(str(record.get("prompt_id", i)))
-            record_prompts.add(str(record.get("prompt_id", i)))
+            record_prompts.add(json.dumps(record.get("prompt"), sort_keys=True, ensure_ascii=False))
             if i == 0:
                 policy.update(generator=record.get("generator"), sampling=record.get("sampling"))
             # Every record counts: a features cache or checkpoint is reused only on the same data.
@@ -313,11 +314,12 @@ def training_data(
                 f"the evaluation rollouts were sampled with {theirs}, the training rollouts with {ours}: "
                 "held-out figures must come from the same decoding policy"
             )
+        # By the prompt itself, not its id: two files' default ids (0, 1, ...) name other prompts.
         shared = found.record_prompts & held_scan.record_prompts
         if shared:
             raise InputError(
                 f"{len(shared)} prompt(s) are in both the training and the evaluation rollouts, "
-                f"for example {sorted(shared)[0]!r}: held-out prompts must not be trained on"
+                f"for example {sorted(shared)[0][:80]}: held-out prompts must not be trained on"
             )
         held: set[str] = set()
         evaluation = list(iter_examples(eval_source, eos_token_ids, truncated))
