@@ -452,3 +452,12 @@ def test_auto_backend_resumes_with_the_files_backend(tiny_path, tiny_generator, 
         with pytest.raises(InputError, match=message):
             rollout(str(tiny_path), PROMPTS[:2], other, n=1, sampling=sampling, backend="auto")
         assert len(lines(other)) == 1  # nothing written
+
+
+def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_path):
+    sampling = SamplingParams(max_new_tokens=3)
+    with pytest.raises(InputError, match="wrap a single one in a list"):
+        rollout(tiny_generator, "Hi!", tmp_path / "r.jsonl", n=1, sampling=sampling, progress=False)
+    rollout(tiny_generator, [{"id": "x", "prompt": "Hi!"}], tmp_path / "r.jsonl", n=1, sampling=sampling,
+            progress=False)  # fmt: skip
+    assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["x"]

@@ -563,3 +563,16 @@ def test_held_out_rollouts_are_told_apart_by_their_prompts_not_their_ids(tiny_ge
     again = [dict(r, prompt_id="renamed") for r in train_part[:1]]
     with pytest.raises(InputError, match="1 prompt.s. are in both the training and the evaluation"):
         data(again)
+
+
+def test_one_prompt_in_any_form_gives_one_prediction(tiny_path, tiny_generator):
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    text = "Count to 3 please."
+    alone = lenvm.predict_length(text)
+    messages = [{"role": "user", "content": text}]
+    ids = lenvm.encode_prompts([text])[0].ids
+    for same in ({"prompt": text}, {"messages": messages}, messages, ids):
+        assert lenvm.predict_length(same) == pytest.approx(alone)
+    assert lenvm.predict_length([{"prompt": text}, text]) == pytest.approx([alone, alone])
+    with pytest.raises(InputError, match="a prompt or a list of prompts"):
+        lenvm.predict_length(5)

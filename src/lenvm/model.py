@@ -31,7 +31,7 @@ from torch import nn
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
 from lenvm.io import InputError, atomic_path, is_int, write_text
-from lenvm.prompts import Messages, Prompt, TokenIds
+from lenvm.prompts import Messages, Prompt, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
 if TYPE_CHECKING:  # the decoding package imports this module
@@ -522,17 +522,30 @@ class LengthValueModel(nn.Module):
         return [max(float(value_to_length(v, self.gamma)), 1.0) for v in values]
 
     def predict_length(
-        self, prompts: str | Messages | Prompt | list, batch_size: int = 16, progress: bool = False
-    ):
+        self,
+        prompts: str | Messages | Prompt | dict | TokenIds | list,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> float | list[float]:
         """Total answer length (tokens, EOS included) predicted from the prompt alone.
 
-        Returns a float for one prompt and a list for a list of prompts (an empty list is an
-        error). The number is the return-consistent length ``value_to_length(V(s_0))``, at least 1:
-        below the mean length when lengths vary (docs/method.md, section 1). Prompts run in batches
-        of ``batch_size``, one forward each; ``progress`` shows a bar.
+        Returns a float for one prompt (text, messages, a prompts-file record, token ids) and a
+        list for a list of prompts (an empty list is an error). The number is the return-consistent
+        length ``value_to_length(V(s_0))``, at least 1: below the mean length when lengths vary
+        (docs/method.md, section 1). Prompts run in batches of ``batch_size``, one forward each;
+        ``progress`` shows a bar.
         """
-        single = isinstance(prompts, str | Prompt) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        if not isinstance(prompts, str | Prompt | dict | list | tuple):
+            raise InputError(f"expected a prompt or a list of prompts, got {type(prompts).__name__}")
+        single = (
+            isinstance(prompts, str | Prompt | dict)
+            or is_token_ids(prompts)
+            or (
+                isinstance(prompts, list)
+                and prompts
+                and isinstance(prompts[0], dict)
+                and "role" in prompts[0]
+            )
         )
         batch = [prompts] if single else list(prompts)
         lengths = self.lengths_from_values(self.predict_values(batch, batch_size, progress))

@@ -196,12 +196,17 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
 
 
 def as_prompt(
-    prompt: str | Messages | Prompt, default_id: str = "0", images: list[str] | None = None
+    prompt: str | Messages | Prompt | dict[str, Any], default_id: str = "0", images: list[str] | None = None
 ) -> Prompt:
-    """Accept a string, a message list or a :class:`Prompt`; ``images`` (references) go with a
-    string prompt, before its text."""
+    """Accept a string, a message list, a :class:`Prompt` or a prompts-file record (``{"prompt":
+    ...}`` or ``{"messages": [...]}``, with an optional ``"id"``); ``images`` (references) go with
+    a string prompt, before its text."""
     if isinstance(prompt, Prompt):
         return prompt
+    if isinstance(prompt, dict):
+        if images:
+            raise InputError("images go in the record's 'images' list")
+        return prompt_from_record(prompt, default_id)
     if isinstance(prompt, str):
         record: dict[str, Any] = {"prompt": prompt}
         if images:

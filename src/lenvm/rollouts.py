@@ -154,6 +154,8 @@ def rollout(
         raise InputError(f"unknown backend {backend!r}; known: {', '.join((*BACKENDS, AUTO))}")
     if backend == "openai" and not base_url:
         raise InputError("the openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
+    if isinstance(prompts, str | dict | Prompt):
+        raise InputError("prompts must be a list of prompts: wrap a single one in a list")
     prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
     if not prompts:
         raise InputError("no prompts to roll out")
