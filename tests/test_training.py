@@ -576,3 +576,14 @@ def test_one_prompt_in_any_form_gives_one_prediction(tiny_path, tiny_generator):
     assert lenvm.predict_length([{"prompt": text}, text]) == pytest.approx([alone, alone])
     with pytest.raises(InputError, match="a prompt or a list of prompts"):
         lenvm.predict_length(5)
+
+
+def test_a_lenvm_refuses_a_generator_of_another_width(tmp_path, tiny_path, tiny_generator):
+    from lenvm.hub import load_generator
+
+    LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9).save_pretrained(
+        tmp_path / "lv"
+    )
+    narrow = load_generator(tiny_model(tmp_path / "narrow", hidden_size=32))  # the same tokenizer
+    with pytest.raises(InputError, match="width 64, the generator's are 32"):
+        LengthValueModel.from_pretrained(tmp_path / "lv", generator=narrow)

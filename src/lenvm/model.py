@@ -273,6 +273,12 @@ class LengthValueModel(nn.Module):
                 generator = hub.load_generator(config.base_model, device=device, dtype=dtype)
             backbone, tokenizer = generator
             check_tokenizer(config, tokenizer, what=f"the generator {config.base_model!r}")
+            width = getattr(backbone.config.get_text_config(), "hidden_size", config.hidden_size)
+            if width != config.hidden_size:
+                raise InputError(
+                    f"the LenVM's head reads hidden states of width {config.hidden_size}, the generator's "
+                    f"are {width}: it was trained on another generator ({config.base_model!r})"
+                )
         model = cls(config, backbone, tokenizer)
         model.head.load_state_dict(load_file(str(path / HEAD_NAME)))
         if model.end_head is not None:
