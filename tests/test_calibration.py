@@ -163,7 +163,7 @@ def test_decoding_scores_candidates_with_the_calibrated_values(tiny_path, tiny_g
     assert not torch.allclose(calibrated, raw)
 
 
-def test_calibration_refuses_rollouts_the_lenvm_cannot_read(tiny_path, tiny_generator):
+def test_calibration_refuses_rollouts_the_lenvm_cannot_read(tiny_path, tiny_generator, tmp_path):
     """Rollouts of another decoding policy or another tokenizer would fit a map to nothing the
     LenVM models: refused with a reason, not a wrong map or an index error."""
     lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
@@ -176,3 +176,8 @@ def test_calibration_refuses_rollouts_the_lenvm_cannot_read(tiny_path, tiny_gene
     with pytest.raises(InputError, match="do not read back as its prompt"):
         calibrate(lenvm, [dict(r, prompt_token_ids=[t + 1 for t in r["prompt_token_ids"]]) for r in records])
     assert lenvm.config.calibration is None
+    with pytest.raises(InputError, match="batch_size must be an integer of at least 1"):
+        calibrate(lenvm, records, batch_size=0)
+    path = tmp_path / "r.jsonl"  # a rollouts file is read as its records
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert calibrate(lenvm, path) == calibrate(lenvm, records)

@@ -413,6 +413,11 @@ def test_bf16_where_the_hardware_has_it():
         (dict(huber_delta=float("nan")), "huber_delta"),
         (dict(prompt_weight=float("inf")), "prompt_weight"),
         (dict(head_hidden_size=0), "head_hidden_size"),
+        (dict(checkpoint_every=0), "checkpoint_every"),
+        (dict(epochs=1.5), "epochs"),
+        (dict(seed=1.5), "seed"),
+        (dict(warmup_ratio=5), "warmup_ratio"),
+        (dict(stream="no"), "stream"),
     ],
 )
 def test_bad_training_options(bad, match):

@@ -8,6 +8,7 @@ either bootstraps from the model's value at the cut, ``V(s_T)``, or is dropped.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lenvm.io import InputError
+from lenvm.io import InputError, is_int
 from lenvm.prompts import image_references
 from lenvm.returns import length_to_value
 
@@ -210,7 +211,7 @@ def collate(examples: list[Example], gamma: float, pad_id: int = 0) -> Batch:
 
 def padded_batches(
     lenvm,
-    records: Iterable[dict[str, Any]],
+    records: Iterable[dict[str, Any]] | str | os.PathLike,
     purpose: str,
     batch_size: int = 8,
     progress: bool = False,
@@ -222,9 +223,12 @@ def padded_batches(
     the LenVM (:func:`lenvm.training_data.check_rollouts_for`)."""
     from tqdm.auto import tqdm
 
+    from lenvm.rollouts import read_rollouts
     from lenvm.training_data import check_rollouts_for
 
-    records = list(records)
+    if not is_int(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+    records = read_rollouts(records) if isinstance(records, str | os.PathLike) else list(records)
     check_rollouts_for(lenvm, records, purpose)
     examples = sorted(iter_examples(records, lenvm.config.eos_token_ids), key=lambda e: len(e.input_ids))
     if not examples:

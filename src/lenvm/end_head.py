@@ -113,6 +113,8 @@ def train_end_head(
         raise InputError(f"epochs must be at least 1, got {epochs!r}")
     if not (is_real(lr) and lr > 0):
         raise InputError(f"the learning rate must be a positive finite number, got {lr!r}")
+    if not is_int(batch_states) or batch_states < 1:
+        raise InputError(f"batch_states must be an integer of at least 1, got {batch_states!r}")
     data = end_data(lenvm, records, bar, batch_size, progress)
     if len(data.distances) == 0:
         raise InputError("the rollouts have no state with a known next natural end")

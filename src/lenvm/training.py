@@ -103,9 +103,24 @@ class TrainConfig:
             self.epochs = 30 if self.freeze_backbone else 2
         if self.lr is None:
             self.lr = 1e-3 if self.freeze_backbone else 2e-5
-        for name in ("epochs", "batch_tokens", "batch_size", "grad_accum", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1")
+        for name in (
+            "epochs",
+            "batch_tokens",
+            "batch_size",
+            "grad_accum",
+            "shuffle_buffer",
+            "checkpoint_every",
+        ):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise InputError(f"{name} must be an integer of at least 1, got {value!r}")
+        if not is_int(self.seed):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if not (is_real(self.warmup_ratio) and 0.0 <= self.warmup_ratio < 1.0):
+            raise InputError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("bf16", "stream", "freeze_backbone"):
+            if getattr(self, name) not in (None, True, False):
+                raise InputError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
         if not (is_real(self.lr) and self.lr > 0):
             raise InputError(f"learning rate must be a positive finite number, got {self.lr!r}")
         if not 0.0 <= self.lam <= 1.0:
