@@ -37,20 +37,35 @@ _EXPORTS = {
     "gamma_for_horizon": "lenvm.returns",
     "length_to_value": "lenvm.returns",
     "value_to_length": "lenvm.returns",
+    "calibrate": "lenvm.calibration",
+    "Calibration": "lenvm.calibration",
+    "train_end_head": "lenvm.end_head",
+    "TrainResult": "lenvm.training",
+    "ValueTrace": "lenvm.values_view",
+    "InputError": "lenvm.io",
+    "NotALenVMError": "lenvm.model",
+    "TokenizerMismatchError": "lenvm.model",
 }
 
 __all__ = [
+    "Calibration",
     "Control",
     "Engine",
+    "InputError",
     "LenVMLogitsProcessor",
     "LengthValueConfig",
     "LengthValueModel",
+    "NotALenVMError",
     "Prompt",
     "Request",
     "Result",
     "SamplingParams",
+    "TokenizerMismatchError",
     "TrainConfig",
+    "TrainResult",
+    "ValueTrace",
     "__version__",
+    "calibrate",
     "gamma_for_horizon",
     "length_to_value",
     "load_generator",
@@ -60,6 +75,7 @@ __all__ = [
     "rollout",
     "token_values",
     "train",
+    "train_end_head",
     "value_to_length",
 ]
 
@@ -77,13 +93,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from lenvm.calibration import Calibration, calibrate
     from lenvm.decoding.engine import Engine
     from lenvm.decoding.hf import LenVMLogitsProcessor
     from lenvm.decoding.params import Control, Request, Result, SamplingParams
+    from lenvm.end_head import train_end_head
     from lenvm.hub import load_generator
-    from lenvm.model import LengthValueConfig, LengthValueModel
+    from lenvm.io import InputError
+    from lenvm.model import LengthValueConfig, LengthValueModel, NotALenVMError, TokenizerMismatchError
     from lenvm.prompts import Prompt, read_prompts
     from lenvm.returns import gamma_for_horizon, length_to_value, value_to_length
     from lenvm.rollouts import read_rollouts, rollout
-    from lenvm.training import TrainConfig, train
-    from lenvm.values_view import render_html, token_values
+    from lenvm.training import TrainConfig, TrainResult, train
+    from lenvm.values_view import ValueTrace, render_html, token_values
