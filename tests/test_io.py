@@ -93,7 +93,8 @@ def test_the_top_level_api_imports_lazily_and_completely():
         "import sys, lenvm;"
         "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'vllm') if m in sys.modules];"
         "assert not heavy, heavy;"
-        "missing = [n for n in lenvm.__all__ if getattr(lenvm, n, None) is None]; assert not missing, missing;"
+        "missing = [n for n in lenvm.__all__ if getattr(lenvm, n, None) is None];"
+        "assert not missing, missing;"
         # what a user calls after training, and the errors to catch
         "assert {'calibrate', 'train_end_head', 'InputError', 'TokenizerMismatchError'} <= set(lenvm.__all__)"
     )
