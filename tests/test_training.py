@@ -592,3 +592,14 @@ def test_a_lenvm_refuses_a_generator_of_another_width(tmp_path, tiny_path, tiny_
     narrow = load_generator(tiny_model(tmp_path / "narrow", hidden_size=32))  # the same tokenizer
     with pytest.raises(InputError, match="width 64, the generator's are 32"):
         LengthValueModel.from_pretrained(tmp_path / "lv", generator=narrow)
+
+
+def test_a_generator_folder_is_recorded_by_its_absolute_path(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    import shutil
+
+    shutil.copytree(tiny_path, tmp_path / "gen")
+    monkeypatch.chdir(tmp_path)
+    lenvm = LengthValueModel.from_base("gen", generator=tiny_generator, gamma=0.9)
+    assert lenvm.config.base_model == str(tmp_path / "gen")  # found again from any working directory

@@ -232,7 +232,8 @@ class LengthValueModel(nn.Module):
             kind=kind,
             gamma=gamma,
             hidden_size=hidden,
-            base_model=str(base),
+            # A local folder by its absolute path: the LenVM finds its generator from anywhere.
+            base_model=os.path.abspath(base) if Path(base).is_dir() else str(base),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             head_hidden_size=head_hidden_size,
             feature_layer=feature_layer,
