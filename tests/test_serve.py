@@ -544,6 +544,32 @@ def test_full_queue_and_too_many_streams_get_429(engine):
         assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
 
 
+def test_streams_that_arrive_together_are_held_to_max_streams(engine):
+    """The stream limit is reserved as it is checked: four streams sent at once to a server that
+    holds two get two answers and two 429s (all four were answered)."""
+    with running(engine, batch_size=1, max_waiting=8, max_streams=2) as (url, app):
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "stream": True, "ignore_eos": True}
+        barrier, statuses, opened = threading.Barrier(4), [], []
+
+        def send():
+            http = httpx.Client(timeout=60)
+            barrier.wait()
+            response = http.send(http.build_request("POST", url + "/v1/completions", json=body), stream=True)
+            statuses.append(response.status_code)
+            opened.append((http, response))
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(statuses) == [200, 200, 429, 429]
+        for http, response in opened:
+            response.close()
+            http.close()
+        wait_until(lambda: app.state.lenvm.runner.outstanding == 0 and app.state.lenvm.streams == 0)
+
+
 def wait_until(condition, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not condition():

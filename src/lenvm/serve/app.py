@@ -86,6 +86,14 @@ class _State:
         self.draining = False
         self.started = int(time.time())
 
+    def open_stream(self, metrics) -> None:
+        self.streams += 1
+        metrics.open_streams.inc()
+
+    def close_stream(self, metrics) -> None:
+        self.streams -= 1
+        metrics.open_streams.dec()
+
     def begin_shutdown(self) -> None:
         """From the SIGTERM handler: refuse new work; cut what is left after the timeout."""
         if self.draining:
@@ -176,13 +184,20 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if state.draining:
                 raise ShuttingDown("the server is shutting down")
             plan = planner(body, ctx)
-            if plan.stream and state.streams >= settings.max_streams:
-                raise ApiError(429, f"too many open streams ({settings.max_streams}); try again later")
-            submission = runner.submit(plan.choices)
+            if plan.stream:  # reserved as it is checked: streams arriving together cannot all pass
+                if state.streams >= settings.max_streams:
+                    raise ApiError(429, f"too many open streams ({settings.max_streams}); try again later")
+                state.open_stream(metrics)
             try:
-                await submission.accepted()
+                submission = runner.submit(plan.choices)
+                try:
+                    await submission.accepted()
+                except BaseException:
+                    runner.cancel(submission)
+                    raise
             except BaseException:
-                runner.cancel(submission)
+                if plan.stream:
+                    state.close_stream(metrics)
                 raise
         except Exception as err:
             error = _as_api_error(err)
@@ -192,12 +207,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         writer = Writer(plan, name, engine.tokenizer)
         call = _Call(endpoint, submission, arrived, metrics, runner)
         if plan.stream:
-            state.streams += 1
-            metrics.open_streams.inc()
 
             def closed() -> None:
-                state.streams -= 1
-                metrics.open_streams.dec()
+                state.close_stream(metrics)
                 call.close()
 
             return _EventStream(_events(call, writer, plan), closed)
