@@ -20,6 +20,7 @@ from lenvm.io import InputError
         dict(max_new_tokens=0),
         dict(min_p=1),
         dict(seed=-1),
+        dict(seed=2**63),  # 2**63 and 2**64 + 1 drew as 0 and 1 did
         dict(seed=True),
         dict(ignore_eos="yes"),
     ],

@@ -23,7 +23,6 @@ from lenvm.decoding import Control, Engine, Request, SamplingParams
 from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
 from lenvm.prompts import encode_prompt
-from lenvm.returns import value_to_length
 from lenvm.serve import ServerSettings, create_app
 from lenvm.values_view import token_values
 
@@ -341,7 +340,8 @@ def test_predict_gives_the_value_at_the_prompt_boundary(url, lenvm, tiny_generat
     expected = lenvm.predict_values(raw)
     assert [d["value"] for d in answer["data"]] == pytest.approx(expected, abs=1e-5)
     assert [d["predicted_tokens"] for d in answer["data"]] == pytest.approx(
-        [value_to_length(v, lenvm.gamma) for v in expected], rel=1e-4
+        lenvm.lengths_from_values(expected),
+        rel=1e-4,  # the library's lengths: at least 1 token
     )
     assert [d["prompt_tokens"] for d in answer["data"]] == [len(r) for r in raw]
     chat = httpx.post(url + "/v1/length/predict", json={"messages": [HI, HI]}).json()
@@ -393,6 +393,13 @@ BAD = [
     ({"model": MODEL, "prompt": "Hi", "n": 10**9}, 400, "exceed"),
     ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "Hi", "seed": -3}, 400, "seed"),
+    ({"model": MODEL, "prompt": "Hi", "seed": 2**64 + 1}, 400, "seed must be an integer from 0 to 2**63 - 1"),
+    ({"model": MODEL, "prompt": "Hi", "length_best_of": 10**5, "length_equal_to": 3}, 400, "from 1 to 16"),
+    (
+        {"model": MODEL, "prompt": "Hi", "length_at_least": 1022},
+        400,
+        "within the context left after the prompt (1022)",
+    ),
     ({"model": MODEL, "prompt": ""}, 400, "empty"),
     ({"model": MODEL, "prompt": [5, 10**9]}, 400, "token ids"),
     ({"model": MODEL}, 400, "missing field 'prompt'"),
@@ -411,7 +418,7 @@ BAD = [
     ),
     ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": -5}}, 400, "at least 1"),
     ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": "5"}}, 400, "integer"),
-    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": 10**12}}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_equal_to": 10**12}}, 400, "can never be met"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 5000, "length_equal_to": 5000}, 400, "context"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 10, "length_equal_to": 10}, 400, "never be met"),
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 10, "length_at_least": 10}, 400, "never be met"),

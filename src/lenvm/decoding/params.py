@@ -23,6 +23,9 @@ NATURAL_EOS = 0.05
 # A target control under our rule by default resamples the end of an answer that did not end
 # naturally this many times (see Control).
 DEFAULT_RETRIES = 4
+# The most best_of attempts, and retries, one request may ask for: each costs a whole answer's
+# decoding (a server's clients share its rows).
+MAX_ATTEMPTS = 16
 # Most alternatives a request may ask to see at each step (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
 
@@ -69,8 +72,8 @@ class SamplingParams:
                 "max_new_tokens must be an integer >= 1",
             ),
             (
-                self.seed is None or (is_int(self.seed) and self.seed >= 0),
-                "seed must be an integer >= 0 or None",
+                self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
+                "seed must be an integer from 0 to 2**63 - 1 (64 bits, as vLLM's) or None",
             ),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
             (
@@ -159,13 +162,13 @@ class Control:
                 raise InputError(f"control tilt needs a finite beta, got {self.beta!r}")
         elif self.beta is not None:
             raise InputError(f"control {self.kind!r} takes no beta")
-        if not is_int(self.best_of) or self.best_of < 1:
-            raise InputError(f"best_of must be a positive integer, got {self.best_of!r}")
+        if not is_int(self.best_of) or not 1 <= self.best_of <= MAX_ATTEMPTS:
+            raise InputError(f"best_of must be an integer from 1 to {MAX_ATTEMPTS}, got {self.best_of!r}")
         if self.best_of > 1 and self.kind != "equal_to":
             raise InputError("best_of applies to equal_to controls only")
         if self.retries is not None:
-            if not is_int(self.retries) or self.retries < 0:
-                raise InputError(f"retries must be a non-negative integer, got {self.retries!r}")
+            if not is_int(self.retries) or not 0 <= self.retries <= MAX_ATTEMPTS:
+                raise InputError(f"retries must be an integer from 0 to {MAX_ATTEMPTS}, got {self.retries!r}")
             if self.retries > 0 and self.kind not in TARGET_KINDS:
                 raise InputError(f"retries applies to target controls only ({', '.join(TARGET_KINDS)})")
         if self.hard_cap_slack is not None:

@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lenvm.decoding.engine import Engine
 from lenvm.io import InputError
-from lenvm.returns import value_to_length
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -244,14 +243,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             _check_model(body.model, name)
             prompts = _predict_prompts(body, ctx)
             values = await runner.call(lambda: lenvm.predict_values(prompts))
+            lengths = lenvm.lengths_from_values(values)  # as the library predicts: at least 1
             data = [
-                {
-                    "index": i,
-                    "prompt_tokens": len(ids),
-                    "value": value,
-                    "predicted_tokens": float(value_to_length(value, lenvm.gamma)),
-                }
-                for i, (ids, value) in enumerate(zip(prompts, values, strict=True))
+                {"index": i, "prompt_tokens": len(ids), "value": value, "predicted_tokens": length}
+                for i, (ids, value, length) in enumerate(zip(prompts, values, lengths, strict=True))
             ]
             return {"object": "list", "model": name, "gamma": lenvm.gamma, "data": data}
 

@@ -302,7 +302,8 @@ def _plan(
                 f"context of {ctx.context} tokens",
                 "max_tokens",
             )
-        if control is not None and (why := control.unreachable(limit, "max_tokens")) is not None:
+        named = "max_tokens" if max_tokens is not None else "the context left after the prompt"
+        if control is not None and (why := control.unreachable(limit, named)) is not None:
             raise ApiError(400, f"length_{why}", "max_tokens")  # named as the request's key
         for j in range(body.n):
             seed = body.seed if body.seed is None or j == 0 else derive_seed(body.seed, "choice", j)
