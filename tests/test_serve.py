@@ -250,6 +250,9 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    # logprobs false with top_logprobs 0 (as OpenAI clients may send it) asks for nothing
+    quiet = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, logprobs=False, top_logprobs=0)
+    assert quiet.choices[0].logprobs is None
     streamed = list(
         c.completions.create(
             model=MODEL, prompt="Hi", max_tokens=6, seed=9, stream=True, extra_body={"return_values": True}

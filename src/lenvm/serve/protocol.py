@@ -230,7 +230,7 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
 
 def plan_chat(body: ChatCompletionRequest, ctx: Context) -> Plan:
     prompt = chat_prompt_ids(body.messages, ctx.tokenizer)
-    if body.top_logprobs is not None and not body.logprobs:
+    if body.top_logprobs and not body.logprobs:  # 0 without logprobs asks for nothing: fine
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     top = body.top_logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
