@@ -452,6 +452,10 @@ def test_features_cache_is_reused_across_training_options(tmp_path, tiny_path, t
         generator=tiny_generator,
     )
     assert cached.losses == plain.losses and first.losses != plain.losses
+    # naming the default layer is the same cache
+    layer = LengthValueModel.from_pretrained(tmp_path / "a", generator=tiny_generator).feature_layer
+    named = _config(epochs=1, features_cache=cache, feature_layer=layer)
+    train(records, str(tiny_path), tmp_path / "d", named, generator=tiny_generator)
     with pytest.raises(InputError, match="features cache"):
         TrainConfig(kind="standalone", features_cache=cache)
 

@@ -235,7 +235,8 @@ def train(
     fingerprint = _run_fingerprint(data.fingerprint_data, base, config, gamma)
     # What the cached hidden states depend on: the data, the held-out split, the model and layer.
     held = [len(data.eval), *(e.input_ids for e in data.eval[:1] + data.eval[-1:])]
-    features = [config.kind, config.feature_layer, config.truncated, config.max_length, str(dtype)]
+    # The layer the head reads, resolved: the default and that same layer named are one cache.
+    features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
     features_fingerprint = _run_fingerprint([*data.fingerprint_data, *held, *features], base, None, 0.0)
 
     def evaluate(values: list[np.ndarray]) -> dict[str, float]:
