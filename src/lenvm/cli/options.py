@@ -87,7 +87,9 @@ def sampling_from_args(args: argparse.Namespace, policy: dict[str, Any] | None =
 
 def add_decoding(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """How guided decoding runs: candidates per step and rows per batch."""
-    parser.add_argument("--num-candidates", type=int, default=8, help="candidates a control weighs per step")
+    parser.add_argument(
+        "--num-candidates", type=int, default=8, help="candidates a control weighs per step (at least 2)"
+    )
     parser.add_argument("--batch-size", type=int, default=batch_size, help="requests decoded at once")
 
 
