@@ -607,3 +607,15 @@ def test_a_generator_folder_is_recorded_by_its_absolute_path(
     monkeypatch.chdir(tmp_path)
     lenvm = LengthValueModel.from_base("gen", generator=tiny_generator, gamma=0.9)
     assert lenvm.config.base_model == str(tmp_path / "gen")  # found again from any working directory
+
+
+def test_an_epoch_ending_on_a_checkpoint_is_evaluated_once(tmp_path, tiny_path, tiny_generator):
+    """Fine-tuning evaluates at each checkpoint and each epoch's end: where the two fall on one
+    step it logs one evaluation, as a run resumed from that checkpoint does."""
+    records = synthetic_records(tiny_generator[1], n_per_prompt=1)  # one step an epoch
+    config = TrainConfig(
+        kind="standalone", epochs=2, batch_size=4, bf16=False, eval_fraction=0.25, checkpoint_every=1
+    )
+    result = train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
+    steps = [e["step"] for e in result.evaluations]
+    assert steps == sorted(set(steps)) and steps[-1] == len(result.losses)

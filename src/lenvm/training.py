@@ -918,7 +918,8 @@ class FullTrainer:
                 if step % config.checkpoint_every == 0 and step < total:
                     log_evaluation(step / steps_per_epoch)
                     self.save(step, losses, evaluations)
-            if step < total:
+            # An epoch that ended on a checkpoint was evaluated there: once per step, resumed or not.
+            if step < total and not (evaluations and evaluations[-1]["step"] == step):
                 log_evaluation(epoch + 1)
         bar.close()
         seconds = time.perf_counter() - started
