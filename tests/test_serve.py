@@ -554,6 +554,27 @@ def test_full_queue_and_too_many_streams_get_429(engine):
         assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
 
 
+def test_best_of_attempts_count_toward_the_queue(engine):
+    """Each best_of attempt takes a row: a server that holds two answers refuses best_of 3, and a
+    best_of 2 answer fills it."""
+    with running(engine, batch_size=1, max_waiting=1) as (url, app):
+        c = client(url)
+        with pytest.raises(openai.BadRequestError, match="length_best_of"):
+            c.completions.create(
+                model=MODEL,
+                prompt="Hi",
+                max_tokens=20,
+                extra_body={"length_equal_to": 3, "length_best_of": 3},
+            )
+        held = c.completions.create(model=MODEL, prompt="Hi", max_tokens=900, stream=True,
+                                    extra_body={"length_equal_to": 800, "length_best_of": 2})  # fmt: skip
+        with pytest.raises(openai.RateLimitError, match="full"):
+            c.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        held.close()
+        wait_until(lambda: app.state.lenvm.runner.outstanding == 0)
+        healthy(url)
+
+
 def test_streams_that_arrive_together_are_held_to_max_streams(engine):
     """The stream limit is reserved as it is checked: four streams sent at once to a server that
     holds two get two answers and two 429s (all four were answered)."""

@@ -275,6 +275,14 @@ def _plan(
         raise ApiError(400, str(err), "vllm_xargs") from None
     if (control is not None or return_values) and not ctx.has_lenvm:
         raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
+    rows = body.n * len(prompts) * (control.best_of if control is not None else 1)
+    if rows > ctx.max_choices:  # each best_of attempt holds a row of its own
+        raise ApiError(
+            400,
+            f"{rows} answers at once (n times the prompts times length_best_of) exceed what this server "
+            f"holds at once ({ctx.max_choices})",
+            "length_best_of",
+        )
     if control is not None and body.stream and control.kind in TARGET_KINDS and "length_retries" not in keys:
         # A stream cannot take tokens back: no retries unless asked for (then it is held back).
         control = replace(control, retries=0)

@@ -57,6 +57,11 @@ class Choice:
     stops: tuple[str, ...] = ()  # the answer ends before the first of these strings
 
     @property
+    def rows(self) -> int:
+        """Batch rows the answer may take at once: one per ``best_of`` attempt."""
+        return self.request.attempts
+
+    @property
     def held(self) -> bool:
         """The engine may go back on this answer's end (retries, best_of): report it only whole."""
         control = self.request.control
@@ -154,7 +159,7 @@ class EngineRunner:
         self.accepting = True
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._outstanding = 0  # choices submitted and not finished (running or waiting)
+        self._outstanding = 0  # rows the unfinished choices may take (running or waiting)
         self._keys = itertools.count()
         self._live: dict[int, tuple[Submission, _Tracker]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
@@ -181,12 +186,14 @@ class EngineRunner:
         """Queue ``choices`` (from a coroutine); their chunks come back on the submission."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
+        rows = sum(c.rows for c in choices)  # best_of attempts each hold a row
         with self._lock:
-            if self._outstanding + len(choices) > self.capacity:
+            if self._outstanding + rows > self.capacity:
                 raise QueueFull(
-                    f"the server is full ({self._outstanding} choices running or waiting); try again later"
+                    f"the server is full ({self._outstanding} rows' worth of answers running or waiting); "
+                    "try again later"
                 )
-            self._outstanding += len(choices)
+            self._outstanding += rows
         submission = Submission(choices, [next(self._keys) for _ in choices], asyncio.get_running_loop())
         self._inbox.put(("add", submission))
         return submission
@@ -256,9 +263,10 @@ class EngineRunner:
             self._add(command[1])
         elif kind == "abort":
             for key in command[1].keys:
-                if self._live.pop(key, None) is not None:
+                entry = self._live.pop(key, None)
+                if entry is not None:
                     self.scheduler.abort(key)
-                    self._release(1)
+                    self._release(entry[1].choice.rows)
         elif kind == "call":
             _, fn, future, loop = command
             try:
@@ -278,7 +286,7 @@ class EngineRunner:
         except Exception as err:  # InputError for a request the engine cannot take
             for done in added:
                 self.scheduler.abort(done)
-            self._release(len(submission.keys))
+            self._release(sum(c.rows for c in submission.choices))
             if isinstance(err, InputError):  # the engine names the request by a key the client never saw
                 err = InputError(str(err).removeprefix(f"request {key}: "))
             submission.put(err)
@@ -303,7 +311,7 @@ class EngineRunner:
             submission.put(chunk)
             if chunk.finish is not None:
                 del self._live[update.key]
-                self._release(1)
+                self._release(tracker.choice.rows)
                 if update.result is None:  # a stop string ended it before the engine did
                     self.scheduler.abort(update.key)
                 if self.metrics is not None:
@@ -314,7 +322,7 @@ class EngineRunner:
         submissions = {id(s): s for s, _ in self._live.values()}
         for key in list(self._live) if abort else ():
             self.scheduler.abort(key)
-        self._release(len(self._live))
+        self._release(sum(tracker.choice.rows for _, tracker in self._live.values()))
         self._live.clear()
         for submission in submissions.values():
             submission.put(error)
