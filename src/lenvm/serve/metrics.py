@@ -43,7 +43,11 @@ class Metrics:
             "Tokens decoded and then discarded: retries' resampled ends, best_of's other attempts",
             registry=r,
         )
-        self.queue_depth = Gauge("lenvm_queue_depth", "Requests waiting for a row of the batch", registry=r)
+        self.queue_depth = Gauge(
+            "lenvm_queue_depth",
+            "Answers (each best_of attempt one) waiting for a row of the batch",
+            registry=r,
+        )
         self.running = Gauge("lenvm_running_requests", "Rows in the running batch", registry=r)
         self.open_streams = Gauge("lenvm_open_streams", "Streaming responses in progress", registry=r)
         self.step_seconds = Histogram(
