@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 from lenvm.io import (
     InputError,
     JsonlAppender,
-    check_jsonl_to_append,
     fingerprint,
-    iter_jsonl,
     read_jsonl,
+    read_jsonl_to_append,
     write_text,
 )
 from lenvm.model import LengthValueModel
@@ -74,11 +73,9 @@ def predict_file(
     shas = {p.id: fingerprint(e.ids) for p, e in zip(prompts, every, strict=True)}
     model = fingerprint(lenvm.config.to_dict())
     done = set()
-    if out.exists():
-        check_jsonl_to_append(out, _prediction_problem, "predictions")
-        for record in iter_jsonl(out):
-            _check_resumable(record, out, model, shas)
-            done.add(str(record.get("id")))
+    for record in read_jsonl_to_append(out, _prediction_problem, "predictions"):
+        _check_resumable(record, out, model, shas)
+        done.add(str(record.get("id")))
     todo = [p for p in prompts if p.id not in done]
     encoded = [e for p, e in zip(prompts, every, strict=True) if p.id not in done]
     # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.

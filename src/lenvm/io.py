@@ -157,16 +157,22 @@ class JsonlAppender:
         self.close()
 
 
-def check_jsonl_to_append(path: Path, problem: Callable[[dict[str, Any]], str | None], what: str) -> None:
-    """Before resuming into ``path``: refuse a file whose complete lines are not all ``what``
-    records (``problem`` says what is wrong with one, or None), so that another file given by
-    mistake is left as it was; then cut a partial last line that a crash left."""
+def read_jsonl_to_append(
+    path: Path, problem: Callable[[dict[str, Any]], str | None], what: str
+) -> list[dict[str, Any]]:
+    """The records already in ``path`` before resuming into it (none if it does not exist).
+    Refuses a file whose complete lines are not all ``what`` records (``problem`` says what is
+    wrong with one, or None), so that another file given by mistake is left as it was; then cuts
+    a partial last line that a crash left."""
     if not path.exists():
-        return
+        return []
+    records = []
     for lineno, record in numbered_jsonl(path, complete_only=True):
         if (why := problem(record)) is not None:
             raise InputError(f"{path}:{lineno} is not a line of {what} ({why}): write them to another file")
+        records.append(record)
     repair_jsonl_tail(path)
+    return records
 
 
 def repair_jsonl_tail(path: Path) -> None:

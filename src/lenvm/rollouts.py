@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lenvm import hub
 from lenvm.decoding.params import SamplingParams
-from lenvm.io import InputError, JsonlAppender, check_jsonl_to_append, is_int, numbered_jsonl
+from lenvm.io import InputError, JsonlAppender, is_int, numbered_jsonl, read_jsonl_to_append
 from lenvm.prompts import Prompt, as_prompt, encode_prompt
 
 BACKENDS = ("hf", "vllm", "openai")
@@ -164,8 +164,7 @@ def rollout(
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
     with_images = next((p.id for p in prompts if p.images), None)
     out = Path(out)
-    check_jsonl_to_append(out, record_problem, "rollouts")
-    existing = read_rollouts(out) if out.exists() else []
+    existing = read_jsonl_to_append(out, record_problem, "rollouts")
     if backend == AUTO:
         backend = _auto_backend(generator, existing, with_images is None, out)
     if backend == "vllm" and isinstance(generator, tuple):
