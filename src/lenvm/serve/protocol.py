@@ -254,13 +254,6 @@ def _plan(
         raise ApiError(400, "n must be at least 1", "n")
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
-    if body.n * len(prompts) > ctx.max_choices:
-        raise ApiError(
-            400,
-            f"{body.n * len(prompts)} choices (n times the prompts) exceed what this server holds at once "
-            f"({ctx.max_choices})",
-            "n",
-        )
     for ids in prompts:
         if len(ids) >= ctx.context:
             raise ApiError(
@@ -275,13 +268,14 @@ def _plan(
         raise ApiError(400, str(err), "vllm_xargs") from None
     if (control is not None or return_values) and not ctx.has_lenvm:
         raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
-    rows = body.n * len(prompts) * (control.best_of if control is not None else 1)
-    if rows > ctx.max_choices:  # each best_of attempt holds a row of its own
+    best_of = control.best_of if control is not None else 1
+    rows = body.n * len(prompts) * best_of  # each best_of attempt holds a row of its own
+    if rows > ctx.max_choices:
         raise ApiError(
             400,
             f"{rows} answers at once (n times the prompts times length_best_of) exceed what this server "
             f"holds at once ({ctx.max_choices})",
-            "length_best_of",
+            "n" if best_of == 1 else "length_best_of",
         )
     if control is not None and body.stream and control.kind in TARGET_KINDS and "length_retries" not in keys:
         # A stream cannot take tokens back: no retries unless asked for (then it is held back).
