@@ -198,6 +198,12 @@ class Control:
         (our rules; the paper's rules keep the usual candidates)."""
         return self.kind in TARGET_KINDS and self.rule == "ours"
 
+    @property
+    def must_reach(self) -> bool:
+        """Whether an answer may not end before the target (Equal To, At Least): it needs the
+        target's tokens and the EOS that ends them."""
+        return self.kind in ("equal_to", "at_least")
+
     def beyond_horizon(self, gamma: float) -> str | None:
         """Why a LenVM of discount ``gamma`` cannot steer to this control's target, or None: values
         that far from the end all round to -1 (``gamma**target`` below :data:`MIN_DISCOUNT`; under
@@ -214,7 +220,7 @@ class Control:
         """Why this control can never be met within ``max_new_tokens`` (named ``limit`` in the
         message), or None: Equal To and At Least need their target's tokens and the EOS that ends
         them, which ``max_new_tokens`` counts too."""
-        if self.kind not in ("equal_to", "at_least") or self.target < max_new_tokens:
+        if not self.must_reach or self.target < max_new_tokens:
             return None
         return (
             f"{self.kind} {self.target} can never be met within {limit} ({max_new_tokens}): "

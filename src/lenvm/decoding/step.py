@@ -92,7 +92,7 @@ class Rows:
             keys.setdefault((c.kind, c.rule), []).append(row)
         pairs = list(zip(controls, samplings, strict=True))
         wants_eos = [c.wants_eos and not s.ignore_eos for c, s in pairs]
-        must_reach = [c.kind in ("equal_to", "at_least") and not s.ignore_eos for c, s in pairs]
+        must_reach = [c.must_reach and not s.ignore_eos for c, s in pairs]
         caps = [NO_CAP if c.cap is None or s.ignore_eos else c.cap for c, s in pairs]
         ours = [looks_ahead(c, s) for c, s in pairs]
         look_from = [
