@@ -128,17 +128,12 @@ def scan(
 
     def checked() -> Iterator[dict[str, Any]]:
         first_policy = None
+        one_policy = "a LenVM models one decoding policy; train it on rollouts of one"
         for i, record in enumerate(source):
-            _check_vocabulary(record, i, vocab_size, vocab_name)
-            if tokenizer is not None and i < TOKENIZER_CHECKS:
-                _check_prompt_tokens(record, i, tokenizer, vocab_name)
-            settings = decoding_policy(record.get("sampling"))
+            settings = _check_record(
+                record, i, vocab_size, vocab_name, tokenizer, first_policy, "the first", one_policy
+            )
             first_policy = first_policy or settings
-            if settings != first_policy:
-                raise InputError(
-                    f"rollout record {i + 1} was sampled with {settings}, the first with {first_policy}: "
-                    "a LenVM models one decoding policy; train it on rollouts of one"
-                )
             if not sees_images and image_references(record.get("prompt")):
                 raise InputError(
                     f"rollout record {i + 1}'s prompt has images, which {vocab_name!r} (text-only) "
@@ -251,25 +246,38 @@ def check_rollouts_for(lenvm, records: list[dict[str, Any]], purpose: str) -> No
     vocab_size = lenvm.backbone.get_input_embeddings().weight.shape[0]
     name = lenvm.config.base_model
     trained = decoding_policy(lenvm.config.sampling) if lenvm.config.sampling is not None else None
+    whose, advice = "the LenVM's training rollouts", f"{purpose} rollouts of the policy it models"
     for i, record in enumerate(records):
-        _check_vocabulary(record, i, vocab_size, name)
-        if i < TOKENIZER_CHECKS:
-            _check_prompt_tokens(record, i, lenvm.tokenizer, name)
-        settings = decoding_policy(record.get("sampling"))
-        if trained is not None and settings != trained:
-            raise InputError(
-                f"rollout record {i + 1} was sampled with {settings}, the LenVM's training rollouts with "
-                f"{trained}: {purpose} rollouts of the policy it models"
-            )
+        _check_record(record, i, vocab_size, name, lenvm.tokenizer, trained, whose, advice)
 
 
-def _check_vocabulary(record: dict[str, Any], index: int, vocab_size: int, name: str) -> None:
+def _check_record(
+    record: dict[str, Any],
+    index: int,
+    vocab_size: int,
+    name: str,
+    tokenizer,
+    policy: dict[str, Any] | None,
+    whose: str,
+    advice: str,
+) -> dict[str, Any]:
+    """Record ``index`` as a LenVM on the model ``name`` reads it: token ids within its
+    vocabulary, prompt tokens its ``tokenizer`` reads back (the first records, given a tokenizer)
+    and, given a ``policy`` (``whose``), sampled under it. Returns the record's decoding policy."""
     top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
     if top >= vocab_size:
         raise InputError(
             f"rollout record {index + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
             f"of {name!r}: were the rollouts made with another tokenizer?"
         )
+    if tokenizer is not None and index < TOKENIZER_CHECKS:
+        _check_prompt_tokens(record, index, tokenizer, name)
+    settings = decoding_policy(record.get("sampling"))
+    if policy is not None and settings != policy:
+        raise InputError(
+            f"rollout record {index + 1} was sampled with {settings}, {whose} with {policy}: {advice}"
+        )
+    return settings
 
 
 def _check_prompt_tokens(record: dict[str, Any], index: int, tokenizer, name: str) -> None:
