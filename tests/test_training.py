@@ -585,6 +585,8 @@ def test_one_prompt_in_any_form_gives_one_prediction(tiny_path, tiny_generator):
     assert lenvm.predict_length([{"prompt": text}, text]) == pytest.approx([alone, alone])
     with pytest.raises(InputError, match="a prompt or a list of prompts"):
         lenvm.predict_length(5)
+    with pytest.raises(InputError, match="prompt 2 holds token id 100000, outside the vocabulary"):
+        lenvm.predict_length([ids, [*ids, 100000]])
 
 
 def test_a_lenvm_refuses_a_generator_of_another_width(tmp_path, tiny_path, tiny_generator):

@@ -137,6 +137,11 @@ def test_bad_completions_are_input_errors(lenvm):
     # Nothing follows an EOS (here written out as text, which the tokenizer makes the EOS token).
     with pytest.raises(InputError, match="holds the EOS token at token 2"):
         token_values(lenvm, PROMPT, "a<|im_end|>b c")
+    # Ids of another tokenizer are refused by name, not by an index error deep in the model.
+    vocab = lenvm.backbone.get_input_embeddings().weight.shape[0]
+    for bad in (vocab, -1):
+        with pytest.raises(InputError, match=f"holds token id {bad}, outside the vocabulary"):
+            token_values(lenvm, PROMPT, [bad])
 
 
 def test_characters_split_over_tokens_are_shown_whole(lenvm):

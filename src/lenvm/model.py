@@ -350,13 +350,20 @@ class LengthValueModel(nn.Module):
         """The most tokens the backbone reads at once."""
         return context_length(self.backbone)
 
-    def check_length(self, ids: list[int], image_tokens: int = 0) -> None:
-        """Refuse a sequence longer than :attr:`context`, saying how much of it is images."""
+    def check_tokens(self, ids: list[int], image_tokens: int = 0, what: str = "a sequence") -> None:
+        """Refuse ``what`` (token ids) if it is longer than :attr:`context`, saying how much of it
+        is images, or holds an id outside the vocabulary (ids made by another tokenizer)."""
         if len(ids) > self.context:
             of_images = f", {image_tokens} of them for its images" if image_tokens else ""
             raise InputError(
-                f"a sequence of {len(ids)} tokens{of_images} exceeds the LenVM's context of "
-                f"{self.context} tokens"
+                f"{what} of {len(ids)} tokens{of_images} exceeds the LenVM's context of {self.context} tokens"
+            )
+        vocab = self.backbone.get_input_embeddings().weight.shape[0]
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InputError(
+                f"{what} holds token id {bad}, outside the vocabulary (0-{vocab - 1}) of "
+                f"{self.config.base_model!r}: were its ids made by another tokenizer?"
             )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -473,7 +480,7 @@ class LengthValueModel(nn.Module):
 
     def encode_prompts(self, prompts: list[str | Messages | Prompt | TokenIds]) -> list[vision.Encoded]:
         """Each prompt as the LenVM reads it (chat template applied, images read, token ids taken
-        as they are), checked against the context window."""
+        as they are), checked against the context window and the vocabulary."""
         if not prompts:
             raise InputError("no prompts to predict for")
         encoded = []
@@ -481,12 +488,7 @@ class LengthValueModel(nn.Module):
             e = vision.encode(self.tokenizer, prompt)
             if not e.ids:
                 raise InputError(f"prompt {i + 1} encodes to no tokens")
-            if len(e.ids) > self.context:
-                of_images = f", {e.image_tokens} of them for its images" if e.image_tokens else ""
-                raise InputError(
-                    f"prompt {i + 1} has {len(e.ids)} tokens{of_images}, more than the model's context "
-                    f"of {self.context}"
-                )
+            self.check_tokens(e.ids, e.image_tokens, f"prompt {i + 1}")
             encoded.append(e)
         return encoded
 

@@ -158,7 +158,7 @@ def token_values(
             "EOS, so nothing can follow it"
         )
     input_ids = prompt_ids + (ids[:-1] if finished else ids)
-    lenvm.check_length(input_ids, encoded.image_tokens)
+    lenvm.check_tokens(input_ids, encoded.image_tokens, "the prompt and completion")
     example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished, tuple(images))
     values = state_values(lenvm, [example])[0]
     gamma = lenvm.gamma

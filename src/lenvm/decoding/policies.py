@@ -90,7 +90,8 @@ class Candidates:
     probs: torch.Tensor  # [B, k] generator probabilities after truncation; 0 marks an unusable slot
     values: torch.Tensor  # [B, k] V(s_t + x), 0 for EOS
     eos: torch.Tensor  # [B, k] True where the candidate is an EOS token
-    # [B, k] the generator's probability of EOS right after x (when the scorer computed it)
+    # [B, k] the generator's probability of its most likely EOS right after x (when the scorer
+    # computed it)
     next_eos: torch.Tensor | None = None
     # [B] the generator's own probability (temperature 1, untruncated) of its EOS now
     eos_now: torch.Tensor | None = None

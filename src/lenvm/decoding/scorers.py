@@ -140,7 +140,8 @@ class AttachedScorer(BlockScorer):
             return None
         lm_head = self.lenvm.backbone.get_output_embeddings()
         probs = torch.softmax(lm_head(block.last).float(), dim=-1)
-        return probs[..., self.lenvm.config.eos_token_ids].sum(-1)
+        # The most likely EOS alone, as the natural-end bar judges the EOS that ends an answer.
+        return probs[..., self.lenvm.config.eos_token_ids].amax(-1)
 
 
 class StandaloneScorer(BlockScorer):
