@@ -1,6 +1,7 @@
 """The command line as a user drives it: tiny model, real files, exit codes and messages."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -282,6 +283,11 @@ def test_generate_with_and_without_a_length_control(
     record = json.loads(capsys.readouterr().out)
     assert record["num_tokens"] <= 3 and len(record["values"]) == record["num_tokens"] + 1
     assert record["finish_reason"] == "stop" and 0 < record["eos_prob"] <= 1
+    # Without --model, the generator the LenVM reads: the same answer.
+    alone = [x for x in base if x not in ("--model", str(tiny_path))]
+    argv = [*alone, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-most", "3", "--json", "--values"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == record
 
     # A batch from a file, mixing nothing but plain sampling: one JSON line per prompt, in order.
     assert main([*base, "--prompts", str(prompts_file)]) == 0
@@ -421,3 +427,21 @@ def test_every_option_has_help_and_bench_defaults_match_the_python_api():
     for command, run in (("lifebench", run_lifebench), ("tradeoff", run_tradeoff)):
         args = parser.parse_args(["bench", command])
         assert args.max_new_tokens == inspect.signature(run).parameters["max_new_tokens"].default
+
+
+def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
+    from lenvm.cli import build_parser, options
+    from lenvm.hub import DEFAULT_MODEL
+    from lenvm.model import LengthValueModel
+
+    lenvm = LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator)
+    lenvm.save_pretrained(tmp_path / "lv")
+    for argv, model in [
+        (["serve", "--lenvm", str(tmp_path / "lv")], str(Path(tiny_path).resolve())),
+        (["serve"], DEFAULT_MODEL),
+        (["serve", "--lenvm", str(tmp_path / "lv"), "--model", "other"], "other"),
+        (["bench", "speed", "--lenvm", str(tmp_path / "lv")], str(Path(tiny_path).resolve())),
+    ]:
+        args = build_parser().parse_args(argv)
+        options.resolve_model(args)
+        assert args.model == model

@@ -665,6 +665,13 @@ def save_config(
     return target
 
 
+def generator_of(path: str | os.PathLike) -> str | None:
+    """The generator a LenVM folder was made for: the one an attached or q head reads, or the one
+    whose rollouts trained a standalone LenVM (None where that is not recorded)."""
+    config = read_config(path)
+    return config.generator if config.kind == "standalone" else config.base_model
+
+
 def read_config(path: str | os.PathLike) -> LengthValueConfig:
     path = Path(path)
     config_file = path / CONFIG_NAME

@@ -704,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_values)
 
     p = sub.add_parser("generate", help="generate text, optionally steered to a length by a LenVM")
-    options.add_model(p)
+    options.add_generator(p)
     p.add_argument("--lenvm", help="LenVM folder (needed for a length control)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server with length control, prediction and values")
-    options.add_model(p)
+    options.add_generator(p)
     p.add_argument("--lenvm", help="LenVM folder (needed for length controls and the length endpoints)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -860,7 +860,7 @@ def _add_bench_parser(sub) -> None:
         p = bsub.add_parser(module.COMMAND, help=module.HELP)
         default_out = "results/" + module.COMMAND.replace("-", "_")
         p.add_argument("--out", default=default_out, help="results folder (a rerun resumes)")
-        options.add_model(p)
+        options.add_generator(p)
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         module.add_arguments(p)
         p.set_defaults(func=cmd_bench, bench_module=module)
@@ -872,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     _quiet_transformers()
     try:
+        options.resolve_model(args)
         status = args.func(args)
     except InputError as err:
         print(f"lenvm: error: {err}", file=sys.stderr)

@@ -47,6 +47,27 @@ def add_model(
     add_device(parser)
 
 
+def add_generator(parser: argparse.ArgumentParser) -> None:
+    """``--model`` for a command that may also load a LenVM: left out, the generator that LenVM
+    was made for (see :func:`resolve_model`)."""
+    add_model(
+        parser,
+        help=f"generator: folder, hub id or built-in alias (default: the LenVM's, else {DEFAULT_MODEL})",
+        default=None,
+    )
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """Fill in a ``--model`` left out (:func:`add_generator`): the generator of the command's
+    LenVM, whose head reads that generator's states, else the built-in default."""
+    if "model" not in vars(args) or args.model is not None:
+        return
+    from lenvm.model import generator_of
+
+    lenvm = getattr(args, "lenvm", None) or getattr(args, "exact", None)
+    args.model = (generator_of(lenvm) if lenvm else None) or DEFAULT_MODEL
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", help="torch device for the models (default: the first accelerator, else cpu)"
