@@ -1097,9 +1097,10 @@ def test_retries_of_every_control_do_not_depend_on_the_batch(tiny_generator, len
 
 
 def test_truncation_that_leaves_only_eos_does_not_end_a_target_short(tmp_path):
-    """A short answer's EOS can hold more than top-p: truncation then keeps EOS alone. Equal To and
-    At Least must still go on to their target (from the distribution before truncation); an
-    unguided answer under the same truncation ends at once."""
+    """A short answer's EOS can hold more than top-p: truncation then keeps EOS alone (and a low
+    temperature leaves it alone with a probability). Equal To and At Least must still go on to
+    their target (from the distribution before truncation); an unguided answer under the same
+    truncation ends at once."""
     from lenvm.hub import load_generator
     from lenvm.testing import tiny_model
 
@@ -1117,6 +1118,13 @@ def test_truncation_that_leaves_only_eos_does_not_end_a_target_short(tmp_path):
     )
     assert plain.num_tokens == 0
     assert at_least.num_tokens >= 20 and paper.num_tokens >= 20
+    assert equal_to.num_tokens >= 10
+    # A low temperature rounds every probability but EOS's to 0, with no truncation at all.
+    cold = SamplingParams(max_new_tokens=40, temperature=0.01, seed=0)
+    controls = [Control("at_least", target=20), Control("at_least", target=20, rule="paper")]
+    for result in engine.generate([Request("Hi", cold, control=c) for c in controls]):
+        assert result.num_tokens >= 20
+    equal_to = engine.generate([Request("Hi", cold, control=Control("equal_to", target=20))])[0]
     assert equal_to.num_tokens >= 10
 
 

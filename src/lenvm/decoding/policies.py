@@ -358,15 +358,18 @@ def top_candidates(
     Rows in ``wants_eos`` (``[B]`` bool, None for no row: targets that must be able to end) get
     the most likely EOS token in the last slot when none is among the top ``k``; it keeps its
     probability before truncation when top-p or min-p cut it, so a row can end when its target
-    is reached. Likewise rows in ``keep_going`` (short of a target they must reach) whose
-    truncation left nothing but EOS take their candidates from the distribution before
-    truncation, so that the control can go on (a short answer's EOS often holds more than top-p)."""
+    is reached. Likewise rows in ``keep_going`` (short of a target they must reach) where nothing
+    but EOS kept a probability (truncation cut the rest: a short answer's EOS often holds more
+    than top-p; or a low temperature rounded it to 0) take their other candidates from the
+    distribution before truncation given that the answer goes on (EOS left out, so that they keep
+    probabilities however far EOS leads), so that the control can go on."""
     if keep_going is not None:
         kept = (probs > 0).sum(-1)
         only_eos = kept == (probs[:, eos_ids] > 0).sum(-1)
         lost = keep_going & only_eos
         if lost.any():
-            probs = torch.where(lost[:, None], torch.softmax(logits / temperature[:, None], dim=-1), probs)
+            going_on = (logits / temperature[:, None]).index_fill(1, eos_ids, -float("inf"))
+            probs = torch.where(lost[:, None], torch.softmax(going_on, dim=-1), probs)
     k = min(k, probs.shape[-1])
     cand_probs, ids = probs.topk(k, dim=-1)
     if k > 1 and wants_eos is not None:

@@ -215,8 +215,7 @@ def decide(
     if any_own:
         sampled = policies.choose(probs, uniform, rows.greedy if rows.any_greedy else None)
     if rows.any_guided:
-        truncated = rows.any_top_k or rows.any_top_p or rows.any_min_p
-        short = rows.must_reach & (rows.step < rows.target) if truncated and rows.any_must_reach else None
+        short = rows.must_reach & (rows.step < rows.target) if rows.any_must_reach else None
         ids, cand_probs = policies.top_candidates(
             logits,
             probs,
