@@ -117,6 +117,14 @@ def test_chat_completion_applies_the_chat_template(url, engine, tiny_generator):
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].message.content == expected.text
     assert answer.usage.prompt_tokens == len(ids)
+    # null leaves a field at its default, as OpenAI's client sends it for arguments passed as None.
+    nulls = {"n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None}
+    again = client(url).chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=7, seed=5, logprobs=None, **nulls
+    )
+    assert again.choices[0].message.content == expected.text
+    text = client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=3, echo=None, **nulls)
+    assert len(text.choices) == 1
     # max_tokens left out: a chat answer may run to the end of the context (here until EOS)
     long = client(url).chat.completions.create(
         model=MODEL, messages=HI, seed=1, extra_body={"vllm_xargs": {"length_at_most": 12}}

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lenvm.decoding.params import (
     LENGTH_KEYS,
@@ -69,6 +69,15 @@ class ApiError(Exception):
 class _Body(BaseModel):
     # Strict: "5" is not a number and true is not 1; unknown fields are errors.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        # As in OpenAI's API, null leaves a field at its default: OpenAI's own clients send
+        # n=None, stream=None and the like for arguments passed as None.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class StreamOptions(_Body):
