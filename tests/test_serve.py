@@ -18,6 +18,8 @@ import openai
 import pytest
 import torch
 import uvicorn
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lenvm.decoding import Control, Engine, Request, SamplingParams
 from lenvm.decoding.policies import give_up
@@ -358,6 +360,41 @@ def test_predict_gives_the_value_at_the_prompt_boundary(url, lenvm, tiny_generat
     chat = httpx.post(url + "/v1/length/predict", json={"messages": [HI, HI]}).json()
     assert len(chat["data"]) == 2
     assert chat["data"][0]["value"] == pytest.approx(lenvm.predict_values([HI])[0], abs=1e-5)
+
+
+def test_predict_cuts_a_long_list_into_bounded_forwards(url, lenvm, tiny_generator, monkeypatch):
+    """Prompts are predicted a bounded forward at a time (decoding steps run in between), and the
+    answers come back in the order asked."""
+    import lenvm.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "PREDICT_CHUNK_TOKENS", 16)
+    calls = []
+    original = lenvm.predict_values
+    monkeypatch.setattr(lenvm, "predict_values", lambda prompts: calls.append(prompts) or original(prompts))
+    prompts = [[7] * n for n in (9, 3, 12, 1, 5, 20)]
+    answer = httpx.post(url + "/v1/length/predict", json={"prompt": prompts}).json()
+    assert [d["prompt_tokens"] for d in answer["data"]] == [len(p) for p in prompts]
+    assert [d["value"] for d in answer["data"]] == pytest.approx(original(prompts), abs=1e-5)
+    assert len(calls) > 1 and all(len(c) * max(map(len, c)) <= 16 or len(c) == 1 for c in calls)
+
+    # A client that gives up stops the forwards not yet run.
+    calls.clear()
+    slow = lambda prompts: time.sleep(0.4) or calls.append(prompts) or original(prompts)  # noqa: E731
+    monkeypatch.setattr(lenvm, "predict_values", slow)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/length/predict", json={"prompt": prompts * 3}, timeout=0.6)
+    time.sleep(2.0)
+    assert 1 <= len(calls) < 6
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(1, 100))
+def test_forward_chunks_cover_every_sequence_once_within_the_budget(lengths, budget):
+    from lenvm.serve.app import _forward_chunks
+
+    chunks = _forward_chunks(lengths, budget)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for chunk in chunks:
+        assert len(chunk) == 1 or len(chunk) * max(lengths[i] for i in chunk) <= budget
 
 
 def test_values_endpoint_gives_the_curve_and_td_residuals(url, lenvm):

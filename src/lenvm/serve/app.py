@@ -18,7 +18,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,10 @@ from lenvm.serve.protocol import (
     text_prompt_ids,
 )
 from lenvm.serve.runner import EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
+
+# Tokens (padding included) in one forward of /v1/length/predict, which runs on the engine thread:
+# a list of long prompts is cut into such forwards so that decoding steps go on in between.
+PREDICT_CHUNK_TOKENS = 4096
 
 
 @dataclass
@@ -222,13 +226,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await generate(request, "chat", ChatCompletionRequest, plan_chat)
 
-    async def length_endpoint(request: Request, endpoint: str, work: Callable) -> JSONResponse:
+    async def length_endpoint(request: Request, endpoint: str, work: Callable) -> Response:
         try:
             _authorize(request, settings)
             body = await _read_body(request, settings.max_body_bytes)
             if lenvm is None:
                 raise ApiError(400, "this server has no LenVM: start it with --lenvm")
             answer = await work(body)
+        except _ClientGone:
+            metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
         except Exception as err:
             error = _as_api_error(err)
             metrics.requests.labels(endpoint, _outcome(error.status)).inc()
@@ -242,7 +249,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             body = parse(PredictRequest, raw)
             _check_model(body.model, name)
             prompts = _predict_prompts(body, ctx)
-            values = await runner.call(lambda: lenvm.predict_values(prompts))
+            values = [0.0] * len(prompts)
+
+            async def predict_all() -> None:
+                # A forward of a bounded size at a time, so that decoding steps run in between.
+                for chunk in _forward_chunks([len(p) for p in prompts], PREDICT_CHUNK_TOKENS):
+                    got = await runner.call(lambda c=chunk: lenvm.predict_values([prompts[i] for i in c]))
+                    for i, value in zip(chunk, got, strict=True):
+                        values[i] = value
+
+            await _unless_gone(request, predict_all())
             lengths = lenvm.lengths_from_values(values)  # as the library predicts: at least 1
             data = [
                 {"index": i, "prompt_tokens": len(ids), "value": value, "predicted_tokens": length}
@@ -375,6 +391,37 @@ class _EventStream(StreamingResponse):
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _unless_gone(request: Request, work: Awaitable[None]) -> None:
+    """Await ``work``, cancelled (raising :class:`_ClientGone`) if the client disconnects first."""
+    working = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({working, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not working.done():
+            working.cancel()
+    if working.cancelled():
+        raise _ClientGone
+    working.result()
+
+
+def _forward_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of sequences of ``lengths``, shortest first, in groups whose padded size (count
+    times longest) stays within ``budget`` tokens (a longer sequence alone)."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 async def _disconnected(request: Request) -> None:
