@@ -109,6 +109,22 @@ def test_at_most_ours_follows_the_generator_inside_the_bound():
     assert float(dist[2]) < 0.1 * 0.2  # predicted to end far beyond the bound: pushed down
 
 
+@given(st.integers(0, 200), st.integers(1, 300), st.integers(-5, 120))
+def test_a_state_fits_as_at_most_judged_the_token_that_led_to_it(step, left, beyond):
+    """``fits`` reads the state after a token as ``at_most``'s Laplace model read that token: the
+    same output length (EOS excluded) and scale, so the two agree on where an answer fits (the
+    bound ``beyond`` tokens past the predicted length, near where the two could disagree)."""
+    target = max(step + left + beyond, 1)
+    value = length_to_value(torch.tensor([float(left)], dtype=torch.float64), GAMMA).float()
+    fits = bool(policies.fits(value, t(step + 1), t(target), GAMMA)[0])
+    c = Candidates(
+        t([7]), torch.ones(1, 1, dtype=torch.float64), value[None], torch.zeros(1, 1, dtype=torch.bool)
+    )
+    total = policies.predicted_total(c, t(step), GAMMA)
+    inside = policies._log_laplace_cdf((target + 0.5 - total) / policies.spread(total, t(step)))
+    assert fits == bool(inside[0, 0] >= math.log(policies.FIT_CONFIDENCE))
+
+
 def test_at_most_ours_wraps_up_before_its_bound():
     # A plausible EOS and a long continuation, 20 tokens from a bound of 100: far enough that the
     # Laplace tail alone leaves the generator's odds (the continuation fits); from a quarter of

@@ -178,9 +178,10 @@ def lookahead_from(target: torch.Tensor) -> torch.Tensor:
 
 def fits(value: torch.Tensor, step: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
     """Whether the LenVM is confident (``P(L <= N) >= FIT_CONFIDENCE`` under the Laplace model)
-    that an answer in state value ``value`` (``[B]``, at ``step``) ends within ``target``."""
-    left = value_to_length(value.double(), gamma).clamp(min=1.0)
-    total = step.double() + left
+    that an answer in state value ``value`` (``[B]``, at ``step``) ends within ``target``: as
+    :func:`at_most` judged the token that led to this state."""
+    left = value_to_length(value.double(), gamma).clamp(min=1.0)  # tokens left, the EOS among them
+    total = step.double() + left - 1.0  # the output length, EOS excluded (as T(x) counts it)
     z = (target.double() + 0.5 - total) / (SPREAD * left + FLOOR)
     return _log_laplace_cdf(z) >= math.log(FIT_CONFIDENCE)
 
