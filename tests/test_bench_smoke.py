@@ -401,6 +401,7 @@ def test_bench_cli_runs_each_benchmark(
                         str(train_rollouts), "--positions", "2"],
         "vision": ["--no-progress", "--images", "3", "--n", "1", "--max-new-tokens", "6",
                    "--batch-size", "2", "--target", "3", "--epochs", "1"],
+        "train-memory": ["--no-progress", "--records", "24", "--paths", "head", "--modes", "stream"],
     }  # fmt: skip
     for name, args in runs.items():
         out = tmp_path / name

@@ -34,6 +34,7 @@ HELP = "peak memory of training on many synthetic rollouts, streamed vs loaded"
 TABLE = "table.md"
 PATHS = ("head", "full")
 MODES = ("stream", "load")
+MODEL_FLAG = None  # no --model, --device or --dtype: it trains a tiny model of its own on the CPU
 
 
 def add_arguments(p) -> None:
@@ -84,7 +85,7 @@ def synthetic_rollouts(path: Path, tokenizer, records: int, max_completion: int,
             record = {
                 "prompt_id": str(i // 8),
                 "sample_index": i % 8,
-                "prompt": "synthetic",
+                "prompt": tokenizer.decode(prompt),  # what the tokens read as, as a real record
                 "prompt_token_ids": prompt,
                 "completion": "",
                 "completion_token_ids": ids,

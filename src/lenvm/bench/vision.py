@@ -23,6 +23,11 @@ COMMAND = "vision"
 HELP = "the vision-language path on generated images: rollouts, training, prediction, guided decoding"
 TABLE = "table.md"
 TINY = "tiny-vlm"  # --model default: a tiny random Qwen2.5-VL built in the results folder
+# --model's default and help (the generator-loading flags of `lenvm bench`, see lenvm.cli)
+MODEL_FLAG = (
+    TINY,
+    "vision-language generator: folder or hub id (default: a tiny random Qwen2.5-VL, built here)",
+)
 KINDS = ("attached", "q", "standalone")
 
 
@@ -153,7 +158,6 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def add_arguments(p) -> None:
-    p.set_defaults(model=TINY)
     p.add_argument(
         "--images", type=options.positive_int, default=32, help="generated shape images (one prompt each)"
     )

@@ -860,7 +860,11 @@ def _add_bench_parser(sub) -> None:
         p = bsub.add_parser(module.COMMAND, help=module.HELP)
         default_out = "results/" + module.COMMAND.replace("-", "_")
         p.add_argument("--out", default=default_out, help="results folder (a rerun resumes)")
-        options.add_generator(p)
+        model_flag = getattr(module, "MODEL_FLAG", ...)  # Ellipsis: a generator, the LenVM's by default
+        if model_flag is ...:
+            options.add_generator(p)
+        elif model_flag is not None:
+            options.add_model(p, default=model_flag[0], help=model_flag[1])
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         module.add_arguments(p)
         p.set_defaults(func=cmd_bench, bench_module=module)
