@@ -445,3 +445,37 @@ def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_genera
         args = build_parser().parse_args(argv)
         options.resolve_model(args)
         assert args.model == model
+
+
+def test_paths_that_cannot_be_read_or_written_as_asked_are_clear_errors(
+    tmp_path, tiny_path, tiny_generator, prompts_file, capsys
+):
+    from lenvm.model import LengthValueModel
+
+    lenvm = tmp_path / "lv"
+    LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator).save_pretrained(lenvm)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    predict = ["predict", "--lenvm", str(lenvm), "--prompts", str(prompts_file), "--out"]
+    code, err = _error(capsys, [*predict, str(a_file / "p.jsonl")])  # under a file, not a folder
+    assert code == 2 and str(a_file) in err and a_file.read_text() == "keep me"
+    rollout = [
+        "rollout",
+        "--model",
+        str(tiny_path),
+        "--prompts",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r.jsonl"),
+    ]
+    code, err = _error(capsys, rollout)
+    assert code == 2 and "a folder, not a JSONL file" in err
+    values = ["values", "--lenvm", str(lenvm), "--prompt", "Hi", "--completion", "Yes", "--html"]
+    code, err = _error(capsys, [*values, str(tmp_path)])
+    assert code == 2 and "a folder, not a file" in err
+    code, err = _error(capsys, [*values, str(a_file)])  # not a page of ours: left as it is
+    assert code == 2 and "not an HTML page" in err and a_file.read_text() == "keep me"
+    assert main([*values, str(tmp_path / "v.html")]) == 0
+    assert main([*values, str(tmp_path / "v.html")]) == 0  # its own page is replaced
+    code, err = _error(capsys, ["predict", "--lenvm", str(lenvm), "--prompt", "Hi", "--model", str(lenvm)])
+    assert code == 2 and "is a LenVM folder, not a generator" in err

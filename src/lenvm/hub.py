@@ -8,6 +8,7 @@ a plain safetensors folder, after which it loads in about a second.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -158,8 +159,17 @@ def resolve(name: str | os.PathLike) -> str:
     """A loadable location for ``name``: a local folder, a prepared alias, or a hub id as is."""
     path = Path(name)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        config = path / "config.json"
+        if not config.is_file():
             raise InputError(f"{path}: not a model folder (no config.json)")
+        try:
+            fields = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{config}: not a JSON model config") from None
+        if isinstance(fields, dict) and fields.get("format") == "lenvm":
+            raise InputError(f"{path} is a LenVM folder, not a generator: give it as --lenvm")
+        if not isinstance(fields, dict) or "model_type" not in fields:
+            raise InputError(f"{path}: not a transformers model folder (its config.json has no model_type)")
         return str(path)
     text = str(name)
     if text in BUILTIN_MODELS:

@@ -46,7 +46,7 @@ def numbered_jsonl(
     write)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: a folder, not a JSONL file" if path.is_dir() else f"{path}: no such file")
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if complete_only and not raw.endswith(b"\n"):
@@ -76,8 +76,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removed and whatever stood at ``path`` before is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as err:  # named by the path asked for, not by the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     target = tmp / path.name
     try:
         yield target
@@ -117,12 +120,19 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _check_file_target(path: str | os.PathLike) -> None:
+    if Path(path).is_dir():
+        raise InputError(f"{path}: a folder, not a file to write")
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    _check_file_target(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    _check_file_target(path)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

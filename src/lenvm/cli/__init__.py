@@ -245,6 +245,10 @@ def cmd_values(args) -> None:
     from lenvm.io import write_text
     from lenvm.values_view import render_html, token_values
 
+    if args.html and Path(args.html).is_file():
+        with open(args.html, "rb") as fh:
+            if not fh.read(64).lstrip().lower().startswith(b"<!doctype html"):
+                raise InputError(f"--html {args.html}: exists and is not an HTML page; it is left as it is")
     prompt, completion, finished = _answer_to_value(args)
     lenvm = _load_lenvm(args)
     trace = token_values(lenvm, prompt, completion, finished=finished)
@@ -889,7 +893,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 28
-        raise
+        if err.filename is None:
+            raise
+        # A path that cannot be read or written as asked (a folder where a file goes, no
+        # permission, a missing parent): the path is the user's to fix.
+        print(f"lenvm: error: {err.strerror or err}: {err.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lenvm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

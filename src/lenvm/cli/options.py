@@ -55,12 +55,13 @@ def add_generator(parser: argparse.ArgumentParser) -> None:
         help=f"generator: folder, hub id or built-in alias (default: the LenVM's, else {DEFAULT_MODEL})",
         default=None,
     )
+    parser.set_defaults(model_follows_lenvm=True)
 
 
 def resolve_model(args: argparse.Namespace) -> None:
     """Fill in a ``--model`` left out (:func:`add_generator`): the generator of the command's
     LenVM, whose head reads that generator's states, else the built-in default."""
-    if "model" not in vars(args) or args.model is not None:
+    if not getattr(args, "model_follows_lenvm", False) or args.model is not None:
         return
     from lenvm.model import generator_of
 
