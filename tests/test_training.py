@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -621,3 +622,37 @@ def test_an_epoch_ending_on_a_checkpoint_is_evaluated_once(tmp_path, tiny_path, 
     result = train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
     steps = [e["step"] for e in result.evaluations]
     assert steps == sorted(set(steps)) and steps[-1] == len(result.losses)
+
+
+def test_a_damaged_lenvm_folder_is_a_clear_error(tmp_path, tiny_path, tiny_generator):
+    import shutil
+
+    good = tmp_path / "lv"
+    LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9).save_pretrained(good)
+
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    def edit_config(**fields):
+        def change(folder):
+            config = json.loads((folder / "config.json").read_text())
+            config.update(fields)
+            (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v != "-"}))
+
+        return change
+
+    def garbage(folder):
+        (folder / "head.safetensors").write_bytes(b"garbage" * 10)
+
+    cases = {
+        "not safetensors": (garbage, "head.safetensors"),
+        "gamma 1.5": (edit_config(gamma=1.5), "gamma must lie in (0, 1)"),
+        "no kind": (edit_config(kind="-"), "not a valid LenVM config"),
+        "other width": (edit_config(hidden_size=32), "width 32"),
+    }
+    for name, (change, message) in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            LengthValueModel.from_pretrained(damaged(name, change), generator=tiny_generator)

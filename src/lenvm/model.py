@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -281,9 +282,9 @@ class LengthValueModel(nn.Module):
                     f"are {width}: it was trained on another generator ({config.base_model!r})"
                 )
         model = cls(config, backbone, tokenizer)
-        model.head.load_state_dict(load_file(str(path / HEAD_NAME)))
+        _load_weights(model.head, path / HEAD_NAME)
         if model.end_head is not None:
-            model.end_head.load_state_dict(load_file(str(path / END_HEAD_NAME)))
+            _load_weights(model.end_head, path / END_HEAD_NAME)
         return model.eval()
 
     def save_pretrained(
@@ -665,6 +666,14 @@ def save_config(
     return target
 
 
+def _load_weights(module: nn.Module, file: Path) -> None:
+    try:
+        module.load_state_dict(load_file(str(file)))
+    except (SafetensorError, RuntimeError) as err:  # not safetensors, or other shapes or names
+        reason = str(err).strip().splitlines()[0]
+        raise InputError(f"{file}: not the weights of this LenVM's head ({reason})") from None
+
+
 def generator_of(path: str | os.PathLike) -> str | None:
     """The generator a LenVM folder was made for: the one an attached or q head reads, or the one
     whose rollouts trained a standalone LenVM (None where that is not recorded)."""
@@ -687,7 +696,12 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
     if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
         raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
-    return LengthValueConfig.from_dict(data)
+    try:
+        return LengthValueConfig.from_dict(data)
+    except InputError as err:
+        raise InputError(f"{config_file}: {err}") from None
+    except (TypeError, ValueError) as err:  # a field missing, or of a wrong type or value
+        raise InputError(f"{config_file}: not a valid LenVM config ({err})") from None
 
 
 def refuse_to_replace(path: str | os.PathLike, writes: str) -> None:
