@@ -533,6 +533,14 @@ def test_nothing_but_a_lenvm_is_replaced_by_training_or_saving(tmp_path, tiny_pa
     assert (notes / "important.txt").read_text() == "mine"
     lenvm.save_pretrained(tmp_path / "lv")
     lenvm.save_pretrained(tmp_path / "lv")  # a LenVM may be saved over a LenVM
+    # Training replaces a LenVM (and any end head and calibration fitted for it) only when asked.
+    again = dict(config=_config(epochs=1), generator=tiny_generator, progress=False)
+    before = (tmp_path / "lv" / "head.safetensors").read_bytes()
+    with pytest.raises(InputError, match="already holds a LenVM"):
+        train(records, str(tiny_path), tmp_path / "lv", **again)
+    assert (tmp_path / "lv" / "head.safetensors").read_bytes() == before
+    train(records, str(tiny_path), tmp_path / "lv", overwrite=True, **again)
+    assert (tmp_path / "lv" / "head.safetensors").read_bytes() != before
 
 
 def test_a_run_is_identified_by_every_record_not_only_its_ends(tiny_generator):

@@ -138,7 +138,13 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     earlier = saved_end_head(lenvm_dir)  # training replaces the folder
     train_config = TrainConfig(kind="attached", loss=config.loss, seed=config.seed)
     result = train(
-        records, config.model, lenvm_dir, train_config, generator=generator, eval_rollouts=eval_records
+        records,
+        config.model,
+        lenvm_dir,
+        train_config,
+        generator=generator,
+        eval_rollouts=eval_records,
+        overwrite=True,  # the demo's own LenVM, trained again when the demo is run again
     )
     lenvm = LengthValueModel.from_pretrained(lenvm_dir, generator=generator)
     end_head = None

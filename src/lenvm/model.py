@@ -704,10 +704,10 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         raise InputError(f"{config_file}: not a valid LenVM config ({err})") from None
 
 
-def refuse_to_replace(path: str | os.PathLike, writes: str) -> None:
+def refuse_to_replace(path: str | os.PathLike, writes: str, lenvm: bool = True) -> None:
     """A LenVM is written as a whole new folder, which replaces what stood at ``path``: refuse when
     that is anything but a LenVM or an empty folder (a generator's folder, say), naming what
-    ``writes``."""
+    ``writes``; and a LenVM too unless ``lenvm`` (may be replaced)."""
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
@@ -717,6 +717,11 @@ def refuse_to_replace(path: str | os.PathLike, writes: str) -> None:
         raise InputError(
             f"{path} exists and is not a LenVM folder; {writes} would replace it: choose another folder"
         ) from None
+    if not lenvm:
+        raise InputError(
+            f"{path} already holds a LenVM (with its end head and calibration, if any): {writes} would "
+            "replace it; allow that (overwrite=True) or choose another folder"
+        )
 
 
 def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this tokenizer") -> None:

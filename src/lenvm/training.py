@@ -182,6 +182,7 @@ def train(
     eval_rollouts: str | os.PathLike | list[dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a LenVM on ``rollouts`` and save it to ``out``.
 
@@ -193,10 +194,12 @@ def train(
     this call loads (default device: the generator's, else the first accelerator, else the CPU).
     ``eval_rollouts`` are held-out completions of other prompts (for example many samples of
     each, for a steady ground truth; they are held in memory); when given, every record of
-    ``rollouts`` trains and ``config.eval_fraction`` is not used.
+    ``rollouts`` trains and ``config.eval_fraction`` is not used. A LenVM already at ``out`` (with
+    any end head and calibration fitted for it) is replaced only when ``overwrite``; anything else
+    there never is.
     """
     config = config or TrainConfig()
-    refuse_to_replace(out, "training")  # before any work: a generator's folder, say, is never replaced
+    refuse_to_replace(out, "training", lenvm=overwrite)  # before any work
     source = RolloutSource(rollouts, config.stream)
     if not source.streamed and not source.records:
         raise InputError("no rollout records to train on")

@@ -454,7 +454,7 @@ def _lenvm_without(folder: Path, records, like, models: Models, progress: bool):
     made_from = fingerprint([models.name, asdict(config), records])
     fresh = (target / "head.safetensors").is_file() and marker.is_file() and marker.read_text() == made_from
     if not fresh:
-        train(records, models.name, target, config, generator=generator, progress=progress)
+        train(records, models.name, target, config, generator=generator, progress=progress, overwrite=True)
         write_text(marker, made_from)
     return LengthValueModel.from_pretrained(target, generator=generator)
 

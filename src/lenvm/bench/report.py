@@ -317,7 +317,7 @@ def _train_lenvm(
     target = folder / "model"
     if not (target / "head.safetensors").is_file():
         config = TrainConfig(kind="attached", seed=seed)
-        train(rollouts, models.name, target, config, generator=generator, progress=progress)
+        train(rollouts, models.name, target, config, generator=generator, progress=progress, overwrite=True)
     models.lenvm = LengthValueModel.from_pretrained(
         target, generator=generator, device=models.generator.device
     )

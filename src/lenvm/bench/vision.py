@@ -103,6 +103,7 @@ def run_vision(
                     progress=progress,
                     device=device,
                     dtype=dtype,
+                    overwrite=True,  # a resumed run trains a kind again
                 )
                 return {"positions_per_second": round(result.tokens_per_second), "epochs": config.epochs}
 

@@ -113,6 +113,7 @@ def cmd_train(args) -> int | None:
         eval_rollouts=args.eval_rollouts,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     if result.metrics and is_main_process():
         summary = {
