@@ -1,7 +1,9 @@
 import json
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -428,6 +430,12 @@ def test_auto_backend_uses_our_engine_without_vllm(tiny_path, tiny_generator, tm
     # The same file again, as a plain hf run: nothing left to do.
     again = rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
     assert again.completions_written == 0
+    # A folder is recorded by its absolute path: the same model however it is spelled, from anywhere.
+    assert read_rollouts(out)[0]["generator"] == os.path.abspath(tiny_path)
+    monkeypatch.chdir(Path(tiny_path).parent)
+    relative = rollout(Path(tiny_path).name, PROMPTS[:2], out, n=1, sampling=sampling, loaded=tiny_generator,
+                       progress=False)  # fmt: skip
+    assert relative.completions_written == 1
 
 
 def test_auto_backend_takes_vllm_only_for_a_named_text_generator(tiny_path, tiny_generator, tmp_path):

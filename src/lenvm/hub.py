@@ -155,6 +155,13 @@ def _convert_gguf(gguf: Path, target: Path, quiet: bool) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def model_name(name: str | os.PathLike) -> str:
+    """How records and configs name a generator: a local folder by its absolute path (the name then
+    holds from any working directory), anything else (a built-in alias, a hub id) as given."""
+    text = str(name)
+    return os.path.abspath(text) if text and Path(text).is_dir() else text
+
+
 def resolve(name: str | os.PathLike) -> str:
     """A loadable location for ``name``: a local folder, a prepared alias, or a hub id as is."""
     path = Path(name)

@@ -233,8 +233,7 @@ class LengthValueModel(nn.Module):
             kind=kind,
             gamma=gamma,
             hidden_size=hidden,
-            # A local folder by its absolute path: the LenVM finds its generator from anywhere.
-            base_model=os.path.abspath(base) if Path(base).is_dir() else str(base),
+            base_model=hub.model_name(base),  # a folder by its absolute path: found from anywhere
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             head_hidden_size=head_hidden_size,
             feature_layer=feature_layer,

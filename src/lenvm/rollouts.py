@@ -259,8 +259,8 @@ def _generator_name(generator) -> str:
     if isinstance(generator, tuple):
         if len(generator) != 2:
             raise InputError("a loaded generator must be a (model, tokenizer) pair")
-        return str(getattr(generator[0], "name_or_path", "") or type(generator[0]).__name__)
-    return str(generator)
+        return hub.model_name(getattr(generator[0], "name_or_path", "") or type(generator[0]).__name__)
+    return hub.model_name(generator)
 
 
 def _load(generator, device: str | None, dtype: str):
@@ -288,7 +288,7 @@ def _check_resume(
                 "resuming with different sampling parameters would mix two policies; "
                 "use another output file"
             )
-        if record["generator"] != name:
+        if hub.model_name(record["generator"]) != name:
             raise InputError(
                 f"{out} was written by generator {record['generator']!r}, not {name!r}; "
                 "use another output file"

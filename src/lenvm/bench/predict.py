@@ -43,7 +43,7 @@ from lenvm.bench import tasks
 from lenvm.bench.common import Models, bench_sampling, load_models, markdown_table, pyplot
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
-from lenvm.hub import DEFAULT_MODEL
+from lenvm.hub import DEFAULT_MODEL, model_name
 from lenvm.io import InputError, atomic_path, fingerprint, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
@@ -232,7 +232,9 @@ def truth_records(paths: Sequence[str | os.PathLike], generator: str) -> tuple[l
     records = [r for path in paths for r in read_rollouts(path)]
     if not records:
         raise InputError(f"no rollout records in {', '.join(map(str, paths))}")
-    others = sorted({str(r["generator"]) for r in records if r.get("generator") not in (None, generator)})
+    named = model_name(generator)
+    names = {str(r["generator"]) for r in records if r.get("generator") is not None}
+    others = sorted(name for name in names if model_name(name) != named)
     if others:
         raise InputError(f"the truth rollouts hold answers of {', '.join(others)}, not of {generator}")
     policies = {tuple((r.get("sampling") or {}).get(k) for k in POLICY_KEYS) for r in records}
