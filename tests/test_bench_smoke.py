@@ -410,7 +410,7 @@ def test_bench_cli_runs_each_benchmark(
         assert (out / "table.md").read_text() in capsys.readouterr().out, name
 
 
-def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, data, capsys):
+def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, lenvm_dir, data, capsys):
     from lenvm.cli import main
 
     args = ["bench", "lifebench", "--out", str(tmp_path / "x"), "--model", str(tiny_path)]
@@ -419,6 +419,20 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, data, capsys)
     # LenVM methods without a LenVM
     assert main([*args, "--data", str(data["lifebench"]), "--methods", "lenvm-ours"]) == 2
     assert "LenVM" in capsys.readouterr().err
+    # Results never go into a folder of something else: a model's, say.
+    from lenvm.bench.common import Run
+
+    before = sorted(p.name for p in Path(tiny_path).iterdir())
+    life = ["--data", str(data["lifebench"]), "--targets", "4", "--rows", "1", "--max-new-tokens", "8"]
+    assert main(["bench", "lifebench", "--out", str(tiny_path), "--model", str(tiny_path), *life]) == 2
+    assert "use another output folder" in capsys.readouterr().err
+    with pytest.raises(InputError, match="use another output folder"):
+        run_prediction(tiny_path, model=str(tiny_path), lenvm=lenvm_dir, prompts=str(data["prompts"]))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a benchmark's results"):
+        Run(tmp_path / "notes", {})
+    assert sorted(p.name for p in Path(tiny_path).iterdir()) == before
 
 
 def test_schedule_smoke_and_resume(tmp_path, data, ending_models):

@@ -139,14 +139,27 @@ class Job:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+def refuse_model_folder(out: str | os.PathLike) -> None:
+    """Results never go into a model's or a LenVM's folder (one that holds a ``config.json``)."""
+    if (Path(out) / "config.json").is_file():
+        raise InputError(f"{out} is a model's folder (it holds config.json): use another output folder")
+
+
 class Run:
     """A results folder that resumes: settings check, per-item log, atomic final files."""
 
     def __init__(self, out: str | os.PathLike, settings: dict[str, Any]):
         self.out = Path(out)
+        settings_path = self.out / "settings.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"{self.out}: a file, not a results folder")
+        if self.out.is_dir() and any(self.out.iterdir()) and not settings_path.is_file():
+            raise InputError(
+                f"{self.out} holds files that are not a benchmark's results (a model's folder?); "
+                "use another output folder"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
-        settings_path = self.out / "settings.json"
         if settings_path.is_file() and _holds_results(self.out):
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
             changed = sorted(

@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 
 from lenvm.bench import tasks
-from lenvm.bench.common import Models, bench_sampling, load_models, markdown_table, pyplot
+from lenvm.bench.common import (
+    Models,
+    bench_sampling,
+    load_models,
+    markdown_table,
+    pyplot,
+    refuse_model_folder,
+)
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
 from lenvm.hub import DEFAULT_MODEL, model_name
@@ -319,6 +326,7 @@ def run_prediction(
         raise InputError(f"no held-out prompt has the cross-domain domain(s) {missing}")
 
     out = Path(out)
+    refuse_model_folder(out)
     if not truth_rollouts:
         sampling = bench_sampling(
             models, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed

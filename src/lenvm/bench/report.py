@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lenvm.bench import lifebench, tasks
-from lenvm.bench.common import Models, load_models
+from lenvm.bench.common import Models, load_models, refuse_model_folder
 from lenvm.bench.length_tokens import run_length_tokens
 from lenvm.bench.lifebench_score import CONSTRAINTS
 from lenvm.bench.predict import run_prediction
@@ -139,6 +139,7 @@ def run_all(
     that ``quick`` picks.
     """
     out = Path(out)
+    refuse_model_folder(out)
     preset = preset or (QUICK if quick else FULL)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
