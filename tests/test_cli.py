@@ -112,6 +112,8 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert code == 2 and "fewer than 99 records" in err
     code, err = _error(capsys, [*by_record, "--prompt", "Hello"])
     assert code == 2 and "drop --prompt" in err
+    code, err = _error(capsys, [*values, "--record", "2"])  # not silently ignored
+    assert code == 2 and "--record picks a record of --rollouts" in err
 
     # Held-out prompts in a file of their own, and the layer the head reads.
     held = tmp_path / "held.jsonl"

@@ -664,3 +664,18 @@ def test_a_damaged_lenvm_folder_is_a_clear_error(tmp_path, tiny_path, tiny_gener
     for name, (change, message) in cases.items():
         with pytest.raises(InputError, match=re.escape(message)):
             LengthValueModel.from_pretrained(damaged(name, change), generator=tiny_generator)
+
+
+def test_an_empty_evaluation_file_is_named_as_such(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    (tmp_path / "held.jsonl").write_text("")
+    with pytest.raises(InputError, match="no evaluation rollout records"):
+        train(
+            records,
+            str(tiny_path),
+            tmp_path / "lv",
+            _config(epochs=1),
+            generator=tiny_generator,
+            progress=False,
+            eval_rollouts=tmp_path / "held.jsonl",
+        )

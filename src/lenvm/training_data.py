@@ -114,12 +114,14 @@ def scan(
     vocab_name: str,
     sees_images: bool = True,
     tokenizer=None,
+    what: str = "rollout records to train on",
 ) -> Scan:
     """One pass: lengths, prompt counts, the vocabulary check (and, for a text-only model
     ``sees_images=False``, that no prompt has images), that every record was sampled under one
     decoding policy, and the run's fingerprint data. Given the model's ``tokenizer``, the first
     records' prompt tokens must read back as their prompt text (else the rollouts came from a
-    generator with another tokenizer)."""
+    generator with another tokenizer). ``what`` names the records in the error when there are
+    none."""
     lengths: list[int] = []
     length_prompts: list[str] = []
     record_prompts: set[str] = set()
@@ -161,7 +163,7 @@ def scan(
             c.finished += 1
             c.finished_tokens += e.length
     if not lengths:
-        raise InputError("no rollout records to train on")
+        raise InputError(f"no {what}")
     if not prompts:
         raise nothing_usable(report, truncated, max_length)
     return Scan(
@@ -314,7 +316,15 @@ def training_data(
     found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name, sees_images, tokenizer)
     if eval_source is not None:
         held_scan = scan(
-            eval_source, eos_token_ids, truncated, None, vocab_size, vocab_name, sees_images, tokenizer
+            eval_source,
+            eos_token_ids,
+            truncated,
+            None,
+            vocab_size,
+            vocab_name,
+            sees_images,
+            tokenizer,
+            what="evaluation rollout records",
         )
         ours, theirs = (decoding_policy(s.policy.get("sampling")) for s in (found, held_scan))
         if ours != theirs:

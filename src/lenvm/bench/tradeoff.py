@@ -46,7 +46,7 @@ def load_datasets(
     arithmetic_levels: Sequence[int],
 ) -> dict[str, list[tasks.Problem]]:
     datasets = {}
-    if gsm8k:
+    if gsm8k and gsm8k_problems != 0:
         datasets["gsm8k"] = tasks.read_gsm8k(gsm8k, gsm8k_problems)
     for level in arithmetic_levels if arithmetic_problems > 0 else ():
         datasets[f"word_problem_l{level}"] = tasks.arithmetic_problems(arithmetic_problems, level, EVAL_SEED)

@@ -164,7 +164,12 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--n", type=options.positive_int, default=4, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=options.positive_int, default=32, help="longest answer")
-    p.add_argument("--batch-size", type=options.positive_int, default=8, help="answers decoded together")
+    p.add_argument(
+        "--batch-size",
+        type=options.positive_int,
+        default=8,
+        help="answers decoded together, and completions per training step",
+    )
     p.add_argument(
         "--target", type=options.positive_int, default=16, help="Equal To target of guided decoding"
     )

@@ -272,13 +272,16 @@ def _answer_to_value(args) -> tuple:
                 "--rollouts takes the prompt, completion and ending from its record: drop --prompt, --image, "
                 "--completion and --unfinished"
             )
+        wanted = args.record or 1
         for number, (lineno, record) in enumerate(numbered_jsonl(args.rollouts), start=1):
-            if number == args.record:
+            if number == wanted:
                 if (problem := record_problem(record)) is not None:
                     raise InputError(f"{args.rollouts}:{lineno}: bad rollout record: {problem}")
                 prompt = as_prompt(record["prompt"], default_id=record["prompt_id"])
                 return prompt, record["completion_token_ids"], record["finish_reason"] == "stop"
-        raise InputError(f"{args.rollouts} has fewer than {args.record} records")
+        raise InputError(f"{args.rollouts} has fewer than {wanted} records")
+    if args.record is not None:
+        raise InputError("--record picks a record of --rollouts FILE")
     if args.prompt is None or args.completion is None:
         raise InputError("give --prompt and --completion (text, or @FILE), or --rollouts FILE [--record N]")
     completion = args.completion
@@ -702,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(instead of --prompt and --completion)",
     )
     p.add_argument(
-        "--record", type=options.positive_int, default=1, help="with --rollouts: which record (1: the first)"
+        "--record", type=options.positive_int, help="with --rollouts: which record (default 1: the first)"
     )
     p.add_argument("--html", help="also write a self-contained HTML view here")
     options.add_device(p)
