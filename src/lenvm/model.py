@@ -273,7 +273,8 @@ class LengthValueModel(nn.Module):
             if generator is None:
                 generator = hub.load_generator(config.base_model, device=device, dtype=dtype)
             backbone, tokenizer = generator
-            check_tokenizer(config, tokenizer, what=f"the generator {config.base_model!r}")
+            loaded = getattr(backbone, "name_or_path", "") or config.base_model
+            check_tokenizer(config, tokenizer, what=f"the generator {loaded!r}")
             width = getattr(backbone.config.get_text_config(), "hidden_size", config.hidden_size)
             if width != config.hidden_size:
                 raise InputError(
