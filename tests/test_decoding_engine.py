@@ -1128,6 +1128,21 @@ def test_truncation_that_leaves_only_eos_does_not_end_a_target_short(tmp_path):
     assert equal_to.num_tokens >= 10
 
 
+def test_a_low_temperature_that_rounds_eos_away_still_ends_a_target(tmp_path):
+    """The mirror case: EOS below the top token rounds to probability 0 at temperature 0.01. Equal
+    To and At Least must still be able to end (by max_new_tokens at the latest), not be cut."""
+    from lenvm.hub import load_generator
+    from lenvm.testing import tiny_model
+
+    model, tok = load_generator(tiny_model(tmp_path / "m", eos_logit=-2.0))
+    lenvm = LengthValueModel.from_base(tmp_path / "m", generator=(model, tok), gamma=0.95)
+    engine = Engine(model, tok, lenvm=lenvm, num_candidates=8)
+    cold = [SamplingParams(max_new_tokens=40, temperature=0.01, seed=s) for s in range(2)]
+    controls = [Control("equal_to", target=10), Control("at_least", target=10)]
+    for result in engine.generate([Request("Hi", s, control=c) for s in cold for c in controls]):
+        assert result.finish_reason == "stop" and 10 <= result.num_tokens < 40
+
+
 def test_equal_to_just_under_max_new_tokens_ends_rather_than_being_cut(tmp_path):
     """A target that fits (N tokens and the EOS) must end by max_new_tokens, like At Least, even
     where the generator rarely gives EOS: its give-up point is never past the last step."""

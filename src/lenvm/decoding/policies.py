@@ -382,6 +382,10 @@ def top_candidates(
         ids[:, -1] = torch.where(swap, eos_id, ids[:, -1])
         eos_p = torch.where(truncated > 0, truncated, untruncated)
         cand_probs[:, -1] = torch.where(swap, eos_p, cand_probs[:, -1])
+        # A low temperature can round EOS's probability to 0, which marks a slot unusable: a row
+        # that must be able to end keeps it, as its least likely candidate.
+        lost_eos = wants_eos[:, None] & torch.isin(ids, eos_ids) & (cand_probs == 0)
+        cand_probs = cand_probs.masked_fill(lost_eos, torch.finfo(cand_probs.dtype).tiny)
     return ids, cand_probs
 
 
