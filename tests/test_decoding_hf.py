@@ -73,6 +73,24 @@ def test_greedy_generate_with_the_processor_matches_the_engine(tiny_generator, l
         assert [new_tokens(row, tok.eos_token_id) for row in rows] == expected
 
 
+def test_beam_search_is_refused_not_silently_restarted(tiny_generator, lenvms):
+    """Beam search hands the processor its rows in another order each step, which it would take
+    for new generate() calls (a control that never sees its target): refused."""
+    model, tok = tiny_generator
+    processor = LenVMLogitsProcessor(lenvms["attached"], Control("equal_to", target=5), num_candidates=4)
+    ids, mask = left_padded(tok, PROMPTS)
+    with pytest.raises(InputError, match="beam search"):
+        model.generate(
+            ids,
+            attention_mask=mask,
+            num_beams=3,
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList([processor]),
+        )
+
+
 def test_processor_leaves_only_candidates_and_one_hot_rules_leave_one(tiny_generator, lenvms):
     model, tok = tiny_generator
     ids, _ = left_padded(tok, PROMPTS)

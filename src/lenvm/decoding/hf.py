@@ -99,6 +99,11 @@ class LenVMLogitsProcessor(LogitsProcessor):
             or width <= seen.shape[1]
             or not torch.equal(input_ids[:, : seen.shape[1]], seen)
         ):
+            if seen is not None and _reordered(input_ids, seen):
+                raise InputError(
+                    "the LenVM logits processor follows each row as one answer; beam search (num_beams > 1) "
+                    "reorders rows between steps: decode with sampling or greedy search"
+                )
             self._start(input_ids)  # a new generate() call
         else:
             self._advance(input_ids[:, seen.shape[1] :])
@@ -155,3 +160,12 @@ class LengthStoppingCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = input_ids.shape[1] - self.prompt_length >= self.max_new_tokens
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _reordered(input_ids: torch.Tensor, seen: torch.Tensor) -> bool:
+    """Whether ``input_ids`` continue the rows ``seen`` one step later in another order (what beam
+    search hands a processor), rather than starting a new ``generate`` call."""
+    if input_ids.shape != (seen.shape[0], seen.shape[1] + 1):
+        return False
+    prefixes = input_ids[:, :-1]
+    return bool((prefixes[:, None, :] == seen[None, :, :]).all(-1).any(-1).all())
