@@ -274,6 +274,7 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
         dict(kind="shortest"),
         dict(kind="equal_to", target=5, rule="magic"),
         dict(kind="at_least", target=5, hard_cap_slack=1),
+        dict(kind="at_most", target=5, hard_cap_slack=1),  # our at_most never passes its target
         dict(kind="equal_to", target=5, hard_cap_slack=-1),
         dict(kind="equal_to", target=5, best_of=17),  # each attempt a whole answer: at most 16
         dict(kind="equal_to", target=5, retries=10**9),

@@ -116,7 +116,7 @@ class Control:
     ``p'(x) ∝ p(x)·exp(beta·v(x))``, a positive beta favours shorter continuations.
     ``hard_cap_slack``: force EOS once ``target + slack`` tokens are out (the result then says
     ``"cap"``); off by default, except that at_most with our rule treats its target as a hard
-    bound (slack 0).
+    bound (slack 0, and no other).
     ``best_of`` (equal_to only): sample that many answers (each with its own random stream) and
     return the one that ends naturally (the generator gave its final EOS at least
     ``NATURAL_EOS``) closest to the target, or the closest if none does; costs ``best_of`` times
@@ -174,6 +174,11 @@ class Control:
         if self.hard_cap_slack is not None:
             if self.kind not in ("equal_to", "at_most"):
                 raise InputError("hard_cap_slack applies to equal_to and at_most controls only")
+            if self.kind == "at_most" and self.rule == "ours":
+                raise InputError(
+                    "at_most with our rule never passes its target (its policy ends the answer by N): "
+                    "hard_cap_slack applies to at_most under rule 'paper'"
+                )
             if not is_int(self.hard_cap_slack) or self.hard_cap_slack < 0:
                 raise InputError(
                     f"hard_cap_slack must be a non-negative integer, got {self.hard_cap_slack!r}"
