@@ -738,8 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hard-cap-slack",
         type=int,
-        help="--equal-to, --at-most: force EOS at N + slack tokens (default: none for --equal-to; "
-        "--at-most with rule ours stops at N)",
+        help="--equal-to, and --at-most under --rule paper: force EOS at N + slack tokens (default: none; "
+        "--at-most under our rule stops at N)",
     )
     p.add_argument(
         "--best-of",
