@@ -858,6 +858,40 @@ def test_updates_show_where_a_retry_resampled_the_end(tiny_generator, lenvms):
     assert result.decoded_tokens > len(seen)  # every attempt's tokens count, not only the last one's
 
 
+def test_updates_add_up_to_the_result_when_an_answer_ends_earlier(tmp_path, monkeypatch):
+    """An answer cut back to an earlier natural end (Sequence.end_earlier) says so in its update:
+    a client applying every update holds the answer's tokens."""
+    from lenvm.decoding import Scheduler
+    from lenvm.decoding.sequence import Sequence
+    from lenvm.hub import load_generator
+    from lenvm.testing import tiny_model
+
+    cuts = []
+    original = Sequence.end_earlier
+    monkeypatch.setattr(Sequence, "end_earlier", lambda self, r: cuts.append(original(self, r)) or cuts[-1])
+    model, tok = load_generator(tiny_model(tmp_path / "m", eos_logit=3.0))  # natural ends are common
+    lenvm = LengthValueModel.from_base(tmp_path / "m", generator=(model, tok), gamma=0.95)
+    scheduler = Scheduler(Engine(model, tok, lenvm=lenvm, num_candidates=8), batch_size=4)
+    for seed in range(16):
+        scheduler.add(
+            Request("Hi", SamplingParams(max_new_tokens=30, seed=seed), control=Control("at_most", target=6)),
+            seed,
+        )
+    streamed: dict[int, list[int]] = {}
+    results = {}
+    while scheduler.busy:
+        for update in scheduler.step():
+            tokens = streamed.setdefault(update.key, [])
+            del tokens[update.start :]
+            tokens.extend(update.tokens)
+            if update.result is not None:
+                results[update.key] = update.result
+    assert any(cuts) and len(results) == 16
+    # (After a retry the result may be an earlier attempt's answer, as Update says.)
+    kept = [key for key, result in results.items() if result.retries == 0]
+    assert kept and all(streamed[key] == results[key].token_ids for key in kept)
+
+
 def test_token_id_prompts_are_taken_as_they_are(tiny_generator):
     model, tok = tiny_generator
     engine = Engine(model, tok)

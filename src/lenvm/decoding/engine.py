@@ -207,8 +207,8 @@ class Engine:
 @dataclass
 class Update:
     """What one step did to one request: ``tokens`` now stand from position ``start`` of attempt
-    ``attempt``'s answer (a ``start`` below the length seen so far means the end was resampled
-    from there: a retry), and ``result`` is set once the request is finished. The
+    ``attempt``'s answer (a ``start`` below the length seen so far means the answer was cut back
+    there: to an earlier natural end, or for a retry to resample its end), and ``result`` is set once the request is finished. The
     result is the answer returned, which is an earlier attempt's where retries or ``best_of``
     found nothing better than it. ``logprobs``, ``top_logprobs`` and ``values`` go with ``tokens``
     as in :class:`Result` (``values`` are 0 for a row without a LenVM)."""
@@ -327,8 +327,9 @@ class Scheduler:
         for seq in (seqs[row] for row in finished):
             update = updates[id(seq)]
             result = seq.result(engine.tokenizer)
-            if seq.end_earlier(result):
+            if seq.end_earlier(result):  # the answer now ends earlier: its update says from where
                 result = seq.result(engine.tokenizer)
+                update = updates[id(seq)] = _last_token(seq)
             if seq.may_retry(result):
                 seq.retry(result, engine.sentence_ends)
                 self.waiting.appendleft(seq)  # first in line: its request is nearly done
