@@ -208,10 +208,11 @@ class Engine:
 class Update:
     """What one step did to one request: ``tokens`` now stand from position ``start`` of attempt
     ``attempt``'s answer (a ``start`` below the length seen so far means the answer was cut back
-    there: to an earlier natural end, or for a retry to resample its end), and ``result`` is set once the request is finished. The
-    result is the answer returned, which is an earlier attempt's where retries or ``best_of``
-    found nothing better than it. ``logprobs``, ``top_logprobs`` and ``values`` go with ``tokens``
-    as in :class:`Result` (``values`` are 0 for a row without a LenVM)."""
+    there: to an earlier natural end, or for a retry to resample its end), and ``result`` is set
+    once the request is finished. The result is the answer returned, which is an earlier
+    attempt's where retries or ``best_of`` found nothing better than it. ``logprobs``,
+    ``top_logprobs`` and ``values`` go with ``tokens`` as in :class:`Result` (``values`` are 0 for
+    a row without a LenVM)."""
 
     key: Hashable
     attempt: int
