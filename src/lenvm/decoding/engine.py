@@ -44,7 +44,7 @@ import functools
 import heapq
 import math
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -132,8 +132,11 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------
 
-    def generate(self, requests: list[Request], batch_size: int = 8, progress: bool = False) -> list[Result]:
+    def generate(self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False) -> list[Result]:
         """Generate for every request; results come back in request order."""
+        if isinstance(requests, Request):
+            raise InputError("generate takes a list of requests: wrap one request in a list")
+        requests = list(requests)
         results: list[Result | None] = [None] * len(requests)
         bar = _progress(len(requests), progress)
         for index, result in self.stream(requests, batch_size):
