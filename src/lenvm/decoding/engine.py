@@ -132,7 +132,9 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------
 
-    def generate(self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False) -> list[Result]:
+    def generate(
+        self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False
+    ) -> list[Result]:
         """Generate for every request; results come back in request order."""
         if isinstance(requests, Request):
             raise InputError("generate takes a list of requests: wrap one request in a list")
