@@ -284,6 +284,8 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
             Control(**kwargs)
     with pytest.raises(InputError, match="a list of requests"):
         engine.generate(Request("hi"))
+    with pytest.raises(InputError, match="list of token ids .Python ints., got Tensor"):
+        engine.generate([Request(torch.tensor([1, 2]))])
     with pytest.raises(InputError, match="context"):
         engine.generate([Request("hi", control=Control("equal_to", target=10**6))])
     for kind in ("at_least", "equal_to"):  # the target's tokens and the EOS take 11

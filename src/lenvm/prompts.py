@@ -214,6 +214,11 @@ def as_prompt(
         return prompt_from_record(record, default_id)
     if images:
         raise InputError("images go with a string prompt; in messages, put them in the content parts")
+    if not isinstance(prompt, list):
+        raise InputError(
+            f"a prompt is text, a list of messages, a Prompt, a prompts-file record or a list of token "
+            f"ids (Python ints), got {type(prompt).__name__}"
+        )
     return prompt_from_record({"messages": prompt}, default_id)
 
 
