@@ -91,6 +91,24 @@ def test_beam_search_is_refused_not_silently_restarted(tiny_generator, lenvms):
         )
 
 
+def test_an_at_most_row_that_fits_samples_from_the_generators_whole_distribution(tiny_generator, lenvms):
+    """Where the LenVM is confident the answer fits, At Most leaves it to the generator: the
+    processor hands over the generator's own distribution, not its renormalized share of the
+    candidates (where the EOS that At Most always adds would weigh far more)."""
+    model, tok = tiny_generator
+    ids, _ = left_padded(tok, PROMPTS)
+    scores = torch.randn(2, len(tok))
+    lenvm = lenvms["standalone"]
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -(1 - lenvm.gamma**3), device=h.device)
+    try:
+        control, sampling = Control("at_most", target=200), SamplingParams(max_new_tokens=300)
+        processor = LenVMLogitsProcessor(lenvm, control, sampling=sampling, num_candidates=4)
+        out = processor(ids, scores)
+    finally:
+        del lenvm.values_from_hidden
+    torch.testing.assert_close(out, scores.log_softmax(-1))
+
+
 def test_processor_leaves_only_candidates_and_one_hot_rules_leave_one(tiny_generator, lenvms):
     model, tok = tiny_generator
     ids, _ = left_padded(tok, PROMPTS)

@@ -303,6 +303,38 @@ def test_admission_refuses_what_a_control_cannot_honour_and_gives_reused_params_
                 LenVMLogitsProcessor(SimpleNamespace(additional_config=extra), torch.device("cpu"), False)
 
 
+def test_an_at_most_answer_that_fits_is_sampled_as_the_generator_would(
+    tiny128, generator128, lenvms, monkeypatch
+):
+    """Where the LenVM is confident the answer fits, At Most in one pass leaves it to the generator:
+    vLLM draws from the generator's own distribution (temperature, top-p), not from its share of
+    the candidates, which would favour the EOS that At Most always has among them."""
+    from lenvm.decoding import policies
+    from lenvm.prompts import encode_prompt
+
+    monkeypatch.setattr(  # in this process, as vLLM's worker is: every answer "has 3 tokens left"
+        LengthValueModel, "values_from_hidden", lambda self, h: torch.full(h.shape[:-1], -(1 - self.gamma**3))
+    )
+    model, tok = generator128
+    with torch.no_grad():
+        logits = model(torch.tensor([encode_prompt(tok, PROMPTS[0])])).logits[:, -1].float()
+    generator = policies.truncate(logits, torch.tensor([0.7]), None, torch.tensor([0.9]), None)[0]
+    n = 2000
+    control = Control("at_most", target=100)
+    requests = [
+        Request(
+            PROMPTS[0], SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1, seed=i), control=control
+        )
+        for i in range(n)
+    ]
+    drawn = Counter(
+        r.token_ids[0] for r in _engine(tiny128, lenvms["attached"][1], logprobs=False).generate(requests)
+    )
+    assert all(generator[t] > 0 for t in drawn)  # within the generator's top-p
+    eos = lenvms["attached"][0].config.eos_token_ids[0]
+    assert abs(drawn[eos] / n - float(generator[eos])) < 0.03  # 4 standard deviations of the share
+
+
 def test_requests_without_a_control_are_left_alone(tiny128, lenvms):
     requests = [Request(p, SamplingParams(max_new_tokens=10, seed=i)) for i, p in enumerate(PROMPTS)]
     plain = _engine(tiny128).generate(requests)

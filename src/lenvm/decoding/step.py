@@ -171,6 +171,10 @@ class Decision:
     log_norm: torch.Tensor
     eos: torch.Tensor
     eos_logprob: torch.Tensor
+    # Rows left to the generator that sample elsewhere (a logits processor): ``free`` [B] bool,
+    # and ``probs`` [B, V], the generator's distribution (temperature, truncation) they sample from.
+    free: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
 
 
 def decide(
@@ -190,7 +194,9 @@ def decide(
     from the value of the current state), or that the generator writes alone this attempt
     (``Rows.free``: the engine's first attempt), is left to the generator: given ``uniform`` it draws its
     token as a plain row does, the same draw as without guidance; without (a logits processor,
-    which samples elsewhere) its policy is the generator's distribution over the candidates."""
+    which samples elsewhere) the decision hands over the generator's whole distribution for it
+    (``Decision.free``, ``Decision.probs``: the candidates alone would favour the EOS that At Most
+    always has among them)."""
     allowed = logits
     if rows.any_ignore_eos:
         allowed = logits.clone()
@@ -248,9 +254,12 @@ def decide(
     # for the EOS that ends an answer.
     candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_logprob.exp(), next_end)
     dist = policy(candidates, rows, gamma)
-    if free is not None:
-        dist = torch.where(free[:, None], policies.follow(candidates), dist)
-    return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
+    if free is None:
+        return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
+    dist = torch.where(free[:, None], policies.follow(candidates), dist)
+    if uniform is not None:  # free rows drew their own token above
+        return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
+    return Decision(ids, dist, values, log_norm, eos_id, eos_logprob, free, probs)
 
 
 def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
@@ -285,10 +294,15 @@ def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
 def as_logits(d: Decision, rows: Rows, vocab_size: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The decision as the logits a framework samples from (``[B, vocab_size]``, float32): the log
     of the policy's distribution on the candidates, times each row's ``scale`` (``[B]``; vLLM
-    divides by the temperature afterwards), -inf elsewhere; a row at its hard cap, its EOS alone."""
+    divides by the temperature afterwards), -inf elsewhere; a row left to the generator
+    (``d.free``), the log of its whole distribution so; a row at its hard cap, its EOS alone."""
     logits = d.dist.log() if scale is None else d.dist.log() * scale[:, None]
     out = torch.full((d.ids.shape[0], vocab_size), -float("inf"), device=d.ids.device)
     out.scatter_(1, d.ids, logits.float())
+    if d.free is not None:
+        whole = d.probs.float().log()
+        whole = whole if scale is None else whole * scale[:, None]
+        out = torch.where(d.free[:, None], whole, out)
     if rows.any_cap:
         only_eos = torch.full_like(out, -float("inf")).scatter_(1, d.eos[:, None], 0.0)
         out = torch.where(rows.at_cap[:, None], only_eos, out)
