@@ -27,8 +27,10 @@ sampler then applies temperature, min-p and top-k/top-p. So that it samples exac
 distribution ``q``, the processor writes ``T · log q`` (vLLM divides by ``T`` again), and a
 controlled request's top-k, top-p and min-p are taken over by the processor when vLLM admits it:
 they shape the candidates, as in our engine, and vLLM's own are set to off for that request, since
-applying them again to ``q`` would cut its tail (they wait in ``extra_args`` and come back if the
-same ``SamplingParams`` is admitted again without a control). Greedy requests take the argmax of ``q``.
+applying them again to ``q`` would cut its tail (they wait in ``extra_args`` under
+``lenvm_truncation`` and come back if the same ``SamplingParams`` is admitted again without a
+control: drop its length keys, not the whole ``extra_args``, or make new params). Greedy requests
+take the argmax of ``q``.
 vLLM applies repetition, frequency and presence penalties after the processor, so a request that
 sets them no longer samples ``q`` exactly.
 
