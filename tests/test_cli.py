@@ -78,6 +78,12 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     (other / "todo.txt").write_text("keep me")
     code, err = _error(capsys, [*again, str(other), "--overwrite"])
     assert code == 2 and "not a LenVM" in err and (other / "todo.txt").read_text() == "keep me"
+    code, err = _error(capsys, [*again, str(tmp_path / "d"), "--accelerate-config", "ddp"])
+    assert code == 2 and "--kind standalone" in err  # a frozen backbone: every process would repeat it
+    code, err = _error(capsys, [*again, str(tmp_path / "d"), "--num-processes", "2"])
+    assert code == 2 and "--num-processes goes with --accelerate-config" in err
+    code, err = _error(capsys, [*again, str(tmp_path / "d"), "--features-cache", str(tmp_path / "d")])
+    assert code == 2 and "folders of their own" in err
     assert main([*again, str(tmp_path / "replaced"), "--eval-fraction", "0.34"]) == 0
     assert main([*again, str(tmp_path / "replaced"), "--eval-fraction", "0.34", "--overwrite"]) == 0
     capsys.readouterr()

@@ -461,6 +461,34 @@ def test_features_cache_is_reused_across_training_options(tmp_path, tiny_path, t
         TrainConfig(kind="standalone", features_cache=cache)
 
 
+def test_features_cache_is_not_reused_for_other_weights_or_held_out_answers(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """The cache is keyed on the model's weights (a generator replaced or fine-tuned at the same
+    path) and on every held-out answer, not on a path and a count."""
+    from lenvm.hub import load_generator
+    from lenvm.training import weights_digest
+
+    records = synthetic_records(tiny_generator[1])
+    other = load_generator(tiny_model(tmp_path / "other", seed=5))  # the same tokenizer and shape
+    assert weights_digest(other[0]) != weights_digest(tiny_generator[0])
+    assert weights_digest(load_generator(tiny_path)[0]) == weights_digest(tiny_generator[0])
+    cache = str(tmp_path / "features")
+    held = [r for r in records if r["prompt_id"] == records[0]["prompt_id"]]
+    rest = [r for r in records if r["prompt_id"] != records[0]["prompt_id"]]
+    config = _config(epochs=1, features_cache=cache)
+    train(rest, str(tiny_path), tmp_path / "a", config, generator=tiny_generator, eval_rollouts=held)
+    passes = []
+    original = LengthValueModel.features
+    monkeypatch.setattr(LengthValueModel, "features", lambda *a, **k: passes.append(1) or original(*a, **k))
+    train(rest, str(tiny_path), tmp_path / "b", config, generator=other, eval_rollouts=held)
+    assert passes  # other weights under the same name: computed anew
+    passes.clear()
+    changed = [dict(r, completion_token_ids=r["completion_token_ids"][::-1]) for r in held]
+    train(rest, str(tiny_path), tmp_path / "c", config, generator=tiny_generator, eval_rollouts=changed)
+    assert passes  # other held-out answers: computed anew
+
+
 def test_a_predicted_length_is_never_below_one_token(tiny_path, tiny_generator):
     lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
     # A value nearer 0 than one step's reward reads as less than one token: every answer has its EOS.

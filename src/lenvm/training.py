@@ -200,6 +200,8 @@ def train(
     """
     config = config or TrainConfig()
     refuse_to_replace(out, "training", lenvm=overwrite)  # before any work
+    if config.features_cache and Path(config.features_cache).resolve() == Path(out).resolve():
+        raise InputError("the features cache and the LenVM need folders of their own: choose another cache")
     source = RolloutSource(rollouts, config.stream)
     if not source.streamed and not source.records:
         raise InputError("no rollout records to train on")
@@ -235,12 +237,14 @@ def train(
     config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
-    fingerprint = _run_fingerprint(data.fingerprint_data, base, config, gamma)
+    # The model by its weights too: a generator replaced or fine-tuned at the same path is another.
+    model = [str(base), weights_digest(lenvm.backbone)]
+    held = _examples_digest(data.eval)  # every held-out answer, not only how many
+    fingerprint = _run_fingerprint([*data.fingerprint_data, held], model, config, gamma)
     # What the cached hidden states depend on: the data, the held-out split, the model and layer.
-    held = [len(data.eval), *(e.input_ids for e in data.eval[:1] + data.eval[-1:])]
     # The layer the head reads, resolved: the default and that same layer named are one cache.
     features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
-    features_fingerprint = _run_fingerprint([*data.fingerprint_data, *held, *features], base, None, 0.0)
+    features_fingerprint = _run_fingerprint([*data.fingerprint_data, held, *features], model, None, 0.0)
 
     def evaluate(values: list[np.ndarray]) -> dict[str, float]:
         return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
@@ -313,6 +317,22 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (each tensor's name, shape, dtype and first and last
+    values): another model, or the same one fine-tuned, gets another."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _examples_digest(examples: list[Example]) -> str:
+    blob = json.dumps([dataclasses.astuple(e) for e in examples], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: float) -> str:

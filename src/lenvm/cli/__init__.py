@@ -93,6 +93,17 @@ def cmd_train(args) -> int | None:
     from lenvm import launch
     from lenvm.training import TrainConfig, is_main_process, train
 
+    fields = TrainConfig.__dataclass_fields__
+    config = TrainConfig(
+        **{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    )
+    if args.num_processes is not None and not args.accelerate_config:
+        raise InputError("--num-processes goes with --accelerate-config")
+    if args.accelerate_config and config.freeze_backbone:
+        raise InputError(
+            "--accelerate-config spreads fine-tuning a backbone (--kind standalone) over processes; a head "
+            "on a frozen backbone trains in one process (every process would repeat the whole run)"
+        )
     if not launch.launched():  # the processes it starts find --out as it was checked here
         _check_out(args.out, args.overwrite, "training")
     if args.accelerate_config and not launch.launched():
@@ -100,10 +111,6 @@ def cmd_train(args) -> int | None:
         return launch.relaunch(args.accelerate_config, argv, args.num_processes)
     if args.base is None:
         args.base = _rollouts_generator(args.rollouts)
-    fields = TrainConfig.__dataclass_fields__
-    config = TrainConfig(
-        **{name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
-    )
     result = train(
         args.rollouts,
         args.base,
