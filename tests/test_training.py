@@ -707,3 +707,18 @@ def test_an_empty_evaluation_file_is_named_as_such(tmp_path, tiny_path, tiny_gen
             progress=False,
             eval_rollouts=tmp_path / "held.jsonl",
         )
+
+
+def test_training_warns_where_its_targets_cannot_mean_what_they_should(tmp_path, tiny_path, tiny_generator):
+    records = synthetic_records(tiny_generator[1])
+    eos = tiny_generator[1].eos_token_id
+    cut = []
+    for r in records:
+        ids = [t for t in r["completion_token_ids"] if t != eos] or [5]
+        cut.append(dict(r, completion_token_ids=ids, num_tokens=len(ids), finish_reason="length"))
+    again = dict(config=_config(epochs=1), generator=tiny_generator, progress=False)
+    with pytest.warns(UserWarning, match="no training completion ended with EOS"):
+        train(cut, str(tiny_path), tmp_path / "cut", **again)
+    other = [dict(r, generator="someone-else/model") for r in records]
+    with pytest.warns(UserWarning, match="the rollouts were sampled from someone-else/model"):
+        train(other, str(tiny_path), tmp_path / "other", **again)

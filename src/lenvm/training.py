@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from lenvm import vision
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
+from lenvm.hub import model_name
 from lenvm.io import InputError, atomic_path, is_int, is_real, write_json
 from lenvm.losses import (
     AGGREGATIONS,
@@ -230,9 +232,22 @@ def train(
         sees_images=lenvm.sees_images,
         tokenizer=lenvm.tokenizer,
     )
+    if data.report.finished == 0:
+        warnings.warn(
+            "no training completion ended with EOS: every target is bootstrapped from the head's own "
+            "values, so nothing ties them to where answers end (raise max_new_tokens for the rollouts)",
+            stacklevel=2,
+        )
+    sampled_by = data.policy.get("generator")
+    if config.freeze_backbone and sampled_by and model_name(sampled_by) != model_name(base):
+        warnings.warn(
+            f"the rollouts were sampled from {sampled_by}, the head reads {base}: it learns how long "
+            f"{sampled_by}'s answers are from {base}'s hidden states",
+            stacklevel=2,
+        )
     gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
     lenvm.config.gamma = gamma
-    lenvm.config.generator = data.policy.get("generator")
+    lenvm.config.generator = sampled_by
     lenvm.config.sampling = data.policy.get("sampling")
     config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
     out = Path(out)

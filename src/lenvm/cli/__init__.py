@@ -24,6 +24,21 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _plain_warnings() -> None:
+    """lenvm's own warnings as one line each, like its errors (not a source location)."""
+    import warnings
+
+    package = str(Path(__file__).resolve().parent.parent)
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if str(Path(filename).resolve()).startswith(package):
+            return f"lenvm: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+
+
 def _gamma(text: str) -> float | None:
     if text == "auto":
         return None
@@ -890,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     _quiet_transformers()
+    _plain_warnings()
     try:
         options.resolve_model(args)
         status = args.func(args)
