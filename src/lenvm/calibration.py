@@ -13,6 +13,8 @@ so; only the number of tokens a value stands for moves.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,10 +139,24 @@ def realized_returns(
 
 
 def calibrate(
-    lenvm, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+    lenvm,
+    records: Iterable[dict[str, Any]] | str | os.PathLike,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> Calibration:
     """Fit ``lenvm``'s calibration on rollouts of prompts it was not trained on, and set it (the
     map also goes into its config, so :meth:`save_pretrained` keeps it). Returns the map."""
+    if isinstance(records, str | os.PathLike):
+        from lenvm.rollouts import read_rollouts
+
+        records = read_rollouts(records)
+    records = list(records)
+    if records and not any(r.get("finish_reason") == "stop" for r in records):
+        warnings.warn(
+            "no rollout ended with EOS: every realized return is bootstrapped from the LenVM's own "
+            "values, so the map can only echo them (raise max_new_tokens for the rollouts)",
+            stacklevel=2,
+        )
     calibration = fit_calibration(*realized_returns(lenvm, records, batch_size, progress))
     lenvm.config.calibration = calibration.to_dict()
     return calibration
