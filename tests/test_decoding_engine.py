@@ -807,6 +807,17 @@ def test_retries_are_checked():
         Control("tilt", beta=1.0, retries=2)
 
 
+def _apply(updates, streamed: dict, results: dict) -> None:
+    """What a client of the scheduler does with a step's updates: each answer's tokens so far,
+    and its result once final."""
+    for update in updates:
+        tokens = streamed.setdefault(update.key, [])
+        del tokens[update.start :]
+        tokens.extend(update.tokens)
+        if update.result is not None:
+            results[update.key] = update.result
+
+
 def test_requests_join_a_running_scheduler_and_leave_when_aborted(tiny_generator, lenvms):
     """A request added while others decode joins the batch at the next step and gets the answer
     it gets alone; an aborted request frees its row and never reports a result."""
@@ -831,12 +842,7 @@ def test_requests_join_a_running_scheduler_and_leave_when_aborted(tiny_generator
             scheduler.add(requests[1], "b")  # joins at the next step
             scheduler.abort("gone")
             assert scheduler.running == 1
-        for update in scheduler.step():
-            tokens = streamed.setdefault(update.key, [])
-            del tokens[update.start :]
-            tokens.extend(update.tokens)
-            if update.result is not None:
-                results[update.key] = update.result
+        _apply(scheduler.step(), streamed, results)
         if not scheduler.busy:
             break
     assert set(results) == {"a", "b"} and not scheduler.busy
@@ -884,12 +890,7 @@ def test_updates_add_up_to_the_result_when_an_answer_ends_earlier(tmp_path, monk
     streamed: dict[int, list[int]] = {}
     results = {}
     while scheduler.busy:
-        for update in scheduler.step():
-            tokens = streamed.setdefault(update.key, [])
-            del tokens[update.start :]
-            tokens.extend(update.tokens)
-            if update.result is not None:
-                results[update.key] = update.result
+        _apply(scheduler.step(), streamed, results)
     assert any(cuts) and len(results) == 16
     # (After a retry the result may be an earlier attempt's answer, as Update says.)
     kept = [key for key, result in results.items() if result.retries == 0]
