@@ -117,3 +117,17 @@ def test_keys_of_a_control_give_it_back(control):
     from lenvm.decoding.params import keys_of
 
     assert control_from_keys(keys_of(control)) == control
+
+
+def test_numpy_numbers_are_taken_as_python_ones():
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    sampling = SamplingParams(seed=np.int64(3), temperature=np.float32(0.5), max_new_tokens=np.int32(9))
+    assert type(sampling.seed) is int and type(sampling.max_new_tokens) is int
+    json.dumps(dataclasses.asdict(sampling))  # as rollout records hold it
+    assert Control("equal_to", target=np.int64(5)).target == 5
+    with pytest.raises(InputError):
+        Control("equal_to", target=np.bool_(True))  # a bool is not a count, NumPy's neither
