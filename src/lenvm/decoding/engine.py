@@ -172,7 +172,10 @@ class Engine:
         where = f"request {key}"
         prompt = request.prompt
         if not is_token_ids(prompt):
-            prompt = as_prompt(prompt, default_id=str(key))  # its id names it in errors
+            try:
+                prompt = as_prompt(prompt, default_id=str(key))  # its id names it in errors
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from None
         encoded = vision.encode(self.tokenizer, prompt)
         prompt_ids = encoded.ids
         if not prompt_ids:
