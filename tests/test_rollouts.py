@@ -154,6 +154,13 @@ def test_an_out_file_that_is_not_rollouts_is_left_as_it_was(tiny_generator, tmp_
             tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5), progress=False
         )
     assert out.read_bytes() == before
+    # A file of one line without its newline is not taken for a crash's leftover and cut.
+    sampling = SamplingParams(max_new_tokens=5)
+    for text, message in [('{"lr": 0.1}', "missing 'prompt_id'"), ("hello world", "not a file of rollouts")]:
+        out.write_text(text)
+        with pytest.raises(InputError, match=message):
+            rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+        assert out.read_text() == text
 
 
 def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):

@@ -177,12 +177,34 @@ def read_jsonl_to_append(
     if not path.exists():
         return []
     records = []
+    lineno = 0
     for lineno, record in numbered_jsonl(path, complete_only=True):
         if (why := problem(record)) is not None:
             raise InputError(f"{path}:{lineno} is not a line of {what} ({why}): write them to another file")
         records.append(record)
+    tail = _partial_tail(path)
+    if tail:
+        # A crash leaves part of one of our lines, which starts as every record does and is not
+        # yet JSON. Anything else without its newline is a line of some other file: refused.
+        try:
+            record = json.loads(tail.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError:
+            if not tail.lstrip().startswith(b'{"'):
+                raise InputError(f"{path} is not a file of {what}: write them to another file") from None
+        else:  # whole JSON: ours only if it is such a record (a crash just before its newline)
+            why = problem(record) if isinstance(record, dict) else "not a JSON object"
+            if why is not None:
+                raise InputError(
+                    f"{path}:{lineno + 1} is not a line of {what} ({why}): write them to another file"
+                )
     repair_jsonl_tail(path)
     return records
+
+
+def _partial_tail(path: Path) -> bytes:
+    """The bytes after the last newline of ``path`` (empty when it ends with one)."""
+    data = path.read_bytes()
+    return data[data.rfind(b"\n") + 1 :]
 
 
 def repair_jsonl_tail(path: Path) -> None:
