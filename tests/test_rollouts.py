@@ -14,7 +14,9 @@ from lenvm.io import InputError
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.rollouts import (
     SamplingParams,
+    ServerError,
     _token_ids_from_logprobs,
+    derive_seed,
     read_rollouts,
     record_problem,
     rollout,
@@ -163,6 +165,15 @@ def test_an_out_file_that_is_not_rollouts_is_left_as_it_was(tiny_generator, tmp_
         assert out.read_text() == text
 
 
+def test_resume_refuses_a_file_with_a_sample_twice(tiny_generator, tmp_path):
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=3)
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    out.write_text(out.read_text() * 2)  # what two runs writing one file at once leave
+    with pytest.raises(InputError, match="holds sample 0 of prompt 'a' twice"):
+        rollout(tiny_generator, PROMPTS[:1], out, n=2, sampling=sampling, progress=False)
+
+
 def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):
     out = tmp_path / "r.jsonl"
     rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5), progress=False)
@@ -307,16 +318,10 @@ def choice(index, ids, finish, as_ids=True, text="red green"):
 def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_path, monkeypatch):
     tok = tiny_generator[1]
     eos = tok.eos_token_id
-    canned = [([40, 41], "stop"), ([42, eos], "stop"), ([43, 44, 45], "length")]
-    server.answer = lambda p: (
-        200,
-        {
-            "choices": [
-                choice(i, *canned[i])
-                for i in reversed(range(p["n"]))  # order must not matter
-            ]
-        },
-    )
+    canned = [([40, 41], "stop"), ([42, eos], "stop"), ([43, 44, 45], "length"), ([46], "length")]
+    # One request per completion, by its own seed: sample i of a prompt gets canned answer i.
+    sample_of = {derive_seed(2, pid, i): i for pid in "ab" for i in range(4)}
+    server.answer = lambda p: (200, {"choices": [choice(0, *canned[sample_of[p["seed"]]])]})
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     out = tmp_path / "r.jsonl"
     sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=3, seed=2)
@@ -336,7 +341,8 @@ def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_p
     path, headers, payload = server.requests[0]
     assert path == "/v1/completions"
     assert headers["Authorization"] == "Bearer sk-test"
-    assert payload["model"] == "served" and payload["n"] == 3 and payload["max_tokens"] == 3
+    assert payload["model"] == "served" and payload["n"] == 1 and payload["max_tokens"] == 3
+    assert len(server.requests) == 6
     assert payload["temperature"] == 0.7 and payload["top_p"] == 0.9 and payload["top_k"] == -1
     assert payload["logprobs"] == 1 and payload["return_tokens_as_token_ids"] is True
     assert payload["add_special_tokens"] is False
@@ -395,7 +401,7 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
     tok = tiny_generator[1]
     out = tmp_path / "r.jsonl"
     server.answer = lambda p: (500, {"error": "model not loaded"})
-    with pytest.raises(RuntimeError, match=r"/v1/completions answered HTTP 500: .*not loaded"):
+    with pytest.raises(ServerError, match=r"/v1/completions answered HTTP 500: .*not loaded"):
         rollout(
             str(tiny_path),
             PROMPTS[:1],
@@ -409,7 +415,7 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(RuntimeError, match=f"cannot reach http://127.0.0.1:{port}/v1/completions"):
+    with pytest.raises(ServerError, match=f"cannot reach http://127.0.0.1:{port}/v1/completions"):
         rollout(
             str(tiny_path),
             PROMPTS[:1],
@@ -476,3 +482,15 @@ def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_
     rollout(tiny_generator, [{"id": "x", "prompt": "Hi!"}], tmp_path / "r.jsonl", n=1, sampling=sampling,
             progress=False)  # fmt: skip
     assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["x"]
+
+
+def test_openai_prompt_text_is_what_our_engine_encodes(tiny_generator):
+    """Messages whose content is a list of text parts go to a server as the text the engine
+    templates (they crashed the openai backend)."""
+    from lenvm.rollouts import _prompt_text
+
+    tok = tiny_generator[1]
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
+    prompt = Prompt("p", messages=[{"role": "user", "content": parts}])
+    text, templated = _prompt_text(tok, prompt)
+    assert templated and tok(text, add_special_tokens=False)["input_ids"] == encode_prompt(tok, prompt)

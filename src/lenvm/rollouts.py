@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from lenvm import hub
 from lenvm.decoding.params import SamplingParams
 from lenvm.io import InputError, JsonlAppender, is_int, numbered_jsonl, read_jsonl_to_append
-from lenvm.prompts import Prompt, as_prompt, encode_prompt
+from lenvm.prompts import Prompt, as_prompt, encode_prompt, template_messages
 
 BACKENDS = ("hf", "vllm", "openai")
 AUTO = "auto"
@@ -167,6 +167,8 @@ def rollout(
     existing = read_jsonl_to_append(out, record_problem, "rollouts")
     if backend == AUTO:
         backend = _auto_backend(generator, existing, with_images is None, out)
+    if backend == "vllm" and not vllm_installed():
+        raise InputError("the vllm backend needs vLLM: install lenvm[vllm] (see the README)")
     if backend == "vllm" and isinstance(generator, tuple):
         raise InputError("the vllm backend loads the generator itself: pass its name or folder")
     if with_images is not None and backend != "hf":
@@ -213,7 +215,9 @@ def rollout(
         batches = _vllm_batches(vllm_engine, jobs, sampling)
     else:
         key = api_key or os.environ.get("OPENAI_API_KEY")
-        server = _Server(base_url, api_model or name, key)
+        # The name the server was started with, as given (a folder's absolute path is the record's).
+        served = str(generator) if not isinstance(generator, tuple) else name
+        server = _Server(base_url, api_model or served, key)
         batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
 
     bar = tqdm(total=len(jobs), unit="completion", desc="rollouts", disable=not progress)
@@ -301,7 +305,13 @@ def _check_resume(
                 f"{out}: prompt id {prompt.id!r} names a different prompt in the file; "
                 "use another output file"
             )
-        present.setdefault(prompt.id, set()).add(record["sample_index"])
+        samples = present.setdefault(prompt.id, set())
+        if record["sample_index"] in samples:  # two runs wrote into one file at once, say
+            raise InputError(
+                f"{out} holds sample {record['sample_index']} of prompt {prompt.id!r} twice: it was written "
+                "by two runs at once; keep one copy of each sample (or start another file)"
+            )
+        samples.add(record["sample_index"])
     return present
 
 
@@ -343,6 +353,10 @@ def _engine_batches(engine, jobs, sampling, batch_size):
 # --- openai backend -------------------------------------------------------------------------
 
 
+class ServerError(InputError):
+    """The OpenAI-compatible server could not be reached, refused a request or answered wrongly."""
+
+
 @dataclass
 class _Server:
     base_url: str
@@ -360,28 +374,23 @@ class _Server:
                 body = response.read()
         except urllib.error.HTTPError as err:
             detail = err.read().decode("utf-8", "replace").strip()[:500]
-            raise RuntimeError(f"{url} answered HTTP {err.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as err:
-            raise RuntimeError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
+            raise ServerError(f"{url} answered HTTP {err.code}: {detail}") from None
+        except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
+            raise ServerError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
         try:
             answer = json.loads(body)
         except json.JSONDecodeError:
-            raise RuntimeError(f"{url} answered with something not JSON: {body[:200]!r}") from None
+            raise ServerError(f"{url} answered with something not JSON: {body[:200]!r}") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
-            raise RuntimeError(f"{url} answered without a 'choices' list: {str(answer)[:200]}")
+            raise ServerError(f"{url} answered without a 'choices' list: {str(answer)[:200]}")
         return answer
 
 
 def _openai_batches(server: _Server, tokenizer, jobs, sampling, eos_ids, concurrency):
-    """One request per prompt (``n`` = its missing samples), ``concurrency`` in flight."""
-    groups: dict[str, list[_Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.prompt.id, []).append(job)
+    """One request per completion, with its own seed (so that a sample is the same however a run
+    is split or resumed, as with the other backends), ``concurrency`` in flight."""
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        pending = {
-            pool.submit(_request_prompt, server, tokenizer, group, sampling, eos_ids)
-            for group in groups.values()
-        }
+        pending = {pool.submit(_request_prompt, server, tokenizer, [job], sampling, eos_ids) for job in jobs}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -418,13 +427,13 @@ def _request_prompt(
     answer = server.post("/completions", payload)
     choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
     if len(choices) != len(group):
-        raise RuntimeError(f"{server.base_url}: asked for {len(group)} completions, got {len(choices)}")
+        raise ServerError(f"{server.base_url}: asked for {len(group)} completions, got {len(choices)}")
     done = []
     eos = set(eos_ids)
     for job, choice in zip(group, choices, strict=True):
         reason = choice.get("finish_reason")
         if reason not in FINISH_REASONS:
-            raise RuntimeError(f"{server.base_url}: unexpected finish_reason {reason!r}")
+            raise ServerError(f"{server.base_url}: unexpected finish_reason {reason!r}")
         text = choice.get("text") or ""
         ids = _token_ids_from_logprobs(choice.get("logprobs"))
         extra = {}
@@ -439,12 +448,12 @@ def _request_prompt(
 
 def _prompt_text(tokenizer, prompt: Prompt) -> tuple[str, bool]:
     """The text whose tokenization is :func:`encode_prompt`'s ids; True if chat-templated."""
+    messages = template_messages(prompt)  # text parts joined, as encode_prompt takes them
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(prompt.as_messages(), add_generation_prompt=True, tokenize=False)
-        return text, True
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
     if prompt.text is not None:
         return prompt.text, False
-    return "\n".join(m["content"] for m in prompt.messages), False
+    return "\n".join(m["content"] for m in messages), False
 
 
 def _token_ids_from_logprobs(logprobs: Any) -> list[int] | None:

@@ -84,6 +84,7 @@ def cmd_rollout(args) -> None:
         backend=args.backend,
         base_url=args.base_url,
         api_model=args.api_model,
+        api_key=args.api_key,
         device=args.device,
         dtype=args.dtype,
         vllm_args=args.vllm_args,
@@ -506,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name on the server (default: --model)")
+    p.add_argument("--api-key", help="key for --base-url (default: the OPENAI_API_KEY environment variable)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train a LenVM on rollouts")
