@@ -467,3 +467,17 @@ def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
         run_schedule(out, **{**kwargs, "load": 0.5})
     with pytest.raises(InputError, match=r"other settings \(requests\)"):  # every setting counts
         run_schedule(out, **{**kwargs, "requests": 200})
+
+
+def test_prediction_truth_counts_the_eos_once_as_training_does():
+    """A rollout record's num_tokens already holds the EOS of an answer that ended: the truth of
+    bench predict (and the lengths bench schedule replays) is that count, as training's held-out
+    evaluation and the LenVM's predicted lengths count it."""
+    from lenvm.bench.predict import sample_length, truths_of
+    from lenvm.evaluation import prompt_length_truth
+
+    ended = {"prompt_id": "a", "num_tokens": 3, "completion_token_ids": [5, 6, 2], "finish_reason": "stop"}
+    cut = {"prompt_id": "a", "num_tokens": 4, "completion_token_ids": [5, 6, 7, 8], "finish_reason": "length"}
+    assert sample_length(ended) == 3 and sample_length(cut) == 4
+    expected = prompt_length_truth([3, 3], [True, True], 0.9)
+    assert truths_of([ended, ended], 0.9)["a"] == pytest.approx(expected)

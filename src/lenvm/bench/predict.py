@@ -140,8 +140,9 @@ class ClippedRidge:
 
 
 def sample_length(record: dict[str, Any]) -> int:
-    """Generated tokens with the EOS counted when the answer ended, as in rollout records."""
-    return record["num_tokens"] + (record["finish_reason"] != "length")
+    """Generated tokens, the EOS among them when the answer ended: what a LenVM's length counts
+    and a rollout record's ``num_tokens`` already is."""
+    return record["num_tokens"]
 
 
 def record_domain(record: dict[str, Any], field: str = "domain") -> str:
