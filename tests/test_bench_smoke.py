@@ -426,6 +426,9 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, lenvm_dir, da
     life = ["--data", str(data["lifebench"]), "--targets", "4", "--rows", "1", "--max-new-tokens", "8"]
     assert main(["bench", "lifebench", "--out", str(tiny_path), "--model", str(tiny_path), *life]) == 2
     assert "use another output folder" in capsys.readouterr().err
+    too_long = ["--data", str(data["lifebench"]), "--rows", "1", "--max-new-tokens", "5000"]
+    assert main(["bench", "lifebench", "--out", str(tmp_path / "long"), *args[4:6], *too_long]) == 2
+    assert "every LIFEBench row is too long" in capsys.readouterr().err
     with pytest.raises(InputError, match="use another output folder"):
         run_prediction(tiny_path, model=str(tiny_path), lenvm=lenvm_dir, prompts=str(data["prompts"]))
     (tmp_path / "notes").mkdir()

@@ -201,6 +201,12 @@ def run_lifebench(
         raise InputError(f"every target is at or above max_new_tokens={max_new_tokens}")
     every = read_lifebench(data)
     table, too_long = fitting_rows(every, models, max_new_tokens, max_prompt_tokens)
+    if every and not table:
+        cap = f", or its prompt is over --max-prompt-tokens {max_prompt_tokens}" if max_prompt_tokens else ""
+        raise InputError(
+            f"every LIFEBench row is too long: its prompt plus --max-new-tokens {max_new_tokens} exceeds "
+            f"the generator's context{cap}"
+        )
     table = select_rows(table, rows, langs, skip_rows, row_ids)
     # Too long among the rows asked for (named rows that are too long were refused above).
     asked = [] if row_ids is not None else select_rows(every, None, langs)

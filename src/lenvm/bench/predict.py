@@ -334,9 +334,11 @@ def run_prediction(
         )
         policy = sampling.policy()
         samples_path = out / "samples.jsonl"
-        # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto").
+        # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto"), and
+        # from vLLM or nothing under --backend vllm.
+        backend = "vllm" if models.backend == "vllm" else "auto"
         rollout(models.name, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
-                backend="auto", loaded=(models.generator, models.tokenizer), dtype=models.dtype,
+                backend=backend, loaded=(models.generator, models.tokenizer), dtype=models.dtype,
                 progress=progress)  # fmt: skip
         wanted = {p.id for p in held_out}
         records = [

@@ -928,6 +928,11 @@ def main(argv: list[str] | None = None) -> int:
         # permission, a missing parent): the path is the user's to fix.
         print(f"lenvm: error: {err.strerror or err}: {err.filename}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        if err.name != "vllm":
+            raise
+        print("lenvm: error: this needs vLLM: install lenvm[vllm] (see the README)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lenvm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
