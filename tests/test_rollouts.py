@@ -165,6 +165,14 @@ def test_an_out_file_that_is_not_rollouts_is_left_as_it_was(tiny_generator, tmp_
         assert out.read_text() == text
 
 
+def test_a_prompt_too_long_for_the_context_is_named_by_its_id(tiny_generator, tmp_path):
+    long = Prompt("long", text="word " * 1200)
+    with pytest.raises(InputError, match="prompt 'long': prompt .* exceeds the model's context"):
+        rollout(tiny_generator, [PROMPTS[0], long], tmp_path / "r.jsonl", n=1,
+                sampling=SamplingParams(max_new_tokens=8), progress=False)  # fmt: skip
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_resume_refuses_a_file_with_a_sample_twice(tiny_generator, tmp_path):
     out = tmp_path / "r.jsonl"
     sampling = SamplingParams(max_new_tokens=3)

@@ -344,7 +344,14 @@ def _engine_batches(engine, jobs, sampling, batch_size):
     # Longest prompts first: memory runs out on the first batch rather than late in a run.
     jobs = sorted(jobs, key=lambda j: -len(j.prompt_ids))
     requests = [Request(job.prompt, replace(sampling, seed=job.seed)) for job in jobs]
-    results = engine.stream(requests, batch_size=batch_size)
+    try:
+        results = engine.stream(requests, batch_size=batch_size)
+    except InputError as err:  # named by the engine's request number: name the prompt instead
+        request, _, why = str(err).partition(": ")
+        number = request.removeprefix("request ")
+        if not (why and number.isdigit() and int(number) < len(jobs)):
+            raise
+        raise InputError(f"prompt {jobs[int(number)].prompt.id!r}: {why}") from None
     return (
         [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)] for index, result in results
     )
