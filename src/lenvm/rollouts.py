@@ -32,7 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lenvm import hub
-from lenvm.decoding.params import SamplingParams
+from lenvm.decoding.params import RequestError, SamplingParams
 from lenvm.io import InputError, JsonlAppender, is_int, numbered_jsonl, read_jsonl_to_append
 from lenvm.prompts import Prompt, as_prompt, encode_prompt, template_messages
 
@@ -346,12 +346,8 @@ def _engine_batches(engine, jobs, sampling, batch_size):
     requests = [Request(job.prompt, replace(sampling, seed=job.seed)) for job in jobs]
     try:
         results = engine.stream(requests, batch_size=batch_size)
-    except InputError as err:  # named by the engine's request number: name the prompt instead
-        request, _, why = str(err).partition(": ")
-        number = request.removeprefix("request ")
-        if not (why and number.isdigit() and int(number) < len(jobs)):
-            raise
-        raise InputError(f"prompt {jobs[int(number)].prompt.id!r}: {why}") from None
+    except RequestError as err:  # named by the engine's request number: name the prompt instead
+        raise InputError(f"prompt {jobs[err.key].prompt.id!r}: {err.reason}") from None
     return (
         [_Done(jobs[index], result.token_ids, result.finish_reason, result.text)] for index, result in results
     )

@@ -52,7 +52,7 @@ import torch
 
 from lenvm import vision
 from lenvm.decoding.batch import Batch
-from lenvm.decoding.params import Control, Request, Result
+from lenvm.decoding.params import Control, Request, RequestError, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
@@ -168,42 +168,40 @@ class Engine:
     def sequences(self, key: Hashable, request: Request) -> list[Sequence]:
         """The attempts of one request (one, or ``best_of``), after checking it against the models."""
         if not isinstance(request, Request):
-            raise InputError(f"request {key}: expected a Request, got {type(request).__name__}")
-        where = f"request {key}"
+            raise RequestError(key, f"expected a Request, got {type(request).__name__}")
         prompt = request.prompt
         if not is_token_ids(prompt):
             try:
                 prompt = as_prompt(prompt, default_id=str(key))  # its id names it in errors
             except InputError as err:
-                raise InputError(f"{where}: {err}") from None
+                raise RequestError(key, str(err)) from None
         encoded = vision.encode(self.tokenizer, prompt)
         prompt_ids = encoded.ids
         if not prompt_ids:
-            raise InputError(f"{where}: the prompt encodes to no tokens")
+            raise RequestError(key, "the prompt encodes to no tokens")
         vocab = self.lm_head.weight.shape[0]
         if not all(0 <= i < vocab for i in prompt_ids):
-            raise InputError(f"{where}: prompt token ids must lie in [0, {vocab})")
+            raise RequestError(key, f"prompt token ids must lie in [0, {vocab})")
         lenvm = self.lenvm
         if encoded.images is not None and lenvm is not None and not lenvm.sees_images:
-            raise InputError(f"{where}: the prompt has images, which the text-only LenVM cannot read")
+            raise RequestError(key, "the prompt has images, which the text-only LenVM cannot read")
         max_new_tokens = request.sampling.max_new_tokens
         if len(prompt_ids) + max_new_tokens > self.context:
             of_images = f", {encoded.image_tokens} of them for its images" if encoded.image_tokens else ""
-            raise InputError(
-                f"{where}: prompt ({len(prompt_ids)} tokens{of_images}) plus max_new_tokens "
-                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens"
+            raise RequestError(
+                key,
+                f"prompt ({len(prompt_ids)} tokens{of_images}) plus max_new_tokens "
+                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens",
             )
         control = request.control or Control()
         if (control.active or request.return_values) and self.lenvm is None:
-            raise InputError(f"{where}: a length control or return_values needs an engine with a LenVM")
+            raise RequestError(key, "a length control or return_values needs an engine with a LenVM")
         if control.target is not None and control.target > self.context:
-            raise InputError(
-                f"{where}: target {control.target} exceeds the model's context of {self.context}"
-            )
+            raise RequestError(key, f"target {control.target} exceeds the model's context of {self.context}")
         if (why := control.unreachable(max_new_tokens)) is not None:
-            raise InputError(f"{where}: {why}")
+            raise RequestError(key, why)
         if control.active and (why := control.beyond_horizon(self.lenvm.gamma)) is not None:
-            raise InputError(f"{where}: {why}")
+            raise RequestError(key, why)
         if request.sampling.top_k >= vocab:  # keeps every token: the filter is off
             request = replace(request, sampling=replace(request.sampling, top_k=0))
         images = encoded.images.to(self.device) if encoded.images is not None else None

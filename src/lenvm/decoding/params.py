@@ -257,6 +257,15 @@ class Control:
         return None
 
 
+class RequestError(InputError):
+    """A request an engine cannot take: ``key`` names it as the engine was given it, ``reason``
+    says why (the message is ``request KEY: REASON``), so that a caller can name it its own way."""
+
+    def __init__(self, key: Any, reason: str):
+        super().__init__(f"request {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation: a prompt, its sampling settings and an optional length control.

@@ -61,6 +61,7 @@ from lenvm.decoding.params import (
     MIN_TEMPERATURE,
     Control,
     Request,
+    RequestError,
     Result,
     SamplingParams,
     control_from_keys,
@@ -436,9 +437,10 @@ class VLLMEngine:
             params = self._params(i, request)
             ids = encode_prompt(self.tokenizer, as_prompt(request.prompt, default_id=str(i)))
             if len(ids) + params.max_tokens > context:  # as our engine: refused, not cut short by vLLM
-                raise InputError(
-                    f"request {i}: prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_tokens}) "
-                    f"exceeds the model's context of {context} tokens"
+                raise RequestError(
+                    i,
+                    f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_tokens}) "
+                    f"exceeds the model's context of {context} tokens",
                 )
             prompts.append(ids)
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
@@ -452,15 +454,15 @@ class VLLMEngine:
         from vllm import SamplingParams as VllmParams
 
         if not isinstance(request, Request):
-            raise InputError(f"request {index}: expected a Request, got {type(request).__name__}")
+            raise RequestError(index, f"expected a Request, got {type(request).__name__}")
         control = request.control
         if control is not None and control.active:
             if self.lenvm is None:
-                raise InputError(f"request {index}: a length control needs a LenVM")
+                raise RequestError(index, "a length control needs a LenVM")
             if control.best_of > 1 or control.retries:
-                raise InputError(f"request {index}: retries and best_of need lenvm's own engine")
+                raise RequestError(index, "retries and best_of need lenvm's own engine")
         if request.return_values:
-            raise InputError(f"request {index}: return_values needs lenvm's own engine")
+            raise RequestError(index, "return_values needs lenvm's own engine")
         s = request.sampling
         return VllmParams(
             temperature=s.temperature,

@@ -29,6 +29,7 @@ from typing import Any
 
 from lenvm.decoding import Request, Result, Scheduler
 from lenvm.decoding.engine import Engine, Update
+from lenvm.decoding.params import RequestError
 from lenvm.io import InputError
 
 log = logging.getLogger("lenvm.serve")
@@ -287,8 +288,8 @@ class EngineRunner:
             for done in added:
                 self.scheduler.abort(done)
             self._release(sum(c.rows for c in submission.choices))
-            if isinstance(err, InputError):  # the engine names the request by a key the client never saw
-                err = InputError(str(err).removeprefix(f"request {key}: "))
+            if isinstance(err, RequestError):  # named by a key the client never saw: the reason alone
+                err = InputError(err.reason)
             submission.put(err)
             return
         for index, (key, choice) in enumerate(zip(submission.keys, submission.choices, strict=True)):
