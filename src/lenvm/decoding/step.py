@@ -254,10 +254,9 @@ def decide(
     # for the EOS that ends an answer.
     candidates = policies.Candidates(ids, cand_probs, values, eos, next_eos, eos_logprob.exp(), next_end)
     dist = policy(candidates, rows, gamma)
-    if free is None:
-        return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
-    dist = torch.where(free[:, None], policies.follow(candidates), dist)
-    if uniform is not None:  # free rows drew their own token above
+    if free is not None:
+        dist = torch.where(free[:, None], policies.follow(candidates), dist)
+    if free is None or uniform is not None:  # without free rows, or they drew their own token above
         return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
     return Decision(ids, dist, values, log_norm, eos_id, eos_logprob, free, probs)
 
