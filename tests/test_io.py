@@ -117,3 +117,18 @@ def test_atomic_writes_leave_files_readable_as_new_files_are(tmp_path):
         "head.safetensors": plain.stat().st_mode & 0o777,
         "config.json": plain.stat().st_mode & 0o777,
     }
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 200_000])
+@pytest.mark.parametrize("newline_at", [None, 0, 10, 65540, 150_000])
+def test_the_last_line_is_found_from_the_end_of_the_file(tmp_path, size, newline_at):
+    from lenvm.io import _partial_tail
+
+    content = bytearray(b"x" * size)
+    if newline_at is not None and newline_at < size:
+        content[newline_at] = ord("\n")
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(bytes(content))
+    assert _partial_tail(path) == bytes(content[content.rfind(b"\n") + 1 :])
+    repair_jsonl_tail(path)
+    assert path.read_bytes() == bytes(content[: content.rfind(b"\n") + 1])

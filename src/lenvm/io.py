@@ -203,8 +203,23 @@ def read_jsonl_to_append(
 
 def _partial_tail(path: Path) -> bytes:
     """The bytes after the last newline of ``path`` (empty when it ends with one)."""
-    data = path.read_bytes()
-    return data[data.rfind(b"\n") + 1 :]
+    with path.open("rb") as fh:
+        fh.seek(_tail_start(fh))
+        return fh.read()
+
+
+def _tail_start(fh) -> int:
+    """The offset just past the last newline of an open binary file (0 without one), read from
+    the end: a large file's last line is found without reading the rest."""
+    position = fh.seek(0, os.SEEK_END)
+    while position > 0:
+        size = min(1 << 16, position)
+        position -= size
+        fh.seek(position)
+        found = fh.read(size).rfind(b"\n")
+        if found >= 0:
+            return position + found + 1
+    return 0
 
 
 def repair_jsonl_tail(path: Path) -> None:
@@ -215,5 +230,4 @@ def repair_jsonl_tail(path: Path) -> None:
         fh.seek(-1, os.SEEK_END)
         if fh.read(1) == b"\n":
             return
-        fh.seek(0)
-        fh.truncate(fh.read().rfind(b"\n") + 1)
+        fh.truncate(_tail_start(fh))
