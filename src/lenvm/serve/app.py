@@ -333,19 +333,14 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
             chunks.append(chunk)
         return chunks
 
-    collecting = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not collecting.done():  # the client went away: free its rows now
-            collecting.cancel()
-            call.close()
-    if collecting.cancelled():
+        chunks = await _unless_gone(request, collect())
+    except _ClientGone:
+        call.close()  # the client went away: free its rows now
         return Response(status_code=499)
-    try:
-        chunks = collecting.result()
+    except asyncio.CancelledError:  # the handler itself was cancelled: likewise
+        call.close()
+        raise
     except Exception as err:
         error = _as_api_error(err)
         call.finish("aborted" if isinstance(err, ShuttingDown) else _outcome(error.status))
@@ -397,8 +392,9 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def _unless_gone(request: Request, work: Awaitable[None]) -> None:
-    """Await ``work``, cancelled (raising :class:`_ClientGone`) if the client disconnects first."""
+async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result, or, if the client disconnects first, :class:`_ClientGone` with ``work``
+    cancelled."""
     working = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -409,7 +405,7 @@ async def _unless_gone(request: Request, work: Awaitable[None]) -> None:
             working.cancel()
     if working.cancelled():
         raise _ClientGone
-    working.result()
+    return working.result()
 
 
 def _forward_chunks(lengths: list[int], budget: int) -> list[list[int]]:
