@@ -2,6 +2,7 @@ import json
 import os
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -381,6 +382,40 @@ def test_openai_backend_reads_token_ids(server, tiny_path, tiny_generator, tmp_p
         progress=False,
     )
     assert sorted(p["n"] for _, _, p in server.requests) == [1, 1]
+    assert keys(read_rollouts(out)) == [(p, i) for p in "ab" for i in range(4)]
+
+
+def test_openai_backend_keeps_answers_in_flight_on_ctrl_c(
+    server, tiny_path, tiny_generator, tmp_path, monkeypatch
+):
+    """Ctrl-C while requests are in flight: their answers are written (the pool waits for them
+    anyway), the requests not yet sent are not sent, and a second run completes the rest."""
+    tok = tiny_generator[1]
+
+    def slow_answer(payload):
+        time.sleep(0.2)  # so that most requests are still queued at the interrupt
+        return 200, {"choices": [choice(0, [40, 41], "length")]}
+
+    server.answer = slow_answer
+    real_wait, calls = rollouts_module.wait, []
+
+    def wait_then_interrupt(futures, return_when):
+        calls.append(1)
+        if len(calls) == 2:
+            real_wait([f for f in futures if f.running()])  # the requests in flight come back
+            raise KeyboardInterrupt
+        return real_wait(futures, return_when=return_when)
+
+    monkeypatch.setattr(rollouts_module, "wait", wait_then_interrupt)
+    out = tmp_path / "r.jsonl"
+    run = dict(n=4, backend="openai", base_url=server.url, tokenizer=tok, batch_size=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        rollout(str(tiny_path), PROMPTS[:2], out, **run)
+    sent = len(server.requests)
+    assert len(read_rollouts(out)) == sent and 2 < sent < 8  # every answer that came back is kept
+    monkeypatch.setattr(rollouts_module, "wait", real_wait)
+    rollout(str(tiny_path), PROMPTS[:2], out, **run)
+    assert len(server.requests) == 8
     assert keys(read_rollouts(out)) == [(p, i) for p in "ab" for i in range(4)]
 
 

@@ -20,11 +20,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -399,6 +400,20 @@ def _openai_batches(server: _Server, tokenizer, jobs, sampling, eos_ids, concurr
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     yield future.result()
+        except KeyboardInterrupt:
+            # The pool waits for the requests in flight anyway: their answers are kept (written
+            # by the caller) rather than dropped; those not yet sent are not sent.
+            in_flight = [f for f in pending if not f.cancel()]
+            pending = set()
+            if in_flight:
+                print(
+                    f"interrupted: keeping the {len(in_flight)} answers in flight (Ctrl-C again drops them)",
+                    file=sys.stderr,
+                )
+            for future in as_completed(in_flight):
+                if future.exception() is None:
+                    yield future.result()
+            raise
         finally:
             for future in pending:
                 future.cancel()
