@@ -117,6 +117,18 @@ def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_generator)
     assert len({tuple(r.token_ids) for r in together}) == 3
 
 
+def test_negative_seeds_have_streams_of_their_own(tiny_generator):
+    """vLLM takes any 64-bit seed: a negative one is reproducible and not a small seed's stream."""
+    engine = Engine(*tiny_generator)
+
+    def draw(seed):
+        return engine.generate([Request("Hi", SamplingParams(max_new_tokens=15, seed=seed))])[0].token_ids
+
+    draws = {seed: draw(seed) for seed in (-1, -2, -(2**63), 1, 2)}
+    assert draws[-1] == draw(-1)
+    assert len({tuple(d) for d in draws.values()}) == len(draws)
+
+
 def test_mean_logprob_is_the_generators_own(tiny_generator):
     model, tok = tiny_generator
     engine = Engine(model, tok)

@@ -19,7 +19,7 @@ from lenvm.io import InputError
         dict(top_k=2.5),
         dict(max_new_tokens=0),
         dict(min_p=1),
-        dict(seed=-1),
+        dict(seed=-(2**63) - 1),
         dict(seed=2**63),  # 2**63 and 2**64 + 1 drew as 0 and 1 did
         dict(seed=True),
         dict(ignore_eos="yes"),

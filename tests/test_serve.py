@@ -440,8 +440,8 @@ BAD = [
     ({"model": MODEL, "prompt": "Hi", "n": 0}, 400, "n must be"),
     ({"model": MODEL, "prompt": "Hi", "n": 10**9}, 400, "exceed"),
     ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "Hi", "seed": -3}, 400, "seed"),
-    ({"model": MODEL, "prompt": "Hi", "seed": 2**64 + 1}, 400, "seed must be an integer from 0 to 2**63 - 1"),
+    ({"model": MODEL, "prompt": "Hi", "seed": -(2**63) - 1}, 400, "seed"),
+    ({"model": MODEL, "prompt": "Hi", "seed": 2**64 + 1}, 400, "seed must be a 64-bit signed integer"),
     ({"model": MODEL, "prompt": "Hi", "length_best_of": 10**5, "length_equal_to": 3}, 400, "from 1 to 16"),
     (
         {"model": MODEL, "prompt": "Hi", "length_at_least": 1022},

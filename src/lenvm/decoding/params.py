@@ -86,8 +86,8 @@ class SamplingParams:
                 "max_new_tokens must be an integer >= 1",
             ),
             (
-                self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
-                "seed must be an integer from 0 to 2**63 - 1 (64 bits, as vLLM's) or None",
+                self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63),
+                "seed must be a 64-bit signed integer (-2**63 to 2**63 - 1, as vLLM's) or None",
             ),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
             (

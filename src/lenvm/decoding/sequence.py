@@ -73,6 +73,7 @@ class Sequence:
         ``images``: the pixel inputs of the prompt's images (``prompt_ids`` hold their tokens)."""
         seed = request.sampling.seed
         seed = seed if seed is not None else int(torch.randint(2**62, ()))
+        # Modulo 2**63, as torch draws alike for seeds 2**63 apart: a negative seed shares seed + 2**63's.
         rng = torch.Generator().manual_seed((seed + attempt * ATTEMPT_SEED_STEP) % 2**63)
         control = request.control or Control()
         uniforms = _uniforms(rng, request.sampling.max_new_tokens, device)
