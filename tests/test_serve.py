@@ -664,9 +664,12 @@ def test_a_client_that_goes_away_frees_its_row(engine):
         wait_until(lambda: runner.scheduler.running == 0 and runner.outstanding == 0)
         # a non-streaming request whose client times out is dropped too
         with pytest.raises(openai.APITimeoutError):
-            client(url).with_options(timeout=0.3).completions.create(**long)
+            client(url).with_options(timeout=0.3, max_retries=0).completions.create(**long)
         wait_until(lambda: runner.scheduler.running == 0 and runner.outstanding == 0)
         healthy(url)
+        metrics = httpx.get(url + "/metrics").text
+        assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
+        assert 'lenvm_requests_total{endpoint="completions",outcome="error"} 0.0' in metrics
 
 
 def test_a_failed_step_answers_500_and_the_engine_goes_on(engine, monkeypatch):

@@ -403,6 +403,7 @@ async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
         gone.cancel()
         if not working.done():
             working.cancel()
+            await asyncio.wait({working})  # a task is cancelled only once it has run again
     if working.cancelled():
         raise _ClientGone
     return working.result()
