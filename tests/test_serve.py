@@ -132,6 +132,14 @@ def test_chat_completion_applies_the_chat_template(url, engine, tiny_generator):
         model=MODEL, messages=HI, seed=1, extra_body={"vllm_xargs": {"length_at_most": 12}}
     )
     assert long.usage.completion_tokens <= 13
+    # an answer's message sent back as the client returns it (refusal, tool_calls, ... as null)
+    follow_up = [*HI, long.choices[0].message.model_dump(), {"role": "user", "content": "More?"}]
+    assert "refusal" in follow_up[1] and "tool_calls" in follow_up[1]
+    conversation = [{"role": m["role"], "content": m["content"]} for m in follow_up]
+    ids = encode_prompt(tok, conversation)
+    expected = alone(engine, ids, max_new_tokens=4, seed=2)
+    again = client(url).chat.completions.create(model=MODEL, messages=follow_up, max_tokens=4, seed=2)
+    assert again.choices[0].message.content == expected.text
 
 
 def test_streams_give_the_same_answer_token_by_token(url):
@@ -503,6 +511,10 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
     ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
+    (
+        {"model": MODEL, "messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+        "tool calls are not supported",
+    ),
 ]
 
 

@@ -136,6 +136,19 @@ class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # Fields of OpenAI's assistant messages, so that a returned message can be sent back as it
+    # is: a refusal, audio or annotations are left out of the prompt; a tool call cannot be.
+    refusal: str | None = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> ChatMessage:
+        if self.tool_calls or self.function_call:
+            raise ValueError("tool calls are not supported")
+        return self
 
 
 class ChatCompletionRequest(_Generation):
