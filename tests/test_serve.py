@@ -108,6 +108,11 @@ def test_text_completion_is_the_engines_answer_to_the_raw_prompt(url, engine, ti
     )
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == expected.text
+    # max_tokens left out near the end of the context: what the context leaves, as vLLM does
+    near = client(url).completions.create(
+        model=MODEL, prompt=[40] * 1020, seed=3, extra_body={"ignore_eos": True}
+    )
+    assert near.usage.completion_tokens == 4 and near.choices[0].finish_reason == "length"
 
 
 def test_chat_completion_applies_the_chat_template(url, engine, tiny_generator):

@@ -317,8 +317,9 @@ def _plan(
     for ids in prompts:
         limit = max_tokens
         if limit is None:
+            room = ctx.context - len(ids)  # at least 1: longer prompts were refused above
             plain = endpoint == "completions" and control is None
-            limit = COMPLETIONS_MAX_TOKENS if plain else ctx.context - len(ids)
+            limit = min(COMPLETIONS_MAX_TOKENS, room) if plain else room  # vLLM's default too
         if max_tokens is not None and len(ids) + max_tokens > ctx.context:
             raise ApiError(
                 400,
