@@ -156,6 +156,20 @@ def _error(capsys, argv):
     return code, capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--port", "99999", "an integer from 0 to 65535"),
+        ("--max-queue", "-1", "an integer at least 0"),
+        ("--shutdown-timeout", "soon", "a number at least 0"),
+    ],
+)
+def test_serve_options_out_of_range_are_usage_errors(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", flag, value])
+    assert exit.value.code == 2 and f"argument {flag}: expected {message}" in capsys.readouterr().err
+
+
 def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "broken\n')

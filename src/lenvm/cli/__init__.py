@@ -11,7 +11,9 @@ import errno
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lenvm.cli import options
 from lenvm.io import InputError
@@ -46,6 +48,24 @@ def _gamma(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"gamma must be 'auto' or a number, got {text!r}") from None
+
+
+def _number_in(kind: type, least: float, most: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` number within [least, most]."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < least or (most is not None and value > most):
+            span = f"from {least} to {most}" if most is not None else f"at least {least}"
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {span}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _prompts_from_args(args) -> list:
@@ -789,18 +809,27 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_generator(p)
     p.add_argument("--lenvm", help="LenVM folder (needed for length controls and the length endpoints)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--port", type=_number_in(int, 0, 65535), default=8000, help="port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     p.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LENVM_API_KEY if set)"
     )
     options.add_decoding(p, batch_size=16)
-    p.add_argument("--max-queue", type=int, default=256, help="answers that may wait for a row (then 429)")
-    p.add_argument("--max-streams", type=int, default=64, help="streaming responses open at once (then 429)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (then 413)")
+    p.add_argument(
+        "--max-queue", type=_number_in(int, 0), default=256, help="answers that may wait for a row (then 429)"
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_number_in(int, 1),
+        default=64,
+        help="streaming responses open at once (then 429)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=_number_in(int, 1), default=1 << 20, help="largest request body (then 413)"
+    )
     p.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=_number_in(float, 0),
         default=30.0,
         help="on SIGTERM, seconds that requests in flight get to finish before an error answers them",
     )
