@@ -249,12 +249,44 @@ def test_head_lambda_targets_match_the_recursion_and_lambda_one_adds_nothing(
         v = trainer._state_values(rows).double().cpu().numpy()
         v = np.append(v, 0.0) if finished else v
         expected = td_lambda_targets(v, gamma, 0.5, finished=finished)
-        steps = np.arange(n, 0, -1, dtype=np.float64)
-        full = -(1 - gamma**steps) + (0.0 if finished else gamma**steps * v[-1])
-        got = full + trainer.correction[first : first + n].double().numpy()
+        got = trainer.targets(rows[:n]).double().cpu().numpy()  # what the loss regresses on
         np.testing.assert_allclose(got, expected, atol=1e-5)
         checked_cut += not finished
     assert checked_cut > 0
+
+
+def test_head_and_q_targets_are_bootstrapped_at_a_cut(tmp_path, tiny_path, tiny_generator):
+    """lambda = 1: a state's target is its discounted return, plus, where its completion was cut,
+    gamma**steps times the head's value at the cut (not 0, as if it had ended there); the Q-head's
+    target for the token taken is the next state's."""
+    from lenvm.training_data import RolloutSource, training_data
+
+    records = synthetic_records(tiny_generator[1], truncate_long=True)
+    lenvm = LengthValueModel.from_base(str(tiny_path), kind="q", gamma=0.9, generator=tiny_generator)
+    data = training_data(
+        RolloutSource(records), None, lenvm.config.eos_token_ids, "bootstrap", None, 0.25, 0, 256, "tiny"
+    )
+    trainer = HeadTrainer(lenvm, _config(), tmp_path / "work", "fp", progress=False)
+    trainer.store = store = FeatureStore.open_or_build(
+        tmp_path / "work" / "features", "fp", lenvm, data.train, data.eval, False
+    )
+    trainer.train_states = trainer.train_completions = 1
+    seen = []  # the targets of each call of the per-state loss: the states', then the Q-head's
+    trainer._state_losses = lambda values, targets: seen.append(targets) or values * 0
+    gamma, cut_seen = lenvm.gamma, 0
+    for c in range(store.train_completions):
+        first, n, finished = int(store.first_row[c]), int(store.states[c]), bool(store.finished[c])
+        rows = np.arange(first, first + n)
+        steps = np.arange(n, 0, -1, dtype=np.float64)
+        at_cut = 0.0 if finished else float(trainer._state_values(np.array([first + n]))[0])
+        expected = -(1 - gamma**steps) + gamma**steps * at_cut
+        np.testing.assert_allclose(trainer.targets(rows).double().cpu().numpy(), expected, atol=1e-6)
+        cut_seen += not finished and abs(at_cut) > 1e-3
+        if n > 1:  # the loss's Q part regresses on the next states' targets
+            seen.clear()
+            trainer.loss(rows)
+            np.testing.assert_allclose(seen[1].double().cpu().numpy(), expected[1:], atol=1e-6)
+    assert cut_seen > 0
     trainer.config = _config(lam=1.0)
     trainer.refresh_targets()
     assert torch.count_nonzero(trainer.correction) == 0  # lambda = 1: the Monte-Carlo targets exactly

@@ -590,30 +590,36 @@ class HeadTrainer:
         with torch.no_grad(), self._autocast():
             return self.lenvm.values_from_hidden(self.store.hidden(rows, self.lenvm.device)).float()
 
-    def loss(self, rows: np.ndarray) -> torch.Tensor:
-        """The loss of the positions ``rows`` (sorted); each batch goes to the head's device."""
-        lenvm, store, config, device = self.lenvm, self.store, self.config, self.lenvm.device
+    def targets(self, rows: np.ndarray) -> torch.Tensor:
+        """The regression targets of the states ``rows`` (sorted), on the head's device: each
+        state's discounted return, bootstrapped where its completion was cut from the current
+        head's value at the cut, plus this epoch's TD(lambda) correction."""
+        lenvm, store, device = self.lenvm, self.store, self.lenvm.device
         gamma = lenvm.gamma
         cols = store.rows[rows]
-        completion = cols["completion"]
         remaining = torch.from_numpy(cols["remaining"].astype(np.float64))
-        cut = torch.from_numpy(~store.finished[completion])
-        with self._autocast():
-            hidden = store.hidden(rows, device)
-            values = lenvm.values_from_hidden(hidden).float()
+        cut = torch.from_numpy(~store.finished[cols["completion"]])
         boot_values = torch.zeros(len(rows), device=device)  # unused where a completion finished
         if cut.any():
             at_cut = cut.numpy()
             boot_values[cut.to(device)] = self._state_values(rows[at_cut] + cols["remaining"][at_cut])
-
-        def targets_at(steps: torch.Tensor) -> torch.Tensor:
-            mc = length_to_value(steps, gamma).float().to(device)
-            discount = torch.where(cut, gamma**steps, 0.0).float().to(device)
-            return mc + discount * boot_values
-
-        targets = targets_at(remaining)
+        mc = length_to_value(remaining, gamma).float().to(device)
+        discount = torch.where(cut, gamma**remaining, 0.0).float().to(device)
+        targets = mc + discount * boot_values
         if self.correction is not None:
             targets = targets + self.correction[torch.from_numpy(rows)].to(device)
+        return targets
+
+    def loss(self, rows: np.ndarray) -> torch.Tensor:
+        """The loss of the positions ``rows`` (sorted); each batch goes to the head's device."""
+        lenvm, store, config, device = self.lenvm, self.store, self.config, self.lenvm.device
+        cols = store.rows[rows]
+        completion = cols["completion"]
+        remaining = torch.from_numpy(cols["remaining"])
+        with self._autocast():
+            hidden = store.hidden(rows, device)
+            values = lenvm.values_from_hidden(hidden).float()
+        targets = self.targets(rows)
         states = torch.from_numpy(store.states[completion])
         at_prompt = torch.from_numpy(cols["remaining"]) == states
         weights = state_weights(states, config.aggregation, at_prompt, config.prompt_weight).to(device)
@@ -623,10 +629,8 @@ class HeadTrainer:
             has_next = remaining > 1
             if has_next.any():
                 on_device = has_next.to(device)
-                q_targets = targets_at(remaining - 1)[on_device]
-                if self.correction is not None:
-                    nxt = torch.from_numpy(rows[has_next.numpy()] + 1)
-                    q_targets = q_targets + self.correction[nxt].to(device)
+                # Q(s, x) for the token x taken is the value of the next state: its target.
+                q_targets = self.targets(rows[has_next.numpy()] + 1)
                 taken = torch.from_numpy(cols["next_token"][has_next.numpy()].astype(np.int64))
                 with self._autocast():
                     q_values = (
