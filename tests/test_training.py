@@ -754,3 +754,30 @@ def test_training_warns_where_its_targets_cannot_mean_what_they_should(tmp_path,
     other = [dict(r, generator="someone-else/model") for r in records]
     with pytest.warns(UserWarning, match="the rollouts were sampled from someone-else/model"):
         train(other, str(tiny_path), tmp_path / "other", **again)
+
+
+def test_full_finetuning_targets_are_bootstrapped_at_a_cut(monkeypatch):
+    """The full fine-tuning loss regresses each state on its discounted return plus, for a cut
+    completion, gamma**steps times the model's own value at the cut (collated from examples)."""
+    from types import SimpleNamespace
+
+    import lenvm.training as training
+    from lenvm.dataset import Example, collate
+    from lenvm.training import FullTrainer
+
+    gamma = 0.9
+    examples = [
+        Example("a", [5, 6, 7, 8, 9, 10], start=2, num_states=3, finished=False),  # cut: s_T ends at 5
+        Example("b", [5, 6, 7, 8], start=1, num_states=3, finished=True),
+    ]
+    batch = collate(examples, gamma)
+    values = -torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(0)) * 0.9 - 0.05
+    seen = []
+    monkeypatch.setattr(training, "state_losses", lambda v, targets, *rest: seen.append(targets) or v * 0)
+    trainer = SimpleNamespace(config=_config(), lenvm=SimpleNamespace(gamma=gamma))
+    FullTrainer.micro_loss(trainer, lambda ids, mask: values, batch)
+    steps = torch.tensor([3.0, 2.0, 1.0])
+    cut = -(1 - gamma**steps) + gamma**steps * values[0, 5]
+    ended = -(1 - gamma**steps)
+    torch.testing.assert_close(seen[0][0, 2:5], cut)
+    torch.testing.assert_close(seen[0][1, 1:4], ended)
