@@ -123,6 +123,27 @@ def test_calibrating_moves_the_heads_predictions_toward_what_happened(tiny_path,
     assert np.mean((after - returns) ** 2) < np.mean((values - returns) ** 2)
 
 
+def test_realized_returns_are_monte_carlo_and_bootstrapped_at_a_cut(tiny_path, tiny_generator):
+    """What calibration fits to, against the formula: an answer that ended realizes
+    -(1 - gamma**steps) from each state; one cut at max_new_tokens adds gamma**steps times the
+    LenVM's own value at the cut."""
+    from lenvm.calibration import realized_returns
+
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    records = synthetic_records(tiny_generator[1], truncate_long=True)
+    ended, cut = records[0], next(r for r in records if r["finish_reason"] == "length")
+    for record in (ended, cut):
+        prompt, completion = record["prompt_token_ids"], record["completion_token_ids"]
+        start, n = len(prompt) - 1, len(completion)
+        own = lenvm(torch.tensor([prompt + completion]), calibrated=False)[0].double().detach()
+        steps = torch.arange(n, 0, -1, dtype=torch.float64)
+        at_cut = own[start + n] if record is cut else 0.0
+        values, returns = realized_returns(lenvm, [record])
+        np.testing.assert_allclose(values, own[start : start + n].numpy(), atol=1e-6)
+        np.testing.assert_allclose(returns, (-(1 - 0.9**steps) + 0.9**steps * at_cut).numpy(), atol=1e-6)
+
+
 def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_generator, capsys):
     _, rollouts = lenvm_folder_with_rollouts(tmp_path, tiny_path, tiny_generator)
     args = ["calibrate", "--lenvm", str(tmp_path / "l"), "--rollouts", str(rollouts), "--no-progress"]
