@@ -109,6 +109,18 @@ def test_at_most_ours_follows_the_generator_inside_the_bound():
     assert float(dist[2]) < 0.1 * 0.2  # predicted to end far beyond the bound: pushed down
 
 
+def test_at_most_ours_weighs_each_candidate_by_its_chance_of_ending_within_the_bound():
+    """Far before the bound (no wrap-up yet) a candidate's weight is the generator's probability
+    times P(total <= N) under the Laplace model around its predicted total, with the half-token
+    continuity correction."""
+    c = cands([0.5, 0.5, 0.0], [101, 111, 200])  # totals of 100 and 110 tokens from step 0
+    dist = policies.at_most(c, t(0), t(100), GAMMA)[0]
+    total = policies.predicted_total(c, t(0), GAMMA)
+    x = ((100.5 - total) / policies.spread(total, t(0))).reshape(-1)
+    cdf = torch.where(x >= 0, 1 - 0.5 * torch.exp(-x), 0.5 * torch.exp(x))
+    assert float(dist[1] / dist[0]) == pytest.approx(float(cdf[1] / cdf[0]), rel=1e-3)
+
+
 @given(st.integers(0, 200), st.integers(1, 300), st.integers(-5, 120))
 def test_a_state_fits_as_at_most_judged_the_token_that_led_to_it(step, left, beyond):
     """``fits`` reads the state after a token as ``at_most``'s Laplace model read that token: the
