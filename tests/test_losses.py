@@ -43,6 +43,14 @@ def test_bce_is_a_divergence_zero_at_the_target(pairs):
     torch.testing.assert_close(z.grad, (-v) - (-g), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bce_stays_finite_where_the_head_saturates(dtype):
+    """A head whose sigmoid rounds to 1 or 0 (V = -1 or 0) still gets a finite loss."""
+    values = torch.tensor([-1.0, 0.0, -0.5], dtype=dtype)
+    loss = L.pointwise_loss(values, torch.tensor([-0.5, -0.5, -0.5], dtype=dtype), "bce")
+    assert torch.isfinite(loss).all() and loss[2] == 0
+
+
 @settings(deadline=None)  # the first call pays for torch's warm-up on a busy machine
 @given(gammas, st.lists(st.integers(1, 500), min_size=1, max_size=20), st.floats(0.5, 2.0))
 def test_relative_error_reads_lengths(gamma, lengths, factor):

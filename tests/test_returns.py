@@ -34,6 +34,25 @@ def test_bellman_recursion(gamma, n):
     assert lhs == pytest.approx(rhs, abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array([0, -1]),
+        np.array([0.0, -1.0]),
+        np.array([0.0, -1.0], dtype=np.float16),
+        torch.tensor([0, -1]),
+        torch.tensor([0.0, -1.0]),
+        torch.tensor([0.0, -1.0], dtype=torch.bfloat16),
+        torch.tensor([0.0, -1.0], dtype=torch.float16),
+    ],
+)
+def test_a_value_of_minus_one_is_a_long_finite_length_in_any_dtype(value):
+    """The head's floor reads as a long answer, not infinity, and not a short one in half
+    precision (whose eps alone would put -1 a few hundred tokens out at gamma 0.99)."""
+    lengths = np.asarray(R.value_to_length(value, 0.99), dtype=np.float64)
+    assert lengths[0] == 0 and np.isfinite(lengths[1]) and lengths[1] > 1000
+
+
 def test_numpy_and_torch_agree():
     n = np.arange(0, 50)
     a = R.length_to_value(n, 0.97)

@@ -57,8 +57,10 @@ def pointwise_loss(
     if loss == "huber":
         return torch.nn.functional.huber_loss(values, targets, reduction="none", delta=huber_delta)
     if loss == "bce":
-        q = (-values).clamp(_EPS, 1.0 - _EPS)
-        p = (-targets).clamp(0.0, 1.0)
+        # In float32 at least: 1 - _EPS is 1 in half precision, where log(1 - q) would be -inf.
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        q = (-values.to(dtype)).clamp(_EPS, 1.0 - _EPS)
+        p = (-targets.to(dtype)).clamp(0.0, 1.0)
         xlogy = torch.special.xlogy
         return xlogy(p, p) - xlogy(p, q) + xlogy(1.0 - p, 1.0 - p) - xlogy(1.0 - p, 1.0 - q)
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")

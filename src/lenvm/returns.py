@@ -54,6 +54,11 @@ def value_to_length(value: Array, gamma: float) -> Array:
     _check_gamma(gamma)
     x = _as_array(value)
     xp = _xp(x)
+    # Integers, and halves whose coarse eps would put -1 at a few hundred tokens, go up to float32.
+    if isinstance(x, torch.Tensor) and (not x.is_floating_point() or x.element_size() < 4):
+        x = x.float()
+    elif isinstance(x, np.ndarray) and (x.dtype.kind != "f" or x.dtype.itemsize < 4):
+        x = x.astype(np.float32)
     eps = torch.finfo(x.dtype).eps if isinstance(x, torch.Tensor) else np.finfo(x.dtype).eps
     floor = -1.0 + 2 * eps
     x = xp.clip(x, floor, 0.0)
