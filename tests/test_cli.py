@@ -111,6 +111,18 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     ids = second["completion_token_ids"]
     assert [t["token_id"] for t in trace["tokens"]][: len(ids)] == ids
     assert trace["finished"] == (second["finish_reason"] == "stop")
+    assert trace["prompt_tokens"] == len(second["prompt_token_ids"])
+    # The record's prompt ids as they are (not the prompt encoded again), if they read back.
+    tok = LengthValueModel.from_pretrained(out).tokenizer
+    text = second["prompt"] if isinstance(second["prompt"], str) else second["prompt"][-1]["content"]
+    raw = {**second, "prompt_token_ids": tok(text)["input_ids"]}  # no chat template
+    foreign = {**second, "prompt_token_ids": [7] * 5}
+    (tmp_path / "odd.jsonl").write_text(json.dumps(raw) + "\n" + json.dumps(foreign) + "\n")
+    odd = ["values", "--lenvm", str(out), "--rollouts", str(tmp_path / "odd.jsonl")]
+    assert main(odd) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == len(raw["prompt_token_ids"])
+    code, err = _error(capsys, [*odd, "--record", "2"])
+    assert code == 2 and "do not read back" in err and "show it with a LenVM of that generator" in err
     (tmp_path / "answer.txt").write_text("Hi there")
     assert main([*values[:-1], "@" + str(tmp_path / "answer.txt")]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == json.loads(printed[0])["tokens"]

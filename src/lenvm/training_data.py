@@ -282,7 +282,13 @@ def _check_record(
     return settings
 
 
-def _check_prompt_tokens(record: dict[str, Any], index: int, tokenizer, name: str) -> None:
+def _check_prompt_tokens(
+    record: dict[str, Any],
+    index: int,
+    tokenizer,
+    name: str,
+    fix: str = "train on the generator that sampled them (--base)",
+) -> None:
     prompt = record.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
         prompt = prompt[-1].get("content")  # the last message, when its content is plain text
@@ -292,8 +298,7 @@ def _check_prompt_tokens(record: dict[str, Any], index: int, tokenizer, name: st
     if "".join(prompt.split()) not in "".join(decoded.split()):
         raise InputError(
             f"rollout record {index + 1}'s prompt tokens do not read back as its prompt with the tokenizer "
-            f"of {name!r}: the rollouts came from {record.get('generator')!r}, whose tokenizer differs; "
-            "train on the generator that sampled them (--base)"
+            f"of {name!r}: the rollouts came from {record.get('generator')!r}, whose tokenizer differs; {fix}"
         )
 
 

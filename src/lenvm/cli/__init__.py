@@ -293,8 +293,13 @@ def cmd_values(args) -> None:
         with open(args.html, "rb") as fh:
             if not fh.read(64).lstrip().lower().startswith(b"<!doctype html"):
                 raise InputError(f"--html {args.html}: exists and is not an HTML page; it is left as it is")
-    prompt, completion, finished = _answer_to_value(args)
+    prompt, completion, finished, record = _answer_to_value(args)
     lenvm = _load_lenvm(args)
+    if record is not None:  # its token ids mean something only to its generator's tokenizer
+        from lenvm.training_data import _check_prompt_tokens
+
+        fix = "show it with a LenVM of that generator"
+        _check_prompt_tokens(record, (args.record or 1) - 1, lenvm.tokenizer, lenvm.config.base_model, fix)
     trace = token_values(lenvm, prompt, completion, finished=finished)
     if args.html:
         write_text(args.html, render_html(trace))
@@ -303,8 +308,9 @@ def cmd_values(args) -> None:
 
 
 def _answer_to_value(args) -> tuple:
-    """``(prompt, completion, finished)`` for ``lenvm values``: a rollout record (its own token ids
-    and ending), or a prompt with the completion's text."""
+    """``(prompt, completion, finished, record)`` for ``lenvm values``: a rollout record (its own
+    token ids, the prompt's too unless it has images, and its ending), or a prompt with the
+    completion's text (record None)."""
     from lenvm.io import numbered_jsonl
     from lenvm.prompts import as_prompt
     from lenvm.rollouts import record_problem
@@ -321,7 +327,8 @@ def _answer_to_value(args) -> tuple:
                 if (problem := record_problem(record)) is not None:
                     raise InputError(f"{args.rollouts}:{lineno}: bad rollout record: {problem}")
                 prompt = as_prompt(record["prompt"], default_id=record["prompt_id"])
-                return prompt, record["completion_token_ids"], record["finish_reason"] == "stop"
+                ids = record["prompt_token_ids"] if not prompt.images else prompt  # images: encoded again
+                return ids, record["completion_token_ids"], record["finish_reason"] == "stop", record
         raise InputError(f"{args.rollouts} has fewer than {wanted} records")
     if args.record is not None:
         raise InputError("--record picks a record of --rollouts FILE")
@@ -334,7 +341,7 @@ def _answer_to_value(args) -> tuple:
             raise InputError(f"--completion {completion}: no such file")
         completion = path.read_text(encoding="utf-8")
     [prompt] = _prompts_from_args(args)
-    return prompt, completion, not args.unfinished
+    return prompt, completion, not args.unfinished, None
 
 
 def _control(args):
