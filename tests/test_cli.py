@@ -317,6 +317,7 @@ def test_generate_with_and_without_a_length_control(
     record = json.loads(capsys.readouterr().out)
     assert record["num_tokens"] <= 3 and len(record["values"]) == record["num_tokens"] + 1
     assert record["finish_reason"] == "stop" and 0 < record["eos_prob"] <= 1
+    assert len(record["token_ids"]) == record["num_tokens"] + 1  # its EOS too: for lenvm values
     # Without --model, the generator the LenVM reads: the same answer.
     alone = [x for x in base if x not in ("--model", str(tiny_path))]
     argv = [*alone, "--lenvm", str(lenvm), "--prompt", "Hi", "--at-most", "3", "--json", "--values"]
@@ -511,5 +512,7 @@ def test_paths_that_cannot_be_read_or_written_as_asked_are_clear_errors(
     assert code == 2 and "not an HTML page" in err and a_file.read_text() == "keep me"
     assert main([*values, str(tmp_path / "v.html")]) == 0
     assert main([*values, str(tmp_path / "v.html")]) == 0  # its own page is replaced
+    code, err = _error(capsys, [*values, ""])  # an unset variable in a script: not silently nothing
+    assert code == 2 and "--html needs a file name" in err
     code, err = _error(capsys, ["predict", "--lenvm", str(lenvm), "--prompt", "Hi", "--model", str(lenvm)])
     assert code == 2 and "is a LenVM folder, not a generator" in err

@@ -50,6 +50,13 @@ def test_top_respects_min_count_and_direction():
         stats.top(3, "sideways")
 
 
+@pytest.mark.parametrize("threshold", [-0.1, float("nan")])
+def test_a_threshold_must_be_a_non_negative_number(lenvm, tiny_generator, threshold):
+    records = synthetic_records(tiny_generator[1], n_per_prompt=1)
+    with pytest.raises(InputError, match="threshold must be a non-negative number"):
+        length_token_stats(lenvm, records, threshold=threshold, progress=False)
+
+
 def test_threshold_is_strict():
     stats = LengthTokenStats(gamma=0.99, threshold=0.01, min_count=1)
     stats.add(["x", "x", "x"], [-0.01, 0.01, -0.0100001])

@@ -155,8 +155,8 @@ def length_token_stats(
     its EOS (counted as the first EOS token when a stop string ended it); a cut completion's
     last residual uses the model's value at the cut.
     """
-    if threshold < 0:
-        raise InputError(f"threshold must be non-negative, got {threshold}")
+    if not threshold >= 0:  # NaN too
+        raise InputError(f"threshold must be a non-negative number, got {threshold}")
     eos = lenvm.config.eos_token_ids
     examples, _ = examples_from_records(records, eos, truncated="bootstrap")
     values = state_values(lenvm, examples, batch_size=batch_size, progress=progress)

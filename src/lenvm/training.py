@@ -390,7 +390,7 @@ def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(np.arange(1, len(losses) + 1), losses, lw=1)
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=1, marker="o" if len(losses) == 1 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training loss ({loss}, value space)")
     ax.set_yscale("log")

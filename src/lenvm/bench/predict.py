@@ -587,6 +587,7 @@ def _plot(out: Path, results: dict) -> None:
             ax.set_ylabel("predicted (tokens)")
             ax.grid(alpha=0.3, which="both")
         row[0].legend(fontsize=7)
+    fig.tight_layout()  # the panels' axis labels would overlap their neighbours
     _save(fig, out / "calibration.png")
 
     metrics = results["metrics"]

@@ -289,6 +289,8 @@ def cmd_values(args) -> None:
     from lenvm.io import write_text
     from lenvm.values_view import render_html, token_values
 
+    if args.html == "":
+        raise InputError("--html needs a file name")
     if args.html and Path(args.html).is_file():
         with open(args.html, "rb") as fh:
             if not fh.read(64).lstrip().lower().startswith(b"<!doctype html"):
@@ -395,6 +397,7 @@ def cmd_generate(args) -> None:
             record = {
                 "id": prompt.id,
                 "text": result.text,
+                "token_ids": result.token_ids,
                 "num_tokens": result.num_tokens,
                 "finish_reason": result.finish_reason,
                 "mean_logprob": round(result.mean_logprob, 4),
@@ -808,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_decoding(p, batch_size=8)
     p.add_argument("--values", action="store_true", help="also print the value after each token")
     p.add_argument(
-        "--json", action="store_true", help="print the result as JSON (text, tokens, finish reason)"
+        "--json", action="store_true", help="print the result as JSON (text, token ids, finish reason, ...)"
     )
     p.set_defaults(func=cmd_generate)
 
