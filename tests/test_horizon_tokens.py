@@ -7,7 +7,7 @@ from conftest import synthetic_records
 from lenvm import LengthValueModel
 from lenvm.horizon_tokens import LengthTokenStats, length_token_stats
 from lenvm.io import InputError
-from lenvm.values_view import token_values
+from lenvm.values_view import token_label, token_values
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_stats_over_rollouts_match_token_values(lenvm, tiny_generator):
             lenvm, r["prompt"], r["completion_token_ids"], finished=r["finish_reason"] == "stop"
         )
         # Counted per token (its text alone), where the view shows a split character whole.
-        texts = [lenvm.tokenizer.decode([t.token_id]) for t in trace.tokens]
+        texts = [token_label(lenvm.tokenizer, t.token_id) for t in trace.tokens]
         expected.add(texts, [t.residual for t in trace.tokens])
     assert set(stats.tokens) == set(expected.tokens)
     for text, s in stats.tokens.items():
@@ -133,3 +133,16 @@ def test_exact_values_push_nowhere(lenvm, tiny_generator, monkeypatch):
 def test_no_usable_records_is_an_input_error(lenvm):
     with pytest.raises(InputError):
         length_token_stats(lenvm, [], progress=False)
+
+
+def test_pieces_of_a_character_are_labelled_by_their_bytes(tiny_generator):
+    """Byte-level BPE splits most Chinese characters and emoji; each piece alone decodes to U+FFFD.
+    Labelled by its bytes, pieces are not pooled into one replacement character."""
+    tok = tiny_generator[1]
+    text = "用中文 🎉 hi"
+    labels = [token_label(tok, i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    assert not any("\ufffd" in label for label in labels)
+    pieces = [label for label in labels if label.startswith("<0x")]
+    assert len(set(pieces)) == len(pieces) == 13  # 3 characters of 3 bytes, an emoji of 4
+    assert bytes(int(b, 16) for p in pieces for b in p[3:-1].split("><0x")).decode() == "用中文🎉"
+    assert labels[-2:] == ["h", "i"]

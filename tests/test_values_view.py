@@ -151,6 +151,11 @@ def test_characters_split_over_tokens_are_shown_whole(lenvm):
     assert len(shown) > len(text)  # byte-level pieces: several tokens per character
     assert "".join(shown) == text and "\ufffd" not in "".join(shown)
     assert "中" in shown and "🎉" in shown
+    # In the page each piece before a character's last is a sliver of its own colour, named as such.
+    page = render_html(trace)
+    assert ".tok:empty { display: inline-block;" in page
+    assert len(re.findall(r'class="tok" data-i="\d+" style="[^"]*"></span>', page)) == shown.count("") > 0
+    assert page.count("(part of the next character)") == shown.count("")
 
 
 def test_html_escapes_tokens_and_is_self_contained(lenvm, tmp_path):

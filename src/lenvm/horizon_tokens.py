@@ -20,7 +20,7 @@ from lenvm.dataset import examples_from_records
 from lenvm.io import InputError, atomic_path
 from lenvm.model import LengthValueModel
 from lenvm.returns import td_residual
-from lenvm.values_view import state_values
+from lenvm.values_view import state_values, token_label
 
 Direction = Literal["longer", "shorter"]
 
@@ -166,6 +166,6 @@ def length_token_stats(
         ids = example.input_ids[example.start + 1 :] + ([eos[0]] if example.finished else [])
         for i in ids:
             if i not in texts:
-                texts[i] = lenvm.tokenizer.decode([i])
+                texts[i] = token_label(lenvm.tokenizer, i)
         stats.add([texts[i] for i in ids], td_residual(v, lenvm.gamma))
     return stats

@@ -201,6 +201,31 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     return texts
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's scheme) writes each byte as one printable character: printable
+    ASCII and most of Latin-1 as themselves, the other bytes as characters from U+0100 on."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in kept}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(0x100 + n)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token's own text, or, for a piece of a character (which alone decodes to U+FFFD), its
+    bytes as ``<0xE5><0xA4>``, so that different pieces stay apart."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    raw = tokenizer.convert_ids_to_tokens(token_id)
+    if raw and all(c in _BYTE_OF for c in raw):
+        return "".join(f"<0x{_BYTE_OF[c]:02X}>" for c in raw)
+    return raw or text  # SentencePiece byte tokens are written <0xE5> already
+
+
 def _prompt_text(tokenizer, ids: list[int]) -> str:
     """The prompt as text, each image's run of image tokens shown as one ``[image: N tokens]``."""
     processor = vision.processor_of(tokenizer)
@@ -233,6 +258,7 @@ h1 { font-size: 1.3em; }
   border: 1px solid #ddd; padding: 0.6em; }
 .tok { box-shadow: inset 0 0 0 1px rgba(0,0,0,0.10); border-radius: 2px; cursor: default; }
 .tok:hover { outline: 2px solid #000; }
+.tok:empty { display: inline-block; width: 0.4em; height: 1.2em; vertical-align: -0.25em; }
 .ws { color: #999; }
 #tip { position: fixed; pointer-events: none; background: #fff; border: 1px solid #888;
   padding: 0.3em 0.6em; font-size: 12px; box-shadow: 2px 2px 6px rgba(0,0,0,0.2); }
@@ -393,7 +419,8 @@ def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
     rows = []
     spans = []
     for t in trace.tokens:
-        shown = json.dumps(t.text, ensure_ascii=False)
+        # A piece of a character (its text is the next token's) is a sliver of its own colour.
+        shown = json.dumps(t.text, ensure_ascii=False) if t.text else "(part of the next character)"
         rows.append({**asdict(t), "repr": shown, "x": round(_x(t.index, trace.num_tokens), 1)})
         spans.append(
             f'<span class="tok" data-i="{t.index}" style="background:{_colour(t.residual, scale)}">'
