@@ -326,6 +326,13 @@ def test_length_tokens_smoke(tmp_path, models, train_rollouts):
     assert results["completions"] == 6
     assert "Pushes longer" in (out / "table.md").read_text()
     assert run_length_tokens(out, models=models, rollouts=train_rollouts, min_count=1, top=5) == results
+    # Rollouts that changed under the same name are not answered with the old results.
+    grown = tmp_path / "grown.jsonl"
+    grown.write_bytes(train_rollouts.read_bytes())
+    run_length_tokens(tmp_path / "grown", models=models, rollouts=grown, min_count=1, progress=False)
+    grown.write_bytes(train_rollouts.read_bytes() * 2)
+    with pytest.raises(InputError, match="other settings \\(rollouts_digest\\)"):
+        run_length_tokens(tmp_path / "grown", models=models, rollouts=grown, min_count=1, progress=False)
 
 
 def test_run_all_smoke(tmp_path, ending_path, data):

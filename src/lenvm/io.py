@@ -115,6 +115,20 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()  # what open() gives a new file under this process's umask
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """A short hash of a file's bytes (of a folder's: its files' names and bytes), so that results
+    made from it are not reused once it has changed."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(file, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(data: Any) -> str:
     """A short stable hash of JSON-able ``data``."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -52,8 +52,9 @@ class Models:
         return str(next(self.generator.parameters()).dtype).removeprefix("torch.")
 
     def identity(self) -> dict[str, Any]:
-        """What a results folder depends on: the models by name, and the LenVM's gamma and head
-        weights (a LenVM retrained into the same folder must not reuse old results)."""
+        """What a results folder depends on: the models by name, and the LenVM's gamma, head
+        weights and calibration (a LenVM retrained or calibrated in its folder must not reuse old
+        results)."""
         head = None
         if self.lenvm is not None:
             weights = b"".join(
@@ -65,6 +66,7 @@ class Models:
             "lenvm": self.lenvm_name,
             "gamma": self.lenvm.gamma if self.lenvm is not None else None,
             "lenvm_head": head,
+            "calibration": self.lenvm.config.calibration if self.lenvm is not None else None,
             "backend": self.backend,
         }
 

@@ -16,6 +16,7 @@ from lenvm.bench.common import Models, Run, load_models, markdown_table
 from lenvm.cli import options
 from lenvm.horizon_tokens import length_token_stats
 from lenvm.hub import DEFAULT_MODEL
+from lenvm.io import file_digest
 from lenvm.rollouts import read_rollouts
 
 
@@ -43,6 +44,7 @@ def run_length_tokens(
     settings = {
         **models.identity(),
         "rollouts": str(rollouts),
+        "rollouts_digest": file_digest(rollouts),
         "threshold": threshold,
         "min_count": min_count,
         "limit": limit,

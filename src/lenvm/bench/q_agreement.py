@@ -39,7 +39,7 @@ from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.streams import Hidden, Stream, cache_argument
 from lenvm.hub import DEFAULT_MODEL, eos_token_ids, load_generator, torch_dtype
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, file_digest, is_int
 from lenvm.model import LengthValueModel, read_config
 from lenvm.returns import length_to_value, value_to_length
 from lenvm.rollouts import read_rollouts
@@ -223,6 +223,7 @@ def run_q_agreement(
         "exact": Models(generator, tokenizer, exact_vm, str(model), str(exact)).identity(),
         "q": Models(generator, tokenizer, q_vm, str(model), str(q)).identity(),
         "rollouts": str(rollouts),
+        "rollouts_digest": file_digest(rollouts),
         "num_candidates": num_candidates,
         "positions_per_completion": positions_per_completion,
         "max_completions": max_completions,

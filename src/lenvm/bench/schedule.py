@@ -40,7 +40,7 @@ from lenvm.bench.predict import sample_length
 from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, priority
 from lenvm.hub import DEFAULT_MODEL
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, file_digest, is_int
 from lenvm.prompts import as_prompt
 from lenvm.rollouts import read_rollouts
 from lenvm.scheduling import Timeline, poisson_arrivals, rate_for_load, simulate
@@ -170,6 +170,7 @@ def run_schedule(
     settings = {
         **models.identity(),
         "rollouts": [str(r) for r in rollouts],
+        "rollouts_digest": [file_digest(r) for r in rollouts],
         "batch_size": batch_size,
         "load": load,
         "loads": list(loads),
