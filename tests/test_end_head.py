@@ -69,6 +69,17 @@ def test_the_end_head_round_trips_and_a_lenvm_without_one_has_none(tmp_path, tra
         LengthValueModel.from_pretrained(tmp_path / "l", generator=tiny_generator)
     plain = LengthValueModel.from_base(lenvm.config.base_model, generator=tiny_generator, gamma=0.9)
     assert plain.end_head is None and plain.end_lengths_from_hidden(h) is None
+    # Saved over a LenVM folder, as Hugging Face's save_pretrained does: the other files stay,
+    # the end head of the LenVM it replaces does not.
+    lenvm.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "training_log.json").write_text("{}")
+    (tmp_path / "m" / "notes").mkdir()
+    (tmp_path / "m" / "notes" / "README.md").write_text("mine")
+    plain.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "training_log.json").read_text() == "{}"
+    assert (tmp_path / "m" / "notes" / "README.md").read_text() == "mine"
+    assert not (tmp_path / "m" / END_HEAD_NAME).exists()
+    assert LengthValueModel.from_pretrained(tmp_path / "m", generator=tiny_generator).end_head is None
 
 
 def test_only_an_attached_lenvm_takes_an_end_head(trained):

@@ -290,7 +290,9 @@ class LengthValueModel(nn.Module):
     def save_pretrained(
         self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """Write ``config.json`` and ``head.safetensors`` (plus ``backbone/`` if standalone), atomically.
+        """Write ``config.json`` and ``head.safetensors`` (plus ``end_head.safetensors`` and, if
+        standalone, ``backbone/``), atomically. Saved over a LenVM, the folder's other files (a
+        training log, a model card) stay, as with Hugging Face's ``save_pretrained``.
 
         ``state_dict`` (this module's keys) replaces the weights held by the module: a model
         sharded by FSDP or DeepSpeed ZeRO-3 holds only a shard, and its full weights come from
@@ -298,8 +300,15 @@ class LengthValueModel(nn.Module):
         """
         state_dict = state_dict if state_dict is not None else self.state_dict()
         refuse_to_replace(path, "saving a LenVM there")
+        own = {CONFIG_NAME, HEAD_NAME, END_HEAD_NAME, BACKBONE_DIR}
         with atomic_path(path) as tmp:
-            tmp.mkdir()
+            if Path(path).is_dir():
+                top = Path(path).resolve()
+                shutil.copytree(
+                    path, tmp, ignore=lambda d, names: own & set(names) if Path(d).resolve() == top else ()
+                )
+            else:
+                tmp.mkdir()
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             head = {
                 k.removeprefix("head."): v.detach().float().contiguous().cpu()
@@ -705,9 +714,10 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
 
 
 def refuse_to_replace(path: str | os.PathLike, writes: str, lenvm: bool = True) -> None:
-    """A LenVM is written as a whole new folder, which replaces what stood at ``path``: refuse when
-    that is anything but a LenVM or an empty folder (a generator's folder, say), naming what
-    ``writes``; and a LenVM too unless ``lenvm`` (may be replaced)."""
+    """A LenVM is written as a new folder in place of what stood at ``path`` (keeping only the other
+    files of a LenVM folder): refuse when that is anything but a LenVM or an empty folder (a
+    generator's folder, say), naming what ``writes``; and a LenVM too unless ``lenvm`` (may be
+    replaced)."""
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
