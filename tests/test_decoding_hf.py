@@ -73,6 +73,58 @@ def test_greedy_generate_with_the_processor_matches_the_engine(tiny_generator, l
         assert [new_tokens(row, tok.eos_token_id) for row in rows] == expected
 
 
+def test_greedy_sampling_params_make_sampled_generate_greedy(tiny_generator, lenvms):
+    """temperature 0 in the processor's SamplingParams is greedy even where generate samples:
+    only the policy's choice is left in the logits (it sampled the whole policy, as at 1)."""
+    model, tok = tiny_generator
+    control = Control("tilt", beta=2.0)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    processor = LenVMLogitsProcessor(lenvms["attached"], control, num_candidates=4, sampling=greedy)
+    _, expected = generate(model, tok, [processor])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert generate(model, tok, [processor], sample=True)[1] == expected
+
+
+def test_a_chat_that_goes_on_from_finished_answers_is_a_new_call(tiny_generator, lenvms):
+    """A processor reused for the next turn of a chat, whose input_ids are the last turn's output
+    and a new user message: a new answer, counted from its own start, as with a fresh processor
+    (it took it for the old answer going on, and ended it at once)."""
+    model, tok = tiny_generator
+    lenvm = lenvms["attached"]
+    control, sampling = Control("equal_to", target=6), SamplingParams(max_new_tokens=30)
+    reused = LenVMLogitsProcessor(lenvm, control, num_candidates=4, sampling=sampling)
+    ids = torch.tensor([encode_prompt(tok, PROMPTS[0])])
+    config = dict(do_sample=False, max_new_tokens=30, pad_token_id=tok.pad_token_id)
+    first = model.generate(ids, logits_processor=LogitsProcessorList([reused]), **config)
+    assert first[0, -1] == tok.eos_token_id
+    more = torch.tensor(
+        [tok("\n<|im_start|>user\nAnd the wind?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]]
+    )
+    follow_up = torch.cat([first, more], 1)
+    again = model.generate(follow_up, logits_processor=LogitsProcessorList([reused]), **config)
+    fresh = LenVMLogitsProcessor(lenvm, control, num_candidates=4, sampling=sampling)
+    expected = model.generate(follow_up, logits_processor=LogitsProcessorList([fresh]), **config)
+    assert again.tolist() == expected.tolist() and again.shape[1] - follow_up.shape[1] > 1
+
+
+def test_assisted_generation_is_refused_not_silently_restarted(tiny_generator, lenvms):
+    """Assisted generation goes back within the answers between its rounds, which the processor
+    would take for new generate() calls: refused."""
+    model, tok = tiny_generator
+    processor = LenVMLogitsProcessor(lenvms["attached"], Control("equal_to", target=15), num_candidates=4)
+    ids = torch.tensor([encode_prompt(tok, "red green blue red green blue red green blue red green blue")])
+    with pytest.raises(InputError, match="assisted generation"):
+        model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=40,
+            prompt_lookup_num_tokens=3,
+            pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList([processor]),
+        )
+
+
 def test_beam_search_is_refused_not_silently_restarted(tiny_generator, lenvms):
     """Beam search hands the processor its rows in another order each step, which it would take
     for new generate() calls (a control that never sees its target): refused."""

@@ -93,16 +93,26 @@ class LenVMLogitsProcessor(LogitsProcessor):
         batch, width = input_ids.shape
         input_ids = input_ids.to(self.eos.device)
         seen = self._seen
+        # Within one generate() call each call adds one column to unfinished rows; anything else
+        # (a longer chat that goes on from finished answers included) is a new call.
         if (
             seen is None
             or seen.shape[0] != batch
-            or width <= seen.shape[1]
+            or width != seen.shape[1] + 1
             or not torch.equal(input_ids[:, : seen.shape[1]], seen)
+            or bool(self._done.all())
         ):
             if seen is not None and _reordered(input_ids, seen):
                 raise InputError(
                     "the LenVM logits processor follows each row as one answer; beam search (num_beams > 1) "
                     "reorders rows between steps: decode with sampling or greedy search"
+                )
+            if seen is not None and _went_back(input_ids, seen, self._prompt_width):
+                raise InputError(
+                    "the LenVM logits processor follows each row as one answer, but these rows went back "
+                    "within their answers, as assisted generation (prompt_lookup_num_tokens, "
+                    "assistant_model) does between its rounds: it is not supported (for a new generate "
+                    "call on these ids, call reset() first)"
                 )
             self._start(input_ids)  # a new generate() call
         else:
@@ -160,6 +170,18 @@ class LengthStoppingCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = input_ids.shape[1] - self.prompt_length >= self.max_new_tokens
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _went_back(input_ids: torch.Tensor, seen: torch.Tensor, prompt_width: int) -> bool:
+    """Whether ``input_ids`` are the rows ``seen`` again, or cut back to some of their generated
+    tokens (a new call on the same prompt starts after generated tokens, from the prompt)."""
+    width = input_ids.shape[1]
+    return (
+        input_ids.shape[0] == seen.shape[0]
+        and width <= seen.shape[1]
+        and (width > prompt_width or width == seen.shape[1])
+        and torch.equal(input_ids, seen[:, :width])
+    )
 
 
 def _reordered(input_ids: torch.Tensor, seen: torch.Tensor) -> bool:

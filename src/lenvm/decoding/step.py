@@ -294,7 +294,8 @@ def as_logits(d: Decision, rows: Rows, vocab_size: int, scale: torch.Tensor | No
     """The decision as the logits a framework samples from (``[B, vocab_size]``, float32): the log
     of the policy's distribution on the candidates, times each row's ``scale`` (``[B]``; vLLM
     divides by the temperature afterwards), -inf elsewhere; a row left to the generator
-    (``d.free``), the log of its whole distribution so; a row at its hard cap, its EOS alone."""
+    (``d.free``), the log of its whole distribution so; a row at its hard cap, its EOS alone; a
+    greedy row, its most likely token alone."""
     logits = d.dist.log() if scale is None else d.dist.log() * scale[:, None]
     out = torch.full((d.ids.shape[0], vocab_size), -float("inf"), device=d.ids.device)
     out.scatter_(1, d.ids, logits.float())
@@ -305,4 +306,7 @@ def as_logits(d: Decision, rows: Rows, vocab_size: int, scale: torch.Tensor | No
     if rows.any_cap:
         only_eos = torch.full_like(out, -float("inf")).scatter_(1, d.eos[:, None], 0.0)
         out = torch.where(rows.at_cap[:, None], only_eos, out)
+    if rows.any_greedy:  # the policy's choice alone, whether the framework samples or not
+        choice = torch.full_like(out, -float("inf")).scatter_(1, out.argmax(-1, keepdim=True), 0.0)
+        out = torch.where(rows.greedy[:, None], choice, out)
     return out
