@@ -213,6 +213,10 @@ def test_processor_rejects_bad_settings(lenvms):
         with pytest.raises(InputError, match="engine"):
             LenVMLogitsProcessor(lenvms["q"], control)
     LenVMLogitsProcessor(lenvms["q"], Control("equal_to", target=5, retries=0))
+    with pytest.raises(InputError, match="takes a loaded LengthValueModel"):
+        LenVMLogitsProcessor("my-lenvm", Control("tilt", beta=1.0))
+    with pytest.raises(InputError, match="takes a Control, got dict"):
+        LenVMLogitsProcessor(lenvms["q"], {"kind": "equal_to", "target": 5})
 
 
 @pytest.mark.parametrize("control_kind", ["equal_to", "at_most", "at_least"])

@@ -59,6 +59,16 @@ def test_gamma_auto_is_p99_rule_and_stored(tmp_path, tiny_path, tiny_generator):
     assert saved["training"]["data"]["finished"] == len(records)
 
 
+def test_a_generator_that_is_not_a_model_and_tokenizer_pair_is_named(tmp_path, tiny_path, tiny_generator):
+    LengthValueModel.from_base(str(tiny_path), generator=tiny_generator, gamma=0.9).save_pretrained(
+        tmp_path / "l"
+    )
+    model, tok = tiny_generator
+    for wrong in (model, str(tiny_path), (tok, model)):
+        with pytest.raises(InputError, match=r"generator must be .*\(model, tokenizer\)"):
+            LengthValueModel.from_pretrained(tmp_path / "l", generator=wrong)
+
+
 def test_save_load_round_trip_and_errors(tmp_path, tiny_path, tiny_generator):
     records = synthetic_records(tiny_generator[1])
     train(

@@ -747,7 +747,14 @@ def _as_generator(generator):
     """A ``(model, tokenizer)`` pair whose second part may also be a ``transformers`` processor."""
     if generator is None:
         return None
+    if not isinstance(generator, tuple | list) or len(generator) != 2 or isinstance(generator[0], str):
+        raise InputError(
+            f"generator must be a loaded (model, tokenizer) pair, got {type(generator).__name__}: load one "
+            "with lenvm.hub.load_generator(name_or_path), or leave it out to load the config's"
+        )
     model, tokenizer = generator
+    if not hasattr(model, "get_input_embeddings"):
+        raise InputError(f"generator must be (model, tokenizer), got ({type(model).__name__}, ...)")
     return model, vision.as_tokenizer(tokenizer)
 
 

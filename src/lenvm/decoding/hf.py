@@ -51,7 +51,14 @@ class LenVMLogitsProcessor(LogitsProcessor):
         sampling: SamplingParams | None = None,
         pad_token_id: int | None = None,
     ):
-        if not isinstance(control, Control) or not control.active:
+        if not isinstance(lenvm, LengthValueModel):
+            raise InputError(
+                f"LenVMLogitsProcessor takes a loaded LengthValueModel (LengthValueModel.from_pretrained), "
+                f"got {type(lenvm).__name__}"
+            )
+        if not isinstance(control, Control):
+            raise InputError(f"LenVMLogitsProcessor takes a Control, got {type(control).__name__}")
+        if not control.active:
             raise InputError("LenVMLogitsProcessor needs an active Control (not kind 'none')")
         if control.best_of > 1 or control.retries:
             raise InputError(
