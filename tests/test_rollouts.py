@@ -218,7 +218,7 @@ def test_bad_n_rejected(tiny_generator, tmp_path, n):
         {"top_k": 2.5},
         {"min_p": 1.5},
         {"max_new_tokens": 0},
-        {"seed": -1},
+        {"seed": 2**63},
         {"seed": True},
     ],
 )

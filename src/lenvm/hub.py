@@ -16,10 +16,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lenvm.io import InputError, atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,20 +44,24 @@ BUILTIN_MODELS = {
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")  # torch's names; torch loads when a model does
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """A torch dtype from its name (``float32``, ``bfloat16``, ``float16``) or itself."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or the first accelerator when there is one, else the CPU."""
+    import torch
+
     if device is not None:
         try:
             chosen = torch.device(device)
@@ -148,7 +154,9 @@ def _convert_gguf(gguf: Path, target: Path, quiet: bool) -> None:
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch_dtype("float32")
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     # The weights are de-quantized already; drop the GGUF marker so the model saves as plain fp32.
@@ -205,7 +213,7 @@ def load_tokenizer(name: str | os.PathLike):
 def load_generator(
     name: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "float32",
 ):
     """Load a generator and its tokenizer by folder, alias or hub id, in eval mode, on ``device``
     (default: :func:`default_device`).

@@ -73,7 +73,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", help="torch device for the models (default: the first accelerator, else cpu)"
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
 
 
 def add_sampling(parser: argparse.ArgumentParser, seed_help: str, max_new_tokens: int | None = None) -> None:

@@ -12,9 +12,23 @@ Modules: ``params`` (what a request asks for), ``policies`` (candidates, values 
 ``engine`` (the scheduler loop), ``hf`` (``transformers`` processors).
 """
 
-from lenvm.decoding.engine import Engine, Scheduler
-from lenvm.decoding.hf import LengthStoppingCriteria, LenVMLogitsProcessor
-from lenvm.decoding.params import Control, Request, Result, SamplingParams
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# name -> module that defines it; loaded on first use, so that the request types (``params``) come
+# without the engine's torch and transformers (the command line's start-up)
+_EXPORTS = {
+    "Control": "lenvm.decoding.params",
+    "Request": "lenvm.decoding.params",
+    "Result": "lenvm.decoding.params",
+    "SamplingParams": "lenvm.decoding.params",
+    "Engine": "lenvm.decoding.engine",
+    "Scheduler": "lenvm.decoding.engine",
+    "LenVMLogitsProcessor": "lenvm.decoding.hf",
+    "LengthStoppingCriteria": "lenvm.decoding.hf",
+}
 
 __all__ = [
     "Control",
@@ -26,3 +40,21 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lenvm.decoding' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from lenvm.decoding.engine import Engine, Scheduler
+    from lenvm.decoding.hf import LengthStoppingCriteria, LenVMLogitsProcessor
+    from lenvm.decoding.params import Control, Request, Result, SamplingParams
