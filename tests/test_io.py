@@ -20,6 +20,31 @@ def _disk_full_after(monkeypatch, nbytes):
     monkeypatch.setattr(Path, "write_text", write_text)
 
 
+def test_a_folder_swap_cut_short_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """Folders are swapped through a backup name; an interrupt between the two renames must not
+    take the old folder away with the temporary one."""
+    import os
+
+    target = tmp_path / "lenvm"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text("new")
+    monkeypatch.undo()
+    assert (target / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["lenvm"]
+
+
 def test_failed_atomic_write_keeps_the_old_file_and_no_temporaries(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"
     write_json(target, {"old": True})

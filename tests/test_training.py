@@ -122,6 +122,31 @@ def test_interrupted_head_training_resumes(tmp_path, tiny_path, tiny_generator, 
     np.testing.assert_allclose(resumed.losses, uninterrupted.losses, rtol=1e-4)
 
 
+def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path, tiny_generator, monkeypatch):
+    """Ctrl-C while the loss plot is drawn, after the LenVM's weights are written: no LenVM folder
+    without its log stands at --out for the rerun to refuse; the rerun finishes the job. A damaged
+    features-cache marker is built again, not a crash."""
+    import lenvm.training as training
+
+    records = synthetic_records(tiny_generator[1])
+    config = _config(epochs=2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "plot_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    assert not (tmp_path / "lv").exists()
+    monkeypatch.undo()
+    (tmp_path / "lv.checkpoints" / "features" / "store.json").write_text('{"fingerp')  # cut short
+    train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    assert {"config.json", "head.safetensors", "training_log.json", "loss.png"} <= {
+        p.name for p in (tmp_path / "lv").iterdir()
+    }
+    assert not (tmp_path / "lv.checkpoints").exists()
+
+
 def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
     records = synthetic_records(tiny_generator[1])
     with pytest.raises(InputError, match="gamma"):

@@ -86,10 +86,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield target
         _settle(target)
         if path.is_dir() and target.is_dir():
-            # Directories cannot be replaced in one rename: swap through a backup name.
+            # Directories cannot be replaced in one rename: swap through a backup name, put back
+            # if the swap is cut short (the backup would go with the temporary folder).
             backup = tmp / (path.name + ".old")
-            os.replace(path, backup)
-            os.replace(target, path)
+            try:
+                os.replace(path, backup)
+                os.replace(target, path)
+            except BaseException:
+                if backup.exists() and not path.exists():
+                    os.replace(backup, path)
+                raise
         else:
             os.replace(target, path)
     finally:

@@ -407,7 +407,7 @@ def _openai_batches(server: _Server, tokenizer, jobs, sampling, eos_ids, concurr
             pending = set()
             if in_flight:
                 print(
-                    f"interrupted: keeping the {len(in_flight)} answers in flight (Ctrl-C again drops them)",
+                    f"interrupted: waiting for the {len(in_flight)} answers in flight, to keep them",
                     file=sys.stderr,
                 )
             for future in as_completed(in_flight):

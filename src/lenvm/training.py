@@ -296,12 +296,13 @@ def train(
         "tokens_per_second": round(tokens_per_second, 1),
         **({"distributed": fit.distributed} if fit.distributed else {}),
     }
-    lenvm.save_pretrained(out, state_dict=fit.state_dict)
-    write_json(
-        out / "training_log.json",
-        {"losses": fit.losses, "metrics": metrics, "evaluations": fit.evaluations},
-    )
-    plot_losses(fit.losses, out / "loss.png", config.loss)
+    # The LenVM, its log and its plot land together: an interrupted run leaves no LenVM folder
+    # that a rerun would refuse to resume into.
+    with atomic_path(out) as tmp:
+        lenvm.save_pretrained(tmp, state_dict=fit.state_dict)
+        log = {"losses": fit.losses, "metrics": metrics, "evaluations": fit.evaluations}
+        write_json(tmp / "training_log.json", log)
+        plot_losses(fit.losses, tmp / "loss.png", config.loss)
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -402,6 +403,15 @@ def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
     plt.close(fig)
 
 
+def _marked(marker: Path) -> str | None:
+    """The fingerprint a feature store's marker names; None where there is none to read (a store
+    is then built again)."""
+    try:
+        return json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _progress_record(step: int, epoch: float, loss: float, metrics: dict[str, float]) -> dict[str, float]:
     """One entry of the training log's ``evaluations``: held-out figures at a point of training."""
     return {
@@ -471,7 +481,7 @@ class FeatureStore:
         cls, folder: Path, fingerprint: str, lenvm: LengthValueModel, train, evaluation, progress: bool
     ) -> FeatureStore:
         marker = folder / "store.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        if _marked(marker) == fingerprint:
             return cls(folder)
         folder.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
@@ -538,7 +548,7 @@ class FeatureStore:
             "train_rows_end": train_rows_end,
             "train_completions": train_completions,
         }
-        (folder / "store.json").write_text(json.dumps(meta))
+        write_json(folder / "store.json", meta)
         return cls(folder)
 
     def hidden(self, rows: np.ndarray, device) -> torch.Tensor:
