@@ -1,5 +1,6 @@
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -789,6 +790,14 @@ def test_training_warns_where_its_targets_cannot_mean_what_they_should(tmp_path,
     other = [dict(r, generator="someone-else/model") for r in records]
     with pytest.warns(UserWarning, match="the rollouts were sampled from someone-else/model"):
         train(other, str(tiny_path), tmp_path / "other", **again)
+    # Two runs that wrote one file: the same samples twice. Other seeds' samples are not that.
+    with pytest.warns(UserWarning, match=f"{len(records)} rollout records repeat earlier ones"):
+        train(records + records, str(tiny_path), tmp_path / "twice", **again)
+    reseeded = [dict(r, completion_token_ids=r["completion_token_ids"][1:], num_tokens=r["num_tokens"] - 1)
+                for r in records if r["num_tokens"] > 1]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*repeat earlier ones")
+        train(records + reseeded, str(tiny_path), tmp_path / "two-seeds", **again)
 
 
 def test_full_finetuning_targets_are_bootstrapped_at_a_cut(monkeypatch):

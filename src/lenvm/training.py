@@ -238,6 +238,12 @@ def train(
             "values, so nothing ties them to where answers end (raise max_new_tokens for the rollouts)",
             stacklevel=2,
         )
+    if data.repeated:
+        warnings.warn(
+            f"{data.repeated} rollout records repeat earlier ones (the same prompt, sample index and tokens: "
+            "two runs wrote into one file?); each copy counts in training",
+            stacklevel=2,
+        )
     sampled_by = data.policy.get("generator")
     if config.freeze_backbone and sampled_by and model_name(sampled_by) != model_name(base):
         warnings.warn(

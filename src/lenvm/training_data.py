@@ -92,6 +92,7 @@ class Scan:
     report: DatasetReport
     digest: str = ""  # of every record's prompt id, tokens and ending (the run's fingerprint)
     policy: dict[str, Any] = field(default_factory=dict)  # the first record's generator and sampling
+    repeated: int = 0  # records that repeat an earlier one: prompt, sample index and tokens alike
 
     def counts(self, prompt_ids: Iterable[str]) -> _PromptCounts:
         total = _PromptCounts()
@@ -127,8 +128,11 @@ def scan(
     record_prompts: set[str] = set()
     digest = hashlib.sha256()
     policy: dict[str, Any] = {}
+    seen: set[bytes] = set()
+    repeated = 0
 
     def checked() -> Iterator[dict[str, Any]]:
+        nonlocal repeated
         first_policy = None
         one_policy = "a LenVM models one decoding policy; train it on rollouts of one"
         for i, record in enumerate(source):
@@ -150,6 +154,15 @@ def scan(
             digest.update(f"{record.get('prompt_id', i)}\0{record['finish_reason']}\0".encode())
             for key in ("prompt_token_ids", "completion_token_ids"):
                 digest.update(np.asarray(record[key], dtype=np.int64).tobytes() + b"\0")
+            # The same sample twice: two runs wrote into one file (different seeds give other tokens).
+            same = hashlib.sha256(
+                json.dumps(
+                    [record.get("prompt_id"), record.get("sample_index"), record["completion_token_ids"]]
+                ).encode()
+            ).digest()[:16]
+            if same in seen:
+                repeated += 1
+            seen.add(same)
             yield record
 
     report = DatasetReport(0, 0, 0, 0, 0, 0)
@@ -175,6 +188,7 @@ def scan(
         report,
         digest.hexdigest(),
         policy,
+        repeated,
     )
 
 
@@ -229,6 +243,7 @@ class TrainingData:
     baseline_length: float  # the mean length of the finished training completions
     fingerprint_data: list[Any]
     policy: dict[str, Any]
+    repeated: int = 0  # training records that repeat an earlier one (they count twice)
 
 
 _DEFAULT_SAMPLING = SamplingParams()  # what a record that leaves a setting out sampled with
@@ -366,6 +381,7 @@ def training_data(
         baseline_length=float(baseline),
         fingerprint_data=[found.records, found.digest],
         policy=found.policy,
+        repeated=found.repeated,
     )
 
 
