@@ -255,6 +255,17 @@ def test_prediction_on_given_rollouts_matches_sampling_them(tmp_path, data, endi
     assert given["metrics"]["all"]["lenvm"] == pytest.approx(first["metrics"]["all"]["lenvm"], rel=1e-3)
     assert given["samples"] == 4 and given["settings"]["truth_rollouts"] == [str(answers)]
     assert not (tmp_path / "given" / "samples.jsonl").exists()  # nothing was drawn
+    # Each prompt's answers in another order (a resumed run writes them so): the same figures.
+    groups: dict[str, list[str]] = {}
+    for line in answers.read_text().splitlines():
+        groups.setdefault(json.loads(line)["prompt_id"], []).append(line)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(line + "\n" for lines in groups.values() for line in reversed(lines)))
+    again = run_prediction(tmp_path / "again", models=ending_models, truth_rollouts=[shuffled],
+                           train_rollouts=train_rollouts, progress=False)  # fmt: skip
+    for domain, figures in given["metrics"].items():
+        for key in ("truth_reliability", "spearman_ceiling", "mean_truth"):
+            assert again["metrics"][domain][key] == (figures[key] and pytest.approx(figures[key], rel=1e-9))
 
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     hotter = [{**r, "sampling": {**r["sampling"], "temperature": 1.3}} for r in records[:2]]

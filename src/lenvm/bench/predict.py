@@ -431,7 +431,8 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
     truth = np.array([truths[p.id] for p in kept])
     domains = [domain_of[p.id] for p in kept]
     cut, samples = defaultdict(int), defaultdict(list)
-    for r in records:
+    # In sample order, not file order (which a resumed run changes): the split-halves depend on it.
+    for r in sorted(records, key=lambda r: r.get("sample_index", 0)):
         cut[r["prompt_id"]] += r["finish_reason"] == "length"
         samples[r["prompt_id"]].append(sample_length(r))
     per_prompt = [
