@@ -428,6 +428,9 @@ def test_models_health_and_metrics(url):
     models = client(url).models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].max_model_len == 1024 and models.data[0].lenvm["kind"] == "attached"
+    assert client(url).models.retrieve(MODEL).model_dump() == models.data[0].model_dump()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(url).models.retrieve("another-model")
     assert httpx.get(url + "/health").json()["status"] == "ok"
     text = httpx.get(url + "/metrics").text
     for name in (

@@ -4,7 +4,7 @@
     serve(engine, settings, host="127.0.0.1", port=8000)      # uvicorn, until SIGTERM
 
 Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (streaming or not),
-``POST /v1/length/predict`` and ``/v1/length/values``, ``GET /v1/models``, ``/health`` and
+``POST /v1/length/predict`` and ``/v1/length/values``, ``GET /v1/models[/{name}]``, ``/health`` and
 ``/metrics`` (Prometheus). Generation runs on the engine's thread (:mod:`lenvm.serve.runner`);
 handlers only parse, wait and write. Every failure is answered with an OpenAI-style error body
 and its status (:class:`~lenvm.serve.protocol.ApiError`), never by a dead engine.
@@ -157,9 +157,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        _authorize(request, settings)
+    def model_card() -> dict[str, Any]:
         card: dict[str, Any] = {
             "id": name,
             "object": "model",
@@ -176,7 +174,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 "feature_layer": lenvm.feature_layer,
                 "sampling": lenvm.config.sampling,
             }
-        return JSONResponse({"object": "list", "data": [card]})
+        return card
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _authorize(request, settings)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model:path}")  # a served name may hold slashes (org/model)
+    async def model(request: Request, model: str) -> JSONResponse:
+        _authorize(request, settings)
+        _check_model(model, name)
+        return JSONResponse(model_card())
 
     async def generate(request: Request, endpoint: str, schema, planner: Callable[..., Plan]) -> Response:
         arrived = time.perf_counter()
