@@ -125,6 +125,32 @@ def test_assisted_generation_is_refused_not_silently_restarted(tiny_generator, l
         )
 
 
+def test_the_pad_token_is_the_tokenizers_when_generate_calls(tiny_generator, lenvms, monkeypatch):
+    """A pad token set after the processor was made (the usual tokenizer.pad_token = eos before
+    batching) is the one stripped from the left of the rows: the LenVM reads the prompts alone."""
+    import lenvm.decoding.hf as hf
+
+    model, tok = tiny_generator
+    prefilled = []
+    real = hf.scorer_for
+
+    def spying(lenvm):
+        scorer = real(lenvm)
+        prefill = scorer.prefill
+        scorer.prefill = lambda lenvm, rows, **kw: prefilled.append(rows) or prefill(lenvm, rows, **kw)
+        return scorer
+
+    monkeypatch.setattr(hf, "scorer_for", spying)
+    pad = tok.pad_token
+    tok.pad_token = None
+    try:
+        late = LenVMLogitsProcessor(lenvms["attached"], Control("tilt", beta=1.0), num_candidates=4)
+    finally:
+        tok.pad_token = pad
+    generate(model, tok, [late], max_new_tokens=2)
+    assert prefilled[0] == [encode_prompt(tok, p) for p in PROMPTS]
+
+
 def test_beam_search_is_refused_not_silently_restarted(tiny_generator, lenvms):
     """Beam search hands the processor its rows in another order each step, which it would take
     for new generate() calls (a control that never sees its target): refused."""

@@ -83,7 +83,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.eos = torch.tensor(
             lenvm.config.eos_token_ids or [lenvm.tokenizer.eos_token_id], device=lenvm.device
         )
-        self.pad_token_id = lenvm.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.pad_token_id = pad_token_id  # None: the tokenizer's at each new call (set it late, as is usual)
         self.reset()
 
     def reset(self) -> None:
@@ -135,9 +135,10 @@ class LenVMLogitsProcessor(LogitsProcessor):
     def _start(self, input_ids: torch.Tensor) -> None:
         """Prefill every row's prompt (leading padding stripped)."""
         self.reset()
+        pad = self.pad_token_id if self.pad_token_id is not None else self.lenvm.tokenizer.pad_token_id
         rows = []
         for row in input_ids.tolist():
-            start = next((i for i, t in enumerate(row) if t != self.pad_token_id), len(row) - 1)
+            start = next((i for i, t in enumerate(row) if t != pad), len(row) - 1)
             rows.append(row[start:])
         processor = vision.processor_of(self.lenvm.tokenizer)
         if processor is not None and any(processor.image_token_id in row for row in rows):
