@@ -151,6 +151,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` did: the LenVM's folder, its gamma, the held-out ``metrics`` at the end
+    (:func:`lenvm.evaluation.length_metrics`), what the rollouts held (``data``), the loss of every
+    optimizer step and the held-out figures logged while training (also in the folder's
+    ``training_log.json``)."""
+
     path: Path
     gamma: float
     metrics: dict[str, float]

@@ -51,6 +51,10 @@ class TokenValue:
 
 @dataclass
 class ValueTrace:
+    """One completion valued token by token (:func:`token_values`): each token's
+    :class:`TokenValue`, whether the completion ended with EOS, the prompt; ``to_dict`` is the JSON
+    ``lenvm values`` prints and :func:`render_html` draws it."""
+
     gamma: float
     prompt_token_ids: list[int]
     prompt_text: str
