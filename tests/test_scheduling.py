@@ -68,6 +68,8 @@ def test_prefill_lengthens_the_steps_where_requests_join():
     # The first step carries the prefill of 40 prompt tokens: 1 + 4 steps long.
     assert timeline.first_token.tolist() == [5.0, 5.0]
     assert timeline.finished.tolist() == [7.0, 6.0]
+    # Both rows are busy through the long first step (5 each), then 2 and 1 more steps.
+    assert timeline.busy_row_steps == pytest.approx(5 * 2 + 2 + 1)
 
 
 def test_shortest_first_beats_fcfs_when_the_queue_builds():
