@@ -1224,3 +1224,16 @@ def test_a_temperature_below_the_greedy_threshold_decodes_greedily(tiny_generato
             for t in (1e-40, 0.0)
         )
         assert tiny.token_ids == zero.token_ids
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_logits_that_are_not_numbers_stop_the_step(bad):
+    """NaN (a broken model, a float16 overflow) would draw an arbitrary token, a masked one
+    included: the step refuses, for guided and plain rows alike."""
+    from lenvm.decoding.step import Rows, decide
+
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = bad
+    rows = Rows.build([SamplingParams(), SamplingParams()], [Control(), Control()], [0, 0], "cpu")
+    with pytest.raises(ValueError, match="NaN"):
+        decide(logits, rows, None, 4, torch.tensor([2]), None, uniform=torch.rand(2))

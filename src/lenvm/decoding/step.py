@@ -208,6 +208,8 @@ def decide(
         rows.top_p if rows.any_top_p else None,
         rows.min_p if rows.any_min_p else None,
     )
+    if bool(torch.isnan(probs).any()):  # else a draw lands on any token, a masked one included
+        raise ValueError("the generator's logits hold NaN or +inf: a broken model, or float16 overflow?")
     free = None
     if rows.any_gated and scorer is not None:
         fitting = policies.fits(scorer.state_values(), rows.step, rows.target, gamma)
