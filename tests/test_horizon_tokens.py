@@ -57,6 +57,13 @@ def test_a_threshold_must_be_a_non_negative_number(lenvm, tiny_generator, thresh
         length_token_stats(lenvm, records, threshold=threshold, progress=False)
 
 
+def test_the_default_threshold_leaves_the_strongest_tenth_of_residuals_pushing(lenvm, tiny_generator):
+    records = synthetic_records(tiny_generator[1], truncate_long=True)
+    stats = length_token_stats(lenvm, records, min_count=1, progress=False)
+    pushing = sum(s.longer + s.shorter for s in stats.tokens.values())
+    assert stats.threshold > 0 and pushing == pytest.approx(0.1 * stats.total_tokens, abs=2)
+
+
 def test_threshold_is_strict():
     stats = LengthTokenStats(gamma=0.99, threshold=0.01, min_count=1)
     stats.add(["x", "x", "x"], [-0.01, 0.01, -0.0100001])

@@ -23,6 +23,10 @@ from lenvm.returns import td_residual
 from lenvm.values_view import state_values, token_label
 
 Direction = Literal["longer", "shorter"]
+# With no threshold given, a token pushes when its residual is among the strongest tenth of the
+# rollouts' residuals: a fixed one means little across LenVMs (a trained one's residuals mostly
+# exceed 0.01, and every frequent token then pushes "always").
+AUTO_QUANTILE = 0.9
 
 
 @dataclass
@@ -144,7 +148,7 @@ def _label(stat: TokenStat) -> str:
 def length_token_stats(
     lenvm: LengthValueModel,
     records: Iterable[dict[str, Any]],
-    threshold: float = 0.01,
+    threshold: float | None = None,
     min_count: int = 3,
     batch_size: int = 8,
     progress: bool = True,
@@ -153,19 +157,26 @@ def length_token_stats(
 
     Uses the generator's own ``completion_token_ids``. A finished completion's last token is
     its EOS (counted as the first EOS token when a stop string ended it); a cut completion's
-    last residual uses the model's value at the cut.
+    last residual uses the model's value at the cut. ``threshold`` None: the
+    :data:`AUTO_QUANTILE` quantile of the residuals' magnitudes.
     """
-    if not threshold >= 0:  # NaN too
+    if threshold is not None and not threshold >= 0:  # NaN too
         raise InputError(f"threshold must be a non-negative number, got {threshold}")
     eos = lenvm.config.eos_token_ids
     examples, _ = examples_from_records(records, eos, truncated="bootstrap")
     values = state_values(lenvm, examples, batch_size=batch_size, progress=progress)
-    stats = LengthTokenStats(lenvm.gamma, threshold, min_count)
     texts: dict[int, str] = {}
+    completions = []
     for example, v in zip(examples, values, strict=True):
         ids = example.input_ids[example.start + 1 :] + ([eos[0]] if example.finished else [])
         for i in ids:
             if i not in texts:
                 texts[i] = token_label(lenvm.tokenizer, i)
-        stats.add([texts[i] for i in ids], td_residual(v, lenvm.gamma))
+        completions.append(([texts[i] for i in ids], td_residual(v, lenvm.gamma)))
+    if threshold is None:
+        magnitudes = np.abs(np.concatenate([r for _, r in completions])) if completions else np.zeros(1)
+        threshold = float(np.quantile(magnitudes, AUTO_QUANTILE))
+    stats = LengthTokenStats(lenvm.gamma, threshold, min_count)
+    for labels, residuals in completions:
+        stats.add(labels, residuals)
     return stats

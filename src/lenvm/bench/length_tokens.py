@@ -26,7 +26,7 @@ def run_length_tokens(
     rollouts: str | os.PathLike,
     model: str | os.PathLike = DEFAULT_MODEL,
     lenvm: str | os.PathLike | None = None,
-    threshold: float = 0.01,
+    threshold: float | None = None,
     min_count: int = 3,
     top: int = 20,
     limit: int | None = None,
@@ -82,7 +82,9 @@ def _markdown(results: dict[str, Any]) -> str:
         f"TD residual per token over {results['completions']} completions "
         f"({results['tokens']} tokens, gamma {results['gamma']:.4g}); a token pushes longer when "
         f"its residual is below -{results['threshold']:g}, shorter when above "
-        f"+{results['threshold']:g}. Tokens seen at least {results['min_count']} times.\n"
+        f"+{results['threshold']:g}"
+        + (" (the strongest tenth of the residuals)" if results["settings"]["threshold"] is None else "")
+        + f". Tokens seen at least {results['min_count']} times.\n"
     ]
     for direction in ("longer", "shorter"):
         rows = [
@@ -110,7 +112,10 @@ def add_arguments(p) -> None:
     p.add_argument("--lenvm", help="LenVM folder")
     p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
     p.add_argument(
-        "--threshold", type=float, default=0.01, help="a TD residual beyond +-this pushes the horizon"
+        "--threshold",
+        type=float,
+        help="a TD residual beyond +-this pushes the horizon (default: the 90th percentile of the "
+        "residuals' magnitudes over these rollouts, the strongest tenth)",
     )
     p.add_argument(
         "--min-count", type=options.positive_int, default=3, help="tokens seen fewer times are left out"
