@@ -157,3 +157,26 @@ def test_the_last_line_is_found_from_the_end_of_the_file(tmp_path, size, newline
     assert _partial_tail(path) == bytes(content[content.rfind(b"\n") + 1 :])
     repair_jsonl_tail(path)
     assert path.read_bytes() == bytes(content[: content.rfind(b"\n") + 1])
+
+
+def test_unwritable_outputs_fail_before_the_work(tmp_path, monkeypatch, capsys):
+    """A read-only place for the output is named at once, not after the rollouts, training or
+    calibration that would fill it."""
+    import tempfile
+
+    from lenvm.cli import main
+    from lenvm.io import check_writable
+    from lenvm.rollouts import rollout
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError) as err:
+        check_writable(tmp_path / "out" / "lenvm")
+    assert err.value.errno == errno.EROFS and err.value.filename == str(tmp_path / "out" / "lenvm")
+    with pytest.raises(OSError) as err:  # before the (missing) generator would load
+        rollout("no/such-model", ["Hi"], tmp_path / "r.jsonl", n=1, backend="hf", progress=False)
+    assert err.value.filename == str(tmp_path / "r.jsonl")
+    assert main(["calibrate", "--lenvm", str(tmp_path / "none"), "--rollouts", "r.jsonl"]) == 2
+    assert f"Read-only file system: {tmp_path / 'none'}" in capsys.readouterr().err

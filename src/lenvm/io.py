@@ -121,6 +121,20 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()  # what open() gives a new file under this process's umask
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, naming ``path``, where a file or folder could not be written there atomically (a
+    read-only or full disk, no permission), rather than after the work that would fill it."""
+    path = Path(path)
+    folders = [path.parent] + ([path] if path.is_dir() else [])  # a temporary beside it, or inside
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """A short hash of a file's bytes (of a folder's: its files' names and bytes), so that results
     made from it are not reused once it has changed."""

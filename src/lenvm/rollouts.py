@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 
 from lenvm import hub
 from lenvm.decoding.params import RequestError, SamplingParams
-from lenvm.io import InputError, JsonlAppender, is_int, numbered_jsonl, read_jsonl_to_append
+from lenvm.io import (
+    InputError,
+    JsonlAppender,
+    check_writable,
+    is_int,
+    numbered_jsonl,
+    read_jsonl_to_append,
+)
 from lenvm.prompts import Prompt, as_prompt, encode_prompt, template_messages
 
 BACKENDS = ("hf", "vllm", "openai")
@@ -166,6 +173,7 @@ def rollout(
     with_images = next((p.id for p in prompts if p.images), None)
     out = Path(out)
     existing = read_jsonl_to_append(out, record_problem, "rollouts")
+    check_writable(out)  # before the generator loads
     if backend == AUTO:
         backend = _auto_backend(generator, existing, with_images is None, out)
     if backend == "vllm" and not vllm_installed():

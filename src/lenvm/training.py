@@ -38,7 +38,7 @@ from lenvm import vision
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
 from lenvm.hub import model_name
-from lenvm.io import InputError, atomic_path, is_int, is_real, write_json
+from lenvm.io import InputError, atomic_path, check_writable, is_int, is_real, write_json
 from lenvm.losses import (
     AGGREGATIONS,
     LOSSES,
@@ -207,6 +207,7 @@ def train(
     """
     config = config or TrainConfig()
     refuse_to_replace(out, "training", lenvm=overwrite)  # before any work
+    check_writable(out)
     if config.features_cache and Path(config.features_cache).resolve() == Path(out).resolve():
         raise InputError("the features cache and the LenVM need folders of their own: choose another cache")
     source = RolloutSource(rollouts, config.stream)

@@ -190,8 +190,10 @@ def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None
     """A command that ``writes`` a whole new LenVM folder at ``out``: refuse to replace anything but
     a LenVM, and a LenVM (with any end head and calibration trained for it) only when asked to.
     Writing over ``source``, the LenVM the command reads, is its documented in-place update."""
+    from lenvm.io import check_writable
     from lenvm.model import refuse_to_replace
 
+    check_writable(out if out is not None else source)  # before minutes of work, not after
     if out is None:
         return
     path = Path(out)
