@@ -526,6 +526,15 @@ BAD_CHAT = [
 ]
 
 
+def test_a_bad_length_key_is_named_where_it_was_sent(url):
+    for body, param in [
+        ({"length_equal_to": -3}, "length_equal_to"),
+        ({"vllm_xargs": {"length_equal_to": -3}}, "vllm_xargs"),
+    ]:
+        response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", **body})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
 @pytest.mark.parametrize(("body", "message"), BAD_CHAT)
 def test_bad_chat_requests_get_a_400(url, body, message):
     response = httpx.post(url + "/v1/chat/completions", json=body)

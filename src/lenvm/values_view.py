@@ -412,7 +412,7 @@ def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
     # Scale colours to the 95th percentile so one outlier does not wash out everything else.
     scale = max(float(np.quantile(residuals, 0.95)), 1e-9)
     s = trace.summary()
-    line = f"{s['num_tokens']} tokens"
+    line = f"{s['num_tokens']} token{'s' if s['num_tokens'] != 1 else ''}"
     line += f" ({'ended with EOS' if trace.finished else 'cut, no EOS'})"
     line += f" · predicted at the prompt: {s['predicted_length']:.1f} tokens"
     if trace.finished:

@@ -287,7 +287,9 @@ def _plan(
     try:
         control = control_from_keys(keys)
     except InputError as err:
-        raise ApiError(400, str(err), "vllm_xargs") from None
+        # Named as sent: a top-level key by its name, one in vllm_xargs by vllm_xargs.
+        top = next((k for k in LENGTH_KEYS if getattr(body, k) is not None and k in str(err)), None)
+        raise ApiError(400, str(err), top or "vllm_xargs") from None
     if (control is not None or return_values) and not ctx.has_lenvm:
         raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
     best_of = control.best_of if control is not None else 1
