@@ -10,8 +10,9 @@ Names load on first use, so ``import lenvm`` stays quick and imports no optional
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from lenvm._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -80,16 +81,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lenvm' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

@@ -14,8 +14,9 @@ Modules: ``params`` (what a request asks for), ``policies`` (candidates, values 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from lenvm._lazy import lazy_exports
 
 # name -> module that defines it; loaded on first use, so that the request types (``params``) come
 # without the engine's torch and transformers (the command line's start-up)
@@ -42,16 +43,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lenvm.decoding' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
