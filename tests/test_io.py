@@ -118,8 +118,13 @@ def test_the_top_level_api_imports_lazily_and_completely():
         "import sys, lenvm;"
         "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'vllm') if m in sys.modules];"
         "assert not heavy, heavy;"
+        # the request types come without the engine (the command line starts without torch)
+        "from lenvm.decoding import SamplingParams, Control;"
+        "assert 'torch' not in sys.modules and 'lenvm.decoding.engine' not in sys.modules;"
         "missing = [n for n in lenvm.__all__ if getattr(lenvm, n, None) is None];"
         "assert not missing, missing;"
+        "import lenvm.decoding as d;"
+        "assert all(getattr(d, n, None) is not None for n in d.__all__);"
         # what a user calls after training, and the errors to catch
         "assert {'calibrate', 'train_end_head', 'InputError', 'TokenizerMismatchError'} <= set(lenvm.__all__)"
     )
