@@ -1,6 +1,7 @@
 """Each benchmark end to end on the tiny random model with an untrained attached LenVM."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,7 @@ def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text()) == results
     assert set(results["metrics"]) == {"list", "explain", "all"}
-    for name in ("lenvm", "mean", "ridge", "prompt_length"):
+    for name in ("lenvm", "mean", "mean_rc", "ridge", "prompt_length"):
         assert results["metrics"]["all"][name]["mre"] >= 0
         rho = results["metrics"]["all"][name]["spearman"]
         assert rho is None or -1 <= rho <= 1
@@ -502,3 +503,17 @@ def test_prediction_truth_counts_the_eos_once_as_training_does():
     assert sample_length(ended) == 3 and sample_length(cut) == 4
     expected = prompt_length_truth([3, 3], [True, True], 0.9)
     assert truths_of([ended, ended], 0.9)["a"] == pytest.approx(expected)
+
+
+def test_the_constant_baselines_are_the_arithmetic_and_the_return_consistent_means(tiny_generator):
+    from lenvm.bench.predict import Baselines
+
+    records = [
+        {"prompt_id": str(i), "prompt": f"p{i}", "num_tokens": n, "finish_reason": "stop"}
+        for i, n in enumerate([2, 4, 100])
+    ]
+    fitted = Baselines.fit(tiny_generator[1], records, gamma=0.9)
+    assert fitted.mean_length == pytest.approx(106 / 3)
+    # the length whose return is the mean return: far below the arithmetic mean on a long tail
+    expected = math.log(1 - sum(1 - 0.9**n for n in (2, 4, 100)) / 3) / math.log(0.9)
+    assert fitted.mean_rc_length == pytest.approx(expected) and fitted.mean_rc_length < 10

@@ -61,6 +61,7 @@ PREDICTORS = {
     "ridge": "ridge on prompt features",
     "prompt_length": "prompt length",
     "mean": "training mean",
+    "mean_rc": "training mean, return-consistent",
 }
 # "List 7 ...", "write 3 ...", "64 tokens", "64个token", "300字": the count a prompt asks for.
 _ASKED = [
@@ -167,14 +168,17 @@ def truths_of(records: list[dict[str, Any]], gamma: float) -> dict[str, float | 
 class Baselines:
     """Length predictors from the prompt alone, fitted on training rollouts (see the module doc)."""
 
-    mean_length: float
+    mean_length: float  # the arithmetic mean of the training answers' lengths
+    mean_rc_length: float  # their return-consistent mean: what the truth and the LenVM measure
     prompt_length: ClippedRidge
     ridge: ClippedRidge
 
     @classmethod
     def fit(cls, tokenizer, records: list[dict[str, Any]], gamma: float, alpha: float = 1.0) -> Baselines:
-        """Fit on each training prompt's return-consistent mean length (cut answers at their cut:
-        the baselines learn what the rollouts show)."""
+        """The regressions fit each training prompt's return-consistent mean length (cut answers
+        at their cut: the baselines learn what the rollouts show); the constants are the mean of
+        every training answer's length, arithmetic (``mean``) and return-consistent (``mean_rc``,
+        on the truth's footing: lower where lengths have a long tail)."""
         lengths: dict[str, list[int]] = defaultdict(list)
         for r in records:
             lengths[r["prompt_id"]].append(sample_length(r))
@@ -183,6 +187,7 @@ class Baselines:
         y = np.log([return_consistent_mean_length(lengths[p.id], gamma) for p in prompts])
         return cls(
             mean_length=float(np.mean([sample_length(r) for r in records])),
+            mean_rc_length=return_consistent_mean_length([sample_length(r) for r in records], gamma),
             prompt_length=ClippedRidge.fit(x[:, :1], y, alpha),
             ridge=ClippedRidge.fit(x, y, alpha),
         )
@@ -193,6 +198,7 @@ class Baselines:
             "ridge": np.exp(self.ridge.predict(x)),
             "prompt_length": np.exp(self.prompt_length.predict(x[:, :1])),
             "mean": np.full(len(prompts), self.mean_length),
+            "mean_rc": np.full(len(prompts), self.mean_rc_length),
         }
 
 
