@@ -171,15 +171,16 @@ def _error(capsys, argv):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--port", "99999", "an integer from 0 to 65535"),
-        ("--max-queue", "-1", "an integer at least 0"),
-        ("--shutdown-timeout", "soon", "a number at least 0"),
+        ("--port", "99999", "must be from 0 to 65535"),
+        ("--max-queue", "-1", "must be at least 0"),
+        ("--shutdown-timeout", "soon", "expected a number"),
+        ("--batch-size", "0", "must be at least 1"),
     ],
 )
 def test_serve_options_out_of_range_are_usage_errors(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit:
         main(["serve", flag, value])
-    assert exit.value.code == 2 and f"argument {flag}: expected {message}" in capsys.readouterr().err
+    assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
@@ -401,6 +402,8 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     LengthValueModel.from_base(tiny_path, gamma=0.8, generator=tiny_generator).save_pretrained(retrained)
     code, err = _error(capsys, [*base, "--out", str(out), "--lenvm", str(retrained)])
     assert code == 2 and "another LenVM" in err
+    code, err = _error(capsys, [*base, "--out", str(out), "--dtype", "bfloat16"])  # other values too
+    assert code == 2 and "another generator or dtype" in err
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + "more"}) + "\n" for r in rows))
     code, err = _error(capsys, [*base[:4], str(changed), *base[5:], "--out", str(out)])

@@ -26,6 +26,7 @@ from lenvm.io import (
     InputError,
     JsonlAppender,
     fingerprint,
+    is_int,
     read_jsonl,
     read_jsonl_to_append,
     write_text,
@@ -65,13 +66,19 @@ def predict_file(
     Every prompt is encoded and checked (context length) before any forward runs."""
     if not prompts:
         raise InputError("no prompts to predict for")
+    if not is_int(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches predictions by prompt id")
     out = Path(out)
     every = lenvm.encode_prompts(prompts)
     shas = {p.id: fingerprint(e.ids) for p, e in zip(prompts, every, strict=True)}
-    model = fingerprint(lenvm.config.to_dict())
+    # The LenVM, and what its values also depend on: the generator it was loaded with, the dtype.
+    weights = next(lenvm.backbone.parameters())
+    model = fingerprint(
+        [lenvm.config.to_dict(), getattr(lenvm.backbone, "name_or_path", ""), str(weights.dtype)]
+    )
     done = set()
     for record in read_jsonl_to_append(out, _prediction_problem, "predictions"):
         _check_resumable(record, out, model, shas)
@@ -130,7 +137,8 @@ def _check_resumable(record: dict[str, Any], out: Path, model: str, shas: dict[s
     under its id (a record without fingerprints, from an older lenvm, is taken as it is)."""
     if record.get("lenvm", model) != model:
         raise InputError(
-            f"{out} holds predictions of another LenVM: predict into a new file, or delete it to start over"
+            f"{out} holds predictions of another LenVM (or of this one on another generator or dtype): "
+            "predict into a new file, or delete it to start over"
         )
     pid = str(record.get("id"))
     if pid in shas and record.get("prompt_sha", shas[pid]) != shas[pid]:

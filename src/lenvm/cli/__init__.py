@@ -11,9 +11,7 @@ import errno
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from lenvm.cli import options
 from lenvm.io import InputError
@@ -48,24 +46,6 @@ def _gamma(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"gamma must be 'auto' or a number, got {text!r}") from None
-
-
-def _number_in(kind: type, least: float, most: float | None = None) -> Callable[[str], Any]:
-    """An argparse type: a ``kind`` number within [least, most]."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < least or (most is not None and value > most):
-            span = f"from {least} to {most}" if most is not None else f"at least {least}"
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'} {span}, got {text!r}"
-            )
-        return value
-
-    return parse
 
 
 def _prompts_from_args(args) -> list:
@@ -523,7 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="completions per prompt")
     options.add_sampling(p, seed_help="every completion's seed derives from it (default 0)")
     p.add_argument(
-        "--batch-size", type=int, default=16, help="completions decoded at once (requests in flight)"
+        "--batch-size",
+        type=options.positive_int,
+        default=16,
+        help="completions decoded at once (requests in flight)",
     )
     p.add_argument(
         "--backend",
@@ -582,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-tokens", type=int, default=TrainConfig.batch_tokens, help="head training: positions per step"
     )
     p.add_argument(
-        "--batch-size", type=int, default=TrainConfig.batch_size, help="fine-tuning: sequences per process"
+        "--batch-size",
+        type=options.positive_int,
+        default=TrainConfig.batch_size,
+        help="fine-tuning: sequences per process",
     )
     p.add_argument(
         "--grad-accum",
@@ -702,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         help="write one JSON line per prompt here, as it goes (a rerun predicts only what is missing)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward")
+    p.add_argument("--batch-size", type=options.positive_int, default=32, help="prompts per forward")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
         "--model", help="the generator whose answers to predict (checked against the LenVM's tokenizer; "
@@ -725,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="write the calibrated LenVM here (default: in place)")
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
-    p.add_argument("--batch-size", type=int, default=8, help="rollouts per forward")
+    p.add_argument("--batch-size", type=options.positive_int, default=8, help="rollouts per forward")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
     p.set_defaults(func=cmd_calibrate)
@@ -821,27 +807,30 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_generator(p)
     p.add_argument("--lenvm", help="LenVM folder (needed for length controls and the length endpoints)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=_number_in(int, 0, 65535), default=8000, help="port to listen on")
+    p.add_argument("--port", type=options.port, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     p.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LENVM_API_KEY if set)"
     )
     options.add_decoding(p, batch_size=16)
     p.add_argument(
-        "--max-queue", type=_number_in(int, 0), default=256, help="answers that may wait for a row (then 429)"
+        "--max-queue",
+        type=options.non_negative_int,
+        default=256,
+        help="answers that may wait for a row (then 429)",
     )
     p.add_argument(
         "--max-streams",
-        type=_number_in(int, 1),
+        type=options.positive_int,
         default=64,
         help="streaming responses open at once (then 429)",
     )
     p.add_argument(
-        "--max-body-bytes", type=_number_in(int, 1), default=1 << 20, help="largest request body (then 413)"
+        "--max-body-bytes", type=options.positive_int, default=1 << 20, help="largest request body (then 413)"
     )
     p.add_argument(
         "--shutdown-timeout",
-        type=_number_in(float, 0),
+        type=options.non_negative_float,
         default=30.0,
         help="on SIGTERM, seconds that requests in flight get to finish before an error answers them",
     )

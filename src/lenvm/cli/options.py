@@ -18,21 +18,35 @@ _DEFAULTS = SamplingParams()
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
-    return _int_at_least(text, 1)
+    return _number(text, int, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer of at least 0."""
-    return _int_at_least(text, 0)
+    return _number(text, int, 0)
 
 
-def _int_at_least(text: str, low: int) -> int:
+def non_negative_float(text: str) -> float:
+    """An argparse type: a number of at least 0."""
+    return _number(text, float, 0)
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    return _number(text, int, 0, 65535)
+
+
+def _number(text: str, kind: type, low: float, high: float | None = None):
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+    if not (value >= low and (high is None or value <= high)):  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be {f'from {low} to {high}' if high is not None else f'at least {low}'}, got {text}"
+        )
     return value
 
 
@@ -112,7 +126,9 @@ def add_decoding(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument(
         "--num-candidates", type=int, default=8, help="candidates a control weighs per step (at least 2)"
     )
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="requests decoded at once")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help="requests decoded at once"
+    )
 
 
 def add_backend(parser: argparse.ArgumentParser) -> None:
