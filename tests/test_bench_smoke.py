@@ -192,7 +192,8 @@ def ending_models(tiny_path, eos_generator):
     """A generator that ends most answers within a few tokens, with a LenVM on it (predictions
     need answers that end)."""
     lenvm = LengthValueModel.from_base(tiny_path, kind="attached", gamma=0.9, generator=eos_generator)
-    return Models(*eos_generator, lenvm.eval(), name="tiny-eos", lenvm_name="tiny-eos-lenvm")
+    name = eos_generator[0].name_or_path  # as the rollouts it samples name it
+    return Models(*eos_generator, lenvm.eval(), name=name, lenvm_name="tiny-eos-lenvm")
 
 
 def test_prediction_smoke(tmp_path, data, ending_models, train_rollouts):
@@ -273,7 +274,7 @@ def test_prediction_on_given_rollouts_matches_sampling_them(tmp_path, data, endi
     other = [{**records[0], "generator": "another-model"}]
     for name, bad, match in [
         ("mixed", records + hotter, "mix sampling policies"),
-        ("other", other, "not of tiny-eos"),
+        ("other", other, "not of .*model"),
         ("twice", records + records[:1], "twice"),
     ]:
         path = _jsonl(tmp_path / f"{name}.jsonl", bad)
@@ -489,6 +490,12 @@ def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
         run_schedule(out, **{**kwargs, "load": 0.5})
     with pytest.raises(InputError, match=r"other settings \(requests\)"):  # every setting counts
         run_schedule(out, **{**kwargs, "requests": 200})
+    # Answers of another generator: their lengths say nothing of the LenVM's predictions.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**json.loads(line), "generator": "someone/else"}) + "\n"
+                             for line in replayed.read_text().splitlines()))  # fmt: skip
+    with pytest.raises(InputError, match="hold answers of someone/else"):
+        run_schedule(tmp_path / "other", **{**kwargs, "rollouts": [other]})
 
 
 def test_prediction_truth_counts_the_eos_once_as_training_does():

@@ -264,8 +264,9 @@ def check_rollouts_for(lenvm, records: list[dict[str, Any]], purpose: str) -> No
     name = lenvm.config.base_model
     trained = decoding_policy(lenvm.config.sampling) if lenvm.config.sampling is not None else None
     whose, advice = "the LenVM's training rollouts", f"{purpose} rollouts of the policy it models"
+    fix = f"{purpose} rollouts of {name!r}"
     for i, record in enumerate(records):
-        _check_record(record, i, vocab_size, name, lenvm.tokenizer, trained, whose, advice)
+        _check_record(record, i, vocab_size, name, lenvm.tokenizer, trained, whose, advice, fix)
 
 
 def _check_record(
@@ -277,6 +278,7 @@ def _check_record(
     policy: dict[str, Any] | None,
     whose: str,
     advice: str,
+    fix: str = "train on the generator that sampled them (--base)",
 ) -> dict[str, Any]:
     """Record ``index`` as a LenVM on the model ``name`` reads it: token ids within its
     vocabulary, prompt tokens its ``tokenizer`` reads back (the first records, given a tokenizer)
@@ -288,7 +290,7 @@ def _check_record(
             f"of {name!r}: were the rollouts made with another tokenizer?"
         )
     if tokenizer is not None and index < TOKENIZER_CHECKS:
-        _check_prompt_tokens(record, index, tokenizer, name)
+        _check_prompt_tokens(record, index, tokenizer, name, fix)
     settings = decoding_policy(record.get("sampling"))
     if policy is not None and settings != policy:
         raise InputError(

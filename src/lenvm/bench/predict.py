@@ -238,6 +238,15 @@ def held_out_prompts(
 POLICY_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")
 
 
+def check_generator(records: list[dict[str, Any]], generator: str, what: str) -> None:
+    """Refuse rollout ``records`` that hold answers of another generator than ``generator``."""
+    named = model_name(generator)
+    names = {str(r["generator"]) for r in records if r.get("generator") is not None}
+    others = sorted(name for name in names if model_name(name) != named)
+    if others:
+        raise InputError(f"{what} hold answers of {', '.join(others)}, not of {generator}")
+
+
 def truth_records(paths: Sequence[str | os.PathLike], generator: str) -> tuple[list[dict[str, Any]], dict]:
     """The records of rollout files whose answers are the ground truth, and the sampling policy
     they share. Refused: no records, answers of another generator, several policies (a mean
@@ -246,11 +255,7 @@ def truth_records(paths: Sequence[str | os.PathLike], generator: str) -> tuple[l
     records = [r for path in paths for r in read_rollouts(path)]
     if not records:
         raise InputError(f"no rollout records in {', '.join(map(str, paths))}")
-    named = model_name(generator)
-    names = {str(r["generator"]) for r in records if r.get("generator") is not None}
-    others = sorted(name for name in names if model_name(name) != named)
-    if others:
-        raise InputError(f"the truth rollouts hold answers of {', '.join(others)}, not of {generator}")
+    check_generator(records, generator, "the truth rollouts")
     policies = {tuple((r.get("sampling") or {}).get(k) for k in POLICY_KEYS) for r in records}
     if len(policies) > 1:
         shown = "; ".join(

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_models, markdown_table, pyplot
-from lenvm.bench.predict import sample_length
+from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, priority
 from lenvm.hub import DEFAULT_MODEL
@@ -67,8 +67,10 @@ class Pool:
     max_new_tokens: int
 
     @classmethod
-    def read(cls, paths: Sequence[str | os.PathLike]) -> Pool:
+    def read(cls, paths: Sequence[str | os.PathLike], generator: str) -> Pool:
+        """The completions of the rollout files ``paths``, answers of ``generator``."""
         records = [r for path in paths for r in read_rollouts(path)]
+        check_generator(records, generator, "the rollouts")
         if not records:
             raise InputError("the rollouts hold no completions to replay")
         prompts: dict[str, Any] = {}
@@ -164,8 +166,8 @@ def run_schedule(
         raise InputError(f"replicates must be a positive integer, got {replicates!r}")
     if aging < 0:
         raise InputError(f"aging must not be negative, got {aging!r}")
-    pool = Pool.read(rollouts)
     models = models or load_models(model, lenvm, device, dtype)
+    pool = Pool.read(rollouts, models.name)
     value_model = models.require_lenvm("shortest-predicted-first scheduling")
     settings = {
         **models.identity(),
