@@ -404,6 +404,8 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     assert code == 2 and "another LenVM" in err
     code, err = _error(capsys, [*base, "--out", str(out), "--dtype", "bfloat16"])  # other values too
     assert code == 2 and "another generator or dtype" in err
+    code, err = _error(capsys, [*base, "--out", str(out), "--json"])  # not silently one of them
+    assert code == 2 and "give one of them" in err
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + "more"}) + "\n" for r in rows))
     code, err = _error(capsys, [*base[:4], str(changed), *base[5:], "--out", str(out)])

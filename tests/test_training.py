@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import synthetic_records
 
-from lenvm import LengthValueModel
+from lenvm import LengthValueModel, Prompt
 from lenvm.io import InputError
 from lenvm.model import NotALenVMError, TokenizerMismatchError
 from lenvm.returns import gamma_from_lengths
@@ -692,6 +692,11 @@ def test_one_prompt_in_any_form_gives_one_prediction(tiny_path, tiny_generator):
         lenvm.predict_length(5)
     with pytest.raises(InputError, match="prompt 2 holds token id 100000, outside the vocabulary"):
         lenvm.predict_length([ids, [*ids, 100000]])
+    # Prompts-file records that carry a role field of their own are records, not one conversation.
+    records = [{"id": "a", "prompt": text, "role": "tutor"}, {"id": "b", "prompt": text, "role": "tutor"}]
+    assert lenvm.predict_length(records) == pytest.approx([alone, alone])
+    with pytest.raises(InputError, match=r"prompt 2 \(id 'long'\): \d+ tokens, beyond the LenVM's context"):
+        lenvm.predict_length([Prompt(id="short", text=text), Prompt(id="long", text="word " * 1100)])
 
 
 def test_a_lenvm_refuses_a_generator_of_another_width(tmp_path, tiny_path, tiny_generator):

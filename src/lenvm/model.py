@@ -366,7 +366,7 @@ class LengthValueModel(nn.Module):
         if len(ids) > self.context:
             of_images = f", {image_tokens} of them for its images" if image_tokens else ""
             raise InputError(
-                f"{what} of {len(ids)} tokens{of_images} exceeds the LenVM's context of {self.context} tokens"
+                f"{what}: {len(ids)} tokens{of_images}, beyond the LenVM's context of {self.context} tokens"
             )
         vocab = self.backbone.get_input_embeddings().weight.shape[0]
         bad = next((i for i in ids if not 0 <= i < vocab), None)
@@ -498,7 +498,8 @@ class LengthValueModel(nn.Module):
             e = vision.encode(self.tokenizer, prompt)
             if not e.ids:
                 raise InputError(f"prompt {i + 1} encodes to no tokens")
-            self.check_tokens(e.ids, e.image_tokens, f"prompt {i + 1}")
+            named = f"prompt {i + 1}" + (f" (id {prompt.id!r})" if isinstance(prompt, Prompt) else "")
+            self.check_tokens(e.ids, e.image_tokens, named)
             encoded.append(e)
         return encoded
 
@@ -559,11 +560,12 @@ class LengthValueModel(nn.Module):
         single = (
             isinstance(prompts, str | Prompt | dict)
             or is_token_ids(prompts)
-            or (
+            or (  # one conversation: messages, not prompts-file records (which may carry a role field)
                 isinstance(prompts, list)
                 and prompts
                 and isinstance(prompts[0], dict)
                 and "role" in prompts[0]
+                and not {"prompt", "messages"} & prompts[0].keys()
             )
         )
         batch = [prompts] if single else list(prompts)

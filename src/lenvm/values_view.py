@@ -68,7 +68,7 @@ class ValueTrace:
 
     def summary(self) -> dict[str, Any]:
         """Prompt-boundary prediction vs the true length, and the mean error over all states."""
-        predicted = self.tokens[0].predicted_total
+        predicted = max(self.tokens[0].predicted_total, 1.0)  # as predict_length: every answer has its EOS
         out: dict[str, Any] = {
             "num_tokens": self.num_tokens,
             "finished": self.finished,

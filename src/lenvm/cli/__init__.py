@@ -190,6 +190,8 @@ def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None
 
 
 def cmd_predict(args) -> None:
+    if args.json and args.out:
+        raise InputError("--out writes the JSON lines to a file, --json to the terminal: give one of them")
     prompts = _prompts_from_args(args)  # a bad prompts file fails before any model loads
     generator = None
     if args.model is not None:
