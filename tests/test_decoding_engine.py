@@ -1237,3 +1237,27 @@ def test_logits_that_are_not_numbers_stop_the_step(bad):
     rows = Rows.build([SamplingParams(), SamplingParams()], [Control(), Control()], [0, 0], "cpu")
     with pytest.raises(ValueError, match="NaN"):
         decide(logits, rows, None, 4, torch.tensor([2]), None, uniform=torch.rand(2))
+
+
+def test_a_request_near_its_target_does_not_change_the_policy_of_the_others(tiny_path):
+    """The one-step lookahead is computed for the batch once some row is near the end of its
+    window; the rows still short of theirs weigh none of it: a request decodes as it does alone."""
+    from lenvm.hub import load_generator
+    from lenvm.testing import tiny_model
+
+    generator = load_generator(tiny_model(tiny_path.parent / "ending", eos_logit=3.0))
+    lenvm = LengthValueModel.from_base(
+        tiny_path.parent / "ending", kind="attached", gamma=0.95, generator=generator
+    )
+    engine = Engine(*generator, lenvm=lenvm, num_candidates=8)
+    far = [
+        Request(p, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True),
+                control=Control("equal_to", target=1, natural_eos=0.0))
+        for p in PROMPTS
+    ]  # fmt: skip
+    near = Request(
+        "Hi", SamplingParams(temperature=0, max_new_tokens=8), control=Control("equal_to", target=3)
+    )
+    alone = [engine.generate([r])[0].token_ids for r in far]
+    together = [engine.generate([r, near], batch_size=2)[0].token_ids for r in far]
+    assert together == alone

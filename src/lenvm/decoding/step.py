@@ -251,6 +251,8 @@ def decide(
         return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
     looking = rows.looking_ahead()
     next_eos = scorer.next_eos() if looking else None
+    if next_eos is not None:  # only rows in their window look ahead, whoever shares the batch
+        next_eos = next_eos.masked_fill(~(rows.step >= rows.look_from)[:, None], 0.0)
     next_end = scorer.next_end() if looking else None
     # The policies weigh the generator's own EOS probability now, as Result.eos_prob reports it
     # for the EOS that ends an answer.
