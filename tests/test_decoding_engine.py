@@ -1226,6 +1226,13 @@ def test_a_temperature_below_the_greedy_threshold_decodes_greedily(tiny_generato
         assert tiny.token_ids == zero.token_ids
 
 
+@pytest.mark.parametrize("bad", [[], [1.0, 2.0], [True, False], [[5, 6, 7]]])
+def test_a_list_prompt_that_is_neither_messages_nor_token_ids_is_named_so(tiny_generator, bad):
+    engine = Engine(*tiny_generator)
+    with pytest.raises(InputError, match="empty list|messages .* or token ids"):
+        engine.generate([Request(bad, SamplingParams(max_new_tokens=2))])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_logits_that_are_not_numbers_stop_the_step(bad):
     """NaN (a broken model, a float16 overflow) would draw an arbitrary token, a masked one

@@ -219,6 +219,13 @@ def as_prompt(
             f"a prompt is text, a list of messages, a Prompt, a prompts-file record or a list of token "
             f"ids (Python ints), got {type(prompt).__name__}"
         )
+    if not prompt:
+        raise InputError("the prompt is an empty list: no messages and no token ids")
+    if not all(isinstance(m, dict) for m in prompt):  # not messages: token ids of the wrong kind
+        raise InputError(
+            f"a list prompt holds messages ({{role, content}} objects) or token ids (Python ints), "
+            f"got a list of {type(next(m for m in prompt if not isinstance(m, dict))).__name__}"
+        )
     return prompt_from_record({"messages": prompt}, default_id)
 
 
