@@ -200,3 +200,11 @@ def test_html_of_an_unfinished_trace(lenvm):
     assert "cut, no EOS" in page
     rows = json.loads(re.search(r'id="lenvm-data">(.*?)</script>', page, re.S).group(1))
     assert all(r["true_remaining"] is None for r in rows)
+
+
+def test_the_chart_shows_a_prediction_several_times_the_truth_and_clips_an_absurd_one(lenvm):
+    trace = token_values(lenvm, PROMPT, "one two")  # a few tokens, ended
+    n = trace.num_tokens
+    for first, clipped in ((8.0 * n, False), (50.0 * n, True)):
+        trace.tokens[0].predicted_remaining = first
+        assert ("(clipped at the top)" in render_html(trace)) == clipped

@@ -327,8 +327,9 @@ def _chart(trace: ValueTrace) -> str:
     """Predicted (and, if finished, true) remaining length at each state ``s_0 .. s_{L-1}``."""
     predicted = [t.predicted_remaining for t in trace.tokens]
     n = len(predicted)
-    # An untrained head can predict absurd lengths; cap the axis so the truth stays readable.
-    top = min(max(predicted), 2.0 * n) if trace.finished else max(predicted)
+    # An untrained head can predict absurd lengths; cap the axis so the truth stays readable (at
+    # a tenth of the height at least), but show a trained head that is off by several times.
+    top = min(max(predicted), 10.0 * n) if trace.finished else max(predicted)
     top = max(top, float(n) if trace.finished else 1.0, 1.0)
     clipped = max(predicted) > top
     parts = [f'<svg width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img">']
