@@ -1268,3 +1268,22 @@ def test_a_request_near_its_target_does_not_change_the_policy_of_the_others(tiny
     alone = [engine.generate([r])[0].token_ids for r in far]
     together = [engine.generate([r, near], batch_size=2)[0].token_ids for r in far]
     assert together == alone
+
+
+def test_the_progress_bar_shows_the_tokens_decoded(tiny_generator, monkeypatch):
+    """A long controlled answer (retries, a slow model) shows it is moving before it finishes."""
+    import io
+
+    from tqdm import tqdm
+
+    import lenvm.decoding.engine as engine_module
+
+    written = io.StringIO()
+    monkeypatch.setattr(
+        engine_module, "_progress", lambda total, on: tqdm(total=total, file=written, mininterval=0)
+    )
+    request = Request("Hi", SamplingParams(max_new_tokens=30, seed=0, ignore_eos=True))
+    Engine(*tiny_generator).generate([request], progress=True)
+    shown = written.getvalue().split("\r")
+    assert any("0/1" in line and "tokens decoded" in line for line in shown)
+    assert "30 tokens decoded" in shown[-1]

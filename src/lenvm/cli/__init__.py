@@ -375,7 +375,7 @@ def cmd_generate(args) -> None:
     sampling = options.sampling_from_args(args, lenvm.config.sampling if lenvm is not None else None)
     requests = [Request(p, sampling, control=control, return_values=args.values) for p in prompts]
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
-    results = engine.generate(requests, batch_size=args.batch_size, progress=len(requests) > 1)
+    results = engine.generate(requests, batch_size=args.batch_size, progress=args.progress)
     for prompt, result in zip(prompts, results, strict=True):
         if args.json or args.prompts:
             record = {
@@ -802,6 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", action="store_true", help="also print the value after each token")
     p.add_argument(
         "--json", action="store_true", help="print the result as JSON (text, token ids, finish reason, ...)"
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar (tokens decoded so far)"
     )
     p.set_defaults(func=cmd_generate)
 

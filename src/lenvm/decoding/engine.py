@@ -141,7 +141,7 @@ class Engine:
         requests = list(requests)
         results: list[Result | None] = [None] * len(requests)
         bar = _progress(len(requests), progress)
-        for index, result in self.stream(requests, batch_size):
+        for index, result in _finished(self._scheduled(requests, batch_size), bar):
             results[index] = result
             bar.update(1)
         bar.close()
@@ -151,10 +151,13 @@ class Engine:
         """Generate for every request, yielding ``(request index, result)`` as each one finishes,
         so that a caller can save finished work while the rest is still decoding. Every request is
         checked (and its images loaded) in this call, before anything is decoded or yielded."""
+        return _finished(self._scheduled(requests, batch_size))
+
+    def _scheduled(self, requests: list[Request], batch_size: int) -> Scheduler:
         scheduler = Scheduler(self, batch_size)
         for index, request in enumerate(requests):
             scheduler.add(request, index)
-        return _finished(scheduler)
+        return scheduler
 
     @functools.cached_property
     def sentence_ends(self) -> frozenset[int]:
@@ -367,12 +370,19 @@ def _last_token(seq: Sequence) -> Update:
     )
 
 
-def _finished(scheduler: Scheduler) -> Iterator[tuple[Hashable, Result]]:
-    """Step ``scheduler`` until it is idle, yielding ``(key, result)`` as each request finishes."""
+def _finished(scheduler: Scheduler, bar=None) -> Iterator[tuple[Hashable, Result]]:
+    """Step ``scheduler`` until it is idle, yielding ``(key, result)`` as each request finishes;
+    a progress ``bar`` also shows the tokens decoded (retries included: long controlled answers
+    show they are moving before any request finishes)."""
+    decoded = 0
     while scheduler.busy:
         for update in scheduler.step():
+            decoded += len(update.tokens)
             if update.result is not None:
                 yield update.key, update.result
+        if bar is not None:
+            bar.set_postfix_str(f"{decoded} tokens decoded", refresh=False)
+            bar.update(0)  # redrawn at most every tenth of a second
 
 
 def _check_supported(model, what: str) -> None:
@@ -387,6 +397,9 @@ def _check_supported(model, what: str) -> None:
 
 class _NoBar:
     def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
