@@ -402,7 +402,9 @@ def _openai_batches(server: _Server, tokenizer, jobs, sampling, eos_ids, concurr
     """One request per completion, with its own seed (so that a sample is the same however a run
     is split or resumed, as with the other backends), ``concurrency`` in flight."""
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        pending = {pool.submit(_request_prompt, server, tokenizer, [job], sampling, eos_ids) for job in jobs}
+        pending = {
+            pool.submit(_request_completion, server, tokenizer, job, sampling, eos_ids) for job in jobs
+        }
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -427,14 +429,15 @@ def _openai_batches(server: _Server, tokenizer, jobs, sampling, eos_ids, concurr
                 future.cancel()
 
 
-def _request_prompt(
-    server: _Server, tokenizer, group: list[_Job], sampling: SamplingParams, eos_ids: list[int]
+def _request_completion(
+    server: _Server, tokenizer, job: _Job, sampling: SamplingParams, eos_ids: list[int]
 ) -> list[_Done]:
-    prompt_text, templated = _prompt_text(tokenizer, group[0].prompt)
+    """One completion of ``job``'s prompt, drawn by the server with the job's seed (a batch of one)."""
+    prompt_text, templated = _prompt_text(tokenizer, job.prompt)
     payload = {
         "model": server.model,
         "prompt": prompt_text,
-        "n": len(group),
+        "n": 1,
         "max_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -443,7 +446,7 @@ def _request_prompt(
         "top_k": sampling.top_k if sampling.top_k > 0 else -1,
         "min_p": sampling.min_p,
         "repetition_penalty": 1.0,
-        "seed": group[0].seed,
+        "seed": job.seed,
         "logprobs": 1,
         "return_tokens_as_token_ids": True,
     }
@@ -451,25 +454,21 @@ def _request_prompt(
         # The chat template already holds any BOS; the server must not add a second one.
         payload["add_special_tokens"] = False
     answer = server.post("/completions", payload)
-    choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
-    if len(choices) != len(group):
-        raise ServerError(f"{server.base_url}: asked for {len(group)} completions, got {len(choices)}")
-    done = []
-    eos = set(eos_ids)
-    for job, choice in zip(group, choices, strict=True):
-        reason = choice.get("finish_reason")
-        if reason not in FINISH_REASONS:
-            raise ServerError(f"{server.base_url}: unexpected finish_reason {reason!r}")
-        text = choice.get("text") or ""
-        ids = _token_ids_from_logprobs(choice.get("logprobs"))
-        extra = {}
-        if ids is None:
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            extra["token_ids_source"] = "retokenized"
-        if reason == "stop" and (not ids or ids[-1] not in eos):
-            ids.append(eos_ids[0])
-        done.append(_Done(job, ids, reason, text, extra))
-    return done
+    if len(answer["choices"]) != 1:
+        raise ServerError(f"{server.base_url}: asked for 1 completion, got {len(answer['choices'])}")
+    [choice] = answer["choices"]
+    reason = choice.get("finish_reason")
+    if reason not in FINISH_REASONS:
+        raise ServerError(f"{server.base_url}: unexpected finish_reason {reason!r}")
+    text = choice.get("text") or ""
+    ids = _token_ids_from_logprobs(choice.get("logprobs"))
+    extra = {}
+    if ids is None:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        extra["token_ids_source"] = "retokenized"
+    if reason == "stop" and (not ids or ids[-1] not in eos_ids):
+        ids.append(eos_ids[0])
+    return [_Done(job, ids, reason, text, extra)]
 
 
 def _prompt_text(tokenizer, prompt: Prompt) -> tuple[str, bool]:
