@@ -290,7 +290,7 @@ def _check_record(
             f"of {name!r}: were the rollouts made with another tokenizer?"
         )
     if tokenizer is not None and index < TOKENIZER_CHECKS:
-        _check_prompt_tokens(record, index, tokenizer, name, fix)
+        check_prompt_tokens(record, index, tokenizer, name, fix)
     settings = decoding_policy(record.get("sampling"))
     if policy is not None and settings != policy:
         raise InputError(
@@ -299,13 +299,16 @@ def _check_record(
     return settings
 
 
-def _check_prompt_tokens(
+def check_prompt_tokens(
     record: dict[str, Any],
     index: int,
     tokenizer,
     name: str,
     fix: str = "train on the generator that sampled them (--base)",
 ) -> None:
+    """Refuse rollout record ``index`` (0-based) when its prompt token ids do not read back as its
+    prompt with ``tokenizer`` (of the model ``name``): they came from another tokenizer; ``fix``
+    says what to do instead."""
     prompt = record.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
         prompt = prompt[-1].get("content")  # the last message, when its content is plain text

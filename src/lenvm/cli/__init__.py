@@ -282,10 +282,10 @@ def cmd_values(args) -> None:
     prompt, completion, finished, record = _answer_to_value(args)
     lenvm = _load_lenvm(args)
     if record is not None:  # its token ids mean something only to its generator's tokenizer
-        from lenvm.training_data import _check_prompt_tokens
+        from lenvm.training_data import check_prompt_tokens
 
         fix = "show it with a LenVM of that generator"
-        _check_prompt_tokens(record, (args.record or 1) - 1, lenvm.tokenizer, lenvm.config.base_model, fix)
+        check_prompt_tokens(record, (args.record or 1) - 1, lenvm.tokenizer, lenvm.config.base_model, fix)
     trace = token_values(lenvm, prompt, completion, finished=finished)
     if args.html:
         write_text(args.html, render_html(trace))
