@@ -152,14 +152,14 @@ def scan(
                 policy.update(generator=record.get("generator"), sampling=record.get("sampling"))
             # Every record counts: a features cache or checkpoint is reused only on the same data.
             digest.update(f"{record.get('prompt_id', i)}\0{record['finish_reason']}\0".encode())
-            for key in ("prompt_token_ids", "completion_token_ids"):
-                digest.update(np.asarray(record[key], dtype=np.int64).tobytes() + b"\0")
+            prompt_ids, completion_ids = (
+                np.asarray(record[key], dtype=np.int64).tobytes()
+                for key in ("prompt_token_ids", "completion_token_ids")
+            )
+            digest.update(prompt_ids + b"\0" + completion_ids + b"\0")
             # The same sample twice: two runs wrote into one file (different seeds give other tokens).
-            same = hashlib.sha256(
-                json.dumps(
-                    [record.get("prompt_id"), record.get("sample_index"), record["completion_token_ids"]]
-                ).encode()
-            ).digest()[:16]
+            sample = f"{record.get('prompt_id')}\0{record.get('sample_index')}\0".encode()
+            same = hashlib.sha256(sample + completion_ids).digest()[:16]
             if same in seen:
                 repeated += 1
             seen.add(same)
