@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lenvm.decoding import Control, SamplingParams
-from lenvm.decoding.params import LENGTH_KEYS, control_from_keys
+from lenvm.decoding.params import LENGTH_KEYS, LengthKeyError, control_from_keys
 from lenvm.io import InputError
 
 
@@ -62,24 +62,28 @@ def test_length_keys_make_the_control_they_name():
 
 
 @pytest.mark.parametrize(
-    ("keys", "message"),
+    ("keys", "message", "key"),
     [
-        ({"length_equal_to": 5, "length_at_most": 9}, "one length control"),
-        ({"length_equal_to": -3}, "at least 1"),
-        ({"length_equal_to": 2.5}, "integer"),
-        ({"length_equal_to": "64"}, "integer"),
-        ({"length_tilt": "fast"}, "finite number"),
-        ({"length_tilt": float("inf")}, "finite number"),
-        ({"length_equal_too": 5}, "unknown length control key"),
-        ({"length_rule": "paper"}, "needs a length control"),
-        ({"length_tilt": 1.0, "length_retries": 2}, "target controls"),
-        ({"length_equal_to": 5, "length_rule": "magic"}, "rule"),
-        ({"length_equal_to": 5, "length_retries": "2"}, "integer"),
+        ({"length_equal_to": 5, "length_at_most": 9}, "one length control", "length_at_most"),
+        ({"length_equal_to": -3}, "at least 1", "length_equal_to"),
+        ({"length_equal_to": 2.5}, "integer", "length_equal_to"),
+        ({"length_equal_to": "64"}, "integer", "length_equal_to"),
+        ({"length_tilt": "fast"}, "finite number", "length_tilt"),
+        ({"length_tilt": float("inf")}, "finite number", "length_tilt"),
+        ({"length_equal_too": 5}, "unknown length control key", "length_equal_too"),
+        ({"length_rule": "paper"}, "needs a length control", "length_rule"),
+        ({"length_tilt": 1.0, "length_retries": 2}, "target controls", "length_retries"),
+        ({"length_equal_to": 5, "length_rule": "magic"}, "rule", "length_rule"),
+        ({"length_equal_to": 5, "length_retries": "2"}, "integer", "length_retries"),
+        ({"length_equal_to": 5, "length_retries": 99}, "retries", "length_retries"),
+        ({"length_at_most": 5, "length_best_of": 2}, "equal_to", "length_best_of"),
+        ({"length_equal_to": 5, "length_rule": "paper", "length_best_of": 0}, "best_of", "length_best_of"),
     ],
 )
-def test_bad_length_keys_are_refused(keys, message):
-    with pytest.raises(InputError, match=message):
+def test_bad_length_keys_are_refused_by_name(keys, message, key):
+    with pytest.raises(LengthKeyError, match=message) as caught:
         control_from_keys(keys)
+    assert caught.value.key == key
 
 
 def test_a_backend_can_refuse_what_it_cannot_do():

@@ -530,6 +530,9 @@ def test_a_bad_length_key_is_named_where_it_was_sent(url):
     for body, param in [
         ({"length_equal_to": -3}, "length_equal_to"),
         ({"vllm_xargs": {"length_equal_to": -3}}, "vllm_xargs"),
+        ({"length_equal_to": 5, "length_rule": "magic"}, "length_rule"),
+        ({"length_at_most": 5, "length_best_of": 2}, "length_best_of"),
+        ({"length_equal_to": 5, "vllm_xargs": {"length_retries": 99}}, "vllm_xargs"),
     ]:
         response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", **body})
         assert response.status_code == 400 and response.json()["error"]["param"] == param

@@ -8,7 +8,7 @@ requests and results. One set of types for the engine, rollouts, benchmarks and 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -340,47 +340,59 @@ LENGTH_TARGETS = {"length_equal_to": "equal_to", "length_at_most": "at_most", "l
 LENGTH_KEYS = (*LENGTH_TARGETS, "length_tilt", "length_rule", "length_retries", "length_best_of")
 
 
+class LengthKeyError(InputError):
+    """A bad flat ``length_*`` key of a request; ``key`` names it, so that a server can point at it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KEYS) -> Control | None:
     """The :class:`Control` that a request's flat ``length_*`` keys ask for (other keys are left
     alone); None when they ask for none. An unknown or unsupported ``length_*`` key, two controls
-    at once, or a bad value raises :class:`InputError` naming the key."""
+    at once, or a bad value raises :class:`LengthKeyError` naming the key."""
     given = {k: v for k, v in keys.items() if isinstance(k, str) and k.startswith("length_")}
     unknown = sorted(set(given) - set(LENGTH_KEYS))
     if unknown:
-        raise InputError(
-            f"unknown length control key {unknown[0]!r}; expected one of {', '.join(LENGTH_KEYS)}"
+        raise LengthKeyError(
+            unknown[0], f"unknown length control key {unknown[0]!r}; expected one of {', '.join(LENGTH_KEYS)}"
         )
     unsupported = sorted(set(given) - set(allowed))
     if unsupported:
-        raise InputError(f"{unsupported[0]!r} is not supported here (supported: {', '.join(allowed)})")
+        raise LengthKeyError(
+            unsupported[0], f"{unsupported[0]!r} is not supported here (supported: {', '.join(allowed)})"
+        )
     kinds = [k for k in (*LENGTH_TARGETS, "length_tilt") if given.get(k) is not None]
     if len(kinds) > 1:
-        raise InputError(f"one length control at a time, got {' and '.join(kinds)}")
-    options: dict[str, Any] = {}
-    for key, name, check in (
-        ("length_rule", "rule", lambda v: isinstance(v, str)),
-        ("length_retries", "retries", is_int),
-        ("length_best_of", "best_of", is_int),
-    ):
-        if given.get(key) is not None:
-            if not check(given[key]):
-                raise InputError(
-                    f"{key} must be {'a string' if name == 'rule' else 'an integer'}, got {given[key]!r}"
-                )
-            options[name] = given[key]
+        raise LengthKeyError(kinds[1], f"one length control at a time, got {' and '.join(kinds)}")
+    options = [k for k in ("length_rule", "length_retries", "length_best_of") if given.get(k) is not None]
     if not kinds:
         if options:
-            raise InputError(f"{', '.join(k for k in given if given[k] is not None)} needs a length control")
+            raise LengthKeyError(options[0], f"{', '.join(options)} needs a length control")
         return None
     key = kinds[0]
     value = given[key]
     if key == "length_tilt":
         if not is_real(value):
-            raise InputError(f"length_tilt must be a finite number, got {value!r}")
-        return Control("tilt", beta=float(value), **options)
-    if not is_int(value) or value < 1:
-        raise InputError(f"{key} must be an integer of at least 1 (tokens), got {value!r}")
-    return Control(LENGTH_TARGETS[key], target=value, **options)
+            raise LengthKeyError(key, f"length_tilt must be a finite number, got {value!r}")
+        control = Control("tilt", beta=float(value))
+    else:
+        if not is_int(value) or value < 1:
+            raise LengthKeyError(key, f"{key} must be an integer of at least 1 (tokens), got {value!r}")
+        control = Control(LENGTH_TARGETS[key], target=value)
+    # Each option joins the control on its own, so that Control's own checks name the key at fault.
+    for option in options:
+        name, value = option.removeprefix("length_"), given[option]
+        if not (isinstance(value, str) if name == "rule" else is_int(value)):
+            raise LengthKeyError(
+                option, f"{option} must be {'a string' if name == 'rule' else 'an integer'}, got {value!r}"
+            )
+        try:
+            control = replace(control, **{name: value})
+        except InputError as err:
+            raise LengthKeyError(option, f"{option}: {err}") from None
+    return control
 
 
 def keys_of(control: Control | None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from lenvm.decoding.params import (
     LENGTH_KEYS,
     MAX_TOP_LOGPROBS,
     TARGET_KINDS,
+    LengthKeyError,
     Request,
     SamplingParams,
     control_from_keys,
@@ -286,10 +287,10 @@ def _plan(
     keys, return_values = _length_keys(body)
     try:
         control = control_from_keys(keys)
-    except InputError as err:
+    except LengthKeyError as err:
         # Named as sent: a top-level key by its name, one in vllm_xargs by vllm_xargs.
-        top = next((k for k in LENGTH_KEYS if getattr(body, k) is not None and k in str(err)), None)
-        raise ApiError(400, str(err), top or "vllm_xargs") from None
+        sent_top = err.key in LENGTH_KEYS and getattr(body, err.key) is not None
+        raise ApiError(400, str(err), err.key if sent_top else "vllm_xargs") from None
     if (control is not None or return_values) and not ctx.has_lenvm:
         raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
     best_of = control.best_of if control is not None else 1
