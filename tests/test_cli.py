@@ -469,6 +469,42 @@ def test_every_option_has_help_and_bench_defaults_match_the_python_api():
         assert args.max_new_tokens == inspect.signature(run).parameters["max_new_tokens"].default
 
 
+def test_help_and_usage_errors_come_without_torch():
+    """``lenvm --help``, ``lenvm bench --help`` and a mistyped command answer at once: only the
+    chosen command's options are built (train's, demo's and the benchmarks' import torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from lenvm.cli import main\n"
+        "usage = (['--help'], ['bench', '--help'], ['trian'], ['bench', 'lifebenc'], ['rollout', '--help'])\n"
+        "for argv in usage:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "assert 'torch' not in sys.modules, argv\n"
+        "import lenvm.bench as b\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert all(getattr(b, n, None) is not None for n in b.__all__)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_chosen_command_gets_its_options(tmp_path):
+    from lenvm.cli import build_parser
+
+    for argv, key, value in [
+        (["train", "--rollouts", "r", "--out", "o", "--loss", "bce"], "loss", "bce"),
+        (["demo", "--n", "2"], "n", 2),
+        (["bench", "lifebench", "--targets", "8"], "targets", [8]),
+        (["bench", "train-memory"], "out", "results/train_memory"),
+    ]:
+        assert getattr(build_parser(argv).parse_args(argv), key) == value
+
+
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
     from lenvm.cli import build_parser, options
     from lenvm.hub import DEFAULT_MODEL

@@ -103,8 +103,6 @@ def _markdown(results: dict[str, Any]) -> str:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "length-tokens"
-HELP = "tokens that push the length horizon (TD residuals)"
 TABLE = "table.md"
 
 

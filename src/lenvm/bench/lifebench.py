@@ -432,8 +432,6 @@ def _plot(run: Run, summary, items, labels) -> None:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "lifebench"
-HELP = "token-level LIFEBench: Equal To / At Most / At Least"
 TABLE = "table.md"
 
 

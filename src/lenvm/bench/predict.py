@@ -624,8 +624,6 @@ def _save(fig, path: Path) -> None:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "predict"
-HELP = "prompt-boundary length prediction in and across domains, against three baselines"
 TABLE = "table.md"
 
 

@@ -410,8 +410,6 @@ def _plot(run: Run, items: list[dict[str, Any]], results: dict[str, Any]) -> Non
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "q-agreement"
-HELP = "Q-head candidate values against exact scoring"
 TABLE = "table.md"
 
 

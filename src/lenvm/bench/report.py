@@ -361,8 +361,6 @@ def write_report(out: str | os.PathLike, summary: dict[str, Any] | None = None) 
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "all"
-HELP = "every benchmark into one folder, with report.md"
 TABLE = "report.md"
 
 

@@ -401,8 +401,6 @@ def _plot(run: Run, results: dict) -> None:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "schedule"
-HELP = "shortest-predicted-first scheduling: replayed answers through a batching server model, and live"
 TABLE = "table.md"
 
 

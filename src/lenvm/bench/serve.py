@@ -368,8 +368,6 @@ def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "serve"
-HELP = "requests/s, tokens/s and latency of lenvm serve under concurrent clients"
 TABLE = "table.md"
 
 

@@ -526,8 +526,6 @@ def _check_prompts(prompts: str | Sequence[str] | None) -> list[str]:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "speed"
-HELP = "tokens/s: plain, generate, and guided decoding by LenVM kind"
 TABLE = "table.md"
 
 

@@ -250,8 +250,6 @@ def _plot(run: Run, curves: dict[str, Any]) -> None:
 
 # -- command line ---------------------------------------------------------------------------
 
-COMMAND = "tradeoff"
-HELP = "pass@1 vs mean length: tilting against a hard token budget"
 TABLE = "table.md"
 
 

@@ -29,8 +29,6 @@ from lenvm.bench.common import Run, markdown_table
 from lenvm.cli import options
 from lenvm.io import InputError
 
-COMMAND = "train-memory"
-HELP = "peak memory of training on many synthetic rollouts, streamed vs loaded"
 TABLE = "table.md"
 PATHS = ("head", "full")
 MODES = ("stream", "load")

@@ -19,8 +19,6 @@ from typing import Any
 from lenvm.bench.common import Run, markdown_table
 from lenvm.cli import options
 
-COMMAND = "vision"
-HELP = "the vision-language path on generated images: rollouts, training, prediction, guided decoding"
 TABLE = "table.md"
 TINY = "tiny-vlm"  # --model default: a tiny random Qwen2.5-VL built in the results folder
 # --model's default and help (the generator-loading flags of `lenvm bench`, see lenvm.cli)

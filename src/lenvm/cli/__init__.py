@@ -479,13 +479,16 @@ def cmd_bench(args) -> None:
 # -- parser --------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lenvm`` parser. Given the command line, only the chosen command's options are built:
+    those of train, demo and the benchmarks need torch, whose import takes seconds that ``--help``
+    and a usage error should not wait for."""
     from lenvm import __version__
-    from lenvm.demo import DemoConfig
-    from lenvm.launch import CONFIGS
-    from lenvm.losses import AGGREGATIONS, LOSSES
-    from lenvm.model import KINDS
-    from lenvm.training import TrainConfig
+
+    chosen = [a for a in argv if not a.startswith("-")][:2] if argv is not None else None
+
+    def wanted(*command: str) -> bool:
+        return chosen is None or chosen[: len(command)] == list(command)
 
     parser = argparse.ArgumentParser(
         prog="lenvm",
@@ -528,156 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train a LenVM on rollouts")
-    p.add_argument("--rollouts", required=True, help="rollouts JSONL (lenvm rollout) or a datasets folder")
-    p.add_argument(
-        "--eval-rollouts",
-        help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
-    )
-    options.add_model(
-        p,
-        "--base",
-        help="generator (attached, q) or backbone (standalone); default: the generator the rollouts name",
-        default=None,
-    )
-    p.add_argument("--out", required=True, help="folder to write the LenVM to")
-    p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
-    p.add_argument(
-        "--kind",
-        choices=KINDS,
-        default=TrainConfig.kind,
-        help="attached: a head on the generator's frozen hidden states (default); standalone: a "
-        "backbone of its own; q: a length Q-head over every next token",
-    )
-    p.add_argument("--gamma", type=_gamma, help="'auto' (p99 rule, default) or a number")
-    p.add_argument(
-        "--truncated",
-        choices=["bootstrap", "drop"],
-        default=TrainConfig.truncated,
-        help="completions cut at max_new_tokens: bootstrap their tail from the LenVM (default) or drop them",
-    )
-    p.add_argument(
-        "--eval-fraction", type=float, default=TrainConfig.eval_fraction, help="share of prompts held out"
-    )
-    p.add_argument(
-        "--freeze-backbone", action="store_const", const=True, help="standalone: train the head only"
-    )
-    p.add_argument("--epochs", type=int, help="default: 30 for a head, 2 for fine-tuning")
-    p.add_argument("--lr", type=float, help="default: 1e-3 for a head, 2e-5 for fine-tuning")
-    p.add_argument(
-        "--batch-tokens", type=int, default=TrainConfig.batch_tokens, help="head training: positions per step"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=options.positive_int,
-        default=TrainConfig.batch_size,
-        help="fine-tuning: sequences per process",
-    )
-    p.add_argument(
-        "--grad-accum",
-        type=int,
-        default=TrainConfig.grad_accum,
-        help="fine-tuning: batches per optimizer step",
-    )
-    p.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        help="bf16 mixed precision (default: where the hardware computes bf16 natively: GPUs that have "
-        "it, CPUs with AVX-512 BF16 or AMX; float32 elsewhere)",
-    )
-    p.add_argument(
-        "--gradient-checkpointing",
-        action="store_const",
-        const=True,
-        help="fine-tuning: recompute activations in the backward pass (less memory, ~30%% more compute)",
-    )
-    targets = p.add_argument_group("targets and loss")
-    targets.add_argument(
-        "--lam",
-        type=float,
-        default=TrainConfig.lam,
-        help="TD(lambda) targets bootstrapping from the LenVM being trained; 1 = Monte-Carlo (default)",
-    )
-    targets.add_argument(
-        "--loss",
-        choices=LOSSES,
-        default=TrainConfig.loss,
-        help="value regression loss (default: mse, the paper's)",
-    )
-    targets.add_argument(
-        "--huber-delta",
-        type=float,
-        default=TrainConfig.huber_delta,
-        help="--loss huber: where the loss turns linear, in value space (errors never reach 1)",
-    )
-    targets.add_argument(
-        "--relative-loss-weight",
-        type=float,
-        default=TrainConfig.relative_loss_weight,
-        help="add this times |predicted - target| / target remaining length, in tokens (default 0: off)",
-    )
-    targets.add_argument(
-        "--prompt-weight",
-        type=float,
-        default=TrainConfig.prompt_weight,
-        help="loss weight of each completion's first state, the one a prediction from the prompt "
-        "reads (default 1: one state like any other)",
-    )
-    targets.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default=TrainConfig.aggregation,
-        help="how per-token losses make a batch's loss (default: token-mean, the paper's)",
-    )
-    scale = p.add_argument_group("scale")
-    scale.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        help="read the rollouts afresh on each pass instead of loading them (default: for files over "
-        "256 MiB and datasets folders)",
-    )
-    scale.add_argument(
-        "--shuffle-buffer",
-        type=int,
-        default=TrainConfig.shuffle_buffer,
-        help="fine-tuning a stream: completions held for shuffling",
-    )
-    scale.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=TrainConfig.checkpoint_every,
-        help="fine-tuning: optimizer steps between checkpoints and held-out evaluations",
-    )
-    scale.add_argument(
-        "--features-cache",
-        metavar="DIR",
-        help="head training: keep the hidden states here and reuse them in later runs on the same data",
-    )
-    scale.add_argument(
-        "--accelerate-config",
-        metavar="NAME_OR_PATH",
-        help=f"run under accelerate launch with this configuration ({', '.join(CONFIGS)}, or a YAML file)",
-    )
-    scale.add_argument(
-        "--num-processes",
-        type=int,
-        help="--accelerate-config: processes to start (default: one per visible GPU, else 1)",
-    )
-    p.add_argument(
-        "--head-hidden-size", type=int, help="the value head's hidden width (default: the backbone's)"
-    )
-    p.add_argument(
-        "--feature-layer",
-        type=int,
-        help="the backbone layer the head reads (-1: the last; default: 60%% depth for attached "
-        "and q heads, the last for standalone)",
-    )
-    p.add_argument("--max-length", type=int, help="drop sequences longer than this")
-    p.add_argument(
-        "--seed", type=int, default=TrainConfig.seed, help="held-out split, initialisation and order"
-    )
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bars or held-out lines"
-    )
+    if wanted("train"):
+        _train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict total answer length from the prompt alone")
@@ -855,6 +710,176 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="end to end on the built-in model: rollouts, training, evaluation")
+    if wanted("demo"):
+        _demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    _add_bench_parser(sub, wanted)
+    return parser
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from lenvm.launch import CONFIGS
+    from lenvm.losses import AGGREGATIONS, LOSSES
+    from lenvm.model import KINDS
+    from lenvm.training import TrainConfig
+
+    p.add_argument("--rollouts", required=True, help="rollouts JSONL (lenvm rollout) or a datasets folder")
+    p.add_argument(
+        "--eval-rollouts",
+        help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
+    )
+    options.add_model(
+        p,
+        "--base",
+        help="generator (attached, q) or backbone (standalone); default: the generator the rollouts name",
+        default=None,
+    )
+    p.add_argument("--out", required=True, help="folder to write the LenVM to")
+    p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=TrainConfig.kind,
+        help="attached: a head on the generator's frozen hidden states (default); standalone: a "
+        "backbone of its own; q: a length Q-head over every next token",
+    )
+    p.add_argument("--gamma", type=_gamma, help="'auto' (p99 rule, default) or a number")
+    p.add_argument(
+        "--truncated",
+        choices=["bootstrap", "drop"],
+        default=TrainConfig.truncated,
+        help="completions cut at max_new_tokens: bootstrap their tail from the LenVM (default) or drop them",
+    )
+    p.add_argument(
+        "--eval-fraction", type=float, default=TrainConfig.eval_fraction, help="share of prompts held out"
+    )
+    p.add_argument(
+        "--freeze-backbone", action="store_const", const=True, help="standalone: train the head only"
+    )
+    p.add_argument("--epochs", type=int, help="default: 30 for a head, 2 for fine-tuning")
+    p.add_argument("--lr", type=float, help="default: 1e-3 for a head, 2e-5 for fine-tuning")
+    p.add_argument(
+        "--batch-tokens", type=int, default=TrainConfig.batch_tokens, help="head training: positions per step"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=options.positive_int,
+        default=TrainConfig.batch_size,
+        help="fine-tuning: sequences per process",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=TrainConfig.grad_accum,
+        help="fine-tuning: batches per optimizer step",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 mixed precision (default: where the hardware computes bf16 natively: GPUs that have "
+        "it, CPUs with AVX-512 BF16 or AMX; float32 elsewhere)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_const",
+        const=True,
+        help="fine-tuning: recompute activations in the backward pass (less memory, ~30%% more compute)",
+    )
+    targets = p.add_argument_group("targets and loss")
+    targets.add_argument(
+        "--lam",
+        type=float,
+        default=TrainConfig.lam,
+        help="TD(lambda) targets bootstrapping from the LenVM being trained; 1 = Monte-Carlo (default)",
+    )
+    targets.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=TrainConfig.loss,
+        help="value regression loss (default: mse, the paper's)",
+    )
+    targets.add_argument(
+        "--huber-delta",
+        type=float,
+        default=TrainConfig.huber_delta,
+        help="--loss huber: where the loss turns linear, in value space (errors never reach 1)",
+    )
+    targets.add_argument(
+        "--relative-loss-weight",
+        type=float,
+        default=TrainConfig.relative_loss_weight,
+        help="add this times |predicted - target| / target remaining length, in tokens (default 0: off)",
+    )
+    targets.add_argument(
+        "--prompt-weight",
+        type=float,
+        default=TrainConfig.prompt_weight,
+        help="loss weight of each completion's first state, the one a prediction from the prompt "
+        "reads (default 1: one state like any other)",
+    )
+    targets.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=TrainConfig.aggregation,
+        help="how per-token losses make a batch's loss (default: token-mean, the paper's)",
+    )
+    scale = p.add_argument_group("scale")
+    scale.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="read the rollouts afresh on each pass instead of loading them (default: for files over "
+        "256 MiB and datasets folders)",
+    )
+    scale.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=TrainConfig.shuffle_buffer,
+        help="fine-tuning a stream: completions held for shuffling",
+    )
+    scale.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=TrainConfig.checkpoint_every,
+        help="fine-tuning: optimizer steps between checkpoints and held-out evaluations",
+    )
+    scale.add_argument(
+        "--features-cache",
+        metavar="DIR",
+        help="head training: keep the hidden states here and reuse them in later runs on the same data",
+    )
+    scale.add_argument(
+        "--accelerate-config",
+        metavar="NAME_OR_PATH",
+        help=f"run under accelerate launch with this configuration ({', '.join(CONFIGS)}, or a YAML file)",
+    )
+    scale.add_argument(
+        "--num-processes",
+        type=int,
+        help="--accelerate-config: processes to start (default: one per visible GPU, else 1)",
+    )
+    p.add_argument(
+        "--head-hidden-size", type=int, help="the value head's hidden width (default: the backbone's)"
+    )
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        help="the backbone layer the head reads (-1: the last; default: 60%% depth for attached "
+        "and q heads, the last for standalone)",
+    )
+    p.add_argument("--max-length", type=int, help="drop sequences longer than this")
+    p.add_argument(
+        "--seed", type=int, default=TrainConfig.seed, help="held-out split, initialisation and order"
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars or held-out lines"
+    )
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from lenvm.demo import DemoConfig
+    from lenvm.losses import LOSSES
+
     p.add_argument("--out", default=str(DemoConfig.out), help="folder for everything the demo writes")
     options.add_model(p)
     p.add_argument(
@@ -912,21 +937,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="what samples the rollouts: auto (default) takes vLLM where it is installed (it is "
         "faster), else our engine (hf)",
     )
-    p.set_defaults(func=cmd_demo)
-
-    _add_bench_parser(sub)
-    return parser
 
 
-def _add_bench_parser(sub) -> None:
+def _add_bench_parser(sub, wanted) -> None:
+    import importlib
+
     from lenvm.bench import COMMANDS
 
     bench = sub.add_parser("bench", help="the paper's experiments, speed and Q-head agreement")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    for module in COMMANDS:
-        p = bsub.add_parser(module.COMMAND, help=module.HELP)
-        default_out = "results/" + module.COMMAND.replace("-", "_")
-        p.add_argument("--out", default=default_out, help="results folder (a rerun resumes)")
+    for command, help_, module_name in COMMANDS:
+        p = bsub.add_parser(command, help=help_)
+        if not wanted("bench", command):
+            continue
+        module = importlib.import_module(module_name)
+        p.add_argument(
+            "--out", default="results/" + command.replace("-", "_"), help="results folder (a rerun resumes)"
+        )
         model_flag = getattr(module, "MODEL_FLAG", ...)  # Ellipsis: a generator, the LenVM's by default
         if model_flag is ...:
             options.add_generator(p)
@@ -939,7 +966,7 @@ def _add_bench_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     args.argv = argv
     _quiet_transformers()
     _plain_warnings()
