@@ -148,6 +148,22 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
+def test_a_config_copied_with_another_kind_takes_that_kinds_defaults():
+    import dataclasses
+
+    standalone = TrainConfig(kind="standalone").resolved()
+    assert (standalone.freeze_backbone, standalone.epochs, standalone.lr) == (False, 2, 2e-5)
+    assert dataclasses.replace(TrainConfig(), kind="standalone").resolved() == standalone
+    attached = dataclasses.replace(TrainConfig(kind="standalone"), kind="attached").resolved()
+    assert (attached.freeze_backbone, attached.epochs, attached.lr) == (True, 30, 1e-3)
+    given = dataclasses.replace(TrainConfig(epochs=3, lr=0.01), kind="standalone").resolved()
+    assert (given.epochs, given.lr) == (3, 0.01)  # what was given stays given
+    config = TrainConfig()
+    config.gamma = 1.5  # set after construction: checked again when training resolves it
+    with pytest.raises(InputError, match="gamma"):
+        config.resolved()
+
+
 def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
     records = synthetic_records(tiny_generator[1])
     with pytest.raises(InputError, match="gamma"):

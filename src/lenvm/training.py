@@ -97,34 +97,31 @@ class TrainConfig:
             raise InputError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
         if self.gamma is not None and not 0.0 < self.gamma < 1.0:
             raise InputError(f"gamma must lie in (0, 1), got {self.gamma}")
-        if self.freeze_backbone is None:
-            self.freeze_backbone = self.kind != "standalone"
-        if not self.freeze_backbone and self.kind != "standalone":
+        for name in ("bf16", "stream", "freeze_backbone"):
+            if getattr(self, name) not in (None, True, False):
+                raise InputError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+        resolved = self._kind_defaults()
+        frozen = resolved["freeze_backbone"]
+        if not frozen and self.kind != "standalone":
             raise InputError("only a standalone LenVM trains its backbone; attached ones are frozen")
-        if self.epochs is None:
-            self.epochs = 30 if self.freeze_backbone else 2
-        if self.lr is None:
-            self.lr = 1e-3 if self.freeze_backbone else 2e-5
-        for name in (
-            "epochs",
-            "batch_tokens",
-            "batch_size",
-            "grad_accum",
-            "shuffle_buffer",
-            "checkpoint_every",
-        ):
-            value = getattr(self, name)
+        for name, value in [("epochs", resolved["epochs"])] + [
+            (name, getattr(self, name))
+            for name in (
+                "batch_tokens",
+                "batch_size",
+                "grad_accum",
+                "shuffle_buffer",
+                "checkpoint_every",
+            )
+        ]:
             if not is_int(value) or value < 1:
                 raise InputError(f"{name} must be an integer of at least 1, got {value!r}")
         if not is_int(self.seed):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
         if not (is_real(self.warmup_ratio) and 0.0 <= self.warmup_ratio < 1.0):
             raise InputError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
-        for name in ("bf16", "stream", "freeze_backbone"):
-            if getattr(self, name) not in (None, True, False):
-                raise InputError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
-        if not (is_real(self.lr) and self.lr > 0):
-            raise InputError(f"learning rate must be a positive finite number, got {self.lr!r}")
+        if not (is_real(resolved["lr"]) and resolved["lr"] > 0):
+            raise InputError(f"learning rate must be a positive finite number, got {resolved['lr']!r}")
         if not 0.0 <= self.lam <= 1.0:
             raise InputError(f"lambda must lie in [0, 1], got {self.lam}")
         if self.loss not in LOSSES:
@@ -143,10 +140,24 @@ class TrainConfig:
             is_int(self.head_hidden_size) and self.head_hidden_size >= 1
         ):
             raise InputError(f"head_hidden_size must be at least 1, got {self.head_hidden_size!r}")
-        if self.features_cache and not self.freeze_backbone:
+        if self.features_cache and not frozen:
             raise InputError("a features cache applies to head training, not to fine-tuning a backbone")
-        if self.gradient_checkpointing and self.freeze_backbone:
+        if self.gradient_checkpointing and frozen:
             raise InputError("gradient checkpointing applies to fine-tuning a backbone, not to head training")
+
+    def _kind_defaults(self) -> dict[str, Any]:
+        frozen = self.kind != "standalone" if self.freeze_backbone is None else self.freeze_backbone
+        return {
+            "freeze_backbone": frozen,
+            "epochs": (30 if frozen else 2) if self.epochs is None else self.epochs,
+            "lr": (1e-3 if frozen else 2e-5) if self.lr is None else self.lr,
+        }
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the kind's defaults in place of None (whether the backbone trains, epochs,
+        learning rate), checked again. The None stays here, so that a copy of this config with
+        another kind (``dataclasses.replace(config, kind=...)``) takes that kind's defaults."""
+        return dataclasses.replace(self, **self._kind_defaults())
 
 
 @dataclass
@@ -205,7 +216,7 @@ def train(
     any end head and calibration fitted for it) is replaced only when ``overwrite``; anything else
     there never is.
     """
-    config = config or TrainConfig()
+    config = (config or TrainConfig()).resolved()
     refuse_to_replace(out, "training", lenvm=overwrite)  # before any work
     check_writable(out)
     if config.features_cache and Path(config.features_cache).resolve() == Path(out).resolve():

@@ -115,7 +115,7 @@ def cmd_train(args) -> int | None:
     )
     if args.num_processes is not None and not args.accelerate_config:
         raise InputError("--num-processes goes with --accelerate-config")
-    if args.accelerate_config and config.freeze_backbone:
+    if args.accelerate_config and config.resolved().freeze_backbone:
         raise InputError(
             "--accelerate-config spreads fine-tuning a backbone (--kind standalone) over processes; a head "
             "on a frozen backbone trains in one process (every process would repeat the whole run)"
