@@ -64,8 +64,14 @@ def test_numpy_and_torch_agree():
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, -0.5, 1.5, float("nan")])
 def test_gamma_outside_unit_interval_rejected(gamma):
-    with pytest.raises(ValueError):
+    from lenvm.io import InputError
+
+    with pytest.raises(InputError):  # what the library's bad-input errors derive from
         R.length_to_value(3, gamma)
+    with pytest.raises(InputError):
+        R.value_to_length(-0.5, gamma)
+    with pytest.raises(InputError):
+        R.gamma_for_horizon(0)
 
 
 def test_gamma_p99_rule():

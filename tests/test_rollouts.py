@@ -527,6 +527,13 @@ def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_
     assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["x"]
 
 
+def test_a_prompt_is_text_or_messages():
+    with pytest.raises(InputError, match="'e': give its text or its messages"):
+        Prompt("e")  # would reach the chat template as a message without content
+    with pytest.raises(InputError, match="one of the two"):
+        Prompt("b", text="Hi", messages=[{"role": "user", "content": "Hi"}])
+
+
 def test_openai_prompt_text_is_what_our_engine_encodes(tiny_generator):
     """Messages whose content is a list of text parts go to a server as the text the engine
     templates (they crashed the openai backend)."""

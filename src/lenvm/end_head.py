@@ -14,6 +14,7 @@ decoding step but one small product over states already computed.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +85,8 @@ def end_data(
 
 def train_end_head(
     lenvm,
-    records: Iterable[dict[str, Any]],
-    eval_records: Iterable[dict[str, Any]] | None = None,
+    records: Iterable[dict[str, Any]] | str | os.PathLike,
+    eval_records: Iterable[dict[str, Any]] | str | os.PathLike | None = None,
     bar: float | None = None,
     epochs: int = 30,
     lr: float = 1e-3,

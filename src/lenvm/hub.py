@@ -22,6 +22,7 @@ from lenvm.io import InputError, atomic_path
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def load_generator(
     name: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "float32",
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a generator and its tokenizer by folder, alias or hub id, in eval mode, on ``device``
     (default: :func:`default_device`).
 

@@ -20,9 +20,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError
@@ -32,7 +33,7 @@ from torch import nn
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
 from lenvm.io import InputError, atomic_path, is_int, write_text
-from lenvm.prompts import Messages, Prompt, TokenIds, is_token_ids
+from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
 if TYPE_CHECKING:  # the decoding package imports this module
@@ -488,7 +489,7 @@ class LengthValueModel(nn.Module):
 
         return SamplingParams.from_policy(self.config.sampling, **settings)
 
-    def encode_prompts(self, prompts: list[str | Messages | Prompt | TokenIds]) -> list[vision.Encoded]:
+    def encode_prompts(self, prompts: Sequence[PromptInput]) -> list[vision.Encoded]:
         """Each prompt as the LenVM reads it (chat template applied, images read, token ids taken
         as they are), checked against the context window and the vocabulary."""
         if not prompts:
@@ -505,7 +506,7 @@ class LengthValueModel(nn.Module):
 
     @torch.no_grad()
     def predict_values(
-        self, prompts: list[str | Messages | Prompt | TokenIds], batch_size: int = 16, progress: bool = False
+        self, prompts: Sequence[PromptInput], batch_size: int = 16, progress: bool = False
     ) -> list[float]:
         """``V(s_0)`` for each prompt: the value at the last prompt token, chat template applied
         (token ids are taken as they are)."""
@@ -541,12 +542,18 @@ class LengthValueModel(nn.Module):
         since every answer has its EOS (a value within ``1 - gamma`` of 0 reads as less)."""
         return [max(float(value_to_length(v, self.gamma)), 1.0) for v in values]
 
+    @overload
     def predict_length(
         self,
-        prompts: str | Messages | Prompt | dict | TokenIds | list,
-        batch_size: int = 16,
-        progress: bool = False,
-    ) -> float | list[float]:
+        prompts: str | Prompt | dict[str, Any] | TokenIds | Messages,
+        batch_size: int = ...,
+        progress: bool = ...,
+    ) -> float: ...
+    @overload
+    def predict_length(
+        self, prompts: Sequence[PromptInput], batch_size: int = ..., progress: bool = ...
+    ) -> list[float]: ...
+    def predict_length(self, prompts, batch_size: int = 16, progress: bool = False) -> float | list[float]:
         """Total answer length (tokens, EOS included) predicted from the prompt alone.
 
         Returns a float for one prompt (text, messages, a prompts-file record, token ids) and a

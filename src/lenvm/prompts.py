@@ -35,6 +35,10 @@ class Prompt:
     messages: Messages | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.messages is None):
+            raise InputError(f"prompt {self.id!r}: give its text or its messages, one of the two")
+
     def as_messages(self) -> Messages:
         return self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
 
@@ -45,6 +49,11 @@ class Prompt:
     def images(self) -> list[str]:
         """The image references of the prompt, in order (made absolute where they were paths)."""
         return image_references(self.messages)
+
+
+# Every form a prompt may be given in: text, chat messages, token ids (taken as they are), a
+# prompts-file record or a Prompt.
+PromptInput = str | Messages | TokenIds | dict[str, Any] | Prompt
 
 
 def image_references(prompt: str | Messages | None) -> list[str]:

@@ -13,12 +13,14 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from lenvm.io import InputError
+
 Array = TypeVar("Array", np.ndarray, torch.Tensor, float)
 
 
 def _check_gamma(gamma: float) -> None:
     if not (0.0 < float(gamma) < 1.0) or not math.isfinite(float(gamma)):
-        raise ValueError(f"gamma must lie in (0, 1), got {gamma!r}")
+        raise InputError(f"gamma must lie in (0, 1), got {gamma!r}")
 
 
 def _xp(x):
@@ -69,9 +71,9 @@ def value_to_length(value: Array, gamma: float) -> Array:
 def gamma_for_horizon(length: float, coverage: float = 0.99) -> float:
     """The gamma for which a completion of ``length`` tokens has ``1 - gamma**length == coverage``."""
     if not length > 0:
-        raise ValueError(f"length must be positive, got {length!r}")
+        raise InputError(f"length must be positive, got {length!r}")
     if not 0.0 < coverage < 1.0:
-        raise ValueError(f"coverage must lie in (0, 1), got {coverage!r}")
+        raise InputError(f"coverage must lie in (0, 1), got {coverage!r}")
     return (1.0 - coverage) ** (1.0 / float(length))
 
 
@@ -79,7 +81,7 @@ def gamma_from_lengths(lengths, quantile: float = 0.99, coverage: float = 0.99) 
     """The p99 rule: pick gamma from the ``quantile`` of observed completion lengths."""
     arr = np.asarray(lengths, dtype=np.float64)
     if arr.size == 0:
-        raise ValueError("need at least one completion length to choose gamma")
+        raise InputError("need at least one completion length to choose gamma")
     return gamma_for_horizon(max(float(np.quantile(arr, quantile)), 1.0), coverage)
 
 
@@ -87,7 +89,7 @@ def return_consistent_mean_length(lengths, gamma: float) -> float:
     """``ln(1 - mean_i(1 - gamma**L_i)) / ln(gamma)``: the length whose return is the mean return."""
     arr = np.asarray(lengths, dtype=np.float64)
     if arr.size == 0:
-        raise ValueError("need at least one length")
+        raise InputError("need at least one length")
     return float(value_to_length(np.mean(length_to_value(arr, gamma)), gamma))
 
 
@@ -98,7 +100,7 @@ def mc_targets(num_generated: int, gamma: float) -> np.ndarray:
     ``s_{L-1}`` at the last non-EOS token.
     """
     if num_generated < 1:
-        raise ValueError("a finished completion has at least one token (its EOS)")
+        raise InputError("a finished completion has at least one token (its EOS)")
     remaining = np.arange(num_generated, 0, -1, dtype=np.float64)
     return length_to_value(remaining, gamma)
 
@@ -110,7 +112,7 @@ def bootstrap_targets(num_generated: int, gamma: float, value_at_cut: float) -> 
     is the model's value of the state at the cut.
     """
     if num_generated < 1:
-        raise ValueError("a truncated completion has at least one token")
+        raise InputError("a truncated completion has at least one token")
     steps = np.arange(num_generated, 0, -1, dtype=np.float64)
     return length_to_value(steps, gamma) + gamma**steps * float(value_at_cut)
 
@@ -124,10 +126,10 @@ def td_lambda_targets(values, gamma: float, lam: float, finished: bool = True) -
     """
     _check_gamma(gamma)
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lambda must lie in [0, 1], got {lam!r}")
+        raise InputError(f"lambda must lie in [0, 1], got {lam!r}")
     v = np.asarray(values, dtype=np.float64).copy()
     if v.ndim != 1 or v.size < 2:
-        raise ValueError("values must hold V(s_0) .. V(s_T) with T >= 1")
+        raise InputError("values must hold V(s_0) .. V(s_T) with T >= 1")
     if finished:
         v[-1] = 0.0
     reward = -(1.0 - gamma)
@@ -181,7 +183,7 @@ def lambda_returns(
     """
     _check_gamma(gamma)
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lambda must lie in [0, 1], got {lam!r}")
+        raise InputError(f"lambda must lie in [0, 1], got {lam!r}")
     full = mc + discount * boot_values.unsqueeze(-1)
     if lam == 1.0:
         return full

@@ -24,11 +24,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -42,7 +42,10 @@ from lenvm.io import (
     numbered_jsonl,
     read_jsonl_to_append,
 )
-from lenvm.prompts import Prompt, as_prompt, encode_prompt, template_messages
+from lenvm.prompts import Prompt, PromptInput, as_prompt, encode_prompt, template_messages
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("hf", "vllm", "openai")
 AUTO = "auto"
@@ -120,7 +123,7 @@ def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[
 
 def rollout(
     generator: str | os.PathLike | tuple,
-    prompts: list[Prompt],
+    prompts: Sequence[PromptInput],
     out: str | os.PathLike,
     n: int = 4,
     sampling: SamplingParams | None = None,
@@ -131,8 +134,8 @@ def rollout(
     api_key: str | None = None,
     tokenizer=None,
     progress: bool = True,
-    device: str | None = None,
-    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
     vllm_args: dict[str, Any] | None = None,
     loaded: tuple | None = None,
 ) -> RolloutSummary:

@@ -192,7 +192,7 @@ class _Fit:
 
 def train(
     rollouts: str | os.PathLike | list[dict[str, Any]],
-    base: str,
+    base: str | os.PathLike,
     out: str | os.PathLike,
     config: TrainConfig | None = None,
     generator=None,

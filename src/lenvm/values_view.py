@@ -26,7 +26,7 @@ from lenvm import vision
 from lenvm.dataset import Example
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, right_pad
-from lenvm.prompts import Messages, Prompt, TokenIds, as_prompt, is_token_ids
+from lenvm.prompts import PromptInput, as_prompt, is_token_ids
 from lenvm.returns import td_residual, value_to_length
 
 
@@ -127,7 +127,7 @@ def state_values(
 
 def token_values(
     lenvm: LengthValueModel,
-    prompt: str | Messages | Prompt | TokenIds,
+    prompt: PromptInput,
     completion: str | list[int],
     finished: bool = True,
 ) -> ValueTrace:

@@ -147,13 +147,13 @@ class Engine:
         bar.close()
         return results
 
-    def stream(self, requests: list[Request], batch_size: int = 8) -> Iterator[tuple[int, Result]]:
+    def stream(self, requests: Iterable[Request], batch_size: int = 8) -> Iterator[tuple[int, Result]]:
         """Generate for every request, yielding ``(request index, result)`` as each one finishes,
         so that a caller can save finished work while the rest is still decoding. Every request is
         checked (and its images loaded) in this call, before anything is decoded or yielded."""
         return _finished(self._scheduled(requests, batch_size))
 
-    def _scheduled(self, requests: list[Request], batch_size: int) -> Scheduler:
+    def _scheduled(self, requests: Iterable[Request], batch_size: int) -> Scheduler:
         scheduler = Scheduler(self, batch_size)
         for index, request in enumerate(requests):
             scheduler.add(request, index)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lenvm.io import InputError, is_int, is_real
-from lenvm.prompts import Messages, Prompt, TokenIds
+from lenvm.prompts import PromptInput
 
 ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
 CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
@@ -272,7 +272,7 @@ class Request:
     The prompt is text or chat messages (the chat template is applied) or token ids (taken as
     they are). ``return_values`` asks for the LenVM value after every generated token."""
 
-    prompt: str | Messages | Prompt | TokenIds
+    prompt: PromptInput
     sampling: SamplingParams = SamplingParams()
     control: Control | None = None
     return_values: bool = False
