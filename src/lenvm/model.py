@@ -542,8 +542,10 @@ class LengthValueModel(nn.Module):
         since every answer has its EOS (a value within ``1 - gamma`` of 0 reads as less)."""
         return [max(float(value_to_length(v, self.gamma)), 1.0) for v in values]
 
+    # Chat messages and a list of prompts-file records are both lists of dicts: which one a list
+    # is shows at run time only (a role in its first dict), so the first overload claims both.
     @overload
-    def predict_length(
+    def predict_length(  # type: ignore[overload-overlap]
         self,
         prompts: str | Prompt | dict[str, Any] | TokenIds | Messages,
         batch_size: int = ...,
