@@ -455,6 +455,14 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, lenvm_dir, da
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(InputError, match="not a benchmark's results"):
         Run(tmp_path / "notes", {})
+    # A second run into a folder in use would mix its settings and answers with the first's.
+    with (
+        Run(tmp_path / "shared", {"max_new_tokens": 12}),
+        pytest.raises(InputError, match="another run is writing this results folder"),
+    ):
+        Run(tmp_path / "shared", {"max_new_tokens": 16})
+    with Run(tmp_path / "shared", {"max_new_tokens": 12}):
+        pass
     assert sorted(p.name for p in Path(tiny_path).iterdir()) == before
 
 

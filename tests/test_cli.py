@@ -411,6 +411,13 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     code, err = _error(capsys, [*base[:4], str(changed), *base[5:], "--out", str(out)])
     assert code == 2 and "'p0'" in err and "not the prompt" in err
     assert out.read_text().splitlines() == [json.dumps(r) for r in again]  # untouched
+    # A second run into the file while one writes it: refused, not appending to a file the first
+    # replaces when it puts its lines in order.
+    from lenvm.io import RunLock
+
+    with RunLock(out, "predicting into this file"):
+        code, err = _error(capsys, [*base, "--out", str(out)])
+    assert code == 2 and "another run is predicting into this file" in err
     # An --out that is not a predictions file (the prompts file itself, given by mistake; its last
     # line without a newline) is left exactly as it was.
     typo = tmp_path / "typo.jsonl"

@@ -131,6 +131,32 @@ def test_the_top_level_api_imports_lazily_and_completely():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_run_lock_refuses_a_second_writer_and_goes_with_its_holder(tmp_path):
+    from lenvm.io import InputError, RunLock
+
+    out = tmp_path / "pred.jsonl"
+    with (
+        RunLock(out, "predicting into this file"),
+        pytest.raises(InputError, match="another run is predicting into this file"),
+    ):
+        RunLock(out, "predicting into this file")
+    assert not out.exists()  # created for the lock and never written: not left behind
+    out.write_text("kept\n")
+    with RunLock(out, "writing"):
+        pass
+    assert out.read_text() == "kept\n"
+    with RunLock(out, "writing"):  # released: a later run may take it
+        pass
+    folder = tmp_path / "results"
+    folder.mkdir()
+    readers = [RunLock(folder, "reading", shared=True) for _ in range(2)]  # readers share it
+    with pytest.raises(InputError, match="another run is writing"):
+        RunLock(folder, "writing")
+    for lock in readers:
+        lock.release()
+    RunLock(folder, "writing").release()
+
+
 def test_atomic_writes_leave_files_readable_as_new_files_are(tmp_path):
     import torch
     from safetensors.torch import save_file

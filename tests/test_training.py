@@ -148,6 +148,32 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
+    tmp_path, tiny_path, tiny_generator
+):
+    from lenvm.io import RunLock
+
+    records = synthetic_records(tiny_generator[1])
+    out, work = tmp_path / "lv", tmp_path / "lv.checkpoints"
+    work.mkdir()
+    with (
+        RunLock(work, "training"),  # the first run, holding its checkpoint folder
+        pytest.raises(InputError, match=f"another run is training into {out}"),
+    ):
+        train(records, str(tiny_path), out, _config(epochs=1), generator=tiny_generator, progress=False)
+    assert work.is_dir() and not out.exists()  # the first run's folder is left to it
+    cache = tmp_path / "features"
+    cache.mkdir()
+    with (
+        RunLock(cache, "training"),  # a features cache another run reads
+        pytest.raises(InputError, match="another run is training with this features cache"),
+    ):
+        train(records, str(tiny_path), out, _config(epochs=1, features_cache=str(cache)),
+              generator=tiny_generator, progress=False)  # fmt: skip
+    train(records, str(tiny_path), out, _config(epochs=1), generator=tiny_generator, progress=False)
+    assert (out / "config.json").is_file() and not work.exists()
+
+
 def test_a_config_copied_with_another_kind_takes_that_kinds_defaults():
     import dataclasses
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lenvm.io import (
     InputError,
     JsonlAppender,
+    RunLock,
     fingerprint,
     is_int,
     read_jsonl,
@@ -79,41 +80,43 @@ def predict_file(
     model = fingerprint(
         [lenvm.config.to_dict(), getattr(lenvm.backbone, "name_or_path", ""), str(weights.dtype)]
     )
-    done = set()
-    for record in read_jsonl_to_append(out, _prediction_problem, "predictions"):
-        _check_resumable(record, out, model, shas)
-        done.add(str(record.get("id")))
-    todo = [p for p in prompts if p.id not in done]
-    encoded = [e for p, e in zip(prompts, every, strict=True) if p.id not in done]
-    # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))
-    chunk = batch_size * BATCHES_PER_CHUNK
-    seconds = 0.0
-    with (
-        JsonlAppender(out) as appender,
-        tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt", desc="predicting",
-             disable=not progress) as bar,
-    ):  # fmt: skip
-        for start in range(0, len(order), chunk):
-            part = order[start : start + chunk]
-            clock = time.perf_counter()
-            values = lenvm.values_of_prompts([encoded[i] for i in part], batch_size)
-            seconds += time.perf_counter() - clock
-            lengths = lenvm.lengths_from_values(values)
-            appender.write(
-                [
-                    {
-                        "id": todo[i].id,
-                        "predicted_length": round(n, 2),
-                        "prompt_tokens": len(encoded[i].ids),
-                        "prompt_sha": shas[todo[i].id],
-                        "lenvm": model,
-                    }
-                    for i, n in zip(part, lengths, strict=True)
-                ]
-            )
-            bar.update(len(part))
-    _in_prompt_order(out, ids)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "predicting into this file"):
+        done = set()
+        for record in read_jsonl_to_append(out, _prediction_problem, "predictions"):
+            _check_resumable(record, out, model, shas)
+            done.add(str(record.get("id")))
+        todo = [p for p in prompts if p.id not in done]
+        encoded = [e for p, e in zip(prompts, every, strict=True) if p.id not in done]
+        # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.
+        order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))
+        chunk = batch_size * BATCHES_PER_CHUNK
+        seconds = 0.0
+        with (
+            JsonlAppender(out) as appender,
+            tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt", desc="predicting",
+                 disable=not progress) as bar,
+        ):  # fmt: skip
+            for start in range(0, len(order), chunk):
+                part = order[start : start + chunk]
+                clock = time.perf_counter()
+                values = lenvm.values_of_prompts([encoded[i] for i in part], batch_size)
+                seconds += time.perf_counter() - clock
+                lengths = lenvm.lengths_from_values(values)
+                appender.write(
+                    [
+                        {
+                            "id": todo[i].id,
+                            "predicted_length": round(n, 2),
+                            "prompt_tokens": len(encoded[i].ids),
+                            "prompt_sha": shas[todo[i].id],
+                            "lenvm": model,
+                        }
+                        for i, n in zip(part, lengths, strict=True)
+                    ]
+                )
+                bar.update(len(part))
+        _in_prompt_order(out, ids)
     return PredictionStats(len(prompts), len(todo), len(prompts) - len(todo), seconds, batch_size)
 
 

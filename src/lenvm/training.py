@@ -17,6 +17,7 @@ Checkpoints are written atomically beside the output folder and an interrupted r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +27,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from lenvm import vision
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
 from lenvm.hub import model_name
-from lenvm.io import InputError, atomic_path, check_writable, is_int, is_real, write_json
+from lenvm.io import InputError, RunLock, atomic_path, check_writable, is_int, is_real, write_json
 from lenvm.losses import (
     AGGREGATIONS,
     LOSSES,
@@ -221,113 +223,115 @@ def train(
     check_writable(out)
     if config.features_cache and Path(config.features_cache).resolve() == Path(out).resolve():
         raise InputError("the features cache and the LenVM need folders of their own: choose another cache")
-    source = RolloutSource(rollouts, config.stream)
-    if not source.streamed and not source.records:
-        raise InputError("no rollout records to train on")
-    eval_source = RolloutSource(eval_rollouts, stream=False) if eval_rollouts is not None else None
-    torch.manual_seed(config.seed)  # the head's initialization, so that a resumed run matches
-    lenvm = LengthValueModel.from_base(
-        base,
-        kind=config.kind,
-        gamma=config.gamma or 0.5,  # set below, once the rollouts have been scanned
-        generator=generator,
-        head_hidden_size=config.head_hidden_size,
-        feature_layer=config.feature_layer,
-        dtype=dtype,
-        device=device,
-    )
-    data = training_data(
-        source,
-        eval_source,
-        lenvm.config.eos_token_ids,
-        config.truncated,
-        config.max_length,
-        config.eval_fraction,
-        config.seed,
-        vocab_size=lenvm.backbone.get_input_embeddings().weight.shape[0],
-        vocab_name=lenvm.config.base_model,
-        sees_images=lenvm.sees_images,
-        tokenizer=lenvm.tokenizer,
-    )
-    if data.report.finished == 0:
-        warnings.warn(
-            "no training completion ended with EOS: every target is bootstrapped from the head's own "
-            "values, so nothing ties them to where answers end (raise max_new_tokens for the rollouts)",
-            stacklevel=2,
-        )
-    if data.repeated:
-        warnings.warn(
-            f"{data.repeated} rollout records repeat earlier ones (the same prompt, sample index and tokens: "
-            "two runs wrote into one file?); each copy counts in training",
-            stacklevel=2,
-        )
-    sampled_by = data.policy.get("generator")
-    if config.freeze_backbone and sampled_by and model_name(sampled_by) != model_name(base):
-        warnings.warn(
-            f"the rollouts were sampled from {sampled_by}, the head reads {base}: it learns how long "
-            f"{sampled_by}'s answers are from {base}'s hidden states",
-            stacklevel=2,
-        )
-    gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
-    lenvm.config.gamma = gamma
-    lenvm.config.generator = sampled_by
-    lenvm.config.sampling = data.policy.get("sampling")
-    config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
-    # The model by its weights too: a generator replaced or fine-tuned at the same path is another.
-    model = [str(base), weights_digest(lenvm.backbone)]
-    held = _examples_digest(data.eval)  # every held-out answer, not only how many
-    fingerprint = _run_fingerprint([*data.fingerprint_data, held], model, config, gamma)
-    # What the cached hidden states depend on: the data, the held-out split, the model and layer.
-    # The layer the head reads, resolved: the default and that same layer named are one cache.
-    features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
-    features_fingerprint = _run_fingerprint([*data.fingerprint_data, held, *features], model, None, 0.0)
-
-    def evaluate(values: list[np.ndarray]) -> dict[str, float]:
-        return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
-
-    started = time.perf_counter()
-    trainer = HeadTrainer if config.freeze_backbone else FullTrainer
-    fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
-    seconds = time.perf_counter() - started
-    diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
-    if diverged is not None:
-        raise InputError(
-            f"training diverged: the loss was {fit.losses[diverged]} at step {diverged + 1} (learning "
-            f"rate {config.lr:g}); nothing was saved to {out}: remove {work} and train with a lower --lr"
+    with _exclusive_run(out, work, config.features_cache):
+        source = RolloutSource(rollouts, config.stream)
+        if not source.streamed and not source.records:
+            raise InputError("no rollout records to train on")
+        eval_source = RolloutSource(eval_rollouts, stream=False) if eval_rollouts is not None else None
+        torch.manual_seed(config.seed)  # the head's initialization, so that a resumed run matches
+        lenvm = LengthValueModel.from_base(
+            base,
+            kind=config.kind,
+            gamma=config.gamma or 0.5,  # set below, once the rollouts have been scanned
+            generator=generator,
+            head_hidden_size=config.head_hidden_size,
+            feature_layer=config.feature_layer,
+            dtype=dtype,
+            device=device,
         )
-    # Optimisation throughput (supervised positions per second of this run's training loop),
-    # without the one-off hidden-state pass of head training.
-    tokens_per_second = fit.tokens / fit.seconds if fit.seconds > 0 else 0.0
-    metrics = evaluate(fit.eval_values)
-    metrics["baseline_length"] = data.baseline_length
-    result = TrainResult(
-        out, gamma, metrics, data.report, fit.losses, seconds, tokens_per_second, fit.evaluations
-    )
-    if not is_main_process():
+        data = training_data(
+            source,
+            eval_source,
+            lenvm.config.eos_token_ids,
+            config.truncated,
+            config.max_length,
+            config.eval_fraction,
+            config.seed,
+            vocab_size=lenvm.backbone.get_input_embeddings().weight.shape[0],
+            vocab_name=lenvm.config.base_model,
+            sees_images=lenvm.sees_images,
+            tokenizer=lenvm.tokenizer,
+        )
+        if data.report.finished == 0:
+            warnings.warn(
+                "no training completion ended with EOS: every target is bootstrapped from the head's own "
+                "values, so nothing ties them to where answers end (raise max_new_tokens for the rollouts)",
+                stacklevel=2,
+            )
+        if data.repeated:
+            warnings.warn(
+                f"{data.repeated} rollout records repeat earlier ones (the same prompt, sample index and "
+                "tokens: two runs wrote into one file?); each copy counts in training",
+                stacklevel=2,
+            )
+        sampled_by = data.policy.get("generator")
+        if config.freeze_backbone and sampled_by and model_name(sampled_by) != model_name(base):
+            warnings.warn(
+                f"the rollouts were sampled from {sampled_by}, the head reads {base}: it learns how long "
+                f"{sampled_by}'s answers are from {base}'s hidden states",
+                stacklevel=2,
+            )
+        gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
+        lenvm.config.gamma = gamma
+        lenvm.config.generator = sampled_by
+        lenvm.config.sampling = data.policy.get("sampling")
+        config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
+        # The model by its weights too: a generator replaced or fine-tuned at the same path is another.
+        model = [str(base), weights_digest(lenvm.backbone)]
+        held = _examples_digest(data.eval)  # every held-out answer, not only how many
+        fingerprint = _run_fingerprint([*data.fingerprint_data, held], model, config, gamma)
+        # What the cached hidden states depend on: the data, the held-out split, the model and layer.
+        # The layer the head reads, resolved: the default and that same layer named are one cache.
+        features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
+        features_fingerprint = _run_fingerprint([*data.fingerprint_data, held, *features], model, None, 0.0)
+
+        def evaluate(values: list[np.ndarray]) -> dict[str, float]:
+            return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
+
+        started = time.perf_counter()
+        trainer = HeadTrainer if config.freeze_backbone else FullTrainer
+        fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
+        seconds = time.perf_counter() - started
+        diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
+        if diverged is not None:
+            raise InputError(
+                f"training diverged: the loss was {fit.losses[diverged]} at step {diverged + 1} (learning "
+                f"rate {config.lr:g}); nothing was saved to {out}: remove {work} and train with a lower --lr"
+            )
+        # Optimisation throughput (supervised positions per second of this run's training loop),
+        # without the one-off hidden-state pass of head training.
+        tokens_per_second = fit.tokens / fit.seconds if fit.seconds > 0 else 0.0
+        metrics = evaluate(fit.eval_values)
+        metrics["baseline_length"] = data.baseline_length
+        result = TrainResult(
+            out, gamma, metrics, data.report, fit.losses, seconds, tokens_per_second, fit.evaluations
+        )
+        if not is_main_process():
+            return result
+        lenvm.config.training = {
+            **{k: v for k, v in dataclasses.asdict(config).items() if v is not None},
+            "gamma": gamma,
+            "data": data.report.to_dict(),
+            "streamed": source.streamed,
+            "train_completions": data.train_completions,
+            "eval_completions": len(data.eval),
+            "metrics": metrics,
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens_per_second, 1),
+            **({"distributed": fit.distributed} if fit.distributed else {}),
+        }
+        # The LenVM, its log and its plot land together: an interrupted run leaves no LenVM folder
+        # that a rerun would refuse to resume into.
+        refuse_to_replace(out, "training", lenvm=overwrite)  # again: nothing may have landed since
+        with atomic_path(out) as tmp:
+            lenvm.save_pretrained(tmp, state_dict=fit.state_dict)
+            log = {"losses": fit.losses, "metrics": metrics, "evaluations": fit.evaluations}
+            write_json(tmp / "training_log.json", log)
+            plot_losses(fit.losses, tmp / "loss.png", config.loss)
+        shutil.rmtree(work, ignore_errors=True)
         return result
-    lenvm.config.training = {
-        **{k: v for k, v in dataclasses.asdict(config).items() if v is not None},
-        "gamma": gamma,
-        "data": data.report.to_dict(),
-        "streamed": source.streamed,
-        "train_completions": data.train_completions,
-        "eval_completions": len(data.eval),
-        "metrics": metrics,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens_per_second, 1),
-        **({"distributed": fit.distributed} if fit.distributed else {}),
-    }
-    # The LenVM, its log and its plot land together: an interrupted run leaves no LenVM folder
-    # that a rerun would refuse to resume into.
-    with atomic_path(out) as tmp:
-        lenvm.save_pretrained(tmp, state_dict=fit.state_dict)
-        log = {"losses": fit.losses, "metrics": metrics, "evaluations": fit.evaluations}
-        write_json(tmp / "training_log.json", log)
-        plot_losses(fit.losses, tmp / "loss.png", config.loss)
-    shutil.rmtree(work, ignore_errors=True)
-    return result
 
 
 def resolve_bf16(requested: bool | None, device: torch.device) -> bool:
@@ -372,6 +376,27 @@ def weights_digest(model: torch.nn.Module) -> str:
 def _examples_digest(examples: list[Example]) -> str:
     blob = json.dumps([dataclasses.astuple(e) for e in examples], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _exclusive_run(out: Path, work: Path, features_cache: str | None) -> Iterator[None]:
+    """Refuse a second run training into ``out`` (or with the same features cache) while this one
+    does: it would truncate the hidden states this one reads and replace its LenVM."""
+    if not is_main_process():  # the launched run's main process holds it for all
+        yield
+        return
+    made = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as held:
+            held.enter_context(RunLock(work, f"training into {out}"))
+            if features_cache:
+                Path(features_cache).mkdir(parents=True, exist_ok=True)
+                held.enter_context(RunLock(features_cache, "training with this features cache"))
+            yield
+    finally:
+        if made and work.is_dir() and not any(work.iterdir()):
+            work.rmdir()  # refused before any work: leave nothing behind
 
 
 def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: float) -> str:

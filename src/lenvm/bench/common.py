@@ -23,6 +23,7 @@ from lenvm.hub import DEFAULT_MODEL, load_generator
 from lenvm.io import (
     InputError,
     JsonlAppender,
+    RunLock,
     atomic_path,
     iter_jsonl,
     repair_jsonl_tail,
@@ -161,6 +162,16 @@ class Run:
                 "use another output folder"
             )
         self.out.mkdir(parents=True, exist_ok=True)
+        # Two runs into one folder would mix their settings and answers: the second is refused.
+        self._lock = RunLock(self.out, "writing this results folder")
+        try:
+            self._open(settings_path, settings)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._log: JsonlAppender | None = None
+
+    def _open(self, settings_path: Path, settings: dict[str, Any]) -> None:
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
         if settings_path.is_file() and _holds_results(self.out):
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
@@ -179,7 +190,6 @@ class Run:
         if self.items_path.is_file():
             repair_jsonl_tail(self.items_path)  # a crash may have cut the last line
             self.done = {r["key"]: r for r in iter_jsonl(self.items_path)}
-        self._log: JsonlAppender | None = None
 
     def add(self, records: list[dict[str, Any]]) -> None:
         if self._log is None:
@@ -190,6 +200,7 @@ class Run:
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
+        self._lock.release()
 
     def __enter__(self) -> Run:
         return self
