@@ -201,6 +201,18 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         train(
             bad, str(tiny_path), tmp_path / "x", _config(epochs=1), generator=tiny_generator, progress=False
         )
+    # Longer than the model's context (rollouts made elsewhere): an error, or left out by --max-length.
+    long = dict(records[1], completion_token_ids=[5] * 1100, num_tokens=1100, finish_reason="length")
+    with pytest.raises(InputError, match=r"record 2 is \d+ tokens long .* context .*--max-length 1024"):
+        train(
+            [records[0], long, *records[2:]], str(tiny_path), tmp_path / "x", _config(epochs=1),
+            generator=tiny_generator, progress=False,
+        )  # fmt: skip
+    result = train(
+        [records[0], long, *records[2:]], str(tiny_path), tmp_path / "y", _config(epochs=1, max_length=1024),
+        generator=tiny_generator, progress=False,
+    )  # fmt: skip
+    assert result.data.dropped == 1
     # Rollouts of another tokenizer, of two decoding policies, or held out from another policy.
     shifted = [dict(r, prompt_token_ids=[t + 1 for t in r["prompt_token_ids"]]) for r in records]
     mixed = records[:6] + [dict(r, sampling={"temperature": 0.5}) for r in records[6:]]

@@ -253,6 +253,7 @@ def train(
             vocab_name=lenvm.config.base_model,
             sees_images=lenvm.sees_images,
             tokenizer=lenvm.tokenizer,
+            context=lenvm.context,
         )
         if data.report.finished == 0:
             warnings.warn(

@@ -116,13 +116,15 @@ def scan(
     sees_images: bool = True,
     tokenizer=None,
     what: str = "rollout records to train on",
+    context: int | None = None,
 ) -> Scan:
     """One pass: lengths, prompt counts, the vocabulary check (and, for a text-only model
     ``sees_images=False``, that no prompt has images), that every record was sampled under one
     decoding policy, and the run's fingerprint data. Given the model's ``tokenizer``, the first
     records' prompt tokens must read back as their prompt text (else the rollouts came from a
     generator with another tokenizer). ``what`` names the records in the error when there are
-    none."""
+    none. Given the model's ``context``, a record longer than it is an error, unless ``max_length``
+    (no longer than the context) leaves it out."""
     lengths: list[int] = []
     length_prompts: list[str] = []
     record_prompts: set[str] = set()
@@ -140,6 +142,10 @@ def scan(
                 record, i, vocab_size, vocab_name, tokenizer, first_policy, "the first", one_policy
             )
             first_policy = first_policy or settings
+            if context is not None and (max_length is None or max_length > context):
+                check_length(
+                    record, i, context, vocab_name, f"train with --max-length {context} to leave them out"
+                )
             if not sees_images and image_references(record.get("prompt")):
                 raise InputError(
                     f"rollout record {i + 1}'s prompt has images, which {vocab_name!r} (text-only) "
@@ -267,6 +273,18 @@ def check_rollouts_for(lenvm, records: list[dict[str, Any]], purpose: str) -> No
     fix = f"{purpose} rollouts of {name!r}"
     for i, record in enumerate(records):
         _check_record(record, i, vocab_size, name, lenvm.tokenizer, trained, whose, advice, fix)
+        check_length(record, i, lenvm.context, name, f"{purpose} rollouts that fit it")
+
+
+def check_length(record: dict[str, Any], index: int, context: int, name: str, advice: str) -> None:
+    """Refuse record ``index`` if its prompt and answer together are longer than ``context``: the
+    model cannot read it whole (rollouts made elsewhere, with a longer context)."""
+    n = len(record["prompt_token_ids"]) + len(record["completion_token_ids"])
+    if n > context:
+        raise InputError(
+            f"rollout record {index + 1} is {n} tokens long (prompt and answer), beyond the context of "
+            f"{name!r} ({context} tokens): were the rollouts made with a longer context? {advice}"
+        )
 
 
 def _check_record(
@@ -334,11 +352,15 @@ def training_data(
     vocab_name: str,
     sees_images: bool = True,
     tokenizer=None,
+    context: int | None = None,
 ) -> TrainingData:
     """Scan the sources (see :func:`scan`), hold out prompts, and set up the training stream."""
     if not 0.0 <= eval_fraction < 1.0:
         raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
-    found = scan(source, eos_token_ids, truncated, max_length, vocab_size, vocab_name, sees_images, tokenizer)
+    found = scan(
+        source, eos_token_ids, truncated, max_length, vocab_size, vocab_name, sees_images, tokenizer,
+        context=context,
+    )  # fmt: skip
     if eval_source is not None:
         held_scan = scan(
             eval_source,
@@ -350,6 +372,7 @@ def training_data(
             sees_images,
             tokenizer,
             what="evaluation rollout records",
+            context=context,
         )
         ours, theirs = (decoding_policy(s.policy.get("sampling")) for s in (found, held_scan))
         if ours != theirs:
