@@ -174,6 +174,20 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
     assert (out / "config.json").is_file() and not work.exists()
 
 
+def test_a_prompt_under_several_ids_on_both_sides_of_the_split_is_named(tmp_path, tiny_path, tiny_generator):
+    import warnings
+
+    records = synthetic_records(tiny_generator[1], n_per_prompt=4)
+    per_sample = [dict(r, prompt_id=f"{r['prompt_id']}-{r['sample_index']}") for r in records]  # request ids
+    with pytest.warns(UserWarning, match=r"held-out prompt\(s\) are trained on too, under other prompt ids"):
+        train(per_sample, str(tiny_path), tmp_path / "a", _config(epochs=1, eval_fraction=0.25),
+              generator=tiny_generator, progress=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained on too")  # one id per prompt: nothing to say
+        train(records, str(tiny_path), tmp_path / "b", _config(epochs=1, eval_fraction=0.25),
+              generator=tiny_generator, progress=False)  # fmt: skip
+
+
 def test_a_config_copied_with_another_kind_takes_that_kinds_defaults():
     import dataclasses
 

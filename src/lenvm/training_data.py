@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,8 @@ class Scan:
     records: int
     lengths: np.ndarray  # num_tokens of every record (the gamma rule)
     length_prompts: list[str]  # the prompt id of each of them
-    record_prompts: set[str]  # the prompt of every record, usable or not (as JSON text)
+    # The prompt of every record, usable or not (as JSON text), with the prompt ids it came under.
+    record_prompts: dict[str, set[str]]
     prompts: dict[str, _PromptCounts]  # of the usable examples
     report: DatasetReport
     digest: str = ""  # of every record's prompt id, tokens and ending (the run's fingerprint)
@@ -127,7 +129,7 @@ def scan(
     (no longer than the context) leaves it out."""
     lengths: list[int] = []
     length_prompts: list[str] = []
-    record_prompts: set[str] = set()
+    record_prompts: dict[str, set[str]] = {}
     digest = hashlib.sha256()
     policy: dict[str, Any] = {}
     seen: set[bytes] = set()
@@ -153,7 +155,8 @@ def scan(
                 )
             lengths.append(record["num_tokens"])
             length_prompts.append(str(record.get("prompt_id", i)))
-            record_prompts.add(json.dumps(record.get("prompt"), sort_keys=True, ensure_ascii=False))
+            text = json.dumps(record.get("prompt"), sort_keys=True, ensure_ascii=False)
+            record_prompts.setdefault(text, set()).add(str(record.get("prompt_id", i)))
             if i == 0:
                 policy.update(generator=record.get("generator"), sampling=record.get("sampling"))
             # Every record counts: a features cache or checkpoint is reused only on the same data.
@@ -381,7 +384,7 @@ def training_data(
                 "held-out figures must come from the same decoding policy"
             )
         # By the prompt itself, not its id: two files' default ids (0, 1, ...) name other prompts.
-        shared = found.record_prompts & held_scan.record_prompts
+        shared = found.record_prompts.keys() & held_scan.record_prompts.keys()
         if shared:
             raise InputError(
                 f"{len(shared)} prompt(s) are in both the training and the evaluation rollouts, "
@@ -391,6 +394,16 @@ def training_data(
         evaluation = list(iter_examples(eval_source, eos_token_ids, truncated))
     else:
         held = held_out_prompts(list(found.prompts), eval_fraction, seed)
+        # The split goes by prompt id: one prompt under several ids (a request id per sample, from
+        # another tool) may land on both sides of it.
+        leaked = sorted(t for t, ids in found.record_prompts.items() if ids & held and ids - held)
+        if leaked:
+            warnings.warn(
+                f"{len(leaked)} held-out prompt(s) are trained on too, under other prompt ids (for example "
+                f"{leaked[0][:80]}): the held-out figures flatter the LenVM; give each prompt one id, or "
+                "hold prompts out in a file of their own (eval_rollouts)",
+                stacklevel=3,
+            )
         evaluation = list(ExampleStream(source, eos_token_ids, truncated, max_length, keep=held))
     train_ids = [p for p in found.prompts if p not in held]
     counts = found.counts(train_ids)
