@@ -126,6 +126,12 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     (tmp_path / "answer.txt").write_text("Hi there")
     assert main([*values[:-1], "@" + str(tmp_path / "answer.txt")]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == json.loads(printed[0])["tokens"]
+    (tmp_path / "bom.txt").write_bytes("Hi there".encode("utf-8-sig"))  # as some editors save it
+    assert main([*values[:-1], "@" + str(tmp_path / "bom.txt")]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == json.loads(printed[0])["tokens"]
+    (tmp_path / "wide.txt").write_bytes("Hi there".encode("utf-16"))
+    code, err = _error(capsys, [*values[:-1], "@" + str(tmp_path / "wide.txt")])
+    assert code == 2 and "not UTF-8 text" in err
     code, err = _error(capsys, [*by_record[:-1], "99"])
     assert code == 2 and "fewer than 99 records" in err
     code, err = _error(capsys, [*by_record, "--prompt", "Hello"])

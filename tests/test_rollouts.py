@@ -528,6 +528,10 @@ def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_
 
 
 def test_a_prompt_is_text_or_messages():
+    from lenvm.prompts import as_prompt
+
+    with pytest.raises(InputError, match="'prompt' or 'messages', not both"):  # not one of them, silently
+        as_prompt({"id": "x", "prompt": "Hi", "messages": [{"role": "user", "content": "Bye"}]})
     with pytest.raises(InputError, match="'e': give its text or its messages"):
         Prompt("e")  # would reach the chat template as a message without content
     with pytest.raises(InputError, match="one of the two"):

@@ -155,6 +155,8 @@ def prompt_from_record(
     pid = str(pid)
     extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages", "images")}
     if "messages" in record:
+        if "prompt" in record:
+            raise InputError(f"{where}give 'prompt' or 'messages', not both")
         if "images" in record:
             raise InputError(f"{where}'images' goes with a 'prompt' string; in messages, use content parts")
         messages = record["messages"]

@@ -325,7 +325,10 @@ def _answer_to_value(args) -> tuple:
         path = Path(completion[1:])
         if not path.is_file():
             raise InputError(f"--completion {completion}: no such file")
-        completion = path.read_text(encoding="utf-8")
+        try:  # a byte-order mark is no part of the answer
+            completion = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise InputError(f"--completion {completion}: not UTF-8 text (byte {err.start + 1})") from None
     [prompt] = _prompts_from_args(args)
     return prompt, completion, not args.unfinished, None
 
