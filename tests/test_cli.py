@@ -339,6 +339,10 @@ def test_generate_with_and_without_a_length_control(
     one.write_text(prompts_file.read_text().splitlines()[0] + "\n")
     assert main([*base, "--prompts", str(one)]) == 0  # a file of one prompt: still a JSON line
     assert json.loads(capsys.readouterr().out)["id"] == "a"
+    long = tmp_path / "long.jsonl"
+    long.write_text(one.read_text() + json.dumps({"id": "big", "prompt": "word " * 1100}) + "\n")
+    code, err = _error(capsys, [*base, "--prompts", str(long)])  # named as predict names it
+    assert code == 2 and "prompt 2 (id 'big'):" in err and "context" in err
 
     code, err = _error(capsys, [*base, "--prompt", "Hi", "--equal-to", "5"])
     assert code == 2 and "needs a LenVM" in err

@@ -367,6 +367,7 @@ def _control(args):
 
 def cmd_generate(args) -> None:
     from lenvm.decoding import Engine, Request
+    from lenvm.decoding.params import RequestError
     from lenvm.hub import load_generator
 
     control = _control(args)
@@ -378,7 +379,10 @@ def cmd_generate(args) -> None:
     sampling = options.sampling_from_args(args, lenvm.config.sampling if lenvm is not None else None)
     requests = [Request(p, sampling, control=control, return_values=args.values) for p in prompts]
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
-    results = engine.generate(requests, batch_size=args.batch_size, progress=args.progress)
+    try:
+        results = engine.generate(requests, batch_size=args.batch_size, progress=args.progress)
+    except RequestError as err:  # named as predict and rollout name a prompt
+        raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {err.reason}") from None
     for prompt, result in zip(prompts, results, strict=True):
         if args.json or args.prompts:
             record = {
