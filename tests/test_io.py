@@ -149,12 +149,12 @@ def test_a_run_lock_refuses_a_second_writer_and_goes_with_its_holder(tmp_path):
         pass
     folder = tmp_path / "results"
     folder.mkdir()
-    readers = [RunLock(folder, "reading", shared=True) for _ in range(2)]  # readers share it
+    held = RunLock(folder, "writing")  # a folder too
     with pytest.raises(InputError, match="another run is writing"):
         RunLock(folder, "writing")
-    for lock in readers:
-        lock.release()
+    held.release()
     RunLock(folder, "writing").release()
+    assert folder.is_dir()
 
 
 def test_atomic_writes_leave_files_readable_as_new_files_are(tmp_path):

@@ -126,39 +126,27 @@ class RunLock:
     held until :meth:`release` (or the end of a ``with`` block, or of the process, however it
     ends: a crashed run leaves no lock behind). Two runs writing one output would truncate or
     overwrite each other's work; the second gets an :class:`InputError` naming ``what`` the first
-    is doing. ``shared``: readers may share it, a writer excludes them. A file is created if
-    missing, and removed again if it is still empty when the lock is released (a run that stopped
-    before writing leaves nothing behind). Where ``flock`` does not exist (Windows) nothing is
-    locked."""
+    is doing. A file is created if missing, and removed again if it is still empty when the lock
+    is released (a run that stopped before writing leaves nothing behind). Where ``flock`` does
+    not exist (Windows) nothing is locked."""
 
-    def __init__(self, path: str | os.PathLike, what: str, shared: bool = False):
+    def __init__(self, path: str | os.PathLike, what: str):
         self.path, self.what = Path(path), what
         self._fd: int | None = None
         try:
             import fcntl
         except ImportError:
             return
-        self._fcntl = fcntl
         self._created = not self.path.exists()
         flags = os.O_RDONLY if self.path.is_dir() else os.O_RDONLY | os.O_CREAT
         self._fd = os.open(self.path, flags, 0o666)
-        self._take(shared)
-
-    def _take(self, shared: bool) -> None:
-        if self._fd is None:
-            return
-        fcntl = self._fcntl
         try:
-            fcntl.flock(self._fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
             raise InputError(
                 f"another run is {self.what} ({self.path}): wait for it to end, or choose another output"
             ) from None
-
-    def share(self) -> None:
-        """Let readers in beside this one (a writer done writing)."""
-        self._take(shared=True)
 
     def release(self) -> None:
         if self._fd is None:
