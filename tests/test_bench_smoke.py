@@ -504,6 +504,9 @@ def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
                              for line in replayed.read_text().splitlines()))  # fmt: skip
     with pytest.raises(InputError, match="hold answers of someone/else"):
         run_schedule(tmp_path / "other", **{**kwargs, "rollouts": [other]})
+    # Loads as a Python caller may give them: integers, out of order (the plot read "1.0" for 1).
+    swept = run_schedule(tmp_path / "ints", **{**kwargs, "loads": (1, 0.5), "live": 0})
+    assert list(swept["load_sweep"]) == ["0.5", "1.0"] and (tmp_path / "ints" / "schedule.png").is_file()
 
 
 def test_prediction_truth_counts_the_eos_once_as_training_does():

@@ -162,6 +162,7 @@ def run_schedule(
         raise InputError("give rollouts to replay")
     if not load > 0 or not all(x > 0 for x in loads):
         raise InputError("loads must be positive")
+    loads = sorted({float(x) for x in loads})  # keys of the sweep, and a line along the load axis
     if not is_int(replicates) or replicates < 1:
         raise InputError(f"replicates must be a positive integer, got {replicates!r}")
     if aging < 0:
@@ -378,9 +379,13 @@ def _markdown(results: dict) -> str:
 def _plot(run: Run, results: dict) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    loads = [float(x) for x in results["load_sweep"]]
+    sweep = sorted(results["load_sweep"].items(), key=lambda item: float(item[0]))
+    colours = {p: f"C{i}" for i, p in enumerate(POLICIES)}  # one colour per policy in both panels
     for p, label in POLICIES.items():
-        left.plot(loads, [results["load_sweep"][str(x)][p]["mean_latency"] for x in loads], "o-", label=label)
+        left.plot(
+            [float(x) for x, _ in sweep], [r[p]["mean_latency"] for _, r in sweep], "o-", label=label,
+            color=colours[p],
+        )  # fmt: skip
     left.set_xlabel("load (offered work / rows)")
     left.set_ylabel("mean latency (steps)")
     left.set_yscale("log")
@@ -390,8 +395,20 @@ def _plot(run: Run, results: dict) -> None:
     stats = ["mean_latency", "p50_latency", "p99_latency", "mean_ttft", "p99_ttft"]
     width = 0.8 / len(sim)
     for k, (p, s) in enumerate(sim.items()):
-        right.bar(np.arange(len(stats)) + k * width, [s[x] for x in stats], width, label=POLICIES[p])
-    right.set_xticks(np.arange(len(stats)) + width * (len(sim) - 1) / 2, [s.replace("_", " ") for s in stats])
+        right.bar(
+            np.arange(len(stats)) + k * width,
+            [s[x] for x in stats],
+            width,
+            label=POLICIES[p],
+            color=colours[p],
+        )
+    right.set_xticks(
+        np.arange(len(stats)) + width * (len(sim) - 1) / 2,
+        [s.replace("_", " ") for s in stats],
+        rotation=20,
+        ha="right",
+    )
+    right.legend(fontsize=8)
     right.set_yscale("log")
     right.set_ylabel("steps")
     right.set_title(f"load {results['simulated']['load']}", fontsize=9)
