@@ -385,14 +385,24 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
 
 def _plot(run: Run, summary, items, labels) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(lifebench_score.CONSTRAINTS), figsize=(13, 3.8), sharey=True)
-    for ax, constraint in zip(axes, lifebench_score.CONSTRAINTS, strict=True):
-        for method, by_constraint in summary.items():
+    # A panel per constraint that ran, ticks at the targets that ran.
+    ran = [c for c in lifebench_score.CONSTRAINTS if any(c in by for by in summary.values())]
+    fig, axes = plt.subplots(1, len(ran), figsize=(4.4 * len(ran), 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, constraint in zip(axes, ran, strict=True):
+        targets: set[int] = set()
+        for k, (method, by_constraint) in enumerate(summary.items()):
             if constraint in by_constraint:
-                by_target = by_constraint[constraint]["by_target"]
-                xs = [int(t) for t in by_target]
-                ax.plot(xs, [m["score"] for m in by_target.values()], "o-", label=labels[method])
+                by_target = sorted(by_constraint[constraint]["by_target"].items(), key=lambda tm: int(tm[0]))
+                targets.update(int(t) for t, _ in by_target)
+                # methods that score alike would hide each other: later ones drawn smaller, dashed
+                ax.plot(
+                    [int(t) for t, _ in by_target], [m["score"] for _, m in by_target],
+                    "o-" if k == 0 else "s--", markersize=max(7 - 2 * k, 3), label=labels[method],
+                )  # fmt: skip
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(targets), [str(t) for t in sorted(targets)])
+        ax.minorticks_off()
         ax.set_title(lifebench_score.CONSTRAINT_LABELS[constraint])
         ax.set_xlabel("target (tokens)")
         ax.set_ylim(0, 105)

@@ -344,16 +344,18 @@ def _markdown(results: dict[str, Any]) -> str:
 def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
     plt = pyplot()
     fig, (speed, latency) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for mode in MODES:
+    for k, mode in enumerate(MODES):
         mine = [r for r in rows if r["mode"] == mode]
         if not mine:
             continue
         clients = [r["clients"] for r in mine]
-        speed.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=mode)
-        latency.plot(clients, [r["latency_p50"] for r in mine], marker="o", label=f"{mode} p50")
+        colour = f"C{k}"  # a mode has one colour in both panels
+        speed.plot(clients, [r["tokens_per_s"] for r in mine], marker="o", label=mode, color=colour)
+        latency.plot(clients, [r["latency_p50"] for r in mine], marker="o", label=f"{mode} p50", color=colour)
         latency.plot(
-            clients, [r["latency_p99"] for r in mine], marker="x", linestyle="--", label=f"{mode} p99"
-        )
+            clients, [r["latency_p99"] for r in mine], marker="x", linestyle="--", label=f"{mode} p99",
+            color=colour,
+        )  # fmt: skip
     ticks = sorted({r["clients"] for r in rows})
     for ax, label in ((speed, "tokens/s"), (latency, "request latency (s)")):
         ax.set_xscale("log", base=2)
