@@ -207,4 +207,21 @@ def test_the_chart_shows_a_prediction_several_times_the_truth_and_clips_an_absur
     n = trace.num_tokens
     for first, clipped in ((8.0 * n, False), (50.0 * n, True)):
         trace.tokens[0].predicted_remaining = first
-        assert ("(clipped at the top)" in render_html(trace)) == clipped
+        page = render_html(trace)
+        assert ("(clipped at the top)" in page) == clipped
+        # the legend's entries side by side, the longer label not running into "true"
+        entries = re.findall(r'<text x="(\d+)" y="14">([^<]+)</text>', page)
+        legend = sorted((int(x), text) for x, text in entries if text != "remaining tokens")
+        (x_pred, label), (x_true, true) = legend
+        assert true == "true" and x_pred + 6 * len(label) < x_true - 20
+
+
+def test_values_that_are_not_finite_are_an_error_not_a_broken_page(lenvm, monkeypatch):
+    import numpy as np
+
+    import lenvm.values_view as view
+    from lenvm.io import InputError
+
+    monkeypatch.setattr(view, "state_values", lambda model, examples: [np.full(4, np.nan)])
+    with pytest.raises(InputError, match="not finite"):
+        token_values(lenvm, PROMPT, "one two")

@@ -166,6 +166,11 @@ def token_values(
     example = Example("0", input_ids, len(prompt_ids) - 1, len(ids), finished, tuple(images))
     values = state_values(lenvm, [example])[0]
     gamma = lenvm.gamma
+    if not np.all(np.isfinite(values)):
+        raise InputError(
+            "the LenVM's values are not finite along this answer (a head that overflowed in this "
+            "dtype? load it in float32)"
+        )
     residuals = td_residual(values, gamma)
     remaining = value_to_length(values, gamma)
     length = len(ids)
@@ -355,16 +360,19 @@ def _chart(trace: ValueTrace) -> str:
         dashed = 'stroke="#888" stroke-width="1.5" stroke-dasharray="4 3"'
         parts.append(_polyline(truth, top, dashed))
     parts.append(_polyline(predicted, top, 'stroke="#1f77b4" stroke-width="1.8"'))
-    legend = "predicted" + (" (clipped at the top)" if clipped else "")
-    parts.append(
-        f'<line x1="{_W - 250}" y1="10" x2="{_W - 230}" y2="10" stroke="#1f77b4" stroke-width="2"/>'
-        f'<text x="{_W - 226}" y="14">{html.escape(legend)}</text>'
-    )
+    legend = [
+        ("predicted" + (" (clipped at the top)" if clipped else ""), 'stroke="#1f77b4" stroke-width="2"')
+    ]
     if trace.finished:
+        legend.append(("true", 'stroke="#888" stroke-dasharray="4 3" stroke-width="1.5"'))
+    x = _W - _RIGHT
+    for text, stroke in reversed(legend):  # laid out from the right by the text's width
+        x -= 24 + 6.5 * len(text)
         parts.append(
-            f'<line x1="{_W - 80}" y1="10" x2="{_W - 60}" y2="10" stroke="#888" '
-            f'stroke-dasharray="4 3" stroke-width="1.5"/><text x="{_W - 56}" y="14">true</text>'
+            f'<line x1="{x:.0f}" y1="10" x2="{x + 20:.0f}" y2="10" {stroke}/>'
+            f'<text x="{x + 24:.0f}" y="14">{html.escape(text)}</text>'
         )
+        x -= 14
     parts.append(
         f'<line id="marker" x1="0" y1="{_TOP}" x2="0" y2="{bottom}" stroke="#000" '
         'style="display:none"/></svg>'
