@@ -217,10 +217,7 @@ def test_the_chart_shows_a_prediction_several_times_the_truth_and_clips_an_absur
 
 
 def test_values_that_are_not_finite_are_an_error_not_a_broken_page(lenvm, monkeypatch):
-    import numpy as np
-
     import lenvm.values_view as view
-    from lenvm.io import InputError
 
     monkeypatch.setattr(view, "state_values", lambda model, examples: [np.full(4, np.nan)])
     with pytest.raises(InputError, match="not finite"):
