@@ -435,6 +435,7 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
 
 def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -442,6 +443,7 @@ def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(losses) + 1), losses, lw=1, marker="o" if len(losses) == 1 else None)
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no step 1.5
     ax.set_ylabel(f"training loss ({loss}, value space)")
     ax.set_yscale("log")
     ax.set_title("LenVM training loss")

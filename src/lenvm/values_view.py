@@ -343,10 +343,11 @@ def _chart(trace: ValueTrace) -> str:
         f'<line x1="{_LEFT}" y1="{bottom}" x2="{_W - _RIGHT}" y2="{bottom}" stroke="#999"/>'
         f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{bottom}" stroke="#999"/>'
     )
+    decimals = 0 if top >= 10 else 1  # a short answer's half-way tick is 1.5, not "2"
     for frac in (0.0, 0.5, 1.0):
         y = _y(top * frac, top)
         parts.append(
-            f'<text x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{top * frac:.0f}</text>'
+            f'<text x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{top * frac:.{decimals}f}</text>'
             f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#eee"/>'
         )
     parts.append(

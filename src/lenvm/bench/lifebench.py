@@ -419,21 +419,27 @@ def _plot(run: Run, summary, items, labels) -> None:
     else:
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         for k, method in enumerate(summary):
-            mine = [i for i in equal if i["method"] == method]
             shift = 1 + 0.05 * (k - (len(summary) - 1) / 2)  # side by side, not on top
-            ax.scatter(
-                [i["target"] * shift for i in mine],
-                [max(i["num_tokens"], 1) for i in mine],
-                label=labels[method],
-                alpha=0.6,
-                s=18,
-            )
+            for cut in (False, True):  # answers cut at max_new_tokens are crosses, not ends
+                mine = [
+                    i for i in equal if i["method"] == method and (i.get("finish_reason") == "length") == cut
+                ]
+                if mine:
+                    ax.scatter(
+                        [i["target"] * shift for i in mine],
+                        [max(i["num_tokens"], 1) for i in mine],  # an empty answer drawn at 1 (log axis)
+                        label=labels[method] + (" (cut at max_new_tokens)" if cut else ""),
+                        alpha=0.6,
+                        s=18,
+                        marker="x" if cut else "o",
+                        color=f"C{k}",
+                    )
         targets = sorted({i["target"] for i in equal})
         ax.plot(targets, targets, "k--", lw=1, label="L_out = target")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("target (tokens)")
-        ax.set_ylabel("output length (tokens, EOS excluded)")
+        ax.set_ylabel("output length (tokens, EOS excluded; 0 drawn at 1)")
         ax.set_title("Equal To: output length against target")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -580,6 +580,9 @@ def _plot(out: Path, results: dict) -> None:
     fig, axes = plt.subplots(
         len(tables), len(names), figsize=(3.6 * len(names), 3.4 * len(tables)), squeeze=False
     )
+    # a domain keeps its colour in every row (a cross-domain row holds only some of them)
+    every = sorted({p["domain"] for rows in tables.values() for p in rows})
+    colours = {d: f"C{i % 10}" for i, d in enumerate(every)}
     for row, (title, per_prompt) in zip(axes, tables.items(), strict=True):
         truth = np.array([p["truth"] for p in per_prompt])
         domains = sorted({p["domain"] for p in per_prompt})
@@ -587,7 +590,7 @@ def _plot(out: Path, results: dict) -> None:
             pred = np.array([p[name] for p in per_prompt])
             for domain in domains:
                 mask = np.array([p["domain"] == domain for p in per_prompt])
-                ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, label=domain)
+                ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, label=domain, color=colours[domain])
             edge = [max(1.0, min(truth.min(), pred.min())) * 0.8, max(truth.max(), pred.max()) * 1.25]
             ax.plot(edge, edge, "k--", lw=1)
             ax.set_xscale("log")
