@@ -131,6 +131,25 @@ def test_the_top_level_api_imports_lazily_and_completely():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_writes_follow_a_link_and_never_replace_a_device_or_pipe(tmp_path):
+    import os
+
+    from lenvm.io import InputError, check_writable, write_text
+
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"  # the link stays, its file is written
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # as /dev/stdout is, under a pipeline; /dev/null is a device
+    for write in (lambda: write_text(pipe, "x"), lambda: check_writable(pipe)):
+        with pytest.raises(InputError, match="not a regular file"):
+            write()
+    assert pipe.is_fifo()
+
+
 def test_a_run_lock_refuses_a_second_writer_and_goes_with_its_holder(tmp_path):
     from lenvm.io import InputError, RunLock
 

@@ -30,6 +30,7 @@ from lenvm.io import (
     is_int,
     read_jsonl,
     read_jsonl_to_append,
+    replaceable,
     write_text,
 )
 from lenvm.model import LengthValueModel
@@ -72,7 +73,7 @@ def predict_file(
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches predictions by prompt id")
-    out = Path(out)
+    out = replaceable(out)  # a link's file, never a device
     every = lenvm.encode_prompts(prompts)
     shas = {p.id: fingerprint(e.ids) for p, e in zip(prompts, every, strict=True)}
     # The LenVM, and what its values also depend on: the generator it was loaded with, the dtype.

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,7 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and folders alike. On any error (a full disk included) the temporary is
     removed and whatever stood at ``path`` before is left untouched.
     """
-    path = Path(path)
+    path = replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -163,10 +164,25 @@ class RunLock:
         self.release()
 
 
+def replaceable(path: str | os.PathLike) -> Path:
+    """Where a new file or folder for ``path`` goes: the path a symbolic link names (the link
+    stays), refusing a device, pipe or socket (``/dev/null``, ``/dev/stdout``), which a new file
+    renamed over it would replace for every process on the machine."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there yet (or a dangling link: its target is written)
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f"{path} is not a regular file (a device or a pipe?): give a file path to write")
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, naming ``path``, where a file or folder could not be written there atomically (a
-    read-only or full disk, no permission), rather than after the work that would fill it."""
-    path = Path(path)
+    read-only or full disk, no permission; a device or pipe), rather than after the work that
+    would fill it."""
+    path = replaceable(path)
     folders = [path.parent] + ([path] if path.is_dir() else [])  # a temporary beside it, or inside
     for folder in folders:
         try:

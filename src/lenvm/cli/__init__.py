@@ -275,6 +275,10 @@ def cmd_values(args) -> None:
 
     if args.html == "":
         raise InputError("--html needs a file name")
+    if args.html:
+        from lenvm.io import check_writable
+
+        check_writable(args.html)  # a device or pipe is refused before the work
     if args.html and Path(args.html).is_file():
         with open(args.html, "rb") as fh:
             if not fh.read(64).lstrip().lower().startswith(b"<!doctype html"):
