@@ -451,6 +451,14 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, lenvm_dir, da
     assert "every LIFEBench row is too long" in capsys.readouterr().err
     with pytest.raises(InputError, match="use another output folder"):
         run_prediction(tiny_path, model=str(tiny_path), lenvm=lenvm_dir, prompts=str(data["prompts"]))
+    from lenvm.io import RunLock
+
+    (tmp_path / "busy").mkdir()
+    with (
+        RunLock(tmp_path / "busy", "writing this results folder"),
+        pytest.raises(InputError, match="another run"),
+    ):
+        run_prediction(tmp_path / "busy", model=str(tiny_path), lenvm=lenvm_dir, prompts=str(data["prompts"]))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(InputError, match="not a benchmark's results"):

@@ -51,7 +51,7 @@ from lenvm.bench.common import (
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
 from lenvm.hub import DEFAULT_MODEL, model_name
-from lenvm.io import InputError, atomic_path, fingerprint, write_json, write_text
+from lenvm.io import InputError, RunLock, atomic_path, fingerprint, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
 from lenvm.rollouts import read_rollouts, rollout
@@ -339,77 +339,88 @@ def run_prediction(
 
     out = Path(out)
     refuse_model_folder(out)
-    if not truth_rollouts:
-        sampling = bench_sampling(
-            models, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
-        )
-        policy = sampling.policy()
-        samples_path = out / "samples.jsonl"
-        # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto"), and
-        # from vLLM or nothing under --backend vllm.
-        backend = "vllm" if models.backend == "vllm" else "auto"
-        rollout(models.name, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
-                backend=backend, loaded=(models.generator, models.tokenizer), dtype=models.dtype,
-                progress=progress)  # fmt: skip
-        wanted = {p.id for p in held_out}
-        records = [
-            r for r in read_rollouts(samples_path) if r["prompt_id"] in wanted and r["sample_index"] < samples
-        ]
+    out.mkdir(parents=True, exist_ok=True)
+    # Two runs into one folder would sample into one file and score each other's duplicates.
+    with RunLock(out, "writing this results folder"):
+        if not truth_rollouts:
+            sampling = bench_sampling(
+                models,
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                seed=seed,
+            )
+            policy = sampling.policy()
+            samples_path = out / "samples.jsonl"
+            # The samples come from vLLM where it is installed (lenvm.rollouts: backend "auto"), and
+            # from vLLM or nothing under --backend vllm.
+            backend = "vllm" if models.backend == "vllm" else "auto"
+            rollout(models.name, held_out, samples_path, n=samples, sampling=sampling, batch_size=batch_size,
+                    backend=backend, loaded=(models.generator, models.tokenizer), dtype=models.dtype,
+                    progress=progress)  # fmt: skip
+            wanted = {p.id for p in held_out}
+            records = [
+                r
+                for r in read_rollouts(samples_path)
+                if r["prompt_id"] in wanted and r["sample_index"] < samples
+            ]
 
-    clock = time.perf_counter()
-    lenvm_lengths = np.array(value_model.predict_length(held_out, batch_size=batch_size))
-    prediction_seconds = time.perf_counter() - clock
-    in_domain = _score(
-        held_out, records, value_model.gamma, lenvm_lengths, models, train_records, domain_of, ridge_alpha
-    )
-    cross = {}
-    for domain in cross_domain:
-        subset = [p for p in held_out if domain_of[p.id] == domain]
-        reduced = [r for r in train_records if record_domain(r, domain_field) != domain]
-        if len(reduced) == len(train_records):
-            raise InputError(f"the training rollouts hold no prompt of domain {domain!r}")
-        without = _lenvm_without(out / "cross" / domain, reduced, value_model, models, progress)
-        lengths = np.array(without.predict_length(subset, batch_size=batch_size))
-        cross[domain] = _score(
-            subset, records, without.gamma, lengths, models, reduced, domain_of, ridge_alpha
+        clock = time.perf_counter()
+        lenvm_lengths = np.array(value_model.predict_length(held_out, batch_size=batch_size))
+        prediction_seconds = time.perf_counter() - clock
+        in_domain = _score(
+            held_out, records, value_model.gamma, lenvm_lengths, models, train_records, domain_of, ridge_alpha
         )
-        cross[domain]["lenvm_path"] = str(out / "cross" / domain / "lenvm")
-        cross[domain]["gamma"] = without.gamma
+        cross = {}
+        for domain in cross_domain:
+            subset = [p for p in held_out if domain_of[p.id] == domain]
+            reduced = [r for r in train_records if record_domain(r, domain_field) != domain]
+            if len(reduced) == len(train_records):
+                raise InputError(f"the training rollouts hold no prompt of domain {domain!r}")
+            without = _lenvm_without(out / "cross" / domain, reduced, value_model, models, progress)
+            lengths = np.array(without.predict_length(subset, batch_size=batch_size))
+            cross[domain] = _score(
+                subset, records, without.gamma, lengths, models, reduced, domain_of, ridge_alpha
+            )
+            cross[domain]["lenvm_path"] = str(out / "cross" / domain / "lenvm")
+            cross[domain]["gamma"] = without.gamma
 
-    results = {
-        "benchmark": "predict",
-        "metrics": in_domain["metrics"],
-        "cross_domain": {d: c["metrics"][d] for d, c in cross.items()},
-        "cross_domain_gamma": {d: c["gamma"] for d, c in cross.items()},  # their truths' gamma
-        "gamma": value_model.gamma,
-        "prompts": len(in_domain["per_prompt"]),
-        "prompts_mostly_cut": in_domain["mostly_cut"],
-        "samples": samples,
-        "cut_samples": sum(r["finish_reason"] == "length" for r in records),
-        "per_prompt": in_domain["per_prompt"],
-        "cross_per_prompt": {d: c["per_prompt"] for d, c in cross.items()},
-        "prediction": {
-            "prompts": len(held_out),
-            "seconds": round(prediction_seconds, 3),
-            "prompts_per_second": round(len(held_out) / max(prediction_seconds, 1e-9), 1),
-            "batch_size": batch_size,
-        },
-        "baselines": {"train_rollouts": str(train_rollouts), "ridge_alpha": ridge_alpha}
-        if train_records is not None
-        else {},
-        "settings": {
-            **models.identity(),
-            **policy,
+        results = {
+            "benchmark": "predict",
+            "metrics": in_domain["metrics"],
+            "cross_domain": {d: c["metrics"][d] for d, c in cross.items()},
+            "cross_domain_gamma": {d: c["gamma"] for d, c in cross.items()},  # their truths' gamma
+            "gamma": value_model.gamma,
+            "prompts": len(in_domain["per_prompt"]),
+            "prompts_mostly_cut": in_domain["mostly_cut"],
             "samples": samples,
-            "truth_rollouts": [str(path) for path in truth_rollouts or []],
-            "held_out": [p.id for p in held_out],
-        },
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    write_json(out / "results.json", results)
-    write_text(out / "table.md", _markdown(results, len(records)))
-    _plot(out, results)
-    return results
+            "cut_samples": sum(r["finish_reason"] == "length" for r in records),
+            "per_prompt": in_domain["per_prompt"],
+            "cross_per_prompt": {d: c["per_prompt"] for d, c in cross.items()},
+            "prediction": {
+                "prompts": len(held_out),
+                "seconds": round(prediction_seconds, 3),
+                "prompts_per_second": round(len(held_out) / max(prediction_seconds, 1e-9), 1),
+                "batch_size": batch_size,
+            },
+            "baselines": {"train_rollouts": str(train_rollouts), "ridge_alpha": ridge_alpha}
+            if train_records is not None
+            else {},
+            "settings": {
+                **models.identity(),
+                **policy,
+                "samples": samples,
+                "truth_rollouts": [str(path) for path in truth_rollouts or []],
+                "held_out": [p.id for p in held_out],
+            },
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        write_json(out / "results.json", results)
+        write_text(out / "table.md", _markdown(results, len(records)))
+        _plot(out, results)
+        return results
 
 
 def _check_not_trained_on(held_out: list[Prompt], train_records: list[dict[str, Any]]) -> None:
