@@ -407,6 +407,17 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     assert main([*base, "--json"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == [{k: r[k] for k in ("id", "predicted_length", "prompt_tokens")} for r in again]
+    # The same generator named another way (a relative path, a trailing slash) resumes.
+    import os
+
+    here = os.getcwd()
+    os.chdir(Path(tiny_path).parent)
+    try:
+        spelled = f"./{Path(tiny_path).name}/"
+        assert main([*base, "--out", str(out), "--model", spelled]) == 0
+    finally:
+        os.chdir(here)
+    capsys.readouterr()
     # Resuming with another LenVM, or another prompt under a predicted id, mixes nothing in.
     retrained = tmp_path / "lenvm-b"
     LengthValueModel.from_base(tiny_path, gamma=0.8, generator=tiny_generator).save_pretrained(retrained)

@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lenvm.hub import model_name
 from lenvm.io import (
     InputError,
     JsonlAppender,
@@ -79,7 +80,7 @@ def predict_file(
     # The LenVM, and what its values also depend on: the generator it was loaded with, the dtype.
     weights = next(lenvm.backbone.parameters())
     model = fingerprint(
-        [lenvm.config.to_dict(), getattr(lenvm.backbone, "name_or_path", ""), str(weights.dtype)]
+        [lenvm.config.to_dict(), model_name(getattr(lenvm.backbone, "name_or_path", "")), str(weights.dtype)]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "predicting into this file"):
