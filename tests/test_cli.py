@@ -533,6 +533,26 @@ def test_the_chosen_command_gets_its_options(tmp_path):
         assert getattr(build_parser(argv).parse_args(argv), key) == value
 
 
+def test_generate_prints_each_answer_once_it_is_done_and_a_closed_pipe_ends_quietly(tmp_path, tiny_path):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"Tell me {i}."}) + "\n" for i in range(6))
+    )
+    command = [sys.executable, "-m", "lenvm.cli", "generate", "--model", str(tiny_path),
+               "--prompts", str(prompts), "--max-new-tokens", "4", "--batch-size", "2",
+               "--no-progress"]  # fmt: skip
+    # The reader takes one line and closes the pipe while answers are still coming.
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = run.stdout.readline()
+    run.stdout.close()
+    err = run.stderr.read().decode()
+    assert json.loads(first)["id"] == "p0"
+    assert run.wait() == 141 and "Traceback" not in err
+
+
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
     from lenvm.cli import build_parser, options
     from lenvm.hub import DEFAULT_MODEL

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -370,7 +371,7 @@ def _control(args):
 
 
 def cmd_generate(args) -> None:
-    from lenvm.decoding import Engine, Request
+    from lenvm.decoding import Engine, Request, Result
     from lenvm.decoding.params import RequestError
     from lenvm.hub import load_generator
 
@@ -383,43 +384,51 @@ def cmd_generate(args) -> None:
     sampling = options.sampling_from_args(args, lenvm.config.sampling if lenvm is not None else None)
     requests = [Request(p, sampling, control=control, return_values=args.values) for p in prompts]
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
+    # Each answer is printed, in prompt order, once it and those before it are done: a long batch
+    # shows its work as it goes (and an interrupted one keeps what was printed).
+    done: dict[int, Result] = {}
+    printed = 0
     try:
-        results = engine.generate(requests, batch_size=args.batch_size, progress=args.progress)
+        for index, result in engine.stream(requests, batch_size=args.batch_size, progress=args.progress):
+            done[index] = result
+            while printed in done:
+                _print_generated(args, prompts[printed], done.pop(printed))
+                printed += 1
     except RequestError as err:  # named as predict and rollout name a prompt
         raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {err.reason}") from None
-    for prompt, result in zip(prompts, results, strict=True):
-        if args.json or args.prompts:
-            record = {
-                "id": prompt.id,
-                "text": result.text,
-                "token_ids": result.token_ids,
-                "num_tokens": result.num_tokens,
-                "finish_reason": result.finish_reason,
-                "mean_logprob": round(result.mean_logprob, 4),
-                "eos_prob": result.eos_prob,
-                "retries": result.retries,
-                "decoded_tokens": result.decoded_tokens,
-            }
-            if args.values:
-                record["values"] = result.values
-            print(json.dumps(record, ensure_ascii=False))
-            continue
-        print(result.text)
-        print(
-            f"\n[{result.num_tokens} tokens, finish: {result.finish_reason}, "
-            f"mean log-prob {result.mean_logprob:.3f}"
-            + ("" if result.eos_prob is None else f", generator p(EOS) at the end {result.eos_prob:.3f}")
-            + (f", end resampled {result.retries}x" if result.retries else "")
-            + "]",
-            file=sys.stderr,
-        )
+
+
+def _print_generated(args, prompt, result) -> None:
+    if args.json or args.prompts:
+        record = {
+            "id": prompt.id,
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "num_tokens": result.num_tokens,
+            "finish_reason": result.finish_reason,
+            "mean_logprob": round(result.mean_logprob, 4),
+            "eos_prob": result.eos_prob,
+            "retries": result.retries,
+            "decoded_tokens": result.decoded_tokens,
+        }
         if args.values:
-            print(json.dumps({"values": result.values}), file=sys.stderr)
+            record["values"] = result.values
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+        return
+    print(result.text, flush=True)
+    print(
+        f"\n[{result.num_tokens} tokens, finish: {result.finish_reason}, "
+        f"mean log-prob {result.mean_logprob:.3f}"
+        + ("" if result.eos_prob is None else f", generator p(EOS) at the end {result.eos_prob:.3f}")
+        + (f", end resampled {result.retries}x" if result.retries else "")
+        + "]",
+        file=sys.stderr,
+    )
+    if args.values:
+        print(json.dumps({"values": result.values}), file=sys.stderr)
 
 
 def cmd_serve(args) -> None:
-    import os
-
     try:
         from lenvm.serve import ServerSettings, serve
     except ImportError as err:
@@ -987,6 +996,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"lenvm: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed by its reader (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process ended by SIGPIPE
     except OSError as err:
         if err.errno == errno.ENOSPC:
             print(
@@ -1007,7 +1019,13 @@ def main(argv: list[str] | None = None) -> int:
         print("lenvm: error: this needs vLLM: install lenvm[vllm] (see the README)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lenvm: interrupted; run the same command again to resume", file=sys.stderr)
+        resumes = args.command in ("rollout", "train", "demo", "bench") or (
+            args.command == "predict" and args.out
+        )
+        print(
+            "lenvm: interrupted" + ("; run the same command again to resume" if resumes else ""),
+            file=sys.stderr,
+        )
         return 130
     return status or 0
 

@@ -136,22 +136,22 @@ class Engine:
         self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False
     ) -> list[Result]:
         """Generate for every request; results come back in request order."""
-        if isinstance(requests, Request):
-            raise InputError("generate takes a list of requests: wrap one request in a list")
-        requests = list(requests)
+        requests = list(_request_list(requests, "generate"))
         results: list[Result | None] = [None] * len(requests)
-        bar = _progress(len(requests), progress)
-        for index, result in _finished(self._scheduled(requests, batch_size), bar):
+        for index, result in self.stream(requests, batch_size, progress):
             results[index] = result
-            bar.update(1)
-        bar.close()
         return results
 
-    def stream(self, requests: Iterable[Request], batch_size: int = 8) -> Iterator[tuple[int, Result]]:
+    def stream(
+        self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False
+    ) -> Iterator[tuple[int, Result]]:
         """Generate for every request, yielding ``(request index, result)`` as each one finishes,
-        so that a caller can save finished work while the rest is still decoding. Every request is
-        checked (and its images loaded) in this call, before anything is decoded or yielded."""
-        return _finished(self._scheduled(requests, batch_size))
+        so that a caller can save or show finished work while the rest is still decoding. Every
+        request is checked (and its images loaded) in this call, before anything is decoded or
+        yielded. ``progress`` shows a bar of the requests done and the tokens decoded."""
+        requests = list(_request_list(requests, "stream"))
+        scheduler = self._scheduled(requests, batch_size)
+        return _counted(_finished(scheduler, bar := _progress(len(requests), progress)), bar)
 
     def _scheduled(self, requests: Iterable[Request], batch_size: int) -> Scheduler:
         scheduler = Scheduler(self, batch_size)
@@ -383,6 +383,22 @@ def _finished(scheduler: Scheduler, bar=None) -> Iterator[tuple[Hashable, Result
         if bar is not None:
             bar.set_postfix_str(f"{decoded} tokens decoded", refresh=False)
             bar.update(0)  # redrawn at most every tenth of a second
+
+
+def _request_list(requests: Iterable[Request], call: str) -> Iterable[Request]:
+    if isinstance(requests, Request):
+        raise InputError(f"{call} takes a list of requests: wrap one request in a list")
+    return requests
+
+
+def _counted(finished: Iterator[tuple[Hashable, Result]], bar) -> Iterator[tuple[Hashable, Result]]:
+    """``finished`` with each result counted on ``bar``, closed at the end (or when abandoned)."""
+    try:
+        for item in finished:
+            bar.update(1)
+            yield item
+    finally:
+        bar.close()
 
 
 def _check_supported(model, what: str) -> None:
