@@ -527,6 +527,8 @@ def test_the_chosen_command_gets_its_options(tmp_path):
     for argv, key, value in [
         (["train", "--rollouts", "r", "--out", "o", "--loss", "bce"], "loss", "bce"),
         (["demo", "--n", "2"], "n", 2),
+        (["demo", "--no-progress"], "progress", False),  # as every long command takes it
+        (["rollout", "--prompts", "p", "--out", "o", "--no-progress"], "progress", False),
         (["bench", "lifebench", "--targets", "8"], "targets", [8]),
         (["bench", "train-memory"], "out", "results/train_memory"),
     ]:

@@ -57,6 +57,7 @@ class DemoConfig:
     seed: int = 0
     device: str | None = None  # default: the first accelerator, else the CPU
     dtype: str = "float32"
+    progress: bool = True  # progress bars of the rollouts, the training and the end head
 
 
 def _step(title: str) -> None:
@@ -115,6 +116,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
             loaded=generator,
             device=config.device,
             dtype=config.dtype,
+            progress=config.progress,
         )
         for chosen, name, n in [
             (train_prompts, "rollouts.jsonl", config.n),
@@ -145,11 +147,14 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
         generator=generator,
         eval_rollouts=eval_records,
         overwrite=True,  # the demo's own LenVM, trained again when the demo is run again
+        progress=config.progress,
     )
     lenvm = LengthValueModel.from_pretrained(lenvm_dir, generator=generator)
     end_head = None
     if config.end_head:
-        end_head = add_end_head(lenvm, lenvm_dir, records, eval_records, config.seed, earlier)
+        end_head = add_end_head(
+            lenvm, lenvm_dir, records, eval_records, config.seed, earlier, config.progress
+        )
 
     _step("4/4 held-out evaluation")
     by_id = {p.id: p for p in prompts}
@@ -234,6 +239,7 @@ def add_end_head(
     eval_records: list[dict],
     seed: int,
     earlier: SavedEndHead | None,
+    progress: bool = True,
 ) -> dict | None:
     """Give the demo's LenVM (saved at ``lenvm_dir``) an end head trained on its rollouts, and save
     it there. A resumed run whose value head came out the same as before (the same rollouts and
@@ -251,7 +257,7 @@ def add_end_head(
     else:
         print("training its end head: tokens until the generator could next end naturally", flush=True)
         try:
-            train_end_head(lenvm, records, eval_records, seed=seed, progress=True)
+            train_end_head(lenvm, records, eval_records, seed=seed, progress=progress)
         except InputError as e:  # nothing to learn from
             print(f"note: no end head ({e})", flush=True)
             return None

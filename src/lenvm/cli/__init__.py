@@ -89,6 +89,7 @@ def cmd_rollout(args) -> None:
         device=args.device,
         dtype=args.dtype,
         vllm_args=args.vllm_args,
+        progress=args.progress,
     )
     print(json.dumps(summary.to_dict(), indent=2, default=str))
 
@@ -484,6 +485,7 @@ def cmd_demo(args) -> None:
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,
+        progress=args.progress,
     )
     run_demo(config)
 
@@ -548,6 +550,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name on the server (default: --model)")
     p.add_argument("--api-key", help="key for --base-url (default: the OPENAI_API_KEY environment variable)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train a LenVM on rollouts")
@@ -957,6 +960,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
         help="what samples the rollouts: auto (default) takes vLLM where it is installed (it is "
         "faster), else our engine (hf)",
     )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _add_bench_parser(sub, wanted) -> None:
