@@ -113,12 +113,19 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     assert again["end_head"] == end
     assert LengthValueModel.from_pretrained(out / "lenvm", generator=eos_generator).end_head is not None
     monkeypatch.undo()
-    # A rerun that the rollouts refuse (another sampling temperature, more prompts) leaves the
-    # record of the prompts they were drawn for as it was.
-    prompts_before = (out / "prompts.jsonl").read_text()
-    with pytest.raises(InputError, match="sampling"):
+    # A rerun with other settings (more prompts, another temperature) is refused before it
+    # touches the folder: its rollouts would mix two runs' prompts.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(InputError, match=r"other settings \(prompts, temperature\)"):
         run_demo(replace(config, prompts=14, temperature=0.5), generator=eos_generator)
-    assert (out / "prompts.jsonl").read_text() == prompts_before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # A folder of other files is not the demo's to overwrite.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "prompts.jsonl").write_text('{"id": "x", "prompt": "my own"}\n')
+    with pytest.raises(InputError, match="not a demo's"):
+        run_demo(replace(config, out=mine), generator=eos_generator)
+    assert (mine / "prompts.jsonl").read_text() == '{"id": "x", "prompt": "my own"}\n'
     # Without it, the LenVM has none.
     bare = run_demo(replace(config, out=tmp_path / "bare", end_head=False), generator=eos_generator)
     assert bare["end_head"] is None and not (tmp_path / "bare/lenvm/end_head.safetensors").exists()

@@ -60,6 +60,38 @@ class DemoConfig:
     progress: bool = True  # progress bars of the rollouts, the training and the end head
 
 
+# What a demo's results depend on: a rerun into its folder with other values would mix two runs'
+# prompts in one rollouts file.
+DEMO_SETTINGS = (
+    "model", "prompts", "n", "gsm8k", "gsm8k_path", "generated", "generated_zh", "mix_n",
+    "eval_samples", "max_new_tokens", "temperature", "eval_fraction", "loss", "seed",
+)  # fmt: skip
+
+
+def _claim_folder(out: Path, config: DemoConfig) -> None:
+    """The demo writes its files into ``out`` and resumes from them: refuse a folder that holds
+    other files (they would be overwritten) or a demo run with other settings."""
+    settings = {k: getattr(config, k) for k in DEMO_SETTINGS}
+    marker = out / "settings.json"
+    if out.is_dir() and any(out.iterdir()):
+        if marker.is_file():
+            stored = json.loads(marker.read_text(encoding="utf-8"))
+            changed = [k for k in DEMO_SETTINGS if stored.get(k) != settings[k]]
+            if changed:
+                raise InputError(
+                    f"{out} holds a demo run with other settings ({', '.join(changed)}): use another "
+                    "folder (--out), or delete this one"
+                )
+        elif not any((out / name).exists() for name in ("rollouts.jsonl", "eval_rollouts.jsonl", "lenvm")):
+            raise InputError(
+                f"{out} holds files that are not a demo's; the demo would overwrite them: use another "
+                "folder (--out)"
+            )
+    elif out.exists() and not out.is_dir():
+        raise InputError(f"{out}: a file, not a folder for the demo")
+    write_json(marker, settings)
+
+
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
@@ -80,7 +112,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
 
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, config)
 
     prompts = builtin_prompts(config.prompts, seed=config.seed)  # bad counts fail before loading
     mix = mix_prompts(config)
