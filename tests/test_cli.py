@@ -339,6 +339,20 @@ def test_generate_with_and_without_a_length_control(
     one.write_text(prompts_file.read_text().splitlines()[0] + "\n")
     assert main([*base, "--prompts", str(one)]) == 0  # a file of one prompt: still a JSON line
     assert json.loads(capsys.readouterr().out)["id"] == "a"
+    # --seed: each prompt's own stream, as a rollout's sample 0 has (the same text twice: two draws).
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text("".join(json.dumps({"id": i, "prompt": "Tell me a story."}) + "\n" for i in ("a", "b")))
+    assert main([*base, "--prompts", str(twice), "--max-new-tokens", "12"]) == 0
+    a, b = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert a["token_ids"] != b["token_ids"]
+    rolled = tmp_path / "rolled.jsonl"
+    roll = ["rollout", "--model", str(tiny_path), "--prompts", str(twice), "--out", str(rolled), "--n", "1"]
+    assert main([*roll, "--max-new-tokens", "12", "--seed", "0", "--temperature", "1"]) == 0
+    capsys.readouterr()
+    assert [r["completion_token_ids"] for r in map(json.loads, rolled.read_text().splitlines())] == [
+        a["token_ids"],
+        b["token_ids"],
+    ]
     long = tmp_path / "long.jsonl"
     long.write_text(one.read_text() + json.dumps({"id": "big", "prompt": "word " * 1100}) + "\n")
     code, err = _error(capsys, [*base, "--prompts", str(long)])  # named as predict names it

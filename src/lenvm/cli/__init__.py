@@ -372,9 +372,12 @@ def _control(args):
 
 
 def cmd_generate(args) -> None:
+    from dataclasses import replace
+
     from lenvm.decoding import Engine, Request, Result
     from lenvm.decoding.params import RequestError
     from lenvm.hub import load_generator
+    from lenvm.rollouts import derive_seed
 
     control = _control(args)
     if control.active and not args.lenvm:
@@ -383,7 +386,19 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
     lenvm = _load_lenvm(args, generator=(model, tokenizer)) if args.lenvm else None
     sampling = options.sampling_from_args(args, lenvm.config.sampling if lenvm is not None else None)
-    requests = [Request(p, sampling, control=control, return_values=args.values) for p in prompts]
+    # Each prompt's seed derives from --seed as a rollout's first sample's does (the same prompt
+    # twice in a file gets two draws, and one prompt's answer is its rollout's sample 0).
+    requests = [
+        Request(
+            p,
+            sampling
+            if sampling.seed is None
+            else replace(sampling, seed=derive_seed(sampling.seed, p.id, 0)),
+            control=control,
+            return_values=args.values,
+        )
+        for p in prompts
+    ]
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
     # Each answer is printed, in prompt order, once it and those before it are done: a long batch
     # shows its work as it goes (and an interrupted one keeps what was printed).
@@ -675,7 +690,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="--equal-to, --at-most, --at-least: resample the end of an answer that does not end "
         "naturally up to R times (default: Control's default for the rule, 0 for paper)",
     )
-    options.add_sampling(p, seed_help="default: a fresh random stream per request")
+    options.add_sampling(
+        p, seed_help="every prompt's seed derives from it (default: a fresh random stream each)"
+    )
     options.add_decoding(p, batch_size=8)
     p.add_argument("--values", action="store_true", help="also print the value after each token")
     p.add_argument(
