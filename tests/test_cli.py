@@ -569,6 +569,23 @@ def test_generate_prints_each_answer_once_it_is_done_and_a_closed_pipe_ends_quie
     assert run.wait() == 141 and "Traceback" not in err
 
 
+def test_serve_on_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    import lenvm.hub
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a server that cannot listen")
+
+    monkeypatch.setattr(lenvm.hub, "load_generator", never)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = _error(capsys, ["serve", "--model", "anything", "--port", str(port)])
+    assert code == 2 and f"127.0.0.1:{port} is in use" in err
+
+
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
     from lenvm.cli import build_parser, options
     from lenvm.hub import DEFAULT_MODEL

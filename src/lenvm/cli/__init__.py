@@ -451,7 +451,9 @@ def cmd_serve(args) -> None:
         raise InputError(f'lenvm serve needs the serving extra: pip install "lenvm[serve]" ({err})') from None
     from lenvm.decoding import Engine
     from lenvm.hub import load_generator
+    from lenvm.serve.app import check_address
 
+    check_address(args.host, args.port)  # before the model loads
     settings = ServerSettings(
         served_model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("LENVM_API_KEY") or None,

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -532,9 +534,30 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
+    check_address(host, port)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
     _Server(config, app.state.lenvm.begin_shutdown).run()
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, naming it, an address the server could not listen on (a port in use, a host that is
+    not this machine's): uvicorn would log it and exit with its own status."""
+    if port == 0:  # any free port
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        reason = (
+            "is in use (another server?)"
+            if err.errno == errno.EADDRINUSE
+            else f"cannot be used ({err.strerror})"
+        )
+        raise InputError(f"{host}:{port} {reason}: choose another --port or --host") from None
 
 
 class _Server(uvicorn.Server):
