@@ -586,6 +586,22 @@ def test_serve_on_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys, 
     assert code == 2 and f"127.0.0.1:{port} is in use" in err
 
 
+def test_a_lenvm_whose_generator_moved_reads_it_where_model_says(tmp_path, capsys):
+    from lenvm.hub import load_generator
+    from lenvm.model import LengthValueModel
+    from lenvm.testing import tiny_model
+
+    gen = tiny_model(tmp_path / "gen")
+    LengthValueModel.from_base(gen, gamma=0.9, generator=load_generator(gen)).save_pretrained(tmp_path / "lv")
+    Path(gen).rename(tmp_path / "moved")
+    values = ["values", "--lenvm", str(tmp_path / "lv"), "--prompt", "Hi", "--completion", "there"]
+    code, err = _error(capsys, values)
+    assert code == 2 and "gen" in err
+    for command in (values, ["predict", "--lenvm", str(tmp_path / "lv"), "--prompt", "Hi"]):
+        assert main([*command, "--model", str(tmp_path / "moved")]) == 0
+    capsys.readouterr()
+
+
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
     from lenvm.cli import build_parser, options
     from lenvm.hub import DEFAULT_MODEL

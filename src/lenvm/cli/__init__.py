@@ -62,8 +62,14 @@ def _prompts_from_args(args) -> list:
 
 
 def _load_lenvm(args, generator=None):
+    """The LenVM of ``--lenvm``, attached to ``generator``, else to the generator ``--model`` names
+    where the command has that flag (:func:`options.add_lenvm_generator`), else to its own."""
     from lenvm.model import LengthValueModel
 
+    if generator is None and getattr(args, "lenvm_generator", None) is not None:
+        from lenvm.hub import load_generator
+
+        generator = load_generator(args.lenvm_generator, device=args.device, dtype=args.dtype)
     return LengthValueModel.from_pretrained(
         args.lenvm, generator=generator, device=args.device, dtype=args.dtype
     )
@@ -195,12 +201,7 @@ def cmd_predict(args) -> None:
     if args.json and args.out:
         raise InputError("--out writes the JSON lines to a file, --json to the terminal: give one of them")
     prompts = _prompts_from_args(args)  # a bad prompts file fails before any model loads
-    generator = None
-    if args.model is not None:
-        from lenvm.hub import load_generator
-
-        generator = load_generator(args.model, device=args.device, dtype=args.dtype)
-    lenvm = _load_lenvm(args, generator=generator)
+    lenvm = _load_lenvm(args)
     if args.out:
         from lenvm.batch_predict import predict_file
 
@@ -587,10 +588,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="prompts per forward")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument(
-        "--model", help="the generator whose answers to predict (checked against the LenVM's tokenizer; "
-        "default: the one the LenVM names)"
-    )  # fmt: skip
+    options.add_lenvm_generator(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     options.add_device(p)
     p.set_defaults(func=cmd_predict)
@@ -610,6 +608,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument("--batch-size", type=options.positive_int, default=8, help="rollouts per forward")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    options.add_lenvm_generator(p)
     options.add_device(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -629,6 +628,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="passes over the training states")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    options.add_lenvm_generator(p)
     options.add_device(p)
     p.set_defaults(func=cmd_train_end_head)
 
@@ -647,6 +647,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--record", type=options.positive_int, help="with --rollouts: which record (default 1: the first)"
     )
     p.add_argument("--html", help="also write a self-contained HTML view here")
+    options.add_lenvm_generator(p)
     options.add_device(p)
     p.set_defaults(func=cmd_values)
 

@@ -72,6 +72,16 @@ def add_generator(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(model_follows_lenvm=True)
 
 
+def add_lenvm_generator(parser: argparse.ArgumentParser) -> None:
+    """``--model`` for a command that reads a LenVM: the generator its head reads, where the one the
+    LenVM names has moved (checked against the LenVM's tokenizer)."""
+    parser.add_argument(
+        "--model",
+        dest="lenvm_generator",
+        help="the generator the LenVM reads (default: the one it names; checked against its tokenizer)",
+    )
+
+
 def resolve_model(args: argparse.Namespace) -> None:
     """Fill in a ``--model`` left out (:func:`add_generator`): the generator of the command's
     LenVM, whose head reads that generator's states, else the built-in default."""
