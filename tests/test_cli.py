@@ -602,6 +602,33 @@ def test_a_lenvm_whose_generator_moved_reads_it_where_model_says(tmp_path, capsy
     capsys.readouterr()
 
 
+def test_prompts_from_a_pipe(tmp_path, tiny_path, tiny_generator):
+    import subprocess
+    import sys
+
+    from lenvm.model import LengthValueModel
+
+    lenvm = tmp_path / "lv"
+    LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator).save_pretrained(lenvm)
+    lines = '{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Hello there"}\n'
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm.cli",
+        "predict",
+        "--lenvm",
+        str(lenvm),
+        "--prompts",
+        "-",
+        "--json",
+    ]
+    run = subprocess.run(command, input=lines.encode(), capture_output=True, check=True)
+    assert [json.loads(line)["id"] for line in run.stdout.decode().splitlines()] == ["a", "b"]
+    bad = subprocess.run(command, input=b'{"id": "a", "prompt": "Hi"}\n{"id": "a", "prompt": "Yo"}\n',
+                         capture_output=True)  # fmt: skip
+    assert bad.returncode == 2 and "<stdin>:2: duplicate prompt id 'a'" in bad.stderr.decode()
+
+
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
     from lenvm.cli import build_parser, options
     from lenvm.hub import DEFAULT_MODEL

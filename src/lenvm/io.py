@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,15 +41,22 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 
 
 def numbered_jsonl(
-    path: str | os.PathLike, complete_only: bool = False
+    path: str | os.PathLike, complete_only: bool = False, stdin: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for each non-blank line of a UTF-8 JSONL file (a byte-order mark
     is allowed); ``complete_only`` leaves out a last line without its newline (a crash's partial
-    write)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: a folder, not a JSONL file" if path.is_dir() else f"{path}: no such file")
-    with path.open("rb") as fh:
+    write). With ``stdin``, a path of ``-`` reads the standard input (once: for files read once)."""
+    if stdin and str(path) == "-":
+        context: Any = contextlib.nullcontext(sys.stdin.buffer)
+        path = Path("<stdin>")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(
+                f"{path}: a folder, not a JSONL file" if path.is_dir() else f"{path}: no such file"
+            )
+        context = path.open("rb")
+    with context as fh:
         for lineno, raw in enumerate(fh, start=1):
             if complete_only and not raw.endswith(b"\n"):
                 return

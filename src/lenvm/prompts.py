@@ -189,20 +189,21 @@ def prompt_from_record(
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read a prompts JSONL file; ids default to the record's position (0, 1, ...; blank lines
-    skipped); duplicate ids are an error, and errors name the file and line. Relative image paths
-    are relative to the file's folder."""
+    """Read a prompts JSONL file (``-``: the standard input); ids default to the record's position
+    (0, 1, ...; blank lines skipped); duplicate ids are an error, and errors name the file and
+    line. Relative image paths are relative to the file's folder."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
     base = Path(path).parent
-    for index, (lineno, record) in enumerate(numbered_jsonl(path)):
-        prompt = prompt_from_record(record, str(index), where=f"{path}:{lineno}", base=base)
+    name = "<stdin>" if str(path) == "-" else path
+    for index, (lineno, record) in enumerate(numbered_jsonl(path, stdin=True)):
+        prompt = prompt_from_record(record, str(index), where=f"{name}:{lineno}", base=base)
         if prompt.id in seen:
-            raise InputError(f"{path}:{lineno}: duplicate prompt id {prompt.id!r}")
+            raise InputError(f"{name}:{lineno}: duplicate prompt id {prompt.id!r}")
         seen.add(prompt.id)
         prompts.append(prompt)
     if not prompts:
-        raise InputError(f"{path}: no prompts in file")
+        raise InputError(f"{name}: no prompts in file")
     return prompts
 
 

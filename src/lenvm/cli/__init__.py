@@ -542,7 +542,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts",
         required=True,
-        help="JSONL: {'prompt': ...} (optionally with 'images': [paths]) or {'messages': [...]}",
+        help="JSONL ('-': standard input): {'prompt': ...} (optionally with 'images': [paths]) or "
+        "{'messages': [...]}",
     )
     p.add_argument("--out", required=True, help="rollouts JSONL (appended; a rerun resumes)")
     p.add_argument("--n", type=int, default=4, help="completions per prompt")
@@ -580,7 +581,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lenvm", required=True, help="LenVM folder")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
-    group.add_argument("--prompts", help="JSONL file of prompts")
+    group.add_argument("--prompts", help="JSONL file of prompts ('-': standard input)")
     options.add_image(p)
     p.add_argument(
         "--out",
@@ -656,7 +657,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lenvm", help="LenVM folder (needed for a length control)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
-    group.add_argument("--prompts", help="JSONL file; prints one JSON line per prompt")
+    group.add_argument("--prompts", help="JSONL file ('-': standard input); prints one JSON line per prompt")
     options.add_image(p)
     control = p.add_mutually_exclusive_group()
     control.add_argument("--equal-to", type=int, metavar="N", help="aim at exactly N tokens")
