@@ -1,5 +1,6 @@
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,16 @@ def test_demo_with_too_few_prompts_to_hold_any_out_says_so_before_sampling(tmp_p
     with pytest.raises(InputError, match="--num-prompts"):
         run_demo(config, generator=object())  # never used: the check comes first
     assert not (tmp_path / "demo" / "rollouts.jsonl").exists()
+    # The corrected command then runs there: nothing was made under the settings it refused.
+    from dataclasses import replace
+
+    with pytest.raises(InputError, match="--num-prompts"):  # still short, but not "other settings"
+        run_demo(replace(config, seed=3), generator=object())
+    # Another demo running in the folder: refused, not appending to its rollouts.
+    from lenvm.io import RunLock
+
+    with RunLock(tmp_path / "demo", "running the demo"), pytest.raises(InputError, match="another run"):
+        run_demo(config, generator=object())
 
 
 def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys, monkeypatch):
@@ -119,6 +130,11 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     with pytest.raises(InputError, match=r"other settings \(prompts, temperature\)"):
         run_demo(replace(config, prompts=14, temperature=0.5), generator=eos_generator)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # The generator named another way is the same setting.
+    monkeypatch.setattr("lenvm.end_head.train_end_head", train_end_head)
+    monkeypatch.chdir(Path(tiny_path).parent)
+    run_demo(replace(config, model=f"./{Path(tiny_path).name}/"), generator=eos_generator)
+    monkeypatch.undo()
     # A folder of other files is not the demo's to overwrite.
     mine = tmp_path / "mine"
     mine.mkdir()

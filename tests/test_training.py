@@ -172,6 +172,9 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
               generator=tiny_generator, progress=False)  # fmt: skip
     train(records, str(tiny_path), out, _config(epochs=1), generator=tiny_generator, progress=False)
     assert (out / "config.json").is_file() and not work.exists()
+    # The run's own checkpoint folder named as its features cache: one folder, held once.
+    train(records, str(tiny_path), out, _config(epochs=1, features_cache=str(work)), generator=tiny_generator,
+          progress=False, overwrite=True)  # fmt: skip
 
 
 def test_a_prompt_under_several_ids_on_both_sides_of_the_split_is_named(tmp_path, tiny_path, tiny_generator):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lenvm import hub
-from lenvm.io import InputError, write_json, write_text
+from lenvm.io import InputError, RunLock, write_json, write_text
 from lenvm.losses import Loss
 from lenvm.prompts import Prompt
 
@@ -70,11 +70,13 @@ DEMO_SETTINGS = (
 
 def _claim_folder(out: Path, config: DemoConfig) -> None:
     """The demo writes its files into ``out`` and resumes from them: refuse a folder that holds
-    other files (they would be overwritten) or a demo run with other settings."""
+    other files (they would be overwritten) or a demo run's results made with other settings."""
     settings = {k: getattr(config, k) for k in DEMO_SETTINGS}
+    settings["model"] = hub.model_name(config.model)  # a folder by its absolute path
     marker = out / "settings.json"
+    made = any((out / name).exists() for name in ("rollouts.jsonl", "eval_rollouts.jsonl", "lenvm"))
     if out.is_dir() and any(out.iterdir()):
-        if marker.is_file():
+        if made and marker.is_file():
             stored = json.loads(marker.read_text(encoding="utf-8"))
             changed = [k for k in DEMO_SETTINGS if stored.get(k) != settings[k]]
             if changed:
@@ -82,13 +84,11 @@ def _claim_folder(out: Path, config: DemoConfig) -> None:
                     f"{out} holds a demo run with other settings ({', '.join(changed)}): use another "
                     "folder (--out), or delete this one"
                 )
-        elif not any((out / name).exists() for name in ("rollouts.jsonl", "eval_rollouts.jsonl", "lenvm")):
+        elif not made and any(p.name != marker.name for p in out.iterdir()):
             raise InputError(
                 f"{out} holds files that are not a demo's; the demo would overwrite them: use another "
                 "folder (--out)"
             )
-    elif out.exists() and not out.is_dir():
-        raise InputError(f"{out}: a file, not a folder for the demo")
     write_json(marker, settings)
 
 
@@ -102,6 +102,17 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     ``generator`` may pass the model named in ``config.model`` already loaded as
     ``(model, tokenizer)``.
     """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: a file, not a folder for the demo")
+    out.mkdir(parents=True, exist_ok=True)
+    # Two demos in one folder would append to one rollouts file.
+    with RunLock(out, "running the demo in this folder"):
+        _claim_folder(out, config)
+        return _run(config, out, generator)
+
+
+def _run(config: DemoConfig, out: Path, generator) -> dict:
     from lenvm.dataset import held_out_prompts
     from lenvm.decoding import SamplingParams
     from lenvm.model import LengthValueModel
@@ -111,8 +122,6 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     from lenvm.values_view import render_html, token_values
 
     started = time.perf_counter()
-    out = Path(config.out)
-    _claim_folder(out, config)
 
     prompts = builtin_prompts(config.prompts, seed=config.seed)  # bad counts fail before loading
     mix = mix_prompts(config)

@@ -391,7 +391,7 @@ def _exclusive_run(out: Path, work: Path, features_cache: str | None) -> Iterato
     try:
         with contextlib.ExitStack() as held:
             held.enter_context(RunLock(work, f"training into {out}"))
-            if features_cache:
+            if features_cache and Path(features_cache).resolve() != work.resolve():  # else held already
                 Path(features_cache).mkdir(parents=True, exist_ok=True)
                 held.enter_context(RunLock(features_cache, "training with this features cache"))
             yield
