@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lenvm import hub
-from lenvm.io import InputError, RunLock, write_json, write_text
+from lenvm.io import InputError, RunLock, changed_settings, write_json, write_text
 from lenvm.losses import Loss
 from lenvm.prompts import Prompt
 
@@ -72,13 +72,11 @@ def _claim_folder(out: Path, config: DemoConfig) -> None:
     """The demo writes its files into ``out`` and resumes from them: refuse a folder that holds
     other files (they would be overwritten) or a demo run's results made with other settings."""
     settings = {k: getattr(config, k) for k in DEMO_SETTINGS}
-    settings["model"] = hub.model_name(config.model)  # a folder by its absolute path
     marker = out / "settings.json"
     made = any((out / name).exists() for name in ("rollouts.jsonl", "eval_rollouts.jsonl", "lenvm"))
-    if out.is_dir() and any(out.iterdir()):
+    if any(out.iterdir()):  # run_demo made the folder
         if made and marker.is_file():
-            stored = json.loads(marker.read_text(encoding="utf-8"))
-            changed = [k for k in DEMO_SETTINGS if stored.get(k) != settings[k]]
+            changed = changed_settings(json.loads(marker.read_text(encoding="utf-8")), settings)
             if changed:
                 raise InputError(
                     f"{out} holds a demo run with other settings ({', '.join(changed)}): use another "

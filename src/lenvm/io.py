@@ -186,6 +186,20 @@ def replaceable(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def changed_settings(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The settings, by name, whose value stored with a run's results and value given now differ
+    (two spellings of one existing path are one value), sorted."""
+
+    def same(a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        if isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return False
+
+    return sorted(k for k in stored.keys() | given.keys() if not same(stored.get(k), given.get(k)))
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, naming ``path``, where a file or folder could not be written there atomically (a
     read-only or full disk, no permission; a device or pipe), rather than after the work that

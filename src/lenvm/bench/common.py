@@ -25,6 +25,7 @@ from lenvm.io import (
     JsonlAppender,
     RunLock,
     atomic_path,
+    changed_settings,
     iter_jsonl,
     repair_jsonl_tail,
     write_json,
@@ -175,9 +176,7 @@ class Run:
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
         if settings_path.is_file() and _holds_results(self.out):
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
-            changed = sorted(
-                k for k in stored.keys() | settings.keys() if not _same(stored.get(k), settings.get(k))
-            )
+            changed = changed_settings(stored, settings)
             if changed:
                 raise InputError(
                     f"{self.out} holds results made with other settings ({', '.join(changed)}); "
@@ -257,20 +256,6 @@ def _holds_results(out: Path) -> bool:
         p.name != "settings.json" and not (p.name == "items.jsonl" and p.stat().st_size == 0)
         for p in out.iterdir()
     )
-
-
-def _same(stored: Any, given: Any) -> bool:
-    """One setting's stored and given values agree: equal, or two spellings of one existing path."""
-    if stored == given:
-        return True
-    if (
-        isinstance(stored, str)
-        and isinstance(given, str)
-        and os.path.exists(stored)
-        and os.path.exists(given)
-    ):
-        return os.path.samefile(stored, given)
-    return False
 
 
 def _controlled(job: Job) -> bool:
