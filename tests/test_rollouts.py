@@ -183,6 +183,22 @@ def test_resume_refuses_a_file_with_a_sample_twice(tiny_generator, tmp_path):
         rollout(tiny_generator, PROMPTS[:1], out, n=2, sampling=sampling, progress=False)
 
 
+def test_a_second_run_into_the_same_file_is_refused_while_the_first_runs(tiny_generator, tmp_path):
+    from lenvm.io import RunLock
+
+    out = tmp_path / "r.jsonl"
+    with (
+        RunLock(out, "writing rollouts into this file"),
+        pytest.raises(InputError, match="another run is writing rollouts"),
+    ):
+        rollout(
+            tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=3), progress=False
+        )
+    assert not out.exists()  # the held file was created empty, and removed on release
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=3), progress=False)
+    assert keys(lines(out)) == [("a", 0)]
+
+
 def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):
     out = tmp_path / "r.jsonl"
     rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=SamplingParams(max_new_tokens=5), progress=False)

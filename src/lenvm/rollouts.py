@@ -37,10 +37,12 @@ from lenvm.decoding.params import RequestError, SamplingParams
 from lenvm.io import (
     InputError,
     JsonlAppender,
+    RunLock,
     check_writable,
     is_int,
     numbered_jsonl,
     read_jsonl_to_append,
+    replaceable,
 )
 from lenvm.prompts import Prompt, PromptInput, as_prompt, encode_prompt, template_messages
 
@@ -174,80 +176,84 @@ def rollout(
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
     with_images = next((p.id for p in prompts if p.images), None)
-    out = Path(out)
-    existing = read_jsonl_to_append(out, record_problem, "rollouts")
+    out = replaceable(out)  # a link's file, never a device
     check_writable(out)  # before the generator loads
-    if backend == AUTO:
-        backend = _auto_backend(generator, existing, with_images is None, out)
-    if backend == "vllm" and not vllm_installed():
-        raise InputError("the vllm backend needs vLLM: install lenvm[vllm] (see the README)")
-    if backend == "vllm" and isinstance(generator, tuple):
-        raise InputError("the vllm backend loads the generator itself: pass its name or folder")
-    if with_images is not None and backend != "hf":
-        raise InputError(
-            f"prompt {with_images!r} has images: rollouts with images run in lenvm's engine (backend "
-            f"'hf'); the {backend} backend here is text-only"
-        )
+    # Two runs appending to one file would each resume from what it held when they started.
+    with RunLock(out, "writing rollouts into this file"):
+        existing = read_jsonl_to_append(out, record_problem, "rollouts")
+        if backend == AUTO:
+            backend = _auto_backend(generator, existing, with_images is None, out)
+        if backend == "vllm" and not vllm_installed():
+            raise InputError("the vllm backend needs vLLM: install lenvm[vllm] (see the README)")
+        if backend == "vllm" and isinstance(generator, tuple):
+            raise InputError("the vllm backend loads the generator itself: pass its name or folder")
+        if with_images is not None and backend != "hf":
+            raise InputError(
+                f"prompt {with_images!r} has images: rollouts with images run in lenvm's engine (backend "
+                f"'hf'); the {backend} backend here is text-only"
+            )
 
-    name = _generator_name(generator)
-    record_sampling = {**sampling.policy(), "backend": backend}
-    present = _check_resume(existing, prompts, name, record_sampling, out)
-    missing = {p.id: [i for i in range(n) if i not in present.get(p.id, set())] for p in prompts}
-    todo = [p for p in prompts if missing[p.id]]
-    summary = RolloutSummary(out, len(prompts), len(prompts) - len(todo), 0, 0, 0, 0, 0.0, 0.0, backend)
-    if not todo:
+        name = _generator_name(generator)
+        record_sampling = {**sampling.policy(), "backend": backend}
+        present = _check_resume(existing, prompts, name, record_sampling, out)
+        missing = {p.id: [i for i in range(n) if i not in present.get(p.id, set())] for p in prompts}
+        todo = [p for p in prompts if missing[p.id]]
+        summary = RolloutSummary(out, len(prompts), len(prompts) - len(todo), 0, 0, 0, 0, 0.0, 0.0, backend)
+        if not todo:
+            return summary
+
+        if backend == "hf":
+            model, tokenizer = _load(loaded or generator, device, dtype)
+        else:
+            model = generator[0] if isinstance(generator, tuple) else None
+            tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
+            tokenizer = tokenizer or hub.load_tokenizer(generator)
+            eos_ids = (
+                hub.eos_token_ids(model, tokenizer)
+                if model is not None
+                else hub.eos_token_ids_of(generator, tokenizer)
+            )
+        # Every prompt is encoded (its images loaded) and every request checked before the output
+        # file is touched, so bad input leaves nothing behind.
+        encoded = {p.id: encode_prompt(tokenizer, p) for p in todo}
+        jobs = [
+            _Job(p, encoded[p.id], i, derive_seed(sampling.seed, p.id, i))
+            for p in todo
+            for i in missing[p.id]
+        ]
+        if backend == "vllm":  # started before the clock: loading is not generation
+            from lenvm.integrations.vllm import VLLMEngine
+
+            engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
+            vllm_engine = VLLMEngine(str(generator), logprobs=False, **engine_args)
+        start = time.perf_counter()
+        if backend == "hf":
+            batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
+        elif backend == "vllm":
+            batches = _vllm_batches(vllm_engine, jobs, sampling)
+        else:
+            key = api_key or os.environ.get("OPENAI_API_KEY")
+            # The name the server was started with, as given (a folder's absolute path is the record's).
+            served = str(generator) if not isinstance(generator, tuple) else name
+            server = _Server(base_url, api_model or served, key)
+            batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
+
+        bar = tqdm(total=len(jobs), unit="completion", desc="rollouts", disable=not progress)
+        with JsonlAppender(out) as appender, bar:
+            for batch in batches:
+                appender.write([_make_record(d, name, record_sampling) for d in batch])
+                for d in batch:
+                    summary.completions_written += 1
+                    summary.tokens_generated += len(d.token_ids)
+                    if d.finish_reason == "stop":
+                        summary.finished += 1
+                    else:
+                        summary.truncated += 1
+                summary.seconds = time.perf_counter() - start
+                summary.tokens_per_second = summary.tokens_generated / max(summary.seconds, 1e-9)
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
         return summary
-
-    if backend == "hf":
-        model, tokenizer = _load(loaded or generator, device, dtype)
-    else:
-        model = generator[0] if isinstance(generator, tuple) else None
-        tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
-        tokenizer = tokenizer or hub.load_tokenizer(generator)
-        eos_ids = (
-            hub.eos_token_ids(model, tokenizer)
-            if model is not None
-            else hub.eos_token_ids_of(generator, tokenizer)
-        )
-    # Every prompt is encoded (its images loaded) and every request checked before the output
-    # file is touched, so bad input leaves nothing behind.
-    encoded = {p.id: encode_prompt(tokenizer, p) for p in todo}
-    jobs = [
-        _Job(p, encoded[p.id], i, derive_seed(sampling.seed, p.id, i)) for p in todo for i in missing[p.id]
-    ]
-    if backend == "vllm":  # started before the clock: loading is not generation
-        from lenvm.integrations.vllm import VLLMEngine
-
-        engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
-        vllm_engine = VLLMEngine(str(generator), logprobs=False, **engine_args)
-    start = time.perf_counter()
-    if backend == "hf":
-        batches = _hf_batches(model, tokenizer, jobs, sampling, batch_size)
-    elif backend == "vllm":
-        batches = _vllm_batches(vllm_engine, jobs, sampling)
-    else:
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        # The name the server was started with, as given (a folder's absolute path is the record's).
-        served = str(generator) if not isinstance(generator, tuple) else name
-        server = _Server(base_url, api_model or served, key)
-        batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
-
-    bar = tqdm(total=len(jobs), unit="completion", desc="rollouts", disable=not progress)
-    with JsonlAppender(out) as appender, bar:
-        for batch in batches:
-            appender.write([_make_record(d, name, record_sampling) for d in batch])
-            for d in batch:
-                summary.completions_written += 1
-                summary.tokens_generated += len(d.token_ids)
-                if d.finish_reason == "stop":
-                    summary.finished += 1
-                else:
-                    summary.truncated += 1
-            summary.seconds = time.perf_counter() - start
-            summary.tokens_per_second = summary.tokens_generated / max(summary.seconds, 1e-9)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
-    return summary
 
 
 def vllm_installed() -> bool:
