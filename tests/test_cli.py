@@ -357,6 +357,13 @@ def test_generate_with_and_without_a_length_control(
     long.write_text(one.read_text() + json.dumps({"id": "big", "prompt": "word " * 1100}) + "\n")
     code, err = _error(capsys, [*base, "--prompts", str(long)])  # named as predict names it
     assert code == 2 and "prompt 2 (id 'big'):" in err and "context" in err
+    # Left out, --max-new-tokens fits the context a long prompt leaves (the server's default too);
+    # given, it is kept, and too many for the context is an error.
+    near = ["generate", "--model", str(tiny_path), "--prompt", "word " * 200, "--json", "--temperature", "0"]
+    assert main([*near, "--seed", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["finish_reason"] in ("stop", "length")
+    code, err = _error(capsys, [*near, "--max-new-tokens", "1024"])
+    assert code == 2 and "context" in err
 
     code, err = _error(capsys, [*base, "--prompt", "Hi", "--equal-to", "5"])
     assert code == 2 and "needs a LenVM" in err

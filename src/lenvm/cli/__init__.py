@@ -375,9 +375,11 @@ def _control(args):
 def cmd_generate(args) -> None:
     from dataclasses import replace
 
-    from lenvm.decoding import Engine, Request, Result
+    from lenvm import vision
+    from lenvm.decoding import Engine, Request, Result, SamplingParams
     from lenvm.decoding.params import RequestError
     from lenvm.hub import load_generator
+    from lenvm.prompts import Prompt
     from lenvm.rollouts import derive_seed
 
     control = _control(args)
@@ -387,20 +389,22 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
     lenvm = _load_lenvm(args, generator=(model, tokenizer)) if args.lenvm else None
     sampling = options.sampling_from_args(args, lenvm.config.sampling if lenvm is not None else None)
-    # Each prompt's seed derives from --seed as a rollout's first sample's does (the same prompt
-    # twice in a file gets two draws, and one prompt's answer is its rollout's sample 0).
-    requests = [
-        Request(
-            p,
-            sampling
-            if sampling.seed is None
-            else replace(sampling, seed=derive_seed(sampling.seed, p.id, 0)),
-            control=control,
-            return_values=args.values,
-        )
-        for p in prompts
-    ]
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
+
+    def prompt_sampling(prompt: Prompt) -> SamplingParams:
+        settings = {}
+        # Each prompt's seed derives from --seed as a rollout's first sample's does (the same
+        # prompt twice in a file gets two draws, and one prompt's answer is its rollout's sample 0).
+        if sampling.seed is not None:
+            settings["seed"] = derive_seed(sampling.seed, prompt.id, 0)
+        if args.max_new_tokens is None:  # the default, within what the context leaves (as the server)
+            room = engine.context - len(vision.encode(tokenizer, prompt).ids)
+            settings["max_new_tokens"] = max(
+                1, min(sampling.max_new_tokens, room)
+            )  # < 1: the engine says why
+        return replace(sampling, **settings)
+
+    requests = [Request(p, prompt_sampling(p), control=control, return_values=args.values) for p in prompts]
     # Each answer is printed, in prompt order, once it and those before it are done: a long batch
     # shows its work as it goes (and an interrupted one keeps what was printed).
     done: dict[int, Result] = {}
@@ -695,7 +699,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "naturally up to R times (default: Control's default for the rule, 0 for paper)",
     )
     options.add_sampling(
-        p, seed_help="every prompt's seed derives from it (default: a fresh random stream each)"
+        p,
+        seed_help="every prompt's seed derives from it (default: a fresh random stream each)",
+        fits_context=True,
     )
     options.add_decoding(p, batch_size=8)
     p.add_argument("--values", action="store_true", help="also print the value after each token")

@@ -100,19 +100,31 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
 
 
-def add_sampling(parser: argparse.ArgumentParser, seed_help: str, max_new_tokens: int | None = None) -> None:
+def add_sampling(
+    parser: argparse.ArgumentParser,
+    seed_help: str,
+    max_new_tokens: int | None = None,
+    fits_context: bool = False,
+) -> None:
     """The decoding policy: temperature, truncation, length (default ``max_new_tokens``, else
-    SamplingParams') and seed."""
+    SamplingParams'; with ``fits_context`` left None, for the command to cap to the context its
+    prompt leaves) and seed."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=float, help=f"0 is greedy (default {_DEFAULTS.temperature:g}*)")
     group.add_argument("--top-p", type=float, help=f"nucleus mass, 1 is off (default {_DEFAULTS.top_p:g}*)")
     group.add_argument("--top-k", type=int, help=f"0 is off (default {_DEFAULTS.top_k}*)")
     group.add_argument("--min-p", type=float, help=f"0 is off (default {_DEFAULTS.min_p:g}*)")
+    default = None if fits_context else max_new_tokens or _DEFAULTS.max_new_tokens
+    shown = (
+        f"{_DEFAULTS.max_new_tokens}, or what the context leaves after the prompt"
+        if fits_context
+        else "%(default)s"
+    )
     group.add_argument(
         "--max-new-tokens",
         type=int,
-        default=max_new_tokens or _DEFAULTS.max_new_tokens,
-        help="most tokens an answer may take (default %(default)s)",
+        default=default,
+        help=f"most tokens an answer may take (default {shown})",
     )
     group.add_argument("--seed", type=int, help=seed_help)
     group.description = "* left out: the LenVM's training policy where a LenVM is used, else this default"
@@ -126,8 +138,9 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def sampling_from_args(args: argparse.Namespace, policy: dict[str, Any] | None = None) -> SamplingParams:
     """The :class:`SamplingParams` of the flags; flags left out take ``policy`` (a LenVM's training
     policy), then the defaults."""
+    limit = _DEFAULTS.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     return SamplingParams.from_policy(
-        policy, **sampling_overrides(args), max_new_tokens=args.max_new_tokens, seed=args.seed
+        policy, **sampling_overrides(args), max_new_tokens=limit, seed=args.seed
     )
 
 
