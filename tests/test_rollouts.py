@@ -502,6 +502,11 @@ def test_auto_backend_uses_our_engine_without_vllm(tiny_path, tiny_generator, tm
     # The same file again, as a plain hf run: nothing left to do.
     again = rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
     assert again.completions_written == 0
+    # "engine", as the benchmarks name our engine, is the same backend.
+    named = rollout(
+        tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, backend="engine", progress=False
+    )
+    assert named.backend == "hf" and named.completions_written == 0
     # A folder is recorded by its absolute path: the same model however it is spelled, from anywhere.
     assert read_rollouts(out)[0]["generator"] == os.path.abspath(tiny_path)
     monkeypatch.chdir(Path(tiny_path).parent)

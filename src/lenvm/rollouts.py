@@ -4,12 +4,13 @@ One record per completion (see :func:`read_rollouts`), written append-only so th
 interrupted run loses at most the batch in flight. Re-running with the same output file
 generates only the sample indices still missing.
 
-Three backends: ``hf`` runs a local Hugging Face causal LM (or a vision-language model of the
-Qwen2-VL family) in our decoding engine; ``vllm`` runs it in vLLM, in this process
-(``pip install -e ".[vllm]"``); ``openai`` asks any OpenAI-compatible server (vLLM, SGLang)
-through its ``/completions`` endpoint. ``auto`` (what the demo and the benchmarks use) takes vLLM
-where it is installed, since it samples faster than our engine (docs/benchmarks.md), and our
-engine otherwise; a file being resumed keeps the backend it was started with. Prompts with images
+Three backends: ``hf`` (or ``engine``, as the benchmarks name it) runs a local Hugging Face
+causal LM (or a vision-language model of the Qwen2-VL family) in our decoding engine; ``vllm``
+runs it in vLLM, in this process (``pip install -e ".[vllm]"``); ``openai`` asks any
+OpenAI-compatible server (vLLM, SGLang) through its ``/completions`` endpoint. ``auto`` (what the
+demo and the benchmarks use) takes vLLM where it is installed, since it samples faster than our
+engine (docs/benchmarks.md), and our engine otherwise; a file being resumed keeps the backend it
+was started with. Prompts with images
 need ``hf``; their records keep the image references (absolute paths or URLs, see
 :mod:`lenvm.prompts`), never the pixels.
 """
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("hf", "vllm", "openai")
 AUTO = "auto"
+ENGINE = "engine"  # what the benchmarks call our engine: another name for hf
 FINISH_REASONS = ("stop", "length")
 # Seconds one server request may take: n long completions on a busy server are slow.
 REQUEST_TIMEOUT_S = 3600.0
@@ -163,6 +165,7 @@ def rollout(
         raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    backend = "hf" if backend == ENGINE else backend
     if backend not in (*BACKENDS, AUTO):
         raise InputError(f"unknown backend {backend!r}; known: {', '.join((*BACKENDS, AUTO))}")
     if backend == "openai" and not base_url:

@@ -560,9 +560,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["hf", "vllm", "openai", "auto"],
+        choices=["hf", "engine", "vllm", "openai", "auto"],
         default="hf",
-        help="hf: our engine; vllm: vLLM in this process (the [vllm] extra); openai: a server at "
+        help="hf (or engine): our engine; vllm: vLLM in this process (the [vllm] extra); openai: a server at "
         "--base-url; auto: vllm where installed, else hf (a resumed file keeps its backend)",
     )
     p.add_argument(
@@ -982,7 +982,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=["auto", "hf", "vllm"],
+        choices=["auto", "hf", "engine", "vllm"],
         default=DemoConfig.backend,
         help="what samples the rollouts: auto (default) takes vLLM where it is installed (it is "
         "faster), else our engine (hf)",
