@@ -446,6 +446,13 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, lenvm_dir, da
     life = ["--data", str(data["lifebench"]), "--targets", "4", "--rows", "1", "--max-new-tokens", "8"]
     assert main(["bench", "lifebench", "--out", str(tiny_path), "--model", str(tiny_path), *life]) == 2
     assert "use another output folder" in capsys.readouterr().err
+    # bench vision: a batch or target its samples cannot meet, before anything is sampled
+    vision = ["bench", "vision", "--out", str(tmp_path / "v"), "--no-progress", "--images", "3", "--n", "1"]
+    assert main([*vision, "--batch-size", "3"]) == 2
+    assert "more than the 2 completions training gets" in capsys.readouterr().err
+    assert main([*vision, "--batch-size", "2", "--max-new-tokens", "6", "--target", "6"]) == 2
+    assert "equal_to 6 can never be met" in capsys.readouterr().err
+    assert not (tmp_path / "v" / "rollouts.jsonl").exists()
     too_long = ["--data", str(data["lifebench"]), "--rows", "1", "--max-new-tokens", "5000"]
     assert main(["bench", "lifebench", "--out", str(tmp_path / "long"), *args[4:6], *too_long]) == 2
     assert "every LIFEBench row is too long" in capsys.readouterr().err

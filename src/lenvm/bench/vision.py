@@ -45,14 +45,26 @@ def run_vision(
 ) -> dict[str, Any]:
     """Time each stage of the vision-language path and write ``results.json`` and ``table.md``."""
     from lenvm import vision
+    from lenvm.dataset import held_out_prompts
     from lenvm.decoding import Control, Engine, Request, SamplingParams
     from lenvm.hub import load_generator
+    from lenvm.io import InputError
     from lenvm.model import LengthValueModel
     from lenvm.prompts import read_prompts
     from lenvm.rollouts import rollout
     from lenvm.testing import shape_images, tiny_vlm
     from lenvm.training import TrainConfig, train
 
+    # Checked before sampling: a training batch or target these samples cannot meet failed only
+    # after the rollouts.
+    held_out = len(held_out_prompts([str(i) for i in range(images)], TrainConfig.eval_fraction))
+    if (images - held_out) * n < batch_size:
+        raise InputError(
+            f"batch size {batch_size} is more than the {(images - held_out) * n} completions training gets "
+            f"({images} images less {held_out} held out, x {n}): lower it, or raise images or n"
+        )
+    if (why := Control("equal_to", target=target).unreachable(max_new_tokens)) is not None:
+        raise InputError(why)
     settings = {"model": model, "images": images, "n": n, "max_new_tokens": max_new_tokens}
     settings.update(batch_size=batch_size, target=target, epochs=epochs, dtype=dtype)
     with Run(out, settings) as run:
