@@ -305,6 +305,29 @@ def test_stop_strings_end_the_answer_before_them(url):
     assert " " not in held.choices[0].text and held.usage.completion_tokens <= latest_end + 1
 
 
+@pytest.mark.parametrize("stop, expected", [("你好", "a"), ("a你", ""), ("好", "a你"), ("\ufffd", "a你好b")])
+def test_stop_strings_with_characters_split_across_tokens(stop, expected):
+    """你 and 好 take three byte tokens each: nothing of a stop string goes out before it is
+    complete, and a character not yet complete (U+FFFD until then) matches no stop string."""
+    from lenvm.decoding.engine import Update
+    from lenvm.serve.runner import Choice, _Tracker
+    from lenvm.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("a你好b", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:2]) == "a\ufffd"  # the case under test: a character split
+    tracker = _Tracker(0, Choice(Request([1], SamplingParams(max_new_tokens=20)), (stop,)), tokenizer)
+    sent, finish = "", None
+    for k, token in enumerate(ids):
+        chunk = tracker.update(Update("k", 0, k, [token], logprobs=[0.0], top_logprobs=[[]], values=[0.0]))
+        sent += chunk.text if chunk is not None else ""
+        if chunk is not None and chunk.finish is not None:
+            finish = chunk.finish
+            break
+    assert sent == expected
+    assert (finish is not None) == (stop in "a你好b")
+
+
 def test_extreme_sampling_settings_are_served(url):
     c = client(url)
     for settings in ({"top_k": 10**6}, {"temperature": 1e-30}, {"top_p": 1e-30}, {"min_p": 0.999999}):

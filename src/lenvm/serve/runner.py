@@ -372,6 +372,10 @@ class _Tracker:
         self.top[start:] = update.top_logprobs
         self.values[start:] = update.values
         text = self._decode(self.tokens)
+        if update.result is None:
+            # A character whose bytes are not all out yet decodes as U+FFFD: it is neither sent
+            # nor matched against the stop strings until it is complete (or the answer ends).
+            text = text.rstrip("\ufffd")
         stop = first_stop(text, self.choice.stops)
         if stop is not None:
             at, string = stop
@@ -379,10 +383,7 @@ class _Tracker:
             return self._chunk(text[:at], Finish("stop", string, n, 0, n, 0, None, False))
         if update.result is not None:
             return self._chunk(text, Finish.of(update.result))
-        safe = len(text) - self.hold_back
-        while safe > self.sent_chars and text[safe - 1] == "\ufffd":  # an incomplete character
-            safe -= 1
-        return self._chunk(text[: max(safe, self.sent_chars)], None)
+        return self._chunk(text[: max(len(text) - self.hold_back, self.sent_chars)], None)
 
     def _whole(self, result: Result) -> Chunk:
         """A held choice's final answer, cut at its first stop string."""
