@@ -445,6 +445,11 @@ def test_values_endpoint_gives_the_curve_and_td_residuals(url, lenvm):
         [t.residual for t in expected.tokens], abs=1e-5
     )
     assert answer["gamma"] == lenvm.gamma and answer["summary"]["true_length"] == expected.num_tokens
+    # An answer that filled the context is valued as the engine wrote it (its ids fit exactly).
+    for finished, completion, status in ((False, 24, 200), (True, 24, 200), (True, 25, 400)):
+        body = {"prompt": [100] * 1000, "completion": [101] * completion, "finished": finished}
+        response = httpx.post(url + "/v1/length/values", json=body)
+        assert response.status_code == status, (finished, completion, response.text)
 
 
 def test_models_health_and_metrics(url):

@@ -291,10 +291,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if isinstance(completion, str):  # tokenized on its own, as token_values does
                 completion = list(engine.tokenizer(completion, add_special_tokens=False)["input_ids"])
             completion = text_prompt_ids(completion, engine.tokenizer, what="completion")
-            if len(prompt) + len(completion) + 1 > ctx.context:
-                raise ApiError(
-                    400, f"prompt and completion exceed the model's context of {ctx.context} tokens"
-                )
             trace = await runner.call(lambda: token_values(lenvm, prompt, completion, finished=body.finished))
             return {"object": "length.values", "model": name, **trace.to_dict()}
 
