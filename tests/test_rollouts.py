@@ -557,6 +557,20 @@ def test_a_prompt_is_text_or_messages():
         Prompt("e")  # would reach the chat template as a message without content
     with pytest.raises(InputError, match="one of the two"):
         Prompt("b", text="Hi", messages=[{"role": "user", "content": "Hi"}])
+    # A lone surrogate (JSON's "\ud800", or argv bytes that are not UTF-8) is no text a tokenizer takes.
+    with pytest.raises(InputError, match="U\\+D800, a lone surrogate"):
+        Prompt("s", text="He\ud800llo")
+    with pytest.raises(InputError, match="U\\+DCED"):
+        as_prompt({"id": "m", "messages": [{"role": "user", "content": "x\udced"}]})
+
+
+def test_a_prompts_file_with_a_lone_surrogate_is_named_by_line(tmp_path, capsys):
+    from lenvm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "He\\ud800llo"}\n')
+    assert main(["rollout", "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "p.jsonl:2: its text holds U+D800" in capsys.readouterr().err
 
 
 def test_openai_prompt_text_is_what_our_engine_encodes(tiny_generator):

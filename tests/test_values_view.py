@@ -142,6 +142,8 @@ def test_bad_completions_are_input_errors(lenvm):
     for bad in (vocab, -1):
         with pytest.raises(InputError, match=f"holds token id {bad}, outside the vocabulary"):
             token_values(lenvm, PROMPT, [bad])
+    with pytest.raises(InputError, match="the completion: its text holds U\\+DCED"):
+        token_values(lenvm, PROMPT, "x\udced")  # argv bytes that are not UTF-8
 
 
 def test_characters_split_over_tokens_are_shown_whole(lenvm):

@@ -38,6 +38,8 @@ class Prompt:
     def __post_init__(self) -> None:
         if (self.text is None) == (self.messages is None):
             raise InputError(f"prompt {self.id!r}: give its text or its messages, one of the two")
+        if (why := unencodable(self.to_json())) is not None:
+            raise InputError(f"prompt {self.id!r}: {why}")
 
     def as_messages(self) -> Messages:
         return self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
@@ -49,6 +51,23 @@ class Prompt:
     def images(self) -> list[str]:
         """The image references of the prompt, in order (made absolute where they were paths)."""
         return image_references(self.messages)
+
+
+def unencodable(value: Any) -> str | None:
+    """Why ``value`` (text, or messages) holds something that is not a character, which no
+    tokenizer takes: a lone surrogate, as a JSON escape such as ``\\ud800`` or bytes that were
+    not UTF-8 leave in Python text. None if it holds none."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(err.object[err.start])
+        return (
+            f"its text holds U+{code:04X}, a lone surrogate and not a character (a JSON escape, or "
+            "bytes that are not UTF-8)"
+        )
+    except (TypeError, ValueError):  # not JSON at all: other checks name that
+        return None
+    return None
 
 
 # Every form a prompt may be given in: text, chat messages, token ids (taken as they are), a
@@ -148,6 +167,8 @@ def prompt_from_record(
     ``{"messages": [...]}``; relative image paths are resolved against ``base`` (default: the
     working directory)."""
     where = f"{where}: " if where else ""
+    if (why := unencodable(record)) is not None:
+        raise InputError(f"{where}{why}")
     base = Path(base) if base is not None else None
     pid = record.get("id", default_id)
     if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():

@@ -26,7 +26,7 @@ from lenvm import vision
 from lenvm.dataset import Example
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, right_pad
-from lenvm.prompts import PromptInput, as_prompt, is_token_ids
+from lenvm.prompts import PromptInput, as_prompt, is_token_ids, unencodable
 from lenvm.returns import td_residual, value_to_length
 
 
@@ -143,6 +143,8 @@ def token_values(
     images = [] if is_token_ids(prompt) else as_prompt(prompt).images
     prompt_ids = encoded.ids
     if isinstance(completion, str):
+        if (why := unencodable(completion)) is not None:
+            raise InputError(f"the completion: {why}")
         ids = list(tok(completion, add_special_tokens=False)["input_ids"])
     else:
         ids = [int(i) for i in completion]
