@@ -293,3 +293,60 @@ def test_processor_refuses_targets_it_cannot_meet(lenvms):
         )
     with pytest.raises(InputError, match="beyond the LenVM's horizon"):
         LenVMLogitsProcessor(lenvms["q"], Control("at_most", target=100_000))
+
+
+def _windowed(path, **window):
+    """A tiny generator whose attention has a sliding window (``window``: its config's settings)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lenvm.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model(
+        window.pop("model_type", "mistral"), vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.3, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **window,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def test_a_sliding_window_bounds_every_decoder(tmp_path):
+    """Our streams attend to the whole prefix, as a windowed model does within its window only:
+    requests longer than the window are refused, and those within it decode as the model does."""
+    from lenvm.decoding.params import RequestError
+
+    model, tokenizer = _windowed(tmp_path / "mistral", sliding_window=16)
+    engine = Engine(model, tokenizer)
+    assert engine.context == 16
+    prompt = list(range(100, 110))
+    greedy = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    [result] = engine.generate([Request(prompt, greedy)])
+    expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert result.token_ids == expected[0, len(prompt) :].tolist()
+    with pytest.raises(RequestError, match="context of 16 tokens .its sliding window"):
+        engine.generate([Request(prompt, SamplingParams(temperature=0, max_new_tokens=7))])
+    # The transformers processor: a clear error where its stream would go beyond the window.
+    lenvm = LengthValueModel.from_base(
+        tmp_path / "mistral", kind="attached", gamma=0.9, generator=(model, tokenizer)
+    )
+    processor = LenVMLogitsProcessor(
+        lenvm, Control("tilt", beta=1.0), sampling=SamplingParams(max_new_tokens=10)
+    )
+    with pytest.raises(InputError, match="reached 16 tokens"):
+        model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                       logits_processor=[processor])  # fmt: skip
+    # A window on some layers (layer_types) is refused by both.
+    model, tokenizer = _windowed(tmp_path / "qwen2", model_type="qwen2", use_sliding_window=True,
+                                 sliding_window=16, max_window_layers=0)  # fmt: skip
+    with pytest.raises(InputError, match="sliding_attention"):
+        Engine(model, tokenizer)
+    lenvm = LengthValueModel.from_base(
+        tmp_path / "qwen2", kind="attached", gamma=0.9, generator=(model, tokenizer)
+    )
+    with pytest.raises(InputError, match="sliding_attention"):
+        LenVMLogitsProcessor(lenvm, Control("tilt", beta=1.0))

@@ -56,6 +56,7 @@ from lenvm.decoding.params import Control, Request, RequestError, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
+from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
@@ -92,7 +93,7 @@ class Engine:
             )
         tokenizer = vision.as_tokenizer(tokenizer)
         vision.check_supported(model.config, "the generator")
-        _check_supported(model, "the generator")
+        span = attention_span(model, "the generator")
         check_queue(queue, queue_aging)
         if queue == "shortest" and lenvm is None:
             raise InputError(
@@ -106,7 +107,7 @@ class Engine:
                     "load it with generator=(model, tokenizer) of this engine's model"
                 )
             if not lenvm.attached:
-                _check_supported(lenvm.backbone, "the LenVM")
+                span = min(span, attention_span(lenvm.backbone, "the LenVM"))
         from lenvm.hub import eos_token_ids
 
         self.model = model.eval()
@@ -126,9 +127,12 @@ class Engine:
         self.placeholders = torch.tensor(placeholders, device=self.device) if placeholders else None
         # The generator's stream also yields the head's features when the head reads the generator.
         self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
-        self.context = context_length(model)
+        context = context_length(model)
         if lenvm is not None and not lenvm.attached:
-            self.context = min(self.context, lenvm.context)
+            context = min(context, lenvm.context)
+        # The most tokens a request may span: the models' contexts, or a shorter sliding window.
+        self.context = min(context, span)
+        self.windowed = span < context
 
     # -- public ---------------------------------------------------------------------------
 
@@ -158,6 +162,12 @@ class Engine:
         for index, request in enumerate(requests):
             scheduler.add(request, index)
         return scheduler
+
+    @property
+    def _window_note(self) -> str:
+        if not self.windowed:
+            return ""
+        return " (its sliding window: the engine attends to the whole prefix, as the model does within it)"
 
     @functools.cached_property
     def sentence_ends(self) -> frozenset[int]:
@@ -194,7 +204,7 @@ class Engine:
             raise RequestError(
                 key,
                 f"prompt ({len(prompt_ids)} tokens{of_images}) plus max_new_tokens "
-                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens",
+                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens{self._window_note}",
             )
         control = request.control or Control()
         if (control.active or request.return_values) and self.lenvm is None:
@@ -399,16 +409,6 @@ def _counted(finished: Iterator[tuple[Hashable, Result]], bar) -> Iterator[tuple
             yield item
     finally:
         bar.close()
-
-
-def _check_supported(model, what: str) -> None:
-    """The engine's padding and candidate masks assume full attention in every layer."""
-    config = model.config.get_text_config()
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise InputError(
-            f"{what} uses attention kinds {sorted(kinds)}; the decoding engine supports full attention only"
-        )
 
 
 class _NoBar:

@@ -32,6 +32,7 @@ from lenvm import vision
 from lenvm.decoding.params import Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
+from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel
 
@@ -76,6 +77,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         for why in (control.unreachable(sampling.max_new_tokens), control.beyond_horizon(lenvm.gamma)):
             if why is not None:
                 raise InputError(why)
+        self.span = attention_span(lenvm.backbone, "the LenVM's body")  # its context, or a shorter window
         self.lenvm = lenvm.eval()
         self.control = control
         self.num_candidates = num_candidates
@@ -93,7 +95,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._ids: torch.Tensor | None = None  # [B, k] the candidates of the last call
         self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
         self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
-        self._prompt_width = 0
+        self._prompt_width = self._longest = 0
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -126,6 +128,12 @@ class LenVMLogitsProcessor(LogitsProcessor):
             self._advance(input_ids[:, seen.shape[1] :])
         self._seen = input_ids
         self._rows.step.fill_(width - self._prompt_width)
+        if self._longest + width - self._prompt_width >= self.span:  # a candidate would go beyond it
+            raise InputError(
+                f"a row reached {self.span} tokens, the most the LenVM's stream computes as its body "
+                "does (its context, or its sliding window: the stream attends to the whole prefix); "
+                "lower max_new_tokens or shorten the prompt"
+            )
 
         logits = scores.float().to(self.eos.device)
         d = decide(logits, self._rows, self._scorer, self.num_candidates, self.eos, self.lenvm.gamma)
@@ -152,6 +160,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._rows = Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device)
         self._done = torch.zeros(n, dtype=torch.bool, device=self.eos.device)
         self._prompt_width = input_ids.shape[1]
+        self._longest = max(len(row) for row in rows)
 
     def _advance(self, new: torch.Tensor) -> None:
         """Bring the cache up to date with the tokens ``generate`` appended since the last call:

@@ -52,8 +52,29 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lenvm.model import can_stop_at, normalized, run_until, select_features
+from lenvm.io import InputError
+from lenvm.model import can_stop_at, context_length, normalized, run_until, select_features
 from lenvm.vision import ImageInputs, model_kwargs, rope_positions
+
+
+def attention_span(model, what: str) -> int:
+    """The most tokens a stream over ``model``'s body computes as the model does: its context, or
+    its sliding window where that is shorter (a ``sliding_window`` without per-layer
+    ``layer_types``, as in Mistral's configs). A stream's masks let every token see its whole
+    prefix, which a window changes only beyond its span. A body that mixes attention kinds across
+    layers (``layer_types``) is refused: its cache is not one our streams keep."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    kinds = set(layer_types or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise InputError(
+            f"{what} uses attention kinds {sorted(kinds)}; lenvm's decoding supports full attention only"
+        )
+    span = context_length(model)
+    window = getattr(config, "sliding_window", None)
+    if layer_types or getattr(config, "use_sliding_window", True) is False or not window:
+        return span  # with layer_types, a window applies only to the layers they name
+    return min(span, int(window))
 
 
 @dataclass

@@ -69,6 +69,7 @@ from lenvm.decoding.params import (
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
+from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError
 
 # What a vLLM request may ask for: one pass of decoding, so no retries and no best_of.
@@ -204,6 +205,14 @@ class LenVMLogitsProcessor(LogitsProcessor):
         dtype = _setting(vllm_config, "lenvm_dtype", "float32")
         self.lenvm = LengthValueModel.from_pretrained(path, device=device, dtype=dtype).eval()
         _use_vllm_cpu_gemm(self.lenvm.body)
+        span = attention_span(self.lenvm.backbone, "the LenVM's body")
+        if vllm_config.model_config.max_model_len > span:
+            raise ValueError(
+                f"the LenVM's stream computes its body as the model does for {span} tokens (its context, "
+                f"or its sliding window: the stream attends to the whole prefix), fewer than vLLM's "
+                f"max_model_len of {vllm_config.model_config.max_model_len}: start vLLM with "
+                f"max_model_len={span}"
+            )
         check_tokenizer(self.lenvm.config, load_tokenizer(vllm_config.model_config.tokenizer), "vLLM's model")
         self.device = device
         self.eos = torch.tensor(self.lenvm.config.eos_token_ids, device=device)
