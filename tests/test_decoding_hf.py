@@ -350,3 +350,23 @@ def test_a_sliding_window_bounds_every_decoder(tmp_path):
     )
     with pytest.raises(InputError, match="sliding_attention"):
         LenVMLogitsProcessor(lenvm, Control("tilt", beta=1.0))
+
+
+def test_generate_stopping_on_fewer_eos_ids_than_the_lenvm_is_named(ending_path, eos_generator):
+    """The processor ends answers with any of the LenVM's EOS ids; generate told to stop on others
+    went on after them (and was taken for beam search): a clear error says which ids to pass."""
+    model, tok = eos_generator
+    lenvm = LengthValueModel.from_base(ending_path, kind="attached", gamma=0.9, generator=eos_generator)
+    ids = torch.tensor([encode_prompt(tok, PROMPTS[0])])
+    config = dict(do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
+
+    def run(eos_token_id):
+        processor = LenVMLogitsProcessor(
+            lenvm, Control("equal_to", target=4), sampling=SamplingParams(max_new_tokens=20)
+        )
+        return model.generate(ids, logits_processor=[processor], eos_token_id=eos_token_id, **config)
+
+    assert run(tok.eos_token_id)[0, -1] == tok.eos_token_id
+    other = tok.convert_tokens_to_ids("a")  # a stop token generate is given, not the LenVM's EOS
+    with pytest.raises(InputError, match=rf"pass eos_token_id=\[{tok.eos_token_id}\] to generate"):
+        run(other)

@@ -96,6 +96,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
         self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
         self._prompt_width = self._longest = 0
+        self._pad: int | None = None  # the padding of the current call's rows
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -104,13 +105,16 @@ class LenVMLogitsProcessor(LogitsProcessor):
         seen = self._seen
         # Within one generate() call each call adds one column to unfinished rows; anything else
         # (a longer chat that goes on from finished answers included) is a new call.
-        if (
-            seen is None
-            or seen.shape[0] != batch
-            or width != seen.shape[1] + 1
-            or not torch.equal(input_ids[:, : seen.shape[1]], seen)
-            or bool(self._done.all())
-        ):
+        extends = (
+            seen is not None
+            and seen.shape[0] == batch
+            and width == seen.shape[1] + 1
+            and torch.equal(input_ids[:, : seen.shape[1]], seen)
+        )
+        if extends:
+            self._check_ended(input_ids[:, -1])
+            self._advance(input_ids[:, seen.shape[1] :])
+        else:
             if seen is not None and _reordered(input_ids, seen):
                 raise InputError(
                     "the LenVM logits processor follows each row as one answer; beam search (num_beams > 1) "
@@ -124,8 +128,6 @@ class LenVMLogitsProcessor(LogitsProcessor):
                     "call on these ids, call reset() first)"
                 )
             self._start(input_ids)  # a new generate() call
-        else:
-            self._advance(input_ids[:, seen.shape[1] :])
         self._seen = input_ids
         self._rows.step.fill_(width - self._prompt_width)
         if self._longest + width - self._prompt_width >= self.span:  # a candidate would go beyond it
@@ -144,6 +146,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         """Prefill every row's prompt (leading padding stripped)."""
         self.reset()
         pad = self.pad_token_id if self.pad_token_id is not None else self.lenvm.tokenizer.pad_token_id
+        self._pad = pad
         rows = []
         for row in input_ids.tolist():
             start = next((i for i, t in enumerate(row) if t != pad), len(row) - 1)
@@ -161,6 +164,20 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._done = torch.zeros(n, dtype=torch.bool, device=self.eos.device)
         self._prompt_width = input_ids.shape[1]
         self._longest = max(len(row) for row in rows)
+
+    def _check_ended(self, column: torch.Tensor) -> None:
+        """Rows that ended with one of the LenVM's EOS ids get padding from ``generate`` (or an EOS
+        again), and once every row has ended ``generate`` stops. A row that got another token, or
+        a step after every row ended, means that ``generate`` stops on fewer EOS ids than the LenVM
+        ends answers with."""
+        pad = self._pad if self._pad is not None else -1
+        went_on = self._done & ~torch.isin(column, self.eos) & (column != pad)
+        if bool(went_on.any()) or bool(self._done.all()):
+            ids = self.eos.tolist()
+            raise InputError(
+                f"generate went on after an answer ended with one of the LenVM's EOS ids {ids}: pass "
+                f"eos_token_id={ids} to generate (its generation config stops on fewer of them)"
+            )
 
     def _advance(self, new: torch.Tensor) -> None:
         """Bring the cache up to date with the tokens ``generate`` appended since the last call:
