@@ -213,6 +213,10 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         TrainConfig(gamma=1.5)
     with pytest.raises(InputError):
         TrainConfig(kind="attached", freeze_backbone=False)
+    # A backbone fine-tuned in float16 (no float32 copy, no loss scaling) gave NaN at any lr.
+    with pytest.raises(InputError, match="cannot be fine-tuned in float16"):
+        train(records, str(tiny_path), tmp_path / "f16", TrainConfig(kind="standalone"), dtype="float16")
+    assert not (tmp_path / "f16").exists()
     bad = [dict(records[0], completion_token_ids=[10**6])] + records[1:]
     with pytest.raises(InputError, match="vocabulary"):
         train(

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from lenvm import vision
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
-from lenvm.hub import model_name
+from lenvm.hub import model_name, torch_dtype
 from lenvm.io import InputError, RunLock, atomic_path, check_writable, is_int, is_real, write_json
 from lenvm.losses import (
     AGGREGATIONS,
@@ -219,6 +219,13 @@ def train(
     there never is.
     """
     config = (config or TrainConfig()).resolved()
+    if not config.freeze_backbone and torch_dtype(dtype) == torch.float16:
+        # Its weights, gradients and optimizer state would all be float16, with no float32 copy or
+        # loss scaling: the loss turns NaN within steps, whatever the learning rate.
+        raise InputError(
+            "a backbone cannot be fine-tuned in float16: load it in float32 (with bf16 on, the default "
+            "on GPUs, it trains in mixed precision) or in bfloat16"
+        )
     refuse_to_replace(out, "training", lenvm=overwrite)  # before any work
     check_writable(out)
     if config.features_cache and Path(config.features_cache).resolve() == Path(out).resolve():
