@@ -564,6 +564,19 @@ def test_a_prompt_is_text_or_messages():
         as_prompt({"id": "m", "messages": [{"role": "user", "content": "x\udced"}]})
 
 
+def test_without_a_chat_template_a_conversation_is_refused_not_flattened():
+    from lenvm.prompts import template_ids
+    from lenvm.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    one = template_ids(tokenizer, Prompt("u", messages=[{"role": "user", "content": "Hi"}]))
+    assert one == template_ids(tokenizer, Prompt("t", text="Hi"))  # one user message is its text
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(InputError, match="'c': the tokenizer has no chat template"):
+        template_ids(tokenizer, Prompt("c", messages=talk))
+
+
 def test_a_prompts_file_with_a_lone_surrogate_is_named_by_line(tmp_path, capsys):
     from lenvm.cli import main
 

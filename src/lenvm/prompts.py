@@ -317,4 +317,12 @@ def template_ids(tokenizer, prompt: Prompt, chat_template: str | None = None) ->
         return list(ids)
     if prompt.text is not None:
         return list(tokenizer(prompt.text)["input_ids"])
-    return list(tokenizer("\n".join(m["content"] for m in template_messages(prompt)))["input_ids"])
+    messages = template_messages(prompt)
+    if len(messages) != 1 or messages[0]["role"] != "user" or not isinstance(messages[0]["content"], str):
+        # Joined into one text, the roles and turns would be lost without a word.
+        raise InputError(
+            f"prompt {prompt.id!r}: the tokenizer has no chat template, so a conversation (roles, turns) "
+            "cannot be written out for it: give the prompt as text (or one user message), or a tokenizer "
+            "with a chat template"
+        )
+    return list(tokenizer(messages[0]["content"])["input_ids"])
