@@ -4,6 +4,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lenvm import LengthValueModel
 from lenvm.io import InputError, write_text
@@ -144,6 +146,26 @@ def test_bad_completions_are_input_errors(lenvm):
             token_values(lenvm, PROMPT, [bad])
     with pytest.raises(InputError, match="the completion: its text holds U\\+DCED"):
         token_values(lenvm, PROMPT, "x\udced")  # argv bytes that are not UTF-8
+
+
+# Bytes of 你 (E4 BD A0) and 🎉 (F0 9F 8E 89), "a" and a space: lead bytes, continuations, ASCII.
+_BYTES = [0xE4, 0xBD, 0xA0, 0xF0, 0x9F, 0x8E, 0x89, 0x61, 0x20]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_BYTES), max_size=24))
+def test_token_texts_join_into_the_decoded_text(data):
+    """Whatever the bytes, stray ones included (each shown as U+FFFD), the pieces join back."""
+    from lenvm.testing import tiny_tokenizer
+    from lenvm.values_view import _byte_level_alphabet, token_texts
+
+    tokenizer = _TOKENIZER.setdefault("tiny", tiny_tokenizer())
+    char_of = {b: c for c, b in _byte_level_alphabet().items()}
+    ids = tokenizer.convert_tokens_to_ids([char_of[b] for b in data])  # one byte token each
+    assert "".join(token_texts(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+_TOKENIZER: dict = {}
 
 
 def test_characters_split_over_tokens_are_shown_whole(lenvm):

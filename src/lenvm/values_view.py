@@ -203,8 +203,9 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     start = 0
     for i in range(len(ids)):
         piece = tokenizer.decode(ids[start : i + 1])
-        # A UTF-8 character has at most 4 bytes: wait no longer than that for the rest of it.
-        if piece.endswith("\ufffd") and i + 1 < len(ids) and i - start < 3:
+        # Waits past 4 bytes too: after stray bytes (each a U+FFFD of its own) the tokens that
+        # complete a character may still come.
+        if piece.endswith("\ufffd") and i + 1 < len(ids):
             texts.append("")
             continue
         texts.append(piece)
