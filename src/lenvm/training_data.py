@@ -428,7 +428,9 @@ def training_data(
 
 def shuffled(examples: Iterable[Example], seed: list[int], buffer: int) -> Iterator[Example]:
     """``examples`` in random order: a full permutation of a list, a bounded-buffer shuffle of a
-    stream.
+    stream. A list is put in a canonical order first (by prompt id, then tokens), so that the
+    same records give the same order however a file holds them (a resumed rollout run, or another
+    batch size, writes them in another order); a stream's order follows its file.
 
     The buffer shuffle holds ``buffer`` examples and emits a random one of them as each new one
     arrives, so an example moves at most about ``buffer`` places earlier and a few buffer
@@ -439,6 +441,7 @@ def shuffled(examples: Iterable[Example], seed: list[int], buffer: int) -> Itera
     rng = np.random.default_rng(seed)
     held = examples.held if isinstance(examples, ExampleStream) else examples
     if isinstance(held, list):
+        held = sorted(held, key=lambda e: (e.prompt_id, e.input_ids))
         for i in rng.permutation(len(held)):
             yield held[i]
         return
