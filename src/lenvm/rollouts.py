@@ -343,7 +343,8 @@ def _hf_batches(model, tokenizer, jobs, sampling, batch_size):
     """Completions from the decoding engine (plain sampling), each yielded as soon as it ends.
     The engine refills a row as soon as its completion ends (``generate`` waits for the longest
     of a batch), and each completion draws from its own seeded random stream, so its sample does
-    not depend on the batch it lands in."""
+    not depend on the batch it lands in (in reduced precision, a batch's rounding may still tip a
+    near tie: see :mod:`lenvm.decoding.sequence`)."""
     from lenvm.decoding import Engine
 
     return _engine_batches(Engine(model, tokenizer), jobs, sampling, batch_size)
