@@ -230,3 +230,24 @@ def test_unwritable_outputs_fail_before_the_work(tmp_path, monkeypatch, capsys):
     assert err.value.filename == str(tmp_path / "r.jsonl")
     assert main(["calibrate", "--lenvm", str(tmp_path / "none"), "--rollouts", "r.jsonl"]) == 2
     assert f"Read-only file system: {tmp_path / 'none'}" in capsys.readouterr().err
+
+
+def test_json_writes_figures_that_are_not_numbers_as_null(tmp_path):
+    """A metric with nothing to measure is NaN: JSON has no NaN, so other readers refused the file."""
+    import json
+
+    data = {
+        "prompt_mre": float("nan"),
+        "evaluations": [{"x": float("inf")}, {"x": 1.5}],
+        "n": (2, -float("inf")),
+    }
+    write_json(tmp_path / "m.json", data)
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"prompt_mre": None, "evaluations": [{"x": None}, {"x": 1.5}], "n": [2, None]}
+
+
+def test_the_demo_summary_says_n_a_for_an_error_it_could_not_measure():
+    from lenvm.demo import _share
+
+    assert [_share(x) for x in (float("nan"), None, 0.2353)] == ["n/a", "n/a", "23.5%"]

@@ -390,7 +390,8 @@ def _markdown(report: dict) -> str:
     lines += [
         "| metric | LenVM | mean-length baseline |",
         "|---|---|---|",
-        f"| prompt-boundary mean relative error | {m['prompt_mre']:.1%} | {m['baseline_prompt_mre']:.1%} |",
+        f"| prompt-boundary mean relative error | {_share(m['prompt_mre'])} "
+        f"| {_share(m['baseline_prompt_mre'])} |",
         f"| per-token MAE of remaining length (tokens) | {m['token_mae']:.1f} "
         f"| {m['baseline_token_mae']:.1f} |",
         "",
@@ -398,7 +399,9 @@ def _markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     for domain, d in report["held_out_by_domain"].items():
-        lines.append(f"| {domain} | {d['prompts']} | {d['lenvm_mre']:.1%} | {d['baseline_mre']:.1%} |")
+        lines.append(
+            f"| {domain} | {d['prompts']} | {_share(d['lenvm_mre'])} | {_share(d['baseline_mre'])} |"
+        )
     end = report.get("end_head") or {}
     if "eval_mae" in end:
         lines += [
@@ -429,3 +432,9 @@ def _markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _share(x: float | None) -> str:
+    """A relative error as a percentage, or n/a where nothing was measured (NaN, or None once
+    read back from JSON)."""
+    return "n/a" if x is None or x != x else f"{x:.1%}"

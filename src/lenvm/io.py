@@ -239,10 +239,27 @@ def _check_file_target(path: str | os.PathLike) -> None:
         raise InputError(f"{path}: a folder, not a file to write")
 
 
+def json_text(data: Any, **options: Any) -> str:
+    """``json.dumps`` of ``data`` with a figure that is not a number (NaN, an infinity: a metric
+    with nothing to measure) written as ``null``, since JSON has no such values and other readers
+    refuse the ``NaN`` Python writes."""
+    return json.dumps(_finite(data), allow_nan=False, **options)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     _check_file_target(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(json_text(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
-from lenvm.io import InputError, atomic_path, is_int, write_text
+from lenvm.io import InputError, atomic_path, is_int, json_text, write_text
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
@@ -310,7 +310,7 @@ class LengthValueModel(nn.Module):
                 )
             else:
                 tmp.mkdir()
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            (tmp / CONFIG_NAME).write_text(json_text(self.config.to_dict(), indent=2) + "\n")
             head = {
                 k.removeprefix("head."): v.detach().float().contiguous().cpu()
                 for k, v in state_dict.items()
@@ -670,7 +670,7 @@ def save_config(
     safetensors files of the folder (by file name: their tensors). Returns the folder written."""
     path = Path(path)
     read_config(path)  # a LenVM folder, not any folder
-    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    text = json_text(config.to_dict(), indent=2) + "\n"
     in_place = out is None or Path(out).resolve() == path.resolve()
     if in_place and not weights:
         write_text(path / CONFIG_NAME, text)

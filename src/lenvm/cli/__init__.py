@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lenvm.cli import options
-from lenvm.io import InputError
+from lenvm.io import InputError, json_text
 
 
 def _quiet_transformers() -> None:
@@ -97,7 +97,7 @@ def cmd_rollout(args) -> None:
         vllm_args=args.vllm_args,
         progress=args.progress,
     )
-    print(json.dumps(summary.to_dict(), indent=2, default=str))
+    print(json_text(summary.to_dict(), indent=2, default=str))
 
 
 def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -155,7 +155,7 @@ def cmd_train(args) -> int | None:
             "seconds": round(result.seconds, 1),
             "train_tokens_per_second": round(result.tokens_per_second),
         }
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary, indent=2))
     launch.leave_process_group()  # after the main process has written the LenVM
 
 
