@@ -208,7 +208,8 @@ def run_lifebench(
             f"the generator's context{cap}"
         )
     table = select_rows(table, rows, langs, skip_rows, row_ids)
-    # Too long among the rows asked for (named rows that are too long were refused above).
+    # Too long among the rows of the languages asked for, the pool rows are drawn from (named rows
+    # that are too long were refused above).
     asked = [] if row_ids is not None else select_rows(every, None, langs)
     too_long = [r.id for r in asked if r.id in set(too_long)]
     sampling = bench_sampling(
@@ -354,7 +355,12 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
     parts = [
         f"Token-level LIFEBench: {n_rows} rows, targets {', '.join(map(str, targets))} tokens"
         + (f" (skipped at or above max_new_tokens: {', '.join(map(str, skipped))})" if skipped else "")
-        + (f"; {len(too_long)} rows left out as too long" if too_long else "")
+        + (
+            f"; {len(too_long)} rows of the data set in these languages are too long for the "
+            "generator's context and were never drawn"
+            if too_long
+            else ""
+        )
         + ". Length Score 0-100, its 95% interval in brackets (a bootstrap over the answers of "
         "each target); deviation = mean |L_out - L_target| / L_target.\n",
         lifebench_score.table2(summary, labels),
