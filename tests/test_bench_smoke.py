@@ -270,6 +270,12 @@ def test_prediction_on_given_rollouts_matches_sampling_them(tmp_path, data, endi
             assert again["metrics"][domain][key] == (figures[key] and pytest.approx(figures[key], rel=1e-9))
 
     records = [json.loads(line) for line in answers.read_text().splitlines()]
+    # Uneven samples per prompt: the table says how many, as a range.
+    first_prompt = records[0]["prompt_id"]
+    uneven = [r for r in records if r["prompt_id"] != first_prompt or r["sample_index"] < 2]
+    path = _jsonl(tmp_path / "uneven.jsonl", uneven)
+    run_prediction(tmp_path / "uneven", models=ending_models, truth_rollouts=[path], progress=False)
+    assert "ground truth from 2-4 samples per prompt" in (tmp_path / "uneven" / "table.md").read_text()
     hotter = [{**r, "sampling": {**r["sampling"], "temperature": 1.3}} for r in records[:2]]
     other = [{**records[0], "generator": "another-model"}]
     for name, bad, match in [

@@ -327,9 +327,11 @@ def run_prediction(
         records, policy = truth_records(truth_rollouts, models.name)
         held_out = _prompts_of(records)
         domain_of = {r["prompt_id"]: record_domain(r, domain_field) for r in records}
-        samples = max(Counter(r["prompt_id"] for r in records).values())
+        counts = Counter(r["prompt_id"] for r in records).values()
+        samples, fewest = max(counts), min(counts)
     else:
         domain_of = {p.id: str(p.extra.get(domain_field, "all")) for p in held_out}
+        fewest = samples
     train_records = read_rollouts(train_rollouts) if train_rollouts is not None else None
     if train_records is not None:
         _check_not_trained_on(held_out, train_records)
@@ -395,7 +397,8 @@ def run_prediction(
             "gamma": value_model.gamma,
             "prompts": len(in_domain["per_prompt"]),
             "prompts_mostly_cut": in_domain["mostly_cut"],
-            "samples": samples,
+            "samples": samples,  # per prompt, at most
+            "samples_fewest": fewest,  # per prompt, at least (given rollouts may hold uneven counts)
             "cut_samples": sum(r["finish_reason"] == "length" for r in records),
             "per_prompt": in_domain["per_prompt"],
             "cross_per_prompt": {d: c["per_prompt"] for d, c in cross.items()},
@@ -563,7 +566,7 @@ def _markdown(results: dict, total: int) -> str:
     ]
     speed = results["prediction"]
     text = (
-        f"Prompt-boundary length prediction: ground truth from {results['samples']} samples per "
+        f"Prompt-boundary length prediction: ground truth from {_samples(results)} samples per "
         f"prompt (return-consistent mean length, EOS counted); MRE = mean |pred - L_GT| / L_GT, MAE "
         f"in tokens, Spearman = rank correlation of predicted and true lengths; Spearman ceiling = "
         f"what a predictor of each prompt's expected length would reach against this sampled truth "
@@ -707,3 +710,9 @@ def main(args) -> None:
         backend=args.backend,
         **options.sampling_overrides(args),
     )
+
+
+def _samples(results: dict) -> str:
+    """The samples per prompt behind the truths: one count, or the range of uneven ones."""
+    most, fewest = results["samples"], results.get("samples_fewest", results["samples"])
+    return str(most) if fewest == most else f"{fewest}-{most}"
