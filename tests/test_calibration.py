@@ -121,6 +121,15 @@ def test_calibrating_moves_the_heads_predictions_toward_what_happened(tiny_path,
     calibration = calibrate(lenvm, records)
     after = calibration(torch.from_numpy(values)).numpy()
     assert np.mean((after - returns) ** 2) < np.mean((values - returns) ** 2)
+    # The fit's own report says the same.
+    from lenvm.calibration import fit_on_rollouts
+    from lenvm.returns import value_to_length
+
+    fit = fit_on_rollouts(lenvm, records)
+    assert fit.calibration == calibration and fit.states == len(values)
+    assert fit.mse_before == pytest.approx(np.mean((values - returns) ** 2))
+    assert fit.mse_after == pytest.approx(np.mean((after - returns) ** 2))
+    assert fit.seen == pytest.approx(tuple(value_to_length(np.array([values.max(), values.min()]), 0.9)))
 
 
 def test_realized_returns_are_monte_carlo_and_bootstrapped_at_a_cut(tiny_path, tiny_generator):
@@ -151,7 +160,19 @@ def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_genera
     assert read_config(tmp_path / "l").calibration is None  # the original is left alone
     assert read_config(tmp_path / "copy").calibration is not None
     assert (tmp_path / "copy" / "notes.txt").read_text() == "kept"
-    assert "tokens left, as the head says" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tokens left, as the head says" in printed
+    # Before/after errors, and only rows within the lengths the head gave (not the map's fixed ends).
+    from lenvm.calibration import fit_on_rollouts
+    from lenvm.rollouts import read_rollouts
+
+    fit = fit_on_rollouts(LengthValueModel.from_pretrained(tmp_path / "l", generator=tiny_generator),
+                          read_rollouts(rollouts))  # fmt: skip
+    assert f"{fit.mse_before:.4f} before, {fit.mse_after:.4f} after" in printed
+    rows = [
+        float(line.split("->")[0]) for line in printed.splitlines() if "->" in line and "said" not in line
+    ]
+    assert rows and all(fit.seen[0] - 0.05 <= r <= fit.seen[1] + 0.05 for r in rows)  # printed to 0.1
     assert main(args) == 0
     assert read_config(tmp_path / "l").calibration == read_config(tmp_path / "copy").calibration
     assert (tmp_path / "l" / "notes.txt").read_text() == "kept"  # in place: only the config changes

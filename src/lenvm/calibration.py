@@ -138,6 +138,49 @@ def realized_returns(
     return np.concatenate(values), np.concatenate(returns)
 
 
+@dataclass(frozen=True)
+class CalibrationFit:
+    """A calibration with what it was fitted on: the ``states`` of the rollouts, the range of
+    remaining lengths the head gave them (``seen``: within it the map follows the answers, beyond
+    it only its fixed ends), and the squared error of the values against the realized returns
+    before and after the map, on those same states (in-sample: held-out rollouts tell more)."""
+
+    calibration: Calibration
+    states: int
+    seen: tuple[float, float]
+    mse_before: float
+    mse_after: float
+
+
+def fit_on_rollouts(
+    lenvm, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+) -> CalibrationFit:
+    """Fit a calibration of ``lenvm`` on rollouts ``records`` (see :func:`calibrate`) without
+    setting it."""
+    from lenvm.returns import value_to_length
+
+    records = list(records)
+    if records and not any(r.get("finish_reason") == "stop" for r in records):
+        warnings.warn(
+            "no rollout ended with EOS: every realized return is bootstrapped from the LenVM's own "
+            "values, so the map can only echo them (raise max_new_tokens for the rollouts)",
+            stacklevel=2,
+        )
+    values, returns = realized_returns(lenvm, records, batch_size, progress)
+    calibration = fit_calibration(values, returns)
+    mapped = calibration(torch.from_numpy(values)).numpy()
+    shortest, longest = sorted(
+        float(n) for n in value_to_length(np.array([values.min(), values.max()]), lenvm.gamma)
+    )
+    return CalibrationFit(
+        calibration,
+        len(values),
+        (shortest, longest),
+        float(np.mean((values - returns) ** 2)),
+        float(np.mean((mapped - returns) ** 2)),
+    )
+
+
 def calibrate(
     lenvm,
     records: Iterable[dict[str, Any]] | str | os.PathLike,
@@ -150,14 +193,7 @@ def calibrate(
         from lenvm.rollouts import read_rollouts
 
         records = read_rollouts(records)
-    records = list(records)
-    if records and not any(r.get("finish_reason") == "stop" for r in records):
-        warnings.warn(
-            "no rollout ended with EOS: every realized return is bootstrapped from the LenVM's own "
-            "values, so the map can only echo them (raise max_new_tokens for the rollouts)",
-            stacklevel=2,
-        )
-    calibration = fit_calibration(*realized_returns(lenvm, records, batch_size, progress))
+    calibration = fit_on_rollouts(lenvm, records, batch_size, progress).calibration
     lenvm.config.calibration = calibration.to_dict()
     return calibration
 

@@ -235,19 +235,26 @@ def cmd_predict(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from lenvm.calibration import calibrate, length_map
+    from lenvm.calibration import fit_on_rollouts, length_map
     from lenvm.model import save_config
     from lenvm.rollouts import read_rollouts
 
     _check_out(args.out, args.overwrite, "calibrating", source=args.lenvm)
     lenvm = _load_lenvm(args)
     records = read_rollouts(args.rollouts)
-    calibration = calibrate(lenvm, records, batch_size=args.batch_size, progress=args.progress)
+    fit = fit_on_rollouts(lenvm, records, batch_size=args.batch_size, progress=args.progress)
+    lenvm.config.calibration = fit.calibration.to_dict()
     out = save_config(args.lenvm, lenvm.config, args.out)
-    print(f"calibrated on {len(records)} rollouts; wrote {out}", file=sys.stderr)
-    print("tokens left, as the head says -> as its answers went on")
-    for said, went in length_map(calibration, lenvm.gamma, (2, 4, 8, 16, 32, 64, 128, 256)):
-        print(f"{said:8.0f} -> {went:6.1f}")
+    print(f"calibrated on {len(records)} rollouts ({fit.states} states); wrote {out}", file=sys.stderr)
+    low, high = fit.seen
+    print(
+        f"squared error of the values against what the answers did: {fit.mse_before:.4f} before, "
+        f"{fit.mse_after:.4f} after (on these rollouts)"
+    )
+    print(f"tokens left, as the head says -> as its answers went on (the head said {low:.1f} to {high:.1f})")
+    shown = [n for n in (2, 4, 8, 16, 32, 64, 128, 256) if low <= n <= high] or [low, high]
+    for said, went in length_map(fit.calibration, lenvm.gamma, shown):
+        print(f"{said:8.1f} -> {went:6.1f}")
 
 
 def cmd_train_end_head(args) -> None:
