@@ -487,10 +487,19 @@ def test_bench_cli_bad_input_is_a_clear_error(tmp_path, tiny_path, lenvm_dir, da
     assert sorted(p.name for p in Path(tiny_path).iterdir()) == before
 
 
-def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
+def test_schedule_smoke_and_resume(tmp_path, data, ending_models, monkeypatch):
+    import lenvm.bench.schedule as schedule_module
     from lenvm.bench import run_schedule
     from lenvm.prompts import read_prompts
     from lenvm.rollouts import SamplingParams, rollout
+
+    served, serve = [], schedule_module._serve
+
+    def logged(models, queue, aging, batch_size, workload, progress, desc):
+        served.append((desc, queue, max(r.sampling.max_new_tokens for _, r in workload)))
+        return serve(models, queue, aging, batch_size, workload, progress, desc)
+
+    monkeypatch.setattr(schedule_module, "_serve", logged)
 
     replayed = tmp_path / "held_out_rollouts.jsonl"
     rollout((ending_models.generator, ending_models.tokenizer), read_prompts(data["prompts"]), replayed, n=4,
@@ -511,6 +520,10 @@ def test_schedule_smoke_and_resume(tmp_path, data, ending_models):
             live["latency_steps"]["mean"] >= 1 and live["ttft_steps"]["p99"] <= live["latency_steps"]["p99"]
         )
     assert "Live, in the engine" in (out / "table.md").read_text()
+    # Every policy is warmed up, untimed, before the first is timed: a cold start counted against FCFS.
+    assert [(d, q) for d, q, _ in served] == [("warm-up", "fcfs"), ("warm-up", "shortest"),
+                                              ("fcfs", "fcfs"), ("lenvm", "shortest")]  # fmt: skip
+    assert served[0][2] == 4
     # A rerun serves nothing again: the live figures come from the results folder's log.
     assert len((out / "items.jsonl").read_text().splitlines()) == 2
     again = run_schedule(out, **kwargs)
