@@ -377,9 +377,10 @@ def _markdown(report: dict) -> str:
         "",
         f"gamma {report['gamma']:.4f} (p99 rule); {report['rollouts']['completions']} completions, "
         f"{report['rollouts']['finished']} ended with EOS (rollouts by {report['rollouts']['backend']}); "
-        f"wall time {report['wall_seconds']:.0f} s.",
+        f"wall time of this run {report['wall_seconds']:.0f} s.",
         "",
-        f"Held-out prompts: {m.get('eval_prompts', 0)} with a ground truth (the mean of their samples), "
+        f"Held-out prompts: {m.get('eval_prompts', 0)} with a ground truth (the return-consistent mean "
+        "length of their samples), "
         f"{m.get('eval_prompts_cut', 0)} more where most samples hit max_new_tokens; "
         f"{m.get('eval_finished', 0)} held-out completions ended with EOS.",
         "",
@@ -388,7 +389,7 @@ def _markdown(report: dict) -> str:
         lines += ["No held-out completion ended with EOS: raise --max-new-tokens.", ""]
         return "\n".join(lines)
     lines += [
-        "| metric | LenVM | mean-length baseline |",
+        "| metric | LenVM | baseline: the mean length of the training answers that ended |",
         "|---|---|---|",
         f"| prompt-boundary mean relative error | {_share(m['prompt_mre'])} "
         f"| {_share(m['baseline_prompt_mre'])} |",

@@ -60,7 +60,7 @@ PREDICTORS = {
     "lenvm": "LenVM V(s_0)",
     "ridge": "ridge on prompt features",
     "prompt_length": "prompt length",
-    "mean": "training mean",
+    "mean": "training mean (every answer, a cut one at its cut)",
     "mean_rc": "training mean, return-consistent",
 }
 # "List 7 ...", "write 3 ...", "64 tokens", "64个token", "300字": the count a prompt asks for.
