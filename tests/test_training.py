@@ -266,6 +266,24 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         )
 
 
+def test_a_head_trains_the_same_on_the_same_records_in_another_order(tmp_path, tiny_path, tiny_generator):
+    """A resumed rollout run writes the same records in another order: the same LenVM."""
+    from safetensors.torch import load_file
+
+    records = synthetic_records(tiny_generator[1])
+    for name, ordered in (("a", records), ("b", records[::-1])):
+        train(
+            ordered,
+            str(tiny_path),
+            tmp_path / name,
+            _config(epochs=2),
+            generator=tiny_generator,
+            progress=False,
+        )
+    a, b = (load_file(tmp_path / name / "head.safetensors") for name in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_finetune_standalone(tmp_path, tiny_path, tiny_generator):
     records = synthetic_records(tiny_generator[1])
     config = TrainConfig(kind="standalone", epochs=3, lr=1e-3, batch_size=4, bf16=False, eval_fraction=0.25)

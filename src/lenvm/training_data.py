@@ -203,7 +203,10 @@ def scan(
 
 class ExampleStream:
     """The examples of some prompts of a source, re-read on each iteration (or held, when the
-    source is in memory). ``len()`` is known from the scan."""
+    source is in memory). ``len()`` is known from the scan. Held examples are in a canonical order
+    (by prompt id, then tokens), so that the same records train the same LenVM however a file
+    holds them (a resumed rollout run, or another batch size, writes them in another order); a
+    stream's order follows its file."""
 
     def __init__(
         self,
@@ -217,7 +220,9 @@ class ExampleStream:
     ):
         self.source, self.eos, self.truncated, self.max_length = source, eos_token_ids, truncated, max_length
         self.keep, self.drop = keep, drop
-        self._held = None if source.streamed else list(self._read())
+        self._held = (
+            None if source.streamed else sorted(self._read(), key=lambda e: (e.prompt_id, e.input_ids))
+        )
         self.size = len(self._held) if self._held is not None else size
 
     def _read(self) -> Iterator[Example]:
@@ -428,9 +433,7 @@ def training_data(
 
 def shuffled(examples: Iterable[Example], seed: list[int], buffer: int) -> Iterator[Example]:
     """``examples`` in random order: a full permutation of a list, a bounded-buffer shuffle of a
-    stream. A list is put in a canonical order first (by prompt id, then tokens), so that the
-    same records give the same order however a file holds them (a resumed rollout run, or another
-    batch size, writes them in another order); a stream's order follows its file.
+    stream.
 
     The buffer shuffle holds ``buffer`` examples and emits a random one of them as each new one
     arrives, so an example moves at most about ``buffer`` places earlier and a few buffer
@@ -441,7 +444,6 @@ def shuffled(examples: Iterable[Example], seed: list[int], buffer: int) -> Itera
     rng = np.random.default_rng(seed)
     held = examples.held if isinstance(examples, ExampleStream) else examples
     if isinstance(held, list):
-        held = sorted(held, key=lambda e: (e.prompt_id, e.input_ids))
         for i in rng.permutation(len(held)):
             yield held[i]
         return
