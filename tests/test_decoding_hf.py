@@ -340,6 +340,13 @@ def test_a_sliding_window_bounds_every_decoder(tmp_path):
     with pytest.raises(InputError, match="reached 16 tokens"):
         model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
                        logits_processor=[processor])  # fmt: skip
+    # Only live rows count: a long prompt whose answer ended early stops no one (generate pads it).
+    processor.reset()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.tensor([list(range(100, 112)), [pad] * 10 + [100, 101]])
+    for step in range(10):  # the short row reaches 12 tokens, the long one would have 22
+        processor(ids, torch.randn(2, len(tokenizer)))
+        ids = torch.cat([ids, torch.tensor([[eos if step == 0 else pad], [120 + step]])], 1)
     # A window on some layers (layer_types) is refused by both.
     model, tokenizer = _windowed(tmp_path / "qwen2", model_type="qwen2", use_sliding_window=True,
                                  sliding_window=16, max_window_layers=0)  # fmt: skip

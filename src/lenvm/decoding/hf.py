@@ -95,7 +95,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._ids: torch.Tensor | None = None  # [B, k] the candidates of the last call
         self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
         self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
-        self._prompt_width = self._longest = 0
+        self._prompt_width = 0
+        self._prompt_lengths: torch.Tensor | None = None  # [B] each row's prompt, padding stripped
         self._pad: int | None = None  # the padding of the current call's rows
 
     @torch.no_grad()
@@ -130,7 +131,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
             self._start(input_ids)  # a new generate() call
         self._seen = input_ids
         self._rows.step.fill_(width - self._prompt_width)
-        if self._longest + width - self._prompt_width >= self.span:  # a candidate would go beyond it
+        lengths = self._prompt_lengths + (width - self._prompt_width)
+        if bool((lengths[~self._done] >= self.span).any()):  # a live row's candidate would go beyond it
             raise InputError(
                 f"a row reached {self.span} tokens, the most the LenVM's stream computes as its body "
                 "does (its context, or its sliding window: the stream attends to the whole prefix); "
@@ -163,7 +165,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self._rows = Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device)
         self._done = torch.zeros(n, dtype=torch.bool, device=self.eos.device)
         self._prompt_width = input_ids.shape[1]
-        self._longest = max(len(row) for row in rows)
+        self._prompt_lengths = torch.tensor([len(row) for row in rows], device=self.eos.device)
 
     def _check_ended(self, column: torch.Tensor) -> None:
         """Rows that ended with one of the LenVM's EOS ids get padding from ``generate`` (or an EOS
