@@ -584,6 +584,14 @@ def test_a_prompts_file_with_a_lone_surrogate_is_named_by_line(tmp_path, capsys)
     prompts.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "He\\ud800llo"}\n')
     assert main(["rollout", "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl")]) == 2
     assert "p.jsonl:2: its text holds U+D800" in capsys.readouterr().err
+    # In a rollout record too, named by file and line (training blamed the tokenizer).
+    good = {"prompt_id": "a", "sample_index": 0, "prompt": "Hi", "prompt_token_ids": [1], "completion": "x",
+            "completion_token_ids": [5], "finish_reason": "length", "num_tokens": 1, "generator": "g",
+            "sampling": {}}  # fmt: skip
+    rollouts = tmp_path / "r.jsonl"
+    rollouts.write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt": "He\ud800llo"}) + "\n")
+    with pytest.raises(InputError, match="r.jsonl:2: bad rollout record: its text holds U\\+D800"):
+        read_rollouts(rollouts)
 
 
 def test_openai_prompt_text_is_what_our_engine_encodes(tiny_generator):

@@ -45,7 +45,7 @@ from lenvm.io import (
     read_jsonl_to_append,
     replaceable,
 )
-from lenvm.prompts import Prompt, PromptInput, as_prompt, encode_prompt, template_messages
+from lenvm.prompts import Prompt, PromptInput, as_prompt, encode_prompt, template_messages, unencodable
 
 if TYPE_CHECKING:
     import torch
@@ -587,4 +587,4 @@ def record_problem(record: Any) -> str | None:
         return "'num_tokens' differs from the length of 'completion_token_ids'"
     if record["finish_reason"] == "stop" and not record["completion_token_ids"]:
         return "a completion that stopped must end with its EOS id, but it has no tokens"
-    return None
+    return unencodable(record)
