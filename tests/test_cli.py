@@ -364,6 +364,10 @@ def test_generate_with_and_without_a_length_control(
     assert json.loads(capsys.readouterr().out)["finish_reason"] in ("stop", "length")
     code, err = _error(capsys, [*near, "--max-new-tokens", "1024"])
     assert code == 2 and "context" in err
+    code, err = _error(
+        capsys, [*near, "--lenvm", str(lenvm), "--equal-to", "10"]
+    )  # the limit it chose is named
+    assert code == 2 and "left out, --max-new-tokens is what the model's context leaves" in err
 
     code, err = _error(capsys, [*base, "--prompt", "Hi", "--equal-to", "5"])
     assert code == 2 and "needs a LenVM" in err

@@ -423,7 +423,10 @@ def cmd_generate(args) -> None:
                 _print_generated(args, prompts[printed], done.pop(printed))
                 printed += 1
     except RequestError as err:  # named as predict and rollout name a prompt
-        raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {err.reason}") from None
+        reason = err.reason
+        if args.max_new_tokens is None and "max_new_tokens (" in reason:
+            reason += " (left out, --max-new-tokens is what the model's context leaves after the prompt)"
+        raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {reason}") from None
 
 
 def _print_generated(args, prompt, result) -> None:
