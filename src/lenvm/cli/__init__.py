@@ -405,10 +405,8 @@ def cmd_generate(args) -> None:
         if sampling.seed is not None:
             settings["seed"] = derive_seed(sampling.seed, prompt.id, 0)
         if args.max_new_tokens is None:  # the default, within what the context leaves (as the server)
-            room = engine.context - len(vision.encode(tokenizer, prompt).ids)
-            settings["max_new_tokens"] = max(
-                1, min(sampling.max_new_tokens, room)
-            )  # < 1: the engine says why
+            room = engine.context - len(vision.encode(tokenizer, prompt).ids)  # < 1: the engine says why
+            settings["max_new_tokens"] = max(1, min(sampling.max_new_tokens, room))
         return replace(sampling, **settings)
 
     requests = [Request(p, prompt_sampling(p), control=control, return_values=args.values) for p in prompts]
