@@ -285,6 +285,41 @@ def test_missing_and_unreadable_images(tmp_path, vlm_generator):
     assert not out.exists()  # nothing was written, not even the completions of the good prompt
 
 
+def test_images_load_as_transformers_loads_them(tmp_path):
+    """Upright by EXIF orientation, transparency on white, wrapped base64 in a data URL."""
+    from PIL import Image
+    from transformers.image_utils import load_image as hf_load_image
+
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Image().getexif()
+    exif[0x0112] = 6  # rotated 90 degrees, as phone cameras write it
+    Image.new("RGB", (64, 16), (255, 0, 0)).save(turned, exif=exif.tobytes())
+    assert vision.load_image(str(turned)).size == hf_load_image(str(turned)).size == (16, 64)
+
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(clear)
+    assert vision.load_image(str(clear)).getcolors() == [(64, (255, 255, 255))]
+
+    wrapped = base64.encodebytes(clear.read_bytes()).decode()  # a line break every 76 characters
+    assert "\n" in wrapped
+    assert vision.load_image("data:image/png;base64," + wrapped).getcolors() == [(64, (255, 255, 255))]
+
+
+def test_images_the_image_processor_cannot_take(tmp_path, vlm_generator, monkeypatch):
+    from PIL import Image
+
+    tokenizer = vlm_generator[1]
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (2010, 10)).save(strip)
+    with pytest.raises(InputError, match="strip.png: 2010x10 pixels, more than 200 times"):
+        vision.encode(tokenizer, image_prompt(str(strip)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # beyond it, PIL suspects a decompression bomb
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(big)
+    with pytest.raises(InputError, match="big.png: not a readable image"):
+        vision.encode(tokenizer, image_prompt(str(big)))
+
+
 def test_image_prompt_for_a_text_only_generator(tmp_path, tiny_path, tiny_generator, image):
     prompt = image_prompt(str(image))
     with pytest.raises(InputError, match="text-only"):

@@ -42,6 +42,8 @@ from lenvm.prompts import Messages, Prompt, TokenIds, as_prompt, is_token_ids, t
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_TOKEN = "<|image_pad|>"
+# The longest side over the shortest that the supported image processors resize (their smart_resize).
+MAX_ASPECT = 200
 _ATTRIBUTE = "lenvm_processor"  # where a tokenizer carries its Processor
 
 
@@ -72,14 +74,16 @@ def placeholder_ids(config) -> list[int]:
 
 
 def load_image(ref: str):
-    """The RGB image a reference names (a path, a ``file://`` URL or a ``data:image/`` URL);
-    :class:`InputError` when it is missing or not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    """The RGB image a reference names (a path, a ``file://`` URL or a ``data:image/`` URL), as
+    ``transformers`` and vLLM load it: turned upright by its EXIF orientation, transparency laid
+    on white; :class:`InputError` when it is missing or not a readable image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     shown = ref if len(ref) < 100 else ref[:60] + "..."
     if ref.startswith("data:"):
         try:
-            data = base64.b64decode(ref.split(",", 1)[1], validate=True)
+            # Line breaks allowed: `base64` wraps its output at 76 characters.
+            data = base64.b64decode("".join(ref.split(",", 1)[1].split()), validate=True)
         except (binascii.Error, ValueError, IndexError):
             raise InputError(f"image {shown}: the data URL holds no valid base64 data") from None
         source: Any = io.BytesIO(data)
@@ -90,8 +94,12 @@ def load_image(ref: str):
         source = path
     try:
         with Image.open(source) as image:
-            return image.convert("RGB")  # decodes the whole file: a truncated one fails here
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+            image = ImageOps.exif_transpose(image)  # decodes the whole file: a truncated one fails here
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"image {shown}: not a readable image ({err})") from None
 
 
@@ -185,6 +193,14 @@ class Processor:
     def pixels(self, refs: list[str]) -> ImageInputs:
         """Load the images ``refs`` and run the image processor on them."""
         images = [load_image(ref) for ref in refs]
+        for ref, image in zip(refs, images, strict=True):
+            # The image processor refuses these mid-batch, without naming the image.
+            if max(image.size) > MAX_ASPECT * min(image.size):
+                shown = ref if len(ref) < 100 else ref[:60] + "..."
+                raise InputError(
+                    f"image {shown}: {image.width}x{image.height} pixels, more than {MAX_ASPECT} times "
+                    "longer than wide, which the image processor does not take"
+                )
         out = self.image_processor(images=images, return_tensors="pt")
         return ImageInputs(out["pixel_values"], out["image_grid_thw"].long())
 
