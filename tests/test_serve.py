@@ -543,7 +543,10 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": "Hi"}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user"}]}, "empty"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "content parts of type image_url are not supported",
+    ),
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
     ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),

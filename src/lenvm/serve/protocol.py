@@ -145,6 +145,20 @@ class ChatMessage(_Body):
     tool_calls: list[Any] | None = None
     function_call: Any = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        content = data.get("content") if isinstance(data, dict) else None
+        if isinstance(content, list):
+            kinds = {p.get("type") for p in content if isinstance(p, dict)} - {"text"}
+            if kinds:
+                raise ValueError(
+                    f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
+                    "the server takes text; prompts with images go through lenvm generate or the "
+                    "Python Engine"
+                )
+        return data
+
     @model_validator(mode="after")
     def _no_tool_calls(self) -> ChatMessage:
         if self.tool_calls or self.function_call:
@@ -203,7 +217,7 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if len(loc) > 1 and _is_type_name(loc[1]):
         members = dict.fromkeys(e["loc"][1] for e in errors if e["loc"][:1] == loc[:1] and len(e["loc"]) > 1)
         return f"{param}: expected one of {', '.join(map(str, members))}", param
-    return f"{name}: {error['msg']}", param
+    return f"{name}: {error['msg'].removeprefix('Value error, ')}", param
 
 
 def _is_type_name(part: Any) -> bool:
