@@ -320,6 +320,23 @@ def test_images_the_image_processor_cannot_take(tmp_path, vlm_generator, monkeyp
         vision.encode(tokenizer, image_prompt(str(big)))
 
 
+def test_image_placeholders_without_images_are_refused(vlm_generator):
+    """Token ids (a rollout's prompt_token_ids, say) or text that hold image pads but come without
+    the images: the model would read the pad's embedding where the image belongs."""
+    model, tokenizer = vlm_generator
+    pad = vision.processor_of(tokenizer).image_token_id
+    ids = encode_prompt(tokenizer, as_prompt("Hi"))
+    with pytest.raises(InputError, match="1 image placeholder token"):
+        Engine(model, tokenizer).generate(
+            [Request(ids[:2] + [pad] + ids[2:], SamplingParams(max_new_tokens=2))]
+        )
+    with pytest.raises(InputError, match="2 image placeholder token"):
+        vision.encode(tokenizer, "Look: " + vision.IMAGE_TOKEN * 2)
+    with pytest.raises(InputError, match="image placeholder"):
+        vision.forward_images(tokenizer, [(ids, ()), ([pad, *ids], ())], "cpu")
+    assert vision.encode(tokenizer, ids).ids == ids  # without pads, ids are taken as they are
+
+
 def test_image_prompt_for_a_text_only_generator(tmp_path, tiny_path, tiny_generator, image):
     prompt = image_prompt(str(image))
     with pytest.raises(InputError, match="text-only"):

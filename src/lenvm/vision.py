@@ -213,7 +213,7 @@ class Processor:
         ids = template_ids(self.tokenizer, prompt, self.chat_template)
         refs = prompt.images
         if not refs:
-            return Encoded(ids)
+            return Encoded(self.without_images(ids, f"prompt {prompt.id!r}"))
         images = self.pixels(refs)
         counts = self.tokens_per_image(images)
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
@@ -228,6 +228,17 @@ class Processor:
             expanded += ids[start:slot] + [self.image_token_id] * count
             start = slot + 1
         return Encoded(expanded + ids[start:], images, sum(counts))
+
+    def without_images(self, ids: list[int], what: str) -> list[int]:
+        """``ids`` of a sequence without images, refused where they hold image placeholders: the
+        model would read the placeholder's own embedding where an image's features belong."""
+        found = ids.count(self.image_token_id)
+        if found:
+            raise InputError(
+                f"{what} holds {found} image placeholder token(s) ({IMAGE_TOKEN}) but no images: "
+                "give the images with the prompt (as content parts), not their tokens"
+            )
+        return ids
 
     def inputs_for(self, rows: list[tuple[list[int], list[str]]]) -> ImageInputs | None:
         """Pixel inputs of model rows given as ``(token ids, image references)`` (ids from
@@ -269,9 +280,12 @@ def forward_images(
 ) -> dict[str, torch.Tensor]:
     """Forward keyword arguments with the pixel inputs of model rows ``(token ids, image
     references)`` (none when no row has images), checked against the rows' image tokens."""
-    if not any(refs for _, refs in rows):
-        return {}
     processor = processor_of(tokenizer)
+    if not any(refs for _, refs in rows):
+        for ids, _ in rows:
+            if processor is not None:
+                processor.without_images(ids, "a sequence")
+        return {}
     if processor is None:
         raise InputError("these sequences have images, but the model that reads them is text-only")
     return model_kwargs(processor.inputs_for([(ids, list(refs)) for ids, refs in rows]).to(device))
@@ -295,10 +309,11 @@ def encode(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> Encoded:
     images needs a vision-language generator's tokenizer (see :func:`processor_of`). Token ids
     are taken as they are (a prompt tokenized without the template, as an OpenAI-style text
     completion is)."""
-    if is_token_ids(prompt):
-        return Encoded(list(prompt))
-    prompt = as_prompt(prompt)
     processor = processor_of(tokenizer)
+    if is_token_ids(prompt):
+        ids = list(prompt)
+        return Encoded(processor.without_images(ids, "the prompt") if processor else ids)
+    prompt = as_prompt(prompt)
     if processor is not None:
         return processor.encode(prompt)
     if prompt.images:
