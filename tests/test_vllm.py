@@ -13,6 +13,7 @@ from lenvm import Control, Engine, LengthValueModel, Request, SamplingParams, lo
 from lenvm.calibration import Calibration
 from lenvm.io import InputError
 from lenvm.model import END_HEAD_NAME, ValueHead, save_config
+from lenvm.prompts import as_prompt, encode_prompt
 
 pytestmark = pytest.mark.vllm
 
@@ -104,6 +105,8 @@ def test_greedy_guided_decoding_matches_our_engine(tiny128, generator128, lenvms
         Request(PROMPTS[i % 3], SamplingParams(max_new_tokens=12, temperature=0.0), control=c)
         for i, c in enumerate(CONTROLS)
     ]
+    ids = encode_prompt(generator128[1], as_prompt(PROMPTS[0]))  # token ids are taken as they are
+    requests.append(Request(ids, SamplingParams(max_new_tokens=12, temperature=0.0), control=CONTROLS[0]))
     ours = Engine(*generator128, lenvm=lenvm, num_candidates=4).generate(requests)
     theirs = _engine(tiny128, path).generate(requests)
     assert [r.token_ids for r in theirs] == [r.token_ids for r in ours]

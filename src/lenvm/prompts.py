@@ -254,6 +254,8 @@ def as_prompt(
         )
     if not prompt:
         raise InputError("the prompt is an empty list: no messages and no token ids")
+    if is_token_ids(prompt):  # the callers that take ids handle them before they get here
+        raise InputError("token ids are not taken here: give the prompt as text or messages")
     if not all(isinstance(m, dict) for m in prompt):  # not messages: token ids of the wrong kind
         raise InputError(
             f"a list prompt holds messages ({{role, content}} objects) or token ids (Python ints), "

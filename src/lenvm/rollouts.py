@@ -45,7 +45,7 @@ from lenvm.io import (
     read_jsonl_to_append,
     replaceable,
 )
-from lenvm.prompts import Prompt, PromptInput, as_prompt, encode_prompt, template_messages, unencodable
+from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt, template_messages, unencodable
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +128,7 @@ def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[
 
 def rollout(
     generator: str | os.PathLike | tuple,
-    prompts: Sequence[PromptInput],
+    prompts: Sequence[str | Messages | dict[str, Any] | Prompt],
     out: str | os.PathLike,
     n: int = 4,
     sampling: SamplingParams | None = None,

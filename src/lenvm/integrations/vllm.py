@@ -437,14 +437,19 @@ class VLLMEngine:
         ``batch_size`` is accepted for a drop-in swap with our engine and not used."""
         from vllm.inputs import TokensPrompt
 
-        from lenvm.prompts import as_prompt, encode_prompt
+        from lenvm.prompts import as_prompt, encode_prompt, is_token_ids
 
         engine = self.llm.llm_engine
         context = engine.model_config.max_model_len
         prompts = []
         for i, request in enumerate(requests):
             params = self._params(i, request)
-            ids = encode_prompt(self.tokenizer, as_prompt(request.prompt, default_id=str(i)))
+            prompt = request.prompt
+            ids = (
+                list(prompt)
+                if is_token_ids(prompt)
+                else encode_prompt(self.tokenizer, as_prompt(prompt, str(i)))
+            )
             if len(ids) + params.max_tokens > context:  # as our engine: refused, not cut short by vLLM
                 raise RequestError(
                     i,
