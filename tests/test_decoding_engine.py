@@ -429,6 +429,15 @@ def test_best_of_prefers_a_natural_ending_then_the_closest():
     assert best_of([short, long], 32, NATURAL_EOS) is long
 
 
+def test_best_of_for_a_bound_prefers_one_that_meets_it_then_the_likeliest_end():
+    """Attempts of a bound that never ended naturally: one that meets the bound (At Most: the
+    bound itself meets it), then the one whose final EOS the generator found likeliest."""
+    at_bound, shorter, over = _result(20, 0.04), _result(15, 0.001), _result(21, 0.045)
+    assert best_of([shorter, at_bound, over], 20, NATURAL_EOS, "at_most") is at_bound
+    under, at_target, longer = _result(19, 0.045), _result(20, 0.001), _result(25, 0.04)
+    assert best_of([under, at_target, longer], 20, NATURAL_EOS, "at_least") is longer
+
+
 def test_best_of_is_checked():
     with pytest.raises(InputError, match="best_of"):
         Control("equal_to", target=5, best_of=0)
@@ -518,6 +527,7 @@ def _written(control, length, natural_at, max_new_tokens=40, ended=True):
         (Control("at_most", target=20), 20, True, 12),  # the last natural position within the bound
         (Control("at_least", target=8), 40, False, 10),  # the first at or past the target
         (Control("at_least", target=30), 40, False, None),  # none past the target
+        (Control("at_least", target=10), 40, False, 10),  # one exactly at the target
     ],
 )
 def test_an_answer_that_did_not_end_naturally_ends_where_its_own_text_could_have(
@@ -538,6 +548,20 @@ def test_an_answer_that_did_not_end_naturally_ends_where_its_own_text_could_have
     assert after.natural and after.finish_reason == "stop" and after.num_tokens == cut
     assert after.token_ids == before.token_ids[:cut] + [2]
     assert after.eos_prob == pytest.approx(0.2) and after.decoded_tokens == before.decoded_tokens
+
+
+def test_an_answer_is_never_ended_before_its_first_token_nor_under_ignore_eos(tiny_generator):
+    """A natural EOS chance at position 0 would make the answer empty; under ignore_eos an answer
+    runs to max_new_tokens whatever chances its text gave."""
+    _, tok = tiny_generator
+    seq = _written(Control("at_most", target=20), 20, natural_at={0})
+    assert not seq.end_earlier(seq.result(tok)) and seq.result(tok).num_tokens == 20
+    control = Control("at_most", target=20)
+    request = Request("Hi", SamplingParams(max_new_tokens=20, seed=0, ignore_eos=True), control=control)
+    seq = Sequence.start(0, request, [1], 0, "cpu")
+    for i in range(20):
+        seq.append(7 + i, False, -1.0, 0.5, {2}, (2, math.log(0.2 if i == 12 else 0.01)))
+    assert not seq.end_earlier(seq.result(tok)) and seq.result(tok).num_tokens == 20
 
 
 def test_an_at_most_answer_with_no_natural_end_in_any_attempt_ends_where_its_text_came_closest(
