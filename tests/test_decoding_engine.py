@@ -294,6 +294,8 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     for kwargs in bad_controls:
         with pytest.raises(InputError):
             Control(**kwargs)
+    with pytest.raises(InputError, match=rf"must lie in \[0, {len(tok)}\)"):
+        engine.generate([Request([5, len(tok)])])  # one past the vocabulary
     with pytest.raises(InputError, match="a list of requests"):
         engine.generate(Request("hi"))
     with pytest.raises(InputError, match="list of token ids .Python ints., got Tensor"):
@@ -885,6 +887,20 @@ def test_requests_join_a_running_scheduler_and_leave_when_aborted(tiny_generator
     for key, request in (("a", requests[0]), ("b", requests[1])):
         alone = engine.generate([request])[0]
         assert results[key].token_ids == alone.token_ids == streamed[key]
+    # A best_of request aborted after some of its attempts finished leaves nothing behind: its
+    # key may be used again.
+    best = Request(
+        "Hi", SamplingParams(max_new_tokens=12, seed=0), control=Control("equal_to", target=4, best_of=3)
+    )
+    scheduler = Scheduler(engine, batch_size=1)
+    scheduler.add(best, "k")
+    while "k" not in scheduler.tried:
+        scheduler.step()
+    with pytest.raises(InputError, match="'k' is already queued or running"):
+        scheduler.add(best, "k")
+    scheduler.abort("k")
+    assert not scheduler.tried and not scheduler.busy
+    scheduler.add(best, "k")
 
 
 def test_updates_show_where_a_retry_resampled_the_end(tiny_generator, lenvms):
@@ -1052,6 +1068,21 @@ def test_shortest_queue_admits_the_shortest_prediction_first_and_ages(tiny_gener
     # First come, first served (the default) ignores predictions.
     engine = Engine(model, tok, lenvm=lenvm)
     assert admission_order(Scheduler(engine, batch_size=1), arrivals) == ["x", "a", "d", "c"]
+
+
+def test_shortest_queue_with_retries_while_others_wait(tiny_generator, lenvms):
+    """Retries go back to the queue (first in line) while other requests wait: each request gets
+    the answer it gets alone."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4, queue="shortest")
+    never_natural = Control("at_most", target=4, natural_eos=1.0)  # every end is retried
+    requests = [
+        Request(p, SamplingParams(max_new_tokens=12, seed=i), control=never_natural)
+        for i, p in enumerate(PROMPTS)
+    ]
+    results = engine.generate(requests, batch_size=1)
+    assert all(r.retries == never_natural.max_retries for r in results)
+    assert [r.token_ids for r in results] == [engine.generate([q])[0].token_ids for q in requests]
 
 
 def test_queue_options_are_checked(tiny_generator, lenvms):
