@@ -71,6 +71,9 @@ def test_summary_averages_within_target_then_over_targets():
     score_32 = (100 * math.exp(-1) + 100) / 2
     assert eq["score"] == pytest.approx((score_32 + 100 * math.exp(-2.5)) / 2)
     assert eq["by_target"]["32"]["n"] == 2
+    assert list(eq["by_target"]) == ["32", "64"]
+    mixed = [_item("prompt", "equal_to", t, t) for t in (128, 16, 32)]
+    assert list(lifebench_score.summarize(mixed)["prompt"]["equal_to"]["by_target"]) == ["16", "32", "128"]
     assert set(eq["by_category"]) == {"qa", "create"}
     assert set(eq["by_lang"]) == {"en", "zh"}
     assert summary["prompt"]["at_most"]["score"] == 100.0
@@ -132,6 +135,12 @@ def test_summary_says_how_answers_ended():
     assert m["natural_end"] == pytest.approx(0.5)
     assert m["cut"] == 0.0
     assert m["median_ratio"] == pytest.approx((20 / 32 + 1) / 2)
+    assert m["decoding_cost"] == 1.0  # each answer decoded once, its EOS counted on both sides
+    resampled = [*items[:3], {**items[3], "decoded_tokens": 113}]  # 100 more tokens than kept
+    assert lifebench_score.summarize(resampled)["lenvm-ours"]["at_most"]["decoding_cost"] == 2.0
+    table = lifebench_score.quality_table(lifebench_score.summarize(items))
+    natural = lifebench_score.summarize(items)["lenvm-ours"]["at_most"]["natural_end_interval"]
+    assert f"50% ({100 * natural[0]:.0f}-{100 * natural[1]:.0f}%)" in table and natural[0] > 0.01
     least = [
         _ended("p", "at_least", 10, 512, finish="length", eos_prob=None),
         _ended("p", "at_least", 10, 12),

@@ -61,6 +61,9 @@ def test_calibration_passes_through_its_knots_and_round_trips():
     assert c(torch.tensor([-1.0, -0.5, -0.25, 0.0])).tolist() == pytest.approx([-1.0, -0.6, -0.3, 0.0])
     assert Calibration.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert c(torch.zeros(2, 3, dtype=torch.float32)).dtype == torch.float32
+    # Outside its knots a map holds its end returns, never leaving [-1, 0].
+    inner = Calibration((-0.8, -0.2), (-0.9, -0.1))
+    assert inner(torch.tensor([-1.0, -0.5, 0.0])).tolist() == pytest.approx([-0.9, -0.5, -0.1])
 
 
 @pytest.mark.parametrize(
@@ -70,6 +73,8 @@ def test_calibration_passes_through_its_knots_and_round_trips():
         ((-0.5, -0.6), (-0.5, -0.6)),
         ((-0.6, -0.5), (-0.5, -0.6)),
         ((-2.0, 0.0), (-1.0, 0.0)),
+        ((-1.0, 0.0), (-1.5, 0.0)),
+        ((-1.0, 0.0), (-1.0, 0.5)),
     ],
 )
 def test_bad_calibrations_are_refused(values, returns):
@@ -86,6 +91,12 @@ def test_fit_calibration_undoes_a_monotone_bias():
     assert c.values[0] == -1.0 and c.values[-1] == 0.0  # the ends map to themselves
     for a, b in length_map(c, gamma, [4, 16, 32]):
         assert b == pytest.approx(a + 8, abs=0.5)
+
+
+def test_fit_calibration_takes_returns_outside_the_range_as_its_ends():
+    """Bootstrapped returns may stray past [-1, 0] by a rounding: they count as the ends."""
+    c = fit_calibration([-0.9, -0.5, -0.1], [-1.2, -0.5, 0.3])
+    assert min(c.returns) == -1.0 and max(c.returns) == 0.0
 
 
 def test_fit_calibration_needs_data():

@@ -252,6 +252,8 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
     assert choice.values == pytest.approx(expected.values, abs=1e-5)
     assert choice.logprobs.token_logprobs == pytest.approx(expected.logprobs, abs=1e-4)
     assert choice.logprobs.tokens == [tok.decode([t]) for t in expected.token_ids]
+    starts = [sum(len(t) for t in choice.logprobs.tokens[:i]) for i in range(len(expected.token_ids))]
+    assert choice.logprobs.text_offset == starts  # where each token starts in the text, as in OpenAI's
     assert all(
         len(top) <= 3 and top[t] == lp
         for top, t, lp in zip(

@@ -217,7 +217,8 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
     with pytest.raises(InputError, match="cannot be fine-tuned in float16"):
         train(records, str(tiny_path), tmp_path / "f16", TrainConfig(kind="standalone"), dtype="float16")
     assert not (tmp_path / "f16").exists()
-    bad = [dict(records[0], completion_token_ids=[10**6])] + records[1:]
+    vocab = tiny_generator[0].get_input_embeddings().weight.shape[0]
+    bad = [dict(records[0], completion_token_ids=[vocab])] + records[1:]  # one past the vocabulary
     with pytest.raises(InputError, match="vocabulary"):
         train(
             bad, str(tiny_path), tmp_path / "x", _config(epochs=1), generator=tiny_generator, progress=False
