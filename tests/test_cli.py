@@ -367,7 +367,7 @@ def test_generate_with_and_without_a_length_control(
     code, err = _error(
         capsys, [*near, "--lenvm", str(lenvm), "--equal-to", "10"]
     )  # the limit it chose is named
-    assert code == 2 and "left out, --max-new-tokens is what the model's context leaves" in err
+    assert code == 2 and "max_new_tokens (left out: what the context leaves after the prompt" in err
 
     code, err = _error(capsys, [*base, "--prompt", "Hi", "--equal-to", "5"])
     assert code == 2 and "needs a LenVM" in err

@@ -272,6 +272,19 @@ def test_ignore_eos_runs_the_full_length(tiny_generator, lenvms):
     assert all(r.num_tokens == 10 and r.finish_reason == "length" for r in engine.generate(requests))
 
 
+def test_max_new_tokens_left_out_fits_what_the_context_leaves(tiny_generator):
+    """The default (1024) within the tiny model's context of 1024 after the prompt, as the server
+    and the CLI have it; given, it is kept, and too many is an error."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok)
+    prompt = "word " * 200
+    room = engine.context - len(encode_prompt(tok, prompt))
+    [result] = engine.generate([Request(prompt, SamplingParams(seed=0, ignore_eos=True))])
+    assert result.num_tokens == room and result.finish_reason == "length"
+    with pytest.raises(InputError, match=r"plus max_new_tokens \(1024\) exceeds the model's context"):
+        engine.generate([Request(prompt, SamplingParams(max_new_tokens=1024))])
+
+
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"])
@@ -1296,7 +1309,7 @@ def test_logits_that_are_not_numbers_stop_the_step(bad):
 
     logits = torch.zeros(2, 10)
     logits[1, 3] = bad
-    rows = Rows.build([SamplingParams(), SamplingParams()], [Control(), Control()], [0, 0], "cpu")
+    rows = Rows.build([SamplingParams(max_new_tokens=8)] * 2, [Control(), Control()], [0, 0], "cpu")
     with pytest.raises(ValueError, match="NaN"):
         decide(logits, rows, None, 4, torch.tensor([2]), None, uniform=torch.rand(2))
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lenvm.decoding import Control, SamplingParams
-from lenvm.decoding.params import LENGTH_KEYS, LengthKeyError, control_from_keys
+from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, LENGTH_KEYS, LengthKeyError, control_from_keys
 from lenvm.io import InputError
 
 
@@ -31,10 +31,16 @@ def test_bad_sampling_params_name_the_problem(bad):
 
 
 def test_policy_leaves_out_what_is_not_the_policy():
-    params = SamplingParams(temperature=0.7, seed=3, ignore_eos=True)
-    assert params.policy() == dict(
-        temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=1024, seed=3
-    )
+    params = SamplingParams(temperature=0.7, seed=3, ignore_eos=True, max_new_tokens=64)
+    assert params.policy() == dict(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=64, seed=3)
+
+
+def test_max_new_tokens_left_out_is_fitted_to_the_context():
+    assert SamplingParams().max_new_tokens is None
+    assert SamplingParams().fitted(5000).max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 1024
+    assert SamplingParams().fitted(300).max_new_tokens == 300
+    assert SamplingParams().fitted(0).max_new_tokens == 1  # the context check names the prompt
+    assert SamplingParams(max_new_tokens=2000).fitted(300).max_new_tokens == 2000  # given: as given
 
 
 def test_sampling_from_a_lenvms_policy_takes_its_truncation_and_nothing_else(tiny_path, tiny_generator):

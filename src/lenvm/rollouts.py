@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from lenvm import hub
-from lenvm.decoding.params import RequestError, SamplingParams
+from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, RequestError, SamplingParams
 from lenvm.io import (
     InputError,
     JsonlAppender,
@@ -162,6 +162,8 @@ def rollout(
         raise InputError("rollouts sample the generator's own lengths: ignore_eos must be off")
     if sampling.seed is None:
         sampling = replace(sampling, seed=0)  # resumable: every completion's seed derives from it
+    if sampling.max_new_tokens is None:  # part of the policy the records keep: one figure for all
+        sampling = replace(sampling, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     if not is_int(n) or n < 1:
         raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:

@@ -382,7 +382,6 @@ def _control(args):
 def cmd_generate(args) -> None:
     from dataclasses import replace
 
-    from lenvm import vision
     from lenvm.decoding import Engine, Request, Result, SamplingParams
     from lenvm.decoding.params import RequestError
     from lenvm.hub import load_generator
@@ -404,9 +403,6 @@ def cmd_generate(args) -> None:
         # prompt twice in a file gets two draws, and one prompt's answer is its rollout's sample 0).
         if sampling.seed is not None:
             settings["seed"] = derive_seed(sampling.seed, prompt.id, 0)
-        if args.max_new_tokens is None:  # the default, within what the context leaves (as the server)
-            room = engine.context - len(vision.encode(tokenizer, prompt).ids)  # < 1: the engine says why
-            settings["max_new_tokens"] = max(1, min(sampling.max_new_tokens, room))
         return replace(sampling, **settings)
 
     requests = [Request(p, prompt_sampling(p), control=control, return_values=args.values) for p in prompts]
@@ -421,10 +417,7 @@ def cmd_generate(args) -> None:
                 _print_generated(args, prompts[printed], done.pop(printed))
                 printed += 1
     except RequestError as err:  # named as predict and rollout name a prompt
-        reason = err.reason
-        if args.max_new_tokens is None and "max_new_tokens (" in reason:
-            reason += " (left out, --max-new-tokens is what the model's context leaves after the prompt)"
-        raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {reason}") from None
+        raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {err.reason}") from None
 
 
 def _print_generated(args, prompt, result) -> None:

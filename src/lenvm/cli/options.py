@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
+from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, POLICY_SETTINGS, SamplingParams
 from lenvm.hub import DEFAULT_MODEL, DTYPES
 
 _DEFAULTS = SamplingParams()
@@ -114,9 +114,9 @@ def add_sampling(
     group.add_argument("--top-p", type=float, help=f"nucleus mass, 1 is off (default {_DEFAULTS.top_p:g}*)")
     group.add_argument("--top-k", type=int, help=f"0 is off (default {_DEFAULTS.top_k}*)")
     group.add_argument("--min-p", type=float, help=f"0 is off (default {_DEFAULTS.min_p:g}*)")
-    default = None if fits_context else max_new_tokens or _DEFAULTS.max_new_tokens
+    default = None if fits_context else max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     shown = (
-        f"{_DEFAULTS.max_new_tokens}, or what the context leaves after the prompt"
+        f"{DEFAULT_MAX_NEW_TOKENS}, or what the context leaves after the prompt"
         if fits_context
         else "%(default)s"
     )
@@ -137,10 +137,9 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def sampling_from_args(args: argparse.Namespace, policy: dict[str, Any] | None = None) -> SamplingParams:
     """The :class:`SamplingParams` of the flags; flags left out take ``policy`` (a LenVM's training
-    policy), then the defaults."""
-    limit = _DEFAULTS.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    policy), then the defaults (``--max-new-tokens`` left out: fitted to the context by the engine)."""
     return SamplingParams.from_policy(
-        policy, **sampling_overrides(args), max_new_tokens=limit, seed=args.seed
+        policy, **sampling_overrides(args), max_new_tokens=args.max_new_tokens, seed=args.seed
     )
 
 

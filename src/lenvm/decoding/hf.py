@@ -29,7 +29,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from lenvm import vision
-from lenvm.decoding.params import Control, SamplingParams
+from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
 from lenvm.decoding.streams import attention_span
@@ -73,7 +73,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
             )
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        sampling = sampling or SamplingParams()
+        sampling = (sampling or SamplingParams()).fitted(DEFAULT_MAX_NEW_TOKENS)  # generate's limit: pass it
         for why in (control.unreachable(sampling.max_new_tokens), control.beyond_horizon(lenvm.gamma)):
             if why is not None:
                 raise InputError(why)

@@ -37,6 +37,9 @@ POLICY_SETTINGS = ("temperature", "top_p", "top_k", "min_p")
 # A temperature below this is greedy (as vLLM takes it): far below it, logits / temperature
 # would overflow float32 into nan.
 MIN_TEMPERATURE = 1e-5
+# The most tokens an answer takes when max_new_tokens is left out (then also within what the
+# context leaves after the prompt).
+DEFAULT_MAX_NEW_TOKENS = 1024
 # gamma**N below this: values N tokens from the end sit within float32 rounding of -1
 MIN_DISCOUNT = 1e-6
 
@@ -62,14 +65,16 @@ class SamplingParams:
     ``seed`` fixes the request's own random stream (None: a fresh one); a rollout derives each
     completion's seed from it. ``ignore_eos`` never ends before ``max_new_tokens`` (for speed
     measurements). ``top_logprobs``: how many of the most likely tokens to report at each step
-    (:attr:`Result.top_logprobs`), at most :data:`MAX_TOP_LOGPROBS`.
+    (:attr:`Result.top_logprobs`), at most :data:`MAX_TOP_LOGPROBS`. ``max_new_tokens`` left out
+    (None): :data:`DEFAULT_MAX_NEW_TOKENS`, or what the model's context leaves after the prompt
+    where that is less (:meth:`fitted`).
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    max_new_tokens: int = 1024
+    max_new_tokens: int | None = None
     seed: int | None = None
     ignore_eos: bool = False
     top_logprobs: int = 0
@@ -82,8 +87,8 @@ class SamplingParams:
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must lie in [0, 1)"),
             (
-                is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-                "max_new_tokens must be an integer >= 1",
+                self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
+                "max_new_tokens must be an integer >= 1 (or None: fitted to the context)",
             ),
             (
                 self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63),
@@ -99,6 +104,14 @@ class SamplingParams:
         if problems:
             got = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
             raise InputError(f"bad sampling parameters: {'; '.join(problems)} (got {got})")
+
+    def fitted(self, room: int) -> SamplingParams:
+        """With ``max_new_tokens`` set: as given, or (left out) the smaller of
+        :data:`DEFAULT_MAX_NEW_TOKENS` and ``room``, what the context leaves after the prompt (at
+        least 1: the context check that follows names a prompt that leaves none)."""
+        if self.max_new_tokens is not None:
+            return self
+        return replace(self, max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
 
     @property
     def greedy(self) -> bool:

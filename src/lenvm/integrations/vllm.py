@@ -50,7 +50,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -443,13 +443,13 @@ class VLLMEngine:
         context = engine.model_config.max_model_len
         prompts = []
         for i, request in enumerate(requests):
-            params = self._params(i, request)
             prompt = request.prompt
             ids = (
                 list(prompt)
                 if is_token_ids(prompt)
                 else encode_prompt(self.tokenizer, as_prompt(prompt, str(i)))
             )
+            params = self._params(i, replace(request, sampling=request.sampling.fitted(context - len(ids))))
             if len(ids) + params.max_tokens > context:  # as our engine: refused, not cut short by vLLM
                 raise RequestError(
                     i,
