@@ -345,6 +345,16 @@ def test_length_tokens_smoke(tmp_path, models, train_rollouts):
     assert results["completions"] == 6
     assert "Pushes longer" in (out / "table.md").read_text()
     assert run_length_tokens(out, models=models, rollouts=train_rollouts, min_count=1, top=5) == results
+    # Given only the LenVM folder, a benchmark loads the generator it was made for, as the CLI does.
+    alone = run_length_tokens(
+        tmp_path / "alone",
+        lenvm=models.lenvm_name,
+        rollouts=train_rollouts,
+        min_count=1,
+        top=5,
+        progress=False,
+    )
+    assert alone["completions"] == 6 and alone["settings"]["model"] == models.name
     # Rollouts that changed under the same name are not answered with the old results.
     grown = tmp_path / "grown.jsonl"
     grown.write_bytes(train_rollouts.read_bytes())

@@ -701,6 +701,16 @@ def generator_of(path: str | os.PathLike) -> str | None:
     return config.generator if config.kind == "standalone" else config.base_model
 
 
+def generator_for(model: str | os.PathLike | None, lenvm: str | os.PathLike | None) -> str | os.PathLike:
+    """The generator to load: ``model`` where given, else the one the LenVM folder ``lenvm`` was
+    made for (its head reads that generator's states), else the built-in default."""
+    if model is not None:
+        return model
+    from lenvm.hub import DEFAULT_MODEL
+
+    return (generator_of(lenvm) if lenvm is not None else None) or DEFAULT_MODEL
+
+
 def read_config(path: str | os.PathLike) -> LengthValueConfig:
     path = Path(path)
     config_file = path / CONFIG_NAME

@@ -31,7 +31,7 @@ from lenvm.io import (
     write_json,
     write_text,
 )
-from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueModel, generator_for
 from lenvm.prompts import encode_prompt
 
 BACKENDS = ("engine", "vllm")
@@ -87,7 +87,7 @@ class Models:
 
 
 def load_models(
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     device: str | None = None,
     dtype: str = "float32",
@@ -98,6 +98,7 @@ def load_models(
     retries, no best_of; the models loaded here still check prompts and read the LenVM)."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    model = generator_for(model, lenvm)
     generator, tokenizer = load_generator(model, device=device, dtype=dtype)
     value_model = None
     if lenvm is not None:

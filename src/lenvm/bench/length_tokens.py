@@ -15,7 +15,6 @@ from typing import Any
 from lenvm.bench.common import Models, Run, load_models, markdown_table
 from lenvm.cli import options
 from lenvm.horizon_tokens import length_token_stats
-from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import file_digest
 from lenvm.rollouts import read_rollouts
 
@@ -24,7 +23,7 @@ def run_length_tokens(
     out: str | os.PathLike,
     *,
     rollouts: str | os.PathLike,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     threshold: float | None = None,
     min_count: int = 3,

@@ -31,7 +31,6 @@ from lenvm.bench.common import (
 )
 from lenvm.cli import options
 from lenvm.decoding import Control, SamplingParams
-from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError, iter_jsonl
 from lenvm.prompts import Prompt
 
@@ -140,7 +139,7 @@ def token_task(row: Row, constraint: str, target: int) -> str:
 def run_lifebench(
     out: str | os.PathLike,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     data: str | os.PathLike = DEFAULT_DATA,
     targets: Sequence[int] = DEFAULT_TARGETS,

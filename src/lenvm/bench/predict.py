@@ -50,7 +50,7 @@ from lenvm.bench.common import (
 )
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
-from lenvm.hub import DEFAULT_MODEL, model_name
+from lenvm.hub import model_name
 from lenvm.io import InputError, RunLock, atomic_path, fingerprint, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
@@ -280,7 +280,7 @@ def run_prediction(
     prompts: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     gsm8k: str | os.PathLike | None = None,
     gsm8k_rows: tuple[int, int] | None = None,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     train_rollouts: str | os.PathLike | None = None,
     cross_domain: Sequence[str] = (),

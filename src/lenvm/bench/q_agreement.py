@@ -38,9 +38,9 @@ from lenvm.cli import options
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.streams import Hidden, Stream, cache_argument
-from lenvm.hub import DEFAULT_MODEL, eos_token_ids, load_generator, torch_dtype
+from lenvm.hub import eos_token_ids, load_generator, torch_dtype
 from lenvm.io import InputError, file_digest, is_int
-from lenvm.model import LengthValueModel, read_config
+from lenvm.model import LengthValueModel, generator_for, read_config
 from lenvm.returns import length_to_value, value_to_length
 from lenvm.rollouts import read_rollouts
 
@@ -147,7 +147,7 @@ def score_completion(
 def run_q_agreement(
     out: str | os.PathLike,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     exact: str | os.PathLike,
     q: str | os.PathLike,
     rollouts: str | os.PathLike,
@@ -199,6 +199,7 @@ def run_q_agreement(
         picked = np.random.default_rng(seed).choice(len(chosen), max_completions, replace=False)
         chosen = sorted(chosen[j] for j in picked.tolist())
 
+    model = generator_for(model, exact)
     generator, tokenizer = load_generator(model, device=device, dtype=torch_dtype(dtype))
     loaded = {}
     for name, path in (("exact", exact), ("q", q)):

@@ -25,9 +25,8 @@ from lenvm.bench.predict import run_prediction
 from lenvm.bench.tradeoff import DEFAULT_BETAS, EVAL_SEED, run_tradeoff
 from lenvm.cli import options
 from lenvm.decoding import SamplingParams
-from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import write_json, write_text
-from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueModel, generator_for
 from lenvm.prompt_sets import builtin_prompts
 from lenvm.prompts import Prompt
 from lenvm.rollouts import read_rollouts, rollout
@@ -115,7 +114,7 @@ FULL = Preset(
 def run_all(
     out: str | os.PathLike,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     train_rollouts: str | os.PathLike | None = None,
     quick: bool = False,
@@ -143,6 +142,7 @@ def run_all(
     preset = preset or (QUICK if quick else FULL)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    model = generator_for(model, lenvm)
     models = load_models(model, lenvm, device, dtype)
     rows, _ = lifebench.fitting_rows(
         lifebench.read_lifebench(lifebench_data),

@@ -39,7 +39,6 @@ from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_m
 from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, priority
-from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError, file_digest, is_int
 from lenvm.prompts import as_prompt
 from lenvm.rollouts import read_rollouts
@@ -138,7 +137,7 @@ def run_schedule(
     out: str | os.PathLike,
     *,
     rollouts: Sequence[str | os.PathLike],
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     batch_size: int = 8,
     load: float = 0.9,

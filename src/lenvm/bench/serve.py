@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from lenvm.bench.common import Run, markdown_table, pyplot
 from lenvm.bench.speed import DEFAULT_PROMPTS
 from lenvm.cli import options
-from lenvm.hub import DEFAULT_MODEL, load_tokenizer
+from lenvm.hub import load_tokenizer
 from lenvm.io import InputError, is_int, is_real
+from lenvm.model import generator_for
 
 MODES = ("plain", "guided")
 START_TIMEOUT_S = 900.0  # loading a model on a busy CPU can take minutes
@@ -46,7 +47,7 @@ FRESH = "fresh attached head"
 def run_serve_bench(
     out: str | os.PathLike,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
@@ -77,6 +78,7 @@ def run_serve_bench(
     if not is_real(tilt):
         raise InputError(f"tilt must be a finite number, got {tilt!r}")
     out = Path(out)
+    model = generator_for(model, lenvm)
     settings = {
         "benchmark": "serve",
         "model": str(model),

@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot
 from lenvm.cli import options
 from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
-from lenvm.hub import DEFAULT_MODEL, default_device, eos_token_ids, torch_dtype
+from lenvm.hub import default_device, eos_token_ids, torch_dtype
 from lenvm.io import InputError, is_int
-from lenvm.model import LengthValueModel, read_config
+from lenvm.model import LengthValueModel, generator_for, read_config
 from lenvm.prompts import encode_prompt
 
 DEFAULT_PROMPTS = (
@@ -93,7 +93,7 @@ class _Row:
 def run_speed(
     out: str | os.PathLike,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     batch_sizes: Sequence[int] = (1, 8),
     candidates: Sequence[int] = (8, 16),
     new_tokens: int = 128,
@@ -146,6 +146,7 @@ def run_speed(
     rows = [row for row in _plan(batch_sizes, candidates, generate_batch_sizes) if row.method in chosen]
     # What every row depends on; the sizes and candidate counts are in the row keys, so a rerun
     # with more of them measures only the new rows.
+    model = generator_for(model, lenvm)
     settings = {
         "benchmark": "speed",
         "model": str(model),

@@ -32,7 +32,6 @@ from lenvm.bench.common import (
 )
 from lenvm.cli import options
 from lenvm.decoding import Control, SamplingParams
-from lenvm.hub import DEFAULT_MODEL
 from lenvm.io import InputError
 
 DEFAULT_BETAS = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0)
@@ -58,7 +57,7 @@ def load_datasets(
 def run_tradeoff(
     out: str | os.PathLike,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     lenvm: str | os.PathLike | None = None,
     gsm8k: str | os.PathLike | None = tasks.DEFAULT_GSM8K,
     gsm8k_problems: int | None = 200,

@@ -87,10 +87,9 @@ def resolve_model(args: argparse.Namespace) -> None:
     LenVM, whose head reads that generator's states, else the built-in default."""
     if not getattr(args, "model_follows_lenvm", False) or args.model is not None:
         return
-    from lenvm.model import generator_of
+    from lenvm.model import generator_for
 
-    lenvm = getattr(args, "lenvm", None) or getattr(args, "exact", None)
-    args.model = (generator_of(lenvm) if lenvm else None) or DEFAULT_MODEL
+    args.model = generator_for(None, getattr(args, "lenvm", None) or getattr(args, "exact", None))
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
