@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,11 +176,11 @@ def test_cli_calibrates_in_place_or_into_a_copy(tmp_path, tiny_path, tiny_genera
     assert "tokens left, as the head says" in printed
     # Before/after errors, and only rows within the lengths the head gave (not the map's fixed ends).
     from lenvm.calibration import fit_on_rollouts
-    from lenvm.rollouts import read_rollouts
 
     fit = fit_on_rollouts(LengthValueModel.from_pretrained(tmp_path / "l", generator=tiny_generator),
-                          read_rollouts(rollouts))  # fmt: skip
+                          rollouts)  # fmt: skip  # a file, as calibrate takes
     assert f"{fit.mse_before:.4f} before, {fit.mse_after:.4f} after" in printed
+    assert fit.rollouts == len(Path(rollouts).read_text().splitlines())
     rows = [
         float(line.split("->")[0]) for line in printed.splitlines() if "->" in line and "said" not in line
     ]

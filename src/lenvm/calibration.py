@@ -140,7 +140,7 @@ def realized_returns(
 
 @dataclass(frozen=True)
 class CalibrationFit:
-    """A calibration with what it was fitted on: the ``states`` of the rollouts, the range of
+    """A calibration with what it was fitted on: the ``states`` of its ``rollouts``, the range of
     remaining lengths the head gave them (``seen``: within it the map follows the answers, beyond
     it only its fixed ends), and the squared error of the values against the realized returns
     before and after the map, on those same states (in-sample: held-out rollouts tell more)."""
@@ -150,15 +150,23 @@ class CalibrationFit:
     seen: tuple[float, float]
     mse_before: float
     mse_after: float
+    rollouts: int
 
 
 def fit_on_rollouts(
-    lenvm, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+    lenvm,
+    records: Iterable[dict[str, Any]] | str | os.PathLike,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> CalibrationFit:
-    """Fit a calibration of ``lenvm`` on rollouts ``records`` (see :func:`calibrate`) without
-    setting it."""
+    """Fit a calibration of ``lenvm`` on rollouts (records, or a rollouts file; see
+    :func:`calibrate`) without setting it."""
     from lenvm.returns import value_to_length
 
+    if isinstance(records, str | os.PathLike):
+        from lenvm.rollouts import read_rollouts
+
+        records = read_rollouts(records)
     records = list(records)
     if records and not any(r.get("finish_reason") == "stop" for r in records):
         warnings.warn(
@@ -178,6 +186,7 @@ def fit_on_rollouts(
         (shortest, longest),
         float(np.mean((values - returns) ** 2)),
         float(np.mean((mapped - returns) ** 2)),
+        len(records),
     )
 
 
@@ -189,10 +198,6 @@ def calibrate(
 ) -> Calibration:
     """Fit ``lenvm``'s calibration on rollouts of prompts it was not trained on, and set it (the
     map also goes into its config, so :meth:`save_pretrained` keeps it). Returns the map."""
-    if isinstance(records, str | os.PathLike):
-        from lenvm.rollouts import read_rollouts
-
-        records = read_rollouts(records)
     calibration = fit_on_rollouts(lenvm, records, batch_size, progress).calibration
     lenvm.config.calibration = calibration.to_dict()
     return calibration

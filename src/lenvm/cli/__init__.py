@@ -237,15 +237,13 @@ def cmd_predict(args) -> None:
 def cmd_calibrate(args) -> None:
     from lenvm.calibration import fit_on_rollouts, length_map
     from lenvm.model import save_config
-    from lenvm.rollouts import read_rollouts
 
     _check_out(args.out, args.overwrite, "calibrating", source=args.lenvm)
     lenvm = _load_lenvm(args)
-    records = read_rollouts(args.rollouts)
-    fit = fit_on_rollouts(lenvm, records, batch_size=args.batch_size, progress=args.progress)
+    fit = fit_on_rollouts(lenvm, args.rollouts, batch_size=args.batch_size, progress=args.progress)
     lenvm.config.calibration = fit.calibration.to_dict()
     out = save_config(args.lenvm, lenvm.config, args.out)
-    print(f"calibrated on {len(records)} rollouts ({fit.states} states); wrote {out}", file=sys.stderr)
+    print(f"calibrated on {fit.rollouts} rollouts ({fit.states} states); wrote {out}", file=sys.stderr)
     low, high = fit.seen
     print(
         f"squared error of the values against what the answers did: {fit.mse_before:.4f} before, "
