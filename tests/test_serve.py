@@ -452,6 +452,12 @@ def test_values_endpoint_gives_the_curve_and_td_residuals(url, lenvm):
         body = {"prompt": [100] * 1000, "completion": [101] * completion, "finished": finished}
         response = httpx.post(url + "/v1/length/values", json=body)
         assert response.status_code == status, (finished, completion, response.text)
+    # A finished empty answer (only its EOS), as the library and lenvm values take it.
+    for empty in ("", []):
+        answer = httpx.post(url + "/v1/length/values", json={"messages": HI, "completion": empty}).json()
+        assert [t["token_id"] for t in answer["tokens"]] == [
+            t.token_id for t in token_values(lenvm, HI, "").tokens
+        ]
 
 
 def test_models_health_and_metrics(url):
@@ -585,7 +591,7 @@ def test_bad_length_endpoint_requests(url):
         ("predict", {"prompt": []}, "no prompts"),
         ("predict", {"prompt": "Hi " * 1100}, "context"),
         ("values", {"prompt": "Hi"}, "missing field 'completion'"),
-        ("values", {"prompt": "Hi", "completion": ""}, "empty"),
+        ("values", {"prompt": "Hi", "completion": "", "finished": False}, "empty"),
         ("values", {"prompt": "Hi", "completion": [10**8]}, "token ids"),
     ]:
         response = httpx.post(f"{url}/v1/length/{route}", json=body)

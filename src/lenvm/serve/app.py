@@ -290,7 +290,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             completion = body.completion
             if isinstance(completion, str):  # tokenized on its own, as token_values does
                 completion = list(engine.tokenizer(completion, add_special_tokens=False)["input_ids"])
-            completion = text_prompt_ids(completion, engine.tokenizer, what="completion")
+            # Empty is the library's to judge: a finished one is an answer that was only its EOS.
+            completion = (
+                text_prompt_ids(completion, engine.tokenizer, what="completion") if completion else []
+            )
             trace = await runner.call(lambda: token_values(lenvm, prompt, completion, finished=body.finished))
             return {"object": "length.values", "model": name, **trace.to_dict()}
 
