@@ -542,6 +542,9 @@ def test_schedule_smoke_and_resume(tmp_path, data, ending_models, monkeypatch):
         run_schedule(out, **{**kwargs, "load": 0.5})
     with pytest.raises(InputError, match=r"other settings \(requests\)"):  # every setting counts
         run_schedule(out, **{**kwargs, "requests": 200})
+    for aging in (-1.0, float("nan"), float("inf")):  # refused before anything runs
+        with pytest.raises(InputError, match="ageing must be a finite number >= 0"):
+            run_schedule(tmp_path / "bad", **{**kwargs, "aging": aging})
     # Answers of another generator: their lengths say nothing of the LenVM's predictions.
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**json.loads(line), "generator": "someone/else"}) + "\n"

@@ -338,7 +338,7 @@ def test_clipped_ridge_stays_inside_its_training_range():
 
 
 def test_held_out_prompts_from_files_and_gsm8k_rows(tmp_path):
-    from lenvm.bench.predict import held_out_prompts
+    from lenvm.bench.predict import evaluation_prompts
 
     gsm8k = tmp_path / "g.jsonl"
     gsm8k.write_text(
@@ -346,15 +346,15 @@ def test_held_out_prompts_from_files_and_gsm8k_rows(tmp_path):
     )
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "x", "prompt": "Hi", "domain": "chat"}) + "\n")
-    chosen = held_out_prompts(prompts, gsm8k, (2, 5))
+    chosen = evaluation_prompts(prompts, gsm8k, (2, 5))
     assert [p.id for p in chosen] == ["x", "gsm8k-2", "gsm8k-3", "gsm8k-4"]
     assert chosen[1].extra["domain"] == "math"
     with pytest.raises(InputError, match="no held-out prompts"):
-        held_out_prompts()
+        evaluation_prompts()
     with pytest.raises(InputError, match="no problems"):
-        held_out_prompts(gsm8k=gsm8k, gsm8k_rows=(6, 9))
+        evaluation_prompts(gsm8k=gsm8k, gsm8k_rows=(6, 9))
     with pytest.raises(InputError, match="unique"):
-        held_out_prompts([prompts, prompts])
+        evaluation_prompts([prompts, prompts])
 
 
 @needs_shared

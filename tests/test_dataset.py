@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_records
 
-from lenvm.dataset import collate, examples_from_records, position_targets, split_by_prompt
+from lenvm.dataset import collate, examples_from_records, held_out_prompts, position_targets
 from lenvm.io import InputError
 from lenvm.returns import bootstrap_targets, mc_targets
 
@@ -45,13 +45,14 @@ def test_collate_targets_match_returns(tiny_generator):
     assert batch.supervised.sum() == sum(e.num_states for e in examples[:2])
 
 
-def test_split_holds_out_whole_prompts(tiny_generator):
-    _, tok = tiny_generator
-    examples, _ = examples_from_records(synthetic_records(tok), [tok.eos_token_id])
-    train, held = split_by_prompt(examples, 0.25, seed=1)
-    assert {e.prompt_id for e in train}.isdisjoint({e.prompt_id for e in held})
-    assert len({e.prompt_id for e in held}) == 2
-    assert split_by_prompt(examples, 0.25, seed=1)[1] == held  # deterministic
+def test_held_out_prompts_are_whole_prompts():
+    ids = [str(i // 3) for i in range(24)]  # 8 prompts, 3 completions each
+    held = held_out_prompts(ids, 0.25, seed=1)
+    assert len(held) == 2 and held <= set(ids)
+    assert held_out_prompts(ids, 0.25, seed=1) == held  # deterministic
+    assert held_out_prompts(list(reversed(ids)), 0.25, seed=1) == held  # whatever the order
+    assert len(held_out_prompts(ids, 0.01)) == 1  # at least one
+    assert len(held_out_prompts(["a", "b"], 0.9)) == 1  # never every prompt
 
 
 def test_bad_records_rejected(tiny_generator):

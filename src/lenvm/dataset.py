@@ -137,7 +137,9 @@ def iter_examples(
 
 
 def held_out_prompts(prompt_ids: list[str], eval_fraction: float, seed: int = 0) -> set[str]:
-    """The prompt ids that :func:`split_by_prompt` holds out of training."""
+    """The prompt ids held out of training, whole prompts so that evaluation never sees a prompt
+    trained on: ``eval_fraction`` of the distinct ids (at least one where it is above 0, never
+    all), drawn by ``seed``."""
     unique = sorted(set(prompt_ids))
     random.Random(seed).shuffle(unique)
     n_eval = round(len(unique) * eval_fraction)
@@ -145,16 +147,6 @@ def held_out_prompts(prompt_ids: list[str], eval_fraction: float, seed: int = 0)
         n_eval = 1
     n_eval = min(n_eval, len(unique) - 1)  # keep at least one prompt to train on
     return set(unique[:n_eval])
-
-
-def split_by_prompt(examples: list[Example], eval_fraction: float, seed: int = 0):
-    """Hold out whole prompts, so evaluation never sees a prompt trained on."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise InputError(f"eval fraction must lie in [0, 1), got {eval_fraction}")
-    held_out = held_out_prompts([e.prompt_id for e in examples], eval_fraction, seed)
-    train = [e for e in examples if e.prompt_id not in held_out]
-    evaluation = [e for e in examples if e.prompt_id in held_out]
-    return train, evaluation
 
 
 @dataclass

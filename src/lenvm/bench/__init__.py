@@ -3,10 +3,11 @@ prediction, shortest-predicted-first scheduling, length tokens, decoding speed, 
 with exact candidate scoring, the server under load, peak memory of training, the
 vision-language path timed on generated images, and a report that runs them all.
 
-Each entry function writes ``results.json``, ``table.md`` and PNG plots into its own results
-folder and resumes an interrupted run from the per-item log in that folder. Each module also
-declares its ``lenvm bench`` subcommand, named in ``COMMANDS``: ``TABLE`` (the file printed at the
-end), ``add_arguments(parser)`` and ``main(args)``.
+Each entry function writes ``results.json`` and ``table.md`` (and, but for the training-memory
+and vision benchmarks, PNG plots) into its own results folder and resumes an interrupted run
+from the per-item log in that folder. Each module also declares its ``lenvm bench`` subcommand,
+named in ``COMMANDS``: ``TABLE`` (the file printed at the end), ``add_arguments(parser)`` and
+``main(args)``.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def _prompts_of(records: list[dict[str, Any]]) -> list[Prompt]:
     return list(prompts.values())
 
 
-def held_out_prompts(
+def evaluation_prompts(
     prompts: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     gsm8k: str | os.PathLike | None = None,
     gsm8k_rows: tuple[int, int] | None = None,
@@ -318,7 +318,7 @@ def run_prediction(
         raise InputError("samples must be at least 1")
     if truth_rollouts and (prompts or gsm8k is not None):
         raise InputError("score on given rollouts or on prompts to sample, not both")
-    held_out = None if truth_rollouts else held_out_prompts(prompts, gsm8k, gsm8k_rows, limit)
+    held_out = None if truth_rollouts else evaluation_prompts(prompts, gsm8k, gsm8k_rows, limit)
     if cross_domain and train_rollouts is None:
         raise InputError("cross-domain tables train LenVMs without a domain: give the training rollouts")
     models = models or load_models(model, lenvm, device, dtype, backend)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_models, markdown_table, pyplot
 from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
-from lenvm.decoding.queue import DEFAULT_AGING, priority
+from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.io import InputError, file_digest, is_int
 from lenvm.prompts import as_prompt
 from lenvm.rollouts import read_rollouts
@@ -164,8 +164,7 @@ def run_schedule(
     loads = sorted({float(x) for x in loads})  # keys of the sweep, and a line along the load axis
     if not is_int(replicates) or replicates < 1:
         raise InputError(f"replicates must be a positive integer, got {replicates!r}")
-    if aging < 0:
-        raise InputError(f"aging must not be negative, got {aging!r}")
+    check_queue("shortest", aging)
     models = models or load_models(model, lenvm, device, dtype)
     pool = Pool.read(rollouts, models.name)
     value_model = models.require_lenvm("shortest-predicted-first scheduling")

@@ -9,7 +9,8 @@ processor and a vLLM logits processor.
 Modules: ``params`` (what a request asks for), ``policies`` (candidates, values -> distribution),
 ``scorers`` (how each LenVM kind values candidates), ``streams`` (KV-cached forwards), ``step``
 (the shared step), ``sequence`` and ``batch`` (the engine's per-request and per-batch state),
-``engine`` (the scheduler loop), ``hf`` (``transformers`` processors).
+``queue`` (the order waiting requests are admitted in), ``engine`` (the scheduler loop), ``hf``
+(``transformers`` processors).
 """
 
 from __future__ import annotations
