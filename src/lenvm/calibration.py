@@ -17,12 +17,15 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lenvm.io import InputError
+
+if TYPE_CHECKING:
+    from lenvm.model import LengthValueModel
 
 KNOTS = 64  # interpolation points over the range of the values seen
 
@@ -113,7 +116,7 @@ def fit_calibration(values: Iterable[float], returns: Iterable[float], knots: in
 
 @torch.no_grad()
 def realized_returns(
-    lenvm, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+    lenvm: LengthValueModel, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The LenVM's own (uncalibrated) value of every state of the rollouts ``records`` and the
     return realized after it: Monte-Carlo for an answer that ended, bootstrapped from the value at
@@ -154,7 +157,7 @@ class CalibrationFit:
 
 
 def fit_on_rollouts(
-    lenvm,
+    lenvm: LengthValueModel,
     records: Iterable[dict[str, Any]] | str | os.PathLike,
     batch_size: int = 8,
     progress: bool = False,
@@ -191,7 +194,7 @@ def fit_on_rollouts(
 
 
 def calibrate(
-    lenvm,
+    lenvm: LengthValueModel,
     records: Iterable[dict[str, Any]] | str | os.PathLike,
     batch_size: int = 8,
     progress: bool = False,

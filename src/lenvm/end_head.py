@@ -17,12 +17,15 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lenvm.io import InputError, is_int, is_real
+
+if TYPE_CHECKING:
+    from lenvm.model import LengthValueModel
 
 
 def natural_end_distances(eos_probs: Sequence[float], ended: bool, bar: float) -> np.ndarray:
@@ -84,7 +87,7 @@ def end_data(
 
 
 def train_end_head(
-    lenvm,
+    lenvm: LengthValueModel,
     records: Iterable[dict[str, Any]] | str | os.PathLike,
     eval_records: Iterable[dict[str, Any]] | str | os.PathLike | None = None,
     bar: float | None = None,

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -537,7 +537,7 @@ class LengthValueModel(nn.Module):
                 bar.update(len(chunk))
         return values
 
-    def lengths_from_values(self, values) -> list[float]:
+    def lengths_from_values(self, values: Iterable[float]) -> list[float]:
         """Predicted total lengths (tokens, EOS included) from prompt-boundary values: at least 1,
         since every answer has its EOS (a value within ``1 - gamma`` of 0 reads as less)."""
         return [max(float(value_to_length(v, self.gamma)), 1.0) for v in values]
