@@ -330,6 +330,15 @@ def test_a_sliding_window_bounds_every_decoder(tmp_path):
     assert result.token_ids == expected[0, len(prompt) :].tolist()
     with pytest.raises(RequestError, match="context of 16 tokens .its sliding window"):
         engine.generate([Request(prompt, SamplingParams(temperature=0, max_new_tokens=7))])
+    # The server says so too.
+    from lenvm.serve.protocol import ApiError, CompletionRequest, Context, plan_completion
+
+    ctx = Context(tokenizer, engine.context, False, 8, context_note=engine.context_note)
+    for body in ({"prompt": prompt, "max_tokens": 7}, {"prompt": list(range(100, 117))}):
+        with pytest.raises(
+            ApiError, match="context is 16 tokens .its sliding window|of 16 tokens .its sliding"
+        ):
+            plan_completion(CompletionRequest(**body), ctx)
     # The transformers processor: a clear error where its stream would go beyond the window.
     lenvm = LengthValueModel.from_base(
         tmp_path / "mistral", kind="attached", gamma=0.9, generator=(model, tokenizer)

@@ -164,7 +164,9 @@ class Engine:
         return scheduler
 
     @property
-    def _window_note(self) -> str:
+    def context_note(self) -> str:
+        """What follows the context in messages about it: that it is the model's sliding window,
+        where it is."""
         if not self.windowed:
             return ""
         return " (its sliding window: the engine attends to the whole prefix, as the model does within it)"
@@ -208,7 +210,7 @@ class Engine:
             raise RequestError(
                 key,
                 f"prompt ({len(prompt_ids)} tokens{of_images}) plus {limit} "
-                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens{self._window_note}",
+                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens{self.context_note}",
             )
         control = request.control or Control()
         if (control.active or request.return_values) and self.lenvm is None:

@@ -123,6 +123,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     ctx = Context(
         tokenizer=engine.tokenizer,
         context=engine.context,
+        context_note=engine.context_note,
         has_lenvm=lenvm is not None,
         max_choices=runner.capacity,
         # Left out of a request, the sampling settings are the policy the LenVM was trained on
@@ -488,7 +489,11 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
     for p in ids:
         if len(p) > ctx.context:
-            raise ApiError(400, f"a prompt has {len(p)} tokens; this model's context is {ctx.context} tokens")
+            raise ApiError(
+                400,
+                f"a prompt has {len(p)} tokens; this model's context is "
+                f"{ctx.context} tokens{ctx.context_note}",
+            )
     return ids
 
 

@@ -236,6 +236,7 @@ class Context:
     has_lenvm: bool
     max_choices: int  # choices the server holds at once (running and waiting)
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling when a request leaves it out
+    context_note: str = ""  # said after the context where it is a sliding window (Engine.context_note)
 
 
 @dataclass
@@ -295,7 +296,8 @@ def _plan(
         if len(ids) >= ctx.context:
             raise ApiError(
                 400,
-                f"the prompt has {len(ids)} tokens; this model's context is {ctx.context} tokens",
+                f"the prompt has {len(ids)} tokens; this model's context is "
+                f"{ctx.context} tokens{ctx.context_note}",
                 "messages" if endpoint == "chat" else "prompt",
             )
     keys, return_values = _length_keys(body)
@@ -341,7 +343,7 @@ def _plan(
             raise ApiError(
                 400,
                 f"the prompt has {len(ids)} tokens: with max_tokens {max_tokens} it exceeds this model's "
-                f"context of {ctx.context} tokens",
+                f"context of {ctx.context} tokens{ctx.context_note}",
                 "max_tokens",
             )
         named = "max_tokens" if max_tokens is not None else "the context left after the prompt"
