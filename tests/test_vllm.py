@@ -263,6 +263,27 @@ def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvm
         engine.generate([Request("Hi", control=Control("equal_to", target=5, best_of=2))])
     with pytest.raises(InputError, match="exceeds the model's context of 512"):
         engine.generate([Request("Hi", SamplingParams(max_new_tokens=600))])
+    # A request refused after others in its call leaves nothing in vLLM for the next call; bad
+    # ids, targets beyond what the context leaves and what is not a Request are refused as our
+    # engine refuses them.
+    fine = Request("Hello there", SamplingParams(seed=1, max_new_tokens=30, ignore_eos=True))
+    for bad, message in (
+        (Request("Hi " * 600), "left out: what the context leaves"),
+        (Request([5, 10**6]), r"token ids must lie in \[0, "),
+        (
+            Request("Hi", control=Control("equal_to", target=600)),
+            "equal_to 600 can never be met within max_new_tokens",
+        ),
+        ("Describe the sea.", "expected a Request, got str"),
+    ):
+        with pytest.raises(InputError, match=message):
+            engine.generate([fine, bad])
+    [answer] = engine.generate([Request("What", SamplingParams(seed=2, max_new_tokens=3, ignore_eos=True))])
+    assert answer.num_tokens == 3
+    # A caller that stops reading a stream leaves nothing behind either.
+    next(engine.stream([fine, Request("What", SamplingParams(seed=2, max_new_tokens=3, ignore_eos=True))]))
+    [answer] = engine.generate([Request("What", SamplingParams(seed=2, max_new_tokens=3, ignore_eos=True))])
+    assert answer.num_tokens == 3
 
 
 def test_admission_refuses_what_a_control_cannot_honour_and_gives_reused_params_back(lenvms, monkeypatch):

@@ -416,6 +416,7 @@ class VLLMEngine:
         self.eos_ids = eos_token_ids_of(location, self.tokenizer)
         self.lenvm = lenvm
         self.logprobs = logprobs
+        self._calls = 0  # stream calls so far: request names stay unique across them
 
     def close(self) -> None:
         """Shut vLLM down now (its worker processes and KV cache), not whenever the engine is
@@ -437,38 +438,64 @@ class VLLMEngine:
         ``batch_size`` is accepted for a drop-in swap with our engine and not used."""
         from vllm.inputs import TokensPrompt
 
+        engine = self.llm.llm_engine
+        # Every request is checked before any is added, as our engine does: a refused one leaves
+        # nothing behind in vLLM for the next call.
+        checked = [self._checked(i, request) for i, request in enumerate(requests)]
+        self._calls += 1
+        names = [f"{self._calls}-{i}" for i in range(len(checked))]  # unique across calls
+        pending = set(names)
+        try:
+            for name, (ids, params) in zip(names, checked, strict=True):
+                engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        pending.discard(out.request_id)
+                        i = int(out.request_id.split("-")[1])
+                        yield i, self._result(checked[i][0], out.outputs[0])
+        finally:  # an error, or a caller that stopped reading: drop what is left
+            if pending:
+                engine.abort_request(sorted(pending))
+
+    def _checked(self, index: int, request: Request) -> tuple[list[int], Any]:
+        """Request ``index``'s prompt ids and vLLM parameters, or :class:`RequestError` where our
+        engine would refuse it."""
         from lenvm.prompts import as_prompt, encode_prompt, is_token_ids
 
-        engine = self.llm.llm_engine
-        context = engine.model_config.max_model_len
-        prompts = []
-        for i, request in enumerate(requests):
-            prompt = request.prompt
-            ids = (
-                list(prompt)
-                if is_token_ids(prompt)
-                else encode_prompt(self.tokenizer, as_prompt(prompt, str(i)))
+        if not isinstance(request, Request):
+            raise RequestError(index, f"expected a Request, got {type(request).__name__}")
+        config = self.llm.llm_engine.model_config
+        context, vocab = config.max_model_len, config.get_vocab_size()
+        prompt = request.prompt
+        if is_token_ids(prompt):
+            ids = list(prompt)
+            if not all(0 <= i < vocab for i in ids):
+                raise RequestError(index, f"prompt token ids must lie in [0, {vocab})")
+        else:
+            ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))
+        left_out = request.sampling.max_new_tokens is None
+        request = replace(request, sampling=request.sampling.fitted(context - len(ids)))
+        limit = request.sampling.max_new_tokens
+        named = (
+            "max_new_tokens (left out: what the context leaves after the prompt)"
+            if left_out
+            else "max_new_tokens"
+        )
+        if len(ids) + limit > context:  # as our engine: refused, not cut short by vLLM
+            raise RequestError(
+                index,
+                f"prompt ({len(ids)} tokens) plus {named} ({limit}) exceeds the model's context of "
+                f"{context} tokens",
             )
-            params = self._params(i, replace(request, sampling=request.sampling.fitted(context - len(ids))))
-            if len(ids) + params.max_tokens > context:  # as our engine: refused, not cut short by vLLM
-                raise RequestError(
-                    i,
-                    f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_tokens}) "
-                    f"exceeds the model's context of {context} tokens",
-                )
-            prompts.append(ids)
-            engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    i = int(out.request_id)
-                    yield i, self._result(prompts[i], out.outputs[0])
+        control = request.control
+        if control is not None and (why := control.unreachable(limit, named)) is not None:
+            raise RequestError(index, why)
+        return ids, self._params(index, request)
 
     def _params(self, index: int, request: Request):
         from vllm import SamplingParams as VllmParams
 
-        if not isinstance(request, Request):
-            raise RequestError(index, f"expected a Request, got {type(request).__name__}")
         control = request.control
         if control is not None and control.active:
             if self.lenvm is None:
