@@ -555,6 +555,7 @@ BAD_CHAT = [
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         "content parts of type image_url are not supported",
     ),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"text": "Hi"}]}]}, "needs a 'type'"),
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
     ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
@@ -593,6 +594,18 @@ def test_bad_length_endpoint_requests(url):
         ("values", {"prompt": "Hi"}, "missing field 'completion'"),
         ("values", {"prompt": "Hi", "completion": "", "finished": False}, "empty"),
         ("values", {"prompt": "Hi", "completion": [10**8]}, "token ids"),
+        # One conversation or a list of them: our own checks are named, not the union's members.
+        (
+            "predict",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "type image_url are not",
+        ),
+        (
+            "predict",
+            {"messages": [[{"role": "user", "content": [{"type": "image_url"}]}]]},
+            "type image_url are not",
+        ),
+        ("predict", {"messages": 5}, "expected one of list[ChatMessage], list[list[ChatMessage]]"),
     ]:
         response = httpx.post(f"{url}/v1/length/{route}", json=body)
         assert response.status_code == 400, (route, body, response.text)

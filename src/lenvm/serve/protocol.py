@@ -15,6 +15,7 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -150,7 +151,9 @@ class ChatMessage(_Body):
     def _text_parts_only(cls, data: Any) -> Any:
         content = data.get("content") if isinstance(data, dict) else None
         if isinstance(content, list):
-            kinds = {p.get("type") for p in content if isinstance(p, dict)} - {"text"}
+            if any(isinstance(p, dict) and "type" not in p for p in content):
+                raise ValueError("a content part needs a 'type'")
+            kinds = {p["type"] for p in content if isinstance(p, dict)} - {"text"}
             if kinds:
                 raise ValueError(
                     f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
@@ -199,7 +202,8 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
 
 
 def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    error = errors[0]
+    # A check of ours that failed says more than the union members it failed in.
+    error = next((e for e in errors if e["type"] == "value_error"), errors[0])
     if error["type"] == "json_invalid":
         return f"malformed JSON: {error['msg'].removeprefix('Invalid JSON: ')}", None
     if error["type"] == "model_type" and not error["loc"]:
@@ -214,10 +218,17 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if error["type"] == "missing":
         return f"missing field {name!r}", param
     loc = error["loc"]
-    if len(loc) > 1 and _is_type_name(loc[1]):
-        members = dict.fromkeys(e["loc"][1] for e in errors if e["loc"][:1] == loc[:1] and len(e["loc"]) > 1)
-        return f"{param}: expected one of {', '.join(map(str, members))}", param
+    if error["type"] != "value_error" and len(loc) > 1 and _is_type_name(loc[1]):
+        members = dict.fromkeys(
+            _type_shown(e["loc"][1]) for e in errors if e["loc"][:1] == loc[:1] and len(e["loc"]) > 1
+        )
+        return f"{param}: expected one of {', '.join(members)}", param
     return f"{name}: {error['msg'].removeprefix('Value error, ')}", param
+
+
+def _type_shown(name: Any) -> str:
+    """A union member's type as a client reads it: without our validators' wrappers."""
+    return re.sub(r"function-(?:after|before|wrap|plain)\[[^,\[\]]*, ([^\[\]]+)\]", r"\1", str(name))
 
 
 def _is_type_name(part: Any) -> bool:
