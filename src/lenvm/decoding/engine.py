@@ -52,7 +52,7 @@ import torch
 
 from lenvm import vision
 from lenvm.decoding.batch import Batch
-from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, Control, Request, RequestError, Result
+from lenvm.decoding.params import Control, Request, RequestError, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
@@ -200,11 +200,9 @@ class Engine:
         lenvm = self.lenvm
         if encoded.images is not None and lenvm is not None and not lenvm.sees_images:
             raise RequestError(key, "the prompt has images, which the text-only LenVM cannot read")
-        left_out = request.sampling.max_new_tokens is None
+        limit = request.sampling.limit_name
         request = replace(request, sampling=request.sampling.fitted(self.context - len(prompt_ids)))
         max_new_tokens = request.sampling.max_new_tokens
-        limit = "max_new_tokens (left out: what the context leaves after the prompt, at most "
-        limit = f"{limit}{DEFAULT_MAX_NEW_TOKENS})" if left_out else "max_new_tokens"
         if len(prompt_ids) + max_new_tokens > self.context:
             of_images = f", {encoded.image_tokens} of them for its images" if encoded.image_tokens else ""
             raise RequestError(

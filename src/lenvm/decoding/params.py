@@ -114,6 +114,14 @@ class SamplingParams:
         return replace(self, max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
 
     @property
+    def limit_name(self) -> str:
+        """How messages name the length limit: ``max_new_tokens``, or what it is when left out."""
+        if self.max_new_tokens is not None:
+            return "max_new_tokens"
+        left = f"what the context leaves after the prompt, at most {DEFAULT_MAX_NEW_TOKENS}"
+        return f"max_new_tokens (left out: {left})"
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 

@@ -474,14 +474,9 @@ class VLLMEngine:
                 raise RequestError(index, f"prompt token ids must lie in [0, {vocab})")
         else:
             ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))
-        left_out = request.sampling.max_new_tokens is None
+        named = request.sampling.limit_name
         request = replace(request, sampling=request.sampling.fitted(context - len(ids)))
         limit = request.sampling.max_new_tokens
-        named = (
-            "max_new_tokens (left out: what the context leaves after the prompt)"
-            if left_out
-            else "max_new_tokens"
-        )
         if len(ids) + limit > context:  # as our engine: refused, not cut short by vLLM
             raise RequestError(
                 index,
