@@ -531,6 +531,7 @@ BAD = [
     ({"model": MODEL, "prompt": "Hi", "echo": True}, 400, "echo"),
     ({"model": MODEL, "prompt": "Hi", "logprobs": 50}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "Hi", "stop": [""]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "Hi", "stop": [str(i) for i in range(17)]}, 400, "at most 16 stop strings"),
     ({"model": MODEL, "prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream"),
 ]
 

@@ -218,6 +218,8 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         train(records, str(tiny_path), tmp_path / "f16", TrainConfig(kind="standalone"), dtype="float16")
     assert not (tmp_path / "f16").exists()
     vocab = tiny_generator[0].get_input_embeddings().weight.shape[0]
+    with pytest.raises(InputError, match=r"eval fraction must lie in \[0, 1\)"):  # nothing left to train on
+        train(records, str(tiny_path), tmp_path / "all", _config(epochs=1, eval_fraction=1.0), progress=False)
     bad = [dict(records[0], completion_token_ids=[vocab])] + records[1:]  # one past the vocabulary
     with pytest.raises(InputError, match="vocabulary"):
         train(
