@@ -79,7 +79,7 @@ def load_image(ref: str):
     on white; :class:`InputError` when it is missing or not a readable image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    shown = ref if len(ref) < 100 else ref[:60] + "..."
+    shown = _shown(ref)
     if ref.startswith("data:"):
         try:
             # Line breaks allowed: `base64` wraps its output at 76 characters.
@@ -101,6 +101,11 @@ def load_image(ref: str):
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"image {shown}: not a readable image ({err})") from None
+
+
+def _shown(ref: str) -> str:
+    """An image reference as errors name it: a long data URL cut short."""
+    return ref if len(ref) < 100 else ref[:60] + "..."
 
 
 @dataclass
@@ -196,9 +201,8 @@ class Processor:
         for ref, image in zip(refs, images, strict=True):
             # The image processor refuses these mid-batch, without naming the image.
             if max(image.size) > MAX_ASPECT * min(image.size):
-                shown = ref if len(ref) < 100 else ref[:60] + "..."
                 raise InputError(
-                    f"image {shown}: {image.width}x{image.height} pixels, more than {MAX_ASPECT} times "
+                    f"image {_shown(ref)}: {image.width}x{image.height} pixels, more than {MAX_ASPECT} times "
                     "longer than wide, which the image processor does not take"
                 )
         out = self.image_processor(images=images, return_tensors="pt")
@@ -282,8 +286,8 @@ def forward_images(
     references)`` (none when no row has images), checked against the rows' image tokens."""
     processor = processor_of(tokenizer)
     if not any(refs for _, refs in rows):
-        for ids, _ in rows:
-            if processor is not None:
+        if processor is not None:
+            for ids, _ in rows:
                 processor.without_images(ids, "a sequence")
         return {}
     if processor is None:

@@ -26,7 +26,7 @@ from lenvm.bench.tradeoff import DEFAULT_BETAS, EVAL_SEED, run_tradeoff
 from lenvm.cli import options
 from lenvm.decoding import SamplingParams
 from lenvm.io import write_json, write_text
-from lenvm.model import LengthValueModel, generator_for
+from lenvm.model import LengthValueModel
 from lenvm.prompt_sets import builtin_prompts
 from lenvm.prompts import Prompt
 from lenvm.rollouts import read_rollouts, rollout
@@ -142,7 +142,6 @@ def run_all(
     preset = preset or (QUICK if quick else FULL)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    model = generator_for(model, lenvm)
     models = load_models(model, lenvm, device, dtype)
     rows, _ = lifebench.fitting_rows(
         lifebench.read_lifebench(lifebench_data),
@@ -225,7 +224,7 @@ def run_all(
         results[name] = step()
         timings[name] = time.perf_counter() - clock
     summary = {
-        "model": str(model),
+        "model": models.name,
         "lenvm": str(lenvm) if lenvm else str(out / "lenvm" / "model"),
         "preset": "quick" if preset == QUICK else "full" if preset == FULL else "custom",
         "gamma": models.lenvm.gamma if models.lenvm is not None else None,

@@ -200,16 +200,9 @@ class Engine:
         lenvm = self.lenvm
         if encoded.images is not None and lenvm is not None and not lenvm.sees_images:
             raise RequestError(key, "the prompt has images, which the text-only LenVM cannot read")
-        limit = request.sampling.limit_name
-        request = replace(request, sampling=request.sampling.fitted(self.context - len(prompt_ids)))
+        of_images = f", {encoded.image_tokens} of them for its images" if encoded.image_tokens else ""
+        request, limit = request.fitted(key, len(prompt_ids), self.context, of_images, self.context_note)
         max_new_tokens = request.sampling.max_new_tokens
-        if len(prompt_ids) + max_new_tokens > self.context:
-            of_images = f", {encoded.image_tokens} of them for its images" if encoded.image_tokens else ""
-            raise RequestError(
-                key,
-                f"prompt ({len(prompt_ids)} tokens{of_images}) plus {limit} "
-                f"({max_new_tokens}) exceeds the model's context of {self.context} tokens{self.context_note}",
-            )
         control = request.control or Control()
         if (control.active or request.return_values) and self.lenvm is None:
             raise RequestError(key, "a length control or return_values needs an engine with a LenVM")

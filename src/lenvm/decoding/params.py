@@ -312,6 +312,24 @@ class Request:
         decoding, where they would all be the same."""
         return 1 if self.control is None or self.sampling.greedy else self.control.best_of
 
+    def fitted(
+        self, key: Any, prompt_tokens: int, context: int, of_prompt: str = "", of_context: str = ""
+    ) -> tuple[Request, str]:
+        """This request with its ``max_new_tokens`` fitted to what ``context`` leaves after its
+        prompt of ``prompt_tokens`` (:meth:`SamplingParams.fitted`), and how messages name that
+        limit; :class:`RequestError` (``key``) where the two exceed the context. ``of_prompt``,
+        ``of_context``: said after the prompt's and the context's sizes."""
+        limit = self.sampling.limit_name
+        request = replace(self, sampling=self.sampling.fitted(context - prompt_tokens))
+        max_new_tokens = request.sampling.max_new_tokens
+        if prompt_tokens + max_new_tokens > context:  # refused, not cut short
+            raise RequestError(
+                key,
+                f"prompt ({prompt_tokens} tokens{of_prompt}) plus {limit} ({max_new_tokens}) exceeds the "
+                f"model's context of {context} tokens{of_context}",
+            )
+        return request, limit
+
 
 @dataclass
 class Result:

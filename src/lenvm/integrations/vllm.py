@@ -50,7 +50,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -474,16 +474,8 @@ class VLLMEngine:
                 raise RequestError(index, f"prompt token ids must lie in [0, {vocab})")
         else:
             ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))
-        named = request.sampling.limit_name
-        request = replace(request, sampling=request.sampling.fitted(context - len(ids)))
-        limit = request.sampling.max_new_tokens
-        if len(ids) + limit > context:  # as our engine: refused, not cut short by vLLM
-            raise RequestError(
-                index,
-                f"prompt ({len(ids)} tokens) plus {named} ({limit}) exceeds the model's context of "
-                f"{context} tokens",
-            )
-        control = request.control
+        request, named = request.fitted(index, len(ids), context)  # as our engine: not cut short by vLLM
+        limit, control = request.sampling.max_new_tokens, request.control
         if control is not None and (why := control.unreachable(limit, named)) is not None:
             raise RequestError(index, why)
         return ids, self._params(index, request)
