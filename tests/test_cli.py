@@ -692,3 +692,33 @@ def test_paths_that_cannot_be_read_or_written_as_asked_are_clear_errors(
     assert code == 2 and "--html needs a file name" in err
     code, err = _error(capsys, ["predict", "--lenvm", str(lenvm), "--prompt", "Hi", "--model", str(lenvm)])
     assert code == 2 and "is a LenVM folder, not a generator" in err
+
+
+def test_sigterm_while_the_model_loads_leaves_no_output_file(tmp_path, prompts_file, monkeypatch, capsys):
+    """SIGTERM ends a run as Ctrl-C does: its cleanup runs, so the output file its lock created is
+    removed again rather than left empty, as if the run had produced it."""
+    import os
+    import signal
+    import time
+
+    from lenvm import hub
+
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the signal interrupts this
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    def not_handled(signum, frame):  # stands for the default, which would end the test process itself
+        raise AssertionError("the command left SIGTERM to kill it without cleanup")
+
+    monkeypatch.setattr(hub, "load_generator", terminated_while_loading)
+    out = tmp_path / "r.jsonl"
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        code = main(["rollout", "--model", "tiny", "--prompts", str(prompts_file), "--out", str(out)])
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    assert not out.exists()

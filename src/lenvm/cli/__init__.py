@@ -7,11 +7,14 @@ are declared once (:mod:`lenvm.cli.options`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lenvm.cli import options
@@ -1014,12 +1017,43 @@ def _add_bench_parser(sub, wanted) -> None:
         p.set_defaults(func=cmd_bench, bench_module=module)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it ends as Ctrl-C ends it."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the command as Ctrl-C does, cleanup included (by default it kills the process
+    at once: a run stopped while its model loads would leave the empty output file its lock
+    created). A SIGTERM ignored by whoever started us stays ignored."""
+    previous = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # None: set outside Python
+    if previous is signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     args.argv = argv
     _quiet_transformers()
     _plain_warnings()
+    with _sigterm_interrupts():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The chosen command; errors of the user's input, paths and interrupts as messages and exit
+    statuses."""
     try:
         options.resolve_model(args)
         status = args.func(args)
@@ -1048,7 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("lenvm: error: this needs vLLM: install lenvm[vllm] (see the README)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         resumes = args.command in ("rollout", "train", "demo", "bench") or (
             args.command == "predict" and args.out
         )
@@ -1056,7 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
             "lenvm: interrupted" + ("; run the same command again to resume" if resumes else ""),
             file=sys.stderr,
         )
-        return 130
+        # As a shell reports a process ended by the signal: 128 + its number.
+        return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)
     return status or 0
 
 
