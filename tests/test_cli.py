@@ -722,3 +722,27 @@ def test_sigterm_while_the_model_loads_leaves_no_output_file(tmp_path, prompts_f
     assert code == 128 + signal.SIGTERM
     assert "interrupted; run the same command again to resume" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="pipes by path: /dev/fd")
+def test_prompts_and_rollouts_from_a_pipe(tmp_path, tiny_path, prompts_file, capsys):
+    """A shell's ``<(...)`` or ``/dev/stdin``: a pipe by path, which can be read once."""
+    import os
+
+    def pipe(content: bytes) -> str:
+        read, write = os.pipe()
+        os.write(write, content)  # small enough for the pipe's buffer
+        os.close(write)
+        return f"/dev/fd/{read}"
+
+    rollouts = tmp_path / "r.jsonl"
+    rollout = ["rollout", "--model", str(tiny_path), "--n", "2", "--max-new-tokens", "8", "--no-progress"]
+    assert main([*rollout, "--prompts", pipe(prompts_file.read_bytes()), "--out", str(rollouts)]) == 0
+    assert len(rollouts.read_text().splitlines()) == 6
+    capsys.readouterr()
+    train = ["train", "--epochs", "1", "--eval-fraction", "0.34", "--no-progress"]
+    # Read once: the generator's name and the training both come from that one read.
+    assert main([*train, "--rollouts", pipe(rollouts.read_bytes()), "--out", str(tmp_path / "lv")]) == 0
+    assert json.loads((tmp_path / "lv" / "config.json").read_text())["base_model"] == str(tiny_path)
+    code, err = _error(capsys, [*train, "--stream", "--rollouts", pipe(b""), "--out", str(tmp_path / "x")])
+    assert code == 2 and "--stream reads the rollouts afresh on every pass" in err

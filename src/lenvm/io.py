@@ -45,16 +45,17 @@ def numbered_jsonl(
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for each non-blank line of a UTF-8 JSONL file (a byte-order mark
     is allowed); ``complete_only`` leaves out a last line without its newline (a crash's partial
-    write). With ``stdin``, a path of ``-`` reads the standard input (once: for files read once)."""
+    write). With ``stdin``, a path of ``-`` reads the standard input (once: for files read once).
+    A pipe (``/dev/stdin``, a shell's ``<(...)``) is read as it comes, once (see :func:`is_pipe`)."""
     if stdin and str(path) == "-":
         context: Any = contextlib.nullcontext(sys.stdin.buffer)
         path = Path("<stdin>")
     else:
         path = Path(path)
-        if not path.is_file():
-            raise InputError(
-                f"{path}: a folder, not a JSONL file" if path.is_dir() else f"{path}: no such file"
-            )
+        if path.is_dir():
+            raise InputError(f"{path}: a folder, not a JSONL file")
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
         context = path.open("rb")
     with context as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -215,10 +216,23 @@ def check_writable(path: str | os.PathLike) -> None:
             raise OSError(err.errno, err.strerror, str(path)) from None
 
 
+def is_pipe(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names something that exists but is neither a file nor a folder: a pipe
+    (``/dev/stdin``, a shell's ``<(...)``) or a device, whose content can be read only once."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """A short hash of a file's bytes (of a folder's: its files' names and bytes), so that results
-    made from it are not reused once it has changed."""
+    made from it are not reused once it has changed. A pipe is refused: hashing it would use up
+    what the run then reads."""
     path = Path(path)
+    if is_pipe(path):
+        raise InputError(f"{path}: a pipe can be read only once, and this is read twice: save it to a file")
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lenvm.io import InputError, numbered_jsonl
+from lenvm.io import InputError, is_pipe, numbered_jsonl
 
 Messages = list[dict[str, Any]]
 TokenIds = list[int]
@@ -212,10 +212,11 @@ def prompt_from_record(
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Read a prompts JSONL file (``-``: the standard input); ids default to the record's position
     (0, 1, ...; blank lines skipped); duplicate ids are an error, and errors name the file and
-    line. Relative image paths are relative to the file's folder."""
+    line. Relative image paths are relative to the file's folder (to the working directory for
+    the standard input or a pipe)."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    base = Path(path).parent
+    base = Path.cwd() if str(path) == "-" or is_pipe(path) else Path(path).parent
     name = "<stdin>" if str(path) == "-" else path
     for index, (lineno, record) in enumerate(numbered_jsonl(path, stdin=True)):
         prompt = prompt_from_record(record, str(index), where=f"{name}:{lineno}", base=base)

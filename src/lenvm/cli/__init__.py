@@ -118,6 +118,8 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def cmd_train(args) -> int | None:
     from lenvm import launch
+    from lenvm.io import is_pipe
+    from lenvm.rollouts import read_rollouts
     from lenvm.training import TrainConfig, is_main_process, train
 
     fields = TrainConfig.__dataclass_fields__
@@ -131,15 +133,26 @@ def cmd_train(args) -> int | None:
             "--accelerate-config spreads fine-tuning a backbone (--kind standalone) over processes; a head "
             "on a frozen backbone trains in one process (every process would repeat the whole run)"
         )
+    piped = [flag for flag, path in (("--rollouts", args.rollouts), ("--eval-rollouts", args.eval_rollouts))
+             if path is not None and is_pipe(path)]  # fmt: skip
+    if piped and args.accelerate_config:
+        raise InputError(
+            f"{piped[0]} is a pipe, which the processes --accelerate-config starts cannot read: "
+            "save it to a file"
+        )
+    if "--rollouts" in piped and args.stream:
+        raise InputError("--stream reads the rollouts afresh on every pass: give a file, not a pipe")
     if not launch.launched():  # the processes it starts find --out as it was checked here
         _check_out(args.out, args.overwrite, "training")
     if args.accelerate_config and not launch.launched():
         argv = _without(args.argv, ("--accelerate-config", "--num-processes"))
         return launch.relaunch(args.accelerate_config, argv, args.num_processes)
+    # A pipe is read once: its records are held for the generator's name and every pass.
+    rollouts = read_rollouts(args.rollouts) if "--rollouts" in piped else args.rollouts
     if args.base is None:
-        args.base = _rollouts_generator(args.rollouts)
+        args.base = _rollouts_generator(rollouts, args.rollouts)
     result = train(
-        args.rollouts,
+        rollouts,
         args.base,
         args.out,
         config,
@@ -162,14 +175,15 @@ def cmd_train(args) -> int | None:
     launch.leave_process_group()  # after the main process has written the LenVM
 
 
-def _rollouts_generator(rollouts: str) -> str:
-    """The generator that the first record of ``rollouts`` names: what they were sampled from."""
+def _rollouts_generator(rollouts: str | list[dict], name: str) -> str:
+    """The generator that the first record of ``rollouts`` (a file, or its records read already)
+    names: what they were sampled from."""
     from lenvm.rollouts import iter_rollouts
     from lenvm.training import is_main_process
 
-    first = next(iter(iter_rollouts(rollouts)), None)
+    first = next(iter(iter_rollouts(rollouts) if isinstance(rollouts, str) else rollouts), None)
     if first is None:
-        raise InputError(f"{rollouts}: no rollout records to train on")
+        raise InputError(f"{name}: no rollout records to train on")
     if is_main_process():
         print(
             f"base: {first['generator']} (the generator the rollouts name; --base to choose)", file=sys.stderr
@@ -312,7 +326,7 @@ def _answer_to_value(args) -> tuple:
     """``(prompt, completion, finished, record)`` for ``lenvm values``: a rollout record (its own
     token ids, the prompt's too unless it has images, and its ending), or a prompt with the
     completion's text (record None)."""
-    from lenvm.io import numbered_jsonl
+    from lenvm.io import is_pipe, numbered_jsonl
     from lenvm.prompts import as_prompt
     from lenvm.rollouts import record_problem
 
@@ -338,7 +352,7 @@ def _answer_to_value(args) -> tuple:
     completion = args.completion
     if completion.startswith("@"):
         path = Path(completion[1:])
-        if not path.is_file():
+        if not (path.is_file() or is_pipe(path)):
             raise InputError(f"--completion {completion}: no such file")
         try:  # a byte-order mark is no part of the answer
             completion = path.read_bytes().decode("utf-8-sig")
