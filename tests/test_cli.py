@@ -746,3 +746,43 @@ def test_prompts_and_rollouts_from_a_pipe(tmp_path, tiny_path, prompts_file, cap
     assert json.loads((tmp_path / "lv" / "config.json").read_text())["base_model"] == str(tiny_path)
     code, err = _error(capsys, [*train, "--stream", "--rollouts", pipe(b""), "--out", str(tmp_path / "x")])
     assert code == 2 and "--stream reads the rollouts afresh on every pass" in err
+
+
+def test_path_options_expand_the_home_folder(tmp_path, monkeypatch):
+    """``--out=~/x``: no shell expands ``~`` after ``=``, so every option naming a file or folder
+    does, rather than create a folder named ``~`` in the working directory."""
+    import argparse
+    import re
+
+    from lenvm.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = build_parser()
+    args = parser.parse_args(["rollout", "--prompts=~/p.jsonl", "--out=~/r.jsonl", "--model=~/m"])
+    assert (args.prompts, args.out, args.model) == tuple(
+        str(tmp_path / n) for n in ("p.jsonl", "r.jsonl", "m")
+    )
+    args = parser.parse_args(["bench", "schedule", "--lenvm=~/lv", "--rollouts", "~/a", "-", "--out=~/b"])
+    assert (args.lenvm, args.rollouts, args.out) == (
+        str(tmp_path / "lv"),
+        [str(tmp_path / "a"), "-"],
+        str(tmp_path / "b"),
+    )
+    assert parser.parse_args(["generate", "--prompt", "~/not a path"]).prompt == "~/not a path"
+
+    def string_options_about_paths(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from string_options_about_paths(sub, f"{name} {sub_name}")
+            elif (
+                action.option_strings
+                and action.nargs != 0
+                and action.type in (None, str)
+                and not action.choices
+            ):
+                about = f"{action.help} {action.metavar or ''}"
+                if re.search(r"folder|file|JSONL|\bPATH\b|\bDIR\b|\bhere\b", about):
+                    yield f"{name} {action.option_strings[0]}"
+
+    assert list(string_options_about_paths(build_parser(), "lenvm")) == []

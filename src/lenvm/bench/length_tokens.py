@@ -106,8 +106,10 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="LenVM folder")
-    p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
+    p.add_argument("--lenvm", type=options.path, help="LenVM folder")
+    p.add_argument(
+        "--rollouts", type=options.path, required=True, help="rollouts JSONL of the LenVM's generator"
+    )
     p.add_argument(
         "--threshold",
         type=float,

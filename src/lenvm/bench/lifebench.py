@@ -457,8 +457,8 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="LenVM folder")
-    p.add_argument("--data", default=DEFAULT_DATA, help="LIFEBench JSONL")
+    p.add_argument("--lenvm", type=options.path, help="LenVM folder")
+    p.add_argument("--data", type=options.path, default=DEFAULT_DATA, help="LIFEBench JSONL")
     p.add_argument(
         "--targets",
         type=options.positive_int,

@@ -654,17 +654,28 @@ def _rows_arg(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="LenVM folder")
-    p.add_argument("--prompts", nargs="+", help="held-out prompts JSONL file(s), with a 'domain' field")
-    p.add_argument("--gsm8k", help="GSM8K JSONL to take held-out problems from (domain 'math')")
+    p.add_argument("--lenvm", type=options.path, help="LenVM folder")
+    p.add_argument(
+        "--prompts",
+        type=options.path,
+        nargs="+",
+        help="held-out prompts JSONL file(s), with a 'domain' field",
+    )
+    p.add_argument(
+        "--gsm8k", type=options.path, help="GSM8K JSONL to take held-out problems from (domain 'math')"
+    )
     p.add_argument(
         "--gsm8k-rows", type=_rows_arg, metavar="START:STOP", help="rows of --gsm8k (default: all)"
     )
     p.add_argument(
-        "--truth-rollouts", nargs="+", metavar="ROLLOUTS",
+        "--truth-rollouts", type=options.path, nargs="+", metavar="ROLLOUTS",
         help="score on these rollouts' prompts and answers instead of sampling (one generator and policy)",
     )  # fmt: skip
-    p.add_argument("--train-rollouts", help="the LenVM's training rollouts (baselines, cross-domain LenVMs)")
+    p.add_argument(
+        "--train-rollouts",
+        type=options.path,
+        help="the LenVM's training rollouts (baselines, cross-domain LenVMs)",
+    )
     p.add_argument(
         "--cross-domain", nargs="+", default=[], metavar="DOMAIN",
         help="also train a LenVM without each DOMAIN and score it on that domain",

@@ -415,9 +415,9 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--exact", required=True, help="attached or standalone LenVM folder")
-    p.add_argument("--q", required=True, help="q LenVM folder")
-    p.add_argument("--rollouts", required=True, help="held-out rollouts JSONL")
+    p.add_argument("--exact", type=options.path, required=True, help="attached or standalone LenVM folder")
+    p.add_argument("--q", type=options.path, required=True, help="q LenVM folder")
+    p.add_argument("--rollouts", type=options.path, required=True, help="held-out rollouts JSONL")
     p.add_argument(
         "--num-candidates", type=options.positive_int, default=8, help="candidates scored per position"
     )

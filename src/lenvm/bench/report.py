@@ -364,12 +364,16 @@ TABLE = "report.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="LenVM folder (default: train one first)")
+    p.add_argument("--lenvm", type=options.path, help="LenVM folder (default: train one first)")
     p.add_argument("--quick", action="store_true", help="small settings: under 30 minutes on 2 CPU cores")
-    p.add_argument("--train-rollouts", help="the --lenvm's training rollouts (baselines, length tokens)")
-    p.add_argument("--data", default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
-    p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
-    p.add_argument("--gsm8k-train", default=DEFAULT_GSM8K_TRAIN, help="GSM8K train JSONL")
+    p.add_argument(
+        "--train-rollouts",
+        type=options.path,
+        help="the --lenvm's training rollouts (baselines, length tokens)",
+    )
+    p.add_argument("--data", type=options.path, default=lifebench.DEFAULT_DATA, help="LIFEBench JSONL")
+    p.add_argument("--gsm8k", type=options.path, default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
+    p.add_argument("--gsm8k-train", type=options.path, default=DEFAULT_GSM8K_TRAIN, help="GSM8K train JSONL")
     p.add_argument("--batch-size", type=options.positive_int, default=8, help="answers decoded together")
     p.add_argument(
         "--seed", type=int, default=0, help="the prompts drawn, the LenVM's training and the tasks' sampling"

@@ -429,9 +429,18 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", required=True, help="LenVM folder (not trained on the rollouts' prompts)")
     p.add_argument(
-        "--rollouts", nargs="+", required=True, help="rollouts JSONL file(s) whose answers to replay"
+        "--lenvm",
+        type=options.path,
+        required=True,
+        help="LenVM folder (not trained on the rollouts' prompts)",
+    )
+    p.add_argument(
+        "--rollouts",
+        type=options.path,
+        nargs="+",
+        required=True,
+        help="rollouts JSONL file(s) whose answers to replay",
     )
     p.add_argument("--batch-size", type=options.positive_int, default=8, help="rows of the server's batch")
     p.add_argument("--load", type=float, default=0.9, help="offered work as a share of the rows")

@@ -376,7 +376,9 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="a trained LenVM folder (default: a fresh attached head)")
+    p.add_argument(
+        "--lenvm", type=options.path, help="a trained LenVM folder (default: a fresh attached head)"
+    )
     p.add_argument("--base-url", help="load a running server instead of starting one")
     p.add_argument("--api-key", help="bearer key of that server")
     p.add_argument(

@@ -531,7 +531,7 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="a trained LenVM folder, used for its own kind")
+    p.add_argument("--lenvm", type=options.path, help="a trained LenVM folder, used for its own kind")
     p.add_argument(
         "--batch-sizes",
         type=options.positive_int,

@@ -253,8 +253,8 @@ TABLE = "table.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--lenvm", help="LenVM folder")
-    p.add_argument("--gsm8k", default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
+    p.add_argument("--lenvm", type=options.path, help="LenVM folder")
+    p.add_argument("--gsm8k", type=options.path, default=tasks.DEFAULT_GSM8K, help="GSM8K test JSONL")
     p.add_argument("--no-gsm8k", action="store_true", help="built-in word problems only")
     p.add_argument(
         "--gsm8k-problems", type=options.non_negative_int, default=200, help="GSM8K test problems (0: none)"

@@ -52,6 +52,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--source",
+        type=options.path,
         help="train with the lenvm package in this source folder (its src/), to compare another version",
     )
 

@@ -351,7 +351,7 @@ def _answer_to_value(args) -> tuple:
         raise InputError("give --prompt and --completion (text, or @FILE), or --rollouts FILE [--record N]")
     completion = args.completion
     if completion.startswith("@"):
-        path = Path(completion[1:])
+        path = Path(options.path(completion[1:]))
         if not (path.is_file() or is_pipe(path)):
             raise InputError(f"--completion {completion}: no such file")
         try:  # a byte-order mark is no part of the answer
@@ -561,11 +561,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     options.add_model(p)
     p.add_argument(
         "--prompts",
+        type=options.path,
         required=True,
         help="JSONL ('-': standard input): {'prompt': ...} (optionally with 'images': [paths]) or "
         "{'messages': [...]}",
     )
-    p.add_argument("--out", required=True, help="rollouts JSONL (appended; a rerun resumes)")
+    p.add_argument(
+        "--out", type=options.path, required=True, help="rollouts JSONL (appended; a rerun resumes)"
+    )
     p.add_argument("--n", type=int, default=4, help="completions per prompt")
     options.add_sampling(p, seed_help="every completion's seed derives from it (default 0)")
     p.add_argument(
@@ -598,13 +601,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict total answer length from the prompt alone")
-    p.add_argument("--lenvm", required=True, help="LenVM folder")
+    p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
-    group.add_argument("--prompts", help="JSONL file of prompts ('-': standard input)")
+    group.add_argument("--prompts", type=options.path, help="JSONL file of prompts ('-': standard input)")
     options.add_image(p)
     p.add_argument(
         "--out",
+        type=options.path,
         help="write one JSON line per prompt here, as it goes (a rerun predicts only what is missing)",
     )
     p.add_argument("--batch-size", type=options.positive_int, default=32, help="prompts per forward")
@@ -618,14 +622,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "calibrate",
         help="fit a monotone map from a LenVM's values to the lengths realized on held-out rollouts",
     )
-    p.add_argument("--lenvm", required=True, help="LenVM folder")
+    p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
     p.add_argument(
         "--rollouts",
+        type=options.path,
         required=True,
         help="rollouts JSONL of the LenVM's generator on prompts the LenVM was not trained on "
         "(its training's --eval-rollouts, or new ones)",
     )
-    p.add_argument("--out", help="write the calibrated LenVM here (default: in place)")
+    p.add_argument("--out", type=options.path, help="write the calibrated LenVM here (default: in place)")
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument("--batch-size", type=options.positive_int, default=8, help="rollouts per forward")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -637,10 +642,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "train-end-head",
         help="train an attached LenVM's end head: tokens until the generator could next end naturally",
     )
-    p.add_argument("--lenvm", required=True, help="attached LenVM folder")
-    p.add_argument("--rollouts", required=True, help="rollouts JSONL of the LenVM's generator")
-    p.add_argument("--eval-rollouts", help="rollouts of other prompts, to report the held-out error on")
-    p.add_argument("--out", help="write the LenVM with its end head here (default: in place)")
+    p.add_argument("--lenvm", type=options.path, required=True, help="attached LenVM folder")
+    p.add_argument(
+        "--rollouts", type=options.path, required=True, help="rollouts JSONL of the LenVM's generator"
+    )
+    p.add_argument(
+        "--eval-rollouts",
+        type=options.path,
+        help="rollouts of other prompts, to report the held-out error on",
+    )
+    p.add_argument(
+        "--out", type=options.path, help="write the LenVM with its end head here (default: in place)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument(
         "--natural-eos", type=float, default=None,
@@ -654,30 +667,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_end_head)
 
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
-    p.add_argument("--lenvm", required=True, help="LenVM folder")
+    p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
     p.add_argument("--prompt", help="the prompt (a user message)")
     options.add_image(p)
     p.add_argument("--completion", help="the answer to value, token by token (@FILE: read it from FILE)")
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
     p.add_argument(
         "--rollouts",
+        type=options.path,
         help="a rollouts JSONL file: value one of its records, with the generator's own token ids "
         "(instead of --prompt and --completion)",
     )
     p.add_argument(
         "--record", type=options.positive_int, help="with --rollouts: which record (default 1: the first)"
     )
-    p.add_argument("--html", help="also write a self-contained HTML view here")
+    p.add_argument("--html", type=options.path, help="also write a self-contained HTML view here")
     options.add_lenvm_generator(p)
     options.add_device(p)
     p.set_defaults(func=cmd_values)
 
     p = sub.add_parser("generate", help="generate text, optionally steered to a length by a LenVM")
     options.add_generator(p)
-    p.add_argument("--lenvm", help="LenVM folder (needed for a length control)")
+    p.add_argument("--lenvm", type=options.path, help="LenVM folder (needed for a length control)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
-    group.add_argument("--prompts", help="JSONL file ('-': standard input); prints one JSON line per prompt")
+    group.add_argument(
+        "--prompts",
+        type=options.path,
+        help="JSONL file ('-': standard input); prints one JSON line per prompt",
+    )
     options.add_image(p)
     control = p.add_mutually_exclusive_group()
     control.add_argument("--equal-to", type=int, metavar="N", help="aim at exactly N tokens")
@@ -731,7 +749,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server with length control, prediction and values")
     options.add_generator(p)
-    p.add_argument("--lenvm", help="LenVM folder (needed for length controls and the length endpoints)")
+    p.add_argument(
+        "--lenvm",
+        type=options.path,
+        help="LenVM folder (needed for length controls and the length endpoints)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=options.port, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
@@ -790,9 +812,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     from lenvm.model import KINDS
     from lenvm.training import TrainConfig
 
-    p.add_argument("--rollouts", required=True, help="rollouts JSONL (lenvm rollout) or a datasets folder")
+    p.add_argument(
+        "--rollouts",
+        type=options.path,
+        required=True,
+        help="rollouts JSONL (lenvm rollout) or a datasets folder",
+    )
     p.add_argument(
         "--eval-rollouts",
+        type=options.path,
         help="held-out rollouts of other prompts to evaluate on (then --eval-fraction is not used)",
     )
     options.add_model(
@@ -801,7 +829,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help="generator (attached, q) or backbone (standalone); default: the generator the rollouts name",
         default=None,
     )
-    p.add_argument("--out", required=True, help="folder to write the LenVM to")
+    p.add_argument("--out", type=options.path, required=True, help="folder to write the LenVM to")
     p.add_argument("--overwrite", action="store_true", help="replace the LenVM that --out holds, if any")
     p.add_argument(
         "--kind",
@@ -911,11 +939,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument(
         "--features-cache",
+        type=options.path,
         metavar="DIR",
         help="head training: keep the hidden states here and reuse them in later runs on the same data",
     )
     scale.add_argument(
         "--accelerate-config",
+        type=options.path,
         metavar="NAME_OR_PATH",
         help=f"run under accelerate launch with this configuration ({', '.join(CONFIGS)}, or a YAML file)",
     )
@@ -946,13 +976,20 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     from lenvm.demo import DemoConfig
     from lenvm.losses import LOSSES
 
-    p.add_argument("--out", default=str(DemoConfig.out), help="folder for everything the demo writes")
+    p.add_argument(
+        "--out", type=options.path, default=str(DemoConfig.out), help="folder for everything the demo writes"
+    )
     options.add_model(p)
     p.add_argument(
         "--num-prompts", type=int, default=DemoConfig.prompts, help="built-in prompts (10%% held out)"
     )
     p.add_argument("--n", type=int, default=DemoConfig.n, help="completions per built-in training prompt")
-    p.add_argument("--gsm8k", default=DemoConfig.gsm8k_path, help="GSM8K train JSONL for the training mix")
+    p.add_argument(
+        "--gsm8k",
+        type=options.path,
+        default=DemoConfig.gsm8k_path,
+        help="GSM8K train JSONL for the training mix",
+    )
     p.add_argument(
         "--gsm8k-problems", type=int, default=DemoConfig.gsm8k, help="GSM8K training problems (0: none)"
     )
@@ -1019,7 +1056,10 @@ def _add_bench_parser(sub, wanted) -> None:
             continue
         module = importlib.import_module(module_name)
         p.add_argument(
-            "--out", default="results/" + command.replace("-", "_"), help="results folder (a rerun resumes)"
+            "--out",
+            type=options.path,
+            default="results/" + command.replace("-", "_"),
+            help="results folder (a rerun resumes)",
         )
         model_flag = getattr(module, "MODEL_FLAG", ...)  # Ellipsis: a generator, the LenVM's by default
         if model_flag is ...:

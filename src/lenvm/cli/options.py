@@ -8,12 +8,20 @@ left out: left out, a flag takes the policy a LenVM was trained on where a LenVM
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, POLICY_SETTINGS, SamplingParams
 from lenvm.hub import DEFAULT_MODEL, DTYPES
 
 _DEFAULTS = SamplingParams()
+
+
+def path(text: str) -> str:
+    """An argparse type for a file or folder: a leading ``~`` is the home folder, as a shell
+    expands it everywhere except after ``--flag=``. Anything else (a hub id, ``-``, a URL) is left
+    as it is."""
+    return os.path.expanduser(text)
 
 
 def positive_int(text: str) -> int:
@@ -57,7 +65,9 @@ def add_model(
     default: str | None = DEFAULT_MODEL,
 ) -> None:
     """The generator to load, and where and how to load every model of the command."""
-    parser.add_argument(flag, default=default, help=help or "generator: folder, hub id or built-in alias")
+    parser.add_argument(
+        flag, type=path, default=default, help=help or "generator: folder, hub id or built-in alias"
+    )
     add_device(parser)
 
 
@@ -77,6 +87,7 @@ def add_lenvm_generator(parser: argparse.ArgumentParser) -> None:
     LenVM names has moved (checked against the LenVM's tokenizer)."""
     parser.add_argument(
         "--model",
+        type=path,
         dest="lenvm_generator",
         help="the generator the LenVM reads (default: the one it names; checked against its tokenizer)",
     )
@@ -165,6 +176,7 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
 def add_image(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image",
+        type=path,
         action="append",
         metavar="PATH",
         help="an image for --prompt (a path, file:// or data: URL; repeat for several); needs a "
