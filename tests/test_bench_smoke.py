@@ -126,6 +126,7 @@ def test_lifebench_smoke_and_resume(tmp_path, tiny_path, lenvm_dir, data, models
     # A rerun with the same settings generates nothing and gives the same numbers.
     again = run_lifebench(out, models=models, progress=False, **kwargs)
     assert again["summary"] == summary
+    assert "seconds" not in again and again["seconds_this_run"] >= 0  # the items' time is not known
     assert len((out / "items.jsonl").read_text().splitlines()) == len(items)
     with pytest.raises(InputError, match="other settings"):
         run_lifebench(out, models=models, progress=False, **{**kwargs, "max_new_tokens": 10})

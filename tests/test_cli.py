@@ -38,8 +38,10 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert main(args) == 0
     records = [json.loads(line) for line in rollouts.read_text().splitlines()]
     assert len(records) == 6 and {r["prompt_id"] for r in records} == {"a", "1", "2"}
+    capsys.readouterr()
     assert main(args) == 0  # resumes: nothing left to do, nothing duplicated
     assert len(rollouts.read_text().splitlines()) == 6
+    assert json.loads(capsys.readouterr().out)["seconds_this_run"] == 0.0  # this invocation's, not the run's
 
     out = tmp_path / "lenvm"
     capsys.readouterr()
@@ -60,8 +62,10 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
         )
         == 0
     )
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert f"base: {tiny_path} (the generator the rollouts name" in err and "held-out" in err
+    assert "seconds_this_run" in json.loads(printed.out)  # a resumed training's earlier time is unknown
     quiet = ["train", "--rollouts", str(rollouts), "--out", str(tmp_path / "quiet"), "--epochs", "2"]
     assert main([*quiet, "--eval-fraction", "0.34", "--no-progress"]) == 0
     err = capsys.readouterr().err

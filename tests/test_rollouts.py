@@ -132,6 +132,8 @@ def test_resume_skips_done_and_completes_partial_prompts(tiny_generator, tmp_pat
 
     again = rollout(tiny_generator, PROMPTS, out, n=3, sampling=sampling, progress=False)
     assert again.prompts_skipped == 3 and again.completions_written == 0
+    # The time of earlier calls is not known: what is reported says it is this call's.
+    assert again.to_dict()["seconds_this_run"] == 0.0 and "seconds" not in again.to_dict()
 
 
 def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):

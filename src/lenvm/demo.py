@@ -221,11 +221,13 @@ def _run(config: DemoConfig, out: Path, generator) -> dict:
             "finished": sum(r["finish_reason"] == "stop" for r in every),
             "seconds_this_run": round(rollout_seconds, 1),
             "tokens_per_second_this_run": round(
-                sum(s.tokens_generated for s in summaries) / max(sum(s.seconds for s in summaries), 1e-9), 1
+                sum(s.tokens_generated for s in summaries)
+                / max(sum(s.seconds_this_run for s in summaries), 1e-9),
+                1,
             ),
         },
         "training": {
-            "seconds": round(result.seconds, 1),
+            "seconds_this_run": round(result.seconds, 1),
             "data": result.data.to_dict(),
             "by_domain": training_mix(records),
         },

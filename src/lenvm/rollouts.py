@@ -61,7 +61,9 @@ REQUEST_TIMEOUT_S = 3600.0
 
 @dataclass
 class RolloutSummary:
-    """What one :func:`rollout` call did. ``seconds`` counts generation only, not model loading."""
+    """What one :func:`rollout` call did: a resumed file's earlier calls are not counted (their
+    records are in the file, their time is not). ``seconds_this_run`` counts generation only, not
+    model loading."""
 
     path: Path
     prompts_total: int
@@ -70,7 +72,7 @@ class RolloutSummary:
     tokens_generated: int
     finished: int
     truncated: int
-    seconds: float
+    seconds_this_run: float
     tokens_per_second: float
     backend: str = "hf"
 
@@ -255,8 +257,8 @@ def rollout(
                         summary.finished += 1
                     else:
                         summary.truncated += 1
-                summary.seconds = time.perf_counter() - start
-                summary.tokens_per_second = summary.tokens_generated / max(summary.seconds, 1e-9)
+                summary.seconds_this_run = time.perf_counter() - start
+                summary.tokens_per_second = summary.tokens_generated / max(summary.seconds_this_run, 1e-9)
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
         return summary

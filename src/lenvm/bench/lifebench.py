@@ -251,7 +251,7 @@ def run_lifebench(
             "rows_too_long": too_long,
             "languages": sorted({r.lang for r in table}),
             "settings": settings,
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds_this_run": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
         run.write_text("table.md", _markdown(summary, labels, kept, skipped, len(table), too_long))

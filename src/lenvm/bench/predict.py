@@ -418,7 +418,7 @@ def run_prediction(
                 "truth_rollouts": [str(path) for path in truth_rollouts or []],
                 "held_out": [p.id for p in held_out],
             },
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds_this_run": round(time.perf_counter() - started, 1),
         }
         write_json(out / "results.json", results)
         write_text(out / "table.md", _markdown(results, len(records)))

@@ -273,7 +273,7 @@ def run_q_agreement(
         results.update(
             settings=settings,
             exact_kind=exact_vm.config.kind,
-            seconds=round(time.perf_counter() - started, 1),
+            seconds_this_run=round(time.perf_counter() - started, 1),
         )
         run.write_json("results.json", results)
         run.write_text("table.md", _markdown(results))

@@ -121,7 +121,7 @@ def run_tradeoff(
             "curves": curves,
             "problems": {name: len(problems) for name, problems in datasets.items()},
             "settings": settings,
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds_this_run": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
         run.write_text("table.md", _markdown(curves, sampling.max_new_tokens))
