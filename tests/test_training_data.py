@@ -1,0 +1,48 @@
+"""What a training run checks of its rollout records in its one scanning pass."""
+
+import pytest
+
+from lenvm.io import InputError
+from lenvm.training_data import check_length, scan
+
+EOS = 2
+
+
+def record(prompt_ids: list[int], completion_ids: list[int], finish_reason: str = "stop") -> dict:
+    return {
+        "prompt_id": "p",
+        "sample_index": 0,
+        "prompt": "Hi",
+        "prompt_token_ids": prompt_ids,
+        "completion": "",
+        "completion_token_ids": completion_ids,
+        "finish_reason": finish_reason,
+        "num_tokens": len(completion_ids),
+        "generator": "g",
+        "sampling": {"temperature": 1.0, "max_new_tokens": 8, "seed": 0},
+    }
+
+
+def scanned(records: list[dict], context: int | None = None):
+    return scan(records, [EOS], "bootstrap", None, vocab_size=16, vocab_name="g", context=context)
+
+
+def test_a_record_exactly_as_long_as_the_context_fits_and_one_token_more_does_not():
+    fits = record([5, 6, 7], [8, 9, EOS])  # 6 tokens, prompt and answer together
+    check_length(fits, 0, 6, "g", "advice")
+    with pytest.raises(
+        InputError, match="rollout record 1 is 6 tokens long .* context of 'g' \\(5 tokens\\)"
+    ):
+        check_length(fits, 0, 5, "g", "advice")
+    assert scanned([fits], context=6).records == 1
+    with pytest.raises(InputError, match="beyond the context"):
+        scanned([fits], context=5)
+
+
+def test_the_runs_fingerprint_tells_a_finished_answer_from_the_same_tokens_cut():
+    """A resumed run reuses a checkpoint or cached features only for the same data; a record that
+    ended and one cut at max_new_tokens train differently (a return, or a bootstrapped one)."""
+    stopped = record([5, 6], [8, EOS], "stop")
+    cut = record([5, 6], [8, EOS], "length")
+    assert scanned([stopped]).digest != scanned([cut]).digest
+    assert scanned([stopped]).digest == scanned([dict(stopped)]).digest
