@@ -583,3 +583,33 @@ def test_the_constant_baselines_are_the_arithmetic_and_the_return_consistent_mea
     # the length whose return is the mean return: far below the arithmetic mean on a long tail
     expected = math.log(1 - sum(1 - 0.9**n for n in (2, 4, 100)) / 3) / math.log(0.9)
     assert fitted.mean_rc_length == pytest.approx(expected) and fitted.mean_rc_length < 10
+
+
+def test_bench_vision_warms_up_before_it_times(tmp_path, monkeypatch):
+    """The first stage's time must not hold one-off costs: a short untimed decode comes first."""
+    from types import SimpleNamespace
+
+    from lenvm.bench import vision as bench_vision
+    from lenvm.bench.common import WARMUP_TOKENS
+    from lenvm.decoding import Engine
+
+    events: list = []
+    generate = Engine.generate
+
+    def logged(self, requests, **kwargs):
+        events.append(("decode", requests[0].sampling.max_new_tokens))
+        return generate(self, requests, **kwargs)
+
+    class TimingStarted(Exception):
+        pass
+
+    def perf_counter():
+        raise TimingStarted
+
+    monkeypatch.setattr(Engine, "generate", logged)
+    monkeypatch.setattr(bench_vision, "time", SimpleNamespace(perf_counter=perf_counter))
+    with pytest.raises(TimingStarted):
+        bench_vision.run_vision(
+            tmp_path, images=3, n=1, max_new_tokens=12, batch_size=2, target=3, epochs=1, progress=False
+        )
+    assert events == [("decode", WARMUP_TOKENS)]

@@ -88,3 +88,23 @@ def test_length_metrics_without_finished_completions_still_counts_the_prompts():
     values = [np.zeros(e.length) for e in examples]
     m = length_metrics(examples, values, GAMMA, baseline_length=10.0)
     assert m == {"eval_prompts": 0, "eval_prompts_cut": 2, "eval_finished": 0}
+
+
+def test_the_baseline_is_scored_on_finished_completions_and_prompts_with_a_truth():
+    # Prompt a: two answers that ended and one cut (a minority: counted at its cut in the truth);
+    # prompt b: cut only, so neither its states nor its prompt have a known truth.
+    examples = [
+        _example("a", 4, True),
+        _example("a", 4, True),
+        _example("a", 10, False),
+        _example("b", 12, False),
+    ]
+    exact = [length_to_value(np.arange(e.length, 0, -1, dtype=float), GAMMA) for e in examples]
+    values = [v if e.finished else np.zeros(e.length) for e, v in zip(examples, exact, strict=True)]
+    m = length_metrics(examples, values, GAMMA, baseline_length=6.0)
+    # Per token, finished answers only: the baseline's remaining [6, 5, 4, 3] against [4, 3, 2, 1].
+    assert m["baseline_token_mae"] == pytest.approx(2.0)
+    assert m["token_mae"] == pytest.approx(0.0, abs=1e-9) and m["value_mse"] == pytest.approx(0.0, abs=1e-12)
+    assert m["eval_finished"] == 2 and (m["eval_prompts"], m["eval_prompts_cut"]) == (1, 1)
+    truth = return_consistent_mean_length([4, 4, 10], GAMMA)
+    assert m["baseline_prompt_mre"] == pytest.approx(abs(6.0 - truth) / truth)

@@ -929,3 +929,56 @@ def test_full_finetuning_targets_are_bootstrapped_at_a_cut(monkeypatch):
     ended = -(1 - gamma**steps)
     torch.testing.assert_close(seen[0][0, 2:5], cut)
     torch.testing.assert_close(seen[0][1, 1:4], ended)
+
+
+def _training_data(tokenizer, records, max_length=None, context=None, eval_records=None):
+    from lenvm.training_data import RolloutSource, training_data
+
+    eval_source = RolloutSource(eval_records) if eval_records is not None else None
+    eos, vocab = [tokenizer.eos_token_id], len(tokenizer)
+    return training_data(
+        RolloutSource(records),
+        eval_source,
+        eos,
+        "bootstrap",
+        max_length,
+        0.0,
+        0,
+        vocab,
+        "tiny",
+        context=context,
+    )
+
+
+def test_the_baseline_is_the_mean_length_of_the_training_answers_that_ended(tiny_generator):
+    tokenizer = tiny_generator[1]
+    records = synthetic_records(tokenizer, truncate_long=True)  # 12 answers of 3, 8 of 24, 4 cut
+    records = [r if r["finish_reason"] == "stop" else dict(r, completion_token_ids=[5] * 60) for r in records]
+    assert _training_data(tokenizer, records).baseline_length == pytest.approx((12 * 3 + 8 * 24) / 20)
+    # Where none ended, the mean of the cut lengths is all there is.
+    cut = [dict(r, completion_token_ids=[5] * 60, finish_reason="length") for r in records]
+    assert _training_data(tokenizer, cut).baseline_length == pytest.approx(60.0)
+
+
+def test_a_record_beyond_the_context_is_refused_unless_max_length_within_it_leaves_it_out(tiny_generator):
+    tokenizer = tiny_generator[1]
+    records = synthetic_records(tokenizer)
+    context = 128  # the records are 66 and 86 tokens long
+    prompt = len(records[1]["prompt_token_ids"])
+
+    def with_length(n: int) -> list[dict]:  # record 2 cut at n tokens, prompt and answer together
+        long = dict(records[1], completion_token_ids=[5] * (n - prompt), finish_reason="length")
+        return [records[0], long, *records[2:]]
+
+    beyond = rf"record 2 is {context + 1} tokens long .* context of 'tiny' \({context} tokens\)"
+    assert _training_data(tokenizer, with_length(context), context=context).report.dropped == 0
+    with pytest.raises(InputError, match=beyond):
+        _training_data(tokenizer, with_length(context + 1), context=context)
+    # A max_length up to the context leaves such records out; one beyond it cannot.
+    assert _training_data(tokenizer, with_length(context + 1), context, context).report.dropped == 1
+    assert _training_data(tokenizer, with_length(context), context + 1, context).report.dropped == 0
+    with pytest.raises(InputError, match=beyond):
+        _training_data(tokenizer, with_length(context + 1), context + 1, context)
+    # Held-out records are never left out by max_length: beyond the context they are refused.
+    with pytest.raises(InputError, match=beyond):
+        _training_data(tokenizer, records[12:], context, context, eval_records=with_length(context + 1)[:12])

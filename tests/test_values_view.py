@@ -168,6 +168,32 @@ def test_token_texts_join_into_the_decoded_text(data):
 _TOKENIZER: dict = {}
 
 
+class _CountingDecoder:
+    """A tokenizer that counts the token ids it decodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+def test_a_long_run_of_stray_bytes_is_read_in_linear_time():
+    from lenvm.testing import tiny_tokenizer
+    from lenvm.values_view import _byte_level_alphabet, token_texts
+
+    tokenizer = _TOKENIZER.setdefault("tiny", tiny_tokenizer())
+    char_of = {b: c for c, b in _byte_level_alphabet().items()}
+    # 600 stray bytes, then 你 (E4 BD A0) and "a": the strays wait, with the character's first
+    # bytes, for the token that completes it.
+    data = [0xFF, 0x80] * 300 + [0xE4, 0xBD, 0xA0, 0x61]
+    ids = tokenizer.convert_tokens_to_ids([char_of[b] for b in data])
+    counting = _CountingDecoder(tokenizer)
+    assert token_texts(counting, ids) == [""] * 602 + ["\ufffd" * 600 + "你", "a"]
+    assert counting.decoded < 10 * len(ids)  # each token decoded a few times, not once per later one
+
+
 def test_characters_split_over_tokens_are_shown_whole(lenvm):
     text = "用中文 🎉 done"
     trace = token_values(lenvm, PROMPT, text)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from lenvm import vision
 from lenvm.cli import main
@@ -56,6 +57,44 @@ def test_head_training_with_images(tmp_path, rollouts, vlm_path, vlm_generator, 
     lenvm = LengthValueModel.from_pretrained(tmp_path / "lv", generator=vlm_generator)
     lengths = lenvm.predict_length(read_prompts(shapes) + ["Hello there"])
     assert all(length > 0 for length in lengths)
+
+
+def test_an_image_that_fails_in_training_names_its_record(tmp_path, rollouts, vlm_path, vlm_generator):
+    """In a large rollouts file the image alone does not say which record to mend."""
+    records = read_rollouts(rollouts)
+    config = TrainConfig(epochs=1, eval_fraction=0.34, bf16=False)
+
+    def with_image(path):  # record 5 with its image replaced
+        message = records[4]["prompt"][0]
+        content = [{"type": "image_url", "image_url": {"url": str(path)}}, *message["content"][1:]]
+        return [*records[:4], dict(records[4], prompt=[dict(message, content=content)]), *records[5:]]
+
+    pid = records[4]["prompt_id"]
+    missing = tmp_path / "gone.png"
+    with pytest.raises(
+        InputError, match=rf"rollout record 5 \(prompt id '{pid}'\): image .*gone.png: no such file"
+    ):
+        train(
+            with_image(missing),
+            str(vlm_path),
+            tmp_path / "a",
+            config,
+            generator=vlm_generator,
+            progress=False,
+        )
+    # Another image in its place makes another number of image tokens than the record's ids hold.
+    Image.new("RGB", (112, 56), "red").save(tmp_path / "wide.png")
+    with pytest.raises(
+        InputError, match=rf"rollout record 5 \(prompt id '{pid}'\) holds 9 image tokens where"
+    ):
+        train(
+            with_image(tmp_path / "wide.png"),
+            str(vlm_path),
+            tmp_path / "b",
+            config,
+            generator=vlm_generator,
+            progress=False,
+        )
 
 
 def test_standalone_training_freezes_vision_and_keeps_the_processor(

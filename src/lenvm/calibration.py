@@ -121,15 +121,12 @@ def realized_returns(
     """The LenVM's own (uncalibrated) value of every state of the rollouts ``records`` and the
     return realized after it: Monte-Carlo for an answer that ended, bootstrapped from the value at
     the cut for one cut at ``max_new_tokens``, as in training."""
-    from lenvm import vision
-    from lenvm.dataset import padded_batches
+    from lenvm.dataset import forward_images, padded_batches
     from lenvm.returns import lambda_returns
 
     values, returns = [], []
     for chunk, batch in padded_batches(lenvm, records, "calibrate on", batch_size, progress, "calibrating"):
-        images = vision.forward_images(
-            lenvm.tokenizer, [(e.input_ids, e.images) for e in chunk], lenvm.device
-        )
+        images = forward_images(lenvm.tokenizer, chunk, lenvm.device)
         v = lenvm(batch.input_ids, batch.attention_mask, calibrated=False, **images).double()
         boot = v.gather(1, batch.boot_index[:, None]).squeeze(1)
         # Realized returns: training's lambda = 1 targets (Monte-Carlo, bootstrapped at a cut).

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lenvm import vision
 from lenvm.io import InputError, is_int
 from lenvm.prompts import image_references
 from lenvm.returns import length_to_value
@@ -31,7 +32,8 @@ class Example:
     ``input_ids`` is prompt + completion. State ``s_t`` ends at index ``start + t``; states
     ``t = 0 .. num_states - 1`` are supervised. For a cut completion the bootstrap state
     ``s_T`` ends at index ``start + num_states`` (its last token). ``images``: the references of
-    the prompt's images, whose tokens lie inside the prompt (never states).
+    the prompt's images, whose tokens lie inside the prompt (never states). ``record``: the rollout
+    record it came from, counted from 1 (None for a completion given otherwise).
     """
 
     prompt_id: str
@@ -40,6 +42,14 @@ class Example:
     num_states: int
     finished: bool
     images: tuple[str, ...] = ()
+    record: int | None = None
+
+    @property
+    def name(self) -> str:
+        """How errors name it: its rollout record, where it came from one, and its prompt id."""
+        if self.record is None:
+            return f"prompt {self.prompt_id!r}"
+        return f"rollout record {self.record} (prompt id {self.prompt_id!r})"
 
     @property
     def length(self) -> int:
@@ -127,13 +137,20 @@ def iter_examples(
             report.dropped += 1
             continue
         images = tuple(image_references(record.get("prompt")))
-        example = Example(
-            str(record.get("prompt_id", i)), input_ids, len(prompt_ids) - 1, len(completion), finished, images
-        )
+        prompt_id = str(record.get("prompt_id", i))
+        example = Example(prompt_id, input_ids, len(prompt_ids) - 1, len(completion), finished, images, i + 1)
         prompts.add(example.prompt_id)
         report.prompts = len(prompts)
         report.supervised_tokens += example.num_states
         yield example
+
+
+def forward_images(tokenizer, examples: list[Example], device) -> dict[str, torch.Tensor]:
+    """The forward keyword arguments with the pixel inputs of ``examples``' prompt images
+    (:func:`lenvm.vision.forward_images`); an image that cannot be read names the record that
+    referenced it, which a large rollouts file needs."""
+    rows = [(e.input_ids, e.images) for e in examples]
+    return vision.forward_images(tokenizer, rows, device, [e.name for e in examples])
 
 
 def held_out_prompts(prompt_ids: list[str], eval_fraction: float, seed: int = 0) -> set[str]:

@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lenvm import vision
-from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate
+from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate, forward_images
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
 from lenvm.hub import model_name, torch_dtype
 from lenvm.io import InputError, RunLock, atomic_path, check_writable, is_int, is_real, write_json
@@ -419,8 +418,7 @@ def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: f
 
 def _images(lenvm: LengthValueModel, examples: list[Example], device=None) -> dict[str, torch.Tensor]:
     """The forward keyword arguments with the pixel inputs of ``examples``' prompt images."""
-    rows = [(e.input_ids, e.images) for e in examples]
-    return vision.forward_images(lenvm.tokenizer, rows, device or lenvm.device)
+    return forward_images(lenvm.tokenizer, examples, device or lenvm.device)
 
 
 def is_main_process() -> bool:

@@ -194,6 +194,12 @@ def token_values(
     return ValueTrace(gamma, prompt_ids, _prompt_text(tok, prompt_ids), tokens, finished, images)
 
 
+# UTF-8 writes a character in at most 4 bytes and every token holds at least one, so the last
+# this many tokens of a piece hold its last character's first byte: whether the piece ends inside
+# a character shows in them alone.
+_CHARACTER_TOKENS = 4
+
+
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
     """The text of each token, such that they join into the decoded text: a character whose bytes
     are split over several tokens (byte-level BPE: most Chinese characters, emoji) is given to the
@@ -202,12 +208,20 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     texts: list[str] = []
     start = 0
     for i in range(len(ids)):
-        piece = tokenizer.decode(ids[start : i + 1])
+        last = i + 1 == len(ids)
         # Waits past 4 bytes too: after stray bytes (each a U+FFFD of its own) the tokens that
-        # complete a character may still come.
-        if piece.endswith("\ufffd") and i + 1 < len(ids):
+        # complete a character may still come. Only the last few tokens are decoded while it
+        # waits, so that a long run of stray bytes costs time in proportion to its length.
+        tail_start = max(start, i + 1 - _CHARACTER_TOKENS)
+        piece = tokenizer.decode(ids[tail_start : i + 1])
+        if not last and piece.endswith("\ufffd"):
             texts.append("")
             continue
+        if tail_start > start:
+            piece = tokenizer.decode(ids[start : i + 1])
+            if not last and piece.endswith("\ufffd"):  # a decoder that reads a run of bytes whole
+                texts.append("")
+                continue
         texts.append(piece)
         start = i + 1
     return texts

@@ -244,17 +244,24 @@ class Processor:
             )
         return ids
 
-    def inputs_for(self, rows: list[tuple[list[int], list[str]]]) -> ImageInputs | None:
+    def inputs_for(
+        self, rows: list[tuple[list[int], list[str]]], names: list[str] | None = None
+    ) -> ImageInputs | None:
         """Pixel inputs of model rows given as ``(token ids, image references)`` (ids from
-        rollouts, say): each row's image tokens must be what its images make."""
+        rollouts, say): each row's image tokens must be what its images make. ``names``: how
+        errors name each row (the rollout record it came from, say)."""
         parts = []
-        for ids, refs in rows:
+        for n, (ids, refs) in enumerate(rows):
+            what = names[n] if names else "a sequence"
+            try:
+                images = self.pixels(list(refs)) if refs else None
+            except InputError as err:
+                raise InputError(f"{what}: {err}") from None
             found = sum(1 for t in ids if t == self.image_token_id)
-            images = self.pixels(list(refs)) if refs else None
             expected = sum(self.tokens_per_image(images)) if images is not None else 0
             if found != expected:
                 raise InputError(
-                    f"a sequence holds {found} image tokens where its {len(refs)} image(s) make "
+                    f"{what} holds {found} image tokens where its {len(refs)} image(s) make "
                     f"{expected}: were the ids made with another image processor, or did the images change?"
                 )
             parts.append(images)
@@ -280,19 +287,20 @@ def _processor_template(location: str | os.PathLike) -> str | None:
 
 
 def forward_images(
-    tokenizer, rows: list[tuple[list[int], tuple[str, ...]]], device
+    tokenizer, rows: list[tuple[list[int], tuple[str, ...]]], device, names: list[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Forward keyword arguments with the pixel inputs of model rows ``(token ids, image
-    references)`` (none when no row has images), checked against the rows' image tokens."""
+    references)`` (none when no row has images), checked against the rows' image tokens;
+    ``names``: how errors name each row."""
     processor = processor_of(tokenizer)
     if not any(refs for _, refs in rows):
         if processor is not None:
-            for ids, _ in rows:
-                processor.without_images(ids, "a sequence")
+            for n, (ids, _) in enumerate(rows):
+                processor.without_images(ids, names[n] if names else "a sequence")
         return {}
     if processor is None:
         raise InputError("these sequences have images, but the model that reads them is text-only")
-    return model_kwargs(processor.inputs_for([(ids, list(refs)) for ids, refs in rows]).to(device))
+    return model_kwargs(processor.inputs_for([(ids, list(refs)) for ids, refs in rows], names).to(device))
 
 
 def processor_of(tokenizer) -> Processor | None:

@@ -35,6 +35,9 @@ from lenvm.model import LengthValueModel, generator_for
 from lenvm.prompts import encode_prompt
 
 BACKENDS = ("engine", "vllm")
+# Tokens of the short untimed call that precedes timing: enough to run every one-off cost (lazy
+# imports, allocations, kernel selection) once, few enough not to double a run.
+WARMUP_TOKENS = 8
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Models, Run, load_models, markdown_table, pyplot
+from lenvm.bench.common import WARMUP_TOKENS, Models, Run, load_models, markdown_table, pyplot
 from lenvm.cli import options
 from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
 from lenvm.hub import default_device, eos_token_ids, torch_dtype
@@ -75,7 +75,6 @@ CONTROL = Control("tilt", beta=1.0)
 FRESH = "fresh head"
 STATM = "/proc/self/statm"
 RSS_INTERVAL_S = 0.005
-WARMUP_TOKENS = 8
 
 
 @dataclass(frozen=True)

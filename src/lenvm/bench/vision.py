@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lenvm.bench.common import Run, markdown_table
+from lenvm.bench.common import WARMUP_TOKENS, Run, markdown_table
 from lenvm.cli import options
 
 TABLE = "table.md"
@@ -74,9 +74,18 @@ def run_vision(
         generator = load_generator(location, device=device, dtype=dtype)
         prompts = read_prompts(prompts_file)
         sampling = SamplingParams(max_new_tokens=max_new_tokens, seed=0)
+        warmed = False
 
         def stage(key: str, work) -> dict[str, Any]:
+            nonlocal warmed
             if key not in run.done:
+                if not warmed:
+                    # As `lenvm bench speed` does: one short untimed decode over images first, so
+                    # that one-off costs (lazy imports, the image processor's first call,
+                    # allocations) are not timed as the first stage's.
+                    short = SamplingParams(max_new_tokens=min(WARMUP_TOKENS, max_new_tokens), seed=0)
+                    _decode(Engine(*generator), [Request(p, short) for p in prompts[:batch_size]], batch_size)
+                    warmed = True
                 started = time.perf_counter()
                 figures = work()
                 run.add([{"key": key, "seconds": round(time.perf_counter() - started, 3), **figures}])
