@@ -307,7 +307,9 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     for kwargs in bad_controls:
         with pytest.raises(InputError):
             Control(**kwargs)
-    with pytest.raises(InputError, match=rf"must lie in \[0, {len(tok)}\)"):
+    with pytest.raises(
+        InputError, match=rf"must lie in \[0, {len(tok)}\) \(the vocabulary\), got {len(tok)}$"
+    ):
         engine.generate([Request([5, len(tok)])])  # one past the vocabulary
     with pytest.raises(InputError, match="a list of requests"):
         engine.generate(Request("hi"))

@@ -548,6 +548,17 @@ def test_bad_completion_requests_get_a_4xx_and_leave_the_server_healthy(url, bod
     assert not error["message"].startswith("request ")  # no engine-internal request key
 
 
+def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
+    from lenvm.decoding.params import RequestError
+
+    with pytest.raises(RequestError) as caught:
+        engine.generate([Request([5, 10**9])])
+    response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [5, 10**9]})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == caught.value.reason
+    assert caught.value.reason.endswith("got 1000000000")
+
+
 BAD_CHAT = [
     ({"model": MODEL, "messages": "Hi"}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),

@@ -66,6 +66,7 @@ from lenvm.decoding.params import (
     SamplingParams,
     control_from_keys,
     keys_of,
+    outside_vocabulary,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
@@ -470,8 +471,8 @@ class VLLMEngine:
         prompt = request.prompt
         if is_token_ids(prompt):
             ids = list(prompt)
-            if not all(0 <= i < vocab for i in ids):
-                raise RequestError(index, f"prompt token ids must lie in [0, {vocab})")
+            if (why := outside_vocabulary(ids, vocab)) is not None:
+                raise RequestError(index, why)
         else:
             ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))
         request, named = request.fitted(index, len(ids), context)  # as our engine: not cut short by vLLM

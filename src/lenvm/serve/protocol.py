@@ -31,6 +31,7 @@ from lenvm.decoding.params import (
     Request,
     SamplingParams,
     control_from_keys,
+    outside_vocabulary,
 )
 from lenvm.io import InputError
 from lenvm.prompts import prompt_from_record
@@ -441,9 +442,8 @@ def text_prompt_ids(
         raise ApiError(400, f"the {what} is empty", what)
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-    vocab = len(tokenizer)
-    if not all(0 <= i < vocab for i in prompt):
-        raise ApiError(400, f"{what} token ids must lie in [0, {vocab})", what)
+    if (why := outside_vocabulary(prompt, len(tokenizer), what)) is not None:
+        raise ApiError(400, why, what)
     return list(prompt)
 
 
