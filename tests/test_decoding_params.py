@@ -80,6 +80,13 @@ def test_length_keys_make_the_control_they_name():
     assert control_from_keys({"length_equal_to": 8, "length_retries": 0, "length_best_of": 2}) == Control(
         "equal_to", target=8, retries=0, best_of=2
     )
+    assert control_from_keys({"length_equal_to": 8, "length_hard_cap_slack": 2}) == Control(
+        "equal_to", target=8, hard_cap_slack=2
+    )
+    # The rule joins first, whatever the keys' order: at_most takes a cap under the paper's rule.
+    assert control_from_keys({"length_hard_cap_slack": 0, "length_rule": "paper", "length_at_most": 5}) == (
+        Control("at_most", target=5, rule="paper", hard_cap_slack=0)
+    )
     assert control_from_keys({"other": 1, "length_at_least": None}) is None  # other keys are not ours
 
 
@@ -99,6 +106,10 @@ def test_length_keys_make_the_control_they_name():
         ({"length_equal_to": 5, "length_retries": "2"}, "integer", "length_retries"),
         ({"length_equal_to": 5, "length_retries": 99}, "retries", "length_retries"),
         ({"length_at_most": 5, "length_best_of": 2}, "equal_to", "length_best_of"),
+        ({"length_at_most": 5, "length_hard_cap_slack": 1}, "rule 'paper'", "length_hard_cap_slack"),
+        ({"length_equal_to": 5, "length_hard_cap_slack": -1}, "non-negative", "length_hard_cap_slack"),
+        ({"length_equal_to": 5, "length_hard_cap_slack": True}, "integer", "length_hard_cap_slack"),
+        ({"length_hard_cap_slack": 2}, "needs a length control", "length_hard_cap_slack"),
         ({"length_equal_to": 5, "length_rule": "paper", "length_best_of": 0}, "best_of", "length_best_of"),
     ],
 )
@@ -137,6 +148,13 @@ def test_any_flat_keys_give_a_control_or_a_clear_error(keys):
         ),
         st.builds(Control, kind=st.just("tilt"), beta=st.floats(-50, 50)),
         st.builds(Control, kind=st.just("equal_to"), target=st.integers(1, 99), retries=st.integers(0, 5)),
+        st.builds(
+            Control,
+            kind=st.just("at_most"),
+            target=st.integers(1, 99),
+            rule=st.just("paper"),
+            hard_cap_slack=st.integers(0, 9),
+        ),
     )
 )
 def test_keys_of_a_control_give_it_back(control):

@@ -202,6 +202,43 @@ def test_length_controls_in_vllm_xargs_and_as_fields(url, engine, tiny_generator
     assert equal.usage.discarded_tokens > 0
 
 
+def test_a_hard_cap_is_set_per_request(url, engine):
+    capped = Control("equal_to", target=4, retries=0, hard_cap_slack=1)
+    expected = engine.generate(
+        [Request([40, 41], SamplingParams(max_new_tokens=20, seed=2), control=capped)]
+    )[0]
+    assert expected.finish_reason == "cap" and expected.num_tokens == 5  # the random model runs on
+    for keys in (
+        {"length_equal_to": 4, "length_retries": 0, "length_hard_cap_slack": 1},
+        {"vllm_xargs": {"length_equal_to": 4, "length_retries": 0, "length_hard_cap_slack": 1}},
+        {"length_at_most": 4, "length_rule": "paper", "length_hard_cap_slack": 1},  # the rule joins first
+    ):
+        answer = client(url).completions.create(
+            model=MODEL, prompt=[40, 41], max_tokens=20, seed=2, extra_body=keys
+        )
+        [choice] = answer.choices
+        assert choice.finish_reason == "stop" and choice.length["capped"], keys
+        assert choice.length["num_tokens"] <= 5
+        if "length_equal_to" in keys or "vllm_xargs" in keys:
+            assert choice.text == expected.text
+    for keys, message, param in [
+        (
+            {"length_equal_to": 4, "length_hard_cap_slack": -1},
+            "non-negative integer",
+            "length_hard_cap_slack",
+        ),
+        ({"length_equal_to": 4, "length_hard_cap_slack": "1"}, "integer", "length_hard_cap_slack"),
+        ({"length_equal_to": 4, "length_hard_cap_slack": 1.5}, "integer", "length_hard_cap_slack"),
+        ({"length_at_most": 4, "length_hard_cap_slack": 1}, "rule 'paper'", "length_hard_cap_slack"),
+        ({"length_at_least": 4, "length_hard_cap_slack": 1}, "equal_to and at_most", "length_hard_cap_slack"),
+        ({"length_hard_cap_slack": 1}, "needs a length control", "length_hard_cap_slack"),
+        ({"vllm_xargs": {"length_equal_to": 4, "length_hard_cap_slack": -1}}, "non-negative", "vllm_xargs"),
+    ]:
+        response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", **keys})
+        error = response.json()["error"]
+        assert response.status_code == 400 and message in error["message"] and error["param"] == param, keys
+
+
 @pytest.mark.parametrize("key", ["length_equal_to", "length_at_most", "length_at_least"])
 def test_streaming_a_target_control_streams_live_unless_retries_are_asked_for(url, key):
     c = client(url)

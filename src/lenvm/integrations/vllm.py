@@ -14,9 +14,9 @@ Offline::
 
 A request asks for a length control with the flat keys every lenvm backend accepts
 (:func:`lenvm.decoding.params.control_from_keys`): ``length_equal_to``, ``length_at_most``,
-``length_at_least``, ``length_tilt`` and ``length_rule``. Bad values are refused when vLLM admits
-the request (HTTP 400 from the server), as is a control with structured output or with a
-``min_tokens`` it contradicts. Retries (of every target control, and with them At Most's
+``length_at_least``, ``length_tilt``, ``length_rule`` and ``length_hard_cap_slack``. Bad values are
+refused when vLLM admits the request (HTTP 400 from the server), as is a control with structured
+output or with a ``min_tokens`` it contradicts. Retries (of every target control, and with them At Most's
 unguided first attempt) and ``best_of`` need our own engine.
 
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a

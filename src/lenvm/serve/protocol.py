@@ -119,6 +119,7 @@ class _Generation(_Body):
     length_rule: Any = None
     length_retries: Any = None
     length_best_of: Any = None
+    length_hard_cap_slack: Any = None
 
 
 class CompletionRequest(_Generation):
