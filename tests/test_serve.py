@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from lenvm.decoding import Control, Engine, Request, SamplingParams
 from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
-from lenvm.prompts import encode_prompt
+from lenvm.prompts import Prompt, encode_prompt
 from lenvm.serve import ServerSettings, create_app
 from lenvm.values_view import token_values
 
@@ -537,7 +537,7 @@ BAD = [
         400,
         "within the context left after the prompt (1022)",
     ),
-    ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ({"model": MODEL, "prompt": ""}, 400, "the prompt encodes to no tokens"),
     ({"model": MODEL, "prompt": [5, 10**9]}, 400, "token ids"),
     ({"model": MODEL}, 400, "missing field 'prompt'"),
     ({"model": MODEL, "prompt": ["Hi", 5]}, 400, "prompt: expected one of str, list[str], list[int]"),
@@ -585,6 +585,51 @@ def test_bad_completion_requests_get_a_4xx_and_leave_the_server_healthy(url, bod
     assert not error["message"].startswith("request ")  # no engine-internal request key
 
 
+@pytest.mark.parametrize("blank", ["   ", "\n\n", " \t\n"])
+def test_whitespace_is_a_prompt_like_any_other_text(url, tiny_generator, blank):
+    """As in OpenAI's API: any text is a completions prompt, and a message's content may be
+    whitespace or empty; every endpoint takes what the others take."""
+    tok = tiny_generator[1]
+    raw, chat = tok(blank)["input_ids"], [{"role": "user", "content": blank}]
+    templated = len(encode_prompt(tok, Prompt("0", messages=chat)))  # lenvm's prompt records refuse it
+    text = client(url).completions.create(model=MODEL, prompt=blank, max_tokens=2)
+    assert text.usage.prompt_tokens == len(raw) > 0
+    for messages, tokens in [
+        (chat, templated),
+        ([{"role": "user", "content": [{"type": "text", "text": blank}]}], templated),
+        (
+            [{"role": "user", "content": ""}],
+            len(encode_prompt(tok, Prompt("0", messages=[{"role": "user", "content": ""}]))),
+        ),
+    ]:
+        answer = client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert answer.usage.prompt_tokens == tokens
+    for route, body, tokens in [
+        ("predict", {"prompt": blank}, len(raw)),
+        ("predict", {"messages": chat}, templated),
+        ("values", {"prompt": blank, "completion": "Hi"}, len(raw)),
+        ("values", {"messages": chat, "completion": "Hi"}, templated),
+    ]:
+        response = httpx.post(f"{url}/v1/length/{route}", json=body)
+        assert response.status_code == 200, (route, body, response.text)
+        answer = response.json()
+        assert (answer["data"][0] if route == "predict" else answer)["prompt_tokens"] == tokens
+    # Only a prompt that comes to no tokens is refused, on every endpoint alike.
+    for route, body in [
+        ("completions", {"model": MODEL, "prompt": ""}),
+        ("completions", {"model": MODEL, "prompt": ["Hi", ""]}),
+        ("length/predict", {"prompt": ""}),
+        ("length/values", {"prompt": "", "completion": "Hi"}),
+    ]:
+        response = httpx.post(f"{url}/v1/{route}", json=body)
+        assert response.status_code == 400 and response.json()["error"] == {
+            "message": "the prompt encodes to no tokens",
+            "type": "invalid_request_error",
+            "param": "prompt",
+            "code": 400,
+        }, (route, body)
+
+
 def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
     from lenvm.decoding.params import RequestError
 
@@ -599,7 +644,7 @@ def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
 BAD_CHAT = [
     ({"model": MODEL, "messages": "Hi"}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user"}]}, "empty"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "a user message needs its content"),
     (
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         "content parts of type image_url are not supported",
