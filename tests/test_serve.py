@@ -323,6 +323,60 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
     assert [v for ch in streamed for v in ch.choices[0].values] == pytest.approx(expected.values, abs=1e-5)
 
 
+def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):
+    """vllm_xargs.return_values asks as the field does; given in both places it is refused, as
+    a length key is, whatever the two say."""
+
+    def answer(keys):
+        return httpx.post(
+            url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, **keys}
+        )
+
+    for keys, wanted in [
+        ({"vllm_xargs": {"return_values": True}}, True),
+        ({"vllm_xargs": {"return_values": False}}, False),
+        ({"return_values": True}, True),
+        ({"return_values": None, "vllm_xargs": {"return_values": True}}, True),  # null: left out
+        ({"return_values": False}, False),
+    ]:
+        response = answer(keys)
+        assert response.status_code == 200, (keys, response.text)
+        assert ("values" in response.json()["choices"][0]) == wanted, keys
+    for top, xarg in [(True, False), (False, True), (True, True), (False, False)]:
+        response = answer({"return_values": top, "vllm_xargs": {"return_values": xarg}})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "return_values", (top, xarg)
+        assert error["message"] == "return_values is given both as a field and in vllm_xargs"
+
+
+def test_a_text_prompt_as_long_as_the_context_is_refused_by_name(url, engine, tiny_generator):
+    """A prompt of the whole context leaves no room for one token: the context's own message,
+    not a generic one; one token shorter is served."""
+    tok = tiny_generator[1]
+    for length in (engine.context, engine.context - 1):
+        prompt = "a" * length
+        assert len(tok(prompt)["input_ids"]) == length  # one token per letter
+        for max_tokens in ({}, {"max_tokens": 1}):
+            response = httpx.post(
+                url + "/v1/completions", json={"model": MODEL, "prompt": prompt, **max_tokens}, timeout=60
+            )
+            if length == engine.context:
+                assert response.status_code == 400 and response.json()["error"] == {
+                    "message": f"the prompt has {length} tokens; this model's context is {length} tokens",
+                    "type": "invalid_request_error",
+                    "param": "prompt",
+                    "code": 400,
+                }
+            else:
+                assert response.status_code == 200, response.text
+                assert response.json()["usage"] == {
+                    "prompt_tokens": length,
+                    "completion_tokens": 1,
+                    "total_tokens": length + 1,
+                    "discarded_tokens": 0,
+                }
+
+
 def test_stop_strings_end_the_answer_before_them(url):
     c = client(url)
     full = c.completions.create(model=MODEL, prompt="Hi", max_tokens=30, seed=11).choices[0].text
@@ -538,6 +592,8 @@ BAD = [
         "within the context left after the prompt (1022)",
     ),
     ({"model": MODEL, "prompt": ""}, 400, "the prompt encodes to no tokens"),
+    ({"model": MODEL, "prompt": "Hi", "foo": 1}, 400, "unknown field 'foo'"),
+    ({"model": MODEL, "prompt": "Hi", "foo": None}, 400, "unknown field 'foo'"),  # null or not
     ({"model": MODEL, "prompt": [5, 10**9]}, 400, "token ids"),
     ({"model": MODEL}, 400, "missing field 'prompt'"),
     ({"model": MODEL, "prompt": ["Hi", 5]}, 400, "prompt: expected one of str, list[str], list[int]"),
@@ -653,6 +709,11 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
     ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
+    ({"model": MODEL, "messages": HI, "tools": None}, "unknown field 'tools'"),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi", "foo": None}]},
+        "unknown field 'messages.0.foo'",
+    ),
     (
         {"model": MODEL, "messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
         "tool calls are not supported",
@@ -700,6 +761,8 @@ def test_bad_length_endpoint_requests(url):
             "type image_url are not",
         ),
         ("predict", {"messages": 5}, "expected one of list[ChatMessage], list[list[ChatMessage]]"),
+        ("predict", {"prompt": "Hi", "foo": None}, "unknown field 'foo'"),
+        ("values", {"prompt": "Hi", "completion": "Hi", "foo": None}, "unknown field 'foo'"),
     ]:
         response = httpx.post(f"{url}/v1/length/{route}", json=body)
         assert response.status_code == 400, (route, body, response.text)

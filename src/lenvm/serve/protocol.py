@@ -412,7 +412,9 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
         value = xargs.pop("return_values")
         if not isinstance(value, bool):
             raise ApiError(400, "vllm_xargs.return_values must be true or false", "vllm_xargs")
-        return_values = return_values or value
+        if "return_values" in body.model_fields_set:  # neither wins, as for the length keys
+            raise ApiError(400, "return_values is given both as a field and in vllm_xargs", "return_values")
+        return_values = value
     unknown = sorted(k for k in xargs if not k.startswith("length_"))
     if unknown:
         raise ApiError(
