@@ -16,8 +16,8 @@ A request asks for a length control with the flat keys every lenvm backend accep
 (:func:`lenvm.decoding.params.control_from_keys`): ``length_equal_to``, ``length_at_most``,
 ``length_at_least``, ``length_tilt``, ``length_rule`` and ``length_hard_cap_slack``. Bad values are
 refused when vLLM admits the request (HTTP 400 from the server), as is a control with structured
-output or with a ``min_tokens`` it contradicts. Retries (of every target control, and with them At Most's
-unguided first attempt) and ``best_of`` need our own engine.
+output or with a ``min_tokens`` it contradicts. Retries (of every target control, and with them At
+Most's unguided first attempt) and ``best_of`` need our own engine.
 
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
 control, all of them in one candidate-block forward of the LenVM, which keeps its own KV cache per
