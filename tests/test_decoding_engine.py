@@ -307,7 +307,9 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     for kwargs in bad_controls:
         with pytest.raises(InputError):
             Control(**kwargs)
-    with pytest.raises(InputError, match=rf"must lie in \[0, {len(tok)}\)"):
+    with pytest.raises(
+        InputError, match=rf"must lie in \[0, {len(tok)}\) \(the vocabulary\), got {len(tok)}$"
+    ):
         engine.generate([Request([5, len(tok)])])  # one past the vocabulary
     with pytest.raises(InputError, match="a list of requests"):
         engine.generate(Request("hi"))
@@ -1096,6 +1098,28 @@ def test_shortest_queue_with_retries_while_others_wait(tiny_generator, lenvms):
     results = engine.generate(requests, batch_size=1)
     assert all(r.retries == never_natural.max_retries for r in results)
     assert [r.token_ids for r in results] == [engine.generate([q])[0].token_ids for q in requests]
+
+
+@pytest.mark.parametrize("queue", ["fcfs", "shortest"])
+def test_a_retry_keeps_its_place_at_the_head_of_the_queue(tiny_generator, lenvms, queue):
+    """With one row, a request whose end is resampled runs again at once, ahead of the requests
+    still waiting: each request's steps are one unbroken run."""
+    model, tok = tiny_generator
+    scheduler = Scheduler(
+        Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4, queue=queue), batch_size=1
+    )
+    never_natural = Control("at_most", target=3, natural_eos=1.0)  # every end is retried
+    for i, prompt in enumerate(PROMPTS):
+        scheduler.add(Request(prompt, SamplingParams(max_new_tokens=8, seed=i), control=never_natural), i)
+    order, results = [], {}
+    while scheduler.busy:
+        for update in scheduler.step():
+            if not order or order[-1] != update.key:
+                order.append(update.key)
+            if update.result is not None:
+                results[update.key] = update.result
+    assert all(r.retries == never_natural.max_retries > 0 for r in results.values())
+    assert sorted(order) == list(range(len(PROMPTS)))  # no request came back after another ran
 
 
 def test_queue_options_are_checked(tiny_generator, lenvms):

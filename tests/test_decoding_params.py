@@ -5,7 +5,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lenvm.decoding import Control, SamplingParams
-from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, LENGTH_KEYS, LengthKeyError, control_from_keys
+from lenvm.decoding.params import (
+    DEFAULT_MAX_NEW_TOKENS,
+    LENGTH_KEYS,
+    LengthKeyError,
+    control_from_keys,
+    outside_vocabulary,
+)
 from lenvm.io import InputError
 
 
@@ -43,6 +49,16 @@ def test_max_new_tokens_left_out_is_fitted_to_the_context():
     assert SamplingParams(max_new_tokens=2000).fitted(300).max_new_tokens == 2000  # given: as given
 
 
+def test_token_ids_outside_the_vocabulary_are_named():
+    assert outside_vocabulary([0, 5, 9], 10) is None
+    assert (
+        outside_vocabulary([0, 10, 11], 10) == "prompt token ids must lie in [0, 10) (the vocabulary), got 10"
+    )
+    assert outside_vocabulary([3, -1], 10, "completion") == (
+        "completion token ids must lie in [0, 10) (the vocabulary), got -1"
+    )
+
+
 def test_sampling_from_a_lenvms_policy_takes_its_truncation_and_nothing_else(tiny_path, tiny_generator):
     from lenvm.model import LengthValueModel
 
@@ -64,6 +80,13 @@ def test_length_keys_make_the_control_they_name():
     assert control_from_keys({"length_equal_to": 8, "length_retries": 0, "length_best_of": 2}) == Control(
         "equal_to", target=8, retries=0, best_of=2
     )
+    assert control_from_keys({"length_equal_to": 8, "length_hard_cap_slack": 2}) == Control(
+        "equal_to", target=8, hard_cap_slack=2
+    )
+    # The rule joins first, whatever the keys' order: at_most takes a cap under the paper's rule.
+    assert control_from_keys({"length_hard_cap_slack": 0, "length_rule": "paper", "length_at_most": 5}) == (
+        Control("at_most", target=5, rule="paper", hard_cap_slack=0)
+    )
     assert control_from_keys({"other": 1, "length_at_least": None}) is None  # other keys are not ours
 
 
@@ -83,6 +106,10 @@ def test_length_keys_make_the_control_they_name():
         ({"length_equal_to": 5, "length_retries": "2"}, "integer", "length_retries"),
         ({"length_equal_to": 5, "length_retries": 99}, "retries", "length_retries"),
         ({"length_at_most": 5, "length_best_of": 2}, "equal_to", "length_best_of"),
+        ({"length_at_most": 5, "length_hard_cap_slack": 1}, "rule 'paper'", "length_hard_cap_slack"),
+        ({"length_equal_to": 5, "length_hard_cap_slack": -1}, "non-negative", "length_hard_cap_slack"),
+        ({"length_equal_to": 5, "length_hard_cap_slack": True}, "integer", "length_hard_cap_slack"),
+        ({"length_hard_cap_slack": 2}, "needs a length control", "length_hard_cap_slack"),
         ({"length_equal_to": 5, "length_rule": "paper", "length_best_of": 0}, "best_of", "length_best_of"),
     ],
 )
@@ -121,6 +148,13 @@ def test_any_flat_keys_give_a_control_or_a_clear_error(keys):
         ),
         st.builds(Control, kind=st.just("tilt"), beta=st.floats(-50, 50)),
         st.builds(Control, kind=st.just("equal_to"), target=st.integers(1, 99), retries=st.integers(0, 5)),
+        st.builds(
+            Control,
+            kind=st.just("at_most"),
+            target=st.integers(1, 99),
+            rule=st.just("paper"),
+            hard_cap_slack=st.integers(0, 9),
+        ),
     )
 )
 def test_keys_of_a_control_give_it_back(control):

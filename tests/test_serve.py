@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from lenvm.decoding import Control, Engine, Request, SamplingParams
 from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
-from lenvm.prompts import encode_prompt
+from lenvm.prompts import Prompt, encode_prompt
 from lenvm.serve import ServerSettings, create_app
 from lenvm.values_view import token_values
 
@@ -202,6 +202,43 @@ def test_length_controls_in_vllm_xargs_and_as_fields(url, engine, tiny_generator
     assert equal.usage.discarded_tokens > 0
 
 
+def test_a_hard_cap_is_set_per_request(url, engine):
+    capped = Control("equal_to", target=4, retries=0, hard_cap_slack=1)
+    expected = engine.generate(
+        [Request([40, 41], SamplingParams(max_new_tokens=20, seed=2), control=capped)]
+    )[0]
+    assert expected.finish_reason == "cap" and expected.num_tokens == 5  # the random model runs on
+    for keys in (
+        {"length_equal_to": 4, "length_retries": 0, "length_hard_cap_slack": 1},
+        {"vllm_xargs": {"length_equal_to": 4, "length_retries": 0, "length_hard_cap_slack": 1}},
+        {"length_at_most": 4, "length_rule": "paper", "length_hard_cap_slack": 1},  # the rule joins first
+    ):
+        answer = client(url).completions.create(
+            model=MODEL, prompt=[40, 41], max_tokens=20, seed=2, extra_body=keys
+        )
+        [choice] = answer.choices
+        assert choice.finish_reason == "stop" and choice.length["capped"], keys
+        assert choice.length["num_tokens"] <= 5
+        if "length_equal_to" in keys or "vllm_xargs" in keys:
+            assert choice.text == expected.text
+    for keys, message, param in [
+        (
+            {"length_equal_to": 4, "length_hard_cap_slack": -1},
+            "non-negative integer",
+            "length_hard_cap_slack",
+        ),
+        ({"length_equal_to": 4, "length_hard_cap_slack": "1"}, "integer", "length_hard_cap_slack"),
+        ({"length_equal_to": 4, "length_hard_cap_slack": 1.5}, "integer", "length_hard_cap_slack"),
+        ({"length_at_most": 4, "length_hard_cap_slack": 1}, "rule 'paper'", "length_hard_cap_slack"),
+        ({"length_at_least": 4, "length_hard_cap_slack": 1}, "equal_to and at_most", "length_hard_cap_slack"),
+        ({"length_hard_cap_slack": 1}, "needs a length control", "length_hard_cap_slack"),
+        ({"vllm_xargs": {"length_equal_to": 4, "length_hard_cap_slack": -1}}, "non-negative", "vllm_xargs"),
+    ]:
+        response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", **keys})
+        error = response.json()["error"]
+        assert response.status_code == 400 and message in error["message"] and error["param"] == param, keys
+
+
 @pytest.mark.parametrize("key", ["length_equal_to", "length_at_most", "length_at_least"])
 def test_streaming_a_target_control_streams_live_unless_retries_are_asked_for(url, key):
     c = client(url)
@@ -284,6 +321,60 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
         )
     )
     assert [v for ch in streamed for v in ch.choices[0].values] == pytest.approx(expected.values, abs=1e-5)
+
+
+def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):
+    """vllm_xargs.return_values asks as the field does; given in both places it is refused, as
+    a length key is, whatever the two say."""
+
+    def answer(keys):
+        return httpx.post(
+            url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, **keys}
+        )
+
+    for keys, wanted in [
+        ({"vllm_xargs": {"return_values": True}}, True),
+        ({"vllm_xargs": {"return_values": False}}, False),
+        ({"return_values": True}, True),
+        ({"return_values": None, "vllm_xargs": {"return_values": True}}, True),  # null: left out
+        ({"return_values": False}, False),
+    ]:
+        response = answer(keys)
+        assert response.status_code == 200, (keys, response.text)
+        assert ("values" in response.json()["choices"][0]) == wanted, keys
+    for top, xarg in [(True, False), (False, True), (True, True), (False, False)]:
+        response = answer({"return_values": top, "vllm_xargs": {"return_values": xarg}})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "return_values", (top, xarg)
+        assert error["message"] == "return_values is given both as a field and in vllm_xargs"
+
+
+def test_a_text_prompt_as_long_as_the_context_is_refused_by_name(url, engine, tiny_generator):
+    """A prompt of the whole context leaves no room for one token: the context's own message,
+    not a generic one; one token shorter is served."""
+    tok = tiny_generator[1]
+    for length in (engine.context, engine.context - 1):
+        prompt = "a" * length
+        assert len(tok(prompt)["input_ids"]) == length  # one token per letter
+        for max_tokens in ({}, {"max_tokens": 1}):
+            response = httpx.post(
+                url + "/v1/completions", json={"model": MODEL, "prompt": prompt, **max_tokens}, timeout=60
+            )
+            if length == engine.context:
+                assert response.status_code == 400 and response.json()["error"] == {
+                    "message": f"the prompt has {length} tokens; this model's context is {length} tokens",
+                    "type": "invalid_request_error",
+                    "param": "prompt",
+                    "code": 400,
+                }
+            else:
+                assert response.status_code == 200, response.text
+                assert response.json()["usage"] == {
+                    "prompt_tokens": length,
+                    "completion_tokens": 1,
+                    "total_tokens": length + 1,
+                    "discarded_tokens": 0,
+                }
 
 
 def test_stop_strings_end_the_answer_before_them(url):
@@ -500,7 +591,9 @@ BAD = [
         400,
         "within the context left after the prompt (1022)",
     ),
-    ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ({"model": MODEL, "prompt": ""}, 400, "the prompt encodes to no tokens"),
+    ({"model": MODEL, "prompt": "Hi", "foo": 1}, 400, "unknown field 'foo'"),
+    ({"model": MODEL, "prompt": "Hi", "foo": None}, 400, "unknown field 'foo'"),  # null or not
     ({"model": MODEL, "prompt": [5, 10**9]}, 400, "token ids"),
     ({"model": MODEL}, 400, "missing field 'prompt'"),
     ({"model": MODEL, "prompt": ["Hi", 5]}, 400, "prompt: expected one of str, list[str], list[int]"),
@@ -548,10 +641,66 @@ def test_bad_completion_requests_get_a_4xx_and_leave_the_server_healthy(url, bod
     assert not error["message"].startswith("request ")  # no engine-internal request key
 
 
+@pytest.mark.parametrize("blank", ["   ", "\n\n", " \t\n"])
+def test_whitespace_is_a_prompt_like_any_other_text(url, tiny_generator, blank):
+    """As in OpenAI's API: any text is a completions prompt, and a message's content may be
+    whitespace or empty; every endpoint takes what the others take."""
+    tok = tiny_generator[1]
+    raw, chat = tok(blank)["input_ids"], [{"role": "user", "content": blank}]
+    templated = len(encode_prompt(tok, Prompt("0", messages=chat)))  # lenvm's prompt records refuse it
+    text = client(url).completions.create(model=MODEL, prompt=blank, max_tokens=2)
+    assert text.usage.prompt_tokens == len(raw) > 0
+    for messages, tokens in [
+        (chat, templated),
+        ([{"role": "user", "content": [{"type": "text", "text": blank}]}], templated),
+        (
+            [{"role": "user", "content": ""}],
+            len(encode_prompt(tok, Prompt("0", messages=[{"role": "user", "content": ""}]))),
+        ),
+    ]:
+        answer = client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert answer.usage.prompt_tokens == tokens
+    for route, body, tokens in [
+        ("predict", {"prompt": blank}, len(raw)),
+        ("predict", {"messages": chat}, templated),
+        ("values", {"prompt": blank, "completion": "Hi"}, len(raw)),
+        ("values", {"messages": chat, "completion": "Hi"}, templated),
+    ]:
+        response = httpx.post(f"{url}/v1/length/{route}", json=body)
+        assert response.status_code == 200, (route, body, response.text)
+        answer = response.json()
+        assert (answer["data"][0] if route == "predict" else answer)["prompt_tokens"] == tokens
+    # Only a prompt that comes to no tokens is refused, on every endpoint alike.
+    for route, body in [
+        ("completions", {"model": MODEL, "prompt": ""}),
+        ("completions", {"model": MODEL, "prompt": ["Hi", ""]}),
+        ("length/predict", {"prompt": ""}),
+        ("length/values", {"prompt": "", "completion": "Hi"}),
+    ]:
+        response = httpx.post(f"{url}/v1/{route}", json=body)
+        assert response.status_code == 400 and response.json()["error"] == {
+            "message": "the prompt encodes to no tokens",
+            "type": "invalid_request_error",
+            "param": "prompt",
+            "code": 400,
+        }, (route, body)
+
+
+def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
+    from lenvm.decoding.params import RequestError
+
+    with pytest.raises(RequestError) as caught:
+        engine.generate([Request([5, 10**9])])
+    response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [5, 10**9]})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == caught.value.reason
+    assert caught.value.reason.endswith("got 1000000000")
+
+
 BAD_CHAT = [
     ({"model": MODEL, "messages": "Hi"}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user"}]}, "empty"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "a user message needs its content"),
     (
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         "content parts of type image_url are not supported",
@@ -560,6 +709,11 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
     ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
+    ({"model": MODEL, "messages": HI, "tools": None}, "unknown field 'tools'"),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi", "foo": None}]},
+        "unknown field 'messages.0.foo'",
+    ),
     (
         {"model": MODEL, "messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
         "tool calls are not supported",
@@ -607,6 +761,8 @@ def test_bad_length_endpoint_requests(url):
             "type image_url are not",
         ),
         ("predict", {"messages": 5}, "expected one of list[ChatMessage], list[list[ChatMessage]]"),
+        ("predict", {"prompt": "Hi", "foo": None}, "unknown field 'foo'"),
+        ("values", {"prompt": "Hi", "completion": "Hi", "foo": None}, "unknown field 'foo'"),
     ]:
         response = httpx.post(f"{url}/v1/length/{route}", json=body)
         assert response.status_code == 400, (route, body, response.text)

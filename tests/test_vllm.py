@@ -5,6 +5,7 @@ import json
 import os
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -259,6 +260,15 @@ def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvm
         [Request("Hi", SamplingParams(max_new_tokens=4), control=Control("at_most", target=3))]
     )
     assert ok.num_tokens <= 3  # the engine is still serving
+    # A hard cap goes to vLLM with the other keys: Equal To ends at its target plus the slack.
+    capped = Control("equal_to", target=4, retries=0, hard_cap_slack=0)
+    [cut] = engine.generate([Request([5, 6, 7], SamplingParams(max_new_tokens=20, seed=0), control=capped)])
+    assert cut.finish_reason == "stop" and cut.num_tokens == 4
+    uncapped = replace(capped, hard_cap_slack=None)
+    [ran_on] = engine.generate(
+        [Request([5, 6, 7], SamplingParams(max_new_tokens=20, seed=0), control=uncapped)]
+    )
+    assert ran_on.num_tokens > 4  # the random model does not end at its target by itself
     with pytest.raises(InputError, match="lenvm's own engine"):
         engine.generate([Request("Hi", control=Control("equal_to", target=5, best_of=2))])
     with pytest.raises(InputError, match="exceeds the model's context of 512"):

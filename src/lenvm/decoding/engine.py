@@ -52,7 +52,7 @@ import torch
 
 from lenvm import vision
 from lenvm.decoding.batch import Batch
-from lenvm.decoding.params import Control, Request, RequestError, Result
+from lenvm.decoding.params import Control, Request, RequestError, Result, outside_vocabulary
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
@@ -195,8 +195,8 @@ class Engine:
         if not prompt_ids:
             raise RequestError(key, "the prompt encodes to no tokens")
         vocab = self.lm_head.weight.shape[0]
-        if not all(0 <= i < vocab for i in prompt_ids):
-            raise RequestError(key, f"prompt token ids must lie in [0, {vocab})")
+        if (why := outside_vocabulary(prompt_ids, vocab)) is not None:
+            raise RequestError(key, why)
         lenvm = self.lenvm
         if encoded.images is not None and lenvm is not None and not lenvm.sees_images:
             raise RequestError(key, "the prompt has images, which the text-only LenVM cannot read")

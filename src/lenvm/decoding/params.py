@@ -287,6 +287,16 @@ class RequestError(InputError):
         self.key, self.reason = key, reason
 
 
+def outside_vocabulary(ids: list[int], vocab: int, what: str = "prompt") -> str | None:
+    """Why the token ids of a ``what`` (a prompt, a completion) cannot be fed to a model of
+    ``vocab`` ids, or None: one of them lies outside ``[0, vocab)`` (ids made by another
+    tokenizer, or mistyped)."""
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is None:
+        return None
+    return f"{what} token ids must lie in [0, {vocab}) (the vocabulary), got {bad}"
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation: a prompt, its sampling settings and an optional length control.
@@ -376,7 +386,10 @@ class Result:
 # Per-request length control as flat keys, the form every backend accepts: vLLM's
 # ``SamplingParams.extra_args`` and ``extra_body={"vllm_xargs": {...}}``, and our server's fields.
 LENGTH_TARGETS = {"length_equal_to": "equal_to", "length_at_most": "at_most", "length_at_least": "at_least"}
-LENGTH_KEYS = (*LENGTH_TARGETS, "length_tilt", "length_rule", "length_retries", "length_best_of")
+# The options that shape a control, in the order they join it (the rule first: which cap an
+# at_most control may take depends on it).
+LENGTH_OPTIONS = ("length_rule", "length_retries", "length_best_of", "length_hard_cap_slack")
+LENGTH_KEYS = (*LENGTH_TARGETS, "length_tilt", *LENGTH_OPTIONS)
 
 
 class LengthKeyError(InputError):
@@ -405,7 +418,7 @@ def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KE
     kinds = [k for k in (*LENGTH_TARGETS, "length_tilt") if given.get(k) is not None]
     if len(kinds) > 1:
         raise LengthKeyError(kinds[1], f"one length control at a time, got {' and '.join(kinds)}")
-    options = [k for k in ("length_rule", "length_retries", "length_best_of") if given.get(k) is not None]
+    options = [k for k in LENGTH_OPTIONS if given.get(k) is not None]
     if not kinds:
         if options:
             raise LengthKeyError(options[0], f"{', '.join(options)} needs a length control")
@@ -436,7 +449,7 @@ def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KE
 
 def keys_of(control: Control | None) -> dict[str, Any]:
     """The flat ``length_*`` keys of ``control`` (the inverse of :func:`control_from_keys`), with
-    ``retries`` and ``best_of`` only where they are set."""
+    ``retries``, ``best_of`` and ``hard_cap_slack`` only where they are set."""
     if control is None or not control.active:
         return {}
     if control.kind == "tilt":
@@ -449,4 +462,6 @@ def keys_of(control: Control | None) -> dict[str, Any]:
         keys["length_retries"] = control.retries
     if control.best_of != 1:
         keys["length_best_of"] = control.best_of
+    if control.hard_cap_slack is not None:
+        keys["length_hard_cap_slack"] = control.hard_cap_slack
     return keys

@@ -14,10 +14,10 @@ Offline::
 
 A request asks for a length control with the flat keys every lenvm backend accepts
 (:func:`lenvm.decoding.params.control_from_keys`): ``length_equal_to``, ``length_at_most``,
-``length_at_least``, ``length_tilt`` and ``length_rule``. Bad values are refused when vLLM admits
-the request (HTTP 400 from the server), as is a control with structured output or with a
-``min_tokens`` it contradicts. Retries (of every target control, and with them At Most's
-unguided first attempt) and ``best_of`` need our own engine.
+``length_at_least``, ``length_tilt``, ``length_rule`` and ``length_hard_cap_slack``. Bad values are
+refused when vLLM admits the request (HTTP 400 from the server), as is a control with structured
+output or with a ``min_tokens`` it contradicts. Retries (of every target control, and with them At
+Most's unguided first attempt) and ``best_of`` need our own engine.
 
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
 control, all of them in one candidate-block forward of the LenVM, which keeps its own KV cache per
@@ -66,6 +66,7 @@ from lenvm.decoding.params import (
     SamplingParams,
     control_from_keys,
     keys_of,
+    outside_vocabulary,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
@@ -470,8 +471,8 @@ class VLLMEngine:
         prompt = request.prompt
         if is_token_ids(prompt):
             ids = list(prompt)
-            if not all(0 <= i < vocab for i in ids):
-                raise RequestError(index, f"prompt token ids must lie in [0, {vocab})")
+            if (why := outside_vocabulary(ids, vocab)) is not None:
+                raise RequestError(index, why)
         else:
             ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))
         request, named = request.fitted(index, len(ids), context)  # as our engine: not cut short by vLLM

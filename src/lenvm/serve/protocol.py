@@ -31,9 +31,10 @@ from lenvm.decoding.params import (
     Request,
     SamplingParams,
     control_from_keys,
+    outside_vocabulary,
 )
 from lenvm.io import InputError
-from lenvm.prompts import prompt_from_record
+from lenvm.prompts import Prompt, encode_prompt
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
 
@@ -118,6 +119,7 @@ class _Generation(_Body):
     length_rule: Any = None
     length_retries: Any = None
     length_best_of: Any = None
+    length_hard_cap_slack: Any = None
 
 
 class CompletionRequest(_Generation):
@@ -166,6 +168,8 @@ class ChatMessage(_Body):
     def _no_tool_calls(self) -> ChatMessage:
         if self.tool_calls or self.function_call:
             raise ValueError("tool calls are not supported")
+        if self.content is None and self.role != "assistant":  # as in OpenAI's API
+            raise ValueError(f"a {self.role} message needs its content (an empty string is fine)")
         return self
 
 
@@ -408,7 +412,9 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
         value = xargs.pop("return_values")
         if not isinstance(value, bool):
             raise ApiError(400, "vllm_xargs.return_values must be true or false", "vllm_xargs")
-        return_values = return_values or value
+        if "return_values" in body.model_fields_set:  # neither wins, as for the length keys
+            raise ApiError(400, "return_values is given both as a field and in vllm_xargs", "return_values")
+        return_values = value
     unknown = sorted(k for k in xargs if not k.startswith("length_"))
     if unknown:
         raise ApiError(
@@ -436,29 +442,38 @@ def _completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
 def text_prompt_ids(
     prompt: str | list[int], tokenizer, add_special_tokens: bool = True, what: str = "prompt"
 ) -> list[int]:
-    """A text completion's prompt: text tokenized as is (no chat template), or token ids."""
-    if not prompt:
-        raise ApiError(400, f"the {what} is empty", what)
+    """A text completion's prompt: text tokenized as is (no chat template), or token ids. Any
+    text is a prompt, whitespace alone included (as in OpenAI's API): only one that comes to no
+    tokens is refused, as the engine refuses it."""
     if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-    vocab = len(tokenizer)
-    if not all(0 <= i < vocab for i in prompt):
-        raise ApiError(400, f"{what} token ids must lie in [0, {vocab})", what)
-    return list(prompt)
+        ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+    elif (why := outside_vocabulary(prompt, len(tokenizer), what)) is not None:
+        raise ApiError(400, why, what)
+    else:
+        ids = list(prompt)
+    return _some_tokens(ids, what)
 
 
 def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
-    """Chat messages through the chat template, with the generation prompt."""
-    from lenvm.prompts import encode_prompt
-
+    """Chat messages through the chat template, with the generation prompt. A message's content
+    may be empty or whitespace (as in OpenAI's API; lenvm's prompt files refuse a prompt without
+    text, which rollouts and training could not use)."""
+    if not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
     records = [{"role": m.role, "content": _content(m.content)} for m in messages]
     try:
-        prompt = prompt_from_record({"messages": records}, "0")
-        return encode_prompt(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, Prompt("0", messages=records))
     except InputError as err:
         raise ApiError(400, str(err), "messages") from None
     except Exception as err:  # the chat template refused the conversation (roles, order)
         raise ApiError(400, f"the chat template refused these messages: {err}", "messages") from None
+    return _some_tokens(ids, "prompt", "messages")
+
+
+def _some_tokens(ids: list[int], what: str, param: str | None = None) -> list[int]:
+    if not ids:
+        raise ApiError(400, f"the {what} encodes to no tokens", param or what)
+    return ids
 
 
 def _content(content: str | list[TextPart] | None) -> str:
