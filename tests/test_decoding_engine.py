@@ -308,7 +308,8 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
         with pytest.raises(InputError):
             Control(**kwargs)
     with pytest.raises(
-        InputError, match=rf"must lie in \[0, {len(tok)}\) \(the vocabulary\), got {len(tok)}$"
+        InputError,
+        match=rf"the prompt holds token id {len(tok)}, outside the vocabulary \(0-{len(tok) - 1}\)$",
     ):
         engine.generate([Request([5, len(tok)])])  # one past the vocabulary
     with pytest.raises(InputError, match="a list of requests"):
@@ -974,7 +975,7 @@ def test_token_id_prompts_are_taken_as_they_are(tiny_generator):
     assert as_ids.token_ids == templated.token_ids
     raw = tok("Hi")["input_ids"]  # no template: another prompt
     assert engine.generate([Request(raw, sampling)])[0].prompt_token_ids == raw
-    with pytest.raises(InputError, match="token ids"):
+    with pytest.raises(InputError, match="outside the vocabulary"):
         engine.generate([Request([1, len(tok) + 5], sampling)])
 
 

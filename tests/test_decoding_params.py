@@ -10,7 +10,6 @@ from lenvm.decoding.params import (
     LENGTH_KEYS,
     LengthKeyError,
     control_from_keys,
-    outside_vocabulary,
 )
 from lenvm.io import InputError
 
@@ -47,16 +46,6 @@ def test_max_new_tokens_left_out_is_fitted_to_the_context():
     assert SamplingParams().fitted(300).max_new_tokens == 300
     assert SamplingParams().fitted(0).max_new_tokens == 1  # the context check names the prompt
     assert SamplingParams(max_new_tokens=2000).fitted(300).max_new_tokens == 2000  # given: as given
-
-
-def test_token_ids_outside_the_vocabulary_are_named():
-    assert outside_vocabulary([0, 5, 9], 10) is None
-    assert (
-        outside_vocabulary([0, 10, 11], 10) == "prompt token ids must lie in [0, 10) (the vocabulary), got 10"
-    )
-    assert outside_vocabulary([3, -1], 10, "completion") == (
-        "completion token ids must lie in [0, 10) (the vocabulary), got -1"
-    )
 
 
 def test_sampling_from_a_lenvms_policy_takes_its_truncation_and_nothing_else(tiny_path, tiny_generator):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lenvm.io import JsonlAppender, atomic_path, read_jsonl, repair_jsonl_tail, write_json
+from lenvm.io import JsonlAppender, atomic_path, outside_vocabulary, read_jsonl, repair_jsonl_tail, write_json
 
 
 def _disk_full_after(monkeypatch, nbytes):
@@ -251,3 +251,12 @@ def test_the_demo_summary_says_n_a_for_an_error_it_could_not_measure():
     from lenvm.demo import _share
 
     assert [_share(x) for x in (float("nan"), None, 0.2353)] == ["n/a", "n/a", "23.5%"]
+
+
+def test_token_ids_outside_the_vocabulary_are_named():
+    assert outside_vocabulary([0, 5, 9], 10) is None
+    assert outside_vocabulary([0, 10, 11], 10) == "the prompt holds token id 10, outside the vocabulary (0-9)"
+    assert (
+        outside_vocabulary([3, -1], 10, "record 2")
+        == "record 2 holds token id -1, outside the vocabulary (0-9)"
+    )

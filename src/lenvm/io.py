@@ -30,6 +30,15 @@ def is_real(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def outside_vocabulary(ids: list[int], vocab: int, what: str = "the prompt") -> str | None:
+    """Why the token ids ``ids`` of ``what`` cannot be fed to a model of ``vocab`` ids, or None:
+    one of them lies outside ``[0, vocab)`` (ids made by another tokenizer, or mistyped)."""
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is None:
+        return None
+    return f"{what} holds token id {bad}, outside the vocabulary (0-{vocab - 1})"
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL file of objects; blank lines are skipped, bad lines name file and line."""
     return list(iter_jsonl(path))

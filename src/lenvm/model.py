@@ -32,7 +32,7 @@ from torch import nn
 
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
-from lenvm.io import InputError, atomic_path, is_int, json_text, write_text
+from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, write_text
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
@@ -370,12 +370,8 @@ class LengthValueModel(nn.Module):
                 f"{what}: {len(ids)} tokens{of_images}, beyond the LenVM's context of {self.context} tokens"
             )
         vocab = self.backbone.get_input_embeddings().weight.shape[0]
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise InputError(
-                f"{what} holds token id {bad}, outside the vocabulary (0-{vocab - 1}) of "
-                f"{self.config.base_model!r}: were its ids made by another tokenizer?"
-            )
+        if (why := outside_vocabulary(ids, vocab, what)) is not None:
+            raise InputError(f"{why} of {self.config.base_model!r}: were its ids made by another tokenizer?")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -52,12 +52,12 @@ import torch
 
 from lenvm import vision
 from lenvm.decoding.batch import Batch
-from lenvm.decoding.params import Control, Request, RequestError, Result, outside_vocabulary
+from lenvm.decoding.params import Control, Request, RequestError, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.decoding.streams import attention_span
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, is_int, outside_vocabulary
 from lenvm.model import LengthValueModel, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
 

@@ -287,16 +287,6 @@ class RequestError(InputError):
         self.key, self.reason = key, reason
 
 
-def outside_vocabulary(ids: list[int], vocab: int, what: str = "prompt") -> str | None:
-    """Why the token ids of a ``what`` (a prompt, a completion) cannot be fed to a model of
-    ``vocab`` ids, or None: one of them lies outside ``[0, vocab)`` (ids made by another
-    tokenizer, or mistyped)."""
-    bad = next((i for i in ids if not 0 <= i < vocab), None)
-    if bad is None:
-        return None
-    return f"{what} token ids must lie in [0, {vocab}) (the vocabulary), got {bad}"
-
-
 @dataclass(frozen=True)
 class Request:
     """One generation: a prompt, its sampling settings and an optional length control.

@@ -66,12 +66,11 @@ from lenvm.decoding.params import (
     SamplingParams,
     control_from_keys,
     keys_of,
-    outside_vocabulary,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
 from lenvm.decoding.streams import attention_span
-from lenvm.io import InputError
+from lenvm.io import InputError, outside_vocabulary
 
 # What a vLLM request may ask for: one pass of decoding, so no retries and no best_of.
 KEYS = tuple(k for k in LENGTH_KEYS if k not in ("length_retries", "length_best_of"))

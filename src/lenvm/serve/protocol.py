@@ -31,9 +31,8 @@ from lenvm.decoding.params import (
     Request,
     SamplingParams,
     control_from_keys,
-    outside_vocabulary,
 )
-from lenvm.io import InputError
+from lenvm.io import InputError, outside_vocabulary
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
@@ -447,7 +446,7 @@ def text_prompt_ids(
     tokens is refused, as the engine refuses it."""
     if isinstance(prompt, str):
         ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-    elif (why := outside_vocabulary(prompt, len(tokenizer), what)) is not None:
+    elif (why := outside_vocabulary(prompt, len(tokenizer), f"the {what}")) is not None:
         raise ApiError(400, why, what)
     else:
         ids = list(prompt)
