@@ -142,10 +142,13 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv").exists()
     monkeypatch.undo()
     (tmp_path / "lv.checkpoints" / "features" / "store.json").write_text('{"fingerp')  # cut short
-    train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    result = train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
     assert {"config.json", "head.safetensors", "training_log.json", "loss.png"} <= {
         p.name for p in (tmp_path / "lv").iterdir()
     }
+    # Its time is the rerun's own, and says so: the interrupted invocation's was never recorded.
+    saved = json.loads((tmp_path / "lv" / "config.json").read_text())["training"]
+    assert "seconds" not in saved and saved["seconds_this_run"] == round(result.seconds_this_run, 2)
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
