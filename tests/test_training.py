@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import warnings
 
@@ -141,10 +142,13 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv").exists()
     monkeypatch.undo()
     (tmp_path / "lv.checkpoints" / "features" / "store.json").write_text('{"fingerp')  # cut short
-    train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    result = train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
     assert {"config.json", "head.safetensors", "training_log.json", "loss.png"} <= {
         p.name for p in (tmp_path / "lv").iterdir()
     }
+    # Its time is the rerun's own, and says so: the interrupted invocation's was never recorded.
+    saved = json.loads((tmp_path / "lv" / "config.json").read_text())["training"]
+    assert "seconds" not in saved and saved["seconds_this_run"] == round(result.seconds_this_run, 2)
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
@@ -488,6 +492,29 @@ def test_streamed_rollouts_train_exactly_like_loaded_ones(tmp_path, tiny_path, t
     assert runs[True].losses == runs[False].losses
     assert runs[True].metrics == runs[False].metrics
     assert runs[True].data == runs[False].data
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="pipes by path: /dev/fd")
+def test_streaming_a_pipe_is_refused_before_any_work(tmp_path, tiny_path, tiny_generator):
+    """A pipe (``/dev/stdin``, a shell's ``<(...)``) gives its records once: streamed, every pass
+    after the first would find none."""
+    records = synthetic_records(tiny_generator[1])
+    read, write = os.pipe()
+    os.write(write, "".join(json.dumps(r) + "\n" for r in records).encode())  # within its buffer
+    os.close(write)
+    try:
+        with pytest.raises(InputError, match="a pipe can be read only once"):
+            train(
+                f"/dev/fd/{read}",
+                str(tiny_path),
+                tmp_path / "lv",
+                _config(epochs=2, stream=True),
+                generator=tiny_generator,
+                progress=False,
+            )
+    finally:
+        os.close(read)
+    assert not (tmp_path / "lv").exists() and not (tmp_path / "lv.checkpoints").exists()
 
 
 def test_datasets_folder_trains_like_the_jsonl_file(tmp_path, tiny_path, tiny_generator):

@@ -1,9 +1,13 @@
-"""What a training run checks of its rollout records in its one scanning pass."""
+"""What a training run reads of its rollout records and checks in its one scanning pass."""
+
+import json
+import os
+import threading
 
 import pytest
 
 from lenvm.io import InputError
-from lenvm.training_data import check_length, scan
+from lenvm.training_data import RolloutSource, check_length, scan
 
 EOS = 2
 
@@ -46,3 +50,23 @@ def test_the_runs_fingerprint_tells_a_finished_answer_from_the_same_tokens_cut()
     cut = record([5, 6], [8, EOS], "length")
     assert scanned([stopped]).digest != scanned([cut]).digest
     assert scanned([stopped]).digest == scanned([dict(stopped)]).digest
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_pipe_is_read_once_and_held_never_streamed(tmp_path):
+    """Streaming reads the file afresh on every pass: a pipe would give nothing after the first."""
+    fifo = tmp_path / "rollouts"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="a pipe can be read only once"):
+        RolloutSource(fifo, stream=True)
+    records = [record([5, 6], [8, EOS]), record([5, 7], [9, 9, EOS])]
+
+    def write() -> None:
+        with open(fifo, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    source = RolloutSource(fifo)  # held, as streaming is left to decide
+    writer.join()
+    assert not source.streamed and list(source) == records and list(source) == records

@@ -9,7 +9,9 @@ from PIL import Image
 
 from lenvm import vision
 from lenvm.cli import main
+from lenvm.dataset import forward_images, iter_examples
 from lenvm.decoding import Control, Engine, Request, SamplingParams
+from lenvm.end_head import end_data, natural_end_distances
 from lenvm.io import InputError
 from lenvm.model import BACKBONE_DIR, LengthValueModel
 from lenvm.prompts import read_prompts
@@ -125,6 +127,30 @@ def test_standalone_training_freezes_vision_and_keeps_the_processor(
     assert all(r.num_tokens <= 5 for r in engine.generate(requests, batch_size=3))
 
 
+@torch.no_grad()
+def test_the_end_head_trains_on_states_read_with_the_images(rollouts, vlm_path, vlm_generator):
+    """Its features are the value head's (the images read, at their multimodal positions), and its
+    targets come from the generator's logits over the same forward."""
+    lenvm = LengthValueModel.from_base(vlm_path, gamma=0.9, generator=vlm_generator)
+    eos_ids = lenvm.config.eos_token_ids
+    for record in read_rollouts(rollouts)[:3]:
+        (example,) = iter_examples([record], eos_ids)
+        assert example.images
+        ids = torch.tensor([example.input_ids], device=lenvm.device)
+        images = forward_images(lenvm.tokenizer, [example], lenvm.device)
+        span = slice(example.start, example.start + example.num_states)
+        logits = vlm_generator[0](input_ids=ids, **images).logits[0, span].float()
+        eos = torch.log_softmax(logits, dim=-1)[:, eos_ids].amax(-1).exp().cpu().numpy()
+        ranked = sorted(eos)  # a bar between two states' EOS: some end naturally, some do not
+        bar = float(ranked[len(eos) // 2 - 1] + ranked[len(eos) // 2]) / 2
+        data = end_data(lenvm, [record], bar)
+        expected = natural_end_distances(eos, example.finished, bar)
+        known = ~torch.from_numpy(expected).isnan()
+        assert torch.allclose(data.distances, torch.from_numpy(expected)[known])
+        features = lenvm.features(ids, **images)[0, span].float().cpu()
+        assert torch.allclose(data.features, features[known], atol=1e-5)
+
+
 def test_values_view_shows_the_image(vlm_path, vlm_generator, shapes):
     lenvm = LengthValueModel.from_base(vlm_path, gamma=0.9, generator=vlm_generator)
     prompt = read_prompts(shapes)[0]
@@ -149,6 +175,9 @@ def test_cli_with_images(tmp_path, rollouts, vlm_path, shapes, capsys):
         main(["train", "--rollouts", str(rollouts), "--base", str(vlm_path), "--out", lv, "--epochs", "2"])
         == 0
     )
+    end = ["train-end-head", "--lenvm", lv, "--rollouts", str(rollouts), "--epochs", "2", "--no-progress"]
+    assert main(end) == 0
+    assert LengthValueModel.from_pretrained(lv).end_head is not None
     capsys.readouterr()
     assert (
         main(["predict", "--lenvm", lv, "--prompt", "Which colours appear?", "--image", image, "--json"]) == 0

@@ -227,7 +227,7 @@ def _run(config: DemoConfig, out: Path, generator) -> dict:
             ),
         },
         "training": {
-            "seconds_this_run": round(result.seconds, 1),
+            "seconds_this_run": round(result.seconds_this_run, 1),
             "data": result.data.to_dict(),
             "by_domain": training_mix(records),
         },

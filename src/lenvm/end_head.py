@@ -58,25 +58,26 @@ class EndData:
 def end_data(
     lenvm, records: Iterable[dict[str, Any]], bar: float, batch_size: int = 8, progress: bool = False
 ) -> EndData:
-    """One forward of the generator over each rollout (an attached ``lenvm``'s backbone): the
-    features of every completion state and, from the logits, the tokens left until the next
-    natural-end opportunity after it (states with none known are left out)."""
-    from lenvm.dataset import padded_batches
+    """One forward of the generator over each rollout (an attached ``lenvm``'s backbone, reading
+    the prompt's images as training does): the features of every completion state and, from the
+    logits, the tokens left until the next natural-end opportunity after it (states with none
+    known are left out)."""
+    from lenvm.dataset import forward_images, padded_batches
     from lenvm.model import select_features
 
     if lenvm.config.kind != "attached":
         raise InputError("an end head is trained on a LenVM of kind 'attached' (it reads the generator)")
     eos_ids = lenvm.config.eos_token_ids
+    lm_head = lenvm.backbone.get_output_embeddings()
     features, distances = [], []
     purpose, desc = "train the end head on", "end head: states"
     for chunk, batch in padded_batches(lenvm, records, purpose, batch_size, progress, desc):
-        out = lenvm.backbone(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
-        )
-        layer = lenvm.feature_layer
-        feats = out.hidden_states[-1] if layer == -1 else select_features(out, layer)
+        images = forward_images(lenvm.tokenizer, chunk, lenvm.device)
+        out = lenvm.body_output(batch.input_ids, batch.attention_mask, **images)
+        feats = select_features(out, lenvm.feature_layer)
+        logits = lm_head(out.last_hidden_state).float()
         # The EOS the generator finds most likely, at temperature 1, as a natural end is judged.
-        eos = torch.log_softmax(out.logits.float(), dim=-1)[..., eos_ids].amax(-1).exp()
+        eos = torch.log_softmax(logits, dim=-1)[..., eos_ids].amax(-1).exp()
         for row, e in enumerate(chunk):
             span = slice(e.start, e.start + e.num_states)
             d = torch.from_numpy(natural_end_distances(eos[row, span].cpu().numpy(), e.finished, bar))

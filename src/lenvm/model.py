@@ -401,26 +401,37 @@ class LengthValueModel(nn.Module):
         gradients, a head that reads a middle layer of a text model stops the forward there: the
         layers above it cannot change its features (a 60%-depth head saves 40% of the forward)."""
         layer = self.feature_layer
-        if pixel_values is None:
-            if not torch.is_grad_enabled() and can_stop_at(self.body, layer):
-                hidden = run_until(
-                    self.body, layer, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                )
-                return normalized(hidden)
-            out = self.body(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1
+        if pixel_values is None and not torch.is_grad_enabled() and can_stop_at(self.body, layer):
+            hidden = run_until(
+                self.body, layer, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             )
-            return select_features(out, layer)
-        images = vision.ImageInputs(pixel_values, image_grid_thw)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        out = self.body(
+            return normalized(hidden)
+        return select_features(
+            self.body_output(input_ids, attention_mask, pixel_values, image_grid_thw), layer
+        )
+
+    def body_output(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ):
+        """One whole forward of the body (images as in :meth:`features`): its final hidden states
+        (``last_hidden_state``, which the generator's logits come from) and, for a head reading a
+        middle layer, every layer's (``hidden_states``)."""
+        extra = {}
+        if pixel_values is not None:
+            images = vision.ImageInputs(pixel_values, image_grid_thw)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            positions = vision.rope_positions(self.body, input_ids, mask, images)
+            extra = {"position_ids": positions, **vision.model_kwargs(images)}
+        return self.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_hidden_states=layer != -1,
-            position_ids=vision.rope_positions(self.body, input_ids, mask, images),
-            **vision.model_kwargs(images),
+            output_hidden_states=self.feature_layer != -1,
+            **extra,
         )
-        return select_features(out, layer)
 
     @property
     def calibration(self) -> Calibration | None:

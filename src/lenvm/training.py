@@ -173,7 +173,7 @@ class TrainResult:
     metrics: dict[str, float]
     data: DatasetReport
     losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds_this_run: float = 0.0  # this invocation's: a resumed run's earlier ones are not recorded
     tokens_per_second: float = 0.0  # supervised positions per second of the training loop
     evaluations: list[dict[str, float]] = field(default_factory=list)  # held-out figures while training
 
@@ -300,7 +300,7 @@ def train(
         started = time.perf_counter()
         trainer = HeadTrainer if config.freeze_backbone else FullTrainer
         fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
-        seconds = time.perf_counter() - started
+        seconds_this_run = time.perf_counter() - started
         diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
         if diverged is not None:
             raise InputError(
@@ -313,7 +313,7 @@ def train(
         metrics = evaluate(fit.eval_values)
         metrics["baseline_length"] = data.baseline_length
         result = TrainResult(
-            out, gamma, metrics, data.report, fit.losses, seconds, tokens_per_second, fit.evaluations
+            out, gamma, metrics, data.report, fit.losses, seconds_this_run, tokens_per_second, fit.evaluations
         )
         if not is_main_process():
             return result
@@ -325,7 +325,7 @@ def train(
             "train_completions": data.train_completions,
             "eval_completions": len(data.eval),
             "metrics": metrics,
-            "seconds": round(seconds, 2),
+            "seconds_this_run": round(seconds_this_run, 2),
             "tokens_per_second": round(tokens_per_second, 1),
             **({"distributed": fit.distributed} if fit.distributed else {}),
         }

@@ -31,7 +31,7 @@ from lenvm.dataset import (
     nothing_usable,
 )
 from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
-from lenvm.io import InputError
+from lenvm.io import InputError, is_pipe
 from lenvm.prompts import image_references
 
 # A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
@@ -43,7 +43,8 @@ class RolloutSource:
     """Rollout records to iterate, possibly several times.
 
     ``stream=None`` streams a ``datasets`` folder and a JSONL file over
-    :data:`STREAM_ABOVE_BYTES`, and loads a smaller file; a list is always in memory.
+    :data:`STREAM_ABOVE_BYTES`, and loads a smaller file or a pipe; a list is always in memory.
+    Streaming a pipe is refused: it can be read only once.
     """
 
     def __init__(self, rollouts: str | os.PathLike | Iterable[dict[str, Any]], stream: bool | None = None):
@@ -53,6 +54,11 @@ class RolloutSource:
         self.records: list[dict[str, Any]] | None = None
         if isinstance(rollouts, str | os.PathLike):
             self.path = Path(rollouts)
+            if stream and is_pipe(self.path):
+                raise InputError(
+                    f"{self.path}: streaming reads the rollouts afresh on every pass, and a pipe can be "
+                    "read only once: give a file, not a pipe (or stream=False, to hold its records)"
+                )
             if stream is None:
                 stream = self.path.is_dir() or (
                     self.path.is_file() and self.path.stat().st_size > STREAM_ABOVE_BYTES

@@ -168,7 +168,7 @@ def cmd_train(args) -> int | None:
             "gamma": result.gamma,
             "metrics": result.metrics,
             "data": result.data.to_dict(),
-            "seconds_this_run": round(result.seconds, 1),
+            "seconds_this_run": round(result.seconds_this_run, 1),
             "train_tokens_per_second": round(result.tokens_per_second),
         }
         print(json_text(summary, indent=2))
