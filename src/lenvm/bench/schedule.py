@@ -225,7 +225,7 @@ def run_schedule(
         results["live"] = _live(
             Path(out), pool, models, settings, batch_size, load, aging, live, seed, progress
         )
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["seconds_this_run"] = round(time.perf_counter() - started, 1)
     out = Path(out)
     with Run(out, settings) as run:
         run.write_json("results.json", results)

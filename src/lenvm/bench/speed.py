@@ -176,7 +176,7 @@ def run_speed(
             "machines": sorted({r["machine"] for r in measured["rows"]}),
             "lenvm_heads": heads,
             **measured,
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds_this_run": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
         run.write_text("table.md", _markdown(results))
