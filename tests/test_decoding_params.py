@@ -98,6 +98,17 @@ def test_length_keys_make_the_control_they_name():
         ({"length_at_most": 5, "length_hard_cap_slack": 1}, "rule 'paper'", "length_hard_cap_slack"),
         ({"length_equal_to": 5, "length_hard_cap_slack": -1}, "non-negative", "length_hard_cap_slack"),
         ({"length_equal_to": 5, "length_hard_cap_slack": True}, "integer", "length_hard_cap_slack"),
+        # past 2**63 target + slack overflowed the engines' cap tensor and failed the whole batch
+        (
+            {"length_equal_to": 5, "length_hard_cap_slack": 2**63},
+            "at most 2147483647",
+            "length_hard_cap_slack",
+        ),
+        (
+            {"length_equal_to": 5, "length_hard_cap_slack": 2**31},
+            "at most 2147483647",
+            "length_hard_cap_slack",
+        ),
         ({"length_hard_cap_slack": 2}, "needs a length control", "length_hard_cap_slack"),
         ({"length_equal_to": 5, "length_rule": "paper", "length_best_of": 0}, "best_of", "length_best_of"),
     ],

@@ -233,6 +233,11 @@ def test_a_hard_cap_is_set_per_request(url, engine):
         ({"length_at_least": 4, "length_hard_cap_slack": 1}, "equal_to and at_most", "length_hard_cap_slack"),
         ({"length_hard_cap_slack": 1}, "needs a length control", "length_hard_cap_slack"),
         ({"vllm_xargs": {"length_equal_to": 4, "length_hard_cap_slack": -1}}, "non-negative", "vllm_xargs"),
+        (
+            {"length_equal_to": 4, "length_hard_cap_slack": 10**30},
+            "at most",
+            "length_hard_cap_slack",
+        ),  # was a 500
     ]:
         response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", **keys})
         error = response.json()["error"]

@@ -28,6 +28,9 @@ DEFAULT_RETRIES = 4
 # The most best_of attempts, and retries, one request may ask for: each costs a whole answer's
 # decoding (a server's clients share its rows).
 MAX_ATTEMPTS = 16
+# The largest hard_cap_slack: beyond any context, so the cap would never act, and target + slack
+# still fits the engines' 64-bit integers.
+MAX_HARD_CAP_SLACK = 2**31 - 1
 # Most alternatives a request may ask to see at each step (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
 
@@ -215,9 +218,10 @@ class Control:
                     "at_most with our rule never passes its target (its policy ends the answer by N): "
                     "hard_cap_slack applies to at_most under rule 'paper'"
                 )
-            if not is_int(self.hard_cap_slack) or self.hard_cap_slack < 0:
+            if not is_int(self.hard_cap_slack) or not 0 <= self.hard_cap_slack <= MAX_HARD_CAP_SLACK:
                 raise InputError(
-                    f"hard_cap_slack must be a non-negative integer, got {self.hard_cap_slack!r}"
+                    f"hard_cap_slack must be a non-negative integer of at most {MAX_HARD_CAP_SLACK}, "
+                    f"got {self.hard_cap_slack!r}"
                 )
         if not is_real(self.natural_eos) or not 0 <= self.natural_eos <= 1:
             raise InputError(f"natural_eos must lie in [0, 1], got {self.natural_eos!r}")
