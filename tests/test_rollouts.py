@@ -134,6 +134,9 @@ def test_resume_skips_done_and_completes_partial_prompts(tiny_generator, tmp_pat
     assert again.prompts_skipped == 3 and again.completions_written == 0
     # The time of earlier calls is not known: what is reported says it is this call's.
     assert again.to_dict()["seconds_this_run"] == 0.0 and "seconds" not in again.to_dict()
+    printed = summary.to_dict()  # as `lenvm rollout` prints it: to a tenth, as `lenvm train` does
+    assert printed["seconds_this_run"] == round(summary.seconds_this_run, 1)
+    assert printed["tokens_per_second"] == round(summary.tokens_per_second, 1)
 
 
 def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):

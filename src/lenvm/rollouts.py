@@ -77,7 +77,13 @@ class RolloutSummary:
     backend: str = "hf"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "path": str(self.path)}
+        """As ``lenvm rollout`` prints it: rates and times to a tenth, as ``lenvm train`` does."""
+        return {
+            **asdict(self),
+            "path": str(self.path),
+            "seconds_this_run": round(self.seconds_this_run, 1),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+        }
 
 
 @dataclass
