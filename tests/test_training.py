@@ -217,6 +217,10 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         TrainConfig(gamma=1.5)
     with pytest.raises(InputError):
         TrainConfig(kind="attached", freeze_backbone=False)
+    with pytest.raises(
+        InputError, match=r"config must be a TrainConfig, got dict: TrainConfig\(\*\*settings\)"
+    ):
+        train(records, str(tiny_path), tmp_path / "d", {"epochs": 1}, generator=tiny_generator)
     # A backbone fine-tuned in float16 (no float32 copy, no loss scaling) gave NaN at any lr.
     with pytest.raises(InputError, match="cannot be fine-tuned in float16"):
         train(records, str(tiny_path), tmp_path / "f16", TrainConfig(kind="standalone"), dtype="float16")

@@ -217,6 +217,11 @@ def train(
     any end head and calibration fitted for it) is replaced only when ``overwrite``; anything else
     there never is.
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise InputError(
+            f"config must be a TrainConfig, got {type(config).__name__}: TrainConfig(**settings) makes one "
+            "from a dict"
+        )
     config = (config or TrainConfig()).resolved()
     if not config.freeze_backbone and torch_dtype(dtype) == torch.float16:
         # Its weights, gradients and optimizer state would all be float16, with no float32 copy or
