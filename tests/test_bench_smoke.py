@@ -189,10 +189,10 @@ def test_tradeoff_smoke(tmp_path, data, models):
 
 
 @pytest.fixture(scope="module")
-def ending_models(tiny_path, eos_generator):
+def ending_models(ending_path, eos_generator):
     """A generator that ends most answers within a few tokens, with a LenVM on it (predictions
     need answers that end)."""
-    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", gamma=0.9, generator=eos_generator)
+    lenvm = LengthValueModel.from_base(ending_path, kind="attached", gamma=0.9, generator=eos_generator)
     name = eos_generator[0].name_or_path  # as the rollouts it samples name it
     return Models(*eos_generator, lenvm.eval(), name=name, lenvm_name="tiny-eos-lenvm")
 

@@ -779,7 +779,7 @@ def test_retry_start_moves_back_with_each_attempt(tokens, target, retries, data)
     )
 
 
-def test_a_higher_bar_for_natural_ends_is_met_by_waiting_or_retrying(tiny_path, eos_generator):
+def test_a_higher_bar_for_natural_ends_is_met_by_waiting_or_retrying(ending_path, eos_generator):
     """With EOS made likely and the bar for a natural end set at the median of the first ends'
     EOS probabilities, half of them miss it. With the bar, the policy chooses EOS only where the
     generator clears it (or past its give-up point) and retries the rest: every answer clears
@@ -787,7 +787,7 @@ def test_a_higher_bar_for_natural_ends_is_met_by_waiting_or_retrying(tiny_path, 
     import statistics
 
     model, tok = eos_generator
-    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=eos_generator).eval()
+    lenvm = LengthValueModel.from_base(ending_path, kind="attached", generator=eos_generator).eval()
     engine = Engine(model, tok, lenvm=lenvm, num_candidates=4)
     first = engine.generate([_equal_to(seed, 0) for seed in range(8)])
     bar = statistics.median(r.eos_prob or 0.0 for r in first)

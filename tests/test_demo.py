@@ -50,7 +50,7 @@ def test_demo_with_too_few_prompts_to_hold_any_out_says_so_before_sampling(tmp_p
         run_demo(config, generator=object())
 
 
-def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_generator, capsys, monkeypatch):
+def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, ending_path, eos_generator, capsys, monkeypatch):
     gsm8k = tmp_path / "gsm8k_train.jsonl"
     rows = [
         {"question": f"Tom has {i} apples and buys 2 more. How many?", "answer": f"#### {i + 2}"}
@@ -59,7 +59,7 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     gsm8k.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = DemoConfig(
         out=tmp_path / "demo",
-        model=str(tiny_path),
+        model=str(ending_path),
         prompts=12,
         n=2,
         gsm8k=2,
@@ -132,8 +132,8 @@ def test_demo_end_to_end_on_tiny_model_and_resume(tmp_path, tiny_path, eos_gener
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # The generator named another way is the same setting.
     monkeypatch.setattr("lenvm.end_head.train_end_head", train_end_head)
-    monkeypatch.chdir(Path(tiny_path).parent)
-    run_demo(replace(config, model=f"./{Path(tiny_path).name}/"), generator=eos_generator)
+    monkeypatch.chdir(Path(ending_path).parent)
+    run_demo(replace(config, model=f"./{Path(ending_path).name}/"), generator=eos_generator)
     monkeypatch.undo()
     # A folder of other files is not the demo's to overwrite.
     mine = tmp_path / "mine"

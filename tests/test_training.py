@@ -217,6 +217,10 @@ def test_bad_training_input(tmp_path, tiny_path, tiny_generator):
         TrainConfig(gamma=1.5)
     with pytest.raises(InputError):
         TrainConfig(kind="attached", freeze_backbone=False)
+    with pytest.raises(
+        InputError, match=r"config must be a TrainConfig, got dict: TrainConfig\(\*\*settings\)"
+    ):
+        train(records, str(tiny_path), tmp_path / "d", {"epochs": 1}, generator=tiny_generator)
     # A backbone fine-tuned in float16 (no float32 copy, no loss scaling) gave NaN at any lr.
     with pytest.raises(InputError, match="cannot be fine-tuned in float16"):
         train(records, str(tiny_path), tmp_path / "f16", TrainConfig(kind="standalone"), dtype="float16")
@@ -664,22 +668,24 @@ def test_features_cache_is_not_reused_for_other_weights_or_held_out_answers(
     from lenvm.training import weights_digest
 
     records = synthetic_records(tiny_generator[1])
-    other = load_generator(tiny_model(tmp_path / "other", seed=5))  # the same tokenizer and shape
-    assert weights_digest(other[0]) != weights_digest(tiny_generator[0])
-    assert weights_digest(load_generator(tiny_path)[0]) == weights_digest(tiny_generator[0])
+    gen = str(tiny_model(tmp_path / "gen"))
+    first = load_generator(gen)
+    assert weights_digest(load_generator(gen)[0]) == weights_digest(first[0])
     cache = str(tmp_path / "features")
     held = [r for r in records if r["prompt_id"] == records[0]["prompt_id"]]
     rest = [r for r in records if r["prompt_id"] != records[0]["prompt_id"]]
     config = _config(epochs=1, features_cache=cache)
-    train(rest, str(tiny_path), tmp_path / "a", config, generator=tiny_generator, eval_rollouts=held)
+    train(rest, gen, tmp_path / "a", config, generator=first, eval_rollouts=held)
+    replaced = load_generator(tiny_model(gen, seed=5))  # the same tokenizer and shape, at the same path
+    assert weights_digest(replaced[0]) != weights_digest(first[0])
     passes = []
     original = LengthValueModel.features
     monkeypatch.setattr(LengthValueModel, "features", lambda *a, **k: passes.append(1) or original(*a, **k))
-    train(rest, str(tiny_path), tmp_path / "b", config, generator=other, eval_rollouts=held)
+    train(rest, gen, tmp_path / "b", config, generator=replaced, eval_rollouts=held)
     assert passes  # other weights under the same name: computed anew
     passes.clear()
     changed = [dict(r, completion_token_ids=r["completion_token_ids"][::-1]) for r in held]
-    train(rest, str(tiny_path), tmp_path / "c", config, generator=tiny_generator, eval_rollouts=changed)
+    train(rest, gen, tmp_path / "c", config, generator=replaced, eval_rollouts=changed)
     assert passes  # other held-out answers: computed anew
 
 
@@ -841,10 +847,29 @@ def test_a_generator_folder_is_recorded_by_its_absolute_path(
 ):
     import shutil
 
+    from lenvm.hub import load_generator
+
     shutil.copytree(tiny_path, tmp_path / "gen")
     monkeypatch.chdir(tmp_path)
-    lenvm = LengthValueModel.from_base("gen", generator=tiny_generator, gamma=0.9)
+    lenvm = LengthValueModel.from_base("gen", generator=load_generator("gen"), gamma=0.9)
     assert lenvm.config.base_model == str(tmp_path / "gen")  # found again from any working directory
+    # The same folder named another way is the same model.
+    LengthValueModel.from_base(tmp_path / "gen", generator=load_generator("./gen/"), gamma=0.9)
+
+
+def test_a_generator_passed_in_must_be_the_base_model(tmp_path, tiny_path, tiny_generator):
+    """The head trains on the generator's hidden states but the LenVM records the base, which
+    loading it alone reads instead: another model (same tokenizer) or one that does not exist."""
+    other = tiny_model(tmp_path / "other", seed=1, eos_logit=3.0)
+    records = synthetic_records(tiny_generator[1])
+    for base in (other, tmp_path / "missing"):
+        with pytest.raises(
+            InputError, match=re.escape(f"the generator passed in is {str(tiny_path)!r}, not")
+        ):
+            train(records, base, tmp_path / "lv", _config(epochs=1), generator=tiny_generator, progress=False)
+        assert not (tmp_path / "lv").exists()
+    # A standalone LenVM loads its backbone from the base whatever generator is passed.
+    LengthValueModel.from_base(other, kind="standalone", generator=tiny_generator)
 
 
 def test_an_epoch_ending_on_a_checkpoint_is_evaluated_once(tmp_path, tiny_path, tiny_generator):

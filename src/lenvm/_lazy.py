@@ -12,7 +12,9 @@ def lazy_exports(
     package: str, exports: dict[str, str]
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """The module-level ``__getattr__`` and ``__dir__`` of ``package`` for ``exports`` (a name ->
-    the module that defines it); a name once loaded is kept in the package's namespace."""
+    the module that defines it); a name once loaded is kept in the package's namespace.
+    ``__dir__`` lists ``__all__`` beside what the package holds already (its submodules imported,
+    ``__file__``), as a module without lazy names would."""
 
     def __getattr__(name: str) -> Any:
         if name in exports:
@@ -22,6 +24,7 @@ def lazy_exports(
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:
-        return sorted(sys.modules[package].__all__)
+        module = sys.modules[package]
+        return sorted(set(vars(module)) | set(module.__all__))
 
     return __getattr__, __dir__

@@ -210,7 +210,10 @@ class LengthValueModel(nn.Module):
 
         ``generator`` may pass an already loaded ``(model, tokenizer)`` for ``base`` so that an
         attached LenVM shares the generator's weights instead of loading them a second time; it
-        stays where it is, in its dtype. ``dtype`` and ``device`` apply to what this call loads
+        stays where it is, in its dtype. It must be the model ``base`` names (its ``name_or_path``,
+        as :func:`lenvm.hub.load_generator` sets it, names the same model), since the LenVM records
+        ``base`` and loads that in its place later; one built in memory, without a name, is taken
+        on trust. ``dtype`` and ``device`` apply to what this call loads
         (default device: the generator's, else :func:`lenvm.hub.default_device`). The head sits
         on its backbone's device, in float32.
         """
@@ -223,6 +226,7 @@ class LengthValueModel(nn.Module):
         if kind == "standalone":
             backbone, tokenizer = _load_backbone(hub.resolve(base), dtype, device)
         elif generator is not None:
+            _check_named(generator[0], base)
             backbone, tokenizer = generator
         else:
             backbone, tokenizer = hub.load_generator(base, device=device, dtype=dtype)
@@ -784,6 +788,20 @@ def _as_generator(generator):
     if not hasattr(model, "get_input_embeddings"):
         raise InputError(f"generator must be (model, tokenizer), got ({type(model).__name__}, ...)")
     return model, vision.as_tokenizer(tokenizer)
+
+
+def _check_named(model, base: str | os.PathLike) -> None:
+    """Refuse a loaded generator named as another model than ``base``: a head trained on its hidden
+    states would be saved for ``base``, and later read ``base``'s (or fail to load at all)."""
+    from lenvm.hub import model_name
+
+    loaded = getattr(model, "name_or_path", "")
+    if loaded and model_name(loaded) != model_name(base):
+        raise InputError(
+            f"the generator passed in is {str(loaded)!r}, not {str(base)!r}: the LenVM would record "
+            f"{str(base)!r} and read that model in its place once saved; pass the generator loaded from "
+            f"{str(base)!r}, or name {str(loaded)!r} as the base"
+        )
 
 
 def _device_for(device, generator) -> torch.device:

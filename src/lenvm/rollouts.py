@@ -162,6 +162,12 @@ def rollout(
     ``openai`` the number of requests in flight, and ``tokenizer`` (default: the generator's)
     applies the chat template and re-tokenizes. ``auto``: see the module doc (a generator passed
     loaded, or prompts with images, stay in our engine).
+
+    Every completion's seed derives from ``sampling.seed`` (:func:`derive_seed`), and a seed left
+    as None is taken as 0, so that records can be reproduced and a file resumed: two calls with the
+    same settings draw the same completions. For other samples of the same prompts, raise ``n``
+    (the file grows by the new sample indices) or give another ``seed`` (into another file: a file
+    holds one sampling policy, its seed included).
     """
     sampling = sampling if sampling is not None else SamplingParams()
     if not isinstance(sampling, SamplingParams):

@@ -209,14 +209,21 @@ def train(
     streamed when ``config.stream`` says so (by default when it is large, see
     :mod:`lenvm.training_data`). ``base`` is the generator for an attached/q LenVM and the
     starting backbone for a standalone one; ``generator`` may pass it already loaded as
-    ``(model, tokenizer)`` (it stays where it is). ``device`` and ``dtype`` apply to the models
-    this call loads (default device: the generator's, else the first accelerator, else the CPU).
+    ``(model, tokenizer)`` (it stays where it is; for an attached or q LenVM, whose head reads
+    it, one loaded from another model is refused: see :meth:`LengthValueModel.from_base`).
+    ``device`` and ``dtype`` apply to the models this call loads (default device: the
+    generator's, else the first accelerator, else the CPU).
     ``eval_rollouts`` are held-out completions of other prompts (for example many samples of
     each, for a steady ground truth; they are held in memory); when given, every record of
     ``rollouts`` trains and ``config.eval_fraction`` is not used. A LenVM already at ``out`` (with
     any end head and calibration fitted for it) is replaced only when ``overwrite``; anything else
     there never is.
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise InputError(
+            f"config must be a TrainConfig, got {type(config).__name__}: TrainConfig(**settings) makes one "
+            "from a dict"
+        )
     config = (config or TrainConfig()).resolved()
     if not config.freeze_backbone and torch_dtype(dtype) == torch.float16:
         # Its weights, gradients and optimizer state would all be float16, with no float32 copy or

@@ -64,10 +64,14 @@ class ValueTrace:
 
     @property
     def num_tokens(self) -> int:
+        """The completion's tokens, its EOS included where it ended: the count of a rollout record
+        and of a predicted length (a generated :class:`~lenvm.decoding.Result` leaves the EOS
+        out)."""
         return len(self.tokens)
 
     def summary(self) -> dict[str, Any]:
-        """Prompt-boundary prediction vs the true length, and the mean error over all states."""
+        """Prompt-boundary prediction vs the true length, and the mean error over all states;
+        ``num_tokens`` and ``true_length`` count the EOS, as :attr:`num_tokens` does."""
         predicted = max(self.tokens[0].predicted_total, 1.0)  # as predict_length: every answer has its EOS
         out: dict[str, Any] = {
             "num_tokens": self.num_tokens,

@@ -65,12 +65,12 @@ class SamplingParams:
     ``temperature == 0`` (or below ``MIN_TEMPERATURE``, as in vLLM) is greedy; ``top_k == 0`` and
     ``min_p == 0`` are off; ``top_p == 1`` is off. Filters apply in the order temperature, top-k,
     top-p, min-p (as in ``transformers``).
-    ``seed`` fixes the request's own random stream (None: a fresh one); a rollout derives each
-    completion's seed from it. ``ignore_eos`` never ends before ``max_new_tokens`` (for speed
-    measurements). ``top_logprobs``: how many of the most likely tokens to report at each step
-    (:attr:`Result.top_logprobs`), at most :data:`MAX_TOP_LOGPROBS`. ``max_new_tokens`` left out
-    (None): :data:`DEFAULT_MAX_NEW_TOKENS`, or what the model's context leaves after the prompt
-    where that is less (:meth:`fitted`).
+    ``seed`` fixes the request's own random stream (None: a fresh one; :func:`lenvm.rollout`
+    takes 0); a rollout derives each completion's seed from it. ``ignore_eos`` never ends before
+    ``max_new_tokens`` (for speed measurements). ``top_logprobs``: how many of the most likely
+    tokens to report at each step (:attr:`Result.top_logprobs`), at most
+    :data:`MAX_TOP_LOGPROBS`. ``max_new_tokens`` left out (None): :data:`DEFAULT_MAX_NEW_TOKENS`,
+    or what the model's context leaves after the prompt where that is less (:meth:`fitted`).
     """
 
     temperature: float = 1.0
