@@ -870,6 +870,10 @@ def test_a_generator_passed_in_must_be_the_base_model(tmp_path, tiny_path, tiny_
         assert not (tmp_path / "lv").exists()
     # A standalone LenVM loads its backbone from the base whatever generator is passed.
     LengthValueModel.from_base(other, kind="standalone", generator=tiny_generator)
+    # Another name of the same folder (a link to it; likewise a built-in alias and the folder it is
+    # prepared in) is the same model.
+    (tmp_path / "link").symlink_to(tiny_path)
+    LengthValueModel.from_base(tmp_path / "link", generator=tiny_generator)
 
 
 def test_an_epoch_ending_on_a_checkpoint_is_evaluated_once(tmp_path, tiny_path, tiny_generator):

@@ -793,15 +793,26 @@ def _as_generator(generator):
 def _check_named(model, base: str | os.PathLike) -> None:
     """Refuse a loaded generator named as another model than ``base``: a head trained on its hidden
     states would be saved for ``base``, and later read ``base``'s (or fail to load at all)."""
-    from lenvm.hub import model_name
-
     loaded = getattr(model, "name_or_path", "")
-    if loaded and model_name(loaded) != model_name(base):
+    if loaded and not _same_model(loaded, base):
         raise InputError(
             f"the generator passed in is {str(loaded)!r}, not {str(base)!r}: the LenVM would record "
             f"{str(base)!r} and read that model in its place once saved; pass the generator loaded from "
             f"{str(base)!r}, or name {str(loaded)!r} as the base"
         )
+
+
+def _same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two names load the same model: equal names, or a built-in alias and the folder it
+    is prepared in (or two paths to one folder)."""
+    from lenvm import hub
+
+    if hub.model_name(a) == hub.model_name(b):
+        return True
+    try:
+        return os.path.realpath(hub.resolve(a)) == os.path.realpath(hub.resolve(b))
+    except InputError:  # a name that loads nothing is no model's
+        return False
 
 
 def _device_for(device, generator) -> torch.device:
