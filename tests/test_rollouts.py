@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -567,6 +568,33 @@ def test_a_prompt_is_text_or_messages():
         Prompt("s", text="He\ud800llo")
     with pytest.raises(InputError, match="U\\+DCED"):
         as_prompt({"id": "m", "messages": [{"role": "user", "content": "x\udced"}]})
+
+
+def test_a_prompt_id_is_a_string_as_in_prompts_files(tiny_generator, tmp_path):
+    assert Prompt(1, text="x").id == "1"  # a file's {"id": 1} is "1" too
+    sampling = SamplingParams(max_new_tokens=2)
+    rollout(
+        tiny_generator, [Prompt(7, text="Hi!")], tmp_path / "r.jsonl", n=1, sampling=sampling, progress=False
+    )
+    assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["7"]  # reads back
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(id=None, text="x"), "id must be a non-empty string or an integer, got None"),
+        (dict(id=" ", text="x"), "id must be a non-empty string"),
+        (dict(id=True, text="x"), "got True"),
+        (dict(id="a", text=5), "its text must be a string, got int"),
+        (dict(id="a", messages="hi"), "'messages' must be a non-empty list of {role, content}"),
+        (dict(id="a", messages=[]), "'messages' must be a non-empty list"),
+        (dict(id="a", messages=["hi"]), "'messages' must be a non-empty list"),
+        (dict(id="a", messages=[{"role": "user", "content": 5}]), "the content a string or a list"),
+    ],
+)
+def test_a_prompt_refuses_fields_of_the_wrong_kind(args, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        Prompt(**args)
 
 
 def test_without_a_chat_template_a_conversation_is_refused_not_flattened():
