@@ -285,6 +285,18 @@ def test_max_new_tokens_left_out_fits_what_the_context_leaves(tiny_generator):
         engine.generate([Request(prompt, SamplingParams(max_new_tokens=1024))])
 
 
+def test_an_engine_takes_loaded_models_not_their_names(tiny_generator):
+    model, tok = tiny_generator
+    with pytest.raises(
+        InputError, match=r"Engine takes a loaded LengthValueModel .*from_pretrained\('my-lenvm'\)"
+    ):
+        Engine(model, tok, lenvm="my-lenvm")
+    with pytest.raises(InputError, match=r"load_generator\('/path/gen'\) loads one\), got \(str, NoneType\)"):
+        Engine("/path/gen", None)
+    with pytest.raises(InputError, match=r"loaded \(model, tokenizer\) pair"):
+        Engine(model, None)
+
+
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"])

@@ -58,7 +58,7 @@ from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int, outside_vocabulary
-from lenvm.model import LengthValueModel, check_tokenizer, context_length
+from lenvm.model import LengthValueModel, check_generator, check_lenvm, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
 
 SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
@@ -77,6 +77,9 @@ class Engine:
         queue: Literal["fcfs", "shortest"] = "fcfs",
         queue_aging: float = DEFAULT_AGING,
     ):
+        check_generator(model, tokenizer, "Engine's generator")
+        if lenvm is not None:
+            check_lenvm(lenvm, "Engine")
         if not is_int(num_candidates) or num_candidates < 2:
             raise InputError(
                 f"num_candidates must be an integer of at least 2 (with one, a control has nothing to choose "

@@ -34,7 +34,7 @@ from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int
-from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueModel, check_lenvm
 
 
 class LenVMLogitsProcessor(LogitsProcessor):
@@ -52,11 +52,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         sampling: SamplingParams | None = None,
         pad_token_id: int | None = None,
     ):
-        if not isinstance(lenvm, LengthValueModel):
-            raise InputError(
-                f"LenVMLogitsProcessor takes a loaded LengthValueModel (LengthValueModel.from_pretrained), "
-                f"got {type(lenvm).__name__}"
-            )
+        check_lenvm(lenvm, "LenVMLogitsProcessor")
         if not isinstance(control, Control):
             raise InputError(f"LenVMLogitsProcessor takes a Control, got {type(control).__name__}")
         if not control.active:
