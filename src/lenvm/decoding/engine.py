@@ -1,7 +1,11 @@
 """The decoding engine: batched generation with KV caches, optionally guided by a LenVM.
 
-    engine = Engine(model, tokenizer, lenvm=None, num_candidates=8)
+    lenvm = LengthValueModel.from_pretrained("my-lenvm", generator=(model, tokenizer))
+    engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=8)
     results = engine.generate([Request("Hi", control=Control("equal_to", target=64))])
+
+Without a LenVM (``lenvm=None``) the engine decodes plainly: a request with a length control or
+``return_values`` is refused.
 
 Requests run in a batch of at most ``batch_size`` rows; a finished row leaves the batch and a
 waiting request takes its place (continuous batching; each request's state lives in the
