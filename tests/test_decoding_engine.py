@@ -4,6 +4,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -295,6 +296,15 @@ def test_an_engine_takes_loaded_models_not_their_names(tiny_generator):
         Engine("/path/gen", None)
     with pytest.raises(InputError, match=r"loaded \(model, tokenizer\) pair"):
         Engine(model, None)
+
+
+def test_numpy_counts_are_taken(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=np.int64(4))
+    assert type(engine.num_candidates) is int
+    [result] = engine.generate([Request("hi", SamplingParams(max_new_tokens=2))], batch_size=np.int64(2))
+    assert result.num_tokens >= 1
+    assert len(lenvms["q"].predict_length(["a", "b"], batch_size=np.int64(1))) == 2
 
 
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):

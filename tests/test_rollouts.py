@@ -7,6 +7,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -552,6 +553,21 @@ def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_
     rollout(tiny_generator, [{"id": "x", "prompt": "Hi!"}], tmp_path / "r.jsonl", n=1, sampling=sampling,
             progress=False)  # fmt: skip
     assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["x"]
+
+
+def test_numpy_counts_and_seed_are_taken_and_written_as_ints(tiny_generator, tmp_path):
+    sampling = SamplingParams(max_new_tokens=2, seed=np.int64(3))
+    out = tmp_path / "r.jsonl"
+    rollout(
+        tiny_generator,
+        PROMPTS[:1],
+        out,
+        n=np.int64(2),
+        sampling=sampling,
+        batch_size=np.int64(2),
+        progress=False,
+    )
+    assert sorted(r["sample_index"] for r in read_rollouts(out)) == [0, 1]
 
 
 def test_a_prompt_is_text_or_messages():

@@ -32,7 +32,7 @@ from torch import nn
 
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
-from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, write_text
+from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, plain_numbers, write_text
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
@@ -93,6 +93,7 @@ class LengthValueConfig:
     lenvm_version: str = __version__
 
     def __post_init__(self) -> None:
+        plain_numbers(self)  # it is written as config.json
         if self.kind not in KINDS:
             raise InputError(f"unknown LenVM kind {self.kind!r}; expected one of {KINDS}")
         _check_gamma(self.gamma)

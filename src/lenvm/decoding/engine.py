@@ -120,7 +120,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.lenvm = lenvm.eval() if lenvm is not None else None
-        self.num_candidates = num_candidates
+        self.num_candidates = int(num_candidates)
         self.naive = candidate_scoring == "naive"
         self.queue = queue
         self.queue_aging = float(queue_aging)
@@ -258,7 +258,7 @@ class Scheduler:
         if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.engine = engine
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.waiting: deque[Sequence] = deque()
         self.batch: Batch | None = None
         self.tried: dict[Hashable, dict[int, Result]] = {}  # best_of requests: finished attempts
