@@ -588,6 +588,7 @@ def test_a_prompt_is_text_or_messages():
 
 def test_a_prompt_id_is_a_string_as_in_prompts_files(tiny_generator, tmp_path):
     assert Prompt(1, text="x").id == "1"  # a file's {"id": 1} is "1" too
+    assert Prompt(np.int64(2), text="x").id == "2"
     sampling = SamplingParams(max_new_tokens=2)
     rollout(
         tiny_generator, [Prompt(7, text="Hi!")], tmp_path / "r.jsonl", n=1, sampling=sampling, progress=False

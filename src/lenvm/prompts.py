@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lenvm.io import InputError, is_pipe, numbered_jsonl
+from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl
 
 Messages = list[dict[str, Any]]
 TokenIds = list[int]
@@ -83,9 +83,9 @@ def unencodable(value: Any) -> str | None:
 def _prompt_id(pid: Any) -> str | None:
     """A prompt's id as records store it (a non-empty string; an integer becomes its string), or
     None where ``pid`` is no id."""
-    if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():
-        return None
-    return str(pid)
+    if is_int(pid):
+        return str(int(pid))
+    return pid if isinstance(pid, str) and pid.strip() else None
 
 
 _MESSAGES_FORM = (
