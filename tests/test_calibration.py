@@ -67,6 +67,15 @@ def test_calibration_passes_through_its_knots_and_round_trips():
     assert inner(torch.tensor([-1.0, -0.5, 0.0])).tolist() == pytest.approx([-0.9, -0.5, -0.1])
 
 
+def test_knots_are_kept_as_tuples_of_python_floats():
+    given = Calibration([-1.0, np.float32(-0.5), 0], np.array([-1.0, -0.6, 0.0]))
+    assert given == Calibration((-1.0, -0.5, 0.0), (-1.0, -0.6, 0.0)) and hash(given)
+    fitted = fit_calibration([-0.9, -0.5, -0.1], [-0.8, -0.5, -0.2], knots=3)
+    for c in (given, fitted):
+        assert all(type(x) is float for x in (*c.values, *c.returns))
+    assert "np." not in repr(fitted)
+
+
 @pytest.mark.parametrize(
     "values, returns",
     [
@@ -76,6 +85,9 @@ def test_calibration_passes_through_its_knots_and_round_trips():
         ((-2.0, 0.0), (-1.0, 0.0)),
         ((-1.0, 0.0), (-1.5, 0.0)),
         ((-1.0, 0.0), (-1.0, 0.5)),
+        ((-1.0, float("nan")), (-1.0, 0.0)),
+        (("a", 0.0), (-1.0, 0.0)),
+        (None, (-1.0, 0.0)),
     ],
 )
 def test_bad_calibrations_are_refused(values, returns):

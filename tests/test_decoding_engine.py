@@ -4,6 +4,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -283,6 +284,27 @@ def test_max_new_tokens_left_out_fits_what_the_context_leaves(tiny_generator):
     assert result.num_tokens == room and result.finish_reason == "length"
     with pytest.raises(InputError, match=r"plus max_new_tokens \(1024\) exceeds the model's context"):
         engine.generate([Request(prompt, SamplingParams(max_new_tokens=1024))])
+
+
+def test_an_engine_takes_loaded_models_not_their_names(tiny_generator):
+    model, tok = tiny_generator
+    with pytest.raises(
+        InputError, match=r"Engine takes a loaded LengthValueModel .*from_pretrained\('my-lenvm'\)"
+    ):
+        Engine(model, tok, lenvm="my-lenvm")
+    with pytest.raises(InputError, match=r"load_generator\('/path/gen'\) loads one\), got \(str, NoneType\)"):
+        Engine("/path/gen", None)
+    with pytest.raises(InputError, match=r"loaded \(model, tokenizer\) pair"):
+        Engine(model, None)
+
+
+def test_numpy_counts_are_taken(tiny_generator, lenvms):
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=np.int64(4))
+    assert type(engine.num_candidates) is int
+    [result] = engine.generate([Request("hi", SamplingParams(max_new_tokens=2))], batch_size=np.int64(2))
+    assert result.num_tokens >= 1
+    assert len(lenvms["q"].predict_length(["a", "b"], batch_size=np.int64(1))) == 2
 
 
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):

@@ -2,11 +2,22 @@
 
 import errno
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from lenvm.io import JsonlAppender, atomic_path, outside_vocabulary, read_jsonl, repair_jsonl_tail, write_json
+from lenvm.io import (
+    JsonlAppender,
+    atomic_path,
+    is_int,
+    outside_vocabulary,
+    plain_numbers,
+    read_jsonl,
+    repair_jsonl_tail,
+    write_json,
+)
 
 
 def _disk_full_after(monkeypatch, nbytes):
@@ -251,6 +262,22 @@ def test_the_demo_summary_says_n_a_for_an_error_it_could_not_measure():
     from lenvm.demo import _share
 
     assert [_share(x) for x in (float("nan"), None, 0.2353)] == ["n/a", "n/a", "23.5%"]
+
+
+def test_numpy_integers_are_integers_and_stored_as_python_ones():
+    assert is_int(np.int64(2)) and is_int(np.uint8(2)) and is_int(7)
+    assert not is_int(True) and not is_int(np.bool_(True)) and not is_int(2.0)
+
+    @dataclass
+    class Settings:
+        count: int
+        rate: float
+        flag: object
+
+    settings = Settings(np.int64(3), np.float32(0.5), np.bool_(True))
+    plain_numbers(settings)
+    assert type(settings.count) is int and type(settings.rate) is float
+    assert isinstance(settings.flag, np.bool_)  # refused as a number where one is checked
 
 
 def test_token_ids_outside_the_vocabulary_are_named():

@@ -74,6 +74,30 @@ def test_gamma_outside_unit_interval_rejected(gamma):
         R.gamma_for_horizon(0)
 
 
+@given(gammas, st.lists(st.integers(min_value=0, max_value=2000), min_size=1, max_size=8), st.booleans())
+def test_a_list_or_tuple_gives_an_array(gamma, ns, as_tuple):
+    given_ns = tuple(ns) if as_tuple else ns
+    values = R.length_to_value(given_ns, gamma)
+    assert isinstance(values, np.ndarray)
+    np.testing.assert_array_equal(values, R.length_to_value(np.array(ns, dtype=np.float64), gamma))
+    lengths = R.value_to_length(tuple(values) if as_tuple else list(values), gamma)
+    np.testing.assert_array_equal(lengths, R.value_to_length(values, gamma))
+
+
+@given(gammas)
+def test_no_tokens_left_is_zero_not_minus_zero(gamma):
+    for zero in (R.value_to_length(0.0, gamma), *R.value_to_length(np.zeros(1), gamma)):
+        assert zero == 0.0 and math.copysign(1.0, zero) == 1.0
+
+
+@pytest.mark.parametrize("length", [float("inf"), float("nan"), 1e300, 1e-300, 0, -3])
+def test_a_horizon_without_a_gamma_in_the_unit_interval_is_refused(length):
+    from lenvm.io import InputError
+
+    with pytest.raises(InputError, match="length must be a positive finite number|no gamma in \\(0, 1\\)"):
+        R.gamma_for_horizon(length)
+
+
 def test_gamma_p99_rule():
     g = R.gamma_for_horizon(1500)
     assert 1 - g**1500 == pytest.approx(0.99)

@@ -1,11 +1,13 @@
 import json
 import os
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -553,6 +555,21 @@ def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_
     assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["x"]
 
 
+def test_numpy_counts_and_seed_are_taken_and_written_as_ints(tiny_generator, tmp_path):
+    sampling = SamplingParams(max_new_tokens=2, seed=np.int64(3))
+    out = tmp_path / "r.jsonl"
+    rollout(
+        tiny_generator,
+        PROMPTS[:1],
+        out,
+        n=np.int64(2),
+        sampling=sampling,
+        batch_size=np.int64(2),
+        progress=False,
+    )
+    assert sorted(r["sample_index"] for r in read_rollouts(out)) == [0, 1]
+
+
 def test_a_prompt_is_text_or_messages():
     from lenvm.prompts import as_prompt
 
@@ -567,6 +584,34 @@ def test_a_prompt_is_text_or_messages():
         Prompt("s", text="He\ud800llo")
     with pytest.raises(InputError, match="U\\+DCED"):
         as_prompt({"id": "m", "messages": [{"role": "user", "content": "x\udced"}]})
+
+
+def test_a_prompt_id_is_a_string_as_in_prompts_files(tiny_generator, tmp_path):
+    assert Prompt(1, text="x").id == "1"  # a file's {"id": 1} is "1" too
+    assert Prompt(np.int64(2), text="x").id == "2"
+    sampling = SamplingParams(max_new_tokens=2)
+    rollout(
+        tiny_generator, [Prompt(7, text="Hi!")], tmp_path / "r.jsonl", n=1, sampling=sampling, progress=False
+    )
+    assert [r["prompt_id"] for r in read_rollouts(tmp_path / "r.jsonl")] == ["7"]  # reads back
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(id=None, text="x"), "id must be a non-empty string or an integer, got None"),
+        (dict(id=" ", text="x"), "id must be a non-empty string"),
+        (dict(id=True, text="x"), "got True"),
+        (dict(id="a", text=5), "its text must be a string, got int"),
+        (dict(id="a", messages="hi"), "'messages' must be a non-empty list of {role, content}"),
+        (dict(id="a", messages=[]), "'messages' must be a non-empty list"),
+        (dict(id="a", messages=["hi"]), "'messages' must be a non-empty list"),
+        (dict(id="a", messages=[{"role": "user", "content": 5}]), "the content a string or a list"),
+    ],
+)
+def test_a_prompt_refuses_fields_of_the_wrong_kind(args, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        Prompt(**args)
 
 
 def test_without_a_chat_template_a_conversation_is_refused_not_flattened():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -195,9 +196,16 @@ def test_a_prompt_under_several_ids_on_both_sides_of_the_split_is_named(tmp_path
               generator=tiny_generator, progress=False)  # fmt: skip
 
 
-def test_a_config_copied_with_another_kind_takes_that_kinds_defaults():
-    import dataclasses
+def test_numpy_counts_are_taken_and_saved_as_python_ints():
+    config = TrainConfig(
+        epochs=np.int64(2), batch_tokens=np.int32(64), seed=np.int64(1), gamma=np.float32(0.5)
+    )
+    kept = (config.epochs, config.batch_tokens, config.seed, config.gamma)
+    assert [type(v) for v in kept] == [int, int, int, float]
+    json.dumps(dataclasses.asdict(config))  # what the saved config holds
 
+
+def test_a_config_copied_with_another_kind_takes_that_kinds_defaults():
     standalone = TrainConfig(kind="standalone").resolved()
     assert (standalone.freeze_backbone, standalone.epochs, standalone.lr) == (False, 2, 2e-5)
     assert dataclasses.replace(TrainConfig(), kind="standalone").resolved() == standalone

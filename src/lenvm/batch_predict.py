@@ -71,6 +71,7 @@ def predict_file(
         raise InputError("no prompts to predict for")
     if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)  # the stats keep it
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches predictions by prompt id")

@@ -34,13 +34,20 @@ KNOTS = 64  # interpolation points over the range of the values seen
 class Calibration:
     """A piecewise-linear, non-decreasing map from value to value, given by its knots: the
     ``returns`` at strictly increasing ``values``, both within ``[-1, 0]``. Outside the knots the
-    end returns hold."""
+    end returns hold. Knots given as any sequence of numbers are kept as tuples of Python floats,
+    so that calibrations compare, hash and print as their numbers."""
 
     values: tuple[float, ...]
     returns: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        v, r = np.asarray(self.values, dtype=float), np.asarray(self.returns, dtype=float)
+        for name in ("values", "returns"):
+            try:
+                knots = tuple(map(float, getattr(self, name)))
+            except (TypeError, ValueError):
+                raise InputError(f"calibration {name} must be a sequence of numbers") from None
+            object.__setattr__(self, name, knots)
+        v, r = np.asarray(self.values), np.asarray(self.returns)
         if len(v) < 2 or len(v) != len(r):
             raise InputError("a calibration needs at least two knots, as many values as returns")
         if not (np.all(np.diff(v) > 0) and np.all(np.diff(r) >= 0)):
@@ -67,7 +74,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        return cls(tuple(map(float, data["values"])), tuple(map(float, data["returns"])))
+        return cls(data["values"], data["returns"])
 
 
 def isotonic(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +118,7 @@ def fit_calibration(values: Iterable[float], returns: Iterable[float], knots: in
     if knot_values[-1] < 0.0:
         knot_values.append(0.0)
         knot_returns.append(0.0)
-    return Calibration(tuple(knot_values), tuple(np.maximum.accumulate(knot_returns)))
+    return Calibration(knot_values, np.maximum.accumulate(knot_returns))
 
 
 @torch.no_grad()

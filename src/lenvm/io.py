@@ -6,12 +6,14 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,23 @@ class InputError(ValueError):
 
 
 def is_int(x: Any) -> bool:
-    """An integer that is not a bool (``True`` must not pass as a count)."""
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer that is not a bool (``True`` must not pass as a count): a Python int or a NumPy
+    one. What is kept or written out is ``int(x)``: JSON takes no NumPy numbers."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def plain_numbers(settings: Any) -> None:
+    """The fields of the dataclass ``settings`` that hold NumPy numbers (a seed or a count taken
+    from an array) made Python ones, which the checks take and JSON holds; a NumPy bool stays
+    what it is, and is refused as a number."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, bool) or type(value) in (int, float):
+            continue
+        if is_int(value):
+            object.__setattr__(settings, f.name, int(value))
+        elif isinstance(value, numbers.Real):
+            object.__setattr__(settings, f.name, float(value))
 
 
 def is_real(x: Any) -> bool:

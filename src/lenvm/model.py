@@ -32,7 +32,7 @@ from torch import nn
 
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
-from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, write_text
+from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, plain_numbers, write_text
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
@@ -93,6 +93,7 @@ class LengthValueConfig:
     lenvm_version: str = __version__
 
     def __post_init__(self) -> None:
+        plain_numbers(self)  # it is written as config.json
         if self.kind not in KINDS:
             raise InputError(f"unknown LenVM kind {self.kind!r}; expected one of {KINDS}")
         _check_gamma(self.gamma)
@@ -775,18 +776,39 @@ def check_tokenizer(config: LengthValueConfig, tokenizer, what: str = "this toke
         )
 
 
+def check_lenvm(lenvm: object, who: str) -> None:
+    """Refuse anything but a loaded LengthValueModel where ``who`` takes one: a folder or hub id
+    in its place would fail later on a missing attribute."""
+    if not isinstance(lenvm, LengthValueModel):
+        where = repr(str(lenvm)) if isinstance(lenvm, str | os.PathLike) else "path"
+        raise InputError(
+            f"{who} takes a loaded LengthValueModel (LengthValueModel.from_pretrained({where}) loads one), "
+            f"got {type(lenvm).__name__}"
+        )
+
+
+def check_generator(model: object, tokenizer: object, who: str) -> None:
+    """Refuse a generator that is not loaded where ``who`` takes one: a name or folder given for
+    the model, or a missing tokenizer, would fail later on a missing attribute."""
+    if not hasattr(model, "get_input_embeddings") or not callable(tokenizer):
+        where = repr(str(model)) if isinstance(model, str | os.PathLike) else "name_or_path"
+        raise InputError(
+            f"{who} must be a loaded (model, tokenizer) pair (lenvm.hub.load_generator({where}) loads one), "
+            f"got ({type(model).__name__}, {type(tokenizer).__name__})"
+        )
+
+
 def _as_generator(generator):
     """A ``(model, tokenizer)`` pair whose second part may also be a ``transformers`` processor."""
     if generator is None:
         return None
-    if not isinstance(generator, tuple | list) or len(generator) != 2 or isinstance(generator[0], str):
+    if not isinstance(generator, tuple | list) or len(generator) != 2:
         raise InputError(
             f"generator must be a loaded (model, tokenizer) pair, got {type(generator).__name__}: load one "
             "with lenvm.hub.load_generator(name_or_path), or leave it out to load the config's"
         )
     model, tokenizer = generator
-    if not hasattr(model, "get_input_embeddings"):
-        raise InputError(f"generator must be (model, tokenizer), got ({type(model).__name__}, ...)")
+    check_generator(model, tokenizer, "generator")
     return model, vision.as_tokenizer(tokenizer)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lenvm.io import InputError, is_pipe, numbered_jsonl
+from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl
 
 Messages = list[dict[str, Any]]
 TokenIds = list[int]
@@ -28,7 +28,10 @@ TokenIds = list[int]
 
 @dataclass
 class Prompt:
-    """One prompt: plain text or chat messages, with an id that names it in output files."""
+    """One prompt: plain text or chat messages, with an id that names it in output files.
+
+    The id is a non-empty string; an integer id is taken as its decimal string (as in prompts
+    files), so that the rollouts it names read back."""
 
     id: str
     text: str | None = None
@@ -36,8 +39,15 @@ class Prompt:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if (pid := _prompt_id(self.id)) is None:
+            raise InputError(f"a prompt's id must be a non-empty string or an integer, got {self.id!r}")
+        self.id = pid
         if (self.text is None) == (self.messages is None):
             raise InputError(f"prompt {self.id!r}: give its text or its messages, one of the two")
+        if self.text is not None and not isinstance(self.text, str):
+            raise InputError(f"prompt {self.id!r}: its text must be a string, got {type(self.text).__name__}")
+        if self.messages is not None and not _is_messages(self.messages):
+            raise InputError(f"prompt {self.id!r}: {_MESSAGES_FORM}")
         if (why := unencodable(self.to_json())) is not None:
             raise InputError(f"prompt {self.id!r}: {why}")
 
@@ -68,6 +78,35 @@ def unencodable(value: Any) -> str | None:
     except (TypeError, ValueError):  # not JSON at all: other checks name that
         return None
     return None
+
+
+def _prompt_id(pid: Any) -> str | None:
+    """A prompt's id as records store it (a non-empty string; an integer becomes its string), or
+    None where ``pid`` is no id."""
+    if is_int(pid):
+        return str(int(pid))
+    return pid if isinstance(pid, str) and pid.strip() else None
+
+
+_MESSAGES_FORM = (
+    "'messages' must be a non-empty list of {role, content} objects (the role a string, the content "
+    "a string or a list of parts)"
+)
+
+
+def _is_messages(messages: Any) -> bool:
+    """Chat messages in form: a non-empty list of dicts, each with a string role and a content
+    that is a string or a list (of parts, which :func:`_check_content` checks)."""
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str | list)
+            for m in messages
+        )
+    )
 
 
 # Every form a prompt may be given in: text, chat messages, token ids (taken as they are), a
@@ -170,10 +209,11 @@ def prompt_from_record(
     if (why := unencodable(record)) is not None:
         raise InputError(f"{where}{why}")
     base = Path(base) if base is not None else None
-    pid = record.get("id", default_id)
-    if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():
-        raise InputError(f"{where}'id' must be a non-empty string or an integer, got {json.dumps(pid)}")
-    pid = str(pid)
+    pid = _prompt_id(record.get("id", default_id))
+    if pid is None:
+        raise InputError(
+            f"{where}'id' must be a non-empty string or an integer, got {json.dumps(record.get('id'))}"
+        )
     extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages", "images")}
     if "messages" in record:
         if "prompt" in record:
@@ -181,15 +221,8 @@ def prompt_from_record(
         if "images" in record:
             raise InputError(f"{where}'images' goes with a 'prompt' string; in messages, use content parts")
         messages = record["messages"]
-        ok = (
-            isinstance(messages, list)
-            and messages
-            and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
-            )
-        )
-        if not ok:
-            raise InputError(f"{where}'messages' must be a non-empty list of {{role, content}} objects")
+        if not _is_messages(messages):
+            raise InputError(f"{where}{_MESSAGES_FORM}")
         messages = [{**m, "content": _check_content(m["content"], base, where)} for m in messages]
         if not any(_has_content(m["content"]) for m in messages):
             raise InputError(f"{where}the prompt is empty")

@@ -2,7 +2,8 @@
 
 Every generated token earns a reward of ``-(1 - gamma)``; the discounted return from a state
 with ``l`` tokens left is ``-(1 - gamma**l)``. These are pure functions that accept numpy arrays,
-torch tensors or Python numbers and return the same kind.
+torch tensors or Python numbers and return the same kind; a list or tuple of numbers gives a
+numpy array.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _as_array(x):
 
 
 def _like_input(result, original):
-    if isinstance(original, torch.Tensor | np.ndarray):
+    if isinstance(original, torch.Tensor | np.ndarray | list | tuple):
         return result
     return float(result)
 
@@ -64,17 +65,20 @@ def value_to_length(value: Array, gamma: float) -> Array:
     eps = torch.finfo(x.dtype).eps if isinstance(x, torch.Tensor) else np.finfo(x.dtype).eps
     floor = -1.0 + 2 * eps
     x = xp.clip(x, floor, 0.0)
-    result = xp.log1p(x) / math.log(gamma)
+    result = xp.log1p(x) / math.log(gamma) + 0.0  # + 0.0: no tokens left is 0, not -0
     return _like_input(result, value)
 
 
 def gamma_for_horizon(length: float, coverage: float = 0.99) -> float:
     """The gamma for which a completion of ``length`` tokens has ``1 - gamma**length == coverage``."""
-    if not length > 0:
-        raise InputError(f"length must be positive, got {length!r}")
+    if not (length > 0 and math.isfinite(length)):
+        raise InputError(f"length must be a positive finite number, got {length!r}")
     if not 0.0 < coverage < 1.0:
         raise InputError(f"coverage must lie in (0, 1), got {coverage!r}")
-    return (1.0 - coverage) ** (1.0 / float(length))
+    gamma = (1.0 - coverage) ** (1.0 / float(length))
+    if not 0.0 < gamma < 1.0:  # a horizon so long (or short) that gamma rounds to 1 (or 0)
+        raise InputError(f"no gamma in (0, 1) gives a horizon of {length!r} tokens: it rounds to {gamma}")
+    return gamma
 
 
 def gamma_from_lengths(lengths, quantile: float = 0.99, coverage: float = 0.99) -> float:

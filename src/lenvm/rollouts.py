@@ -182,6 +182,7 @@ def rollout(
         raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)  # a plain int, as vLLM's engine arguments take
     backend = "hf" if backend == ENGINE else backend
     if backend not in (*BACKENDS, AUTO):
         raise InputError(f"unknown backend {backend!r}; known: {', '.join((*BACKENDS, AUTO))}")

@@ -39,7 +39,16 @@ from tqdm.auto import tqdm
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate, forward_images
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
 from lenvm.hub import model_name, torch_dtype
-from lenvm.io import InputError, RunLock, atomic_path, check_writable, is_int, is_real, write_json
+from lenvm.io import (
+    InputError,
+    RunLock,
+    atomic_path,
+    check_writable,
+    is_int,
+    is_real,
+    plain_numbers,
+    write_json,
+)
 from lenvm.losses import (
     AGGREGATIONS,
     LOSSES,
@@ -94,6 +103,7 @@ class TrainConfig:
     shuffle_buffer: int = 10_000  # full path, streamed: completions in the shuffle buffer
 
     def __post_init__(self) -> None:
+        plain_numbers(self)  # the saved config is JSON
         if self.kind not in KINDS:
             raise InputError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
         if self.gamma is not None and not 0.0 < self.gamma < 1.0:

@@ -175,6 +175,9 @@ def run_q_agreement(
     ]:
         if not is_int(value) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    # Plain ints: results.json holds them.
+    num_candidates, positions_per_completion = int(num_candidates), int(positions_per_completion)
+    max_completions = None if max_completions is None else int(max_completions)
     torch_dtype(dtype)  # an unknown name fails here, before anything is read
     if read_config(exact).kind == "q":
         raise InputError(f"{exact}: the exact scorer must be an attached or standalone LenVM, not kind 'q'")

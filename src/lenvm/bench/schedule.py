@@ -164,6 +164,7 @@ def run_schedule(
     loads = sorted({float(x) for x in loads})  # keys of the sweep, and a line along the load axis
     if not is_int(replicates) or replicates < 1:
         raise InputError(f"replicates must be a positive integer, got {replicates!r}")
+    replicates = int(replicates)  # written to results.json
     check_queue("shortest", aging)
     models = models or load_models(model, lenvm, device, dtype)
     pool = Pool.read(rollouts, models.name)

@@ -69,12 +69,14 @@ def run_serve_bench(
     concurrency = sorted(set(concurrency))
     if not concurrency or not all(is_int(c) and c >= 1 for c in concurrency):
         raise InputError(f"concurrency must be positive integers, got {concurrency}")
+    concurrency = [int(c) for c in concurrency]  # plain ints: results.json holds them
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise InputError(f"modes must be among {', '.join(MODES)}, got {list(modes)}")
     for value, what in ((new_tokens, "new_tokens"), (requests_per_client, "requests_per_client")):
         if not is_int(value) or value < 1:
             raise InputError(f"{what} must be a positive integer, got {value!r}")
+    new_tokens, requests_per_client = int(new_tokens), int(requests_per_client)  # written to results.json
     if not is_real(tilt):
         raise InputError(f"tilt must be a finite number, got {tilt!r}")
     out = Path(out)

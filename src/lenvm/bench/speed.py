@@ -131,6 +131,7 @@ def run_speed(
     for value, what in ((new_tokens, "new_tokens"), (repeats, "repeats")):
         if not is_int(value) or value < 1:
             raise InputError(f"{what} must be a positive integer, got {value!r}")
+    new_tokens, repeats = int(new_tokens), int(repeats)  # written to results.json
     torch_dtype(dtype)  # an unknown name fails here, before anything runs
     prompts = _check_prompts(prompts)
     heads = {kind: FRESH for kind, _ in GUIDED.values()}
@@ -512,7 +513,7 @@ def _positive_ints(values: int | Iterable[int], what: str) -> tuple[int, ...]:
     bad = [v for v in values if not is_int(v) or v < 1]
     if bad:
         raise InputError(f"{what} must be positive integers, got {bad}")
-    return tuple(sorted(set(values)))
+    return tuple(sorted({int(v) for v in values}))  # plain ints: results.json holds them
 
 
 def _check_prompts(prompts: str | Sequence[str] | None) -> list[str]:

@@ -1,7 +1,11 @@
 """The decoding engine: batched generation with KV caches, optionally guided by a LenVM.
 
-    engine = Engine(model, tokenizer, lenvm=None, num_candidates=8)
+    lenvm = LengthValueModel.from_pretrained("my-lenvm", generator=(model, tokenizer))
+    engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=8)
     results = engine.generate([Request("Hi", control=Control("equal_to", target=64))])
+
+Without a LenVM (``lenvm=None``) the engine decodes plainly: a request with a length control or
+``return_values`` is refused.
 
 Requests run in a batch of at most ``batch_size`` rows; a finished row leaves the batch and a
 waiting request takes its place (continuous batching; each request's state lives in the
@@ -58,7 +62,7 @@ from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int, outside_vocabulary
-from lenvm.model import LengthValueModel, check_tokenizer, context_length
+from lenvm.model import LengthValueModel, check_generator, check_lenvm, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
 
 SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
@@ -77,6 +81,9 @@ class Engine:
         queue: Literal["fcfs", "shortest"] = "fcfs",
         queue_aging: float = DEFAULT_AGING,
     ):
+        check_generator(model, tokenizer, "Engine's generator")
+        if lenvm is not None:
+            check_lenvm(lenvm, "Engine")
         if not is_int(num_candidates) or num_candidates < 2:
             raise InputError(
                 f"num_candidates must be an integer of at least 2 (with one, a control has nothing to choose "
@@ -113,7 +120,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.lenvm = lenvm.eval() if lenvm is not None else None
-        self.num_candidates = num_candidates
+        self.num_candidates = int(num_candidates)
         self.naive = candidate_scoring == "naive"
         self.queue = queue
         self.queue_aging = float(queue_aging)
@@ -251,7 +258,7 @@ class Scheduler:
         if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.engine = engine
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.waiting: deque[Sequence] = deque()
         self.batch: Batch | None = None
         self.tried: dict[Hashable, dict[int, Result]] = {}  # best_of requests: finished attempts

@@ -34,7 +34,7 @@ from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int
-from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueModel, check_lenvm
 
 
 class LenVMLogitsProcessor(LogitsProcessor):
@@ -52,11 +52,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         sampling: SamplingParams | None = None,
         pad_token_id: int | None = None,
     ):
-        if not isinstance(lenvm, LengthValueModel):
-            raise InputError(
-                f"LenVMLogitsProcessor takes a loaded LengthValueModel (LengthValueModel.from_pretrained), "
-                f"got {type(lenvm).__name__}"
-            )
+        check_lenvm(lenvm, "LenVMLogitsProcessor")
         if not isinstance(control, Control):
             raise InputError(f"LenVMLogitsProcessor takes a Control, got {type(control).__name__}")
         if not control.active:
@@ -80,7 +76,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.span = attention_span(lenvm.backbone, "the LenVM's body")  # its context, or a shorter window
         self.lenvm = lenvm.eval()
         self.control = control
-        self.num_candidates = num_candidates
+        self.num_candidates = int(num_candidates)
         self.sampling = sampling
         self.eos = torch.tensor(
             lenvm.config.eos_token_ids or [lenvm.tokenizer.eos_token_id], device=lenvm.device

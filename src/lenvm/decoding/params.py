@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-import numpy as np
-
-from lenvm.io import InputError, is_int, is_real
+from lenvm.io import InputError, is_int, is_real, plain_numbers
 from lenvm.prompts import PromptInput
 
 ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
@@ -47,17 +45,6 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 MIN_DISCOUNT = 1e-6
 
 
-def _plain_numbers(settings: Any) -> None:
-    """NumPy numbers (a seed or target from an array) as Python ones, which the checks take and
-    JSON records hold; a NumPy bool stays what it is, and is refused as a number."""
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        if isinstance(value, np.integer):
-            object.__setattr__(settings, f.name, int(value))
-        elif isinstance(value, np.floating):
-            object.__setattr__(settings, f.name, float(value))
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """The decoding policy of a request, validated here once for every caller.
@@ -83,7 +70,7 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        plain_numbers(self)
         checks = [
             (is_real(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
             (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must lie in (0, 1]"),
@@ -184,7 +171,7 @@ class Control:
     natural_eos: float = NATURAL_EOS
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        plain_numbers(self)
         if self.kind not in CONTROL_KINDS:
             raise InputError(f"unknown control {self.kind!r}; expected one of {CONTROL_KINDS}")
         if self.rule not in RULES:
