@@ -178,6 +178,9 @@ class _CountingDecoder:
         self.decoded += len(ids)
         return self.tokenizer.decode(ids)
 
+    def convert_ids_to_tokens(self, ids):
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
 
 def test_a_long_run_of_stray_bytes_is_read_in_linear_time():
     from lenvm.testing import tiny_tokenizer
@@ -192,6 +195,34 @@ def test_a_long_run_of_stray_bytes_is_read_in_linear_time():
     counting = _CountingDecoder(tokenizer)
     assert token_texts(counting, ids) == [""] * 602 + ["\ufffd" * 600 + "你", "a"]
     assert counting.decoded < 10 * len(ids)  # each token decoded a few times, not once per later one
+
+
+def _byte_fallback_tokenizer():
+    """SentencePiece's scheme (Llama, Mistral): a byte token <0xNN> for each byte (id 2 + NN) and a
+    word "▁a" (id 258); a decoder that reads a run of byte tokens whole, every byte of an invalid
+    run shown as U+FFFD."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, "▁a": 258}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def test_a_long_invalid_run_of_byte_tokens_is_read_in_linear_time():
+    """A run of byte tokens that starts with a stray byte is invalid whatever follows, so a byte
+    fallback decoder shows every byte of it as U+FFFD, however valid its last bytes alone are."""
+    from lenvm.values_view import token_texts
+
+    tokenizer = _TOKENIZER.setdefault("byte fallback", _byte_fallback_tokenizer())
+    ids = [2 + 0x80] + [2 + ord("A")] * 2000 + [258]  # a continuation byte, "A" 2000 times, " a"
+    counting = _CountingDecoder(tokenizer)
+    assert token_texts(counting, ids) == [""] * 2001 + ["\ufffd" * 2001 + " a"]
+    assert counting.decoded < 10 * len(ids)  # each token decoded a few times, not once per later one
+    # A run that is valid after all is still given to the token that completes each character.
+    ids = [2 + b for b in "é你🎉".encode()] + [258]
+    assert token_texts(tokenizer, ids) == ["", "é", "", "", "你", "", "", "", "🎉", " a"]
 
 
 def test_characters_split_over_tokens_are_shown_whole(lenvm):

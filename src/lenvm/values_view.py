@@ -15,6 +15,7 @@ import html
 import io
 import itertools
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -203,6 +204,9 @@ def token_values(
 # a character shows in them alone.
 _CHARACTER_TOKENS = 4
 
+# How SentencePiece's byte fallback names a byte token (Llama, Mistral, Gemma): <0xE5>.
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
     """The text of each token, such that they join into the decoded text: a character whose bytes
@@ -211,8 +215,17 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     replacement character."""
     texts: list[str] = []
     start = 0
+    # Set while the run of byte tokens the current token belongs to is known to be invalid UTF-8.
+    broken_run = False
+    is_byte = None  # which tokens are byte tokens, found once a decoder shows it reads runs whole
     for i in range(len(ids)):
         last = i + 1 == len(ids)
+        if broken_run and is_byte[i] and not last:
+            # A byte fallback decoder shows an invalid run as U+FFFD throughout, and bytes added to
+            # a run leave it invalid: the group waits, with nothing decoded again.
+            texts.append("")
+            continue
+        broken_run = False
         # Waits past 4 bytes too: after stray bytes (each a U+FFFD of its own) the tokens that
         # complete a character may still come. Only the last few tokens are decoded while it
         # waits, so that a long run of stray bytes costs time in proportion to its length.
@@ -223,7 +236,14 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
             continue
         if tail_start > start:
             piece = tokenizer.decode(ids[start : i + 1])
-            if not last and piece.endswith("\ufffd"):  # a decoder that reads a run of bytes whole
+            if not last and piece.endswith("\ufffd"):
+                # A decoder that reads a run of bytes whole: the last tokens decode whole, so the
+                # run went wrong before them (and stays wrong) where they are byte tokens.
+                if is_byte is None:
+                    is_byte = [
+                        bool(_BYTE_TOKEN.fullmatch(t or "")) for t in tokenizer.convert_ids_to_tokens(ids)
+                    ]
+                broken_run = all(is_byte[tail_start : i + 1])
                 texts.append("")
                 continue
         texts.append(piece)
