@@ -884,6 +884,66 @@ def test_a_generator_passed_in_must_be_the_base_model(tmp_path, tiny_path, tiny_
     LengthValueModel.from_base(tmp_path / "link", generator=tiny_generator)
 
 
+def _in_memory(path, name="", layers=None, weights_of=None):
+    """A generator built in memory from ``path``'s config (random weights, or ``weights_of``'s),
+    named ``name`` (a model built from a hand-made config has no name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    if weights_of is not None:
+        model.load_state_dict(weights_of.state_dict())
+    model.name_or_path = name
+    return model.eval()
+
+
+def test_a_generator_built_in_memory_must_hold_the_base_models_weights(tmp_path, tiny_path, tiny_generator):
+    """Without a name (or with the one its config came with) a generator is checked by its depth
+    and a few rows of its input embeddings against the files of the base, which is not loaded."""
+    model, tokenizer = tiny_generator
+    right = _in_memory(tiny_path, weights_of=model)
+    lenvm = LengthValueModel.from_base(tiny_path, generator=(right, tokenizer))
+    assert lenvm.backbone is right
+    # In another dtype it is the same model: the stored weights are converted as loading them does.
+    LengthValueModel.from_base(tiny_path, generator=(right.to(torch.bfloat16), tokenizer))
+    # The weights in a sharded folder, or in a PyTorch file, are read the same way.
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    tokenizer.save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    LengthValueModel.from_base(sharded, generator=(_in_memory(tiny_path, weights_of=model), tokenizer))
+    pickled = tmp_path / "pickled"
+    tokenizer.save_pretrained(pickled)
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    LengthValueModel.from_base(pickled, generator=(_in_memory(tiny_path, weights_of=model), tokenizer))
+    with pytest.raises(InputError, match="its input embeddings differ from those stored for"):
+        LengthValueModel.from_base(pickled, generator=(_in_memory(tiny_path), tokenizer))
+
+    records = synthetic_records(tokenizer)
+    wrong = {
+        "its input embeddings differ from those stored for": _in_memory(tiny_path),
+        # Named by the config it was built from, which is base's: its weights are not base's.
+        "its input embeddings differ": _in_memory(tiny_path, name=str(tiny_path)),
+        "it has 3 layers, ": _in_memory(tiny_path, layers=3),
+    }
+    wrong["are 300 x 64"] = _in_memory(tiny_path, weights_of=model)
+    wrong["are 300 x 64"].resize_token_embeddings(300)
+    for message, generator in wrong.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            train(records, tiny_path, tmp_path / "lv", _config(epochs=1), generator=(generator, tokenizer))
+        assert not (tmp_path / "lv").exists()
+    # A hub model not in the local cache: a generator named as it is taken by its name, one without
+    # a name cannot be checked and is refused.
+    named = _in_memory(tiny_path, name="someone/model", weights_of=model)
+    LengthValueModel.from_base("someone/model", generator=(named, tokenizer))
+    with pytest.raises(InputError, match="has no name .* save it with its tokenizer"):
+        LengthValueModel.from_base("someone/model", generator=(right, tokenizer))
+
+
 def test_an_epoch_ending_on_a_checkpoint_is_evaluated_once(tmp_path, tiny_path, tiny_generator):
     """Fine-tuning evaluates at each checkpoint and each epoch's end: where the two fall on one
     step it logs one evaluation, as a run resumed from that checkpoint does."""

@@ -211,10 +211,12 @@ class LengthValueModel(nn.Module):
 
         ``generator`` may pass an already loaded ``(model, tokenizer)`` for ``base`` so that an
         attached LenVM shares the generator's weights instead of loading them a second time; it
-        stays where it is, in its dtype. It must be the model ``base`` names (its ``name_or_path``,
-        as :func:`lenvm.hub.load_generator` sets it, names the same model), since the LenVM records
-        ``base`` and loads that in its place later; one built in memory, without a name, is taken
-        on trust. ``dtype`` and ``device`` apply to what this call loads
+        stays where it is, in its dtype. It must be the model ``base`` names, since the LenVM records
+        ``base`` and loads that in its place later: one named as another model (its
+        ``name_or_path``, as :func:`lenvm.hub.load_generator` sets it) is refused, and so is one
+        whose depth or input embeddings differ from those stored for ``base`` (a model built in
+        memory; a hub model's are compared where they are in the local cache, else a generator
+        without a name is refused). ``dtype`` and ``device`` apply to what this call loads
         (default device: the generator's, else :func:`lenvm.hub.default_device`). The head sits
         on its backbone's device, in float32.
         """
@@ -227,7 +229,7 @@ class LengthValueModel(nn.Module):
         if kind == "standalone":
             backbone, tokenizer = _load_backbone(hub.resolve(base), dtype, device)
         elif generator is not None:
-            _check_named(generator[0], base)
+            _check_is_base(generator[0], base)
             backbone, tokenizer = generator
         else:
             backbone, tokenizer = hub.load_generator(base, device=device, dtype=dtype)
@@ -812,9 +814,14 @@ def _as_generator(generator):
     return model, vision.as_tokenizer(tokenizer)
 
 
-def _check_named(model, base: str | os.PathLike) -> None:
-    """Refuse a loaded generator named as another model than ``base``: a head trained on its hidden
-    states would be saved for ``base``, and later read ``base``'s (or fail to load at all)."""
+def _check_is_base(model, base: str | os.PathLike) -> None:
+    """Refuse a loaded generator that is not the model ``base`` names: a head trained on its hidden
+    states would be saved for ``base``, and later read ``base``'s (or fail to load at all).
+
+    A generator named as another model is refused by its name; any other (one built in memory has
+    no name, one built from ``base``'s config has its name) by its depth and a few rows of its
+    input embeddings, compared with those stored for ``base`` (read from the files, without
+    loading the model)."""
     loaded = getattr(model, "name_or_path", "")
     if loaded and not _same_model(loaded, base):
         raise InputError(
@@ -822,6 +829,93 @@ def _check_named(model, base: str | os.PathLike) -> None:
             f"{str(base)!r} and read that model in its place once saved; pass the generator loaded from "
             f"{str(base)!r}, or name {str(loaded)!r} as the base"
         )
+    embeddings = model.get_input_embeddings().weight
+    if embeddings.is_meta:  # placeholder weights (no data) run nothing a head could learn from
+        return
+    from lenvm import hub
+
+    location = hub.resolve(base)
+    files, config = _stored_weight_files(location), _stored_file(location, "config.json")
+    if files is None or config is None or not embeddings.dtype.is_floating_point:
+        if loaded:  # named as base: taken by its name where base's weights are not at hand
+            return
+        raise InputError(
+            f"the generator passed in has no name (built in memory?), and {str(base)!r}'s weights are not on "
+            "this machine to compare it with: save it with its tokenizer (save_pretrained) and pass that "
+            f"folder as the base, or load {str(base)!r} with lenvm.hub.load_generator"
+        )
+    from transformers import AutoConfig
+
+    depth = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    stored_depth = getattr(
+        AutoConfig.from_pretrained(Path(config).parent).get_text_config(), "num_hidden_layers", None
+    )
+    shape = tuple(embeddings.shape)
+    rows = sorted({round(k * (shape[0] - 1) / (_FINGERPRINT_ROWS - 1)) for k in range(_FINGERPRINT_ROWS)})
+    ours = embeddings.detach()[rows].cpu()
+    stored = _stored_rows(files, shape, rows)
+    if depth != stored_depth:
+        differs = f"it has {depth} layers, {str(base)!r} has {stored_depth}"
+    elif not stored:
+        differs = f"its input embeddings are {shape[0]} x {shape[1]}, {str(base)!r} stores none of that shape"
+    elif not any(torch.equal(ours, theirs.to(ours.dtype)) for theirs in stored):
+        differs = f"its input embeddings differ from those stored for {str(base)!r}"
+    else:
+        return
+    raise InputError(
+        f"the generator passed in is not {str(base)!r}: {differs}; the LenVM would record {str(base)!r} and "
+        f"read that model in its place once saved; pass the generator loaded from {str(base)!r}, or save "
+        "this one with its tokenizer (save_pretrained) and pass that folder as the base"
+    )
+
+
+# Rows of the input embeddings compared, spread over the vocabulary: another model's differ in
+# all of them, and a fine-tuned one's in most.
+_FINGERPRINT_ROWS = 8
+
+
+def _stored_file(location: str, name: str) -> str | None:
+    """The path of file ``name`` of a model folder, or of a hub id's in the local cache (nothing is
+    downloaded), or None where it is not there."""
+    if os.path.isdir(location):
+        path = os.path.join(location, name)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(location, name)
+    return found if isinstance(found, str) else None
+
+
+def _stored_weight_files(location: str) -> list[str] | None:
+    """The files holding a model's weights (safetensors preferred, sharded or not), or None where
+    any is not on this machine."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if index := _stored_file(location, single + ".index.json"):
+            shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+            files = [_stored_file(location, shard) for shard in shards]
+            return None if None in files else files
+        if path := _stored_file(location, single):
+            return [path]
+    return None
+
+
+def _stored_rows(files: list[str], shape: tuple[int, ...], rows: list[int]) -> list[torch.Tensor]:
+    """``rows`` of every stored tensor of ``shape`` (the input embeddings, and an output layer of
+    their shape), read alone: a safetensors file by slices, a PyTorch one memory-mapped."""
+    from safetensors import safe_open
+
+    found = []
+    for path in files:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as stored:
+                for key in stored.keys():  # noqa: SIM118 (a safetensors file is not iterable)
+                    part = stored.get_slice(key)
+                    if tuple(part.get_shape()) == shape:
+                        found.append(torch.cat([part[r : r + 1] for r in rows]))
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            found += [tensor[rows] for tensor in state.values() if tuple(tensor.shape) == shape]
+    return found
 
 
 def _same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -220,7 +220,8 @@ def train(
     :mod:`lenvm.training_data`). ``base`` is the generator for an attached/q LenVM and the
     starting backbone for a standalone one; ``generator`` may pass it already loaded as
     ``(model, tokenizer)`` (it stays where it is; for an attached or q LenVM, whose head reads
-    it, one loaded from another model is refused: see :meth:`LengthValueModel.from_base`).
+    it, one that is another model, by its name or its weights, is refused: see
+    :meth:`LengthValueModel.from_base`).
     ``device`` and ``dtype`` apply to the models this call loads (default device: the
     generator's, else the first accelerator, else the CPU).
     ``eval_rollouts`` are held-out completions of other prompts (for example many samples of
