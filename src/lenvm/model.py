@@ -818,10 +818,9 @@ def _check_is_base(model, base: str | os.PathLike) -> None:
     """Refuse a loaded generator that is not the model ``base`` names: a head trained on its hidden
     states would be saved for ``base``, and later read ``base``'s (or fail to load at all).
 
-    A generator named as another model is refused by its name; any other (one built in memory has
-    no name, one built from ``base``'s config has its name) by its depth and a few rows of its
-    input embeddings, compared with those stored for ``base`` (read from the files, without
-    loading the model)."""
+    A generator named as another model is refused by its name, any other by its weights (one built
+    in memory has no name, one built from ``base``'s config has its name): see
+    :func:`_check_stored_weights`."""
     loaded = getattr(model, "name_or_path", "")
     if loaded and not _same_model(loaded, base):
         raise InputError(
@@ -829,6 +828,14 @@ def _check_is_base(model, base: str | os.PathLike) -> None:
             f"{str(base)!r} and read that model in its place once saved; pass the generator loaded from "
             f"{str(base)!r}, or name {str(loaded)!r} as the base"
         )
+    _check_stored_weights(model, base, named=bool(loaded))
+
+
+def _check_stored_weights(model, base: str | os.PathLike, named: bool) -> None:
+    """Refuse a generator whose depth or input embeddings (a few rows of them) differ from those
+    stored for ``base``, read from its files without loading the model. A hub model's files are
+    looked for in the local cache only: where they are not there, a generator ``named`` as base is
+    taken by its name, one without a name is refused."""
     embeddings = model.get_input_embeddings().weight
     if embeddings.is_meta:  # placeholder weights (no data) run nothing a head could learn from
         return
@@ -837,12 +844,13 @@ def _check_is_base(model, base: str | os.PathLike) -> None:
     location = hub.resolve(base)
     files, config = _stored_weight_files(location), _stored_file(location, "config.json")
     if files is None or config is None or not embeddings.dtype.is_floating_point:
-        if loaded:  # named as base: taken by its name where base's weights are not at hand
+        if named:
             return
         raise InputError(
-            f"the generator passed in has no name (built in memory?), and {str(base)!r}'s weights are not on "
-            "this machine to compare it with: save it with its tokenizer (save_pretrained) and pass that "
-            f"folder as the base, or load {str(base)!r} with lenvm.hub.load_generator"
+            f"the generator passed in has no name (built in memory?) and cannot be compared with "
+            f"{str(base)!r} (its weights are not on this machine, or the generator's embeddings are "
+            "quantized): save it with its tokenizer (save_pretrained) and pass that folder as the base, or "
+            f"load {str(base)!r} with lenvm.hub.load_generator"
         )
     from transformers import AutoConfig
 
