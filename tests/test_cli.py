@@ -508,7 +508,7 @@ def test_every_option_has_help_and_bench_defaults_match_the_python_api():
 
     from lenvm.bench.lifebench import run_lifebench
     from lenvm.bench.tradeoff import run_tradeoff
-    from lenvm.cli import build_parser
+    from lenvm.cli.commands import build_parser
 
     parser = build_parser()
 
@@ -551,7 +551,7 @@ def test_help_and_usage_errors_come_without_torch():
 
 
 def test_the_chosen_command_gets_its_options(tmp_path):
-    from lenvm.cli import build_parser
+    from lenvm.cli.commands import build_parser
 
     for argv, key, value in [
         (["train", "--rollouts", "r", "--out", "o", "--loss", "bce"], "loss", "bce"),
@@ -645,7 +645,8 @@ def test_prompts_from_a_pipe(tmp_path, tiny_path, tiny_generator):
 
 
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
-    from lenvm.cli import build_parser, options
+    from lenvm.cli import options
+    from lenvm.cli.commands import build_parser
     from lenvm.hub import DEFAULT_MODEL
     from lenvm.model import LengthValueModel
 
@@ -758,7 +759,7 @@ def test_path_options_expand_the_home_folder(tmp_path, monkeypatch):
     import argparse
     import re
 
-    from lenvm.cli import build_parser
+    from lenvm.cli.commands import build_parser
 
     monkeypatch.setenv("HOME", str(tmp_path))
     parser = build_parser()

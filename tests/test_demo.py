@@ -209,7 +209,7 @@ def test_demo_mix_takes_generated_chinese_prompts_and_reports_them_apart():
 
 
 def test_demo_command_trains_an_end_head_unless_told_not_to():
-    from lenvm.cli import build_parser
+    from lenvm.cli.commands import build_parser
 
     assert build_parser().parse_args(["demo"]).end_head is True
     assert build_parser().parse_args(["demo", "--no-end-head"]).end_head is False

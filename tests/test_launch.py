@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lenvm import launch
-from lenvm.cli import _without
+from lenvm.cli.commands import _without
 from lenvm.io import InputError
 
 

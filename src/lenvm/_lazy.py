@@ -1,9 +1,11 @@
-"""Package names that load their module on first use, so that importing a package stays quick."""
+"""Names that load their module on first use, so that importing a package or module stays quick:
+a package's exports (:func:`lazy_exports`) and the modules type hints name (:class:`LazyModule`)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -28,3 +30,14 @@ def lazy_exports(
         return sorted(set(vars(module)) | set(module.__all__))
 
     return __getattr__, __dir__
+
+
+class LazyModule(types.ModuleType):
+    """A stand-in for the module ``name`` that imports it on first attribute access. A module
+    whose hints name a heavy module's types (``torch.device``), or one that imports it back,
+    binds the module's name to this instead of importing it: ``typing.get_type_hints`` evaluates
+    the hints in the module's namespace, so a name bound only for type checkers is unknown
+    there. Never put in ``sys.modules``: ``import name`` anywhere still gets the real module."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self.__name__), attribute)

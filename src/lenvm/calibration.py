@@ -22,10 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lenvm._lazy import LazyModule
 from lenvm.io import InputError
 
 if TYPE_CHECKING:
-    from lenvm.model import LengthValueModel
+    from lenvm import model
+else:  # lenvm.model imports this module (its Calibration): it is imported when the hints are read
+    model = LazyModule("lenvm.model")
 
 KNOTS = 64  # interpolation points over the range of the values seen
 
@@ -123,7 +126,10 @@ def fit_calibration(values: Iterable[float], returns: Iterable[float], knots: in
 
 @torch.no_grad()
 def realized_returns(
-    lenvm: LengthValueModel, records: Iterable[dict[str, Any]], batch_size: int = 8, progress: bool = False
+    lenvm: model.LengthValueModel,
+    records: Iterable[dict[str, Any]],
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The LenVM's own (uncalibrated) value of every state of the rollouts ``records`` and the
     return realized after it: Monte-Carlo for an answer that ended, bootstrapped from the value at
@@ -161,7 +167,7 @@ class CalibrationFit:
 
 
 def fit_on_rollouts(
-    lenvm: LengthValueModel,
+    lenvm: model.LengthValueModel,
     records: Iterable[dict[str, Any]] | str | os.PathLike,
     batch_size: int = 8,
     progress: bool = False,
@@ -198,7 +204,7 @@ def fit_on_rollouts(
 
 
 def calibrate(
-    lenvm: LengthValueModel,
+    lenvm: model.LengthValueModel,
     records: Iterable[dict[str, Any]] | str | os.PathLike,
     batch_size: int = 8,
     progress: bool = False,

@@ -17,15 +17,13 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from lenvm.io import InputError, is_int, is_real
-
-if TYPE_CHECKING:
-    from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueModel, ValueHead, select_features
 
 
 def natural_end_distances(eos_probs: Sequence[float], ended: bool, bar: float) -> np.ndarray:
@@ -63,7 +61,6 @@ def end_data(
     logits, the tokens left until the next natural-end opportunity after it (states with none
     known are left out)."""
     from lenvm.dataset import forward_images, padded_batches
-    from lenvm.model import select_features
 
     if lenvm.config.kind != "attached":
         raise InputError("an end head is trained on a LenVM of kind 'attached' (it reads the generator)")
@@ -107,7 +104,6 @@ def train_end_head(
     from tqdm.auto import tqdm
 
     from lenvm.decoding.params import NATURAL_EOS
-    from lenvm.model import ValueHead
     from lenvm.returns import gamma_from_lengths, length_to_value, value_to_length
     from lenvm.training import cosine_schedule
 

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lenvm._lazy import LazyModule
 from lenvm.io import InputError, atomic_path
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    import transformers
+else:  # the hints' modules, imported when read: importing them here would slow every command's start
+    torch = LazyModule("torch")
+    transformers = LazyModule("transformers")
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def load_generator(
     name: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "float32",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     """Load a generator and its tokenizer by folder, alias or hub id, in eval mode, on ``device``
     (default: :func:`default_device`).
 

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError
@@ -32,12 +32,10 @@ from torch import nn
 
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
+from lenvm.decoding.params import SamplingParams
 from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, plain_numbers, write_text
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
-
-if TYPE_CHECKING:  # the decoding package imports this module
-    from lenvm.decoding.params import SamplingParams
 
 Kind = Literal["attached", "standalone", "q"]
 KINDS: tuple[str, ...] = ("attached", "standalone", "q")
@@ -499,8 +497,6 @@ class LengthValueModel(nn.Module):
         """A :class:`~lenvm.decoding.SamplingParams` under the decoding policy this LenVM was
         trained on (its temperature, top-p, top-k and min-p: its values describe answers sampled
         so), with ``settings`` (``max_new_tokens``, ``seed``, ...) added or taking precedence."""
-        from lenvm.decoding.params import SamplingParams
-
         return SamplingParams.from_policy(self.config.sampling, **settings)
 
     def encode_prompts(self, prompts: Sequence[PromptInput]) -> list[vision.Encoded]:

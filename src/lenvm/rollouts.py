@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from lenvm import hub
+from lenvm._lazy import LazyModule
 from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, RequestError, SamplingParams
 from lenvm.io import (
     InputError,
@@ -49,6 +50,8 @@ from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt, template_m
 
 if TYPE_CHECKING:
     import torch
+else:  # imported when the hints are read: the vLLM and server backends run without it
+    torch = LazyModule("torch")
 
 BACKENDS = ("hf", "vllm", "openai")
 AUTO = "auto"

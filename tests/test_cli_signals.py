@@ -1,0 +1,54 @@
+"""Ctrl-C or SIGTERM while the command line starts (its modules, torch and transformers loading)
+ends a command as it ends one running: one line, status 130 or 143, nothing written."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+# Sends the signal from inside the import of ``HOOKED``, as a signal arriving while it loads
+SIGNAL_ON_IMPORT = """
+import os, sys
+
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == HOOKED:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), SIGNUM)
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+"""
+
+# What the ``lenvm`` console script runs, and what ``python -m lenvm.cli`` does
+ENTRIES = {
+    "script": "import re, sys\nfrom lenvm.cli import main\nsys.exit(main())\n",
+    "module": "import runpy\nrunpy.run_module('lenvm.cli', run_name='__main__', alter_sys=True)\n",
+}
+
+
+@pytest.mark.parametrize(
+    "entry, signum, hooked",
+    [
+        ("script", signal.SIGINT, "lenvm.cli.options"),  # the command line's own modules
+        ("module", signal.SIGTERM, "lenvm.cli.options"),
+        ("module", signal.SIGINT, "transformers"),  # what the commands load before they run
+        ("script", signal.SIGTERM, "transformers"),
+    ],
+    ids=[
+        "script-SIGINT-own",
+        "module-SIGTERM-own",
+        "module-SIGINT-transformers",
+        "script-SIGTERM-transformers",
+    ],
+)
+def test_an_interrupt_while_the_command_line_starts_ends_it_quietly(tmp_path, entry, signum, hooked):
+    out = tmp_path / "r.jsonl"
+    code = f"HOOKED, SIGNUM = {hooked!r}, {int(signum)}\n" + SIGNAL_ON_IMPORT + ENTRIES[entry]
+    argv = ["rollout", "--model", str(tmp_path / "gen"), "--prompts", str(tmp_path / "p.jsonl")]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--out", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (128 + signum, "lenvm: interrupted\n")
+    assert not out.exists()
