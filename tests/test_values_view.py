@@ -156,16 +156,52 @@ _BYTES = [0xE4, 0xBD, 0xA0, 0xF0, 0x9F, 0x8E, 0x89, 0x61, 0x20]
 @given(st.lists(st.sampled_from(_BYTES), max_size=24))
 def test_token_texts_join_into_the_decoded_text(data):
     """Whatever the bytes, stray ones included (each shown as U+FFFD), the pieces join back."""
-    from lenvm.testing import tiny_tokenizer
     from lenvm.values_view import _byte_level_alphabet, token_texts
 
-    tokenizer = _TOKENIZER.setdefault("tiny", tiny_tokenizer())
+    tokenizer = _tokenizer("byte level")
     char_of = {b: c for c, b in _byte_level_alphabet().items()}
     ids = tokenizer.convert_tokens_to_ids([char_of[b] for b in data])  # one byte token each
     assert "".join(token_texts(tokenizer, ids)) == tokenizer.decode(ids)
 
 
-_TOKENIZER: dict = {}
+# Byte tokens of the bytes above, "▁a", "▁b", "▁", "a" and the EOS of a SentencePiece vocabulary.
+_PIECES = [2 + b for b in _BYTES] + [258, 259, 260, 261, 1]
+
+
+@pytest.mark.parametrize("decoder", ["byte fallback", "strip first space", "metaspace"])
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.sampled_from(_PIECES), max_size=24))
+def test_sentencepiece_token_texts_join_into_the_decoded_text(decoder, ids):
+    """Words keep their leading space, which a decoder that strips the first space of a text
+    would take from each token decoded alone; a byte run that a stray byte makes invalid shows
+    as U+FFFD throughout, the characters before the stray byte included."""
+    from lenvm.values_view import token_texts
+
+    tokenizer = _tokenizer(decoder)
+    assert "".join(token_texts(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+def test_words_keep_their_leading_space_but_the_first_as_the_decoded_text_shows_it():
+    from lenvm.values_view import token_texts
+
+    for decoder in ("strip first space", "metaspace"):
+        tokenizer = _tokenizer(decoder)
+        assert token_texts(tokenizer, [258, 259, 258, 1]) == ["a", " b", " a", "</s>"]  # "a b a</s>"
+        assert token_texts(tokenizer, [260, 258]) == ["", " a"]  # the text's first space is dropped
+    assert token_texts(_tokenizer("byte fallback"), [258, 259]) == [" a", " b"]  # Gemma keeps it
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(kind: str):
+    """A test tokenizer, built once: byte-level BPE, or a SentencePiece one (see
+    :func:`_sentencepiece_tokenizer`) whose decoder is ``kind``."""
+    if kind not in _TOKENIZERS:
+        from lenvm.testing import tiny_tokenizer
+
+        _TOKENIZERS[kind] = tiny_tokenizer() if kind == "byte level" else _sentencepiece_tokenizer(kind)
+    return _TOKENIZERS[kind]
 
 
 class _CountingDecoder:
@@ -183,10 +219,9 @@ class _CountingDecoder:
 
 
 def test_a_long_run_of_stray_bytes_is_read_in_linear_time():
-    from lenvm.testing import tiny_tokenizer
     from lenvm.values_view import _byte_level_alphabet, token_texts
 
-    tokenizer = _TOKENIZER.setdefault("tiny", tiny_tokenizer())
+    tokenizer = _tokenizer("byte level")
     char_of = {b: c for c, b in _byte_level_alphabet().items()}
     # 600 stray bytes, then 你 (E4 BD A0) and "a": the strays wait, with the character's first
     # bytes, for the token that completes it.
@@ -197,16 +232,26 @@ def test_a_long_run_of_stray_bytes_is_read_in_linear_time():
     assert counting.decoded < 10 * len(ids)  # each token decoded a few times, not once per later one
 
 
-def _byte_fallback_tokenizer():
-    """SentencePiece's scheme (Llama, Mistral): a byte token <0xNN> for each byte (id 2 + NN) and a
-    word "▁a" (id 258); a decoder that reads a run of byte tokens whole, every byte of an invalid
-    run shown as U+FFFD."""
+def _sentencepiece_tokenizer(decoder: str):
+    """SentencePiece's scheme: a byte token <0xNN> for each byte (id 2 + NN), the words "▁a" (258),
+    "▁b" (259), "▁" (260) and "a" (261), and a decoder that reads a run of byte tokens whole, every
+    byte of an invalid run shown as U+FFFD. It writes "▁" as a space ("byte fallback": Gemma), and
+    drops the text's first space ("strip first space": Llama, Mistral) or the first token's "▁"
+    ("metaspace")."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, "▁a": 258}
+    pieces = {"▁a": 258, "▁b": 259, "▁": 260, "a": 261}
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, **pieces}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    spaces = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(
+        {
+            "byte fallback": spaces,
+            "strip first space": [*spaces, decoders.Strip(" ", 1, 0)],
+            "metaspace": [decoders.ByteFallback(), decoders.Metaspace("▁", prepend_scheme="first")],
+        }[decoder]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
@@ -215,11 +260,17 @@ def test_a_long_invalid_run_of_byte_tokens_is_read_in_linear_time():
     fallback decoder shows every byte of it as U+FFFD, however valid its last bytes alone are."""
     from lenvm.values_view import token_texts
 
-    tokenizer = _TOKENIZER.setdefault("byte fallback", _byte_fallback_tokenizer())
+    tokenizer = _tokenizer("byte fallback")
     ids = [2 + 0x80] + [2 + ord("A")] * 2000 + [258]  # a continuation byte, "A" 2000 times, " a"
     counting = _CountingDecoder(tokenizer)
     assert token_texts(counting, ids) == [""] * 2001 + ["\ufffd" * 2001 + " a"]
     assert counting.decoded < 10 * len(ids)  # each token decoded a few times, not once per later one
+    # A run of characters that a stray byte at its end makes invalid: the whole text shows U+FFFD
+    # for each of its bytes, and so do the tokens, found as soon as the first character reads otherwise.
+    ids = [2 + b for b in "你".encode()] * 700 + [2 + 0x80, 258]
+    counting = _CountingDecoder(tokenizer)
+    assert token_texts(counting, ids) == [""] * 2101 + ["\ufffd" * 2101 + " a"]
+    assert counting.decoded < 10 * len(ids)
     # A run that is valid after all is still given to the token that completes each character.
     ids = [2 + b for b in "é你🎉".encode()] + [258]
     assert token_texts(tokenizer, ids) == ["", "é", "", "", "你", "", "", "", "🎉", " a"]

@@ -209,45 +209,65 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """The text of each token, such that they join into the decoded text: a character whose bytes
-    are split over several tokens (byte-level BPE: most Chinese characters, emoji) is given to the
-    token that completes it, the ones before it get ``""``, instead of each showing a
-    replacement character."""
+    """The text of each token, such that they join into exactly the decoded text of ``ids``.
+
+    A character whose bytes are split over several tokens (byte-level BPE: most Chinese
+    characters, emoji) is given to the token that completes it, the ones before it get ``""``,
+    instead of each showing a replacement character. Each group of tokens is decoded after the
+    group before it, so that a word keeps its leading space where the decoder drops the space at
+    the start of a text (SentencePiece: Llama, Mistral, Gemma); the first word of ``ids`` shows it
+    as the whole text does.
+    """
+    if not ids:
+        return []
+    decoded = tokenizer.decode(ids)
     texts: list[str] = []
-    start = 0
-    # Set while the run of byte tokens the current token belongs to is known to be invalid UTF-8.
+    start = 0  # the first token of the group being read
+    at = 0  # where the group's text begins in `decoded`
+    previous: list[int] = []  # the group before it, and that group decoded alone
+    previous_text = ""
+    # Set while the run of byte tokens the current token belongs to is known to be invalid UTF-8
+    # in the whole text.
     broken_run = False
     is_byte = None  # which tokens are byte tokens, found once a decoder shows it reads runs whole
     for i in range(len(ids)):
-        last = i + 1 == len(ids)
-        if broken_run and is_byte[i] and not last:
+        if i + 1 == len(ids):
+            texts.append(decoded[at:])
+            break
+        if broken_run and is_byte[i]:
             # A byte fallback decoder shows an invalid run as U+FFFD throughout, and bytes added to
             # a run leave it invalid: the group waits, with nothing decoded again.
             texts.append("")
             continue
         broken_run = False
         # Waits past 4 bytes too: after stray bytes (each a U+FFFD of its own) the tokens that
-        # complete a character may still come. Only the last few tokens are decoded while it
-        # waits, so that a long run of stray bytes costs time in proportion to its length.
+        # complete a character may still come. The last few tokens are decoded first, so that
+        # a long run of stray bytes costs time in proportion to its length.
         tail_start = max(start, i + 1 - _CHARACTER_TOKENS)
-        piece = tokenizer.decode(ids[tail_start : i + 1])
-        if not last and piece.endswith("\ufffd"):
+        if tokenizer.decode(ids[tail_start : i + 1]).endswith("\ufffd"):
             texts.append("")
             continue
-        if tail_start > start:
-            piece = tokenizer.decode(ids[start : i + 1])
-            if not last and piece.endswith("\ufffd"):
-                # A decoder that reads a run of bytes whole: the last tokens decode whole, so the
-                # run went wrong before them (and stays wrong) where they are byte tokens.
-                if is_byte is None:
-                    is_byte = [
-                        bool(_BYTE_TOKEN.fullmatch(t or "")) for t in tokenizer.convert_ids_to_tokens(ids)
-                    ]
-                broken_run = all(is_byte[tail_start : i + 1])
-                texts.append("")
-                continue
-        texts.append(piece)
-        start = i + 1
+        together = tokenizer.decode(previous + ids[start : i + 1])
+        piece = together[len(previous_text) :]
+        if (
+            together.startswith(previous_text)
+            and not piece.endswith("\ufffd")
+            and decoded.startswith(piece, at)
+        ):
+            texts.append(piece)
+            at += len(piece)
+            previous = ids[start : i + 1]
+            previous_text = tokenizer.decode(previous)
+            start = i + 1
+            continue
+        # The group reads otherwise in the whole text. Where its last tokens are byte tokens, a
+        # decoder that reads a run of bytes whole found the run invalid, by a byte before them
+        # (the group ends in U+FFFD) or after them (the whole text shows U+FFFD where the group
+        # shows characters), and it stays invalid to its end.
+        if is_byte is None:
+            is_byte = [bool(_BYTE_TOKEN.fullmatch(t or "")) for t in tokenizer.convert_ids_to_tokens(ids)]
+        broken_run = all(is_byte[tail_start : i + 1])
+        texts.append("")
     return texts
 
 
