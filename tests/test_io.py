@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from lenvm.io import (
+    InputError,
     JsonlAppender,
     atomic_path,
     is_int,
     outside_vocabulary,
     plain_numbers,
+    positive_count,
     read_jsonl,
     repair_jsonl_tail,
     write_json,
@@ -278,6 +280,15 @@ def test_numpy_integers_are_integers_and_stored_as_python_ones():
     plain_numbers(settings)
     assert type(settings.count) is int and type(settings.rate) is float
     assert isinstance(settings.flag, np.bool_)  # refused as a number where one is checked
+
+
+def test_a_positive_count_is_a_plain_int_and_anything_else_is_named():
+    assert positive_count(3, "n") == 3
+    taken = positive_count(np.int64(4), "batch_size")
+    assert taken == 4 and type(taken) is int
+    for bad in (0, -2, 2.0, 2.5, True, np.bool_(True), np.int8(0), "3", None):
+        with pytest.raises(InputError, match=r"^repeats must be a positive integer, got "):
+            positive_count(bad, "repeats")
 
 
 def test_token_ids_outside_the_vocabulary_are_named():

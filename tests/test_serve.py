@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -424,6 +425,16 @@ def test_stop_strings_with_characters_split_across_tokens(stop, expected):
             break
     assert sent == expected
     assert (finish is not None) == (stop in "a你好b")
+
+
+def test_server_bounds_must_be_positive_integers():
+    from lenvm.io import InputError
+
+    settings = ServerSettings(served_model_name=MODEL, batch_size=np.int64(4))
+    assert settings.batch_size == 4 and type(settings.batch_size) is int
+    for bad in ({"batch_size": 0}, {"batch_size": 1.5}, {"max_streams": True}, {"max_body_bytes": -1}):
+        with pytest.raises(InputError, match=f"^{next(iter(bad))} must be a positive integer"):
+            ServerSettings(served_model_name=MODEL, **bad)
 
 
 def test_extreme_sampling_settings_are_served(url):

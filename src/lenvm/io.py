@@ -30,6 +30,14 @@ def is_int(x: Any) -> bool:
     return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
+def positive_count(value: Any, what: str) -> int:
+    """``value`` as a plain int where it is an integer of at least 1 (a NumPy one included, a
+    bool not); else an :class:`InputError` naming ``what``, the option it was given as."""
+    if not is_int(value) or value < 1:
+        raise InputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def plain_numbers(settings: Any) -> None:
     """The fields of the dataclass ``settings`` that hold NumPy numbers (a seed or a count taken
     from an array) made Python ones, which the checks take and JSON holds; a NumPy bool stays

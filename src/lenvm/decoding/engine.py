@@ -61,7 +61,7 @@ from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.decoding.streams import attention_span
-from lenvm.io import InputError, is_int, outside_vocabulary
+from lenvm.io import InputError, is_int, outside_vocabulary, positive_count
 from lenvm.model import LengthValueModel, check_generator, check_lenvm, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
 
@@ -255,10 +255,8 @@ class Scheduler:
     engine's ``queue`` order; :attr:`steps` (steps run so far) is the clock its ageing counts."""
 
     def __init__(self, engine: Engine, batch_size: int = 8):
-        if not is_int(batch_size) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = positive_count(batch_size, "batch_size")
         self.engine = engine
-        self.batch_size = int(batch_size)
         self.waiting: deque[Sequence] = deque()
         self.batch: Batch | None = None
         self.tried: dict[Hashable, dict[int, Result]] = {}  # best_of requests: finished attempts

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lenvm.decoding.engine import Engine
-from lenvm.io import InputError
+from lenvm.io import InputError, positive_count
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -75,8 +75,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_streams", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1")
+            setattr(self, name, positive_count(getattr(self, name), name))
         if self.max_waiting < 0 or self.shutdown_timeout < 0:
             raise InputError("max_waiting and shutdown_timeout must not be negative")
 
