@@ -12,6 +12,7 @@ from lenvm.io import (
     InputError,
     JsonlAppender,
     atomic_path,
+    fingerprint,
     is_int,
     outside_vocabulary,
     plain_numbers,
@@ -258,6 +259,20 @@ def test_json_writes_figures_that_are_not_numbers_as_null(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"prompt_mre": None, "evaluations": [{"x": None}, {"x": 1.5}], "n": [2, None]}
+
+
+def test_numpy_numbers_are_written_as_plain_json_numbers(tmp_path):
+    """A count or a metric computed with NumPy reaches the file as the number it is."""
+    record = {"n": np.int64(3), "rate": np.float32(0.5), "ok": np.bool_(True), "xs": [np.uint8(7), 1.5]}
+    plain = {"n": 3, "rate": 0.5, "ok": True, "xs": [7, 1.5]}
+    write_json(tmp_path / "m.json", {**record, "none": np.float32("nan"), "far": np.float64("inf")})
+    assert json.loads((tmp_path / "m.json").read_text()) == {**plain, "none": None, "far": None}
+    with JsonlAppender(tmp_path / "r.jsonl") as out:
+        out.write([record])
+        with pytest.raises(TypeError, match="not JSON serializable"):  # anything else, as json says
+            out.write([{"x": object()}])
+    assert read_jsonl(tmp_path / "r.jsonl") == [plain]
+    assert fingerprint(record) == fingerprint(plain)
 
 
 def test_the_demo_summary_says_n_a_for_an_error_it_could_not_measure():

@@ -27,6 +27,7 @@ from lenvm.io import (
     atomic_path,
     changed_settings,
     iter_jsonl,
+    json_text,
     positive_count,
     repair_jsonl_tail,
     write_json,
@@ -178,7 +179,7 @@ class Run:
         self._log: JsonlAppender | None = None
 
     def _open(self, settings_path: Path, settings: dict[str, Any]) -> None:
-        settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
+        settings = json.loads(json_text(settings))  # as stored: tuples as lists, NumPy numbers as plain ones
         if settings_path.is_file() and _holds_results(self.out):
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
             changed = changed_settings(stored, settings)

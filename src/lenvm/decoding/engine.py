@@ -120,7 +120,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.lenvm = lenvm.eval() if lenvm is not None else None
-        self.num_candidates = int(num_candidates)
+        self.num_candidates = num_candidates
         self.naive = candidate_scoring == "naive"
         self.queue = queue
         self.queue_aging = float(queue_aging)
