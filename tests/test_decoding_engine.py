@@ -309,6 +309,22 @@ def test_numpy_counts_are_taken(tiny_generator, lenvms):
     assert len(lenvms["q"].predict_length(["a", "b"], batch_size=np.int64(1))) == 2
 
 
+def test_a_prompt_may_hold_the_ids_every_model_embeds(tiny_path, lenvms):
+    """Ids past the tokenizer's, in the rows a generator pads its embedding with, are a prompt; not
+    where a standalone LenVM, whose own embedding has no such rows, reads the prompt too."""
+    from lenvm.hub import load_generator
+
+    model, tok = load_generator(tiny_path)  # a copy of its own, padded
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    padding = Request([5, len(tok) + 7], SamplingParams(max_new_tokens=2))
+    assert Engine(model, tok).generate([padding])[0].num_tokens >= 1
+    standalone = Engine(model, tok, lenvm=lenvms["standalone"])
+    with pytest.raises(
+        InputError, match=rf"token id {len(tok) + 7}, outside the vocabulary \(0-{len(tok) - 1}\)$"
+    ):
+        standalone.generate([padding])
+
+
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"])
