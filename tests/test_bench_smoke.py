@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lenvm.bench import (
@@ -149,6 +150,18 @@ def test_lifebench_without_lenvm_runs_the_prompt_only(tmp_path, data, models):
     assert not (tmp_path / "p" / "equal_to_lengths.png").exists()  # no earlier run's plot left as this one's
     with pytest.raises(InputError, match="LenVM"):
         run_lifebench(tmp_path / "q", models=plain, data=data["lifebench"], methods=["lenvm-ours"])
+
+
+def test_numpy_settings_reach_results_json_as_numbers(tmp_path, data, models):
+    plain = Models(models.generator, models.tokenizer, None, models.name)
+    results = run_lifebench(
+        tmp_path / "p", models=plain, data=data["lifebench"], targets=(np.int64(4),), rows=1,
+        constraints=("equal_to",), max_new_tokens=6, max_prompt_tokens=np.int64(400),
+        num_candidates=np.int32(4), progress=False,
+    )  # fmt: skip
+    stored = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert stored["settings"]["max_prompt_tokens"] == 400 and stored["settings"]["num_candidates"] == 4
+    assert stored["targets"] == [4] and stored == json.loads(json.dumps(results, default=int))
 
 
 def test_lifebench_skips_targets_without_room_and_counts_too_long_rows_among_those_asked_for(

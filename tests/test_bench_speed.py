@@ -3,9 +3,11 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from lenvm.bench import speed
+from lenvm.bench.common import positive_counts
 from lenvm.bench.speed import run_speed
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
@@ -96,6 +98,16 @@ def test_methods_pick_rows_and_plain_is_always_the_reference(tiny_path, tmp_path
     )
     assert [r["key"] for r in q_only["rows"]] == ["plain-b1", "q-k2-b1"]
     assert "transformers generate" not in (tmp_path / "q" / "table.md").read_text()
+
+
+def test_counts_are_sorted_distinct_plain_ints_and_a_bad_one_is_named():
+    counts = positive_counts([np.int64(8), 1, 8], "the batch sizes")
+    assert counts == (1, 8) and all(type(c) is int for c in counts)
+    assert positive_counts(np.int32(2), "the batch sizes") == (2,)  # one count alone
+    with pytest.raises(InputError, match=r"^each of the batch sizes must be a positive integer, got 0$"):
+        positive_counts((4, 0), "the batch sizes")
+    with pytest.raises(InputError, match="got '16'"):
+        positive_counts("16", "the batch sizes")
 
 
 @pytest.mark.parametrize(

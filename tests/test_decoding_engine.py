@@ -300,11 +300,29 @@ def test_an_engine_takes_loaded_models_not_their_names(tiny_generator):
 
 def test_numpy_counts_are_taken(tiny_generator, lenvms):
     model, tok = tiny_generator
-    engine = Engine(model, tok, lenvm=lenvms["q"], num_candidates=np.int64(4))
-    assert type(engine.num_candidates) is int
-    [result] = engine.generate([Request("hi", SamplingParams(max_new_tokens=2))], batch_size=np.int64(2))
-    assert result.num_tokens >= 1
+    request = Request("hi", SamplingParams(max_new_tokens=4, seed=0), control=Control("tilt", beta=2.0))
+    answers = [
+        Engine(model, tok, lenvm=lenvms["q"], num_candidates=k).generate([request], batch_size=b)[0].token_ids
+        for k, b in ((np.int64(4), np.int64(2)), (4, 2))
+    ]
+    assert answers[0] == answers[1]  # the candidates NumPy counts choose among are the same
     assert len(lenvms["q"].predict_length(["a", "b"], batch_size=np.int64(1))) == 2
+
+
+def test_a_prompt_may_hold_the_ids_every_model_embeds(tiny_path, lenvms):
+    """Ids past the tokenizer's, in the rows a generator pads its embedding with, are a prompt; not
+    where a standalone LenVM, whose own embedding has no such rows, reads the prompt too."""
+    from lenvm.hub import load_generator
+
+    model, tok = load_generator(tiny_path)  # a copy of its own, padded
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    padding = Request([5, len(tok) + 7], SamplingParams(max_new_tokens=2))
+    assert Engine(model, tok).generate([padding])[0].num_tokens >= 1
+    standalone = Engine(model, tok, lenvm=lenvms["standalone"])
+    with pytest.raises(
+        InputError, match=rf"token id {len(tok) + 7}, outside the vocabulary \(0-{len(tok) - 1}\)$"
+    ):
+        standalone.generate([padding])
 
 
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):

@@ -333,7 +333,7 @@ def test_a_sliding_window_bounds_every_decoder(tmp_path):
     # The server says so too.
     from lenvm.serve.protocol import ApiError, CompletionRequest, Context, plan_completion
 
-    ctx = Context(tokenizer, engine.context, False, 8, context_note=engine.context_note)
+    ctx = Context(tokenizer, engine.vocab_size, engine.context, False, 8, context_note=engine.context_note)
     for body in ({"prompt": prompt, "max_tokens": 7}, {"prompt": list(range(100, 117))}):
         with pytest.raises(
             ApiError, match="context is 16 tokens .its sliding window|of 16 tokens .its sliding"

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 from lenvm.io import (
+    InputError,
     JsonlAppender,
     atomic_path,
+    fingerprint,
     is_int,
     outside_vocabulary,
     plain_numbers,
+    positive_count,
     read_jsonl,
     repair_jsonl_tail,
     write_json,
@@ -258,6 +261,20 @@ def test_json_writes_figures_that_are_not_numbers_as_null(tmp_path):
     assert json.loads(text) == {"prompt_mre": None, "evaluations": [{"x": None}, {"x": 1.5}], "n": [2, None]}
 
 
+def test_numpy_numbers_are_written_as_plain_json_numbers(tmp_path):
+    """A count or a metric computed with NumPy reaches the file as the number it is."""
+    record = {"n": np.int64(3), "rate": np.float32(0.5), "ok": np.bool_(True), "xs": [np.uint8(7), 1.5]}
+    plain = {"n": 3, "rate": 0.5, "ok": True, "xs": [7, 1.5]}
+    write_json(tmp_path / "m.json", {**record, "none": np.float32("nan"), "far": np.float64("inf")})
+    assert json.loads((tmp_path / "m.json").read_text()) == {**plain, "none": None, "far": None}
+    with JsonlAppender(tmp_path / "r.jsonl") as out:
+        out.write([record])
+        with pytest.raises(TypeError, match="not JSON serializable"):  # anything else, as json says
+            out.write([{"x": object()}])
+    assert read_jsonl(tmp_path / "r.jsonl") == [plain]
+    assert fingerprint(record) == fingerprint(plain)
+
+
 def test_the_demo_summary_says_n_a_for_an_error_it_could_not_measure():
     from lenvm.demo import _share
 
@@ -278,6 +295,15 @@ def test_numpy_integers_are_integers_and_stored_as_python_ones():
     plain_numbers(settings)
     assert type(settings.count) is int and type(settings.rate) is float
     assert isinstance(settings.flag, np.bool_)  # refused as a number where one is checked
+
+
+def test_a_positive_count_is_a_plain_int_and_anything_else_is_named():
+    assert positive_count(3, "n") == 3
+    taken = positive_count(np.int64(4), "batch_size")
+    assert taken == 4 and type(taken) is int
+    for bad in (0, -2, 2.0, 2.5, True, np.bool_(True), np.int8(0), "3", None):
+        with pytest.raises(InputError, match=r"^repeats must be a positive integer, got "):
+            positive_count(bad, "repeats")
 
 
 def test_token_ids_outside_the_vocabulary_are_named():

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -426,6 +427,16 @@ def test_stop_strings_with_characters_split_across_tokens(stop, expected):
     assert (finish is not None) == (stop in "a你好b")
 
 
+def test_server_bounds_must_be_positive_integers():
+    from lenvm.io import InputError
+
+    settings = ServerSettings(served_model_name=MODEL, batch_size=np.int64(4))
+    assert settings.batch_size == 4 and type(settings.batch_size) is int
+    for bad in ({"batch_size": 0}, {"batch_size": 1.5}, {"max_streams": True}, {"max_body_bytes": -1}):
+        with pytest.raises(InputError, match=f"^{next(iter(bad))} must be a positive integer"):
+            ServerSettings(served_model_name=MODEL, **bad)
+
+
 def test_extreme_sampling_settings_are_served(url):
     c = client(url)
     for settings in ({"top_k": 10**6}, {"temperature": 1e-30}, {"top_p": 1e-30}, {"min_p": 0.999999}):
@@ -700,6 +711,42 @@ def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
     assert response.status_code == 400
     assert response.json()["error"]["message"] == caught.value.reason
     assert caught.value.reason.startswith("the prompt holds token id 1000000000, outside the vocabulary")
+
+
+@pytest.fixture(scope="module")
+def padded_engine(tiny_path):
+    """An engine on the tiny model whose embedding has 8 rows past the tokenizer's ids, as models
+    pad their embeddings to a round size."""
+    from lenvm.hub import load_generator
+
+    model, tok = load_generator(tiny_path)  # a copy of its own: the other tests' model is not padded
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=(model, tok))
+    return Engine(model, tok, lenvm=lenvm, num_candidates=4)
+
+
+def test_token_ids_of_the_embeddings_padding_rows_are_taken_as_the_engine_takes_them(padded_engine):
+    from lenvm.decoding.params import RequestError
+
+    engine = padded_engine
+    rows = engine.model.get_input_embeddings().weight.shape[0]
+    assert rows == len(engine.tokenizer) + 8
+    padding = [5, rows - 1]  # past the tokenizer's ids, within the model's
+    expected = alone(engine, padding, max_new_tokens=3, seed=1)
+    with pytest.raises(RequestError) as caught:
+        engine.generate([Request([5, rows])])
+    with running(engine) as (url, _):
+
+        def post(route, body):
+            return httpx.post(f"{url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
+
+        answer = post("completions", {"prompt": padding, "max_tokens": 3, "seed": 1})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == expected.text
+        assert post("length/predict", {"prompt": padding}).status_code == 200
+        assert post("length/values", {"prompt": padding, "completion": [rows - 1]}).status_code == 200
+        refused = post("completions", {"prompt": [5, rows]})
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == caught.value.reason
+        assert caught.value.reason.endswith(f"outside the vocabulary (0-{rows - 1})")
 
 
 BAD_CHAT = [

@@ -24,15 +24,23 @@ class InputError(ValueError):
 
 def is_int(x: Any) -> bool:
     """An integer that is not a bool (``True`` must not pass as a count): a Python int or a NumPy
-    one. What is kept or written out is ``int(x)``: JSON takes no NumPy numbers."""
+    one (the JSON writers here write NumPy numbers as plain ones)."""
     # The plain int first: checking against the numbers ABC costs several times as much, and
     # reading rollouts checks every token id.
     return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
+def positive_count(value: Any, what: str) -> int:
+    """``value`` as a plain int where it is an integer of at least 1 (a NumPy one included, a
+    bool not); else an :class:`InputError` naming ``what``, the option it was given as."""
+    if not is_int(value) or value < 1:
+        raise InputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def plain_numbers(settings: Any) -> None:
     """The fields of the dataclass ``settings`` that hold NumPy numbers (a seed or a count taken
-    from an array) made Python ones, which the checks take and JSON holds; a NumPy bool stays
+    from an array) made Python ones, which the checks (:func:`is_real`) take; a NumPy bool stays
     what it is, and is refused as a number."""
     for f in fields(settings):
         value = getattr(settings, f.name)
@@ -272,8 +280,9 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def fingerprint(data: Any) -> str:
-    """A short stable hash of JSON-able ``data``."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short stable hash of JSON-able ``data`` (a NumPy number hashes as the plain one)."""
+    text = json.dumps(data, sort_keys=True, default=lambda x: _plain(x) if _is_numpy_scalar(x) else str(x))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _check_file_target(path: str | os.PathLike) -> None:
@@ -284,18 +293,42 @@ def _check_file_target(path: str | os.PathLike) -> None:
 def json_text(data: Any, **options: Any) -> str:
     """``json.dumps`` of ``data`` with a figure that is not a number (NaN, an infinity: a metric
     with nothing to measure) written as ``null``, since JSON has no such values and other readers
-    refuse the ``NaN`` Python writes."""
+    refuse the ``NaN`` Python writes; NumPy numbers and bools are written as plain ones."""
     return json.dumps(_finite(data), allow_nan=False, **options)
 
 
 def _finite(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
     if isinstance(data, dict):
         return {k: _finite(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [_finite(v) for v in data]
+    if _is_numpy_scalar(data):
+        data = _plain(data)
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
     return data
+
+
+def _is_numpy_scalar(x: Any) -> bool:
+    """A NumPy number or bool (a count or a metric computed with NumPy), which JSON does not take
+    as it is. NumPy is looked up, not imported: where it is not loaded there are no NumPy numbers,
+    and the command line starts without it."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(x, np.bool_ | np.integer | np.floating)
+
+
+def _plain(x: Any) -> bool | int | float:
+    """The Python bool, int or float of the NumPy scalar ``x``."""
+    np = sys.modules["numpy"]
+    return bool(x) if isinstance(x, np.bool_) else int(x) if isinstance(x, np.integer) else float(x)
+
+
+def _json_default(x: Any) -> Any:
+    """``json.dumps``'s ``default``: a NumPy scalar as the plain one, anything else refused as
+    json refuses it."""
+    if _is_numpy_scalar(x):
+        return _plain(x)
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -326,7 +359,8 @@ class JsonlAppender:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        self._fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+        self._fh.write(text)
         self._fh.flush()
         os.fsync(self._fh.fileno())
 

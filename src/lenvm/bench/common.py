@@ -27,6 +27,8 @@ from lenvm.io import (
     atomic_path,
     changed_settings,
     iter_jsonl,
+    json_text,
+    positive_count,
     repair_jsonl_tail,
     write_json,
     write_text,
@@ -177,7 +179,7 @@ class Run:
         self._log: JsonlAppender | None = None
 
     def _open(self, settings_path: Path, settings: dict[str, Any]) -> None:
-        settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
+        settings = json.loads(json_text(settings))  # as stored: tuples as lists, NumPy numbers as plain ones
         if settings_path.is_file() and _holds_results(self.out):
             stored = json.loads(settings_path.read_text(encoding="utf-8"))
             changed = changed_settings(stored, settings)
@@ -238,8 +240,7 @@ class Run:
         """Generate every job not yet done, appending a record per job as it finishes; return
         the records of all ``jobs`` in order. ``judge(job, result)`` adds fields;
         ``num_candidates`` is the candidate count of controlled jobs."""
-        if batch_size < 1:
-            raise InputError("batch size must be at least 1")
+        batch_size = positive_count(batch_size, "batch_size")
         keys = [job.key for job in jobs]
         if len(set(keys)) != len(keys):
             raise ValueError("benchmark item keys must be unique")
@@ -292,6 +293,13 @@ def _record(job: Job, result, judge) -> dict[str, Any]:
     if judge is not None:
         record.update(judge(job, result))
     return record
+
+
+def positive_counts(values: int | Iterable[int], what: str) -> tuple[int, ...]:
+    """The counts ``values`` (one, or several) as sorted distinct plain ints; an
+    :class:`InputError` naming ``what`` where one is not a positive integer."""
+    values = tuple(values) if isinstance(values, Iterable) and not isinstance(values, str) else (values,)
+    return tuple(sorted({positive_count(v, f"each of {what}") for v in values}))
 
 
 def settings_of(models: Models, sampling: SamplingParams, **extra: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from lenvm.bench.common import (
     bench_sampling,
     item_request,
     load_models,
+    positive_counts,
     pyplot,
     settings_of,
 )
@@ -190,12 +191,11 @@ def run_lifebench(
         raise InputError(f"unknown LIFEBench method or constraint: {', '.join(unknown)}")
     if any(METHODS[m][0] is not None for m in methods):
         models.require_lenvm("LenVM-controlled LIFEBench methods")
-    if any(int(t) < 1 for t in targets):
-        raise InputError(f"targets must be at least 1 token, got {sorted(set(targets))}")
+    targets = positive_counts(targets, "the targets")
     # A target of max_new_tokens or more leaves no room for the EOS that ends an Equal To or
     # At Least answer (Control.unreachable), so every control skips it alike.
-    kept = sorted({int(t) for t in targets if int(t) < max_new_tokens})
-    skipped = sorted({int(t) for t in targets} - set(kept))
+    kept = [t for t in targets if t < max_new_tokens]
+    skipped = [t for t in targets if t >= max_new_tokens]
     if not kept:
         raise InputError(f"every target is at or above max_new_tokens={max_new_tokens}")
     every = read_lifebench(data)

@@ -51,7 +51,7 @@ from lenvm.bench.common import (
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
 from lenvm.hub import model_name
-from lenvm.io import InputError, RunLock, atomic_path, fingerprint, write_json, write_text
+from lenvm.io import InputError, RunLock, atomic_path, fingerprint, positive_count, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
 from lenvm.rollouts import read_rollouts, rollout
@@ -314,8 +314,7 @@ def run_prediction(
     (see :func:`truth_records`; ``samples`` and the sampling options then do not apply).
     """
     started = time.perf_counter()
-    if samples < 1:
-        raise InputError("samples must be at least 1")
+    samples = positive_count(samples, "samples")
     if truth_rollouts and (prompts or gsm8k is not None):
         raise InputError("score on given rollouts or on prompts to sample, not both")
     held_out = None if truth_rollouts else evaluation_prompts(prompts, gsm8k, gsm8k_rows, limit)

@@ -39,7 +39,7 @@ from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.streams import Hidden, Stream, cache_argument
 from lenvm.hub import eos_token_ids, load_generator, torch_dtype
-from lenvm.io import InputError, file_digest, is_int
+from lenvm.io import InputError, file_digest, positive_count
 from lenvm.model import LengthValueModel, generator_for, read_config
 from lenvm.returns import length_to_value, value_to_length
 from lenvm.rollouts import read_rollouts
@@ -168,16 +168,10 @@ def run_q_agreement(
     the prompts that the q LenVM's training held out, when ``rollouts`` is its training file.
     """
     started = time.perf_counter()
-    for name, value, low in [
-        ("num_candidates", num_candidates, 1),
-        ("positions_per_completion", positions_per_completion, 1),
-        ("max_completions", 1 if max_completions is None else max_completions, 1),
-    ]:
-        if not is_int(value) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    # Plain ints: results.json holds them.
-    num_candidates, positions_per_completion = int(num_candidates), int(positions_per_completion)
-    max_completions = None if max_completions is None else int(max_completions)
+    num_candidates = positive_count(num_candidates, "num_candidates")
+    positions_per_completion = positive_count(positions_per_completion, "positions_per_completion")
+    if max_completions is not None:
+        max_completions = positive_count(max_completions, "max_completions")
     torch_dtype(dtype)  # an unknown name fails here, before anything is read
     if read_config(exact).kind == "q":
         raise InputError(f"{exact}: the exact scorer must be an attached or standalone LenVM, not kind 'q'")

@@ -39,7 +39,7 @@ from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_m
 from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
-from lenvm.io import InputError, file_digest, is_int
+from lenvm.io import InputError, file_digest, positive_count
 from lenvm.prompts import as_prompt
 from lenvm.rollouts import read_rollouts
 from lenvm.scheduling import Timeline, poisson_arrivals, rate_for_load, simulate
@@ -162,9 +162,7 @@ def run_schedule(
     if not load > 0 or not all(x > 0 for x in loads):
         raise InputError("loads must be positive")
     loads = sorted({float(x) for x in loads})  # keys of the sweep, and a line along the load axis
-    if not is_int(replicates) or replicates < 1:
-        raise InputError(f"replicates must be a positive integer, got {replicates!r}")
-    replicates = int(replicates)  # written to results.json
+    replicates = positive_count(replicates, "replicates")
     check_queue("shortest", aging)
     models = models or load_models(model, lenvm, device, dtype)
     pool = Pool.read(rollouts, models.name)

@@ -31,11 +31,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Run, markdown_table, pyplot
+from lenvm.bench.common import Run, markdown_table, positive_counts, pyplot
 from lenvm.bench.speed import DEFAULT_PROMPTS
 from lenvm.cli import options
 from lenvm.hub import load_tokenizer
-from lenvm.io import InputError, is_int, is_real
+from lenvm.io import InputError, is_real, positive_count
 from lenvm.model import generator_for
 
 MODES = ("plain", "guided")
@@ -66,17 +66,14 @@ def run_serve_bench(
     and ``serve.png`` there (see the module doc). A row of ``c`` clients sends
     ``c * requests_per_client`` requests."""
     started = time.perf_counter()
-    concurrency = sorted(set(concurrency))
-    if not concurrency or not all(is_int(c) and c >= 1 for c in concurrency):
-        raise InputError(f"concurrency must be positive integers, got {concurrency}")
-    concurrency = [int(c) for c in concurrency]  # plain ints: results.json holds them
+    concurrency = positive_counts(concurrency, "concurrency")
+    if not concurrency:
+        raise InputError("concurrency must name at least one number of clients")
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise InputError(f"modes must be among {', '.join(MODES)}, got {list(modes)}")
-    for value, what in ((new_tokens, "new_tokens"), (requests_per_client, "requests_per_client")):
-        if not is_int(value) or value < 1:
-            raise InputError(f"{what} must be a positive integer, got {value!r}")
-    new_tokens, requests_per_client = int(new_tokens), int(requests_per_client)  # written to results.json
+    new_tokens = positive_count(new_tokens, "new_tokens")
+    requests_per_client = positive_count(requests_per_client, "requests_per_client")
     if not is_real(tilt):
         raise InputError(f"tilt must be a finite number, got {tilt!r}")
     out = Path(out)

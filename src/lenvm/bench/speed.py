@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import WARMUP_TOKENS, Models, Run, load_models, markdown_table, pyplot
+from lenvm.bench.common import (
+    WARMUP_TOKENS,
+    Models,
+    Run,
+    load_models,
+    markdown_table,
+    positive_counts,
+    pyplot,
+)
 from lenvm.cli import options
 from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
 from lenvm.hub import default_device, eos_token_ids, torch_dtype
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, positive_count
 from lenvm.model import LengthValueModel, generator_for, read_config
 from lenvm.prompts import encode_prompt
 
@@ -119,19 +127,16 @@ def run_speed(
     Rows already measured in ``out`` are not measured again.
     """
     started = time.perf_counter()
-    batch_sizes = _positive_ints(batch_sizes, "batch sizes")
-    generate_batch_sizes = _positive_ints(generate_batch_sizes, "generate batch sizes")
-    candidates = _positive_ints(candidates, "candidate counts")
+    batch_sizes = positive_counts(batch_sizes, "the batch sizes")
+    generate_batch_sizes = positive_counts(generate_batch_sizes, "the generate batch sizes")
+    candidates = positive_counts(candidates, "the candidate counts")
     if any(k < 2 for k in candidates):
         raise InputError(
             f"candidate counts must be at least 2 (a control chooses among them), got {candidates}"
         )
     if not batch_sizes and not generate_batch_sizes:
         raise InputError("no batch size to measure")
-    for value, what in ((new_tokens, "new_tokens"), (repeats, "repeats")):
-        if not is_int(value) or value < 1:
-            raise InputError(f"{what} must be a positive integer, got {value!r}")
-    new_tokens, repeats = int(new_tokens), int(repeats)  # written to results.json
+    new_tokens, repeats = positive_count(new_tokens, "new_tokens"), positive_count(repeats, "repeats")
     torch_dtype(dtype)  # an unknown name fails here, before anything runs
     prompts = _check_prompts(prompts)
     heads = {kind: FRESH for kind, _ in GUIDED.values()}
@@ -506,14 +511,6 @@ def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
 
 def _label(row: dict[str, Any]) -> str:
     return row["method"] if row["k"] is None else f"{row['method']} k={row['k']}"
-
-
-def _positive_ints(values: int | Iterable[int], what: str) -> tuple[int, ...]:
-    values = (values,) if is_int(values) else tuple(values)
-    bad = [v for v in values if not is_int(v) or v < 1]
-    if bad:
-        raise InputError(f"{what} must be positive integers, got {bad}")
-    return tuple(sorted({int(v) for v in values}))  # plain ints: results.json holds them
 
 
 def _check_prompts(prompts: str | Sequence[str] | None) -> list[str]:

@@ -61,7 +61,7 @@ from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
 from lenvm.decoding.streams import attention_span
-from lenvm.io import InputError, is_int, outside_vocabulary
+from lenvm.io import InputError, is_int, outside_vocabulary, positive_count
 from lenvm.model import LengthValueModel, check_generator, check_lenvm, check_tokenizer, context_length
 from lenvm.prompts import as_prompt, is_token_ids
 
@@ -120,7 +120,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.lenvm = lenvm.eval() if lenvm is not None else None
-        self.num_candidates = int(num_candidates)
+        self.num_candidates = num_candidates
         self.naive = candidate_scoring == "naive"
         self.queue = queue
         self.queue_aging = float(queue_aging)
@@ -135,8 +135,13 @@ class Engine:
         # The generator's stream also yields the head's features when the head reads the generator.
         self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
         context = context_length(model)
+        readers = [model]  # the models that read a prompt's ids
         if lenvm is not None and not lenvm.attached:
             context = min(context, lenvm.context)
+            readers.append(lenvm.backbone)
+        # The ids a prompt may hold: every row of the embeddings, those a model pads its embedding
+        # with past the tokenizer's ids included (they are ids the model reads, and vLLM takes them).
+        self.vocab_size = min(m.get_input_embeddings().weight.shape[0] for m in readers)
         # The most tokens a request may span: the models' contexts, or a shorter sliding window.
         self.context = min(context, span)
         self.windowed = span < context
@@ -201,8 +206,7 @@ class Engine:
         prompt_ids = encoded.ids
         if not prompt_ids:
             raise RequestError(key, "the prompt encodes to no tokens")
-        vocab = self.lm_head.weight.shape[0]
-        if (why := outside_vocabulary(prompt_ids, vocab)) is not None:
+        if (why := outside_vocabulary(prompt_ids, self.vocab_size)) is not None:
             raise RequestError(key, why)
         lenvm = self.lenvm
         if encoded.images is not None and lenvm is not None and not lenvm.sees_images:
@@ -219,7 +223,7 @@ class Engine:
             raise RequestError(key, why)
         if control.active and (why := control.beyond_horizon(self.lenvm.gamma)) is not None:
             raise RequestError(key, why)
-        if request.sampling.top_k >= vocab:  # keeps every token: the filter is off
+        if request.sampling.top_k >= self.lm_head.weight.shape[0]:  # keeps every token: the filter is off
             request = replace(request, sampling=replace(request.sampling, top_k=0))
         images = encoded.images.to(self.device) if encoded.images is not None else None
         return [
@@ -255,10 +259,8 @@ class Scheduler:
     engine's ``queue`` order; :attr:`steps` (steps run so far) is the clock its ageing counts."""
 
     def __init__(self, engine: Engine, batch_size: int = 8):
-        if not is_int(batch_size) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = positive_count(batch_size, "batch_size")
         self.engine = engine
-        self.batch_size = int(batch_size)
         self.waiting: deque[Sequence] = deque()
         self.batch: Batch | None = None
         self.tried: dict[Hashable, dict[int, Result]] = {}  # best_of requests: finished attempts

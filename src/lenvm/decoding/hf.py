@@ -76,7 +76,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.span = attention_span(lenvm.backbone, "the LenVM's body")  # its context, or a shorter window
         self.lenvm = lenvm.eval()
         self.control = control
-        self.num_candidates = int(num_candidates)
+        self.num_candidates = num_candidates
         self.sampling = sampling
         self.eos = torch.tensor(
             lenvm.config.eos_token_ids or [lenvm.tokenizer.eos_token_id], device=lenvm.device

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lenvm.decoding.engine import Engine
-from lenvm.io import InputError
+from lenvm.io import InputError, positive_count
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -75,8 +75,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_streams", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1")
+            setattr(self, name, positive_count(getattr(self, name), name))
         if self.max_waiting < 0 or self.shutdown_timeout < 0:
             raise InputError("max_waiting and shutdown_timeout must not be negative")
 
@@ -122,6 +121,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     lenvm = engine.lenvm
     ctx = Context(
         tokenizer=engine.tokenizer,
+        vocab_size=engine.vocab_size,
         context=engine.context,
         context_note=engine.context_note,
         has_lenvm=lenvm is not None,
@@ -292,9 +292,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if isinstance(completion, str):  # tokenized on its own, as token_values does
                 completion = list(engine.tokenizer(completion, add_special_tokens=False)["input_ids"])
             # Empty is the library's to judge: a finished one is an answer that was only its EOS.
-            completion = (
-                text_prompt_ids(completion, engine.tokenizer, what="completion") if completion else []
-            )
+            completion = text_prompt_ids(completion, ctx, what="completion") if completion else []
             trace = await runner.call(lambda: token_values(lenvm, prompt, completion, finished=body.finished))
             return {"object": "length.values", "model": name, **trace.to_dict()}
 
@@ -478,7 +476,7 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
     if body.prompt is not None:
         prompt = body.prompt
         batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        ids = [text_prompt_ids(p, ctx.tokenizer) for p in batch]
+        ids = [text_prompt_ids(p, ctx) for p in batch]
     else:
         messages = body.messages
         batch = [messages] if messages and not isinstance(messages[0], list) else messages
@@ -501,7 +499,7 @@ def _one_prompt(prompt, messages, ctx: Context) -> list[int]:
     if (prompt is None) == (messages is None):
         raise ApiError(400, "give a prompt or messages")
     if prompt is not None:
-        return text_prompt_ids(prompt, ctx.tokenizer)
+        return text_prompt_ids(prompt, ctx)
     return chat_prompt_ids(messages, ctx.tokenizer)
 
 

@@ -246,6 +246,7 @@ class Context:
     """What the server knows when it turns a request into engine work."""
 
     tokenizer: Any
+    vocab_size: int  # the token ids a prompt may hold: the engine's (Engine.vocab_size)
     context: int  # the model's context, in tokens
     has_lenvm: bool
     max_choices: int  # choices the server holds at once (running and waiting)
@@ -274,7 +275,7 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
         raise ApiError(400, "suffix is not supported", "suffix")
     if body.best_of not in (None, 1):
         raise ApiError(400, "best_of is not supported; for Equal To, use length_best_of", "best_of")
-    prompts = _completion_prompts(body, ctx.tokenizer)
+    prompts = _completion_prompts(body, ctx)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"logprobs must lie in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
     return _plan("completions", body, prompts, ctx, body.max_tokens, body.logprobs)
@@ -427,7 +428,7 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
     return {**xargs, **top}, return_values
 
 
-def _completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
+def _completion_prompts(body: CompletionRequest, ctx: Context) -> list[list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -435,18 +436,18 @@ def _completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
         raise ApiError(400, "the prompt is empty", "prompt")
     if len(prompt) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", "prompt")
-    return [text_prompt_ids(p, tokenizer, body.add_special_tokens) for p in prompt]
+    return [text_prompt_ids(p, ctx, body.add_special_tokens) for p in prompt]
 
 
 def text_prompt_ids(
-    prompt: str | list[int], tokenizer, add_special_tokens: bool = True, what: str = "prompt"
+    prompt: str | list[int], ctx: Context, add_special_tokens: bool = True, what: str = "prompt"
 ) -> list[int]:
-    """A text completion's prompt: text tokenized as is (no chat template), or token ids. Any
-    text is a prompt, whitespace alone included (as in OpenAI's API): only one that comes to no
-    tokens is refused, as the engine refuses it."""
+    """A text completion's prompt: text tokenized as is (no chat template), or token ids (the
+    engine's vocabulary: the ids its models embed). Any text is a prompt, whitespace alone included
+    (as in OpenAI's API): only one that comes to no tokens is refused, as the engine refuses it."""
     if isinstance(prompt, str):
-        ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-    elif (why := outside_vocabulary(prompt, len(tokenizer), f"the {what}")) is not None:
+        ids = list(ctx.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+    elif (why := outside_vocabulary(prompt, ctx.vocab_size, f"the {what}")) is not None:
         raise ApiError(400, why, what)
     else:
         ids = list(prompt)
