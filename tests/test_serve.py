@@ -755,14 +755,18 @@ def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
 
 
 @pytest.fixture(scope="module")
-def padded_engine(tiny_path):
+def padded_engine(tiny_path, tmp_path_factory):
     """An engine on the tiny model whose embedding has 8 rows past the tokenizer's ids, as models
     pad their embeddings to a round size."""
     from lenvm.hub import load_generator
 
     model, tok = load_generator(tiny_path)  # a copy of its own: the other tests' model is not padded
     model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
-    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=(model, tok))
+    padded = tmp_path_factory.mktemp("padded")  # the LenVM's base: the generator it reads
+    model.save_pretrained(padded)
+    tok.save_pretrained(padded)
+    model, tok = load_generator(padded)
+    lenvm = LengthValueModel.from_base(padded, kind="attached", generator=(model, tok))
     return Engine(model, tok, lenvm=lenvm, num_candidates=4)
 
 
