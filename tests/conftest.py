@@ -87,6 +87,29 @@ def synthetic_records(tokenizer, n_per_prompt=3, truncate_long=False):
     return records
 
 
+def sentencepiece_tokenizer(decoder: str):
+    """SentencePiece's scheme: a byte token <0xNN> for each byte (id 2 + NN), the words "▁a" (258),
+    "▁b" (259), "▁" (260) and "a" (261), and a decoder that reads a run of byte tokens whole, every
+    byte of an invalid run shown as U+FFFD. It writes "▁" as a space ("byte fallback": Gemma), and
+    drops the text's first space ("strip first space": Llama, Mistral) or the first token's "▁"
+    ("metaspace")."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = {"▁a": 258, "▁b": 259, "▁": 260, "a": 261}
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, **pieces}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    spaces = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(
+        {
+            "byte fallback": spaces,
+            "strip first space": [*spaces, decoders.Strip(" ", 1, 0)],
+            "metaspace": [decoders.ByteFallback(), decoders.Metaspace("▁", prepend_scheme="first")],
+        }[decoder]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
 def lenvm_folder_with_rollouts(tmp_path, tiny_path, tiny_generator):
     """A fresh attached LenVM saved at ``tmp_path / "l"`` (with a stray ``notes.txt`` that a
     command writing into the folder or a copy must keep) and a rollouts file of

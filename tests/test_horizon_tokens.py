@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import synthetic_records
+from conftest import sentencepiece_tokenizer, synthetic_records
 
 from lenvm import LengthValueModel
 from lenvm.horizon_tokens import LengthTokenStats, length_token_stats
@@ -153,3 +153,12 @@ def test_pieces_of_a_character_are_labelled_by_their_bytes(tiny_generator):
     assert len(set(pieces)) == len(pieces) == 13  # 3 characters of 3 bytes, an emoji of 4
     assert bytes(int(b, 16) for p in pieces for b in p[3:-1].split("><0x")).decode() == "用中文🎉"
     assert labels[-2:] == ["h", "i"]
+
+
+@pytest.mark.parametrize("decoder", ["strip first space", "metaspace", "byte fallback"])
+def test_a_word_start_and_a_piece_of_a_word_are_labelled_apart(decoder):
+    """A decoder that drops the space at the start of a text (Llama, Mistral) reads "▁a" alone as
+    "a"; its label keeps the space, so that word starts and pieces of words are not pooled."""
+    tok = sentencepiece_tokenizer(decoder)
+    labels = [token_label(tok, i) for i in (258, 261, 260, 2 + 0x20, 2 + 0xE4, 1)]
+    assert labels == [" a", "a", " ", " ", "<0xE4>", "</s>"]  # "▁a", "a", "▁", <0x20>, <0xE4>, EOS

@@ -97,11 +97,17 @@ def test_bad_input_is_refused():
         simulate([1.0, 0.0], [1, 1], [0, 0], 4)
     with pytest.raises(InputError, match="at least one token"):
         simulate([0.0], [0], [0], 4)
-    with pytest.raises(InputError, match="batch_size"):
-        simulate([0.0], [1], [0], 0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(InputError, match="batch_size must be a positive integer"):
+            simulate([0.0], [1], [0], bad)
     with pytest.raises(InputError, match="queue must be"):
         check_queue("lifo", 0.1)
     with pytest.raises(InputError, match="ageing"):
         check_queue("shortest", -1)
     with pytest.raises(InputError, match="predicted length"):
         priority(float("nan"), 0.0, 0.1)
+
+
+def test_a_numpy_batch_size_is_kept_as_a_plain_int():
+    timeline = simulate([0.0, 0.0], [2, 1], [0, 1], np.int64(1))
+    assert type(timeline.batch_size) is int and timeline.makespan == 3.0

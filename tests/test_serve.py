@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import sentencepiece_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -327,6 +328,46 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
         )
     )
     assert [v for ch in streamed for v in ch.choices[0].values] == pytest.approx(expected.values, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_engine(tiny_path):
+    """An engine whose tokenizer drops the space at the start of a text (as Llama's and Mistral's
+    do), on a copy of the tiny model that greedily answers "▁a" (258), "a" (261) its runner-up."""
+    from lenvm.hub import load_generator
+    from lenvm.testing import CHATML_TEMPLATE
+
+    tok = sentencepiece_tokenizer("strip first space")
+    tok.chat_template = CHATML_TEMPLATE
+    model, _ = load_generator(tiny_path)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    with torch.no_grad():  # as tiny_model's eos_logit: a feature every hidden state has, weighed more
+        embeddings = model.get_input_embeddings().weight
+        embeddings[:, 0] = 1.0
+        embeddings[258, 0] += 4.0
+        embeddings[261, 0] += 3.0
+    return Engine(model, tok, num_candidates=4)
+
+
+def test_logprob_tokens_keep_their_leading_space(sentencepiece_engine):
+    """Clients join the token strings: each keeps the space its "▁" stands for, which the
+    tokenizer drops when it decodes the token alone, and a piece of a word stays without one."""
+    with running(sentencepiece_engine) as (url, _):
+
+        def post(route, body):
+            answer = httpx.post(
+                f"{url}/v1/{route}", json={"model": MODEL, "max_tokens": 3, **body}, timeout=60
+            )
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["logprobs"]
+
+        text = post("completions", {"prompt": [258, 259], "logprobs": 2})
+        assert text["tokens"] == [" a"] * 3 and text["text_offset"] == [0, 2, 4]
+        assert all(set(top) == {" a", "a"} for top in text["top_logprobs"])
+        chat = post("chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 2})["content"]
+        assert [t["token"] for t in chat] == [" a"] * 3 and chat[0]["bytes"] == [32, 97]
+        assert [[alt["token"] for alt in t["top_logprobs"]] for t in chat] == [[" a", "a"]] * 3
 
 
 def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):

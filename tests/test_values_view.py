@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import sentencepiece_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,11 +197,11 @@ _TOKENIZERS: dict = {}
 
 def _tokenizer(kind: str):
     """A test tokenizer, built once: byte-level BPE, or a SentencePiece one (see
-    :func:`_sentencepiece_tokenizer`) whose decoder is ``kind``."""
+    :func:`conftest.sentencepiece_tokenizer`) whose decoder is ``kind``."""
     if kind not in _TOKENIZERS:
         from lenvm.testing import tiny_tokenizer
 
-        _TOKENIZERS[kind] = tiny_tokenizer() if kind == "byte level" else _sentencepiece_tokenizer(kind)
+        _TOKENIZERS[kind] = tiny_tokenizer() if kind == "byte level" else sentencepiece_tokenizer(kind)
     return _TOKENIZERS[kind]
 
 
@@ -230,29 +231,6 @@ def test_a_long_run_of_stray_bytes_is_read_in_linear_time():
     counting = _CountingDecoder(tokenizer)
     assert token_texts(counting, ids) == [""] * 602 + ["\ufffd" * 600 + "你", "a"]
     assert counting.decoded < 10 * len(ids)  # each token decoded a few times, not once per later one
-
-
-def _sentencepiece_tokenizer(decoder: str):
-    """SentencePiece's scheme: a byte token <0xNN> for each byte (id 2 + NN), the words "▁a" (258),
-    "▁b" (259), "▁" (260) and "a" (261), and a decoder that reads a run of byte tokens whole, every
-    byte of an invalid run shown as U+FFFD. It writes "▁" as a space ("byte fallback": Gemma), and
-    drops the text's first space ("strip first space": Llama, Mistral) or the first token's "▁"
-    ("metaspace")."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = {"▁a": 258, "▁b": 259, "▁": 260, "a": 261}
-    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, **pieces}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    spaces = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(
-        {
-            "byte fallback": spaces,
-            "strip first space": [*spaces, decoders.Strip(" ", 1, 0)],
-            "metaspace": [decoders.ByteFallback(), decoders.Metaspace("▁", prepend_scheme="first")],
-        }[decoder]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
 def test_a_long_invalid_run_of_byte_tokens_is_read_in_linear_time():

@@ -28,7 +28,7 @@ from lenvm.io import (
     JsonlAppender,
     RunLock,
     fingerprint,
-    is_int,
+    positive_count,
     read_jsonl,
     read_jsonl_to_append,
     replaceable,
@@ -69,9 +69,7 @@ def predict_file(
     Every prompt is encoded and checked (context length) before any forward runs."""
     if not prompts:
         raise InputError("no prompts to predict for")
-    if not is_int(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)  # the stats keep it
+    batch_size = positive_count(batch_size, "batch_size")
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches predictions by prompt id")

@@ -91,7 +91,7 @@ class LengthValueConfig:
     lenvm_version: str = __version__
 
     def __post_init__(self) -> None:
-        plain_numbers(self)  # it is written as config.json
+        plain_numbers(self)  # NumPy numbers made Python ones: the config holds what config.json gives back
         if self.kind not in KINDS:
             raise InputError(f"unknown LenVM kind {self.kind!r}; expected one of {KINDS}")
         _check_gamma(self.gamma)

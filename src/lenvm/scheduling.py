@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, positive_count
 
 
 @dataclass
@@ -66,8 +66,7 @@ class Timeline:
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
     """``n`` arrival times of a Poisson process of ``rate`` requests per step, from time 0."""
-    if not is_int(n) or n < 1:
-        raise InputError(f"the number of requests must be a positive integer, got {n!r}")
+    n = positive_count(n, "the number of requests")
     if not rate > 0:
         raise InputError(f"the arrival rate must be positive, got {rate!r}")
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
@@ -98,8 +97,7 @@ def simulate(
         raise InputError("no requests to schedule")
     if len(length) != n or len(key) != n:
         raise InputError("arrival, length and key must have one entry per request")
-    if not is_int(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = positive_count(batch_size, "batch_size")
     if np.any(np.diff(arrival) < 0) or not np.all(np.isfinite(arrival)):
         raise InputError("arrival times must be finite and sorted")
     if np.any(length < 1):

@@ -103,7 +103,7 @@ class TrainConfig:
     shuffle_buffer: int = 10_000  # full path, streamed: completions in the shuffle buffer
 
     def __post_init__(self) -> None:
-        plain_numbers(self)  # the saved config is JSON
+        plain_numbers(self)  # the checks below (is_real) and the run's fingerprint take Python numbers only
         if self.kind not in KINDS:
             raise InputError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
         if self.gamma is not None and not 0.0 < self.gamma < 1.0:

@@ -284,16 +284,40 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF = _byte_level_alphabet()
 
 
+# Decoded before each token and cut off again (see token_texts_alone): a letter, which every
+# tokenizer writes as a token of its own and no decoder joins with the token after it.
+_NEUTRAL_TEXT = "a"
+
+
+def token_texts_alone(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token on its own, as it reads inside a text: a word keeps its leading
+    space where the decoder drops the space at the start of a text (SentencePiece: Llama,
+    Mistral), so that "▁a" reads " a" and not "a" as the token "a" does.
+
+    Each token is decoded after a neutral token, whose text is then cut off; a token that would
+    change that text (none of a usual vocabulary) is decoded alone.
+    """
+    prefix = tokenizer.encode(_NEUTRAL_TEXT, add_special_tokens=False)
+    lead = tokenizer.decode(prefix)
+    texts = tokenizer.batch_decode([[*prefix, i] for i in ids])
+    return [
+        text[len(lead) :] if text.startswith(lead) else tokenizer.decode([i])
+        for text, i in zip(texts, ids, strict=True)
+    ]
+
+
 def token_label(tokenizer, token_id: int) -> str:
-    """A token's own text, or, for a piece of a character (which alone decodes to U+FFFD), its
-    bytes as ``<0xE5><0xA4>``, so that different pieces stay apart."""
-    text = tokenizer.decode([token_id])
+    """A token's own text (:func:`token_texts_alone`), or, for a piece of a character (which alone
+    decodes to U+FFFD), its bytes as ``<0xE5><0xA4>``, so that different pieces stay apart."""
+    text = token_texts_alone(tokenizer, [token_id])[0]
     if "\ufffd" not in text:
         return text
     raw = tokenizer.convert_ids_to_tokens(token_id)
+    if raw and _BYTE_TOKEN.fullmatch(raw):
+        return raw  # SentencePiece writes its byte tokens so already
     if raw and all(c in _BYTE_OF for c in raw):
         return "".join(f"<0x{_BYTE_OF[c]:02X}>" for c in raw)
-    return raw or text  # SentencePiece byte tokens are written <0xE5> already
+    return raw or text
 
 
 def _prompt_text(tokenizer, ids: list[int]) -> str:

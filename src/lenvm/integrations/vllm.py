@@ -16,8 +16,11 @@ A request asks for a length control with the flat keys every lenvm backend accep
 (:func:`lenvm.decoding.params.control_from_keys`): ``length_equal_to``, ``length_at_most``,
 ``length_at_least``, ``length_tilt``, ``length_rule`` and ``length_hard_cap_slack``. Bad values are
 refused when vLLM admits the request (HTTP 400 from the server), as is a control with structured
-output or with a ``min_tokens`` it contradicts. Retries (of every target control, and with them At
-Most's unguided first attempt) and ``best_of`` need our own engine.
+output or with a ``min_tokens`` it contradicts. Admission is shown no prompt: a prompt id that a
+standalone LenVM's own embedding lacks (vLLM takes the rows its generator pads its embedding with)
+leaves that request without its control, with a warning, where :class:`VLLMEngine` refuses it.
+Retries (of every target control, and with them At Most's unguided first attempt) and ``best_of``
+need our own engine.
 
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
 control, all of them in one candidate-block forward of the LenVM, which keeps its own KV cache per
@@ -51,6 +54,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,12 +135,15 @@ class _Row:
     fed: int = -1  # output ids in the LenVM's cache (-1: the request is not in it)
 
     @classmethod
-    def of(cls, params, prompt: list[int] | None, output: list[int]) -> _Row | None:
+    def of(cls, params, prompt: list[int] | None, output: list[int], vocab_size: int) -> _Row | None:
+        """The request's row, None without a control; ``vocab_size``: the ids the LenVM embeds."""
         control = control_from_keys(params.extra_args or {}, KEYS)
         if control is None:
             return None
         if prompt is None:
             raise InputError("a length control needs the prompt's token ids, not prompt embeddings")
+        if (why := outside_vocabulary(prompt, vocab_size)) is not None:
+            raise InputError(f"the LenVM reads the prompt with an embedding of its own: {why}")
         top_k, top_p, min_p = (params.extra_args or {}).get(TRUNCATION) or (
             params.top_k,
             params.top_p,
@@ -215,6 +222,9 @@ class LenVMLogitsProcessor(LogitsProcessor):
             )
         check_tokenizer(self.lenvm.config, load_tokenizer(vllm_config.model_config.tokenizer), "vLLM's model")
         self.device = device
+        # vLLM takes the ids its generator embeds, which a standalone LenVM's embedding may lack:
+        # VLLMEngine refuses such a prompt, vLLM's server cannot (admission is shown no prompt).
+        self.vocab_size = self.lenvm.backbone.get_input_embeddings().weight.shape[0]
         self.eos = torch.tensor(self.lenvm.config.eos_token_ids, device=device)
         self.slots: dict[int, _Row] = {}  # vLLM's batch slot -> controlled request
         self.order: list[_Row] = []  # the scorer's rows
@@ -235,8 +245,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
         for slot, params, prompt, output in batch_update.added:
             self.slots.pop(slot, None)
             try:
-                row = _Row.of(params, prompt, output)
-            except Exception as err:  # admission checked it; never take vLLM's engine down
+                row = _Row.of(params, prompt, output, self.vocab_size)
+            except Exception as err:  # admission checked the rest; never take vLLM's engine down
                 logger.warning("lenvm: request in slot %d is decoded without length control: %s", slot, err)
                 row = None
             if row is not None:
@@ -358,6 +368,18 @@ def _packed_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], layer.out_features)
 
 
+def _standalone_rows(path: str | os.PathLike) -> int | None:
+    """The rows of a standalone LenVM's own embedding, from its backbone's config (None for a LenVM
+    that reads the generator's states), without loading it: vLLM's worker loads it."""
+    from transformers import AutoConfig
+
+    from lenvm.model import BACKBONE_DIR, read_config
+
+    if read_config(path).kind != "standalone":
+        return None
+    return AutoConfig.from_pretrained(Path(path) / BACKBONE_DIR).get_text_config().vocab_size
+
+
 def _cpu_defaults() -> dict[str, Any]:
     """vLLM settings for a machine without a GPU. Eager mode: compiling the graphs takes minutes
     on a CPU. A 2 GiB KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise: by default vLLM
@@ -412,6 +434,11 @@ class VLLMEngine:
             }
             args["additional_config"] = {**extra, **args.get("additional_config", {})}
         self.llm = LLM(**args)
+        # The ids a prompt may hold, as our engine counts them: the generator's embedding rows, and a
+        # standalone LenVM's, which reads the prompt too.
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        if lenvm is not None and (rows := _standalone_rows(lenvm)) is not None:
+            self.vocab_size = min(self.vocab_size, rows)
         self.tokenizer = load_tokenizer(location)
         self.eos_ids = eos_token_ids_of(location, self.tokenizer)
         self.lenvm = lenvm
@@ -465,12 +492,11 @@ class VLLMEngine:
 
         if not isinstance(request, Request):
             raise RequestError(index, f"expected a Request, got {type(request).__name__}")
-        config = self.llm.llm_engine.model_config
-        context, vocab = config.max_model_len, config.get_vocab_size()
+        context = self.llm.llm_engine.model_config.max_model_len
         prompt = request.prompt
         if is_token_ids(prompt):
             ids = list(prompt)
-            if (why := outside_vocabulary(ids, vocab)) is not None:
+            if (why := outside_vocabulary(ids, self.vocab_size)) is not None:
                 raise RequestError(index, why)
         else:
             ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))

@@ -36,6 +36,7 @@ from lenvm.io import InputError, outside_vocabulary
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
+from lenvm.values_view import token_texts_alone
 
 # OpenAI's default max_tokens for text completions (vLLM's too); chat answers may fill the context.
 COMPLETIONS_MAX_TOKENS = 16
@@ -605,20 +606,25 @@ class Writer:
             }
         return out
 
-    def _token(self, token_id: int) -> str:
+    def _tokens(self, token_ids: list[int]) -> list[str]:
+        """The tokens' strings, as vLLM writes them: each token's text alone with its leading space
+        kept (clients join them), or ``token_id:N``."""
         if self.plan.token_ids_as_text:
-            return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id])
+            return [f"token_id:{t}" for t in token_ids]
+        return token_texts_alone(self.tokenizer, token_ids)
 
     def _logprobs(self, index: int, answer: _Answer) -> dict[str, Any]:
-        tokens = [self._token(t) for t in answer.token_ids]
-        tops = answer.top or [[] for _ in tokens]
+        tokens = self._tokens(answer.token_ids)
+        tops = [
+            list(zip(self._tokens([i for i, _ in top]), [lp for _, lp in top], strict=True))
+            for top in answer.top or [[] for _ in tokens]
+        ]
         if self.plan.endpoint == "chat":
             return {
                 "content": [
                     {
                         **_chat_logprob(token, logprob),
-                        "top_logprobs": [_chat_logprob(self._token(i), lp) for i, lp in top],
+                        "top_logprobs": [_chat_logprob(text, lp) for text, lp in top],
                     }
                     for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
                 ]
@@ -632,7 +638,7 @@ class Writer:
             "token_logprobs": answer.logprobs,
             # vLLM's shape: the alternatives and the chosen token, by token text
             "top_logprobs": [
-                {**{self._token(i): lp for i, lp in top}, token: logprob}
+                {**dict(top), token: logprob}
                 for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
             ],
             "text_offset": offsets,
