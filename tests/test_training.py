@@ -153,6 +153,34 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind", ["attached", "standalone"])
+def test_another_runs_checkpoint_is_refused_before_any_work(
+    tmp_path, tiny_path, tiny_generator, monkeypatch, kind
+):
+    """A checkpoint another run wrote (or an older lenvm, whose fingerprint the message cannot tell
+    apart) is refused before hidden states are computed or a model prepared, and nothing lands
+    beside it."""
+    from accelerate import Accelerator
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint should have been refused first")
+
+    monkeypatch.setattr(LengthValueModel, "features", no_work)
+    monkeypatch.setattr(Accelerator, "prepare", no_work)
+    work = tmp_path / "lv.checkpoints"
+    work.mkdir()
+    if kind == "attached":
+        torch.save({"fingerprint": "0123456789abcdef", "epoch": 1}, work / "checkpoint.pt")
+        config, generator = _config(epochs=2), tiny_generator
+    else:
+        (work / "state.json").write_text(json.dumps({"fingerprint": "0123456789abcdef", "step": 1}))
+        config, generator = TrainConfig(kind="standalone", epochs=1, batch_size=4, eval_fraction=0.25), None
+    records = synthetic_records(tiny_generator[1])
+    with pytest.raises(InputError, match="cannot resume.*another training run.*another lenvm version"):
+        train(records, str(tiny_path), tmp_path / "lv", config, generator=generator, progress=False)
+    assert [p.name for p in work.iterdir()] == ["checkpoint.pt" if kind == "attached" else "state.json"]
+
+
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
     tmp_path, tiny_path, tiny_generator
 ):

@@ -486,6 +486,17 @@ def _marked(marker: Path) -> str | None:
         return None
 
 
+def _check_resumable(work: Path, found: str | None, expected: str) -> None:
+    """Refuse the checkpoint in ``work`` unless the run fingerprinted ``expected`` wrote it (its
+    fingerprint ``found``). A fingerprint cannot tell another run from this one as another lenvm
+    version fingerprinted it, so the message names both."""
+    if found != expected:
+        raise InputError(
+            f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
+            "model or training settings), or one written by another lenvm version; remove it to start over"
+        )
+
+
 def _progress_record(step: int, epoch: float, loss: float, metrics: dict[str, float]) -> dict[str, float]:
     """One entry of the training log's ``evaluations``: held-out figures at a point of training."""
     return {
@@ -512,10 +523,7 @@ class _Checkpoint:
         if not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            raise InputError(
-                f"{self.path.parent} holds a checkpoint of a different training run; remove it to start over"
-            )
+        _check_resumable(self.path.parent, state.get("fingerprint"), self.fingerprint)
         return state
 
     def save(self, **state) -> None:
@@ -769,6 +777,7 @@ class HeadTrainer:
 
     def fit(self, data: TrainingData, evaluate, features_fingerprint: str) -> _Fit:
         config, lenvm = self.config, self.lenvm
+        state = self.checkpoint.load()  # before any work: another run's checkpoint is refused
         folder = Path(config.features_cache) if config.features_cache else self.work / "features"
         self.store = FeatureStore.open_or_build(
             folder, features_fingerprint, lenvm, data.train, data.eval, self.progress
@@ -783,7 +792,6 @@ class HeadTrainer:
         losses: list[float] = []
         evaluations: list[dict[str, float]] = []
         start_epoch = 0
-        state = self.checkpoint.load()
         if state is not None:
             lenvm.head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
@@ -964,6 +972,13 @@ class FullTrainer:
                 f"but there are {data.train_completions} to train on; lower the batch size"
             )
         total = steps_per_epoch * config.epochs
+        staging = self.work.with_name(self.work.name + ".staging")
+        if not self.work.exists() and (staging / "state.json").is_file():
+            os.replace(staging, self.work)  # interrupted between the two renames of save()
+        state_file = self.work / "state.json"
+        saved = json.loads(state_file.read_text()) if state_file.is_file() else None
+        if saved is not None:  # before any work: another run's checkpoint is refused
+            _check_resumable(self.work, saved.get("fingerprint"), self.fingerprint)
         if config.gradient_checkpointing:
             backbone = lenvm.backbone
             if hasattr(backbone, "activation_checkpointing_enable"):  # its name from transformers 5.x
@@ -980,17 +995,8 @@ class FullTrainer:
         model, optimizer = acc.prepare(lenvm, optimizer)
         distributed = self.layout(model)
         acc.register_for_checkpointing(scheduler)
-        staging = self.work.with_name(self.work.name + ".staging")
-        if not self.work.exists() and (staging / "state.json").is_file():
-            os.replace(staging, self.work)  # interrupted between the two renames of save()
-        state_file = self.work / "state.json"
         step, losses, evaluations = 0, [], []
-        if state_file.is_file():
-            saved = json.loads(state_file.read_text())
-            if saved["fingerprint"] != self.fingerprint:
-                raise InputError(
-                    f"{self.work} holds a checkpoint of a different training run; remove it to start over"
-                )
+        if saved is not None:
             acc.load_state(str(self.work / "accelerate"))
             step, losses, evaluations = saved["step"], saved["losses"], saved.get("evaluations", [])
         bar = tqdm(total=total, initial=step, desc="fine-tuning", unit="step", disable=not self.progress)
