@@ -153,6 +153,99 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind", ["attached", "standalone"])
+def test_another_runs_checkpoint_is_refused_before_any_work(
+    tmp_path, tiny_path, tiny_generator, monkeypatch, kind
+):
+    """A checkpoint another run wrote (or an older lenvm, whose fingerprint the message cannot tell
+    apart) is refused before hidden states are computed or a model prepared, and nothing lands
+    beside it."""
+    from accelerate import Accelerator
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint should have been refused first")
+
+    monkeypatch.setattr(LengthValueModel, "features", no_work)
+    monkeypatch.setattr(Accelerator, "prepare", no_work)
+    work = tmp_path / "lv.checkpoints"
+    work.mkdir()
+    if kind == "attached":
+        torch.save({"fingerprint": "0123456789abcdef", "epoch": 1}, work / "checkpoint.pt")
+        config, generator = _config(epochs=2), tiny_generator
+    else:
+        (work / "state.json").write_text(json.dumps({"fingerprint": "0123456789abcdef", "step": 1}))
+        config, generator = TrainConfig(kind="standalone", epochs=1, batch_size=4, eval_fraction=0.25), None
+    records = synthetic_records(tiny_generator[1])
+    with pytest.raises(InputError, match="cannot resume.*another training run.*another lenvm version"):
+        train(records, str(tiny_path), tmp_path / "lv", config, generator=generator, progress=False)
+    assert [p.name for p in work.iterdir()] == ["checkpoint.pt" if kind == "attached" else "state.json"]
+
+
+def _checkpointed_then_probe(monkeypatch, records, out, config, **kw):
+    """Train into ``out`` until just before the LenVM is written (its checkpoint stays), then
+    return a probe: ``probe(base, config)`` is True where a rerun resumes that checkpoint (it runs
+    on to writing the LenVM, stopped there again) and raises where the checkpoint is refused."""
+    import lenvm.training as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "plot_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(records, kw.pop("base"), out, config, progress=False, **kw)
+
+    def probe(base, config, **more):
+        with pytest.raises(KeyboardInterrupt):
+            train(records, base, out, config, progress=False, **{**kw, **more})
+        return True
+
+    return probe
+
+
+def test_a_run_resumes_with_its_model_named_another_way_and_settings_that_train_the_same(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """The model is its weights, however --base names it; settings that cannot change what is
+    trained (where checkpoints and hidden states go, options another path reads, a default named)
+    may change on a resume; the others may not."""
+    records = synthetic_records(tiny_generator[1])
+    out, config = tmp_path / "lv", _config(epochs=2)
+    probe = _checkpointed_then_probe(
+        monkeypatch, records, out, config, base=str(tiny_path), generator=tiny_generator
+    )
+    (tmp_path / "link").symlink_to(tiny_path)
+    monkeypatch.chdir(tiny_path.parent)
+    for base in (f"{tiny_path}/", str(tmp_path / "link"), f"./{tiny_path.name}"):
+        assert probe(base, config)
+    layer = 1  # the tiny model's default
+    for same in (
+        dict(checkpoint_every=7, features_cache=str(tmp_path / "cache")),
+        dict(batch_size=3, grad_accum=2, shuffle_buffer=5, gradient_checkpointing=False),
+        dict(huber_delta=0.5, feature_layer=layer, head_hidden_size=64),
+    ):
+        assert probe(str(tiny_path), dataclasses.replace(config, **same))
+    for other in (dict(lr=1e-3), dict(loss="huber"), dict(seed=1)):
+        with pytest.raises(InputError, match="cannot resume"):
+            probe(str(tiny_path), dataclasses.replace(config, **other))
+
+
+def test_fine_tuning_resumes_with_settings_that_train_the_same(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    records = synthetic_records(tiny_generator[1])
+    held = [r for r in records if r["prompt_id"] == records[0]["prompt_id"]]
+    rest = [r for r in records if r["prompt_id"] != records[0]["prompt_id"]]
+    config = TrainConfig(kind="standalone", epochs=1, batch_size=4, checkpoint_every=1, bf16=False)
+    out = tmp_path / "sa"
+    probe = _checkpointed_then_probe(monkeypatch, rest, out, config, base=str(tiny_path), eval_rollouts=held)
+    same = dict(
+        checkpoint_every=2, gradient_checkpointing=True, batch_tokens=7, shuffle_buffer=5, eval_fraction=0.5
+    )
+    assert probe(f"{tiny_path}/", dataclasses.replace(config, **same))
+    with pytest.raises(InputError, match="cannot resume"):
+        probe(str(tiny_path), dataclasses.replace(config, batch_size=2))
+
+
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
     tmp_path, tiny_path, tiny_generator
 ):
@@ -663,6 +756,8 @@ def test_features_cache_is_reused_across_training_options(tmp_path, tiny_path, t
     layer = LengthValueModel.from_pretrained(tmp_path / "a", generator=tiny_generator).feature_layer
     named = _config(epochs=1, features_cache=cache, feature_layer=layer)
     train(records, str(tiny_path), tmp_path / "d", named, generator=tiny_generator)
+    # and so is the model named another way
+    train(records, f"{tiny_path}/", tmp_path / "e", named, generator=tiny_generator)
     with pytest.raises(InputError, match="features cache"):
         TrainConfig(kind="standalone", features_cache=cache)
 
@@ -695,6 +790,13 @@ def test_features_cache_is_not_reused_for_other_weights_or_held_out_answers(
     changed = [dict(r, completion_token_ids=r["completion_token_ids"][::-1]) for r in held]
     train(rest, gen, tmp_path / "c", config, generator=replaced, eval_rollouts=changed)
     assert passes  # other held-out answers: computed anew
+    path = tmp_path / "rest.jsonl"  # not in the canonical order that held answers train in
+    path.write_text("".join(json.dumps(r) + "\n" for r in rest[::-1]))
+    train(str(path), gen, tmp_path / "d", config, generator=replaced, eval_rollouts=held)
+    passes.clear()
+    streamed = dataclasses.replace(config, stream=True)
+    train(str(path), gen, tmp_path / "e", streamed, generator=replaced, eval_rollouts=held)
+    assert passes  # a stream trains in the file's order: its hidden states are laid out otherwise
 
 
 def test_a_predicted_length_is_never_below_one_token(tiny_path, tiny_generator):

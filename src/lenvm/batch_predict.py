@@ -6,9 +6,10 @@ One JSON line per prompt, ``{"id", "predicted_length", "prompt_tokens", "prompt_
 "lenvm"}``, appended a chunk of batches at a time (an interruption loses at most the chunk in
 flight); run again on the same output file, only the prompts not yet in it are predicted. The
 last two fingerprint the prompt's tokens and the LenVM's config, so that a rerun with another
-LenVM, or with a prompt changed under the same id, is refused rather than mixed in. Prompts run
-sorted by length, one forward per batch, so that little of a forward is padding; once every
-prompt is in the file, its lines are put back in the order of the prompts.
+LenVM, or with a prompt changed under the same id, is refused rather than mixed in; so is a file
+whose lines lack them (an older lenvm's), which cannot be checked. Prompts run sorted by length,
+one forward per batch, so that little of a forward is padding; once every prompt is in the file,
+its lines are put back in the order of the prompts.
 """
 
 from __future__ import annotations
@@ -138,14 +139,21 @@ def _in_prompt_order(out: Path, ids: list[str]) -> None:
 
 def _check_resumable(record: dict[str, Any], out: Path, model: str, shas: dict[str, str]) -> None:
     """Refuse to resume into ``out`` when ``record`` came from another LenVM or another prompt
-    under its id (a record without fingerprints, from an older lenvm, is taken as it is)."""
-    if record.get("lenvm", model) != model:
+    under its id, or cannot be checked for either (an older lenvm wrote no fingerprints)."""
+    if "lenvm" not in record or "prompt_sha" not in record:
         raise InputError(
-            f"{out} holds predictions of another LenVM (or of this one on another generator or dtype): "
-            "predict into a new file, or delete it to start over"
+            f"{out} was written by an older lenvm, without the fingerprints of the LenVM and the prompt "
+            "that show its predictions are this run's: they cannot be checked; predict into a new file, "
+            "or delete it to start over"
+        )
+    if record["lenvm"] != model:
+        raise InputError(
+            f"{out} holds predictions of another LenVM (or of this one on another generator or dtype, or "
+            "written by another lenvm version, which fingerprints a LenVM differently): predict into a "
+            "new file, or delete it to start over"
         )
     pid = str(record.get("id"))
-    if pid in shas and record.get("prompt_sha", shas[pid]) != shas[pid]:
+    if pid in shas and record["prompt_sha"] != shas[pid]:
         raise InputError(
             f"{out}: prompt {pid!r} is not the prompt predicted under that id before: predict into a new "
             "file, or delete it to start over"

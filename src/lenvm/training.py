@@ -44,6 +44,7 @@ from lenvm.io import (
     RunLock,
     atomic_path,
     check_writable,
+    fingerprint,
     is_int,
     is_real,
     plain_numbers,
@@ -97,8 +98,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # full path: optimizer steps between checkpoints (and evaluations)
     # None: stream rollout files over 256 MiB and datasets folders (lenvm.training_data).
     stream: bool | None = None
-    # Head training: keep the cached hidden states here and reuse them in any later run on the same
-    # data, model and feature layer, whatever its training options (None: a temporary folder).
+    # Head training: keep the cached hidden states here and reuse them in any later run that reads
+    # the same ones: the same rollouts and held-out answers, model, dtype, feature layer, truncation
+    # and max_length, streamed or not; its other training options may differ (None: a temporary folder).
     features_cache: str | None = None
     shuffle_buffer: int = 10_000  # full path, streamed: completions in the shuffle buffer
 
@@ -303,21 +305,26 @@ def train(
         lenvm.config.generator = sampled_by
         lenvm.config.sampling = data.policy.get("sampling")
         config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
-        # The model by its weights too: a generator replaced or fine-tuned at the same path is another.
-        model = [str(base), weights_digest(lenvm.backbone)]
+        # The model by its weights, not by how it is named: a trailing slash, a link, an alias and its
+        # prepared folder are one model; a generator replaced or fine-tuned at the same path is another.
+        model = weights_digest(lenvm.backbone)
         held = _examples_digest(data.eval)  # every held-out answer, not only how many
-        fingerprint = _run_fingerprint([*data.fingerprint_data, held], model, config, gamma)
-        # What the cached hidden states depend on: the data, the held-out split, the model and layer.
+        trained = _trained_settings(config, lenvm, gamma, source.streamed, eval_source is not None)
+        run_fingerprint = fingerprint([*data.fingerprint_data, held, model, trained])
+        # What the cached hidden states depend on: the data, the held-out split, the model and layer,
+        # and whether the answers are streamed (in their file's order, held ones in a canonical one).
         # The layer the head reads, resolved: the default and that same layer named are one cache.
         features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
-        features_fingerprint = _run_fingerprint([*data.fingerprint_data, held, *features], model, None, 0.0)
+        features_fingerprint = fingerprint([*data.fingerprint_data, held, model, *features, source.streamed])
 
         def evaluate(values: list[np.ndarray]) -> dict[str, float]:
             return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
 
         started = time.perf_counter()
-        trainer = HeadTrainer if config.freeze_backbone else FullTrainer
-        fit = trainer(lenvm, config, work, fingerprint, progress).fit(data, evaluate, features_fingerprint)
+        trainer = (HeadTrainer if config.freeze_backbone else FullTrainer)(
+            lenvm, config, work, run_fingerprint, progress
+        )
+        fit = trainer.fit(data, evaluate, features_fingerprint)
         seconds_this_run = time.perf_counter() - started
         diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
         if diverged is not None:
@@ -424,14 +431,36 @@ def _exclusive_run(out: Path, work: Path, features_cache: str | None) -> Iterato
             work.rmdir()  # refused before any work: leave nothing behind
 
 
-def _run_fingerprint(data: list[Any], base, config: TrainConfig | None, gamma: float) -> str:
-    """Identifies a run so that a checkpoint is only resumed by the same run."""
-    blob = json.dumps(
-        [*data, str(base), dataclasses.asdict(config) if config else None, gamma],
-        sort_keys=True,
-        default=str,
+def _trained_settings(
+    config: TrainConfig, lenvm: LengthValueModel, gamma: float, streamed: bool, held_out_given: bool
+) -> dict[str, Any]:
+    """The settings of ``config`` (resolved) that can change what a run trains, for its
+    checkpoint's fingerprint; a resumed run may change the others. Defaults enter as what they
+    resolve to (the run's gamma, the layer and width of its head, whether it streams), so that a
+    default and the same value named are one run."""
+    settings = dataclasses.asdict(config)
+    settings.update(
+        gamma=gamma,
+        feature_layer=lenvm.config.feature_layer,
+        head_hidden_size=lenvm.config.head_hidden_size,
+        stream=streamed,  # a stream is read in its file's order, held answers in a canonical one
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    ignored = {
+        "features_cache",  # where the hidden states are kept, not what they are
+        "checkpoint_every",  # when checkpoints are written and the held-out answers evaluated
+        "gradient_checkpointing",  # recomputes the same activations in the backward pass
+    }
+    if config.freeze_backbone:
+        ignored |= {"batch_size", "grad_accum", "shuffle_buffer"}  # fine-tuning's
+    else:
+        ignored.add("batch_tokens")  # head training's
+        if not streamed:
+            ignored.add("shuffle_buffer")  # held answers are permuted whole
+    if held_out_given:
+        ignored.add("eval_fraction")  # nothing is split off
+    if config.loss != "huber":
+        ignored.add("huber_delta")
+    return {k: v for k, v in settings.items() if k not in ignored}
 
 
 def _images(lenvm: LengthValueModel, examples: list[Example], device=None) -> dict[str, torch.Tensor]:
@@ -486,6 +515,17 @@ def _marked(marker: Path) -> str | None:
         return None
 
 
+def _check_resumable(work: Path, found: str | None, expected: str) -> None:
+    """Refuse the checkpoint in ``work`` unless the run fingerprinted ``expected`` wrote it (its
+    fingerprint ``found``). A fingerprint cannot tell another run from this one as another lenvm
+    version fingerprinted it, so the message names both."""
+    if found != expected:
+        raise InputError(
+            f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
+            "model or training settings), or one written by another lenvm version; remove it to start over"
+        )
+
+
 def _progress_record(step: int, epoch: float, loss: float, metrics: dict[str, float]) -> dict[str, float]:
     """One entry of the training log's ``evaluations``: held-out figures at a point of training."""
     return {
@@ -512,10 +552,7 @@ class _Checkpoint:
         if not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            raise InputError(
-                f"{self.path.parent} holds a checkpoint of a different training run; remove it to start over"
-            )
+        _check_resumable(self.path.parent, state.get("fingerprint"), self.fingerprint)
         return state
 
     def save(self, **state) -> None:
@@ -769,6 +806,7 @@ class HeadTrainer:
 
     def fit(self, data: TrainingData, evaluate, features_fingerprint: str) -> _Fit:
         config, lenvm = self.config, self.lenvm
+        state = self.checkpoint.load()  # before any work: another run's checkpoint is refused
         folder = Path(config.features_cache) if config.features_cache else self.work / "features"
         self.store = FeatureStore.open_or_build(
             folder, features_fingerprint, lenvm, data.train, data.eval, self.progress
@@ -783,7 +821,6 @@ class HeadTrainer:
         losses: list[float] = []
         evaluations: list[dict[str, float]] = []
         start_epoch = 0
-        state = self.checkpoint.load()
         if state is not None:
             lenvm.head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
@@ -964,6 +1001,13 @@ class FullTrainer:
                 f"but there are {data.train_completions} to train on; lower the batch size"
             )
         total = steps_per_epoch * config.epochs
+        staging = self.work.with_name(self.work.name + ".staging")
+        if not self.work.exists() and (staging / "state.json").is_file():
+            os.replace(staging, self.work)  # interrupted between the two renames of save()
+        state_file = self.work / "state.json"
+        saved = json.loads(state_file.read_text()) if state_file.is_file() else None
+        if saved is not None:  # before any work: another run's checkpoint is refused
+            _check_resumable(self.work, saved.get("fingerprint"), self.fingerprint)
         if config.gradient_checkpointing:
             backbone = lenvm.backbone
             if hasattr(backbone, "activation_checkpointing_enable"):  # its name from transformers 5.x
@@ -980,17 +1024,8 @@ class FullTrainer:
         model, optimizer = acc.prepare(lenvm, optimizer)
         distributed = self.layout(model)
         acc.register_for_checkpointing(scheduler)
-        staging = self.work.with_name(self.work.name + ".staging")
-        if not self.work.exists() and (staging / "state.json").is_file():
-            os.replace(staging, self.work)  # interrupted between the two renames of save()
-        state_file = self.work / "state.json"
         step, losses, evaluations = 0, [], []
-        if state_file.is_file():
-            saved = json.loads(state_file.read_text())
-            if saved["fingerprint"] != self.fingerprint:
-                raise InputError(
-                    f"{self.work} holds a checkpoint of a different training run; remove it to start over"
-                )
+        if saved is not None:
             acc.load_state(str(self.work / "accelerate"))
             step, losses, evaluations = saved["step"], saved["losses"], saved.get("evaluations", [])
         bar = tqdm(total=total, initial=step, desc="fine-tuning", unit="step", disable=not self.progress)
