@@ -1,8 +1,10 @@
-"""A LenVM's config.json as a user may edit it: every field checked when it is read."""
+"""A LenVM's config.json as a user may edit it: every field checked when it is read, fields it
+does not know named and kept."""
 
 import json
 import re
 import shutil
+import warnings
 
 import pytest
 
@@ -10,9 +12,11 @@ from lenvm.cli import main
 from lenvm.io import InputError
 from lenvm.model import (
     CONFIG_NAME,
+    LengthValueConfig,
     LengthValueModel,
     NotALenVMError,
     read_config,
+    save_config,
 )
 
 
@@ -117,3 +121,36 @@ def test_the_command_line_says_what_is_wrong_with_a_config_and_exits_2(saved, tm
     folder = edited(saved, tmp_path, setting(gamma="0.8254"))
     assert main(["predict", "--lenvm", str(folder), "--prompt", "Hello"]) == 2
     assert f"{folder / CONFIG_NAME}: gamma must be a number" in capsys.readouterr().err
+
+
+def test_unknown_config_fields_are_named_once_per_load(saved, tmp_path, tiny_generator):
+    def misspelled(config):
+        config["feature_layers"] = config.pop("feature_layer")
+
+    folder = edited(saved, tmp_path, misspelled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    said = [str(w.message) for w in caught if "does not know" in str(w.message)]
+    assert len(said) == 1 and "feature_layers" in said[0] and "written by another lenvm version" in said[0]
+
+
+def test_unknown_config_fields_are_kept_when_the_lenvm_is_written_again(saved, tmp_path, tiny_generator):
+    folder = edited(saved, tmp_path, setting(my_note="trained on tuesday"))
+    with pytest.warns(UserWarning, match="my_note"):
+        lenvm = LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    lenvm.config.gamma = 0.8  # what calibrate and train-end-head do: change the config, write it back
+    save_config(folder, lenvm.config)
+    save_config(folder, lenvm.config, tmp_path / "copy")
+    lenvm.save_pretrained(tmp_path / "saved")
+    for written in (folder, tmp_path / "copy", tmp_path / "saved"):
+        config = json.loads((written / CONFIG_NAME).read_text())
+        assert config["my_note"] == "trained on tuesday" and config["gamma"] == 0.8
+        assert "extra_fields" not in config
+
+
+def test_a_config_round_trips_through_its_dict(saved):
+    config = read_config(saved)
+    data = {**config.to_dict(), "my_note": "kept"}
+    again = LengthValueConfig.from_dict(data)
+    assert again.extra_fields == {"my_note": "kept"} and again.to_dict() == data

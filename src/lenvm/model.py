@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -98,6 +99,9 @@ class LengthValueConfig:
     end_head: dict[str, Any] | None = None
     format: str = FORMAT
     lenvm_version: str = __version__
+    # Fields of config.json that this lenvm does not know (another version's, or added by hand):
+    # they mean nothing here, and are written back as they were, as Hugging Face configs keep theirs.
+    extra_fields: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         plain_numbers(self)  # it is written as config.json
@@ -112,6 +116,8 @@ class LengthValueConfig:
             raise InputError(
                 "vocab_size must be given for a LenVM of kind 'q' (its head has a value per token)"
             )
+        if clash := sorted(self.extra_fields.keys() & self.__dataclass_fields__.keys()):
+            raise InputError(f"extra_fields holds fields of the config itself: {', '.join(clash)}")
         if self.sampling is not None:
             try:
                 SamplingParams.from_policy(self.sampling)
@@ -129,21 +135,24 @@ class LengthValueConfig:
             _check_gamma(self.end_head["gamma"])
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.update(data.pop("extra_fields"))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LengthValueConfig:
-        """The config of ``data`` (what ``config.json`` holds), every field checked."""
+        """The config of ``data`` (what ``config.json`` holds), every field checked; fields this
+        lenvm does not know are kept in :attr:`extra_fields`."""
         if not isinstance(data, dict):
             raise InputError(f"a LenVM config is a JSON object, got {_described(data)}")
-        declared = {f.name: f for f in fields(cls)}
+        declared = {f.name: f for f in fields(cls) if f.name != "extra_fields"}
         required = [
             name for name, f in declared.items() if f.default is MISSING and f.default_factory is MISSING
         ]
         if missing := [name for name in required if name not in data]:
             raise InputError(f"not a valid LenVM config (no {', '.join(missing)})")
         known = {k: v for k, v in data.items() if k in declared}
-        return cls(**known)
+        return cls(**known, extra_fields={k: v for k, v in data.items() if k not in declared})
 
 
 def _positive_int(value: object) -> bool:
@@ -183,6 +192,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "end_head": (_optional(lambda value: isinstance(value, dict)), "an object of end head settings, or null"),
     "format": (lambda value: value == FORMAT, f'"{FORMAT}"'),
     "lenvm_version": (_text, "a version string"),
+    "extra_fields": (lambda value: isinstance(value, dict), "a mapping of field names to values"),
 }
 
 
@@ -349,6 +359,7 @@ class LengthValueModel(nn.Module):
 
         path = Path(path)
         config = read_config(path)
+        warn_about_config(config, path / CONFIG_NAME)
         generator = _as_generator(generator)
         device = _device_for(device, generator)
         if config.kind == "standalone":
@@ -827,6 +838,24 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         return LengthValueConfig.from_dict(data)
     except InputError as err:
         raise InputError(f"{config_file}: {err}") from None
+
+
+def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike) -> None:
+    """Warn, once per load, of what a config read from ``config_file`` holds that loads but may
+    not mean what it says: fields this lenvm does not know (a misspelled one is ignored, its
+    default taking its place)."""
+    if config.extra_fields:
+        names = ", ".join(sorted(config.extra_fields))
+        by = (
+            f"lenvm {config.lenvm_version}"
+            if config.lenvm_version != __version__
+            else "another lenvm version"
+        )
+        warnings.warn(
+            f"{config_file}: fields this lenvm ({__version__}) does not know are ignored: {names} "
+            f"(written by {by}, or misspelled?); they are kept when the LenVM is written again",
+            stacklevel=3,
+        )
 
 
 def refuse_to_replace(path: str | os.PathLike, writes: str, lenvm: bool = True) -> None:
