@@ -1,5 +1,5 @@
 """A LenVM's config.json as a user may edit it: every field checked when it is read, fields it
-does not know named and kept."""
+does not know named and kept, a newer folder format refused."""
 
 import json
 import re
@@ -12,6 +12,7 @@ from lenvm.cli import main
 from lenvm.io import InputError
 from lenvm.model import (
     CONFIG_NAME,
+    FORMAT_VERSION,
     LengthValueConfig,
     LengthValueModel,
     NotALenVMError,
@@ -93,6 +94,7 @@ BAD_EDITS = {
     "base model null": (setting(base_model=None), "base_model must be a model's name or folder, got null"),
     "kind misspelled": (setting(kind="Attached"), "kind must be one of attached, standalone, q"),
     "version as a number": (setting(lenvm_version=1), "lenvm_version must be a version string"),
+    "format_version as a string": (setting(format_version="1"), "format_version must be a positive integer"),
 }
 
 
@@ -147,6 +149,20 @@ def test_unknown_config_fields_are_kept_when_the_lenvm_is_written_again(saved, t
         config = json.loads((written / CONFIG_NAME).read_text())
         assert config["my_note"] == "trained on tuesday" and config["gamma"] == 0.8
         assert "extra_fields" not in config
+
+
+def test_a_lenvm_of_a_newer_format_is_refused_an_older_one_loads(saved, tmp_path, tiny_generator):
+    newer = edited(saved, tmp_path / "newer", setting(format_version=FORMAT_VERSION + 1, gamma="changed"))
+    with pytest.raises(
+        InputError, match=f"of format {FORMAT_VERSION + 1}, written by a newer lenvm.*upgrade lenvm"
+    ):
+        LengthValueModel.from_pretrained(newer, generator=tiny_generator)
+    older = edited(saved, tmp_path / "older", without("format_version", "lenvm_version"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lenvm = LengthValueModel.from_pretrained(older, generator=tiny_generator)
+    assert lenvm.config.format_version == 1
+    assert json.loads((saved / CONFIG_NAME).read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_a_config_round_trips_through_its_dict(saved):

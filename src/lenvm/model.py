@@ -50,6 +50,9 @@ from lenvm.returns import _check_gamma, value_to_length
 Kind = Literal["attached", "standalone", "q"]
 KINDS: tuple[str, ...] = ("attached", "standalone", "q")
 FORMAT = "lenvm"
+# The version of a LenVM folder's layout and config fields: raised by a change that an older lenvm
+# would misread; a folder of a newer format is refused (lenvm.model.check_format_version).
+FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 HEAD_NAME = "head.safetensors"
 END_HEAD_NAME = "end_head.safetensors"
@@ -79,7 +82,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclass
 class LengthValueConfig:
-    """Everything needed to rebuild a LenVM; round-trips through ``config.json``."""
+    """Everything needed to rebuild a LenVM; round-trips through ``config.json``.
+
+    ``format`` marks the folder as a LenVM's; ``format_version`` is the version of its layout and
+    fields (:data:`FORMAT_VERSION`), raised when a change would make an older lenvm misread it;
+    ``lenvm_version`` records the lenvm that wrote it, for information."""
 
     kind: Kind
     gamma: float
@@ -98,6 +105,7 @@ class LengthValueConfig:
     # lenvm.end_head): its gamma, the EOS probability it counts as natural, what it was trained on.
     end_head: dict[str, Any] | None = None
     format: str = FORMAT
+    format_version: int = FORMAT_VERSION
     lenvm_version: str = __version__
     # Fields of config.json that this lenvm does not know (another version's, or added by hand):
     # they mean nothing here, and are written back as they were, as Hugging Face configs keep theirs.
@@ -105,6 +113,7 @@ class LengthValueConfig:
 
     def __post_init__(self) -> None:
         plain_numbers(self)  # it is written as config.json
+        check_format_version(self.format_version)
         if self.head_hidden_size is None:
             self.head_hidden_size = self.hidden_size
         for name, (valid, expected) in _FIELD_RULES.items():
@@ -141,10 +150,12 @@ class LengthValueConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LengthValueConfig:
-        """The config of ``data`` (what ``config.json`` holds), every field checked; fields this
-        lenvm does not know are kept in :attr:`extra_fields`."""
+        """The config of ``data`` (what ``config.json`` holds): a newer format than this lenvm reads
+        is refused, fields it does not know are kept in :attr:`extra_fields`."""
         if not isinstance(data, dict):
             raise InputError(f"a LenVM config is a JSON object, got {_described(data)}")
+        data = {"format_version": 1, **data}  # written before format_version existed: format 1
+        check_format_version(data["format_version"])  # before the fields a newer format may change
         declared = {f.name: f for f in fields(cls) if f.name != "extra_fields"}
         required = [
             name for name, f in declared.items() if f.default is MISSING and f.default_factory is MISSING
@@ -153,6 +164,18 @@ class LengthValueConfig:
             raise InputError(f"not a valid LenVM config (no {', '.join(missing)})")
         known = {k: v for k, v in data.items() if k in declared}
         return cls(**known, extra_fields={k: v for k, v in data.items() if k not in declared})
+
+
+def check_format_version(version: object) -> None:
+    """Refuse a LenVM folder format this lenvm does not read: a newer one (written by a newer
+    lenvm, whose fields this one could misread), or a version that is no positive integer."""
+    if not is_int(version) or version < 1:
+        raise InputError(f"format_version must be a positive integer, got {_described(version)}")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"the LenVM is of format {version}, written by a newer lenvm; this lenvm ({__version__}) reads "
+            f"formats up to {FORMAT_VERSION}: upgrade lenvm to load it"
+        )
 
 
 def _positive_int(value: object) -> bool:
