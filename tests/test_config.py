@@ -165,6 +165,12 @@ def test_a_lenvm_of_a_newer_format_is_refused_an_older_one_loads(saved, tmp_path
     assert json.loads((saved / CONFIG_NAME).read_text())["format_version"] == FORMAT_VERSION
 
 
+def test_a_head_on_another_generator_than_its_rollouts_is_named_on_load(saved, tmp_path, tiny_generator):
+    folder = edited(saved, tmp_path, setting(generator="someone-else/model"))
+    with pytest.warns(UserWarning, match="trained on rollouts of someone-else/model, and its head reads"):
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+
+
 def test_a_config_round_trips_through_its_dict(saved):
     config = read_config(saved)
     data = {**config.to_dict(), "my_note": "kept"}

@@ -866,7 +866,8 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
 def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike) -> None:
     """Warn, once per load, of what a config read from ``config_file`` holds that loads but may
     not mean what it says: fields this lenvm does not know (a misspelled one is ignored, its
-    default taking its place)."""
+    default taking its place), and a head that reads another generator than the one whose
+    rollouts trained it (made before training refused to say nothing of that)."""
     if config.extra_fields:
         names = ", ".join(sorted(config.extra_fields))
         by = (
@@ -877,6 +878,16 @@ def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike)
         warnings.warn(
             f"{config_file}: fields this lenvm ({__version__}) does not know are ignored: {names} "
             f"(written by {by}, or misspelled?); they are kept when the LenVM is written again",
+            stacklevel=3,
+        )
+    from lenvm.hub import model_name
+
+    sampled_by = config.generator
+    if config.kind != "standalone" and sampled_by and model_name(sampled_by) != model_name(config.base_model):
+        warnings.warn(
+            f"{config_file}: the LenVM was trained on rollouts of {sampled_by}, and its head reads "
+            f"{config.base_model}: it tells how long {sampled_by}'s answers are from "
+            f"{config.base_model}'s hidden states",
             stacklevel=3,
         )
 
