@@ -77,6 +77,9 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        """The map :meth:`to_dict` wrote (a LenVM's ``config.json`` keeps it)."""
+        if not isinstance(data, dict) or not {"values", "returns"} <= data.keys():
+            raise InputError('a calibration is an object with the knots\' "values" and "returns"')
         return cls(data["values"], data["returns"])
 
 

@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -33,13 +34,25 @@ from torch import nn
 from lenvm import __version__, vision
 from lenvm.calibration import Calibration
 from lenvm.decoding.params import SamplingParams
-from lenvm.io import InputError, atomic_path, is_int, json_text, outside_vocabulary, plain_numbers, write_text
+from lenvm.io import (
+    InputError,
+    atomic_path,
+    is_int,
+    is_real,
+    json_text,
+    outside_vocabulary,
+    plain_numbers,
+    write_text,
+)
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
 
 Kind = Literal["attached", "standalone", "q"]
 KINDS: tuple[str, ...] = ("attached", "standalone", "q")
 FORMAT = "lenvm"
+# The version of a LenVM folder's layout and config fields: raised by a change that an older lenvm
+# would misread; a folder of a newer format is refused (lenvm.model.check_format_version).
+FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 HEAD_NAME = "head.safetensors"
 END_HEAD_NAME = "end_head.safetensors"
@@ -69,17 +82,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclass
 class LengthValueConfig:
-    """Everything needed to rebuild a LenVM; round-trips through ``config.json``."""
+    """Everything needed to rebuild a LenVM; round-trips through ``config.json``.
+
+    ``format`` marks the folder as a LenVM's; ``format_version`` is the version of its layout and
+    fields (:data:`FORMAT_VERSION`), raised when a change would make an older lenvm misread it;
+    ``lenvm_version`` records the lenvm that wrote it, for information."""
 
     kind: Kind
     gamma: float
     hidden_size: int
     base_model: str  # the generator (attached, q) or where the backbone started (standalone)
     tokenizer_fingerprint: str
+    eos_token_ids: list[int]
     head_hidden_size: int | None = None  # defaults to hidden_size: the paper's H -> H -> 1
     feature_layer: int = -1  # the head reads this entry of hidden_states; -1: the final, normed one
     vocab_size: int | None = None  # q kind only
-    eos_token_ids: list[int] = field(default_factory=list)
     generator: str | None = None  # whose rollouts trained it
     sampling: dict[str, Any] | None = None  # the decoding policy of those rollouts
     training: dict[str, Any] | None = None  # summary of how it was trained
@@ -88,35 +105,128 @@ class LengthValueConfig:
     # lenvm.end_head): its gamma, the EOS probability it counts as natural, what it was trained on.
     end_head: dict[str, Any] | None = None
     format: str = FORMAT
+    format_version: int = FORMAT_VERSION
     lenvm_version: str = __version__
+    # Fields of config.json that this lenvm does not know (another version's, or added by hand):
+    # they mean nothing here, and are written back as they were, as Hugging Face configs keep theirs.
+    extra_fields: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         plain_numbers(self)  # NumPy numbers made Python ones: the config holds what config.json gives back
-        if self.kind not in KINDS:
-            raise InputError(f"unknown LenVM kind {self.kind!r}; expected one of {KINDS}")
-        _check_gamma(self.gamma)
+        check_format_version(self.format_version)
         if self.head_hidden_size is None:
             self.head_hidden_size = self.hidden_size
-        if not is_int(self.feature_layer) or self.feature_layer < -1:
+        for name, (valid, expected) in _FIELD_RULES.items():
+            value = getattr(self, name)
+            if not valid(value):
+                raise InputError(f"{name} must be {expected}, got {_described(value)}")
+        _check_gamma(self.gamma)
+        if self.kind == "q" and self.vocab_size is None:
             raise InputError(
-                f"feature_layer must be -1 (the final layer) or a layer index, got {self.feature_layer!r}"
+                "vocab_size must be given for a LenVM of kind 'q' (its head has a value per token)"
             )
+        if clash := sorted(self.extra_fields.keys() & self.__dataclass_fields__.keys()):
+            raise InputError(f"extra_fields holds fields of the config itself: {', '.join(clash)}")
+        if self.sampling is not None:
+            try:
+                SamplingParams.from_policy(self.sampling)
+            except InputError as err:
+                raise InputError(f"sampling: {err}") from None
         if self.calibration is not None:
             Calibration.from_dict(self.calibration)  # a bad map fails on load, not mid-decoding
         if self.end_head is not None:
             if self.kind != "attached":
                 raise InputError("an end head reads the generator's own states: a LenVM of kind 'attached'")
-            if not isinstance(self.end_head, dict) or "gamma" not in self.end_head:
-                raise InputError('the config\'s end_head must be a mapping with a "gamma"')
+            if not is_real(self.end_head.get("gamma")):
+                raise InputError(
+                    f'end_head must hold a "gamma" number, got {_described(self.end_head.get("gamma"))}'
+                )
             _check_gamma(self.end_head["gamma"])
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.update(data.pop("extra_fields"))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LengthValueConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The config of ``data`` (what ``config.json`` holds): a newer format than this lenvm reads
+        is refused, fields it does not know are kept in :attr:`extra_fields`."""
+        if not isinstance(data, dict):
+            raise InputError(f"a LenVM config is a JSON object, got {_described(data)}")
+        data = {"format_version": 1, **data}  # written before format_version existed: format 1
+        check_format_version(data["format_version"])  # before the fields a newer format may change
+        declared = {f.name: f for f in fields(cls) if f.name != "extra_fields"}
+        required = [
+            name for name, f in declared.items() if f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing := [name for name in required if name not in data]:
+            raise InputError(f"not a valid LenVM config (no {', '.join(missing)})")
+        known = {k: v for k, v in data.items() if k in declared}
+        return cls(**known, extra_fields={k: v for k, v in data.items() if k not in declared})
+
+
+def check_format_version(version: object) -> None:
+    """Refuse a LenVM folder format this lenvm does not read: a newer one (written by a newer
+    lenvm, whose fields this one could misread), or a version that is no positive integer."""
+    if not is_int(version) or version < 1:
+        raise InputError(f"format_version must be a positive integer, got {_described(version)}")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"the LenVM is of format {version}, written by a newer lenvm; this lenvm ({__version__}) reads "
+            f"formats up to {FORMAT_VERSION}: upgrade lenvm to load it"
+        )
+
+
+def _positive_int(value: object) -> bool:
+    return is_int(value) and value >= 1
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _optional(valid: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: value is None or valid(value)
+
+
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(is_int(i) and i >= 0 for i in value)
+
+
+# What each field of config.json must hold: a test, and what it expects in words.
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "kind": (lambda value: value in KINDS, f"one of {', '.join(KINDS)}"),
+    "gamma": (is_real, "a number in (0, 1)"),
+    "hidden_size": (_positive_int, "a positive integer"),
+    "base_model": (_text, "a model's name or folder"),
+    "tokenizer_fingerprint": (_text, "a tokenizer fingerprint (a string)"),
+    "eos_token_ids": (_token_ids, "a non-empty list of token ids"),
+    "head_hidden_size": (_positive_int, "a positive integer"),
+    "feature_layer": (lambda value: is_int(value) and value >= -1, "-1 (the final layer) or a layer index"),
+    "vocab_size": (_optional(_positive_int), "a positive integer, or null"),
+    "generator": (_optional(_text), "a model's name or folder, or null"),
+    "sampling": (_optional(lambda value: isinstance(value, dict)), "an object of sampling settings, or null"),
+    "training": (_optional(lambda value: isinstance(value, dict)), "an object, or null"),
+    "calibration": (
+        _optional(lambda value: isinstance(value, dict)),
+        "an object of calibration knots, or null",
+    ),
+    "end_head": (_optional(lambda value: isinstance(value, dict)), "an object of end head settings, or null"),
+    "format": (lambda value: value == FORMAT, f'"{FORMAT}"'),
+    "lenvm_version": (_text, "a version string"),
+    "extra_fields": (lambda value: isinstance(value, dict), "a mapping of field names to values"),
+}
+
+
+def _described(value: object) -> str:
+    """``value`` as JSON names it, with its type: a hand-edited number may be a string that looks
+    like one."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
+    kind = kinds.get(type(value), "an integer" if is_int(value) else "a number" if is_real(value) else None)
+    return f"{value!r} ({kind})" if kind else repr(value)
 
 
 class ValueHead(nn.Module):
@@ -183,6 +293,9 @@ class LengthValueModel(nn.Module):
         layers = backbone.config.get_text_config().num_hidden_layers
         if config.feature_layer > layers:
             raise InputError(f"feature_layer {config.feature_layer} exceeds the backbone's {layers} layers")
+        vocab = backbone.get_input_embeddings().weight.shape[0]
+        if (why := outside_vocabulary(config.eos_token_ids, vocab, "eos_token_ids")) is not None:
+            raise InputError(f"the LenVM's {why} of its backbone")
         # The head goes where the backbone is; the backbone is never moved.
         self.head.to(backbone.get_input_embeddings().weight.device)
         if self.end_head is not None:
@@ -269,6 +382,7 @@ class LengthValueModel(nn.Module):
 
         path = Path(path)
         config = read_config(path)
+        warn_about_config(config, path / CONFIG_NAME)
         generator = _as_generator(generator)
         device = _device_for(device, generator)
         if config.kind == "standalone":
@@ -722,16 +836,23 @@ def generator_for(model: str | os.PathLike | None, lenvm: str | os.PathLike | No
 
 
 def read_config(path: str | os.PathLike) -> LengthValueConfig:
+    """The config of the LenVM folder ``path``, every field checked: a folder that holds no LenVM
+    raises :class:`NotALenVMError`, a config with a field of a wrong type or value (a hand edit)
+    :class:`InputError`, naming the file."""
     path = Path(path)
     config_file = path / CONFIG_NAME
     if not path.is_dir() or not config_file.is_file():
         raise NotALenVMError(f"{path}: not a LenVM folder (no {CONFIG_NAME})")
     try:
-        data = json.loads(config_file.read_text())
+        data = json.loads(config_file.read_bytes().decode("utf-8-sig"))  # an editor's byte-order mark too
+    except UnicodeDecodeError as err:
+        raise NotALenVMError(f"{config_file}: not UTF-8 text (byte {err.start + 1})") from None
     except json.JSONDecodeError as err:
         raise NotALenVMError(f"{config_file}: malformed JSON ({err.msg})") from None
-    if data.get("format") != FORMAT:
-        raise NotALenVMError(f'{path}: not a LenVM folder (config.json has no "format": "{FORMAT}")')
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise NotALenVMError(
+            f'{path}: not a LenVM folder (its config.json is not an object with "format": "{FORMAT}")'
+        )
     if not (path / HEAD_NAME).is_file():
         raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
     if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
@@ -740,8 +861,35 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         return LengthValueConfig.from_dict(data)
     except InputError as err:
         raise InputError(f"{config_file}: {err}") from None
-    except (TypeError, ValueError) as err:  # a field missing, or of a wrong type or value
-        raise InputError(f"{config_file}: not a valid LenVM config ({err})") from None
+
+
+def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike) -> None:
+    """Warn, once per load, of what a config read from ``config_file`` holds that loads but may
+    not mean what it says: fields this lenvm does not know (a misspelled one is ignored, its
+    default taking its place), and a head that reads another generator than the one whose
+    rollouts trained it (made before training refused to say nothing of that)."""
+    if config.extra_fields:
+        names = ", ".join(sorted(config.extra_fields))
+        by = (
+            f"lenvm {config.lenvm_version}"
+            if config.lenvm_version != __version__
+            else "another lenvm version"
+        )
+        warnings.warn(
+            f"{config_file}: fields this lenvm ({__version__}) does not know are ignored: {names} "
+            f"(written by {by}, or misspelled?); they are kept when the LenVM is written again",
+            stacklevel=3,
+        )
+    from lenvm.hub import model_name
+
+    sampled_by = config.generator
+    if config.kind != "standalone" and sampled_by and model_name(sampled_by) != model_name(config.base_model):
+        warnings.warn(
+            f"{config_file}: the LenVM was trained on rollouts of {sampled_by}, and its head reads "
+            f"{config.base_model}: it tells how long {sampled_by}'s answers are from "
+            f"{config.base_model}'s hidden states",
+            stacklevel=3,
+        )
 
 
 def refuse_to_replace(path: str | os.PathLike, writes: str, lenvm: bool = True) -> None:

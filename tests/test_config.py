@@ -1,0 +1,178 @@
+"""A LenVM's config.json as a user may edit it: every field checked when it is read, fields it
+does not know named and kept, a newer folder format refused."""
+
+import json
+import re
+import shutil
+import warnings
+
+import pytest
+
+from lenvm.cli import main
+from lenvm.io import InputError
+from lenvm.model import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    LengthValueConfig,
+    LengthValueModel,
+    NotALenVMError,
+    read_config,
+    save_config,
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_path, tiny_generator):
+    """An attached LenVM folder on the tiny generator, trained on its own rollouts."""
+    folder = tmp_path_factory.mktemp("config") / "lv"
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
+    lenvm.config.generator = lenvm.config.base_model
+    lenvm.save_pretrained(folder)
+    return folder
+
+
+def edited(saved, tmp_path, change):
+    """A copy of the LenVM folder ``saved`` whose config (a dict) ``change`` edits, or replaces
+    with what it returns."""
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    replaced = change(config)
+    config = config if replaced is None else replaced
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    return folder
+
+
+def setting(**fields):
+    return lambda config: config.update(fields)
+
+
+def without(*names):
+    def change(config):
+        for name in names:
+            del config[name]
+
+    return change
+
+
+BAD_EDITS = {
+    "gamma as a string": (
+        setting(gamma="0.8254"),
+        "gamma must be a number in (0, 1), got '0.8254' (a string)",
+    ),
+    "gamma null": (setting(gamma=None), "gamma must be a number in (0, 1), got null"),
+    "no eos_token_ids": (without("eos_token_ids"), "not a valid LenVM config (no eos_token_ids)"),
+    "no eos ids": (setting(eos_token_ids=[]), "eos_token_ids must be a non-empty list of token ids, got []"),
+    "one eos id, not a list": (
+        setting(eos_token_ids=2),
+        "eos_token_ids must be a non-empty list of token ids, got 2",
+    ),
+    "eos ids as strings": (
+        setting(eos_token_ids=["2"]),
+        "eos_token_ids must be a non-empty list of token ids",
+    ),
+    "knots without returns": (setting(calibration={"values": [1, 2]}), 'knots\' "values" and "returns"'),
+    "q without vocab_size": (
+        lambda config: config.update(kind="q") or config.pop("vocab_size"),
+        "vocab_size must be given for a LenVM of kind 'q'",
+    ),
+    "hidden_size as a string": (
+        setting(hidden_size="64"),
+        "hidden_size must be a positive integer, got '64'",
+    ),
+    "vocab_size as a string": (
+        setting(vocab_size="x"),
+        "vocab_size must be a positive integer, or null, got 'x'",
+    ),
+    "sampling as a string": (setting(sampling="temp=1"), "sampling must be an object of sampling settings"),
+    "temperature as a string": (
+        setting(sampling={"temperature": "1.0"}),
+        "sampling: bad sampling parameters",
+    ),
+    "training as a list": (setting(training=[]), "training must be an object, or null, got []"),
+    "fingerprint as a number": (setting(tokenizer_fingerprint=7), "tokenizer_fingerprint must be"),
+    "base model null": (setting(base_model=None), "base_model must be a model's name or folder, got null"),
+    "kind misspelled": (setting(kind="Attached"), "kind must be one of attached, standalone, q"),
+    "version as a number": (setting(lenvm_version=1), "lenvm_version must be a version string"),
+    "format_version as a string": (setting(format_version="1"), "format_version must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_EDITS)
+def test_a_config_field_of_a_wrong_type_or_value_is_refused_as_it_is_read(name, saved, tmp_path):
+    change, message = BAD_EDITS[name]
+    folder = edited(saved, tmp_path, change)
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        read_config(folder)
+    assert str(err.value).startswith(f"{folder / CONFIG_NAME}: ")
+
+
+def test_a_config_that_is_not_an_object_is_not_a_lenvm(saved, tmp_path):
+    folder = edited(saved, tmp_path, lambda config: [])
+    with pytest.raises(NotALenVMError, match="not a LenVM folder"):
+        read_config(folder)
+
+
+def test_eos_ids_outside_the_generators_vocabulary_are_refused_on_load(saved, tmp_path, tiny_generator):
+    folder = edited(saved, tmp_path, setting(eos_token_ids=[99999]))
+    with pytest.raises(InputError, match="eos_token_ids holds token id 99999, outside the vocabulary"):
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+
+
+def test_the_command_line_says_what_is_wrong_with_a_config_and_exits_2(saved, tmp_path, capsys):
+    folder = edited(saved, tmp_path, setting(gamma="0.8254"))
+    assert main(["predict", "--lenvm", str(folder), "--prompt", "Hello"]) == 2
+    assert f"{folder / CONFIG_NAME}: gamma must be a number" in capsys.readouterr().err
+
+
+def test_unknown_config_fields_are_named_once_per_load(saved, tmp_path, tiny_generator):
+    def misspelled(config):
+        config["feature_layers"] = config.pop("feature_layer")
+
+    folder = edited(saved, tmp_path, misspelled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    said = [str(w.message) for w in caught if "does not know" in str(w.message)]
+    assert len(said) == 1 and "feature_layers" in said[0] and "written by another lenvm version" in said[0]
+
+
+def test_unknown_config_fields_are_kept_when_the_lenvm_is_written_again(saved, tmp_path, tiny_generator):
+    folder = edited(saved, tmp_path, setting(my_note="trained on tuesday"))
+    with pytest.warns(UserWarning, match="my_note"):
+        lenvm = LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    lenvm.config.gamma = 0.8  # what calibrate and train-end-head do: change the config, write it back
+    save_config(folder, lenvm.config)
+    save_config(folder, lenvm.config, tmp_path / "copy")
+    lenvm.save_pretrained(tmp_path / "saved")
+    for written in (folder, tmp_path / "copy", tmp_path / "saved"):
+        config = json.loads((written / CONFIG_NAME).read_text())
+        assert config["my_note"] == "trained on tuesday" and config["gamma"] == 0.8
+        assert "extra_fields" not in config
+
+
+def test_a_lenvm_of_a_newer_format_is_refused_an_older_one_loads(saved, tmp_path, tiny_generator):
+    newer = edited(saved, tmp_path / "newer", setting(format_version=FORMAT_VERSION + 1, gamma="changed"))
+    with pytest.raises(
+        InputError, match=f"of format {FORMAT_VERSION + 1}, written by a newer lenvm.*upgrade lenvm"
+    ):
+        LengthValueModel.from_pretrained(newer, generator=tiny_generator)
+    older = edited(saved, tmp_path / "older", without("format_version", "lenvm_version"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lenvm = LengthValueModel.from_pretrained(older, generator=tiny_generator)
+    assert lenvm.config.format_version == 1
+    assert json.loads((saved / CONFIG_NAME).read_text())["format_version"] == FORMAT_VERSION
+
+
+def test_a_head_on_another_generator_than_its_rollouts_is_named_on_load(saved, tmp_path, tiny_generator):
+    folder = edited(saved, tmp_path, setting(generator="someone-else/model"))
+    with pytest.warns(UserWarning, match="trained on rollouts of someone-else/model, and its head reads"):
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+
+
+def test_a_config_round_trips_through_its_dict(saved):
+    config = read_config(saved)
+    data = {**config.to_dict(), "my_note": "kept"}
+    again = LengthValueConfig.from_dict(data)
+    assert again.extra_fields == {"my_note": "kept"} and again.to_dict() == data
