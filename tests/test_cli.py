@@ -193,6 +193,20 @@ def test_serve_options_out_of_range_are_usage_errors(capsys, flag, value, messag
     assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[1]", "expected a JSON object of names and values"),
+        ('"max_model_len"', "expected a JSON object of names and values"),
+        ("{max_model_len: 1}", "not JSON (Expecting property name"),
+    ],
+)
+def test_vllm_args_that_are_no_json_object_are_usage_errors(capsys, value, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["rollout", "--prompts", "p.jsonl", "--out", "r.jsonl", "--vllm-args", value])
+    assert exit.value.code == 2 and f"argument --vllm-args: {message}" in capsys.readouterr().err
+
+
 def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "broken\n')

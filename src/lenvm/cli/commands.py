@@ -584,8 +584,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vllm-args",
-        type=json.loads,
-        help="--backend vllm: vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'",
+        type=options.json_object,
+        help="--backend vllm: vllm.LLM arguments as a JSON object, e.g. '{\"max_model_len\": 4096}'",
     )
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name on the server (default: --model)")

@@ -8,6 +8,7 @@ left out: left out, a flag takes the policy a LenVM was trained on where a LenVM
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -42,6 +43,19 @@ def non_negative_float(text: str) -> float:
 def port(text: str) -> int:
     """An argparse type: a TCP port number."""
     return _number(text, int, 0, 65535)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object, such as keyword arguments by name."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object of names and values, like '{{\"max_model_len\": 4096}}', got {text!r}"
+        )
+    return value
 
 
 def _number(text: str, kind: type, low: float, high: float | None = None):
