@@ -395,6 +395,31 @@ def test_rollout_vllm_args_that_vllm_does_not_take_are_refused_by_name(tiny128, 
     assert not out.exists()
 
 
+def test_a_vllm_rollout_prints_only_its_summary_on_stdout(tiny128, tmp_path):
+    """vLLM logs to stdout unless told otherwise: `lenvm rollout --backend vllm | jq .` must work."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm.cli",
+        "rollout",
+        "--model",
+        str(tiny128),
+        "--prompts",
+        str(prompts),
+    ]
+    command += ["--out", str(tmp_path / "r.jsonl"), "--backend", "vllm", "--n", "1", "--max-new-tokens", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_STREAM"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["completions_written"] == 1  # the summary and nothing else
+    assert "INFO" in done.stderr  # vLLM's log, where it belongs
+
+
 def test_rollouts_through_vllm_resume_and_train(tiny128, generator128, tmp_path):
     from lenvm import TrainConfig, read_rollouts, rollout, train
     from lenvm.prompts import as_prompt
