@@ -523,6 +523,17 @@ def test_vllm_args_are_a_dict(tiny_generator, tmp_path):
         rollout("m", PROMPTS[:1], tmp_path / "r.jsonl", backend="vllm", vllm_args=[1], progress=False)
 
 
+def test_the_progress_bar_is_redrawn_at_its_interval_not_at_every_completion(
+    tiny_generator, tmp_path, monkeypatch, lazy_bars
+):
+    bar, drawn = lazy_bars
+    monkeypatch.setattr(rollouts_module, "tqdm", bar)
+    sampling = SamplingParams(max_new_tokens=2)
+    summary = rollout(tiny_generator, PROMPTS, tmp_path / "r.jsonl", n=4, sampling=sampling, batch_size=4)
+    assert summary.completions_written == 12
+    assert drawn.getvalue().count("rollouts") <= 2  # drawn when opened and closed, not 12 times more
+
+
 def test_auto_backend_uses_our_engine_without_vllm(tiny_path, tiny_generator, tmp_path, monkeypatch):
     monkeypatch.setattr(rollouts_module, "vllm_installed", lambda: False)
     out = tmp_path / "r.jsonl"

@@ -284,8 +284,8 @@ def rollout(
                         summary.truncated += 1
                 summary.seconds_this_run = time.perf_counter() - start
                 summary.tokens_per_second = summary.tokens_generated / max(summary.seconds_this_run, 1e-9)
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
+                bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s", refresh=False)
+                bar.update(len(batch))  # redrawn at most every tenth of a second (TQDM_MININTERVAL)
         return summary
 
 
