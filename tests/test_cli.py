@@ -598,6 +598,33 @@ def test_generate_prints_each_answer_once_it_is_done_and_a_closed_pipe_ends_quie
     assert run.wait() == 141 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_generate_answers_start_lines_of_their_own_beside_the_progress_bar(
+    tmp_path, tiny_path, monkeypatch, terminal
+):
+    """stdout and stderr in one log (or one terminal): no answer may go on the bar's line."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    both = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me {i}."}) + "\n" for i in range(3)))
+    argv = ["generate", "--model", str(tiny_path), "--prompts", str(prompts), "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    log = both.getvalue()
+    assert "generate:" in log  # the bar was drawn
+    # In a terminal a carriage return starts a line over; in a file only a newline starts one.
+    shown = [line.split("\r")[-1] if terminal else line for line in log.split("\n")]
+    answers = [line for line in shown if '"id"' in line]
+    assert len(answers) == 3 and all(line.startswith("{") for line in answers), log
+
+
 def test_serve_on_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys, monkeypatch):
     import socket
 
