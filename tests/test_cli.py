@@ -540,6 +540,33 @@ def test_every_option_has_help_and_bench_defaults_match_the_python_api():
         assert args.max_new_tokens == inspect.signature(run).parameters["max_new_tokens"].default
 
 
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from lenvm.cli.commands import build_parser
+
+    def options(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from options(sub, f"{name} {sub_name}")
+            elif action.option_strings:
+                yield f"{name} {action.option_strings[0]}", action, p._get_formatter()._expand_help(action)
+
+    walked = list(options(build_parser(), "lenvm"))
+    with_default = [
+        (option, shown)
+        for option, action, shown in walked
+        if action.nargs != 0 and action.default not in (None, argparse.SUPPRESS, [])
+    ]
+    assert len(with_default) > 100
+    assert [option for option, shown in with_default if "default" not in shown] == []
+    assert [option for option, _, shown in walked if shown.count("(default: ") > 1] == []
+    shown = dict((option, text) for option, _, text in walked)
+    assert shown["lenvm rollout --model"].endswith("(default: smollm2-135m-instruct)")
+    assert shown["lenvm bench tradeoff --levels"].endswith("(default: 1 2 3)")  # as it is typed
+
+
 def test_help_and_usage_errors_come_without_torch():
     """``lenvm --help``, ``lenvm bench --help`` and a mistyped command answer at once: only the
     chosen command's options are built (train's, demo's and the benchmarks' import torch)."""

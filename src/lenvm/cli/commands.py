@@ -571,7 +571,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     def wanted(*command: str) -> bool:
         return chosen is None or chosen[: len(command)] == list(command)
 
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         prog="lenvm",
         description="Length Value Models: predict and control how long a language model will talk.",
     )

@@ -18,6 +18,34 @@ from lenvm.hub import DEFAULT_MODEL, DTYPES
 _DEFAULTS = SamplingParams()
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's line with its default, where the option takes a value, has a
+    default worth showing (not None, False or an empty list) and its help does not speak of one
+    already. A list shows as it is typed: ``--betas 0 2 5``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        if (
+            not action.option_strings
+            or action.nargs == 0  # a switch: its name says what it does
+            or any(default is nothing for nothing in (None, False, argparse.SUPPRESS))  # 0 is one
+            or default == []
+            or "default" in text
+        ):
+            return action.help
+        shown = " ".join(map(str, default)).replace("%", "%%") if isinstance(default, list) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose help shows defaults (:class:`DefaultsHelpFormatter`), as do the
+    parsers of its subcommands, which are made of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def path(text: str) -> str:
     """An argparse type for a file or folder: a leading ``~`` is the home folder, as a shell
     expands it everywhere except after ``--flag=``. Anything else (a hub id, ``-``, a URL) is left
