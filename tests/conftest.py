@@ -23,6 +23,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def lazy_bars():
+    """``(tqdm class, buffer)``: bars that draw into the buffer only when something forces them
+    (their interval never passes), so that a test counts the redraws a loop forces."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    buffer = io.StringIO()
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": buffer, "mininterval": 3600})
+
+    return Bar, buffer
+
+
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
     from lenvm.testing import tiny_model

@@ -193,6 +193,20 @@ def test_serve_options_out_of_range_are_usage_errors(capsys, flag, value, messag
     assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[1]", "expected a JSON object of names and values"),
+        ('"max_model_len"', "expected a JSON object of names and values"),
+        ("{max_model_len: 1}", "not JSON (Expecting property name"),
+    ],
+)
+def test_vllm_args_that_are_no_json_object_are_usage_errors(capsys, value, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["rollout", "--prompts", "p.jsonl", "--out", "r.jsonl", "--vllm-args", value])
+    assert exit.value.code == 2 and f"argument --vllm-args: {message}" in capsys.readouterr().err
+
+
 def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "broken\n')
@@ -526,6 +540,33 @@ def test_every_option_has_help_and_bench_defaults_match_the_python_api():
         assert args.max_new_tokens == inspect.signature(run).parameters["max_new_tokens"].default
 
 
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from lenvm.cli.commands import build_parser
+
+    def options(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from options(sub, f"{name} {sub_name}")
+            elif action.option_strings:
+                yield f"{name} {action.option_strings[0]}", action, p._get_formatter()._expand_help(action)
+
+    walked = list(options(build_parser(), "lenvm"))
+    with_default = [
+        (option, shown)
+        for option, action, shown in walked
+        if action.nargs != 0 and action.default not in (None, argparse.SUPPRESS, [])
+    ]
+    assert len(with_default) > 100
+    assert [option for option, shown in with_default if "default" not in shown] == []
+    assert [option for option, _, shown in walked if shown.count("(default: ") > 1] == []
+    shown = dict((option, text) for option, _, text in walked)
+    assert shown["lenvm rollout --model"].endswith("(default: smollm2-135m-instruct)")
+    assert shown["lenvm bench tradeoff --levels"].endswith("(default: 1 2 3)")  # as it is typed
+
+
 def test_help_and_usage_errors_come_without_torch():
     """``lenvm --help``, ``lenvm bench --help`` and a mistyped command answer at once: only the
     chosen command's options are built (train's, demo's and the benchmarks' import torch)."""
@@ -582,6 +623,33 @@ def test_generate_prints_each_answer_once_it_is_done_and_a_closed_pipe_ends_quie
     err = run.stderr.read().decode()
     assert json.loads(first)["id"] == "p0"
     assert run.wait() == 141 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_generate_answers_start_lines_of_their_own_beside_the_progress_bar(
+    tmp_path, tiny_path, monkeypatch, terminal
+):
+    """stdout and stderr in one log (or one terminal): no answer may go on the bar's line."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    both = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me {i}."}) + "\n" for i in range(3)))
+    argv = ["generate", "--model", str(tiny_path), "--prompts", str(prompts), "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    log = both.getvalue()
+    assert "generate:" in log  # the bar was drawn
+    # In a terminal a carriage return starts a line over; in a file only a newline starts one.
+    shown = [line.split("\r")[-1] if terminal else line for line in log.split("\n")]
+    answers = [line for line in shown if '"id"' in line]
+    assert len(answers) == 3 and all(line.startswith("{") for line in answers), log
 
 
 def test_serve_on_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys, monkeypatch):

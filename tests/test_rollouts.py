@@ -497,6 +497,43 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
     assert not out.exists() or read_rollouts(out) == []
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "backend", "owner"),
+    [
+        ("base_url", "http://127.0.0.1:1/v1", "hf", "openai"),
+        ("api_model", "m", "hf", "openai"),
+        ("api_key", "k", "auto", "openai"),
+        ("vllm_args", {"max_model_len": 64}, "hf", "vllm"),
+        ("vllm_args", {"max_model_len": 64}, "openai", "vllm"),
+    ],
+)
+def test_an_option_of_another_backend_is_refused_not_ignored(
+    tiny_generator, tmp_path, monkeypatch, option, value, backend, owner
+):
+    monkeypatch.setattr(rollouts_module, "vllm_installed", lambda: False)  # auto: our engine
+    out = tmp_path / "r.jsonl"
+    given = {option: value, "base_url": "http://127.0.0.1:1/v1"} if backend == "openai" else {option: value}
+    with pytest.raises(InputError, match=f"{option} is an option of the {owner} backend"):
+        rollout(tiny_generator, PROMPTS[:1], out, n=1, backend=backend, progress=False, **given)
+    assert not out.exists()  # refused before anything is sampled
+
+
+def test_vllm_args_are_a_dict(tiny_generator, tmp_path):
+    with pytest.raises(InputError, match="vllm_args must be a dict of vllm.LLM arguments by name, got list"):
+        rollout("m", PROMPTS[:1], tmp_path / "r.jsonl", backend="vllm", vllm_args=[1], progress=False)
+
+
+def test_the_progress_bar_is_redrawn_at_its_interval_not_at_every_completion(
+    tiny_generator, tmp_path, monkeypatch, lazy_bars
+):
+    bar, drawn = lazy_bars
+    monkeypatch.setattr(rollouts_module, "tqdm", bar)
+    sampling = SamplingParams(max_new_tokens=2)
+    summary = rollout(tiny_generator, PROMPTS, tmp_path / "r.jsonl", n=4, sampling=sampling, batch_size=4)
+    assert summary.completions_written == 12
+    assert drawn.getvalue().count("rollouts") <= 2  # drawn when opened and closed, not 12 times more
+
+
 def test_auto_backend_uses_our_engine_without_vllm(tiny_path, tiny_generator, tmp_path, monkeypatch):
     monkeypatch.setattr(rollouts_module, "vllm_installed", lambda: False)
     out = tmp_path / "r.jsonl"

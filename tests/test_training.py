@@ -396,6 +396,23 @@ def test_a_head_trains_the_same_on_the_same_records_in_another_order(tmp_path, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_bars_are_redrawn_at_their_interval_not_at_every_step(
+    tmp_path, tiny_path, tiny_generator, monkeypatch, lazy_bars
+):
+    import lenvm.training
+
+    bar, drawn = lazy_bars
+    monkeypatch.setattr(lenvm.training, "tqdm", bar)
+    records = synthetic_records(tiny_generator[1])
+    head = train(records, str(tiny_path), tmp_path / "head", _config(epochs=5), generator=tiny_generator)
+    backbone = TrainConfig(kind="standalone", epochs=2, batch_size=2, bf16=False, eval_fraction=0.25)
+    tuned = train(records, str(tiny_path), tmp_path / "sa", backbone)
+    assert len(head.losses) >= 10 and len(tuned.losses) >= 10
+    # Drawn when opened and closed (and, for fine-tuning, where a checkpoint writes a line).
+    assert drawn.getvalue().count("training head") <= 2
+    assert drawn.getvalue().count("fine-tuning") <= 4
+
+
 def test_full_finetune_standalone(tmp_path, tiny_path, tiny_generator):
     records = synthetic_records(tiny_generator[1])
     config = TrainConfig(kind="standalone", epochs=3, lr=1e-3, batch_size=4, bf16=False, eval_fraction=0.25)

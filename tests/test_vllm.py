@@ -407,6 +407,47 @@ def test_requests_without_a_control_are_left_alone(tiny128, lenvms):
     assert [r.token_ids for r in beside[:3]] == [r.token_ids for r in plain]
 
 
+def test_rollout_vllm_args_that_vllm_does_not_take_are_refused_by_name(tiny128, tmp_path):
+    from lenvm import rollout
+
+    out = tmp_path / "r.jsonl"
+    for vllm_args, message in [
+        (
+            {"max_model_len": 64, "nonsense_arg": 1, "other": 2},
+            "'nonsense_arg', 'other' are not among vllm.LLM's",
+        ),
+        ({"model": "another"}, "cannot set 'model'"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            rollout(str(tiny128), PROMPTS[:1], out, n=1, backend="vllm", vllm_args=vllm_args, progress=False)
+    assert not out.exists()
+
+
+def test_a_vllm_rollout_prints_only_its_summary_on_stdout(tiny128, tmp_path):
+    """vLLM logs to stdout unless told otherwise: `lenvm rollout --backend vllm | jq .` must work."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm.cli",
+        "rollout",
+        "--model",
+        str(tiny128),
+        "--prompts",
+        str(prompts),
+    ]
+    command += ["--out", str(tmp_path / "r.jsonl"), "--backend", "vllm", "--n", "1", "--max-new-tokens", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_STREAM"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["completions_written"] == 1  # the summary and nothing else
+    assert "INFO" in done.stderr  # vLLM's log, where it belongs
+
+
 def test_rollouts_through_vllm_resume_and_train(tiny128, generator128, tmp_path):
     from lenvm import TrainConfig, read_rollouts, rollout, train
     from lenvm.prompts import as_prompt

@@ -164,7 +164,9 @@ def rollout(
     vLLM runs at once (``vllm_args`` go to ``vllm.LLM``, e.g. ``{"max_model_len": 4096}``); for
     ``openai`` the number of requests in flight, and ``tokenizer`` (default: the generator's)
     applies the chat template and re-tokenizes. ``auto``: see the module doc (a generator passed
-    loaded, or prompts with images, stay in our engine).
+    loaded, or prompts with images, stay in our engine). ``base_url``, ``api_model`` and
+    ``api_key`` belong to ``openai``, ``vllm_args`` to ``vllm`` (names ``vllm.LLM`` takes): given
+    with another backend they are refused, not ignored.
 
     Every completion's seed derives from ``sampling.seed`` (:func:`derive_seed`), and a seed left
     as None is taken as 0, so that records can be reproduced and a file resumed: two calls with the
@@ -191,6 +193,10 @@ def rollout(
         raise InputError(f"unknown backend {backend!r}; known: {', '.join((*BACKENDS, AUTO))}")
     if backend == "openai" and not base_url:
         raise InputError("the openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
+    if vllm_args is not None and not isinstance(vllm_args, dict):
+        raise InputError(
+            f"vllm_args must be a dict of vllm.LLM arguments by name, got {type(vllm_args).__name__}"
+        )
     if isinstance(prompts, str | dict | Prompt):
         raise InputError("prompts must be a list of prompts: wrap a single one in a list")
     prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
@@ -211,6 +217,8 @@ def rollout(
             raise InputError("the vllm backend needs vLLM: install lenvm[vllm] (see the README)")
         if backend == "vllm" and isinstance(generator, tuple):
             raise InputError("the vllm backend loads the generator itself: pass its name or folder")
+        given = {"base_url": base_url, "api_model": api_model, "api_key": api_key, "vllm_args": vllm_args}
+        _check_backend_options(backend, [name for name, value in given.items() if value is not None])
         if with_images is not None and backend != "hf":
             raise InputError(
                 f"prompt {with_images!r} has images: rollouts with images run in lenvm's engine (backend "
@@ -248,6 +256,7 @@ def rollout(
         if backend == "vllm":  # started before the clock: loading is not generation
             from lenvm.integrations.vllm import VLLMEngine
 
+            _check_vllm_args(vllm_args or {})
             engine_args = {"dtype": dtype, "max_num_seqs": batch_size, **(vllm_args or {})}
             vllm_engine = VLLMEngine(str(generator), logprobs=False, **engine_args)
         start = time.perf_counter()
@@ -275,9 +284,44 @@ def rollout(
                         summary.truncated += 1
                 summary.seconds_this_run = time.perf_counter() - start
                 summary.tokens_per_second = summary.tokens_generated / max(summary.seconds_this_run, 1e-9)
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s")
+                bar.set_postfix_str(f"{summary.tokens_per_second:.1f} tok/s", refresh=False)
+                bar.update(len(batch))  # redrawn at most every tenth of a second (TQDM_MININTERVAL)
         return summary
+
+
+# The backend that takes each of rollout's backend options; any other ignores it.
+BACKEND_OPTIONS = {"base_url": "openai", "api_model": "openai", "api_key": "openai", "vllm_args": "vllm"}
+
+
+def _check_backend_options(backend: str, given: list[str]) -> None:
+    """Refuse options of another backend than ``backend`` (the one chosen, ``auto`` resolved):
+    ignored, a ``base_url`` would let the local model answer in the server's place."""
+    for name in given:
+        if BACKEND_OPTIONS[name] != backend:
+            raise InputError(
+                f"{name} is an option of the {BACKEND_OPTIONS[name]} backend, and this rollout runs on "
+                f"{backend}: choose backend {BACKEND_OPTIONS[name]!r} or leave {name} out"
+            )
+
+
+def _check_vllm_args(vllm_args: dict[str, Any]) -> None:
+    """Refuse ``vllm_args`` that ``vllm.LLM`` does not take (they would end in a TypeError from
+    inside vLLM), and ``model``: the generator is the model. Call after :mod:`lenvm.integrations.vllm` is
+    imported, which sets vLLM's environment defaults before vLLM loads."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM, EngineArgs
+
+    if "model" in vllm_args:
+        raise InputError("vllm_args cannot set 'model': vLLM loads the generator given to rollout")
+    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM).parameters)
+    unknown = [name for name in vllm_args if name not in known - {"kwargs"}]
+    if unknown:
+        raise InputError(
+            f"vllm_args: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+            "among vllm.LLM's arguments (see vllm.EngineArgs)"
+        )
 
 
 def vllm_installed() -> bool:

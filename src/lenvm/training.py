@@ -850,10 +850,12 @@ class HeadTrainer:
                 scheduler.step()
                 losses.append(loss.item())
                 tokens += len(batch_rows)
-                bar.update()
                 bar.set_postfix(
-                    loss=f"{losses[-1]:.2e}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}"
+                    loss=f"{losses[-1]:.2e}",
+                    tok_s=f"{tokens / (time.perf_counter() - started):.0f}",
+                    refresh=False,  # the update redraws, at most every tenth of a second
                 )
+                bar.update()
             lenvm.head.eval()
             if data.eval:
                 record = _progress_record(
@@ -1072,10 +1074,12 @@ class FullTrainer:
                 step += 1
                 tokens += int(sum(int(b.supervised.sum()) for b in batches))
                 losses.append(float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum")))
-                bar.update()
                 bar.set_postfix(
-                    loss=f"{losses[-1]:.2e}", tok_s=f"{tokens / (time.perf_counter() - started):.0f}"
+                    loss=f"{losses[-1]:.2e}",
+                    tok_s=f"{tokens / (time.perf_counter() - started):.0f}",
+                    refresh=False,  # the update redraws, at most every tenth of a second
                 )
+                bar.update()
                 if step % config.checkpoint_every == 0 and step < total:
                     log_evaluation(step / steps_per_epoch)
                     self.save(step, losses, evaluations)

@@ -3,13 +3,15 @@
 
 This module imports no more than its signal handling needs, and :func:`main` sets that up before
 it loads the commands (and with them, for most, torch and transformers: a second or more), so
-that Ctrl-C or SIGTERM from the first moment ends a command as it ends one running: with a line
-and status 130 or 143, never a traceback or death by the signal.
+that Ctrl-C or SIGTERM from the first moment ends a command as it ends one running: with its
+cleanup and a line, never a traceback, and then, as the process's command line, by that signal.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -49,11 +51,36 @@ def interrupted(interrupt: KeyboardInterrupt, resumes: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command ``argv`` (by default the process's arguments); its exit status."""
+    """Run the command ``argv``; its exit status.
+
+    With ``argv`` left out, the command is the process's own (the ``lenvm`` script, ``python -m
+    lenvm.cli``), and one interrupted by SIGINT or SIGTERM ends the process by that signal once its
+    cleanup and the interpreter's exit handlers have run, as Python ends on a Ctrl-C it does not
+    catch: a shell still reports 130 or 143, a shell script stops as on Ctrl-C (an exit status of
+    130 tells it the command handled the signal), and a supervisor such as systemd sees a stop by
+    its signal, not a failure."""
+    interrupted_by: list[int] = []
+    if argv is None:
+        atexit.register(_end_by_signal, interrupted_by)  # the first exit handler: the last to run
     with sigterm_interrupts():
         try:
             from lenvm.cli.commands import run
 
-            return run(sys.argv[1:] if argv is None else argv)
+            status = run(sys.argv[1:] if argv is None else argv)
         except KeyboardInterrupt as interrupt:  # before the command began: it has written nothing
-            return interrupted(interrupt)
+            status = interrupted(interrupt)
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        interrupted_by.append(status - 128)
+    return status
+
+
+def _end_by_signal(interrupted_by: list[int]) -> None:
+    """End the process by the signal that interrupted its command, if one did (POSIX only: elsewhere
+    the exit status says it)."""
+    if not interrupted_by or os.name != "posix":
+        return
+    for stream in (sys.stdout, sys.stderr):  # the interpreter would flush them after this handler
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    signal.signal(interrupted_by[0], signal.SIG_DFL)
+    os.kill(os.getpid(), interrupted_by[0])

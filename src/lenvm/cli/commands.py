@@ -8,11 +8,13 @@ are declared once (:mod:`lenvm.cli.options`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lenvm.cli import interrupted, options
@@ -426,11 +428,32 @@ def cmd_generate(args) -> None:
     try:
         for index, result in engine.stream(requests, batch_size=args.batch_size, progress=args.progress):
             done[index] = result
-            while printed in done:
-                _print_generated(args, prompts[printed], done.pop(printed))
-                printed += 1
+            if printed not in done:
+                continue
+            with _beside_the_bar(args.progress):
+                while printed in done:
+                    _print_generated(args, prompts[printed], done.pop(printed))
+                    printed += 1
     except RequestError as err:  # named as predict and rollout name a prompt
         raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {err.reason}") from None
+
+
+@contextlib.contextmanager
+def _beside_the_bar(bar_shown: bool) -> Iterator[None]:
+    """Lines printed within start lines of their own beside the progress bar on stderr (with
+    stdout on the same terminal or in the same log, a result would go on the bar's line): in a
+    terminal the bar is cleared and drawn again below them; elsewhere, where a bar's redraws pile
+    up on one line that nothing ends, that line is ended."""
+    if not bar_shown:
+        yield
+    elif sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode(file=sys.stdout):
+            yield
+    else:
+        print(file=sys.stderr, flush=True)
+        yield
 
 
 def _print_generated(args, prompt, result) -> None:
@@ -548,7 +571,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     def wanted(*command: str) -> bool:
         return chosen is None or chosen[: len(command)] == list(command)
 
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         prog="lenvm",
         description="Length Value Models: predict and control how long a language model will talk.",
     )
@@ -584,8 +607,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vllm-args",
-        type=json.loads,
-        help="--backend vllm: vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'",
+        type=options.json_object,
+        help="--backend vllm: vllm.LLM arguments as a JSON object, e.g. '{\"max_model_len\": 4096}'",
     )
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name on the server (default: --model)")

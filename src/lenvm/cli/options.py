@@ -8,6 +8,7 @@ left out: left out, a flag takes the policy a LenVM was trained on where a LenVM
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -15,6 +16,34 @@ from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, POLICY_SETTINGS, Sampl
 from lenvm.hub import DEFAULT_MODEL, DTYPES
 
 _DEFAULTS = SamplingParams()
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's line with its default, where the option takes a value, has a
+    default worth showing (not None, False or an empty list) and its help does not speak of one
+    already. A list shows as it is typed: ``--betas 0 2 5``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        if (
+            not action.option_strings
+            or action.nargs == 0  # a switch: its name says what it does
+            or any(default is nothing for nothing in (None, False, argparse.SUPPRESS))  # 0 is one
+            or default == []
+            or "default" in text
+        ):
+            return action.help
+        shown = " ".join(map(str, default)).replace("%", "%%") if isinstance(default, list) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose help shows defaults (:class:`DefaultsHelpFormatter`), as do the
+    parsers of its subcommands, which are made of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def path(text: str) -> str:
@@ -42,6 +71,19 @@ def non_negative_float(text: str) -> float:
 def port(text: str) -> int:
     """An argparse type: a TCP port number."""
     return _number(text, int, 0, 65535)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object, such as keyword arguments by name."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object of names and values, like '{{\"max_model_len\": 4096}}', got {text!r}"
+        )
+    return value
 
 
 def _number(text: str, kind: type, low: float, high: float | None = None):

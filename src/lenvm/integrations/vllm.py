@@ -52,12 +52,20 @@ import functools
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# vLLM logs to stdout by default, where lenvm's commands print their results (JSON for a pipe):
+# where lenvm loads vLLM first, its log goes to stderr unless the user chose. vLLM sets up its
+# logger when first imported; one that is loaded already (`vllm serve`) keeps its own setting.
+if "vllm" not in sys.modules:
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from lenvm.decoding.params import (
