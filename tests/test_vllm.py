@@ -194,12 +194,21 @@ def test_the_lenvm_dtype_is_the_generators_unless_lenvm_dtype_names_one(
     import vllm
 
     seen = {}
-    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+
+    class Built(Exception):  # the engine's arguments are all this test needs: stop there
+        pass
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(vllm, "LLM", record)
     if variable is None:
         monkeypatch.delenv("LENVM_DTYPE", raising=False)
     else:
         monkeypatch.setenv("LENVM_DTYPE", variable)
-    _engine(tiny128, lenvms["attached"][1], dtype="float32")
+    with pytest.raises(Built):
+        _engine(tiny128, lenvms["attached"][1], dtype="float32")
     assert seen["dtype"] == "float32"
     assert seen["additional_config"]["lenvm_dtype"] == expected
 
