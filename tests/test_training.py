@@ -244,6 +244,12 @@ def test_fine_tuning_resumes_with_settings_that_train_the_same(
     assert probe(f"{tiny_path}/", dataclasses.replace(config, **same))
     with pytest.raises(InputError, match="cannot resume"):
         probe(str(tiny_path), dataclasses.replace(config, batch_size=2))
+    # Launched on two processes, each step deals out twice the completions: other batches.
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(InputError, match="cannot resume.*number of processes"):
+        probe(str(tiny_path), config)
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(

@@ -522,7 +522,8 @@ def _check_resumable(work: Path, found: str | None, expected: str) -> None:
     if found != expected:
         raise InputError(
             f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
-            "model or training settings), or one written by another lenvm version; remove it to start over"
+            "model, training settings or number of processes), or one written by another lenvm version; "
+            "remove it to start over"
         )
 
 
@@ -915,12 +916,12 @@ class FullTrainer:
     """
 
     def __init__(
-        self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
+        self, lenvm: LengthValueModel, config: TrainConfig, work: Path, run_fingerprint: str, progress: bool
     ):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, PartialState
 
-        self.lenvm, self.config, self.work, self.fingerprint = lenvm, config, work, fingerprint
+        self.lenvm, self.config, self.work = lenvm, config, work
         if PartialState._shared_state and PartialState().num_processes == 1:
             # accelerate keeps one state per process and refuses another precision for a second
             # run in the same session (a notebook); one process has no group to keep: start afresh.
@@ -940,6 +941,9 @@ class FullTrainer:
         )
         if os.environ.get("ACCELERATE_USE_FSDP") == "true":
             _fsdp_on_cpu(self.accelerator)
+        # The process count deals out each step's completions (windows): a step saved under another
+        # count stands for other batches. (Head training takes no part of its batches from it.)
+        self.fingerprint = fingerprint([run_fingerprint, self.accelerator.num_processes])
         self.progress = progress and self.accelerator.is_main_process
 
     def windows(self, train, epoch: int):
