@@ -153,13 +153,23 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
-@pytest.mark.parametrize("kind", ["attached", "standalone"])
+@pytest.mark.parametrize(
+    ("kind", "found"),
+    [
+        ("attached", "checkpoint.pt"),
+        ("standalone", "state.json"),
+        # The other path's, which the run would neither resume nor keep (the folder goes at its end).
+        ("attached", "state.json"),
+        ("standalone", "checkpoint.pt"),
+        ("standalone", "features"),
+    ],
+)
 def test_another_runs_checkpoint_is_refused_before_any_work(
-    tmp_path, tiny_path, tiny_generator, monkeypatch, kind
+    tmp_path, tiny_path, tiny_generator, monkeypatch, kind, found
 ):
     """A checkpoint another run wrote (or an older lenvm, whose fingerprint the message cannot tell
-    apart) is refused before hidden states are computed or a model prepared, and nothing lands
-    beside it."""
+    apart; or a run of the other training path) is refused before hidden states are computed or a
+    model prepared, and nothing lands beside it."""
     from accelerate import Accelerator
 
     def no_work(*args, **kwargs):
@@ -169,16 +179,21 @@ def test_another_runs_checkpoint_is_refused_before_any_work(
     monkeypatch.setattr(Accelerator, "prepare", no_work)
     work = tmp_path / "lv.checkpoints"
     work.mkdir()
+    if found == "checkpoint.pt":
+        torch.save({"fingerprint": "0123456789abcdef", "epoch": 1}, work / found)
+    elif found == "state.json":
+        (work / found).write_text(json.dumps({"fingerprint": "0123456789abcdef", "step": 1}))
+    else:  # hidden states of a head run interrupted before its first checkpoint
+        (work / found).mkdir()
+        (work / found / "features.bin").write_bytes(b"\0" * 64)
     if kind == "attached":
-        torch.save({"fingerprint": "0123456789abcdef", "epoch": 1}, work / "checkpoint.pt")
         config, generator = _config(epochs=2), tiny_generator
     else:
-        (work / "state.json").write_text(json.dumps({"fingerprint": "0123456789abcdef", "step": 1}))
         config, generator = TrainConfig(kind="standalone", epochs=1, batch_size=4, eval_fraction=0.25), None
     records = synthetic_records(tiny_generator[1])
     with pytest.raises(InputError, match="cannot resume.*another training run.*another lenvm version"):
         train(records, str(tiny_path), tmp_path / "lv", config, generator=generator, progress=False)
-    assert [p.name for p in work.iterdir()] == ["checkpoint.pt" if kind == "attached" else "state.json"]
+    assert [p.name for p in work.iterdir()] == [found]
 
 
 def _checkpointed_then_probe(monkeypatch, records, out, config, **kw):

@@ -252,6 +252,10 @@ def train(
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
     with _exclusive_run(out, work, config.features_cache):
+        trainer_type, other = (
+            (HeadTrainer, FullTrainer) if config.freeze_backbone else (FullTrainer, HeadTrainer)
+        )
+        _refuse_the_other_paths_checkpoint(work, other)  # before any work, as the trainers check their own
         source = RolloutSource(rollouts, config.stream)
         if not source.streamed and not source.records:
             raise InputError("no rollout records to train on")
@@ -321,9 +325,7 @@ def train(
             return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
 
         started = time.perf_counter()
-        trainer = (HeadTrainer if config.freeze_backbone else FullTrainer)(
-            lenvm, config, work, run_fingerprint, progress
-        )
+        trainer = trainer_type(lenvm, config, work, run_fingerprint, progress)
         fit = trainer.fit(data, evaluate, features_fingerprint)
         seconds_this_run = time.perf_counter() - started
         diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
@@ -520,11 +522,22 @@ def _check_resumable(work: Path, found: str | None, expected: str) -> None:
     fingerprint ``found``). A fingerprint cannot tell another run from this one as another lenvm
     version fingerprinted it, so the message names both."""
     if found != expected:
-        raise InputError(
-            f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
-            "model, training settings or number of processes), or one written by another lenvm version; "
-            "remove it to start over"
-        )
+        raise _unresumable(work)
+
+
+def _refuse_the_other_paths_checkpoint(work: Path, other: type[HeadTrainer | FullTrainer]) -> None:
+    """Refuse ``work`` holding what the training path this run does not take (``other``) keeps
+    there: another run's checkpoint, which this one could not resume and would remove on finishing."""
+    if any((work / name).exists() for name in other.KEEPS):
+        raise _unresumable(work)
+
+
+def _unresumable(work: Path) -> InputError:
+    return InputError(
+        f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
+        "model, training settings or number of processes), or one written by another lenvm version; "
+        "remove it to start over"
+    )
 
 
 def _progress_record(step: int, epoch: float, loss: float, metrics: dict[str, float]) -> dict[str, float]:
@@ -696,6 +709,10 @@ class HeadTrainer:
     and held for the epoch. The bootstrap value at a cut, as with ``lam = 1``, comes from the
     current head at every step.
     """
+
+    # What it keeps in the checkpoint folder: its checkpoint, and the hidden states (a store's own
+    # files where the folder is named as the features cache).
+    KEEPS = ("checkpoint.pt", "features", "features.bin")
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
@@ -914,6 +931,8 @@ class FullTrainer:
 
     TD(lambda) targets come from the model's own values, detached, in the same forward pass.
     """
+
+    KEEPS = ("state.json", "accelerate")  # in the checkpoint folder: its step and accelerate's state
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, run_fingerprint: str, progress: bool
