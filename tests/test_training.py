@@ -417,6 +417,38 @@ def test_a_head_trains_the_same_on_the_same_records_in_another_order(tmp_path, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_held_records_in_another_order_resume_the_run_and_reuse_its_hidden_states(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """Held records train in a canonical order, so the same ones in another file order are the
+    same run: its checkpoint resumes and its cached hidden states serve. (A stream trains in its
+    file's order: see test_features_cache_is_not_reused_for_other_weights_or_held_out_answers.)"""
+    import lenvm.training as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("the hidden states should have come from the cache")
+
+    records = synthetic_records(tiny_generator[1])
+    config = _config(epochs=2, features_cache=str(tmp_path / "cache"))
+    monkeypatch.setattr(training, "plot_losses", interrupted)  # each run stops before its LenVM is written
+    with pytest.raises(KeyboardInterrupt):
+        train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    monkeypatch.setattr(LengthValueModel, "features", no_backbone_pass)
+    for out in ("lv", "new"):  # its checkpoint resumed (not refused), then another run
+        with pytest.raises(KeyboardInterrupt):
+            train(
+                records[::-1],
+                str(tiny_path),
+                tmp_path / out,
+                config,
+                generator=tiny_generator,
+                progress=False,
+            )
+
+
 def test_training_bars_are_redrawn_at_their_interval_not_at_every_step(
     tmp_path, tiny_path, tiny_generator, monkeypatch, lazy_bars
 ):

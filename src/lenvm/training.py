@@ -313,13 +313,16 @@ def train(
         # prepared folder are one model; a generator replaced or fine-tuned at the same path is another.
         model = weights_digest(lenvm.backbone)
         held = _examples_digest(data.eval)  # every held-out answer, not only how many
+        # A stream trains in its file's order, held answers in a canonical one (ExampleStream): the
+        # same records held in another file order are one run, and one features cache.
+        records = data.fingerprint_data if source.streamed else [_examples_digest(data.train.held)]
         trained = _trained_settings(config, lenvm, gamma, source.streamed, eval_source is not None)
-        run_fingerprint = fingerprint([*data.fingerprint_data, held, model, trained])
-        # What the cached hidden states depend on: the data, the held-out split, the model and layer,
-        # and whether the answers are streamed (in their file's order, held ones in a canonical one).
-        # The layer the head reads, resolved: the default and that same layer named are one cache.
+        run_fingerprint = fingerprint([*records, held, model, trained])
+        # What the cached hidden states depend on: the data, the held-out split, the model and layer
+        # (resolved: the default and that same layer named are one cache), and whether the answers
+        # are streamed.
         features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
-        features_fingerprint = fingerprint([*data.fingerprint_data, held, model, *features, source.streamed])
+        features_fingerprint = fingerprint([*records, held, model, *features, source.streamed])
 
         def evaluate(values: list[np.ndarray]) -> dict[str, float]:
             return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
@@ -407,9 +410,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# What an example holds, without the rollout record it came from: the same answers read from
+# another file order hash alike.
+_EXAMPLE_CONTENT = [f.name for f in dataclasses.fields(Example) if f.name != "record"]
+
+
 def _examples_digest(examples: list[Example]) -> str:
-    blob = json.dumps([dataclasses.astuple(e) for e in examples], default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """A short hash of ``examples``, in their order, by what they hold."""
+    digest = hashlib.sha256()
+    for e in examples:  # one at a time: no text of every token at once
+        digest.update(json.dumps([getattr(e, name) for name in _EXAMPLE_CONTENT], default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager
