@@ -3,6 +3,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +266,41 @@ def test_fine_tuning_resumes_with_settings_that_train_the_same(
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     with pytest.raises(InputError, match="cannot resume.*number of processes"):
         probe(str(tiny_path), config)
+
+
+def test_fine_tuning_checkpoints_keep_the_run_lock_and_resume_from_an_interrupted_move(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """A checkpoint is written in the checkpoint folder, which stays, so that the run's lock on it
+    holds; one interrupted while it was moved into place is resumed, not trained again."""
+    import lenvm.training as training
+    from lenvm.io import RunLock
+    from lenvm.training import FullTrainer
+
+    records = synthetic_records(tiny_generator[1])
+    config = TrainConfig(kind="standalone", epochs=2, batch_size=2, checkpoint_every=2, bf16=False)
+    work, saved_at = tmp_path / "sa.checkpoints", []
+    save, replace = FullTrainer.save, os.replace
+
+    def checked_save(self, step, *args):
+        save(self, step, *args)
+        saved_at.append(step)
+        with pytest.raises(InputError, match="another run is training"):
+            RunLock(work, "training")  # a second run
+
+    def interrupted_move(source, target):
+        if Path(target) in (work, work / "accelerate") and len(saved_at) == 1:  # the second, staged whole
+            raise KeyboardInterrupt
+        return replace(source, target)
+
+    monkeypatch.setattr(FullTrainer, "save", checked_save)
+    monkeypatch.setattr(training.os, "replace", interrupted_move)
+    with pytest.raises(KeyboardInterrupt):
+        train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
+    monkeypatch.setattr(training.os, "replace", replace)
+    train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
+    assert saved_at[:2] == [2, 6]  # resumed from the step the interrupted move had staged
+    assert not work.exists()
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(

@@ -49,6 +49,7 @@ from lenvm.io import (
     is_real,
     plain_numbers,
     write_json,
+    write_text,
 )
 from lenvm.losses import (
     AGGREGATIONS,
@@ -943,7 +944,8 @@ class FullTrainer:
     TD(lambda) targets come from the model's own values, detached, in the same forward pass.
     """
 
-    KEEPS = ("state.json", "accelerate")  # in the checkpoint folder: its step and accelerate's state
+    # What it keeps in the checkpoint folder: its step, accelerate's state, the next checkpoint staged.
+    KEEPS = ("state.json", "accelerate", "staging")
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, run_fingerprint: str, progress: bool
@@ -1037,9 +1039,9 @@ class FullTrainer:
                 f"but there are {data.train_completions} to train on; lower the batch size"
             )
         total = steps_per_epoch * config.epochs
-        staging = self.work.with_name(self.work.name + ".staging")
-        if not self.work.exists() and (staging / "state.json").is_file():
-            os.replace(staging, self.work)  # interrupted between the two renames of save()
+        if acc.is_main_process and (self.work / "staging" / "state.json").is_file():
+            self._move_staged()  # save() was interrupted while it moved a whole checkpoint into place
+        acc.wait_for_everyone()
         state_file = self.work / "state.json"
         saved = json.loads(state_file.read_text()) if state_file.is_file() else None
         if saved is not None:  # before any work: another run's checkpoint is refused
@@ -1146,25 +1148,34 @@ class FullTrainer:
         }
 
     def save(self, step: int, losses: list[float], evaluations: list[dict[str, float]]) -> None:
-        """Accelerate state plus our step counter; the pair is replaced atomically."""
+        """Accelerate state plus our step counter, staged whole in the checkpoint folder, then moved
+        into place there. The folder itself stays: the run's lock is held on it."""
         acc = self.accelerator
-        staging = self.work.with_name(self.work.name + ".staging")
+        staging = self.work / "staging"
         if acc.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(staging / "accelerate"))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (staging / "state.json").write_text(
-                json.dumps(
-                    {
-                        "fingerprint": self.fingerprint,
-                        "step": step,
-                        "losses": losses,
-                        "evaluations": evaluations,
-                    }
-                )
-            )
-            shutil.rmtree(self.work, ignore_errors=True)
-            os.replace(staging, self.work)
+            state = {
+                "fingerprint": self.fingerprint,
+                "step": step,
+                "losses": losses,
+                "evaluations": evaluations,
+            }
+            write_text(staging / "state.json", json.dumps(state))  # last: the staged checkpoint is whole
+            self._move_staged()
         acc.wait_for_everyone()
+
+    def _move_staged(self) -> None:
+        """Replace the checkpoint with the whole one staged, or finish doing so. ``state.json`` goes
+        first and comes back last, so that one in the folder always stands beside its whole
+        accelerate state."""
+        staging = self.work / "staging"
+        (self.work / "state.json").unlink(missing_ok=True)
+        if (staging / "accelerate").exists():
+            shutil.rmtree(self.work / "accelerate", ignore_errors=True)
+            os.replace(staging / "accelerate", self.work / "accelerate")
+        os.replace(staging / "state.json", self.work / "state.json")
+        shutil.rmtree(staging)
