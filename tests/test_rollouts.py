@@ -505,6 +505,9 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
         ("api_key", "k", "auto", "openai"),
         ("vllm_args", {"max_model_len": 64}, "hf", "vllm"),
         ("vllm_args", {"max_model_len": 64}, "openai", "vllm"),
+        # hf decodes with the generator's own tokenizer: another one would be ignored.
+        ("tokenizer", "tok", "hf", "vllm and openai backends"),
+        ("tokenizer", "tok", "auto", "vllm and openai backends"),
     ],
 )
 def test_an_option_of_another_backend_is_refused_not_ignored(
@@ -513,7 +516,7 @@ def test_an_option_of_another_backend_is_refused_not_ignored(
     monkeypatch.setattr(rollouts_module, "vllm_installed", lambda: False)  # auto: our engine
     out = tmp_path / "r.jsonl"
     given = {option: value, "base_url": "http://127.0.0.1:1/v1"} if backend == "openai" else {option: value}
-    with pytest.raises(InputError, match=f"{option} is an option of the {owner} backend"):
+    with pytest.raises(InputError, match=f"{option} is an option of the {owner}"):
         rollout(tiny_generator, PROMPTS[:1], out, n=1, backend=backend, progress=False, **given)
     assert not out.exists()  # refused before anything is sampled
 

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,13 +154,23 @@ def test_a_run_interrupted_while_writing_its_result_resumes(tmp_path, tiny_path,
     assert not (tmp_path / "lv.checkpoints").exists()
 
 
-@pytest.mark.parametrize("kind", ["attached", "standalone"])
+@pytest.mark.parametrize(
+    ("kind", "found"),
+    [
+        ("attached", "checkpoint.pt"),
+        ("standalone", "state.json"),
+        # The other path's, which the run would neither resume nor keep (the folder goes at its end).
+        ("attached", "state.json"),
+        ("standalone", "checkpoint.pt"),
+        ("standalone", "features"),
+    ],
+)
 def test_another_runs_checkpoint_is_refused_before_any_work(
-    tmp_path, tiny_path, tiny_generator, monkeypatch, kind
+    tmp_path, tiny_path, tiny_generator, monkeypatch, kind, found
 ):
     """A checkpoint another run wrote (or an older lenvm, whose fingerprint the message cannot tell
-    apart) is refused before hidden states are computed or a model prepared, and nothing lands
-    beside it."""
+    apart; or a run of the other training path) is refused before hidden states are computed or a
+    model prepared, and nothing lands beside it."""
     from accelerate import Accelerator
 
     def no_work(*args, **kwargs):
@@ -169,16 +180,21 @@ def test_another_runs_checkpoint_is_refused_before_any_work(
     monkeypatch.setattr(Accelerator, "prepare", no_work)
     work = tmp_path / "lv.checkpoints"
     work.mkdir()
+    if found == "checkpoint.pt":
+        torch.save({"fingerprint": "0123456789abcdef", "epoch": 1}, work / found)
+    elif found == "state.json":
+        (work / found).write_text(json.dumps({"fingerprint": "0123456789abcdef", "step": 1}))
+    else:  # hidden states of a head run interrupted before its first checkpoint
+        (work / found).mkdir()
+        (work / found / "features.bin").write_bytes(b"\0" * 64)
     if kind == "attached":
-        torch.save({"fingerprint": "0123456789abcdef", "epoch": 1}, work / "checkpoint.pt")
         config, generator = _config(epochs=2), tiny_generator
     else:
-        (work / "state.json").write_text(json.dumps({"fingerprint": "0123456789abcdef", "step": 1}))
         config, generator = TrainConfig(kind="standalone", epochs=1, batch_size=4, eval_fraction=0.25), None
     records = synthetic_records(tiny_generator[1])
     with pytest.raises(InputError, match="cannot resume.*another training run.*another lenvm version"):
         train(records, str(tiny_path), tmp_path / "lv", config, generator=generator, progress=False)
-    assert [p.name for p in work.iterdir()] == ["checkpoint.pt" if kind == "attached" else "state.json"]
+    assert [p.name for p in work.iterdir()] == [found]
 
 
 def _checkpointed_then_probe(monkeypatch, records, out, config, **kw):
@@ -244,6 +260,47 @@ def test_fine_tuning_resumes_with_settings_that_train_the_same(
     assert probe(f"{tiny_path}/", dataclasses.replace(config, **same))
     with pytest.raises(InputError, match="cannot resume"):
         probe(str(tiny_path), dataclasses.replace(config, batch_size=2))
+    # Launched on two processes, each step deals out twice the completions: other batches.
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(InputError, match="cannot resume.*number of processes"):
+        probe(str(tiny_path), config)
+
+
+def test_fine_tuning_checkpoints_keep_the_run_lock_and_resume_from_an_interrupted_move(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """A checkpoint is written in the checkpoint folder, which stays, so that the run's lock on it
+    holds; one interrupted while it was moved into place is resumed, not trained again."""
+    import lenvm.training as training
+    from lenvm.io import RunLock
+    from lenvm.training import FullTrainer
+
+    records = synthetic_records(tiny_generator[1])
+    config = TrainConfig(kind="standalone", epochs=2, batch_size=2, checkpoint_every=2, bf16=False)
+    work, saved_at = tmp_path / "sa.checkpoints", []
+    save, replace = FullTrainer.save, os.replace
+
+    def checked_save(self, step, *args):
+        save(self, step, *args)
+        saved_at.append(step)
+        with pytest.raises(InputError, match="another run is training"):
+            RunLock(work, "training")  # a second run
+
+    def interrupted_move(source, target):
+        if Path(target) in (work, work / "accelerate") and len(saved_at) == 1:  # the second, staged whole
+            raise KeyboardInterrupt
+        return replace(source, target)
+
+    monkeypatch.setattr(FullTrainer, "save", checked_save)
+    monkeypatch.setattr(training.os, "replace", interrupted_move)
+    with pytest.raises(KeyboardInterrupt):
+        train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
+    monkeypatch.setattr(training.os, "replace", replace)
+    train(records, str(tiny_path), tmp_path / "sa", config, progress=False)
+    assert saved_at[:2] == [2, 6]  # resumed from the step the interrupted move had staged
+    assert not work.exists()
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(
@@ -394,6 +451,38 @@ def test_a_head_trains_the_same_on_the_same_records_in_another_order(tmp_path, t
         )
     a, b = (load_file(tmp_path / name / "head.safetensors") for name in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_held_records_in_another_order_resume_the_run_and_reuse_its_hidden_states(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """Held records train in a canonical order, so the same ones in another file order are the
+    same run: its checkpoint resumes and its cached hidden states serve. (A stream trains in its
+    file's order: see test_features_cache_is_not_reused_for_other_weights_or_held_out_answers.)"""
+    import lenvm.training as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("the hidden states should have come from the cache")
+
+    records = synthetic_records(tiny_generator[1])
+    config = _config(epochs=2, features_cache=str(tmp_path / "cache"))
+    monkeypatch.setattr(training, "plot_losses", interrupted)  # each run stops before its LenVM is written
+    with pytest.raises(KeyboardInterrupt):
+        train(records, str(tiny_path), tmp_path / "lv", config, generator=tiny_generator, progress=False)
+    monkeypatch.setattr(LengthValueModel, "features", no_backbone_pass)
+    for out in ("lv", "new"):  # its checkpoint resumed (not refused), then another run
+        with pytest.raises(KeyboardInterrupt):
+            train(
+                records[::-1],
+                str(tiny_path),
+                tmp_path / out,
+                config,
+                generator=tiny_generator,
+                progress=False,
+            )
 
 
 def test_training_bars_are_redrawn_at_their_interval_not_at_every_step(

@@ -162,11 +162,13 @@ def rollout(
     named here loads on ``device`` (default: the first accelerator, else the CPU) in ``dtype``,
     unless ``loaded`` gives it as ``(model, tokenizer)`` already; for ``vllm`` the most sequences
     vLLM runs at once (``vllm_args`` go to ``vllm.LLM``, e.g. ``{"max_model_len": 4096}``); for
-    ``openai`` the number of requests in flight, and ``tokenizer`` (default: the generator's)
-    applies the chat template and re-tokenizes. ``auto``: see the module doc (a generator passed
-    loaded, or prompts with images, stay in our engine). ``base_url``, ``api_model`` and
-    ``api_key`` belong to ``openai``, ``vllm_args`` to ``vllm`` (names ``vllm.LLM`` takes): given
-    with another backend they are refused, not ignored.
+    ``openai`` the number of requests in flight. Under ``vllm`` and ``openai``, ``tokenizer``
+    (default: the generator's) applies the chat template and, for ``openai``, re-tokenizes; ``hf``
+    decodes with the generator's own (pass ``(model, tokenizer)`` for another). ``auto``: see the
+    module doc (a generator passed loaded, or prompts with images, stay in our engine).
+    ``base_url``, ``api_model`` and ``api_key`` belong to ``openai``, ``vllm_args`` to ``vllm``
+    (names ``vllm.LLM`` takes), ``tokenizer`` to both: given with another backend they are
+    refused, not ignored.
 
     Every completion's seed derives from ``sampling.seed`` (:func:`derive_seed`), and a seed left
     as None is taken as 0, so that records can be reproduced and a file resumed: two calls with the
@@ -217,7 +219,13 @@ def rollout(
             raise InputError("the vllm backend needs vLLM: install lenvm[vllm] (see the README)")
         if backend == "vllm" and isinstance(generator, tuple):
             raise InputError("the vllm backend loads the generator itself: pass its name or folder")
-        given = {"base_url": base_url, "api_model": api_model, "api_key": api_key, "vllm_args": vllm_args}
+        given = {
+            "base_url": base_url,
+            "api_model": api_model,
+            "api_key": api_key,
+            "vllm_args": vllm_args,
+            "tokenizer": tokenizer,
+        }
         _check_backend_options(backend, [name for name, value in given.items() if value is not None])
         if with_images is not None and backend != "hf":
             raise InputError(
@@ -289,18 +297,28 @@ def rollout(
         return summary
 
 
-# The backend that takes each of rollout's backend options; any other ignores it.
-BACKEND_OPTIONS = {"base_url": "openai", "api_model": "openai", "api_key": "openai", "vllm_args": "vllm"}
+# The backends that take each of rollout's backend options; any other ignores it. (hf decodes
+# with the generator's own tokenizer: pass the generator as (model, tokenizer) for another.)
+BACKEND_OPTIONS = {
+    "base_url": ("openai",),
+    "api_model": ("openai",),
+    "api_key": ("openai",),
+    "vllm_args": ("vllm",),
+    "tokenizer": ("vllm", "openai"),
+}
 
 
 def _check_backend_options(backend: str, given: list[str]) -> None:
-    """Refuse options of another backend than ``backend`` (the one chosen, ``auto`` resolved):
+    """Refuse options of other backends than ``backend`` (the one chosen, ``auto`` resolved):
     ignored, a ``base_url`` would let the local model answer in the server's place."""
     for name in given:
-        if BACKEND_OPTIONS[name] != backend:
+        owners = BACKEND_OPTIONS[name]
+        if backend not in owners:
+            hint = " (hf takes the generator as (model, tokenizer))" if name == "tokenizer" else ""
             raise InputError(
-                f"{name} is an option of the {BACKEND_OPTIONS[name]} backend, and this rollout runs on "
-                f"{backend}: choose backend {BACKEND_OPTIONS[name]!r} or leave {name} out"
+                f"{name} is an option of the {' and '.join(owners)} backend{'s' if len(owners) > 1 else ''}, "
+                f"and this rollout runs on {backend}: choose backend {' or '.join(map(repr, owners))} or "
+                f"leave {name} out{hint}"
             )
 
 

@@ -49,6 +49,7 @@ from lenvm.io import (
     is_real,
     plain_numbers,
     write_json,
+    write_text,
 )
 from lenvm.losses import (
     AGGREGATIONS,
@@ -252,6 +253,10 @@ def train(
     out = Path(out)
     work = out.with_name(out.name + ".checkpoints")
     with _exclusive_run(out, work, config.features_cache):
+        trainer_type, other = (
+            (HeadTrainer, FullTrainer) if config.freeze_backbone else (FullTrainer, HeadTrainer)
+        )
+        _refuse_the_other_paths_checkpoint(work, other)  # before any work, as the trainers check their own
         source = RolloutSource(rollouts, config.stream)
         if not source.streamed and not source.records:
             raise InputError("no rollout records to train on")
@@ -309,21 +314,22 @@ def train(
         # prepared folder are one model; a generator replaced or fine-tuned at the same path is another.
         model = weights_digest(lenvm.backbone)
         held = _examples_digest(data.eval)  # every held-out answer, not only how many
+        # A stream trains in its file's order, held answers in a canonical one (ExampleStream): the
+        # same records held in another file order are one run, and one features cache.
+        records = data.fingerprint_data if source.streamed else [_examples_digest(data.train.held)]
         trained = _trained_settings(config, lenvm, gamma, source.streamed, eval_source is not None)
-        run_fingerprint = fingerprint([*data.fingerprint_data, held, model, trained])
-        # What the cached hidden states depend on: the data, the held-out split, the model and layer,
-        # and whether the answers are streamed (in their file's order, held ones in a canonical one).
-        # The layer the head reads, resolved: the default and that same layer named are one cache.
+        run_fingerprint = fingerprint([*records, held, model, trained])
+        # What the cached hidden states depend on: the data, the held-out split, the model and layer
+        # (resolved: the default and that same layer named are one cache), and whether the answers
+        # are streamed.
         features = [config.kind, lenvm.feature_layer, config.truncated, config.max_length, str(dtype)]
-        features_fingerprint = fingerprint([*data.fingerprint_data, held, model, *features, source.streamed])
+        features_fingerprint = fingerprint([*records, held, model, *features, source.streamed])
 
         def evaluate(values: list[np.ndarray]) -> dict[str, float]:
             return length_metrics(data.eval, values, gamma, data.baseline_length) if data.eval else {}
 
         started = time.perf_counter()
-        trainer = (HeadTrainer if config.freeze_backbone else FullTrainer)(
-            lenvm, config, work, run_fingerprint, progress
-        )
+        trainer = trainer_type(lenvm, config, work, run_fingerprint, progress)
         fit = trainer.fit(data, evaluate, features_fingerprint)
         seconds_this_run = time.perf_counter() - started
         diverged = next((i for i, x in enumerate(fit.losses) if not math.isfinite(x)), None)
@@ -405,9 +411,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# What an example holds, without the rollout record it came from: the same answers read from
+# another file order hash alike.
+_EXAMPLE_CONTENT = [f.name for f in dataclasses.fields(Example) if f.name != "record"]
+
+
 def _examples_digest(examples: list[Example]) -> str:
-    blob = json.dumps([dataclasses.astuple(e) for e in examples], default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """A short hash of ``examples``, in their order, by what they hold."""
+    digest = hashlib.sha256()
+    for e in examples:  # one at a time: no text of every token at once
+        digest.update(json.dumps([getattr(e, name) for name in _EXAMPLE_CONTENT], default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -520,10 +534,22 @@ def _check_resumable(work: Path, found: str | None, expected: str) -> None:
     fingerprint ``found``). A fingerprint cannot tell another run from this one as another lenvm
     version fingerprinted it, so the message names both."""
     if found != expected:
-        raise InputError(
-            f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
-            "model or training settings), or one written by another lenvm version; remove it to start over"
-        )
+        raise _unresumable(work)
+
+
+def _refuse_the_other_paths_checkpoint(work: Path, other: type[HeadTrainer | FullTrainer]) -> None:
+    """Refuse ``work`` holding what the training path this run does not take (``other``) keeps
+    there: another run's checkpoint, which this one could not resume and would remove on finishing."""
+    if any((work / name).exists() for name in other.KEEPS):
+        raise _unresumable(work)
+
+
+def _unresumable(work: Path) -> InputError:
+    return InputError(
+        f"{work} holds a checkpoint this run cannot resume: another training run's (other rollouts, "
+        "model, training settings or number of processes), or one written by another lenvm version; "
+        "remove it to start over"
+    )
 
 
 def _progress_record(step: int, epoch: float, loss: float, metrics: dict[str, float]) -> dict[str, float]:
@@ -695,6 +721,10 @@ class HeadTrainer:
     and held for the epoch. The bootstrap value at a cut, as with ``lam = 1``, comes from the
     current head at every step.
     """
+
+    # What it keeps in the checkpoint folder: its checkpoint, and the hidden states (a store's own
+    # files where the folder is named as the features cache).
+    KEEPS = ("checkpoint.pt", "features", "features.bin")
 
     def __init__(
         self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
@@ -914,13 +944,16 @@ class FullTrainer:
     TD(lambda) targets come from the model's own values, detached, in the same forward pass.
     """
 
+    # What it keeps in the checkpoint folder: its step, accelerate's state, the next checkpoint staged.
+    KEEPS = ("state.json", "accelerate", "staging")
+
     def __init__(
-        self, lenvm: LengthValueModel, config: TrainConfig, work: Path, fingerprint: str, progress: bool
+        self, lenvm: LengthValueModel, config: TrainConfig, work: Path, run_fingerprint: str, progress: bool
     ):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, PartialState
 
-        self.lenvm, self.config, self.work, self.fingerprint = lenvm, config, work, fingerprint
+        self.lenvm, self.config, self.work = lenvm, config, work
         if PartialState._shared_state and PartialState().num_processes == 1:
             # accelerate keeps one state per process and refuses another precision for a second
             # run in the same session (a notebook); one process has no group to keep: start afresh.
@@ -940,6 +973,9 @@ class FullTrainer:
         )
         if os.environ.get("ACCELERATE_USE_FSDP") == "true":
             _fsdp_on_cpu(self.accelerator)
+        # The process count deals out each step's completions (windows): a step saved under another
+        # count stands for other batches. (Head training takes no part of its batches from it.)
+        self.fingerprint = fingerprint([run_fingerprint, self.accelerator.num_processes])
         self.progress = progress and self.accelerator.is_main_process
 
     def windows(self, train, epoch: int):
@@ -1003,9 +1039,9 @@ class FullTrainer:
                 f"but there are {data.train_completions} to train on; lower the batch size"
             )
         total = steps_per_epoch * config.epochs
-        staging = self.work.with_name(self.work.name + ".staging")
-        if not self.work.exists() and (staging / "state.json").is_file():
-            os.replace(staging, self.work)  # interrupted between the two renames of save()
+        if acc.is_main_process and (self.work / "staging" / "state.json").is_file():
+            self._move_staged()  # save() was interrupted while it moved a whole checkpoint into place
+        acc.wait_for_everyone()
         state_file = self.work / "state.json"
         saved = json.loads(state_file.read_text()) if state_file.is_file() else None
         if saved is not None:  # before any work: another run's checkpoint is refused
@@ -1112,25 +1148,34 @@ class FullTrainer:
         }
 
     def save(self, step: int, losses: list[float], evaluations: list[dict[str, float]]) -> None:
-        """Accelerate state plus our step counter; the pair is replaced atomically."""
+        """Accelerate state plus our step counter, staged whole in the checkpoint folder, then moved
+        into place there. The folder itself stays: the run's lock is held on it."""
         acc = self.accelerator
-        staging = self.work.with_name(self.work.name + ".staging")
+        staging = self.work / "staging"
         if acc.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(staging / "accelerate"))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (staging / "state.json").write_text(
-                json.dumps(
-                    {
-                        "fingerprint": self.fingerprint,
-                        "step": step,
-                        "losses": losses,
-                        "evaluations": evaluations,
-                    }
-                )
-            )
-            shutil.rmtree(self.work, ignore_errors=True)
-            os.replace(staging, self.work)
+            state = {
+                "fingerprint": self.fingerprint,
+                "step": step,
+                "losses": losses,
+                "evaluations": evaluations,
+            }
+            write_text(staging / "state.json", json.dumps(state))  # last: the staged checkpoint is whole
+            self._move_staged()
         acc.wait_for_everyone()
+
+    def _move_staged(self) -> None:
+        """Replace the checkpoint with the whole one staged, or finish doing so. ``state.json`` goes
+        first and comes back last, so that one in the folder always stands beside its whole
+        accelerate state."""
+        staging = self.work / "staging"
+        (self.work / "state.json").unlink(missing_ok=True)
+        if (staging / "accelerate").exists():
+            shutil.rmtree(self.work / "accelerate", ignore_errors=True)
+            os.replace(staging / "accelerate", self.work / "accelerate")
+        os.replace(staging / "state.json", self.work / "state.json")
+        shutil.rmtree(staging)
