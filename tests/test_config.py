@@ -1,12 +1,14 @@
 """A LenVM's config.json as a user may edit it: every field checked when it is read, fields it
 does not know named and kept, a newer folder format refused."""
 
+import dataclasses
 import json
 import re
 import shutil
 import warnings
 
 import pytest
+from conftest import synthetic_records
 
 from lenvm.cli import main
 from lenvm.io import InputError
@@ -17,6 +19,7 @@ from lenvm.model import (
     LengthValueModel,
     NotALenVMError,
     read_config,
+    refuse_to_replace,
     save_config,
 )
 
@@ -176,3 +179,20 @@ def test_a_config_round_trips_through_its_dict(saved):
     data = {**config.to_dict(), "my_note": "kept"}
     again = LengthValueConfig.from_dict(data)
     assert again.extra_fields == {"my_note": "kept"} and again.to_dict() == data
+
+
+def test_the_config_constructor_takes_its_fields_in_their_order_with_their_defaults():
+    fields = dict(kind="attached", gamma=0.9, hidden_size=64, base_model="m", tokenizer_fingerprint="f")
+    config = LengthValueConfig(*fields.values(), 32, 1, None, [2])  # head, layer, vocab_size, EOS ids
+    assert (config.head_hidden_size, config.feature_layer, config.eos_token_ids) == (32, 1, [2])
+    with pytest.raises(
+        InputError, match=re.escape("eos_token_ids must be a non-empty list of token ids, got []")
+    ):
+        LengthValueConfig(**fields)
+
+
+def test_a_config_comes_back_from_its_dataclass_dict(saved):
+    config = dataclasses.replace(read_config(saved), extra_fields={"my_note": "kept"})
+    assert LengthValueConfig.from_dict(dataclasses.asdict(config)) == config
+    with pytest.raises(InputError, match="extra_fields must be an object of fields, got 3"):
+        LengthValueConfig.from_dict({**dataclasses.asdict(config), "extra_fields": 3})

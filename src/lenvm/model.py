@@ -93,10 +93,11 @@ class LengthValueConfig:
     hidden_size: int
     base_model: str  # the generator (attached, q) or where the backbone started (standalone)
     tokenizer_fingerprint: str
-    eos_token_ids: list[int]
     head_hidden_size: int | None = None  # defaults to hidden_size: the paper's H -> H -> 1
     feature_layer: int = -1  # the head reads this entry of hidden_states; -1: the final, normed one
     vocab_size: int | None = None  # q kind only
+    # Defaulted for callers of the constructor that leave it out; a config without EOS ids is refused.
+    eos_token_ids: list[int] = field(default_factory=list)
     generator: str | None = None  # whose rollouts trained it
     sampling: dict[str, Any] | None = None  # the decoding policy of those rollouts
     training: dict[str, Any] | None = None  # summary of how it was trained
@@ -105,8 +106,9 @@ class LengthValueConfig:
     # lenvm.end_head): its gamma, the EOS probability it counts as natural, what it was trained on.
     end_head: dict[str, Any] | None = None
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
     lenvm_version: str = __version__
+    # Fields added since: at the end, so that positional calls of the constructor keep their meaning.
+    format_version: int = FORMAT_VERSION
     # Fields of config.json that this lenvm does not know (another version's, or added by hand):
     # they mean nothing here, and are written back as they were, as Hugging Face configs keep theirs.
     extra_fields: dict[str, Any] = field(default_factory=dict)
@@ -150,16 +152,22 @@ class LengthValueConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LengthValueConfig:
-        """The config of ``data`` (what ``config.json`` holds): a newer format than this lenvm reads
-        is refused, fields it does not know are kept in :attr:`extra_fields`."""
+        """The config of ``data`` (what ``config.json`` holds, or ``dataclasses.asdict`` of a config,
+        whose ``extra_fields`` are merged in): a newer format than this lenvm reads is refused, fields
+        it does not know are kept in :attr:`extra_fields`."""
         if not isinstance(data, dict):
             raise InputError(f"a LenVM config is a JSON object, got {_described(data)}")
-        data = {"format_version": 1, **data}  # written before format_version existed: format 1
+        extra = data.get("extra_fields", {})
+        if not isinstance(extra, dict):
+            raise InputError(f"extra_fields must be an object of fields, got {_described(extra)}")
+        # format_version left out: written before it existed, format 1
+        data = {"format_version": 1, **extra, **{k: v for k, v in data.items() if k != "extra_fields"}}
         check_format_version(data["format_version"])  # before the fields a newer format may change
         declared = {f.name: f for f in fields(cls) if f.name != "extra_fields"}
+        # The EOS ids have a default for the constructor's older callers only: every config.json has them.
         required = [
             name for name, f in declared.items() if f.default is MISSING and f.default_factory is MISSING
-        ]
+        ] + ["eos_token_ids"]
         if missing := [name for name in required if name not in data]:
             raise InputError(f"not a valid LenVM config (no {', '.join(missing)})")
         known = {k: v for k, v in data.items() if k in declared}
