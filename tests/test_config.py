@@ -8,7 +8,6 @@ import shutil
 import warnings
 
 import pytest
-from conftest import synthetic_records
 
 from lenvm.cli import main
 from lenvm.io import InputError
@@ -19,7 +18,6 @@ from lenvm.model import (
     LengthValueModel,
     NotALenVMError,
     read_config,
-    refuse_to_replace,
     save_config,
 )
 
@@ -196,3 +194,27 @@ def test_a_config_comes_back_from_its_dataclass_dict(saved):
     assert LengthValueConfig.from_dict(dataclasses.asdict(config)) == config
     with pytest.raises(InputError, match="extra_fields must be an object of fields, got 3"):
         LengthValueConfig.from_dict({**dataclasses.asdict(config), "extra_fields": 3})
+
+
+def test_a_head_on_its_rollouts_generator_named_another_way_loads_without_a_warning(
+    saved, tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """A link to the generator's folder, or a built-in alias prepared there, is that generator; an
+    alias not prepared is not, and is not prepared to tell."""
+    from lenvm import hub
+
+    monkeypatch.setenv("LENVM_CACHE", str(tmp_path / "cache"))
+    link = tmp_path / "link"
+    link.symlink_to(tiny_path)
+    for i, same in enumerate((str(link), hub.DEFAULT_MODEL)):
+        if same == hub.DEFAULT_MODEL:
+            hub.builtin_path(same).parent.mkdir(parents=True)
+            hub.builtin_path(same).symlink_to(tiny_path)
+        folder = edited(saved, tmp_path / str(i), setting(generator=same))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*trained on rollouts of")
+            LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    hub.builtin_path(hub.DEFAULT_MODEL).unlink()
+    monkeypatch.setattr(hub, "prepare", lambda *a, **k: pytest.fail("prepared to compare names"))
+    with pytest.warns(UserWarning, match=f"trained on rollouts of {hub.DEFAULT_MODEL}"):
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)

@@ -1225,3 +1225,17 @@ def test_a_record_beyond_the_context_is_refused_unless_max_length_within_it_leav
     # Held-out records are never left out by max_length: beyond the context they are refused.
     with pytest.raises(InputError, match=beyond):
         _training_data(tokenizer, records[12:], context, context, eval_records=with_length(context + 1)[:12])
+
+
+def test_rollouts_of_the_base_named_another_way_train_and_load_without_a_warning(
+    tmp_path, tiny_path, tiny_generator
+):
+    link = tmp_path / "link"
+    link.symlink_to(tiny_path)
+    records = [dict(r, generator=str(tiny_path)) for r in synthetic_records(tiny_generator[1])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(sampled from|trained on rollouts of)")
+        train(
+            records, str(link), tmp_path / "lv", _config(epochs=1), generator=tiny_generator, progress=False
+        )
+        LengthValueModel.from_pretrained(tmp_path / "lv", generator=tiny_generator)

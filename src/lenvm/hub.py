@@ -206,6 +206,26 @@ def resolve(name: str | os.PathLike) -> str:
     )
 
 
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two names load the same model: equal names, or a built-in alias and the folder it
+    is prepared in, or two paths to one folder (a link, a relative path). Nothing is prepared to
+    tell."""
+    if model_name(a) == model_name(b):
+        return True
+    try:
+        return os.path.realpath(_location(a)) == os.path.realpath(_location(b))
+    except InputError:  # a name that loads nothing is no model's
+        return False
+
+
+def _location(name: str | os.PathLike) -> str:
+    """Where ``name`` loads from (:func:`resolve`), a built-in alias's folder whether or not it is
+    prepared yet."""
+    if str(name) in BUILTIN_MODELS and not Path(name).is_dir():
+        return str(builtin_path(str(name)))
+    return resolve(name)
+
+
 def load_tokenizer(name: str | os.PathLike):
     from transformers import AutoTokenizer
 

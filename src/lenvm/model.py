@@ -888,10 +888,10 @@ def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike)
             f"(written by {by}, or misspelled?); they are kept when the LenVM is written again",
             stacklevel=3,
         )
-    from lenvm.hub import model_name
+    from lenvm.hub import same_model
 
     sampled_by = config.generator
-    if config.kind != "standalone" and sampled_by and model_name(sampled_by) != model_name(config.base_model):
+    if config.kind != "standalone" and sampled_by and not same_model(sampled_by, config.base_model):
         warnings.warn(
             f"{config_file}: the LenVM was trained on rollouts of {sampled_by}, and its head reads "
             f"{config.base_model}: it tells how long {sampled_by}'s answers are from "
@@ -973,8 +973,10 @@ def _check_is_base(model, base: str | os.PathLike) -> None:
     A generator named as another model is refused by its name, any other by its weights (one built
     in memory has no name, one built from ``base``'s config has its name): see
     :func:`_check_stored_weights`."""
+    from lenvm.hub import same_model
+
     loaded = getattr(model, "name_or_path", "")
-    if loaded and not _same_model(loaded, base):
+    if loaded and not same_model(loaded, base):
         raise InputError(
             f"the generator passed in is {str(loaded)!r}, not {str(base)!r}: the LenVM would record "
             f"{str(base)!r} and read that model in its place once saved; pass the generator loaded from "
@@ -1076,19 +1078,6 @@ def _stored_rows(files: list[str], shape: tuple[int, ...], rows: list[int]) -> l
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             found += [tensor[rows] for tensor in state.values() if tuple(tensor.shape) == shape]
     return found
-
-
-def _same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two names load the same model: equal names, or a built-in alias and the folder it
-    is prepared in (or two paths to one folder)."""
-    from lenvm import hub
-
-    if hub.model_name(a) == hub.model_name(b):
-        return True
-    try:
-        return os.path.realpath(hub.resolve(a)) == os.path.realpath(hub.resolve(b))
-    except InputError:  # a name that loads nothing is no model's
-        return False
 
 
 def _device_for(device, generator) -> torch.device:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate, forward_images
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
-from lenvm.hub import model_name, torch_dtype
+from lenvm.hub import same_model, torch_dtype
 from lenvm.io import (
     InputError,
     RunLock,
@@ -294,7 +294,7 @@ def train(
                 stacklevel=2,
             )
         sampled_by = data.policy.get("generator")
-        if config.freeze_backbone and sampled_by and model_name(sampled_by) != model_name(base):
+        if config.freeze_backbone and sampled_by and not same_model(sampled_by, base):
             warnings.warn(
                 f"the rollouts were sampled from {sampled_by}, the head reads {base}: it learns how long "
                 f"{sampled_by}'s answers are from {base}'s hidden states",
