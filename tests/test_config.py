@@ -179,6 +179,27 @@ def test_a_config_round_trips_through_its_dict(saved):
     assert again.extra_fields == {"my_note": "kept"} and again.to_dict() == data
 
 
+def test_a_lenvm_trained_on_rollouts_of_other_tools_loads(saved, tmp_path, tiny_generator):
+    """Rollouts of other tools record top_k -1 (vLLM's "off") or an unknown generator as "": a
+    LenVM trained on them loads, reading them as top-k off and as no generator named."""
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_new_tokens": 48, "seed": 0}
+    folder = edited(saved, tmp_path, setting(generator="", sampling=sampling))
+    lenvm = LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    assert lenvm.config.generator is None and lenvm.config.sampling == sampling  # as recorded
+    assert lenvm.sampling_params().top_k == 0
+
+
+def test_a_field_that_would_not_load_is_refused_before_it_is_written(saved, tmp_path, tiny_generator):
+    lenvm = LengthValueModel.from_pretrained(saved, generator=tiny_generator)
+    lenvm.config.sampling = {"top_k": -5}  # set after the config was built: not checked then
+    before = (saved / CONFIG_NAME).read_bytes()
+    with pytest.raises(InputError, match="would not load once written: sampling: .*top_k"):
+        save_config(saved, lenvm.config)
+    with pytest.raises(InputError, match="would not load once written"):
+        lenvm.save_pretrained(tmp_path / "copy")
+    assert (saved / CONFIG_NAME).read_bytes() == before and not (tmp_path / "copy").exists()
+
+
 def test_the_config_constructor_takes_its_fields_in_their_order_with_their_defaults():
     fields = dict(kind="attached", gamma=0.9, hidden_size=64, base_model="m", tokenizer_fingerprint="f")
     config = LengthValueConfig(*fields.values(), 32, 1, None, [2])  # head, layer, vocab_size, EOS ids

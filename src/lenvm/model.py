@@ -118,6 +118,8 @@ class LengthValueConfig:
         check_format_version(self.format_version)
         if self.head_hidden_size is None:
             self.head_hidden_size = self.hidden_size
+        if self.generator == "":  # how rollouts of other tools say that the generator is not known
+            self.generator = None
         for name, (valid, expected) in _FIELD_RULES.items():
             value = getattr(self, name)
             if not valid(value):
@@ -427,6 +429,7 @@ class LengthValueModel(nn.Module):
         ``accelerator.get_state_dict``.
         """
         state_dict = state_dict if state_dict is not None else self.state_dict()
+        text = _config_text(self.config)
         refuse_to_replace(path, "saving a LenVM there")
         own = {CONFIG_NAME, HEAD_NAME, END_HEAD_NAME, BACKBONE_DIR}
         with atomic_path(path) as tmp:
@@ -437,7 +440,7 @@ class LengthValueModel(nn.Module):
                 )
             else:
                 tmp.mkdir()
-            (tmp / CONFIG_NAME).write_text(json_text(self.config.to_dict(), indent=2) + "\n")
+            (tmp / CONFIG_NAME).write_text(text)
             head = {
                 k.removeprefix("head."): v.detach().float().contiguous().cpu()
                 for k, v in state_dict.items()
@@ -791,6 +794,17 @@ def right_pad(sequences: list[list[int]], device, pad_id: int = 0):
     return ids.to(device), mask.to(device), last.to(device)
 
 
+def _config_text(config: LengthValueConfig) -> str:
+    """The text of ``config.json`` for ``config``, refused (:class:`InputError`) where it would not
+    load: a field assigned after the config was built is checked here, before it is written."""
+    data = config.to_dict()
+    try:
+        LengthValueConfig.from_dict(data)
+    except InputError as err:
+        raise InputError(f"the LenVM's config would not load once written: {err}") from None
+    return json_text(data, indent=2) + "\n"
+
+
 def save_config(
     path: str | os.PathLike,
     config: LengthValueConfig,
@@ -802,7 +816,7 @@ def save_config(
     safetensors files of the folder (by file name: their tensors). Returns the folder written."""
     path = Path(path)
     read_config(path)  # a LenVM folder, not any folder
-    text = json_text(config.to_dict(), indent=2) + "\n"
+    text = _config_text(config)
     in_place = out is None or Path(out).resolve() == path.resolve()
     if in_place and not weights:
         write_text(path / CONFIG_NAME, text)
