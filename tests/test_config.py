@@ -8,6 +8,7 @@ import shutil
 import warnings
 
 import pytest
+from conftest import synthetic_records
 
 from lenvm.cli import main
 from lenvm.io import InputError
@@ -18,6 +19,7 @@ from lenvm.model import (
     LengthValueModel,
     NotALenVMError,
     read_config,
+    refuse_to_replace,
     save_config,
 )
 
@@ -198,6 +200,25 @@ def test_a_field_that_would_not_load_is_refused_before_it_is_written(saved, tmp_
     with pytest.raises(InputError, match="would not load once written"):
         lenvm.save_pretrained(tmp_path / "copy")
     assert (saved / CONFIG_NAME).read_bytes() == before and not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize(
+    "change", [setting(gamma="0.8"), setting(format_version=FORMAT_VERSION + 1)], ids=["bad field", "newer"]
+)
+def test_a_lenvm_that_does_not_load_is_replaced_when_asked_only(
+    saved, tmp_path, tiny_path, tiny_generator, change
+):
+    """What says a folder is a LenVM's is its config's format: replacing one that this lenvm cannot
+    load (a hand edit, a newer lenvm's) is what --overwrite asks for."""
+    folder = edited(saved, tmp_path, change)
+    rollouts = tmp_path / "rollouts.jsonl"
+    rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
+    argv = ["train", "--rollouts", str(rollouts), "--base", str(tiny_path), "--out", str(folder)]
+    argv += ["--epochs", "1", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 2  # a LenVM: replaced only when asked
+    refuse_to_replace(folder, "training")
+    assert main([*argv, "--overwrite"]) == 0
+    assert read_config(folder).format_version == FORMAT_VERSION
 
 
 def test_the_config_constructor_takes_its_fields_in_their_order_with_their_defaults():

@@ -862,6 +862,20 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
     raises :class:`NotALenVMError`, a config with a field of a wrong type or value (a hand edit)
     :class:`InputError`, naming the file."""
     path = Path(path)
+    data = _lenvm_config_data(path)
+    if not (path / HEAD_NAME).is_file():
+        raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
+    if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
+        raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
+    try:
+        return LengthValueConfig.from_dict(data)
+    except InputError as err:
+        raise InputError(f"{path / CONFIG_NAME}: {err}") from None
+
+
+def _lenvm_config_data(path: Path) -> dict[str, Any]:
+    """What the ``config.json`` of the folder ``path`` holds, unchecked but for saying that the
+    folder is a LenVM's; :class:`NotALenVMError` where it does not."""
     config_file = path / CONFIG_NAME
     if not path.is_dir() or not config_file.is_file():
         raise NotALenVMError(f"{path}: not a LenVM folder (no {CONFIG_NAME})")
@@ -875,14 +889,7 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         raise NotALenVMError(
             f'{path}: not a LenVM folder (its config.json is not an object with "format": "{FORMAT}")'
         )
-    if not (path / HEAD_NAME).is_file():
-        raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
-    if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
-        raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
-    try:
-        return LengthValueConfig.from_dict(data)
-    except InputError as err:
-        raise InputError(f"{config_file}: {err}") from None
+    return data
 
 
 def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike) -> None:
@@ -918,12 +925,13 @@ def refuse_to_replace(path: str | os.PathLike, writes: str, lenvm: bool = True) 
     """A LenVM is written as a new folder in place of what stood at ``path`` (keeping only the other
     files of a LenVM folder): refuse when that is anything but a LenVM or an empty folder (a
     generator's folder, say), naming what ``writes``; and a LenVM too unless ``lenvm`` (may be
-    replaced)."""
+    replaced). A LenVM is a folder whose config says so: one this lenvm would not load (a bad field,
+    a newer format) may be replaced all the same."""
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     try:
-        read_config(path)
+        _lenvm_config_data(path)
     except NotALenVMError:
         raise InputError(
             f"{path} exists and is not a LenVM folder; {writes} would replace it: choose another folder"
