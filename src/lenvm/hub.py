@@ -29,6 +29,29 @@ else:  # the hints' modules, imported when read: importing them here would slow 
     transformers = LazyModule("transformers")
 
 
+# What ``import *`` binds: the stand-ins of the hints' modules above would shadow the caller's.
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "builtin_path",
+    "cache_dir",
+    "default_device",
+    "eos_token_ids",
+    "eos_token_ids_of",
+    "is_prepared",
+    "list_models",
+    "load_generator",
+    "load_tokenizer",
+    "model_name",
+    "prepare",
+    "resolve",
+    "same_model",
+    "torch_dtype",
+]
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
