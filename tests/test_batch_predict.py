@@ -40,3 +40,22 @@ def test_predictions_of_another_lenvm_name_another_lenvm_version_too(tmp_path, l
     with pytest.raises(InputError, match="another LenVM.*another lenvm version"):
         predict_file(lenvm, PROMPTS, out, progress=False)
     assert predict_file(lenvm, PROMPTS, tmp_path / "new.jsonl", progress=False).predicted == 3
+
+
+def test_predictions_of_the_same_lenvm_by_an_earlier_lenvm_version_resume(tmp_path, lenvm):
+    """A LenVM was fingerprinted by its config's fields before format_version and extra_fields
+    were among them: neither changes a prediction, and such files resume."""
+    from dataclasses import asdict
+
+    from lenvm.hub import model_name
+    from lenvm.io import fingerprint
+
+    out = tmp_path / "predictions.jsonl"
+    predict_file(lenvm, PROMPTS[:2], out, progress=False)
+    config = {k: v for k, v in asdict(lenvm.config).items() if k not in ("format_version", "extra_fields")}
+    dtype = str(next(lenvm.backbone.parameters()).dtype)
+    earlier = fingerprint([config, model_name(lenvm.backbone.name_or_path), dtype])
+    lines = [dict(json.loads(line), lenvm=earlier) for line in out.read_text().splitlines()]
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    stats = predict_file(lenvm, PROMPTS, out, progress=False)
+    assert (stats.skipped, stats.predicted) == (2, 1)

@@ -859,3 +859,18 @@ def test_path_options_expand_the_home_folder(tmp_path, monkeypatch):
                     yield f"{name} {action.option_strings[0]}"
 
     assert list(string_options_about_paths(build_parser(), "lenvm")) == []
+
+
+def test_the_commands_are_importable_from_the_cli_package_which_loads_them_when_asked():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lenvm.cli\n"
+        "assert 'lenvm.cli.commands' not in sys.modules\n"
+        "from lenvm.cli import build_parser, cmd_train, commands\n"
+        "assert build_parser is commands.build_parser and cmd_train is commands.cmd_train\n"
+        "for name in ('argparse', 'InputError', '_run', 'nothing'):\n"
+        "    assert not hasattr(lenvm.cli, name), name\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,12 +1,14 @@
 """A LenVM's config.json as a user may edit it: every field checked when it is read, fields it
 does not know named and kept, a newer folder format refused."""
 
+import dataclasses
 import json
 import re
 import shutil
 import warnings
 
 import pytest
+from conftest import synthetic_records
 
 from lenvm.cli import main
 from lenvm.io import InputError
@@ -17,6 +19,7 @@ from lenvm.model import (
     LengthValueModel,
     NotALenVMError,
     read_config,
+    refuse_to_replace,
     save_config,
 )
 
@@ -176,3 +179,84 @@ def test_a_config_round_trips_through_its_dict(saved):
     data = {**config.to_dict(), "my_note": "kept"}
     again = LengthValueConfig.from_dict(data)
     assert again.extra_fields == {"my_note": "kept"} and again.to_dict() == data
+
+
+def test_a_lenvm_trained_on_rollouts_of_other_tools_loads(saved, tmp_path, tiny_generator):
+    """Rollouts of other tools record top_k -1 (vLLM's "off") or an unknown generator as "": a
+    LenVM trained on them loads, reading them as top-k off and as no generator named."""
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_new_tokens": 48, "seed": 0}
+    folder = edited(saved, tmp_path, setting(generator="", sampling=sampling))
+    lenvm = LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    assert lenvm.config.generator is None and lenvm.config.sampling == sampling  # as recorded
+    assert lenvm.sampling_params().top_k == 0
+
+
+def test_a_field_that_would_not_load_is_refused_before_it_is_written(saved, tmp_path, tiny_generator):
+    lenvm = LengthValueModel.from_pretrained(saved, generator=tiny_generator)
+    lenvm.config.sampling = {"top_k": -5}  # set after the config was built: not checked then
+    before = (saved / CONFIG_NAME).read_bytes()
+    with pytest.raises(InputError, match="would not load once written: sampling: .*top_k"):
+        save_config(saved, lenvm.config)
+    with pytest.raises(InputError, match="would not load once written"):
+        lenvm.save_pretrained(tmp_path / "copy")
+    assert (saved / CONFIG_NAME).read_bytes() == before and not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize(
+    "change", [setting(gamma="0.8"), setting(format_version=FORMAT_VERSION + 1)], ids=["bad field", "newer"]
+)
+def test_a_lenvm_that_does_not_load_is_replaced_when_asked_only(
+    saved, tmp_path, tiny_path, tiny_generator, change
+):
+    """What says a folder is a LenVM's is its config's format: replacing one that this lenvm cannot
+    load (a hand edit, a newer lenvm's) is what --overwrite asks for."""
+    folder = edited(saved, tmp_path, change)
+    rollouts = tmp_path / "rollouts.jsonl"
+    rollouts.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(tiny_generator[1])))
+    argv = ["train", "--rollouts", str(rollouts), "--base", str(tiny_path), "--out", str(folder)]
+    argv += ["--epochs", "1", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 2  # a LenVM: replaced only when asked
+    refuse_to_replace(folder, "training")
+    assert main([*argv, "--overwrite"]) == 0
+    assert read_config(folder).format_version == FORMAT_VERSION
+
+
+def test_the_config_constructor_takes_its_fields_in_their_order_with_their_defaults():
+    fields = dict(kind="attached", gamma=0.9, hidden_size=64, base_model="m", tokenizer_fingerprint="f")
+    config = LengthValueConfig(*fields.values(), 32, 1, None, [2])  # head, layer, vocab_size, EOS ids
+    assert (config.head_hidden_size, config.feature_layer, config.eos_token_ids) == (32, 1, [2])
+    with pytest.raises(
+        InputError, match=re.escape("eos_token_ids must be a non-empty list of token ids, got []")
+    ):
+        LengthValueConfig(**fields)
+
+
+def test_a_config_comes_back_from_its_dataclass_dict(saved):
+    config = dataclasses.replace(read_config(saved), extra_fields={"my_note": "kept"})
+    assert LengthValueConfig.from_dict(dataclasses.asdict(config)) == config
+    with pytest.raises(InputError, match="extra_fields must be an object of fields, got 3"):
+        LengthValueConfig.from_dict({**dataclasses.asdict(config), "extra_fields": 3})
+
+
+def test_a_head_on_its_rollouts_generator_named_another_way_loads_without_a_warning(
+    saved, tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    """A link to the generator's folder, or a built-in alias prepared there, is that generator; an
+    alias not prepared is not, and is not prepared to tell."""
+    from lenvm import hub
+
+    monkeypatch.setenv("LENVM_CACHE", str(tmp_path / "cache"))
+    link = tmp_path / "link"
+    link.symlink_to(tiny_path)
+    for i, same in enumerate((str(link), hub.DEFAULT_MODEL)):
+        if same == hub.DEFAULT_MODEL:
+            hub.builtin_path(same).parent.mkdir(parents=True)
+            hub.builtin_path(same).symlink_to(tiny_path)
+        folder = edited(saved, tmp_path / str(i), setting(generator=same))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*trained on rollouts of")
+            LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    hub.builtin_path(hub.DEFAULT_MODEL).unlink()
+    monkeypatch.setattr(hub, "prepare", lambda *a, **k: pytest.fail("prepared to compare names"))
+    with pytest.warns(UserWarning, match=f"trained on rollouts of {hub.DEFAULT_MODEL}"):
+        LengthValueModel.from_pretrained(folder, generator=tiny_generator)

@@ -175,3 +175,13 @@ def test_numpy_numbers_are_taken_as_python_ones():
     assert Control("equal_to", target=np.int64(5)).target == 5
     with pytest.raises(InputError):
         Control("equal_to", target=np.bool_(True))  # a bool is not a count, NumPy's neither
+
+
+def test_a_policy_recorded_by_other_tools_reads_their_off_as_ours():
+    """vLLM turns top-k off with -1 where ours takes 0, and a tool may record a setting it left
+    alone as null: rollouts of theirs sampled with both filters off."""
+    recorded = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": None, "max_new_tokens": 48}
+    assert SamplingParams.from_policy(recorded) == SamplingParams(temperature=0.7)
+    assert SamplingParams.from_policy(recorded, top_k=5).top_k == 5
+    with pytest.raises(InputError, match="top_k must be an integer >= 0"):
+        SamplingParams.from_policy({"top_k": -2})  # off nowhere

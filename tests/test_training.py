@@ -1314,3 +1314,48 @@ def test_a_record_beyond_the_context_is_refused_unless_max_length_within_it_leav
     # Held-out records are never left out by max_length: beyond the context they are refused.
     with pytest.raises(InputError, match=beyond):
         _training_data(tokenizer, records[12:], context, context, eval_records=with_length(context + 1)[:12])
+
+
+def test_rollouts_of_other_tools_train_a_lenvm_that_loads(tmp_path, tiny_path, tiny_generator):
+    """vLLM records top-k off as -1, and a tool that does not know its generator records "": the
+    LenVM trained on such rollouts loads, and its rollouts' policy holds."""
+    records = [
+        dict(r, generator="", sampling={**r["sampling"], "top_k": -1})
+        for r in synthetic_records(tiny_generator[1])
+    ]
+    train(
+        records, str(tiny_path), tmp_path / "lv", _config(epochs=1), generator=tiny_generator, progress=False
+    )
+    lenvm = LengthValueModel.from_pretrained(tmp_path / "lv", generator=tiny_generator)
+    assert lenvm.config.generator is None and lenvm.sampling_params().top_k == 0
+
+
+def test_rollouts_whose_policy_a_lenvm_cannot_record_are_refused_before_training(
+    tmp_path, tiny_path, tiny_generator, monkeypatch
+):
+    records = [dict(r, sampling={**r["sampling"], "top_k": -5}) for r in synthetic_records(tiny_generator[1])]
+    monkeypatch.setattr(HeadTrainer, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(InputError, match="the rollouts' generator and sampling .* sampling: .*top_k must be"):
+        train(
+            records,
+            str(tiny_path),
+            tmp_path / "lv",
+            _config(epochs=1),
+            generator=tiny_generator,
+            progress=False,
+        )
+    assert not (tmp_path / "lv").exists()
+
+
+def test_rollouts_of_the_base_named_another_way_train_and_load_without_a_warning(
+    tmp_path, tiny_path, tiny_generator
+):
+    link = tmp_path / "link"
+    link.symlink_to(tiny_path)
+    records = [dict(r, generator=str(tiny_path)) for r in synthetic_records(tiny_generator[1])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(sampled from|trained on rollouts of)")
+        train(
+            records, str(link), tmp_path / "lv", _config(epochs=1), generator=tiny_generator, progress=False
+        )
+        LengthValueModel.from_pretrained(tmp_path / "lv", generator=tiny_generator)

@@ -35,7 +35,7 @@ from lenvm.io import (
     replaceable,
     write_text,
 )
-from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueConfig, LengthValueModel
 from lenvm.prompts import Prompt
 
 BATCHES_PER_CHUNK = 8
@@ -80,7 +80,7 @@ def predict_file(
     # The LenVM, and what its values also depend on: the generator it was loaded with, the dtype.
     weights = next(lenvm.backbone.parameters())
     model = fingerprint(
-        [lenvm.config.to_dict(), model_name(getattr(lenvm.backbone, "name_or_path", "")), str(weights.dtype)]
+        [_identity(lenvm.config), model_name(getattr(lenvm.backbone, "name_or_path", "")), str(weights.dtype)]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "predicting into this file"):
@@ -135,6 +135,13 @@ def _in_prompt_order(out: Path, ids: list[str]) -> None:
     ordered = sorted(records, key=lambda r: rank.get(str(r.get("id")), len(ids)))
     if ordered != records:
         write_text(out, "".join(json.dumps(r) + "\n" for r in ordered))
+
+
+def _identity(config: LengthValueConfig) -> dict[str, Any]:
+    """The fields of ``config`` that tell one LenVM's predictions from another's: neither the
+    folder's format version nor fields this lenvm does not know change a value (and leaving them
+    out resumes files written before the config had them)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("format_version", "extra_fields")}
 
 
 def _check_resumable(record: dict[str, Any], out: Path, model: str, shas: dict[str, str]) -> None:

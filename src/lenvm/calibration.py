@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 else:  # lenvm.model imports this module (its Calibration): it is imported when the hints are read
     model = LazyModule("lenvm.model")
 
+# What ``import *`` binds: not the modules imported above (the stand-in ``model`` among them).
+__all__ = [
+    "Calibration",
+    "CalibrationFit",
+    "KNOTS",
+    "calibrate",
+    "fit_calibration",
+    "fit_on_rollouts",
+    "isotonic",
+    "length_map",
+    "realized_returns",
+]
+
 KNOTS = 64  # interpolation points over the range of the values seen
 
 

@@ -29,6 +29,29 @@ else:  # the hints' modules, imported when read: importing them here would slow 
     transformers = LazyModule("transformers")
 
 
+# What ``import *`` binds: the stand-ins of the hints' modules above would shadow the caller's.
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "builtin_path",
+    "cache_dir",
+    "default_device",
+    "eos_token_ids",
+    "eos_token_ids_of",
+    "is_prepared",
+    "list_models",
+    "load_generator",
+    "load_tokenizer",
+    "model_name",
+    "prepare",
+    "resolve",
+    "same_model",
+    "torch_dtype",
+]
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
@@ -204,6 +227,26 @@ def resolve(name: str | os.PathLike) -> str:
         f"unknown model {text!r}: not a folder, not a built-in alias ({', '.join(BUILTIN_MODELS)}), "
         "and not a hub id of the form owner/name"
     )
+
+
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two names load the same model: equal names, or a built-in alias and the folder it
+    is prepared in, or two paths to one folder (a link, a relative path). Nothing is prepared to
+    tell."""
+    if model_name(a) == model_name(b):
+        return True
+    try:
+        return os.path.realpath(_location(a)) == os.path.realpath(_location(b))
+    except InputError:  # a name that loads nothing is no model's
+        return False
+
+
+def _location(name: str | os.PathLike) -> str:
+    """Where ``name`` loads from (:func:`resolve`), a built-in alias's folder whether or not it is
+    prepared yet."""
+    if str(name) in BUILTIN_MODELS and not Path(name).is_dir():
+        return str(builtin_path(str(name)))
+    return resolve(name)
 
 
 def load_tokenizer(name: str | os.PathLike):

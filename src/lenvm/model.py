@@ -93,10 +93,11 @@ class LengthValueConfig:
     hidden_size: int
     base_model: str  # the generator (attached, q) or where the backbone started (standalone)
     tokenizer_fingerprint: str
-    eos_token_ids: list[int]
     head_hidden_size: int | None = None  # defaults to hidden_size: the paper's H -> H -> 1
     feature_layer: int = -1  # the head reads this entry of hidden_states; -1: the final, normed one
     vocab_size: int | None = None  # q kind only
+    # Defaulted for callers of the constructor that leave it out; a config without EOS ids is refused.
+    eos_token_ids: list[int] = field(default_factory=list)
     generator: str | None = None  # whose rollouts trained it
     sampling: dict[str, Any] | None = None  # the decoding policy of those rollouts
     training: dict[str, Any] | None = None  # summary of how it was trained
@@ -105,8 +106,9 @@ class LengthValueConfig:
     # lenvm.end_head): its gamma, the EOS probability it counts as natural, what it was trained on.
     end_head: dict[str, Any] | None = None
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
     lenvm_version: str = __version__
+    # Fields added since: at the end, so that positional calls of the constructor keep their meaning.
+    format_version: int = FORMAT_VERSION
     # Fields of config.json that this lenvm does not know (another version's, or added by hand):
     # they mean nothing here, and are written back as they were, as Hugging Face configs keep theirs.
     extra_fields: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +118,8 @@ class LengthValueConfig:
         check_format_version(self.format_version)
         if self.head_hidden_size is None:
             self.head_hidden_size = self.hidden_size
+        if self.generator == "":  # how rollouts of other tools say that the generator is not known
+            self.generator = None
         for name, (valid, expected) in _FIELD_RULES.items():
             value = getattr(self, name)
             if not valid(value):
@@ -150,16 +154,22 @@ class LengthValueConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LengthValueConfig:
-        """The config of ``data`` (what ``config.json`` holds): a newer format than this lenvm reads
-        is refused, fields it does not know are kept in :attr:`extra_fields`."""
+        """The config of ``data`` (what ``config.json`` holds, or ``dataclasses.asdict`` of a config,
+        whose ``extra_fields`` are merged in): a newer format than this lenvm reads is refused, fields
+        it does not know are kept in :attr:`extra_fields`."""
         if not isinstance(data, dict):
             raise InputError(f"a LenVM config is a JSON object, got {_described(data)}")
-        data = {"format_version": 1, **data}  # written before format_version existed: format 1
+        extra = data.get("extra_fields", {})
+        if not isinstance(extra, dict):
+            raise InputError(f"extra_fields must be an object of fields, got {_described(extra)}")
+        # format_version left out: written before it existed, format 1
+        data = {"format_version": 1, **extra, **{k: v for k, v in data.items() if k != "extra_fields"}}
         check_format_version(data["format_version"])  # before the fields a newer format may change
         declared = {f.name: f for f in fields(cls) if f.name != "extra_fields"}
+        # The EOS ids have a default for the constructor's older callers only: every config.json has them.
         required = [
             name for name, f in declared.items() if f.default is MISSING and f.default_factory is MISSING
-        ]
+        ] + ["eos_token_ids"]
         if missing := [name for name in required if name not in data]:
             raise InputError(f"not a valid LenVM config (no {', '.join(missing)})")
         known = {k: v for k, v in data.items() if k in declared}
@@ -419,6 +429,7 @@ class LengthValueModel(nn.Module):
         ``accelerator.get_state_dict``.
         """
         state_dict = state_dict if state_dict is not None else self.state_dict()
+        text = _config_text(self.config)
         refuse_to_replace(path, "saving a LenVM there")
         own = {CONFIG_NAME, HEAD_NAME, END_HEAD_NAME, BACKBONE_DIR}
         with atomic_path(path) as tmp:
@@ -429,7 +440,7 @@ class LengthValueModel(nn.Module):
                 )
             else:
                 tmp.mkdir()
-            (tmp / CONFIG_NAME).write_text(json_text(self.config.to_dict(), indent=2) + "\n")
+            (tmp / CONFIG_NAME).write_text(text)
             head = {
                 k.removeprefix("head."): v.detach().float().contiguous().cpu()
                 for k, v in state_dict.items()
@@ -783,6 +794,17 @@ def right_pad(sequences: list[list[int]], device, pad_id: int = 0):
     return ids.to(device), mask.to(device), last.to(device)
 
 
+def _config_text(config: LengthValueConfig) -> str:
+    """The text of ``config.json`` for ``config``, refused (:class:`InputError`) where it would not
+    load: a field assigned after the config was built is checked here, before it is written."""
+    data = config.to_dict()
+    try:
+        LengthValueConfig.from_dict(data)
+    except InputError as err:
+        raise InputError(f"the LenVM's config would not load once written: {err}") from None
+    return json_text(data, indent=2) + "\n"
+
+
 def save_config(
     path: str | os.PathLike,
     config: LengthValueConfig,
@@ -794,7 +816,7 @@ def save_config(
     safetensors files of the folder (by file name: their tensors). Returns the folder written."""
     path = Path(path)
     read_config(path)  # a LenVM folder, not any folder
-    text = json_text(config.to_dict(), indent=2) + "\n"
+    text = _config_text(config)
     in_place = out is None or Path(out).resolve() == path.resolve()
     if in_place and not weights:
         write_text(path / CONFIG_NAME, text)
@@ -840,6 +862,20 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
     raises :class:`NotALenVMError`, a config with a field of a wrong type or value (a hand edit)
     :class:`InputError`, naming the file."""
     path = Path(path)
+    data = _lenvm_config_data(path)
+    if not (path / HEAD_NAME).is_file():
+        raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
+    if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
+        raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
+    try:
+        return LengthValueConfig.from_dict(data)
+    except InputError as err:
+        raise InputError(f"{path / CONFIG_NAME}: {err}") from None
+
+
+def _lenvm_config_data(path: Path) -> dict[str, Any]:
+    """What the ``config.json`` of the folder ``path`` holds, unchecked but for saying that the
+    folder is a LenVM's; :class:`NotALenVMError` where it does not."""
     config_file = path / CONFIG_NAME
     if not path.is_dir() or not config_file.is_file():
         raise NotALenVMError(f"{path}: not a LenVM folder (no {CONFIG_NAME})")
@@ -853,14 +889,7 @@ def read_config(path: str | os.PathLike) -> LengthValueConfig:
         raise NotALenVMError(
             f'{path}: not a LenVM folder (its config.json is not an object with "format": "{FORMAT}")'
         )
-    if not (path / HEAD_NAME).is_file():
-        raise NotALenVMError(f"{path}: LenVM folder without {HEAD_NAME}")
-    if data.get("end_head") is not None and not (path / END_HEAD_NAME).is_file():
-        raise NotALenVMError(f"{path}: its config names an end head but the folder has no {END_HEAD_NAME}")
-    try:
-        return LengthValueConfig.from_dict(data)
-    except InputError as err:
-        raise InputError(f"{config_file}: {err}") from None
+    return data
 
 
 def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike) -> None:
@@ -880,10 +909,10 @@ def warn_about_config(config: LengthValueConfig, config_file: str | os.PathLike)
             f"(written by {by}, or misspelled?); they are kept when the LenVM is written again",
             stacklevel=3,
         )
-    from lenvm.hub import model_name
+    from lenvm.hub import same_model
 
     sampled_by = config.generator
-    if config.kind != "standalone" and sampled_by and model_name(sampled_by) != model_name(config.base_model):
+    if config.kind != "standalone" and sampled_by and not same_model(sampled_by, config.base_model):
         warnings.warn(
             f"{config_file}: the LenVM was trained on rollouts of {sampled_by}, and its head reads "
             f"{config.base_model}: it tells how long {sampled_by}'s answers are from "
@@ -896,12 +925,13 @@ def refuse_to_replace(path: str | os.PathLike, writes: str, lenvm: bool = True) 
     """A LenVM is written as a new folder in place of what stood at ``path`` (keeping only the other
     files of a LenVM folder): refuse when that is anything but a LenVM or an empty folder (a
     generator's folder, say), naming what ``writes``; and a LenVM too unless ``lenvm`` (may be
-    replaced)."""
+    replaced). A LenVM is a folder whose config says so: one this lenvm would not load (a bad field,
+    a newer format) may be replaced all the same."""
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     try:
-        read_config(path)
+        _lenvm_config_data(path)
     except NotALenVMError:
         raise InputError(
             f"{path} exists and is not a LenVM folder; {writes} would replace it: choose another folder"
@@ -965,8 +995,10 @@ def _check_is_base(model, base: str | os.PathLike) -> None:
     A generator named as another model is refused by its name, any other by its weights (one built
     in memory has no name, one built from ``base``'s config has its name): see
     :func:`_check_stored_weights`."""
+    from lenvm.hub import same_model
+
     loaded = getattr(model, "name_or_path", "")
-    if loaded and not _same_model(loaded, base):
+    if loaded and not same_model(loaded, base):
         raise InputError(
             f"the generator passed in is {str(loaded)!r}, not {str(base)!r}: the LenVM would record "
             f"{str(base)!r} and read that model in its place once saved; pass the generator loaded from "
@@ -1068,19 +1100,6 @@ def _stored_rows(files: list[str], shape: tuple[int, ...], rows: list[int]) -> l
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             found += [tensor[rows] for tensor in state.values() if tuple(tensor.shape) == shape]
     return found
-
-
-def _same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two names load the same model: equal names, or a built-in alias and the folder it
-    is prepared in (or two paths to one folder)."""
-    from lenvm import hub
-
-    if hub.model_name(a) == hub.model_name(b):
-        return True
-    try:
-        return os.path.realpath(hub.resolve(a)) == os.path.realpath(hub.resolve(b))
-    except InputError:  # a name that loads nothing is no model's
-        return False
 
 
 def _device_for(device, generator) -> torch.device:

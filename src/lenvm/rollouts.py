@@ -53,6 +53,26 @@ if TYPE_CHECKING:
 else:  # imported when the hints are read: the vLLM and server backends run without it
     torch = LazyModule("torch")
 
+# What ``import *`` binds: the stand-ins of the hints' modules above would shadow the caller's.
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "BACKEND_OPTIONS",
+    "ENGINE",
+    "FINISH_REASONS",
+    "REQUEST_TIMEOUT_S",
+    "RolloutSummary",
+    "SamplingParams",
+    "ServerError",
+    "TOKEN_ID_FIELDS",
+    "derive_seed",
+    "iter_rollouts",
+    "read_rollouts",
+    "record_problem",
+    "rollout",
+    "vllm_installed",
+]
+
 BACKENDS = ("hf", "vllm", "openai")
 AUTO = "auto"
 TOKEN_ID_FIELDS = ("prompt_token_ids", "completion_token_ids")

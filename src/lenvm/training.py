@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate, forward_images
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
-from lenvm.hub import model_name, torch_dtype
+from lenvm.hub import same_model, torch_dtype
 from lenvm.io import (
     InputError,
     RunLock,
@@ -298,17 +298,25 @@ def train(
                 "tokens: two runs wrote into one file?); each copy counts in training",
                 stacklevel=2,
             )
-        sampled_by = data.policy.get("generator")
-        if config.freeze_backbone and sampled_by and model_name(sampled_by) != model_name(base):
+        gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
+        try:  # checked as config.json is when read: refused now, not once trained and unloadable
+            lenvm.config = dataclasses.replace(
+                lenvm.config,
+                gamma=gamma,
+                generator=data.policy.get("generator"),
+                sampling=data.policy.get("sampling"),
+            )
+        except InputError as err:
+            raise InputError(
+                f"the rollouts' generator and sampling go into the LenVM's config, which refuses them: {err}"
+            ) from None
+        sampled_by = lenvm.config.generator
+        if config.freeze_backbone and sampled_by and not same_model(sampled_by, base):
             warnings.warn(
                 f"the rollouts were sampled from {sampled_by}, the head reads {base}: it learns how long "
                 f"{sampled_by}'s answers are from {base}'s hidden states",
                 stacklevel=2,
             )
-        gamma = config.gamma or gamma_from_lengths(data.gamma_lengths)
-        lenvm.config.gamma = gamma
-        lenvm.config.generator = sampled_by
-        lenvm.config.sampling = data.policy.get("sampling")
         config = dataclasses.replace(config, bf16=resolve_bf16(config.bf16, lenvm.device))
         # The model by its weights, not by how it is named: a trailing slash, a link, an alias and its
         # prepared folder are one model; a generator replaced or fine-tuned at the same path is another.

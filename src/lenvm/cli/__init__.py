@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -72,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         interrupted_by.append(status - 128)
     return status
+
+
+def __getattr__(name: str) -> object:
+    """The public functions of :mod:`lenvm.cli.commands` (``build_parser``, ``cmd_train``, ...),
+    importable from here too; the commands load when one is first asked for, so that the entry
+    point stays light."""
+    if not name.startswith("_"):
+        commands = importlib.import_module("lenvm.cli.commands")  # ``from lenvm.cli import`` would ask here
+        found = getattr(commands, name, None)
+        if getattr(found, "__module__", None) == commands.__name__:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _end_by_signal(interrupted_by: list[int]) -> None:

@@ -35,6 +35,9 @@ MAX_TOP_LOGPROBS = 20
 # The settings of a decoding policy that a LenVM's values depend on besides the length limit: a
 # LenVM predicts the lengths of answers sampled so, and steers well only under them.
 POLICY_SETTINGS = ("temperature", "top_p", "top_k", "min_p")
+# Settings of a recorded policy by which other tools turn a filter off where ours take the default
+# (vLLM's top_k -1; top_p 1 and min_p 0 are off everywhere).
+OFF_ELSEWHERE = {"top_k": -1}
 # A temperature below this is greedy (as vLLM takes it): far below it, logits / temperature
 # would overflow float32 into nan.
 MIN_TEMPERATURE = 1e-5
@@ -119,8 +122,14 @@ class SamplingParams:
     def from_policy(cls, policy: dict[str, Any] | None, **settings: Any) -> SamplingParams:
         """Sampling under a LenVM's training ``policy`` (its :data:`POLICY_SETTINGS`, e.g.
         ``lenvm.config.sampling``), with ``settings`` (``max_new_tokens``, ``seed``, or any of
-        those) given here taking precedence."""
-        trained = {k: v for k, v in (policy or {}).items() if k in POLICY_SETTINGS}
+        those) given here taking precedence. The policy may come from rollouts of other tools: a
+        filter they turn off by another value (:data:`OFF_ELSEWHERE`) is off, a setting they
+        leave null takes its default."""
+        trained = {
+            k: v
+            for k, v in (policy or {}).items()
+            if k in POLICY_SETTINGS and v is not None and not (k in OFF_ELSEWHERE and v == OFF_ELSEWHERE[k])
+        }
         return cls(**{**trained, **settings})
 
     def policy(self) -> dict[str, Any]:
