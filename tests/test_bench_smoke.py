@@ -626,3 +626,22 @@ def test_bench_vision_warms_up_before_it_times(tmp_path, monkeypatch):
             tmp_path, images=3, n=1, max_new_tokens=12, batch_size=2, target=3, epochs=1, progress=False
         )
     assert events == [("decode", WARMUP_TOKENS)]
+
+
+def test_a_policy_other_tools_recorded_is_read_as_ours(models):
+    """A LenVM trained on rollouts of another tool may record top_k -1 (vLLM's "off") or a null
+    setting: a benchmark samples under that policy as ours writes it, not refusing it."""
+    from dataclasses import replace
+
+    from lenvm.bench.common import bench_sampling
+
+    recorded = {"temperature": 0.7, "top_p": None, "top_k": -1, "min_p": 0.0}
+    lenvm = models.lenvm
+    original = lenvm.config
+    lenvm.config = replace(original, sampling=recorded)
+    try:
+        sampling = bench_sampling(models, max_new_tokens=8)
+        assert (sampling.temperature, sampling.top_p, sampling.top_k) == (0.7, 1.0, 0)
+        assert bench_sampling(models, max_new_tokens=8, top_k=5).top_k == 5  # an option still wins
+    finally:
+        lenvm.config = original

@@ -874,3 +874,18 @@ def test_the_commands_are_importable_from_the_cli_package_which_loads_them_when_
         "    assert not hasattr(lenvm.cli, name), name\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_without_base_on_rollouts_that_name_no_generator(tmp_path, tiny_generator, capsys):
+    from conftest import synthetic_records
+
+    rollouts = tmp_path / "r.jsonl"
+    rollouts.write_text(
+        "".join(json.dumps({**r, "generator": ""}) + "\n" for r in synthetic_records(tiny_generator[1]))
+    )
+    assert main(["train", "--rollouts", str(rollouts), "--out", str(tmp_path / "l"), "--no-progress"]) == 2
+    assert (
+        "the rollouts name no generator; give the model they were sampled from as --base"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "l").exists()

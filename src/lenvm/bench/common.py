@@ -123,10 +123,10 @@ def bench_sampling(
     """A benchmark's decoding policy; every item's seed derives from ``seed`` (None: 0).
     Options left at None take the LenVM's training policy (a value function is only right for
     the policy that produced its rollouts), else the plain-sampling defaults."""
-    trained = (models.lenvm.config.sampling or {}) if models.lenvm is not None else {}
+    trained = models.lenvm.config.sampling if models.lenvm is not None else None
     chosen = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
-    chosen = {k: v if v is not None else trained.get(k) for k, v in chosen.items()}
-    return SamplingParams(
+    return SamplingParams.from_policy(
+        {k: v for k, v in (trained or {}).items() if k in chosen},
         max_new_tokens=max_new_tokens,
         seed=seed or 0,
         **{k: v for k, v in chosen.items() if v is not None},

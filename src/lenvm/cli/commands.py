@@ -184,6 +184,10 @@ def _rollouts_generator(rollouts: str | list[dict], name: str) -> str:
     first = next(iter(iter_rollouts(rollouts) if isinstance(rollouts, str) else rollouts), None)
     if first is None:
         raise InputError(f"{name}: no rollout records to train on")
+    if not first.get("generator"):
+        raise InputError(
+            f"{name}: the rollouts name no generator; give the model they were sampled from as --base"
+        )
     if is_main_process():
         print(
             f"base: {first['generator']} (the generator the rollouts name; --base to choose)", file=sys.stderr
