@@ -28,6 +28,8 @@ from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.serve import ServerSettings, create_app
+from lenvm.serve.protocol import Plan, Writer
+from lenvm.serve.runner import Choice, Chunk
 from lenvm.values_view import token_values
 
 MODEL = "tiny"
@@ -362,12 +364,53 @@ def test_logprob_tokens_keep_their_leading_space(sentencepiece_engine):
             assert answer.status_code == 200, answer.text
             return answer.json()["choices"][0]["logprobs"]
 
+        # the first token reads as the text starts ("a a a"): decoded alone, without its space
         text = post("completions", {"prompt": [258, 259], "logprobs": 2})
-        assert text["tokens"] == [" a"] * 3 and text["text_offset"] == [0, 2, 4]
-        assert all(set(top) == {" a", "a"} for top in text["top_logprobs"])
+        assert text["tokens"] == ["a", " a", " a"] and text["text_offset"] == [0, 1, 3]
+        assert set(text["top_logprobs"][0]) == {"a"}  # "▁a" and "a" read the same there
+        assert all(set(top) == {" a", "a"} for top in text["top_logprobs"][1:])
         chat = post("chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 2})["content"]
-        assert [t["token"] for t in chat] == [" a"] * 3 and chat[0]["bytes"] == [32, 97]
-        assert [[alt["token"] for alt in t["top_logprobs"]] for t in chat] == [[" a", "a"]] * 3
+        assert [t["token"] for t in chat] == ["a", " a", " a"] and chat[1]["bytes"] == [32, 97]
+        assert [[alt["token"] for alt in t["top_logprobs"]] for t in chat] == [["a", "a"]] + [[" a", "a"]] * 2
+
+
+def written(tokenizer, endpoint, pieces, top=0):
+    """A Writer's logprobs for an answer of the token ids ``pieces`` (one list per stream chunk, in
+    one answer and as a stream), each chunk's text cut from the answer's text decoded whole."""
+    plan = Plan(endpoint, [Choice(Request([1]))], 1, False, False, top, False, False)
+    chunks, ids, sent = [], [], ""
+    for piece in pieces:
+        ids += piece
+        text = tokenizer.decode(ids)
+        tops = [[(i, -1.0)] * top for i in piece] if top else None
+        chunks.append(Chunk(0, piece, text[len(sent) :], [-0.5] * len(piece), tops, None))
+        sent = text
+    whole = Writer(plan, MODEL, tokenizer).answer(chunks)["choices"][0]
+    streamed = Writer(plan, MODEL, tokenizer)
+    return whole, [streamed.chunk(c)["choices"][0] for c in chunks]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level BPE"])
+def test_completion_logprob_tokens_join_into_the_text_at_their_offsets(kind, tiny_generator):
+    """OpenAI's invariant: the tokens, joined, give the text, and text_offset is where each starts."""
+    if kind == "sentencepiece":
+        tok, pieces = sentencepiece_tokenizer("strip first space"), [[258], [259, 261], [258]]
+    else:
+        tok = tiny_generator[1]
+        pieces = [tok.encode(t, add_special_tokens=False) for t in (" Once", " upon a", " time")]
+    whole, streamed = written(tok, "completions", pieces, top=1)
+    for text, logprobs in [
+        (whole["text"], whole["logprobs"]),
+        (
+            "".join(c["text"] for c in streamed),
+            {k: [x for c in streamed for x in c["logprobs"][k]] for k in ("tokens", "text_offset")},
+        ),
+    ]:
+        tokens = logprobs["tokens"]
+        assert "".join(tokens) == text
+        assert [text[o : o + len(t)] for o, t in zip(logprobs["text_offset"], tokens, strict=True)] == tokens
+    chat, _ = written(tok, "chat", pieces)
+    assert "".join(t["token"] for t in chat["logprobs"]["content"]) == chat["message"]["content"]
 
 
 def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):

@@ -518,6 +518,7 @@ class Writer:
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
         self.offsets = [0] * len(plan.choices)  # text completions' logprobs: each choice's text offset
+        self.written = [0] * len(plan.choices)  # each choice's tokens given log-probabilities so far
 
     # -- whole ---------------------------------------------------------------------------
 
@@ -606,27 +607,37 @@ class Writer:
             }
         return out
 
-    def _tokens(self, token_ids: list[int]) -> list[str]:
+    def _tokens(self, token_ids: list[int], start_the_answer: bool = False) -> list[str]:
         """The tokens' strings, as vLLM writes them: each token's text alone with its leading space
-        kept (clients join them), or ``token_id:N``."""
+        kept (clients join them), or ``token_id:N``. Tokens that start the answer read as the
+        answer's text starts: decoded alone, as the text is, without the space that SentencePiece's
+        decoder drops at the start of a text (Llama, Mistral)."""
         if self.plan.token_ids_as_text:
             return [f"token_id:{t}" for t in token_ids]
+        if start_the_answer:
+            return [self.tokenizer.decode([t]) for t in token_ids]
         return token_texts_alone(self.tokenizer, token_ids)
 
     def _logprobs(self, index: int, answer: _Answer) -> dict[str, Any]:
-        tokens = self._tokens(answer.token_ids)
+        ids = answer.token_ids
+        first = 1 if self.written[index] == 0 else 0  # the answer's first token is in this chunk
+        self.written[index] += len(ids)
+        tokens = self._tokens(ids[:first], start_the_answer=True) + self._tokens(ids[first:])
         tops = [
-            list(zip(self._tokens([i for i, _ in top]), [lp for _, lp in top], strict=True))
-            for top in answer.top or [[] for _ in tokens]
+            [
+                (i, text, lp)
+                for (i, lp), text in zip(top, self._tokens([i for i, _ in top], k < first), strict=True)
+            ]
+            for k, top in enumerate(answer.top or [[] for _ in tokens])
         ]
         if self.plan.endpoint == "chat":
             return {
                 "content": [
                     {
-                        **_chat_logprob(token, logprob),
-                        "top_logprobs": [_chat_logprob(text, lp) for text, lp in top],
+                        **self._chat_logprob(i, token, logprob),
+                        "top_logprobs": [self._chat_logprob(*alternative) for alternative in top],
                     }
-                    for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
+                    for i, token, logprob, top in zip(ids, tokens, answer.logprobs, tops, strict=True)
                 ]
             }
         offsets = []
@@ -638,12 +649,11 @@ class Writer:
             "token_logprobs": answer.logprobs,
             # vLLM's shape: the alternatives and the chosen token, by token text
             "top_logprobs": [
-                {**dict(top), token: logprob}
+                {**{text: lp for _, text, lp in top}, token: logprob}
                 for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
             ],
             "text_offset": offsets,
         }
 
-
-def _chat_logprob(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def _chat_logprob(self, token_id: int, token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
