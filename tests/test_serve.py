@@ -413,6 +413,19 @@ def test_completion_logprob_tokens_join_into_the_text_at_their_offsets(kind, tin
     assert "".join(t["token"] for t in chat["logprobs"]["content"]) == chat["message"]["content"]
 
 
+def test_chat_logprob_bytes_of_a_character_split_over_tokens_rebuild_it(tiny_generator):
+    """A piece of a character reads as U+FFFD; its bytes are its own, as in OpenAI's answers."""
+    for tok, ids in [
+        (tiny_generator[1], tiny_generator[1].encode("海 a", add_special_tokens=False)),  # byte-level BPE
+        (sentencepiece_tokenizer("byte fallback"), [2 + b for b in "海".encode()] + [258]),  # <0xNN>
+    ]:
+        whole, _ = written(tok, "chat", [ids], top=1)
+        content = whole["logprobs"]["content"]
+        assert len(content) == len(ids) > 2 and content[0]["token"] == "\ufffd"
+        assert bytes(b for t in content for b in t["bytes"]).decode() == "海 a"
+        assert bytes(content[0]["top_logprobs"][0]["bytes"]) == "海".encode()[:1]
+
+
 def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):
     """vllm_xargs.return_values asks as the field does; given in both places it is refused, as
     a length key is, whatever the two say."""

@@ -15,6 +15,7 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -656,4 +657,35 @@ class Writer:
         }
 
     def _chat_logprob(self, token_id: int, token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        # A piece of a character reads as U+FFFD: its own bytes (OpenAI's) let clients put the
+        # character together from the pieces.
+        raw = (
+            None
+            if self.plan.token_ids_as_text or "\ufffd" not in token
+            else _token_bytes(self.tokenizer, token_id)
+        )
+        return {"token": token, "logprob": logprob, "bytes": list(raw or token.encode("utf-8"))}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The bytes a token stands for, read from its vocabulary entry: a byte-fallback token
+    ``<0xNN>`` (SentencePiece) that byte, a byte-level BPE token (GPT-2's scheme, which writes each
+    byte as one character) its bytes; None for other tokens."""
+    raw = tokenizer.convert_ids_to_tokens(token_id)
+    if not raw:
+        return None
+    if byte := _BYTE_TOKEN.fullmatch(raw):
+        return bytes([int(byte[1], 16)])
+    byte_of = _byte_level_alphabet()
+    return bytes(byte_of[c] for c in raw) if all(c in byte_of for c in raw) else None
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Each character of a byte-level BPE token, to the byte it writes (GPT-2's map, inverted)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
