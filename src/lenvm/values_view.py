@@ -312,12 +312,22 @@ def token_label(tokenizer, token_id: int) -> str:
     text = token_texts_alone(tokenizer, [token_id])[0]
     if "\ufffd" not in text:
         return text
+    raw = token_bytes(tokenizer, token_id)
+    if raw is not None:
+        return "".join(f"<0x{b:02X}>" for b in raw)
+    return tokenizer.convert_ids_to_tokens(token_id) or text
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The bytes a token stands for, read from its vocabulary entry: a byte-fallback token
+    ``<0xNN>`` (SentencePiece) that byte, a byte-level BPE token (GPT-2's scheme, which writes each
+    byte as one character) its bytes; None for other tokens."""
     raw = tokenizer.convert_ids_to_tokens(token_id)
-    if raw and _BYTE_TOKEN.fullmatch(raw):
-        return raw  # SentencePiece writes its byte tokens so already
-    if raw and all(c in _BYTE_OF for c in raw):
-        return "".join(f"<0x{_BYTE_OF[c]:02X}>" for c in raw)
-    return raw or text
+    if not raw:
+        return None
+    if _BYTE_TOKEN.fullmatch(raw):
+        return bytes([int(raw[3:5], 16)])
+    return bytes(_BYTE_OF[c] for c in raw) if all(c in _BYTE_OF for c in raw) else None
 
 
 def _prompt_text(tokenizer, ids: list[int]) -> str:

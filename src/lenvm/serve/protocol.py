@@ -15,7 +15,6 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 import uuid
@@ -37,7 +36,7 @@ from lenvm.io import InputError, outside_vocabulary
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
-from lenvm.values_view import token_texts_alone
+from lenvm.values_view import token_bytes, token_texts_alone
 
 # OpenAI's default max_tokens for text completions (vLLM's too); chat answers may fill the context.
 COMPLETIONS_MAX_TOKENS = 16
@@ -662,30 +661,6 @@ class Writer:
         raw = (
             None
             if self.plan.token_ids_as_text or "\ufffd" not in token
-            else _token_bytes(self.tokenizer, token_id)
+            else token_bytes(self.tokenizer, token_id)
         )
         return {"token": token, "logprob": logprob, "bytes": list(raw or token.encode("utf-8"))}
-
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _token_bytes(tokenizer, token_id: int) -> bytes | None:
-    """The bytes a token stands for, read from its vocabulary entry: a byte-fallback token
-    ``<0xNN>`` (SentencePiece) that byte, a byte-level BPE token (GPT-2's scheme, which writes each
-    byte as one character) its bytes; None for other tokens."""
-    raw = tokenizer.convert_ids_to_tokens(token_id)
-    if not raw:
-        return None
-    if byte := _BYTE_TOKEN.fullmatch(raw):
-        return bytes([int(byte[1], 16)])
-    byte_of = _byte_level_alphabet()
-    return bytes(byte_of[c] for c in raw) if all(c in byte_of for c in raw) else None
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """Each character of a byte-level BPE token, to the byte it writes (GPT-2's map, inverted)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {c: b for b, c in bytes_to_unicode().items()}
