@@ -1145,7 +1145,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except BrokenPipeError:  # stdout closed by its reader (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a process ended by SIGPIPE
+        return 141  # a SIGPIPE's: lenvm.cli.main ends the process by it
     except OSError as err:
         if err.errno == errno.ENOSPC:
             print(
