@@ -606,6 +606,7 @@ def test_the_chosen_command_gets_its_options(tmp_path):
 
 
 def test_generate_prints_each_answer_once_it_is_done_and_a_closed_pipe_ends_quietly(tmp_path, tiny_path):
+    import signal
     import subprocess
     import sys
 
@@ -622,34 +623,44 @@ def test_generate_prints_each_answer_once_it_is_done_and_a_closed_pipe_ends_quie
     run.stdout.close()
     err = run.stderr.read().decode()
     assert json.loads(first)["id"] == "p0"
-    assert run.wait() == 141 and "Traceback" not in err
+    assert run.wait() == -signal.SIGPIPE and "Traceback" not in err  # as a C tool ends
 
 
 @pytest.mark.parametrize("terminal", [False, True])
+@pytest.mark.parametrize("redraw_every", [0.0, 1000.0])  # seconds: before every answer, or never again
 def test_generate_answers_start_lines_of_their_own_beside_the_progress_bar(
-    tmp_path, tiny_path, monkeypatch, terminal
+    tmp_path, tiny_path, monkeypatch, terminal, redraw_every
 ):
-    """stdout and stderr in one log (or one terminal): no answer may go on the bar's line."""
+    """stdout and stderr in one log (or one terminal): no answer may go on the bar's line, and
+    answers that come faster than the bar redraws follow each other without blank lines."""
     import io
     import sys
+
+    import tqdm.auto
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, mininterval=redraw_every, **kwargs)
+
     both = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stdout", both)
     monkeypatch.setattr(sys, "stderr", both)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me {i}."}) + "\n" for i in range(3)))
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me {i}."}) + "\n" for i in range(4)))
     argv = ["generate", "--model", str(tiny_path), "--prompts", str(prompts), "--max-new-tokens", "3"]
     assert main(argv) == 0
     log = both.getvalue()
     assert "generate:" in log  # the bar was drawn
     # In a terminal a carriage return starts a line over; in a file only a newline starts one.
     shown = [line.split("\r")[-1] if terminal else line for line in log.split("\n")]
-    answers = [line for line in shown if '"id"' in line]
-    assert len(answers) == 3 and all(line.startswith("{") for line in answers), log
+    answers = [i for i, line in enumerate(shown) if '"id"' in line]
+    assert len(answers) == 4 and all(shown[i].startswith("{") for i in answers), log
+    assert "" not in shown[answers[0] : answers[-1]], log
 
 
 def test_serve_on_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys, monkeypatch):

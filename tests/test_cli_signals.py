@@ -58,3 +58,17 @@ def test_an_interrupt_while_the_command_line_starts_ends_it_quietly(tmp_path, en
     # Ended by the signal (a shell says 128 + its number), as a supervisor expects of a stop.
     assert (done.returncode, done.stderr) == (-signum, "lenvm: interrupted\n")
     assert exited.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("entry", ["script", "module", "main(argv)"])
+def test_a_closed_stdout_ends_the_command_line_by_sigpipe_and_main_argv_with_its_status(entry):
+    """``lenvm models list | head -0``: quietly, and as the process's command line by SIGPIPE (a
+    shell's 141), as a C tool ends; ``main(argv)`` called from Python only returns 141."""
+    code = ENTRIES.get(entry, "import sys\nfrom lenvm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    run = subprocess.Popen(
+        [sys.executable, "-c", code, "models", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    run.stdout.close()  # before the command writes its first line
+    err = run.stderr.read().decode()
+    expected = 141 if entry == "main(argv)" else -signal.SIGPIPE
+    assert (run.wait(timeout=60), err) == (expected, "")

@@ -325,6 +325,29 @@ def test_a_prompt_may_hold_the_ids_every_model_embeds(tiny_path, lenvms):
         standalone.generate([padding])
 
 
+def test_no_answer_holds_an_id_a_standalone_lenvm_cannot_read(tiny_path, lenvms):
+    """A generator that pads its embedding, and whose head favours the padding rows, beside a
+    standalone LenVM of the unpadded model: no row generates an id past the LenVM's embedding, a
+    plain row in the batch included (the LenVM reads every row once one is scored)."""
+    from lenvm.hub import load_generator
+
+    model, tok = load_generator(tiny_path)  # a copy of its own, padded
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    with torch.no_grad():  # tied: the padding rows' logits beat EOS's
+        embeddings = model.get_input_embeddings().weight
+        embeddings[len(tok) :] = 3 * embeddings[tok.eos_token_id]
+    sampling = SamplingParams(max_new_tokens=4, seed=0)
+    plain = Engine(model, tok).generate([Request("hi", sampling)])[0]
+    assert max(plain.token_ids) >= len(tok)  # without the LenVM, the padding rows are generated
+    requests = [
+        Request("hi", sampling, control=Control("tilt", beta=2.0)),
+        Request("hi", sampling, return_values=True),
+        Request("hi", sampling),
+    ]
+    results = Engine(model, tok, lenvm=lenvms["standalone"], num_candidates=4).generate(requests)
+    assert all(max(r.token_ids) < len(tok) for r in results)
+
+
 def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
     model, tok = tiny_generator
     engine = Engine(model, tok, lenvm=lenvms["q"])

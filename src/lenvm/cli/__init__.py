@@ -5,6 +5,7 @@ This module imports no more than its signal handling needs, and :func:`main` set
 it loads the commands (and with them, for most, torch and transformers: a second or more), so
 that Ctrl-C or SIGTERM from the first moment ends a command as it ends one running: with its
 cleanup and a line, never a traceback, and then, as the process's command line, by that signal.
+A command whose stdout its reader closed (``| head``) ends quietly, and likewise by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from collections.abc import Iterator
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is so that it ends as Ctrl-C ends it."""
+
+
+# The signals whose exit status (128 + the number) a command returns when they ended it: the
+# interrupts, and a closed stdout (SIGPIPE, which Python ignores and turns into BrokenPipeError).
+_ENDING_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE") if hasattr(signal, name)
+)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -59,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     cleanup and the interpreter's exit handlers have run, as Python ends on a Ctrl-C it does not
     catch: a shell still reports 130 or 143, a shell script stops as on Ctrl-C (an exit status of
     130 tells it the command handled the signal), and a supervisor such as systemd sees a stop by
-    its signal, not a failure."""
-    interrupted_by: list[int] = []
+    its signal, not a failure. One whose stdout was closed by its reader (``| head``) ends by
+    SIGPIPE likewise, as a C tool does: a shell reports 141 and says nothing. ``main(argv)`` returns
+    these statuses (128 + the signal's number) and ends nothing."""
+    ended_by: list[int] = []
     if argv is None:
-        atexit.register(_end_by_signal, interrupted_by)  # the first exit handler: the last to run
+        atexit.register(_end_by_signal, ended_by)  # the first exit handler: the last to run
     with sigterm_interrupts():
         try:
             from lenvm.cli.commands import run
@@ -70,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             status = run(sys.argv[1:] if argv is None else argv)
         except KeyboardInterrupt as interrupt:  # before the command began: it has written nothing
             status = interrupted(interrupt)
-    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        interrupted_by.append(status - 128)
+    if status - 128 in _ENDING_SIGNALS:
+        ended_by.append(status - 128)
     return status
 
 
@@ -87,13 +97,13 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _end_by_signal(interrupted_by: list[int]) -> None:
-    """End the process by the signal that interrupted its command, if one did (POSIX only: elsewhere
-    the exit status says it)."""
-    if not interrupted_by or os.name != "posix":
+def _end_by_signal(ended_by: list[int]) -> None:
+    """End the process by the signal that ended its command, if one did (POSIX only: elsewhere the
+    exit status says it)."""
+    if not ended_by or os.name != "posix":
         return
     for stream in (sys.stdout, sys.stderr):  # the interpreter would flush them after this handler
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    signal.signal(interrupted_by[0], signal.SIG_DFL)
-    os.kill(os.getpid(), interrupted_by[0])
+    signal.signal(ended_by[0], signal.SIG_DFL)
+    os.kill(os.getpid(), ended_by[0])

@@ -14,8 +14,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TextIO
 
 from lenvm.cli import interrupted, options
 from lenvm.io import InputError, json_text
@@ -430,34 +432,60 @@ def cmd_generate(args) -> None:
     done: dict[int, Result] = {}
     printed = 0
     try:
-        for index, result in engine.stream(requests, batch_size=args.batch_size, progress=args.progress):
-            done[index] = result
-            if printed not in done:
-                continue
-            with _beside_the_bar(args.progress):
-                while printed in done:
-                    _print_generated(args, prompts[printed], done.pop(printed))
-                    printed += 1
+        with _printing_beside_the_bar(args.progress) as beside_the_bar:
+            for index, result in engine.stream(requests, batch_size=args.batch_size, progress=args.progress):
+                done[index] = result
+                if printed not in done:
+                    continue
+                with beside_the_bar():
+                    while printed in done:
+                        _print_generated(args, prompts[printed], done.pop(printed))
+                        printed += 1
     except RequestError as err:  # named as predict and rollout name a prompt
         raise InputError(f"prompt {err.key + 1} (id {prompts[err.key].id!r}): {err.reason}") from None
 
 
 @contextlib.contextmanager
-def _beside_the_bar(bar_shown: bool) -> Iterator[None]:
-    """Lines printed within start lines of their own beside the progress bar on stderr (with
-    stdout on the same terminal or in the same log, a result would go on the bar's line): in a
-    terminal the bar is cleared and drawn again below them; elsewhere, where a bar's redraws pile
-    up on one line that nothing ends, that line is ended."""
+def _printing_beside_the_bar(bar_shown: bool) -> Iterator[Callable[[], AbstractContextManager[None]]]:
+    """Made before the progress bar (which writes to the stderr it finds then), it gives a context
+    in which printed lines start lines of their own beside the bar (with stdout on the same terminal
+    or in the same log, a result would go on the bar's line): in a terminal the bar is cleared and
+    drawn again below them; elsewhere, where a bar's redraws pile up on one line that nothing ends,
+    that line is ended, only if the bar drew on it since the last lines (else a blank line would
+    stand between results that came faster than the bar redraws)."""
     if not bar_shown:
-        yield
+        yield contextlib.nullcontext
     elif sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        with tqdm.external_write_mode(file=sys.stdout):
-            yield
+        yield lambda: tqdm.external_write_mode(file=sys.stdout)
     else:
-        print(file=sys.stderr, flush=True)
-        yield
+        stderr = _LineTracking(sys.stderr)
+
+        @contextlib.contextmanager
+        def after_the_bar_line() -> Iterator[None]:
+            if stderr.line_open:
+                print(file=stderr, flush=True)
+            yield
+
+        with contextlib.redirect_stderr(stderr):
+            yield after_the_bar_line
+
+
+class _LineTracking:
+    """A text stream that knows whether its last write left a line open (a progress bar's draw)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.line_open = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.line_open = not text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> object:  # the rest of a stream (flush, isatty, encoding)
+        return getattr(self._stream, name)
 
 
 def _print_generated(args, prompt, result) -> None:
@@ -1117,7 +1145,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except BrokenPipeError:  # stdout closed by its reader (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a process ended by SIGPIPE
+        return 141  # a SIGPIPE's: lenvm.cli.main ends the process by it
     except OSError as err:
         if err.errno == errno.ENOSPC:
             print(

@@ -72,8 +72,8 @@ class Batch:
         """Generate one token for every row; returns the rows that finished."""
         r = self.rows
         logits = engine.lm_head(self.gen.last.last).float()
-        if engine.placeholders is not None:  # an image placeholder in an answer stands for no image
-            logits.index_fill_(1, engine.placeholders, -float("inf"))
+        if engine.never_generated is not None:
+            logits.index_fill_(1, engine.never_generated, -float("inf"))
         uniform = self.uniforms.gather(1, r.step[:, None])[:, 0]
         gamma = engine.lenvm.gamma if engine.lenvm is not None else None
         d = decide(logits, r, self.scorer, engine.num_candidates, engine.eos, gamma, uniform)

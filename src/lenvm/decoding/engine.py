@@ -12,7 +12,8 @@ waiting request takes its place (continuous batching; each request's state lives
 engine, :mod:`lenvm.decoding.sequence`). One step of the batch (:mod:`lenvm.decoding.batch`):
 
 1. the generator's next-token logits come from the hidden state of each row's last token (a
-   vision-language generator's image placeholder tokens are never generated);
+   vision-language generator's image placeholder tokens are never generated, nor ids past the
+   rows of a standalone LenVM's embedding);
 2. :func:`lenvm.decoding.step.decide` truncates each row's distribution (temperature, top-k,
    top-p, min-p), takes the candidates (a controlled row's ``num_candidates`` most probable
    tokens, plus EOS where the control must be able to end; a plain row samples its token, its
@@ -130,8 +131,15 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
         self.eos_set = set(self.eos_ids)
-        placeholders = vision.placeholder_ids(model.config)
-        self.placeholders = torch.tensor(placeholders, device=self.device) if placeholders else None
+        # The ids no answer may hold: an image placeholder stands for no image in an answer, and a
+        # standalone LenVM whose embedding has fewer rows than the generator's output (a generator
+        # that pads its embedding, the LenVM's backbone not) cannot read the ids past its rows;
+        # the LenVM reads every row's answer once one row is scored, so no row generates them.
+        never = vision.placeholder_ids(model.config)
+        if lenvm is not None and not lenvm.attached:
+            readable = lenvm.backbone.get_input_embeddings().weight.shape[0]
+            never += range(readable, self.lm_head.weight.shape[0])
+        self.never_generated = torch.tensor(never, device=self.device) if never else None
         # The generator's stream also yields the head's features when the head reads the generator.
         self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
         context = context_length(model)
