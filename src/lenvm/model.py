@@ -42,6 +42,7 @@ from lenvm.io import (
     json_text,
     outside_vocabulary,
     plain_numbers,
+    positive_count,
     write_text,
 )
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
@@ -654,8 +655,7 @@ class LengthValueModel(nn.Module):
         """``V(s_0)`` of already encoded prompts (:meth:`encode_prompts`), in order: one forward
         per batch of ``batch_size`` prompts, batched by length so that little of a forward is
         padding."""
-        if not is_int(batch_size) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = positive_count(batch_size, "batch_size")
         from tqdm.auto import tqdm
 
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))

@@ -43,6 +43,7 @@ from lenvm.io import (
     check_writable,
     is_int,
     numbered_jsonl,
+    positive_count,
     read_jsonl_to_append,
     replaceable,
 )
@@ -205,11 +206,8 @@ def rollout(
         sampling = replace(sampling, seed=0)  # resumable: every completion's seed derives from it
     if sampling.max_new_tokens is None:  # part of the policy the records keep: one figure for all
         sampling = replace(sampling, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    if not is_int(n) or n < 1:
-        raise InputError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
-    if not is_int(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    batch_size = int(batch_size)  # a plain int, as vLLM's engine arguments take
+    n = positive_count(n, "n (completions per prompt)")
+    batch_size = positive_count(batch_size, "batch_size")  # a plain int, as vLLM's engine arguments take
     backend = "hf" if backend == ENGINE else backend
     if backend not in (*BACKENDS, AUTO):
         raise InputError(f"unknown backend {backend!r}; known: {', '.join((*BACKENDS, AUTO))}")

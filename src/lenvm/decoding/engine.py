@@ -131,25 +131,24 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
         self.eos_set = set(self.eos_ids)
+        # The generator's stream also yields the head's features when the head reads the generator.
+        self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
+        context = context_length(model)
+        # The ids a prompt may hold: every row of the embeddings of the models that read it, those a
+        # model pads its embedding with past the tokenizer's ids included (they are ids the model
+        # reads, and vLLM takes them).
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
         # The ids no answer may hold: an image placeholder stands for no image in an answer, and a
         # standalone LenVM whose embedding has fewer rows than the generator's output (a generator
         # that pads its embedding, the LenVM's backbone not) cannot read the ids past its rows;
         # the LenVM reads every row's answer once one row is scored, so no row generates them.
         never = vision.placeholder_ids(model.config)
         if lenvm is not None and not lenvm.attached:
+            context = min(context, lenvm.context)
             readable = lenvm.backbone.get_input_embeddings().weight.shape[0]
+            self.vocab_size = min(self.vocab_size, readable)
             never += range(readable, self.lm_head.weight.shape[0])
         self.never_generated = torch.tensor(never, device=self.device) if never else None
-        # The generator's stream also yields the head's features when the head reads the generator.
-        self.generator_features = lenvm.feature_layer if lenvm is not None and lenvm.attached else -1
-        context = context_length(model)
-        readers = [model]  # the models that read a prompt's ids
-        if lenvm is not None and not lenvm.attached:
-            context = min(context, lenvm.context)
-            readers.append(lenvm.backbone)
-        # The ids a prompt may hold: every row of the embeddings, those a model pads its embedding
-        # with past the tokenizer's ids included (they are ids the model reads, and vLLM takes them).
-        self.vocab_size = min(m.get_input_embeddings().weight.shape[0] for m in readers)
         # The most tokens a request may span: the models' contexts, or a shorter sliding window.
         self.context = min(context, span)
         self.windowed = span < context
