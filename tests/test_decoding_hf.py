@@ -204,6 +204,37 @@ def test_processor_leaves_only_candidates_and_one_hot_rules_leave_one(tiny_gener
     assert ((paper(ids, scores) > -float("inf")).sum(-1) == 1).all()
 
 
+def test_no_id_a_standalone_lenvm_cannot_read_is_a_candidate_or_sampled(tiny_path, lenvms):
+    """A generator that pads its embedding, its padding rows favoured, beside a standalone LenVM of
+    the unpadded model: as in the engine, the processor leaves no id past the LenVM's embedding,
+    among the candidates or in the whole distribution of an At Most row left to the generator, so
+    that generate never hands the LenVM one to read."""
+    from lenvm.hub import load_generator
+
+    model, tok = load_generator(tiny_path)  # a copy of its own, padded
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+
+    def favour_padding(input_ids, scores):
+        return scores + torch.arange(scores.shape[-1]).ge(len(tok)) * 100.0
+
+    assert min(min(row) for row in generate(model, tok, [favour_padding], max_new_tokens=4)[1]) >= len(tok)
+    lenvm = lenvms["standalone"]
+    processor = LenVMLogitsProcessor(lenvm, Control("tilt", beta=2.0), num_candidates=4)
+    for sample in (False, True):
+        _, rows = generate(model, tok, [favour_padding, processor], max_new_tokens=4, sample=sample)
+        assert max(max(row) for row in rows) < len(tok)
+    ids, _ = left_padded(tok, PROMPTS)
+    scores = torch.randn(2, len(tok) + 8)
+    lenvm.values_from_hidden = lambda h: torch.full(h.shape[:-1], -(1 - lenvm.gamma**3), device=h.device)
+    try:  # the LenVM is confident that the answer fits: At Most leaves it to the generator
+        control, sampling = Control("at_most", target=200), SamplingParams(max_new_tokens=300)
+        out = LenVMLogitsProcessor(lenvm, control, sampling=sampling, num_candidates=4)(ids, scores)
+    finally:
+        del lenvm.values_from_hidden
+    assert (out[:, len(tok) :] == -float("inf")).all()
+    torch.testing.assert_close(out[:, : len(tok)], scores[:, : len(tok)].log_softmax(-1))
+
+
 def test_sampled_generate_respects_the_hard_cap(tiny_generator, lenvms):
     model, tok = tiny_generator
     control = Control("equal_to", target=3, rule="paper", hard_cap_slack=2)

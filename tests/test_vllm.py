@@ -305,16 +305,21 @@ def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvm
     assert answer.num_tokens == 3
 
 
-def test_prompt_ids_a_standalone_lenvms_embedding_lacks(tiny128, lenvms, tmp_path):
+def test_ids_a_standalone_lenvms_embedding_lacks(tiny128, lenvms, tmp_path):
     """A generator that pads its embedding takes ids past the tokenizer's, which a standalone
-    LenVM's own embedding lacks: VLLMEngine refuses them as our engine does, and a request that
-    reaches the processor with them anyway (vLLM's server shows admission no prompt) is decoded
-    without control, the other rows keeping theirs."""
+    LenVM's own embedding lacks. In a prompt: VLLMEngine refuses them as our engine does, and a
+    request that reaches the processor with them anyway (vLLM's server shows admission no prompt)
+    is decoded without control, the other rows keeping theirs. In an answer, where the generator
+    favours them: a controlled request never takes one (the processor would have to read it),
+    while a plain request beside it is left alone."""
     from vllm import SamplingParams as VllmParams
     from vllm.inputs import TokensPrompt
 
     model, tok = load_generator(tiny128)  # a copy of its own, padded and saved for vLLM
     model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    with torch.no_grad():  # tied: the padding rows' logits beat EOS's, which the tiny model favours
+        embeddings = model.get_input_embeddings().weight
+        embeddings[len(tok) :] = 3 * embeddings[tok.eos_token_id]
     model.save_pretrained(tmp_path / "padded")
     tok.save_pretrained(tmp_path / "padded")
     engine = _engine(tmp_path / "padded", lenvms["standalone"][1])
@@ -324,13 +329,19 @@ def test_prompt_ids_a_standalone_lenvms_embedding_lacks(tiny128, lenvms, tmp_pat
     ):
         engine.generate([Request(padding, control=Control("at_most", target=3))])
     params = VllmParams(max_tokens=12, temperature=0.0, extra_args={"length_equal_to": 6})
+    greedy = VllmParams(max_tokens=12, temperature=0.0)
     unread, prompt = TokensPrompt(prompt_token_ids=padding), TokensPrompt(prompt_token_ids=[5, 6, 7])
     [alone] = engine.llm.generate([prompt], params)
-    [plain] = engine.llm.generate([prompt], VllmParams(max_tokens=12, temperature=0.0))
-    assert alone.outputs[0].token_ids != plain.outputs[0].token_ids  # the control steers it
+    [plain] = engine.llm.generate([prompt], greedy)
+    assert min(plain.outputs[0].token_ids) >= len(tok)  # unguided, the padding rows win
+    assert max(alone.outputs[0].token_ids) < len(tok)  # guided, never one of them
     unread, beside = engine.llm.generate([unread, prompt], params)
     assert unread.outputs[0].finish_reason in ("stop", "length")
     assert beside.outputs[0].token_ids == alone.outputs[0].token_ids
+    sampled = VllmParams(max_tokens=12, seed=0, extra_args={"length_tilt": 2.0})
+    guided, unguided = engine.llm.generate([prompt, prompt], [sampled, greedy])
+    assert max(guided.outputs[0].token_ids) < len(tok)
+    assert unguided.outputs[0].token_ids == plain.outputs[0].token_ids  # a plain row beside is untouched
 
 
 def test_admission_refuses_what_a_control_cannot_honour_and_gives_reused_params_back(lenvms, monkeypatch):

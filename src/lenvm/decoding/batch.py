@@ -15,7 +15,7 @@ import torch
 from lenvm.decoding import policies
 from lenvm.decoding.scorers import Scorer
 from lenvm.decoding.sequence import Sequence
-from lenvm.decoding.step import Rows, decide
+from lenvm.decoding.step import Rows, decide, forbid_unreadable
 from lenvm.decoding.streams import Stream
 
 
@@ -74,6 +74,7 @@ class Batch:
         logits = engine.lm_head(self.gen.last.last).float()
         if engine.never_generated is not None:
             logits.index_fill_(1, engine.never_generated, -float("inf"))
+        forbid_unreadable(logits, engine.lenvm)
         uniform = self.uniforms.gather(1, r.step[:, None])[:, 0]
         gamma = engine.lenvm.gamma if engine.lenvm is not None else None
         d = decide(logits, r, self.scorer, engine.num_candidates, engine.eos, gamma, uniform)

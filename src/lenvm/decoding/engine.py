@@ -61,6 +61,7 @@ from lenvm.decoding.params import Control, Request, RequestError, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
 from lenvm.decoding.sequence import Sequence, best_of
+from lenvm.decoding.step import readable_vocab_size
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int, outside_vocabulary, positive_count
 from lenvm.model import LengthValueModel, check_generator, check_lenvm, check_tokenizer, context_length
@@ -138,17 +139,14 @@ class Engine:
         # model pads its embedding with past the tokenizer's ids included (they are ids the model
         # reads, and vLLM takes them).
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
-        # The ids no answer may hold: an image placeholder stands for no image in an answer, and a
-        # standalone LenVM whose embedding has fewer rows than the generator's output (a generator
-        # that pads its embedding, the LenVM's backbone not) cannot read the ids past its rows;
-        # the LenVM reads every row's answer once one row is scored, so no row generates them.
+        # The ids no answer may hold: an image placeholder stands for no image in an answer; and
+        # those a standalone LenVM cannot read (forbid_unreadable, each step), for every row, since
+        # the LenVM reads every row's answer once one row is scored.
         never = vision.placeholder_ids(model.config)
+        self.never_generated = torch.tensor(never, device=self.device) if never else None
         if lenvm is not None and not lenvm.attached:
             context = min(context, lenvm.context)
-            readable = lenvm.backbone.get_input_embeddings().weight.shape[0]
-            self.vocab_size = min(self.vocab_size, readable)
-            never += range(readable, self.lm_head.weight.shape[0])
-        self.never_generated = torch.tensor(never, device=self.device) if never else None
+            self.vocab_size = min(self.vocab_size, readable_vocab_size(lenvm))
         # The most tokens a request may span: the models' contexts, or a shorter sliding window.
         self.context = min(context, span)
         self.windowed = span < context

@@ -17,10 +17,13 @@ candidate's cache entry from the previous call is kept, so a step costs one cand
 forward (a standalone LenVM, or an attached one running its own pass over the generator's body)
 or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
-A call whose ids do not extend the previous call's starts over, so one processor can serve
-several ``generate`` calls in turn. Answers to a target control that do not end naturally are
-kept as they are: resampling their end (``Control.retries``) and ``best_of`` are the engine's.
-Prompts with images are the engine's too: the processor sees token ids only, not the pixels.
+A standalone LenVM reads every token it scores with an embedding of its own, which may lack rows
+the generator pads its embedding with (past the tokenizer's ids): as in the engine, those ids are
+never candidates, and never sampled. A call whose ids do not extend the previous call's starts
+over, so one processor can serve several ``generate`` calls in turn. Answers to a target
+control that do not end naturally are kept as they are: resampling their end
+(``Control.retries``) and ``best_of`` are the engine's. Prompts with images are the engine's
+too: the processor sees token ids only, not the pixels.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from lenvm import vision
 from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
+from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int
 from lenvm.model import LengthValueModel, check_lenvm
@@ -135,7 +138,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "lower max_new_tokens or shorten the prompt"
             )
 
-        logits = scores.float().to(self.eos.device)
+        logits = forbid_unreadable(scores.to(self.eos.device, torch.float32, copy=True), self.lenvm)
         d = decide(logits, self._rows, self._scorer, self.num_candidates, self.eos, self.lenvm.gamma)
         self._ids = d.ids
         return as_logits(d, self._rows, logits.shape[-1]).to(scores.dtype).to(scores.device)

@@ -18,7 +18,8 @@ From the generator's next-token logits (``[B, V]``) to a distribution over candi
 The engine then draws from that distribution with each row's own random stream; a logits
 processor writes it into the logits its framework samples from (:func:`as_logits`). Either way
 a row whose control has a hard cap is sent its EOS at the cap (:attr:`Rows.at_cap`,
-:attr:`Decision.eos`).
+:attr:`Decision.eos`). Every backend first takes out of the logits the ids a standalone LenVM
+cannot read (:func:`forbid_unreadable`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from lenvm.decoding import policies
 from lenvm.decoding.params import TARGET_KINDS, Control, SamplingParams
 from lenvm.decoding.scorers import Scorer
+from lenvm.model import LengthValueModel
 
 NO_CAP = 2**62
 
@@ -156,6 +158,26 @@ def looks_ahead(control: Control | None, sampling: SamplingParams) -> bool:
         and control.rule == "ours"
         and not sampling.ignore_eos
     )
+
+
+def readable_vocab_size(lenvm: LengthValueModel | None) -> int | None:
+    """How many token ids ``lenvm`` can read where that may be fewer than a generator writes: the
+    rows of a standalone LenVM's own embedding (a generator may pad its embedding past the
+    tokenizer's ids, the LenVM's backbone not). None for a LenVM that reads the generator's own
+    states, and without a LenVM."""
+    if lenvm is None or lenvm.attached:
+        return None
+    return lenvm.backbone.get_input_embeddings().weight.shape[0]
+
+
+def forbid_unreadable(logits: torch.Tensor, lenvm: LengthValueModel | None) -> torch.Tensor:
+    """``logits`` (``[B, V]``, changed in place and returned) with ``-inf`` for every id ``lenvm``
+    cannot read (:func:`readable_vocab_size`), so that no candidate and no draw is one: the LenVM
+    reads every token it scores, and the rest of the answer after it."""
+    readable = readable_vocab_size(lenvm)
+    if readable is not None and readable < logits.shape[-1]:
+        logits[:, readable:] = -float("inf")
+    return logits
 
 
 @dataclass

@@ -19,6 +19,8 @@ refused when vLLM admits the request (HTTP 400 from the server), as is a control
 output or with a ``min_tokens`` it contradicts. Admission is shown no prompt: a prompt id that a
 standalone LenVM's own embedding lacks (vLLM takes the rows its generator pads its embedding with)
 leaves that request without its control, with a warning, where :class:`VLLMEngine` refuses it.
+Such ids are never a controlled request's candidates, as in our engine (the LenVM would have to
+read them); requests without a control may take them.
 Retries (of every target control, and with them At Most's unguided first attempt) and ``best_of``
 need our own engine.
 
@@ -80,7 +82,7 @@ from lenvm.decoding.params import (
     keys_of,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, as_logits, decide, looks_ahead
+from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, outside_vocabulary
 
@@ -292,7 +294,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
             [r.sampling for r in live], [r.control for r in live], [len(r.output) for r in live], self.device
         )
         index = torch.tensor(slots, device=logits.device)
-        scores = logits[index].float().to(self.device)
+        # The controlled rows' own copy: ids the LenVM cannot read are no candidates of theirs.
+        scores = forbid_unreadable(logits[index].to(self.device, torch.float32), self.lenvm)
         d = decide(scores, rows, self.scorer, self.num_candidates, self.eos, self.lenvm.gamma)
         self.ids = d.ids
         # vLLM divides by the temperature afterwards: T·log q samples q.
