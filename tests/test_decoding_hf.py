@@ -235,6 +235,18 @@ def test_no_id_a_standalone_lenvm_cannot_read_is_a_candidate_or_sampled(tiny_pat
     torch.testing.assert_close(out[:, : len(tok)], scores[:, : len(tok)].log_softmax(-1))
 
 
+def test_a_prompt_id_a_standalone_lenvm_cannot_read_is_refused(tiny_generator, lenvms):
+    """An id past a standalone LenVM's own embedding (a row the generator pads its embedding with)
+    in a prompt is refused by name, as the engine refuses it."""
+    _, tok = tiny_generator
+    processor = LenVMLogitsProcessor(lenvms["standalone"], Control("tilt", beta=2.0))
+    with pytest.raises(
+        InputError,
+        match=rf"own: the prompt holds token id {len(tok) + 3}, outside the vocabulary \(0-{len(tok) - 1}\)$",
+    ):
+        processor(torch.tensor([[5, len(tok) + 3]]), torch.randn(1, len(tok) + 8))
+
+
 def test_sampled_generate_respects_the_hard_cap(tiny_generator, lenvms):
     model, tok = tiny_generator
     control = Control("equal_to", target=3, rule="paper", hard_cap_slack=2)

@@ -19,8 +19,9 @@ or one single-token forward (q kind). Prompts must be left-padded, as
 ``generate`` wants for decoder-only models; leading ``pad_token_id`` tokens are taken as padding.
 A standalone LenVM reads every token it scores with an embedding of its own, which may lack rows
 the generator pads its embedding with (past the tokenizer's ids): as in the engine, those ids are
-never candidates, and never sampled. A call whose ids do not extend the previous call's starts
-over, so one processor can serve several ``generate`` calls in turn. Answers to a target
+never candidates, and never sampled, and a prompt that holds one is refused. A call whose ids do
+not extend the previous call's starts over, so one processor can serve several ``generate`` calls
+in turn. Answers to a target
 control that do not end naturally are kept as they are: resampling their end
 (``Control.retries``) and ``best_of`` are the engine's. Prompts with images are the engine's
 too: the processor sees token ids only, not the pixels.
@@ -34,9 +35,9 @@ from transformers import LogitsProcessor, StoppingCriteria
 from lenvm import vision
 from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, Control, SamplingParams
 from lenvm.decoding.scorers import Scorer, scorer_for
-from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead
+from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead, readable_vocab_size
 from lenvm.decoding.streams import attention_span
-from lenvm.io import InputError, is_int
+from lenvm.io import InputError, is_int, outside_vocabulary
 from lenvm.model import LengthValueModel, check_lenvm
 
 
@@ -158,6 +159,10 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "a prompt has images, which the transformers logits processor cannot pass to the "
                 "LenVM: guide image prompts with lenvm's engine (lenvm.decoding.Engine)"
             )
+        readable = readable_vocab_size(self.lenvm)
+        for row in rows if readable is not None else ():
+            if (why := outside_vocabulary(row, readable)) is not None:
+                raise InputError(f"the LenVM reads the prompt with an embedding of its own: {why}")
         lookahead = looks_ahead(self.control, self.sampling)
         self._scorer = scorer_for(self.lenvm).prefill(self.lenvm, rows, lookahead=lookahead)
         n = len(rows)
