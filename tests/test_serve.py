@@ -29,7 +29,7 @@ from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.serve import ServerSettings, create_app
 from lenvm.serve.protocol import Plan, Writer
-from lenvm.serve.runner import Choice, Chunk
+from lenvm.serve.runner import Choice
 from lenvm.values_view import token_values
 
 MODEL = "tiny"
@@ -352,9 +352,10 @@ def sentencepiece_engine(tiny_path):
     return Engine(model, tok, num_candidates=4)
 
 
-def test_logprob_tokens_keep_their_leading_space(sentencepiece_engine):
-    """Clients join the token strings: each keeps the space its "▁" stands for, which the
-    tokenizer drops when it decodes the token alone, and a piece of a word stays without one."""
+def test_an_answer_reads_as_the_continuation_of_its_prompt(sentencepiece_engine):
+    """A SentencePiece decoder drops the space at the start of a text: the answer is decoded after
+    the end of its prompt (as vLLM decodes it), so that "▁a" after "a b" reads " a" and the prompt's
+    text and the answer's join into the whole text; each token keeps the space its "▁" stands for."""
     with running(sentencepiece_engine) as (url, _):
 
         def post(route, body):
@@ -362,32 +363,76 @@ def test_logprob_tokens_keep_their_leading_space(sentencepiece_engine):
                 f"{url}/v1/{route}", json={"model": MODEL, "max_tokens": 3, **body}, timeout=60
             )
             assert answer.status_code == 200, answer.text
-            return answer.json()["choices"][0]["logprobs"]
+            return answer.json()["choices"][0]
 
-        # the first token reads as the text starts ("a a a"): decoded alone, without its space
-        text = post("completions", {"prompt": [258, 259], "logprobs": 2})
-        assert text["tokens"] == ["a", " a", " a"] and text["text_offset"] == [0, 1, 3]
-        assert set(text["top_logprobs"][0]) == {"a"}  # "▁a" and "a" read the same there
-        assert all(set(top) == {" a", "a"} for top in text["top_logprobs"][1:])
-        chat = post("chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 2})["content"]
-        assert [t["token"] for t in chat] == ["a", " a", " a"] and chat[1]["bytes"] == [32, 97]
-        assert [[alt["token"] for alt in t["top_logprobs"]] for t in chat] == [["a", "a"]] + [[" a", "a"]] * 2
+        prompt = [258, 259]
+        text = post("completions", {"prompt": prompt, "logprobs": 2})
+        tok = sentencepiece_engine.tokenizer
+        assert tok.decode(prompt) + text["text"] == tok.decode(prompt + [258] * 3) == "a b a a a"
+        logprobs = text["logprobs"]
+        assert logprobs["tokens"] == [" a", " a", " a"] and logprobs["text_offset"] == [0, 2, 4]
+        assert all(set(top) == {" a", "a"} for top in logprobs["top_logprobs"])
+        chat = post("chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 2})
+        content = chat["logprobs"]["content"]
+        assert chat["message"]["content"] == " a a a" == "".join(t["token"] for t in content)
+        assert content[0]["bytes"] == [32, 97]
+        assert [[alt["token"] for alt in t["top_logprobs"]] for t in content] == [[" a", "a"]] * 3
 
 
-def written(tokenizer, endpoint, pieces, top=0):
-    """A Writer's logprobs for an answer of the token ids ``pieces`` (one list per stream chunk, in
-    one answer and as a stream), each chunk's text cut from the answer's text decoded whole."""
-    plan = Plan(endpoint, [Choice(Request([1]))], 1, False, False, top, False, False)
-    chunks, ids, sent = [], [], ""
-    for piece in pieces:
-        ids += piece
-        text = tokenizer.decode(ids)
-        tops = [[(i, -1.0)] * top for i in piece] if top else None
-        chunks.append(Chunk(0, piece, text[len(sent) :], [-0.5] * len(piece), tops, None))
-        sent = text
+def written(tokenizer, endpoint, pieces, top=0, prompt=(1,), stops=(), alternatives=(), control=None):
+    """A Writer's answer for the token ids ``pieces`` (one list per engine step, the last one
+    ending the answer) after ``prompt``, in one answer and as a stream, through the server's own
+    tracker: the choice as a whole and the stream's chunks. Each token's alternatives are itself
+    and ``alternatives``."""
+    from lenvm.decoding.engine import Update
+    from lenvm.decoding.params import Result
+    from lenvm.serve.runner import _Tracker
+
+    choice = Choice(Request(list(prompt), SamplingParams(top_logprobs=top), control), tuple(stops))
+    plan = Plan(endpoint, [choice], 1, False, False, top, False, False)
+    tracker, chunks, ids, all_tops = _Tracker(0, choice, tokenizer), [], [], []
+    for k, piece in enumerate(pieces):
+        tops = [[(i, -1.0)] * top + [(a, -2.0) for a in alternatives] for i in piece]
+        start, ids, all_tops = len(ids), ids + piece, all_tops + tops
+        ended = k == len(pieces) - 1
+        lps = [-0.5] * len(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)  # as the engine writes it
+        result = Result(
+            list(prompt), ids, text, len(ids), "length", None, -0.5, logprobs=lps, top_logprobs=all_tops
+        )
+        update = Update(
+            "k", 0, start, piece, result if ended else None, lps[start:], tops, [0.0] * len(piece)
+        )
+        chunk = tracker.update(update)
+        chunks += [chunk] if chunk is not None else []
+        if chunk is not None and chunk.finish is not None:
+            break
     whole = Writer(plan, MODEL, tokenizer).answer(chunks)["choices"][0]
     streamed = Writer(plan, MODEL, tokenizer)
     return whole, [streamed.chunk(c)["choices"][0] for c in chunks]
+
+
+def lined_up(whole, streamed, eos=None):
+    """Completion logprobs as clients of OpenAI and vLLM read them, in the answer and in its stream
+    put together: the tokens joined give the text, text_offset[i] is where token i starts in it
+    (monotone, within the text), and the EOS that ended it (which the text leaves out) comes last,
+    where the text ends. Returns the answer's tokens."""
+    streamed_logprobs = {
+        k: [x for c in streamed for x in c["logprobs"][k]] for k in ("tokens", "text_offset")
+    }
+    for text, logprobs in [
+        (whole["text"], whole["logprobs"]),
+        ("".join(c["text"] for c in streamed), streamed_logprobs),
+    ]:
+        tokens, offsets = logprobs["tokens"], logprobs["text_offset"]
+        if eos is not None:
+            assert tokens[-1] == eos and offsets[-1] == len(text)
+            tokens, offsets = tokens[:-1], offsets[:-1]
+        assert "".join(tokens) == text
+        assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+        assert [text[o : o + len(t)] for o, t in zip(offsets, tokens, strict=True)] == tokens
+    assert streamed_logprobs["tokens"] == whole["logprobs"]["tokens"]
+    return whole["logprobs"]["tokens"]
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte-level BPE"])
@@ -398,19 +443,53 @@ def test_completion_logprob_tokens_join_into_the_text_at_their_offsets(kind, tin
     else:
         tok = tiny_generator[1]
         pieces = [tok.encode(t, add_special_tokens=False) for t in (" Once", " upon a", " time")]
-    whole, streamed = written(tok, "completions", pieces, top=1)
-    for text, logprobs in [
-        (whole["text"], whole["logprobs"]),
-        (
-            "".join(c["text"] for c in streamed),
-            {k: [x for c in streamed for x in c["logprobs"][k]] for k in ("tokens", "text_offset")},
-        ),
-    ]:
-        tokens = logprobs["tokens"]
-        assert "".join(tokens) == text
-        assert [text[o : o + len(t)] for o, t in zip(logprobs["text_offset"], tokens, strict=True)] == tokens
+    lined_up(*written(tok, "completions", pieces, top=1))
     chat, _ = written(tok, "chat", pieces)
     assert "".join(t["token"] for t in chat["logprobs"]["content"]) == chat["message"]["content"]
+
+
+@pytest.mark.parametrize("steps", ["token by token", "all at once"])
+def test_completion_logprobs_of_characters_split_over_tokens_line_up_with_the_text(steps, tiny_generator):
+    """海 and 😀 take 3 and 4 byte tokens: a token inside a character reads "" and the one that
+    completes it the whole character (as vLLM writes them), so that each piece's offset is where
+    its character starts (OpenAI's offsets); the EOS reads as itself where the text ends."""
+    tok = tiny_generator[1]
+    ids = tok.encode("a海b 😀 c", add_special_tokens=False)
+    assert len(ids) == 12  # the case under test: 海 in 3 tokens, 😀 in 4
+    answer = [*ids, tok.eos_token_id]
+    pieces = [[t] for t in answer] if steps == "token by token" else [answer]
+    whole, streamed = written(tok, "completions", pieces, top=1, alternatives=ids[1:3])
+    assert whole["text"] == "a海b 😀 c"
+    tokens = lined_up(whole, streamed, eos="<|im_end|>")
+    assert tokens[:4] == ["a", "", "", "海"] and whole["logprobs"]["text_offset"][:5] == [0, 1, 1, 1, 2]
+    # alternatives that are pieces of a character read as OpenAI writes them, each apart
+    top = whole["logprobs"]["top_logprobs"]
+    assert top[0] == {"a": -0.5, "bytes:\\xe6": -2.0, "bytes:\\xb5": -2.0}
+    assert top[1] == {"": -0.5, "bytes:\\xb5": -2.0}  # the chosen token once, by its string
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_completion_logprobs_end_where_a_stop_string_cuts_the_text(held):
+    """The token that holds the start of a stop string reads the part of it before the cut, and
+    tokens past the cut read "", all at the text's end; in a stream, tokens wait with their text
+    for what the stop string may cut (a held answer is cut once final)."""
+    tok = sentencepiece_tokenizer("strip first space")
+    ids = [258, 259, 258, 258, 261]  # "a b a aa": "▁b" holds the start of "b a", "▁a" its end
+    control = Control("equal_to", 4) if held else None
+    whole, streamed = written(tok, "completions", [[t] for t in ids], top=1, stops=["b a"], control=control)
+    assert whole["text"] == "a " and whole["finish_reason"] == "stop"
+    assert lined_up(whole, streamed) == ["a", " ", ""]
+
+
+def test_an_answer_that_completes_the_prompts_last_character_starts_with_it(tiny_generator):
+    """A token-id prompt may end inside a character: the answer's text starts with the whole
+    character (as vLLM decodes it), not with U+FFFD for the bytes the prompt did not have."""
+    tok = tiny_generator[1]
+    ids = tok.encode("海 a", add_special_tokens=False)
+    assert tok.decode(ids[:2]) == "\ufffd"  # the case under test: 海 in 3 tokens
+    whole, streamed = written(tok, "completions", [[t] for t in ids[2:]], top=1, prompt=ids[:2])
+    assert whole["text"] == "海 a"
+    assert lined_up(whole, streamed)[0] == "海"
 
 
 def test_chat_logprob_bytes_of_a_character_split_over_tokens_rebuild_it(tiny_generator):

@@ -4,7 +4,8 @@ per request, length prediction and per-token values (needs ``pip install "lenvm[
     from lenvm.serve import ServerSettings, create_app, serve
 
 Modules: ``protocol`` (the OpenAI wire format and what a request asks of the engine), ``runner``
-(the engine's loop on one background thread, continuous batching), ``metrics`` (Prometheus),
+(the engine's loop on one background thread, continuous batching), ``detokenizer`` (an answer's
+text token by token), ``metrics`` (Prometheus),
 ``app`` (routes, limits, auth, shutdown).
 """
 

@@ -492,6 +492,7 @@ class _Answer:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    pieces: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
@@ -500,6 +501,7 @@ class _Answer:
     def add(self, chunk: Chunk) -> None:
         self.token_ids += chunk.token_ids
         self.text += chunk.text
+        self.pieces += chunk.pieces
         self.logprobs += chunk.logprobs
         self.top += chunk.top_logprobs or []
         self.values += chunk.values or []
@@ -518,7 +520,6 @@ class Writer:
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
         self.offsets = [0] * len(plan.choices)  # text completions' logprobs: each choice's text offset
-        self.written = [0] * len(plan.choices)  # each choice's tokens given log-probabilities so far
 
     # -- whole ---------------------------------------------------------------------------
 
@@ -607,53 +608,82 @@ class Writer:
             }
         return out
 
-    def _tokens(self, token_ids: list[int], start_the_answer: bool = False) -> list[str]:
-        """The tokens' strings, as vLLM writes them: each token's text alone with its leading space
-        kept (clients join them), or ``token_id:N``. Tokens that start the answer read as the
-        answer's text starts: decoded alone, as the text is, without the space that SentencePiece's
-        decoder drops at the start of a text (Llama, Mistral)."""
+    def _tokens(self, token_ids: list[int]) -> list[str]:
+        """The tokens' own strings, as vLLM writes them: each token's text alone with its leading
+        space kept (clients join them), or ``token_id:N``."""
         if self.plan.token_ids_as_text:
             return [f"token_id:{t}" for t in token_ids]
-        if start_the_answer:
-            return [self.tokenizer.decode([t]) for t in token_ids]
         return token_texts_alone(self.tokenizer, token_ids)
 
     def _logprobs(self, index: int, answer: _Answer) -> dict[str, Any]:
-        ids = answer.token_ids
-        first = 1 if self.written[index] == 0 else 0  # the answer's first token is in this chunk
-        self.written[index] += len(ids)
-        tokens = self._tokens(ids[:first], start_the_answer=True) + self._tokens(ids[first:])
-        tops = [
-            [
-                (i, text, lp)
-                for (i, lp), text in zip(top, self._tokens([i for i, _ in top], k < first), strict=True)
+        ids, pieces = answer.token_ids, answer.pieces
+        tops = answer.top or [[] for _ in ids]
+        own = self._tokens(ids)
+        if self.plan.token_ids_as_text:
+            tokens = own
+        elif self.plan.endpoint == "chat":
+            # A token reads as its piece of the text, but a piece of a character as itself (U+FFFD),
+            # with its own bytes: joined, the bytes give the text's.
+            tokens = [
+                piece if piece and "\ufffd" not in name else name
+                for piece, name in zip(pieces, own, strict=True)
             ]
-            for k, top in enumerate(answer.top or [[] for _ in tokens])
-        ]
+        else:
+            # A token reads as its piece of the text, so that the tokens join into the text and
+            # text_offset counts along them; one the text leaves out (the EOS) reads as itself
+            # there, taking no room.
+            special = set(self.tokenizer.all_special_ids)
+            tokens = [
+                name if not piece and i in special else piece
+                for i, piece, name in zip(ids, pieces, own, strict=True)
+            ]
         if self.plan.endpoint == "chat":
             return {
                 "content": [
                     {
                         **self._chat_logprob(i, token, logprob),
-                        "top_logprobs": [self._chat_logprob(*alternative) for alternative in top],
+                        "top_logprobs": [
+                            self._chat_logprob(t, name, lp)
+                            for (t, lp), name in zip(top, self._tokens([t for t, _ in top]), strict=True)
+                        ],
                     }
                     for i, token, logprob, top in zip(ids, tokens, answer.logprobs, tops, strict=True)
                 ]
             }
         offsets = []
-        for token in tokens:
+        for piece in pieces:
             offsets.append(self.offsets[index])
-            self.offsets[index] += len(token)
+            self.offsets[index] += len(piece)
         return {
             "tokens": tokens,
             "token_logprobs": answer.logprobs,
-            # vLLM's shape: the alternatives and the chosen token, by token text
+            # vLLM's shape: the alternatives and the chosen token, by token string
             "top_logprobs": [
-                {**{text: lp for _, text, lp in top}, token: logprob}
-                for token, logprob, top in zip(tokens, answer.logprobs, tops, strict=True)
+                {
+                    **{
+                        name: lp for (t, lp), name in zip(top, self._alternatives(top), strict=True) if t != i
+                    },
+                    token: logprob,
+                }
+                for i, token, logprob, top in zip(ids, tokens, answer.logprobs, tops, strict=True)
             ],
             "text_offset": offsets,
         }
+
+    def _alternatives(self, top: list[tuple[int, float]]) -> list[str]:
+        """Alternative tokens by their own strings; a piece of a character (alone, U+FFFD) by its
+        bytes, as OpenAI writes it (``bytes:\\xe6\\xb5``), so that different pieces stay apart."""
+        ids = [i for i, _ in top]
+        names = self._tokens(ids)
+        for k, (i, name) in enumerate(zip(ids, names, strict=True)):
+            raw = (
+                None
+                if self.plan.token_ids_as_text or "\ufffd" not in name
+                else token_bytes(self.tokenizer, i)
+            )
+            if raw is not None:
+                names[k] = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return names
 
     def _chat_logprob(self, token_id: int, token: str, logprob: float) -> dict[str, Any]:
         # A piece of a character reads as U+FFFD: its own bytes (OpenAI's) let clients put the

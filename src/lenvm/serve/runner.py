@@ -7,9 +7,10 @@ between two steps: the length endpoints) and get each choice's new tokens back t
 queue per request, as the engine chooses them. A request that arrives joins the running batch at
 the next step (continuous batching); an aborted one leaves it at once.
 
-Each choice is followed by a tracker that turns the engine's updates into text: it decodes the
-tokens so far, ends the choice at the first stop string (and aborts its row), and holds back the
-characters that could still become a stop string or that are an incomplete UTF-8 character. A
+Each choice is followed by a tracker that turns the engine's updates into text: it decodes each
+new token after the ones before (``detokenizer``), ends the choice at the first stop string (and
+aborts its row), and holds back the characters that could still become a stop string, and the
+tokens whose text they are, or that are an incomplete UTF-8 character. A
 choice whose end the engine may go back on (retries, ``best_of``) is *held*: it
 reports nothing until its answer is final, then all of it at once.
 """
@@ -31,6 +32,7 @@ from lenvm.decoding import Request, Result, Scheduler
 from lenvm.decoding.engine import Engine, Update
 from lenvm.decoding.params import RequestError
 from lenvm.io import InputError
+from lenvm.serve.detokenizer import AnswerDecoder
 
 log = logging.getLogger("lenvm.serve")
 
@@ -105,6 +107,7 @@ class Chunk:
     index: int
     token_ids: list[int]
     text: str
+    pieces: list[str]  # what each token adds to the answer's text (see ``detokenizer``)
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] | None
     values: list[float] | None
@@ -353,7 +356,7 @@ class _Tracker:
     def __init__(self, index: int, choice: Choice, tokenizer):
         self.index = index
         self.choice = choice
-        self.tokenizer = tokenizer
+        self.decoder = AnswerDecoder(tokenizer, choice.request.prompt)
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
@@ -371,61 +374,75 @@ class _Tracker:
         self.logprobs[start:] = update.logprobs
         self.top[start:] = update.top_logprobs
         self.values[start:] = update.values
-        text = self._decode(self.tokens)
-        if update.result is None:
-            # A character whose bytes are not all out yet decodes as U+FFFD: it is neither sent
-            # nor matched against the stop strings until it is complete (or the answer ends).
-            text = text.rstrip("\ufffd")
+        self.decoder.set(start, update.tokens)
+        # Until the answer ends, a character whose bytes are not all out yet is in no piece: it
+        # is neither sent nor matched against the stop strings until it is complete.
+        pieces = self.decoder.pieces if update.result is None else self.decoder.finished()
+        text = "".join(pieces)
         stop = first_stop(text, self.choice.stops)
         if stop is not None:
             at, string = stop
             n = len(self.tokens)
-            return self._chunk(text[:at], Finish("stop", string, n, 0, n, 0, None, False))
+            return self._chunk(_cut(pieces, at), Finish("stop", string, n, 0, n, 0, None, False))
         if update.result is not None:
-            return self._chunk(text, Finish.of(update.result))
-        return self._chunk(text[: max(len(text) - self.hold_back, self.sent_chars)], None)
+            return self._chunk(pieces, Finish.of(update.result))
+        return self._chunk(pieces, None, max(len(text) - self.hold_back, self.sent_chars))
 
     def _whole(self, result: Result) -> Chunk:
         """A held choice's final answer, cut at its first stop string."""
         self.tokens, self.logprobs, self.values = result.token_ids, result.logprobs, result.values or []
         self.top = result.top_logprobs or []
+        self.decoder.set(0, self.tokens)
+        pieces = self.decoder.finished()
         finish = Finish.of(result)
-        text = result.text
-        stop = first_stop(text, self.choice.stops)
+        stop = first_stop("".join(pieces), self.choice.stops)
         if stop is not None:
             at, string = stop
-            # the fewest tokens whose text holds the stop string (text only grows with tokens)
-            low, high = 1, len(self.tokens)
-            while low < high:
-                mid = (low + high) // 2
-                if first_stop(self._decode(self.tokens[:mid]), (string,)) is not None:
-                    high = mid
-                else:
-                    low = mid + 1
-            del self.tokens[low:], self.logprobs[low:], self.values[low:], self.top[low:]
-            text = text[:at]
+            # the fewest tokens whose text holds the stop string
+            ends = itertools.accumulate(len(piece) for piece in pieces)
+            kept = next(k for k, end in enumerate(ends, 1) if end >= at + len(string))
+            del self.tokens[kept:], self.logprobs[kept:], self.values[kept:], self.top[kept:]
+            pieces = _cut(pieces[:kept], at)
             finish = Finish(
-                "stop", string, low, result.decoded_tokens - low, low, result.retries, None, False
+                "stop", string, kept, result.decoded_tokens - kept, kept, result.retries, None, False
             )
-        return self._chunk(text, finish)
+        return self._chunk(pieces, finish)
 
-    def _chunk(self, text: str, finish: Finish | None) -> Chunk:
+    def _chunk(self, pieces: list[str], finish: Finish | None, released: int | None = None) -> Chunk | None:
+        """The tokens and text not sent yet: with ``finish``, all of them; before, the text up to
+        ``released`` and the tokens whose pieces lie within it (the rest wait with their text)."""
         request = self.choice.request
-        sent, self.sent_tokens = self.sent_tokens, len(self.tokens)
+        text = "".join(pieces)
+        sent = self.sent_tokens
+        if finish is None:
+            within = sum(end <= released for end in itertools.accumulate(len(piece) for piece in pieces))
+            text, self.sent_tokens = text[:released], max(within, sent)
+        else:
+            self.sent_tokens = len(self.tokens)
+        if finish is None and self.sent_tokens == sent and len(text) <= self.sent_chars:
+            return None  # nothing new to send
+        upto = self.sent_tokens
         chunk = Chunk(
             self.index,
-            self.tokens[sent:],
+            self.tokens[sent:upto],
             text[self.sent_chars :],
-            self.logprobs[sent:],
-            self.top[sent:] if request.sampling.top_logprobs else None,
-            self.values[sent:] if request.return_values else None,
+            pieces[sent:upto],
+            self.logprobs[sent:upto],
+            self.top[sent:upto] if request.sampling.top_logprobs else None,
+            self.values[sent:upto] if request.return_values else None,
             finish,
         )
         self.sent_chars = max(self.sent_chars, len(text))
         return chunk
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+def _cut(pieces: list[str], at: int) -> list[str]:
+    """The pieces of a text cut at ``at``: a piece past the cut keeps what lies before it."""
+    cut, start = [], 0
+    for piece in pieces:
+        cut.append(piece[: max(at - start, 0)])
+        start += len(piece)
+    return cut
 
 
 def first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
