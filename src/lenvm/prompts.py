@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl
@@ -55,7 +55,8 @@ class Prompt:
         return self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
 
     def to_json(self) -> str | Messages:
-        return self.messages if self.messages is not None else self.text
+        # Without messages the text is set: __post_init__ takes exactly one of the two.
+        return self.messages if self.messages is not None else cast(str, self.text)
 
     @property
     def images(self) -> list[str]:
@@ -119,7 +120,7 @@ def image_references(prompt: str | Messages | None) -> list[str]:
     record's ``prompt``), in order."""
     if not isinstance(prompt, list):
         return []
-    refs = []
+    refs: list[str] = []
     for message in prompt:
         content = message.get("content")
         if isinstance(content, list):
