@@ -7,7 +7,7 @@ import pytest
 
 from lenvm.bench import lifebench, tasks
 from lenvm.bench.common import Job, Run, load_models
-from lenvm.bench.predict import Ridge, asked_number
+from lenvm.bench.predict import Ridge, asked_number, prediction_metrics
 from lenvm.bench.tradeoff import curves_for
 from lenvm.decoding import Request, SamplingParams
 from lenvm.io import InputError
@@ -248,6 +248,17 @@ def test_ridge_tolerates_a_constant_feature():
 )
 def test_asked_number(text, number):
     assert asked_number(text) == number
+
+
+def test_prediction_metrics_refuse_samples_without_gamma():
+    """The truth's reliability weighs the samples with gamma: without it, a clear error."""
+    truth = np.array([3.0, 4.0, 5.0])
+    predictions = {"lenvm": np.array([3.0, 4.5, 6.0])}
+    samples = [[1, 2, 3], [3, 4, 5], [5, 6, 7]]
+    with pytest.raises(InputError, match="needs gamma"):
+        prediction_metrics(truth, predictions, ["a"] * 3, samples)
+    metrics = prediction_metrics(truth, predictions, ["a"] * 3, samples, gamma=0.9)
+    assert metrics["a"]["prompts"] == 3 and "truth_reliability" in metrics["a"]
 
 
 # -- trade-off curves --------------------------------------------------------------------------

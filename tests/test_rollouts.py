@@ -463,6 +463,16 @@ def test_openai_backend_retokenizes_without_ids(server, tiny_path, tiny_generato
     assert record["token_ids_source"] == "retokenized"
 
 
+def test_openai_backend_refuses_a_loaded_generator_without_its_tokenizer(tiny_generator, tmp_path):
+    """A (model, None) pair with no tokenizer= has nothing to template with: a clear error, before
+    any request, not a TypeError from loading the pair as a tokenizer name."""
+    out = tmp_path / "r.jsonl"
+    run = dict(n=1, backend="openai", base_url="http://127.0.0.1:1/v1", progress=False)
+    with pytest.raises(InputError, match="tokenizer is None"):
+        rollout((tiny_generator[0], None), PROMPTS[:1], out, **run)
+    assert not out.exists() or read_rollouts(out) == []
+
+
 def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, tmp_path):
     tok = tiny_generator[1]
     out = tmp_path / "r.jsonl"

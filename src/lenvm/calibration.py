@@ -137,7 +137,7 @@ def fit_calibration(values: Iterable[float], returns: Iterable[float], knots: in
     if knot_values[-1] < 0.0:
         knot_values.append(0.0)
         knot_returns.append(0.0)
-    return Calibration(knot_values, np.maximum.accumulate(knot_returns))
+    return Calibration(tuple(knot_values), tuple(np.maximum.accumulate(knot_returns)))
 
 
 @torch.no_grad()

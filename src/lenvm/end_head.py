@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -122,7 +122,8 @@ def train_end_head(
     gamma = gamma_from_lengths(data.distances.numpy())
     with torch.random.fork_rng():  # the same seed, the same head, whatever ran before
         torch.manual_seed(seed)
-        head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
+        # The config's __post_init__ fills head_hidden_size from hidden_size.
+        head = ValueHead(lenvm.config.hidden_size, cast(int, lenvm.config.head_hidden_size))
     targets = length_to_value(data.distances, gamma).float()
     steps_per_epoch = math.ceil(len(targets) / batch_states)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)

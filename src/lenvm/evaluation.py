@@ -44,7 +44,7 @@ def length_metrics(
         prompts = len({e.prompt_id for e in examples})
         return {"eval_prompts": 0, "eval_prompts_cut": prompts, "eval_finished": 0}
     abs_err, base_err, sq_err = [], [], []
-    rel_at = {f: [] for f in FRACTIONS}
+    rel_at: dict[float, list[float]] = {f: [] for f in FRACTIONS}
     first_values: dict[str, list[float]] = defaultdict(list)
     for e, v in pairs:
         first_values[e.prompt_id].append(float(v[0]))
@@ -146,7 +146,7 @@ def truth_reliability(samples: list[list[int]], gamma: float, splits: int = 200,
     rng = np.random.default_rng(seed)
     rhos = []
     for _ in range(splits):
-        halves = ([], [])
+        halves: tuple[list[float], list[float]] = ([], [])
         for lengths in samples:
             order = rng.permutation(len(lengths))
             half = len(lengths) // 2

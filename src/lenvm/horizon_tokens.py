@@ -71,10 +71,10 @@ class LengthTokenStats:
 
     def add(self, texts: list[str], residuals: Iterable[float]) -> None:
         """Count one completion: ``texts[t]`` is token ``t`` and ``residuals[t]`` its residual."""
-        residuals = np.asarray(residuals, dtype=np.float64)
-        if len(texts) != len(residuals):
-            raise ValueError(f"{len(texts)} tokens but {len(residuals)} residuals")
-        for text, delta in zip(texts, residuals.tolist(), strict=True):
+        deltas = np.asarray(residuals, dtype=np.float64)
+        if len(texts) != len(deltas):
+            raise ValueError(f"{len(texts)} tokens but {len(deltas)} residuals")
+        for text, delta in zip(texts, deltas.tolist(), strict=True):
             stat = self.tokens.setdefault(text, TokenStat(text))
             stat.count += 1
             stat.longer += delta < -self.threshold
@@ -116,7 +116,7 @@ class LengthTokenStats:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, max(3.0, 0.32 * n + 1.2)))
-        panels = (
+        panels: tuple[tuple[Direction, str, str], ...] = (
             ("longer", "#e66101", "pushes longer (δ < −{:g})"),
             ("shorter", "#2166ac", "pushes shorter (δ > +{:g})"),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -15,16 +16,17 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 
 class InputError(ValueError):
     """Bad user input: a malformed file, a missing field, an out-of-range option."""
 
 
-def is_int(x: Any) -> bool:
+def is_int(x: Any) -> TypeGuard[int]:
     """An integer that is not a bool (``True`` must not pass as a count): a Python int or a NumPy
-    one (the JSON writers here write NumPy numbers as plain ones)."""
+    one (the JSON writers here write NumPy numbers as plain ones; type checkers take it as the int
+    it compares and counts as)."""
     # The plain int first: checking against the numbers ABC costs several times as much, and
     # reading rollouts checks every token id.
     return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
@@ -274,7 +276,7 @@ def file_digest(path: str | os.PathLike) -> str:
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
         with open(file, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for block in iter(functools.partial(fh.read, 1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
 

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from safetensors import SafetensorError
@@ -288,14 +288,17 @@ class LengthValueModel(nn.Module):
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
+        # The config's __post_init__ fills head_hidden_size (from hidden_size) and requires a q
+        # kind's vocab_size.
+        head_hidden_size = cast(int, config.head_hidden_size)
         if config.kind == "q":
             embed_dim = backbone.get_input_embeddings().weight.shape[1]
-            self.head = QHead(config.hidden_size, config.head_hidden_size, config.vocab_size, embed_dim)
+            self.head = QHead(config.hidden_size, head_hidden_size, cast(int, config.vocab_size), embed_dim)
         else:
-            self.head = ValueHead(config.hidden_size, config.head_hidden_size)
+            self.head = ValueHead(config.hidden_size, head_hidden_size)
         self.end_head = None
         if config.end_head is not None:
-            self.end_head = ValueHead(config.hidden_size, config.head_hidden_size)
+            self.end_head = ValueHead(config.hidden_size, head_hidden_size)
         if self.attached:
             self.backbone.requires_grad_(False)
         elif self.sees_images:
@@ -588,11 +591,11 @@ class LengthValueModel(nn.Module):
         """The end head's prediction for each hidden vector (``[..., H] -> [...]``, float64): the
         tokens left, EOS included, until the generator's next natural-end opportunity (a position
         where it gives EOS at least the natural bar); None without an end head."""
-        if self.end_head is None:
+        head, settings = self.end_head, self.config.end_head
+        if head is None or settings is None:  # the head is built from the settings: both or neither
             return None
-        head = self.end_head
         value = _value(head(hidden.to(head.fc1.weight.dtype))).double()
-        return value_to_length(value, self.config.end_head["gamma"]).clamp(min=1.0)
+        return value_to_length(value, settings["gamma"]).clamp(min=1.0)
 
     def next_values_from_hidden(
         self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None, calibrated: bool = True
@@ -712,7 +715,7 @@ class LengthValueModel(nn.Module):
                 and not {"prompt", "messages"} & prompts[0].keys()
             )
         )
-        batch = [prompts] if single else list(prompts)
+        batch = list(prompts) if isinstance(prompts, list | tuple) and not single else [prompts]
         lengths = self.lengths_from_values(self.predict_values(batch, batch_size, progress))
         return lengths[0] if single else lengths
 
@@ -821,7 +824,7 @@ def save_config(
     if in_place and not weights:
         write_text(path / CONFIG_NAME, text)
         return path
-    target = path if in_place else Path(out)
+    target = path if out is None or in_place else Path(out)
     refuse_to_replace(target, "writing the LenVM there")
     with atomic_path(target) as tmp:
         shutil.copytree(path, tmp)
@@ -1076,8 +1079,8 @@ def _stored_weight_files(location: str) -> list[str] | None:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if index := _stored_file(location, single + ".index.json"):
             shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
-            files = [_stored_file(location, shard) for shard in shards]
-            return None if None in files else files
+            files = [f for f in (_stored_file(location, shard) for shard in shards) if f is not None]
+            return files if len(files) == len(shards) else None
         if path := _stored_file(location, single):
             return [path]
     return None

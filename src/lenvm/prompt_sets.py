@@ -8,6 +8,7 @@ results can be broken down, and list prompts carry the number of items they ask 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lenvm.io import InputError, is_int
@@ -426,7 +427,7 @@ class _Vocabulary:
     reasoning: list[str]
     days: list[str]
     names: list[str]
-    instructions: list[tuple[str, str, tuple[int | None, ...], str | None] | None]
+    instructions: Sequence[tuple[str, str, tuple[int | None, ...], str | None] | None]
     separator: str  # between the task and its length instruction
 
 

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 from urllib.parse import urlparse
 
 from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl
@@ -55,7 +55,8 @@ class Prompt:
         return self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
 
     def to_json(self) -> str | Messages:
-        return self.messages if self.messages is not None else self.text
+        # Without messages the text is set: __post_init__ takes exactly one of the two.
+        return self.messages if self.messages is not None else cast(str, self.text)
 
     @property
     def images(self) -> list[str]:
@@ -119,7 +120,7 @@ def image_references(prompt: str | Messages | None) -> list[str]:
     record's ``prompt``), in order."""
     if not isinstance(prompt, list):
         return []
-    refs = []
+    refs: list[str] = []
     for message in prompt:
         content = message.get("content")
         if isinstance(content, list):
@@ -262,12 +263,11 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     return prompts
 
 
-def as_prompt(
-    prompt: str | Messages | Prompt | dict[str, Any], default_id: str = "0", images: list[str] | None = None
-) -> Prompt:
+def as_prompt(prompt: PromptInput, default_id: str = "0", images: list[str] | None = None) -> Prompt:
     """Accept a string, a message list, a :class:`Prompt` or a prompts-file record (``{"prompt":
     ...}`` or ``{"messages": [...]}``, with an optional ``"id"``); ``images`` (references) go with
-    a string prompt, before its text."""
+    a string prompt, before its text. Token ids are refused with a clear error: the callers that
+    take them read them first."""
     if isinstance(prompt, Prompt):
         return prompt
     if isinstance(prompt, dict):
@@ -298,7 +298,7 @@ def as_prompt(
     return prompt_from_record({"messages": prompt}, default_id)
 
 
-def is_token_ids(prompt: object) -> bool:
+def is_token_ids(prompt: object) -> TypeGuard[TokenIds]:
     """A prompt given as the generator's token ids (a non-empty list of ints)."""
     return (
         isinstance(prompt, list)

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm.auto import tqdm
 
@@ -202,8 +202,8 @@ def rollout(
         raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     if sampling.ignore_eos:
         raise InputError("rollouts sample the generator's own lengths: ignore_eos must be off")
-    if sampling.seed is None:
-        sampling = replace(sampling, seed=0)  # resumable: every completion's seed derives from it
+    seed = sampling.seed if sampling.seed is not None else 0  # resumable: every completion's derives from it
+    sampling = replace(sampling, seed=seed)
     if sampling.max_new_tokens is None:  # part of the policy the records keep: one figure for all
         sampling = replace(sampling, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     n = positive_count(n, "n (completions per prompt)")
@@ -219,13 +219,13 @@ def rollout(
         )
     if isinstance(prompts, str | dict | Prompt):
         raise InputError("prompts must be a list of prompts: wrap a single one in a list")
-    prompts = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
-    if not prompts:
+    prompt_list = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]
+    if not prompt_list:
         raise InputError("no prompts to roll out")
-    ids = [p.id for p in prompts]
+    ids = [p.id for p in prompt_list]
     if len(set(ids)) != len(ids):
         raise InputError("prompt ids must be unique: resuming matches completions by prompt id")
-    with_images = next((p.id for p in prompts if p.images), None)
+    with_images = next((p.id for p in prompt_list if p.images), None)
     out = replaceable(out)  # a link's file, never a device
     check_writable(out)  # before the generator loads
     # Two runs appending to one file would each resume from what it held when they started.
@@ -253,32 +253,32 @@ def rollout(
 
         name = _generator_name(generator)
         record_sampling = {**sampling.policy(), "backend": backend}
-        present = _check_resume(existing, prompts, name, record_sampling, out)
-        missing = {p.id: [i for i in range(n) if i not in present.get(p.id, set())] for p in prompts}
-        todo = [p for p in prompts if missing[p.id]]
-        summary = RolloutSummary(out, len(prompts), len(prompts) - len(todo), 0, 0, 0, 0, 0.0, 0.0, backend)
+        present = _check_resume(existing, prompt_list, name, record_sampling, out)
+        missing = {p.id: [i for i in range(n) if i not in present.get(p.id, set())] for p in prompt_list}
+        todo = [p for p in prompt_list if missing[p.id]]
+        summary = RolloutSummary(
+            out, len(prompt_list), len(prompt_list) - len(todo), 0, 0, 0, 0, 0.0, 0.0, backend
+        )
         if not todo:
             return summary
 
         if backend == "hf":
             model, tokenizer = _load(loaded or generator, device, dtype)
+        elif isinstance(generator, tuple):
+            model, tokenizer = generator[0], tokenizer or generator[1]
+            if tokenizer is None:
+                raise InputError(
+                    f"the loaded generator's tokenizer is None: pass it as (model, tokenizer) or as "
+                    f"tokenizer= for the {backend} backend to template and tokenize with"
+                )
+            eos_ids = hub.eos_token_ids(model, tokenizer)
         else:
-            model = generator[0] if isinstance(generator, tuple) else None
-            tokenizer = tokenizer or (generator[1] if isinstance(generator, tuple) else None)
             tokenizer = tokenizer or hub.load_tokenizer(generator)
-            eos_ids = (
-                hub.eos_token_ids(model, tokenizer)
-                if model is not None
-                else hub.eos_token_ids_of(generator, tokenizer)
-            )
+            eos_ids = hub.eos_token_ids_of(generator, tokenizer)
         # Every prompt is encoded (its images loaded) and every request checked before the output
         # file is touched, so bad input leaves nothing behind.
         encoded = {p.id: encode_prompt(tokenizer, p) for p in todo}
-        jobs = [
-            _Job(p, encoded[p.id], i, derive_seed(sampling.seed, p.id, i))
-            for p in todo
-            for i in missing[p.id]
-        ]
+        jobs = [_Job(p, encoded[p.id], i, derive_seed(seed, p.id, i)) for p in todo for i in missing[p.id]]
         if backend == "vllm":  # started before the clock: loading is not generation
             from lenvm.integrations.vllm import VLLMEngine
 
@@ -294,7 +294,8 @@ def rollout(
             key = api_key or os.environ.get("OPENAI_API_KEY")
             # The name the server was started with, as given (a folder's absolute path is the record's).
             served = str(generator) if not isinstance(generator, tuple) else name
-            server = _Server(base_url, api_model or served, key)
+            # base_url is set: the openai backend was refused without one above.
+            server = _Server(cast(str, base_url), api_model or served, key)
             batches = _openai_batches(server, tokenizer, jobs, sampling, eos_ids, batch_size)
 
         bar = tqdm(total=len(jobs), unit="completion", desc="rollouts", disable=not progress)

@@ -89,20 +89,20 @@ def simulate(
 ) -> Timeline:
     """Run the requests through the server; ``key[i]`` orders request ``i`` in the queue (lower
     first). ``arrival`` must be sorted; ``length`` holds output lengths (at least 1)."""
-    arrival = np.asarray(arrival, dtype=np.float64)
-    length = np.asarray(length, dtype=np.int64)
-    key = np.asarray(key, dtype=np.float64)
-    n = len(arrival)
+    arrivals = np.asarray(arrival, dtype=np.float64)
+    lengths = np.asarray(length, dtype=np.int64)
+    keys = np.asarray(key, dtype=np.float64)
+    n = len(arrivals)
     if n == 0:
         raise InputError("no requests to schedule")
-    if len(length) != n or len(key) != n:
+    if len(lengths) != n or len(keys) != n:
         raise InputError("arrival, length and key must have one entry per request")
     batch_size = positive_count(batch_size, "batch_size")
-    if np.any(np.diff(arrival) < 0) or not np.all(np.isfinite(arrival)):
+    if np.any(np.diff(arrivals) < 0) or not np.all(np.isfinite(arrivals)):
         raise InputError("arrival times must be finite and sorted")
-    if np.any(length < 1):
+    if np.any(lengths < 1):
         raise InputError("every request generates at least one token")
-    if not np.all(np.isfinite(key)):
+    if not np.all(np.isfinite(keys)):
         raise InputError("queue keys must be finite")
     prompts = np.zeros(n) if prompt_tokens is None else np.asarray(prompt_tokens, dtype=np.float64)
     if prefill_per_token < 0:
@@ -113,18 +113,18 @@ def simulate(
     finished = np.full(n, np.nan)
     waiting: list[tuple[float, float, int]] = []  # (key, arrival, index)
     running: dict[int, int] = {}  # index -> tokens still to generate
-    now, nxt, busy = float(arrival[0]), 0, 0.0
+    now, nxt, busy = float(arrivals[0]), 0, 0.0
     while nxt < n or waiting or running:
-        while nxt < n and arrival[nxt] <= now:
-            heapq.heappush(waiting, (key[nxt], arrival[nxt], nxt))
+        while nxt < n and arrivals[nxt] <= now:
+            heapq.heappush(waiting, (keys[nxt], arrivals[nxt], nxt))
             nxt += 1
         if not waiting and not running:
-            now = float(arrival[nxt])  # idle until the next arrival
+            now = float(arrivals[nxt])  # idle until the next arrival
             continue
         joining = []
         while waiting and len(running) < batch_size:
             _, _, i = heapq.heappop(waiting)
-            running[i] = int(length[i])
+            running[i] = int(lengths[i])
             admitted[i] = now
             joining.append(i)
         duration = 1.0 + prefill_per_token * float(prompts[joining].sum()) if joining else 1.0
@@ -137,4 +137,4 @@ def simulate(
             if running[i] == 0:
                 finished[i] = now
                 del running[i]
-    return Timeline(arrival, admitted, first_token, finished, busy, now - float(arrival[0]), batch_size)
+    return Timeline(arrivals, admitted, first_token, finished, busy, now - float(arrivals[0]), batch_size)

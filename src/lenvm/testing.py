@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -179,7 +180,7 @@ def tiny_vlm(
         pad_token_id=tokenizer.pad_token_id,
     )
     patch = 14
-    vision = dict(depth=1, num_heads=2, patch_size=patch, spatial_merge_size=2)
+    vision: dict[str, Any] = dict(depth=1, num_heads=2, patch_size=patch, spatial_merge_size=2)
     if family == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
         names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")

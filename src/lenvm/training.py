@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -324,7 +324,8 @@ def train(
         held = _examples_digest(data.eval)  # every held-out answer, not only how many
         # A stream trains in its file's order, held answers in a canonical one (ExampleStream): the
         # same records held in another file order are one run, and one features cache.
-        records = data.fingerprint_data if source.streamed else [_examples_digest(data.train.held)]
+        held_train = data.train.held  # None when streamed
+        records = data.fingerprint_data if held_train is None else [_examples_digest(held_train)]
         trained = _trained_settings(config, lenvm, gamma, source.streamed, eval_source is not None)
         run_fingerprint = fingerprint([*records, held, model, trained])
         # What the cached hidden states depend on: the data, the held-out split, the model and layer
@@ -852,7 +853,8 @@ class HeadTrainer:
         self.train_states, self.train_completions = data.train_states, data.train_completions
         train_rows = torch.from_numpy(self.store.train_rows())
         steps_per_epoch = max(1, math.ceil(len(train_rows) / config.batch_tokens))
-        total = steps_per_epoch * config.epochs
+        epochs = cast(int, config.epochs)  # train() resolves the kind's default
+        total = steps_per_epoch * epochs
         params = lenvm.head.parameters()
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = cosine_schedule(optimizer, total, config.warmup_ratio)
@@ -873,7 +875,7 @@ class HeadTrainer:
         )
         tokens = 0
         started = time.perf_counter()
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(start_epoch, epochs):
             if config.lam < 1.0:
                 lenvm.head.eval()
                 self.refresh_targets()
@@ -1046,7 +1048,8 @@ class FullTrainer:
                 f"one optimizer step takes batch_size x grad_accum x processes = {per_step} completions, "
                 f"but there are {data.train_completions} to train on; lower the batch size"
             )
-        total = steps_per_epoch * config.epochs
+        epochs = cast(int, config.epochs)  # train() resolves the kind's default
+        total = steps_per_epoch * epochs
         if acc.is_main_process and (self.work / "staging" / "state.json").is_file():
             self._move_staged()  # save() was interrupted while it moved a whole checkpoint into place
         acc.wait_for_everyone()
@@ -1088,7 +1091,7 @@ class FullTrainer:
                     tqdm.write(_progress_line(evaluations[-1]), file=sys.stderr)
             return values
 
-        for epoch in range(step // steps_per_epoch, config.epochs):
+        for epoch in range(step // steps_per_epoch, epochs):
             for index, window in enumerate(self.windows(data.train, epoch)):
                 if epoch * steps_per_epoch + index < step:
                     continue  # done before the interruption
@@ -1132,7 +1135,7 @@ class FullTrainer:
                 log_evaluation(epoch + 1)
         bar.close()
         seconds = time.perf_counter() - started
-        eval_values = log_evaluation(config.epochs)
+        eval_values = log_evaluation(epochs)
         state_dict = acc.get_state_dict(model)
         acc.wait_for_everyone()
         return _Fit(losses, eval_values, tokens, seconds, evaluations, state_dict, distributed)

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,7 +75,9 @@ class RolloutSource:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from lenvm.rollouts import iter_rollouts
 
-        return iter(self.records) if self.records is not None else iter_rollouts(self.path)
+        if self.records is not None:
+            return iter(self.records)
+        return iter_rollouts(cast(Path, self.path))  # streamed: only a path is streamed
 
 
 @dataclass
@@ -247,6 +249,8 @@ class ExampleStream:
         return iter(self._held) if self._held is not None else self._read()
 
     def __len__(self) -> int:
+        if self.size is None:  # a TypeError, as list() takes it: no length hint, nothing more
+            raise TypeError("the examples are streamed and were not counted: their number is unknown")
         return self.size
 
 
@@ -254,7 +258,7 @@ class ExampleStream:
 class TrainingData:
     """Training examples (streamed or held), held-out examples (always held), and their counts."""
 
-    train: ExampleStream | list[Example]
+    train: ExampleStream
     eval: list[Example]
     report: DatasetReport
     gamma_lengths: np.ndarray

@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from lenvm.io import InputError
-from lenvm.prompts import Messages, Prompt, TokenIds, as_prompt, is_token_ids, template_ids
+from lenvm.prompts import Prompt, PromptInput, as_prompt, is_token_ids, template_ids
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_TOKEN = "<|image_pad|>"
@@ -123,11 +123,11 @@ class ImageInputs:
     @staticmethod
     def cat(parts: list[ImageInputs | None]) -> ImageInputs | None:
         """The images of several rows, in row order (None when no row has any)."""
-        parts = [p for p in parts if p is not None]
-        if not parts:
+        present = [p for p in parts if p is not None]
+        if not present:
             return None
         return ImageInputs(
-            torch.cat([p.pixel_values for p in parts]), torch.cat([p.image_grid_thw for p in parts])
+            torch.cat([p.pixel_values for p in present]), torch.cat([p.image_grid_thw for p in present])
         )
 
 
@@ -192,7 +192,9 @@ class Processor:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
-        if self.chat_template != getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template is not None and self.chat_template != getattr(
+            self.tokenizer, "chat_template", None
+        ):
             Path(path, "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
 
     def pixels(self, refs: list[str]) -> ImageInputs:
@@ -300,7 +302,8 @@ def forward_images(
         return {}
     if processor is None:
         raise InputError("these sequences have images, but the model that reads them is text-only")
-    return model_kwargs(processor.inputs_for([(ids, list(refs)) for ids, refs in rows], names).to(device))
+    images = processor.inputs_for([(ids, list(refs)) for ids, refs in rows], names)
+    return model_kwargs(images.to(device) if images is not None else None)
 
 
 def processor_of(tokenizer) -> Processor | None:
@@ -316,7 +319,7 @@ def as_tokenizer(tokenizer_or_processor):
     return tokenizer_or_processor
 
 
-def encode(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> Encoded:
+def encode(tokenizer, prompt: PromptInput) -> Encoded:
     """Token ids and pixel inputs of ``prompt`` for the generator of ``tokenizer``. A prompt with
     images needs a vision-language generator's tokenizer (see :func:`processor_of`). Token ids
     are taken as they are (a prompt tokenized without the template, as an OpenAI-style text

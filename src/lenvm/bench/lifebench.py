@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from lenvm.bench import lifebench_score
 from lenvm.bench.common import (
@@ -32,13 +32,14 @@ from lenvm.bench.common import (
 )
 from lenvm.cli import options
 from lenvm.decoding import Control, SamplingParams
+from lenvm.decoding.params import ControlKind
 from lenvm.io import InputError, iter_jsonl
 from lenvm.prompts import Prompt
 
 DEFAULT_DATA = "../shared/data/lifebench/data_lite.jsonl"
 DEFAULT_TARGETS = (32, 64, 128, 256, 512, 1024)
 # method -> (decision rule of the LenVM control, or None for the prompt alone; table label)
-METHODS: dict[str, tuple[str | None, str]] = {
+METHODS: dict[str, tuple[Literal["ours", "paper"] | None, str]] = {
     "prompt": (None, "prompt only"),
     "lenvm-paper": ("paper", "+ LenVM (paper rules)"),
     "lenvm-ours": ("ours", "+ LenVM (our rules)"),
@@ -330,7 +331,7 @@ def _job(
     control = None
     if rule is not None:
         control = Control(
-            kind=constraint,
+            kind=cast(ControlKind, constraint),  # one of CONSTRAINTS: run_lifebench checks it
             target=target,
             rule=rule,
             best_of=best_of if constraint == "equal_to" else 1,
@@ -439,8 +440,8 @@ def _plot(run: Run, summary, items, labels) -> None:
                         marker="x" if cut else "o",
                         color=f"C{k}",
                     )
-        targets = sorted({i["target"] for i in equal})
-        ax.plot(targets, targets, "k--", lw=1, label="L_out = target")
+        equal_targets = sorted({i["target"] for i in equal})
+        ax.plot(equal_targets, equal_targets, "k--", lw=1, label="L_out = target")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("target (tokens)")

@@ -62,7 +62,7 @@ def _target_averaged(items: list[Mapping[str, Any]], value: Callable[[Mapping], 
     return float(np.mean([np.mean(v) for v in _by_target(items, value)]))
 
 
-def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float]:
+def _metrics(items: list[Mapping[str, Any]]) -> dict[str, float | list[float]]:
     def deviation(item: Mapping) -> float:
         return length_deviation(item["num_tokens"], item["target"])
 
@@ -124,7 +124,7 @@ def _decoding_cost(items: list[Mapping[str, Any]]) -> float:
     return sum(i["decoded_tokens"] for i in items) / max(kept, 1)
 
 
-def _grouped(items: list[Mapping[str, Any]], field: str) -> dict[str, dict[str, float]]:
+def _grouped(items: list[Mapping[str, Any]], field: str) -> dict[str, dict[str, float | list[float]]]:
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for item in items:
         groups[str(item[field])].append(item)

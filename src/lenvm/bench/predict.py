@@ -35,7 +35,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -83,7 +83,7 @@ def asked_number(text: str) -> int | None:
 
 def prompt_features(tokenizer, prompt: Prompt) -> list[float]:
     """``[log(1 + prompt tokens), log(1 + asked number), asks for a number]``."""
-    text = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages)
+    text = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.as_messages())
     asked = asked_number(text)
     return [
         math.log1p(len(encode_prompt(tokenizer, prompt))),
@@ -317,7 +317,8 @@ def run_prediction(
     samples = positive_count(samples, "samples")
     if truth_rollouts and (prompts or gsm8k is not None):
         raise InputError("score on given rollouts or on prompts to sample, not both")
-    held_out = None if truth_rollouts else evaluation_prompts(prompts, gsm8k, gsm8k_rows, limit)
+    # Given rollouts hold their own prompts (read below); else the prompts to sample, checked early.
+    held_out = [] if truth_rollouts else evaluation_prompts(prompts, gsm8k, gsm8k_rows, limit)
     if cross_domain and train_rollouts is None:
         raise InputError("cross-domain tables train LenVMs without a domain: give the training rollouts")
     models = models or load_models(model, lenvm, device, dtype, backend)
@@ -375,10 +376,12 @@ def run_prediction(
             held_out, records, value_model.gamma, lenvm_lengths, models, train_records, domain_of, ridge_alpha
         )
         cross = {}
+        # Cross-domain tables without training rollouts were refused above.
+        cross_records = cast("list[dict[str, Any]]", train_records)
         for domain in cross_domain:
             subset = [p for p in held_out if domain_of[p.id] == domain]
-            reduced = [r for r in train_records if record_domain(r, domain_field) != domain]
-            if len(reduced) == len(train_records):
+            reduced = [r for r in cross_records if record_domain(r, domain_field) != domain]
+            if len(reduced) == len(cross_records):
                 raise InputError(f"the training rollouts hold no prompt of domain {domain!r}")
             without = _lenvm_without(out / "cross" / domain, reduced, value_model, models, progress)
             lengths = np.array(without.predict_length(subset, batch_size=batch_size))
@@ -454,7 +457,8 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
         predictions.update(baselines.predict(models.tokenizer, kept))
     truth = np.array([truths[p.id] for p in kept])
     domains = [domain_of[p.id] for p in kept]
-    cut, samples = defaultdict(int), defaultdict(list)
+    cut: defaultdict[str, int] = defaultdict(int)
+    samples: defaultdict[str, list[int]] = defaultdict(list)
     # In sample order, not file order (which a resumed run changes): the split-halves depend on it.
     for r in sorted(records, key=lambda r: r.get("sample_index", 0)):
         cut[r["prompt_id"]] += r["finish_reason"] == "length"
@@ -497,7 +501,7 @@ def _lenvm_without(folder: Path, records, like, models: Models, progress: bool):
     return LengthValueModel.from_pretrained(target, generator=generator)
 
 
-def _scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+def _scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float | None]:
     error = np.abs(predicted - truth)
     rho = spearman(predicted, truth)
     return {
@@ -530,6 +534,8 @@ def prediction_metrics(
             **{name: _scores(truth[mask], pred[mask]) for name, pred in predictions.items()},
         }
         if samples is not None:
+            if gamma is None:
+                raise InputError("the truth's reliability needs gamma, the discount of the samples' truths")
             reliability = truth_reliability([s for s, m in zip(samples, mask, strict=True) if m], gamma)
             known = not math.isnan(reliability)
             metrics[domain]["truth_reliability"] = reliability if known else None

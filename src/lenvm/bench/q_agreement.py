@@ -181,7 +181,7 @@ def run_q_agreement(
     records = read_rollouts(rollouts)
     if not records:
         raise InputError(f"{rollouts}: no rollouts")
-    chosen = range(len(records))
+    chosen = list(range(len(records)))
     if held_out:
         training = read_config(q).training or {}
         if "eval_fraction" not in training:

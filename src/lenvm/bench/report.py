@@ -13,9 +13,10 @@ import json
 import os
 import random
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from lenvm.bench import lifebench, tasks
 from lenvm.bench.common import Models, load_models, refuse_model_folder
@@ -111,6 +112,15 @@ FULL = Preset(
 )
 
 
+class _Common(TypedDict):
+    """The arguments every step of :func:`run_all` takes alike."""
+
+    models: Models
+    batch_size: int
+    progress: bool
+    seed: int
+
+
 def run_all(
     out: str | os.PathLike,
     *,
@@ -171,7 +181,7 @@ def run_all(
             models=models,
             max_new_tokens=preset.train_max_new_tokens,
             max_prompt_tokens=preset.max_prompt_tokens,
-            exclude={p.text for p in held_out},
+            exclude={p.text for p in held_out if p.text is not None},  # every pool prompt is text
             gsm8k_prefix="gsm8k-train",  # ids apart from the test file's
         )
         train_rollouts = _train_lenvm(out / "lenvm", models, train, preset, seed, batch_size, progress)
@@ -180,7 +190,7 @@ def run_all(
     _write_prompts(out / "prompts" / "held_out.jsonl", held_out)
     timings["setup"] = time.perf_counter() - clock
 
-    common = {"models": models, "batch_size": batch_size, "progress": progress, "seed": seed}
+    common = _Common(models=models, batch_size=batch_size, progress=progress, seed=seed)
     steps = {
         "lifebench": lambda: lifebench.run_lifebench(
             out / "lifebench",
@@ -245,7 +255,7 @@ def _pool(
     models: Models,
     max_new_tokens: int,
     max_prompt_tokens: int | None,
-    exclude: set[str] = frozenset(),
+    exclude: AbstractSet[str] = frozenset(),
     gsm8k_prefix: str = "gsm8k",
 ) -> list[Prompt]:
     """A prompt pool with a ``domain`` on every prompt, keeping prompts that fit the context with

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_models, markdown_table, pyplot
 from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
-from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
+from lenvm.decoding.queue import DEFAULT_AGING, QueueOrder, check_queue, priority
 from lenvm.io import InputError, file_digest, positive_count
 from lenvm.prompts import as_prompt
 from lenvm.rollouts import read_rollouts
@@ -50,7 +50,7 @@ POLICIES = {
     "prompt_length": "shortest prompt first",
     "oracle": "oracle shortest first",
 }
-LIVE_POLICIES = {"fcfs": "fcfs", "lenvm": "shortest"}  # policy -> Engine(queue=...)
+LIVE_POLICIES: dict[str, QueueOrder] = {"fcfs": "fcfs", "lenvm": "shortest"}  # policy -> Engine(queue=...)
 DEFAULT_LOADS = (0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
 AGINGS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -268,7 +268,9 @@ def _live(
         return {policy: {k: v for k, v in run.done[policy].items() if k != "key"} for policy in LIVE_POLICIES}
 
 
-def _serve(models: Models, queue: str, aging: float, batch_size: int, workload, progress: bool, desc: str):
+def _serve(
+    models: Models, queue: QueueOrder, aging: float, batch_size: int, workload, progress: bool, desc: str
+):
     """Run ``workload`` (arrival step, request) through a scheduler; latency and time to first
     token per request, in steps and in seconds."""
     from lenvm.decoding import Engine, Scheduler

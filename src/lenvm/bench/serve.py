@@ -113,7 +113,7 @@ def run_serve_bench(
                     bar.update()
                 bar.close()
         records = [run.done[_key(mode, c)] for mode, c in rows]
-        results = {
+        results: dict[str, Any] = {
             "benchmark": "serve",
             "settings": settings,
             "machine": f"{os.cpu_count()} CPU cores" if device in (None, "cpu") else str(device),

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -55,7 +55,7 @@ from lenvm.cli import options
 from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
 from lenvm.hub import default_device, eos_token_ids, torch_dtype
 from lenvm.io import InputError, positive_count
-from lenvm.model import LengthValueModel, generator_for, read_config
+from lenvm.model import Kind, LengthValueModel, generator_for, read_config
 from lenvm.prompts import encode_prompt
 
 DEFAULT_PROMPTS = (
@@ -69,7 +69,7 @@ DEFAULT_PROMPTS = (
     "What are the main causes of inflation?",
 )
 # method -> (LenVM kind, candidate scoring)
-GUIDED = {
+GUIDED: dict[str, tuple[Kind, Literal["block", "naive"]]] = {
     "attached": ("attached", "block"),
     "standalone": ("standalone", "block"),
     "q": ("q", "block"),
@@ -222,7 +222,7 @@ def _plan(batch_sizes: Sequence[int], candidates: Sequence[int], generate_sizes:
     return rows
 
 
-def _head(row: _Row, heads: dict[str, str]) -> str | None:
+def _head(row: _Row, heads: dict[Kind, str]) -> str | None:
     if row.method in ("processor", "vllm-guided"):
         return heads["attached"]
     return heads[GUIDED[row.method][0]] if row.method in GUIDED else None
@@ -267,7 +267,7 @@ class _Bench:
             "machine": _machine(self.device),
         }
 
-    def _lenvm(self, kind: str) -> LengthValueModel:
+    def _lenvm(self, kind: Kind) -> LengthValueModel:
         if kind not in self.lenvms:
             generator = (self.models.generator, self.models.tokenizer)
             fresh = LengthValueModel.from_base(
@@ -285,12 +285,13 @@ class _Bench:
         return [self.prompts[i % len(self.prompts)] for i in range(batch)]
 
     def _engine(self, row: _Row, new_tokens: int) -> Callable[[], int]:
-        lenvm, scoring, control = None, "block", None
+        lenvm, control = None, None
+        scoring: Literal["block", "naive"] = "block"
         if row.method in GUIDED:
             kind, scoring = GUIDED[row.method]
             lenvm, control = self._lenvm(kind), CONTROL
         m = self.models
-        k = {"num_candidates": row.k} if row.k else {}  # a plain row has no candidates
+        k: dict[str, Any] = {"num_candidates": row.k} if row.k else {}  # a plain row has no candidates
         engine = Engine(m.generator, m.tokenizer, lenvm, candidate_scoring=scoring, **k)
         requests = [
             Request(p, SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True), control=control)
@@ -329,7 +330,10 @@ class _Bench:
 
         processors = []
         if row.method == "processor":
-            processor = LenVMLogitsProcessor(self._lenvm("attached"), CONTROL, num_candidates=row.k)
+            # A processor row carries its candidate count (see the rows run_speed lists).
+            processor = LenVMLogitsProcessor(
+                self._lenvm("attached"), CONTROL, num_candidates=cast(int, row.k)
+            )
             processors = [processor]
 
         def call() -> int:

@@ -88,7 +88,7 @@ def read_gsm8k(
 ) -> list[Problem]:
     """GSM8K problems (``question``, ``answer`` ending in ``#### N``); ids are ``id_prefix``-line
     position (give the train file another prefix than the test file: ids must not collide)."""
-    problems = []
+    problems: list[Problem] = []
     for index, record in enumerate(iter_jsonl(path)):
         if limit is not None and len(problems) >= limit:
             break

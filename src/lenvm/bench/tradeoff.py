@@ -124,7 +124,7 @@ def run_tradeoff(
             "seconds_this_run": round(time.perf_counter() - started, 1),
         }
         run.write_json("results.json", results)
-        run.write_text("table.md", _markdown(curves, sampling.max_new_tokens))
+        run.write_text("table.md", _markdown(curves, max_new_tokens))
         _plot(run, curves)
     return results
 

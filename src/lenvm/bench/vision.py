@@ -14,10 +14,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lenvm.bench.common import WARMUP_TOKENS, Run, markdown_table
 from lenvm.cli import options
+
+if TYPE_CHECKING:  # the model loads with the benchmark, not with the command line
+    from lenvm.model import Kind
 
 TABLE = "table.md"
 TINY = "tiny-vlm"  # --model default: a tiny random Qwen2.5-VL built in the results folder
@@ -26,7 +29,7 @@ MODEL_FLAG = (
     TINY,
     "vision-language generator: folder or hub id (default: a tiny random Qwen2.5-VL, built here)",
 )
-KINDS = ("attached", "q", "standalone")
+KINDS: tuple[Kind, ...] = ("attached", "q", "standalone")
 
 
 def run_vision(
@@ -107,7 +110,7 @@ def run_vision(
 
         rows = [stage("encode prompts (load and process images)", encode), stage("rollouts", rollouts)]
 
-        def training(kind: str):
+        def training(kind: Kind):
             def work() -> dict[str, Any]:
                 config = TrainConfig(
                     kind=kind, epochs=epochs if kind != "standalone" else 1, batch_size=batch_size, bf16=False

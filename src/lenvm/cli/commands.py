@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, cast
 
 from lenvm.cli import interrupted, options
 from lenvm.io import InputError, json_text
@@ -175,6 +175,7 @@ def cmd_train(args) -> int | None:
         }
         print(json_text(summary, indent=2))
     launch.leave_process_group()  # after the main process has written the LenVM
+    return None
 
 
 def _rollouts_generator(rollouts: str | list[dict], name: str) -> str:
@@ -204,7 +205,8 @@ def _check_out(out: str | None, overwrite: bool, writes: str, source: str | None
     from lenvm.io import check_writable
     from lenvm.model import refuse_to_replace
 
-    check_writable(out if out is not None else source)  # before minutes of work, not after
+    # Before minutes of work, not after; without --out, the LenVM read (source, given) is updated.
+    check_writable(cast(str, out if out is not None else source))
     if out is None:
         return
     path = Path(out)
@@ -273,7 +275,7 @@ def cmd_calibrate(args) -> None:
         f"{fit.mse_after:.4f} after (on these rollouts)"
     )
     print(f"tokens left, as the head says -> as its answers went on (the head said {low:.1f} to {high:.1f})")
-    shown = [n for n in (2, 4, 8, 16, 32, 64, 128, 256) if low <= n <= high] or [low, high]
+    shown: list[float] = [n for n in (2, 4, 8, 16, 32, 64, 128, 256) if low <= n <= high] or [low, high]
     for said, went in length_map(fit.calibration, lenvm.gamma, shown):
         print(f"{said:8.1f} -> {went:6.1f}")
 
@@ -419,12 +421,11 @@ def cmd_generate(args) -> None:
     engine = Engine(model, tokenizer, lenvm=lenvm, num_candidates=args.num_candidates)
 
     def prompt_sampling(prompt: Prompt) -> SamplingParams:
-        settings = {}
         # Each prompt's seed derives from --seed as a rollout's first sample's does (the same
         # prompt twice in a file gets two draws, and one prompt's answer is its rollout's sample 0).
-        if sampling.seed is not None:
-            settings["seed"] = derive_seed(sampling.seed, prompt.id, 0)
-        return replace(sampling, **settings)
+        if sampling.seed is None:
+            return sampling
+        return replace(sampling, seed=derive_seed(sampling.seed, prompt.id, 0))
 
     requests = [Request(p, prompt_sampling(p), control=control, return_values=args.values) for p in prompts]
     # Each answer is printed, in prompt order, once it and those before it are done: a long batch
@@ -460,11 +461,12 @@ def _printing_beside_the_bar(bar_shown: bool) -> Iterator[Callable[[], AbstractC
 
         yield lambda: tqdm.external_write_mode(file=sys.stdout)
     else:
-        stderr = _LineTracking(sys.stderr)
+        tracking = _LineTracking(sys.stderr)
+        stderr = cast(TextIO, tracking)  # a text stream by delegation (_LineTracking.__getattr__)
 
         @contextlib.contextmanager
         def after_the_bar_line() -> Iterator[None]:
-            if stderr.line_open:
+            if tracking.line_open:
                 print(file=stderr, flush=True)
             yield
 

@@ -9,7 +9,7 @@ requests and results. One set of types for the engine, rollouts, benchmarks and 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lenvm.io import InputError, is_int, is_real, plain_numbers
 from lenvm.prompts import PromptInput
@@ -17,6 +17,7 @@ from lenvm.prompts import PromptInput
 ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
 CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
 TARGET_KINDS = ("equal_to", "at_most", "at_least")
+FinishReason = Literal["stop", "length", "cap"]
 RULES = ("ours", "paper")
 # An ending counts as natural when the generator itself gave its EOS at least this probability.
 NATURAL_EOS = 0.05
@@ -261,7 +262,7 @@ class Control:
         """Why this control can never be met within ``max_new_tokens`` (named ``limit`` in the
         message), or None: Equal To and At Least need their target's tokens and the EOS that ends
         them, which ``max_new_tokens`` counts too."""
-        if not self.must_reach or self.target < max_new_tokens:
+        if not self.must_reach or self.target is None or self.target < max_new_tokens:
             return None
         return (
             f"{self.kind} {self.target} can never be met within {limit} ({max_new_tokens}): "
@@ -271,6 +272,8 @@ class Control:
     @property
     def cap(self) -> int | None:
         """Output tokens after which EOS is forced, if any."""
+        if self.target is None:  # no target, nothing to cap at
+            return None
         if self.hard_cap_slack is not None:
             return self.target + self.hard_cap_slack
         if self.kind == "at_most" and self.rule == "ours":
@@ -321,7 +324,7 @@ class Request:
         ``of_context``: said after the prompt's and the context's sizes."""
         limit = self.sampling.limit_name
         request = replace(self, sampling=self.sampling.fitted(context - prompt_tokens))
-        max_new_tokens = request.sampling.max_new_tokens
+        max_new_tokens = cast(int, request.sampling.max_new_tokens)  # SamplingParams.fitted sets it
         if prompt_tokens + max_new_tokens > context:  # refused, not cut short
             raise RequestError(
                 key,
@@ -354,7 +357,7 @@ class Result:
     token_ids: list[int]
     text: str
     num_tokens: int
-    finish_reason: Literal["stop", "length", "cap"]
+    finish_reason: FinishReason
     values: list[float] | None
     mean_logprob: float
     eos_prob: float | None = None
@@ -375,7 +378,11 @@ class Result:
 
 # Per-request length control as flat keys, the form every backend accepts: vLLM's
 # ``SamplingParams.extra_args`` and ``extra_body={"vllm_xargs": {...}}``, and our server's fields.
-LENGTH_TARGETS = {"length_equal_to": "equal_to", "length_at_most": "at_most", "length_at_least": "at_least"}
+LENGTH_TARGETS: dict[str, ControlKind] = {
+    "length_equal_to": "equal_to",
+    "length_at_most": "at_most",
+    "length_at_least": "at_least",
+}
 # The options that shape a control, in the order they join it (the rule first: which cap an
 # at_most control may take depends on it).
 LENGTH_OPTIONS = ("length_rule", "length_retries", "length_best_of", "length_hard_cap_slack")

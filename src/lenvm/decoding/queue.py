@@ -18,9 +18,11 @@ The engine (:class:`lenvm.decoding.Scheduler`) and the scheduling benchmark
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from lenvm.io import InputError, is_real
 
+QueueOrder = Literal["fcfs", "shortest"]
 QUEUE_ORDERS = ("fcfs", "shortest")
 # Predicted tokens of priority per step waited: a request predicted 10x longer than another
 # waits at most (difference)/aging steps more. Chosen with `lenvm bench schedule` on training

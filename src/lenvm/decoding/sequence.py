@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 
-from lenvm.decoding.params import TARGET_KINDS, Control, Request, Result
+from lenvm.decoding.params import TARGET_KINDS, Control, FinishReason, Request, Result, SamplingParams
 from lenvm.vision import ImageInputs
 
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
@@ -54,7 +55,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when the request asks
     ends: list[tuple[int, float]] = field(default_factory=list)  # (EOS id, its log-prob) at each position
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     eos_logprob: float | None = None  # the generator's log-probability of the final EOS
     missed: list[Result] = field(default_factory=list)  # earlier ends, resampled (see may_retry)
     decoded: int = 0
@@ -76,7 +77,7 @@ class Sequence:
         # Modulo 2**63, as torch draws alike for seeds 2**63 apart: a negative seed shares seed + 2**63's.
         rng = torch.Generator().manual_seed((seed + attempt * ATTEMPT_SEED_STEP) % 2**63)
         control = request.control or Control()
-        uniforms = _uniforms(rng, request.sampling.max_new_tokens, device)
+        uniforms = _uniforms(rng, request.sampling, device)
         return cls(index, attempt, request, control, prompt_ids, rng, uniforms, images)
 
     @property
@@ -118,7 +119,7 @@ class Sequence:
             token_ids=list(self.tokens),
             text=tokenizer.decode(self.tokens, skip_special_tokens=True),
             num_tokens=len(self.tokens) - ended,
-            finish_reason=self.finish_reason,
+            finish_reason=cast(FinishReason, self.finish_reason),  # read once the attempt finished
             values=list(self.values) if self.request.return_values else None,
             mean_logprob=sum(self.logprobs) / len(self.tokens),
             eos_prob=None if self.eos_logprob is None else math.exp(self.eos_logprob),
@@ -168,17 +169,18 @@ class Sequence:
         # An EOS at position j replaces token j: positions inside the answer, before its own end.
         # Natural as Result.ended_above has it: the EOS's probability at least natural_eos.
         natural = [j for j in range(1, result.num_tokens) if math.exp(self.ends[j][1]) >= c.natural_eos]
+        target = _target(c)
         if c.kind == "equal_to":
-            cut = min(natural, key=lambda j: miss(j, c.target), default=None)
+            cut = min(natural, key=lambda j: miss(j, target), default=None)
             if cut is not None:
-                nearer, own = miss(cut, c.target), miss(result.num_tokens, c.target)
+                nearer, own = miss(cut, target), miss(result.num_tokens, target)
                 cut = cut if nearer < own or (nearer == own and not natural_end) else None
         elif c.kind == "at_most":
-            cut = max((j for j in natural if j <= c.target), default=None)
+            cut = max((j for j in natural if j <= target), default=None)
             if cut is None and not self._retry_left():
-                cut = self._likeliest_end(result, c.target)
+                cut = self._likeliest_end(result, target)
         else:
-            cut = min((j for j in natural if j >= c.target), default=None)
+            cut = min((j for j in natural if j >= target), default=None)
         if cut is None:
             return False
         eos, logprob = self.ends[cut]
@@ -213,7 +215,7 @@ class Sequence:
             c.kind == "equal_to"
             and c.rule == "ours"
             and len(self.missed) < CLOSER_RETRIES
-            and miss(result.num_tokens, c.target) > CLOSE_ENOUGH * c.target
+            and miss(result.num_tokens, _target(c)) > CLOSE_ENOUGH * _target(c)
         )
 
     def _retry_left(self) -> bool:
@@ -238,7 +240,7 @@ class Sequence:
             cut = retry_start(
                 self.tokens,
                 result.num_tokens,
-                self.control.target,
+                _target(self.control),
                 len(self.missed) + 1,
                 self.control.max_retries,
                 sentence_ends,
@@ -247,7 +249,7 @@ class Sequence:
         for kept in (self.tokens, self.values, self.logprobs, self.top_logprobs, self.ends):
             del kept[cut:]
         self.finish_reason = self.eos_logprob = None
-        self.uniforms = _uniforms(self.rng, self.request.sampling.max_new_tokens, self.uniforms.device)
+        self.uniforms = _uniforms(self.rng, self.request.sampling, self.uniforms.device)
 
     def final(self, result: Result) -> Result:
         """The result to return: this end if it is the first, else the best of every end tried
@@ -255,7 +257,7 @@ class Sequence:
         if not self.missed:
             return result
         control = self.control
-        chosen = best_of([*self.missed, result], control.target, control.natural_eos, control.kind)
+        chosen = best_of([*self.missed, result], _target(control), control.natural_eos, control.kind)
         return replace(chosen, retries=len(self.missed), decoded_tokens=self.decoded)
 
 
@@ -295,5 +297,12 @@ def miss(length: int, target: int) -> float:
     return SHORT_MISS * (target - length) if length < target else float(length - target)
 
 
-def _uniforms(rng: torch.Generator, n: int, device) -> torch.Tensor:
-    return torch.rand(n, generator=rng, dtype=torch.float64).to(device)
+def _uniforms(rng: torch.Generator, sampling: SamplingParams, device) -> torch.Tensor:
+    """One draw per step: the engine fits ``max_new_tokens`` before an attempt starts."""
+    return torch.rand(cast(int, sampling.max_new_tokens), generator=rng, dtype=torch.float64).to(device)
+
+
+def _target(control: Control) -> int:
+    """The target of a target control (equal_to, at_most, at_least: Control requires it), the
+    only kind whose ends are resampled or moved."""
+    return cast(int, control.target)

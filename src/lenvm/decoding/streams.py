@@ -129,7 +129,9 @@ class Stream:
         self.cache = cache
         self.mask = mask
         self.positions = positions
-        self.last = last
+        self.last: Hidden  # set here, by prefill, or (a view fed candidates only) by the first keep
+        if last is not None:
+            self.last = last
         self.padded = not bool(mask.all())  # kept on the host: a forward must not sync to learn it
         self.pending: Hidden | None = None  # the block fed by the last forward, until keep() or discard()
 
@@ -222,6 +224,8 @@ class Stream:
     def keep(self, choice: torch.Tensor | None = None) -> None:
         """Keep the cache entry of candidate ``choice[b]`` of every row (the only one when ``k == 1``)."""
         block, self.pending = self.pending, None
+        if block is None:
+            raise ValueError("nothing to keep: feed a block with forward() first")
         k = block.last.shape[1]
         rows = torch.arange(self.batch_size, device=self.mask.device)
         if k > 1:
@@ -298,10 +302,15 @@ class Stream:
         return cls(first.body, first.cache, mask, positions, first.feature_layer, last, first.shallow)
 
 
-@functools.cache
-def cache_argument(body_type: type) -> str:
+def cache_argument(body_type: type[nn.Module]) -> str:
     """The name under which a body's ``forward`` takes its KV cache: ``cache`` in recent
     ``transformers`` releases (which deprecate ``past_key_values``), else ``past_key_values``."""
+    # mypy takes a class for unhashable against functools.cache's Hashable (python/mypy#11470).
+    return _cache_argument(body_type)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _cache_argument(body_type: type[nn.Module]) -> str:
     parameters = inspect.signature(body_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
