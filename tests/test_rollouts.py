@@ -153,6 +153,22 @@ def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):
     assert keys(read_rollouts(out)) == [("a", 0), ("a", 1)]
 
 
+def test_a_whole_last_record_without_its_newline_is_kept(tiny_generator, tmp_path):
+    """A file an editor saved (or "\\n".join wrote) ends without a newline: its last record is
+    whole, not a crash's leftover, and resuming keeps it, even for a prompt not rolled out now."""
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=3)
+    rollout(tiny_generator, PROMPTS[:2], out, n=1, sampling=sampling, progress=False)
+    before = lines(out)
+    out.write_text("\n".join(json.dumps(r) for r in before))
+    summary = rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    assert summary.completions_written == 0 and lines(out) == before
+    assert out.read_text().endswith("}\n")
+    out.write_text(out.read_text() + "  ")  # whitespace after the last line is nothing
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    assert lines(out) == before
+
+
 def test_an_out_file_that_is_not_rollouts_is_left_as_it_was(tiny_generator, tmp_path):
     out = tmp_path / "prompts.jsonl"  # the prompts file given as --out by mistake, no final newline
     out.write_text('{"id": "a", "prompt": "One."}\n{"id": "b", "prompt": "Two."}')
