@@ -43,6 +43,15 @@ def test_a_record_exactly_as_long_as_the_context_fits_and_one_token_more_does_no
         scanned([fits], context=5)
 
 
+@pytest.mark.parametrize("bad", [-5, 16])
+def test_a_token_id_outside_the_vocabulary_is_refused_at_either_end(bad):
+    """A negative id would index the embeddings from their end, or fail there with an IndexError."""
+    with pytest.raises(
+        InputError, match=rf"^rollout record 2 holds token id {bad}, outside the vocabulary \(0-15\) of 'g'"
+    ):
+        scanned([record([5, 6], [8, EOS]), record([5, bad], [8, EOS])])
+
+
 def test_the_runs_fingerprint_tells_a_finished_answer_from_the_same_tokens_cut():
     """A resumed run reuses a checkpoint or cached features only for the same data; a record that
     ended and one cut at max_new_tokens train differently (a return, or a bootstrapped one)."""

@@ -5,8 +5,8 @@ A file is either loaded once (small sets) or **streamed**: read afresh on every 
 that memory does not grow with the number of records. One scanning pass collects what training
 needs to know in advance, in memory proportional to the number of records (8 bytes each, for
 the gamma rule) and of prompts, never of tokens: every completion's length (for the p99 gamma
-rule), per-prompt counts (for the held-out split and the step counts), the largest token id
-(for the vocabulary check) and a fingerprint of the run's data (for resuming).
+rule), per-prompt counts (for the held-out split and the step counts), that every token id
+lies in the vocabulary, and a fingerprint of the run's data (for resuming).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lenvm.dataset import (
     nothing_usable,
 )
 from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
-from lenvm.io import InputError, is_pipe
+from lenvm.io import InputError, is_pipe, outside_vocabulary
 from lenvm.prompts import image_references
 
 # A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
@@ -315,12 +315,9 @@ def _check_record(
     """Record ``index`` as a LenVM on the model ``name`` reads it: token ids within its
     vocabulary, prompt tokens its ``tokenizer`` reads back (the first records, given a tokenizer)
     and, given a ``policy`` (``whose``), sampled under it. Returns the record's decoding policy."""
-    top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
-    if top >= vocab_size:
-        raise InputError(
-            f"rollout record {index + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
-            f"of {name!r}: were the rollouts made with another tokenizer?"
-        )
+    ids = record["prompt_token_ids"] + record["completion_token_ids"]
+    if (why := outside_vocabulary(ids, vocab_size, f"rollout record {index + 1}")) is not None:
+        raise InputError(f"{why} of {name!r}: were the rollouts made with another tokenizer?")
     if tokenizer is not None and index < TOKENIZER_CHECKS:
         check_prompt_tokens(record, index, tokenizer, name, fix)
     settings = decoding_policy(record.get("sampling"))
