@@ -642,6 +642,24 @@ def test_a_prompt_is_text_or_messages():
         as_prompt({"id": "m", "messages": [{"role": "user", "content": "x\udced"}]})
 
 
+def test_a_prompts_file_names_its_ids_id_or_prompt_id(tmp_path):
+    """``prompt_id`` is what rollout records call it: the id, not a field for meta."""
+    from lenvm.prompts import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"prompt_id": "q7", "prompt": "Hi", "source": "x"}\n{"prompt_id": 3, "id": "3", "prompt": "Yo"}\n'
+    )
+    prompts = read_prompts(path)
+    assert [(p.id, p.extra) for p in prompts] == [("q7", {"source": "x"}), ("3", {})]
+    path.write_text('{"id": "a", "prompt_id": "b", "prompt": "Hi"}\n')
+    with pytest.raises(InputError, match=r"""p.jsonl:1: 'id' \("a"\) and 'prompt_id' \("b"\) name two ids"""):
+        read_prompts(path)
+    path.write_text('{"prompt_id": "", "prompt": "Hi"}\n')
+    with pytest.raises(InputError, match="'prompt_id' must be a non-empty string or an integer, got \"\""):
+        read_prompts(path)
+
+
 def test_a_prompt_id_is_a_string_as_in_prompts_files(tiny_generator, tmp_path):
     assert Prompt(1, text="x").id == "1"  # a file's {"id": 1} is "1" too
     assert Prompt(np.int64(2), text="x").id == "2"
