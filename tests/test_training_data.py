@@ -61,6 +61,18 @@ def test_the_runs_fingerprint_tells_a_finished_answer_from_the_same_tokens_cut()
     assert scanned([stopped]).digest == scanned([dict(stopped)]).digest
 
 
+def test_a_stream_reads_no_further_than_its_scan_read(tmp_path):
+    """Records a rollout run appends during training were never checked, nor split or counted."""
+    path = tmp_path / "r.jsonl"
+    records = [record([5, 6], [8, EOS]), record([5, 7], [9, 10, EOS])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = RolloutSource(path, stream=True)
+    assert scanned(source).records == 2
+    with path.open("a") as fh:  # an id past the vocabulary of 16, which the scan refuses
+        fh.write(json.dumps(record([5, 99], [8, EOS])) + "\n")
+    assert list(source) == records and list(source) == records
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
 def test_a_pipe_is_read_once_and_held_never_streamed(tmp_path):
     """Streaming reads the file afresh on every pass: a pipe would give nothing after the first."""

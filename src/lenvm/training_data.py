@@ -11,7 +11,9 @@ lies in the vocabulary, and a fingerprint of the run's data (for resuming).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -44,7 +46,9 @@ class RolloutSource:
 
     ``stream=None`` streams a ``datasets`` folder and a JSONL file over
     :data:`STREAM_ABOVE_BYTES`, and loads a smaller file or a pipe; a list is always in memory.
-    Streaming a pipe is refused: it can be read only once.
+    Streaming a pipe is refused: it can be read only once. A stream's later passes read as many
+    records as its first (the scan) read: records appended since (by a rollout run still writing
+    the file) were not checked, nor counted in the held-out split and the run's fingerprint.
     """
 
     def __init__(self, rollouts: str | os.PathLike | Iterable[dict[str, Any]], stream: bool | None = None):
@@ -52,6 +56,7 @@ class RolloutSource:
 
         self.path: Path | None = None
         self.records: list[dict[str, Any]] | None = None
+        self._first_pass: int | None = None  # records a stream's first whole pass read
         if isinstance(rollouts, str | os.PathLike):
             self.path = Path(rollouts)
             if stream and is_pipe(self.path):
@@ -73,9 +78,20 @@ class RolloutSource:
         return self.records is None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records) if self.records is not None else self._stream()
+
+    def _stream(self) -> Iterator[dict[str, Any]]:
         from lenvm.rollouts import iter_rollouts
 
-        return iter(self.records) if self.records is not None else iter_rollouts(self.path)
+        with contextlib.closing(iter_rollouts(self.path)) as records:
+            if self._first_pass is not None:
+                yield from itertools.islice(records, self._first_pass)
+                return
+            count = 0
+            for record in records:
+                count += 1
+                yield record
+            self._first_pass = count
 
 
 @dataclass
