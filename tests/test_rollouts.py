@@ -602,6 +602,18 @@ def test_auto_backend_resumes_with_the_files_backend(tiny_path, tiny_generator, 
         assert len(lines(other)) == 1  # nothing written
 
 
+def test_a_prompts_file_given_as_the_prompts_names_the_reader(tiny_generator, tmp_path):
+    """Not a TypeError, nor advice that would roll out the file's name as a prompt."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Hi!"}\n')
+    for named in (path, str(path)):
+        with pytest.raises(
+            InputError, match=r"not the file '.*p.jsonl': read it with lenvm.read_prompts\(path\)"
+        ):
+            rollout(tiny_generator, named, tmp_path / "r.jsonl", n=1, progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_path):
     sampling = SamplingParams(max_new_tokens=3)
     with pytest.raises(InputError, match="wrap a single one in a list"):
