@@ -281,6 +281,13 @@ def test_json_writes_figures_that_are_not_numbers_as_null(tmp_path):
     assert json.loads(text) == {"prompt_mre": None, "evaluations": [{"x": None}, {"x": 1.5}], "n": [2, None]}
 
 
+def test_jsonl_lines_write_figures_that_are_not_numbers_as_null(tmp_path):
+    """A prompts file's NaN (Python's json reads it) reaches a rollout record's meta as null."""
+    with JsonlAppender(tmp_path / "r.jsonl") as out:
+        out.write([{"meta": {"score": float("nan"), "far": [float("-inf")]}}])
+    assert (tmp_path / "r.jsonl").read_text() == '{"meta": {"score": null, "far": [null]}}\n'
+
+
 def test_numpy_numbers_are_written_as_plain_json_numbers(tmp_path):
     """A count or a metric computed with NumPy reaches the file as the number it is."""
     record = {"n": np.int64(3), "rate": np.float32(0.5), "ok": np.bool_(True), "xs": [np.uint8(7), 1.5]}

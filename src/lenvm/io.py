@@ -298,6 +298,8 @@ def json_text(data: Any, **options: Any) -> str:
 
 
 def _finite(data: Any) -> Any:
+    if type(data) in _AS_THEY_ARE:  # first: a rollout record's token ids are most of it
+        return data
     if isinstance(data, dict):
         return {k: _finite(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
@@ -307,6 +309,9 @@ def _finite(data: Any) -> Any:
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     return data
+
+
+_AS_THEY_ARE = frozenset({int, str, bool, type(None)})  # JSON values written unchanged
 
 
 def _is_numpy_scalar(x: Any) -> bool:
@@ -323,14 +328,6 @@ def _plain(x: Any) -> bool | int | float:
     return bool(x) if isinstance(x, np.bool_) else int(x) if isinstance(x, np.integer) else float(x)
 
 
-def _json_default(x: Any) -> Any:
-    """``json.dumps``'s ``default``: a NumPy scalar as the plain one, anything else refused as
-    json refuses it."""
-    if _is_numpy_scalar(x):
-        return _plain(x)
-    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
-
-
 def write_json(path: str | os.PathLike, data: Any) -> None:
     _check_file_target(path)
     with atomic_path(path) as tmp:
@@ -344,7 +341,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 class JsonlAppender:
-    """Append-only JSONL writer: each record is one flushed, fsynced line.
+    """Append-only JSONL writer: each record is one flushed, fsynced line, written as
+    :func:`json_text` writes it (a NaN as ``null``).
 
     A crash can leave at most a partial last line; :func:`repair_jsonl_tail` drops it on resume,
     so lines written earlier are never touched.
@@ -359,7 +357,7 @@ class JsonlAppender:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+        text = "".join(json_text(r, ensure_ascii=False) + "\n" for r in records)
         self._fh.write(text)
         self._fh.flush()
         os.fsync(self._fh.fileno())
