@@ -740,7 +740,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     options.add_image(p)
     p.add_argument(
         "--completion",
-        help="the answer to value, token by token (@FILE: read it from FILE, less the file's final line "
+        help="the answer to value, token by token (@FILE: read it from FILE, less its final line "
         "ending; @-: from the standard input)",
     )
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
