@@ -237,7 +237,7 @@ def test_calibration_refuses_rollouts_the_lenvm_cannot_read(tiny_path, tiny_gene
     records = synthetic_records(tiny_generator[1])
     with pytest.raises(InputError, match=r"sampled with \{'temperature': 0.2.*the LenVM's training rollouts"):
         calibrate(lenvm, [dict(r, sampling={"temperature": 0.2}) for r in records])
-    with pytest.raises(InputError, match="beyond the vocabulary"):
+    with pytest.raises(InputError, match="holds token id 1000000, outside the vocabulary"):
         calibrate(lenvm, [dict(records[0], completion_token_ids=[10**6], num_tokens=1), *records[1:]])
     with pytest.raises(InputError, match="do not read back as its prompt"):
         calibrate(lenvm, [dict(r, prompt_token_ids=[t + 1 for t in r["prompt_token_ids"]]) for r in records])

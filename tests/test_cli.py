@@ -723,6 +723,32 @@ def test_prompts_from_a_pipe(tmp_path, tiny_path, tiny_generator):
     assert bad.returncode == 2 and "<stdin>:2: duplicate prompt id 'a'" in bad.stderr.decode()
 
 
+def test_a_completion_file_is_its_text_without_the_final_line_ending(
+    tmp_path, tiny_path, tiny_generator, capsys, monkeypatch
+):
+    """Every editor ends a file with a newline, which is no part of the answer valued."""
+    import io
+    import sys
+
+    from lenvm.model import LengthValueModel
+
+    lenvm = tmp_path / "lv"
+    LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator).save_pretrained(lenvm)
+    values = ["values", "--lenvm", str(lenvm), "--prompt", "Hello", "--completion"]
+
+    def tokens(completion):
+        assert main([*values, completion]) == 0
+        return [t["token_id"] for t in json.loads(capsys.readouterr().out)["tokens"]]
+
+    for kept in ("Hi there\n", "Hi there\r\n"):  # the last line ending goes, an earlier one stays
+        (tmp_path / "answer.txt").write_bytes((kept + kept[8:]).encode())
+        assert tokens("@" + str(tmp_path / "answer.txt")) == tokens(kept)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hi there\n\n")))
+    assert tokens("@-") == tokens("Hi there\n")
+    code, err = _error(capsys, [*values, "@" + str(tmp_path)])
+    assert code == 2 and f"--completion @{tmp_path}: a folder, not a file" in err
+
+
 def test_model_left_out_is_the_lenvms_generator(tmp_path, tiny_path, tiny_generator):
     from lenvm.cli import options
     from lenvm.cli.commands import build_parser

@@ -35,6 +35,20 @@ def test_bad_sampling_params_name_the_problem(bad):
         SamplingParams(**bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(temperature="1.0"), "temperature must be a number >= 0"),
+        (dict(top_p="0.9"), r"top_p must be a number in \(0, 1\]"),
+        (dict(min_p="0.1"), r"min_p must be a number in \[0, 1\)"),
+    ],
+)
+def test_a_setting_given_as_a_string_is_asked_for_as_a_number(bad, message):
+    """A JSON or YAML config's "1.0" is not a temperature below 0, which is all the error said."""
+    with pytest.raises(InputError, match=message):
+        SamplingParams(**bad)
+
+
 def test_policy_leaves_out_what_is_not_the_policy():
     params = SamplingParams(temperature=0.7, seed=3, ignore_eos=True, max_new_tokens=64)
     assert params.policy() == dict(temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=64, seed=3)

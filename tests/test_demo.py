@@ -186,11 +186,25 @@ def test_generated_chinese_prompts_are_the_same_kinds_of_request_in_chinese():
         generated_prompts(5, lang="fr")
 
 
-def test_demo_trains_without_gsm8k_when_the_file_is_missing(tmp_path, capsys):
+def test_demo_trains_without_gsm8k_when_the_default_file_is_missing(tmp_path, capsys, monkeypatch):
     from lenvm.demo import mix_prompts
 
-    mix = mix_prompts(DemoConfig(gsm8k=5, gsm8k_path=str(tmp_path / "missing.jsonl"), generated=4))
+    monkeypatch.chdir(tmp_path)  # the default path is relative: nothing there
+    mix = mix_prompts(DemoConfig(gsm8k=5, generated=4))
     assert len(mix) == 4 and "training without GSM8K" in capsys.readouterr().out
+
+
+def test_a_gsm8k_file_given_that_is_missing_is_an_error_before_any_work(tmp_path, capsys):
+    """A mistyped --gsm8k would otherwise run the whole demo without the problems asked for."""
+    from lenvm.cli import main
+
+    missing = tmp_path / "missing.jsonl"
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--gsm8k", str(missing), "--model", "none"])
+    assert code == 2 and f"no GSM8K training file at {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    from lenvm.demo import mix_prompts
+
+    assert len(mix_prompts(DemoConfig(gsm8k=0, gsm8k_path=str(missing), generated=1))) == 1  # none asked for
 
 
 def test_demo_mix_takes_generated_chinese_prompts_and_reports_them_apart():

@@ -142,6 +142,18 @@ def test_no_usable_records_is_an_input_error(lenvm):
         length_token_stats(lenvm, [], progress=False)
 
 
+def test_rollouts_the_lenvm_cannot_read_are_refused(lenvm, tiny_generator):
+    """As calibration refuses them: an id past the vocabulary, or another tokenizer's prompt."""
+    records = synthetic_records(tiny_generator[1], n_per_prompt=1)
+    vocab = lenvm.backbone.get_input_embeddings().weight.shape[0]
+    past = [dict(records[0], completion_token_ids=[vocab], num_tokens=1), *records[1:]]
+    with pytest.raises(InputError, match=f"holds token id {vocab}, outside the vocabulary"):
+        length_token_stats(lenvm, past, progress=False)
+    shifted = [dict(r, prompt_token_ids=[t + 1 for t in r["prompt_token_ids"]]) for r in records]
+    with pytest.raises(InputError, match="do not read back as its prompt"):
+        length_token_stats(lenvm, shifted, progress=False)
+
+
 def test_pieces_of_a_character_are_labelled_by_their_bytes(tiny_generator):
     """Byte-level BPE splits most Chinese characters and emoji; each piece alone decodes to U+FFFD.
     Labelled by its bytes, pieces are not pooled into one replacement character."""

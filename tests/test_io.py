@@ -92,6 +92,26 @@ def test_appender_cut_mid_line_keeps_earlier_lines(tmp_path):
     assert [r["i"] for r in read_jsonl(path)] == [0, 1, 2]
 
 
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ('{"i": 0}\n{"i": 1}', '{"i": 0}\n{"i": 1}\n'),  # whole: its newline is added back
+        ('{"i": 0}\n{"i": 1} ', '{"i": 0}\n{"i": 1} \n'),
+        ('{"i": 0}\n{"i": 1', '{"i": 0}\n'),  # part of a line: cut
+        ('{"i": 0}\n  ', '{"i": 0}\n'),  # whitespace: cut
+        ('{"i": 0}\n{"s": "\xe9"}'.encode()[:-3], '{"i": 0}\n'),  # a character cut short
+    ],
+)
+def test_resuming_keeps_a_whole_last_line_and_cuts_a_partial_one(tmp_path, text, kept):
+    from lenvm.io import read_jsonl_to_append
+
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    records = read_jsonl_to_append(path, lambda record: None, "records")
+    assert path.read_text() == kept
+    assert records == read_jsonl(path)
+
+
 def test_cli_reports_a_full_disk_and_keeps_finished_work(tmp_path, tiny_path, monkeypatch, capsys):
     from lenvm import io
     from lenvm.cli import main
@@ -259,6 +279,13 @@ def test_json_writes_figures_that_are_not_numbers_as_null(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"prompt_mre": None, "evaluations": [{"x": None}, {"x": 1.5}], "n": [2, None]}
+
+
+def test_jsonl_lines_write_figures_that_are_not_numbers_as_null(tmp_path):
+    """A prompts file's NaN (Python's json reads it) reaches a rollout record's meta as null."""
+    with JsonlAppender(tmp_path / "r.jsonl") as out:
+        out.write([{"meta": {"score": float("nan"), "far": [float("-inf")]}}])
+    assert (tmp_path / "r.jsonl").read_text() == '{"meta": {"score": null, "far": [null]}}\n'
 
 
 def test_numpy_numbers_are_written_as_plain_json_numbers(tmp_path):

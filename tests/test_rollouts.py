@@ -153,6 +153,22 @@ def test_crash_leftover_line_is_repaired(tiny_generator, tmp_path):
     assert keys(read_rollouts(out)) == [("a", 0), ("a", 1)]
 
 
+def test_a_whole_last_record_without_its_newline_is_kept(tiny_generator, tmp_path):
+    """A file an editor saved (or "\\n".join wrote) ends without a newline: its last record is
+    whole, not a crash's leftover, and resuming keeps it, even for a prompt not rolled out now."""
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=3)
+    rollout(tiny_generator, PROMPTS[:2], out, n=1, sampling=sampling, progress=False)
+    before = lines(out)
+    out.write_text("\n".join(json.dumps(r) for r in before))
+    summary = rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    assert summary.completions_written == 0 and lines(out) == before
+    assert out.read_text().endswith("}\n")
+    out.write_text(out.read_text() + "  ")  # whitespace after the last line is nothing
+    rollout(tiny_generator, PROMPTS[:1], out, n=1, sampling=sampling, progress=False)
+    assert lines(out) == before
+
+
 def test_an_out_file_that_is_not_rollouts_is_left_as_it_was(tiny_generator, tmp_path):
     out = tmp_path / "prompts.jsonl"  # the prompts file given as --out by mistake, no final newline
     out.write_text('{"id": "a", "prompt": "One."}\n{"id": "b", "prompt": "Two."}')
@@ -596,6 +612,18 @@ def test_auto_backend_resumes_with_the_files_backend(tiny_path, tiny_generator, 
         assert len(lines(other)) == 1  # nothing written
 
 
+def test_a_prompts_file_given_as_the_prompts_names_the_reader(tiny_generator, tmp_path):
+    """Not a TypeError, nor advice that would roll out the file's name as a prompt."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Hi!"}\n')
+    for named in (path, str(path)):
+        with pytest.raises(
+            InputError, match=r"not the file '.*p.jsonl': read it with lenvm.read_prompts\(path\)"
+        ):
+            rollout(tiny_generator, named, tmp_path / "r.jsonl", n=1, progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_prompts_are_a_list_and_may_be_prompts_file_records(tiny_generator, tmp_path):
     sampling = SamplingParams(max_new_tokens=3)
     with pytest.raises(InputError, match="wrap a single one in a list"):
@@ -634,6 +662,24 @@ def test_a_prompt_is_text_or_messages():
         Prompt("s", text="He\ud800llo")
     with pytest.raises(InputError, match="U\\+DCED"):
         as_prompt({"id": "m", "messages": [{"role": "user", "content": "x\udced"}]})
+
+
+def test_a_prompts_file_names_its_ids_id_or_prompt_id(tmp_path):
+    """``prompt_id`` is what rollout records call it: the id, not a field for meta."""
+    from lenvm.prompts import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"prompt_id": "q7", "prompt": "Hi", "source": "x"}\n{"prompt_id": 3, "id": "3", "prompt": "Yo"}\n'
+    )
+    prompts = read_prompts(path)
+    assert [(p.id, p.extra) for p in prompts] == [("q7", {"source": "x"}), ("3", {})]
+    path.write_text('{"id": "a", "prompt_id": "b", "prompt": "Hi"}\n')
+    with pytest.raises(InputError, match=r"""p.jsonl:1: 'id' \("a"\) and 'prompt_id' \("b"\) name two ids"""):
+        read_prompts(path)
+    path.write_text('{"prompt_id": "", "prompt": "Hi"}\n')
+    with pytest.raises(InputError, match="'prompt_id' must be a non-empty string or an integer, got \"\""):
+        read_prompts(path)
 
 
 def test_a_prompt_id_is_a_string_as_in_prompts_files(tiny_generator, tmp_path):

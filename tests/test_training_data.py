@@ -43,6 +43,15 @@ def test_a_record_exactly_as_long_as_the_context_fits_and_one_token_more_does_no
         scanned([fits], context=5)
 
 
+@pytest.mark.parametrize("bad", [-5, 16])
+def test_a_token_id_outside_the_vocabulary_is_refused_at_either_end(bad):
+    """A negative id would index the embeddings from their end, or fail there with an IndexError."""
+    with pytest.raises(
+        InputError, match=rf"^rollout record 2 holds token id {bad}, outside the vocabulary \(0-15\) of 'g'"
+    ):
+        scanned([record([5, 6], [8, EOS]), record([5, bad], [8, EOS])])
+
+
 def test_the_runs_fingerprint_tells_a_finished_answer_from_the_same_tokens_cut():
     """A resumed run reuses a checkpoint or cached features only for the same data; a record that
     ended and one cut at max_new_tokens train differently (a return, or a bootstrapped one)."""
@@ -50,6 +59,18 @@ def test_the_runs_fingerprint_tells_a_finished_answer_from_the_same_tokens_cut()
     cut = record([5, 6], [8, EOS], "length")
     assert scanned([stopped]).digest != scanned([cut]).digest
     assert scanned([stopped]).digest == scanned([dict(stopped)]).digest
+
+
+def test_a_stream_reads_no_further_than_its_scan_read(tmp_path):
+    """Records a rollout run appends during training were never checked, nor split or counted."""
+    path = tmp_path / "r.jsonl"
+    records = [record([5, 6], [8, EOS]), record([5, 7], [9, 10, EOS])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = RolloutSource(path, stream=True)
+    assert scanned(source).records == 2
+    with path.open("a") as fh:  # an id past the vocabulary of 16, which the scan refuses
+        fh.write(json.dumps(record([5, 99], [8, EOS])) + "\n")
+    assert list(source) == records and list(source) == records
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")

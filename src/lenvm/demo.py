@@ -103,6 +103,7 @@ def run_demo(config: DemoConfig, generator=None) -> dict:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: a file, not a folder for the demo")
+    _gsm8k_missing(config)  # a file given that is not there: refused before anything is made
     out.mkdir(parents=True, exist_ok=True)
     # Two demos in one folder would append to one rollouts file.
     with RunLock(out, "running the demo in this folder"):
@@ -308,26 +309,39 @@ def add_end_head(
 
 def mix_prompts(config: DemoConfig) -> list[Prompt]:
     """The training mix besides the built-in prompts: ``config.gsm8k`` GSM8K training problems
-    (drawn with the seed; none, with a note, when the file is missing) and ``config.generated``
-    generated prompts and ``config.generated_zh`` generated Chinese ones, each with a ``domain``."""
+    (drawn with the seed; none, with a note, when the default file is missing) and
+    ``config.generated`` generated prompts and ``config.generated_zh`` generated Chinese ones,
+    each with a ``domain``."""
     from lenvm.bench.tasks import read_gsm8k
     from lenvm.prompt_sets import generated_prompts
 
     mix = []
-    if config.gsm8k:
-        if Path(config.gsm8k_path).is_file():
-            problems = read_gsm8k(config.gsm8k_path, id_prefix="gsm8k-train")
-            chosen = random.Random(f"lenvm-demo-gsm8k-{config.seed}").sample(
-                problems, min(config.gsm8k, len(problems))
-            )
-            mix += [p.prompt() for p in chosen]
-        else:
-            print(f"note: no GSM8K training file at {config.gsm8k_path}; training without GSM8K", flush=True)
+    if _gsm8k_missing(config):
+        print(f"note: no GSM8K training file at {config.gsm8k_path}; training without GSM8K", flush=True)
+    elif config.gsm8k:
+        problems = read_gsm8k(config.gsm8k_path, id_prefix="gsm8k-train")
+        chosen = random.Random(f"lenvm-demo-gsm8k-{config.seed}").sample(
+            problems, min(config.gsm8k, len(problems))
+        )
+        mix += [p.prompt() for p in chosen]
     if config.generated:
         mix += generated_prompts(config.generated, seed=config.seed)
     if config.generated_zh:
         mix += generated_prompts(config.generated_zh, seed=config.seed, lang="zh")
     return mix
+
+
+def _gsm8k_missing(config: DemoConfig) -> bool:
+    """Whether the mix goes without the GSM8K problems it asks for because the default file is
+    not there (a checkout without the shared data); a file named otherwise must be there."""
+    if not config.gsm8k or Path(config.gsm8k_path).is_file():
+        return False
+    if config.gsm8k_path != DEFAULT_GSM8K_TRAIN:
+        raise InputError(
+            f"no GSM8K training file at {config.gsm8k_path}: give GSM8K's train.jsonl (--gsm8k), or "
+            "leave GSM8K out of the mix (--gsm8k-problems 0)"
+        )
+    return True
 
 
 def training_mix(records: list[dict]) -> dict[str, dict]:

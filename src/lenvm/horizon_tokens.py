@@ -20,6 +20,7 @@ from lenvm.dataset import examples_from_records
 from lenvm.io import InputError, atomic_path
 from lenvm.model import LengthValueModel
 from lenvm.returns import td_residual
+from lenvm.training_data import check_rollouts_for
 from lenvm.values_view import state_values, token_label
 
 Direction = Literal["longer", "shorter"]
@@ -158,11 +159,14 @@ def length_token_stats(
     Uses the generator's own ``completion_token_ids``. A finished completion's last token is
     its EOS (counted as the first EOS token when a stop string ended it); a cut completion's
     last residual uses the model's value at the cut. ``threshold`` None: the
-    :data:`AUTO_QUANTILE` quantile of the residuals' magnitudes.
+    :data:`AUTO_QUANTILE` quantile of the residuals' magnitudes. The records must be ones the
+    LenVM can read, as for calibration (:func:`lenvm.training_data.check_rollouts_for`).
     """
     if threshold is not None and not threshold >= 0:  # NaN too
         raise InputError(f"threshold must be a non-negative number, got {threshold}")
     eos = lenvm.config.eos_token_ids
+    records = list(records)
+    check_rollouts_for(lenvm, records, "find length tokens in")
     examples, _ = examples_from_records(records, eos, truncated="bootstrap")
     values = state_values(lenvm, examples, batch_size=batch_size, progress=progress)
     texts: dict[int, str] = {}

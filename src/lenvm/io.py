@@ -300,6 +300,8 @@ def json_text(data: Any, **options: Any) -> str:
 
 
 def _finite(data: Any) -> Any:
+    if type(data) in _AS_THEY_ARE:  # first: a rollout record's token ids are most of it
+        return data
     if isinstance(data, dict):
         return {k: _finite(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
@@ -309,6 +311,9 @@ def _finite(data: Any) -> Any:
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     return data
+
+
+_AS_THEY_ARE = frozenset({int, str, bool, type(None)})  # JSON values written unchanged
 
 
 def _is_numpy_scalar(x: Any) -> bool:
@@ -325,14 +330,6 @@ def _plain(x: Any) -> bool | int | float:
     return bool(x) if isinstance(x, np.bool_) else int(x) if isinstance(x, np.integer) else float(x)
 
 
-def _json_default(x: Any) -> Any:
-    """``json.dumps``'s ``default``: a NumPy scalar as the plain one, anything else refused as
-    json refuses it."""
-    if _is_numpy_scalar(x):
-        return _plain(x)
-    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
-
-
 def write_json(path: str | os.PathLike, data: Any) -> None:
     _check_file_target(path)
     with atomic_path(path) as tmp:
@@ -346,7 +343,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 class JsonlAppender:
-    """Append-only JSONL writer: each record is one flushed, fsynced line.
+    """Append-only JSONL writer: each record is one flushed, fsynced line, written as
+    :func:`json_text` writes it (a NaN as ``null``).
 
     A crash can leave at most a partial last line; :func:`repair_jsonl_tail` drops it on resume,
     so lines written earlier are never touched.
@@ -361,7 +359,7 @@ class JsonlAppender:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+        text = "".join(json_text(r, ensure_ascii=False) + "\n" for r in records)
         self._fh.write(text)
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -382,7 +380,7 @@ def read_jsonl_to_append(
     """The records already in ``path`` before resuming into it (none if it does not exist).
     Refuses a file whose complete lines are not all ``what`` records (``problem`` says what is
     wrong with one, or None), so that another file given by mistake is left as it was; then cuts
-    a partial last line that a crash left."""
+    a partial last line that a crash left (a whole record without its newline is kept)."""
     if not path.exists():
         return []
     records = []
@@ -392,20 +390,21 @@ def read_jsonl_to_append(
             raise InputError(f"{path}:{lineno} is not a line of {what} ({why}): write them to another file")
         records.append(record)
     tail = _partial_tail(path)
-    if tail:
+    if tail.strip():  # whitespace after the last newline is nothing
         # A crash leaves part of one of our lines, which starts as every record does and is not
         # yet JSON. Anything else without its newline is a line of some other file: refused.
         try:
-            record = json.loads(tail.decode("utf-8", errors="replace"))
-        except json.JSONDecodeError:
+            record = json.loads(tail.decode("utf-8"))
+        except ValueError:  # not JSON, or a character cut short
             if not tail.lstrip().startswith(b'{"'):
                 raise InputError(f"{path} is not a file of {what}: write them to another file") from None
-        else:  # whole JSON: ours only if it is such a record (a crash just before its newline)
+        else:  # whole JSON: ours only if it is such a record, then kept (an editor's last line)
             why = problem(record) if isinstance(record, dict) else "not a JSON object"
             if why is not None:
                 raise InputError(
                     f"{path}:{lineno + 1} is not a line of {what} ({why}): write them to another file"
                 )
+            records.append(record)
     repair_jsonl_tail(path)
     return records
 
@@ -432,11 +431,23 @@ def _tail_start(fh) -> int:
 
 
 def repair_jsonl_tail(path: Path) -> None:
-    """Cut a trailing line that a crash left without its newline."""
+    """End ``path`` with a whole line: a last line that is a whole JSON object gets its newline
+    back (a file written by an editor, or by ``"\\n".join``); anything else after the last
+    newline (part of a line that a crash left, whitespace) is cut."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open("rb+") as fh:
         fh.seek(-1, os.SEEK_END)
         if fh.read(1) == b"\n":
             return
-        fh.truncate(_tail_start(fh))
+        start = _tail_start(fh)
+        fh.seek(start)
+        try:
+            whole = isinstance(json.loads(fh.read().decode("utf-8")), dict)
+        except ValueError:  # not JSON, or a character cut short
+            whole = False
+        if whole:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
+        else:
+            fh.truncate(start)

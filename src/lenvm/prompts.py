@@ -204,18 +204,25 @@ def prompt_from_record(
     record: dict[str, Any], default_id: str, where: str = "", base: str | os.PathLike | None = None
 ) -> Prompt:
     """Build a :class:`Prompt` from ``{"prompt": ...}`` (optionally with ``"images"``) or
-    ``{"messages": [...]}``; relative image paths are resolved against ``base`` (default: the
-    working directory)."""
+    ``{"messages": [...]}``, its id from ``"id"`` or ``"prompt_id"`` (the name rollout records
+    give it); relative image paths are resolved against ``base`` (default: the working
+    directory)."""
     where = f"{where}: " if where else ""
     if (why := unencodable(record)) is not None:
         raise InputError(f"{where}{why}")
     base = Path(base) if base is not None else None
-    pid = _prompt_id(record.get("id", default_id))
+    key = "prompt_id" if "prompt_id" in record and "id" not in record else "id"
+    if key == "id" and "prompt_id" in record and _prompt_id(record["id"]) != _prompt_id(record["prompt_id"]):
+        raise InputError(
+            f"{where}'id' ({json.dumps(record['id'])}) and 'prompt_id' ({json.dumps(record['prompt_id'])}) "
+            "name two ids: give one"
+        )
+    pid = _prompt_id(record.get(key, default_id))
     if pid is None:
         raise InputError(
-            f"{where}'id' must be a non-empty string or an integer, got {json.dumps(record.get('id'))}"
+            f"{where}'{key}' must be a non-empty string or an integer, got {json.dumps(record.get(key))}"
         )
-    extra = {k: v for k, v in record.items() if k not in ("id", "prompt", "messages", "images")}
+    extra = {k: v for k, v in record.items() if k not in ("id", "prompt_id", "prompt", "messages", "images")}
     if "messages" in record:
         if "prompt" in record:
             raise InputError(f"{where}give 'prompt' or 'messages', not both")
@@ -244,10 +251,10 @@ def prompt_from_record(
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read a prompts JSONL file (``-``: the standard input); ids default to the record's position
-    (0, 1, ...; blank lines skipped); duplicate ids are an error, and errors name the file and
-    line. Relative image paths are relative to the file's folder (to the working directory for
-    the standard input or a pipe)."""
+    """Read a prompts JSONL file (``-``: the standard input); a record's ``id`` (or ``prompt_id``)
+    defaults to its position (0, 1, ...; blank lines skipped); duplicate ids are an error, and
+    errors name the file and line. Relative image paths are relative to the file's folder (to the
+    working directory for the standard input or a pipe)."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
     base = Path.cwd() if str(path) == "-" or is_pipe(path) else Path(path).parent
@@ -265,9 +272,9 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
 
 def as_prompt(prompt: PromptInput, default_id: str = "0", images: list[str] | None = None) -> Prompt:
     """Accept a string, a message list, a :class:`Prompt` or a prompts-file record (``{"prompt":
-    ...}`` or ``{"messages": [...]}``, with an optional ``"id"``); ``images`` (references) go with
-    a string prompt, before its text. Token ids are refused with a clear error: the callers that
-    take them read them first."""
+    ...}`` or ``{"messages": [...]}``, with an optional ``"id"`` or ``"prompt_id"``); ``images``
+    (references) go with a string prompt, before its text. Token ids are refused with a clear
+    error: the callers that take them read them first."""
     if isinstance(prompt, Prompt):
         return prompt
     if isinstance(prompt, dict):

@@ -217,6 +217,11 @@ def rollout(
         raise InputError(
             f"vllm_args must be a dict of vllm.LLM arguments by name, got {type(vllm_args).__name__}"
         )
+    if isinstance(prompts, os.PathLike) or (isinstance(prompts, str) and os.path.isfile(prompts)):
+        raise InputError(
+            f"prompts must be a list of prompts, not the file {str(prompts)!r}: read it with "
+            "lenvm.read_prompts(path)"
+        )
     if isinstance(prompts, str | dict | Prompt):
         raise InputError("prompts must be a list of prompts: wrap a single one in a list")
     prompt_list = [as_prompt(p, default_id=str(i)) for i, p in enumerate(prompts)]

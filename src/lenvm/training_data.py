@@ -5,13 +5,15 @@ A file is either loaded once (small sets) or **streamed**: read afresh on every 
 that memory does not grow with the number of records. One scanning pass collects what training
 needs to know in advance, in memory proportional to the number of records (8 bytes each, for
 the gamma rule) and of prompts, never of tokens: every completion's length (for the p99 gamma
-rule), per-prompt counts (for the held-out split and the step counts), the largest token id
-(for the vocabulary check) and a fingerprint of the run's data (for resuming).
+rule), per-prompt counts (for the held-out split and the step counts), that every token id
+lies in the vocabulary, and a fingerprint of the run's data (for resuming).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -31,7 +33,7 @@ from lenvm.dataset import (
     nothing_usable,
 )
 from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
-from lenvm.io import InputError, is_pipe
+from lenvm.io import InputError, is_pipe, outside_vocabulary
 from lenvm.prompts import image_references
 
 # A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
@@ -44,7 +46,9 @@ class RolloutSource:
 
     ``stream=None`` streams a ``datasets`` folder and a JSONL file over
     :data:`STREAM_ABOVE_BYTES`, and loads a smaller file or a pipe; a list is always in memory.
-    Streaming a pipe is refused: it can be read only once.
+    Streaming a pipe is refused: it can be read only once. A stream's later passes read as many
+    records as its first (the scan) read: records appended since (by a rollout run still writing
+    the file) were not checked, nor counted in the held-out split and the run's fingerprint.
     """
 
     def __init__(self, rollouts: str | os.PathLike | Iterable[dict[str, Any]], stream: bool | None = None):
@@ -52,6 +56,7 @@ class RolloutSource:
 
         self.path: Path | None = None
         self.records: list[dict[str, Any]] | None = None
+        self._first_pass: int | None = None  # records a stream's first whole pass read
         if isinstance(rollouts, str | os.PathLike):
             self.path = Path(rollouts)
             if stream and is_pipe(self.path):
@@ -73,11 +78,20 @@ class RolloutSource:
         return self.records is None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records) if self.records is not None else self._stream()
+
+    def _stream(self) -> Iterator[dict[str, Any]]:
         from lenvm.rollouts import iter_rollouts
 
-        if self.records is not None:
-            return iter(self.records)
-        return iter_rollouts(cast(Path, self.path))  # streamed: only a path is streamed
+        with contextlib.closing(iter_rollouts(cast(Path, self.path))) as records:  # only a path streams
+            if self._first_pass is not None:
+                yield from itertools.islice(records, self._first_pass)
+                return
+            count = 0
+            for record in records:
+                count += 1
+                yield record
+            self._first_pass = count
 
 
 @dataclass
@@ -319,12 +333,9 @@ def _check_record(
     """Record ``index`` as a LenVM on the model ``name`` reads it: token ids within its
     vocabulary, prompt tokens its ``tokenizer`` reads back (the first records, given a tokenizer)
     and, given a ``policy`` (``whose``), sampled under it. Returns the record's decoding policy."""
-    top = max(record["prompt_token_ids"] + record["completion_token_ids"], default=0)
-    if top >= vocab_size:
-        raise InputError(
-            f"rollout record {index + 1} holds token id {top}, beyond the vocabulary ({vocab_size}) "
-            f"of {name!r}: were the rollouts made with another tokenizer?"
-        )
+    ids = record["prompt_token_ids"] + record["completion_token_ids"]
+    if (why := outside_vocabulary(ids, vocab_size, f"rollout record {index + 1}")) is not None:
+        raise InputError(f"{why} of {name!r}: were the rollouts made with another tokenizer?")
     if tokenizer is not None and index < TOKENIZER_CHECKS:
         check_prompt_tokens(record, index, tokenizer, name, fix)
     settings = decoding_policy(record.get("sampling"))

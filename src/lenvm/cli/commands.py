@@ -334,7 +334,7 @@ def _answer_to_value(args) -> tuple:
     """``(prompt, completion, finished, record)`` for ``lenvm values``: a rollout record (its own
     token ids, the prompt's too unless it has images, and its ending), or a prompt with the
     completion's text (record None)."""
-    from lenvm.io import is_pipe, numbered_jsonl
+    from lenvm.io import numbered_jsonl
     from lenvm.prompts import as_prompt
     from lenvm.rollouts import record_problem
 
@@ -359,15 +359,30 @@ def _answer_to_value(args) -> tuple:
         raise InputError("give --prompt and --completion (text, or @FILE), or --rollouts FILE [--record N]")
     completion = args.completion
     if completion.startswith("@"):
-        path = Path(options.path(completion[1:]))
-        if not (path.is_file() or is_pipe(path)):
-            raise InputError(f"--completion {completion}: no such file")
-        try:  # a byte-order mark is no part of the answer
-            completion = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise InputError(f"--completion {completion}: not UTF-8 text (byte {err.start + 1})") from None
+        completion = _completion_from_file(completion)
     [prompt] = _prompts_from_args(args)
     return prompt, completion, not args.unfinished, None
+
+
+def _completion_from_file(arg: str) -> str:
+    """The text of ``--completion @FILE`` (``@-``: the standard input) without its final line
+    ending: an editor ends every file with one, and it is no part of the answer."""
+    from lenvm.io import is_pipe
+
+    if arg == "@-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(options.path(arg[1:]))
+        if path.is_dir():
+            raise InputError(f"--completion {arg}: a folder, not a file")
+        if not (path.is_file() or is_pipe(path)):
+            raise InputError(f"--completion {arg}: no such file")
+        data = path.read_bytes()
+    try:  # a byte-order mark is no part of the answer
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"--completion {arg}: not UTF-8 text (byte {err.start + 1})") from None
+    return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 def _control(args):
@@ -725,7 +740,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
     p.add_argument("--prompt", help="the prompt (a user message)")
     options.add_image(p)
-    p.add_argument("--completion", help="the answer to value, token by token (@FILE: read it from FILE)")
+    p.add_argument(
+        "--completion",
+        help="the answer to value, token by token (@FILE: read it from FILE, less its final line "
+        "ending; @-: from the standard input)",
+    )
     p.add_argument("--unfinished", action="store_true", help="the completion was cut (no EOS)")
     p.add_argument(
         "--rollouts",

@@ -76,10 +76,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         plain_numbers(self)
         checks = [
-            (is_real(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must lie in (0, 1]"),
+            (is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0"),
+            (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be a number in (0, 1]"),
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must lie in [0, 1)"),
+            (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must be a number in [0, 1)"),
             (
                 self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
                 "max_new_tokens must be an integer >= 1 (or None: fitted to the context)",
