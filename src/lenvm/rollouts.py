@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -395,7 +395,7 @@ def _generator_name(generator) -> str:
     return hub.model_name(generator)
 
 
-def _load(generator, device: str | None, dtype: str):
+def _load(generator, device: str | torch.device | None, dtype: str | torch.dtype):
     if isinstance(generator, tuple):
         from lenvm.vision import as_tokenizer
 
@@ -625,7 +625,7 @@ def read_rollouts(path: str | os.PathLike) -> list[dict[str, Any]]:
     return list(iter_rollouts(path))
 
 
-def iter_rollouts(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+def iter_rollouts(path: str | os.PathLike) -> Generator[dict[str, Any], None, None]:
     """The records of a rollouts JSONL file, or of a Hugging Face ``datasets`` folder (written by
     ``Dataset.save_to_disk``, needs the ``datasets`` extra), one at a time and checked.
 
