@@ -1145,6 +1145,46 @@ def test_a_client_that_goes_away_frees_its_row(engine):
         assert 'lenvm_requests_total{endpoint="completions",outcome="error"} 0.0' in metrics
 
 
+async def _post_then_disconnect(app, path: str) -> list[dict]:
+    """POST half a body to ``app`` (ASGI, no socket), then the client disconnects; the messages sent."""
+    messages = iter([{"type": "http.request", "body": b'{"prompt": "Hi', "more_body": True}])
+    sent = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"), [("/v1/completions", "completions"), ("/v1/length/predict", "length_predict")]
+)
+def test_a_client_that_goes_away_while_sending_its_body_is_cancelled_not_an_error(engine, path, endpoint):
+    app = create_app(engine, ServerSettings(served_model_name=MODEL))
+    sent = asyncio.run(_post_then_disconnect(app, path))
+    assert sent[0]["status"] == 499
+    counted = app.state.metrics.registry.get_sample_value
+    assert counted("lenvm_requests_total", {"endpoint": endpoint, "outcome": "cancelled"}) == 1
+    assert not counted("lenvm_requests_total", {"endpoint": endpoint, "outcome": "error"})
+
+
 def test_a_failed_step_answers_500_and_the_engine_goes_on(engine, monkeypatch):
     with running(engine) as (url, app):
         runner = app.state.lenvm.runner

@@ -28,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lenvm.decoding.engine import Engine
 from lenvm.io import InputError, positive_count
@@ -214,6 +215,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 if plan.stream:
                     state.close_stream(metrics)
                 raise
+        except _ClientGone:
+            metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
         except Exception as err:
             error = _as_api_error(err)
             metrics.requests.labels(endpoint, _outcome(error.status)).inc()
@@ -457,11 +461,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body exceeds {limit} bytes")
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise ApiError(413, f"the body exceeds {limit} bytes")
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise ApiError(413, f"the body exceeds {limit} bytes")
+            parts.append(part)
+    except ClientDisconnect:
+        raise _ClientGone from None
     return b"".join(parts)
 
 
