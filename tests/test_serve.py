@@ -1325,6 +1325,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_an_unlimited_shutdown_timeout_waits_without_an_error(engine, monkeypatch):
+    """inf (or a timeout too long for a timer) leaves requests in flight to finish however long."""
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    app = create_app(engine, ServerSettings(served_model_name=MODEL, shutdown_timeout=float("inf")))
+    aborted = []
+    monkeypatch.setattr(app.state.lenvm.runner, "abort_all", aborted.append)
+    app.state.lenvm.begin_shutdown()
+    time.sleep(0.2)  # time for a timer thread, had one started, to fail
+    assert failures == [] and aborted == []
+
+
 def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_path):
     """`lenvm serve` in its own process: on SIGTERM a short stream in flight finishes, a long one is
     answered with an error once the shutdown timeout has passed; none is dropped silently."""

@@ -63,8 +63,8 @@ class ServerSettings:
     ``batch_size`` rows decode at once and ``max_waiting`` more choices may wait for one (a request
     beyond that is answered 429); at most ``max_streams`` streaming responses are open at once
     (429); a body over ``max_body_bytes`` is answered 413. On SIGTERM the server takes no new
-    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds;
-    then it answers what is left with an error."""
+    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds
+    (``inf``: for as long as they take); then it answers what is left with an error."""
 
     served_model_name: str
     api_key: str | None = None
@@ -105,6 +105,10 @@ class _State:
             return
         self.draining = True
         self.runner.accepting = False
+        if (
+            self.settings.shutdown_timeout > threading.TIMEOUT_MAX
+        ):  # inf: no limit (a Timer cannot wait that long)
+            return
         timer = threading.Timer(
             self.settings.shutdown_timeout,
             self.runner.abort_all,
