@@ -1040,6 +1040,7 @@ def test_api_key(engine, monkeypatch):
         )
         assert response.status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+        assert httpx.head(url + "/health").status_code == 200  # as load balancers probe it
         answer = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).completions.create(
             model=MODEL, prompt="Hi", max_tokens=2
         )

@@ -155,7 +155,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health() -> JSONResponse:
         ok = runner.alive and not state.draining
         body = {"status": "ok" if ok else ("shutting down" if state.draining else "engine stopped")}
