@@ -708,6 +708,47 @@ def test_predict_cuts_a_long_list_into_bounded_forwards(url, lenvm, tiny_generat
     assert 1 <= len(calls) < 6
 
 
+@pytest.mark.parametrize(("timeout", "status", "outcome"), [(30.0, 200, "ok"), (0.05, 503, "aborted")])
+def test_a_shutdown_lets_a_predict_in_flight_finish_within_its_timeout(
+    engine, lenvm, monkeypatch, timeout, status, outcome
+):
+    """A predict taken before SIGTERM goes on through its forwards until the shutdown timeout (then
+    it is cut, as a generation is); one that arrives after is refused."""
+    import lenvm.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "PREDICT_CHUNK_TOKENS", 4)  # the two prompts: two forwards
+    started, go = threading.Event(), threading.Event()
+    original = lenvm.predict_values
+
+    def gated(prompts):
+        started.set()
+        go.wait(10)
+        return original(prompts)
+
+    monkeypatch.setattr(lenvm, "predict_values", gated)
+    prompts = [[7, 8, 9], [9, 8, 7]]
+    with running(engine, shutdown_timeout=timeout) as (url, app):
+        answers = []
+        sender = threading.Thread(
+            target=lambda: answers.append(httpx.post(url + "/v1/length/predict", json={"prompt": prompts}))
+        )
+        sender.start()
+        assert started.wait(10)
+        app.state.lenvm.begin_shutdown()  # what SIGTERM does
+        time.sleep(0.2)  # past the short timeout
+        go.set()
+        sender.join(10)
+        assert answers[0].status_code == status, answers[0].text
+        if status == 200:
+            assert [d["value"] for d in answers[0].json()["data"]] == pytest.approx(
+                original(prompts), abs=1e-5
+            )
+        assert httpx.post(url + "/v1/length/predict", json={"prompt": prompts}).status_code == 503
+        counted = app.state.metrics.registry.get_sample_value
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": outcome}) == 1
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": "rejected"}) == 1
+
+
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(1, 100))
 def test_forward_chunks_cover_every_sequence_once_within_the_budget(lengths, budget):
     from lenvm.serve.app import _forward_chunks

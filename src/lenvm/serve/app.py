@@ -247,18 +247,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return await generate(request, "chat", ChatCompletionRequest, plan_chat)
 
     async def length_endpoint(request: Request, endpoint: str, work: Callable) -> Response:
+        admitted = False
         try:
             _authorize(request, settings)
             body = await _read_body(request, settings.max_body_bytes)
             if lenvm is None:
                 raise ApiError(400, "this server has no LenVM: start it with --lenvm")
+            if state.draining:  # taken before the shutdown, a request goes on until its timeout
+                raise ShuttingDown("the server is shutting down")
+            admitted = True
             answer = await work(body)
         except _ClientGone:
             metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
         except Exception as err:
             error = _as_api_error(err)
-            metrics.requests.labels(endpoint, _outcome(error.status)).inc()
+            cut = admitted and isinstance(err, ShuttingDown)
+            metrics.requests.labels(endpoint, "aborted" if cut else _outcome(error.status)).inc()
             return JSONResponse(error.body(), status_code=error.status)
         metrics.requests.labels(endpoint, "ok").inc()
         return JSONResponse(answer)

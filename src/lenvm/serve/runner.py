@@ -160,7 +160,8 @@ class EngineRunner:
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.scheduler = Scheduler(engine, batch_size)
-        self.accepting = True
+        self.accepting = True  # new requests are taken; the ones taken go on while this is False
+        self._cut: BaseException | None = None  # set: what answers the requests still in flight
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding = 0  # rows the unfinished choices may take (running or waiting)
@@ -208,23 +209,31 @@ class EngineRunner:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between two steps (torch work off the event loop, and
-        never beside a step) and return its result."""
-        if not self.accepting:
-            raise ShuttingDown("the server is shutting down")
+        never beside a step) and return its result. A request taken before a shutdown goes on
+        calling until :meth:`abort_all` or :meth:`stop`; its caller refuses new requests."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put(("call", fn, future, loop))
+        with self._lock:  # checked and queued at once: a call queued after "stop" is never run
+            if self._cut is not None:
+                raise self._cut
+            self._inbox.put(("call", fn, future, loop))
         return await future
 
     def abort_all(self, error: BaseException) -> None:
-        """Answer every unfinished choice with ``error`` (a shutdown that cannot wait longer)."""
-        self._inbox.put(("fail", error))
+        """Answer every unfinished choice, and every later call, with ``error`` (a shutdown that
+        cannot wait longer)."""
+        with self._lock:
+            self._cut = error
+            self._inbox.put(("fail", error))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread; what is still unfinished is answered with :class:`ShuttingDown`."""
         self.accepting = False
-        if self._thread is not None:
+        with self._lock:
+            if self._cut is None:
+                self._cut = ShuttingDown("the server shut down before this request finished")
             self._inbox.put(("stop",))
+        if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the engine thread ----------------------------------------------------------------
