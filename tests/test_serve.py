@@ -1245,6 +1245,51 @@ def test_a_failed_step_answers_500_and_the_engine_goes_on(engine, monkeypatch):
         healthy(url)
 
 
+class _GatedTokenizer:
+    """A tokenizer that holds the text "slow" until ``gate`` opens (a long text's tokenization)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, text, **kwargs):
+        if text == "slow":
+            self.entered.set()
+            self.gate.wait(10)
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_slow_tokenization_leaves_the_server_answering(tiny_generator):
+    """Prompts are tokenized off the event loop: while one takes long, health checks and token-id
+    requests are answered."""
+    model, tokenizer = tiny_generator
+    gated = _GatedTokenizer(tokenizer)
+    with running(Engine(model, gated)) as (url, _):
+        answers = []
+        slow = threading.Thread(
+            target=lambda: answers.append(
+                client(url).completions.create(model=MODEL, prompt="slow", max_tokens=2)
+            )
+        )
+        slow.start()
+        try:
+            assert gated.entered.wait(10)
+            assert httpx.get(url + "/health", timeout=2).status_code == 200
+            ids = (
+                client(url)
+                .with_options(timeout=5)
+                .completions.create(model=MODEL, prompt=[5, 6], max_tokens=2)
+            )
+            assert ids.usage.completion_tokens == 2 and answers == []
+        finally:
+            gated.gate.set()
+            slow.join(10)
+        assert answers[0].usage.completion_tokens == 2
+
+
 # -- concurrency ------------------------------------------------------------------------------------
 
 

@@ -5,9 +5,10 @@
 
 Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (streaming or not),
 ``POST /v1/length/predict`` and ``/v1/length/values``, ``GET /v1/models[/{name}]``, ``/health`` and
-``/metrics`` (Prometheus). Generation runs on the engine's thread (:mod:`lenvm.serve.runner`);
-handlers only parse, wait and write. Every failure is answered with an OpenAI-style error body
-and its status (:class:`~lenvm.serve.protocol.ApiError`), never by a dead engine.
+``/metrics`` (Prometheus). Generation runs on the engine's thread (:mod:`lenvm.serve.runner`) and
+tokenizing on worker threads; handlers only parse, wait and write. Every failure is answered
+with an OpenAI-style error body and its status (:class:`~lenvm.serve.protocol.ApiError`), never
+by a dead engine.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from lenvm.serve.protocol import (
     plan_chat,
     plan_completion,
     text_prompt_ids,
+    tokenize,
 )
 from lenvm.serve.runner import EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
 
@@ -203,7 +205,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             _check_model(body.model, name)
             if state.draining:
                 raise ShuttingDown("the server is shutting down")
-            plan = planner(body, ctx)
+            plan = await asyncio.to_thread(planner, body, ctx)  # tokenizing: off the event loop
             if plan.stream:  # reserved as it is checked: streams arriving together cannot all pass
                 if state.streams >= settings.max_streams:
                     raise ApiError(429, f"too many open streams ({settings.max_streams}); try again later")
@@ -273,7 +275,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         async def work(raw: bytes) -> dict[str, Any]:
             body = parse(PredictRequest, raw)
             _check_model(body.model, name)
-            prompts = _predict_prompts(body, ctx)
+            prompts = await asyncio.to_thread(_predict_prompts, body, ctx)  # off the event loop
             values = [0.0] * len(prompts)
 
             async def predict_all() -> None:
@@ -300,12 +302,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         async def work(raw: bytes) -> dict[str, Any]:
             body = parse(ValuesRequest, raw)
             _check_model(body.model, name)
-            prompt = _one_prompt(body.prompt, body.messages, ctx)
-            completion = body.completion
-            if isinstance(completion, str):  # tokenized on its own, as token_values does
-                completion = list(engine.tokenizer(completion, add_special_tokens=False)["input_ids"])
-            # Empty is the library's to judge: a finished one is an answer that was only its EOS.
-            completion = text_prompt_ids(completion, ctx, what="completion") if completion else []
+            prompt, completion = await asyncio.to_thread(_values_ids, body, ctx)  # off the event loop
             trace = await runner.call(lambda: token_values(lenvm, prompt, completion, finished=body.finished))
             return {"object": "length.values", "model": name, **trace.to_dict()}
 
@@ -491,16 +488,14 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
         raise ApiError(400, "give a prompt or messages (one or a list)")
     if body.prompt is not None:
         prompt = body.prompt
-        batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        ids = [text_prompt_ids(p, ctx) for p in batch]
+        texts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        _check_count(texts)
+        ids = [text_prompt_ids(p, ctx) for p in texts]
     else:
         messages = body.messages
-        batch = [messages] if messages and not isinstance(messages[0], list) else messages
-        ids = [chat_prompt_ids(m, ctx.tokenizer) for m in batch]
-    if not ids:
-        raise ApiError(400, "no prompts given", "prompt")
-    if len(ids) > MAX_PROMPTS:
-        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
+        chats = [messages] if messages and not isinstance(messages[0], list) else messages
+        _check_count(chats)
+        ids = [chat_prompt_ids(m, ctx) for m in chats]
     for p in ids:
         if len(p) > ctx.context:
             raise ApiError(
@@ -511,12 +506,26 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
     return ids
 
 
-def _one_prompt(prompt, messages, ctx: Context) -> list[int]:
-    if (prompt is None) == (messages is None):
+def _check_count(prompts: list) -> None:
+    """Before any is tokenized."""
+    if not prompts:
+        raise ApiError(400, "no prompts given", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
+
+
+def _values_ids(body: ValuesRequest, ctx: Context) -> tuple[list[int], list[int]]:
+    """The prompt's and the completion's token ids of a values request."""
+    if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give a prompt or messages")
-    if prompt is not None:
-        return text_prompt_ids(prompt, ctx)
-    return chat_prompt_ids(messages, ctx.tokenizer)
+    prompt = (
+        text_prompt_ids(body.prompt, ctx) if body.prompt is not None else chat_prompt_ids(body.messages, ctx)
+    )
+    completion = body.completion
+    if isinstance(completion, str):  # tokenized on its own, as token_values does
+        completion = tokenize(completion, ctx, add_special_tokens=False)
+    # Empty is the library's to judge: a finished one is an answer that was only its EOS.
+    return prompt, text_prompt_ids(completion, ctx, what="completion") if completion else []
 
 
 def _as_api_error(err: BaseException) -> ApiError:

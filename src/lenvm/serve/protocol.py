@@ -16,6 +16,7 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -253,6 +254,9 @@ class Context:
     max_choices: int  # choices the server holds at once (running and waiting)
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling when a request leaves it out
     context_note: str = ""  # said after the context where it is a sliding window (Engine.context_note)
+    # Requests are planned on worker threads: one encodes at a time, as a fast tokenizer shared
+    # between threads may fail ("Already borrowed") when two calls change its settings at once.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -283,7 +287,7 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
 
 
 def plan_chat(body: ChatCompletionRequest, ctx: Context) -> Plan:
-    prompt = chat_prompt_ids(body.messages, ctx.tokenizer)
+    prompt = chat_prompt_ids(body.messages, ctx)
     if body.top_logprobs and not body.logprobs:  # 0 without logprobs asks for nothing: fine
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     top = body.top_logprobs or 0
@@ -447,7 +451,7 @@ def text_prompt_ids(
     engine's vocabulary: the ids its models embed). Any text is a prompt, whitespace alone included
     (as in OpenAI's API): only one that comes to no tokens is refused, as the engine refuses it."""
     if isinstance(prompt, str):
-        ids = list(ctx.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        ids = tokenize(prompt, ctx, add_special_tokens)
     elif (why := outside_vocabulary(prompt, ctx.vocab_size, f"the {what}")) is not None:
         raise ApiError(400, why, what)
     else:
@@ -455,7 +459,13 @@ def text_prompt_ids(
     return _some_tokens(ids, what)
 
 
-def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
+def tokenize(text: str, ctx: Context, add_special_tokens: bool = True) -> list[int]:
+    """``text`` tokenized as is (no chat template)."""
+    with ctx.tokenizer_lock:
+        return list(ctx.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def chat_prompt_ids(messages: list[ChatMessage], ctx: Context) -> list[int]:
     """Chat messages through the chat template, with the generation prompt. A message's content
     may be empty or whitespace (as in OpenAI's API; lenvm's prompt files refuse a prompt without
     text, which rollouts and training could not use)."""
@@ -463,7 +473,8 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     records = [{"role": m.role, "content": _content(m.content)} for m in messages]
     try:
-        ids = encode_prompt(tokenizer, Prompt("0", messages=records))
+        with ctx.tokenizer_lock:
+            ids = encode_prompt(ctx.tokenizer, Prompt("0", messages=records))
     except InputError as err:
         raise ApiError(400, str(err), "messages") from None
     except Exception as err:  # the chat template refused the conversation (roles, order)
