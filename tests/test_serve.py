@@ -580,6 +580,30 @@ def test_stop_strings_end_the_answer_before_them(url):
     assert " " not in held.choices[0].text and held.usage.completion_tokens <= latest_end + 1
 
 
+def test_stop_strings_kept_in_the_text_when_asked(url):
+    """vLLM's include_stop_str_in_output: the answer ends with the stop string instead of before it."""
+    c = client(url)
+    full = c.completions.create(model=MODEL, prompt="Hi", max_tokens=30, seed=11).choices[0].text
+    stop = full[10:12]
+    kept = full[: full.index(stop) + len(stop)]
+    keep = {"include_stop_str_in_output": True}
+    for stream in (False, True):
+        answer = c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=30, seed=11, stop=stop, stream=stream, extra_body=keep
+        )
+        chunks = list(answer) if stream else [answer]
+        assert "".join(ch.choices[0].text for ch in chunks) == kept
+        assert chunks[-1].choices[0].stop_reason == stop
+    equal = {"length_equal_to": 20}  # a held answer (Equal To with retries), cut once final
+    whole = c.completions.create(model=MODEL, prompt="Hi", max_tokens=30, seed=11, extra_body=equal)
+    stop = whole.choices[0].text[5:7]
+    held = c.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=30, seed=11, stop=stop, extra_body={**equal, **keep}
+    )
+    text = whole.choices[0].text
+    assert held.choices[0].text == text[: text.index(stop) + len(stop)]
+
+
 @pytest.mark.parametrize("stop, expected", [("你好", "a"), ("a你", ""), ("好", "a你"), ("\ufffd", "a你好b")])
 def test_stop_strings_with_characters_split_across_tokens(stop, expected):
     """你 and 好 take three byte tokens each: nothing of a stop string goes out before it is
@@ -601,6 +625,72 @@ def test_stop_strings_with_characters_split_across_tokens(stop, expected):
             break
     assert sent == expected
     assert (finish is not None) == (stop in "a你好b")
+
+
+def test_openai_fields_that_ask_for_nothing_different_are_taken(url):
+    """What SDKs and frameworks send by default, or only to inform, is taken; the values of those
+    fields that ask for what this server does not do are refused, naming the field."""
+    taken = {
+        "response_format": {"type": "text"},
+        "store": False,
+        "metadata": {"team": "a"},
+        "service_tier": "auto",
+        "safety_identifier": "u1",
+        "prompt_cache_key": "k",
+        "parallel_tool_calls": False,
+        "modalities": ["text"],
+        "tools": [],
+        "tool_choice": "none",
+        "user": "u1",
+        "skip_special_tokens": True,
+        "include_stop_str_in_output": False,
+        "chat_template_kwargs": {},
+        "reasoning_effort": None,
+    }
+    body = {"model": MODEL, "messages": HI, "max_tokens": 2, **taken}
+    answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    for field, value in [
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("modalities", ["text", "audio"]),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("reasoning_effort", "low"),
+        ("chat_template_kwargs", {"enable_thinking": False}),
+        ("skip_special_tokens", False),
+    ]:
+        refused = httpx.post(url + "/v1/chat/completions", json={**body, field: value}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, (field, refused.text)
+        assert "not supported" in refused.json()["error"]["message"]
+    # the two shared with text completions
+    plain = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    ok = {"response_format": {"type": "text"}, "skip_special_tokens": True}
+    assert httpx.post(url + "/v1/completions", json={**plain, **ok}, timeout=30).status_code == 200
+
+
+def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(url):
+    events = []
+    body = {
+        "model": MODEL,
+        "messages": HI,
+        "max_tokens": 5,
+        "seed": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[len("data: ") :]))
+    *chunks, last = events
+    assert last["choices"] == [] and all("usage" in e for e in events)
+    so_far = [e["usage"]["completion_tokens"] for e in chunks]
+    assert (
+        so_far[0] == 0 and so_far == sorted(so_far) and so_far[-1] == last["usage"]["completion_tokens"] == 5
+    )
+    assert all(e["usage"]["prompt_tokens"] == last["usage"]["prompt_tokens"] for e in chunks)
 
 
 def test_server_bounds_must_be_positive_integers():
@@ -981,8 +1071,8 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"text": "Hi"}]}]}, "needs a 'type'"),
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
-    ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
-    ({"model": MODEL, "messages": HI, "tools": None}, "unknown field 'tools'"),
+    ({"model": MODEL, "messages": HI, "tools": [{"type": "function"}]}, "tools are not supported"),
+    ({"model": MODEL, "messages": HI, "functions": None}, "unknown field 'functions'"),
     (
         {"model": MODEL, "messages": [{"role": "user", "content": "Hi", "foo": None}]},
         "unknown field 'messages.0.foo'",

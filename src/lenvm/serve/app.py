@@ -371,15 +371,12 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
 async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]:
     for opening in writer.opening():
         yield _sse(opening)
-    finishes = [None] * len(plan.choices)
     try:
         async for chunk in call.submission.chunks():
             call.token()
-            if chunk.finish is not None:
-                finishes[chunk.index] = chunk.finish
             yield _sse(writer.chunk(chunk))
         if plan.include_usage:
-            yield _sse(writer.usage_chunk(finishes))
+            yield _sse(writer.usage_chunk())
         call.finish("ok")
     except Exception as err:  # shutdown or engine failure mid-stream: say so, then end the stream
         error = _as_api_error(err)

@@ -86,6 +86,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage so far in every chunk
 
 
 XargValue = str | int | float | bool | None
@@ -108,7 +109,10 @@ class _Generation(_Body):
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
     vllm_xargs: dict[str, XargValue] | None = None
     return_values: bool = False
@@ -179,6 +183,19 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Informational in OpenAI's API: taken, changing nothing here.
+    store: bool = False
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # Taken where they ask for what this server does anyway (see _refuse_unsupported_chat).
+    modalities: list[str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class PredictRequest(_Body):
@@ -271,6 +288,7 @@ class Plan:
     logprobs: int | None  # None: no log-probabilities; else how many alternatives per token
     token_ids_as_text: bool
     controlled: bool
+    continuous_usage: bool = False  # the usage so far in every chunk too
 
 
 def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
@@ -287,6 +305,7 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
 
 
 def plan_chat(body: ChatCompletionRequest, ctx: Context) -> Plan:
+    _refuse_unsupported_chat(body)
     prompt = chat_prompt_ids(body.messages, ctx)
     if body.top_logprobs and not body.logprobs:  # 0 without logprobs asks for nothing: fine
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -383,13 +402,18 @@ def _plan(
             except InputError as err:
                 raise ApiError(400, str(err)) from None
             request = Request(ids, sampling, control=control, return_values=return_values)
-            choices.append(Choice(request, stops))
+            choices.append(Choice(request, stops, body.include_stop_str_in_output))
     return Plan(
         endpoint=endpoint,
         choices=choices,
         prompt_tokens=sum(len(ids) for ids in prompts),
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        continuous_usage=bool(
+            body.stream_options
+            and body.stream_options.include_usage
+            and body.stream_options.continuous_usage_stats
+        ),
         logprobs=logprobs,
         token_ids_as_text=body.return_tokens_as_token_ids,
         controlled=control is not None,
@@ -405,6 +429,43 @@ def _refuse_unsupported(body: _Generation) -> None:
         raise ApiError(400, "logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options needs stream: true", "stream_options")
+    if not body.skip_special_tokens:
+        raise ApiError(
+            400,
+            "skip_special_tokens: false is not supported (special tokens are left out of the text)",
+            "skip_special_tokens",
+        )
+    kind = (body.response_format or {"type": "text"}).get("type")
+    if kind != "text":
+        raise ApiError(
+            400,
+            f"response_format of type {kind!r} is not supported: the server writes free text",
+            "response_format",
+        )
+
+
+def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
+    """Chat fields taken only with the values that ask for nothing this server does not do."""
+    if body.modalities is not None and set(body.modalities) != {"text"}:
+        raise ApiError(400, 'modalities other than ["text"] are not supported', "modalities")
+    if body.tools:
+        raise ApiError(400, "tools are not supported", "tools")
+    if body.tool_choice not in (None, "none", "auto"):  # with no tools, "auto" calls none either
+        raise ApiError(
+            400, 'tool_choice other than "none" is not supported (there are no tools)', "tool_choice"
+        )
+    if body.reasoning_effort is not None:
+        raise ApiError(
+            400,
+            "reasoning_effort is not supported: the chat template is applied as it is",
+            "reasoning_effort",
+        )
+    if body.chat_template_kwargs:
+        raise ApiError(
+            400,
+            "chat_template_kwargs are not supported: the chat template is applied as it is",
+            "chat_template_kwargs",
+        )
 
 
 def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
@@ -531,6 +592,8 @@ class Writer:
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
         self.offsets = [0] * len(plan.choices)  # text completions' logprobs: each choice's text offset
+        self.streamed: list[Finish | None] = [None] * len(plan.choices)  # a stream's finishes so far
+        self.streamed_tokens = 0
 
     # -- whole ---------------------------------------------------------------------------
 
@@ -550,6 +613,9 @@ class Writer:
 
     def usage(self, finishes: list[Finish | None]) -> dict[str, int]:
         completion = sum(f.completion_tokens for f in finishes if f is not None)
+        return self._usage(completion, finishes)
+
+    def _usage(self, completion: int, finishes: list[Finish | None]) -> dict[str, int]:
         return {
             "prompt_tokens": self.plan.prompt_tokens,
             "completion_tokens": completion,
@@ -564,7 +630,7 @@ class Writer:
         if self.plan.endpoint != "chat":
             return []
         return [
-            self._envelope(
+            self._streamed(
                 {
                     "index": i,
                     "delta": {"role": "assistant", "content": ""},
@@ -578,10 +644,21 @@ class Writer:
     def chunk(self, chunk: Chunk) -> dict[str, Any]:
         answer = _Answer()
         answer.add(chunk)
-        return self._envelope(self._choice(chunk.index, chunk.text, answer, chunk.finish, whole=False))
+        self.streamed_tokens += len(chunk.token_ids)
+        if chunk.finish is not None:
+            self.streamed[chunk.index] = chunk.finish
+        return self._streamed(self._choice(chunk.index, chunk.text, answer, chunk.finish, whole=False))
 
-    def usage_chunk(self, finishes: list[Finish | None]) -> dict[str, Any]:
-        return {**self._envelope(None), "choices": [], "usage": self.usage(finishes)}
+    def usage_chunk(self) -> dict[str, Any]:
+        """The stream's last chunk: no choices, the usage of the whole answer."""
+        return {**self._envelope(None), "choices": [], "usage": self.usage(self.streamed)}
+
+    def _streamed(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """A stream chunk of ``choice``, with the usage so far where it was asked for."""
+        envelope = self._envelope(choice)
+        if self.plan.continuous_usage:
+            envelope["usage"] = self._usage(self.streamed_tokens, self.streamed)
+        return envelope
 
     def _envelope(self, choice: dict[str, Any] | None) -> dict[str, Any]:
         return {

@@ -58,6 +58,7 @@ class Choice:
 
     request: Request
     stops: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    include_stop: bool = False  # ... or with it (vLLM's include_stop_str_in_output)
 
     @property
     def rows(self) -> int:
@@ -390,9 +391,10 @@ class _Tracker:
         text = "".join(pieces)
         stop = first_stop(text, self.choice.stops)
         if stop is not None:
-            at, string = stop
             n = len(self.tokens)
-            return self._chunk(_cut(pieces, at), Finish("stop", string, n, 0, n, 0, None, False))
+            return self._chunk(
+                _cut(pieces, self._cut_at(*stop)), Finish("stop", stop[1], n, 0, n, 0, None, False)
+            )
         if update.result is not None:
             return self._chunk(pieces, Finish.of(update.result))
         return self._chunk(pieces, None, max(len(text) - self.hold_back, self.sent_chars))
@@ -411,11 +413,15 @@ class _Tracker:
             ends = itertools.accumulate(len(piece) for piece in pieces)
             kept = next(k for k, end in enumerate(ends, 1) if end >= at + len(string))
             del self.tokens[kept:], self.logprobs[kept:], self.values[kept:], self.top[kept:]
-            pieces = _cut(pieces[:kept], at)
+            pieces = _cut(pieces[:kept], self._cut_at(at, string))
             finish = Finish(
                 "stop", string, kept, result.decoded_tokens - kept, kept, result.retries, None, False
             )
         return self._chunk(pieces, finish)
+
+    def _cut_at(self, at: int, string: str) -> int:
+        """Where the answer's text ends, given the stop string found at ``at``."""
+        return at + len(string) if self.choice.include_stop else at
 
     def _chunk(self, pieces: list[str], finish: Finish | None, released: int | None = None) -> Chunk | None:
         """The tokens and text not sent yet: with ``finish``, all of them; before, the text up to
