@@ -3,6 +3,7 @@ HTTP where a client would not send such a request), against the tiny model."""
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -1591,6 +1592,35 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_p
             process.wait()
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_each_request_is_logged_in_one_line(url, caplog):
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    client(url).completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3)
+    httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "foo": 1})
+    stream = client(url).completions.create(model=MODEL, prompt=[5, 6], max_tokens=2, stream=True)
+    list(stream)
+    httpx.head(url + "/health")
+
+    def lines():
+        return [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
+
+    wait_until(lambda: len(lines()) >= 4, timeout=5)  # a stream's line follows its last event
+    assert len(lines()) == 4, lines()
+    ok, invalid, streamed, health = lines()
+    assert '"POST /v1/completions" 200 ' in ok and ok.endswith("s prompt_tokens=3 completion_tokens=3")
+    assert '"POST /v1/completions" 400 ' in invalid and invalid.endswith(": unknown field 'foo'")
+    assert streamed.endswith("prompt_tokens=2 completion_tokens=2")
+    assert '"HEAD /health" 200 ' in health
+
+
+def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):
+    from lenvm.serve.app import server_config
+
+    app = create_app(engine, ServerSettings(served_model_name=MODEL))
+    config = server_config(app, "127.0.0.1", 0, "info")
+    assert config.access_log is False  # uvicorn's line would repeat ours, without tokens or errors
+    assert config.log_config["loggers"]["lenvm.serve"]["level"] == "INFO"
 
 
 def test_importing_lenvm_does_not_import_the_server_stack():

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import errno
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -51,7 +53,9 @@ from lenvm.serve.protocol import (
     text_prompt_ids,
     tokenize,
 )
-from lenvm.serve.runner import EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
+from lenvm.serve.runner import Chunk, EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
+
+log = logging.getLogger("lenvm.serve")
 
 # Tokens (padding included) in one forward of /v1/length/predict, which runs on the engine thread:
 # a list of long prompts is cut into such forwards so that decoding steps go on in between.
@@ -146,6 +150,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         await asyncio.to_thread(runner.stop)
 
     app = FastAPI(title="lenvm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(_RequestLog)
     app.state.lenvm = state
     app.state.metrics = metrics
 
@@ -230,7 +235,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             return JSONResponse(error.body(), status_code=error.status)
         metrics.prompt_tokens.inc(plan.prompt_tokens)
         writer = Writer(plan, name, engine.tokenizer)
-        call = _Call(endpoint, submission, arrived, metrics, runner)
+        call = _Call(endpoint, submission, arrived, metrics, runner, _note(request))
+        call.note["prompt_tokens"] = plan.prompt_tokens
         if plan.stream:
 
             def closed() -> None:
@@ -276,6 +282,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             body = parse(PredictRequest, raw)
             _check_model(body.model, name)
             prompts = await asyncio.to_thread(_predict_prompts, body, ctx)  # off the event loop
+            _note(request)["prompt_tokens"] = sum(map(len, prompts))
             values = [0.0] * len(prompts)
 
             async def predict_all() -> None:
@@ -317,19 +324,29 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 class _Call:
     """One generation request in flight: its timing and its one outcome."""
 
-    def __init__(self, endpoint: str, submission: Submission, arrived: float, metrics: Metrics, runner):
+    def __init__(
+        self,
+        endpoint: str,
+        submission: Submission,
+        arrived: float,
+        metrics: Metrics,
+        runner: EngineRunner,
+        note: dict[str, Any],
+    ):
         self.endpoint = endpoint
         self.submission = submission
         self.arrived = arrived
         self.metrics = metrics
         self.runner = runner
+        self.note = note  # what the request's log line says of it
         self.first_token = False
         self.outcome: str | None = None
 
-    def token(self) -> None:
+    def token(self, chunk: Chunk) -> None:
         if not self.first_token:
             self.first_token = True
             self.metrics.first_token_seconds.observe(time.perf_counter() - self.arrived)
+        self.note["completion_tokens"] = self.note.get("completion_tokens", 0) + len(chunk.token_ids)
 
     def finish(self, outcome: str) -> None:
         if self.outcome is None:
@@ -348,7 +365,7 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
     async def collect() -> list:
         chunks = []
         async for chunk in call.submission.chunks():
-            call.token()
+            call.token(chunk)
             chunks.append(chunk)
         return chunks
 
@@ -373,7 +390,7 @@ async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]
         yield _sse(opening)
     try:
         async for chunk in call.submission.chunks():
-            call.token()
+            call.token(chunk)
             yield _sse(writer.chunk(chunk))
         if plan.include_usage:
             yield _sse(writer.usage_chunk())
@@ -381,6 +398,7 @@ async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]
     except Exception as err:  # shutdown or engine failure mid-stream: say so, then end the stream
         error = _as_api_error(err)
         call.finish("aborted" if isinstance(err, ShuttingDown) else "error")
+        call.note["error"] = error.message  # the status, sent already, says nothing of it
         yield _sse(error.body())
     yield "data: [DONE]\n\n"
 
@@ -398,6 +416,59 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.closed()
+
+
+class _RequestLog:
+    """One INFO line per finished request: the client, method, path, status, seconds taken, the
+    tokens of a generation and the message of an error."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        note: dict[str, Any] = {"status": 500}  # an exception that escaped the handlers
+        scope[_NOTE] = note
+
+        async def send_noted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                note["status"] = message["status"]
+            elif message["type"] == "http.response.body" and note["status"] >= 400 and "error" not in note:
+                note["error"] = _error_message(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noted)
+        finally:
+            client = scope.get("client")
+            tokens = "".join(f" {k}={note[k]}" for k in ("prompt_tokens", "completion_tokens") if k in note)
+            log.info(
+                '%s "%s %s" %d %.3fs%s%s',
+                f"{client[0]}:{client[1]}" if client else "-",
+                scope["method"],
+                scope["path"],
+                note["status"],
+                time.perf_counter() - start,
+                tokens,
+                f": {note['error']}" if note.get("error") else "",
+            )
+
+
+_NOTE = "lenvm.log"  # the scope key of what a request's log line says of it
+
+
+def _note(request: Request) -> dict[str, Any]:
+    """What the request's log line says of it (see :class:`_RequestLog`); filled in by handlers."""
+    return request.scope.setdefault(_NOTE, {})
+
+
+def _error_message(body: bytes) -> str | None:
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return str(json.loads(body)["error"]["message"])
+    return None
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -560,8 +631,27 @@ def serve(
     """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
     check_address(host, port)
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
-    _Server(config, app.state.lenvm.begin_shutdown).run()
+    _Server(server_config(app, host, port, log_level), app.state.lenvm.begin_shutdown).run()
+
+
+def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: the server's own line per request replaces uvicorn's access
+    log (which knows neither tokens nor errors), written as uvicorn writes its lines."""
+    logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    logging_config["loggers"][log.name] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=logging_config,
+        access_log=False,
+        timeout_graceful_shutdown=None,
+    )
 
 
 def check_address(host: str, port: int) -> None:
