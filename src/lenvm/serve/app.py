@@ -23,9 +23,11 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from types import FrameType
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -35,11 +37,13 @@ from starlette.requests import ClientDisconnect
 
 from lenvm.decoding.engine import Engine
 from lenvm.io import InputError, positive_count
+from lenvm.model import LengthValueModel
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
     ApiError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     Context,
     Plan,
@@ -50,6 +54,7 @@ from lenvm.serve.protocol import (
     parse,
     plan_chat,
     plan_completion,
+    prompt_list,
     text_prompt_ids,
     tokenize,
 )
@@ -97,11 +102,11 @@ class _State:
         self.draining = False
         self.started = int(time.time())
 
-    def open_stream(self, metrics) -> None:
+    def open_stream(self, metrics: Metrics) -> None:
         self.streams += 1
         metrics.open_streams.inc()
 
-    def close_stream(self, metrics) -> None:
+    def close_stream(self, metrics: Metrics) -> None:
         self.streams -= 1
         metrics.open_streams.dec()
 
@@ -254,7 +259,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await generate(request, "chat", ChatCompletionRequest, plan_chat)
 
-    async def length_endpoint(request: Request, endpoint: str, work: Callable) -> Response:
+    async def length_endpoint(
+        request: Request,
+        endpoint: str,
+        work: Callable[[bytes, LengthValueModel], Awaitable[dict[str, Any]]],
+    ) -> Response:
         admitted = False
         try:
             _authorize(request, settings)
@@ -264,7 +273,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if state.draining:  # taken before the shutdown, a request goes on until its timeout
                 raise ShuttingDown("the server is shutting down")
             admitted = True
-            answer = await work(body)
+            answer = await work(body, lenvm)
         except _ClientGone:
             metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
@@ -277,8 +286,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return JSONResponse(answer)
 
     @app.post("/v1/length/predict")
-    async def predict(request: Request) -> JSONResponse:
-        async def work(raw: bytes) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
+        async def work(raw: bytes, lenvm: LengthValueModel) -> dict[str, Any]:
             body = parse(PredictRequest, raw)
             _check_model(body.model, name)
             prompts = await asyncio.to_thread(_predict_prompts, body, ctx)  # off the event loop
@@ -288,7 +297,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             async def predict_all() -> None:
                 # A forward of a bounded size at a time, so that decoding steps run in between.
                 for chunk in _forward_chunks([len(p) for p in prompts], PREDICT_CHUNK_TOKENS):
-                    got = await runner.call(lambda c=chunk: lenvm.predict_values([prompts[i] for i in c]))
+                    got = await runner.call(partial(lenvm.predict_values, [prompts[i] for i in chunk]))
                     for i, value in zip(chunk, got, strict=True):
                         values[i] = value
 
@@ -303,10 +312,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return await length_endpoint(request, "length_predict", work)
 
     @app.post("/v1/length/values")
-    async def values(request: Request) -> JSONResponse:
+    async def values(request: Request) -> Response:
         from lenvm.values_view import token_values
 
-        async def work(raw: bytes) -> dict[str, Any]:
+        async def work(raw: bytes, lenvm: LengthValueModel) -> dict[str, Any]:
             body = parse(ValuesRequest, raw)
             _check_model(body.model, name)
             prompt, completion = await asyncio.to_thread(_values_ids, body, ctx)  # off the event loop
@@ -552,18 +561,16 @@ def _check_model(model: str | None, name: str) -> None:
 
 
 def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
-    if (body.prompt is None) == (body.messages is None):
-        raise ApiError(400, "give a prompt or messages (one or a list)")
-    if body.prompt is not None:
-        prompt = body.prompt
-        texts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if body.prompt is not None and body.messages is None:
+        texts = prompt_list(body.prompt)
         _check_count(texts)
         ids = [text_prompt_ids(p, ctx) for p in texts]
-    else:
-        messages = body.messages
-        chats = [messages] if messages and not isinstance(messages[0], list) else messages
+    elif body.messages is not None and body.prompt is None:
+        chats = _conversations(body.messages)
         _check_count(chats)
         ids = [chat_prompt_ids(m, ctx) for m in chats]
+    else:
+        raise ApiError(400, "give a prompt or messages (one or a list)")
     for p in ids:
         if len(p) > ctx.context:
             raise ApiError(
@@ -574,7 +581,14 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
     return ids
 
 
-def _check_count(prompts: list) -> None:
+def _conversations(messages: list[ChatMessage] | list[list[ChatMessage]]) -> list[list[ChatMessage]]:
+    """One conversation or a list of them, as a list."""
+    if messages and isinstance(messages[0], ChatMessage):
+        return [cast(list[ChatMessage], messages)]  # validated as one of the types: all messages
+    return cast(list[list[ChatMessage]], messages)
+
+
+def _check_count(prompts: Sized) -> None:
     """Before any is tokenized."""
     if not prompts:
         raise ApiError(400, "no prompts given", "prompt")
@@ -584,11 +598,12 @@ def _check_count(prompts: list) -> None:
 
 def _values_ids(body: ValuesRequest, ctx: Context) -> tuple[list[int], list[int]]:
     """The prompt's and the completion's token ids of a values request."""
-    if (body.prompt is None) == (body.messages is None):
+    if body.prompt is not None and body.messages is None:
+        prompt = text_prompt_ids(body.prompt, ctx)
+    elif body.messages is not None and body.prompt is None:
+        prompt = chat_prompt_ids(body.messages, ctx)
+    else:
         raise ApiError(400, "give a prompt or messages")
-    prompt = (
-        text_prompt_ids(body.prompt, ctx) if body.prompt is not None else chat_prompt_ids(body.messages, ctx)
-    )
     completion = body.completion
     if isinstance(completion, str):  # tokenized on its own, as token_values does
         completion = tokenize(completion, ctx, add_special_tokens=False)
@@ -677,10 +692,10 @@ def check_address(host: str, port: int) -> None:
 class _Server(uvicorn.Server):
     """uvicorn's server, which also tells the app when a signal asks it to stop."""
 
-    def __init__(self, config, on_exit: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
         super().__init__(config)
         self.on_exit = on_exit
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.on_exit()
         super().handle_exit(sig, frame)

@@ -20,9 +20,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from lenvm.decoding.params import (
     LENGTH_KEYS,
@@ -215,7 +216,10 @@ class ValuesRequest(_Body):
     finished: bool = True
 
 
-def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse(model: type[Body], body: bytes) -> Body:
     """Validate a JSON body; :class:`ApiError` 400 naming the first problem."""
     try:
         return model.model_validate_json(body)
@@ -223,7 +227,7 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         raise ApiError(400, *_describe(err.errors())) from None
 
 
-def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
     # A check of ours that failed says more than the union members it failed in.
     error = next((e for e in errors if e["type"] == "value_error"), errors[0])
     if error["type"] == "json_invalid":
@@ -494,15 +498,22 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
     return {**xargs, **top}, return_values
 
 
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt (text or token ids) or a list of them, as a list."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [cast(list[int], prompt)]  # validated as one of the types: all of it ints
+    return cast(list[str | list[int]], prompt)  # a list of texts or of token-id lists
+
+
 def _completion_prompts(body: CompletionRequest, ctx: Context) -> list[list[int]]:
-    prompt = body.prompt
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
+    prompts = prompt_list(body.prompt)
+    if not prompts:
         raise ApiError(400, "the prompt is empty", "prompt")
-    if len(prompt) > MAX_PROMPTS:
+    if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", "prompt")
-    return [text_prompt_ids(p, ctx, body.add_special_tokens) for p in prompt]
+    return [text_prompt_ids(p, ctx, body.add_special_tokens) for p in prompts]
 
 
 def text_prompt_ids(

@@ -24,15 +24,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from lenvm.decoding import Request, Result, Scheduler
 from lenvm.decoding.engine import Engine, Update
 from lenvm.decoding.params import RequestError
 from lenvm.io import InputError
 from lenvm.serve.detokenizer import AnswerDecoder
+from lenvm.serve.metrics import Metrics
 
 log = logging.getLogger("lenvm.serve")
 
@@ -155,7 +156,9 @@ class EngineRunner:
     At most ``batch_size`` choices decode at once and ``max_waiting`` more wait for a row; a
     submission beyond that raises :class:`QueueFull`."""
 
-    def __init__(self, engine: Engine, batch_size: int = 16, max_waiting: int = 256, metrics=None):
+    def __init__(
+        self, engine: Engine, batch_size: int = 16, max_waiting: int = 256, metrics: Metrics | None = None
+    ):
         self.engine = engine
         self.batch_size = batch_size
         self.max_waiting = max_waiting
@@ -167,7 +170,7 @@ class EngineRunner:
         self._lock = threading.Lock()
         self._outstanding = 0  # rows the unfinished choices may take (running or waiting)
         self._keys = itertools.count()
-        self._live: dict[int, tuple[Submission, _Tracker]] = {}  # engine thread only
+        self._live: dict[Hashable, tuple[Submission, _Tracker]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
 
     # -- from the event loop --------------------------------------------------------------
@@ -366,7 +369,8 @@ class _Tracker:
     def __init__(self, index: int, choice: Choice, tokenizer):
         self.index = index
         self.choice = choice
-        self.decoder = AnswerDecoder(tokenizer, choice.request.prompt)
+        # The server plans every request from token ids (lenvm.serve.protocol), never text.
+        self.decoder = AnswerDecoder(tokenizer, cast(list[int], choice.request.prompt))
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
@@ -392,12 +396,12 @@ class _Tracker:
         stop = first_stop(text, self.choice.stops)
         if stop is not None:
             n = len(self.tokens)
-            return self._chunk(
+            return self._final(
                 _cut(pieces, self._cut_at(*stop)), Finish("stop", stop[1], n, 0, n, 0, None, False)
             )
         if update.result is not None:
-            return self._chunk(pieces, Finish.of(update.result))
-        return self._chunk(pieces, None, max(len(text) - self.hold_back, self.sent_chars))
+            return self._final(pieces, Finish.of(update.result))
+        return self._progress(pieces, max(len(text) - self.hold_back, self.sent_chars))
 
     def _whole(self, result: Result) -> Chunk:
         """A held choice's final answer, cut at its first stop string."""
@@ -417,25 +421,30 @@ class _Tracker:
             finish = Finish(
                 "stop", string, kept, result.decoded_tokens - kept, kept, result.retries, None, False
             )
-        return self._chunk(pieces, finish)
+        return self._final(pieces, finish)
 
     def _cut_at(self, at: int, string: str) -> int:
         """Where the answer's text ends, given the stop string found at ``at``."""
         return at + len(string) if self.choice.include_stop else at
 
-    def _chunk(self, pieces: list[str], finish: Finish | None, released: int | None = None) -> Chunk | None:
-        """The tokens and text not sent yet: with ``finish``, all of them; before, the text up to
-        ``released`` and the tokens whose pieces lie within it (the rest wait with their text)."""
-        request = self.choice.request
-        text = "".join(pieces)
+    def _final(self, pieces: list[str], finish: Finish) -> Chunk:
+        """The last chunk: every token and all the text not sent yet."""
+        sent, self.sent_tokens = self.sent_tokens, len(self.tokens)
+        return self._chunk(pieces, "".join(pieces), sent, finish)
+
+    def _progress(self, pieces: list[str], released: int) -> Chunk | None:
+        """The text up to ``released`` not sent yet, and the tokens whose pieces lie within it (the
+        rest wait with their text); None if there is nothing new."""
         sent = self.sent_tokens
-        if finish is None:
-            within = sum(end <= released for end in itertools.accumulate(len(piece) for piece in pieces))
-            text, self.sent_tokens = text[:released], max(within, sent)
-        else:
-            self.sent_tokens = len(self.tokens)
-        if finish is None and self.sent_tokens == sent and len(text) <= self.sent_chars:
-            return None  # nothing new to send
+        within = sum(end <= released for end in itertools.accumulate(len(piece) for piece in pieces))
+        text, self.sent_tokens = "".join(pieces)[:released], max(within, sent)
+        if self.sent_tokens == sent and len(text) <= self.sent_chars:
+            return None
+        return self._chunk(pieces, text, sent, None)
+
+    def _chunk(self, pieces: list[str], text: str, sent: int, finish: Finish | None) -> Chunk:
+        """The tokens from ``sent`` up to those now sent, and ``text`` past what was sent."""
+        request = self.choice.request
         upto = self.sent_tokens
         chunk = Chunk(
             self.index,
