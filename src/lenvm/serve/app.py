@@ -116,9 +116,8 @@ class _State:
             return
         self.draining = True
         self.runner.accepting = False
-        if (
-            self.settings.shutdown_timeout > threading.TIMEOUT_MAX
-        ):  # inf: no limit (a Timer cannot wait that long)
+        # inf, or longer than a Timer can wait: no limit
+        if self.settings.shutdown_timeout > threading.TIMEOUT_MAX:
             return
         timer = threading.Timer(
             self.settings.shutdown_timeout,
