@@ -702,6 +702,9 @@ def test_server_bounds_must_be_positive_integers():
     for bad in ({"batch_size": 0}, {"batch_size": 1.5}, {"max_streams": True}, {"max_body_bytes": -1}):
         with pytest.raises(InputError, match=f"^{next(iter(bad))} must be a positive integer"):
             ServerSettings(served_model_name=MODEL, **bad)
+    for bad in ({"max_waiting": -1}, {"shutdown_timeout": -1.0}, {"shutdown_timeout": float("nan")}):
+        with pytest.raises(InputError, match="must not be negative"):
+            ServerSettings(served_model_name=MODEL, **bad)
 
 
 def test_extreme_sampling_settings_are_served(url):

@@ -88,8 +88,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_streams", "max_body_bytes"):
             setattr(self, name, positive_count(getattr(self, name), name))
-        if self.max_waiting < 0 or self.shutdown_timeout < 0:
-            raise InputError("max_waiting and shutdown_timeout must not be negative")
+        if self.max_waiting < 0 or not self.shutdown_timeout >= 0:  # NaN fails too
+            raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
 
 
 class _State:
