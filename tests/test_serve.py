@@ -3,6 +3,7 @@ HTTP where a client would not send such a request), against the tiny model."""
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -580,6 +581,30 @@ def test_stop_strings_end_the_answer_before_them(url):
     assert " " not in held.choices[0].text and held.usage.completion_tokens <= latest_end + 1
 
 
+def test_stop_strings_kept_in_the_text_when_asked(url):
+    """vLLM's include_stop_str_in_output: the answer ends with the stop string instead of before it."""
+    c = client(url)
+    full = c.completions.create(model=MODEL, prompt="Hi", max_tokens=30, seed=11).choices[0].text
+    stop = full[10:12]
+    kept = full[: full.index(stop) + len(stop)]
+    keep = {"include_stop_str_in_output": True}
+    for stream in (False, True):
+        answer = c.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=30, seed=11, stop=stop, stream=stream, extra_body=keep
+        )
+        chunks = list(answer) if stream else [answer]
+        assert "".join(ch.choices[0].text for ch in chunks) == kept
+        assert chunks[-1].choices[0].stop_reason == stop
+    equal = {"length_equal_to": 20}  # a held answer (Equal To with retries), cut once final
+    whole = c.completions.create(model=MODEL, prompt="Hi", max_tokens=30, seed=11, extra_body=equal)
+    stop = whole.choices[0].text[5:7]
+    held = c.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=30, seed=11, stop=stop, extra_body={**equal, **keep}
+    )
+    text = whole.choices[0].text
+    assert held.choices[0].text == text[: text.index(stop) + len(stop)]
+
+
 @pytest.mark.parametrize("stop, expected", [("你好", "a"), ("a你", ""), ("好", "a你"), ("\ufffd", "a你好b")])
 def test_stop_strings_with_characters_split_across_tokens(stop, expected):
     """你 and 好 take three byte tokens each: nothing of a stop string goes out before it is
@@ -603,6 +628,72 @@ def test_stop_strings_with_characters_split_across_tokens(stop, expected):
     assert (finish is not None) == (stop in "a你好b")
 
 
+def test_openai_fields_that_ask_for_nothing_different_are_taken(url):
+    """What SDKs and frameworks send by default, or only to inform, is taken; the values of those
+    fields that ask for what this server does not do are refused, naming the field."""
+    taken = {
+        "response_format": {"type": "text"},
+        "store": False,
+        "metadata": {"team": "a"},
+        "service_tier": "auto",
+        "safety_identifier": "u1",
+        "prompt_cache_key": "k",
+        "parallel_tool_calls": False,
+        "modalities": ["text"],
+        "tools": [],
+        "tool_choice": "none",
+        "user": "u1",
+        "skip_special_tokens": True,
+        "include_stop_str_in_output": False,
+        "chat_template_kwargs": {},
+        "reasoning_effort": None,
+    }
+    body = {"model": MODEL, "messages": HI, "max_tokens": 2, **taken}
+    answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    for field, value in [
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("modalities", ["text", "audio"]),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("reasoning_effort", "low"),
+        ("chat_template_kwargs", {"enable_thinking": False}),
+        ("skip_special_tokens", False),
+    ]:
+        refused = httpx.post(url + "/v1/chat/completions", json={**body, field: value}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, (field, refused.text)
+        assert "not supported" in refused.json()["error"]["message"]
+    # the two shared with text completions
+    plain = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    ok = {"response_format": {"type": "text"}, "skip_special_tokens": True}
+    assert httpx.post(url + "/v1/completions", json={**plain, **ok}, timeout=30).status_code == 200
+
+
+def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(url):
+    events = []
+    body = {
+        "model": MODEL,
+        "messages": HI,
+        "max_tokens": 5,
+        "seed": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[len("data: ") :]))
+    *chunks, last = events
+    assert last["choices"] == [] and all("usage" in e for e in events)
+    so_far = [e["usage"]["completion_tokens"] for e in chunks]
+    assert (
+        so_far[0] == 0 and so_far == sorted(so_far) and so_far[-1] == last["usage"]["completion_tokens"] == 5
+    )
+    assert all(e["usage"]["prompt_tokens"] == last["usage"]["prompt_tokens"] for e in chunks)
+
+
 def test_server_bounds_must_be_positive_integers():
     from lenvm.io import InputError
 
@@ -610,6 +701,9 @@ def test_server_bounds_must_be_positive_integers():
     assert settings.batch_size == 4 and type(settings.batch_size) is int
     for bad in ({"batch_size": 0}, {"batch_size": 1.5}, {"max_streams": True}, {"max_body_bytes": -1}):
         with pytest.raises(InputError, match=f"^{next(iter(bad))} must be a positive integer"):
+            ServerSettings(served_model_name=MODEL, **bad)
+    for bad in ({"max_waiting": -1}, {"shutdown_timeout": -1.0}, {"shutdown_timeout": float("nan")}):
+        with pytest.raises(InputError, match="must not be negative"):
             ServerSettings(served_model_name=MODEL, **bad)
 
 
@@ -706,6 +800,47 @@ def test_predict_cuts_a_long_list_into_bounded_forwards(url, lenvm, tiny_generat
         httpx.post(url + "/v1/length/predict", json={"prompt": prompts * 3}, timeout=0.6)
     time.sleep(2.0)
     assert 1 <= len(calls) < 6
+
+
+@pytest.mark.parametrize(("timeout", "status", "outcome"), [(30.0, 200, "ok"), (0.05, 503, "aborted")])
+def test_a_shutdown_lets_a_predict_in_flight_finish_within_its_timeout(
+    engine, lenvm, monkeypatch, timeout, status, outcome
+):
+    """A predict taken before SIGTERM goes on through its forwards until the shutdown timeout (then
+    it is cut, as a generation is); one that arrives after is refused."""
+    import lenvm.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "PREDICT_CHUNK_TOKENS", 4)  # the two prompts: two forwards
+    started, go = threading.Event(), threading.Event()
+    original = lenvm.predict_values
+
+    def gated(prompts):
+        started.set()
+        go.wait(10)
+        return original(prompts)
+
+    monkeypatch.setattr(lenvm, "predict_values", gated)
+    prompts = [[7, 8, 9], [9, 8, 7]]
+    with running(engine, shutdown_timeout=timeout) as (url, app):
+        answers = []
+        sender = threading.Thread(
+            target=lambda: answers.append(httpx.post(url + "/v1/length/predict", json={"prompt": prompts}))
+        )
+        sender.start()
+        assert started.wait(10)
+        app.state.lenvm.begin_shutdown()  # what SIGTERM does
+        time.sleep(0.2)  # past the short timeout
+        go.set()
+        sender.join(10)
+        assert answers[0].status_code == status, answers[0].text
+        if status == 200:
+            assert [d["value"] for d in answers[0].json()["data"]] == pytest.approx(
+                original(prompts), abs=1e-5
+            )
+        assert httpx.post(url + "/v1/length/predict", json={"prompt": prompts}).status_code == 503
+        counted = app.state.metrics.registry.get_sample_value
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": outcome}) == 1
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": "rejected"}) == 1
 
 
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(1, 100))
@@ -940,8 +1075,8 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"text": "Hi"}]}]}, "needs a 'type'"),
     ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": HI, "max_tokens": 5, "max_completion_tokens": 5}, "not both"),
-    ({"model": MODEL, "messages": HI, "tools": []}, "unknown field 'tools'"),
-    ({"model": MODEL, "messages": HI, "tools": None}, "unknown field 'tools'"),
+    ({"model": MODEL, "messages": HI, "tools": [{"type": "function"}]}, "tools are not supported"),
+    ({"model": MODEL, "messages": HI, "functions": None}, "unknown field 'functions'"),
     (
         {"model": MODEL, "messages": [{"role": "user", "content": "Hi", "foo": None}]},
         "unknown field 'messages.0.foo'",
@@ -1040,6 +1175,7 @@ def test_api_key(engine, monkeypatch):
         )
         assert response.status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+        assert httpx.head(url + "/health").status_code == 200  # as load balancers probe it
         answer = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).completions.create(
             model=MODEL, prompt="Hi", max_tokens=2
         )
@@ -1145,6 +1281,46 @@ def test_a_client_that_goes_away_frees_its_row(engine):
         assert 'lenvm_requests_total{endpoint="completions",outcome="error"} 0.0' in metrics
 
 
+async def _post_then_disconnect(app, path: str) -> list[dict]:
+    """POST half a body to ``app`` (ASGI, no socket), then the client disconnects; the messages sent."""
+    messages = iter([{"type": "http.request", "body": b'{"prompt": "Hi', "more_body": True}])
+    sent = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"), [("/v1/completions", "completions"), ("/v1/length/predict", "length_predict")]
+)
+def test_a_client_that_goes_away_while_sending_its_body_is_cancelled_not_an_error(engine, path, endpoint):
+    app = create_app(engine, ServerSettings(served_model_name=MODEL))
+    sent = asyncio.run(_post_then_disconnect(app, path))
+    assert sent[0]["status"] == 499
+    counted = app.state.metrics.registry.get_sample_value
+    assert counted("lenvm_requests_total", {"endpoint": endpoint, "outcome": "cancelled"}) == 1
+    assert not counted("lenvm_requests_total", {"endpoint": endpoint, "outcome": "error"})
+
+
 def test_a_failed_step_answers_500_and_the_engine_goes_on(engine, monkeypatch):
     with running(engine) as (url, app):
         runner = app.state.lenvm.runner
@@ -1161,6 +1337,51 @@ def test_a_failed_step_answers_500_and_the_engine_goes_on(engine, monkeypatch):
         with pytest.raises(openai.InternalServerError, match="boom"):
             client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=3)
         healthy(url)
+
+
+class _GatedTokenizer:
+    """A tokenizer that holds the text "slow" until ``gate`` opens (a long text's tokenization)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, text, **kwargs):
+        if text == "slow":
+            self.entered.set()
+            self.gate.wait(10)
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_slow_tokenization_leaves_the_server_answering(tiny_generator):
+    """Prompts are tokenized off the event loop: while one takes long, health checks and token-id
+    requests are answered."""
+    model, tokenizer = tiny_generator
+    gated = _GatedTokenizer(tokenizer)
+    with running(Engine(model, gated)) as (url, _):
+        answers = []
+        slow = threading.Thread(
+            target=lambda: answers.append(
+                client(url).completions.create(model=MODEL, prompt="slow", max_tokens=2)
+            )
+        )
+        slow.start()
+        try:
+            assert gated.entered.wait(10)
+            assert httpx.get(url + "/health", timeout=2).status_code == 200
+            ids = (
+                client(url)
+                .with_options(timeout=5)
+                .completions.create(model=MODEL, prompt=[5, 6], max_tokens=2)
+            )
+            assert ids.usage.completion_tokens == 2 and answers == []
+        finally:
+            gated.gate.set()
+            slow.join(10)
+        assert answers[0].usage.completion_tokens == 2
 
 
 # -- concurrency ------------------------------------------------------------------------------------
@@ -1285,6 +1506,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_an_unlimited_shutdown_timeout_waits_without_an_error(engine, monkeypatch):
+    """inf (or a timeout too long for a timer) leaves requests in flight to finish however long."""
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    app = create_app(engine, ServerSettings(served_model_name=MODEL, shutdown_timeout=float("inf")))
+    aborted = []
+    monkeypatch.setattr(app.state.lenvm.runner, "abort_all", aborted.append)
+    app.state.lenvm.begin_shutdown()
+    time.sleep(0.2)  # time for a timer thread, had one started, to fail
+    assert failures == [] and aborted == []
+
+
 def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_path):
     """`lenvm serve` in its own process: on SIGTERM a short stream in flight finishes, a long one is
     answered with an error once the shutdown timeout has passed; none is dropped silently."""
@@ -1362,6 +1595,35 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_p
             process.wait()
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_each_request_is_logged_in_one_line(url, caplog):
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    client(url).completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3)
+    httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "foo": 1})
+    stream = client(url).completions.create(model=MODEL, prompt=[5, 6], max_tokens=2, stream=True)
+    list(stream)
+    httpx.head(url + "/health")
+
+    def lines():
+        return [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
+
+    wait_until(lambda: len(lines()) >= 4, timeout=5)  # a stream's line follows its last event
+    assert len(lines()) == 4, lines()
+    ok, invalid, streamed, health = lines()
+    assert '"POST /v1/completions" 200 ' in ok and ok.endswith("s prompt_tokens=3 completion_tokens=3")
+    assert '"POST /v1/completions" 400 ' in invalid and invalid.endswith(": unknown field 'foo'")
+    assert streamed.endswith("prompt_tokens=2 completion_tokens=2")
+    assert '"HEAD /health" 200 ' in health
+
+
+def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):
+    from lenvm.serve.app import server_config
+
+    app = create_app(engine, ServerSettings(served_model_name=MODEL))
+    config = server_config(app, "127.0.0.1", 0, "info")
+    assert config.access_log is False  # uvicorn's line would repeat ours, without tokens or errors
+    assert config.log_config["loggers"]["lenvm.serve"]["level"] == "INFO"
 
 
 def test_importing_lenvm_does_not_import_the_server_stack():

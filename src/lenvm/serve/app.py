@@ -5,37 +5,45 @@
 
 Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (streaming or not),
 ``POST /v1/length/predict`` and ``/v1/length/values``, ``GET /v1/models[/{name}]``, ``/health`` and
-``/metrics`` (Prometheus). Generation runs on the engine's thread (:mod:`lenvm.serve.runner`);
-handlers only parse, wait and write. Every failure is answered with an OpenAI-style error body
-and its status (:class:`~lenvm.serve.protocol.ApiError`), never by a dead engine.
+``/metrics`` (Prometheus). Generation runs on the engine's thread (:mod:`lenvm.serve.runner`) and
+tokenizing on worker threads; handlers only parse, wait and write. Every failure is answered
+with an OpenAI-style error body and its status (:class:`~lenvm.serve.protocol.ApiError`), never
+by a dead engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import errno
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from types import FrameType
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lenvm.decoding.engine import Engine
 from lenvm.io import InputError, positive_count
+from lenvm.model import LengthValueModel
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
     ApiError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     Context,
     Plan,
@@ -46,9 +54,13 @@ from lenvm.serve.protocol import (
     parse,
     plan_chat,
     plan_completion,
+    prompt_list,
     text_prompt_ids,
+    tokenize,
 )
-from lenvm.serve.runner import EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
+from lenvm.serve.runner import Chunk, EngineFailure, EngineRunner, QueueFull, ShuttingDown, Submission
+
+log = logging.getLogger("lenvm.serve")
 
 # Tokens (padding included) in one forward of /v1/length/predict, which runs on the engine thread:
 # a list of long prompts is cut into such forwards so that decoding steps go on in between.
@@ -62,8 +74,8 @@ class ServerSettings:
     ``batch_size`` rows decode at once and ``max_waiting`` more choices may wait for one (a request
     beyond that is answered 429); at most ``max_streams`` streaming responses are open at once
     (429); a body over ``max_body_bytes`` is answered 413. On SIGTERM the server takes no new
-    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds;
-    then it answers what is left with an error."""
+    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds
+    (``inf``: for as long as they take); then it answers what is left with an error."""
 
     served_model_name: str
     api_key: str | None = None
@@ -76,8 +88,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_streams", "max_body_bytes"):
             setattr(self, name, positive_count(getattr(self, name), name))
-        if self.max_waiting < 0 or self.shutdown_timeout < 0:
-            raise InputError("max_waiting and shutdown_timeout must not be negative")
+        if self.max_waiting < 0 or not self.shutdown_timeout >= 0:  # NaN fails too
+            raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
 
 
 class _State:
@@ -90,11 +102,11 @@ class _State:
         self.draining = False
         self.started = int(time.time())
 
-    def open_stream(self, metrics) -> None:
+    def open_stream(self, metrics: Metrics) -> None:
         self.streams += 1
         metrics.open_streams.inc()
 
-    def close_stream(self, metrics) -> None:
+    def close_stream(self, metrics: Metrics) -> None:
         self.streams -= 1
         metrics.open_streams.dec()
 
@@ -104,6 +116,9 @@ class _State:
             return
         self.draining = True
         self.runner.accepting = False
+        # inf, or longer than a Timer can wait: no limit
+        if self.settings.shutdown_timeout > threading.TIMEOUT_MAX:
+            return
         timer = threading.Timer(
             self.settings.shutdown_timeout,
             self.runner.abort_all,
@@ -139,6 +154,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         await asyncio.to_thread(runner.stop)
 
     app = FastAPI(title="lenvm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(_RequestLog)
     app.state.lenvm = state
     app.state.metrics = metrics
 
@@ -150,7 +166,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health() -> JSONResponse:
         ok = runner.alive and not state.draining
         body = {"status": "ok" if ok else ("shutting down" if state.draining else "engine stopped")}
@@ -198,7 +214,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             _check_model(body.model, name)
             if state.draining:
                 raise ShuttingDown("the server is shutting down")
-            plan = planner(body, ctx)
+            plan = await asyncio.to_thread(planner, body, ctx)  # tokenizing: off the event loop
             if plan.stream:  # reserved as it is checked: streams arriving together cannot all pass
                 if state.streams >= settings.max_streams:
                     raise ApiError(429, f"too many open streams ({settings.max_streams}); try again later")
@@ -214,13 +230,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 if plan.stream:
                     state.close_stream(metrics)
                 raise
+        except _ClientGone:
+            metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
         except Exception as err:
             error = _as_api_error(err)
             metrics.requests.labels(endpoint, _outcome(error.status)).inc()
             return JSONResponse(error.body(), status_code=error.status)
         metrics.prompt_tokens.inc(plan.prompt_tokens)
         writer = Writer(plan, name, engine.tokenizer)
-        call = _Call(endpoint, submission, arrived, metrics, runner)
+        call = _Call(endpoint, submission, arrived, metrics, runner, _note(request))
+        call.note["prompt_tokens"] = plan.prompt_tokens
         if plan.stream:
 
             def closed() -> None:
@@ -238,35 +258,45 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await generate(request, "chat", ChatCompletionRequest, plan_chat)
 
-    async def length_endpoint(request: Request, endpoint: str, work: Callable) -> Response:
+    async def length_endpoint(
+        request: Request,
+        endpoint: str,
+        work: Callable[[bytes, LengthValueModel], Awaitable[dict[str, Any]]],
+    ) -> Response:
+        admitted = False
         try:
             _authorize(request, settings)
             body = await _read_body(request, settings.max_body_bytes)
             if lenvm is None:
                 raise ApiError(400, "this server has no LenVM: start it with --lenvm")
-            answer = await work(body)
+            if state.draining:  # taken before the shutdown, a request goes on until its timeout
+                raise ShuttingDown("the server is shutting down")
+            admitted = True
+            answer = await work(body, lenvm)
         except _ClientGone:
             metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
         except Exception as err:
             error = _as_api_error(err)
-            metrics.requests.labels(endpoint, _outcome(error.status)).inc()
+            cut = admitted and isinstance(err, ShuttingDown)
+            metrics.requests.labels(endpoint, "aborted" if cut else _outcome(error.status)).inc()
             return JSONResponse(error.body(), status_code=error.status)
         metrics.requests.labels(endpoint, "ok").inc()
         return JSONResponse(answer)
 
     @app.post("/v1/length/predict")
-    async def predict(request: Request) -> JSONResponse:
-        async def work(raw: bytes) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
+        async def work(raw: bytes, lenvm: LengthValueModel) -> dict[str, Any]:
             body = parse(PredictRequest, raw)
             _check_model(body.model, name)
-            prompts = _predict_prompts(body, ctx)
+            prompts = await asyncio.to_thread(_predict_prompts, body, ctx)  # off the event loop
+            _note(request)["prompt_tokens"] = sum(map(len, prompts))
             values = [0.0] * len(prompts)
 
             async def predict_all() -> None:
                 # A forward of a bounded size at a time, so that decoding steps run in between.
                 for chunk in _forward_chunks([len(p) for p in prompts], PREDICT_CHUNK_TOKENS):
-                    got = await runner.call(lambda c=chunk: lenvm.predict_values([prompts[i] for i in c]))
+                    got = await runner.call(partial(lenvm.predict_values, [prompts[i] for i in chunk]))
                     for i, value in zip(chunk, got, strict=True):
                         values[i] = value
 
@@ -281,18 +311,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return await length_endpoint(request, "length_predict", work)
 
     @app.post("/v1/length/values")
-    async def values(request: Request) -> JSONResponse:
+    async def values(request: Request) -> Response:
         from lenvm.values_view import token_values
 
-        async def work(raw: bytes) -> dict[str, Any]:
+        async def work(raw: bytes, lenvm: LengthValueModel) -> dict[str, Any]:
             body = parse(ValuesRequest, raw)
             _check_model(body.model, name)
-            prompt = _one_prompt(body.prompt, body.messages, ctx)
-            completion = body.completion
-            if isinstance(completion, str):  # tokenized on its own, as token_values does
-                completion = list(engine.tokenizer(completion, add_special_tokens=False)["input_ids"])
-            # Empty is the library's to judge: a finished one is an answer that was only its EOS.
-            completion = text_prompt_ids(completion, ctx, what="completion") if completion else []
+            prompt, completion = await asyncio.to_thread(_values_ids, body, ctx)  # off the event loop
             trace = await runner.call(lambda: token_values(lenvm, prompt, completion, finished=body.finished))
             return {"object": "length.values", "model": name, **trace.to_dict()}
 
@@ -307,19 +332,29 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 class _Call:
     """One generation request in flight: its timing and its one outcome."""
 
-    def __init__(self, endpoint: str, submission: Submission, arrived: float, metrics: Metrics, runner):
+    def __init__(
+        self,
+        endpoint: str,
+        submission: Submission,
+        arrived: float,
+        metrics: Metrics,
+        runner: EngineRunner,
+        note: dict[str, Any],
+    ):
         self.endpoint = endpoint
         self.submission = submission
         self.arrived = arrived
         self.metrics = metrics
         self.runner = runner
+        self.note = note  # what the request's log line says of it
         self.first_token = False
         self.outcome: str | None = None
 
-    def token(self) -> None:
+    def token(self, chunk: Chunk) -> None:
         if not self.first_token:
             self.first_token = True
             self.metrics.first_token_seconds.observe(time.perf_counter() - self.arrived)
+        self.note["completion_tokens"] = self.note.get("completion_tokens", 0) + len(chunk.token_ids)
 
     def finish(self, outcome: str) -> None:
         if self.outcome is None:
@@ -338,7 +373,7 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
     async def collect() -> list:
         chunks = []
         async for chunk in call.submission.chunks():
-            call.token()
+            call.token(chunk)
             chunks.append(chunk)
         return chunks
 
@@ -361,19 +396,17 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
 async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]:
     for opening in writer.opening():
         yield _sse(opening)
-    finishes = [None] * len(plan.choices)
     try:
         async for chunk in call.submission.chunks():
-            call.token()
-            if chunk.finish is not None:
-                finishes[chunk.index] = chunk.finish
+            call.token(chunk)
             yield _sse(writer.chunk(chunk))
         if plan.include_usage:
-            yield _sse(writer.usage_chunk(finishes))
+            yield _sse(writer.usage_chunk())
         call.finish("ok")
     except Exception as err:  # shutdown or engine failure mid-stream: say so, then end the stream
         error = _as_api_error(err)
         call.finish("aborted" if isinstance(err, ShuttingDown) else "error")
+        call.note["error"] = error.message  # the status, sent already, says nothing of it
         yield _sse(error.body())
     yield "data: [DONE]\n\n"
 
@@ -391,6 +424,59 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.closed()
+
+
+class _RequestLog:
+    """One INFO line per finished request: the client, method, path, status, seconds taken, the
+    tokens of a generation and the message of an error."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        note: dict[str, Any] = {"status": 500}  # an exception that escaped the handlers
+        scope[_NOTE] = note
+
+        async def send_noted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                note["status"] = message["status"]
+            elif message["type"] == "http.response.body" and note["status"] >= 400 and "error" not in note:
+                note["error"] = _error_message(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noted)
+        finally:
+            client = scope.get("client")
+            tokens = "".join(f" {k}={note[k]}" for k in ("prompt_tokens", "completion_tokens") if k in note)
+            log.info(
+                '%s "%s %s" %d %.3fs%s%s',
+                f"{client[0]}:{client[1]}" if client else "-",
+                scope["method"],
+                scope["path"],
+                note["status"],
+                time.perf_counter() - start,
+                tokens,
+                f": {note['error']}" if note.get("error") else "",
+            )
+
+
+_NOTE = "lenvm.log"  # the scope key of what a request's log line says of it
+
+
+def _note(request: Request) -> dict[str, Any]:
+    """What the request's log line says of it (see :class:`_RequestLog`); filled in by handlers."""
+    return request.scope.setdefault(_NOTE, {})
+
+
+def _error_message(body: bytes) -> str | None:
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return str(json.loads(body)["error"]["message"])
+    return None
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -457,11 +543,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body exceeds {limit} bytes")
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise ApiError(413, f"the body exceeds {limit} bytes")
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise ApiError(413, f"the body exceeds {limit} bytes")
+            parts.append(part)
+    except ClientDisconnect:
+        raise _ClientGone from None
     return b"".join(parts)
 
 
@@ -471,20 +560,16 @@ def _check_model(model: str | None, name: str) -> None:
 
 
 def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
-    if (body.prompt is None) == (body.messages is None):
-        raise ApiError(400, "give a prompt or messages (one or a list)")
-    if body.prompt is not None:
-        prompt = body.prompt
-        batch = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        ids = [text_prompt_ids(p, ctx) for p in batch]
+    if body.prompt is not None and body.messages is None:
+        texts = prompt_list(body.prompt)
+        _check_count(texts)
+        ids = [text_prompt_ids(p, ctx) for p in texts]
+    elif body.messages is not None and body.prompt is None:
+        chats = _conversations(body.messages)
+        _check_count(chats)
+        ids = [chat_prompt_ids(m, ctx) for m in chats]
     else:
-        messages = body.messages
-        batch = [messages] if messages and not isinstance(messages[0], list) else messages
-        ids = [chat_prompt_ids(m, ctx.tokenizer) for m in batch]
-    if not ids:
-        raise ApiError(400, "no prompts given", "prompt")
-    if len(ids) > MAX_PROMPTS:
-        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
+        raise ApiError(400, "give a prompt or messages (one or a list)")
     for p in ids:
         if len(p) > ctx.context:
             raise ApiError(
@@ -495,12 +580,34 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
     return ids
 
 
-def _one_prompt(prompt, messages, ctx: Context) -> list[int]:
-    if (prompt is None) == (messages is None):
+def _conversations(messages: list[ChatMessage] | list[list[ChatMessage]]) -> list[list[ChatMessage]]:
+    """One conversation or a list of them, as a list."""
+    if messages and isinstance(messages[0], ChatMessage):
+        return [cast(list[ChatMessage], messages)]  # validated as one of the types: all messages
+    return cast(list[list[ChatMessage]], messages)
+
+
+def _check_count(prompts: Sized) -> None:
+    """Before any is tokenized."""
+    if not prompts:
+        raise ApiError(400, "no prompts given", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
+
+
+def _values_ids(body: ValuesRequest, ctx: Context) -> tuple[list[int], list[int]]:
+    """The prompt's and the completion's token ids of a values request."""
+    if body.prompt is not None and body.messages is None:
+        prompt = text_prompt_ids(body.prompt, ctx)
+    elif body.messages is not None and body.prompt is None:
+        prompt = chat_prompt_ids(body.messages, ctx)
+    else:
         raise ApiError(400, "give a prompt or messages")
-    if prompt is not None:
-        return text_prompt_ids(prompt, ctx)
-    return chat_prompt_ids(messages, ctx.tokenizer)
+    completion = body.completion
+    if isinstance(completion, str):  # tokenized on its own, as token_values does
+        completion = tokenize(completion, ctx, add_special_tokens=False)
+    # Empty is the library's to judge: a finished one is an answer that was only its EOS.
+    return prompt, text_prompt_ids(completion, ctx, what="completion") if completion else []
 
 
 def _as_api_error(err: BaseException) -> ApiError:
@@ -538,8 +645,27 @@ def serve(
     """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
     check_address(host, port)
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
-    _Server(config, app.state.lenvm.begin_shutdown).run()
+    _Server(server_config(app, host, port, log_level), app.state.lenvm.begin_shutdown).run()
+
+
+def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: the server's own line per request replaces uvicorn's access
+    log (which knows neither tokens nor errors), written as uvicorn writes its lines."""
+    logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    logging_config["loggers"][log.name] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=logging_config,
+        access_log=False,
+        timeout_graceful_shutdown=None,
+    )
 
 
 def check_address(host: str, port: int) -> None:
@@ -565,10 +691,10 @@ def check_address(host: str, port: int) -> None:
 class _Server(uvicorn.Server):
     """uvicorn's server, which also tells the app when a signal asks it to stop."""
 
-    def __init__(self, config, on_exit: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
         super().__init__(config)
         self.on_exit = on_exit
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.on_exit()
         super().handle_exit(sig, frame)

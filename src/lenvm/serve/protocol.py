@@ -16,12 +16,14 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from lenvm.decoding.params import (
     LENGTH_KEYS,
@@ -85,6 +87,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage so far in every chunk
 
 
 XargValue = str | int | float | bool | None
@@ -107,7 +110,10 @@ class _Generation(_Body):
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False
     vllm_xargs: dict[str, XargValue] | None = None
     return_values: bool = False
@@ -178,6 +184,19 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Informational in OpenAI's API: taken, changing nothing here.
+    store: bool = False
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # Taken where they ask for what this server does anyway (see _refuse_unsupported_chat).
+    modalities: list[str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class PredictRequest(_Body):
@@ -197,7 +216,10 @@ class ValuesRequest(_Body):
     finished: bool = True
 
 
-def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse(model: type[Body], body: bytes) -> Body:
     """Validate a JSON body; :class:`ApiError` 400 naming the first problem."""
     try:
         return model.model_validate_json(body)
@@ -205,7 +227,7 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         raise ApiError(400, *_describe(err.errors())) from None
 
 
-def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
     # A check of ours that failed says more than the union members it failed in.
     error = next((e for e in errors if e["type"] == "value_error"), errors[0])
     if error["type"] == "json_invalid":
@@ -253,6 +275,9 @@ class Context:
     max_choices: int  # choices the server holds at once (running and waiting)
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling when a request leaves it out
     context_note: str = ""  # said after the context where it is a sliding window (Engine.context_note)
+    # Requests are planned on worker threads: one encodes at a time, as a fast tokenizer shared
+    # between threads may fail ("Already borrowed") when two calls change its settings at once.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -267,6 +292,7 @@ class Plan:
     logprobs: int | None  # None: no log-probabilities; else how many alternatives per token
     token_ids_as_text: bool
     controlled: bool
+    continuous_usage: bool = False  # the usage so far in every chunk too
 
 
 def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
@@ -283,7 +309,8 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
 
 
 def plan_chat(body: ChatCompletionRequest, ctx: Context) -> Plan:
-    prompt = chat_prompt_ids(body.messages, ctx.tokenizer)
+    _refuse_unsupported_chat(body)
+    prompt = chat_prompt_ids(body.messages, ctx)
     if body.top_logprobs and not body.logprobs:  # 0 without logprobs asks for nothing: fine
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     top = body.top_logprobs or 0
@@ -379,13 +406,18 @@ def _plan(
             except InputError as err:
                 raise ApiError(400, str(err)) from None
             request = Request(ids, sampling, control=control, return_values=return_values)
-            choices.append(Choice(request, stops))
+            choices.append(Choice(request, stops, body.include_stop_str_in_output))
     return Plan(
         endpoint=endpoint,
         choices=choices,
         prompt_tokens=sum(len(ids) for ids in prompts),
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        continuous_usage=bool(
+            body.stream_options
+            and body.stream_options.include_usage
+            and body.stream_options.continuous_usage_stats
+        ),
         logprobs=logprobs,
         token_ids_as_text=body.return_tokens_as_token_ids,
         controlled=control is not None,
@@ -401,6 +433,43 @@ def _refuse_unsupported(body: _Generation) -> None:
         raise ApiError(400, "logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options needs stream: true", "stream_options")
+    if not body.skip_special_tokens:
+        raise ApiError(
+            400,
+            "skip_special_tokens: false is not supported (special tokens are left out of the text)",
+            "skip_special_tokens",
+        )
+    kind = (body.response_format or {"type": "text"}).get("type")
+    if kind != "text":
+        raise ApiError(
+            400,
+            f"response_format of type {kind!r} is not supported: the server writes free text",
+            "response_format",
+        )
+
+
+def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
+    """Chat fields taken only with the values that ask for nothing this server does not do."""
+    if body.modalities is not None and set(body.modalities) != {"text"}:
+        raise ApiError(400, 'modalities other than ["text"] are not supported', "modalities")
+    if body.tools:
+        raise ApiError(400, "tools are not supported", "tools")
+    if body.tool_choice not in (None, "none", "auto"):  # with no tools, "auto" calls none either
+        raise ApiError(
+            400, 'tool_choice other than "none" is not supported (there are no tools)', "tool_choice"
+        )
+    if body.reasoning_effort is not None:
+        raise ApiError(
+            400,
+            "reasoning_effort is not supported: the chat template is applied as it is",
+            "reasoning_effort",
+        )
+    if body.chat_template_kwargs:
+        raise ApiError(
+            400,
+            "chat_template_kwargs are not supported: the chat template is applied as it is",
+            "chat_template_kwargs",
+        )
 
 
 def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
@@ -429,15 +498,22 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
     return {**xargs, **top}, return_values
 
 
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt (text or token ids) or a list of them, as a list."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [cast(list[int], prompt)]  # validated as one of the types: all of it ints
+    return cast(list[str | list[int]], prompt)  # a list of texts or of token-id lists
+
+
 def _completion_prompts(body: CompletionRequest, ctx: Context) -> list[list[int]]:
-    prompt = body.prompt
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
+    prompts = prompt_list(body.prompt)
+    if not prompts:
         raise ApiError(400, "the prompt is empty", "prompt")
-    if len(prompt) > MAX_PROMPTS:
+    if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", "prompt")
-    return [text_prompt_ids(p, ctx, body.add_special_tokens) for p in prompt]
+    return [text_prompt_ids(p, ctx, body.add_special_tokens) for p in prompts]
 
 
 def text_prompt_ids(
@@ -447,7 +523,7 @@ def text_prompt_ids(
     engine's vocabulary: the ids its models embed). Any text is a prompt, whitespace alone included
     (as in OpenAI's API): only one that comes to no tokens is refused, as the engine refuses it."""
     if isinstance(prompt, str):
-        ids = list(ctx.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        ids = tokenize(prompt, ctx, add_special_tokens)
     elif (why := outside_vocabulary(prompt, ctx.vocab_size, f"the {what}")) is not None:
         raise ApiError(400, why, what)
     else:
@@ -455,7 +531,13 @@ def text_prompt_ids(
     return _some_tokens(ids, what)
 
 
-def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
+def tokenize(text: str, ctx: Context, add_special_tokens: bool = True) -> list[int]:
+    """``text`` tokenized as is (no chat template)."""
+    with ctx.tokenizer_lock:
+        return list(ctx.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def chat_prompt_ids(messages: list[ChatMessage], ctx: Context) -> list[int]:
     """Chat messages through the chat template, with the generation prompt. A message's content
     may be empty or whitespace (as in OpenAI's API; lenvm's prompt files refuse a prompt without
     text, which rollouts and training could not use)."""
@@ -463,7 +545,8 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer) -> list[int]:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     records = [{"role": m.role, "content": _content(m.content)} for m in messages]
     try:
-        ids = encode_prompt(tokenizer, Prompt("0", messages=records))
+        with ctx.tokenizer_lock:
+            ids = encode_prompt(ctx.tokenizer, Prompt("0", messages=records))
     except InputError as err:
         raise ApiError(400, str(err), "messages") from None
     except Exception as err:  # the chat template refused the conversation (roles, order)
@@ -520,6 +603,8 @@ class Writer:
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
         self.offsets = [0] * len(plan.choices)  # text completions' logprobs: each choice's text offset
+        self.streamed: list[Finish | None] = [None] * len(plan.choices)  # a stream's finishes so far
+        self.streamed_tokens = 0
 
     # -- whole ---------------------------------------------------------------------------
 
@@ -539,6 +624,9 @@ class Writer:
 
     def usage(self, finishes: list[Finish | None]) -> dict[str, int]:
         completion = sum(f.completion_tokens for f in finishes if f is not None)
+        return self._usage(completion, finishes)
+
+    def _usage(self, completion: int, finishes: list[Finish | None]) -> dict[str, int]:
         return {
             "prompt_tokens": self.plan.prompt_tokens,
             "completion_tokens": completion,
@@ -553,7 +641,7 @@ class Writer:
         if self.plan.endpoint != "chat":
             return []
         return [
-            self._envelope(
+            self._streamed(
                 {
                     "index": i,
                     "delta": {"role": "assistant", "content": ""},
@@ -567,10 +655,21 @@ class Writer:
     def chunk(self, chunk: Chunk) -> dict[str, Any]:
         answer = _Answer()
         answer.add(chunk)
-        return self._envelope(self._choice(chunk.index, chunk.text, answer, chunk.finish, whole=False))
+        self.streamed_tokens += len(chunk.token_ids)
+        if chunk.finish is not None:
+            self.streamed[chunk.index] = chunk.finish
+        return self._streamed(self._choice(chunk.index, chunk.text, answer, chunk.finish, whole=False))
 
-    def usage_chunk(self, finishes: list[Finish | None]) -> dict[str, Any]:
-        return {**self._envelope(None), "choices": [], "usage": self.usage(finishes)}
+    def usage_chunk(self) -> dict[str, Any]:
+        """The stream's last chunk: no choices, the usage of the whole answer."""
+        return {**self._envelope(None), "choices": [], "usage": self.usage(self.streamed)}
+
+    def _streamed(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """A stream chunk of ``choice``, with the usage so far where it was asked for."""
+        envelope = self._envelope(choice)
+        if self.plan.continuous_usage:
+            envelope["usage"] = self._usage(self.streamed_tokens, self.streamed)
+        return envelope
 
     def _envelope(self, choice: dict[str, Any] | None) -> dict[str, Any]:
         return {

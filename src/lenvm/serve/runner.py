@@ -24,15 +24,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from lenvm.decoding import Request, Result, Scheduler
 from lenvm.decoding.engine import Engine, Update
 from lenvm.decoding.params import RequestError
 from lenvm.io import InputError
 from lenvm.serve.detokenizer import AnswerDecoder
+from lenvm.serve.metrics import Metrics
 
 log = logging.getLogger("lenvm.serve")
 
@@ -58,6 +59,7 @@ class Choice:
 
     request: Request
     stops: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    include_stop: bool = False  # ... or with it (vLLM's include_stop_str_in_output)
 
     @property
     def rows(self) -> int:
@@ -154,18 +156,21 @@ class EngineRunner:
     At most ``batch_size`` choices decode at once and ``max_waiting`` more wait for a row; a
     submission beyond that raises :class:`QueueFull`."""
 
-    def __init__(self, engine: Engine, batch_size: int = 16, max_waiting: int = 256, metrics=None):
+    def __init__(
+        self, engine: Engine, batch_size: int = 16, max_waiting: int = 256, metrics: Metrics | None = None
+    ):
         self.engine = engine
         self.batch_size = batch_size
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.scheduler = Scheduler(engine, batch_size)
-        self.accepting = True
+        self.accepting = True  # new requests are taken; the ones taken go on while this is False
+        self._cut: BaseException | None = None  # set: what answers the requests still in flight
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding = 0  # rows the unfinished choices may take (running or waiting)
         self._keys = itertools.count()
-        self._live: dict[int, tuple[Submission, _Tracker]] = {}  # engine thread only
+        self._live: dict[Hashable, tuple[Submission, _Tracker]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
 
     # -- from the event loop --------------------------------------------------------------
@@ -208,23 +213,31 @@ class EngineRunner:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between two steps (torch work off the event loop, and
-        never beside a step) and return its result."""
-        if not self.accepting:
-            raise ShuttingDown("the server is shutting down")
+        never beside a step) and return its result. A request taken before a shutdown goes on
+        calling until :meth:`abort_all` or :meth:`stop`; its caller refuses new requests."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put(("call", fn, future, loop))
+        with self._lock:  # checked and queued at once: a call queued after "stop" is never run
+            if self._cut is not None:
+                raise self._cut
+            self._inbox.put(("call", fn, future, loop))
         return await future
 
     def abort_all(self, error: BaseException) -> None:
-        """Answer every unfinished choice with ``error`` (a shutdown that cannot wait longer)."""
-        self._inbox.put(("fail", error))
+        """Answer every unfinished choice, and every later call, with ``error`` (a shutdown that
+        cannot wait longer)."""
+        with self._lock:
+            self._cut = error
+            self._inbox.put(("fail", error))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread; what is still unfinished is answered with :class:`ShuttingDown`."""
         self.accepting = False
-        if self._thread is not None:
+        with self._lock:
+            if self._cut is None:
+                self._cut = ShuttingDown("the server shut down before this request finished")
             self._inbox.put(("stop",))
+        if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the engine thread ----------------------------------------------------------------
@@ -356,7 +369,8 @@ class _Tracker:
     def __init__(self, index: int, choice: Choice, tokenizer):
         self.index = index
         self.choice = choice
-        self.decoder = AnswerDecoder(tokenizer, choice.request.prompt)
+        # The server plans every request from token ids (lenvm.serve.protocol), never text.
+        self.decoder = AnswerDecoder(tokenizer, cast(list[int], choice.request.prompt))
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
@@ -381,12 +395,13 @@ class _Tracker:
         text = "".join(pieces)
         stop = first_stop(text, self.choice.stops)
         if stop is not None:
-            at, string = stop
             n = len(self.tokens)
-            return self._chunk(_cut(pieces, at), Finish("stop", string, n, 0, n, 0, None, False))
+            return self._final(
+                _cut(pieces, self._cut_at(*stop)), Finish("stop", stop[1], n, 0, n, 0, None, False)
+            )
         if update.result is not None:
-            return self._chunk(pieces, Finish.of(update.result))
-        return self._chunk(pieces, None, max(len(text) - self.hold_back, self.sent_chars))
+            return self._final(pieces, Finish.of(update.result))
+        return self._progress(pieces, max(len(text) - self.hold_back, self.sent_chars))
 
     def _whole(self, result: Result) -> Chunk:
         """A held choice's final answer, cut at its first stop string."""
@@ -402,25 +417,34 @@ class _Tracker:
             ends = itertools.accumulate(len(piece) for piece in pieces)
             kept = next(k for k, end in enumerate(ends, 1) if end >= at + len(string))
             del self.tokens[kept:], self.logprobs[kept:], self.values[kept:], self.top[kept:]
-            pieces = _cut(pieces[:kept], at)
+            pieces = _cut(pieces[:kept], self._cut_at(at, string))
             finish = Finish(
                 "stop", string, kept, result.decoded_tokens - kept, kept, result.retries, None, False
             )
-        return self._chunk(pieces, finish)
+        return self._final(pieces, finish)
 
-    def _chunk(self, pieces: list[str], finish: Finish | None, released: int | None = None) -> Chunk | None:
-        """The tokens and text not sent yet: with ``finish``, all of them; before, the text up to
-        ``released`` and the tokens whose pieces lie within it (the rest wait with their text)."""
-        request = self.choice.request
-        text = "".join(pieces)
+    def _cut_at(self, at: int, string: str) -> int:
+        """Where the answer's text ends, given the stop string found at ``at``."""
+        return at + len(string) if self.choice.include_stop else at
+
+    def _final(self, pieces: list[str], finish: Finish) -> Chunk:
+        """The last chunk: every token and all the text not sent yet."""
+        sent, self.sent_tokens = self.sent_tokens, len(self.tokens)
+        return self._chunk(pieces, "".join(pieces), sent, finish)
+
+    def _progress(self, pieces: list[str], released: int) -> Chunk | None:
+        """The text up to ``released`` not sent yet, and the tokens whose pieces lie within it (the
+        rest wait with their text); None if there is nothing new."""
         sent = self.sent_tokens
-        if finish is None:
-            within = sum(end <= released for end in itertools.accumulate(len(piece) for piece in pieces))
-            text, self.sent_tokens = text[:released], max(within, sent)
-        else:
-            self.sent_tokens = len(self.tokens)
-        if finish is None and self.sent_tokens == sent and len(text) <= self.sent_chars:
-            return None  # nothing new to send
+        within = sum(end <= released for end in itertools.accumulate(len(piece) for piece in pieces))
+        text, self.sent_tokens = "".join(pieces)[:released], max(within, sent)
+        if self.sent_tokens == sent and len(text) <= self.sent_chars:
+            return None
+        return self._chunk(pieces, text, sent, None)
+
+    def _chunk(self, pieces: list[str], text: str, sent: int, finish: Finish | None) -> Chunk:
+        """The tokens from ``sent`` up to those now sent, and ``text`` past what was sent."""
+        request = self.choice.request
         upto = self.sent_tokens
         chunk = Chunk(
             self.index,
