@@ -854,7 +854,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=options.non_negative_float,
         default=30.0,
-        help="on SIGTERM, seconds that requests in flight get to finish before an error answers them",
+        help="on SIGTERM, seconds that requests in flight get to finish before an error answers them "
+        "(inf: no limit)",
     )
     p.add_argument(
         "--log-level",
