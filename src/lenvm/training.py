@@ -1060,8 +1060,9 @@ class FullTrainer:
             _check_resumable(self.work, saved.get("fingerprint"), self.fingerprint)
         if config.gradient_checkpointing:
             backbone = lenvm.backbone
-            if hasattr(backbone, "activation_checkpointing_enable"):  # its name from transformers 5.x
-                backbone.activation_checkpointing_enable({"use_reentrant": False})
+            # Its name from transformers 5.x (which older 5.x releases lack: read whether it is there).
+            if (enable := getattr(backbone, "activation_checkpointing_enable", None)) is not None:
+                enable({"use_reentrant": False})
             else:
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lr = cast(float, config.lr)  # train() resolves the kind's default
