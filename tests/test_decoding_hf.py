@@ -319,7 +319,7 @@ def test_the_processors_own_cache_runs_the_final_layer_only_for_rules_that_look_
     for control, lookahead in [(Control("tilt", beta=1.0), False), (Control("equal_to", target=5), True)]:
         processor = LenVMLogitsProcessor(lenvm, control, num_candidates=4)
         processor(torch.tensor([[5, 6, 7]]), torch.zeros(1, lenvm.backbone.config.vocab_size))
-        assert processor._scorer.stream.shallow is not lookahead
+        assert processor._answers.scorer.stream.shallow is not lookahead
         scorer = scorer_for(lenvm).prefill(lenvm, [[5, 6, 7]], lookahead=lookahead)
         scorer.score(
             torch.tensor([[8, 9]], device=lenvm.device),

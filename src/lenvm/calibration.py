@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from lenvm._lazy import LazyModule
 from lenvm.io import InputError
@@ -96,7 +97,7 @@ class Calibration:
         return cls(data["values"], data["returns"])
 
 
-def isotonic(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def isotonic(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """The least-squares non-decreasing fit of ``y`` on ``x``: the distinct ``x`` in increasing
     order and the fitted value at each (pool adjacent violators; tied ``x`` share one value)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from lenvm.io import InputError, is_int, is_real
 from lenvm.model import LengthValueModel, ValueHead, select_features
 
 
-def natural_end_distances(eos_probs: Sequence[float], ended: bool, bar: float) -> np.ndarray:
+def natural_end_distances(eos_probs: ArrayLike, ended: bool, bar: float) -> np.ndarray:
     """For each state ``t`` of a completion (``eos_probs[t]``: the generator's probability of EOS
     as token ``t``), the tokens left until the next state ``j >= t`` whose EOS probability is at
     least ``bar``, EOS included (``j - t + 1``; 1 at such a state itself). The last state counts
@@ -54,7 +55,11 @@ class EndData:
 
 @torch.no_grad()
 def end_data(
-    lenvm, records: Iterable[dict[str, Any]], bar: float, batch_size: int = 8, progress: bool = False
+    lenvm,
+    records: Iterable[dict[str, Any]] | str | os.PathLike,
+    bar: float,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> EndData:
     """One forward of the generator over each rollout (an attached ``lenvm``'s backbone, reading
     the prompt's images as training does): the features of every completion state and, from the

@@ -96,14 +96,20 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
         except RuntimeError:
             raise InputError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
         available = chosen.type in ("cpu", "meta") or (
-            torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == chosen.type
+            (accelerator := _accelerator()) is not None and accelerator.type == chosen.type
         )
         if not available:
             raise InputError(f"device {device!r}: this machine's torch has no {chosen.type} device")
         return chosen
-    return (
-        torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
-    )
+    accelerator = _accelerator()
+    return accelerator if accelerator is not None else torch.device("cpu")
+
+
+def _accelerator() -> torch.device | None:
+    """This machine's accelerator, as torch finds it (None without one)."""
+    import torch
+
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
 
 
 def cache_dir() -> Path:
@@ -188,7 +194,8 @@ def _convert_gguf(gguf: Path, target: Path, quiet: bool) -> None:
     finally:
         hf_logging.set_verbosity(verbosity)
     # The weights are de-quantized already; drop the GGUF marker so the model saves as plain fp32.
-    model.hf_quantizer = None
+    # A plain attribute of transformers' models; nn.Module's __setattr__ is typed for tensors and modules.
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.__dict__.pop("quantization_config", None)
     with atomic_path(target) as tmp:
         model.save_pretrained(tmp)
@@ -278,13 +285,15 @@ def load_generator(
     config = AutoConfig.from_pretrained(location)
     vision.check_supported(config, f"the generator {str(name)!r}")
     tokenizer = load_tokenizer(location)
+    auto: type[AutoModelForImageTextToText] | type[AutoModelForCausalLM]
     if vision.is_vision_language(config):
         auto = AutoModelForImageTextToText
         vision.Processor.load(location, tokenizer)
     else:
         auto = AutoModelForCausalLM
     model = auto.from_pretrained(location, dtype=torch_dtype(dtype))
-    model = model.to(default_device(device)).eval()
+    # transformers wraps its `to` with functools.wraps, whose stub takes the device for `self`.
+    model = model.to(default_device(device)).eval()  # type: ignore[arg-type]
     model.name_or_path = str(name)
     return model, tokenizer
 

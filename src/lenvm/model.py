@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lenvm import __version__, vision
+from lenvm._lazy import LazyModule
 from lenvm.calibration import Calibration
 from lenvm.decoding.params import SamplingParams
 from lenvm.io import (
@@ -47,6 +48,11 @@ from lenvm.io import (
 )
 from lenvm.prompts import Messages, Prompt, PromptInput, TokenIds, is_token_ids
 from lenvm.returns import _check_gamma, value_to_length
+
+if TYPE_CHECKING:
+    import transformers
+else:  # imported when the hints are read: the model's own code imports transformers where it loads one
+    transformers = LazyModule("transformers")
 
 Kind = Literal["attached", "standalone", "q"]
 KINDS: tuple[str, ...] = ("attached", "standalone", "q")
@@ -283,7 +289,7 @@ class QHead(nn.Module):
 class LengthValueModel(nn.Module):
     """A Length Value Model. Build one with :meth:`from_base`, load one with :meth:`from_pretrained`."""
 
-    def __init__(self, config: LengthValueConfig, backbone: nn.Module, tokenizer):
+    def __init__(self, config: LengthValueConfig, backbone: transformers.PreTrainedModel, tokenizer):
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -291,8 +297,9 @@ class LengthValueModel(nn.Module):
         # The config's __post_init__ fills head_hidden_size (from hidden_size) and requires a q
         # kind's vocab_size.
         head_hidden_size = cast(int, config.head_hidden_size)
+        self.head: QHead | ValueHead
         if config.kind == "q":
-            embed_dim = backbone.get_input_embeddings().weight.shape[1]
+            embed_dim = embedding_matrix(backbone).shape[1]
             self.head = QHead(config.hidden_size, head_hidden_size, cast(int, config.vocab_size), embed_dim)
         else:
             self.head = ValueHead(config.hidden_size, head_hidden_size)
@@ -307,13 +314,13 @@ class LengthValueModel(nn.Module):
         layers = backbone.config.get_text_config().num_hidden_layers
         if config.feature_layer > layers:
             raise InputError(f"feature_layer {config.feature_layer} exceeds the backbone's {layers} layers")
-        vocab = backbone.get_input_embeddings().weight.shape[0]
+        vocab = embedding_matrix(backbone).shape[0]
         if (why := outside_vocabulary(config.eos_token_ids, vocab, "eos_token_ids")) is not None:
             raise InputError(f"the LenVM's {why} of its backbone")
         # The head goes where the backbone is; the backbone is never moved.
-        self.head.to(backbone.get_input_embeddings().weight.device)
+        self.head.to(embedding_matrix(backbone).device)
         if self.end_head is not None:
-            self.end_head.to(backbone.get_input_embeddings().weight.device)
+            self.end_head.to(embedding_matrix(backbone).device)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -503,7 +510,7 @@ class LengthValueModel(nn.Module):
             raise InputError(
                 f"{what}: {len(ids)} tokens{of_images}, beyond the LenVM's context of {self.context} tokens"
             )
-        vocab = self.backbone.get_input_embeddings().weight.shape[0]
+        vocab = embedding_matrix(self.backbone).shape[0]
         if (why := outside_vocabulary(ids, vocab, what)) is not None:
             raise InputError(f"{why} of {self.config.base_model!r}: were its ids made by another tokenizer?")
 
@@ -513,9 +520,11 @@ class LengthValueModel(nn.Module):
     # -- forward --------------------------------------------------------------------------
 
     @property
-    def body(self) -> nn.Module:
+    def body(self) -> transformers.PreTrainedModel:
         """The transformer without any LM head."""
-        return self.backbone.base_model
+        return cast(
+            "transformers.PreTrainedModel", self.backbone.base_model
+        )  # typed as any Module by transformers
 
     @property
     def feature_layer(self) -> int:
@@ -556,6 +565,8 @@ class LengthValueModel(nn.Module):
         middle layer, every layer's (``hidden_states``)."""
         extra = {}
         if pixel_values is not None:
+            if image_grid_thw is None:
+                raise InputError("pixel_values come with their image_grid_thw (each image's grid of patches)")
             images = vision.ImageInputs(pixel_values, image_grid_thw)
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             positions = vision.rope_positions(self.body, input_ids, mask, images)
@@ -603,7 +614,7 @@ class LengthValueModel(nn.Module):
         """Q kind only: values of ``s + x`` for every token ``x`` (or the given candidate ids)."""
         if not isinstance(self.head, QHead):
             raise TypeError("next-token values from one state need a LenVM of kind 'q'")
-        embeddings = self.backbone.get_input_embeddings().weight
+        embeddings = embedding_matrix(self.backbone)
         logits = self.head.next_logits(hidden.to(self.head.proj.weight.dtype), embeddings, token_ids)
         return self._calibrated(_value(logits), calibrated)
 
@@ -715,7 +726,11 @@ class LengthValueModel(nn.Module):
                 and not {"prompt", "messages"} & prompts[0].keys()
             )
         )
-        batch = list(prompts) if isinstance(prompts, list | tuple) and not single else [prompts]
+        # One prompt is never a tuple (no case of single takes one): a list of PromptInput either way.
+        batch = cast(
+            list[PromptInput],
+            list(prompts) if isinstance(prompts, list | tuple) and not single else [prompts],
+        )
         lengths = self.lengths_from_values(self.predict_values(batch, batch_size, progress))
         return lengths[0] if single else lengths
 
@@ -725,6 +740,12 @@ def _value(logits: torch.Tensor) -> torch.Tensor:
     autocast) a value near -1 rounds to exactly -1, where the sigmoid's gradient is 0, and the
     head could never come back from it."""
     return -torch.sigmoid(logits.float())
+
+
+def embedding_matrix(model: transformers.PreTrainedModel) -> torch.Tensor:
+    """``model``'s input embeddings (``[vocab, hidden]``)."""
+    # Typed as any Module by transformers; a model's input embeddings are an nn.Embedding.
+    return cast(nn.Embedding, model.get_input_embeddings()).weight
 
 
 def context_length(model) -> int:
@@ -773,7 +794,8 @@ def run_until(body: nn.Module, layer: int, **inputs) -> torch.Tensor:
     def stop(module, args, output):
         raise _FeaturesReady(output[0] if isinstance(output, tuple) else output)
 
-    handle = body.layers[layer - 1].register_forward_hook(stop)
+    layers = cast(nn.ModuleList, body.layers)  # a text body lists its layers (can_stop_at)
+    handle = layers[layer - 1].register_forward_hook(stop)
     try:
         body(**inputs)
     except _FeaturesReady as ready:

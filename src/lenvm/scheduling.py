@@ -18,10 +18,10 @@ For each request: ``admitted`` (start of its first step), ``first_token`` (end o
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lenvm.io import InputError, positive_count
 
@@ -80,11 +80,11 @@ def rate_for_load(load: float, mean_length: float, batch_size: int) -> float:
 
 
 def simulate(
-    arrival: Sequence[float],
-    length: Sequence[int],
-    key: Sequence[float],
+    arrival: ArrayLike,
+    length: ArrayLike,
+    key: ArrayLike,
     batch_size: int,
-    prompt_tokens: Sequence[int] | None = None,
+    prompt_tokens: ArrayLike | None = None,
     prefill_per_token: float = 0.0,
 ) -> Timeline:
     """Run the requests through the server; ``key[i]`` orders request ``i`` in the queue (lower

@@ -61,7 +61,7 @@ from lenvm.losses import (
     state_losses,
     state_weights,
 )
-from lenvm.model import KINDS, Kind, LengthValueModel, refuse_to_replace, right_pad
+from lenvm.model import KINDS, Kind, LengthValueModel, embedding_matrix, refuse_to_replace, right_pad
 from lenvm.returns import gamma_from_lengths, lambda_returns, length_to_value
 from lenvm.training_data import RolloutSource, TrainingData, shuffled, training_data
 
@@ -280,7 +280,7 @@ def train(
             config.max_length,
             config.eval_fraction,
             config.seed,
-            vocab_size=lenvm.backbone.get_input_embeddings().weight.shape[0],
+            vocab_size=embedding_matrix(lenvm.backbone).shape[0],
             vocab_name=lenvm.config.base_model,
             sees_images=lenvm.sees_images,
             tokenizer=lenvm.tokenizer,
@@ -856,7 +856,8 @@ class HeadTrainer:
         epochs = cast(int, config.epochs)  # train() resolves the kind's default
         total = steps_per_epoch * epochs
         params = lenvm.head.parameters()
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        lr = cast(float, config.lr)  # train() resolves the kind's default
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
         scheduler = cosine_schedule(optimizer, total, config.warmup_ratio)
         losses: list[float] = []
         evaluations: list[dict[str, float]] = []
@@ -1059,13 +1060,13 @@ class FullTrainer:
             _check_resumable(self.work, saved.get("fingerprint"), self.fingerprint)
         if config.gradient_checkpointing:
             backbone = lenvm.backbone
-            if hasattr(backbone, "activation_checkpointing_enable"):  # its name from transformers 5.x
-                backbone.activation_checkpointing_enable({"use_reentrant": False})
+            # Its name from transformers 5.x (which older 5.x releases lack: read whether it is there).
+            if (enable := getattr(backbone, "activation_checkpointing_enable", None)) is not None:
+                enable({"use_reentrant": False})
             else:
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = torch.optim.AdamW(
-            lenvm.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        lr = cast(float, config.lr)  # train() resolves the kind's default
+        optimizer = torch.optim.AdamW(lenvm.trainable_parameters(), lr=lr, weight_decay=config.weight_decay)
         scheduler = cosine_schedule(optimizer, total, config.warmup_ratio)
         if acc.state.deepspeed_plugin is not None:
             # Without a prepared data loader, DeepSpeed's micro-batch size must be given.

@@ -17,7 +17,7 @@ import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ class ValueTrace:
             "remaining_mae": None,
         }
         if self.finished:
-            errors = [abs(t.predicted_remaining - t.true_remaining) for t in self.tokens]
+            # Every token of a finished completion knows how many tokens were still to come.
+            errors = [abs(t.predicted_remaining - cast(int, t.true_remaining)) for t in self.tokens]
             out.update(
                 true_length=self.num_tokens,
                 prompt_relative_error=abs(predicted - self.num_tokens) / self.num_tokens,
@@ -111,7 +112,7 @@ def state_values(
     Batches are formed from examples of similar length, so right padding stays small.
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    out: list[np.ndarray | None] = [None] * len(examples)
+    out: dict[int, np.ndarray] = {}
     bar = tqdm(total=len(examples), unit="completion", desc="values", disable=not progress)
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
@@ -127,7 +128,7 @@ def state_values(
             out[i] = np.append(v, 0.0) if e.finished else v
         bar.update(len(chunk))
     bar.close()
-    return out
+    return [out[i] for i in range(len(examples))]
 
 
 def token_values(
@@ -229,12 +230,14 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     # Set while the run of byte tokens the current token belongs to is known to be invalid UTF-8
     # in the whole text.
     broken_run = False
-    is_byte = None  # which tokens are byte tokens, found once a decoder shows it reads runs whole
+    is_byte: list[bool] | None = (
+        None  # which tokens are byte tokens, found once a decoder shows it reads runs whole
+    )
     for i in range(len(ids)):
         if i + 1 == len(ids):
             texts.append(decoded[at:])
             break
-        if broken_run and is_byte[i]:
+        if broken_run and is_byte is not None and is_byte[i]:  # set before any run is found broken
             # A byte fallback decoder shows an invalid run as U+FFFD throughout, and bytes added to
             # a run leave it invalid: the group waits, with nothing decoded again.
             texts.append("")
@@ -337,8 +340,8 @@ def _prompt_text(tokenizer, ids: list[int]) -> str:
         return tokenizer.decode(ids)
     parts = []
     for is_image, run in itertools.groupby(ids, lambda t: t == processor.image_token_id):
-        run = list(run)
-        parts.append(f"[image: {len(run)} tokens]" if is_image else tokenizer.decode(run))
+        tokens = list(run)
+        parts.append(f"[image: {len(tokens)} tokens]" if is_image else tokenizer.decode(tokens))
     return "".join(parts)
 
 
@@ -452,7 +455,7 @@ def _chart(trace: ValueTrace) -> str:
         f'<text x="{_LEFT}" y="14">remaining tokens</text>'
     )
     if trace.finished:
-        truth = [float(t.true_remaining) for t in trace.tokens]
+        truth = [float(cast(int, t.true_remaining)) for t in trace.tokens]  # finished: all known
         dashed = 'stroke="#888" stroke-width="1.5" stroke-dasharray="4 3"'
         parts.append(_polyline(truth, top, dashed))
     parts.append(_polyline(predicted, top, 'stroke="#1f77b4" stroke-width="1.8"'))
@@ -461,7 +464,7 @@ def _chart(trace: ValueTrace) -> str:
     ]
     if trace.finished:
         legend.append(("true", 'stroke="#888" stroke-dasharray="4 3" stroke-width="1.5"'))
-    x = _W - _RIGHT
+    x: float = _W - _RIGHT
     for text, stroke in reversed(legend):  # laid out from the right by the text's width
         x -= 24 + 6.5 * len(text)
         parts.append(

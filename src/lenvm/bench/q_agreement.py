@@ -318,7 +318,7 @@ def _results(items: list[dict[str, Any]], exact_gamma: float, q_gamma: float) ->
             **_ranking(exact, q),
             "value_mae": float(np.abs(q - exact).mean()),
             "length_mae": float(np.abs(q_length - exact_length).mean()),
-            "pearson": _number(pearson(exact.ravel(), q.ravel())),
+            "pearson": _number(float(pearson(exact.ravel(), q.ravel()))),  # of 1-D rows: one number
         },
         "probabilities": _ranking(exact, _stack(items, "logprobs")),
     }

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -300,11 +300,12 @@ def _serve(
             busy_rows += len({u.key for u in updates})
             now = time.perf_counter() - started
             for u in updates:
-                if np.isnan(first_step[u.key]):
-                    first_step[u.key], first_s[u.key] = scheduler.steps, now
+                i = cast(int, u.key)  # the workload index it was added under
+                if np.isnan(first_step[i]):
+                    first_step[i], first_s[i] = scheduler.steps, now
                 if u.result is not None:
-                    done_step[u.key], done_s[u.key] = scheduler.steps, now
-                    tokens[u.key] = u.result.num_tokens
+                    done_step[i], done_s[i] = scheduler.steps, now
+                    tokens[i] = u.result.num_tokens
                     bar.update(1)
     seconds = time.perf_counter() - started
     latency, ttft = done_step - arrived_step, first_step - arrived_step

@@ -170,11 +170,14 @@ def curves_for(
     plain = [i for i in items if i["beta"] == 0]
     lengths = np.array([i["num_tokens"] for i in plain], dtype=np.float64)
     correct = np.array([i["correct"] for i in plain], dtype=bool)
-    if budgets is None:
-        budgets = np.ceil(np.quantile(lengths, np.linspace(0.1, 1.0, 10))).astype(int)
+    caps = (
+        budgets
+        if budgets is not None
+        else np.ceil(np.quantile(lengths, np.linspace(0.1, 1.0, 10))).astype(int)
+    )
     budget = [
         _point(np.minimum(lengths, b), correct & (lengths <= b), budget=int(b))
-        for b in sorted({max(int(b), 1) for b in budgets})
+        for b in sorted({max(int(b), 1) for b in caps})
     ]
     # Pass@1 the hard budget reaches at each tilt point's mean length (linear in between).
     xs = [p["mean_length"] for p in budget]

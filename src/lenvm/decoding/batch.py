@@ -9,6 +9,7 @@ from then on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -49,7 +50,8 @@ class Batch:
         if batch is not None:
             gen = Stream.cat([batch.gen, gen])
             if scorer is not None:
-                scorer = Scorer.cat([batch.scorer, scorer], source=gen)
+                # The batch's own scorer was prefilled above where it had none.
+                scorer = Scorer.cat([cast(Scorer, batch.scorer), scorer], source=gen)
         return cls(seqs, gen, scorer, _rows(seqs, engine.device), _uniforms(seqs))
 
     def leave(self, engine, finished: list[int]) -> Batch | None:
@@ -119,8 +121,8 @@ def _top_logprobs(logits: torch.Tensor, log_norm: torch.Tensor, seqs: list[Seque
     wanted = [s.request.sampling.top_logprobs for s in seqs]
     if not any(wanted):
         return None
-    values, ids = logits.topk(max(wanted), dim=-1)
-    values, ids = (values - log_norm[:, None]).tolist(), ids.tolist()
+    top, top_ids = logits.topk(max(wanted), dim=-1)
+    values, ids = (top - log_norm[:, None]).tolist(), top_ids.tolist()
     return [list(zip(i[:k], v[:k], strict=True)) for i, v, k in zip(ids, values, wanted, strict=True)]
 
 

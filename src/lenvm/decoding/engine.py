@@ -51,7 +51,7 @@ import math
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -60,7 +60,7 @@ from lenvm.decoding.batch import Batch
 from lenvm.decoding.params import Control, Request, RequestError, Result
 from lenvm.decoding.queue import DEFAULT_AGING, check_queue, priority
 from lenvm.decoding.scorers import BlockScorer, scorer_for
-from lenvm.decoding.sequence import Sequence, best_of
+from lenvm.decoding.sequence import Sequence, best_of, target_of
 from lenvm.decoding.step import readable_vocab_size
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int, outside_vocabulary, positive_count
@@ -158,10 +158,8 @@ class Engine:
     ) -> list[Result]:
         """Generate for every request; results come back in request order."""
         requests = list(_request_list(requests, "generate"))
-        results: list[Result | None] = [None] * len(requests)
-        for index, result in self.stream(requests, batch_size, progress):
-            results[index] = result
-        return results
+        results = dict(self.stream(requests, batch_size, progress))
+        return [results[index] for index in range(len(requests))]
 
     def stream(
         self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False
@@ -172,7 +170,8 @@ class Engine:
         yielded. ``progress`` shows a bar of the requests done and the tokens decoded."""
         requests = list(_request_list(requests, "stream"))
         scheduler = self._scheduled(requests, batch_size)
-        return _counted(_finished(scheduler, bar := _progress(len(requests), progress)), bar)
+        finished = _counted(_finished(scheduler, bar := _progress(len(requests), progress)), bar)
+        return cast(Iterator[tuple[int, Result]], finished)  # _scheduled keys each request by its index
 
     def _scheduled(self, requests: Iterable[Request], batch_size: int) -> Scheduler:
         scheduler = Scheduler(self, batch_size)
@@ -218,7 +217,7 @@ class Engine:
             raise RequestError(key, "the prompt has images, which the text-only LenVM cannot read")
         of_images = f", {encoded.image_tokens} of them for its images" if encoded.image_tokens else ""
         request, limit = request.fitted(key, len(prompt_ids), self.context, of_images, self.context_note)
-        max_new_tokens = request.sampling.max_new_tokens
+        max_new_tokens = cast(int, request.sampling.max_new_tokens)  # Request.fitted sets it
         control = request.control or Control()
         if (control.active or request.return_values) and self.lenvm is None:
             raise RequestError(key, "a length control or return_values needs an engine with a LenVM")
@@ -226,7 +225,7 @@ class Engine:
             raise RequestError(key, f"target {control.target} exceeds the model's context of {self.context}")
         if (why := control.unreachable(max_new_tokens, limit)) is not None:
             raise RequestError(key, why)
-        if control.active and (why := control.beyond_horizon(self.lenvm.gamma)) is not None:
+        if control.active and lenvm is not None and (why := control.beyond_horizon(lenvm.gamma)) is not None:
             raise RequestError(key, why)
         if request.sampling.top_k >= self.lm_head.weight.shape[0]:  # keeps every token: the filter is off
             request = replace(request, sampling=replace(request.sampling, top_k=0))
@@ -319,7 +318,7 @@ class Scheduler:
             if not s.missed and s.index not in self.predicted
         }
         if unranked:
-            lenvm = self.engine.lenvm
+            lenvm = cast(LengthValueModel, self.engine.lenvm)  # Engine refuses queue="shortest" without one
             values = lenvm.values_of_prompts(list(unranked.values()), batch_size=len(unranked))
             self.predicted.update(zip(unranked, lenvm.lengths_from_values(values), strict=True))
 
@@ -349,11 +348,12 @@ class Scheduler:
             if self.waiting and free > 0:
                 joining = self._admit(min(free, len(self.waiting)))
                 self.batch = Batch.join(engine, self.batch, joining)
-            seqs = self.batch.seqs
-            finished = self.batch.step(engine)
+            batch = cast(Batch, self.batch)  # busy: rows run, or the rows just admitted form a batch
+            seqs = batch.seqs
+            finished = batch.step(engine)
             self.steps += 1
             if finished:
-                self.batch = self.batch.leave(engine, finished)
+                self.batch = batch.leave(engine, finished)
         updates = {id(seq): _last_token(seq) for seq in seqs}
         for seq in (seqs[row] for row in finished):
             update = updates[id(seq)]
@@ -373,7 +373,7 @@ class Scheduler:
             tried[seq.attempt] = result
             if len(tried) == attempts:
                 results = [r for _, r in sorted(self.tried.pop(seq.index).items())]  # ties: first attempt
-                chosen = best_of(results, seq.control.target, seq.control.natural_eos, seq.control.kind)
+                chosen = best_of(results, target_of(seq.control), seq.control.natural_eos, seq.control.kind)
                 update.result = replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
         return list(updates.values())
 

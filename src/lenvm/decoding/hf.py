@@ -29,6 +29,9 @@ too: the processor sees token ids only, not the pixels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import cast
+
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
@@ -74,7 +77,8 @@ class LenVMLogitsProcessor(LogitsProcessor):
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         sampling = (sampling or SamplingParams()).fitted(DEFAULT_MAX_NEW_TOKENS)  # generate's limit: pass it
-        for why in (control.unreachable(sampling.max_new_tokens), control.beyond_horizon(lenvm.gamma)):
+        max_new_tokens = cast(int, sampling.max_new_tokens)  # SamplingParams.fitted sets it
+        for why in (control.unreachable(max_new_tokens), control.beyond_horizon(lenvm.gamma)):
             if why is not None:
                 raise InputError(why)
         self.span = attention_span(lenvm.backbone, "the LenVM's body")  # its context, or a shorter window
@@ -90,49 +94,41 @@ class LenVMLogitsProcessor(LogitsProcessor):
 
     def reset(self) -> None:
         """Forget the sequences seen so far."""
-        self._scorer: Scorer | None = None  # the LenVM over every column of input_ids seen so far
-        self._rows: Rows | None = None
-        self._ids: torch.Tensor | None = None  # [B, k] the candidates of the last call
-        self._done: torch.Tensor | None = None  # [B] rows that emitted EOS (generate pads them)
-        self._seen: torch.Tensor | None = None  # the input_ids of the last call, all in the cache
-        self._prompt_width = 0
-        self._prompt_lengths: torch.Tensor | None = None  # [B] each row's prompt, padding stripped
-        self._pad: int | None = None  # the padding of the current call's rows
+        self._answers: _Answers | None = None
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         batch, width = input_ids.shape
-        input_ids = input_ids.to(self.eos.device)
-        seen = self._seen
+        ids = input_ids.to(self.eos.device)
+        answers = self._answers
         # Within one generate() call each call adds one column to unfinished rows; anything else
         # (a longer chat that goes on from finished answers included) is a new call.
-        extends = (
-            seen is not None
-            and seen.shape[0] == batch
-            and width == seen.shape[1] + 1
-            and torch.equal(input_ids[:, : seen.shape[1]], seen)
-        )
-        if extends:
-            self._check_ended(input_ids[:, -1])
-            self._advance(input_ids[:, seen.shape[1] :])
+        if (
+            answers is not None
+            and answers.seen.shape[0] == batch
+            and width == answers.seen.shape[1] + 1
+            and torch.equal(ids[:, : answers.seen.shape[1]], answers.seen)
+        ):
+            self._check_ended(answers, ids[:, -1])
+            self._advance(answers, ids[:, answers.seen.shape[1] :])
         else:
-            if seen is not None and _reordered(input_ids, seen):
+            if answers is not None and _reordered(ids, answers.seen):
                 raise InputError(
                     "the LenVM logits processor follows each row as one answer; beam search (num_beams > 1) "
                     "reorders rows between steps: decode with sampling or greedy search"
                 )
-            if seen is not None and _went_back(input_ids, seen, self._prompt_width):
+            if answers is not None and _went_back(ids, answers.seen, answers.prompt_width):
                 raise InputError(
                     "the LenVM logits processor follows each row as one answer, but these rows went back "
                     "within their answers, as assisted generation (prompt_lookup_num_tokens, "
                     "assistant_model) does between its rounds: it is not supported (for a new generate "
                     "call on these ids, call reset() first)"
                 )
-            self._start(input_ids)  # a new generate() call
-        self._seen = input_ids
-        self._rows.step.fill_(width - self._prompt_width)
-        lengths = self._prompt_lengths + (width - self._prompt_width)
-        if bool((lengths[~self._done] >= self.span).any()):  # a live row's candidate would go beyond it
+            answers = self._answers = self._start(ids)  # a new generate() call
+        answers.seen = ids
+        answers.rows.step.fill_(width - answers.prompt_width)
+        lengths = answers.prompt_lengths + (width - answers.prompt_width)
+        if bool((lengths[~answers.done] >= self.span).any()):  # a live row's candidate would go beyond it
             raise InputError(
                 f"a row reached {self.span} tokens, the most the LenVM's stream computes as its body "
                 "does (its context, or its sliding window: the stream attends to the whole prefix); "
@@ -140,15 +136,14 @@ class LenVMLogitsProcessor(LogitsProcessor):
             )
 
         logits = forbid_unreadable(scores.to(self.eos.device, torch.float32, copy=True), self.lenvm)
-        d = decide(logits, self._rows, self._scorer, self.num_candidates, self.eos, self.lenvm.gamma)
-        self._ids = d.ids
-        return as_logits(d, self._rows, logits.shape[-1]).to(scores.dtype).to(scores.device)
+        d = decide(logits, answers.rows, answers.scorer, self.num_candidates, self.eos, self.lenvm.gamma)
+        answers.candidates = d.ids
+        return as_logits(d, answers.rows, logits.shape[-1]).to(scores.dtype).to(scores.device)
 
-    def _start(self, input_ids: torch.Tensor) -> None:
+    def _start(self, input_ids: torch.Tensor) -> _Answers:
         """Prefill every row's prompt (leading padding stripped)."""
         self.reset()
         pad = self.pad_token_id if self.pad_token_id is not None else self.lenvm.tokenizer.pad_token_id
-        self._pad = pad
         rows = []
         for row in input_ids.tolist():
             start = next((i for i, t in enumerate(row) if t != pad), len(row) - 1)
@@ -160,41 +155,60 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "LenVM: guide image prompts with lenvm's engine (lenvm.decoding.Engine)"
             )
         readable = readable_vocab_size(self.lenvm)
-        for row in rows if readable is not None else ():
-            if (why := outside_vocabulary(row, readable)) is not None:
-                raise InputError(f"the LenVM reads the prompt with an embedding of its own: {why}")
+        if readable is not None:
+            for row in rows:
+                if (why := outside_vocabulary(row, readable)) is not None:
+                    raise InputError(f"the LenVM reads the prompt with an embedding of its own: {why}")
         lookahead = looks_ahead(self.control, self.sampling)
-        self._scorer = scorer_for(self.lenvm).prefill(self.lenvm, rows, lookahead=lookahead)
         n = len(rows)
-        self._rows = Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device)
-        self._done = torch.zeros(n, dtype=torch.bool, device=self.eos.device)
-        self._prompt_width = input_ids.shape[1]
-        self._prompt_lengths = torch.tensor([len(row) for row in rows], device=self.eos.device)
+        return _Answers(
+            scorer=scorer_for(self.lenvm).prefill(self.lenvm, rows, lookahead=lookahead),
+            rows=Rows.build([self.sampling] * n, [self.control] * n, [0] * n, self.eos.device),
+            done=torch.zeros(n, dtype=torch.bool, device=self.eos.device),
+            seen=input_ids,
+            prompt_width=input_ids.shape[1],
+            prompt_lengths=torch.tensor([len(row) for row in rows], device=self.eos.device),
+            pad=pad,
+        )
 
-    def _check_ended(self, column: torch.Tensor) -> None:
+    def _check_ended(self, answers: _Answers, column: torch.Tensor) -> None:
         """Rows that ended with one of the LenVM's EOS ids get padding from ``generate`` (or an EOS
         again), and once every row has ended ``generate`` stops. A row that got another token, or
         a step after every row ended, means that ``generate`` stops on fewer EOS ids than the LenVM
         ends answers with."""
-        pad = self._pad if self._pad is not None else -1
-        went_on = self._done & ~torch.isin(column, self.eos) & (column != pad)
-        if bool(went_on.any()) or bool(self._done.all()):
+        pad = answers.pad if answers.pad is not None else -1
+        went_on = answers.done & ~torch.isin(column, self.eos) & (column != pad)
+        if bool(went_on.any()) or bool(answers.done.all()):
             ids = self.eos.tolist()
             raise InputError(
                 f"generate went on after an answer ended with one of the LenVM's EOS ids {ids}: pass "
                 f"eos_token_id={ids} to generate (its generation config stops on fewer of them)"
             )
 
-    def _advance(self, new: torch.Tensor) -> None:
+    def _advance(self, answers: _Answers, new: torch.Tensor) -> None:
         """Bring the cache up to date with the tokens ``generate`` appended since the last call:
         keep the chosen candidate where every row took one (rows that ended earlier get padding
         appended; their cache no longer matters), else feed the new tokens."""
-        match = self._ids == new[:, :1]
-        if new.shape[1] == 1 and bool((match.any(-1) | self._done).all()):
-            self._scorer.advance(match.to(torch.int8).argmax(-1), new[:, 0])
+        match = answers.candidates == new[:, :1] if answers.candidates is not None else None
+        if match is not None and new.shape[1] == 1 and bool((match.any(-1) | answers.done).all()):
+            answers.scorer.advance(match.to(torch.int8).argmax(-1), new[:, 0])
         else:
-            self._scorer.feed(new)
-        self._done |= torch.isin(new[:, -1], self.eos)
+            answers.scorer.feed(new)
+        answers.done |= torch.isin(new[:, -1], self.eos)
+
+
+@dataclass
+class _Answers:
+    """The rows of the ``generate`` call a processor follows."""
+
+    scorer: Scorer  # the LenVM over every column of input_ids seen so far
+    rows: Rows
+    done: torch.Tensor  # [B] rows that emitted EOS (generate pads them)
+    seen: torch.Tensor  # the input_ids of the last call, all in the cache
+    prompt_width: int
+    prompt_lengths: torch.Tensor  # [B] each row's prompt, padding stripped
+    pad: int | None  # the padding of the rows
+    candidates: torch.Tensor | None = None  # [B, k]: the last call's (None until one decided)
 
 
 class LengthStoppingCriteria(StoppingCriteria):
@@ -209,7 +223,8 @@ class LengthStoppingCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = input_ids.shape[1] - self.prompt_length >= self.max_new_tokens
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        stop = torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, stop)  # a bool tensor: the base class's signature names it so
 
 
 def _went_back(input_ids: torch.Tensor, seen: torch.Tensor, prompt_width: int) -> bool:

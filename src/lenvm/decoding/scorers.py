@@ -109,6 +109,8 @@ class Scorer(ABC):
         caller's stream over all of them, if it runs one."""
         first = parts[0]
         stream = Stream.cat([p.stream for p in parts]) if first.owns_stream else source
+        if stream is None:
+            raise ValueError("scorers that read the caller's stream need it as source")
         return type(first)(first.lenvm, stream, first.owns_stream, first.naive)
 
 

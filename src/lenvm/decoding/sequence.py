@@ -15,6 +15,7 @@ nearer its target than its own end.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -42,7 +43,7 @@ CLOSER_RETRIES = 2
 class Sequence:
     """One attempt at one request, as the engine decodes it."""
 
-    index: int  # of the request
+    index: Hashable  # the key of its request
     attempt: int  # of a best_of request
     request: Request
     control: Control
@@ -63,7 +64,7 @@ class Sequence:
     @classmethod
     def start(
         cls,
-        index: int,
+        index: Hashable,
         request: Request,
         prompt_ids: list[int],
         attempt: int,
@@ -169,7 +170,7 @@ class Sequence:
         # An EOS at position j replaces token j: positions inside the answer, before its own end.
         # Natural as Result.ended_above has it: the EOS's probability at least natural_eos.
         natural = [j for j in range(1, result.num_tokens) if math.exp(self.ends[j][1]) >= c.natural_eos]
-        target = _target(c)
+        target = target_of(c)
         if c.kind == "equal_to":
             cut = min(natural, key=lambda j: miss(j, target), default=None)
             if cut is not None:
@@ -215,7 +216,7 @@ class Sequence:
             c.kind == "equal_to"
             and c.rule == "ours"
             and len(self.missed) < CLOSER_RETRIES
-            and miss(result.num_tokens, _target(c)) > CLOSE_ENOUGH * _target(c)
+            and miss(result.num_tokens, target_of(c)) > CLOSE_ENOUGH * target_of(c)
         )
 
     def _retry_left(self) -> bool:
@@ -240,7 +241,7 @@ class Sequence:
             cut = retry_start(
                 self.tokens,
                 result.num_tokens,
-                _target(self.control),
+                target_of(self.control),
                 len(self.missed) + 1,
                 self.control.max_retries,
                 sentence_ends,
@@ -257,7 +258,7 @@ class Sequence:
         if not self.missed:
             return result
         control = self.control
-        chosen = best_of([*self.missed, result], _target(control), control.natural_eos, control.kind)
+        chosen = best_of([*self.missed, result], target_of(control), control.natural_eos, control.kind)
         return replace(chosen, retries=len(self.missed), decoded_tokens=self.decoded)
 
 
@@ -302,7 +303,7 @@ def _uniforms(rng: torch.Generator, sampling: SamplingParams, device) -> torch.T
     return torch.rand(cast(int, sampling.max_new_tokens), generator=rng, dtype=torch.float64).to(device)
 
 
-def _target(control: Control) -> int:
+def target_of(control: Control) -> int:
     """The target of a target control (equal_to, at_most, at_least: Control requires it), the
     only kind whose ends are resampled or moved."""
     return cast(int, control.target)

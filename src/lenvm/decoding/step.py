@@ -24,14 +24,16 @@ cannot read (:func:`forbid_unreadable`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from lenvm.decoding import policies
 from lenvm.decoding.params import TARGET_KINDS, Control, SamplingParams
 from lenvm.decoding.scorers import Scorer
-from lenvm.model import LengthValueModel
+from lenvm.model import LengthValueModel, embedding_matrix
 
 NO_CAP = 2**62
 
@@ -78,8 +80,8 @@ class Rows:
     @classmethod
     def build(
         cls,
-        samplings: list[SamplingParams],
-        controls: list[Control | None],
+        samplings: Sequence[SamplingParams],
+        controls: Sequence[Control | None],
         steps: list[int],
         device,
         free: list[bool] | None = None,
@@ -88,20 +90,20 @@ class Rows:
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        controls = [c or Control() for c in controls]
+        filled = [c or Control() for c in controls]  # None: no control
         keys: dict[tuple[str, str], list[int]] = {}
-        for row, c in enumerate(controls):
+        for row, c in enumerate(filled):
             keys.setdefault((c.kind, c.rule), []).append(row)
-        pairs = list(zip(controls, samplings, strict=True))
+        pairs = list(zip(filled, samplings, strict=True))
         wants_eos = [c.wants_eos and not s.ignore_eos for c, s in pairs]
         must_reach = [c.must_reach and not s.ignore_eos for c, s in pairs]
         caps = [NO_CAP if c.cap is None or s.ignore_eos else c.cap for c, s in pairs]
         ours = [looks_ahead(c, s) for c, s in pairs]
         look_from = [
             int(policies.lookahead_from(torch.tensor(c.target))) if mine else NO_CAP
-            for c, mine in zip(controls, ours, strict=True)
+            for c, mine in zip(filled, ours, strict=True)
         ]
-        gated = [mine and c.kind == "at_most" for c, mine in zip(controls, ours, strict=True)]
+        gated = [mine and c.kind == "at_most" for c, mine in zip(filled, ours, strict=True)]
         return cls(
             temperature=col([1.0 if s.greedy else s.temperature for s in samplings], torch.float32),
             top_k=col([s.top_k for s in samplings], torch.long),
@@ -110,21 +112,21 @@ class Rows:
             greedy=col([s.greedy for s in samplings], torch.bool),
             ignore_eos=col([s.ignore_eos for s in samplings], torch.bool),
             step=col(steps, torch.long),
-            target=col([c.target or 0 for c in controls], torch.long),
-            beta=col([c.beta or 0.0 for c in controls], torch.float64),
+            target=col([c.target or 0 for c in filled], torch.long),
+            beta=col([c.beta or 0.0 for c in filled], torch.float64),
             cap=col(caps, torch.long),
             wants_eos=col(wants_eos, torch.bool),
             must_reach=col(must_reach, torch.bool),
-            natural_eos=col([c.natural_eos for c in controls], torch.float64),
+            natural_eos=col([c.natural_eos for c in filled], torch.float64),
             horizon=col([s.max_new_tokens for s in samplings], torch.long),
             look_from=col(look_from, torch.long),
             gated=col(gated, torch.bool),
-            free=col(free or [False] * len(controls), torch.bool),
-            retries=col(retries or [0] * len(controls), torch.long),
-            plain=col([not c.active for c in controls], torch.bool),
+            free=col(free or [False] * len(filled), torch.bool),
+            retries=col(retries or [0] * len(filled), torch.long),
+            plain=col([not c.active for c in filled], torch.bool),
             groups=[(kind, rule, col(rows, torch.long)) for (kind, rule), rows in keys.items()],
-            any_guided=any(c.active for c in controls),
-            any_plain=not all(c.active for c in controls),
+            any_guided=any(c.active for c in filled),
+            any_plain=not all(c.active for c in filled),
             any_greedy=any(s.greedy for s in samplings),
             any_top_k=any(s.top_k > 0 for s in samplings),
             any_top_p=any(s.top_p < 1 for s in samplings),
@@ -167,7 +169,7 @@ def readable_vocab_size(lenvm: LengthValueModel | None) -> int | None:
     states, and without a LenVM."""
     if lenvm is None or lenvm.attached:
         return None
-    return lenvm.backbone.get_input_embeddings().weight.shape[0]
+    return embedding_matrix(lenvm.backbone).shape[0]
 
 
 def forbid_unreadable(logits: torch.Tensor, lenvm: LengthValueModel | None) -> torch.Tensor:
@@ -232,8 +234,16 @@ def decide(
     )
     if bool(torch.isnan(probs).any()):  # else a draw lands on any token, a masked one included
         raise ValueError("the generator's logits hold NaN or +inf: a broken model, or float16 overflow?")
+    if not rows.any_guided:  # every row plain: its sampled token is its only candidate
+        drawn = policies.choose(probs, _draws(uniform), rows.greedy if rows.any_greedy else None)
+        ids = drawn[:, None]
+        values = scorer.score(ids, torch.isin(ids, eos_ids)) if scorer is not None else None
+        dist = torch.ones_like(ids, dtype=torch.float64)
+        return Decision(ids, dist, values, *_generator_eos(logits, eos_ids))
+    if scorer is None or gamma is None:
+        raise ValueError("rows under a length control need a scorer and its LenVM's gamma")
     free = None
-    if rows.any_gated and scorer is not None:
+    if rows.any_gated:
         fitting = policies.fits(scorer.state_values(), rows.step, rows.target, gamma)
         free = rows.gated & (rows.free | fitting)
     own = rows.plain  # rows that draw their token here, from the whole distribution
@@ -243,34 +253,26 @@ def decide(
         any_own = any_own or bool(free.any())
     sampled = None
     if any_own:
-        sampled = policies.choose(probs, uniform, rows.greedy if rows.any_greedy else None)
-    if rows.any_guided:
-        short = rows.must_reach & (rows.step < rows.target) if rows.any_must_reach else None
-        ids, cand_probs = policies.top_candidates(
-            logits,
-            probs,
-            num_candidates,
-            eos_ids,
-            rows.wants_eos if rows.any_wants_eos else None,
-            rows.temperature,
-            short,
-        )
-        if sampled is not None:  # rows that drew their own token: it alone, other slots unusable
-            mine = own[:, None]
-            only = torch.zeros_like(cand_probs)
-            only[:, 0] = probs.gather(1, sampled[:, None])[:, 0]
-            ids = torch.where(mine, sampled[:, None], ids)
-            cand_probs = torch.where(mine, only, cand_probs)
-    else:
-        ids, cand_probs = sampled[:, None], probs.gather(1, sampled[:, None])
+        sampled = policies.choose(probs, _draws(uniform), rows.greedy if rows.any_greedy else None)
+    short = rows.must_reach & (rows.step < rows.target) if rows.any_must_reach else None
+    ids, cand_probs = policies.top_candidates(
+        logits,
+        probs,
+        num_candidates,
+        eos_ids,
+        rows.wants_eos if rows.any_wants_eos else None,
+        rows.temperature,
+        short,
+    )
+    if sampled is not None:  # rows that drew their own token: it alone, other slots unusable
+        mine = own[:, None]
+        only = torch.zeros_like(cand_probs)
+        only[:, 0] = probs.gather(1, sampled[:, None])[:, 0]
+        ids = torch.where(mine, sampled[:, None], ids)
+        cand_probs = torch.where(mine, only, cand_probs)
     eos = torch.isin(ids, eos_ids)
-    values = scorer.score(ids, eos) if scorer is not None else None
-    log_norm = logits.logsumexp(-1)
-    eos_id = policies.primary_eos(logits, eos_ids)
-    eos_logprob = logits.gather(1, eos_id[:, None])[:, 0] - log_norm
-    if not rows.any_guided:
-        dist = torch.ones_like(cand_probs, dtype=torch.float64)
-        return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
+    values = scorer.score(ids, eos)
+    log_norm, eos_id, eos_logprob = _generator_eos(logits, eos_ids)
     looking = rows.looking_ahead()
     next_eos = scorer.next_eos() if looking else None
     if next_eos is not None:  # only rows in their window look ahead, whoever shares the batch
@@ -285,6 +287,23 @@ def decide(
     if free is None or uniform is not None:  # without free rows, or they drew their own token above
         return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
     return Decision(ids, dist, values, log_norm, eos_id, eos_logprob, free, probs)
+
+
+def _generator_eos(
+    logits: torch.Tensor, eos_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The generator's own distribution as a decision reports it: ``log_norm``, its most likely
+    EOS and that EOS's log-probability (see :class:`Decision`)."""
+    log_norm = logits.logsumexp(-1)
+    eos_id = policies.primary_eos(logits, eos_ids)
+    return log_norm, eos_id, logits.gather(1, eos_id[:, None])[:, 0] - log_norm
+
+
+def _draws(uniform: torch.Tensor | None) -> torch.Tensor:
+    """``uniform``, which rows that draw their own token need."""
+    if uniform is None:
+        raise ValueError("rows that draw their own token need uniform draws")
+    return uniform
 
 
 def policy(c: policies.Candidates, rows: Rows, gamma: float) -> torch.Tensor:
@@ -326,7 +345,7 @@ def as_logits(d: Decision, rows: Rows, vocab_size: int, scale: torch.Tensor | No
     out = torch.full((d.ids.shape[0], vocab_size), -float("inf"), device=d.ids.device)
     out.scatter_(1, d.ids, logits.float())
     if d.free is not None:
-        whole = d.probs.float().log()
+        whole = cast(torch.Tensor, d.probs).float().log()  # decide sets it with free
         whole = whole if scale is None else whole * scale[:, None]
         out = torch.where(d.free[:, None], whole, out)
     if rows.any_cap:

@@ -49,11 +49,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lenvm.io import InputError
-from lenvm.model import can_stop_at, context_length, normalized, run_until, select_features
+from lenvm.model import (
+    can_stop_at,
+    context_length,
+    embedding_matrix,
+    normalized,
+    run_until,
+    select_features,
+)
 from lenvm.vision import ImageInputs, model_kwargs, rope_positions
 
 
@@ -114,7 +121,7 @@ class Stream:
 
     def __init__(
         self,
-        body: nn.Module,
+        body: PreTrainedModel,
         cache,
         mask: torch.Tensor,
         positions: torch.Tensor,
@@ -139,7 +146,7 @@ class Stream:
     @torch.no_grad()
     def prefill(
         cls,
-        body: nn.Module,
+        body: PreTrainedModel,
         rows: list[list[int]],
         feature_layer: int = -1,
         images: list[ImageInputs | None] | None = None,
@@ -229,6 +236,8 @@ class Stream:
         k = block.last.shape[1]
         rows = torch.arange(self.batch_size, device=self.mask.device)
         if k > 1:
+            if choice is None:
+                raise ValueError(f"a block of {k} candidates per row: say which one to keep")
             start = self.mask.shape[1]
             for layer, name in self._tensors():
                 kv = getattr(layer, name)
@@ -341,8 +350,8 @@ def _appended(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return grown
 
 
-def _dtype(body: nn.Module) -> torch.dtype:
-    return body.get_input_embeddings().weight.dtype
+def _dtype(body: PreTrainedModel) -> torch.dtype:
+    return embedding_matrix(body).dtype
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -55,10 +55,10 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -82,6 +82,7 @@ from lenvm.decoding.params import (
     keys_of,
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
+from lenvm.decoding.sequence import target_of
 from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, outside_vocabulary
@@ -193,7 +194,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
                 "EOS where the control ends the answer"
             )
         min_tokens = getattr(sampling_params, "min_tokens", 0) or 0
-        if control.kind in ("equal_to", "at_most") and min_tokens > control.target:
+        if control.kind in ("equal_to", "at_most") and min_tokens > target_of(control):
             raise InputError(f"min_tokens {min_tokens} contradicts length_{control.kind} {control.target}")
         path = os.environ.get("LENVM_PATH")
         if path and (why := control.beyond_horizon(_gamma(path))) is not None:
@@ -204,7 +205,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from lenvm.hub import load_tokenizer
-        from lenvm.model import LengthValueModel, check_tokenizer
+        from lenvm.model import LengthValueModel, check_tokenizer, embedding_matrix
 
         path = _setting(vllm_config, "lenvm_path")
         if not path:
@@ -234,7 +235,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.device = device
         # vLLM takes the ids its generator embeds, which a standalone LenVM's embedding may lack:
         # VLLMEngine refuses such a prompt, vLLM's server cannot (admission is shown no prompt).
-        self.vocab_size = self.lenvm.backbone.get_input_embeddings().weight.shape[0]
+        self.vocab_size = embedding_matrix(self.lenvm.backbone).shape[0]
         self.eos = torch.tensor(self.lenvm.config.eos_token_ids, device=device)
         self.slots: dict[int, _Row] = {}  # vLLM's batch slot -> controlled request
         self.order: list[_Row] = []  # the scorer's rows
@@ -284,11 +285,11 @@ class LenVMLogitsProcessor(LogitsProcessor):
     def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         slots = sorted(self.slots)
         live = [self.slots[s] for s in slots]
-        self._sync(live)
+        scorer = self._sync(live)
         position = {id(r): i for i, r in enumerate(self.order)}
         order = [position[id(r)] for r in live]
         if order != list(range(len(order))):  # vLLM moved rows: follow its order
-            self.scorer.select(torch.tensor(order, device=self.device))
+            scorer.select(torch.tensor(order, device=self.device))
             self.order = live
         rows = Rows.build(
             [r.sampling for r in live], [r.control for r in live], [len(r.output) for r in live], self.device
@@ -296,7 +297,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         index = torch.tensor(slots, device=logits.device)
         # The controlled rows' own copy: ids the LenVM cannot read are no candidates of theirs.
         scores = forbid_unreadable(logits[index].to(self.device, torch.float32), self.lenvm)
-        d = decide(scores, rows, self.scorer, self.num_candidates, self.eos, self.lenvm.gamma)
+        d = decide(scores, rows, scorer, self.num_candidates, self.eos, self.lenvm.gamma)
         self.ids = d.ids
         # vLLM divides by the temperature afterwards: T·log q samples q.
         temperature = torch.tensor([r.temperature for r in live], device=self.device, dtype=torch.float64)
@@ -304,13 +305,14 @@ class LenVMLogitsProcessor(LogitsProcessor):
         logits[index] = out.to(logits.device, logits.dtype)
         return logits
 
-    def _sync(self, live: list[_Row]) -> None:
-        """Bring the LenVM's cache in line with vLLM's batch: keep the candidate each row took,
-        drop rows that left, and prefill rows that joined or whose tokens the cache cannot follow
-        (several tokens at once, a token that was not a candidate, a resumed request)."""
+    def _sync(self, live: list[_Row]) -> Scorer:
+        """Bring the LenVM's cache in line with vLLM's batch (``live``, at least one row): keep the
+        candidate each row took, drop rows that left, and prefill rows that joined or whose tokens
+        the cache cannot follow (several tokens at once, a token that was not a candidate, a
+        resumed request). Returns the cache's scorer."""
         alive = {id(r) for r in live}
         if self.scorer is not None:
-            kept = self._advance(alive)
+            kept = self._advance(self.scorer, alive)
             if len(kept) < len(self.order):
                 for i in set(range(len(self.order))) - set(kept):
                     self.order[i].fed = -1
@@ -332,23 +334,27 @@ class LenVMLogitsProcessor(LogitsProcessor):
             self.order = self.order + joining
             for r in joining:
                 r.fed = len(r.output)
+        return cast(Scorer, self.scorer)  # every live row is in the cache now: it has one
 
-    def _advance(self, alive: set[int]) -> list[int]:
-        """Move every row of the cache one token on; returns the rows that followed their request."""
+    def _advance(self, scorer: Scorer, alive: set[int]) -> list[int]:
+        """Move every row of the cache (``scorer``'s) one token on; returns the rows that followed
+        their request."""
         ids, self.ids = self.ids, None
         if ids is None:  # nothing pending: rows whose request did not move on stay as they are
             return [i for i, r in enumerate(self.order) if id(r) in alive and r.fed == len(r.output)]
         choice, token, kept = [], [], []
         for i, r in enumerate(self.order):
             new = r.output[r.fed :]
-            hit = (ids[i] == new[0]).nonzero() if id(r) in alive and len(new) == 1 else []
+            hit: torch.Tensor | list[int] = (
+                (ids[i] == new[0]).nonzero() if id(r) in alive and len(new) == 1 else []
+            )
             if len(hit):
                 kept.append(i)
                 r.fed += 1
             choice.append(int(hit[0]) if len(hit) else 0)
             token.append(new[0] if len(hit) else int(ids[i, 0]))
         # Rows that did not follow advance too (the cache moves as one) and are dropped next.
-        self.scorer.advance(torch.tensor(choice, device=self.device), torch.tensor(token, device=self.device))
+        scorer.advance(torch.tensor(choice, device=self.device), torch.tensor(token, device=self.device))
         return kept
 
     def _drop(self) -> None:
@@ -370,12 +376,13 @@ def _use_vllm_cpu_gemm(body: torch.nn.Module) -> None:
     for layer in body.modules():
         if isinstance(layer, torch.nn.Linear) and layer.weight.device.type == "cpu":
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-            layer.forward = functools.partial(_packed_linear, layer)
+            layer.forward = functools.partial(_packed_linear, layer)  # type: ignore[method-assign]  # this layer's own
 
 
 def _packed_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The kernels take 2-D inputs; a candidate block is [B, k, H].
-    out = layer.cpu_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+    cpu_linear = cast(Callable[..., torch.Tensor], layer.cpu_linear)  # set by dispatch_cpu_unquantized_gemm
+    out = cpu_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
     return out.view(*x.shape[:-1], layer.out_features)
 
 
@@ -466,10 +473,8 @@ class VLLMEngine:
     def generate(
         self, requests: list[Request], batch_size: int | None = None, progress: bool = False
     ) -> list[Result]:
-        results: list[Result | None] = [None] * len(requests)
-        for index, result in self.stream(requests, batch_size):
-            results[index] = result
-        return results
+        results = dict(self.stream(requests, batch_size))
+        return [results[index] for index in range(len(requests))]
 
     def stream(self, requests: list[Request], batch_size: int | None = None) -> Iterator[tuple[int, Result]]:
         """Results as they finish, ``(request index, result)``. vLLM sizes its own batches:
@@ -512,7 +517,7 @@ class VLLMEngine:
         else:
             ids = encode_prompt(self.tokenizer, as_prompt(prompt, str(index)))
         request, named = request.fitted(index, len(ids), context)  # as our engine: not cut short by vLLM
-        limit, control = request.sampling.max_new_tokens, request.control
+        limit, control = cast(int, request.sampling.max_new_tokens), request.control  # fitted: set
         if control is not None and (why := control.unreachable(limit, named)) is not None:
             raise RequestError(index, why)
         return ids, self._params(index, request)
