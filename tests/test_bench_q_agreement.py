@@ -223,3 +223,21 @@ def test_bad_inputs(tmp_path, tiny_path, lenvms, rollouts):
         run_q_agreement(tmp_path / "d", **{**kwargs, "rollouts": empty})
     with pytest.raises(InputError):
         run_q_agreement(tmp_path / "e", **{**kwargs, "q": tmp_path / "missing"})
+
+
+@pytest.mark.parametrize("bad_id", [-5, 10**6])
+def test_rollouts_with_ids_outside_the_vocabulary_are_refused(tmp_path, tiny_path, lenvms, rollouts, bad_id):
+    records = read_jsonl(rollouts)
+    for record in records:
+        record["completion_token_ids"][0] = bad_id
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match=f"token id {bad_id}, outside the vocabulary"):
+        run_q_agreement(
+            tmp_path / "out",
+            model=tiny_path,
+            exact=lenvms["attached"],
+            q=lenvms["q"],
+            rollouts=bad,
+            progress=False,
+        )

@@ -39,7 +39,7 @@ from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.streams import Hidden, Stream, cache_argument
 from lenvm.hub import eos_token_ids, load_generator, torch_dtype
-from lenvm.io import InputError, file_digest, positive_count
+from lenvm.io import InputError, file_digest, outside_vocabulary, positive_count
 from lenvm.model import LengthValueModel, generator_for, read_config
 from lenvm.returns import length_to_value, value_to_length
 from lenvm.rollouts import read_rollouts
@@ -209,12 +209,9 @@ def run_q_agreement(
     if num_candidates > vocab - len(eos):
         raise InputError(f"num_candidates must be at most {vocab - len(eos)} (the non-EOS vocabulary)")
     for i in chosen:
-        top = max(records[i]["prompt_token_ids"] + records[i]["completion_token_ids"])
-        if top >= vocab:
-            raise InputError(
-                f"{rollouts}: record {i + 1} holds token id {top}, beyond the vocabulary ({vocab}) of "
-                f"{model}: were the rollouts made with another generator?"
-            )
+        ids = records[i]["prompt_token_ids"] + records[i]["completion_token_ids"]
+        if (why := outside_vocabulary(ids, vocab, f"record {i + 1}")) is not None:
+            raise InputError(f"{rollouts}: {why} of {model}: were the rollouts made with another generator?")
     temperature = float((q_vm.config.sampling or {}).get("temperature") or 1.0)  # 0 (greedy): as at 1
 
     settings = {
