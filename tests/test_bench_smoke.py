@@ -645,3 +645,14 @@ def test_a_policy_other_tools_recorded_is_read_as_ours(models):
         assert bench_sampling(models, max_new_tokens=8, top_k=5).top_k == 5  # an option still wins
     finally:
         lenvm.config = original
+
+
+def test_prompt_features_read_the_text_parts_of_messages(tiny_generator):
+    """Rollouts of chat prompts whose content is a list of parts (as images come) fit baselines."""
+    from lenvm.bench.predict import prompt_features
+    from lenvm.prompts import Prompt
+
+    parts = Prompt("a", messages=[{"role": "user", "content": [{"type": "text", "text": "Write 50 words."}]}])
+    plain = Prompt("b", messages=[{"role": "user", "content": "Write 50 words."}])
+    assert prompt_features(tiny_generator[1], parts) == prompt_features(tiny_generator[1], plain)
+    assert prompt_features(tiny_generator[1], parts)[1:] == [math.log1p(50), 1.0]

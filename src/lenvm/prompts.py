@@ -54,6 +54,18 @@ class Prompt:
     def as_messages(self) -> Messages:
         return self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
 
+    def plain_text(self) -> str:
+        """The prompt's words: its text, or its messages' text parts, a line a message (images
+        left out)."""
+        if self.text is not None:
+            return self.text
+        return "\n".join(
+            m["content"]
+            if isinstance(m["content"], str)
+            else "".join(p["text"] for p in m["content"] if p["type"] == "text")
+            for m in self.as_messages()
+        )
+
     def to_json(self) -> str | Messages:
         # Without messages the text is set: __post_init__ takes exactly one of the two.
         return self.messages if self.messages is not None else cast(str, self.text)

@@ -83,8 +83,7 @@ def asked_number(text: str) -> int | None:
 
 def prompt_features(tokenizer, prompt: Prompt) -> list[float]:
     """``[log(1 + prompt tokens), log(1 + asked number), asks for a number]``."""
-    text = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.as_messages())
-    asked = asked_number(text)
+    asked = asked_number(prompt.plain_text())
     return [
         math.log1p(len(encode_prompt(tokenizer, prompt))),
         math.log1p(asked or 0),
