@@ -59,3 +59,16 @@ def test_predictions_of_the_same_lenvm_by_an_earlier_lenvm_version_resume(tmp_pa
     out.write_text("".join(json.dumps(r) + "\n" for r in lines))
     stats = predict_file(lenvm, PROMPTS, out, progress=False)
     assert (stats.skipped, stats.predicted) == (2, 1)
+
+
+def test_a_prompt_predicted_under_another_id_is_refused(tmp_path, lenvm):
+    """Resumed under a new id (an earlier lenvm numbered prompts with a 'prompt_id' field by
+    position), a prompt would be predicted again beside its old line."""
+    out = tmp_path / "predictions.jsonl"
+    predict_file(lenvm, PROMPTS[:2], out, progress=False)
+    before = out.read_bytes()
+    renamed = [Prompt(f"q{i}", p.text) for i, p in enumerate(PROMPTS[:2])]
+    with pytest.raises(InputError, match="holds prompt 'q0' under another id, 'p0'"):
+        predict_file(lenvm, renamed, out, progress=False)
+    assert out.read_bytes() == before
+    assert predict_file(lenvm, [*PROMPTS[:2], PROMPTS[2]], out, progress=False).predicted == 1

@@ -240,6 +240,24 @@ def test_resume_refuses_other_sampling_or_prompt(tiny_generator, tmp_path):
         )
 
 
+def test_resume_refuses_a_prompt_the_file_holds_under_another_id(tiny_generator, tmp_path):
+    """An earlier lenvm numbered a prompts file's prompts by position where they had a 'prompt_id'
+    field: resumed under their own ids now, they would be sampled again beside the old records."""
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=5)
+    rollout(tiny_generator, [Prompt("0", text="Name a colour.")], out, n=1, sampling=sampling, progress=False)
+    before = out.read_bytes()
+    renamed = [Prompt("q0", text="Name a colour.")]
+    with pytest.raises(InputError, match="holds prompt 'q0' under another id, '0'"):
+        rollout(tiny_generator, renamed, out, n=1, sampling=sampling, progress=False)
+    assert out.read_bytes() == before
+    # another prompt under a new id, beside the file's, is sampled as before
+    other = [Prompt("q1", text="Name a fruit.")]
+    assert (
+        rollout(tiny_generator, other, out, n=1, sampling=sampling, progress=False).completions_written == 1
+    )
+
+
 @pytest.mark.parametrize("n", [0, -1, 1.5])
 def test_bad_n_rejected(tiny_generator, tmp_path, n):
     with pytest.raises(InputError, match="n "):

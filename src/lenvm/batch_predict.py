@@ -32,6 +32,7 @@ from lenvm.io import (
     positive_count,
     read_jsonl,
     read_jsonl_to_append,
+    refuse_renamed,
     replaceable,
     write_text,
 )
@@ -85,10 +86,15 @@ def predict_file(
     out.parent.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "predicting into this file"):
         done = set()
+        other_ids: dict[str, str] = {}  # a prompt's fingerprint -> an id it has in the file, not among ours
         for record in read_jsonl_to_append(out, _prediction_problem, "predictions"):
             _check_resumable(record, out, model, shas)
-            done.add(str(record.get("id")))
+            done.add(pid := str(record.get("id")))
+            if pid not in shas:
+                other_ids.setdefault(record["prompt_sha"], pid)
         todo = [p for p in prompts if p.id not in done]
+        for prompt in todo:
+            refuse_renamed(out, prompt.id, other_ids.get(shas[prompt.id]))
         encoded = [e for p, e in zip(prompts, every, strict=True) if p.id not in done]
         # Sorted by length: batches of similar lengths, little padding; a chunk is written at once.
         order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))

@@ -68,6 +68,18 @@ def outside_vocabulary(ids: list[int], vocab: int, what: str = "the prompt") -> 
     return f"{what} holds token id {bad}, outside the vocabulary (0-{vocab - 1})"
 
 
+def refuse_renamed(out: str | os.PathLike, pid: str, other: str | None) -> None:
+    """Refuse to resume into ``out`` a prompt that it holds under another id, ``other``: resuming
+    would do the prompt again under its new id, beside the old (an older lenvm numbered the prompts
+    of a file with ``prompt_id`` fields by position)."""
+    if other is not None:
+        raise InputError(
+            f"{out} holds prompt {pid!r} under another id, {other!r}: resuming would do it again under "
+            "its new id, beside the old (an earlier lenvm numbered the prompts of a file with 'prompt_id' "
+            "fields by position); give the prompts the ids the file has, or use another output file"
+        )
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL file of objects; blank lines are skipped, bad lines name file and line."""
     return list(iter_jsonl(path))

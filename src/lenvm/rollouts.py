@@ -45,6 +45,7 @@ from lenvm.io import (
     numbered_jsonl,
     positive_count,
     read_jsonl_to_append,
+    refuse_renamed,
     replaceable,
 )
 from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt, template_messages, unencodable
@@ -413,6 +414,7 @@ def _check_resume(
     """Sample indices already in the file per prompt id; refuse to mix policies or prompts."""
     by_id = {p.id: p for p in prompts}
     present: dict[str, set[int]] = {}
+    other_ids: dict[str, str] = {}  # a prompt's JSON -> an id it has in the file, not among the prompts
     for record in existing:
         if record["sampling"] != sampling:
             raise InputError(
@@ -427,6 +429,7 @@ def _check_resume(
             )
         prompt = by_id.get(record["prompt_id"])
         if prompt is None:
+            other_ids.setdefault(json.dumps(record["prompt"], sort_keys=True), record["prompt_id"])
             continue
         if record["prompt"] != prompt.to_json():
             raise InputError(
@@ -440,6 +443,9 @@ def _check_resume(
                 "by two runs at once; keep one copy of each sample (or start another file)"
             )
         samples.add(record["sample_index"])
+    for prompt in prompts:
+        if prompt.id not in present:
+            refuse_renamed(out, prompt.id, other_ids.get(json.dumps(prompt.to_json(), sort_keys=True)))
     return present
 
 
