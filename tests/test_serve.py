@@ -482,6 +482,31 @@ def test_completion_logprobs_end_where_a_stop_string_cuts_the_text(held):
     assert lined_up(whole, streamed) == ["a", " ", ""]
 
 
+@pytest.mark.parametrize("steps", ["token by token", "all at once"])
+def test_an_answer_that_ends_inside_a_character_lines_up_with_its_text(steps, tiny_generator):
+    """An EOS after the first byte of 海: the text ends in U+FFFD, which the byte's token reads,
+    in the answer and in its stream (the token waits for its text, not sent as "" before it)."""
+    tok = tiny_generator[1]
+    answer = [*tok.encode("a海", add_special_tokens=False)[:2], tok.eos_token_id]
+    pieces = [[t] for t in answer] if steps == "token by token" else [answer]
+    whole, streamed = written(tok, "completions", pieces, top=1)
+    assert whole["text"] == "a\ufffd"
+    assert lined_up(whole, streamed, eos="<|im_end|>") == ["a", "\ufffd", "<|im_end|>"]
+
+
+@pytest.mark.parametrize("stops", [(), ("ZZ",)])
+def test_a_stream_sends_each_token_with_its_text(stops):
+    """Each chunk's text is its tokens' pieces, also while a stop string holds back the end of the
+    text (text waits for its token, not only the token for its text)."""
+    tok = sentencepiece_tokenizer("strip first space")
+    whole, streamed = written(
+        tok, "completions", [[t] for t in [258, 259, 258, 258, 261]], top=1, stops=stops
+    )
+    assert whole["text"] == "a b a aa"
+    lined_up(whole, streamed)
+    assert len(streamed) > 2 and all(c["text"] == "".join(c["logprobs"]["tokens"]) for c in streamed)
+
+
 def test_an_answer_that_completes_the_prompts_last_character_starts_with_it(tiny_generator):
     """A token-id prompt may end inside a character: the answer's text starts with the whole
     character (as vLLM decodes it), not with U+FFFD for the bytes the prompt did not have."""
