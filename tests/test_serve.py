@@ -531,6 +531,25 @@ def test_chat_logprob_bytes_of_a_character_split_over_tokens_rebuild_it(tiny_gen
         assert bytes(content[0]["top_logprobs"][0]["bytes"]) == "海".encode()[:1]
 
 
+@pytest.mark.parametrize(
+    "kind, stop, content, tokens",
+    [("sentencepiece", "b a", "a ", ["a", " ", ""]), ("byte-level BPE", "海", "a", ["a", "", "", ""])],
+)
+def test_chat_logprobs_end_where_a_stop_string_cuts_the_content(kind, stop, content, tokens, tiny_generator):
+    """Tokens past the cut read "" with no bytes (a piece of a character among them too), so that
+    the tokens' bytes join into the content's UTF-8, in the answer and in its stream."""
+    if kind == "sentencepiece":
+        tok, ids = sentencepiece_tokenizer("strip first space"), [258, 259, 258, 258, 261]
+    else:
+        tok = tiny_generator[1]
+        ids = tok.encode("a海b", add_special_tokens=False)
+    whole, streamed = written(tok, "chat", [[t] for t in ids], top=1, stops=[stop])
+    assert whole["message"]["content"] == "".join(c["delta"]["content"] for c in streamed) == content
+    for logprobs in [whole["logprobs"]["content"], [t for c in streamed for t in c["logprobs"]["content"]]]:
+        assert [t["token"] for t in logprobs] == tokens
+        assert bytes(b for t in logprobs for b in t["bytes"]) == content.encode()
+
+
 def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):
     """vllm_xargs.return_values asks as the field does; given in both places it is refused, as
     a length key is, whatever the two say."""

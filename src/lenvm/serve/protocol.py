@@ -718,20 +718,24 @@ class Writer:
         ids, pieces = answer.token_ids, answer.pieces
         tops = answer.top or [[] for _ in ids]
         own = self._tokens(ids)
+        special = set(self.tokenizer.all_special_ids)
         if self.plan.token_ids_as_text:
             tokens = own
         elif self.plan.endpoint == "chat":
-            # A token reads as its piece of the text, but a piece of a character as itself (U+FFFD),
-            # with its own bytes: joined, the bytes give the text's.
+            # A token reads as its piece of the content, but a piece of a character as itself
+            # (U+FFFD), with its own bytes: joined, the bytes give the content's. Past the content's
+            # end (a stop string cut it) a token reads "", with no bytes; the EOS reads as itself.
+            content_tokens = max((k for k, piece in enumerate(pieces, 1) if piece), default=0)
             tokens = [
-                piece if piece and "\ufffd" not in name else name
-                for piece, name in zip(pieces, own, strict=True)
+                (piece if piece and "\ufffd" not in name else name)
+                if k < content_tokens
+                else (name if i in special else "")
+                for k, (i, piece, name) in enumerate(zip(ids, pieces, own, strict=True))
             ]
         else:
             # A token reads as its piece of the text, so that the tokens join into the text and
             # text_offset counts along them; one the text leaves out (the EOS) reads as itself
             # there, taking no room.
-            special = set(self.tokenizer.all_special_ids)
             tokens = [
                 name if not piece and i in special else piece
                 for i, piece, name in zip(ids, pieces, own, strict=True)
