@@ -1661,6 +1661,27 @@ def test_each_request_is_logged_in_one_line(url, caplog):
     assert '"HEAD /health" 200 ' in health
 
 
+class _FailingTokenizer(_GatedTokenizer):
+    """A tokenizer that fails on the text "fail" (a bug in the tokenizer)."""
+
+    def __call__(self, text, **kwargs):
+        if text == "fail":
+            raise RuntimeError("tokenizer bug")
+        return self.tokenizer(text, **kwargs)
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback(tiny_generator, caplog):
+    """A 500 from a bug logs its traceback; a client's error (4xx) only its request line."""
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    model, tokenizer = tiny_generator
+    with running(Engine(model, _FailingTokenizer(tokenizer))) as (url, _):
+        failed = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "fail"}, timeout=30)
+        refused = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "foo": 1})
+    assert (failed.status_code, refused.status_code) == (500, 400)
+    traced = [r for r in caplog.records if r.name == "lenvm.serve" and r.exc_info is not None]
+    assert len(traced) == 1 and str(traced[0].exc_info[1]) == "tokenizer bug"
+
+
 def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):
     from lenvm.serve.app import server_config
 
