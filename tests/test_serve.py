@@ -483,6 +483,19 @@ def test_completion_logprobs_end_where_a_stop_string_cuts_the_text(held):
     assert lined_up(whole, streamed) == ["a", " ", ""]
 
 
+def test_a_special_token_within_the_text_reads_as_the_nothing_it_adds(tiny_generator):
+    """A special token in the middle of an answer (the text leaves it out) reads "", so that the
+    tokens join into the text and their bytes into the content; only the EOS at the end reads as
+    itself."""
+    tok = tiny_generator[1]
+    ids = [*tok.encode("a", add_special_tokens=False), tok.convert_tokens_to_ids("<|im_start|>")]
+    ids += [*tok.encode("b", add_special_tokens=False), tok.eos_token_id]
+    whole, streamed = written(tok, "completions", [[t] for t in ids], top=1)
+    assert lined_up(whole, streamed, eos="<|im_end|>") == ["a", "", "b", "<|im_end|>"]
+    chat, _ = written(tok, "chat", [[t] for t in ids])
+    assert [t["token"] for t in chat["logprobs"]["content"]] == ["a", "", "b", "<|im_end|>"]
+
+
 @pytest.mark.parametrize("steps", ["token by token", "all at once"])
 def test_an_answer_that_ends_inside_a_character_lines_up_with_its_text(steps, tiny_generator):
     """An EOS after the first byte of 海: the text ends in U+FFFD, which the byte's token reads,
