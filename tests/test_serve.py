@@ -168,7 +168,8 @@ def test_streams_give_the_same_answer_token_by_token(url):
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
     assert "".join(content) == whole.choices[0].message.content
-    assert len(content) == 1 + 12  # the opening, then one chunk per token
+    # the opening, then a chunk per token, the pieces of a character in one with the last
+    assert 1 + 6 < len(content) <= 1 + 12 and all(content[1:])
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     text = "".join(
@@ -482,6 +483,44 @@ def test_completion_logprobs_end_where_a_stop_string_cuts_the_text(held):
     assert lined_up(whole, streamed) == ["a", " ", ""]
 
 
+def test_a_special_token_within_the_text_reads_as_the_nothing_it_adds(tiny_generator):
+    """A special token in the middle of an answer (the text leaves it out) reads "", so that the
+    tokens join into the text and their bytes into the content; only the EOS at the end reads as
+    itself."""
+    tok = tiny_generator[1]
+    ids = [*tok.encode("a", add_special_tokens=False), tok.convert_tokens_to_ids("<|im_start|>")]
+    ids += [*tok.encode("b", add_special_tokens=False), tok.eos_token_id]
+    whole, streamed = written(tok, "completions", [[t] for t in ids], top=1)
+    assert lined_up(whole, streamed, eos="<|im_end|>") == ["a", "", "b", "<|im_end|>"]
+    chat, _ = written(tok, "chat", [[t] for t in ids])
+    assert [t["token"] for t in chat["logprobs"]["content"]] == ["a", "", "b", "<|im_end|>"]
+
+
+@pytest.mark.parametrize("steps", ["token by token", "all at once"])
+def test_an_answer_that_ends_inside_a_character_lines_up_with_its_text(steps, tiny_generator):
+    """An EOS after the first byte of 海: the text ends in U+FFFD, which the byte's token reads,
+    in the answer and in its stream (the token waits for its text, not sent as "" before it)."""
+    tok = tiny_generator[1]
+    answer = [*tok.encode("a海", add_special_tokens=False)[:2], tok.eos_token_id]
+    pieces = [[t] for t in answer] if steps == "token by token" else [answer]
+    whole, streamed = written(tok, "completions", pieces, top=1)
+    assert whole["text"] == "a\ufffd"
+    assert lined_up(whole, streamed, eos="<|im_end|>") == ["a", "\ufffd", "<|im_end|>"]
+
+
+@pytest.mark.parametrize("stops", [(), ("ZZ",)])
+def test_a_stream_sends_each_token_with_its_text(stops):
+    """Each chunk's text is its tokens' pieces, also while a stop string holds back the end of the
+    text (text waits for its token, not only the token for its text)."""
+    tok = sentencepiece_tokenizer("strip first space")
+    whole, streamed = written(
+        tok, "completions", [[t] for t in [258, 259, 258, 258, 261]], top=1, stops=stops
+    )
+    assert whole["text"] == "a b a aa"
+    lined_up(whole, streamed)
+    assert len(streamed) > 2 and all(c["text"] == "".join(c["logprobs"]["tokens"]) for c in streamed)
+
+
 def test_an_answer_that_completes_the_prompts_last_character_starts_with_it(tiny_generator):
     """A token-id prompt may end inside a character: the answer's text starts with the whole
     character (as vLLM decodes it), not with U+FFFD for the bytes the prompt did not have."""
@@ -504,6 +543,25 @@ def test_chat_logprob_bytes_of_a_character_split_over_tokens_rebuild_it(tiny_gen
         assert len(content) == len(ids) > 2 and content[0]["token"] == "\ufffd"
         assert bytes(b for t in content for b in t["bytes"]).decode() == "海 a"
         assert bytes(content[0]["top_logprobs"][0]["bytes"]) == "海".encode()[:1]
+
+
+@pytest.mark.parametrize(
+    "kind, stop, content, tokens",
+    [("sentencepiece", "b a", "a ", ["a", " ", ""]), ("byte-level BPE", "海", "a", ["a", "", "", ""])],
+)
+def test_chat_logprobs_end_where_a_stop_string_cuts_the_content(kind, stop, content, tokens, tiny_generator):
+    """Tokens past the cut read "" with no bytes (a piece of a character among them too), so that
+    the tokens' bytes join into the content's UTF-8, in the answer and in its stream."""
+    if kind == "sentencepiece":
+        tok, ids = sentencepiece_tokenizer("strip first space"), [258, 259, 258, 258, 261]
+    else:
+        tok = tiny_generator[1]
+        ids = tok.encode("a海b", add_special_tokens=False)
+    whole, streamed = written(tok, "chat", [[t] for t in ids], top=1, stops=[stop])
+    assert whole["message"]["content"] == "".join(c["delta"]["content"] for c in streamed) == content
+    for logprobs in [whole["logprobs"]["content"], [t for c in streamed for t in c["logprobs"]["content"]]]:
+        assert [t["token"] for t in logprobs] == tokens
+        assert bytes(b for t in logprobs for b in t["bytes"]) == content.encode()
 
 
 def test_return_values_in_vllm_xargs_or_as_a_field_but_not_both(url):
@@ -1571,6 +1629,7 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_p
                 "max_tokens": max_tokens,
                 "stream": True,
                 "ignore_eos": True,
+                "logprobs": 0,  # counts the tokens: a chunk may hold a character's pieces
             }
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
                 for line in response.iter_lines():
@@ -1586,7 +1645,7 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_p
             t.join(60)
         short, long = events["short"], events["long"]
         assert short[-1] == "[DONE]" and json.loads(short[-2])["choices"][0]["finish_reason"] == "length"
-        assert sum(1 for e in short if e != "[DONE]") == 30
+        assert sum(len(json.loads(e)["choices"][0]["logprobs"]["tokens"]) for e in short[:-1]) == 30
         assert long[-1] == "[DONE]" and "shut down" in json.loads(long[-2])["error"]["message"]
         process.wait(60)
     finally:
@@ -1615,6 +1674,27 @@ def test_each_request_is_logged_in_one_line(url, caplog):
     assert '"POST /v1/completions" 400 ' in invalid and invalid.endswith(": unknown field 'foo'")
     assert streamed.endswith("prompt_tokens=2 completion_tokens=2")
     assert '"HEAD /health" 200 ' in health
+
+
+class _FailingTokenizer(_GatedTokenizer):
+    """A tokenizer that fails on the text "fail" (a bug in the tokenizer)."""
+
+    def __call__(self, text, **kwargs):
+        if text == "fail":
+            raise RuntimeError("tokenizer bug")
+        return self.tokenizer(text, **kwargs)
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback(tiny_generator, caplog):
+    """A 500 from a bug logs its traceback; a client's error (4xx) only its request line."""
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    model, tokenizer = tiny_generator
+    with running(Engine(model, _FailingTokenizer(tokenizer))) as (url, _):
+        failed = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "fail"}, timeout=30)
+        refused = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "foo": 1})
+    assert (failed.status_code, refused.status_code) == (500, 400)
+    traced = [r for r in caplog.records if r.name == "lenvm.serve" and r.exc_info is not None]
+    assert len(traced) == 1 and str(traced[0].exc_info[1]) == "tokenizer bug"
 
 
 def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):

@@ -619,8 +619,10 @@ def _as_api_error(err: BaseException) -> ApiError:
         return ApiError(429, str(err))
     if isinstance(err, ShuttingDown):
         return ApiError(503, str(err))
-    if isinstance(err, EngineFailure):
+    if isinstance(err, EngineFailure):  # the engine thread logged its traceback
         return ApiError(500, str(err))
+    # A bug, not the client's doing: the request's log line has the message, this the traceback.
+    log.error("internal error answering a request", exc_info=err)
     return ApiError(500, f"internal error: {type(err).__name__}: {err}")
 
 

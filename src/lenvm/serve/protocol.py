@@ -718,24 +718,7 @@ class Writer:
         ids, pieces = answer.token_ids, answer.pieces
         tops = answer.top or [[] for _ in ids]
         own = self._tokens(ids)
-        if self.plan.token_ids_as_text:
-            tokens = own
-        elif self.plan.endpoint == "chat":
-            # A token reads as its piece of the text, but a piece of a character as itself (U+FFFD),
-            # with its own bytes: joined, the bytes give the text's.
-            tokens = [
-                piece if piece and "\ufffd" not in name else name
-                for piece, name in zip(pieces, own, strict=True)
-            ]
-        else:
-            # A token reads as its piece of the text, so that the tokens join into the text and
-            # text_offset counts along them; one the text leaves out (the EOS) reads as itself
-            # there, taking no room.
-            special = set(self.tokenizer.all_special_ids)
-            tokens = [
-                name if not piece and i in special else piece
-                for i, piece, name in zip(ids, pieces, own, strict=True)
-            ]
+        tokens = own if self.plan.token_ids_as_text else self._token_strings(ids, pieces, own)
         if self.plan.endpoint == "chat":
             return {
                 "content": [
@@ -768,6 +751,22 @@ class Writer:
             ],
             "text_offset": offsets,
         }
+
+    def _token_strings(self, ids: list[int], pieces: list[str], own: list[str]) -> list[str]:
+        """Each token as its piece of the text, so that the tokens join into the text and a
+        completion's text_offset counts along them. Past the text's end (a stop string cut it) a
+        token reads "", but the EOS that ended the answer reads as itself, taking no room. A chat
+        token that writes part of a character reads as itself (U+FFFD): its own bytes, joined,
+        give the content's."""
+        special = set(self.tokenizer.all_special_ids)
+        within = max((k for k, piece in enumerate(pieces, 1) if piece), default=0)  # tokens in the text
+        chat = self.plan.endpoint == "chat"
+        return [
+            (name if chat and "\ufffd" in name else piece)
+            if k < within
+            else (name if i in special else piece)
+            for k, (i, piece, name) in enumerate(zip(ids, pieces, own, strict=True))
+        ]
 
     def _alternatives(self, top: list[tuple[int, float]]) -> list[str]:
         """Alternative tokens by their own strings; a piece of a character (alone, U+FFFD) by its

@@ -9,10 +9,10 @@ the next step (continuous batching); an aborted one leaves it at once.
 
 Each choice is followed by a tracker that turns the engine's updates into text: it decodes each
 new token after the ones before (``detokenizer``), ends the choice at the first stop string (and
-aborts its row), and holds back the characters that could still become a stop string, and the
-tokens whose text they are, or that are an incomplete UTF-8 character. A
-choice whose end the engine may go back on (retries, ``best_of``) is *held*: it
-reports nothing until its answer is final, then all of it at once.
+aborts its row), and holds back the tokens whose text could still become a stop string and those
+that add no text yet (the pieces of a character not yet complete): a token goes out with its text,
+and text only with its tokens. A choice whose end the engine may go back on (retries,
+``best_of``) is *held*: it reports nothing until its answer is final, then all of it at once.
 """
 
 from __future__ import annotations
@@ -401,7 +401,7 @@ class _Tracker:
             )
         if update.result is not None:
             return self._final(pieces, Finish.of(update.result))
-        return self._progress(pieces, max(len(text) - self.hold_back, self.sent_chars))
+        return self._progress(pieces, len(text) - self.hold_back)
 
     def _whole(self, result: Result) -> Chunk:
         """A held choice's final answer, cut at its first stop string."""
@@ -433,14 +433,24 @@ class _Tracker:
         return self._chunk(pieces, "".join(pieces), sent, finish)
 
     def _progress(self, pieces: list[str], released: int) -> Chunk | None:
-        """The text up to ``released`` not sent yet, and the tokens whose pieces lie within it (the
-        rest wait with their text); None if there is nothing new."""
+        """The tokens not sent yet up to the last whose piece adds text and ends by ``released``,
+        with their text; None if there are none. A stream sends each token with its text: text
+        goes out only up to the end of a token sent, and a token that adds nothing yet (a piece of
+        a character not yet complete) waits for the one that writes its text."""
         sent = self.sent_tokens
-        within = sum(end <= released for end in itertools.accumulate(len(piece) for piece in pieces))
-        text, self.sent_tokens = "".join(pieces)[:released], max(within, sent)
-        if self.sent_tokens == sent and len(text) <= self.sent_chars:
+        ends = list(itertools.accumulate(len(piece) for piece in pieces))
+        upto = max(
+            (
+                k
+                for k, (piece, end) in enumerate(zip(pieces, ends, strict=True), 1)
+                if piece and end <= released
+            ),
+            default=0,
+        )
+        if upto <= sent:
             return None
-        return self._chunk(pieces, text, sent, None)
+        self.sent_tokens = upto
+        return self._chunk(pieces, "".join(pieces[: self.sent_tokens]), sent, None)
 
     def _chunk(self, pieces: list[str], text: str, sent: int, finish: Finish | None) -> Chunk:
         """The tokens from ``sent`` up to those now sent, and ``text`` past what was sent."""
