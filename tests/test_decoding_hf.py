@@ -429,3 +429,19 @@ def test_generate_stopping_on_fewer_eos_ids_than_the_lenvm_is_named(ending_path,
     other = tok.convert_tokens_to_ids("a")  # a stop token generate is given, not the LenVM's EOS
     with pytest.raises(InputError, match=rf"pass eos_token_id=\[{tok.eos_token_id}\] to generate"):
         run(other)
+
+
+def test_a_call_on_the_same_prompts_after_one_token_answers_asks_for_reset(tiny_generator, lenvms):
+    """After answers of one token the processor has seen only the prompts; the same prompts again
+    read as assisted generation going back to them: refused, naming reset(), which starts over."""
+    model, tok = tiny_generator
+    processor = LenVMLogitsProcessor(lenvms["attached"], Control("tilt", beta=1.0))
+    ids = torch.tensor([encode_prompt(tok, "Tell me about the sea.")])
+    kwargs = dict(
+        max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id, logits_processor=[processor]
+    )
+    first = model.generate(ids, **kwargs)
+    with pytest.raises(InputError, match="single token long, call reset"):
+        model.generate(ids, **kwargs)
+    processor.reset()
+    assert torch.equal(model.generate(ids, **kwargs), first)

@@ -21,7 +21,9 @@ A standalone LenVM reads every token it scores with an embedding of its own, whi
 the generator pads its embedding with (past the tokenizer's ids): as in the engine, those ids are
 never candidates, and never sampled, and a prompt that holds one is refused. A call whose ids do
 not extend the previous call's starts over, so one processor can serve several ``generate`` calls
-in turn. Answers to a target
+in turn; only a call on the same prompts right after one whose answers were a single token long
+(``max_new_tokens=1``, or every row ending at once) cannot be told from assisted generation going
+back to the prompts, and is refused: call ``reset()`` between such calls. Answers to a target
 control that do not end naturally are kept as they are: resampling their end
 (``Control.retries``) and ``best_of`` are the engine's. Prompts with images are the engine's
 too: the processor sees token ids only, not the pixels.
@@ -122,7 +124,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
                     "the LenVM logits processor follows each row as one answer, but these rows went back "
                     "within their answers, as assisted generation (prompt_lookup_num_tokens, "
                     "assistant_model) does between its rounds: it is not supported (for a new generate "
-                    "call on these ids, call reset() first)"
+                    "call on these ids, as after answers a single token long, call reset() first)"
                 )
             answers = self._answers = self._start(ids)  # a new generate() call
         answers.seen = ids
