@@ -377,7 +377,7 @@ class LengthValueModel(nn.Module):
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             head_hidden_size=head_hidden_size,
             feature_layer=feature_layer,
-            vocab_size=backbone.get_input_embeddings().weight.shape[0] if kind == "q" else None,
+            vocab_size=embedding_matrix(backbone).shape[0] if kind == "q" else None,
             eos_token_ids=hub.eos_token_ids(backbone, tokenizer),
         )
         return cls(config, backbone, tokenizer)
@@ -1037,7 +1037,7 @@ def _check_stored_weights(model, base: str | os.PathLike, named: bool) -> None:
     stored for ``base``, read from its files without loading the model. A hub model's files are
     looked for in the local cache only: where they are not there, a generator ``named`` as base is
     taken by its name, one without a name is refused."""
-    embeddings = model.get_input_embeddings().weight
+    embeddings = embedding_matrix(model)
     if embeddings.is_meta:  # placeholder weights (no data) run nothing a head could learn from
         return
     from lenvm import hub
@@ -1133,7 +1133,7 @@ def _device_for(device, generator) -> torch.device:
     from lenvm.hub import default_device
 
     if device is None and generator is not None:
-        return generator[0].get_input_embeddings().weight.device
+        return embedding_matrix(generator[0]).device
     return default_device(device)
 
 

@@ -298,7 +298,9 @@ def check_rollouts_for(lenvm, records: list[dict[str, Any]], purpose: str) -> No
     """Rollouts that ``lenvm`` reads after training (to ``purpose`` them): token ids within its
     vocabulary, prompt tokens that its tokenizer reads back, and sampled under the decoding policy
     that its training rollouts were."""
-    vocab_size = lenvm.backbone.get_input_embeddings().weight.shape[0]
+    from lenvm.model import embedding_matrix
+
+    vocab_size = embedding_matrix(lenvm.backbone).shape[0]
     name = lenvm.config.base_model
     trained = decoding_policy(lenvm.config.sampling) if lenvm.config.sampling is not None else None
     whose, advice = "the LenVM's training rollouts", f"{purpose} rollouts of the policy it models"

@@ -64,7 +64,14 @@ from lenvm.decoding.sequence import Sequence, best_of, target_of
 from lenvm.decoding.step import readable_vocab_size
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, is_int, outside_vocabulary, positive_count
-from lenvm.model import LengthValueModel, check_generator, check_lenvm, check_tokenizer, context_length
+from lenvm.model import (
+    LengthValueModel,
+    check_generator,
+    check_lenvm,
+    check_tokenizer,
+    context_length,
+    embedding_matrix,
+)
 from lenvm.prompts import as_prompt, is_token_ids
 
 SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
@@ -138,7 +145,7 @@ class Engine:
         # The ids a prompt may hold: every row of the embeddings of the models that read it, those a
         # model pads its embedding with past the tokenizer's ids included (they are ids the model
         # reads, and vLLM takes them).
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.vocab_size = embedding_matrix(model).shape[0]
         # The ids no answer may hold: an image placeholder stands for no image in an answer; and
         # those a standalone LenVM cannot read (forbid_unreadable, each step), for every row, since
         # the LenVM reads every row's answer once one row is scored.
@@ -146,7 +153,8 @@ class Engine:
         self.never_generated = torch.tensor(never, device=self.device) if never else None
         if lenvm is not None and not lenvm.attached:
             context = min(context, lenvm.context)
-            self.vocab_size = min(self.vocab_size, readable_vocab_size(lenvm))
+        if (readable := readable_vocab_size(lenvm)) is not None:
+            self.vocab_size = min(self.vocab_size, readable)
         # The most tokens a request may span: the models' contexts, or a shorter sliding window.
         self.context = min(context, span)
         self.windowed = span < context
