@@ -4,6 +4,7 @@ import re
 import socket
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -766,5 +767,93 @@ def test_openai_prompt_text_is_what_our_engine_encodes(tiny_generator):
     tok = tiny_generator[1]
     parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
     prompt = Prompt("p", messages=[{"role": "user", "content": parts}])
+    text, templated = _prompt_text(tok, prompt)
+    assert templated and tok(text, add_special_tokens=False)["input_ids"] == encode_prompt(tok, prompt)
+
+
+# -- chat template arguments -------------------------------------------------------------------
+
+NO_THINKING = {"enable_thinking": False}
+
+
+def test_template_arguments_reach_the_chat_template(tiny_generator):
+    """The tiny template writes an empty thinking block when enable_thinking is false, as Qwen3's."""
+    tok = tiny_generator[1]
+    plain = encode_prompt(tok, Prompt("a", text="Name a colour."))
+    off = encode_prompt(tok, Prompt("a", text="Name a colour.", chat_template_kwargs=NO_THINKING))
+    on = encode_prompt(
+        tok, Prompt("a", text="Name a colour.", chat_template_kwargs={"enable_thinking": True})
+    )
+    assert off != plain and tok.decode(off).endswith("<think>\n\n</think>\n\n")
+    assert on == plain  # a variable the template reads as it defaults changes nothing
+    unread = encode_prompt(tok, Prompt("a", text="Name a colour.", chat_template_kwargs={"today": "Monday"}))
+    assert unread == plain  # one it does not read is passed and ignored, as in vLLM
+
+
+def test_template_arguments_without_a_chat_template_are_refused():
+    from lenvm.prompts import template_ids
+    from lenvm.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(
+        InputError, match="'a' gives chat_template_kwargs \\(enable_thinking\\), but the tokenizer"
+    ):
+        template_ids(tokenizer, Prompt("a", text="Hi", chat_template_kwargs=NO_THINKING))
+
+
+def test_a_prompts_file_carries_template_arguments(tmp_path):
+    from lenvm.prompts import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "Hi", "chat_template_kwargs": {"enable_thinking": false}, "src": "x"}\n'
+    )
+    [prompt] = read_prompts(path)
+    assert prompt.chat_template_kwargs == NO_THINKING and prompt.extra == {"src": "x"}  # not meta
+    for bad, message in [
+        ("[1]", "p.jsonl:1: 'chat_template_kwargs' must be an object of template variables, got list"),
+        ('{"tokenize": true}', "cannot set 'tokenize': it is an argument of apply_chat_template itself"),
+        ('{"add_generation_prompt": false}', "cannot set 'add_generation_prompt'"),
+    ]:
+        path.write_text(f'{{"prompt": "Hi", "chat_template_kwargs": {bad}}}\n')
+        with pytest.raises(InputError, match=re.escape(message)):
+            read_prompts(path)
+    with pytest.raises(InputError, match="must hold JSON values"):
+        Prompt("a", text="Hi", chat_template_kwargs={"when": object()})  # records could not keep it
+
+
+def test_rollout_records_keep_template_arguments_and_resume_tells_them_apart(tiny_generator, tmp_path):
+    from lenvm.rollouts import record_prompt
+
+    tok = tiny_generator[1]
+    out = tmp_path / "r.jsonl"
+    sampling = SamplingParams(max_new_tokens=3)
+    prompt = Prompt("a", text="Name a colour.", chat_template_kwargs=NO_THINKING)
+    rollout(tiny_generator, [prompt], out, n=1, sampling=sampling, progress=False)
+    [record] = read_rollouts(out)
+    assert record["chat_template_kwargs"] == NO_THINKING and "meta" not in record
+    assert record["prompt_token_ids"] == encode_prompt(tok, prompt)
+    assert record_prompt(record) == prompt
+    # the same text without the arguments is another prompt, under its id or another
+    with pytest.raises(InputError, match="prompt id 'a' names a different prompt"):
+        rollout(
+            tiny_generator, [Prompt("a", text="Name a colour.")], out, n=1, sampling=sampling, progress=False
+        )
+    with pytest.raises(InputError, match="holds prompt 'b' under another id, 'a'"):
+        rollout(tiny_generator, [replace(prompt, id="b")], out, n=1, sampling=sampling, progress=False)
+    other = [Prompt("b", text="Name a colour.")]
+    assert (
+        rollout(tiny_generator, other, out, n=1, sampling=sampling, progress=False).completions_written == 1
+    )
+    assert "chat_template_kwargs" not in read_rollouts(out)[1]  # a prompt without them writes none
+    assert "chat_template_kwargs" in record_problem({**record, "chat_template_kwargs": [1]})
+
+
+def test_the_openai_backend_templates_with_the_prompts_arguments(tiny_generator):
+    from lenvm.rollouts import _prompt_text
+
+    tok = tiny_generator[1]
+    prompt = Prompt("a", text="Name a colour.", chat_template_kwargs=NO_THINKING)
     text, templated = _prompt_text(tok, prompt)
     assert templated and tok(text, add_special_tokens=False)["input_ids"] == encode_prompt(tok, prompt)

@@ -9,6 +9,11 @@ A relative path is relative to the prompts file it comes from (to the working di
 prompts given in Python or on the command line) and is made absolute when the prompt is read, so
 that rollouts written anywhere point at the same files. Images are kept as these references, never
 as pixels; :mod:`lenvm.vision` loads them.
+
+A record may also give ``"chat_template_kwargs"``: an object of variables the chat template
+reads (Qwen3's ``enable_thinking``, gpt-oss's ``reasoning_effort``, a date), passed to
+``apply_chat_template`` as Hugging Face and vLLM pass them. They are part of the prompt: the same
+messages with other arguments are another prompt.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ TokenIds = list[int]
 
 @dataclass
 class Prompt:
-    """One prompt: plain text or chat messages, with an id that names it in output files.
+    """One prompt: plain text or chat messages, with an id that names it in output files, and
+    the arguments its chat template is applied with (``chat_template_kwargs``: template
+    variables by name).
 
     The id is a non-empty string; an integer id is taken as its decimal string (as in prompts
     files), so that the rollouts it names read back."""
@@ -37,6 +44,7 @@ class Prompt:
     text: str | None = None
     messages: Messages | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (pid := _prompt_id(self.id)) is None:
@@ -48,7 +56,9 @@ class Prompt:
             raise InputError(f"prompt {self.id!r}: its text must be a string, got {type(self.text).__name__}")
         if self.messages is not None and not _is_messages(self.messages):
             raise InputError(f"prompt {self.id!r}: {_MESSAGES_FORM}")
-        if (why := unencodable(self.to_json())) is not None:
+        if (why := template_kwargs_problem(self.chat_template_kwargs)) is not None:
+            raise InputError(f"prompt {self.id!r}: {why}")
+        if (why := unencodable([self.to_json(), self.chat_template_kwargs])) is not None:
             raise InputError(f"prompt {self.id!r}: {why}")
 
     def as_messages(self) -> Messages:
@@ -90,6 +100,53 @@ def unencodable(value: Any) -> str | None:
         )
     except (TypeError, ValueError):  # not JSON at all: other checks name that
         return None
+    return None
+
+
+# apply_chat_template's own arguments, and the conversation the template reads as ``messages``:
+# not template variables, so template arguments cannot set them.
+_TEMPLATE_CALL_ARGUMENTS = frozenset(
+    {
+        "messages",
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def template_kwargs_problem(kwargs: Any) -> str | None:
+    """Why ``kwargs`` cannot be a chat template's arguments, or None: they must be a JSON object
+    (string keys, JSON values: records keep them) that sets none of ``apply_chat_template``'s
+    own arguments."""
+    if not isinstance(kwargs, dict):
+        return f"'chat_template_kwargs' must be an object of template variables, got {type(kwargs).__name__}"
+    if (key := next((k for k in kwargs if not isinstance(k, str)), None)) is not None:
+        return f"'chat_template_kwargs' must name its variables by strings, got the key {key!r}"
+    if taken := sorted(kwargs.keys() & _TEMPLATE_CALL_ARGUMENTS):
+        return (
+            f"'chat_template_kwargs' cannot set {taken[0]!r}: it is an argument of apply_chat_template "
+            "itself, not a template variable"
+        )
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError):
+        return (
+            "'chat_template_kwargs' must hold JSON values (strings, finite numbers, booleans, null, "
+            "lists, objects)"
+        )
     return None
 
 
@@ -217,8 +274,8 @@ def prompt_from_record(
 ) -> Prompt:
     """Build a :class:`Prompt` from ``{"prompt": ...}`` (optionally with ``"images"``) or
     ``{"messages": [...]}``, its id from ``"id"`` or ``"prompt_id"`` (the name rollout records
-    give it); relative image paths are resolved against ``base`` (default: the working
-    directory)."""
+    give it), its template arguments from ``"chat_template_kwargs"``; relative image paths are
+    resolved against ``base`` (default: the working directory)."""
     where = f"{where}: " if where else ""
     if (why := unencodable(record)) is not None:
         raise InputError(f"{where}{why}")
@@ -234,7 +291,11 @@ def prompt_from_record(
         raise InputError(
             f"{where}'{key}' must be a non-empty string or an integer, got {json.dumps(record.get(key))}"
         )
-    extra = {k: v for k, v in record.items() if k not in ("id", "prompt_id", "prompt", "messages", "images")}
+    own = ("id", "prompt_id", "prompt", "messages", "images", "chat_template_kwargs")
+    extra = {k: v for k, v in record.items() if k not in own}
+    kwargs = record.get("chat_template_kwargs", {})
+    if (why := template_kwargs_problem(kwargs)) is not None:
+        raise InputError(f"{where}{why}")
     if "messages" in record:
         if "prompt" in record:
             raise InputError(f"{where}give 'prompt' or 'messages', not both")
@@ -246,7 +307,7 @@ def prompt_from_record(
         messages = [{**m, "content": _check_content(m["content"], base, where)} for m in messages]
         if not any(_has_content(m["content"]) for m in messages):
             raise InputError(f"{where}the prompt is empty")
-        return Prompt(pid, messages=messages, extra=extra)
+        return Prompt(pid, messages=messages, extra=extra, chat_template_kwargs=kwargs)
     text = record.get("prompt")
     if not isinstance(text, str):
         raise InputError(f"{where}expected a 'prompt' string or a 'messages' list")
@@ -256,10 +317,12 @@ def prompt_from_record(
             raise InputError(f"{where}'images' must be a non-empty list of image references")
         parts = [{"type": "image_url", "image_url": {"url": resolve_image(r, base, where)}} for r in images]
         content = [*parts, {"type": "text", "text": text}] if text.strip() else parts
-        return Prompt(pid, messages=[{"role": "user", "content": content}], extra=extra)
+        return Prompt(
+            pid, messages=[{"role": "user", "content": content}], extra=extra, chat_template_kwargs=kwargs
+        )
     if not text.strip():
         raise InputError(f"{where}the prompt is empty")
-    return Prompt(pid, text=text, extra=extra)
+    return Prompt(pid, text=text, extra=extra, chat_template_kwargs=kwargs)
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
@@ -342,34 +405,66 @@ def template_messages(prompt: Prompt) -> Messages:
     return out
 
 
-def encode_prompt(tokenizer, prompt: str | Messages | Prompt | TokenIds) -> list[int]:
+def encode_prompt(
+    tokenizer,
+    prompt: str | Messages | Prompt | TokenIds,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
     """Token ids the generator sees before its first generated token.
 
-    The chat template is applied (with the generation prompt) when the tokenizer has one;
-    otherwise the text is tokenized as is. A prompt with images needs a vision-language
-    generator's tokenizer; its ids hold the image placeholders as the model reads them (see
+    The chat template is applied (with the prompt's template arguments and, unless
+    ``add_generation_prompt`` is off, the generation prompt; ``continue_final_message`` leaves
+    the last message open for the generator to go on with) when the tokenizer has one; otherwise
+    the text is tokenized as is. A prompt with images needs a vision-language generator's
+    tokenizer; its ids hold the image placeholders as the model reads them (see
     :func:`lenvm.vision.encode`, which also gives the pixel inputs). Token ids are taken as they
     are (a prompt that was tokenized without the template, as an OpenAI-style text completion is).
     """
     from lenvm.vision import encode  # a vision-language generator's tokenizer carries its processor
 
-    return encode(tokenizer, prompt).ids
+    return encode(
+        tokenizer,
+        prompt,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+    ).ids
 
 
-def template_ids(tokenizer, prompt: Prompt, chat_template: str | None = None) -> list[int]:
-    """Token ids of ``prompt`` through the tokenizer's chat template (or ``chat_template``)."""
+def template_ids(
+    tokenizer,
+    prompt: Prompt,
+    chat_template: str | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
+    """Token ids of ``prompt`` through the tokenizer's chat template (or ``chat_template``), with
+    the prompt's template arguments; see :func:`encode_prompt` for the two switches. Without a
+    chat template the text is tokenized as is: the switches change nothing then, and template
+    arguments, with nothing to take them, are refused."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if template:
         ids = tokenizer.apply_chat_template(
             template_messages(prompt),
             chat_template=template,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             tokenize=True,
             return_dict=False,
+            # Passed only when on: some tokenizers' apply_chat_template does not take it.
+            **({"continue_final_message": True} if continue_final_message else {}),
+            **prompt.chat_template_kwargs,
         )
         # Some tokenizer versions return a BatchEncoding even with return_dict=False.
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids
         return list(ids)
+    if prompt.chat_template_kwargs:
+        raise InputError(
+            f"prompt {prompt.id!r} gives chat_template_kwargs ({', '.join(prompt.chat_template_kwargs)}), "
+            "but the tokenizer has no chat template to pass them to: leave them out, or use a tokenizer "
+            "with a chat template"
+        )
     if prompt.text is not None:
         return list(tokenizer(prompt.text)["input_ids"])
     messages = template_messages(prompt)

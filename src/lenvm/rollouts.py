@@ -48,7 +48,15 @@ from lenvm.io import (
     refuse_renamed,
     replaceable,
 )
-from lenvm.prompts import Messages, Prompt, as_prompt, encode_prompt, template_messages, unencodable
+from lenvm.prompts import (
+    Messages,
+    Prompt,
+    as_prompt,
+    encode_prompt,
+    template_kwargs_problem,
+    template_messages,
+    unencodable,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +79,7 @@ __all__ = [
     "iter_rollouts",
     "read_rollouts",
     "record_problem",
+    "record_prompt",
     "rollout",
     "vllm_installed",
 ]
@@ -144,7 +153,7 @@ def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[
     record = {
         "prompt_id": prompt.id,
         "sample_index": done.job.sample_index,
-        "prompt": prompt.to_json(),
+        **_prompt_fields(prompt),
         "prompt_token_ids": done.job.prompt_ids,
         "completion": done.text,
         "completion_token_ids": done.token_ids,
@@ -157,6 +166,28 @@ def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[
     if prompt.extra:
         record["meta"] = prompt.extra
     return record
+
+
+def _prompt_fields(prompt: Prompt) -> dict[str, Any]:
+    """What a rollout record keeps of its prompt: its text or messages, and its template
+    arguments where it has any (a record without them reads as a prompt without them)."""
+    fields: dict[str, Any] = {"prompt": prompt.to_json()}
+    if prompt.chat_template_kwargs:
+        fields["chat_template_kwargs"] = prompt.chat_template_kwargs
+    return fields
+
+
+def _recorded_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a rollout record that :func:`_prompt_fields` wrote (an empty
+    ``chat_template_kwargs``, another tool's, is none)."""
+    return {k: record[k] for k in ("prompt", "chat_template_kwargs") if record.get(k) not in (None, {})}
+
+
+def record_prompt(record: dict[str, Any]) -> Prompt:
+    """The prompt a rollout record was sampled from: its id, text or messages, and template
+    arguments."""
+    prompt = as_prompt(record["prompt"], default_id=record["prompt_id"])
+    return replace(prompt, chat_template_kwargs=record.get("chat_template_kwargs") or {})
 
 
 def rollout(
@@ -414,7 +445,8 @@ def _check_resume(
     """Sample indices already in the file per prompt id; refuse to mix policies or prompts."""
     by_id = {p.id: p for p in prompts}
     present: dict[str, set[int]] = {}
-    other_ids: dict[str, str] = {}  # a prompt's JSON -> an id it has in the file, not among the prompts
+    # a prompt's fields as JSON -> an id it has in the file, not among the prompts
+    other_ids: dict[str, str] = {}
     for record in existing:
         if record["sampling"] != sampling:
             raise InputError(
@@ -429,9 +461,9 @@ def _check_resume(
             )
         prompt = by_id.get(record["prompt_id"])
         if prompt is None:
-            other_ids.setdefault(json.dumps(record["prompt"], sort_keys=True), record["prompt_id"])
+            other_ids.setdefault(json.dumps(_recorded_prompt(record), sort_keys=True), record["prompt_id"])
             continue
-        if record["prompt"] != prompt.to_json():
+        if _recorded_prompt(record) != _prompt_fields(prompt):
             raise InputError(
                 f"{out}: prompt id {prompt.id!r} names a different prompt in the file; "
                 "use another output file"
@@ -445,7 +477,7 @@ def _check_resume(
         samples.add(record["sample_index"])
     for prompt in prompts:
         if prompt.id not in present:
-            refuse_renamed(out, prompt.id, other_ids.get(json.dumps(prompt.to_json(), sort_keys=True)))
+            refuse_renamed(out, prompt.id, other_ids.get(json.dumps(_prompt_fields(prompt), sort_keys=True)))
     return present
 
 
@@ -601,7 +633,10 @@ def _prompt_text(tokenizer, prompt: Prompt) -> tuple[str, bool]:
     """The text whose tokenization is :func:`encode_prompt`'s ids; True if chat-templated."""
     messages = template_messages(prompt)  # text parts joined, as encode_prompt takes them
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **prompt.chat_template_kwargs
+        )
+        return text, True
     if prompt.text is not None:
         return prompt.text, False
     return "\n".join(m["content"] for m in messages), False
@@ -696,6 +731,9 @@ def record_problem(record: Any) -> str | None:
             return f"missing '{key}'"
         if not ok(record[key]):
             return f"'{key}' must be {expected}, got {json.dumps(record[key])[:80]}"
+    kwargs = record.get("chat_template_kwargs")
+    if kwargs is not None and (why := template_kwargs_problem(kwargs)) is not None:
+        return why
     if record["num_tokens"] != len(record["completion_token_ids"]):
         return "'num_tokens' differs from the length of 'completion_token_ids'"
     if record["finish_reason"] == "stop" and not record["completion_token_ids"]:

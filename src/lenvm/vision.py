@@ -213,10 +213,18 @@ class Processor:
     def tokens_per_image(self, images: ImageInputs) -> list[int]:
         return (images.image_grid_thw.prod(-1) // self.merge_size**2).tolist()
 
-    def encode(self, prompt: Prompt) -> Encoded:
+    def encode(
+        self, prompt: Prompt, *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> Encoded:
         """Token ids (the chat template applied, each image pad repeated once per image token) and
-        pixel inputs of ``prompt``."""
-        ids = template_ids(self.tokenizer, prompt, self.chat_template)
+        pixel inputs of ``prompt``; the switches are :func:`lenvm.prompts.encode_prompt`'s."""
+        ids = template_ids(
+            self.tokenizer,
+            prompt,
+            self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
         refs = prompt.images
         if not refs:
             return Encoded(self.without_images(ids, f"prompt {prompt.id!r}"))
@@ -319,25 +327,40 @@ def as_tokenizer(tokenizer_or_processor):
     return tokenizer_or_processor
 
 
-def encode(tokenizer, prompt: PromptInput) -> Encoded:
+def encode(
+    tokenizer,
+    prompt: PromptInput,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> Encoded:
     """Token ids and pixel inputs of ``prompt`` for the generator of ``tokenizer``. A prompt with
     images needs a vision-language generator's tokenizer (see :func:`processor_of`). Token ids
     are taken as they are (a prompt tokenized without the template, as an OpenAI-style text
-    completion is)."""
+    completion is). The switches are :func:`lenvm.prompts.encode_prompt`'s."""
     processor = processor_of(tokenizer)
     if is_token_ids(prompt):
         ids = list(prompt)
         return Encoded(processor.without_images(ids, "the prompt") if processor else ids)
     prompt = as_prompt(prompt)
     if processor is not None:
-        return processor.encode(prompt)
+        return processor.encode(
+            prompt, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
+        )
     if prompt.images:
         raise InputError(
             f"prompt {prompt.id!r} has {len(prompt.images)} image(s), but the generator is text-only: "
             "images need a vision-language generator of the Qwen2-VL family, loaded with "
             "lenvm.load_generator (or given with its transformers processor), in lenvm's own engine"
         )
-    return Encoded(template_ids(tokenizer, prompt))
+    return Encoded(
+        template_ids(
+            tokenizer,
+            prompt,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+    )
 
 
 # -- positions and frozen parts -------------------------------------------------------------

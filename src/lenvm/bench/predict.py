@@ -202,11 +202,11 @@ class Baselines:
 
 
 def _prompts_of(records: list[dict[str, Any]]) -> list[Prompt]:
-    from lenvm.prompts import as_prompt
+    from lenvm.rollouts import record_prompt
 
     prompts: dict[str, Prompt] = {}
     for r in records:
-        prompts.setdefault(r["prompt_id"], as_prompt(r["prompt"], r["prompt_id"]))
+        prompts.setdefault(r["prompt_id"], record_prompt(r))
     return list(prompts.values())
 
 

@@ -40,8 +40,8 @@ from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, QueueOrder, check_queue, priority
 from lenvm.io import InputError, file_digest, positive_count
-from lenvm.prompts import as_prompt
-from lenvm.rollouts import read_rollouts
+from lenvm.prompts import Prompt
+from lenvm.rollouts import read_rollouts, record_prompt
 from lenvm.scheduling import Timeline, poisson_arrivals, rate_for_load, simulate
 
 POLICIES = {
@@ -60,7 +60,7 @@ class Pool:
     """Answers to replay: one entry per completion."""
 
     prompt_ids: list[str]
-    prompts: dict[str, Any]  # prompt id -> prompt (text or messages)
+    prompts: dict[str, Prompt]  # prompt id -> prompt
     prompt_tokens: np.ndarray
     length: np.ndarray  # output tokens, EOS included
     max_new_tokens: int
@@ -72,9 +72,10 @@ class Pool:
         check_generator(records, generator, "the rollouts")
         if not records:
             raise InputError("the rollouts hold no completions to replay")
-        prompts: dict[str, Any] = {}
+        prompts: dict[str, Prompt] = {}
         for r in records:
-            if prompts.setdefault(r["prompt_id"], r["prompt"]) != r["prompt"]:
+            prompt = record_prompt(r)
+            if prompts.setdefault(prompt.id, prompt) != prompt:
                 raise InputError(f"prompt id {r['prompt_id']!r} names two different prompts in the rollouts")
         return cls(
             [r["prompt_id"] for r in records],
@@ -184,7 +185,7 @@ def run_schedule(
     Run(out, settings).close()  # other settings in this folder are refused before any work
     ids = list(pool.prompts)
     clock = time.perf_counter()
-    lengths = value_model.predict_length([as_prompt(pool.prompts[i], i) for i in ids], batch_size=32)
+    lengths = value_model.predict_length([pool.prompts[i] for i in ids], batch_size=32)
     predict_seconds = time.perf_counter() - clock
     predicted = dict(zip(ids, lengths, strict=True))
 
@@ -246,7 +247,7 @@ def _live(
     arrival = poisson_arrivals(requests, rate_for_load(load, float(pool.length.mean()), batch_size), seed)
     sampling = bench_sampling(models, pool.max_new_tokens, seed=seed)
     workload = [
-        (float(arrival[k]), item_request(sampling, as_prompt(pool.prompts[ids[i]], ids[i]), f"live-{k}"))
+        (float(arrival[k]), item_request(sampling, pool.prompts[ids[i]], f"live-{k}"))
         for k, i in enumerate(pick)
     ]
     out.mkdir(parents=True, exist_ok=True)

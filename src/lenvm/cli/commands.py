@@ -335,8 +335,7 @@ def _answer_to_value(args) -> tuple:
     token ids, the prompt's too unless it has images, and its ending), or a prompt with the
     completion's text (record None)."""
     from lenvm.io import numbered_jsonl
-    from lenvm.prompts import as_prompt
-    from lenvm.rollouts import record_problem
+    from lenvm.rollouts import record_problem, record_prompt
 
     if args.rollouts is not None:
         if args.prompt is not None or args.completion is not None or args.unfinished or args.image:
@@ -349,7 +348,7 @@ def _answer_to_value(args) -> tuple:
             if number == wanted:
                 if (problem := record_problem(record)) is not None:
                     raise InputError(f"{args.rollouts}:{lineno}: bad rollout record: {problem}")
-                prompt = as_prompt(record["prompt"], default_id=record["prompt_id"])
+                prompt = record_prompt(record)
                 ids = record["prompt_token_ids"] if not prompt.images else prompt  # images: encoded again
                 return ids, record["completion_token_ids"], record["finish_reason"] == "stop", record
         raise InputError(f"{args.rollouts} has fewer than {wanted} records")
