@@ -703,8 +703,6 @@ def test_openai_fields_that_ask_for_nothing_different_are_taken(url):
         "user": "u1",
         "skip_special_tokens": True,
         "include_stop_str_in_output": False,
-        "chat_template_kwargs": {},
-        "reasoning_effort": None,
     }
     body = {"model": MODEL, "messages": HI, "max_tokens": 2, **taken}
     answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
@@ -716,8 +714,6 @@ def test_openai_fields_that_ask_for_nothing_different_are_taken(url):
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "required"),
         ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-        ("reasoning_effort", "low"),
-        ("chat_template_kwargs", {"enable_thinking": False}),
         ("skip_special_tokens", False),
     ]:
         refused = httpx.post(url + "/v1/chat/completions", json={**body, field: value}, timeout=30)
@@ -727,6 +723,64 @@ def test_openai_fields_that_ask_for_nothing_different_are_taken(url):
     plain = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ok = {"response_format": {"type": "text"}, "skip_special_tokens": True}
     assert httpx.post(url + "/v1/completions", json={**plain, **ok}, timeout=30).status_code == 200
+
+
+def test_chat_template_arguments_reach_the_template_as_in_vllm(url, tiny_generator):
+    """The tiny template writes an empty thinking block when enable_thinking is false, as Qwen3's."""
+    tok = tiny_generator[1]
+
+    def prompt_tokens(**fields):
+        body = {"model": MODEL, "messages": HI, "max_tokens": 1, **fields}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens"]
+
+    off = Prompt("0", messages=HI, chat_template_kwargs={"enable_thinking": False})
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) == len(encode_prompt(tok, off))
+    assert len(encode_prompt(tok, off)) > len(encode_prompt(tok, HI))
+    assert prompt_tokens(chat_template_kwargs={"today": "Monday"}) == len(encode_prompt(tok, HI))  # unread
+    # reasoning_effort is the template variable of that name, and turns thinking off with "none"
+    assert prompt_tokens(reasoning_effort="none") == len(encode_prompt(tok, off))
+    assert prompt_tokens(reasoning_effort="low") == len(encode_prompt(tok, HI))
+    # the turn: no generation prompt, or the last (assistant) message left open
+    assert prompt_tokens(add_generation_prompt=False) == len(
+        encode_prompt(tok, HI, add_generation_prompt=False)
+    )
+    started = [*HI, {"role": "assistant", "content": "The sea"}]
+    expected = encode_prompt(tok, started, add_generation_prompt=False, continue_final_message=True)
+    assert tok.decode(expected).endswith("assistant\nThe sea")
+    assert prompt_tokens(messages=started, add_generation_prompt=False, continue_final_message=True) == len(
+        expected
+    )
+    # on the length endpoints where they take messages, too
+    predicted = httpx.post(
+        url + "/v1/length/predict", json={"messages": HI, "chat_template_kwargs": {"enable_thinking": False}}
+    ).json()
+    assert predicted["data"][0]["prompt_tokens"] == len(encode_prompt(tok, off))
+    kwargs, effort, chat, text = "chat_template_kwargs", "reasoning_effort", HI, {"prompt": "Hi"}
+    for route, fields, field, message in [
+        ("chat/completions", {kwargs: [1]}, kwargs, "should be an object"),
+        ("chat/completions", {kwargs: {"tokenize": True}}, kwargs, "cannot set 'tokenize'"),
+        ("chat/completions", {effort: 1}, effort, "valid string"),
+        ("chat/completions", {effort: "low", kwargs: {effort: "high"}}, effort, "both as a field and in"),
+        (
+            "chat/completions",
+            {"continue_final_message": True},
+            "continue_final_message",
+            "add_generation_prompt",
+        ),
+        ("length/predict", {"messages": chat, kwargs: "x"}, kwargs, "should be an object"),
+        ("length/predict", {**text, effort: "low"}, effort, "goes with messages"),
+        ("length/values", {**text, "completion": "x", kwargs: {"a": 1}}, kwargs, "goes with messages"),
+    ]:
+        body = {
+            "model": MODEL,
+            **({"messages": chat, "max_tokens": 1} if route == "chat/completions" else {}),
+        }
+        refused = httpx.post(url + f"/v1/{route}", json={**body, **fields}, timeout=30)
+        assert refused.status_code == 400, (fields, refused.text)
+        error = refused.json()["error"]
+        assert error["param"] == field and message in error["message"], (fields, error)
 
 
 def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(url):

@@ -55,6 +55,8 @@ from lenvm.serve.protocol import (
     plan_chat,
     plan_completion,
     prompt_list,
+    refuse_template_arguments,
+    template_arguments,
     text_prompt_ids,
     tokenize,
 )
@@ -561,13 +563,15 @@ def _check_model(model: str | None, name: str) -> None:
 
 def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
     if body.prompt is not None and body.messages is None:
+        refuse_template_arguments(body)
         texts = prompt_list(body.prompt)
         _check_count(texts)
         ids = [text_prompt_ids(p, ctx) for p in texts]
     elif body.messages is not None and body.prompt is None:
         chats = _conversations(body.messages)
         _check_count(chats)
-        ids = [chat_prompt_ids(m, ctx) for m in chats]
+        kwargs = template_arguments(body)
+        ids = [chat_prompt_ids(m, ctx, kwargs) for m in chats]
     else:
         raise ApiError(400, "give a prompt or messages (one or a list)")
     for p in ids:
@@ -598,9 +602,10 @@ def _check_count(prompts: Sized) -> None:
 def _values_ids(body: ValuesRequest, ctx: Context) -> tuple[list[int], list[int]]:
     """The prompt's and the completion's token ids of a values request."""
     if body.prompt is not None and body.messages is None:
+        refuse_template_arguments(body)
         prompt = text_prompt_ids(body.prompt, ctx)
     elif body.messages is not None and body.prompt is None:
-        prompt = chat_prompt_ids(body.messages, ctx)
+        prompt = chat_prompt_ids(body.messages, ctx, template_arguments(body))
     else:
         raise ApiError(400, "give a prompt or messages")
     completion = body.completion

@@ -35,7 +35,7 @@ from lenvm.decoding.params import (
     control_from_keys,
 )
 from lenvm.io import InputError, outside_vocabulary
-from lenvm.prompts import Prompt, encode_prompt
+from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
 from lenvm.values_view import token_bytes, token_texts_alone
@@ -179,7 +179,15 @@ class ChatMessage(_Body):
         return self
 
 
-class ChatCompletionRequest(_Generation):
+class _Templated(_Body):
+    """The chat template's arguments of a request that takes messages (see
+    :func:`template_arguments`)."""
+
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+
+
+class ChatCompletionRequest(_Generation, _Templated):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -195,20 +203,22 @@ class ChatCompletionRequest(_Generation):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: the generation prompt, or the last message left open for the answer to go on with.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
-class PredictRequest(_Body):
+class PredictRequest(_Templated):
     """``prompt``: text tokenized as is (what /v1/completions takes) or token ids, one or a list;
-    ``messages``: chat messages (the chat template is applied), one conversation or a list."""
+    ``messages``: chat messages (the chat template is applied, with the request's template
+    arguments), one conversation or a list."""
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] | None = None
     messages: list[ChatMessage] | list[list[ChatMessage]] | None = None
 
 
-class ValuesRequest(_Body):
+class ValuesRequest(_Templated):
     model: str | None = None
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
@@ -310,7 +320,20 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
 
 def plan_chat(body: ChatCompletionRequest, ctx: Context) -> Plan:
     _refuse_unsupported_chat(body)
-    prompt = chat_prompt_ids(body.messages, ctx)
+    if body.continue_final_message and body.add_generation_prompt:
+        raise ApiError(
+            400,
+            "continue_final_message goes on with the last message, add_generation_prompt starts a new one: "
+            "set add_generation_prompt to false with it",
+            "continue_final_message",
+        )
+    prompt = chat_prompt_ids(
+        body.messages,
+        ctx,
+        template_arguments(body),
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+    )
     if body.top_logprobs and not body.logprobs:  # 0 without logprobs asks for nothing: fine
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     top = body.top_logprobs or 0
@@ -458,18 +481,6 @@ def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
         raise ApiError(
             400, 'tool_choice other than "none" is not supported (there are no tools)', "tool_choice"
         )
-    if body.reasoning_effort is not None:
-        raise ApiError(
-            400,
-            "reasoning_effort is not supported: the chat template is applied as it is",
-            "reasoning_effort",
-        )
-    if body.chat_template_kwargs:
-        raise ApiError(
-            400,
-            "chat_template_kwargs are not supported: the chat template is applied as it is",
-            "chat_template_kwargs",
-        )
 
 
 def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
@@ -537,20 +548,66 @@ def tokenize(text: str, ctx: Context, add_special_tokens: bool = True) -> list[i
         return list(ctx.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def chat_prompt_ids(messages: list[ChatMessage], ctx: Context) -> list[int]:
-    """Chat messages through the chat template, with the generation prompt. A message's content
-    may be empty or whitespace (as in OpenAI's API; lenvm's prompt files refuse a prompt without
-    text, which rollouts and training could not use)."""
+def template_arguments(body: _Templated) -> dict[str, Any]:
+    """The variables a request passes to the chat template: its ``chat_template_kwargs``, and
+    ``reasoning_effort`` as the variable of that name; as vLLM does, an effort also sets
+    ``enable_thinking`` (off for ``"none"``, on otherwise) unless the kwargs set it."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    if (why := template_kwargs_problem(kwargs)) is not None:
+        raise ApiError(400, why, "chat_template_kwargs")
+    if body.reasoning_effort is not None:
+        if "reasoning_effort" in kwargs:  # neither wins, as for the length keys
+            raise ApiError(
+                400,
+                "reasoning_effort is given both as a field and in chat_template_kwargs",
+                "reasoning_effort",
+            )
+        kwargs["reasoning_effort"] = body.reasoning_effort
+        kwargs.setdefault("enable_thinking", body.reasoning_effort != "none")
+    return kwargs
+
+
+def refuse_template_arguments(body: _Templated) -> None:
+    """Refuse template arguments with a text prompt, which no chat template reads (empty ones
+    ask for nothing: taken)."""
+    for name in ("chat_template_kwargs", "reasoning_effort"):
+        if getattr(body, name):
+            raise ApiError(
+                400,
+                f"{name} goes with messages: a text prompt is tokenized as is, without the chat template",
+                name,
+            )
+
+
+def chat_prompt_ids(
+    messages: list[ChatMessage],
+    ctx: Context,
+    template_kwargs: dict[str, Any] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
+    """Chat messages through the chat template, with ``template_kwargs`` (its variables) and the
+    generation prompt unless ``add_generation_prompt`` is off; ``continue_final_message`` leaves
+    the last message open. A message's content may be empty or whitespace (as in OpenAI's API;
+    lenvm's prompt files refuse a prompt without text, which rollouts and training could not use)."""
     if not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     records = [{"role": m.role, "content": _content(m.content)} for m in messages]
     try:
+        prompt = Prompt("0", messages=records, chat_template_kwargs=template_kwargs or {})
         with ctx.tokenizer_lock:
-            ids = encode_prompt(ctx.tokenizer, Prompt("0", messages=records))
+            ids = encode_prompt(
+                ctx.tokenizer,
+                prompt,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
     except InputError as err:
         raise ApiError(400, str(err), "messages") from None
-    except Exception as err:  # the chat template refused the conversation (roles, order)
-        raise ApiError(400, f"the chat template refused these messages: {err}", "messages") from None
+    except Exception as err:  # the chat template refused the conversation (roles, order) or its arguments
+        what = "these messages and arguments" if template_kwargs else "these messages"
+        raise ApiError(400, f"the chat template refused {what}: {err}", "messages") from None
     return _some_tokens(ids, "prompt", "messages")
 
 
