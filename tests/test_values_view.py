@@ -1,3 +1,4 @@
+import html
 import json
 import re
 
@@ -310,6 +311,29 @@ def test_html_of_an_unfinished_trace(lenvm):
     assert "cut, no EOS" in page
     rows = json.loads(re.search(r'id="lenvm-data">(.*?)</script>', page, re.S).group(1))
     assert all(r["true_remaining"] is None for r in rows)
+
+
+def test_repr_is_a_summary_not_every_token(lenvm):
+    long = " ".join(["word"] * 40)
+    trace = token_values(lenvm, PROMPT, long)
+    text = repr(trace)
+    assert len(text) < 400 and text.count("TokenValue") == 0
+    assert f"{trace.num_tokens} tokens (ended with EOS)" in text
+    assert f"prompt of {len(trace.prompt_token_ids)} tokens" in text
+    assert "'word word" in text and "…'" in text  # the answer's start, cut short
+    assert "cut, no EOS" in repr(token_values(lenvm, PROMPT, TEXT, finished=False))
+
+
+def test_a_notebook_shows_the_view_in_a_frame_of_its_own(lenvm):
+    traces = [token_values(lenvm, PROMPT, TEXT), token_values(lenvm, "Say hi.", "Hi!")]
+    outputs = [t._repr_html_() for t in traces]
+    for trace, output in zip(traces, outputs, strict=True):
+        frame = re.fullmatch(r'<iframe srcdoc="([^"]*)" title="[^"<>]*" style="[^"]*"></iframe>', output)
+        assert frame, output[:200]
+        assert html.unescape(frame.group(1)) == render_html(trace)  # the whole page, escaped
+    # On one notebook page the two views' styles, scripts and ids stay in their frames.
+    page = "".join(re.sub(r'srcdoc="[^"]*"', "", output) for output in outputs)
+    assert not re.search(r"<style|<script|\bid=", page)
 
 
 def test_the_chart_shows_a_prediction_several_times_the_truth_and_clips_an_absurd_one(lenvm):

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import numpy as np
 
 from lenvm.dataset import examples_from_records
-from lenvm.io import InputError, atomic_path
+from lenvm.figures import save_png, subplots
+from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 from lenvm.returns import td_residual
 from lenvm.training_data import check_rollouts_for
@@ -111,12 +112,7 @@ class LengthTokenStats:
 
     def plot(self, path: str | os.PathLike, n: int = 15) -> None:
         """PNG bar chart: the top ``n`` tokens in each direction and how often they push."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, max(3.0, 0.32 * n + 1.2)))
+        fig, axes = subplots(1, 2, figsize=(10, max(3.0, 0.32 * n + 1.2)))
         panels: tuple[tuple[Direction, str, str], ...] = (
             ("longer", "#e66101", "pushes longer (δ < −{:g})"),
             ("shorter", "#2166ac", "pushes shorter (δ > +{:g})"),
@@ -136,9 +132,7 @@ class LengthTokenStats:
                 ax.text(0.5, 0.5, "no token", ha="center", va="center", transform=ax.transAxes)
         fig.suptitle(f"Tokens that shift the length horizon (count ≥ {self.min_count})")
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
+        save_png(fig, path)
 
 
 def _label(stat: TokenStat) -> str:

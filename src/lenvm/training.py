@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from lenvm.dataset import Batch, DatasetReport, Example, TruncatedPolicy, collate, forward_images
 from lenvm.evaluation import PROGRESS_KEYS, length_metrics
+from lenvm.figures import save_png, subplots
 from lenvm.hub import same_model, torch_dtype
 from lenvm.io import (
     InputError,
@@ -509,13 +510,9 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
 
 
 def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(losses) + 1), losses, lw=1, marker="o" if len(losses) == 1 else None)
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no step 1.5
@@ -524,9 +521,7 @@ def plot_losses(losses: list[float], path: Path, loss: str = "mse") -> None:
     ax.set_title("LenVM training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _marked(marker: Path) -> str | None:

@@ -50,11 +50,14 @@ class TokenValue:
     predicted_total: float
 
 
+_PREVIEW_CHARS = 40  # of the completion's text in a ValueTrace's repr
+
+
 @dataclass
 class ValueTrace:
     """One completion valued token by token (:func:`token_values`): each token's
     :class:`TokenValue`, whether the completion ended with EOS, the prompt; ``to_dict`` is the JSON
-    ``lenvm values`` prints and :func:`render_html` draws it."""
+    ``lenvm values`` prints and :func:`render_html` draws it. A notebook shows it as that view."""
 
     gamma: float
     prompt_token_ids: list[int]
@@ -91,6 +94,20 @@ class ValueTrace:
                 remaining_mae=float(np.mean(errors)),
             )
         return out
+
+    def __repr__(self) -> str:
+        # The summary, not every token (hundreds of TokenValue reprs): the tokens are in .tokens.
+        images = f", {len(self.images)} image{'s' if len(self.images) != 1 else ''}" if self.images else ""
+        text = "".join(t.text for t in self.tokens)
+        preview = text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 1] + "…"
+        return (
+            f"<ValueTrace {preview!r}: {_summary_line(self)}; prompt of {len(self.prompt_token_ids)} "
+            f"tokens{images}>"
+        )
+
+    def _repr_html_(self) -> str:
+        """The page of :func:`render_html` in a frame of its own, sized to it (a notebook's view)."""
+        return _framed_html(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -396,14 +413,29 @@ function show(ev) {
   marker.setAttribute('x2', r.x);
   marker.style.display = '';
 }
+// Where the tip (its size along an axis) goes beside the pointer: after it, or before it where the
+// window has no room after it (a frame fitted to the page has none below its last line).
+const beside = (at, size, room) => Math.max(0, at + 14 + size > room ? at - 14 - size : at + 14);
 function move(ev) {
-  tip.style.left = (ev.clientX + 14) + 'px';
-  tip.style.top = (ev.clientY + 14) + 'px';
+  tip.style.left = beside(ev.clientX, tip.offsetWidth, innerWidth) + 'px';
+  tip.style.top = beside(ev.clientY, tip.offsetHeight, innerHeight) + 'px';
 }
 for (const el of document.querySelectorAll('.tok')) {
   el.addEventListener('mouseenter', show);
   el.addEventListener('mousemove', move);
   el.addEventListener('mouseleave', () => { tip.hidden = true; marker.style.display = 'none'; });
+}
+// In a frame (a notebook's view, same origin), the frame takes the page's height as it changes:
+// the prompt opened, the notebook made narrower; and the height of a horizontal scrollbar, there
+// when the chart is wider than the frame. Standalone, frameElement is null.
+const frame = window.frameElement;
+if (frame) {
+  const root = document.documentElement;
+  const fit = () => {
+    const scrollbar = innerHeight - root.clientHeight;
+    frame.style.height = Math.ceil(root.getBoundingClientRect().height + scrollbar) + 'px';
+  };
+  new ResizeObserver(fit).observe(root);
 }
 """
 
@@ -513,12 +545,8 @@ def _image_tags(trace: ValueTrace) -> str:
     return f'<div class="images">{"".join(tags)}</div>' if tags else ""
 
 
-def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
-    """One self-contained HTML page: summary, remaining-length chart, the prompt (its images beside
-    the text) and the coloured tokens."""
-    residuals = np.abs([t.residual for t in trace.tokens])
-    # Scale colours to the 95th percentile so one outlier does not wash out everything else.
-    scale = max(float(np.quantile(residuals, 0.95)), 1e-9)
+def _summary_line(trace: ValueTrace) -> str:
+    """The trace's length, its prediction at the prompt against the truth, and gamma, in a line."""
     s = trace.summary()
     line = f"{s['num_tokens']} token{'s' if s['num_tokens'] != 1 else ''}"
     line += f" ({'ended with EOS' if trace.finished else 'cut, no EOS'})"
@@ -527,7 +555,16 @@ def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
         error = 100 * s["prompt_relative_error"]
         line += f" (true {s['true_length']}, relative error {error:.0f}%)"
         line += f" · mean |predicted − true remaining|: {s['remaining_mae']:.1f} tokens"
-    line += f" · gamma = {trace.gamma:g}"
+    return line + f" · gamma = {trace.gamma:g}"
+
+
+def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
+    """One self-contained HTML page: summary, remaining-length chart, the prompt (its images beside
+    the text) and the coloured tokens."""
+    residuals = np.abs([t.residual for t in trace.tokens])
+    # Scale colours to the 95th percentile so one outlier does not wash out everything else.
+    scale = max(float(np.quantile(residuals, 0.95)), 1e-9)
+    line = _summary_line(trace)
     rows = []
     spans = []
     for t in trace.tokens:
@@ -572,3 +609,19 @@ Hover a token for its numbers.</p>
 </body>
 </html>
 """
+
+
+# The frame's height until the page inside fits it to itself (where scripts do not run, it scrolls).
+_FRAME_HEIGHT = 640
+
+
+def _framed_html(trace: ValueTrace) -> str:
+    """The page of :func:`render_html` as an ``<iframe>`` to put into another page (a notebook's
+    output). In a frame of its own the page keeps its styles and element ids to itself, and the
+    host's styles stay out of it, whatever the host (classic Jupyter, JupyterLab, VS Code); its
+    scripts run in the frame without the host running them."""
+    page = html.escape(render_html(trace), quote=True)
+    return (
+        f'<iframe srcdoc="{page}" title="LenVM token values" '
+        f'style="width: 100%; height: {_FRAME_HEIGHT}px; border: none;"></iframe>'
+    )

@@ -14,17 +14,17 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from lenvm.decoding import Engine, Request, SamplingParams
+from lenvm.figures import save_png
 from lenvm.hub import DEFAULT_MODEL, load_generator
 from lenvm.io import (
     InputError,
     JsonlAppender,
     RunLock,
-    atomic_path,
     changed_settings,
     iter_jsonl,
     json_text,
@@ -35,6 +35,9 @@ from lenvm.io import (
 )
 from lenvm.model import LengthValueModel, generator_for
 from lenvm.prompts import encode_prompt
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BACKENDS = ("engine", "vllm")
 # Tokens of the short untimed call that precedes timing: enough to run every one-off cost (lazy
@@ -222,10 +225,8 @@ class Run:
     def write_text(self, name: str, text: str) -> None:
         write_text(self.path(name), text)
 
-    def save_figure(self, figure, name: str) -> None:
-        with atomic_path(self.path(name)) as tmp:
-            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        pyplot().close(figure)
+    def save_figure(self, figure: Figure, name: str) -> None:
+        save_png(figure, self.path(name), crop=True)
 
     def run_jobs(
         self,
@@ -305,16 +306,6 @@ def positive_counts(values: int | Iterable[int], what: str) -> tuple[int, ...]:
 def settings_of(models: Models, sampling: SamplingParams, **extra: Any) -> dict[str, Any]:
     """The settings every item of a run depends on."""
     return {**models.identity(), **sampling.policy(), **extra}
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -27,12 +27,12 @@ from lenvm.bench.common import (
     item_request,
     load_models,
     positive_counts,
-    pyplot,
     settings_of,
 )
 from lenvm.cli import options
 from lenvm.decoding import Control, SamplingParams
 from lenvm.decoding.params import ControlKind
+from lenvm.figures import subplots
 from lenvm.io import InputError, iter_jsonl
 from lenvm.prompts import Prompt
 
@@ -390,10 +390,9 @@ def _markdown(summary, labels, targets, skipped, n_rows, too_long) -> str:
 
 
 def _plot(run: Run, summary, items, labels) -> None:
-    plt = pyplot()
     # A panel per constraint that ran, ticks at the targets that ran.
     ran = [c for c in lifebench_score.CONSTRAINTS if any(c in by for by in summary.values())]
-    fig, axes = plt.subplots(1, len(ran), figsize=(4.4 * len(ran), 3.8), sharey=True, squeeze=False)
+    fig, axes = subplots(1, len(ran), figsize=(4.4 * len(ran), 3.8), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, constraint in zip(axes, ran, strict=True):
         targets: set[int] = set()
@@ -423,7 +422,7 @@ def _plot(run: Run, summary, items, labels) -> None:
     if not equal:  # a plot of an earlier run's Equal To would pass for this one's
         run.path("equal_to_lengths.png").unlink(missing_ok=True)
     else:
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        fig, ax = subplots(figsize=(5.5, 4.5))
         for k, method in enumerate(summary):
             shift = 1 + 0.05 * (k - (len(summary) - 1) / 2)  # side by side, not on top
             for cut in (False, True):  # answers cut at max_new_tokens are crosses, not ends

@@ -45,13 +45,13 @@ from lenvm.bench.common import (
     bench_sampling,
     load_models,
     markdown_table,
-    pyplot,
     refuse_model_folder,
 )
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
+from lenvm.figures import save_png, subplots
 from lenvm.hub import model_name
-from lenvm.io import InputError, RunLock, atomic_path, fingerprint, positive_count, write_json, write_text
+from lenvm.io import InputError, RunLock, fingerprint, positive_count, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, read_prompts
 from lenvm.returns import return_consistent_mean_length
 from lenvm.rollouts import read_rollouts, rollout
@@ -591,11 +591,10 @@ def _markdown(results: dict, total: int) -> str:
 
 
 def _plot(out: Path, results: dict) -> None:
-    plt = pyplot()
     tables = {"in domain": results["per_prompt"]}
     tables.update({f"{d}, trained without it": rows for d, rows in results["cross_per_prompt"].items()})
     names = [n for n in PREDICTORS if n in results["per_prompt"][0]]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(tables), len(names), figsize=(3.6 * len(names), 3.4 * len(tables)), squeeze=False
     )
     # a domain keeps its colour in every row (a cross-domain row holds only some of them)
@@ -621,11 +620,11 @@ def _plot(out: Path, results: dict) -> None:
             ax.grid(alpha=0.3, which="both")
         row[0].legend(fontsize=7)
     fig.tight_layout()  # the panels' axis labels would overlap their neighbours
-    _save(fig, out / "calibration.png")
+    save_png(fig, out / "calibration.png", crop=True)
 
     metrics = results["metrics"]
     domains = list(metrics)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(domains) * len(names) / 2), 4))
+    fig, ax = subplots(figsize=(max(6.0, 1.1 * len(domains) * len(names) / 2), 4))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         ax.bar(np.arange(len(domains)) + k * width, [100 * metrics[d][name]["mre"] for d in domains],
@@ -634,13 +633,7 @@ def _plot(out: Path, results: dict) -> None:
     ax.set_ylabel("mean relative error (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    _save(fig, out / "prediction.png")
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    pyplot().close(fig)
+    save_png(fig, out / "prediction.png", crop=True)
 
 
 # -- command line ---------------------------------------------------------------------------

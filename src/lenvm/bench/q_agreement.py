@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Models, Run, markdown_table, pyplot
+from lenvm.bench.common import Models, Run, markdown_table
 from lenvm.cli import options
 from lenvm.dataset import held_out_prompts
 from lenvm.decoding.policies import top_candidates, truncate
 from lenvm.decoding.streams import Hidden, Stream, cache_argument
+from lenvm.figures import subplots
 from lenvm.hub import eos_token_ids, load_generator, torch_dtype
 from lenvm.io import InputError, file_digest, outside_vocabulary, positive_count
 from lenvm.model import LengthValueModel, generator_for, read_config
@@ -380,10 +381,9 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(run: Run, items: list[dict[str, Any]], results: dict[str, Any]) -> None:
-    plt = pyplot()
     exact = _stack(items, "exact")
     q = _q_in_exact_space(items, results["exact_gamma"], results["q_gamma"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = subplots(1, 2, figsize=(11, 4.2))
     left.scatter(exact.ravel(), q.ravel(), s=5, alpha=0.35)
     edge = [min(exact.min(), q.min()), max(exact.max(), q.max())]
     left.plot(edge, edge, "k--", lw=1)

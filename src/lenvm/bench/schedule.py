@@ -35,10 +35,11 @@ from typing import Any, cast
 import numpy as np
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_models, markdown_table, pyplot
+from lenvm.bench.common import Models, Run, bench_sampling, item_request, load_models, markdown_table
 from lenvm.bench.predict import check_generator, sample_length
 from lenvm.cli import options
 from lenvm.decoding.queue import DEFAULT_AGING, QueueOrder, check_queue, priority
+from lenvm.figures import subplots
 from lenvm.io import InputError, file_digest, positive_count
 from lenvm.prompts import Prompt
 from lenvm.rollouts import read_rollouts, record_prompt
@@ -387,8 +388,7 @@ def _markdown(results: dict) -> str:
 
 
 def _plot(run: Run, results: dict) -> None:
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = subplots(1, 2, figsize=(11, 4.2))
     sweep = sorted(results["load_sweep"].items(), key=lambda item: float(item[0]))
     colours = {p: f"C{i}" for i, p in enumerate(POLICIES)}  # one colour per policy in both panels
     for p, label in POLICIES.items():

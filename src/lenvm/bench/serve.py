@@ -31,9 +31,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lenvm.bench.common import Run, markdown_table, positive_counts, pyplot
+from lenvm.bench.common import Run, markdown_table, positive_counts
 from lenvm.bench.speed import DEFAULT_PROMPTS
 from lenvm.cli import options
+from lenvm.figures import subplots
 from lenvm.hub import load_tokenizer
 from lenvm.io import InputError, is_real, positive_count
 from lenvm.model import generator_for
@@ -343,8 +344,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
-    plt = pyplot()
-    fig, (speed, latency) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (speed, latency) = subplots(1, 2, figsize=(9, 3.5))
     for k, mode in enumerate(MODES):
         mine = [r for r in rows if r["mode"] == mode]
         if not mine:

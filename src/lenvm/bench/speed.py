@@ -49,10 +49,10 @@ from lenvm.bench.common import (
     load_models,
     markdown_table,
     positive_counts,
-    pyplot,
 )
 from lenvm.cli import options
 from lenvm.decoding import Control, Engine, LenVMLogitsProcessor, Request, SamplingParams
+from lenvm.figures import subplots
 from lenvm.hub import default_device, eos_token_ids, torch_dtype
 from lenvm.io import InputError, positive_count
 from lenvm.model import Kind, LengthValueModel, generator_for, read_config
@@ -490,13 +490,14 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(run: Run, rows: list[dict[str, Any]]) -> None:
-    plt = pyplot()
+    import matplotlib
+
     series = list(dict.fromkeys(_label(r) for r in rows))
-    color = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(series)}
+    color = {name: matplotlib.colormaps["tab20"](i % 20) for i, name in enumerate(series)}
     batches = sorted({r["batch"] for r in rows})
     groups = {b: [r for r in rows if r["batch"] == b] for b in batches}
     width = 0.8 / max(len(g) for g in groups.values())
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4))
+    fig, ax = subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4))
     labelled = set()
     for j, b in enumerate(batches):
         # Bars centred on their batch size: the guided methods do not run at every size.

@@ -27,11 +27,11 @@ from lenvm.bench.common import (
     item_request,
     load_models,
     markdown_table,
-    pyplot,
     settings_of,
 )
 from lenvm.cli import options
 from lenvm.decoding import Control, SamplingParams
+from lenvm.figures import subplots
 from lenvm.io import InputError
 
 DEFAULT_BETAS = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0)
@@ -220,8 +220,7 @@ def _markdown(curves: dict[str, Any], max_new_tokens: int) -> str:
 
 
 def _plot(run: Run, curves: dict[str, Any]) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    fig, axes = subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
     for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
         budget, tilt = curve["budget"], curve["tilt"]
         ax.plot(
