@@ -1,5 +1,6 @@
 """`lenvm bench serve` against a `lenvm serve` process on the tiny model."""
 
+import asyncio
 import json
 
 import pytest
@@ -56,3 +57,25 @@ def test_a_server_that_never_comes_up_is_stopped(tiny_path, tmp_path, monkeypatc
             tmp_path / "serve", model=str(tiny_path), concurrency=[1], new_tokens=2, progress=False
         )
     assert started and started[0].poll() is not None
+
+
+def test_the_serve_bench_runs_inside_a_running_event_loop(tiny_path, tiny_generator, tmp_path):
+    """A notebook's kernel runs an event loop, in which asyncio.run refuses to start another: the
+    bench's clients run on a loop of their own in a worker thread there."""
+    from test_serve import running
+
+    from lenvm.decoding import Engine
+    from lenvm.model import LengthValueModel
+
+    lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator)
+
+    async def notebook_cell(url):
+        settings = dict(
+            concurrency=[1], modes=["guided"], new_tokens=2, requests_per_client=1, progress=False
+        )
+        return run_serve_bench(tmp_path / "serve", model=str(tiny_path), base_url=url, **settings)
+
+    with running(Engine(*tiny_generator, lenvm=lenvm, num_candidates=2)) as (url, _):
+        results = asyncio.new_event_loop().run_until_complete(notebook_cell(url))
+    [row] = results["rows"]
+    assert row["mode"] == "guided" and row["tokens"] == 2

@@ -188,9 +188,8 @@ def _error(capsys, argv):
     ],
 )
 def test_serve_options_out_of_range_are_usage_errors(capsys, flag, value, message):
-    with pytest.raises(SystemExit) as exit:
-        main(["serve", flag, value])
-    assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    assert main(["serve", flag, value]) == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -202,9 +201,8 @@ def test_serve_options_out_of_range_are_usage_errors(capsys, flag, value, messag
     ],
 )
 def test_vllm_args_that_are_no_json_object_are_usage_errors(capsys, value, message):
-    with pytest.raises(SystemExit) as exit:
-        main(["rollout", "--prompts", "p.jsonl", "--out", "r.jsonl", "--vllm-args", value])
-    assert exit.value.code == 2 and f"argument --vllm-args: {message}" in capsys.readouterr().err
+    assert main(["rollout", "--prompts", "p.jsonl", "--out", "r.jsonl", "--vllm-args", value]) == 2
+    assert f"argument --vllm-args: {message}" in capsys.readouterr().err
 
 
 def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
@@ -316,9 +314,7 @@ def test_clear_errors(tmp_path, tiny_path, prompts_file, capsys):
     ],
 )
 def test_bench_flags_out_of_range_are_refused_before_anything_runs(argv, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
+    assert main(argv) == 2 and "error: argument" in capsys.readouterr().err
 
 
 def test_models_list(capsys):
@@ -579,16 +575,58 @@ def test_help_and_usage_errors_come_without_torch():
         "usage = (['--help'], ['bench', '--help'], ['trian'], ['bench', 'lifebenc'], ['rollout', '--help'])\n"
         "for argv in usage:\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        "        try:\n"
-        "            main(argv)\n"
-        "        except SystemExit:\n"
-        "            pass\n"
+        "        main(argv)\n"
         "assert 'torch' not in sys.modules, argv\n"
         "import lenvm.bench as b\n"
         "assert 'torch' not in sys.modules\n"
         "assert all(getattr(b, n, None) is not None for n in b.__all__)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_version_and_usage_errors_return_their_status(capsys):
+    """main(argv) returns what the command line exits with, argparse's statuses included."""
+    import subprocess
+    import sys
+
+    assert main(["--help"]) == 0 and "usage: lenvm" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("lenvm ")
+    assert main(["predict", "--lenvm", "x"]) == 2
+    assert "one of the arguments --prompt --prompts is required" in capsys.readouterr().err
+    usage_error = [sys.executable, "-m", "lenvm.cli", "predict", "--lenvm", "x"]
+    assert subprocess.run(usage_error, capture_output=True).returncode == 2
+
+
+def _process_settings() -> tuple:
+    import warnings
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    return (
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        are_progress_bars_disabled(),
+        warnings.formatwarning,
+    )
+
+
+def test_main_leaves_the_process_settings_as_it_found_them(tmp_path, capsys):
+    """In a notebook, transformers' warnings and progress bars, and how warnings print, are the
+    kernel's again after a command, whether it succeeded, failed or was mistyped."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()  # not what a command sets, nor the default
+    hf_logging.enable_progress_bar()
+    try:
+        before = _process_settings()
+        assert main(["models", "list"]) == 0 and _process_settings() == before
+        assert main(["predict", "--lenvm", str(tmp_path / "none"), "--prompt", "hi"]) == 2
+        assert _process_settings() == before
+        assert main(["predict"]) == 2 and _process_settings() == before
+    finally:
+        hf_logging.set_verbosity_warning()
+    capsys.readouterr()
 
 
 def test_the_chosen_command_gets_its_options(tmp_path):

@@ -1443,3 +1443,17 @@ def test_the_progress_bar_shows_the_tokens_decoded(tiny_generator, monkeypatch):
     shown = written.getvalue().split("\r")
     assert any("0/1" in line and "tokens decoded" in line for line in shown)
     assert "30 tokens decoded" in shown[-1]
+
+
+def test_the_reprs_say_what_the_lenvm_and_the_engine_are(lenvms, tiny_generator):
+    for kind, lenvm in lenvms.items():
+        first, second = repr(lenvm).splitlines()[:2]
+        assert first.startswith(f"LengthValueModel(kind={kind!r}, base=") and "gamma=0.99," in first
+        assert f"feature_layer={lenvm.feature_layer}, end_head=False, calibrated=False" in first
+        assert second.startswith("  (backbone): ")  # PyTorch's module tree follows
+    guided, plain = Engine(*tiny_generator, lenvm=lenvms["attached"]), Engine(*tiny_generator)
+    assert repr(guided) == (
+        f"Engine(generator={tiny_generator[0].name_or_path!r}, lenvm=LengthValueModel(kind='attached', "
+        "gamma=0.99), num_candidates=8, device=cpu, dtype=torch.float32)"
+    )
+    assert "\n" not in repr(plain) and ", lenvm=None, " in repr(plain)

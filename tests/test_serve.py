@@ -2,6 +2,7 @@
 HTTP where a client would not send such a request), against the tiny model."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from lenvm.decoding import Control, Engine, Request, SamplingParams
 from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt, encode_prompt
-from lenvm.serve import ServerSettings, create_app
+from lenvm.serve import ServerSettings, create_app, serve
 from lenvm.serve.protocol import Plan, Writer
 from lenvm.serve.runner import Choice
 from lenvm.values_view import token_values
@@ -1628,6 +1629,40 @@ def test_an_unlimited_shutdown_timeout_waits_without_an_error(engine, monkeypatc
     app.state.lenvm.begin_shutdown()
     time.sleep(0.2)  # time for a timer thread, had one started, to fail
     assert failures == [] and aborted == []
+
+
+def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
+    """A notebook's kernel runs an event loop, beside which uvicorn cannot start its own: the server
+    runs in a worker thread there, and Ctrl-C in the kernel stops it as it stops `lenvm serve`."""
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    answered, cell_done = [], threading.Event()
+
+    def up() -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        return False
+
+    def user() -> None:
+        try:
+            wait_until(up)
+            answer = client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+            answered.append(answer.usage.completion_tokens)
+        finally:
+            if not cell_done.is_set():
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C
+
+    async def notebook_cell():
+        serve(engine, ServerSettings(served_model_name=MODEL), port=port, log_level="warning")
+
+    thread = threading.Thread(target=user, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.new_event_loop().run_until_complete(notebook_cell())
+    finally:
+        cell_done.set()
+        thread.join()
+    assert answered == [2] and not up()
 
 
 def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_path):

@@ -472,6 +472,21 @@ class LengthValueModel(nn.Module):
                 self.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=backbone)
                 (vision.processor_of(self.tokenizer) or self.tokenizer).save_pretrained(tmp / BACKBONE_DIR)
 
+    # -- description ----------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        """What the LenVM is, in one line: what PyTorch's repr shows above its modules."""
+        return (
+            f"kind={self.config.kind!r}, base={self.config.base_model!r}, gamma={self.gamma:.6g}, "
+            f"feature_layer={self.feature_layer}, end_head={self.end_head is not None}, "
+            f"calibrated={self.config.calibration is not None}"
+        )
+
+    def __repr__(self) -> str:
+        # PyTorch writes extra_repr on a line of its own below the class name when there are
+        # modules: here it completes the first line, and the module tree follows as usual.
+        return super().__repr__().replace("(\n  ", "(", 1)
+
     # -- properties -----------------------------------------------------------------------
 
     @property

@@ -18,6 +18,7 @@ saved into the results folder: timing does not depend on head weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -27,13 +28,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
 from lenvm.bench.common import Run, markdown_table, positive_counts
 from lenvm.bench.speed import DEFAULT_PROMPTS
 from lenvm.cli import options
+from lenvm.event_loops import run_own_loop
 from lenvm.figures import subplots
 from lenvm.hub import load_tokenizer
 from lenvm.io import InputError, is_real, positive_count
@@ -107,9 +109,9 @@ def run_serve_bench(
                 for mode, clients in todo:
                     bar.set_postfix_str(_key(mode, clients))
                     if mode not in warmed:
-                        asyncio.run(load.run(mode, 1, 1))
+                        load.run(mode, 1, 1)
                         warmed.add(mode)
-                    measured = asyncio.run(load.run(mode, clients, clients * requests_per_client))
+                    measured = load.run(mode, clients, clients * requests_per_client)
                     run.add([{"key": _key(mode, clients), "mode": mode, "clients": clients, **measured}])
                     bar.update()
                 bar.close()
@@ -228,10 +230,25 @@ class _Load:
         self.new_tokens = new_tokens
         self.tilt = tilt
         self.model: str | None = None
+        self.measuring: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
 
-    async def run(self, mode: str, clients: int, total: int) -> dict[str, Any]:
+    def run(self, mode: str, clients: int, total: int) -> dict[str, Any]:
+        """``total`` requests of ``mode`` sent by ``clients`` clients, timed, on an event loop of
+        their own: also from a thread that runs one (a notebook's, see :func:`run_own_loop`)."""
+        return run_own_loop(lambda: asyncio.run(self._measured(mode, clients, total)), self._cancel)
+
+    def _cancel(self) -> None:
+        """Cancel the measuring, from another thread (an interrupt's); a loop that has ended
+        has nothing left to cancel."""
+        if self.measuring is not None:
+            loop, task = self.measuring
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+
+    async def _measured(self, mode: str, clients: int, total: int) -> dict[str, Any]:
         import httpx
 
+        self.measuring = (asyncio.get_running_loop(), cast(asyncio.Task, asyncio.current_task()))
         limits = httpx.Limits(max_connections=clients + 1)
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=self.headers, limits=limits) as http:
             if self.model is None:

@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     130 tells it the command handled the signal), and a supervisor such as systemd sees a stop by
     its signal, not a failure. One whose stdout was closed by its reader (``| head``) ends by
     SIGPIPE likewise, as a C tool does: a shell reports 141 and says nothing. ``main(argv)`` returns
-    these statuses (128 + the signal's number) and ends nothing."""
+    these statuses (128 + the signal's number) and ends nothing; it returns those of ``--help``,
+    ``--version`` (0) and a usage error (2) too, never raising SystemExit, and leaves the settings
+    a command changes while it runs (transformers' logging and progress bars, how warnings are
+    printed) as they were, so that it can run in a notebook's process."""
     ended_by: list[int] = []
     if argv is None:
         atexit.register(_end_by_signal, ended_by)  # the first exit handler: the last to run

@@ -23,15 +23,32 @@ from lenvm.cli import interrupted, options
 from lenvm.io import InputError, json_text
 
 
-def _quiet_transformers() -> None:
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars (its own and the hub's) off while the command runs,
+    and as they were after it: :func:`lenvm.cli.main` may run in a notebook's process."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hub_bars_disabled = hub_utils.are_progress_bars_disabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # the hub's too, set again below
+        if hub_utils.are_progress_bars_disabled() != hub_bars_disabled:
+            (hub_utils.disable_progress_bars if hub_bars_disabled else hub_utils.enable_progress_bars)()
 
 
-def _plain_warnings() -> None:
-    """lenvm's own warnings as one line each, like its errors (not a source location)."""
+@contextlib.contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """lenvm's own warnings as one line each, like its errors (not a source location), while the
+    command runs."""
     import warnings
 
     package = str(Path(__file__).resolve().parent.parent)
@@ -43,6 +60,10 @@ def _plain_warnings() -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
 
 
 def _gamma(text: str) -> float | None:
@@ -1146,13 +1167,16 @@ def _add_bench_parser(sub, wanted) -> None:
 
 
 def run(argv: list[str]) -> int:
-    """The command ``argv``, parsed and run; its exit status (:func:`lenvm.cli.main` runs it with
-    SIGTERM raising an interrupt, as Ctrl-C does)."""
-    args = build_parser(argv).parse_args(argv)
+    """The command ``argv``, parsed and run; its exit status, returned for ``--help``,
+    ``--version`` (0) and a usage error (2) too, for which argparse raises SystemExit
+    (:func:`lenvm.cli.main` runs it with SIGTERM raising an interrupt, as Ctrl-C does)."""
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as parsed:  # argparse has printed the help, the version or the usage error
+        return int(parsed.code or 0)
     args.argv = argv
-    _quiet_transformers()
-    _plain_warnings()
-    return _run(args)
+    with _quiet_transformers(), _plain_warnings():
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

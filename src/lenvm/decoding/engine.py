@@ -161,6 +161,15 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        lenvm = (
+            self.lenvm and f"LengthValueModel(kind={self.lenvm.config.kind!r}, gamma={self.lenvm.gamma:.6g})"
+        )
+        return (
+            f"Engine(generator={getattr(self.model, 'name_or_path', '')!r}, lenvm={lenvm}, "
+            f"num_candidates={self.num_candidates}, device={self.device}, dtype={self.model.dtype})"
+        )
+
     def generate(
         self, requests: Iterable[Request], batch_size: int = 8, progress: bool = False
     ) -> list[Result]:

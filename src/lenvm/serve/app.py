@@ -20,6 +20,7 @@ import errno
 import hmac
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lenvm.decoding.engine import Engine
+from lenvm.event_loops import run_own_loop
 from lenvm.io import InputError, positive_count
 from lenvm.model import LengthValueModel
 from lenvm.serve.metrics import Metrics
@@ -652,7 +654,10 @@ def serve(
     """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
     check_address(host, port)
     app = create_app(engine, settings)
-    _Server(server_config(app, host, port, log_level), app.state.lenvm.begin_shutdown).run()
+    server = _Server(server_config(app, host, port, log_level), app.state.lenvm.begin_shutdown)
+    # Where this thread runs an event loop (a notebook's), the server runs in a worker thread,
+    # which receives no signals: an interrupt here stops it as a signal there would.
+    run_own_loop(server.run, lambda: server.handle_exit(signal.SIGINT, None))
 
 
 def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
