@@ -6,12 +6,18 @@ such a thread (``asyncio.run() cannot be called from a running event loop``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# How often the waiting thread wakes: where a lock's wait cannot be interrupted (Windows), an
+# interrupt is raised at the next wake.
+_WAKE_S = 0.1
 
 
 def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
@@ -19,25 +25,61 @@ def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
     a loop already, in a worker thread while this one waits. An interrupt that reaches the waiting
     thread (Ctrl-C, SIGTERM under :func:`lenvm.cli.main`) calls ``stop``, which must be safe to
     call from a thread other than ``run``'s and make ``run`` end soon, waits for that end and is
-    raised again, as it would have been had ``run`` run in this thread."""
+    raised again, as it would have been had ``run`` run in this thread. A second interrupt during
+    that wait calls ``stop`` again (uvicorn then ends without waiting for requests in flight) and
+    is raised at once, leaving ``run`` to end in its thread."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return run()
     outcome: Future[T] = Future()
+    ended = threading.Event()
 
     def work() -> None:
         try:
             outcome.set_result(run())
         except BaseException as err:  # the caller's to see, raised again in its thread
             outcome.set_exception(err)
+        finally:
+            ended.set()
 
     worker = threading.Thread(target=work, name="lenvm-event-loop", daemon=True)
-    worker.start()
-    try:
-        worker.join()
-    except KeyboardInterrupt:
-        stop()
-        worker.join()
-        raise
+    with _ctrl_c_interrupts():
+        try:
+            worker.start()
+            _wait(ended)
+        except KeyboardInterrupt:
+            stop()
+            try:
+                _wait(ended)
+            except KeyboardInterrupt:
+                stop()
+                raise
+            raise
     return outcome.result()
+
+
+def _wait(ended: threading.Event) -> None:
+    # Not Thread.join: on CPython before 3.13 an interrupted join marks the thread as ended, and
+    # a second join then returns at once while it still runs.
+    while not ended.wait(_WAKE_S):
+        pass
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the waiting thread, where the loop running there
+    installed a handler of its own: asyncio.run's, and ipykernel's in a cell run as a coroutine,
+    only cancel a task of that loop, which cannot run while this thread waits, and so a first
+    Ctrl-C would change nothing. Only the main thread receives signals; a SIGINT that is ignored,
+    kills, or is handled outside Python stays so."""
+    previous = signal.getsignal(signal.SIGINT)
+    # not callable: ignored, the default (death), or set outside Python
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
