@@ -343,6 +343,38 @@ def test_prediction_refuses_prompts_it_was_trained_on(tmp_path, data, ending_mod
                        samples=2, max_new_tokens=8, progress=False)  # fmt: skip
 
 
+def test_a_held_out_prompt_trained_on_with_other_template_arguments_is_no_leak():
+    """The same question with thinking on is another prompt than the one trained with it off."""
+    from lenvm.bench.predict import _check_not_trained_on
+    from lenvm.prompts import Prompt
+
+    trained = [{"prompt": "What is 2 + 2?", "chat_template_kwargs": {"enable_thinking": False}}]
+    _check_not_trained_on(
+        [Prompt("q", text="What is 2 + 2?", chat_template_kwargs={"enable_thinking": True})], trained
+    )
+    _check_not_trained_on([Prompt("q", text="What is 2 + 2?")], trained)
+    with pytest.raises(InputError, match="1 held-out prompt.s. were trained on"):
+        _check_not_trained_on(
+            [Prompt("q", text="What is 2 + 2?", chat_template_kwargs={"enable_thinking": False})], trained
+        )
+
+
+def test_a_schedule_pool_tells_template_arguments_apart_as_json(tmp_path):
+    """One prompt id with false in one record and 0 in another names two prompts."""
+    from lenvm.bench.schedule import Pool
+
+    record = {"prompt_id": "a", "sample_index": 0, "prompt": "Hi", "prompt_token_ids": [5],
+              "completion": "", "completion_token_ids": [2], "finish_reason": "stop", "num_tokens": 1,
+              "generator": "tiny", "sampling": {"max_new_tokens": 4},
+              "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    path = _jsonl(tmp_path / "r.jsonl", [record, {**record, "sample_index": 1}])
+    assert set(Pool.read([path], "tiny").prompts) == {"a"}
+    zero = {**record, "sample_index": 1, "chat_template_kwargs": {"enable_thinking": 0}}
+    path = _jsonl(tmp_path / "r.jsonl", [record, zero])
+    with pytest.raises(InputError, match="prompt id 'a' names two different prompts"):
+        Pool.read([path], "tiny")
+
+
 def test_prediction_needs_answers_that_end(tmp_path, data, models):
     """The random generator's answers are all cut at 6 tokens: no prompt has a ground truth."""
     with pytest.raises(InputError, match="most of its samples cut"):

@@ -848,6 +848,10 @@ def test_rollout_records_keep_template_arguments_and_resume_tells_them_apart(tin
     )
     assert "chat_template_kwargs" not in read_rollouts(out)[1]  # a prompt without them writes none
     assert "chat_template_kwargs" in record_problem({**record, "chat_template_kwargs": [1]})
+    # arguments compare as JSON: 0 is not false, though Python takes them as equal
+    zero = replace(prompt, chat_template_kwargs={"enable_thinking": 0})
+    with pytest.raises(InputError, match="prompt id 'a' names a different prompt"):
+        rollout(tiny_generator, [zero], out, n=1, sampling=sampling, progress=False)
 
 
 def test_the_openai_backend_templates_with_the_prompts_arguments(tiny_generator):

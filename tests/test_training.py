@@ -1027,6 +1027,34 @@ def test_held_out_rollouts_are_told_apart_by_their_prompts_not_their_ids(tiny_ge
         data(again)
 
 
+def test_the_same_text_with_other_template_arguments_is_another_prompt_to_the_held_out_check(tiny_generator):
+    """Trained with thinking off and evaluated with it on: two prompts, neither a leak nor one
+    prompt under two ids; with the same arguments (as JSON: 0 is not false) the same prompt."""
+    import warnings
+
+    from lenvm.training_data import RolloutSource, training_data
+
+    records = synthetic_records(tiny_generator[1])
+    off = [dict(r, chat_template_kwargs={"enable_thinking": False}) for r in records]
+    on = [dict(r, chat_template_kwargs={"enable_thinking": True}) for r in records]
+    eos = [tiny_generator[1].eos_token_id]
+
+    def data(train_part, evaluation, eval_fraction=0.1):
+        return training_data(RolloutSource(train_part), evaluation and RolloutSource(evaluation), eos,
+                             "bootstrap", None, eval_fraction, 0, 256, "tiny")  # fmt: skip
+
+    assert len(data(off, on).eval) == len(on)
+    zero = [dict(r, chat_template_kwargs={"enable_thinking": 0}) for r in records]
+    assert len(data(off, zero).eval) == len(zero)
+    with pytest.raises(InputError, match="8 prompt.s. are in both the training and the evaluation"):
+        data(off, [dict(r, prompt_id=f"eval-{r['prompt_id']}") for r in off])
+    # Each text under two ids, with other arguments: the split may part them, and that is no leak.
+    both = off + [dict(r, prompt_id=f"on-{r['prompt_id']}") for r in on]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained on too")
+        data(both, None, eval_fraction=0.5)
+
+
 def test_one_prompt_in_any_form_gives_one_prediction(tiny_path, tiny_generator):
     lenvm = LengthValueModel.from_base(tiny_path, generator=tiny_generator, gamma=0.9)
     text = "Count to 3 please."

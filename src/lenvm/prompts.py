@@ -80,10 +80,25 @@ class Prompt:
         # Without messages the text is set: __post_init__ takes exactly one of the two.
         return self.messages if self.messages is not None else cast(str, self.text)
 
+    def key(self) -> str:
+        """What tells this prompt from another (see :func:`prompt_key`)."""
+        return prompt_key(self.to_json(), self.chat_template_kwargs)
+
     @property
     def images(self) -> list[str]:
         """The image references of the prompt, in order (made absolute where they were paths)."""
         return image_references(self.messages)
+
+
+def prompt_key(prompt: str | Messages, chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """What tells one prompt from another, as text: its text or messages (as rollout records keep
+    them) with its template arguments, since the same words with other arguments are another
+    prompt. Keys are JSON with sorted keys: arguments differ where their JSON does (``0`` is not
+    ``false``); none and empty ones are alike."""
+    fields: dict[str, Any] = {"prompt": prompt}
+    if chat_template_kwargs:
+        fields["chat_template_kwargs"] = chat_template_kwargs
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False)
 
 
 def unencodable(value: Any) -> str | None:

@@ -53,6 +53,7 @@ from lenvm.prompts import (
     Prompt,
     as_prompt,
     encode_prompt,
+    prompt_key,
     template_kwargs_problem,
     template_messages,
     unencodable,
@@ -175,12 +176,6 @@ def _prompt_fields(prompt: Prompt) -> dict[str, Any]:
     if prompt.chat_template_kwargs:
         fields["chat_template_kwargs"] = prompt.chat_template_kwargs
     return fields
-
-
-def _recorded_prompt(record: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a rollout record that :func:`_prompt_fields` wrote (an empty
-    ``chat_template_kwargs``, another tool's, is none)."""
-    return {k: record[k] for k in ("prompt", "chat_template_kwargs") if record.get(k) not in (None, {})}
 
 
 def record_prompt(record: dict[str, Any]) -> Prompt:
@@ -445,7 +440,7 @@ def _check_resume(
     """Sample indices already in the file per prompt id; refuse to mix policies or prompts."""
     by_id = {p.id: p for p in prompts}
     present: dict[str, set[int]] = {}
-    # a prompt's fields as JSON -> an id it has in the file, not among the prompts
+    # a prompt's key -> an id it has in the file, not among the prompts
     other_ids: dict[str, str] = {}
     for record in existing:
         if record["sampling"] != sampling:
@@ -459,11 +454,12 @@ def _check_resume(
                 f"{out} was written by generator {record['generator']!r}, not {name!r}; "
                 "use another output file"
             )
+        key = prompt_key(record["prompt"], record.get("chat_template_kwargs"))
         prompt = by_id.get(record["prompt_id"])
         if prompt is None:
-            other_ids.setdefault(json.dumps(_recorded_prompt(record), sort_keys=True), record["prompt_id"])
+            other_ids.setdefault(key, record["prompt_id"])
             continue
-        if _recorded_prompt(record) != _prompt_fields(prompt):
+        if key != prompt.key():
             raise InputError(
                 f"{out}: prompt id {prompt.id!r} names a different prompt in the file; "
                 "use another output file"
@@ -477,7 +473,7 @@ def _check_resume(
         samples.add(record["sample_index"])
     for prompt in prompts:
         if prompt.id not in present:
-            refuse_renamed(out, prompt.id, other_ids.get(json.dumps(_prompt_fields(prompt), sort_keys=True)))
+            refuse_renamed(out, prompt.id, other_ids.get(prompt.key()))
     return present
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,7 @@ from lenvm.dataset import (
 )
 from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
 from lenvm.io import InputError, is_pipe, outside_vocabulary
-from lenvm.prompts import image_references
+from lenvm.prompts import image_references, prompt_key
 
 # A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
 # several times their size in Python objects.
@@ -110,7 +109,7 @@ class Scan:
     records: int
     lengths: np.ndarray  # num_tokens of every record (the gamma rule)
     length_prompts: list[str]  # the prompt id of each of them
-    # The prompt of every record, usable or not (as JSON text), with the prompt ids it came under.
+    # The prompt of every record, usable or not (its prompt_key), with the prompt ids it came under.
     record_prompts: dict[str, set[str]]
     prompts: dict[str, _PromptCounts]  # of the usable examples
     report: DatasetReport
@@ -177,8 +176,8 @@ def scan(
                 )
             lengths.append(record["num_tokens"])
             length_prompts.append(str(record.get("prompt_id", i)))
-            text = json.dumps(record.get("prompt"), sort_keys=True, ensure_ascii=False)
-            record_prompts.setdefault(text, set()).add(str(record.get("prompt_id", i)))
+            key = prompt_key(record["prompt"], record.get("chat_template_kwargs"))
+            record_prompts.setdefault(key, set()).add(str(record.get("prompt_id", i)))
             if i == 0:
                 policy.update(generator=record.get("generator"), sampling=record.get("sampling"))
             # Every record counts: a features cache or checkpoint is reused only on the same data.

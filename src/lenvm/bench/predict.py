@@ -26,7 +26,6 @@ that domain's prompts, beside baselines fitted without it too.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -52,7 +51,7 @@ from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
 from lenvm.figures import save_png, subplots
 from lenvm.hub import model_name
 from lenvm.io import InputError, RunLock, fingerprint, positive_count, write_json, write_text
-from lenvm.prompts import Prompt, encode_prompt, read_prompts
+from lenvm.prompts import Prompt, encode_prompt, prompt_key, read_prompts
 from lenvm.returns import return_consistent_mean_length
 from lenvm.rollouts import read_rollouts, rollout
 
@@ -428,19 +427,13 @@ def run_prediction(
 
 
 def _check_not_trained_on(held_out: list[Prompt], train_records: list[dict[str, Any]]) -> None:
-    trained = {_text_key(r["prompt"]) for r in train_records}
-    overlap = [p.id for p in held_out if _text_key(p.to_json()) in trained]
+    trained = {prompt_key(r["prompt"], r.get("chat_template_kwargs")) for r in train_records}
+    overlap = [p.id for p in held_out if p.key() in trained]
     if overlap:
         raise InputError(
             f"{len(overlap)} held-out prompt(s) were trained on, for example {overlap[0]!r}: "
             "a held-out prompt must not be in the training rollouts"
         )
-
-
-def _text_key(prompt) -> str:
-    import json
-
-    return hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
 
 
 def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domain_of, alpha) -> dict:

@@ -29,7 +29,7 @@ from lenvm.decoding import SamplingParams
 from lenvm.io import write_json, write_text
 from lenvm.model import LengthValueModel
 from lenvm.prompt_sets import builtin_prompts
-from lenvm.prompts import Prompt
+from lenvm.prompts import Prompt, prompt_key
 from lenvm.rollouts import read_rollouts, rollout
 from lenvm.training import TrainConfig, train
 
@@ -185,8 +185,8 @@ def run_all(
             gsm8k_prefix="gsm8k-train",  # ids apart from the test file's
         )
         train_rollouts = _train_lenvm(out / "lenvm", models, train, preset, seed, batch_size, progress)
-    trained = _rollout_texts(train_rollouts)
-    held_out = [p for p in held_out if json.dumps(p.to_json()) not in trained]
+    trained = _rollout_prompts(train_rollouts)
+    held_out = [p for p in held_out if p.key() not in trained]
     _write_prompts(out / "prompts" / "held_out.jsonl", held_out)
     timings["setup"] = time.perf_counter() - clock
 
@@ -288,11 +288,11 @@ def _write_prompts(path: Path, prompts: list[Prompt]) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
-def _rollout_texts(rollouts: str | os.PathLike | None) -> set[str]:
-    """The prompts (as JSON) a rollouts file holds: the texts a LenVM was trained on."""
+def _rollout_prompts(rollouts: str | os.PathLike | None) -> set[str]:
+    """The prompts (their prompt_key) a rollouts file holds: those a LenVM was trained on."""
     if rollouts is None:
         return set()
-    return {json.dumps(r["prompt"]) for r in read_rollouts(rollouts)}
+    return {prompt_key(r["prompt"], r.get("chat_template_kwargs")) for r in read_rollouts(rollouts)}
 
 
 def _train_lenvm(

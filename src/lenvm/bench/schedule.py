@@ -76,7 +76,7 @@ class Pool:
         prompts: dict[str, Prompt] = {}
         for r in records:
             prompt = record_prompt(r)
-            if prompts.setdefault(prompt.id, prompt) != prompt:
+            if prompts.setdefault(prompt.id, prompt).key() != prompt.key():
                 raise InputError(f"prompt id {r['prompt_id']!r} names two different prompts in the rollouts")
         return cls(
             [r["prompt_id"] for r in records],
