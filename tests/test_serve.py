@@ -759,10 +759,13 @@ def test_chat_template_arguments_reach_the_template_as_in_vllm(url, tiny_generat
     ).json()
     assert predicted["data"][0]["prompt_tokens"] == len(encode_prompt(tok, off))
     kwargs, effort, chat, text = "chat_template_kwargs", "reasoning_effort", HI, {"prompt": "Hi"}
+    efforts = "should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"  # vLLM's
     for route, fields, field, message in [
         ("chat/completions", {kwargs: [1]}, kwargs, "should be an object"),
         ("chat/completions", {kwargs: {"tokenize": True}}, kwargs, "cannot set 'tokenize'"),
-        ("chat/completions", {effort: 1}, effort, "valid string"),
+        ("chat/completions", {effort: 1}, effort, efforts),
+        ("chat/completions", {effort: "extreme"}, effort, efforts),
+        ("chat/completions", {effort: ""}, effort, efforts),
         ("chat/completions", {effort: "low", kwargs: {effort: "high"}}, effort, "both as a field and in"),
         (
             "chat/completions",
@@ -772,6 +775,8 @@ def test_chat_template_arguments_reach_the_template_as_in_vllm(url, tiny_generat
         ),
         ("length/predict", {"messages": chat, kwargs: "x"}, kwargs, "should be an object"),
         ("length/predict", {**text, effort: "low"}, effort, "goes with messages"),
+        ("length/predict", {**text, effort: "none"}, effort, "goes with messages"),
+        ("length/values", {**text, "completion": "x", effort: "none"}, effort, "goes with messages"),
         ("length/values", {**text, "completion": "x", kwargs: {"a": 1}}, kwargs, "goes with messages"),
     ]:
         body = {

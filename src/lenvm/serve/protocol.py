@@ -179,12 +179,17 @@ class ChatMessage(_Body):
         return self
 
 
+# The efforts vLLM's chat completions take (OpenAI's, and DeepSeek's "max"): a client's typo is
+# refused rather than reaching the template, which would read it as some effort.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class _Templated(_Body):
     """The chat template's arguments of a request that takes messages (see
     :func:`template_arguments`)."""
 
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
 
 class ChatCompletionRequest(_Generation, _Templated):
@@ -568,15 +573,17 @@ def template_arguments(body: _Templated) -> dict[str, Any]:
 
 
 def refuse_template_arguments(body: _Templated) -> None:
-    """Refuse template arguments with a text prompt, which no chat template reads (empty ones
-    ask for nothing: taken)."""
-    for name in ("chat_template_kwargs", "reasoning_effort"):
-        if getattr(body, name):
-            raise ApiError(
-                400,
-                f"{name} goes with messages: a text prompt is tokenized as is, without the chat template",
-                name,
-            )
+    """Refuse template arguments with a text prompt, which no chat template reads (empty kwargs
+    ask for nothing: taken; any effort asks for one)."""
+    if body.chat_template_kwargs:
+        name = "chat_template_kwargs"
+    elif body.reasoning_effort is not None:
+        name = "reasoning_effort"
+    else:
+        return
+    raise ApiError(
+        400, f"{name} goes with messages: a text prompt is tokenized as is, without the chat template", name
+    )
 
 
 def chat_prompt_ids(
