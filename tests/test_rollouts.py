@@ -811,8 +811,11 @@ def test_a_prompts_file_carries_template_arguments(tmp_path):
     )
     [prompt] = read_prompts(path)
     assert prompt.chat_template_kwargs == NO_THINKING and prompt.extra == {"src": "x"}  # not meta
+    path.write_text('{"id": "a", "prompt": "Hi", "chat_template_kwargs": null}\n')
+    assert read_prompts(path) == [Prompt("a", text="Hi")]  # null is none, as in rollout records
     for bad, message in [
         ("[1]", "p.jsonl:1: 'chat_template_kwargs' must be an object of template variables, got list"),
+        ("false", "must be an object of template variables, got bool"),
         ('{"tokenize": true}', "cannot set 'tokenize': it is an argument of apply_chat_template itself"),
         ('{"add_generation_prompt": false}', "cannot set 'add_generation_prompt'"),
     ]:

@@ -308,7 +308,9 @@ def prompt_from_record(
         )
     own = ("id", "prompt_id", "prompt", "messages", "images", "chat_template_kwargs")
     extra = {k: v for k, v in record.items() if k not in own}
-    kwargs = record.get("chat_template_kwargs", {})
+    kwargs = record.get("chat_template_kwargs")
+    if kwargs is None:  # null is none, as in rollout records and requests to the server
+        kwargs = {}
     if (why := template_kwargs_problem(kwargs)) is not None:
         raise InputError(f"{where}{why}")
     if "messages" in record:
