@@ -1786,6 +1786,27 @@ def test_an_unexpected_error_is_logged_with_its_traceback(tiny_generator, caplog
     assert len(traced) == 1 and str(traced[0].exc_info[1]) == "tokenizer bug"
 
 
+def test_a_failure_writing_a_whole_answer_is_a_json_error_counted_as_one(engine, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+
+    def broken(self, chunks):
+        raise RuntimeError("writer bug")
+
+    monkeypatch.setattr(Writer, "answer", broken)
+    with running(engine) as (url, app):
+        failed = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        counted = app.state.metrics.registry.get_sample_value
+        outcomes = {
+            o: counted("lenvm_requests_total", {"endpoint": "completions", "outcome": o})
+            for o in ("ok", "error")
+        }
+    assert failed.status_code == 500
+    assert failed.json()["error"]["message"] == "internal error: RuntimeError: writer bug"
+    assert outcomes == {"ok": 0, "error": 1}
+    traced = [r for r in caplog.records if r.name == "lenvm.serve" and r.exc_info is not None]
+    assert len(traced) == 1 and str(traced[0].exc_info[1]) == "writer bug"
+
+
 def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):
     from lenvm.serve.app import server_config
 

@@ -383,6 +383,7 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
 
     try:
         chunks = await _unless_gone(request, collect())
+        response = JSONResponse(writer.answer(chunks))  # a failure writing it is the request's too
     except _ClientGone:
         call.close()  # the client went away: free its rows now
         return Response(status_code=499)
@@ -394,7 +395,7 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
         call.finish("aborted" if isinstance(err, ShuttingDown) else _outcome(error.status))
         return JSONResponse(error.body(), status_code=error.status)
     call.finish("ok")
-    return JSONResponse(writer.answer(chunks))
+    return response
 
 
 async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]:
