@@ -1654,6 +1654,9 @@ def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
     async def notebook_cell():
         serve(engine, ServerSettings(served_model_name=MODEL), port=port, log_level="warning")
 
+    # Ctrl-C raises in a kernel, even where pytest itself was started ignoring SIGINT (in the
+    # background by a shell), which the server would rightly keep ignoring.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=user, daemon=True)
     thread.start()
     try:
@@ -1662,6 +1665,7 @@ def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
     finally:
         cell_done.set()
         thread.join()
+        signal.signal(signal.SIGINT, previous)
     assert answered == [2] and not up()
 
 
