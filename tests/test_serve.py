@@ -1631,9 +1631,16 @@ def test_an_unlimited_shutdown_timeout_waits_without_an_error(engine, monkeypatc
     assert failures == [] and aborted == []
 
 
-def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
+def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine, monkeypatch):
     """A notebook's kernel runs an event loop, beside which uvicorn cannot start its own: the server
     runs in a worker thread there, and Ctrl-C in the kernel stops it as it stops `lenvm serve`."""
+    # serve() sets up the server's loggers, its own no longer propagating to the root: kept from
+    # the tests after this one, whose caplog (before pytest 9.2) listens at the root only.
+    for name in ("lenvm.serve", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        for attribute in ("handlers", "level", "propagate", "disabled"):
+            value = getattr(logger, attribute)
+            monkeypatch.setattr(logger, attribute, list(value) if attribute == "handlers" else value)
     url = f"http://127.0.0.1:{(port := free_port())}"
     answered, cell_done = [], threading.Event()
 
