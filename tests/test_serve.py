@@ -324,6 +324,8 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    plain = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, seed=1, logprobs=True)
+    assert [t.top_logprobs for t in plain.choices[0].logprobs.content] == [[]] * 4  # no alternatives asked
     # logprobs false with top_logprobs 0 (as OpenAI clients may send it) asks for nothing
     quiet = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, logprobs=False, top_logprobs=0)
     assert quiet.choices[0].logprobs is None
