@@ -31,6 +31,12 @@ ENTRIES = {
 }
 
 
+def _interruptible() -> None:
+    """Ctrl-C at its default in the child: pytest started in the background by a shell ignores
+    SIGINT, and the command line rightly keeps an ignore it inherits."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     "entry, signum, hooked",
     [
@@ -53,7 +59,11 @@ def test_an_interrupt_while_the_command_line_starts_ends_it_quietly(tmp_path, en
     code += SIGNAL_ON_IMPORT + ENTRIES[entry]
     argv = ["rollout", "--model", str(tmp_path / "gen"), "--prompts", str(tmp_path / "p.jsonl")]
     done = subprocess.run(
-        [sys.executable, "-c", code, *argv, "--out", str(out)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_interruptible,
     )
     # Ended by the signal (a shell says 128 + its number), as a supervisor expects of a stop.
     assert (done.returncode, done.stderr) == (-signum, "lenvm: interrupted\n")

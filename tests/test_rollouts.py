@@ -2,8 +2,10 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
+import types
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -319,6 +321,42 @@ def test_malformed_rollouts_name_file_and_line(tmp_path):
     assert read_rollouts(path) == [good]
     with pytest.raises(InputError, match="no such file"):
         read_rollouts(tmp_path / "absent.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("package", "message"),
+    [
+        (None, "needs the 'datasets' package"),  # not installed
+        ("raise ImportError('pyarrow requires NumPy 2.0 or newer')", "fails to import.*requires NumPy 2.0"),
+        ("import a_dependency_that_is_not_there", "fails to import.*a_dependency_that_is_not_there"),
+    ],
+)
+def test_a_broken_datasets_install_is_told_apart_from_a_missing_one(tmp_path, monkeypatch, package, message):
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    if package is None:
+        monkeypatch.setitem(sys.modules, "datasets", None)  # what import finds for an absent package
+    else:
+        (tmp_path / "site" / "datasets").mkdir(parents=True)
+        (tmp_path / "site" / "datasets" / "__init__.py").write_text(package + "\n")
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    (tmp_path / "rollouts-ds").mkdir()
+    with pytest.raises(InputError, match=message):
+        read_rollouts(tmp_path / "rollouts-ds")
+
+
+def test_a_datasets_folder_the_installed_datasets_cannot_read_names_the_folder_and_version(
+    tmp_path, monkeypatch
+):
+    def load_from_disk(path):  # what datasets 3 does with a folder written by datasets 5
+        raise TypeError("must be called with a dataclass type or instance")
+
+    older = types.ModuleType("datasets")
+    older.__dict__.update(__version__="3.0.0", load_from_disk=load_from_disk)
+    monkeypatch.setitem(sys.modules, "datasets", older)
+    (tmp_path / "rollouts-ds").mkdir()
+    with pytest.raises(InputError, match=r"rollouts-ds: the installed datasets 3\.0\.0 cannot read") as err:
+        read_rollouts(tmp_path / "rollouts-ds")
+    assert "must be called with a dataclass" in str(err.value)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=2**31)))

@@ -324,6 +324,8 @@ def test_values_and_logprobs(url, engine, lenvm, tiny_generator):
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    plain = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, seed=1, logprobs=True)
+    assert [t.top_logprobs for t in plain.choices[0].logprobs.content] == [[]] * 4  # no alternatives asked
     # logprobs false with top_logprobs 0 (as OpenAI clients may send it) asks for nothing
     quiet = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, logprobs=False, top_logprobs=0)
     assert quiet.choices[0].logprobs is None
@@ -1636,9 +1638,16 @@ def test_an_unlimited_shutdown_timeout_waits_without_an_error(engine, monkeypatc
     assert failures == [] and aborted == []
 
 
-def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
+def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine, monkeypatch):
     """A notebook's kernel runs an event loop, beside which uvicorn cannot start its own: the server
     runs in a worker thread there, and Ctrl-C in the kernel stops it as it stops `lenvm serve`."""
+    # serve() sets up the server's loggers, its own no longer propagating to the root: kept from
+    # the tests after this one, whose caplog (before pytest 9.2) listens at the root only.
+    for name in ("lenvm.serve", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        for attribute in ("handlers", "level", "propagate", "disabled"):
+            value = getattr(logger, attribute)
+            monkeypatch.setattr(logger, attribute, list(value) if attribute == "handlers" else value)
     url = f"http://127.0.0.1:{(port := free_port())}"
     answered, cell_done = [], threading.Event()
 
@@ -1659,6 +1668,9 @@ def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
     async def notebook_cell():
         serve(engine, ServerSettings(served_model_name=MODEL), port=port, log_level="warning")
 
+    # Ctrl-C raises in a kernel, even where pytest itself was started ignoring SIGINT (in the
+    # background by a shell), which the server would rightly keep ignoring.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=user, daemon=True)
     thread.start()
     try:
@@ -1667,6 +1679,7 @@ def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine):
     finally:
         cell_done.set()
         thread.join()
+        signal.signal(signal.SIGINT, previous)
     assert answered == [2] and not up()
 
 
@@ -1789,6 +1802,27 @@ def test_an_unexpected_error_is_logged_with_its_traceback(tiny_generator, caplog
     assert (failed.status_code, refused.status_code) == (500, 400)
     traced = [r for r in caplog.records if r.name == "lenvm.serve" and r.exc_info is not None]
     assert len(traced) == 1 and str(traced[0].exc_info[1]) == "tokenizer bug"
+
+
+def test_a_failure_writing_a_whole_answer_is_a_json_error_counted_as_one(engine, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+
+    def broken(self, chunks):
+        raise RuntimeError("writer bug")
+
+    monkeypatch.setattr(Writer, "answer", broken)
+    with running(engine) as (url, app):
+        failed = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        counted = app.state.metrics.registry.get_sample_value
+        outcomes = {
+            o: counted("lenvm_requests_total", {"endpoint": "completions", "outcome": o})
+            for o in ("ok", "error")
+        }
+    assert failed.status_code == 500
+    assert failed.json()["error"]["message"] == "internal error: RuntimeError: writer bug"
+    assert outcomes == {"ok": 0, "error": 1}
+    traced = [r for r in caplog.records if r.name == "lenvm.serve" and r.exc_info is not None]
+    assert len(traced) == 1 and str(traced[0].exc_info[1]) == "writer bug"
 
 
 def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):

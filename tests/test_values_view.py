@@ -193,6 +193,29 @@ def test_words_keep_their_leading_space_but_the_first_as_the_decoded_text_shows_
     assert token_texts(_tokenizer("byte fallback"), [258, 259]) == [" a", " b"]  # Gemma keeps it
 
 
+class _EmptyBatchAsOneText:
+    """A tokenizer whose ``batch_decode([])`` answers one empty text, as transformers 5.17 to
+    5.23 do."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def batch_decode(self, sequences):
+        return self.tokenizer.batch_decode(sequences) if sequences else [""]
+
+
+def test_no_tokens_have_no_texts_whatever_the_tokenizer_decodes_of_an_empty_batch():
+    from lenvm.values_view import token_texts_alone
+
+    tokenizer = _EmptyBatchAsOneText(_tokenizer("byte level"))
+    assert token_texts_alone(tokenizer, []) == []
+    ids = tokenizer.encode("a b", add_special_tokens=False)
+    assert "".join(token_texts_alone(tokenizer, ids)) == "a b"
+
+
 _TOKENIZERS: dict = {}
 
 

@@ -683,7 +683,13 @@ def iter_rollouts(path: str | os.PathLike) -> Generator[dict[str, Any], None, No
 def _iter_dataset_folder(path: Path) -> Iterator[dict[str, Any]]:
     try:
         import datasets
-    except ImportError:
+    except ImportError as err:
+        if not (isinstance(err, ModuleNotFoundError) and err.name == "datasets"):
+            # Installed, but it or what it imports is broken (a pyarrow that needs another numpy).
+            raise InputError(
+                f"the installed 'datasets' package fails to import ({type(err).__name__}: {err}); "
+                "fix or reinstall it (pip install 'lenvm[datasets]')"
+            ) from err
         raise InputError(
             f"{path} is a folder: reading a Hugging Face datasets folder needs the 'datasets' package "
             "(pip install 'lenvm[datasets]'); or give a rollouts JSONL file"
@@ -692,6 +698,11 @@ def _iter_dataset_folder(path: Path) -> Iterator[dict[str, Any]]:
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:
         raise InputError(f"{path}: not a datasets folder written by save_to_disk ({err})") from None
+    except TypeError as err:  # a format of a later datasets, read by older code
+        raise InputError(
+            f"{path}: the installed datasets {datasets.__version__} cannot read this folder ({err}); "
+            "one written by a newer datasets needs that version or later"
+        ) from err
     if isinstance(data, datasets.DatasetDict):
         raise InputError(f"{path} holds several splits ({', '.join(data)}); give the folder of one")
     for index, record in enumerate(data):  # Arrow-backed: rows are read from disk as iterated

@@ -317,6 +317,9 @@ def token_texts_alone(tokenizer, ids: list[int]) -> list[str]:
     Each token is decoded after a neutral token, whose text is then cut off; a token that would
     change that text (none of a usual vocabulary) is decoded alone.
     """
+    if not ids:
+        # Some tokenizers decode an empty batch as one empty text (transformers 5.17 to 5.23).
+        return []
     prefix = tokenizer.encode(_NEUTRAL_TEXT, add_special_tokens=False)
     lead = tokenizer.decode(prefix)
     texts = tokenizer.batch_decode([[*prefix, i] for i in ids])

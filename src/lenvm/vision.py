@@ -32,7 +32,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import torch
@@ -94,7 +94,9 @@ def load_image(ref: str):
         source = path
     try:
         with Image.open(source) as image:
-            image = ImageOps.exif_transpose(image)  # decodes the whole file: a truncated one fails here
+            # Decodes the whole file: a truncated one fails here. A new image, never None (Pillow
+            # before 11.2 types it as Image | None).
+            image = cast(Image.Image, ImageOps.exif_transpose(image))
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")

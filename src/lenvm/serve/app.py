@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lenvm.decoding.engine import Engine
 from lenvm.event_loops import run_own_loop
@@ -383,6 +384,7 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
 
     try:
         chunks = await _unless_gone(request, collect())
+        response = JSONResponse(writer.answer(chunks))  # a failure writing it is the request's too
     except _ClientGone:
         call.close()  # the client went away: free its rows now
         return Response(status_code=499)
@@ -394,7 +396,7 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
         call.finish("aborted" if isinstance(err, ShuttingDown) else _outcome(error.status))
         return JSONResponse(error.body(), status_code=error.status)
     call.finish("ok")
-    return JSONResponse(writer.answer(chunks))
+    return response
 
 
 async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]:
@@ -434,10 +436,10 @@ class _RequestLog:
     """One INFO line per finished request: the client, method, path, status, seconds taken, the
     tokens of a generation and the message of an error."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -445,7 +447,7 @@ class _RequestLog:
         note: dict[str, Any] = {"status": 500}  # an exception that escaped the handlers
         scope[_NOTE] = note
 
-        async def send_noted(message: dict[str, Any]) -> None:
+        async def send_noted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 note["status"] = message["status"]
             elif message["type"] == "http.response.body" and note["status"] >= 400 and "error" not in note:
