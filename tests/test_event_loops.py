@@ -12,6 +12,16 @@ import pytest
 from lenvm.event_loops import run_own_loop
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt, as in a kernel or a terminal, however pytest was started
+    (in the background by a shell, SIGINT comes ignored: lenvm keeps that, so nothing here would
+    be tested)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class SlowToStop:
     """A ``run`` that runs until stopped and then takes ``shutdown_s`` to end, as a server lets
     its requests in flight finish; ``stop`` only asks, as uvicorn's handle_exit does."""
