@@ -101,6 +101,23 @@ def test_rollout_train_predict_end_to_end(tmp_path, tiny_path, prompts_file, cap
     assert main(["predict", "--lenvm", str(out), "--prompt", "Hello"]) == 0
     hello = LengthValueModel.from_pretrained(out).predict_length("Hello")
     assert capsys.readouterr().out == f"0\t{hello:.1f}\n"
+    # --prompt with the chat template's variables: the tiny template writes an empty think block.
+    thinking_off = ["--prompt", "Hello", "--chat-template-kwargs", '{"enable_thinking": false}']
+    assert main(["predict", "--lenvm", str(out), "--json", *thinking_off]) == 0
+    from lenvm.prompts import Prompt
+
+    off = LengthValueModel.from_pretrained(out).predict_length(
+        Prompt("0", text="Hello", chat_template_kwargs={"enable_thinking": False})
+    )
+    assert json.loads(capsys.readouterr().out)["predicted_length"] == round(off, 2) != round(hello, 2)
+    code, err = _error(
+        capsys, ["predict", "--lenvm", str(out), "--prompts", str(prompts_file), *thinking_off[2:]]
+    )
+    assert code == 2 and "a prompts file gives each record's 'chat_template_kwargs'" in err
+    code, err = _error(
+        capsys, ["predict", "--lenvm", str(out), "--prompt", "Hi", "--chat-template-kwargs", "[1]"]
+    )
+    assert code == 2 and "expected a JSON object" in err
     # values prints one JSON line, whether or not it also writes the HTML view.
     values = ["values", "--lenvm", str(out), "--prompt", "Hello", "--completion", "Hi there"]
     for extra in ([], ["--html", str(tmp_path / "v.html")]):

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO, cast
 
@@ -78,12 +79,19 @@ def _gamma(text: str) -> float | None:
 def _prompts_from_args(args) -> list:
     from lenvm.prompts import as_prompt, read_prompts
 
+    kwargs = getattr(args, "chat_template_kwargs", None)
     if getattr(args, "prompts", None):
         if getattr(args, "image", None):
             raise InputError("--image goes with --prompt; a prompts file names its images itself")
+        if kwargs is not None:
+            raise InputError(
+                "--chat-template-kwargs goes with --prompt; a prompts file gives each record's "
+                "'chat_template_kwargs' itself"
+            )
         return read_prompts(args.prompts)
     if getattr(args, "prompt", None) is not None:
-        return [as_prompt(args.prompt, images=getattr(args, "image", None))]
+        prompt = as_prompt(args.prompt, images=getattr(args, "image", None))
+        return [prompt if kwargs is None else replace(prompt, chat_template_kwargs=kwargs)]
     raise InputError("give --prompt TEXT or --prompts FILE.jsonl")
 
 
@@ -359,10 +367,16 @@ def _answer_to_value(args) -> tuple:
     from lenvm.rollouts import record_problem, record_prompt
 
     if args.rollouts is not None:
-        if args.prompt is not None or args.completion is not None or args.unfinished or args.image:
+        if (
+            args.prompt is not None
+            or args.completion is not None
+            or args.unfinished
+            or args.image
+            or args.chat_template_kwargs is not None
+        ):
             raise InputError(
                 "--rollouts takes the prompt, completion and ending from its record: drop --prompt, --image, "
-                "--completion and --unfinished"
+                "--chat-template-kwargs, --completion and --unfinished"
             )
         wanted = args.record or 1
         for number, (lineno, record) in enumerate(numbered_jsonl(args.rollouts), start=1):

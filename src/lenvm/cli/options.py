@@ -216,6 +216,8 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
 
 
 def add_image(parser: argparse.ArgumentParser) -> None:
+    """``--image`` and ``--chat-template-kwargs``: what goes with ``--prompt`` besides its text (a
+    prompts file's records give both themselves)."""
     parser.add_argument(
         "--image",
         type=path,
@@ -223,4 +225,10 @@ def add_image(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="an image for --prompt (a path, file:// or data: URL; repeat for several); needs a "
         "vision-language generator",
+    )
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=json_object,
+        metavar="JSON",
+        help="variables for --prompt's chat template, a JSON object (e.g. '{\"enable_thinking\": false}')",
     )
