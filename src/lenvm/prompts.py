@@ -80,9 +80,18 @@ class Prompt:
         # Without messages the text is set: __post_init__ takes exactly one of the two.
         return self.messages if self.messages is not None else cast(str, self.text)
 
+    def record_fields(self) -> dict[str, Any]:
+        """What a rollout record keeps of this prompt: ``prompt`` (its text or messages) and
+        ``chat_template_kwargs`` where it has any (a record without them reads as a prompt without
+        them)."""
+        fields: dict[str, Any] = {"prompt": self.to_json()}
+        if self.chat_template_kwargs:
+            fields["chat_template_kwargs"] = self.chat_template_kwargs
+        return fields
+
     def key(self) -> str:
         """What tells this prompt from another (see :func:`prompt_key`)."""
-        return prompt_key(self.to_json(), self.chat_template_kwargs)
+        return prompt_key(self.record_fields())
 
     @property
     def images(self) -> list[str]:
@@ -90,14 +99,15 @@ class Prompt:
         return image_references(self.messages)
 
 
-def prompt_key(prompt: str | Messages, chat_template_kwargs: dict[str, Any] | None = None) -> str:
-    """What tells one prompt from another, as text: its text or messages (as rollout records keep
-    them) with its template arguments, since the same words with other arguments are another
-    prompt. Keys are JSON with sorted keys: arguments differ where their JSON does (``0`` is not
-    ``false``); none and empty ones are alike."""
-    fields: dict[str, Any] = {"prompt": prompt}
-    if chat_template_kwargs:
-        fields["chat_template_kwargs"] = chat_template_kwargs
+def prompt_key(record: dict[str, Any]) -> str:
+    """What tells one prompt from another, as text, from a record that holds it as
+    :meth:`Prompt.record_fields` writes it: its ``prompt`` (text or messages) with its
+    ``chat_template_kwargs``, since the same words with other arguments are another prompt. Keys
+    are JSON with sorted keys: arguments differ where their JSON does (``0`` is not ``false``);
+    none, null and empty ones are alike."""
+    fields: dict[str, Any] = {"prompt": record["prompt"]}
+    if kwargs := record.get("chat_template_kwargs"):
+        fields["chat_template_kwargs"] = kwargs
     return json.dumps(fields, sort_keys=True, ensure_ascii=False)
 
 

@@ -154,7 +154,7 @@ def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[
     record = {
         "prompt_id": prompt.id,
         "sample_index": done.job.sample_index,
-        **_prompt_fields(prompt),
+        **prompt.record_fields(),
         "prompt_token_ids": done.job.prompt_ids,
         "completion": done.text,
         "completion_token_ids": done.token_ids,
@@ -167,15 +167,6 @@ def _make_record(done: _Done, generator: str, sampling: dict[str, Any]) -> dict[
     if prompt.extra:
         record["meta"] = prompt.extra
     return record
-
-
-def _prompt_fields(prompt: Prompt) -> dict[str, Any]:
-    """What a rollout record keeps of its prompt: its text or messages, and its template
-    arguments where it has any (a record without them reads as a prompt without them)."""
-    fields: dict[str, Any] = {"prompt": prompt.to_json()}
-    if prompt.chat_template_kwargs:
-        fields["chat_template_kwargs"] = prompt.chat_template_kwargs
-    return fields
 
 
 def record_prompt(record: dict[str, Any]) -> Prompt:
@@ -454,7 +445,7 @@ def _check_resume(
                 f"{out} was written by generator {record['generator']!r}, not {name!r}; "
                 "use another output file"
             )
-        key = prompt_key(record["prompt"], record.get("chat_template_kwargs"))
+        key = prompt_key(record)
         prompt = by_id.get(record["prompt_id"])
         if prompt is None:
             other_ids.setdefault(key, record["prompt_id"])

@@ -176,7 +176,7 @@ def scan(
                 )
             lengths.append(record["num_tokens"])
             length_prompts.append(str(record.get("prompt_id", i)))
-            key = prompt_key(record["prompt"], record.get("chat_template_kwargs"))
+            key = prompt_key(record)
             record_prompts.setdefault(key, set()).add(str(record.get("prompt_id", i)))
             if i == 0:
                 policy.update(generator=record.get("generator"), sampling=record.get("sampling"))

@@ -427,7 +427,7 @@ def run_prediction(
 
 
 def _check_not_trained_on(held_out: list[Prompt], train_records: list[dict[str, Any]]) -> None:
-    trained = {prompt_key(r["prompt"], r.get("chat_template_kwargs")) for r in train_records}
+    trained = {prompt_key(r) for r in train_records}
     overlap = [p.id for p in held_out if p.key() in trained]
     if overlap:
         raise InputError(

@@ -292,7 +292,7 @@ def _rollout_prompts(rollouts: str | os.PathLike | None) -> set[str]:
     """The prompts (their prompt_key) a rollouts file holds: those a LenVM was trained on."""
     if rollouts is None:
         return set()
-    return {prompt_key(r["prompt"], r.get("chat_template_kwargs")) for r in read_rollouts(rollouts)}
+    return {prompt_key(r) for r in read_rollouts(rollouts)}
 
 
 def _train_lenvm(
