@@ -709,7 +709,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
     group.add_argument("--prompts", type=options.path, help="JSONL file of prompts ('-': standard input)")
-    options.add_image(p)
+    options.add_prompt_extras(p)
     p.add_argument(
         "--out",
         type=options.path,
@@ -773,7 +773,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("values", help="per-token values and TD residuals of a completion")
     p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
     p.add_argument("--prompt", help="the prompt (a user message)")
-    options.add_image(p)
+    options.add_prompt_extras(p)
     p.add_argument(
         "--completion",
         help="the answer to value, token by token (@FILE: read it from FILE, less its final line "
@@ -804,7 +804,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         type=options.path,
         help="JSONL file ('-': standard input); prints one JSON line per prompt",
     )
-    options.add_image(p)
+    options.add_prompt_extras(p)
     control = p.add_mutually_exclusive_group()
     control.add_argument("--equal-to", type=int, metavar="N", help="aim at exactly N tokens")
     control.add_argument("--at-most", type=int, metavar="N", help="stay within N tokens")

@@ -215,7 +215,7 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_image(parser: argparse.ArgumentParser) -> None:
+def add_prompt_extras(parser: argparse.ArgumentParser) -> None:
     """``--image`` and ``--chat-template-kwargs``: what goes with ``--prompt`` besides its text (a
     prompts file's records give both themselves)."""
     parser.add_argument(
