@@ -3,6 +3,7 @@ HTTP where a client would not send such a request), against the tiny model."""
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -789,6 +790,94 @@ def test_chat_template_arguments_reach_the_template_as_in_vllm(url, tiny_generat
         assert refused.status_code == 400, (fields, refused.text)
         error = refused.json()["error"]
         assert error["param"] == field and message in error["message"], (fields, error)
+
+
+def test_server_wide_template_arguments_go_under_each_requests_own_as_in_vllm(engine, tiny_generator):
+    """vLLM's --default-chat-template-kwargs: merged under a request's chat_template_kwargs and
+    under what its reasoning_effort sets, wherever the chat template is applied."""
+    tok = tiny_generator[1]
+    off = len(encode_prompt(tok, Prompt("0", messages=HI, chat_template_kwargs={"enable_thinking": False})))
+    on = len(encode_prompt(tok, HI))
+    assert off > on  # the tiny template's empty think block
+    defaults = {"enable_thinking": False, "reasoning_effort": "low", "today": "Monday"}
+    with running(engine, default_chat_template_kwargs=defaults) as (url, app):
+
+        def post(route, **fields):
+            answer = httpx.post(url + f"/v1/{route}", json={"model": MODEL, **fields}, timeout=30)
+            assert answer.status_code == 200, (route, fields, answer.text)
+            return answer.json()
+
+        def chat_prompt_tokens(**fields):
+            return post("chat/completions", messages=HI, max_tokens=1, **fields)["usage"]["prompt_tokens"]
+
+        def predicted_prompt_tokens(**fields):
+            return post("length/predict", **fields)["data"][0]["prompt_tokens"]
+
+        def values(**fields):
+            return [
+                t["value_before"] for t in post("length/values", completion="The sea.", **fields)["tokens"]
+            ]
+
+        kwargs = "chat_template_kwargs"
+        # The defaults apply (a default reasoning_effort is a variable like any: it sets nothing else).
+        assert chat_prompt_tokens() == off
+        assert chat_prompt_tokens(**{kwargs: {"enable_thinking": True}}) == on  # the request's own wins
+        assert chat_prompt_tokens(**{kwargs: {"today": "Tuesday"}}) == off  # key by key, not the whole object
+        assert chat_prompt_tokens(**{kwargs: {"enable_thinking": None}}) == off  # null: the default (vLLM's)
+        # An effort sets enable_thinking at the request's level, above the server's default...
+        assert chat_prompt_tokens(reasoning_effort="low") == on
+        assert chat_prompt_tokens(reasoning_effort="none") == off
+        # ...and the request's own kwargs above its effort, as without defaults.
+        assert chat_prompt_tokens(reasoning_effort="low", **{kwargs: {"enable_thinking": False}}) == off
+        # A request's effort goes over the default one: not refused as an effort given twice.
+        assert chat_prompt_tokens(**{kwargs: {}}, reasoning_effort="high") == on
+        # The length endpoints' messages alike.
+        assert predicted_prompt_tokens(messages=HI) == off
+        assert predicted_prompt_tokens(messages=[HI, HI], **{kwargs: {"enable_thinking": True}}) == on
+        assert predicted_prompt_tokens(messages=HI, reasoning_effort="medium") == on
+        assert values(messages=HI) == values(messages=HI, **{kwargs: {"enable_thinking": False}})
+        assert values(messages=HI) != values(messages=HI, **{kwargs: {"enable_thinking": True}})
+        # A text prompt has no template: the defaults neither change it nor get it refused.
+        assert predicted_prompt_tokens(prompt="Hi") == len(tok("Hi")["input_ids"])
+        assert values(prompt="Hi") == values(prompt=tok("Hi")["input_ids"])
+        completion = client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+        assert completion.usage.prompt_tokens == len(tok("Hi")["input_ids"])
+        refused = httpx.post(url + "/v1/length/predict", json={"prompt": "Hi", kwargs: {"a": 1}}, timeout=30)
+        assert (
+            refused.status_code == 400 and "goes with messages" in refused.text
+        )  # a request's own, as before
+        assert app.state.lenvm.settings.default_chat_template_kwargs == defaults
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"tokenize": True}, "cannot set 'tokenize'"),
+        ({"add_generation_prompt": False}, "cannot set 'add_generation_prompt'"),
+        ([1], "must be an object of template variables, got list"),
+        ({1: True}, "must name its variables by strings"),
+        ({"x": float("nan")}, "must hold JSON values"),
+    ],
+)
+def test_bad_server_wide_template_arguments_are_refused_at_construction(defaults, message):
+    from lenvm.io import InputError
+
+    with pytest.raises(InputError, match=f"^default_chat_template_kwargs: .*{message}"):
+        ServerSettings(served_model_name=MODEL, default_chat_template_kwargs=defaults)
+
+
+def test_server_wide_template_arguments_need_a_chat_template(tiny_generator):
+    from lenvm.io import InputError
+
+    model, tok = tiny_generator
+    untemplated = copy.copy(tok)
+    untemplated.chat_template = None
+    settings = ServerSettings(
+        served_model_name=MODEL, default_chat_template_kwargs={"enable_thinking": False}
+    )
+    with pytest.raises(InputError, match="no chat template to pass them to"):
+        create_app(Engine(model, untemplated), settings)
+    create_app(Engine(model, untemplated), ServerSettings(served_model_name=MODEL))  # none given: served
 
 
 def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(url):

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
 from typing import Any, cast
@@ -41,6 +41,7 @@ from lenvm.decoding.engine import Engine
 from lenvm.event_loops import run_own_loop
 from lenvm.io import InputError, positive_count
 from lenvm.model import LengthValueModel
+from lenvm.prompts import template_kwargs_problem
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -80,7 +81,12 @@ class ServerSettings:
     beyond that is answered 429); at most ``max_streams`` streaming responses are open at once
     (429); a body over ``max_body_bytes`` is answered 413. On SIGTERM the server takes no new
     requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds
-    (``inf``: for as long as they take); then it answers what is left with an error."""
+    (``inf``: for as long as they take); then it answers what is left with an error.
+
+    ``default_chat_template_kwargs`` (vLLM's ``--default-chat-template-kwargs``) are the chat
+    template's arguments wherever the server applies it (chat completions, the length endpoints'
+    ``messages``), under each request's own: ``{"enable_thinking": false}`` turns Qwen3's thinking
+    off for every client that does not turn it on."""
 
     served_model_name: str
     api_key: str | None = None
@@ -89,12 +95,15 @@ class ServerSettings:
     max_streams: int = 64
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_streams", "max_body_bytes"):
             setattr(self, name, positive_count(getattr(self, name), name))
         if self.max_waiting < 0 or not self.shutdown_timeout >= 0:  # NaN fails too
             raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
+        if (why := template_kwargs_problem(self.default_chat_template_kwargs)) is not None:
+            raise InputError(f"default_chat_template_kwargs: {why}")
 
 
 class _State:
@@ -135,6 +144,12 @@ class _State:
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The ASGI app serving ``engine``; its engine thread runs while the app's lifespan does."""
+    if settings.default_chat_template_kwargs and not getattr(engine.tokenizer, "chat_template", None):
+        # Else every request with messages would be refused for arguments it did not send.
+        raise InputError(
+            "default_chat_template_kwargs are given, but the generator's tokenizer has no chat template "
+            "to pass them to"
+        )
     metrics = Metrics()
     runner = EngineRunner(engine, settings.batch_size, settings.max_waiting, metrics)
     state = _State(settings, runner)
@@ -149,6 +164,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         # Left out of a request, the sampling settings are the policy the LenVM was trained on
         # (its values describe that policy only), as on the command line.
         defaults=(lenvm.config.sampling or {}) if lenvm is not None else {},
+        template_defaults=settings.default_chat_template_kwargs,
     )
     name = settings.served_model_name
 

@@ -289,6 +289,8 @@ class Context:
     has_lenvm: bool
     max_choices: int  # choices the server holds at once (running and waiting)
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling when a request leaves it out
+    # The chat template's arguments when a request leaves them out (ServerSettings').
+    template_defaults: dict[str, Any] = field(default_factory=dict)
     context_note: str = ""  # said after the context where it is a sliding window (Engine.context_note)
     # Requests are planned on worker threads: one encodes at a time, as a fast tokenizer shared
     # between threads may fail ("Already borrowed") when two calls change its settings at once.
@@ -556,7 +558,9 @@ def tokenize(text: str, ctx: Context, add_special_tokens: bool = True) -> list[i
 def template_arguments(body: _Templated) -> dict[str, Any]:
     """The variables a request passes to the chat template: its ``chat_template_kwargs``, and
     ``reasoning_effort`` as the variable of that name; as vLLM does, an effort also sets
-    ``enable_thinking`` (off for ``"none"``, on otherwise) unless the kwargs set it."""
+    ``enable_thinking`` (off for ``"none"``, on otherwise) unless the kwargs set it. The server's
+    defaults go under these (:func:`chat_prompt_ids`), so that an effort outweighs a default
+    ``enable_thinking``."""
     kwargs = dict(body.chat_template_kwargs or {})
     if (why := template_kwargs_problem(kwargs)) is not None:
         raise ApiError(400, why, "chat_template_kwargs")
@@ -594,15 +598,21 @@ def chat_prompt_ids(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
 ) -> list[int]:
-    """Chat messages through the chat template, with ``template_kwargs`` (its variables) and the
-    generation prompt unless ``add_generation_prompt`` is off; ``continue_final_message`` leaves
-    the last message open. A message's content may be empty or whitespace (as in OpenAI's API;
-    lenvm's prompt files refuse a prompt without text, which rollouts and training could not use)."""
+    """Chat messages through the chat template, with ``template_kwargs`` (its variables, over the
+    server's defaults: vLLM's merge) and the generation prompt unless ``add_generation_prompt`` is
+    off; ``continue_final_message`` leaves the last message open. A message's content may be empty
+    or whitespace (as in OpenAI's API; lenvm's prompt files refuse a prompt without text, which
+    rollouts and training could not use)."""
     if not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     records = [{"role": m.role, "content": _content(m.content)} for m in messages]
+    # As vLLM merges them: a request's null leaves the default, as a null field does.
+    given = {
+        k: v for k, v in (template_kwargs or {}).items() if v is not None or k not in ctx.template_defaults
+    }
+    template_kwargs = {**ctx.template_defaults, **given}
     try:
-        prompt = Prompt("0", messages=records, chat_template_kwargs=template_kwargs or {})
+        prompt = Prompt("0", messages=records, chat_template_kwargs=template_kwargs)
         with ctx.tokenizer_lock:
             ids = encode_prompt(
                 ctx.tokenizer,
