@@ -735,6 +735,27 @@ def test_serve_on_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys, 
     assert code == 2 and f"127.0.0.1:{port} is in use" in err
 
 
+def test_serve_takes_server_wide_chat_template_arguments(capsys, monkeypatch, tiny_path):
+    import lenvm.hub
+    import lenvm.serve
+
+    served = []
+    monkeypatch.setattr(lenvm.serve, "serve", lambda engine, settings, **where: served.append(settings))
+    serve = ["serve", "--model", str(tiny_path), "--port", "0"]
+    assert main([*serve, "--default-chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert main(serve) == 0
+    assert [s.default_chat_template_kwargs for s in served] == [{"enable_thinking": False}, {}]
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a server that cannot start")
+
+    monkeypatch.setattr(lenvm.hub, "load_generator", never)
+    code, err = _error(capsys, [*serve, "--default-chat-template-kwargs", '{"tokenize": true}'])
+    assert code == 2 and "default_chat_template_kwargs: 'chat_template_kwargs' cannot set 'tokenize'" in err
+    code, err = _error(capsys, [*serve, "--default-chat-template-kwargs", "[1]"])
+    assert code == 2 and "argument --default-chat-template-kwargs: expected a JSON object" in err
+
+
 def test_a_lenvm_whose_generator_moved_reads_it_where_model_says(tmp_path, capsys):
     from lenvm.hub import load_generator
     from lenvm.model import LengthValueModel

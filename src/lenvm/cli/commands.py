@@ -587,6 +587,7 @@ def cmd_serve(args) -> None:
         max_streams=args.max_streams,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        default_chat_template_kwargs=args.default_chat_template_kwargs or {},
     )
     model, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
     lenvm = _load_lenvm(args, generator=(model, tokenizer)) if args.lenvm else None
@@ -890,6 +891,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds that requests in flight get to finish before an error answers them "
         "(inf: no limit)",
+    )
+    p.add_argument(
+        "--default-chat-template-kwargs",
+        type=options.json_object,
+        metavar="JSON",
+        help="the chat template's variables for every request, under its own chat_template_kwargs, a "
+        "JSON object (e.g. '{\"enable_thinking\": false}'), as vLLM's option",
     )
     p.add_argument(
         "--log-level",
