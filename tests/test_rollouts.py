@@ -577,7 +577,34 @@ def test_openai_backend_errors_name_the_url(server, tiny_path, tiny_generator, t
         )
     with pytest.raises(InputError, match="base_url"):
         rollout(str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", tokenizer=tok)
+    # What the server answered, quoted as JSON (raw UTF-8) and cut with an ellipsis.
+    server.answer = lambda p: (200, {"error": "模型" * 200})
+    with pytest.raises(ServerError, match=r"""answered without a 'choices' list: \{"error": "(模型)+模?…$"""):
+        rollout(
+            str(tiny_path), PROMPTS[:1], out, n=1, backend="openai", base_url=server.url, tokenizer=tok,
+            progress=False,
+        )  # fmt: skip
     assert not out.exists() or read_rollouts(out) == []
+
+
+def test_a_server_answer_that_is_not_json_is_shown_as_text(monkeypatch):
+    """Bytes that are not UTF-8 (an HTML page in another encoding) are not JSON either: a
+    ServerError showing the text, not a UnicodeDecodeError's traceback."""
+    import io
+    import urllib.request
+
+    from lenvm.rollouts import _Server
+
+    for body, shown in [
+        (b"<html>\xff \xe6\xa8\xa1</html>", '"<html>\ufffd 模</html>"'),
+        ("模".encode() * 300, '"' + "模" * 198 + "…"),
+    ]:
+        monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout, body=body: io.BytesIO(body))
+        with pytest.raises(ServerError) as err:
+            _Server("http://127.0.0.1:1/v1", "m", None).post("/completions", {})
+        assert (
+            str(err.value) == f"http://127.0.0.1:1/v1/completions answered with something not JSON: {shown}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -737,6 +764,38 @@ def test_a_prompts_file_names_its_ids_id_or_prompt_id(tmp_path):
     path.write_text('{"prompt_id": "", "prompt": "Hi"}\n')
     with pytest.raises(InputError, match="'prompt_id' must be a non-empty string or an integer, got \"\""):
         read_prompts(path)
+
+
+def test_messages_quote_values_as_lenvm_writes_text_cut_at_a_character(tmp_path):
+    """Ids and field values named in messages are raw UTF-8, as lenvm writes files and the server
+    answers; a long one is cut with an ellipsis, at a character, never inside an escape."""
+    from lenvm.prompts import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    weird = {"type": "weird", "text": "中文" * 40}
+    for record, message in [
+        (
+            {"id": "中文", "prompt_id": "日本", "prompt": "x"},
+            """'id' ("中文") and 'prompt_id' ("日本") name two ids: give one""",
+        ),
+        ({"id": ["模型"], "prompt": "x"}, """'id' must be a non-empty string or an integer, got ["模型"]"""),
+        (
+            {"messages": [{"role": "user", "content": [weird]}]},
+            '{"type": "weird", "text": "' + "中文" * 26 + "…",
+        ),
+    ]:
+        path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        with pytest.raises(InputError) as err:
+            read_prompts(path)
+        assert str(err.value).endswith(message)
+    record = {
+        "prompt_id": "a", "sample_index": 0, "prompt": "hi", "prompt_token_ids": [1], "completion": "x",
+        "completion_token_ids": [2], "finish_reason": "length", "num_tokens": 1, "generator": "m",
+        "sampling": {},
+    }  # fmt: skip
+    assert record_problem(record) is None
+    problem = record_problem({**record, "completion": ["é\n" * 60]})
+    assert problem == "'completion' must be a string, got " + '["' + "é\\n" * 25 + "é…"
 
 
 def test_a_prompt_id_is_a_string_as_in_prompts_files(tiny_generator, tmp_path):

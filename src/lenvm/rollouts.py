@@ -44,6 +44,7 @@ from lenvm.io import (
     is_int,
     numbered_jsonl,
     positive_count,
+    quoted,
     read_jsonl_to_append,
     refuse_renamed,
     replaceable,
@@ -536,10 +537,12 @@ class _Server:
             raise ServerError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from None
         try:
             answer = json.loads(body)
-        except json.JSONDecodeError:
-            raise ServerError(f"{url} answered with something not JSON: {body[:200]!r}") from None
+        except ValueError:  # not JSON, or not even text
+            raise ServerError(
+                f"{url} answered with something not JSON: {quoted(body.decode('utf-8', 'replace'), 200)}"
+            ) from None
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
-            raise ServerError(f"{url} answered without a 'choices' list: {str(answer)[:200]}")
+            raise ServerError(f"{url} answered without a 'choices' list: {quoted(answer, 200)}")
         return answer
 
 
@@ -728,7 +731,7 @@ def record_problem(record: Any) -> str | None:
         if key not in record:
             return f"missing '{key}'"
         if not ok(record[key]):
-            return f"'{key}' must be {expected}, got {json.dumps(record[key])[:80]}"
+            return f"'{key}' must be {expected}, got {quoted(record[key])}"
     kwargs = record.get("chat_template_kwargs")
     if kwargs is not None and (why := template_kwargs_problem(kwargs)) is not None:
         return why
