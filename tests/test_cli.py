@@ -512,6 +512,10 @@ def test_predict_a_file_in_batches_resumes_and_refuses_bad_input(tmp_path, tiny_
     bom.write_bytes(b"\xef\xbb\xbf" + rows_text(rows[:2]).encode())
     assert main([*base[:4], str(bom), "--json"]) == 0
     assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == ["p0", "p1"]
+    joined = tmp_path / "joined.jsonl"  # two such files joined with cat: a mark inside
+    joined.write_bytes(bom.read_bytes() + b"\xef\xbb\xbf" + rows_text(rows[2:3]).encode())
+    code, err = _error(capsys, [*base[:4], str(joined)])
+    assert code == 2 and f"{joined}:3: the line starts with a byte-order mark (U+FEFF)" in err
 
     def error(argv):
         code = main(argv)

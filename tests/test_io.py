@@ -370,3 +370,17 @@ def test_a_plain_field_is_its_text_unless_that_would_break_the_line():
         field = plain_field(text)
         assert field.startswith('"') and json.loads(field) == text
         assert "\t" not in field and len(field.splitlines()) == 1
+
+
+def test_a_byte_order_mark_inside_a_jsonl_file_is_named_with_its_line(tmp_path):
+    """Files joined with cat: the second one's byte-order mark starts a line of the whole; the
+    first line's is allowed."""
+    path = tmp_path / "joined.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n' + b'\xef\xbb\xbf{"a": 2}\n')
+    with pytest.raises(
+        InputError, match=rf"^{path}:2: the line starts with a byte-order mark \(U\+FEFF\)"
+    ) as err:
+        read_jsonl(path)
+    assert "files were joined" in str(err.value)
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": 2}\n')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]

@@ -95,9 +95,10 @@ def numbered_jsonl(
     path: str | os.PathLike, complete_only: bool = False, stdin: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for each non-blank line of a UTF-8 JSONL file (a byte-order mark
-    is allowed); ``complete_only`` leaves out a last line without its newline (a crash's partial
-    write). With ``stdin``, a path of ``-`` reads the standard input (once: for files read once).
-    A pipe (``/dev/stdin``, a shell's ``<(...)``) is read as it comes, once (see :func:`is_pipe`)."""
+    is allowed at its start, and refused, by its line, at the start of a later one);
+    ``complete_only`` leaves out a last line without its newline (a crash's partial write). With
+    ``stdin``, a path of ``-`` reads the standard input (once: for files read once). A pipe
+    (``/dev/stdin``, a shell's ``<(...)``) is read as it comes, once (see :func:`is_pipe`)."""
     if stdin and str(path) == "-":
         context: Any = contextlib.nullcontext(sys.stdin.buffer)
         path = Path("<stdin>")
@@ -120,6 +121,12 @@ def numbered_jsonl(
                 ) from None
             if not line.strip():
                 continue
+            if line.startswith("\ufeff"):  # the first line's was decoded away
+                raise InputError(
+                    f"{path}:{lineno}: the line starts with a byte-order mark (U+FEFF), which belongs "
+                    "only at the start of a file: files were joined here, one of them beginning with "
+                    "it; remove it from this line"
+                )
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
