@@ -341,6 +341,67 @@ def test_models_list(capsys):
     assert code == 2 and "unknown built-in model" in capsys.readouterr().err
 
 
+def test_models_list_keeps_a_path_with_a_tab_in_its_field(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache\tdir"
+    monkeypatch.setenv("LENVM_CACHE", str(cache))
+    assert main(["models", "list"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        name, state, description, path = line.split("\t")
+        assert json.loads(path).startswith(str(cache))  # a JSON string, the tab escaped
+
+
+@pytest.fixture(scope="module")
+def tiny_lenvm(tmp_path_factory, tiny_path, tiny_generator):
+    from lenvm.model import LengthValueModel
+
+    path = tmp_path_factory.mktemp("lenvm") / "lenvm"
+    LengthValueModel.from_base(tiny_path, gamma=0.9, generator=tiny_generator).save_pretrained(path)
+    return path
+
+
+HOSTILE_IDS = ["tab\tid", "new\nline", '"quoted"', "中文 ü", "next\x85line", "plain"]
+
+
+@pytest.fixture
+def hostile_prompts(tmp_path):
+    path = tmp_path / "hostile.jsonl"  # prompts of falling lengths: --out runs them in another order
+    path.write_text(rows_text({"id": pid, "prompt": "word " * (9 - i)} for i, pid in enumerate(HOSTILE_IDS)))
+    return path
+
+
+def test_predict_keeps_each_prompt_on_its_line_and_writes_text_as_it_is(
+    tmp_path, tiny_lenvm, hostile_prompts, capsys
+):
+    """An id with a tab or a line break would break the plain tab-separated line: such an id is a
+    JSON string there. Non-ASCII is raw UTF-8 in every output, as lenvm's files write it."""
+    base = ["predict", "--lenvm", str(tiny_lenvm), "--prompts", str(hostile_prompts), "--no-progress"]
+    assert main(base) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fields = [line.split("\t") for line in lines]
+    assert len(lines) == len(HOSTILE_IDS) and all(len(f) == 2 for f in fields)
+    assert [json.loads(pid) if pid.startswith('"') else pid for pid, _ in fields] == HOSTILE_IDS
+    assert lines[3].startswith("中文 ü\t") and lines[5].startswith("plain\t")  # as they are
+    assert main([*base, "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert '"中文 ü"' in printed and [json.loads(x)["id"] for x in printed.split("\n")[:-1]] == HOSTILE_IDS
+    out = tmp_path / "predictions.jsonl"
+    assert main([*base, "--out", str(out)]) == 0
+    written = out.read_text(encoding="utf-8")  # appended, then put in the prompts' order
+    assert '"中文 ü"' in written and [json.loads(x)["id"] for x in written.split("\n")[:-1]] == HOSTILE_IDS
+
+
+@pytest.mark.filterwarnings("ignore:no training completion ended with EOS:UserWarning")
+def test_rollout_and_train_summaries_write_text_as_it_is(tmp_path, tiny_path, prompts_file, capsys):
+    rollouts = tmp_path / "rollouts ü 模.jsonl"
+    sample = ["rollout", "--model", str(tiny_path), "--prompts", str(prompts_file), "--n", "2"]
+    assert main([*sample, "--max-new-tokens", "4", "--out", str(rollouts), "--no-progress"]) == 0
+    assert json.dumps(str(rollouts), ensure_ascii=False) in capsys.readouterr().out
+    out = tmp_path / "lenvm ü 模"
+    train = ["train", "--rollouts", str(rollouts), "--out", str(out), "--epochs", "1"]
+    assert main([*train, "--eval-fraction", "0.34", "--no-progress"]) == 0
+    assert json.dumps(str(out), ensure_ascii=False) in capsys.readouterr().out
+
+
 def test_generate_with_and_without_a_length_control(
     tmp_path, tiny_path, tiny_generator, prompts_file, capsys
 ):

@@ -14,7 +14,6 @@ its lines are put back in the order of the prompts.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from lenvm.io import (
     JsonlAppender,
     RunLock,
     fingerprint,
+    json_text,
     positive_count,
     read_jsonl,
     read_jsonl_to_append,
@@ -140,7 +140,7 @@ def _in_prompt_order(out: Path, ids: list[str]) -> None:
     rank = {pid: i for i, pid in enumerate(ids)}
     ordered = sorted(records, key=lambda r: rank.get(str(r.get("id")), len(ids)))
     if ordered != records:
-        write_text(out, "".join(json.dumps(r) + "\n" for r in ordered))
+        write_text(out, "".join(json_text(r, ensure_ascii=False) + "\n" for r in ordered))  # as appended
 
 
 def _identity(config: LengthValueConfig) -> dict[str, Any]:

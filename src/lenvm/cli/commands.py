@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO, cast
 
 from lenvm.cli import interrupted, options
-from lenvm.io import InputError, json_text
+from lenvm.io import InputError, json_text, plain_field
 
 
 @contextlib.contextmanager
@@ -131,7 +131,7 @@ def cmd_rollout(args) -> None:
         vllm_args=args.vllm_args,
         progress=args.progress,
     )
-    print(json_text(summary.to_dict(), indent=2, default=str))
+    print(json_text(summary.to_dict(), indent=2, default=str, ensure_ascii=False))
 
 
 def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -202,7 +202,7 @@ def cmd_train(args) -> int | None:
             "seconds_this_run": round(result.seconds_this_run, 1),
             "train_tokens_per_second": round(result.tokens_per_second),
         }
-        print(json_text(summary, indent=2))
+        print(json_text(summary, indent=2, ensure_ascii=False))
     launch.leave_process_group()  # after the main process has written the LenVM
     return None
 
@@ -274,13 +274,10 @@ def cmd_predict(args) -> None:
     lengths = lenvm.lengths_from_values(values)
     for prompt, e, length in zip(prompts, encoded, lengths, strict=True):
         if args.json:  # the fields of a --out line that describe the prediction
-            print(
-                json.dumps(
-                    {"id": prompt.id, "predicted_length": round(length, 2), "prompt_tokens": len(e.ids)}
-                )
-            )
+            fields = {"id": prompt.id, "predicted_length": round(length, 2), "prompt_tokens": len(e.ids)}
+            print(json_text(fields, ensure_ascii=False))
         else:
-            print(f"{prompt.id}\t{length:.1f}")
+            print(f"{plain_field(prompt.id)}\t{length:.1f}")
     if len(prompts) > 1:
         print(
             f"{len(prompts)} prompts in {seconds:.2f} s ({len(prompts) / seconds:.1f} prompts/s)",
@@ -601,9 +598,10 @@ def cmd_models(args) -> None:
     if args.action == "list":
         for m in hub.list_models():
             state = "prepared" if m["prepared"] else "not prepared"
-            print(f"{m['name']}\t{state}\t{m['description']}\t{m['path']}")
+            fields = (str(m["name"]), state, str(m["description"]), str(m["path"]))
+            print("\t".join(map(plain_field, fields)))
     else:
-        print(hub.prepare(args.name))
+        print(plain_field(str(hub.prepare(args.name))))
 
 
 def cmd_demo(args) -> None:
@@ -705,7 +703,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         _train_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="predict total answer length from the prompt alone")
+    p = sub.add_parser(
+        "predict",
+        help="predict total answer length from the prompt alone",
+        description="Predict the total length of a prompt's answer, in tokens, from the prompt alone. "
+        "Prints a line per prompt: its id, a tab and the length; an id that holds a tab, a line break "
+        'or another control character, or starts with a double quote, is printed as a JSON string ("a\\tb"). '
+        "--json and --out give JSON lines instead.",
+    )
     p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt (a user message; the chat template is applied)")
