@@ -390,6 +390,33 @@ def test_predict_keeps_each_prompt_on_its_line_and_writes_text_as_it_is(
     assert '"中文 ü"' in written and [json.loads(x)["id"] for x in written.split("\n")[:-1]] == HOSTILE_IDS
 
 
+def test_what_stdout_and_stderr_cannot_encode_is_escaped_then_they_are_as_they_were(
+    tmp_path, tiny_lenvm, hostile_prompts, monkeypatch
+):
+    """An ASCII or cp1252 console took the work and then a UnicodeEncodeError's traceback; now
+    what it cannot write is escaped as JSON escapes it (JSON lines stay JSON), while a command
+    runs only: main() may run in a notebook's process."""
+    import io
+    import sys
+
+    stdout, stderr = (io.TextIOWrapper(io.BytesIO(), encoding="ascii") for _ in range(2))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    base = ["predict", "--lenvm", str(tiny_lenvm), "--prompts", str(hostile_prompts), "--no-progress"]
+    assert main(base) == 0
+    assert main([*base, "--json"]) == 0
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(rows_text([{"id": "模", "prompt": "x"}, {"id": "模", "prompt": "y"}]))
+    assert main([*base[:4], str(twice)]) == 2
+    assert stdout.errors == stderr.errors == "strict"
+    stdout.flush()
+    stderr.flush()
+    plain, json_lines = stdout.buffer.getvalue().decode("ascii").split("\nplain\t", 1)
+    assert "\n\\u4e2d\\u6587 \\u00fc\t" in plain
+    assert [json.loads(line)["id"] for line in json_lines.splitlines()[1:]] == HOSTILE_IDS
+    assert "duplicate prompt id '\\u6a21'" in stderr.buffer.getvalue().decode("ascii")
+
+
 @pytest.mark.filterwarnings("ignore:no training completion ended with EOS:UserWarning")
 def test_rollout_and_train_summaries_write_text_as_it_is(tmp_path, tiny_path, prompts_file, capsys):
     rollouts = tmp_path / "rollouts ü 模.jsonl"

@@ -11,8 +11,11 @@ A command whose stdout its reader closed (``| head``) ends quietly, and likewise
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import importlib
+import io
+import json
 import os
 import signal
 import sys
@@ -59,6 +62,37 @@ def interrupted(interrupt: KeyboardInterrupt, resumes: bool = False) -> int:
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
+def _json_escapes(error: UnicodeError) -> tuple[str, int]:
+    """An encoding error handler: the characters that the encoding lacks as JSON escapes them,
+    ``\\u00fc`` (two past U+FFFF), which read as backslashreplace's do and keep JSON lines JSON."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    return json.dumps(error.object[error.start : error.end])[1:-1], error.end
+
+
+codecs.register_error(_JSON_ESCAPES := "lenvm.json_escapes", _json_escapes)
+
+
+@contextlib.contextmanager
+def _unencodable_as_escapes() -> Iterator[None]:
+    """stdout and stderr write a character that their encoding lacks (a prompt's text on an ASCII
+    or cp1252 console) as a JSON escape rather than fail with a traceback once the work is done;
+    then as they were."""
+    changed = [
+        stream
+        for stream in (sys.stdout, sys.stderr)
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict"
+    ]
+    for stream in changed:
+        stream.reconfigure(errors=_JSON_ESCAPES)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(OSError, ValueError):  # its reader gone, or closed
+                stream.reconfigure(errors="strict")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv``; its exit status.
 
@@ -72,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     these statuses (128 + the signal's number) and ends nothing; it returns those of ``--help``,
     ``--version`` (0) and a usage error (2) too, never raising SystemExit, and leaves the settings
     a command changes while it runs (transformers' logging and progress bars, how warnings are
-    printed) as they were, so that it can run in a notebook's process."""
+    printed, how stdout and stderr write what their encoding lacks) as they were, so that it can
+    run in a notebook's process."""
     ended_by: list[int] = []
     if argv is None:
         atexit.register(_end_by_signal, ended_by)  # the first exit handler: the last to run
-    with sigterm_interrupts():
+    with _unencodable_as_escapes(), sigterm_interrupts():
         try:
             from lenvm.cli.commands import run
 
