@@ -260,3 +260,12 @@ def test_a_head_on_its_rollouts_generator_named_another_way_loads_without_a_warn
     monkeypatch.setattr(hub, "prepare", lambda *a, **k: pytest.fail("prepared to compare names"))
     with pytest.warns(UserWarning, match=f"trained on rollouts of {hub.DEFAULT_MODEL}"):
         LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+
+
+def test_config_json_keeps_text_as_it_is(saved, tmp_path, tiny_generator):
+    folder = edited(saved, tmp_path, setting(my_note="训练于星期二"))
+    with pytest.warns(UserWarning, match="my_note"):
+        lenvm = LengthValueModel.from_pretrained(folder, generator=tiny_generator)
+    save_config(folder, lenvm.config)
+    text = (folder / CONFIG_NAME).read_text(encoding="utf-8")
+    assert "训练于星期二" in text and "\\u" not in text  # raw UTF-8, as lenvm's other files

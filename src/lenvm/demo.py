@@ -170,7 +170,10 @@ def _run(config: DemoConfig, out: Path, generator) -> dict:
     # the record of the prompts they were drawn for.
     write_text(
         out / "prompts.jsonl",
-        "".join(json.dumps({"id": p.id, "prompt": p.text, **p.extra}) + "\n" for p in prompts + mix),
+        "".join(
+            json.dumps({"id": p.id, "prompt": p.text, **p.extra}, ensure_ascii=False) + "\n"
+            for p in prompts + mix
+        ),
     )
     records = read_rollouts(out / "rollouts.jsonl")
     eval_records = read_rollouts(out / "eval_rollouts.jsonl")

@@ -842,7 +842,7 @@ def _config_text(config: LengthValueConfig) -> str:
         LengthValueConfig.from_dict(data)
     except InputError as err:
         raise InputError(f"the LenVM's config would not load once written: {err}") from None
-    return json_text(data, indent=2) + "\n"
+    return json_text(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def save_config(
