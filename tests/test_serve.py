@@ -1345,6 +1345,41 @@ def test_bad_length_endpoint_requests(url):
         assert message in response.json()["error"]["message"], (route, body)
 
 
+def test_a_clients_long_values_are_quoted_short_in_errors_and_their_log_lines(url, caplog):
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    long = "模" + "m" * 100_000
+    for route, body, param in [
+        ("completions", {"model": long, "prompt": "Hi"}, "model"),
+        ("completions", {"model": MODEL, "prompt": "Hi", long: 1}, long),  # an unknown field
+        ("completions", {"model": MODEL, "prompt": "Hi", "length_equal_to": long}, "length_equal_to"),
+        ("completions", {"model": MODEL, "prompt": "Hi", "length_equal_to": 5, "length_rule": long}, None),
+        ("completions", {"model": MODEL, "prompt": "Hi", "vllm_xargs": {long: 1}}, "vllm_xargs"),
+        ("completions", {"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_" + long: 1}}, "vllm_xargs"),
+        ("completions", {"model": MODEL, "prompt": "Hi", "response_format": {"type": long}}, None),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": long}]}, "messages"),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": long}]}]},
+            None,
+        ),
+        ("length/predict", {"model": long, "prompt": "Hi"}, "model"),
+    ]:
+        response = httpx.post(f"{url}/v1/{route}", json=body)
+        assert 400 <= response.status_code < 500 and len(response.content) < 600, (route, response.text[:300])
+        error = response.json()["error"]
+        assert "模mmm" in error["message"] and "m…" in error["message"], error["message"]
+        if param is not None:
+            assert error["param"] == (param if len(param) < 80 else param[:79] + "…")
+    # A content part's type that is no string is named too, not a server error.
+    parts = [{"role": "user", "content": [{"type": {"image": 1}}]}]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": parts})
+    assert response.status_code == 400 and "type {'image': 1} are not supported" in response.text
+    response = httpx.get(f"{url}/v1/models/{long[:5000]}")
+    assert response.status_code == 404 and len(response.content) < 600
+    lines = [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
+    assert len(lines) == 12 and all(len(line) < 600 for line in lines), max(map(len, lines))
+
+
 def test_oversized_bodies_and_unknown_routes(engine):
     with running(engine, max_body_bytes=2000) as (url, _):
         big = json.dumps({"model": MODEL, "prompt": "x" * 5000})

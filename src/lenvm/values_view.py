@@ -28,6 +28,7 @@ from lenvm.dataset import Example
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, right_pad
 from lenvm.prompts import PromptInput, as_prompt, is_token_ids, unencodable
+from lenvm.quoting import quoted
 from lenvm.returns import td_residual, value_to_length
 
 
@@ -98,10 +99,9 @@ class ValueTrace:
     def __repr__(self) -> str:
         # The summary, not every token (hundreds of TokenValue reprs): the tokens are in .tokens.
         images = f", {len(self.images)} image{'s' if len(self.images) != 1 else ''}" if self.images else ""
-        text = "".join(t.text for t in self.tokens)
-        preview = text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 1] + "…"
+        preview = quoted("".join(t.text for t in self.tokens), _PREVIEW_CHARS)
         return (
-            f"<ValueTrace {preview!r}: {_summary_line(self)}; prompt of {len(self.prompt_token_ids)} "
+            f"<ValueTrace {preview}: {_summary_line(self)}; prompt of {len(self.prompt_token_ids)} "
             f"tokens{images}>"
         )
 

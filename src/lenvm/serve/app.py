@@ -42,6 +42,7 @@ from lenvm.event_loops import run_own_loop
 from lenvm.io import InputError, positive_count
 from lenvm.model import LengthValueModel
 from lenvm.prompts import template_kwargs_problem
+from lenvm.quoting import quoted, shortened
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -479,7 +480,7 @@ class _RequestLog:
                 '%s "%s %s" %d %.3fs%s%s',
                 f"{client[0]}:{client[1]}" if client else "-",
                 scope["method"],
-                scope["path"],
+                shortened(scope["path"]),  # a client's, of any length (a model's name in /v1/models/)
                 note["status"],
                 time.perf_counter() - start,
                 tokens,
@@ -578,7 +579,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _check_model(model: str | None, name: str) -> None:
     if model is not None and model != name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {name!r}", "model")
+        raise ApiError(404, f"the model {quoted(model)} does not exist; this server serves {name!r}", "model")
 
 
 def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:

@@ -36,6 +36,7 @@ from lenvm.decoding.params import (
 )
 from lenvm.io import InputError, outside_vocabulary
 from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem
+from lenvm.quoting import quoted, shortened
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
 from lenvm.values_view import token_bytes, token_texts_alone
@@ -161,10 +162,13 @@ class ChatMessage(_Body):
         if isinstance(content, list):
             if any(isinstance(p, dict) and "type" not in p for p in content):
                 raise ValueError("a content part needs a 'type'")
-            kinds = {p["type"] for p in content if isinstance(p, dict)} - {"text"}
+            # A type may be any JSON value, an object (unhashable) included.
+            kinds = {
+                shortened(str(p["type"])) for p in content if isinstance(p, dict) and p["type"] != "text"
+            }
             if kinds:
                 raise ValueError(
-                    f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
+                    f"content parts of type {', '.join(sorted(kinds))} are not supported: "
                     "the server takes text; prompts with images go through lenvm generate or the "
                     "Python Engine"
                 )
@@ -175,7 +179,7 @@ class ChatMessage(_Body):
         if self.tool_calls or self.function_call:
             raise ValueError("tool calls are not supported")
         if self.content is None and self.role != "assistant":  # as in OpenAI's API
-            raise ValueError(f"a {self.role} message needs its content (an empty string is fine)")
+            raise ValueError(f"a {shortened(self.role)} message needs its content (an empty string is fine)")
         return self
 
 
@@ -250,14 +254,15 @@ def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
     if error["type"] == "model_type" and not error["loc"]:
         return "the body must be a JSON object", None
     # Union members show up in the location as type names ("list[int]"): leave them out, and
-    # name them all when none fitted.
+    # name them all when none fitted. A location may hold a client's keys (an unknown field's,
+    # vllm_xargs'), of any length.
     path = [str(p) for p in error["loc"] if not _is_type_name(p)]
-    name = ".".join(path)
-    param = path[0] if path else None
+    name = shortened(".".join(path))
+    param = shortened(path[0]) if path else None
     if error["type"] == "extra_forbidden":
-        return f"unknown field {name!r}", param
+        return f"unknown field {quoted(name)}", param
     if error["type"] == "missing":
-        return f"missing field {name!r}", param
+        return f"missing field {quoted(name)}", param
     loc = error["loc"]
     if error["type"] != "value_error" and len(loc) > 1 and _is_type_name(loc[1]):
         members = dict.fromkeys(
@@ -473,7 +478,7 @@ def _refuse_unsupported(body: _Generation) -> None:
     if kind != "text":
         raise ApiError(
             400,
-            f"response_format of type {kind!r} is not supported: the server writes free text",
+            f"response_format of type {quoted(kind)} is not supported: the server writes free text",
             "response_format",
         )
 
@@ -507,7 +512,8 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
     if unknown:
         raise ApiError(
             400,
-            f"unknown vllm_xargs key {unknown[0]!r}; expected {', '.join(LENGTH_KEYS)} or return_values",
+            f"unknown vllm_xargs key {quoted(unknown[0])}; expected {', '.join(LENGTH_KEYS)} or "
+            "return_values",
             "vllm_xargs",
         )
     both = sorted(set(top) & {k for k, v in xargs.items() if v is not None})
