@@ -1426,6 +1426,25 @@ def test_api_key(engine, monkeypatch):
         assert answer.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("ключ-🔑", "character 1 is not"),  # no client can send it: headers carry ASCII
+        ("s3cret\u00e9", "character 7 is not"),  # read back as Latin-1, never equal to its UTF-8
+        ("two words", "character 4 is not"),
+        (" s3cret", "character 1 is not"),  # the server reads the key without surrounding spaces
+        ("s3cret\t", "character 7 is not"),
+        ("", "must be a non-empty string"),
+    ],
+)
+def test_an_api_key_no_client_could_send_is_refused_at_construction(key, why):
+    from lenvm.io import InputError
+
+    with pytest.raises(InputError, match=f"^api_key .*{why}") as refused:
+        ServerSettings(served_model_name=MODEL, api_key=key)
+    assert key.strip() == "" or key not in str(refused.value)  # a secret: not repeated
+
+
 def test_full_queue_and_too_many_streams_get_429(engine):
     with running(engine, batch_size=1, max_waiting=1, max_streams=2) as (url, app):
         c = client(url)

@@ -87,7 +87,10 @@ class ServerSettings:
     ``default_chat_template_kwargs`` (vLLM's ``--default-chat-template-kwargs``) are the chat
     template's arguments wherever the server applies it (chat completions, the length endpoints'
     ``messages``), under each request's own: ``{"enable_thinking": false}`` turns Qwen3's thinking
-    off for every client that does not turn it on."""
+    off for every client that does not turn it on.
+
+    ``api_key``: every ``/v1`` route asks for ``Authorization: Bearer KEY``; printable ASCII
+    without spaces, which is what an HTTP header carries."""
 
     served_model_name: str
     api_key: str | None = None
@@ -105,6 +108,24 @@ class ServerSettings:
             raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
         if (why := template_kwargs_problem(self.default_chat_template_kwargs)) is not None:
             raise InputError(f"default_chat_template_kwargs: {why}")
+        if self.api_key is not None and (why := _key_problem(self.api_key)) is not None:
+            raise InputError(f"api_key {why}")
+
+
+def _key_problem(key: str) -> str | None:
+    """Why no client could send ``key`` as ``Authorization: Bearer KEY``, or None: HTTP headers
+    carry ASCII (a client cannot encode other characters, the server reads the bytes as Latin-1),
+    and the server reads the key from after the space to the end, without surrounding
+    whitespace."""
+    if not isinstance(key, str) or not key:
+        return "must be a non-empty string (None: no key)"
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        return (
+            f"must be printable ASCII without spaces, which an HTTP header carries: its character {bad + 1} "
+            "is not"
+        )
+    return None
 
 
 class _State:
