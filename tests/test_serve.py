@@ -2,6 +2,7 @@
 HTTP where a client would not send such a request), against the tiny model."""
 
 import asyncio
+import codecs
 import contextlib
 import copy
 import json
@@ -1378,6 +1379,29 @@ def test_a_clients_long_values_are_quoted_short_in_errors_and_their_log_lines(ur
     assert response.status_code == 404 and len(response.content) < 600
     lines = [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
     assert len(lines) == 12 and all(len(line) < 600 for line in lines), max(map(len, lines))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (rb'{"prompt": "\ud800"}', "the body: its text holds U+D800, a lone surrogate and not a character"),
+        (rb'{"prompt": "\udfff x"}', "the body: its text holds U+DFFF, a lone surrogate and not a character"),
+        (b'{"prompt": "caf\xe9"}', "the body is not UTF-8 text (byte 16)"),
+        (b"{bad json", "malformed JSON: key must be a string at line 1 column 2"),
+        (b"[" * 5000, "malformed JSON: recursion limit exceeded"),
+    ],
+)
+def test_a_body_that_is_not_json_text_is_refused_in_plain_words(url, body, message):
+    response = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith(message), (
+        response.text
+    )
+
+
+def test_a_byte_order_mark_before_the_json_is_taken_as_vllm_takes_it(url):
+    body = codecs.BOM_UTF8 + json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    response = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
 
 
 def test_oversized_bodies_and_unknown_routes(engine):

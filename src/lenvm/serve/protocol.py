@@ -15,6 +15,8 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
 import threading
 import time
@@ -35,7 +37,7 @@ from lenvm.decoding.params import (
     control_from_keys,
 )
 from lenvm.io import InputError, outside_vocabulary
-from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem
+from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem, unencodable
 from lenvm.quoting import quoted, shortened
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
@@ -239,18 +241,20 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def parse(model: type[Body], body: bytes) -> Body:
-    """Validate a JSON body; :class:`ApiError` 400 naming the first problem."""
+    """Validate a JSON body; :class:`ApiError` 400 naming the first problem. A byte-order mark
+    before the JSON is taken, as Python's JSON reader (vLLM's server) and lenvm's files take it."""
+    body = body.removeprefix(codecs.BOM_UTF8)
     try:
         return model.model_validate_json(body)
     except ValidationError as err:
-        raise ApiError(400, *_describe(err.errors())) from None
+        raise ApiError(400, *_describe(err.errors(), body)) from None
 
 
-def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
+def _describe(errors: list[ErrorDetails], body: bytes) -> tuple[str, str | None]:
     # A check of ours that failed says more than the union members it failed in.
     error = next((e for e in errors if e["type"] == "value_error"), errors[0])
     if error["type"] == "json_invalid":
-        return f"malformed JSON: {error['msg'].removeprefix('Invalid JSON: ')}", None
+        return _not_json(body, error["msg"].removeprefix("Invalid JSON: ")), None
     if error["type"] == "model_type" and not error["loc"]:
         return "the body must be a JSON object", None
     # Union members show up in the location as type names ("list[int]"): leave them out, and
@@ -270,6 +274,21 @@ def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
         )
         return f"{param}: expected one of {', '.join(members)}", param
     return f"{name}: {error['msg'].removeprefix('Value error, ')}", param
+
+
+def _not_json(body: bytes, reason: str) -> str:
+    """Why ``body`` is not the JSON a request is, where the parser said ``reason``: in lenvm's
+    words where the parser's name no cause a client knows (bytes that are not UTF-8, a lone
+    surrogate, which the parser calls the end of an escape)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"the body is not UTF-8 text (byte {err.start + 1})"
+    try:  # Python's reader takes a lone surrogate, which unencodable then names
+        why = unencodable(json.loads(text))
+    except (ValueError, RecursionError):  # not JSON to Python either
+        why = None
+    return f"the body: {why}" if why is not None else f"malformed JSON: {reason}"
 
 
 def _type_shown(name: Any) -> str:
