@@ -199,3 +199,27 @@ def test_a_policy_recorded_by_other_tools_reads_their_off_as_ours():
     assert SamplingParams.from_policy(recorded, top_k=5).top_k == 5
     with pytest.raises(InputError, match="top_k must be an integer >= 0"):
         SamplingParams.from_policy({"top_k": -2})  # off nowhere
+
+
+LONG = "模" + "x" * 50_000  # a client's value may be as long as its request
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: control_from_keys({"length_equal_to": LONG}),
+        lambda: control_from_keys({"length_tilt": LONG}),
+        lambda: control_from_keys({"length_equal_to": 5, "length_retries": LONG}),
+        lambda: control_from_keys({"length_equal_to": 5, "length_rule": LONG}),
+        lambda: control_from_keys({"length_" + LONG: 5}),
+        lambda: control_from_keys({"length_equal_to": [LONG]}),
+        lambda: Control("equal_to", target=LONG),
+        lambda: Control(LONG),
+        lambda: SamplingParams(temperature=LONG, seed=LONG),
+    ],
+)
+def test_a_long_value_is_quoted_short(make):
+    with pytest.raises(InputError) as refused:
+        make()
+    message = str(refused.value)
+    assert len(message) < 500 and "模xxx" in message and "x…" in message, message[:300]

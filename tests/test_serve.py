@@ -2,6 +2,7 @@
 HTTP where a client would not send such a request), against the tiny model."""
 
 import asyncio
+import codecs
 import contextlib
 import copy
 import json
@@ -1345,6 +1346,64 @@ def test_bad_length_endpoint_requests(url):
         assert message in response.json()["error"]["message"], (route, body)
 
 
+def test_a_clients_long_values_are_quoted_short_in_errors_and_their_log_lines(url, caplog):
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    long = "模" + "m" * 100_000
+    for route, body, param in [
+        ("completions", {"model": long, "prompt": "Hi"}, "model"),
+        ("completions", {"model": MODEL, "prompt": "Hi", long: 1}, long),  # an unknown field
+        ("completions", {"model": MODEL, "prompt": "Hi", "length_equal_to": long}, "length_equal_to"),
+        ("completions", {"model": MODEL, "prompt": "Hi", "length_equal_to": 5, "length_rule": long}, None),
+        ("completions", {"model": MODEL, "prompt": "Hi", "vllm_xargs": {long: 1}}, "vllm_xargs"),
+        ("completions", {"model": MODEL, "prompt": "Hi", "vllm_xargs": {"length_" + long: 1}}, "vllm_xargs"),
+        ("completions", {"model": MODEL, "prompt": "Hi", "response_format": {"type": long}}, None),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": long}]}, "messages"),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": long}]}]},
+            None,
+        ),
+        ("length/predict", {"model": long, "prompt": "Hi"}, "model"),
+    ]:
+        response = httpx.post(f"{url}/v1/{route}", json=body)
+        assert 400 <= response.status_code < 500 and len(response.content) < 600, (route, response.text[:300])
+        error = response.json()["error"]
+        assert "模mmm" in error["message"] and "m…" in error["message"], error["message"]
+        if param is not None:
+            assert error["param"] == (param if len(param) < 80 else param[:79] + "…")
+    # A content part's type that is no string is named too, not a server error.
+    parts = [{"role": "user", "content": [{"type": {"image": 1}}]}]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": parts})
+    assert response.status_code == 400 and "type {'image': 1} are not supported" in response.text
+    response = httpx.get(f"{url}/v1/models/{long[:5000]}")
+    assert response.status_code == 404 and len(response.content) < 600
+    lines = [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
+    assert len(lines) == 12 and all(len(line) < 600 for line in lines), max(map(len, lines))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (rb'{"prompt": "\ud800"}', "the body: its text holds U+D800, a lone surrogate and not a character"),
+        (rb'{"prompt": "\udfff x"}', "the body: its text holds U+DFFF, a lone surrogate and not a character"),
+        (b'{"prompt": "caf\xe9"}', "the body is not UTF-8 text (byte 16)"),
+        (b"{bad json", "malformed JSON: key must be a string at line 1 column 2"),
+        (b"[" * 5000, "malformed JSON: recursion limit exceeded"),
+    ],
+)
+def test_a_body_that_is_not_json_text_is_refused_in_plain_words(url, body, message):
+    response = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith(message), (
+        response.text
+    )
+
+
+def test_a_byte_order_mark_before_the_json_is_taken_as_vllm_takes_it(url):
+    body = codecs.BOM_UTF8 + json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    response = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+
+
 def test_oversized_bodies_and_unknown_routes(engine):
     with running(engine, max_body_bytes=2000) as (url, _):
         big = json.dumps({"model": MODEL, "prompt": "x" * 5000})
@@ -1389,6 +1448,25 @@ def test_api_key(engine, monkeypatch):
             model=MODEL, prompt="Hi", max_tokens=2
         )
         assert answer.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("ключ-🔑", "character 1 is not"),  # no client can send it: headers carry ASCII
+        ("s3cret\u00e9", "character 7 is not"),  # read back as Latin-1, never equal to its UTF-8
+        ("two words", "character 4 is not"),
+        (" s3cret", "character 1 is not"),  # the server reads the key without surrounding spaces
+        ("s3cret\t", "character 7 is not"),
+        ("", "must be a non-empty string"),
+    ],
+)
+def test_an_api_key_no_client_could_send_is_refused_at_construction(key, why):
+    from lenvm.io import InputError
+
+    with pytest.raises(InputError, match=f"^api_key .*{why}") as refused:
+        ServerSettings(served_model_name=MODEL, api_key=key)
+    assert key.strip() == "" or key not in str(refused.value)  # a secret: not repeated
 
 
 def test_full_queue_and_too_many_streams_get_429(engine):

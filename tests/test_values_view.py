@@ -1,6 +1,7 @@
 import html
 import json
 import re
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from lenvm import LengthValueModel
 from lenvm.io import InputError, write_text
 from lenvm.prompts import encode_prompt
 from lenvm.returns import length_to_value, td_residual
-from lenvm.values_view import ValueTrace, render_html, token_values
+from lenvm.values_view import TokenValue, ValueTrace, render_html, token_values
 
 PROMPT = "Explain why the sky is blue in one sentence."
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -311,6 +312,61 @@ def test_html_escapes_tokens_and_is_self_contained(lenvm, tmp_path):
     path = tmp_path / "trace.html"
     write_text(path, page)
     assert path.read_text(encoding="utf-8") == page
+
+
+class _TokenSpans(HTMLParser):
+    """The token spans of a page: the text each holds (what a copy of it gives) and its marks."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.tokens = []
+        self.depth = 0  # of elements open inside the token span being read
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if self.depth:
+            self.depth += 1
+            if "data-mark" in attrs:
+                self.tokens[-1][1].append(attrs["data-mark"])
+        elif attrs.get("class") == "tok":
+            self.depth = 1
+            self.tokens.append(["", []])
+
+    def handle_endtag(self, tag):
+        self.depth = max(self.depth - 1, 0)
+
+    def handle_data(self, data):
+        if self.depth:
+            self.tokens[-1][0] += data
+
+
+def test_tokens_that_draw_nothing_get_a_mark_and_copy_as_themselves():
+    """A zero-width or other format character, a control, or a combining mark with nothing before
+    it in its token left its token without width: nothing to see or to hover."""
+    texts = ["Hi", "\u200d", "\u0301", "\u200b", "\x00", "\u202e", "a\tb", "\r\n", "x\u0301", "\u2028", ""]
+    tokens = [TokenValue(i, 7, text, -0.5, -0.4, 3.0, None, 0.1, i + 3.0) for i, text in enumerate(texts)]
+    page = render_html(ValueTrace(0.9, [1], "Say it.", tokens, finished=False))
+    spans = _TokenSpans(page).tokens
+    assert [marks for _, marks in spans] == [
+        [],
+        ["U+200D"],
+        ["\u25cc"],  # a dotted circle for the mark to sit on
+        ["U+200B"],
+        ["U+0000"],
+        ["U+202E"],
+        ["\u2192"],
+        ["U+000D", "\u21b5"],
+        [],  # on its letter
+        ["U+2028"],
+        [],  # a piece of a character: a sliver of its own
+    ]
+    assert ".mark::before { content: attr(data-mark);" in page  # drawn by the style: not copied
+    # HTML reads a CR as a newline and drops a NUL; every other character stays as it was.
+    assert [held for held, _ in spans] == [t.replace("\r", "").replace("\x00", "") for t in texts]
+    assert ".mark { color: rgba(0,0,0,0.5); unicode-bidi: isolate; }" in page  # a U+202E turns only itself
+    rows = json.loads(re.search(r'id="lenvm-data">(.*?)</script>', page, re.S).group(1))
+    assert [r["repr"] for r in rows[1:6]] == ['"\\u200d"', '"\u0301"', '"\\u200b"', '"\\u0000"', '"\\u202e"']
 
 
 def test_html_colours_follow_the_residual_sign(lenvm):

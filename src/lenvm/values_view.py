@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -28,6 +29,7 @@ from lenvm.dataset import Example
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, right_pad
 from lenvm.prompts import PromptInput, as_prompt, is_token_ids, unencodable
+from lenvm.quoting import quoted
 from lenvm.returns import td_residual, value_to_length
 
 
@@ -98,10 +100,9 @@ class ValueTrace:
     def __repr__(self) -> str:
         # The summary, not every token (hundreds of TokenValue reprs): the tokens are in .tokens.
         images = f", {len(self.images)} image{'s' if len(self.images) != 1 else ''}" if self.images else ""
-        text = "".join(t.text for t in self.tokens)
-        preview = text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 1] + "…"
+        preview = quoted("".join(t.text for t in self.tokens), _PREVIEW_CHARS)
         return (
-            f"<ValueTrace {preview!r}: {_summary_line(self)}; prompt of {len(self.prompt_token_ids)} "
+            f"<ValueTrace {preview}: {_summary_line(self)}; prompt of {len(self.prompt_token_ids)} "
             f"tokens{images}>"
         )
 
@@ -386,7 +387,8 @@ h1 { font-size: 1.3em; }
 .tok { box-shadow: inset 0 0 0 1px rgba(0,0,0,0.10); border-radius: 2px; cursor: default; }
 .tok:hover { outline: 2px solid #000; }
 .tok:empty { display: inline-block; width: 0.4em; height: 1.2em; vertical-align: -0.25em; }
-.ws { color: #999; }
+.mark { color: rgba(0,0,0,0.5); unicode-bidi: isolate; }
+.mark::before { content: attr(data-mark); font-size: 0.8em; }
 #tip { position: fixed; pointer-events: none; background: #fff; border: 1px solid #888;
   padding: 0.3em 0.6em; font-size: 12px; box-shadow: 2px 2px 6px rgba(0,0,0,0.2); }
 #tip td:first-child { color: #666; padding-right: 1em; }
@@ -514,12 +516,47 @@ def _chart(trace: ValueTrace) -> str:
     return "".join(parts)
 
 
+# Characters that draw nothing where they stand: controls (a newline, NUL), format characters
+# (zero-width space and joiner, bidirectional controls), line and paragraph separators.
+_UNSEEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# Combining marks, which draw on the character before them: nothing where a token starts with one.
+_COMBINING = frozenset({"Mn", "Me"})
+_DOTTED_CIRCLE = "\u25cc"  # where Unicode's charts show a combining mark alone
+_ARROWS = {"\t": "\u2192", "\n": "\u21b5"}
+
+
+def _mark(char: str) -> str:
+    """How the view shows a character that draws nothing: an arrow for a tab or a newline, else
+    its code point (which every font draws, unlike the control pictures such as ␀)."""
+    return _ARROWS.get(char) or f"U+{ord(char):04X}"
+
+
 def _visible(text: str) -> str:
-    """Escaped token text with newlines and tabs drawn as glyphs (and still breaking lines)."""
-    out = html.escape(text)
-    out = out.replace("\r", '<span class="ws">\u240d</span>')
-    out = out.replace("\t", '<span class="ws">\u2192</span>\t')
-    return out.replace("\n", '<span class="ws">\u21b5</span>\n')
+    """Escaped token text in which each character that draws nothing, and a combining mark that
+    starts the token, has a mark, so that every token can be seen and hovered. The marks are the
+    style's (generated content, which a copy leaves out) and the characters stay, so that the text
+    copied from the page is the tokens' own and newlines and tabs still break lines; but for CR,
+    which HTML reads as a newline, and NUL, which it drops."""
+    out = []
+    for i, char in enumerate(text):
+        category = unicodedata.category(char)
+        if category in _UNSEEN:
+            kept = "" if char in "\r\0" else char
+            out.append(f'<span class="mark" data-mark="{_mark(char)}">{kept}</span>')
+        elif i == 0 and category in _COMBINING:
+            out.append(f'<span class="mark" data-mark="{_DOTTED_CIRCLE}">{char}</span>')
+        else:
+            out.append(html.escape(char))
+    return "".join(out)
+
+
+def _quoted_token(text: str) -> str:
+    """A token's text as its tip names it: a JSON string, in which the characters that draw nothing
+    are escapes (JSON's own escapes only the ASCII controls)."""
+    return "".join(
+        json.dumps(char)[1:-1] if unicodedata.category(char) in _UNSEEN else char
+        for char in json.dumps(text, ensure_ascii=False)
+    )
 
 
 def _colour(residual: float, scale: float) -> str:
@@ -572,7 +609,7 @@ def render_html(trace: ValueTrace, title: str = "LenVM token values") -> str:
     spans = []
     for t in trace.tokens:
         # A piece of a character (its text is the next token's) is a sliver of its own colour.
-        shown = json.dumps(t.text, ensure_ascii=False) if t.text else "(part of the next character)"
+        shown = _quoted_token(t.text) if t.text else "(part of the next character)"
         rows.append({**asdict(t), "repr": shown, "x": round(_x(t.index, trace.num_tokens), 1)})
         spans.append(
             f'<span class="tok" data-i="{t.index}" style="background:{_colour(t.residual, scale)}">'

@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 
 from lenvm.io import InputError, is_int, is_real, plain_numbers
 from lenvm.prompts import PromptInput
+from lenvm.quoting import quoted
 
 ControlKind = Literal["none", "equal_to", "at_most", "at_least", "tilt"]
 CONTROL_KINDS = ("none", "equal_to", "at_most", "at_least", "tilt")
@@ -96,7 +97,7 @@ class SamplingParams:
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
-            got = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+            got = ", ".join(f"{f.name}={quoted(getattr(self, f.name))}" for f in fields(self))
             raise InputError(f"bad sampling parameters: {'; '.join(problems)} (got {got})")
 
     def fitted(self, room: int) -> SamplingParams:
@@ -183,28 +184,32 @@ class Control:
     def __post_init__(self) -> None:
         plain_numbers(self)
         if self.kind not in CONTROL_KINDS:
-            raise InputError(f"unknown control {self.kind!r}; expected one of {CONTROL_KINDS}")
+            raise InputError(f"unknown control {quoted(self.kind)}; expected one of {CONTROL_KINDS}")
         if self.rule not in RULES:
-            raise InputError(f"unknown control rule {self.rule!r}; expected one of {RULES}")
+            raise InputError(f"unknown control rule {quoted(self.rule)}; expected one of {RULES}")
         if self.kind in TARGET_KINDS:
             if not is_int(self.target) or self.target < 1:
                 raise InputError(
-                    f"control {self.kind} needs a target of at least 1 token, got {self.target!r}"
+                    f"control {self.kind} needs a target of at least 1 token, got {quoted(self.target)}"
                 )
         elif self.target is not None:
             raise InputError(f"control {self.kind!r} takes no target")
         if self.kind == "tilt":
             if not is_real(self.beta):
-                raise InputError(f"control tilt needs a finite beta, got {self.beta!r}")
+                raise InputError(f"control tilt needs a finite beta, got {quoted(self.beta)}")
         elif self.beta is not None:
             raise InputError(f"control {self.kind!r} takes no beta")
         if not is_int(self.best_of) or not 1 <= self.best_of <= MAX_ATTEMPTS:
-            raise InputError(f"best_of must be an integer from 1 to {MAX_ATTEMPTS}, got {self.best_of!r}")
+            raise InputError(
+                f"best_of must be an integer from 1 to {MAX_ATTEMPTS}, got {quoted(self.best_of)}"
+            )
         if self.best_of > 1 and self.kind != "equal_to":
             raise InputError("best_of applies to equal_to controls only")
         if self.retries is not None:
             if not is_int(self.retries) or not 0 <= self.retries <= MAX_ATTEMPTS:
-                raise InputError(f"retries must be an integer from 0 to {MAX_ATTEMPTS}, got {self.retries!r}")
+                raise InputError(
+                    f"retries must be an integer from 0 to {MAX_ATTEMPTS}, got {quoted(self.retries)}"
+                )
             if self.retries > 0 and self.kind not in TARGET_KINDS:
                 raise InputError(f"retries applies to target controls only ({', '.join(TARGET_KINDS)})")
         if self.hard_cap_slack is not None:
@@ -218,10 +223,10 @@ class Control:
             if not is_int(self.hard_cap_slack) or not 0 <= self.hard_cap_slack <= MAX_HARD_CAP_SLACK:
                 raise InputError(
                     f"hard_cap_slack must be a non-negative integer of at most {MAX_HARD_CAP_SLACK}, "
-                    f"got {self.hard_cap_slack!r}"
+                    f"got {quoted(self.hard_cap_slack)}"
                 )
         if not is_real(self.natural_eos) or not 0 <= self.natural_eos <= 1:
-            raise InputError(f"natural_eos must lie in [0, 1], got {self.natural_eos!r}")
+            raise InputError(f"natural_eos must lie in [0, 1], got {quoted(self.natural_eos)}")
 
     @property
     def active(self) -> bool:
@@ -405,7 +410,8 @@ def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KE
     unknown = sorted(set(given) - set(LENGTH_KEYS))
     if unknown:
         raise LengthKeyError(
-            unknown[0], f"unknown length control key {unknown[0]!r}; expected one of {', '.join(LENGTH_KEYS)}"
+            unknown[0],
+            f"unknown length control key {quoted(unknown[0])}; expected one of {', '.join(LENGTH_KEYS)}",
         )
     unsupported = sorted(set(given) - set(allowed))
     if unsupported:
@@ -424,18 +430,19 @@ def control_from_keys(keys: dict[str, Any], allowed: tuple[str, ...] = LENGTH_KE
     value = given[key]
     if key == "length_tilt":
         if not is_real(value):
-            raise LengthKeyError(key, f"length_tilt must be a finite number, got {value!r}")
+            raise LengthKeyError(key, f"length_tilt must be a finite number, got {quoted(value)}")
         control = Control("tilt", beta=float(value))
     else:
         if not is_int(value) or value < 1:
-            raise LengthKeyError(key, f"{key} must be an integer of at least 1 (tokens), got {value!r}")
+            raise LengthKeyError(key, f"{key} must be an integer of at least 1 (tokens), got {quoted(value)}")
         control = Control(LENGTH_TARGETS[key], target=value)
     # Each option joins the control on its own, so that Control's own checks name the key at fault.
     for option in options:
         name, value = option.removeprefix("length_"), given[option]
         if not (isinstance(value, str) if name == "rule" else is_int(value)):
             raise LengthKeyError(
-                option, f"{option} must be {'a string' if name == 'rule' else 'an integer'}, got {value!r}"
+                option,
+                f"{option} must be {'a string' if name == 'rule' else 'an integer'}, got {quoted(value)}",
             )
         try:
             control = replace(control, **{name: value})

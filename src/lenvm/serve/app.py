@@ -42,6 +42,7 @@ from lenvm.event_loops import run_own_loop
 from lenvm.io import InputError, positive_count
 from lenvm.model import LengthValueModel
 from lenvm.prompts import template_kwargs_problem
+from lenvm.quoting import quoted, shortened
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -86,7 +87,10 @@ class ServerSettings:
     ``default_chat_template_kwargs`` (vLLM's ``--default-chat-template-kwargs``) are the chat
     template's arguments wherever the server applies it (chat completions, the length endpoints'
     ``messages``), under each request's own: ``{"enable_thinking": false}`` turns Qwen3's thinking
-    off for every client that does not turn it on."""
+    off for every client that does not turn it on.
+
+    ``api_key``: every ``/v1`` route asks for ``Authorization: Bearer KEY``; printable ASCII
+    without spaces, which is what an HTTP header carries."""
 
     served_model_name: str
     api_key: str | None = None
@@ -104,6 +108,24 @@ class ServerSettings:
             raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
         if (why := template_kwargs_problem(self.default_chat_template_kwargs)) is not None:
             raise InputError(f"default_chat_template_kwargs: {why}")
+        if self.api_key is not None and (why := _key_problem(self.api_key)) is not None:
+            raise InputError(f"api_key {why}")
+
+
+def _key_problem(key: str) -> str | None:
+    """Why no client could send ``key`` as ``Authorization: Bearer KEY``, or None: HTTP headers
+    carry ASCII (a client cannot encode other characters, the server reads the bytes as Latin-1),
+    and the server reads the key from after the space to the end, without surrounding
+    whitespace."""
+    if not isinstance(key, str) or not key:
+        return "must be a non-empty string (None: no key)"
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        return (
+            f"must be printable ASCII without spaces, which an HTTP header carries: its character {bad + 1} "
+            "is not"
+        )
+    return None
 
 
 class _State:
@@ -479,7 +501,7 @@ class _RequestLog:
                 '%s "%s %s" %d %.3fs%s%s',
                 f"{client[0]}:{client[1]}" if client else "-",
                 scope["method"],
-                scope["path"],
+                shortened(scope["path"]),  # a client's, of any length (a model's name in /v1/models/)
                 note["status"],
                 time.perf_counter() - start,
                 tokens,
@@ -578,7 +600,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _check_model(model: str | None, name: str) -> None:
     if model is not None and model != name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {name!r}", "model")
+        raise ApiError(404, f"the model {quoted(model)} does not exist; this server serves {name!r}", "model")
 
 
 def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:

@@ -15,6 +15,8 @@ and so is a known one this server cannot honour (``echo``, penalties, ``logit_bi
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
 import threading
 import time
@@ -35,7 +37,8 @@ from lenvm.decoding.params import (
     control_from_keys,
 )
 from lenvm.io import InputError, outside_vocabulary
-from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem
+from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem, unencodable
+from lenvm.quoting import quoted, shortened
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
 from lenvm.values_view import token_bytes, token_texts_alone
@@ -161,10 +164,13 @@ class ChatMessage(_Body):
         if isinstance(content, list):
             if any(isinstance(p, dict) and "type" not in p for p in content):
                 raise ValueError("a content part needs a 'type'")
-            kinds = {p["type"] for p in content if isinstance(p, dict)} - {"text"}
+            # A type may be any JSON value, an object (unhashable) included.
+            kinds = {
+                shortened(str(p["type"])) for p in content if isinstance(p, dict) and p["type"] != "text"
+            }
             if kinds:
                 raise ValueError(
-                    f"content parts of type {', '.join(sorted(map(str, kinds)))} are not supported: "
+                    f"content parts of type {', '.join(sorted(kinds))} are not supported: "
                     "the server takes text; prompts with images go through lenvm generate or the "
                     "Python Engine"
                 )
@@ -175,7 +181,7 @@ class ChatMessage(_Body):
         if self.tool_calls or self.function_call:
             raise ValueError("tool calls are not supported")
         if self.content is None and self.role != "assistant":  # as in OpenAI's API
-            raise ValueError(f"a {self.role} message needs its content (an empty string is fine)")
+            raise ValueError(f"a {shortened(self.role)} message needs its content (an empty string is fine)")
         return self
 
 
@@ -235,29 +241,32 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def parse(model: type[Body], body: bytes) -> Body:
-    """Validate a JSON body; :class:`ApiError` 400 naming the first problem."""
+    """Validate a JSON body; :class:`ApiError` 400 naming the first problem. A byte-order mark
+    before the JSON is taken, as Python's JSON reader (vLLM's server) and lenvm's files take it."""
+    body = body.removeprefix(codecs.BOM_UTF8)
     try:
         return model.model_validate_json(body)
     except ValidationError as err:
-        raise ApiError(400, *_describe(err.errors())) from None
+        raise ApiError(400, *_describe(err.errors(), body)) from None
 
 
-def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
+def _describe(errors: list[ErrorDetails], body: bytes) -> tuple[str, str | None]:
     # A check of ours that failed says more than the union members it failed in.
     error = next((e for e in errors if e["type"] == "value_error"), errors[0])
     if error["type"] == "json_invalid":
-        return f"malformed JSON: {error['msg'].removeprefix('Invalid JSON: ')}", None
+        return _not_json(body, error["msg"].removeprefix("Invalid JSON: ")), None
     if error["type"] == "model_type" and not error["loc"]:
         return "the body must be a JSON object", None
     # Union members show up in the location as type names ("list[int]"): leave them out, and
-    # name them all when none fitted.
+    # name them all when none fitted. A location may hold a client's keys (an unknown field's,
+    # vllm_xargs'), of any length.
     path = [str(p) for p in error["loc"] if not _is_type_name(p)]
-    name = ".".join(path)
-    param = path[0] if path else None
+    name = shortened(".".join(path))
+    param = shortened(path[0]) if path else None
     if error["type"] == "extra_forbidden":
-        return f"unknown field {name!r}", param
+        return f"unknown field {quoted(name)}", param
     if error["type"] == "missing":
-        return f"missing field {name!r}", param
+        return f"missing field {quoted(name)}", param
     loc = error["loc"]
     if error["type"] != "value_error" and len(loc) > 1 and _is_type_name(loc[1]):
         members = dict.fromkeys(
@@ -265,6 +274,21 @@ def _describe(errors: list[ErrorDetails]) -> tuple[str, str | None]:
         )
         return f"{param}: expected one of {', '.join(members)}", param
     return f"{name}: {error['msg'].removeprefix('Value error, ')}", param
+
+
+def _not_json(body: bytes, reason: str) -> str:
+    """Why ``body`` is not the JSON a request is, where the parser said ``reason``: in lenvm's
+    words where the parser's name no cause a client knows (bytes that are not UTF-8, a lone
+    surrogate, which the parser calls the end of an escape)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"the body is not UTF-8 text (byte {err.start + 1})"
+    try:  # Python's reader takes a lone surrogate, which unencodable then names
+        why = unencodable(json.loads(text))
+    except (ValueError, RecursionError):  # not JSON to Python either
+        why = None
+    return f"the body: {why}" if why is not None else f"malformed JSON: {reason}"
 
 
 def _type_shown(name: Any) -> str:
@@ -473,7 +497,7 @@ def _refuse_unsupported(body: _Generation) -> None:
     if kind != "text":
         raise ApiError(
             400,
-            f"response_format of type {kind!r} is not supported: the server writes free text",
+            f"response_format of type {quoted(kind)} is not supported: the server writes free text",
             "response_format",
         )
 
@@ -507,7 +531,8 @@ def _length_keys(body: _Generation) -> tuple[dict[str, Any], bool]:
     if unknown:
         raise ApiError(
             400,
-            f"unknown vllm_xargs key {unknown[0]!r}; expected {', '.join(LENGTH_KEYS)} or return_values",
+            f"unknown vllm_xargs key {quoted(unknown[0])}; expected {', '.join(LENGTH_KEYS)} or "
+            "return_values",
             "vllm_xargs",
         )
     both = sorted(set(top) & {k for k, v in xargs.items() if v is not None})
