@@ -15,10 +15,8 @@ from lenvm.io import (
     fingerprint,
     is_int,
     outside_vocabulary,
-    plain_field,
     plain_numbers,
     positive_count,
-    quoted,
     read_jsonl,
     repair_jsonl_tail,
     write_json,
@@ -342,34 +340,6 @@ def test_token_ids_outside_the_vocabulary_are_named():
         outside_vocabulary([3, -1], 10, "record 2")
         == "record 2 holds token id -1, outside the vocabulary (0-9)"
     )
-
-
-def test_quoted_values_are_readable_one_line_json_cut_at_a_character():
-    """A value a message names reads as lenvm's files write text (raw UTF-8); what a reader cannot
-    see or what would end the line is escaped, and a long value is cut with an ellipsis, never
-    inside an escape (an ASCII-escaped cut once left a dangling backslash)."""
-    assert quoted("ü 模 👍") == '"ü 模 👍"'
-    assert quoted("a\tb\nc\x00\x85\u2028\ud800") == '"a\\tb\\nc\\u0000\\u0085\\u2028\\ud800"'
-    assert quoted(["模型"]) == '["模型"]' and quoted(None) == "null" and quoted(np.int64(3)) == "3"
-    long = "模" * 100
-    assert quoted(long) == '"' + "模" * 78 + "…" and len(quoted(long)) == 80
-    escapes = "\n" * 100
-    for limit in range(2, 12):
-        cut = quoted(escapes, limit)
-        assert len(cut) <= limit and cut.endswith("…")
-        assert json.loads(cut[:-1] + '"') == "\n" * ((limit - 2) // 2)  # whole escapes only
-    assert quoted(escapes, None) == json.dumps(escapes)
-
-
-def test_a_plain_field_is_its_text_unless_that_would_break_the_line():
-    """A field of tab-separated output holding a tab or a line break would make two fields or two
-    lines: such a field, and one that starts with a double quote, is a JSON string."""
-    for text in ("a", "ü 模", "a b", 'say "hi"', "back\\slash", "👩\u200d👩"):
-        assert plain_field(text) == text
-    for text in ("tab\tid", "new\nline", "cr\r", "nul\x00", "next\x85line", "sep\u2028", '"quoted"', "\x7f"):
-        field = plain_field(text)
-        assert field.startswith('"') and json.loads(field) == text
-        assert "\t" not in field and len(field.splitlines()) == 1
 
 
 def test_a_byte_order_mark_inside_a_jsonl_file_is_named_with_its_line(tmp_path):

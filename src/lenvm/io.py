@@ -9,7 +9,6 @@ import json
 import math
 import numbers
 import os
-import re
 import shutil
 import stat
 import sys
@@ -303,7 +302,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def fingerprint(data: Any) -> str:
     """A short stable hash of JSON-able ``data`` (a NumPy number hashes as the plain one)."""
-    text = json.dumps(data, sort_keys=True, default=_as_json)
+    text = json.dumps(data, sort_keys=True, default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -350,42 +349,10 @@ def _plain(x: Any) -> bool | int | float:
     return bool(x) if isinstance(x, np.bool_) else int(x) if isinstance(x, np.integer) else float(x)
 
 
-def _as_json(x: Any) -> Any:
+def json_default(x: Any) -> Any:
     """What JSON writes for ``x``, which it does not take: a NumPy scalar's plain value, else
     its text."""
     return _plain(x) if _is_numpy_scalar(x) else str(x)
-
-
-# Characters that are not text a reader sees, which a line of output shows as escapes: the control
-# characters (U+0085 ends a line for some readers), the line and paragraph separators, lone
-# surrogates. JSON escapes those below U+0020 itself.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-# One character of JSON text as its reader sees it: an escape, or a character as it is.
-_JSON_CHARACTER = re.compile(r"\\u[0-9a-fA-F]{4}|\\.|.", re.DOTALL)
-
-
-def quoted(value: Any, limit: int | None = 80) -> str:
-    """``value`` as JSON on one line, to show it in a message or a line of plain output: text as
-    it is (raw UTF-8, as lenvm writes its files), with every control character, line separator and
-    lone surrogate escaped; over ``limit`` characters, cut at a character (never inside an
-    escape), with an ellipsis."""
-    text = json.dumps(value, ensure_ascii=False, default=_as_json)
-    text = _CONTROL.sub(lambda control: f"\\u{ord(control.group()):04x}", text)
-    if limit is None or len(text) <= limit:
-        return text
-    end = 0
-    for character in _JSON_CHARACTER.finditer(text):
-        if character.end() > limit - 1:  # room for the ellipsis
-            break
-        end = character.end()
-    return text[:end] + "…"
-
-
-def plain_field(text: str) -> str:
-    """``text`` as a field of a line of plain (tab-separated) output: as it is, unless a tab, a line
-    break or another control character in it would break the line or not show, or it starts with
-    a double quote; then as the JSON string :func:`quoted` writes."""
-    return quoted(text, limit=None) if text.startswith('"') or _CONTROL.search(text) else text
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, TypeGuard, cast
 from urllib.parse import urlparse
 
-from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl, quoted
+from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl
+from lenvm.quoting import quoted_json
 
 Messages = list[dict[str, Any]]
 TokenIds = list[int]
@@ -283,7 +284,7 @@ def _check_content(content: Any, base: Path | None, where: str) -> Any:
             raise InputError(
                 f"{where}a content part must be {{'type': 'text', 'text': ...}}, "
                 "{'type': 'image_url', 'image_url': {'url': ...}} or {'type': 'image', 'image': ...}, "
-                f"got {quoted(part)}"
+                f"got {quoted_json(part)}"
             )
     return parts
 
@@ -308,13 +309,13 @@ def prompt_from_record(
     key = "prompt_id" if "prompt_id" in record and "id" not in record else "id"
     if key == "id" and "prompt_id" in record and _prompt_id(record["id"]) != _prompt_id(record["prompt_id"]):
         raise InputError(
-            f"{where}'id' ({quoted(record['id'])}) and 'prompt_id' ({quoted(record['prompt_id'])}) "
+            f"{where}'id' ({quoted_json(record['id'])}) and 'prompt_id' ({quoted_json(record['prompt_id'])}) "
             "name two ids: give one"
         )
     pid = _prompt_id(record.get(key, default_id))
     if pid is None:
         raise InputError(
-            f"{where}'{key}' must be a non-empty string or an integer, got {quoted(record.get(key))}"
+            f"{where}'{key}' must be a non-empty string or an integer, got {quoted_json(record.get(key))}"
         )
     own = ("id", "prompt_id", "prompt", "messages", "images", "chat_template_kwargs")
     extra = {k: v for k, v in record.items() if k not in own}

@@ -44,7 +44,6 @@ from lenvm.io import (
     is_int,
     numbered_jsonl,
     positive_count,
-    quoted,
     read_jsonl_to_append,
     refuse_renamed,
     replaceable,
@@ -59,6 +58,7 @@ from lenvm.prompts import (
     template_messages,
     unencodable,
 )
+from lenvm.quoting import quoted_json
 
 if TYPE_CHECKING:
     import torch
@@ -539,10 +539,10 @@ class _Server:
             answer = json.loads(body)
         except ValueError:  # not JSON, or not even text
             raise ServerError(
-                f"{url} answered with something not JSON: {quoted(body.decode('utf-8', 'replace'), 200)}"
+                f"{url} answered with something not JSON: {quoted_json(body.decode('utf-8', 'replace'), 200)}"
             ) from None
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
-            raise ServerError(f"{url} answered without a 'choices' list: {quoted(answer, 200)}")
+            raise ServerError(f"{url} answered without a 'choices' list: {quoted_json(answer, 200)}")
         return answer
 
 
@@ -731,7 +731,7 @@ def record_problem(record: Any) -> str | None:
         if key not in record:
             return f"missing '{key}'"
         if not ok(record[key]):
-            return f"'{key}' must be {expected}, got {quoted(record[key])}"
+            return f"'{key}' must be {expected}, got {quoted_json(record[key])}"
     kwargs = record.get("chat_template_kwargs")
     if kwargs is not None and (why := template_kwargs_problem(kwargs)) is not None:
         return why

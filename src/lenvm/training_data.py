@@ -34,6 +34,7 @@ from lenvm.dataset import (
 from lenvm.decoding.params import POLICY_SETTINGS, SamplingParams
 from lenvm.io import InputError, is_pipe, outside_vocabulary
 from lenvm.prompts import image_references, prompt_key
+from lenvm.quoting import shortened
 
 # A rollouts file larger than this is streamed unless asked otherwise: loaded, its records take
 # several times their size in Python objects.
@@ -415,7 +416,7 @@ def training_data(
         if shared:
             raise InputError(
                 f"{len(shared)} prompt(s) are in both the training and the evaluation rollouts, "
-                f"for example {sorted(shared)[0][:80]}: held-out prompts must not be trained on"
+                f"for example {shortened(sorted(shared)[0])}: held-out prompts must not be trained on"
             )
         held: set[str] = set()
         evaluation = list(iter_examples(eval_source, eos_token_ids, truncated))
@@ -427,8 +428,8 @@ def training_data(
         if leaked:
             warnings.warn(
                 f"{len(leaked)} held-out prompt(s) are trained on too, under other prompt ids (for example "
-                f"{leaked[0][:80]}): the held-out figures flatter the LenVM; give each prompt one id, or "
-                "hold prompts out in a file of their own (eval_rollouts)",
+                f"{shortened(leaked[0])}): the held-out figures flatter the LenVM; give each prompt one id, "
+                "or hold prompts out in a file of their own (eval_rollouts)",
                 stacklevel=3,
             )
         evaluation = list(ExampleStream(source, eos_token_ids, truncated, max_length, keep=held))

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TextIO, cast
 
 from lenvm.cli import interrupted, options
-from lenvm.io import InputError, json_text, plain_field
+from lenvm.io import InputError, json_text
+from lenvm.quoting import plain_field
 
 
 @contextlib.contextmanager
