@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lenvm.dataset import examples_from_records
-from lenvm.figures import save_png, subplots
+from lenvm.figures import save_png, subplots, text_label
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 from lenvm.returns import td_residual
@@ -120,7 +120,8 @@ class LengthTokenStats:
         for ax, (direction, colour, title) in zip(axes, panels, strict=True):
             stats = self.top(n, direction)
             fractions = [getattr(s, f"{direction}_fraction") for s in stats]
-            labels = [_label(s) for s in stats]
+            # repr shows whitespace tokens
+            labels = [text_label(f"{s.token!r} ({s.count})", "monospace") for s in stats]
             ax.barh(range(len(stats)), fractions, color=colour)
             ax.set_yticks(range(len(stats)), labels, fontfamily="monospace")
             ax.invert_yaxis()
@@ -133,11 +134,6 @@ class LengthTokenStats:
         fig.suptitle(f"Tokens that shift the length horizon (count ≥ {self.min_count})")
         fig.tight_layout()
         save_png(fig, path)
-
-
-def _label(stat: TokenStat) -> str:
-    # repr shows whitespace tokens; '$' would start matplotlib mathtext.
-    return f"{stat.token!r} ({stat.count})".replace("$", r"\$")
 
 
 def length_token_stats(

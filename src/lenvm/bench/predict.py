@@ -48,7 +48,7 @@ from lenvm.bench.common import (
 )
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
-from lenvm.figures import save_png, subplots
+from lenvm.figures import save_png, subplots, text_label
 from lenvm.hub import model_name
 from lenvm.io import InputError, RunLock, fingerprint, positive_count, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, prompt_key, read_prompts
@@ -598,20 +598,22 @@ def _plot(out: Path, results: dict) -> None:
         domains = sorted({p["domain"] for p in per_prompt})
         for ax, name in zip(row, names, strict=True):
             pred = np.array([p[name] for p in per_prompt])
+            points = []
             for domain in domains:
                 mask = np.array([p["domain"] == domain for p in per_prompt])
-                ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, label=domain, color=colours[domain])
+                points.append(ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, color=colours[domain]))
             edge = [max(1.0, min(truth.min(), pred.min())) * 0.8, max(truth.max(), pred.max()) * 1.25]
             ax.plot(edge, edge, "k--", lw=1)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlim(edge)
             ax.set_ylim(edge)
-            ax.set_title(f"{PREDICTORS[name]} ({title})", fontsize=9)
+            ax.set_title(f"{PREDICTORS[name]} ({text_label(title)})", fontsize=9)
             ax.set_xlabel("true length L_GT (tokens)")
             ax.set_ylabel("predicted (tokens)")
             ax.grid(alpha=0.3, which="both")
-        row[0].legend(fontsize=7)
+            if ax is row[0]:  # labels passed with their points: a domain starting with "_" stays in
+                ax.legend(points, [text_label(d) for d in domains], fontsize=7)
     fig.tight_layout()  # the panels' axis labels would overlap their neighbours
     save_png(fig, out / "calibration.png", crop=True)
 
@@ -622,7 +624,8 @@ def _plot(out: Path, results: dict) -> None:
     for k, name in enumerate(names):
         ax.bar(np.arange(len(domains)) + k * width, [100 * metrics[d][name]["mre"] for d in domains],
                width, label=PREDICTORS[name])  # fmt: skip
-    ax.set_xticks(np.arange(len(domains)) + width * (len(names) - 1) / 2, domains, rotation=35, ha="right")
+    ticks = np.arange(len(domains)) + width * (len(names) - 1) / 2
+    ax.set_xticks(ticks, [text_label(d) for d in domains], rotation=35, ha="right")
     ax.set_ylabel("mean relative error (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
