@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib import cbook
 
+from lenvm import horizon_tokens
 from lenvm.bench import predict
 from lenvm.bench.common import Run
 from lenvm.bench.serve import _plot as plot_serve_bench
@@ -87,11 +88,18 @@ def test_labels_fall_back_through_the_fonts_listed():
 
 
 @pytest.mark.filterwarnings("error")
-def test_token_plot_draws_any_token(tmp_path):
+def test_token_plot_draws_any_token(monkeypatch, tmp_path):
+    """Tokens in a monospace font, falling back to font.family's (matplotlib's DejaVu Sans has
+    the emoji its DejaVu Sans Mono lacks); what neither draws is escaped."""
     stats = LengthTokenStats(gamma=0.9, threshold=0.01, min_count=1)
-    stats.add(["中", "果", "$x$", "\u200b"], [-0.5, -0.4, 0.3, 0.2])
+    stats.add(["中", "果", "$x$", "\u200b", "😀"], [-0.5, -0.4, -0.3, 0.2, 0.1])
+    figures = []
+    monkeypatch.setattr(horizon_tokens, "save_png", lambda figure, path: figures.append(figure))
     stats.plot(tmp_path / "tokens.png")
-    assert (tmp_path / "tokens.png").read_bytes()[:4] == b"\x89PNG"
+    longer, shorter = ([t.get_text() for t in ax.get_yticklabels()] for ax in figures[0].axes)
+    assert longer == ["'\\u4e2d' (1)", "'\\u679c' (1)", "'\\$x\\$' (1)"]
+    assert shorter == ["'\\u200b' (1)", "'😀' (1)"]
+    _draw(figures[0])
 
 
 @pytest.mark.filterwarnings("error")

@@ -69,7 +69,7 @@ def _fonts(fontfamily: str | Sequence[str] | None) -> list[FT2Font]:
     for name in families:
         try:
             paths.append(
-                font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+                font_manager.findfont(font_manager.FontProperties(family=[name]), fallback_to_default=False)
             )
         except ValueError:  # not installed
             continue

@@ -112,7 +112,11 @@ class LengthTokenStats:
 
     def plot(self, path: str | os.PathLike, n: int = 15) -> None:
         """PNG bar chart: the top ``n`` tokens in each direction and how often they push."""
+        from matplotlib import rcParams
+
         fig, axes = subplots(1, 2, figsize=(10, max(3.0, 0.32 * n + 1.2)))
+        # Tokens in a monospace font, falling back to the fonts the user lists for other scripts.
+        token_font = ["monospace", *rcParams["font.family"]]
         panels: tuple[tuple[Direction, str, str], ...] = (
             ("longer", "#e66101", "pushes longer (δ < −{:g})"),
             ("shorter", "#2166ac", "pushes shorter (δ > +{:g})"),
@@ -121,9 +125,9 @@ class LengthTokenStats:
             stats = self.top(n, direction)
             fractions = [getattr(s, f"{direction}_fraction") for s in stats]
             # repr shows whitespace tokens
-            labels = [text_label(f"{s.token!r} ({s.count})", "monospace") for s in stats]
+            labels = [text_label(f"{s.token!r} ({s.count})", token_font) for s in stats]
             ax.barh(range(len(stats)), fractions, color=colour)
-            ax.set_yticks(range(len(stats)), labels, fontfamily="monospace")
+            ax.set_yticks(range(len(stats)), labels, fontfamily=token_font)
             ax.invert_yaxis()
             ax.set_xlim(0, 1)
             ax.set_xlabel("share of occurrences")
