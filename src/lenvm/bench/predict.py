@@ -30,6 +30,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -305,9 +306,11 @@ def run_prediction(
 
     ``train_rollouts`` (the LenVM's training rollouts) fits the baselines, guards against
     held-out prompts that were trained on, and trains the ``cross_domain`` LenVMs (under
-    ``out/cross/<domain>``); without it only the LenVM is scored. Sampling options left at None
-    follow the LenVM's training policy, the policy its values describe. The samples depend on
-    the generator and the policy only, so other LenVMs can be scored on the same folder.
+    ``out/cross/``, in the folder :func:`cross_domain_folder` names; ``results.json``'s
+    ``cross_domain_lenvm`` says where each is); without it only the LenVM is scored. Sampling
+    options left at None follow the LenVM's training policy, the policy its values describe. The
+    samples depend on the generator and the policy only, so other LenVMs can be scored on the
+    same folder.
     ``truth_rollouts``: score on these rollouts' prompts and answers instead of prompts to sample
     (see :func:`truth_records`; ``samples`` and the sampling options then do not apply).
     """
@@ -381,12 +384,13 @@ def run_prediction(
             reduced = [r for r in cross_records if record_domain(r, domain_field) != domain]
             if len(reduced) == len(cross_records):
                 raise InputError(f"the training rollouts hold no prompt of domain {domain!r}")
-            without = _lenvm_without(out / "cross" / domain, reduced, value_model, models, progress)
+            folder = Path("cross", cross_domain_folder(domain))
+            without = _lenvm_without(out / folder, reduced, value_model, models, progress)
             lengths = np.array(without.predict_length(subset, batch_size=batch_size))
             cross[domain] = _score(
                 subset, records, without.gamma, lengths, models, reduced, domain_of, ridge_alpha
             )
-            cross[domain]["lenvm_path"] = str(out / "cross" / domain / "lenvm")
+            cross[domain]["lenvm"] = (folder / "lenvm").as_posix()
             cross[domain]["gamma"] = without.gamma
 
         results = {
@@ -394,6 +398,7 @@ def run_prediction(
             "metrics": in_domain["metrics"],
             "cross_domain": {d: c["metrics"][d] for d, c in cross.items()},
             "cross_domain_gamma": {d: c["gamma"] for d, c in cross.items()},  # their truths' gamma
+            "cross_domain_lenvm": {d: c["lenvm"] for d, c in cross.items()},  # inside the results folder
             "gamma": value_model.gamma,
             "prompts": len(in_domain["per_prompt"]),
             "prompts_mostly_cut": in_domain["mostly_cut"],
@@ -470,6 +475,29 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
         "per_prompt": per_prompt,
         "mostly_cut": [p.id for p in held_out if truths.get(p.id) is None],
     }
+
+
+# A domain named like this names its folder as it is: lowercase ASCII (case-blind and
+# Unicode-normalizing file systems keep such names apart), no dot (every derived name has one),
+# and not a name Windows keeps for a device.
+_PLAIN_FOLDER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_DEVICE_NAMES = re.compile(r"con|prn|aux|nul|com[0-9]|lpt[0-9]")
+
+
+def cross_domain_folder(domain: str) -> str:
+    """The folder, inside ``cross/``, of the LenVM trained without ``domain``: the domain itself
+    where it is a plain name (lowercase ASCII letters, digits, ``-`` and ``_``), else a readable
+    ASCII form of it, a dot and a hash of it. So every domain gets a folder of its own inside
+    ``cross/``, whatever it holds (``..``, ``/``, a ``|``, any script)."""
+    if _plain_folder(domain):
+        return domain
+    ascii_form = unicodedata.normalize("NFKD", domain).encode("ascii", "ignore").decode().lower()
+    readable = re.sub(r"[^a-z0-9]+", "-", ascii_form).strip("-")[:40].rstrip("-")
+    return f"{readable if _plain_folder(readable) else 'domain'}.{fingerprint(domain)}"
+
+
+def _plain_folder(name: str) -> bool:
+    return bool(_PLAIN_FOLDER.fullmatch(name)) and not _DEVICE_NAMES.fullmatch(name)
 
 
 def _lenvm_without(folder: Path, records, like, models: Models, progress: bool):
