@@ -91,6 +91,15 @@ def test_table2_layout():
     assert "36.8 (50%)" in by_target
 
 
+def test_breakdown_headers_from_data_keep_the_columns():
+    """A data file's category is a header cell: a "|" in it must not shift the columns."""
+    items = [_item("prompt", "equal_to", 32, 48, category=c) for c in ("qa", "q|a", "multi\nline")]
+    lines = lifebench_score.breakdown_table(lifebench_score.summarize(items), "by_category").splitlines()
+    assert len(lines) == 3
+    assert lines[0] == r"| method | constraint | multi<br>line | qa | q\|a |"
+    assert lines[2] == "| prompt | Equal To | 36.8 (50%) | 36.8 (50%) | 36.8 (50%) |"
+
+
 def test_endings_count_chosen_eos_and_natural_ones():
     items = [
         {

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from lenvm.bench import (
     write_report,
 )
 from lenvm.bench.common import Models, load_models
+from lenvm.bench.predict import cross_domain_folder
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 
@@ -331,6 +333,50 @@ def test_prediction_across_domains(tmp_path, data, ending_models, train_rollouts
     with pytest.raises(InputError, match="no held-out prompt"):
         run_prediction(out, models=ending_models, prompts=data["prompts"], train_rollouts=train_rollouts,
                        samples=3, max_new_tokens=24, progress=False, cross_domain=["poetry"])  # fmt: skip
+
+
+HOSTILE_DOMAINS = ["../up", "/abs", "..", ".", "", " ", "a|b", "a/b", "a\\b", "Math", "math", "MATH",
+                   "中文", "tex $\\frac$", "nul", "x" * 100, "up.abc"]  # fmt: skip
+
+
+def test_cross_domain_folders_stay_inside_and_apart(tmp_path):
+    folders = [cross_domain_folder(d) for d in HOSTILE_DOMAINS]
+    assert len({f.lower() for f in folders}) == len(folders)  # apart on a case-blind file system too
+    cross = tmp_path.resolve() / "cross"
+    for folder in folders:
+        assert re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", folder), folder
+        assert (cross / folder).resolve().parent == cross
+    plain = ["math", "creative_writing", "l2-3"]  # the names domains usually have: kept
+    assert [cross_domain_folder(d) for d in plain] == plain
+
+
+def test_prediction_across_domains_of_any_name(tmp_path, data, ending_models, train_rollouts):
+    """Domains named like paths, with a "|", math markup and CJK: each LenVM trained without one
+    lands under cross/ (results.json says where), and the table and plots hold the names."""
+    names = {"list": "../up", "explain": "tex $\\frac$ 中文|x"}
+    prompts = [json.loads(line) for line in Path(data["prompts"]).read_text().splitlines()]
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{**p, "domain": names[p["domain"]]} for p in prompts])
+    rollouts = [json.loads(line) for line in Path(train_rollouts).read_text().splitlines()]
+    for r in rollouts:
+        r["meta"]["domain"] = names[r["meta"]["domain"]]
+    rollouts = _jsonl(tmp_path / "rollouts.jsonl", rollouts)
+    out = tmp_path / "runs" / "out"
+    results = run_prediction(
+        out, models=ending_models, prompts=prompts, train_rollouts=rollouts, samples=3,
+        max_new_tokens=24, batch_size=4, progress=False, cross_domain=list(names.values()),
+    )  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["cross"]
+    where = results["cross_domain_lenvm"]
+    assert set(where) == set(names.values())
+    for domain, lenvm in where.items():
+        assert lenvm == f"cross/{cross_domain_folder(domain)}/lenvm"
+        assert (out / lenvm / "head.safetensors").is_file()
+    table = (out / "table.md").read_text().split("\n\n")
+    rows = [line for part in table if part.startswith("| domain") for line in part.splitlines()]
+    assert {len(re.split(r"(?<!\\)\|", row)) for row in rows} == {10}  # 8 columns, none shifted
+    assert "| ../up |" in "\n".join(rows) and r"| tex $\frac$ 中文\|x |" in "\n".join(rows)
+    assert (out / "calibration.png").is_file() and (out / "prediction.png").is_file()
 
 
 def test_prediction_refuses_prompts_it_was_trained_on(tmp_path, data, ending_models, train_rollouts):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lenvm.dataset import examples_from_records
-from lenvm.figures import save_png, subplots
+from lenvm.figures import save_png, subplots, text_label
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel
 from lenvm.returns import td_residual
@@ -112,7 +112,11 @@ class LengthTokenStats:
 
     def plot(self, path: str | os.PathLike, n: int = 15) -> None:
         """PNG bar chart: the top ``n`` tokens in each direction and how often they push."""
+        from matplotlib import rcParams
+
         fig, axes = subplots(1, 2, figsize=(10, max(3.0, 0.32 * n + 1.2)))
+        # Tokens in a monospace font, falling back to the fonts the user lists for other scripts.
+        token_font = ["monospace", *rcParams["font.family"]]
         panels: tuple[tuple[Direction, str, str], ...] = (
             ("longer", "#e66101", "pushes longer (δ < −{:g})"),
             ("shorter", "#2166ac", "pushes shorter (δ > +{:g})"),
@@ -120,9 +124,10 @@ class LengthTokenStats:
         for ax, (direction, colour, title) in zip(axes, panels, strict=True):
             stats = self.top(n, direction)
             fractions = [getattr(s, f"{direction}_fraction") for s in stats]
-            labels = [_label(s) for s in stats]
+            # repr shows whitespace tokens
+            labels = [text_label(f"{s.token!r} ({s.count})", token_font) for s in stats]
             ax.barh(range(len(stats)), fractions, color=colour)
-            ax.set_yticks(range(len(stats)), labels, fontfamily="monospace")
+            ax.set_yticks(range(len(stats)), labels, fontfamily=token_font)
             ax.invert_yaxis()
             ax.set_xlim(0, 1)
             ax.set_xlabel("share of occurrences")
@@ -133,11 +138,6 @@ class LengthTokenStats:
         fig.suptitle(f"Tokens that shift the length horizon (count ≥ {self.min_count})")
         fig.tight_layout()
         save_png(fig, path)
-
-
-def _label(stat: TokenStat) -> str:
-    # repr shows whitespace tokens; '$' would start matplotlib mathtext.
-    return f"{stat.token!r} ({stat.count})".replace("$", r"\$")
 
 
 def length_token_stats(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -308,7 +309,33 @@ def settings_of(models: Models, sampling: SamplingParams, **extra: Any) -> dict[
     return {**models.identity(), **sampling.policy(), **extra}
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; every cell, header cells too, holds its text whatever
+    the text is (a domain, a category, a token from data): see :func:`_markdown_cell`."""
+    lines = [_markdown_row(header), "|" + "---|" * len(header)]
+    lines.extend(_markdown_row(row) for row in rows)
     return "\n".join(lines) + "\n"
+
+
+def _markdown_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_markdown_cell(c) for c in cells) + " |"
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _markdown_cell(value: Any) -> str:
+    """``value`` as a table cell's text: a ``|`` escaped (it would end the cell; escaped, it is a
+    plain ``|`` in a code span too), a line break as ``<br>`` (it would end the row)."""
+    return _LINE_BREAK.sub("<br>", str(value).replace("|", r"\|"))
+
+
+def markdown_code(text: str) -> str:
+    """``text`` as a Markdown code span that shows it exactly (CommonMark): fenced by one backtick
+    more than its longest run of backticks, and padded with a space where the text would
+    otherwise merge with the fence (a backtick at an end) or lose a space at each end (a span
+    that starts and ends with a space loses one)."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    ends = text[:1] + text[-1:]
+    pad = " " if "`" in ends or (ends == "  " and text.strip(" ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

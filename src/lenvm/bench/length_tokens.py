@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from lenvm.bench.common import Models, Run, load_models, markdown_table
+from lenvm.bench.common import Models, Run, load_models, markdown_code, markdown_table
 from lenvm.cli import options
 from lenvm.horizon_tokens import length_token_stats
 from lenvm.io import file_digest
@@ -88,7 +88,7 @@ def _markdown(results: dict[str, Any]) -> str:
     for direction in ("longer", "shorter"):
         rows = [
             [
-                f"`{s['token']!r}`".replace("|", "\\|"),
+                markdown_code(repr(s["token"])),
                 s["count"],
                 f"{100 * s[f'{direction}_fraction']:.0f}%",
                 f"{s['mean_residual']:+.4f}",

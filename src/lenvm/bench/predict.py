@@ -30,6 +30,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -48,7 +49,7 @@ from lenvm.bench.common import (
 )
 from lenvm.cli import options
 from lenvm.evaluation import prompt_length_truth, spearman, truth_reliability
-from lenvm.figures import save_png, subplots
+from lenvm.figures import save_png, subplots, text_label
 from lenvm.hub import model_name
 from lenvm.io import InputError, RunLock, fingerprint, positive_count, write_json, write_text
 from lenvm.prompts import Prompt, encode_prompt, prompt_key, read_prompts
@@ -305,9 +306,11 @@ def run_prediction(
 
     ``train_rollouts`` (the LenVM's training rollouts) fits the baselines, guards against
     held-out prompts that were trained on, and trains the ``cross_domain`` LenVMs (under
-    ``out/cross/<domain>``); without it only the LenVM is scored. Sampling options left at None
-    follow the LenVM's training policy, the policy its values describe. The samples depend on
-    the generator and the policy only, so other LenVMs can be scored on the same folder.
+    ``out/cross/``, in the folder :func:`cross_domain_folder` names; ``results.json``'s
+    ``cross_domain_lenvm`` says where each is); without it only the LenVM is scored. Sampling
+    options left at None follow the LenVM's training policy, the policy its values describe. The
+    samples depend on the generator and the policy only, so other LenVMs can be scored on the
+    same folder.
     ``truth_rollouts``: score on these rollouts' prompts and answers instead of prompts to sample
     (see :func:`truth_records`; ``samples`` and the sampling options then do not apply).
     """
@@ -381,12 +384,13 @@ def run_prediction(
             reduced = [r for r in cross_records if record_domain(r, domain_field) != domain]
             if len(reduced) == len(cross_records):
                 raise InputError(f"the training rollouts hold no prompt of domain {domain!r}")
-            without = _lenvm_without(out / "cross" / domain, reduced, value_model, models, progress)
+            folder = Path("cross", cross_domain_folder(domain))
+            without = _lenvm_without(out / folder, reduced, value_model, models, progress)
             lengths = np.array(without.predict_length(subset, batch_size=batch_size))
             cross[domain] = _score(
                 subset, records, without.gamma, lengths, models, reduced, domain_of, ridge_alpha
             )
-            cross[domain]["lenvm_path"] = str(out / "cross" / domain / "lenvm")
+            cross[domain]["lenvm"] = (folder / "lenvm").as_posix()
             cross[domain]["gamma"] = without.gamma
 
         results = {
@@ -394,6 +398,7 @@ def run_prediction(
             "metrics": in_domain["metrics"],
             "cross_domain": {d: c["metrics"][d] for d, c in cross.items()},
             "cross_domain_gamma": {d: c["gamma"] for d, c in cross.items()},  # their truths' gamma
+            "cross_domain_lenvm": {d: c["lenvm"] for d, c in cross.items()},  # inside the results folder
             "gamma": value_model.gamma,
             "prompts": len(in_domain["per_prompt"]),
             "prompts_mostly_cut": in_domain["mostly_cut"],
@@ -470,6 +475,29 @@ def _score(held_out, records, gamma, lenvm_lengths, models, train_records, domai
         "per_prompt": per_prompt,
         "mostly_cut": [p.id for p in held_out if truths.get(p.id) is None],
     }
+
+
+# A domain named like this names its folder as it is: lowercase ASCII (case-blind and
+# Unicode-normalizing file systems keep such names apart), no dot (every derived name has one),
+# and not a name Windows keeps for a device.
+_PLAIN_FOLDER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_DEVICE_NAMES = re.compile(r"con|prn|aux|nul|com[0-9]|lpt[0-9]")
+
+
+def cross_domain_folder(domain: str) -> str:
+    """The folder, inside ``cross/``, of the LenVM trained without ``domain``: the domain itself
+    where it is a plain name (lowercase ASCII letters, digits, ``-`` and ``_``), else a readable
+    ASCII form of it, a dot and a hash of it. So every domain gets a folder of its own inside
+    ``cross/``, whatever it holds (``..``, ``/``, a ``|``, any script)."""
+    if _plain_folder(domain):
+        return domain
+    ascii_form = unicodedata.normalize("NFKD", domain).encode("ascii", "ignore").decode().lower()
+    readable = re.sub(r"[^a-z0-9]+", "-", ascii_form).strip("-")[:40].rstrip("-")
+    return f"{readable if _plain_folder(readable) else 'domain'}.{fingerprint(domain)}"
+
+
+def _plain_folder(name: str) -> bool:
+    return bool(_PLAIN_FOLDER.fullmatch(name)) and not _DEVICE_NAMES.fullmatch(name)
 
 
 def _lenvm_without(folder: Path, records, like, models: Models, progress: bool):
@@ -598,20 +626,22 @@ def _plot(out: Path, results: dict) -> None:
         domains = sorted({p["domain"] for p in per_prompt})
         for ax, name in zip(row, names, strict=True):
             pred = np.array([p[name] for p in per_prompt])
+            points = []
             for domain in domains:
                 mask = np.array([p["domain"] == domain for p in per_prompt])
-                ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, label=domain, color=colours[domain])
+                points.append(ax.scatter(truth[mask], pred[mask], s=12, alpha=0.75, color=colours[domain]))
             edge = [max(1.0, min(truth.min(), pred.min())) * 0.8, max(truth.max(), pred.max()) * 1.25]
             ax.plot(edge, edge, "k--", lw=1)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlim(edge)
             ax.set_ylim(edge)
-            ax.set_title(f"{PREDICTORS[name]} ({title})", fontsize=9)
+            ax.set_title(f"{PREDICTORS[name]} ({text_label(title)})", fontsize=9)
             ax.set_xlabel("true length L_GT (tokens)")
             ax.set_ylabel("predicted (tokens)")
             ax.grid(alpha=0.3, which="both")
-        row[0].legend(fontsize=7)
+            if ax is row[0]:  # labels passed with their points: a domain starting with "_" stays in
+                ax.legend(points, [text_label(d) for d in domains], fontsize=7)
     fig.tight_layout()  # the panels' axis labels would overlap their neighbours
     save_png(fig, out / "calibration.png", crop=True)
 
@@ -622,7 +652,8 @@ def _plot(out: Path, results: dict) -> None:
     for k, name in enumerate(names):
         ax.bar(np.arange(len(domains)) + k * width, [100 * metrics[d][name]["mre"] for d in domains],
                width, label=PREDICTORS[name])  # fmt: skip
-    ax.set_xticks(np.arange(len(domains)) + width * (len(names) - 1) / 2, domains, rotation=35, ha="right")
+    ticks = np.arange(len(domains)) + width * (len(names) - 1) / 2
+    ax.set_xticks(ticks, [text_label(d) for d in domains], rotation=35, ha="right")
     ax.set_ylabel("mean relative error (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
