@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
 from lenvm.decoding.batch import Batch
+from lenvm.decoding.engine import sentence_end_ids
 from lenvm.decoding.params import NATURAL_EOS
 from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, CLOSER_RETRIES, Sequence, best_of, retry_start
 from lenvm.io import InputError
@@ -550,24 +551,45 @@ def test_an_end_that_is_not_natural_is_resampled(tiny_generator, lenvms):
 def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator):
     """Retry a of R keeps the answer up to a / R of the target before the target, cut back to
     just after the last sentence end before that point."""
-    model, tok = tiny_generator
-    engine = Engine(model, tok)
+    _, tok = tiny_generator
+    ends = sentence_end_ids(tok)
     dot = tok.convert_tokens_to_ids(".")
     word = tok.encode("sea", add_special_tokens=False)[0]
-    assert dot in engine.sentence_ends and word not in engine.sentence_ends
-    answer = [word] * 10 + [dot] + [word] * 11 + [engine.eos_ids[0]]
-    kept = [retry_start(answer, 22, 20, a, 4, engine.sentence_ends) for a in range(1, 5)]
+    assert dot in ends and word not in ends
+    answer = [word] * 10 + [dot] + [word] * 11 + [tok.eos_token_id]
+    kept = [retry_start(answer, 22, 20, a, 4, ends) for a in range(1, 5)]
     # back 5, 10, 15, 20 tokens from the target (20): the first cut moves back to the "."
     assert kept == [11, 10, 5, 0]
-    assert retry_start(answer[:8], 7, 20, 1, 4, engine.sentence_ends) == 2  # a short answer: from its end
+    assert retry_start(answer[:8], 7, 20, 1, 4, ends) == 2  # a short answer: from its end
+
+
+def test_an_engine_with_a_lenvm_finds_sentence_ends_before_it_decodes(tiny_generator, lenvms, monkeypatch):
+    """Decoding the whole vocabulary takes a while on a real tokenizer: an engine that can retry
+    (one with a LenVM) does it when built, not at its first retry while other requests wait."""
+    model, tok = tiny_generator
+    whole_vocabulary = []
+    original = type(tok).batch_decode
+
+    def batch_decode(self, sequences, *args, **kwargs):
+        if len(sequences) == len(tok):
+            whole_vocabulary.append(len(sequences))
+        return original(self, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "batch_decode", batch_decode)
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    assert len(whole_vocabulary) == 1
+    request = Request(
+        PROMPTS[0], SamplingParams(max_new_tokens=12, seed=0), control=Control("at_most", target=5)
+    )
+    assert engine.generate([request])[0].retries > 0
+    assert len(whole_vocabulary) == 1 and engine.sentence_ends == sentence_end_ids(tok)
 
 
 def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidance(tiny_generator):
     """An At Most answer's first attempt is the generator's alone; one that reached the bound
     starts over (nothing of it kept), guided; later retries go back from the target as usual.
     Without retries, or for another control, no attempt is left to the generator."""
-    model, tok = tiny_generator
-    engine = Engine(model, tok)
+    _, tok = tiny_generator
     word = tok.encode("sea", add_special_tokens=False)[0]
 
     def sequence(control):
@@ -579,10 +601,10 @@ def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidan
 
     seq = sequence(Control("at_most", target=20))
     assert seq.free
-    seq.retry(seq.result(tok), engine.sentence_ends)
+    seq.retry(seq.result(tok), sentence_end_ids(tok))
     assert not seq.free and seq.tokens == [] and len(seq.missed) == 1
     seq.tokens = [word] * 20
-    seq.retry(seq.result(tok), engine.sentence_ends)
+    seq.retry(seq.result(tok), sentence_end_ids(tok))
     assert len(seq.tokens) == 20 - 10  # retry 2 of 4: back 2/4 of the target
     assert not sequence(Control("at_most", target=20, retries=0)).free
     assert not sequence(Control("at_most", target=20, rule="paper")).free
@@ -818,7 +840,7 @@ def test_each_row_carries_its_resampled_ends_to_the_policy(tiny_generator):
     seqs = [Sequence.start(i, request, [1], 0, "cpu") for i in range(2)]
     for _ in range(2):
         seqs[0].tokens = [word] * 14
-        seqs[0].retry(seqs[0].result(tok), engine.sentence_ends)
+        seqs[0].retry(seqs[0].result(tok), sentence_end_ids(tok))
     assert Batch.join(engine, None, seqs).rows.retries.tolist() == [2, 0]
 
 
