@@ -1253,6 +1253,81 @@ def test_at_most_leaves_an_answer_that_fits_as_the_generator_gives_it(ending_pat
     assert [r.token_ids for r in steered] != [r.token_ids for r in plain]
 
 
+def _unguided_batch() -> list[Request]:
+    """At Most requests on their first attempt (the generator's alone) and a plain request beside
+    them: every row draws its own token until an At Most answer goes back from its bound."""
+    at_most = [
+        Request(
+            PROMPTS[s % 3],
+            SamplingParams(max_new_tokens=14, seed=s, temperature=0.9),
+            control=Control("at_most", target=6),
+            return_values=True,
+        )
+        for s in range(3)
+    ]
+    return [*at_most, Request(PROMPTS[1], SamplingParams(max_new_tokens=14, seed=7), return_values=True)]
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_a_step_where_every_row_draws_its_own_token_scores_one_candidate(
+    tiny_generator, lenvms, kind, monkeypatch
+):
+    """A row that draws its own token has that token as its only candidate: when every row of a
+    step does, the LenVM scores one column, not num_candidates copies of it. A row guided by its
+    candidates brings them back."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    widths = []
+    score = engine.scorer_type.score
+    monkeypatch.setattr(
+        engine.scorer_type,
+        "score",
+        lambda self, ids, eos: widths.append(ids.shape[1]) or score(self, ids, eos),
+    )
+    scheduler = Scheduler(engine, batch_size=5)
+    for key, request in enumerate(_unguided_batch()):
+        scheduler.add(request, key)
+    for _ in range(3):
+        scheduler.step()
+    guided = Request(
+        PROMPTS[0], SamplingParams(max_new_tokens=30, seed=9), control=Control("equal_to", target=20)
+    )
+    scheduler.add(guided, "guided")
+    scheduler.step()
+    assert widths == [1, 1, 1, 4]
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_rows_that_draw_their_own_token_get_the_same_answers_alone_as_beside_guided_rows(
+    tiny_generator, lenvms, kind
+):
+    """The same requests decode alike whether every row of a step draws its own token (one
+    candidate each) or a guided row beside them keeps the candidate block num_candidates wide:
+    the same tokens, retries and cost, and the same values and log-probabilities up to float
+    rounding (other block widths and batch sizes round differently)."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    requests = _unguided_batch()
+    guided = Request(
+        PROMPTS[0], SamplingParams(max_new_tokens=30, seed=9), control=Control("equal_to", target=20)
+    )
+    alone = engine.generate(requests, batch_size=5)
+    beside = engine.generate([*requests, guided], batch_size=5)[:-1]
+    assert all(r.retries > 0 for r in alone[:3])  # each At Most answer went on under guidance
+    for a, b in zip(alone, beside, strict=True):
+        assert (a.token_ids, a.finish_reason, a.retries, a.decoded_tokens) == (
+            b.token_ids,
+            b.finish_reason,
+            b.retries,
+            b.decoded_tokens,
+        )
+        assert a.values == pytest.approx(b.values, abs=1e-5)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert (a.eos_prob or 0.0, a.mean_logprob) == pytest.approx(
+            (b.eos_prob or 0.0, b.mean_logprob), abs=1e-5
+        )
+
+
 def test_bounds_resample_ends_that_are_not_natural_and_still_meet_the_bound(tiny_generator, lenvms):
     """The random generator never gives EOS a fair chance: At Most answers reach their bound and
     At Least answers their give-up point; each is resampled, and what comes back meets its bound,
