@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
 from lenvm.decoding.batch import Batch
+from lenvm.decoding.engine import sentence_end_ids
 from lenvm.decoding.params import NATURAL_EOS
 from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, CLOSER_RETRIES, Sequence, best_of, retry_start
 from lenvm.io import InputError
@@ -550,24 +551,45 @@ def test_an_end_that_is_not_natural_is_resampled(tiny_generator, lenvms):
 def test_a_retry_goes_back_to_the_start_of_a_sentence(tiny_generator):
     """Retry a of R keeps the answer up to a / R of the target before the target, cut back to
     just after the last sentence end before that point."""
-    model, tok = tiny_generator
-    engine = Engine(model, tok)
+    _, tok = tiny_generator
+    ends = sentence_end_ids(tok)
     dot = tok.convert_tokens_to_ids(".")
     word = tok.encode("sea", add_special_tokens=False)[0]
-    assert dot in engine.sentence_ends and word not in engine.sentence_ends
-    answer = [word] * 10 + [dot] + [word] * 11 + [engine.eos_ids[0]]
-    kept = [retry_start(answer, 22, 20, a, 4, engine.sentence_ends) for a in range(1, 5)]
+    assert dot in ends and word not in ends
+    answer = [word] * 10 + [dot] + [word] * 11 + [tok.eos_token_id]
+    kept = [retry_start(answer, 22, 20, a, 4, ends) for a in range(1, 5)]
     # back 5, 10, 15, 20 tokens from the target (20): the first cut moves back to the "."
     assert kept == [11, 10, 5, 0]
-    assert retry_start(answer[:8], 7, 20, 1, 4, engine.sentence_ends) == 2  # a short answer: from its end
+    assert retry_start(answer[:8], 7, 20, 1, 4, ends) == 2  # a short answer: from its end
+
+
+def test_an_engine_with_a_lenvm_finds_sentence_ends_before_it_decodes(tiny_generator, lenvms, monkeypatch):
+    """Decoding the whole vocabulary takes a while on a real tokenizer: an engine that can retry
+    (one with a LenVM) does it when built, not at its first retry while other requests wait."""
+    model, tok = tiny_generator
+    whole_vocabulary = []
+    original = type(tok).batch_decode
+
+    def batch_decode(self, sequences, *args, **kwargs):
+        if len(sequences) == len(tok):
+            whole_vocabulary.append(len(sequences))
+        return original(self, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "batch_decode", batch_decode)
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    assert len(whole_vocabulary) == 1
+    request = Request(
+        PROMPTS[0], SamplingParams(max_new_tokens=12, seed=0), control=Control("at_most", target=5)
+    )
+    assert engine.generate([request])[0].retries > 0
+    assert len(whole_vocabulary) == 1 and engine.sentence_ends == sentence_end_ids(tok)
 
 
 def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidance(tiny_generator):
     """An At Most answer's first attempt is the generator's alone; one that reached the bound
     starts over (nothing of it kept), guided; later retries go back from the target as usual.
     Without retries, or for another control, no attempt is left to the generator."""
-    model, tok = tiny_generator
-    engine = Engine(model, tok)
+    _, tok = tiny_generator
     word = tok.encode("sea", add_special_tokens=False)[0]
 
     def sequence(control):
@@ -579,10 +601,10 @@ def test_at_most_writes_its_first_attempt_unguided_then_starts_over_under_guidan
 
     seq = sequence(Control("at_most", target=20))
     assert seq.free
-    seq.retry(seq.result(tok), engine.sentence_ends)
+    seq.retry(seq.result(tok), sentence_end_ids(tok))
     assert not seq.free and seq.tokens == [] and len(seq.missed) == 1
     seq.tokens = [word] * 20
-    seq.retry(seq.result(tok), engine.sentence_ends)
+    seq.retry(seq.result(tok), sentence_end_ids(tok))
     assert len(seq.tokens) == 20 - 10  # retry 2 of 4: back 2/4 of the target
     assert not sequence(Control("at_most", target=20, retries=0)).free
     assert not sequence(Control("at_most", target=20, rule="paper")).free
@@ -818,7 +840,7 @@ def test_each_row_carries_its_resampled_ends_to_the_policy(tiny_generator):
     seqs = [Sequence.start(i, request, [1], 0, "cpu") for i in range(2)]
     for _ in range(2):
         seqs[0].tokens = [word] * 14
-        seqs[0].retry(seqs[0].result(tok), engine.sentence_ends)
+        seqs[0].retry(seqs[0].result(tok), sentence_end_ids(tok))
     assert Batch.join(engine, None, seqs).rows.retries.tolist() == [2, 0]
 
 
@@ -1229,6 +1251,81 @@ def test_at_most_leaves_an_answer_that_fits_as_the_generator_gives_it(ending_pat
         lenvm.values_from_hidden, lenvm.next_values_from_hidden = saved
     assert [r.token_ids for r in first_free] == [r.token_ids for r in plain]
     assert [r.token_ids for r in steered] != [r.token_ids for r in plain]
+
+
+def _unguided_batch() -> list[Request]:
+    """At Most requests on their first attempt (the generator's alone) and a plain request beside
+    them: every row draws its own token until an At Most answer goes back from its bound."""
+    at_most = [
+        Request(
+            PROMPTS[s % 3],
+            SamplingParams(max_new_tokens=14, seed=s, temperature=0.9),
+            control=Control("at_most", target=6),
+            return_values=True,
+        )
+        for s in range(3)
+    ]
+    return [*at_most, Request(PROMPTS[1], SamplingParams(max_new_tokens=14, seed=7), return_values=True)]
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_a_step_where_every_row_draws_its_own_token_scores_one_candidate(
+    tiny_generator, lenvms, kind, monkeypatch
+):
+    """A row that draws its own token has that token as its only candidate: when every row of a
+    step does, the LenVM scores one column, not num_candidates copies of it. A row guided by its
+    candidates brings them back."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    widths = []
+    score = engine.scorer_type.score
+    monkeypatch.setattr(
+        engine.scorer_type,
+        "score",
+        lambda self, ids, eos: widths.append(ids.shape[1]) or score(self, ids, eos),
+    )
+    scheduler = Scheduler(engine, batch_size=5)
+    for key, request in enumerate(_unguided_batch()):
+        scheduler.add(request, key)
+    for _ in range(3):
+        scheduler.step()
+    guided = Request(
+        PROMPTS[0], SamplingParams(max_new_tokens=30, seed=9), control=Control("equal_to", target=20)
+    )
+    scheduler.add(guided, "guided")
+    scheduler.step()
+    assert widths == [1, 1, 1, 4]
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_rows_that_draw_their_own_token_get_the_same_answers_alone_as_beside_guided_rows(
+    tiny_generator, lenvms, kind
+):
+    """The same requests decode alike whether every row of a step draws its own token (one
+    candidate each) or a guided row beside them keeps the candidate block num_candidates wide:
+    the same tokens, retries and cost, and the same values and log-probabilities up to float
+    rounding (other block widths and batch sizes round differently)."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    requests = _unguided_batch()
+    guided = Request(
+        PROMPTS[0], SamplingParams(max_new_tokens=30, seed=9), control=Control("equal_to", target=20)
+    )
+    alone = engine.generate(requests, batch_size=5)
+    beside = engine.generate([*requests, guided], batch_size=5)[:-1]
+    assert all(r.retries > 0 for r in alone[:3])  # each At Most answer went on under guidance
+    for a, b in zip(alone, beside, strict=True):
+        assert (a.token_ids, a.finish_reason, a.retries, a.decoded_tokens) == (
+            b.token_ids,
+            b.finish_reason,
+            b.retries,
+            b.decoded_tokens,
+        )
+        assert a.values == pytest.approx(b.values, abs=1e-5)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert (a.eos_prob or 0.0, a.mean_logprob) == pytest.approx(
+            (b.eos_prob or 0.0, b.mean_logprob), abs=1e-5
+        )
 
 
 def test_bounds_resample_ends_that_are_not_natural_and_still_meet_the_bound(tiny_generator, lenvms):

@@ -80,8 +80,9 @@ class Batch:
         uniform = self.uniforms.gather(1, r.step[:, None])[:, 0]
         gamma = engine.lenvm.gamma if engine.lenvm is not None else None
         d = decide(logits, r, self.scorer, engine.num_candidates, engine.eos, gamma, uniform)
-        # A batch of plain rows has its tokens in slot 0 already.
-        choice = policies.choose(d.dist, uniform, r.greedy) if r.any_guided else torch.zeros_like(d.ids[:, 0])
+        # One candidate per row (every row drew its own token): the tokens are in slot 0 already.
+        one = d.ids.shape[1] == 1
+        choice = torch.zeros_like(d.ids[:, 0]) if one else policies.choose(d.dist, uniform, r.greedy)
         token = d.ids.gather(1, choice[:, None])[:, 0]
         forced = torch.zeros_like(token, dtype=torch.bool)
         if r.any_cap:

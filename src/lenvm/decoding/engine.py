@@ -45,7 +45,6 @@ answers that miss pay for a second try.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 from collections import deque
@@ -158,6 +157,9 @@ class Engine:
         # The most tokens a request may span: the models' contexts, or a shorter sliding window.
         self.context = min(context, span)
         self.windowed = span < context
+        # Where a retry restarts. Only a length control retries, and it needs a LenVM; found here,
+        # as decoding the whole vocabulary at the first retry would stall every running request.
+        self.sentence_ends = sentence_end_ids(tokenizer) if lenvm is not None else frozenset()
 
     # -- public ---------------------------------------------------------------------------
 
@@ -204,15 +206,6 @@ class Engine:
             return ""
         return " (its sliding window: the engine attends to the whole prefix, as the model does within it)"
 
-    @functools.cached_property
-    def sentence_ends(self) -> frozenset[int]:
-        """Ids of the tokens that end a sentence or a line (where a retry restarts), in Latin and
-        CJK punctuation."""
-        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-        return frozenset(
-            i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith(SENTENCE_ENDS)
-        )
-
     def sequences(self, key: Hashable, request: Request) -> list[Sequence]:
         """The attempts of one request (one, or ``best_of``), after checking it against the models."""
         if not isinstance(request, Request):
@@ -250,6 +243,15 @@ class Engine:
         return [
             Sequence.start(key, request, prompt_ids, a, self.device, images) for a in range(request.attempts)
         ]
+
+
+def sentence_end_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokens that end a sentence or a line (where a retry restarts), in Latin and CJK
+    punctuation."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return frozenset(
+        i for i, text in enumerate(texts) if "\n" in text or text.rstrip().endswith(SENTENCE_ENDS)
+    )
 
 
 @dataclass

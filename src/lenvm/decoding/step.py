@@ -10,7 +10,7 @@ From the generator's next-token logits (``[B, V]``) to a distribution over candi
 2. candidates: a controlled row takes its ``num_candidates`` most probable tokens (plus EOS where
    the control must be able to end; from before truncation where an Equal To or At Least row
    short of its target was left nothing but EOS); a plain row draws its token with ``uniform``
-   (its only candidate);
+   (its only candidate); when every row draws its own token, each has one candidate, not ``k``;
 3. the scorer gives the LenVM value of the state after each candidate (EOS: 0);
 4. each row's control policy turns the candidates' probabilities and values into a
    distribution (:mod:`lenvm.decoding.policies`).
@@ -186,7 +186,7 @@ def forbid_unreadable(logits: torch.Tensor, lenvm: LengthValueModel | None) -> t
 class Decision:
     """The outcome of :func:`decide` for ``B`` rows."""
 
-    ids: torch.Tensor  # [B, k] candidate ids (a plain row: its sampled token in slot 0)
+    ids: torch.Tensor  # [B, k] candidate ids (a plain row: its token in slot 0; k = 1 if all drew their own)
     dist: torch.Tensor  # [B, k] float64: the policy's distribution over them
     values: torch.Tensor | None  # [B, k] the LenVM values of the candidates (None without a scorer)
     # The generator's own distribution (temperature 1, untruncated): its log-probabilities are
@@ -217,7 +217,8 @@ def decide(
     An At Most row (our rule) whose LenVM is confident the answer fits (:func:`policies.fits`,
     from the value of the current state), or that the generator writes alone this attempt
     (``Rows.free``: the engine's first attempt), is left to the generator: given ``uniform`` it draws its
-    token as a plain row does, the same draw as without guidance; without (a logits processor,
+    token as a plain row does, the same draw as without guidance (a step in which every row draws its
+    own token scores that token alone: one candidate per row); without (a logits processor,
     which samples elsewhere) the decision hands over the generator's whole distribution for it
     (``Decision.free``, ``Decision.probs``: the candidates alone would favour the EOS that At Most
     always has among them)."""
@@ -234,12 +235,8 @@ def decide(
     )
     if bool(torch.isnan(probs).any()):  # else a draw lands on any token, a masked one included
         raise ValueError("the generator's logits hold NaN or +inf: a broken model, or float16 overflow?")
-    if not rows.any_guided:  # every row plain: its sampled token is its only candidate
-        drawn = policies.choose(probs, _draws(uniform), rows.greedy if rows.any_greedy else None)
-        ids = drawn[:, None]
-        values = scorer.score(ids, torch.isin(ids, eos_ids)) if scorer is not None else None
-        dist = torch.ones_like(ids, dtype=torch.float64)
-        return Decision(ids, dist, values, *_generator_eos(logits, eos_ids))
+    if not rows.any_guided:
+        return _own_tokens(logits, probs, rows, scorer, eos_ids, uniform)
     if scorer is None or gamma is None:
         raise ValueError("rows under a length control need a scorer and its LenVM's gamma")
     free = None
@@ -250,7 +247,10 @@ def decide(
     any_own = rows.any_plain
     if free is not None and uniform is not None:
         own = own | free
-        any_own = any_own or bool(free.any())
+        drawing = int(own.sum())  # one host sync for both questions
+        if drawing == len(own):
+            return _own_tokens(logits, probs, rows, scorer, eos_ids, uniform)
+        any_own = drawing > 0
     sampled = None
     if any_own:
         sampled = policies.choose(probs, _draws(uniform), rows.greedy if rows.any_greedy else None)
@@ -287,6 +287,24 @@ def decide(
     if free is None or uniform is not None:  # without free rows, or they drew their own token above
         return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
     return Decision(ids, dist, values, log_norm, eos_id, eos_logprob, free, probs)
+
+
+def _own_tokens(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    rows: Rows,
+    scorer: Scorer | None,
+    eos_ids: torch.Tensor,
+    uniform: torch.Tensor | None,
+) -> Decision:
+    """The decision when every row draws its own token (plain, or left to the generator): that
+    token is the row's only candidate, so the scorer values a block of one column, not ``k``
+    copies of it, and there is nothing for a policy to weigh."""
+    drawn = policies.choose(probs, _draws(uniform), rows.greedy if rows.any_greedy else None)
+    ids = drawn[:, None]
+    values = scorer.score(ids, torch.isin(ids, eos_ids)) if scorer is not None else None
+    dist = torch.ones_like(ids, dtype=torch.float64)
+    return Decision(ids, dist, values, *_generator_eos(logits, eos_ids))
 
 
 def _generator_eos(
