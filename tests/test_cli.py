@@ -1094,3 +1094,11 @@ def test_train_without_base_on_rollouts_that_name_no_generator(tmp_path, tiny_ge
         in capsys.readouterr().err
     )
     assert not (tmp_path / "l").exists()
+
+
+def test_serve_refuses_an_empty_api_key_rather_than_serving_without_one(monkeypatch, capsys):
+    """A script's ``--api-key "$KEY"`` with KEY unset passes an empty key: refused before the
+    model loads, not a server open to anyone."""
+    monkeypatch.delenv("LENVM_API_KEY", raising=False)
+    assert main(["serve", "--model", "no-such-model", "--api-key", "", "--port", "0"]) == 2
+    assert "api_key" in capsys.readouterr().err

@@ -1374,15 +1374,21 @@ def test_a_clients_long_values_are_quoted_short_in_errors_and_their_log_lines(ur
     # A content part's type that is no string is named too, not a server error.
     parts = [{"role": "user", "content": [{"type": {"image": 1}}]}]
     response = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": parts})
-    assert response.status_code == 400 and "type {'image': 1} are not supported" in response.text
+    assert response.status_code == 400
+    assert 'type {"image": 1} are not supported' in response.json()["error"]["message"]
+    # Nor does a line break in a role or a type start a line of the server's log.
+    for message in [{"role": "x\nINFO: forged"}, {"role": "user", "content": [{"type": "x\nINFO: forged"}]}]:
+        response = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [message]})
+        assert response.status_code == 400 and '"x\\nINFO: forged"' in response.json()["error"]["message"]
     response = httpx.get(f"{url}/v1/models/{long[:5000]}")
     assert response.status_code == 404 and len(response.content) < 600
 
     def lines():
         return [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
 
-    wait_until(lambda: len(lines()) >= 12, timeout=5)  # a request's line may follow its answer
-    assert len(lines()) == 12 and all(len(line) < 600 for line in lines()), max(map(len, lines()))
+    wait_until(lambda: len(lines()) >= 14, timeout=5)  # a request's line may follow its answer
+    assert len(lines()) == 14 and all(len(line) < 600 for line in lines()), max(map(len, lines()))
+    assert not any("\n" in line for line in lines())
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from typing import Any, TypeGuard, cast
 from urllib.parse import urlparse
 
 from lenvm.io import InputError, is_int, is_pipe, numbered_jsonl
-from lenvm.quoting import quoted_json
+from lenvm.quoting import quoted, quoted_json
 
 Messages = list[dict[str, Any]]
 TokenIds = list[int]
@@ -365,7 +365,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     for index, (lineno, record) in enumerate(numbered_jsonl(path, stdin=True)):
         prompt = prompt_from_record(record, str(index), where=f"{name}:{lineno}", base=base)
         if prompt.id in seen:
-            raise InputError(f"{name}:{lineno}: duplicate prompt id {prompt.id!r}")
+            raise InputError(f"{name}:{lineno}: duplicate prompt id {quoted(prompt.id)}")
         seen.add(prompt.id)
         prompts.append(prompt)
     if not prompts:

@@ -310,8 +310,9 @@ def settings_of(models: Models, sampling: SamplingParams, **extra: Any) -> dict[
 
 
 def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; every cell, header cells too, holds its text whatever
-    the text is (a domain, a category, a token from data): see :func:`_markdown_cell`."""
+    """A GitHub-flavoured Markdown table; every cell, header cells too, stays one cell whatever its
+    text (a domain, a category, a token from data): see :func:`_markdown_cell`. Markdown in a
+    cell's text (emphasis, HTML) still renders as such."""
     lines = [_markdown_row(header), "|" + "---|" * len(header)]
     lines.extend(_markdown_row(row) for row in rows)
     return "\n".join(lines) + "\n"

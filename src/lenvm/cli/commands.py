@@ -579,7 +579,8 @@ def cmd_serve(args) -> None:
     check_address(args.host, args.port)  # before the model loads
     settings = ServerSettings(
         served_model_name=args.served_model_name or args.model,
-        api_key=args.api_key or os.environ.get("LENVM_API_KEY") or None,
+        # --api-key "" (a script's unset variable) is refused, not a server without a key.
+        api_key=args.api_key if args.api_key is not None else os.environ.get("LENVM_API_KEY") or None,
         batch_size=args.batch_size,
         max_waiting=args.max_queue,
         max_streams=args.max_streams,

@@ -81,7 +81,7 @@ def json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
-            f"expected a JSON object of names and values, like '{{\"max_model_len\": 4096}}', got {text!r}"
+            f"expected a JSON object of names and values, like '{{\"name\": 1}}', got {text!r}"
         )
     return value
 

@@ -38,7 +38,7 @@ from lenvm.decoding.params import (
 )
 from lenvm.io import InputError, outside_vocabulary
 from lenvm.prompts import Prompt, encode_prompt, template_kwargs_problem, unencodable
-from lenvm.quoting import quoted, shortened
+from lenvm.quoting import plain_field, quoted, quoted_json, shortened
 from lenvm.rollouts import derive_seed
 from lenvm.serve.runner import Choice, Chunk, Finish
 from lenvm.values_view import token_bytes, token_texts_alone
@@ -164,9 +164,12 @@ class ChatMessage(_Body):
         if isinstance(content, list):
             if any(isinstance(p, dict) and "type" not in p for p in content):
                 raise ValueError("a content part needs a 'type'")
-            # A type may be any JSON value, an object (unhashable) included.
+            # A type may be any JSON value, an object (unhashable) included; a string's line breaks
+            # would start lines of their own in the server's log.
             kinds = {
-                shortened(str(p["type"])) for p in content if isinstance(p, dict) and p["type"] != "text"
+                plain_field(shortened(t)) if isinstance(t := p["type"], str) else quoted_json(t)
+                for p in content
+                if isinstance(p, dict) and p["type"] != "text"
             }
             if kinds:
                 raise ValueError(
@@ -181,7 +184,9 @@ class ChatMessage(_Body):
         if self.tool_calls or self.function_call:
             raise ValueError("tool calls are not supported")
         if self.content is None and self.role != "assistant":  # as in OpenAI's API
-            raise ValueError(f"a {shortened(self.role)} message needs its content (an empty string is fine)")
+            raise ValueError(
+                f"a {plain_field(shortened(self.role))} message needs its content (an empty string is fine)"
+            )
         return self
 
 
