@@ -123,7 +123,7 @@ def _key_problem(key: str) -> str | None:
     if bad is not None:
         return (
             f"must be printable ASCII without spaces, which an HTTP header carries: its character {bad + 1} "
-            "is not"
+            f"(U+{ord(key[bad]):04X}) is not"
         )
     return None
 
