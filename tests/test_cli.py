@@ -1101,4 +1101,8 @@ def test_serve_refuses_an_empty_api_key_rather_than_serving_without_one(monkeypa
     model loads, not a server open to anyone."""
     monkeypatch.delenv("LENVM_API_KEY", raising=False)
     assert main(["serve", "--model", "no-such-model", "--api-key", "", "--port", "0"]) == 2
-    assert "api_key" in capsys.readouterr().err
+    assert "the API key of --api-key must be a non-empty string" in capsys.readouterr().err
+    # A key from the environment is named as such: an invisible carriage return, say.
+    monkeypatch.setenv("LENVM_API_KEY", "s3cret\r")
+    assert main(["serve", "--model", "no-such-model", "--port", "0"]) == 2
+    assert "the API key of LENVM_API_KEY must be printable ASCII" in capsys.readouterr().err

@@ -574,13 +574,19 @@ def cmd_serve(args) -> None:
         raise InputError(f'lenvm serve needs the serving extra: pip install "lenvm[serve]" ({err})') from None
     from lenvm.decoding import Engine
     from lenvm.hub import load_generator
-    from lenvm.serve.app import check_address
+    from lenvm.serve.app import check_address, key_problem
 
     check_address(args.host, args.port)  # before the model loads
+    # --api-key "" (a script's unset variable) is refused, not a server without a key.
+    if args.api_key is not None:
+        source, api_key = "--api-key", args.api_key
+    else:
+        source, api_key = "LENVM_API_KEY", os.environ.get("LENVM_API_KEY") or None
+    if api_key is not None and (why := key_problem(api_key)) is not None:
+        raise InputError(f"the API key of {source} {why}")
     settings = ServerSettings(
         served_model_name=args.served_model_name or args.model,
-        # --api-key "" (a script's unset variable) is refused, not a server without a key.
-        api_key=args.api_key if args.api_key is not None else os.environ.get("LENVM_API_KEY") or None,
+        api_key=api_key,
         batch_size=args.batch_size,
         max_waiting=args.max_queue,
         max_streams=args.max_streams,

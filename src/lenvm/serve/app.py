@@ -108,11 +108,11 @@ class ServerSettings:
             raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
         if (why := template_kwargs_problem(self.default_chat_template_kwargs)) is not None:
             raise InputError(f"default_chat_template_kwargs: {why}")
-        if self.api_key is not None and (why := _key_problem(self.api_key)) is not None:
+        if self.api_key is not None and (why := key_problem(self.api_key)) is not None:
             raise InputError(f"api_key {why}")
 
 
-def _key_problem(key: str) -> str | None:
+def key_problem(key: str) -> str | None:
     """Why no client could send ``key`` as ``Authorization: Bearer KEY``, or None: HTTP headers
     carry ASCII (a client cannot encode other characters, the server reads the bytes as Latin-1),
     and the server reads the key from after the space to the end, without surrounding
