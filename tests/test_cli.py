@@ -412,7 +412,10 @@ def test_what_stdout_and_stderr_cannot_encode_is_escaped_then_they_are_as_they_w
     stdout.flush()
     stderr.flush()
     plain, json_lines = stdout.buffer.getvalue().decode("ascii").split("\nplain\t", 1)
-    assert "\n\\u4e2d\\u6587 \\u00fc\t" in plain
+    # A field the console cannot write is a JSON string: its escapes read as escapes, not as text.
+    assert '\n"\\u4e2d\\u6587 \\u00fc"\t' in plain
+    fields = [line.split("\t")[0] for line in (plain + "\nplain\t").splitlines()]
+    assert [json.loads(f) if f.startswith('"') else f for f in fields] == HOSTILE_IDS
     assert [json.loads(line)["id"] for line in json_lines.splitlines()[1:]] == HOSTILE_IDS
     assert "duplicate prompt id '\\u6a21'" in stderr.buffer.getvalue().decode("ascii")
 

@@ -50,3 +50,11 @@ def test_a_plain_field_is_its_text_unless_that_would_break_the_line():
         field = plain_field(text)
         assert field.startswith('"') and json.loads(field) == text
         assert "\t" not in field and len(field.splitlines()) == 1
+
+
+def test_a_plain_field_its_output_cannot_encode_is_a_json_string():
+    """Written to an ASCII console, ``ü1`` would print as ``\\u00fc1``, like an id that holds that
+    text: as a JSON string it reads back as itself."""
+    assert plain_field("ü1", "ascii") == '"ü1"' and plain_field("ü1", "utf-8") == "ü1"
+    assert plain_field("ü1") == "ü1" and plain_field("a", "ascii") == "a"
+    assert plain_field("ü1", "no-such-encoding") == "ü1"

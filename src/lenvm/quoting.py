@@ -54,8 +54,24 @@ def quoted_json(value: Any, limit: int | None = QUOTED_CHARS) -> str:
     return text[:end] + "…"
 
 
-def plain_field(text: str) -> str:
+def plain_field(text: str, encoding: str | None = None) -> str:
     """``text`` as a field of a line of plain (tab-separated) output: as it is, unless a tab, a line
-    break or another control character in it would break the line or not show, or it starts with
-    a double quote; then as the JSON string :func:`quoted_json` writes."""
-    return quoted_json(text, limit=None) if text.startswith('"') or _CONTROL.search(text) else text
+    break or another control character in it would break the line or not show, it starts with a
+    double quote, or the output's ``encoding`` lacks one of its characters (which the output then
+    writes as an escape); then as the JSON string :func:`quoted_json` writes, so that a reader can
+    tell an escape from text that looks like one."""
+    if text.startswith('"') or _CONTROL.search(text) or not _encodes(text, encoding):
+        return quoted_json(text, limit=None)
+    return text
+
+
+def _encodes(text: str, encoding: str | None) -> bool:
+    if encoding is None:
+        return True
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    except LookupError:  # an encoding Python does not know: nothing to tell
+        pass
+    return True

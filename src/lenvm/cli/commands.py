@@ -278,7 +278,7 @@ def cmd_predict(args) -> None:
             fields = {"id": prompt.id, "predicted_length": round(length, 2), "prompt_tokens": len(e.ids)}
             print(json_text(fields, ensure_ascii=False))
         else:
-            print(f"{plain_field(prompt.id)}\t{length:.1f}")
+            print(f"{plain_field(prompt.id, sys.stdout.encoding)}\t{length:.1f}")
     if len(prompts) > 1:
         print(
             f"{len(prompts)} prompts in {seconds:.2f} s ({len(prompts) / seconds:.1f} prompts/s)",
@@ -607,9 +607,9 @@ def cmd_models(args) -> None:
         for m in hub.list_models():
             state = "prepared" if m["prepared"] else "not prepared"
             fields = (str(m["name"]), state, str(m["description"]), str(m["path"]))
-            print("\t".join(map(plain_field, fields)))
+            print("\t".join(plain_field(field, sys.stdout.encoding) for field in fields))
     else:
-        print(plain_field(str(hub.prepare(args.name))))
+        print(plain_field(str(hub.prepare(args.name)), sys.stdout.encoding))
 
 
 def cmd_demo(args) -> None:
@@ -716,7 +716,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="predict total answer length from the prompt alone",
         description="Predict the total length of a prompt's answer, in tokens, from the prompt alone. "
         "Prints a line per prompt: its id, a tab and the length; an id that holds a tab, a line break "
-        'or another control character, or starts with a double quote, is printed as a JSON string ("a\\tb"). '
+        "or another control character (or a character stdout's encoding lacks), or starts with a double "
+        'quote, is printed as a JSON string ("a\\tb"). '
         "--json and --out give JSON lines instead.",
     )
     p.add_argument("--lenvm", type=options.path, required=True, help="LenVM folder")
