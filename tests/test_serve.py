@@ -32,7 +32,7 @@ from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.serve import ServerSettings, create_app, serve
-from lenvm.serve.protocol import Plan, Writer
+from lenvm.serve.protocol import Plan, Writer, merged_template_kwargs
 from lenvm.serve.runner import Choice
 from lenvm.values_view import token_values
 
@@ -825,6 +825,7 @@ def test_server_wide_template_arguments_go_under_each_requests_own_as_in_vllm(en
         assert chat_prompt_tokens(**{kwargs: {"enable_thinking": True}}) == on  # the request's own wins
         assert chat_prompt_tokens(**{kwargs: {"today": "Tuesday"}}) == off  # key by key, not the whole object
         assert chat_prompt_tokens(**{kwargs: {"enable_thinking": None}}) == off  # null: the default (vLLM's)
+        assert chat_prompt_tokens(**{kwargs: {"enable_thinking": "auto"}}) == off  # "auto" likewise
         # An effort sets enable_thinking at the request's level, above the server's default...
         assert chat_prompt_tokens(reasoning_effort="low") == on
         assert chat_prompt_tokens(reasoning_effort="none") == off
@@ -865,6 +866,23 @@ def test_bad_server_wide_template_arguments_are_refused_at_construction(defaults
 
     with pytest.raises(InputError, match=f"^default_chat_template_kwargs: .*{message}"):
         ServerSettings(served_model_name=MODEL, default_chat_template_kwargs=defaults)
+
+
+def test_template_arguments_merge_as_vllm_merges_them():
+    """vLLM drops a request's null and "auto" arguments where the server has defaults (a variable
+    the request leaves to the server, whether or not it has a default) and takes a request's
+    arguments as they are where it has none."""
+    defaults = {"enable_thinking": False}
+    given = {"enable_thinking": "auto", "mode": None, "effort": "auto", "today": "Monday"}
+    assert merged_template_kwargs(defaults, given) == {"enable_thinking": False, "today": "Monday"}
+    assert merged_template_kwargs({}, given) == given
+    assert merged_template_kwargs(defaults, None) == defaults
+    assert (
+        ServerSettings(
+            served_model_name=MODEL, default_chat_template_kwargs=None
+        ).default_chat_template_kwargs
+        == {}
+    )
 
 
 def test_server_wide_template_arguments_need_a_chat_template(tiny_generator):

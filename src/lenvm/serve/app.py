@@ -99,9 +99,11 @@ class ServerSettings:
     max_streams: int = 64
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
-    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    default_chat_template_kwargs: dict[str, Any] | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.default_chat_template_kwargs is None:  # vLLM's default: none
+            self.default_chat_template_kwargs = {}
         for name in ("batch_size", "max_streams", "max_body_bytes"):
             setattr(self, name, positive_count(getattr(self, name), name))
         if self.max_waiting < 0 or not self.shutdown_timeout >= 0:  # NaN fails too
@@ -186,7 +188,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         # Left out of a request, the sampling settings are the policy the LenVM was trained on
         # (its values describe that policy only), as on the command line.
         defaults=(lenvm.config.sampling or {}) if lenvm is not None else {},
-        template_defaults=settings.default_chat_template_kwargs,
+        template_defaults=settings.default_chat_template_kwargs or {},
     )
     name = settings.served_model_name
 

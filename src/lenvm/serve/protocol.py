@@ -620,6 +620,15 @@ def refuse_template_arguments(body: _Templated) -> None:
     )
 
 
+def merged_template_kwargs(defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's chat template arguments over the server's defaults, as vLLM merges them: where
+    there are defaults, a request's ``null`` or ``"auto"`` leaves its variable unset by the request
+    (the default, if any, stays); without defaults the request's arguments go as they are."""
+    if not defaults:
+        return dict(given or {})
+    return {**defaults, **{k: v for k, v in (given or {}).items() if v is not None and v != "auto"}}
+
+
 def chat_prompt_ids(
     messages: list[ChatMessage],
     ctx: Context,
@@ -636,11 +645,7 @@ def chat_prompt_ids(
     if not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     records = [{"role": m.role, "content": _content(m.content)} for m in messages]
-    # As vLLM merges them: a request's null leaves the default, as a null field does.
-    given = {
-        k: v for k, v in (template_kwargs or {}).items() if v is not None or k not in ctx.template_defaults
-    }
-    template_kwargs = {**ctx.template_defaults, **given}
+    template_kwargs = merged_template_kwargs(ctx.template_defaults, template_kwargs)
     try:
         prompt = Prompt("0", messages=records, chat_template_kwargs=template_kwargs)
         with ctx.tokenizer_lock:
