@@ -154,6 +154,73 @@ def tiny128(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def generator128(tiny128):
+    """The generator of ``tiny128``, loaded by lenvm."""
+    from lenvm import load_generator
+
+    return load_generator(tiny128)
+
+
+def _lenvm(tiny128, generator, kind, folder):
+    """A LenVM whose head tells candidates apart (a fresh head's values barely differ)."""
+    import torch
+
+    from lenvm import LengthValueModel
+
+    torch.manual_seed(0)
+    lenvm = LengthValueModel.from_base(tiny128, kind=kind, generator=generator, gamma=0.9)
+    with torch.no_grad():
+        torch.nn.init.normal_(lenvm.head.state.fc2.weight if kind == "q" else lenvm.head.fc2.weight, std=3.0)
+        if kind == "q":
+            torch.nn.init.normal_(lenvm.head.proj.weight, std=0.3)
+    lenvm.save_pretrained(folder)
+    return LengthValueModel.from_pretrained(folder, generator=generator)
+
+
+def _calibrated(tiny128, generator, folder):
+    """The attached LenVM with a map that reads every state as further from its end (its values
+    lie within 0.01 of 0, so the map spreads that stretch)."""
+    from lenvm import LengthValueModel
+    from lenvm.calibration import Calibration
+    from lenvm.model import save_config
+
+    lenvm = _lenvm(tiny128, generator, "attached", folder)
+    lenvm.config.calibration = Calibration((-1.0, -0.005, 0.0), (-1.0, -0.6, 0.0)).to_dict()
+    save_config(folder, lenvm.config)
+    return LengthValueModel.from_pretrained(folder, generator=generator)
+
+
+def _with_end_head(tiny128, generator, folder):
+    """The attached LenVM with an end head whose predictions spread widely, so that the wrap-ups,
+    which rank candidates by it, choose otherwise than by the value head."""
+    import torch
+
+    from lenvm import LengthValueModel
+    from lenvm.model import END_HEAD_NAME, ValueHead, save_config
+
+    lenvm = _lenvm(tiny128, generator, "attached", folder)
+    torch.manual_seed(1)
+    head = ValueHead(lenvm.config.hidden_size, lenvm.config.head_hidden_size)
+    with torch.no_grad():
+        torch.nn.init.normal_(head.fc2.weight, std=3.0)
+    lenvm.config.end_head = {"gamma": 0.9, "natural_eos": 0.05}
+    save_config(folder, lenvm.config, weights={END_HEAD_NAME: head.state_dict()})
+    return LengthValueModel.from_pretrained(folder, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def lenvms(tiny128, generator128, tmp_path_factory):
+    """LenVMs of every kind for ``tiny128`` (and a calibrated one, one with an end head): name ->
+    (LenVM, folder)."""
+    root = tmp_path_factory.mktemp("lenvms")
+    kinds = ("attached", "q", "standalone")
+    found = {kind: (_lenvm(tiny128, generator128, kind, root / kind), root / kind) for kind in kinds}
+    found["calibrated"] = (_calibrated(tiny128, generator128, root / "calibrated"), root / "calibrated")
+    found["end head"] = (_with_end_head(tiny128, generator128, root / "end"), root / "end")
+    return found
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tiny128, tmp_path_factory):
     """`vllm serve` (vLLM's OpenAI server module) of ``tiny128`` as model "tiny" on 127.0.0.1, with
     lenvm's logits processor and an attached LenVM; yields the base URL (without /v1)."""

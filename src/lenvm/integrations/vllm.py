@@ -27,8 +27,8 @@ need our own engine.
 Each step the processor runs the decoding step of :mod:`lenvm.decoding.step` for the rows under a
 control, all of them in one candidate-block forward of the LenVM, which keeps its own KV cache per
 request in the worker (on a CPU its linear layers run on vLLM's own GEMM kernels); rows without a
-control cost nothing. Around a custom processor, vLLM's V1
-sampler then applies temperature, min-p and top-k/top-p. So that it samples exactly the policy's
+control cost nothing. After a custom processor, vLLM's
+sampler applies temperature, min-p and top-k/top-p. So that it samples exactly the policy's
 distribution ``q``, the processor writes ``T · log q`` (vLLM divides by ``T`` again), and a
 controlled request's top-k, top-p and min-p are taken over by the processor when vLLM admits it:
 they shape the candidates, as in our engine, and vLLM's own are set to off for that request, since
@@ -36,21 +36,31 @@ applying them again to ``q`` would cut its tail (they wait in ``extra_args`` und
 ``lenvm_truncation`` and come back if the same ``SamplingParams`` is admitted again without a
 control: drop its length keys, not the whole ``extra_args``, or make new params). Greedy requests
 take the argmax of ``q``.
-vLLM applies repetition, frequency and presence penalties after the processor, so a request that
-sets them no longer samples ``q`` exactly.
+Under the V1 model runner, vLLM applies repetition, frequency and presence penalties after the
+processor, so a request that sets them no longer samples ``q`` exactly; Model Runner V2 applies
+them (and logit bias and bad words) before it, so ``q`` comes from the penalized logits, and its
+thinking-budget forcing after it, over the processor's choice.
 
 Configuration: the LenVM folder comes from ``additional_config={"lenvm_path": ...}``
 (``--additional-config``) or the environment variable ``LENVM_PATH``; set the variable where vLLM
 is started so that requests are also checked against the LenVM's horizon when they are admitted.
 ``lenvm_num_candidates`` (``LENVM_NUM_CANDIDATES``, default 8) and ``lenvm_dtype``
 (``LENVM_DTYPE``, default float32) likewise. An attached or q LenVM loads its generator (named in
-its config) as its own backbone beside vLLM's copy. This is the V1 model runner's interface (vLLM's
-default without Triton, and with ``VLLM_USE_V2_MODEL_RUNNER=0`` on GPUs).
+its config) as its own backbone beside vLLM's copy.
+
+One class serves both of vLLM's model runners: V1 (the default without Triton, so on CPUs) hands
+it each request's live output list and tells it of requests that leave or move; Model Runner V2
+(the default on GPUs) tells it only of requests that take a slot (new, or resumed after
+preemption), so the processor reads each controlled request's token ids from the runner's token
+buffer the first time it samples and then appends the token the runner feeds it at each step, and
+a request that no longer appears leaves the LenVM's cache. V2 is refused with speculative
+decoding (several rows per request) and with prompt embeddings (no ids to read).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import os
@@ -86,6 +96,12 @@ from lenvm.decoding.sequence import target_of
 from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, outside_vocabulary
+
+try:  # Model Runner V2's interface (vLLM's default on GPUs); releases before it have V1's alone
+    RUNNER_V2: Any = importlib.import_module("vllm.v1.worker.gpu.sample.logits_processor")
+except ImportError:  # pragma: no cover - older vLLM
+    RUNNER_V2 = None
+PROCESSOR_BASES = (LogitsProcessor,) if RUNNER_V2 is None else (LogitsProcessor, RUNNER_V2.LogitsProcessor)
 
 # What a vLLM request may ask for: one pass of decoding, so no retries and no best_of.
 KEYS = tuple(k for k in LENGTH_KEYS if k not in ("length_retries", "length_best_of"))
@@ -141,8 +157,9 @@ class _Row:
     sampling: SamplingParams  # the temperature and truncation the candidates come from
     temperature: float  # what vLLM divides the processor's logits by
     prompt: list[int]
-    output: list[int]  # vLLM's live list of this request's output ids
+    output: list[int]  # its output ids so far: V1's live list, kept up to date by apply under V2
     lookahead: bool  # its policy looks one step ahead (the cache must run the final layer)
+    params: Any  # vLLM's SamplingParams of the request
     fed: int = -1  # output ids in the LenVM's cache (-1: the request is not in it)
 
     @classmethod
@@ -170,11 +187,13 @@ class _Row:
             ignore_eos=bool(params.ignore_eos),
         )
         temperature = 1.0 if greedy else float(params.temperature)
-        return cls(control, sampling, temperature, list(prompt), output, looks_ahead(control, sampling))
+        return cls(
+            control, sampling, temperature, list(prompt), output, looks_ahead(control, sampling), params
+        )
 
 
-class LenVMLogitsProcessor(LogitsProcessor):
-    """Length control for vLLM's V1 model runner (see the module doc)."""
+class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and Model Runner V2's
+    """Length control for vLLM's V1 model runner and its Model Runner V2 (see the module doc)."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -203,10 +222,33 @@ class LenVMLogitsProcessor(LogitsProcessor):
         p.extra_args = {**args, TRUNCATION: [p.top_k, p.top_p, p.min_p]}
         p.top_k, p.top_p, p.min_p = OFF
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+    def __init__(self, vllm_config, *runner: Any):
+        """V1 passes ``(device, is_pin_memory)``; Model Runner V2 its requests' state."""
         from lenvm.hub import load_tokenizer
         from lenvm.model import LengthValueModel, check_tokenizer, embedding_matrix
 
+        self.state: Any = None  # Model Runner V2's requests (their token ids), or None under V1
+        if (
+            RUNNER_V2 is not None
+            and len(runner) == 1
+            and isinstance(runner[0], RUNNER_V2.LogitsProcRequestState)
+        ):
+            self.state = runner[0]
+            device = self.state.device
+            if getattr(vllm_config, "speculative_config", None) is not None:
+                raise ValueError(
+                    "LenVMLogitsProcessor decides one token per request and step: start vLLM without "
+                    "speculative decoding"
+                )
+            if getattr(vllm_config.model_config, "enable_prompt_embeds", False):
+                # V2 shows a processor a prompt's ids only, and an embedded prompt has none.
+                raise ValueError(
+                    "LenVMLogitsProcessor needs every prompt's token ids, which Model Runner V2 does not "
+                    "show it for prompt embeddings: start vLLM without --enable-prompt-embeds, or with "
+                    "VLLM_USE_V2_MODEL_RUNNER=0"
+                )
+        else:
+            device, _pinned = runner
         path = _setting(vllm_config, "lenvm_path")
         if not path:
             raise ValueError(
@@ -238,6 +280,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         self.vocab_size = embedding_matrix(self.lenvm.backbone).shape[0]
         self.eos = torch.tensor(self.lenvm.config.eos_token_ids, device=device)
         self.slots: dict[int, _Row] = {}  # vLLM's batch slot -> controlled request
+        self.admitted: dict[int, Any] = {}  # V2: slot -> a controlled request's params (rows built in apply)
         self.order: list[_Row] = []  # the scorer's rows
         self.scorer: Scorer | None = None
         self.lookahead = False  # whether the scorer was built for rows that look ahead
@@ -269,12 +312,30 @@ class LenVMLogitsProcessor(LogitsProcessor):
             if there is not None and direction == MoveDirectionality.SWAP:
                 self.slots[a] = there
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.slots:
-            self._drop()
-            return logits
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        """Model Runner V2: a request takes slot ``req_idx`` (new, or resumed after preemption;
+        whatever held the slot has left). True where it has a control: only then is ``apply``
+        called for its batch. Its token ids are read in ``apply``, once vLLM has written them."""
+        self.slots.pop(req_idx, None)
+        self.admitted.pop(req_idx, None)
         try:
-            return self._apply(logits)
+            control = control_from_keys(sampling_params.extra_args or {}, KEYS)
+        except Exception as err:  # admission checked the keys; never take vLLM's engine down
+            logger.warning("lenvm: request in slot %d is decoded without length control: %s", req_idx, err)
+            return False
+        if control is not None:
+            self.admitted[req_idx] = sampling_params
+        return control is not None
+
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        """V1 calls it with the batch's logits, rows in slot order; Model Runner V2 with ``ctx``,
+        its step's rows (reordered every step) and their slots."""
+        try:
+            slots, index = self._live_v1() if ctx is None else self._live_v2(ctx)
+            if not slots:
+                self._drop()
+                return logits
+            return self._guide(logits, [self.slots[s] for s in slots], index)
         except Exception:  # an error here would kill vLLM's engine: this step goes unguided
             logger.exception("lenvm: length control failed for this step; the LenVM's cache is rebuilt")
             self._drop()
@@ -282,9 +343,54 @@ class LenVMLogitsProcessor(LogitsProcessor):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def _live_v1(self) -> tuple[list[int], list[int]]:
+        """The controlled slots (V1 keeps each request's live output list in its row) and their
+        logits rows: V1's rows are its slots."""
         slots = sorted(self.slots)
-        live = [self.slots[s] for s in slots]
+        return slots, slots
+
+    def _live_v2(self, ctx) -> tuple[list[int], list[int]]:
+        """Model Runner V2: the controlled slots that sample this step, in slot order, and their
+        logits rows; each row's token ids brought up to date. A row's last token is the one the
+        runner feeds this step; a row seen first (or out of step) is read whole from the runner's
+        token buffer. Rows of a prefill chunk sample nothing and are skipped."""
+        state = self.state
+        found, extend, read = {}, [], []
+        for r, s in enumerate(ctx.idx_mapping_np.tolist()):
+            if s not in self.slots and s not in self.admitted:
+                continue
+            length = int(ctx.seq_lens_upper_bound_np[r])  # exact without speculative decoding
+            if length < int(state.prefill_len.np[s]):
+                continue
+            found[s] = r
+            row = self.slots.get(s)
+            if row is not None and len(row.prompt) + len(row.output) == length - 1:
+                extend.append((row, r))
+            else:
+                read.append((s, length))
+        if extend:
+            tokens = ctx.input_ids[torch.tensor([r for _, r in extend], device=ctx.input_ids.device)].tolist()
+            for (row, _), token in zip(extend, tokens, strict=True):
+                row.output.append(token)
+        for s, length in read:
+            ids = state.all_token_ids.gpu[s, :length].tolist()
+            prompt_length = int(state.prompt_len.np[s])
+            params = self.admitted.pop(s, None) or self.slots.pop(s).params
+            try:
+                row = _Row.of(params, ids[:prompt_length], ids[prompt_length:], self.vocab_size)
+            except Exception as err:  # as in update_state: that request goes without its control
+                logger.warning("lenvm: request in slot %d is decoded without length control: %s", s, err)
+                row = None
+            if row is None:
+                del found[s]
+            else:
+                self.slots[s] = row
+        slots = sorted(found)
+        return slots, [found[s] for s in slots]
+
+    def _guide(self, logits: torch.Tensor, live: list[_Row], index_rows: list[int]) -> torch.Tensor:
+        """The decoding step for the controlled requests ``live``, whose logits are rows
+        ``index_rows``."""
         scorer = self._sync(live)
         position = {id(r): i for i, r in enumerate(self.order)}
         order = [position[id(r)] for r in live]
@@ -294,7 +400,7 @@ class LenVMLogitsProcessor(LogitsProcessor):
         rows = Rows.build(
             [r.sampling for r in live], [r.control for r in live], [len(r.output) for r in live], self.device
         )
-        index = torch.tensor(slots, device=logits.device)
+        index = torch.tensor(index_rows, device=logits.device)
         # The controlled rows' own copy: ids the LenVM cannot read are no candidates of theirs.
         scores = forbid_unreadable(logits[index].to(self.device, torch.float32), self.lenvm)
         d = decide(scores, rows, scorer, self.num_candidates, self.eos, self.lenvm.gamma)

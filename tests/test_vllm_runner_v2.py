@@ -1,0 +1,307 @@
+"""Length control under vLLM's Model Runner V2, its default on GPUs. The runner itself needs
+Triton's GPU kernels, so on a CPU these tests drive V2's own pieces as its model runner does, step
+by step: its request state (token buffer, slots taken and freed), its sampler with the built-in
+processors, its processor loader and admission check, and its batch order; requests join, finish,
+are preempted and resume, and long prompts are prefilled in chunks. Stand-ins: the generator's
+logits come from transformers, the scheduler is a loop of this file, and the two Triton kernels on
+this path (staged writes into the token buffer, the temperature) are done in torch."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lenvm import Control, Engine, Request, SamplingParams
+from lenvm.prompts import encode_prompt
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["Tell me about the sea.", "Hi", "List three colors: red, green and blue, then explain why."]
+CONTROLS = [
+    Control("tilt", beta=20.0),
+    Control("equal_to", target=6, retries=0),
+    Control("at_most", target=5, retries=0),
+    Control("at_least", target=9, retries=0),  # one pass, as in vLLM
+    Control("equal_to", target=6, rule="paper"),
+    None,
+]
+PROCESSOR = "lenvm.integrations.vllm:LenVMLogitsProcessor"
+
+
+@pytest.fixture
+def runner_v2(monkeypatch):
+    """V2's modules on a CPU, with torch in place of the Triton kernels this path launches."""
+    import vllm.v1.worker.cpu.shm  # noqa: F401  (what vLLM's CPU worker imports first: host tensors)
+    from vllm.v1.worker.gpu import buffer_utils
+    from vllm.v1.worker.gpu.sample.states import SamplingStates
+
+    def apply_write(self):
+        flat, start_of_contents = self.gpu.view(-1), 0
+        for row, start, end in zip(
+            self._staged_write_indices, self._staged_write_starts, self._staged_write_cu_lens, strict=True
+        ):
+            contents = self._staged_write_contents[start_of_contents:end]
+            at = row * self.gpu.stride(0) + start
+            flat[at : at + len(contents)] = torch.tensor(contents, dtype=self.dtype)
+            start_of_contents = end
+        self.clear_staged_writes()
+
+    def apply_temperature(self, logits, expanded_idx_mapping, idx_mapping_np):
+        temperature = self.temperature.gpu[expanded_idx_mapping]
+        logits /= torch.where(temperature == 0, 1.0, temperature)[:, None]  # 0: greedy, left as is
+
+    monkeypatch.setattr(buffer_utils.StagedWriteTensor, "apply_write", apply_write)
+    monkeypatch.setattr(SamplingStates, "apply_temperature", apply_temperature)
+    return Runner
+
+
+class Runner:
+    """V2's request state, sampler and custom processors, and the runner's order of calls: finished
+    and preempted requests leave, new and resumed ones join (``add_request``), staged writes are
+    applied, then the step's rows, decodes first, are sampled."""
+
+    def __init__(self, model, lenvm_path, max_num_reqs=4, num_candidates=4, chunk=None):
+        from vllm.v1.worker.gpu.sample.logits_processor import (
+            build_custom_logits_processors,
+            build_custom_logits_processors_params_validator,
+        )
+        from vllm.v1.worker.gpu.sample.sampler import Sampler
+        from vllm.v1.worker.gpu.states import RequestState
+
+        self.model = model
+        vocab = model.config.vocab_size
+        self.state = RequestState(
+            max_num_reqs=max_num_reqs,
+            max_model_len=512,
+            max_num_batched_tokens=512,
+            num_speculative_steps=0,
+            vocab_size=vocab,
+            device=torch.device("cpu"),
+        )
+        self.config = SimpleNamespace(
+            reasoning_config=None,
+            speculative_config=None,
+            additional_config={"lenvm_path": str(lenvm_path), "lenvm_num_candidates": num_candidates},
+            model_config=SimpleNamespace(
+                max_model_len=512, tokenizer=model.name_or_path, enable_prompt_embeds=False
+            ),
+        )
+        self.processors = build_custom_logits_processors(self.config, self.state, False, [PROCESSOR])
+        self.admit = build_custom_logits_processors_params_validator([PROCESSOR])  # the frontend's check
+        self.sampler = Sampler(
+            self.config,
+            max_num_reqs=max_num_reqs,
+            vocab_size=vocab,
+            device=torch.device("cpu"),
+            req_states=self.state,
+            custom_logits_processors=self.processors,
+        )
+        self.chunk = chunk  # prefill at most this many tokens a step (chunked prefill)
+        self.requests: dict[str, dict] = {}
+        self.processed: dict[str, list[torch.Tensor]] = {}  # each request's logits as vLLM samples them
+
+    def add(self, name, prompt, params):
+        self.admit(params)
+        self.requests[name] = {"prompt": list(prompt), "output": [], "params": params}
+        self.processed[name] = []
+        self._join(name)
+
+    def _join(self, name):
+        request = self.requests[name]
+        ids = request["prompt"] + request["output"]  # a resumed request is prefilled with its output
+        self.state.add_request(name, len(request["prompt"]), ids, 0, request["params"].max_tokens)
+        self.sampler.add_request(self.state.req_id_to_index[name], request["params"])
+        request.update(computed=0, prefill=len(ids), joined=True)
+
+    def preempt(self, name):
+        self.state.remove_request(name)
+        self.requests[name]["joined"] = False
+
+    def resume(self, name):
+        self._join(name)
+
+    def step(self, rng=None):
+        """One step for every joined request still running; finished requests leave after it."""
+        from vllm.v1.worker.gpu.model_runner import sort_batch_req_ids
+
+        self.state.apply_staged_writes()
+        self.sampler.apply_staged_writes()
+        running = {n: r for n, r in self.requests.items() if r.get("joined") and not r.get("done")}
+        scheduled = {}
+        for name, r in running.items():
+            left = r["prefill"] - r["computed"]
+            scheduled[name] = min(left, self.chunk or left) if left > 0 else 1
+        names = sort_batch_req_ids(scheduled, {}, 1)
+        slots = np.array([self.state.req_id_to_index[n] for n in names], dtype=np.intp)
+        lengths = np.array([running[n]["computed"] + scheduled[n] for n in names], dtype=np.int32)
+        tokens = [running[n]["prompt"] + running[n]["output"] for n in names]
+        with torch.no_grad():
+            logits = torch.cat(
+                [
+                    self.model(torch.tensor([t[:length]])).logits[:, -1].float()
+                    for t, length in zip(tokens, lengths, strict=True)
+                ]
+            )
+        index = torch.tensor(slots, dtype=torch.long)
+        processed = self.sampler.apply_sampling_params(
+            logits,
+            index,
+            index,
+            slots,
+            torch.tensor(lengths - 1, dtype=torch.long),
+            torch.tensor([t[length - 1] for t, length in zip(tokens, lengths, strict=True)]),
+            torch.zeros(len(names), dtype=torch.int32),
+            lengths,
+        )
+        for b, name in enumerate(names):
+            r = running[name]
+            r["computed"] += scheduled[name]
+            if lengths[b] < r["prefill"]:  # a prefill chunk: its sample is dropped
+                continue
+            self.processed[name].append(processed[b].clone())
+            if r["params"].temperature == 0:
+                token = int(processed[b].argmax())
+            else:
+                token = int(torch.multinomial(torch.softmax(processed[b], -1), 1, generator=rng))
+            s = slots[b]  # as the runner's post_update: the token joins the buffer
+            total = int(self.state.total_len.gpu[s])
+            self.state.all_token_ids.gpu[s, total] = token
+            self.state.total_len.gpu[s] = total + 1
+            r["output"].append(token)
+            eos = self.model.generation_config.eos_token_id
+            if (
+                token in (eos if isinstance(eos, list) else [eos])
+                or len(r["output"]) == r["params"].max_tokens
+            ):
+                r["done"] = True
+                self.state.remove_request(name)
+        return names
+
+    def run(self, rng=None):
+        """Steps until every request is done."""
+        while not all(r.get("done") for r in self.requests.values()):
+            self.step(rng)
+
+
+def _vllm_params(control, **sampling):
+    from vllm import SamplingParams as VllmParams
+
+    from lenvm.decoding.params import keys_of
+    from lenvm.integrations.vllm import KEYS
+
+    return VllmParams(extra_args={k: v for k, v in keys_of(control).items() if k in KEYS} or None, **sampling)
+
+
+def test_the_loaders_of_both_runners_take_the_processor_and_v2_admission_refuses_bad_keys(runner_v2):
+    from vllm import SamplingParams as VllmParams
+    from vllm.v1.sample.logits_processor import _load_custom_logitsprocs
+    from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
+
+    from lenvm.integrations.vllm import LenVMLogitsProcessor
+
+    assert _load_custom_logitsprocs([PROCESSOR]) == [LenVMLogitsProcessor]  # V1's loader
+    admit = build_custom_logits_processors_params_validator([PROCESSOR])
+    with pytest.raises(Exception, match="length_equal_to") as refused:
+        admit(VllmParams(max_tokens=8, extra_args={"length_equal_to": -3}))
+    assert type(refused.value).__name__ == "VLLMValidationError"  # the server's 400
+
+
+@pytest.mark.parametrize("kind", ["attached", "standalone", "q"])
+def test_greedy_guided_decoding_under_runner_v2_matches_our_engine(
+    runner_v2, tiny128, generator128, lenvms, kind
+):
+    """Requests join at different steps, one long prompt is prefilled in chunks, one request is
+    preempted mid-answer and resumes in another slot, slots are reused: the tokens are our
+    engine's, and a request without a control is left as the generator samples it."""
+    model, tok = generator128
+    lenvm, path = lenvms[kind]
+    prompts = [encode_prompt(tok, PROMPTS[i % 3]) for i in range(len(CONTROLS))]
+    requests = [
+        Request(p, SamplingParams(max_new_tokens=12, temperature=0.0), control=c)
+        for p, c in zip(prompts, CONTROLS, strict=True)
+    ]
+    ours = Engine(model, tok, lenvm=lenvm, num_candidates=4).generate(requests)
+
+    # Three slots for six requests: the rest wait for a slot. Request 1 is preempted at step 3 (a
+    # waiting request takes its slot) and resumes from step 5 when a slot is free; request 2's
+    # prompt is prefilled 8 tokens a step.
+    runner = runner_v2(model, path, max_num_reqs=3, chunk=8)
+    waiting, preempted = list(range(len(CONTROLS))), []
+    for step in range(200):
+        if step == 3:
+            assert not runner.requests["1"].get("done")
+            slot = runner.state.req_id_to_index["1"]
+            runner.preempt("1")
+            preempted.append("1")
+        while runner.state.free_indices:
+            if preempted and step >= 5:
+                runner.resume(preempted.pop())
+            elif waiting:
+                i = waiting.pop(0)
+                runner.add(str(i), prompts[i], _vllm_params(CONTROLS[i], max_tokens=12, temperature=0.0))
+            else:
+                break
+        if not waiting and not preempted and all(r.get("done") for r in runner.requests.values()):
+            break
+        if step == 3:
+            assert runner.state.req_id_to_index["3"] == slot  # the preempted request's slot, reused
+        runner.step()
+    theirs = {int(n): r["output"] for n, r in runner.requests.items()}
+    assert [theirs[i] for i in range(len(CONTROLS))] == [r.token_ids for r in ours]
+    assert len({tuple(r.token_ids) for r in ours}) > 3  # the controls change the answers
+    processor = runner.processors[0]
+    assert processor.state is not None and not processor.admitted  # under V2; every controlled row was read
+
+
+def test_runner_v2_samples_the_policys_distribution(runner_v2, generator128, lenvms):
+    """At temperature 0.7 and top-p 0.9, what V2's sampler samples from after the processor (its
+    temperature and truncation applied after it) is the distribution of the shared decoding step;
+    a request without a control in the same batch keeps the generator's own."""
+    from lenvm.decoding.scorers import scorer_for
+    from lenvm.decoding.step import Rows, decide
+
+    model, tok = generator128
+    lenvm, path = lenvms["attached"]
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1)
+    control = Control("tilt", beta=8.0)
+    prompt = encode_prompt(tok, PROMPTS[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[:, -1].float()
+        scorer = scorer_for(lenvm).prefill(lenvm, [prompt])
+        eos = torch.tensor(lenvm.config.eos_token_ids)
+        d = decide(logits, Rows.build([sampling], [control], [0], "cpu"), scorer, 4, eos, lenvm.gamma)
+    policy = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    policy[d.ids[0]] = d.dist[0].double()
+
+    runner = runner_v2(model, path)
+    runner.add("guided", prompt, _vllm_params(control, max_tokens=1, temperature=0.7, top_p=0.9))
+    runner.add("plain", prompt, _vllm_params(None, max_tokens=1, temperature=1.0))
+    runner.run(rng=torch.Generator().manual_seed(0))
+    guided = torch.softmax(runner.processed["guided"][0].double(), -1)
+    assert torch.allclose(guided, policy, atol=1e-5)
+    assert (policy - torch.softmax(logits[0].double() / 0.7, -1)).abs().sum() / 2 > 0.1  # not the generator's
+    assert torch.allclose(runner.processed["plain"][0], logits[0])  # untouched
+
+
+def test_runner_v2_setups_the_processor_cannot_follow_stop_vllm_at_start(runner_v2, generator128, lenvms):
+    from lenvm.integrations.vllm import LenVMLogitsProcessor
+
+    model, _ = generator128
+    runner = runner_v2(model, lenvms["attached"][1])
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
+
+    state = LogitsProcRequestState.from_request_state(runner.state)
+    speculative = SimpleNamespace(**{**vars(runner.config), "speculative_config": object()})
+    with pytest.raises(ValueError, match="without speculative decoding"):
+        LenVMLogitsProcessor(speculative, state)
+    embeds = SimpleNamespace(
+        **{
+            **vars(runner.config),
+            "model_config": SimpleNamespace(
+                **{**vars(runner.config.model_config), "enable_prompt_embeds": True}
+            ),
+        }
+    )
+    with pytest.raises(ValueError, match="--enable-prompt-embeds"):
+        LenVMLogitsProcessor(embeds, state)
