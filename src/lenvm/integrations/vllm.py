@@ -352,28 +352,27 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
     def _live_v2(self, ctx) -> tuple[list[int], list[int]]:
         """Model Runner V2: the controlled slots that sample this step, in slot order, and their
         logits rows; each row's token ids brought up to date. A row's last token is the one the
-        runner feeds this step; a row seen first (or out of step) is read whole from the runner's
-        token buffer. Rows of a prefill chunk sample nothing and are skipped."""
+        runner feeds this step; a row seen first (or out of step) reads the tokens before it from
+        the runner's token buffer. Rows of a prefill chunk sample nothing and are skipped."""
         state = self.state
-        found, extend, read = {}, [], []
+        found: dict[int, int] = {}  # slot -> logits row
+        lengths: dict[int, int] = {}  # slot -> tokens so far, the one fed this step included
         for r, s in enumerate(ctx.idx_mapping_np.tolist()):
             if s not in self.slots and s not in self.admitted:
                 continue
             length = int(ctx.seq_lens_upper_bound_np[r])  # exact without speculative decoding
-            if length < int(state.prefill_len.np[s]):
-                continue
-            found[s] = r
+            if length >= int(state.prefill_len.np[s]):
+                found[s], lengths[s] = r, length
+        if not found:
+            return [], []
+        rows = torch.tensor(list(found.values()), device=ctx.input_ids.device)
+        fed = dict(zip(found, ctx.input_ids[rows].tolist(), strict=True))
+        for s, length in lengths.items():
             row = self.slots.get(s)
             if row is not None and len(row.prompt) + len(row.output) == length - 1:
-                extend.append((row, r))
-            else:
-                read.append((s, length))
-        if extend:
-            tokens = ctx.input_ids[torch.tensor([r for _, r in extend], device=ctx.input_ids.device)].tolist()
-            for (row, _), token in zip(extend, tokens, strict=True):
-                row.output.append(token)
-        for s, length in read:
-            ids = state.all_token_ids.gpu[s, :length].tolist()
+                row.output.append(fed[s])
+                continue
+            ids = state.all_token_ids.gpu[s, : length - 1].tolist() + [fed[s]]
             prompt_length = int(state.prompt_len.np[s])
             params = self.admitted.pop(s, None) or self.slots.pop(s).params
             try:
