@@ -374,7 +374,7 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
                 continue
             ids = state.all_token_ids.gpu[s, : length - 1].tolist() + [fed[s]]
             prompt_length = int(state.prompt_len.np[s])
-            params = self.admitted.pop(s, None) or self.slots.pop(s).params
+            params = self.admitted.pop(s) if s in self.admitted else self.slots.pop(s).params
             try:
                 row = _Row.of(params, ids[:prompt_length], ids[prompt_length:], self.vocab_size)
             except Exception as err:  # as in update_state: that request goes without its control
