@@ -1878,9 +1878,17 @@ def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine, monkey
     assert answered == [2] and not up()
 
 
-def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_path):
-    """`lenvm serve` in its own process: on SIGTERM a short stream in flight finishes, a long one is
-    answered with an error once the shutdown timeout has passed; none is dropped silently."""
+@pytest.mark.parametrize(
+    ("signals", "timeout", "message"),
+    [([signal.SIGTERM], "1", "shut down"), ([signal.SIGINT, signal.SIGINT], "inf", "interrupted")],
+    ids=["sigterm", "ctrl-c-twice"],
+)
+def test_a_shutdown_lets_requests_in_flight_finish_or_answers_them(
+    tiny_path, tmp_path, signals, timeout, message
+):
+    """`lenvm serve` in its own process: on SIGTERM (or Ctrl-C) a short stream in flight finishes,
+    long requests are answered with an error once the shutdown timeout has passed, or at a second
+    Ctrl-C; none is dropped silently."""
     # The tiny model with a long context: a fast machine decodes a whole 1,024-token context within
     # the shutdown timeout, and the long stream must still be running when it ends.
     model = tmp_path / "long-context"
@@ -1902,7 +1910,7 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_p
             "--served-model-name",
             MODEL,
             "--shutdown-timeout",
-            "1",
+            timeout,
             "--log-level",
             "warning",
         ],
@@ -1938,17 +1946,40 @@ def test_sigterm_lets_requests_in_flight_finish_or_answers_them(tiny_path, tmp_p
                     if line.startswith("data: "):
                         events[name].append(line[6:])
 
+        plain: list[httpx.Response] = []
+
+        def ask():  # not streamed: its answer is the error itself
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2**17 - 10, "ignore_eos": True}
+            plain.append(httpx.post(url + "/v1/completions", json=body, timeout=60))
+
         threads = [threading.Thread(target=read, args=a) for a in (("short", 30), ("long", 2**17 - 10))]
+        threads.append(threading.Thread(target=ask))
         for t in threads:
             t.start()
         wait_until(lambda: all(events.values()))
-        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the plain request is running too
+        process.send_signal(signals[0])
+        wait_until(lambda: events["short"][-1:] == ["[DONE]"], timeout=30)
+
+        def listening():
+            try:
+                httpx.get(url + "/health", timeout=1)
+            except httpx.TransportError:
+                return False
+            return True
+
+        wait_until(
+            lambda: not listening(), timeout=30
+        )  # the first signal was taken (not merged with the next)
+        for signum in signals[1:]:  # a second Ctrl-C
+            process.send_signal(signum)
         for t in threads:
             t.join(60)
         short, long = events["short"], events["long"]
         assert short[-1] == "[DONE]" and json.loads(short[-2])["choices"][0]["finish_reason"] == "length"
         assert sum(len(json.loads(e)["choices"][0]["logprobs"]["tokens"]) for e in short[:-1]) == 30
-        assert long[-1] == "[DONE]" and "shut down" in json.loads(long[-2])["error"]["message"]
+        assert long[-1] == "[DONE]" and message in json.loads(long[-2])["error"]["message"]
+        assert plain[0].status_code == 503 and message in plain[0].json()["error"]["message"]
         process.wait(60)
     finally:
         if process.poll() is None:

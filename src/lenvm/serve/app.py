@@ -148,6 +148,13 @@ class _State:
         self.streams -= 1
         metrics.open_streams.dec()
 
+    def interrupt(self) -> None:
+        """From a second Ctrl-C: end every request in flight now, each answered with an error. From
+        another thread: a signal handler may interrupt this one while it holds the runner's lock."""
+        self.begin_shutdown()
+        error = ShuttingDown("the server was interrupted before this request finished")
+        threading.Thread(target=self.runner.abort_all, args=[error], daemon=True).start()
+
     def begin_shutdown(self) -> None:
         """From the SIGTERM handler: refuse new work; cut what is left after the timeout."""
         if self.draining:
@@ -696,7 +703,8 @@ def serve(
     """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
     check_address(host, port)
     app = create_app(engine, settings)
-    server = _Server(server_config(app, host, port, log_level), app.state.lenvm.begin_shutdown)
+    state = app.state.lenvm
+    server = _Server(server_config(app, host, port, log_level), state.begin_shutdown, state.interrupt)
     # Where this thread runs an event loop (a notebook's), the server runs in a worker thread,
     # which receives no signals: an interrupt here stops it as a signal there would.
     run_own_loop(server.run, lambda: server.handle_exit(signal.SIGINT, None))
@@ -743,12 +751,20 @@ def check_address(host: str, port: int) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, which also tells the app when a signal asks it to stop."""
+    """uvicorn's server, which also tells the app when a signal asks it to stop. A second Ctrl-C
+    ends the requests in flight, each answered with an error, where uvicorn would force its exit
+    and drop them unanswered; a third forces it."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None], on_interrupt: Callable[[], None]):
         super().__init__(config)
         self.on_exit = on_exit
+        self.on_interrupt = on_interrupt
+        self.interrupted = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT and not self.interrupted:
+            self.interrupted = True
+            self.on_interrupt()
+            return
         self.on_exit()
         super().handle_exit(sig, frame)
