@@ -2001,8 +2001,14 @@ def test_each_request_is_logged_in_one_line(url, caplog):
         return [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
 
     wait_until(lambda: len(lines()) >= 4, timeout=5)  # a stream's line follows its last event
-    assert len(lines()) == 4, lines()
-    ok, invalid, streamed, health = lines()
+    long = {"prompt": [5, 6], "max_tokens": 900, "stream": True, "extra_body": {"ignore_eos": True}}
+    abandoned = client(url).completions.create(model=MODEL, **long)
+    next(iter(abandoned))
+    abandoned.close()  # the client goes away mid-stream
+    wait_until(lambda: len(lines()) >= 5, timeout=5)
+    assert len(lines()) == 5, lines()
+    ok, invalid, streamed, health, gone = lines()
+    assert gone.endswith(": the client went away before the answer was complete"), gone
     assert '"POST /v1/completions" 200 ' in ok and ok.endswith("s prompt_tokens=3 completion_tokens=3")
     assert '"POST /v1/completions" 400 ' in invalid and invalid.endswith(": unknown field 'foo'")
     assert streamed.endswith("prompt_tokens=2 completion_tokens=2")

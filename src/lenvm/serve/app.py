@@ -418,6 +418,8 @@ class _Call:
     def close(self) -> None:
         """The response is over: whatever did not finish was cancelled by the client."""
         self.runner.cancel(self.submission)  # frees the rows of unfinished choices, if any
+        if self.outcome is None:  # a stream's status, sent already, says nothing of it
+            self.note.setdefault("error", "the client went away before the answer was complete")
         self.finish("cancelled")
 
 
