@@ -100,11 +100,12 @@ class Runner:
         self.chunk = chunk  # prefill at most this many tokens a step (chunked prefill)
         self.requests: dict[str, dict] = {}
         self.processed: dict[str, list[torch.Tensor]] = {}  # each request's logits as vLLM samples them
+        self.raw: dict[str, list[torch.Tensor]] = {}  # and as the generator gave them
 
     def add(self, name, prompt, params):
         self.admit(params)
         self.requests[name] = {"prompt": list(prompt), "output": [], "params": params}
-        self.processed[name] = []
+        self.processed[name], self.raw[name] = [], []
         self._join(name)
 
     def _join(self, name):
@@ -160,6 +161,7 @@ class Runner:
             if lengths[b] < r["prefill"]:  # a prefill chunk: its sample is dropped
                 continue
             self.processed[name].append(processed[b].clone())
+            self.raw[name].append(logits[b].clone())
             if r["params"].temperature == 0:
                 token = int(processed[b].argmax())
             else:
@@ -305,3 +307,63 @@ def test_runner_v2_setups_the_processor_cannot_follow_stop_vllm_at_start(runner_
     )
     with pytest.raises(ValueError, match="--enable-prompt-embeds"):
         LenVMLogitsProcessor(embeds, state)
+
+
+def test_requests_that_lose_their_control_keep_their_own_sampling_and_the_rest_stay_guided(
+    runner_v2, tiny128, lenvms, tmp_path, monkeypatch, caplog
+):
+    """A generator that pads its embedding, beside a standalone LenVM whose own embedding lacks the
+    padding ids, which the generator favours. A prompt holding one is decoded without its control,
+    with its own top-k (admission took it over for the processor); a step whose LenVM forward
+    fails goes unguided, each controlled row with its own sampling, and a greedy row then takes a
+    padding id: from there it is decoded without its control too, rather than failing every
+    later step for the whole batch; a request that joins later is guided as our engine guides it."""
+    from vllm import SamplingParams as VllmParams
+
+    from lenvm import load_generator
+    from lenvm.decoding import policies
+
+    model, tok = load_generator(tiny128)  # a copy of its own, padded
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    with torch.no_grad():  # tied: the padding rows' logits beat EOS's, which the tiny model favours
+        embeddings = model.get_input_embeddings().weight
+        embeddings[len(tok) :] = 3 * embeddings[tok.eos_token_id]
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    model.name_or_path = str(tmp_path / "padded")
+    lenvm, path = lenvms["standalone"]
+    runner = runner_v2(model, path)
+    equal = {"length_equal_to": 6}
+    runner.add(
+        "unread", [5, len(tok) + 7], VllmParams(max_tokens=8, temperature=0.7, top_k=3, extra_args=equal)
+    )
+    runner.add("poisoned", [5, 6, 7], VllmParams(max_tokens=8, temperature=0.0, extra_args=equal))
+    rng = torch.Generator().manual_seed(0)
+    runner.step(rng)
+    processor = runner.processors[0]
+    sync, failed = processor._sync, []
+
+    def failing_once(live):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a LenVM failure")
+        return sync(live)
+
+    monkeypatch.setattr(processor, "_sync", failing_once)
+    runner.step(rng)
+    assert runner.requests["poisoned"]["output"][-1] >= len(tok)  # unguided, a padding id won
+    runner.add("fresh", [5, 6, 7], VllmParams(max_tokens=12, temperature=0.0, extra_args=equal))
+    runner.run(rng)
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "lenvm.integrations.vllm"]
+    assert sum("length control failed" in m for m in messages) == 1  # that step only
+    refused = [m for m in messages if "without length control" in m]
+    assert len(refused) == 2 and "prompt" in refused[0] and "answer" in refused[1], refused
+    own = policies.truncate(torch.stack(runner.raw["unread"]), torch.full((8,), 0.7), torch.full((8,), 3))
+    assert torch.allclose(torch.softmax(torch.stack(runner.processed["unread"]), -1), own, atol=1e-6)
+    assert int((own[0] > 0).sum()) < 10  # its own top-k (3, and the padding ids' ties)
+    assert int(torch.isfinite(runner.processed["poisoned"][1]).sum()) == model.config.vocab_size
+    alone = Engine(model, tok, lenvm=lenvm, num_candidates=4).generate(
+        [Request([5, 6, 7], SamplingParams(max_new_tokens=12, temperature=0.0), control=CONTROLS[1])]
+    )
+    assert runner.requests["fresh"]["output"] == alone[0].token_ids

@@ -20,7 +20,10 @@ output or with a ``min_tokens`` it contradicts. Admission is shown no prompt: a 
 standalone LenVM's own embedding lacks (vLLM takes the rows its generator pads its embedding with)
 leaves that request without its control, with a warning, where :class:`VLLMEngine` refuses it.
 Such ids are never a controlled request's candidates, as in our engine (the LenVM would have to
-read them); requests without a control may take them.
+read them); requests without a control may take them. A request decoded without its control (that
+prompt, or an answer holding such an id after a step went unguided) keeps its own temperature and
+truncation, as does every controlled request in a step whose LenVM forward failed (logged; the
+LenVM's cache is then rebuilt).
 Retries (of every target control, and with them At Most's unguided first attempt) and ``best_of``
 need our own engine.
 
@@ -80,6 +83,7 @@ if "vllm" not in sys.modules:
 
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from lenvm.decoding import policies
 from lenvm.decoding.params import (
     LENGTH_KEYS,
     MIN_TEMPERATURE,
@@ -161,17 +165,15 @@ class _Row:
     lookahead: bool  # its policy looks one step ahead (the cache must run the final layer)
     params: Any  # vLLM's SamplingParams of the request
     fed: int = -1  # output ids in the LenVM's cache (-1: the request is not in it)
+    refused: str | None = None  # why it is decoded without its control (with its own sampling)
 
     @classmethod
     def of(cls, params, prompt: list[int] | None, output: list[int], vocab_size: int) -> _Row | None:
-        """The request's row, None without a control; ``vocab_size``: the ids the LenVM embeds."""
+        """The request's row, None without a control; ``vocab_size``: the ids the LenVM embeds. A
+        prompt the LenVM cannot read leaves the row ``refused``."""
         control = control_from_keys(params.extra_args or {}, KEYS)
         if control is None:
             return None
-        if prompt is None:
-            raise InputError("a length control needs the prompt's token ids, not prompt embeddings")
-        if (why := outside_vocabulary(prompt, vocab_size)) is not None:
-            raise InputError(f"the LenVM reads the prompt with an embedding of its own: {why}")
         top_k, top_p, min_p = (params.extra_args or {}).get(TRUNCATION) or (
             params.top_k,
             params.top_p,
@@ -187,9 +189,13 @@ class _Row:
             ignore_eos=bool(params.ignore_eos),
         )
         temperature = 1.0 if greedy else float(params.temperature)
-        return cls(
-            control, sampling, temperature, list(prompt), output, looks_ahead(control, sampling), params
-        )
+        lookahead = looks_ahead(control, sampling)
+        row = cls(control, sampling, temperature, list(prompt or []), output, lookahead, params)
+        if prompt is None:
+            row.refused = "a length control needs the prompt's token ids, not prompt embeddings"
+        elif (why := outside_vocabulary(prompt, vocab_size)) is not None:
+            row.refused = f"the LenVM reads the prompt with an embedding of its own: {why}"
+        return row
 
 
 class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and Model Runner V2's
@@ -298,11 +304,7 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
             self.slots.pop(slot, None)
         for slot, params, prompt, output in batch_update.added:
             self.slots.pop(slot, None)
-            try:
-                row = _Row.of(params, prompt, output, self.vocab_size)
-            except Exception as err:  # admission checked the rest; never take vLLM's engine down
-                logger.warning("lenvm: request in slot %d is decoded without length control: %s", slot, err)
-                row = None
+            row = self._row(slot, params, prompt, output)
             if row is not None:
                 self.slots[slot] = row
         for a, b, direction in batch_update.moved:
@@ -332,16 +334,61 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
         its step's rows (reordered every step) and their slots."""
         try:
             slots, index = self._live_v1() if ctx is None else self._live_v2(ctx)
-            if not slots:
-                self._drop()
-                return logits
-            return self._guide(logits, [self.slots[s] for s in slots], index)
         except Exception:  # an error here would kill vLLM's engine: this step goes unguided
             logger.exception("lenvm: length control failed for this step; the LenVM's cache is rebuilt")
             self._drop()
             return logits
+        if not slots:
+            self._drop()
+            return logits
+        live = [self.slots[s] for s in slots]
+        try:
+            return self._guide(logits, live, index)
+        except Exception:  # likewise, but the controlled rows keep their own sampling
+            logger.exception("lenvm: length control failed for this step; the LenVM's cache is rebuilt")
+            self._drop()
+            return self._unguided(logits, live, index)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _row(self, slot: int, params, prompt: list[int] | None, output: list[int]) -> _Row | None:
+        """The row of the request in ``slot`` (see :meth:`_Row.of`), with a warning where it goes
+        without its control; None without one. Never raises: vLLM's engine would go down."""
+        try:
+            row = _Row.of(params, prompt, output, self.vocab_size)
+        except Exception as err:  # admission checked the keys
+            logger.warning("lenvm: request in slot %d is decoded without length control: %s", slot, err)
+            return None
+        if row is not None and row.refused is not None:
+            logger.warning(
+                "lenvm: request in slot %d is decoded without length control: %s", slot, row.refused
+            )
+        return row
+
+    def _readable(self, row: _Row) -> bool:
+        """Whether the row is guided: not refused, and the LenVM can read its answer. A row about
+        to join the cache is checked (one in it was when it joined, and took candidates only); an
+        id that an unguided step let into its answer leaves it refused from then on."""
+        if row.refused is None and row.fed < 0 and (why := outside_vocabulary(row.output, self.vocab_size)):
+            row.refused = f"the LenVM reads the answer with an embedding of its own: {why}"
+            logger.warning("lenvm: a request is decoded without length control from here: %s", row.refused)
+        return row.refused is None
+
+    def _unguided(self, logits: torch.Tensor, live: list[_Row], index_rows: list[int]) -> torch.Tensor:
+        """Rows ``live`` (logits rows ``index_rows``) as vLLM would sample them without a control:
+        admission took their top-k, top-p and min-p over, so they are applied here (times the
+        temperature that vLLM divides by afterwards)."""
+        index = torch.tensor(index_rows, device=logits.device)
+        rows = Rows.build([r.sampling for r in live], [None] * len(live), [0] * len(live), self.device)
+        probs = policies.truncate(
+            logits[index].to(self.device, torch.float32),
+            rows.temperature,
+            rows.top_k if rows.any_top_k else None,
+            rows.top_p if rows.any_top_p else None,
+            rows.min_p if rows.any_min_p else None,
+        )
+        logits[index] = (probs.log() * rows.temperature[:, None]).to(logits.device, logits.dtype)
+        return logits
 
     def _live_v1(self) -> tuple[list[int], list[int]]:
         """The controlled slots (V1 keeps each request's live output list in its row) and their
@@ -375,11 +422,7 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
             ids = state.all_token_ids.gpu[s, : length - 1].tolist() + [fed[s]]
             prompt_length = int(state.prompt_len.np[s])
             params = self.admitted.pop(s) if s in self.admitted else self.slots.pop(s).params
-            try:
-                row = _Row.of(params, ids[:prompt_length], ids[prompt_length:], self.vocab_size)
-            except Exception as err:  # as in update_state: that request goes without its control
-                logger.warning("lenvm: request in slot %d is decoded without length control: %s", s, err)
-                row = None
+            row = self._row(s, params, ids[:prompt_length], ids[prompt_length:])
             if row is None:
                 del found[s]
             else:
@@ -389,7 +432,17 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
 
     def _guide(self, logits: torch.Tensor, live: list[_Row], index_rows: list[int]) -> torch.Tensor:
         """The decoding step for the controlled requests ``live``, whose logits are rows
-        ``index_rows``."""
+        ``index_rows``; those refused their control are sampled as vLLM would without it."""
+        guided = [self._readable(r) for r in live]
+        if not all(guided):
+            pairs = list(zip(live, index_rows, strict=True))
+            refused = [pair for pair, ok in zip(pairs, guided, strict=True) if not ok]
+            logits = self._unguided(logits, [r for r, _ in refused], [i for _, i in refused])
+            live = [r for r, ok in zip(live, guided, strict=True) if ok]
+            index_rows = [i for i, ok in zip(index_rows, guided, strict=True) if ok]
+            if not live:
+                self._drop()
+                return logits
         scorer = self._sync(live)
         position = {id(r): i for i, r in enumerate(self.order)}
         order = [position[id(r)] for r in live]
