@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1598,6 +1599,51 @@ def test_a_client_that_goes_away_frees_its_row(engine):
         metrics = httpx.get(url + "/metrics").text
         assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
         assert 'lenvm_requests_total{endpoint="completions",outcome="error"} 0.0' in metrics
+
+
+def test_a_stream_whose_client_resets_stops_writing_to_it(engine, monkeypatch, caplog):
+    """Chunks queued while the client resets its connection: the stream lets the event loop see
+    the reset before it writes on, instead of writing each of them to the dead socket (which
+    asyncio logs as "socket.send() raised exception.", with no client or path)."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    with running(engine, batch_size=1) as (url, app):
+        runner = app.state.lenvm.runner
+        submit, submissions, puts = runner.submit, [], []
+
+        def counted_submit(choices):
+            submission = submit(choices)
+            put = submission.put
+            submission.put = lambda item: (puts.append(1), put(item))
+            submissions.append(submission)
+            return submission
+
+        monkeypatch.setattr(runner, "submit", counted_submit)
+        body = json.dumps(
+            {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "stream": True, "ignore_eos": True}
+        )
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+        sock.sendall((head + body).encode())
+        received = b""
+        while b"data: " not in received:  # the stream has begun
+            received += sock.recv(65536)
+        # The server's event loop held up while the client resets and the engine queues chunks:
+        # what a busy loop sees when the chunks come faster than it writes them.
+        held, release = threading.Event(), threading.Event()
+        submissions[0].loop.call_soon_threadsafe(lambda: (held.set(), release.wait(30)))
+        assert held.wait(30)
+        sock.close()
+        queued = len(puts)
+        wait_until(lambda: len(puts) >= queued + 20)
+        release.set()
+        counted = app.state.metrics.registry.get_sample_value
+        wait_until(
+            lambda: counted("lenvm_requests_total", {"endpoint": "completions", "outcome": "cancelled"}) == 1
+        )
+        wait_until(lambda: runner.outstanding == 0 and app.state.lenvm.streams == 0)
+    warned = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert not [m for m in warned if "socket.send() raised exception" in m], warned
 
 
 async def _post_then_disconnect(app, path: str) -> list[dict]:

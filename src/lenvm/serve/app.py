@@ -455,6 +455,10 @@ async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]
         async for chunk in call.submission.chunks():
             call.token(chunk)
             yield _sse(writer.chunk(chunk))
+            # Neither queued chunks nor uvicorn's writes (short of a full buffer) suspend: without a
+            # turn of the loop between events, a client's reset goes unseen and the events queued
+            # after it are each written to the dead socket.
+            await asyncio.sleep(0)
         if plan.include_usage:
             yield _sse(writer.usage_chunk())
         call.finish("ok")
