@@ -221,6 +221,53 @@ def lenvms(tiny128, generator128, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def one_step_policy(generator128, lenvms):
+    """``(prompt ids, sampling, control) -> (the generator's logits [V], the shared decoding step's
+    distribution over the vocabulary [V], float64)`` for ``tiny128``'s first answer token under the
+    attached LenVM, 4 candidates."""
+    import torch
+
+    from lenvm.decoding.scorers import scorer_for
+    from lenvm.decoding.step import Rows, decide
+
+    model, _ = generator128
+    lenvm, _ = lenvms["attached"]
+
+    def policy(prompt, sampling, control):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[:, -1].float()
+            scorer = scorer_for(lenvm).prefill(lenvm, [prompt])
+            eos = torch.tensor(lenvm.config.eos_token_ids)
+            d = decide(logits, Rows.build([sampling], [control], [0], "cpu"), scorer, 4, eos, lenvm.gamma)
+        dense = torch.zeros(logits.shape[-1], dtype=torch.float64)
+        dense[d.ids[0]] = d.dist[0].double()
+        return logits[0], dense
+
+    return policy
+
+
+@pytest.fixture(scope="session")
+def padded128(tiny128, tmp_path_factory):
+    """``(model, tokenizer, folder)``: ``tiny128`` with 8 rows of padding past the tokenizer's ids
+    in its embedding (as generators pad theirs), which a standalone LenVM's own embedding lacks;
+    tied, so their logits beat EOS's, which the tiny model favours. Saved for vLLM."""
+    import torch
+
+    from lenvm import load_generator
+
+    model, tok = load_generator(tiny128)  # a copy of its own
+    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[len(tok) :] = 3 * embeddings[tok.eos_token_id]
+    folder = tmp_path_factory.mktemp("padded128")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model.name_or_path = str(folder)
+    return model, tok, folder
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tiny128, tmp_path_factory):
     """`vllm serve` (vLLM's OpenAI server module) of ``tiny128`` as model "tiny" on 127.0.0.1, with
     lenvm's logits processor and an attached LenVM; yields the base URL (without /v1)."""

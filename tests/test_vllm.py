@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lenvm import Control, Engine, LengthValueModel, Request, SamplingParams, load_generator
+from lenvm import Control, Engine, LengthValueModel, Request, SamplingParams
 from lenvm.io import InputError
 from lenvm.prompts import as_prompt, encode_prompt
 
@@ -162,26 +162,17 @@ def test_the_lenvm_dtype_is_the_generators_unless_lenvm_dtype_names_one(
     assert seen["additional_config"]["lenvm_dtype"] == expected
 
 
-def test_vllm_samples_the_policys_distribution(tiny128, generator128, lenvms):
+def test_vllm_samples_the_policys_distribution(tiny128, generator128, lenvms, one_step_policy):
     """Many one-token samples of a controlled request at temperature 0.7 and top-p 0.9: vLLM's
     draws follow the distribution the shared decoding step gives, not the generator's own."""
-    from lenvm.decoding.scorers import scorer_for
-    from lenvm.decoding.step import Rows, decide
-    from lenvm.prompts import encode_prompt
-
-    lenvm, path = lenvms["attached"]
-    model, tok = generator128
-    sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1)
     control = Control("tilt", beta=8.0)
-    prompt = encode_prompt(tok, PROMPTS[0])
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt])).logits[:, -1].float()
-        scorer = scorer_for(lenvm).prefill(lenvm, [prompt])
-        eos = torch.tensor(lenvm.config.eos_token_ids)
-        d = decide(logits, Rows.build([sampling], [control], [0], "cpu"), scorer, 4, eos, lenvm.gamma)
-    policy = {int(t): float(p) for t, p in zip(d.ids[0], d.dist[0], strict=True) if p > 0}
-    plain = torch.softmax(logits[0] / 0.7, -1)
-    assert sum(abs(policy.get(t, 0.0) - float(plain[t])) for t in range(len(plain))) / 2 > 0.1
+    prompt = encode_prompt(generator128[1], PROMPTS[0])
+    logits, dense = one_step_policy(
+        prompt, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1), control
+    )
+    policy = {t: float(p) for t, p in enumerate(dense) if p > 0}
+    assert (dense - torch.softmax(logits.double() / 0.7, -1)).abs().sum() / 2 > 0.1
+    path = lenvms["attached"][1]
 
     n = 3000
     requests = [
@@ -254,7 +245,7 @@ def test_bad_length_keys_are_refused_when_vllm_admits_the_request(tiny128, lenvm
     assert answer.num_tokens == 3
 
 
-def test_ids_a_standalone_lenvms_embedding_lacks(tiny128, lenvms, tmp_path):
+def test_ids_a_standalone_lenvms_embedding_lacks(padded128, lenvms):
     """A generator that pads its embedding takes ids past the tokenizer's, which a standalone
     LenVM's own embedding lacks. In a prompt: VLLMEngine refuses them as our engine does, and a
     request that reaches the processor with them anyway (vLLM's server shows admission no prompt)
@@ -264,14 +255,8 @@ def test_ids_a_standalone_lenvms_embedding_lacks(tiny128, lenvms, tmp_path):
     from vllm import SamplingParams as VllmParams
     from vllm.inputs import TokensPrompt
 
-    model, tok = load_generator(tiny128)  # a copy of its own, padded and saved for vLLM
-    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
-    with torch.no_grad():  # tied: the padding rows' logits beat EOS's, which the tiny model favours
-        embeddings = model.get_input_embeddings().weight
-        embeddings[len(tok) :] = 3 * embeddings[tok.eos_token_id]
-    model.save_pretrained(tmp_path / "padded")
-    tok.save_pretrained(tmp_path / "padded")
-    engine = _engine(tmp_path / "padded", lenvms["standalone"][1])
+    _, tok, folder = padded128
+    engine = _engine(folder, lenvms["standalone"][1])
     padding = [5, len(tok) + 7]
     with pytest.raises(
         InputError, match=rf"token id {len(tok) + 7}, outside the vocabulary \(0-{len(tok) - 1}\)$"

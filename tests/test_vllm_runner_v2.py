@@ -256,34 +256,25 @@ def test_greedy_guided_decoding_under_runner_v2_matches_our_engine(
     assert processor.state is not None and not processor.admitted  # under V2; every controlled row was read
 
 
-def test_runner_v2_samples_the_policys_distribution(runner_v2, generator128, lenvms):
+def test_runner_v2_samples_the_policys_distribution(runner_v2, generator128, lenvms, one_step_policy):
     """At temperature 0.7 and top-p 0.9, what V2's sampler samples from after the processor (its
     temperature and truncation applied after it) is the distribution of the shared decoding step;
     a request without a control in the same batch keeps the generator's own."""
-    from lenvm.decoding.scorers import scorer_for
-    from lenvm.decoding.step import Rows, decide
-
     model, tok = generator128
-    lenvm, path = lenvms["attached"]
-    sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1)
     control = Control("tilt", beta=8.0)
     prompt = encode_prompt(tok, PROMPTS[0])
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt])).logits[:, -1].float()
-        scorer = scorer_for(lenvm).prefill(lenvm, [prompt])
-        eos = torch.tensor(lenvm.config.eos_token_ids)
-        d = decide(logits, Rows.build([sampling], [control], [0], "cpu"), scorer, 4, eos, lenvm.gamma)
-    policy = torch.zeros(logits.shape[-1], dtype=torch.float64)
-    policy[d.ids[0]] = d.dist[0].double()
+    logits, policy = one_step_policy(
+        prompt, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=1), control
+    )
 
-    runner = runner_v2(model, path)
+    runner = runner_v2(model, lenvms["attached"][1])
     runner.add("guided", prompt, _vllm_params(control, max_tokens=1, temperature=0.7, top_p=0.9))
     runner.add("plain", prompt, _vllm_params(None, max_tokens=1, temperature=1.0))
     runner.run(rng=torch.Generator().manual_seed(0))
     guided = torch.softmax(runner.processed["guided"][0].double(), -1)
     assert torch.allclose(guided, policy, atol=1e-5)
-    assert (policy - torch.softmax(logits[0].double() / 0.7, -1)).abs().sum() / 2 > 0.1  # not the generator's
-    assert torch.allclose(runner.processed["plain"][0], logits[0])  # untouched
+    assert (policy - torch.softmax(logits.double() / 0.7, -1)).abs().sum() / 2 > 0.1  # not the generator's
+    assert torch.allclose(runner.processed["plain"][0], logits)  # untouched
 
 
 def test_runner_v2_setups_the_processor_cannot_follow_stop_vllm_at_start(runner_v2, generator128, lenvms):
@@ -310,7 +301,7 @@ def test_runner_v2_setups_the_processor_cannot_follow_stop_vllm_at_start(runner_
 
 
 def test_requests_that_lose_their_control_keep_their_own_sampling_and_the_rest_stay_guided(
-    runner_v2, tiny128, lenvms, tmp_path, monkeypatch, caplog
+    runner_v2, padded128, lenvms, monkeypatch, caplog
 ):
     """A generator that pads its embedding, beside a standalone LenVM whose own embedding lacks the
     padding ids, which the generator favours. A prompt holding one is decoded without its control,
@@ -320,17 +311,9 @@ def test_requests_that_lose_their_control_keep_their_own_sampling_and_the_rest_s
     later step for the whole batch; a request that joins later is guided as our engine guides it."""
     from vllm import SamplingParams as VllmParams
 
-    from lenvm import load_generator
     from lenvm.decoding import policies
 
-    model, tok = load_generator(tiny128)  # a copy of its own, padded
-    model.resize_token_embeddings(len(tok) + 8, mean_resizing=False)
-    with torch.no_grad():  # tied: the padding rows' logits beat EOS's, which the tiny model favours
-        embeddings = model.get_input_embeddings().weight
-        embeddings[len(tok) :] = 3 * embeddings[tok.eos_token_id]
-    model.save_pretrained(tmp_path / "padded")
-    tok.save_pretrained(tmp_path / "padded")
-    model.name_or_path = str(tmp_path / "padded")
+    model, tok, _ = padded128
     lenvm, path = lenvms["standalone"]
     runner = runner_v2(model, path)
     equal = {"length_equal_to": 6}
