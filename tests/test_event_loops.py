@@ -24,23 +24,28 @@ def ctrl_c_raises():
 
 class SlowToStop:
     """A ``run`` that runs until stopped and then takes ``shutdown_s`` to end, as a server lets
-    its requests in flight finish; ``stop`` only asks, as uvicorn's handle_exit does."""
+    its requests in flight finish; ``stop`` only asks, as uvicorn's handle_exit does. A second
+    ``stop`` ends it at once, as the server then answers its requests with an error, unless
+    ``stuck``."""
 
-    def __init__(self, shutdown_s: float = 0.3, gives_up_s: float = 5.0) -> None:
-        self.shutdown_s, self.gives_up_s = shutdown_s, gives_up_s
+    def __init__(self, shutdown_s: float = 0.3, gives_up_s: float = 5.0, stuck: bool = False) -> None:
+        self.shutdown_s, self.gives_up_s, self.stuck = shutdown_s, gives_up_s, stuck
         self.started, self.stopping, self.ended = threading.Event(), threading.Event(), threading.Event()
+        self.cut = threading.Event()
         self.stops = 0
 
     def run(self) -> str:
         self.started.set()
         stopped = self.stopping.wait(self.gives_up_s)  # a bound, so that a failing test ends
-        time.sleep(self.shutdown_s)
+        self.cut.wait(self.shutdown_s)
         self.ended.set()
         return "stopped" if stopped else "never stopped"
 
     def stop(self) -> None:
         self.stops += 1
         self.stopping.set()
+        if self.stops == 2 and not self.stuck:
+            self.cut.set()
 
 
 @contextlib.contextmanager
@@ -83,10 +88,20 @@ def test_an_interrupt_waits_for_a_slow_stop_to_end_the_run():
     assert work.ended.is_set() and work.stops == 1
 
 
-def test_a_second_interrupt_abandons_the_wait():
-    work = SlowToStop(shutdown_s=3.0)
+def test_a_second_interrupt_ends_the_run_and_returns_once_it_has_ended():
+    """As a script under asyncio.run would end its process before the server's answers were sent
+    if the call returned at once."""
+    work = SlowToStop(shutdown_s=30.0)
     began = time.monotonic()
     with pytest.raises(KeyboardInterrupt), ctrl_c(after=work.started, times=2):
+        in_a_running_loop(lambda: run_own_loop(work.run, work.stop))
+    assert time.monotonic() - began < 2.0 and work.ended.is_set() and work.stops == 2
+
+
+def test_a_third_interrupt_abandons_the_wait():
+    work = SlowToStop(shutdown_s=3.0, stuck=True)
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), ctrl_c(after=work.started, times=3):
         in_a_running_loop(lambda: run_own_loop(work.run, work.stop))
     assert time.monotonic() - began < 2.0 and not work.ended.is_set() and work.stops == 2
 

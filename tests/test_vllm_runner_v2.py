@@ -341,7 +341,9 @@ def test_requests_that_lose_their_control_keep_their_own_sampling_and_the_rest_s
     messages = [r.getMessage() for r in caplog.records if r.name == "lenvm.integrations.vllm"]
     assert sum("length control failed" in m for m in messages) == 1  # that step only
     refused = [m for m in messages if "without length control" in m]
-    assert len(refused) == 2 and "prompt" in refused[0] and "answer" in refused[1], refused
+    assert len(refused) == 2 and "the prompt holds" in refused[0] and "the answer holds" in refused[1], (
+        refused
+    )
     own = policies.truncate(torch.stack(runner.raw["unread"]), torch.full((8,), 0.7), torch.full((8,), 3))
     assert torch.allclose(torch.softmax(torch.stack(runner.processed["unread"]), -1), own, atol=1e-6)
     assert int((own[0] > 0).sum()) < 10  # its own top-k (3, and the padding ids' ties)

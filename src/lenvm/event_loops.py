@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
@@ -18,6 +19,8 @@ T = TypeVar("T")
 # How often the waiting thread wakes: where a lock's wait cannot be interrupted (Windows), an
 # interrupt is raised at the next wake.
 _WAKE_S = 0.1
+# How long a second interrupt waits for ``run`` to end after its second ``stop``.
+_SECOND_WAIT_S = 5.0
 
 
 def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
@@ -26,8 +29,10 @@ def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
     thread (Ctrl-C, SIGTERM under :func:`lenvm.cli.main`) calls ``stop``, which must be safe to
     call from a thread other than ``run``'s and make ``run`` end soon, waits for that end and is
     raised again, as it would have been had ``run`` run in this thread. A second interrupt during
-    that wait calls ``stop`` again (uvicorn then ends without waiting for requests in flight) and
-    is raised at once, leaving ``run`` to end in its thread."""
+    that wait calls ``stop`` again, which must end ``run`` at once (the server answers its
+    requests in flight with an error), and is raised once ``run`` has ended, or after
+    ``_SECOND_WAIT_S`` (a script's process would end before those answers were sent); a third is
+    raised at once, leaving ``run`` to end in its thread."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -54,15 +59,18 @@ def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
                 _wait(ended)
             except KeyboardInterrupt:
                 stop()
+                with contextlib.suppress(KeyboardInterrupt):  # a third: no more waiting
+                    _wait(ended, _SECOND_WAIT_S)
                 raise
             raise
     return outcome.result()
 
 
-def _wait(ended: threading.Event) -> None:
+def _wait(ended: threading.Event, timeout: float = float("inf")) -> None:
     # Not Thread.join: on CPython before 3.13 an interrupted join marks the thread as ended, and
     # a second join then returns at once while it still runs.
-    while not ended.wait(_WAKE_S):
+    deadline = time.monotonic() + timeout
+    while not ended.wait(_WAKE_S) and time.monotonic() < deadline:
         pass
 
 

@@ -369,7 +369,11 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
         """Whether the row is guided: not refused, and the LenVM can read its answer. A row about
         to join the cache is checked (one in it was when it joined, and took candidates only); an
         id that an unguided step let into its answer leaves it refused from then on."""
-        if row.refused is None and row.fed < 0 and (why := outside_vocabulary(row.output, self.vocab_size)):
+        if (
+            row.refused is None
+            and row.fed < 0
+            and (why := outside_vocabulary(row.output, self.vocab_size, "the answer"))
+        ):
             row.refused = f"the LenVM reads the answer with an embedding of its own: {why}"
             logger.warning("lenvm: a request is decoded without length control from here: %s", row.refused)
         return row.refused is None

@@ -295,9 +295,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         call.note["prompt_tokens"] = plan.prompt_tokens
         if plan.stream:
 
-            def closed() -> None:
+            def closed(why: str) -> None:
                 state.close_stream(metrics)
-                call.close()
+                call.close(why)
 
             return _EventStream(_events(call, writer, plan), closed)
         return await _whole(call, writer, request)
@@ -381,6 +381,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 # -- generation ------------------------------------------------------------------------------
 
 
+# Why a request's answer was not complete, in its log line.
+GONE = "the client went away before the answer was complete"
+STOPPED = "the server exited before the answer was complete"
+
+
 class _Call:
     """One generation request in flight: its timing and its one outcome."""
 
@@ -415,11 +420,12 @@ class _Call:
             if outcome == "ok":
                 self.metrics.request_seconds.observe(time.perf_counter() - self.arrived)
 
-    def close(self) -> None:
-        """The response is over: whatever did not finish was cancelled by the client."""
+    def close(self, why: str = GONE) -> None:
+        """The response is over: whatever did not finish was cancelled, by the client (``GONE``)
+        or by the server's forced exit (``STOPPED``)."""
         self.runner.cancel(self.submission)  # frees the rows of unfinished choices, if any
         if self.outcome is None:  # a stream's status, sent already, says nothing of it
-            self.note.setdefault("error", "the client went away before the answer was complete")
+            self.note.setdefault("error", why)
         self.finish("cancelled")
 
 
@@ -437,8 +443,8 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
     except _ClientGone:
         call.close()  # the client went away: free its rows now
         return Response(status_code=499)
-    except asyncio.CancelledError:  # the handler itself was cancelled: likewise
-        call.close()
+    except asyncio.CancelledError:  # the handler itself was cancelled (a forced exit): likewise
+        call.close(STOPPED)
         raise
     except Exception as err:
         error = _as_api_error(err)
@@ -474,15 +480,19 @@ class _EventStream(StreamingResponse):
     """Server-sent events; ``closed`` runs however the response ends, a client that went away
     before the first byte included."""
 
-    def __init__(self, content: AsyncIterator[str], closed: Callable[[], None]):
+    def __init__(self, content: AsyncIterator[str], closed: Callable[[str], None]):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.closed = closed
+        self.closed = closed  # told why, where the stream did not end of itself
 
     async def __call__(self, scope, receive, send) -> None:
+        why = GONE
         try:
             await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:  # the server's forced exit (a client's leaving ends it quietly)
+            why = STOPPED
+            raise
         finally:
-            self.closed()
+            self.closed(why)
 
 
 class _RequestLog:
