@@ -189,10 +189,9 @@ class Runner:
 def _vllm_params(control, **sampling):
     from vllm import SamplingParams as VllmParams
 
-    from lenvm.decoding.params import keys_of
-    from lenvm.integrations.vllm import KEYS
+    from lenvm.integrations.vllm import length_args
 
-    return VllmParams(extra_args={k: v for k, v in keys_of(control).items() if k in KEYS} or None, **sampling)
+    return VllmParams(extra_args=length_args(control), **sampling)
 
 
 def test_the_loaders_of_both_runners_take_the_processor_and_v2_admission_refuses_bad_keys(runner_v2):

@@ -226,13 +226,7 @@ def decide(
     if rows.any_ignore_eos:
         allowed = logits.clone()
         allowed[:, eos_ids] = logits[:, eos_ids].masked_fill(rows.ignore_eos[:, None], -float("inf"))
-    probs = policies.truncate(
-        allowed,
-        rows.temperature,
-        rows.top_k if rows.any_top_k else None,
-        rows.top_p if rows.any_top_p else None,
-        rows.min_p if rows.any_min_p else None,
-    )
+    probs = sampling_distribution(allowed, rows)
     if bool(torch.isnan(probs).any()):  # else a draw lands on any token, a masked one included
         raise ValueError("the generator's logits hold NaN or +inf: a broken model, or float16 overflow?")
     if not rows.any_guided:
@@ -287,6 +281,18 @@ def decide(
     if free is None or uniform is not None:  # without free rows, or they drew their own token above
         return Decision(ids, dist, values, log_norm, eos_id, eos_logprob)
     return Decision(ids, dist, values, log_norm, eos_id, eos_logprob, free, probs)
+
+
+def sampling_distribution(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Each row's distribution under its own temperature and truncation (``[B, V]``); a filter
+    that no row uses costs nothing."""
+    return policies.truncate(
+        logits,
+        rows.temperature,
+        rows.top_k if rows.any_top_k else None,
+        rows.top_p if rows.any_top_p else None,
+        rows.min_p if rows.any_min_p else None,
+    )
 
 
 def _own_tokens(

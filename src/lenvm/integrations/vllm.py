@@ -83,7 +83,6 @@ if "vllm" not in sys.modules:
 
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from lenvm.decoding import policies
 from lenvm.decoding.params import (
     LENGTH_KEYS,
     MIN_TEMPERATURE,
@@ -97,7 +96,14 @@ from lenvm.decoding.params import (
 )
 from lenvm.decoding.scorers import Scorer, scorer_for
 from lenvm.decoding.sequence import target_of
-from lenvm.decoding.step import Rows, as_logits, decide, forbid_unreadable, looks_ahead
+from lenvm.decoding.step import (
+    Rows,
+    as_logits,
+    decide,
+    forbid_unreadable,
+    looks_ahead,
+    sampling_distribution,
+)
 from lenvm.decoding.streams import attention_span
 from lenvm.io import InputError, outside_vocabulary
 
@@ -132,6 +138,11 @@ def _int_setting(vllm_config, name: str, default: int, least: int) -> int:
     if number < least or str(number) != str(value).strip():
         raise ValueError(f"{name} ({name.upper()}) must be an integer of at least {least}, got {value!r}")
     return number
+
+
+def length_args(control: Control | None) -> dict[str, Any] | None:
+    """``control`` as the ``extra_args`` of vLLM's ``SamplingParams`` (None without one)."""
+    return {k: v for k, v in keys_of(control).items() if k in KEYS} or None
 
 
 def _give_back_truncation(params) -> None:
@@ -384,13 +395,7 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
         temperature that vLLM divides by afterwards)."""
         index = torch.tensor(index_rows, device=logits.device)
         rows = Rows.build([r.sampling for r in live], [None] * len(live), [0] * len(live), self.device)
-        probs = policies.truncate(
-            logits[index].to(self.device, torch.float32),
-            rows.temperature,
-            rows.top_k if rows.any_top_k else None,
-            rows.top_p if rows.any_top_p else None,
-            rows.min_p if rows.any_min_p else None,
-        )
+        probs = sampling_distribution(logits[index].to(self.device, torch.float32), rows)
         logits[index] = (probs.log() * rows.temperature[:, None]).to(logits.device, logits.dtype)
         return logits
 
@@ -705,7 +710,7 @@ class VLLMEngine:
             max_tokens=s.max_new_tokens,
             ignore_eos=s.ignore_eos,
             logprobs=0 if self.logprobs else None,
-            extra_args={k: v for k, v in keys_of(control).items() if k in KEYS} or None,
+            extra_args=length_args(control),
         )
 
     def _result(self, prompt_ids: list[int], out) -> Result:
