@@ -1961,8 +1961,6 @@ def test_a_shutdown_lets_requests_in_flight_finish_or_answers_them(
             MODEL,
             "--shutdown-timeout",
             timeout,
-            "--log-level",
-            "warning",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -2031,6 +2029,12 @@ def test_a_shutdown_lets_requests_in_flight_finish_or_answers_them(
         assert long[-1] == "[DONE]" and message in json.loads(long[-2])["error"]["message"]
         assert plain[0].status_code == 503 and message in plain[0].json()["error"]["message"]
         process.wait(60)
+        # What the server says while it waits, and at a second Ctrl-C, is what the next one does.
+        said = process.stdout.read().decode()
+        assert "(CTRL+C to force quit)" not in said
+        if len(signals) == 1:  # a second Ctrl-C may come before uvicorn says it waits
+            assert "Waiting for connections to close. (Ctrl-C: answer them with an error now;" in said
+        assert ("interrupted: answering the requests in flight with an error" in said) == (len(signals) == 2)
     finally:
         if process.poll() is None:
             process.kill()

@@ -152,8 +152,11 @@ class _State:
         """From a second Ctrl-C: end every request in flight now, each answered with an error. From
         another thread: a signal handler may interrupt this one while it holds the runner's lock."""
         self.begin_shutdown()
-        error = ShuttingDown("the server was interrupted before this request finished")
-        threading.Thread(target=self.runner.abort_all, args=[error], daemon=True).start()
+        threading.Thread(target=self._abort_on_interrupt, daemon=True).start()
+
+    def _abort_on_interrupt(self) -> None:
+        log.warning("interrupted: answering the requests in flight with an error (Ctrl-C again: force quit)")
+        self.runner.abort_all(ShuttingDown("the server was interrupted before this request finished"))
 
     def begin_shutdown(self) -> None:
         """From the SIGTERM handler: refuse new work; cut what is left after the timeout."""
@@ -735,6 +738,8 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn
         "level": log_level.upper(),
         "propagate": False,
     }
+    logging_config.setdefault("filters", {})["lenvm_interrupts"] = {"()": _InterruptsNote}
+    logging_config["loggers"]["uvicorn.error"]["filters"] = ["lenvm_interrupts"]
     return uvicorn.Config(
         app,
         host=host,
@@ -764,6 +769,20 @@ def check_address(host: str, port: int) -> None:
             else f"cannot be used ({err.strerror})"
         )
         raise InputError(f"{host}:{port} {reason}: choose another --port or --host") from None
+
+
+class _InterruptsNote(logging.Filter):
+    """uvicorn's lines while it waits for requests in flight say that Ctrl-C forces its exit; here
+    the next Ctrl-C answers those requests with an error first (see :class:`_Server`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.endswith(_UVICORN_FORCE_QUIT):
+            record.msg = record.msg[: -len(_UVICORN_FORCE_QUIT)] + _INTERRUPTS
+        return True
+
+
+_UVICORN_FORCE_QUIT = "(CTRL+C to force quit)"
+_INTERRUPTS = "(Ctrl-C: answer them with an error now; Ctrl-C twice: force quit)"
 
 
 class _Server(uvicorn.Server):
