@@ -351,3 +351,27 @@ def test_requests_that_lose_their_control_keep_their_own_sampling_and_the_rest_s
         [Request([5, 6, 7], SamplingParams(max_new_tokens=12, temperature=0.0), control=CONTROLS[1])]
     )
     assert runner.requests["fresh"]["output"] == alone[0].token_ids
+
+
+def test_the_lenvms_cache_goes_once_new_requests_take_the_slots_of_finished_controlled_ones(
+    runner_v2, generator128, lenvms
+):
+    """V2 never says that a request finished, and calls the processor only for batches with a
+    controlled request: once plain requests have taken the slots of finished controlled ones, the
+    LenVM's cache of those is freed, where no later step would free it."""
+    model, _tok = generator128
+    _lenvm, path = lenvms["attached"]
+    runner = runner_v2(model, path, max_num_reqs=2)
+    for name in ("a", "b"):
+        runner.add(name, [5, 6, 7], _vllm_params(CONTROLS[1], max_tokens=8, temperature=0.0))
+    runner.run()
+    processor = runner.processors[0]
+    assert processor.scorer is not None  # the finished requests' rows, kept
+    runner.add("plain", [5, 6], _vllm_params(None, max_tokens=4, temperature=0.0))
+    assert processor.scorer is not None  # one slot still names a finished controlled request
+    runner.add("plain too", [5, 6], _vllm_params(None, max_tokens=4, temperature=0.0))
+    assert processor.scorer is None and not processor.order
+    runner.run()
+    runner.add("controlled again", [5, 6, 7], _vllm_params(CONTROLS[1], max_tokens=8, temperature=0.0))
+    runner.run()
+    assert len(runner.requests["controlled again"]["output"]) > 0

@@ -328,9 +328,14 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         """Model Runner V2: a request takes slot ``req_idx`` (new, or resumed after preemption;
         whatever held the slot has left). True where it has a control: only then is ``apply``
-        called for its batch. Its token ids are read in ``apply``, once vLLM has written them."""
+        called for its batch. Its token ids are read in ``apply``, once vLLM has written them.
+        V2 never says when a request finishes: the LenVM's cache of finished requests goes at the
+        next step with a controlled request, or here, once new requests have taken every slot
+        that held one (no ``apply`` may come to free it)."""
         self.slots.pop(req_idx, None)
         self.admitted.pop(req_idx, None)
+        if not self.slots and not self.admitted:
+            self._drop()
         try:
             control = control_from_keys(sampling_params.extra_args or {}, KEYS)
         except Exception as err:  # admission checked the keys; never take vLLM's engine down
