@@ -134,3 +134,16 @@ def test_what_run_raises_is_raised_in_the_calling_thread():
 
     with pytest.raises(ValueError, match="bad"):
         in_a_running_loop(lambda: run_own_loop(run, lambda: None))
+
+
+def test_what_run_raises_without_a_running_loop_chains_nothing():
+    """Not "During handling of the above exception (no running event loop)" before every
+    traceback of what run raises or logs."""
+
+    def run():
+        try:
+            raise ValueError("bad")
+        except ValueError as err:
+            return err
+
+    assert run_own_loop(run, lambda: None).__context__ is None

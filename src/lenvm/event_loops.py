@@ -33,10 +33,8 @@ def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
     requests in flight with an error), and is raised once ``run`` has ended, or after
     ``_SECOND_WAIT_S`` (a script's process would end before those answers were sent); a third is
     raised at once, leaving ``run`` to end in its thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return run()
+    if not _loop_running():
+        return run()  # outside an except block, whose RuntimeError every exception of run would chain
     outcome: Future[T] = Future()
     ended = threading.Event()
 
@@ -64,6 +62,14 @@ def run_own_loop(run: Callable[[], T], stop: Callable[[], None]) -> T:
                 raise
             raise
     return outcome.result()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _wait(ended: threading.Event, timeout: float = float("inf")) -> None:
