@@ -2069,6 +2069,27 @@ def test_each_request_is_logged_in_one_line(url, caplog):
     assert '"HEAD /health" 200 ' in health
 
 
+def test_a_paths_control_characters_are_escaped_in_its_log_line(url, caplog):
+    """A line break or a terminal's escape in a (decoded) path neither forges a log line nor
+    reaches the terminal; a plain path stays as it is."""
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    assert httpx.get(url + "/forged%0AINFO:%20fake%20line%1B%5B2J").status_code == 404
+    assert httpx.get(url + "/plain/path-ok").status_code == 404
+
+    def lines():
+        return [
+            m
+            for m in (r.getMessage() for r in caplog.records if r.name == "lenvm.serve")
+            if "forged" in m or "plain/path-ok" in m
+        ]
+
+    wait_until(lambda: len(lines()) >= 2, timeout=5)
+    [forged] = [line for line in lines() if "forged" in line]
+    [plain] = [line for line in lines() if "plain/path-ok" in line]
+    assert '"GET "/forged\\nINFO: fake line\\u001b[2J"" 404 ' in forged, forged
+    assert '"GET /plain/path-ok" 404 ' in plain, plain
+
+
 class _FailingTokenizer(_GatedTokenizer):
     """A tokenizer that fails on the text "fail" (a bug in the tokenizer)."""
 

@@ -42,7 +42,7 @@ from lenvm.event_loops import run_own_loop
 from lenvm.io import InputError, positive_count
 from lenvm.model import LengthValueModel
 from lenvm.prompts import template_kwargs_problem
-from lenvm.quoting import quoted, shortened
+from lenvm.quoting import plain_field, quoted, shortened
 from lenvm.serve.metrics import Metrics
 from lenvm.serve.protocol import (
     MAX_PROMPTS,
@@ -529,7 +529,9 @@ class _RequestLog:
                 '%s "%s %s" %d %.3fs%s%s',
                 f"{client[0]}:{client[1]}" if client else "-",
                 scope["method"],
-                shortened(scope["path"]),  # a client's, of any length (a model's name in /v1/models/)
+                # A client's, of any length (a model's name in /v1/models/), decoded: a line break or
+                # a terminal's escape in it would forge a line or redraw the screen.
+                plain_field(shortened(scope["path"])),
                 note["status"],
                 time.perf_counter() - start,
                 tokens,
