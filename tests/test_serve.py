@@ -33,7 +33,16 @@ from lenvm.decoding.policies import give_up
 from lenvm.model import LengthValueModel
 from lenvm.prompts import Prompt, encode_prompt
 from lenvm.serve import ServerSettings, create_app, serve
-from lenvm.serve.protocol import Plan, Writer, merged_template_kwargs
+from lenvm.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Plan,
+    PredictRequest,
+    Writer,
+    merged_template_kwargs,
+    parse,
+)
 from lenvm.serve.runner import Choice
 from lenvm.values_view import token_values
 
@@ -1195,6 +1204,52 @@ def test_bad_completion_requests_get_a_4xx_and_leave_the_server_healthy(url, bod
     error = response.json()["error"]
     assert message in error["message"] and error["code"] == status and error["type"]
     assert not error["message"].startswith("request ")  # no engine-internal request key
+
+
+@pytest.mark.parametrize(
+    ("schema", "body", "message", "param"),
+    [
+        # A client's key that reads as a type name is named as it was sent.
+        (CompletionRequest, {"prompt": "Hi", "foo[bar]": 1}, "unknown field 'foo[bar]'", "foo[bar]"),
+        (CompletionRequest, {"prompt": "Hi", "str": 1}, "unknown field 'str'", "str"),
+        (CompletionRequest, {"prompt": "Hi", "none": None}, "unknown field 'none'", "none"),
+        (
+            PredictRequest,
+            {"messages": [{"role": "user", "content": "Hi", "int": 1}]},
+            "unknown field 'messages.0.int'",
+            "messages",
+        ),
+        (
+            CompletionRequest,
+            {"prompt": "Hi", "vllm_xargs": {"[x]": [1]}},
+            "vllm_xargs.[x]: expected one of str, int, float, bool",
+            "vllm_xargs",
+        ),
+        (
+            ChatCompletionRequest,
+            {"messages": HI, "metadata": {"str": 1}},
+            "metadata.str: Input should be a valid string",
+            "metadata",
+        ),
+        # A union's members, where a value fits none, are named whatever the depth.
+        (
+            CompletionRequest,
+            {"prompt": 5},
+            "prompt: expected one of str, list[str], list[int], list[list[int]]",
+            "prompt",
+        ),
+        (
+            ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": 5}]},
+            "messages.0.content: expected one of str, list[TextPart]",
+            "messages",
+        ),
+    ],
+)
+def test_a_bad_field_is_named_as_it_was_sent(schema, body, message, param):
+    with pytest.raises(ApiError) as refused:
+        parse(schema, json.dumps(body).encode())
+    assert refused.value.message == message and refused.value.param == param
 
 
 @pytest.mark.parametrize("blank", ["   ", "\n\n", " \t\n"])

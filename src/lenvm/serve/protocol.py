@@ -265,20 +265,46 @@ def _describe(errors: list[ErrorDetails], body: bytes) -> tuple[str, str | None]
     # Union members show up in the location as type names ("list[int]"): leave them out, and
     # name them all when none fitted. A location may hold a client's keys (an unknown field's,
     # vllm_xargs'), of any length.
-    path = [str(p) for p in error["loc"] if not _is_type_name(p)]
+    loc = error["loc"]
+    members = _member_positions(loc, _json_or_none(body))
+    path = [str(p) for k, p in enumerate(loc) if k not in members]
     name = shortened(".".join(path))
     param = shortened(path[0]) if path else None
     if error["type"] == "extra_forbidden":
         return f"unknown field {quoted(name)}", param
     if error["type"] == "missing":
         return f"missing field {quoted(name)}", param
-    loc = error["loc"]
-    if error["type"] != "value_error" and len(loc) > 1 and _is_type_name(loc[1]):
-        members = dict.fromkeys(
-            _type_shown(e["loc"][1]) for e in errors if e["loc"][:1] == loc[:1] and len(e["loc"]) > 1
+    if error["type"] != "value_error" and members:
+        union = min(members)  # where the value fitted none of them
+        shown = dict.fromkeys(
+            _type_shown(e["loc"][union])
+            for e in errors
+            if e["loc"][:union] == loc[:union] and len(e["loc"]) > union
         )
-        return f"{param}: expected one of {', '.join(members)}", param
+        return f"{shortened('.'.join(map(str, loc[:union])))}: expected one of {', '.join(shown)}", param
     return f"{name}: {error['msg'].removeprefix('Value error, ')}", param
+
+
+def _member_positions(loc: tuple[int | str, ...], data: Any) -> set[int]:
+    """The places of ``loc`` that name a union's member, followed along the body ``data``: a
+    client's key may read as a type name too (``"str"``, ``"a[b]"``), and is the body's."""
+    members = set()
+    for k, part in enumerate(loc):
+        try:
+            data = data[part]  # a key or an index of the body
+        except (KeyError, IndexError, TypeError):
+            if _is_type_name(part):
+                members.add(k)
+            else:  # a field the body lacks: nothing to follow
+                data = None
+    return members
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON to Python (it was to pydantic): no keys known
+        return None
 
 
 def _not_json(body: bytes, reason: str) -> str:
