@@ -1149,7 +1149,11 @@ BAD = [
     ({"model": MODEL, "prompt": "Hi", "n": 10**9}, 400, "exceed"),
     ({"model": MODEL, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "Hi", "seed": -(2**63) - 1}, 400, "seed"),
-    ({"model": MODEL, "prompt": "Hi", "seed": 2**64 + 1}, 400, "seed must be a 64-bit signed integer"),
+    (
+        {"model": MODEL, "prompt": "Hi", "seed": 2**64 + 1},
+        400,
+        "seed: Input should be less than or equal to 9223",
+    ),
     ({"model": MODEL, "prompt": "Hi", "length_best_of": 10**5, "length_equal_to": 3}, 400, "from 1 to 16"),
     (
         {"model": MODEL, "prompt": "Hi", "length_at_least": 1022},
@@ -1418,6 +1422,26 @@ def test_bad_length_endpoint_requests(url):
         response = httpx.post(f"{url}/v1/length/{route}", json=body)
         assert response.status_code == 400, (route, body, response.text)
         assert message in response.json()["error"]["message"], (route, body)
+
+
+def test_errors_name_the_field_they_are_about(url):
+    for route, body, param in [
+        ("completions", {"prompt": "Hi", "seed": 2**63}, "seed"),
+        ("completions", {"prompt": "Hi", "seed": -(2**63) - 1}, "seed"),
+        ("length/predict", {"messages": []}, "messages"),
+        ("length/predict", {"prompt": []}, "prompt"),
+        ("length/predict", {"messages": [[{"role": "user", "content": "Hi"}]] * 1025}, "messages"),
+        ("length/predict", {"prompt": ["Hi", "Hi " * 1100]}, "prompt"),
+        ("length/predict", {"messages": [{"role": "user", "content": "Hi " * 1100}]}, "messages"),
+    ]:
+        response = httpx.post(f"{url}/v1/{route}", json={"model": MODEL, **body})
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (body, error)
+        assert "temperature" not in error["message"], error  # no dump of every sampling setting
+    # a seed at either end of the range is one
+    for seed in (2**63 - 1, -(2**63)):
+        assert client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=1, seed=seed).choices
 
 
 def test_a_clients_long_values_are_quoted_short_in_errors_and_their_log_lines(url, caplog):
@@ -1938,16 +1962,36 @@ def test_an_unlimited_shutdown_timeout_waits_without_an_error(engine, monkeypatc
     assert failures == [] and aborted == []
 
 
-def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine, monkeypatch):
-    """A notebook's kernel runs an event loop, beside which uvicorn cannot start its own: the server
-    runs in a worker thread there, and Ctrl-C in the kernel stops it as it stops `lenvm serve`."""
-    # serve() sets up the server's loggers, its own no longer propagating to the root: kept from
-    # the tests after this one, whose caplog (before pytest 9.2) listens at the root only.
+@pytest.fixture
+def kept_loggers(monkeypatch):
+    """serve() sets up the server's loggers, its own no longer propagating to the root: kept from
+    the tests after the one that calls it, whose caplog (before pytest 9.2) listens at the root
+    only."""
     for name in ("lenvm.serve", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         for attribute in ("handlers", "level", "propagate", "disabled"):
             value = getattr(logger, attribute)
             monkeypatch.setattr(logger, attribute, list(value) if attribute == "handlers" else value)
+
+
+@pytest.mark.parametrize(
+    ("host", "api_key", "warned"),
+    [("0.0.0.0", None, True), ("::", None, True), ("0.0.0.0", "key", False), ("127.0.0.1", None, False)],
+)
+def test_listening_beyond_this_machine_without_a_key_is_warned_of(
+    engine, monkeypatch, capsys, kept_loggers, host, api_key, warned
+):
+    from lenvm.serve import app as server_app
+
+    monkeypatch.setattr(server_app._Server, "run", lambda self, sockets=None: None)  # not started
+    serve(engine, ServerSettings(served_model_name=MODEL, api_key=api_key), host=host, port=0)
+    said = capsys.readouterr().err
+    assert (f"listening on {host} without an API key" in said) == warned, said
+
+
+def test_serve_runs_inside_a_running_event_loop_until_interrupted(engine, monkeypatch, kept_loggers):
+    """A notebook's kernel runs an event loop, beside which uvicorn cannot start its own: the server
+    runs in a worker thread there, and Ctrl-C in the kernel stops it as it stops `lenvm serve`."""
     url = f"http://127.0.0.1:{(port := free_port())}"
     answered, cell_done = [], threading.Event()
 

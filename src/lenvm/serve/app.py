@@ -18,6 +18,7 @@ import contextlib
 import copy
 import errno
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -637,13 +638,15 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
     if body.prompt is not None and body.messages is None:
         refuse_template_arguments(body)
         texts = prompt_list(body.prompt)
-        _check_count(texts)
+        _check_count(texts, "prompt")
         ids = [text_prompt_ids(p, ctx) for p in texts]
+        given = "prompt"
     elif body.messages is not None and body.prompt is None:
         chats = _conversations(body.messages)
-        _check_count(chats)
+        _check_count(chats, "messages")
         kwargs = template_arguments(body)
         ids = [chat_prompt_ids(m, ctx, kwargs) for m in chats]
+        given = "messages"
     else:
         raise ApiError(400, "give a prompt or messages (one or a list)")
     for p in ids:
@@ -652,6 +655,7 @@ def _predict_prompts(body: PredictRequest, ctx: Context) -> list[list[int]]:
                 400,
                 f"a prompt has {len(p)} tokens; this model's context is "
                 f"{ctx.context} tokens{ctx.context_note}",
+                given,
             )
     return ids
 
@@ -663,12 +667,12 @@ def _conversations(messages: list[ChatMessage] | list[list[ChatMessage]]) -> lis
     return cast(list[list[ChatMessage]], messages)
 
 
-def _check_count(prompts: Sized) -> None:
-    """Before any is tokenized."""
+def _check_count(prompts: Sized, param: str) -> None:
+    """Before any is tokenized; ``param``: the field that holds them."""
     if not prompts:
-        raise ApiError(400, "no prompts given", "prompt")
+        raise ApiError(400, "no prompts given", param)
     if len(prompts) > MAX_PROMPTS:
-        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request")
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", param)
 
 
 def _values_ids(body: ValuesRequest, ctx: Context) -> tuple[list[int], list[int]]:
@@ -726,6 +730,12 @@ def serve(
     app = create_app(engine, settings)
     state = app.state.lenvm
     server = _Server(server_config(app, host, port, log_level), state.begin_shutdown, state.interrupt)
+    if settings.api_key is None and not _loopback(host):  # logged once the config set up the log
+        log.warning(
+            "listening on %s without an API key: any client that reaches this address can use the "
+            "server (set --api-key or LENVM_API_KEY, or listen on 127.0.0.1)",
+            host,
+        )
     # Where this thread runs an event loop (a notebook's), the server runs in a worker thread,
     # which receives no signals: an interrupt here stops it as a signal there would.
     run_own_loop(server.run, lambda: server.handle_exit(signal.SIGINT, None))
@@ -751,6 +761,16 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn
         access_log=False,
         timeout_graceful_shutdown=None,
     )
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine's loopback address, which no other machine reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: an interface that other machines may reach
+        return False
 
 
 def check_address(host: str, port: int) -> None:
