@@ -37,11 +37,13 @@ from lenvm.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    Context,
     Plan,
     PredictRequest,
     Writer,
     merged_template_kwargs,
     parse,
+    plan_completion,
 )
 from lenvm.serve.runner import Choice
 from lenvm.values_view import token_values
@@ -1422,6 +1424,26 @@ def test_bad_length_endpoint_requests(url):
         response = httpx.post(f"{url}/v1/length/{route}", json=body)
         assert response.status_code == 400, (route, body, response.text)
         assert message in response.json()["error"]["message"], (route, body)
+
+
+class _Untouchable:
+    """A tokenizer that fails the test if it is called."""
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenized")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"), [({"n": 2}, "n"), ({"length_equal_to": 5, "length_best_of": 4}, "length_best_of")]
+)
+def test_too_many_answers_for_a_list_of_prompts_are_refused_before_tokenizing(extra, param):
+    ctx = Context(tokenizer=_Untouchable(), vocab_size=100, context=1024, has_lenvm=True, max_choices=272)
+    body = CompletionRequest(prompt=["Hi"] * 200, **extra)
+    with pytest.raises(ApiError) as refused:
+        plan_completion(body, ctx)
+    assert refused.value.param == param and "exceed what this server holds at once (272)" in str(
+        refused.value
+    )
 
 
 def test_errors_name_the_field_they_are_about(url):

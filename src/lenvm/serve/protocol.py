@@ -31,6 +31,7 @@ from lenvm.decoding.params import (
     LENGTH_KEYS,
     MAX_TOP_LOGPROBS,
     TARGET_KINDS,
+    Control,
     LengthKeyError,
     Request,
     SamplingParams,
@@ -374,7 +375,9 @@ def plan_completion(body: CompletionRequest, ctx: Context) -> Plan:
         raise ApiError(400, "suffix is not supported", "suffix")
     if body.best_of not in (None, 1):
         raise ApiError(400, "best_of is not supported; for Equal To, use length_best_of", "best_of")
-    prompts = _completion_prompts(body, ctx)
+    sent = _completion_prompts(body)
+    _check_rows(body, len(sent), _length_control(body)[1], ctx)  # before tokenizing up to MAX_PROMPTS of them
+    prompts = [text_prompt_ids(p, ctx, body.add_special_tokens) for p in sent]
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"logprobs must lie in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
     return _plan("completions", body, prompts, ctx, body.max_tokens, body.logprobs)
@@ -428,24 +431,10 @@ def _plan(
                 f"{ctx.context} tokens{ctx.context_note}",
                 "messages" if endpoint == "chat" else "prompt",
             )
-    keys, return_values = _length_keys(body)
-    try:
-        control = control_from_keys(keys)
-    except LengthKeyError as err:
-        # Named as sent: a top-level key by its name, one in vllm_xargs by vllm_xargs.
-        sent_top = err.key in LENGTH_KEYS and getattr(body, err.key) is not None
-        raise ApiError(400, str(err), err.key if sent_top else "vllm_xargs") from None
+    keys, control, return_values = _length_control(body)
     if (control is not None or return_values) and not ctx.has_lenvm:
         raise ApiError(400, "this server has no LenVM: start it with --lenvm for length controls and values")
-    best_of = control.best_of if control is not None else 1
-    rows = body.n * len(prompts) * best_of  # each best_of attempt holds a row of its own
-    if rows > ctx.max_choices:
-        raise ApiError(
-            400,
-            f"{rows} answers at once (n times the prompts times length_best_of) exceed what this server "
-            f"holds at once ({ctx.max_choices})",
-            "n" if best_of == 1 else "length_best_of",
-        )
+    _check_rows(body, len(prompts), control, ctx)
     if control is not None and body.stream and control.kind in TARGET_KINDS and "length_retries" not in keys:
         # A stream cannot take tokens back: no retries unless asked for (then it is held back).
         control = replace(control, retries=0)
@@ -507,6 +496,29 @@ def _plan(
         token_ids_as_text=body.return_tokens_as_token_ids,
         controlled=control is not None,
     )
+
+
+def _length_control(body: _Generation) -> tuple[dict[str, Any], Control | None, bool]:
+    """The request's length keys, the control they make, and whether values are asked for."""
+    keys, return_values = _length_keys(body)
+    try:
+        return keys, control_from_keys(keys), return_values
+    except LengthKeyError as err:
+        # Named as sent: a top-level key by its name, one in vllm_xargs by vllm_xargs.
+        sent_top = err.key in LENGTH_KEYS and getattr(body, err.key) is not None
+        raise ApiError(400, str(err), err.key if sent_top else "vllm_xargs") from None
+
+
+def _check_rows(body: _Generation, prompts: int, control: Control | None, ctx: Context) -> None:
+    best_of = control.best_of if control is not None else 1
+    rows = body.n * prompts * best_of  # each best_of attempt holds a row of its own
+    if rows > ctx.max_choices:
+        raise ApiError(
+            400,
+            f"{rows} answers at once (n times the prompts times length_best_of) exceed what this server "
+            f"holds at once ({ctx.max_choices})",
+            "n" if best_of == 1 else "length_best_of",
+        )
 
 
 def _refuse_unsupported(body: _Generation) -> None:
@@ -581,13 +593,14 @@ def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[s
     return cast(list[str | list[int]], prompt)  # a list of texts or of token-id lists
 
 
-def _completion_prompts(body: CompletionRequest, ctx: Context) -> list[list[int]]:
+def _completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """A completion's prompts as sent (text or token ids), counted, not yet tokenized."""
     prompts = prompt_list(body.prompt)
     if not prompts:
         raise ApiError(400, "the prompt is empty", "prompt")
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", "prompt")
-    return [text_prompt_ids(p, ctx, body.add_special_tokens) for p in prompts]
+    return prompts
 
 
 def text_prompt_ids(
