@@ -1532,6 +1532,29 @@ def test_a_body_that_is_not_json_text_is_refused_in_plain_words(url, body, messa
     )
 
 
+def test_a_body_declared_as_other_than_json_gets_a_415(url):
+    """A web page can POST text/plain or a form to a server on its visitor's machine without a CORS
+    preflight: such a body is refused, as FastAPI refuses it. Undeclared is taken as JSON."""
+    for route, fields in [("completions", {"max_tokens": 1}), ("length/predict", {})]:
+        body = json.dumps({"model": MODEL, "prompt": "Hi", **fields}).encode()
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            response = httpx.post(f"{url}/v1/{route}", content=body, headers={"Content-Type": kind})
+            assert response.status_code == 415, (route, kind, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == 415
+            assert "Content-Type: application/json" in error["message"] and repr(kind) in error["message"]
+        for kind in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.lenvm+json", ""):
+            response = httpx.post(f"{url}/v1/{route}", content=body, headers={"Content-Type": kind})
+            assert response.status_code == 200, (route, kind, response.text)
+        assert httpx.post(f"{url}/v1/{route}", content=body).status_code == 200  # no Content-Type
+    # What OpenAI's client sends
+    sent = []
+    hooks = {"request": [lambda request: sent.append(request.headers.get("content-type"))]}
+    openai_client = client(url, http_client=httpx.Client(event_hooks=hooks))
+    openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    assert sent == ["application/json"]
+
+
 def test_a_byte_order_mark_before_the_json_is_taken_as_vllm_takes_it(url):
     body = codecs.BOM_UTF8 + json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
     response = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})

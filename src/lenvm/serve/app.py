@@ -614,6 +614,7 @@ def _authorize(request: Request, settings: ServerSettings) -> None:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    _check_json(request.headers.get("content-type"))
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body exceeds {limit} bytes")
@@ -627,6 +628,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise _ClientGone from None
     return b"".join(parts)
+
+
+def _check_json(content_type: str | None) -> None:
+    """A body is JSON: declared so, or not declared (as FastAPI takes it). A web page may send a
+    text/plain or form POST to this machine without asking first (a CORS preflight), which this
+    refuses, as FastAPI (vLLM's server) does."""
+    if not content_type:
+        return
+    kind, _, subtype = content_type.partition(";")[0].strip().lower().partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        raise ApiError(
+            415, f"the body must be JSON, sent as Content-Type: application/json (got {quoted(content_type)})"
+        )
 
 
 def _check_model(model: str | None, name: str) -> None:
