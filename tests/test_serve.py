@@ -2276,6 +2276,34 @@ def test_a_failure_writing_a_whole_answer_is_a_json_error_counted_as_one(engine,
     assert len(traced) == 1 and str(traced[0].exc_info[1]) == "writer bug"
 
 
+def test_a_whole_answer_is_written_off_the_event_loop(url, monkeypatch):
+    """A big answer (n choices of many tokens with alternatives) takes a while to write: the server
+    answers other requests meanwhile."""
+    writing, health_answered = threading.Event(), threading.Event()
+    original = Writer.answer
+
+    def slow(self, chunks):
+        writing.set()
+        health_answered.wait(10)  # on the event loop, /health could not answer meanwhile
+        return original(self, chunks)
+
+    monkeypatch.setattr(Writer, "answer", slow)
+    answers = []
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    thread = threading.Thread(
+        target=lambda: answers.append(httpx.post(url + "/v1/completions", json=body, timeout=30))
+    )
+    thread.start()
+    try:
+        assert writing.wait(30)
+        health = httpx.get(url + "/health", timeout=5)
+    finally:
+        health_answered.set()
+        thread.join()
+    assert health.status_code == 200
+    assert answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] == 2
+
+
 def test_the_server_logs_its_own_request_lines_at_its_log_level(engine):
     from lenvm.serve.app import server_config
 

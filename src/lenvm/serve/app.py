@@ -443,7 +443,10 @@ async def _whole(call: _Call, writer: Writer, request: Request) -> Response:
 
     try:
         chunks = await _unless_gone(request, collect())
-        response = JSONResponse(writer.answer(chunks))  # a failure writing it is the request's too
+        # Off the event loop: with logprobs a whole answer may take seconds to write (n x tokens x
+        # alternatives), during which other streams and /health would wait. A failure writing it
+        # is the request's too.
+        response = await asyncio.to_thread(lambda: JSONResponse(writer.answer(chunks)))
     except _ClientGone:
         call.close()  # the client went away: free its rows now
         return Response(status_code=499)
