@@ -45,8 +45,8 @@ from lenvm.serve.protocol import (
     parse,
     plan_completion,
 )
-from lenvm.serve.runner import Choice
-from lenvm.values_view import token_values
+from lenvm.serve.runner import Choice, Chunk
+from lenvm.values_view import token_texts_alone, token_values
 
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Tell me about the sea."}]
@@ -429,6 +429,32 @@ def written(tokenizer, endpoint, pieces, top=0, prompt=(1,), stops=(), alternati
     whole = Writer(plan, MODEL, tokenizer).answer(chunks)["choices"][0]
     streamed = Writer(plan, MODEL, tokenizer)
     return whole, [streamed.chunk(c)["choices"][0] for c in chunks]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_whole_answer_names_each_alternative_token_once(endpoint, tiny_generator, monkeypatch):
+    """Decoding the alternatives token by token made a big answer with logprobs take seconds."""
+    from lenvm.serve import protocol
+
+    tokenizer = tiny_generator[1]
+    decoded = []
+
+    def counted(tokenizer, ids):
+        decoded.append(len(ids))
+        return token_texts_alone(tokenizer, ids)
+
+    monkeypatch.setattr(protocol, "token_texts_alone", counted)
+    ids = list(range(40, 90))
+    pieces = [tokenizer.decode([i]) for i in ids]
+    tops = [[(i, -0.1), (i + 1, -2.0), (7, -3.0)] for i in ids]
+    chunk = Chunk(0, ids, "".join(pieces), pieces, [-0.1] * len(ids), tops, None)
+    plan = Plan(
+        endpoint, [Choice(Request([1], SamplingParams(top_logprobs=3)), ())], 1, False, False, 3, False, False
+    )
+    answer = Writer(plan, MODEL, tokenizer).answer([chunk])["choices"][0]["logprobs"]
+    assert len(decoded) == 2 and decoded[1] == len(ids) + 2  # its own tokens, then each alternative once
+    first = answer["content"][0]["top_logprobs"] if endpoint == "chat" else answer["top_logprobs"][0]
+    assert len(first) == 3
 
 
 def lined_up(whole, streamed, eos=None):

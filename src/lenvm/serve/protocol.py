@@ -867,19 +867,20 @@ class Writer:
         tops = answer.top or [[] for _ in ids]
         own = self._tokens(ids)
         tokens = own if self.plan.token_ids_as_text else self._token_strings(ids, pieces, own)
+        # Each alternative named once, however often it comes (a whole answer's n x tokens x top).
+        alternatives = list(dict.fromkeys(t for top in tops for t, _ in top))
         if self.plan.endpoint == "chat":
+            names = dict(zip(alternatives, self._tokens(alternatives), strict=True))
             return {
                 "content": [
                     {
                         **self._chat_logprob(i, token, logprob),
-                        "top_logprobs": [
-                            self._chat_logprob(t, name, lp)
-                            for (t, lp), name in zip(top, self._tokens([t for t, _ in top]), strict=True)
-                        ],
+                        "top_logprobs": [self._chat_logprob(t, names[t], lp) for t, lp in top],
                     }
                     for i, token, logprob, top in zip(ids, tokens, answer.logprobs, tops, strict=True)
                 ]
             }
+        names = dict(zip(alternatives, self._alternatives(alternatives), strict=True))
         offsets = []
         for piece in pieces:
             offsets.append(self.offsets[index])
@@ -889,12 +890,7 @@ class Writer:
             "token_logprobs": answer.logprobs,
             # vLLM's shape: the alternatives and the chosen token, by token string
             "top_logprobs": [
-                {
-                    **{
-                        name: lp for (t, lp), name in zip(top, self._alternatives(top), strict=True) if t != i
-                    },
-                    token: logprob,
-                }
+                {**{names[t]: lp for t, lp in top if t != i}, token: logprob}
                 for i, token, logprob, top in zip(ids, tokens, answer.logprobs, tops, strict=True)
             ],
             "text_offset": offsets,
@@ -916,10 +912,9 @@ class Writer:
             for k, (i, piece, name) in enumerate(zip(ids, pieces, own, strict=True))
         ]
 
-    def _alternatives(self, top: list[tuple[int, float]]) -> list[str]:
+    def _alternatives(self, ids: list[int]) -> list[str]:
         """Alternative tokens by their own strings; a piece of a character (alone, U+FFFD) by its
         bytes, as OpenAI writes it (``bytes:\\xe6\\xb5``), so that different pieces stay apart."""
-        ids = [i for i, _ in top]
         names = self._tokens(ids)
         for k, (i, name) in enumerate(zip(ids, names, strict=True)):
             raw = (
