@@ -870,12 +870,17 @@ class Writer:
         # Each alternative named once, however often it comes (a whole answer's n x tokens x top).
         alternatives = list(dict.fromkeys(t for top in tops for t, _ in top))
         if self.plan.endpoint == "chat":
-            names = dict(zip(alternatives, self._tokens(alternatives), strict=True))
+            named = {
+                t: (name, self._chat_bytes(t, name))
+                for t, name in zip(alternatives, self._tokens(alternatives), strict=True)
+            }
             return {
                 "content": [
                     {
                         **self._chat_logprob(i, token, logprob),
-                        "top_logprobs": [self._chat_logprob(t, names[t], lp) for t, lp in top],
+                        "top_logprobs": [
+                            {"token": named[t][0], "logprob": lp, "bytes": named[t][1]} for t, lp in top
+                        ],
                     }
                     for i, token, logprob, top in zip(ids, tokens, answer.logprobs, tops, strict=True)
                 ]
@@ -927,6 +932,9 @@ class Writer:
         return names
 
     def _chat_logprob(self, token_id: int, token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": self._chat_bytes(token_id, token)}
+
+    def _chat_bytes(self, token_id: int, token: str) -> list[int]:
         # A piece of a character reads as U+FFFD: its own bytes (OpenAI's) let clients put the
         # character together from the pieces.
         raw = (
@@ -934,4 +942,4 @@ class Writer:
             if self.plan.token_ids_as_text or "\ufffd" not in token
             else token_bytes(self.tokenizer, token_id)
         )
-        return {"token": token, "logprob": logprob, "bytes": list(raw or token.encode("utf-8"))}
+        return list(raw or token.encode("utf-8"))
