@@ -1253,6 +1253,29 @@ def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
     assert caught.value.reason.startswith("the prompt holds token id 1000000000, outside the vocabulary")
 
 
+def test_sampling_settings_at_their_limits_fail_no_request_beside_them(server):
+    """A top_p that float32 rounds to 0 decodes (its likeliest token alone), a temperature beyond
+    float32 is refused naming its bound: neither fails the request decoding in the same batch."""
+    url, app = server
+    long = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "extra_body": {"ignore_eos": True}}
+    stream = iter(client(url).completions.create(**long, stream=True))
+    next(stream)
+    assert app.state.lenvm.runner.scheduler.running == 1  # what the next requests join
+
+    def completion(**sampling):
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "ignore_eos": True, **sampling}
+        return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+    nucleus = completion(top_p=1e-46)
+    assert nucleus.status_code == 200, nucleus.text
+    assert nucleus.json()["choices"][0]["text"] == completion(temperature=0).json()["choices"][0]["text"]
+    hot = completion(temperature=1e39)
+    assert hot.status_code == 400
+    assert "temperature must be a number in [0, 3.4028234663852886e+38]" in hot.json()["error"]["message"]
+    *_, last = stream
+    assert last.choices[0].finish_reason == "length"
+
+
 @pytest.fixture(scope="module")
 def padded_engine(tiny_path, tmp_path_factory):
     """An engine on the tiny model whose embedding has 8 rows past the tokenizer's ids, as models
