@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lenvm.decoding import Control, Engine, Request, Result, SamplingParams, Scheduler
 from lenvm.decoding.batch import Batch
 from lenvm.decoding.engine import sentence_end_ids
-from lenvm.decoding.params import NATURAL_EOS
+from lenvm.decoding.params import MAX_TEMPERATURE, NATURAL_EOS
 from lenvm.decoding.sequence import ATTEMPT_SEED_STEP, CLOSER_RETRIES, Sequence, best_of, retry_start
 from lenvm.io import InputError
 from lenvm.model import LengthValueModel, TokenizerMismatchError
@@ -1477,6 +1477,32 @@ def test_a_temperature_below_the_greedy_threshold_decodes_greedily(tiny_generato
             for t in (1e-40, 0.0)
         )
         assert tiny.token_ids == zero.token_ids
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_extreme_sampling_settings_decode(tiny_generator, lenvms, ignore_eos):
+    """A top_p that float32 rounds to 0 keeps the likeliest token (the smallest set whose mass
+    reaches it), and the largest temperature stays finite, so that no distribution turns NaN:
+    such requests decode, plain and under a length control, alone and in one batch."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["attached"], num_candidates=4)
+    settings = [
+        dict(top_p=1e-46),
+        dict(temperature=MAX_TEMPERATURE),
+        dict(temperature=MAX_TEMPERATURE, top_p=1e-46, top_k=3, min_p=1 - 1e-9),
+    ]
+    controls = [None, Control("equal_to", target=4), Control("at_most", target=4, retries=0)]
+    requests = [
+        Request("Hi", SamplingParams(max_new_tokens=6, seed=1, ignore_eos=ignore_eos, **s), control=c)
+        for s in settings
+        for c in controls
+    ]
+    for request, result in zip(requests, engine.generate(requests, batch_size=4), strict=True):
+        check(result, request, engine.eos_ids)
+    # top_p that small keeps the likeliest token alone: the answer is the greedy one
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=ignore_eos)
+    [nucleus, argmax] = engine.generate([Request("Hi", requests[0].sampling), Request("Hi", greedy)])
+    assert nucleus.token_ids == argmax.token_ids
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, 2.0], [True, False], [[5, 6, 7]]])

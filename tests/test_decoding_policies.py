@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lenvm.decoding import policies
+from lenvm.decoding.params import MAX_TEMPERATURE, SamplingParams
 from lenvm.decoding.policies import Candidates
+from lenvm.decoding.step import Rows, sampling_distribution
 from lenvm.returns import length_to_value
 
 GAMMA = 0.99
@@ -216,6 +218,39 @@ def test_truncate_applies_top_k_top_p_and_min_p_per_row():
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
     hot = policies.truncate(logits[:1], torch.tensor([0.5]))
     assert float(hot[0, 0]) == pytest.approx(0.25 / (0.25 + 0.0625 + 0.0225 + 0.01))
+
+
+@st.composite
+def truncations(draw):
+    """Two rows of logits (a masked token's -inf among them, never all) and any sampling settings
+    SamplingParams takes for each."""
+    size = draw(st.integers(1, 12))
+    logit = st.floats(-1e4, 1e4, width=32) | st.just(-math.inf)
+    row = st.lists(logit, min_size=size, max_size=size).filter(lambda x: max(x) > -math.inf)
+    sampling = st.builds(
+        SamplingParams,
+        temperature=st.floats(0.0, MAX_TEMPERATURE) | st.sampled_from([1.0, MAX_TEMPERATURE]),
+        top_k=st.integers(0, size),
+        top_p=st.floats(0.0, 1.0, exclude_min=True) | st.sampled_from([1e-46, 1e-300, 1.0]),
+        min_p=st.floats(0.0, 1.0, exclude_max=True) | st.just(1 - 1e-9),
+        max_new_tokens=st.just(8),
+    )
+    return [draw(row) for _ in range(2)], [draw(sampling) for _ in range(2)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(truncations())
+def test_truncation_always_keeps_a_token_and_sums_to_one(case):
+    """No settings SamplingParams takes may empty a row of the step's sampling distribution:
+    top-p keeps the smallest set whose mass reaches p, never none (a p that float32 rounds to 0
+    included), and the largest temperature stays finite (a masked token's -inf / inf is NaN)."""
+    logits, samplings = case
+    rows = Rows.build(samplings, [None, None], [0, 0], "cpu")
+    probs = sampling_distribution(torch.tensor(logits), rows)
+    assert not probs.isnan().any()
+    assert ((probs > 0).sum(-1) >= 1).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
+    assert float(probs[torch.tensor(logits) == -math.inf].sum()) == 0.0
 
 
 def test_top_candidates_adds_eos_when_a_target_needs_a_way_to_end():

@@ -5,6 +5,7 @@ import asyncio
 import codecs
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import torch
 import uvicorn
 from conftest import sentencepiece_tokenizer
 from hypothesis import given
+from hypothesis import settings as run_with
 from hypothesis import strategies as st
 
 from lenvm.decoding import Control, Engine, Request, SamplingParams
@@ -729,6 +731,158 @@ def test_stop_strings_with_characters_split_across_tokens(stop, expected):
     assert (finish is not None) == (stop in "a你好b")
 
 
+def tracked(tracker, updates, eos=None):
+    """The chunks of ``tracker`` for ``updates`` ((start, token ids) each; the last ends the answer,
+    with ``eos`` after its tokens where given), up to the one that finishes."""
+    from lenvm.decoding.engine import Update
+    from lenvm.decoding.params import Result
+
+    ids, chunks = [], []
+    for k, (start, tokens) in enumerate(updates):
+        last = k == len(updates) - 1
+        tokens = tokens + [eos] if last and eos is not None else tokens
+        ids = ids[:start] + tokens
+        n = len(tokens)
+        result = Result(
+            [1],
+            ids,
+            "",
+            len(ids),
+            "length" if eos is None else "stop",
+            None,
+            -0.5,
+            logprobs=[-0.5] * len(ids),
+        )
+        update = Update("k", 0, start, tokens, result if last else None, [-0.5] * n, [[]] * n, [0.0] * n)
+        chunk = tracker.update(update)
+        chunks += [chunk] if chunk is not None else []
+        if chunk is not None and chunk.finish is not None:
+            break
+    return chunks
+
+
+def one_by_one(ids):
+    """Updates of one token each."""
+    return [(k, [t]) for k, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize(
+    "text, stops, steps, sent, stop",
+    [
+        (" Once upon a time", ("ce up", "never"), 1, " On", "ce up"),  # over several tokens
+        (" Once upon a time", ("ce up",), 4, " On", "ce up"),  # ... and several updates
+        (" the sea" * 150 + " the end", ("end",), 1, " the sea" * 150 + " the ", "end"),  # late
+        (" the sea", ("sea", "e s", "zz"), 3, " th", "e s"),  # the first to start wins
+        (" the sea", ("e sea", "e s"), 1, " th", "e s"),  # ... of two at one place, the shorter
+    ],
+)
+def test_stop_strings_end_the_stream_where_they_start(tiny_generator, text, stops, steps, sent, stop):
+    from lenvm.serve.runner import _Tracker
+
+    tok = tiny_generator[1]
+    ids = tok.encode(text, add_special_tokens=False)
+    choice = Choice(Request([1], SamplingParams(max_new_tokens=len(ids))), stops)
+    updates = [(k, ids[k : k + steps]) for k in range(0, len(ids), steps)]
+    chunks = tracked(_Tracker(0, choice, tok), updates)
+    assert "".join(c.text for c in chunks) == sent and chunks[-1].finish.stop_string == stop
+
+
+def test_a_stop_string_over_the_point_an_answer_was_cut_back_to_ends_it(tiny_generator):
+    """An answer cut back (tokens replaced from a position) is searched from where a stop string
+    could start before that position: "cy" ends "abcx" cut back to "abc" and then "y"."""
+    from lenvm.serve.runner import _Tracker
+
+    tok = tiny_generator[1]
+    [a, b, c, x, y] = tok.encode("abcxy", add_special_tokens=False)
+    choice = Choice(Request([1], SamplingParams(max_new_tokens=9)), ("cy", "xy"))
+    updates = [*one_by_one([a, b, c, x]), (3, [y]), (4, [x])]  # the last one, never reached, would end it
+    chunks = tracked(_Tracker(0, choice, tok), updates)
+    assert chunks[-1].finish.stop_string == "cy" and chunks[-1].finish.completion_tokens == 4
+
+
+def test_a_trackers_update_searches_only_its_new_text(tiny_generator, monkeypatch):
+    """Each update of a long answer searches its new text for stop strings (with the characters
+    before it where one could start), not the whole answer: its cost does not grow with it."""
+    from lenvm.serve import runner
+
+    searched, first_stop = [], runner.first_stop
+    monkeypatch.setattr(
+        runner, "first_stop", lambda text, stops: (searched.append(len(text)), first_stop(text, stops))[1]
+    )
+    tok = tiny_generator[1]
+    ids = tok.encode(" the sea" * 200, add_special_tokens=False)
+    choice = Choice(Request([1], SamplingParams(max_new_tokens=len(ids) + 1)), ("never",))
+    chunks = tracked(runner._Tracker(0, choice, tok), one_by_one(ids) + [(len(ids), [])], tok.eos_token_id)
+    assert "".join(c.text for c in chunks) == " the sea" * 200
+    assert max(searched[:-1]) == len("never")  # the last update reads the whole answer, once
+
+
+@st.composite
+def updates_of_answers(draw, tok):
+    """Token ids of text with characters split over tokens, as updates of 1 to 3 tokens, some
+    cutting the answer back (replacing its tokens from a position), and stop strings (pieces of
+    the text, or strings it may not hold)."""
+    words = st.sampled_from(["a", "b", " ", "ab", "你", "😀", "\n"])
+    ids = tok.encode("".join(draw(st.lists(words, min_size=1, max_size=30))), add_special_tokens=False)
+    updates, answer, taken = [], [], 0
+    while taken < len(ids):
+        if answer and draw(st.integers(0, 6)) == 0:
+            start = draw(st.integers(0, len(answer) - 1))
+            tokens = draw(st.lists(st.sampled_from(ids), min_size=1, max_size=3))
+        else:
+            start, tokens = len(answer), ids[taken : taken + draw(st.integers(1, 3))]
+            taken += len(tokens)
+        updates.append((start, tokens))
+        answer = answer[:start] + tokens
+    text = tok.decode(answer)
+    inside = (
+        st.integers(0, max(len(text) - 1, 0))
+        .flatmap(lambda i: st.integers(i + 1, i + 4).map(lambda j: text[i:j]))
+        .filter(bool)
+    )
+    stops = draw(st.lists(inside | st.text("ab 你😀\ufffd", min_size=1, max_size=3), max_size=3))
+    return updates, tuple(stops), draw(st.booleans()), draw(st.booleans())
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_generator):
+    return {
+        "byte-level BPE": tiny_generator[1],
+        "sentencepiece": sentencepiece_tokenizer("strip first space"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "sentencepiece"])
+@run_with(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_a_tracker_streams_what_the_whole_text_says(tokenizers, kind, data):
+    """The tracker reads each update's new text only; what it sends is what reading the whole text
+    at every update gives (where the first stop string starts, the tokens and text released)."""
+    from lenvm.serve.runner import _Tracker, first_stop
+
+    class WholeText(_Tracker):
+        def _stop_from(self, start):
+            return first_stop("".join(self.decoder.pieces), self.choice.stops)
+
+        def _progress(self, pieces, released):
+            ends = list(itertools.accumulate(len(p) for p in pieces))
+            upto = max(
+                (k for k, (p, e) in enumerate(zip(pieces, ends, strict=True), 1) if p and e <= released),
+                default=0,
+            )
+            if upto <= self.sent_tokens:
+                return None
+            sent, self.sent_tokens = self.sent_tokens, upto
+            text = "".join(pieces[:upto])
+            return self._chunk(pieces, text[self.sent_chars :], len(text), sent, None)
+
+    tok = tokenizers[kind]
+    updates, stops, include, ends = data.draw(updates_of_answers(tok))
+    choice = Choice(Request([1], SamplingParams(max_new_tokens=999)), stops, include)
+    eos = tok.eos_token_id if ends else None
+    assert tracked(_Tracker(0, choice, tok), updates, eos) == tracked(WholeText(0, choice, tok), updates, eos)
+
+
 def test_openai_fields_that_ask_for_nothing_different_are_taken(url):
     """What SDKs and frameworks send by default, or only to inform, is taken; the values of those
     fields that ask for what this server does not do are refused, naming the field."""
@@ -1338,6 +1492,29 @@ def test_token_ids_outside_the_vocabulary_get_the_engines_message(url, engine):
     assert response.status_code == 400
     assert response.json()["error"]["message"] == caught.value.reason
     assert caught.value.reason.startswith("the prompt holds token id 1000000000, outside the vocabulary")
+
+
+def test_sampling_settings_at_their_limits_fail_no_request_beside_them(server):
+    """A top_p that float32 rounds to 0 decodes (its likeliest token alone), a temperature beyond
+    float32 is refused naming its bound: neither fails the request decoding in the same batch."""
+    url, app = server
+    long = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "extra_body": {"ignore_eos": True}}
+    stream = iter(client(url).completions.create(**long, stream=True))
+    next(stream)
+    assert app.state.lenvm.runner.scheduler.running == 1  # what the next requests join
+
+    def completion(**sampling):
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "ignore_eos": True, **sampling}
+        return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+    nucleus = completion(top_p=1e-46)
+    assert nucleus.status_code == 200, nucleus.text
+    assert nucleus.json()["choices"][0]["text"] == completion(temperature=0).json()["choices"][0]["text"]
+    hot = completion(temperature=1e39)
+    assert hot.status_code == 400
+    assert "temperature must be a number in [0, 3.4028234663852886e+38]" in hot.json()["error"]["message"]
+    *_, last = stream
+    assert last.choices[0].finish_reason == "length"
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,9 @@ OFF_ELSEWHERE = {"top_k": -1}
 # A temperature below this is greedy (as vLLM takes it): far below it, logits / temperature
 # would overflow float32 into nan.
 MIN_TEMPERATURE = 1e-5
+# The largest temperature: the largest finite float32 (decoding divides float32 logits by it; an
+# infinite one would make a masked token's -inf logit nan).
+MAX_TEMPERATURE = 3.4028234663852886e38
 # The most tokens an answer takes when max_new_tokens is left out (then also within what the
 # context leaves after the prompt).
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -54,9 +57,10 @@ MIN_DISCOUNT = 1e-6
 class SamplingParams:
     """The decoding policy of a request, validated here once for every caller.
 
-    ``temperature == 0`` (or below ``MIN_TEMPERATURE``, as in vLLM) is greedy; ``top_k == 0`` and
-    ``min_p == 0`` are off; ``top_p == 1`` is off. Filters apply in the order temperature, top-k,
-    top-p, min-p (as in ``transformers``).
+    ``temperature == 0`` (or below ``MIN_TEMPERATURE``, as in vLLM) is greedy, and it is at most
+    :data:`MAX_TEMPERATURE`; ``top_k == 0`` and ``min_p == 0`` are off; ``top_p == 1`` is off.
+    Filters apply in the order temperature, top-k, top-p, min-p (as in ``transformers``); each
+    keeps at least the likeliest token.
     ``seed`` fixes the request's own random stream (None: a fresh one; :func:`lenvm.rollout`
     takes 0); a rollout derives each completion's seed from it. ``ignore_eos`` never ends before
     ``max_new_tokens`` (for speed measurements). ``top_logprobs``: how many of the most likely
@@ -77,7 +81,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         plain_numbers(self)
         checks = [
-            (is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0"),
+            (
+                is_real(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+                f"temperature must be a number in [0, {MAX_TEMPERATURE!r}] (finite in float32)",
+            ),
             (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be a number in (0, 1]"),
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must be a number in [0, 1)"),

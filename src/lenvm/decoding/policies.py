@@ -327,7 +327,8 @@ def truncate(
 ) -> torch.Tensor:
     """The sampling distribution: per-row temperature, top-k, top-p and min-p, in that order as in
     ``transformers`` (``[B]`` tensors; ``None`` skips a filter that is off in every row; top_k 0
-    and top_p 1 are off). Returns normalized probabilities, zero outside each row's truncation."""
+    and top_p 1 are off). Returns normalized probabilities, zero outside each row's truncation,
+    which always keeps the row's likeliest token."""
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
     if top_k is None and top_p is None and min_p is None:
         return probs
@@ -339,7 +340,10 @@ def truncate(
         ordered, order = probs.sort(dim=-1, descending=True)
         before = ordered.cumsum(-1) - ordered  # mass of the more probable tokens
         limit = torch.where(top_p < 1, top_p, float("inf"))[:, None] * ordered.sum(-1, keepdim=True)
-        probs = probs.scatter(1, order, ordered.masked_fill(before >= limit, 0.0))
+        cut = before >= limit
+        # The smallest set whose mass reaches p is never empty, even for a p that rounds to 0.
+        cut[:, 0] = False
+        probs = probs.scatter(1, order, ordered.masked_fill(cut, 0.0))
     if min_p is not None:
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     return probs / probs.sum(-1, keepdim=True)

@@ -18,6 +18,7 @@ and text only with its tokens. A choice whose end the engine may go back on (ret
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -364,7 +365,10 @@ def _settle(future: asyncio.Future, outcome: str, value: Any) -> None:
 
 
 class _Tracker:
-    """One choice's answer so far, as text: see the module doc."""
+    """One choice's answer so far, as text: see the module doc. Each update costs what its new
+    tokens do, however long the answer: the text is kept as its pieces and where each ends, and
+    only new text (with what a stop string may reach back into) is searched; the last update
+    reads the whole answer once."""
 
     def __init__(self, index: int, choice: Choice, tokenizer):
         self.index = index
@@ -375,6 +379,7 @@ class _Tracker:
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
         self.values: list[float] = []
+        self.ends = [0]  # ends[k]: the length of the text of the first k tokens (their pieces)
         self.sent_tokens = 0
         self.sent_chars = 0
         # Characters that could be the start of a stop string stay back until they cannot.
@@ -389,11 +394,17 @@ class _Tracker:
         self.top[start:] = update.top_logprobs
         self.values[start:] = update.values
         self.decoder.set(start, update.tokens)
-        # Until the answer ends, a character whose bytes are not all out yet is in no piece: it
-        # is neither sent nor matched against the stop strings until it is complete.
-        pieces = self.decoder.pieces if update.result is None else self.decoder.finished()
-        text = "".join(pieces)
-        stop = first_stop(text, self.choice.stops)
+        if update.result is None:
+            # Until the answer ends, a character whose bytes are not all out yet is in no piece:
+            # it is neither sent nor matched against the stop strings until it is complete.
+            pieces = self.decoder.pieces
+            del self.ends[start + 1 :]
+            for piece in pieces[start:]:
+                self.ends.append(self.ends[-1] + len(piece))
+            stop = self._stop_from(start)
+        else:
+            pieces = self.decoder.finished()
+            stop = first_stop("".join(pieces), self.choice.stops)
         if stop is not None:
             n = len(self.tokens)
             return self._final(
@@ -401,7 +412,25 @@ class _Tracker:
             )
         if update.result is not None:
             return self._final(pieces, Finish.of(update.result))
-        return self._progress(pieces, len(text) - self.hold_back)
+        return self._progress(pieces, self.ends[-1] - self.hold_back)
+
+    def _stop_from(self, start: int) -> tuple[int, str] | None:
+        """The first stop string in the text, now that tokens stand anew from ``start``: the text
+        before them held none (an earlier update would have ended the answer), so only one that
+        ends past it can start, at most ``hold_back`` characters before it."""
+        if not self.choice.stops:
+            return None
+        since = max(self.ends[start] - self.hold_back, 0)
+        stop = first_stop(self._text(since, self.ends[-1]), self.choice.stops)
+        return None if stop is None else (since + stop[0], stop[1])
+
+    def _text(self, begin: int, end: int) -> str:
+        """Characters ``begin`` to ``end`` of the text (the decoder's pieces), joined from the
+        pieces that hold them alone."""
+        first = bisect.bisect_right(self.ends, begin) - 1  # the piece that holds character begin
+        last = bisect.bisect_left(self.ends, end)  # ... through the one whose text reaches end
+        offset = self.ends[first]
+        return "".join(self.decoder.pieces[first:last])[begin - offset : end - offset]
 
     def _whole(self, result: Result) -> Chunk:
         """A held choice's final answer, cut at its first stop string."""
@@ -430,7 +459,8 @@ class _Tracker:
     def _final(self, pieces: list[str], finish: Finish) -> Chunk:
         """The last chunk: every token and all the text not sent yet."""
         sent, self.sent_tokens = self.sent_tokens, len(self.tokens)
-        return self._chunk(pieces, "".join(pieces), sent, finish)
+        text = "".join(pieces)
+        return self._chunk(pieces, text[self.sent_chars :], len(text), sent, finish)
 
     def _progress(self, pieces: list[str], released: int) -> Chunk | None:
         """The tokens not sent yet up to the last whose piece adds text and ends by ``released``,
@@ -438,35 +468,30 @@ class _Tracker:
         goes out only up to the end of a token sent, and a token that adds nothing yet (a piece of
         a character not yet complete) waits for the one that writes its text."""
         sent = self.sent_tokens
-        ends = list(itertools.accumulate(len(piece) for piece in pieces))
-        upto = max(
-            (
-                k
-                for k, (piece, end) in enumerate(zip(pieces, ends, strict=True), 1)
-                if piece and end <= released
-            ),
-            default=0,
-        )
+        within = max(bisect.bisect_right(self.ends, released) - 1, 0)  # tokens whose text ends by then
+        upto = bisect.bisect_left(self.ends, self.ends[within])  # ... less those that add nothing
         if upto <= sent:
             return None
         self.sent_tokens = upto
-        return self._chunk(pieces, "".join(pieces[: self.sent_tokens]), sent, None)
+        chars = self.ends[upto]
+        return self._chunk(pieces, self._text(self.sent_chars, chars), chars, sent, None)
 
-    def _chunk(self, pieces: list[str], text: str, sent: int, finish: Finish | None) -> Chunk:
-        """The tokens from ``sent`` up to those now sent, and ``text`` past what was sent."""
+    def _chunk(self, pieces: list[str], text: str, chars: int, sent: int, finish: Finish | None) -> Chunk:
+        """The tokens from ``sent`` up to those now sent, and ``text``: what their text, which
+        comes to ``chars`` characters, adds past what was sent."""
         request = self.choice.request
         upto = self.sent_tokens
         chunk = Chunk(
             self.index,
             self.tokens[sent:upto],
-            text[self.sent_chars :],
+            text,
             pieces[sent:upto],
             self.logprobs[sent:upto],
             self.top[sent:upto] if request.sampling.top_logprobs else None,
             self.values[sent:upto] if request.return_values else None,
             finish,
         )
-        self.sent_chars = max(self.sent_chars, len(text))
+        self.sent_chars = max(self.sent_chars, chars)
         return chunk
 
 
