@@ -1528,6 +1528,58 @@ def test_full_queue_and_too_many_streams_get_429(engine):
         assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
 
 
+def test_length_requests_take_places_in_the_queue_and_turns_with_decoding(engine, lenvm, monkeypatch):
+    """A length request holds a place of the batch and queue while it runs: a burst beyond them
+    gets 429s. While a stream decodes, the length requests' forwards run one between two steps."""
+    import lenvm.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "PREDICT_CHUNK_TOKENS", 4)  # a forward per prompt
+    go = threading.Event()
+    events = []
+    original = lenvm.predict_values
+
+    def gated(prompts):
+        go.wait(30)
+        events.append("call" if runner.scheduler.busy else "idle call")
+        return original(prompts)
+
+    monkeypatch.setattr(lenvm, "predict_values", gated)
+    with running(engine, batch_size=1, max_waiting=2) as (url, app):
+        runner = app.state.lenvm.runner
+        step = runner._step
+        monkeypatch.setattr(runner, "_step", lambda: (events.append("step"), step()))
+        long = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "extra_body": {"ignore_eos": True}}
+        stream = client(url).completions.create(**long, stream=True)
+        next(iter(stream))  # decoding: one of the three places taken
+        answers = []
+
+        def predict():
+            body = {"prompt": [[7, 8, 9]] * 3}
+            answers.append(httpx.post(url + "/v1/length/predict", json=body, timeout=60))
+
+        senders = [threading.Thread(target=predict) for _ in range(4)]
+        try:
+            for t in senders:
+                t.start()
+            wait_until(lambda: len(answers) == 2)  # the first forward holds the engine meanwhile
+            assert [a.status_code for a in answers] == [429, 429]
+            assert all("full" in a.json()["error"]["message"] for a in answers)
+            assert runner.outstanding == 3
+        finally:
+            go.set()
+            for t in senders:
+                t.join(60)
+        assert sorted(a.status_code for a in answers) == [200, 200, 429, 429]
+        calls = [i for i, event in enumerate(events) if event == "call"]
+        assert len(calls) == 6, events
+        assert all(events[i - 1] == "step" for i in calls[1:]), events[calls[0] - 1 :]  # never two in a row
+        stream.close()
+        wait_until(lambda: runner.outstanding == 0)
+        counted = app.state.metrics.registry.get_sample_value
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": "rejected"}) == 2
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": "ok"}) == 2
+
+
 def test_best_of_attempts_count_toward_the_queue(engine):
     """Each best_of attempt takes a row: a server that holds two answers refuses best_of 3, and a
     best_of 2 answer fills it."""

@@ -79,10 +79,11 @@ class ServerSettings:
     """How the server is named, guarded and bounded.
 
     ``batch_size`` rows decode at once and ``max_waiting`` more choices may wait for one (a request
-    beyond that is answered 429); at most ``max_streams`` streaming responses are open at once
-    (429); a body over ``max_body_bytes`` is answered 413. On SIGTERM the server takes no new
-    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds
-    (``inf``: for as long as they take); then it answers what is left with an error.
+    beyond that is answered 429; a length request takes one place while it runs); at most
+    ``max_streams`` streaming responses are open at once (429); a body over ``max_body_bytes`` is
+    answered 413. On SIGTERM the server takes no new requests (503) and lets the ones in flight
+    finish for up to ``shutdown_timeout`` seconds (``inf``: for as long as they take); then it
+    answers what is left with an error.
 
     ``default_chat_template_kwargs`` (vLLM's ``--default-chat-template-kwargs``) are the chat
     template's arguments wherever the server applies it (chat completions, the length endpoints'
@@ -326,8 +327,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 raise ApiError(400, "this server has no LenVM: start it with --lenvm")
             if state.draining:  # taken before the shutdown, a request goes on until its timeout
                 raise ShuttingDown("the server is shutting down")
-            admitted = True
-            answer = await work(body, lenvm)
+            with runner.place():  # or 429, as a generation that does not fit
+                admitted = True
+                answer = await work(body, lenvm)
         except _ClientGone:
             metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
