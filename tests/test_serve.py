@@ -934,6 +934,9 @@ def test_server_bounds_must_be_positive_integers():
     for bad in ({"max_waiting": -1}, {"shutdown_timeout": -1.0}, {"shutdown_timeout": float("nan")}):
         with pytest.raises(InputError, match="must not be negative"):
             ServerSettings(served_model_name=MODEL, **bad)
+    for timeout in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="stream_stall_timeout must be a positive number"):
+            ServerSettings(served_model_name=MODEL, stream_stall_timeout=timeout)
 
 
 def test_extreme_sampling_settings_are_served(url):
@@ -1696,6 +1699,60 @@ def test_a_stream_whose_client_resets_stops_writing_to_it(engine, monkeypatch, c
         wait_until(lambda: runner.outstanding == 0 and app.state.lenvm.streams == 0)
     warned = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert not [m for m in warned if "socket.send() raised exception" in m], warned
+
+
+def test_a_stream_whose_client_stops_reading_is_ended_after_the_stall_timeout(engine, caplog):
+    """A client that sends a streaming request and never reads holds its stream's place until an
+    event has waited the stall timeout to be sent: then its stream ends as if it had gone away
+    (rows and place freed, counted as cancelled, its log line says why) and another stream gets
+    through. uvicorn's error on the unfinished response is left out: the request's line says it."""
+    from lenvm.serve.app import _StalledStreamsNote, server_config
+
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    said, shown = [], []  # uvicorn's errors, and those that pass the server's filter
+    heard, kept = logging.Handler(), logging.Handler()
+    heard.emit, kept.emit = said.append, shown.append  # type: ignore[method-assign]
+    kept.addFilter(_StalledStreamsNote())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with running(engine, batch_size=4, max_streams=1, stream_stall_timeout=1.0) as (url, app):
+        uvicorn_log.addHandler(heard), uvicorn_log.addHandler(kept)  # after uvicorn set its logging up
+        state = app.state.lenvm
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "messages": HI,
+                "max_tokens": 900,
+                "n": 4,
+                "ignore_eos": True,
+                "stream": True,
+                "logprobs": True,
+                "top_logprobs": 20,
+            }
+        )
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # the server's sends soon wait
+        sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        sock.sendall((head + body).encode())  # and never reads
+        wait_until(lambda: state.streams == 1)
+        short = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}
+        with pytest.raises(openai.RateLimitError, match="streams"):
+            client(url).completions.create(**short)
+        # once the socket's buffers are full (megabytes: the engine's speed sets when)
+        wait_until(lambda: state.streams == 0 and state.runner.outstanding == 0, timeout=120)
+        assert [c.choices[0].text for c in client(url).completions.create(**short)]
+        counted = app.state.metrics.registry.get_sample_value
+        assert counted("lenvm_requests_total", {"endpoint": "chat", "outcome": "cancelled"}) == 1
+        sock.close()
+        uvicorn_log.removeHandler(heard), uvicorn_log.removeHandler(kept)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
+    assert [line for line in lines if "chat/completions" in line and "stopped reading" in line], lines
+    assert [r for r in said if "without completing" in r.getMessage()]
+    assert not [r for r in shown if "without completing" in r.getMessage()]
+    config = server_config(
+        create_app(engine, ServerSettings(served_model_name=MODEL)), "127.0.0.1", 0, "info"
+    )
+    assert "lenvm_stalls" in config.log_config["loggers"]["uvicorn.error"]["filters"]
 
 
 async def _post_then_disconnect(app, path: str) -> list[dict]:
