@@ -201,6 +201,7 @@ def _error(capsys, argv):
         ("--port", "99999", "must be from 0 to 65535"),
         ("--max-queue", "-1", "must be at least 0"),
         ("--shutdown-timeout", "soon", "expected a number"),
+        ("--stream-stall-timeout", "0", "must be above 0"),
         ("--batch-size", "0", "must be at least 1"),
     ],
 )

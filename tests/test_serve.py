@@ -1125,6 +1125,9 @@ def test_server_bounds_must_be_positive_integers():
     for bad in ({"max_waiting": -1}, {"shutdown_timeout": -1.0}, {"shutdown_timeout": float("nan")}):
         with pytest.raises(InputError, match="must not be negative"):
             ServerSettings(served_model_name=MODEL, **bad)
+    for timeout in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="stream_stall_timeout must be a positive number"):
+            ServerSettings(served_model_name=MODEL, stream_stall_timeout=timeout)
 
 
 def test_extreme_sampling_settings_are_served(url):
@@ -1855,6 +1858,58 @@ def test_full_queue_and_too_many_streams_get_429(engine):
         assert 'lenvm_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in metrics
 
 
+def test_length_requests_take_places_in_the_queue_and_turns_with_decoding(engine, lenvm, monkeypatch):
+    """A length request holds a place of the batch and queue while it runs: a burst beyond them
+    gets 429s. While a stream decodes, the length requests' forwards run one between two steps."""
+    import lenvm.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "PREDICT_CHUNK_TOKENS", 4)  # a forward per prompt
+    go = threading.Event()
+    events = []
+    original = lenvm.predict_values
+
+    def gated(prompts):
+        go.wait(30)
+        events.append("call" if runner.scheduler.busy else "idle call")
+        return original(prompts)
+
+    monkeypatch.setattr(lenvm, "predict_values", gated)
+    with running(engine, batch_size=1, max_waiting=2) as (url, app):
+        runner = app.state.lenvm.runner
+        step = runner._step
+        monkeypatch.setattr(runner, "_step", lambda: (events.append("step"), step()))
+        long = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "extra_body": {"ignore_eos": True}}
+        stream = client(url).completions.create(**long, stream=True)
+        next(iter(stream))  # decoding: one of the three places taken
+        answers = []
+
+        def predict():
+            body = {"prompt": [[7, 8, 9]] * 3}
+            answers.append(httpx.post(url + "/v1/length/predict", json=body, timeout=60))
+
+        senders = [threading.Thread(target=predict) for _ in range(4)]
+        try:
+            for t in senders:
+                t.start()
+            wait_until(lambda: len(answers) == 2)  # the first forward holds the engine meanwhile
+            assert [a.status_code for a in answers] == [429, 429]
+            assert all("full" in a.json()["error"]["message"] for a in answers)
+            assert runner.outstanding == 3
+        finally:
+            go.set()
+            for t in senders:
+                t.join(60)
+        assert sorted(a.status_code for a in answers) == [200, 200, 429, 429]
+        calls = [i for i, event in enumerate(events) if event == "call"]
+        assert len(calls) == 6, events
+        assert all(events[i - 1] == "step" for i in calls[1:]), events[calls[0] - 1 :]  # never two in a row
+        stream.close()
+        wait_until(lambda: runner.outstanding == 0)
+        counted = app.state.metrics.registry.get_sample_value
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": "rejected"}) == 2
+        assert counted("lenvm_requests_total", {"endpoint": "length_predict", "outcome": "ok"}) == 2
+
+
 def test_best_of_attempts_count_toward_the_queue(engine):
     """Each best_of attempt takes a row: a server that holds two answers refuses best_of 3, and a
     best_of 2 answer fills it."""
@@ -1971,6 +2026,60 @@ def test_a_stream_whose_client_resets_stops_writing_to_it(engine, monkeypatch, c
         wait_until(lambda: runner.outstanding == 0 and app.state.lenvm.streams == 0)
     warned = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert not [m for m in warned if "socket.send() raised exception" in m], warned
+
+
+def test_a_stream_whose_client_stops_reading_is_ended_after_the_stall_timeout(engine, caplog):
+    """A client that sends a streaming request and never reads holds its stream's place until an
+    event has waited the stall timeout to be sent: then its stream ends as if it had gone away
+    (rows and place freed, counted as cancelled, its log line says why) and another stream gets
+    through. uvicorn's error on the unfinished response is left out: the request's line says it."""
+    from lenvm.serve.app import _StalledStreamsNote, server_config
+
+    caplog.set_level(logging.INFO, logger="lenvm.serve")
+    said, shown = [], []  # uvicorn's errors, and those that pass the server's filter
+    heard, kept = logging.Handler(), logging.Handler()
+    heard.emit, kept.emit = said.append, shown.append  # type: ignore[method-assign]
+    kept.addFilter(_StalledStreamsNote())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with running(engine, batch_size=4, max_streams=1, stream_stall_timeout=1.0) as (url, app):
+        uvicorn_log.addHandler(heard), uvicorn_log.addHandler(kept)  # after uvicorn set its logging up
+        state = app.state.lenvm
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "messages": HI,
+                "max_tokens": 900,
+                "n": 4,
+                "ignore_eos": True,
+                "stream": True,
+                "logprobs": True,
+                "top_logprobs": 20,
+            }
+        )
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # the server's sends soon wait
+        sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        sock.sendall((head + body).encode())  # and never reads
+        wait_until(lambda: state.streams == 1)
+        short = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}
+        with pytest.raises(openai.RateLimitError, match="streams"):
+            client(url).completions.create(**short)
+        # once the socket's buffers are full (megabytes: the engine's speed sets when)
+        wait_until(lambda: state.streams == 0 and state.runner.outstanding == 0, timeout=120)
+        assert [c.choices[0].text for c in client(url).completions.create(**short)]
+        counted = app.state.metrics.registry.get_sample_value
+        assert counted("lenvm_requests_total", {"endpoint": "chat", "outcome": "cancelled"}) == 1
+        sock.close()
+        uvicorn_log.removeHandler(heard), uvicorn_log.removeHandler(kept)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lenvm.serve"]
+    assert [line for line in lines if "chat/completions" in line and "stopped reading" in line], lines
+    assert [r for r in said if "without completing" in r.getMessage()]
+    assert not [r for r in shown if "without completing" in r.getMessage()]
+    config = server_config(
+        create_app(engine, ServerSettings(served_model_name=MODEL)), "127.0.0.1", 0, "info"
+    )
+    assert "lenvm_stalls" in config.log_config["loggers"]["uvicorn.error"]["filters"]
 
 
 async def _post_then_disconnect(app, path: str) -> list[dict]:

@@ -592,6 +592,7 @@ def cmd_serve(args) -> None:
         max_streams=args.max_streams,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        stream_stall_timeout=args.stream_stall_timeout,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
     )
     model, tokenizer = load_generator(args.model, device=args.device, dtype=args.dtype)
@@ -905,6 +906,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds that requests in flight get to finish before an error answers them "
         "(inf: no limit)",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=options.positive_float,
+        default=60.0,
+        help="seconds a stream's client may read nothing while an event waits to be sent; then the "
+        "stream is ended as if the client had gone away (inf: no limit)",
     )
     p.add_argument(
         "--default-chat-template-kwargs",

@@ -68,6 +68,14 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, 0)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = _number(text, float, 0)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def port(text: str) -> int:
     """An argparse type: a TCP port number."""
     return _number(text, int, 0, 65535)

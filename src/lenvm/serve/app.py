@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import errno
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import signal
 import socket
 import threading
@@ -80,10 +82,13 @@ class ServerSettings:
     """How the server is named, guarded and bounded.
 
     ``batch_size`` rows decode at once and ``max_waiting`` more choices may wait for one (a request
-    beyond that is answered 429); at most ``max_streams`` streaming responses are open at once
-    (429); a body over ``max_body_bytes`` is answered 413. On SIGTERM the server takes no new
-    requests (503) and lets the ones in flight finish for up to ``shutdown_timeout`` seconds
-    (``inf``: for as long as they take); then it answers what is left with an error.
+    beyond that is answered 429; a length request takes one place while it runs); at most
+    ``max_streams`` streaming responses are open at once (429), and one whose client reads
+    nothing for ``stream_stall_timeout`` seconds while an event waits to be sent is ended as if
+    the client had gone away (``inf``: never); a body over ``max_body_bytes`` is answered 413. On
+    SIGTERM the server takes no new requests (503) and lets the ones in flight finish for up to
+    ``shutdown_timeout`` seconds (``inf``: for as long as they take); then it answers what is left
+    with an error.
 
     ``default_chat_template_kwargs`` (vLLM's ``--default-chat-template-kwargs``) are the chat
     template's arguments wherever the server applies it (chat completions, the length endpoints'
@@ -100,6 +105,7 @@ class ServerSettings:
     max_streams: int = 64
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
+    stream_stall_timeout: float = 60.0
     default_chat_template_kwargs: dict[str, Any] | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,6 +115,8 @@ class ServerSettings:
             setattr(self, name, positive_count(getattr(self, name), name))
         if self.max_waiting < 0 or not self.shutdown_timeout >= 0:  # NaN fails too
             raise InputError("max_waiting and shutdown_timeout must not be negative (nor NaN)")
+        if not self.stream_stall_timeout > 0:
+            raise InputError("stream_stall_timeout must be a positive number of seconds (inf: no limit)")
         if (why := template_kwargs_problem(self.default_chat_template_kwargs)) is not None:
             raise InputError(f"default_chat_template_kwargs: {why}")
         if self.api_key is not None and (why := key_problem(self.api_key)) is not None:
@@ -303,7 +311,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 state.close_stream(metrics)
                 call.close(why)
 
-            return _EventStream(_events(call, writer, plan), closed)
+            return _EventStream(_events(call, writer, plan), closed, settings.stream_stall_timeout)
         return await _whole(call, writer, request)
 
     @app.post("/v1/completions")
@@ -327,8 +335,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 raise ApiError(400, "this server has no LenVM: start it with --lenvm")
             if state.draining:  # taken before the shutdown, a request goes on until its timeout
                 raise ShuttingDown("the server is shutting down")
-            admitted = True
-            answer = await work(body, lenvm)
+            with runner.place():  # or 429, as a generation that does not fit
+                admitted = True
+                answer = await work(body, lenvm)
         except _ClientGone:
             metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
@@ -485,21 +494,44 @@ async def _events(call: _Call, writer: Writer, plan: Plan) -> AsyncIterator[str]
 
 class _EventStream(StreamingResponse):
     """Server-sent events; ``closed`` runs however the response ends, a client that went away
-    before the first byte included."""
+    before the first byte included. A client that reads nothing while an event waits to be sent
+    for ``stall_timeout`` seconds is taken for gone: else it would hold its rows, its stream's
+    place and all the output the engine queues for it for as long as it keeps the connection."""
 
-    def __init__(self, content: AsyncIterator[str], closed: Callable[[str], None]):
+    def __init__(self, content: AsyncIterator[str], closed: Callable[[str], None], stall_timeout: float):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.closed = closed  # told why, where the stream did not end of itself
+        self.stall_timeout = stall_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         why = GONE
+        limit = None if math.isinf(self.stall_timeout) else self.stall_timeout
+
+        async def send_unless_stalled(message: Message) -> None:
+            try:  # uvicorn's send waits only while the client's socket takes no more
+                await asyncio.wait_for(send(message), limit)
+            except asyncio.TimeoutError:
+                raise _Stalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_unless_stalled)
+        except _Stalled:
+            why = f"the client stopped reading: an event waited {self.stall_timeout:g} s to be sent"
+            _STALLED.set(True)  # the response ends unfinished: uvicorn closes the connection
         except asyncio.CancelledError:  # the server's forced exit (a client's leaving ends it quietly)
             why = STOPPED
             raise
         finally:
             self.closed(why)
+
+
+class _Stalled(Exception):
+    """A stream's client read nothing for its stall timeout while an event waited to be sent."""
+
+
+# Set in the task of a request whose stream stalled: uvicorn's line on the unfinished response
+# says nothing the request's own line does not (see _StalledStreamsNote).
+_STALLED: contextvars.ContextVar[bool] = contextvars.ContextVar("lenvm_stalled", default=False)
 
 
 class _RequestLog:
@@ -768,7 +800,8 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn
         "propagate": False,
     }
     logging_config.setdefault("filters", {})["lenvm_interrupts"] = {"()": _InterruptsNote}
-    logging_config["loggers"]["uvicorn.error"]["filters"] = ["lenvm_interrupts"]
+    logging_config["filters"]["lenvm_stalls"] = {"()": _StalledStreamsNote}
+    logging_config["loggers"]["uvicorn.error"]["filters"] = ["lenvm_interrupts", "lenvm_stalls"]
     return uvicorn.Config(
         app,
         host=host,
@@ -820,6 +853,15 @@ class _InterruptsNote(logging.Filter):
         return True
 
 
+class _StalledStreamsNote(logging.Filter):
+    """Drops uvicorn's error that an app returned without completing its response where that was
+    a stream ended because its client read nothing (the request's own line says so): no bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_STALLED.get() and record.msg == _UVICORN_INCOMPLETE)
+
+
+_UVICORN_INCOMPLETE = "ASGI callable returned without completing response."
 _UVICORN_FORCE_QUIT = "(CTRL+C to force quit)"
 _INTERRUPTS = "(Ctrl-C: answer them with an error now; Ctrl-C twice: force quit)"
 

@@ -5,7 +5,9 @@ owns the engine's :class:`~lenvm.decoding.Scheduler` and steps it while there is
 hand it commands through a thread-safe queue (add a request's choices, abort them, run a function
 between two steps: the length endpoints) and get each choice's new tokens back through an asyncio
 queue per request, as the engine chooses them. A request that arrives joins the running batch at
-the next step (continuous batching); an aborted one leaves it at once.
+the next step (continuous batching); an aborted one leaves it at once. While rows decode, the
+queued functions take turns with the steps, one between two steps, so that any number of length
+requests delays each step by one function's work at most.
 
 Each choice is followed by a tracker that turns the engine's updates into text: it decodes each
 new token after the ones before (``detokenizer``), ends the choice at the first stop string (and
@@ -25,7 +27,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -155,7 +158,8 @@ class EngineRunner:
     """Drives one engine's scheduler from a background thread (see the module doc).
 
     At most ``batch_size`` choices decode at once and ``max_waiting`` more wait for a row; a
-    submission beyond that raises :class:`QueueFull`."""
+    submission beyond that raises :class:`QueueFull`. A length request takes one of those places
+    while it runs (:meth:`place`)."""
 
     def __init__(
         self, engine: Engine, batch_size: int = 16, max_waiting: int = 256, metrics: Metrics | None = None
@@ -169,9 +173,11 @@ class EngineRunner:
         self._cut: BaseException | None = None  # set: what answers the requests still in flight
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._outstanding = 0  # rows the unfinished choices may take (running or waiting)
+        # rows the unfinished choices may take (running or waiting), and one per length request
+        self._outstanding = 0
         self._keys = itertools.count()
         self._live: dict[Hashable, tuple[Submission, _Tracker]] = {}  # engine thread only
+        self._calls: deque[tuple] = deque()  # functions to run between steps; engine thread only
         self._thread: threading.Thread | None = None
 
     # -- from the event loop --------------------------------------------------------------
@@ -196,17 +202,29 @@ class EngineRunner:
         """Queue ``choices`` (from a coroutine); their chunks come back on the submission."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
-        rows = sum(c.rows for c in choices)  # best_of attempts each hold a row
-        with self._lock:
-            if self._outstanding + rows > self.capacity:
-                raise QueueFull(
-                    f"the server is full ({self._outstanding} rows' worth of answers running or waiting); "
-                    "try again later"
-                )
-            self._outstanding += rows
+        self._reserve(sum(c.rows for c in choices))  # best_of attempts each hold a row
         submission = Submission(choices, [next(self._keys) for _ in choices], asyncio.get_running_loop())
         self._inbox.put(("add", submission))
         return submission
+
+    @contextlib.contextmanager
+    def place(self) -> Iterator[None]:
+        """Hold one place of the batch and queue while a length request runs, or raise
+        :class:`QueueFull`: many length requests at once are refused as many answers are."""
+        self._reserve(1)
+        try:
+            yield
+        finally:
+            self._release(1)
+
+    def _reserve(self, places: int) -> None:
+        with self._lock:
+            if self._outstanding + places > self.capacity:
+                raise QueueFull(
+                    f"the server is full ({self._outstanding} rows' worth of answers and length requests "
+                    "running or waiting); try again later"
+                )
+            self._outstanding += places
 
     def cancel(self, submission: Submission) -> None:
         """Drop a submission's unfinished choices (the client went away); their rows free at once."""
@@ -225,8 +243,8 @@ class EngineRunner:
         return await future
 
     def abort_all(self, error: BaseException) -> None:
-        """Answer every unfinished choice, and every later call, with ``error`` (a shutdown that
-        cannot wait longer)."""
+        """Answer every unfinished choice, every call not run yet and every later call with
+        ``error`` (a shutdown that cannot wait longer)."""
         with self._lock:
             self._cut = error
             self._inbox.put(("fail", error))
@@ -246,11 +264,15 @@ class EngineRunner:
     def _run(self) -> None:
         while True:
             try:
-                for command in self._commands(block=not self.scheduler.busy):
+                for command in self._commands(block=not (self.scheduler.busy or self._calls)):
                     if command[0] == "stop":
-                        self._fail(ShuttingDown("the server shut down before this request finished"))
+                        error = ShuttingDown("the server shut down before this request finished")
+                        self._fail(error)
+                        self._fail_calls(error)
                         return
                     self._apply(command)
+                if self._calls:  # one between two steps: length requests take turns with decoding
+                    self._call(*self._calls.popleft())
                 if self.scheduler.busy:
                     self._step()
             except Exception as err:  # a failed step must not take the server down
@@ -286,14 +308,17 @@ class EngineRunner:
                     self.scheduler.abort(key)
                     self._release(entry[1].choice.rows)
         elif kind == "call":
-            _, fn, future, loop = command
-            try:
-                outcome, value = "result", fn()
-            except Exception as err:
-                outcome, value = "exception", err
-            loop.call_soon_threadsafe(_settle, future, outcome, value)
+            self._calls.append(command[1:])
         elif kind == "fail":
             self._fail(command[1])
+            self._fail_calls(command[1])
+
+    def _call(self, fn: Callable[[], Any], future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            outcome, value = "result", fn()
+        except Exception as err:
+            outcome, value = "exception", err
+        loop.call_soon_threadsafe(_settle, future, outcome, value)
 
     def _add(self, submission: Submission) -> None:
         added = []
@@ -335,6 +360,12 @@ class EngineRunner:
                 if self.metrics is not None:
                     self.metrics.generated_tokens.inc(chunk.finish.completion_tokens)
                     self.metrics.discarded_tokens.inc(chunk.finish.discarded_tokens)
+
+    def _fail_calls(self, error: BaseException) -> None:
+        """Answer the calls not run yet with ``error``."""
+        while self._calls:
+            _, future, loop = self._calls.popleft()
+            loop.call_soon_threadsafe(_settle, future, "exception", error)
 
     def _fail(self, error: BaseException, abort: bool = True) -> None:
         submissions = {id(s): s for s, _ in self._live.values()}
