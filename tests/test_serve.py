@@ -1515,7 +1515,7 @@ def test_sampling_settings_at_their_limits_fail_no_request_beside_them(server):
     assert nucleus.json()["choices"][0]["text"] == completion(temperature=0).json()["choices"][0]["text"]
     hot = completion(temperature=1e39)
     assert hot.status_code == 400
-    assert "temperature must be a number in [0, 3.4028234663852886e+38]" in hot.json()["error"]["message"]
+    assert "temperature must be a number in [0, 1e+06]" in hot.json()["error"]["message"]
     *_, last = stream
     assert last.choices[0].finish_reason == "length"
 

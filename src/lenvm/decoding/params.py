@@ -43,9 +43,10 @@ OFF_ELSEWHERE = {"top_k": -1}
 # A temperature below this is greedy (as vLLM takes it): far below it, logits / temperature
 # would overflow float32 into nan.
 MIN_TEMPERATURE = 1e-5
-# The largest temperature: the largest finite float32 (decoding divides float32 logits by it; an
-# infinite one would make a masked token's -inf logit nan).
-MAX_TEMPERATURE = 3.4028234663852886e38
+# The largest temperature: far beyond any useful one (from about 100 on, sampling is nearly uniform
+# over the kept tokens; vLLM takes at most 2), and small enough that float32 stays finite where
+# decoding divides logits by it (an infinite one makes a masked token's -inf logit nan).
+MAX_TEMPERATURE = 1e6
 # The most tokens an answer takes when max_new_tokens is left out (then also within what the
 # context leaves after the prompt).
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -83,7 +84,7 @@ class SamplingParams:
         checks = [
             (
                 is_real(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
-                f"temperature must be a number in [0, {MAX_TEMPERATURE!r}] (finite in float32)",
+                f"temperature must be a number in [0, {MAX_TEMPERATURE:g}]",
             ),
             (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be a number in (0, 1]"),
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
