@@ -1,7 +1,8 @@
 """The running batch: the rows being decoded, their KV caches, and one step for all of them.
 
 Rows are left-padded into one batch; a finished row leaves at once and a waiting one takes its
-place (the engine decides which). The generator's stream always covers every row; the LenVM's
+place (the engine decides which). A row that leaves to retry keeps its caches over what it keeps
+and rejoins from them rather than from a prefill. The generator's stream always covers every row; the LenVM's
 scorer joins when some row needs values (a control, or ``return_values``) and covers every row
 from then on.
 """

@@ -204,7 +204,7 @@ class Stream:
         columns = slice(start, start + length)
         # DynamicCache copies the slices in.
         cache = DynamicCache(
-            [
+            ddp_cache_data=[
                 (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
                 for layer in self.cache.layers
             ]
