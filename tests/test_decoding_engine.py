@@ -1401,6 +1401,112 @@ def test_retries_of_every_control_do_not_depend_on_the_batch(tiny_generator, len
         assert alone.decoded_tokens == result.decoded_tokens
 
 
+def _retry_requests():
+    """Requests that retry (every Equal To and At Most end is not natural for the random
+    generator; At Most's unguided first attempt starts over with nothing kept, one of them from a
+    one-token prompt), beside plain and tilted ones."""
+    never_natural = Control("at_most", target=4, natural_eos=1.0, retries=2)
+    return [
+        _equal_to(0, 3, target=6),
+        Request(PROMPTS[1], SamplingParams(max_new_tokens=10, seed=1)),
+        _equal_to(2, 2, target=9),
+        Request([5], SamplingParams(max_new_tokens=8, seed=3), control=never_natural),
+        Request(PROMPTS[2], SamplingParams(max_new_tokens=10, seed=4), control=Control("tilt", beta=1.0)),
+        _equal_to(5, 1, target=4),
+        Request(PROMPTS[0], SamplingParams(max_new_tokens=8, seed=6), control=never_natural),
+    ]
+
+
+def _run_with_joins(engine, requests) -> dict:
+    """The requests' results through a scheduler of three rows, half of them added after the
+    first steps (they join a running batch); checks at every step that only a waiting retry
+    holds kept caches."""
+    scheduler = Scheduler(engine, batch_size=3)
+    results = {}
+    for i, request in enumerate(requests[:3]):
+        scheduler.add(request, i)
+    steps = 0
+    while scheduler.busy:
+        if steps == 4:
+            for i, request in enumerate(requests[3:], start=3):
+                scheduler.add(request, i)
+        for update in scheduler.step():
+            if update.result is not None:
+                results[update.key] = update.result
+        steps += 1
+        running = scheduler.batch.seqs if scheduler.batch is not None else []
+        assert all(s.kept is None for s in running)
+        assert all(s.missed for s in scheduler.waiting if s.kept is not None)
+    return results
+
+
+@pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
+def test_a_retry_rejoining_from_its_kept_caches_decodes_what_a_prefill_would(
+    tiny_generator, lenvms, kind, monkeypatch
+):
+    """Retries rejoin the batch from the caches they kept when they left; their answers (tokens,
+    values, retries, cost) are those of retries prefilled again."""
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms[kind], num_candidates=4)
+    requests = _retry_requests()
+    reused = _run_with_joins(engine, requests)
+    assert sum(r.retries for r in reused.values()) >= 6
+    leave = Batch.leave
+    monkeypatch.setattr(
+        Batch, "leave", lambda self, engine, finished, retrying=(): leave(self, engine, finished)
+    )
+    prefilled = _run_with_joins(engine, requests)
+    assert set(reused) == set(prefilled) == set(range(len(requests)))
+    for key, result in reused.items():
+        again = prefilled[key]
+        assert result.token_ids == again.token_ids
+        assert (result.retries, result.decoded_tokens) == (again.retries, again.decoded_tokens)
+        if result.values is not None:
+            assert result.values == pytest.approx(again.values, abs=1e-5)
+
+
+def test_a_retry_is_not_prefilled_again(tiny_generator, lenvms, monkeypatch):
+    """Only the prompts are prefilled: a retry, whatever it keeps of its answer (the whole
+    prompt's cache where it keeps none of it), rejoins from the caches it kept."""
+    from lenvm.decoding.streams import Stream
+
+    model, tok = tiny_generator
+    engine = Engine(model, tok, lenvm=lenvms["standalone"], num_candidates=4)
+    prefilled = []
+    prefill = Stream.prefill.__func__
+
+    def counted(cls, body, rows, *args, **kwargs):
+        prefilled.extend(rows)
+        return prefill(cls, body, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Stream, "prefill", classmethod(counted))
+    # Every row needs values from the start: no batch's LenVM stream is prefilled late.
+    requests = [replace(r, return_values=True) for r in _retry_requests()]
+    results = engine.generate(requests, batch_size=2)
+    assert sum(r.retries for r in results) >= 6
+    # Each prompt twice: the generator's stream and the standalone LenVM's own.
+    assert len(prefilled) == 2 * len(requests)
+
+
+def test_an_aborted_retry_lets_go_of_its_kept_caches(tiny_generator, lenvms):
+    import gc
+    import weakref
+
+    model, tok = tiny_generator
+    scheduler = Scheduler(Engine(model, tok, lenvm=lenvms["standalone"], num_candidates=4))
+    scheduler.add(_equal_to(0, 2), "r")
+    scheduler.step()
+    while not scheduler.waiting:  # until the answer leaves to retry
+        scheduler.step()
+    kept = scheduler.waiting[0].kept
+    assert kept is not None and kept[1] is not None  # the standalone LenVM's stream too
+    refs = [weakref.ref(s) for s in kept]
+    del kept
+    scheduler.abort("r")
+    gc.collect()
+    assert not scheduler.busy and all(r() is None for r in refs)
+
+
 def test_truncation_that_leaves_only_eos_does_not_end_a_target_short(tmp_path):
     """A short answer's EOS can hold more than top-p: truncation then keeps EOS alone (and a low
     temperature leaves it alone with a probability). Equal To and At Least must still go on to

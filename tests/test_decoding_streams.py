@@ -200,6 +200,52 @@ def test_a_shallow_stream_gives_the_full_streams_features_from_fewer_layers(tiny
     assert not Stream.prefill(lenvm.body, PROMPTS, 2, shallow=True).shallow
 
 
+@pytest.mark.parametrize("shallow", [False, True])
+def test_a_prefix_resumed_gives_what_a_fresh_prefill_gives(tiny_path, tiny_generator, shallow):
+    """Rows cut back to a prefix of what they hold (a prompt's start, or into the tokens fed after
+    it) and resumed with their next token, together and beside a fresh prefill, give the same
+    last hidden states, features and next-token logits as a fresh prefill of the same ids; the
+    prefixes hold copies, not views of the batch's cache."""
+    lenvm = LengthValueModel.from_base(tiny_path, kind="attached", generator=tiny_generator, feature_layer=1)
+    lm_head = tiny_generator[0].get_output_embeddings()
+    stream = Stream.prefill(lenvm.body, PROMPTS, 1, shallow=shallow)  # left-padded: rows of other lengths
+    fed = torch.tensor([[7, 8, 9], [10, 11, 12], [13, 14, 15]], device=DEVICE)
+    stream.feed(fed)
+    held = [p + fed[row].tolist() for row, p in enumerate(PROMPTS)]
+    # Row 0 cut into its answer, row 1 to its one-token prompt's start, row 2 to its whole prompt.
+    cuts = [(0, len(PROMPTS[0]) + 2), (1, 1), (2, len(PROMPTS[2]))]
+    rows = [held[row][:n] for row, n in cuts]
+    prefixes = [stream.prefix(row, n - 1) for row, n in cuts]
+    buffers = {layer.keys.untyped_storage().data_ptr() for layer in stream.cache.layers}
+    assert all(
+        layer.keys.untyped_storage().data_ptr() not in buffers for p in prefixes for layer in p.cache.layers
+    )
+    resumed = Stream.resume(prefixes, [r[-1] for r in rows])
+    assert resumed.shallow == shallow
+    # The same rows again, resumed beside a row prefilled fresh.
+    beside = Stream.cat(
+        [
+            Stream.prefill(lenvm.body, [[5, 6]], 1, shallow=shallow),
+            Stream.resume([stream.prefix(row, n - 1) for row, n in cuts], [r[-1] for r in rows]),
+        ]
+    )
+    beside.select(torch.tensor([1, 2, 3], device=DEVICE))
+    fresh = Stream.prefill(lenvm.body, rows, 1, shallow=shallow)
+    for got in (resumed, beside):
+        torch.testing.assert_close(got.last.features, fresh.last.features, atol=1e-5, rtol=0)
+        if not shallow:
+            torch.testing.assert_close(lm_head(got.last.last), lm_head(fresh.last.last), atol=1e-5, rtol=0)
+    # And the next steps: a candidate block, then one more token.
+    for stream in (resumed, fresh):
+        stream.forward(CANDIDATES)
+    torch.testing.assert_close(resumed.pending.features, fresh.pending.features, atol=1e-5, rtol=0)
+    for stream in (resumed, fresh):
+        stream.keep(torch.tensor([1, 2, 0], device=DEVICE))
+        stream.feed(torch.tensor([[20], [21], [22]], device=DEVICE))
+    torch.testing.assert_close(resumed.last.features, fresh.last.features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(resumed.positions, fresh.positions, atol=0, rtol=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 3)), min_size=1, max_size=12))
 def test_appending_in_place_equals_concatenating(steps):

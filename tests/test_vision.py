@@ -227,15 +227,16 @@ def test_mixed_batch_equals_each_request_alone(family_generator, shapes):
 @pytest.mark.parametrize("kind", ["attached", "q", "standalone"])
 def test_guided_decoding_with_images(vlm_path, vlm_generator, shapes, kind):
     """Every kind guides a mixed batch as it guides each request alone; Equal To's retries
-    re-prefill rows with their images (natural_eos 1: no end counts as natural, so each retries);
-    the values returned are the LenVM's on the whole sequence, images read (the q kind's are its
-    Q-head's predictions instead)."""
+    rejoin from their kept caches where they keep some of the answer, and prefill rows with
+    their images again where they keep none (natural_eos 1: no end counts as natural, so each
+    retries); the values returned are the LenVM's on the whole sequence, images read (the q
+    kind's are its Q-head's predictions instead)."""
     lenvm = LengthValueModel.from_base(vlm_path, kind=kind, gamma=0.9, generator=vlm_generator)
     engine = Engine(*vlm_generator, lenvm=lenvm, num_candidates=4)
-    control = Control("equal_to", target=6, retries=1, natural_eos=1.0)
+    control = Control("equal_to", target=6, retries=2, natural_eos=1.0)
     requests = _requests(shapes, control, values=True)
     batched = engine.generate(requests, batch_size=4)
-    assert all(r.retries == 1 for r in batched)
+    assert all(r.retries == 2 for r in batched)
     alone = [engine.generate([q], 1)[0] for q in requests]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     if kind == "q":

@@ -1,13 +1,15 @@
 """The running batch: the rows being decoded, their KV caches, and one step for all of them.
 
 Rows are left-padded into one batch; a finished row leaves at once and a waiting one takes its
-place (the engine decides which). The generator's stream always covers every row; the LenVM's
+place (the engine decides which). A row that leaves to retry keeps its caches over what it keeps
+and rejoins from them rather than from a prefill. The generator's stream always covers every row; the LenVM's
 scorer joins when some row needs values (a control, or ``return_values``) and covers every row
 from then on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -30,16 +32,16 @@ class Batch:
 
     @classmethod
     def join(cls, engine, batch: Batch | None, joining: list[Sequence]) -> Batch:
-        """Prefill the joining rows (prompts with their images, and the kept tokens of a retry),
-        then merge them into the running ``batch`` (None: start one)."""
-        contexts = [seq.context for seq in joining]
-        images = [seq.images for seq in joining]
-        gen = Stream.prefill(engine.body, contexts, engine.generator_features, images)
-        seqs = joining if batch is None else batch.seqs + joining
-        scorer = None
-        if engine.lenvm is not None and any(_needs_values(s) for s in seqs):
-            scorer = engine.scorer_type.prefill(engine.lenvm, contexts, gen, engine.naive, images)
-            if batch is not None and batch.scorer is None:  # the first row that needs values
+        """Bring the joining rows in and merge them into the running ``batch`` (None: start one):
+        a retry that kept its caches (:attr:`Sequence.kept`) feeds them its last kept token; any
+        other row is prefilled (its prompt with its images, and the kept tokens of a retry)."""
+        resumed = [s for s in joining if s.kept is not None]
+        fresh = [s for s in joining if s.kept is None]
+        seqs = (batch.seqs if batch is not None else []) + resumed + fresh
+        values = engine.lenvm is not None and any(_needs_values(s) for s in seqs)
+        parts: list[tuple[Stream, Scorer | None]] = []  # the running rows', the resumed and the fresh
+        if batch is not None:
+            if values and batch.scorer is None:  # the first row that needs values
                 batch.scorer = engine.scorer_type.prefill(
                     engine.lenvm,
                     [s.context for s in batch.seqs],
@@ -47,15 +49,46 @@ class Batch:
                     engine.naive,
                     [s.images for s in batch.seqs],
                 )
-        if batch is not None:
-            gen = Stream.cat([batch.gen, gen])
-            if scorer is not None:
-                # The batch's own scorer was prefilled above where it had none.
-                scorer = Scorer.cat([cast(Scorer, batch.scorer), scorer], source=gen)
+            parts.append((batch.gen, batch.scorer))
+        if resumed:
+            kept = [cast(tuple[Stream, Stream | None], s.kept) for s in resumed]
+            tokens = [s.context[-1] for s in resumed]
+            gen = Stream.resume([k[0] for k in kept], tokens)
+            scorer = None
+            if values:
+                scorer = engine.scorer_type.resume(
+                    engine.lenvm, [k[1] for k in kept], tokens, gen, engine.naive
+                )
+            parts.append((gen, scorer))
+            for seq in resumed:
+                seq.kept = None  # held by the batch now
+        if fresh:
+            contexts = [s.context for s in fresh]
+            images = [s.images for s in fresh]
+            gen = Stream.prefill(engine.body, contexts, engine.generator_features, images)
+            scorer = None
+            if values:
+                scorer = engine.scorer_type.prefill(engine.lenvm, contexts, gen, engine.naive, images)
+            parts.append((gen, scorer))
+        if len(parts) == 1:
+            gen, scorer = parts[0]
+        else:
+            gen = Stream.cat([g for g, _ in parts])
+            scorer = Scorer.cat([cast(Scorer, s) for _, s in parts], source=gen) if values else None
         return cls(seqs, gen, scorer, _rows(seqs, engine.device), _uniforms(seqs))
 
-    def leave(self, engine, finished: list[int]) -> Batch | None:
-        """The batch without the ``finished`` rows (None when none is left)."""
+    def leave(self, engine, finished: list[int], retrying: Iterable[int] = ()) -> Batch | None:
+        """The batch without the ``finished`` rows (None when none is left). Those of them in
+        ``retrying`` (each cut back by :meth:`Sequence.retry` already) keep their caches over
+        their context but its last token, to rejoin from (:attr:`Sequence.kept`), except a retry
+        that keeps nothing past a prompt with images (whose 3-D positions a prefix does not
+        know: see :meth:`Stream.prefix`)."""
+        for row in retrying:
+            seq = self.seqs[row]
+            # A retry's control needs values: the batch has a scorer.
+            if self.scorer is not None and (seq.images is None or seq.tokens):
+                length = len(seq.context) - 1
+                seq.kept = (self.gen.prefix(row, length), self.scorer.prefix(row, length))
         done = set(finished)
         keep = [i for i in range(len(self.seqs)) if i not in done]
         if not keep:

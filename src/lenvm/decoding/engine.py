@@ -39,8 +39,10 @@ generator end naturally (its EOS at least ``Control.natural_eos``; :meth:`Sequen
 At Most and At Least where the answer did not end naturally and the bound holds, Equal To where
 that is nearer the target than the answer's own end. One that still did not end naturally goes
 back to decoding from an earlier point, further back on each retry (:attr:`Control.retries`):
-the row is prefilled with its prompt and the tokens it keeps and rejoins the batch, so only the
-answers that miss pay for a second try.
+the row leaves the batch keeping its caches over its prompt and the tokens it keeps, and rejoins
+from them with one single-token forward instead of a new prefill (one whose prompt has images
+and that keeps none of its answer is prefilled again), so only the answers that miss pay for a
+second try, and only for the tokens they decode again.
 """
 
 from __future__ import annotations
@@ -371,10 +373,10 @@ class Scheduler:
             seqs = batch.seqs
             finished = batch.step(engine)
             self.steps += 1
-            if finished:
-                self.batch = batch.leave(engine, finished)
         updates = {id(seq): _last_token(seq) for seq in seqs}
-        for seq in (seqs[row] for row in finished):
+        retrying = []
+        for row in finished:
+            seq = seqs[row]
             update = updates[id(seq)]
             result = seq.result(engine.tokenizer)
             if seq.end_earlier(result):  # the answer now ends earlier: its update says from where
@@ -382,6 +384,7 @@ class Scheduler:
                 update = updates[id(seq)] = _last_token(seq)
             if seq.may_retry(result):
                 seq.retry(result, engine.sentence_ends)
+                retrying.append(row)
                 self.waiting.appendleft(seq)  # first in line: its request is nearly done
                 continue
             result, attempts = seq.final(result), seq.request.attempts
@@ -394,6 +397,9 @@ class Scheduler:
                 results = [r for _, r in sorted(self.tried.pop(seq.index).items())]  # ties: first attempt
                 chosen = best_of(results, target_of(seq.control), seq.control.natural_eos, seq.control.kind)
                 update.result = replace(chosen, decoded_tokens=sum(r.decoded_tokens for r in results))
+        if finished:  # once the retries are known: they keep the caches they rejoin from
+            with torch.inference_mode():
+                self.batch = batch.leave(engine, finished, retrying)
         return list(updates.values())
 
 

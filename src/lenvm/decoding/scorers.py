@@ -9,6 +9,7 @@ processor and the vLLM processor all drive a scorer the same way::
     scorer.advance(choice, token)                             # the candidate each row took
     scorer.feed(tokens)                                       # tokens it never scored
     scorer.select(rows); Scorer.cat([a, b])                   # rows leave or join
+    kept = scorer.prefix(row, n); Scorer.resume(lenvm, [kept], [token], source)  # one comes back
 
 ``source`` is the stream over the generator's body that the caller runs (the engine's own,
 which it advances itself). A scorer that reads the generator's hidden states (attached, q) uses
@@ -23,6 +24,7 @@ class here and one entry in :data:`SCORERS`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import cast
 
 import torch
 
@@ -67,6 +69,29 @@ class Scorer(ABC):
         shallow = not (lookahead and cls.gives_next_eos)
         stream = Stream.prefill(lenvm.body, rows, lenvm.feature_layer, images, shallow=shallow)
         return cls(lenvm, stream, owns_stream=True, naive=naive)
+
+    @classmethod
+    def resume(
+        cls,
+        lenvm: LengthValueModel,
+        prefixes: list[Stream | None],
+        tokens: list[int],
+        source: Stream | None = None,
+        naive: bool = False,
+    ) -> Scorer:
+        """A scorer for rows that come back from kept caches instead of a prefill (see
+        :meth:`Stream.resume`): ``prefixes``, what :meth:`prefix` kept of each row's stream;
+        ``tokens``, each row's next token; ``source`` as for :meth:`prefill`."""
+        if source is not None and cls.reads_generator:
+            return cls(lenvm, source, owns_stream=False, naive=naive)
+        stream = Stream.resume(cast(list[Stream], prefixes), tokens)  # a stream of its own kept one
+        return cls(lenvm, stream, owns_stream=True, naive=naive)
+
+    def prefix(self, row: int, length: int) -> Stream | None:
+        """The scorer's own stream over the first ``length`` tokens of ``row`` (see
+        :meth:`Stream.prefix`), for the row to come back with :meth:`resume`; None where it reads
+        the caller's stream, which the caller keeps."""
+        return self.stream.prefix(row, length) if self.owns_stream else None
 
     @abstractmethod
     def score(self, ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

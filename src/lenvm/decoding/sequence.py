@@ -22,6 +22,7 @@ from typing import cast
 import torch
 
 from lenvm.decoding.params import TARGET_KINDS, Control, FinishReason, Request, Result, SamplingParams
+from lenvm.decoding.streams import Stream
 from lenvm.vision import ImageInputs
 
 # Seed step between the attempts of a best_of request (a large odd number: distinct streams).
@@ -60,6 +61,10 @@ class Sequence:
     eos_logprob: float | None = None  # the generator's log-probability of the final EOS
     missed: list[Result] = field(default_factory=list)  # earlier ends, resampled (see may_retry)
     decoded: int = 0
+    # A retry waiting to rejoin: the generator's stream and the scorer's own (None where it reads
+    # the generator's) over its context but the last token, kept from the batch it left, so that
+    # it rejoins without a prefill (Batch.leave, Batch.join).
+    kept: tuple[Stream, Stream | None] | None = None
 
     @classmethod
     def start(

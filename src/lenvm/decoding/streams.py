@@ -20,6 +20,11 @@ block's is; :func:`packed_sdpa` lets the heads of a group ride together instead 
 queries stacked per key/value head, the mask repeated per head), the same attention without
 the copies. A stream runs its body so while the body's attention is ``"sdpa"``.
 
+A row that leaves to come back later (a retry, which keeps the start of its answer) need not
+be prefilled again: :meth:`Stream.prefix` keeps its cache over the tokens it keeps but the last,
+and :meth:`Stream.resume` feeds that last token to bring back the hidden states the cache does
+not hold.
+
 The cache grows in place: each layer's keys and values are views of a buffer with room behind
 them, so a step writes its own columns instead of copying the whole cache (which
 ``transformers``' own cache does at every step, a cost that grows with the answer).
@@ -182,8 +187,41 @@ class Stream:
         shallow = shallow and pixels is None and can_stop_at(body, feature_layer)
         stream = cls(body, DynamicCache(), mask, following, feature_layer, shallow=shallow)
         stream.last = stream._run(ids, attention, positions, **model_kwargs(pixels))[:, -1]
-        for layer in stream.cache.layers:
-            layer.update = functools.partial(_append_in_place, layer)
+        _grow_in_place(stream.cache)
+        return stream
+
+    @torch.no_grad()
+    def prefix(self, row: int, length: int) -> Stream:
+        """A new one-row stream over the first ``length`` tokens of row ``row``, in tensors of its
+        own (this stream's may then be freed), without :attr:`last`: the cache does not hold the
+        hidden states at a row's last token, so :meth:`resume` feeds the row's next token. Its
+        next position counts back from the row's by the tokens cut off, as those of text do (the
+        3-D positions of a prompt's image tokens do not: cut after them)."""
+        from transformers import DynamicCache
+
+        real = int(self.mask[row].sum())
+        start = self.mask.shape[1] - real  # rows are left-padded
+        columns = slice(start, start + length)
+        # DynamicCache copies the slices in.
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
+                for layer in self.cache.layers
+            ]
+        )
+        _grow_in_place(cache)
+        mask = torch.ones((1, length), dtype=torch.bool, device=self.mask.device)
+        positions = self.positions[row : row + 1] - (real - length)
+        return Stream(self.body, cache, mask, positions, self.feature_layer, shallow=self.shallow)
+
+    @classmethod
+    @torch.no_grad()
+    def resume(cls, prefixes: list[Stream], tokens: list[int]) -> Stream:
+        """One stream over the rows of ``prefixes`` (see :meth:`prefix`), each fed its next token
+        of ``tokens``: what a prefill of each row's prefix and token gives, for one single-token
+        forward instead of a forward over every token again. The prefixes are consumed."""
+        stream = cls.cat(prefixes)
+        stream.feed(torch.tensor(tokens, device=stream.mask.device)[:, None])
         return stream
 
     @property
@@ -307,7 +345,9 @@ class Stream:
                 kv = getattr(*s._tensors()[index])
                 parts.append(F.pad(kv, (0, 0, width - kv.shape[2], 0)))
             setattr(layer, name, torch.cat(parts))
-        last = Hidden.cat([s.last for s in streams])
+        # A stream over prefixes has no last hidden states until it is fed (see prefix).
+        known = all("last" in vars(s) for s in streams)
+        last = Hidden.cat([s.last for s in streams]) if known else None
         return cls(first.body, first.cache, mask, positions, first.feature_layer, last, first.shallow)
 
 
@@ -324,6 +364,12 @@ def _cache_argument(body_type: type[nn.Module]) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def _grow_in_place(cache) -> None:
+    """Make every layer of ``cache`` append in place (see :func:`_append_in_place`)."""
+    for layer in cache.layers:
+        layer.update = functools.partial(_append_in_place, layer)
+
+
 def _append_in_place(layer, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
     """A cache layer's ``update``: append ``keys`` and ``values`` (``[B, heads, q, d]``) along the
     sequence axis. ``transformers`` concatenates, copying the whole cache at every step; here the
@@ -336,11 +382,13 @@ def _append_in_place(layer, keys: torch.Tensor, values: torch.Tensor, *args, **k
 def _appended(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``cached`` followed by ``new`` on axis 2: in place, in the room its buffer has behind it (its
     heads' stride says how many columns that buffer holds), else in a new buffer with room for
-    half as many columns again."""
+    half as many columns again. (An empty ``cached``, as a prefix of no tokens holds, has strides
+    that say nothing of a buffer.)"""
     batch, heads, n, dim = cached.shape
     total = n + new.shape[2]
     stride = cached.stride()
-    if stride[3] == 1 and stride[2] == dim and stride[0] == heads * stride[1] and stride[1] >= total * dim:
+    roomy = stride[0] == heads * stride[1] and stride[1] >= total * dim
+    if n and stride[3] == 1 and stride[2] == dim and roomy:
         grown = cached.as_strided((batch, heads, total, dim), stride)
     else:
         room = total + max(total // 2, 16)
