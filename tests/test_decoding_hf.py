@@ -445,3 +445,19 @@ def test_a_call_on_the_same_prompts_after_one_token_answers_asks_for_reset(tiny_
         model.generate(ids, **kwargs)
     processor.reset()
     assert torch.equal(model.generate(ids, **kwargs), first)
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_generator, lenvms):
+    """top_k at or past the vocabulary's size is no filter at all, as in our engine, rather than a
+    topk call beyond the row."""
+    model, tok = tiny_generator
+    control = Control("equal_to", target=5)
+    wide = SamplingParams(temperature=0, top_k=10**18, max_new_tokens=12)
+    exact = SamplingParams(temperature=0, max_new_tokens=12)
+    rows = [
+        generate(
+            model, tok, [LenVMLogitsProcessor(lenvms["attached"], control, num_candidates=4, sampling=s)]
+        )[1]
+        for s in (wide, exact)
+    ]
+    assert rows[0] == rows[1]

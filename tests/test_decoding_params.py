@@ -25,7 +25,9 @@ from lenvm.io import InputError
         dict(top_k=-2),
         dict(top_k=2.5),
         dict(max_new_tokens=0),
-        dict(min_p=1),
+        dict(min_p=1.5),
+        dict(temperature=10**400),  # too large for a float: refused, not an OverflowError
+        dict(top_p=10**400),
         dict(seed=-(2**63) - 1),
         dict(seed=2**63),  # 2**63 and 2**64 + 1 drew as 0 and 1 did
         dict(seed=True),
@@ -42,7 +44,7 @@ def test_bad_sampling_params_name_the_problem(bad):
     [
         (dict(temperature="1.0"), r"temperature must be a number in \[0, 1e\+06\]"),
         (dict(top_p="0.9"), r"top_p must be a number in \(0, 1\]"),
-        (dict(min_p="0.1"), r"min_p must be a number in \[0, 1\)"),
+        (dict(min_p="0.1"), r"min_p must be a number in \[0, 1\]"),
     ],
 )
 def test_a_setting_given_as_a_string_is_asked_for_as_a_number(bad, message):
@@ -82,6 +84,8 @@ def test_length_keys_make_the_control_they_name():
         "at_most", target=5, rule="paper"
     )
     assert control_from_keys({"length_tilt": 2}) == Control("tilt", beta=2.0)
+    with pytest.raises(LengthKeyError, match="length_tilt must be a finite number"):
+        control_from_keys({"length_tilt": 10**400})  # too large for a float: no OverflowError
     assert control_from_keys({"length_equal_to": 8, "length_retries": 0, "length_best_of": 2}) == Control(
         "equal_to", target=8, retries=0, best_of=2
     )

@@ -230,9 +230,9 @@ def truncations(draw):
     sampling = st.builds(
         SamplingParams,
         temperature=st.floats(0.0, MAX_TEMPERATURE) | st.sampled_from([1.0, MAX_TEMPERATURE]),
-        top_k=st.integers(0, size),
+        top_k=st.integers(0, size) | st.sampled_from([size + 1, 10**18]),  # beyond the vocabulary too
         top_p=st.floats(0.0, 1.0, exclude_min=True) | st.sampled_from([1e-46, 1e-300, 1.0]),
-        min_p=st.floats(0.0, 1.0, exclude_max=True) | st.just(1 - 1e-9),
+        min_p=st.floats(0.0, 1.0) | st.sampled_from([1 - 1e-9, 1.0]),
         max_new_tokens=st.just(8),
     )
     return [draw(row) for _ in range(2)], [draw(sampling) for _ in range(2)]

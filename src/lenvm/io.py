@@ -55,8 +55,13 @@ def plain_numbers(settings: Any) -> None:
 
 
 def is_real(x: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite int or float that is not a bool (an int too large for a float is not)."""
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def outside_vocabulary(ids: list[int], vocab: int, what: str = "the prompt") -> str | None:

@@ -88,7 +88,7 @@ class SamplingParams:
             ),
             (is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be a number in (0, 1]"),
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (is_real(self.min_p) and 0.0 <= self.min_p < 1.0, "min_p must be a number in [0, 1)"),
+            (is_real(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p must be a number in [0, 1]"),  # as vLLM
             (
                 self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
                 "max_new_tokens must be an integer >= 1 (or None: fitted to the context)",

@@ -333,6 +333,7 @@ def truncate(
     if top_k is None and top_p is None and min_p is None:
         return probs
     if top_k is not None:
+        top_k = top_k.clamp(max=probs.shape[-1])  # beyond the vocabulary: every token
         top = probs.topk(int(top_k.max()), dim=-1).values
         kth = top.gather(1, (top_k.clamp(min=1) - 1)[:, None])
         probs = probs.masked_fill((probs < kth) & (top_k > 0)[:, None], 0.0)

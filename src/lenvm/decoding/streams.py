@@ -202,10 +202,13 @@ class Stream:
         real = int(self.mask[row].sum())
         start = self.mask.shape[1] - real  # rows are left-padded
         columns = slice(start, start + length)
-        # DynamicCache copies the slices in.
+        # Copies, so that the batch's buffer can go (the cache itself may or may not copy).
         cache = DynamicCache(
             ddp_cache_data=[
-                (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
+                (
+                    layer.keys[row : row + 1, :, columns].clone(),
+                    layer.values[row : row + 1, :, columns].clone(),
+                )
                 for layer in self.cache.layers
             ]
         )

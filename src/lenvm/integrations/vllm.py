@@ -363,7 +363,11 @@ class LenVMLogitsProcessor(*PROCESSOR_BASES):  # type: ignore[misc]  # V1's and 
         except Exception:  # likewise, but the controlled rows keep their own sampling
             logger.exception("lenvm: length control failed for this step; the LenVM's cache is rebuilt")
             self._drop()
-            return self._unguided(logits, live, index)
+            try:
+                return self._unguided(logits, live, index)
+            except Exception:  # never into vLLM's engine, which would fail every request
+                logger.exception("lenvm: these controlled requests are sampled untruncated this step")
+                return logits
 
     # -- internals ------------------------------------------------------------------------
 
