@@ -25,6 +25,7 @@ from lenvm.io import InputError
         dict(top_k=-2),
         dict(top_k=2.5),
         dict(max_new_tokens=0),
+        dict(max_new_tokens=2**63),  # beyond any context; overflowed a tensor in the processor
         dict(min_p=1.5),
         dict(temperature=10**400),  # too large for a float: refused, not an OverflowError
         dict(top_p=10**400),

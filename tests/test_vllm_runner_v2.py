@@ -375,3 +375,35 @@ def test_the_lenvms_cache_goes_once_new_requests_take_the_slots_of_finished_cont
     runner.add("controlled again", [5, 6, 7], _vllm_params(CONTROLS[1], max_tokens=8, temperature=0.0))
     runner.run()
     assert len(runner.requests["controlled again"]["output"]) > 0
+
+
+def test_a_step_whose_unguided_fallback_fails_too_leaves_vllms_logits_as_they_are(
+    runner_v2, generator128, lenvms, monkeypatch
+):
+    """Where guidance fails and so does sampling the controlled rows as vLLM would, the processor
+    hands vLLM its logits back rather than raising into vLLM's engine (which would fail every
+    request of the batch); the next step is guided again."""
+    model, _tok = generator128
+    _lenvm, path = lenvms["attached"]
+    runner = runner_v2(model, path)
+    runner.add("a", [5, 6, 7], _vllm_params(CONTROLS[1], max_tokens=8, temperature=0.0))
+    runner.step()
+    processor = runner.processors[0]
+    guide, unguided, failed = processor._guide, processor._unguided, []
+
+    def failing_once(method):
+        def call(*args):
+            if len(failed) < 2:
+                failed.append(method.__name__)
+                raise RuntimeError("a failure")
+            return method(*args)
+
+        return call
+
+    monkeypatch.setattr(processor, "_guide", failing_once(guide))
+    monkeypatch.setattr(processor, "_unguided", failing_once(unguided))
+    runner.step()  # no exception reaches the runner
+    assert failed == ["_guide", "_unguided"]
+    torch.testing.assert_close(runner.processed["a"][-1], runner.raw["a"][-1])  # vLLM's own, untouched
+    runner.run()
+    assert runner.requests["a"]["done"]

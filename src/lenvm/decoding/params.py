@@ -47,6 +47,8 @@ MIN_TEMPERATURE = 1e-5
 # over the kept tokens; vLLM takes at most 2), and small enough that float32 stays finite where
 # decoding divides logits by it (an infinite one makes a masked token's -inf logit nan).
 MAX_TEMPERATURE = 1e6
+# max_new_tokens below this: far beyond any context, and within the integer tensors decoding keeps it in
+MAX_NEW_TOKENS_BOUND = 2**31
 # The most tokens an answer takes when max_new_tokens is left out (then also within what the
 # context leaves after the prompt).
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -90,8 +92,10 @@ class SamplingParams:
             (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (is_real(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p must be a number in [0, 1]"),  # as vLLM
             (
-                self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
-                "max_new_tokens must be an integer >= 1 (or None: fitted to the context)",
+                self.max_new_tokens is None
+                or (is_int(self.max_new_tokens) and 1 <= self.max_new_tokens < MAX_NEW_TOKENS_BOUND),
+                f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_BOUND - 1} "
+                "(or None: fitted to the context)",
             ),
             (
                 self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63),
