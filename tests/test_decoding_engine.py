@@ -401,7 +401,7 @@ def test_bad_inputs_raise_input_errors(tiny_path, tiny_generator, lenvms):
         dict(top_p=0),
         dict(top_k=-2),
         dict(max_new_tokens=0),
-        dict(min_p=1),
+        dict(min_p=1.5),
     ]:
         with pytest.raises(InputError):
             SamplingParams(**kwargs)
