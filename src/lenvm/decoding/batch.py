@@ -2,9 +2,9 @@
 
 Rows are left-padded into one batch; a finished row leaves at once and a waiting one takes its
 place (the engine decides which). A row that leaves to retry keeps its caches over what it keeps
-and rejoins from them rather than from a prefill. The generator's stream always covers every row; the LenVM's
-scorer joins when some row needs values (a control, or ``return_values``) and covers every row
-from then on.
+and rejoins from them rather than from a prefill. The generator's stream always covers every
+row; the LenVM's scorer joins when some row needs values (a control, or ``return_values``) and
+covers every row from then on.
 """
 
 from __future__ import annotations
