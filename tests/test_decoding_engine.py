@@ -704,6 +704,41 @@ def test_an_at_most_answer_with_no_natural_end_in_any_attempt_ends_where_its_tex
     assert not seq.end_earlier(seq.result(tok))
 
 
+def test_an_equal_to_answer_with_no_natural_end_in_any_attempt_ends_near_its_target(tiny_generator):
+    """With no natural position anywhere and no retry left, an Equal To answer that ran past its
+    target ends instead within CLOSE_ENOUGH of it (by miss), where its own text gave EOS the
+    highest probability there (2% after token 41 of a target of 40); not while retries remain,
+    nor where an attempt ended naturally, nor where its own end is that near already."""
+    _, tok = tiny_generator
+    control = Control("equal_to", target=40, retries=2)
+    chances = {30: 0.04, 41: 0.02, 42: 0.01}  # 30: likelier, but far from the target
+
+    def ended_unnaturally(length: int) -> Sequence:
+        request = Request("Hi", SamplingParams(max_new_tokens=60, seed=0), control=control)
+        seq = Sequence.start(0, request, [1], 0, "cpu")
+        for i in range(length + 1):
+            p = chances.get(i, 0.001) if i < length else 1e-6
+            end = (2, math.log(p))
+            seq.append(2 if i == length else 7 + i, False, end[1] if i == length else -1.0, 0.5, {2}, end)
+        return seq
+
+    seq = ended_unnaturally(45)
+    before = seq.result(tok)
+    assert not before.natural and not seq.end_earlier(before)  # two retries left
+    seq.missed = [before, before]
+    assert seq.end_earlier(before)
+    after = seq.result(tok)
+    assert after.num_tokens == 41 and after.token_ids == before.token_ids[:41] + [2]
+    assert after.eos_prob == pytest.approx(0.02) and not after.natural
+    near_already = ended_unnaturally(42)
+    near_already.missed = [before, before]
+    assert not near_already.end_earlier(near_already.result(tok))
+    natural_before = _written(control, 44, natural_at={44})
+    seq = ended_unnaturally(45)
+    seq.missed = [before, natural_before.result(tok)]
+    assert not seq.end_earlier(seq.result(tok))
+
+
 @pytest.mark.parametrize(
     ("target", "length", "cut"),
     [
