@@ -649,6 +649,15 @@ def test_every_option_has_help_and_bench_defaults_match_the_python_api():
         assert args.max_new_tokens == inspect.signature(run).parameters["max_new_tokens"].default
 
 
+@pytest.mark.parametrize("beta", ["-1e-3", "-.5", "-2", "1e-3"])
+def test_a_negative_number_in_any_notation_is_a_value(beta):
+    """``--tilt -1e-3`` is the number, as ``--tilt=-1e-3`` is, not an unknown option."""
+    from lenvm.cli.commands import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "Hi", "--tilt", beta])
+    assert args.tilt == float(beta)
+
+
 def test_every_option_with_a_default_says_it_in_its_help():
     import argparse
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any
 
 from lenvm.decoding.params import DEFAULT_MAX_NEW_TOKENS, POLICY_SETTINGS, SamplingParams
@@ -44,6 +45,10 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        # A value like -1e-3 is a number, not an unknown option, as Python 3.13's argparse has it:
+        # before, `--tilt -1e-3` failed with "expected one argument". No option of ours starts
+        # with a digit.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
 
 def path(text: str) -> str:
