@@ -707,11 +707,14 @@ def test_an_at_most_answer_with_no_natural_end_in_any_attempt_ends_where_its_tex
 def test_an_equal_to_answer_with_no_natural_end_in_any_attempt_ends_near_its_target(tiny_generator):
     """With no natural position anywhere and no retry left, an Equal To answer that ran past its
     target ends instead within CLOSE_ENOUGH of it (by miss), where its own text gave EOS the
-    highest probability there (2% after token 41 of a target of 40); not while retries remain,
-    nor where an attempt ended naturally, nor where its own end is that near already."""
+    highest probability there (2% after token 41 of a target of 40), though a natural position
+    far before the target is in its text; not while retries remain, nor where an attempt ended
+    naturally, nor where its own end is that near already."""
     _, tok = tiny_generator
     control = Control("equal_to", target=40, retries=2)
-    chances = {30: 0.04, 41: 0.02, 42: 0.01}  # 30: likelier, but far from the target
+    # 3: a natural position, but much further from the target than the answer's own end; 30:
+    # likelier than 41, but far from the target
+    chances = {3: 0.2, 30: 0.04, 41: 0.02, 42: 0.01}
 
     def ended_unnaturally(length: int) -> Sequence:
         request = Request("Hi", SamplingParams(max_new_tokens=60, seed=0), control=control)

@@ -183,7 +183,7 @@ class Sequence:
             if cut is not None:
                 nearer, own = miss(cut, target), miss(result.num_tokens, target)
                 cut = cut if nearer < own or (nearer == own and not natural_end) else None
-            elif not natural_end and not self._retry_left():
+            if cut is None and not natural_end and not self._retry_left():
                 cut = self._likeliest_near(result, target)
         elif c.kind == "at_most":
             cut = max((j for j in natural if j <= target), default=None)
