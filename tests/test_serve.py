@@ -2331,6 +2331,54 @@ def kept_loggers(monkeypatch):
             monkeypatch.setattr(logger, attribute, list(value) if attribute == "handlers" else value)
 
 
+def test_a_keyless_local_server_answers_only_its_loopback_names(engine):
+    """A page that points its own name at 127.0.0.1 (DNS rebinding) sends that name as Host: a
+    server on loopback without a key refuses it on /v1, and answers its loopback names."""
+    with running(engine, loopback_names_only=True) as (url, _):
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "10.0.0.1"):
+            response = httpx.get(url + "/v1/models", headers={"Host": host})
+            assert response.status_code == 403, host
+            assert "loopback names only" in response.json()["error"]["message"], host
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "Hi"}, headers={"Host": "evil.example"})
+        assert refused.status_code == 403
+        for host in ("localhost", "LOCALHOST.:80", "127.0.0.1:8000", "127.0.0.2", "[::1]:8000"):
+            assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200, host
+        assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 200
+        assert (
+            client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens
+            == 2
+        )
+
+
+@pytest.mark.parametrize(
+    ("host", "api_key", "guarded"),
+    [
+        ("127.0.0.1", None, True),
+        ("localhost", None, True),
+        ("::1", None, True),
+        ("127.0.0.1", "key", False),
+        ("0.0.0.0", None, False),
+    ],
+)
+def test_serve_guards_its_names_where_it_listens_on_loopback_without_a_key(
+    engine, monkeypatch, kept_loggers, host, api_key, guarded
+):
+    from lenvm.serve import app as server_app
+
+    made = []
+    monkeypatch.setattr(server_app._Server, "run", lambda self, sockets=None: None)  # not started
+    monkeypatch.setattr(server_app, "check_address", lambda host, port: None)  # ::1 may not exist here
+    real = server_app.create_app
+
+    def create_app(engine, settings):
+        made.append(settings)
+        return real(engine, settings)
+
+    monkeypatch.setattr(server_app, "create_app", create_app)
+    serve(engine, ServerSettings(served_model_name=MODEL, api_key=api_key), host=host, port=0)
+    assert made[0].loopback_names_only == guarded
+
+
 @pytest.mark.parametrize(
     ("host", "api_key", "warned"),
     [("0.0.0.0", None, True), ("::", None, True), ("0.0.0.0", "key", False), ("127.0.0.1", None, False)],

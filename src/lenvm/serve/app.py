@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import FrameType
 from typing import Any, cast
@@ -96,7 +96,13 @@ class ServerSettings:
     off for every client that does not turn it on.
 
     ``api_key``: every ``/v1`` route asks for ``Authorization: Bearer KEY``; printable ASCII
-    without spaces, which is what an HTTP header carries."""
+    without spaces, which is what an HTTP header carries.
+
+    ``loopback_names_only``: every ``/v1`` route answers only a request whose ``Host`` names this
+    machine's loopback (``localhost``, ``127.0.0.1``, ``[::1]``, any port). A web page may point a
+    name of its own at 127.0.0.1 (DNS rebinding) and then read what a keyless local server
+    answers, as if it were its own site; the browser still sends that name as ``Host``.
+    :func:`serve` sets it where it listens on loopback without an API key."""
 
     served_model_name: str
     api_key: str | None = None
@@ -107,6 +113,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     stream_stall_timeout: float = 60.0
     default_chat_template_kwargs: dict[str, Any] | None = field(default_factory=dict)
+    loopback_names_only: bool = False
 
     def __post_init__(self) -> None:
         if self.default_chat_template_kwargs is None:  # vLLM's default: none
@@ -638,6 +645,13 @@ async def _disconnected(request: Request) -> None:
 
 
 def _authorize(request: Request, settings: ServerSettings) -> None:
+    if settings.loopback_names_only and not _loopback(host_name(request.headers.get("host", "localhost"))):
+        raise ApiError(
+            403,
+            f"this server answers requests for this machine's loopback names only (localhost, 127.0.0.1, "
+            f"[::1]), not Host {quoted(request.headers.get('host', ''))}: it listens on loopback without an "
+            "API key (set --api-key or LENVM_API_KEY to serve other names)",
+        )
     if settings.api_key is None:
         return
     given = request.headers.get("authorization", "")
@@ -776,6 +790,8 @@ def serve(
 ) -> None:
     """Serve until SIGTERM or Ctrl-C; requests in flight then finish (see :class:`ServerSettings`)."""
     check_address(host, port)
+    if settings.api_key is None and _loopback(host):
+        settings = replace(settings, loopback_names_only=True)
     app = create_app(engine, settings)
     state = app.state.lenvm
     server = _Server(server_config(app, host, port, log_level), state.begin_shutdown, state.interrupt)
@@ -811,6 +827,17 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn
         access_log=False,
         timeout_graceful_shutdown=None,
     )
+
+
+def host_name(host: str) -> str:
+    """The name in an HTTP ``Host`` header, without its port and brackets, lowercase, without a
+    final dot (``[::1]:8000`` -> ``::1``, ``LocalHost.:80`` -> ``localhost``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 def _loopback(host: str) -> bool:
