@@ -709,18 +709,18 @@ def test_an_equal_to_answer_with_no_natural_end_in_any_attempt_ends_near_its_tar
     target ends instead within CLOSE_ENOUGH of it (by miss), where its own text gave EOS the
     highest probability there (2% after token 41 of a target of 40), though a natural position
     far before the target is in its text; not while retries remain, nor where an attempt ended
-    naturally, nor where its own end is that near already."""
+    naturally, nor where its own end is that near already, nor where its own EOS was likelier."""
     _, tok = tiny_generator
     control = Control("equal_to", target=40, retries=2)
     # 3: a natural position, but much further from the target than the answer's own end; 30:
     # likelier than 41, but far from the target
     chances = {3: 0.2, 30: 0.04, 41: 0.02, 42: 0.01}
 
-    def ended_unnaturally(length: int) -> Sequence:
+    def ended_unnaturally(length: int, own_eos: float = 1e-6) -> Sequence:
         request = Request("Hi", SamplingParams(max_new_tokens=60, seed=0), control=control)
         seq = Sequence.start(0, request, [1], 0, "cpu")
         for i in range(length + 1):
-            p = chances.get(i, 0.001) if i < length else 1e-6
+            p = chances.get(i, 0.001) if i < length else own_eos
             end = (2, math.log(p))
             seq.append(2 if i == length else 7 + i, False, end[1] if i == length else -1.0, 0.5, {2}, end)
         return seq
@@ -736,6 +736,9 @@ def test_an_equal_to_answer_with_no_natural_end_in_any_attempt_ends_near_its_tar
     near_already = ended_unnaturally(42)
     near_already.missed = [before, before]
     assert not near_already.end_earlier(near_already.result(tok))
+    likelier_own_end = ended_unnaturally(45, own_eos=0.03)
+    likelier_own_end.missed = [before, before]
+    assert not likelier_own_end.end_earlier(likelier_own_end.result(tok))
     natural_before = _written(control, 44, natural_at={44})
     seq = ended_unnaturally(45)
     seq.missed = [before, natural_before.result(tok)]

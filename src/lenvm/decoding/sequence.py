@@ -10,7 +10,8 @@ log-probability there: an answer may end instead where its own text let the gene
 naturally (:meth:`Sequence.end_earlier`), before any retry is spent on it: an At Most or At Least
 answer that did not end naturally, where the bound holds; an Equal To answer, where that is
 nearer its target than its own end. One that found no natural end in any attempt ends where its
-text gave EOS the highest probability within its bound (At Most) or near its target (Equal To).
+text gave EOS the highest probability within its bound (At Most) or near its target (Equal To),
+if higher than at its own end.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ class Sequence:
         it); for Equal To, the position nearest the target (:func:`miss`) where that is nearer
         than the answer's own end, or as near and that end was not natural. An At Most answer
         with no such position and no retry left ends where its own text within the bound gave EOS
-        the highest probability (:meth:`_likeliest_end`), an Equal To answer likewise near its
-        target (:meth:`_likeliest_near`) where no attempt ended naturally. The text before it is
+        the highest probability (:meth:`_likeliest_end`), if higher than at its own end; an Equal
+        To answer likewise near its target (:meth:`_likeliest_near`) where no attempt ended
+        naturally. The text before it is
         what the generator wrote. Only for our rules, and only where the engine may go back on an
         answer's end (retries allowed: a stream is then held back whole). True when the answer
         was cut."""
@@ -212,16 +214,18 @@ class Sequence:
 
     def _likeliest_near(self, result: Result, target: int) -> int | None:
         """The position within ``CLOSE_ENOUGH`` of ``target`` (by :func:`miss`, before the answer's
-        own end) where the generator gave EOS its highest probability, when the answer's own end
-        is further off and no attempt ended naturally: where an Equal To answer that found no
-        natural end ends, on target at the close its text came nearest to there, rather than
-        mid-thought past it (an end that is not natural either way)."""
+        own end) where the generator gave EOS its highest probability, if higher than at the
+        answer's own end, when that end is further off and no attempt ended naturally: where an
+        Equal To answer that found no natural end ends, on target at a close its text came
+        nearer to, rather than at a less likely one past it."""
         near = [j for j in range(1, result.num_tokens) if miss(j, target) <= CLOSE_ENOUGH * target]
         if not near or miss(result.num_tokens, target) <= CLOSE_ENOUGH * target:
             return None
         if any(r.ended_above(self.control.natural_eos) for r in self.missed):
             return None  # the natural one is returned (best_of)
-        return max(near, key=lambda j: self.ends[j][1])
+        best = max(near, key=lambda j: self.ends[j][1])
+        own = self.eos_logprob if self.eos_logprob is not None else -math.inf
+        return best if self.ends[best][1] > own else None
 
     def may_retry(self, result: Result) -> bool:
         """Whether a retry is left and this end is worth one (see :attr:`Control.retries`): it is
