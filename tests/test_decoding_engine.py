@@ -709,7 +709,8 @@ def test_an_equal_to_answer_with_no_natural_end_in_any_attempt_ends_near_its_tar
     target ends instead within CLOSE_ENOUGH of it (by miss), where its own text gave EOS the
     highest probability there (2% after token 41 of a target of 40), though a natural position
     far before the target is in its text; not while retries remain, nor where an attempt ended
-    naturally, nor where its own end is that near already, nor where its own EOS was likelier."""
+    naturally, nor where its own end is that near already, nor where its own EOS or that of an
+    earlier attempt was likelier."""
     _, tok = tiny_generator
     control = Control("equal_to", target=40, retries=2)
     # 3: a natural position, but much further from the target than the answer's own end; 30:
@@ -739,6 +740,9 @@ def test_an_equal_to_answer_with_no_natural_end_in_any_attempt_ends_near_its_tar
     likelier_own_end = ended_unnaturally(45, own_eos=0.03)
     likelier_own_end.missed = [before, before]
     assert not likelier_own_end.end_earlier(likelier_own_end.result(tok))
+    seq = ended_unnaturally(45)
+    seq.missed = [before, likelier_own_end.result(tok)]  # an earlier attempt ended likelier (3%)
+    assert not seq.end_earlier(seq.result(tok))
     natural_before = _written(control, 44, natural_at={44})
     seq = ended_unnaturally(45)
     seq.missed = [before, natural_before.result(tok)]

@@ -11,7 +11,7 @@ naturally (:meth:`Sequence.end_earlier`), before any retry is spent on it: an At
 answer that did not end naturally, where the bound holds; an Equal To answer, where that is
 nearer its target than its own end. One that found no natural end in any attempt ends where its
 text gave EOS the highest probability within its bound (At Most) or near its target (Equal To),
-if higher than at its own end.
+if higher than at its own end (Equal To: at the end of any of its attempts).
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ class Sequence:
         than the answer's own end, or as near and that end was not natural. An At Most answer
         with no such position and no retry left ends where its own text within the bound gave EOS
         the highest probability (:meth:`_likeliest_end`), if higher than at its own end; an Equal
-        To answer likewise near its target (:meth:`_likeliest_near`) where no attempt ended
-        naturally. The text before it is
+        To answer likewise near its target (:meth:`_likeliest_near`), if higher than at the end of
+        any attempt, where none ended naturally. The text before it is
         what the generator wrote. Only for our rules, and only where the engine may go back on an
         answer's end (retries allowed: a stream is then held back whole). True when the answer
         was cut."""
@@ -214,17 +214,18 @@ class Sequence:
 
     def _likeliest_near(self, result: Result, target: int) -> int | None:
         """The position within ``CLOSE_ENOUGH`` of ``target`` (by :func:`miss`, before the answer's
-        own end) where the generator gave EOS its highest probability, if higher than at the
-        answer's own end, when that end is further off and no attempt ended naturally: where an
-        Equal To answer that found no natural end ends, on target at a close its text came
-        nearer to, rather than at a less likely one past it."""
+        own end) where the generator gave EOS its highest probability, if higher than at the end of
+        this and every earlier attempt, when this one ended further off and none naturally: where
+        an Equal To answer that found no natural end ends, on target at a close its text came
+        nearer to, rather than at a less likely one elsewhere."""
         near = [j for j in range(1, result.num_tokens) if miss(j, target) <= CLOSE_ENOUGH * target]
         if not near or miss(result.num_tokens, target) <= CLOSE_ENOUGH * target:
             return None
         if any(r.ended_above(self.control.natural_eos) for r in self.missed):
             return None  # the natural one is returned (best_of)
         best = max(near, key=lambda j: self.ends[j][1])
-        own = self.eos_logprob if self.eos_logprob is not None else -math.inf
+        ends = [math.log(r.eos_prob) for r in self.missed if r.eos_prob]
+        own = max([self.eos_logprob if self.eos_logprob is not None else -math.inf, *ends])
         return best if self.ends[best][1] > own else None
 
     def may_retry(self, result: Result) -> bool:
