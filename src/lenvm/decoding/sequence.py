@@ -17,7 +17,7 @@ if higher than at its own end (Equal To: at the end of any of its attempts).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -208,9 +208,7 @@ class Sequence:
         its highest probability, if higher than at the answer's own end: where an At Most answer
         that found no natural end in any attempt ends, at the close its own text came nearest
         to, rather than mid-thought at the bound."""
-        best = max(range(1, min(bound + 1, result.num_tokens)), key=lambda j: self.ends[j][1], default=None)
-        own = self.eos_logprob if self.eos_logprob is not None else -math.inf
-        return best if best is not None and self.ends[best][1] > own else None
+        return self._likeliest(range(1, min(bound + 1, result.num_tokens)), self._end_logprob())
 
     def _likeliest_near(self, result: Result, target: int) -> int | None:
         """The position within ``CLOSE_ENOUGH`` of ``target`` (by :func:`miss`, before the answer's
@@ -218,15 +216,24 @@ class Sequence:
         this and every earlier attempt, when this one ended further off and none naturally: where
         an Equal To answer that found no natural end ends, on target at a close its text came
         nearer to, rather than at a less likely one elsewhere."""
-        near = [j for j in range(1, result.num_tokens) if miss(j, target) <= CLOSE_ENOUGH * target]
-        if not near or miss(result.num_tokens, target) <= CLOSE_ENOUGH * target:
+        close = CLOSE_ENOUGH * target
+        if miss(result.num_tokens, target) <= close:
             return None
         if any(r.ended_above(self.control.natural_eos) for r in self.missed):
             return None  # the natural one is returned (best_of)
-        best = max(near, key=lambda j: self.ends[j][1])
-        ends = [math.log(r.eos_prob) for r in self.missed if r.eos_prob]
-        own = max([self.eos_logprob if self.eos_logprob is not None else -math.inf, *ends])
-        return best if self.ends[best][1] > own else None
+        near = (j for j in range(1, result.num_tokens) if miss(j, target) <= close)
+        earlier = [math.log(r.eos_prob) for r in self.missed if r.eos_prob]
+        return self._likeliest(near, max([self._end_logprob(), *earlier]))
+
+    def _likeliest(self, positions: Iterable[int], than: float) -> int | None:
+        """Of ``positions``, the one where the generator gave EOS its highest log-probability, if
+        that is above ``than``; None where there is none."""
+        best = max(positions, key=lambda j: self.ends[j][1], default=None)
+        return best if best is not None and self.ends[best][1] > than else None
+
+    def _end_logprob(self) -> float:
+        """The log-probability of the EOS that ended this attempt (-inf where none did)."""
+        return self.eos_logprob if self.eos_logprob is not None else -math.inf
 
     def may_retry(self, result: Result) -> bool:
         """Whether a retry is left and this end is worth one (see :attr:`Control.retries`): it is
